@@ -1,0 +1,700 @@
+//! The command line: the operator's surface.
+//!
+//! Every command prints a readable result, or JSON with `--json`. A failure prints one line,
+//! `error: ...`, to standard error and exits non-zero (2 for configuration and usage mistakes,
+//! 1 otherwise).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::service::{self, Actor, Scope, ServiceError};
+use crate::startup::{self, Application, StartupError};
+use crate::state::AppState;
+
+/// authlink issues secure, reusable authentication links through which clients connect their
+/// TikTok and Instagram accounts to an agency's workspace.
+#[derive(Debug, Parser)]
+#[command(name = "authlink", version, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file (TOML). Default: ./authlink.toml when it exists.
+    #[arg(long, global = true, env = "AUTHLINK_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (migrates the database first).
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a new random master key (base64 of 32 bytes) for AUTHLINK_MASTER_KEY.
+    Keygen,
+    /// Manage workspaces (agencies).
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
+    /// Manage auth links.
+    #[command(subcommand)]
+    Link(LinkCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Apikey(ApiKeyCommand),
+    /// Inspect and manage connected accounts.
+    #[command(subcommand)]
+    Connection(ConnectionCommand),
+    /// Read the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Print the OpenAPI document of the JSON API.
+    Openapi,
+}
+
+/// `authlink config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration with secrets masked, and the OAuth callback URLs to
+    /// register with each provider.
+    Check,
+}
+
+/// `authlink workspace ...`
+#[derive(Debug, Subcommand)]
+pub enum WorkspaceCommand {
+    /// Create a workspace.
+    Create {
+        /// The agency's name.
+        #[arg(long)]
+        name: String,
+        /// URL-friendly unique name (default: made from the name).
+        #[arg(long)]
+        slug: Option<String>,
+        /// Name shown to clients (default: the name).
+        #[arg(long)]
+        display_name: Option<String>,
+        /// Accent colour of client pages, like #4f46e5.
+        #[arg(long)]
+        accent_color: Option<String>,
+        /// Allowed success-redirect URL (origin + path prefix); repeat for several.
+        #[arg(long = "allow-redirect", value_name = "URL")]
+        allow_redirects: Vec<String>,
+    },
+    /// List workspaces.
+    List,
+    /// Show one workspace (by id or slug).
+    Show {
+        /// Workspace id or slug.
+        id: String,
+    },
+}
+
+/// `authlink link ...`
+#[derive(Debug, Subcommand)]
+pub enum LinkCommand {
+    /// Create a link and print its URL.
+    Create(LinkCreateArgs),
+    /// List the links of a workspace, newest first.
+    List {
+        /// Workspace id or slug.
+        #[arg(long)]
+        workspace: String,
+        /// Only links whose label or client reference contains this text.
+        #[arg(long)]
+        search: Option<String>,
+        /// Most links to show.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Show one link with every field.
+    Show {
+        /// Link id.
+        id: String,
+    },
+    /// Revoke a link: it stops working at once.
+    Revoke {
+        /// Link id.
+        id: String,
+    },
+    /// Give a link a new URL; the old URL stops working at once.
+    Rotate {
+        /// Link id.
+        id: String,
+    },
+}
+
+/// Arguments of `link create`.
+#[derive(Debug, Args)]
+pub struct LinkCreateArgs {
+    /// Workspace id or slug.
+    #[arg(long)]
+    pub workspace: String,
+    /// Normally the client's name.
+    #[arg(long)]
+    pub label: String,
+    /// A platform to offer (tiktok, instagram); repeat for several. Default: every enabled one.
+    #[arg(long = "platform", value_name = "PLATFORM")]
+    pub platforms: Vec<String>,
+    /// Lifetime, like 30d, 12h or 2w. Default: no expiry.
+    #[arg(long, value_name = "DURATION")]
+    pub expires_in: Option<String>,
+    /// Most successful connections through the link.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub max_uses: Option<i64>,
+    /// Where to send the client after connecting (must be in the workspace's allow-list).
+    #[arg(long, value_name = "URL")]
+    pub redirect_url: Option<String>,
+    /// The agency's own reference for the client.
+    #[arg(long, value_name = "REF")]
+    pub client_ref: Option<String>,
+}
+
+/// `authlink apikey ...`
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create an API key and print it once.
+    Create {
+        /// The workspace the key is limited to (id or slug).
+        #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
+        workspace: Option<String>,
+        /// Make a platform-admin key that spans every workspace.
+        #[arg(long)]
+        admin: bool,
+        /// A name to recognise the key by.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List API keys (never the keys themselves).
+    List {
+        /// Only the keys of this workspace (id or slug).
+        #[arg(long)]
+        workspace: Option<String>,
+    },
+    /// Revoke an API key.
+    Revoke {
+        /// API key id.
+        id: String,
+    },
+}
+
+/// `authlink connection ...`
+#[derive(Debug, Subcommand)]
+pub enum ConnectionCommand {
+    /// List the connections of a workspace, newest first.
+    List {
+        /// Workspace id or slug.
+        #[arg(long)]
+        workspace: String,
+        /// Only this status: active, broken or disconnected.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this platform: tiktok or instagram.
+        #[arg(long)]
+        provider: Option<String>,
+        /// Most connections to show.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Show one connection with its history (never its tokens).
+    Show {
+        /// Connection id.
+        id: String,
+    },
+    /// Revoke the grant at the provider where possible and mark the connection disconnected.
+    Disconnect {
+        /// Connection id.
+        id: String,
+    },
+    /// Print a valid access token, refreshing it first when it would expire within 5 minutes.
+    Token {
+        /// Connection id.
+        id: String,
+    },
+}
+
+/// `authlink audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List audit entries, newest first.
+    List {
+        /// Only this workspace (id or slug).
+        #[arg(long)]
+        workspace: Option<String>,
+        /// Only this action, e.g. link.revoked.
+        #[arg(long)]
+        action: Option<String>,
+        /// Most entries to show.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+}
+
+/// A failure of a command, with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    message: String,
+    code: u8,
+}
+
+impl From<ServiceError> for CliError {
+    fn from(e: ServiceError) -> Self {
+        let message = match &e {
+            ServiceError::Validation(errors) => errors
+                .iter()
+                .map(|e| format!("--{}: {}", e.field.replace('_', "-"), e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+            other => other.to_string(),
+        };
+        CliError { message, code: 1 }
+    }
+}
+
+impl From<StartupError> for CliError {
+    fn from(e: StartupError) -> Self {
+        CliError { code: e.exit_code(), message: e.to_string() }
+    }
+}
+
+type CliResult = Result<(), CliError>;
+
+/// Runs the parsed command line and returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(config.log_format);
+    match dispatch(cli, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+    } else {
+        println!("{}", human(value));
+    }
+}
+
+async fn state(config: Config) -> Result<AppState, CliError> {
+    Ok(startup::build_state(config, true).await?)
+}
+
+async fn dispatch(cli: Cli, config: Config) -> CliResult {
+    let json = cli.json;
+    match cli.command {
+        Command::Serve => {
+            let app = Application::build(config).await?;
+            app.run_until_stopped()
+                .await
+                .map_err(|e| CliError { message: format!("server failed: {e}"), code: 1 })
+        }
+        Command::Migrate => {
+            let db = crate::db::Db::connect(&config.database_url, &config.database)
+                .await
+                .map_err(|e| CliError::from(StartupError::from(e)))?;
+            db.migrate().await.map_err(|e| CliError::from(StartupError::from(e)))?;
+            print(json, &serde_json::json!({"migrated": true}), |_| "database is up to date".into());
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check) => {
+            let masked = config.masked();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&masked).unwrap_or_default());
+            } else {
+                println!("configuration is valid\n");
+                println!("{}", serde_json::to_string_pretty(&masked).unwrap_or_default());
+                println!("\nRegister these callback URLs in the providers' developer consoles:");
+                println!("  TikTok:    {}", config.public("/oauth/tiktok/callback"));
+                println!("  Instagram: {}", config.public("/oauth/instagram/callback"));
+            }
+            Ok(())
+        }
+        Command::Keygen => {
+            let (_, key) = crate::crypto::KeyRing::generate();
+            use secrecy::ExposeSecret;
+            print(json, &serde_json::json!({"master_key": key.expose_secret()}), |_| {
+                key.expose_secret().to_string()
+            });
+            Ok(())
+        }
+        Command::Openapi => {
+            println!("{}", serde_json::to_string_pretty(&crate::http::api::openapi()).unwrap_or_default());
+            Ok(())
+        }
+        Command::Workspace(cmd) => workspace(state(config).await?, json, cmd).await,
+        Command::Link(cmd) => link(state(config).await?, json, cmd).await,
+        Command::Apikey(cmd) => apikey(state(config).await?, json, cmd).await,
+        Command::Connection(cmd) => connection(state(config).await?, json, cmd).await,
+        Command::Audit(cmd) => audit(state(config).await?, json, cmd).await,
+    }
+}
+
+fn ts(t: Option<time::OffsetDateTime>) -> String {
+    t.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| "-".into())
+}
+
+async fn workspace(app: AppState, json: bool, cmd: WorkspaceCommand) -> CliResult {
+    use service::workspaces::{self, Branding, NewWorkspace, WorkspaceView};
+    let describe = |w: &WorkspaceView| {
+        format!(
+            "{}  {}  (slug {})\n  display name: {}\n  accent colour: {}\n  allowed redirects: {}",
+            w.id,
+            w.name,
+            w.slug,
+            w.branding.display_name.as_deref().unwrap_or("-"),
+            w.branding.accent_color.as_deref().unwrap_or("-"),
+            if w.allowed_redirects.is_empty() { "-".into() } else { w.allowed_redirects.join(", ") }
+        )
+    };
+    match cmd {
+        WorkspaceCommand::Create { name, slug, display_name, accent_color, allow_redirects } => {
+            let w = workspaces::create(
+                &app,
+                &Actor::Cli,
+                &Scope::Admin,
+                NewWorkspace {
+                    name,
+                    slug,
+                    branding: Some(Branding { display_name, logo_url: None, accent_color }),
+                    allowed_redirects: Some(allow_redirects),
+                },
+            )
+            .await?;
+            print(json, &w, |w| describe(w));
+        }
+        WorkspaceCommand::List => {
+            let list = workspaces::list(&app, &Scope::Admin, None, 10_000).await?;
+            print(json, &list, |list| {
+                if list.is_empty() {
+                    return "no workspaces yet: create one with `authlink workspace create --name NAME`"
+                        .into();
+                }
+                list.iter()
+                    .map(|w| format!("{}  {:<24}  {}", w.id, w.slug, w.name))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        WorkspaceCommand::Show { id } => {
+            let w = workspaces::get(&app, &Scope::Admin, &id).await?;
+            print(json, &w, |w| describe(w));
+        }
+    }
+    Ok(())
+}
+
+async fn workspace_id(app: &AppState, key: &str) -> Result<String, CliError> {
+    match service::workspaces::get_row(app, &Scope::Admin, key).await {
+        Ok(w) => Ok(w.id),
+        Err(ServiceError::NotFound(_)) => {
+            Err(CliError { message: format!("--workspace: no workspace with id or slug `{key}`"), code: 1 })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn link(app: AppState, json: bool, cmd: LinkCommand) -> CliResult {
+    use service::links::{self, LinkView, ListQuery, NewLink};
+    let describe = |l: &LinkView| {
+        format!(
+            "{}\n  id: {}\n  workspace: {}\n  label: {}\n  client ref: {}\n  platforms: {}\n  status: {}\n  expires: {}\n  uses: {}{}\n  last used: {}\n  redirect: {}\n  created: {} by {}\n  revoked: {}\n  rotated: {}",
+            l.url,
+            l.id,
+            l.workspace_id,
+            l.label,
+            l.client_ref.as_deref().unwrap_or("-"),
+            l.platforms.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", "),
+            l.status.as_str(),
+            ts(l.expires_at),
+            l.use_count,
+            l.max_uses.map(|m| format!(" of {m}")).unwrap_or_default(),
+            ts(l.last_used_at),
+            l.redirect_url.as_deref().unwrap_or("-"),
+            ts(Some(l.created_at)),
+            l.created_by,
+            ts(l.revoked_at),
+            ts(l.rotated_at),
+        )
+    };
+    match cmd {
+        LinkCommand::Create(a) => {
+            let workspace = workspace_id(&app, &a.workspace).await?;
+            let l = links::create(
+                &app,
+                &Actor::Cli,
+                &Scope::Admin,
+                NewLink {
+                    workspace_id: Some(workspace),
+                    label: a.label,
+                    client_ref: a.client_ref,
+                    platforms: if a.platforms.is_empty() { None } else { Some(a.platforms) },
+                    expires_in: a.expires_in,
+                    expires_at: None,
+                    max_uses: a.max_uses,
+                    redirect_url: a.redirect_url,
+                },
+            )
+            .await?;
+            print(json, &l, |l| l.url.clone());
+        }
+        LinkCommand::List { workspace, search, limit } => {
+            let workspace = workspace_id(&app, &workspace).await?;
+            let list = links::list(
+                &app,
+                &Scope::Admin,
+                &ListQuery {
+                    workspace_id: Some(workspace),
+                    search,
+                    before: None,
+                    limit: limit.clamp(1, 10_000),
+                },
+            )
+            .await?;
+            print(json, &list, |list| {
+                if list.is_empty() {
+                    return "no links".into();
+                }
+                list.iter()
+                    .map(|l| {
+                        format!(
+                            "{}  {:<8}  uses {:<4}  {}  {}",
+                            l.id,
+                            l.status.as_str(),
+                            l.use_count,
+                            l.label,
+                            l.url
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        LinkCommand::Show { id } => {
+            let l = links::get(&app, &Scope::Admin, &id).await?;
+            print(json, &l, |l| describe(l));
+        }
+        LinkCommand::Revoke { id } => {
+            let l = links::revoke(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+            print(json, &l, |l| format!("revoked link {}", l.id));
+        }
+        LinkCommand::Rotate { id } => {
+            let l = links::rotate(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+            print(json, &l, |l| l.url.clone());
+        }
+    }
+    Ok(())
+}
+
+async fn apikey(app: AppState, json: bool, cmd: ApiKeyCommand) -> CliResult {
+    use service::api_keys::{self, NewApiKey};
+    match cmd {
+        ApiKeyCommand::Create { workspace, admin, name } => {
+            let workspace_id = match workspace {
+                Some(w) => Some(workspace_id(&app, &w).await?),
+                None => None,
+            };
+            let k =
+                api_keys::create(&app, &Actor::Cli, &Scope::Admin, NewApiKey { workspace_id, admin, name })
+                    .await?;
+            print(json, &k, |k| {
+                format!(
+                    "{}\n\nThis is the only time the key is shown. Store it now. (id {})",
+                    k.secret, k.key.id
+                )
+            });
+        }
+        ApiKeyCommand::List { workspace } => {
+            let scope = match workspace {
+                Some(w) => Scope::Workspace(workspace_id(&app, &w).await?),
+                None => Scope::Admin,
+            };
+            let list = api_keys::list(&app, &scope).await?;
+            print(json, &list, |list| {
+                if list.is_empty() {
+                    return "no API keys".into();
+                }
+                list.iter()
+                    .map(|k| {
+                        format!(
+                            "{}  {}…  {:<10}  {}  {}",
+                            k.id,
+                            k.prefix,
+                            if k.revoked_at.is_some() { "revoked" } else { "active" },
+                            k.workspace_id.as_deref().unwrap_or("platform-admin"),
+                            k.name
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        ApiKeyCommand::Revoke { id } => {
+            let k = api_keys::revoke(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+            print(json, &k, |k| format!("revoked API key {} ({}…)", k.id, k.prefix));
+        }
+    }
+    Ok(())
+}
+
+async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliResult {
+    use service::connections::{self, ConnectionStatus, ConnectionView, ListQuery};
+    let line = |c: &ConnectionView| {
+        format!(
+            "{}  {:<9}  {:<12}  {:<24}  {}{}",
+            c.id,
+            c.provider.as_str(),
+            c.status.as_str(),
+            c.username
+                .as_deref()
+                .map(|u| format!("@{u}"))
+                .or(c.display_name.clone())
+                .unwrap_or_else(|| c.provider_account_id.clone()),
+            if c.sandbox { "[sandbox] " } else { "" },
+            c.status_reason.as_deref().unwrap_or("")
+        )
+    };
+    match cmd {
+        ConnectionCommand::List { workspace, status, provider, limit } => {
+            let workspace = workspace_id(&app, &workspace).await?;
+            let status = match status.as_deref() {
+                None => None,
+                Some("active") => Some(ConnectionStatus::Active),
+                Some("broken") => Some(ConnectionStatus::Broken),
+                Some("disconnected") => Some(ConnectionStatus::Disconnected),
+                Some(other) => {
+                    return Err(CliError {
+                        message: format!("--status: `{other}` is not one of active, broken, disconnected"),
+                        code: 2,
+                    });
+                }
+            };
+            let provider = match provider {
+                None => None,
+                Some(p) => Some(p.parse().map_err(|e: crate::domain::FieldError| CliError {
+                    message: format!("--provider: {}", e.message),
+                    code: 2,
+                })?),
+            };
+            let list = connections::list(
+                &app,
+                &Scope::Admin,
+                &ListQuery {
+                    workspace_id: Some(workspace),
+                    status,
+                    provider,
+                    link_id: None,
+                    before: None,
+                    limit: limit.clamp(1, 10_000),
+                },
+            )
+            .await?;
+            print(json, &list, |list| {
+                if list.is_empty() {
+                    "no connections".into()
+                } else {
+                    list.iter().map(line).collect::<Vec<_>>().join("\n")
+                }
+            });
+        }
+        ConnectionCommand::Show { id } => {
+            let c = connections::get(&app, &Scope::Admin, &id).await?;
+            print(json, &c, |c| {
+                let v = &c.connection;
+                let mut out = format!(
+                    "{}\n  workspace: {}\n  link: {}\n  account id: {}\n  display name: {}\n  scopes: {}\n  access token expires: {}\n  refresh token expires: {}\n  connected: {}\n  last refreshed: {}\n  reconnects: {}\n  history:",
+                    line(v),
+                    v.workspace_id,
+                    v.link_id.as_deref().unwrap_or("-"),
+                    v.provider_account_id,
+                    v.display_name.as_deref().unwrap_or("-"),
+                    v.scopes.join(", "),
+                    ts(v.access_token_expires_at),
+                    ts(v.refresh_token_expires_at),
+                    ts(Some(v.connected_at)),
+                    ts(v.last_refreshed_at),
+                    v.reconnect_count,
+                );
+                for e in &c.events {
+                    out.push_str(&format!(
+                        "\n    {}  {:<12}  {}",
+                        ts(Some(e.at)),
+                        e.kind,
+                        e.detail.as_deref().unwrap_or("")
+                    ));
+                }
+                out
+            });
+        }
+        ConnectionCommand::Disconnect { id } => {
+            let c = connections::disconnect(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+            print(json, &c, |c| {
+                format!("disconnected {}: {}", c.id, c.status_reason.as_deref().unwrap_or(""))
+            });
+        }
+        ConnectionCommand::Token { id } => {
+            let t = connections::access_token(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+            print(json, &t, |t| t.access_token.clone());
+        }
+    }
+    Ok(())
+}
+
+async fn audit(app: AppState, json: bool, cmd: AuditCommand) -> CliResult {
+    match cmd {
+        AuditCommand::List { workspace, action, limit } => {
+            let workspace = match workspace {
+                Some(w) => Some(workspace_id(&app, &w).await?),
+                None => None,
+            };
+            let list = service::audit::list(
+                &app,
+                &Scope::Admin,
+                workspace.as_deref(),
+                action.as_deref(),
+                None,
+                None,
+                limit.clamp(1, 10_000),
+            )
+            .await?;
+            print(json, &list, |list| {
+                list.iter()
+                    .map(|a| {
+                        format!(
+                            "{}  {:<24}  {}:{}  by {}{}",
+                            ts(Some(a.created_at)),
+                            a.action,
+                            a.target_kind,
+                            a.target_id,
+                            a.actor_kind,
+                            a.actor_id.as_deref().map(|i| format!(":{i}")).unwrap_or_default()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+    }
+    Ok(())
+}

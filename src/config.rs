@@ -1,0 +1,533 @@
+//! Configuration: built-in defaults, then `authlink.toml`, then `AUTHLINK_*` environment variables
+//! (`__` separates nesting levels: `AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY`).
+//!
+//! Every structure denies unknown keys, so a typo stops start-up with a message that names the key
+//! instead of being silently ignored. Secrets are [`SecretString`]s and are masked by
+//! [`Config::masked`], which is what `authlink config check` prints.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::domain::Platform;
+
+/// Environment variables with the `AUTHLINK_` prefix that are not configuration keys.
+const NON_CONFIG_ENV: &[&str] = &["CONFIG", "LOG"];
+
+/// The whole configuration of one authlink instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The base URL of every link and callback, as clients reach this instance.
+    pub public_url: Url,
+    /// The socket address the HTTP server binds.
+    pub listen: SocketAddr,
+    /// `sqlite://...` or `postgres://...`; the scheme picks the backend.
+    pub database_url: SecretString,
+    /// The folder for the default SQLite file and the development key file.
+    pub data_dir: PathBuf,
+    /// Base64 of the 32-byte master key that seals secrets at rest.
+    pub master_key: Option<SecretString>,
+    /// A file holding the base64 master key (used when `master_key` is not set).
+    pub master_key_file: Option<PathBuf>,
+    /// `human` or `json` log lines.
+    pub log_format: LogFormat,
+    /// HTTP server limits.
+    pub http: HttpConfig,
+    /// Connection pool settings.
+    pub database: DatabaseConfig,
+    /// OAuth providers.
+    #[serde(default)]
+    pub providers: ProvidersConfig,
+    /// The built-in provider simulator.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines for a terminal.
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// HTTP server limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Largest accepted request body, in bytes (larger bodies get 413).
+    pub body_limit_bytes: usize,
+    /// Longest time a request may take before the server answers 503.
+    pub request_timeout_secs: u64,
+    /// Longest time to let in-flight requests finish after a shutdown signal.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { body_limit_bytes: 64 * 1024, request_timeout_secs: 30, shutdown_grace_secs: 20 }
+    }
+}
+
+/// Connection pool settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Most connections in the pool.
+    pub max_connections: u32,
+    /// How long a request waits for a connection before it gets 503.
+    pub acquire_timeout_secs: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { max_connections: 8, acquire_timeout_secs: 5 }
+    }
+}
+
+/// The provider sections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    /// TikTok Login Kit for Web.
+    pub tiktok: TikTokConfig,
+    /// Instagram API with Instagram Login.
+    pub instagram: InstagramConfig,
+    /// Timeout of every call to a provider, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for ProvidersConfig {
+    fn default() -> Self {
+        Self { tiktok: TikTokConfig::default(), instagram: InstagramConfig::default(), timeout_secs: 10 }
+    }
+}
+
+/// TikTok settings; every URL defaults to the real endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TikTokConfig {
+    /// Offer TikTok on links.
+    pub enabled: bool,
+    /// Run against the built-in simulator even when credentials are set.
+    pub sandbox: bool,
+    /// The app's client key (TikTok's name for the client id).
+    pub client_key: Option<String>,
+    /// The app's client secret.
+    pub client_secret: Option<SecretString>,
+    /// Scopes asked for (comma-joined on the wire).
+    pub scopes: Vec<String>,
+    /// Authorization page.
+    pub authorize_url: Url,
+    /// Token endpoint (code exchange and refresh).
+    pub token_url: Url,
+    /// Base of the v2 API (`/v2/user/info/`, `/v2/oauth/revoke/`).
+    pub api_base_url: Url,
+}
+
+#[allow(clippy::expect_used)] // constant URLs, checked by the tests
+fn constant_url(s: &str) -> Url {
+    Url::parse(s).expect("constant URL")
+}
+
+impl Default for TikTokConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sandbox: false,
+            client_key: None,
+            client_secret: None,
+            scopes: vec!["user.info.basic".into(), "user.info.profile".into()],
+            authorize_url: constant_url("https://www.tiktok.com/v2/auth/authorize/"),
+            token_url: constant_url("https://open.tiktokapis.com/v2/oauth/token/"),
+            api_base_url: constant_url("https://open.tiktokapis.com"),
+        }
+    }
+}
+
+/// Instagram settings; every URL defaults to the real endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstagramConfig {
+    /// Offer Instagram on links.
+    pub enabled: bool,
+    /// Run against the built-in simulator even when credentials are set.
+    pub sandbox: bool,
+    /// The Instagram app id (not the Meta app id).
+    pub client_id: Option<String>,
+    /// The Instagram app secret; also verifies Meta's signed requests.
+    pub client_secret: Option<SecretString>,
+    /// Scopes asked for.
+    pub scopes: Vec<String>,
+    /// Authorization page.
+    pub authorize_url: Url,
+    /// Short-lived token endpoint.
+    pub token_url: Url,
+    /// Graph API host (long-lived exchange, refresh, profile).
+    pub graph_base_url: Url,
+    /// Graph API version used for the profile call.
+    pub graph_api_version: String,
+}
+
+impl Default for InstagramConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sandbox: false,
+            client_id: None,
+            client_secret: None,
+            scopes: vec!["instagram_business_basic".into()],
+            authorize_url: constant_url("https://www.instagram.com/oauth/authorize"),
+            token_url: constant_url("https://api.instagram.com/oauth/access_token"),
+            graph_base_url: constant_url("https://graph.instagram.com"),
+            graph_api_version: "v23.0".into(),
+        }
+    }
+}
+
+/// The built-in provider simulator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// Serve `/sandbox/control/...`, which lets tests and demos script failures and move the
+    /// sandbox's clock. Never enable it on a public instance.
+    pub control_api: bool,
+}
+
+impl TikTokConfig {
+    /// Whether this provider runs against the built-in simulator.
+    pub fn is_sandbox(&self) -> bool {
+        self.sandbox || self.client_key.is_none() || self.client_secret.is_none()
+    }
+}
+
+impl InstagramConfig {
+    /// Whether this provider runs against the built-in simulator.
+    pub fn is_sandbox(&self) -> bool {
+        self.sandbox || self.client_id.is_none() || self.client_secret.is_none()
+    }
+}
+
+/// Why a configuration could not be loaded. The message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A key is unknown, or a value could not be parsed.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// The file named by `--config` or `AUTHLINK_CONFIG` does not exist.
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+}
+
+/// The defaults, as a serializable tree for figment's lowest layer.
+#[derive(Serialize)]
+struct Defaults {
+    public_url: String,
+    listen: String,
+    database_url: String,
+    data_dir: String,
+    log_format: LogFormat,
+    http: HttpConfig,
+    database: DatabaseConfig,
+    sandbox: SandboxConfig,
+}
+
+impl Config {
+    /// Loads the configuration: defaults < TOML file < `AUTHLINK_*` environment.
+    ///
+    /// `file` is the path from `--config`/`AUTHLINK_CONFIG`; without one, `./authlink.toml` is
+    /// read when it exists.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, &env)
+    }
+
+    /// [`Config::load`] with an explicit environment (for tests).
+    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let defaults = Defaults {
+            public_url: "http://127.0.0.1:8080".into(),
+            listen: "127.0.0.1:8080".into(),
+            database_url: "sqlite://authlink-data/authlink.db".into(),
+            data_dir: "authlink-data".into(),
+            log_format: LogFormat::Human,
+            http: HttpConfig::default(),
+            database: DatabaseConfig::default(),
+            sandbox: SandboxConfig::default(),
+        };
+        let mut figment = Figment::from(Serialized::defaults(defaults));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::MissingFile(path.to_path_buf()));
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None => {
+                let default_path = Path::new("authlink.toml");
+                if default_path.exists() {
+                    figment = figment.merge(Toml::file(default_path));
+                }
+            }
+        }
+        // Only the variables we were handed, so tests do not depend on the process environment.
+        let env_pairs: Vec<(String, String)> = env
+            .iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("AUTHLINK_")?;
+                if NON_CONFIG_ENV.contains(&rest) || rest.starts_with("TEST_") {
+                    return None;
+                }
+                Some((rest.to_ascii_lowercase().replace("__", "."), v.clone()))
+            })
+            .collect();
+        for (key, value) in env_pairs {
+            // Values from the environment are parsed like TOML values would be where that is
+            // unambiguous (numbers, booleans, lists); everything else stays a string.
+            let parsed = parse_env_value(&value);
+            figment = figment.merge(Serialized::global(&key, parsed));
+        }
+        let config: Config = figment.extract_lossy().map_err(|e| {
+            let messages: Vec<String> = e.into_iter().map(describe_figment_error).collect();
+            ConfigError::Invalid(messages.join("; "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !matches!(self.public_url.scheme(), "http" | "https") {
+            return Err(ConfigError::Invalid("key `public_url`: must be an http or https URL".into()));
+        }
+        if self.public_url.query().is_some() || self.public_url.fragment().is_some() {
+            return Err(ConfigError::Invalid("key `public_url`: must not have a query or fragment".into()));
+        }
+        let db = self.database_url.expose_secret();
+        if !(db.starts_with("sqlite:") || db.starts_with("postgres://") || db.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid(
+                "key `database_url`: must start with sqlite:, postgres:// or postgresql://".into(),
+            ));
+        }
+        if self.http.body_limit_bytes == 0 {
+            return Err(ConfigError::Invalid("key `http.body_limit_bytes`: must be positive".into()));
+        }
+        if self.database.max_connections == 0 {
+            return Err(ConfigError::Invalid("key `database.max_connections`: must be positive".into()));
+        }
+        for (key, url) in [
+            ("providers.tiktok.authorize_url", &self.providers.tiktok.authorize_url),
+            ("providers.tiktok.token_url", &self.providers.tiktok.token_url),
+            ("providers.tiktok.api_base_url", &self.providers.tiktok.api_base_url),
+            ("providers.instagram.authorize_url", &self.providers.instagram.authorize_url),
+            ("providers.instagram.token_url", &self.providers.instagram.token_url),
+            ("providers.instagram.graph_base_url", &self.providers.instagram.graph_base_url),
+        ] {
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(ConfigError::Invalid(format!("key `{key}`: must be an http or https URL")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the public URL is https (cookies then get `Secure` and the `__Host-` prefix).
+    pub fn is_https(&self) -> bool {
+        self.public_url.scheme() == "https"
+    }
+
+    /// The absolute URL of a path under the public URL.
+    pub fn public(&self, path: &str) -> String {
+        format!("{}{}", self.public_url.as_str().trim_end_matches('/'), path)
+    }
+
+    /// The platforms offered by default on new links: every enabled provider.
+    pub fn enabled_platforms(&self) -> Vec<Platform> {
+        let mut out = Vec::new();
+        if self.providers.tiktok.enabled {
+            out.push(Platform::Tiktok);
+        }
+        if self.providers.instagram.enabled {
+            out.push(Platform::Instagram);
+        }
+        out
+    }
+
+    /// The effective configuration with every secret replaced by `"********"` (or `null`).
+    pub fn masked(&self) -> serde_json::Value {
+        let mask = |s: &Option<SecretString>| s.as_ref().map(|_| "********");
+        let tiktok = &self.providers.tiktok;
+        let instagram = &self.providers.instagram;
+        serde_json::json!({
+            "public_url": self.public_url.as_str(),
+            "listen": self.listen.to_string(),
+            "database_url": mask_database_url(self.database_url.expose_secret()),
+            "data_dir": self.data_dir.display().to_string(),
+            "master_key": mask(&self.master_key),
+            "master_key_file": self.master_key_file.as_ref().map(|p| p.display().to_string()),
+            "log_format": self.log_format,
+            "http": self.http,
+            "database": self.database,
+            "sandbox": self.sandbox,
+            "providers": {
+                "timeout_secs": self.providers.timeout_secs,
+                "tiktok": {
+                    "enabled": tiktok.enabled,
+                    "mode": if tiktok.is_sandbox() { "sandbox" } else { "live" },
+                    "client_key": tiktok.client_key,
+                    "client_secret": mask(&tiktok.client_secret),
+                    "scopes": tiktok.scopes,
+                    "authorize_url": tiktok.authorize_url.as_str(),
+                    "token_url": tiktok.token_url.as_str(),
+                    "api_base_url": tiktok.api_base_url.as_str(),
+                    "redirect_uri": self.public("/oauth/tiktok/callback"),
+                },
+                "instagram": {
+                    "enabled": instagram.enabled,
+                    "mode": if instagram.is_sandbox() { "sandbox" } else { "live" },
+                    "client_id": instagram.client_id,
+                    "client_secret": mask(&instagram.client_secret),
+                    "scopes": instagram.scopes,
+                    "authorize_url": instagram.authorize_url.as_str(),
+                    "token_url": instagram.token_url.as_str(),
+                    "graph_base_url": instagram.graph_base_url.as_str(),
+                    "graph_api_version": instagram.graph_api_version,
+                    "redirect_uri": self.public("/oauth/instagram/callback"),
+                    "deauthorize_callback_url": self.public("/oauth/instagram/deauthorize"),
+                    "data_deletion_callback_url": self.public("/oauth/instagram/data-deletion"),
+                },
+            },
+        })
+    }
+}
+
+/// Hides the password of a database URL (`postgres://user:****@host/db`).
+pub fn mask_database_url(url: &str) -> String {
+    match Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("****"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// An environment value: a `[a, b]` list, or a string that figment's lossy extraction turns into
+/// a number or a boolean where the configuration expects one (so numeric-looking ids stay text).
+fn parse_env_value(value: &str) -> figment::value::Value {
+    use figment::value::Value;
+    let trimmed = value.trim();
+    if trimmed.starts_with('[') && trimmed.ends_with(']') {
+        let inner = &trimmed[1..trimmed.len() - 1];
+        let items: Vec<Value> = inner
+            .split(',')
+            .map(|s| s.trim().trim_matches('"'))
+            .filter(|s| !s.is_empty())
+            .map(Value::from)
+            .collect();
+        return Value::from(items);
+    }
+    Value::from(value.to_string())
+}
+
+fn describe_figment_error(e: figment::Error) -> String {
+    let key = if e.path.is_empty() { None } else { Some(e.path.join(".")) };
+    let source = e.metadata.as_ref().map(|m| m.name.to_string());
+    let kind = e.kind.to_string();
+    match (key, source) {
+        (Some(k), Some(s)) => format!("key `{k}` (from {s}): {kind}"),
+        (Some(k), None) => format!("key `{k}`: {kind}"),
+        (None, Some(s)) => format!("{kind} (from {s})"),
+        (None, None) => kind,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load() {
+        let c = Config::load_from(None, &[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.providers.tiktok.is_sandbox());
+        assert_eq!(c.providers.timeout_secs, 10);
+        assert_eq!(c.public_url.as_str(), "http://127.0.0.1:8080/");
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("AUTHLINK_LISTEN", "0.0.0.0:9000"),
+                ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY", "12345"),
+                ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_SECRET", "s3cret"),
+                ("AUTHLINK_HTTP__BODY_LIMIT_BYTES", "1000"),
+                ("AUTHLINK_CONFIG", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.providers.tiktok.client_key.as_deref(), Some("12345"));
+        assert!(!c.providers.tiktok.is_sandbox());
+        assert_eq!(c.http.body_limit_bytes, 1000);
+        let masked = c.masked().to_string();
+        assert!(!masked.contains("s3cret"));
+        assert!(masked.contains("********"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::load_from(None, &env(&[("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEYS", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("client_keys"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err =
+            Config::load_from(None, &env(&[("AUTHLINK_PUBLIC_URL", "not a url")])).unwrap_err().to_string();
+        assert!(err.contains("public_url"), "{err}");
+        let err = Config::load_from(None, &env(&[("AUTHLINK_LISTEN", "nowhere")])).unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+        let err = Config::load_from(None, &env(&[("AUTHLINK_HTTP__BODY_LIMIT_BYTES", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("body_limit_bytes"), "{err}");
+        let err =
+            Config::load_from(None, &env(&[("AUTHLINK_DATABASE_URL", "mysql://x")])).unwrap_err().to_string();
+        assert!(err.contains("database_url"), "{err}");
+    }
+
+    #[test]
+    fn toml_file_is_layered_under_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authlink.toml");
+        std::fs::write(
+            &path,
+            "public_url = \"https://links.example.com/\"\nlisten = \"127.0.0.1:7000\"\n[providers.instagram]\nclient_id = \"abc\"\n",
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&path), &env(&[("AUTHLINK_LISTEN", "127.0.0.1:7001")])).unwrap();
+        assert_eq!(c.listen.port(), 7001);
+        assert_eq!(c.public("/l/x"), "https://links.example.com/l/x");
+        assert_eq!(c.providers.instagram.client_id.as_deref(), Some("abc"));
+        assert!(c.is_https());
+    }
+
+    #[test]
+    fn database_password_is_masked() {
+        assert_eq!(mask_database_url("postgres://u:pw@localhost/db"), "postgres://u:****@localhost/db");
+    }
+}

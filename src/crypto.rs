@@ -1,0 +1,366 @@
+//! Secrets at rest and random tokens.
+//!
+//! A [`KeyRing`] seals values with XChaCha20-Poly1305 (192-bit random nonces, so random nonces
+//! never collide in practice). A sealed value is the text envelope
+//! `v1:<kid>:<base64url nonce>:<base64url ciphertext>`; the key id names the key that sealed it,
+//! so keys can be rotated while old values stay readable. Each value is bound to its place by
+//! associated data: the key id, the table, the row id and the column. A ciphertext copied to
+//! another row or column fails to open.
+//!
+//! The key ring keeps a *key check value* in the database (see [`KeyRing::check_value`]): start-up
+//! refuses to run with a key that does not match the data already stored.
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use rand::TryRngCore;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Length of a master key in bytes.
+pub const KEY_LEN: usize = 32;
+const NONCE_LEN: usize = 24;
+const ENVELOPE_VERSION: &str = "v1";
+/// The plaintext sealed as the key check value.
+const KEY_CHECK_PLAINTEXT: &[u8] = b"authlink key check";
+
+/// Why a key could not be loaded or a value could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    /// The master key is not base64 of 32 bytes.
+    #[error("the master key must be base64 of exactly 32 bytes")]
+    BadKey,
+    /// The envelope is not `v1:<kid>:<nonce>:<ct>`.
+    #[error("malformed sealed value")]
+    Malformed,
+    /// The envelope names a key this ring does not hold.
+    #[error("sealed with key {0}, which is not configured")]
+    UnknownKey(String),
+    /// Authentication failed: wrong key, tampered value or value moved from another row.
+    #[error("sealed value failed authentication")]
+    Unauthentic,
+    /// Reading or writing the key file failed.
+    #[error("key file {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Where a sealed value lives: the associated data that binds a ciphertext to its row.
+#[derive(Debug, Clone, Copy)]
+pub struct Aad<'a> {
+    /// Table name, e.g. `links`.
+    pub table: &'a str,
+    /// Row id.
+    pub row: &'a str,
+    /// Column name, e.g. `token`.
+    pub column: &'a str,
+}
+
+impl<'a> Aad<'a> {
+    /// Associated data for `table`/`row`/`column`.
+    pub fn new(table: &'a str, row: &'a str, column: &'a str) -> Self {
+        Self { table, row, column }
+    }
+
+    fn bytes(&self, kid: &str) -> Vec<u8> {
+        // Length-prefixed fields, so that no two different places produce the same bytes.
+        let mut out = Vec::new();
+        for part in [kid, self.table, self.row, self.column] {
+            out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            out.extend_from_slice(part.as_bytes());
+        }
+        out
+    }
+}
+
+struct RingKey {
+    kid: String,
+    cipher: XChaCha20Poly1305,
+}
+
+/// The keys that seal and open secrets at rest: one active key, plus older keys that only open.
+pub struct KeyRing {
+    active: RingKey,
+    retired: Vec<RingKey>,
+}
+
+impl fmt::Debug for KeyRing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRing")
+            .field("active_kid", &self.active.kid)
+            .field("retired_kids", &self.retired.iter().map(|k| &k.kid).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn ring_key(bytes: &[u8]) -> Result<RingKey, CryptoError> {
+    if bytes.len() != KEY_LEN {
+        return Err(CryptoError::BadKey);
+    }
+    // The key id is derived from the key, so the same key always has the same id and an id
+    // reveals nothing usable about the key.
+    let digest = Sha256::digest([b"authlink-kid:".as_slice(), bytes].concat());
+    let kid = hex::encode(&digest[..4]);
+    let cipher = XChaCha20Poly1305::new(Key::from_slice(bytes));
+    Ok(RingKey { kid, cipher })
+}
+
+impl KeyRing {
+    /// A ring with one active key and any number of decrypt-only keys, all base64.
+    pub fn from_base64(active: &SecretString, retired: &[SecretString]) -> Result<Self, CryptoError> {
+        let decode = |s: &SecretString| -> Result<RingKey, CryptoError> {
+            let bytes = Zeroizing::new(
+                STANDARD
+                    .decode(s.expose_secret().trim())
+                    .or_else(|_| URL_SAFE_NO_PAD.decode(s.expose_secret().trim()))
+                    .map_err(|_| CryptoError::BadKey)?,
+            );
+            ring_key(&bytes)
+        };
+        Ok(Self { active: decode(active)?, retired: retired.iter().map(decode).collect::<Result<_, _>>()? })
+    }
+
+    /// A ring with a fresh random key (tests and `authlink keygen`).
+    pub fn generate() -> (Self, SecretString) {
+        let key = Zeroizing::new(random_bytes::<KEY_LEN>());
+        let encoded = SecretString::from(STANDARD.encode(*key));
+        #[allow(clippy::expect_used)] // a fresh 32-byte key is always valid
+        let ring = Self::from_base64(&encoded, &[]).expect("fresh key");
+        (ring, encoded)
+    }
+
+    /// Reads the base64 key in `path`.
+    pub fn from_file(path: &Path) -> Result<Self, CryptoError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CryptoError::KeyFile { path: path.display().to_string(), source })?;
+        Self::from_base64(&SecretString::from(text), &[])
+    }
+
+    /// Creates `path` with a fresh key, readable by the owner only (mode 0600), and returns the
+    /// ring. Fails if the file already exists.
+    pub fn create_file(path: &Path) -> Result<Self, CryptoError> {
+        let err = |source| CryptoError::KeyFile { path: path.display().to_string(), source };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(err)?;
+        }
+        let (ring, encoded) = Self::generate();
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(path).map_err(err)?;
+        file.write_all(encoded.expose_secret().as_bytes()).map_err(err)?;
+        file.write_all(b"\n").map_err(err)?;
+        file.sync_all().map_err(err)?;
+        Ok(ring)
+    }
+
+    /// The id of the key that seals new values.
+    pub fn active_kid(&self) -> &str {
+        &self.active.kid
+    }
+
+    /// Seals `plaintext` for the place `aad` with the active key.
+    pub fn seal(&self, plaintext: &[u8], aad: Aad<'_>) -> String {
+        let nonce_bytes = random_bytes::<NONCE_LEN>();
+        let nonce = XNonce::from_slice(&nonce_bytes);
+        let aad_bytes = aad.bytes(&self.active.kid);
+        #[allow(clippy::expect_used)] // encryption with a valid key and nonce cannot fail
+        let ct = self
+            .active
+            .cipher
+            .encrypt(nonce, Payload { msg: plaintext, aad: &aad_bytes })
+            .expect("XChaCha20-Poly1305 encryption");
+        format!(
+            "{ENVELOPE_VERSION}:{}:{}:{}",
+            self.active.kid,
+            URL_SAFE_NO_PAD.encode(nonce_bytes),
+            URL_SAFE_NO_PAD.encode(ct)
+        )
+    }
+
+    /// Seals a string.
+    pub fn seal_str(&self, plaintext: &str, aad: Aad<'_>) -> String {
+        self.seal(plaintext.as_bytes(), aad)
+    }
+
+    /// Opens an envelope sealed for the place `aad`.
+    pub fn open(&self, envelope: &str, aad: Aad<'_>) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let mut parts = envelope.split(':');
+        let (Some(version), Some(kid), Some(nonce), Some(ct), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(CryptoError::Malformed);
+        };
+        if version != ENVELOPE_VERSION {
+            return Err(CryptoError::Malformed);
+        }
+        let key = std::iter::once(&self.active)
+            .chain(self.retired.iter())
+            .find(|k| k.kid == kid)
+            .ok_or_else(|| CryptoError::UnknownKey(kid.to_string()))?;
+        let nonce = URL_SAFE_NO_PAD.decode(nonce).map_err(|_| CryptoError::Malformed)?;
+        if nonce.len() != NONCE_LEN {
+            return Err(CryptoError::Malformed);
+        }
+        let ct = URL_SAFE_NO_PAD.decode(ct).map_err(|_| CryptoError::Malformed)?;
+        let aad_bytes = aad.bytes(kid);
+        key.cipher
+            .decrypt(XNonce::from_slice(&nonce), Payload { msg: &ct, aad: &aad_bytes })
+            .map(Zeroizing::new)
+            .map_err(|_| CryptoError::Unauthentic)
+    }
+
+    /// Opens an envelope holding UTF-8 text.
+    pub fn open_str(&self, envelope: &str, aad: Aad<'_>) -> Result<SecretString, CryptoError> {
+        let bytes = self.open(envelope, aad)?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| CryptoError::Malformed)?;
+        Ok(SecretString::from(text.to_string()))
+    }
+
+    /// A fresh key check value for the active key: stored once, verified on every start.
+    pub fn check_value(&self) -> String {
+        self.seal(KEY_CHECK_PLAINTEXT, Aad::new("key_checks", &self.active.kid, "check"))
+    }
+
+    /// Whether `check` (a stored check value for `kid`) opens with this ring.
+    pub fn verify_check_value(&self, kid: &str, check: &str) -> bool {
+        matches!(
+            self.open(check, Aad::new("key_checks", kid, "check")),
+            Ok(plain) if plain.as_slice() == KEY_CHECK_PLAINTEXT
+        )
+    }
+
+    /// Whether this ring holds a key with id `kid`.
+    pub fn has_kid(&self, kid: &str) -> bool {
+        self.active.kid == kid || self.retired.iter().any(|k| k.kid == kid)
+    }
+}
+
+/// `N` bytes from the operating system's CSPRNG.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    #[allow(clippy::expect_used)] // without an OS random source no secret can be made safely
+    rand::rngs::OsRng.try_fill_bytes(&mut buf).expect("the OS random number generator failed");
+    buf
+}
+
+/// A URL-safe random token with 256 bits of entropy (43 characters).
+pub fn random_token() -> String {
+    URL_SAFE_NO_PAD.encode(random_bytes::<32>())
+}
+
+/// Lowercase hex SHA-256 of `data`: how tokens and keys are looked up without storing them.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Constant-time equality of two byte strings.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_open_round_trip() {
+        let (ring, _) = KeyRing::generate();
+        let env = ring.seal_str("hello", Aad::new("links", "1", "token"));
+        assert!(env.starts_with(&format!("v1:{}:", ring.active_kid())));
+        assert_eq!(ring.open_str(&env, Aad::new("links", "1", "token")).unwrap().expose_secret(), "hello");
+    }
+
+    #[test]
+    fn ciphertext_is_bound_to_its_row_and_column() {
+        let (ring, _) = KeyRing::generate();
+        let env = ring.seal_str("hello", Aad::new("links", "1", "token"));
+        assert!(matches!(ring.open(&env, Aad::new("links", "2", "token")), Err(CryptoError::Unauthentic)));
+        assert!(matches!(ring.open(&env, Aad::new("links", "1", "other")), Err(CryptoError::Unauthentic)));
+        assert!(matches!(ring.open(&env, Aad::new("other", "1", "token")), Err(CryptoError::Unauthentic)));
+    }
+
+    #[test]
+    fn tampering_is_detected_without_panic() {
+        let (ring, _) = KeyRing::generate();
+        let env = ring.seal_str("hello", Aad::new("t", "r", "c"));
+        // Flip each character of the ciphertext part in turn.
+        let prefix_len = env.rfind(':').unwrap() + 1;
+        for i in prefix_len..env.len() {
+            let mut bytes = env.clone().into_bytes();
+            bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
+            let tampered = String::from_utf8(bytes).unwrap();
+            if tampered == env {
+                continue;
+            }
+            assert!(ring.open(&tampered, Aad::new("t", "r", "c")).is_err());
+        }
+        assert!(matches!(ring.open("garbage", Aad::new("t", "r", "c")), Err(CryptoError::Malformed)));
+        assert!(matches!(ring.open("v1:x:y:z:w", Aad::new("t", "r", "c")), Err(CryptoError::Malformed)));
+    }
+
+    #[test]
+    fn other_key_cannot_open_and_retired_keys_can() {
+        let (old, old_b64) = KeyRing::generate();
+        let (_, new_b64) = KeyRing::generate();
+        let env = old.seal_str("v", Aad::new("t", "r", "c"));
+        let new_only = KeyRing::from_base64(&new_b64, &[]).unwrap();
+        assert!(matches!(new_only.open(&env, Aad::new("t", "r", "c")), Err(CryptoError::UnknownKey(_))));
+        let rotated = KeyRing::from_base64(&new_b64, &[old_b64]).unwrap();
+        assert_eq!(rotated.open_str(&env, Aad::new("t", "r", "c")).unwrap().expose_secret(), "v");
+        assert_ne!(rotated.active_kid(), old.active_kid());
+    }
+
+    #[test]
+    fn key_check_value_detects_the_wrong_key() {
+        let (a, _) = KeyRing::generate();
+        let (b, _) = KeyRing::generate();
+        let check = a.check_value();
+        assert!(a.verify_check_value(a.active_kid(), &check));
+        assert!(!b.verify_check_value(a.active_kid(), &check));
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        assert!(KeyRing::from_base64(&SecretString::from("c2hvcnQ="), &[]).is_err());
+        assert!(KeyRing::from_base64(&SecretString::from("not base64!"), &[]).is_err());
+    }
+
+    #[test]
+    fn key_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/master.key");
+        let ring = KeyRing::create_file(&path).unwrap();
+        let again = KeyRing::from_file(&path).unwrap();
+        assert_eq!(ring.active_kid(), again.active_kid());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        assert!(KeyRing::create_file(&path).is_err(), "never overwrites a key");
+    }
+
+    #[test]
+    fn tokens_are_long_and_distinct() {
+        let a = random_token();
+        assert_eq!(a.len(), 43);
+        assert_ne!(a, random_token());
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    }
+}

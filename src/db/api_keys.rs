@@ -1,0 +1,97 @@
+//! The `api_keys` table. A key is shown once; only its visible prefix and its SHA-256 are kept.
+
+use sqlx::AnyConnection;
+
+use super::DbResult;
+
+/// An API key as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ApiKeyRow {
+    /// Id (UUIDv7).
+    pub id: String,
+    /// The workspace it is scoped to; `None` for a platform-admin key.
+    pub workspace_id: Option<String>,
+    /// A name to recognise it by.
+    pub name: String,
+    /// The visible start of the key (`alk_` + 12 characters).
+    pub prefix: String,
+    /// SHA-256 hex of the whole key.
+    pub key_hash: String,
+    /// Who created it.
+    pub created_by: String,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Last authenticated use (ms).
+    pub last_used_at: Option<i64>,
+    /// Revocation time (ms).
+    pub revoked_at: Option<i64>,
+}
+
+const COLUMNS: &str =
+    "id, workspace_id, name, prefix, key_hash, created_by, created_at, last_used_at, revoked_at";
+
+/// Inserts a key.
+pub async fn insert(conn: &mut AnyConnection, k: &ApiKeyRow) -> DbResult<()> {
+    sqlx::query(&format!("INSERT INTO api_keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"))
+        .bind(&k.id)
+        .bind(&k.workspace_id)
+        .bind(&k.name)
+        .bind(&k.prefix)
+        .bind(&k.key_hash)
+        .bind(&k.created_by)
+        .bind(k.created_at)
+        .bind(k.last_used_at)
+        .bind(k.revoked_at)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// One key by its visible prefix.
+pub async fn get_by_prefix(conn: &mut AnyConnection, prefix: &str) -> DbResult<Option<ApiKeyRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys WHERE prefix = $1"))
+        .bind(prefix)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// One key by id.
+pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<ApiKeyRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Keys of one workspace, or every key (`None`), oldest first.
+pub async fn list(conn: &mut AnyConnection, workspace_id: Option<&str>) -> DbResult<Vec<ApiKeyRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE ($1 IS NULL OR workspace_id = $1) ORDER BY id"
+    ))
+    .bind(workspace_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Marks a key revoked (no effect if it already is).
+pub async fn revoke(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<()> {
+    sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1")
+        .bind(id)
+        .bind(now_ms)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Records a use, at most once a minute per key to spare writes.
+pub async fn touch(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE api_keys SET last_used_at = $2 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $3)",
+    )
+    .bind(id)
+    .bind(now_ms)
+    .bind(now_ms - 60_000)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,157 @@
+//! The `links` table: reusable auth links. The token is stored as its SHA-256 (for lookup) and
+//! sealed (so members can copy the link again), never in plain text.
+
+use sqlx::AnyConnection;
+
+use super::DbResult;
+
+/// A link as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LinkRow {
+    /// Id (UUIDv7).
+    pub id: String,
+    /// Owning workspace.
+    pub workspace_id: String,
+    /// Normally the client's name.
+    pub label: String,
+    /// The agency's own reference for the client.
+    pub client_ref: Option<String>,
+    /// Comma-separated platforms offered.
+    pub platforms: String,
+    /// Expiry (ms), if any.
+    pub expires_at: Option<i64>,
+    /// Most successful connections, if limited.
+    pub max_uses: Option<i64>,
+    /// Success redirect, if any.
+    pub redirect_url: Option<String>,
+    /// SHA-256 hex of the token.
+    pub token_hash: String,
+    /// The token, sealed for `links/<id>/token`.
+    pub token_sealed: String,
+    /// Who created it (`cli`, `api_key:<id>`, `user:<id>`).
+    pub created_by: String,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+    /// When it was revoked.
+    pub revoked_at: Option<i64>,
+    /// When its token was last rotated.
+    pub rotated_at: Option<i64>,
+    /// Last successful connection through it.
+    pub last_used_at: Option<i64>,
+    /// Successful connections through it.
+    pub use_count: i64,
+}
+
+const COLUMNS: &str = "id, workspace_id, label, client_ref, platforms, expires_at, max_uses, redirect_url, \
+    token_hash, token_sealed, created_by, created_at, updated_at, revoked_at, rotated_at, last_used_at, use_count";
+
+/// Inserts a link.
+pub async fn insert(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
+    sqlx::query(&format!(
+        "INSERT INTO links ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+    ))
+    .bind(&l.id)
+    .bind(&l.workspace_id)
+    .bind(&l.label)
+    .bind(&l.client_ref)
+    .bind(&l.platforms)
+    .bind(l.expires_at)
+    .bind(l.max_uses)
+    .bind(&l.redirect_url)
+    .bind(&l.token_hash)
+    .bind(&l.token_sealed)
+    .bind(&l.created_by)
+    .bind(l.created_at)
+    .bind(l.updated_at)
+    .bind(l.revoked_at)
+    .bind(l.rotated_at)
+    .bind(l.last_used_at)
+    .bind(l.use_count)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes the editable fields and the token columns of `l`.
+pub async fn update(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE links SET label = $2, client_ref = $3, platforms = $4, expires_at = $5, max_uses = $6, \
+         redirect_url = $7, token_hash = $8, token_sealed = $9, updated_at = $10, revoked_at = $11, rotated_at = $12 \
+         WHERE id = $1",
+    )
+    .bind(&l.id)
+    .bind(&l.label)
+    .bind(&l.client_ref)
+    .bind(&l.platforms)
+    .bind(l.expires_at)
+    .bind(l.max_uses)
+    .bind(&l.redirect_url)
+    .bind(&l.token_hash)
+    .bind(&l.token_sealed)
+    .bind(l.updated_at)
+    .bind(l.revoked_at)
+    .bind(l.rotated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Counts one more successful connection through the link.
+pub async fn record_use(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<()> {
+    sqlx::query("UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1")
+        .bind(id)
+        .bind(now_ms)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// One link by id.
+pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<LinkRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM links WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// One link by the SHA-256 of its token.
+pub async fn get_by_token_hash(conn: &mut AnyConnection, hash: &str) -> DbResult<Option<LinkRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM links WHERE token_hash = $1"))
+        .bind(hash)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Filters for [`list`].
+#[derive(Debug, Default, Clone)]
+pub struct LinkFilter<'a> {
+    /// Only this workspace (platform-admin listings may span workspaces).
+    pub workspace_id: Option<&'a str>,
+    /// Case-insensitive substring of the label or client reference.
+    pub search: Option<&'a str>,
+    /// Only links that are not revoked (`Some(true)`) or only revoked ones (`Some(false)`).
+    pub active: Option<bool>,
+    /// Links older than this id (the cursor).
+    pub before: Option<&'a str>,
+}
+
+/// Newest first, one page.
+pub async fn list(conn: &mut AnyConnection, f: &LinkFilter<'_>, limit: i64) -> DbResult<Vec<LinkRow>> {
+    let search = f.search.map(|s| format!("%{}%", s.to_lowercase().replace('%', "\\%").replace('_', "\\_")));
+    let active: Option<i64> = f.active.map(i64::from);
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM links WHERE ($1 IS NULL OR workspace_id = $1) \
+         AND ($2 IS NULL OR LOWER(label) LIKE $2 ESCAPE '\\' OR LOWER(COALESCE(client_ref, '')) LIKE $2 ESCAPE '\\') \
+         AND ($3 IS NULL OR ($3 = 1 AND revoked_at IS NULL) OR ($3 = 0 AND revoked_at IS NOT NULL)) \
+         AND ($4 IS NULL OR id < $4) ORDER BY id DESC LIMIT $5"
+    ))
+    .bind(f.workspace_id)
+    .bind(search)
+    .bind(active)
+    .bind(f.before)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

@@ -1,0 +1,111 @@
+//! The `oauth_flows` table: one row per started OAuth flow (state, PKCE verifier, browser
+//! binding), consumed on first use.
+
+use sqlx::AnyConnection;
+
+use super::DbResult;
+
+/// A flow as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FlowRow {
+    /// Id (UUIDv7); also the path of the result page.
+    pub id: String,
+    /// SHA-256 hex of the OAuth `state`.
+    pub state_hash: String,
+    /// SHA-256 hex of the browser-binding cookie.
+    pub browser_hash: String,
+    /// The link the flow started from.
+    pub link_id: String,
+    /// The link's workspace.
+    pub workspace_id: String,
+    /// `tiktok` or `instagram`.
+    pub provider: String,
+    /// The PKCE verifier, sealed for `oauth_flows/<id>/verifier`.
+    pub verifier_sealed: String,
+    /// Start (ms).
+    pub created_at: i64,
+    /// Ten minutes after the start (ms).
+    pub expires_at: i64,
+    /// When the callback consumed it.
+    pub consumed_at: Option<i64>,
+    /// How it ended.
+    pub outcome: Option<String>,
+    /// The connection it produced.
+    pub connection_id: Option<String>,
+}
+
+const COLUMNS: &str = "id, state_hash, browser_hash, link_id, workspace_id, provider, verifier_sealed, \
+    created_at, expires_at, consumed_at, outcome, connection_id";
+
+/// Inserts a flow.
+pub async fn insert(conn: &mut AnyConnection, f: &FlowRow) -> DbResult<()> {
+    sqlx::query(&format!(
+        "INSERT INTO oauth_flows ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    ))
+    .bind(&f.id)
+    .bind(&f.state_hash)
+    .bind(&f.browser_hash)
+    .bind(&f.link_id)
+    .bind(&f.workspace_id)
+    .bind(&f.provider)
+    .bind(&f.verifier_sealed)
+    .bind(f.created_at)
+    .bind(f.expires_at)
+    .bind(f.consumed_at)
+    .bind(&f.outcome)
+    .bind(&f.connection_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The flow whose state hashes to `state_hash`.
+pub async fn get_by_state_hash(conn: &mut AnyConnection, state_hash: &str) -> DbResult<Option<FlowRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM oauth_flows WHERE state_hash = $1"))
+        .bind(state_hash)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// One flow by id.
+pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<FlowRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM oauth_flows WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Consumes a flow: true for exactly one caller, false if it was already consumed.
+pub async fn consume(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<bool> {
+    let done = sqlx::query("UPDATE oauth_flows SET consumed_at = $2 WHERE id = $1 AND consumed_at IS NULL")
+        .bind(id)
+        .bind(now_ms)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records how a flow ended.
+pub async fn finish(
+    conn: &mut AnyConnection,
+    id: &str,
+    outcome: &str,
+    connection_id: Option<&str>,
+) -> DbResult<()> {
+    sqlx::query("UPDATE oauth_flows SET outcome = $2, connection_id = $3 WHERE id = $1")
+        .bind(id)
+        .bind(outcome)
+        .bind(connection_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes flows that expired more than a day ago (their result pages are no longer shown).
+pub async fn purge_expired(conn: &mut AnyConnection, now_ms: i64) -> DbResult<u64> {
+    let done = sqlx::query("DELETE FROM oauth_flows WHERE expires_at < $1")
+        .bind(now_ms - 86_400_000)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,121 @@
+//! The `workspaces` table: one row per agency (tenant).
+
+use sqlx::AnyConnection;
+use url::Url;
+
+use super::DbResult;
+
+/// A workspace as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct WorkspaceRow {
+    /// Id (UUIDv7).
+    pub id: String,
+    /// The agency's name.
+    pub name: String,
+    /// Unique URL-friendly name.
+    pub slug: String,
+    /// Name shown to clients (falls back to `name`).
+    pub display_name: Option<String>,
+    /// Logo shown on client pages.
+    pub logo_url: Option<String>,
+    /// `#rrggbb` accent colour of client pages.
+    pub accent_color: Option<String>,
+    /// JSON array of allowed success-redirect URLs.
+    pub allowed_redirects: String,
+    /// Creation time (ms).
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+}
+
+impl WorkspaceRow {
+    /// The parsed allow-list (entries that fail to parse are skipped; they were validated on write).
+    pub fn allow_list(&self) -> Vec<Url> {
+        serde_json::from_str::<Vec<String>>(&self.allowed_redirects)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| Url::parse(s).ok())
+            .collect()
+    }
+
+    /// The name clients see.
+    pub fn public_name(&self) -> &str {
+        self.display_name.as_deref().unwrap_or(&self.name)
+    }
+}
+
+const COLUMNS: &str =
+    "id, name, slug, display_name, logo_url, accent_color, allowed_redirects, created_at, updated_at";
+
+/// Inserts a workspace.
+pub async fn insert(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> {
+    sqlx::query(
+        "INSERT INTO workspaces (id, name, slug, display_name, logo_url, accent_color, allowed_redirects, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&w.id)
+    .bind(&w.name)
+    .bind(&w.slug)
+    .bind(&w.display_name)
+    .bind(&w.logo_url)
+    .bind(&w.accent_color)
+    .bind(&w.allowed_redirects)
+    .bind(w.created_at)
+    .bind(w.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes every mutable field of `w`.
+pub async fn update(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE workspaces SET name = $2, slug = $3, display_name = $4, logo_url = $5, accent_color = $6, \
+         allowed_redirects = $7, updated_at = $8 WHERE id = $1",
+    )
+    .bind(&w.id)
+    .bind(&w.name)
+    .bind(&w.slug)
+    .bind(&w.display_name)
+    .bind(&w.logo_url)
+    .bind(&w.accent_color)
+    .bind(&w.allowed_redirects)
+    .bind(w.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One workspace by id.
+pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<WorkspaceRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM workspaces WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// One workspace by id or slug.
+pub async fn get_by_id_or_slug(conn: &mut AnyConnection, key: &str) -> DbResult<Option<WorkspaceRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM workspaces WHERE id = $1 OR slug = $1"))
+        .bind(key)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// A page of workspaces in creation order, after the cursor id, optionally only `only`.
+pub async fn list(
+    conn: &mut AnyConnection,
+    only: Option<&str>,
+    after: Option<&str>,
+    limit: i64,
+) -> DbResult<Vec<WorkspaceRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM workspaces WHERE ($1 IS NULL OR id = $1) AND ($2 IS NULL OR id > $2) \
+         ORDER BY id LIMIT $3"
+    ))
+    .bind(only)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}

@@ -1,0 +1,131 @@
+//! `/api/v1/connections`.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{ApiError, ApiResult, Caller, Page, Problem};
+use crate::db::page_limit;
+use crate::domain::{FieldError, Platform};
+use crate::service::ServiceError;
+use crate::service::connections::{
+    self, AccessTokenView, ConnectionDetail, ConnectionStatus, ConnectionView, ListQuery,
+};
+use crate::state::AppState;
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_connections))
+        .routes(routes!(get_connection))
+        .routes(routes!(disconnect_connection))
+        .routes(routes!(get_access_token))
+}
+
+/// Filters and pagination of the connection list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct ConnectionListQuery {
+    /// Only this workspace (platform-admin keys).
+    workspace_id: Option<String>,
+    /// `active`, `broken` or `disconnected`.
+    status: Option<String>,
+    /// `tiktok` or `instagram`.
+    provider: Option<String>,
+    /// Only connections made through this link.
+    link_id: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size, 1-200 (default 50).
+    limit: Option<i64>,
+}
+
+/// List connections, newest first. Never returns tokens.
+#[utoipa::path(get, path = "/connections", tag = "connections", params(ConnectionListQuery),
+    responses((status = 200, body = Page<ConnectionView>), (status = 401, body = Problem), (status = 422, body = Problem)))]
+async fn list_connections(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ConnectionListQuery>,
+) -> ApiResult<Json<Page<ConnectionView>>> {
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some("active") => Some(ConnectionStatus::Active),
+        Some("broken") => Some(ConnectionStatus::Broken),
+        Some("disconnected") => Some(ConnectionStatus::Disconnected),
+        Some(_) => {
+            return Err(ServiceError::Validation(vec![FieldError::new(
+                "status",
+                "must be active, broken or disconnected",
+            )])
+            .into());
+        }
+    };
+    let provider: Option<Platform> = match q.provider.as_deref() {
+        None | Some("") => None,
+        Some(p) => Some(p.parse().map_err(|e: FieldError| {
+            ServiceError::Validation(vec![FieldError::new("provider", e.message)])
+        })?),
+    };
+    let limit = page_limit(q.limit);
+    let items = connections::list(
+        &state,
+        &caller.scope,
+        &ListQuery {
+            workspace_id: q.workspace_id,
+            status,
+            provider,
+            link_id: q.link_id,
+            before: q.cursor,
+            limit: limit + 1,
+        },
+    )
+    .await?;
+    Ok(Json(Page::from_overfetch(items, limit, |c| c.id.clone())))
+}
+
+/// Get one connection with its history. Never returns tokens.
+#[utoipa::path(get, path = "/connections/{id}", tag = "connections",
+    params(("id" = String, Path, description = "Connection id")),
+    responses((status = 200, body = ConnectionDetail), (status = 404, body = Problem)))]
+async fn get_connection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ConnectionDetail>> {
+    Ok(Json(connections::get(&state, &caller.scope, &id).await?))
+}
+
+/// Disconnect: revokes the grant at the provider where possible, marks the connection
+/// disconnected and erases its tokens.
+#[utoipa::path(post, path = "/connections/{id}/disconnect", tag = "connections",
+    params(("id" = String, Path, description = "Connection id")),
+    responses((status = 200, body = ConnectionView), (status = 404, body = Problem)))]
+async fn disconnect_connection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ConnectionView>> {
+    Ok(Json(connections::disconnect(&state, &caller.actor, &caller.scope, &id).await?))
+}
+
+/// A valid access token, refreshed first when it would expire within five minutes. Every read is
+/// written to the audit log. 409 when the connection is broken or disconnected; 503 when the
+/// provider is temporarily unavailable.
+#[utoipa::path(get, path = "/connections/{id}/access-token", tag = "connections",
+    params(("id" = String, Path, description = "Connection id")),
+    responses((status = 200, body = AccessTokenView), (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
+async fn get_access_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let token = connections::access_token(&state, &caller.actor, &caller.scope, &id).await?;
+    let mut res = Json(token).into_response();
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(res)
+}

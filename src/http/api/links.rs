@@ -1,0 +1,112 @@
+//! `/api/v1/links`.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{ApiJson, ApiResult, Caller, Page, Problem};
+use crate::db::page_limit;
+use crate::service::links::{self, LinkUpdate, LinkView, ListQuery, NewLink};
+use crate::state::AppState;
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_links, create_link))
+        .routes(routes!(get_link, update_link))
+        .routes(routes!(revoke_link))
+        .routes(routes!(rotate_link))
+}
+
+/// Filters and pagination of the link list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct LinkListQuery {
+    /// Only this workspace (platform-admin keys); workspace keys always see their own.
+    workspace_id: Option<String>,
+    /// Case-insensitive substring of the label or client reference.
+    q: Option<String>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size, 1-200 (default 50).
+    limit: Option<i64>,
+}
+
+/// List links, newest first.
+#[utoipa::path(get, path = "/links", tag = "links", params(LinkListQuery),
+    responses((status = 200, body = Page<LinkView>), (status = 401, body = Problem), (status = 404, body = Problem)))]
+async fn list_links(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<LinkListQuery>,
+) -> ApiResult<Json<Page<LinkView>>> {
+    let limit = page_limit(q.limit);
+    let items = links::list(
+        &state,
+        &caller.scope,
+        &ListQuery { workspace_id: q.workspace_id, search: q.q, before: q.cursor, limit: limit + 1 },
+    )
+    .await?;
+    Ok(Json(Page::from_overfetch(items, limit, |l| l.id.clone())))
+}
+
+/// Create a link. The answer's `url` is the link to send to the client.
+#[utoipa::path(post, path = "/links", tag = "links", request_body = NewLink,
+    responses((status = 201, body = LinkView), (status = 413, body = Problem), (status = 415, body = Problem), (status = 422, body = Problem)))]
+async fn create_link(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(input): ApiJson<NewLink>,
+) -> ApiResult<(StatusCode, Json<LinkView>)> {
+    let link = links::create(&state, &caller.actor, &caller.scope, input).await?;
+    Ok((StatusCode::CREATED, Json(link)))
+}
+
+/// Get one link.
+#[utoipa::path(get, path = "/links/{id}", tag = "links", params(("id" = String, Path, description = "Link id")),
+    responses((status = 200, body = LinkView), (status = 404, body = Problem)))]
+async fn get_link(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<LinkView>> {
+    Ok(Json(links::get(&state, &caller.scope, &id).await?))
+}
+
+/// Change a link's label, client reference, expiry or success redirect.
+#[utoipa::path(patch, path = "/links/{id}", tag = "links", request_body = LinkUpdate,
+    params(("id" = String, Path, description = "Link id")),
+    responses((status = 200, body = LinkView), (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn update_link(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(input): ApiJson<LinkUpdate>,
+) -> ApiResult<Json<LinkView>> {
+    Ok(Json(links::update(&state, &caller.actor, &caller.scope, &id, input).await?))
+}
+
+/// Revoke a link: it stops working at once. Connections made through it stay.
+#[utoipa::path(post, path = "/links/{id}/revoke", tag = "links", params(("id" = String, Path, description = "Link id")),
+    responses((status = 200, body = LinkView), (status = 404, body = Problem)))]
+async fn revoke_link(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<LinkView>> {
+    Ok(Json(links::revoke(&state, &caller.actor, &caller.scope, &id).await?))
+}
+
+/// Give a link a new token; the old URL stops working at once. Same id and history.
+#[utoipa::path(post, path = "/links/{id}/rotate", tag = "links", params(("id" = String, Path, description = "Link id")),
+    responses((status = 200, body = LinkView), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn rotate_link(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<LinkView>> {
+    Ok(Json(links::rotate(&state, &caller.actor, &caller.scope, &id).await?))
+}

@@ -1,0 +1,296 @@
+//! The JSON API, `/api/v1`.
+//!
+//! Authentication is a bearer API key in the `Authorization` header (never a cookie, never the
+//! URL), so the API needs no CSRF defence. Errors are RFC 9457 problem documents with a stable
+//! `code`. The OpenAPI 3.1 document is generated from the handlers by utoipa and served at
+//! `/api/v1/openapi.json`; the routes and the document come from the same registrations, so they
+//! cannot drift apart.
+
+mod api_keys;
+mod audit;
+mod connections;
+mod links;
+mod workspaces;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::db::DbError;
+use crate::domain::FieldError;
+use crate::service::{self, Actor, Scope, ServiceError};
+use crate::state::AppState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "authlink API",
+        description = "Manage workspaces, auth links, connections and API keys. Authenticate with \
+                       `Authorization: Bearer <API key>`; a workspace key sees its own workspace \
+                       only, a platform-admin key sees every workspace.",
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(Problem, FieldError)),
+    tags(
+        (name = "workspaces", description = "Agencies (tenants)"),
+        (name = "links", description = "Reusable auth links"),
+        (name = "connections", description = "Connected provider accounts"),
+        (name = "api-keys", description = "API keys"),
+        (name = "audit", description = "The audit log"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("alk_…").build(),
+            ),
+        );
+    }
+}
+
+/// The API routes and the OpenAPI document built from them.
+pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(workspaces::router())
+        .merge(links::router())
+        .merge(connections::router())
+        .merge(api_keys::router())
+        .merge(audit::router())
+        .split_for_parts()
+}
+
+/// The OpenAPI document (also used by the tests and `authlink openapi`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, mut doc) = routes();
+    doc.servers = Some(vec![utoipa::openapi::Server::new("/api/v1")]);
+    doc
+}
+
+/// The `/api/v1` router.
+pub fn router(_state: AppState) -> Router<AppState> {
+    let (router, _) = routes();
+    let doc = openapi();
+    let json = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let json = json.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], json) }
+            }),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such API route.") })
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type (`about:blank` for plain HTTP errors).
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// A short summary.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong in this case.
+    pub detail: String,
+    /// A stable machine-readable code, e.g. `validation_failed`, `not_found`.
+    pub code: String,
+    /// For validation failures: one entry per invalid field.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// An API failure, answered as a problem document.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+    errors: Vec<FieldError>,
+}
+
+impl ApiError {
+    /// A problem with `status`, stable `code` and a detail for people.
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self { status, code, detail: detail.into(), errors: Vec::new() }
+    }
+
+    fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "A valid API key is required: send `Authorization: Bearer <key>`.",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Problem {
+            type_: format!("https://authlink.dev/problems/{}", self.code.replace('_', "-")),
+            title: self.status.canonical_reason().unwrap_or("Error").to_string(),
+            status: self.status.as_u16(),
+            detail: self.detail,
+            code: self.code.to_string(),
+            errors: self.errors,
+        };
+        let mut res = (self.status, Json(body)).into_response();
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if self.status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        res
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::NotFound(what) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("No such {what}."))
+            }
+            ServiceError::Validation(errors) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "validation_failed",
+                detail: "Some fields are invalid; see `errors`.".into(),
+                errors,
+            },
+            ServiceError::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", why),
+            ServiceError::Conflict(why) => ApiError::new(StatusCode::CONFLICT, "conflict", why),
+            ServiceError::Unavailable(why) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable", why)
+            }
+            ServiceError::Db(DbError::Unavailable(e)) => {
+                tracing::error!(error = %e, "database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "The service cannot reach its database right now. Try again shortly.",
+                )
+            }
+            ServiceError::Db(DbError::Conflict(e)) => {
+                tracing::warn!(error = %e, "unexpected conflict");
+                ApiError::new(StatusCode::CONFLICT, "conflict", "The change conflicts with existing data.")
+            }
+            other => {
+                tracing::error!(error = %other, "internal error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "An internal error occurred.")
+            }
+        }
+    }
+}
+
+/// The result type of API handlers.
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON body whose rejections are problem documents: 415 without a JSON content type, 413
+/// when too large, 400 for malformed JSON, 422 for well-formed JSON of the wrong shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(match rejection {
+                JsonRejection::MissingJsonContentType(_) => ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "Send the body as JSON with `Content-Type: application/json`.",
+                ),
+                JsonRejection::JsonDataError(e) => ApiError {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    code: "validation_failed",
+                    detail: "The body does not have the expected fields.".into(),
+                    errors: vec![FieldError::new("body", e.body_text())],
+                },
+                JsonRejection::JsonSyntaxError(_) => {
+                    ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "The body is not valid JSON.")
+                }
+                JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "payload_too_large",
+                        "The body is too large.",
+                    )
+                }
+                other => ApiError::new(other.status(), "bad_request", other.body_text()),
+            }),
+        }
+    }
+}
+
+/// The authenticated API caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Who, for the audit log.
+    pub actor: Actor,
+    /// What they may see.
+    pub scope: Scope,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(ApiError::unauthorized)?;
+        let key = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .ok_or_else(ApiError::unauthorized)?;
+        match service::api_keys::authenticate(state, key).await? {
+            Some((actor, scope)) => Ok(Caller { actor, scope }),
+            None => {
+                tracing::info!("API request with an unknown, malformed or revoked key");
+                Err(ApiError::unauthorized())
+            }
+        }
+    }
+}
+
+/// A page of results with the cursor of the next page.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Page<T> {
+    /// The items.
+    pub data: Vec<T>,
+    /// Pass as `cursor` to get the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// Trims a `limit + 1` fetch to `limit` and derives the cursor from the last item.
+    pub fn from_overfetch(mut items: Vec<T>, limit: i64, cursor_of: impl Fn(&T) -> String) -> Self {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let next_cursor = if more { items.last().map(cursor_of) } else { None };
+        Page { data: items, next_cursor }
+    }
+}

@@ -1,0 +1,680 @@
+//! The connect flow.
+//!
+//! 1. `POST /l/{token}/connect/{platform}` (a form button on the landing page): checks the link,
+//!    refuses cross-site posts, creates a single-use flow (random `state` of 256 bits, PKCE
+//!    verifier, both stored server-side, the state only as a hash), binds it to this browser with
+//!    an HttpOnly SameSite=Lax cookie, and answers 303 to the provider's authorization page.
+//! 2. `GET /oauth/{provider}/callback`: the one fixed redirect URI per provider. Checks the state
+//!    (known, unexpired, unused, same provider, same browser) *before* any code exchange, then
+//!    exchanges the code, fetches the profile, checks the granted scopes, seals the tokens and
+//!    upserts the connection. Then 303 to a clean result URL without `code` or `state`.
+//! 3. `GET /connected/{flow}`: the success or failure page, shown only to the browser that ran
+//!    the flow.
+//!
+//! A failed attempt writes no connection and no token.
+
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use secrecy::ExposeSecret;
+use serde::Deserialize;
+
+use super::{ConnectedAccount, MessagePage, monogram, platform_from_path, render, service_error_page};
+use crate::crypto::{self, Aad};
+use crate::db::oauth_flows::FlowRow;
+use crate::db::{self, new_id};
+use crate::domain::{self, Platform};
+use crate::providers::{AuthorizeRequest, ProviderError, pkce};
+use crate::service::ServiceResult;
+use crate::service::connections::{self, ConnectionStatus, Upserted};
+use crate::service::links::{self, LinkStatus, Resolved};
+use crate::state::AppState;
+
+/// How long a started flow stays valid.
+const FLOW_LIFETIME_MS: i64 = 10 * 60 * 1000;
+
+/// The browser-binding cookie's name: `__Host-` prefixed (which requires `Secure`) on https.
+fn cookie_name(state: &AppState) -> &'static str {
+    if state.config.is_https() { "__Host-authlink_flow" } else { "authlink_flow" }
+}
+
+fn read_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+        .filter(|v| links::token_well_formed(v))
+}
+
+fn set_cookie(state: &AppState, value: &str) -> HeaderValue {
+    let secure = if state.config.is_https() { "; Secure" } else { "" };
+    let cookie =
+        format!("{}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age=86400{secure}", cookie_name(state));
+    HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Whether a POST comes from our own pages. Browsers send `Origin` on POSTs and
+/// `Sec-Fetch-Site` on all requests; either naming another site means a cross-site post.
+fn is_same_origin_post(state: &AppState, headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        if !matches!(site, "same-origin" | "none") {
+            return false;
+        }
+    }
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(origin) => origin == state.config.public_url.origin().ascii_serialization(),
+    }
+}
+
+/// `POST /l/{token}/connect/{platform}`.
+pub async fn start_connect(
+    State(state): State<AppState>,
+    Path((token, platform)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if !is_same_origin_post(&state, &headers) {
+        tracing::warn!("cross-site connect request refused");
+        return render(
+            StatusCode::FORBIDDEN,
+            &MessagePage::new("Request refused", "This request did not come from this site.")
+                .next("Open the link you were sent and press the button there."),
+        );
+    }
+    let (link, workspace) = match links::resolve(&state, &token).await {
+        Err(e) => return service_error_page(e),
+        Ok(Resolved::Unknown) => {
+            return render(
+                StatusCode::NOT_FOUND,
+                &MessagePage::new("This link does not exist", "We could not find this link.")
+                    .next("Open the link again from the message you were sent."),
+            );
+        }
+        Ok(Resolved::Gone { status, workspace }) => return super::link_gone(status, &workspace),
+        Ok(Resolved::Usable { link, workspace }) => (link, workspace),
+    };
+    let landing = format!("/l/{token}");
+    let offered = domain::platforms_from_db(&link.platforms);
+    let Some((platform, provider)) = platform_from_path(&platform)
+        .filter(|p| offered.contains(p))
+        .and_then(|p| state.providers.get(p).map(|prov| (p, prov)))
+    else {
+        return render(
+            StatusCode::NOT_FOUND,
+            &MessagePage::new("Platform not offered", "This link does not offer that platform.")
+                .retry(landing)
+                .branded(&workspace),
+        );
+    };
+
+    let browser = read_cookie(&headers, cookie_name(&state)).map(str::to_string);
+    let (browser_value, new_cookie) = match browser {
+        Some(v) => (v, None),
+        None => {
+            let v = crypto::random_token();
+            (v.clone(), Some(v))
+        }
+    };
+    let oauth_state = crypto::random_token();
+    let verifier = pkce::new_verifier();
+    let now = state.now_ms();
+    let id = new_id();
+    let flow = FlowRow {
+        verifier_sealed: state.keys.seal_str(&verifier, Aad::new("oauth_flows", &id, "verifier")),
+        id,
+        state_hash: crypto::sha256_hex(oauth_state.as_bytes()),
+        browser_hash: crypto::sha256_hex(browser_value.as_bytes()),
+        link_id: link.id.clone(),
+        workspace_id: workspace.id.clone(),
+        provider: platform.as_str().into(),
+        created_at: now,
+        expires_at: now + FLOW_LIFETIME_MS,
+        consumed_at: None,
+        outcome: None,
+        connection_id: None,
+    };
+    let stored = async {
+        let mut conn = state.db.pool().acquire().await?;
+        db::oauth_flows::insert(&mut conn, &flow).await
+    }
+    .await;
+    if let Err(e) = stored {
+        return service_error_page(e.into());
+    }
+    let redirect_uri = redirect_uri(&state, platform);
+    let url = provider.authorize_url(&AuthorizeRequest {
+        state: &oauth_state,
+        code_verifier: &verifier,
+        redirect_uri: &redirect_uri,
+    });
+    tracing::info!(flow_id = %flow.id, link_id = %link.id, provider = %platform, "connect flow started");
+    let mut res = Redirect::to(url.as_str()).into_response();
+    if let Some(v) = new_cookie {
+        res.headers_mut().insert(header::SET_COOKIE, set_cookie(&state, &v));
+    }
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// The exact redirect URI registered with the provider.
+pub fn redirect_uri(state: &AppState, platform: Platform) -> String {
+    state.config.public(&format!("/oauth/{}/callback", platform.as_str()))
+}
+
+/// The query of a provider callback. Every field is optional: providers omit what they like.
+#[derive(Debug, Default, Deserialize)]
+pub struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+    error_reason: Option<String>,
+    /// TikTok: the scopes the user actually granted.
+    scopes: Option<String>,
+    /// RFC 9207 issuer; neither provider sends it today.
+    iss: Option<String>,
+}
+
+/// Why a callback failed, each with its page and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    StateMissing,
+    StateUnknown,
+    StateExpired,
+    StateReused,
+    OtherBrowser,
+    WrongProvider,
+    Denied,
+    ProviderError,
+    LinkGone,
+    ExchangeFailed,
+    ProfileFailed,
+    ProviderUnavailable,
+    ScopesMissing,
+    AccountNotAllowed,
+}
+
+impl Failure {
+    fn code(self) -> &'static str {
+        match self {
+            Failure::StateMissing => "state_missing",
+            Failure::StateUnknown => "state_unknown",
+            Failure::StateExpired => "state_expired",
+            Failure::StateReused => "state_reused",
+            Failure::OtherBrowser => "other_browser",
+            Failure::WrongProvider => "wrong_provider",
+            Failure::Denied => "denied",
+            Failure::ProviderError => "provider_error",
+            Failure::LinkGone => "link_gone",
+            Failure::ExchangeFailed => "exchange_failed",
+            Failure::ProfileFailed => "profile_failed",
+            Failure::ProviderUnavailable => "provider_unavailable",
+            Failure::ScopesMissing => "scopes_missing",
+            Failure::AccountNotAllowed => "account_not_allowed",
+        }
+    }
+
+    fn from_code(s: &str) -> Option<Self> {
+        [
+            Failure::StateMissing,
+            Failure::StateUnknown,
+            Failure::StateExpired,
+            Failure::StateReused,
+            Failure::OtherBrowser,
+            Failure::WrongProvider,
+            Failure::Denied,
+            Failure::ProviderError,
+            Failure::LinkGone,
+            Failure::ExchangeFailed,
+            Failure::ProfileFailed,
+            Failure::ProviderUnavailable,
+            Failure::ScopesMissing,
+            Failure::AccountNotAllowed,
+        ]
+        .into_iter()
+        .find(|f| f.code() == s)
+    }
+
+    fn status(self) -> StatusCode {
+        match self {
+            Failure::StateMissing
+            | Failure::StateUnknown
+            | Failure::StateExpired
+            | Failure::StateReused
+            | Failure::OtherBrowser
+            | Failure::WrongProvider
+            | Failure::ProviderError => StatusCode::BAD_REQUEST,
+            Failure::Denied | Failure::ScopesMissing | Failure::AccountNotAllowed => StatusCode::FORBIDDEN,
+            Failure::LinkGone => StatusCode::GONE,
+            Failure::ExchangeFailed | Failure::ProfileFailed => StatusCode::BAD_GATEWAY,
+            Failure::ProviderUnavailable => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn page(self, platform: &str, extra: Option<&str>) -> MessagePage {
+        let (title, message, next) = match self {
+            Failure::StateMissing | Failure::StateUnknown => (
+                "This sign-in could not be matched",
+                format!("We could not match the answer from {platform} to a connection you started here."),
+                "Open the link you were sent and press the button again.",
+            ),
+            Failure::StateExpired => (
+                "This attempt took too long",
+                "For your safety, a connection attempt is only valid for ten minutes.".to_string(),
+                "Press the button again to start over.",
+            ),
+            Failure::StateReused => (
+                "This attempt was already used",
+                "This answer was already used once, so it cannot be used again.".to_string(),
+                "Press the button again to start a new attempt.",
+            ),
+            Failure::OtherBrowser => (
+                "Please finish in the same browser",
+                "This connection was started in another browser or app. For your safety it must be finished in the browser where it started.".to_string(),
+                "Open the link in this browser and press the button again.",
+            ),
+            Failure::WrongProvider => (
+                "This answer came from the wrong place",
+                format!("The answer did not come from {platform}, which this attempt was started with."),
+                "Press the button again to start over.",
+            ),
+            Failure::Denied => (
+                "Connection cancelled",
+                format!("You chose not to allow access on {platform}. Nothing was connected."),
+                "If this was a mistake, try again and choose Allow.",
+            ),
+            Failure::ProviderError => (
+                "The platform reported a problem",
+                format!("{platform} could not complete the request. Nothing was connected."),
+                "Please try again in a few minutes.",
+            ),
+            Failure::LinkGone => (
+                "This link no longer works",
+                "The link was switched off or expired while you were connecting. Nothing was connected.".to_string(),
+                "Ask the agency that sent it for a new link.",
+            ),
+            Failure::ExchangeFailed | Failure::ProfileFailed => (
+                "We could not finish connecting",
+                format!("{platform} did not confirm the connection. Nothing was connected."),
+                "Please try again. If it keeps failing, tell the agency that sent you the link.",
+            ),
+            Failure::ProviderUnavailable => (
+                "The platform did not answer in time",
+                format!("{platform} is slow or unreachable right now. Nothing was connected."),
+                "Please try again in a few minutes.",
+            ),
+            Failure::ScopesMissing => (
+                "Some permissions were not granted",
+                format!("The agency needs every permission that {platform} asked about, and some were switched off. Nothing was connected."),
+                "Try again and leave all permissions switched on.",
+            ),
+            Failure::AccountNotAllowed => (
+                "This account cannot be connected",
+                format!("{platform} reported an account type that cannot be connected."),
+                "Only professional (business or creator) accounts can be connected. Switch the account to a professional one in the app, then try again.",
+            ),
+        };
+        let mut page = MessagePage::new(title, message).next(next);
+        if let Some(extra) = extra {
+            page.reference = Some(extra.to_string());
+        }
+        page
+    }
+}
+
+fn failure_response(f: Failure, platform: Platform, try_again: Option<String>) -> Response {
+    let mut page = f.page(platform.display_name(), None);
+    page.try_again = try_again;
+    tracing::info!(provider = %platform, failure = f.code(), "connect flow failed");
+    render(f.status(), &page)
+}
+
+/// `GET /oauth/{provider}/callback`.
+pub async fn oauth_callback(
+    State(state): State<AppState>,
+    Path(provider_name): Path<String>,
+    Query(q): Query<CallbackQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(platform) = platform_from_path(&provider_name) else {
+        return super::not_found().await;
+    };
+    let Some(raw_state) = q.state.as_deref().filter(|s| !s.is_empty()) else {
+        return failure_response(Failure::StateMissing, platform, None);
+    };
+    let flow = async {
+        let mut conn = state.db.pool().acquire().await?;
+        db::oauth_flows::get_by_state_hash(&mut conn, &crypto::sha256_hex(raw_state.as_bytes())).await
+    }
+    .await;
+    let flow = match flow {
+        Ok(Some(f)) => f,
+        Ok(None) => return failure_response(Failure::StateUnknown, platform, None),
+        Err(e) => return service_error_page(e.into()),
+    };
+    // From here on the flow is known: failures lead back to its link.
+    let try_again = landing_href(&state, &flow.link_id).await;
+    if flow.provider != platform.as_str() {
+        // Mix-up defence: the answer arrived at another provider's callback. No code exchange.
+        return failure_response(Failure::WrongProvider, platform, try_again);
+    }
+    if q.iss.is_some() {
+        // Neither provider sends `iss`; one that does is not the provider we talk to.
+        return failure_response(Failure::WrongProvider, platform, try_again);
+    }
+    let browser_ok = read_cookie(&headers, cookie_name(&state))
+        .map(|v| {
+            crypto::constant_time_eq(
+                crypto::sha256_hex(v.as_bytes()).as_bytes(),
+                flow.browser_hash.as_bytes(),
+            )
+        })
+        .unwrap_or(false);
+    if !browser_ok {
+        return failure_response(Failure::OtherBrowser, platform, try_again);
+    }
+    let now = state.now_ms();
+    if flow.expires_at <= now {
+        return failure_response(Failure::StateExpired, platform, try_again);
+    }
+    let consumed = async {
+        let mut conn = state.db.pool().acquire().await?;
+        db::oauth_flows::consume(&mut conn, &flow.id, now).await
+    }
+    .await;
+    match consumed {
+        Ok(true) => {}
+        Ok(false) => return failure_response(Failure::StateReused, platform, try_again),
+        Err(e) => return service_error_page(e.into()),
+    }
+
+    let started = std::time::Instant::now();
+    let mut provider_time = std::time::Duration::ZERO;
+    let outcome = complete_flow(&state, &flow, platform, &q, &mut provider_time).await;
+    let (outcome_code, connection_id) = match outcome {
+        Ok((id, Upserted::Created)) => ("connected".to_string(), Some(id)),
+        Ok((id, Upserted::Reconnected)) => ("reconnected".to_string(), Some(id)),
+        Err(FlowError::Failed(f)) => (f.code().to_string(), None),
+        Err(FlowError::Service(e)) => {
+            tracing::error!(error = %e, flow_id = %flow.id, "connect flow failed internally");
+            return service_error_page(e);
+        }
+    };
+    let recorded = async {
+        let mut conn = state.db.pool().acquire().await?;
+        db::oauth_flows::finish(&mut conn, &flow.id, &outcome_code, connection_id.as_deref()).await
+    }
+    .await;
+    if let Err(e) = recorded {
+        return service_error_page(e.into());
+    }
+    // A clean URL: the code and state leave the address bar and the history.
+    let mut res = Redirect::to(&format!("/connected/{}", flow.id)).into_response();
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // How long the provider took and how long our own work took, for the benchmark harness and
+    // for operators looking at slow connections in the browser's developer tools.
+    let app_time = started.elapsed().saturating_sub(provider_time);
+    let timing = format!(
+        "provider;dur={:.3}, app;dur={:.3}",
+        provider_time.as_secs_f64() * 1000.0,
+        app_time.as_secs_f64() * 1000.0
+    );
+    if let Ok(v) = HeaderValue::from_str(&timing) {
+        res.headers_mut().insert("server-timing", v);
+    }
+    res
+}
+
+enum FlowError {
+    Failed(Failure),
+    Service(crate::service::ServiceError),
+}
+
+impl From<crate::service::ServiceError> for FlowError {
+    fn from(e: crate::service::ServiceError) -> Self {
+        FlowError::Service(e)
+    }
+}
+
+fn classify(e: &ProviderError, stage: Failure) -> Failure {
+    match e {
+        ProviderError::Transient { .. } => Failure::ProviderUnavailable,
+        ProviderError::Scope { .. } => Failure::ScopesMissing,
+        _ => stage,
+    }
+}
+
+async fn complete_flow(
+    state: &AppState,
+    flow: &FlowRow,
+    platform: Platform,
+    q: &CallbackQuery,
+    provider_time: &mut std::time::Duration,
+) -> Result<(String, Upserted), FlowError> {
+    if let Some(error) = q.error.as_deref() {
+        tracing::info!(
+            provider = %platform,
+            error = %domain::truncate(error, 64),
+            reason = %domain::truncate(q.error_reason.as_deref().unwrap_or(""), 64),
+            description = %domain::truncate(q.error_description.as_deref().unwrap_or(""), 200),
+            "provider returned an error to the callback"
+        );
+        return Err(FlowError::Failed(if error == "access_denied" {
+            Failure::Denied
+        } else {
+            Failure::ProviderError
+        }));
+    }
+    let Some(code) = q.code.as_deref().filter(|c| !c.is_empty()) else {
+        return Err(FlowError::Failed(Failure::ProviderError));
+    };
+    // The link must still be usable when the client comes back.
+    let link = {
+        let mut conn = state.db.pool().acquire().await.map_err(crate::service::ServiceError::from)?;
+        db::links::get(&mut conn, &flow.link_id).await.map_err(crate::service::ServiceError::from)?
+    };
+    let Some(link) = link else { return Err(FlowError::Failed(Failure::LinkGone)) };
+    if LinkStatus::of(&link, state.now_ms()) != LinkStatus::Active {
+        return Err(FlowError::Failed(Failure::LinkGone));
+    }
+    let Some(provider) = state.providers.get(platform) else {
+        return Err(FlowError::Failed(Failure::ProviderError));
+    };
+    let verifier = state
+        .keys
+        .open_str(&flow.verifier_sealed, Aad::new("oauth_flows", &flow.id, "verifier"))
+        .map_err(crate::service::ServiceError::from)?;
+    let redirect = redirect_uri(state, platform);
+    let call = std::time::Instant::now();
+    let tokens = provider.exchange_code(code, verifier.expose_secret(), &redirect, state.now()).await;
+    *provider_time += call.elapsed();
+    let tokens = tokens.map_err(|e| {
+        tracing::warn!(provider = %platform, error = %e, "code exchange failed");
+        FlowError::Failed(classify(&e, Failure::ExchangeFailed))
+    })?;
+    // Scopes: what the token endpoint reports, else what the callback reported (TikTok).
+    let granted: Vec<String> = if tokens.scopes.is_empty() {
+        q.scopes.as_deref().map(connections::split_scopes).unwrap_or_default()
+    } else {
+        tokens.scopes.clone()
+    };
+    let missing: Vec<&String> = provider.scopes().iter().filter(|s| !granted.contains(s)).collect();
+    if !missing.is_empty() {
+        tracing::info!(provider = %platform, missing = ?missing, "client granted fewer scopes than required");
+        return Err(FlowError::Failed(Failure::ScopesMissing));
+    }
+    let call = std::time::Instant::now();
+    let profile = provider.fetch_profile(&tokens.access_token).await;
+    *provider_time += call.elapsed();
+    let profile = profile.map_err(|e| {
+        tracing::warn!(provider = %platform, error = %e, "profile fetch failed");
+        FlowError::Failed(match &e {
+            ProviderError::Rejected { reason } if reason.contains("personal") => Failure::AccountNotAllowed,
+            _ => classify(&e, Failure::ProfileFailed),
+        })
+    })?;
+    let mut tokens = tokens;
+    tokens.scopes = granted;
+    let (row, outcome) =
+        connections::upsert_from_flow(state, &link, platform, &profile, &tokens, provider.is_sandbox())
+            .await?;
+    Ok((row.id, outcome))
+}
+
+/// The landing page of a link (unsealing its token), for "try again" and "connect another".
+async fn landing_href(state: &AppState, link_id: &str) -> Option<String> {
+    let mut conn = state.db.pool().acquire().await.ok()?;
+    let link = db::links::get(&mut conn, link_id).await.ok()??;
+    let token = state.keys.open_str(&link.token_sealed, Aad::new("links", &link.id, "token")).ok()?;
+    Some(format!("/l/{}", token.expose_secret()))
+}
+
+#[derive(Template)]
+#[template(path = "client/success.html")]
+struct SuccessPage {
+    workspace_name: String,
+    workspace_id: String,
+    brand_version: i64,
+    platform: &'static str,
+    reconnected: bool,
+    monogram: String,
+    handle: Option<String>,
+    display_name: Option<String>,
+    grants: Vec<&'static str>,
+    sandbox: bool,
+    landing: Option<String>,
+    redirect: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ResultPath {
+    attempt: String,
+}
+
+/// `GET /connected/{flow}`: the result page, for the browser that ran the flow only.
+pub async fn show_result(
+    State(state): State<AppState>,
+    Path(ResultPath { attempt }): Path<ResultPath>,
+    headers: HeaderMap,
+) -> Response {
+    match result_page(&state, &attempt, &headers).await {
+        Ok(res) => res,
+        Err(e) => service_error_page(e),
+    }
+}
+
+async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> ServiceResult<Response> {
+    let not_found = || {
+        render(
+            StatusCode::NOT_FOUND,
+            &MessagePage::new(
+                "Nothing to show",
+                "This page belongs to a connection attempt made in another browser, or it has expired.",
+            )
+            .next("Open the link you were sent to see where you stand."),
+        )
+    };
+    if !db::is_id(attempt) {
+        return Ok(not_found());
+    }
+    let mut conn = state.db.pool().acquire().await?;
+    let Some(flow) = db::oauth_flows::get(&mut conn, attempt).await? else { return Ok(not_found()) };
+    let browser_ok = read_cookie(headers, cookie_name(state))
+        .map(|v| {
+            crypto::constant_time_eq(
+                crypto::sha256_hex(v.as_bytes()).as_bytes(),
+                flow.browser_hash.as_bytes(),
+            )
+        })
+        .unwrap_or(false);
+    if !browser_ok || flow.outcome.is_none() {
+        return Ok(not_found());
+    }
+    let platform: Platform =
+        flow.provider.parse().map_err(|_| crate::service::ServiceError::NotFound("flow"))?;
+    let workspace = db::workspaces::get(&mut conn, &flow.workspace_id).await?;
+    let link = db::links::get(&mut conn, &flow.link_id).await?;
+    drop(conn);
+    let landing = landing_href(state, &flow.link_id).await;
+    let outcome = flow.outcome.as_deref().unwrap_or_default();
+    if let Some(f) = Failure::from_code(outcome) {
+        let mut page = f.page(platform.display_name(), None);
+        page.try_again = landing;
+        if let Some(w) = &workspace {
+            page = page.branded(w);
+        }
+        return Ok(render(f.status(), &page));
+    }
+    let (Some(workspace), Some(connection_id)) = (workspace, flow.connection_id.as_deref()) else {
+        return Ok(not_found());
+    };
+    let mut conn = state.db.pool().acquire().await?;
+    let Some(connection) = db::connections::get(&mut conn, connection_id).await? else {
+        return Ok(not_found());
+    };
+    let redirect =
+        link.as_ref().and_then(|l| l.redirect_url.as_deref()).and_then(|u| url::Url::parse(u).ok()).map(
+            |mut u| {
+                u.query_pairs_mut()
+                    .append_pair("status", outcome)
+                    .append_pair("provider", platform.as_str())
+                    .append_pair("connection_id", &connection.id);
+                u.to_string()
+            },
+        );
+    let name = connection.display_name.clone().or_else(|| connection.username.clone()).unwrap_or_default();
+    let page = SuccessPage {
+        workspace_name: workspace.public_name().to_string(),
+        workspace_id: workspace.id.clone(),
+        brand_version: workspace.updated_at,
+        platform: platform.display_name(),
+        reconnected: outcome == "reconnected",
+        monogram: monogram(&name),
+        handle: connection.username.clone(),
+        display_name: connection.display_name.clone(),
+        grants: connections::split_scopes(&connection.scopes)
+            .iter()
+            .map(|s| domain::scope_description(s))
+            .collect(),
+        sandbox: connection.sandbox != 0,
+        landing,
+        redirect,
+    };
+    Ok(render(StatusCode::OK, &page))
+}
+
+/// The accounts already connected through a link, for the landing page.
+pub async fn accounts_of_link(state: &AppState, link_id: &str) -> ServiceResult<Vec<ConnectedAccount>> {
+    let rows = connections::of_link(state, link_id).await?;
+    Ok(rows
+        .into_iter()
+        .map(|c| {
+            let platform: Platform = c.provider.parse().unwrap_or(Platform::Tiktok);
+            let status = ConnectionStatus::parse(&c.status);
+            let (status_class, status_text) = match status {
+                ConnectionStatus::Active => ("active", "Connected"),
+                ConnectionStatus::Broken => ("broken", "Needs reconnecting"),
+                ConnectionStatus::Disconnected => ("disconnected", "Disconnected"),
+            };
+            ConnectedAccount {
+                platform: platform.display_name(),
+                platform_id: platform.as_str(),
+                handle: c
+                    .username
+                    .as_deref()
+                    .map(|u| format!("@{u}"))
+                    .or(c.display_name.clone())
+                    .unwrap_or_else(|| "account".into()),
+                status_class,
+                status_text,
+                needs_reconnect: status == ConnectionStatus::Broken,
+                sandbox: c.sandbox != 0,
+            }
+        })
+        .collect())
+}

@@ -1,0 +1,313 @@
+//! Client-facing HTML pages: the link landing page, the connect flow and its result pages.
+//!
+//! Every page is server-rendered (askama, auto-escaped), needs no JavaScript, loads nothing from
+//! another origin, and is sent with `Cache-Control: no-store` and `Referrer-Policy: no-referrer`
+//! (the URL of a link page is a capability). A GET never changes state: mail scanners and chat
+//! previews fetch links; the connect buttons are POST forms.
+
+/// Starting the OAuth flow and handling the provider's callback.
+pub mod connect;
+
+use askama::Template;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::db::workspaces::WorkspaceRow;
+use crate::db::{self, DbError};
+use crate::domain::{self, Platform};
+use crate::service::ServiceError;
+use crate::service::links::{self, LinkStatus, Resolved};
+use crate::state::AppState;
+
+/// The page routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/l/{token}", get(show_link))
+        .route("/l/{token}/connect/{platform}", post(connect::start_connect))
+        .route("/oauth/{provider}/callback", get(connect::oauth_callback))
+        .route("/connected/{attempt}", get(connect::show_result))
+        .route("/brand/{file}", get(brand_stylesheet))
+}
+
+/// Renders a template with `status`, never cached.
+pub fn render(status: StatusCode, template: &impl Template) -> Response {
+    match template.render() {
+        Ok(html) => {
+            let mut res = (status, Html(html)).into_response();
+            res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            res
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "template rendering failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }
+    }
+}
+
+/// A page with a title, an explanation, and optionally a next step and a "try again" link.
+#[derive(Template, Default)]
+#[template(path = "client/message.html")]
+pub struct MessagePage {
+    /// Heading.
+    pub title: String,
+    /// What happened, in plain words.
+    pub message: String,
+    /// What to do next.
+    pub next_step: Option<String>,
+    /// Where "Try again" leads.
+    pub try_again: Option<String>,
+    /// A reference to quote to support (never a secret).
+    pub reference: Option<String>,
+    /// The workspace, for branding.
+    pub workspace_name: Option<String>,
+    /// The workspace id, for its stylesheet.
+    pub workspace_id: Option<String>,
+    /// Cache-buster of the brand stylesheet.
+    pub brand_version: i64,
+}
+
+impl MessagePage {
+    /// A plain message page.
+    pub fn new(title: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { title: title.into(), message: message.into(), ..Self::default() }
+    }
+
+    /// Brands the page with a workspace.
+    pub fn branded(mut self, w: &WorkspaceRow) -> Self {
+        self.workspace_name = Some(w.public_name().to_string());
+        self.workspace_id = Some(w.id.clone());
+        self.brand_version = w.updated_at;
+        self
+    }
+
+    /// Adds a next step.
+    pub fn next(mut self, s: impl Into<String>) -> Self {
+        self.next_step = Some(s.into());
+        self
+    }
+
+    /// Adds a "try again" link.
+    pub fn retry(mut self, href: impl Into<String>) -> Self {
+        self.try_again = Some(href.into());
+        self
+    }
+}
+
+/// The 404 page for unknown paths.
+pub async fn not_found() -> Response {
+    render(
+        StatusCode::NOT_FOUND,
+        &MessagePage::new("Page not found", "There is nothing at this address.")
+            .next("Check that you copied the whole link you were sent."),
+    )
+}
+
+/// The 404 page for unknown or malformed link tokens.
+fn link_not_found() -> Response {
+    render(
+        StatusCode::NOT_FOUND,
+        &MessagePage::new(
+            "This link does not exist",
+            "We could not find this link. It may have been mistyped or cut short.",
+        )
+        .next("Open the link again from the message you were sent, or ask the agency that sent it for a new one."),
+    )
+}
+
+/// The 410 page for revoked, expired or used-up links.
+pub(crate) fn link_gone(status: LinkStatus, w: &WorkspaceRow) -> Response {
+    let why = match status {
+        LinkStatus::Revoked => "This link has been switched off.",
+        LinkStatus::Expired => "This link has expired.",
+        LinkStatus::UsedUp => "This link has already been used as many times as allowed.",
+        LinkStatus::Active => "This link cannot be used.",
+    };
+    render(
+        StatusCode::GONE,
+        &MessagePage::new("This link no longer works", why)
+            .next(format!("Ask {} to send you a new link. Nothing was connected.", w.public_name()))
+            .branded(w),
+    )
+}
+
+/// The 503 page when the database is unreachable.
+pub fn unavailable() -> Response {
+    render(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &MessagePage::new("Temporarily unavailable", "This service cannot answer right now.")
+            .next("Please try again in a minute."),
+    )
+}
+
+/// Maps a service failure to an HTML page.
+pub fn service_error_page(e: ServiceError) -> Response {
+    match e {
+        ServiceError::Db(DbError::Unavailable(e)) => {
+            tracing::error!(error = %e, "database unavailable");
+            unavailable()
+        }
+        ServiceError::NotFound(_) => not_found_page(),
+        other => {
+            tracing::error!(error = %other, "internal error on a page");
+            render(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &MessagePage::new("Something went wrong", "An internal error occurred. Nothing was changed.")
+                    .next("Please try again in a minute."),
+            )
+        }
+    }
+}
+
+fn not_found_page() -> Response {
+    render(StatusCode::NOT_FOUND, &MessagePage::new("Page not found", "There is nothing at this address."))
+}
+
+/// One platform button on the landing page.
+pub struct PlatformOption {
+    /// `tiktok`.
+    pub id: &'static str,
+    /// `TikTok`.
+    pub name: &'static str,
+    /// What the agency will be able to do.
+    pub grants: Vec<&'static str>,
+    /// Whether the provider runs in sandbox mode.
+    pub sandbox: bool,
+}
+
+/// One account already connected through the link.
+pub struct ConnectedAccount {
+    /// `TikTok`.
+    pub platform: &'static str,
+    /// `tiktok`.
+    pub platform_id: &'static str,
+    /// `@handle` or display name.
+    pub handle: String,
+    /// CSS modifier: `active`, `broken`, `disconnected`.
+    pub status_class: &'static str,
+    /// Plain words.
+    pub status_text: &'static str,
+    /// Whether to offer a one-tap reconnect.
+    pub needs_reconnect: bool,
+    /// A sandbox connection.
+    pub sandbox: bool,
+}
+
+#[derive(Template)]
+#[template(path = "client/landing.html")]
+struct LandingPage {
+    token: String,
+    label: String,
+    workspace_name: String,
+    workspace_id: String,
+    brand_version: i64,
+    monogram: String,
+    platforms: Vec<PlatformOption>,
+    any_sandbox: bool,
+    connections: Vec<ConnectedAccount>,
+}
+
+/// The first letter of a name, for the monogram that stands in for a logo (client pages load
+/// nothing from other origins).
+pub fn monogram(name: &str) -> String {
+    name.chars().find(|c| c.is_alphanumeric()).map(|c| c.to_uppercase().to_string()).unwrap_or_default()
+}
+
+/// `GET /l/{token}`: the landing page. Read-only.
+async fn show_link(State(state): State<AppState>, Path(token): Path<String>) -> Response {
+    let resolved = match links::resolve(&state, &token).await {
+        Ok(r) => r,
+        Err(e) => return service_error_page(e),
+    };
+    let (link, workspace) = match resolved {
+        Resolved::Unknown => return link_not_found(),
+        Resolved::Gone { status, workspace } => return link_gone(status, &workspace),
+        Resolved::Usable { link, workspace } => (link, workspace),
+    };
+    let platforms: Vec<PlatformOption> = domain::platforms_from_db(&link.platforms)
+        .into_iter()
+        .filter_map(|p| state.providers.get(p).map(|provider| (p, provider)))
+        .map(|(p, provider)| PlatformOption {
+            id: p.as_str(),
+            name: p.display_name(),
+            grants: provider.scopes().iter().map(|s| domain::scope_description(s)).collect(),
+            sandbox: provider.is_sandbox(),
+        })
+        .collect();
+    let connections = match connect::accounts_of_link(&state, &link.id).await {
+        Ok(c) => c,
+        Err(e) => return service_error_page(e),
+    };
+    let page = LandingPage {
+        token,
+        label: link.label.clone(),
+        workspace_name: workspace.public_name().to_string(),
+        workspace_id: workspace.id.clone(),
+        brand_version: workspace.updated_at,
+        monogram: monogram(workspace.public_name()),
+        any_sandbox: platforms.iter().any(|p| p.sandbox),
+        platforms,
+        connections,
+    };
+    render(StatusCode::OK, &page)
+}
+
+/// `GET /brand/{workspace_id}.css`: the workspace's accent colour as a stylesheet, so that pages
+/// need no inline styles (the CSP forbids them).
+async fn brand_stylesheet(State(state): State<AppState>, Path(file): Path<String>) -> Response {
+    let Some(id) = file.strip_suffix(".css").filter(|id| db::is_id(id)) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let row = match state.db.pool().acquire().await {
+        Ok(mut conn) => db::workspaces::get(&mut conn, id).await,
+        Err(e) => Err(DbError::from(e)),
+    };
+    let Ok(Some(w)) = row else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    // The colour was validated as #rrggbb on write; re-check so nothing else reaches CSS.
+    let accent = w.accent_color.as_deref().and_then(|c| domain::parse_accent_color(c).ok());
+    let css = match accent {
+        Some(c) => format!(":root {{ --accent: {c}; --accent-text: {}; }}\n", contrast_text(&c)),
+        None => String::new(),
+    };
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=300")], css)
+        .into_response()
+}
+
+/// Black or white text, whichever reads better on `#rrggbb` (WCAG relative luminance).
+pub fn contrast_text(hex: &str) -> &'static str {
+    let channel = |i: usize| {
+        let v = f64::from(u8::from_str_radix(hex.get(i..i + 2).unwrap_or("00"), 16).unwrap_or(0)) / 255.0;
+        if v <= 0.039_28 { v / 12.92 } else { ((v + 0.055) / 1.055).powf(2.4) }
+    };
+    let l = 0.2126 * channel(1) + 0.7152 * channel(3) + 0.0722 * channel(5);
+    if l > 0.179 { "#000000" } else { "#ffffff" }
+}
+
+/// The platform named in a path segment, if we know it.
+pub fn platform_from_path(s: &str) -> Option<Platform> {
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contrast() {
+        assert_eq!(contrast_text("#ffffff"), "#000000");
+        assert_eq!(contrast_text("#000000"), "#ffffff");
+        assert_eq!(contrast_text("#4f46e5"), "#ffffff");
+        assert_eq!(contrast_text("#ffd400"), "#000000");
+    }
+
+    #[test]
+    fn monograms() {
+        assert_eq!(monogram("acme"), "A");
+        assert_eq!(monogram("  ßeta"), "SS");
+        assert_eq!(monogram(""), "");
+    }
+}

@@ -1,0 +1,254 @@
+//! OAuth provider adapters: TikTok (Login Kit for Web, v2) and Instagram (Instagram API with
+//! Instagram Login), following the wire contracts exactly.
+//!
+//! An adapter knows URLs, parameter names, encodings and response shapes; it knows nothing about
+//! links, workspaces or storage. In sandbox mode the very same adapter is pointed at the built-in
+//! simulator (`/sandbox/{provider}/...`) instead of the real endpoints.
+//!
+//! Dispatch is an enum rather than a trait object: the set of providers is closed and known at
+//! compile time, and async methods on an enum need no boxing.
+
+pub mod instagram;
+pub mod pkce;
+pub mod tiktok;
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use time::OffsetDateTime;
+use url::Url;
+
+use crate::config::Config;
+use crate::domain::Platform;
+
+/// Tokens returned by a code exchange or a refresh.
+#[derive(Debug, Clone)]
+pub struct TokenSet {
+    /// The access token.
+    pub access_token: SecretString,
+    /// When the access token expires (from `expires_in`).
+    pub access_expires_at: OffsetDateTime,
+    /// The refresh token, when the provider issues one (TikTok does; Instagram does not).
+    pub refresh_token: Option<SecretString>,
+    /// When the refresh token expires (from `refresh_expires_in`).
+    pub refresh_expires_at: Option<OffsetDateTime>,
+    /// The scopes actually granted, as reported by the provider.
+    pub scopes: Vec<String>,
+    /// The account id reported by the token endpoint (`open_id` / `user_id`), if any.
+    pub account_id: Option<String>,
+}
+
+/// The connected account's public profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Profile {
+    /// The stable account id the connection is keyed on (TikTok `open_id`; Instagram `/me`
+    /// `user_id`).
+    pub account_id: String,
+    /// The handle, without `@`.
+    pub username: Option<String>,
+    /// The display name.
+    pub display_name: Option<String>,
+    /// An avatar URL on the provider's CDN.
+    pub avatar_url: Option<String>,
+    /// Instagram's app-scoped id (`/me` `id`), used by deauthorization callbacks.
+    pub app_scoped_id: Option<String>,
+}
+
+/// How a provider call failed, classified for the caller.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// The grant is dead (invalid_grant, revoked app, expired token, Graph 190, TikTok
+    /// `access_token_invalid`): the client must connect again. The reason is for people.
+    #[error("permanent provider failure: {reason}")]
+    Permanent {
+        /// A readable reason, without secrets.
+        reason: String,
+    },
+    /// Worth retrying later: timeouts, 5xx, 429, `server_error`, `temporarily_unavailable`,
+    /// Graph `is_transient`, network errors.
+    #[error("transient provider failure: {reason}")]
+    Transient {
+        /// A readable reason, without secrets.
+        reason: String,
+        /// The provider's `Retry-After`, if it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// A scope is missing (`scope_not_authorized`, Graph 10/200): needs re-consent.
+    #[error("scope missing: {reason}")]
+    Scope {
+        /// A readable reason.
+        reason: String,
+    },
+    /// The request itself was refused (bad client credentials, redirect_uri mismatch, PKCE
+    /// mismatch, malformed answer): a configuration problem or a bug, not the client's fault.
+    #[error("provider refused the request: {reason}")]
+    Rejected {
+        /// A readable reason, without secrets.
+        reason: String,
+    },
+}
+
+impl ProviderError {
+    /// Whether retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ProviderError::Transient { .. })
+    }
+}
+
+/// The parameters of one authorization request.
+#[derive(Debug, Clone)]
+pub struct AuthorizeRequest<'a> {
+    /// The OAuth `state`.
+    pub state: &'a str,
+    /// The PKCE code verifier (the adapter derives the challenge in the provider's encoding).
+    pub code_verifier: &'a str,
+    /// The exact callback URI registered with the provider.
+    pub redirect_uri: &'a str,
+}
+
+/// One configured provider.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    /// TikTok.
+    Tiktok(tiktok::TikTok),
+    /// Instagram.
+    Instagram(instagram::Instagram),
+}
+
+impl Provider {
+    /// Which platform this is.
+    pub fn platform(&self) -> Platform {
+        match self {
+            Provider::Tiktok(_) => Platform::Tiktok,
+            Provider::Instagram(_) => Platform::Instagram,
+        }
+    }
+
+    /// Whether this adapter points at the built-in sandbox.
+    pub fn is_sandbox(&self) -> bool {
+        match self {
+            Provider::Tiktok(p) => p.sandbox,
+            Provider::Instagram(p) => p.sandbox,
+        }
+    }
+
+    /// The scopes this provider asks for.
+    pub fn scopes(&self) -> &[String] {
+        match self {
+            Provider::Tiktok(p) => &p.scopes,
+            Provider::Instagram(p) => &p.scopes,
+        }
+    }
+
+    /// The scopes without which a connection is useless.
+    pub fn required_scopes(&self) -> &'static [&'static str] {
+        match self {
+            Provider::Tiktok(_) => &["user.info.basic"],
+            Provider::Instagram(_) => &["instagram_business_basic"],
+        }
+    }
+
+    /// The URL to send the browser to.
+    pub fn authorize_url(&self, req: &AuthorizeRequest<'_>) -> Url {
+        match self {
+            Provider::Tiktok(p) => p.authorize_url(req),
+            Provider::Instagram(p) => p.authorize_url(req),
+        }
+    }
+
+    /// Exchanges an authorization code for tokens (for Instagram, then swaps the short-lived
+    /// token for a long-lived one).
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        code_verifier: &str,
+        redirect_uri: &str,
+        now: OffsetDateTime,
+    ) -> Result<TokenSet, ProviderError> {
+        match self {
+            Provider::Tiktok(p) => p.exchange_code(code, code_verifier, redirect_uri, now).await,
+            Provider::Instagram(p) => p.exchange_code(code, redirect_uri, now).await,
+        }
+    }
+
+    /// Fetches the account's profile with an access token.
+    pub async fn fetch_profile(&self, access_token: &SecretString) -> Result<Profile, ProviderError> {
+        match self {
+            Provider::Tiktok(p) => p.fetch_profile(access_token).await,
+            Provider::Instagram(p) => p.fetch_profile(access_token).await,
+        }
+    }
+
+    /// Refreshes: TikTok with the refresh token (which rotates), Instagram by refreshing the
+    /// long-lived access token itself.
+    pub async fn refresh(
+        &self,
+        access_token: &SecretString,
+        refresh_token: Option<&SecretString>,
+        now: OffsetDateTime,
+    ) -> Result<TokenSet, ProviderError> {
+        match self {
+            Provider::Tiktok(p) => match refresh_token {
+                Some(rt) => p.refresh(rt, now).await,
+                None => Err(ProviderError::Permanent { reason: "no refresh token is stored".into() }),
+            },
+            Provider::Instagram(p) => p.refresh(access_token, now).await,
+        }
+    }
+
+    /// Revokes the grant at the provider, where the provider offers revocation. Returns whether
+    /// a revocation call was made.
+    pub async fn revoke(&self, access_token: &SecretString) -> Result<bool, ProviderError> {
+        match self {
+            Provider::Tiktok(p) => p.revoke(access_token).await.map(|()| true),
+            // Instagram Login offers no revocation endpoint.
+            Provider::Instagram(_) => Ok(false),
+        }
+    }
+}
+
+/// The configured providers.
+#[derive(Debug, Clone)]
+pub struct Providers {
+    tiktok: Option<Provider>,
+    instagram: Option<Provider>,
+}
+
+impl Providers {
+    /// Builds the adapters from the configuration. Providers in sandbox mode point at
+    /// `{public_url}/sandbox/{provider}/...` with the sandbox's fixed test credentials.
+    pub fn from_config(config: &Config, http: reqwest::Client) -> Self {
+        let tiktok = config
+            .providers
+            .tiktok
+            .enabled
+            .then(|| Provider::Tiktok(tiktok::TikTok::from_config(config, http.clone())));
+        let instagram = config
+            .providers
+            .instagram
+            .enabled
+            .then(|| Provider::Instagram(instagram::Instagram::from_config(config, http)));
+        Self { tiktok, instagram }
+    }
+
+    /// The adapter of `platform`, if enabled.
+    pub fn get(&self, platform: Platform) -> Option<&Provider> {
+        match platform {
+            Platform::Tiktok => self.tiktok.as_ref(),
+            Platform::Instagram => self.instagram.as_ref(),
+        }
+    }
+}
+
+/// The HTTP client for provider calls: rustls, a timeout, no redirects followed (a redirect from
+/// a token endpoint is an error, not something to chase).
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    #[allow(clippy::expect_used)] // only fails if the TLS backend cannot initialise at all
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("authlink/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("HTTP client")
+}

@@ -1,0 +1,730 @@
+//! TikTok Login Kit for Web (OAuth v2), per providers.md §2.
+//!
+//! The wire quirks this adapter handles:
+//! - the client id is called `client_key`, and scopes are comma-joined;
+//! - PKCE is always used, with TikTok's **hex** S256 challenge, and `code_verifier` is always sent
+//!   on the exchange (§2.3);
+//! - the token endpoint answers a flat object on success and `{error, error_description, log_id}`
+//!   on failure, with an HTTP status that is not documented, so the body decides (§2.4);
+//! - refresh tokens rotate (§2.5); an answer without `refresh_token` means "keep the old one";
+//! - the user-info API wraps its answer in `{data:{user}, error:{code,message,log_id}}`, and the
+//!   docs print the error struct flat, so both are read (§2.7, §2.8).
+//!
+//! Failures are classified per providers.md §9.3 (see [`classify`]). Reasons never contain the
+//! code, the verifier, a token or the client secret: every text that comes from the provider is
+//! passed through [`sanitize`] with those values before it reaches a reason.
+//!
+//! The small HTTP helpers at the bottom ([`send`], [`sanitize`], [`status_error`], ...) are shared
+//! with the Instagram adapter.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use time::OffsetDateTime;
+use url::Url;
+
+use super::{AuthorizeRequest, Profile, ProviderError, TokenSet, pkce};
+use crate::config::Config;
+
+/// The profile fields asked for; `username` needs `user.info.profile`.
+const PROFILE_FIELDS: &str = "open_id,union_id,avatar_url,display_name,username";
+/// The fields covered by `user.info.basic` alone, asked for when the grant lacks
+/// `user.info.profile` (a partial grant).
+const BASIC_PROFILE_FIELDS: &str = "open_id,union_id,avatar_url,display_name";
+
+/// The TikTok adapter.
+#[derive(Debug, Clone)]
+pub struct TikTok {
+    /// Whether this adapter points at the built-in sandbox.
+    pub sandbox: bool,
+    /// The scopes asked for.
+    pub scopes: Vec<String>,
+    client_key: String,
+    client_secret: SecretString,
+    authorize_url: Url,
+    token_url: Url,
+    /// Base of the v2 API, without a trailing slash (`https://open.tiktokapis.com`).
+    api_base: String,
+    http: reqwest::Client,
+}
+
+impl TikTok {
+    /// Builds the adapter from the configuration: the configured endpoints and credentials, or the
+    /// built-in sandbox (`{public_url}/sandbox/tiktok/...` with its fixed test credentials) when
+    /// the provider runs in sandbox mode.
+    pub fn from_config(config: &Config, http: reqwest::Client) -> Self {
+        let c = &config.providers.tiktok;
+        if c.is_sandbox() {
+            Self {
+                sandbox: true,
+                scopes: c.scopes.clone(),
+                client_key: crate::sandbox::TIKTOK_CLIENT_KEY.to_string(),
+                client_secret: SecretString::from(crate::sandbox::TIKTOK_CLIENT_SECRET),
+                authorize_url: public_url(config, "/sandbox/tiktok/v2/auth/authorize/"),
+                token_url: public_url(config, "/sandbox/tiktok/v2/oauth/token/"),
+                api_base: config.public("/sandbox/tiktok"),
+                http,
+            }
+        } else {
+            Self {
+                sandbox: false,
+                scopes: c.scopes.clone(),
+                client_key: c.client_key.clone().unwrap_or_default(),
+                client_secret: c.client_secret.clone().unwrap_or_else(|| SecretString::from("")),
+                authorize_url: c.authorize_url.clone(),
+                token_url: c.token_url.clone(),
+                api_base: c.api_base_url.as_str().trim_end_matches('/').to_string(),
+                http,
+            }
+        }
+    }
+
+    /// The authorization URL (§2.1): `client_key`, comma-joined `scope`, `redirect_uri`, `state`,
+    /// `response_type=code` and the hex S256 challenge. The trailing slash of the path is kept.
+    pub fn authorize_url(&self, req: &AuthorizeRequest<'_>) -> Url {
+        let mut url = self.authorize_url.clone();
+        url.query_pairs_mut()
+            .append_pair("client_key", &self.client_key)
+            .append_pair("scope", &self.scopes.join(","))
+            .append_pair("redirect_uri", req.redirect_uri)
+            .append_pair("state", req.state)
+            .append_pair("response_type", "code")
+            .append_pair("code_challenge", &pkce::s256_hex(req.code_verifier))
+            .append_pair("code_challenge_method", "S256");
+        url
+    }
+
+    /// Exchanges an authorization code (already URL-decoded) for tokens (§2.4).
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        code_verifier: &str,
+        redirect_uri: &str,
+        now: OffsetDateTime,
+    ) -> Result<TokenSet, ProviderError> {
+        let secret = self.client_secret.expose_secret();
+        let form = [
+            ("client_key", self.client_key.as_str()),
+            ("client_secret", secret),
+            ("code", code),
+            ("grant_type", "authorization_code"),
+            ("redirect_uri", redirect_uri),
+            ("code_verifier", code_verifier),
+        ];
+        let secrets = [secret, code, code_verifier];
+        let what = "TikTok code exchange";
+        let raw = send(self.http.post(self.token_url.clone()).form(&form), what).await?;
+        parse_token_answer(&raw, now, what, &secrets)
+    }
+
+    /// Refreshes with a refresh token (§2.5). TikTok rotates refresh tokens: the answer's
+    /// `refresh_token` replaces the one sent, which dies at once. When the answer carries none,
+    /// [`TokenSet::refresh_token`] is `None` and the caller keeps the old one.
+    pub async fn refresh(
+        &self,
+        refresh_token: &SecretString,
+        now: OffsetDateTime,
+    ) -> Result<TokenSet, ProviderError> {
+        let secret = self.client_secret.expose_secret();
+        let rt = refresh_token.expose_secret();
+        let form = [
+            ("client_key", self.client_key.as_str()),
+            ("client_secret", secret),
+            ("grant_type", "refresh_token"),
+            ("refresh_token", rt),
+        ];
+        let what = "TikTok token refresh";
+        let raw = send(self.http.post(self.token_url.clone()).form(&form), what).await?;
+        parse_token_answer(&raw, now, what, &[secret, rt])
+    }
+
+    /// Fetches the profile (§2.7). `username` needs `user.info.profile`; when TikTok answers that a
+    /// scope is missing (a partial grant), the profile is fetched again with the basic fields only,
+    /// so a connection is not lost for want of a handle.
+    pub async fn fetch_profile(&self, access_token: &SecretString) -> Result<Profile, ProviderError> {
+        match self.fetch_user(access_token, PROFILE_FIELDS).await {
+            Err(ProviderError::Scope { .. }) => self.fetch_user(access_token, BASIC_PROFILE_FIELDS).await,
+            other => other,
+        }
+    }
+
+    async fn fetch_user(&self, access_token: &SecretString, fields: &str) -> Result<Profile, ProviderError> {
+        let token = access_token.expose_secret();
+        let url = format!("{}/v2/user/info/", self.api_base);
+        let req = self.http.get(url).query(&[("fields", fields)]).bearer_auth(token);
+        let what = "TikTok user info";
+        let raw = send(req, what).await?;
+        parse_user_info(&raw, what, &[token])
+    }
+
+    /// Revokes the grant (§2.6): `POST {api}/v2/oauth/revoke/` with the access token. Success is
+    /// a 2xx with an empty body, `{}`, or any object without an error.
+    pub async fn revoke(&self, access_token: &SecretString) -> Result<(), ProviderError> {
+        let secret = self.client_secret.expose_secret();
+        let token = access_token.expose_secret();
+        let form = [("client_key", self.client_key.as_str()), ("client_secret", secret), ("token", token)];
+        let url = format!("{}/v2/oauth/revoke/", self.api_base);
+        let what = "TikTok revoke";
+        let raw = send(self.http.post(url).form(&form), what).await?;
+        parse_revoke_answer(&raw, what, &[secret, token])
+    }
+}
+
+/// Parses a token-endpoint answer (code exchange or refresh).
+fn parse_token_answer(
+    raw: &RawResponse,
+    now: OffsetDateTime,
+    what: &str,
+    secrets: &[&str],
+) -> Result<TokenSet, ProviderError> {
+    let Some(Value::Object(mut obj)) = raw.json() else {
+        return Err(status_error(raw, what));
+    };
+    // The legacy v1 wrapper `{data:{...}, message}` still shows on old pages; unwrap it when the
+    // top level carries neither a token nor an error.
+    if !obj.contains_key("access_token") && !obj.contains_key("error") {
+        if let Some(Value::Object(data)) = obj.get("data") {
+            let mut data = data.clone();
+            let failed = data.get("error_code").and_then(as_i64).is_some_and(|c| c != 0);
+            if failed && !data.contains_key("error") {
+                let code = data.get("error_code").and_then(as_i64).unwrap_or_default();
+                data.insert("error".into(), Value::String(format!("error_code {code}")));
+            }
+            if failed && !data.contains_key("error_description") {
+                if let Some(d) = data.get("description").cloned() {
+                    data.insert("error_description".into(), d);
+                }
+            }
+            obj = data;
+        }
+    }
+    if let Some(err) = obj.get("error").filter(|e| !e.is_null()) {
+        let (code, message, log_id) = match err {
+            // The API-style struct, should the token endpoint ever answer with it.
+            Value::Object(e) => (str_field(e, "code"), str_field(e, "message"), str_field(e, "log_id")),
+            other => (
+                other.as_str().map(str::to_string).unwrap_or_else(|| other.to_string()),
+                str_field(&obj, "error_description"),
+                str_field(&obj, "log_id"),
+            ),
+        };
+        if !(code.is_empty() || code == "ok") {
+            return Err(classify(&code, &message, &log_id, raw, what, secrets));
+        }
+    }
+    let access_token = obj.get("access_token").and_then(Value::as_str).filter(|s| !s.is_empty());
+    let Some(access_token) = access_token else {
+        if !raw.is_success() {
+            return Err(status_error(raw, what));
+        }
+        return Err(ProviderError::Rejected {
+            reason: format!("{what}: the answer carries no access_token"),
+        });
+    };
+    let Some(expires_in) = obj.get("expires_in").and_then(as_i64) else {
+        return Err(ProviderError::Rejected { reason: format!("{what}: the answer carries no expires_in") });
+    };
+    let access_expires_at = expiry(now, expires_in, what)?;
+    let refresh_token = obj
+        .get("refresh_token")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(|s| SecretString::from(s.to_string()));
+    let refresh_expires_at = match obj.get("refresh_expires_in").and_then(as_i64) {
+        Some(secs) if refresh_token.is_some() => Some(expiry(now, secs, what)?),
+        _ => None,
+    };
+    let scopes = obj.get("scope").map(scope_list).unwrap_or_default();
+    let account_id = obj.get("open_id").and_then(id_string);
+    Ok(TokenSet {
+        access_token: SecretString::from(access_token.to_string()),
+        access_expires_at,
+        refresh_token,
+        refresh_expires_at,
+        scopes,
+        account_id,
+    })
+}
+
+/// Parses a `/v2/user/info/` answer.
+fn parse_user_info(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<Profile, ProviderError> {
+    let Some(Value::Object(obj)) = raw.json() else {
+        return Err(status_error(raw, what));
+    };
+    let error = match obj.get("error") {
+        Some(Value::Object(e)) => {
+            Some((str_field(e, "code"), str_field(e, "message"), str_field(e, "log_id")))
+        }
+        // The OAuth shape, e.g. from a gateway in front of the API.
+        Some(Value::String(code)) => {
+            Some((code.clone(), str_field(&obj, "error_description"), str_field(&obj, "log_id")))
+        }
+        // The flat struct the docs print.
+        _ => obj
+            .get("code")
+            .and_then(Value::as_str)
+            .map(|code| (code.to_string(), str_field(&obj, "message"), str_field(&obj, "log_id"))),
+    };
+    match &error {
+        Some((code, message, log_id)) if !code.is_empty() && code != "ok" => {
+            return Err(classify(code, message, log_id, raw, what, secrets));
+        }
+        None if !raw.is_success() => return Err(status_error(raw, what)),
+        _ => {}
+    }
+    let user = obj.get("data").and_then(|d| d.get("user")).and_then(Value::as_object);
+    let Some(user) = user else {
+        return Err(ProviderError::Rejected { reason: format!("{what}: the answer carries no data.user") });
+    };
+    let Some(open_id) = user.get("open_id").and_then(id_string) else {
+        return Err(ProviderError::Rejected { reason: format!("{what}: the answer carries no open_id") });
+    };
+    let text = |k: &str| user.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
+    Ok(Profile {
+        account_id: open_id,
+        username: text("username").map(|u| u.trim_start_matches('@').to_string()),
+        display_name: text("display_name"),
+        avatar_url: text("avatar_url"),
+        app_scoped_id: None,
+    })
+}
+
+/// Parses a revoke answer.
+fn parse_revoke_answer(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<(), ProviderError> {
+    if raw.body.trim().is_empty() {
+        return if raw.is_success() { Ok(()) } else { Err(status_error(raw, what)) };
+    }
+    let Some(Value::Object(obj)) = raw.json() else {
+        return Err(status_error(raw, what));
+    };
+    let error = match obj.get("error") {
+        Some(Value::String(code)) => Some((code.clone(), str_field(&obj, "error_description"))),
+        Some(Value::Object(e)) => Some((str_field(e, "code"), str_field(e, "message"))),
+        _ => None,
+    };
+    match error {
+        Some((code, message)) if !code.is_empty() && code != "ok" => {
+            Err(classify(&code, &message, &str_field(&obj, "log_id"), raw, what, secrets))
+        }
+        _ if raw.is_success() => Ok(()),
+        _ => Err(status_error(raw, what)),
+    }
+}
+
+/// Classifies a TikTok error code (OAuth `error` or API `error.code`), per providers.md §9.3.
+fn classify(
+    code: &str,
+    message: &str,
+    log_id: &str,
+    raw: &RawResponse,
+    what: &str,
+    secrets: &[&str],
+) -> ProviderError {
+    let code = sanitize(code, secrets);
+    let mut detail = sanitize(message, secrets);
+    if detail.is_empty() {
+        detail = "no description".into();
+    }
+    let log =
+        if log_id.is_empty() { String::new() } else { format!(" (log_id {})", sanitize(log_id, secrets)) };
+    match code.as_str() {
+        "invalid_grant" => ProviderError::Permanent {
+            reason: format!(
+                "{what}: TikTok no longer accepts this authorization (invalid_grant: {detail}){log}; \
+                 the account must be connected again"
+            ),
+        },
+        "access_token_invalid" => ProviderError::Permanent {
+            reason: format!(
+                "{what}: TikTok no longer accepts the access token (access_token_invalid: {detail}){log}"
+            ),
+        },
+        "scope_not_authorized" | "scope_permission_missed" => ProviderError::Scope {
+            reason: format!("{what}: a scope was not granted ({code}: {detail}){log}"),
+        },
+        "server_error" | "temporarily_unavailable" | "internal_error" | "rate_limit_exceeded" => {
+            ProviderError::Transient {
+                reason: format!("{what}: TikTok is unavailable for now ({code}: {detail}){log}"),
+                retry_after: raw.retry_after,
+            }
+        }
+        _ if raw.is_retryable_status() => ProviderError::Transient {
+            reason: format!("{what}: HTTP {} ({code}: {detail}){log}", raw.status),
+            retry_after: raw.retry_after,
+        },
+        _ => ProviderError::Rejected {
+            reason: format!("{what}: TikTok refused the request ({code}: {detail}){log}"),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers shared with the Instagram adapter.
+// ---------------------------------------------------------------------------------------------
+
+/// The largest answer read from a provider; anything longer is cut off (and will not parse).
+const MAX_BODY: usize = 1024 * 1024;
+
+/// A provider's answer, read in full.
+#[derive(Debug, Clone)]
+pub(super) struct RawResponse {
+    /// The HTTP status code.
+    pub(super) status: u16,
+    /// `Retry-After`, when given in seconds.
+    pub(super) retry_after: Option<Duration>,
+    /// The body as text (lossy UTF-8).
+    pub(super) body: String,
+}
+
+impl RawResponse {
+    /// Whether the status is 2xx.
+    pub(super) fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// Whether the status alone says "try again later" (408, 429, 5xx).
+    pub(super) fn is_retryable_status(&self) -> bool {
+        matches!(self.status, 408 | 429) || self.status >= 500
+    }
+
+    /// The body as JSON, if it is JSON.
+    pub(super) fn json(&self) -> Option<Value> {
+        serde_json::from_str(&self.body).ok()
+    }
+}
+
+/// Sends a request and reads the answer. The URL is never logged or put in an error, because
+/// Instagram's Graph calls carry the client secret and tokens in the query string.
+pub(super) async fn send(req: reqwest::RequestBuilder, what: &str) -> Result<RawResponse, ProviderError> {
+    let mut resp = req.send().await.map_err(|e| network_error(&e, what))?;
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| network_error(&e, what))? {
+        let room = MAX_BODY.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if room <= chunk.len() {
+            break;
+        }
+    }
+    tracing::debug!(call = what, status, bytes = body.len(), "provider answered");
+    Ok(RawResponse { status, retry_after, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+/// A network-level failure (timeout, refused connection, cut-off answer): always transient. The
+/// reason is built from the error's kind only, never from its text, which names the URL.
+pub(super) fn network_error(e: &reqwest::Error, what: &str) -> ProviderError {
+    let kind = if e.is_timeout() {
+        "the request timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "the answer was cut off"
+    } else {
+        "the request failed"
+    };
+    tracing::debug!(call = what, kind, "provider call failed");
+    ProviderError::Transient { reason: format!("{what}: {kind}"), retry_after: None }
+}
+
+/// An answer whose body says nothing usable (HTML from a proxy, garbage, or JSON without an
+/// error): classified by its status. 408/429/5xx are transient; anything else is a refusal.
+pub(super) fn status_error(raw: &RawResponse, what: &str) -> ProviderError {
+    let body = raw.body.trim_start();
+    let looks = if body.is_empty() {
+        "an empty body"
+    } else if body.starts_with('<') {
+        "an HTML body"
+    } else if raw.json().is_some() {
+        "a JSON body without a usable result"
+    } else {
+        "an unparsable body"
+    };
+    if raw.is_retryable_status() {
+        ProviderError::Transient {
+            reason: format!("{what}: HTTP {} with {looks}", raw.status),
+            retry_after: raw.retry_after,
+        }
+    } else {
+        ProviderError::Rejected { reason: format!("{what}: HTTP {} with {looks}", raw.status) }
+    }
+}
+
+/// Makes a provider-supplied text safe for a reason: removes any of `secrets` it echoes, drops
+/// control characters and caps its length.
+pub(super) fn sanitize(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 4) {
+        out = out.replace(*s, "[redacted]");
+    }
+    let mut out: String = out.chars().filter(|c| !c.is_control()).take(300).collect();
+    if out.len() < text.len() && text.chars().count() > 300 {
+        out.push('…');
+    }
+    out
+}
+
+/// A string field of a JSON object, or "".
+pub(super) fn str_field(obj: &serde_json::Map<String, Value>, key: &str) -> String {
+    match obj.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// An integer given as a JSON number or a numeric string.
+pub(super) fn as_i64(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_u64().map(|u| i64::try_from(u).unwrap_or(i64::MAX))),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// An id given as a string or as a JSON integer of any size (never through `f64`).
+pub(super) fn id_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Value::Number(n) => n.as_u64().map(|u| u.to_string()).or_else(|| n.as_i64().map(|i| i.to_string())),
+        _ => None,
+    }
+}
+
+/// A scope list given as a comma- or space-separated string or as an array of strings.
+pub(super) fn scope_list(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut push = |s: &str| {
+        for part in s.split(|c: char| c == ',' || c.is_whitespace()).filter(|p| !p.is_empty()) {
+            if !out.iter().any(|o| o == part) {
+                out.push(part.to_string());
+            }
+        }
+    };
+    match v {
+        Value::String(s) => push(s),
+        Value::Array(items) => items.iter().filter_map(Value::as_str).for_each(push),
+        _ => {}
+    }
+    out
+}
+
+/// `now + seconds`, for `expires_in`-style fields; negative values count as zero.
+pub(super) fn expiry(now: OffsetDateTime, seconds: i64, what: &str) -> Result<OffsetDateTime, ProviderError> {
+    now.checked_add(time::Duration::seconds(seconds.max(0))).ok_or_else(|| ProviderError::Rejected {
+        reason: format!("{what}: the answer's lifetime ({seconds} s) is out of range"),
+    })
+}
+
+/// `{public_url}{path}` as a URL. Infallible: the public URL is a validated http(s) URL, and
+/// replacing its path keeps it one.
+pub(super) fn public_url(config: &Config, path: &str) -> Url {
+    let mut url = config.public_url.clone();
+    let base = url.path().trim_end_matches('/').to_string();
+    url.set_path(&format!("{base}{path}"));
+    url
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_764_000_000).unwrap()
+    }
+
+    fn raw(status: u16, body: &str) -> RawResponse {
+        RawResponse { status, retry_after: None, body: body.into() }
+    }
+
+    fn config() -> Config {
+        Config::load_from(None, &[("AUTHLINK_PUBLIC_URL".into(), "https://links.example.com/base/".into())])
+            .unwrap()
+    }
+
+    #[test]
+    fn authorize_url_has_every_parameter_and_a_hex_challenge() {
+        let t = TikTok::from_config(&config(), reqwest::Client::new());
+        assert!(t.sandbox);
+        let verifier = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+        let url = t.authorize_url(&AuthorizeRequest {
+            state: "st",
+            code_verifier: verifier,
+            redirect_uri: "https://links.example.com/base/oauth/tiktok/callback",
+        });
+        assert_eq!(url.path(), "/base/sandbox/tiktok/v2/auth/authorize/");
+        let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
+        assert_eq!(q["client_key"], crate::sandbox::TIKTOK_CLIENT_KEY);
+        assert_eq!(q["scope"], "user.info.basic,user.info.profile");
+        assert_eq!(q["redirect_uri"], "https://links.example.com/base/oauth/tiktok/callback");
+        assert_eq!(q["state"], "st");
+        assert_eq!(q["response_type"], "code");
+        assert_eq!(q["code_challenge"], "13d31e961a1ad8ec2f16b10c4c982e0876a878ad6df144566ee1894acb70f9c3");
+        assert_eq!(q["code_challenge_method"], "S256");
+        assert!(!q.contains_key("client_id"));
+    }
+
+    #[test]
+    fn live_mode_uses_configured_endpoints() {
+        let c = Config::load_from(
+            None,
+            &[
+                ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY".into(), "ck".into()),
+                ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_SECRET".into(), "cs".into()),
+            ],
+        )
+        .unwrap();
+        let t = TikTok::from_config(&c, reqwest::Client::new());
+        assert!(!t.sandbox);
+        let url = t.authorize_url(&AuthorizeRequest { state: "s", code_verifier: "v", redirect_uri: "r" });
+        assert!(url.as_str().starts_with("https://www.tiktok.com/v2/auth/authorize/?client_key=ck&"));
+        assert_eq!(t.api_base, "https://open.tiktokapis.com");
+    }
+
+    #[test]
+    fn flat_token_answer_is_parsed() {
+        let body = r#"{"access_token":"act.abc","expires_in":86400,"open_id":"oid-1",
+            "refresh_expires_in":31536000,"refresh_token":"rft.def","scope":"user.info.basic,user.info.profile",
+            "token_type":"Bearer"}"#;
+        let t = parse_token_answer(&raw(200, body), now(), "x", &[]).unwrap();
+        assert_eq!(t.access_token.expose_secret(), "act.abc");
+        assert_eq!(t.access_expires_at, now() + time::Duration::seconds(86400));
+        assert_eq!(t.refresh_token.as_ref().unwrap().expose_secret(), "rft.def");
+        assert_eq!(t.refresh_expires_at, Some(now() + time::Duration::seconds(31_536_000)));
+        assert_eq!(t.scopes, vec!["user.info.basic", "user.info.profile"]);
+        assert_eq!(t.account_id.as_deref(), Some("oid-1"));
+    }
+
+    #[test]
+    fn refresh_answer_without_refresh_token_keeps_none() {
+        let body = r#"{"access_token":"act.x","expires_in":"7200","open_id":"o","scope":"user.info.basic"}"#;
+        let t = parse_token_answer(&raw(200, body), now(), "x", &[]).unwrap();
+        assert!(t.refresh_token.is_none());
+        assert!(t.refresh_expires_at.is_none());
+        assert_eq!(t.access_expires_at, now() + time::Duration::seconds(7200));
+    }
+
+    #[test]
+    fn legacy_v1_wrapper_is_unwrapped() {
+        let body = r#"{"data":{"access_token":"act.x","expires_in":86400,"open_id":"o","scope":"user.info.basic",
+            "refresh_token":"rft.y","refresh_expires_in":100,"error_code":0,"description":""},"message":"success"}"#;
+        let t = parse_token_answer(&raw(200, body), now(), "x", &[]).unwrap();
+        assert_eq!(t.account_id.as_deref(), Some("o"));
+        let body =
+            r#"{"data":{"error_code":10007,"description":"Authorization code expired"},"message":"error"}"#;
+        let e = parse_token_answer(&raw(200, body), now(), "x", &[]).unwrap_err();
+        assert!(matches!(e, ProviderError::Rejected { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn oauth_errors_are_classified_whatever_the_status() {
+        let err = |status, error: &str| {
+            let body = format!(r#"{{"error":"{error}","error_description":"d","log_id":"L1"}}"#);
+            parse_token_answer(&raw(status, &body), now(), "x", &[]).unwrap_err()
+        };
+        for status in [200, 400, 401] {
+            assert!(matches!(err(status, "invalid_grant"), ProviderError::Permanent { .. }));
+            assert!(matches!(err(status, "invalid_client"), ProviderError::Rejected { .. }));
+            assert!(matches!(err(status, "invalid_request"), ProviderError::Rejected { .. }));
+            assert!(matches!(err(status, "server_error"), ProviderError::Transient { .. }));
+            assert!(matches!(err(status, "temporarily_unavailable"), ProviderError::Transient { .. }));
+            assert!(matches!(err(status, "scope_not_authorized"), ProviderError::Scope { .. }));
+        }
+        assert!(matches!(err(503, "something_new"), ProviderError::Transient { .. }));
+        let ProviderError::Permanent { reason } = err(400, "invalid_grant") else { panic!() };
+        assert!(reason.contains("invalid_grant") && reason.contains("L1"), "{reason}");
+    }
+
+    #[test]
+    fn html_and_garbage_bodies_are_classified_by_status() {
+        let html = "<html><body>Bad Gateway</body></html>";
+        assert!(matches!(
+            parse_token_answer(&raw(502, html), now(), "x", &[]).unwrap_err(),
+            ProviderError::Transient { .. }
+        ));
+        assert!(matches!(
+            parse_token_answer(&raw(200, html), now(), "x", &[]).unwrap_err(),
+            ProviderError::Rejected { .. }
+        ));
+        let mut r = raw(429, "slow down");
+        r.retry_after = Some(Duration::from_secs(30));
+        let ProviderError::Transient { retry_after, .. } =
+            parse_token_answer(&r, now(), "x", &[]).unwrap_err()
+        else {
+            panic!()
+        };
+        assert_eq!(retry_after, Some(Duration::from_secs(30)));
+        assert!(matches!(
+            parse_token_answer(&raw(200, "{}"), now(), "x", &[]).unwrap_err(),
+            ProviderError::Rejected { .. }
+        ));
+    }
+
+    #[test]
+    fn reasons_never_echo_secrets() {
+        let body = r#"{"error":"invalid_grant","error_description":"code C0DE*!xyz is bad for s3cr3t-value","log_id":"l"}"#;
+        let e = parse_token_answer(&raw(400, body), now(), "x", &["C0DE*!xyz", "s3cr3t-value"]).unwrap_err();
+        let text = e.to_string();
+        assert!(!text.contains("C0DE*!xyz") && !text.contains("s3cr3t-value"), "{text}");
+    }
+
+    #[test]
+    fn user_info_envelope_and_flat_errors() {
+        let ok = r#"{"data":{"user":{"open_id":"oid","union_id":"u","avatar_url":"https://a/x.png",
+            "display_name":"Name","username":"handle"}},"error":{"code":"ok","message":"","log_id":"l"}}"#;
+        let p = parse_user_info(&raw(200, ok), "x", &[]).unwrap();
+        assert_eq!(p.account_id, "oid");
+        assert_eq!(p.username.as_deref(), Some("handle"));
+        assert_eq!(p.display_name.as_deref(), Some("Name"));
+        assert_eq!(p.avatar_url.as_deref(), Some("https://a/x.png"));
+
+        let enveloped = r#"{"data":{},"error":{"code":"access_token_invalid","message":"m","log_id":"l"}}"#;
+        assert!(matches!(
+            parse_user_info(&raw(401, enveloped), "x", &[]),
+            Err(ProviderError::Permanent { .. })
+        ));
+        let flat = r#"{"code":"access_token_invalid","message":"m","log_id":"l"}"#;
+        assert!(matches!(parse_user_info(&raw(401, flat), "x", &[]), Err(ProviderError::Permanent { .. })));
+        let scope = r#"{"error":{"code":"scope_not_authorized","message":"m","log_id":"l"}}"#;
+        assert!(matches!(parse_user_info(&raw(401, scope), "x", &[]), Err(ProviderError::Scope { .. })));
+        let missed = r#"{"error":{"code":"scope_permission_missed","message":"m","log_id":"l"}}"#;
+        assert!(matches!(parse_user_info(&raw(400, missed), "x", &[]), Err(ProviderError::Scope { .. })));
+        let rl = r#"{"data":{},"error":{"code":"rate_limit_exceeded","message":"m","log_id":"l"}}"#;
+        assert!(matches!(parse_user_info(&raw(429, rl), "x", &[]), Err(ProviderError::Transient { .. })));
+        let ie = r#"{"error":{"code":"internal_error","message":"m","log_id":"l"}}"#;
+        assert!(matches!(parse_user_info(&raw(500, ie), "x", &[]), Err(ProviderError::Transient { .. })));
+        let bad = r#"{"error":{"code":"invalid_params","message":"m","log_id":"l"}}"#;
+        assert!(matches!(parse_user_info(&raw(400, bad), "x", &[]), Err(ProviderError::Rejected { .. })));
+        assert!(matches!(
+            parse_user_info(&raw(500, "<html>"), "x", &[]),
+            Err(ProviderError::Transient { .. })
+        ));
+        assert!(matches!(
+            parse_user_info(&raw(200, "<html>"), "x", &[]),
+            Err(ProviderError::Rejected { .. })
+        ));
+    }
+
+    #[test]
+    fn revoke_answers() {
+        assert!(parse_revoke_answer(&raw(200, ""), "x", &[]).is_ok());
+        assert!(parse_revoke_answer(&raw(200, "{}"), "x", &[]).is_ok());
+        let e = r#"{"error":"invalid_client","error_description":"d","log_id":"l"}"#;
+        assert!(matches!(parse_revoke_answer(&raw(401, e), "x", &[]), Err(ProviderError::Rejected { .. })));
+        assert!(matches!(parse_revoke_answer(&raw(503, ""), "x", &[]), Err(ProviderError::Transient { .. })));
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(id_string(&serde_json::json!(27_640_875_392_278_831u64)).unwrap(), "27640875392278831");
+        assert_eq!(scope_list(&serde_json::json!("a, b c,,a")), vec!["a", "b", "c"]);
+        assert_eq!(scope_list(&serde_json::json!(["a", "b"])), vec!["a", "b"]);
+        assert_eq!(public_url(&config(), "/x/").as_str(), "https://links.example.com/base/x/");
+    }
+}

@@ -1,0 +1,183 @@
+//! The sandbox control API (`/sandbox/control/...`), served only when `sandbox.control_api` is on:
+//! scenario switches, counters, account revocation and the clock. See the module docs of
+//! [`crate::sandbox`] for the exact JSON.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::{RevokeReason, Sandbox, ScenarioPatch, json};
+use crate::domain::Platform;
+
+/// The control routes (state applied by the caller).
+pub(super) fn routes() -> Router<Arc<Sandbox>> {
+    Router::new()
+        .route("/control/clock/advance", post(advance_clock))
+        .route("/control/{provider}/scenario", get(get_scenario).post(set_scenario))
+        .route("/control/{provider}/reset", post(reset))
+        .route("/control/{provider}/stats", get(stats))
+        .route("/control/{provider}/accounts", get(accounts))
+        .route("/control/{provider}/accounts/{account_id}/revoke", post(revoke_account))
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    json(StatusCode::BAD_REQUEST, json!({ "error": message.into() }))
+}
+
+fn platform(name: &str) -> Result<Platform, Response> {
+    match name {
+        "tiktok" => Ok(Platform::Tiktok),
+        "instagram" => Ok(Platform::Instagram),
+        _ => Err(json(
+            StatusCode::NOT_FOUND,
+            json!({ "error": format!("unknown provider `{}` (expected tiktok or instagram)", name.chars().take(40).collect::<String>()) }),
+        )),
+    }
+}
+
+/// Parses a JSON body; an empty body is `T::default()` when `empty_ok`.
+fn body<T: DeserializeOwned + Default>(bytes: &[u8], empty_ok: bool) -> Result<T, Response> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return if empty_ok { Ok(T::default()) } else { Err(bad_request("a JSON body is required")) };
+    }
+    serde_json::from_slice(bytes).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Response {
+    match serde_json::to_value(value) {
+        Ok(v) => json(StatusCode::OK, v),
+        Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, json!({ "error": "serialization failed" })),
+    }
+}
+
+/// `GET /control/{provider}/scenario`.
+async fn get_scenario(State(sb): State<Arc<Sandbox>>, Path(provider): Path<String>) -> Response {
+    match platform(&provider) {
+        Ok(p) => to_json(&sb.scenario(p)),
+        Err(resp) => resp,
+    }
+}
+
+/// `POST /control/{provider}/scenario` with a [`ScenarioPatch`].
+async fn set_scenario(
+    State(sb): State<Arc<Sandbox>>,
+    Path(provider): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let p = match platform(&provider) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    let patch: ScenarioPatch = match body(&bytes, false) {
+        Ok(patch) => patch,
+        Err(resp) => return resp,
+    };
+    match sb.set_scenario(p, patch) {
+        Ok(scenario) => {
+            tracing::info!(provider = p.as_str(), "sandbox scenario changed");
+            to_json(&scenario)
+        }
+        Err(message) => bad_request(message),
+    }
+}
+
+/// `POST /control/{provider}/reset`.
+async fn reset(State(sb): State<Arc<Sandbox>>, Path(provider): Path<String>) -> Response {
+    match platform(&provider) {
+        Ok(p) => {
+            sb.reset(p);
+            json(StatusCode::OK, json!({ "ok": true }))
+        }
+        Err(resp) => resp,
+    }
+}
+
+/// `GET /control/{provider}/stats`.
+async fn stats(State(sb): State<Arc<Sandbox>>, Path(provider): Path<String>) -> Response {
+    match platform(&provider) {
+        Ok(p) => to_json(&sb.stats(p)),
+        Err(resp) => resp,
+    }
+}
+
+/// `GET /control/{provider}/accounts`: the fake accounts.
+async fn accounts(Path(provider): Path<String>) -> Response {
+    let list: Vec<serde_json::Value> = match platform(&provider) {
+        Ok(Platform::Tiktok) => super::TIKTOK_ACCOUNTS
+            .iter()
+            .map(|a| {
+                json!({
+                    "account_id": a.open_id, "open_id": a.open_id, "union_id": a.union_id,
+                    "username": a.username, "display_name": a.display_name,
+                })
+            })
+            .collect(),
+        Ok(Platform::Instagram) => super::INSTAGRAM_ACCOUNTS
+            .iter()
+            .map(|a| {
+                json!({
+                    "account_id": a.user_id.to_string(), "user_id": a.user_id, "id": a.app_scoped_id,
+                    "username": a.username, "name": a.name, "account_type": a.account_type,
+                })
+            })
+            .collect(),
+        Err(resp) => return resp,
+    };
+    json(StatusCode::OK, json!({ "accounts": list }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    #[serde(default)]
+    reason: RevokeReason,
+}
+
+/// `POST /control/{provider}/accounts/{account_id}/revoke`.
+async fn revoke_account(
+    State(sb): State<Arc<Sandbox>>,
+    Path((provider, account_id)): Path<(String, String)>,
+    bytes: Bytes,
+) -> Response {
+    let p = match platform(&provider) {
+        Ok(p) => p,
+        Err(resp) => return resp,
+    };
+    let request: RevokeBody = match body(&bytes, true) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let revoked = sb.revoke_account(p, &account_id, request.reason);
+    tracing::info!(provider = p.as_str(), revoked, "sandbox account revoked");
+    json(StatusCode::OK, json!({ "revoked_tokens": revoked }))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdvanceBody {
+    seconds: i64,
+}
+
+/// `POST /control/clock/advance` `{"seconds": n}`.
+async fn advance_clock(State(sb): State<Arc<Sandbox>>, bytes: Bytes) -> Response {
+    let request: AdvanceBody = match body(&bytes, false) {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    if request.seconds < 0 {
+        return bad_request("seconds must not be negative: the clock only moves forward");
+    }
+    sb.clock.advance(request.seconds);
+    let now = sb.now();
+    tracing::info!(seconds = request.seconds, "sandbox clock advanced");
+    let rfc3339 = now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    json(StatusCode::OK, json!({ "now": rfc3339, "now_unix": now.unix_timestamp() }))
+}

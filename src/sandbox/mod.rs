@@ -1,0 +1,659 @@
+//! The built-in provider simulator: a second, independent implementation of the TikTok and
+//! Instagram wire contracts of providers.md §2 and §3, served under `/sandbox`.
+//!
+//! The adapters in [`crate::providers`] talk to it over HTTP exactly as they talk to the real
+//! providers; nothing in the adapters knows it is a simulation. Its state (codes, tokens, scenario
+//! switches, call counters) lives in memory and every lifetime is measured with the shared clock,
+//! so moving the clock forward (`POST /sandbox/control/clock/advance`) expires codes and tokens.
+//! The sandbox never logs code or token values.
+//!
+//! # Routes (relative to `/sandbox`)
+//!
+//! TikTok ([`tiktok`]), credentials [`TIKTOK_CLIENT_KEY`] / [`TIKTOK_CLIENT_SECRET`], registered
+//! redirect URI `{public_url}/oauth/tiktok/callback`:
+//! - `GET  /tiktok/v2/auth/authorize/`: validates the request; a bad `client_key`,
+//!   `redirect_uri`, `response_type`, `scope`, `code_challenge` (64 lowercase hex chars required
+//!   unless `pkce_optional`) or `code_challenge_method` gets an HTML error page naming the
+//!   parameter (no redirect); otherwise the consent page.
+//! - `POST /tiktok/v2/auth/authorize/`: the consent form (see below).
+//! - `POST /tiktok/v2/oauth/token/`: `authorization_code` and `refresh_token` grants (rotating).
+//! - `GET  /tiktok/v2/user/info/?fields=...`: the user-info envelope.
+//! - `POST /tiktok/v2/oauth/revoke/`: kills both tokens of the grant.
+//!
+//! Instagram ([`instagram`]), credentials [`INSTAGRAM_CLIENT_ID`] / [`INSTAGRAM_CLIENT_SECRET`],
+//! registered redirect URI `{public_url}/oauth/instagram/callback`:
+//! - `GET  /instagram/oauth/authorize`, `POST /instagram/oauth/authorize` (consent form).
+//! - `POST /instagram/oauth/access_token` (urlencoded or multipart): short-lived token (1 h).
+//! - `GET  /instagram/graph/access_token?grant_type=ig_exchange_token&client_secret&access_token`.
+//! - `GET  /instagram/graph/refresh_access_token?grant_type=ig_refresh_token&access_token`.
+//! - `GET  /instagram/graph/{version}/me?fields=...` (token as `access_token=` or Bearer).
+//!
+//! `GET /avatars/{name}.svg` serves the fake accounts' avatars, so nothing external is loaded.
+//!
+//! # The consent form (stable, for tests that drive it without a browser)
+//!
+//! The consent page is a plain HTML form (no JavaScript) that POSTs
+//! `application/x-www-form-urlencoded` to the same path as the authorize GET:
+//! `{public_url}/sandbox/tiktok/v2/auth/authorize/` or `{public_url}/sandbox/instagram/oauth/authorize`.
+//! Its fields:
+//! - the authorize request's own query parameters, unchanged, as hidden fields (TikTok:
+//!   `client_key`, `scope`, `redirect_uri`, `state`, `response_type`, `code_challenge`,
+//!   `code_challenge_method`; Instagram: `client_id`, `redirect_uri`, `response_type`, `scope`,
+//!   `state`). A test can therefore POST the authorize URL's query pairs verbatim. They are
+//!   validated again on POST.
+//! - `account`: the chosen fake account: a TikTok `open_id` or an Instagram `user_id` (see
+//!   [`TIKTOK_ACCOUNTS`], [`INSTAGRAM_ACCOUNTS`]). Optional; defaults to the first account.
+//! - `granted`: repeated, one scope per field, the scopes the user leaves ticked. Only requested
+//!   scopes count, and the required one (`user.info.basic` / `instagram_business_basic`) is always
+//!   granted (the page sends it as a hidden field beside its disabled checkbox). When the form
+//!   carries no `granted` field at all, every requested scope is granted.
+//! - `decision`: `allow` or `deny` (required). With the `deny_all` switch, `allow` acts as `deny`.
+//!
+//! The answer is a `302` to the redirect URI: TikTok `?code=...&scopes=<granted,comma,list>&state=...`
+//! (codes contain `*` and `!`, percent-encoded) or `?error=access_denied&error_description=...&state=...`;
+//! Instagram `?code=...&state=...#_` or
+//! `?error=access_denied&error_reason=user_denied&error_description=...&state=...`.
+//!
+//! # Control API (only when `sandbox.control_api` is true)
+//!
+//! `{provider}` is `tiktok` or `instagram`. Every body is JSON; errors are `400 {"error": "..."}`
+//! (unknown provider: 404).
+//! - `POST /control/{provider}/scenario` with a partial object of switches; only the keys sent
+//!   change, `fail_next` replaces the queue. Answers the resulting scenario. See [`ScenarioPatch`]:
+//!   `{"deny_all": bool, "fail_next": [{"endpoint": "token"|"refresh"|"profile"|"exchange_long_lived"|"revoke",
+//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit",
+//!   "count": n (default 1), "status": optional HTTP status for html_error (default 502)}],
+//!   "pkce_optional": bool (TikTok), "lifetimes": "long"|"short" (TikTok), "token_shape": "flat"|"wrapped"
+//!   (Instagram), "retry_after_secs": n (default 30), "slow_ms": n (default 15000)}`.
+//!   `fail_next` entries are consumed in order, per endpoint: a call takes the first entry for its
+//!   endpoint. `slow` waits `slow_ms`, then answers normally.
+//! - `GET  /control/{provider}/scenario`: the current switches.
+//! - `POST /control/{provider}/reset`: switches and counters back to their defaults (codes and
+//!   tokens stay). Answers `{"ok": true}`.
+//! - `GET  /control/{provider}/stats`: see [`Stats`]: `{"authorize_requests", "token_calls",
+//!   "refresh_calls", "profile_calls", "revoke_calls", "exchange_long_lived_calls",
+//!   "invalid_grant", "refresh_token_reuse", "challenges": [..]}`.
+//! - `GET  /control/{provider}/accounts`: the fake accounts.
+//! - `POST /control/{provider}/accounts/{account_id}/revoke`, optional body
+//!   `{"reason": "app_removed"|"password_changed"}`: kills every token of the account (Instagram
+//!   then answers Graph 190 with subcode 458 or 460). Answers `{"revoked_tokens": n}`.
+//! - `POST /control/clock/advance` `{"seconds": n}` (n ≥ 0): moves the shared clock. Answers
+//!   `{"now": "<RFC 3339>", "now_unix": n}`.
+
+mod control;
+pub mod instagram;
+mod pages;
+pub mod tiktok;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use axum::Router;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::domain::Platform;
+
+pub use instagram::{INSTAGRAM_ACCOUNTS, InstagramAccount};
+pub use tiktok::{TIKTOK_ACCOUNTS, TikTokAccount};
+
+/// The sandbox's TikTok client key.
+pub const TIKTOK_CLIENT_KEY: &str = "sandbox-tiktok-client-key";
+/// The sandbox's TikTok client secret.
+pub const TIKTOK_CLIENT_SECRET: &str = "sandbox-tiktok-client-secret";
+/// The sandbox's Instagram app id.
+pub const INSTAGRAM_CLIENT_ID: &str = "sandbox-instagram-client-id";
+/// The sandbox's Instagram app secret.
+pub const INSTAGRAM_CLIENT_SECRET: &str = "sandbox-instagram-client-secret";
+
+/// Most `challenges` kept in the stats (the newest win).
+const MAX_CHALLENGES: usize = 1000;
+/// Most live codes per provider; the sandbox is reachable by anyone when a provider runs in
+/// sandbox mode, so its memory is bounded.
+const MAX_CODES: usize = 10_000;
+/// Most tokens kept per provider.
+const MAX_TOKENS: usize = 50_000;
+
+/// The built-in provider simulator.
+#[derive(Debug)]
+pub struct Sandbox {
+    clock: Arc<SystemClock>,
+    control_api: bool,
+    /// `{public_url}` without a trailing slash.
+    public_base: String,
+    tiktok_redirect_uri: String,
+    instagram_redirect_uri: String,
+    tiktok: Mutex<tiktok::TikTokState>,
+    instagram: Mutex<instagram::InstagramState>,
+}
+
+impl Sandbox {
+    /// A sandbox with empty state. `clock` is the service's shared clock: the sandbox reads it for
+    /// every lifetime and the control API advances it.
+    pub fn new(config: &Config, clock: Arc<SystemClock>) -> Self {
+        Self {
+            clock,
+            control_api: config.sandbox.control_api,
+            public_base: config.public(""),
+            tiktok_redirect_uri: config.public("/oauth/tiktok/callback"),
+            instagram_redirect_uri: config.public("/oauth/instagram/callback"),
+            tiktok: Mutex::new(tiktok::TikTokState::default()),
+            instagram: Mutex::new(instagram::InstagramState::default()),
+        }
+    }
+
+    /// The sandbox's routes, with their state applied, to be mounted with
+    /// `.nest("/sandbox", sandbox.router())`. The control routes exist only when
+    /// `sandbox.control_api` is on.
+    pub fn router(self: &Arc<Self>) -> Router {
+        let mut router = Router::new()
+            .route("/tiktok/v2/auth/authorize/", get(tiktok::authorize_page).post(tiktok::authorize_decision))
+            .route("/tiktok/v2/oauth/token/", post(tiktok::token))
+            .route("/tiktok/v2/user/info/", get(tiktok::user_info))
+            .route("/tiktok/v2/oauth/revoke/", post(tiktok::revoke))
+            .route(
+                "/instagram/oauth/authorize",
+                get(instagram::authorize_page).post(instagram::authorize_decision),
+            )
+            .route("/instagram/oauth/access_token", post(instagram::access_token))
+            .route("/instagram/graph/access_token", get(instagram::exchange_long_lived))
+            .route("/instagram/graph/refresh_access_token", get(instagram::refresh))
+            .route("/instagram/graph/{version}/me", get(instagram::me))
+            .route("/avatars/{name}", get(pages::avatar));
+        if self.control_api {
+            router = router.merge(control::routes());
+        }
+        router.with_state(Arc::clone(self))
+    }
+
+    /// Whether the control API is served.
+    pub fn control_api_enabled(&self) -> bool {
+        self.control_api
+    }
+
+    /// The call counters of `platform`.
+    pub fn stats(&self, platform: Platform) -> Stats {
+        match platform {
+            Platform::Tiktok => self.tiktok_state().stats.clone(),
+            Platform::Instagram => self.instagram_state().stats.clone(),
+        }
+    }
+
+    /// The scenario switches of `platform`.
+    pub fn scenario(&self, platform: Platform) -> Scenario {
+        match platform {
+            Platform::Tiktok => self.tiktok_state().scenario.clone(),
+            Platform::Instagram => self.instagram_state().scenario.clone(),
+        }
+    }
+
+    /// Changes the switches present in `patch`; refuses switches that do not apply to `platform`.
+    pub fn set_scenario(&self, platform: Platform, patch: ScenarioPatch) -> Result<Scenario, String> {
+        match platform {
+            Platform::Tiktok => {
+                if patch.token_shape.is_some() {
+                    return Err("token_shape applies to instagram only".into());
+                }
+                let mut st = self.tiktok_state();
+                st.scenario.apply(patch);
+                Ok(st.scenario.clone())
+            }
+            Platform::Instagram => {
+                if patch.pkce_optional.is_some() || patch.lifetimes.is_some() {
+                    return Err("pkce_optional and lifetimes apply to tiktok only".into());
+                }
+                let mut st = self.instagram_state();
+                st.scenario.apply(patch);
+                Ok(st.scenario.clone())
+            }
+        }
+    }
+
+    /// Puts the switches and counters of `platform` back to their defaults.
+    pub fn reset(&self, platform: Platform) {
+        match platform {
+            Platform::Tiktok => {
+                let mut st = self.tiktok_state();
+                st.scenario = Scenario::default();
+                st.stats = Stats::default();
+            }
+            Platform::Instagram => {
+                let mut st = self.instagram_state();
+                st.scenario = Scenario::default();
+                st.stats = Stats::default();
+            }
+        }
+    }
+
+    /// Kills every token of one fake account, as if the user removed the app (or, for Instagram
+    /// with [`RevokeReason::PasswordChanged`], changed the password). Returns how many live
+    /// tokens died.
+    pub fn revoke_account(&self, platform: Platform, account_id: &str, reason: RevokeReason) -> usize {
+        let now = self.now();
+        match platform {
+            Platform::Tiktok => self.tiktok_state().revoke_account(account_id, now),
+            Platform::Instagram => self.instagram_state().revoke_account(account_id, reason, now),
+        }
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+
+    fn tiktok_state(&self) -> MutexGuard<'_, tiktok::TikTokState> {
+        self.tiktok.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn instagram_state(&self) -> MutexGuard<'_, instagram::InstagramState> {
+        self.instagram.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Why an account's tokens were killed (Instagram reports it as a Graph 190 subcode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeReason {
+    /// The user removed the app (subcode 458).
+    #[default]
+    AppRemoved,
+    /// The user changed the password / the session was invalidated (subcode 460).
+    PasswordChanged,
+}
+
+/// Which endpoint a scripted failure applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Endpoint {
+    /// The code exchange.
+    Token,
+    /// The refresh (TikTok refresh grant; Instagram `refresh_access_token`).
+    Refresh,
+    /// The profile call (TikTok user info; Instagram `/me`).
+    Profile,
+    /// Instagram's short-lived → long-lived exchange.
+    ExchangeLongLived,
+    /// TikTok's revoke.
+    Revoke,
+}
+
+/// What a scripted failure does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The grant is dead: TikTok `invalid_grant` / `access_token_invalid`; Instagram "Matching
+    /// code was not found" on the exchange, Graph 190/463 elsewhere.
+    InvalidGrant,
+    /// The code is expired or unknown (on token calls; like `invalid_grant` elsewhere).
+    BadCode,
+    /// A 500: TikTok `server_error` / `internal_error`; Graph code 2 with `is_transient`.
+    ServerError,
+    /// A 429 with `Retry-After: retry_after_secs`.
+    RateLimit,
+    /// Graph-style rate limiting: 400 with code 4, no `Retry-After` (TikTok: like `rate_limit`).
+    GraphRateLimit,
+    /// Waits `slow_ms`, then answers normally.
+    Slow,
+    /// An HTML page from a proxy (status `status`, default 502).
+    HtmlError,
+    /// TikTok 401 `access_token_invalid`; Graph 190 without subcode.
+    AccessTokenInvalid,
+    /// TikTok 401 `scope_not_authorized`; Graph code 10.
+    ScopeNotAuthorized,
+}
+
+/// One scripted failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailNext {
+    /// The endpoint it applies to.
+    pub endpoint: Endpoint,
+    /// What happens.
+    pub kind: FailureKind,
+    /// How many calls it applies to (default 1).
+    #[serde(default = "one")]
+    pub count: u32,
+    /// The HTTP status of an `html_error` (default 502).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// TikTok's token lifetimes preset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lifetimes {
+    /// Access 86400 s, refresh 31536000 s (the older docs).
+    #[default]
+    Long,
+    /// Access 7200 s, refresh 15552000 s (the newer docs).
+    Short,
+}
+
+/// The shape of Instagram's code-exchange answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenShape {
+    /// `{access_token, user_id: <number>, permissions: [..]}` (what clients observe).
+    #[default]
+    Flat,
+    /// `{data: [{access_token, user_id: "<string>", permissions: "a,b"}]}` (what the docs show).
+    Wrapped,
+}
+
+/// The scenario switches of one provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Scenario {
+    /// The consent page's Allow behaves as Deny.
+    pub deny_all: bool,
+    /// Scripted failures, consumed in order per endpoint.
+    pub fail_next: VecDeque<FailNext>,
+    /// TikTok: accept an authorize request without `code_challenge`.
+    pub pkce_optional: bool,
+    /// TikTok: token lifetimes.
+    pub lifetimes: Lifetimes,
+    /// Instagram: the code-exchange answer's shape.
+    pub token_shape: TokenShape,
+    /// The `Retry-After` of `rate_limit` failures, in seconds.
+    pub retry_after_secs: u64,
+    /// The delay of `slow` failures, in milliseconds.
+    pub slow_ms: u64,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Self {
+            deny_all: false,
+            fail_next: VecDeque::new(),
+            pkce_optional: false,
+            lifetimes: Lifetimes::Long,
+            token_shape: TokenShape::Flat,
+            retry_after_secs: 30,
+            slow_ms: 15_000,
+        }
+    }
+}
+
+impl Scenario {
+    fn apply(&mut self, patch: ScenarioPatch) {
+        if let Some(v) = patch.deny_all {
+            self.deny_all = v;
+        }
+        if let Some(v) = patch.fail_next {
+            self.fail_next = v.into_iter().filter(|f| f.count > 0).collect();
+        }
+        if let Some(v) = patch.pkce_optional {
+            self.pkce_optional = v;
+        }
+        if let Some(v) = patch.lifetimes {
+            self.lifetimes = v;
+        }
+        if let Some(v) = patch.token_shape {
+            self.token_shape = v;
+        }
+        if let Some(v) = patch.retry_after_secs {
+            self.retry_after_secs = v;
+        }
+        if let Some(v) = patch.slow_ms {
+            self.slow_ms = v;
+        }
+    }
+
+    /// Takes the first scripted failure for `endpoint`, if any.
+    fn take_failure(&mut self, endpoint: Endpoint) -> Option<FailNext> {
+        let idx = self.fail_next.iter().position(|f| f.endpoint == endpoint)?;
+        let entry = self.fail_next.get_mut(idx)?;
+        let taken = entry.clone();
+        entry.count = entry.count.saturating_sub(1);
+        if entry.count == 0 {
+            self.fail_next.remove(idx);
+        }
+        Some(taken)
+    }
+}
+
+/// A change to the scenario switches: only the keys present change.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScenarioPatch {
+    /// See [`Scenario::deny_all`].
+    pub deny_all: Option<bool>,
+    /// Replaces the queue of scripted failures.
+    pub fail_next: Option<Vec<FailNext>>,
+    /// See [`Scenario::pkce_optional`].
+    pub pkce_optional: Option<bool>,
+    /// See [`Scenario::lifetimes`].
+    pub lifetimes: Option<Lifetimes>,
+    /// See [`Scenario::token_shape`].
+    pub token_shape: Option<TokenShape>,
+    /// See [`Scenario::retry_after_secs`].
+    pub retry_after_secs: Option<u64>,
+    /// See [`Scenario::slow_ms`].
+    pub slow_ms: Option<u64>,
+}
+
+/// Call counters of one provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// `GET` of the authorize page (valid or not).
+    pub authorize_requests: u64,
+    /// Code exchanges (TikTok `authorization_code` grants; Instagram `oauth/access_token`).
+    pub token_calls: u64,
+    /// Refresh calls.
+    pub refresh_calls: u64,
+    /// Profile calls.
+    pub profile_calls: u64,
+    /// TikTok revoke calls.
+    pub revoke_calls: u64,
+    /// Instagram long-lived exchanges.
+    pub exchange_long_lived_calls: u64,
+    /// Answers that said the grant is dead (TikTok `invalid_grant`; Instagram "Matching code was
+    /// not found", Graph 190).
+    pub invalid_grant: u64,
+    /// Refresh attempts with a refresh token that had already been rotated out.
+    pub refresh_token_reuse: u64,
+    /// The `code_challenge` values received on authorize requests, oldest first.
+    pub challenges: Vec<String>,
+}
+
+impl Stats {
+    fn record_challenge(&mut self, challenge: &str) {
+        if self.challenges.len() >= MAX_CHALLENGES {
+            self.challenges.remove(0);
+        }
+        self.challenges.push(challenge.to_string());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers shared by both simulated providers.
+// ---------------------------------------------------------------------------------------------
+
+/// Request parameters (query or form), in order, repeated names kept.
+#[derive(Debug, Clone, Default)]
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    fn from_urlencoded(bytes: &[u8]) -> Self {
+        Self(url::form_urlencoded::parse(bytes).into_owned().collect())
+    }
+
+    fn from_query(query: Option<&str>) -> Self {
+        Self::from_urlencoded(query.unwrap_or_default().as_bytes())
+    }
+
+    /// Parses a form body: urlencoded, or (with `multipart`) `multipart/form-data`.
+    fn from_body(headers: &HeaderMap, body: &[u8], multipart: bool) -> Result<Self, String> {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if content_type.starts_with("application/x-www-form-urlencoded") {
+            return Ok(Self::from_urlencoded(body));
+        }
+        if multipart && content_type.starts_with("multipart/form-data") {
+            let original = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            return parse_multipart(original, body).ok_or_else(|| "malformed multipart body".to_string());
+        }
+        Err("the body must be application/x-www-form-urlencoded".into())
+    }
+
+    /// The first value of `name`.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of `name`.
+    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal `multipart/form-data` reader: text fields only, which is all a token request has.
+fn parse_multipart(content_type: &str, body: &[u8]) -> Option<Params> {
+    let boundary = content_type
+        .split(';')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("boundary=").or_else(|| p.strip_prefix("BOUNDARY=")))?
+        .trim_matches('"');
+    let text = std::str::from_utf8(body).ok()?;
+    let delimiter = format!("--{boundary}");
+    let mut out = Vec::new();
+    for part in text.split(delimiter.as_str()).skip(1) {
+        if part.starts_with("--") {
+            break;
+        }
+        let part = part.strip_prefix("\r\n").unwrap_or(part);
+        let (head, value) = part.split_once("\r\n\r\n")?;
+        let value = value.strip_suffix("\r\n").unwrap_or(value);
+        let name = head.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition"))?;
+        let name = name.split(';').map(str::trim).find_map(|p| p.strip_prefix("name="))?.trim_matches('"');
+        out.push((name.to_string(), value.to_string()));
+    }
+    Some(Params(out))
+}
+
+/// Splits a scope parameter (comma- or space-separated).
+fn split_scopes(raw: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in raw.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
+        if !out.iter().any(|o| o == s) {
+            out.push(s.to_string());
+        }
+    }
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (so `*` and `!` are encoded).
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `base?k=v&...` (plus `#fragment`), every value percent-encoded.
+fn url_with_query(base: &str, params: &[(&str, &str)], fragment: Option<&str>) -> String {
+    let query: Vec<String> = params.iter().map(|(k, v)| format!("{}={}", pct(k), pct(v))).collect();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let mut out = format!("{base}{sep}{}", query.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+/// A `302 Found` to `location`.
+fn found(location: &str) -> Response {
+    match HeaderValue::from_str(location) {
+        Ok(value) => {
+            let mut resp = StatusCode::FOUND.into_response();
+            resp.headers_mut().insert(header::LOCATION, value);
+            resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "bad redirect location").into_response(),
+    }
+}
+
+/// A JSON answer that must not be cached (RFC 6749 §5.1).
+fn json(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut resp = (status, axum::Json(body)).into_response();
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Adds `Retry-After` to a response.
+fn with_retry_after(mut resp: Response, secs: u64) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    resp
+}
+
+/// The HTML page a misbehaving proxy would send.
+fn proxy_html_error(status: Option<u16>) -> Response {
+    let status = status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = format!(
+        "<html><head><title>{status}</title></head><body><center><h1>{status}</h1></center>\
+         <hr><center>sandbox-proxy</center></body></html>"
+    );
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp
+}
+
+/// A random URL-safe string of `N` random bytes (base64url).
+fn random_b64<const N: usize>() -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(crate::crypto::random_bytes::<N>())
+}
+
+/// A TikTok-style `log_id`: a UTC timestamp then random hex.
+fn log_id(now: OffsetDateTime) -> String {
+    format!(
+        "{:04}{:02}{:02}{:02}{:02}{:02}{}",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        hex::encode_upper(crate::crypto::random_bytes::<9>())
+    )
+}
+
+/// Drops entries of `map` for which `dead` holds; if it is still over `cap`, drops the entries
+/// that `age` ranks oldest.
+fn prune<V, K: Ord + Clone>(
+    map: &mut std::collections::HashMap<String, V>,
+    cap: usize,
+    dead: impl Fn(&V) -> bool,
+    age: impl Fn(&V) -> K,
+) {
+    map.retain(|_, v| !dead(v));
+    if map.len() > cap {
+        let mut keys: Vec<(K, String)> = map.iter().map(|(k, v)| (age(v), k.clone())).collect();
+        keys.sort();
+        for (_, k) in keys.into_iter().take(map.len() - cap) {
+            map.remove(&k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

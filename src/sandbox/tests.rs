@@ -1,0 +1,863 @@
+//! The sandbox's helpers, and the adapters of [`crate::providers`] driven end to end against the
+//! sandbox over real HTTP (one server on a loopback port per test, its own clock).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Value, json};
+use url::Url;
+
+use super::*;
+use crate::providers::instagram::Instagram;
+use crate::providers::tiktok::TikTok;
+use crate::providers::{AuthorizeRequest, ProviderError, pkce};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn pct_encodes_star_and_bang() {
+    assert_eq!(pct("a*b!c d/é~._-"), "a%2Ab%21c%20d%2F%C3%A9~._-");
+    assert_eq!(
+        url_with_query("https://x/cb", &[("code", "A*1!"), ("state", "s s")], Some("_")),
+        "https://x/cb?code=A%2A1%21&state=s%20s#_"
+    );
+}
+
+#[test]
+fn multipart_bodies_are_read() {
+    let body = "--XyZ\r\nContent-Disposition: form-data; name=\"client_id\"\r\n\r\nabc\r\n\
+                --XyZ\r\nContent-Disposition: form-data; name=\"code\"\r\n\r\nAQ*!\r\n--XyZ--\r\n";
+    let p = parse_multipart("multipart/form-data; boundary=XyZ", body.as_bytes()).unwrap();
+    assert_eq!(p.get("client_id"), Some("abc"));
+    assert_eq!(p.get("code"), Some("AQ*!"));
+}
+
+#[test]
+fn scripted_failures_are_consumed_in_order_per_endpoint() {
+    let mut s = Scenario::default();
+    s.apply(ScenarioPatch {
+        fail_next: Some(vec![
+            FailNext { endpoint: Endpoint::Token, kind: FailureKind::RateLimit, count: 2, status: None },
+            FailNext { endpoint: Endpoint::Profile, kind: FailureKind::ServerError, count: 1, status: None },
+            FailNext { endpoint: Endpoint::Token, kind: FailureKind::InvalidGrant, count: 1, status: None },
+            FailNext { endpoint: Endpoint::Refresh, kind: FailureKind::Slow, count: 0, status: None },
+        ]),
+        ..ScenarioPatch::default()
+    });
+    assert_eq!(s.fail_next.len(), 3, "count 0 entries are dropped");
+    let kind = |s: &mut Scenario, e| s.take_failure(e).map(|f| f.kind);
+    assert_eq!(kind(&mut s, Endpoint::Token), Some(FailureKind::RateLimit));
+    assert_eq!(kind(&mut s, Endpoint::Profile), Some(FailureKind::ServerError));
+    assert_eq!(kind(&mut s, Endpoint::Token), Some(FailureKind::RateLimit));
+    assert_eq!(kind(&mut s, Endpoint::Token), Some(FailureKind::InvalidGrant));
+    assert_eq!(kind(&mut s, Endpoint::Token), None);
+    assert_eq!(kind(&mut s, Endpoint::Refresh), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The harness.
+// ---------------------------------------------------------------------------------------------
+
+struct Harness {
+    base: String,
+    config: Config,
+    clock: Arc<SystemClock>,
+    sandbox: Arc<Sandbox>,
+    /// A client that does not follow redirects (the providers' client).
+    http: reqwest::Client,
+    tiktok: TikTok,
+    instagram: Instagram,
+}
+
+async fn start_with(control_api: bool) -> Harness {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let config = Config::load_from(
+        None,
+        &[
+            ("AUTHLINK_PUBLIC_URL".into(), base.clone()),
+            ("AUTHLINK_SANDBOX__CONTROL_API".into(), control_api.to_string()),
+        ],
+    )
+    .unwrap();
+    let clock = SystemClock::shared();
+    let sandbox = Arc::new(Sandbox::new(&config, Arc::clone(&clock)));
+    let app = Router::new().nest("/sandbox", sandbox.router());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = crate::providers::http_client(Duration::from_secs(5));
+    let tiktok = TikTok::from_config(&config, http.clone());
+    let instagram = Instagram::from_config(&config, http.clone());
+    Harness { base, config, clock, sandbox, http, tiktok, instagram }
+}
+
+async fn start() -> Harness {
+    start_with(true).await
+}
+
+/// What the consent form POST answered.
+struct Callback {
+    /// The raw `Location` header.
+    location: String,
+    /// Its decoded query.
+    query: HashMap<String, String>,
+    fragment: Option<String>,
+}
+
+impl Harness {
+    fn now(&self) -> time::OffsetDateTime {
+        self.clock.now()
+    }
+
+    fn tiktok_redirect(&self) -> String {
+        self.config.public("/oauth/tiktok/callback")
+    }
+
+    fn instagram_redirect(&self) -> String {
+        self.config.public("/oauth/instagram/callback")
+    }
+
+    async fn control(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp =
+            self.http.post(format!("{}/sandbox/control{path}", self.base)).json(&body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn stats(&self, provider: &str) -> Value {
+        let url = format!("{}/sandbox/control/{provider}/stats", self.base);
+        self.http.get(url).send().await.unwrap().json().await.unwrap()
+    }
+
+    /// Fetches the consent page of `authorize_url`, then posts the form: the authorize query's
+    /// pairs as the hidden fields, plus `extra` (decision, account, granted).
+    async fn consent(&self, authorize_url: &Url, extra: &[(&str, &str)]) -> Callback {
+        let page = self.http.get(authorize_url.clone()).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+        let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+        let html = page.text().await.unwrap();
+        assert!(html.contains("authlink sandbox"));
+        assert!(html.contains("name=\"decision\" value=\"allow\""));
+        assert!(!html.contains("<script"), "no JavaScript");
+        assert!(!html.contains("src=\"https://"), "nothing external");
+        let mut form: Vec<(String, String)> = authorize_url.query_pairs().into_owned().collect();
+        for (name, _) in &form {
+            assert!(html.contains(&format!("name=\"{name}\"")), "hidden field {name} is missing");
+        }
+        form.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut action = authorize_url.clone();
+        action.set_query(None);
+        let resp = self.http.post(action).form(&form).send().await.unwrap();
+        assert_eq!(resp.status(), 302, "{}", resp.text().await.unwrap_or_default());
+        let location = resp.headers()["location"].to_str().unwrap().to_string();
+        let parsed = Url::parse(&location).unwrap();
+        Callback {
+            query: parsed.query_pairs().into_owned().collect(),
+            fragment: parsed.fragment().map(str::to_string),
+            location,
+        }
+    }
+
+    fn tiktok_authorize_url(&self, verifier: &str, state: &str) -> Url {
+        let redirect = self.tiktok_redirect();
+        self.tiktok.authorize_url(&AuthorizeRequest {
+            state,
+            code_verifier: verifier,
+            redirect_uri: &redirect,
+        })
+    }
+
+    fn instagram_authorize_url(&self, state: &str) -> Url {
+        let redirect = self.instagram_redirect();
+        self.instagram.authorize_url(&AuthorizeRequest {
+            state,
+            code_verifier: "unused",
+            redirect_uri: &redirect,
+        })
+    }
+
+    /// A full TikTok consent with the default account; returns the code.
+    async fn tiktok_code(&self, verifier: &str) -> String {
+        let cb = self.consent(&self.tiktok_authorize_url(verifier, "st"), &[("decision", "allow")]).await;
+        cb.query["code"].clone()
+    }
+
+    /// A full Instagram consent with `account`; returns the code as the callback saw it.
+    async fn instagram_code(&self, account: &str) -> String {
+        let cb = self
+            .consent(&self.instagram_authorize_url("st"), &[("decision", "allow"), ("account", account)])
+            .await;
+        cb.query["code"].clone()
+    }
+}
+
+fn secret(s: &str) -> SecretString {
+    SecretString::from(s.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// TikTok.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn tiktok_full_flow_with_rotation_and_revoke() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let url = h.tiktok_authorize_url(&verifier, "state-1");
+    let cb = h.consent(&url, &[("decision", "allow"), ("account", "sbx-oid-brand-0002")]).await;
+    assert!(cb.location.starts_with(&h.tiktok_redirect()));
+    let code = cb.query["code"].clone();
+    assert!(code.contains('*') && code.contains('!'), "{code}");
+    assert!(cb.location.contains("%2A") && cb.location.contains("%21"), "{}", cb.location);
+    assert_eq!(cb.query["scopes"], "user.info.basic,user.info.profile");
+    assert_eq!(cb.query["state"], "state-1");
+
+    let now = h.now();
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &h.tiktok_redirect(), now).await.unwrap();
+    assert!(tokens.access_token.expose_secret().starts_with("act."));
+    assert_eq!(tokens.access_expires_at, now + time::Duration::seconds(86_400));
+    assert_eq!(tokens.refresh_expires_at, Some(now + time::Duration::seconds(31_536_000)));
+    assert_eq!(tokens.account_id.as_deref(), Some("sbx-oid-brand-0002"));
+    assert_eq!(tokens.scopes, vec!["user.info.basic", "user.info.profile"]);
+
+    let profile = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
+    assert_eq!(profile.account_id, "sbx-oid-brand-0002");
+    assert_eq!(profile.username.as_deref(), Some("sandbox.brand"));
+    assert_eq!(profile.display_name.as_deref(), Some("Sandbox Brand Studio"));
+    assert!(profile.avatar_url.unwrap().starts_with(&h.base));
+
+    // Rotation: the new refresh token works, the old one is dead at once.
+    let old_rt = tokens.refresh_token.clone().unwrap();
+    let refreshed = h.tiktok.refresh(&old_rt, h.now()).await.unwrap();
+    let new_rt = refreshed.refresh_token.clone().unwrap();
+    assert_ne!(new_rt.expose_secret(), old_rt.expose_secret());
+    assert!(refreshed.refresh_token.unwrap().expose_secret().starts_with("rft."));
+    let err = h.tiktok.refresh(&old_rt, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+    assert!(!err.to_string().contains(old_rt.expose_secret()));
+
+    h.tiktok.revoke(&refreshed.access_token).await.unwrap();
+    let err = h.tiktok.fetch_profile(&refreshed.access_token).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+    let err = h.tiktok.refresh(&new_rt, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+
+    let stats = h.stats("tiktok").await;
+    assert_eq!(stats["authorize_requests"], 1);
+    assert_eq!(stats["token_calls"], 1);
+    assert_eq!(stats["refresh_calls"], 3);
+    assert_eq!(stats["profile_calls"], 2);
+    assert_eq!(stats["revoke_calls"], 1);
+    assert_eq!(stats["refresh_token_reuse"], 1);
+    assert_eq!(stats["invalid_grant"], 2);
+    assert_eq!(stats["challenges"], json!([pkce::s256_hex(&verifier)]));
+}
+
+#[tokio::test]
+async fn tiktok_partial_grant_still_yields_a_profile() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let url = h.tiktok_authorize_url(&verifier, "s");
+    // The browser sends the required scope as a hidden field and no optional one (unticked).
+    let cb = h.consent(&url, &[("decision", "allow"), ("granted", "user.info.basic")]).await;
+    assert_eq!(cb.query["scopes"], "user.info.basic");
+    let tokens =
+        h.tiktok.exchange_code(&cb.query["code"], &verifier, &h.tiktok_redirect(), h.now()).await.unwrap();
+    assert_eq!(tokens.scopes, vec!["user.info.basic"]);
+    let profile = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
+    assert_eq!(profile.account_id, TIKTOK_ACCOUNTS[0].open_id);
+    assert_eq!(profile.username, None);
+    assert_eq!(profile.display_name.as_deref(), Some("Sandbox Creator"));
+    // The first call asked for `username` and got scope_not_authorized.
+    assert_eq!(h.stats("tiktok").await["profile_calls"], 2);
+}
+
+#[tokio::test]
+async fn tiktok_deny_and_deny_all() {
+    let h = start().await;
+    let url = h.tiktok_authorize_url(&pkce::new_verifier(), "st-deny");
+    let cb = h.consent(&url, &[("decision", "deny")]).await;
+    assert_eq!(cb.query["error"], "access_denied");
+    assert_eq!(cb.query["state"], "st-deny");
+    assert!(cb.query.contains_key("error_description"));
+    assert!(!cb.query.contains_key("code"));
+
+    let (status, _) = h.control("/tiktok/scenario", json!({ "deny_all": true })).await;
+    assert_eq!(status, 200);
+    let cb = h.consent(&url, &[("decision", "allow")]).await;
+    assert_eq!(cb.query["error"], "access_denied");
+    assert_eq!(h.stats("tiktok").await["token_calls"], 0);
+}
+
+#[tokio::test]
+async fn tiktok_authorize_errors_name_the_parameter_and_do_not_redirect() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let good = h.tiktok_authorize_url(&verifier, "s");
+    let with = |name: &str, value: Option<&str>| {
+        let mut url = good.clone();
+        let pairs: Vec<(String, String)> =
+            good.query_pairs().into_owned().filter(|(k, _)| k != name).collect();
+        let mut q = url.query_pairs_mut();
+        q.clear();
+        for (k, v) in &pairs {
+            q.append_pair(k, v);
+        }
+        if let Some(v) = value {
+            q.append_pair(name, v);
+        }
+        drop(q);
+        url
+    };
+    let cases = [
+        ("code_challenge", Some(pkce::s256_base64url(&verifier))),
+        ("code_challenge", None),
+        ("redirect_uri", Some(format!("{}/oauth/tiktok/callback/", h.base))),
+        ("client_key", Some("nope".to_string())),
+        ("code_challenge_method", Some("plain".to_string())),
+        ("response_type", Some("token".to_string())),
+    ];
+    for (name, value) in cases {
+        let resp = h.http.get(with(name, value.as_deref())).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{name}");
+        assert!(resp.headers().get("location").is_none());
+        let html = resp.text().await.unwrap();
+        assert!(html.contains(&format!("<code>{name}</code>")), "{name}: {html}");
+    }
+    // PKCE can be made optional.
+    h.control("/tiktok/scenario", json!({ "pkce_optional": true })).await;
+    let resp = h.http.get(with("code_challenge", None)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn tiktok_code_exchange_failures() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let redirect = h.tiktok_redirect();
+
+    // Wrong verifier: the request is refused (PKCE mismatch).
+    let code = h.tiktok_code(&verifier).await;
+    let err = h.tiktok.exchange_code(&code, &pkce::new_verifier(), &redirect, h.now()).await.unwrap_err();
+    let ProviderError::Rejected { reason } = &err else { panic!("{err:?}") };
+    assert!(reason.contains("Code verifier or code challenge is invalid."), "{reason}");
+    assert!(!reason.contains(&code));
+    // The code was spent by that attempt: reuse is invalid_grant.
+    let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+
+    // redirect_uri mismatch.
+    let code = h.tiktok_code(&verifier).await;
+    let err = h.tiktok.exchange_code(&code, &verifier, &format!("{redirect}/x"), h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+
+    // Double-encoded code: unknown.
+    let code = h.tiktok_code(&verifier).await;
+    let encoded = code.replace('*', "%2A").replace('!', "%21");
+    let err = h.tiktok.exchange_code(&encoded, &verifier, &redirect, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+
+    // Expired code (10 minutes).
+    let code = h.tiktok_code(&verifier).await;
+    h.control("/clock/advance", json!({ "seconds": 601 })).await;
+    let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+
+    // Wrong client secret, straight on the wire.
+    let code = h.tiktok_code(&verifier).await;
+    let resp = h
+        .http
+        .post(format!("{}/sandbox/tiktok/v2/oauth/token/", h.base))
+        .form(&[
+            ("client_key", TIKTOK_CLIENT_KEY),
+            ("client_secret", "wrong"),
+            ("code", code.as_str()),
+            ("grant_type", "authorization_code"),
+            ("redirect_uri", redirect.as_str()),
+            ("code_verifier", verifier.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_client");
+    assert!(body["log_id"].is_string());
+
+    let stats = h.stats("tiktok").await;
+    assert_eq!(stats["token_calls"], 6);
+    assert_eq!(stats["invalid_grant"], 3);
+}
+
+#[tokio::test]
+async fn tiktok_scripted_failures_are_classified() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let redirect = h.tiktok_redirect();
+    let (status, scenario) = h
+        .control(
+            "/tiktok/scenario",
+            json!({ "retry_after_secs": 7, "fail_next": [
+                { "endpoint": "token", "kind": "rate_limit" },
+                { "endpoint": "token", "kind": "server_error" },
+                { "endpoint": "token", "kind": "html_error" },
+                { "endpoint": "token", "kind": "html_error", "status": 200 },
+                { "endpoint": "profile", "kind": "scope_not_authorized", "count": 2 },
+                { "endpoint": "profile", "kind": "access_token_invalid" },
+                { "endpoint": "refresh", "kind": "invalid_grant" },
+                { "endpoint": "revoke", "kind": "server_error" },
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{scenario}");
+    assert_eq!(scenario["fail_next"].as_array().unwrap().len(), 8);
+    let code = h.tiktok_code(&verifier).await;
+    let exchange = || h.tiktok.exchange_code(&code, &verifier, &redirect, h.now());
+
+    let ProviderError::Transient { retry_after, .. } = exchange().await.unwrap_err() else { panic!() };
+    assert_eq!(retry_after, Some(Duration::from_secs(7)));
+    assert!(exchange().await.unwrap_err().is_transient());
+    assert!(exchange().await.unwrap_err().is_transient(), "HTML on a 502");
+    assert!(matches!(exchange().await.unwrap_err(), ProviderError::Rejected { .. }), "HTML on a 200");
+    // The scripted failures short-circuit: the code is still good.
+    let tokens = exchange().await.unwrap();
+
+    assert!(matches!(h.tiktok.fetch_profile(&tokens.access_token).await, Err(ProviderError::Scope { .. })));
+    assert!(matches!(
+        h.tiktok.fetch_profile(&tokens.access_token).await,
+        Err(ProviderError::Permanent { .. })
+    ));
+    assert!(h.tiktok.fetch_profile(&tokens.access_token).await.is_ok());
+
+    let rt = tokens.refresh_token.unwrap();
+    assert!(matches!(h.tiktok.refresh(&rt, h.now()).await, Err(ProviderError::Permanent { .. })));
+    assert!(h.tiktok.refresh(&rt, h.now()).await.is_ok());
+    assert!(h.tiktok.revoke(&tokens.access_token).await.unwrap_err().is_transient());
+    assert!(h.sandbox.scenario(Platform::Tiktok).fail_next.is_empty());
+}
+
+#[tokio::test]
+async fn tiktok_slow_answers_time_out_as_transient() {
+    let h = start().await;
+    h.control(
+        "/tiktok/scenario",
+        json!({ "slow_ms": 2000, "fail_next": [{ "endpoint": "profile", "kind": "slow" }] }),
+    )
+    .await;
+    let impatient = TikTok::from_config(&h.config, crate::providers::http_client(Duration::from_millis(300)));
+    let err = impatient.fetch_profile(&secret("act.whatever")).await.unwrap_err();
+    let ProviderError::Transient { reason, .. } = err else { panic!("{err:?}") };
+    assert!(reason.contains("timed out"), "{reason}");
+}
+
+#[tokio::test]
+async fn tiktok_lifetimes_follow_the_clock() {
+    let h = start().await;
+    h.control("/tiktok/scenario", json!({ "lifetimes": "short" })).await;
+    let verifier = pkce::new_verifier();
+    let code = h.tiktok_code(&verifier).await;
+    let now = h.now();
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &h.tiktok_redirect(), now).await.unwrap();
+    assert_eq!(tokens.access_expires_at, now + time::Duration::seconds(7_200));
+    assert_eq!(tokens.refresh_expires_at, Some(now + time::Duration::seconds(15_552_000)));
+
+    h.control("/clock/advance", json!({ "seconds": 7_201 })).await;
+    let err = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+    let refreshed = h.tiktok.refresh(tokens.refresh_token.as_ref().unwrap(), h.now()).await.unwrap();
+    assert!(h.tiktok.fetch_profile(&refreshed.access_token).await.is_ok());
+
+    h.control("/clock/advance", json!({ "seconds": 15_552_001 })).await;
+    let err = h.tiktok.refresh(refreshed.refresh_token.as_ref().unwrap(), h.now()).await.unwrap_err();
+    let ProviderError::Permanent { reason } = err else { panic!("{err:?}") };
+    assert!(reason.contains("expired"), "{reason}");
+}
+
+#[tokio::test]
+async fn tiktok_account_revocation_kills_tokens() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let code = h.tiktok_code(&verifier).await;
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &h.tiktok_redirect(), h.now()).await.unwrap();
+    let (status, body) =
+        h.control(&format!("/tiktok/accounts/{}/revoke", TIKTOK_ACCOUNTS[0].open_id), json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["revoked_tokens"], 2);
+    assert!(matches!(
+        h.tiktok.fetch_profile(&tokens.access_token).await,
+        Err(ProviderError::Permanent { .. })
+    ));
+    assert!(matches!(
+        h.tiktok.refresh(tokens.refresh_token.as_ref().unwrap(), h.now()).await,
+        Err(ProviderError::Permanent { .. })
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instagram.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn instagram_full_flow() {
+    let h = start().await;
+    let url = h.instagram_authorize_url("ig-state");
+    let cb = h.consent(&url, &[("decision", "allow")]).await;
+    assert!(cb.location.starts_with(&h.instagram_redirect()));
+    assert!(cb.location.ends_with("#_"), "{}", cb.location);
+    assert_eq!(cb.fragment.as_deref(), Some("_"));
+    assert_eq!(cb.query["state"], "ig-state");
+
+    // A code that still carries the `#_` suffix (pasted, forwarded by JS) works too.
+    let code = format!("{}#_", cb.query["code"]);
+    let now = h.now();
+    let tokens = h.instagram.exchange_code(&code, &h.instagram_redirect(), now).await.unwrap();
+    assert_eq!(tokens.account_id.as_deref(), Some("17841400000000001"));
+    assert_eq!(tokens.scopes, vec!["instagram_business_basic"]);
+    assert!(tokens.refresh_token.is_none());
+    assert_eq!(tokens.access_expires_at, now + time::Duration::seconds(5_183_944));
+
+    let profile = h.instagram.fetch_profile(&tokens.access_token).await.unwrap();
+    assert_eq!(profile.account_id, "17841400000000001");
+    assert_eq!(profile.app_scoped_id.as_deref(), Some("27640875392278831"));
+    assert_eq!(profile.username.as_deref(), Some("sandbox.business"));
+    assert_eq!(profile.display_name.as_deref(), Some("Sandbox Business"));
+
+    // Too early to refresh: refused, but not a dead grant.
+    let err = h.instagram.refresh(&tokens.access_token, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    h.control("/clock/advance", json!({ "seconds": 25 * 3600 })).await;
+    let now = h.now();
+    let refreshed = h.instagram.refresh(&tokens.access_token, now).await.unwrap();
+    assert_ne!(refreshed.access_token.expose_secret(), tokens.access_token.expose_secret());
+    assert_eq!(refreshed.access_expires_at, now + time::Duration::seconds(5_183_944));
+    // The old token stays valid until its own expiry.
+    assert!(h.instagram.fetch_profile(&tokens.access_token).await.is_ok());
+    assert!(h.instagram.fetch_profile(&refreshed.access_token).await.is_ok());
+
+    // After its expiry, the old one is dead: Graph 190/463.
+    h.control("/clock/advance", json!({ "seconds": 5_183_944 - 25 * 3600 + 1 })).await;
+    let err = h.instagram.fetch_profile(&tokens.access_token).await.unwrap_err();
+    let ProviderError::Permanent { reason } = &err else { panic!("{err:?}") };
+    assert!(reason.contains("expired"), "{reason}");
+    assert!(!reason.contains(tokens.access_token.expose_secret()));
+    assert!(matches!(
+        h.instagram.refresh(&tokens.access_token, h.now()).await,
+        Err(ProviderError::Permanent { .. })
+    ));
+    assert!(h.instagram.fetch_profile(&refreshed.access_token).await.is_ok());
+
+    let stats = h.stats("instagram").await;
+    assert_eq!(stats["authorize_requests"], 1);
+    assert_eq!(stats["token_calls"], 1);
+    assert_eq!(stats["exchange_long_lived_calls"], 1);
+    assert_eq!(stats["refresh_calls"], 3);
+    assert_eq!(stats["challenges"], json!([]));
+}
+
+#[tokio::test]
+async fn instagram_answers_flat_json_with_a_huge_numeric_user_id() {
+    let h = start().await;
+    let code = h.instagram_code("17841400000000003").await;
+    let resp = h
+        .http
+        .post(format!("{}/sandbox/instagram/oauth/access_token", h.base))
+        .form(&[
+            ("client_id", INSTAGRAM_CLIENT_ID),
+            ("client_secret", INSTAGRAM_CLIENT_SECRET),
+            ("grant_type", "authorization_code"),
+            ("redirect_uri", h.instagram_redirect().as_str()),
+            ("code", code.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("\"user_id\":17841400000000003"), "{text}");
+    assert!(text.contains("\"permissions\":[\"instagram_business_basic\"]"), "{text}");
+}
+
+#[tokio::test]
+async fn instagram_wrapped_shape_and_multipart() {
+    let h = start().await;
+    h.control("/instagram/scenario", json!({ "token_shape": "wrapped" })).await;
+    let code = h.instagram_code("17841400000000003").await;
+    let tokens = h.instagram.exchange_code(&code, &h.instagram_redirect(), h.now()).await.unwrap();
+    assert_eq!(tokens.account_id.as_deref(), Some("17841400000000003"));
+    let profile = h.instagram.fetch_profile(&tokens.access_token).await.unwrap();
+    assert_eq!(profile.username.as_deref(), Some("sandbox.creator"));
+
+    // The documented multipart form, with the wrapped answer.
+    let code = h.instagram_code("17841400000000001").await;
+    let redirect = h.instagram_redirect();
+    let fields = [
+        ("client_id", INSTAGRAM_CLIENT_ID),
+        ("client_secret", INSTAGRAM_CLIENT_SECRET),
+        ("grant_type", "authorization_code"),
+        ("redirect_uri", redirect.as_str()),
+        ("code", code.as_str()),
+    ];
+    let mut body = String::new();
+    for (k, v) in fields {
+        body.push_str(&format!("--BoUnDaRy\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"));
+    }
+    body.push_str("--BoUnDaRy--\r\n");
+    let resp = h
+        .http
+        .post(format!("{}/sandbox/instagram/oauth/access_token", h.base))
+        .header("content-type", "multipart/form-data; boundary=BoUnDaRy")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let json: Value = resp.json().await.unwrap();
+    assert_eq!(json["data"][0]["user_id"], "17841400000000001");
+    assert_eq!(json["data"][0]["permissions"], "instagram_business_basic");
+}
+
+#[tokio::test]
+async fn instagram_partial_grant_and_scopes() {
+    let h = start().await;
+    let mut url = h.instagram_authorize_url("s");
+    let pairs: Vec<(String, String)> = url.query_pairs().into_owned().filter(|(k, _)| k != "scope").collect();
+    url.query_pairs_mut().clear().extend_pairs(pairs).append_pair(
+        "scope",
+        "instagram_business_basic,instagram_business_content_publish,instagram_business_manage_comments",
+    );
+    let cb = h
+        .consent(
+            &url,
+            &[
+                ("decision", "allow"),
+                ("granted", "instagram_business_basic"),
+                ("granted", "instagram_business_manage_comments"),
+            ],
+        )
+        .await;
+    let tokens =
+        h.instagram.exchange_code(&cb.query["code"], &h.instagram_redirect(), h.now()).await.unwrap();
+    assert_eq!(tokens.scopes, vec!["instagram_business_basic", "instagram_business_manage_comments"]);
+}
+
+#[tokio::test]
+async fn instagram_personal_accounts_are_refused() {
+    let h = start().await;
+    let code = h.instagram_code("17841400000000005").await;
+    let tokens = h.instagram.exchange_code(&code, &h.instagram_redirect(), h.now()).await.unwrap();
+    let err = h.instagram.fetch_profile(&tokens.access_token).await.unwrap_err();
+    let ProviderError::Rejected { reason } = err else { panic!("{err:?}") };
+    assert!(reason.starts_with("personal accounts cannot be connected"), "{reason}");
+}
+
+#[tokio::test]
+async fn instagram_deny_and_authorize_errors() {
+    let h = start().await;
+    let url = h.instagram_authorize_url("st");
+    let cb = h.consent(&url, &[("decision", "deny")]).await;
+    assert_eq!(cb.query["error"], "access_denied");
+    assert_eq!(cb.query["error_reason"], "user_denied");
+    assert_eq!(cb.query["state"], "st");
+    assert!(cb.query.contains_key("error_description"));
+
+    h.control("/instagram/scenario", json!({ "deny_all": true })).await;
+    let cb = h.consent(&url, &[("decision", "allow")]).await;
+    assert_eq!(cb.query["error_reason"], "user_denied");
+
+    let mut bad = url.clone();
+    let pairs: Vec<(String, String)> = url.query_pairs().into_owned().filter(|(k, _)| k != "scope").collect();
+    bad.query_pairs_mut()
+        .clear()
+        .extend_pairs(pairs)
+        .append_pair("scope", "instagram_business_content_publish");
+    let resp = h.http.get(bad).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("<code>scope</code>"));
+}
+
+#[tokio::test]
+async fn instagram_code_reuse_and_expiry() {
+    let h = start().await;
+    let redirect = h.instagram_redirect();
+    let code = h.instagram_code("17841400000000001").await;
+    h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap();
+    let err = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap_err();
+    let ProviderError::Permanent { reason } = &err else { panic!("{err:?}") };
+    assert!(reason.contains("Matching code was not found or was already used"), "{reason}");
+    assert!(!reason.contains(&code));
+
+    let code = h.instagram_code("17841400000000001").await;
+    h.control("/clock/advance", json!({ "seconds": 3601 })).await;
+    assert!(matches!(
+        h.instagram.exchange_code(&code, &redirect, h.now()).await,
+        Err(ProviderError::Permanent { .. })
+    ));
+
+    let code = h.instagram_code("17841400000000001").await;
+    let err = h.instagram.exchange_code(&code, &format!("{redirect}/"), h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+
+    // A short-lived token that expired before the long-lived exchange: Graph 190.
+    let code = h.instagram_code("17841400000000001").await;
+    let short: Value = h
+        .http
+        .post(format!("{}/sandbox/instagram/oauth/access_token", h.base))
+        .form(&[
+            ("client_id", INSTAGRAM_CLIENT_ID),
+            ("client_secret", INSTAGRAM_CLIENT_SECRET),
+            ("grant_type", "authorization_code"),
+            ("redirect_uri", redirect.as_str()),
+            ("code", code.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    h.control("/clock/advance", json!({ "seconds": 3601 })).await;
+    let resp = h
+        .http
+        .get(format!("{}/sandbox/instagram/graph/access_token", h.base))
+        .query(&[
+            ("grant_type", "ig_exchange_token"),
+            ("client_secret", INSTAGRAM_CLIENT_SECRET),
+            ("access_token", short["access_token"].as_str().unwrap()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], 190);
+    assert_eq!(body["error"]["error_subcode"], 463);
+
+    let stats = h.stats("instagram").await;
+    assert_eq!(stats["token_calls"], 5);
+    assert_eq!(stats["invalid_grant"], 3);
+}
+
+#[tokio::test]
+async fn instagram_account_revocation_reports_the_reason() {
+    let h = start().await;
+    let code = h.instagram_code("17841400000000001").await;
+    let tokens = h.instagram.exchange_code(&code, &h.instagram_redirect(), h.now()).await.unwrap();
+    let (status, body) = h.control("/instagram/accounts/17841400000000001/revoke", json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["revoked_tokens"], 2, "the short-lived and the long-lived token");
+    let err = h.instagram.fetch_profile(&tokens.access_token).await.unwrap_err();
+    let ProviderError::Permanent { reason } = err else { panic!("{err:?}") };
+    assert!(reason.contains("removed the app"), "{reason}");
+
+    let code = h.instagram_code("17841400000000003").await;
+    let tokens = h.instagram.exchange_code(&code, &h.instagram_redirect(), h.now()).await.unwrap();
+    h.control("/instagram/accounts/17841400000000003/revoke", json!({ "reason": "password_changed" })).await;
+    let err = h.instagram.fetch_profile(&tokens.access_token).await.unwrap_err();
+    let ProviderError::Permanent { reason } = err else { panic!("{err:?}") };
+    assert!(reason.contains("password"), "{reason}");
+}
+
+#[tokio::test]
+async fn instagram_scripted_failures_are_classified() {
+    let h = start().await;
+    h.control(
+        "/instagram/scenario",
+        json!({ "fail_next": [
+            { "endpoint": "token", "kind": "invalid_grant" },
+            { "endpoint": "exchange_long_lived", "kind": "rate_limit" },
+            { "endpoint": "exchange_long_lived", "kind": "server_error" },
+            { "endpoint": "profile", "kind": "graph_rate_limit" },
+            { "endpoint": "profile", "kind": "scope_not_authorized" },
+            { "endpoint": "profile", "kind": "html_error" },
+            { "endpoint": "profile", "kind": "access_token_invalid" },
+            { "endpoint": "refresh", "kind": "server_error" },
+        ]}),
+    )
+    .await;
+    let redirect = h.instagram_redirect();
+    let code = h.instagram_code("17841400000000001").await;
+    assert!(matches!(
+        h.instagram.exchange_code(&code, &redirect, h.now()).await,
+        Err(ProviderError::Permanent { .. })
+    ));
+    // The code survived the scripted failure; the long-lived step fails next.
+    let err = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap_err();
+    let ProviderError::Transient { retry_after, .. } = err else { panic!("{err:?}") };
+    assert_eq!(retry_after, Some(Duration::from_secs(30)));
+    let code = h.instagram_code("17841400000000001").await;
+    assert!(h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap_err().is_transient());
+    let code = h.instagram_code("17841400000000001").await;
+    let tokens = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap();
+
+    let token = &tokens.access_token;
+    assert!(h.instagram.fetch_profile(token).await.unwrap_err().is_transient());
+    assert!(matches!(h.instagram.fetch_profile(token).await, Err(ProviderError::Scope { .. })));
+    assert!(h.instagram.fetch_profile(token).await.unwrap_err().is_transient());
+    assert!(matches!(h.instagram.fetch_profile(token).await, Err(ProviderError::Permanent { .. })));
+    assert!(h.instagram.fetch_profile(token).await.is_ok());
+    assert!(h.instagram.refresh(token, h.now()).await.unwrap_err().is_transient());
+}
+
+// ---------------------------------------------------------------------------------------------
+// The control API.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn control_api_validates_and_resets() {
+    let h = start().await;
+    let (status, _) = h.control("/myspace/scenario", json!({})).await;
+    assert_eq!(status, 404);
+    let (status, body) = h.control("/tiktok/scenario", json!({ "deny_everything": true })).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("deny_everything"));
+    let (status, _) = h.control("/tiktok/scenario", json!({ "token_shape": "wrapped" })).await;
+    assert_eq!(status, 400);
+    let (status, _) = h.control("/instagram/scenario", json!({ "pkce_optional": true })).await;
+    assert_eq!(status, 400);
+    let (status, _) = h
+        .control("/tiktok/scenario", json!({ "fail_next": [{ "endpoint": "token", "kind": "explode" }] }))
+        .await;
+    assert_eq!(status, 400);
+    let (status, _) = h.control("/clock/advance", json!({ "seconds": -5 })).await;
+    assert_eq!(status, 400);
+
+    let before = h.now();
+    let (status, body) = h.control("/clock/advance", json!({ "seconds": 3600 })).await;
+    assert_eq!(status, 200);
+    assert!(body["now_unix"].as_i64().unwrap() >= before.unix_timestamp() + 3600);
+
+    h.control("/tiktok/scenario", json!({ "deny_all": true, "lifetimes": "short" })).await;
+    h.http.get(h.tiktok_authorize_url(&pkce::new_verifier(), "s")).send().await.unwrap();
+    assert_eq!(h.stats("tiktok").await["authorize_requests"], 1);
+    let (status, _) = h.control("/tiktok/reset", json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(h.stats("tiktok").await["authorize_requests"], 0);
+    assert_eq!(h.sandbox.scenario(Platform::Tiktok), Scenario::default());
+
+    let accounts: Value = h
+        .http
+        .get(format!("{}/sandbox/control/instagram/accounts", h.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(accounts["accounts"][2]["account_type"], "PERSONAL");
+}
+
+#[tokio::test]
+async fn control_api_is_absent_unless_enabled() {
+    let h = start_with(false).await;
+    assert!(!h.sandbox.control_api_enabled());
+    let (status, _) = h.control("/tiktok/scenario", json!({ "deny_all": true })).await;
+    assert_eq!(status, 404);
+    // The simulated providers are still there.
+    let resp = h.http.get(h.tiktok_authorize_url(&pkce::new_verifier(), "s")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = h.http.get(format!("{}/sandbox/avatars/sandbox-creator.svg", h.base)).send().await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "image/svg+xml");
+}

@@ -1,0 +1,218 @@
+//! API keys: `alk_<12 hex>_<43 base64url>`. The first part (the prefix) is visible and used for
+//! lookup; the key is shown once and stored only as its SHA-256, compared in constant time.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::{Actor, Scope, ServiceError, ServiceResult, audit, workspaces};
+use crate::clock::from_millis;
+use crate::crypto;
+use crate::db::api_keys::ApiKeyRow;
+use crate::db::{self, new_id};
+use crate::domain::{self, FieldError};
+use crate::state::App;
+
+/// An API key as listed (never the key itself).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ApiKeyView {
+    /// Id.
+    pub id: String,
+    /// The workspace it is scoped to; `null` for platform-admin keys.
+    pub workspace_id: Option<String>,
+    /// Whether it spans every workspace.
+    pub admin: bool,
+    /// Its name.
+    pub name: String,
+    /// The visible start of the key.
+    pub prefix: String,
+    /// Who created it.
+    pub created_by: String,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    /// Last use.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_used_at: Option<OffsetDateTime>,
+    /// Revocation time.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+impl From<&ApiKeyRow> for ApiKeyView {
+    fn from(k: &ApiKeyRow) -> Self {
+        Self {
+            id: k.id.clone(),
+            workspace_id: k.workspace_id.clone(),
+            admin: k.workspace_id.is_none(),
+            name: k.name.clone(),
+            prefix: k.prefix.clone(),
+            created_by: k.created_by.clone(),
+            created_at: from_millis(k.created_at),
+            last_used_at: k.last_used_at.map(from_millis),
+            revoked_at: k.revoked_at.map(from_millis),
+        }
+    }
+}
+
+/// A freshly created key: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CreatedApiKey {
+    /// The key's metadata.
+    #[serde(flatten)]
+    pub key: ApiKeyView,
+    /// The whole key. Store it now: it cannot be shown again.
+    pub secret: String,
+}
+
+/// Input of [`create`].
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewApiKey {
+    /// The workspace; implied for workspace keys. Omit with `admin: true` for a platform-admin key.
+    pub workspace_id: Option<String>,
+    /// A platform-admin key (only platform admins may create one).
+    #[serde(default)]
+    pub admin: bool,
+    /// A name to recognise it by.
+    pub name: Option<String>,
+}
+
+/// Creates a key.
+pub async fn create(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    input: NewApiKey,
+) -> ServiceResult<CreatedApiKey> {
+    let name =
+        domain::parse_optional_label("name", input.name.as_deref())?.unwrap_or_else(|| "default".into());
+    let workspace_id = if input.admin {
+        if *scope != Scope::Admin {
+            return Err(ServiceError::Forbidden("only platform admins can create platform-admin keys"));
+        }
+        if input.workspace_id.is_some() {
+            return Err(FieldError::new("workspace_id", "a platform-admin key has no workspace").into());
+        }
+        None
+    } else {
+        let key = match (&input.workspace_id, scope) {
+            (Some(w), _) => w.clone(),
+            (None, Scope::Workspace(w)) => w.clone(),
+            (None, Scope::Admin) => {
+                return Err(FieldError::new("workspace_id", "is required (or ask for an admin key)").into());
+            }
+        };
+        match workspaces::get_row(app, scope, &key).await {
+            Ok(w) => Some(w.id),
+            Err(ServiceError::NotFound(_)) => {
+                return Err(FieldError::new("workspace_id", "no such workspace").into());
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let prefix = format!("alk_{}", hex::encode(crypto::random_bytes::<6>()));
+    let secret = format!("{prefix}_{}", crypto::random_token());
+    let now = app.now_ms();
+    let row = ApiKeyRow {
+        id: new_id(),
+        workspace_id,
+        name,
+        prefix,
+        key_hash: crypto::sha256_hex(secret.as_bytes()),
+        created_by: actor.label(),
+        created_at: now,
+        last_used_at: None,
+        revoked_at: None,
+    };
+    let mut tx = app.db.begin_write().await?;
+    db::api_keys::insert(&mut tx, &row).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        row.workspace_id.as_deref(),
+        "api_key.created",
+        "api_key",
+        &row.id,
+        serde_json::json!({"name": row.name, "prefix": row.prefix, "admin": row.workspace_id.is_none()}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(api_key_id = %row.id, prefix = %row.prefix, "API key created");
+    Ok(CreatedApiKey { key: ApiKeyView::from(&row), secret })
+}
+
+/// Keys visible to the caller (admins see every key).
+pub async fn list(app: &App, scope: &Scope) -> ServiceResult<Vec<ApiKeyView>> {
+    let mut conn = app.db.pool().acquire().await?;
+    let rows = db::api_keys::list(&mut conn, scope.workspace()).await?;
+    Ok(rows.iter().map(ApiKeyView::from).collect())
+}
+
+/// Revokes a key: the next request with it gets 401.
+pub async fn revoke(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<ApiKeyView> {
+    if !db::is_id(id) {
+        return Err(ServiceError::NotFound("API key"));
+    }
+    let mut tx = app.db.begin_write().await?;
+    let Some(mut row) = db::api_keys::get(&mut tx, id).await? else {
+        return Err(ServiceError::NotFound("API key"));
+    };
+    let visible = match (&row.workspace_id, scope) {
+        (_, Scope::Admin) => true,
+        (Some(w), Scope::Workspace(own)) => w == own,
+        (None, Scope::Workspace(_)) => false,
+    };
+    if !visible {
+        return Err(ServiceError::NotFound("API key"));
+    }
+    if row.revoked_at.is_none() {
+        let now = app.now_ms();
+        db::api_keys::revoke(&mut tx, id, now).await?;
+        row.revoked_at = Some(now);
+        audit::record(
+            &mut tx,
+            now,
+            actor,
+            row.workspace_id.as_deref(),
+            "api_key.revoked",
+            "api_key",
+            &row.id,
+            serde_json::json!({"prefix": row.prefix}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(ApiKeyView::from(&row))
+}
+
+/// The caller a presented key authenticates, or `None` (unknown, malformed or revoked).
+pub async fn authenticate(app: &App, presented: &str) -> ServiceResult<Option<(Actor, Scope)>> {
+    // alk_ + 12 hex, then _ + 43 base64url characters.
+    let Some(prefix) = presented.get(..16).filter(|p| p.starts_with("alk_")) else {
+        return Ok(None);
+    };
+    if presented.len() != 16 + 1 + 43 || presented.as_bytes()[16] != b'_' {
+        return Ok(None);
+    }
+    let mut conn = app.db.pool().acquire().await?;
+    let Some(row) = db::api_keys::get_by_prefix(&mut conn, prefix).await? else {
+        return Ok(None);
+    };
+    let presented_hash = crypto::sha256_hex(presented.as_bytes());
+    if !crypto::constant_time_eq(presented_hash.as_bytes(), row.key_hash.as_bytes())
+        || row.revoked_at.is_some()
+    {
+        return Ok(None);
+    }
+    db::api_keys::touch(&mut conn, &row.id, app.now_ms()).await?;
+    let scope = match row.workspace_id {
+        Some(w) => Scope::Workspace(w),
+        None => Scope::Admin,
+    };
+    Ok(Some((Actor::ApiKey { id: row.id }, scope)))
+}

@@ -1,0 +1,583 @@
+//! Connections: the result of a successful connect flow, their tokens and their history.
+//!
+//! A connection is keyed by (workspace, provider, provider account id): connecting the same
+//! account again, through any link of the workspace, updates the existing row (new tokens, status
+//! `active`, reconnect count + 1) instead of making a duplicate.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::{Actor, Scope, ServiceError, ServiceResult, audit};
+use crate::clock::{from_millis, to_millis};
+use crate::crypto::Aad;
+use crate::db::connections::{ConnectionFilter, ConnectionRow, EventRow};
+use crate::db::links::LinkRow;
+use crate::db::{self, new_id};
+use crate::domain::Platform;
+use crate::providers::{Profile, ProviderError, TokenSet};
+use crate::state::App;
+
+/// The state of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionStatus {
+    /// Tokens work.
+    Active,
+    /// The grant is dead; the client must reconnect through a link.
+    Broken,
+    /// Removed by the agency or the client.
+    Disconnected,
+}
+
+impl ConnectionStatus {
+    /// The database and wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionStatus::Active => "active",
+            ConnectionStatus::Broken => "broken",
+            ConnectionStatus::Disconnected => "disconnected",
+        }
+    }
+
+    /// Parses the database form (unknown values read as broken, the safe side).
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "active" => ConnectionStatus::Active,
+            "disconnected" => ConnectionStatus::Disconnected,
+            _ => ConnectionStatus::Broken,
+        }
+    }
+}
+
+/// A connection as the API and the CLI show it. Never holds a token.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ConnectionView {
+    /// Id.
+    pub id: String,
+    /// Owning workspace.
+    pub workspace_id: String,
+    /// The link it was last connected through.
+    pub link_id: Option<String>,
+    /// The platform.
+    pub provider: Platform,
+    /// The provider's account id.
+    pub provider_account_id: String,
+    /// Handle, without `@`.
+    pub username: Option<String>,
+    /// Display name.
+    pub display_name: Option<String>,
+    /// Avatar on the provider's CDN.
+    pub avatar_url: Option<String>,
+    /// Scopes granted.
+    pub scopes: Vec<String>,
+    /// `active`, `broken` or `disconnected`.
+    pub status: ConnectionStatus,
+    /// Why it is broken or disconnected, in plain words.
+    pub status_reason: Option<String>,
+    /// When the current access token expires.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub access_token_expires_at: Option<OffsetDateTime>,
+    /// When the refresh token expires (TikTok).
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub refresh_token_expires_at: Option<OffsetDateTime>,
+    /// First connection.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub connected_at: OffsetDateTime,
+    /// Last token refresh.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_refreshed_at: Option<OffsetDateTime>,
+    /// How many times the client connected this account again.
+    pub reconnect_count: i64,
+    /// Made against the built-in sandbox, not the real provider.
+    pub sandbox: bool,
+}
+
+/// An event in a connection's history.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ConnectionEventView {
+    /// `created`, `reconnected`, `refreshed`, `broken`, `disconnected`.
+    pub kind: String,
+    /// Readable detail.
+    pub detail: Option<String>,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: OffsetDateTime,
+}
+
+/// A connection with its history.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ConnectionDetail {
+    /// The connection.
+    #[serde(flatten)]
+    pub connection: ConnectionView,
+    /// Its history, oldest first.
+    pub events: Vec<ConnectionEventView>,
+}
+
+/// A fresh access token.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AccessTokenView {
+    /// The connection.
+    pub connection_id: String,
+    /// The platform.
+    pub provider: Platform,
+    /// The access token. Treat it as a secret.
+    pub access_token: String,
+    /// `Bearer`.
+    pub token_type: &'static str,
+    /// When it expires.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub expires_at: Option<OffsetDateTime>,
+    /// Made against the sandbox.
+    pub sandbox: bool,
+}
+
+/// Builds the view of a row.
+pub fn view(row: &ConnectionRow) -> ConnectionView {
+    ConnectionView {
+        id: row.id.clone(),
+        workspace_id: row.workspace_id.clone(),
+        link_id: row.link_id.clone(),
+        provider: row.provider.parse().unwrap_or(Platform::Tiktok),
+        provider_account_id: row.provider_account_id.clone(),
+        username: row.username.clone(),
+        display_name: row.display_name.clone(),
+        avatar_url: row.avatar_url.clone(),
+        scopes: split_scopes(&row.scopes),
+        status: ConnectionStatus::parse(&row.status),
+        status_reason: row.status_reason.clone(),
+        access_token_expires_at: row.access_expires_at.map(from_millis),
+        refresh_token_expires_at: row.refresh_expires_at.map(from_millis),
+        connected_at: from_millis(row.connected_at),
+        last_refreshed_at: row.last_refreshed_at.map(from_millis),
+        reconnect_count: row.reconnect_count,
+        sandbox: row.sandbox != 0,
+    }
+}
+
+/// Splits a comma-separated scope list.
+pub fn split_scopes(s: &str) -> Vec<String> {
+    s.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}
+
+fn access_aad(id: &str) -> Aad<'_> {
+    Aad::new("connections", id, "access_token")
+}
+
+fn refresh_aad(id: &str) -> Aad<'_> {
+    Aad::new("connections", id, "refresh_token")
+}
+
+/// Writes `tokens` into `row` (sealed for the row), keeping the old refresh token when the
+/// provider sent none.
+fn apply_tokens(app: &App, row: &mut ConnectionRow, tokens: &TokenSet) {
+    row.access_token_sealed =
+        Some(app.keys.seal_str(tokens.access_token.expose_secret(), access_aad(&row.id)));
+    row.access_expires_at = Some(to_millis(tokens.access_expires_at));
+    if let Some(rt) = &tokens.refresh_token {
+        row.refresh_token_sealed = Some(app.keys.seal_str(rt.expose_secret(), refresh_aad(&row.id)));
+        row.refresh_expires_at = tokens.refresh_expires_at.map(to_millis);
+    }
+    row.token_generation += 1;
+}
+
+fn event(row: &ConnectionRow, kind: &str, detail: Option<String>, now_ms: i64) -> EventRow {
+    EventRow {
+        id: new_id(),
+        connection_id: row.id.clone(),
+        workspace_id: row.workspace_id.clone(),
+        kind: kind.to_string(),
+        detail,
+        created_at: now_ms,
+    }
+}
+
+/// Whether an upsert created a connection or repaired an existing one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upserted {
+    /// A new connection.
+    Created,
+    /// The same account connected again.
+    Reconnected,
+}
+
+/// Stores the result of a successful connect flow: inserts the connection or updates the
+/// existing one, counts the link use, appends history and audit, all in one transaction.
+pub async fn upsert_from_flow(
+    app: &App,
+    link: &LinkRow,
+    platform: Platform,
+    profile: &Profile,
+    tokens: &TokenSet,
+    sandbox: bool,
+) -> ServiceResult<(ConnectionRow, Upserted)> {
+    let now = app.now_ms();
+    let scopes = tokens.scopes.join(",");
+    let mut tx = app.db.begin_write().await?;
+    let existing =
+        db::connections::get_by_account(&mut tx, &link.workspace_id, platform.as_str(), &profile.account_id)
+            .await?;
+    let (row, outcome) = match existing {
+        Some(mut row) => {
+            row.link_id = Some(link.id.clone());
+            row.app_scoped_id = profile.app_scoped_id.clone().or(row.app_scoped_id);
+            row.username = profile.username.clone();
+            row.display_name = profile.display_name.clone();
+            row.avatar_url = profile.avatar_url.clone();
+            row.scopes = scopes;
+            // A reconnect replaces the whole grant, including any old refresh token.
+            row.refresh_token_sealed = None;
+            row.refresh_expires_at = None;
+            apply_tokens(app, &mut row, tokens);
+            row.status = ConnectionStatus::Active.as_str().into();
+            row.status_reason = None;
+            row.sandbox = i64::from(sandbox);
+            row.reconnect_count += 1;
+            row.last_refreshed_at = Some(now);
+            row.updated_at = now;
+            db::connections::update(&mut tx, &row).await?;
+            (row, Upserted::Reconnected)
+        }
+        None => {
+            let mut row = ConnectionRow {
+                id: new_id(),
+                workspace_id: link.workspace_id.clone(),
+                link_id: Some(link.id.clone()),
+                provider: platform.as_str().into(),
+                provider_account_id: profile.account_id.clone(),
+                app_scoped_id: profile.app_scoped_id.clone(),
+                username: profile.username.clone(),
+                display_name: profile.display_name.clone(),
+                avatar_url: profile.avatar_url.clone(),
+                scopes,
+                access_token_sealed: None,
+                access_expires_at: None,
+                refresh_token_sealed: None,
+                refresh_expires_at: None,
+                token_generation: 0,
+                status: ConnectionStatus::Active.as_str().into(),
+                status_reason: None,
+                sandbox: i64::from(sandbox),
+                connected_at: now,
+                last_refreshed_at: Some(now),
+                reconnect_count: 0,
+                created_at: now,
+                updated_at: now,
+            };
+            apply_tokens(app, &mut row, tokens);
+            db::connections::insert(&mut tx, &row).await?;
+            (row, Upserted::Created)
+        }
+    };
+    let (kind, action) = match outcome {
+        Upserted::Created => ("created", "connection.created"),
+        Upserted::Reconnected => ("reconnected", "connection.reconnected"),
+    };
+    let handle = row.username.as_deref().or(row.display_name.as_deref()).unwrap_or("account").to_string();
+    db::connections::insert_event(
+        &mut tx,
+        &event(&row, kind, Some(format!("{} {handle} via link {}", platform.display_name(), link.id)), now),
+    )
+    .await?;
+    db::links::record_use(&mut tx, &link.id, now).await?;
+    audit::record(
+        &mut tx,
+        now,
+        &Actor::Client,
+        Some(&row.workspace_id),
+        action,
+        "connection",
+        &row.id,
+        serde_json::json!({"provider": platform, "link_id": link.id, "sandbox": sandbox}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(connection_id = %row.id, provider = %platform, outcome = kind, "connection stored");
+    Ok((row, outcome))
+}
+
+/// Loads a connection the caller may see.
+pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<ConnectionRow> {
+    if !db::is_id(id) {
+        return Err(ServiceError::NotFound("connection"));
+    }
+    let mut conn = app.db.pool().acquire().await?;
+    match db::connections::get(&mut conn, id).await? {
+        Some(c) if scope.allows(&c.workspace_id) => Ok(c),
+        _ => Err(ServiceError::NotFound("connection")),
+    }
+}
+
+/// One connection with its history.
+pub async fn get(app: &App, scope: &Scope, id: &str) -> ServiceResult<ConnectionDetail> {
+    let row = get_row(app, scope, id).await?;
+    let mut conn = app.db.pool().acquire().await?;
+    let events = db::connections::events(&mut conn, &row.id)
+        .await?
+        .into_iter()
+        .map(|e| ConnectionEventView { kind: e.kind, detail: e.detail, at: from_millis(e.created_at) })
+        .collect();
+    Ok(ConnectionDetail { connection: view(&row), events })
+}
+
+/// Filters of [`list`].
+#[derive(Debug, Default, Clone)]
+pub struct ListQuery {
+    /// Only this workspace.
+    pub workspace_id: Option<String>,
+    /// Only this status.
+    pub status: Option<ConnectionStatus>,
+    /// Only this platform.
+    pub provider: Option<Platform>,
+    /// Only connections made through this link.
+    pub link_id: Option<String>,
+    /// The cursor.
+    pub before: Option<String>,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// Connections visible to the caller, newest first.
+pub async fn list(app: &App, scope: &Scope, q: &ListQuery) -> ServiceResult<Vec<ConnectionView>> {
+    let mut conn = app.db.pool().acquire().await?;
+    let workspace = scope.listing_workspace(&mut conn, q.workspace_id.as_deref()).await?;
+    let rows = db::connections::list(
+        &mut conn,
+        &ConnectionFilter {
+            workspace_id: workspace.as_deref(),
+            status: q.status.map(ConnectionStatus::as_str),
+            provider: q.provider.map(Platform::as_str),
+            link_id: q.link_id.as_deref(),
+            before: q.before.as_deref(),
+        },
+        q.limit,
+    )
+    .await?;
+    Ok(rows.iter().map(view).collect())
+}
+
+/// Connections made through one link (for the client's view of the link).
+pub async fn of_link(app: &App, link_id: &str) -> ServiceResult<Vec<ConnectionRow>> {
+    let mut conn = app.db.pool().acquire().await?;
+    Ok(db::connections::list(
+        &mut conn,
+        &ConnectionFilter { link_id: Some(link_id), ..Default::default() },
+        50,
+    )
+    .await?)
+}
+
+/// Disconnects: revokes the grant at the provider where the provider offers revocation, then
+/// marks the connection disconnected and erases its tokens.
+pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<ConnectionView> {
+    let lock = app_refresh_lock(id);
+    let _guard = lock.lock().await;
+    let mut row = get_row(app, scope, id).await?;
+    if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
+        return Ok(view(&row));
+    }
+    let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
+    let mut revoked_note = "not revoked at the provider".to_string();
+    if let (Some(provider), Some(sealed)) = (app.providers.get(platform), row.access_token_sealed.as_deref())
+    {
+        let token = app.keys.open_str(sealed, access_aad(&row.id))?;
+        match provider.revoke(&token).await {
+            Ok(true) => revoked_note = "revoked at the provider".into(),
+            Ok(false) => revoked_note = format!("{} offers no revocation", platform.display_name()),
+            Err(e) => {
+                tracing::warn!(connection_id = %row.id, error = %e, "revocation at the provider failed");
+                revoked_note = "revocation at the provider failed; the grant may still be listed in the account's settings".into();
+            }
+        }
+    }
+    let now = app.now_ms();
+    row.status = ConnectionStatus::Disconnected.as_str().into();
+    row.status_reason = Some(format!("Disconnected by the agency ({revoked_note})."));
+    row.access_token_sealed = None;
+    row.refresh_token_sealed = None;
+    row.access_expires_at = None;
+    row.refresh_expires_at = None;
+    row.token_generation += 1;
+    row.updated_at = now;
+    let mut tx = app.db.begin_write().await?;
+    db::connections::update(&mut tx, &row).await?;
+    db::connections::insert_event(&mut tx, &event(&row, "disconnected", Some(revoked_note.clone()), now))
+        .await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&row.workspace_id),
+        "connection.disconnected",
+        "connection",
+        &row.id,
+        serde_json::json!({"provider_revocation": revoked_note}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(view(&row))
+}
+
+/// One lock per connection id within this process, so that concurrent token reads of one
+/// connection wait for a single refresh instead of racing with the same refresh token.
+fn app_refresh_lock(id: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+        std::sync::OnceLock::new();
+    let map = LOCKS.get_or_init(Default::default);
+    let mut guard = map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Forget locks nobody holds, so the map stays small.
+    if guard.len() > 1024 {
+        guard.retain(|_, l| Arc::strong_count(l) > 1);
+    }
+    guard.entry(id.to_string()).or_default().clone()
+}
+
+/// Tokens are refreshed first when they would expire within this many seconds.
+pub const REFRESH_MARGIN_SECS: i64 = 300;
+
+/// Returns a valid access token, refreshing first when it would expire within five minutes.
+/// Every read is audit-logged.
+pub async fn access_token(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    id: &str,
+) -> ServiceResult<AccessTokenView> {
+    let lock = app_refresh_lock(id);
+    let _guard = lock.lock().await;
+    // Read after taking the lock: a refresh that finished while we waited is visible now.
+    let mut row = get_row(app, scope, id).await?;
+    let status = ConnectionStatus::parse(&row.status);
+    if status != ConnectionStatus::Active {
+        return Err(ServiceError::Conflict(format!(
+            "the connection is {}: {}",
+            status.as_str(),
+            row.status_reason.as_deref().unwrap_or("the client must reconnect through a link")
+        )));
+    }
+    let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
+    let now = app.now();
+    let due = row.access_expires_at.is_none_or(|e| e - to_millis(now) < REFRESH_MARGIN_SECS * 1000);
+    let mut refreshed = false;
+    if due {
+        row = refresh_locked(app, row, platform).await?;
+        refreshed = true;
+    }
+    let sealed = row
+        .access_token_sealed
+        .as_deref()
+        .ok_or(ServiceError::Conflict("the connection holds no token".into()))?;
+    let token = app.keys.open_str(sealed, access_aad(&row.id))?;
+    let now_ms = app.now_ms();
+    let mut conn = app.db.pool().acquire().await?;
+    audit::record(
+        &mut conn,
+        now_ms,
+        actor,
+        Some(&row.workspace_id),
+        "connection.token_read",
+        "connection",
+        &row.id,
+        serde_json::json!({"refreshed": refreshed}),
+    )
+    .await?;
+    Ok(AccessTokenView {
+        connection_id: row.id.clone(),
+        provider: platform,
+        access_token: token.expose_secret().to_string(),
+        token_type: "Bearer",
+        expires_at: row.access_expires_at.map(from_millis),
+        sandbox: row.sandbox != 0,
+    })
+}
+
+/// Refreshes `row` (the caller holds the connection's lock) and writes the new tokens back by
+/// compare-and-set on the token generation. A permanent failure marks the connection broken.
+async fn refresh_locked(
+    app: &App,
+    mut row: ConnectionRow,
+    platform: Platform,
+) -> ServiceResult<ConnectionRow> {
+    let provider = app.providers.get(platform).ok_or(ServiceError::Conflict(format!(
+        "{} is not enabled on this instance",
+        platform.display_name()
+    )))?;
+    let access = match row.access_token_sealed.as_deref() {
+        Some(s) => app.keys.open_str(s, access_aad(&row.id))?,
+        None => return Err(ServiceError::Conflict("the connection holds no token".into())),
+    };
+    let refresh: Option<SecretString> = match row.refresh_token_sealed.as_deref() {
+        Some(s) => Some(app.keys.open_str(s, refresh_aad(&row.id))?),
+        None => None,
+    };
+    match provider.refresh(&access, refresh.as_ref(), app.now()).await {
+        Ok(tokens) => {
+            let generation = row.token_generation;
+            apply_tokens(app, &mut row, &tokens);
+            let now = app.now_ms();
+            row.last_refreshed_at = Some(now);
+            row.updated_at = now;
+            let mut tx = app.db.begin_write().await?;
+            let current = db::connections::get(&mut tx, &row.id).await?;
+            if current.as_ref().map(|c| c.token_generation) != Some(generation) {
+                // Someone else wrote new tokens meanwhile: keep theirs, ours would be older.
+                tx.rollback().await?;
+                return current.ok_or(ServiceError::NotFound("connection"));
+            }
+            db::connections::update(&mut tx, &row).await?;
+            db::connections::insert_event(&mut tx, &event(&row, "refreshed", None, now)).await?;
+            tx.commit().await?;
+            Ok(row)
+        }
+        Err(ProviderError::Transient { reason, .. }) => Err(ServiceError::Unavailable(format!(
+            "{} is temporarily unavailable: {reason}",
+            platform.display_name()
+        ))),
+        Err(e) => {
+            let reason = match &e {
+                ProviderError::Permanent { reason }
+                | ProviderError::Scope { reason }
+                | ProviderError::Rejected { reason } => reason.clone(),
+                ProviderError::Transient { reason, .. } => reason.clone(),
+            };
+            mark_broken(app, &mut row, &format!("The token could not be refreshed: {reason}")).await?;
+            Err(ServiceError::Conflict(format!("the connection is broken: {reason}")))
+        }
+    }
+}
+
+/// Marks a connection broken with a readable reason.
+pub async fn mark_broken(app: &App, row: &mut ConnectionRow, reason: &str) -> ServiceResult<()> {
+    let now = app.now_ms();
+    row.status = ConnectionStatus::Broken.as_str().into();
+    row.status_reason = Some(reason.to_string());
+    row.updated_at = now;
+    let mut tx = app.db.begin_write().await?;
+    db::connections::update(&mut tx, row).await?;
+    db::connections::insert_event(&mut tx, &event(row, "broken", Some(reason.to_string()), now)).await?;
+    audit::record(
+        &mut tx,
+        now,
+        &Actor::System,
+        Some(&row.workspace_id),
+        "connection.broken",
+        "connection",
+        &row.id,
+        serde_json::json!({"reason": reason}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::warn!(connection_id = %row.id, "connection marked broken");
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! Workspaces: create, read, update branding and the success-redirect allow-list.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+
+use super::{Actor, Errors, Scope, ServiceError, ServiceResult, audit};
+use crate::clock::from_millis;
+use crate::db::workspaces::WorkspaceRow;
+use crate::db::{self, DbError, new_id};
+use crate::domain::{self, FieldError};
+use crate::state::App;
+
+/// A workspace as the API and the CLI show it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct WorkspaceView {
+    /// Id.
+    pub id: String,
+    /// The agency's name.
+    pub name: String,
+    /// Unique URL-friendly name.
+    pub slug: String,
+    /// Client-facing branding.
+    pub branding: Branding,
+    /// Allowed success-redirect URLs (exact origin, path prefix).
+    pub allowed_redirects: Vec<String>,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+}
+
+/// How client pages look.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Branding {
+    /// The name clients see (defaults to the workspace name).
+    pub display_name: Option<String>,
+    /// An https URL of the logo.
+    pub logo_url: Option<String>,
+    /// `#rrggbb`.
+    pub accent_color: Option<String>,
+}
+
+impl From<&WorkspaceRow> for WorkspaceView {
+    fn from(w: &WorkspaceRow) -> Self {
+        Self {
+            id: w.id.clone(),
+            name: w.name.clone(),
+            slug: w.slug.clone(),
+            branding: Branding {
+                display_name: w.display_name.clone(),
+                logo_url: w.logo_url.clone(),
+                accent_color: w.accent_color.clone(),
+            },
+            allowed_redirects: w.allow_list().iter().map(ToString::to_string).collect(),
+            created_at: from_millis(w.created_at),
+        }
+    }
+}
+
+/// Input of [`create`].
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewWorkspace {
+    /// The agency's name.
+    pub name: String,
+    /// Unique URL-friendly name; made from the name when absent.
+    pub slug: Option<String>,
+    /// Client-facing branding.
+    #[serde(default)]
+    pub branding: Option<Branding>,
+    /// Allowed success-redirect URLs.
+    #[serde(default)]
+    pub allowed_redirects: Option<Vec<String>>,
+}
+
+/// Input of [`update`]: absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceUpdate {
+    /// New name.
+    pub name: Option<String>,
+    /// New branding (replaces the whole branding object).
+    pub branding: Option<Branding>,
+    /// New allow-list (replaces the whole list).
+    pub allowed_redirects: Option<Vec<String>>,
+}
+
+fn validate_branding(errors: &mut Errors, b: &Branding) -> (Option<String>, Option<String>, Option<String>) {
+    let display = errors
+        .take(domain::parse_optional_label("branding.display_name", b.display_name.as_deref()))
+        .flatten();
+    let logo = match b.logo_url.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(u) => errors.take(domain::parse_web_url("branding.logo_url", u).map(|u| u.to_string())),
+    };
+    let accent = match b.accent_color.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(c) => errors.take(
+            domain::parse_accent_color(c).map_err(|e| FieldError::new("branding.accent_color", e.message)),
+        ),
+    };
+    (display, logo, accent)
+}
+
+fn validate_allow_list(errors: &mut Errors, list: &[String]) -> String {
+    if list.len() > 20 {
+        errors.push(FieldError::new("allowed_redirects", "at most 20 entries"));
+    }
+    let parsed: Vec<String> = list
+        .iter()
+        .filter_map(|u| errors.take(domain::parse_allowed_redirect(u)))
+        .map(|u| u.to_string())
+        .collect();
+    serde_json::Value::from(parsed).to_string()
+}
+
+/// Creates a workspace. Only platform admins (and the CLI) may.
+pub async fn create(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    input: NewWorkspace,
+) -> ServiceResult<WorkspaceView> {
+    if *scope != Scope::Admin {
+        return Err(ServiceError::Forbidden("only platform admins can create workspaces"));
+    }
+    let mut errors = Errors::default();
+    let name = errors.take(domain::parse_label("name", &input.name));
+    let slug = match input.slug.as_deref() {
+        Some(s) => errors.take(domain::parse_slug(s)),
+        None => name.as_deref().map(domain::slugify),
+    };
+    let (display_name, logo_url, accent_color) =
+        validate_branding(&mut errors, &input.branding.unwrap_or_default());
+    let allowed = validate_allow_list(&mut errors, &input.allowed_redirects.unwrap_or_default());
+    errors.finish()?;
+    let (Some(name), Some(slug)) = (name, slug) else {
+        return Err(ServiceError::Validation(vec![FieldError::new("name", "is invalid")]));
+    };
+    let now = app.now_ms();
+    let row = WorkspaceRow {
+        id: new_id(),
+        name,
+        slug,
+        display_name,
+        logo_url,
+        accent_color,
+        allowed_redirects: allowed,
+        created_at: now,
+        updated_at: now,
+    };
+    let mut tx = app.db.begin_write().await?;
+    match db::workspaces::insert(&mut tx, &row).await {
+        Err(DbError::Conflict(_)) => {
+            return Err(ServiceError::Validation(vec![FieldError::new(
+                "slug",
+                format!("`{}` is already taken", row.slug),
+            )]));
+        }
+        other => other?,
+    }
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&row.id),
+        "workspace.created",
+        "workspace",
+        &row.id,
+        serde_json::json!({"name": row.name, "slug": row.slug}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(workspace_id = %row.id, slug = %row.slug, "workspace created");
+    Ok(WorkspaceView::from(&row))
+}
+
+/// Loads a workspace the caller may see, by id (or slug).
+pub async fn get_row(app: &App, scope: &Scope, key: &str) -> ServiceResult<WorkspaceRow> {
+    let mut conn = app.db.pool().acquire().await?;
+    match db::workspaces::get_by_id_or_slug(&mut conn, key).await? {
+        Some(w) if scope.allows(&w.id) => Ok(w),
+        _ => Err(ServiceError::NotFound("workspace")),
+    }
+}
+
+/// One workspace.
+pub async fn get(app: &App, scope: &Scope, key: &str) -> ServiceResult<WorkspaceView> {
+    Ok(WorkspaceView::from(&get_row(app, scope, key).await?))
+}
+
+/// Workspaces visible to the caller, in creation order.
+pub async fn list(
+    app: &App,
+    scope: &Scope,
+    after: Option<&str>,
+    limit: i64,
+) -> ServiceResult<Vec<WorkspaceView>> {
+    let mut conn = app.db.pool().acquire().await?;
+    let rows = db::workspaces::list(&mut conn, scope.workspace(), after, limit).await?;
+    Ok(rows.iter().map(WorkspaceView::from).collect())
+}
+
+/// Updates name, branding or allow-list.
+pub async fn update(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    key: &str,
+    input: WorkspaceUpdate,
+) -> ServiceResult<WorkspaceView> {
+    let mut row = get_row(app, scope, key).await?;
+    let mut errors = Errors::default();
+    if let Some(name) = &input.name {
+        if let Some(n) = errors.take(domain::parse_label("name", name)) {
+            row.name = n;
+        }
+    }
+    if let Some(b) = &input.branding {
+        let (d, l, a) = validate_branding(&mut errors, b);
+        row.display_name = d;
+        row.logo_url = l;
+        row.accent_color = a;
+    }
+    if let Some(list) = &input.allowed_redirects {
+        row.allowed_redirects = validate_allow_list(&mut errors, list);
+    }
+    errors.finish()?;
+    let now = app.now_ms();
+    row.updated_at = now;
+    let mut tx = app.db.begin_write().await?;
+    db::workspaces::update(&mut tx, &row).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&row.id),
+        "workspace.updated",
+        "workspace",
+        &row.id,
+        serde_json::json!({
+            "name": input.name.is_some(),
+            "branding": input.branding.is_some(),
+            "allowed_redirects": input.allowed_redirects.is_some(),
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(WorkspaceView::from(&row))
+}

@@ -1,0 +1,246 @@
+//! Building the application: key ring, database, state, listener; and running it until a
+//! shutdown signal, letting in-flight requests finish.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::crypto::{CryptoError, KeyRing};
+use crate::db::{self, Db, DbError};
+use crate::providers::{self, Providers};
+use crate::sandbox::Sandbox;
+use crate::state::{App, AppState};
+
+/// Why the service could not start. Each message tells the operator what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The master key setting is unusable.
+    #[error("invalid configuration: key `{key}`: {source}")]
+    BadKey {
+        /// The configuration key.
+        key: &'static str,
+        /// Why.
+        source: CryptoError,
+    },
+    /// No key is configured and none may be created here.
+    #[error(
+        "no master key: set AUTHLINK_MASTER_KEY (base64 of 32 bytes, see `authlink keygen`) or master_key_file"
+    )]
+    NoKey,
+    /// The configured key is not the one the stored data was sealed with.
+    #[error(
+        "the master key does not match the data in this database (stored key ids: {stored}; configured: {configured}). \
+         Configure the key this database was created with; refusing to start so that no data is sealed with the wrong key"
+    )]
+    KeyMismatch {
+        /// Key ids found in the database.
+        stored: String,
+        /// The configured key id.
+        configured: String,
+    },
+    /// The database could not be reached or migrated.
+    #[error("database: {0}")]
+    Database(#[from] DbError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl StartupError {
+    /// The process exit code: 2 for configuration mistakes, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartupError::BadKey { .. } | StartupError::NoKey => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Loads the master key: `master_key`, else `master_key_file`, else `<data_dir>/master.key`,
+/// which is created (mode 0600, with a loud warning) when `create_dev_key` is set.
+pub fn load_keyring(config: &Config, create_dev_key: bool) -> Result<KeyRing, StartupError> {
+    if let Some(key) = &config.master_key {
+        return KeyRing::from_base64(key, &[])
+            .map_err(|source| StartupError::BadKey { key: "master_key", source });
+    }
+    if let Some(path) = &config.master_key_file {
+        return KeyRing::from_file(path)
+            .map_err(|source| StartupError::BadKey { key: "master_key_file", source });
+    }
+    let path: PathBuf = config.data_dir.join("master.key");
+    if path.exists() {
+        return KeyRing::from_file(&path).map_err(|source| StartupError::BadKey { key: "data_dir", source });
+    }
+    if !create_dev_key {
+        return Err(StartupError::NoKey);
+    }
+    let ring =
+        KeyRing::create_file(&path).map_err(|source| StartupError::BadKey { key: "data_dir", source })?;
+    tracing::warn!(
+        path = %path.display(),
+        "DEVELOPMENT SETUP: no master key was configured, so a new one was written to the data folder. \
+         Anyone who can read that file can decrypt the stored tokens. For production set AUTHLINK_MASTER_KEY \
+         (see `authlink keygen`) and keep the key outside the data folder and its backups."
+    );
+    Ok(ring)
+}
+
+/// Proves the key ring matches the data: opens the stored key check values, or stores the first
+/// one on a fresh database.
+pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), StartupError> {
+    let mut tx = db.begin_write().await?;
+    let stored = db::key_checks::all(&mut tx).await?;
+    let ours: Vec<&(String, String)> = stored.iter().filter(|(kid, _)| keys.has_kid(kid)).collect();
+    let verified = ours.iter().all(|(kid, check)| keys.verify_check_value(kid, check));
+    let knows_data = stored.is_empty() || (!ours.is_empty() && verified);
+    if !knows_data {
+        return Err(StartupError::KeyMismatch {
+            stored: stored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", "),
+            configured: keys.active_kid().to_string(),
+        });
+    }
+    if !stored.iter().any(|(kid, _)| kid == keys.active_kid()) {
+        db::key_checks::insert(&mut tx, keys.active_kid(), &keys.check_value(), now_ms).await?;
+    }
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(())
+}
+
+/// Connects, migrates and checks the key: the state every command works with.
+pub async fn build_state(config: Config, create_dev_key: bool) -> Result<AppState, StartupError> {
+    let keys = load_keyring(&config, create_dev_key)?;
+    let db = Db::connect(&config.database_url, &config.database).await?;
+    db.migrate().await?;
+    let system_clock = SystemClock::shared();
+    let clock: Arc<dyn Clock> = system_clock.clone();
+    check_keyring(&db, &keys, crate::clock::to_millis(clock.now())).await?;
+    let http = providers::http_client(Duration::from_secs(config.providers.timeout_secs.max(1)));
+    let providers = Providers::from_config(&config, http);
+    let sandbox = Arc::new(Sandbox::new(&config, system_clock.clone()));
+    Ok(AppState(Arc::new(App { config, db, keys, clock, system_clock, providers, sandbox })))
+}
+
+/// A built application: bound, migrated, ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Binds the listen address first (so a port of 0 picks a free port, whose address then
+    /// becomes the public URL if none was configured), then builds the state.
+    pub async fn build(mut config: Config) -> Result<Self, StartupError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartupError::Bind { addr: config.listen, source })?;
+        let addr =
+            listener.local_addr().map_err(|source| StartupError::Bind { addr: config.listen, source })?;
+        if config.listen.port() == 0 && config.public_url.as_str() == "http://127.0.0.1:8080/" {
+            if let Ok(url) = url::Url::parse(&format!("http://{addr}")) {
+                config.public_url = url;
+            }
+        }
+        let state = build_state(config, true).await?;
+        Ok(Self { listener, state })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then lets in-flight requests finish (up to the
+    /// configured grace period) and closes the database.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let addr = self.local_addr();
+        let state = self.state.clone();
+        let router = crate::http::router(state.clone());
+        let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
+        tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
+        let server =
+            axum::serve(self.listener, router.into_make_service()).with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                tracing::info!("shutdown signal received; finishing in-flight requests");
+                let _ = stop_tx.send(true);
+            });
+        let server = tokio::spawn(async move { server.await });
+        tokio::pin!(server);
+        let result = tokio::select! {
+            r = &mut server => r,
+            _ = async {
+                let _ = stop_rx.wait_for(|stop| *stop).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(grace_secs = grace.as_secs(), "requests still running after the grace period; stopping");
+                Ok(Ok(()))
+            }
+        };
+        housekeeping.abort();
+        state.db.close().await;
+        tracing::info!("authlink stopped");
+        match result {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// Periodic clean-up: expired OAuth flows.
+async fn housekeeping(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let purged = async {
+            let mut conn = state.db.pool().acquire().await?;
+            db::oauth_flows::purge_expired(&mut conn, state.now_ms()).await
+        }
+        .await;
+        match purged {
+            Ok(n) if n > 0 => tracing::debug!(purged = n, "expired OAuth flows removed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,520 @@
+//! The JSON API: every route, bad input of every kind, tenant isolation, OpenAPI.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, assert_nowhere, expect_json, token_of};
+use crate::tests;
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
+    let mut list = tests![
+        workspaces_crud,
+        links_lifecycle,
+        link_pagination_and_search,
+        link_bad_input,
+        request_bad_input,
+        api_keys_lifecycle,
+        tenant_isolation,
+        audit_log_lists_changes,
+        openapi_matches_routes,
+        health_probes,
+        secrets_are_not_stored_or_logged,
+    ];
+    list.push((
+        "database_lost_gives_503",
+        |app| Box::pin(database_lost_gives_503(app)),
+        crate::Only::Postgres,
+    ));
+    list
+}
+
+async fn workspaces_crud(app: TestApp) {
+    let admin = app.admin_key();
+    let w = app
+        .api_post(
+            "/workspaces",
+            &admin,
+            json!({"name": "Acme Social", "branding": {"display_name": "Acme", "accent_color": "#FF5500"},
+                   "allowed_redirects": ["https://acme.example/done"]}),
+            201,
+        )
+        .await;
+    assert_eq!(w["slug"], "acme-social");
+    assert_eq!(w["branding"]["accent_color"], "#ff5500");
+    let id = w["id"].as_str().unwrap();
+    let got = app.api_get(&format!("/workspaces/{id}"), &admin, 200).await;
+    assert_eq!(got["name"], "Acme Social");
+    let by_slug = app.api_get("/workspaces/acme-social", &admin, 200).await;
+    assert_eq!(by_slug["id"], id);
+    let updated = app
+        .api_patch(
+            &format!("/workspaces/{id}"),
+            &admin,
+            json!({"name": "Acme Social Ltd", "allowed_redirects": []}),
+            200,
+        )
+        .await;
+    assert_eq!(updated["name"], "Acme Social Ltd");
+    assert_eq!(updated["allowed_redirects"], json!([]));
+    // A taken slug is a validation error on `slug`.
+    let dup = app.api_post("/workspaces", &admin, json!({"name": "Other", "slug": "acme-social"}), 422).await;
+    assert_eq!(dup["errors"][0]["field"], "slug");
+    let list = app.api_get("/workspaces", &admin, 200).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 2 - 1);
+    // A workspace key cannot create workspaces, and sees only its own.
+    let wkey = app.workspace_key(id);
+    let p = app.api_post("/workspaces", &wkey, json!({"name": "Sneaky"}), 403).await;
+    assert_eq!(p["code"], "forbidden");
+    let other = app.workspace("Other Agency");
+    app.api_get(&format!("/workspaces/{other}"), &wkey, 404).await;
+    let mine = app.api_get("/workspaces", &wkey, 200).await;
+    assert_eq!(mine["data"].as_array().unwrap().len(), 1);
+    app.api_get("/workspaces/does-not-exist", &admin, 404).await;
+}
+
+async fn links_lifecycle(app: TestApp) {
+    let admin = app.admin_key();
+    let w = app
+        .api_post(
+            "/workspaces",
+            &admin,
+            json!({"name": "Agency", "allowed_redirects": ["https://agency.example/cb"]}),
+            201,
+        )
+        .await;
+    let wid = w["id"].as_str().unwrap();
+    let key = app.workspace_key(wid);
+    let link = app
+        .api_post(
+            "/links",
+            &key,
+            json!({"label": "Client One", "client_ref": "crm-42", "platforms": ["tiktok"], "expires_in": "30d",
+                   "max_uses": 3, "redirect_url": "https://agency.example/cb/done"}),
+            201,
+        )
+        .await;
+    let id = link["id"].as_str().unwrap().to_string();
+    let url = link["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with(&format!("{}/l/", app.base)), "{url}");
+    assert_eq!(link["status"], "active");
+    assert_eq!(link["platforms"], json!(["tiktok"]));
+    assert_eq!(link["use_count"], 0);
+    assert_eq!(link["max_uses"], 3);
+    assert_eq!(link["workspace_id"], wid);
+    assert!(link["expires_at"].is_string());
+    assert!(link["created_by"].as_str().unwrap().starts_with("api_key:"));
+
+    // The landing page works; the same URL again later (members can copy it again).
+    let page = app.client.get(&url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let got = app.api_get(&format!("/links/{id}"), &key, 200).await;
+    assert_eq!(got["url"], url);
+
+    // Update.
+    let up = app
+        .api_patch(
+            &format!("/links/{id}"),
+            &key,
+            json!({"label": "Client 1", "redirect_url": null, "expires_at": null}),
+            200,
+        )
+        .await;
+    assert_eq!(up["label"], "Client 1");
+    assert!(up["redirect_url"].is_null());
+    assert!(up["expires_at"].is_null());
+
+    // Rotate: new URL, old one dead at once, same id.
+    let rotated = app.api_post(&format!("/links/{id}/rotate"), &key, json!({}), 200).await;
+    let new_url = rotated["url"].as_str().unwrap();
+    assert_ne!(new_url, url);
+    assert_eq!(rotated["id"], id.as_str());
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 404);
+    assert_eq!(app.client.get(new_url).send().await.unwrap().status(), 200);
+
+    // Revoke: dead at once (410), idempotent, cannot be rotated afterwards.
+    let revoked = app.api_post(&format!("/links/{id}/revoke"), &key, json!({}), 200).await;
+    assert_eq!(revoked["status"], "revoked");
+    assert!(revoked["revoked_at"].is_string());
+    assert_eq!(app.client.get(new_url).send().await.unwrap().status(), 410);
+    app.api_post(&format!("/links/{id}/revoke"), &key, json!({}), 200).await;
+    app.api_post(&format!("/links/{id}/rotate"), &key, json!({}), 409).await;
+
+    // Admin keys must name the workspace.
+    let p = app.api_post("/links", &admin, json!({"label": "x"}), 422).await;
+    assert_eq!(p["errors"][0]["field"], "workspace_id");
+    let ok = app.api_post("/links", &admin, json!({"label": "x", "workspace_id": wid}), 201).await;
+    assert_eq!(ok["platforms"], json!(["tiktok", "instagram"]), "default: every enabled platform");
+}
+
+async fn link_pagination_and_search(app: TestApp) {
+    let admin = app.admin_key();
+    let wid = app.workspace("Paging");
+    for i in 0..5 {
+        app.api_post(
+            "/links",
+            &admin,
+            json!({"workspace_id": wid, "label": format!("Client {i}"), "client_ref": format!("ref-{i}")}),
+            201,
+        )
+        .await;
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/links?workspace_id={wid}&limit=2&cursor={c}"),
+            None => format!("/links?workspace_id={wid}&limit=2"),
+        };
+        let page = app.api_get(&path, &admin, 200).await;
+        let items = page["data"].as_array().unwrap();
+        assert!(items.len() <= 2);
+        seen.extend(items.iter().map(|l| l["label"].as_str().unwrap().to_string()));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        vec!["Client 4", "Client 3", "Client 2", "Client 1", "Client 0"],
+        "newest first, each once"
+    );
+    let found = app.api_get(&format!("/links?workspace_id={wid}&q=REF-3"), &admin, 200).await;
+    assert_eq!(found["data"].as_array().unwrap().len(), 1);
+    assert_eq!(found["data"][0]["label"], "Client 3");
+    let none = app.api_get(&format!("/links?workspace_id={wid}&q=%25"), &admin, 200).await;
+    assert_eq!(none["data"].as_array().unwrap().len(), 0, "`%` is matched literally");
+}
+
+async fn field_error(app: &TestApp, key: &str, body: Value, field: &str) {
+    let p = app.api_post("/links", key, body.clone(), 422).await;
+    assert_eq!(p["code"], "validation_failed", "{body}");
+    let fields: Vec<&str> =
+        p["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    assert!(fields.contains(&field), "expected an error on {field} for {body}, got {p}");
+}
+
+async fn link_bad_input(app: TestApp) {
+    let admin = app.admin_key();
+    let wid = app.workspace("Strict");
+    app.api_patch(
+        &format!("/workspaces/{wid}"),
+        &admin,
+        json!({"allowed_redirects": ["https://ok.example/cb"]}),
+        200,
+    )
+    .await;
+    let key = app.workspace_key(&wid);
+    field_error(&app, &key, json!({"label": ""}), "label").await;
+    field_error(&app, &key, json!({"label": "   "}), "label").await;
+    field_error(&app, &key, json!({"label": "x".repeat(10_000)}), "label").await;
+    field_error(&app, &key, json!({"label": "a", "redirect_url": "not a url"}), "redirect_url").await;
+    field_error(&app, &key, json!({"label": "a", "redirect_url": "https://evil.example/cb"}), "redirect_url")
+        .await;
+    field_error(&app, &key, json!({"label": "a", "redirect_url": "https://ok.example/cbx"}), "redirect_url")
+        .await;
+    field_error(&app, &key, json!({"label": "a", "redirect_url": "javascript:alert(1)"}), "redirect_url")
+        .await;
+    field_error(&app, &key, json!({"label": "a", "max_uses": 0}), "max_uses").await;
+    field_error(&app, &key, json!({"label": "a", "max_uses": -5}), "max_uses").await;
+    field_error(&app, &key, json!({"label": "a", "expires_in": "soon"}), "expires_in").await;
+    field_error(&app, &key, json!({"label": "a", "expires_at": "2001-01-01T00:00:00Z"}), "expires_at").await;
+    field_error(&app, &key, json!({"label": "a", "platforms": ["myspace"]}), "platforms").await;
+    field_error(&app, &key, json!({"label": "a", "platforms": []}), "platforms").await;
+    field_error(&app, &admin, json!({"label": "a", "workspace_id": "nope"}), "workspace_id").await;
+    // Several errors at once are all reported.
+    let p = app.api_post("/links", &key, json!({"label": "", "max_uses": 0}), 422).await;
+    assert_eq!(p["errors"].as_array().unwrap().len(), 2);
+    // Unknown fields are refused rather than ignored.
+    let p = app.api_post("/links", &key, json!({"label": "a", "labl": "typo"}), 422).await;
+    assert_eq!(p["code"], "validation_failed");
+    // Nothing was created by any of these.
+    let list = app.api_get("/links", &key, 200).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0);
+    // Updates validate too.
+    let ok = app.api_post("/links", &key, json!({"label": "fine"}), 201).await;
+    let id = ok["id"].as_str().unwrap();
+    app.api_patch(&format!("/links/{id}"), &key, json!({"label": ""}), 422).await;
+    app.api_patch(&format!("/links/{id}"), &key, json!({"redirect_url": "https://evil.example/"}), 422).await;
+    app.api_get("/links/not-an-id", &key, 404).await;
+    app.api_get("/links/0190a000-0000-7000-8000-000000000000", &key, 404).await;
+}
+
+async fn request_bad_input(app: TestApp) {
+    let admin = app.admin_key();
+    let wid = app.workspace("Requests");
+    let key = app.workspace_key(&wid);
+    // No key, malformed key, unknown key, wrong scheme.
+    let res = app.client.get(app.url("/api/v1/links")).send().await.unwrap();
+    assert_eq!(res.headers()["www-authenticate"], "Bearer");
+    expect_json(res, 401).await;
+    for bad in ["garbage", "alk_123", &format!("{}x", key), &key.replace(&key[20..30], "AAAAAAAAAA")] {
+        app.api_get("/links", bad, 401).await;
+    }
+    let res = app
+        .client
+        .get(app.url("/api/v1/links"))
+        .header("authorization", format!("Basic {key}"))
+        .send()
+        .await
+        .unwrap();
+    expect_json(res, 401).await;
+    // Wrong content type: 415.
+    let res = app
+        .api(Method::POST, "/links", &key)
+        .header("content-type", "text/plain")
+        .body("{\"label\":\"x\"}")
+        .send()
+        .await
+        .unwrap();
+    let p = expect_json(res, 415).await;
+    assert_eq!(p["code"], "unsupported_media_type");
+    // Malformed JSON: 400.
+    let res = app
+        .api(Method::POST, "/links", &key)
+        .header("content-type", "application/json")
+        .body("{\"label\":")
+        .send()
+        .await
+        .unwrap();
+    expect_json(res, 400).await;
+    // Oversized body: 413.
+    let big = json!({"label": "x".repeat(200_000)});
+    let res = app.api(Method::POST, "/links", &key).json(&big).send().await.unwrap();
+    let p = expect_json(res, 413).await;
+    assert_eq!(p["code"], "payload_too_large");
+    // Unknown API route: a problem document too.
+    app.api_get("/nope", &admin, 404).await;
+}
+
+async fn api_keys_lifecycle(app: TestApp) {
+    let admin = app.admin_key();
+    let wid = app.workspace("Keys");
+    let created = app.api_post("/api-keys", &admin, json!({"workspace_id": wid, "name": "ci"}), 201).await;
+    let secret = created["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with(created["prefix"].as_str().unwrap()));
+    assert_eq!(created["admin"], false);
+    // The key works, is listed without its secret, and shows its last use.
+    app.api_get("/links", &secret, 200).await;
+    let list = app.api_get("/api-keys", &secret, 200).await;
+    let listed = list.as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].get("secret").is_none());
+    assert!(!list.to_string().contains(&secret));
+    assert!(listed[0]["last_used_at"].is_string());
+    // A workspace key cannot mint admin keys, can mint keys for its own workspace only.
+    app.api_post("/api-keys", &secret, json!({"admin": true}), 403).await;
+    let other = app.workspace("Elsewhere");
+    app.api_post("/api-keys", &secret, json!({"workspace_id": other}), 422).await;
+    let second = app.api_post("/api-keys", &secret, json!({"name": "second"}), 201).await;
+    assert_eq!(second["workspace_id"], wid.as_str());
+    // Admin keys via the API.
+    let a2 = app.api_post("/api-keys", &admin, json!({"admin": true, "name": "support"}), 201).await;
+    assert_eq!(a2["admin"], true);
+    // Revoke: 401 from then on.
+    let id = created["id"].as_str().unwrap();
+    let second_secret = second["secret"].as_str().unwrap();
+    app.api_post(&format!("/api-keys/{id}/revoke"), second_secret, json!({}), 200).await;
+    let p = app.api_get("/links", &secret, 401).await;
+    assert_eq!(p["code"], "unauthorized");
+    // A workspace key cannot see or revoke the admin key.
+    let admin_id = a2["id"].as_str().unwrap();
+    app.api_post(&format!("/api-keys/{admin_id}/revoke"), second_secret, json!({}), 404).await;
+}
+
+async fn tenant_isolation(app: TestApp) {
+    let a = app.workspace("Tenant A");
+    let b = app.workspace("Tenant B");
+    let key_a = app.workspace_key(&a);
+    let key_b = app.workspace_key(&b);
+    let (link_b, url_b) = app.link(&b, "B's client");
+    // A cannot read, list, change, revoke or rotate B's link: it does not exist for A.
+    app.api_get(&format!("/links/{link_b}"), &key_a, 404).await;
+    app.api_patch(&format!("/links/{link_b}"), &key_a, json!({"label": "pwned"}), 404).await;
+    app.api_post(&format!("/links/{link_b}/revoke"), &key_a, json!({}), 404).await;
+    app.api_post(&format!("/links/{link_b}/rotate"), &key_a, json!({}), 404).await;
+    app.api_get(&format!("/links?workspace_id={b}"), &key_a, 404).await;
+    let own = app.api_get("/links", &key_a, 200).await;
+    assert_eq!(own["data"].as_array().unwrap().len(), 0);
+    app.api_post("/links", &key_a, json!({"label": "x", "workspace_id": b}), 422).await;
+    app.api_patch(&format!("/workspaces/{b}"), &key_a, json!({"name": "pwned"}), 404).await;
+    let audit = app.api_get("/audit-events", &key_a, 200).await;
+    assert!(audit["data"].as_array().unwrap().iter().all(|e| e["workspace_id"] == a.as_str()));
+    let audit_b = app.api_get(&format!("/audit-events?workspace_id={b}"), &key_a, 200).await;
+    assert_eq!(audit_b["data"].as_array().unwrap().len(), 0);
+    // B's link is untouched.
+    let still = app.api_get(&format!("/links/{link_b}"), &key_b, 200).await;
+    assert_eq!(still["label"], "B's client");
+    assert_eq!(still["url"], url_b);
+    assert_eq!(still["status"], "active");
+}
+
+async fn audit_log_lists_changes(app: TestApp) {
+    let wid = app.workspace("Audited");
+    let key = app.workspace_key(&wid);
+    let link = app.api_post("/links", &key, json!({"label": "audited"}), 201).await;
+    let id = link["id"].as_str().unwrap();
+    app.api_post(&format!("/links/{id}/rotate"), &key, json!({}), 200).await;
+    app.api_post(&format!("/links/{id}/revoke"), &key, json!({}), 200).await;
+    let log = app.api_get(&format!("/audit-events?target_id={id}"), &key, 200).await;
+    let actions: Vec<&str> =
+        log["data"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, vec!["link.revoked", "link.rotated", "link.created"]);
+    let entry = &log["data"][0];
+    assert_eq!(entry["actor_kind"], "api_key");
+    assert!(entry["actor_id"].is_string());
+    assert_eq!(entry["target_kind"], "link");
+    let only = app.api_get("/audit-events?action=link.rotated", &key, 200).await;
+    assert_eq!(only["data"].as_array().unwrap().len(), 1);
+    // CLI changes are audited with the CLI as actor.
+    let cli_entries = app.cli_json(&["audit", "list", "--workspace", &wid]);
+    assert!(
+        cli_entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "workspace.created" && e["actor_kind"] == "cli")
+    );
+    // The audit log never holds the link's token.
+    let token = token_of(link["url"].as_str().unwrap());
+    assert!(!log.to_string().contains(&token));
+}
+
+async fn openapi_matches_routes(app: TestApp) {
+    let res = app.client.get(app.url("/api/v1/openapi.json")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let doc: Value = res.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let paths = doc["paths"].as_object().unwrap();
+    // Every route the API serves is documented ...
+    let expected = [
+        ("/workspaces", "get"),
+        ("/workspaces", "post"),
+        ("/workspaces/{id}", "get"),
+        ("/workspaces/{id}", "patch"),
+        ("/links", "get"),
+        ("/links", "post"),
+        ("/links/{id}", "get"),
+        ("/links/{id}", "patch"),
+        ("/links/{id}/revoke", "post"),
+        ("/links/{id}/rotate", "post"),
+        ("/api-keys", "get"),
+        ("/api-keys", "post"),
+        ("/api-keys/{id}/revoke", "post"),
+        ("/audit-events", "get"),
+        ("/connections", "get"),
+        ("/connections/{id}", "get"),
+        ("/connections/{id}/disconnect", "post"),
+        ("/connections/{id}/access-token", "get"),
+    ];
+    for (path, method) in expected {
+        assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} is not documented");
+    }
+    // ... and every documented operation is served (401 without a key, never 404 or 405).
+    let mut operations = 0;
+    for (path, item) in paths {
+        for method in item.as_object().unwrap().keys() {
+            let concrete = path.replace("{id}", "0190a000-0000-7000-8000-000000000000");
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let res = app.client.request(m, app.url(&format!("/api/v1{concrete}"))).send().await.unwrap();
+            assert_eq!(res.status(), 401, "{method} {path} is documented but not served as documented");
+            operations += 1;
+        }
+    }
+    assert_eq!(operations, expected.len(), "documented operations and served routes differ");
+    // The CLI prints the same document.
+    let out = app.cli(&["openapi"]);
+    let cli_doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli_doc["paths"], doc["paths"]);
+}
+
+async fn health_probes(app: TestApp) {
+    let res = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "ready");
+}
+
+async fn secrets_are_not_stored_or_logged(app: TestApp) {
+    let wid = app.workspace("Secrets");
+    let key = app.workspace_key(&wid);
+    let link = app.api_post("/links", &key, json!({"label": "secret client"}), 201).await;
+    let url = link["url"].as_str().unwrap();
+    let token = token_of(url);
+    let id = link["id"].as_str().unwrap();
+    // Use the link and the key the way clients and agencies do.
+    assert_eq!(app.client.get(url).send().await.unwrap().status(), 200);
+    let rotated = app.api_post(&format!("/links/{id}/rotate"), &key, json!({}), 200).await;
+    let new_token = token_of(rotated["url"].as_str().unwrap());
+    assert_eq!(app.client.get(rotated["url"].as_str().unwrap()).send().await.unwrap().status(), 200);
+    let admin = app.admin_key();
+    app.api_get("/workspaces", &admin, 200).await;
+    // Make sure the server has flushed its log lines for these requests.
+    app.client.get(app.url("/healthz")).send().await.unwrap();
+    for (what, secret) in [
+        ("link token", &token),
+        ("rotated link token", &new_token),
+        ("API key", &key),
+        ("admin API key", &admin),
+    ] {
+        assert_nowhere(&app, what, secret).await;
+    }
+    // The token is stored as its SHA-256.
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(new_token.as_bytes()));
+    assert!(app.database_dump().await.contains(&hash));
+    // And link paths are logged redacted.
+    assert!(app.log_text().contains("/l/[redacted]"));
+}
+
+async fn database_lost_gives_503(app: TestApp) {
+    // Run a second server against PostgreSQL through a proxy that the test can cut.
+    let crate::helpers::Backend::Postgres(_) = &app.backend else { return };
+    let upstream = url::Url::parse(&app.db_url).unwrap();
+    let target = format!("{}:{}", upstream.host_str().unwrap(), upstream.port().unwrap_or(5432));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else { return };
+            let target = target.clone();
+            let mut cut = cut_rx.clone();
+            if *cut.borrow() {
+                continue;
+            }
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = cut.wait_for(|c| *c) => {}
+                }
+            });
+        }
+    });
+    let mut proxied = upstream.clone();
+    proxied.set_host(Some("127.0.0.1")).unwrap();
+    proxied.set_port(Some(proxy_port)).unwrap();
+    let key = app.admin_key();
+    let second = TestApp::spawn_with(
+        app.backend.clone(),
+        &[
+            ("AUTHLINK_DATABASE_URL", proxied.as_str()),
+            ("AUTHLINK_MASTER_KEY", &app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1),
+            ("AUTHLINK_DATABASE__ACQUIRE_TIMEOUT_SECS", "2"),
+        ],
+    )
+    .await;
+    let cleanup = second.cleanup_handle();
+    second.api_get("/workspaces", &key, 200).await;
+    cut_tx.send(true).unwrap();
+    let started = std::time::Instant::now();
+    let res = second.api(Method::GET, "/workspaces", &key).send().await.unwrap();
+    let p = expect_json(res, 503).await;
+    assert_eq!(p["code"], "database_unavailable");
+    assert!(started.elapsed() < std::time::Duration::from_secs(15), "503 within a bounded time");
+    let ready = second.client.get(second.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    cleanup.run().await;
+}

@@ -1,0 +1,361 @@
+//! The command line: every command, its JSON output, and bad values.
+
+use std::process::Output;
+
+use serde_json::Value;
+
+use crate::helpers::{TestApp, binary, new_master_key};
+use crate::tests;
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
+    tests![
+        workspace_commands,
+        link_commands,
+        apikey_commands,
+        link_command_bad_values,
+        config_check_and_bad_config,
+        migrate_and_unreachable_database,
+        wrong_master_key_is_refused,
+        graceful_shutdown_finishes_requests,
+    ]
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Asserts a failure with a one-line error mentioning `needle`.
+fn assert_fails(o: &Output, needle: &str) {
+    assert!(!o.status.success(), "expected failure, got: {}", stdout(o));
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {err}");
+    assert!(lines[0].contains(needle), "error should mention {needle}: {err}");
+}
+
+async fn workspace_commands(app: TestApp) {
+    let w = app.cli_json(&[
+        "workspace",
+        "create",
+        "--name",
+        "Brightside Media",
+        "--accent-color",
+        "#123456",
+        "--allow-redirect",
+        "https://brightside.example/done",
+    ]);
+    assert_eq!(w["slug"], "brightside-media");
+    assert_eq!(w["allowed_redirects"][0], "https://brightside.example/done");
+    let id = w["id"].as_str().unwrap();
+    let human = app.cli(&["workspace", "show", "brightside-media"]);
+    assert!(human.status.success());
+    assert!(stdout(&human).contains(id));
+    let shown = app.cli_json(&["workspace", "show", id]);
+    assert_eq!(shown["name"], "Brightside Media");
+    let list = app.cli_json(&["workspace", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(stdout(&app.cli(&["workspace", "list"])).contains("brightside-media"));
+    assert_fails(&app.cli(&["workspace", "show", "nope"]), "not found");
+    assert_fails(&app.cli(&["workspace", "create", "--name", ""]), "--name");
+    assert_fails(&app.cli(&["workspace", "create", "--name", "X", "--slug", "Bad Slug"]), "--slug");
+    assert_fails(
+        &app.cli(&["workspace", "create", "--name", "Dup", "--slug", "brightside-media"]),
+        "already taken",
+    );
+    assert_fails(&app.cli(&["workspace", "create", "--name", "X", "--accent-color", "red"]), "accent");
+}
+
+async fn link_commands(app: TestApp) {
+    let wid = app.cli_json(&[
+        "workspace",
+        "create",
+        "--name",
+        "Links Inc",
+        "--allow-redirect",
+        "https://links.example/ok",
+    ])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Plain output is the URL alone.
+    let out = app.cli(&["link", "create", "--workspace", "links-inc", "--label", "Plain"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let url = stdout(&out).trim().to_string();
+    assert!(url.starts_with(&format!("{}/l/", app.base)) && !url.contains(' '), "{url}");
+    let created = app.cli_json(&[
+        "link",
+        "create",
+        "--workspace",
+        &wid,
+        "--label",
+        "Client Co",
+        "--platform",
+        "instagram",
+        "--expires-in",
+        "30d",
+        "--max-uses",
+        "2",
+        "--redirect-url",
+        "https://links.example/ok/next",
+        "--client-ref",
+        "CRM-7",
+    ]);
+    let id = created["id"].as_str().unwrap();
+    assert!(created["url"].as_str().unwrap().starts_with(&app.base));
+    let shown = app.cli_json(&["link", "show", id]);
+    for field in [
+        "id",
+        "workspace_id",
+        "label",
+        "client_ref",
+        "platforms",
+        "url",
+        "status",
+        "expires_at",
+        "max_uses",
+        "redirect_url",
+        "use_count",
+        "last_used_at",
+        "created_by",
+        "created_at",
+        "revoked_at",
+    ] {
+        assert!(shown.get(field).is_some(), "link show --json lacks {field}");
+    }
+    assert_eq!(shown["use_count"], 0);
+    assert_eq!(shown["platforms"], serde_json::json!(["instagram"]));
+    assert_eq!(shown["client_ref"], "CRM-7");
+    assert_eq!(shown["created_by"], "cli");
+    let list = app.cli_json(&["link", "list", "--workspace", &wid]);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let human = stdout(&app.cli(&["link", "show", id]));
+    assert!(human.contains("Client Co") && human.contains("uses: 0 of 2"), "{human}");
+    // Rotate prints the new URL; the old one is dead.
+    let old_url = created["url"].as_str().unwrap();
+    let rotated = app.cli_json(&["link", "rotate", id]);
+    let new_url = rotated["url"].as_str().unwrap();
+    assert_ne!(new_url, old_url);
+    assert_eq!(app.client.get(old_url).send().await.unwrap().status(), 404);
+    assert_eq!(app.client.get(new_url).send().await.unwrap().status(), 200);
+    let plain_rotate = app.cli(&["link", "rotate", id]);
+    assert!(stdout(&plain_rotate).trim().starts_with(&format!("{}/l/", app.base)));
+    // Revoke.
+    let revoked = app.cli_json(&["link", "revoke", id]);
+    assert_eq!(revoked["status"], "revoked");
+    assert_eq!(app.cli_json(&["link", "show", id])["status"], "revoked");
+    assert_fails(&app.cli(&["link", "show", "0190a000-0000-7000-8000-000000000000"]), "not found");
+    assert_fails(&app.cli(&["link", "revoke", "nope"]), "not found");
+}
+
+async fn link_command_bad_values(app: TestApp) {
+    app.workspace("Bad Values");
+    let ws = "bad-values";
+    for (args, needle) in [
+        (vec!["--label", ""], "--label"),
+        (vec!["--label", &"x".repeat(10_000)], "--label"),
+        (vec!["--label", "a", "--max-uses", "0"], "--max-uses"),
+        (vec!["--label", "a", "--max-uses", "-3"], "--max-uses"),
+        (vec!["--label", "a", "--expires-in", "forever"], "--expires-in"),
+        (vec!["--label", "a", "--redirect-url", "not a url"], "--redirect-url"),
+        (vec!["--label", "a", "--redirect-url", "https://evil.example/"], "--redirect-url"),
+        (vec!["--label", "a", "--platform", "myspace"], "--platforms"),
+    ] {
+        let mut full = vec!["link", "create", "--workspace", ws];
+        full.extend(args.iter().copied());
+        assert_fails(&app.cli(&full), needle);
+    }
+    assert_fails(
+        &app.cli(&["link", "create", "--workspace", "no-such-workspace", "--label", "a"]),
+        "--workspace",
+    );
+    assert_fails(&app.cli(&["link", "list", "--workspace", "no-such-workspace"]), "--workspace");
+    // Usage errors come from clap with exit code 2.
+    let o = app.cli(&["link", "create", "--label", "a"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = app.cli(&["link", "create", "--workspace", ws, "--label", "a", "--max-uses", "many"]);
+    assert_eq!(o.status.code(), Some(2));
+    // Every command has --help.
+    for cmd in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["migrate", "--help"],
+        vec!["config", "check", "--help"],
+        vec!["workspace", "create", "--help"],
+        vec!["link", "create", "--help"],
+        vec!["link", "rotate", "--help"],
+        vec!["apikey", "create", "--help"],
+        vec!["connection", "token", "--help"],
+        vec!["audit", "list", "--help"],
+    ] {
+        let o = app.cli(&cmd);
+        assert!(o.status.success() && stdout(&o).contains("Usage"), "{cmd:?} --help");
+    }
+    // Nothing was created.
+    assert_eq!(app.cli_json(&["link", "list", "--workspace", ws]).as_array().unwrap().len(), 0);
+}
+
+async fn apikey_commands(app: TestApp) {
+    let wid = app.workspace("Key Holder");
+    let out = app.cli(&["apikey", "create", "--workspace", &wid, "--name", "ci"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    let secret = text.lines().next().unwrap().trim().to_string();
+    assert!(secret.starts_with("alk_") && text.contains("only time"));
+    app.api_get("/links", &secret, 200).await;
+    let admin = app.cli_json(&["apikey", "create", "--admin"]);
+    assert_eq!(admin["admin"], true);
+    let list = app.cli_json(&["apikey", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(!list.to_string().contains(&secret));
+    let scoped = app.cli_json(&["apikey", "list", "--workspace", &wid]);
+    assert_eq!(scoped.as_array().unwrap().len(), 1);
+    let id = scoped[0]["id"].as_str().unwrap();
+    let revoked = app.cli_json(&["apikey", "revoke", id]);
+    assert!(revoked["revoked_at"].is_string());
+    app.api_get("/links", &secret, 401).await;
+    assert_fails(&app.cli(&["apikey", "revoke", "nope"]), "not found");
+    assert_eq!(app.cli(&["apikey", "create"]).status.code(), Some(2), "--workspace or --admin is required");
+    assert_fails(&app.cli(&["apikey", "create", "--workspace", "nope"]), "--workspace");
+}
+
+async fn config_check_and_bad_config(app: TestApp) {
+    let out = app.cli_env(
+        &["config", "check"],
+        &[("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_SECRET", "tiktok-secret-value")],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("/oauth/tiktok/callback") && text.contains("/oauth/instagram/callback"));
+    assert!(!text.contains("tiktok-secret-value"), "secrets are masked");
+    let master = &app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1;
+    assert!(!text.contains(master.as_str()), "the master key is masked");
+    let json: Value = serde_json::from_slice(&app.cli(&["config", "check", "--json"]).stdout).unwrap();
+    assert_eq!(json["master_key"], "********");
+    // A typo in a key: exit 2 naming the key.
+    let out = app.cli_env(&["config", "check"], &[("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KYE", "x")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("client_kye"), "{}", stderr(&out));
+    for (key, value, needle) in [
+        ("AUTHLINK_PUBLIC_URL", "not a url", "public_url"),
+        ("AUTHLINK_LISTEN", "everywhere", "listen"),
+        ("AUTHLINK_HTTP__BODY_LIMIT_BYTES", "big", "body_limit_bytes"),
+        ("AUTHLINK_DATABASE_URL", "mysql://localhost/x", "database_url"),
+    ] {
+        let out = app.cli_env(&["serve"], &[(key, value)]);
+        assert_eq!(out.status.code(), Some(2), "{key}={value}");
+        assert!(stderr(&out).contains(needle), "{key}: {}", stderr(&out));
+    }
+    // A broken TOML file.
+    let path = app.dir.path().join("broken.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:1\"\nunknown_section_key = 1\n").unwrap();
+    let out = app.cli(&["--config", path.to_str().unwrap(), "config", "check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown_section_key"));
+    let out = app.cli(&["--config", "/nonexistent/authlink.toml", "config", "check"]);
+    assert_eq!(out.status.code(), Some(2));
+    // A bad master key: exit 2 naming the key.
+    let out = app.cli_env(&["workspace", "list"], &[("AUTHLINK_MASTER_KEY", "dG9vIHNob3J0")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("master_key"));
+}
+
+async fn migrate_and_unreachable_database(app: TestApp) {
+    let out = app.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("up to date"));
+    // A fresh SQLite file is created and migrated.
+    let fresh = app.dir.path().join("sub/fresh.db");
+    let url = format!("sqlite://{}", fresh.display());
+    let out = app.cli_env(&["migrate"], &[("AUTHLINK_DATABASE_URL", &url)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(fresh.exists());
+    // An unreachable database: a clear message and a non-zero exit, quickly.
+    let started = std::time::Instant::now();
+    let out = app.cli_env(
+        &["workspace", "list"],
+        &[
+            ("AUTHLINK_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+            ("AUTHLINK_DATABASE__ACQUIRE_TIMEOUT_SECS", "2"),
+        ],
+    );
+    assert_fails(&out, "database");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let out = app.cli_env(
+        &["serve"],
+        &[
+            ("AUTHLINK_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+            ("AUTHLINK_DATABASE__ACQUIRE_TIMEOUT_SECS", "2"),
+            ("AUTHLINK_LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_fails(&out, "database");
+}
+
+async fn wrong_master_key_is_refused(app: TestApp) {
+    let wid = app.workspace("Keyed");
+    app.link(&wid, "sealed");
+    let out =
+        app.cli_env(&["link", "list", "--workspace", &wid], &[("AUTHLINK_MASTER_KEY", &new_master_key())]);
+    assert_fails(&out, "does not match");
+    let out = app.cli_env(
+        &["serve"],
+        &[("AUTHLINK_MASTER_KEY", &new_master_key()), ("AUTHLINK_LISTEN", "127.0.0.1:0")],
+    );
+    assert_fails(&out, "does not match");
+    // The right key still works: nothing was changed by the refused attempts.
+    assert_eq!(app.cli_json(&["link", "list", "--workspace", &wid]).as_array().unwrap().len(), 1);
+    // Without any key configured, a development key file is created (0600) in the data folder.
+    let dev_dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["workspace", "list"])
+        .env_remove("AUTHLINK_MASTER_KEY")
+        .env("AUTHLINK_DATA_DIR", dev_dir.path())
+        .env("AUTHLINK_DATABASE_URL", format!("sqlite://{}/dev.db", dev_dir.path().display()))
+        .env("AUTHLINK_LOG_FORMAT", "human")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("DEVELOPMENT SETUP"));
+    let key_file = dev_dir.path().join("master.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+}
+
+async fn graceful_shutdown_finishes_requests(app: TestApp) {
+    // A slow request (the sandbox's token endpoint, told to answer after 1.5 s) is in flight when
+    // SIGTERM arrives: it still gets its answer, and the server exits cleanly.
+    app.sandbox("/tiktok/scenario", serde_json::json!({"fail_next": [{"endpoint": "token", "kind": "slow", "count": 1}], "slow_ms": 1500}))
+        .await;
+    let client = app.client.clone();
+    let url = app.url("/sandbox/tiktok/v2/oauth/token/");
+    let slow = tokio::spawn(async move {
+        client
+            .post(url)
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", "rft.none"),
+                ("client_key", "x"),
+                ("client_secret", "y"),
+            ])
+            .send()
+            .await
+    });
+    // Wait until the sandbox has received the request, then signal.
+    loop {
+        let stats = app.sandbox_stats("tiktok").await;
+        if stats["refresh_calls"].as_u64().unwrap_or(0) + stats["token_calls"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let status = std::process::Command::new("kill").args(["-TERM", &app.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    let res = slow.await.unwrap().expect("the in-flight request was answered");
+    assert!(res.status().as_u16() < 500 || res.status().as_u16() == 400, "answered: {}", res.status());
+    assert_eq!(app.wait_exit(), Some(0));
+    assert!(app.log_text().contains("shutdown signal received"));
+}

@@ -1,0 +1,561 @@
+//! The connect flow against the sandbox, for both providers: success, reconnect, several
+//! accounts, every failure path, the connections API and CLI, and that no secret leaks.
+
+use reqwest::{Client, Response};
+use serde_json::{Value, json};
+
+use authlink::sandbox::{INSTAGRAM_ACCOUNTS, TIKTOK_ACCOUNTS};
+
+use crate::helpers::{TestApp, token_of};
+use crate::tests;
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
+    tests![
+        tiktok_connect_reconnect_and_second_account,
+        instagram_connect_reconnect_and_second_account,
+        consent_denied,
+        state_failures_make_no_token_call,
+        link_gone_between_start_and_callback,
+        provider_failures,
+        fewer_scopes_than_required,
+        personal_instagram_account_is_refused,
+        success_redirect_and_landing_list,
+        connections_api_and_cli,
+        access_token_refreshes_when_expiring,
+        no_secret_in_database_or_logs,
+    ]
+}
+
+/// The accounts of a provider, as ids the consent form accepts.
+fn account(provider: &str, i: usize) -> String {
+    match provider {
+        "tiktok" => TIKTOK_ACCOUNTS[i].open_id.to_string(),
+        _ => INSTAGRAM_ACCOUNTS[i].user_id.to_string(),
+    }
+}
+
+/// One pass through the consent page: what the browser sees at each hop.
+pub struct Flow {
+    /// The provider callback URL the sandbox redirected to (with code and state).
+    pub callback: String,
+}
+
+/// Starts a flow from a link and answers the sandbox consent page. Returns the callback URL.
+pub async fn start_and_consent(
+    client: &Client,
+    app: &TestApp,
+    link_url: &str,
+    provider: &str,
+    account_id: &str,
+    decision: &str,
+    granted: Option<&[&str]>,
+) -> Flow {
+    let token = token_of(link_url);
+    let landing = client.get(link_url).send().await.unwrap();
+    assert_eq!(landing.status(), 200);
+    let start = client.post(app.url(&format!("/l/{token}/connect/{provider}"))).send().await.unwrap();
+    assert_eq!(start.status(), 303, "{}", start.text().await.unwrap());
+    let authorize = start.headers()["location"].to_str().unwrap().to_string();
+    assert!(authorize.starts_with(&app.url(&format!("/sandbox/{provider}/"))), "{authorize}");
+    assert!(!authorize.contains("code_verifier"));
+    let consent = client.get(&authorize).send().await.unwrap();
+    assert_eq!(consent.status(), 200, "{}", consent.text().await.unwrap());
+    let page = consent.text().await.unwrap();
+    assert!(page.to_lowercase().contains("sandbox"));
+    let parsed = url::Url::parse(&authorize).unwrap();
+    let mut form: Vec<(String, String)> =
+        parsed.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+    form.push(("account".into(), account_id.into()));
+    form.push(("decision".into(), decision.into()));
+    for g in granted.unwrap_or(&[]) {
+        form.push(("granted".into(), g.to_string()));
+    }
+    let mut post_url = parsed.clone();
+    post_url.set_query(None);
+    let answer = client.post(post_url.as_str()).form(&form).send().await.unwrap();
+    assert_eq!(answer.status(), 302, "{}", answer.text().await.unwrap());
+    let callback = answer.headers()["location"].to_str().unwrap().to_string();
+    assert!(callback.starts_with(&app.url(&format!("/oauth/{provider}/callback?"))), "{callback}");
+    Flow { callback }
+}
+
+/// Follows the callback and the redirect to the result page.
+pub async fn finish(client: &Client, app: &TestApp, callback: &str) -> Response {
+    // Browsers never send the fragment (`#_` from Instagram).
+    let callback = callback.split('#').next().unwrap();
+    let res = client.get(callback).send().await.unwrap();
+    if res.status() != 303 {
+        return res;
+    }
+    let location = res.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with("/connected/"), "clean result URL: {location}");
+    assert!(!location.contains("code") && !location.contains("state"));
+    client.get(app.url(&location)).send().await.unwrap()
+}
+
+/// A whole successful flow: returns the final page's HTML.
+pub async fn connect(
+    client: &Client,
+    app: &TestApp,
+    link_url: &str,
+    provider: &str,
+    account_id: &str,
+) -> String {
+    let flow = start_and_consent(client, app, link_url, provider, account_id, "allow", None).await;
+    let page = finish(client, app, &flow.callback).await;
+    let status = page.status();
+    let html = page.text().await.unwrap();
+    assert_eq!(status, 200, "{html}");
+    html
+}
+
+fn new_browser() -> Client {
+    Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+async fn connections(app: &TestApp, key: &str) -> Vec<Value> {
+    app.api_get("/connections", key, 200).await["data"].as_array().unwrap().clone()
+}
+
+async fn connect_reconnect_and_second_account(app: TestApp, provider: &str) {
+    let wid = app.workspace("Flow Agency");
+    let key = app.workspace_key(&wid);
+    let (link_id, url) = app.link(&wid, "Client");
+    let html = connect(&app.client, &app, &url, provider, &account(provider, 0)).await;
+    assert!(html.contains("is connected"), "{html}");
+    assert!(html.contains("Flow Agency"));
+    assert!(html.contains("sandbox"));
+    let handle = match provider {
+        "tiktok" => TIKTOK_ACCOUNTS[0].username,
+        _ => INSTAGRAM_ACCOUNTS[0].username,
+    };
+    assert!(html.contains(handle), "the handle is shown");
+    let list = connections(&app, &key).await;
+    assert_eq!(list.len(), 1);
+    let first = &list[0];
+    assert_eq!(first["provider"], provider);
+    assert_eq!(first["status"], "active");
+    assert_eq!(first["reconnect_count"], 0);
+    assert_eq!(first["sandbox"], true);
+    assert_eq!(first["link_id"], link_id.as_str());
+    assert_eq!(first["provider_account_id"], account(provider, 0));
+    assert!(first.get("access_token").is_none() && !first.to_string().contains("access_token\":"));
+    // The same account again, through the same link: same connection, reconnect count 1.
+    let html = connect(&app.client, &app, &url, provider, &account(provider, 0)).await;
+    assert!(html.contains("reconnected"), "{html}");
+    let list = connections(&app, &key).await;
+    assert_eq!(list.len(), 1, "never a duplicate");
+    assert_eq!(list[0]["id"], first["id"]);
+    assert_eq!(list[0]["reconnect_count"], 1);
+    // A second account through the same link, from another browser.
+    let other = new_browser();
+    connect(&other, &app, &url, provider, &account(provider, 1)).await;
+    let list = connections(&app, &key).await;
+    assert_eq!(list.len(), 2);
+    // The history and the link's use count.
+    let detail = app.api_get(&format!("/connections/{}", first["id"].as_str().unwrap()), &key, 200).await;
+    let kinds: Vec<&str> =
+        detail["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["created", "reconnected"]);
+    let link = app.api_get(&format!("/links/{link_id}"), &key, 200).await;
+    assert_eq!(link["use_count"], 3);
+    assert!(link["last_used_at"].is_string());
+    // The sandbox saw PKCE (TikTok: 64 hex chars, distinct per flow).
+    if provider == "tiktok" {
+        let stats = app.sandbox_stats("tiktok").await;
+        let challenges: Vec<&str> =
+            stats["challenges"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+        assert_eq!(challenges.len(), 3);
+        assert!(challenges.iter().all(|c| c.len() == 64 && c.chars().all(|ch| ch.is_ascii_hexdigit())));
+        let mut unique = challenges.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 3);
+    }
+}
+
+async fn tiktok_connect_reconnect_and_second_account(app: TestApp) {
+    connect_reconnect_and_second_account(app, "tiktok").await;
+}
+
+async fn instagram_connect_reconnect_and_second_account(app: TestApp) {
+    connect_reconnect_and_second_account(app, "instagram").await;
+}
+
+async fn assert_nothing_connected(app: &TestApp) {
+    assert_eq!(app.count("connections").await, 0, "a failed attempt writes no connection");
+    assert!(!app.database_dump().await.contains("act."), "and no token");
+}
+
+async fn consent_denied(app: TestApp) {
+    let wid = app.workspace("Deny");
+    let (_, url) = app.link(&wid, "Client");
+    for provider in ["tiktok", "instagram"] {
+        let flow =
+            start_and_consent(&app.client, &app, &url, provider, &account(provider, 0), "deny", None).await;
+        assert!(flow.callback.contains("error=access_denied"));
+        let page = finish(&app.client, &app, &flow.callback).await;
+        assert_eq!(page.status(), 403);
+        let html = page.text().await.unwrap();
+        assert!(html.contains("Connection cancelled"), "{html}");
+        assert!(
+            html.contains(&format!("href=\"/l/{}\"", token_of(&url))),
+            "try again leads back to the link"
+        );
+        assert_eq!(app.sandbox_stats(provider).await["token_calls"], 0);
+    }
+    // The deny_all switch: Allow behaves as Deny.
+    app.sandbox("/tiktok/scenario", json!({"deny_all": true})).await;
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 403);
+    assert_nothing_connected(&app).await;
+}
+
+async fn state_failures_make_no_token_call(app: TestApp) {
+    let wid = app.workspace("States");
+    let (_, url) = app.link(&wid, "Client");
+    // Missing and unknown state.
+    let res = app.client.get(app.url("/oauth/tiktok/callback?code=abc")).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let res = app
+        .client
+        .get(app.url("/oauth/tiktok/callback?code=abc&state=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    // Another browser: the victim's callback replayed elsewhere.
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    let attacker = new_browser();
+    let res = attacker.get(&flow.callback).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await.unwrap().contains("same browser"));
+    // Mix-up: TikTok's answer delivered to the Instagram callback.
+    let mixed = flow.callback.replace("/oauth/tiktok/callback", "/oauth/instagram/callback");
+    assert_eq!(app.client.get(&mixed).send().await.unwrap().status(), 400);
+    // An `iss` parameter (neither provider sends one) is refused.
+    assert_eq!(
+        app.client.get(format!("{}&iss=https://evil.example", flow.callback)).send().await.unwrap().status(),
+        400
+    );
+    assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0, "no code exchange for any of these");
+    // Expired: more than ten minutes between start and callback.
+    let flow2 =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    app.advance_clock(601).await;
+    let res = app.client.get(&flow2.callback).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await.unwrap().contains("ten minutes"));
+    assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
+    assert_nothing_connected(&app).await;
+    // Reused: the first use succeeds, a replay in the same browser is refused without a call.
+    let flow3 =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    assert_eq!(finish(&app.client, &app, &flow3.callback).await.status(), 200);
+    let calls = app.sandbox_stats("tiktok").await["token_calls"].as_u64().unwrap();
+    assert_eq!(calls, 1);
+    let res = app.client.get(&flow3.callback).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await.unwrap().contains("already used"));
+    assert_eq!(app.sandbox_stats("tiktok").await["token_calls"].as_u64().unwrap(), calls);
+}
+
+async fn link_gone_between_start_and_callback(app: TestApp) {
+    let wid = app.workspace("Gone");
+    let (id, url) = app.link(&wid, "Client");
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    app.cli_json(&["link", "revoke", &id]);
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 410);
+    assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
+    assert_nothing_connected(&app).await;
+    // A revoked link cannot start a flow either.
+    let token = token_of(&url);
+    let res = app.client.post(app.url(&format!("/l/{token}/connect/tiktok"))).send().await.unwrap();
+    assert_eq!(res.status(), 410);
+}
+
+async fn provider_failures(app: TestApp) {
+    let wid = app.workspace("Failures");
+    let (_, url) = app.link(&wid, "Client");
+    for (provider, endpoint, kind, status) in [
+        ("tiktok", "token", "invalid_grant", 502),
+        ("tiktok", "token", "server_error", 504),
+        ("tiktok", "token", "rate_limit", 504),
+        ("tiktok", "token", "html_error", 504),
+        ("tiktok", "token", "slow", 504),
+        ("tiktok", "profile", "access_token_invalid", 502),
+        ("tiktok", "profile", "server_error", 504),
+        ("instagram", "token", "bad_code", 502),
+        ("instagram", "exchange_long_lived", "server_error", 504),
+        ("instagram", "profile", "access_token_invalid", 502),
+        ("instagram", "profile", "slow", 504),
+    ] {
+        app.sandbox(
+            &format!("/{provider}/scenario"),
+            json!({"fail_next": [{"endpoint": endpoint, "kind": kind}], "slow_ms": 4000}),
+        )
+        .await;
+        let flow =
+            start_and_consent(&app.client, &app, &url, provider, &account(provider, 0), "allow", None).await;
+        let page = finish(&app.client, &app, &flow.callback).await;
+        assert_eq!(page.status().as_u16(), status, "{provider} {endpoint} {kind}");
+        let html = page.text().await.unwrap();
+        assert!(html.contains("Nothing was connected"), "{provider} {endpoint} {kind}: {html}");
+        assert!(html.contains("Try again"));
+        assert_nothing_connected(&app).await;
+    }
+}
+
+async fn fewer_scopes_than_required(app: TestApp) {
+    let wid = app.workspace("Scopes");
+    let (_, url) = app.link(&wid, "Client");
+    // The client unticks user.info.profile (only the required basic scope stays granted).
+    let flow = start_and_consent(
+        &app.client,
+        &app,
+        &url,
+        "tiktok",
+        &account("tiktok", 0),
+        "allow",
+        Some(&["user.info.basic"]),
+    )
+    .await;
+    assert!(
+        flow.callback.contains("scopes=user.info.basic&") || flow.callback.contains("scopes=user.info.basic")
+    );
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 403);
+    assert!(page.text().await.unwrap().contains("permissions were not granted"));
+    assert_nothing_connected(&app).await;
+}
+
+async fn personal_instagram_account_is_refused(app: TestApp) {
+    let wid = app.workspace("Personal");
+    let (_, url) = app.link(&wid, "Client");
+    let personal =
+        INSTAGRAM_ACCOUNTS.iter().find(|a| a.account_type == "PERSONAL").expect("a personal account");
+    let flow =
+        start_and_consent(&app.client, &app, &url, "instagram", &personal.user_id.to_string(), "allow", None)
+            .await;
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 403);
+    assert!(page.text().await.unwrap().contains("professional"));
+    assert_nothing_connected(&app).await;
+}
+
+async fn success_redirect_and_landing_list(app: TestApp) {
+    let w = app.cli_json(&[
+        "workspace",
+        "create",
+        "--name",
+        "Redirects",
+        "--allow-redirect",
+        "https://agency.example/done",
+    ]);
+    let wid = w["id"].as_str().unwrap();
+    let link = app.cli_json(&[
+        "link",
+        "create",
+        "--workspace",
+        wid,
+        "--label",
+        "Client",
+        "--redirect-url",
+        "https://agency.example/done?from=authlink",
+    ]);
+    let url = link["url"].as_str().unwrap();
+    let html = connect(&app.client, &app, url, "tiktok", &account("tiktok", 0)).await;
+    let key = app.workspace_key(wid);
+    let conn = &connections(&app, &key).await[0];
+    let id = conn["id"].as_str().unwrap();
+    let expected = format!(
+        "https://agency.example/done?from=authlink&status=connected&provider=tiktok&connection_id={id}"
+    );
+    assert!(
+        html.replace("&#38;", "&").replace("&amp;", "&").contains(&expected),
+        "success redirect button: {html}"
+    );
+    assert!(html.contains(&format!("href=\"/l/{}\"", token_of(url))), "connect another account");
+    // The landing page now lists the account, with its status.
+    let landing = app.client.get(url).send().await.unwrap().text().await.unwrap();
+    assert!(
+        landing.contains("Already connected")
+            && landing.contains("@sandbox.creator")
+            && landing.contains("Connected")
+    );
+    // The result page is only for the browser that ran the flow.
+    let other = new_browser();
+    let res = app.client.get(url).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let stranger =
+        other.get(app.url("/connected/0190a000-0000-7000-8000-000000000000")).send().await.unwrap();
+    assert_eq!(stranger.status(), 404);
+}
+
+async fn connections_api_and_cli(app: TestApp) {
+    let wid = app.workspace("Conn API");
+    let key = app.workspace_key(&wid);
+    let other_key = app.workspace_key(&app.workspace("Other"));
+    let (link_id, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
+    connect(&new_browser(), &app, &url, "instagram", &account("instagram", 0)).await;
+    let list = connections(&app, &key).await;
+    assert_eq!(list.len(), 2);
+    let tiktok = list.iter().find(|c| c["provider"] == "tiktok").unwrap();
+    let tid = tiktok["id"].as_str().unwrap();
+    // Filters.
+    assert_eq!(
+        app.api_get("/connections?provider=instagram", &key, 200).await["data"].as_array().unwrap().len(),
+        1
+    );
+    assert_eq!(
+        app.api_get("/connections?status=broken", &key, 200).await["data"].as_array().unwrap().len(),
+        0
+    );
+    assert_eq!(
+        app.api_get(&format!("/connections?link_id={link_id}"), &key, 200).await["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(app.api_get("/connections?limit=1", &key, 200).await["data"].as_array().unwrap().len(), 1);
+    app.api_get("/connections?status=sideways", &key, 422).await;
+    // Tenant isolation.
+    app.api_get(&format!("/connections/{tid}"), &other_key, 404).await;
+    app.api_get(&format!("/connections/{tid}/access-token"), &other_key, 404).await;
+    app.api_post(&format!("/connections/{tid}/disconnect"), &other_key, json!({}), 404).await;
+    assert_eq!(connections(&app, &other_key).await.len(), 0);
+    // Access token through the API and the CLI; every read is audited.
+    let token = app.api_get(&format!("/connections/{tid}/access-token"), &key, 200).await;
+    let access = token["access_token"].as_str().unwrap().to_string();
+    assert!(!access.is_empty() && token["expires_at"].is_string() && token["sandbox"] == true);
+    let cli_token = app.cli(&["connection", "token", tid]);
+    assert!(cli_token.status.success());
+    assert_eq!(String::from_utf8_lossy(&cli_token.stdout).trim(), access);
+    let reads =
+        app.api_get(&format!("/audit-events?action=connection.token_read&target_id={tid}"), &key, 200).await;
+    assert_eq!(reads["data"].as_array().unwrap().len(), 2);
+    // CLI listing marks sandbox connections.
+    let out = app.cli(&["connection", "list", "--workspace", &wid]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("[sandbox]") && text.contains("@sandbox.creator"), "{text}");
+    let listed = app.cli_json(&["connection", "list", "--workspace", &wid, "--status", "active"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    let shown = app.cli_json(&["connection", "show", tid]);
+    assert_eq!(shown["events"][0]["kind"], "created");
+    assert!(!shown.to_string().contains(&access));
+    // Disconnect: revoked at TikTok, marked disconnected, tokens erased.
+    let revokes = app.sandbox_stats("tiktok").await["revoke_calls"].as_u64().unwrap();
+    let done = app.cli_json(&["connection", "disconnect", tid]);
+    assert_eq!(done["status"], "disconnected");
+    assert_eq!(app.sandbox_stats("tiktok").await["revoke_calls"].as_u64().unwrap(), revokes + 1);
+    let p = app.api_get(&format!("/connections/{tid}/access-token"), &key, 409).await;
+    assert_eq!(p["code"], "conflict");
+    let ig = list.iter().find(|c| c["provider"] == "instagram").unwrap()["id"].as_str().unwrap().to_string();
+    let done = app.api_post(&format!("/connections/{ig}/disconnect"), &key, json!({}), 200).await;
+    assert!(done["status_reason"].as_str().unwrap().contains("offers no revocation"));
+    assert_eq!(
+        app.cli_json(&["connection", "list", "--workspace", &wid, "--status", "disconnected"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // The landing page tells the client where they stand.
+    let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(landing.contains("Disconnected"));
+    assert_eq!(
+        app.cli(&["connection", "list", "--workspace", &wid, "--status", "sideways"]).status.code(),
+        Some(2)
+    );
+}
+
+async fn access_token_refreshes_when_expiring(app: TestApp) {
+    let wid = app.workspace("Refresh");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
+    let id = connections(&app, &key).await[0]["id"].as_str().unwrap().to_string();
+    let first = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    // Not due: the same token, no refresh call.
+    let again = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    assert_eq!(first["access_token"], again["access_token"]);
+    assert_eq!(app.sandbox_stats("tiktok").await["refresh_calls"], 0);
+    // Within five minutes of expiry: refreshed first (the refresh token rotates).
+    app.advance_clock(86_400 - 200).await;
+    let path = format!("/connections/{id}/access-token");
+    let concurrent = futures::future::join_all((0..5).map(|_| app.api_get(&path, &key, 200))).await;
+    let fresh = &concurrent[0];
+    assert_ne!(fresh["access_token"], first["access_token"]);
+    assert!(
+        concurrent.iter().all(|t| t["access_token"] == fresh["access_token"]),
+        "one refresh, shared by all readers"
+    );
+    let stats = app.sandbox_stats("tiktok").await;
+    assert_eq!(stats["refresh_calls"], 1, "single flight");
+    assert_eq!(stats["refresh_token_reuse"], 0);
+    let detail = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert!(detail["events"].as_array().unwrap().iter().any(|e| e["kind"] == "refreshed"));
+    // A permanent refresh failure breaks the connection with a readable reason.
+    app.advance_clock(86_400).await;
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "refresh", "kind": "invalid_grant"}]}))
+        .await;
+    let p = app.api_get(&format!("/connections/{id}/access-token"), &key, 409).await;
+    assert!(p["detail"].as_str().unwrap().contains("broken"));
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "broken");
+    assert!(c["status_reason"].as_str().unwrap().len() > 10);
+    // The client repairs it through the same link.
+    let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(landing.contains("Needs reconnecting") && landing.contains("Reconnect"));
+    connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "active");
+    assert_eq!(c["reconnect_count"], 1);
+}
+
+async fn no_secret_in_database_or_logs(app: TestApp) {
+    let wid = app.workspace("Canaries");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    let mut codes_and_states = Vec::new();
+    for provider in ["tiktok", "instagram"] {
+        let flow =
+            start_and_consent(&app.client, &app, &url, provider, &account(provider, 0), "allow", None).await;
+        let parsed = url::Url::parse(flow.callback.split('#').next().unwrap()).unwrap();
+        for (k, v) in parsed.query_pairs() {
+            if k == "code" || k == "state" {
+                codes_and_states.push((format!("{provider} {k}"), v.into_owned()));
+            }
+        }
+        assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 200);
+    }
+    let mut tokens = Vec::new();
+    for c in connections(&app, &key).await {
+        let id = c["id"].as_str().unwrap();
+        let t = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+        tokens.push((
+            format!("{} access token", c["provider"]),
+            t["access_token"].as_str().unwrap().to_string(),
+        ));
+    }
+    app.client.get(app.url("/healthz")).send().await.unwrap();
+    let dump = app.database_dump().await;
+    let logs = app.log_text();
+    let link_token = token_of(&url);
+    for (what, secret) in
+        codes_and_states.iter().chain(tokens.iter()).chain([("link token".to_string(), link_token)].iter())
+    {
+        assert!(secret.len() >= 16, "{what} looks too short to search for: {secret}");
+        assert!(!dump.contains(secret.as_str()), "the database holds the {what} in plain text");
+        assert!(!logs.contains(secret.as_str()), "the logs hold the {what}");
+    }
+    // Refresh tokens are never shown; the sandbox's TikTok tokens have recognisable prefixes.
+    assert!(!dump.contains("rft.") && !dump.contains("act."), "no TikTok token in the database");
+    assert!(!logs.contains("rft.") && !logs.contains("act."), "no TikTok token in the logs");
+}

@@ -1,0 +1,433 @@
+//! Spawning the real binary against a fresh database, and typed helpers to drive it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+/// Which database a test runs on.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// A fresh SQLite file in a temporary folder.
+    Sqlite,
+    /// A fresh schema on this PostgreSQL server.
+    Postgres(String),
+}
+
+/// Whether PostgreSQL tests can run.
+#[derive(Clone, Debug)]
+pub enum PgAvailability {
+    /// The server answers at this URL.
+    Available(String),
+    /// `AUTHLINK_TEST_POSTGRES_URL` was set but the server does not answer: a failure.
+    Required(String),
+    /// No server: the PostgreSQL half is skipped (loudly).
+    Absent(String),
+}
+
+/// Probes the PostgreSQL server once for the whole run.
+pub fn postgres_availability() -> PgAvailability {
+    let explicit = std::env::var("AUTHLINK_TEST_POSTGRES_URL").ok().filter(|s| !s.is_empty());
+    let url = explicit.clone().unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return PgAvailability::Absent(e.to_string()),
+    };
+    let probe = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&url))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?
+            .close()
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match (probe, explicit) {
+        (Ok(()), _) => PgAvailability::Available(url),
+        (Err(e), Some(_)) => PgAvailability::Required(e),
+        (Err(e), None) => PgAvailability::Absent(format!("{url}: {e}")),
+    }
+}
+
+/// The binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_authlink")
+}
+
+/// A running `authlink serve` with its own database.
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// A client with a cookie jar, not following redirects (tests look at each hop).
+    pub client: reqwest::Client,
+    /// The environment the binary runs with (for CLI calls).
+    pub env: Vec<(String, String)>,
+    /// The backend.
+    pub backend: Backend,
+    /// The database URL.
+    pub db_url: String,
+    /// The PostgreSQL schema, if any.
+    pub schema: Option<String>,
+    /// The temporary data folder (SQLite file, key file).
+    pub dir: Arc<tempfile::TempDir>,
+    /// Everything the server logged.
+    pub logs: Arc<Mutex<String>>,
+    child: Arc<Mutex<Option<Child>>>,
+}
+
+/// Runs the clean-up of a test app after the test finished (kill the server, drop the schema).
+pub struct Cleanup {
+    child: Arc<Mutex<Option<Child>>>,
+    backend: Backend,
+    schema: Option<String>,
+}
+
+impl Cleanup {
+    /// Kills the server and drops the PostgreSQL schema.
+    pub async fn run(self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let (Backend::Postgres(url), Some(schema)) = (&self.backend, &self.schema) {
+            if let Ok(mut conn) = sqlx::PgConnection::connect(url).await {
+                let _ =
+                    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut conn).await;
+            }
+        }
+    }
+}
+
+/// A master key for tests (fresh per app).
+pub fn new_master_key() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = std::array::from_fn(|_| rand::random::<u8>());
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+impl TestApp {
+    /// Starts the server on a new database.
+    pub async fn spawn(backend: Backend) -> Self {
+        Self::spawn_with(backend, &[]).await
+    }
+
+    /// Starts the server on a new database with extra environment variables.
+    pub async fn spawn_with(backend: Backend, extra: &[(&str, &str)]) -> Self {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        let (db_url, schema) = match &backend {
+            Backend::Sqlite => (format!("sqlite://{}/authlink.db", dir.path().display()), None),
+            Backend::Postgres(url) => {
+                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
+                let sep = if url.contains('?') { '&' } else { '?' };
+                (format!("{url}{sep}options=-c%20search_path%3D{schema}"), Some(schema))
+            }
+        };
+        let mut env: Vec<(String, String)> = vec![
+            ("AUTHLINK_DATABASE_URL".into(), db_url.clone()),
+            ("AUTHLINK_DATA_DIR".into(), dir.path().display().to_string()),
+            ("AUTHLINK_MASTER_KEY".into(), new_master_key()),
+            ("AUTHLINK_LOG_FORMAT".into(), "json".into()),
+            ("AUTHLINK_LOG".into(), "debug,authlink=trace,hyper=info,h2=info,rustls=info,sqlx=info".into()),
+            ("AUTHLINK_SANDBOX__CONTROL_API".into(), "true".into()),
+            ("AUTHLINK_PROVIDERS__TIMEOUT_SECS".into(), "2".into()),
+            ("AUTHLINK_HTTP__SHUTDOWN_GRACE_SECS".into(), "10".into()),
+        ];
+        for (k, v) in extra {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v.to_string()));
+        }
+        let mut serve_env = env.clone();
+        if !serve_env.iter().any(|(k, _)| k == "AUTHLINK_LISTEN") {
+            serve_env.push(("AUTHLINK_LISTEN".into(), "127.0.0.1:0".into()));
+        }
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve").stdout(Stdio::null()).stderr(Stdio::piped()).current_dir(dir.path());
+        clear_authlink_env(&mut cmd);
+        cmd.envs(serve_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut child = cmd.spawn().expect("start authlink serve");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<Result<String, String>>();
+        {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    logs.lock().unwrap().push_str(&line);
+                    logs.lock().unwrap().push('\n');
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if v["message"] == "authlink listening" {
+                            if let Some(tx) = tx.take() {
+                                let _ = tx.send(Ok(v["public_url"].as_str().unwrap_or_default().to_string()));
+                            }
+                        }
+                    }
+                }
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(Err(logs.lock().unwrap().clone()));
+                }
+            });
+        }
+        let base = match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(Ok(Ok(url))) => url.trim_end_matches('/').to_string(),
+            Ok(Ok(Err(logs))) => panic!("authlink serve exited before listening:\n{logs}"),
+            _ => panic!("authlink serve did not start listening in time"),
+        };
+        env.push(("AUTHLINK_PUBLIC_URL".into(), base.clone()));
+        let client = reqwest::Client::builder()
+            .cookie_store(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        TestApp {
+            base,
+            client,
+            env,
+            backend,
+            db_url,
+            schema,
+            dir,
+            logs,
+            child: Arc::new(Mutex::new(Some(child))),
+        }
+    }
+
+    /// The clean-up to run after the test.
+    pub fn cleanup_handle(&self) -> Cleanup {
+        Cleanup { child: self.child.clone(), backend: self.backend.clone(), schema: self.schema.clone() }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Waits for the server process to exit and returns its status code.
+    pub fn wait_exit(&self) -> Option<i32> {
+        let mut guard = self.child.lock().unwrap();
+        let status = guard.as_mut()?.wait().ok()?;
+        guard.take();
+        status.code()
+    }
+
+    /// `base + path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Runs the CLI with this app's environment (plus `extra`).
+    pub fn cli_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(binary());
+        cmd.args(args).current_dir(self.dir.path()).stdin(Stdio::null());
+        clear_authlink_env(&mut cmd);
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.env("AUTHLINK_LOG_FORMAT", "human");
+        cmd.env("AUTHLINK_LOG", "warn");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run authlink")
+    }
+
+    /// Runs the CLI.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_env(args, &[])
+    }
+
+    /// Runs the CLI with `--json`, expects success, and parses the output.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "authlink {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("authlink {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    /// A platform-admin API key (made with the CLI).
+    pub fn admin_key(&self) -> String {
+        self.cli_json(&["apikey", "create", "--admin", "--name", "test admin"])["secret"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Creates a workspace through the CLI; returns its id.
+    pub fn workspace(&self, name: &str) -> String {
+        self.cli_json(&["workspace", "create", "--name", name])["id"].as_str().unwrap().to_string()
+    }
+
+    /// A workspace key for `workspace` (made with the CLI).
+    pub fn workspace_key(&self, workspace: &str) -> String {
+        self.cli_json(&["apikey", "create", "--workspace", workspace])["secret"].as_str().unwrap().to_string()
+    }
+
+    /// Creates a link through the CLI; returns (id, url).
+    pub fn link(&self, workspace: &str, label: &str) -> (String, String) {
+        let v = self.cli_json(&["link", "create", "--workspace", workspace, "--label", label]);
+        (v["id"].as_str().unwrap().to_string(), v["url"].as_str().unwrap().to_string())
+    }
+
+    /// An authenticated API request.
+    pub fn api(&self, method: reqwest::Method, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, self.url(&format!("/api/v1{path}"))).bearer_auth(key)
+    }
+
+    /// GET an API path, expecting `status`; returns the JSON body.
+    pub async fn api_get(&self, path: &str, key: &str, status: u16) -> Value {
+        let res = self.api(reqwest::Method::GET, path, key).send().await.unwrap();
+        expect_json(res, status).await
+    }
+
+    /// POST JSON to an API path, expecting `status`; returns the JSON body.
+    pub async fn api_post(&self, path: &str, key: &str, body: Value, status: u16) -> Value {
+        let res = self.api(reqwest::Method::POST, path, key).json(&body).send().await.unwrap();
+        expect_json(res, status).await
+    }
+
+    /// PATCH JSON.
+    pub async fn api_patch(&self, path: &str, key: &str, body: Value, status: u16) -> Value {
+        let res = self.api(reqwest::Method::PATCH, path, key).json(&body).send().await.unwrap();
+        expect_json(res, status).await
+    }
+
+    /// POST to the sandbox control API.
+    pub async fn sandbox(&self, path: &str, body: Value) -> Value {
+        let res =
+            self.client.post(self.url(&format!("/sandbox/control{path}"))).json(&body).send().await.unwrap();
+        let status = res.status();
+        let text = res.text().await.unwrap();
+        assert!(status.is_success(), "sandbox control {path} answered {status}: {text}");
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// The sandbox's counters for a provider.
+    pub async fn sandbox_stats(&self, provider: &str) -> Value {
+        let res =
+            self.client.get(self.url(&format!("/sandbox/control/{provider}/stats"))).send().await.unwrap();
+        assert!(res.status().is_success());
+        res.json().await.unwrap()
+    }
+
+    /// Moves the shared clock forward.
+    pub async fn advance_clock(&self, seconds: i64) {
+        self.sandbox("/clock/advance", json!({ "seconds": seconds })).await;
+    }
+
+    /// Everything the server logged so far.
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Every byte the database holds, as text: the SQLite file and its WAL, or every row of
+    /// every table of the schema.
+    pub async fn database_dump(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite => {
+                let mut out = String::new();
+                for name in ["authlink.db", "authlink.db-wal"] {
+                    if let Ok(bytes) = std::fs::read(self.dir.path().join(name)) {
+                        out.push_str(&String::from_utf8_lossy(&bytes));
+                    }
+                }
+                out
+            }
+            Backend::Postgres(url) => {
+                let schema = self.schema.clone().unwrap();
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                let tables: Vec<(String,)> = sqlx::query_as(
+                    "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1",
+                )
+                .bind(&schema)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+                let mut out = String::new();
+                for (t,) in tables {
+                    let rows: Vec<(String,)> = sqlx::query_as(&format!("SELECT t::text FROM {schema}.{t} t"))
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
+                    for (r,) in rows {
+                        out.push_str(&r);
+                        out.push('\n');
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Counts rows of a table (through a direct connection).
+    pub async fn count(&self, table: &str) -> i64 {
+        match &self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&format!(
+                    "sqlite://{}/authlink.db",
+                    self.dir.path().display()
+                ))
+                .await
+                .unwrap();
+                let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}"))
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+                n
+            }
+            Backend::Postgres(url) => {
+                let schema = self.schema.clone().unwrap();
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {schema}.{table}"))
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
+                n
+            }
+        }
+    }
+}
+
+fn clear_authlink_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AUTHLINK_") {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+/// Asserts the status and parses the JSON body.
+pub async fn expect_json(res: reqwest::Response, status: u16) -> Value {
+    let got = res.status().as_u16();
+    let ct = res.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let text = res.text().await.unwrap();
+    assert_eq!(got, status, "unexpected status; body: {text}");
+    if got >= 400 {
+        assert!(ct.starts_with("application/problem+json"), "errors are problem documents, got {ct}: {text}");
+    }
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+/// The token part of a link URL.
+pub fn token_of(url: &str) -> String {
+    url.rsplit("/l/").next().unwrap().to_string()
+}
+
+/// Asserts that neither the logs nor the database contain `secret`.
+pub async fn assert_nowhere(app: &TestApp, what: &str, secret: &str) {
+    assert!(!secret.is_empty());
+    assert!(!app.log_text().contains(secret), "the logs contain the {what}");
+    assert!(!app.database_dump().await.contains(secret), "the database contains the {what} in plain text");
+}

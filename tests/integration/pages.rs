@@ -1,0 +1,159 @@
+//! The public landing page of a link.
+
+use serde_json::json;
+
+use crate::helpers::{TestApp, token_of};
+use crate::tests;
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
+    tests![
+        landing_page_shows_branding_and_platforms,
+        unknown_and_gone_links,
+        get_never_changes_state,
+        pages_are_hardened
+    ]
+}
+
+async fn landing_page_shows_branding_and_platforms(app: TestApp) {
+    let w = app.cli_json(&[
+        "workspace",
+        "create",
+        "--name",
+        "Glow Agency",
+        "--display-name",
+        "Glow",
+        "--accent-color",
+        "#ffd400",
+    ]);
+    let wid = w["id"].as_str().unwrap();
+    let link = app.cli_json(&[
+        "link",
+        "create",
+        "--workspace",
+        wid,
+        "--label",
+        "Sunny <Cafe>",
+        "--platform",
+        "tiktok",
+    ]);
+    let res = app.client.get(link["url"].as_str().unwrap()).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let html = res.text().await.unwrap();
+    assert!(html.contains("Glow"), "branding");
+    assert!(html.contains("Sunny &lt;Cafe&gt;") || html.contains("Sunny &#60;Cafe&#62;"), "label, escaped");
+    assert!(!html.contains("<Cafe>"));
+    assert!(html.contains("Connect TikTok"));
+    assert!(!html.contains("Connect Instagram"), "only the offered platforms");
+    assert!(html.contains("See your display name and profile picture"), "what the platform grants");
+    assert!(html.contains("method=\"post\""), "buttons are POST forms");
+    assert!(html.contains("sandbox"), "sandbox mode is visible");
+    // The accent colour arrives as a same-origin stylesheet (no inline styles).
+    let css =
+        app.client.get(app.url(&format!("/brand/{wid}.css"))).send().await.unwrap().text().await.unwrap();
+    assert!(css.contains("--accent: #ffd400") && css.contains("--accent-text: #000000"), "{css}");
+    assert_eq!(app.client.get(app.url("/brand/nope.css")).send().await.unwrap().status(), 404);
+}
+
+async fn unknown_and_gone_links(app: TestApp) {
+    let wid = app.workspace("Gone Inc");
+    for path in [
+        "/l/",
+        "/l/short",
+        "/l/not_a_token_but_43_chars_long_xxxxxxxxxxxxx",
+        "/l/%00%01",
+        "/l/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    ] {
+        let res = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), 404, "{path}");
+        let html = res.text().await.unwrap();
+        assert!(html.contains("does not exist") || html.contains("not found"), "{path}");
+    }
+    // Revoked: 410 telling the client to ask the agency.
+    let (id, url) = app.link(&wid, "revoked");
+    app.cli_json(&["link", "revoke", &id]);
+    let res = app.client.get(&url).send().await.unwrap();
+    assert_eq!(res.status(), 410);
+    let html = res.text().await.unwrap();
+    assert!(html.contains("Ask Gone Inc to send you a new link"), "{html}");
+    // Expired: 410 once the clock passes the expiry.
+    let expiring =
+        app.cli_json(&["link", "create", "--workspace", &wid, "--label", "soon", "--expires-in", "1h"]);
+    let url = expiring["url"].as_str().unwrap();
+    assert_eq!(app.client.get(url).send().await.unwrap().status(), 200);
+    app.advance_clock(3601).await;
+    let res = app.client.get(url).send().await.unwrap();
+    assert_eq!(res.status(), 410);
+    assert!(res.text().await.unwrap().contains("expired"));
+    let admin = app.admin_key();
+    let shown = app.api_get(&format!("/links/{}", expiring["id"].as_str().unwrap()), &admin, 200).await;
+    assert_eq!(shown["status"], "expired");
+    // Unknown pages are a 404 page too.
+    assert_eq!(app.client.get(app.url("/nothing/here")).send().await.unwrap().status(), 404);
+}
+
+async fn get_never_changes_state(app: TestApp) {
+    let wid = app.workspace("Scanners");
+    let (id, url) = app.link(&wid, "scanned");
+    let before = app.cli_json(&["link", "show", &id]);
+    let audit_before = app.count("audit_log").await;
+    for _ in 0..25 {
+        assert_eq!(app.client.get(&url).send().await.unwrap().status(), 200);
+        assert_eq!(app.client.head(&url).send().await.unwrap().status(), 200);
+    }
+    let after = app.cli_json(&["link", "show", &id]);
+    assert_eq!(before, after, "GET and HEAD change nothing");
+    assert_eq!(app.count("audit_log").await, audit_before);
+    assert_eq!(app.count("oauth_flows").await, 0, "no flow starts on GET");
+    // The connect endpoint does not answer GET.
+    let token = token_of(&url);
+    let res = app.client.get(app.url(&format!("/l/{token}/connect/tiktok"))).send().await.unwrap();
+    assert_eq!(res.status(), 405);
+}
+
+async fn pages_are_hardened(app: TestApp) {
+    let wid = app.workspace("Hardened");
+    let (_, url) = app.link(&wid, "client");
+    let res = app.client.get(&url).send().await.unwrap();
+    let h = res.headers().clone();
+    assert_eq!(h["referrer-policy"], "no-referrer");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_eq!(h["cache-control"], "no-store");
+    let csp = h["content-security-policy"].to_str().unwrap();
+    for directive in ["default-src 'none'", "frame-ancestors 'none'", "object-src 'none'", "base-uri 'none'"]
+    {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    assert!(!csp.contains("unsafe-inline"));
+    let html = res.text().await.unwrap();
+    // No third-party assets: every src/href is same-origin (relative).
+    for attr in ["src=\"", "href=\""] {
+        for part in html.split(attr).skip(1) {
+            let value = part.split('"').next().unwrap();
+            assert!(value.starts_with('/'), "{attr}{value} is not same-origin");
+        }
+    }
+    assert!(!html.contains("<script"), "no JavaScript needed");
+    assert!(html.contains("name=\"viewport\""), "phone-friendly");
+    let robots = app.client.get(app.url("/robots.txt")).send().await.unwrap().text().await.unwrap();
+    assert!(robots.contains("Disallow: /l/"));
+    // Cross-site posts to the connect endpoint are refused and start nothing.
+    let token = token_of(&url);
+    let res = app
+        .client
+        .post(app.url(&format!("/l/{token}/connect/tiktok")))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    let res = app
+        .client
+        .post(app.url(&format!("/l/{token}/connect/tiktok")))
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(app.count("oauth_flows").await, 0);
+    let _ = json!({});
+}
