@@ -527,6 +527,13 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid() {
+        let c = Config::load_from(Some(Path::new("config.example.toml")), &[]).unwrap();
+        assert!(!c.providers.tiktok.is_sandbox());
+        assert_eq!(c.public("/oauth/tiktok/callback"), "https://links.example.com/oauth/tiktok/callback");
+    }
+
+    #[test]
     fn database_password_is_masked() {
         assert_eq!(mask_database_url("postgres://u:pw@localhost/db"), "postgres://u:****@localhost/db");
     }

@@ -463,8 +463,9 @@ pub(super) fn sanitize(text: &str, secrets: &[&str]) -> String {
     for s in secrets.iter().filter(|s| s.len() >= 4) {
         out = out.replace(*s, "[redacted]");
     }
-    let mut out: String = out.chars().filter(|c| !c.is_control()).take(300).collect();
-    if out.len() < text.len() && text.chars().count() > 300 {
+    let kept: Vec<char> = out.chars().filter(|c| !c.is_control()).collect();
+    let mut out: String = kept.iter().take(300).collect();
+    if kept.len() > 300 {
         out.push('…');
     }
     out
@@ -726,5 +727,10 @@ mod tests {
         assert_eq!(scope_list(&serde_json::json!("a, b c,,a")), vec!["a", "b", "c"]);
         assert_eq!(scope_list(&serde_json::json!(["a", "b"])), vec!["a", "b"]);
         assert_eq!(public_url(&config(), "/x/").as_str(), "https://links.example.com/base/x/");
+        let long = "x".repeat(400);
+        let cut = sanitize(&long, &[]);
+        assert_eq!(cut.chars().count(), 301);
+        assert!(cut.ends_with('…'));
+        assert_eq!(sanitize("a\nb", &[]), "ab");
     }
 }

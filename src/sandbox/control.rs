@@ -32,23 +32,31 @@ fn bad_request(message: impl Into<String>) -> Response {
     json(StatusCode::BAD_REQUEST, json!({ "error": message.into() }))
 }
 
-fn platform(name: &str) -> Result<Platform, Response> {
+/// The platform named in the path; `Err` is the 404 to answer.
+fn platform(name: &str) -> Result<Platform, Box<Response>> {
     match name {
         "tiktok" => Ok(Platform::Tiktok),
         "instagram" => Ok(Platform::Instagram),
-        _ => Err(json(
-            StatusCode::NOT_FOUND,
-            json!({ "error": format!("unknown provider `{}` (expected tiktok or instagram)", name.chars().take(40).collect::<String>()) }),
-        )),
+        _ => {
+            let name: String = name.chars().take(40).collect();
+            Err(Box::new(json(
+                StatusCode::NOT_FOUND,
+                json!({ "error": format!("unknown provider `{name}` (expected tiktok or instagram)") }),
+            )))
+        }
     }
 }
 
 /// Parses a JSON body; an empty body is `T::default()` when `empty_ok`.
-fn body<T: DeserializeOwned + Default>(bytes: &[u8], empty_ok: bool) -> Result<T, Response> {
+fn body<T: DeserializeOwned + Default>(bytes: &[u8], empty_ok: bool) -> Result<T, Box<Response>> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return if empty_ok { Ok(T::default()) } else { Err(bad_request("a JSON body is required")) };
+        return if empty_ok {
+            Ok(T::default())
+        } else {
+            Err(Box::new(bad_request("a JSON body is required")))
+        };
     }
-    serde_json::from_slice(bytes).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| Box::new(bad_request(format!("invalid JSON body: {e}"))))
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Response {
@@ -62,7 +70,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> Response {
 async fn get_scenario(State(sb): State<Arc<Sandbox>>, Path(provider): Path<String>) -> Response {
     match platform(&provider) {
         Ok(p) => to_json(&sb.scenario(p)),
-        Err(resp) => resp,
+        Err(resp) => *resp,
     }
 }
 
@@ -74,11 +82,11 @@ async fn set_scenario(
 ) -> Response {
     let p = match platform(&provider) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let patch: ScenarioPatch = match body(&bytes, false) {
         Ok(patch) => patch,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     match sb.set_scenario(p, patch) {
         Ok(scenario) => {
@@ -96,7 +104,7 @@ async fn reset(State(sb): State<Arc<Sandbox>>, Path(provider): Path<String>) -> 
             sb.reset(p);
             json(StatusCode::OK, json!({ "ok": true }))
         }
-        Err(resp) => resp,
+        Err(resp) => *resp,
     }
 }
 
@@ -104,7 +112,7 @@ async fn reset(State(sb): State<Arc<Sandbox>>, Path(provider): Path<String>) -> 
 async fn stats(State(sb): State<Arc<Sandbox>>, Path(provider): Path<String>) -> Response {
     match platform(&provider) {
         Ok(p) => to_json(&sb.stats(p)),
-        Err(resp) => resp,
+        Err(resp) => *resp,
     }
 }
 
@@ -129,7 +137,7 @@ async fn accounts(Path(provider): Path<String>) -> Response {
                 })
             })
             .collect(),
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     json(StatusCode::OK, json!({ "accounts": list }))
 }
@@ -149,11 +157,11 @@ async fn revoke_account(
 ) -> Response {
     let p = match platform(&provider) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let request: RevokeBody = match body(&bytes, true) {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let revoked = sb.revoke_account(p, &account_id, request.reason);
     tracing::info!(provider = p.as_str(), revoked, "sandbox account revoked");
@@ -170,7 +178,7 @@ struct AdvanceBody {
 async fn advance_clock(State(sb): State<Arc<Sandbox>>, bytes: Bytes) -> Response {
     let request: AdvanceBody = match body(&bytes, false) {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if request.seconds < 0 {
         return bad_request("seconds must not be negative: the clock only moves forward");

@@ -152,15 +152,15 @@ impl InstagramState {
     }
 
     /// The live token, or the Graph error for a dead one.
-    fn check_token(&self, token: &str, now: OffsetDateTime) -> Result<&Token, Response> {
+    fn check_token(&self, token: &str, now: OffsetDateTime) -> Result<&Token, Box<Response>> {
         let Some(t) = self.tokens.get(token) else {
-            return Err(graph_error(
+            return Err(Box::new(graph_error(
                 StatusCode::BAD_REQUEST,
                 190,
                 None,
                 "Invalid OAuth access token - Cannot parse access token",
                 false,
-            ));
+            )));
         };
         if let Some(sub) = t.revoked {
             let message = if sub == 460 {
@@ -169,16 +169,16 @@ impl InstagramState {
             } else {
                 "Error validating access token: The user has not authorized application."
             };
-            return Err(graph_error(StatusCode::BAD_REQUEST, 190, Some(sub), message, false));
+            return Err(Box::new(graph_error(StatusCode::BAD_REQUEST, 190, Some(sub), message, false)));
         }
         if t.expires_at <= now {
-            return Err(graph_error(
+            return Err(Box::new(graph_error(
                 StatusCode::BAD_REQUEST,
                 190,
                 Some(463),
                 "Error validating access token: Session has expired.",
                 false,
-            ));
+            )));
         }
         Ok(t)
     }
@@ -588,7 +588,7 @@ pub(super) async fn exchange_long_lived(
         Ok(t) => t.user_id,
         Err(resp) => {
             st.stats.invalid_grant += 1;
-            return resp;
+            return *resp;
         }
     };
     let (token, lifetime) = st.issue(user_id, true, now);
@@ -637,7 +637,7 @@ pub(super) async fn refresh(State(sb): State<Arc<Sandbox>>, RawQuery(query): Raw
         Ok(t) => t.user_id,
         Err(resp) => {
             st.stats.invalid_grant += 1;
-            return resp;
+            return *resp;
         }
     };
     // The old token stays valid until its own expiry.
@@ -685,7 +685,7 @@ pub(super) async fn me(
             Err(resp) => {
                 st.stats.invalid_grant += 1;
                 tracing::debug!("sandbox instagram: /me with a dead token");
-                return resp;
+                return *resp;
             }
         }
     };

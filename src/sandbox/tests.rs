@@ -850,6 +850,19 @@ async fn control_api_validates_and_resets() {
 }
 
 #[tokio::test]
+async fn debug_output_holds_no_tokens() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let code = h.tiktok_code(&verifier).await;
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &h.tiktok_redirect(), h.now()).await.unwrap();
+    let debug = format!("{:?} {:?} {:?}", h.sandbox, h.tiktok, tokens);
+    assert!(!debug.contains(tokens.access_token.expose_secret()), "{debug}");
+    assert!(!debug.contains(tokens.refresh_token.as_ref().unwrap().expose_secret()), "{debug}");
+    assert!(!debug.contains(&code), "{debug}");
+    assert!(!debug.contains(TIKTOK_CLIENT_SECRET), "{debug}");
+}
+
+#[tokio::test]
 async fn control_api_is_absent_unless_enabled() {
     let h = start_with(false).await;
     assert!(!h.sandbox.control_api_enabled());

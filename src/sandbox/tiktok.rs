@@ -38,7 +38,7 @@ const SCOPES: [(&str, &str); 6] = [
 ];
 
 /// The user-info fields and the scope each needs (§2.7).
-const FIELDS: [(&str, &str); 15] = [
+const FIELDS: [(&str, &str); 14] = [
     ("open_id", "user.info.basic"),
     ("union_id", "user.info.basic"),
     ("avatar_url", "user.info.basic"),
@@ -53,7 +53,6 @@ const FIELDS: [(&str, &str); 15] = [
     ("following_count", "user.info.stats"),
     ("likes_count", "user.info.stats"),
     ("video_count", "user.info.stats"),
-    ("avatar_url_200", "user.info.basic"),
 ];
 
 /// A fake TikTok account.
@@ -745,7 +744,7 @@ fn field_value(sb: &Sandbox, a: &TikTokAccount, field: &str) -> Value {
     match field {
         "open_id" => a.open_id.into(),
         "union_id" => a.union_id.into(),
-        "avatar_url" | "avatar_url_100" | "avatar_url_200" | "avatar_large_url" => avatar.into(),
+        "avatar_url" | "avatar_url_100" | "avatar_large_url" => avatar.into(),
         "display_name" => a.display_name.into(),
         "bio_description" => format!("{} (authlink sandbox account)", a.display_name).into(),
         "profile_deep_link" => format!("https://www.tiktok.com/@{}", a.username).into(),
