@@ -34,8 +34,12 @@ pub struct Cli {
 /// The commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the HTTP service (migrates the database first).
+    /// Run the HTTP service (migrates the database first) and, unless `jobs.enabled = false`,
+    /// the background jobs (token refresh, health checks, webhook delivery).
     Serve,
+    /// Run only the background jobs (token refresh, health checks, webhook delivery). Any
+    /// number of workers and servers may run at once: they coordinate through the database.
+    Worker,
     /// Apply the database migrations and exit.
     Migrate,
     /// Inspect the configuration.
@@ -58,6 +62,9 @@ pub enum Command {
     /// Read the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Manage webhook endpoints.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
     /// Print the OpenAPI document of the JSON API.
     Openapi,
 }
@@ -158,6 +165,10 @@ pub struct LinkCreateArgs {
     /// The agency's own reference for the client.
     #[arg(long, value_name = "REF")]
     pub client_ref: Option<String>,
+    /// Do not list the accounts already connected through the link on its landing page (for
+    /// links shared with many people).
+    #[arg(long)]
+    pub hide_connections: bool,
 }
 
 /// `authlink apikey ...`
@@ -219,6 +230,70 @@ pub enum ConnectionCommand {
     /// Print a valid access token, refreshing it first when it would expire within 5 minutes.
     Token {
         /// Connection id.
+        id: String,
+    },
+    /// Refresh the tokens now (waits for a refresh already running elsewhere).
+    Refresh {
+        /// Connection id.
+        id: String,
+    },
+    /// Run the health check now (a profile call that catches revoked grants).
+    Check {
+        /// Connection id.
+        id: String,
+    },
+}
+
+/// `authlink webhook ...`
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// Add an endpoint and print its id and signing secret (shown once).
+    Add {
+        /// Workspace id or slug.
+        #[arg(long)]
+        workspace: String,
+        /// The https URL events are POSTed to.
+        #[arg(long)]
+        url: String,
+        /// An event type to send (repeat for several). Default: all.
+        #[arg(long = "event", value_name = "EVENT")]
+        events: Vec<String>,
+        /// A note.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List endpoints.
+    List {
+        /// Only this workspace (id or slug).
+        #[arg(long)]
+        workspace: Option<String>,
+    },
+    /// Remove an endpoint (its delivery log stays).
+    Remove {
+        /// Endpoint id.
+        id: String,
+    },
+    /// Send a test event and wait up to 15 s for a running server or worker to deliver it.
+    Test {
+        /// Endpoint id.
+        id: String,
+    },
+    /// Show the delivery log of an endpoint.
+    Deliveries {
+        /// Endpoint id.
+        id: String,
+        /// Most deliveries to show.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Deliver an event again now (same webhook-id).
+    Redeliver {
+        /// Delivery id.
+        id: String,
+    },
+    /// Rotate the signing secret and print the new one (the old one signs too for 24 h).
+    RotateSecret {
+        /// Endpoint id.
         id: String,
     },
 }
@@ -347,6 +422,12 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
         Command::Apikey(cmd) => apikey(state(config).await?, json, cmd).await,
         Command::Connection(cmd) => connection(state(config).await?, json, cmd).await,
         Command::Audit(cmd) => audit(state(config).await?, json, cmd).await,
+        Command::Webhook(cmd) => webhook(state(config).await?, json, cmd).await,
+        Command::Worker => {
+            let state = state(config).await?;
+            startup::run_worker(state).await;
+            Ok(())
+        }
     }
 }
 
@@ -454,6 +535,7 @@ async fn link(app: AppState, json: bool, cmd: LinkCommand) -> CliResult {
                     expires_at: None,
                     max_uses: a.max_uses,
                     redirect_url: a.redirect_url,
+                    hide_connections: Some(a.hide_connections),
                 },
             )
             .await?;
@@ -653,6 +735,16 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
                 format!("disconnected {}: {}", c.id, c.status_reason.as_deref().unwrap_or(""))
             });
         }
+        ConnectionCommand::Refresh { id } => {
+            connections::get_row(&app, &Scope::Admin, &id).await?;
+            let outcome = service::refresh::refresh(&app, &id, true, 0).await?;
+            run_outcome(&app, json, &id, outcome, "connection.refresh_requested").await?;
+        }
+        ConnectionCommand::Check { id } => {
+            connections::get_row(&app, &Scope::Admin, &id).await?;
+            let outcome = service::refresh::check(&app, &id).await?;
+            run_outcome(&app, json, &id, outcome, "connection.check_requested").await?;
+        }
         ConnectionCommand::Token { id } => {
             let t = connections::access_token(&app, &Actor::Cli, &Scope::Admin, &id).await?;
             print(json, &t, |t| t.access_token.clone());
@@ -694,6 +786,119 @@ async fn audit(app: AppState, json: bool, cmd: AuditCommand) -> CliResult {
                     .collect::<Vec<_>>()
                     .join("\n")
             });
+        }
+    }
+    Ok(())
+}
+
+async fn run_outcome(
+    app: &AppState,
+    json: bool,
+    id: &str,
+    outcome: service::refresh::Outcome,
+    action: &str,
+) -> CliResult {
+    use service::refresh::Outcome;
+    let (word, detail) = match outcome {
+        Outcome::Refreshed(_) => ("refreshed", None),
+        Outcome::Current(_) => ("current", None),
+        Outcome::Transient(r) => ("transient", Some(r)),
+        Outcome::Broken(r) => ("broken", Some(r)),
+    };
+    let c = service::connections::get(app, &Scope::Admin, id).await?;
+    let mut conn = app.db.pool().acquire().await.map_err(|e| CliError::from(ServiceError::from(e)))?;
+    service::audit::record(&mut conn, app.now_ms(), &Actor::Cli, Some(&c.connection.workspace_id), action,
+        "connection", id, serde_json::json!({"outcome": word})).await?;
+    let value = serde_json::json!({"outcome": word, "detail": detail, "connection": c.connection});
+    print(json, &value, |_| match &detail {
+        Some(d) => format!("{word}: {d}"),
+        None => format!("{word}: status {}", c.connection.status.as_str()),
+    });
+    if word == "transient" {
+        return Err(CliError { message: format!("the provider is temporarily unavailable: {}", detail.unwrap_or_default()), code: 1 });
+    }
+    Ok(())
+}
+
+async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
+    use service::webhooks::{self, NewEndpoint};
+    match cmd {
+        WebhookCommand::Add { workspace, url, events, description } => {
+            let workspace_id = workspace_id(&app, &workspace).await?;
+            let created = webhooks::create(&app, &Actor::Cli, &Scope::Admin, NewEndpoint {
+                workspace_id: Some(workspace_id),
+                url,
+                events: if events.is_empty() { None } else { Some(events) },
+                description,
+            })
+            .await?;
+            print(json, &created, |c| {
+                format!("{}\nsecret: {}\n\nThis is the only time the secret is shown. Store it now.", c.endpoint.id, c.secret)
+            });
+        }
+        WebhookCommand::List { workspace } => {
+            let workspace_id = match workspace {
+                Some(w) => Some(workspace_id(&app, &w).await?),
+                None => None,
+            };
+            let list = webhooks::list(&app, &Scope::Admin, workspace_id.as_deref()).await?;
+            print(json, &list, |list| {
+                if list.is_empty() {
+                    return "no webhook endpoints".into();
+                }
+                list.iter()
+                    .map(|e| format!("{}  {:<8}  {}  [{}]{}", e.id, if e.enabled { "enabled" } else { "disabled" }, e.url,
+                        e.events.join(","), e.disabled_reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        WebhookCommand::Remove { id } => {
+            let e = webhooks::remove(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+            print(json, &e, |e| format!("removed webhook endpoint {}", e.id));
+        }
+        WebhookCommand::Test { id } => {
+            let event_id = webhooks::send_test(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+            let delivery = loop {
+                let list = webhooks::deliveries(&app, &Scope::Admin, &id, None, 20).await?;
+                let found = list.into_iter().find(|d| d.event_id == event_id);
+                match found {
+                    Some(d) if d.attempts > 0 || tokio::time::Instant::now() > deadline => break Some(d),
+                    None if tokio::time::Instant::now() > deadline => break None,
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+                }
+            };
+            let value = serde_json::json!({"event_id": event_id, "delivery": delivery});
+            print(json, &value, |_| match &delivery {
+                Some(d) if d.attempts > 0 => format!(
+                    "test event {event_id}: {} (HTTP {})",
+                    if d.status == "succeeded" { "delivered" } else { "not delivered" },
+                    d.last_status_code.map(|c| c.to_string()).unwrap_or_else(|| "none".into())
+                ),
+                _ => format!("test event {event_id} is queued; no server or worker delivered it within 15 s"),
+            });
+            if delivery.as_ref().is_none_or(|d| d.status != "succeeded") {
+                return Err(CliError { message: "the test event was not delivered".into(), code: 1 });
+            }
+        }
+        WebhookCommand::Deliveries { id, limit } => {
+            let list = webhooks::deliveries(&app, &Scope::Admin, &id, None, limit.clamp(1, 200)).await?;
+            print(json, &list, |list| {
+                list.iter()
+                    .map(|d| format!("{}  {:<10}  {:<24}  attempts {}  last HTTP {}", d.id, d.status, d.event_type, d.attempts,
+                        d.last_status_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        WebhookCommand::Redeliver { id } => {
+            let d = webhooks::redeliver(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+            print(json, &d, |d| format!("delivery {} queued again (webhook-id {})", d.id, d.event_id));
+        }
+        WebhookCommand::RotateSecret { id } => {
+            let e = webhooks::rotate_secret(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+            print(json, &e, |e| format!("secret: {}\n\nThe previous secret keeps signing for 24 hours.", e.secret));
         }
     }
     Ok(())

@@ -47,6 +47,69 @@ pub struct Config {
     /// The built-in provider simulator.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// Background jobs (token refresh, health checks, webhook delivery).
+    #[serde(default)]
+    pub jobs: JobsConfig,
+    /// Webhook delivery.
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
+}
+
+/// Background jobs. Every instance may run them: they coordinate through leases in the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Run the background jobs inside `serve` (`authlink worker` runs them alone).
+    pub enabled: bool,
+    /// How often the schedulers look for due work, in milliseconds.
+    pub tick_ms: u64,
+    /// How long a refresh or delivery claim lasts before another process may take it over.
+    pub lease_secs: u64,
+    /// Most connections claimed per scheduler round.
+    pub refresh_batch: u32,
+    /// Most refreshes in flight at once in this process.
+    pub refresh_concurrency: usize,
+    /// Interval of the cheap per-connection health check (spread out), in seconds.
+    pub health_check_interval_secs: u64,
+    /// How long before a grant runs out `connection.expiring` is announced, in seconds.
+    pub expiring_notice_secs: u64,
+    /// Most webhook deliveries claimed per round.
+    pub webhook_batch: u32,
+    /// Most webhook deliveries in flight at once in this process.
+    pub webhook_concurrency: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tick_ms: 1000,
+            lease_secs: 60,
+            refresh_batch: 200,
+            refresh_concurrency: 32,
+            health_check_interval_secs: 86_400,
+            expiring_notice_secs: 7 * 86_400,
+            webhook_batch: 50,
+            webhook_concurrency: 8,
+        }
+    }
+}
+
+/// Webhook delivery settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Allow endpoints that resolve to loopback, private or link-local addresses (tests and
+    /// on-premise receivers). Off by default: such targets are refused before connecting.
+    pub allow_private_targets: bool,
+    /// Timeout of one delivery attempt, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self { allow_private_targets: false, timeout_secs: 15 }
+    }
 }
 
 /// How log lines are written.
@@ -318,6 +381,12 @@ impl Config {
         if self.http.body_limit_bytes == 0 {
             return Err(ConfigError::Invalid("key `http.body_limit_bytes`: must be positive".into()));
         }
+        if self.jobs.tick_ms == 0 || self.jobs.lease_secs == 0 {
+            return Err(ConfigError::Invalid("key `jobs.tick_ms` and `jobs.lease_secs`: must be positive".into()));
+        }
+        if self.jobs.refresh_concurrency == 0 || self.jobs.webhook_concurrency == 0 {
+            return Err(ConfigError::Invalid("key `jobs.*_concurrency`: must be positive".into()));
+        }
         if self.database.max_connections == 0 {
             return Err(ConfigError::Invalid("key `database.max_connections`: must be positive".into()));
         }
@@ -374,6 +443,8 @@ impl Config {
             "http": self.http,
             "database": self.database,
             "sandbox": self.sandbox,
+            "jobs": self.jobs,
+            "webhooks": self.webhooks,
             "providers": {
                 "timeout_secs": self.providers.timeout_secs,
                 "tiktok": {

@@ -25,6 +25,8 @@ pub mod crypto;
 pub mod db;
 pub mod domain;
 pub mod http;
+pub mod jobs;
+pub mod net;
 pub mod providers;
 pub mod sandbox;
 pub mod service;

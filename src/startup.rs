@@ -127,7 +127,9 @@ pub async fn build_state(config: Config, create_dev_key: bool) -> Result<AppStat
     let http = providers::http_client(Duration::from_secs(config.providers.timeout_secs.max(1)));
     let providers = Providers::from_config(&config, http);
     let sandbox = Arc::new(Sandbox::new(&config, system_clock.clone()));
-    Ok(AppState(Arc::new(App { config, db, keys, clock, system_clock, providers, sandbox })))
+    let webhook_guard =
+        crate::net::Guard::new(Arc::new(crate::net::SystemResolver), config.webhooks.allow_private_targets);
+    Ok(AppState(Arc::new(App { config, db, keys, clock, system_clock, providers, sandbox, webhook_guard })))
 }
 
 /// A built application: bound, migrated, ready to serve.
@@ -173,6 +175,11 @@ impl Application {
         let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
+        let jobs = state
+            .config
+            .jobs
+            .enabled
+            .then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
         let server =
             axum::serve(self.listener, router.into_make_service()).with_graceful_shutdown(async move {
@@ -193,6 +200,12 @@ impl Application {
             }
         };
         housekeeping.abort();
+        if let Some(jobs) = jobs {
+            // Let claimed work finish (its leases would otherwise have to run out).
+            if tokio::time::timeout(grace, jobs).await.is_err() {
+                tracing::warn!("background jobs still running after the grace period; stopping");
+            }
+        }
         state.db.close().await;
         tracing::info!("authlink stopped");
         match result {
@@ -200,6 +213,22 @@ impl Application {
             Err(e) => Err(std::io::Error::other(e)),
         }
     }
+}
+
+/// Runs only the background jobs (`authlink worker`) until SIGTERM or Ctrl-C.
+pub async fn run_worker(state: AppState) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let jobs = tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone()));
+    let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx));
+    shutdown_signal().await;
+    tracing::info!("shutdown signal received; finishing claimed work");
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
+    if tokio::time::timeout(grace, jobs).await.is_err() {
+        tracing::warn!("background jobs still running after the grace period; stopping");
+    }
+    housekeeping.abort();
+    state.db.close().await;
 }
 
 /// Periodic clean-up: expired OAuth flows.

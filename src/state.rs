@@ -39,6 +39,8 @@ pub struct App {
     pub providers: Providers,
     /// The built-in provider simulator's state.
     pub sandbox: Arc<Sandbox>,
+    /// The SSRF guard for webhook endpoints (resolver and address policy).
+    pub webhook_guard: crate::net::Guard,
 }
 
 impl App {

@@ -54,18 +54,33 @@ pub struct ConnectionRow {
     pub created_at: i64,
     /// Last change (ms).
     pub updated_at: i64,
+    /// When the scheduler should refresh next (ms).
+    pub next_refresh_at: Option<i64>,
+    /// The process holding the refresh lease.
+    pub lease_owner: Option<String>,
+    /// Until when it holds it (ms).
+    pub lease_until: Option<i64>,
+    /// Consecutive transient refresh failures.
+    pub refresh_failures: i64,
+    /// When the next health check is due (ms).
+    pub next_check_at: Option<i64>,
+    /// Last health check (ms).
+    pub last_checked_at: Option<i64>,
+    /// When `connection.expiring` was announced for the current grant (ms).
+    pub expiring_notified_at: Option<i64>,
 }
 
 const COLUMNS: &str = "id, workspace_id, link_id, provider, provider_account_id, app_scoped_id, username, \
     display_name, avatar_url, scopes, access_token_sealed, access_expires_at, refresh_token_sealed, \
     refresh_expires_at, token_generation, status, status_reason, sandbox, connected_at, last_refreshed_at, \
-    reconnect_count, created_at, updated_at";
+    reconnect_count, created_at, updated_at, next_refresh_at, lease_owner, lease_until, refresh_failures, \
+    next_check_at, last_checked_at, expiring_notified_at";
 
 /// Inserts a connection.
 pub async fn insert(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()> {
     sqlx::query(&format!(
         "INSERT INTO connections ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)"
     ))
     .bind(&c.id)
     .bind(&c.workspace_id)
@@ -90,18 +105,26 @@ pub async fn insert(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()>
     .bind(c.reconnect_count)
     .bind(c.created_at)
     .bind(c.updated_at)
+    .bind(c.next_refresh_at)
+    .bind(&c.lease_owner)
+    .bind(c.lease_until)
+    .bind(c.refresh_failures)
+    .bind(c.next_check_at)
+    .bind(c.last_checked_at)
+    .bind(c.expiring_notified_at)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// Writes every mutable column of `c`.
+/// Writes every mutable column of `c` (not the lease, which only the lease functions change).
 pub async fn update(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()> {
     sqlx::query(
         "UPDATE connections SET link_id = $2, app_scoped_id = $3, username = $4, display_name = $5, avatar_url = $6, \
          scopes = $7, access_token_sealed = $8, access_expires_at = $9, refresh_token_sealed = $10, \
          refresh_expires_at = $11, token_generation = $12, status = $13, status_reason = $14, sandbox = $15, \
-         last_refreshed_at = $16, reconnect_count = $17, updated_at = $18 WHERE id = $1",
+         last_refreshed_at = $16, reconnect_count = $17, updated_at = $18, next_refresh_at = $19, \
+         refresh_failures = $20, next_check_at = $21, last_checked_at = $22, expiring_notified_at = $23 WHERE id = $1",
     )
     .bind(&c.id)
     .bind(&c.link_id)
@@ -121,6 +144,11 @@ pub async fn update(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()>
     .bind(c.last_refreshed_at)
     .bind(c.reconnect_count)
     .bind(c.updated_at)
+    .bind(c.next_refresh_at)
+    .bind(c.refresh_failures)
+    .bind(c.next_check_at)
+    .bind(c.last_checked_at)
+    .bind(c.expiring_notified_at)
     .execute(conn)
     .await?;
     Ok(())
@@ -225,6 +253,196 @@ pub async fn insert_event(conn: &mut AnyConnection, e: &EventRow) -> DbResult<()
 pub async fn events(conn: &mut AnyConnection, connection_id: &str) -> DbResult<Vec<EventRow>> {
     Ok(sqlx::query_as(
         "SELECT id, connection_id, workspace_id, kind, detail, created_at FROM connection_events \
+         WHERE connection_id = $1 ORDER BY id",
+    )
+    .bind(connection_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Takes the refresh lease of one active connection if nobody holds it (or the holder's lease
+/// ran out). Returns whether this caller now holds it.
+pub async fn try_lease(conn: &mut AnyConnection, id: &str, owner: &str, now_ms: i64, until_ms: i64) -> DbResult<bool> {
+    let done = sqlx::query(
+        "UPDATE connections SET lease_owner = $2, lease_until = $3 \
+         WHERE id = $1 AND status = 'active' AND (lease_until IS NULL OR lease_until < $4 OR lease_owner = $2)",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(until_ms)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Gives the lease back (only if `owner` still holds it).
+pub async fn release_lease(conn: &mut AnyConnection, id: &str, owner: &str) -> DbResult<()> {
+    sqlx::query("UPDATE connections SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2")
+        .bind(id)
+        .bind(owner)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Who holds the lease of a connection, until when, and its token generation.
+pub async fn lease_state(conn: &mut AnyConnection, id: &str) -> DbResult<Option<(Option<String>, Option<i64>, i64)>> {
+    Ok(sqlx::query_as("SELECT lease_owner, lease_until, token_generation FROM connections WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Claims up to `limit` active connections whose refresh is due and whose lease is free, for
+/// `owner`, and returns their ids. On PostgreSQL rows locked by a concurrent claimer are
+/// skipped (`FOR UPDATE SKIP LOCKED`); on SQLite the caller runs this inside an immediate
+/// transaction, which serialises claimers.
+pub async fn claim_due_refreshes(
+    conn: &mut AnyConnection,
+    backend: super::Backend,
+    owner: &str,
+    now_ms: i64,
+    until_ms: i64,
+    limit: i64,
+) -> DbResult<Vec<String>> {
+    let lock = match backend {
+        super::Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        super::Backend::Sqlite => "",
+    };
+    let rows: Vec<(String,)> = sqlx::query_as(&format!(
+        "UPDATE connections SET lease_owner = $1, lease_until = $2 WHERE id IN (\
+           SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= $3 \
+           AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_refresh_at LIMIT $4 {lock}\
+         ) RETURNING id"
+    ))
+    .bind(owner)
+    .bind(until_ms)
+    .bind(now_ms)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Ids of active connections whose health check is due (oldest first).
+pub async fn due_checks(conn: &mut AnyConnection, now_ms: i64, limit: i64) -> DbResult<Vec<String>> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM connections WHERE status = 'active' AND next_check_at <= $1 ORDER BY next_check_at LIMIT $2",
+    )
+    .bind(now_ms)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Moves a connection's next health check.
+pub async fn set_next_check(conn: &mut AnyConnection, id: &str, at_ms: i64) -> DbResult<()> {
+    sqlx::query("UPDATE connections SET next_check_at = $2 WHERE id = $1").bind(id).bind(at_ms).execute(conn).await?;
+    Ok(())
+}
+
+/// Connections whose grant runs out before `soon_ms` and that were not yet announced: a refresh
+/// token about to expire, or (without a refresh token) an access token about to expire while
+/// the connection is broken or failing to refresh.
+pub async fn expiring(conn: &mut AnyConnection, now_ms: i64, soon_ms: i64, limit: i64) -> DbResult<Vec<ConnectionRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM connections WHERE status IN ('active', 'broken') AND expiring_notified_at IS NULL \
+         AND ((refresh_expires_at IS NOT NULL AND refresh_expires_at <= $1) \
+           OR (refresh_token_sealed IS NULL AND access_expires_at <= $1 \
+               AND (status = 'broken' OR refresh_failures > 0 OR access_expires_at <= $2))) \
+         ORDER BY id LIMIT $3"
+    ))
+    .bind(soon_ms)
+    .bind(now_ms)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Active Instagram-style connections by the provider's app-scoped id (deauthorization).
+pub async fn by_app_scoped_id(conn: &mut AnyConnection, provider: &str, app_scoped_id: &str) -> DbResult<Vec<ConnectionRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM connections WHERE provider = $1 AND (app_scoped_id = $2 OR provider_account_id = $2)"
+    ))
+    .bind(provider)
+    .bind(app_scoped_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// A refresh attempt as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRow {
+    /// Id.
+    pub id: String,
+    /// The connection.
+    pub connection_id: String,
+    /// The process that made it.
+    pub owner: String,
+    /// The token generation it started from.
+    pub generation: i64,
+    /// `started`, `succeeded`, `transient`, `permanent`, `interrupted`, `superseded`.
+    pub outcome: String,
+    /// Readable detail.
+    pub detail: Option<String>,
+    /// Start (ms).
+    pub started_at: i64,
+    /// End (ms).
+    pub finished_at: Option<i64>,
+}
+
+/// Records the start of a refresh attempt (committed before the provider is called).
+pub async fn insert_attempt(conn: &mut AnyConnection, a: &AttemptRow) -> DbResult<()> {
+    sqlx::query(
+        "INSERT INTO refresh_attempts (id, connection_id, owner, generation, outcome, detail, started_at, finished_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&a.id)
+    .bind(&a.connection_id)
+    .bind(&a.owner)
+    .bind(a.generation)
+    .bind(&a.outcome)
+    .bind(&a.detail)
+    .bind(a.started_at)
+    .bind(a.finished_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records how an attempt ended.
+pub async fn finish_attempt(conn: &mut AnyConnection, id: &str, outcome: &str, detail: Option<&str>, now_ms: i64) -> DbResult<()> {
+    sqlx::query("UPDATE refresh_attempts SET outcome = $2, detail = $3, finished_at = $4 WHERE id = $1")
+        .bind(id)
+        .bind(outcome)
+        .bind(detail)
+        .bind(now_ms)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Marks attempts of a connection that never finished (their process died between calling the
+/// provider and storing the result) as interrupted; returns how many there were.
+pub async fn close_interrupted_attempts(conn: &mut AnyConnection, connection_id: &str, now_ms: i64) -> DbResult<u64> {
+    let done = sqlx::query(
+        "UPDATE refresh_attempts SET outcome = 'interrupted', finished_at = $2, \
+         detail = 'the process stopped after calling the provider and before storing the result' \
+         WHERE connection_id = $1 AND outcome = 'started'",
+    )
+    .bind(connection_id)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// A connection's refresh attempts, oldest first.
+pub async fn attempts(conn: &mut AnyConnection, connection_id: &str) -> DbResult<Vec<AttemptRow>> {
+    Ok(sqlx::query_as(
+        "SELECT id, connection_id, owner, generation, outcome, detail, started_at, finished_at FROM refresh_attempts \
          WHERE connection_id = $1 ORDER BY id",
     )
     .bind(connection_id)

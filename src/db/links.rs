@@ -42,15 +42,18 @@ pub struct LinkRow {
     pub last_used_at: Option<i64>,
     /// Successful connections through it.
     pub use_count: i64,
+    /// 1: the landing page does not list the accounts connected through the link.
+    pub hide_connections: i64,
 }
 
 const COLUMNS: &str = "id, workspace_id, label, client_ref, platforms, expires_at, max_uses, redirect_url, \
-    token_hash, token_sealed, created_by, created_at, updated_at, revoked_at, rotated_at, last_used_at, use_count";
+    token_hash, token_sealed, created_by, created_at, updated_at, revoked_at, rotated_at, last_used_at, use_count, \
+    hide_connections";
 
 /// Inserts a link.
 pub async fn insert(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
     sqlx::query(&format!(
-        "INSERT INTO links ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+        "INSERT INTO links ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
     ))
     .bind(&l.id)
     .bind(&l.workspace_id)
@@ -69,6 +72,7 @@ pub async fn insert(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
     .bind(l.rotated_at)
     .bind(l.last_used_at)
     .bind(l.use_count)
+    .bind(l.hide_connections)
     .execute(conn)
     .await?;
     Ok(())
@@ -78,8 +82,8 @@ pub async fn insert(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
 pub async fn update(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
     sqlx::query(
         "UPDATE links SET label = $2, client_ref = $3, platforms = $4, expires_at = $5, max_uses = $6, \
-         redirect_url = $7, token_hash = $8, token_sealed = $9, updated_at = $10, revoked_at = $11, rotated_at = $12 \
-         WHERE id = $1",
+         redirect_url = $7, token_hash = $8, token_sealed = $9, updated_at = $10, revoked_at = $11, rotated_at = $12, \
+         hide_connections = $13 WHERE id = $1",
     )
     .bind(&l.id)
     .bind(&l.label)
@@ -93,6 +97,7 @@ pub async fn update(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
     .bind(l.updated_at)
     .bind(l.revoked_at)
     .bind(l.rotated_at)
+    .bind(l.hide_connections)
     .execute(conn)
     .await?;
     Ok(())

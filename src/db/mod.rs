@@ -11,9 +11,13 @@
 pub mod api_keys;
 pub mod audit;
 pub mod connections;
+pub mod dashboard;
 pub mod key_checks;
 pub mod links;
 pub mod oauth_flows;
+pub mod sessions;
+pub mod users;
+pub mod webhooks;
 pub mod workspaces;
 
 use std::path::Path;

@@ -4,10 +4,7 @@
 //! account again, through any link of the workspace, updates the existing row (new tokens, status
 //! `active`, reconnect count + 1) instead of making a duplicate.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -19,7 +16,7 @@ use crate::db::connections::{ConnectionFilter, ConnectionRow, EventRow};
 use crate::db::links::LinkRow;
 use crate::db::{self, new_id};
 use crate::domain::Platform;
-use crate::providers::{Profile, ProviderError, TokenSet};
+use crate::providers::{Profile, TokenSet};
 use crate::state::App;
 
 /// The state of a connection.
@@ -99,6 +96,16 @@ pub struct ConnectionView {
     pub reconnect_count: i64,
     /// Made against the built-in sandbox, not the real provider.
     pub sandbox: bool,
+    /// When the scheduler will refresh the tokens next.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub next_refresh_at: Option<OffsetDateTime>,
+    /// Last health check.
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_checked_at: Option<OffsetDateTime>,
+    /// Consecutive failed refresh attempts (transient errors, still retried).
+    pub refresh_failures: i64,
 }
 
 /// An event in a connection's history.
@@ -120,6 +127,9 @@ pub struct ConnectionDetail {
     /// The connection.
     #[serde(flatten)]
     pub connection: ConnectionView,
+    /// The link to send to the client to repair the connection (the link it came through,
+    /// while that link can be used).
+    pub repair_url: Option<String>,
     /// Its history, oldest first.
     pub events: Vec<ConnectionEventView>,
 }
@@ -163,6 +173,9 @@ pub fn view(row: &ConnectionRow) -> ConnectionView {
         last_refreshed_at: row.last_refreshed_at.map(from_millis),
         reconnect_count: row.reconnect_count,
         sandbox: row.sandbox != 0,
+        next_refresh_at: row.next_refresh_at.map(from_millis),
+        last_checked_at: row.last_checked_at.map(from_millis),
+        refresh_failures: row.refresh_failures,
     }
 }
 
@@ -171,17 +184,19 @@ pub fn split_scopes(s: &str) -> Vec<String> {
     s.split([',', ' ']).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
 }
 
-fn access_aad(id: &str) -> Aad<'_> {
+/// Where an access token is sealed.
+pub(crate) fn access_aad(id: &str) -> Aad<'_> {
     Aad::new("connections", id, "access_token")
 }
 
-fn refresh_aad(id: &str) -> Aad<'_> {
+/// Where a refresh token is sealed.
+pub(crate) fn refresh_aad(id: &str) -> Aad<'_> {
     Aad::new("connections", id, "refresh_token")
 }
 
 /// Writes `tokens` into `row` (sealed for the row), keeping the old refresh token when the
 /// provider sent none.
-fn apply_tokens(app: &App, row: &mut ConnectionRow, tokens: &TokenSet) {
+pub(crate) fn apply_tokens(app: &App, row: &mut ConnectionRow, tokens: &TokenSet) {
     row.access_token_sealed =
         Some(app.keys.seal_str(tokens.access_token.expose_secret(), access_aad(&row.id)));
     row.access_expires_at = Some(to_millis(tokens.access_expires_at));
@@ -192,7 +207,8 @@ fn apply_tokens(app: &App, row: &mut ConnectionRow, tokens: &TokenSet) {
     row.token_generation += 1;
 }
 
-fn event(row: &ConnectionRow, kind: &str, detail: Option<String>, now_ms: i64) -> EventRow {
+/// A history entry for `row`.
+pub(crate) fn event(row: &ConnectionRow, kind: &str, detail: Option<String>, now_ms: i64) -> EventRow {
     EventRow {
         id: new_id(),
         connection_id: row.id.clone(),
@@ -246,6 +262,10 @@ pub async fn upsert_from_flow(
             row.reconnect_count += 1;
             row.last_refreshed_at = Some(now);
             row.updated_at = now;
+            row.refresh_failures = 0;
+            row.expiring_notified_at = None;
+            row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
+            row.next_check_at = Some(super::refresh::schedule_check(app, now, true));
             db::connections::update(&mut tx, &row).await?;
             (row, Upserted::Reconnected)
         }
@@ -274,8 +294,16 @@ pub async fn upsert_from_flow(
                 reconnect_count: 0,
                 created_at: now,
                 updated_at: now,
+                next_refresh_at: None,
+                lease_owner: None,
+                lease_until: None,
+                refresh_failures: 0,
+                next_check_at: Some(super::refresh::schedule_check(app, now, true)),
+                last_checked_at: None,
+                expiring_notified_at: None,
             };
             apply_tokens(app, &mut row, tokens);
+            row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
             db::connections::insert(&mut tx, &row).await?;
             (row, Upserted::Created)
         }
@@ -302,6 +330,8 @@ pub async fn upsert_from_flow(
         serde_json::json!({"provider": platform, "link_id": link.id, "sandbox": sandbox}),
     )
     .await?;
+    let data = event_data(&mut tx, app, &row, None).await?;
+    super::webhooks::emit(&mut tx, app, now, &row.workspace_id, action, data).await?;
     tx.commit().await?;
     tracing::info!(connection_id = %row.id, provider = %platform, outcome = kind, "connection stored");
     Ok((row, outcome))
@@ -328,7 +358,8 @@ pub async fn get(app: &App, scope: &Scope, id: &str) -> ServiceResult<Connection
         .into_iter()
         .map(|e| ConnectionEventView { kind: e.kind, detail: e.detail, at: from_millis(e.created_at) })
         .collect();
-    Ok(ConnectionDetail { connection: view(&row), events })
+    let repair_url = repair_url(&mut conn, app, &row).await?;
+    Ok(ConnectionDetail { connection: view(&row), repair_url, events })
 }
 
 /// Filters of [`list`].
@@ -381,7 +412,7 @@ pub async fn of_link(app: &App, link_id: &str) -> ServiceResult<Vec<ConnectionRo
 /// Disconnects: revokes the grant at the provider where the provider offers revocation, then
 /// marks the connection disconnected and erases its tokens.
 pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<ConnectionView> {
-    let lock = app_refresh_lock(id);
+    let lock = super::refresh::connection_lock(id);
     let _guard = lock.lock().await;
     let mut row = get_row(app, scope, id).await?;
     if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
@@ -409,6 +440,8 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
     row.access_expires_at = None;
     row.refresh_expires_at = None;
     row.token_generation += 1;
+    row.next_refresh_at = None;
+    row.next_check_at = None;
     row.updated_at = now;
     let mut tx = app.db.begin_write().await?;
     db::connections::update(&mut tx, &row).await?;
@@ -425,39 +458,30 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
         serde_json::json!({"provider_revocation": revoked_note}),
     )
     .await?;
+    let data = event_data(&mut tx, app, &row, row.status_reason.as_deref()).await?;
+    super::webhooks::emit(&mut tx, app, now, &row.workspace_id, "connection.disconnected", data).await?;
     tx.commit().await?;
     Ok(view(&row))
-}
-
-/// One lock per connection id within this process, so that concurrent token reads of one
-/// connection wait for a single refresh instead of racing with the same refresh token.
-fn app_refresh_lock(id: &str) -> Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: std::sync::OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
-        std::sync::OnceLock::new();
-    let map = LOCKS.get_or_init(Default::default);
-    let mut guard = map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    // Forget locks nobody holds, so the map stays small.
-    if guard.len() > 1024 {
-        guard.retain(|_, l| Arc::strong_count(l) > 1);
-    }
-    guard.entry(id.to_string()).or_default().clone()
 }
 
 /// Tokens are refreshed first when they would expire within this many seconds.
 pub const REFRESH_MARGIN_SECS: i64 = 300;
 
-/// Returns a valid access token, refreshing first when it would expire within five minutes.
-/// Every read is audit-logged.
-pub async fn access_token(
-    app: &App,
-    actor: &Actor,
-    scope: &Scope,
-    id: &str,
-) -> ServiceResult<AccessTokenView> {
-    let lock = app_refresh_lock(id);
-    let _guard = lock.lock().await;
-    // Read after taking the lock: a refresh that finished while we waited is visible now.
-    let mut row = get_row(app, scope, id).await?;
+/// Returns a valid access token, refreshing first when it would expire within five minutes
+/// (through the single-flight refresh path). Every read is audit-logged.
+pub async fn access_token(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<AccessTokenView> {
+    let row = get_row(app, scope, id).await?;
+    let outcome = super::refresh::refresh(app, &row.id, false, REFRESH_MARGIN_SECS * 1000).await?;
+    let (row, refreshed) = match outcome {
+        super::refresh::Outcome::Refreshed(row) => (*row, true),
+        super::refresh::Outcome::Current(row) => (*row, false),
+        super::refresh::Outcome::Transient(reason) => {
+            return Err(ServiceError::Unavailable(format!("the token could not be refreshed right now: {reason}")));
+        }
+        super::refresh::Outcome::Broken(reason) => {
+            return Err(ServiceError::Conflict(format!("the connection is broken: {reason}")));
+        }
+    };
     let status = ConnectionStatus::parse(&row.status);
     if status != ConnectionStatus::Active {
         return Err(ServiceError::Conflict(format!(
@@ -467,31 +491,12 @@ pub async fn access_token(
         )));
     }
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
-    let now = app.now();
-    let due = row.access_expires_at.is_none_or(|e| e - to_millis(now) < REFRESH_MARGIN_SECS * 1000);
-    let mut refreshed = false;
-    if due {
-        row = refresh_locked(app, row, platform).await?;
-        refreshed = true;
-    }
-    let sealed = row
-        .access_token_sealed
-        .as_deref()
-        .ok_or(ServiceError::Conflict("the connection holds no token".into()))?;
+    let sealed = row.access_token_sealed.as_deref().ok_or(ServiceError::Conflict("the connection holds no token".into()))?;
     let token = app.keys.open_str(sealed, access_aad(&row.id))?;
     let now_ms = app.now_ms();
     let mut conn = app.db.pool().acquire().await?;
-    audit::record(
-        &mut conn,
-        now_ms,
-        actor,
-        Some(&row.workspace_id),
-        "connection.token_read",
-        "connection",
-        &row.id,
-        serde_json::json!({"refreshed": refreshed}),
-    )
-    .await?;
+    audit::record(&mut conn, now_ms, actor, Some(&row.workspace_id), "connection.token_read", "connection", &row.id,
+        serde_json::json!({"refreshed": refreshed})).await?;
     Ok(AccessTokenView {
         connection_id: row.id.clone(),
         provider: platform,
@@ -502,82 +507,58 @@ pub async fn access_token(
     })
 }
 
-/// Refreshes `row` (the caller holds the connection's lock) and writes the new tokens back by
-/// compare-and-set on the token generation. A permanent failure marks the connection broken.
-async fn refresh_locked(
+/// Marks a connection broken with a readable reason, on `tx`: history, audit and exactly one
+/// `connection.broken` event (nothing when it already is broken).
+pub async fn mark_broken_in(
+    tx: &mut sqlx::AnyConnection,
     app: &App,
-    mut row: ConnectionRow,
-    platform: Platform,
-) -> ServiceResult<ConnectionRow> {
-    let provider = app.providers.get(platform).ok_or(ServiceError::Conflict(format!(
-        "{} is not enabled on this instance",
-        platform.display_name()
-    )))?;
-    let access = match row.access_token_sealed.as_deref() {
-        Some(s) => app.keys.open_str(s, access_aad(&row.id))?,
-        None => return Err(ServiceError::Conflict("the connection holds no token".into())),
-    };
-    let refresh: Option<SecretString> = match row.refresh_token_sealed.as_deref() {
-        Some(s) => Some(app.keys.open_str(s, refresh_aad(&row.id))?),
-        None => None,
-    };
-    match provider.refresh(&access, refresh.as_ref(), app.now()).await {
-        Ok(tokens) => {
-            let generation = row.token_generation;
-            apply_tokens(app, &mut row, &tokens);
-            let now = app.now_ms();
-            row.last_refreshed_at = Some(now);
-            row.updated_at = now;
-            let mut tx = app.db.begin_write().await?;
-            let current = db::connections::get(&mut tx, &row.id).await?;
-            if current.as_ref().map(|c| c.token_generation) != Some(generation) {
-                // Someone else wrote new tokens meanwhile: keep theirs, ours would be older.
-                tx.rollback().await?;
-                return current.ok_or(ServiceError::NotFound("connection"));
-            }
-            db::connections::update(&mut tx, &row).await?;
-            db::connections::insert_event(&mut tx, &event(&row, "refreshed", None, now)).await?;
-            tx.commit().await?;
-            Ok(row)
-        }
-        Err(ProviderError::Transient { reason, .. }) => Err(ServiceError::Unavailable(format!(
-            "{} is temporarily unavailable: {reason}",
-            platform.display_name()
-        ))),
-        Err(e) => {
-            let reason = match &e {
-                ProviderError::Permanent { reason }
-                | ProviderError::Scope { reason }
-                | ProviderError::Rejected { reason } => reason.clone(),
-                ProviderError::Transient { reason, .. } => reason.clone(),
-            };
-            mark_broken(app, &mut row, &format!("The token could not be refreshed: {reason}")).await?;
-            Err(ServiceError::Conflict(format!("the connection is broken: {reason}")))
-        }
-    }
-}
-
-/// Marks a connection broken with a readable reason.
-pub async fn mark_broken(app: &App, row: &mut ConnectionRow, reason: &str) -> ServiceResult<()> {
-    let now = app.now_ms();
+    row: &mut ConnectionRow,
+    reason: &str,
+    now: i64,
+) -> ServiceResult<()> {
+    let was = ConnectionStatus::parse(&row.status);
     row.status = ConnectionStatus::Broken.as_str().into();
     row.status_reason = Some(reason.to_string());
+    row.next_refresh_at = None;
+    row.next_check_at = None;
     row.updated_at = now;
-    let mut tx = app.db.begin_write().await?;
-    db::connections::update(&mut tx, row).await?;
-    db::connections::insert_event(&mut tx, &event(row, "broken", Some(reason.to_string()), now)).await?;
-    audit::record(
-        &mut tx,
-        now,
-        &Actor::System,
-        Some(&row.workspace_id),
-        "connection.broken",
-        "connection",
-        &row.id,
-        serde_json::json!({"reason": reason}),
-    )
-    .await?;
-    tx.commit().await?;
-    tracing::warn!(connection_id = %row.id, "connection marked broken");
+    db::connections::update(tx, row).await?;
+    if was != ConnectionStatus::Broken {
+        db::connections::insert_event(tx, &event(row, "broken", Some(reason.to_string()), now)).await?;
+        audit::record(tx, now, &Actor::System, Some(&row.workspace_id), "connection.broken", "connection", &row.id,
+            serde_json::json!({"reason": reason})).await?;
+        let data = event_data(tx, app, row, Some(reason)).await?;
+        super::webhooks::emit(tx, app, now, &row.workspace_id, "connection.broken", data).await?;
+        tracing::warn!(connection_id = %row.id, "connection marked broken");
+    }
     Ok(())
+}
+
+/// The `data` of a connection webhook: the connection (never tokens), a detail, and the link
+/// that repairs it.
+pub async fn event_data(
+    conn: &mut sqlx::AnyConnection,
+    app: &App,
+    row: &ConnectionRow,
+    detail: Option<&str>,
+) -> ServiceResult<serde_json::Value> {
+    let mut data = serde_json::to_value(view(row)).unwrap_or(serde_json::Value::Null);
+    let repair = repair_url(conn, app, row).await?;
+    if let Some(obj) = data.as_object_mut() {
+        obj.insert("detail".into(), detail.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null));
+        obj.insert("repair_url".into(), repair.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null));
+    }
+    Ok(data)
+}
+
+/// The link that repairs a connection: the URL of the link it last came through, if that link
+/// can still be used.
+pub async fn repair_url(conn: &mut sqlx::AnyConnection, app: &App, row: &ConnectionRow) -> ServiceResult<Option<String>> {
+    let Some(link_id) = row.link_id.as_deref() else { return Ok(None) };
+    let Some(link) = db::links::get(conn, link_id).await? else { return Ok(None) };
+    if super::links::LinkStatus::of(&link, app.now_ms()) != super::links::LinkStatus::Active {
+        return Ok(None);
+    }
+    let token = app.keys.open_str(&link.token_sealed, Aad::new("links", &link.id, "token"))?;
+    Ok(Some(super::links::url_for(app, token.expose_secret())))
 }

@@ -102,6 +102,8 @@ pub struct LinkView {
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub rotated_at: Option<OffsetDateTime>,
+    /// The landing page does not list the accounts connected through this link.
+    pub hide_connections: bool,
 }
 
 /// Input of [`create`].
@@ -126,6 +128,9 @@ pub struct NewLink {
     pub max_uses: Option<i64>,
     /// Where clients go after connecting; must match the workspace's allow-list.
     pub redirect_url: Option<String>,
+    /// Hide the list of connected accounts on the landing page (for links shared with many
+    /// people). Default: shown.
+    pub hide_connections: Option<bool>,
 }
 
 /// Input of [`update`]. Absent fields stay; `null` clears the optional ones.
@@ -146,6 +151,8 @@ pub struct LinkUpdate {
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
     pub redirect_url: Option<Option<String>>,
+    /// Hide or show the list of connected accounts on the landing page.
+    pub hide_connections: Option<bool>,
 }
 
 fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
@@ -191,6 +198,7 @@ pub fn view(app: &App, row: &LinkRow) -> ServiceResult<LinkView> {
         updated_at: from_millis(row.updated_at),
         revoked_at: row.revoked_at.map(from_millis),
         rotated_at: row.rotated_at.map(from_millis),
+        hide_connections: row.hide_connections != 0,
     })
 }
 
@@ -288,6 +296,7 @@ pub async fn create(app: &App, actor: &Actor, scope: &Scope, input: NewLink) -> 
         rotated_at: None,
         last_used_at: None,
         use_count: 0,
+        hide_connections: i64::from(input.hide_connections.unwrap_or(false)),
     };
     let mut tx = app.db.begin_write().await?;
     db::links::insert(&mut tx, &row).await?;
@@ -404,6 +413,10 @@ pub async fn update(
             }
         }
     }
+    if let Some(hide) = input.hide_connections {
+        row.hide_connections = i64::from(hide);
+        changed.push("hide_connections");
+    }
     errors.finish()?;
     let now = app.now_ms();
     row.updated_at = now;
@@ -444,6 +457,8 @@ pub async fn revoke(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
             serde_json::json!({}),
         )
         .await?;
+        let data = link_event_data(app, &row)?;
+        super::webhooks::emit(&mut tx, app, now, &row.workspace_id, "link.revoked", data).await?;
         tx.commit().await?;
         tracing::info!(link_id = %row.id, "link revoked");
     }
@@ -475,9 +490,16 @@ pub async fn rotate(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
         serde_json::json!({}),
     )
     .await?;
+    let data = link_event_data(app, &row)?;
+    super::webhooks::emit(&mut tx, app, now, &row.workspace_id, "link.rotated", data).await?;
     tx.commit().await?;
     tracing::info!(link_id = %row.id, "link rotated");
     view(app, &row)
+}
+
+/// The `data` of a link webhook: the link as the API shows it (with its current URL).
+fn link_event_data(app: &App, row: &LinkRow) -> ServiceResult<serde_json::Value> {
+    Ok(serde_json::to_value(view(app, row)?).unwrap_or(serde_json::Value::Null))
 }
 
 /// What a public link token resolves to.

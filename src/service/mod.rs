@@ -8,6 +8,9 @@ pub mod api_keys;
 pub mod audit;
 pub mod connections;
 pub mod links;
+pub mod refresh;
+pub mod users;
+pub mod webhooks;
 pub mod workspaces;
 
 use crate::crypto::CryptoError;

@@ -24,6 +24,8 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_connection))
         .routes(routes!(disconnect_connection))
         .routes(routes!(get_access_token))
+        .routes(routes!(refresh_connection))
+        .routes(routes!(check_connection))
 }
 
 /// Filters and pagination of the connection list.
@@ -128,4 +130,64 @@ async fn get_access_token(
     let mut res = Json(token).into_response();
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(res)
+}
+
+/// The result of a refresh or health check run on demand.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(super) struct RunResult {
+    /// `refreshed`, `current` (nothing to do), `transient` (retried later) or `broken`.
+    outcome: &'static str,
+    /// What happened, in words.
+    detail: Option<String>,
+    /// The connection afterwards.
+    connection: ConnectionView,
+}
+
+async fn run_result(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    outcome: crate::service::refresh::Outcome,
+    action: &str,
+) -> ApiResult<Json<RunResult>> {
+    use crate::service::refresh::Outcome;
+    let (outcome, detail) = match outcome {
+        Outcome::Refreshed(_) => ("refreshed", None),
+        Outcome::Current(_) => ("current", None),
+        Outcome::Transient(reason) => ("transient", Some(reason)),
+        Outcome::Broken(reason) => ("broken", Some(reason)),
+    };
+    let connection = connections::get(state, &caller.scope, id).await?.connection;
+    let mut conn = state.db.pool().acquire().await.map_err(crate::db::DbError::from).map_err(ServiceError::from)?;
+    crate::service::audit::record(&mut conn, state.now_ms(), &caller.actor, Some(&connection.workspace_id), action,
+        "connection", id, serde_json::json!({"outcome": outcome})).await?;
+    Ok(Json(RunResult { outcome, detail, connection }))
+}
+
+/// Refresh the tokens now (through the same single-flight path as the scheduler).
+#[utoipa::path(post, path = "/connections/{id}/refresh", tag = "connections",
+    params(("id" = String, Path, description = "Connection id")),
+    responses((status = 200, body = RunResult), (status = 404, body = Problem)))]
+async fn refresh_connection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RunResult>> {
+    connections::get_row(&state, &caller.scope, &id).await?;
+    let outcome = crate::service::refresh::refresh(&state, &id, true, 0).await?;
+    run_result(&state, &caller, &id, outcome, "connection.refresh_requested").await
+}
+
+/// Run the health check now: a cheap profile call that catches revoked grants.
+#[utoipa::path(post, path = "/connections/{id}/check", tag = "connections",
+    params(("id" = String, Path, description = "Connection id")),
+    responses((status = 200, body = RunResult), (status = 404, body = Problem)))]
+async fn check_connection(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RunResult>> {
+    connections::get_row(&state, &caller.scope, &id).await?;
+    let outcome = crate::service::refresh::check(&state, &id).await?;
+    run_result(&state, &caller, &id, outcome, "connection.check_requested").await
 }

@@ -10,6 +10,7 @@ mod api_keys;
 mod audit;
 mod connections;
 mod links;
+mod webhooks;
 mod workspaces;
 
 use axum::extract::rejection::JsonRejection;
@@ -46,6 +47,7 @@ use crate::state::AppState;
         (name = "connections", description = "Connected provider accounts"),
         (name = "api-keys", description = "API keys"),
         (name = "audit", description = "The audit log"),
+        (name = "webhooks", description = "Signed event notifications (Standard Webhooks)"),
     )
 )]
 struct ApiDoc;
@@ -72,6 +74,7 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(connections::router())
         .merge(api_keys::router())
         .merge(audit::router())
+        .merge(webhooks::router())
         .split_for_parts()
 }
 

@@ -7,6 +7,8 @@
 
 /// Starting the OAuth flow and handling the provider's callback.
 pub mod connect;
+/// Meta's deauthorize and data deletion callbacks.
+pub mod deauth;
 
 use askama::Template;
 use axum::Router;
@@ -28,6 +30,9 @@ pub fn router() -> Router<AppState> {
         .route("/l/{token}", get(show_link))
         .route("/l/{token}/connect/{platform}", post(connect::start_connect))
         .route("/oauth/{provider}/callback", get(connect::oauth_callback))
+        .route("/oauth/instagram/deauthorize", post(deauth::instagram_deauthorize))
+        .route("/oauth/instagram/data-deletion", post(deauth::instagram_data_deletion))
+        .route("/oauth/instagram/data-deletion/{code}", get(deauth::instagram_deletion_status))
         .route("/connected/{attempt}", get(connect::show_result))
         .route("/brand/{file}", get(brand_stylesheet))
 }
@@ -236,9 +241,13 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>) -> 
             sandbox: provider.is_sandbox(),
         })
         .collect();
-    let connections = match connect::accounts_of_link(&state, &link.id).await {
-        Ok(c) => c,
-        Err(e) => return service_error_page(e),
+    let connections = if link.hide_connections != 0 {
+        Vec::new()
+    } else {
+        match connect::accounts_of_link(&state, &link.id).await {
+            Ok(c) => c,
+            Err(e) => return service_error_page(e),
+        }
     };
     let page = LandingPage {
         token,

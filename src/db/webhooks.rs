@@ -1,0 +1,365 @@
+//! Webhook endpoints, the event outbox, deliveries and the log of delivery attempts.
+
+use sqlx::AnyConnection;
+
+use super::{Backend, DbResult};
+
+/// An endpoint as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EndpointRow {
+    /// Id.
+    pub id: String,
+    /// Owning workspace.
+    pub workspace_id: String,
+    /// Where events are POSTed.
+    pub url: String,
+    /// The signing secret (`whsec_...`), sealed for `webhook_endpoints/<id>/secret`.
+    pub secret_sealed: String,
+    /// The previous secret during a rotation, sealed for `webhook_endpoints/<id>/previous_secret`.
+    pub previous_secret_sealed: Option<String>,
+    /// Until when the previous secret also signs (ms).
+    pub previous_secret_until: Option<i64>,
+    /// Comma-separated event types, or `*`.
+    pub events: String,
+    /// 1 when deliveries are made.
+    pub enabled: i64,
+    /// Why it was disabled.
+    pub disabled_reason: Option<String>,
+    /// A note.
+    pub description: Option<String>,
+    /// Creation (ms).
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+}
+
+impl EndpointRow {
+    /// Whether the endpoint wants `event_type`.
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.events == "*" || self.events.split(',').any(|e| e == event_type)
+    }
+}
+
+const ENDPOINT_COLUMNS: &str = "id, workspace_id, url, secret_sealed, previous_secret_sealed, previous_secret_until, \
+    events, enabled, disabled_reason, description, created_at, updated_at";
+
+/// Inserts an endpoint.
+pub async fn insert_endpoint(conn: &mut AnyConnection, e: &EndpointRow) -> DbResult<()> {
+    sqlx::query(&format!(
+        "INSERT INTO webhook_endpoints ({ENDPOINT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+    ))
+    .bind(&e.id)
+    .bind(&e.workspace_id)
+    .bind(&e.url)
+    .bind(&e.secret_sealed)
+    .bind(&e.previous_secret_sealed)
+    .bind(e.previous_secret_until)
+    .bind(&e.events)
+    .bind(e.enabled)
+    .bind(&e.disabled_reason)
+    .bind(&e.description)
+    .bind(e.created_at)
+    .bind(e.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes every mutable column.
+pub async fn update_endpoint(conn: &mut AnyConnection, e: &EndpointRow) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE webhook_endpoints SET url = $2, secret_sealed = $3, previous_secret_sealed = $4, \
+         previous_secret_until = $5, events = $6, enabled = $7, disabled_reason = $8, description = $9, updated_at = $10 \
+         WHERE id = $1",
+    )
+    .bind(&e.id)
+    .bind(&e.url)
+    .bind(&e.secret_sealed)
+    .bind(&e.previous_secret_sealed)
+    .bind(e.previous_secret_until)
+    .bind(&e.events)
+    .bind(e.enabled)
+    .bind(&e.disabled_reason)
+    .bind(&e.description)
+    .bind(e.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One endpoint.
+pub async fn get_endpoint(conn: &mut AnyConnection, id: &str) -> DbResult<Option<EndpointRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// The endpoints of a workspace (every workspace with `None`), oldest first.
+pub async fn list_endpoints(conn: &mut AnyConnection, workspace_id: Option<&str>) -> DbResult<Vec<EndpointRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE ($1 IS NULL OR workspace_id = $1) ORDER BY id"
+    ))
+    .bind(workspace_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Removes an endpoint: its pending deliveries are cancelled, its history stays until the
+/// endpoint row goes (deliveries reference it, so the row is kept disabled and marked removed).
+pub async fn cancel_pending(conn: &mut AnyConnection, endpoint_id: &str, now_ms: i64) -> DbResult<u64> {
+    let done = sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'cancelled', lease_owner = NULL, lease_until = NULL, updated_at = $2 \
+         WHERE endpoint_id = $1 AND status = 'pending'",
+    )
+    .bind(endpoint_id)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// An outbox event as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    /// `msg_<uuid>`: the `webhook-id`, stable across retries.
+    pub id: String,
+    /// Workspace.
+    pub workspace_id: String,
+    /// e.g. `connection.broken`.
+    pub event_type: String,
+    /// The JSON body sent.
+    pub payload: String,
+    /// When (ms).
+    pub created_at: i64,
+}
+
+/// Inserts an event.
+pub async fn insert_event(conn: &mut AnyConnection, e: &EventRow) -> DbResult<()> {
+    sqlx::query("INSERT INTO webhook_events (id, workspace_id, event_type, payload, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(&e.id)
+        .bind(&e.workspace_id)
+        .bind(&e.event_type)
+        .bind(&e.payload)
+        .bind(e.created_at)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// One event.
+pub async fn get_event(conn: &mut AnyConnection, id: &str) -> DbResult<Option<EventRow>> {
+    Ok(sqlx::query_as("SELECT id, workspace_id, event_type, payload, created_at FROM webhook_events WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// A delivery as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeliveryRow {
+    /// Id.
+    pub id: String,
+    /// The event.
+    pub event_id: String,
+    /// The endpoint.
+    pub endpoint_id: String,
+    /// Workspace.
+    pub workspace_id: String,
+    /// `pending`, `succeeded`, `failed`, `cancelled`.
+    pub status: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// When the next attempt is due (ms).
+    pub next_attempt_at: Option<i64>,
+    /// The process holding the claim.
+    pub lease_owner: Option<String>,
+    /// Until when (ms).
+    pub lease_until: Option<i64>,
+    /// The last HTTP status received.
+    pub last_status_code: Option<i64>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Creation (ms).
+    pub created_at: i64,
+    /// Last change (ms).
+    pub updated_at: i64,
+}
+
+const DELIVERY_COLUMNS: &str = "id, event_id, endpoint_id, workspace_id, status, attempts, next_attempt_at, lease_owner, \
+    lease_until, last_status_code, last_error, created_at, updated_at";
+
+/// Inserts a delivery.
+pub async fn insert_delivery(conn: &mut AnyConnection, d: &DeliveryRow) -> DbResult<()> {
+    sqlx::query(&format!(
+        "INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    ))
+    .bind(&d.id)
+    .bind(&d.event_id)
+    .bind(&d.endpoint_id)
+    .bind(&d.workspace_id)
+    .bind(&d.status)
+    .bind(d.attempts)
+    .bind(d.next_attempt_at)
+    .bind(&d.lease_owner)
+    .bind(d.lease_until)
+    .bind(d.last_status_code)
+    .bind(&d.last_error)
+    .bind(d.created_at)
+    .bind(d.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Writes the state of a delivery and releases its claim.
+pub async fn update_delivery(conn: &mut AnyConnection, d: &DeliveryRow) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4, lease_owner = NULL, \
+         lease_until = NULL, last_status_code = $5, last_error = $6, updated_at = $7 WHERE id = $1",
+    )
+    .bind(&d.id)
+    .bind(&d.status)
+    .bind(d.attempts)
+    .bind(d.next_attempt_at)
+    .bind(d.last_status_code)
+    .bind(&d.last_error)
+    .bind(d.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// One delivery.
+pub async fn get_delivery(conn: &mut AnyConnection, id: &str) -> DbResult<Option<DeliveryRow>> {
+    Ok(sqlx::query_as(&format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// The deliveries of an endpoint, newest first.
+pub async fn list_deliveries(
+    conn: &mut AnyConnection,
+    endpoint_id: &str,
+    before: Option<&str>,
+    limit: i64,
+) -> DbResult<Vec<DeliveryRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = $1 AND ($2 IS NULL OR id < $2) \
+         ORDER BY id DESC LIMIT $3"
+    ))
+    .bind(endpoint_id)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Claims due deliveries for `owner` (see [`super::connections::claim_due_refreshes`] for the
+/// locking on each backend).
+pub async fn claim_due(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    owner: &str,
+    now_ms: i64,
+    until_ms: i64,
+    limit: i64,
+) -> DbResult<Vec<String>> {
+    let lock = match backend {
+        Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+        Backend::Sqlite => "",
+    };
+    let rows: Vec<(String,)> = sqlx::query_as(&format!(
+        "UPDATE webhook_deliveries SET lease_owner = $1, lease_until = $2 WHERE id IN (\
+           SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $3 \
+           AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_attempt_at LIMIT $4 {lock}\
+         ) RETURNING id"
+    ))
+    .bind(owner)
+    .bind(until_ms)
+    .bind(now_ms)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// One delivery attempt as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRow {
+    /// Id.
+    pub id: String,
+    /// The delivery.
+    pub delivery_id: String,
+    /// When (ms).
+    pub attempted_at: i64,
+    /// The HTTP status, if an answer came.
+    pub status_code: Option<i64>,
+    /// How long it took.
+    pub latency_ms: i64,
+    /// `succeeded`, `failed`, `refused`.
+    pub outcome: String,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+/// Logs an attempt.
+pub async fn insert_attempt(conn: &mut AnyConnection, a: &AttemptRow) -> DbResult<()> {
+    sqlx::query(
+        "INSERT INTO webhook_attempts (id, delivery_id, attempted_at, status_code, latency_ms, outcome, error) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&a.id)
+    .bind(&a.delivery_id)
+    .bind(a.attempted_at)
+    .bind(a.status_code)
+    .bind(a.latency_ms)
+    .bind(&a.outcome)
+    .bind(&a.error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The attempts of a delivery, oldest first.
+pub async fn attempts(conn: &mut AnyConnection, delivery_id: &str) -> DbResult<Vec<AttemptRow>> {
+    Ok(sqlx::query_as(
+        "SELECT id, delivery_id, attempted_at, status_code, latency_ms, outcome, error FROM webhook_attempts \
+         WHERE delivery_id = $1 ORDER BY id",
+    )
+    .bind(delivery_id)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// Records a Meta data deletion request.
+pub async fn insert_deletion_request(
+    conn: &mut AnyConnection,
+    code: &str,
+    provider: &str,
+    affected: i64,
+    now_ms: i64,
+) -> DbResult<()> {
+    sqlx::query(
+        "INSERT INTO data_deletion_requests (confirmation_code, provider, connections_affected, created_at) \
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(code)
+    .bind(provider)
+    .bind(affected)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A data deletion request by confirmation code: (provider, connections affected, created_at).
+pub async fn get_deletion_request(conn: &mut AnyConnection, code: &str) -> DbResult<Option<(String, i64, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT provider, connections_affected, created_at FROM data_deletion_requests WHERE confirmation_code = $1",
+    )
+    .bind(code)
+    .fetch_optional(conn)
+    .await?)
+}

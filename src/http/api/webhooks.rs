@@ -1,0 +1,146 @@
+//! `/api/v1/webhooks`: endpoints, their delivery logs, redelivery and test events.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::{ApiJson, ApiResult, Caller, Page, Problem};
+use crate::db::page_limit;
+use crate::service::webhooks::{self, DeliveryView, EndpointUpdate, EndpointView, EndpointWithSecret, NewEndpoint};
+use crate::state::AppState;
+
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_webhooks, create_webhook))
+        .routes(routes!(get_webhook, update_webhook, remove_webhook))
+        .routes(routes!(rotate_webhook_secret))
+        .routes(routes!(test_webhook))
+        .routes(routes!(list_deliveries))
+        .routes(routes!(redeliver))
+}
+
+/// Which workspace to list.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct WorkspaceQuery {
+    /// Only this workspace (platform-admin keys).
+    workspace_id: Option<String>,
+}
+
+/// List webhook endpoints (never their secrets).
+#[utoipa::path(get, path = "/webhooks", tag = "webhooks", params(WorkspaceQuery),
+    responses((status = 200, body = Vec<EndpointView>), (status = 401, body = Problem)))]
+async fn list_webhooks(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<WorkspaceQuery>,
+) -> ApiResult<Json<Vec<EndpointView>>> {
+    Ok(Json(webhooks::list(&state, &caller.scope, q.workspace_id.as_deref()).await?))
+}
+
+/// Add an endpoint. The answer's `secret` (`whsec_…`) is shown this once.
+#[utoipa::path(post, path = "/webhooks", tag = "webhooks", request_body = NewEndpoint,
+    responses((status = 201, body = EndpointWithSecret), (status = 422, body = Problem)))]
+async fn create_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(input): ApiJson<NewEndpoint>,
+) -> ApiResult<(StatusCode, Json<EndpointWithSecret>)> {
+    Ok((StatusCode::CREATED, Json(webhooks::create(&state, &caller.actor, &caller.scope, input).await?)))
+}
+
+/// Get one endpoint.
+#[utoipa::path(get, path = "/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "Endpoint id")),
+    responses((status = 200, body = EndpointView), (status = 404, body = Problem)))]
+async fn get_webhook(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<EndpointView>> {
+    Ok(Json(EndpointView::from(&webhooks::get_row(&state, &caller.scope, &id).await?)))
+}
+
+/// Change an endpoint's URL, events, enabled flag or description.
+#[utoipa::path(patch, path = "/webhooks/{id}", tag = "webhooks", request_body = EndpointUpdate,
+    params(("id" = String, Path, description = "Endpoint id")),
+    responses((status = 200, body = EndpointView), (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn update_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(input): ApiJson<EndpointUpdate>,
+) -> ApiResult<Json<EndpointView>> {
+    Ok(Json(webhooks::update(&state, &caller.actor, &caller.scope, &id, input).await?))
+}
+
+/// Remove an endpoint: no more deliveries; its delivery log stays readable.
+#[utoipa::path(delete, path = "/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "Endpoint id")),
+    responses((status = 200, body = EndpointView), (status = 404, body = Problem)))]
+async fn remove_webhook(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<EndpointView>> {
+    Ok(Json(webhooks::remove(&state, &caller.actor, &caller.scope, &id).await?))
+}
+
+/// Rotate the signing secret. The new one is shown this once; the old one keeps signing (as a
+/// second signature) for 24 hours.
+#[utoipa::path(post, path = "/webhooks/{id}/rotate-secret", tag = "webhooks",
+    params(("id" = String, Path, description = "Endpoint id")),
+    responses((status = 200, body = EndpointWithSecret), (status = 404, body = Problem)))]
+async fn rotate_webhook_secret(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<EndpointWithSecret>> {
+    Ok(Json(webhooks::rotate_secret(&state, &caller.actor, &caller.scope, &id).await?))
+}
+
+/// The id of a queued test event.
+#[derive(Debug, Serialize, ToSchema)]
+pub(super) struct TestEvent {
+    /// The `webhook-id` of the test event.
+    event_id: String,
+}
+
+/// Send a `webhook.test` event to this endpoint.
+#[utoipa::path(post, path = "/webhooks/{id}/test", tag = "webhooks", params(("id" = String, Path, description = "Endpoint id")),
+    responses((status = 202, body = TestEvent), (status = 404, body = Problem)))]
+async fn test_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<TestEvent>)> {
+    let event_id = webhooks::send_test(&state, &caller.actor, &caller.scope, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(TestEvent { event_id })))
+}
+
+/// Pagination of the delivery log.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct DeliveryQuery {
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size, 1-200 (default 50).
+    limit: Option<i64>,
+}
+
+/// The delivery log of an endpoint, newest first, with every attempt (status, response code,
+/// latency).
+#[utoipa::path(get, path = "/webhooks/{id}/deliveries", tag = "webhooks", params(("id" = String, Path, description = "Endpoint id"), DeliveryQuery),
+    responses((status = 200, body = Page<DeliveryView>), (status = 404, body = Problem)))]
+async fn list_deliveries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<DeliveryQuery>,
+) -> ApiResult<Json<Page<DeliveryView>>> {
+    let limit = page_limit(q.limit);
+    let items = webhooks::deliveries(&state, &caller.scope, &id, q.cursor.as_deref(), limit + 1).await?;
+    Ok(Json(Page::from_overfetch(items, limit, |d| d.id.clone())))
+}
+
+/// Deliver an event again, now, with the same `webhook-id`.
+#[utoipa::path(post, path = "/webhook-deliveries/{id}/redeliver", tag = "webhooks",
+    params(("id" = String, Path, description = "Delivery id")),
+    responses((status = 200, body = DeliveryView), (status = 404, body = Problem), (status = 409, body = Problem)))]
+async fn redeliver(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<DeliveryView>> {
+    Ok(Json(webhooks::redeliver(&state, &caller.actor, &caller.scope, &id).await?))
+}

@@ -1,0 +1,241 @@
+//! Connection pages: the list (filter by status and platform, search by handle, keyset
+//! pagination), the detail page (profile, scopes, token expiry, status reason, history, the
+//! repair link) and disconnecting.
+
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+
+use super::{
+    Ctx, DashResult, Layout, ListParams, PAGE_SIZE, fmt_ms, fmt_opt, fmt_time, layout, query_string, render,
+    see_other, workspace,
+};
+use crate::db::dashboard::{ConnectionItem, ConnectionSearch};
+use crate::db::{self, DbError};
+use crate::domain::{self, Platform};
+use crate::service::ServiceError;
+use crate::service::connections::{self, ConnectionStatus};
+use crate::service::links::{self, LinkStatus};
+use crate::state::AppState;
+
+/// `(css class, words)` of a connection status.
+fn status_words(status: ConnectionStatus) -> (&'static str, &'static str) {
+    match status {
+        ConnectionStatus::Active => ("active", "Connected"),
+        ConnectionStatus::Broken => ("broken", "Broken: needs reconnecting"),
+        ConnectionStatus::Disconnected => ("disconnected", "Disconnected"),
+    }
+}
+
+fn handle_of(username: Option<&str>, display_name: Option<&str>, account_id: &str) -> String {
+    username.map(|u| format!("@{u}")).or_else(|| display_name.map(str::to_string)).unwrap_or_else(|| account_id.to_string())
+}
+
+/// A connection in a list.
+pub struct ConnRow {
+    /// Its page.
+    pub href: String,
+    /// `TikTok`.
+    pub platform: &'static str,
+    /// `@handle` (or display name, or account id).
+    pub handle: String,
+    /// Display name.
+    pub name: Option<String>,
+    /// CSS modifier: `active`, `broken`, `disconnected`.
+    pub status: &'static str,
+    /// The status in words.
+    pub status_text: &'static str,
+    /// Why it is broken or disconnected.
+    pub reason: Option<String>,
+    /// A sandbox connection.
+    pub sandbox: bool,
+    /// First connected.
+    pub connected: String,
+}
+
+impl ConnRow {
+    /// From a listing row of workspace `slug`.
+    pub fn from_item(slug: &str, c: ConnectionItem) -> Self {
+        let platform = c.provider.parse::<Platform>().map(Platform::display_name).unwrap_or("Unknown");
+        let (status, status_text) = status_words(ConnectionStatus::parse(&c.status));
+        Self {
+            href: format!("/app/w/{slug}/connections/{}", c.id),
+            platform,
+            handle: handle_of(c.username.as_deref(), c.display_name.as_deref(), &c.provider_account_id),
+            name: c.display_name,
+            status,
+            status_text,
+            reason: c.status_reason,
+            sandbox: c.sandbox != 0,
+            connected: fmt_ms(c.connected_at),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/connections.html")]
+struct ListPage {
+    l: Layout,
+    slug: String,
+    q: String,
+    status: String,
+    platform: String,
+    platforms: Vec<(&'static str, &'static str)>,
+    rows: Vec<ConnRow>,
+    next_page: Option<String>,
+    first_page: Option<String>,
+}
+
+/// `GET /app/w/{slug}/connections`.
+pub async fn list(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(slug): Path<String>,
+    Query(q): Query<ListParams>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    let status = q.status.as_deref().filter(|s| matches!(*s, "active" | "broken" | "disconnected"));
+    let platform = q.platform.as_deref().and_then(|p| p.parse::<Platform>().ok()).map(Platform::as_str);
+    let search = q.search();
+    let before = q.cursor();
+    let mut items = {
+        let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+        db::dashboard::connections(
+            &mut conn,
+            &ConnectionSearch {
+                workspace_id: Some(&ws.row.id),
+                status,
+                provider: platform,
+                search: search.as_deref(),
+                before: before.as_deref(),
+            },
+            PAGE_SIZE + 1,
+        )
+        .await?
+    };
+    let more = items.len() as i64 > PAGE_SIZE;
+    items.truncate(PAGE_SIZE as usize);
+    let base = format!("/app/w/{}/connections", ws.row.slug);
+    let filters = [("q", search.as_deref()), ("status", status), ("platform", platform)];
+    let next_page = more.then(|| items.last().map(|c| c.id.clone())).flatten().map(|id| {
+        let mut pairs = filters.to_vec();
+        pairs.push(("before", Some(&id)));
+        format!("{base}{}", query_string(&pairs))
+    });
+    let first_page = before.is_some().then(|| format!("{base}{}", query_string(&filters)));
+    let page = ListPage {
+        l: layout(&state, &ctx, Some(&ws), "connections", q.notice.as_deref()).await?,
+        slug: ws.row.slug.clone(),
+        q: search.clone().unwrap_or_default(),
+        status: status.unwrap_or_default().to_string(),
+        platform: platform.unwrap_or_default().to_string(),
+        platforms: Platform::ALL.iter().map(|p| (p.as_str(), p.display_name())).collect(),
+        rows: items.into_iter().map(|c| ConnRow::from_item(&ws.row.slug, c)).collect(),
+        next_page,
+        first_page,
+    };
+    Ok(render(StatusCode::OK, &page))
+}
+
+/// An event of the connection's history.
+struct HistoryItem {
+    when: String,
+    kind: String,
+    detail: String,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/connection.html")]
+struct DetailPage {
+    l: Layout,
+    slug: String,
+    id: String,
+    platform: &'static str,
+    handle: String,
+    display_name: String,
+    account_id: String,
+    monogram: String,
+    status: &'static str,
+    status_text: &'static str,
+    reason: Option<String>,
+    sandbox: bool,
+    scopes: Vec<(String, &'static str)>,
+    access_expires: String,
+    refresh_expires: String,
+    connected: String,
+    last_refreshed: String,
+    reconnects: i64,
+    link_label: Option<String>,
+    link_href: Option<String>,
+    repair_url: Option<String>,
+    history: Vec<HistoryItem>,
+    can_disconnect: bool,
+}
+
+/// `GET /app/w/{slug}/connections/{id}`.
+pub async fn show(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+    Query(q): Query<ListParams>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    let detail = connections::get(&state, &ws.scope, &id).await?;
+    let c = &detail.connection;
+    let link = match c.link_id.as_deref() {
+        Some(link_id) => match links::get(&state, &ws.scope, link_id).await {
+            Ok(l) => Some(l),
+            Err(ServiceError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        },
+        None => None,
+    };
+    let (status, status_text) = status_words(c.status);
+    let handle = handle_of(c.username.as_deref(), c.display_name.as_deref(), &c.provider_account_id);
+    let page = DetailPage {
+        l: layout(&state, &ctx, Some(&ws), "connections", q.notice.as_deref()).await?,
+        slug: ws.row.slug.clone(),
+        id: c.id.clone(),
+        platform: c.provider.display_name(),
+        monogram: crate::http::pages::monogram(c.display_name.as_deref().or(c.username.as_deref()).unwrap_or("?")),
+        handle,
+        display_name: c.display_name.clone().unwrap_or_else(|| "—".into()),
+        account_id: c.provider_account_id.clone(),
+        status,
+        status_text,
+        reason: c.status_reason.clone(),
+        sandbox: c.sandbox,
+        scopes: c.scopes.iter().map(|s| (s.clone(), domain::scope_description(s))).collect(),
+        access_expires: fmt_opt(c.access_token_expires_at),
+        refresh_expires: fmt_opt(c.refresh_token_expires_at),
+        connected: fmt_time(c.connected_at),
+        last_refreshed: fmt_opt(c.last_refreshed_at),
+        reconnects: c.reconnect_count,
+        link_label: link.as_ref().map(|l| l.label.clone()),
+        link_href: link.as_ref().map(|l| format!("/app/w/{}/links/{}", ws.row.slug, l.id)),
+        repair_url: link.as_ref().filter(|l| l.status == LinkStatus::Active).map(|l| l.url.clone()),
+        history: detail
+            .events
+            .iter()
+            .rev()
+            .map(|e| HistoryItem {
+                when: fmt_time(e.at),
+                kind: e.kind.clone(),
+                detail: e.detail.clone().unwrap_or_default(),
+            })
+            .collect(),
+        can_disconnect: c.status != ConnectionStatus::Disconnected,
+    };
+    Ok(render(StatusCode::OK, &page))
+}
+
+/// `POST /app/w/{slug}/connections/{id}/disconnect`.
+pub async fn disconnect(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    let c = connections::disconnect(&state, &ctx.actor, &ws.scope, &id).await?;
+    Ok(see_other(&format!("/app/w/{}/connections/{}?notice=disconnected", ws.row.slug, c.id)))
+}

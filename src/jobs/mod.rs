@@ -1,0 +1,134 @@
+//! Background jobs: the refresh scheduler, health checks, `connection.expiring` announcements
+//! and webhook delivery. They run inside `serve` (unless `jobs.enabled = false`) and alone in
+//! `authlink worker`; any number of processes may run them at once, because every unit of work
+//! is claimed with a lease in the database.
+//!
+//! Work is taken in bounded batches, so memory stays flat whatever the number of connections,
+//! and an idle scheduler costs one indexed query per tick.
+
+pub mod deliver;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::service::refresh;
+use crate::state::AppState;
+
+/// Runs every job until `stop` turns true, then lets work in flight finish.
+pub async fn run(state: AppState, stop: watch::Receiver<bool>) {
+    tracing::info!(owner = refresh::owner_id(), "background jobs started");
+    let mut tasks = JoinSet::new();
+    tasks.spawn(refresh_loop(state.clone(), stop.clone()));
+    tasks.spawn(check_loop(state.clone(), stop.clone()));
+    tasks.spawn(expiring_loop(state.clone(), stop.clone()));
+    tasks.spawn(deliver::run(state.clone(), stop.clone()));
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("background jobs stopped");
+}
+
+/// Sleeps one tick, or returns false when asked to stop.
+pub(crate) async fn tick(stop: &mut watch::Receiver<bool>, every: Duration) -> bool {
+    if *stop.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(every) => !*stop.borrow(),
+        _ = stop.changed() => false,
+    }
+}
+
+/// The refresh scheduler: claim due connections in batches and refresh them with bounded
+/// concurrency.
+async fn refresh_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.config.jobs.tick_ms);
+    let limit = Arc::new(Semaphore::new(state.config.jobs.refresh_concurrency));
+    let mut in_flight = JoinSet::new();
+    loop {
+        // Claim only as much as can start soon, so leases are not held by queued work.
+        let claimed = if limit.available_permits() > 0 {
+            match refresh::claim_batch(&state).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming due refreshes failed");
+                    Vec::new()
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let full_batch = claimed.len() >= state.config.jobs.refresh_batch as usize;
+        for id in claimed {
+            let Ok(permit) = limit.clone().acquire_owned().await else { break };
+            let state = state.clone();
+            in_flight.spawn(async move {
+                let _permit = permit;
+                if let Err(e) = refresh::refresh_claimed(&state, &id).await {
+                    tracing::warn!(connection_id = %id, error = %e, "scheduled refresh failed");
+                }
+            });
+        }
+        while in_flight.try_join_next().is_some() {}
+        // A full batch means more is due: go again at once.
+        if full_batch {
+            if *stop.borrow() {
+                break;
+            }
+            continue;
+        }
+        if !tick(&mut stop, every).await {
+            break;
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Health checks, spread over the interval by their `next_check_at`.
+async fn check_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.config.jobs.tick_ms.max(1000) * 5);
+    loop {
+        let due = async {
+            let mut conn = state.db.pool().acquire().await?;
+            crate::db::connections::due_checks(&mut conn, state.now_ms(), 20).await
+        }
+        .await;
+        match due {
+            Ok(ids) => {
+                for id in ids {
+                    // Move the check first so another process does not take the same one.
+                    let moved = async {
+                        let mut conn = state.db.pool().acquire().await?;
+                        let next = refresh::schedule_check(&state, state.now_ms(), false);
+                        crate::db::connections::set_next_check(&mut conn, &id, next).await
+                    }
+                    .await;
+                    if moved.is_err() {
+                        continue;
+                    }
+                    if let Err(e) = refresh::check(&state, &id).await {
+                        tracing::warn!(connection_id = %id, error = %e, "health check failed");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "finding due health checks failed"),
+        }
+        if !tick(&mut stop, every).await {
+            break;
+        }
+    }
+}
+
+/// `connection.expiring` announcements.
+async fn expiring_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    let every = Duration::from_millis(state.config.jobs.tick_ms.max(1000) * 10);
+    loop {
+        if let Err(e) = refresh::announce_expiring(&state).await {
+            tracing::warn!(error = %e, "announcing expiring connections failed");
+        }
+        if !tick(&mut stop, every).await {
+            break;
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Outbound requests to addresses chosen by users (webhook endpoints), guarded against SSRF.
+//!
+//! A webhook URL is checked twice: when it is saved (its host must resolve, and only to public
+//! addresses) and at every delivery, by the resolver the HTTP client itself uses, so that a DNS
+//! answer that changes after the check (rebinding) cannot reach loopback, private, link-local or
+//! other special addresses. `webhooks.allow_private_targets` lifts the restriction for tests and
+//! on-premise receivers.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+/// A boxed future, as resolvers return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Resolves host names: the system resolver in production, a stub in tests.
+pub trait HostResolver: Send + Sync + std::fmt::Debug {
+    /// The addresses of `host`.
+    fn lookup(&self, host: &str) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>>;
+}
+
+/// The operating system's resolver.
+#[derive(Debug, Default)]
+pub struct SystemResolver;
+
+impl HostResolver for SystemResolver {
+    fn lookup(&self, host: &str) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>> {
+        let host = host.to_string();
+        Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.map(|a| a.ip()).collect()) })
+    }
+}
+
+/// Whether `ip` is a public unicast address (not loopback, private, link-local, CGNAT,
+/// unique-local, multicast, documentation, unspecified or the cloud metadata range).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] == 18 || o[1] == 19))
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] == 0x2001 && s[1] == 0x0db8)
+                || (s[0] == 0x0064 && s[1] == 0xff9b))
+        }
+    }
+}
+
+/// Why a target was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetError {
+    /// The host did not resolve.
+    #[error("the host does not resolve")]
+    Unresolvable,
+    /// It resolves to a non-public address.
+    #[error("the host resolves to a private, loopback or link-local address ({0}), which is not allowed")]
+    Private(IpAddr),
+}
+
+/// The guard: resolves with `inner` and refuses non-public addresses unless allowed.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    inner: Arc<dyn HostResolver>,
+    allow_private: bool,
+}
+
+impl Guard {
+    /// A guard over `inner`.
+    pub fn new(inner: Arc<dyn HostResolver>, allow_private: bool) -> Self {
+        Self { inner, allow_private }
+    }
+
+    /// Checks a host (a name or an IP literal) and returns its addresses.
+    pub async fn check_host(&self, host: &str) -> Result<Vec<IpAddr>, TargetError> {
+        let literal = host.trim_start_matches('[').trim_end_matches(']');
+        let addrs = match literal.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => self.inner.lookup(host).await.map_err(|_| TargetError::Unresolvable)?,
+        };
+        if addrs.is_empty() {
+            return Err(TargetError::Unresolvable);
+        }
+        if !self.allow_private {
+            if let Some(bad) = addrs.iter().find(|ip| !is_public(**ip)) {
+                return Err(TargetError::Private(*bad));
+            }
+        }
+        Ok(addrs)
+    }
+
+    /// An HTTP client whose every connection goes through this guard: no redirects followed,
+    /// a timeout, rustls.
+    pub fn client(&self, timeout: Duration) -> reqwest::Client {
+        #[allow(clippy::expect_used)] // only fails if the TLS backend cannot initialise at all
+        reqwest::Client::builder()
+            .dns_resolver(Arc::new(self.clone()))
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("authlink-webhooks/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("HTTP client")
+    }
+}
+
+impl Resolve for Guard {
+    fn resolve(&self, name: Name) -> Resolving {
+        let guard = self.clone();
+        Box::pin(async move {
+            let addrs = guard.check_host(name.as_str()).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            let out: Addrs = Box::new(addrs.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect::<Vec<_>>().into_iter());
+            Ok(out)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A resolver that answers from a table and records what it was asked.
+    #[derive(Debug, Default)]
+    struct Stub {
+        answers: Vec<(&'static str, Vec<IpAddr>)>,
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl HostResolver for Stub {
+        fn lookup(&self, host: &str) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>> {
+            self.asked.lock().unwrap().push(host.to_string());
+            let found = self.answers.iter().find(|(h, _)| *h == host).map(|(_, a)| a.clone());
+            Box::pin(async move { found.ok_or_else(|| std::io::Error::other("NXDOMAIN")) })
+        }
+    }
+
+    fn stub() -> Arc<Stub> {
+        Arc::new(Stub {
+            answers: vec![
+                ("public.example", vec!["93.184.216.34".parse().unwrap()]),
+                ("loopback.example", vec!["127.0.0.1".parse().unwrap()]),
+                ("metadata.example", vec!["169.254.169.254".parse().unwrap()]),
+                ("ten.example", vec!["10.1.2.3".parse().unwrap()]),
+                ("v6loop.example", vec!["::1".parse().unwrap()]),
+                ("ula.example", vec!["fd00::1".parse().unwrap()]),
+                ("mapped.example", vec!["::ffff:192.168.1.1".parse().unwrap()]),
+                // Rebinding-style answer: one public and one private address.
+                ("mixed.example", vec!["93.184.216.34".parse().unwrap(), "192.168.0.10".parse().unwrap()]),
+            ],
+            asked: Mutex::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn private_targets_are_refused_through_the_resolver() {
+        let s = stub();
+        let guard = Guard::new(s.clone(), false);
+        assert!(guard.check_host("public.example").await.is_ok());
+        for host in ["loopback.example", "metadata.example", "ten.example", "v6loop.example", "ula.example", "mapped.example", "mixed.example"] {
+            assert!(matches!(guard.check_host(host).await, Err(TargetError::Private(_))), "{host}");
+        }
+        for literal in ["127.0.0.1", "[::1]", "169.254.169.254", "10.0.0.1", "0.0.0.0", "100.64.0.1"] {
+            assert!(matches!(guard.check_host(literal).await, Err(TargetError::Private(_))), "{literal}");
+        }
+        assert_eq!(guard.check_host("nxdomain.example").await, Err(TargetError::Unresolvable));
+        // Literals never reach the resolver; names always do.
+        let asked = s.asked.lock().unwrap().clone();
+        assert!(asked.iter().all(|h| h.ends_with(".example")));
+    }
+
+    #[tokio::test]
+    async fn the_client_refuses_before_connecting() {
+        let guard = Guard::new(stub(), false);
+        let client = guard.client(Duration::from_secs(2));
+        // The stub maps this name to 10.1.2.3; the resolver refuses it, so no connection is tried.
+        let err = client.get("http://ten.example:9/").send().await.unwrap_err();
+        let chain = format!("{err:?}");
+        assert!(chain.contains("private"), "{chain}");
+    }
+
+    #[tokio::test]
+    async fn allow_private_targets_lifts_the_restriction() {
+        let guard = Guard::new(stub(), true);
+        assert!(guard.check_host("loopback.example").await.is_ok());
+        assert!(guard.check_host("127.0.0.1").await.is_ok());
+    }
+
+    #[test]
+    fn public_addresses() {
+        for ip in ["8.8.8.8", "2606:4700::1111", "93.184.216.34"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+}

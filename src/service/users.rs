@@ -1,0 +1,792 @@
+//! Dashboard operators: users, their passwords, workspace memberships, sessions and the sign-in
+//! throttle.
+//!
+//! - **Passwords** are hashed with argon2id, m = 19456 KiB, t = 2, p = 1, a 16-byte random salt,
+//!   stored as a PHC string (the OWASP floor that security.md asks for). Hashing runs on the
+//!   blocking pool, at most [`MAX_CONCURRENT_HASHES`] at a time, so that a burst of sign-ins
+//!   neither stalls the async workers nor takes unbounded memory.
+//! - **Sessions** live in the database: the browser holds a random 256-bit token in an HttpOnly
+//!   cookie, the database only its SHA-256. A session ends after [`SESSION_IDLE_MS`] without a
+//!   request or [`SESSION_ABSOLUTE_MS`] after sign-in, whichever comes first; on sign-out; when
+//!   the user is disabled; and (all other sessions of the user) when the password changes. Every
+//!   sign-in makes a new session, so a token planted before sign-in is worthless.
+//! - **Throttle**: failed sign-ins are stored (account as a hash of the email, and the client
+//!   address), so limits survive restarts and hold across instances: at most
+//!   [`MAX_FAILURES_PER_ACCOUNT`] per account and [`MAX_FAILURES_PER_IP`] per address within
+//!   [`THROTTLE_WINDOW_MS`]. The answer never says whether an account exists: an unknown email
+//!   is verified against a dummy hash, so that both cases cost one argon2 verification.
+//! - **Roles**: a platform admin sees every workspace; other users see the workspaces they are a
+//!   member of, as `owner` (may also manage members, branding and API keys) or `member`.
+
+use std::sync::OnceLock;
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::{Actor, ServiceError, ServiceResult, audit};
+use crate::clock::from_millis;
+use crate::crypto;
+use crate::db::sessions::SessionRow;
+use crate::db::users::{MembershipRow, UserRow};
+use crate::db::{self, DbError, new_id};
+use crate::domain::FieldError;
+use crate::state::App;
+
+/// A session ends after this long without a request (30 minutes).
+pub const SESSION_IDLE_MS: i64 = 30 * 60 * 1000;
+/// A session ends this long after sign-in, however active (12 hours).
+pub const SESSION_ABSOLUTE_MS: i64 = 12 * 60 * 60 * 1000;
+/// The sliding window of the sign-in throttle (15 minutes).
+pub const THROTTLE_WINDOW_MS: i64 = 15 * 60 * 1000;
+/// Most failed sign-ins per account within the window.
+pub const MAX_FAILURES_PER_ACCOUNT: i64 = 10;
+/// Most failed sign-ins per client address within the window.
+pub const MAX_FAILURES_PER_IP: i64 = 50;
+/// Shortest password accepted.
+pub const MIN_PASSWORD_CHARS: usize = 12;
+/// Longest password accepted (argon2 takes any length; this bounds the work per request).
+pub const MAX_PASSWORD_CHARS: usize = 256;
+/// Most argon2 computations running at once (each takes 19 MiB).
+pub const MAX_CONCURRENT_HASHES: usize = 4;
+
+/// argon2id with the OWASP parameters: m = 19456 KiB, t = 2, p = 1.
+fn argon2() -> ServiceResult<Argon2<'static>> {
+    let params = Params::new(19_456, 2, 1, None)
+        .map_err(|e| ServiceError::Unavailable(format!("argon2 parameters: {e}")))?;
+    Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
+}
+
+/// Hashes a password into a PHC string (blocking: call through [`hash_password_async`] from
+/// async code).
+pub fn hash_password(password: &str) -> ServiceResult<String> {
+    let salt = SaltString::encode_b64(&crypto::random_bytes::<16>())
+        .map_err(|e| ServiceError::Unavailable(format!("salt: {e}")))?;
+    let hash = argon2()?
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| ServiceError::Unavailable(format!("password hashing failed: {e}")))?;
+    Ok(hash.to_string())
+}
+
+/// Checks a password against a PHC string (blocking). A malformed hash never matches.
+pub fn verify_password(phc: &str, password: &str) -> bool {
+    let Ok(parsed) = PasswordHash::new(phc) else { return false };
+    let Ok(a) = argon2() else { return false };
+    a.verify_password(password.as_bytes(), &parsed).is_ok()
+}
+
+fn hashing_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    PERMITS.get_or_init(|| tokio::sync::Semaphore::new(MAX_CONCURRENT_HASHES))
+}
+
+/// Runs `f` on the blocking pool, at most [`MAX_CONCURRENT_HASHES`] at once.
+async fn with_hash_permit<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> ServiceResult<T> {
+    let _permit = hashing_permits()
+        .acquire()
+        .await
+        .map_err(|_| ServiceError::Unavailable("password hashing is shutting down".into()))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ServiceError::Unavailable("password hashing task failed".into()))
+}
+
+/// [`hash_password`] on the blocking pool.
+pub async fn hash_password_async(password: &SecretString) -> ServiceResult<String> {
+    let password = password.clone();
+    with_hash_permit(move || hash_password(password.expose_secret())).await?
+}
+
+/// A hash of a random password, verified against when the email is unknown so that an unknown
+/// account costs the same argon2 work as a known one.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| hash_password(&crypto::random_token()).unwrap_or_default())
+}
+
+/// [`verify_password`] on the blocking pool; `None` verifies against the dummy hash (and fails).
+async fn verify_password_async(phc: Option<String>, password: &SecretString) -> ServiceResult<bool> {
+    let password = password.clone();
+    with_hash_permit(move || match phc {
+        Some(phc) => verify_password(&phc, password.expose_secret()),
+        None => {
+            let _ = verify_password(dummy_hash(), password.expose_secret());
+            false
+        }
+    })
+    .await
+}
+
+/// Trims and lower-cases an email address and checks its shape.
+pub fn normalize_email(value: &str) -> Result<String, FieldError> {
+    let v = value.trim().to_lowercase();
+    let err = || FieldError::new("email", "must be an email address like name@example.com");
+    if v.len() > 254 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(err());
+    }
+    let (local, domain) = v.rsplit_once('@').ok_or_else(err)?;
+    if local.is_empty() || local.len() > 64 || domain.is_empty() || domain.starts_with('.') {
+        return Err(err());
+    }
+    Ok(v)
+}
+
+/// Checks a new password: length, and not the email address itself.
+pub fn validate_password(field: &str, password: &str, email_normalized: &str) -> Result<(), FieldError> {
+    let n = password.chars().count();
+    if n < MIN_PASSWORD_CHARS {
+        return Err(FieldError::new(field, format!("must be at least {MIN_PASSWORD_CHARS} characters")));
+    }
+    if n > MAX_PASSWORD_CHARS {
+        return Err(FieldError::new(field, format!("must be at most {MAX_PASSWORD_CHARS} characters")));
+    }
+    if password.trim().to_lowercase() == email_normalized {
+        return Err(FieldError::new(field, "must not be your email address"));
+    }
+    Ok(())
+}
+
+/// A user's role in one workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Manages the workspace: members, branding, API keys, and everything a member does.
+    Owner,
+    /// Creates links and watches connections.
+    Member,
+}
+
+impl Role {
+    /// The stored form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Member => "member",
+        }
+    }
+
+    /// Parses the stored or submitted form.
+    pub fn parse(s: &str) -> Result<Self, FieldError> {
+        match s.trim() {
+            "owner" => Ok(Role::Owner),
+            "member" => Ok(Role::Member),
+            _ => Err(FieldError::new("role", "must be owner or member")),
+        }
+    }
+}
+
+/// A user's membership, as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct MembershipView {
+    /// Workspace id.
+    pub workspace_id: String,
+    /// Workspace slug.
+    pub slug: String,
+    /// Workspace name.
+    pub name: String,
+    /// `owner` or `member`.
+    pub role: String,
+}
+
+/// A user as the CLI and the dashboard show it (never the password hash).
+#[derive(Debug, Clone, Serialize)]
+pub struct UserView {
+    /// Id.
+    pub id: String,
+    /// Email address.
+    pub email: String,
+    /// Platform admin (every workspace).
+    pub admin: bool,
+    /// Disabled users cannot sign in.
+    pub disabled: bool,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Last successful sign-in.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_login_at: Option<OffsetDateTime>,
+    /// Workspaces the user belongs to.
+    pub workspaces: Vec<MembershipView>,
+}
+
+fn view(u: &UserRow, workspaces: Vec<MembershipView>) -> UserView {
+    UserView {
+        id: u.id.clone(),
+        email: u.email.clone(),
+        admin: u.is_admin != 0,
+        disabled: u.disabled_at.is_some(),
+        created_at: from_millis(u.created_at),
+        last_login_at: u.last_login_at.map(from_millis),
+        workspaces,
+    }
+}
+
+/// The view of a user, with the workspaces they belong to.
+pub async fn view_of(app: &App, u: &UserRow) -> ServiceResult<UserView> {
+    let mut conn = app.db.pool().acquire().await?;
+    let ws = db::users::workspaces_of_user(&mut conn, &u.id)
+        .await?
+        .into_iter()
+        .map(|w| MembershipView { workspace_id: w.id, slug: w.slug, name: w.name, role: w.role })
+        .collect();
+    Ok(view(u, ws))
+}
+
+/// Creates a user. The password is checked and hashed here; it is never logged.
+pub async fn create(
+    app: &App,
+    actor: &Actor,
+    email: &str,
+    password: &SecretString,
+    admin: bool,
+) -> ServiceResult<UserView> {
+    let normalized = normalize_email(email)?;
+    validate_password("password", password.expose_secret(), &normalized)?;
+    let hash = hash_password_async(password).await?;
+    let row = insert_user(app, actor, email.trim(), &normalized, hash, admin).await?;
+    view_of(app, &row).await
+}
+
+async fn insert_user(
+    app: &App,
+    actor: &Actor,
+    email: &str,
+    normalized: &str,
+    hash: String,
+    admin: bool,
+) -> ServiceResult<UserRow> {
+    let now = app.now_ms();
+    let row = UserRow {
+        id: new_id(),
+        email: email.to_string(),
+        email_normalized: normalized.to_string(),
+        password_hash: hash,
+        is_admin: i64::from(admin),
+        disabled_at: None,
+        created_at: now,
+        updated_at: now,
+        password_changed_at: now,
+        last_login_at: None,
+    };
+    let mut tx = app.db.begin_write().await?;
+    match db::users::insert(&mut tx, &row).await {
+        Err(DbError::Conflict(_)) => {
+            return Err(FieldError::new("email", "an account with this email already exists").into());
+        }
+        other => other?,
+    }
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        None,
+        "user.created",
+        "user",
+        &row.id,
+        serde_json::json!({"email": row.email, "admin": admin}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(user_id = %row.id, admin, "user created");
+    Ok(row)
+}
+
+/// Every user, oldest first.
+pub async fn list(app: &App) -> ServiceResult<Vec<UserView>> {
+    let rows = {
+        let mut conn = app.db.pool().acquire().await?;
+        db::users::list(&mut conn).await?
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for u in &rows {
+        out.push(view_of(app, u).await?);
+    }
+    Ok(out)
+}
+
+/// One user by email.
+pub async fn get_by_email(app: &App, email: &str) -> ServiceResult<UserRow> {
+    let normalized = normalize_email(email)?;
+    let mut conn = app.db.pool().acquire().await?;
+    db::users::get_by_email(&mut conn, &normalized).await?.ok_or(ServiceError::NotFound("user"))
+}
+
+/// One user by id.
+pub async fn get(app: &App, id: &str) -> ServiceResult<UserRow> {
+    if !db::is_id(id) {
+        return Err(ServiceError::NotFound("user"));
+    }
+    let mut conn = app.db.pool().acquire().await?;
+    db::users::get(&mut conn, id).await?.ok_or(ServiceError::NotFound("user"))
+}
+
+/// Disables a user: they cannot sign in any more and every session of theirs ends now.
+pub async fn disable(app: &App, actor: &Actor, email: &str) -> ServiceResult<UserView> {
+    let mut user = get_by_email(app, email).await?;
+    let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    db::users::disable(&mut tx, &user.id, now).await?;
+    let ended = db::sessions::delete_for_user(&mut tx, &user.id, None).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        None,
+        "user.disabled",
+        "user",
+        &user.id,
+        serde_json::json!({"sessions_ended": ended}),
+    )
+    .await?;
+    tx.commit().await?;
+    user.disabled_at = user.disabled_at.or(Some(now));
+    tracing::info!(user_id = %user.id, sessions_ended = ended, "user disabled");
+    view_of(app, &user).await
+}
+
+/// Sets a new password for a user (operator recovery from the CLI); ends every session.
+pub async fn reset_password(
+    app: &App,
+    actor: &Actor,
+    email: &str,
+    password: &SecretString,
+) -> ServiceResult<UserView> {
+    let user = get_by_email(app, email).await?;
+    validate_password("password", password.expose_secret(), &user.email_normalized)?;
+    let hash = hash_password_async(password).await?;
+    let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    db::users::set_password(&mut tx, &user.id, &hash, now).await?;
+    let ended = db::sessions::delete_for_user(&mut tx, &user.id, None).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        None,
+        "user.password_reset",
+        "user",
+        &user.id,
+        serde_json::json!({"sessions_ended": ended}),
+    )
+    .await?;
+    tx.commit().await?;
+    view_of(app, &user).await
+}
+
+/// Input of [`change_password`].
+#[derive(Debug)]
+pub struct PasswordChange {
+    /// The current password.
+    pub current: SecretString,
+    /// The new password.
+    pub new: SecretString,
+    /// The new password again.
+    pub confirm: SecretString,
+}
+
+/// Changes the signed-in user's own password. The current password is required (and wrong
+/// guesses count towards the sign-in throttle); every other session of the user ends.
+pub async fn change_password(
+    app: &App,
+    user: &UserRow,
+    session_id: &str,
+    ip: &str,
+    input: &PasswordChange,
+) -> ServiceResult<()> {
+    let account_key = account_key(&user.email_normalized);
+    let now = app.now_ms();
+    {
+        let mut conn = app.db.pool().acquire().await?;
+        let (per_account, per_ip) =
+            db::sessions::count_failures(&mut conn, &account_key, ip, now - THROTTLE_WINDOW_MS).await?;
+        if per_account >= MAX_FAILURES_PER_ACCOUNT || per_ip >= MAX_FAILURES_PER_IP {
+            return Err(FieldError::new(
+                "current_password",
+                "too many wrong attempts; wait 15 minutes and try again",
+            )
+            .into());
+        }
+    }
+    if !verify_password_async(Some(user.password_hash.clone()), &input.current).await? {
+        let mut conn = app.db.pool().acquire().await?;
+        db::sessions::insert_failure(&mut conn, &new_id(), &account_key, ip, now).await?;
+        return Err(FieldError::new("current_password", "is not your current password").into());
+    }
+    let mut errors = super::Errors::default();
+    errors.take(validate_password("new_password", input.new.expose_secret(), &user.email_normalized));
+    if input.new.expose_secret() != input.confirm.expose_secret() {
+        errors.push(FieldError::new("confirm_password", "does not match the new password"));
+    }
+    errors.finish()?;
+    let hash = hash_password_async(&input.new).await?;
+    let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    db::users::set_password(&mut tx, &user.id, &hash, now).await?;
+    let ended = db::sessions::delete_for_user(&mut tx, &user.id, Some(session_id)).await?;
+    audit::record(
+        &mut tx,
+        now,
+        &Actor::User { id: user.id.clone() },
+        None,
+        "user.password_changed",
+        "user",
+        &user.id,
+        serde_json::json!({"other_sessions_ended": ended}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(user_id = %user.id, "password changed");
+    Ok(())
+}
+
+/// A member of a workspace, as listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberView {
+    /// The user.
+    pub user_id: String,
+    /// The user's email.
+    pub email: String,
+    /// `owner` or `member`.
+    pub role: String,
+    /// Whether the user is disabled.
+    pub disabled: bool,
+    /// Since when.
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+}
+
+/// The members of a workspace (the caller has checked that it may see them).
+pub async fn members(app: &App, workspace_id: &str) -> ServiceResult<Vec<MemberView>> {
+    let mut conn = app.db.pool().acquire().await?;
+    Ok(db::users::members_of_workspace(&mut conn, workspace_id)
+        .await?
+        .into_iter()
+        .map(|m| MemberView {
+            user_id: m.user_id,
+            email: m.email,
+            role: m.role,
+            disabled: m.disabled_at.is_some(),
+            since: from_millis(m.created_at),
+        })
+        .collect())
+}
+
+/// Adds a user to a workspace, or changes their role there. When no account uses the email and
+/// `initial_password` is given, the account is created first (its owner shares the password
+/// with the new member, who changes it after signing in). The caller has checked that the actor
+/// may manage the workspace's members.
+pub async fn add_member(
+    app: &App,
+    actor: &Actor,
+    workspace_id: &str,
+    email: &str,
+    role: &str,
+    initial_password: Option<&SecretString>,
+) -> ServiceResult<MemberView> {
+    let mut errors = super::Errors::default();
+    let normalized = errors.take(normalize_email(email));
+    let role = errors.take(Role::parse(role));
+    errors.finish()?;
+    let (Some(normalized), Some(role)) = (normalized, role) else {
+        return Err(FieldError::new("email", "is invalid").into());
+    };
+    let existing = {
+        let mut conn = app.db.pool().acquire().await?;
+        if db::workspaces::get(&mut conn, workspace_id).await?.is_none() {
+            return Err(ServiceError::NotFound("workspace"));
+        }
+        db::users::get_by_email(&mut conn, &normalized).await?
+    };
+    let user = match (existing, initial_password.filter(|p| !p.expose_secret().is_empty())) {
+        (Some(u), _) => u,
+        (None, Some(password)) => {
+            validate_password("initial_password", password.expose_secret(), &normalized)?;
+            let hash = hash_password_async(password).await?;
+            insert_user(app, actor, email.trim(), &normalized, hash, false).await?
+        }
+        (None, None) => {
+            return Err(FieldError::new(
+                "email",
+                "no account uses this email yet; give an initial password to create one",
+            )
+            .into());
+        }
+    };
+    let now = app.now_ms();
+    let membership = MembershipRow {
+        user_id: user.id.clone(),
+        workspace_id: workspace_id.to_string(),
+        role: role.as_str().to_string(),
+        created_at: now,
+    };
+    let mut tx = app.db.begin_write().await?;
+    let before = db::users::membership(&mut tx, &user.id, workspace_id).await?;
+    if before.as_ref().is_some_and(|b| b.role == "owner")
+        && role == Role::Member
+        && db::users::count_owners(&mut tx, workspace_id).await? <= 1
+    {
+        return Err(FieldError::new(
+            "role",
+            "this is the workspace's only owner; make someone else owner first",
+        )
+        .into());
+    }
+    db::users::upsert_membership(&mut tx, &membership).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(workspace_id),
+        if before.is_some() { "member.role_changed" } else { "member.added" },
+        "user",
+        &user.id,
+        serde_json::json!({"email": user.email, "role": role.as_str()}),
+    )
+    .await?;
+    tx.commit().await?;
+    let since = before.map(|b| b.created_at).unwrap_or(now);
+    Ok(MemberView {
+        user_id: user.id,
+        email: user.email,
+        role: role.as_str().into(),
+        disabled: user.disabled_at.is_some(),
+        since: from_millis(since),
+    })
+}
+
+/// Removes a user from a workspace. The last owner cannot be removed.
+pub async fn remove_member(app: &App, actor: &Actor, workspace_id: &str, user_id: &str) -> ServiceResult<()> {
+    if !db::is_id(user_id) {
+        return Err(ServiceError::NotFound("member"));
+    }
+    let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    let Some(m) = db::users::membership(&mut tx, user_id, workspace_id).await? else {
+        return Err(ServiceError::NotFound("member"));
+    };
+    if m.role == "owner" && db::users::count_owners(&mut tx, workspace_id).await? <= 1 {
+        return Err(ServiceError::Conflict(
+            "this is the workspace's only owner; make someone else owner first".into(),
+        ));
+    }
+    db::users::delete_membership(&mut tx, user_id, workspace_id).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(workspace_id),
+        "member.removed",
+        "user",
+        user_id,
+        serde_json::json!({"role": m.role}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The role of a user in a workspace: `None` when the user may not see it. Platform admins are
+/// treated as owners everywhere.
+pub async fn role_in(app: &App, user: &UserRow, workspace_id: &str) -> ServiceResult<Option<Role>> {
+    if user.is_admin != 0 {
+        return Ok(Some(Role::Owner));
+    }
+    let mut conn = app.db.pool().acquire().await?;
+    Ok(db::users::membership(&mut conn, &user.id, workspace_id)
+        .await?
+        .and_then(|m| Role::parse(&m.role).ok()))
+}
+
+/// The throttle key of an account: SHA-256 of the normalized email (unknown or not).
+fn account_key(email_normalized: &str) -> String {
+    crypto::sha256_hex(format!("login:{email_normalized}").as_bytes())
+}
+
+/// A fresh session: the cookie value (shown to the browser once, never stored) and its row.
+#[derive(Debug)]
+pub struct NewSession {
+    /// The token for the cookie.
+    pub token: SecretString,
+    /// The stored session.
+    pub session: SessionRow,
+    /// The signed-in user.
+    pub user: UserRow,
+}
+
+/// How a sign-in attempt ended.
+#[derive(Debug)]
+pub enum SignIn {
+    /// Signed in.
+    Success(Box<NewSession>),
+    /// Wrong email or password, or a disabled account: the same answer for all three.
+    Invalid,
+    /// Too many failures for this account or from this address.
+    Throttled,
+}
+
+/// Signs in with email and password from client address `ip`. `previous_token` is the session
+/// cookie the browser already had, if any: that session ends (a sign-in always makes a new one).
+pub async fn sign_in(
+    app: &App,
+    email: &str,
+    password: &SecretString,
+    ip: &str,
+    previous_token: Option<&str>,
+) -> ServiceResult<SignIn> {
+    let normalized = normalize_email(email).unwrap_or_else(|_| email.trim().to_lowercase());
+    let key = account_key(&normalized);
+    let now = app.now_ms();
+    let user = {
+        let mut conn = app.db.pool().acquire().await?;
+        let (per_account, per_ip) =
+            db::sessions::count_failures(&mut conn, &key, ip, now - THROTTLE_WINDOW_MS).await?;
+        if per_account >= MAX_FAILURES_PER_ACCOUNT || per_ip >= MAX_FAILURES_PER_IP {
+            tracing::warn!(ip, per_account, per_ip, "sign-in throttled");
+            return Ok(SignIn::Throttled);
+        }
+        db::users::get_by_email(&mut conn, &normalized).await?
+    };
+    let ok = verify_password_async(user.as_ref().map(|u| u.password_hash.clone()), password).await?;
+    let user = match user {
+        Some(u) if ok && u.disabled_at.is_none() => u,
+        other => {
+            let mut conn = app.db.pool().acquire().await?;
+            db::sessions::insert_failure(&mut conn, &new_id(), &key, ip, now).await?;
+            // Old failures no longer count: forget them as we go.
+            db::sessions::purge_failures(&mut conn, now - THROTTLE_WINDOW_MS).await?;
+            tracing::info!(ip, user_id = other.as_ref().map(|u| u.id.as_str()), "sign-in failed");
+            return Ok(SignIn::Invalid);
+        }
+    };
+    let token = crypto::random_token();
+    let session = SessionRow {
+        id: new_id(),
+        token_hash: crypto::sha256_hex(token.as_bytes()),
+        user_id: user.id.clone(),
+        created_at: now,
+        last_seen_at: now,
+        expires_at: now + SESSION_ABSOLUTE_MS,
+        ip: Some(ip.chars().take(64).collect()),
+    };
+    let mut tx = app.db.begin_write().await?;
+    if let Some(previous) = previous_token {
+        db::sessions::delete_by_token_hash(&mut tx, &crypto::sha256_hex(previous.as_bytes())).await?;
+    }
+    db::sessions::purge_expired(&mut tx, now, SESSION_IDLE_MS).await?;
+    db::sessions::insert(&mut tx, &session).await?;
+    db::users::record_login(&mut tx, &user.id, now).await?;
+    db::sessions::clear_account_failures(&mut tx, &key).await?;
+    audit::record(
+        &mut tx,
+        now,
+        &Actor::User { id: user.id.clone() },
+        None,
+        "user.signed_in",
+        "user",
+        &user.id,
+        serde_json::json!({"ip": session.ip}),
+    )
+    .await?;
+    tx.commit().await?;
+    tracing::info!(user_id = %user.id, session_id = %session.id, "signed in");
+    Ok(SignIn::Success(Box::new(NewSession { token: SecretString::from(token), session, user })))
+}
+
+/// A valid session and its user.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// The session.
+    pub session: SessionRow,
+    /// The user.
+    pub user: UserRow,
+}
+
+/// The session a cookie token names, if it is still valid: not past its absolute lifetime, not
+/// idle for too long, its user not disabled. An ended session is deleted. Records activity.
+pub async fn authenticate(app: &App, token: &str) -> ServiceResult<Option<Authenticated>> {
+    if !crate::service::links::token_well_formed(token) {
+        return Ok(None);
+    }
+    let now = app.now_ms();
+    let mut conn = app.db.pool().acquire().await?;
+    let Some(session) = db::sessions::get_by_token_hash(&mut conn, &crypto::sha256_hex(token.as_bytes())).await?
+    else {
+        return Ok(None);
+    };
+    let ended = now >= session.expires_at || now - session.last_seen_at >= SESSION_IDLE_MS;
+    let user = if ended { None } else { db::users::get(&mut conn, &session.user_id).await? };
+    let Some(user) = user.filter(|u| u.disabled_at.is_none()) else {
+        db::sessions::delete(&mut conn, &session.id).await?;
+        tracing::info!(session_id = %session.id, "session ended (timeout or disabled user)");
+        return Ok(None);
+    };
+    db::sessions::touch(&mut conn, &session.id, now).await?;
+    Ok(Some(Authenticated { session, user }))
+}
+
+/// Ends the session a cookie token names (sign-out).
+pub async fn sign_out(app: &App, token: &str) -> ServiceResult<()> {
+    let hash = crypto::sha256_hex(token.as_bytes());
+    let mut tx = app.db.begin_write().await?;
+    if let Some(s) = db::sessions::get_by_token_hash(&mut tx, &hash).await? {
+        db::sessions::delete(&mut tx, &s.id).await?;
+        audit::record(
+            &mut tx,
+            app.now_ms(),
+            &Actor::User { id: s.user_id.clone() },
+            None,
+            "user.signed_out",
+            "user",
+            &s.user_id,
+            serde_json::json!({}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_hashes_use_the_owasp_argon2id_parameters() {
+        let phc = hash_password("correct horse battery staple").unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+        let parsed = PasswordHash::new(&phc).unwrap();
+        // 16 bytes of salt.
+        let mut salt = [0u8; 64];
+        assert_eq!(parsed.salt.unwrap().decode_b64(&mut salt).unwrap().len(), 16);
+        assert!(verify_password(&phc, "correct horse battery staple"));
+        assert!(!verify_password(&phc, "correct horse battery stapl"));
+        assert!(!verify_password("not a hash", "x"));
+        // A fresh salt each time.
+        assert_ne!(phc, hash_password("correct horse battery staple").unwrap());
+    }
+
+    #[test]
+    fn emails_are_normalized() {
+        assert_eq!(normalize_email("  Ann@Example.COM ").unwrap(), "ann@example.com");
+        for bad in ["", "ann", "@example.com", "ann@", "a b@example.com", "ann@.com"] {
+            assert!(normalize_email(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_checked() {
+        assert!(validate_password("p", "short", "a@b.c").is_err());
+        assert!(validate_password("p", "a@example.com", "a@example.com").is_err());
+        assert!(validate_password("p", &"x".repeat(300), "a@b.c").is_err());
+        assert!(validate_password("p", "a long enough password", "a@b.c").is_ok());
+    }
+
+    #[test]
+    fn roles_parse() {
+        assert_eq!(Role::parse("owner").unwrap(), Role::Owner);
+        assert_eq!(Role::parse("member").unwrap(), Role::Member);
+        assert!(Role::parse("admin").is_err());
+    }
+}
