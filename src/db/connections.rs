@@ -449,3 +449,12 @@ pub async fn attempts(conn: &mut AnyConnection, connection_id: &str) -> DbResult
     .fetch_all(conn)
     .await?)
 }
+
+/// Clears the details of a connection's history (data deletion: they may name the account).
+pub async fn scrub_events(conn: &mut AnyConnection, connection_id: &str) -> DbResult<()> {
+    sqlx::query("UPDATE connection_events SET detail = NULL WHERE connection_id = $1")
+        .bind(connection_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

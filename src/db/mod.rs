@@ -115,7 +115,7 @@ impl Db {
             Backend::Sqlite => pool_options.after_connect(|conn, _meta| {
                 Box::pin(async move {
                     conn.execute(
-                        "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
+                        "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; PRAGMA secure_delete = ON; \
                          PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
                     )
                     .await?;

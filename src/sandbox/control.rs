@@ -26,6 +26,38 @@ pub(super) fn routes() -> Router<Arc<Sandbox>> {
         .route("/control/{provider}/stats", get(stats))
         .route("/control/{provider}/accounts", get(accounts))
         .route("/control/{provider}/accounts/{account_id}/revoke", post(revoke_account))
+        .route("/control/tiktok/grants", post(mint_grants))
+        .route("/control/tiktok/live-refresh-tokens", get(live_refresh_tokens))
+}
+
+/// Body of `POST /control/tiktok/grants`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MintRequest {
+    count: usize,
+    #[serde(default)]
+    scopes: Option<Vec<String>>,
+}
+
+/// `POST /control/tiktok/grants {"count": n}`: n grants for synthetic accounts, as if n users had
+/// authorised the app (for load and concurrency tests). Answers `{"grants": [{open_id,
+/// access_token, refresh_token, expires_in, refresh_expires_in, scope}]}`.
+async fn mint_grants(State(sb): State<Arc<Sandbox>>, bytes: Bytes) -> Response {
+    let req: MintRequest = match body(&bytes, false) {
+        Ok(r) => r,
+        Err(res) => return *res,
+    };
+    if req.count == 0 || req.count > 20_000 {
+        return bad_request("count must be between 1 and 20000");
+    }
+    let scopes = req.scopes.unwrap_or_else(|| vec!["user.info.basic".into(), "user.info.profile".into()]);
+    json(StatusCode::OK, json!({ "grants": sb.mint_tiktok_grants(req.count, &scopes) }))
+}
+
+/// `GET /control/tiktok/live-refresh-tokens`: `{"sha256": [...]}` of every refresh token that
+/// still works at the simulated provider.
+async fn live_refresh_tokens(State(sb): State<Arc<Sandbox>>) -> Response {
+    json(StatusCode::OK, json!({ "sha256": sb.live_tiktok_refresh_tokens() }))
 }
 
 fn bad_request(message: impl Into<String>) -> Response {

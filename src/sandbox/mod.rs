@@ -256,6 +256,18 @@ impl Sandbox {
         self.clock.now()
     }
 
+    /// Issues `count` TikTok grants for synthetic accounts (see the control API).
+    pub fn mint_tiktok_grants(&self, count: usize, scopes: &[String]) -> Vec<serde_json::Value> {
+        let now = self.now();
+        self.tiktok_state().mint_grants(count, scopes, now)
+    }
+
+    /// SHA-256 of every TikTok refresh token that still works.
+    pub fn live_tiktok_refresh_tokens(&self) -> Vec<String> {
+        let now = self.now();
+        self.tiktok_state().live_refresh_token_hashes(now)
+    }
+
     fn tiktok_state(&self) -> MutexGuard<'_, tiktok::TikTokState> {
         self.tiktok.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -136,6 +136,8 @@ impl TestApp {
             ("AUTHLINK_SANDBOX__CONTROL_API".into(), "true".into()),
             ("AUTHLINK_PROVIDERS__TIMEOUT_SECS".into(), "2".into()),
             ("AUTHLINK_HTTP__SHUTDOWN_GRACE_SECS".into(), "10".into()),
+            ("AUTHLINK_JOBS__TICK_MS".into(), "100".into()),
+            ("AUTHLINK_WEBHOOKS__ALLOW_PRIVATE_TARGETS".into(), "true".into()),
         ];
         for (k, v) in extra {
             env.retain(|(ek, _)| ek != k);
@@ -204,6 +206,14 @@ impl TestApp {
         Cleanup { child: self.child.clone(), backend: self.backend.clone(), schema: self.schema.clone() }
     }
 
+    /// Stops the server now.
+    pub fn kill(&self) {
+        if let Some(mut c) = self.child.lock().unwrap().take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.lock().unwrap().as_ref().map(|c| c.id()).unwrap_or(0)
@@ -233,7 +243,9 @@ impl TestApp {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        cmd.output().expect("run authlink")
+        // The CLI blocks this thread: let the runtime move its other tasks (test receivers)
+        // to another worker meanwhile.
+        tokio::task::block_in_place(|| cmd.output()).expect("run authlink")
     }
 
     /// Runs the CLI.

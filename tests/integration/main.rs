@@ -15,6 +15,7 @@
 mod api;
 mod cli;
 mod connect;
+mod health;
 mod helpers;
 mod pages;
 
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
         ("cli", cli::tests()),
         ("pages", pages::tests()),
         ("connect", connect::tests()),
+        ("health", health::tests()),
     ] {
         for (name, f, only) in list {
             all.push((module, name, f, only));

@@ -118,6 +118,9 @@ async fn erase(state: &AppState, user_id: &str, delete_profile: bool) -> crate::
         }
         row.updated_at = now;
         db::connections::update(&mut tx, &row).await?;
+        if delete_profile {
+            db::connections::scrub_events(&mut tx, &row.id).await?;
+        }
         let kind = if delete_profile { "data_deleted" } else { "disconnected" };
         db::connections::insert_event(&mut tx, &connections::event(&row, kind, row.status_reason.clone(), now)).await?;
         audit::record(&mut tx, now, &Actor::System, Some(&row.workspace_id), &format!("connection.{kind}"), "connection",

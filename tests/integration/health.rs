@@ -1,0 +1,738 @@
+//! Connection health: refresh, failure classes, health checks, deauthorization, expiring
+//! notices, webhooks (signed per Standard Webhooks, verified by an independent library), and
+//! concurrent workers on PostgreSQL.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
+
+use crate::connect::connect;
+use crate::helpers::{TestApp, binary};
+use crate::tests;
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
+    let mut list = tests![
+        webhook_endpoints_are_managed_and_validated,
+        private_webhook_targets_are_refused,
+        webhooks_are_signed_retried_and_redelivered,
+        gone_endpoint_is_disabled,
+        transient_refresh_failures_recover,
+        permanent_failure_breaks_once_and_link_repairs,
+        health_check_catches_revocation,
+        instagram_token_is_refreshed_after_a_day,
+        instagram_deauthorize_and_data_deletion,
+        expiring_grant_is_announced,
+        webhook_cli_commands,
+    ];
+    list.push(("two_workers_refresh_each_connection_once", |app| Box::pin(two_workers_refresh_each_connection_once(app)), crate::Only::Postgres));
+    list.push(("killed_worker_claims_are_taken_over", |app| Box::pin(killed_worker_claims_are_taken_over(app)), crate::Only::Postgres));
+    list
+}
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+/// A webhook receiver on loopback that answers from a script of statuses (then 200).
+pub struct Receiver {
+    pub url: String,
+    pub got: Arc<Mutex<Vec<Received>>>,
+    pub script: Arc<Mutex<VecDeque<u16>>>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let script: Arc<Mutex<VecDeque<u16>>> = Arc::default();
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let (g, sc, n) = (got.clone(), script.clone(), notify.clone());
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                let (g, sc, n) = (g.clone(), sc.clone(), n.clone());
+                async move {
+                    let headers = headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
+                        .collect();
+                    g.lock().unwrap().push(Received { headers, body: String::from_utf8_lossy(&body).to_string() });
+                    n.notify_waiters();
+                    let status = sc.lock().unwrap().pop_front().unwrap_or(200);
+                    StatusCode::from_u16(status).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { url, got, script, notify }
+    }
+
+    /// Waits until at least `n` requests arrived (or fails after `secs`).
+    pub async fn wait_for(&self, n: usize, secs: u64) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let notified = self.notify.notified();
+            {
+                let got = self.got.lock().unwrap();
+                if got.len() >= n {
+                    return got.clone();
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let got = self.got.lock().unwrap();
+                panic!("expected {n} webhook requests, got {}: {:?}", got.len(), got.iter().map(|r| r.body.clone()).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    /// The event types received so far.
+    pub fn types(&self) -> Vec<String> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_str::<Value>(&r.body).unwrap()["type"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// Waits until `cond` holds for the value `probe` produces (state owned by another process).
+pub async fn eventually<F, Fut>(what: &str, secs: u64, mut probe: F) -> Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<Value>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn add_endpoint(app: &TestApp, key: &str, url: &str, events: Option<Vec<&str>>) -> (String, String) {
+    let mut body = json!({"url": url});
+    if let Some(e) = events {
+        body["events"] = json!(e);
+    }
+    let created = app.api_post("/webhooks", key, body, 201).await;
+    (created["id"].as_str().unwrap().to_string(), created["secret"].as_str().unwrap().to_string())
+}
+
+async fn webhook_endpoints_are_managed_and_validated(app: TestApp) {
+    let wid = app.workspace("Hooks");
+    let key = app.workspace_key(&wid);
+    let other = app.workspace_key(&app.workspace("Other"));
+    let created = app.api_post("/webhooks", &key, json!({"url": "http://127.0.0.1:9/hook", "events": ["connection.broken"]}), 201).await;
+    let secret = created["secret"].as_str().unwrap();
+    assert!(secret.starts_with("whsec_"));
+    let id = created["id"].as_str().unwrap();
+    let listed = app.api_get("/webhooks", &key, 200).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert!(!listed.to_string().contains(secret), "the secret is shown once");
+    assert_eq!(listed[0]["events"], json!(["connection.broken"]));
+    for (body, field) in [
+        (json!({"url": "not a url"}), "url"),
+        (json!({"url": "ftp://example.com/x"}), "url"),
+        (json!({"url": "https://user:pw@example.com/"}), "url"),
+        (json!({"url": "https://example.com/", "events": ["connection.exploded"]}), "events"),
+        (json!({"url": "https://example.com/", "events": []}), "events"),
+    ] {
+        let p = app.api_post("/webhooks", &key, body.clone(), 422).await;
+        assert_eq!(p["errors"][0]["field"], field, "{body}");
+    }
+    app.api_get(&format!("/webhooks/{id}"), &other, 404).await;
+    let off = app.api_patch(&format!("/webhooks/{id}"), &key, json!({"enabled": false}), 200).await;
+    assert_eq!(off["enabled"], false);
+    let rotated = app.api_post(&format!("/webhooks/{id}/rotate-secret"), &key, json!({}), 200).await;
+    assert_ne!(rotated["secret"], created["secret"]);
+    let res = app.api(reqwest::Method::DELETE, &format!("/webhooks/{id}"), &key).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(app.api_get(&format!("/webhooks/{id}"), &key, 200).await["enabled"], false);
+    let audit = app.api_get("/audit-events?action=webhook.created", &key, 200).await;
+    assert_eq!(audit["data"].as_array().unwrap().len(), 1);
+    assert!(!app.database_dump().await.contains(secret), "the secret is sealed at rest");
+}
+
+async fn private_webhook_targets_are_refused(app: TestApp) {
+    // A second server without `allow_private_targets`: loopback, private and link-local
+    // literals are refused when the endpoint is saved (the resolver-based refusal of names is
+    // unit-tested with a stub resolver in src/net.rs).
+    let key_env = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
+    let strict = TestApp::spawn_with(
+        app.backend.clone(),
+        &[("AUTHLINK_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "false"), ("AUTHLINK_MASTER_KEY", &key_env)],
+    )
+    .await;
+    let cleanup = strict.cleanup_handle();
+    let wid = strict.workspace("Strict");
+    let key = strict.workspace_key(&wid);
+    for url in ["https://127.0.0.1/hook", "https://[::1]/hook", "https://169.254.169.254/latest", "https://10.0.0.5/x", "https://192.168.1.1/", "http://example.com/"] {
+        let p = strict.api_post("/webhooks", &key, json!({"url": url}), 422).await;
+        assert_eq!(p["errors"][0]["field"], "url", "{url}: {p}");
+    }
+    cleanup.run().await;
+}
+
+/// Verifies every received request with the `standardwebhooks` package from PyPI (not our code).
+fn verify_with_standardwebhooks(secret: &str, received: &[Received]) {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pydeps");
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import standardwebhooks"])
+        .env("PYTHONPATH", &dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        let out = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+            .arg(&dir)
+            .arg("standardwebhooks==1.1.0")
+            .output()
+            .expect("python3 with pip is needed for the independent signature check");
+        assert!(out.status.success(), "pip install standardwebhooks failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let messages: Vec<Value> = received.iter().map(|r| json!({"headers": r.headers, "body": r.body})).collect();
+    let input = json!({"secret": secret, "messages": messages}).to_string();
+    let script = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+data = json.load(sys.stdin)
+wh = Webhook(data["secret"])
+ok = 0
+for m in data["messages"]:
+    wh.verify(m["body"], m["headers"])
+    ok += 1
+    # A tampered body must be refused by the library too.
+    try:
+        wh.verify(m["body"] + " ", m["headers"])
+        print("tampered body accepted"); sys.exit(1)
+    except WebhookVerificationError:
+        pass
+print(ok)
+"#;
+    use std::io::Write;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .env("PYTHONPATH", &dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "standardwebhooks refused a signature: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), received.len().to_string());
+}
+
+async fn webhooks_are_signed_retried_and_redelivered(app: TestApp) {
+    let wid = app.workspace("Signed");
+    let key = app.workspace_key(&wid);
+    let receiver = Receiver::start().await;
+    let (endpoint, secret) = add_endpoint(&app, &key, &receiver.url, None).await;
+    // The receiver fails the first attempt with 500.
+    receiver.script.lock().unwrap().push_back(500);
+    let (link_id, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    let first = receiver.wait_for(1, 20).await;
+    // The retry comes after the first step of the schedule (5 s): move the clock instead of waiting.
+    app.advance_clock(10).await;
+    let both = receiver.wait_for(2, 20).await;
+    assert_eq!(first[0].headers["webhook-id"], both[1].headers["webhook-id"], "a retry keeps its webhook-id");
+    let body: Value = serde_json::from_str(&both[1].body).unwrap();
+    assert_eq!(body["type"], "connection.created");
+    assert_eq!(body["data"]["provider"], "tiktok");
+    assert!(body["data"]["repair_url"].as_str().unwrap().contains("/l/"));
+    assert!(both[1].headers["webhook-signature"].starts_with("v1,"));
+    // The delivery log shows both attempts.
+    let log = app.api_get(&format!("/webhooks/{endpoint}/deliveries"), &key, 200).await;
+    let d = &log["data"][0];
+    assert_eq!(d["status"], "succeeded");
+    assert_eq!(d["attempts"], 2);
+    let attempts = d["attempt_log"].as_array().unwrap();
+    assert_eq!(attempts[0]["status_code"], 500);
+    assert_eq!(attempts[1]["status_code"], 200);
+    assert!(attempts[1]["latency_ms"].is_number());
+    // Manual redelivery: same webhook-id again.
+    let delivery_id = d["id"].as_str().unwrap();
+    app.api_post(&format!("/webhook-deliveries/{delivery_id}/redeliver"), &key, json!({}), 200).await;
+    let three = receiver.wait_for(3, 20).await;
+    assert_eq!(three[2].headers["webhook-id"], first[0].headers["webhook-id"]);
+    // Link events.
+    app.cli_json(&["link", "rotate", &link_id]);
+    app.cli_json(&["link", "revoke", &link_id]);
+    let all = receiver.wait_for(5, 20).await;
+    let types = receiver.types();
+    assert!(types.contains(&"link.rotated".to_string()) && types.contains(&"link.revoked".to_string()), "{types:?}");
+    // During a secret rotation both secrets sign.
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    let with_test = receiver.wait_for(6, 20).await;
+    verify_with_standardwebhooks(&secret, &all);
+    verify_with_standardwebhooks(&secret, &with_test[5..]);
+    let rotated = app.api_post(&format!("/webhooks/{endpoint}/rotate-secret"), &key, json!({}), 200).await;
+    let new_secret = rotated["secret"].as_str().unwrap().to_string();
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    let after = receiver.wait_for(7, 20).await;
+    let last = &after[6..];
+    assert_eq!(last[0].headers["webhook-signature"].split(' ').count(), 2, "old and new secret both sign");
+    verify_with_standardwebhooks(&new_secret, last);
+    verify_with_standardwebhooks(&secret, last);
+}
+
+async fn gone_endpoint_is_disabled(app: TestApp) {
+    let wid = app.workspace("Gone Hooks");
+    let key = app.workspace_key(&wid);
+    let receiver = Receiver::start().await;
+    let (endpoint, _) = add_endpoint(&app, &key, &receiver.url, None).await;
+    receiver.script.lock().unwrap().push_back(410);
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    receiver.wait_for(1, 20).await;
+    let e = eventually("the endpoint to be disabled", 20, || async {
+        let e = app.api_get(&format!("/webhooks/{endpoint}"), &key, 200).await;
+        (e["enabled"] == false).then_some(e)
+    })
+    .await;
+    assert!(e["disabled_reason"].as_str().unwrap().contains("410"));
+    let audit = app.api_get("/audit-events?action=webhook.disabled", &key, 200).await;
+    assert_eq!(audit["data"].as_array().unwrap().len(), 1);
+}
+
+async fn connection_id(app: &TestApp, key: &str) -> String {
+    app.api_get("/connections", key, 200).await["data"][0]["id"].as_str().unwrap().to_string()
+}
+
+async fn transient_refresh_failures_recover(app: TestApp) {
+    let wid = app.workspace("Transient");
+    let key = app.workspace_key(&wid);
+    let receiver = Receiver::start().await;
+    add_endpoint(&app, &key, &receiver.url, Some(vec!["connection.refresh_failed", "connection.recovered", "connection.broken"])).await;
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    let id = connection_id(&app, &key).await;
+    let before = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    // The scheduler refreshes at 75-80 % of the 24 h lifetime: make it due, with four failures
+    // scripted (server error, 429 with Retry-After, HTML page, slow answer).
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [
+        {"endpoint": "refresh", "kind": "server_error"},
+        {"endpoint": "refresh", "kind": "rate_limit"},
+        {"endpoint": "refresh", "kind": "html_error"},
+        {"endpoint": "refresh", "kind": "server_error"}
+    ], "retry_after_secs": 120})).await;
+    app.advance_clock(70_000).await;
+    for failures in 1..=4 {
+        eventually(&format!("{failures} failed refreshes"), 30, || async {
+            let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+            (c["refresh_failures"].as_i64() == Some(failures)).then_some(c)
+        })
+        .await;
+        let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+        assert_eq!(c["status"], "active", "transient failures never break a connection");
+        app.advance_clock(3700).await;
+    }
+    let recovered = eventually("the refresh to succeed", 30, || async {
+        let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+        (c["refresh_failures"] == 0 && c["last_refreshed_at"] != before["last_refreshed_at"]).then_some(c)
+    })
+    .await;
+    assert_eq!(recovered["status"], "active");
+    receiver.wait_for(2, 20).await;
+    assert_eq!(receiver.types(), vec!["connection.refresh_failed", "connection.recovered"]);
+    let kinds: Vec<String> = recovered["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_string()).collect();
+    assert!(kinds.contains(&"refresh_failed".into()) && kinds.contains(&"recovered".into()) && kinds.contains(&"refreshed".into()));
+    let stats = app.sandbox_stats("tiktok").await;
+    assert_eq!(stats["refresh_token_reuse"], 0);
+}
+
+async fn permanent_failure_breaks_once_and_link_repairs(app: TestApp) {
+    let wid = app.workspace("Permanent");
+    let key = app.workspace_key(&wid);
+    let receiver = Receiver::start().await;
+    add_endpoint(&app, &key, &receiver.url, Some(vec!["connection.broken", "connection.reconnected"])).await;
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    let id = connection_id(&app, &key).await;
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "refresh", "kind": "invalid_grant", "count": 5}]})).await;
+    app.advance_clock(70_000).await;
+    let broken = eventually("the connection to break", 30, || async {
+        let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+        (c["status"] == "broken").then_some(c)
+    })
+    .await;
+    assert!(broken["status_reason"].as_str().unwrap().contains("reconnect"), "{broken}");
+    assert_eq!(broken["repair_url"].as_str().unwrap(), url, "the link that repairs it");
+    // Exactly one broken event, even if more refreshes or checks happen.
+    app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    app.advance_clock(3600).await;
+    receiver.wait_for(1, 20).await;
+    let listed = app.cli_json(&["connection", "list", "--workspace", &wid, "--status", "broken"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(app.sandbox_stats("tiktok").await["refresh_calls"], 1, "a dead refresh token is never retried");
+    // The client repairs it through the same link.
+    app.sandbox("/tiktok/reset", json!({})).await;
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    receiver.wait_for(2, 20).await;
+    assert_eq!(receiver.types(), vec!["connection.broken", "connection.reconnected"]);
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "active");
+}
+
+async fn health_check_catches_revocation(app: TestApp) {
+    let wid = app.workspace("Checks");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    let acct = authlink::sandbox::TIKTOK_ACCOUNTS[1];
+    connect(&app.client, &app, &url, "tiktok", acct.open_id).await;
+    let id = connection_id(&app, &key).await;
+    let ok = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(ok["outcome"], "current");
+    assert_eq!(ok["connection"]["username"], acct.username);
+    assert!(ok["connection"]["last_checked_at"].is_string());
+    // The user removes the app at TikTok: the next check finds out.
+    app.sandbox(&format!("/tiktok/accounts/{}/revoke", acct.open_id), json!({})).await;
+    let out = app.cli(&["connection", "check", &id]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("broken"), "{}", String::from_utf8_lossy(&out.stdout));
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "broken");
+    assert!(c["status_reason"].as_str().unwrap().contains("health check"));
+}
+
+async fn instagram_token_is_refreshed_after_a_day(app: TestApp) {
+    let wid = app.workspace("IG");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "instagram", &authlink::sandbox::INSTAGRAM_ACCOUNTS[0].user_id.to_string()).await;
+    let id = connection_id(&app, &key).await;
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert!(c["refresh_token_expires_at"].is_null(), "Instagram has no refresh token");
+    let first_expiry = c["access_token_expires_at"].as_str().unwrap().to_string();
+    // The 60-day token is refreshed at 75-80 % of its life (well after the 24 h minimum).
+    app.advance_clock(50 * 86_400).await;
+    let refreshed = eventually("the Instagram token to be refreshed", 30, || async {
+        let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+        (c["access_token_expires_at"].as_str() != Some(first_expiry.as_str())).then_some(c)
+    })
+    .await;
+    assert_eq!(refreshed["status"], "active");
+    assert_eq!(app.sandbox_stats("instagram").await["refresh_calls"], 1);
+}
+
+fn signed_request(secret: &str, user_id: &str) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"algorithm": "HMAC-SHA256", "issued_at": 1_764_000_000, "user_id": user_id}).to_string());
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(payload.as_bytes());
+    let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+    format!("{sig}.{payload}")
+}
+
+async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
+    let wid = app.workspace("Meta");
+    let key = app.workspace_key(&wid);
+    let receiver = Receiver::start().await;
+    add_endpoint(&app, &key, &receiver.url, Some(vec!["connection.disconnected"])).await;
+    let (_, url) = app.link(&wid, "Client");
+    let a = &authlink::sandbox::INSTAGRAM_ACCOUNTS[0];
+    let b = &authlink::sandbox::INSTAGRAM_ACCOUNTS[1];
+    connect(&app.client, &app, &url, "instagram", &a.user_id.to_string()).await;
+    connect(&app.client, &app, &url, "instagram", &b.user_id.to_string()).await;
+    let secret = authlink::sandbox::INSTAGRAM_CLIENT_SECRET;
+    // Invalid signatures: 400, nothing changes.
+    for bad in [signed_request("wrong-secret", a.app_scoped_id), "garbage".into(), String::new()] {
+        let res = app.client.post(app.url("/oauth/instagram/deauthorize")).form(&[("signed_request", bad.as_str())]).send().await.unwrap();
+        assert_eq!(res.status(), 400);
+    }
+    let res = app.client.post(app.url("/oauth/instagram/data-deletion")).form(&[("x", "y")]).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let list = app.api_get("/connections?status=active", &key, 200).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    // Deauthorize: disconnected at once.
+    let res = app
+        .client
+        .post(app.url("/oauth/instagram/deauthorize"))
+        .form(&[("signed_request", signed_request(secret, a.app_scoped_id).as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let conns = app.api_get("/connections", &key, 200).await;
+    let find = |username: &str| conns["data"].as_array().unwrap().iter().find(|c| c["username"] == username).cloned();
+    let da = find(a.username).unwrap();
+    assert_eq!(da["status"], "disconnected");
+    assert_eq!(find(b.username).unwrap()["status"], "active");
+    let aid = da["id"].as_str().unwrap();
+    app.api_get(&format!("/connections/{aid}/access-token"), &key, 409).await;
+    receiver.wait_for(1, 20).await;
+    // Data deletion: tokens and profile erased, the answer Meta expects, and a status page.
+    let res = app
+        .client
+        .post(app.url("/oauth/instagram/data-deletion"))
+        .form(&[("signed_request", signed_request(secret, b.app_scoped_id).as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let answer: Value = res.json().await.unwrap();
+    let code = answer["confirmation_code"].as_str().unwrap();
+    let status_url = answer["url"].as_str().unwrap();
+    assert!(status_url.ends_with(code));
+    let page = app.client.get(status_url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains(code));
+    let conns = app.api_get("/connections", &key, 200).await;
+    let erased: Vec<&Value> = conns["data"].as_array().unwrap().iter().filter(|c| c["username"].is_null()).collect();
+    assert_eq!(erased.len(), 1);
+    assert_eq!(erased[0]["status"], "disconnected");
+    assert!(erased[0]["display_name"].is_null() && erased[0]["avatar_url"].is_null());
+    let detail = app.api_get(&format!("/connections/{}", erased[0]["id"].as_str().unwrap()), &key, 200).await;
+    assert!(!detail.to_string().contains(b.username), "the profile data is gone from the history too: {detail}");
+    assert_eq!(app.client.get(app.url("/oauth/instagram/data-deletion/unknown")).send().await.unwrap().status(), 404);
+}
+
+async fn expiring_grant_is_announced(app: TestApp) {
+    let wid = app.workspace("Expiring");
+    let key = app.workspace_key(&wid);
+    let receiver = Receiver::start().await;
+    add_endpoint(&app, &key, &receiver.url, Some(vec!["connection.expiring"])).await;
+    let (_, url) = app.link(&wid, "Client");
+    let acct = &authlink::sandbox::INSTAGRAM_ACCOUNTS[1];
+    connect(&app.client, &app, &url, "instagram", &acct.user_id.to_string()).await;
+    let id = connection_id(&app, &key).await;
+    // The account is broken (app removed), so its 60-day token will not be refreshed: when
+    // less than seven days remain, the agency is told ahead of time.
+    app.sandbox(&format!("/instagram/accounts/{}/revoke", acct.user_id), json!({})).await;
+    app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "broken");
+    app.advance_clock(54 * 86_400).await;
+    let got = receiver.wait_for(1, 30).await;
+    let body: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(body["type"], "connection.expiring");
+    assert_eq!(body["data"]["id"], id.as_str());
+    assert!(body["data"]["repair_url"].is_string());
+    // Announced once.
+    app.advance_clock(86_400).await;
+    app.api_get("/connections", &key, 200).await;
+    let log = app.api_get(&format!("/audit-events?action=connection.expiring&target_id={id}"), &key, 200).await;
+    assert_eq!(log["data"].as_array().unwrap().len(), 1);
+}
+
+async fn webhook_cli_commands(app: TestApp) {
+    let wid = app.workspace("CLI Hooks");
+    let receiver = Receiver::start().await;
+    let added = app.cli_json(&["webhook", "add", "--workspace", &wid, "--url", &receiver.url, "--event", "link.revoked"]);
+    let id = added["id"].as_str().unwrap();
+    assert!(added["secret"].as_str().unwrap().starts_with("whsec_"));
+    let listed = app.cli_json(&["webhook", "list", "--workspace", &wid]);
+    assert_eq!(listed[0]["events"], json!(["link.revoked"]));
+    let tested = app.cli_json(&["webhook", "test", id]);
+    assert_eq!(tested["delivery"]["status"], "succeeded");
+    receiver.wait_for(1, 10).await;
+    let deliveries = app.cli_json(&["webhook", "deliveries", id]);
+    assert_eq!(deliveries[0]["event_type"], "webhook.test");
+    let removed = app.cli_json(&["webhook", "remove", id]);
+    assert_eq!(removed["enabled"], false);
+    let out = app.cli(&["webhook", "add", "--workspace", &wid, "--url", "not a url"]);
+    assert!(!out.status.success());
+}
+
+/// Inserts `grants` as due TikTok connections of `workspace`, sealed with the app's key.
+async fn insert_due_connections(app: &TestApp, workspace: &str, grants: &[Value]) {
+    let master = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
+    let keys = authlink::crypto::KeyRing::from_base64(&master.into(), &[]).unwrap();
+    let crate::helpers::Backend::Postgres(url) = &app.backend else { panic!("PostgreSQL only") };
+    let schema = app.schema.clone().unwrap();
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    for chunk in grants.chunks(200) {
+        let mut tx = conn.begin().await.unwrap();
+        for g in chunk {
+            let id = uuid::Uuid::now_v7().to_string();
+            let access = keys.seal_str(g["access_token"].as_str().unwrap(), authlink::crypto::Aad::new("connections", &id, "access_token"));
+            let refresh = keys.seal_str(g["refresh_token"].as_str().unwrap(), authlink::crypto::Aad::new("connections", &id, "refresh_token"));
+            sqlx::query(&format!(
+                "INSERT INTO {schema}.connections (id, workspace_id, provider, provider_account_id, scopes, access_token_sealed, \
+                 access_expires_at, refresh_token_sealed, refresh_expires_at, token_generation, status, sandbox, connected_at, \
+                 reconnect_count, created_at, updated_at, next_refresh_at, refresh_failures) \
+                 VALUES ($1, $2, 'tiktok', $3, 'user.info.basic,user.info.profile', $4, $5, $6, $7, 1, 'active', 1, $8, 0, $8, $8, $9, 0)"
+            ))
+            .bind(&id)
+            .bind(workspace)
+            .bind(g["open_id"].as_str().unwrap())
+            .bind(&access)
+            .bind(now + 86_400_000)
+            .bind(&refresh)
+            .bind(now + 31_536_000_000)
+            .bind(now)
+            .bind(now - 1000)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+}
+
+/// Starts `authlink worker` against the app's database with extra settings.
+fn start_worker(app: &TestApp, extra: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(binary());
+    cmd.arg("worker").current_dir(app.dir.path()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AUTHLINK_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    cmd.env("AUTHLINK_LOG", "warn");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+async fn scalar(app: &TestApp, sql: &str) -> i64 {
+    let crate::helpers::Backend::Postgres(url) = &app.backend else { panic!("PostgreSQL only") };
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let sql = sql.replace("{schema}", app.schema.as_deref().unwrap());
+    let (n,): (i64,) = sqlx::query_as(&sql).fetch_one(&mut conn).await.unwrap();
+    n
+}
+
+/// Every stored refresh token, unsealed, as SHA-256 hex.
+async fn stored_refresh_hashes(app: &TestApp) -> Vec<String> {
+    let master = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
+    let keys = authlink::crypto::KeyRing::from_base64(&master.into(), &[]).unwrap();
+    let crate::helpers::Backend::Postgres(url) = &app.backend else { panic!("PostgreSQL only") };
+    use secrecy::ExposeSecret;
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT id, refresh_token_sealed FROM {}.connections WHERE refresh_token_sealed IS NOT NULL",
+        app.schema.as_deref().unwrap()
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    rows.iter()
+        .map(|(id, sealed)| {
+            let t = keys.open_str(sealed, authlink::crypto::Aad::new("connections", id, "refresh_token")).unwrap();
+            authlink::crypto::sha256_hex(t.expose_secret().as_bytes())
+        })
+        .collect()
+}
+
+async fn two_workers_refresh_each_connection_once(app: TestApp) {
+    // The serving instance runs no jobs here: two separate worker processes do the refreshing.
+    let (app, cleanup) = restart_without_jobs(app).await;
+    let wid = app.workspace("Scale");
+    let grants = app.sandbox("/tiktok/grants", json!({"count": 1000})).await["grants"].as_array().unwrap().clone();
+    insert_due_connections(&app, &wid, &grants).await;
+    let started_ms = scalar(&app, "SELECT (EXTRACT(EPOCH FROM now()) * 1000)::bigint").await;
+    let settings = [("AUTHLINK_JOBS__TICK_MS", "50"), ("AUTHLINK_JOBS__REFRESH_BATCH", "50"), ("AUTHLINK_JOBS__REFRESH_CONCURRENCY", "8")];
+    let mut a = start_worker(&app, &settings);
+    let mut b = start_worker(&app, &settings);
+    eventually("1000 refreshes", 180, || async {
+        let done = scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_attempts WHERE outcome <> 'started'").await;
+        (done >= 1000).then_some(Value::Null)
+    })
+    .await;
+    let _ = a.kill();
+    let _ = b.kill();
+    let _ = a.wait();
+    let _ = b.wait();
+    let stats = app.sandbox_stats("tiktok").await;
+    assert_eq!(stats["refresh_calls"], 1000, "every connection refreshed exactly once");
+    assert_eq!(stats["invalid_grant"], 0);
+    assert_eq!(stats["refresh_token_reuse"], 0);
+    assert_eq!(scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_attempts WHERE outcome = 'succeeded'").await, 1000);
+    assert_eq!(scalar(&app, "SELECT COUNT(DISTINCT connection_id) FROM {schema}.refresh_attempts").await, 1000);
+    assert_eq!(scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE status = 'active' AND token_generation = 2").await, 1000);
+    let owners = scalar(&app, "SELECT COUNT(DISTINCT owner) FROM {schema}.refresh_attempts").await;
+    assert!(owners >= 1);
+    // No lost token: what we stored is exactly what the provider considers live.
+    let mut stored = stored_refresh_hashes(&app).await;
+    let mut live: Vec<String> = app.client.get(app.url("/sandbox/control/tiktok/live-refresh-tokens")).send().await.unwrap()
+        .json::<Value>().await.unwrap()["sha256"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    stored.sort();
+    live.sort();
+    assert_eq!(stored.len(), 1000);
+    assert_eq!(stored, live);
+    let _ = started_ms;
+    eprintln!("two workers: {owners} distinct lease owners did the 1000 refreshes");
+    cleanup.run().await;
+}
+
+async fn killed_worker_claims_are_taken_over(app: TestApp) {
+    let (app, cleanup) = restart_without_jobs(app).await;
+    let wid = app.workspace("Crash");
+    let grants = app.sandbox("/tiktok/grants", json!({"count": 300})).await["grants"].as_array().unwrap().clone();
+    insert_due_connections(&app, &wid, &grants).await;
+    // Each refresh answer takes a second at first, so the worker is mid-batch when it dies.
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "refresh", "kind": "slow", "count": 8}], "slow_ms": 1000})).await;
+    let settings = [("AUTHLINK_JOBS__TICK_MS", "50"), ("AUTHLINK_JOBS__REFRESH_BATCH", "100"), ("AUTHLINK_JOBS__LEASE_SECS", "3")];
+    let mut a = start_worker(&app, &[settings[0], settings[1], settings[2], ("AUTHLINK_JOBS__REFRESH_CONCURRENCY", "4")]);
+    eventually("the first worker to be mid-batch", 60, || async {
+        (scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_attempts WHERE outcome = 'started'").await >= 4).then_some(Value::Null)
+    })
+    .await;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let claimed_by_a = scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE lease_owner IS NOT NULL").await;
+    let in_flight = scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_attempts WHERE outcome = 'started'").await;
+    assert!(claimed_by_a >= in_flight && in_flight >= 4, "claimed {claimed_by_a}, in flight {in_flight}");
+    let mut b = start_worker(&app, &[settings[0], settings[1], settings[2], ("AUTHLINK_JOBS__REFRESH_CONCURRENCY", "16")]);
+    eventually("every connection to be dealt with", 120, || async {
+        let pending = scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE status = 'active' AND token_generation = 1").await;
+        let leased = scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE lease_owner IS NOT NULL").await;
+        (pending == 0 && leased == 0).then_some(Value::Null)
+    })
+    .await;
+    let _ = b.kill();
+    let _ = b.wait();
+    // The dead worker's unfinished attempts are recorded as interrupted; everything it had
+    // claimed was taken over.
+    assert_eq!(scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_attempts WHERE outcome = 'started'").await, 0);
+    assert_eq!(scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_attempts WHERE outcome = 'interrupted'").await, in_flight);
+    let broken = scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE status = 'broken'").await;
+    let broken_explained = scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE status = 'broken' AND status_reason LIKE '%interrupted%'").await;
+    assert_eq!(broken, broken_explained, "a connection is only lost with an explanation");
+    assert!(broken <= in_flight, "only refreshes in flight at the crash can be lost");
+    let refreshed = scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE status = 'active' AND token_generation = 2").await;
+    assert_eq!(refreshed + broken, 300);
+    assert_eq!(app.sandbox_stats("tiktok").await["refresh_token_reuse"].as_i64().unwrap(), broken);
+    eprintln!("killed worker: {claimed_by_a} claimed, {in_flight} in flight, {broken} lost with an explanation");
+    cleanup.run().await;
+}
+
+/// Replaces the app by one on the same database whose server runs no background jobs.
+async fn restart_without_jobs(app: TestApp) -> (TestApp, crate::helpers::Cleanup) {
+    let master = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
+    let db_url = app.db_url.clone();
+    let fresh = TestApp::spawn_with(
+        app.backend.clone(),
+        &[("AUTHLINK_JOBS__ENABLED", "false"), ("AUTHLINK_MASTER_KEY", &master), ("AUTHLINK_DATABASE_URL", &db_url)],
+    )
+    .await;
+    // Keep the original schema (the fresh app made an unused one): point the helpers at it,
+    // and stop the original server so that only the workers under test refresh.
+    let unused = fresh.cleanup_handle();
+    let mut fresh = fresh;
+    fresh.schema = app.schema.clone();
+    app.kill();
+    (fresh, unused)
+}
