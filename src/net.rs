@@ -199,7 +199,7 @@ mod tests {
         // The stub maps this name to 10.1.2.3; the resolver refuses it, so no connection is tried.
         let err = client.get("http://ten.example:9/").send().await.unwrap_err();
         let chain = format!("{err:?}");
-        assert!(chain.contains("private"), "{chain}");
+        assert!(chain.contains("Private(10.1.2.3)"), "{chain}");
     }
 
     #[tokio::test]
