@@ -132,11 +132,13 @@ pub struct HttpConfig {
     pub request_timeout_secs: u64,
     /// Longest time to let in-flight requests finish after a shutdown signal.
     pub shutdown_grace_secs: u64,
+    /// Requests a minute one client may make to link pages (`/l/...`), against token guessing.
+    pub link_requests_per_minute: u32,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { body_limit_bytes: 64 * 1024, request_timeout_secs: 30, shutdown_grace_secs: 20 }
+        Self { body_limit_bytes: 64 * 1024, request_timeout_secs: 30, shutdown_grace_secs: 20, link_requests_per_minute: 300 }
     }
 }
 

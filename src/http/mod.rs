@@ -3,10 +3,14 @@
 
 /// The JSON API under `/api/v1`, with its OpenAPI document.
 pub mod api;
+/// The dashboard under `/app` for agency members and platform admins.
+pub mod dashboard;
 /// Security headers (CSP, HSTS, nosniff, framing, referrer policy).
 mod headers;
 /// The client-facing HTML pages: link landing page, connect flow, errors.
 pub mod pages;
+/// The per-client rate limit of the link URL space.
+pub mod ratelimit;
 
 use std::time::Duration;
 
@@ -38,6 +42,7 @@ pub fn router(state: AppState) -> Router {
     let timeout = Duration::from_secs(config.http.request_timeout_secs);
     let body_limit = config.http.body_limit_bytes;
     let security_headers = headers::SecurityHeaders::new(config);
+    let link_limiter = ratelimit::LinkLimiter::new(config.http.link_requests_per_minute);
 
     let mut app = Router::new()
         .route("/healthz", get(healthz))
@@ -45,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/static/authlink.css", get(stylesheet))
         .route("/robots.txt", get(robots))
         .merge(pages::router())
+        .merge(dashboard::router(state.clone()))
         .nest("/api/v1", api::router(state.clone()))
         .fallback(pages::not_found);
     if config.providers.tiktok.is_sandbox() || config.providers.instagram.is_sandbox() {
@@ -52,6 +58,7 @@ pub fn router(state: AppState) -> Router {
     }
     app.with_state(state)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(link_limiter, ratelimit::limit_links))
         .layer(axum::middleware::from_fn_with_state(security_headers, headers::apply))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
         .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {

@@ -10,7 +10,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         landing_page_shows_branding_and_platforms,
         unknown_and_gone_links,
         get_never_changes_state,
-        pages_are_hardened
+        pages_are_hardened,
+        link_guessing_is_rate_limited
     ]
 }
 
@@ -156,4 +157,22 @@ async fn pages_are_hardened(app: TestApp) {
     assert_eq!(res.status(), 403);
     assert_eq!(app.count("oauth_flows").await, 0);
     let _ = json!({});
+}
+
+async fn link_guessing_is_rate_limited(app: TestApp) {
+    // The default limit (300 a minute, bursts of 75) lets a person through and stops a guesser.
+    let mut answers = std::collections::BTreeMap::new();
+    for i in 0..400 {
+        let guess = format!("{:0>43}", i);
+        let res = app.client.get(app.url(&format!("/l/{guess}"))).send().await.unwrap();
+        if res.status() == 429 {
+            assert!(res.headers().get("retry-after").is_some());
+        }
+        *answers.entry(res.status().as_u16()).or_insert(0) += 1;
+    }
+    let limited = answers.get(&429).copied().unwrap_or(0);
+    assert!(limited >= 300, "most guesses are refused after the burst: {answers:?}");
+    assert!(answers.get(&404).copied().unwrap_or(0) >= 50, "{answers:?}");
+    // Other paths are not limited.
+    assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
 }
