@@ -380,6 +380,13 @@ async fn success_redirect_and_landing_list(app: TestApp) {
         "success redirect button: {html}"
     );
     assert!(html.contains(&format!("href=\"/l/{}\"", token_of(url))), "connect another account");
+    // The avatar comes from our own origin (fetched server-side), only for this browser.
+    let avatar_path = html.split("src=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    assert!(avatar_path.starts_with("/connected/") && avatar_path.ends_with("/avatar"), "{avatar_path}");
+    let img = app.client.get(app.url(&avatar_path)).send().await.unwrap();
+    assert_eq!(img.status(), 200);
+    assert!(img.headers()["content-type"].to_str().unwrap().starts_with("image/"));
+    assert_eq!(new_browser().get(app.url(&avatar_path)).send().await.unwrap().status(), 404);
     // The landing page now lists the account, with its status.
     let landing = app.client.get(url).send().await.unwrap().text().await.unwrap();
     assert!(

@@ -543,6 +543,7 @@ struct SuccessPage {
     platform: &'static str,
     reconnected: bool,
     monogram: String,
+    avatar: Option<String>,
     handle: Option<String>,
     display_name: Option<String>,
     grants: Vec<&'static str>,
@@ -635,6 +636,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
         platform: platform.display_name(),
         reconnected: outcome == "reconnected",
         monogram: monogram(&name),
+        avatar: connection.avatar_url.as_ref().map(|_| format!("/connected/{}/avatar", flow.id)),
         handle: connection.username.clone(),
         display_name: connection.display_name.clone(),
         grants: connections::split_scopes(&connection.scopes)
@@ -677,4 +679,67 @@ pub async fn accounts_of_link(state: &AppState, link_id: &str) -> ServiceResult<
             }
         })
         .collect())
+}
+
+/// Largest avatar image passed through.
+const MAX_AVATAR_BYTES: usize = 512 * 1024;
+
+/// `GET /connected/{flow}/avatar`: the connected account's avatar, fetched by the server from
+/// the provider's CDN and served from our origin, so the result page makes no third-party
+/// request. Only for the browser that ran the flow; only https images from public addresses.
+pub async fn show_avatar(
+    State(state): State<AppState>,
+    Path(ResultPath { attempt }): Path<ResultPath>,
+    headers: HeaderMap,
+) -> Response {
+    let not_found = || StatusCode::NOT_FOUND.into_response();
+    if !db::is_id(&attempt) {
+        return not_found();
+    }
+    let found = async {
+        let mut conn = state.db.pool().acquire().await?;
+        let Some(flow) = db::oauth_flows::get(&mut conn, &attempt).await? else { return Ok(None) };
+        let Some(cid) = flow.connection_id.clone() else { return Ok(None) };
+        let connection = db::connections::get(&mut conn, &cid).await?;
+        Ok::<_, crate::db::DbError>(connection.map(|c| (flow, c)))
+    }
+    .await;
+    let Ok(Some((flow, connection))) = found else { return not_found() };
+    let browser_ok = read_cookie(&headers, cookie_name(&state))
+        .map(|v| crypto::constant_time_eq(crypto::sha256_hex(v.as_bytes()).as_bytes(), flow.browser_hash.as_bytes()))
+        .unwrap_or(false);
+    let Some(avatar) = connection.avatar_url.filter(|_| browser_ok) else { return not_found() };
+    let Ok(url) = url::Url::parse(&avatar) else { return not_found() };
+    let sandbox_avatar = url.as_str().starts_with(&state.config.public("/sandbox/"));
+    if url.scheme() != "https" && !sandbox_avatar {
+        return not_found();
+    }
+    let guard = if sandbox_avatar {
+        crate::net::Guard::new(std::sync::Arc::new(crate::net::SystemResolver), true)
+    } else {
+        state.webhook_guard.clone()
+    };
+    let client = guard.client(std::time::Duration::from_secs(5));
+    let Ok(mut res) = client.get(url.as_str()).send().await else { return not_found() };
+    let content_type = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|ct| (ct.starts_with("image/") && !ct.contains("svg")) || (sandbox_avatar && ct.starts_with("image/svg+xml")))
+        .map(str::to_string);
+    let Some(content_type) = content_type.filter(|_| res.status().is_success()) else { return not_found() };
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = res.chunk().await {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_AVATAR_BYTES {
+            return not_found();
+        }
+    }
+    let mut out = body.into_response();
+    if let Ok(v) = HeaderValue::from_str(&content_type) {
+        out.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    out.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=300"));
+    out.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; sandbox"));
+    out
 }

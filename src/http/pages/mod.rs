@@ -34,6 +34,7 @@ pub fn router() -> Router<AppState> {
         .route("/oauth/instagram/data-deletion", post(deauth::instagram_data_deletion))
         .route("/oauth/instagram/data-deletion/{code}", get(deauth::instagram_deletion_status))
         .route("/connected/{attempt}", get(connect::show_result))
+        .route("/connected/{attempt}/avatar", get(connect::show_avatar))
         .route("/brand/{file}", get(brand_stylesheet))
 }
 
