@@ -117,7 +117,7 @@ const MAX_CHALLENGES: usize = 1000;
 /// sandbox mode, so its memory is bounded.
 const MAX_CODES: usize = 10_000;
 /// Most tokens kept per provider.
-const MAX_TOKENS: usize = 50_000;
+const MAX_TOKENS: usize = 500_000;
 
 /// The built-in provider simulator.
 ///
@@ -668,11 +668,18 @@ fn prune<V, K: Ord + Clone>(
     dead: impl Fn(&V) -> bool,
     age: impl Fn(&V) -> K,
 ) {
+    // Only when full: sweeping on every insert would make issuing n tokens cost O(n²).
+    if map.len() < cap {
+        return;
+    }
     map.retain(|_, v| !dead(v));
-    if map.len() > cap {
+    // Evict the oldest down to 90 % of the cap, so the next sweep is far away.
+    let target = cap - cap / 10;
+    if map.len() > target {
         let mut keys: Vec<(K, String)> = map.iter().map(|(k, v)| (age(v), k.clone())).collect();
         keys.sort();
-        for (_, k) in keys.into_iter().take(map.len() - cap) {
+        let excess = map.len() - target;
+        for (_, k) in keys.into_iter().take(excess) {
             map.remove(&k);
         }
     }
