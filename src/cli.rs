@@ -65,6 +65,9 @@ pub enum Command {
     /// Manage webhook endpoints.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// Manage dashboard users (passwords are read from standard input or a prompt, never argv).
+    #[command(subcommand)]
+    User(UserCommand),
     /// Print the OpenAPI document of the JSON API.
     Openapi,
 }
@@ -423,6 +426,7 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
         Command::Connection(cmd) => connection(state(config).await?, json, cmd).await,
         Command::Audit(cmd) => audit(state(config).await?, json, cmd).await,
         Command::Webhook(cmd) => webhook(state(config).await?, json, cmd).await,
+        Command::User(cmd) => user(config, json, cmd).await,
         Command::Worker => {
             let state = state(config).await?;
             startup::run_worker(state).await;
@@ -807,15 +811,27 @@ async fn run_outcome(
     };
     let c = service::connections::get(app, &Scope::Admin, id).await?;
     let mut conn = app.db.pool().acquire().await.map_err(|e| CliError::from(ServiceError::from(e)))?;
-    service::audit::record(&mut conn, app.now_ms(), &Actor::Cli, Some(&c.connection.workspace_id), action,
-        "connection", id, serde_json::json!({"outcome": word})).await?;
+    service::audit::record(
+        &mut conn,
+        app.now_ms(),
+        &Actor::Cli,
+        Some(&c.connection.workspace_id),
+        action,
+        "connection",
+        id,
+        serde_json::json!({"outcome": word}),
+    )
+    .await?;
     let value = serde_json::json!({"outcome": word, "detail": detail, "connection": c.connection});
     print(json, &value, |_| match &detail {
         Some(d) => format!("{word}: {d}"),
         None => format!("{word}: status {}", c.connection.status.as_str()),
     });
     if word == "transient" {
-        return Err(CliError { message: format!("the provider is temporarily unavailable: {}", detail.unwrap_or_default()), code: 1 });
+        return Err(CliError {
+            message: format!("the provider is temporarily unavailable: {}", detail.unwrap_or_default()),
+            code: 1,
+        });
     }
     Ok(())
 }
@@ -825,15 +841,23 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
     match cmd {
         WebhookCommand::Add { workspace, url, events, description } => {
             let workspace_id = workspace_id(&app, &workspace).await?;
-            let created = webhooks::create(&app, &Actor::Cli, &Scope::Admin, NewEndpoint {
-                workspace_id: Some(workspace_id),
-                url,
-                events: if events.is_empty() { None } else { Some(events) },
-                description,
-            })
+            let created = webhooks::create(
+                &app,
+                &Actor::Cli,
+                &Scope::Admin,
+                NewEndpoint {
+                    workspace_id: Some(workspace_id),
+                    url,
+                    events: if events.is_empty() { None } else { Some(events) },
+                    description,
+                },
+            )
             .await?;
             print(json, &created, |c| {
-                format!("{}\nsecret: {}\n\nThis is the only time the secret is shown. Store it now.", c.endpoint.id, c.secret)
+                format!(
+                    "{}\nsecret: {}\n\nThis is the only time the secret is shown. Store it now.",
+                    c.endpoint.id, c.secret
+                )
             });
         }
         WebhookCommand::List { workspace } => {
@@ -847,8 +871,16 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
                     return "no webhook endpoints".into();
                 }
                 list.iter()
-                    .map(|e| format!("{}  {:<8}  {}  [{}]{}", e.id, if e.enabled { "enabled" } else { "disabled" }, e.url,
-                        e.events.join(","), e.disabled_reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default()))
+                    .map(|e| {
+                        format!(
+                            "{}  {:<8}  {}  [{}]{}",
+                            e.id,
+                            if e.enabled { "enabled" } else { "disabled" },
+                            e.url,
+                            e.events.join(","),
+                            e.disabled_reason.as_deref().map(|r| format!("  ({r})")).unwrap_or_default()
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             });
@@ -886,8 +918,16 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
             let list = webhooks::deliveries(&app, &Scope::Admin, &id, None, limit.clamp(1, 200)).await?;
             print(json, &list, |list| {
                 list.iter()
-                    .map(|d| format!("{}  {:<10}  {:<24}  attempts {}  last HTTP {}", d.id, d.status, d.event_type, d.attempts,
-                        d.last_status_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())))
+                    .map(|d| {
+                        format!(
+                            "{}  {:<10}  {:<24}  attempts {}  last HTTP {}",
+                            d.id,
+                            d.status,
+                            d.event_type,
+                            d.attempts,
+                            d.last_status_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("\n")
             });
@@ -898,7 +938,157 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
         }
         WebhookCommand::RotateSecret { id } => {
             let e = webhooks::rotate_secret(&app, &Actor::Cli, &Scope::Admin, &id).await?;
-            print(json, &e, |e| format!("secret: {}\n\nThe previous secret keeps signing for 24 hours.", e.secret));
+            print(json, &e, |e| {
+                format!("secret: {}\n\nThe previous secret keeps signing for 24 hours.", e.secret)
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `authlink user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a dashboard user. The password is read from standard input (one line) when it is
+    /// not a terminal, else asked for twice at a prompt that does not echo.
+    Create {
+        /// The user's email address (unique, case-insensitively).
+        #[arg(long)]
+        email: String,
+        /// Make a platform admin, who sees and manages every workspace.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Add a user to a workspace, or change their role there.
+    AddMember {
+        /// The user's email address.
+        #[arg(long)]
+        email: String,
+        /// Workspace id or slug.
+        #[arg(long)]
+        workspace: String,
+        /// `owner` (also manages members, branding, webhooks and API keys) or `member`.
+        #[arg(long, default_value = "member", value_parser = ["owner", "member"])]
+        role: String,
+    },
+    /// Remove a user from a workspace.
+    RemoveMember {
+        /// The user's email address.
+        #[arg(long)]
+        email: String,
+        /// Workspace id or slug.
+        #[arg(long)]
+        workspace: String,
+    },
+    /// List users and their workspaces.
+    List,
+    /// Disable a user: they cannot sign in any more, and their sessions end now.
+    Disable {
+        /// The user's email address.
+        #[arg(long)]
+        email: String,
+    },
+    /// Set a new password for a user (read like `create`); ends the user's sessions.
+    ResetPassword {
+        /// The user's email address.
+        #[arg(long)]
+        email: String,
+    },
+}
+
+/// Reads a new password: one line from standard input when it is not a terminal (scripts, CI),
+/// else twice from a prompt on the terminal without echo. Never from the command line, where
+/// other users could see it in the process list and shell history.
+fn read_new_password() -> Result<secrecy::SecretString, CliError> {
+    use std::io::{BufRead, IsTerminal};
+    let fail = |message: String| CliError { message, code: 2 };
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("New password: ")
+            .map_err(|e| fail(format!("cannot read the password: {e}")))?;
+        let second = rpassword::prompt_password("New password again: ")
+            .map_err(|e| fail(format!("cannot read the password: {e}")))?;
+        if first != second {
+            return Err(fail("the two passwords differ".into()));
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| fail(format!("cannot read the password from standard input: {e}")))?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    if password.is_empty() {
+        return Err(fail("no password given (write it on standard input, one line)".into()));
+    }
+    Ok(secrecy::SecretString::from(password))
+}
+
+async fn user(config: Config, json: bool, cmd: UserCommand) -> CliResult {
+    use service::users::{self, UserView};
+    let describe = |u: &UserView| {
+        let workspaces = if u.workspaces.is_empty() {
+            "-".to_string()
+        } else {
+            u.workspaces.iter().map(|w| format!("{} ({})", w.slug, w.role)).collect::<Vec<_>>().join(", ")
+        };
+        format!(
+            "{}  {:<32}  {:<14}  {:<8}  {}",
+            u.id,
+            u.email,
+            if u.admin { "platform-admin" } else { "user" },
+            if u.disabled { "disabled" } else { "active" },
+            workspaces
+        )
+    };
+    // Read the password before touching the database, so that nothing waits on a person.
+    let password = match &cmd {
+        UserCommand::Create { .. } | UserCommand::ResetPassword { .. } => Some(read_new_password()?),
+        _ => None,
+    };
+    let app = state(config).await?;
+    match (cmd, password) {
+        (UserCommand::Create { email, admin }, Some(password)) => {
+            let u = users::create(&app, &Actor::Cli, &email, &password, admin).await?;
+            print(json, &u, |u| format!("created {}", describe(u)));
+        }
+        (UserCommand::ResetPassword { email }, Some(password)) => {
+            let u = users::reset_password(&app, &Actor::Cli, &email, &password).await?;
+            print(json, &u, |u| format!("password set; every session of {} ended", u.email));
+        }
+        (UserCommand::AddMember { email, workspace, role }, _) => {
+            let workspace = workspace_id(&app, &workspace).await?;
+            let m = users::add_member(&app, &Actor::Cli, &workspace, &email, &role, None).await?;
+            print(json, &m, |m| format!("{} is {} of workspace {workspace}", m.email, m.role));
+        }
+        (UserCommand::RemoveMember { email, workspace }, _) => {
+            let workspace = workspace_id(&app, &workspace).await?;
+            let u = users::get_by_email(&app, &email).await?;
+            users::remove_member(&app, &Actor::Cli, &workspace, &u.id).await?;
+            print(
+                json,
+                &serde_json::json!({"removed": true, "user_id": u.id, "workspace_id": workspace}),
+                |_| format!("{} removed from workspace {workspace}", u.email),
+            );
+        }
+        (UserCommand::List, _) => {
+            let list = users::list(&app).await?;
+            print(json, &list, |list| {
+                if list.is_empty() {
+                    "no users yet: create the first admin with `authlink user create --email EMAIL --admin`"
+                        .into()
+                } else {
+                    list.iter().map(describe).collect::<Vec<_>>().join("\n")
+                }
+            });
+        }
+        (UserCommand::Disable { email }, _) => {
+            let u = users::disable(&app, &Actor::Cli, &email).await?;
+            print(json, &u, |u| format!("disabled {}; their sessions ended", u.email));
+        }
+        (UserCommand::Create { .. } | UserCommand::ResetPassword { .. }, None) => {
+            return Err(CliError { message: "no password given".into(), code: 2 });
         }
     }
     Ok(())

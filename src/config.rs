@@ -138,7 +138,12 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { body_limit_bytes: 64 * 1024, request_timeout_secs: 30, shutdown_grace_secs: 20, link_requests_per_minute: 300 }
+        Self {
+            body_limit_bytes: 64 * 1024,
+            request_timeout_secs: 30,
+            shutdown_grace_secs: 20,
+            link_requests_per_minute: 300,
+        }
     }
 }
 
@@ -384,7 +389,9 @@ impl Config {
             return Err(ConfigError::Invalid("key `http.body_limit_bytes`: must be positive".into()));
         }
         if self.jobs.tick_ms == 0 || self.jobs.lease_secs == 0 {
-            return Err(ConfigError::Invalid("key `jobs.tick_ms` and `jobs.lease_secs`: must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "key `jobs.tick_ms` and `jobs.lease_secs`: must be positive".into(),
+            ));
         }
         if self.jobs.refresh_concurrency == 0 || self.jobs.webhook_concurrency == 0 {
             return Err(ConfigError::Invalid("key `jobs.*_concurrency`: must be positive".into()));

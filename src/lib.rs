@@ -6,8 +6,8 @@
 //! - [`cli`] is the operator's surface: `serve`, `migrate`, `config check` and the admin verbs.
 //! - [`startup`] builds an [`startup::Application`]: it loads the key ring, connects and migrates
 //!   the database, binds the listener and runs the HTTP server until a shutdown signal.
-//! - [`http`] holds the router: the public link pages ([`http::pages`]), the JSON API
-//!   ([`http::api`]) and the health probes.
+//! - [`http`] holds the router: the public link pages ([`http::pages`]), the dashboard
+//!   ([`http::dashboard`]), the JSON API ([`http::api`]) and the health probes.
 //! - [`service`] holds the operations that the CLI and the API share (create a link, revoke it,
 //!   ...): validation, storage and the audit entry, in one transaction.
 //! - [`db`] is the only module that writes SQL. It runs the same statements on SQLite and

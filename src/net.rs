@@ -30,7 +30,9 @@ pub struct SystemResolver;
 impl HostResolver for SystemResolver {
     fn lookup(&self, host: &str) -> BoxFuture<'static, std::io::Result<Vec<IpAddr>>> {
         let host = host.to_string();
-        Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.map(|a| a.ip()).collect()) })
+        Box::pin(
+            async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.map(|a| a.ip()).collect()) },
+        )
     }
 }
 
@@ -130,8 +132,12 @@ impl Resolve for Guard {
     fn resolve(&self, name: Name) -> Resolving {
         let guard = self.clone();
         Box::pin(async move {
-            let addrs = guard.check_host(name.as_str()).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-            let out: Addrs = Box::new(addrs.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect::<Vec<_>>().into_iter());
+            let addrs = guard
+                .check_host(name.as_str())
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            let out: Addrs =
+                Box::new(addrs.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect::<Vec<_>>().into_iter());
             Ok(out)
         })
     }
@@ -180,7 +186,15 @@ mod tests {
         let s = stub();
         let guard = Guard::new(s.clone(), false);
         assert!(guard.check_host("public.example").await.is_ok());
-        for host in ["loopback.example", "metadata.example", "ten.example", "v6loop.example", "ula.example", "mapped.example", "mixed.example"] {
+        for host in [
+            "loopback.example",
+            "metadata.example",
+            "ten.example",
+            "v6loop.example",
+            "ula.example",
+            "mapped.example",
+            "mixed.example",
+        ] {
             assert!(matches!(guard.check_host(host).await, Err(TargetError::Private(_))), "{host}");
         }
         for literal in ["127.0.0.1", "[::1]", "169.254.169.254", "10.0.0.1", "0.0.0.0", "100.64.0.1"] {

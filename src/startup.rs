@@ -175,14 +175,11 @@ impl Application {
         let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
-        let jobs = state
-            .config
-            .jobs
-            .enabled
-            .then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
+        let jobs =
+            state.config.jobs.enabled.then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
-        let server =
-            axum::serve(self.listener, router.into_make_service()).with_graceful_shutdown(async move {
+        let server = axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
                 shutdown_signal().await;
                 tracing::info!("shutdown signal received; finishing in-flight requests");
                 let _ = stop_tx.send(true);

@@ -61,3 +61,7 @@ CREATE TABLE login_failures (
 CREATE INDEX login_failures_account ON login_failures (account_key, created_at);
 CREATE INDEX login_failures_ip ON login_failures (ip, created_at);
 CREATE INDEX login_failures_created ON login_failures (created_at);
+
+-- The dashboard overview counts a workspace's connections by platform and status: a covering
+-- index answers that from the index alone, however many connections there are.
+CREATE INDEX connections_workspace_provider_status ON connections (workspace_id, provider, status);

@@ -262,7 +262,13 @@ pub async fn events(conn: &mut AnyConnection, connection_id: &str) -> DbResult<V
 
 /// Takes the refresh lease of one active connection if nobody holds it (or the holder's lease
 /// ran out). Returns whether this caller now holds it.
-pub async fn try_lease(conn: &mut AnyConnection, id: &str, owner: &str, now_ms: i64, until_ms: i64) -> DbResult<bool> {
+pub async fn try_lease(
+    conn: &mut AnyConnection,
+    id: &str,
+    owner: &str,
+    now_ms: i64,
+    until_ms: i64,
+) -> DbResult<bool> {
     let done = sqlx::query(
         "UPDATE connections SET lease_owner = $2, lease_until = $3 \
          WHERE id = $1 AND status = 'active' AND (lease_until IS NULL OR lease_until < $4 OR lease_owner = $2)",
@@ -278,16 +284,21 @@ pub async fn try_lease(conn: &mut AnyConnection, id: &str, owner: &str, now_ms: 
 
 /// Gives the lease back (only if `owner` still holds it).
 pub async fn release_lease(conn: &mut AnyConnection, id: &str, owner: &str) -> DbResult<()> {
-    sqlx::query("UPDATE connections SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2")
-        .bind(id)
-        .bind(owner)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE connections SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2",
+    )
+    .bind(id)
+    .bind(owner)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
 /// Who holds the lease of a connection, until when, and its token generation.
-pub async fn lease_state(conn: &mut AnyConnection, id: &str) -> DbResult<Option<(Option<String>, Option<i64>, i64)>> {
+pub async fn lease_state(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> DbResult<Option<(Option<String>, Option<i64>, i64)>> {
     Ok(sqlx::query_as("SELECT lease_owner, lease_until, token_generation FROM connections WHERE id = $1")
         .bind(id)
         .fetch_optional(conn)
@@ -339,14 +350,23 @@ pub async fn due_checks(conn: &mut AnyConnection, now_ms: i64, limit: i64) -> Db
 
 /// Moves a connection's next health check.
 pub async fn set_next_check(conn: &mut AnyConnection, id: &str, at_ms: i64) -> DbResult<()> {
-    sqlx::query("UPDATE connections SET next_check_at = $2 WHERE id = $1").bind(id).bind(at_ms).execute(conn).await?;
+    sqlx::query("UPDATE connections SET next_check_at = $2 WHERE id = $1")
+        .bind(id)
+        .bind(at_ms)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// Connections whose grant runs out before `soon_ms` and that were not yet announced: a refresh
 /// token about to expire, or (without a refresh token) an access token about to expire while
 /// the connection is broken or failing to refresh.
-pub async fn expiring(conn: &mut AnyConnection, now_ms: i64, soon_ms: i64, limit: i64) -> DbResult<Vec<ConnectionRow>> {
+pub async fn expiring(
+    conn: &mut AnyConnection,
+    now_ms: i64,
+    soon_ms: i64,
+    limit: i64,
+) -> DbResult<Vec<ConnectionRow>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM connections WHERE status IN ('active', 'broken') AND expiring_notified_at IS NULL \
          AND ((refresh_expires_at IS NOT NULL AND refresh_expires_at <= $1) \
@@ -362,7 +382,11 @@ pub async fn expiring(conn: &mut AnyConnection, now_ms: i64, soon_ms: i64, limit
 }
 
 /// Active Instagram-style connections by the provider's app-scoped id (deauthorization).
-pub async fn by_app_scoped_id(conn: &mut AnyConnection, provider: &str, app_scoped_id: &str) -> DbResult<Vec<ConnectionRow>> {
+pub async fn by_app_scoped_id(
+    conn: &mut AnyConnection,
+    provider: &str,
+    app_scoped_id: &str,
+) -> DbResult<Vec<ConnectionRow>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM connections WHERE provider = $1 AND (app_scoped_id = $2 OR provider_account_id = $2)"
     ))
@@ -413,7 +437,13 @@ pub async fn insert_attempt(conn: &mut AnyConnection, a: &AttemptRow) -> DbResul
 }
 
 /// Records how an attempt ended.
-pub async fn finish_attempt(conn: &mut AnyConnection, id: &str, outcome: &str, detail: Option<&str>, now_ms: i64) -> DbResult<()> {
+pub async fn finish_attempt(
+    conn: &mut AnyConnection,
+    id: &str,
+    outcome: &str,
+    detail: Option<&str>,
+    now_ms: i64,
+) -> DbResult<()> {
     sqlx::query("UPDATE refresh_attempts SET outcome = $2, detail = $3, finished_at = $4 WHERE id = $1")
         .bind(id)
         .bind(outcome)
@@ -426,7 +456,11 @@ pub async fn finish_attempt(conn: &mut AnyConnection, id: &str, outcome: &str, d
 
 /// Marks attempts of a connection that never finished (their process died between calling the
 /// provider and storing the result) as interrupted; returns how many there were.
-pub async fn close_interrupted_attempts(conn: &mut AnyConnection, connection_id: &str, now_ms: i64) -> DbResult<u64> {
+pub async fn close_interrupted_attempts(
+    conn: &mut AnyConnection,
+    connection_id: &str,
+    now_ms: i64,
+) -> DbResult<u64> {
     let done = sqlx::query(
         "UPDATE refresh_attempts SET outcome = 'interrupted', finished_at = $2, \
          detail = 'the process stopped after calling the provider and before storing the result' \

@@ -93,28 +93,47 @@ pub fn like_pattern(s: &str) -> String {
     format!("%{escaped}%")
 }
 
-/// Newest first, one page.
+/// Newest first, one page. Only the filters given become conditions (rather than
+/// `($1 IS NULL OR …)`), so that both engines can walk the `(workspace_id, status, id)` and
+/// `(workspace_id, provider, id)` indexes in id order and stop after one page.
 pub async fn connections(
     conn: &mut AnyConnection,
     f: &ConnectionSearch<'_>,
     limit: i64,
 ) -> DbResult<Vec<ConnectionItem>> {
-    let pattern = f.search.map(like_pattern);
-    Ok(sqlx::query_as(
+    let mut sql = String::from(
         "SELECT id, workspace_id, link_id, provider, provider_account_id, username, display_name, status, \
-         status_reason, sandbox, connected_at, access_expires_at, updated_at FROM connections \
-         WHERE ($1 IS NULL OR workspace_id = $1) AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR provider = $3) \
-         AND ($4 IS NULL OR LOWER(COALESCE(username, '')) LIKE $4 ESCAPE '\\' \
-              OR LOWER(COALESCE(display_name, '')) LIKE $4 ESCAPE '\\' OR provider_account_id = $5) \
-         AND ($6 IS NULL OR id < $6) ORDER BY id DESC LIMIT $7",
-    )
-    .bind(f.workspace_id)
-    .bind(f.status)
-    .bind(f.provider)
-    .bind(pattern)
-    .bind(f.search)
-    .bind(f.before)
-    .bind(limit)
-    .fetch_all(conn)
-    .await?)
+         status_reason, sandbox, connected_at, access_expires_at, updated_at FROM connections WHERE 1 = 1",
+    );
+    let mut params: Vec<String> = Vec::new();
+    let mut placeholder = |value: String| {
+        params.push(value);
+        format!("${}", params.len())
+    };
+    if let Some(w) = f.workspace_id {
+        sql.push_str(&format!(" AND workspace_id = {}", placeholder(w.to_string())));
+    }
+    if let Some(s) = f.status {
+        sql.push_str(&format!(" AND status = {}", placeholder(s.to_string())));
+    }
+    if let Some(p) = f.provider {
+        sql.push_str(&format!(" AND provider = {}", placeholder(p.to_string())));
+    }
+    if let Some(search) = f.search {
+        let pattern = placeholder(like_pattern(search));
+        let exact = placeholder(search.to_string());
+        sql.push_str(&format!(
+            " AND (LOWER(COALESCE(username, '')) LIKE {pattern} ESCAPE '\\' \
+             OR LOWER(COALESCE(display_name, '')) LIKE {pattern} ESCAPE '\\' OR provider_account_id = {exact})"
+        ));
+    }
+    if let Some(b) = f.before {
+        sql.push_str(&format!(" AND id < {}", placeholder(b.to_string())));
+    }
+    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len() + 1));
+    let mut query = sqlx::query_as(&sql);
+    for p in params {
+        query = query.bind(p);
+    }
+    Ok(query.bind(limit).fetch_all(conn).await?)
 }

@@ -124,11 +124,12 @@ pub async fn count_failures(
             .bind(since_ms)
             .fetch_one(&mut *conn)
             .await?;
-    let (ip,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM login_failures WHERE ip = $1 AND created_at > $2")
-        .bind(ip)
-        .bind(since_ms)
-        .fetch_one(conn)
-        .await?;
+    let (ip,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM login_failures WHERE ip = $1 AND created_at > $2")
+            .bind(ip)
+            .bind(since_ms)
+            .fetch_one(conn)
+            .await?;
     Ok((account, ip))
 }
 
@@ -141,7 +142,9 @@ pub async fn clear_account_failures(conn: &mut AnyConnection, account_key: &str)
 
 /// Deletes failures older than `before_ms` (they no longer count).
 pub async fn purge_failures(conn: &mut AnyConnection, before_ms: i64) -> DbResult<u64> {
-    let done =
-        sqlx::query("DELETE FROM login_failures WHERE created_at <= $1").bind(before_ms).execute(conn).await?;
+    let done = sqlx::query("DELETE FROM login_failures WHERE created_at <= $1")
+        .bind(before_ms)
+        .execute(conn)
+        .await?;
     Ok(done.rows_affected())
 }

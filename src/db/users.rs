@@ -73,12 +73,14 @@ pub async fn list(conn: &mut AnyConnection) -> DbResult<Vec<UserRow>> {
 
 /// Replaces the password hash.
 pub async fn set_password(conn: &mut AnyConnection, id: &str, hash: &str, now_ms: i64) -> DbResult<()> {
-    sqlx::query("UPDATE users SET password_hash = $2, password_changed_at = $3, updated_at = $3 WHERE id = $1")
-        .bind(id)
-        .bind(hash)
-        .bind(now_ms)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "UPDATE users SET password_hash = $2, password_changed_at = $3, updated_at = $3 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(hash)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -94,7 +96,11 @@ pub async fn disable(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResul
 
 /// Records a successful sign-in.
 pub async fn record_login(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<()> {
-    sqlx::query("UPDATE users SET last_login_at = $2 WHERE id = $1").bind(id).bind(now_ms).execute(conn).await?;
+    sqlx::query("UPDATE users SET last_login_at = $2 WHERE id = $1")
+        .bind(id)
+        .bind(now_ms)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -127,7 +133,11 @@ pub async fn upsert_membership(conn: &mut AnyConnection, m: &MembershipRow) -> D
 }
 
 /// Removes a user from a workspace; returns whether they were a member.
-pub async fn delete_membership(conn: &mut AnyConnection, user_id: &str, workspace_id: &str) -> DbResult<bool> {
+pub async fn delete_membership(
+    conn: &mut AnyConnection,
+    user_id: &str,
+    workspace_id: &str,
+) -> DbResult<bool> {
     let done = sqlx::query("DELETE FROM memberships WHERE user_id = $1 AND workspace_id = $2")
         .bind(user_id)
         .bind(workspace_id)

@@ -96,7 +96,10 @@ pub async fn get_endpoint(conn: &mut AnyConnection, id: &str) -> DbResult<Option
 }
 
 /// The endpoints of a workspace (every workspace with `None`), oldest first.
-pub async fn list_endpoints(conn: &mut AnyConnection, workspace_id: Option<&str>) -> DbResult<Vec<EndpointRow>> {
+pub async fn list_endpoints(
+    conn: &mut AnyConnection,
+    workspace_id: Option<&str>,
+) -> DbResult<Vec<EndpointRow>> {
     Ok(sqlx::query_as(&format!(
         "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE ($1 IS NULL OR workspace_id = $1) ORDER BY id"
     ))
@@ -149,10 +152,12 @@ pub async fn insert_event(conn: &mut AnyConnection, e: &EventRow) -> DbResult<()
 
 /// One event.
 pub async fn get_event(conn: &mut AnyConnection, id: &str) -> DbResult<Option<EventRow>> {
-    Ok(sqlx::query_as("SELECT id, workspace_id, event_type, payload, created_at FROM webhook_events WHERE id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(sqlx::query_as(
+        "SELECT id, workspace_id, event_type, payload, created_at FROM webhook_events WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// A delivery as stored.
@@ -355,7 +360,10 @@ pub async fn insert_deletion_request(
 }
 
 /// A data deletion request by confirmation code: (provider, connections affected, created_at).
-pub async fn get_deletion_request(conn: &mut AnyConnection, code: &str) -> DbResult<Option<(String, i64, i64)>> {
+pub async fn get_deletion_request(
+    conn: &mut AnyConnection,
+    code: &str,
+) -> DbResult<Option<(String, i64, i64)>> {
     Ok(sqlx::query_as(
         "SELECT provider, connections_affected, created_at FROM data_deletion_requests WHERE confirmation_code = $1",
     )

@@ -82,8 +82,11 @@ pub async fn limit_links(State(limiter): State<LinkLimiter>, req: Request, next:
                 tracing::warn!(client = %ip, "link requests rate-limited");
                 let mut res = render(
                     StatusCode::TOO_MANY_REQUESTS,
-                    &MessagePage::new("Too many requests", "This device opened too many links in a short time.")
-                        .next(format!("Please wait {wait} seconds, then try again.")),
+                    &MessagePage::new(
+                        "Too many requests",
+                        "This device opened too many links in a short time.",
+                    )
+                    .next(format!("Please wait {wait} seconds, then try again.")),
                 );
                 if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
                     res.headers_mut().insert(header::RETRY_AFTER, v);

@@ -166,7 +166,8 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
         d.status = "failed".into();
         d.next_attempt_at = None;
         disable(&mut tx, state, &endpoint, "The endpoint answered 410 Gone.", now).await?;
-    } else if let Some(delay) = usize::try_from(d.attempts - 1).ok().and_then(|i| RETRY_SCHEDULE_SECS.get(i)) {
+    } else if let Some(delay) = usize::try_from(d.attempts - 1).ok().and_then(|i| RETRY_SCHEDULE_SECS.get(i))
+    {
         let jitter = rand::rng().random_range(0.9..1.1);
         let scheduled = (*delay as f64 * 1000.0 * jitter) as i64;
         let honoured = wait.map_or(0, |w| i64::try_from(w.as_millis()).unwrap_or(0));
@@ -199,8 +200,17 @@ async fn disable(
     e.updated_at = now;
     db::webhooks::update_endpoint(tx, &e).await?;
     db::webhooks::cancel_pending(tx, &e.id, now).await?;
-    audit::record(tx, now, &Actor::System, Some(&e.workspace_id), "webhook.disabled", "webhook_endpoint", &e.id,
-        serde_json::json!({"reason": reason})).await?;
+    audit::record(
+        tx,
+        now,
+        &Actor::System,
+        Some(&e.workspace_id),
+        "webhook.disabled",
+        "webhook_endpoint",
+        &e.id,
+        serde_json::json!({"reason": reason}),
+    )
+    .await?;
     tracing::warn!(endpoint_id = %e.id, reason, "webhook endpoint disabled");
     let _ = state;
     Ok(())

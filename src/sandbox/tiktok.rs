@@ -185,13 +185,19 @@ impl TikTokState {
 
     /// Issues `count` grants for synthetic accounts (`sbx-oid-bulk-<n>`) without a consent
     /// flow, for load and concurrency tests: as if that many users had authorised the app.
-    pub(super) fn mint_grants(&mut self, count: usize, scopes: &[String], now: OffsetDateTime) -> Vec<serde_json::Value> {
+    pub(super) fn mint_grants(
+        &mut self,
+        count: usize,
+        scopes: &[String],
+        now: OffsetDateTime,
+    ) -> Vec<serde_json::Value> {
         let mut out = Vec::with_capacity(count);
         for _ in 0..count {
             let grant = self.next_grant;
             self.next_grant += 1;
             let open_id = format!("sbx-oid-bulk-{grant}");
-            self.grants.insert(grant, Grant { open_id: open_id.clone(), scopes: scopes.to_vec(), revoked: false });
+            self.grants
+                .insert(grant, Grant { open_id: open_id.clone(), scopes: scopes.to_vec(), revoked: false });
             let issued = self.issue(grant, now);
             out.push(serde_json::json!({
                 "open_id": open_id,
@@ -210,7 +216,9 @@ impl TikTokState {
     pub(super) fn live_refresh_token_hashes(&self, now: OffsetDateTime) -> Vec<String> {
         self.refresh_tokens
             .iter()
-            .filter(|(_, t)| !t.rotated && t.expires_at > now && self.grants.get(&t.grant).is_some_and(|g| !g.revoked))
+            .filter(|(_, t)| {
+                !t.rotated && t.expires_at > now && self.grants.get(&t.grant).is_some_and(|g| !g.revoked)
+            })
             .map(|(token, _)| crate::crypto::sha256_hex(token.as_bytes()))
             .collect()
     }

@@ -469,14 +469,21 @@ pub const REFRESH_MARGIN_SECS: i64 = 300;
 
 /// Returns a valid access token, refreshing first when it would expire within five minutes
 /// (through the single-flight refresh path). Every read is audit-logged.
-pub async fn access_token(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<AccessTokenView> {
+pub async fn access_token(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    id: &str,
+) -> ServiceResult<AccessTokenView> {
     let row = get_row(app, scope, id).await?;
     let outcome = super::refresh::refresh(app, &row.id, false, REFRESH_MARGIN_SECS * 1000).await?;
     let (row, refreshed) = match outcome {
         super::refresh::Outcome::Refreshed(row) => (*row, true),
         super::refresh::Outcome::Current(row) => (*row, false),
         super::refresh::Outcome::Transient(reason) => {
-            return Err(ServiceError::Unavailable(format!("the token could not be refreshed right now: {reason}")));
+            return Err(ServiceError::Unavailable(format!(
+                "the token could not be refreshed right now: {reason}"
+            )));
         }
         super::refresh::Outcome::Broken(reason) => {
             return Err(ServiceError::Conflict(format!("the connection is broken: {reason}")));
@@ -491,12 +498,24 @@ pub async fn access_token(app: &App, actor: &Actor, scope: &Scope, id: &str) -> 
         )));
     }
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
-    let sealed = row.access_token_sealed.as_deref().ok_or(ServiceError::Conflict("the connection holds no token".into()))?;
+    let sealed = row
+        .access_token_sealed
+        .as_deref()
+        .ok_or(ServiceError::Conflict("the connection holds no token".into()))?;
     let token = app.keys.open_str(sealed, access_aad(&row.id))?;
     let now_ms = app.now_ms();
     let mut conn = app.db.pool().acquire().await?;
-    audit::record(&mut conn, now_ms, actor, Some(&row.workspace_id), "connection.token_read", "connection", &row.id,
-        serde_json::json!({"refreshed": refreshed})).await?;
+    audit::record(
+        &mut conn,
+        now_ms,
+        actor,
+        Some(&row.workspace_id),
+        "connection.token_read",
+        "connection",
+        &row.id,
+        serde_json::json!({"refreshed": refreshed}),
+    )
+    .await?;
     Ok(AccessTokenView {
         connection_id: row.id.clone(),
         provider: platform,
@@ -525,8 +544,17 @@ pub async fn mark_broken_in(
     db::connections::update(tx, row).await?;
     if was != ConnectionStatus::Broken {
         db::connections::insert_event(tx, &event(row, "broken", Some(reason.to_string()), now)).await?;
-        audit::record(tx, now, &Actor::System, Some(&row.workspace_id), "connection.broken", "connection", &row.id,
-            serde_json::json!({"reason": reason})).await?;
+        audit::record(
+            tx,
+            now,
+            &Actor::System,
+            Some(&row.workspace_id),
+            "connection.broken",
+            "connection",
+            &row.id,
+            serde_json::json!({"reason": reason}),
+        )
+        .await?;
         let data = event_data(tx, app, row, Some(reason)).await?;
         super::webhooks::emit(tx, app, now, &row.workspace_id, "connection.broken", data).await?;
         tracing::warn!(connection_id = %row.id, "connection marked broken");
@@ -546,14 +574,21 @@ pub async fn event_data(
     let repair = repair_url(conn, app, row).await?;
     if let Some(obj) = data.as_object_mut() {
         obj.insert("detail".into(), detail.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null));
-        obj.insert("repair_url".into(), repair.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null));
+        obj.insert(
+            "repair_url".into(),
+            repair.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null),
+        );
     }
     Ok(data)
 }
 
 /// The link that repairs a connection: the URL of the link it last came through, if that link
 /// can still be used.
-pub async fn repair_url(conn: &mut sqlx::AnyConnection, app: &App, row: &ConnectionRow) -> ServiceResult<Option<String>> {
+pub async fn repair_url(
+    conn: &mut sqlx::AnyConnection,
+    app: &App,
+    row: &ConnectionRow,
+) -> ServiceResult<Option<String>> {
     let Some(link_id) = row.link_id.as_deref() else { return Ok(None) };
     let Some(link) = db::links::get(conn, link_id).await? else { return Ok(None) };
     if super::links::LinkStatus::of(&link, app.now_ms()) != super::links::LinkStatus::Active {

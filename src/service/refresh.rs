@@ -39,7 +39,9 @@ pub const REFRESH_FAILED_THRESHOLD: i64 = 3;
 pub fn owner_id() -> &'static str {
     static OWNER: OnceLock<String> = OnceLock::new();
     OWNER.get_or_init(|| {
-        let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into());
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "host".into());
         format!("{host}:{}:{}", std::process::id(), hex::encode(crate::crypto::random_bytes::<4>()))
     })
 }
@@ -101,7 +103,8 @@ pub async fn refresh(app: &App, id: &str, force: bool, margin_ms: i64) -> Servic
     let _guard = lock.lock().await;
     let owner = owner_id();
     let lease = i64::try_from(app.config.jobs.lease_secs).unwrap_or(60) * 1000;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::try_from(lease).unwrap_or(60_000) + 5000);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(u64::try_from(lease).unwrap_or(60_000) + 5000);
     let mut seen_generation: Option<i64> = None;
     loop {
         let mut conn = app.db.pool().acquire().await?;
@@ -136,7 +139,9 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
     let _guard = lock.lock().await;
     let owner = owner_id();
     let mut conn = app.db.pool().acquire().await?;
-    let Some(row) = db::connections::get(&mut conn, id).await? else { return Err(ServiceError::NotFound("connection")) };
+    let Some(row) = db::connections::get(&mut conn, id).await? else {
+        return Err(ServiceError::NotFound("connection"));
+    };
     drop(conn);
     let now = app.now_ms();
     let still_ours = row.lease_owner.as_deref() == Some(owner) && row.lease_until.is_some_and(|u| u > now);
@@ -154,10 +159,9 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
 
 fn provider_of<'a>(app: &'a App, row: &ConnectionRow) -> ServiceResult<(Platform, &'a Provider)> {
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
-    let provider = app
-        .providers
-        .get(platform)
-        .ok_or_else(|| ServiceError::Conflict(format!("{} is not enabled on this instance", platform.display_name())))?;
+    let provider = app.providers.get(platform).ok_or_else(|| {
+        ServiceError::Conflict(format!("{} is not enabled on this instance", platform.display_name()))
+    })?;
     Ok((platform, provider))
 }
 
@@ -177,26 +181,43 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
         let mut tx = app.db.begin_write().await?;
         let interrupted = db::connections::close_interrupted_attempts(&mut tx, &row.id, now).await?;
         if interrupted > 0 {
-            db::connections::insert_event(&mut tx, &connections::event(&row, "refresh_interrupted",
-                Some("A previous refresh stopped between calling the provider and storing its answer.".into()), now)).await?;
+            db::connections::insert_event(
+                &mut tx,
+                &connections::event(
+                    &row,
+                    "refresh_interrupted",
+                    Some(
+                        "A previous refresh stopped between calling the provider and storing its answer."
+                            .into(),
+                    ),
+                    now,
+                ),
+            )
+            .await?;
         }
-        db::connections::insert_attempt(&mut tx, &AttemptRow {
-            id: attempt_id.clone(),
-            connection_id: row.id.clone(),
-            owner: owner.to_string(),
-            generation: row.token_generation,
-            outcome: "started".into(),
-            detail: None,
-            started_at: now,
-            finished_at: None,
-        }).await?;
+        db::connections::insert_attempt(
+            &mut tx,
+            &AttemptRow {
+                id: attempt_id.clone(),
+                connection_id: row.id.clone(),
+                owner: owner.to_string(),
+                generation: row.token_generation,
+                outcome: "started".into(),
+                detail: None,
+                started_at: now,
+                finished_at: None,
+            },
+        )
+        .await?;
         tx.commit().await?;
         interrupted > 0
     };
 
     let access: SecretString = match row.access_token_sealed.as_deref() {
         Some(s) => app.keys.open_str(s, access_aad(&row.id))?,
-        None => return finish_broken(app, &mut row, owner, &attempt_id, "The connection holds no token.").await,
+        None => {
+            return finish_broken(app, &mut row, owner, &attempt_id, "The connection holds no token.").await;
+        }
     };
     let refresh_token: Option<SecretString> = match row.refresh_token_sealed.as_deref() {
         Some(s) => Some(app.keys.open_str(s, refresh_aad(&row.id))?),
@@ -219,7 +240,9 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
             let mut last_error = None;
             for wait_ms in [0u64, 200, 1000, 3000] {
                 tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-                match store_refreshed(app, &row, generation, owner, &attempt_id, previous_failures, platform).await {
+                match store_refreshed(app, &row, generation, owner, &attempt_id, previous_failures, platform)
+                    .await
+                {
                     Ok(stored) => return Ok(stored),
                     Err(e @ ServiceError::Db(crate::db::DbError::Unavailable(_))) => last_error = Some(e),
                     Err(e) => return Err(e),
@@ -245,7 +268,10 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
                     platform.display_name()
                 )
             } else {
-                format!("{} refused the token ({reason}); the client must reconnect through the link.", platform.display_name())
+                format!(
+                    "{} refused the token ({reason}); the client must reconnect through the link.",
+                    platform.display_name()
+                )
             };
             finish_broken(app, &mut row, owner, &attempt_id, &why).await
         }
@@ -263,10 +289,18 @@ async fn store_refreshed(
 ) -> ServiceResult<Outcome> {
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
-    let current = db::connections::get(&mut tx, &row.id).await?.ok_or(ServiceError::NotFound("connection"))?;
+    let current =
+        db::connections::get(&mut tx, &row.id).await?.ok_or(ServiceError::NotFound("connection"))?;
     if current.token_generation != generation {
         // Another writer stored newer tokens (a reconnect meanwhile): ours are older; keep theirs.
-        db::connections::finish_attempt(&mut tx, attempt_id, "superseded", Some("newer tokens were stored meanwhile"), now).await?;
+        db::connections::finish_attempt(
+            &mut tx,
+            attempt_id,
+            "superseded",
+            Some("newer tokens were stored meanwhile"),
+            now,
+        )
+        .await?;
         tx.commit().await?;
         return Ok(Outcome::Current(Box::new(current)));
     }
@@ -275,8 +309,16 @@ async fn store_refreshed(
     db::connections::finish_attempt(&mut tx, attempt_id, "succeeded", None, now).await?;
     db::connections::insert_event(&mut tx, &connections::event(row, "refreshed", None, now)).await?;
     if previous_failures >= REFRESH_FAILED_THRESHOLD {
-        db::connections::insert_event(&mut tx, &connections::event(row, "recovered",
-            Some(format!("Refreshed after {previous_failures} failed attempts.")), now)).await?;
+        db::connections::insert_event(
+            &mut tx,
+            &connections::event(
+                row,
+                "recovered",
+                Some(format!("Refreshed after {previous_failures} failed attempts.")),
+                now,
+            ),
+        )
+        .await?;
         let data = connections::event_data(&mut tx, app, row, None).await?;
         webhooks::emit(&mut tx, app, now, &row.workspace_id, "connection.recovered", data).await?;
     }
@@ -304,8 +346,13 @@ async fn finish_transient(
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
     db::connections::finish_attempt(&mut tx, attempt_id, "transient", Some(reason), now).await?;
     if row.refresh_failures == REFRESH_FAILED_THRESHOLD {
-        let detail = format!("{} refresh attempts failed; still retrying. Last error: {reason}", row.refresh_failures);
-        db::connections::insert_event(&mut tx, &connections::event(row, "refresh_failed", Some(detail.clone()), now)).await?;
+        let detail =
+            format!("{} refresh attempts failed; still retrying. Last error: {reason}", row.refresh_failures);
+        db::connections::insert_event(
+            &mut tx,
+            &connections::event(row, "refresh_failed", Some(detail.clone()), now),
+        )
+        .await?;
         let data = connections::event_data(&mut tx, app, row, Some(&detail)).await?;
         webhooks::emit(&mut tx, app, now, &row.workspace_id, "connection.refresh_failed", data).await?;
     }
@@ -315,7 +362,13 @@ async fn finish_transient(
     Ok(Outcome::Transient(reason.to_string()))
 }
 
-async fn finish_broken(app: &App, row: &mut ConnectionRow, owner: &str, attempt_id: &str, reason: &str) -> ServiceResult<Outcome> {
+async fn finish_broken(
+    app: &App,
+    row: &mut ConnectionRow,
+    owner: &str,
+    attempt_id: &str,
+    reason: &str,
+) -> ServiceResult<Outcome> {
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     connections::mark_broken_in(&mut tx, app, row, reason, now).await?;
@@ -339,7 +392,9 @@ pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
     let lock = connection_lock(id);
     let _guard = lock.lock().await;
     let mut conn = app.db.pool().acquire().await?;
-    let Some(mut row) = db::connections::get(&mut conn, id).await? else { return Err(ServiceError::NotFound("connection")) };
+    let Some(mut row) = db::connections::get(&mut conn, id).await? else {
+        return Err(ServiceError::NotFound("connection"));
+    };
     drop(conn);
     if ConnectionStatus::parse(&row.status) != ConnectionStatus::Active {
         return Ok(Outcome::Current(Box::new(row)));
@@ -376,8 +431,10 @@ pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
             Ok(Outcome::Current(Box::new(row)))
         }
         Err(ProviderError::Permanent { reason }) | Err(ProviderError::Scope { reason }) => {
-            let why = format!("{} rejected the token on a health check ({reason}); the client must reconnect through the link.",
-                platform.display_name());
+            let why = format!(
+                "{} rejected the token on a health check ({reason}); the client must reconnect through the link.",
+                platform.display_name()
+            );
             let mut tx = app.db.begin_write().await?;
             connections::mark_broken_in(&mut tx, app, &mut row, &why, now).await?;
             tx.commit().await?;
@@ -413,11 +470,24 @@ pub async fn announce_expiring(app: &App) -> ServiceResult<usize> {
         row.updated_at = now;
         let mut tx = app.db.begin_write().await?;
         db::connections::update(&mut tx, &row).await?;
-        db::connections::insert_event(&mut tx, &connections::event(&row, "expiring", Some(detail.clone()), now)).await?;
+        db::connections::insert_event(
+            &mut tx,
+            &connections::event(&row, "expiring", Some(detail.clone()), now),
+        )
+        .await?;
         let data = connections::event_data(&mut tx, app, &row, Some(&detail)).await?;
         webhooks::emit(&mut tx, app, now, &row.workspace_id, "connection.expiring", data).await?;
-        audit::record(&mut tx, now, &Actor::System, Some(&row.workspace_id), "connection.expiring", "connection", &row.id,
-            serde_json::json!({"until_ms": until})).await?;
+        audit::record(
+            &mut tx,
+            now,
+            &Actor::System,
+            Some(&row.workspace_id),
+            "connection.expiring",
+            "connection",
+            &row.id,
+            serde_json::json!({"until_ms": until}),
+        )
+        .await?;
         tx.commit().await?;
     }
     Ok(count)

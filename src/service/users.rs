@@ -99,12 +99,11 @@ pub async fn hash_password_async(password: &SecretString) -> ServiceResult<Strin
     with_hash_permit(move || hash_password(password.expose_secret())).await?
 }
 
-/// A hash of a random password, verified against when the email is unknown so that an unknown
-/// account costs the same argon2 work as a known one.
-fn dummy_hash() -> &'static str {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    DUMMY.get_or_init(|| hash_password(&crypto::random_token()).unwrap_or_default())
-}
+/// The hash of a random password nobody knows (generated once, with the same parameters),
+/// verified against when the email is unknown so that an unknown account costs the same argon2
+/// work as a known one. A constant, so that even the first unknown email costs no extra hash.
+const DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$gqojAVvWOa+8aAp36alteA$1QtXFNWmV1muIdHYinemPup1Vnj8HJdJmGpu/DCsaqQ";
 
 /// [`verify_password`] on the blocking pool; `None` verifies against the dummy hash (and fails).
 async fn verify_password_async(phc: Option<String>, password: &SecretString) -> ServiceResult<bool> {
@@ -112,7 +111,7 @@ async fn verify_password_async(phc: Option<String>, password: &SecretString) -> 
     with_hash_permit(move || match phc {
         Some(phc) => verify_password(&phc, password.expose_secret()),
         None => {
-            let _ = verify_password(dummy_hash(), password.expose_secret());
+            let _ = verify_password(DUMMY_HASH, password.expose_secret());
             false
         }
     })
@@ -711,7 +710,8 @@ pub async fn authenticate(app: &App, token: &str) -> ServiceResult<Option<Authen
     }
     let now = app.now_ms();
     let mut conn = app.db.pool().acquire().await?;
-    let Some(session) = db::sessions::get_by_token_hash(&mut conn, &crypto::sha256_hex(token.as_bytes())).await?
+    let Some(session) =
+        db::sessions::get_by_token_hash(&mut conn, &crypto::sha256_hex(token.as_bytes())).await?
     else {
         return Ok(None);
     };
@@ -765,6 +765,13 @@ mod tests {
         assert!(!verify_password("not a hash", "x"));
         // A fresh salt each time.
         assert_ne!(phc, hash_password("correct horse battery staple").unwrap());
+    }
+
+    #[test]
+    fn the_dummy_hash_has_the_same_parameters() {
+        assert!(DUMMY_HASH.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(PasswordHash::new(DUMMY_HASH).is_ok());
+        assert!(!verify_password(DUMMY_HASH, ""));
     }
 
     #[test]

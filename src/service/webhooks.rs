@@ -189,7 +189,13 @@ pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &[u8]) -> Option<S
 }
 
 /// The `webhook-signature` header for an endpoint: one signature per valid secret, space-separated.
-pub fn signature_header(app: &App, e: &EndpointRow, msg_id: &str, timestamp: i64, body: &[u8]) -> ServiceResult<String> {
+pub fn signature_header(
+    app: &App,
+    e: &EndpointRow,
+    msg_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> ServiceResult<String> {
     let mut sigs = Vec::new();
     let current = app.keys.open_str(&e.secret_sealed, secret_aad(&e.id))?;
     sigs.extend(sign(current.expose_secret(), msg_id, timestamp, body));
@@ -216,7 +222,11 @@ fn parse_events(events: Option<&[String]>) -> Result<String, FieldError> {
                 if !EVENT_TYPES.contains(&e) {
                     return Err(FieldError::new(
                         "events",
-                        format!("unknown event type `{}` (known: {})", crate::domain::truncate(e, 40), EVENT_TYPES.join(", ")),
+                        format!(
+                            "unknown event type `{}` (known: {})",
+                            crate::domain::truncate(e, 40),
+                            EVENT_TYPES.join(", ")
+                        ),
                     ));
                 }
                 if !out.contains(&e) {
@@ -244,7 +254,8 @@ async fn check_url(app: &App, value: &str) -> Result<String, FieldError> {
     if url.fragment().is_some() {
         return Err(FieldError::new("url", "must not contain a fragment"));
     }
-    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| FieldError::new("url", "must have a host"))?;
+    let host =
+        url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| FieldError::new("url", "must have a host"))?;
     match app.webhook_guard.check_host(host).await {
         Ok(_) => Ok(url.to_string()),
         Err(TargetError::Unresolvable) => Err(FieldError::new("url", "the host does not resolve")),
@@ -256,7 +267,9 @@ async fn workspace_for(app: &App, scope: &Scope, requested: Option<&str>) -> Ser
     let key = match (requested, scope) {
         (Some(w), _) => w.to_string(),
         (None, Scope::Workspace(w)) => w.clone(),
-        (None, Scope::Admin) => return Err(FieldError::new("workspace_id", "is required for platform-admin callers").into()),
+        (None, Scope::Admin) => {
+            return Err(FieldError::new("workspace_id", "is required for platform-admin callers").into());
+        }
     };
     match workspaces::get_row(app, scope, &key).await {
         Ok(w) => Ok(w.id),
@@ -266,12 +279,19 @@ async fn workspace_for(app: &App, scope: &Scope, requested: Option<&str>) -> Ser
 }
 
 /// Adds an endpoint; the answer holds its secret, shown this once.
-pub async fn create(app: &App, actor: &Actor, scope: &Scope, input: NewEndpoint) -> ServiceResult<EndpointWithSecret> {
+pub async fn create(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    input: NewEndpoint,
+) -> ServiceResult<EndpointWithSecret> {
     let workspace_id = workspace_for(app, scope, input.workspace_id.as_deref()).await?;
     let mut errors = super::Errors::default();
     let events = errors.take(parse_events(input.events.as_deref()));
     let url = errors.take(check_url(app, &input.url).await);
-    let description = errors.take(crate::domain::parse_optional_label("description", input.description.as_deref())).flatten();
+    let description = errors
+        .take(crate::domain::parse_optional_label("description", input.description.as_deref()))
+        .flatten();
     errors.finish()?;
     let (Some(events), Some(url)) = (events, url) else {
         return Err(FieldError::new("url", "is invalid").into());
@@ -295,8 +315,17 @@ pub async fn create(app: &App, actor: &Actor, scope: &Scope, input: NewEndpoint)
     };
     let mut tx = app.db.begin_write().await?;
     db::webhooks::insert_endpoint(&mut tx, &row).await?;
-    audit::record(&mut tx, now, actor, Some(&row.workspace_id), "webhook.created", "webhook_endpoint", &row.id,
-        serde_json::json!({"url": row.url, "events": row.events})).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&row.workspace_id),
+        "webhook.created",
+        "webhook_endpoint",
+        &row.id,
+        serde_json::json!({"url": row.url, "events": row.events}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(EndpointWithSecret { endpoint: EndpointView::from(&row), secret })
 }
@@ -317,11 +346,21 @@ pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<Endpoi
 pub async fn list(app: &App, scope: &Scope, workspace_id: Option<&str>) -> ServiceResult<Vec<EndpointView>> {
     let mut conn = app.db.pool().acquire().await?;
     let workspace = scope.listing_workspace(&mut conn, workspace_id).await?;
-    Ok(db::webhooks::list_endpoints(&mut conn, workspace.as_deref()).await?.iter().map(EndpointView::from).collect())
+    Ok(db::webhooks::list_endpoints(&mut conn, workspace.as_deref())
+        .await?
+        .iter()
+        .map(EndpointView::from)
+        .collect())
 }
 
 /// Changes URL, events, enabled flag or note.
-pub async fn update(app: &App, actor: &Actor, scope: &Scope, id: &str, input: EndpointUpdate) -> ServiceResult<EndpointView> {
+pub async fn update(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    id: &str,
+    input: EndpointUpdate,
+) -> ServiceResult<EndpointView> {
     let mut row = get_row(app, scope, id).await?;
     let mut errors = super::Errors::default();
     if let Some(url) = &input.url {
@@ -349,8 +388,17 @@ pub async fn update(app: &App, actor: &Actor, scope: &Scope, id: &str, input: En
     if row.enabled == 0 {
         db::webhooks::cancel_pending(&mut tx, &row.id, now).await?;
     }
-    audit::record(&mut tx, now, actor, Some(&row.workspace_id), "webhook.updated", "webhook_endpoint", &row.id,
-        serde_json::json!({"url": row.url, "events": row.events, "enabled": row.enabled != 0})).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&row.workspace_id),
+        "webhook.updated",
+        "webhook_endpoint",
+        &row.id,
+        serde_json::json!({"url": row.url, "events": row.events, "enabled": row.enabled != 0}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(EndpointView::from(&row))
 }
@@ -366,14 +414,28 @@ pub async fn remove(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
     let mut tx = app.db.begin_write().await?;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
     db::webhooks::cancel_pending(&mut tx, &row.id, now).await?;
-    audit::record(&mut tx, now, actor, Some(&row.workspace_id), "webhook.removed", "webhook_endpoint", &row.id,
-        serde_json::json!({"url": row.url})).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&row.workspace_id),
+        "webhook.removed",
+        "webhook_endpoint",
+        &row.id,
+        serde_json::json!({"url": row.url}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(EndpointView::from(&row))
 }
 
 /// Rotates the signing secret; the previous one keeps signing (as a second signature) for a day.
-pub async fn rotate_secret(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<EndpointWithSecret> {
+pub async fn rotate_secret(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    id: &str,
+) -> ServiceResult<EndpointWithSecret> {
     let mut row = get_row(app, scope, id).await?;
     let old = app.keys.open_str(&row.secret_sealed, secret_aad(&row.id))?;
     let secret = new_secret();
@@ -384,8 +446,17 @@ pub async fn rotate_secret(app: &App, actor: &Actor, scope: &Scope, id: &str) ->
     row.updated_at = now;
     let mut tx = app.db.begin_write().await?;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
-    audit::record(&mut tx, now, actor, Some(&row.workspace_id), "webhook.secret_rotated", "webhook_endpoint", &row.id,
-        serde_json::json!({})).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&row.workspace_id),
+        "webhook.secret_rotated",
+        "webhook_endpoint",
+        &row.id,
+        serde_json::json!({}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(EndpointWithSecret { endpoint: EndpointView::from(&row), secret })
 }
@@ -418,9 +489,8 @@ async fn emit_to(
     only_endpoint: Option<&str>,
 ) -> ServiceResult<String> {
     let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
-    let timestamp = from_millis(now_ms)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let timestamp =
+        from_millis(now_ms).format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
     let payload = serde_json::json!({ "type": event_type, "timestamp": timestamp, "data": data });
     db::webhooks::insert_event(
         conn,
@@ -469,10 +539,27 @@ pub async fn send_test(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Ser
     let row = get_row(app, scope, id).await?;
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
-    let event_id = emit_to(&mut tx, &app.keys, now, &row.workspace_id, "webhook.test",
-        serde_json::json!({"endpoint_id": row.id, "message": "This is a test event from authlink."}), Some(&row.id)).await?;
-    audit::record(&mut tx, now, actor, Some(&row.workspace_id), "webhook.tested", "webhook_endpoint", &row.id,
-        serde_json::json!({"event_id": event_id})).await?;
+    let event_id = emit_to(
+        &mut tx,
+        &app.keys,
+        now,
+        &row.workspace_id,
+        "webhook.test",
+        serde_json::json!({"endpoint_id": row.id, "message": "This is a test event from authlink."}),
+        Some(&row.id),
+    )
+    .await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&row.workspace_id),
+        "webhook.tested",
+        "webhook_endpoint",
+        &row.id,
+        serde_json::json!({"event_id": event_id}),
+    )
+    .await?;
     tx.commit().await?;
     Ok(event_id)
 }
@@ -496,7 +583,8 @@ pub async fn deliveries(
 }
 
 async fn delivery_view(conn: &mut AnyConnection, d: DeliveryRow) -> ServiceResult<DeliveryView> {
-    let event_type = db::webhooks::get_event(conn, &d.event_id).await?.map(|e| e.event_type).unwrap_or_default();
+    let event_type =
+        db::webhooks::get_event(conn, &d.event_id).await?.map(|e| e.event_type).unwrap_or_default();
     let attempt_log = db::webhooks::attempts(conn, &d.id)
         .await?
         .into_iter()
@@ -522,7 +610,12 @@ async fn delivery_view(conn: &mut AnyConnection, d: DeliveryRow) -> ServiceResul
 }
 
 /// Delivers an event again (same `webhook-id`), now, whatever happened before.
-pub async fn redeliver(app: &App, actor: &Actor, scope: &Scope, delivery_id: &str) -> ServiceResult<DeliveryView> {
+pub async fn redeliver(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    delivery_id: &str,
+) -> ServiceResult<DeliveryView> {
     if !db::is_id(delivery_id) {
         return Err(ServiceError::NotFound("delivery"));
     }
@@ -533,7 +626,9 @@ pub async fn redeliver(app: &App, actor: &Actor, scope: &Scope, delivery_id: &st
     if !scope.allows(&d.workspace_id) {
         return Err(ServiceError::NotFound("delivery"));
     }
-    let endpoint = db::webhooks::get_endpoint(&mut tx, &d.endpoint_id).await?.ok_or(ServiceError::NotFound("delivery"))?;
+    let endpoint = db::webhooks::get_endpoint(&mut tx, &d.endpoint_id)
+        .await?
+        .ok_or(ServiceError::NotFound("delivery"))?;
     if endpoint.enabled == 0 {
         return Err(ServiceError::Conflict("the endpoint is disabled; enable it first".into()));
     }
@@ -542,8 +637,17 @@ pub async fn redeliver(app: &App, actor: &Actor, scope: &Scope, delivery_id: &st
     d.next_attempt_at = Some(now);
     d.updated_at = now;
     db::webhooks::update_delivery(&mut tx, &d).await?;
-    audit::record(&mut tx, now, actor, Some(&d.workspace_id), "webhook.redelivered", "webhook_delivery", &d.id,
-        serde_json::json!({"event_id": d.event_id})).await?;
+    audit::record(
+        &mut tx,
+        now,
+        actor,
+        Some(&d.workspace_id),
+        "webhook.redelivered",
+        "webhook_delivery",
+        &d.id,
+        serde_json::json!({"event_id": d.event_id}),
+    )
+    .await?;
     tx.commit().await?;
     let mut conn = app.db.pool().acquire().await?;
     delivery_view(&mut conn, d).await
@@ -577,7 +681,10 @@ mod tests {
     #[test]
     fn event_filters() {
         assert_eq!(parse_events(None).unwrap(), "*");
-        assert_eq!(parse_events(Some(&["connection.broken".into(), "link.revoked".into()])).unwrap(), "connection.broken,link.revoked");
+        assert_eq!(
+            parse_events(Some(&["connection.broken".into(), "link.revoked".into()])).unwrap(),
+            "connection.broken,link.revoked"
+        );
         assert!(parse_events(Some(&["connection.exploded".into()])).is_err());
         assert!(parse_events(Some(&[])).is_err());
     }

@@ -405,10 +405,18 @@ async fn openapi_matches_routes(app: TestApp) {
         ("/connections", "get"),
         ("/connections/{id}", "get"),
         ("/connections/{id}/disconnect", "post"),
-        ("/connections/{id}/access-token", "get"), ("/connections/{id}/refresh", "post"), ("/connections/{id}/check", "post"),
-        ("/webhooks", "get"), ("/webhooks", "post"), ("/webhooks/{id}", "get"), ("/webhooks/{id}", "patch"),
-        ("/webhooks/{id}", "delete"), ("/webhooks/{id}/rotate-secret", "post"), ("/webhooks/{id}/test", "post"),
-        ("/webhooks/{id}/deliveries", "get"), ("/webhook-deliveries/{id}/redeliver", "post"),
+        ("/connections/{id}/access-token", "get"),
+        ("/connections/{id}/refresh", "post"),
+        ("/connections/{id}/check", "post"),
+        ("/webhooks", "get"),
+        ("/webhooks", "post"),
+        ("/webhooks/{id}", "get"),
+        ("/webhooks/{id}", "patch"),
+        ("/webhooks/{id}", "delete"),
+        ("/webhooks/{id}/rotate-secret", "post"),
+        ("/webhooks/{id}/test", "post"),
+        ("/webhooks/{id}/deliveries", "get"),
+        ("/webhook-deliveries/{id}/redeliver", "post"),
     ];
     for (path, method) in expected {
         assert!(paths.get(path).and_then(|p| p.get(method)).is_some(), "{method} {path} is not documented");

@@ -13,8 +13,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod browser;
 mod cli;
 mod connect;
+mod dashboard;
 mod health;
 mod helpers;
 mod pages;
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         ("pages", pages::tests()),
         ("connect", connect::tests()),
         ("health", health::tests()),
+        ("dashboard", dashboard::tests()),
     ] {
         for (name, f, only) in list {
             all.push((module, name, f, only));
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         let skipped = matches!(pg, helpers::PgAvailability::Absent(_));
         trials.push(pg_trial.with_ignored_flag(skipped));
     }
+    trials.extend(browser::trials());
     if let helpers::PgAvailability::Absent(why) = &pg {
         let n = trials.iter().filter(|t| t.name().starts_with("postgres::")).count();
         eprintln!("\n{}", "=".repeat(78));

@@ -158,9 +158,19 @@ async fn run_result(
         Outcome::Broken(reason) => ("broken", Some(reason)),
     };
     let connection = connections::get(state, &caller.scope, id).await?.connection;
-    let mut conn = state.db.pool().acquire().await.map_err(crate::db::DbError::from).map_err(ServiceError::from)?;
-    crate::service::audit::record(&mut conn, state.now_ms(), &caller.actor, Some(&connection.workspace_id), action,
-        "connection", id, serde_json::json!({"outcome": outcome})).await?;
+    let mut conn =
+        state.db.pool().acquire().await.map_err(crate::db::DbError::from).map_err(ServiceError::from)?;
+    crate::service::audit::record(
+        &mut conn,
+        state.now_ms(),
+        &caller.actor,
+        Some(&connection.workspace_id),
+        action,
+        "connection",
+        id,
+        serde_json::json!({"outcome": outcome}),
+    )
+    .await?;
     Ok(Json(RunResult { outcome, detail, connection }))
 }
 

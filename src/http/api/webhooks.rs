@@ -10,7 +10,9 @@ use utoipa_axum::routes;
 
 use super::{ApiJson, ApiResult, Caller, Page, Problem};
 use crate::db::page_limit;
-use crate::service::webhooks::{self, DeliveryView, EndpointUpdate, EndpointView, EndpointWithSecret, NewEndpoint};
+use crate::service::webhooks::{
+    self, DeliveryView, EndpointUpdate, EndpointView, EndpointWithSecret, NewEndpoint,
+};
 use crate::state::AppState;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
@@ -56,7 +58,11 @@ async fn create_webhook(
 /// Get one endpoint.
 #[utoipa::path(get, path = "/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "Endpoint id")),
     responses((status = 200, body = EndpointView), (status = 404, body = Problem)))]
-async fn get_webhook(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<EndpointView>> {
+async fn get_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<EndpointView>> {
     Ok(Json(EndpointView::from(&webhooks::get_row(&state, &caller.scope, &id).await?)))
 }
 
@@ -76,7 +82,11 @@ async fn update_webhook(
 /// Remove an endpoint: no more deliveries; its delivery log stays readable.
 #[utoipa::path(delete, path = "/webhooks/{id}", tag = "webhooks", params(("id" = String, Path, description = "Endpoint id")),
     responses((status = 200, body = EndpointView), (status = 404, body = Problem)))]
-async fn remove_webhook(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<EndpointView>> {
+async fn remove_webhook(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<EndpointView>> {
     Ok(Json(webhooks::remove(&state, &caller.actor, &caller.scope, &id).await?))
 }
 
@@ -141,6 +151,10 @@ async fn list_deliveries(
 #[utoipa::path(post, path = "/webhook-deliveries/{id}/redeliver", tag = "webhooks",
     params(("id" = String, Path, description = "Delivery id")),
     responses((status = 200, body = DeliveryView), (status = 404, body = Problem), (status = 409, body = Problem)))]
-async fn redeliver(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<DeliveryView>> {
+async fn redeliver(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DeliveryView>> {
     Ok(Json(webhooks::redeliver(&state, &caller.actor, &caller.scope, &id).await?))
 }

@@ -130,7 +130,8 @@ fn login_page(
     };
     let mut res = render(status, &page);
     if fresh {
-        res.headers_mut().append(header::SET_COOKIE, cookie(state, login_cookie_name(state), Some(&token), 3600));
+        res.headers_mut()
+            .append(header::SET_COOKIE, cookie(state, login_cookie_name(state), Some(&token), 3600));
     }
     res
 }
@@ -222,7 +223,13 @@ struct AccountPage {
     expires_at: String,
 }
 
-async fn account_page(state: &AppState, ctx: &Ctx, status: StatusCode, errors: FormErrors, notice: Option<&str>) -> DashResult {
+async fn account_page(
+    state: &AppState,
+    ctx: &Ctx,
+    status: StatusCode,
+    errors: FormErrors,
+    notice: Option<&str>,
+) -> DashResult {
     let user = users::view_of(state, &ctx.user).await?;
     let memberships = user.workspaces;
     let page = AccountPage {

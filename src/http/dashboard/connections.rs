@@ -28,7 +28,10 @@ fn status_words(status: ConnectionStatus) -> (&'static str, &'static str) {
 }
 
 fn handle_of(username: Option<&str>, display_name: Option<&str>, account_id: &str) -> String {
-    username.map(|u| format!("@{u}")).or_else(|| display_name.map(str::to_string)).unwrap_or_else(|| account_id.to_string())
+    username
+        .map(|u| format!("@{u}"))
+        .or_else(|| display_name.map(str::to_string))
+        .unwrap_or_else(|| account_id.to_string())
 }
 
 /// A connection in a list.
@@ -72,6 +75,13 @@ impl ConnRow {
     }
 }
 
+/// A platform in the filter.
+struct PlatformOption {
+    id: &'static str,
+    name: &'static str,
+    selected: bool,
+}
+
 #[derive(Template)]
 #[template(path = "dashboard/connections.html")]
 struct ListPage {
@@ -79,8 +89,7 @@ struct ListPage {
     slug: String,
     q: String,
     status: String,
-    platform: String,
-    platforms: Vec<(&'static str, &'static str)>,
+    platforms: Vec<PlatformOption>,
     rows: Vec<ConnRow>,
     next_page: Option<String>,
     first_page: Option<String>,
@@ -128,8 +137,14 @@ pub async fn list(
         slug: ws.row.slug.clone(),
         q: search.clone().unwrap_or_default(),
         status: status.unwrap_or_default().to_string(),
-        platform: platform.unwrap_or_default().to_string(),
-        platforms: Platform::ALL.iter().map(|p| (p.as_str(), p.display_name())).collect(),
+        platforms: Platform::ALL
+            .iter()
+            .map(|p| PlatformOption {
+                id: p.as_str(),
+                name: p.display_name(),
+                selected: platform == Some(p.as_str()),
+            })
+            .collect(),
         rows: items.into_iter().map(|c| ConnRow::from_item(&ws.row.slug, c)).collect(),
         next_page,
         first_page,
@@ -197,7 +212,9 @@ pub async fn show(
         slug: ws.row.slug.clone(),
         id: c.id.clone(),
         platform: c.provider.display_name(),
-        monogram: crate::http::pages::monogram(c.display_name.as_deref().or(c.username.as_deref()).unwrap_or("?")),
+        monogram: crate::http::pages::monogram(
+            c.display_name.as_deref().or(c.username.as_deref()).unwrap_or("?"),
+        ),
         handle,
         display_name: c.display_name.clone().unwrap_or_else(|| "—".into()),
         account_id: c.provider_account_id.clone(),
@@ -238,4 +255,22 @@ pub async fn disconnect(
     let ws = workspace(&state, &ctx, &slug).await?;
     let c = connections::disconnect(&state, &ctx.actor, &ws.scope, &id).await?;
     Ok(see_other(&format!("/app/w/{}/connections/{}?notice=disconnected", ws.row.slug, c.id)))
+}
+
+impl ConnRow {
+    /// From a service view of workspace `slug`.
+    pub fn from_view(slug: &str, c: &connections::ConnectionView) -> Self {
+        let (status, status_text) = status_words(c.status);
+        Self {
+            href: format!("/app/w/{slug}/connections/{}", c.id),
+            platform: c.provider.display_name(),
+            handle: handle_of(c.username.as_deref(), c.display_name.as_deref(), &c.provider_account_id),
+            name: c.display_name.clone(),
+            status,
+            status_text,
+            reason: c.status_reason.clone(),
+            sandbox: c.sandbox,
+            connected: fmt_time(c.connected_at),
+        }
+    }
 }

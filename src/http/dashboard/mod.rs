@@ -94,6 +94,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/app/w/{slug}/webhooks/{id}/remove", post(webhooks::remove))
         .route("/app/w/{slug}/webhooks/deliveries/{id}/redeliver", post(webhooks::redeliver))
         .route("/app/{*rest}", get(not_found_route).post(not_found_route))
+        .route("/favicon.ico", get(assets::favicon))
         .layer(axum::middleware::from_fn_with_state(state, guard_posts))
 }
 
@@ -102,7 +103,11 @@ pub fn router(state: AppState) -> Router<AppState> {
 
 /// The session cookie's name: `__Host-` prefixed (which requires `Secure`) on https.
 fn session_cookie_name(state: &AppState) -> &'static str {
-    if state.config.is_https() { "__Host-authlink_session" } else { "authlink_session" }
+    session_cookie_name_for(state.config.is_https())
+}
+
+fn session_cookie_name_for(https: bool) -> &'static str {
+    if https { "__Host-authlink_session" } else { "authlink_session" }
 }
 
 /// The pre-sign-in cookie, which the sign-in form's CSRF token is derived from.
@@ -125,13 +130,17 @@ fn read_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// A `Set-Cookie` value: HttpOnly, SameSite=Lax, Path=/, Secure on https. `None` clears it.
 fn cookie(state: &AppState, name: &str, value: Option<&str>, max_age_secs: i64) -> HeaderValue {
-    let secure = if state.config.is_https() { "; Secure" } else { "" };
+    let c = cookie_text(state.config.is_https(), name, value, max_age_secs);
+    HeaderValue::from_str(&c).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn cookie_text(https: bool, name: &str, value: Option<&str>, max_age_secs: i64) -> String {
+    let secure = if https { "; Secure" } else { "" };
     let (value, max_age) = match value {
         Some(v) => (v, max_age_secs),
         None => ("", 0),
     };
-    let c = format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}");
-    HeaderValue::from_str(&c).unwrap_or_else(|_| HeaderValue::from_static(""))
+    format!("{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}")
 }
 
 /// The CSRF token of a session (or pre-sign-in) token: HMAC-SHA256 under the token, so it is
@@ -172,15 +181,16 @@ fn client_ip(parts: &Parts) -> String {
     }
 }
 
-/// Whether a POST comes from our own pages (`Sec-Fetch-Site` and `Origin`, when sent).
+/// Whether a POST comes from our own pages. Browsers send `Sec-Fetch-Site`, which pages cannot
+/// forge; older ones only `Origin`. Our pages send `Referrer-Policy: no-referrer`, under which
+/// browsers send `Origin: null` even for same-origin form posts, so `null` proves nothing either
+/// way. Either way the CSRF token is checked too; this only refuses obvious cross-site posts.
 fn is_same_origin(state: &AppState, headers: &HeaderMap) -> bool {
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        if !matches!(site, "same-origin" | "none") {
-            return false;
-        }
+        return matches!(site, "same-origin" | "none");
     }
     match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        None => true,
+        None | Some("null") => true,
         Some(origin) => origin == state.config.public_url.origin().ascii_serialization(),
     }
 }
@@ -315,7 +325,8 @@ impl FromRequestParts<AppState> for Ctx {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        let original = parts.extensions.get::<OriginalUri>().map(|u| u.0.clone()).unwrap_or(parts.uri.clone());
+        let original =
+            parts.extensions.get::<OriginalUri>().map(|u| u.0.clone()).unwrap_or(parts.uri.clone());
         let next = (parts.method == Method::GET || parts.method == Method::HEAD)
             .then(|| original.path_and_query().map(|p| p.as_str().to_string()))
             .flatten();
@@ -658,6 +669,11 @@ impl FormErrors {
         &self.0
     }
 
+    /// The id of the input a field name refers to, for the summary's links.
+    pub fn anchor(&self, field: &str) -> String {
+        field_id(field)
+    }
+
     /// From a service failure: validation errors, or the failure itself.
     pub fn from_service(e: ServiceError) -> Result<Self, DashError> {
         match e {
@@ -722,11 +738,7 @@ impl ListParams {
 
     /// The search text, trimmed, at most 200 characters.
     pub fn search(&self) -> Option<String> {
-        self.q
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.chars().take(200).collect())
+        self.q.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(|s| s.chars().take(200).collect())
     }
 }
 
@@ -764,6 +776,22 @@ mod tests {
         assert!(!csrf_matches(&a, &csrf_for(&b)));
         assert!(!csrf_matches(&a, ""));
         assert_ne!(csrf_for(&a), a, "the token itself is never the CSRF value");
+    }
+
+    #[test]
+    fn session_cookies_are_host_prefixed_and_secure_on_https() {
+        assert_eq!(
+            cookie_text(true, session_cookie_name_for(true), Some("tok"), 43_200),
+            "__Host-authlink_session=tok; Path=/; HttpOnly; SameSite=Lax; Max-Age=43200; Secure"
+        );
+        assert_eq!(
+            cookie_text(false, session_cookie_name_for(false), Some("tok"), 43_200),
+            "authlink_session=tok; Path=/; HttpOnly; SameSite=Lax; Max-Age=43200"
+        );
+        assert_eq!(
+            cookie_text(false, "authlink_session", None, 43_200),
+            "authlink_session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! pages: every workspace (with the form to create one) and the search across workspaces.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
@@ -9,15 +10,15 @@ use axum::http::StatusCode;
 
 use super::connections::ConnRow;
 use super::{
-    Ctx, DashError, DashResult, FormData, FormErrors, Layout, ListParams, PAGE_SIZE, fmt_time,
-    layout, query_string, render, see_other, workspace,
+    Ctx, DashError, DashResult, FormData, FormErrors, Layout, ListParams, PAGE_SIZE, fmt_time, layout,
+    query_string, render, see_other, workspace,
 };
 use crate::db::{self, DbError};
 use crate::domain::Platform;
+use crate::service::Scope;
 use crate::service::audit::AuditEntryView;
 use crate::service::links::{self, LinkView};
 use crate::service::workspaces::{self, NewWorkspace};
-use crate::service::Scope;
 use crate::state::AppState;
 
 /// `GET /app`: straight to the only workspace, else to the switcher.
@@ -171,7 +172,11 @@ pub struct EventView {
 }
 
 /// Turns audit entries into [`EventView`]s, naming users by email.
-pub async fn event_views(state: &AppState, slug: &str, entries: Vec<AuditEntryView>) -> Result<Vec<EventView>, DashError> {
+pub async fn event_views(
+    state: &AppState,
+    slug: &str,
+    entries: Vec<AuditEntryView>,
+) -> Result<Vec<EventView>, DashError> {
     let mut emails: HashMap<String, String> = HashMap::new();
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
@@ -179,7 +184,10 @@ pub async fn event_views(state: &AppState, slug: &str, entries: Vec<AuditEntryVi
             ("user", Some(id)) => {
                 if !emails.contains_key(id) {
                     let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
-                    let email = db::users::get(&mut conn, id).await?.map(|u| u.email).unwrap_or_else(|| "a user".into());
+                    let email = db::users::get(&mut conn, id)
+                        .await?
+                        .map(|u| u.email)
+                        .unwrap_or_else(|| "a user".into());
                     emails.insert(id.to_string(), email);
                 }
                 emails.get(id).cloned().unwrap_or_default()
@@ -224,7 +232,8 @@ struct OverviewPage {
     total_broken: i64,
     total_disconnected: i64,
     platforms: Vec<PlatformCounts>,
-    broken: Vec<ConnRow>,
+    /// Broken connections (the shared list template reads `rows`).
+    rows: Vec<ConnRow>,
     events: Vec<EventView>,
 }
 
@@ -277,7 +286,7 @@ pub async fn overview(
         total_broken: platforms.iter().map(|p| p.broken).sum(),
         total_disconnected: platforms.iter().map(|p| p.disconnected).sum(),
         platforms,
-        broken: broken.into_iter().map(|c| ConnRow::from_item(&ws.row.slug, c)).collect(),
+        rows: broken.into_iter().map(|c| ConnRow::from_item(&ws.row.slug, c)).collect(),
         events,
     };
     Ok(render(StatusCode::OK, &page))
@@ -325,8 +334,18 @@ pub async fn audit_log(
     Query(q): Query<ListParams>,
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
-    let action = q.action.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(|s| s.chars().take(80).collect::<String>());
-    let target = q.target.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(|s| s.chars().take(80).collect::<String>());
+    let action = q
+        .action
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.chars().take(80).collect::<String>());
+    let target = q
+        .target
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.chars().take(80).collect::<String>());
     let before = q.cursor();
     let mut entries = crate::service::audit::list(
         &state,
@@ -344,12 +363,16 @@ pub async fn audit_log(
     let next_page = more.then(|| entries.last().map(|e| e.id.clone())).flatten().map(|id| {
         format!(
             "{base}{}",
-            query_string(&[("action", action.as_deref()), ("target", target.as_deref()), ("before", Some(&id))])
+            query_string(&[
+                ("action", action.as_deref()),
+                ("target", target.as_deref()),
+                ("before", Some(&id))
+            ])
         )
     });
-    let first_page = before
-        .is_some()
-        .then(|| format!("{base}{}", query_string(&[("action", action.as_deref()), ("target", target.as_deref())])));
+    let first_page = before.is_some().then(|| {
+        format!("{base}{}", query_string(&[("action", action.as_deref()), ("target", target.as_deref())]))
+    });
     let events = event_views(&state, &ws.row.slug, entries).await?;
     let page = AuditPage {
         l: layout(&state, &ctx, Some(&ws), "audit", None).await?,
@@ -402,7 +425,12 @@ pub async fn search(State(state): State<AppState>, ctx: Ctx, Query(q): Query<Lis
         let link_rows: Vec<LinkView> = links::list(
             &state,
             &Scope::Admin,
-            &links::ListQuery { workspace_id: None, search: Some(text.clone()), before: None, limit: PAGE_SIZE },
+            &links::ListQuery {
+                workspace_id: None,
+                search: Some(text.clone()),
+                before: None,
+                limit: PAGE_SIZE,
+            },
         )
         .await?;
         let conn_rows = {
@@ -421,9 +449,9 @@ pub async fn search(State(state): State<AppState>, ctx: Ctx, Query(q): Query<Lis
             .chain(conn_rows.iter().map(|c| c.workspace_id.clone()))
             .collect();
         for id in ids {
-            if !names.contains_key(&id) {
-                if let Some(w) = db::workspaces::get(&mut conn, &id).await? {
-                    names.insert(id, (w.slug, w.name));
+            if let Entry::Vacant(slot) = names.entry(id) {
+                if let Some(w) = db::workspaces::get(&mut conn, slot.key()).await? {
+                    slot.insert((w.slug, w.name));
                 }
             }
         }

@@ -67,7 +67,9 @@ fn is_same_origin_post(state: &AppState, headers: &HeaderMap) -> bool {
         }
     }
     match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        None => true,
+        // Under `Referrer-Policy: no-referrer` (our pages) browsers send `Origin: null` even for
+        // same-origin form posts; `Sec-Fetch-Site`, checked above, has the answer then.
+        None | Some("null") => true,
         Some(origin) => origin == state.config.public_url.origin().ascii_serialization(),
     }
 }
@@ -706,7 +708,12 @@ pub async fn show_avatar(
     .await;
     let Ok(Some((flow, connection))) = found else { return not_found() };
     let browser_ok = read_cookie(&headers, cookie_name(&state))
-        .map(|v| crypto::constant_time_eq(crypto::sha256_hex(v.as_bytes()).as_bytes(), flow.browser_hash.as_bytes()))
+        .map(|v| {
+            crypto::constant_time_eq(
+                crypto::sha256_hex(v.as_bytes()).as_bytes(),
+                flow.browser_hash.as_bytes(),
+            )
+        })
         .unwrap_or(false);
     let Some(avatar) = connection.avatar_url.filter(|_| browser_ok) else { return not_found() };
     let Ok(url) = url::Url::parse(&avatar) else { return not_found() };
@@ -725,7 +732,10 @@ pub async fn show_avatar(
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .filter(|ct| (ct.starts_with("image/") && !ct.contains("svg")) || (sandbox_avatar && ct.starts_with("image/svg+xml")))
+        .filter(|ct| {
+            (ct.starts_with("image/") && !ct.contains("svg"))
+                || (sandbox_avatar && ct.starts_with("image/svg+xml"))
+        })
         .map(str::to_string);
     let Some(content_type) = content_type.filter(|_| res.status().is_success()) else { return not_found() };
     let mut body = Vec::new();
@@ -740,6 +750,7 @@ pub async fn show_avatar(
         out.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     out.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=300"));
-    out.headers_mut().insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; sandbox"));
+    out.headers_mut()
+        .insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("default-src 'none'; sandbox"));
     out
 }

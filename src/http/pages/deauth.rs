@@ -91,7 +91,11 @@ fn bad_signature() -> Response {
 }
 
 /// Erases tokens (and, for a deletion, profile data) of every connection of the account.
-async fn erase(state: &AppState, user_id: &str, delete_profile: bool) -> crate::service::ServiceResult<usize> {
+async fn erase(
+    state: &AppState,
+    user_id: &str,
+    delete_profile: bool,
+) -> crate::service::ServiceResult<usize> {
     let now = state.now_ms();
     let mut tx = state.db.begin_write().await?;
     let rows = db::connections::by_app_scoped_id(&mut tx, "instagram", user_id).await?;
@@ -122,9 +126,22 @@ async fn erase(state: &AppState, user_id: &str, delete_profile: bool) -> crate::
             db::connections::scrub_events(&mut tx, &row.id).await?;
         }
         let kind = if delete_profile { "data_deleted" } else { "disconnected" };
-        db::connections::insert_event(&mut tx, &connections::event(&row, kind, row.status_reason.clone(), now)).await?;
-        audit::record(&mut tx, now, &Actor::System, Some(&row.workspace_id), &format!("connection.{kind}"), "connection",
-            &row.id, serde_json::json!({"source": "meta_callback"})).await?;
+        db::connections::insert_event(
+            &mut tx,
+            &connections::event(&row, kind, row.status_reason.clone(), now),
+        )
+        .await?;
+        audit::record(
+            &mut tx,
+            now,
+            &Actor::System,
+            Some(&row.workspace_id),
+            &format!("connection.{kind}"),
+            "connection",
+            &row.id,
+            serde_json::json!({"source": "meta_callback"}),
+        )
+        .await?;
         if was != ConnectionStatus::Disconnected {
             let data = connections::event_data(&mut tx, state, &row, row.status_reason.as_deref()).await?;
             webhooks::emit(&mut tx, state, now, &row.workspace_id, "connection.disconnected", data).await?;
@@ -135,8 +152,12 @@ async fn erase(state: &AppState, user_id: &str, delete_profile: bool) -> crate::
 }
 
 /// `POST /oauth/instagram/deauthorize`.
-pub async fn instagram_deauthorize(State(state): State<AppState>, Form(form): Form<SignedRequestForm>) -> Response {
-    let Some((_, user_id)) = form.signed_request.as_deref().and_then(|s| verify_signed_request(s, &app_secret(&state)))
+pub async fn instagram_deauthorize(
+    State(state): State<AppState>,
+    Form(form): Form<SignedRequestForm>,
+) -> Response {
+    let Some((_, user_id)) =
+        form.signed_request.as_deref().and_then(|s| verify_signed_request(s, &app_secret(&state)))
     else {
         return bad_signature();
     };
@@ -150,8 +171,12 @@ pub async fn instagram_deauthorize(State(state): State<AppState>, Form(form): Fo
 }
 
 /// `POST /oauth/instagram/data-deletion`.
-pub async fn instagram_data_deletion(State(state): State<AppState>, Form(form): Form<SignedRequestForm>) -> Response {
-    let Some((_, user_id)) = form.signed_request.as_deref().and_then(|s| verify_signed_request(s, &app_secret(&state)))
+pub async fn instagram_data_deletion(
+    State(state): State<AppState>,
+    Form(form): Form<SignedRequestForm>,
+) -> Response {
+    let Some((_, user_id)) =
+        form.signed_request.as_deref().and_then(|s| verify_signed_request(s, &app_secret(&state)))
     else {
         return bad_signature();
     };
@@ -162,8 +187,14 @@ pub async fn instagram_data_deletion(State(state): State<AppState>, Form(form): 
     let code = hex::encode(crypto::random_bytes::<12>());
     let recorded = async {
         let mut conn = state.db.pool().acquire().await?;
-        db::webhooks::insert_deletion_request(&mut conn, &code, "instagram", i64::try_from(count).unwrap_or(0), state.now_ms())
-            .await
+        db::webhooks::insert_deletion_request(
+            &mut conn,
+            &code,
+            "instagram",
+            i64::try_from(count).unwrap_or(0),
+            state.now_ms(),
+        )
+        .await
     }
     .await;
     if let Err(e) = recorded {
@@ -206,7 +237,9 @@ pub async fn instagram_deletion_status(State(state): State<AppState>, Path(code)
                 StatusCode::OK,
                 &StatusPage {
                     title: "Data deletion completed".into(),
-                    message: format!("Your request of {at} was processed: the access tokens and profile data were deleted."),
+                    message: format!(
+                        "Your request of {at} was processed: the access tokens and profile data were deleted."
+                    ),
                     next_step: None,
                     try_again: None,
                     reference: Some(code),

@@ -1,0 +1,314 @@
+//! Refresh-scheduler benchmark (PostgreSQL): `cargo bench --bench refresh`.
+//!
+//! 1. Throughput: N connections (default 100,000) all due, refreshed against the sandbox by two
+//!    `authlink worker` processes; refreshes per second together, worker memory over time, and
+//!    the proof of zero double refreshes (sandbox counters and one attempt row per connection).
+//! 2. Idle cost: M connections (default 1,000,000) with none due; CPU time one worker spends in
+//!    30 s, and the plan of the due query.
+//!
+//! Needs PostgreSQL at `AUTHLINK_BENCH_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`). Everything runs on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
+
+const BIN: &str = env!("CARGO_BIN_EXE_authlink");
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn master_key() -> String {
+    use base64::Engine;
+    let bytes: [u8; 32] = std::array::from_fn(|_| rand::random::<u8>());
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+struct Env {
+    vars: Vec<(String, String)>,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).current_dir(self.dir.path());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AUTHLINK_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of /proc/pid/stat (12 and 13 after the name).
+    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+fn start_serve(env: &Env) -> (Child, String) {
+    let mut child = env
+        .command(&["serve"])
+        .env("AUTHLINK_LISTEN", "127.0.0.1:0")
+        .env("AUTHLINK_JOBS__ENABLED", "false")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["message"] == "authlink listening" {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(
+                            v["public_url"].as_str().unwrap_or_default().trim_end_matches('/').to_string(),
+                        );
+                    }
+                }
+            }
+        }
+    });
+    let base = rx.recv_timeout(Duration::from_secs(60)).expect("authlink serve started");
+    (child, base)
+}
+
+#[tokio::main]
+async fn main() {
+    let pg = std::env::var("AUTHLINK_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let Ok(mut admin) = PgConnection::connect(&pg).await else {
+        eprintln!("refresh benchmark skipped: PostgreSQL is not reachable at {pg}");
+        return;
+    };
+    let n = env_usize("BENCH_REFRESH_CONNECTIONS", 100_000);
+    let idle_n = env_usize("BENCH_IDLE_CONNECTIONS", 1_000_000);
+    let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.unwrap();
+    let sep = if pg.contains('?') { '&' } else { '?' };
+    let db_url = format!("{pg}{sep}options=-c%20search_path%3D{schema}");
+    let key = master_key();
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env {
+        vars: vec![
+            ("AUTHLINK_DATABASE_URL".into(), db_url.clone()),
+            ("AUTHLINK_DATA_DIR".into(), dir.path().display().to_string()),
+            ("AUTHLINK_MASTER_KEY".into(), key.clone()),
+            ("AUTHLINK_LOG_FORMAT".into(), "json".into()),
+            ("AUTHLINK_LOG".into(), "warn,authlink=info".into()),
+            ("AUTHLINK_SANDBOX__CONTROL_API".into(), "true".into()),
+            ("AUTHLINK_DATABASE__MAX_CONNECTIONS".into(), "16".into()),
+        ],
+        dir,
+    };
+    let (mut serve, base) = start_serve(&env);
+    let mut env = env;
+    env.vars.push(("AUTHLINK_PUBLIC_URL".into(), base.clone()));
+    let out = env.command(&["workspace", "create", "--name", "Bench", "--json"]).output().unwrap();
+    let workspace: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let workspace = workspace["id"].as_str().unwrap().to_string();
+    let http = reqwest::Client::new();
+
+    // --- Throughput -------------------------------------------------------------------------
+    eprintln!("minting {n} grants and inserting {n} due connections ...");
+    let keys = authlink::crypto::KeyRing::from_base64(&key.clone().into(), &[]).unwrap();
+    let mut conn = PgConnection::connect(&db_url).await.unwrap();
+    let now_ms = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let mut left = n;
+    while left > 0 {
+        let count = left.min(20_000);
+        left -= count;
+        let grants: Value = http
+            .post(format!("{base}/sandbox/control/tiktok/grants"))
+            .json(&json!({"count": count}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for chunk in grants["grants"].as_array().unwrap().chunks(1000) {
+            let mut sql = String::from(
+                "INSERT INTO connections (id, workspace_id, provider, provider_account_id, scopes, access_token_sealed, \
+                 access_expires_at, refresh_token_sealed, refresh_expires_at, token_generation, status, sandbox, connected_at, \
+                 reconnect_count, created_at, updated_at, next_refresh_at, refresh_failures) VALUES ",
+            );
+            let mut rows = Vec::new();
+            for g in chunk {
+                let id = uuid::Uuid::now_v7().to_string();
+                let access = keys.seal_str(
+                    g["access_token"].as_str().unwrap(),
+                    authlink::crypto::Aad::new("connections", &id, "access_token"),
+                );
+                let refresh = keys.seal_str(
+                    g["refresh_token"].as_str().unwrap(),
+                    authlink::crypto::Aad::new("connections", &id, "refresh_token"),
+                );
+                rows.push(format!(
+                    "('{id}', '{workspace}', 'tiktok', '{}', 'user.info.basic,user.info.profile', '{access}', {}, '{refresh}', {}, 1, 'active', 1, {now_ms}, 0, {now_ms}, {now_ms}, {}, 0)",
+                    g["open_id"].as_str().unwrap(),
+                    now_ms + 86_400_000,
+                    now_ms + 31_536_000_000,
+                    now_ms - 1000
+                ));
+            }
+            sql.push_str(&rows.join(","));
+            sqlx::query(&sql).execute(&mut conn).await.unwrap();
+        }
+    }
+    sqlx::query("ANALYZE connections").execute(&mut conn).await.unwrap();
+
+    let worker_env = [
+        ("AUTHLINK_JOBS__TICK_MS", "50"),
+        ("AUTHLINK_JOBS__REFRESH_BATCH", "500"),
+        ("AUTHLINK_JOBS__REFRESH_CONCURRENCY", "64"),
+        ("AUTHLINK_DATABASE__MAX_CONNECTIONS", "24"),
+        ("AUTHLINK_LOG", "error"),
+    ];
+    let spawn_worker = |env: &Env| {
+        let mut cmd = env.command(&["worker"]);
+        cmd.envs(worker_env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::null());
+        cmd.spawn().unwrap()
+    };
+    let started = Instant::now();
+    let mut w1 = spawn_worker(&env);
+    let mut w2 = spawn_worker(&env);
+    let mut rss_samples: Vec<(f64, u64, u64, i64)> = Vec::new();
+    loop {
+        let (done,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM refresh_attempts WHERE outcome = 'succeeded'")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        rss_samples.push((started.elapsed().as_secs_f64(), rss_kib(w1.id()), rss_kib(w2.id()), done));
+        if done as usize >= n || started.elapsed() > Duration::from_secs(900) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = w1.kill();
+    let _ = w2.kill();
+    let _ = w1.wait();
+    let _ = w2.wait();
+    let stats: Value =
+        http.get(format!("{base}/sandbox/control/tiktok/stats")).send().await.unwrap().json().await.unwrap();
+    let (attempts, distinct, owners): (i64, i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COUNT(DISTINCT connection_id), COUNT(DISTINCT owner) FROM refresh_attempts",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let done = rss_samples.last().map(|s| s.3).unwrap_or(0);
+    // Throughput from the first refresh to the last (worker start-up excluded).
+    let first = rss_samples.iter().find(|s| s.3 > 0).map(|s| s.0).unwrap_or(0.0);
+    let rate = done as f64 / (elapsed - first).max(0.001);
+    let peak1 = rss_samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let peak2 = rss_samples.iter().map(|s| s.2).max().unwrap_or(0);
+    let early = rss_samples.iter().find(|s| s.3 as usize >= n / 10).map(|s| s.1.max(s.2)).unwrap_or(0);
+
+    // --- Idle cost ----------------------------------------------------------------------------
+    eprintln!("inserting {idle_n} connections with none due ...");
+    eprintln!(
+        "throughput: {done} refreshes in {:.1} s = {rate:.0}/s; sandbox {stats}; attempts {attempts}, distinct {distinct}, owners {owners}; worker peaks {peak1} / {peak2} KiB, {early} KiB at 10 %",
+        elapsed - first
+    );
+    sqlx::query("DELETE FROM refresh_attempts").execute(&mut conn).await.unwrap();
+    sqlx::query("DELETE FROM connection_events").execute(&mut conn).await.unwrap();
+    sqlx::query("DELETE FROM connections").execute(&mut conn).await.unwrap();
+    let far = now_ms + 40 * 86_400_000;
+    sqlx::query(&format!(
+        "INSERT INTO connections (id, workspace_id, provider, provider_account_id, scopes, access_token_sealed, access_expires_at, \
+         token_generation, status, sandbox, connected_at, reconnect_count, created_at, updated_at, next_refresh_at, refresh_failures, next_check_at) \
+         SELECT gen_random_uuid()::text, '{workspace}', 'tiktok', 'idle-' || g, 'user.info.basic', 'v1:x:y:z', {far}, 1, 'active', 1, \
+         {now_ms}, 0, {now_ms}, {now_ms}, {far} + g, 0, {far} + g FROM generate_series(1, {idle_n}) g"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE connections").execute(&mut conn).await.unwrap();
+    let plan: Vec<(String,)> = sqlx::query_as(&format!(
+        "EXPLAIN SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= {now_ms} \
+         AND (lease_until IS NULL OR lease_until < {now_ms}) ORDER BY next_refresh_at LIMIT 200 FOR UPDATE SKIP LOCKED"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let mut idle = env.command(&["worker"]);
+    idle.stdout(Stdio::null()).stderr(Stdio::null()).env("AUTHLINK_LOG", "error");
+    let mut idle = idle.spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let t0 = cpu_ticks(idle.id());
+    let window = 30.0;
+    tokio::time::sleep(Duration::from_secs_f64(window)).await;
+    let t1 = cpu_ticks(idle.id());
+    let idle_rss = rss_kib(idle.id());
+    let _ = idle.kill();
+    let _ = idle.wait();
+    let idle_cpu = (t1 - t0) as f64 / ticks_per_sec / window * 100.0;
+
+    let _ = serve.kill();
+    let _ = serve.wait();
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin).await.unwrap();
+
+    let pass = |ok: bool| if ok { "PASS" } else { "FAIL" };
+    let mut report = String::new();
+    report.push_str("| scenario | figure | target | result |\n|---|---|---|---|\n");
+    report.push_str(&format!(
+        "| {n} due connections, 2 workers | {rate:.0} refreshes/s ({done} in {:.1} s) | ≥ 2000/s | {} |\n",
+        elapsed - first,
+        pass(rate >= 2000.0)
+    ));
+    report.push_str(&format!(
+        "| double refreshes | sandbox refresh calls {}, reuse {}, invalid_grant {}; attempts {attempts} for {distinct} connections by {owners} workers | 0 | {} |\n",
+        stats["refresh_calls"], stats["refresh_token_reuse"], stats["invalid_grant"],
+        pass(stats["refresh_token_reuse"] == 0 && stats["invalid_grant"] == 0 && attempts == distinct && distinct as usize == n)
+    ));
+    report.push_str(&format!(
+        "| worker memory | peak {:.1} / {:.1} MiB; {:.1} MiB at 10 % done | flat (bounded batches) | {} |\n",
+        peak1 as f64 / 1024.0,
+        peak2 as f64 / 1024.0,
+        early as f64 / 1024.0,
+        pass(peak1.max(peak2) as f64 <= early as f64 * 1.5 + 4096.0)
+    ));
+    report.push_str(&format!(
+        "| {idle_n} connections, none due | one worker: {idle_cpu:.2} % of one core over {window:.0} s, RSS {:.1} MiB | < 1 % | {} |\n",
+        idle_rss as f64 / 1024.0,
+        pass(idle_cpu < 1.0)
+    ));
+    report.push_str("\nDue-query plan (PostgreSQL, EXPLAIN):\n\n```\n");
+    for (line,) in &plan {
+        report.push_str(line);
+        report.push('\n');
+    }
+    report.push_str("```\n");
+    println!("{report}");
+    let _ = std::fs::create_dir_all("target");
+    let _ = std::fs::write("target/bench-refresh-report.md", &report);
+}

@@ -1,0 +1,361 @@
+//! Workspace settings: API keys (created keys are shown once), members (owners and admins add
+//! and remove them), and branding with a live preview of the client's landing page.
+//!
+//! Everyone in a workspace can see these pages; only owners (and platform admins) can change
+//! them.
+
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+
+use super::{
+    Ctx, DashResult, FormData, FormErrors, Layout, ListParams, Ws, fmt_opt, fmt_time, is_blank, layout,
+    render, require_owner, secret, see_other, workspace,
+};
+use crate::domain;
+use crate::service::api_keys::{self, ApiKeyView, CreatedApiKey, NewApiKey};
+use crate::service::users::{self, MemberView};
+use crate::service::workspaces::{self, Branding, WorkspaceUpdate};
+use crate::state::AppState;
+
+/// An API key as listed.
+struct KeyRow {
+    id: String,
+    name: String,
+    prefix: String,
+    revoked: bool,
+    created: String,
+    last_used: String,
+}
+
+impl From<&ApiKeyView> for KeyRow {
+    fn from(k: &ApiKeyView) -> Self {
+        Self {
+            id: k.id.clone(),
+            name: k.name.clone(),
+            prefix: k.prefix.clone(),
+            revoked: k.revoked_at.is_some(),
+            created: fmt_time(k.created_at),
+            last_used: fmt_opt(k.last_used_at),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/api_keys.html")]
+struct KeysPage {
+    l: Layout,
+    slug: String,
+    keys: Vec<KeyRow>,
+    created: Option<CreatedApiKey>,
+    name: String,
+    errors: FormErrors,
+    can_manage: bool,
+}
+
+async fn keys_page(
+    state: &AppState,
+    ctx: &Ctx,
+    ws: &Ws,
+    status: StatusCode,
+    created: Option<CreatedApiKey>,
+    (name, errors): (String, FormErrors),
+    notice: Option<&str>,
+) -> DashResult {
+    let keys = api_keys::list(state, &ws.scope).await?;
+    let page = KeysPage {
+        l: layout(state, ctx, Some(ws), "api-keys", notice).await?,
+        slug: ws.row.slug.clone(),
+        keys: keys.iter().map(KeyRow::from).collect(),
+        created,
+        name,
+        errors,
+        can_manage: ws.can_manage(),
+    };
+    Ok(render(status, &page))
+}
+
+/// `GET /app/w/{slug}/api-keys`.
+pub async fn api_keys(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(slug): Path<String>,
+    Query(q): Query<ListParams>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    keys_page(
+        &state,
+        &ctx,
+        &ws,
+        StatusCode::OK,
+        None,
+        (String::new(), FormErrors::default()),
+        q.notice.as_deref(),
+    )
+    .await
+}
+
+/// `POST /app/w/{slug}/api-keys`: creates a key and shows it, this once.
+pub async fn create_api_key(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(slug): Path<String>,
+    form: FormData,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    require_owner(&ws)?;
+    let name = form.get("name").to_string();
+    let input = NewApiKey {
+        workspace_id: Some(ws.row.id.clone()),
+        admin: false,
+        name: Some(name.clone()).filter(|n| !n.trim().is_empty()),
+    };
+    match api_keys::create(&state, &ctx.actor, &ws.scope, input).await {
+        Ok(created) => {
+            keys_page(
+                &state,
+                &ctx,
+                &ws,
+                StatusCode::CREATED,
+                Some(created),
+                (String::new(), FormErrors::default()),
+                None,
+            )
+            .await
+        }
+        Err(e) => {
+            let errors = FormErrors::from_service(e)?;
+            keys_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, None, (name, errors), None).await
+        }
+    }
+}
+
+/// `POST /app/w/{slug}/api-keys/{id}/revoke`.
+pub async fn revoke_api_key(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    require_owner(&ws)?;
+    api_keys::revoke(&state, &ctx.actor, &ws.scope, &id).await?;
+    Ok(see_other(&format!("/app/w/{}/api-keys?notice=key_revoked", ws.row.slug)))
+}
+
+/// A member as listed.
+struct MemberRow {
+    user_id: String,
+    email: String,
+    role: String,
+    disabled: bool,
+    since: String,
+    is_me: bool,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/members.html")]
+struct MembersPage {
+    l: Layout,
+    slug: String,
+    members: Vec<MemberRow>,
+    can_manage: bool,
+    email: String,
+    role: String,
+    errors: FormErrors,
+}
+
+async fn members_page(
+    state: &AppState,
+    ctx: &Ctx,
+    ws: &Ws,
+    status: StatusCode,
+    (email, role, errors): (String, String, FormErrors),
+    notice: Option<&str>,
+) -> DashResult {
+    let members: Vec<MemberView> = users::members(state, &ws.row.id).await?;
+    let page = MembersPage {
+        l: layout(state, ctx, Some(ws), "members", notice).await?,
+        slug: ws.row.slug.clone(),
+        members: members
+            .into_iter()
+            .map(|m| MemberRow {
+                is_me: m.user_id == ctx.user.id,
+                user_id: m.user_id,
+                email: m.email,
+                role: m.role,
+                disabled: m.disabled,
+                since: fmt_time(m.since),
+            })
+            .collect(),
+        can_manage: ws.can_manage(),
+        email,
+        role,
+        errors,
+    };
+    Ok(render(status, &page))
+}
+
+/// `GET /app/w/{slug}/members`.
+pub async fn members(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(slug): Path<String>,
+    Query(q): Query<ListParams>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    let blank = (String::new(), "member".to_string(), FormErrors::default());
+    members_page(&state, &ctx, &ws, StatusCode::OK, blank, q.notice.as_deref()).await
+}
+
+/// `POST /app/w/{slug}/members`: adds a member or changes a member's role (owners and admins).
+pub async fn add_member(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(slug): Path<String>,
+    form: FormData,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    require_owner(&ws)?;
+    let email = form.get("email").to_string();
+    let role = form.get("role").to_string();
+    let password = secret(&form, "initial_password");
+    let password = (!is_blank(&password)).then_some(&password);
+    match users::add_member(&state, &ctx.actor, &ws.row.id, &email, &role, password).await {
+        Ok(_) => Ok(see_other(&format!("/app/w/{}/members?notice=member_added", ws.row.slug))),
+        Err(e) => {
+            let errors = FormErrors::from_service(e)?;
+            members_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, (email, role, errors), None)
+                .await
+        }
+    }
+}
+
+/// `POST /app/w/{slug}/members/{user_id}/remove` (owners and admins).
+pub async fn remove_member(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, user_id)): Path<(String, String)>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    require_owner(&ws)?;
+    users::remove_member(&state, &ctx.actor, &ws.row.id, &user_id).await?;
+    Ok(see_other(&format!("/app/w/{}/members?notice=member_removed", ws.row.slug)))
+}
+
+/// The values of the branding form.
+#[derive(Debug, Default)]
+pub struct BrandingForm {
+    name: String,
+    display_name: String,
+    logo_url: String,
+    accent_color: String,
+    allowed_redirects: String,
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/branding.html")]
+struct BrandingPage {
+    l: Layout,
+    slug: String,
+    v: BrandingForm,
+    errors: FormErrors,
+    can_manage: bool,
+    preview_name: String,
+    preview_monogram: String,
+    /// The preview's colour stylesheet (only for a valid colour).
+    preview_css: Option<String>,
+}
+
+async fn branding_page(
+    state: &AppState,
+    ctx: &Ctx,
+    ws: &Ws,
+    status: StatusCode,
+    v: BrandingForm,
+    errors: FormErrors,
+    notice: Option<&str>,
+) -> DashResult {
+    let preview_name = Some(v.display_name.trim())
+        .filter(|s| !s.is_empty())
+        .or(Some(v.name.trim()).filter(|s| !s.is_empty()))
+        .unwrap_or(&ws.row.name)
+        .to_string();
+    let preview_css = domain::parse_accent_color(&v.accent_color)
+        .ok()
+        .map(|c| format!("/app/preview/{}.css", c.trim_start_matches('#')));
+    let page = BrandingPage {
+        l: layout(state, ctx, Some(ws), "branding", notice).await?,
+        slug: ws.row.slug.clone(),
+        preview_monogram: crate::http::pages::monogram(&preview_name),
+        preview_name,
+        preview_css,
+        v,
+        errors,
+        can_manage: ws.can_manage(),
+    };
+    Ok(render(status, &page))
+}
+
+/// `GET /app/w/{slug}/branding`.
+pub async fn branding(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(slug): Path<String>,
+    Query(q): Query<ListParams>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    let w = &ws.row;
+    let v = BrandingForm {
+        name: w.name.clone(),
+        display_name: w.display_name.clone().unwrap_or_default(),
+        logo_url: w.logo_url.clone().unwrap_or_default(),
+        accent_color: w.accent_color.clone().unwrap_or_default(),
+        allowed_redirects: w.allow_list().iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
+    };
+    branding_page(&state, &ctx, &ws, StatusCode::OK, v, FormErrors::default(), q.notice.as_deref()).await
+}
+
+/// `POST /app/w/{slug}/branding`: saves, or (the "Preview" button) shows the preview of the
+/// values without saving them.
+pub async fn save_branding(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(slug): Path<String>,
+    form: FormData,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    require_owner(&ws)?;
+    let v = BrandingForm {
+        name: form.get("name").to_string(),
+        display_name: form.get("display_name").to_string(),
+        logo_url: form.get("logo_url").trim().to_string(),
+        accent_color: form.get("accent_color").trim().to_string(),
+        allowed_redirects: form.get("allowed_redirects").to_string(),
+    };
+    if form.get("action") == "preview" {
+        return branding_page(&state, &ctx, &ws, StatusCode::OK, v, FormErrors::default(), None).await;
+    }
+    let input = WorkspaceUpdate {
+        name: Some(v.name.clone()),
+        branding: Some(Branding {
+            display_name: Some(v.display_name.clone()).filter(|s| !s.trim().is_empty()),
+            logo_url: Some(v.logo_url.clone()).filter(|s| !s.is_empty()),
+            accent_color: Some(v.accent_color.clone()).filter(|s| !s.is_empty()),
+        }),
+        allowed_redirects: Some(
+            v.allowed_redirects
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ),
+    };
+    match workspaces::update(&state, &ctx.actor, &ws.scope, &ws.row.id, input).await {
+        Ok(w) => Ok(see_other(&format!("/app/w/{}/branding?notice=branding_saved", w.slug))),
+        Err(e) => {
+            let errors = FormErrors::from_service(e)?;
+            branding_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, v, errors, None).await
+        }
+    }
+}

@@ -1,0 +1,1024 @@
+//! The dashboard under `/app`: sign-in, sessions and their cookies, the sign-in throttle, CSRF,
+//! workspace isolation, forms with invalid values, the link, connection, settings and admin
+//! pages, and the `authlink user` commands.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use reqwest::{Client, Response};
+use serde_json::{Value, json};
+
+use authlink::sandbox::TIKTOK_ACCOUNTS;
+
+use crate::helpers::{TestApp, assert_nowhere, binary};
+use crate::tests;
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
+    tests![
+        sign_in_session_cookie_rotation_and_sign_out,
+        wrong_password_gives_no_hint,
+        sign_in_is_throttled_per_account_and_per_address,
+        missing_or_forged_csrf_is_refused,
+        members_see_only_their_workspaces,
+        invalid_link_form_comes_back_with_errors_and_values,
+        link_created_revoked_and_rotated_through_the_dashboard,
+        expired_session_returns_to_the_page_after_sign_in,
+        next_never_leaves_the_dashboard,
+        password_change,
+        user_commands,
+        members_branding_and_api_keys,
+        connection_pages_and_repair_link,
+        every_page_renders_without_inline_code,
+        webhook_pages,
+    ]
+}
+
+const ADMIN: &str = "admin@example.com";
+const PASSWORD: &str = "correct horse battery staple";
+
+/// Runs the CLI with `stdin` written to its standard input.
+fn cli_stdin(app: &TestApp, args: &[&str], stdin: &str) -> Output {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .current_dir(app.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AUTHLINK_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    cmd.env("AUTHLINK_LOG_FORMAT", "human").env("AUTHLINK_LOG", "warn");
+    let mut child = cmd.spawn().expect("run authlink");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Creates a user through the CLI (password on standard input); returns the user's JSON.
+fn create_user(app: &TestApp, email: &str, admin: bool) -> Value {
+    let mut args = vec!["user", "create", "--email", email, "--json"];
+    if admin {
+        args.push("--admin");
+    }
+    let out = cli_stdin(app, &args, &format!("{PASSWORD}\n"));
+    assert!(out.status.success(), "user create: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A browser: its own cookie jar, redirects not followed.
+fn browser() -> Client {
+    Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build().unwrap()
+}
+
+/// The CSRF token of the first form of a page.
+fn csrf_of(html: &str) -> String {
+    let start = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + "name=\"csrf\" value=\"".len();
+    html[start..].split('"').next().unwrap().to_string()
+}
+
+async fn text(res: Response) -> (u16, String) {
+    let status = res.status().as_u16();
+    (status, res.text().await.unwrap())
+}
+
+fn location(res: &Response) -> String {
+    res.headers().get("location").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+}
+
+fn set_cookies(res: &Response) -> Vec<String> {
+    res.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).collect()
+}
+
+/// Opens the sign-in page and submits it.
+async fn sign_in_with(app: &TestApp, client: &Client, email: &str, password: &str, next: &str) -> Response {
+    let (status, html) = text(client.get(app.url("/app/login")).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{html}");
+    client
+        .post(app.url("/app/login"))
+        .form(&[("csrf", csrf_of(&html).as_str()), ("email", email), ("password", password), ("next", next)])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// A signed-in browser.
+async fn signed_in(app: &TestApp, email: &str) -> Client {
+    let client = browser();
+    let res = sign_in_with(app, &client, email, PASSWORD, "").await;
+    assert_eq!(res.status(), 303, "sign-in failed: {}", res.text().await.unwrap());
+    client
+}
+
+/// GETs a dashboard page, expecting `status`; returns the HTML.
+async fn page(app: &TestApp, client: &Client, path: &str, status: u16) -> String {
+    let (got, html) = text(client.get(app.url(path)).send().await.unwrap()).await;
+    assert_eq!(got, status, "GET {path}: {html}");
+    html
+}
+
+/// Submits a form of the dashboard with the page's CSRF token.
+async fn post(app: &TestApp, client: &Client, csrf: &str, path: &str, fields: &[(&str, &str)]) -> Response {
+    let mut form: Vec<(&str, &str)> = vec![("csrf", csrf)];
+    form.extend_from_slice(fields);
+    client.post(app.url(path)).form(&form).send().await.unwrap()
+}
+
+async fn sign_in_session_cookie_rotation_and_sign_out(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    let client = browser();
+    // Not signed in: to the sign-in page, remembering the page asked for.
+    let res = client.get(app.url("/app/workspaces")).send().await.unwrap();
+    assert_eq!(res.status(), 303);
+    assert_eq!(location(&res), "/app/login?next=%2Fapp%2Fworkspaces");
+    // The sign-in page sets the pre-sign-in cookie its CSRF token is bound to.
+    let res = client.get(app.url("/app/login")).send().await.unwrap();
+    let cookies = set_cookies(&res);
+    assert!(
+        cookies.iter().any(|c| c.starts_with("authlink_login=") && c.contains("HttpOnly")),
+        "{cookies:?}"
+    );
+    let html = res.text().await.unwrap();
+    assert!(html.contains("<label for=\"email\">") && html.contains("<label for=\"password\">"));
+    // Sign in: a session cookie, HttpOnly, SameSite=Lax, Path=/, not Secure on plain http.
+    let res = client
+        .post(app.url("/app/login"))
+        .form(&[("csrf", csrf_of(&html).as_str()), ("email", "Admin@Example.com"), ("password", PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    assert_eq!(location(&res), "/app");
+    let cookies = set_cookies(&res);
+    let session =
+        cookies.iter().find(|c| c.starts_with("authlink_session=")).expect("session cookie").clone();
+    for attr in ["HttpOnly", "SameSite=Lax", "Path=/", "Max-Age=43200"] {
+        assert!(session.contains(attr), "{session}");
+    }
+    assert!(!session.contains("Secure"), "no Secure on plain http: {session}");
+    let token = session["authlink_session=".len()..].split(';').next().unwrap().to_string();
+    assert_eq!(token.len(), 43, "256 bits, base64url");
+    assert_eq!(app.count("sessions").await, 1);
+    // The token is stored only as a hash, and never logged.
+    assert_nowhere(&app, "session token", &token).await;
+    assert_nowhere(&app, "password", PASSWORD).await;
+    let html = page(&app, &client, "/app/workspaces", 200).await;
+    assert!(html.contains(ADMIN));
+    // Signing in again in the same browser makes a new session and ends the old one.
+    let csrf = csrf_of(&html);
+    let res = post(&app, &client, &csrf, "/app/login", &[("email", ADMIN), ("password", PASSWORD)]).await;
+    assert_eq!(res.status(), 303);
+    let second = set_cookies(&res).into_iter().find(|c| c.starts_with("authlink_session=")).unwrap();
+    let token2 = second["authlink_session=".len()..].split(';').next().unwrap().to_string();
+    assert_ne!(token, token2, "a new session id on every sign-in");
+    assert_eq!(app.count("sessions").await, 1, "the previous session ended");
+    let stale = Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let res = stale
+        .get(app.url("/app/workspaces"))
+        .header("cookie", format!("authlink_session={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303, "the old token no longer works");
+    assert!(location(&res).starts_with("/app/login"));
+    // Sign out: the session ends and the cookie is cleared.
+    let html = page(&app, &client, "/app/workspaces", 200).await;
+    let res = post(&app, &client, &csrf_of(&html), "/app/logout", &[]).await;
+    assert_eq!(res.status(), 303);
+    assert_eq!(location(&res), "/app/login?notice=signed_out");
+    assert!(set_cookies(&res).iter().any(|c| c.starts_with("authlink_session=;") && c.contains("Max-Age=0")));
+    assert_eq!(app.count("sessions").await, 0);
+    let res = stale
+        .get(app.url("/app/workspaces"))
+        .header("cookie", format!("authlink_session={token2}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303, "invalid after sign-out");
+    // Sign-in and sign-out are audited.
+    let audit = app.cli_json(&["audit", "list"]);
+    let actions: Vec<&str> =
+        audit.as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    assert!(actions.contains(&"user.signed_in") && actions.contains(&"user.signed_out"), "{actions:?}");
+}
+
+async fn wrong_password_gives_no_hint(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    create_user(&app, "gone@example.com", false);
+    app.cli_json(&["user", "disable", "--email", "gone@example.com"]);
+    let mut bodies = Vec::new();
+    for (email, password) in [
+        (ADMIN, "wrong password, long enough"),
+        ("nobody@example.com", "wrong password, long enough"),
+        ("gone@example.com", PASSWORD),
+    ] {
+        let client = browser();
+        let (status, html) = text(sign_in_with(&app, &client, email, password, "").await).await;
+        assert_eq!(status, 401, "{email}");
+        assert!(html.contains("The email or password is incorrect."), "{html}");
+        assert!(html.contains(&format!("value=\"{email}\"")), "the email is kept");
+        assert!(!html.contains(password), "the password is never echoed");
+        bodies.push(html.replace(email, "EMAIL").replace(&csrf_of(&html), "CSRF"));
+        assert_eq!(app.count("sessions").await, 0);
+    }
+    assert_eq!(bodies[0], bodies[1], "unknown email and wrong password look the same");
+    assert_eq!(bodies[0], bodies[2], "a disabled account looks the same too");
+}
+
+async fn sign_in_is_throttled_per_account_and_per_address(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    create_user(&app, "other@example.com", false);
+    let attempt = |email: &'static str, password: &'static str, ip: &'static str| {
+        let app = &app;
+        async move {
+            let client = browser();
+            let (_, html) = text(client.get(app.url("/app/login")).send().await.unwrap()).await;
+            client
+                .post(app.url("/app/login"))
+                .header("x-forwarded-for", ip)
+                .form(&[("csrf", csrf_of(&html).as_str()), ("email", email), ("password", password)])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // Per account: ten failures, then even the right password is refused for 15 minutes.
+    for _ in 0..10 {
+        assert_eq!(attempt(ADMIN, "not the password at all", "203.0.113.1").await, 401);
+    }
+    assert_eq!(attempt(ADMIN, PASSWORD, "203.0.113.2").await, 429);
+    // Other accounts are not affected.
+    assert_eq!(attempt("other@example.com", PASSWORD, "203.0.113.1").await, 303);
+    // Unknown accounts are throttled the same way (the answer does not tell them apart).
+    for _ in 0..10 {
+        assert_eq!(attempt("ghost@example.com", "not the password at all", "203.0.113.3").await, 401);
+    }
+    assert_eq!(attempt("ghost@example.com", "not the password at all", "203.0.113.3").await, 429);
+    // Per address: 50 failures from one address, spread over many accounts.
+    const NAMES: [&str; 5] =
+        ["a@example.com", "b@example.com", "c@example.com", "d@example.com", "e@example.com"];
+    let mut failures = 10; // the ghost's, from 203.0.113.3
+    'outer: for _ in 0..10 {
+        for name in NAMES {
+            if failures >= 50 {
+                break 'outer;
+            }
+            assert_eq!(attempt(name, "not the password at all", "203.0.113.3").await, 401);
+            failures += 1;
+        }
+    }
+    assert_eq!(attempt("other@example.com", PASSWORD, "203.0.113.3").await, 429, "the address is throttled");
+    assert_eq!(attempt("other@example.com", PASSWORD, "203.0.113.4").await, 303, "other addresses are not");
+    // The failures are kept in the database (they hold across restarts and instances) and
+    // expire after the window.
+    assert!(app.count("login_failures").await >= 60);
+    app.advance_clock(15 * 60 + 1).await;
+    assert_eq!(attempt(ADMIN, PASSWORD, "203.0.113.3").await, 303);
+}
+
+async fn missing_or_forged_csrf_is_refused(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let client = signed_in(&app, ADMIN).await;
+    let other = signed_in(&app, ADMIN).await;
+    let html = page(&app, &client, "/app/w/acme/links/new", 200).await;
+    let csrf = csrf_of(&html);
+    let other_csrf = csrf_of(&page(&app, &other, "/app/w/acme/links/new", 200).await);
+    assert_ne!(csrf, other_csrf);
+    let fields = [("label", "Client"), ("platforms", "tiktok")];
+    // Missing.
+    let res = client.post(app.url("/app/w/acme/links")).form(&fields).send().await.unwrap();
+    let (status, body) = text(res).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("Request refused"), "{body}");
+    // Forged, and another session's token.
+    for bad in ["forged", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", other_csrf.as_str(), ""] {
+        assert_eq!(post(&app, &client, bad, "/app/w/acme/links", &fields).await.status(), 403, "{bad}");
+    }
+    // A valid token from another site.
+    let res = client
+        .post(app.url("/app/w/acme/links"))
+        .header("origin", "https://evil.example")
+        .form(&[("csrf", csrf.as_str()), ("label", "Client"), ("platforms", "tiktok")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(app.count("links").await, 0, "nothing was created");
+    // Sign-out and sign-in are guarded too.
+    assert_eq!(post(&app, &client, "forged", "/app/logout", &[]).await.status(), 403);
+    assert_eq!(app.count("sessions").await, 2);
+    let fresh = browser();
+    let res = fresh
+        .post(app.url("/app/login"))
+        .form(&[("email", ADMIN), ("password", PASSWORD), ("csrf", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403, "login CSRF: a form not rendered for this browser");
+    // With the right token it works.
+    let res = post(&app, &client, &csrf, "/app/w/acme/links", &fields).await;
+    assert_eq!(res.status(), 303);
+    assert_eq!(app.count("links").await, 1);
+}
+
+async fn members_see_only_their_workspaces(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    create_user(&app, "member@example.com", false);
+    app.cli_json(&["workspace", "create", "--name", "Alpha"]);
+    app.cli_json(&["workspace", "create", "--name", "Beta"]);
+    let (beta_link, _) = app.link("beta", "Beta client");
+    let added =
+        app.cli_json(&["user", "add-member", "--email", "member@example.com", "--workspace", "alpha"]);
+    assert_eq!(added["role"], "member");
+    let member = signed_in(&app, "member@example.com").await;
+    // Home goes straight to the only workspace.
+    let res = member.get(app.url("/app")).send().await.unwrap();
+    assert_eq!(location(&res), "/app/w/alpha");
+    let html = page(&app, &member, "/app/w/alpha", 200).await;
+    assert!(html.contains("Alpha"));
+    let html = page(&app, &member, "/app/workspaces", 200).await;
+    assert!(html.contains("Alpha") && !html.contains("Beta"));
+    // Another workspace, and another workspace's objects through one's own: 404.
+    for path in [
+        "/app/w/beta".to_string(),
+        "/app/w/beta/links".to_string(),
+        "/app/w/beta/connections".to_string(),
+        "/app/w/beta/members".to_string(),
+        format!("/app/w/alpha/links/{beta_link}"),
+        format!("/app/w/beta/links/{beta_link}"),
+        format!("/app/w/alpha/links/{beta_link}/qr.svg"),
+        "/app/w/nonexistent".to_string(),
+        "/app/search?q=Beta".to_string(),
+    ] {
+        page(&app, &member, &path, 404).await;
+    }
+    let csrf = csrf_of(&page(&app, &member, "/app/w/alpha", 200).await);
+    let res = post(&app, &member, &csrf, &format!("/app/w/alpha/links/{beta_link}/revoke"), &[]).await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(post(&app, &member, &csrf, "/app/w/beta/links", &[("label", "x")]).await.status(), 404);
+    assert_eq!(app.cli_json(&["link", "show", &beta_link])["status"], "active", "untouched");
+    // A member (not an owner) may not change the workspace's settings.
+    let res = post(&app, &member, &csrf, "/app/w/alpha/members", &[("email", "x@example.com")]).await;
+    assert_eq!(res.status(), 403);
+    let res = post(&app, &member, &csrf, "/app/w/alpha/api-keys", &[("name", "k")]).await;
+    assert_eq!(res.status(), 403);
+    // The admin sees both.
+    let admin = signed_in(&app, ADMIN).await;
+    let html = page(&app, &admin, "/app/workspaces", 200).await;
+    assert!(html.contains("Alpha") && html.contains("Beta"));
+    page(&app, &admin, &format!("/app/w/beta/links/{beta_link}"), 200).await;
+    let html = page(&app, &admin, "/app/search?q=Beta+client", 200).await;
+    assert!(html.contains(&format!("/app/w/beta/links/{beta_link}")), "{html}");
+}
+
+async fn invalid_link_form_comes_back_with_errors_and_values(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let client = signed_in(&app, ADMIN).await;
+    let csrf = csrf_of(&page(&app, &client, "/app/w/acme/links/new", 200).await);
+    let res = post(
+        &app,
+        &client,
+        &csrf,
+        "/app/w/acme/links",
+        &[
+            ("label", "  "),
+            ("client_ref", "ACME-42 <b>"),
+            ("platforms", "tiktok"),
+            ("expires_in", "soon"),
+            ("max_uses", "-3"),
+            ("redirect_url", "https://elsewhere.example/done"),
+            ("hide_connections", "1"),
+        ],
+    )
+    .await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 422, "{html}");
+    for (id, message) in [
+        ("label-error", "must not be empty"),
+        ("expires_in-error", "must be a positive duration"),
+        ("max_uses-error", "must be a positive number"),
+        ("redirect_url-error", "allows no success redirects"),
+    ] {
+        let at = html.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no {id}: {html}"));
+        assert!(html[at..at + 200].contains(message), "{id}: {}", &html[at..at + 200]);
+    }
+    assert!(html.contains("aria-invalid=\"true\""));
+    assert!(html.contains("class=\"error-summary\""));
+    // The values are kept (escaped).
+    assert!(
+        html.contains("value=\"ACME-42 &#60;b&#62;\"") || html.contains("value=\"ACME-42 &lt;b&gt;\""),
+        "{html}"
+    );
+    assert!(!html.contains("<b>"));
+    assert!(html.contains("value=\"soon\"") && html.contains("value=\"-3\""));
+    assert!(html.contains("value=\"https://elsewhere.example/done\""));
+    assert!(html.contains("value=\"tiktok\" checked"), "the ticked platform stays ticked");
+    assert!(!html.contains("value=\"instagram\" checked"));
+    assert!(html.contains("name=\"hide_connections\" value=\"1\" checked"));
+    // A value that is not a number at all.
+    let res =
+        post(&app, &client, &csrf, "/app/w/acme/links", &[("label", "Sunny"), ("max_uses", "lots")]).await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 422);
+    assert!(
+        html.contains("must be a whole number")
+            && html.contains("value=\"lots\"")
+            && html.contains("value=\"Sunny\"")
+    );
+    // No platform ticked.
+    let res = post(&app, &client, &csrf, "/app/w/acme/links", &[("label", "Sunny")]).await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 422);
+    assert!(html.contains("id=\"platforms-error\""), "{html}");
+    assert_eq!(app.count("links").await, 0);
+}
+
+async fn link_created_revoked_and_rotated_through_the_dashboard(app: TestApp) {
+    let admin = create_user(&app, ADMIN, true);
+    app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let client = signed_in(&app, ADMIN).await;
+    let csrf = csrf_of(&page(&app, &client, "/app/w/acme/links/new", 200).await);
+    let res = post(
+        &app,
+        &client,
+        &csrf,
+        "/app/w/acme/links",
+        &[
+            ("label", "Sunny Cafe"),
+            ("client_ref", "C-7"),
+            ("platforms", "tiktok"),
+            ("platforms", "instagram"),
+            ("expires_in", "30d"),
+            ("max_uses", "3"),
+            ("hide_connections", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status(), 303);
+    let to = location(&res);
+    assert!(to.starts_with("/app/w/acme/links/") && to.ends_with("?notice=link_created"), "{to}");
+    let id = to.trim_start_matches("/app/w/acme/links/").split('?').next().unwrap().to_string();
+    let shown = app.cli_json(&["link", "show", &id]);
+    assert_eq!(shown["label"], "Sunny Cafe");
+    assert_eq!(shown["max_uses"], 3);
+    assert_eq!(shown["platforms"], json!(["tiktok", "instagram"]));
+    assert_eq!(shown["hide_connections"], true);
+    assert!(shown["expires_at"].is_string());
+    assert_eq!(shown["created_by"], format!("user:{}", admin["id"].as_str().unwrap()));
+    let url = shown["url"].as_str().unwrap().to_string();
+    // The page shows the URL with a copy button and the QR code, and says it was created.
+    let html = page(&app, &client, &to, 200).await;
+    assert!(html.contains("Link created."));
+    assert!(html.contains(&format!("value=\"{url}\"")));
+    assert!(html.contains("data-copy=\"link-url\""));
+    assert!(html.contains(&format!("/app/w/acme/links/{id}/qr.svg")));
+    let qr = client.get(app.url(&format!("/app/w/acme/links/{id}/qr.svg"))).send().await.unwrap();
+    assert_eq!(qr.status(), 200);
+    assert_eq!(qr.headers()["content-type"], "image/svg+xml");
+    assert_eq!(qr.headers()["cache-control"], "no-store");
+    let svg = qr.text().await.unwrap();
+    assert!(svg.contains("<svg") && svg.contains("<path"));
+    // The link works, and is in the list and the search.
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 200);
+    let html = page(&app, &client, "/app/w/acme/links?q=sunny", 200).await;
+    assert!(html.contains("Sunny Cafe"));
+    let html = page(&app, &client, "/app/w/acme/links?q=nothing-like-it", 200).await;
+    assert!(!html.contains("Sunny Cafe"));
+    // The audit log names the user.
+    let audit = app.cli_json(&["audit", "list", "--action", "link.created"]);
+    assert_eq!(audit[0]["actor_kind"], "user");
+    assert_eq!(audit[0]["actor_id"], admin["id"]);
+    // Rotate: a new URL, the old one is dead.
+    let res = post(&app, &client, &csrf, &format!("/app/w/acme/links/{id}/rotate"), &[]).await;
+    assert_eq!(location(&res), format!("/app/w/acme/links/{id}?notice=link_rotated"));
+    let rotated = app.cli_json(&["link", "show", &id])["url"].as_str().unwrap().to_string();
+    assert_ne!(rotated, url);
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 404);
+    // Revoke: dead at once, and the page says so (no copy button, no QR code).
+    let res = post(&app, &client, &csrf, &format!("/app/w/acme/links/{id}/revoke"), &[]).await;
+    assert_eq!(location(&res), format!("/app/w/acme/links/{id}?notice=link_revoked"));
+    assert_eq!(app.client.get(&rotated).send().await.unwrap().status(), 410);
+    let html = page(&app, &client, &format!("/app/w/acme/links/{id}"), 200).await;
+    assert!(html.contains("Revoked") && !html.contains("qr.svg"));
+    page(&app, &client, &format!("/app/w/acme/links/{id}/qr.svg"), 404).await;
+    // Rotating a revoked link is refused with a page that says why.
+    let (status, html) =
+        text(post(&app, &client, &csrf, &format!("/app/w/acme/links/{id}/rotate"), &[]).await).await;
+    assert_eq!(status, 409);
+    assert!(html.contains("revoked link cannot be rotated"), "{html}");
+}
+
+async fn expired_session_returns_to_the_page_after_sign_in(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let client = signed_in(&app, ADMIN).await;
+    page(&app, &client, "/app/w/acme/links", 200).await;
+    // Idle for 31 minutes: the session has ended.
+    app.advance_clock(31 * 60).await;
+    let res = client.get(app.url("/app/w/acme/links?q=sun")).send().await.unwrap();
+    assert_eq!(res.status(), 303);
+    let to = location(&res);
+    assert_eq!(to, "/app/login?next=%2Fapp%2Fw%2Facme%2Flinks%3Fq%3Dsun&notice=expired");
+    let html = page(&app, &client, &to, 200).await;
+    assert!(html.contains("Your session has ended"));
+    assert!(html.contains("name=\"next\" value=\"/app/w/acme/links?q=sun\""), "{html}");
+    assert_eq!(app.count("sessions").await, 0, "the ended session is deleted");
+    let res = client
+        .post(app.url("/app/login"))
+        .form(&[
+            ("csrf", csrf_of(&html).as_str()),
+            ("email", ADMIN),
+            ("password", PASSWORD),
+            ("next", "/app/w/acme/links?q=sun"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    assert_eq!(location(&res), "/app/w/acme/links?q=sun", "back to the page asked for");
+    // Activity keeps a session alive, but never beyond 12 hours.
+    for _ in 0..28 {
+        app.advance_clock(25 * 60).await;
+        page(&app, &client, "/app/w/acme", 200).await;
+    }
+    app.advance_clock(25 * 60).await; // 12 h 5 min after sign-in
+    let res = client.get(app.url("/app/w/acme")).send().await.unwrap();
+    assert_eq!(res.status(), 303, "absolute timeout");
+}
+
+async fn next_never_leaves_the_dashboard(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    for next in [
+        "//evil.example",
+        "/\\evil.example",
+        "\\\\evil.example",
+        "https://evil.example/app",
+        "/%2F%2Fevil.example",
+        "/app/%2f%2fevil.example",
+        "/app/..//evil.example",
+        "/app/%2e%2e/%2e%2e/evil",
+        "javascript:alert(1)",
+        "/app\r\nLocation: https://evil.example",
+    ] {
+        let client = browser();
+        let res = sign_in_with(&app, &client, ADMIN, PASSWORD, next).await;
+        assert_eq!(res.status(), 303, "{next}");
+        assert_eq!(location(&res), "/app", "{next}");
+        // The sign-in page does not carry it either.
+        let url = format!(
+            "{}/app/login?next={}",
+            app.base,
+            url::form_urlencoded::byte_serialize(next.as_bytes()).collect::<String>()
+        );
+        let anon = browser();
+        let html = anon.get(url).send().await.unwrap().text().await.unwrap();
+        assert!(html.contains("name=\"next\" value=\"\""), "{next}");
+    }
+    let client = browser();
+    let res = sign_in_with(&app, &client, ADMIN, PASSWORD, "/app/account").await;
+    assert_eq!(location(&res), "/app/account");
+}
+
+async fn password_change(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    let client = signed_in(&app, ADMIN).await;
+    let elsewhere = signed_in(&app, ADMIN).await;
+    let csrf = csrf_of(&page(&app, &client, "/app/account", 200).await);
+    let new = "a brand new passphrase";
+    let change = |current: &'static str, new: &'static str, confirm: &'static str| {
+        let (app, client, csrf) = (&app, &client, csrf.clone());
+        async move {
+            let fields =
+                [("current_password", current), ("new_password", new), ("confirm_password", confirm)];
+            text(post(app, client, &csrf, "/app/account/password", &fields).await).await
+        }
+    };
+    let (status, html) =
+        change("wrong current password", "a brand new passphrase", "a brand new passphrase").await;
+    assert_eq!(status, 422);
+    assert!(html.contains("id=\"current_password-error\"") && html.contains("is not your current password"));
+    assert!(!html.contains("a brand new passphrase"), "passwords are never echoed");
+    let (status, html) = change(PASSWORD, "a brand new passphrase", "something else entirely").await;
+    assert_eq!(status, 422);
+    assert!(html.contains("does not match the new password"));
+    let (status, html) = change(PASSWORD, "short", "short").await;
+    assert_eq!(status, 422);
+    assert!(html.contains("at least 12 characters"));
+    let res = post(
+        &app,
+        &client,
+        &csrf,
+        "/app/account/password",
+        &[("current_password", PASSWORD), ("new_password", new), ("confirm_password", new)],
+    )
+    .await;
+    assert_eq!(location(&res), "/app/account?notice=password_changed");
+    // This session goes on; the other one ended.
+    page(&app, &client, "/app/account", 200).await;
+    assert_eq!(elsewhere.get(app.url("/app/account")).send().await.unwrap().status(), 303);
+    // The new password works, the old one not.
+    assert_eq!(sign_in_with(&app, &browser(), ADMIN, PASSWORD, "").await.status(), 401);
+    assert_eq!(sign_in_with(&app, &browser(), ADMIN, new, "").await.status(), 303);
+    assert_nowhere(&app, "new password", new).await;
+}
+
+async fn user_commands(app: TestApp) {
+    let created = create_user(&app, "Ops@Example.com", true);
+    assert_eq!(created["email"], "Ops@Example.com");
+    assert_eq!(created["admin"], true);
+    // Emails are unique case-insensitively.
+    let out = cli_stdin(&app, &["user", "create", "--email", "ops@example.COM"], &format!("{PASSWORD}\n"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    // Too short a password, and none at all.
+    let out = cli_stdin(&app, &["user", "create", "--email", "x@example.com"], "short\n");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 12 characters"));
+    let out = cli_stdin(&app, &["user", "create", "--email", "x@example.com"], "");
+    assert!(!out.status.success());
+    // Never from the command line.
+    let out = app.cli(&["user", "create", "--email", "x@example.com", "--password", PASSWORD]);
+    assert!(!out.status.success());
+    // The hash has the OWASP argon2id parameters.
+    let dump = app.database_dump().await;
+    assert!(dump.contains("$argon2id$v=19$m=19456,t=2,p=1$"));
+    assert_nowhere(&app, "password", PASSWORD).await;
+    // add-member, list, disable.
+    create_user(&app, "ann@example.com", false);
+    app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let m = app.cli_json(&[
+        "user",
+        "add-member",
+        "--email",
+        "ann@example.com",
+        "--workspace",
+        "acme",
+        "--role",
+        "owner",
+    ]);
+    assert_eq!(m["role"], "owner");
+    let out = app.cli(&["user", "add-member", "--email", "nobody@example.com", "--workspace", "acme"]);
+    assert!(!out.status.success());
+    let out = app.cli(&[
+        "user",
+        "add-member",
+        "--email",
+        "ann@example.com",
+        "--workspace",
+        "acme",
+        "--role",
+        "god",
+    ]);
+    assert!(!out.status.success());
+    let list = app.cli_json(&["user", "list"]);
+    let ann = list.as_array().unwrap().iter().find(|u| u["email"] == "ann@example.com").unwrap().clone();
+    assert_eq!(ann["workspaces"][0]["slug"], "acme");
+    assert_eq!(ann["workspaces"][0]["role"], "owner");
+    assert!(ann.get("password_hash").is_none());
+    let human = String::from_utf8(app.cli(&["user", "list"]).stdout).unwrap();
+    assert!(human.contains("ann@example.com") && human.contains("acme (owner)"), "{human}");
+    let client = signed_in(&app, "ann@example.com").await;
+    page(&app, &client, "/app/w/acme", 200).await;
+    let disabled = app.cli_json(&["user", "disable", "--email", "ann@example.com"]);
+    assert_eq!(disabled["disabled"], true);
+    assert_eq!(client.get(app.url("/app/w/acme")).send().await.unwrap().status(), 303, "sessions died");
+    assert_eq!(sign_in_with(&app, &browser(), "ann@example.com", PASSWORD, "").await.status(), 401);
+    // reset-password ends sessions and sets the new password.
+    let ops = signed_in(&app, "ops@example.com").await;
+    let out =
+        cli_stdin(&app, &["user", "reset-password", "--email", "ops@example.com"], "another long password\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ops.get(app.url("/app")).send().await.unwrap().status(), 303);
+    assert_eq!(
+        sign_in_with(&app, &browser(), "ops@example.com", "another long password", "").await.status(),
+        303
+    );
+    // Everything is audited, by the CLI.
+    let audit = app.cli_json(&["audit", "list"]);
+    let cli_actions: Vec<&str> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["actor_kind"] == "cli")
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    for action in ["user.created", "member.added", "user.disabled", "user.password_reset"] {
+        assert!(cli_actions.contains(&action), "{action}: {cli_actions:?}");
+    }
+}
+
+async fn members_branding_and_api_keys(app: TestApp) {
+    create_user(&app, "owner@example.com", false);
+    let w = app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let wid = w["id"].as_str().unwrap();
+    app.cli_json(&[
+        "user",
+        "add-member",
+        "--email",
+        "owner@example.com",
+        "--workspace",
+        "acme",
+        "--role",
+        "owner",
+    ]);
+    let owner = signed_in(&app, "owner@example.com").await;
+    let csrf = csrf_of(&page(&app, &owner, "/app/w/acme/members", 200).await);
+    // A new member with an initial password.
+    let res =
+        post(&app, &owner, &csrf, "/app/w/acme/members", &[("email", "new@example.com"), ("role", "member")])
+            .await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 422);
+    assert!(html.contains("give an initial password") && html.contains("value=\"new@example.com\""));
+    let res = post(
+        &app,
+        &owner,
+        &csrf,
+        "/app/w/acme/members",
+        &[("email", "new@example.com"), ("role", "member"), ("initial_password", "welcome aboard friend")],
+    )
+    .await;
+    assert_eq!(location(&res), "/app/w/acme/members?notice=member_added");
+    let newbie = browser();
+    assert_eq!(
+        sign_in_with(&app, &newbie, "new@example.com", "welcome aboard friend", "").await.status(),
+        303
+    );
+    let html = page(&app, &newbie, "/app/w/acme/members", 200).await;
+    assert!(html.contains("owner@example.com") && !html.contains("Save member"), "members cannot manage");
+    // The last owner cannot be removed.
+    let owner_id = app
+        .cli_json(&["user", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["email"] == "owner@example.com")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let res = post(&app, &owner, &csrf, &format!("/app/w/acme/members/{owner_id}/remove"), &[]).await;
+    assert_eq!(res.status(), 409);
+    // Branding: invalid values come back with errors and the values kept.
+    let res = post(
+        &app,
+        &owner,
+        &csrf,
+        "/app/w/acme/branding",
+        &[
+            ("name", "Acme"),
+            ("display_name", "Acme Social"),
+            ("accent_color", "purple"),
+            ("logo_url", "ftp://logo.example/x.png"),
+            ("allowed_redirects", "https://agency.example/done\nnot a url"),
+            ("action", "save"),
+        ],
+    )
+    .await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 422, "{html}");
+    assert!(html.contains("id=\"accent-error\"") && html.contains("value=\"purple\""));
+    assert!(html.contains("id=\"logo_url-error\"") && html.contains("id=\"redirects-error\""));
+    assert!(html.contains("not a url</textarea>"));
+    // Preview without saving: the preview uses the unsaved colour, from a same-origin stylesheet.
+    let res = post(
+        &app,
+        &owner,
+        &csrf,
+        "/app/w/acme/branding",
+        &[("name", "Acme"), ("display_name", "Glow"), ("accent_color", "#ffd400"), ("action", "preview")],
+    )
+    .await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("/app/preview/ffd400.css") && html.contains("data-preview-label>Glow<"));
+    let css = owner.get(app.url("/app/preview/ffd400.css")).send().await.unwrap().text().await.unwrap();
+    assert!(css.contains("--accent: #ffd400") && css.contains("--accent-text: #000000"));
+    assert_eq!(owner.get(app.url("/app/preview/red;}.css")).send().await.unwrap().status(), 404);
+    assert!(app.cli_json(&["workspace", "show", "acme"])["branding"]["accent_color"].is_null(), "not saved");
+    // Save.
+    let res = post(
+        &app,
+        &owner,
+        &csrf,
+        "/app/w/acme/branding",
+        &[
+            ("name", "Acme"),
+            ("display_name", "Glow"),
+            ("accent_color", "#FFD400"),
+            ("allowed_redirects", "https://agency.example/done"),
+            ("action", "save"),
+        ],
+    )
+    .await;
+    assert_eq!(location(&res), "/app/w/acme/branding?notice=branding_saved");
+    let shown = app.cli_json(&["workspace", "show", "acme"]);
+    assert_eq!(shown["branding"]["display_name"], "Glow");
+    assert_eq!(shown["allowed_redirects"], json!(["https://agency.example/done"]));
+    let css =
+        app.client.get(app.url(&format!("/brand/{wid}.css"))).send().await.unwrap().text().await.unwrap();
+    assert!(css.contains("#ffd400"));
+    // API keys: shown once, then only the prefix; revocable.
+    let res = post(&app, &owner, &csrf, "/app/w/acme/api-keys", &[("name", "reporting")]).await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 201);
+    let pattern = "id=\"new-key\" type=\"text\" readonly value=\"";
+    let start = html.find(pattern).unwrap() + pattern.len();
+    let secret = html[start..].split('"').next().unwrap().to_string();
+    assert!(secret.starts_with("alk_"), "{secret}");
+    app.api_get("/links", &secret, 200).await;
+    let html = page(&app, &owner, "/app/w/acme/api-keys", 200).await;
+    assert!(!html.contains(&secret) && html.contains(&secret[..16]));
+    let key_id =
+        app.cli_json(&["apikey", "list", "--workspace", "acme"])[0]["id"].as_str().unwrap().to_string();
+    let res = post(&app, &owner, &csrf, &format!("/app/w/acme/api-keys/{key_id}/revoke"), &[]).await;
+    assert_eq!(location(&res), "/app/w/acme/api-keys?notice=key_revoked");
+    let res = app.api(reqwest::Method::GET, "/links", &secret).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+}
+
+async fn connection_pages_and_repair_link(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let (link_id, url) = app.link("acme", "Sunny");
+    let client_browser = browser();
+    crate::connect::connect(&client_browser, &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
+    let conn_id =
+        app.cli_json(&["connection", "list", "--workspace", "acme"])[0]["id"].as_str().unwrap().to_string();
+    let admin = signed_in(&app, ADMIN).await;
+    let html = page(&app, &admin, "/app/w/acme", 200).await;
+    assert!(html.contains("No broken connection"));
+    let html = page(&app, &admin, "/app/w/acme/connections", 200).await;
+    assert!(html.contains(&format!("@{}", TIKTOK_ACCOUNTS[0].username)) && html.contains("Connected"));
+    let html = page(&app, &admin, "/app/w/acme/connections?status=broken", 200).await;
+    assert!(!html.contains(TIKTOK_ACCOUNTS[0].username));
+    let html = page(&app, &admin, "/app/w/acme/connections?q=SANDBOX.CREA&platform=tiktok", 200).await;
+    assert!(html.contains(TIKTOK_ACCOUNTS[0].username));
+    let html = page(&app, &admin, "/app/w/acme/connections?platform=instagram", 200).await;
+    assert!(!html.contains(TIKTOK_ACCOUNTS[0].username));
+    let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
+    assert!(html.contains("user.info.basic") && html.contains(TIKTOK_ACCOUNTS[0].display_name));
+    assert!(html.contains(&format!("/app/w/acme/links/{link_id}")));
+    // Break it: the account revokes the app, the health check notices.
+    app.sandbox(&format!("/tiktok/accounts/{}/revoke", TIKTOK_ACCOUNTS[0].open_id), json!({})).await;
+    let out = app.cli(&["connection", "check", &conn_id]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("broken") || !out.status.success());
+    assert_eq!(app.cli_json(&["connection", "show", &conn_id])["status"], "broken");
+    let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
+    assert!(html.contains("Broken: needs reconnecting"));
+    assert!(html.contains(&format!("id=\"repair-url\" type=\"text\" readonly value=\"{url}\"")), "{html}");
+    let html = page(&app, &admin, "/app/w/acme", 200).await;
+    assert!(html.contains("Needs attention") && html.contains(&format!("/app/w/acme/connections/{conn_id}")));
+    // Repair through the same link: active again.
+    crate::connect::connect(&client_browser, &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
+    let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
+    assert!(html.contains("Connected") && !html.contains("repair-url"));
+    // Disconnect.
+    let csrf = csrf_of(&html);
+    let res = post(&app, &admin, &csrf, &format!("/app/w/acme/connections/{conn_id}/disconnect"), &[]).await;
+    assert_eq!(location(&res), format!("/app/w/acme/connections/{conn_id}?notice=disconnected"));
+    assert_eq!(app.cli_json(&["connection", "show", &conn_id])["status"], "disconnected");
+    let audit = app.cli_json(&["audit", "list", "--action", "connection.disconnected"]);
+    assert_eq!(audit[0]["actor_kind"], "user");
+    // The admins' search finds it by handle.
+    let html = page(&app, &admin, "/app/search?q=sandbox.creator", 200).await;
+    assert!(html.contains(&format!("/app/w/acme/connections/{conn_id}")));
+}
+
+async fn every_page_renders_without_inline_code(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let (link_id, _) = app.link("acme", "Sunny");
+    let admin = signed_in(&app, ADMIN).await;
+    let paths = [
+        "/app/login".to_string(),
+        "/app/workspaces".to_string(),
+        "/app/account".to_string(),
+        "/app/search?q=sun".to_string(),
+        "/app/w/acme".to_string(),
+        "/app/w/acme/links".to_string(),
+        "/app/w/acme/links/new".to_string(),
+        format!("/app/w/acme/links/{link_id}"),
+        "/app/w/acme/connections".to_string(),
+        "/app/w/acme/webhooks".to_string(),
+        "/app/w/acme/api-keys".to_string(),
+        "/app/w/acme/members".to_string(),
+        "/app/w/acme/branding".to_string(),
+        "/app/w/acme/audit?action=link.created".to_string(),
+    ];
+    for path in paths {
+        let res = admin.get(app.url(&path)).send().await.unwrap();
+        let status = res.status().as_u16();
+        let h = res.headers().clone();
+        let html = res.text().await.unwrap();
+        if path == "/app/login" {
+            assert_eq!(status, 303, "signed in: away from the sign-in page");
+            continue;
+        }
+        assert_eq!(status, 200, "{path}: {html}");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+        assert_eq!(h["cache-control"], "no-store", "{path}");
+        assert_eq!(h["referrer-policy"], "no-referrer");
+        assert!(
+            !html.contains("<script>") && !html.contains("style=\"") && !html.contains("<style"),
+            "{path}"
+        );
+        assert!(!html.contains(" onclick=") && !html.contains(" onsubmit="), "{path}");
+        for attr in ["src=\"", "href=\""] {
+            for part in html.split(attr).skip(1) {
+                let value = part.split('"').next().unwrap();
+                assert!(value.starts_with('/') || value.starts_with('#'), "{path}: {attr}{value}");
+            }
+        }
+        assert!(html.contains("<h1"), "{path}: a heading");
+        // Every input has a label (or is hidden).
+        for part in html.split("<input").skip(1) {
+            let tag = part.split('>').next().unwrap();
+            if tag.contains("type=\"hidden\"") || tag.contains("type=\"checkbox\"") {
+                continue;
+            }
+            let id = tag
+                .split("id=\"")
+                .nth(1)
+                .map(|s| s.split('"').next().unwrap())
+                .unwrap_or_else(|| panic!("{path}: input without id: {tag}"));
+            assert!(html.contains(&format!("for=\"{id}\"")), "{path}: no label for {id}");
+        }
+    }
+    for asset in ["/app/static/dashboard.css", "/app/static/dashboard.js"] {
+        let res = admin.get(app.url(asset)).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    // The dashboard's 404 for unknown paths under /app.
+    page(&app, &admin, "/app/nothing/here", 404).await;
+}
+
+async fn webhook_pages(app: TestApp) {
+    // Webhook endpoints must be public https addresses, unless private targets are allowed: this
+    // test points one at a closed local port.
+    let app2 =
+        TestApp::spawn_with(app.backend.clone(), &[("AUTHLINK_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "true")])
+            .await;
+    let cleanup = app2.cleanup_handle();
+    let app = app2;
+    create_user(&app, ADMIN, true);
+    app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let (link_id, _) = app.link("acme", "Sunny");
+    let admin = signed_in(&app, ADMIN).await;
+    let csrf = csrf_of(&page(&app, &admin, "/app/w/acme/webhooks", 200).await);
+    // Invalid values come back with errors and the values kept.
+    let res = post(
+        &app,
+        &admin,
+        &csrf,
+        "/app/w/acme/webhooks",
+        &[("url", "not a url"), ("events", "link.revoked")],
+    )
+    .await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 422, "{html}");
+    assert!(html.contains("id=\"url-error\"") && html.contains("value=\"not a url\""));
+    assert!(html.contains("value=\"link.revoked\" checked"));
+    // Created: the secret is shown once.
+    let res = post(
+        &app,
+        &admin,
+        &csrf,
+        "/app/w/acme/webhooks",
+        &[("url", "http://127.0.0.1:9/hook"), ("events", "link.revoked"), ("description", "ops")],
+    )
+    .await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 201, "{html}");
+    let pattern = "id=\"new-secret\" type=\"text\" readonly value=\"";
+    let start = html.find(pattern).unwrap() + pattern.len();
+    let secret = html[start..].split('"').next().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    let html = page(&app, &admin, "/app/w/acme/webhooks", 200).await;
+    assert!(html.contains("http://127.0.0.1:9/hook") && !html.contains(&secret));
+    let endpoint_href =
+        html.split("href=\"/app/w/acme/webhooks/").nth(1).unwrap().split('"').next().unwrap().to_string();
+    // An event: its delivery (failing: nothing listens) is in the log, and can be redelivered.
+    app.cli_json(&["link", "revoke", &link_id]);
+    let path = format!("/app/w/acme/webhooks/{endpoint_href}");
+    let html = page(&app, &admin, &path, 200).await;
+    assert!(html.contains("link.revoked"), "{html}");
+    let delivery =
+        html.split("/app/w/acme/webhooks/deliveries/").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let res =
+        post(&app, &admin, &csrf, &format!("/app/w/acme/webhooks/deliveries/{delivery}/redeliver"), &[])
+            .await;
+    assert_eq!(location(&res), format!("{path}?notice=redelivered"));
+    // Removed.
+    let res = post(&app, &admin, &csrf, &format!("{path}/remove"), &[]).await;
+    assert_eq!(location(&res), "/app/w/acme/webhooks?notice=endpoint_removed");
+    let html = page(&app, &admin, "/app/w/acme/webhooks", 200).await;
+    assert!(!html.contains("http://127.0.0.1:9/hook"));
+    cleanup.run().await;
+}
