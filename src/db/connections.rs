@@ -492,3 +492,35 @@ pub async fn scrub_events(conn: &mut AnyConnection, connection_id: &str) -> DbRe
         .await?;
     Ok(())
 }
+
+/// Writes refreshed tokens by compare-and-set on the token generation, in one statement, and
+/// gives the lease back if `owner` holds it. Returns false when another writer stored newer
+/// tokens meanwhile (nothing is written then).
+pub async fn store_refreshed(
+    conn: &mut AnyConnection,
+    c: &ConnectionRow,
+    expected_generation: i64,
+    owner: &str,
+) -> DbResult<bool> {
+    let done = sqlx::query(
+        "UPDATE connections SET access_token_sealed = $2, access_expires_at = $3, refresh_token_sealed = $4, \
+         refresh_expires_at = $5, token_generation = $6, last_refreshed_at = $7, updated_at = $7, refresh_failures = 0, \
+         expiring_notified_at = NULL, next_refresh_at = $8, \
+         lease_owner = CASE WHEN lease_owner = $9 THEN NULL ELSE lease_owner END, \
+         lease_until = CASE WHEN lease_owner = $9 THEN NULL ELSE lease_until END \
+         WHERE id = $1 AND token_generation = $10",
+    )
+    .bind(&c.id)
+    .bind(&c.access_token_sealed)
+    .bind(c.access_expires_at)
+    .bind(&c.refresh_token_sealed)
+    .bind(c.refresh_expires_at)
+    .bind(c.token_generation)
+    .bind(c.last_refreshed_at)
+    .bind(c.next_refresh_at)
+    .bind(owner)
+    .bind(expected_generation)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

@@ -193,6 +193,17 @@ fn prepare_sqlite_url(url: &str) -> DbResult<String> {
     }
 }
 
+/// Lets the current transaction commit without waiting for the server's disk flush
+/// (PostgreSQL `synchronous_commit = off`; nothing on SQLite, where WAL with
+/// `synchronous = NORMAL` already behaves so). For records that must survive a crash of our
+/// process but not of the database server.
+pub async fn relax_commit(conn: &mut sqlx::AnyConnection, backend: Backend) -> DbResult<()> {
+    if backend == Backend::Postgres {
+        sqlx::query("SET LOCAL synchronous_commit = off").execute(conn).await?;
+    }
+    Ok(())
+}
+
 /// A new time-ordered id.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()

@@ -179,6 +179,9 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
     let attempt_id = new_id();
     let interrupted = {
         let mut tx = app.db.begin_write().await?;
+        // This record only has to survive a crash of this process, not of the database
+        // server, so it need not wait for the server's disk flush.
+        db::relax_commit(&mut tx, app.db.backend()).await?;
         let interrupted = db::connections::close_interrupted_attempts(&mut tx, &row.id, now).await?;
         if interrupted > 0 {
             db::connections::insert_event(
@@ -289,9 +292,7 @@ async fn store_refreshed(
 ) -> ServiceResult<Outcome> {
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
-    let current =
-        db::connections::get(&mut tx, &row.id).await?.ok_or(ServiceError::NotFound("connection"))?;
-    if current.token_generation != generation {
+    if !db::connections::store_refreshed(&mut tx, row, generation, owner).await? {
         // Another writer stored newer tokens (a reconnect meanwhile): ours are older; keep theirs.
         db::connections::finish_attempt(
             &mut tx,
@@ -301,11 +302,12 @@ async fn store_refreshed(
             now,
         )
         .await?;
+        db::connections::release_lease(&mut tx, &row.id, owner).await?;
+        let current =
+            db::connections::get(&mut tx, &row.id).await?.ok_or(ServiceError::NotFound("connection"))?;
         tx.commit().await?;
         return Ok(Outcome::Current(Box::new(current)));
     }
-    db::connections::update(&mut tx, row).await?;
-    db::connections::release_lease(&mut tx, &row.id, owner).await?;
     db::connections::finish_attempt(&mut tx, attempt_id, "succeeded", None, now).await?;
     db::connections::insert_event(&mut tx, &connections::event(row, "refreshed", None, now)).await?;
     if previous_failures >= REFRESH_FAILED_THRESHOLD {
