@@ -76,11 +76,15 @@ pub fn router(state: AppState) -> Router {
                 })
                 .on_request(())
                 .on_response(|res: &Response, latency: Duration, _span: &tracing::Span| {
-                    tracing::info!(
-                        status = res.status().as_u16(),
-                        latency_ms = latency.as_secs_f64() * 1000.0,
-                        "request finished"
-                    );
+                    // Successful requests at debug (an access log line costs more than a link
+                    // page itself); failures always at info.
+                    let status = res.status().as_u16();
+                    let latency_ms = latency.as_secs_f64() * 1000.0;
+                    if status >= 400 {
+                        tracing::info!(status, latency_ms, "request finished");
+                    } else {
+                        tracing::debug!(status, latency_ms, "request finished");
+                    }
                 }),
         )
 }
