@@ -1,13 +1,15 @@
-//! Read-only queries behind the dashboard pages: the overview's counts and the connection list
-//! with its filters and handle search.
+//! Read-only queries behind the dashboard pages: the overview's counts (from the counters that
+//! triggers keep, see [`CONNECTION_COUNTS_SQL`]) and the connection list with its filters and
+//! handle search.
 //!
 //! The list reads only the columns a listing shows, into its own row type, so that columns added
-//! to `connections` for other features do not concern it. Every query is keyset-paginated on the
-//! time-ordered id and served by the `(workspace_id, …, id)` indexes.
+//! to `connections` for other features do not concern it. Every query is keyset-paginated and
+//! served by an index in the order of the page: newest first on the time-ordered id, and a
+//! handle search (by the start of the handle) in handle order; see [`connections_sql`].
 
 use sqlx::AnyConnection;
 
-use super::DbResult;
+use super::{Backend, DbResult};
 
 /// How many connections of a workspace have one (provider, status) pair.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -20,15 +22,15 @@ pub struct StatusCount {
     pub n: i64,
 }
 
+/// The statement of [`connection_counts`] (`$1`: the workspace). It reads the counters that
+/// triggers keep in step with `connections` (migration 0006): a handful of rows, however many
+/// connections the workspace has, where counting them would read one index entry each.
+pub const CONNECTION_COUNTS_SQL: &str =
+    "SELECT provider, status, n FROM connection_counts WHERE workspace_id = $1 ORDER BY provider, status";
+
 /// Connections of a workspace grouped by provider and status.
 pub async fn connection_counts(conn: &mut AnyConnection, workspace_id: &str) -> DbResult<Vec<StatusCount>> {
-    Ok(sqlx::query_as(
-        "SELECT provider, status, COUNT(*) AS n FROM connections WHERE workspace_id = $1 \
-         GROUP BY provider, status ORDER BY provider, status",
-    )
-    .bind(workspace_id)
-    .fetch_all(conn)
-    .await?)
+    Ok(sqlx::query_as(CONNECTION_COUNTS_SQL).bind(workspace_id).fetch_all(conn).await?)
 }
 
 /// Links of a workspace that are not revoked.
@@ -81,26 +83,66 @@ pub struct ConnectionSearch<'a> {
     pub status: Option<&'a str>,
     /// Only this provider.
     pub provider: Option<&'a str>,
-    /// Case-insensitive substring of the handle or display name, or the exact account id.
+    /// Only handles that start with this text (see [`handle_prefix`]). A search lists its
+    /// results in the order of the handle rather than newest first.
     pub search: Option<&'a str>,
-    /// Connections older than this id (the cursor).
-    pub before: Option<&'a str>,
+    /// The cursor: the id of the last connection of the previous page. Newest first, the page
+    /// holds older connections; with a search, the connections after it in handle order.
+    pub cursor: Option<&'a str>,
 }
 
-/// Escapes `s` for a `LIKE … ESCAPE '\'` pattern and wraps it in `%`.
-pub fn like_pattern(s: &str) -> String {
-    let escaped = s.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
-    format!("%{escaped}%")
+/// What a handle search looks for: the text without a leading `@`, lower-cased, or `None` when
+/// nothing is left. Only ASCII letters are folded, as SQLite's `lower()` does; TikTok and
+/// Instagram handles are ASCII.
+pub fn handle_prefix(search: &str) -> Option<String> {
+    let prefix = search.trim().trim_start_matches('@').trim().to_ascii_lowercase();
+    (!prefix.is_empty()).then_some(prefix)
 }
 
-/// Newest first, one page. Only the filters given become conditions (rather than
-/// `($1 IS NULL OR …)`), so that both engines can walk the `(workspace_id, status, id)` and
-/// `(workspace_id, provider, id)` indexes in id order and stop after one page.
-pub async fn connections(
-    conn: &mut AnyConnection,
+/// The least string that is greater than every string starting with `prefix`, in code point
+/// (= UTF-8 byte) order; `None` when there is none (the prefix is all `char::MAX`).
+fn prefix_upper_bound(prefix: &str) -> Option<String> {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last as u32 + 1 {
+            0xD800 => 0xE000,
+            n => n,
+        };
+        if let Some(c) = char::from_u32(next) {
+            chars.push(c);
+            return Some(chars.into_iter().collect());
+        }
+    }
+    None
+}
+
+/// The lower-cased handle in byte order. On SQLite `lower(username)` compares bytewise
+/// (`BINARY`); on PostgreSQL the database's collation may be a linguistic one, under which a
+/// prefix is not a range, so the expression (and its indexes) use the `C` collation.
+fn handle_key(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "lower(username)",
+        Backend::Postgres => "lower(username) COLLATE \"C\"",
+    }
+}
+
+/// The statement of [`connections`] and its text parameters (the page size is bound after
+/// them); public so that the dashboard benchmark can show the plan of the exact statement.
+/// `cursor_handle` is the lower-cased handle of the cursor's connection, for a search.
+///
+/// Only the filters given become conditions (rather than `($1 IS NULL OR …)`), so that each
+/// query can walk one index in the order of the page and stop after one page:
+/// - newest first: `(workspace_id, id)`, `(workspace_id, status, id)` or
+///   `(workspace_id, provider, id)`, backwards from the cursor;
+/// - a handle search: the range of handles that start with the text in
+///   `(workspace_id, lower(username), id)` (for the admins' search across workspaces,
+///   `(lower(username), id)`), forwards from the cursor. Ordering a search newest first
+///   instead would make the engine read and sort every match of a short prefix.
+pub fn connections_sql(
+    backend: Backend,
     f: &ConnectionSearch<'_>,
-    limit: i64,
-) -> DbResult<Vec<ConnectionItem>> {
+    cursor_handle: Option<&str>,
+) -> (String, Vec<String>) {
     let mut sql = String::from(
         "SELECT id, workspace_id, link_id, provider, provider_account_id, username, display_name, status, \
          status_reason, sandbox, connected_at, access_expires_at, updated_at FROM connections WHERE 1 = 1",
@@ -119,21 +161,116 @@ pub async fn connections(
     if let Some(p) = f.provider {
         sql.push_str(&format!(" AND provider = {}", placeholder(p.to_string())));
     }
-    if let Some(search) = f.search {
-        let pattern = placeholder(like_pattern(search));
-        let exact = placeholder(search.to_string());
-        sql.push_str(&format!(
-            " AND (LOWER(COALESCE(username, '')) LIKE {pattern} ESCAPE '\\' \
-             OR LOWER(COALESCE(display_name, '')) LIKE {pattern} ESCAPE '\\' OR provider_account_id = {exact})"
-        ));
-    }
-    if let Some(b) = f.before {
-        sql.push_str(&format!(" AND id < {}", placeholder(b.to_string())));
-    }
-    sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", params.len() + 1));
+    let order = match f.search.and_then(handle_prefix) {
+        Some(prefix) => {
+            let key = handle_key(backend);
+            let upper = prefix_upper_bound(&prefix);
+            let cursor = f.cursor.zip(cursor_handle);
+            // Start at the cursor's handle when it is past the prefix (it normally is).
+            let lower = match cursor {
+                Some((_, h)) if h > prefix.as_str() => h.to_string(),
+                _ => prefix,
+            };
+            sql.push_str(&format!(" AND {key} >= {}", placeholder(lower)));
+            if let Some(upper) = upper {
+                sql.push_str(&format!(" AND {key} < {}", placeholder(upper)));
+            }
+            if let Some((id, h)) = cursor {
+                let h = placeholder(h.to_string());
+                let id = placeholder(id.to_string());
+                sql.push_str(&format!(" AND ({key} > {h} OR id > {id})"));
+            }
+            format!("{key}, id")
+        }
+        None => {
+            if let Some(b) = f.cursor {
+                sql.push_str(&format!(" AND id < {}", placeholder(b.to_string())));
+            }
+            "id DESC".to_string()
+        }
+    };
+    let limit = params.len() + 1;
+    sql.push_str(&format!(" ORDER BY {order} LIMIT ${limit}"));
+    (sql, params)
+}
+
+/// One page of connections: newest first, or, with a search, in handle order.
+pub async fn connections(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    f: &ConnectionSearch<'_>,
+    limit: i64,
+) -> DbResult<Vec<ConnectionItem>> {
+    let searching = f.search.and_then(handle_prefix).is_some();
+    // A search page continues after the cursor's handle; a cursor that names no connection
+    // with a handle (an edited URL) starts from the first result.
+    let cursor_handle = match f.cursor {
+        Some(id) if searching => {
+            let row: Option<(Option<String>,)> =
+                sqlx::query_as(&format!("SELECT {} FROM connections WHERE id = $1", handle_key(backend)))
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            row.and_then(|(h,)| h)
+        }
+        _ => None,
+    };
+    let (sql, params) = connections_sql(backend, f, cursor_handle.as_deref());
     let mut query = sqlx::query_as(&sql);
     for p in params {
         query = query.bind(p);
     }
     Ok(query.bind(limit).fetch_all(conn).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handle_prefix_ignores_the_at_sign_and_case() {
+        assert_eq!(handle_prefix("  @Sunny.Cafe "), Some("sunny.cafe".into()));
+        assert_eq!(handle_prefix("SANDBOX.CREA"), Some("sandbox.crea".into()));
+        assert_eq!(handle_prefix("@"), None);
+        assert_eq!(handle_prefix("   "), None);
+    }
+
+    #[test]
+    fn upper_bound_is_the_next_prefix() {
+        assert_eq!(prefix_upper_bound("sun").as_deref(), Some("suo"));
+        assert_eq!(prefix_upper_bound("a_").as_deref(), Some("a`"));
+        assert_eq!(prefix_upper_bound("z\u{D7FF}").as_deref(), Some("z\u{E000}"));
+        assert_eq!(prefix_upper_bound("y\u{10FFFF}").as_deref(), Some("z"));
+        assert_eq!(prefix_upper_bound("\u{10FFFF}"), None);
+        for s in ["sun", "sunny", "sun.z", "sun\u{10FFFF}x"] {
+            assert!(("sun".."suo").contains(&s), "{s}");
+        }
+        for s in ["su", "sum.z", "suo", "suoa"] {
+            assert!(!("sun".."suo").contains(&s), "{s}");
+        }
+    }
+
+    #[test]
+    fn a_search_pages_in_handle_order_from_the_cursor() {
+        let f = ConnectionSearch {
+            workspace_id: Some("w"),
+            search: Some("@Sun"),
+            cursor: Some("c"),
+            ..Default::default()
+        };
+        let (sql, params) = connections_sql(Backend::Sqlite, &f, Some("sunny.cafe"));
+        assert!(sql.ends_with(
+            "workspace_id = $1 AND lower(username) >= $2 AND lower(username) < $3 \
+             AND (lower(username) > $4 OR id > $5) ORDER BY lower(username), id LIMIT $6"
+        ));
+        assert_eq!(params, ["w", "sunny.cafe", "suo", "sunny.cafe", "c"]);
+        let (sql, _) = connections_sql(Backend::Postgres, &f, None);
+        assert!(sql.ends_with(
+            "lower(username) COLLATE \"C\" >= $2 AND lower(username) COLLATE \"C\" < $3 \
+             ORDER BY lower(username) COLLATE \"C\", id LIMIT $4"
+        ));
+        let newest = ConnectionSearch { workspace_id: Some("w"), cursor: Some("c"), ..Default::default() };
+        let (sql, _) = connections_sql(Backend::Sqlite, &newest, None);
+        assert!(sql.ends_with("workspace_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"));
+    }
 }

@@ -28,6 +28,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         user_commands,
         members_branding_and_api_keys,
         connection_pages_and_repair_link,
+        overview_counts_follow_every_change,
+        handle_search_pages_in_handle_order,
         every_page_renders_without_inline_code,
         webhook_pages,
     ]
@@ -888,6 +890,170 @@ async fn connection_pages_and_repair_link(app: TestApp) {
     // The admins' search finds it by handle.
     let html = page(&app, &admin, "/app/search?q=sandbox.creator", 200).await;
     assert!(html.contains(&format!("/app/w/acme/connections/{conn_id}")));
+}
+
+/// The counters behind the overview (`connection_counts`, kept by triggers) against counting the
+/// rows, on one database connection of the test's own.
+async fn assert_counts_agree(conn: &mut sqlx::AnyConnection, step: &str) {
+    type Count = (String, String, String, i64);
+    let counted: Vec<Count> = sqlx::query_as(
+        "SELECT workspace_id, provider, status, COUNT(*) FROM connections GROUP BY workspace_id, provider, status \
+         ORDER BY workspace_id, provider, status",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let kept: Vec<Count> = sqlx::query_as(
+        "SELECT workspace_id, provider, status, n FROM connection_counts WHERE n <> 0 \
+         ORDER BY workspace_id, provider, status",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(counted, kept, "after {step}");
+}
+
+async fn overview_counts_follow_every_change(app: TestApp) {
+    use sqlx::Connection;
+    create_user(&app, ADMIN, true);
+    let acme = app.cli_json(&["workspace", "create", "--name", "Acme"])["id"].as_str().unwrap().to_string();
+    let beta = app.cli_json(&["workspace", "create", "--name", "Beta"])["id"].as_str().unwrap().to_string();
+    let (_, url) = app.link("acme", "Sunny");
+    let admin = signed_in(&app, ADMIN).await;
+    let stat = |html: &str, what: &str| {
+        let end = html.find(&format!("</span> {what}</li>")).unwrap_or_else(|| panic!("no {what} in {html}"));
+        html[..end].rsplit('>').next().unwrap().parse::<i64>().unwrap()
+    };
+    let html = page(&app, &admin, "/app/w/acme", 200).await;
+    assert_eq!((stat(&html, "connected"), stat(&html, "broken")), (0, 0));
+    // Through the application: a client connects.
+    crate::connect::connect(&browser(), &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
+    let html = page(&app, &admin, "/app/w/acme", 200).await;
+    assert_eq!(stat(&html, "connected"), 1);
+    // Through SQL: a multi-row insert, status changes one and several at a time, an update that
+    // changes no status, a move to another workspace, deletes.
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&app.db_url).await.unwrap();
+    assert_counts_agree(&mut conn, "the connect flow").await;
+    let rows: Vec<String> = (0..5)
+        .map(|i| {
+            let (provider, status) = [("tiktok", "active"), ("instagram", "broken")][i % 2];
+            format!(
+                "('{}', '{acme}', '{provider}', 'acct-{i}', 'user.info.basic', '{status}', 1, 1, 1)",
+                uuid::Uuid::now_v7()
+            )
+        })
+        .collect();
+    sqlx::query(&format!(
+        "INSERT INTO connections (id, workspace_id, provider, provider_account_id, scopes, status, connected_at, \
+         created_at, updated_at) VALUES {}",
+        rows.join(", ")
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_counts_agree(&mut conn, "a multi-row insert").await;
+    let html = page(&app, &admin, "/app/w/acme", 200).await;
+    assert_eq!((stat(&html, "connected"), stat(&html, "broken")), (4, 2));
+    let steps = [
+        (
+            "one status change",
+            "UPDATE connections SET status = 'disconnected' WHERE provider_account_id = 'acct-0'",
+        ),
+        ("several status changes", "UPDATE connections SET status = 'active' WHERE status = 'broken'"),
+        ("no status change", "UPDATE connections SET status = status, updated_at = 2"),
+        ("a move", "UPDATE connections SET workspace_id = '{beta}' WHERE provider_account_id = 'acct-1'"),
+        (
+            "a change of platform",
+            "UPDATE connections SET provider = 'instagram' WHERE provider_account_id = 'acct-2'",
+        ),
+        ("a delete", "DELETE FROM connections WHERE provider_account_id IN ('acct-3', 'acct-4')"),
+    ];
+    for (step, sql) in steps {
+        sqlx::query(&sql.replace("{beta}", &beta)).execute(&mut conn).await.unwrap();
+        assert_counts_agree(&mut conn, step).await;
+    }
+    let html = page(&app, &admin, "/app/w/acme", 200).await;
+    assert_eq!((stat(&html, "connected"), stat(&html, "broken"), stat(&html, "disconnected")), (2, 0, 1));
+    let html = page(&app, &admin, "/app/w/beta", 200).await;
+    assert_eq!(stat(&html, "connected"), 1);
+    conn.close().await.unwrap();
+}
+
+async fn handle_search_pages_in_handle_order(app: TestApp) {
+    use sqlx::Connection;
+    create_user(&app, ADMIN, true);
+    let acme = app.cli_json(&["workspace", "create", "--name", "Acme"])["id"].as_str().unwrap().to_string();
+    let admin = signed_in(&app, ADMIN).await;
+    // sun.00 … sun.29 on TikTok, the same handle as sun.24 (in capitals) on Instagram, and
+    // handles that do not start with "sun.".
+    let mut handles: Vec<(&str, String)> = (0..30).map(|i| ("tiktok", format!("sun.{i:02}"))).collect();
+    handles.push(("instagram", "SUN.24".into()));
+    handles.extend([
+        ("tiktok", "sunday".to_string()),
+        ("tiktok", "xsun.1".into()),
+        ("instagram", "moon".into()),
+    ]);
+    let rows: Vec<String> = handles
+        .iter()
+        .enumerate()
+        .map(|(i, (provider, h))| {
+            format!(
+                "('{}', '{acme}', '{provider}', 'acct-{i}', '{h}', 'user.info.basic', 'active', 1, 1, 1)",
+                uuid::Uuid::now_v7()
+            )
+        })
+        .collect();
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&app.db_url).await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO connections (id, workspace_id, provider, provider_account_id, username, scopes, status, \
+         connected_at, created_at, updated_at) VALUES {}",
+        rows.join(", ")
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let listed = |html: &str| -> Vec<(String, String)> {
+        html.split("<a class=\"item-title\" href=\"/app/w/acme/connections/")
+            .skip(1)
+            .map(|s| {
+                let (id, rest) = s.split_once("\">").unwrap();
+                (rest.split_once('<').unwrap().0.to_lowercase(), id.to_string())
+            })
+            .collect()
+    };
+    let first = page(&app, &admin, "/app/w/acme/connections?q=%40Sun.", 200).await;
+    assert!(first.contains("Search by the start of the handle"));
+    let one = listed(&first);
+    assert_eq!(one.len(), 25, "{first}");
+    assert_eq!(one[0].0, "@sun.00");
+    assert_eq!(one[24].0, "@sun.24");
+    let more = {
+        let end = first.find("\">More results</a>").expect("a link to more results");
+        let start = first[..end].rfind("href=\"").unwrap() + "href=\"".len();
+        first[start..end].replace("&amp;", "&").replace("&#38;", "&")
+    };
+    assert!(more.contains("after=") && !more.contains("before="), "{more}");
+    let second = page(&app, &admin, &more, 200).await;
+    assert!(second.contains(">First results</a>") && !second.contains(">More results</a>"));
+    let two = listed(&second);
+    assert_eq!(
+        two.iter().map(|(h, _)| h.as_str()).collect::<Vec<_>>(),
+        ["@sun.24", "@sun.25", "@sun.26", "@sun.27", "@sun.28", "@sun.29"]
+    );
+    // Every match once, none of the others.
+    let mut ids: Vec<&str> = one.iter().chain(&two).map(|(_, id)| id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 31);
+    assert!(!first.contains("@sunday") && !second.contains("@sunday") && !second.contains("@xsun.1"));
+    // The plain list is still newest first, and a search with a filter keeps it.
+    let html = page(&app, &admin, "/app/w/acme/connections", 200).await;
+    assert_eq!(listed(&html)[0].0, "@moon");
+    let html = page(&app, &admin, "/app/w/acme/connections?q=sun.2&platform=instagram", 200).await;
+    assert_eq!(listed(&html).len(), 1);
 }
 
 async fn every_page_renders_without_inline_code(app: TestApp) {

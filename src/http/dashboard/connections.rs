@@ -1,5 +1,5 @@
-//! Connection pages: the list (filter by status and platform, search by handle, keyset
-//! pagination), the detail page (profile, scopes, token expiry, status reason, history, the
+//! Connection pages: the list (filter by status and platform, search by the start of the handle,
+//! keyset pagination), the detail page (profile, scopes, token expiry, status reason, history, the
 //! repair link) and disconnecting.
 
 use askama::Template;
@@ -88,6 +88,8 @@ struct ListPage {
     l: Layout,
     slug: String,
     q: String,
+    /// Whether the page lists the results of a handle search (in handle order).
+    searching: bool,
     status: String,
     platforms: Vec<PlatformOption>,
     rows: Vec<ConnRow>,
@@ -106,17 +108,20 @@ pub async fn list(
     let status = q.status.as_deref().filter(|s| matches!(*s, "active" | "broken" | "disconnected"));
     let platform = q.platform.as_deref().and_then(|p| p.parse::<Platform>().ok()).map(Platform::as_str);
     let search = q.search();
-    let before = q.cursor();
+    // A handle search pages in handle order (`after`), the plain list newest first (`before`).
+    let searching = search.as_deref().and_then(db::dashboard::handle_prefix).is_some();
+    let (cursor_param, cursor) = if searching { ("after", q.after_cursor()) } else { ("before", q.cursor()) };
     let mut items = {
         let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
         db::dashboard::connections(
             &mut conn,
+            state.db.backend(),
             &ConnectionSearch {
                 workspace_id: Some(&ws.row.id),
                 status,
                 provider: platform,
                 search: search.as_deref(),
-                before: before.as_deref(),
+                cursor: cursor.as_deref(),
             },
             PAGE_SIZE + 1,
         )
@@ -128,14 +133,15 @@ pub async fn list(
     let filters = [("q", search.as_deref()), ("status", status), ("platform", platform)];
     let next_page = more.then(|| items.last().map(|c| c.id.clone())).flatten().map(|id| {
         let mut pairs = filters.to_vec();
-        pairs.push(("before", Some(&id)));
+        pairs.push((cursor_param, Some(&id)));
         format!("{base}{}", query_string(&pairs))
     });
-    let first_page = before.is_some().then(|| format!("{base}{}", query_string(&filters)));
+    let first_page = cursor.is_some().then(|| format!("{base}{}", query_string(&filters)));
     let page = ListPage {
         l: layout(&state, &ctx, Some(&ws), "connections", q.notice.as_deref()).await?,
         slug: ws.row.slug.clone(),
         q: search.clone().unwrap_or_default(),
+        searching,
         status: status.unwrap_or_default().to_string(),
         platforms: Platform::ALL
             .iter()

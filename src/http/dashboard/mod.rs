@@ -713,6 +713,9 @@ pub struct ListParams {
     /// The keyset cursor: rows older than this id.
     #[serde(default)]
     pub before: Option<String>,
+    /// The keyset cursor of a handle search: rows after this one in handle order.
+    #[serde(default)]
+    pub after: Option<String>,
     /// A status filter.
     #[serde(default)]
     pub status: Option<String>,
@@ -734,6 +737,11 @@ impl ListParams {
     /// The cursor, if it is one of our ids.
     pub fn cursor(&self) -> Option<String> {
         self.before.clone().filter(|b| db::is_id(b))
+    }
+
+    /// The cursor of a handle search, if it is one of our ids.
+    pub fn after_cursor(&self) -> Option<String> {
+        self.after.clone().filter(|a| db::is_id(a))
     }
 
     /// The search text, trimmed, at most 200 characters.

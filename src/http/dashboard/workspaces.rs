@@ -251,6 +251,7 @@ pub async fn overview(
         let links_active = db::dashboard::unrevoked_link_count(&mut conn, &ws.row.id).await?;
         let broken = db::dashboard::connections(
             &mut conn,
+            state.db.backend(),
             &db::dashboard::ConnectionSearch {
                 workspace_id: Some(&ws.row.id),
                 status: Some("broken"),
@@ -412,7 +413,7 @@ struct SearchPage {
 }
 
 /// `GET /app/search?q=`: platform admins search links (label, client reference) and connections
-/// (handle, display name, account id) across every workspace.
+/// (the start of the handle) across every workspace.
 pub async fn search(State(state): State<AppState>, ctx: Ctx, Query(q): Query<ListParams>) -> DashResult {
     if !ctx.is_admin() {
         return Err(DashError::NotFound);
@@ -437,6 +438,7 @@ pub async fn search(State(state): State<AppState>, ctx: Ctx, Query(q): Query<Lis
             let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
             db::dashboard::connections(
                 &mut conn,
+                state.db.backend(),
                 &db::dashboard::ConnectionSearch { search: Some(text), ..Default::default() },
                 PAGE_SIZE,
             )
