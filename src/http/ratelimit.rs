@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -53,25 +53,31 @@ impl LinkLimiter {
     }
 }
 
-/// The client's address (see the module documentation).
-pub fn client_ip(req: &Request) -> Option<IpAddr> {
-    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip())?;
-    let behind_proxy = match peer {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
-        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
-    };
-    if behind_proxy {
-        let forwarded = req
-            .headers()
+/// The client's address (see the module documentation), from a request's headers and
+/// extensions; shared with the dashboard's login throttling.
+pub fn client_ip_of(headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
+    let peer = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let forwarded = || {
+        headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.rsplit(',').next())
-            .and_then(|v| v.trim().parse::<IpAddr>().ok());
-        if let Some(ip) = forwarded {
-            return Some(ip);
-        }
+            .and_then(|v| v.trim().parse::<IpAddr>().ok())
+    };
+    let behind_proxy = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unique_local(),
+    };
+    match peer {
+        Some(ip) if behind_proxy(ip) => Some(forwarded().unwrap_or(ip)),
+        Some(ip) => Some(ip),
+        None => forwarded(),
     }
-    Some(peer)
+}
+
+/// The client's address of a request.
+pub fn client_ip(req: &Request) -> Option<IpAddr> {
+    client_ip_of(req.headers(), req.extensions())
 }
 
 /// Middleware for the link pages.

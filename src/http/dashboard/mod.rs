@@ -32,13 +32,12 @@ mod webhooks;
 /// Workspace switcher, overview, audit log, and the admins' pages.
 mod workspaces;
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use askama::Template;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, FromRequestParts, OriginalUri, Request, State};
+use axum::extract::{FromRequestParts, OriginalUri, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -161,24 +160,8 @@ fn csrf_matches(token: &str, presented: &str) -> bool {
 /// (a reverse proxy on the same host or network), the last address in `X-Forwarded-For` (the
 /// one that proxy saw). A client talking to us directly from a public address cannot choose it.
 fn client_ip(parts: &Parts) -> String {
-    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let forwarded = || {
-        parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|v| v.trim().parse::<IpAddr>().ok())
-    };
-    let behind_proxy = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unique_local(),
-    };
-    match peer {
-        Some(ip) if behind_proxy(ip) => forwarded().unwrap_or(ip).to_string(),
-        Some(ip) => ip.to_string(),
-        None => forwarded().map(|ip| ip.to_string()).unwrap_or_else(|| "unknown".into()),
-    }
+    crate::http::ratelimit::client_ip_of(&parts.headers, &parts.extensions)
+        .map_or_else(|| "unknown".into(), |ip| ip.to_string())
 }
 
 /// Whether a POST comes from our own pages. Browsers send `Sec-Fetch-Site`, which pages cannot

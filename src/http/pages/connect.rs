@@ -51,6 +51,15 @@ fn read_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| links::token_well_formed(v))
 }
 
+/// Whether the request carries the browser-binding cookie whose hash is `expected_hash`.
+fn same_browser(state: &AppState, headers: &HeaderMap, expected_hash: &str) -> bool {
+    read_cookie(headers, cookie_name(state))
+        .map(|v| {
+            crypto::constant_time_eq(crypto::sha256_hex(v.as_bytes()).as_bytes(), expected_hash.as_bytes())
+        })
+        .unwrap_or(false)
+}
+
 fn set_cookie(state: &AppState, value: &str) -> HeaderValue {
     let secure = if state.config.is_https() { "; Secure" } else { "" };
     let cookie =
@@ -369,14 +378,7 @@ pub async fn oauth_callback(
         // Neither provider sends `iss`; one that does is not the provider we talk to.
         return failure_response(Failure::WrongProvider, platform, try_again);
     }
-    let browser_ok = read_cookie(&headers, cookie_name(&state))
-        .map(|v| {
-            crypto::constant_time_eq(
-                crypto::sha256_hex(v.as_bytes()).as_bytes(),
-                flow.browser_hash.as_bytes(),
-            )
-        })
-        .unwrap_or(false);
+    let browser_ok = same_browser(&state, &headers, &flow.browser_hash);
     if !browser_ok {
         return failure_response(Failure::OtherBrowser, platform, try_again);
     }
@@ -587,14 +589,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     }
     let mut conn = state.db.pool().acquire().await?;
     let Some(flow) = db::oauth_flows::get(&mut conn, attempt).await? else { return Ok(not_found()) };
-    let browser_ok = read_cookie(headers, cookie_name(state))
-        .map(|v| {
-            crypto::constant_time_eq(
-                crypto::sha256_hex(v.as_bytes()).as_bytes(),
-                flow.browser_hash.as_bytes(),
-            )
-        })
-        .unwrap_or(false);
+    let browser_ok = same_browser(state, headers, &flow.browser_hash);
     if !browser_ok || flow.outcome.is_none() {
         return Ok(not_found());
     }
@@ -707,14 +702,7 @@ pub async fn show_avatar(
     }
     .await;
     let Ok(Some((flow, connection))) = found else { return not_found() };
-    let browser_ok = read_cookie(&headers, cookie_name(&state))
-        .map(|v| {
-            crypto::constant_time_eq(
-                crypto::sha256_hex(v.as_bytes()).as_bytes(),
-                flow.browser_hash.as_bytes(),
-            )
-        })
-        .unwrap_or(false);
+    let browser_ok = same_browser(&state, &headers, &flow.browser_hash);
     let Some(avatar) = connection.avatar_url.filter(|_| browser_ok) else { return not_found() };
     let Ok(url) = url::Url::parse(&avatar) else { return not_found() };
     let sandbox_avatar = url.as_str().starts_with(&state.config.public("/sandbox/"));
