@@ -220,6 +220,11 @@ impl Server {
         let (tx, rx) = mpsc::channel();
         let log = Arc::new(Mutex::new(LogTally::default()));
         let tally = Arc::clone(&log);
+        // `BENCH_KEEP_LOG=<file>`: authlink's log lines are also written there, for a closer look.
+        let mut keep = std::env::var_os("BENCH_KEEP_LOG")
+            .filter(|_| name == "authlink")
+            .and_then(|path| std::fs::File::create(path).ok())
+            .map(std::io::BufWriter::new);
         std::thread::spawn(move || {
             let mut reader = BufReader::with_capacity(64 * 1024, stderr);
             let mut line = String::new();
@@ -229,6 +234,9 @@ impl Server {
                 match reader.read_line(&mut line) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
+                }
+                if let Some(file) = keep.as_mut() {
+                    let _ = file.write_all(line.as_bytes());
                 }
                 let warn = line.contains("\"level\":\"WARN\"");
                 let error = line.contains("\"level\":\"ERROR\"");

@@ -810,7 +810,7 @@ async fn run_outcome(
         Outcome::Broken(r) => ("broken", Some(r)),
     };
     let c = service::connections::get(app, &Scope::Admin, id).await?;
-    let mut conn = app.db.pool().acquire().await.map_err(|e| CliError::from(ServiceError::from(e)))?;
+    let mut conn = app.db.read().await.map_err(|e| CliError::from(ServiceError::from(e)))?;
     service::audit::record(
         &mut conn,
         app.now_ms(),

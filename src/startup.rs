@@ -112,7 +112,7 @@ pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), S
     if !stored.iter().any(|(kid, _)| kid == keys.active_kid()) {
         db::key_checks::insert(&mut tx, keys.active_kid(), &keys.check_value(), now_ms).await?;
     }
-    tx.commit().await.map_err(DbError::from)?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -237,7 +237,7 @@ async fn housekeeping(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
             _ = stop.changed() => return,
         }
         let purged = async {
-            let mut conn = state.db.pool().acquire().await?;
+            let mut conn = state.db.writer().await?;
             db::oauth_flows::purge_expired(&mut conn, state.now_ms()).await
         }
         .await;

@@ -1,9 +1,10 @@
 //! The `links` table: reusable auth links. The token is stored as its SHA-256 (for lookup) and
 //! sealed (so members can copy the link again), never in plain text.
 
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, FromRow, Row};
 
 use super::DbResult;
+use super::workspaces::WorkspaceRow;
 
 /// A link as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -121,12 +122,52 @@ pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<LinkRow>
         .await?)
 }
 
-/// One link by the SHA-256 of its token.
-pub async fn get_by_token_hash(conn: &mut AnyConnection, hash: &str) -> DbResult<Option<LinkRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM links WHERE token_hash = $1"))
-        .bind(hash)
-        .fetch_optional(conn)
-        .await?)
+/// One link by the SHA-256 of its token, with its workspace, in one query: what the landing page
+/// and the start of a connect flow need.
+pub async fn get_with_workspace_by_token_hash(
+    conn: &mut AnyConnection,
+    hash: &str,
+) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
+    with_workspace(conn, "token_hash", hash).await
+}
+
+/// One link by id, with its workspace, in one query.
+pub async fn get_with_workspace(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
+    with_workspace(conn, "id", id).await
+}
+
+async fn with_workspace(
+    conn: &mut AnyConnection,
+    key: &'static str,
+    value: &str,
+) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
+    let link_columns = COLUMNS.split(", ").map(|c| format!("l.{c}")).collect::<Vec<_>>().join(", ");
+    let row = sqlx::query(&format!(
+        "SELECT {link_columns}, w.name AS w_name, w.slug AS w_slug, w.display_name AS w_display_name, \
+         w.logo_url AS w_logo_url, w.accent_color AS w_accent_color, w.allowed_redirects AS w_allowed_redirects, \
+         w.created_at AS w_created_at, w.updated_at AS w_updated_at \
+         FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.{key} = $1"
+    ))
+    .bind(value)
+    .fetch_optional(conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let link = LinkRow::from_row(&row)?;
+    let workspace = WorkspaceRow {
+        id: link.workspace_id.clone(),
+        name: row.try_get("w_name")?,
+        slug: row.try_get("w_slug")?,
+        display_name: row.try_get("w_display_name")?,
+        logo_url: row.try_get("w_logo_url")?,
+        accent_color: row.try_get("w_accent_color")?,
+        allowed_redirects: row.try_get("w_allowed_redirects")?,
+        created_at: row.try_get("w_created_at")?,
+        updated_at: row.try_get("w_updated_at")?,
+    };
+    Ok(Some((link, workspace)))
 }
 
 /// Filters for [`list`].

@@ -10,6 +10,7 @@
 
 pub mod api_keys;
 pub mod audit;
+mod conn;
 pub mod connections;
 pub mod dashboard;
 pub mod key_checks;
@@ -29,6 +30,8 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Executor};
 
 use crate::config::DatabaseConfig;
+use conn::Stash;
+pub use conn::{Conn, WriteTx};
 
 /// Which database engine a [`Db`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,10 +85,61 @@ fn is_unavailable_code(code: Option<&str>) -> bool {
 pub type DbResult<T> = Result<T, DbError>;
 
 /// The database handle shared by the whole process.
+///
+/// On SQLite, which allows one writer at a time, writes go through a pool of exactly one
+/// connection (`writer`): writers queue in-process, in order, instead of meeting SQLite's busy
+/// handler, which retries by sleeping in steps of milliseconds. Reads use the other pool and, in
+/// WAL mode, never wait for the writer. Other processes on the same file (the CLI, a worker) still
+/// meet the busy timeout. On PostgreSQL both are the same pool.
+///
+/// A writer holds SQLite's write lock from its first statement to its commit, and every statement
+/// in between waits for the task to be polled again. Under load, the HTTP runtime's queue makes
+/// that wait long, and every other writer waits behind it; so [`Db::on_writer`] runs a whole
+/// write on a thread of its own, whose runtime does nothing else.
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: AnyPool,
+    writer: AnyPool,
+    writer_thread: Option<WriterThread>,
+    /// SQLite: connections kept between uses (see [`Conn`]), for reads and for the writer.
+    stashes: Option<(Stash, Stash)>,
+    acquire_timeout: Duration,
     backend: Backend,
+}
+
+/// The thread that runs SQLite writes (see [`Db::on_writer`]). It stops when the last handle to
+/// it is dropped.
+#[derive(Debug, Clone)]
+struct WriterThread {
+    handle: tokio::runtime::Handle,
+    _stop: std::sync::Arc<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl WriterThread {
+    fn start() -> DbResult<Self> {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("authlink-db-writer".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                // Runs the spawned writes until every `Db` handle is gone.
+                let _ = runtime.block_on(stop_rx);
+            })
+            .map_err(|e| DbError::Unavailable(sqlx::Error::Io(e)))?;
+        let handle = handle_rx
+            .recv()
+            .map_err(|_| DbError::Unavailable(sqlx::Error::WorkerCrashed))?
+            .map_err(|e| DbError::Unavailable(sqlx::Error::Io(e)))?;
+        Ok(Self { handle, _stop: std::sync::Arc::new(stop_tx) })
+    }
 }
 
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -106,37 +160,55 @@ impl Db {
             .map_err(DbError::Other)?
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-        let pool_options = AnyPoolOptions::new()
-            .max_connections(options.max_connections)
-            .min_connections(0)
-            .acquire_timeout(Duration::from_secs(options.acquire_timeout_secs))
-            .test_before_acquire(true);
-        let pool_options = match backend {
-            Backend::Sqlite => pool_options.after_connect(|conn, _meta| {
-                Box::pin(async move {
-                    conn.execute(
-                        "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; PRAGMA secure_delete = ON; \
-                         PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
-                    )
-                    .await?;
-                    Ok(())
-                })
-            }),
-            Backend::Postgres => pool_options,
+        let connect = |max_connections: u32| {
+            let pool_options = AnyPoolOptions::new()
+                .max_connections(max_connections)
+                .min_connections(0)
+                .acquire_timeout(Duration::from_secs(options.acquire_timeout_secs))
+                // No round trip before every use: a connection that broke fails its query, which
+                // is reported as unavailable (503), and the pool drops it.
+                .test_before_acquire(false);
+            let pool_options = match backend {
+                Backend::Sqlite => pool_options.after_connect(|conn, _meta| {
+                    Box::pin(async move {
+                        conn.execute(
+                            "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; PRAGMA secure_delete = ON; \
+                             PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
+                        )
+                        .await?;
+                        Ok(())
+                    })
+                }),
+                Backend::Postgres => pool_options,
+            };
+            let connect_options = connect_options.clone();
+            async move {
+                tokio::time::timeout(
+                    Duration::from_secs(options.acquire_timeout_secs.max(1) + 1),
+                    pool_options.connect_with(connect_options),
+                )
+                .await
+                .map_err(|_| DbError::Unavailable(sqlx::Error::PoolTimedOut))?
+                .map_err(DbError::from)
+            }
         };
-        let pool = tokio::time::timeout(
-            Duration::from_secs(options.acquire_timeout_secs.max(1) + 1),
-            pool_options.connect_with(connect_options),
-        )
-        .await
-        .map_err(|_| DbError::Unavailable(sqlx::Error::PoolTimedOut))??;
-        Ok(Self { pool, backend })
+        let pool = connect(options.max_connections).await?;
+        let (writer, writer_thread) = match backend {
+            Backend::Sqlite => (connect(1).await?, Some(WriterThread::start()?)),
+            Backend::Postgres => (pool.clone(), None),
+        };
+        let stashes = match backend {
+            Backend::Sqlite => Some((Stash::new(options.max_connections), Stash::new(1))),
+            Backend::Postgres => None,
+        };
+        let acquire_timeout = Duration::from_secs(options.acquire_timeout_secs);
+        Ok(Self { pool, writer, writer_thread, stashes, acquire_timeout, backend })
     }
 
     /// Applies the embedded migrations of this backend.
     pub async fn migrate(&self) -> DbResult<()> {
         match self.backend {
-            Backend::Sqlite => SQLITE_MIGRATOR.run(&self.pool).await?,
+            Backend::Sqlite => SQLITE_MIGRATOR.run(&mut *self.writer().await?).await?,
             Backend::Postgres => POSTGRES_MIGRATOR.run(&self.pool).await?,
         }
         Ok(())
@@ -144,13 +216,25 @@ impl Db {
 
     /// Whether the database answers a trivial query.
     pub async fn ping(&self) -> DbResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&mut *self.read().await?).await?;
         Ok(())
     }
 
-    /// The connection pool.
-    pub fn pool(&self) -> &AnyPool {
-        &self.pool
+    /// A connection for reads (and, on PostgreSQL, for anything).
+    pub async fn read(&self) -> DbResult<Conn> {
+        match &self.stashes {
+            Some((reads, _)) => reads.take(&self.pool, self.acquire_timeout).await,
+            None => Ok(Conn::pooled(self.pool.acquire().await?)),
+        }
+    }
+
+    /// A connection for a write outside a transaction (a single statement). On SQLite it is the
+    /// one writer connection; hold it no longer than the statement.
+    pub async fn writer(&self) -> DbResult<Conn> {
+        match &self.stashes {
+            Some((_, writer)) => writer.take(&self.writer, self.acquire_timeout).await,
+            None => Ok(Conn::pooled(self.pool.acquire().await?)),
+        }
     }
 
     /// The backend in use.
@@ -158,19 +242,39 @@ impl Db {
         self.backend
     }
 
-    /// Starts a transaction that takes the write lock at once on SQLite (`BEGIN IMMEDIATE`), so
-    /// that a read-then-write never fails half-way with `SQLITE_BUSY`.
-    pub async fn begin_write(&self) -> DbResult<sqlx::Transaction<'static, sqlx::Any>> {
-        let tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
-        Ok(tx)
+    /// Runs `write` (a future that writes, typically a whole transaction) on the SQLite writer
+    /// thread, so that the write lock is held for the database's time only, not for the time the
+    /// caller's runtime takes to get back to it; on PostgreSQL, where writers do not queue behind
+    /// one lock, it runs in place. The write runs to its end even if the caller stops waiting.
+    pub async fn on_writer<T: Send + 'static>(
+        &self,
+        write: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> DbResult<T> {
+        let Some(thread) = &self.writer_thread else { return Ok(write.await) };
+        match thread.handle.spawn(write).await {
+            Ok(out) => Ok(out),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(DbError::Unavailable(sqlx::Error::PoolClosed)),
+        }
     }
 
-    /// Closes the pool, waiting for connections to be returned.
+    /// Starts a transaction that takes the write lock at once on SQLite (`BEGIN IMMEDIATE`), so
+    /// that a read-then-write never fails half-way with `SQLITE_BUSY`.
+    pub async fn begin_write(&self) -> DbResult<WriteTx> {
+        match &self.stashes {
+            Some(_) => WriteTx::begin_immediate(self.writer().await?).await,
+            None => Ok(WriteTx::pooled(self.pool.begin().await?)),
+        }
+    }
+
+    /// Closes the pools, waiting for connections to be returned.
     pub async fn close(&self) {
+        if let Some((reads, writer)) = &self.stashes {
+            reads.drain();
+            writer.drain();
+        }
         self.pool.close().await;
+        self.writer.close().await;
     }
 }
 
@@ -217,4 +321,77 @@ pub fn is_id(s: &str) -> bool {
 /// Clamps a page size to 1..=200 (default 50).
 pub fn page_limit(limit: Option<i64>) -> i64 {
     limit.unwrap_or(50).clamp(1, 200)
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Row;
+
+    use super::*;
+
+    async fn sqlite(dir: &tempfile::TempDir) -> Db {
+        let url = SecretString::from(format!("sqlite://{}/t.db", dir.path().display()));
+        let db =
+            Db::connect(&url, &DatabaseConfig { max_connections: 4, acquire_timeout_secs: 2 }).await.unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER NOT NULL)")
+            .execute(&mut *db.writer().await.unwrap())
+            .await
+            .unwrap();
+        db
+    }
+
+    async fn values(db: &Db) -> Vec<i64> {
+        let rows = sqlx::query("SELECT x FROM t ORDER BY x")
+            .fetch_all(&mut *db.read().await.unwrap())
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get::<i64, _>(0)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_write_dropped_before_commit_is_rolled_back_before_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(&dir).await;
+        let mut tx = db.begin_write().await.unwrap();
+        sqlx::query("INSERT INTO t (x) VALUES (1)").execute(&mut *tx).await.unwrap();
+        drop(tx);
+        let mut tx = db.begin_write().await.unwrap();
+        sqlx::query("INSERT INTO t (x) VALUES (2)").execute(&mut *tx).await.unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(values(&db).await, vec![2]);
+        // A single statement on the writer after a committed transaction is not rolled back.
+        sqlx::query("INSERT INTO t (x) VALUES (3)").execute(&mut *db.writer().await.unwrap()).await.unwrap();
+        assert_eq!(values(&db).await, vec![2, 3]);
+        tokio::time::timeout(Duration::from_secs(10), db.close()).await.expect("close returns");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_queue_on_the_one_writer_and_all_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(&dir).await;
+        let mut tasks = Vec::new();
+        for i in 0..40_i64 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                let store = db.clone();
+                let write = async move {
+                    let mut tx = store.begin_write().await?;
+                    sqlx::query("INSERT INTO t (x) VALUES ($1)").bind(i).execute(&mut *tx).await?;
+                    if i % 5 == 0 {
+                        // Every fifth gives up half-way.
+                        return Ok::<_, DbError>(());
+                    }
+                    tx.commit().await
+                };
+                // Half on the caller's runtime, half on the writer thread.
+                if i % 2 == 0 { write.await } else { db.on_writer(write).await? }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let expected: Vec<i64> = (0..40).filter(|i| i % 5 != 0).collect();
+        assert_eq!(values(&db).await, expected);
+        tokio::time::timeout(Duration::from_secs(10), db.close()).await.expect("close returns");
+    }
 }

@@ -75,14 +75,27 @@ pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<FlowRow>
         .await?)
 }
 
-/// Consumes a flow: true for exactly one caller, false if it was already consumed.
-pub async fn consume(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<bool> {
-    let done = sqlx::query("UPDATE oauth_flows SET consumed_at = $2 WHERE id = $1 AND consumed_at IS NULL")
-        .bind(id)
-        .bind(now_ms)
-        .execute(conn)
-        .await?;
-    Ok(done.rows_affected() == 1)
+/// Consumes the flow whose state hashes to `state_hash`, if it is unused, unexpired, of
+/// `provider` and started by the browser whose cookie hashes to `browser_hash`: one statement,
+/// which returns the flow to exactly one caller. `None` for everything else; the caller reads the
+/// flow to tell which check failed.
+pub async fn claim(
+    conn: &mut AnyConnection,
+    state_hash: &str,
+    browser_hash: &str,
+    provider: &str,
+    now_ms: i64,
+) -> DbResult<Option<FlowRow>> {
+    Ok(sqlx::query_as(&format!(
+        "UPDATE oauth_flows SET consumed_at = $4 WHERE state_hash = $1 AND browser_hash = $2 AND provider = $3 \
+         AND consumed_at IS NULL AND expires_at > $4 RETURNING {COLUMNS}"
+    ))
+    .bind(state_hash)
+    .bind(browser_hash)
+    .bind(provider)
+    .bind(now_ms)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// Records how a flow ended.

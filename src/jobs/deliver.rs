@@ -86,7 +86,7 @@ fn retry_after(res: &reqwest::Response) -> Option<Duration> {
 
 /// Makes one attempt of one claimed delivery and records the result.
 pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -> ServiceResult<()> {
-    let mut conn = state.db.pool().acquire().await?;
+    let mut conn = state.db.read().await?;
     let Some(mut d) = db::webhooks::get_delivery(&mut conn, id).await? else { return Ok(()) };
     if d.status != "pending" {
         return Ok(());
@@ -99,7 +99,7 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
     if endpoint.enabled == 0 {
         d.status = "cancelled".into();
         d.updated_at = now;
-        let mut conn = state.db.pool().acquire().await?;
+        let mut conn = state.db.writer().await?;
         db::webhooks::update_delivery(&mut conn, &d).await?;
         return Ok(());
     }

@@ -90,7 +90,7 @@ async fn check_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.jobs.tick_ms.max(1000) * 5);
     loop {
         let due = async {
-            let mut conn = state.db.pool().acquire().await?;
+            let mut conn = state.db.read().await?;
             crate::db::connections::due_checks(&mut conn, state.now_ms(), 20).await
         }
         .await;
@@ -99,7 +99,7 @@ async fn check_loop(state: AppState, mut stop: watch::Receiver<bool>) {
                 for id in ids {
                     // Move the check first so another process does not take the same one.
                     let moved = async {
-                        let mut conn = state.db.pool().acquire().await?;
+                        let mut conn = state.db.writer().await?;
                         let next = refresh::schedule_check(&state, state.now_ms(), false);
                         crate::db::connections::set_next_check(&mut conn, &id, next).await
                     }

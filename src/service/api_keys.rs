@@ -148,7 +148,7 @@ pub async fn create(
 
 /// Keys visible to the caller (admins see every key).
 pub async fn list(app: &App, scope: &Scope) -> ServiceResult<Vec<ApiKeyView>> {
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let rows = db::api_keys::list(&mut conn, scope.workspace()).await?;
     Ok(rows.iter().map(ApiKeyView::from).collect())
 }
@@ -199,7 +199,7 @@ pub async fn authenticate(app: &App, presented: &str) -> ServiceResult<Option<(A
     if presented.len() != 16 + 1 + 43 || presented.as_bytes()[16] != b'_' {
         return Ok(None);
     }
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let Some(row) = db::api_keys::get_by_prefix(&mut conn, prefix).await? else {
         return Ok(None);
     };
@@ -209,7 +209,8 @@ pub async fn authenticate(app: &App, presented: &str) -> ServiceResult<Option<(A
     {
         return Ok(None);
     }
-    db::api_keys::touch(&mut conn, &row.id, app.now_ms()).await?;
+    drop(conn);
+    db::api_keys::touch(&mut *app.db.writer().await?, &row.id, app.now_ms()).await?;
     let scope = match row.workspace_id {
         Some(w) => Scope::Workspace(w),
         None => Scope::Admin,

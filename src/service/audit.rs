@@ -95,7 +95,7 @@ pub async fn list(
         (Scope::Workspace(own), Some(w)) if w != own => return Ok(Vec::new()),
         (Scope::Workspace(own), _) => Some(own.as_str()),
     };
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let rows = db::audit::list(
         &mut conn,
         &AuditFilter { workspace_id: workspace, action, target_id, before },

@@ -229,9 +229,11 @@ pub enum Upserted {
 }
 
 /// Stores the result of a successful connect flow: inserts the connection or updates the
-/// existing one, counts the link use, appends history and audit, all in one transaction.
+/// existing one, counts the link use, appends history and audit, records the flow's outcome, all
+/// in one transaction.
 pub async fn upsert_from_flow(
     app: &App,
+    flow_id: &str,
     link: &LinkRow,
     platform: Platform,
     profile: &Profile,
@@ -332,6 +334,11 @@ pub async fn upsert_from_flow(
     .await?;
     let data = event_data(&mut tx, app, &row, None).await?;
     super::webhooks::emit(&mut tx, app, now, &row.workspace_id, action, data).await?;
+    let flow_outcome = match outcome {
+        Upserted::Created => "connected",
+        Upserted::Reconnected => "reconnected",
+    };
+    db::oauth_flows::finish(&mut tx, flow_id, flow_outcome, Some(&row.id)).await?;
     tx.commit().await?;
     tracing::info!(connection_id = %row.id, provider = %platform, outcome = kind, "connection stored");
     Ok((row, outcome))
@@ -342,7 +349,7 @@ pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<Connec
     if !db::is_id(id) {
         return Err(ServiceError::NotFound("connection"));
     }
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     match db::connections::get(&mut conn, id).await? {
         Some(c) if scope.allows(&c.workspace_id) => Ok(c),
         _ => Err(ServiceError::NotFound("connection")),
@@ -352,7 +359,7 @@ pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<Connec
 /// One connection with its history.
 pub async fn get(app: &App, scope: &Scope, id: &str) -> ServiceResult<ConnectionDetail> {
     let row = get_row(app, scope, id).await?;
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let events = db::connections::events(&mut conn, &row.id)
         .await?
         .into_iter()
@@ -381,7 +388,7 @@ pub struct ListQuery {
 
 /// Connections visible to the caller, newest first.
 pub async fn list(app: &App, scope: &Scope, q: &ListQuery) -> ServiceResult<Vec<ConnectionView>> {
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let workspace = scope.listing_workspace(&mut conn, q.workspace_id.as_deref()).await?;
     let rows = db::connections::list(
         &mut conn,
@@ -400,7 +407,7 @@ pub async fn list(app: &App, scope: &Scope, q: &ListQuery) -> ServiceResult<Vec<
 
 /// Connections made through one link (for the client's view of the link).
 pub async fn of_link(app: &App, link_id: &str) -> ServiceResult<Vec<ConnectionRow>> {
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     Ok(db::connections::list(
         &mut conn,
         &ConnectionFilter { link_id: Some(link_id), ..Default::default() },
@@ -504,7 +511,7 @@ pub async fn access_token(
         .ok_or(ServiceError::Conflict("the connection holds no token".into()))?;
     let token = app.keys.open_str(sealed, access_aad(&row.id))?;
     let now_ms = app.now_ms();
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     audit::record(
         &mut conn,
         now_ms,

@@ -321,7 +321,7 @@ pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<LinkRo
     if !db::is_id(id) {
         return Err(ServiceError::NotFound("link"));
     }
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     match db::links::get(&mut conn, id).await? {
         Some(l) if scope.allows(&l.workspace_id) => Ok(l),
         _ => Err(ServiceError::NotFound("link")),
@@ -348,7 +348,7 @@ pub struct ListQuery {
 
 /// Links visible to the caller, newest first.
 pub async fn list(app: &App, scope: &Scope, q: &ListQuery) -> ServiceResult<Vec<LinkView>> {
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let workspace = scope.listing_workspace(&mut conn, q.workspace_id.as_deref()).await?;
     let rows = db::links::list(
         &mut conn,
@@ -534,11 +534,8 @@ pub async fn resolve(app: &App, token: &str) -> ServiceResult<Resolved> {
         return Ok(Resolved::Unknown);
     }
     let hash = crypto::sha256_hex(token.as_bytes());
-    let mut conn = app.db.pool().acquire().await?;
-    let Some(link) = db::links::get_by_token_hash(&mut conn, &hash).await? else {
-        return Ok(Resolved::Unknown);
-    };
-    let Some(workspace) = db::workspaces::get(&mut conn, &link.workspace_id).await? else {
+    let mut conn = app.db.read().await?;
+    let Some((link, workspace)) = db::links::get_with_workspace_by_token_hash(&mut conn, &hash).await? else {
         return Ok(Resolved::Unknown);
     };
     let status = LinkStatus::of(&link, app.now_ms());

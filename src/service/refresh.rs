@@ -107,7 +107,7 @@ pub async fn refresh(app: &App, id: &str, force: bool, margin_ms: i64) -> Servic
         tokio::time::Instant::now() + Duration::from_millis(u64::try_from(lease).unwrap_or(60_000) + 5000);
     let mut seen_generation: Option<i64> = None;
     loop {
-        let mut conn = app.db.pool().acquire().await?;
+        let mut conn = app.db.read().await?;
         let row = db::connections::get(&mut conn, id).await?.ok_or(ServiceError::NotFound("connection"))?;
         if ConnectionStatus::parse(&row.status) != ConnectionStatus::Active {
             return Ok(Outcome::Current(Box::new(row)));
@@ -119,12 +119,13 @@ pub async fn refresh(app: &App, id: &str, force: bool, margin_ms: i64) -> Servic
             return Ok(Outcome::Current(Box::new(row)));
         }
         seen_generation.get_or_insert(row.token_generation);
-        if db::connections::try_lease(&mut conn, id, owner, now, now + lease).await? {
-            drop(conn);
+        drop(conn);
+        let leased =
+            db::connections::try_lease(&mut *app.db.writer().await?, id, owner, now, now + lease).await?;
+        if leased {
             return run_leased(app, row, owner).await;
         }
         // Another process is refreshing: wait for its result instead of starting another.
-        drop(conn);
         if tokio::time::Instant::now() > deadline {
             return Ok(Outcome::Transient("another refresh of this connection is still running".into()));
         }
@@ -138,7 +139,7 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
     let lock = connection_lock(id);
     let _guard = lock.lock().await;
     let owner = owner_id();
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let Some(row) = db::connections::get(&mut conn, id).await? else {
         return Err(ServiceError::NotFound("connection"));
     };
@@ -149,7 +150,7 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
     if !still_ours || ConnectionStatus::parse(&row.status) != ConnectionStatus::Active || !still_due {
         // Refreshed on demand meanwhile, or the lease ran out and another process took it.
         if still_ours {
-            let mut conn = app.db.pool().acquire().await?;
+            let mut conn = app.db.writer().await?;
             db::connections::release_lease(&mut conn, id, owner).await?;
         }
         return Ok(Outcome::Current(Box::new(row)));
@@ -170,7 +171,7 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
     let (platform, provider) = match provider_of(app, &row) {
         Ok(p) => p,
         Err(e) => {
-            let mut conn = app.db.pool().acquire().await?;
+            let mut conn = app.db.writer().await?;
             db::connections::release_lease(&mut conn, &row.id, owner).await?;
             return Err(e);
         }
@@ -393,7 +394,7 @@ pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
     }
     let lock = connection_lock(id);
     let _guard = lock.lock().await;
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let Some(mut row) = db::connections::get(&mut conn, id).await? else {
         return Err(ServiceError::NotFound("connection"));
     };
@@ -443,7 +444,7 @@ pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
             Ok(Outcome::Broken(why))
         }
         Err(ProviderError::Transient { reason, .. }) | Err(ProviderError::Rejected { reason }) => {
-            let mut conn = app.db.pool().acquire().await?;
+            let mut conn = app.db.writer().await?;
             db::connections::set_next_check(&mut conn, &row.id, now + 3_600_000).await?;
             Ok(Outcome::Transient(reason))
         }
@@ -454,7 +455,7 @@ pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
 pub async fn announce_expiring(app: &App) -> ServiceResult<usize> {
     let now = app.now_ms();
     let soon = now + i64::try_from(app.config.jobs.expiring_notice_secs).unwrap_or(0) * 1000;
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let rows = db::connections::expiring(&mut conn, now, soon, 100).await?;
     drop(conn);
     let count = rows.len();

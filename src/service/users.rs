@@ -224,7 +224,7 @@ fn view(u: &UserRow, workspaces: Vec<MembershipView>) -> UserView {
 
 /// The view of a user, with the workspaces they belong to.
 pub async fn view_of(app: &App, u: &UserRow) -> ServiceResult<UserView> {
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let ws = db::users::workspaces_of_user(&mut conn, &u.id)
         .await?
         .into_iter()
@@ -295,7 +295,7 @@ async fn insert_user(
 /// Every user, oldest first.
 pub async fn list(app: &App) -> ServiceResult<Vec<UserView>> {
     let rows = {
-        let mut conn = app.db.pool().acquire().await?;
+        let mut conn = app.db.read().await?;
         db::users::list(&mut conn).await?
     };
     let mut out = Vec::with_capacity(rows.len());
@@ -308,7 +308,7 @@ pub async fn list(app: &App) -> ServiceResult<Vec<UserView>> {
 /// One user by email.
 pub async fn get_by_email(app: &App, email: &str) -> ServiceResult<UserRow> {
     let normalized = normalize_email(email)?;
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     db::users::get_by_email(&mut conn, &normalized).await?.ok_or(ServiceError::NotFound("user"))
 }
 
@@ -317,7 +317,7 @@ pub async fn get(app: &App, id: &str) -> ServiceResult<UserRow> {
     if !db::is_id(id) {
         return Err(ServiceError::NotFound("user"));
     }
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     db::users::get(&mut conn, id).await?.ok_or(ServiceError::NotFound("user"))
 }
 
@@ -397,7 +397,7 @@ pub async fn change_password(
     let account_key = account_key(&user.email_normalized);
     let now = app.now_ms();
     {
-        let mut conn = app.db.pool().acquire().await?;
+        let mut conn = app.db.read().await?;
         let (per_account, per_ip) =
             db::sessions::count_failures(&mut conn, &account_key, ip, now - THROTTLE_WINDOW_MS).await?;
         if per_account >= MAX_FAILURES_PER_ACCOUNT || per_ip >= MAX_FAILURES_PER_IP {
@@ -409,7 +409,7 @@ pub async fn change_password(
         }
     }
     if !verify_password_async(Some(user.password_hash.clone()), &input.current).await? {
-        let mut conn = app.db.pool().acquire().await?;
+        let mut conn = app.db.writer().await?;
         db::sessions::insert_failure(&mut conn, &new_id(), &account_key, ip, now).await?;
         return Err(FieldError::new("current_password", "is not your current password").into());
     }
@@ -458,7 +458,7 @@ pub struct MemberView {
 
 /// The members of a workspace (the caller has checked that it may see them).
 pub async fn members(app: &App, workspace_id: &str) -> ServiceResult<Vec<MemberView>> {
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     Ok(db::users::members_of_workspace(&mut conn, workspace_id)
         .await?
         .into_iter()
@@ -492,7 +492,7 @@ pub async fn add_member(
         return Err(FieldError::new("email", "is invalid").into());
     };
     let existing = {
-        let mut conn = app.db.pool().acquire().await?;
+        let mut conn = app.db.read().await?;
         if db::workspaces::get(&mut conn, workspace_id).await?.is_none() {
             return Err(ServiceError::NotFound("workspace"));
         }
@@ -592,7 +592,7 @@ pub async fn role_in(app: &App, user: &UserRow, workspace_id: &str) -> ServiceRe
     if user.is_admin != 0 {
         return Ok(Some(Role::Owner));
     }
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     Ok(db::users::membership(&mut conn, &user.id, workspace_id)
         .await?
         .and_then(|m| Role::parse(&m.role).ok()))
@@ -638,7 +638,7 @@ pub async fn sign_in(
     let key = account_key(&normalized);
     let now = app.now_ms();
     let user = {
-        let mut conn = app.db.pool().acquire().await?;
+        let mut conn = app.db.read().await?;
         let (per_account, per_ip) =
             db::sessions::count_failures(&mut conn, &key, ip, now - THROTTLE_WINDOW_MS).await?;
         if per_account >= MAX_FAILURES_PER_ACCOUNT || per_ip >= MAX_FAILURES_PER_IP {
@@ -651,7 +651,7 @@ pub async fn sign_in(
     let user = match user {
         Some(u) if ok && u.disabled_at.is_none() => u,
         other => {
-            let mut conn = app.db.pool().acquire().await?;
+            let mut conn = app.db.writer().await?;
             db::sessions::insert_failure(&mut conn, &new_id(), &key, ip, now).await?;
             // Old failures no longer count: forget them as we go.
             db::sessions::purge_failures(&mut conn, now - THROTTLE_WINDOW_MS).await?;
@@ -709,7 +709,7 @@ pub async fn authenticate(app: &App, token: &str) -> ServiceResult<Option<Authen
         return Ok(None);
     }
     let now = app.now_ms();
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let Some(session) =
         db::sessions::get_by_token_hash(&mut conn, &crypto::sha256_hex(token.as_bytes())).await?
     else {
@@ -718,11 +718,13 @@ pub async fn authenticate(app: &App, token: &str) -> ServiceResult<Option<Authen
     let ended = now >= session.expires_at || now - session.last_seen_at >= SESSION_IDLE_MS;
     let user = if ended { None } else { db::users::get(&mut conn, &session.user_id).await? };
     let Some(user) = user.filter(|u| u.disabled_at.is_none()) else {
-        db::sessions::delete(&mut conn, &session.id).await?;
+        drop(conn);
+        db::sessions::delete(&mut *app.db.writer().await?, &session.id).await?;
         tracing::info!(session_id = %session.id, "session ended (timeout or disabled user)");
         return Ok(None);
     };
-    db::sessions::touch(&mut conn, &session.id, now).await?;
+    drop(conn);
+    db::sessions::touch(&mut *app.db.writer().await?, &session.id, now).await?;
     Ok(Some(Authenticated { session, user }))
 }
 

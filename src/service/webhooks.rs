@@ -335,7 +335,7 @@ pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<Endpoi
     if !db::is_id(id) {
         return Err(ServiceError::NotFound("webhook endpoint"));
     }
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     match db::webhooks::get_endpoint(&mut conn, id).await? {
         Some(e) if scope.allows(&e.workspace_id) => Ok(e),
         _ => Err(ServiceError::NotFound("webhook endpoint")),
@@ -344,7 +344,7 @@ pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<Endpoi
 
 /// Endpoints visible to the caller.
 pub async fn list(app: &App, scope: &Scope, workspace_id: Option<&str>) -> ServiceResult<Vec<EndpointView>> {
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let workspace = scope.listing_workspace(&mut conn, workspace_id).await?;
     Ok(db::webhooks::list_endpoints(&mut conn, workspace.as_deref())
         .await?
@@ -573,7 +573,7 @@ pub async fn deliveries(
     limit: i64,
 ) -> ServiceResult<Vec<DeliveryView>> {
     let endpoint = get_row(app, scope, endpoint_id).await?;
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let rows = db::webhooks::list_deliveries(&mut conn, &endpoint.id, before, limit).await?;
     let mut out = Vec::with_capacity(rows.len());
     for d in rows {
@@ -649,7 +649,7 @@ pub async fn redeliver(
     )
     .await?;
     tx.commit().await?;
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     delivery_view(&mut conn, d).await
 }
 

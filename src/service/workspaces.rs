@@ -179,7 +179,7 @@ pub async fn create(
 
 /// Loads a workspace the caller may see, by id (or slug).
 pub async fn get_row(app: &App, scope: &Scope, key: &str) -> ServiceResult<WorkspaceRow> {
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     match db::workspaces::get_by_id_or_slug(&mut conn, key).await? {
         Some(w) if scope.allows(&w.id) => Ok(w),
         _ => Err(ServiceError::NotFound("workspace")),
@@ -198,7 +198,7 @@ pub async fn list(
     after: Option<&str>,
     limit: i64,
 ) -> ServiceResult<Vec<WorkspaceView>> {
-    let mut conn = app.db.pool().acquire().await?;
+    let mut conn = app.db.read().await?;
     let rows = db::workspaces::list(&mut conn, scope.workspace(), after, limit).await?;
     Ok(rows.iter().map(WorkspaceView::from).collect())
 }

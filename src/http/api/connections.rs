@@ -158,8 +158,7 @@ async fn run_result(
         Outcome::Broken(reason) => ("broken", Some(reason)),
     };
     let connection = connections::get(state, &caller.scope, id).await?.connection;
-    let mut conn =
-        state.db.pool().acquire().await.map_err(crate::db::DbError::from).map_err(ServiceError::from)?;
+    let mut conn = state.db.read().await.map_err(ServiceError::from)?;
     crate::service::audit::record(
         &mut conn,
         state.now_ms(),

@@ -10,8 +10,8 @@ use super::{
     Ctx, DashResult, Layout, ListParams, PAGE_SIZE, fmt_ms, fmt_opt, fmt_time, layout, query_string, render,
     see_other, workspace,
 };
+use crate::db;
 use crate::db::dashboard::{ConnectionItem, ConnectionSearch};
-use crate::db::{self, DbError};
 use crate::domain::{self, Platform};
 use crate::service::ServiceError;
 use crate::service::connections::{self, ConnectionStatus};
@@ -112,7 +112,7 @@ pub async fn list(
     let searching = search.as_deref().and_then(db::dashboard::handle_prefix).is_some();
     let (cursor_param, cursor) = if searching { ("after", q.after_cursor()) } else { ("before", q.cursor()) };
     let mut items = {
-        let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+        let mut conn = state.db.read().await?;
         db::dashboard::connections(
             &mut conn,
             state.db.backend(),

@@ -355,7 +355,7 @@ impl Ws {
 /// Loads the workspace named in the path (slug or id) if the user may see it; otherwise 404.
 pub async fn workspace(state: &AppState, ctx: &Ctx, key: &str) -> Result<Ws, DashError> {
     let row = {
-        let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+        let mut conn = state.db.read().await?;
         db::workspaces::get_by_id_or_slug(&mut conn, key).await?
     };
     let Some(row) = row else { return Err(DashError::NotFound) };
@@ -451,7 +451,7 @@ pub async fn layout(
     notice: Option<&str>,
 ) -> Result<Layout, DashError> {
     const SWITCHER: usize = 15;
-    let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+    let mut conn = state.db.read().await?;
     let mut workspaces: Vec<WsLink> = if ctx.is_admin() {
         db::workspaces::list(&mut conn, None, None, SWITCHER as i64 + 1)
             .await?

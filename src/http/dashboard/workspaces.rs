@@ -13,7 +13,7 @@ use super::{
     Ctx, DashError, DashResult, FormData, FormErrors, Layout, ListParams, PAGE_SIZE, fmt_time, layout,
     query_string, render, see_other, workspace,
 };
-use crate::db::{self, DbError};
+use crate::db;
 use crate::domain::Platform;
 use crate::service::Scope;
 use crate::service::audit::AuditEntryView;
@@ -24,7 +24,7 @@ use crate::state::AppState;
 /// `GET /app`: straight to the only workspace, else to the switcher.
 pub async fn home(State(state): State<AppState>, ctx: Ctx) -> DashResult {
     if !ctx.is_admin() {
-        let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+        let mut conn = state.db.read().await?;
         let mine = db::users::workspaces_of_user(&mut conn, &ctx.user.id).await?;
         if let [only] = mine.as_slice() {
             return Ok(see_other(&format!("/app/w/{}", only.slug)));
@@ -69,7 +69,7 @@ async fn workspaces_page(
     (name, slug, errors): (String, String, FormErrors),
     notice: Option<&str>,
 ) -> DashResult {
-    let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+    let mut conn = state.db.read().await?;
     let (entries, next_page) = if ctx.is_admin() {
         let after = after.filter(|a| db::is_id(a));
         let mut rows = db::workspaces::list(&mut conn, None, after.as_deref(), PAGE_SIZE + 1).await?;
@@ -183,7 +183,7 @@ pub async fn event_views(
         let actor = match (e.actor_kind.as_str(), e.actor_id.as_deref()) {
             ("user", Some(id)) => {
                 if !emails.contains_key(id) {
-                    let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+                    let mut conn = state.db.read().await?;
                     let email = db::users::get(&mut conn, id)
                         .await?
                         .map(|u| u.email)
@@ -246,7 +246,7 @@ pub async fn overview(
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
     let (counts, links_active, broken) = {
-        let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+        let mut conn = state.db.read().await?;
         let counts = db::dashboard::connection_counts(&mut conn, &ws.row.id).await?;
         let links_active = db::dashboard::unrevoked_link_count(&mut conn, &ws.row.id).await?;
         let broken = db::dashboard::connections(
@@ -435,7 +435,7 @@ pub async fn search(State(state): State<AppState>, ctx: Ctx, Query(q): Query<Lis
         )
         .await?;
         let conn_rows = {
-            let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+            let mut conn = state.db.read().await?;
             db::dashboard::connections(
                 &mut conn,
                 state.db.backend(),
@@ -444,7 +444,7 @@ pub async fn search(State(state): State<AppState>, ctx: Ctx, Query(q): Query<Lis
             )
             .await?
         };
-        let mut conn = state.db.pool().acquire().await.map_err(DbError::from)?;
+        let mut conn = state.db.read().await?;
         let ids: Vec<String> = link_rows
             .iter()
             .map(|l| l.workspace_id.clone())

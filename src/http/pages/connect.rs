@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use super::{ConnectedAccount, MessagePage, monogram, platform_from_path, render, service_error_page};
 use crate::crypto::{self, Aad};
+use crate::db::links::LinkRow;
 use crate::db::oauth_flows::FlowRow;
 use crate::db::{self, new_id};
 use crate::domain::{self, Platform};
@@ -149,12 +150,15 @@ pub async fn start_connect(
         outcome: None,
         connection_id: None,
     };
-    let stored = async {
-        let mut conn = state.db.pool().acquire().await?;
-        db::oauth_flows::insert(&mut conn, &flow).await
-    }
-    .await;
-    if let Err(e) = stored {
+    let (store, row) = (state.db.clone(), flow.clone());
+    let stored = state
+        .db
+        .on_writer(async move {
+            let mut conn = store.writer().await?;
+            db::oauth_flows::insert(&mut conn, &row).await
+        })
+        .await;
+    if let Err(e) = stored.and_then(|r| r) {
         return service_error_page(e.into());
     }
     let redirect_uri = redirect_uri(&state, platform);
@@ -352,70 +356,64 @@ pub async fn oauth_callback(
     Query(q): Query<CallbackQuery>,
     headers: HeaderMap,
 ) -> Response {
+    let started = std::time::Instant::now();
     let Some(platform) = platform_from_path(&provider_name) else {
         return super::not_found().await;
     };
     let Some(raw_state) = q.state.as_deref().filter(|s| !s.is_empty()) else {
         return failure_response(Failure::StateMissing, platform, None);
     };
-    let flow = async {
-        let mut conn = state.db.pool().acquire().await?;
-        db::oauth_flows::get_by_state_hash(&mut conn, &crypto::sha256_hex(raw_state.as_bytes())).await
-    }
-    .await;
-    let flow = match flow {
-        Ok(Some(f)) => f,
-        Ok(None) => return failure_response(Failure::StateUnknown, platform, None),
-        Err(e) => return service_error_page(e.into()),
-    };
-    // From here on the flow is known: failures lead back to its link.
-    let try_again = landing_href(&state, &flow.link_id).await;
-    if flow.provider != platform.as_str() {
-        // Mix-up defence: the answer arrived at another provider's callback. No code exchange.
-        return failure_response(Failure::WrongProvider, platform, try_again);
-    }
-    if q.iss.is_some() {
-        // Neither provider sends `iss`; one that does is not the provider we talk to.
-        return failure_response(Failure::WrongProvider, platform, try_again);
-    }
-    let browser_ok = same_browser(&state, &headers, &flow.browser_hash);
-    if !browser_ok {
-        return failure_response(Failure::OtherBrowser, platform, try_again);
-    }
+    let state_hash = crypto::sha256_hex(raw_state.as_bytes());
+    let browser_hash = read_cookie(&headers, cookie_name(&state)).map(|v| crypto::sha256_hex(v.as_bytes()));
     let now = state.now_ms();
-    if flow.expires_at <= now {
-        return failure_response(Failure::StateExpired, platform, try_again);
-    }
-    let consumed = async {
-        let mut conn = state.db.pool().acquire().await?;
-        db::oauth_flows::consume(&mut conn, &flow.id, now).await
-    }
-    .await;
-    match consumed {
-        Ok(true) => {}
-        Ok(false) => return failure_response(Failure::StateReused, platform, try_again),
-        Err(e) => return service_error_page(e.into()),
-    }
+    // The common case in one statement: the state is known, unused, unexpired, of this provider
+    // and of this browser, and is consumed by it. `iss` is checked first: neither provider sends
+    // it, so one that does is not the provider we talk to, and its state stays unused.
+    let claimed = match (&browser_hash, q.iss.is_some()) {
+        (Some(browser_hash), false) => {
+            let (store, state_hash, browser_hash) =
+                (state.db.clone(), state_hash.clone(), browser_hash.clone());
+            let claimed = state
+                .db
+                .on_writer(async move {
+                    let mut conn = store.writer().await?;
+                    db::oauth_flows::claim(&mut conn, &state_hash, &browser_hash, platform.as_str(), now)
+                        .await
+                })
+                .await;
+            match claimed.and_then(|c| c) {
+                Ok(flow) => flow,
+                Err(e) => return service_error_page(e.into()),
+            }
+        }
+        _ => None,
+    };
+    let Some(flow) = claimed else {
+        return callback_refused(&state, platform, &state_hash, &headers, q.iss.is_some(), now).await;
+    };
 
-    let started = std::time::Instant::now();
     let mut provider_time = std::time::Duration::ZERO;
     let outcome = complete_flow(&state, &flow, platform, &q, &mut provider_time).await;
-    let (outcome_code, connection_id) = match outcome {
-        Ok((id, Upserted::Created)) => ("connected".to_string(), Some(id)),
-        Ok((id, Upserted::Reconnected)) => ("reconnected".to_string(), Some(id)),
-        Err(FlowError::Failed(f)) => (f.code().to_string(), None),
+    match outcome {
+        // The flow's outcome was recorded with the connection, in its transaction.
+        Ok(_) => {}
+        Err(FlowError::Failed(f)) => {
+            let (store, flow_id) = (state.db.clone(), flow.id.clone());
+            let recorded = state
+                .db
+                .on_writer(async move {
+                    let mut conn = store.writer().await?;
+                    db::oauth_flows::finish(&mut conn, &flow_id, f.code(), None).await
+                })
+                .await;
+            if let Err(e) = recorded.and_then(|r| r) {
+                return service_error_page(e.into());
+            }
+        }
         Err(FlowError::Service(e)) => {
             tracing::error!(error = %e, flow_id = %flow.id, "connect flow failed internally");
             return service_error_page(e);
         }
-    };
-    let recorded = async {
-        let mut conn = state.db.pool().acquire().await?;
-        db::oauth_flows::finish(&mut conn, &flow.id, &outcome_code, connection_id.as_deref()).await
-    }
-    .await;
-    if let Err(e) = recorded {
-        return service_error_page(e.into());
     }
     // A clean URL: the code and state leave the address bar and the history.
     let mut res = Redirect::to(&format!("/connected/{}", flow.id)).into_response();
@@ -432,6 +430,42 @@ pub async fn oauth_callback(
         res.headers_mut().insert("server-timing", v);
     }
     res
+}
+
+/// The callback's state was not claimed: reads the flow (if any) to tell the client why, in the
+/// order of the checks (unknown, other provider or `iss`, other browser, expired, used). No code
+/// exchange happens and nothing is written.
+async fn callback_refused(
+    state: &AppState,
+    platform: Platform,
+    state_hash: &str,
+    headers: &HeaderMap,
+    iss_present: bool,
+    now: i64,
+) -> Response {
+    let flow = async {
+        let mut conn = state.db.read().await?;
+        db::oauth_flows::get_by_state_hash(&mut conn, state_hash).await
+    }
+    .await;
+    let flow = match flow {
+        Ok(Some(f)) => f,
+        Ok(None) => return failure_response(Failure::StateUnknown, platform, None),
+        Err(e) => return service_error_page(e.into()),
+    };
+    // The flow is known: the failure page leads back to its link.
+    let try_again = landing_href(state, &flow.link_id).await;
+    let failure = if flow.provider != platform.as_str() || iss_present {
+        // Mix-up defence: the answer arrived at another provider's callback.
+        Failure::WrongProvider
+    } else if !same_browser(state, headers, &flow.browser_hash) {
+        Failure::OtherBrowser
+    } else if flow.expires_at <= now {
+        Failure::StateExpired
+    } else {
+        Failure::StateReused
+    };
+    failure_response(failure, platform, try_again)
 }
 
 enum FlowError {
@@ -479,7 +513,7 @@ async fn complete_flow(
     };
     // The link must still be usable when the client comes back.
     let link = {
-        let mut conn = state.db.pool().acquire().await.map_err(crate::service::ServiceError::from)?;
+        let mut conn = state.db.read().await.map_err(crate::service::ServiceError::from)?;
         db::links::get(&mut conn, &flow.link_id).await.map_err(crate::service::ServiceError::from)?
     };
     let Some(link) = link else { return Err(FlowError::Failed(Failure::LinkGone)) };
@@ -524,16 +558,26 @@ async fn complete_flow(
     })?;
     let mut tokens = tokens;
     tokens.scopes = granted;
-    let (row, outcome) =
-        connections::upsert_from_flow(state, &link, platform, &profile, &tokens, provider.is_sandbox())
-            .await?;
+    let (app, flow_id, sandbox) = (state.clone(), flow.id.clone(), provider.is_sandbox());
+    let (row, outcome) = state
+        .db
+        .on_writer(async move {
+            connections::upsert_from_flow(&app, &flow_id, &link, platform, &profile, &tokens, sandbox).await
+        })
+        .await
+        .map_err(crate::service::ServiceError::from)??;
     Ok((row.id, outcome))
 }
 
 /// The landing page of a link (unsealing its token), for "try again" and "connect another".
 async fn landing_href(state: &AppState, link_id: &str) -> Option<String> {
-    let mut conn = state.db.pool().acquire().await.ok()?;
+    let mut conn = state.db.read().await.ok()?;
     let link = db::links::get(&mut conn, link_id).await.ok()??;
+    landing_href_of(state, &link)
+}
+
+/// The landing page of `link`, whose token is unsealed for it.
+fn landing_href_of(state: &AppState, link: &LinkRow) -> Option<String> {
     let token = state.keys.open_str(&link.token_sealed, Aad::new("links", &link.id, "token")).ok()?;
     Some(format!("/l/{}", token.expose_secret()))
 }
@@ -587,7 +631,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     if !db::is_id(attempt) {
         return Ok(not_found());
     }
-    let mut conn = state.db.pool().acquire().await?;
+    let mut conn = state.db.read().await?;
     let Some(flow) = db::oauth_flows::get(&mut conn, attempt).await? else { return Ok(not_found()) };
     let browser_ok = same_browser(state, headers, &flow.browser_hash);
     if !browser_ok || flow.outcome.is_none() {
@@ -595,10 +639,11 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     }
     let platform: Platform =
         flow.provider.parse().map_err(|_| crate::service::ServiceError::NotFound("flow"))?;
-    let workspace = db::workspaces::get(&mut conn, &flow.workspace_id).await?;
-    let link = db::links::get(&mut conn, &flow.link_id).await?;
-    drop(conn);
-    let landing = landing_href(state, &flow.link_id).await;
+    let (link, workspace) = match db::links::get_with_workspace(&mut conn, &flow.link_id).await? {
+        Some((l, w)) => (Some(l), Some(w)),
+        None => (None, db::workspaces::get(&mut conn, &flow.workspace_id).await?),
+    };
+    let landing = link.as_ref().and_then(|l| landing_href_of(state, l));
     let outcome = flow.outcome.as_deref().unwrap_or_default();
     if let Some(f) = Failure::from_code(outcome) {
         let mut page = f.page(platform.display_name(), None);
@@ -611,7 +656,6 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     let (Some(workspace), Some(connection_id)) = (workspace, flow.connection_id.as_deref()) else {
         return Ok(not_found());
     };
-    let mut conn = state.db.pool().acquire().await?;
     let Some(connection) = db::connections::get(&mut conn, connection_id).await? else {
         return Ok(not_found());
     };
@@ -694,7 +738,7 @@ pub async fn show_avatar(
         return not_found();
     }
     let found = async {
-        let mut conn = state.db.pool().acquire().await?;
+        let mut conn = state.db.read().await?;
         let Some(flow) = db::oauth_flows::get(&mut conn, &attempt).await? else { return Ok(None) };
         let Some(cid) = flow.connection_id.clone() else { return Ok(None) };
         let connection = db::connections::get(&mut conn, &cid).await?;

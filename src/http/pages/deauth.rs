@@ -186,7 +186,7 @@ pub async fn instagram_data_deletion(
     };
     let code = hex::encode(crypto::random_bytes::<12>());
     let recorded = async {
-        let mut conn = state.db.pool().acquire().await?;
+        let mut conn = state.db.writer().await?;
         db::webhooks::insert_deletion_request(
             &mut conn,
             &code,
@@ -224,7 +224,7 @@ struct StatusPage {
 /// `GET /oauth/instagram/data-deletion/{code}`: the status of a deletion request.
 pub async fn instagram_deletion_status(State(state): State<AppState>, Path(code): Path<String>) -> Response {
     let found = async {
-        let mut conn = state.db.pool().acquire().await?;
+        let mut conn = state.db.read().await?;
         db::webhooks::get_deletion_request(&mut conn, &code).await
     }
     .await;

@@ -242,7 +242,9 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>) -> 
             sandbox: provider.is_sandbox(),
         })
         .collect();
-    let connections = if link.hide_connections != 0 {
+    // `use_count` counts every connection made through the link (in the transaction that makes
+    // it), so a link never used has none to list: most openings, by a client about to connect.
+    let connections = if link.hide_connections != 0 || link.use_count == 0 {
         Vec::new()
     } else {
         match connect::accounts_of_link(&state, &link.id).await {
@@ -270,9 +272,9 @@ async fn brand_stylesheet(State(state): State<AppState>, Path(file): Path<String
     let Some(id) = file.strip_suffix(".css").filter(|id| db::is_id(id)) else {
         return StatusCode::NOT_FOUND.into_response();
     };
-    let row = match state.db.pool().acquire().await {
+    let row = match state.db.read().await {
         Ok(mut conn) => db::workspaces::get(&mut conn, id).await,
-        Err(e) => Err(DbError::from(e)),
+        Err(e) => Err(e),
     };
     let Ok(Some(w)) = row else {
         return StatusCode::NOT_FOUND.into_response();
