@@ -183,13 +183,18 @@ async fn main() {
     }
     sqlx::query("ANALYZE connections").execute(&mut conn).await.unwrap();
 
+    let worker_pool = env_usize("BENCH_WORKER_DB_CONNECTIONS", 24).to_string();
+    let worker_concurrency = env_usize("BENCH_WORKER_CONCURRENCY", 64).to_string();
     let worker_env = [
         ("AUTHLINK_JOBS__TICK_MS", "50"),
         ("AUTHLINK_JOBS__REFRESH_BATCH", "500"),
-        ("AUTHLINK_JOBS__REFRESH_CONCURRENCY", "64"),
-        ("AUTHLINK_DATABASE__MAX_CONNECTIONS", "24"),
+        ("AUTHLINK_JOBS__REFRESH_CONCURRENCY", worker_concurrency.as_str()),
+        ("AUTHLINK_DATABASE__MAX_CONNECTIONS", worker_pool.as_str()),
         ("AUTHLINK_LOG", "error"),
     ];
+    eprintln!(
+        "workers: {worker_pool} database connections and {worker_concurrency} refreshes in flight each"
+    );
     let spawn_worker = |env: &Env| {
         let mut cmd = env.command(&["worker"]);
         cmd.envs(worker_env.iter().copied()).stdout(Stdio::null()).stderr(Stdio::null());

@@ -11,7 +11,7 @@
 //! connection can break between uses, and the check catches that.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,8 @@ pub(super) struct Stash {
     permits: Arc<Semaphore>,
     /// Set when the database closes: connections go back to the pool from then on.
     closed: Arc<AtomicBool>,
+    /// How many times a connection was taken.
+    taken: Arc<AtomicU64>,
 }
 
 impl Stash {
@@ -48,6 +50,7 @@ impl Stash {
             idle: Arc::default(),
             permits: Arc::new(Semaphore::new(usize::try_from(size).unwrap_or(1).max(1))),
             closed: Arc::default(),
+            taken: Arc::default(),
         }
     }
 
@@ -57,6 +60,7 @@ impl Stash {
             .await
             .map_err(|_| super::DbError::Unavailable(sqlx::Error::PoolTimedOut))?
             .map_err(|_| super::DbError::Unavailable(sqlx::Error::PoolClosed))?;
+        self.taken.fetch_add(1, Ordering::Relaxed);
         let mut permit = Some(permit);
         loop {
             let entry = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
@@ -93,6 +97,16 @@ impl Stash {
             home: Some(self.clone()),
             _permit: permit,
         })
+    }
+
+    /// How many times a connection was taken so far.
+    pub(super) fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    /// Whether [`drain`](Self::drain) was called.
+    pub(super) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// Returns every stashed connection to the pool, and those in use when they are dropped

@@ -317,15 +317,13 @@ pub async fn claim_due_refreshes(
     until_ms: i64,
     limit: i64,
 ) -> DbResult<Vec<String>> {
-    let lock = match backend {
-        super::Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-        super::Backend::Sqlite => "",
-    };
+    let ids = super::claimed_ids(
+        backend,
+        "SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= $3 \
+         AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_refresh_at LIMIT $4",
+    );
     let rows: Vec<(String,)> = sqlx::query_as(&format!(
-        "UPDATE connections SET lease_owner = $1, lease_until = $2 WHERE id IN (\
-           SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= $3 \
-           AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_refresh_at LIMIT $4 {lock}\
-         ) RETURNING id"
+        "UPDATE connections SET lease_owner = $1, lease_until = $2 WHERE {ids} RETURNING id"
     ))
     .bind(owner)
     .bind(until_ms)
@@ -436,41 +434,42 @@ pub async fn insert_attempt(conn: &mut AnyConnection, a: &AttemptRow) -> DbResul
     Ok(())
 }
 
-/// Records how an attempt ended.
-pub async fn finish_attempt(
-    conn: &mut AnyConnection,
-    id: &str,
-    outcome: &str,
-    detail: Option<&str>,
-    now_ms: i64,
-) -> DbResult<()> {
-    sqlx::query("UPDATE refresh_attempts SET outcome = $2, detail = $3, finished_at = $4 WHERE id = $1")
+/// Sets the detail of a finished attempt.
+pub async fn set_attempt_detail(conn: &mut AnyConnection, id: &str, detail: &str) -> DbResult<()> {
+    sqlx::query("UPDATE refresh_attempts SET detail = $2 WHERE id = $1")
         .bind(id)
-        .bind(outcome)
         .bind(detail)
-        .bind(now_ms)
         .execute(conn)
         .await?;
     Ok(())
 }
 
-/// Marks attempts of a connection that never finished (their process died between calling the
-/// provider and storing the result) as interrupted; returns how many there were.
-pub async fn close_interrupted_attempts(
+/// Finishes attempt `attempt_id` of connection `connection_id` with `outcome`, and marks the
+/// connection's other unfinished attempts as interrupted (their process died between calling the
+/// provider and storing the answer); returns how many of those there were.
+pub async fn finish_attempts(
     conn: &mut AnyConnection,
     connection_id: &str,
+    attempt_id: &str,
+    outcome: &str,
+    detail: Option<&str>,
     now_ms: i64,
 ) -> DbResult<u64> {
-    let done = sqlx::query(
-        "UPDATE refresh_attempts SET outcome = 'interrupted', finished_at = $2, \
-         detail = 'the process stopped after calling the provider and before storing the result' \
-         WHERE connection_id = $1 AND outcome = 'started'",
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "UPDATE refresh_attempts SET finished_at = $5, \
+         outcome = CASE WHEN id = $2 THEN $3 ELSE 'interrupted' END, \
+         detail = CASE WHEN id = $2 THEN $4 \
+           ELSE 'the process stopped after calling the provider and before storing the result' END \
+         WHERE connection_id = $1 AND outcome = 'started' RETURNING id",
     )
     .bind(connection_id)
+    .bind(attempt_id)
+    .bind(outcome)
+    .bind(detail)
     .bind(now_ms)
-    .execute(conn)
+    .fetch_all(conn)
     .await?;
-    Ok(done.rows_affected())
+    Ok(rows.iter().filter(|(id,)| id != attempt_id).count() as u64)
 }
 
 /// A connection's refresh attempts, oldest first.

@@ -1,6 +1,8 @@
 //! The `links` table: reusable auth links. The token is stored as its SHA-256 (for lookup) and
 //! sealed (so members can copy the link again), never in plain text.
 
+use std::sync::LazyLock;
+
 use sqlx::{AnyConnection, FromRow, Row};
 
 use super::DbResult;
@@ -104,14 +106,15 @@ pub async fn update(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
     Ok(())
 }
 
-/// Counts one more successful connection through the link.
-pub async fn record_use(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<()> {
-    sqlx::query("UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1")
-        .bind(id)
-        .bind(now_ms)
-        .execute(conn)
-        .await?;
-    Ok(())
+/// Counts one more successful connection through the link; returns the link as it now stands.
+pub async fn record_use(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<Option<LinkRow>> {
+    Ok(sqlx::query_as(&format!(
+        "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(now_ms)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// One link by id.
@@ -128,7 +131,7 @@ pub async fn get_with_workspace_by_token_hash(
     conn: &mut AnyConnection,
     hash: &str,
 ) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
-    with_workspace(conn, "token_hash", hash).await
+    with_workspace(conn, &WITH_WORKSPACE_BY_TOKEN_HASH, hash).await
 }
 
 /// One link by id, with its workspace, in one query.
@@ -136,24 +139,19 @@ pub async fn get_with_workspace(
     conn: &mut AnyConnection,
     id: &str,
 ) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
-    with_workspace(conn, "id", id).await
+    with_workspace(conn, &WITH_WORKSPACE_BY_ID, id).await
 }
+
+// Built once: the landing page runs one of them on every request.
+static WITH_WORKSPACE_BY_ID: LazyLock<String> = LazyLock::new(|| with_workspace_sql("id"));
+static WITH_WORKSPACE_BY_TOKEN_HASH: LazyLock<String> = LazyLock::new(|| with_workspace_sql("token_hash"));
 
 async fn with_workspace(
     conn: &mut AnyConnection,
-    key: &'static str,
+    sql: &str,
     value: &str,
 ) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
-    let link_columns = COLUMNS.split(", ").map(|c| format!("l.{c}")).collect::<Vec<_>>().join(", ");
-    let row = sqlx::query(&format!(
-        "SELECT {link_columns}, w.name AS w_name, w.slug AS w_slug, w.display_name AS w_display_name, \
-         w.logo_url AS w_logo_url, w.accent_color AS w_accent_color, w.allowed_redirects AS w_allowed_redirects, \
-         w.created_at AS w_created_at, w.updated_at AS w_updated_at \
-         FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.{key} = $1"
-    ))
-    .bind(value)
-    .fetch_optional(conn)
-    .await?;
+    let row = sqlx::query(sql).bind(value).fetch_optional(conn).await?;
     let Some(row) = row else { return Ok(None) };
     let link = LinkRow::from_row(&row)?;
     let workspace = WorkspaceRow {
@@ -168,6 +166,16 @@ async fn with_workspace(
         updated_at: row.try_get("w_updated_at")?,
     };
     Ok(Some((link, workspace)))
+}
+
+fn with_workspace_sql(key: &str) -> String {
+    let link_columns = COLUMNS.split(", ").map(|c| format!("l.{c}")).collect::<Vec<_>>().join(", ");
+    format!(
+        "SELECT {link_columns}, w.name AS w_name, w.slug AS w_slug, w.display_name AS w_display_name, \
+         w.logo_url AS w_logo_url, w.accent_color AS w_accent_color, w.allowed_redirects AS w_allowed_redirects, \
+         w.created_at AS w_created_at, w.updated_at AS w_updated_at \
+         FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.{key} = $1"
+    )
 }
 
 /// Filters for [`list`].

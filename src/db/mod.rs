@@ -142,6 +142,38 @@ impl WriterThread {
     }
 }
 
+/// How often the SQLite WAL is copied back into the database file, when anything was written.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Copies the SQLite WAL back into the database file from a reader connection, off the writer's
+/// path (`PASSIVE`: it waits for no one and no one waits for it). Runs on the writer thread until
+/// the database closes or its last handle is dropped (which stops that thread).
+async fn checkpoint_loop(pool: AnyPool, reads: Stash, writes: Stash, timeout: Duration) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = writes.taken();
+    loop {
+        tick.tick().await;
+        if reads.is_closed() {
+            return;
+        }
+        let taken = writes.taken();
+        if taken == seen {
+            continue;
+        }
+        seen = taken;
+        let done = async {
+            let mut conn = reads.take(&pool, timeout).await?;
+            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *conn).await?;
+            Ok::<_, DbError>(())
+        }
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "SQLite checkpoint failed; retrying later");
+        }
+    }
+}
+
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -160,7 +192,10 @@ impl Db {
             .map_err(DbError::Other)?
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-        let connect = |max_connections: u32| {
+        // `checkpoints`: whether commits on these connections copy the WAL back into the
+        // database file once it is long (SQLite's default). The writer's do not: a checkpoint
+        // ends in a disk flush, and every other writer would wait for it; see `checkpoint_loop`.
+        let connect = |max_connections: u32, checkpoints: bool| {
             let pool_options = AnyPoolOptions::new()
                 .max_connections(max_connections)
                 .min_connections(0)
@@ -169,13 +204,16 @@ impl Db {
                 // is reported as unavailable (503), and the pool drops it.
                 .test_before_acquire(false);
             let pool_options = match backend {
-                Backend::Sqlite => pool_options.after_connect(|conn, _meta| {
+                Backend::Sqlite => pool_options.after_connect(move |conn, _meta| {
                     Box::pin(async move {
                         conn.execute(
                             "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; PRAGMA secure_delete = ON; \
                              PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
                         )
                         .await?;
+                        if !checkpoints {
+                            conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
+                        }
                         Ok(())
                     })
                 }),
@@ -192,9 +230,9 @@ impl Db {
                 .map_err(DbError::from)
             }
         };
-        let pool = connect(options.max_connections).await?;
+        let pool = connect(options.max_connections, true).await?;
         let (writer, writer_thread) = match backend {
-            Backend::Sqlite => (connect(1).await?, Some(WriterThread::start()?)),
+            Backend::Sqlite => (connect(1, false).await?, Some(WriterThread::start()?)),
             Backend::Postgres => (pool.clone(), None),
         };
         let stashes = match backend {
@@ -202,6 +240,14 @@ impl Db {
             Backend::Postgres => None,
         };
         let acquire_timeout = Duration::from_secs(options.acquire_timeout_secs);
+        if let (Some(thread), Some((reads, writes))) = (&writer_thread, &stashes) {
+            thread.handle.spawn(checkpoint_loop(
+                pool.clone(),
+                reads.clone(),
+                writes.clone(),
+                acquire_timeout,
+            ));
+        }
         Ok(Self { pool, writer, writer_thread, stashes, acquire_timeout, backend })
     }
 
@@ -297,15 +343,15 @@ fn prepare_sqlite_url(url: &str) -> DbResult<String> {
     }
 }
 
-/// Lets the current transaction commit without waiting for the server's disk flush
-/// (PostgreSQL `synchronous_commit = off`; nothing on SQLite, where WAL with
-/// `synchronous = NORMAL` already behaves so). For records that must survive a crash of our
-/// process but not of the database server.
-pub async fn relax_commit(conn: &mut sqlx::AnyConnection, backend: Backend) -> DbResult<()> {
-    if backend == Backend::Postgres {
-        sqlx::query("SET LOCAL synchronous_commit = off").execute(conn).await?;
+/// `id IN (subquery)` for claiming rows, with the subquery's row locking on PostgreSQL
+/// (`FOR UPDATE SKIP LOCKED`) and written as `id = ANY(ARRAY(...))` there: PostgreSQL joins an
+/// `IN (...)` against a scan of the whole table, but looks the ids of an array up in the primary
+/// key. SQLite takes the write lock with the transaction and needs neither.
+fn claimed_ids(backend: Backend, subquery: &str) -> String {
+    match backend {
+        Backend::Postgres => format!("id = ANY(ARRAY({subquery} FOR UPDATE SKIP LOCKED))"),
+        Backend::Sqlite => format!("id IN ({subquery})"),
     }
-    Ok(())
 }
 
 /// A new time-ordered id.

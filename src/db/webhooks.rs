@@ -271,15 +271,13 @@ pub async fn claim_due(
     until_ms: i64,
     limit: i64,
 ) -> DbResult<Vec<String>> {
-    let lock = match backend {
-        Backend::Postgres => "FOR UPDATE SKIP LOCKED",
-        Backend::Sqlite => "",
-    };
+    let ids = super::claimed_ids(
+        backend,
+        "SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $3 \
+         AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_attempt_at LIMIT $4",
+    );
     let rows: Vec<(String,)> = sqlx::query_as(&format!(
-        "UPDATE webhook_deliveries SET lease_owner = $1, lease_until = $2 WHERE id IN (\
-           SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $3 \
-           AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_attempt_at LIMIT $4 {lock}\
-         ) RETURNING id"
+        "UPDATE webhook_deliveries SET lease_owner = $1, lease_until = $2 WHERE {ids} RETURNING id"
     ))
     .bind(owner)
     .bind(until_ms)

@@ -320,7 +320,7 @@ pub async fn upsert_from_flow(
         &event(&row, kind, Some(format!("{} {handle} via link {}", platform.display_name(), link.id)), now),
     )
     .await?;
-    db::links::record_use(&mut tx, &link.id, now).await?;
+    let used = db::links::record_use(&mut tx, &link.id, now).await?;
     audit::record(
         &mut tx,
         now,
@@ -332,7 +332,10 @@ pub async fn upsert_from_flow(
         serde_json::json!({"provider": platform, "link_id": link.id, "sandbox": sandbox}),
     )
     .await?;
-    let data = event_data(&mut tx, app, &row, None).await?;
+    let data = match &used {
+        Some(link) => event_data_with_link(app, &row, link, None)?,
+        None => event_data(&mut tx, app, &row, None).await?,
+    };
     super::webhooks::emit(&mut tx, app, now, &row.workspace_id, action, data).await?;
     let flow_outcome = match outcome {
         Upserted::Created => "connected",
@@ -577,8 +580,22 @@ pub async fn event_data(
     row: &ConnectionRow,
     detail: Option<&str>,
 ) -> ServiceResult<serde_json::Value> {
-    let mut data = serde_json::to_value(view(row)).unwrap_or(serde_json::Value::Null);
     let repair = repair_url(conn, app, row).await?;
+    Ok(event_payload(row, repair, detail))
+}
+
+/// [`event_data`] for a connection whose link is at hand (as it stands after this change).
+pub fn event_data_with_link(
+    app: &App,
+    row: &ConnectionRow,
+    link: &LinkRow,
+    detail: Option<&str>,
+) -> ServiceResult<serde_json::Value> {
+    Ok(event_payload(row, repair_url_of(app, link)?, detail))
+}
+
+fn event_payload(row: &ConnectionRow, repair: Option<String>, detail: Option<&str>) -> serde_json::Value {
+    let mut data = serde_json::to_value(view(row)).unwrap_or(serde_json::Value::Null);
     if let Some(obj) = data.as_object_mut() {
         obj.insert("detail".into(), detail.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null));
         obj.insert(
@@ -586,7 +603,7 @@ pub async fn event_data(
             repair.map(serde_json::Value::from).unwrap_or(serde_json::Value::Null),
         );
     }
-    Ok(data)
+    data
 }
 
 /// The link that repairs a connection: the URL of the link it last came through, if that link
@@ -598,7 +615,12 @@ pub async fn repair_url(
 ) -> ServiceResult<Option<String>> {
     let Some(link_id) = row.link_id.as_deref() else { return Ok(None) };
     let Some(link) = db::links::get(conn, link_id).await? else { return Ok(None) };
-    if super::links::LinkStatus::of(&link, app.now_ms()) != super::links::LinkStatus::Active {
+    repair_url_of(app, &link)
+}
+
+/// The URL of `link`, if it can still be used.
+fn repair_url_of(app: &App, link: &LinkRow) -> ServiceResult<Option<String>> {
+    if super::links::LinkStatus::of(link, app.now_ms()) != super::links::LinkStatus::Active {
         return Ok(None);
     }
     let token = app.keys.open_str(&link.token_sealed, Aad::new("links", &link.id, "token"))?;

@@ -178,49 +178,31 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
     };
     let now = app.now_ms();
     let attempt_id = new_id();
-    let interrupted = {
-        let mut tx = app.db.begin_write().await?;
-        // This record only has to survive a crash of this process, not of the database
-        // server, so it need not wait for the server's disk flush.
-        db::relax_commit(&mut tx, app.db.backend()).await?;
-        let interrupted = db::connections::close_interrupted_attempts(&mut tx, &row.id, now).await?;
-        if interrupted > 0 {
-            db::connections::insert_event(
-                &mut tx,
-                &connections::event(
-                    &row,
-                    "refresh_interrupted",
-                    Some(
-                        "A previous refresh stopped between calling the provider and storing its answer."
-                            .into(),
-                    ),
-                    now,
-                ),
-            )
-            .await?;
-        }
-        db::connections::insert_attempt(
-            &mut tx,
-            &AttemptRow {
-                id: attempt_id.clone(),
-                connection_id: row.id.clone(),
-                owner: owner.to_string(),
-                generation: row.token_generation,
-                outcome: "started".into(),
-                detail: None,
-                started_at: now,
-                finished_at: None,
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        interrupted > 0
-    };
+    // Recorded before the provider is called, in one statement: a crash between the provider's
+    // answer and our commit leaves this attempt `started`, and whichever attempt finishes next
+    // marks it interrupted (see `finish_attempts`).
+    db::connections::insert_attempt(
+        &mut *app.db.writer().await?,
+        &AttemptRow {
+            id: attempt_id.clone(),
+            connection_id: row.id.clone(),
+            owner: owner.to_string(),
+            generation: row.token_generation,
+            outcome: "started".into(),
+            detail: None,
+            started_at: now,
+            finished_at: None,
+        },
+    )
+    .await?;
 
     let access: SecretString = match row.access_token_sealed.as_deref() {
         Some(s) => app.keys.open_str(s, access_aad(&row.id))?,
         None => {
-            return finish_broken(app, &mut row, owner, &attempt_id, "The connection holds no token.").await;
+            return finish_broken(app, &mut row, owner, &attempt_id, |_| {
+                "The connection holds no token.".into()
+            })
+            .await;
         }
     };
     let refresh_token: Option<SecretString> = match row.refresh_token_sealed.as_deref() {
@@ -265,19 +247,21 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
             finish_transient(app, &mut row, owner, &attempt_id, &reason, None, platform).await
         }
         Err(ProviderError::Permanent { reason }) | Err(ProviderError::Scope { reason }) => {
-            let why = if interrupted {
-                format!(
-                    "{} refused the stored token ({reason}). An earlier refresh was interrupted after the provider may \
-                     have issued new tokens; the client must reconnect through the link.",
-                    platform.display_name()
-                )
-            } else {
-                format!(
-                    "{} refused the token ({reason}); the client must reconnect through the link.",
-                    platform.display_name()
-                )
+            let why = |interrupted: bool| {
+                if interrupted {
+                    format!(
+                        "{} refused the stored token ({reason}). An earlier refresh was interrupted after the provider \
+                         may have issued new tokens; the client must reconnect through the link.",
+                        platform.display_name()
+                    )
+                } else {
+                    format!(
+                        "{} refused the token ({reason}); the client must reconnect through the link.",
+                        platform.display_name()
+                    )
+                }
             };
-            finish_broken(app, &mut row, owner, &attempt_id, &why).await
+            finish_broken(app, &mut row, owner, &attempt_id, why).await
         }
     }
 }
@@ -295,21 +279,25 @@ async fn store_refreshed(
     let mut tx = app.db.begin_write().await?;
     if !db::connections::store_refreshed(&mut tx, row, generation, owner).await? {
         // Another writer stored newer tokens (a reconnect meanwhile): ours are older; keep theirs.
-        db::connections::finish_attempt(
+        let interrupted = db::connections::finish_attempts(
             &mut tx,
+            &row.id,
             attempt_id,
             "superseded",
             Some("newer tokens were stored meanwhile"),
             now,
         )
         .await?;
+        record_interrupted(&mut tx, row, interrupted, now).await?;
         db::connections::release_lease(&mut tx, &row.id, owner).await?;
         let current =
             db::connections::get(&mut tx, &row.id).await?.ok_or(ServiceError::NotFound("connection"))?;
         tx.commit().await?;
         return Ok(Outcome::Current(Box::new(current)));
     }
-    db::connections::finish_attempt(&mut tx, attempt_id, "succeeded", None, now).await?;
+    let interrupted =
+        db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "succeeded", None, now).await?;
+    record_interrupted(&mut tx, row, interrupted, now).await?;
     db::connections::insert_event(&mut tx, &connections::event(row, "refreshed", None, now)).await?;
     if previous_failures >= REFRESH_FAILED_THRESHOLD {
         db::connections::insert_event(
@@ -347,7 +335,10 @@ async fn finish_transient(
     let mut tx = app.db.begin_write().await?;
     db::connections::update(&mut tx, row).await?;
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
-    db::connections::finish_attempt(&mut tx, attempt_id, "transient", Some(reason), now).await?;
+    let interrupted =
+        db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "transient", Some(reason), now)
+            .await?;
+    record_interrupted(&mut tx, row, interrupted, now).await?;
     if row.refresh_failures == REFRESH_FAILED_THRESHOLD {
         let detail =
             format!("{} refresh attempts failed; still retrying. Last error: {reason}", row.refresh_failures);
@@ -365,20 +356,50 @@ async fn finish_transient(
     Ok(Outcome::Transient(reason.to_string()))
 }
 
+/// Breaks the connection with the reason `why` gives, told whether an earlier attempt was found
+/// interrupted (which explains a refused token).
 async fn finish_broken(
     app: &App,
     row: &mut ConnectionRow,
     owner: &str,
     attempt_id: &str,
-    reason: &str,
+    why: impl FnOnce(bool) -> String,
 ) -> ServiceResult<Outcome> {
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
-    connections::mark_broken_in(&mut tx, app, row, reason, now).await?;
+    let interrupted =
+        db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "permanent", None, now).await?;
+    record_interrupted(&mut tx, row, interrupted, now).await?;
+    let reason = why(interrupted > 0);
+    db::connections::set_attempt_detail(&mut tx, attempt_id, &reason).await?;
+    connections::mark_broken_in(&mut tx, app, row, &reason, now).await?;
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
-    db::connections::finish_attempt(&mut tx, attempt_id, "permanent", Some(reason), now).await?;
     tx.commit().await?;
-    Ok(Outcome::Broken(reason.to_string()))
+    Ok(Outcome::Broken(reason))
+}
+
+/// The event that explains an interrupted refresh, when one was found.
+async fn record_interrupted(
+    tx: &mut sqlx::AnyConnection,
+    row: &ConnectionRow,
+    interrupted: u64,
+    now: i64,
+) -> ServiceResult<()> {
+    if interrupted > 0 {
+        db::connections::insert_event(
+            tx,
+            &connections::event(
+                row,
+                "refresh_interrupted",
+                Some(
+                    "A previous refresh stopped between calling the provider and storing its answer.".into(),
+                ),
+                now,
+            ),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// The health check: a cheap profile call that catches revocations early and keeps the

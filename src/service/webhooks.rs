@@ -470,8 +470,9 @@ pub async fn emit(
     workspace_id: &str,
     event_type: &str,
     data: serde_json::Value,
-) -> ServiceResult<String> {
-    emit_to(conn, &app.keys, now_ms, workspace_id, event_type, data, None).await
+) -> ServiceResult<()> {
+    emit_to(conn, &app.keys, now_ms, workspace_id, event_type, data, None).await?;
+    Ok(())
 }
 
 /// Where an event's payload is sealed: payloads carry repair links, which are capabilities.
@@ -489,6 +490,19 @@ async fn emit_to(
     only_endpoint: Option<&str>,
 ) -> ServiceResult<String> {
     let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+    let endpoints: Vec<_> = db::webhooks::list_endpoints(conn, Some(workspace_id))
+        .await?
+        .into_iter()
+        .filter(|endpoint| match only_endpoint {
+            Some(only) => endpoint.id == only,
+            None => endpoint.enabled != 0 && endpoint.wants(event_type),
+        })
+        .collect();
+    if endpoints.is_empty() {
+        // Nothing to deliver: the outbox holds events on their way to an endpoint, and an
+        // endpoint added later receives only what happens after it.
+        return Ok(id);
+    }
     let timestamp =
         from_millis(now_ms).format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
     let payload = serde_json::json!({ "type": event_type, "timestamp": timestamp, "data": data });
@@ -503,14 +517,7 @@ async fn emit_to(
         },
     )
     .await?;
-    for endpoint in db::webhooks::list_endpoints(conn, Some(workspace_id)).await? {
-        let wanted = match only_endpoint {
-            Some(only) => endpoint.id == only,
-            None => endpoint.enabled != 0 && endpoint.wants(event_type),
-        };
-        if !wanted {
-            continue;
-        }
+    for endpoint in endpoints {
         db::webhooks::insert_delivery(
             conn,
             &DeliveryRow {
