@@ -258,8 +258,10 @@ async fn main() {
     .unwrap();
     sqlx::query("ANALYZE connections").execute(&mut conn).await.unwrap();
     let plan: Vec<(String,)> = sqlx::query_as(&format!(
-        "EXPLAIN SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= {now_ms} \
-         AND (lease_until IS NULL OR lease_until < {now_ms}) ORDER BY next_refresh_at LIMIT 200 FOR UPDATE SKIP LOCKED"
+        "EXPLAIN UPDATE connections SET lease_owner = 'bench', lease_until = {now_ms} + 60000 WHERE id = ANY(ARRAY(\
+         SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= {now_ms} \
+         AND (lease_until IS NULL OR lease_until < {now_ms}) ORDER BY next_refresh_at LIMIT 200 FOR UPDATE SKIP LOCKED)) \
+         RETURNING id"
     ))
     .fetch_all(&mut conn)
     .await
@@ -307,7 +309,7 @@ async fn main() {
         idle_rss as f64 / 1024.0,
         pass(idle_cpu < 1.0)
     ));
-    report.push_str("\nDue-query plan (PostgreSQL, EXPLAIN):\n\n```\n");
+    report.push_str("\nThe scheduler's claim statement, as `claim_due_refreshes` sends it (PostgreSQL, EXPLAIN):\n\n```\n");
     for (line,) in &plan {
         report.push_str(line);
         report.push('\n');

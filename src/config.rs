@@ -151,7 +151,7 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// Most connections in the pool.
+    /// Most connections in the pool (on SQLite: reader connections; writes use one more).
     pub max_connections: u32,
     /// How long a request waits for a connection before it gets 503.
     pub acquire_timeout_secs: u64,
