@@ -125,8 +125,51 @@ pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<LinkRow>
         .await?)
 }
 
-/// One link by the SHA-256 of its token, with its workspace, in one query: what the landing page
-/// and the start of a connect flow need.
+/// What the public landing page needs of a link and its workspace: no more, because every column
+/// read is copied twice on its way from SQLite, and this page is the one opened most.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PublicLinkRow {
+    /// Link id.
+    pub id: String,
+    /// Owning workspace.
+    pub workspace_id: String,
+    /// Normally the client's name.
+    pub label: String,
+    /// Comma-separated platforms offered.
+    pub platforms: String,
+    /// Expiry (ms), if any.
+    pub expires_at: Option<i64>,
+    /// Most successful connections, if limited.
+    pub max_uses: Option<i64>,
+    /// When it was revoked.
+    pub revoked_at: Option<i64>,
+    /// Successful connections through it.
+    pub use_count: i64,
+    /// 1: the page does not list the accounts connected through the link.
+    pub hide_connections: i64,
+    /// The workspace's name.
+    pub workspace_name: String,
+    /// The name clients see, if set.
+    pub workspace_display_name: Option<String>,
+    /// The workspace's last change (ms): the version of its brand stylesheet.
+    pub workspace_updated_at: i64,
+}
+
+/// [`PublicLinkRow`] by the SHA-256 of the link's token.
+pub async fn public_by_token_hash(conn: &mut AnyConnection, hash: &str) -> DbResult<Option<PublicLinkRow>> {
+    Ok(sqlx::query_as(
+        "SELECT l.id, l.workspace_id, l.label, l.platforms, l.expires_at, l.max_uses, l.revoked_at, l.use_count, \
+         l.hide_connections, w.name AS workspace_name, w.display_name AS workspace_display_name, \
+         w.updated_at AS workspace_updated_at \
+         FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.token_hash = $1",
+    )
+    .bind(hash)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// One link by the SHA-256 of its token, with its workspace, in one query: what the start of a
+/// connect flow needs.
 pub async fn get_with_workspace_by_token_hash(
     conn: &mut AnyConnection,
     hash: &str,

@@ -28,12 +28,12 @@ use crate::state::AppState;
 
 /// The path as it may be logged: link tokens and anything that looks like one are redacted, and
 /// the query string (which carries OAuth codes and state) is never included.
-pub fn loggable_path(path: &str) -> String {
-    if let Some(rest) = path.strip_prefix("/l/") {
-        let tail = rest.split_once('/').map(|(_, t)| format!("/{t}")).unwrap_or_default();
-        return format!("/l/[redacted]{tail}");
+pub fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
+    match path.strip_prefix("/l/").map(|rest| rest.split_once('/')) {
+        Some(Some((_, tail))) => format!("/l/[redacted]/{tail}").into(),
+        Some(None) => "/l/[redacted]".into(),
+        None => path.into(),
     }
-    path.to_string()
 }
 
 /// Builds the whole application router.

@@ -31,11 +31,22 @@ pub enum LinkStatus {
 impl LinkStatus {
     /// The status of `row` at `now_ms`.
     pub fn of(row: &LinkRow, now_ms: i64) -> Self {
-        if row.revoked_at.is_some() {
+        Self::from_parts(row.revoked_at, row.expires_at, row.max_uses, row.use_count, now_ms)
+    }
+
+    /// The status of a link with these fields at `now_ms`.
+    pub fn from_parts(
+        revoked_at: Option<i64>,
+        expires_at: Option<i64>,
+        max_uses: Option<i64>,
+        use_count: i64,
+        now_ms: i64,
+    ) -> Self {
+        if revoked_at.is_some() {
             LinkStatus::Revoked
-        } else if row.expires_at.is_some_and(|e| e <= now_ms) {
+        } else if expires_at.is_some_and(|e| e <= now_ms) {
             LinkStatus::Expired
-        } else if row.max_uses.is_some_and(|m| row.use_count >= m) {
+        } else if max_uses.is_some_and(|m| use_count >= m) {
             LinkStatus::UsedUp
         } else {
             LinkStatus::Active
@@ -500,6 +511,24 @@ pub async fn rotate(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
 /// The `data` of a link webhook: the link as the API shows it (with its current URL).
 fn link_event_data(app: &App, row: &LinkRow) -> ServiceResult<serde_json::Value> {
     Ok(serde_json::to_value(view(app, row)?).unwrap_or(serde_json::Value::Null))
+}
+
+/// What the landing page finds for a token: the link with its status (`None`: unknown or
+/// malformed token).
+pub async fn resolve_public(
+    app: &App,
+    token: &str,
+) -> ServiceResult<Option<(db::links::PublicLinkRow, LinkStatus)>> {
+    if !token_well_formed(token) {
+        return Ok(None);
+    }
+    let hash = crypto::sha256_hex(token.as_bytes());
+    let mut conn = app.db.read().await?;
+    let Some(link) = db::links::public_by_token_hash(&mut conn, &hash).await? else { return Ok(None) };
+    drop(conn);
+    let status =
+        LinkStatus::from_parts(link.revoked_at, link.expires_at, link.max_uses, link.use_count, app.now_ms());
+    Ok(Some((link, status)))
 }
 
 /// What a public link token resolves to.

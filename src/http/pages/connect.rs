@@ -107,7 +107,7 @@ pub async fn start_connect(
                     .next("Open the link again from the message you were sent."),
             );
         }
-        Ok(Resolved::Gone { status, workspace }) => return super::link_gone(status, &workspace),
+        Ok(Resolved::Gone { status, workspace }) => return super::link_gone(status, &*workspace),
         Ok(Resolved::Usable { link, workspace }) => (link, workspace),
     };
     let landing = format!("/l/{token}");
@@ -120,7 +120,7 @@ pub async fn start_connect(
             StatusCode::NOT_FOUND,
             &MessagePage::new("Platform not offered", "This link does not offer that platform.")
                 .retry(landing)
-                .branded(&workspace),
+                .branded(&*workspace),
         );
     };
 

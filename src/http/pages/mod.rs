@@ -17,11 +17,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 
+use crate::db::links::PublicLinkRow;
 use crate::db::workspaces::WorkspaceRow;
 use crate::db::{self, DbError};
 use crate::domain::{self, Platform};
 use crate::service::ServiceError;
-use crate::service::links::{self, LinkStatus, Resolved};
+use crate::service::links::{self, LinkStatus};
 use crate::state::AppState;
 
 /// The page routes.
@@ -82,10 +83,11 @@ impl MessagePage {
     }
 
     /// Brands the page with a workspace.
-    pub fn branded(mut self, w: &WorkspaceRow) -> Self {
-        self.workspace_name = Some(w.public_name().to_string());
-        self.workspace_id = Some(w.id.clone());
-        self.brand_version = w.updated_at;
+    pub fn branded<'a>(mut self, brand: impl Into<Brand<'a>>) -> Self {
+        let brand = brand.into();
+        self.workspace_name = Some(brand.name.to_string());
+        self.workspace_id = Some(brand.workspace_id.to_string());
+        self.brand_version = brand.version;
         self
     }
 
@@ -124,7 +126,36 @@ fn link_not_found() -> Response {
 }
 
 /// The 410 page for revoked, expired or used-up links.
-pub(crate) fn link_gone(status: LinkStatus, w: &WorkspaceRow) -> Response {
+/// What a client page shows of a workspace: its public name, and its stylesheet (by id and
+/// version).
+#[derive(Debug, Clone, Copy)]
+pub struct Brand<'a> {
+    /// The workspace.
+    pub workspace_id: &'a str,
+    /// The name clients see.
+    pub name: &'a str,
+    /// The workspace's last change (ms).
+    pub version: i64,
+}
+
+impl<'a> From<&'a WorkspaceRow> for Brand<'a> {
+    fn from(w: &'a WorkspaceRow) -> Self {
+        Self { workspace_id: &w.id, name: w.public_name(), version: w.updated_at }
+    }
+}
+
+impl<'a> From<&'a PublicLinkRow> for Brand<'a> {
+    fn from(l: &'a PublicLinkRow) -> Self {
+        Self {
+            workspace_id: &l.workspace_id,
+            name: l.workspace_display_name.as_deref().unwrap_or(&l.workspace_name),
+            version: l.workspace_updated_at,
+        }
+    }
+}
+
+pub(crate) fn link_gone<'a>(status: LinkStatus, brand: impl Into<Brand<'a>>) -> Response {
+    let w = brand.into();
     let why = match status {
         LinkStatus::Revoked => "This link has been switched off.",
         LinkStatus::Expired => "This link has expired.",
@@ -134,7 +165,7 @@ pub(crate) fn link_gone(status: LinkStatus, w: &WorkspaceRow) -> Response {
     render(
         StatusCode::GONE,
         &MessagePage::new("This link no longer works", why)
-            .next(format!("Ask {} to send you a new link. Nothing was connected.", w.public_name()))
+            .next(format!("Ask {} to send you a new link. Nothing was connected.", w.name))
             .branded(w),
     )
 }
@@ -203,11 +234,11 @@ pub struct ConnectedAccount {
 
 #[derive(Template)]
 #[template(path = "client/landing.html")]
-struct LandingPage {
-    token: String,
-    label: String,
-    workspace_name: String,
-    workspace_id: String,
+struct LandingPage<'a> {
+    token: &'a str,
+    label: &'a str,
+    workspace_name: &'a str,
+    workspace_id: &'a str,
     brand_version: i64,
     monogram: String,
     platforms: Vec<PlatformOption>,
@@ -223,14 +254,11 @@ pub fn monogram(name: &str) -> String {
 
 /// `GET /l/{token}`: the landing page. Read-only.
 async fn show_link(State(state): State<AppState>, Path(token): Path<String>) -> Response {
-    let resolved = match links::resolve(&state, &token).await {
-        Ok(r) => r,
+    let link = match links::resolve_public(&state, &token).await {
+        Ok(Some((link, LinkStatus::Active))) => link,
+        Ok(Some((link, status))) => return link_gone(status, &link),
+        Ok(None) => return link_not_found(),
         Err(e) => return service_error_page(e),
-    };
-    let (link, workspace) = match resolved {
-        Resolved::Unknown => return link_not_found(),
-        Resolved::Gone { status, workspace } => return link_gone(status, &workspace),
-        Resolved::Usable { link, workspace } => (link, workspace),
     };
     let platforms: Vec<PlatformOption> = domain::platforms_from_db(&link.platforms)
         .into_iter()
@@ -252,13 +280,14 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>) -> 
             Err(e) => return service_error_page(e),
         }
     };
+    let brand = Brand::from(&link);
     let page = LandingPage {
-        token,
-        label: link.label.clone(),
-        workspace_name: workspace.public_name().to_string(),
-        workspace_id: workspace.id.clone(),
-        brand_version: workspace.updated_at,
-        monogram: monogram(workspace.public_name()),
+        token: &token,
+        label: &link.label,
+        workspace_name: brand.name,
+        workspace_id: brand.workspace_id,
+        brand_version: brand.version,
+        monogram: monogram(brand.name),
         any_sandbox: platforms.iter().any(|p| p.sandbox),
         platforms,
         connections,
