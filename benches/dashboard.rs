@@ -26,7 +26,7 @@
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,43 +38,18 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, Connection, Row};
 
-const BIN: &str = env!("CARGO_BIN_EXE_authlink");
+mod common;
+use common::{Env, env_usize, process_ticks, random_master_key};
+
 const TARGET_P99_MS: f64 = 20.0;
 const EMAIL: &str = "bench-admin@example.com";
 const MAIN_SLUG: &str = "bench";
 const OTHER_SLUG: &str = "other";
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn random_key() -> String {
-    use base64::Engine;
-    let bytes: [u8; 32] = std::array::from_fn(|_| rand::random::<u8>());
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The binary
 
-struct Env {
-    vars: Vec<(String, String)>,
-    dir: tempfile::TempDir,
-}
-
 impl Env {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).current_dir(self.dir.path());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("AUTHLINK_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        cmd
-    }
-
     /// Runs a CLI command with `--json`, optionally writing `stdin`, and parses its output.
     fn cli(&self, args: &[&str], stdin: Option<&str>) -> Value {
         let mut cmd = self.command(args);
@@ -546,16 +521,6 @@ fn machine_busy_ticks() -> u64 {
     fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum()
 }
 
-/// CPU time (user + system) of a process, in clock ticks.
-fn process_ticks(pid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of /proc/pid/stat (12 and 13 after the name).
-    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
 /// The 1, 5 and 15 minute load averages.
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -598,7 +563,7 @@ async fn main() {
         vars: vec![
             ("AUTHLINK_DATABASE_URL".into(), db_url.clone()),
             ("AUTHLINK_DATA_DIR".into(), dir.path().display().to_string()),
-            ("AUTHLINK_MASTER_KEY".into(), random_key()),
+            ("AUTHLINK_MASTER_KEY".into(), random_master_key()),
             ("AUTHLINK_LOG_FORMAT".into(), "json".into()),
             ("AUTHLINK_LOG".into(), "warn,authlink=info".into()),
         ],

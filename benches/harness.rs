@@ -42,6 +42,9 @@ use reqwest::header::{CONTENT_TYPE, LOCATION};
 use reqwest::redirect::Policy;
 use url::Url;
 
+mod common;
+use common::process_ticks;
+
 /// The floor server's page: a fixed, small HTML document (about 1 KB).
 const FLOOR_PAGE: &str = concat!(
     "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
@@ -501,17 +504,6 @@ struct CpuSample {
     server: u64,
     /// `utime + stime` of this harness (the load generator).
     harness: u64,
-}
-
-/// `utime + stime` of a process (all its threads), from `/proc/<pid>/stat`.
-fn process_ticks(pid: &str) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may contain spaces): utime and
-    // stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    field(11) + field(12)
 }
 
 fn cpu_sample(server: u32) -> CpuSample {

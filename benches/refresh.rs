@@ -12,42 +12,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 
-const BIN: &str = env!("CARGO_BIN_EXE_authlink");
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn master_key() -> String {
-    use base64::Engine;
-    let bytes: [u8; 32] = std::array::from_fn(|_| rand::random::<u8>());
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-struct Env {
-    vars: Vec<(String, String)>,
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).current_dir(self.dir.path());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("AUTHLINK_") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.envs(self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        cmd
-    }
-}
+mod common;
+use common::{Env, env_usize, process_ticks, random_master_key};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -58,15 +30,6 @@ fn rss_kib(pid: u32) -> u64 {
                 .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0))
         })
         .unwrap_or(0)
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of /proc/pid/stat (12 and 13 after the name).
-    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
 }
 
 fn start_serve(env: &Env) -> (Child, String) {
@@ -112,7 +75,7 @@ async fn main() {
     sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.unwrap();
     let sep = if pg.contains('?') { '&' } else { '?' };
     let db_url = format!("{pg}{sep}options=-c%20search_path%3D{schema}");
-    let key = master_key();
+    let key = random_master_key();
     let dir = tempfile::tempdir().unwrap();
     let env = Env {
         vars: vec![
@@ -271,10 +234,10 @@ async fn main() {
     let mut idle = idle.spawn().unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let ticks_per_sec = 100.0; // USER_HZ on Linux
-    let t0 = cpu_ticks(idle.id());
+    let t0 = process_ticks(&idle.id().to_string());
     let window = 30.0;
     tokio::time::sleep(Duration::from_secs_f64(window)).await;
-    let t1 = cpu_ticks(idle.id());
+    let t1 = process_ticks(&idle.id().to_string());
     let idle_rss = rss_kib(idle.id());
     let _ = idle.kill();
     let _ = idle.wait();

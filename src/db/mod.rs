@@ -304,6 +304,16 @@ impl Db {
         }
     }
 
+    /// [`on_writer`](Self::on_writer) for a write that needs the database itself (typically one
+    /// statement on [`writer`](Self::writer)): `write` gets a handle to it.
+    pub async fn write<T, F>(&self, write: impl FnOnce(Db) -> F) -> DbResult<T>
+    where
+        F: std::future::Future<Output = DbResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.on_writer(write(self.clone())).await?
+    }
+
     /// Starts a transaction that takes the write lock at once on SQLite (`BEGIN IMMEDIATE`), so
     /// that a read-then-write never fails half-way with `SQLITE_BUSY`.
     pub async fn begin_write(&self) -> DbResult<WriteTx> {

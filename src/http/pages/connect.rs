@@ -150,15 +150,12 @@ pub async fn start_connect(
         outcome: None,
         connection_id: None,
     };
-    let (store, row) = (state.db.clone(), flow.clone());
+    let row = flow.clone();
     let stored = state
         .db
-        .on_writer(async move {
-            let mut conn = store.writer().await?;
-            db::oauth_flows::insert(&mut conn, &row).await
-        })
+        .write(|store| async move { db::oauth_flows::insert(&mut *store.writer().await?, &row).await })
         .await;
-    if let Err(e) = stored.and_then(|r| r) {
+    if let Err(e) = stored {
         return service_error_page(e.into());
     }
     let redirect_uri = redirect_uri(&state, platform);
@@ -371,17 +368,16 @@ pub async fn oauth_callback(
     // it, so one that does is not the provider we talk to, and its state stays unused.
     let claimed = match (&browser_hash, q.iss.is_some()) {
         (Some(browser_hash), false) => {
-            let (store, state_hash, browser_hash) =
-                (state.db.clone(), state_hash.clone(), browser_hash.clone());
+            let (state_hash, browser_hash) = (state_hash.clone(), browser_hash.clone());
             let claimed = state
                 .db
-                .on_writer(async move {
+                .write(|store| async move {
                     let mut conn = store.writer().await?;
                     db::oauth_flows::claim(&mut conn, &state_hash, &browser_hash, platform.as_str(), now)
                         .await
                 })
                 .await;
-            match claimed.and_then(|c| c) {
+            match claimed {
                 Ok(flow) => flow,
                 Err(e) => return service_error_page(e.into()),
             }
@@ -398,15 +394,14 @@ pub async fn oauth_callback(
         // The flow's outcome was recorded with the connection, in its transaction.
         Ok(_) => {}
         Err(FlowError::Failed(f)) => {
-            let (store, flow_id) = (state.db.clone(), flow.id.clone());
+            let flow_id = flow.id.clone();
             let recorded = state
                 .db
-                .on_writer(async move {
-                    let mut conn = store.writer().await?;
-                    db::oauth_flows::finish(&mut conn, &flow_id, f.code(), None).await
+                .write(|store| async move {
+                    db::oauth_flows::finish(&mut *store.writer().await?, &flow_id, f.code(), None).await
                 })
                 .await;
-            if let Err(e) = recorded.and_then(|r| r) {
+            if let Err(e) = recorded {
                 return service_error_page(e.into());
             }
         }
