@@ -216,6 +216,7 @@ async fn insert_connections(
     let mut out = Inserted::default();
     let mut tx = conn.begin().await.unwrap();
     let mut rows = Vec::with_capacity(BATCH);
+    let mut schedules = Vec::with_capacity(BATCH);
     let mut events = Vec::with_capacity(BATCH * 3);
     let mut entries = Vec::with_capacity(BATCH * 2);
     for i in 0..n {
@@ -255,7 +256,7 @@ async fn insert_connections(
         let access_expires = if instagram { now_ms + 50 * 86_400_000 } else { now_ms + 86_400_000 };
         let next_refresh = (status == "active").then_some(access_expires - 600_000);
         rows.push(format!(
-            "({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 1, {}, {}, 0, {at}, {}, {}, {at}, {updated}, {}, 0, {})",
+            "({}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 1, {}, {}, 0, {at}, {}, {}, {at}, {updated}, 0, {})",
             lit(&id),
             lit(workspace),
             opt_lit(link),
@@ -274,8 +275,12 @@ async fn insert_connections(
             opt_lit(reason),
             if sealed.is_some() { (now_ms - rng.random_range(0..86_400_000_i64)).to_string() } else { "NULL".into() },
             rng.random_range(0..3),
-            next_refresh.map(|v| v.to_string()).unwrap_or_else(|| "NULL".into()),
             next_refresh.map(|v| (v + 3_600_000).to_string()).unwrap_or_else(|| "NULL".into()),
+        ));
+        schedules.push(format!(
+            "({}, {})",
+            lit(&id),
+            next_refresh.map(|v| v.to_string()).unwrap_or_else(|| "NULL".into())
         ));
         let mut event = |kind: &str, detail: Option<&str>, when: i64| {
             events.push(format!(
@@ -331,9 +336,16 @@ async fn insert_connections(
                 "INSERT INTO connections (id, workspace_id, link_id, provider, provider_account_id, app_scoped_id, \
                  username, display_name, avatar_url, scopes, access_token_sealed, access_expires_at, \
                  refresh_token_sealed, refresh_expires_at, token_generation, status, status_reason, sandbox, \
-                 connected_at, last_refreshed_at, reconnect_count, created_at, updated_at, next_refresh_at, \
+                 connected_at, last_refreshed_at, reconnect_count, created_at, updated_at, \
                  refresh_failures, next_check_at) VALUES {}",
                 rows.join(",")
+            ))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            sqlx::query(&format!(
+                "INSERT INTO refresh_schedule (connection_id, next_refresh_at) VALUES {}",
+                schedules.join(",")
             ))
             .execute(&mut *tx)
             .await
@@ -358,6 +370,7 @@ async fn insert_connections(
             out.events += events.len();
             out.audit += entries.len();
             rows.clear();
+            schedules.clear();
             events.clear();
             entries.clear();
         }

@@ -119,9 +119,10 @@ async fn main() {
             let mut sql = String::from(
                 "INSERT INTO connections (id, workspace_id, provider, provider_account_id, scopes, access_token_sealed, \
                  access_expires_at, refresh_token_sealed, refresh_expires_at, token_generation, status, sandbox, connected_at, \
-                 reconnect_count, created_at, updated_at, next_refresh_at, refresh_failures) VALUES ",
+                 reconnect_count, created_at, updated_at, refresh_failures) VALUES ",
             );
             let mut rows = Vec::new();
+            let mut schedules = Vec::new();
             for g in chunk {
                 let id = uuid::Uuid::now_v7().to_string();
                 let access = keys.seal_str(
@@ -133,18 +134,26 @@ async fn main() {
                     authlink::crypto::Aad::new("connections", &id, "refresh_token"),
                 );
                 rows.push(format!(
-                    "('{id}', '{workspace}', 'tiktok', '{}', 'user.info.basic,user.info.profile', '{access}', {}, '{refresh}', {}, 1, 'active', 1, {now_ms}, 0, {now_ms}, {now_ms}, {}, 0)",
+                    "('{id}', '{workspace}', 'tiktok', '{}', 'user.info.basic,user.info.profile', '{access}', {}, '{refresh}', {}, 1, 'active', 1, {now_ms}, 0, {now_ms}, {now_ms}, 0)",
                     g["open_id"].as_str().unwrap(),
                     now_ms + 86_400_000,
                     now_ms + 31_536_000_000,
-                    now_ms - 1000
                 ));
+                schedules.push(format!("('{id}', {})", now_ms - 1000));
             }
             sql.push_str(&rows.join(","));
             sqlx::query(&sql).execute(&mut conn).await.unwrap();
+            sqlx::query(&format!(
+                "INSERT INTO refresh_schedule (connection_id, next_refresh_at) VALUES {}",
+                schedules.join(",")
+            ))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         }
     }
     sqlx::query("ANALYZE connections").execute(&mut conn).await.unwrap();
+    sqlx::query("ANALYZE refresh_schedule").execute(&mut conn).await.unwrap();
 
     let worker_pool = env_usize("BENCH_WORKER_DB_CONNECTIONS", 24).to_string();
     let worker_concurrency = env_usize("BENCH_WORKER_CONCURRENCY", 64).to_string();
@@ -208,23 +217,32 @@ async fn main() {
     );
     sqlx::query("DELETE FROM refresh_attempts").execute(&mut conn).await.unwrap();
     sqlx::query("DELETE FROM connection_events").execute(&mut conn).await.unwrap();
+    sqlx::query("DELETE FROM refresh_schedule").execute(&mut conn).await.unwrap();
     sqlx::query("DELETE FROM connections").execute(&mut conn).await.unwrap();
     let far = now_ms + 40 * 86_400_000;
     sqlx::query(&format!(
         "INSERT INTO connections (id, workspace_id, provider, provider_account_id, scopes, access_token_sealed, access_expires_at, \
-         token_generation, status, sandbox, connected_at, reconnect_count, created_at, updated_at, next_refresh_at, refresh_failures, next_check_at) \
+         token_generation, status, sandbox, connected_at, reconnect_count, created_at, updated_at, refresh_failures, next_check_at) \
          SELECT gen_random_uuid()::text, '{workspace}', 'tiktok', 'idle-' || g, 'user.info.basic', 'v1:x:y:z', {far}, 1, 'active', 1, \
-         {now_ms}, 0, {now_ms}, {now_ms}, {far} + g, 0, {far} + g FROM generate_series(1, {idle_n}) g"
+         {now_ms}, 0, {now_ms}, {now_ms}, 0, {far} + g FROM generate_series(1, {idle_n}) g"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO refresh_schedule (connection_id, next_refresh_at) \
+         SELECT id, {far} + CAST(substr(provider_account_id, 6) AS BIGINT) FROM connections"
     ))
     .execute(&mut conn)
     .await
     .unwrap();
     sqlx::query("ANALYZE connections").execute(&mut conn).await.unwrap();
+    sqlx::query("ANALYZE refresh_schedule").execute(&mut conn).await.unwrap();
     let plan: Vec<(String,)> = sqlx::query_as(&format!(
-        "EXPLAIN UPDATE connections SET lease_owner = 'bench', lease_until = {now_ms} + 60000 WHERE id = ANY(ARRAY(\
-         SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= {now_ms} \
+        "EXPLAIN UPDATE refresh_schedule SET lease_owner = 'bench', lease_until = {now_ms} + 60000 \
+         WHERE connection_id = ANY(ARRAY(SELECT connection_id FROM refresh_schedule WHERE next_refresh_at <= {now_ms} \
          AND (lease_until IS NULL OR lease_until < {now_ms}) ORDER BY next_refresh_at LIMIT 200 FOR UPDATE SKIP LOCKED)) \
-         RETURNING id"
+         RETURNING connection_id"
     ))
     .fetch_all(&mut conn)
     .await

@@ -70,18 +70,36 @@ pub struct ConnectionRow {
     pub expiring_notified_at: Option<i64>,
 }
 
+/// The columns of a [`ConnectionRow`], read from [`FROM`].
 const COLUMNS: &str = "id, workspace_id, link_id, provider, provider_account_id, app_scoped_id, username, \
     display_name, avatar_url, scopes, access_token_sealed, access_expires_at, refresh_token_sealed, \
     refresh_expires_at, token_generation, status, status_reason, sandbox, connected_at, last_refreshed_at, \
     reconnect_count, created_at, updated_at, next_refresh_at, lease_owner, lease_until, refresh_failures, \
     next_check_at, last_checked_at, expiring_notified_at";
 
-/// Inserts a connection.
+/// A connection with its refresh schedule and lease, which live in `refresh_schedule` so that
+/// storing refreshed tokens moves no indexed column of `connections` (see migration 0008).
+/// Their column names are distinct from those of `connections`.
+const FROM: &str =
+    "connections LEFT JOIN refresh_schedule ON refresh_schedule.connection_id = connections.id";
+
+/// The schedule's next refresh as stored: none unless the connection is active, so that the
+/// scheduler's claim needs no join.
+fn stored_next_refresh(c: &ConnectionRow) -> Option<i64> {
+    if c.status == "active" { c.next_refresh_at } else { None }
+}
+
+/// Inserts a connection and its refresh schedule (the lease starts free). Callers run it in a
+/// transaction: it is two statements.
 pub async fn insert(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()> {
-    sqlx::query(&format!(
-        "INSERT INTO connections ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-         $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)"
-    ))
+    sqlx::query(
+        "INSERT INTO connections (id, workspace_id, link_id, provider, provider_account_id, app_scoped_id, username, \
+         display_name, avatar_url, scopes, access_token_sealed, access_expires_at, refresh_token_sealed, \
+         refresh_expires_at, token_generation, status, status_reason, sandbox, connected_at, last_refreshed_at, \
+         reconnect_count, created_at, updated_at, refresh_failures, next_check_at, last_checked_at, \
+         expiring_notified_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+         $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)",
+    )
     .bind(&c.id)
     .bind(&c.workspace_id)
     .bind(&c.link_id)
@@ -105,26 +123,29 @@ pub async fn insert(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()>
     .bind(c.reconnect_count)
     .bind(c.created_at)
     .bind(c.updated_at)
-    .bind(c.next_refresh_at)
-    .bind(&c.lease_owner)
-    .bind(c.lease_until)
     .bind(c.refresh_failures)
     .bind(c.next_check_at)
     .bind(c.last_checked_at)
     .bind(c.expiring_notified_at)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    sqlx::query("INSERT INTO refresh_schedule (connection_id, next_refresh_at) VALUES ($1, $2)")
+        .bind(&c.id)
+        .bind(stored_next_refresh(c))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
-/// Writes every mutable column of `c` (not the lease, which only the lease functions change).
+/// Writes every mutable column of `c` and its next refresh (not the lease, which only the lease
+/// functions change). Callers run it in a transaction: it is two statements.
 pub async fn update(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()> {
     sqlx::query(
         "UPDATE connections SET link_id = $2, app_scoped_id = $3, username = $4, display_name = $5, avatar_url = $6, \
          scopes = $7, access_token_sealed = $8, access_expires_at = $9, refresh_token_sealed = $10, \
          refresh_expires_at = $11, token_generation = $12, status = $13, status_reason = $14, sandbox = $15, \
-         last_refreshed_at = $16, reconnect_count = $17, updated_at = $18, next_refresh_at = $19, \
-         refresh_failures = $20, next_check_at = $21, last_checked_at = $22, expiring_notified_at = $23 WHERE id = $1",
+         last_refreshed_at = $16, reconnect_count = $17, updated_at = $18, \
+         refresh_failures = $19, next_check_at = $20, last_checked_at = $21, expiring_notified_at = $22 WHERE id = $1",
     )
     .bind(&c.id)
     .bind(&c.link_id)
@@ -144,19 +165,23 @@ pub async fn update(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()>
     .bind(c.last_refreshed_at)
     .bind(c.reconnect_count)
     .bind(c.updated_at)
-    .bind(c.next_refresh_at)
     .bind(c.refresh_failures)
     .bind(c.next_check_at)
     .bind(c.last_checked_at)
     .bind(c.expiring_notified_at)
-    .execute(conn)
+    .execute(&mut *conn)
     .await?;
+    sqlx::query("UPDATE refresh_schedule SET next_refresh_at = $2 WHERE connection_id = $1")
+        .bind(&c.id)
+        .bind(stored_next_refresh(c))
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// One connection by id.
 pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<ConnectionRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM connections WHERE id = $1"))
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM {FROM} WHERE id = $1"))
         .bind(id)
         .fetch_optional(conn)
         .await?)
@@ -170,7 +195,7 @@ pub async fn get_by_account(
     account_id: &str,
 ) -> DbResult<Option<ConnectionRow>> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM connections WHERE workspace_id = $1 AND provider = $2 AND provider_account_id = $3"
+        "SELECT {COLUMNS} FROM {FROM} WHERE workspace_id = $1 AND provider = $2 AND provider_account_id = $3"
     ))
     .bind(workspace_id)
     .bind(provider)
@@ -201,7 +226,7 @@ pub async fn list(
     limit: i64,
 ) -> DbResult<Vec<ConnectionRow>> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM connections WHERE ($1 IS NULL OR workspace_id = $1) AND ($2 IS NULL OR status = $2) \
+        "SELECT {COLUMNS} FROM {FROM} WHERE ($1 IS NULL OR workspace_id = $1) AND ($2 IS NULL OR status = $2) \
          AND ($3 IS NULL OR provider = $3) AND ($4 IS NULL OR link_id = $4) AND ($5 IS NULL OR id < $5) \
          ORDER BY id DESC LIMIT $6"
     ))
@@ -270,8 +295,9 @@ pub async fn try_lease(
     until_ms: i64,
 ) -> DbResult<bool> {
     let done = sqlx::query(
-        "UPDATE connections SET lease_owner = $2, lease_until = $3 \
-         WHERE id = $1 AND status = 'active' AND (lease_until IS NULL OR lease_until < $4 OR lease_owner = $2)",
+        "UPDATE refresh_schedule SET lease_owner = $2, lease_until = $3 \
+         WHERE connection_id = $1 AND (lease_until IS NULL OR lease_until < $4 OR lease_owner = $2) \
+         AND EXISTS (SELECT 1 FROM connections WHERE id = $1 AND status = 'active')",
     )
     .bind(id)
     .bind(owner)
@@ -285,7 +311,7 @@ pub async fn try_lease(
 /// Gives the lease back (only if `owner` still holds it).
 pub async fn release_lease(conn: &mut AnyConnection, id: &str, owner: &str) -> DbResult<()> {
     sqlx::query(
-        "UPDATE connections SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2",
+        "UPDATE refresh_schedule SET lease_owner = NULL, lease_until = NULL WHERE connection_id = $1 AND lease_owner = $2",
     )
     .bind(id)
     .bind(owner)
@@ -299,10 +325,12 @@ pub async fn lease_state(
     conn: &mut AnyConnection,
     id: &str,
 ) -> DbResult<Option<(Option<String>, Option<i64>, i64)>> {
-    Ok(sqlx::query_as("SELECT lease_owner, lease_until, token_generation FROM connections WHERE id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(sqlx::query_as(&format!(
+        "SELECT lease_owner, lease_until, token_generation FROM {FROM} WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// Claims up to `limit` active connections whose refresh is due and whose lease is free, for
@@ -317,13 +345,15 @@ pub async fn claim_due_refreshes(
     until_ms: i64,
     limit: i64,
 ) -> DbResult<Vec<String>> {
+    // `next_refresh_at` is set only for active connections (see `stored_next_refresh`).
     let ids = super::claimed_ids(
         backend,
-        "SELECT id FROM connections WHERE status = 'active' AND next_refresh_at <= $3 \
+        "connection_id",
+        "SELECT connection_id FROM refresh_schedule WHERE next_refresh_at <= $3 \
          AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_refresh_at LIMIT $4",
     );
     let rows: Vec<(String,)> = sqlx::query_as(&format!(
-        "UPDATE connections SET lease_owner = $1, lease_until = $2 WHERE {ids} RETURNING id"
+        "UPDATE refresh_schedule SET lease_owner = $1, lease_until = $2 WHERE {ids} RETURNING connection_id"
     ))
     .bind(owner)
     .bind(until_ms)
@@ -366,7 +396,7 @@ pub async fn expiring(
     limit: i64,
 ) -> DbResult<Vec<ConnectionRow>> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM connections WHERE status IN ('active', 'broken') AND expiring_notified_at IS NULL \
+        "SELECT {COLUMNS} FROM {FROM} WHERE status IN ('active', 'broken') AND expiring_notified_at IS NULL \
          AND ((refresh_expires_at IS NOT NULL AND refresh_expires_at <= $1) \
            OR (refresh_token_sealed IS NULL AND access_expires_at <= $1 \
                AND (status = 'broken' OR refresh_failures > 0 OR access_expires_at <= $2))) \
@@ -386,7 +416,7 @@ pub async fn by_app_scoped_id(
     app_scoped_id: &str,
 ) -> DbResult<Vec<ConnectionRow>> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM connections WHERE provider = $1 AND (app_scoped_id = $2 OR provider_account_id = $2)"
+        "SELECT {COLUMNS} FROM {FROM} WHERE provider = $1 AND (app_scoped_id = $2 OR provider_account_id = $2)"
     ))
     .bind(provider)
     .bind(app_scoped_id)
@@ -492,9 +522,9 @@ pub async fn scrub_events(conn: &mut AnyConnection, connection_id: &str) -> DbRe
     Ok(())
 }
 
-/// Writes refreshed tokens by compare-and-set on the token generation, in one statement, and
-/// gives the lease back if `owner` holds it. Returns false when another writer stored newer
-/// tokens meanwhile (nothing is written then).
+/// Writes refreshed tokens by compare-and-set on the token generation, then the next refresh
+/// time, and gives the lease back if `owner` holds it; the caller runs it in a transaction.
+/// Returns false when another writer stored newer tokens meanwhile (nothing is written then).
 pub async fn store_refreshed(
     conn: &mut AnyConnection,
     c: &ConnectionRow,
@@ -504,10 +534,7 @@ pub async fn store_refreshed(
     let done = sqlx::query(
         "UPDATE connections SET access_token_sealed = $2, access_expires_at = $3, refresh_token_sealed = $4, \
          refresh_expires_at = $5, token_generation = $6, last_refreshed_at = $7, updated_at = $7, refresh_failures = 0, \
-         expiring_notified_at = NULL, next_refresh_at = $8, \
-         lease_owner = CASE WHEN lease_owner = $9 THEN NULL ELSE lease_owner END, \
-         lease_until = CASE WHEN lease_owner = $9 THEN NULL ELSE lease_until END \
-         WHERE id = $1 AND token_generation = $10",
+         expiring_notified_at = NULL WHERE id = $1 AND token_generation = $8",
     )
     .bind(&c.id)
     .bind(&c.access_token_sealed)
@@ -516,10 +543,134 @@ pub async fn store_refreshed(
     .bind(c.refresh_expires_at)
     .bind(c.token_generation)
     .bind(c.last_refreshed_at)
-    .bind(c.next_refresh_at)
-    .bind(owner)
     .bind(expected_generation)
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE refresh_schedule SET next_refresh_at = $2, \
+         lease_owner = CASE WHEN lease_owner = $3 THEN NULL ELSE lease_owner END, \
+         lease_until = CASE WHEN lease_owner = $3 THEN NULL ELSE lease_until END WHERE connection_id = $1",
+    )
+    .bind(&c.id)
+    .bind(stored_next_refresh(c))
+    .bind(owner)
     .execute(conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(true)
+}
+
+/// What [`start_claimed_refresh`] found.
+#[derive(Debug)]
+pub struct ClaimedStart {
+    /// The connection as it was when the attempt was (or was not) recorded.
+    pub row: ConnectionRow,
+    /// Whether the attempt was recorded: the lease is `owner`'s, the connection active, due and
+    /// of a provider this process serves.
+    pub started: bool,
+}
+
+/// PostgreSQL: reads a connection claimed by the scheduler and, in the same statement, records
+/// the start of refresh attempt `attempt_id` if the lease is still `owner`'s, the connection is
+/// active and due, and its provider is one of `providers` (comma-separated names).
+pub async fn start_claimed_refresh(
+    conn: &mut AnyConnection,
+    id: &str,
+    owner: &str,
+    attempt_id: &str,
+    now_ms: i64,
+    providers: &str,
+) -> DbResult<Option<ClaimedStart>> {
+    #[derive(sqlx::FromRow)]
+    struct Found {
+        #[sqlx(flatten)]
+        row: ConnectionRow,
+        started: i64,
+    }
+    let found: Option<Found> = sqlx::query_as(&format!(
+        "WITH c AS (SELECT {COLUMNS} FROM {FROM} WHERE id = $1), \
+         a AS (INSERT INTO refresh_attempts (id, connection_id, owner, generation, outcome, started_at) \
+           SELECT $2, id, $3, token_generation, 'started', $4 FROM c \
+           WHERE lease_owner = $3 AND lease_until > $4 AND status = 'active' AND next_refresh_at <= $4 \
+           AND position(',' || provider || ',' in ',' || $5 || ',') > 0 RETURNING id) \
+         SELECT {COLUMNS}, (SELECT count(*) FROM a) AS started FROM c"
+    ))
+    .bind(id)
+    .bind(attempt_id)
+    .bind(owner)
+    .bind(now_ms)
+    .bind(providers)
+    .fetch_optional(conn)
+    .await?;
+    Ok(found.map(|f| ClaimedStart { row: f.row, started: f.started > 0 }))
+}
+
+/// How [`store_refreshed_with_history`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredRefresh {
+    /// Stored; the number of other unfinished attempts it found and marked interrupted.
+    Stored { interrupted: u64 },
+    /// Another writer stored newer tokens meanwhile: nothing was written.
+    Superseded,
+}
+
+/// PostgreSQL: the whole write of a successful refresh in one statement (one round trip, one
+/// commit): the tokens by compare-and-set and the schedule as in [`store_refreshed`], the attempt
+/// finished as
+/// `succeeded` and the connection's other unfinished attempts as interrupted, a `refreshed`
+/// history event, and a `refresh_interrupted` event before it when such attempts were found.
+/// Nothing is written when the compare-and-set fails.
+pub async fn store_refreshed_with_history(
+    conn: &mut AnyConnection,
+    c: &ConnectionRow,
+    expected_generation: i64,
+    owner: &str,
+    attempt_id: &str,
+    interrupted_event: (&str, &str),
+    refreshed_event_id: &str,
+) -> DbResult<StoredRefresh> {
+    let (stored, interrupted): (i64, i64) = sqlx::query_as(
+        "WITH u AS (UPDATE connections SET access_token_sealed = $2, access_expires_at = $3, \
+           refresh_token_sealed = $4, refresh_expires_at = $5, token_generation = $6, last_refreshed_at = $7, \
+           updated_at = $7, refresh_failures = 0, expiring_notified_at = NULL \
+           WHERE id = $1 AND token_generation = $10 RETURNING id, workspace_id), \
+         s AS (UPDATE refresh_schedule SET next_refresh_at = $8, \
+           lease_owner = CASE WHEN lease_owner = $9 THEN NULL ELSE lease_owner END, \
+           lease_until = CASE WHEN lease_owner = $9 THEN NULL ELSE lease_until END \
+           WHERE connection_id = $1 AND EXISTS (SELECT 1 FROM u)), \
+         f AS (UPDATE refresh_attempts SET finished_at = $7, \
+           outcome = CASE WHEN id = $11 THEN 'succeeded' ELSE 'interrupted' END, \
+           detail = CASE WHEN id = $11 THEN NULL \
+             ELSE 'the process stopped after calling the provider and before storing the result' END \
+           WHERE connection_id = $1 AND outcome = 'started' AND EXISTS (SELECT 1 FROM u) RETURNING id), \
+         i AS (INSERT INTO connection_events (id, connection_id, workspace_id, kind, detail, created_at) \
+           SELECT $12, id, workspace_id, 'refresh_interrupted', $13, $7 FROM u \
+           WHERE EXISTS (SELECT 1 FROM f WHERE id <> $11)), \
+         e AS (INSERT INTO connection_events (id, connection_id, workspace_id, kind, detail, created_at) \
+           SELECT $14, id, workspace_id, 'refreshed', NULL, $7 FROM u) \
+         SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM f WHERE id <> $11)",
+    )
+    .bind(&c.id)
+    .bind(&c.access_token_sealed)
+    .bind(c.access_expires_at)
+    .bind(&c.refresh_token_sealed)
+    .bind(c.refresh_expires_at)
+    .bind(c.token_generation)
+    .bind(c.last_refreshed_at)
+    .bind(stored_next_refresh(c))
+    .bind(owner)
+    .bind(expected_generation)
+    .bind(attempt_id)
+    .bind(interrupted_event.0)
+    .bind(interrupted_event.1)
+    .bind(refreshed_event_id)
+    .fetch_one(conn)
+    .await?;
+    Ok(if stored == 1 {
+        StoredRefresh::Stored { interrupted: u64::try_from(interrupted).unwrap_or(0) }
+    } else {
+        StoredRefresh::Superseded
+    })
 }

@@ -353,14 +353,14 @@ fn prepare_sqlite_url(url: &str) -> DbResult<String> {
     }
 }
 
-/// `id IN (subquery)` for claiming rows, with the subquery's row locking on PostgreSQL
-/// (`FOR UPDATE SKIP LOCKED`) and written as `id = ANY(ARRAY(...))` there: PostgreSQL joins an
+/// `key IN (subquery)` for claiming rows, with the subquery's row locking on PostgreSQL
+/// (`FOR UPDATE SKIP LOCKED`) and written as `key = ANY(ARRAY(...))` there: PostgreSQL joins an
 /// `IN (...)` against a scan of the whole table, but looks the ids of an array up in the primary
 /// key. SQLite takes the write lock with the transaction and needs neither.
-fn claimed_ids(backend: Backend, subquery: &str) -> String {
+fn claimed_ids(backend: Backend, key: &str, subquery: &str) -> String {
     match backend {
-        Backend::Postgres => format!("id = ANY(ARRAY({subquery} FOR UPDATE SKIP LOCKED))"),
-        Backend::Sqlite => format!("id IN ({subquery})"),
+        Backend::Postgres => format!("{key} = ANY(ARRAY({subquery} FOR UPDATE SKIP LOCKED))"),
+        Backend::Sqlite => format!("{key} IN ({subquery})"),
     }
 }
 

@@ -273,6 +273,7 @@ pub async fn claim_due(
 ) -> DbResult<Vec<String>> {
     let ids = super::claimed_ids(
         backend,
+        "id",
         "SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $3 \
          AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_attempt_at LIMIT $4",
     );

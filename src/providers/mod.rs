@@ -238,6 +238,16 @@ impl Providers {
             Platform::Instagram => self.instagram.as_ref(),
         }
     }
+
+    /// The names of the enabled providers, comma-separated (for SQL that filters on them).
+    pub fn enabled_names(&self) -> String {
+        Platform::ALL
+            .into_iter()
+            .filter(|p| self.get(*p).is_some())
+            .map(Platform::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// The HTTP client for provider calls: rustls, a timeout, no redirects followed (a redirect from

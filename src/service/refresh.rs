@@ -139,23 +139,53 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
     let lock = connection_lock(id);
     let _guard = lock.lock().await;
     let owner = owner_id();
+    let now = app.now_ms();
+    if app.db.backend() == db::Backend::Postgres {
+        // Reading the row and recording the attempt are one statement here.
+        let attempt_id = new_id();
+        let start = db::connections::start_claimed_refresh(
+            &mut *app.db.writer().await?,
+            id,
+            owner,
+            &attempt_id,
+            now,
+            &app.providers.enabled_names(),
+        )
+        .await?
+        .ok_or(ServiceError::NotFound("connection"))?;
+        if start.started {
+            let (platform, provider) = provider_of(app, &start.row)?;
+            return run_attempt(app, start.row, owner, attempt_id, platform, provider).await;
+        }
+        return not_started(app, start.row, owner, now).await;
+    }
     let mut conn = app.db.read().await?;
     let Some(row) = db::connections::get(&mut conn, id).await? else {
         return Err(ServiceError::NotFound("connection"));
     };
     drop(conn);
-    let now = app.now_ms();
     let still_ours = row.lease_owner.as_deref() == Some(owner) && row.lease_until.is_some_and(|u| u > now);
     let still_due = row.next_refresh_at.is_some_and(|n| n <= now);
     if !still_ours || ConnectionStatus::parse(&row.status) != ConnectionStatus::Active || !still_due {
-        // Refreshed on demand meanwhile, or the lease ran out and another process took it.
-        if still_ours {
-            let mut conn = app.db.writer().await?;
-            db::connections::release_lease(&mut conn, id, owner).await?;
-        }
-        return Ok(Outcome::Current(Box::new(row)));
+        return not_started(app, row, owner, now).await;
     }
     run_leased(app, row, owner).await
+}
+
+/// A claimed connection that is not to be refreshed after all: refreshed on demand meanwhile,
+/// no longer active, its lease ran out and another process took it, or its provider is not
+/// served here. Gives the lease back if this process still holds it.
+async fn not_started(app: &App, row: ConnectionRow, owner: &str, now: i64) -> ServiceResult<Outcome> {
+    let still_ours = row.lease_owner.as_deref() == Some(owner) && row.lease_until.is_some_and(|u| u > now);
+    if still_ours {
+        let mut conn = app.db.writer().await?;
+        db::connections::release_lease(&mut conn, &row.id, owner).await?;
+    }
+    let still_due = row.next_refresh_at.is_some_and(|n| n <= now);
+    if still_ours && still_due && ConnectionStatus::parse(&row.status) == ConnectionStatus::Active {
+        provider_of(app, &row)?;
+    }
+    Ok(Outcome::Current(Box::new(row)))
 }
 
 fn provider_of<'a>(app: &'a App, row: &ConnectionRow) -> ServiceResult<(Platform, &'a Provider)> {
@@ -167,7 +197,7 @@ fn provider_of<'a>(app: &'a App, row: &ConnectionRow) -> ServiceResult<(Platform
 }
 
 /// The refresh itself; the caller holds the lease and the in-process lock.
-async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceResult<Outcome> {
+async fn run_leased(app: &App, row: ConnectionRow, owner: &str) -> ServiceResult<Outcome> {
     let (platform, provider) = match provider_of(app, &row) {
         Ok(p) => p,
         Err(e) => {
@@ -176,7 +206,6 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
             return Err(e);
         }
     };
-    let now = app.now_ms();
     let attempt_id = new_id();
     // Recorded before the provider is called, in one statement: a crash between the provider's
     // answer and our commit leaves this attempt `started`, and whichever attempt finishes next
@@ -190,12 +219,24 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
             generation: row.token_generation,
             outcome: "started".into(),
             detail: None,
-            started_at: now,
+            started_at: app.now_ms(),
             finished_at: None,
         },
     )
     .await?;
+    run_attempt(app, row, owner, attempt_id, platform, provider).await
+}
 
+/// Calls the provider for attempt `attempt_id`, already recorded as started, and stores the
+/// outcome.
+async fn run_attempt(
+    app: &App,
+    mut row: ConnectionRow,
+    owner: &str,
+    attempt_id: String,
+    platform: Platform,
+    provider: &Provider,
+) -> ServiceResult<Outcome> {
     let access: SecretString = match row.access_token_sealed.as_deref() {
         Some(s) => app.keys.open_str(s, access_aad(&row.id))?,
         None => {
@@ -225,7 +266,9 @@ async fn run_leased(app: &App, mut row: ConnectionRow, owner: &str) -> ServiceRe
             // times; the attempt row explains the gap if every try fails.
             let mut last_error = None;
             for wait_ms in [0u64, 200, 1000, 3000] {
-                tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                if wait_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                }
                 match store_refreshed(app, &row, generation, owner, &attempt_id, previous_failures, platform)
                     .await
                 {
@@ -276,6 +319,24 @@ async fn store_refreshed(
     platform: Platform,
 ) -> ServiceResult<Outcome> {
     let now = app.now_ms();
+    if app.db.backend() == db::Backend::Postgres && previous_failures < REFRESH_FAILED_THRESHOLD {
+        // The common case in one statement; a recovery (which also emits a webhook) and a
+        // superseded refresh take the general path below.
+        let stored = db::connections::store_refreshed_with_history(
+            &mut *app.db.writer().await?,
+            row,
+            generation,
+            owner,
+            attempt_id,
+            (&new_id(), INTERRUPTED_DETAIL),
+            &new_id(),
+        )
+        .await?;
+        if let db::connections::StoredRefresh::Stored { .. } = stored {
+            tracing::debug!(connection_id = %row.id, provider = %platform, "tokens refreshed");
+            return Ok(Outcome::Refreshed(Box::new(row.clone())));
+        }
+    }
     let mut tx = app.db.begin_write().await?;
     if !db::connections::store_refreshed(&mut tx, row, generation, owner).await? {
         // Another writer stored newer tokens (a reconnect meanwhile): ours are older; keep theirs.
@@ -378,6 +439,10 @@ async fn finish_broken(
     Ok(Outcome::Broken(reason))
 }
 
+/// The history detail of a `refresh_interrupted` event.
+const INTERRUPTED_DETAIL: &str =
+    "A previous refresh stopped between calling the provider and storing its answer.";
+
 /// The event that explains an interrupted refresh, when one was found.
 async fn record_interrupted(
     tx: &mut sqlx::AnyConnection,
@@ -388,14 +453,7 @@ async fn record_interrupted(
     if interrupted > 0 {
         db::connections::insert_event(
             tx,
-            &connections::event(
-                row,
-                "refresh_interrupted",
-                Some(
-                    "A previous refresh stopped between calling the provider and storing its answer.".into(),
-                ),
-                now,
-            ),
+            &connections::event(row, "refresh_interrupted", Some(INTERRUPTED_DETAIL.into()), now),
         )
         .await?;
     }

@@ -683,8 +683,8 @@ async fn insert_due_connections(app: &TestApp, workspace: &str, grants: &[Value]
             sqlx::query(&format!(
                 "INSERT INTO {schema}.connections (id, workspace_id, provider, provider_account_id, scopes, access_token_sealed, \
                  access_expires_at, refresh_token_sealed, refresh_expires_at, token_generation, status, sandbox, connected_at, \
-                 reconnect_count, created_at, updated_at, next_refresh_at, refresh_failures) \
-                 VALUES ($1, $2, 'tiktok', $3, 'user.info.basic,user.info.profile', $4, $5, $6, $7, 1, 'active', 1, $8, 0, $8, $8, $9, 0)"
+                 reconnect_count, created_at, updated_at, refresh_failures) \
+                 VALUES ($1, $2, 'tiktok', $3, 'user.info.basic,user.info.profile', $4, $5, $6, $7, 1, 'active', 1, $8, 0, $8, $8, 0)"
             ))
             .bind(&id)
             .bind(workspace)
@@ -694,6 +694,13 @@ async fn insert_due_connections(app: &TestApp, workspace: &str, grants: &[Value]
             .bind(&refresh)
             .bind(now + 31_536_000_000)
             .bind(now)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            sqlx::query(&format!(
+                "INSERT INTO {schema}.refresh_schedule (connection_id, next_refresh_at) VALUES ($1, $2)"
+            ))
+            .bind(&id)
             .bind(now - 1000)
             .execute(&mut *tx)
             .await
@@ -858,7 +865,7 @@ async fn killed_worker_claims_are_taken_over(app: TestApp) {
     a.kill().unwrap();
     a.wait().unwrap();
     let claimed_by_a =
-        scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE lease_owner IS NOT NULL").await;
+        scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_schedule WHERE lease_owner IS NOT NULL").await;
     let in_flight =
         scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_attempts WHERE outcome = 'started'").await;
     assert!(claimed_by_a >= in_flight && in_flight >= 4, "claimed {claimed_by_a}, in flight {in_flight}");
@@ -873,7 +880,8 @@ async fn killed_worker_claims_are_taken_over(app: TestApp) {
         )
         .await;
         let leased =
-            scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE lease_owner IS NOT NULL").await;
+            scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_schedule WHERE lease_owner IS NOT NULL")
+                .await;
         (pending == 0 && leased == 0).then_some(Value::Null)
     })
     .await;
@@ -888,6 +896,25 @@ async fn killed_worker_claims_are_taken_over(app: TestApp) {
     assert_eq!(
         scalar(&app, "SELECT COUNT(*) FROM {schema}.refresh_attempts WHERE outcome = 'interrupted'").await,
         in_flight
+    );
+    // Each connection with an interrupted attempt says so in its history, before what followed.
+    assert_eq!(
+        scalar(&app, "SELECT COUNT(*) FROM {schema}.connection_events WHERE kind = 'refresh_interrupted'").await,
+        scalar(
+            &app,
+            "SELECT COUNT(DISTINCT connection_id) FROM {schema}.refresh_attempts WHERE outcome = 'interrupted'"
+        )
+        .await
+    );
+    assert_eq!(
+        scalar(
+            &app,
+            "SELECT COUNT(*) FROM {schema}.connection_events i JOIN {schema}.connection_events r \
+             ON r.connection_id = i.connection_id AND r.kind = 'refreshed' \
+             WHERE i.kind = 'refresh_interrupted' AND r.id < i.id"
+        )
+        .await,
+        0
     );
     let broken = scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE status = 'broken'").await;
     let broken_explained = scalar(&app, "SELECT COUNT(*) FROM {schema}.connections WHERE status = 'broken' AND status_reason LIKE '%interrupted%'").await;
