@@ -3,18 +3,20 @@
 //! The rules, in order of defence:
 //! 1. Within a process, one async lock per connection serialises every refresher (scheduler,
 //!    API, CLI path in the same process).
-//! 2. Across processes and instances, a lease in the database (`lease_owner`, `lease_until`):
-//!    the scheduler claims batches with `FOR UPDATE SKIP LOCKED` on PostgreSQL and inside
-//!    `BEGIN IMMEDIATE` on SQLite; an on-demand refresh claims one row. A caller that finds the
-//!    lease taken waits for the holder's result instead of starting another refresh. A lease
-//!    runs out after `jobs.lease_secs`, so a crashed process's claims come back; the provider
-//!    timeout is far shorter than the lease, so a live holder never loses its lease mid-call.
+//! 2. Across processes and instances, a lease in the database (`lease_owner` and `lease_until`
+//!    of `refresh_schedule`, next to the due time): the scheduler claims batches with
+//!    `FOR UPDATE SKIP LOCKED` on PostgreSQL and inside `BEGIN IMMEDIATE` on SQLite; an on-demand
+//!    refresh claims one row. A caller that finds the lease taken waits for the holder's result
+//!    instead of starting another refresh. A lease runs out after `jobs.lease_secs`, so a crashed
+//!    process's claims come back; the provider timeout is far shorter than the lease, so a live
+//!    holder never loses its lease mid-call.
 //! 3. No database transaction is held across the provider call. Before the call a
 //!    `refresh_attempts` row is committed; after it, the new tokens (including a rotated
 //!    refresh token), the next refresh time and the attempt's outcome are written in one
-//!    transaction, by compare-and-set on the token generation. A crash in between leaves the
-//!    attempt `started`; the next refresher marks it `interrupted`, and if the provider then
-//!    refuses the old refresh token, the connection is marked broken with that explanation.
+//!    transaction (on PostgreSQL, for the scheduler's refreshes, one statement), by
+//!    compare-and-set on the token generation. A crash in between leaves the attempt `started`;
+//!    the next refresher marks it `interrupted`, and if the provider then refuses the old
+//!    refresh token, the connection is marked broken with that explanation.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
