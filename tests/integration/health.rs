@@ -21,6 +21,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         webhooks_are_signed_retried_and_redelivered,
         gone_endpoint_is_disabled,
         transient_refresh_failures_recover,
+        refresh_overtaken_by_a_reconnect_keeps_the_new_grant,
         permanent_failure_breaks_once_and_link_repairs,
         health_check_catches_revocation,
         instagram_token_is_refreshed_after_a_day,
@@ -418,6 +419,62 @@ async fn transient_refresh_failures_recover(app: TestApp) {
     );
     let stats = app.sandbox_stats("tiktok").await;
     assert_eq!(stats["refresh_token_reuse"], 0);
+}
+
+/// A scheduled refresh whose provider answer arrives after the client reconnected: the answer is
+/// older than the stored grant, so it is dropped (compare-and-set on the token generation), the
+/// attempt is recorded as superseded, and the reconnect's tokens stay and keep working.
+async fn refresh_overtaken_by_a_reconnect_keeps_the_new_grant(app: TestApp) {
+    let wid = app.workspace("Overtaken");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
+    connect(&app.client, &app, &url, "tiktok", account).await;
+    let id = connection_id(&app, &key).await;
+    // The next refresh answers after 1.5 s (the provider timeout in these tests is 2 s).
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow"}], "slow_ms": 1500}),
+    )
+    .await;
+    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
+    app.advance_clock(70_000).await;
+    eventually("the scheduled refresh to reach the provider", 30, || async {
+        let s = app.sandbox_stats("tiktok").await;
+        (s["refresh_calls"].as_i64().unwrap() > calls).then_some(s)
+    })
+    .await;
+    // The client reconnects while the provider is still answering.
+    connect(&app.client, &app, &url, "tiktok", account).await;
+    let db = authlink::db::Db::connect(
+        &app.db_url.clone().into(),
+        &authlink::config::DatabaseConfig { max_connections: 1, acquire_timeout_secs: 5 },
+    )
+    .await
+    .unwrap();
+    let outcomes = eventually("the refresh attempt to finish", 30, || async {
+        let mut conn = db.read().await.unwrap();
+        let attempts = authlink::db::connections::attempts(&mut conn, &id).await.unwrap();
+        let outcomes: Vec<String> = attempts.into_iter().map(|a| a.outcome).collect();
+        (!outcomes.is_empty() && !outcomes.contains(&"started".to_string())).then(|| json!(outcomes))
+    })
+    .await;
+    db.close().await;
+    assert_eq!(outcomes, json!(["superseded"]));
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "active");
+    assert_eq!(c["reconnect_count"], 1);
+    assert_eq!(c["last_refreshed_at"], c["events"].as_array().unwrap().last().unwrap()["at"]);
+    let kinds: Vec<&str> =
+        c["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["created", "reconnected"], "the dropped answer left no refresh in the history");
+    // The stored grant is the reconnect's: refreshing it now works and reuses no refresh token.
+    app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    let stats = app.sandbox_stats("tiktok").await;
+    assert_eq!(stats["refresh_token_reuse"], 0);
+    assert_eq!(stats["invalid_grant"], 0);
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "active");
 }
 
 async fn permanent_failure_breaks_once_and_link_repairs(app: TestApp) {
