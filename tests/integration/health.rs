@@ -22,6 +22,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         gone_endpoint_is_disabled,
         transient_refresh_failures_recover,
         refresh_overtaken_by_a_reconnect_keeps_the_new_grant,
+        upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
         permanent_failure_breaks_once_and_link_repairs,
         health_check_catches_revocation,
         instagram_token_is_refreshed_after_a_day,
@@ -475,6 +476,84 @@ async fn refresh_overtaken_by_a_reconnect_keeps_the_new_grant(app: TestApp) {
     assert_eq!(stats["invalid_grant"], 0);
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "active");
+}
+
+/// Migration 0008 on a database holding connections made before it: every connection gets its
+/// schedule and lease, the schedule only while active, and the old columns are gone.
+async fn upgrade_to_the_refresh_schedule_keeps_schedules_and_leases(app: TestApp) {
+    use sqlx::{Connection, Executor, Row};
+    sqlx::any::install_default_drivers();
+    let backend = match &app.backend {
+        crate::helpers::Backend::Sqlite => "sqlite",
+        crate::helpers::Backend::Postgres(_) => "postgres",
+    };
+    // A database of its own, next to the app's.
+    let (url, schema) = match &app.backend {
+        crate::helpers::Backend::Sqlite => {
+            (format!("sqlite://{}/upgrade.db?mode=rwc", app.dir.path().display()), None)
+        }
+        crate::helpers::Backend::Postgres(url) => {
+            let schema = format!("u_{}", uuid::Uuid::new_v4().simple());
+            let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.unwrap();
+            let sep = if url.contains('?') { '&' } else { '?' };
+            (format!("{url}{sep}options=-c%20search_path%3D{schema}"), Some((url.clone(), schema)))
+        }
+    };
+    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(backend);
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let version = |f: &std::path::PathBuf| f.file_name().unwrap().to_str().unwrap()[..4].to_string();
+    let before: Vec<_> = files.iter().filter(|f| version(f).as_str() < "0008").collect();
+    let upgrade = files.iter().find(|f| version(f) == "0008").unwrap();
+    for file in &before {
+        let sql = std::fs::read_to_string(file).unwrap();
+        conn.execute(sql.as_str()).await.unwrap();
+    }
+    conn.execute(
+        "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w', 'W', 'w', 1, 1);
+         INSERT INTO connections (id, workspace_id, provider, provider_account_id, scopes, status, connected_at,
+           created_at, updated_at, next_refresh_at, lease_owner, lease_until)
+         VALUES ('leased', 'w', 'tiktok', 'a', 's', 'active', 1, 1, 1, 100, 'host:1:ab', 200),
+                ('due', 'w', 'tiktok', 'b', 's', 'active', 1, 1, 1, 300, NULL, NULL),
+                ('broken', 'w', 'tiktok', 'c', 's', 'broken', 1, 1, 1, 400, NULL, NULL);",
+    )
+    .await
+    .unwrap();
+    let sql = std::fs::read_to_string(upgrade).unwrap();
+    conn.execute(sql.as_str()).await.unwrap();
+    let rows = sqlx::query(
+        "SELECT connection_id, next_refresh_at, lease_owner, lease_until FROM refresh_schedule ORDER BY connection_id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let got: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!([
+                r.get::<String, _>(0),
+                r.get::<Option<i64>, _>(1),
+                r.get::<Option<String>, _>(2),
+                r.get::<Option<i64>, _>(3)
+            ])
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            json!(["broken", null, null, null]),
+            json!(["due", 300, null, null]),
+            json!(["leased", 100, "host:1:ab", 200]),
+        ]
+    );
+    assert!(sqlx::query("SELECT next_refresh_at FROM connections").fetch_all(&mut conn).await.is_err());
+    conn.close().await.unwrap();
+    if let Some((admin_url, schema)) = schema {
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin).await.unwrap();
+    }
 }
 
 async fn permanent_failure_breaks_once_and_link_repairs(app: TestApp) {
