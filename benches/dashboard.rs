@@ -724,6 +724,8 @@ async fn main() {
     let details: Vec<String> = (0..50)
         .map(|_| format!("{w}/connections/{}", data.ids[rng.random_range(0..data.ids.len())]))
         .collect();
+    let link_pages: Vec<String> =
+        (0..50).map(|_| format!("{w}/links/{}", links[rng.random_range(0..links.len())])).collect();
     let enc = |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let page =
         |name: &str, urls: Vec<String>, min_rows: usize| Page { name: name.to_string(), urls, min_rows };
@@ -764,6 +766,7 @@ async fn main() {
         page("Page at the 90,000th newest (cursor)", vec![deep], 25),
         page("Connection detail", details.clone(), 0),
         page("Links", vec![format!("{w}/links")], 25),
+        page("Link detail, with its connections", link_pages, 0),
         page("Audit log", vec![format!("{w}/audit")], 25),
         page(
             "Audit log, action = connection.disconnected",
