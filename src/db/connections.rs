@@ -493,6 +493,10 @@ pub async fn set_attempt_detail(conn: &mut AnyConnection, id: &str, detail: &str
     Ok(())
 }
 
+/// The detail of an attempt found unfinished by the next one (SQL text: no quotes in it).
+const INTERRUPTED_ATTEMPT: &str =
+    "the process stopped after calling the provider and before storing the result";
+
 /// Finishes attempt `attempt_id` of connection `connection_id` with `outcome`, and marks the
 /// connection's other unfinished attempts as interrupted (their process died between calling the
 /// provider and storing the answer); returns how many of those there were.
@@ -504,13 +508,12 @@ pub async fn finish_attempts(
     detail: Option<&str>,
     now_ms: i64,
 ) -> DbResult<u64> {
-    let rows: Vec<(String,)> = sqlx::query_as(
+    let rows: Vec<(String,)> = sqlx::query_as(&format!(
         "UPDATE refresh_attempts SET finished_at = $5, \
          outcome = CASE WHEN id = $2 THEN $3 ELSE 'interrupted' END, \
-         detail = CASE WHEN id = $2 THEN $4 \
-           ELSE 'the process stopped after calling the provider and before storing the result' END \
-         WHERE connection_id = $1 AND outcome = 'started' RETURNING id",
-    )
+         detail = CASE WHEN id = $2 THEN $4 ELSE '{INTERRUPTED_ATTEMPT}' END \
+         WHERE connection_id = $1 AND outcome = 'started' RETURNING id"
+    ))
     .bind(connection_id)
     .bind(attempt_id)
     .bind(outcome)
@@ -541,6 +544,29 @@ pub async fn scrub_events(conn: &mut AnyConnection, connection_id: &str) -> DbRe
     Ok(())
 }
 
+/// Stores refreshed tokens by compare-and-set on the token generation (`$8`): the statement both
+/// refresh paths run, with its arguments bound by [`bind_tokens`].
+const STORE_TOKENS: &str = "UPDATE connections SET access_token_sealed = $2, access_expires_at = $3, \
+    refresh_token_sealed = $4, refresh_expires_at = $5, token_generation = $6, last_refreshed_at = $7, \
+    updated_at = $7, refresh_failures = 0, expiring_notified_at = NULL WHERE id = $1 AND token_generation = $8";
+
+/// Binds `$1` to `$8` of [`STORE_TOKENS`].
+fn bind_tokens<'q, O>(
+    query: sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>>,
+    c: &'q ConnectionRow,
+    expected_generation: i64,
+) -> sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>> {
+    query
+        .bind(&c.id)
+        .bind(&c.access_token_sealed)
+        .bind(c.access_expires_at)
+        .bind(&c.refresh_token_sealed)
+        .bind(c.refresh_expires_at)
+        .bind(c.token_generation)
+        .bind(c.last_refreshed_at)
+        .bind(expected_generation)
+}
+
 /// Writes refreshed tokens by compare-and-set on the token generation, then the next refresh
 /// time, and gives the lease back if `owner` holds it; the caller runs it in a transaction.
 /// Returns false when another writer stored newer tokens meanwhile (nothing is written then).
@@ -550,22 +576,11 @@ pub async fn store_refreshed(
     expected_generation: i64,
     owner: &str,
 ) -> DbResult<bool> {
-    let done = sqlx::query(
-        "UPDATE connections SET access_token_sealed = $2, access_expires_at = $3, refresh_token_sealed = $4, \
-         refresh_expires_at = $5, token_generation = $6, last_refreshed_at = $7, updated_at = $7, refresh_failures = 0, \
-         expiring_notified_at = NULL WHERE id = $1 AND token_generation = $8",
-    )
-    .bind(&c.id)
-    .bind(&c.access_token_sealed)
-    .bind(c.access_expires_at)
-    .bind(&c.refresh_token_sealed)
-    .bind(c.refresh_expires_at)
-    .bind(c.token_generation)
-    .bind(c.last_refreshed_at)
-    .bind(expected_generation)
-    .execute(&mut *conn)
-    .await?;
-    if done.rows_affected() != 1 {
+    let stored: Option<(String,)> =
+        bind_tokens(sqlx::query_as(&format!("{STORE_TOKENS} RETURNING id")), c, expected_generation)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if stored.is_none() {
         return Ok(false);
     }
     sqlx::query(
@@ -626,21 +641,12 @@ pub async fn start_claimed_refresh(
     Ok(found.map(|f| ClaimedStart { row: f.row, started: f.started > 0 }))
 }
 
-/// How [`store_refreshed_with_history`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoredRefresh {
-    /// Stored; the number of other unfinished attempts it found and marked interrupted.
-    Stored { interrupted: u64 },
-    /// Another writer stored newer tokens meanwhile: nothing was written.
-    Superseded,
-}
-
 /// PostgreSQL: the whole write of a successful refresh in one statement (one round trip, one
-/// commit): the tokens by compare-and-set and the schedule as in [`store_refreshed`], the attempt
-/// finished as
-/// `succeeded` and the connection's other unfinished attempts as interrupted, a `refreshed`
-/// history event, and a `refresh_interrupted` event before it when such attempts were found.
-/// Nothing is written when the compare-and-set fails.
+/// commit): the tokens by compare-and-set and the schedule as in [`store_refreshed`], the
+/// attempt finished as `succeeded` and the connection's other unfinished attempts as
+/// interrupted, a `refreshed` history event, and a `refresh_interrupted` event before it when
+/// such attempts were found. Returns false, having written nothing, when the compare-and-set
+/// fails.
 pub async fn store_refreshed_with_history(
     conn: &mut AnyConnection,
     c: &ConnectionRow,
@@ -649,49 +655,34 @@ pub async fn store_refreshed_with_history(
     attempt_id: &str,
     interrupted_event: (&str, &str),
     refreshed_event_id: &str,
-) -> DbResult<StoredRefresh> {
-    let (stored, interrupted): (i64, i64) = sqlx::query_as(
-        "WITH u AS (UPDATE connections SET access_token_sealed = $2, access_expires_at = $3, \
-           refresh_token_sealed = $4, refresh_expires_at = $5, token_generation = $6, last_refreshed_at = $7, \
-           updated_at = $7, refresh_failures = 0, expiring_notified_at = NULL \
-           WHERE id = $1 AND token_generation = $10 RETURNING id, workspace_id), \
-         s AS (UPDATE refresh_schedule SET next_refresh_at = $8, \
-           lease_owner = CASE WHEN lease_owner = $9 THEN NULL ELSE lease_owner END, \
-           lease_until = CASE WHEN lease_owner = $9 THEN NULL ELSE lease_until END \
+) -> DbResult<bool> {
+    let sql = format!(
+        "WITH u AS ({STORE_TOKENS} RETURNING id, workspace_id), \
+         s AS (UPDATE refresh_schedule SET next_refresh_at = $9, \
+           lease_owner = CASE WHEN lease_owner = $10 THEN NULL ELSE lease_owner END, \
+           lease_until = CASE WHEN lease_owner = $10 THEN NULL ELSE lease_until END \
            WHERE connection_id = $1 AND EXISTS (SELECT 1 FROM u)), \
          f AS (UPDATE refresh_attempts SET finished_at = $7, \
            outcome = CASE WHEN id = $11 THEN 'succeeded' ELSE 'interrupted' END, \
-           detail = CASE WHEN id = $11 THEN NULL \
-             ELSE 'the process stopped after calling the provider and before storing the result' END \
+           detail = CASE WHEN id = $11 THEN NULL ELSE '{INTERRUPTED_ATTEMPT}' END \
            WHERE connection_id = $1 AND outcome = 'started' AND EXISTS (SELECT 1 FROM u) RETURNING id), \
          i AS (INSERT INTO connection_events (id, connection_id, workspace_id, kind, detail, created_at) \
            SELECT $12, id, workspace_id, 'refresh_interrupted', $13, $7 FROM u \
            WHERE EXISTS (SELECT 1 FROM f WHERE id <> $11)), \
          e AS (INSERT INTO connection_events (id, connection_id, workspace_id, kind, detail, created_at) \
            SELECT $14, id, workspace_id, 'refreshed', NULL, $7 FROM u) \
-         SELECT (SELECT count(*) FROM u), (SELECT count(*) FROM f WHERE id <> $11)",
-    )
-    .bind(&c.id)
-    .bind(&c.access_token_sealed)
-    .bind(c.access_expires_at)
-    .bind(&c.refresh_token_sealed)
-    .bind(c.refresh_expires_at)
-    .bind(c.token_generation)
-    .bind(c.last_refreshed_at)
-    .bind(stored_next_refresh(c))
-    .bind(owner)
-    .bind(expected_generation)
-    .bind(attempt_id)
-    .bind(interrupted_event.0)
-    .bind(interrupted_event.1)
-    .bind(refreshed_event_id)
-    .fetch_one(conn)
-    .await?;
-    Ok(if stored == 1 {
-        StoredRefresh::Stored { interrupted: u64::try_from(interrupted).unwrap_or(0) }
-    } else {
-        StoredRefresh::Superseded
-    })
+         SELECT count(*) FROM u"
+    );
+    let (stored,): (i64,) = bind_tokens(sqlx::query_as(&sql), c, expected_generation)
+        .bind(stored_next_refresh(c))
+        .bind(owner)
+        .bind(attempt_id)
+        .bind(interrupted_event.0)
+        .bind(interrupted_event.1)
+        .bind(refreshed_event_id)
+        .fetch_one(conn)
+        .await?;
+    Ok(stored == 1)
 }
 
 #[cfg(test)]

@@ -212,6 +212,8 @@ impl Provider {
 pub struct Providers {
     tiktok: Option<Provider>,
     instagram: Option<Provider>,
+    /// The names of the enabled ones, comma-separated.
+    enabled_names: String,
 }
 
 impl Providers {
@@ -228,7 +230,14 @@ impl Providers {
             .instagram
             .enabled
             .then(|| Provider::Instagram(instagram::Instagram::from_config(config, http)));
-        Self { tiktok, instagram }
+        let mut providers = Self { tiktok, instagram, enabled_names: String::new() };
+        providers.enabled_names = Platform::ALL
+            .into_iter()
+            .filter(|p| providers.get(*p).is_some())
+            .map(Platform::as_str)
+            .collect::<Vec<_>>()
+            .join(",");
+        providers
     }
 
     /// The adapter of `platform`, if enabled.
@@ -240,13 +249,8 @@ impl Providers {
     }
 
     /// The names of the enabled providers, comma-separated (for SQL that filters on them).
-    pub fn enabled_names(&self) -> String {
-        Platform::ALL
-            .into_iter()
-            .filter(|p| self.get(*p).is_some())
-            .map(Platform::as_str)
-            .collect::<Vec<_>>()
-            .join(",")
+    pub fn enabled_names(&self) -> &str {
+        &self.enabled_names
     }
 }
 

@@ -151,7 +151,7 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
             owner,
             &attempt_id,
             now,
-            &app.providers.enabled_names(),
+            app.providers.enabled_names(),
         )
         .await?
         .ok_or(ServiceError::NotFound("connection"))?;
@@ -334,7 +334,7 @@ async fn store_refreshed(
             &new_id(),
         )
         .await?;
-        if let db::connections::StoredRefresh::Stored { .. } = stored {
+        if stored {
             tracing::debug!(connection_id = %row.id, provider = %platform, "tokens refreshed");
             return Ok(Outcome::Refreshed(Box::new(row.clone())));
         }
