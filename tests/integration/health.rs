@@ -493,11 +493,8 @@ async fn upgrade_to_the_refresh_schedule_keeps_schedules_and_leases(app: TestApp
             (format!("sqlite://{}/upgrade.db?mode=rwc", app.dir.path().display()), None)
         }
         crate::helpers::Backend::Postgres(url) => {
-            let schema = format!("u_{}", uuid::Uuid::new_v4().simple());
-            let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
-            sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.unwrap();
-            let sep = if url.contains('?') { '&' } else { '?' };
-            (format!("{url}{sep}options=-c%20search_path%3D{schema}"), Some((url.clone(), schema)))
+            let (db_url, schema) = crate::helpers::new_schema(url, "u").await;
+            (db_url, Some((url.clone(), schema)))
         }
     };
     let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();

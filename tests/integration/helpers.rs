@@ -108,6 +108,16 @@ pub fn new_master_key() -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// A new, empty schema on the PostgreSQL server at `url`, named `{prefix}_<random>`: the URL of
+/// a database whose search path is that schema, and the schema's name.
+pub async fn new_schema(url: &str, prefix: &str) -> (String, String) {
+    let schema = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    (format!("{url}{sep}options=-c%20search_path%3D{schema}"), schema)
+}
+
 impl TestApp {
     /// Starts the server on a new database.
     pub async fn spawn(backend: Backend) -> Self {
@@ -120,11 +130,8 @@ impl TestApp {
         let (db_url, schema) = match &backend {
             Backend::Sqlite => (format!("sqlite://{}/authlink.db", dir.path().display()), None),
             Backend::Postgres(url) => {
-                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-                sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
-                let sep = if url.contains('?') { '&' } else { '?' };
-                (format!("{url}{sep}options=-c%20search_path%3D{schema}"), Some(schema))
+                let (db_url, schema) = new_schema(url, "t").await;
+                (db_url, Some(schema))
             }
         };
         let mut env: Vec<(String, String)> = vec![
