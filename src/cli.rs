@@ -47,6 +47,10 @@ pub enum Command {
     Config(ConfigCommand),
     /// Print a new random master key (base64 of 32 bytes) for AUTHLINK_MASTER_KEY.
     Keygen,
+    /// Master key rotation: which keys the stored secrets are sealed with, and re-sealing them
+    /// with the current key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Manage workspaces (agencies).
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
@@ -70,6 +74,22 @@ pub enum Command {
     User(UserCommand),
     /// Print the OpenAPI document of the JSON API.
     Openapi,
+}
+
+/// `authlink keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Show the active key, the earlier keys, and how many stored secrets each key sealed.
+    Status,
+    /// Seal every stored secret that is not sealed with the active master key again with it, then
+    /// retire each earlier key no secret needs any more (it may then be removed from the
+    /// configuration). Safe while the service runs. Exits non-zero if any secret is left under
+    /// another key.
+    Rewrap {
+        /// Rows re-sealed per transaction.
+        #[arg(long, default_value_t = service::keys::DEFAULT_BATCH, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        batch: u32,
+    },
 }
 
 /// `authlink config ...`
@@ -420,6 +440,7 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
             println!("{}", serde_json::to_string_pretty(&crate::http::api::openapi()).unwrap_or_default());
             Ok(())
         }
+        Command::Keys(cmd) => keys(state(config).await?, json, cmd).await,
         Command::Workspace(cmd) => workspace(state(config).await?, json, cmd).await,
         Command::Link(cmd) => link(state(config).await?, json, cmd).await,
         Command::Apikey(cmd) => apikey(state(config).await?, json, cmd).await,
@@ -755,6 +776,84 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
         }
     }
     Ok(())
+}
+
+async fn keys(app: AppState, json: bool, cmd: KeysCommand) -> CliResult {
+    use service::keys::{self, SealedCount};
+    let counts = |sealed: &[SealedCount]| {
+        sealed
+            .iter()
+            .map(|c| {
+                let kid = if c.kid.is_empty() { "(not an envelope)" } else { c.kid.as_str() };
+                format!("  {}.{}  key {kid}: {}", c.table, c.column, c.count)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    match cmd {
+        KeysCommand::Status => {
+            let status = keys::status(&app).await?;
+            print(json, &status, |s| {
+                let mut out = format!("active key: {}\nkeys:", s.active_kid);
+                for k in &s.keys {
+                    out.push_str(&format!(
+                        "\n  {}  {}  first used {}  retired {}",
+                        k.kid,
+                        k.configured,
+                        ts(k.first_used_at),
+                        ts(k.retired_at)
+                    ));
+                }
+                out.push_str("\nsealed values:\n");
+                out.push_str(&if s.sealed.is_empty() { "  none".to_string() } else { counts(&s.sealed) });
+                out
+            });
+            Ok(())
+        }
+        KeysCommand::Rewrap { batch } => {
+            let report = keys::rewrap(&app, &Actor::Cli, batch).await?;
+            print(json, &report, |r| {
+                let mut out = format!("active key: {}", r.active_kid);
+                for c in &r.columns {
+                    out.push_str(&format!(
+                        "\n  {}.{}: {} re-sealed, {} changed meanwhile, {} unreadable",
+                        c.table, c.column, c.resealed, c.changed_meanwhile, c.unreadable
+                    ));
+                }
+                for u in &r.unreadable {
+                    out.push_str(&format!(
+                        "\n  unreadable: {}.{} row {}: {}",
+                        u.table, u.column, u.id, u.error
+                    ));
+                }
+                if r.remaining.is_empty() {
+                    out.push_str("\nevery stored secret is sealed with the active key");
+                } else {
+                    out.push_str("\nstill sealed with another key:\n");
+                    out.push_str(&counts(&r.remaining));
+                }
+                for kid in &r.retired {
+                    out.push_str(&format!(
+                        "\nretired key {kid}: it may now be removed from the configuration"
+                    ));
+                }
+                out
+            });
+            if report.complete() {
+                Ok(())
+            } else {
+                Err(CliError {
+                    message: format!(
+                        "{} secrets are still sealed with another key: unreadable ones are listed above; others were \
+                         written meanwhile by a process that still seals with an earlier key (run again once every \
+                         process uses the new key)",
+                        report.remaining.iter().map(|c| c.count).sum::<i64>()
+                    ),
+                    code: 1,
+                })
+            }
+        }
+    }
 }
 
 async fn audit(app: AppState, json: bool, cmd: AuditCommand) -> CliResult {

@@ -35,6 +35,13 @@ pub struct Config {
     pub master_key: Option<SecretString>,
     /// A file holding the base64 master key (used when `master_key` is not set).
     pub master_key_file: Option<PathBuf>,
+    /// Earlier master keys (base64), kept to open values sealed before a key rotation until
+    /// `authlink keys rewrap` has sealed them again with the current key. One key or a list.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub retired_master_keys: Vec<SecretString>,
+    /// Files holding earlier master keys, like `retired_master_keys`. One path or a list.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub retired_master_key_files: Vec<PathBuf>,
     /// `human` or `json` log lines.
     pub log_format: LogFormat,
     /// HTTP server limits.
@@ -448,6 +455,12 @@ impl Config {
             "data_dir": self.data_dir.display().to_string(),
             "master_key": mask(&self.master_key),
             "master_key_file": self.master_key_file.as_ref().map(|p| p.display().to_string()),
+            "retired_master_keys": self.retired_master_keys.iter().map(|_| "********").collect::<Vec<_>>(),
+            "retired_master_key_files": self
+                .retired_master_key_files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>(),
             "log_format": self.log_format,
             "http": self.http,
             "database": self.database,
@@ -515,6 +528,25 @@ fn parse_env_value(value: &str) -> figment::value::Value {
     Value::from(value.to_string())
 }
 
+/// A list setting that also takes a single value (`AUTHLINK_RETIRED_MASTER_KEYS=<key>` as well as
+/// `[<key>, <key>]`).
+fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany<T> {
+        Many(Vec<T>),
+        One(T),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::Many(v) => v,
+        OneOrMany::One(v) => vec![v],
+    })
+}
+
 fn describe_figment_error(e: figment::Error) -> String {
     let key = if e.path.is_empty() { None } else { Some(e.path.join(".")) };
     let source = e.metadata.as_ref().map(|m| m.name.to_string());
@@ -542,6 +574,26 @@ mod tests {
         assert!(c.providers.tiktok.is_sandbox());
         assert_eq!(c.providers.timeout_secs, 10);
         assert_eq!(c.public_url.as_str(), "http://127.0.0.1:8080/");
+    }
+
+    #[test]
+    fn retired_master_keys_take_one_key_or_a_list_and_are_masked() {
+        let one = Config::load_from(None, &env(&[("AUTHLINK_RETIRED_MASTER_KEYS", "a2V5LW9uZQ==")])).unwrap();
+        assert_eq!(one.retired_master_keys.len(), 1);
+        assert_eq!(one.retired_master_keys[0].expose_secret(), "a2V5LW9uZQ==");
+        let many = Config::load_from(
+            None,
+            &env(&[("AUTHLINK_RETIRED_MASTER_KEYS", "[a2V5LW9uZQ==, a2V5LXR3bw==]")]),
+        )
+        .unwrap();
+        let keys: Vec<&str> = many.retired_master_keys.iter().map(|k| k.expose_secret()).collect();
+        assert_eq!(keys, ["a2V5LW9uZQ==", "a2V5LXR3bw=="]);
+        let masked = many.masked().to_string();
+        assert!(!masked.contains("a2V5") && masked.contains("retired_master_keys"));
+        let files =
+            Config::load_from(None, &env(&[("AUTHLINK_RETIRED_MASTER_KEY_FILES", "/k/old.key")])).unwrap();
+        assert_eq!(files.retired_master_key_files, [PathBuf::from("/k/old.key")]);
+        assert!(Config::load_from(None, &[]).unwrap().retired_master_keys.is_empty());
     }
 
     #[test]

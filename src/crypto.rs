@@ -26,6 +26,8 @@ use zeroize::Zeroizing;
 /// Length of a master key in bytes.
 pub const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
+/// Length of a key id: the first 4 bytes of a hash of the key, in hex.
+pub const KID_LEN: usize = 8;
 const ENVELOPE_VERSION: &str = "v1";
 /// The plaintext sealed as the key check value.
 const KEY_CHECK_PLAINTEXT: &[u8] = b"authlink key check";
@@ -110,24 +112,34 @@ fn ring_key(bytes: &[u8]) -> Result<RingKey, CryptoError> {
     // The key id is derived from the key, so the same key always has the same id and an id
     // reveals nothing usable about the key.
     let digest = Sha256::digest([b"authlink-kid:".as_slice(), bytes].concat());
-    let kid = hex::encode(&digest[..4]);
+    let kid = hex::encode(&digest[..KID_LEN / 2]);
     let cipher = XChaCha20Poly1305::new(Key::from_slice(bytes));
     Ok(RingKey { kid, cipher })
+}
+
+fn decode_key(key: &SecretString) -> Result<RingKey, CryptoError> {
+    let text = key.expose_secret().trim();
+    let bytes = Zeroizing::new(
+        STANDARD.decode(text).or_else(|_| URL_SAFE_NO_PAD.decode(text)).map_err(|_| CryptoError::BadKey)?,
+    );
+    ring_key(&bytes)
+}
+
+/// Reads a key file (base64 text).
+pub fn read_key_file(path: &Path) -> Result<SecretString, CryptoError> {
+    std::fs::read_to_string(path)
+        .map(SecretString::from)
+        .map_err(|source| CryptoError::KeyFile { path: path.display().to_string(), source })
 }
 
 impl KeyRing {
     /// A ring with one active key and any number of decrypt-only keys, all base64.
     pub fn from_base64(active: &SecretString, retired: &[SecretString]) -> Result<Self, CryptoError> {
-        let decode = |s: &SecretString| -> Result<RingKey, CryptoError> {
-            let bytes = Zeroizing::new(
-                STANDARD
-                    .decode(s.expose_secret().trim())
-                    .or_else(|_| URL_SAFE_NO_PAD.decode(s.expose_secret().trim()))
-                    .map_err(|_| CryptoError::BadKey)?,
-            );
-            ring_key(&bytes)
-        };
-        Ok(Self { active: decode(active)?, retired: retired.iter().map(decode).collect::<Result<_, _>>()? })
+        let mut ring = Self { active: decode_key(active)?, retired: Vec::new() };
+        for key in retired {
+            ring.add_retired(key)?;
+        }
+        Ok(ring)
     }
 
     /// A ring with a fresh random key (tests and `authlink keygen`).
@@ -141,9 +153,16 @@ impl KeyRing {
 
     /// Reads the base64 key in `path`.
     pub fn from_file(path: &Path) -> Result<Self, CryptoError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| CryptoError::KeyFile { path: path.display().to_string(), source })?;
-        Self::from_base64(&SecretString::from(text), &[])
+        Self::from_base64(&read_key_file(path)?, &[])
+    }
+
+    /// Adds a decrypt-only key (base64), for values sealed before a key rotation.
+    pub fn add_retired(&mut self, key: &SecretString) -> Result<(), CryptoError> {
+        let key = decode_key(key)?;
+        if key.kid != self.active.kid && !self.retired.iter().any(|k| k.kid == key.kid) {
+            self.retired.push(key);
+        }
+        Ok(())
     }
 
     /// Creates `path` with a fresh key, readable by the owner only (mode 0600), and returns the
@@ -244,9 +263,34 @@ impl KeyRing {
         )
     }
 
+    /// The ids of the decrypt-only keys.
+    pub fn retired_kids(&self) -> impl Iterator<Item = &str> {
+        self.retired.iter().map(|k| k.kid.as_str())
+    }
+
+    /// Opens `envelope` (sealed with any key of the ring) and seals it again with the active key
+    /// for the same place. An envelope already sealed with the active key is opened (so that a
+    /// damaged one is reported) and returned as it is: `None`.
+    pub fn rewrap(&self, envelope: &str, aad: Aad<'_>) -> Result<Option<String>, CryptoError> {
+        let plain = self.open(envelope, aad)?;
+        if envelope_kid(envelope) == Some(self.active_kid()) {
+            return Ok(None);
+        }
+        Ok(Some(self.seal(&plain, aad)))
+    }
+
     /// Whether this ring holds a key with id `kid`.
     pub fn has_kid(&self, kid: &str) -> bool {
         self.active.kid == kid || self.retired.iter().any(|k| k.kid == kid)
+    }
+}
+
+/// The key id an envelope names, if it has the envelope's shape.
+pub fn envelope_kid(envelope: &str) -> Option<&str> {
+    let mut parts = envelope.splitn(3, ':');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(ENVELOPE_VERSION), Some(kid), Some(_)) => Some(kid),
+        _ => None,
     }
 }
 
@@ -324,6 +368,28 @@ mod tests {
         let rotated = KeyRing::from_base64(&new_b64, &[old_b64]).unwrap();
         assert_eq!(rotated.open_str(&env, Aad::new("t", "r", "c")).unwrap().expose_secret(), "v");
         assert_ne!(rotated.active_kid(), old.active_kid());
+    }
+
+    #[test]
+    fn rewrap_moves_a_value_to_the_active_key_and_keeps_its_place() {
+        let (old, old_b64) = KeyRing::generate();
+        let (_, new_b64) = KeyRing::generate();
+        let place = Aad::new("connections", "c1", "access_token");
+        let env = old.seal_str("secret", place);
+        let rotated = KeyRing::from_base64(&new_b64, &[old_b64]).unwrap();
+        assert_eq!(rotated.retired_kids().collect::<Vec<_>>(), vec![old.active_kid()]);
+        let moved = rotated.rewrap(&env, place).unwrap().expect("an old-key value is re-sealed");
+        assert_eq!(envelope_kid(&moved), Some(rotated.active_kid()));
+        assert_eq!(rotated.active_kid().len(), KID_LEN);
+        // Readable with the new key alone, only in its own place.
+        let new_only = KeyRing::from_base64(&new_b64, &[]).unwrap();
+        assert_eq!(new_only.open_str(&moved, place).unwrap().expose_secret(), "secret");
+        assert!(new_only.open(&moved, Aad::new("connections", "c2", "access_token")).is_err());
+        // Already current: left as it is. Damaged or moved: an error, never a re-seal.
+        assert!(rotated.rewrap(&moved, place).unwrap().is_none());
+        assert!(rotated.rewrap(&env, Aad::new("connections", "c2", "access_token")).is_err());
+        assert!(rotated.rewrap("v1:deadbeef:AAAA:AAAA", place).is_err());
+        assert_eq!(envelope_kid("garbage"), None);
     }
 
     #[test]

@@ -43,6 +43,16 @@ pub enum StartupError {
         /// The configured key id.
         configured: String,
     },
+    /// Stored values may still be sealed with a key that is not configured.
+    #[error(
+        "values in this database may still be sealed with key {kids}, which is not configured. Add the earlier \
+         master key to retired_master_keys (or retired_master_key_files) and run `authlink keys rewrap`; a key can \
+         be removed once `authlink keys status` shows it retired"
+    )]
+    KeyStillNeeded {
+        /// The missing key ids.
+        kids: String,
+    },
     /// The database could not be reached or migrated.
     #[error("database: {0}")]
     Database(#[from] DbError),
@@ -60,15 +70,33 @@ impl StartupError {
     /// The process exit code: 2 for configuration mistakes, 1 for everything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartupError::BadKey { .. } | StartupError::NoKey => 2,
+            StartupError::BadKey { .. }
+            | StartupError::NoKey
+            | StartupError::KeyMismatch { .. }
+            | StartupError::KeyStillNeeded { .. } => 2,
             _ => 1,
         }
     }
 }
 
 /// Loads the master key: `master_key`, else `master_key_file`, else `<data_dir>/master.key`,
-/// which is created (mode 0600, with a loud warning) when `create_dev_key` is set.
+/// which is created (mode 0600, with a loud warning) when `create_dev_key` is set; then the
+/// retired keys, which only open values sealed before a rotation.
 pub fn load_keyring(config: &Config, create_dev_key: bool) -> Result<KeyRing, StartupError> {
+    let mut ring = active_key(config, create_dev_key)?;
+    for key in &config.retired_master_keys {
+        ring.add_retired(key)
+            .map_err(|source| StartupError::BadKey { key: "retired_master_keys", source })?;
+    }
+    for path in &config.retired_master_key_files {
+        crate::crypto::read_key_file(path)
+            .and_then(|key| ring.add_retired(&key))
+            .map_err(|source| StartupError::BadKey { key: "retired_master_key_files", source })?;
+    }
+    Ok(ring)
+}
+
+fn active_key(config: &Config, create_dev_key: bool) -> Result<KeyRing, StartupError> {
     if let Some(key) = &config.master_key {
         return KeyRing::from_base64(key, &[])
             .map_err(|source| StartupError::BadKey { key: "master_key", source });
@@ -96,21 +124,33 @@ pub fn load_keyring(config: &Config, create_dev_key: bool) -> Result<KeyRing, St
 }
 
 /// Proves the key ring matches the data: opens the stored key check values, or stores the first
-/// one on a fresh database.
+/// one on a fresh database. Refuses a ring that lacks a key stored values may still be sealed
+/// with (one that sealed data here and has not been retired by a re-wrap).
 pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), StartupError> {
     let mut tx = db.begin_write().await?;
     let stored = db::key_checks::all(&mut tx).await?;
-    let ours: Vec<&(String, String)> = stored.iter().filter(|(kid, _)| keys.has_kid(kid)).collect();
-    let verified = ours.iter().all(|(kid, check)| keys.verify_check_value(kid, check));
+    let ours: Vec<&db::key_checks::KeyCheck> = stored.iter().filter(|c| keys.has_kid(&c.kid)).collect();
+    let verified = ours.iter().all(|c| keys.verify_check_value(&c.kid, &c.check_value));
     let knows_data = stored.is_empty() || (!ours.is_empty() && verified);
     if !knows_data {
         return Err(StartupError::KeyMismatch {
-            stored: stored.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", "),
+            stored: stored.iter().map(|c| c.kid.as_str()).collect::<Vec<_>>().join(", "),
             configured: keys.active_kid().to_string(),
         });
     }
-    if !stored.iter().any(|(kid, _)| kid == keys.active_kid()) {
-        db::key_checks::insert(&mut tx, keys.active_kid(), &keys.check_value(), now_ms).await?;
+    let missing: Vec<&str> = stored
+        .iter()
+        .filter(|c| !keys.has_kid(&c.kid) && c.retired_at.is_none())
+        .map(|c| c.kid.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(StartupError::KeyStillNeeded { kids: missing.join(", ") });
+    }
+    match stored.iter().find(|c| c.kid == keys.active_kid()) {
+        None => db::key_checks::insert(&mut tx, keys.active_kid(), &keys.check_value(), now_ms).await?,
+        // A retired key made active again seals new values: it is needed again.
+        Some(c) if c.retired_at.is_some() => db::key_checks::set_retired(&mut tx, &c.kid, None).await?,
+        Some(_) => {}
     }
     tx.commit().await?;
     Ok(())

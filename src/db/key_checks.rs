@@ -1,13 +1,30 @@
 //! The `key_checks` table: proof that the configured master key is the one the data was sealed
-//! with.
+//! with, and which keys no stored value needs any more.
 
 use sqlx::AnyConnection;
 
 use super::DbResult;
 
-/// All stored `(kid, check_value)` pairs.
-pub async fn all(conn: &mut AnyConnection) -> DbResult<Vec<(String, String)>> {
-    Ok(sqlx::query_as("SELECT kid, check_value FROM key_checks ORDER BY created_at").fetch_all(conn).await?)
+/// A stored key check value.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyCheck {
+    /// The key's id.
+    pub kid: String,
+    /// The key check value (a sealed constant).
+    pub check_value: String,
+    /// When the key first sealed data here.
+    pub created_at: i64,
+    /// When a re-wrap found no value sealed with this key any more.
+    pub retired_at: Option<i64>,
+}
+
+/// Every stored key check, oldest first.
+pub async fn all(conn: &mut AnyConnection) -> DbResult<Vec<KeyCheck>> {
+    Ok(sqlx::query_as(
+        "SELECT kid, check_value, created_at, retired_at FROM key_checks ORDER BY created_at, kid",
+    )
+    .fetch_all(conn)
+    .await?)
 }
 
 /// Records the check value of a key.
@@ -16,6 +33,16 @@ pub async fn insert(conn: &mut AnyConnection, kid: &str, check: &str, now_ms: i6
         .bind(kid)
         .bind(check)
         .bind(now_ms)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Marks a key retired (`Some`) or in use again (`None`).
+pub async fn set_retired(conn: &mut AnyConnection, kid: &str, retired_at: Option<i64>) -> DbResult<()> {
+    sqlx::query("UPDATE key_checks SET retired_at = $1 WHERE kid = $2")
+        .bind(retired_at)
+        .bind(kid)
         .execute(conn)
         .await?;
     Ok(())

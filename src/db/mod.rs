@@ -16,6 +16,7 @@ pub mod dashboard;
 pub mod key_checks;
 pub mod links;
 pub mod oauth_flows;
+pub mod sealed;
 pub mod sessions;
 pub mod users;
 pub mod webhooks;

@@ -50,6 +50,12 @@ pub async fn start_and_consent(
     decision: &str,
     granted: Option<&[&str]>,
 ) -> Flow {
+    let authorize = start(client, app, link_url, provider).await;
+    consent(client, app, &authorize, provider, account_id, decision, granted).await
+}
+
+/// Opens the link and starts a flow: returns the provider's authorize URL.
+pub async fn start(client: &Client, app: &TestApp, link_url: &str, provider: &str) -> String {
     let token = token_of(link_url);
     let landing = client.get(link_url).send().await.unwrap();
     assert_eq!(landing.status(), 200);
@@ -58,11 +64,24 @@ pub async fn start_and_consent(
     let authorize = start.headers()["location"].to_str().unwrap().to_string();
     assert!(authorize.starts_with(&app.url(&format!("/sandbox/{provider}/"))), "{authorize}");
     assert!(!authorize.contains("code_verifier"));
-    let consent = client.get(&authorize).send().await.unwrap();
+    authorize
+}
+
+/// Answers the sandbox consent page at `authorize`. Returns the callback URL.
+pub async fn consent(
+    client: &Client,
+    app: &TestApp,
+    authorize: &str,
+    provider: &str,
+    account_id: &str,
+    decision: &str,
+    granted: Option<&[&str]>,
+) -> Flow {
+    let consent = client.get(authorize).send().await.unwrap();
     assert_eq!(consent.status(), 200, "{}", consent.text().await.unwrap());
     let page = consent.text().await.unwrap();
     assert!(page.to_lowercase().contains("sandbox"));
-    let parsed = url::Url::parse(&authorize).unwrap();
+    let parsed = url::Url::parse(authorize).unwrap();
     let mut form: Vec<(String, String)> =
         parsed.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
     form.push(("account".into(), account_id.into()));

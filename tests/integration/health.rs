@@ -216,7 +216,7 @@ async fn private_webhook_targets_are_refused(app: TestApp) {
 }
 
 /// Verifies every received request with the `standardwebhooks` package from PyPI (not our code).
-fn verify_with_standardwebhooks(secret: &str, received: &[Received]) {
+pub fn verify_with_standardwebhooks(secret: &str, received: &[Received]) {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pydeps");
     let have = std::process::Command::new("python3")
         .args(["-c", "import standardwebhooks"])
@@ -1068,22 +1068,5 @@ async fn killed_worker_claims_are_taken_over(app: TestApp) {
 
 /// Replaces the app by one on the same database whose server runs no background jobs.
 async fn restart_without_jobs(app: TestApp) -> (TestApp, crate::helpers::Cleanup) {
-    let master = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
-    let db_url = app.db_url.clone();
-    let fresh = TestApp::spawn_with(
-        app.backend.clone(),
-        &[
-            ("AUTHLINK_JOBS__ENABLED", "false"),
-            ("AUTHLINK_MASTER_KEY", &master),
-            ("AUTHLINK_DATABASE_URL", &db_url),
-        ],
-    )
-    .await;
-    // Keep the original schema (the fresh app made an unused one): point the helpers at it,
-    // and stop the original server so that only the workers under test refresh.
-    let unused = fresh.cleanup_handle();
-    let mut fresh = fresh;
-    fresh.schema = app.schema.clone();
-    app.kill();
-    (fresh, unused)
+    app.restart_with(&[("AUTHLINK_JOBS__ENABLED", "false")]).await
 }

@@ -364,58 +364,141 @@ impl TestApp {
                 }
                 out
             }
-            Backend::Postgres(url) => {
-                let schema = self.schema.clone().unwrap();
-                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-                let tables: Vec<(String,)> = sqlx::query_as(
-                    "SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1",
+            Backend::Postgres(_) => self.logical_dump(&[]).await,
+        }
+    }
+
+    /// Every row of every table except `except`, as text (SQLite: each value `quote()`d; PostgreSQL:
+    /// each row cast to text): what the database holds logically, without the free pages of the
+    /// file.
+    pub async fn logical_dump(&self, except: &[&str]) -> String {
+        let tables: Vec<String> = match &self.backend {
+            Backend::Sqlite => {
+                self.column(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
                 )
-                .bind(&schema)
-                .fetch_all(&mut conn)
                 .await
-                .unwrap();
-                let mut out = String::new();
-                for (t,) in tables {
-                    let rows: Vec<(String,)> = sqlx::query_as(&format!("SELECT t::text FROM {schema}.{t} t"))
-                        .fetch_all(&mut conn)
-                        .await
-                        .unwrap();
-                    for (r,) in rows {
-                        out.push_str(&r);
-                        out.push('\n');
-                    }
+            }
+            Backend::Postgres(_) => {
+                let schema = self.schema.as_deref().unwrap();
+                let sql = format!(
+                    "SELECT table_name::text FROM information_schema.tables WHERE table_schema = '{schema}'"
+                );
+                self.column(&sql).await
+            }
+        };
+        let mut out = String::new();
+        for t in tables.iter().filter(|t| !except.contains(&t.as_str())) {
+            let select = match &self.backend {
+                Backend::Sqlite => {
+                    let cols: Vec<String> =
+                        self.column(&format!("SELECT name FROM pragma_table_info('{t}')")).await;
+                    let row = cols
+                        .iter()
+                        .map(|c| format!("quote(\"{c}\")"))
+                        .collect::<Vec<_>>()
+                        .join(" || '|' || ");
+                    format!("SELECT {row} FROM \"{t}\"")
                 }
-                out
+                Backend::Postgres(_) => format!("SELECT t::text FROM {{schema}}.{t} t"),
+            };
+            for row in self.column::<String>(&select).await {
+                out.push_str(&row);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// A direct connection to the SQLite file.
+    async fn sqlite(&self) -> sqlx::SqliteConnection {
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}/authlink.db", self.dir.path().display()))
+            .await
+            .unwrap()
+    }
+
+    /// Runs one statement through a direct connection (`{schema}.` is replaced by the PostgreSQL
+    /// schema, or removed on SQLite); returns the rows it changed.
+    pub async fn execute(&self, sql: &str) -> u64 {
+        match &self.backend {
+            Backend::Sqlite => {
+                let mut conn = self.sqlite().await;
+                sqlx::query(&sql.replace("{schema}.", "")).execute(&mut conn).await.unwrap().rows_affected()
+            }
+            Backend::Postgres(url) => {
+                let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+                let sql = sql.replace("{schema}", self.schema.as_deref().unwrap());
+                sqlx::query(&sql).execute(&mut conn).await.unwrap().rows_affected()
             }
         }
     }
 
-    /// Counts rows of a table (through a direct connection).
-    pub async fn count(&self, table: &str) -> i64 {
+    /// One text value through a direct connection (`{schema}.` as for [`execute`](Self::execute)).
+    pub async fn text(&self, sql: &str) -> String {
+        self.one(sql).await
+    }
+
+    /// The one value `sql` selects, through a direct connection.
+    async fn one<T>(&self, sql: &str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+        T: Send + Unpin,
+    {
+        self.column(sql).await.into_iter().next().expect("one row")
+    }
+
+    /// The first column of every row `sql` selects, through a direct connection (`{schema}.` as
+    /// for [`execute`](Self::execute)).
+    async fn column<T>(&self, sql: &str) -> Vec<T>
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+        T: Send + Unpin,
+    {
         match &self.backend {
             Backend::Sqlite => {
-                let mut conn = sqlx::SqliteConnection::connect(&format!(
-                    "sqlite://{}/authlink.db",
-                    self.dir.path().display()
-                ))
-                .await
-                .unwrap();
-                let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}"))
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap();
-                n
+                let mut conn = self.sqlite().await;
+                sqlx::query_scalar(&sql.replace("{schema}.", "")).fetch_all(&mut conn).await.unwrap()
             }
             Backend::Postgres(url) => {
-                let schema = self.schema.clone().unwrap();
                 let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-                let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {schema}.{table}"))
-                    .fetch_one(&mut conn)
-                    .await
-                    .unwrap();
-                n
+                let sql = sql.replace("{schema}", self.schema.as_deref().unwrap());
+                sqlx::query_scalar(&sql).fetch_all(&mut conn).await.unwrap()
             }
         }
+    }
+
+    /// Stops this server and starts another on the same address, database and data folder, with
+    /// the same environment plus `extra`. Returns the new app and the clean-up of what only it
+    /// holds.
+    pub async fn restart_with(self, extra: &[(&str, &str)]) -> (TestApp, Cleanup) {
+        self.kill();
+        let listen = self.base.trim_start_matches("http://").to_string();
+        let mut env: Vec<(&str, &str)> = vec![
+            ("AUTHLINK_DATABASE_URL", self.db_url.as_str()),
+            ("AUTHLINK_LISTEN", listen.as_str()),
+            ("AUTHLINK_PUBLIC_URL", self.base.as_str()),
+        ];
+        for (k, v) in &self.env {
+            if k.starts_with("AUTHLINK_") && k != "AUTHLINK_PUBLIC_URL" && !extra.iter().any(|(e, _)| e == k)
+            {
+                env.push((k.as_str(), v.as_str()));
+            }
+        }
+        env.extend_from_slice(extra);
+        let mut fresh = TestApp::spawn_with(self.backend.clone(), &env).await;
+        // The fresh app made an unused schema and folder: point it at the original ones.
+        let unused = fresh.cleanup_handle();
+        fresh.schema = self.schema.clone();
+        fresh.dir = self.dir.clone();
+        fresh.db_url = self.db_url.clone();
+        (fresh, unused)
+    }
+
+    /// Counts rows of a table (through a direct connection).
+    pub async fn count(&self, table: &str) -> i64 {
+        self.one(&format!("SELECT COUNT(*) FROM {{schema}}.{table}")).await
     }
 }
 

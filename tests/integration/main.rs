@@ -19,6 +19,7 @@ mod connect;
 mod dashboard;
 mod health;
 mod helpers;
+mod keys;
 mod pages;
 
 use std::future::Future;
@@ -62,6 +63,7 @@ fn main() -> ExitCode {
         ("connect", connect::tests()),
         ("health", health::tests()),
         ("dashboard", dashboard::tests()),
+        ("keys", keys::tests()),
     ] {
         for (name, f, only) in list {
             all.push((module, name, f, only));

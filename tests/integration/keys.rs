@@ -1,0 +1,229 @@
+//! Master key rotation (security scenario 15): a new master key with the old one decrypt-only,
+//! a re-wrap of every sealed value over 10,000 links and every other kind of secret, the old
+//! key's retirement, and a restart with the new key alone.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::connect::{connect, consent, finish, start};
+use crate::health::{Receiver, eventually, verify_with_standardwebhooks};
+use crate::helpers::{TestApp, new_master_key};
+use crate::tests;
+
+/// Links sealed under the old key (the scenario's 10,000 rows; other secrets come on top).
+const LINKS: usize = 10_000;
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
+    tests![master_key_rotation_rewraps_every_secret]
+}
+
+/// Every link of the workspace: id → URL (the URL holds the link's token, unsealed to show it).
+async fn all_links(app: &TestApp, key: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/links?limit=200&cursor={c}"),
+            None => "/links?limit=200".to_string(),
+        };
+        let page = app.api_get(&path, key, 200).await;
+        for l in page["data"].as_array().unwrap() {
+            out.insert(l["id"].as_str().unwrap().to_string(), l["url"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+/// Creates `n` links through the API, 16 at a time.
+async fn create_links(app: &TestApp, key: &str, n: usize) {
+    let mut next = 0;
+    while next < n {
+        let batch: Vec<_> = (next..n.min(next + 16))
+            .map(|i| {
+                let req = app
+                    .api(reqwest::Method::POST, "/links", key)
+                    .json(&json!({"label": format!("Client {i}")}));
+                async move {
+                    let res = req.send().await.unwrap();
+                    assert_eq!(res.status(), 201, "{}", res.text().await.unwrap());
+                }
+            })
+            .collect();
+        next += batch.len();
+        futures::future::join_all(batch).await;
+    }
+}
+
+/// Sealed values by key id, from `authlink keys status`.
+fn sealed_by_kid(status: &Value) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for c in status["sealed"].as_array().unwrap() {
+        *out.entry(c["kid"].as_str().unwrap().to_string()).or_default() += c["count"].as_i64().unwrap();
+    }
+    out
+}
+
+fn key_state<'a>(status: &'a Value, kid: &str) -> &'a Value {
+    status["keys"].as_array().unwrap().iter().find(|k| k["kid"] == kid).unwrap()
+}
+
+async fn master_key_rotation_rewraps_every_secret(app: TestApp) {
+    let wid = app.workspace("Rotation");
+    let key = app.workspace_key(&wid);
+    // Under the first key: a webhook endpoint with a current and a previous secret, a connected
+    // account (access and refresh token, event payloads), a flow waiting at the consent screen
+    // (its PKCE verifier), and 10,000 links.
+    let receiver = Receiver::start().await;
+    let created = app
+        .api_post("/webhooks", &key, json!({"url": receiver.url, "events": ["connection.created"]}), 201)
+        .await;
+    let endpoint = created["id"].as_str().unwrap().to_string();
+    let first_secret = created["secret"].as_str().unwrap().to_string();
+    let rotated = app.api_post(&format!("/webhooks/{endpoint}/rotate-secret"), &key, json!({}), 200).await;
+    let secret = rotated["secret"].as_str().unwrap().to_string();
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    receiver.wait_for(1, 20).await;
+    let connection =
+        app.api_get("/connections", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
+    let token_path = format!("/connections/{connection}/access-token");
+    let access_token = app.api_get(&token_path, &key, 200).await["access_token"].clone();
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let authorize = start(&browser, &app, &url, "tiktok").await;
+    let started = std::time::Instant::now();
+    create_links(&app, &key, LINKS - 1).await;
+    eprintln!("keys: {} links created in {:?}", LINKS - 1, started.elapsed());
+    let links = all_links(&app, &key).await;
+    assert_eq!(links.len(), LINKS);
+
+    let before = app.cli_json(&["keys", "status"]);
+    let old_kid = before["active_kid"].as_str().unwrap().to_string();
+    let old_values = sealed_by_kid(&before);
+    assert_eq!(old_values.keys().collect::<Vec<_>>(), [&old_kid]);
+    // links, the connection's two tokens, the endpoint's two secrets, the event, two verifiers
+    let old_count = old_values[&old_kid];
+    assert!(old_count >= LINKS as i64 + 7, "{before}");
+
+    // A new key alone cannot open the data: refused, naming the stored key.
+    let old_key = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
+    let new_key = new_master_key();
+    let refused = app.cli_env(&["keys", "status"], &[("AUTHLINK_MASTER_KEY", &new_key)]);
+    assert_eq!(refused.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("does not match") && message.contains(&old_kid), "{message}");
+
+    // Rotate: the new key seals, the old one only opens.
+    let (app, cleanup) = app
+        .restart_with(&[("AUTHLINK_MASTER_KEY", &new_key), ("AUTHLINK_RETIRED_MASTER_KEYS", &old_key)])
+        .await;
+    let status = app.cli_json(&["keys", "status"]);
+    let new_kid = status["active_kid"].as_str().unwrap().to_string();
+    assert_ne!(new_kid, old_kid);
+    assert_eq!(key_state(&status, &old_kid)["configured"], "decrypt-only");
+    assert_eq!(key_state(&status, &new_kid)["configured"], "active");
+    // Old values still open, new ones are sealed with the new key: the flow begun under the old
+    // key completes and connects a second account (the sandbox's consent is given now: its codes
+    // live in the memory of the process that issued them).
+    let flow = consent(
+        &browser,
+        &app,
+        &authorize,
+        "tiktok",
+        authlink::sandbox::TIKTOK_ACCOUNTS[1].open_id,
+        "allow",
+        None,
+    )
+    .await;
+    let page = finish(&browser, &app, &flow.callback).await;
+    assert_eq!(page.status(), 200, "{}", page.text().await.unwrap());
+    assert_eq!(app.api_get(&token_path, &key, 200).await["access_token"], access_token);
+    assert!(sealed_by_kid(&app.cli_json(&["keys", "status"]))[&new_kid] >= 2);
+
+    // Dropping the old key before the re-wrap is refused: values still need it.
+    let early = app.cli_env(&["keys", "status"], &[("AUTHLINK_RETIRED_MASTER_KEYS", "[]")]);
+    assert_eq!(early.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&early.stderr);
+    assert!(message.contains(&old_kid) && message.contains("keys rewrap"), "{message}");
+
+    // A value moved from another row cannot be opened: the re-wrap reports it, leaves it, and
+    // does not retire the old key.
+    let ids: Vec<&String> = links.keys().collect();
+    let (victim, donor) = (ids[10], ids[11]);
+    let original =
+        app.text(&format!("SELECT token_sealed FROM {{schema}}.links WHERE id = '{victim}'")).await;
+    let moved = app.text(&format!("SELECT token_sealed FROM {{schema}}.links WHERE id = '{donor}'")).await;
+    assert_eq!(
+        app.execute(&format!("UPDATE {{schema}}.links SET token_sealed = '{moved}' WHERE id = '{victim}'"))
+            .await,
+        1
+    );
+    let started = std::time::Instant::now();
+    let partial = app.cli(&["keys", "rewrap", "--batch", "700", "--json"]);
+    eprintln!("keys: re-wrap of every value in {:?}", started.elapsed());
+    assert_eq!(partial.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&partial.stdout).unwrap();
+    assert_eq!(report["unreadable"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["unreadable"][0]["id"], victim.as_str());
+    assert!(!report["unreadable"][0]["error"].as_str().unwrap().contains("v1:"), "no ciphertext in errors");
+    assert_eq!(
+        report["remaining"],
+        json!([{"table": "links", "column": "token_sealed", "kid": old_kid, "count": 1}])
+    );
+    assert_eq!(report["retired"], json!([]));
+    let resealed: i64 =
+        report["columns"].as_array().unwrap().iter().map(|c| c["resealed"].as_i64().unwrap()).sum();
+    assert_eq!(resealed, old_count - 1);
+
+    // Put the value back: the next run finishes and retires the old key.
+    app.execute(&format!("UPDATE {{schema}}.links SET token_sealed = '{original}' WHERE id = '{victim}'"))
+        .await;
+    let report = app.cli_json(&["keys", "rewrap", "--batch", "700"]);
+    assert_eq!(report["remaining"], json!([]), "{report}");
+    assert_eq!(report["retired"], json!([old_kid]));
+    let resealed: i64 =
+        report["columns"].as_array().unwrap().iter().map(|c| c["resealed"].as_i64().unwrap()).sum();
+    assert_eq!(resealed, 1);
+    // Nothing under the old key is left anywhere (its key check value aside: it identifies the
+    // key should it ever be configured again).
+    let dump = app.logical_dump(&["key_checks"]).await;
+    assert_eq!(dump.matches(&format!("v1:{old_kid}:")).count(), 0);
+    assert!(dump.matches(&format!("v1:{new_kid}:")).count() >= old_count as usize);
+    let status = app.cli_json(&["keys", "status"]);
+    assert_eq!(sealed_by_kid(&status).keys().collect::<Vec<_>>(), [&new_kid]);
+    assert!(key_state(&status, &old_kid)["retired_at"].is_string());
+
+    // The new key alone now runs, and opens everything: 10,000/10,000 links show their token,
+    // the connection's token is the same, both webhook secrets still sign.
+    let (app, cleanup_new_only) = app.restart_with(&[("AUTHLINK_RETIRED_MASTER_KEYS", "[]")]).await;
+    assert_eq!(all_links(&app, &key).await, links);
+    assert_eq!(app.api_get(&token_path, &key, 200).await["access_token"], access_token);
+    let landing = app.client.get(links.values().last().unwrap()).send().await.unwrap();
+    assert_eq!(landing.status(), 200);
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    let test_event = eventually("the test event", 20, || async {
+        let got = receiver.got.lock().unwrap().clone();
+        got.into_iter()
+            .find(|r| r.body.contains("\"webhook.test\""))
+            .map(|r| json!({"headers": r.headers, "body": r.body}))
+    })
+    .await;
+    let received = crate::health::Received {
+        headers: serde_json::from_value(test_event["headers"].clone()).unwrap(),
+        body: test_event["body"].as_str().unwrap().to_string(),
+    };
+    assert_eq!(received.headers["webhook-signature"].split(' ').count(), 2);
+    verify_with_standardwebhooks(&secret, std::slice::from_ref(&received));
+    verify_with_standardwebhooks(&first_secret, std::slice::from_ref(&received));
+    let audit = app.cli_json(&["audit", "list", "--action", "key.retired"]);
+    assert_eq!(audit.as_array().unwrap().len(), 1, "{audit}");
+    cleanup_new_only.run().await;
+    cleanup.run().await;
+}
