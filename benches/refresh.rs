@@ -3,7 +3,10 @@
 //! 1. Throughput: N connections (default 100,000) all due, refreshed against the sandbox by two
 //!    `authlink worker` processes; refreshes per second together, worker memory over time, and
 //!    the proof of zero double refreshes (sandbox counters and one attempt row per connection).
-//! 2. Idle cost: M connections (default 1,000,000) with none due; CPU time one worker spends in
+//! 2. Key rotation: every sealed token of those connections re-sealed under a new master key by
+//!    `authlink keys rewrap` (the old key decrypt-only); its time, and a check that no value is
+//!    left under the old key. The new key is used from then on.
+//! 3. Idle cost: M connections (default 1,000,000) with none due; CPU time one worker spends in
 //!    30 s, and the plan of the due query.
 //!
 //! Needs PostgreSQL at `AUTHLINK_BENCH_POSTGRES_URL` (default
@@ -209,12 +212,47 @@ async fn main() {
     let peak2 = rss_samples.iter().map(|s| s.2).max().unwrap_or(0);
     let early = rss_samples.iter().find(|s| s.3 as usize >= n / 10).map(|s| s.1.max(s.2)).unwrap_or(0);
 
-    // --- Idle cost ----------------------------------------------------------------------------
-    eprintln!("inserting {idle_n} connections with none due ...");
     eprintln!(
         "throughput: {done} refreshes in {:.1} s = {rate:.0}/s; sandbox {stats}; attempts {attempts}, distinct {distinct}, owners {owners}; worker peaks {peak1} / {peak2} KiB, {early} KiB at 10 %",
         elapsed - first
     );
+
+    // --- Key rotation: every sealed token re-sealed under a new master key --------------------
+    eprintln!("re-wrapping every sealed value under a new master key ...");
+    let new_key = random_master_key();
+    let rewrap_started = Instant::now();
+    let out = env
+        .command(&["keys", "rewrap", "--json"])
+        .env("AUTHLINK_MASTER_KEY", &new_key)
+        .env("AUTHLINK_RETIRED_MASTER_KEYS", &key)
+        .env("AUTHLINK_LOG", "error")
+        .output()
+        .unwrap();
+    let rewrap_secs = rewrap_started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "keys rewrap failed: {}", String::from_utf8_lossy(&out.stderr));
+    let rewrap: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let resealed: u64 =
+        rewrap["columns"].as_array().unwrap().iter().map(|c| c["resealed"].as_u64().unwrap()).sum();
+    let (old_left,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM connections WHERE access_token_sealed NOT LIKE 'v1:' || $1 || ':%' \
+         OR refresh_token_sealed NOT LIKE 'v1:' || $1 || ':%'",
+    )
+    .bind(rewrap["active_kid"].as_str().unwrap())
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    eprintln!(
+        "re-wrap: {resealed} values in {rewrap_secs:.1} s; {old_left} connections with a value under another key"
+    );
+    // From here on the new key is the one configured (the old one is retired).
+    for (k, v) in env.vars.iter_mut() {
+        if k == "AUTHLINK_MASTER_KEY" {
+            v.clone_from(&new_key);
+        }
+    }
+
+    // --- Idle cost ----------------------------------------------------------------------------
+    eprintln!("inserting {idle_n} connections with none due ...");
     sqlx::query("DELETE FROM refresh_attempts").execute(&mut conn).await.unwrap();
     sqlx::query("DELETE FROM connection_events").execute(&mut conn).await.unwrap();
     sqlx::query("DELETE FROM refresh_schedule").execute(&mut conn).await.unwrap();
@@ -284,6 +322,11 @@ async fn main() {
         peak2 as f64 / 1024.0,
         early as f64 / 1024.0,
         pass(peak1.max(peak2) as f64 <= early as f64 * 1.5 + 4096.0)
+    ));
+    report.push_str(&format!(
+        "| key rotation: `authlink keys rewrap` | {resealed} sealed values re-sealed in {rewrap_secs:.1} s ({:.0}/s, process start included); {old_left} left under the old key | — | {} |\n",
+        resealed as f64 / rewrap_secs.max(0.001),
+        pass(old_left == 0 && rewrap["retired"].as_array().is_some_and(|r| r.len() == 1))
     ));
     report.push_str(&format!(
         "| {idle_n} connections, none due | one worker: {idle_cpu:.2} % of one core over {window:.0} s, RSS {:.1} MiB | < 1 % | {} |\n",

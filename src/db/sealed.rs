@@ -76,18 +76,36 @@ pub async fn page_not_sealed_with(
     Ok(sqlx::query_as(&sql).bind(after).bind(kid_pattern(kid)).bind(limit).fetch_all(conn).await?)
 }
 
-/// Replaces the value of `col` in row `id` with `new`, only if it still holds `old` (a value
-/// changed meanwhile was sealed anew by its writer). Whether it was replaced.
-pub async fn replace(
+/// Rows replaced per statement by [`replace_unchanged`] (three parameters each).
+const REPLACE_CHUNK: usize = 1000;
+
+/// Replaces values of `col`: for each `(id, old, new)`, the row's value becomes `new` only if it
+/// still holds `old` (a value changed meanwhile was sealed anew by its writer). One statement per
+/// thousand rows. Returns how many were replaced.
+pub async fn replace_unchanged(
     conn: &mut AnyConnection,
     col: &SealedColumn,
-    id: &str,
-    old: &str,
-    new: &str,
-) -> DbResult<bool> {
-    let sql = format!("UPDATE {t} SET {c} = $1 WHERE id = $2 AND {c} = $3", c = col.column, t = col.table);
-    let done = sqlx::query(&sql).bind(new).bind(id).bind(old).execute(conn).await?;
-    Ok(done.rows_affected() == 1)
+    rows: &[(String, String, String)],
+) -> DbResult<u64> {
+    let mut replaced = 0;
+    for chunk in rows.chunks(REPLACE_CHUNK) {
+        let values: Vec<String> =
+            (0..chunk.len()).map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3)).collect();
+        // `columnN` is how both SQLite and PostgreSQL name the columns of a VALUES list.
+        let sql = format!(
+            "UPDATE {t} SET {c} = v.column3 FROM (VALUES {values}) AS v \
+             WHERE {t}.id = v.column1 AND {t}.{c} = v.column2",
+            c = col.column,
+            t = col.table,
+            values = values.join(", "),
+        );
+        let mut query = sqlx::query(&sql);
+        for (id, old, new) in chunk {
+            query = query.bind(id).bind(old).bind(new);
+        }
+        replaced += query.execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(replaced)
 }
 
 #[cfg(test)]
@@ -97,6 +115,58 @@ mod tests {
     use super::*;
     use crate::config::DatabaseConfig;
     use crate::db::Db;
+
+    async fn migrated(dir: &tempfile::TempDir) -> Db {
+        let url = SecretString::from(format!("sqlite://{}/t.db", dir.path().display()));
+        let db =
+            Db::connect(&url, &DatabaseConfig { max_connections: 2, acquire_timeout_secs: 2 }).await.unwrap();
+        db.migrate().await.unwrap();
+        db
+    }
+
+    /// Only values still holding what was read are replaced, across statement chunks.
+    #[tokio::test]
+    async fn replace_unchanged_is_a_compare_and_set_per_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = migrated(&dir).await;
+        let col = SEALED_COLUMNS.iter().find(|c| c.table == "webhook_events").unwrap();
+        let n = REPLACE_CHUNK * 2 + 7;
+        let ids: Vec<String> = (0..n).map(|i| format!("e{i:05}")).collect();
+        let mut tx = db.begin_write().await.unwrap();
+        for id in &ids {
+            sqlx::query(
+                "INSERT INTO webhook_events (id, workspace_id, event_type, payload, created_at) \
+                 VALUES ($1, 'w', 'test', $2, 0)",
+            )
+            .bind(id)
+            .bind(format!("old-{id}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+        // Every 10th row changed since it was read.
+        let rows: Vec<(String, String, String)> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let read = if i % 10 == 0 { "stale".to_string() } else { format!("old-{id}") };
+                (id.clone(), read, format!("new-{id}"))
+            })
+            .collect();
+        let replaced = replace_unchanged(&mut tx, col, &rows).await.unwrap();
+        tx.commit().await.unwrap();
+        let stale = n.div_ceil(10);
+        assert_eq!(replaced as usize, n - stale);
+        let values: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, payload FROM webhook_events ORDER BY id")
+                .fetch_all(&mut *db.read().await.unwrap())
+                .await
+                .unwrap();
+        for (i, (id, value)) in values.iter().enumerate() {
+            let expected = if i % 10 == 0 { format!("old-{id}") } else { format!("new-{id}") };
+            assert_eq!(value, &expected);
+        }
+    }
 
     /// Every column the migrations create for a sealed value (named `*_sealed`, plus the webhook
     /// payload) is in [`SEALED_COLUMNS`], so a re-wrap cannot miss one added later.

@@ -253,16 +253,9 @@ async fn replace_all(
     updates: Vec<(String, String, String)>,
 ) -> db::DbResult<(u64, u64)> {
     let mut tx = db.begin_write().await?;
-    let (mut replaced, mut changed) = (0, 0);
-    for (id, old, new) in &updates {
-        if sealed::replace(&mut tx, col, id, old, new).await? {
-            replaced += 1;
-        } else {
-            changed += 1;
-        }
-    }
+    let replaced = sealed::replace_unchanged(&mut tx, col, &updates).await?;
     tx.commit().await?;
-    Ok((replaced, changed))
+    Ok((replaced, updates.len() as u64 - replaced))
 }
 
 /// Marks retired every key (other than `active`) with a key check that no value names any more,
