@@ -450,8 +450,9 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
         Command::User(cmd) => user(config, json, cmd).await,
         Command::Worker => {
             let state = state(config).await?;
-            startup::run_worker(state).await;
-            Ok(())
+            startup::run_worker(state)
+                .await
+                .map_err(|e| CliError { message: format!("worker failed: {e}"), code: 1 })
         }
     }
 }

@@ -60,6 +60,18 @@ pub struct Config {
     /// Webhook delivery.
     #[serde(default)]
     pub webhooks: WebhooksConfig,
+    /// Prometheus metrics.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics, served on an address of their own (keep it private: loopback or an
+/// internal network).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served (`serve` and `worker`); unset: no metrics.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Background jobs. Every instance may run them: they coordinate through leases in the database.
@@ -467,6 +479,7 @@ impl Config {
             "sandbox": self.sandbox,
             "jobs": self.jobs,
             "webhooks": self.webhooks,
+            "metrics": self.metrics,
             "providers": {
                 "timeout_secs": self.providers.timeout_secs,
                 "tiktok": {

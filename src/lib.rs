@@ -26,6 +26,7 @@ pub mod db;
 pub mod domain;
 pub mod http;
 pub mod jobs;
+pub mod metrics;
 pub mod net;
 pub mod providers;
 pub mod sandbox;

@@ -35,7 +35,8 @@ pub enum StartupError {
     /// The configured key is not the one the stored data was sealed with.
     #[error(
         "the master key does not match the data in this database (stored key ids: {stored}; configured: {configured}). \
-         Configure the key this database was created with; refusing to start so that no data is sealed with the wrong key"
+         Configure the key this database was created with (to rotate it: the new key as master_key, the old one in \
+         retired_master_keys); refusing to start so that no data is sealed with the wrong key"
     )]
     KeyMismatch {
         /// Key ids found in the database.
@@ -217,6 +218,7 @@ impl Application {
         let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
         let jobs =
             state.config.jobs.enabled.then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
+        start_metrics(&state, stop_rx.clone()).await?;
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
         let server = axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
@@ -252,9 +254,17 @@ impl Application {
     }
 }
 
+/// Installs the metrics recorder and serves `/metrics` when `metrics.listen` is set.
+async fn start_metrics(state: &AppState, stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
+    let Some(addr) = state.config.metrics.listen else { return Ok(()) };
+    let handle = crate::metrics::install().map_err(std::io::Error::other)?;
+    crate::metrics::serve(addr, handle, state.clone(), stop).await.map(|_| ())
+}
+
 /// Runs only the background jobs (`authlink worker`) until SIGTERM or Ctrl-C.
-pub async fn run_worker(state: AppState) {
+pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    start_metrics(&state, stop_rx.clone()).await?;
     let jobs = tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone()));
     let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx));
     shutdown_signal().await;
@@ -266,6 +276,7 @@ pub async fn run_worker(state: AppState) {
     }
     housekeeping.abort();
     state.db.close().await;
+    Ok(())
 }
 
 /// Periodic clean-up: expired OAuth flows.

@@ -33,6 +33,16 @@ pub async fn connection_counts(conn: &mut AnyConnection, workspace_id: &str) -> 
     Ok(sqlx::query_as(CONNECTION_COUNTS_SQL).bind(workspace_id).fetch_all(conn).await?)
 }
 
+/// Connections of every workspace by provider and status: `(provider, status, count)`.
+pub async fn connection_totals(conn: &mut AnyConnection) -> DbResult<Vec<(String, String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT provider, status, CAST(SUM(n) AS BIGINT) FROM connection_counts GROUP BY provider, status \
+         ORDER BY provider, status",
+    )
+    .fetch_all(conn)
+    .await?)
+}
+
 /// Links of a workspace that are not revoked.
 pub async fn unrevoked_link_count(conn: &mut AnyConnection, workspace_id: &str) -> DbResult<i64> {
     let (n,): (i64,) =

@@ -56,7 +56,9 @@ pub fn router(state: AppState) -> Router {
     if config.providers.tiktok.is_sandbox() || config.providers.instagram.is_sandbox() {
         app = app.nest_service("/sandbox", state.sandbox.router());
     }
-    app.with_state(state)
+    let metrics_on = config.metrics.listen.is_some();
+    let app = app
+        .with_state(state)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(link_limiter, ratelimit::limit_links))
         .layer(axum::middleware::from_fn_with_state(security_headers, headers::apply))
@@ -86,7 +88,10 @@ pub fn router(state: AppState) -> Router {
                         tracing::debug!(status, latency_ms, "request finished");
                     }
                 }),
-        )
+        );
+    // Outermost, so that refusals of the layers above (429, 503, a panic's 500) are counted; only
+    // when metrics are on, so that it costs nothing otherwise.
+    if metrics_on { app.layer(axum::middleware::from_fn(crate::metrics::track_http)) } else { app }
 }
 
 /// `GET /healthz`: the process is up.

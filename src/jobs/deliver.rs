@@ -179,6 +179,12 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
     }
     db::webhooks::update_delivery(&mut tx, &d).await?;
     tx.commit().await?;
+    let counted = match (outcome, d.status.as_str()) {
+        ("succeeded", _) => "succeeded",
+        (_, "failed") => "gave_up",
+        _ => "failed",
+    };
+    metrics::counter!("authlink_webhook_deliveries_total", "outcome" => counted).increment(1);
     if outcome == "succeeded" {
         tracing::debug!(delivery_id = %d.id, status = ?status_code, latency_ms, "webhook delivered");
     } else {

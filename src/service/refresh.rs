@@ -230,8 +230,29 @@ async fn run_leased(app: &App, row: ConnectionRow, owner: &str) -> ServiceResult
 }
 
 /// Calls the provider for attempt `attempt_id`, already recorded as started, and stores the
-/// outcome.
+/// outcome; counts it for the metrics.
 async fn run_attempt(
+    app: &App,
+    row: ConnectionRow,
+    owner: &str,
+    attempt_id: String,
+    platform: Platform,
+    provider: &Provider,
+) -> ServiceResult<Outcome> {
+    let result = call_and_store(app, row, owner, attempt_id, platform, provider).await;
+    let outcome = match &result {
+        Ok(Outcome::Refreshed(_)) => "refreshed",
+        Ok(Outcome::Current(_)) => "superseded",
+        Ok(Outcome::Transient(_)) => "transient_failure",
+        Ok(Outcome::Broken(_)) => "broken",
+        Err(_) => "error",
+    };
+    metrics::counter!("authlink_refreshes_total", "provider" => platform.as_str(), "outcome" => outcome)
+        .increment(1);
+    result
+}
+
+async fn call_and_store(
     app: &App,
     mut row: ConnectionRow,
     owner: &str,

@@ -23,6 +23,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         connections_api_and_cli,
         access_token_refreshes_when_expiring,
         no_secret_in_database_or_logs,
+        metrics_count_requests_and_flows,
     ]
 }
 
@@ -584,4 +585,60 @@ async fn no_secret_in_database_or_logs(app: TestApp) {
     // Refresh tokens are never shown; the sandbox's TikTok tokens have recognisable prefixes.
     assert!(!dump.contains("rft.") && !dump.contains("act."), "no TikTok token in the database");
     assert!(!logs.contains("rft.") && !logs.contains("act."), "no TikTok token in the logs");
+}
+
+/// The value of the sample of `metric` whose labels include every one of `labels`.
+fn sample(metrics: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn metrics_count_requests_and_flows(app: TestApp) {
+    let (app, cleanup) = app.restart_with(&[("AUTHLINK_METRICS__LISTEN", "127.0.0.1:0")]).await;
+    let addr = app
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "metrics listening")
+        .and_then(|v| v["addr"].as_str().map(str::to_string))
+        .expect("the metrics address is logged");
+    let wid = app.workspace("Metrics");
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
+    connect(&app.client, &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
+    let missing = app.client.get(app.url("/oauth/tiktok/callback?code=abc")).send().await.unwrap();
+    assert_eq!(missing.status(), 400);
+
+    let res = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let body = res.text().await.unwrap();
+    let flows = |outcome: &str| {
+        sample(
+            &body,
+            "authlink_connect_flows_total",
+            &["provider=\"tiktok\"", &format!("outcome=\"{outcome}\"")],
+        )
+    };
+    assert_eq!(flows("connected"), Some(1.0), "{body}");
+    assert_eq!(flows("reconnected"), Some(1.0));
+    assert_eq!(flows("state_missing"), Some(1.0));
+    assert_eq!(sample(&body, "authlink_connect_flows_started_total", &["provider=\"tiktok\""]), Some(2.0));
+    // Requests by route template: two landing pages, no token in any label.
+    let landing = ["route=\"/l/{token}\"", "method=\"GET\"", "status=\"200\""];
+    assert_eq!(sample(&body, "authlink_http_requests_total", &landing), Some(2.0));
+    assert!(sample(&body, "authlink_http_request_duration_seconds_count", &landing[..2]).is_some());
+    assert_eq!(
+        sample(&body, "authlink_connections", &["provider=\"tiktok\"", "status=\"active\""]),
+        Some(1.0)
+    );
+    assert!(!body.contains(&token_of(&url)), "no link token in the metrics");
+    // Only on the metrics address.
+    let public = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(public.status(), 404);
+    cleanup.run().await;
 }

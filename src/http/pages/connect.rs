@@ -165,6 +165,7 @@ pub async fn start_connect(
         redirect_uri: &redirect_uri,
     });
     tracing::info!(flow_id = %flow.id, link_id = %link.id, provider = %platform, "connect flow started");
+    metrics::counter!("authlink_connect_flows_started_total", "provider" => platform.as_str()).increment(1);
     let mut res = Redirect::to(url.as_str()).into_response();
     if let Some(v) = new_cookie {
         res.headers_mut().insert(header::SET_COOKIE, set_cookie(&state, &v));
@@ -339,10 +340,17 @@ impl Failure {
     }
 }
 
+/// Counts a callback's outcome: `connected`, `reconnected` or a failure code.
+fn count_flow(platform: Platform, outcome: &'static str) {
+    metrics::counter!("authlink_connect_flows_total", "provider" => platform.as_str(), "outcome" => outcome)
+        .increment(1);
+}
+
 fn failure_response(f: Failure, platform: Platform, try_again: Option<String>) -> Response {
     let mut page = f.page(platform.display_name(), None);
     page.try_again = try_again;
     tracing::info!(provider = %platform, failure = f.code(), "connect flow failed");
+    count_flow(platform, f.code());
     render(f.status(), &page)
 }
 
@@ -392,8 +400,15 @@ pub async fn oauth_callback(
     let outcome = complete_flow(&state, &flow, platform, &q, &mut provider_time).await;
     match outcome {
         // The flow's outcome was recorded with the connection, in its transaction.
-        Ok(_) => {}
+        Ok((_, upserted)) => count_flow(
+            platform,
+            match upserted {
+                Upserted::Created => "connected",
+                Upserted::Reconnected => "reconnected",
+            },
+        ),
         Err(FlowError::Failed(f)) => {
+            count_flow(platform, f.code());
             let flow_id = flow.id.clone();
             let recorded = state
                 .db
@@ -406,6 +421,7 @@ pub async fn oauth_callback(
             }
         }
         Err(FlowError::Service(e)) => {
+            count_flow(platform, "internal_error");
             tracing::error!(error = %e, flow_id = %flow.id, "connect flow failed internally");
             return service_error_page(e);
         }
