@@ -215,10 +215,10 @@ impl Application {
         let router = crate::http::router(state.clone());
         let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        start_metrics(&state, stop_rx.clone()).await?;
         let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
         let jobs =
             state.config.jobs.enabled.then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
-        start_metrics(&state, stop_rx.clone()).await?;
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
         let server = axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
@@ -258,7 +258,10 @@ impl Application {
 async fn start_metrics(state: &AppState, stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
     let Some(addr) = state.config.metrics.listen else { return Ok(()) };
     let handle = crate::metrics::install().map_err(std::io::Error::other)?;
-    crate::metrics::serve(addr, handle, state.clone(), stop).await.map(|_| ())
+    crate::metrics::serve(addr, handle, state.clone(), stop)
+        .await
+        .map(|_| ())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} (metrics.listen): {e}")))
 }
 
 /// Runs only the background jobs (`authlink worker`) until SIGTERM or Ctrl-C.
