@@ -612,6 +612,13 @@ async fn metrics_count_requests_and_flows(app: TestApp) {
     connect(&app.client, &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
     let missing = app.client.get(app.url("/oauth/tiktok/callback?code=abc")).send().await.unwrap();
     assert_eq!(missing.status(), 400);
+    // A forced refresh that succeeds, and one the provider refuses for good.
+    let key = app.workspace_key(&wid);
+    let id = app.api_get("/connections", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
+    app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "refresh", "kind": "invalid_grant"}]}))
+        .await;
+    app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
 
     let res = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
     assert_eq!(res.status(), 200);
@@ -632,8 +639,13 @@ async fn metrics_count_requests_and_flows(app: TestApp) {
     let landing = ["route=\"/l/{token}\"", "method=\"GET\"", "status=\"200\""];
     assert_eq!(sample(&body, "authlink_http_requests_total", &landing), Some(2.0));
     assert!(sample(&body, "authlink_http_request_duration_seconds_count", &landing[..2]).is_some());
+    let refreshes = |outcome: &str| {
+        sample(&body, "authlink_refreshes_total", &["provider=\"tiktok\"", &format!("outcome=\"{outcome}\"")])
+    };
+    assert_eq!(refreshes("refreshed"), Some(1.0), "{body}");
+    assert_eq!(refreshes("broken"), Some(1.0));
     assert_eq!(
-        sample(&body, "authlink_connections", &["provider=\"tiktok\"", "status=\"active\""]),
+        sample(&body, "authlink_connections", &["provider=\"tiktok\"", "status=\"broken\""]),
         Some(1.0)
     );
     assert!(!body.contains(&token_of(&url)), "no link token in the metrics");
