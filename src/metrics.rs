@@ -34,11 +34,13 @@ const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 /// Installs the process's Prometheus recorder. Fails if one is installed already.
 pub fn install() -> Result<PrometheusHandle, String> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
         .map_err(|e| e.to_string())?
         .install_recorder()
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    metrics::gauge!("authlink_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
 }
 
 /// Binds `addr` and serves `GET /metrics` there until `stop` turns true. Returns the bound
@@ -66,7 +68,6 @@ pub async fn serve(
 
 /// `GET /metrics`: the counters, plus the connection gauges read now.
 async fn render(State((handle, state)): State<(PrometheusHandle, AppState)>) -> Response {
-    metrics::gauge!("authlink_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let counts = tokio::time::timeout(Duration::from_secs(3), async {
         let mut conn = state.db.read().await?;
         crate::db::dashboard::connection_totals(&mut conn).await

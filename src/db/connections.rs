@@ -687,12 +687,9 @@ pub async fn store_refreshed_with_history(
 
 #[cfg(test)]
 mod tests {
-    use secrecy::SecretString;
     use sqlx::Row;
 
     use super::*;
-    use crate::config::DatabaseConfig;
-    use crate::db::Db;
 
     /// SQLite's plan for `list` with each filter alone, and with the usual pairs: every filtered
     /// listing searches the index that fits it best, never the whole table or workspace, and
@@ -700,10 +697,7 @@ mod tests {
     #[tokio::test]
     async fn every_filtered_listing_searches_an_index() {
         let dir = tempfile::tempdir().unwrap();
-        let url = SecretString::from(format!("sqlite://{}/t.db", dir.path().display()));
-        let db =
-            Db::connect(&url, &DatabaseConfig { max_connections: 2, acquire_timeout_secs: 2 }).await.unwrap();
-        db.migrate().await.unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
         let (w, l, c) = (Some("w"), Some("l"), Some("c"));
         let filter = |workspace_id, status, provider, link_id, before| ConnectionFilter {
             workspace_id,

@@ -380,6 +380,21 @@ pub fn page_limit(limit: Option<i64>) -> i64 {
     limit.unwrap_or(50).clamp(1, 200)
 }
 
+/// A database on a new SQLite file in `dir`, with `max_connections` readers (tests).
+#[cfg(test)]
+pub(crate) async fn test_sqlite(dir: &tempfile::TempDir, max_connections: u32) -> Db {
+    let url = SecretString::from(format!("sqlite://{}/t.db", dir.path().display()));
+    Db::connect(&url, &DatabaseConfig { max_connections, acquire_timeout_secs: 2 }).await.unwrap()
+}
+
+/// [`test_sqlite`] with every migration applied.
+#[cfg(test)]
+pub(crate) async fn test_sqlite_migrated(dir: &tempfile::TempDir) -> Db {
+    let db = test_sqlite(dir, 2).await;
+    db.migrate().await.unwrap();
+    db
+}
+
 #[cfg(test)]
 mod tests {
     use sqlx::Row;
@@ -387,9 +402,7 @@ mod tests {
     use super::*;
 
     async fn sqlite(dir: &tempfile::TempDir) -> Db {
-        let url = SecretString::from(format!("sqlite://{}/t.db", dir.path().display()));
-        let db =
-            Db::connect(&url, &DatabaseConfig { max_connections: 4, acquire_timeout_secs: 2 }).await.unwrap();
+        let db = test_sqlite(dir, 4).await;
         sqlx::query("CREATE TABLE t (x INTEGER NOT NULL)")
             .execute(&mut *db.writer().await.unwrap())
             .await

@@ -110,25 +110,14 @@ pub async fn replace_unchanged(
 
 #[cfg(test)]
 mod tests {
-    use secrecy::SecretString;
 
     use super::*;
-    use crate::config::DatabaseConfig;
-    use crate::db::Db;
-
-    async fn migrated(dir: &tempfile::TempDir) -> Db {
-        let url = SecretString::from(format!("sqlite://{}/t.db", dir.path().display()));
-        let db =
-            Db::connect(&url, &DatabaseConfig { max_connections: 2, acquire_timeout_secs: 2 }).await.unwrap();
-        db.migrate().await.unwrap();
-        db
-    }
 
     /// Only values still holding what was read are replaced, across statement chunks.
     #[tokio::test]
     async fn replace_unchanged_is_a_compare_and_set_per_row() {
         let dir = tempfile::tempdir().unwrap();
-        let db = migrated(&dir).await;
+        let db = crate::db::test_sqlite_migrated(&dir).await;
         let col = SEALED_COLUMNS.iter().find(|c| c.table == "webhook_events").unwrap();
         let n = REPLACE_CHUNK * 2 + 7;
         let ids: Vec<String> = (0..n).map(|i| format!("e{i:05}")).collect();
@@ -173,10 +162,7 @@ mod tests {
     #[tokio::test]
     async fn every_sealed_column_of_the_schema_is_listed() {
         let dir = tempfile::tempdir().unwrap();
-        let url = SecretString::from(format!("sqlite://{}/t.db", dir.path().display()));
-        let db =
-            Db::connect(&url, &DatabaseConfig { max_connections: 2, acquire_timeout_secs: 2 }).await.unwrap();
-        db.migrate().await.unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
         let mut found: Vec<(String, String)> = sqlx::query_as(
             "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p \
              WHERE m.type = 'table' AND (p.name LIKE '%\\_sealed' ESCAPE '\\' \

@@ -649,6 +649,7 @@ async fn metrics_count_requests_and_flows(app: TestApp) {
         Some(1.0)
     );
     assert!(!body.contains(&token_of(&url)), "no link token in the metrics");
+    assert!(body.contains("authlink_build_info{version=\""), "{body}");
     // Only on the metrics address.
     let public = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(public.status(), 404);
