@@ -3,6 +3,7 @@
 use sqlx::AnyConnection;
 
 use super::DbResult;
+use super::stmt::{Exec, stmt};
 
 /// An audit entry as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -28,22 +29,22 @@ pub struct AuditRow {
 }
 
 /// Appends an entry.
-pub async fn insert(conn: &mut AnyConnection, a: &AuditRow) -> DbResult<()> {
-    sqlx::query(
-        "INSERT INTO audit_log (id, workspace_id, actor_kind, actor_id, action, target_kind, target_id, details, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(&a.id)
-    .bind(&a.workspace_id)
-    .bind(&a.actor_kind)
-    .bind(&a.actor_id)
-    .bind(&a.action)
-    .bind(&a.target_kind)
-    .bind(&a.target_id)
-    .bind(&a.details)
-    .bind(a.created_at)
-    .execute(conn)
-    .await?;
+pub async fn insert(conn: &mut impl Exec, a: &AuditRow) -> DbResult<()> {
+    const SQL: &str = "INSERT INTO audit_log (id, workspace_id, actor_kind, actor_id, action, target_kind, \
+        target_id, details, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    let s = stmt!(
+        SQL,
+        &a.id,
+        &a.workspace_id,
+        &a.actor_kind,
+        &a.actor_id,
+        &a.action,
+        &a.target_kind,
+        &a.target_id,
+        &a.details,
+        a.created_at,
+    );
+    conn.execute(&s).await?;
     Ok(())
 }
 

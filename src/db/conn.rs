@@ -58,8 +58,8 @@ impl Stash {
     pub(super) async fn take(&self, pool: &AnyPool, timeout: Duration) -> DbResult<Conn> {
         let permit = tokio::time::timeout(timeout, Arc::clone(&self.permits).acquire_owned())
             .await
-            .map_err(|_| super::DbError::Unavailable(sqlx::Error::PoolTimedOut))?
-            .map_err(|_| super::DbError::Unavailable(sqlx::Error::PoolClosed))?;
+            .map_err(|_| super::DbError::unavailable(sqlx::Error::PoolTimedOut))?
+            .map_err(|_| super::DbError::unavailable(sqlx::Error::PoolClosed))?;
         self.taken.fetch_add(1, Ordering::Relaxed);
         let mut permit = Some(permit);
         loop {

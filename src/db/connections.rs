@@ -1,9 +1,12 @@
 //! The `connections` and `connection_events` tables: connected provider accounts, their sealed
 //! tokens, status and history.
 
+use std::sync::LazyLock;
+
 use sqlx::AnyConnection;
 
 use super::DbResult;
+use super::stmt::{Exec, from_lite, stmt};
 
 /// A connection as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -70,6 +73,39 @@ pub struct ConnectionRow {
     pub expiring_notified_at: Option<i64>,
 }
 
+from_lite!(ConnectionRow {
+    id,
+    workspace_id,
+    link_id,
+    provider,
+    provider_account_id,
+    app_scoped_id,
+    username,
+    display_name,
+    avatar_url,
+    scopes,
+    access_token_sealed,
+    access_expires_at,
+    refresh_token_sealed,
+    refresh_expires_at,
+    token_generation,
+    status,
+    status_reason,
+    sandbox,
+    connected_at,
+    last_refreshed_at,
+    reconnect_count,
+    created_at,
+    updated_at,
+    next_refresh_at,
+    lease_owner,
+    lease_until,
+    refresh_failures,
+    next_check_at,
+    last_checked_at,
+    expiring_notified_at
+});
+
 /// The columns of a [`ConnectionRow`], read from [`FROM`].
 const COLUMNS: &str = "id, workspace_id, link_id, provider, provider_account_id, app_scoped_id, username, \
     display_name, avatar_url, scopes, access_token_sealed, access_expires_at, refresh_token_sealed, \
@@ -91,91 +127,93 @@ fn stored_next_refresh(c: &ConnectionRow) -> Option<i64> {
 
 /// Inserts a connection and its refresh schedule (the lease starts free). Callers run it in a
 /// transaction: it is two statements.
-pub async fn insert(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()> {
-    sqlx::query(
-        "INSERT INTO connections (id, workspace_id, link_id, provider, provider_account_id, app_scoped_id, username, \
-         display_name, avatar_url, scopes, access_token_sealed, access_expires_at, refresh_token_sealed, \
-         refresh_expires_at, token_generation, status, status_reason, sandbox, connected_at, last_refreshed_at, \
-         reconnect_count, created_at, updated_at, refresh_failures, next_check_at, last_checked_at, \
-         expiring_notified_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-         $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)",
-    )
-    .bind(&c.id)
-    .bind(&c.workspace_id)
-    .bind(&c.link_id)
-    .bind(&c.provider)
-    .bind(&c.provider_account_id)
-    .bind(&c.app_scoped_id)
-    .bind(&c.username)
-    .bind(&c.display_name)
-    .bind(&c.avatar_url)
-    .bind(&c.scopes)
-    .bind(&c.access_token_sealed)
-    .bind(c.access_expires_at)
-    .bind(&c.refresh_token_sealed)
-    .bind(c.refresh_expires_at)
-    .bind(c.token_generation)
-    .bind(&c.status)
-    .bind(&c.status_reason)
-    .bind(c.sandbox)
-    .bind(c.connected_at)
-    .bind(c.last_refreshed_at)
-    .bind(c.reconnect_count)
-    .bind(c.created_at)
-    .bind(c.updated_at)
-    .bind(c.refresh_failures)
-    .bind(c.next_check_at)
-    .bind(c.last_checked_at)
-    .bind(c.expiring_notified_at)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query("INSERT INTO refresh_schedule (connection_id, next_refresh_at) VALUES ($1, $2)")
-        .bind(&c.id)
-        .bind(stored_next_refresh(c))
-        .execute(conn)
-        .await?;
+pub async fn insert(conn: &mut impl Exec, c: &ConnectionRow) -> DbResult<()> {
+    const SQL: &str = "INSERT INTO connections (id, workspace_id, link_id, provider, provider_account_id, \
+        app_scoped_id, username, display_name, avatar_url, scopes, access_token_sealed, access_expires_at, \
+        refresh_token_sealed, refresh_expires_at, token_generation, status, status_reason, sandbox, connected_at, \
+        last_refreshed_at, reconnect_count, created_at, updated_at, refresh_failures, next_check_at, \
+        last_checked_at, expiring_notified_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+        $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)";
+    let s = stmt!(
+        SQL,
+        &c.id,
+        &c.workspace_id,
+        &c.link_id,
+        &c.provider,
+        &c.provider_account_id,
+        &c.app_scoped_id,
+        &c.username,
+        &c.display_name,
+        &c.avatar_url,
+        &c.scopes,
+        &c.access_token_sealed,
+        c.access_expires_at,
+        &c.refresh_token_sealed,
+        c.refresh_expires_at,
+        c.token_generation,
+        &c.status,
+        &c.status_reason,
+        c.sandbox,
+        c.connected_at,
+        c.last_refreshed_at,
+        c.reconnect_count,
+        c.created_at,
+        c.updated_at,
+        c.refresh_failures,
+        c.next_check_at,
+        c.last_checked_at,
+        c.expiring_notified_at,
+    );
+    conn.execute(&s).await?;
+    let s = stmt!(
+        "INSERT INTO refresh_schedule (connection_id, next_refresh_at) VALUES ($1, $2)",
+        &c.id,
+        stored_next_refresh(c)
+    );
+    conn.execute(&s).await?;
     Ok(())
 }
 
 /// Writes every mutable column of `c` and its next refresh (not the lease, which only the lease
 /// functions change). Callers run it in a transaction: it is two statements.
-pub async fn update(conn: &mut AnyConnection, c: &ConnectionRow) -> DbResult<()> {
-    sqlx::query(
-        "UPDATE connections SET link_id = $2, app_scoped_id = $3, username = $4, display_name = $5, avatar_url = $6, \
-         scopes = $7, access_token_sealed = $8, access_expires_at = $9, refresh_token_sealed = $10, \
-         refresh_expires_at = $11, token_generation = $12, status = $13, status_reason = $14, sandbox = $15, \
-         last_refreshed_at = $16, reconnect_count = $17, updated_at = $18, \
-         refresh_failures = $19, next_check_at = $20, last_checked_at = $21, expiring_notified_at = $22 WHERE id = $1",
-    )
-    .bind(&c.id)
-    .bind(&c.link_id)
-    .bind(&c.app_scoped_id)
-    .bind(&c.username)
-    .bind(&c.display_name)
-    .bind(&c.avatar_url)
-    .bind(&c.scopes)
-    .bind(&c.access_token_sealed)
-    .bind(c.access_expires_at)
-    .bind(&c.refresh_token_sealed)
-    .bind(c.refresh_expires_at)
-    .bind(c.token_generation)
-    .bind(&c.status)
-    .bind(&c.status_reason)
-    .bind(c.sandbox)
-    .bind(c.last_refreshed_at)
-    .bind(c.reconnect_count)
-    .bind(c.updated_at)
-    .bind(c.refresh_failures)
-    .bind(c.next_check_at)
-    .bind(c.last_checked_at)
-    .bind(c.expiring_notified_at)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query("UPDATE refresh_schedule SET next_refresh_at = $2 WHERE connection_id = $1")
-        .bind(&c.id)
-        .bind(stored_next_refresh(c))
-        .execute(conn)
-        .await?;
+pub async fn update(conn: &mut impl Exec, c: &ConnectionRow) -> DbResult<()> {
+    const SQL: &str = "UPDATE connections SET link_id = $2, app_scoped_id = $3, username = $4, display_name = $5, \
+        avatar_url = $6, scopes = $7, access_token_sealed = $8, access_expires_at = $9, refresh_token_sealed = $10, \
+        refresh_expires_at = $11, token_generation = $12, status = $13, status_reason = $14, sandbox = $15, \
+        last_refreshed_at = $16, reconnect_count = $17, updated_at = $18, refresh_failures = $19, \
+        next_check_at = $20, last_checked_at = $21, expiring_notified_at = $22 WHERE id = $1";
+    let s = stmt!(
+        SQL,
+        &c.id,
+        &c.link_id,
+        &c.app_scoped_id,
+        &c.username,
+        &c.display_name,
+        &c.avatar_url,
+        &c.scopes,
+        &c.access_token_sealed,
+        c.access_expires_at,
+        &c.refresh_token_sealed,
+        c.refresh_expires_at,
+        c.token_generation,
+        &c.status,
+        &c.status_reason,
+        c.sandbox,
+        c.last_refreshed_at,
+        c.reconnect_count,
+        c.updated_at,
+        c.refresh_failures,
+        c.next_check_at,
+        c.last_checked_at,
+        c.expiring_notified_at,
+    );
+    conn.execute(&s).await?;
+    let s = stmt!(
+        "UPDATE refresh_schedule SET next_refresh_at = $2 WHERE connection_id = $1",
+        &c.id,
+        stored_next_refresh(c)
+    );
+    conn.execute(&s).await?;
     Ok(())
 }
 
@@ -189,19 +227,17 @@ pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<Connecti
 
 /// The connection of one provider account in one workspace.
 pub async fn get_by_account(
-    conn: &mut AnyConnection,
+    conn: &mut impl Exec,
     workspace_id: &str,
     provider: &str,
     account_id: &str,
 ) -> DbResult<Option<ConnectionRow>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM {FROM} WHERE workspace_id = $1 AND provider = $2 AND provider_account_id = $3"
-    ))
-    .bind(workspace_id)
-    .bind(provider)
-    .bind(account_id)
-    .fetch_optional(conn)
-    .await?)
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {COLUMNS} FROM {FROM} WHERE workspace_id = $1 AND provider = $2 AND provider_account_id = $3"
+        )
+    });
+    conn.fetch_optional(&stmt!(&SQL, workspace_id, provider, account_id)).await
 }
 
 /// Filters for [`list`].
@@ -277,19 +313,11 @@ pub struct EventRow {
 }
 
 /// Appends an event.
-pub async fn insert_event(conn: &mut AnyConnection, e: &EventRow) -> DbResult<()> {
-    sqlx::query(
-        "INSERT INTO connection_events (id, connection_id, workspace_id, kind, detail, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&e.id)
-    .bind(&e.connection_id)
-    .bind(&e.workspace_id)
-    .bind(&e.kind)
-    .bind(&e.detail)
-    .bind(e.created_at)
-    .execute(conn)
-    .await?;
+pub async fn insert_event(conn: &mut impl Exec, e: &EventRow) -> DbResult<()> {
+    const SQL: &str = "INSERT INTO connection_events (id, connection_id, workspace_id, kind, detail, created_at) \
+        VALUES ($1, $2, $3, $4, $5, $6)";
+    conn.execute(&stmt!(SQL, &e.id, &e.connection_id, &e.workspace_id, &e.kind, &e.detail, e.created_at))
+        .await?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use std::sync::LazyLock;
 use sqlx::{AnyConnection, FromRow, Row};
 
 use super::DbResult;
+use super::stmt::{Exec, from_lite, stmt};
 use super::workspaces::WorkspaceRow;
 
 /// A link as stored.
@@ -48,6 +49,27 @@ pub struct LinkRow {
     /// 1: the landing page does not list the accounts connected through the link.
     pub hide_connections: i64,
 }
+
+from_lite!(LinkRow {
+    id,
+    workspace_id,
+    label,
+    client_ref,
+    platforms,
+    expires_at,
+    max_uses,
+    redirect_url,
+    token_hash,
+    token_sealed,
+    created_by,
+    created_at,
+    updated_at,
+    revoked_at,
+    rotated_at,
+    last_used_at,
+    use_count,
+    hide_connections
+});
 
 const COLUMNS: &str = "id, workspace_id, label, client_ref, platforms, expires_at, max_uses, redirect_url, \
     token_hash, token_sealed, created_by, created_at, updated_at, revoked_at, rotated_at, last_used_at, use_count, \
@@ -107,22 +129,19 @@ pub async fn update(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
 }
 
 /// Counts one more successful connection through the link; returns the link as it now stands.
-pub async fn record_use(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<Option<LinkRow>> {
-    Ok(sqlx::query_as(&format!(
-        "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(now_ms)
-    .fetch_optional(conn)
-    .await?)
+pub async fn record_use(conn: &mut impl Exec, id: &str, now_ms: i64) -> DbResult<Option<LinkRow>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 RETURNING {COLUMNS}"
+        )
+    });
+    conn.fetch_optional(&stmt!(&SQL, id, now_ms)).await
 }
 
 /// One link by id.
-pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<LinkRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM links WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+pub async fn get(conn: &mut impl Exec, id: &str) -> DbResult<Option<LinkRow>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {COLUMNS} FROM links WHERE id = $1"));
+    conn.fetch_optional(&stmt!(&SQL, id)).await
 }
 
 /// What the public landing page needs of a link and its workspace: no more, because every column

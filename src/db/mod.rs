@@ -15,9 +15,11 @@ pub mod connections;
 pub mod dashboard;
 pub mod key_checks;
 pub mod links;
+pub mod lite;
 pub mod oauth_flows;
 pub mod sealed;
 pub mod sessions;
+pub mod stmt;
 pub mod users;
 pub mod webhooks;
 pub mod workspaces;
@@ -48,7 +50,7 @@ pub enum Backend {
 pub enum DbError {
     /// The database cannot be reached (or no connection was free in time): a 503.
     #[error("the database is unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] BoxError),
     /// A uniqueness constraint refused the write.
     #[error("conflict: {0}")]
     Conflict(String),
@@ -57,8 +59,11 @@ pub enum DbError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// Any other database error (a bug or a corrupt database).
     #[error("database error: {0}")]
-    Other(#[source] sqlx::Error),
+    Other(#[source] BoxError),
 }
+
+/// The cause of a [`DbError`]: an error of sqlx or of rusqlite (see [`lite`]).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl From<sqlx::Error> for DbError {
     fn from(e: sqlx::Error) -> Self {
@@ -67,13 +72,22 @@ impl From<sqlx::Error> for DbError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
             | sqlx::Error::Tls(_)
-            | sqlx::Error::WorkerCrashed => DbError::Unavailable(e),
+            | sqlx::Error::WorkerCrashed => DbError::Unavailable(e.into()),
             sqlx::Error::Database(db) if db.is_unique_violation() => {
                 DbError::Conflict(db.message().to_string())
             }
-            sqlx::Error::Database(db) if is_unavailable_code(db.code().as_deref()) => DbError::Unavailable(e),
-            _ => DbError::Other(e),
+            sqlx::Error::Database(db) if is_unavailable_code(db.code().as_deref()) => {
+                DbError::Unavailable(e.into())
+            }
+            _ => DbError::Other(e.into()),
         }
+    }
+}
+
+impl DbError {
+    /// [`DbError::Unavailable`] for `e`.
+    pub fn unavailable(e: impl Into<BoxError>) -> Self {
+        DbError::Unavailable(e.into())
     }
 }
 
@@ -106,6 +120,24 @@ pub struct Db {
     stashes: Option<(Stash, Stash)>,
     acquire_timeout: Duration,
     backend: Backend,
+    /// SQLite on a file: synchronous connections for the connect flow's writes
+    /// ([`Db::write_flow`]).
+    lite: Option<std::sync::Arc<lite::Lite>>,
+}
+
+/// A write of the connect flow (a few statements that run on every flow), for
+/// [`Db::write_flow`]: written once against [`Exec`](stmt::Exec), it runs on sqlx's connection
+/// on PostgreSQL and on a synchronous connection on a SQLite file.
+pub trait FlowWrite: Send + 'static {
+    /// What it returns.
+    type Output: Send + 'static;
+    /// Its error.
+    type Error: From<DbError> + Send + 'static;
+    /// Runs its statements on `conn`, inside a transaction.
+    fn run<E: stmt::Exec>(
+        self,
+        conn: &mut E,
+    ) -> impl Future<Output = Result<Self::Output, Self::Error>> + Send;
 }
 
 /// The thread that runs SQLite writes (see [`Db::on_writer`]). It stops when the last handle to
@@ -134,11 +166,11 @@ impl WriterThread {
                 // Runs the spawned writes until every `Db` handle is gone.
                 let _ = runtime.block_on(stop_rx);
             })
-            .map_err(|e| DbError::Unavailable(sqlx::Error::Io(e)))?;
+            .map_err(|e| DbError::unavailable(sqlx::Error::Io(e)))?;
         let handle = handle_rx
             .recv()
-            .map_err(|_| DbError::Unavailable(sqlx::Error::WorkerCrashed))?
-            .map_err(|e| DbError::Unavailable(sqlx::Error::Io(e)))?;
+            .map_err(|_| DbError::unavailable(sqlx::Error::WorkerCrashed))?
+            .map_err(|e| DbError::unavailable(sqlx::Error::Io(e)))?;
         Ok(Self { handle, _stop: std::sync::Arc::new(stop_tx) })
     }
 }
@@ -190,7 +222,7 @@ impl Db {
             Backend::Postgres => url.to_string(),
         };
         let connect_options = AnyConnectOptions::from_str(&url)
-            .map_err(DbError::Other)?
+            .map_err(DbError::from)?
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
         // `checkpoints`: whether commits on these connections copy the WAL back into the
@@ -227,7 +259,7 @@ impl Db {
                     pool_options.connect_with(connect_options),
                 )
                 .await
-                .map_err(|_| DbError::Unavailable(sqlx::Error::PoolTimedOut))?
+                .map_err(|_| DbError::unavailable(sqlx::Error::PoolTimedOut))?
                 .map_err(DbError::from)
             }
         };
@@ -249,7 +281,11 @@ impl Db {
                 acquire_timeout,
             ));
         }
-        Ok(Self { pool, writer, writer_thread, stashes, acquire_timeout, backend })
+        let lite = match backend {
+            Backend::Sqlite => sqlite_file(&url).map(|path| std::sync::Arc::new(lite::Lite::new(path))),
+            Backend::Postgres => None,
+        };
+        Ok(Self { pool, writer, writer_thread, stashes, acquire_timeout, backend, lite })
     }
 
     /// Applies the embedded migrations of this backend.
@@ -301,7 +337,7 @@ impl Db {
         match thread.handle.spawn(write).await {
             Ok(out) => Ok(out),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(DbError::Unavailable(sqlx::Error::PoolClosed)),
+            Err(_) => Err(DbError::unavailable(sqlx::Error::PoolClosed)),
         }
     }
 
@@ -315,6 +351,34 @@ impl Db {
         self.on_writer(write(self.clone())).await?
     }
 
+    /// Runs `work` in one write transaction, on the writer thread (see [`on_writer`](Self::on_writer)).
+    /// On a SQLite file its statements run on a synchronous connection ([`lite`]): one hand-off
+    /// for the whole transaction instead of two per statement. The transaction commits when
+    /// `work` succeeds and is rolled back when it fails.
+    pub async fn write_flow<W: FlowWrite>(&self, work: W) -> Result<W::Output, W::Error> {
+        let db = self.clone();
+        self.on_writer(async move {
+            match &db.lite {
+                Some(lite) => {
+                    // The write permit, held until the end: writes of both kinds queue on it.
+                    let _writer = db.writer().await?;
+                    let mut tx = lite.begin()?;
+                    let out = work.run(&mut tx).await?;
+                    tx.commit()?;
+                    Ok(out)
+                }
+                None => {
+                    let mut tx = db.begin_write().await?;
+                    let out = work.run(&mut tx).await?;
+                    tx.commit().await?;
+                    Ok(out)
+                }
+            }
+        })
+        .await
+        .map_err(W::Error::from)?
+    }
+
     /// Starts a transaction that takes the write lock at once on SQLite (`BEGIN IMMEDIATE`), so
     /// that a read-then-write never fails half-way with `SQLITE_BUSY`.
     pub async fn begin_write(&self) -> DbResult<WriteTx> {
@@ -326,6 +390,9 @@ impl Db {
 
     /// Closes the pools, waiting for connections to be returned.
     pub async fn close(&self) {
+        if let Some(lite) = &self.lite {
+            lite.close();
+        }
         if let Some((reads, writer)) = &self.stashes {
             reads.drain();
             writer.drain();
@@ -343,7 +410,7 @@ fn prepare_sqlite_url(url: &str) -> DbResult<String> {
         return Ok(url.to_string());
     }
     if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| DbError::Unavailable(sqlx::Error::Io(e)))?;
+        std::fs::create_dir_all(parent).map_err(|e| DbError::unavailable(sqlx::Error::Io(e)))?;
     }
     if url.contains("mode=") {
         Ok(url.to_string())
@@ -352,6 +419,16 @@ fn prepare_sqlite_url(url: &str) -> DbResult<String> {
     } else {
         Ok(format!("{url}?mode=rwc"))
     }
+}
+
+/// The file of a SQLite URL, when it names one that [`lite`] can open the same way (not an
+/// in-memory database, not read-only, no percent-encoded path).
+fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let plain = !path.is_empty() && path != ":memory:" && !path.contains('%');
+    let writable = query.split('&').all(|kv| !matches!(kv, "mode=memory" | "mode=ro" | "immutable=1"));
+    (plain && writable).then(|| std::path::PathBuf::from(path))
 }
 
 /// `key IN (subquery)` for claiming rows, with the subquery's row locking on PostgreSQL

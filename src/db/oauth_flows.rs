@@ -1,9 +1,12 @@
 //! The `oauth_flows` table: one row per started OAuth flow (state, PKCE verifier, browser
 //! binding), consumed on first use.
 
+use std::sync::LazyLock;
+
 use sqlx::AnyConnection;
 
 use super::DbResult;
+use super::stmt::{Exec, from_lite, stmt};
 
 /// A flow as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -34,28 +37,45 @@ pub struct FlowRow {
     pub connection_id: Option<String>,
 }
 
+from_lite!(FlowRow {
+    id,
+    state_hash,
+    browser_hash,
+    link_id,
+    workspace_id,
+    provider,
+    verifier_sealed,
+    created_at,
+    expires_at,
+    consumed_at,
+    outcome,
+    connection_id
+});
+
 const COLUMNS: &str = "id, state_hash, browser_hash, link_id, workspace_id, provider, verifier_sealed, \
     created_at, expires_at, consumed_at, outcome, connection_id";
 
 /// Inserts a flow.
-pub async fn insert(conn: &mut AnyConnection, f: &FlowRow) -> DbResult<()> {
-    sqlx::query(&format!(
-        "INSERT INTO oauth_flows ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-    ))
-    .bind(&f.id)
-    .bind(&f.state_hash)
-    .bind(&f.browser_hash)
-    .bind(&f.link_id)
-    .bind(&f.workspace_id)
-    .bind(&f.provider)
-    .bind(&f.verifier_sealed)
-    .bind(f.created_at)
-    .bind(f.expires_at)
-    .bind(f.consumed_at)
-    .bind(&f.outcome)
-    .bind(&f.connection_id)
-    .execute(conn)
-    .await?;
+pub async fn insert(conn: &mut impl Exec, f: &FlowRow) -> DbResult<()> {
+    const SQL: &str = "INSERT INTO oauth_flows (id, state_hash, browser_hash, link_id, workspace_id, provider, \
+        verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+    let s = stmt!(
+        SQL,
+        &f.id,
+        &f.state_hash,
+        &f.browser_hash,
+        &f.link_id,
+        &f.workspace_id,
+        &f.provider,
+        &f.verifier_sealed,
+        f.created_at,
+        f.expires_at,
+        f.consumed_at,
+        &f.outcome,
+        &f.connection_id,
+    );
+    conn.execute(&s).await?;
     Ok(())
 }
 
@@ -68,11 +88,10 @@ pub async fn get_by_state_hash(conn: &mut AnyConnection, state_hash: &str) -> Db
 }
 
 /// One flow by id.
-pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<FlowRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM oauth_flows WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+pub async fn get(conn: &mut impl Exec, id: &str) -> DbResult<Option<FlowRow>> {
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("SELECT {COLUMNS} FROM oauth_flows WHERE id = $1"));
+    conn.fetch_optional(&stmt!(&SQL, id)).await
 }
 
 /// Consumes the flow whose state hashes to `state_hash`, if it is unused, unexpired, of
@@ -80,37 +99,32 @@ pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<FlowRow>
 /// which returns the flow to exactly one caller. `None` for everything else; the caller reads the
 /// flow to tell which check failed.
 pub async fn claim(
-    conn: &mut AnyConnection,
+    conn: &mut impl Exec,
     state_hash: &str,
     browser_hash: &str,
     provider: &str,
     now_ms: i64,
 ) -> DbResult<Option<FlowRow>> {
-    Ok(sqlx::query_as(&format!(
-        "UPDATE oauth_flows SET consumed_at = $4 WHERE state_hash = $1 AND browser_hash = $2 AND provider = $3 \
-         AND consumed_at IS NULL AND expires_at > $4 RETURNING {COLUMNS}"
-    ))
-    .bind(state_hash)
-    .bind(browser_hash)
-    .bind(provider)
-    .bind(now_ms)
-    .fetch_optional(conn)
-    .await?)
+    const SQL: &str = "UPDATE oauth_flows SET consumed_at = $4 WHERE state_hash = $1 AND browser_hash = $2 \
+        AND provider = $3 AND consumed_at IS NULL AND expires_at > $4 RETURNING id, state_hash, browser_hash, \
+        link_id, workspace_id, provider, verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id";
+    conn.fetch_optional(&stmt!(SQL, state_hash, browser_hash, provider, now_ms)).await
 }
 
 /// Records how a flow ended.
 pub async fn finish(
-    conn: &mut AnyConnection,
+    conn: &mut impl Exec,
     id: &str,
     outcome: &str,
     connection_id: Option<&str>,
 ) -> DbResult<()> {
-    sqlx::query("UPDATE oauth_flows SET outcome = $2, connection_id = $3 WHERE id = $1")
-        .bind(id)
-        .bind(outcome)
-        .bind(connection_id)
-        .execute(conn)
-        .await?;
+    let s = stmt!(
+        "UPDATE oauth_flows SET outcome = $2, connection_id = $3 WHERE id = $1",
+        id,
+        outcome,
+        connection_id
+    );
+    conn.execute(&s).await?;
     Ok(())
 }
 
@@ -121,4 +135,57 @@ pub async fn purge_expired(conn: &mut AnyConnection, now_ms: i64) -> DbResult<u6
         .execute(conn)
         .await?;
     Ok(done.rows_affected())
+}
+
+/// [`insert`] as a [`FlowWrite`](super::FlowWrite).
+#[derive(Debug)]
+pub struct Insert(pub FlowRow);
+
+impl super::FlowWrite for Insert {
+    type Output = ();
+    type Error = super::DbError;
+
+    async fn run<E: Exec>(self, conn: &mut E) -> DbResult<()> {
+        insert(conn, &self.0).await
+    }
+}
+
+/// [`claim`] as a [`FlowWrite`](super::FlowWrite).
+#[derive(Debug)]
+pub struct Claim {
+    /// SHA-256 hex of the `state` the callback brought.
+    pub state_hash: String,
+    /// SHA-256 hex of the browser cookie it brought.
+    pub browser_hash: String,
+    /// The callback's provider.
+    pub provider: &'static str,
+    /// Now (ms).
+    pub now_ms: i64,
+}
+
+impl super::FlowWrite for Claim {
+    type Output = Option<FlowRow>;
+    type Error = super::DbError;
+
+    async fn run<E: Exec>(self, conn: &mut E) -> DbResult<Option<FlowRow>> {
+        claim(conn, &self.state_hash, &self.browser_hash, self.provider, self.now_ms).await
+    }
+}
+
+/// [`finish`] (without a connection) as a [`FlowWrite`](super::FlowWrite).
+#[derive(Debug)]
+pub struct Finish {
+    /// The flow.
+    pub id: String,
+    /// How it ended.
+    pub outcome: &'static str,
+}
+
+impl super::FlowWrite for Finish {
+    type Output = ();
+    type Error = super::DbError;
+
+    async fn run<E: Exec>(self, conn: &mut E) -> DbResult<()> {
+        finish(conn, &self.id, self.outcome, None).await
+    }
 }

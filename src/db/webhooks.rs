@@ -1,7 +1,10 @@
 //! Webhook endpoints, the event outbox, deliveries and the log of delivery attempts.
 
+use std::sync::LazyLock;
+
 use sqlx::AnyConnection;
 
+use super::stmt::{Exec, from_lite, stmt};
 use super::{Backend, DbResult};
 
 /// An endpoint as stored.
@@ -39,6 +42,21 @@ impl EndpointRow {
         self.events == "*" || self.events.split(',').any(|e| e == event_type)
     }
 }
+
+from_lite!(EndpointRow {
+    id,
+    workspace_id,
+    url,
+    secret_sealed,
+    previous_secret_sealed,
+    previous_secret_until,
+    events,
+    enabled,
+    disabled_reason,
+    description,
+    created_at,
+    updated_at
+});
 
 const ENDPOINT_COLUMNS: &str = "id, workspace_id, url, secret_sealed, previous_secret_sealed, previous_secret_until, \
     events, enabled, disabled_reason, description, created_at, updated_at";
@@ -96,16 +114,13 @@ pub async fn get_endpoint(conn: &mut AnyConnection, id: &str) -> DbResult<Option
 }
 
 /// The endpoints of a workspace (every workspace with `None`), oldest first.
-pub async fn list_endpoints(
-    conn: &mut AnyConnection,
-    workspace_id: Option<&str>,
-) -> DbResult<Vec<EndpointRow>> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE ($1 IS NULL OR workspace_id = $1) ORDER BY id"
-    ))
-    .bind(workspace_id)
-    .fetch_all(conn)
-    .await?)
+pub async fn list_endpoints(conn: &mut impl Exec, workspace_id: Option<&str>) -> DbResult<Vec<EndpointRow>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE ($1 IS NULL OR workspace_id = $1) ORDER BY id"
+        )
+    });
+    conn.fetch_all(&stmt!(&SQL, workspace_id)).await
 }
 
 /// Removes an endpoint: its pending deliveries are cancelled, its history stays until the
@@ -138,15 +153,9 @@ pub struct EventRow {
 }
 
 /// Inserts an event.
-pub async fn insert_event(conn: &mut AnyConnection, e: &EventRow) -> DbResult<()> {
-    sqlx::query("INSERT INTO webhook_events (id, workspace_id, event_type, payload, created_at) VALUES ($1, $2, $3, $4, $5)")
-        .bind(&e.id)
-        .bind(&e.workspace_id)
-        .bind(&e.event_type)
-        .bind(&e.payload)
-        .bind(e.created_at)
-        .execute(conn)
-        .await?;
+pub async fn insert_event(conn: &mut impl Exec, e: &EventRow) -> DbResult<()> {
+    const SQL: &str = "INSERT INTO webhook_events (id, workspace_id, event_type, payload, created_at) VALUES ($1, $2, $3, $4, $5)";
+    conn.execute(&stmt!(SQL, &e.id, &e.workspace_id, &e.event_type, &e.payload, e.created_at)).await?;
     Ok(())
 }
 
@@ -195,25 +204,27 @@ const DELIVERY_COLUMNS: &str = "id, event_id, endpoint_id, workspace_id, status,
     lease_until, last_status_code, last_error, created_at, updated_at";
 
 /// Inserts a delivery.
-pub async fn insert_delivery(conn: &mut AnyConnection, d: &DeliveryRow) -> DbResult<()> {
-    sqlx::query(&format!(
-        "INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-    ))
-    .bind(&d.id)
-    .bind(&d.event_id)
-    .bind(&d.endpoint_id)
-    .bind(&d.workspace_id)
-    .bind(&d.status)
-    .bind(d.attempts)
-    .bind(d.next_attempt_at)
-    .bind(&d.lease_owner)
-    .bind(d.lease_until)
-    .bind(d.last_status_code)
-    .bind(&d.last_error)
-    .bind(d.created_at)
-    .bind(d.updated_at)
-    .execute(conn)
-    .await?;
+pub async fn insert_delivery(conn: &mut impl Exec, d: &DeliveryRow) -> DbResult<()> {
+    const SQL: &str = "INSERT INTO webhook_deliveries (id, event_id, endpoint_id, workspace_id, status, attempts, \
+        next_attempt_at, lease_owner, lease_until, last_status_code, last_error, created_at, updated_at) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+    let s = stmt!(
+        SQL,
+        &d.id,
+        &d.event_id,
+        &d.endpoint_id,
+        &d.workspace_id,
+        &d.status,
+        d.attempts,
+        d.next_attempt_at,
+        &d.lease_owner,
+        d.lease_until,
+        d.last_status_code,
+        &d.last_error,
+        d.created_at,
+        d.updated_at,
+    );
+    conn.execute(&s).await?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Writing and reading the audit log.
 
+use crate::db::stmt::Exec;
 use serde::Serialize;
-use sqlx::AnyConnection;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
@@ -14,7 +14,7 @@ use crate::state::App;
 /// Appends an audit entry on `conn` (normally inside the transaction of the change).
 #[allow(clippy::too_many_arguments)]
 pub async fn record(
-    conn: &mut AnyConnection,
+    conn: &mut impl Exec,
     now_ms: i64,
     actor: &Actor,
     workspace_id: Option<&str>,

@@ -14,10 +14,11 @@ use crate::clock::{from_millis, to_millis};
 use crate::crypto::Aad;
 use crate::db::connections::{ConnectionFilter, ConnectionRow, EventRow};
 use crate::db::links::LinkRow;
+use crate::db::stmt::Exec;
 use crate::db::{self, new_id};
 use crate::domain::Platform;
 use crate::providers::{Profile, TokenSet};
-use crate::state::App;
+use crate::state::{App, AppState};
 
 /// The state of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -230,8 +231,58 @@ pub enum Upserted {
 
 /// Stores the result of a successful connect flow: inserts the connection or updates the
 /// existing one, counts the link use, appends history and audit, records the flow's outcome, all
-/// in one transaction.
+/// in one transaction (on a SQLite file, run synchronously: see [`db::lite`]).
 pub async fn upsert_from_flow(
+    app: &AppState,
+    flow_id: &str,
+    link: &LinkRow,
+    platform: Platform,
+    profile: &Profile,
+    tokens: &TokenSet,
+    sandbox: bool,
+) -> ServiceResult<(ConnectionRow, Upserted)> {
+    let work = StoreFlow {
+        app: app.clone(),
+        flow_id: flow_id.to_string(),
+        link: link.clone(),
+        platform,
+        profile: profile.clone(),
+        tokens: tokens.clone(),
+        sandbox,
+    };
+    let (row, outcome) = app.db.write_flow(work).await?;
+    let kind = match outcome {
+        Upserted::Created => "created",
+        Upserted::Reconnected => "reconnected",
+    };
+    tracing::info!(connection_id = %row.id, provider = %platform, outcome = kind, "connection stored");
+    Ok((row, outcome))
+}
+
+/// The transaction of [`upsert_from_flow`].
+struct StoreFlow {
+    app: AppState,
+    flow_id: String,
+    link: LinkRow,
+    platform: Platform,
+    profile: Profile,
+    tokens: TokenSet,
+    sandbox: bool,
+}
+
+impl db::FlowWrite for StoreFlow {
+    type Output = (ConnectionRow, Upserted);
+    type Error = ServiceError;
+
+    async fn run<E: Exec>(self, tx: &mut E) -> ServiceResult<Self::Output> {
+        let Self { app, flow_id, link, platform, profile, tokens, sandbox } = self;
+        store_flow(tx, &app, &flow_id, &link, platform, &profile, &tokens, sandbox).await
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn store_flow(
+    tx: &mut impl Exec,
     app: &App,
     flow_id: &str,
     link: &LinkRow,
@@ -242,9 +293,8 @@ pub async fn upsert_from_flow(
 ) -> ServiceResult<(ConnectionRow, Upserted)> {
     let now = app.now_ms();
     let scopes = tokens.scopes.join(",");
-    let mut tx = app.db.begin_write().await?;
     let existing =
-        db::connections::get_by_account(&mut tx, &link.workspace_id, platform.as_str(), &profile.account_id)
+        db::connections::get_by_account(tx, &link.workspace_id, platform.as_str(), &profile.account_id)
             .await?;
     let (row, outcome) = match existing {
         Some(mut row) => {
@@ -268,7 +318,7 @@ pub async fn upsert_from_flow(
             row.expiring_notified_at = None;
             row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
             row.next_check_at = Some(super::refresh::schedule_check(app, now, true));
-            db::connections::update(&mut tx, &row).await?;
+            db::connections::update(tx, &row).await?;
             (row, Upserted::Reconnected)
         }
         None => {
@@ -306,7 +356,7 @@ pub async fn upsert_from_flow(
             };
             apply_tokens(app, &mut row, tokens);
             row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
-            db::connections::insert(&mut tx, &row).await?;
+            db::connections::insert(tx, &row).await?;
             (row, Upserted::Created)
         }
     };
@@ -316,13 +366,13 @@ pub async fn upsert_from_flow(
     };
     let handle = row.username.as_deref().or(row.display_name.as_deref()).unwrap_or("account").to_string();
     db::connections::insert_event(
-        &mut tx,
+        tx,
         &event(&row, kind, Some(format!("{} {handle} via link {}", platform.display_name(), link.id)), now),
     )
     .await?;
-    let used = db::links::record_use(&mut tx, &link.id, now).await?;
+    let used = db::links::record_use(tx, &link.id, now).await?;
     audit::record(
-        &mut tx,
+        tx,
         now,
         &Actor::Client,
         Some(&row.workspace_id),
@@ -334,16 +384,14 @@ pub async fn upsert_from_flow(
     .await?;
     let data = match &used {
         Some(link) => event_data_with_link(app, &row, link, None)?,
-        None => event_data(&mut tx, app, &row, None).await?,
+        None => event_data(tx, app, &row, None).await?,
     };
-    super::webhooks::emit(&mut tx, app, now, &row.workspace_id, action, data).await?;
+    super::webhooks::emit(tx, app, now, &row.workspace_id, action, data).await?;
     let flow_outcome = match outcome {
         Upserted::Created => "connected",
         Upserted::Reconnected => "reconnected",
     };
-    db::oauth_flows::finish(&mut tx, flow_id, flow_outcome, Some(&row.id)).await?;
-    tx.commit().await?;
-    tracing::info!(connection_id = %row.id, provider = %platform, outcome = kind, "connection stored");
+    db::oauth_flows::finish(tx, flow_id, flow_outcome, Some(&row.id)).await?;
     Ok((row, outcome))
 }
 
@@ -575,7 +623,7 @@ pub async fn mark_broken_in(
 /// The `data` of a connection webhook: the connection (never tokens), a detail, and the link
 /// that repairs it.
 pub async fn event_data(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut impl Exec,
     app: &App,
     row: &ConnectionRow,
     detail: Option<&str>,
@@ -609,7 +657,7 @@ fn event_payload(row: &ConnectionRow, repair: Option<String>, detail: Option<&st
 /// The link that repairs a connection: the URL of the link it last came through, if that link
 /// can still be used.
 pub async fn repair_url(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut impl Exec,
     app: &App,
     row: &ConnectionRow,
 ) -> ServiceResult<Option<String>> {

@@ -12,6 +12,8 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sqlx::AnyConnection;
+
+use crate::db::stmt::Exec;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
@@ -464,7 +466,7 @@ pub async fn rotate_secret(
 /// Writes an event to the outbox, with a delivery for every enabled endpoint of the workspace
 /// that wants it, on `conn` (inside the caller's transaction). Returns the event id.
 pub async fn emit(
-    conn: &mut AnyConnection,
+    conn: &mut impl Exec,
     app: &App,
     now_ms: i64,
     workspace_id: &str,
@@ -481,7 +483,7 @@ pub fn payload_aad(event_id: &str) -> Aad<'_> {
 }
 
 async fn emit_to(
-    conn: &mut AnyConnection,
+    conn: &mut impl Exec,
     keys: &crate::crypto::KeyRing,
     now_ms: i64,
     workspace_id: &str,

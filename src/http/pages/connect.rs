@@ -150,11 +150,7 @@ pub async fn start_connect(
         outcome: None,
         connection_id: None,
     };
-    let row = flow.clone();
-    let stored = state
-        .db
-        .write(|store| async move { db::oauth_flows::insert(&mut *store.writer().await?, &row).await })
-        .await;
+    let stored = state.db.write_flow(db::oauth_flows::Insert(flow.clone())).await;
     if let Err(e) = stored {
         return service_error_page(e.into());
     }
@@ -376,15 +372,13 @@ pub async fn oauth_callback(
     // it, so one that does is not the provider we talk to, and its state stays unused.
     let claimed = match (&browser_hash, q.iss.is_some()) {
         (Some(browser_hash), false) => {
-            let (state_hash, browser_hash) = (state_hash.clone(), browser_hash.clone());
-            let claimed = state
-                .db
-                .write(|store| async move {
-                    let mut conn = store.writer().await?;
-                    db::oauth_flows::claim(&mut conn, &state_hash, &browser_hash, platform.as_str(), now)
-                        .await
-                })
-                .await;
+            let claim = db::oauth_flows::Claim {
+                state_hash: state_hash.clone(),
+                browser_hash: browser_hash.clone(),
+                provider: platform.as_str(),
+                now_ms: now,
+            };
+            let claimed = state.db.write_flow(claim).await;
             match claimed {
                 Ok(flow) => flow,
                 Err(e) => return service_error_page(e.into()),
@@ -409,13 +403,8 @@ pub async fn oauth_callback(
         ),
         Err(FlowError::Failed(f)) => {
             count_flow(platform, f.code());
-            let flow_id = flow.id.clone();
-            let recorded = state
-                .db
-                .write(|store| async move {
-                    db::oauth_flows::finish(&mut *store.writer().await?, &flow_id, f.code(), None).await
-                })
-                .await;
+            let recorded =
+                state.db.write_flow(db::oauth_flows::Finish { id: flow.id.clone(), outcome: f.code() }).await;
             if let Err(e) = recorded {
                 return service_error_page(e.into());
             }
@@ -569,14 +558,16 @@ async fn complete_flow(
     })?;
     let mut tokens = tokens;
     tokens.scopes = granted;
-    let (app, flow_id, sandbox) = (state.clone(), flow.id.clone(), provider.is_sandbox());
-    let (row, outcome) = state
-        .db
-        .on_writer(async move {
-            connections::upsert_from_flow(&app, &flow_id, &link, platform, &profile, &tokens, sandbox).await
-        })
-        .await
-        .map_err(crate::service::ServiceError::from)??;
+    let (row, outcome) = connections::upsert_from_flow(
+        state,
+        &flow.id,
+        &link,
+        platform,
+        &profile,
+        &tokens,
+        provider.is_sandbox(),
+    )
+    .await?;
     Ok((row.id, outcome))
 }
 

@@ -1,0 +1,389 @@
+//! SQLite without a thread hand-off per statement, for the writes of the connect flow.
+//!
+//! sqlx's SQLite driver runs each connection on a thread of its own: every statement is sent to
+//! that thread and its result sent back, two thread switches per statement. The connect flow's
+//! transaction runs about ten statements while holding the database's one write lock, so those
+//! switches, not the statements, set how many flows per second the single writer can store (see
+//! BENCHMARKS.md). Here a transaction runs synchronously (rusqlite, the same SQLite library sqlx
+//! links) on a connection of its own: one hand-off to the writer thread per transaction
+//! ([`Db::write_flow`](super::Db::write_flow)), none per statement.
+//!
+//! The writer connection is used only while the sqlx writer connection is held too (so writes of
+//! either kind queue on one permit, in order, and a transaction the sqlx connection left open is
+//! rolled back first); statements are the same [`Stmt`](super::stmt::Stmt) values the sqlx path
+//! runs. Like sqlx's writer, it never checkpoints the WAL itself (the checkpoint loop does).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::stmt::{Exec, Row, Stmt};
+use super::{DbError, DbResult};
+
+/// The synchronous connections to one SQLite file.
+#[derive(Debug)]
+pub struct Lite {
+    path: PathBuf,
+    /// The writer connection while no transaction runs; opened on first use.
+    writer: Mutex<Option<Connection>>,
+}
+
+impl Lite {
+    /// For the SQLite file at `path` (not opened until the first write).
+    pub(super) fn new(path: PathBuf) -> Self {
+        Self { path, writer: Mutex::new(None) }
+    }
+
+    /// Closes the writer connection (a transaction in progress keeps its own until it ends).
+    pub(super) fn close(&self) {
+        drop(self.writer.lock().unwrap_or_else(PoisonError::into_inner).take());
+    }
+
+    /// Opens a connection with the settings of sqlx's connections (see `Db::connect`).
+    fn open(path: &Path) -> DbResult<Connection> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.execute_batch(
+            "PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; PRAGMA journal_mode = WAL; \
+             PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;",
+        )?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(conn)
+    }
+
+    /// Begins an immediate transaction on the writer connection. The caller holds the write
+    /// permit (the sqlx writer connection) until the transaction ends.
+    pub(super) fn begin(&self) -> DbResult<LiteTx<'_>> {
+        let taken = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let conn = match taken {
+            Some(conn) => conn,
+            None => Self::open(&self.path)?,
+        };
+        // From here on the connection returns to `self` on drop, rolled back if need be.
+        let mut tx = LiteTx { conn: Some(conn), home: self, open: true };
+        tx.conn()?.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(tx)
+    }
+}
+
+/// An immediate transaction on the writer connection; dropped without
+/// [`commit`](LiteTx::commit), it is rolled back.
+#[derive(Debug)]
+pub struct LiteTx<'a> {
+    conn: Option<Connection>,
+    home: &'a Lite,
+    /// Whether a transaction may be open on the connection.
+    open: bool,
+}
+
+impl LiteTx<'_> {
+    fn conn(&mut self) -> DbResult<&Connection> {
+        self.conn.as_ref().ok_or_else(|| DbError::Other("the writer connection is gone".into()))
+    }
+
+    /// Commits the transaction.
+    pub fn commit(mut self) -> DbResult<()> {
+        self.conn()?.execute_batch("COMMIT")?;
+        self.open = false;
+        Ok(())
+    }
+}
+
+impl Drop for LiteTx<'_> {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if self.open && conn.execute_batch("ROLLBACK").is_err() && !conn.is_autocommit() {
+            // Still inside a transaction it cannot end: dropped, so the next write opens a
+            // new connection instead of meeting this one's lock.
+            return;
+        }
+        *self.home.writer.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+    }
+}
+
+impl Exec for LiteTx<'_> {
+    fn execute(&mut self, s: &Stmt<'_>) -> impl Future<Output = DbResult<u64>> + Send {
+        std::future::ready(self.conn().and_then(|c| s.lite_execute(c)))
+    }
+
+    fn fetch_optional<T: Row>(&mut self, s: &Stmt<'_>) -> impl Future<Output = DbResult<Option<T>>> + Send {
+        std::future::ready(self.conn().and_then(|c| s.lite_fetch_optional(c)))
+    }
+
+    fn fetch_all<T: Row>(&mut self, s: &Stmt<'_>) -> impl Future<Output = DbResult<Vec<T>>> + Send {
+        std::future::ready(self.conn().and_then(|c| s.lite_fetch_all(c)))
+    }
+}
+
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode;
+        match &e {
+            rusqlite::Error::SqliteFailure(f, msg) => match f.code {
+                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen => {
+                    DbError::Unavailable(e.into())
+                }
+                ErrorCode::ConstraintViolation
+                    if matches!(
+                        f.extended_code,
+                        rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                    ) =>
+                {
+                    DbError::Conflict(msg.clone().unwrap_or_else(|| f.to_string()))
+                }
+                _ => DbError::Other(e.into()),
+            },
+            _ => DbError::Other(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::connections::ConnectionRow;
+    use super::super::links::LinkRow;
+    use super::super::oauth_flows::FlowRow;
+    use super::super::webhooks::EndpointRow;
+    use super::super::{Db, FlowWrite, connections, links, oauth_flows, webhooks};
+    use super::*;
+
+    fn link() -> LinkRow {
+        LinkRow {
+            id: "l1".into(),
+            workspace_id: "w1".into(),
+            label: "label".into(),
+            client_ref: Some("ref".into()),
+            platforms: "tiktok,instagram".into(),
+            expires_at: Some(11),
+            max_uses: Some(12),
+            redirect_url: Some("https://example.com/done".into()),
+            token_hash: "hash".into(),
+            token_sealed: "sealed".into(),
+            created_by: "cli".into(),
+            created_at: 13,
+            updated_at: 14,
+            revoked_at: Some(15),
+            rotated_at: Some(16),
+            last_used_at: Some(17),
+            use_count: 18,
+            hide_connections: 1,
+        }
+    }
+
+    fn flow() -> FlowRow {
+        FlowRow {
+            id: "f1".into(),
+            state_hash: "state".into(),
+            browser_hash: "browser".into(),
+            link_id: "l1".into(),
+            workspace_id: "w1".into(),
+            provider: "tiktok".into(),
+            verifier_sealed: "verifier".into(),
+            created_at: 21,
+            expires_at: 22,
+            consumed_at: Some(23),
+            outcome: Some("connected".into()),
+            connection_id: Some("c1".into()),
+        }
+    }
+
+    /// Every field a different value, so that two columns read in swapped order show.
+    fn connection() -> ConnectionRow {
+        ConnectionRow {
+            id: "c1".into(),
+            workspace_id: "w1".into(),
+            link_id: Some("l1".into()),
+            provider: "tiktok".into(),
+            provider_account_id: "account".into(),
+            app_scoped_id: Some("scoped".into()),
+            username: Some("user".into()),
+            display_name: Some("display".into()),
+            avatar_url: Some("https://example.com/a.png".into()),
+            scopes: "a,b".into(),
+            access_token_sealed: Some("access".into()),
+            access_expires_at: Some(31),
+            refresh_token_sealed: Some("refresh".into()),
+            refresh_expires_at: Some(32),
+            token_generation: 33,
+            status: "active".into(),
+            status_reason: Some("reason".into()),
+            sandbox: 1,
+            connected_at: 34,
+            last_refreshed_at: Some(35),
+            reconnect_count: 36,
+            created_at: 37,
+            updated_at: 38,
+            next_refresh_at: Some(39),
+            lease_owner: None,
+            lease_until: None,
+            refresh_failures: 40,
+            next_check_at: Some(41),
+            last_checked_at: Some(42),
+            expiring_notified_at: Some(43),
+        }
+    }
+
+    fn endpoint() -> EndpointRow {
+        EndpointRow {
+            id: "e1".into(),
+            workspace_id: "w1".into(),
+            url: "https://example.com/hook".into(),
+            secret_sealed: "secret".into(),
+            previous_secret_sealed: Some("previous".into()),
+            previous_secret_until: Some(51),
+            events: "*".into(),
+            enabled: 1,
+            disabled_reason: Some("why".into()),
+            description: Some("note".into()),
+            created_at: 52,
+            updated_at: 53,
+        }
+    }
+
+    /// Writes the flow and the connection on the synchronous path; `fail` makes it fail after.
+    struct Write {
+        fail: bool,
+    }
+
+    impl FlowWrite for Write {
+        type Output = ();
+        type Error = DbError;
+
+        async fn run<E: Exec>(self, conn: &mut E) -> DbResult<()> {
+            oauth_flows::insert(conn, &flow()).await?;
+            connections::insert(conn, &connection()).await?;
+            if self.fail {
+                return Err(DbError::Conflict("on purpose".into()));
+            }
+            Ok(())
+        }
+    }
+
+    /// Reads every row type on the synchronous path.
+    struct Read;
+
+    type Rows = (Option<LinkRow>, Option<FlowRow>, Option<ConnectionRow>, Vec<EndpointRow>);
+
+    impl FlowWrite for Read {
+        type Output = Rows;
+        type Error = DbError;
+
+        async fn run<E: Exec>(self, conn: &mut E) -> DbResult<Rows> {
+            Ok((
+                links::get(conn, "l1").await?,
+                oauth_flows::get(conn, "f1").await?,
+                connections::get_by_account(conn, "w1", "tiktok", "account").await?,
+                webhooks::list_endpoints(conn, Some("w1")).await?,
+            ))
+        }
+    }
+
+    async fn read_with_sqlx(db: &Db) -> Rows {
+        let mut conn = db.read().await.unwrap();
+        (
+            links::get(&mut conn, "l1").await.unwrap(),
+            oauth_flows::get(&mut conn, "f1").await.unwrap(),
+            connections::get_by_account(&mut *conn, "w1", "tiktok", "account").await.unwrap(),
+            webhooks::list_endpoints(&mut *conn, Some("w1")).await.unwrap(),
+        )
+    }
+
+    fn shown(rows: &Rows) -> String {
+        format!("{rows:?}")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_paths_write_and_read_the_same_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        assert!(db.lite.is_some(), "a SQLite file gets the synchronous path");
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, slug, allowed_redirects, created_at, updated_at) \
+             VALUES ('w1', 'W', 'w', '', 1, 1)",
+        )
+        .execute(&mut *db.writer().await.unwrap())
+        .await
+        .unwrap();
+        let mut tx = db.begin_write().await.unwrap();
+        links::insert(&mut tx, &link()).await.unwrap();
+        webhooks::insert_endpoint(&mut tx, &endpoint()).await.unwrap();
+        tx.commit().await.unwrap();
+
+        // A failed write leaves nothing behind, and the next one goes through.
+        let failed = db.write_flow(Write { fail: true }).await;
+        assert!(matches!(failed, Err(DbError::Conflict(_))), "{failed:?}");
+        assert_eq!(shown(&read_with_sqlx(&db).await), shown(&(Some(link()), None, None, vec![endpoint()])));
+        db.write_flow(Write { fail: false }).await.unwrap();
+
+        let expected = (Some(link()), Some(flow()), Some(connection()), vec![endpoint()]);
+        assert_eq!(shown(&read_with_sqlx(&db).await), shown(&expected));
+        assert_eq!(shown(&db.write_flow(Read).await.unwrap()), shown(&expected));
+        // The same row again: a unique violation is a conflict on this path too.
+        let again = db.write_flow(Write { fail: false }).await;
+        assert!(matches!(again, Err(DbError::Conflict(_))), "{again:?}");
+        db.close().await;
+    }
+
+    /// Writes on both paths at once queue on the one write permit: every one commits, none meets
+    /// a locked database, and a sqlx transaction left open is rolled back before a synchronous
+    /// write begins.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_of_both_paths_queue_and_all_commit() {
+        struct One(i64);
+        impl FlowWrite for One {
+            type Output = ();
+            type Error = DbError;
+            async fn run<E: Exec>(self, conn: &mut E) -> DbResult<()> {
+                conn.execute(&super::super::stmt::stmt!("INSERT INTO t (x) VALUES ($1)", self.0)).await?;
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite(&dir, 2).await;
+        sqlx::query("CREATE TABLE t (x INTEGER NOT NULL)")
+            .execute(&mut *db.writer().await.unwrap())
+            .await
+            .unwrap();
+        // Left open on the sqlx writer connection.
+        let mut tx = db.begin_write().await.unwrap();
+        sqlx::query("INSERT INTO t (x) VALUES (-1)").execute(&mut *tx).await.unwrap();
+        drop(tx);
+        let mut tasks = Vec::new();
+        for i in 0..40_i64 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                if i % 2 == 0 {
+                    db.write_flow(One(i)).await
+                } else {
+                    let mut tx = db.begin_write().await?;
+                    sqlx::query("INSERT INTO t (x) VALUES ($1)").bind(i).execute(&mut *tx).await?;
+                    tx.commit().await
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let mut values: Vec<i64> =
+            sqlx::query_scalar("SELECT x FROM t").fetch_all(&mut *db.read().await.unwrap()).await.unwrap();
+        values.sort_unstable();
+        assert_eq!(values, (0..40).collect::<Vec<_>>());
+        db.close().await;
+    }
+
+    #[test]
+    fn only_plain_writable_files_take_the_synchronous_path() {
+        use super::super::sqlite_file;
+        assert_eq!(sqlite_file("sqlite://data/a.db?mode=rwc"), Some(PathBuf::from("data/a.db")));
+        assert_eq!(sqlite_file("sqlite:/abs/a.db"), Some(PathBuf::from("/abs/a.db")));
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("sqlite://a.db?mode=ro"), None);
+        assert_eq!(sqlite_file("sqlite://a%20b.db"), None);
+    }
+}
