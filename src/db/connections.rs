@@ -218,11 +218,9 @@ pub async fn update(conn: &mut impl Exec, c: &ConnectionRow) -> DbResult<()> {
 }
 
 /// One connection by id.
-pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<ConnectionRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM {FROM} WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+pub async fn get(conn: &mut impl Exec, id: &str) -> DbResult<Option<ConnectionRow>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {COLUMNS} FROM {FROM} WHERE id = $1"));
+    conn.fetch_optional(&stmt!(&SQL, id)).await
 }
 
 /// The connection of one provider account in one workspace.

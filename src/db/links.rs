@@ -144,6 +144,21 @@ pub async fn get(conn: &mut impl Exec, id: &str) -> DbResult<Option<LinkRow>> {
     conn.fetch_optional(&stmt!(&SQL, id)).await
 }
 
+from_lite!(PublicLinkRow {
+    id,
+    workspace_id,
+    label,
+    platforms,
+    expires_at,
+    max_uses,
+    revoked_at,
+    use_count,
+    hide_connections,
+    workspace_name,
+    workspace_display_name,
+    workspace_updated_at
+});
+
 /// What the public landing page needs of a link and its workspace: no more, because every column
 /// read is copied twice on its way from SQLite, and this page is the one opened most.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -175,32 +190,25 @@ pub struct PublicLinkRow {
 }
 
 /// [`PublicLinkRow`] by the SHA-256 of the link's token.
-pub async fn public_by_token_hash(conn: &mut AnyConnection, hash: &str) -> DbResult<Option<PublicLinkRow>> {
-    Ok(sqlx::query_as(
-        "SELECT l.id, l.workspace_id, l.label, l.platforms, l.expires_at, l.max_uses, l.revoked_at, l.use_count, \
-         l.hide_connections, w.name AS workspace_name, w.display_name AS workspace_display_name, \
-         w.updated_at AS workspace_updated_at \
-         FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.token_hash = $1",
-    )
-    .bind(hash)
-    .fetch_optional(conn)
-    .await?)
+pub async fn public_by_token_hash(conn: &mut impl Exec, hash: &str) -> DbResult<Option<PublicLinkRow>> {
+    const SQL: &str = "SELECT l.id, l.workspace_id, l.label, l.platforms, l.expires_at, l.max_uses, l.revoked_at, \
+        l.use_count, l.hide_connections, w.name AS workspace_name, w.display_name AS workspace_display_name, \
+        w.updated_at AS workspace_updated_at \
+        FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.token_hash = $1";
+    conn.fetch_optional(&stmt!(SQL, hash)).await
 }
 
 /// One link by the SHA-256 of its token, with its workspace, in one query: what the start of a
 /// connect flow needs.
 pub async fn get_with_workspace_by_token_hash(
-    conn: &mut AnyConnection,
+    conn: &mut impl Exec,
     hash: &str,
 ) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
     with_workspace(conn, &WITH_WORKSPACE_BY_TOKEN_HASH, hash).await
 }
 
 /// One link by id, with its workspace, in one query.
-pub async fn get_with_workspace(
-    conn: &mut AnyConnection,
-    id: &str,
-) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
+pub async fn get_with_workspace(conn: &mut impl Exec, id: &str) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
     with_workspace(conn, &WITH_WORKSPACE_BY_ID, id).await
 }
 
@@ -209,25 +217,54 @@ static WITH_WORKSPACE_BY_ID: LazyLock<String> = LazyLock::new(|| with_workspace_
 static WITH_WORKSPACE_BY_TOKEN_HASH: LazyLock<String> = LazyLock::new(|| with_workspace_sql("token_hash"));
 
 async fn with_workspace(
-    conn: &mut AnyConnection,
+    conn: &mut impl Exec,
     sql: &str,
     value: &str,
 ) -> DbResult<Option<(LinkRow, WorkspaceRow)>> {
-    let row = sqlx::query(sql).bind(value).fetch_optional(conn).await?;
-    let Some(row) = row else { return Ok(None) };
-    let link = LinkRow::from_row(&row)?;
-    let workspace = WorkspaceRow {
-        id: link.workspace_id.clone(),
-        name: row.try_get("w_name")?,
-        slug: row.try_get("w_slug")?,
-        display_name: row.try_get("w_display_name")?,
-        logo_url: row.try_get("w_logo_url")?,
-        accent_color: row.try_get("w_accent_color")?,
-        allowed_redirects: row.try_get("w_allowed_redirects")?,
-        created_at: row.try_get("w_created_at")?,
-        updated_at: row.try_get("w_updated_at")?,
-    };
-    Ok(Some((link, workspace)))
+    let row: Option<WithWorkspace> = conn.fetch_optional(&stmt!(sql, value)).await?;
+    Ok(row.map(|WithWorkspace(link, workspace)| (link, workspace)))
+}
+
+/// A row of [`with_workspace_sql`]: the link's columns, then its workspace's (but the id).
+struct WithWorkspace(LinkRow, WorkspaceRow);
+
+impl FromRow<'_, sqlx::any::AnyRow> for WithWorkspace {
+    fn from_row(row: &sqlx::any::AnyRow) -> sqlx::Result<Self> {
+        let link = LinkRow::from_row(row)?;
+        let workspace = WorkspaceRow {
+            id: link.workspace_id.clone(),
+            name: row.try_get("w_name")?,
+            slug: row.try_get("w_slug")?,
+            display_name: row.try_get("w_display_name")?,
+            logo_url: row.try_get("w_logo_url")?,
+            accent_color: row.try_get("w_accent_color")?,
+            allowed_redirects: row.try_get("w_allowed_redirects")?,
+            created_at: row.try_get("w_created_at")?,
+            updated_at: row.try_get("w_updated_at")?,
+        };
+        Ok(Self(link, workspace))
+    }
+}
+
+impl super::stmt::FromLite for WithWorkspace {
+    const COLUMNS: usize = LinkRow::COLUMNS + 8;
+
+    fn from_lite_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Self> {
+        let link = LinkRow::from_lite_at(row, first)?;
+        let at = first + LinkRow::COLUMNS;
+        let workspace = WorkspaceRow {
+            id: link.workspace_id.clone(),
+            name: row.get(at)?,
+            slug: row.get(at + 1)?,
+            display_name: row.get(at + 2)?,
+            logo_url: row.get(at + 3)?,
+            accent_color: row.get(at + 4)?,
+            allowed_redirects: row.get(at + 5)?,
+            created_at: row.get(at + 6)?,
+            updated_at: row.get(at + 7)?,
+        };
+        Ok(Self(link, workspace))
+    }
 }
 
 fn with_workspace_sql(key: &str) -> String {

@@ -15,7 +15,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
@@ -29,17 +29,35 @@ pub struct Lite {
     path: PathBuf,
     /// The writer connection while no transaction runs; opened on first use.
     writer: Mutex<Option<Connection>>,
+    /// Reader connections not in use; opened when none is free (at most one per thread that
+    /// reads at the same moment, since a read never waits while holding one).
+    readers: Mutex<Vec<Connection>>,
 }
 
 impl Lite {
     /// For the SQLite file at `path` (not opened until the first write).
     pub(super) fn new(path: PathBuf) -> Self {
-        Self { path, writer: Mutex::new(None) }
+        Self { path, writer: Mutex::new(None), readers: Mutex::new(Vec::new()) }
     }
 
     /// Closes the writer connection (a transaction in progress keeps its own until it ends).
     pub(super) fn close(&self) {
         drop(self.writer.lock().unwrap_or_else(PoisonError::into_inner).take());
+        self.readers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// A reader connection, for reads run in place (see [`Db::read_fast`](super::Db::read_fast)).
+    pub(super) fn reader(self: &Arc<Self>) -> DbResult<LiteRead> {
+        let free = self.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let conn = match free {
+            Some(conn) => conn,
+            None => {
+                let conn = Self::open(&self.path)?;
+                conn.execute_batch("PRAGMA query_only = ON;")?;
+                conn
+            }
+        };
+        Ok(LiteRead { conn: Some(conn), home: Arc::clone(self) })
     }
 
     /// Opens a connection with the settings of sqlx's connections (see `Db::connect`).
@@ -107,17 +125,52 @@ impl Drop for LiteTx<'_> {
     }
 }
 
-impl Exec for LiteTx<'_> {
-    fn execute(&mut self, s: &Stmt<'_>) -> impl Future<Output = DbResult<u64>> + Send {
-        std::future::ready(self.conn().and_then(|c| s.lite_execute(c)))
-    }
+/// Implements [`Exec`] for a holder of a synchronous connection (its `conn()`): the statement
+/// runs before the future is returned, which is ready at once.
+macro_rules! exec_in_place {
+    ($ty:ty) => {
+        impl Exec for $ty {
+            fn execute(&mut self, s: &Stmt<'_>) -> impl Future<Output = DbResult<u64>> + Send {
+                std::future::ready(self.conn().and_then(|c| s.lite_execute(c)))
+            }
 
-    fn fetch_optional<T: Row>(&mut self, s: &Stmt<'_>) -> impl Future<Output = DbResult<Option<T>>> + Send {
-        std::future::ready(self.conn().and_then(|c| s.lite_fetch_optional(c)))
-    }
+            fn fetch_optional<T: Row>(
+                &mut self,
+                s: &Stmt<'_>,
+            ) -> impl Future<Output = DbResult<Option<T>>> + Send {
+                std::future::ready(self.conn().and_then(|c| s.lite_fetch_optional(c)))
+            }
 
-    fn fetch_all<T: Row>(&mut self, s: &Stmt<'_>) -> impl Future<Output = DbResult<Vec<T>>> + Send {
-        std::future::ready(self.conn().and_then(|c| s.lite_fetch_all(c)))
+            fn fetch_all<T: Row>(&mut self, s: &Stmt<'_>) -> impl Future<Output = DbResult<Vec<T>>> + Send {
+                std::future::ready(self.conn().and_then(|c| s.lite_fetch_all(c)))
+            }
+        }
+    };
+}
+
+exec_in_place!(LiteTx<'_>);
+exec_in_place!(LiteRead);
+
+/// A reader connection in use; back to the pool on drop.
+#[derive(Debug)]
+pub struct LiteRead {
+    conn: Option<Connection>,
+    home: Arc<Lite>,
+}
+
+impl LiteRead {
+    pub(super) fn conn(&mut self) -> DbResult<&Connection> {
+        self.conn.as_ref().ok_or_else(|| DbError::Other("the reader connection is gone".into()))
+    }
+}
+
+impl Drop for LiteRead {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            // A statement left half-read would hold a read snapshot: none is (each is run to
+            // its end or reset when its rows are dropped).
+            self.home.readers.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
+        }
     }
 }
 
@@ -304,8 +357,9 @@ mod tests {
         let db = crate::db::test_sqlite_migrated(&dir).await;
         assert!(db.lite.is_some(), "a SQLite file gets the synchronous path");
         sqlx::query(
-            "INSERT INTO workspaces (id, name, slug, allowed_redirects, created_at, updated_at) \
-             VALUES ('w1', 'W', 'w', '', 1, 1)",
+            "INSERT INTO workspaces (id, name, slug, display_name, logo_url, accent_color, allowed_redirects, \
+             created_at, updated_at) VALUES ('w1', 'W', 'w', 'Display', 'https://example.com/l.png', '#123456', \
+             'https://example.com/', 1, 2)",
         )
         .execute(&mut *db.writer().await.unwrap())
         .await
@@ -324,6 +378,30 @@ mod tests {
         let expected = (Some(link()), Some(flow()), Some(connection()), vec![endpoint()]);
         assert_eq!(shown(&read_with_sqlx(&db).await), shown(&expected));
         assert_eq!(shown(&db.write_flow(Read).await.unwrap()), shown(&expected));
+        // The reads of the public pages, in place and through sqlx.
+        let mut fast = db.read_fast().await.unwrap();
+        assert!(matches!(fast, super::super::Reader::Lite(_)));
+        let mut conn = db.read().await.unwrap();
+        let fast_reads = (
+            links::get_with_workspace(&mut fast, "l1").await.unwrap(),
+            links::get_with_workspace_by_token_hash(&mut fast, "hash").await.unwrap(),
+            links::public_by_token_hash(&mut fast, "hash").await.unwrap(),
+            super::super::workspaces::get(&mut fast, "w1").await.unwrap(),
+            connections::get(&mut fast, "c1").await.unwrap(),
+        );
+        let sqlx_reads = (
+            links::get_with_workspace(&mut conn, "l1").await.unwrap(),
+            links::get_with_workspace_by_token_hash(&mut conn, "hash").await.unwrap(),
+            links::public_by_token_hash(&mut conn, "hash").await.unwrap(),
+            super::super::workspaces::get(&mut conn, "w1").await.unwrap(),
+            connections::get(&mut conn, "c1").await.unwrap(),
+        );
+        assert!(fast_reads.0.is_some() && fast_reads.2.is_some() && fast_reads.3.is_some());
+        assert_eq!(format!("{fast_reads:?}"), format!("{sqlx_reads:?}"));
+        // Reads only.
+        let refused = fast.execute(&super::super::stmt::stmt!("DELETE FROM links")).await;
+        assert!(refused.is_err(), "{refused:?}");
+        drop((fast, conn));
         // The same row again: a unique violation is a conflict on this path too.
         let again = db.write_flow(Write { fail: false }).await;
         assert!(matches!(again, Err(DbError::Conflict(_))), "{again:?}");

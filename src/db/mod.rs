@@ -125,6 +125,38 @@ pub struct Db {
     lite: Option<std::sync::Arc<lite::Lite>>,
 }
 
+/// A connection from [`Db::read_fast`].
+#[derive(Debug)]
+pub enum Reader {
+    /// sqlx's.
+    Sqlx(Conn),
+    /// A synchronous SQLite connection.
+    Lite(lite::LiteRead),
+}
+
+impl stmt::Exec for Reader {
+    async fn execute(&mut self, s: &stmt::Stmt<'_>) -> DbResult<u64> {
+        match self {
+            Reader::Sqlx(conn) => s.execute(conn).await,
+            Reader::Lite(conn) => s.lite_execute(conn.conn()?),
+        }
+    }
+
+    async fn fetch_optional<T: stmt::Row>(&mut self, s: &stmt::Stmt<'_>) -> DbResult<Option<T>> {
+        match self {
+            Reader::Sqlx(conn) => s.fetch_optional(conn).await,
+            Reader::Lite(conn) => s.lite_fetch_optional(conn.conn()?),
+        }
+    }
+
+    async fn fetch_all<T: stmt::Row>(&mut self, s: &stmt::Stmt<'_>) -> DbResult<Vec<T>> {
+        match self {
+            Reader::Sqlx(conn) => s.fetch_all(conn).await,
+            Reader::Lite(conn) => s.lite_fetch_all(conn.conn()?),
+        }
+    }
+}
+
 /// A write of the connect flow (a few statements that run on every flow), for
 /// [`Db::write_flow`]: written once against [`Exec`](stmt::Exec), it runs on sqlx's connection
 /// on PostgreSQL and on a synchronous connection on a SQLite file.
@@ -308,6 +340,18 @@ impl Db {
         match &self.stashes {
             Some((reads, _)) => reads.take(&self.pool, self.acquire_timeout).await,
             None => Ok(Conn::pooled(self.pool.acquire().await?)),
+        }
+    }
+
+    /// A connection for the reads of the public pages of the connect flow. On a SQLite file it
+    /// is a synchronous connection ([`lite`]) whose statements run in place, on the calling
+    /// thread: in WAL mode a read waits for no writer, and a read of a few rows from the page
+    /// cache takes less time than the two thread switches sqlx's driver spends on it. Elsewhere
+    /// it is [`read`](Self::read)'s connection.
+    pub async fn read_fast(&self) -> DbResult<Reader> {
+        match &self.lite {
+            Some(lite) => Ok(Reader::Lite(lite.reader()?)),
+            None => Ok(Reader::Sqlx(self.read().await?)),
         }
     }
 

@@ -178,16 +178,26 @@ impl<'a> Stmt<'a> {
 /// statement's columns (the same order its `sqlx::FromRow` reads them by name; the tests of
 /// [`lite`](super::lite) compare the two).
 pub trait FromLite: Sized {
+    /// How many columns it reads.
+    const COLUMNS: usize;
+
+    /// Reads one row, its first field from column `first`.
+    fn from_lite_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Self>;
+
     /// Reads one row.
-    fn from_lite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self>;
+    fn from_lite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Self::from_lite_at(row, 0)
+    }
 }
 
 /// Implements [`FromLite`] for a struct whose fields are read in the order given.
 macro_rules! from_lite {
     ($ty:ty { $($field:ident),* $(,)? }) => {
         impl $crate::db::stmt::FromLite for $ty {
-            fn from_lite(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
-                let mut column = 0usize;
+            const COLUMNS: usize = [$(stringify!($field)),*].len();
+
+            fn from_lite_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Self> {
+                let mut column = first;
                 let mut next = || {
                     column += 1;
                     column - 1

@@ -4,6 +4,7 @@ use sqlx::AnyConnection;
 use url::Url;
 
 use super::DbResult;
+use super::stmt::{Exec, from_lite, stmt};
 
 /// A workspace as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -43,6 +44,18 @@ impl WorkspaceRow {
         self.display_name.as_deref().unwrap_or(&self.name)
     }
 }
+
+from_lite!(WorkspaceRow {
+    id,
+    name,
+    slug,
+    display_name,
+    logo_url,
+    accent_color,
+    allowed_redirects,
+    created_at,
+    updated_at
+});
 
 const COLUMNS: &str =
     "id, name, slug, display_name, logo_url, accent_color, allowed_redirects, created_at, updated_at";
@@ -87,11 +100,10 @@ pub async fn update(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> 
 }
 
 /// One workspace by id.
-pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<WorkspaceRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM workspaces WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+pub async fn get(conn: &mut impl Exec, id: &str) -> DbResult<Option<WorkspaceRow>> {
+    static SQL: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("SELECT {COLUMNS} FROM workspaces WHERE id = $1"));
+    conn.fetch_optional(&stmt!(&SQL, id)).await
 }
 
 /// One workspace by id or slug.

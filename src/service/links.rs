@@ -523,7 +523,7 @@ pub async fn resolve_public(
         return Ok(None);
     }
     let hash = crypto::sha256_hex(token.as_bytes());
-    let mut conn = app.db.read().await?;
+    let mut conn = app.db.read_fast().await?;
     let Some(link) = db::links::public_by_token_hash(&mut conn, &hash).await? else { return Ok(None) };
     drop(conn);
     let status =
@@ -563,7 +563,7 @@ pub async fn resolve(app: &App, token: &str) -> ServiceResult<Resolved> {
         return Ok(Resolved::Unknown);
     }
     let hash = crypto::sha256_hex(token.as_bytes());
-    let mut conn = app.db.read().await?;
+    let mut conn = app.db.read_fast().await?;
     let Some((link, workspace)) = db::links::get_with_workspace_by_token_hash(&mut conn, &hash).await? else {
         return Ok(Resolved::Unknown);
     };

@@ -513,7 +513,7 @@ async fn complete_flow(
     };
     // The link must still be usable when the client comes back.
     let link = {
-        let mut conn = state.db.read().await.map_err(crate::service::ServiceError::from)?;
+        let mut conn = state.db.read_fast().await.map_err(crate::service::ServiceError::from)?;
         db::links::get(&mut conn, &flow.link_id).await.map_err(crate::service::ServiceError::from)?
     };
     let Some(link) = link else { return Err(FlowError::Failed(Failure::LinkGone)) };
@@ -633,7 +633,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     if !db::is_id(attempt) {
         return Ok(not_found());
     }
-    let mut conn = state.db.read().await?;
+    let mut conn = state.db.read_fast().await?;
     let Some(flow) = db::oauth_flows::get(&mut conn, attempt).await? else { return Ok(not_found()) };
     let browser_ok = same_browser(state, headers, &flow.browser_hash);
     if !browser_ok || flow.outcome.is_none() {
