@@ -7,6 +7,11 @@
 //!
 //! One submodule per aggregate; each function takes a connection (`&mut AnyConnection`) so that a
 //! service can run several of them, and the audit entry, in one transaction.
+//!
+//! The statements of the connect flow, which runs on every client's visit, are written once as
+//! [`stmt::Stmt`] values and take any [`stmt::Exec`]: sqlx's connection, or on a SQLite file a
+//! synchronous connection ([`lite`]) that runs them without sqlx's thread switch per statement
+//! (its writes through [`Db::write_flow`], its page reads through [`Db::read_fast`]).
 
 pub mod api_keys;
 pub mod audit;
