@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use sqlx::AnyConnection;
 
 use super::DbResult;
-use super::stmt::{Exec, from_lite, stmt};
+use super::stmt::{Arg, Exec, Stmt, from_lite, stmt};
 
 /// A connection as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -281,16 +281,18 @@ fn list_sql(f: &ConnectionFilter<'_>) -> String {
 
 /// Newest first, one page.
 pub async fn list(
-    conn: &mut AnyConnection,
+    conn: &mut impl Exec,
     f: &ConnectionFilter<'_>,
     limit: i64,
 ) -> DbResult<Vec<ConnectionRow>> {
     let sql = list_sql(f);
-    let mut query = sqlx::query_as(&sql);
-    for value in [f.workspace_id, f.status, f.provider, f.link_id, f.before].into_iter().flatten() {
-        query = query.bind(value);
-    }
-    Ok(query.bind(limit).fetch_all(conn).await?)
+    let mut args: Vec<Arg<'_>> = [f.workspace_id, f.status, f.provider, f.link_id, f.before]
+        .into_iter()
+        .flatten()
+        .map(Arg::Text)
+        .collect();
+    args.push(Arg::Int(limit));
+    conn.fetch_all(&Stmt::new(&sql, args)).await
 }
 
 /// An event in a connection's history.

@@ -1,12 +1,14 @@
-//! SQLite without a thread hand-off per statement, for the writes of the connect flow.
+//! SQLite without a thread hand-off per statement, for the connect flow.
 //!
 //! sqlx's SQLite driver runs each connection on a thread of its own: every statement is sent to
 //! that thread and its result sent back, two thread switches per statement. The connect flow's
 //! transaction runs about ten statements while holding the database's one write lock, so those
-//! switches, not the statements, set how many flows per second the single writer can store (see
-//! BENCHMARKS.md). Here a transaction runs synchronously (rusqlite, the same SQLite library sqlx
-//! links) on a connection of its own: one hand-off to the writer thread per transaction
-//! ([`Db::write_flow`](super::Db::write_flow)), none per statement.
+//! switches, not the statements, set how many flows per second the single writer can store, and
+//! half of the CPU of a page read went to them (see BENCHMARKS.md). Here statements run
+//! synchronously (rusqlite, the same SQLite library sqlx links) on connections of their own, on
+//! the calling thread: a whole write transaction once the write permit is held
+//! ([`Db::write_flow`](super::Db::write_flow)), and the reads of the flow's pages
+//! ([`Db::read_fast`](super::Db::read_fast)).
 //!
 //! The writer connection is used only while the sqlx writer connection is held too (so writes of
 //! either kind queue on one permit, in order, and a transaction the sqlx connection left open is
@@ -66,7 +68,7 @@ impl Lite {
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.execute_batch(
             "PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; PRAGMA journal_mode = WAL; \
              PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;",
@@ -75,9 +77,10 @@ impl Lite {
         Ok(conn)
     }
 
-    /// Begins an immediate transaction on the writer connection. The caller holds the write
-    /// permit (the sqlx writer connection) until the transaction ends.
-    pub(super) fn begin(&self) -> DbResult<LiteTx<'_>> {
+    /// Begins an immediate transaction on the writer connection, waiting up to `busy_timeout`
+    /// for another process that holds SQLite's write lock (an `Unavailable` error after that).
+    /// The caller holds the write permit (the sqlx writer connection) until the transaction ends.
+    pub(super) fn begin(&self, busy_timeout: Duration) -> DbResult<LiteTx<'_>> {
         let taken = self.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
         let conn = match taken {
             Some(conn) => conn,
@@ -85,9 +88,21 @@ impl Lite {
         };
         // From here on the connection returns to `self` on drop, rolled back if need be.
         let mut tx = LiteTx { conn: Some(conn), home: self, open: true };
-        tx.conn()?.execute_batch("BEGIN IMMEDIATE")?;
+        let conn = tx.conn()?;
+        conn.busy_timeout(busy_timeout)?;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(tx)
     }
+}
+
+/// How long a write waits for another process's write lock, as sqlx's connections do.
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `work` in `tx` and commits.
+pub(super) async fn run<W: super::FlowWrite>(mut tx: LiteTx<'_>, work: W) -> Result<W::Output, W::Error> {
+    let out = work.run(&mut tx).await?;
+    tx.commit()?;
+    Ok(out)
 }
 
 /// An immediate transaction on the writer connection; dropped without
@@ -452,6 +467,42 @@ mod tests {
             sqlx::query_scalar("SELECT x FROM t").fetch_all(&mut *db.read().await.unwrap()).await.unwrap();
         values.sort_unstable();
         assert_eq!(values, (0..40).collect::<Vec<_>>());
+        db.close().await;
+    }
+
+    /// While another process holds SQLite's write lock, a write waits for it on the writer
+    /// thread: the runtime that asked (here the test's only thread) goes on serving, and the
+    /// write lands once the lock is released.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_waits_for_another_process_off_the_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, slug, allowed_redirects, created_at, updated_at) \
+             VALUES ('w1', 'W', 'w', '', 1, 1)",
+        )
+        .execute(&mut *db.writer().await.unwrap())
+        .await
+        .unwrap();
+        links::insert(&mut db.writer().await.unwrap(), &link()).await.unwrap();
+        // Another process: a connection of its own, holding the write lock.
+        let other = Connection::open(dir.path().join("t.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let write = tokio::spawn({
+            let db = db.clone();
+            async move { db.write_flow(Write { fail: false }).await }
+        });
+        // Runs the write up to its first wait: the writer thread, since the lock is taken.
+        tokio::task::yield_now().await;
+        assert!(!write.is_finished(), "the write neither failed nor went through: {write:?}");
+        // This thread is free: a read answers.
+        let mut fast = db.read_fast().await.unwrap();
+        assert!(links::get(&mut fast, "l1").await.unwrap().is_some());
+        assert!(oauth_flows::get(&mut fast, "f1").await.unwrap().is_none());
+        other.execute_batch("COMMIT").unwrap();
+        write.await.unwrap().unwrap();
+        assert!(oauth_flows::get(&mut fast, "f1").await.unwrap().is_some());
+        drop(fast);
         db.close().await;
     }
 

@@ -400,32 +400,43 @@ impl Db {
         self.on_writer(write(self.clone())).await?
     }
 
-    /// Runs `work` in one write transaction, on the writer thread (see [`on_writer`](Self::on_writer)).
-    /// On a SQLite file its statements run on a synchronous connection ([`lite`]): one hand-off
-    /// for the whole transaction instead of two per statement. The transaction commits when
-    /// `work` succeeds and is rolled back when it fails.
+    /// Runs `work` in one write transaction, which commits when `work` succeeds and is rolled
+    /// back when it fails.
+    ///
+    /// On a SQLite file its statements run on a synchronous connection ([`lite`]), in place:
+    /// once this process's write permit is held (awaited, like every writer here), the
+    /// transaction runs without a thread switch and without yielding, so it holds SQLite's write
+    /// lock for the statements' time only. If another process (the CLI, say) holds the write lock,
+    /// the transaction waits for it on the writer thread instead of blocking this one. Elsewhere
+    /// it is a sqlx transaction on the writer thread (see [`on_writer`](Self::on_writer)).
     pub async fn write_flow<W: FlowWrite>(&self, work: W) -> Result<W::Output, W::Error> {
-        let db = self.clone();
-        self.on_writer(async move {
-            match &db.lite {
-                Some(lite) => {
-                    // The write permit, held until the end: writes of both kinds queue on it.
-                    let _writer = db.writer().await?;
-                    let mut tx = lite.begin()?;
-                    let out = work.run(&mut tx).await?;
-                    tx.commit()?;
-                    Ok(out)
-                }
-                None => {
+        let Some(lite) = &self.lite else {
+            let db = self.clone();
+            return self
+                .on_writer(async move {
                     let mut tx = db.begin_write().await?;
                     let out = work.run(&mut tx).await?;
                     tx.commit().await?;
                     Ok(out)
-                }
+                })
+                .await
+                .map_err(W::Error::from)?;
+        };
+        // The write permit, held until the end: writes of both kinds queue on it, in order.
+        let permit = self.writer().await?;
+        match lite.begin(Duration::ZERO) {
+            Ok(tx) => lite::run(tx, work).await,
+            Err(DbError::Unavailable(_)) => {
+                let lite = std::sync::Arc::clone(lite);
+                self.on_writer(async move {
+                    let _permit = permit;
+                    lite::run(lite.begin(lite::BUSY_TIMEOUT)?, work).await
+                })
+                .await
+                .map_err(W::Error::from)?
             }
-        })
-        .await
-        .map_err(W::Error::from)?
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Starts a transaction that takes the write lock at once on SQLite (`BEGIN IMMEDIATE`), so

@@ -458,7 +458,7 @@ pub async fn list(app: &App, scope: &Scope, q: &ListQuery) -> ServiceResult<Vec<
 
 /// Connections made through one link (for the client's view of the link).
 pub async fn of_link(app: &App, link_id: &str) -> ServiceResult<Vec<ConnectionRow>> {
-    let mut conn = app.db.read().await?;
+    let mut conn = app.db.read_fast().await?;
     Ok(db::connections::list(
         &mut conn,
         &ConnectionFilter { link_id: Some(link_id), ..Default::default() },
