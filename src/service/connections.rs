@@ -382,11 +382,15 @@ async fn store_flow(
         serde_json::json!({"provider": platform, "link_id": link.id, "sandbox": sandbox}),
     )
     .await?;
-    let data = match &used {
-        Some(link) => event_data_with_link(app, &row, link, None)?,
-        None => event_data(tx, app, &row, None).await?,
-    };
-    super::webhooks::emit(tx, app, now, &row.workspace_id, action, data).await?;
+    // The event's data (which unseals the link's token) is built only when an endpoint wants it.
+    let endpoints = super::webhooks::endpoints_for(tx, &row.workspace_id, action, None).await?;
+    if !endpoints.is_empty() {
+        let data = match &used {
+            Some(link) => event_data_with_link(app, &row, link, None)?,
+            None => event_data(tx, app, &row, None).await?,
+        };
+        super::webhooks::enqueue(tx, &app.keys, now, &row.workspace_id, action, data, endpoints).await?;
+    }
     let flow_outcome = match outcome {
         Upserted::Created => "connected",
         Upserted::Reconnected => "reconnected",

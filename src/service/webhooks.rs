@@ -491,15 +491,39 @@ async fn emit_to(
     data: serde_json::Value,
     only_endpoint: Option<&str>,
 ) -> ServiceResult<String> {
-    let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
-    let endpoints: Vec<_> = db::webhooks::list_endpoints(conn, Some(workspace_id))
+    let endpoints = endpoints_for(conn, workspace_id, event_type, only_endpoint).await?;
+    enqueue(conn, keys, now_ms, workspace_id, event_type, data, endpoints).await
+}
+
+/// The endpoints an event of `event_type` goes to (`only_endpoint`: that one, whatever it
+/// wants). When there are none, nothing needs to be built for it.
+pub async fn endpoints_for(
+    conn: &mut impl Exec,
+    workspace_id: &str,
+    event_type: &str,
+    only_endpoint: Option<&str>,
+) -> ServiceResult<Vec<db::webhooks::EndpointRow>> {
+    Ok(db::webhooks::list_endpoints(conn, Some(workspace_id))
         .await?
         .into_iter()
         .filter(|endpoint| match only_endpoint {
             Some(only) => endpoint.id == only,
             None => endpoint.enabled != 0 && endpoint.wants(event_type),
         })
-        .collect();
+        .collect())
+}
+
+/// Puts an event in the outbox for `endpoints` (from [`endpoints_for`]); returns its id.
+pub async fn enqueue(
+    conn: &mut impl Exec,
+    keys: &crate::crypto::KeyRing,
+    now_ms: i64,
+    workspace_id: &str,
+    event_type: &str,
+    data: serde_json::Value,
+    endpoints: Vec<db::webhooks::EndpointRow>,
+) -> ServiceResult<String> {
+    let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
     if endpoints.is_empty() {
         // Nothing to deliver: the outbox holds events on their way to an endpoint, and an
         // endpoint added later receives only what happens after it.
