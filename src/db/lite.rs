@@ -62,7 +62,7 @@ impl Lite {
         Ok(LiteRead { conn: Some(conn), home: Arc::clone(self) })
     }
 
-    /// Opens a connection with the settings of sqlx's connections (see `Db::connect`).
+    /// Opens a connection with the settings of sqlx's writer connection (see `Db::connect`).
     fn open(path: &Path) -> DbResult<Connection> {
         let conn = Connection::open_with_flags(
             path,
@@ -73,6 +73,7 @@ impl Lite {
             "PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; PRAGMA journal_mode = WAL; \
              PRAGMA synchronous = NORMAL; PRAGMA wal_autocheckpoint = 0;",
         )?;
+        conn.pragma_update(None, "journal_size_limit", super::WAL_SIZE_LIMIT)?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(conn)
     }

@@ -128,6 +128,8 @@ pub struct Db {
     /// SQLite on a file: synchronous connections for the connect flow's writes
     /// ([`Db::write_flow`]).
     lite: Option<std::sync::Arc<lite::Lite>>,
+    /// SQLite: how many checkpoints paused the writers to let the WAL start over.
+    wal_restarts: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A connection from [`Db::read_fast`].
@@ -215,10 +217,31 @@ impl WriterThread {
 /// How often the SQLite WAL is copied back into the database file, when anything was written.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
+/// WAL frames (pages of 4 KiB) past which a checkpoint pauses the writers to finish (see
+/// [`checkpoint_loop`]).
+const WAL_RESTART_FRAMES: i64 = 4096;
+
+/// The size the WAL file is cut back to when it starts over, after a burst made it longer.
+const WAL_SIZE_LIMIT: &str = "67108864";
+
 /// Copies the SQLite WAL back into the database file from a reader connection, off the writer's
 /// path (`PASSIVE`: it waits for no one and no one waits for it). Runs on the writer thread until
 /// the database closes or its last handle is dropped (which stops that thread).
-async fn checkpoint_loop(pool: AnyPool, reads: Stash, writes: Stash, timeout: Duration) {
+///
+/// The WAL only starts over (from its first page, instead of growing) when a checkpoint has
+/// copied all of it; under a steady stream of writes a passive checkpoint never catches up, and
+/// the WAL grew by hundreds of megabytes a minute in the connect-flow benchmark. So when it is
+/// longer than [`WAL_RESTART_FRAMES`] after the passive pass, the rest is copied holding the write
+/// permit (`RESTART`: writers wait for the few pages left, readers are not disturbed), and the
+/// next write starts the WAL over.
+async fn checkpoint_loop(
+    pool: AnyPool,
+    writer: AnyPool,
+    reads: Stash,
+    writes: Stash,
+    timeout: Duration,
+    restarts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = writes.taken();
@@ -234,7 +257,16 @@ async fn checkpoint_loop(pool: AnyPool, reads: Stash, writes: Stash, timeout: Du
         seen = taken;
         let done = async {
             let mut conn = reads.take(&pool, timeout).await?;
-            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *conn).await?;
+            let (_busy, frames, _copied): (i64, i64, i64) =
+                sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *conn).await?;
+            drop(conn);
+            if frames > WAL_RESTART_FRAMES {
+                let mut conn = writes.take(&writer, timeout).await?;
+                sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&mut *conn).await?;
+                restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Taking the writer counted as a write: not one to check for next time.
+                seen = writes.taken();
+            }
             Ok::<_, DbError>(())
         }
         .await;
@@ -282,7 +314,13 @@ impl Db {
                         )
                         .await?;
                         if !checkpoints {
-                            conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
+                            conn.execute(
+                                format!(
+                                    "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
+                                )
+                                .as_str(),
+                            )
+                            .await?;
                         }
                         Ok(())
                     })
@@ -310,19 +348,22 @@ impl Db {
             Backend::Postgres => None,
         };
         let acquire_timeout = Duration::from_secs(options.acquire_timeout_secs);
+        let wal_restarts = std::sync::Arc::default();
         if let (Some(thread), Some((reads, writes))) = (&writer_thread, &stashes) {
             thread.handle.spawn(checkpoint_loop(
                 pool.clone(),
+                writer.clone(),
                 reads.clone(),
                 writes.clone(),
                 acquire_timeout,
+                std::sync::Arc::clone(&wal_restarts),
             ));
         }
         let lite = match backend {
             Backend::Sqlite => sqlite_file(&url).map(|path| std::sync::Arc::new(lite::Lite::new(path))),
             Backend::Postgres => None,
         };
-        Ok(Self { pool, writer, writer_thread, stashes, acquire_timeout, backend, lite })
+        Ok(Self { pool, writer, writer_thread, stashes, acquire_timeout, backend, lite, wal_restarts })
     }
 
     /// Applies the embedded migrations of this backend.
@@ -367,6 +408,12 @@ impl Db {
             Some((_, writer)) => writer.take(&self.writer, self.acquire_timeout).await,
             None => Ok(Conn::pooled(self.pool.acquire().await?)),
         }
+    }
+
+    /// SQLite: how many background checkpoints paused the writers so that the WAL could start
+    /// over (see `checkpoint_loop`).
+    pub fn wal_restarts(&self) -> u64 {
+        self.wal_restarts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The backend in use.
@@ -570,6 +617,36 @@ mod tests {
         sqlx::query("INSERT INTO t (x) VALUES (3)").execute(&mut *db.writer().await.unwrap()).await.unwrap();
         assert_eq!(values(&db).await, vec![2, 3]);
         tokio::time::timeout(Duration::from_secs(10), db.close()).await.expect("close returns");
+    }
+
+    /// Under writes that never pause, the WAL still starts over: the background checkpoint
+    /// pauses the writers to finish once it is long, instead of growing it with every page ever
+    /// written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_wal_starts_over_under_a_steady_stream_of_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = test_sqlite(&dir, 2).await;
+        sqlx::query("CREATE TABLE b (x BLOB NOT NULL)")
+            .execute(&mut *db.writer().await.unwrap())
+            .await
+            .unwrap();
+        let blob = vec![7u8; 64 * 1024];
+        let mut rounds = 0;
+        // Bounded: 10,000 rounds write 650 MB of WAL frames, a few seconds' worth of checkpoints.
+        while db.wal_restarts() < 2 && rounds < 10_000 {
+            // A 64 KiB row replaces the previous one: the file stays small, the WAL takes
+            // sixteen pages or more each time.
+            let mut tx = db.begin_write().await.unwrap();
+            sqlx::query("DELETE FROM b").execute(&mut *tx).await.unwrap();
+            sqlx::query("INSERT INTO b (x) VALUES ($1)").bind(&blob).execute(&mut *tx).await.unwrap();
+            tx.commit().await.unwrap();
+            rounds += 1;
+        }
+        assert!(db.wal_restarts() >= 2, "no restart in {rounds} rounds");
+        let wal = std::fs::metadata(dir.path().join("t.db-wal")).unwrap().len();
+        let written = rounds * blob.len() as u64;
+        assert!(wal < written, "WAL of {wal} bytes after {written} bytes written");
+        db.close().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
