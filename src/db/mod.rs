@@ -172,7 +172,10 @@ pub trait FlowWrite: Send + 'static {
     type Output: Send + 'static;
     /// Its error.
     type Error: From<DbError> + Send + 'static;
-    /// Runs its statements on `conn`, inside a transaction.
+    /// Whether it is one statement, which needs no transaction of its own on sqlx's path (where
+    /// `BEGIN` and `COMMIT` would be two more round trips to PostgreSQL).
+    const ONE_STATEMENT: bool = false;
+    /// Runs its statements on `conn`, inside a transaction unless [`ONE_STATEMENT`](Self::ONE_STATEMENT).
     fn run<E: stmt::Exec>(
         self,
         conn: &mut E,
@@ -463,6 +466,9 @@ impl Db {
             let db = self.clone();
             return self
                 .on_writer(async move {
+                    if W::ONE_STATEMENT {
+                        return work.run(&mut db.writer().await?).await;
+                    }
                     let mut tx = db.begin_write().await?;
                     let out = work.run(&mut tx).await?;
                     tx.commit().await?;

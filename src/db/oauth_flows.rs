@@ -145,6 +145,8 @@ impl super::FlowWrite for Insert {
     type Output = ();
     type Error = super::DbError;
 
+    const ONE_STATEMENT: bool = true;
+
     async fn run<E: Exec>(self, conn: &mut E) -> DbResult<()> {
         insert(conn, &self.0).await
     }
@@ -167,6 +169,8 @@ impl super::FlowWrite for Claim {
     type Output = Option<FlowRow>;
     type Error = super::DbError;
 
+    const ONE_STATEMENT: bool = true;
+
     async fn run<E: Exec>(self, conn: &mut E) -> DbResult<Option<FlowRow>> {
         claim(conn, &self.state_hash, &self.browser_hash, self.provider, self.now_ms).await
     }
@@ -184,6 +188,8 @@ pub struct Finish {
 impl super::FlowWrite for Finish {
     type Output = ();
     type Error = super::DbError;
+
+    const ONE_STATEMENT: bool = true;
 
     async fn run<E: Exec>(self, conn: &mut E) -> DbResult<()> {
         finish(conn, &self.id, self.outcome, None).await

@@ -10,6 +10,9 @@ use sqlx::any::AnyRow;
 
 use super::DbResult;
 
+/// A statement that takes this long is logged (as sqlx logs its own; see `Db::connect`).
+const SLOW_STATEMENT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One argument of a [`Stmt`].
 #[derive(Debug, Clone, Copy)]
 pub enum Arg<'a> {
@@ -142,35 +145,53 @@ impl<'a> Stmt<'a> {
 
     /// Runs it on a synchronous SQLite connection; the number of rows changed.
     pub fn lite_execute(&self, conn: &rusqlite::Connection) -> DbResult<u64> {
-        let mut stmt = self.lite(conn)?;
-        let mut rows = stmt.raw_query();
-        while rows.next()?.is_some() {}
-        drop(rows);
-        Ok(conn.changes())
+        self.timed(|| {
+            let mut stmt = self.lite(conn)?;
+            let mut rows = stmt.raw_query();
+            while rows.next()?.is_some() {}
+            drop(rows);
+            Ok(conn.changes())
+        })
     }
 
     /// Runs it on a synchronous SQLite connection; its first row, if any.
     pub fn lite_fetch_optional<T: FromLite>(&self, conn: &rusqlite::Connection) -> DbResult<Option<T>> {
-        let mut stmt = self.lite(conn)?;
-        let mut rows = stmt.raw_query();
-        let first = match rows.next()? {
-            Some(row) => Some(T::from_lite(row)?),
-            None => None,
-        };
-        // A statement that changes rows (`UPDATE … RETURNING`) runs to its end.
-        while rows.next()?.is_some() {}
-        Ok(first)
+        self.timed(|| {
+            let mut stmt = self.lite(conn)?;
+            let mut rows = stmt.raw_query();
+            let first = match rows.next()? {
+                Some(row) => Some(T::from_lite(row)?),
+                None => None,
+            };
+            // A statement that changes rows (`UPDATE … RETURNING`) runs to its end.
+            while rows.next()?.is_some() {}
+            Ok(first)
+        })
     }
 
     /// Runs it on a synchronous SQLite connection; every row.
     pub fn lite_fetch_all<T: FromLite>(&self, conn: &rusqlite::Connection) -> DbResult<Vec<T>> {
-        let mut stmt = self.lite(conn)?;
-        let mut rows = stmt.raw_query();
-        let mut out = Vec::new();
-        while let Some(row) = rows.next()? {
-            out.push(T::from_lite(row)?);
+        self.timed(|| {
+            let mut stmt = self.lite(conn)?;
+            let mut rows = stmt.raw_query();
+            let mut out = Vec::new();
+            while let Some(row) = rows.next()? {
+                out.push(T::from_lite(row)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Runs `run`, logging the statement (its SQL, never its arguments) when it took a second
+    /// or more, as sqlx does for its own.
+    fn timed<T>(&self, run: impl FnOnce() -> DbResult<T>) -> DbResult<T> {
+        let started = std::time::Instant::now();
+        let out = run();
+        let elapsed = started.elapsed();
+        if elapsed >= SLOW_STATEMENT {
+            tracing::warn!(sql = self.sql, elapsed_ms = elapsed.as_millis() as u64, "slow statement");
         }
-        Ok(out)
+        out
     }
 }
 
