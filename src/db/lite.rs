@@ -31,8 +31,7 @@ pub struct Lite {
     path: PathBuf,
     /// The writer connection while no transaction runs; opened on first use.
     writer: Mutex<Option<Connection>>,
-    /// Reader connections not in use; opened when none is free (at most one per thread that
-    /// reads at the same moment, since a read never waits while holding one).
+    /// Reader connections not in use, at most [`IDLE_READERS`]; one is opened when none is free.
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -42,7 +41,7 @@ impl Lite {
         Self { path, writer: Mutex::new(None), readers: Mutex::new(Vec::new()) }
     }
 
-    /// Closes the writer connection (a transaction in progress keeps its own until it ends).
+    /// Closes the idle connections (one in use is closed when it is done).
     pub(super) fn close(&self) {
         drop(self.writer.lock().unwrap_or_else(PoisonError::into_inner).take());
         self.readers.lock().unwrap_or_else(PoisonError::into_inner).clear();
@@ -95,6 +94,10 @@ impl Lite {
         Ok(tx)
     }
 }
+
+/// Reader connections kept for reuse. Readers are held for a few statements on a runtime thread,
+/// so this many are rarely in use at once; any more are opened and then closed.
+const IDLE_READERS: usize = 8;
 
 /// How long a write waits for another process's write lock, as sqlx's connections do.
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -183,9 +186,12 @@ impl LiteRead {
 impl Drop for LiteRead {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            // A statement left half-read would hold a read snapshot: none is (each is run to
-            // its end or reset when its rows are dropped).
-            self.home.readers.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
+            // No statement is left half-read (each runs to its end, or is reset when its rows
+            // are dropped), so the connection holds no read snapshot.
+            let mut idle = self.home.readers.lock().unwrap_or_else(PoisonError::into_inner);
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
         }
     }
 }

@@ -398,7 +398,8 @@ impl Db {
     /// is a synchronous connection ([`lite`]) whose statements run in place, on the calling
     /// thread: in WAL mode a read waits for no writer, and a read of a few rows from the page
     /// cache takes less time than the two thread switches sqlx's driver spends on it. Elsewhere
-    /// it is [`read`](Self::read)'s connection.
+    /// it is [`read`](Self::read)'s connection. Hold it for the reads only, not across waiting
+    /// for anything else.
     pub async fn read_fast(&self) -> DbResult<Reader> {
         match &self.lite {
             Some(lite) => Ok(Reader::Lite(lite.reader()?)),
