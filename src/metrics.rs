@@ -14,6 +14,7 @@
 //! | `authlink_refreshes_total` | `provider`, `outcome` | refresh attempts: `refreshed`, `superseded`, `transient_failure`, `broken`, `error` |
 //! | `authlink_webhook_deliveries_total` | `outcome` | delivery attempts: `succeeded`, `failed` (retried later), `gave_up` (no retry left, or 410) |
 //! | `authlink_connections` | `provider`, `status` | connections now (read from the database at each scrape) |
+//! | `authlink_sqlite_wal_restarts_total` | | SQLite: checkpoints that paused the writers so that a long WAL could start over |
 //! | `authlink_build_info` | `version` | always 1 |
 
 use std::net::SocketAddr;

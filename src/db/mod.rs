@@ -269,6 +269,7 @@ async fn checkpoint_loop(
                 let mut conn = writes.take(&writer, timeout).await?;
                 sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&mut *conn).await?;
                 restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!("authlink_sqlite_wal_restarts_total").increment(1);
                 // Taking the writer counted as a write: not one to check for next time.
                 seen = writes.taken();
             }
