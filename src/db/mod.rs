@@ -235,7 +235,7 @@ const WAL_SIZE_LIMIT: &str = "134217728";
 ///
 /// The WAL only starts over (from its first page, instead of growing) when a checkpoint has
 /// copied all of it; under a steady stream of writes a passive checkpoint never catches up, and
-/// the WAL grew by hundreds of megabytes a minute in the connect-flow benchmark. So when it is
+/// the WAL grew by about a gigabyte in ten seconds in the connect-flow benchmark. So when it is
 /// longer than [`WAL_RESTART_FRAMES`] after the passive pass, the rest is copied holding the write
 /// permit (`RESTART`: writers wait for the few pages left, readers are not disturbed), and the
 /// next write starts the WAL over.
