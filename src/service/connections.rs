@@ -234,22 +234,14 @@ pub enum Upserted {
 /// in one transaction (on a SQLite file, run synchronously: see [`db::lite`]).
 pub async fn upsert_from_flow(
     app: &AppState,
-    flow_id: &str,
-    link: &LinkRow,
+    flow_id: String,
+    link: LinkRow,
     platform: Platform,
-    profile: &Profile,
-    tokens: &TokenSet,
+    profile: Profile,
+    tokens: TokenSet,
     sandbox: bool,
 ) -> ServiceResult<(ConnectionRow, Upserted)> {
-    let work = StoreFlow {
-        app: app.clone(),
-        flow_id: flow_id.to_string(),
-        link: link.clone(),
-        platform,
-        profile: profile.clone(),
-        tokens: tokens.clone(),
-        sandbox,
-    };
+    let work = StoreFlow { app: app.clone(), flow_id, link, platform, profile, tokens, sandbox };
     let (row, outcome) = app.db.write_flow(work).await?;
     let kind = match outcome {
         Upserted::Created => "created",
@@ -276,127 +268,120 @@ impl db::FlowWrite for StoreFlow {
 
     async fn run<E: Exec>(self, tx: &mut E) -> ServiceResult<Self::Output> {
         let Self { app, flow_id, link, platform, profile, tokens, sandbox } = self;
-        store_flow(tx, &app, &flow_id, &link, platform, &profile, &tokens, sandbox).await
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn store_flow(
-    tx: &mut impl Exec,
-    app: &App,
-    flow_id: &str,
-    link: &LinkRow,
-    platform: Platform,
-    profile: &Profile,
-    tokens: &TokenSet,
-    sandbox: bool,
-) -> ServiceResult<(ConnectionRow, Upserted)> {
-    let now = app.now_ms();
-    let scopes = tokens.scopes.join(",");
-    let existing =
-        db::connections::get_by_account(tx, &link.workspace_id, platform.as_str(), &profile.account_id)
-            .await?;
-    let (row, outcome) = match existing {
-        Some(mut row) => {
-            row.link_id = Some(link.id.clone());
-            row.app_scoped_id = profile.app_scoped_id.clone().or(row.app_scoped_id);
-            row.username = profile.username.clone();
-            row.display_name = profile.display_name.clone();
-            row.avatar_url = profile.avatar_url.clone();
-            row.scopes = scopes;
-            // A reconnect replaces the whole grant, including any old refresh token.
-            row.refresh_token_sealed = None;
-            row.refresh_expires_at = None;
-            apply_tokens(app, &mut row, tokens);
-            row.status = ConnectionStatus::Active.as_str().into();
-            row.status_reason = None;
-            row.sandbox = i64::from(sandbox);
-            row.reconnect_count += 1;
-            row.last_refreshed_at = Some(now);
-            row.updated_at = now;
-            row.refresh_failures = 0;
-            row.expiring_notified_at = None;
-            row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
-            row.next_check_at = Some(super::refresh::schedule_check(app, now, true));
-            db::connections::update(tx, &row).await?;
-            (row, Upserted::Reconnected)
-        }
-        None => {
-            let mut row = ConnectionRow {
-                id: new_id(),
-                workspace_id: link.workspace_id.clone(),
-                link_id: Some(link.id.clone()),
-                provider: platform.as_str().into(),
-                provider_account_id: profile.account_id.clone(),
-                app_scoped_id: profile.app_scoped_id.clone(),
-                username: profile.username.clone(),
-                display_name: profile.display_name.clone(),
-                avatar_url: profile.avatar_url.clone(),
-                scopes,
-                access_token_sealed: None,
-                access_expires_at: None,
-                refresh_token_sealed: None,
-                refresh_expires_at: None,
-                token_generation: 0,
-                status: ConnectionStatus::Active.as_str().into(),
-                status_reason: None,
-                sandbox: i64::from(sandbox),
-                connected_at: now,
-                last_refreshed_at: Some(now),
-                reconnect_count: 0,
-                created_at: now,
-                updated_at: now,
-                next_refresh_at: None,
-                lease_owner: None,
-                lease_until: None,
-                refresh_failures: 0,
-                next_check_at: Some(super::refresh::schedule_check(app, now, true)),
-                last_checked_at: None,
-                expiring_notified_at: None,
-            };
-            apply_tokens(app, &mut row, tokens);
-            row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
-            db::connections::insert(tx, &row).await?;
-            (row, Upserted::Created)
-        }
-    };
-    let (kind, action) = match outcome {
-        Upserted::Created => ("created", "connection.created"),
-        Upserted::Reconnected => ("reconnected", "connection.reconnected"),
-    };
-    let handle = row.username.as_deref().or(row.display_name.as_deref()).unwrap_or("account").to_string();
-    db::connections::insert_event(
-        tx,
-        &event(&row, kind, Some(format!("{} {handle} via link {}", platform.display_name(), link.id)), now),
-    )
-    .await?;
-    let used = db::links::record_use(tx, &link.id, now).await?;
-    audit::record(
-        tx,
-        now,
-        &Actor::Client,
-        Some(&row.workspace_id),
-        action,
-        "connection",
-        &row.id,
-        serde_json::json!({"provider": platform, "link_id": link.id, "sandbox": sandbox}),
-    )
-    .await?;
-    // The event's data (which unseals the link's token) is built only when an endpoint wants it.
-    let endpoints = super::webhooks::endpoints_for(tx, &row.workspace_id, action, None).await?;
-    if !endpoints.is_empty() {
-        let data = match &used {
-            Some(link) => event_data_with_link(app, &row, link, None)?,
-            None => event_data(tx, app, &row, None).await?,
+        let (app, flow_id, link, profile, tokens): (&App, &str, &LinkRow, &Profile, &TokenSet) =
+            (&app, &flow_id, &link, &profile, &tokens);
+        let now = app.now_ms();
+        let scopes = tokens.scopes.join(",");
+        let existing =
+            db::connections::get_by_account(tx, &link.workspace_id, platform.as_str(), &profile.account_id)
+                .await?;
+        let (row, outcome) = match existing {
+            Some(mut row) => {
+                row.link_id = Some(link.id.clone());
+                row.app_scoped_id = profile.app_scoped_id.clone().or(row.app_scoped_id);
+                row.username = profile.username.clone();
+                row.display_name = profile.display_name.clone();
+                row.avatar_url = profile.avatar_url.clone();
+                row.scopes = scopes;
+                // A reconnect replaces the whole grant, including any old refresh token.
+                row.refresh_token_sealed = None;
+                row.refresh_expires_at = None;
+                apply_tokens(app, &mut row, tokens);
+                row.status = ConnectionStatus::Active.as_str().into();
+                row.status_reason = None;
+                row.sandbox = i64::from(sandbox);
+                row.reconnect_count += 1;
+                row.last_refreshed_at = Some(now);
+                row.updated_at = now;
+                row.refresh_failures = 0;
+                row.expiring_notified_at = None;
+                row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
+                row.next_check_at = Some(super::refresh::schedule_check(app, now, true));
+                db::connections::update(tx, &row).await?;
+                (row, Upserted::Reconnected)
+            }
+            None => {
+                let mut row = ConnectionRow {
+                    id: new_id(),
+                    workspace_id: link.workspace_id.clone(),
+                    link_id: Some(link.id.clone()),
+                    provider: platform.as_str().into(),
+                    provider_account_id: profile.account_id.clone(),
+                    app_scoped_id: profile.app_scoped_id.clone(),
+                    username: profile.username.clone(),
+                    display_name: profile.display_name.clone(),
+                    avatar_url: profile.avatar_url.clone(),
+                    scopes,
+                    access_token_sealed: None,
+                    access_expires_at: None,
+                    refresh_token_sealed: None,
+                    refresh_expires_at: None,
+                    token_generation: 0,
+                    status: ConnectionStatus::Active.as_str().into(),
+                    status_reason: None,
+                    sandbox: i64::from(sandbox),
+                    connected_at: now,
+                    last_refreshed_at: Some(now),
+                    reconnect_count: 0,
+                    created_at: now,
+                    updated_at: now,
+                    next_refresh_at: None,
+                    lease_owner: None,
+                    lease_until: None,
+                    refresh_failures: 0,
+                    next_check_at: Some(super::refresh::schedule_check(app, now, true)),
+                    last_checked_at: None,
+                    expiring_notified_at: None,
+                };
+                apply_tokens(app, &mut row, tokens);
+                row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
+                db::connections::insert(tx, &row).await?;
+                (row, Upserted::Created)
+            }
         };
-        super::webhooks::enqueue(tx, &app.keys, now, &row.workspace_id, action, data, endpoints).await?;
+        let (kind, action) = match outcome {
+            Upserted::Created => ("created", "connection.created"),
+            Upserted::Reconnected => ("reconnected", "connection.reconnected"),
+        };
+        let handle = row.username.as_deref().or(row.display_name.as_deref()).unwrap_or("account").to_string();
+        db::connections::insert_event(
+            tx,
+            &event(
+                &row,
+                kind,
+                Some(format!("{} {handle} via link {}", platform.display_name(), link.id)),
+                now,
+            ),
+        )
+        .await?;
+        let used = db::links::record_use(tx, &link.id, now).await?;
+        audit::record(
+            tx,
+            now,
+            &Actor::Client,
+            Some(&row.workspace_id),
+            action,
+            "connection",
+            &row.id,
+            serde_json::json!({"provider": platform, "link_id": link.id, "sandbox": sandbox}),
+        )
+        .await?;
+        // The event's data (which unseals the link's token) is built only when an endpoint wants it.
+        let endpoints = super::webhooks::endpoints_for(tx, &row.workspace_id, action, None).await?;
+        if !endpoints.is_empty() {
+            let data = match &used {
+                Some(link) => event_data_with_link(app, &row, link, None)?,
+                None => event_data(tx, app, &row, None).await?,
+            };
+            super::webhooks::enqueue(tx, &app.keys, now, &row.workspace_id, action, data, endpoints).await?;
+        }
+        let flow_outcome = match outcome {
+            Upserted::Created => "connected",
+            Upserted::Reconnected => "reconnected",
+        };
+        db::oauth_flows::finish(tx, flow_id, flow_outcome, Some(&row.id)).await?;
+        Ok((row, outcome))
     }
-    let flow_outcome = match outcome {
-        Upserted::Created => "connected",
-        Upserted::Reconnected => "reconnected",
-    };
-    db::oauth_flows::finish(tx, flow_id, flow_outcome, Some(&row.id)).await?;
-    Ok((row, outcome))
 }
 
 /// Loads a connection the caller may see.

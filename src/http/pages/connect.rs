@@ -560,11 +560,11 @@ async fn complete_flow(
     tokens.scopes = granted;
     let (row, outcome) = connections::upsert_from_flow(
         state,
-        &flow.id,
-        &link,
+        flow.id.clone(),
+        link,
         platform,
-        &profile,
-        &tokens,
+        profile,
+        tokens,
         provider.is_sandbox(),
     )
     .await?;
