@@ -1,6 +1,5 @@
 //! Writing and reading the audit log.
 
-use crate::db::stmt::Exec;
 use serde::Serialize;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
@@ -8,6 +7,7 @@ use utoipa::ToSchema;
 use super::{Actor, Scope, ServiceResult};
 use crate::clock::from_millis;
 use crate::db::audit::{AuditFilter, AuditRow};
+use crate::db::stmt::Exec;
 use crate::db::{self, new_id};
 use crate::state::App;
 

@@ -12,14 +12,13 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use sqlx::AnyConnection;
-
-use crate::db::stmt::Exec;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::{Actor, Scope, ServiceError, ServiceResult, audit, workspaces};
 use crate::clock::from_millis;
 use crate::crypto::{self, Aad};
+use crate::db::stmt::Exec;
 use crate::db::webhooks::{DeliveryRow, EndpointRow, EventRow};
 use crate::db::{self, new_id};
 use crate::domain::FieldError;

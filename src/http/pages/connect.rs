@@ -150,7 +150,8 @@ pub async fn start_connect(
         outcome: None,
         connection_id: None,
     };
-    let stored = state.db.write_flow(db::oauth_flows::Insert(flow.clone())).await;
+    let flow_id = flow.id.clone();
+    let stored = state.db.write_flow(db::oauth_flows::Insert(flow)).await;
     if let Err(e) = stored {
         return service_error_page(e.into());
     }
@@ -160,7 +161,7 @@ pub async fn start_connect(
         code_verifier: &verifier,
         redirect_uri: &redirect_uri,
     });
-    tracing::info!(flow_id = %flow.id, link_id = %link.id, provider = %platform, "connect flow started");
+    tracing::info!(%flow_id, link_id = %link.id, provider = %platform, "connect flow started");
     metrics::counter!("authlink_connect_flows_started_total", "provider" => platform.as_str()).increment(1);
     let mut res = Redirect::to(url.as_str()).into_response();
     if let Some(v) = new_cookie {
