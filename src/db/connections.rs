@@ -1,6 +1,7 @@
 //! The `connections` and `connection_events` tables: connected provider accounts, their sealed
 //! tokens, status and history.
 
+use std::fmt::Write as _;
 use std::sync::LazyLock;
 
 use sqlx::AnyConnection;
@@ -177,37 +178,73 @@ pub async fn insert(conn: &mut impl Exec, c: &ConnectionRow) -> DbResult<()> {
 /// Writes every mutable column of `c` and its next refresh (not the lease, which only the lease
 /// functions change). Callers run it in a transaction: it is two statements.
 pub async fn update(conn: &mut impl Exec, c: &ConnectionRow) -> DbResult<()> {
-    const SQL: &str = "UPDATE connections SET link_id = $2, app_scoped_id = $3, username = $4, display_name = $5, \
-        avatar_url = $6, scopes = $7, access_token_sealed = $8, access_expires_at = $9, refresh_token_sealed = $10, \
-        refresh_expires_at = $11, token_generation = $12, status = $13, status_reason = $14, sandbox = $15, \
-        last_refreshed_at = $16, reconnect_count = $17, updated_at = $18, refresh_failures = $19, \
-        next_check_at = $20, last_checked_at = $21, expiring_notified_at = $22 WHERE id = $1";
-    let s = stmt!(
-        SQL,
-        &c.id,
-        &c.link_id,
-        &c.app_scoped_id,
-        &c.username,
-        &c.display_name,
-        &c.avatar_url,
-        &c.scopes,
-        &c.access_token_sealed,
-        c.access_expires_at,
-        &c.refresh_token_sealed,
-        c.refresh_expires_at,
-        c.token_generation,
-        &c.status,
-        &c.status_reason,
-        c.sandbox,
-        c.last_refreshed_at,
-        c.reconnect_count,
-        c.updated_at,
-        c.refresh_failures,
-        c.next_check_at,
-        c.last_checked_at,
-        c.expiring_notified_at,
+    update_changed(conn, c, Indexed::ALL).await
+}
+
+/// Which of a connection's indexed mutable columns an update writes.
+///
+/// SQLite rewrites the entries of every index on a column named in an `UPDATE`'s `SET` list,
+/// changed or not, and each index page so touched is one more page in the WAL: a reconnect
+/// through the same link, which changes none of them, wrote four index pages for nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Indexed {
+    /// `link_id` (index `connections_link_id`).
+    pub link_id: bool,
+    /// `username` (the two handle indexes).
+    pub username: bool,
+    /// `status` (the status indexes, the partial health-check index and the per-status
+    /// counters' trigger).
+    pub status: bool,
+}
+
+impl Indexed {
+    /// Every indexed column.
+    pub const ALL: Self = Self { link_id: true, username: true, status: true };
+}
+
+/// [`update`], writing of the indexed columns only those `indexed` names; the others keep their
+/// values in the database, which the caller knows to equal those of `c`.
+pub async fn update_changed(conn: &mut impl Exec, c: &ConnectionRow, indexed: Indexed) -> DbResult<()> {
+    let mut sql = String::from(
+        "UPDATE connections SET app_scoped_id = $2, display_name = $3, avatar_url = $4, scopes = $5, \
+         access_token_sealed = $6, access_expires_at = $7, refresh_token_sealed = $8, refresh_expires_at = $9, \
+         token_generation = $10, sandbox = $11, last_refreshed_at = $12, reconnect_count = $13, updated_at = $14, \
+         refresh_failures = $15, next_check_at = $16, last_checked_at = $17, expiring_notified_at = $18, \
+         status_reason = $19",
     );
-    conn.execute(&s).await?;
+    let mut args = vec![
+        Arg::from(&c.id),
+        Arg::from(&c.app_scoped_id),
+        Arg::from(&c.display_name),
+        Arg::from(&c.avatar_url),
+        Arg::from(&c.scopes),
+        Arg::from(&c.access_token_sealed),
+        Arg::from(c.access_expires_at),
+        Arg::from(&c.refresh_token_sealed),
+        Arg::from(c.refresh_expires_at),
+        Arg::from(c.token_generation),
+        Arg::from(c.sandbox),
+        Arg::from(c.last_refreshed_at),
+        Arg::from(c.reconnect_count),
+        Arg::from(c.updated_at),
+        Arg::from(c.refresh_failures),
+        Arg::from(c.next_check_at),
+        Arg::from(c.last_checked_at),
+        Arg::from(c.expiring_notified_at),
+        Arg::from(&c.status_reason),
+    ];
+    for (column, arg, wanted) in [
+        ("link_id", Arg::from(&c.link_id), indexed.link_id),
+        ("username", Arg::from(&c.username), indexed.username),
+        ("status", Arg::from(&c.status), indexed.status),
+    ] {
+        if wanted {
+            args.push(arg);
+            let _ = write!(sql, ", {column} = ${}", args.len());
+        }
+    }
+    sql.push_str(" WHERE id = $1");
+    conn.execute(&Stmt::new(&sql, args)).await?;
     let s = stmt!(
         "UPDATE refresh_schedule SET next_refresh_at = $2 WHERE connection_id = $1",
         &c.id,

@@ -430,6 +430,107 @@ mod tests {
         db.close().await;
     }
 
+    /// Every mutable column changed: what `update_changed` writes.
+    fn changed_connection() -> ConnectionRow {
+        ConnectionRow {
+            link_id: Some("l2".into()),
+            app_scoped_id: Some("scoped2".into()),
+            username: Some("user2".into()),
+            display_name: Some("display2".into()),
+            avatar_url: Some("https://example.com/b.png".into()),
+            scopes: "c".into(),
+            access_token_sealed: Some("access2".into()),
+            access_expires_at: Some(61),
+            refresh_token_sealed: None,
+            refresh_expires_at: None,
+            token_generation: 63,
+            status: "broken".into(),
+            status_reason: Some("reason2".into()),
+            sandbox: 0,
+            last_refreshed_at: Some(65),
+            reconnect_count: 66,
+            updated_at: 68,
+            // A broken connection has no refresh scheduled.
+            next_refresh_at: None,
+            refresh_failures: 70,
+            next_check_at: Some(71),
+            last_checked_at: Some(72),
+            expiring_notified_at: None,
+            ..connection()
+        }
+    }
+
+    /// An update writes every mutable column, and of the indexed ones those it is told changed,
+    /// on both paths: a column left out keeps its value, the others all take theirs (a column
+    /// dropped from the statement, or two swapped, shows).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_update_writes_the_indexed_columns_it_is_told_changed() {
+        struct Update(connections::Indexed);
+        impl FlowWrite for Update {
+            type Output = ();
+            type Error = DbError;
+            async fn run<E: Exec>(self, conn: &mut E) -> DbResult<()> {
+                connections::update_changed(conn, &changed_connection(), self.0).await
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w1', 'W', 'w', 1, 2)",
+        )
+        .execute(&mut *db.writer().await.unwrap())
+        .await
+        .unwrap();
+        let mut tx = db.begin_write().await.unwrap();
+        links::insert(&mut tx, &link()).await.unwrap();
+        links::insert(&mut tx, &LinkRow { id: "l2".into(), token_hash: "hash2".into(), ..link() })
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        db.write_flow(Write { fail: false }).await.unwrap();
+        let stored = |db: &Db| {
+            let db = db.clone();
+            async move {
+                let mut conn = db.read().await.unwrap();
+                connections::get(&mut conn, "c1").await.unwrap().unwrap()
+            }
+        };
+
+        // None of the indexed columns: they keep their values, every other column changes.
+        let none = connections::Indexed { link_id: false, username: false, status: false };
+        db.write_flow(Update(none)).await.unwrap();
+        let expected = ConnectionRow {
+            link_id: connection().link_id,
+            username: connection().username,
+            status: connection().status,
+            ..changed_connection()
+        };
+        assert_eq!(format!("{:?}", stored(&db).await), format!("{expected:?}"));
+
+        // One at a time, on the sqlx path this time.
+        let mut tx = db.begin_write().await.unwrap();
+        let link_only = connections::Indexed { link_id: true, ..none };
+        connections::update_changed(&mut tx, &changed_connection(), link_only).await.unwrap();
+        tx.commit().await.unwrap();
+        let expected = ConnectionRow { link_id: Some("l2".into()), ..expected };
+        assert_eq!(format!("{:?}", stored(&db).await), format!("{expected:?}"));
+
+        db.write_flow(Update(connections::Indexed { username: true, ..none })).await.unwrap();
+        let expected = ConnectionRow { username: Some("user2".into()), ..expected };
+        assert_eq!(format!("{:?}", stored(&db).await), format!("{expected:?}"));
+
+        db.write_flow(Update(connections::Indexed { status: true, ..none })).await.unwrap();
+        assert_eq!(format!("{:?}", stored(&db).await), format!("{:?}", changed_connection()));
+        // The per-status counters followed the status (their trigger fires on a named column).
+        let counts: Vec<(String, i64)> =
+            sqlx::query_as("SELECT status, n FROM connection_counts WHERE workspace_id = 'w1' AND n > 0")
+                .fetch_all(&mut *db.read().await.unwrap())
+                .await
+                .unwrap();
+        assert_eq!(counts, vec![("broken".to_string(), 1)]);
+        db.close().await;
+    }
+
     /// Writes on both paths at once queue on the one write permit: every one commits, none meets
     /// a locked database, and a sqlx transaction left open is rolled back before a synchronous
     /// write begins.

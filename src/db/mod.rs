@@ -226,6 +226,10 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 /// by half.
 const WAL_RESTART_FRAMES: i64 = 16_384;
 
+/// How many times a checkpoint holding the write permit looks again when a reader kept it from
+/// copying the whole WAL (see [`checkpoint_loop`]).
+const WAL_FINISH_TRIES: usize = 4;
+
 /// The size the WAL file is cut back to when it starts over, after a burst made it longer.
 const WAL_SIZE_LIMIT: &str = "134217728";
 
@@ -237,8 +241,15 @@ const WAL_SIZE_LIMIT: &str = "134217728";
 /// copied all of it; under a steady stream of writes a passive checkpoint never catches up, and
 /// the WAL grew by about a gigabyte in ten seconds in the connect-flow benchmark. So when it is
 /// longer than [`WAL_RESTART_FRAMES`] after the passive pass, the rest is copied holding the write
-/// permit (`RESTART`: writers wait for the few pages left, readers are not disturbed), and the
-/// next write starts the WAL over.
+/// permit (writers wait for the few pages left, readers are not disturbed), and the next write
+/// starts the WAL over.
+///
+/// That second pass is `PASSIVE` too, not `RESTART`: `RESTART` waits for readers still reading
+/// an older snapshot from the WAL through the busy handler, which sleeps 1, 2, 5 ms and more
+/// between its looks, and every writer waited with it (it set the connect flow's p99). A passive
+/// pass copies what no reader needs and returns; when a reader kept it from copying everything,
+/// it looks again at once a few times (reads in place take microseconds), then gives up until
+/// the next tick.
 async fn checkpoint_loop(
     pool: AnyPool,
     writer: AnyPool,
@@ -267,9 +278,16 @@ async fn checkpoint_loop(
             drop(conn);
             if frames > WAL_RESTART_FRAMES {
                 let mut conn = writes.take(&writer, timeout).await?;
-                sqlx::query("PRAGMA wal_checkpoint(RESTART)").execute(&mut *conn).await?;
-                restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                metrics::counter!("authlink_sqlite_wal_restarts_total").increment(1);
+                for _ in 0..WAL_FINISH_TRIES {
+                    let (_busy, frames, copied): (i64, i64, i64) =
+                        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *conn).await?;
+                    if copied == frames {
+                        restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        metrics::counter!("authlink_sqlite_wal_restarts_total").increment(1);
+                        break;
+                    }
+                }
+                drop(conn);
                 // Taking the writer counted as a write: not one to check for next time.
                 seen = writes.taken();
             }

@@ -277,6 +277,12 @@ impl db::FlowWrite for StoreFlow {
                 .await?;
         let (row, outcome) = match existing {
             Some(mut row) => {
+                // Of the indexed columns, only those that change are written (see `Indexed`).
+                let indexed = db::connections::Indexed {
+                    link_id: row.link_id.as_deref() != Some(link.id.as_str()),
+                    username: row.username != profile.username,
+                    status: row.status != ConnectionStatus::Active.as_str(),
+                };
                 row.link_id = Some(link.id.clone());
                 row.app_scoped_id = profile.app_scoped_id.clone().or(row.app_scoped_id);
                 row.username = profile.username.clone();
@@ -297,7 +303,7 @@ impl db::FlowWrite for StoreFlow {
                 row.expiring_notified_at = None;
                 row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
                 row.next_check_at = Some(super::refresh::schedule_check(app, now, true));
-                db::connections::update(tx, &row).await?;
+                db::connections::update_changed(tx, &row, indexed).await?;
                 (row, Upserted::Reconnected)
             }
             None => {

@@ -371,6 +371,7 @@ pub async fn oauth_callback(
     // The common case in one statement: the state is known, unused, unexpired, of this provider
     // and of this browser, and is consumed by it. `iss` is checked first: neither provider sends
     // it, so one that does is not the provider we talk to, and its state stays unused.
+    let mut db_time = std::time::Duration::ZERO;
     let claimed = match (&browser_hash, q.iss.is_some()) {
         (Some(browser_hash), false) => {
             let claim = db::oauth_flows::Claim {
@@ -379,7 +380,9 @@ pub async fn oauth_callback(
                 provider: platform.as_str(),
                 now_ms: now,
             };
+            let call = std::time::Instant::now();
             let claimed = state.db.write_flow(claim).await;
+            db_time = call.elapsed();
             match claimed {
                 Ok(flow) => flow,
                 Err(e) => return service_error_page(e.into()),
@@ -391,8 +394,8 @@ pub async fn oauth_callback(
         return callback_refused(&state, platform, &state_hash, &headers, q.iss.is_some(), now).await;
     };
 
-    let mut provider_time = std::time::Duration::ZERO;
-    let outcome = complete_flow(&state, &flow, platform, &q, &mut provider_time).await;
+    let mut timing = Timing { provider: std::time::Duration::ZERO, db: db_time };
+    let outcome = complete_flow(&state, &flow, platform, &q, &mut timing).await;
     match outcome {
         // The flow's outcome was recorded with the connection, in its transaction.
         Ok((_, upserted)) => count_flow(
@@ -419,13 +422,14 @@ pub async fn oauth_callback(
     // A clean URL: the code and state leave the address bar and the history.
     let mut res = Redirect::to(&format!("/connected/{}", flow.id)).into_response();
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // How long the provider took and how long our own work took, for the benchmark harness and
-    // for operators looking at slow connections in the browser's developer tools.
-    let app_time = started.elapsed().saturating_sub(provider_time);
+    // How long the provider took, how long our own work took and the database's part of it, for the
+    // benchmark harness and for operators looking at slow connections in the developer tools.
+    let app_time = started.elapsed().saturating_sub(timing.provider);
     let timing = format!(
-        "provider;dur={:.3}, app;dur={:.3}",
-        provider_time.as_secs_f64() * 1000.0,
-        app_time.as_secs_f64() * 1000.0
+        "provider;dur={:.3}, app;dur={:.3}, db;dur={:.3}",
+        timing.provider.as_secs_f64() * 1000.0,
+        app_time.as_secs_f64() * 1000.0,
+        timing.db.as_secs_f64() * 1000.0
     );
     if let Ok(v) = HeaderValue::from_str(&timing) {
         res.headers_mut().insert("server-timing", v);
@@ -469,6 +473,13 @@ async fn callback_refused(
     failure_response(failure, platform, try_again)
 }
 
+/// Where a callback's time went, for its `Server-Timing` header: waiting for the provider, and
+/// the database's part of the rest (its reads and writes, waiting for the write permit included).
+struct Timing {
+    provider: std::time::Duration,
+    db: std::time::Duration,
+}
+
 enum FlowError {
     Failed(Failure),
     Service(crate::service::ServiceError),
@@ -493,7 +504,7 @@ async fn complete_flow(
     flow: &FlowRow,
     platform: Platform,
     q: &CallbackQuery,
-    provider_time: &mut std::time::Duration,
+    timing: &mut Timing,
 ) -> Result<(String, Upserted), FlowError> {
     if let Some(error) = q.error.as_deref() {
         tracing::info!(
@@ -513,10 +524,12 @@ async fn complete_flow(
         return Err(FlowError::Failed(Failure::ProviderError));
     };
     // The link must still be usable when the client comes back.
+    let call = std::time::Instant::now();
     let link = {
         let mut conn = state.db.read_fast().await.map_err(crate::service::ServiceError::from)?;
         db::links::get(&mut conn, &flow.link_id).await.map_err(crate::service::ServiceError::from)?
     };
+    timing.db += call.elapsed();
     let Some(link) = link else { return Err(FlowError::Failed(Failure::LinkGone)) };
     if LinkStatus::of(&link, state.now_ms()) != LinkStatus::Active {
         return Err(FlowError::Failed(Failure::LinkGone));
@@ -531,7 +544,7 @@ async fn complete_flow(
     let redirect = redirect_uri(state, platform);
     let call = std::time::Instant::now();
     let tokens = provider.exchange_code(code, verifier.expose_secret(), &redirect, state.now()).await;
-    *provider_time += call.elapsed();
+    timing.provider += call.elapsed();
     let tokens = tokens.map_err(|e| {
         tracing::warn!(provider = %platform, error = %e, "code exchange failed");
         FlowError::Failed(classify(&e, Failure::ExchangeFailed))
@@ -549,7 +562,7 @@ async fn complete_flow(
     }
     let call = std::time::Instant::now();
     let profile = provider.fetch_profile(&tokens.access_token).await;
-    *provider_time += call.elapsed();
+    timing.provider += call.elapsed();
     let profile = profile.map_err(|e| {
         tracing::warn!(provider = %platform, error = %e, "profile fetch failed");
         FlowError::Failed(match &e {
@@ -559,7 +572,8 @@ async fn complete_flow(
     })?;
     let mut tokens = tokens;
     tokens.scopes = granted;
-    let (row, outcome) = connections::upsert_from_flow(
+    let call = std::time::Instant::now();
+    let stored = connections::upsert_from_flow(
         state,
         flow.id.clone(),
         link,
@@ -568,7 +582,9 @@ async fn complete_flow(
         tokens,
         provider.is_sandbox(),
     )
-    .await?;
+    .await;
+    timing.db += call.elapsed();
+    let (row, outcome) = stored?;
     Ok((row.id, outcome))
 }
 
