@@ -681,6 +681,86 @@ mod tests {
         db.close().await;
     }
 
+    /// Migration 0011 on a database holding rows made before it: the three tables of the connect
+    /// flow keep every row and column, lose their rowid (and the primary key's separate index),
+    /// and keep their secondary indexes.
+    #[test]
+    fn the_flow_tables_lose_their_rowid_and_keep_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = rusqlite::Connection::open(dir.path().join("u.db")).unwrap();
+        db.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+        let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join("sqlite");
+        let mut files: Vec<_> = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort();
+        let name = |f: &std::path::PathBuf| f.file_name().unwrap().to_string_lossy().to_string();
+        let run = |f: &std::path::PathBuf| {
+            let sql = std::fs::read_to_string(f).unwrap();
+            db.execute_batch(&format!("BEGIN; {sql}; COMMIT;")).unwrap();
+        };
+        for file in files.iter().filter(|f| name(f).as_str() < "0011") {
+            run(file);
+        }
+        db.execute_batch(
+            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w', 'W', 'w', 1, 1);
+             INSERT INTO links (id, workspace_id, label, platforms, token_hash, token_sealed, created_by, created_at,
+               updated_at) VALUES ('l', 'w', 'L', 'tiktok', 'h', 's', 'cli', 1, 1);
+             INSERT INTO connections (id, workspace_id, provider, provider_account_id, scopes, status, connected_at,
+               created_at, updated_at) VALUES ('c', 'w', 'tiktok', 'a', 's', 'active', 1, 1, 1);
+             INSERT INTO oauth_flows VALUES ('f1', 'sh1', 'bh1', 'l', 'w', 'tiktok', 'v1', 1, 2, 3, 'connected', 'c'),
+               ('f2', 'sh2', 'bh2', 'l', 'w', 'instagram', 'v2', 4, 5, NULL, NULL, NULL);
+             INSERT INTO connection_events VALUES ('e1', 'c', 'w', 'created', NULL, 6), ('e2', 'c', 'w', 'broken', 'why', 7);
+             INSERT INTO audit_log VALUES ('a1', 'w', 'cli', NULL, 'link.create', 'link', 'l', '{\"x\":1}', 8),
+               ('a2', NULL, 'system', 'job', 'key.rotate', 'key', 'k', '{}', 9);",
+        )
+        .unwrap();
+        let tables = ["oauth_flows", "connection_events", "audit_log"];
+        let dump = |table: &str| -> Vec<String> {
+            let mut q = db.prepare(&format!("SELECT * FROM {table} ORDER BY id")).unwrap();
+            let n = q.column_count();
+            q.query_map([], |r| {
+                Ok((0..n).map(|i| format!("{:?}", r.get_ref(i).unwrap())).collect::<Vec<_>>().join("|"))
+            })
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+        };
+        let indexes = |table: &str| -> Vec<String> {
+            let mut q = db
+                .prepare(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1 ORDER BY name",
+                )
+                .unwrap();
+            q.query_map([table], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+        };
+        let before: Vec<_> = tables.iter().map(|t| (dump(t), indexes(t))).collect();
+        for t in tables {
+            assert!(db.prepare(&format!("SELECT rowid FROM {t}")).is_ok(), "{t} has a rowid before");
+        }
+
+        run(files.iter().find(|f| name(f).starts_with("0011")).unwrap());
+        for (t, (rows, indexes_before)) in tables.iter().zip(before) {
+            assert_eq!(rows.len(), 2, "{t}");
+            assert_eq!(dump(t), rows, "{t} keeps its rows");
+            assert!(db.prepare(&format!("SELECT rowid FROM {t}")).is_err(), "{t} has no rowid after");
+            // The primary key's own index is gone; every other index is back under its name.
+            let (auto_before, named_before): (Vec<_>, Vec<_>) =
+                indexes_before.into_iter().partition(|i| i.starts_with("sqlite_autoindex_"));
+            let (auto_after, named_after): (Vec<_>, Vec<_>) =
+                indexes(t).into_iter().partition(|i| i.starts_with("sqlite_autoindex_"));
+            assert_eq!(named_after, named_before, "{t}");
+            assert_eq!(auto_after.len() + 1, auto_before.len(), "{t}: {auto_before:?} then {auto_after:?}");
+        }
+        // The state hash stays unique, and the foreign keys still hold.
+        assert!(db.execute_batch("INSERT INTO oauth_flows VALUES ('f3', 'sh1', 'b', 'l', 'w', 'tiktok', 'v', 1, 2, NULL, NULL, NULL)").is_err());
+        assert!(
+            db.execute_batch("INSERT INTO connection_events VALUES ('e3', 'nope', 'w', 'created', NULL, 1)")
+                .is_err()
+        );
+        let violations: i64 =
+            db.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(violations, 0);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writers_queue_on_the_one_writer_and_all_commit() {
         let dir = tempfile::tempdir().unwrap();
