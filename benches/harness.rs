@@ -10,7 +10,8 @@
 //! * **connect**: complete TikTok connect flows against the built-in sandbox, each client with its
 //!   own cookie jar: landing page, `POST /l/{token}/connect/tiktok`, the sandbox consent page, the
 //!   consent decision, the OAuth callback (timed on its own, with the `Server-Timing` split between
-//!   provider time and authlink's own work) and the success page.
+//!   provider time and authlink's own work, and the database's part of the latter) and the success
+//!   page.
 //! * **memory**: idle RSS after start (`VmRSS`) and peak RSS under each load (`VmHWM`, reset with
 //!   `/proc/<pid>/clear_refs` before each scenario when the kernel allows it).
 //! * **startup**: time from spawning `authlink serve` on the existing database until `GET /readyz`
