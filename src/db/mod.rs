@@ -246,10 +246,11 @@ const WAL_SIZE_LIMIT: &str = "134217728";
 ///
 /// That second pass is `PASSIVE` too, not `RESTART`: `RESTART` waits for readers still reading
 /// an older snapshot from the WAL through the busy handler, which sleeps 1, 2, 5 ms and more
-/// between its looks, and every writer waited with it (it set the connect flow's p99). A passive
-/// pass copies what no reader needs and returns; when a reader kept it from copying everything,
-/// it looks again at once a few times (reads in place take microseconds), then gives up until
-/// the next tick.
+/// between its looks, and every writer would wait with it (no effect on the connect flow's p99
+/// was measured, but a write permit is not to be held through sleeps). A passive pass copies
+/// what no reader needs and returns; when a reader kept it from copying everything, it looks
+/// again at once a few times (reads in place take microseconds), then gives up until the next
+/// tick.
 async fn checkpoint_loop(
     pool: AnyPool,
     writer: AnyPool,
