@@ -798,23 +798,34 @@ fn redirect_target(res: &reqwest::Response, expected: StatusCode, step: &str) ->
 
 /// GETs `url`, expects 200 and reads the body.
 async fn get_page(client: &reqwest::Client, url: Url, step: &str) -> Result<(), String> {
+    get_body(client, url, step).await.map(drop)
+}
+
+/// GETs `url`, expects 200 and returns the body.
+async fn get_body(client: &reqwest::Client, url: Url, step: &str) -> Result<String, String> {
     let res = client.get(url).send().await.map_err(|e| format!("{step}: {e}"))?;
     if res.status() != StatusCode::OK {
         return Err(format!("{step}: status {}", res.status()));
     }
-    res.bytes().await.map(drop).map_err(|e| format!("{step}: body: {e}"))
+    res.text().await.map_err(|e| format!("{step}: body: {e}"))
+}
+
+/// The start forms' hidden `form` field on a landing page (hex, so it needs no encoding).
+fn start_form_field(html: &str) -> Option<&str> {
+    html.split("name=\"form\" value=\"").nth(1)?.split('"').next()
 }
 
 /// One complete TikTok connect flow through the sandbox, as a browser would run it.
 async fn connect_flow(client: &reqwest::Client, link: &Url, open_id: &str) -> Result<FlowTiming, String> {
-    // 1. The landing page.
-    get_page(client, link.clone(), "landing").await?;
+    // 1. The landing page, with the start form's hidden field.
+    let landing = get_body(client, link.clone(), "landing").await?;
+    let form = start_form_field(&landing).ok_or("landing: no start form")?;
     // 2. The connect button: 303 to the sandbox's authorization page.
     let connect = link.join(&format!("{}/connect/tiktok", link.path())).map_err(|e| e.to_string())?;
     let res = client
         .post(connect)
         .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body("")
+        .body(format!("form={form}"))
         .send()
         .await
         .map_err(|e| format!("connect: {e}"))?;

@@ -128,11 +128,17 @@ pub async fn update(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
     Ok(())
 }
 
-/// Counts one more successful connection through the link; returns the link as it now stands.
+/// Counts one more successful connection through the link if it can still be used at `now_ms`
+/// (not revoked, not expired, not used up); returns the link as it now stands, or `None` when
+/// it cannot (nothing is written then). In the connection's own transaction, so that a link
+/// revoked while the client was at the provider, or the last use taken by another tab, stops
+/// the connection.
 pub async fn record_use(conn: &mut impl Exec, id: &str, now_ms: i64) -> DbResult<Option<LinkRow>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
-            "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 RETURNING {COLUMNS}"
+            "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 \
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) \
+             AND (max_uses IS NULL OR use_count < max_uses) RETURNING {COLUMNS}"
         )
     });
     conn.fetch_optional(&stmt!(&SQL, id, now_ms)).await

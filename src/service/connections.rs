@@ -229,48 +229,69 @@ pub enum Upserted {
     Reconnected,
 }
 
+/// What a successful connect flow brought back, to be stored.
+#[derive(Debug)]
+pub struct FlowResult {
+    /// The flow.
+    pub flow_id: String,
+    /// The link it started from, as read at the callback.
+    pub link: LinkRow,
+    /// The provider.
+    pub platform: Platform,
+    /// The account.
+    pub profile: Profile,
+    /// Its tokens, with the scopes granted.
+    pub tokens: TokenSet,
+    /// Whether the provider is the built-in sandbox.
+    pub sandbox: bool,
+    /// The status reason of a connection granted fewer scopes than requested.
+    pub scope_note: Option<String>,
+}
+
 /// Stores the result of a successful connect flow: inserts the connection or updates the
 /// existing one, counts the link use, appends history and audit, records the flow's outcome, all
-/// in one transaction (on a SQLite file, run synchronously: see [`db::lite`]).
+/// in one transaction (on a SQLite file, run synchronously: see [`db::lite`]). `None`, with
+/// nothing written, when the link can no longer be used (revoked, expired or used up since the
+/// callback read it).
 pub async fn upsert_from_flow(
     app: &AppState,
-    flow_id: String,
-    link: LinkRow,
-    platform: Platform,
-    profile: Profile,
-    tokens: TokenSet,
-    sandbox: bool,
-) -> ServiceResult<(ConnectionRow, Upserted)> {
-    let work = StoreFlow { app: app.clone(), flow_id, link, platform, profile, tokens, sandbox };
-    let (row, outcome) = app.db.write_flow(work).await?;
+    result: FlowResult,
+) -> ServiceResult<Option<(ConnectionRow, Upserted)>> {
+    let platform = result.platform;
+    let work = StoreFlow { app: app.clone(), result };
+    let Some((row, outcome)) = app.db.write_flow(work).await? else {
+        tracing::info!(provider = %platform, "link no longer usable when the connection was to be stored");
+        return Ok(None);
+    };
     let kind = match outcome {
         Upserted::Created => "created",
         Upserted::Reconnected => "reconnected",
     };
     tracing::info!(connection_id = %row.id, provider = %platform, outcome = kind, "connection stored");
-    Ok((row, outcome))
+    Ok(Some((row, outcome)))
 }
 
 /// The transaction of [`upsert_from_flow`].
 struct StoreFlow {
     app: AppState,
-    flow_id: String,
-    link: LinkRow,
-    platform: Platform,
-    profile: Profile,
-    tokens: TokenSet,
-    sandbox: bool,
+    result: FlowResult,
 }
 
 impl db::FlowWrite for StoreFlow {
-    type Output = (ConnectionRow, Upserted);
+    type Output = Option<(ConnectionRow, Upserted)>;
     type Error = ServiceError;
 
     async fn run<E: Exec>(self, tx: &mut E) -> ServiceResult<Self::Output> {
-        let Self { app, flow_id, link, platform, profile, tokens, sandbox } = self;
+        let Self {
+            app,
+            result: FlowResult { flow_id, link, platform, profile, tokens, sandbox, scope_note },
+        } = self;
         let (app, flow_id, link, profile, tokens): (&App, &str, &LinkRow, &Profile, &TokenSet) =
             (&app, &flow_id, &link, &profile, &tokens);
         let now = app.now_ms();
+        // The link is counted first, only if it can still be used: revoked, expired or used up
+        // since the callback read it, nothing is written.
+        let Some(used) = db::links::record_use(tx, &link.id, now).await? else { return Ok(None) };
         let scopes = tokens.scopes.join(",");
         let existing =
             db::connections::get_by_account(tx, &link.workspace_id, platform.as_str(), &profile.account_id)
@@ -294,7 +315,7 @@ impl db::FlowWrite for StoreFlow {
                 row.refresh_expires_at = None;
                 apply_tokens(app, &mut row, tokens);
                 row.status = ConnectionStatus::Active.as_str().into();
-                row.status_reason = None;
+                row.status_reason = scope_note;
                 row.sandbox = i64::from(sandbox);
                 row.reconnect_count += 1;
                 row.last_refreshed_at = Some(now);
@@ -324,7 +345,7 @@ impl db::FlowWrite for StoreFlow {
                     refresh_expires_at: None,
                     token_generation: 0,
                     status: ConnectionStatus::Active.as_str().into(),
-                    status_reason: None,
+                    status_reason: scope_note,
                     sandbox: i64::from(sandbox),
                     connected_at: now,
                     last_refreshed_at: Some(now),
@@ -360,7 +381,6 @@ impl db::FlowWrite for StoreFlow {
             ),
         )
         .await?;
-        let used = db::links::record_use(tx, &link.id, now).await?;
         audit::record(
             tx,
             now,
@@ -375,10 +395,7 @@ impl db::FlowWrite for StoreFlow {
         // The event's data (which unseals the link's token) is built only when an endpoint wants it.
         let endpoints = super::webhooks::endpoints_for(tx, &row.workspace_id, action, None).await?;
         if !endpoints.is_empty() {
-            let data = match &used {
-                Some(link) => event_data_with_link(app, &row, link, None)?,
-                None => event_data(tx, app, &row, None).await?,
-            };
+            let data = event_data_with_link(app, &row, &used, None)?;
             super::webhooks::enqueue(tx, &app.keys, now, &row.workspace_id, action, data, endpoints).await?;
         }
         let flow_outcome = match outcome {
@@ -386,7 +403,7 @@ impl db::FlowWrite for StoreFlow {
             Upserted::Reconnected => "reconnected",
         };
         db::oauth_flows::finish(tx, flow_id, flow_outcome, Some(&row.id)).await?;
-        Ok((row, outcome))
+        Ok(Some((row, outcome)))
     }
 }
 

@@ -16,7 +16,9 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         consent_denied,
         state_failures_make_no_token_call,
         link_gone_between_start_and_callback,
+        link_used_up_while_at_the_provider,
         provider_failures,
+        provider_calls_end_before_the_request_timeout,
         fewer_scopes_than_required,
         personal_instagram_account_is_refused,
         success_redirect_and_landing_list,
@@ -60,12 +62,24 @@ pub async fn start(client: &Client, app: &TestApp, link_url: &str, provider: &st
     let token = token_of(link_url);
     let landing = client.get(link_url).send().await.unwrap();
     assert_eq!(landing.status(), 200);
-    let start = client.post(app.url(&format!("/l/{token}/connect/{provider}"))).send().await.unwrap();
+    let form = form_field(&landing.text().await.unwrap());
+    let start = client
+        .post(app.url(&format!("/l/{token}/connect/{provider}")))
+        .form(&[("form", form.as_str())])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(start.status(), 303, "{}", start.text().await.unwrap());
     let authorize = start.headers()["location"].to_str().unwrap().to_string();
     assert!(authorize.starts_with(&app.url(&format!("/sandbox/{provider}/"))), "{authorize}");
     assert!(!authorize.contains("code_verifier"));
     authorize
+}
+
+/// The start forms' hidden `form` field on a landing page.
+pub fn form_field(html: &str) -> String {
+    let rest = html.split("name=\"form\" value=\"").nth(1).expect("a start form on the page");
+    rest.split('"').next().unwrap().to_string()
 }
 
 /// Answers the sandbox consent page at `authorize`. Returns the callback URL.
@@ -108,8 +122,12 @@ pub async fn finish(client: &Client, app: &TestApp, callback: &str) -> Response 
         return res;
     }
     let location = res.headers()["location"].to_str().unwrap().to_string();
-    assert!(location.starts_with("/connected/"), "clean result URL: {location}");
-    assert!(!location.contains("code") && !location.contains("state"));
+    assert!(
+        location.starts_with("/connected/")
+            || (location.starts_with("/oauth/") && location.contains("/failed?reason=")),
+        "clean result URL: {location}"
+    );
+    assert!(!location.contains("code") && !location.contains("state="), "{location}");
     client.get(app.url(&location)).send().await.unwrap()
 }
 
@@ -235,39 +253,44 @@ async fn consent_denied(app: TestApp) {
 async fn state_failures_make_no_token_call(app: TestApp) {
     let wid = app.workspace("States");
     let (_, url) = app.link(&wid, "Client");
+    let try_again = format!("href=\"/l/{}\"", token_of(&url));
     // Missing and unknown state.
-    let res = app.client.get(app.url("/oauth/tiktok/callback?code=abc")).send().await.unwrap();
+    let res = finish(&app.client, &app, &app.url("/oauth/tiktok/callback?code=abc")).await;
     assert_eq!(res.status(), 400);
-    let res = app
-        .client
-        .get(app.url("/oauth/tiktok/callback?code=abc&state=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"))
-        .send()
-        .await
-        .unwrap();
+    let res = finish(
+        &app.client,
+        &app,
+        &app.url("/oauth/tiktok/callback?code=abc&state=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+    )
+    .await;
     assert_eq!(res.status(), 400);
-    // Another browser: the victim's callback replayed elsewhere.
+    // A denial without `state` is still a denial.
+    let res = finish(&app.client, &app, &app.url("/oauth/tiktok/callback?error=access_denied")).await;
+    assert_eq!(res.status(), 403);
+    assert!(res.text().await.unwrap().contains("Connection cancelled"));
+    // Another browser: the victim's callback replayed elsewhere. Its page does not lead to the link.
     let flow =
         start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
     let attacker = new_browser();
-    let res = attacker.get(&flow.callback).send().await.unwrap();
+    let res = finish(&attacker, &app, &flow.callback).await;
     assert_eq!(res.status(), 400);
-    assert!(res.text().await.unwrap().contains("same browser"));
+    let html = res.text().await.unwrap();
+    assert!(html.contains("same browser") && !html.contains(&try_again), "{html}");
     // Mix-up: TikTok's answer delivered to the Instagram callback.
     let mixed = flow.callback.replace("/oauth/tiktok/callback", "/oauth/instagram/callback");
-    assert_eq!(app.client.get(&mixed).send().await.unwrap().status(), 400);
+    assert_eq!(finish(&app.client, &app, &mixed).await.status(), 400);
     // An `iss` parameter (neither provider sends one) is refused.
-    assert_eq!(
-        app.client.get(format!("{}&iss=https://evil.example", flow.callback)).send().await.unwrap().status(),
-        400
-    );
+    let res = finish(&app.client, &app, &format!("{}&iss=https://evil.example", flow.callback)).await;
+    assert_eq!(res.status(), 400);
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0, "no code exchange for any of these");
     // Expired: more than ten minutes between start and callback.
     let flow2 =
         start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
     app.advance_clock(601).await;
-    let res = app.client.get(&flow2.callback).send().await.unwrap();
+    let res = finish(&app.client, &app, &flow2.callback).await;
     assert_eq!(res.status(), 400);
-    assert!(res.text().await.unwrap().contains("ten minutes"));
+    let html = res.text().await.unwrap();
+    assert!(html.contains("ten minutes") && html.contains(&try_again), "{html}");
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
     assert_nothing_connected(&app).await;
     // Reused: the first use succeeds, a replay in the same browser is refused without a call.
@@ -276,10 +299,13 @@ async fn state_failures_make_no_token_call(app: TestApp) {
     assert_eq!(finish(&app.client, &app, &flow3.callback).await.status(), 200);
     let calls = app.sandbox_stats("tiktok").await["token_calls"].as_u64().unwrap();
     assert_eq!(calls, 1);
-    let res = app.client.get(&flow3.callback).send().await.unwrap();
+    let res = finish(&app.client, &app, &flow3.callback).await;
     assert_eq!(res.status(), 400);
     assert!(res.text().await.unwrap().contains("already used"));
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"].as_u64().unwrap(), calls);
+    // The refusal page alone: an unknown reason is not a page.
+    let res = app.client.get(app.url("/oauth/tiktok/failed?reason=nonsense")).send().await.unwrap();
+    assert_eq!(res.status(), 404);
 }
 
 async fn link_gone_between_start_and_callback(app: TestApp) {
@@ -287,15 +313,67 @@ async fn link_gone_between_start_and_callback(app: TestApp) {
     let (id, url) = app.link(&wid, "Client");
     let flow =
         start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
     app.cli_json(&["link", "revoke", &id]);
     let page = finish(&app.client, &app, &flow.callback).await;
     assert_eq!(page.status(), 410);
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
     assert_nothing_connected(&app).await;
-    // A revoked link cannot start a flow either.
+    // A revoked link cannot start a flow either, from a page opened before it was revoked.
     let token = token_of(&url);
-    let res = app.client.post(app.url(&format!("/l/{token}/connect/tiktok"))).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url(&format!("/l/{token}/connect/tiktok")))
+        .form(&[("form", form_field(&landing).as_str())])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 410);
+}
+
+/// Two tabs start flows through a link good for one connection; the second callback's code
+/// exchange is held at the provider while the first completes. The second finds the link used
+/// up in its own transaction: it stores nothing, and the link is counted once.
+async fn link_used_up_while_at_the_provider(app: TestApp) {
+    let wid = app.workspace("Once");
+    let link = app.cli_json(&["link", "create", "--workspace", &wid, "--label", "Client", "--max-uses", "1"]);
+    let (id, url) = (link["id"].as_str().unwrap(), link["url"].as_str().unwrap());
+    let first =
+        start_and_consent(&app.client, &app, url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    let second =
+        start_and_consent(&app.client, &app, url, "tiktok", &account("tiktok", 1), "allow", None).await;
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "token", "kind": "slow"}], "slow_ms": 1500}),
+    )
+    .await;
+    let held = {
+        let (client, app_url, callback) = (app.client.clone(), app.url(""), second.callback.clone());
+        tokio::spawn(async move {
+            let res = client.get(&callback).send().await.unwrap();
+            assert_eq!(res.status(), 303);
+            let location = res.headers()["location"].to_str().unwrap().to_string();
+            let page =
+                client.get(format!("{}{}", app_url.trim_end_matches('/'), location)).send().await.unwrap();
+            (page.status().as_u16(), page.text().await.unwrap())
+        })
+    };
+    // The held exchange has reached the provider (bounded wait: 200 polls).
+    for _ in 0..200 {
+        if app.sandbox_stats("tiktok").await["token_calls"] == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 1);
+    let page = finish(&app.client, &app, &first.callback).await;
+    assert_eq!(page.status(), 200, "{}", page.text().await.unwrap());
+    let (status, html) = held.await.unwrap();
+    assert_eq!(status, 410, "{html}");
+    assert!(html.contains("no longer works"), "{html}");
+    assert_eq!(app.count("connections").await, 1, "the second account was not connected");
+    let link = app.cli_json(&["link", "show", id]);
+    assert_eq!(link["use_count"], 1, "{link}");
 }
 
 async fn provider_failures(app: TestApp) {
@@ -328,6 +406,33 @@ async fn provider_failures(app: TestApp) {
         assert!(html.contains("Try again"));
         assert_nothing_connected(&app).await;
     }
+}
+
+/// Instagram's three calls, each within the provider timeout, together longer than the request
+/// timeout: the client gets the "did not answer in time" page, not a bare error.
+async fn provider_calls_end_before_the_request_timeout(app: TestApp) {
+    let (app, _old) = app
+        .restart_with(&[
+            ("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "3"),
+            ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10"),
+        ])
+        .await;
+    let wid = app.workspace("Slow");
+    let (_, url) = app.link(&wid, "Client");
+    app.sandbox(
+        "/instagram/scenario",
+        json!({"fail_next": [{"endpoint": "token", "kind": "slow"}, {"endpoint": "exchange_long_lived", "kind": "slow"}],
+               "slow_ms": 1800}),
+    )
+    .await;
+    let flow =
+        start_and_consent(&app.client, &app, &url, "instagram", &account("instagram", 0), "allow", None)
+            .await;
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 504);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("did not answer in time") && html.contains("Try again"), "{html}");
+    assert_nothing_connected(&app).await;
 }
 
 async fn fewer_scopes_than_required(app: TestApp) {
@@ -421,6 +526,16 @@ async fn success_redirect_and_landing_list(app: TestApp) {
     let stranger =
         other.get(app.url("/connected/0190a000-0000-7000-8000-000000000000")).send().await.unwrap();
     assert_eq!(stranger.status(), 404);
+    // Once the workspace takes the URL off its allow-list, the link's redirect is no longer offered.
+    app.api_patch(
+        &format!("/workspaces/{wid}"),
+        &app.admin_key(),
+        json!({"allowed_redirects": ["https://other.example/"]}),
+        200,
+    )
+    .await;
+    let html = connect(&app.client, &app, url, "tiktok", &account("tiktok", 1)).await;
+    assert!(html.contains("is connected") && !html.contains("agency.example"), "{html}");
 }
 
 async fn connections_api_and_cli(app: TestApp) {
@@ -610,7 +725,7 @@ async fn metrics_count_requests_and_flows(app: TestApp) {
     let (_, url) = app.link(&wid, "Client");
     connect(&app.client, &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
     connect(&app.client, &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
-    let missing = app.client.get(app.url("/oauth/tiktok/callback?code=abc")).send().await.unwrap();
+    let missing = finish(&app.client, &app, &app.url("/oauth/tiktok/callback?code=abc")).await;
     assert_eq!(missing.status(), 400);
     // A forced refresh that succeeds, and one the provider refuses for good.
     let key = app.workspace_key(&wid);

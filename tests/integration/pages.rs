@@ -155,7 +155,61 @@ async fn pages_are_hardened(app: TestApp) {
         .await
         .unwrap();
     assert_eq!(res.status(), 403);
+    // A browser that sends no fetch metadata, and `Origin: null` (another site's page under
+    // `no-referrer`), with no cookie of ours (SameSite=Lax keeps it off cross-site posts) or with
+    // it but without the form's token: refused too.
+    let anonymous = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let res = anonymous
+        .post(app.url(&format!("/l/{token}/connect/tiktok")))
+        .header("origin", "null")
+        .form(&[("form", "0".repeat(64).as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert!(res.text().await.unwrap().contains("allow cookies"));
+    let landing = app.client.get(&url).send().await.unwrap();
+    let cookie = landing.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax") && cookie.contains("Max-Age=86400")
+    );
+    let form = crate::connect::form_field(&landing.text().await.unwrap());
+    for body in [vec![], vec![("form", "0".repeat(64))], vec![("other", form.clone())]] {
+        let res = app
+            .client
+            .post(app.url(&format!("/l/{token}/connect/tiktok")))
+            .header("origin", "null")
+            .form(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 403, "{body:?}");
+    }
+    // The token of another browser does not do either.
+    let other = reqwest::Client::builder().cookie_store(true).build().unwrap();
+    let theirs = other.get(&url).send().await.unwrap().text().await.unwrap();
+    let res = app
+        .client
+        .post(app.url(&format!("/l/{token}/connect/tiktok")))
+        .form(&[("form", crate::connect::form_field(&theirs).as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
     assert_eq!(app.count("oauth_flows").await, 0);
+    // With this browser's cookie and token, `Origin: null` (our own page under `no-referrer`)
+    // starts a flow, and the answer renews the cookie.
+    let res = app
+        .client
+        .post(app.url(&format!("/l/{token}/connect/tiktok")))
+        .header("origin", "null")
+        .form(&[("form", form.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    assert_eq!(res.headers()["set-cookie"].to_str().unwrap(), cookie);
+    assert_eq!(app.count("oauth_flows").await, 1);
     let _ = json!({});
 }
 

@@ -1,7 +1,9 @@
 //! The connect flow.
 //!
 //! 1. `POST /l/{token}/connect/{platform}` (a form button on the landing page): checks the link,
-//!    refuses cross-site posts, creates a single-use flow (random `state` of 256 bits, PKCE
+//!    refuses cross-site posts (by `Sec-Fetch-Site` and `Origin` where the browser sends them,
+//!    and always by the form's hidden token, a hash of the browser-binding cookie the landing page
+//!    set), creates a single-use flow (random `state` of 256 bits, PKCE
 //!    verifier, both stored server-side, the state only as a hash), binds it to this browser with
 //!    an HttpOnly SameSite=Lax cookie, and answers 303 to the provider's authorization page.
 //! 2. `GET /oauth/{provider}/callback`: the one fixed redirect URI per provider. Checks the state
@@ -68,6 +70,30 @@ fn set_cookie(state: &AppState, value: &str) -> HeaderValue {
     HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// This browser's binding cookie, and the `Set-Cookie` that sets it anew (a new value when the
+/// browser brought none, else the same value for another day, so that a client who comes back
+/// the next day through the same link is not turned away half-way).
+pub(super) fn browser_cookie(state: &AppState, headers: &HeaderMap) -> (String, HeaderValue) {
+    let value = read_cookie(headers, cookie_name(state)).map_or_else(crypto::random_token, str::to_string);
+    let header = set_cookie(state, &value);
+    (value, header)
+}
+
+/// The value of the start forms' hidden `form` field for the browser whose cookie is `browser`:
+/// a hash of the cookie, which another site can neither read nor compute. A start without it
+/// (a post from another site, which also cannot make the browser send a `SameSite=Lax` cookie
+/// with a cross-site post) is refused, whatever the browser says or does not say about origins.
+pub(super) fn form_token(browser: &str) -> String {
+    crypto::sha256_hex(format!("authlink start form\0{browser}").as_bytes())
+}
+
+/// The start form's fields.
+#[derive(Debug, Deserialize)]
+pub struct StartForm {
+    /// [`form_token`] of this browser's cookie.
+    form: String,
+}
+
 /// Whether a POST comes from our own pages. Browsers send `Origin` on POSTs and
 /// `Sec-Fetch-Site` on all requests; either naming another site means a cross-site post.
 fn is_same_origin_post(state: &AppState, headers: &HeaderMap) -> bool {
@@ -78,9 +104,19 @@ fn is_same_origin_post(state: &AppState, headers: &HeaderMap) -> bool {
     }
     match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         // Under `Referrer-Policy: no-referrer` (our pages) browsers send `Origin: null` even for
-        // same-origin form posts; `Sec-Fetch-Site`, checked above, has the answer then.
+        // same-origin form posts: the form token decides then.
         None | Some("null") => true,
         Some(origin) => origin == state.config.public_url.origin().ascii_serialization(),
+    }
+}
+
+/// Whether the start form's token matches the cookie this browser brought.
+fn form_matches(state: &AppState, headers: &HeaderMap, form: Option<&StartForm>) -> bool {
+    match (read_cookie(headers, cookie_name(state)), form) {
+        (Some(browser), Some(form)) => {
+            crypto::constant_time_eq(form_token(browser).as_bytes(), form.form.as_bytes())
+        }
+        _ => false,
     }
 }
 
@@ -89,6 +125,7 @@ pub async fn start_connect(
     State(state): State<AppState>,
     Path((token, platform)): Path<(String, String)>,
     headers: HeaderMap,
+    form: Result<axum::Form<StartForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     if !is_same_origin_post(&state, &headers) {
         tracing::warn!("cross-site connect request refused");
@@ -96,6 +133,19 @@ pub async fn start_connect(
             StatusCode::FORBIDDEN,
             &MessagePage::new("Request refused", "This request did not come from this site.")
                 .next("Open the link you were sent and press the button there."),
+        );
+    }
+    if !form_matches(&state, &headers, form.as_ref().ok().map(|f| &f.0)) {
+        // Another site's post, or a browser that did not keep the landing page's cookie.
+        tracing::warn!("connect request without this browser's form token refused");
+        return render(
+            StatusCode::FORBIDDEN,
+            &MessagePage::new(
+                "Request refused",
+                "This request did not come from the link's page in this browser, or the browser did not keep its cookie.",
+            )
+            .next("Open the link you were sent and press the button there. If this keeps happening, allow cookies for this site.")
+            .retry(format!("/l/{token}")),
         );
     }
     let (link, workspace) = match links::resolve(&state, &token).await {
@@ -124,14 +174,7 @@ pub async fn start_connect(
         );
     };
 
-    let browser = read_cookie(&headers, cookie_name(&state)).map(str::to_string);
-    let (browser_value, new_cookie) = match browser {
-        Some(v) => (v, None),
-        None => {
-            let v = crypto::random_token();
-            (v.clone(), Some(v))
-        }
-    };
+    let (browser_value, cookie) = browser_cookie(&state, &headers);
     let oauth_state = crypto::random_token();
     let verifier = pkce::new_verifier();
     let now = state.now_ms();
@@ -164,9 +207,7 @@ pub async fn start_connect(
     tracing::info!(%flow_id, link_id = %link.id, provider = %platform, "connect flow started");
     metrics::counter!("authlink_connect_flows_started_total", "provider" => platform.as_str()).increment(1);
     let mut res = Redirect::to(url.as_str()).into_response();
-    if let Some(v) = new_cookie {
-        res.headers_mut().insert(header::SET_COOKIE, set_cookie(&state, &v));
-    }
+    res.headers_mut().insert(header::SET_COOKIE, cookie);
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }
@@ -343,11 +384,57 @@ fn count_flow(platform: Platform, outcome: &'static str) {
         .increment(1);
 }
 
-fn failure_response(f: Failure, platform: Platform, try_again: Option<String>) -> Response {
-    let mut page = f.page(platform.display_name(), None);
-    page.try_again = try_again;
+/// A callback refused before any code exchange: logged and counted here, then a 303 to a clean
+/// URL (without the callback's `code` and `state`, which would stay in the address bar and the
+/// history) whose page says why. `flow` is the flow the state belonged to, if any: its page
+/// offers a way back to the link, to that flow's browser only.
+fn refused(f: Failure, platform: Platform, flow: Option<&str>) -> Response {
     tracing::info!(provider = %platform, failure = f.code(), "connect flow failed");
     count_flow(platform, f.code());
+    let mut to = format!("/oauth/{}/failed?reason={}", platform.as_str(), f.code());
+    if let Some(id) = flow {
+        to.push_str("&flow=");
+        to.push_str(id);
+    }
+    let mut res = Redirect::to(&to).into_response();
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// The query of [`show_refusal`].
+#[derive(Debug, Deserialize)]
+pub struct RefusalQuery {
+    reason: String,
+    flow: Option<String>,
+}
+
+/// `GET /oauth/{provider}/failed`: the page of a refused callback (see [`refused`]), with its
+/// failure's status. Writes nothing.
+pub async fn show_refusal(
+    State(state): State<AppState>,
+    Path(provider_name): Path<String>,
+    Query(q): Query<RefusalQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let (Some(platform), Some(f)) = (platform_from_path(&provider_name), Failure::from_code(&q.reason))
+    else {
+        return super::not_found().await;
+    };
+    let mut page = f.page(platform.display_name(), None);
+    if let Some(id) = q.flow.as_deref().filter(|id| db::is_id(id)) {
+        let flow = async {
+            let mut conn = state.db.read_fast().await?;
+            db::oauth_flows::get(&mut conn, id).await
+        }
+        .await;
+        match flow {
+            Ok(Some(flow)) if same_browser(&state, &headers, &flow.browser_hash) => {
+                page.try_again = landing_href(&state, &flow.link_id).await;
+            }
+            Ok(_) => {}
+            Err(e) => return service_error_page(e.into()),
+        }
+    }
     render(f.status(), &page)
 }
 
@@ -363,7 +450,14 @@ pub async fn oauth_callback(
         return super::not_found().await;
     };
     let Some(raw_state) = q.state.as_deref().filter(|s| !s.is_empty()) else {
-        return failure_response(Failure::StateMissing, platform, None);
+        // Whether the providers send `state` back with an error is not documented: an error
+        // without it is still the provider's answer, and the client is told what it says.
+        let f = match q.error.as_deref() {
+            Some("access_denied") => Failure::Denied,
+            Some(_) => Failure::ProviderError,
+            None => Failure::StateMissing,
+        };
+        return refused(f, platform, None);
     };
     let state_hash = crypto::sha256_hex(raw_state.as_bytes());
     let browser_hash = read_cookie(&headers, cookie_name(&state)).map(|v| crypto::sha256_hex(v.as_bytes()));
@@ -395,7 +489,13 @@ pub async fn oauth_callback(
     };
 
     let mut timing = Timing { provider: std::time::Duration::ZERO, db: db_time };
-    let outcome = complete_flow(&state, &flow, platform, &q, &mut timing).await;
+    // The provider's calls (three for Instagram, each with its own timeout) end before the
+    // request's own timeout would cut the answer off, keeping time for the database: the client
+    // gets the "platform did not answer" page, not a bare error.
+    let request_timeout = std::time::Duration::from_secs(state.config.http.request_timeout_secs);
+    let reserve = (request_timeout / 3).min(std::time::Duration::from_secs(5));
+    let deadline = tokio::time::Instant::from_std(started) + request_timeout.saturating_sub(reserve);
+    let outcome = complete_flow(&state, &flow, platform, &q, deadline, &mut timing).await;
     match outcome {
         // The flow's outcome was recorded with the connection, in its transaction.
         Ok((_, upserted)) => count_flow(
@@ -455,11 +555,10 @@ async fn callback_refused(
     .await;
     let flow = match flow {
         Ok(Some(f)) => f,
-        Ok(None) => return failure_response(Failure::StateUnknown, platform, None),
+        Ok(None) => return refused(Failure::StateUnknown, platform, None),
         Err(e) => return service_error_page(e.into()),
     };
-    // The flow is known: the failure page leads back to its link.
-    let try_again = landing_href(state, &flow.link_id).await;
+    // The flow is known: the failure page leads its browser back to its link.
     let failure = if flow.provider != platform.as_str() || iss_present {
         // Mix-up defence: the answer arrived at another provider's callback.
         Failure::WrongProvider
@@ -470,7 +569,7 @@ async fn callback_refused(
     } else {
         Failure::StateReused
     };
-    failure_response(failure, platform, try_again)
+    refused(failure, platform, Some(&flow.id))
 }
 
 /// Where a callback's time went, for its `Server-Timing` header: waiting for the provider, and
@@ -504,8 +603,13 @@ async fn complete_flow(
     flow: &FlowRow,
     platform: Platform,
     q: &CallbackQuery,
+    deadline: tokio::time::Instant,
     timing: &mut Timing,
 ) -> Result<(String, Upserted), FlowError> {
+    let past_deadline = || {
+        tracing::warn!(provider = %platform, "the provider's calls did not end before the callback's deadline");
+        FlowError::Failed(Failure::ProviderUnavailable)
+    };
     if let Some(error) = q.error.as_deref() {
         tracing::info!(
             provider = %platform,
@@ -543,7 +647,12 @@ async fn complete_flow(
         .map_err(crate::service::ServiceError::from)?;
     let redirect = redirect_uri(state, platform);
     let call = std::time::Instant::now();
-    let tokens = provider.exchange_code(code, verifier.expose_secret(), &redirect, state.now()).await;
+    let tokens = tokio::time::timeout_at(
+        deadline,
+        provider.exchange_code(code, verifier.expose_secret(), &redirect, state.now()),
+    )
+    .await
+    .map_err(|_| past_deadline())?;
     timing.provider += call.elapsed();
     let tokens = tokens.map_err(|e| {
         tracing::warn!(provider = %platform, error = %e, "code exchange failed");
@@ -555,13 +664,26 @@ async fn complete_flow(
     } else {
         tokens.scopes.clone()
     };
-    let missing: Vec<&String> = provider.scopes().iter().filter(|s| !granted.contains(s)).collect();
-    if !missing.is_empty() {
-        tracing::info!(provider = %platform, missing = ?missing, "client granted fewer scopes than required");
+    // Without a required scope the connection is useless: the attempt fails. A requested scope
+    // the client switched off (TikTok's toggles) leaves a working connection, flagged in its
+    // status reason (shown in every listing and sent with the webhook) so that the agency can ask
+    // for it again.
+    let required: Vec<&str> =
+        provider.scopes().iter().map(String::as_str).filter(|s| !granted.iter().any(|g| g == s)).collect();
+    if !required.is_empty() {
+        tracing::info!(provider = %platform, missing = ?required, "client granted fewer scopes than required");
         return Err(FlowError::Failed(Failure::ScopesMissing));
     }
+    let optional: Vec<&str> =
+        provider.scopes().iter().map(String::as_str).filter(|s| !granted.iter().any(|g| g == s)).collect();
+    let scope_note = (!optional.is_empty()).then(|| {
+        tracing::info!(provider = %platform, missing = ?optional, "client switched off optional scopes");
+        format!("Granted without {}.", optional.join(", "))
+    });
     let call = std::time::Instant::now();
-    let profile = provider.fetch_profile(&tokens.access_token).await;
+    let profile = tokio::time::timeout_at(deadline, provider.fetch_profile(&tokens.access_token))
+        .await
+        .map_err(|_| past_deadline())?;
     timing.provider += call.elapsed();
     let profile = profile.map_err(|e| {
         tracing::warn!(provider = %platform, error = %e, "profile fetch failed");
@@ -575,16 +697,19 @@ async fn complete_flow(
     let call = std::time::Instant::now();
     let stored = connections::upsert_from_flow(
         state,
-        flow.id.clone(),
-        link,
-        platform,
-        profile,
-        tokens,
-        provider.is_sandbox(),
+        connections::FlowResult {
+            flow_id: flow.id.clone(),
+            link,
+            platform,
+            profile,
+            tokens,
+            sandbox: provider.is_sandbox(),
+            scope_note,
+        },
     )
     .await;
     timing.db += call.elapsed();
-    let (row, outcome) = stored?;
+    let Some((row, outcome)) = stored? else { return Err(FlowError::Failed(Failure::LinkGone)) };
     Ok((row.id, outcome))
 }
 
@@ -678,16 +803,20 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     let Some(connection) = db::connections::get(&mut conn, connection_id).await? else {
         return Ok(not_found());
     };
-    let redirect =
-        link.as_ref().and_then(|l| l.redirect_url.as_deref()).and_then(|u| url::Url::parse(u).ok()).map(
-            |mut u| {
-                u.query_pairs_mut()
-                    .append_pair("status", outcome)
-                    .append_pair("provider", platform.as_str())
-                    .append_pair("connection_id", &connection.id);
-                u.to_string()
-            },
-        );
+    // Checked against the allow-list as it stands now: a URL the workspace has since removed
+    // from it is no longer offered.
+    let allowed = workspace.allow_list();
+    let redirect = link
+        .as_ref()
+        .and_then(|l| l.redirect_url.as_deref())
+        .and_then(|u| domain::parse_success_redirect(u, &allowed).ok())
+        .map(|mut u| {
+            u.query_pairs_mut()
+                .append_pair("status", outcome)
+                .append_pair("provider", platform.as_str())
+                .append_pair("connection_id", &connection.id);
+            u.to_string()
+        });
     let name = connection.display_name.clone().or_else(|| connection.username.clone()).unwrap_or_default();
     let page = SuccessPage {
         workspace_name: workspace.public_name().to_string(),

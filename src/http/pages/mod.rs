@@ -13,7 +13,7 @@ pub mod deauth;
 use askama::Template;
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 
@@ -31,6 +31,7 @@ pub fn router() -> Router<AppState> {
         .route("/l/{token}", get(show_link))
         .route("/l/{token}/connect/{platform}", post(connect::start_connect))
         .route("/oauth/{provider}/callback", get(connect::oauth_callback))
+        .route("/oauth/{provider}/failed", get(connect::show_refusal))
         .route("/oauth/instagram/deauthorize", post(deauth::instagram_deauthorize))
         .route("/oauth/instagram/data-deletion", post(deauth::instagram_data_deletion))
         .route("/oauth/instagram/data-deletion/{code}", get(deauth::instagram_deletion_status))
@@ -236,6 +237,8 @@ pub struct ConnectedAccount {
 #[template(path = "client/landing.html")]
 struct LandingPage<'a> {
     token: &'a str,
+    /// The start forms' hidden field ([`connect::form_token`]).
+    form: String,
     label: &'a str,
     workspace_name: &'a str,
     workspace_id: &'a str,
@@ -253,7 +256,7 @@ pub fn monogram(name: &str) -> String {
 }
 
 /// `GET /l/{token}`: the landing page. Read-only.
-async fn show_link(State(state): State<AppState>, Path(token): Path<String>) -> Response {
+async fn show_link(State(state): State<AppState>, Path(token): Path<String>, headers: HeaderMap) -> Response {
     let link = match links::resolve_public(&state, &token).await {
         Ok(Some((link, LinkStatus::Active))) => link,
         Ok(Some((link, status))) => return link_gone(status, &link),
@@ -281,8 +284,11 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>) -> 
         }
     };
     let brand = Brand::from(&link);
+    // The page sets the browser-binding cookie its forms are bound to.
+    let (browser, cookie) = connect::browser_cookie(&state, &headers);
     let page = LandingPage {
         token: &token,
+        form: connect::form_token(&browser),
         label: &link.label,
         workspace_name: brand.name,
         workspace_id: brand.workspace_id,
@@ -292,7 +298,9 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>) -> 
         platforms,
         connections,
     };
-    render(StatusCode::OK, &page)
+    let mut res = render(StatusCode::OK, &page);
+    res.headers_mut().insert(header::SET_COOKIE, cookie);
+    res
 }
 
 /// `GET /brand/{workspace_id}.css`: the workspace's accent colour as a stylesheet, so that pages
