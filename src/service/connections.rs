@@ -537,8 +537,13 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
 /// Tokens are refreshed first when they would expire within this many seconds.
 pub const REFRESH_MARGIN_SECS: i64 = 300;
 
+/// How long a token must still be valid to be handed out when its refresh failed for now.
+const STILL_VALID_MS: i64 = 60_000;
+
 /// Returns a valid access token, refreshing first when it would expire within five minutes
-/// (through the single-flight refresh path). Every read is audit-logged.
+/// (through the single-flight refresh path). When that refresh fails for now (the provider is
+/// down or slow) and the token is still valid for at least a minute, it is returned as it is;
+/// else the caller gets 503. Every read is audit-logged.
 pub async fn access_token(
     app: &App,
     actor: &Actor,
@@ -551,9 +556,17 @@ pub async fn access_token(
         super::refresh::Outcome::Refreshed(row) => (*row, true),
         super::refresh::Outcome::Current(row) => (*row, false),
         super::refresh::Outcome::Transient(reason) => {
-            return Err(ServiceError::Unavailable(format!(
-                "the token could not be refreshed right now: {reason}"
-            )));
+            // The refresh ahead of expiry failed for now; a token that is still valid for a
+            // while is still worth more to the caller than an error (the scheduler retries).
+            let current = get_row(app, scope, id).await?;
+            let valid_for_ms = current.access_expires_at.map_or(0, |at| at - app.now_ms());
+            if current.status != ConnectionStatus::Active.as_str() || valid_for_ms < STILL_VALID_MS {
+                return Err(ServiceError::Unavailable(format!(
+                    "the token could not be refreshed right now: {reason}"
+                )));
+            }
+            tracing::warn!(connection_id = %current.id, %reason, "refresh failed; the current token is still valid");
+            (current, false)
         }
         super::refresh::Outcome::Broken(reason) => {
             return Err(ServiceError::Conflict(format!("the connection is broken: {reason}")));
@@ -574,7 +587,7 @@ pub async fn access_token(
         .ok_or(ServiceError::Conflict("the connection holds no token".into()))?;
     let token = app.keys.open_str(sealed, access_aad(&row.id))?;
     let now_ms = app.now_ms();
-    let mut conn = app.db.read().await?;
+    let mut conn = app.db.writer().await?;
     audit::record(
         &mut conn,
         now_ms,

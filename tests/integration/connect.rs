@@ -643,6 +643,23 @@ async fn access_token_refreshes_when_expiring(app: TestApp) {
     assert_eq!(stats["refresh_token_reuse"], 0);
     let detail = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert!(detail["events"].as_array().unwrap().iter().any(|e| e["kind"] == "refreshed"));
+    // Within five minutes of expiry again, the provider failing for now: the token, still valid
+    // for more than a minute, is handed out as it is; with less than a minute left, 503.
+    app.advance_clock(86_400 - 200).await;
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "server_error", "count": 50}]}),
+    )
+    .await;
+    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_u64().unwrap();
+    let kept = app.api_get(&path, &key, 200).await;
+    assert_eq!(kept["access_token"], fresh["access_token"]);
+    assert!(
+        app.sandbox_stats("tiktok").await["refresh_calls"].as_u64().unwrap() > calls,
+        "a refresh was tried"
+    );
+    app.advance_clock(150).await;
+    app.api_get(&path, &key, 503).await;
     // A permanent refresh failure breaks the connection with a readable reason.
     app.advance_clock(86_400).await;
     app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "refresh", "kind": "invalid_grant"}]}))

@@ -117,7 +117,8 @@ async fn disconnect_connection(
 
 /// A valid access token, refreshed first when it would expire within five minutes. Every read is
 /// written to the audit log. 409 when the connection is broken or disconnected; 503 when the
-/// provider is temporarily unavailable.
+/// provider is temporarily unavailable and the current token has less than a minute left (with
+/// more, it is returned as it is).
 #[utoipa::path(get, path = "/connections/{id}/access-token", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = AccessTokenView), (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
@@ -158,7 +159,7 @@ async fn run_result(
         Outcome::Broken(reason) => ("broken", Some(reason)),
     };
     let connection = connections::get(state, &caller.scope, id).await?.connection;
-    let mut conn = state.db.read().await.map_err(ServiceError::from)?;
+    let mut conn = state.db.writer().await.map_err(ServiceError::from)?;
     crate::service::audit::record(
         &mut conn,
         state.now_ms(),
