@@ -129,12 +129,24 @@ fn stored_next_refresh(c: &ConnectionRow) -> Option<i64> {
 /// Inserts a connection and its refresh schedule (the lease starts free). Callers run it in a
 /// transaction: it is two statements.
 pub async fn insert(conn: &mut impl Exec, c: &ConnectionRow) -> DbResult<()> {
+    if insert_if_absent(conn, c).await? {
+        Ok(())
+    } else {
+        Err(super::DbError::Conflict("connection for this account".into()))
+    }
+}
+
+/// [`insert`], unless the workspace already holds a connection of this account (one stored by a
+/// concurrent transaction since the caller looked): then nothing is written and `false` comes
+/// back, without aborting the transaction.
+pub async fn insert_if_absent(conn: &mut impl Exec, c: &ConnectionRow) -> DbResult<bool> {
     const SQL: &str = "INSERT INTO connections (id, workspace_id, link_id, provider, provider_account_id, \
         app_scoped_id, username, display_name, avatar_url, scopes, access_token_sealed, access_expires_at, \
         refresh_token_sealed, refresh_expires_at, token_generation, status, status_reason, sandbox, connected_at, \
         last_refreshed_at, reconnect_count, created_at, updated_at, refresh_failures, next_check_at, \
         last_checked_at, expiring_notified_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-        $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)";
+        $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27) \
+        ON CONFLICT (workspace_id, provider, provider_account_id) DO NOTHING";
     let s = stmt!(
         SQL,
         &c.id,
@@ -165,14 +177,16 @@ pub async fn insert(conn: &mut impl Exec, c: &ConnectionRow) -> DbResult<()> {
         c.last_checked_at,
         c.expiring_notified_at,
     );
-    conn.execute(&s).await?;
+    if conn.execute(&s).await? == 0 {
+        return Ok(false);
+    }
     let s = stmt!(
         "INSERT INTO refresh_schedule (connection_id, next_refresh_at) VALUES ($1, $2)",
         &c.id,
         stored_next_refresh(c)
     );
     conn.execute(&s).await?;
-    Ok(())
+    Ok(true)
 }
 
 /// Writes every mutable column of `c` and its next refresh (not the lease, which only the lease
@@ -273,6 +287,31 @@ pub async fn get_by_account(
         )
     });
     conn.fetch_optional(&stmt!(&SQL, workspace_id, provider, account_id)).await
+}
+
+/// [`get_by_account`] in a write transaction that will update the row: on PostgreSQL the row is
+/// locked (`FOR UPDATE`) until the transaction ends, so that two reconnects of one account run
+/// one after the other and neither loses the other's changes; SQLite's write transactions
+/// already do.
+pub async fn get_by_account_for_update(
+    conn: &mut impl Exec,
+    backend: super::Backend,
+    workspace_id: &str,
+    provider: &str,
+    account_id: &str,
+) -> DbResult<Option<ConnectionRow>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {COLUMNS} FROM {FROM} WHERE workspace_id = $1 AND provider = $2 AND provider_account_id = $3 \
+             FOR UPDATE OF connections"
+        )
+    });
+    match backend {
+        super::Backend::Postgres => {
+            conn.fetch_optional(&stmt!(&SQL, workspace_id, provider, account_id)).await
+        }
+        super::Backend::Sqlite => get_by_account(conn, workspace_id, provider, account_id).await,
+    }
 }
 
 /// Filters for [`list`].

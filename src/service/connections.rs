@@ -271,6 +271,98 @@ pub async fn upsert_from_flow(
     Ok(Some((row, outcome)))
 }
 
+/// What a flow brought for one account, applied to its connection row.
+struct Fresh<'a> {
+    link: &'a LinkRow,
+    profile: &'a Profile,
+    tokens: &'a TokenSet,
+    scopes: &'a str,
+    sandbox: bool,
+    scope_note: &'a Option<String>,
+    now: i64,
+}
+
+impl Fresh<'_> {
+    /// A new connection.
+    fn new_row(&self, app: &App, platform: Platform) -> ConnectionRow {
+        let (link, profile, now) = (self.link, self.profile, self.now);
+        let mut row = ConnectionRow {
+            id: new_id(),
+            workspace_id: link.workspace_id.clone(),
+            link_id: Some(link.id.clone()),
+            provider: platform.as_str().into(),
+            provider_account_id: profile.account_id.clone(),
+            app_scoped_id: profile.app_scoped_id.clone(),
+            username: profile.username.clone(),
+            display_name: profile.display_name.clone(),
+            avatar_url: profile.avatar_url.clone(),
+            scopes: self.scopes.to_string(),
+            access_token_sealed: None,
+            access_expires_at: None,
+            refresh_token_sealed: None,
+            refresh_expires_at: None,
+            token_generation: 0,
+            status: ConnectionStatus::Active.as_str().into(),
+            status_reason: self.scope_note.clone(),
+            sandbox: i64::from(self.sandbox),
+            connected_at: now,
+            last_refreshed_at: Some(now),
+            reconnect_count: 0,
+            created_at: now,
+            updated_at: now,
+            next_refresh_at: None,
+            lease_owner: None,
+            lease_until: None,
+            refresh_failures: 0,
+            next_check_at: Some(super::refresh::schedule_check(app, now, true)),
+            last_checked_at: None,
+            expiring_notified_at: None,
+        };
+        apply_tokens(app, &mut row, self.tokens);
+        row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
+        row
+    }
+
+    /// The existing connection `row` of the same account, repaired: new tokens, active, one more
+    /// reconnect. Writes it.
+    async fn reconnect<E: Exec>(
+        &self,
+        app: &App,
+        tx: &mut E,
+        mut row: ConnectionRow,
+    ) -> ServiceResult<ConnectionRow> {
+        let (link, profile, now) = (self.link, self.profile, self.now);
+        // Of the indexed columns, only those that change are written (see `Indexed`).
+        let indexed = db::connections::Indexed {
+            link_id: row.link_id.as_deref() != Some(link.id.as_str()),
+            username: row.username != profile.username,
+            status: row.status != ConnectionStatus::Active.as_str(),
+        };
+        row.link_id = Some(link.id.clone());
+        row.app_scoped_id = profile.app_scoped_id.clone().or(row.app_scoped_id);
+        row.username = profile.username.clone();
+        row.display_name = profile.display_name.clone();
+        row.avatar_url = profile.avatar_url.clone();
+        row.scopes = self.scopes.to_string();
+        // A reconnect replaces the whole grant, including any old refresh token.
+        row.refresh_token_sealed = None;
+        row.refresh_expires_at = None;
+        apply_tokens(app, &mut row, self.tokens);
+        row.status = ConnectionStatus::Active.as_str().into();
+        row.status_reason = self.scope_note.clone();
+        row.sandbox = i64::from(self.sandbox);
+        row.reconnect_count += 1;
+        row.last_refreshed_at = Some(now);
+        row.updated_at = now;
+        row.refresh_failures = 0;
+        row.expiring_notified_at = None;
+        row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
+        row.next_check_at = Some(super::refresh::schedule_check(app, now, true));
+        db::connections::update_changed(tx, &row, indexed).await?;
+        Ok(row)
+    }
+}
+
 /// The transaction of [`upsert_from_flow`].
 struct StoreFlow {
     app: AppState,
@@ -293,77 +385,36 @@ impl db::FlowWrite for StoreFlow {
         // since the callback read it, nothing is written.
         let Some(used) = db::links::record_use(tx, &link.id, now).await? else { return Ok(None) };
         let scopes = tokens.scopes.join(",");
-        let existing =
-            db::connections::get_by_account(tx, &link.workspace_id, platform.as_str(), &profile.account_id)
-                .await?;
+        let backend = app.db.backend();
+        let existing = db::connections::get_by_account_for_update(
+            tx,
+            backend,
+            &link.workspace_id,
+            platform.as_str(),
+            &profile.account_id,
+        )
+        .await?;
+        let fresh = Fresh { link, profile, tokens, scopes: &scopes, sandbox, scope_note: &scope_note, now };
         let (row, outcome) = match existing {
-            Some(mut row) => {
-                // Of the indexed columns, only those that change are written (see `Indexed`).
-                let indexed = db::connections::Indexed {
-                    link_id: row.link_id.as_deref() != Some(link.id.as_str()),
-                    username: row.username != profile.username,
-                    status: row.status != ConnectionStatus::Active.as_str(),
-                };
-                row.link_id = Some(link.id.clone());
-                row.app_scoped_id = profile.app_scoped_id.clone().or(row.app_scoped_id);
-                row.username = profile.username.clone();
-                row.display_name = profile.display_name.clone();
-                row.avatar_url = profile.avatar_url.clone();
-                row.scopes = scopes;
-                // A reconnect replaces the whole grant, including any old refresh token.
-                row.refresh_token_sealed = None;
-                row.refresh_expires_at = None;
-                apply_tokens(app, &mut row, tokens);
-                row.status = ConnectionStatus::Active.as_str().into();
-                row.status_reason = scope_note;
-                row.sandbox = i64::from(sandbox);
-                row.reconnect_count += 1;
-                row.last_refreshed_at = Some(now);
-                row.updated_at = now;
-                row.refresh_failures = 0;
-                row.expiring_notified_at = None;
-                row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
-                row.next_check_at = Some(super::refresh::schedule_check(app, now, true));
-                db::connections::update_changed(tx, &row, indexed).await?;
-                (row, Upserted::Reconnected)
-            }
+            Some(row) => (fresh.reconnect(app, tx, row).await?, Upserted::Reconnected),
             None => {
-                let mut row = ConnectionRow {
-                    id: new_id(),
-                    workspace_id: link.workspace_id.clone(),
-                    link_id: Some(link.id.clone()),
-                    provider: platform.as_str().into(),
-                    provider_account_id: profile.account_id.clone(),
-                    app_scoped_id: profile.app_scoped_id.clone(),
-                    username: profile.username.clone(),
-                    display_name: profile.display_name.clone(),
-                    avatar_url: profile.avatar_url.clone(),
-                    scopes,
-                    access_token_sealed: None,
-                    access_expires_at: None,
-                    refresh_token_sealed: None,
-                    refresh_expires_at: None,
-                    token_generation: 0,
-                    status: ConnectionStatus::Active.as_str().into(),
-                    status_reason: scope_note,
-                    sandbox: i64::from(sandbox),
-                    connected_at: now,
-                    last_refreshed_at: Some(now),
-                    reconnect_count: 0,
-                    created_at: now,
-                    updated_at: now,
-                    next_refresh_at: None,
-                    lease_owner: None,
-                    lease_until: None,
-                    refresh_failures: 0,
-                    next_check_at: Some(super::refresh::schedule_check(app, now, true)),
-                    last_checked_at: None,
-                    expiring_notified_at: None,
-                };
-                apply_tokens(app, &mut row, tokens);
-                row.next_refresh_at = super::refresh::schedule_refresh(now, row.access_expires_at);
-                db::connections::insert(tx, &row).await?;
-                (row, Upserted::Created)
+                let row = fresh.new_row(app, platform);
+                if db::connections::insert_if_absent(tx, &row).await? {
+                    (row, Upserted::Created)
+                } else {
+                    // Stored by a concurrent first connection of the same account since the
+                    // read (PostgreSQL): this one reconnects it, after that one's transaction.
+                    let row = db::connections::get_by_account_for_update(
+                        tx,
+                        backend,
+                        &link.workspace_id,
+                        platform.as_str(),
+                        &profile.account_id,
+                    )
+                    .await?
+                    .ok_or(ServiceError::Conflict("the connection changed meanwhile; try again".into()))?;
+                    (fresh.reconnect(app, tx, row).await?, Upserted::Reconnected)
+                }
             }
         };
         let (kind, action) = match outcome {

@@ -10,7 +10,7 @@ use crate::helpers::{TestApp, token_of};
 use crate::tests;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
-    tests![
+    let mut list = tests![
         tiktok_connect_reconnect_and_second_account,
         instagram_connect_reconnect_and_second_account,
         consent_denied,
@@ -26,7 +26,85 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         access_token_refreshes_when_expiring,
         no_secret_in_database_or_logs,
         metrics_count_requests_and_flows,
-    ]
+    ];
+    list.push((
+        "first_connection_racing_another_becomes_a_reconnect",
+        |app| Box::pin(first_connection_racing_another_becomes_a_reconnect(app)),
+        crate::Only::Postgres,
+    ));
+    list
+}
+
+/// PostgreSQL: another transaction stores the account's first connection while the callback's
+/// transaction looks for it (it sees nothing yet) and then inserts. The insert waits for the
+/// other transaction, finds the account taken, and the callback reconnects that connection
+/// instead of failing on the unique key.
+async fn first_connection_racing_another_becomes_a_reconnect(app: TestApp) {
+    use sqlx::{Connection, Executor};
+    let crate::helpers::Backend::Postgres(server) = &app.backend else { panic!("PostgreSQL only") };
+    let schema = app.schema.clone().unwrap();
+    let wid = app.workspace("Race");
+    let (_, url) = app.link(&wid, "Client");
+    let open_id = account("tiktok", 0);
+    let flow = start_and_consent(&app.client, &app, &url, "tiktok", &open_id, "allow", None).await;
+    // The other transaction: the same account's connection, not committed yet.
+    let mut other = sqlx::PgConnection::connect(server).await.unwrap();
+    other.execute("BEGIN").await.unwrap();
+    let racer = uuid::Uuid::now_v7().to_string();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.connections (id, workspace_id, provider, provider_account_id, scopes, token_generation, \
+         status, sandbox, connected_at, reconnect_count, created_at, updated_at, refresh_failures) \
+         VALUES ($1, $2, 'tiktok', $3, 'user.info.basic', 0, 'active', 1, $4, 0, $4, $4, 0)"
+    ))
+    .bind(&racer)
+    .bind(&wid)
+    .bind(&open_id)
+    .bind(now)
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let callback = {
+        let (client, base, callback) = (app.client.clone(), app.url(""), flow.callback.clone());
+        tokio::spawn(async move {
+            let res = client.get(&callback).send().await.unwrap();
+            let status = res.status().as_u16();
+            let location = res.headers().get("location").map(|v| v.to_str().unwrap().to_string());
+            let Some(location) = location.filter(|_| status == 303) else {
+                return (status, res.text().await.unwrap());
+            };
+            let page =
+                client.get(format!("{}{}", base.trim_end_matches('/'), location)).send().await.unwrap();
+            (page.status().as_u16(), page.text().await.unwrap())
+        })
+    };
+    // Wait (bounded) until the callback's insert is blocked on the other transaction's row.
+    let mut watcher = sqlx::PgConnection::connect(server).await.unwrap();
+    let mut blocked = false;
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO connections%'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(blocked, "the callback's insert waited for the other transaction");
+    other.execute("COMMIT").await.unwrap();
+    let (status, html) = callback.await.unwrap();
+    assert_eq!(status, 200, "{html}");
+    assert!(html.contains("is reconnected"), "{html}");
+    let key = app.workspace_key(&wid);
+    let list = connections(&app, &key).await;
+    assert_eq!(list.len(), 1, "no duplicate");
+    assert_eq!(list[0]["id"], racer.as_str());
+    assert_eq!(list[0]["reconnect_count"], 1);
+    assert_eq!(list[0]["status"], "active");
 }
 
 /// The accounts of a provider, as ids the consent form accepts.
