@@ -236,6 +236,12 @@ pub enum ConnectionCommand {
         /// Only this platform: tiktok or instagram.
         #[arg(long)]
         provider: Option<String>,
+        /// Only the connections made (or last repaired) through this link (id).
+        #[arg(long, value_name = "LINK_ID")]
+        link: Option<String>,
+        /// The next page: the connections after this one (the last id of the previous page).
+        #[arg(long, value_name = "CONNECTION_ID")]
+        before: Option<String>,
         /// Most connections to show.
         #[arg(long, default_value_t = 100)]
         limit: i64,
@@ -684,7 +690,7 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
         )
     };
     match cmd {
-        ConnectionCommand::List { workspace, status, provider, limit } => {
+        ConnectionCommand::List { workspace, status, provider, link, before, limit } => {
             let workspace = workspace_id(&app, &workspace).await?;
             let status = match status.as_deref() {
                 None => None,
@@ -712,8 +718,8 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
                     workspace_id: Some(workspace),
                     status,
                     provider,
-                    link_id: None,
-                    before: None,
+                    link_id: link,
+                    before,
                     limit: limit.clamp(1, 10_000),
                 },
             )
@@ -725,6 +731,12 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
                     list.iter().map(line).collect::<Vec<_>>().join("\n")
                 }
             });
+            // A full page may have a next one; the hint goes to standard error, off the listing.
+            if !json && i64::try_from(list.len()).is_ok_and(|n| n >= limit.clamp(1, 10_000)) {
+                if let Some(last) = list.last() {
+                    eprintln!("more may follow: add --before {}", last.id);
+                }
+            }
         }
         ConnectionCommand::Show { id } => {
             let c = connections::get(&app, &Scope::Admin, &id).await?;
@@ -774,6 +786,13 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
         ConnectionCommand::Token { id } => {
             let t = connections::access_token(&app, &Actor::Cli, &Scope::Admin, &id).await?;
             print(json, &t, |t| t.access_token.clone());
+            // The token alone on standard output (for pipes); its expiry beside it.
+            if !json {
+                match t.expires_at {
+                    Some(at) => eprintln!("expires at {}", ts(Some(at))),
+                    None => eprintln!("no expiry reported by the provider"),
+                }
+            }
         }
     }
     Ok(())

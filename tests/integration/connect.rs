@@ -657,6 +657,8 @@ async fn connections_api_and_cli(app: TestApp) {
     let cli_token = app.cli(&["connection", "token", tid]);
     assert!(cli_token.status.success());
     assert_eq!(String::from_utf8_lossy(&cli_token.stdout).trim(), access);
+    let expires = token["expires_at"].as_str().unwrap();
+    assert!(String::from_utf8_lossy(&cli_token.stderr).contains(&format!("expires at {expires}")));
     let reads =
         app.api_get(&format!("/audit-events?action=connection.token_read&target_id={tid}"), &key, 200).await;
     assert_eq!(reads["data"].as_array().unwrap().len(), 2);
@@ -666,6 +668,29 @@ async fn connections_api_and_cli(app: TestApp) {
     assert!(text.contains("[sandbox]") && text.contains("@sandbox.creator"), "{text}");
     let listed = app.cli_json(&["connection", "list", "--workspace", &wid, "--status", "active"]);
     assert_eq!(listed.as_array().unwrap().len(), 2);
+    // Filters by link and provider, and pages with --before (the hint names the next cursor).
+    let (other_link, other_url) = app.link(&wid, "Other client");
+    connect(&new_browser(), &app, &other_url, "tiktok", &account("tiktok", 1)).await;
+    let by_link = app.cli_json(&["connection", "list", "--workspace", &wid, "--link", &other_link]);
+    assert_eq!(by_link.as_array().unwrap().len(), 1);
+    assert_eq!(by_link[0]["link_id"], other_link.as_str());
+    let by_link = app.cli_json(&["connection", "list", "--workspace", &wid, "--link", &link_id]);
+    assert_eq!(by_link.as_array().unwrap().len(), 2);
+    let tiktoks = app.cli_json(&["connection", "list", "--workspace", &wid, "--provider", "tiktok"]);
+    assert_eq!(tiktoks.as_array().unwrap().len(), 2);
+    let page = app.cli(&["connection", "list", "--workspace", &wid, "--limit", "2"]);
+    let hint = String::from_utf8_lossy(&page.stderr).to_string();
+    let cursor = hint.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(hint.contains("--before") && cursor.len() == 36, "{hint}");
+    let rest =
+        app.cli_json(&["connection", "list", "--workspace", &wid, "--limit", "2", "--before", &cursor]);
+    let first_page = app.cli_json(&["connection", "list", "--workspace", &wid, "--limit", "2"]);
+    let mut seen: Vec<&str> =
+        first_page.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()).collect();
+    seen.extend(rest.as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap()));
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), 3, "two pages hold the three connections once each");
     let shown = app.cli_json(&["connection", "show", tid]);
     assert_eq!(shown["events"][0]["kind"], "created");
     assert!(!shown.to_string().contains(&access));
