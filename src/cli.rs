@@ -120,6 +120,10 @@ pub enum WorkspaceCommand {
         /// Allowed success-redirect URL (origin + path prefix); repeat for several.
         #[arg(long = "allow-redirect", value_name = "URL")]
         allow_redirects: Vec<String>,
+        /// Where the success page offers to send clients whose link names no redirect of its
+        /// own (must be allowed by --allow-redirect).
+        #[arg(long, value_name = "URL")]
+        success_redirect: Option<String>,
     },
     /// List workspaces.
     List,
@@ -472,17 +476,25 @@ async fn workspace(app: AppState, json: bool, cmd: WorkspaceCommand) -> CliResul
     use service::workspaces::{self, Branding, NewWorkspace, WorkspaceView};
     let describe = |w: &WorkspaceView| {
         format!(
-            "{}  {}  (slug {})\n  display name: {}\n  accent colour: {}\n  allowed redirects: {}",
+            "{}  {}  (slug {})\n  display name: {}\n  accent colour: {}\n  allowed redirects: {}\n  default success redirect: {}",
             w.id,
             w.name,
             w.slug,
             w.branding.display_name.as_deref().unwrap_or("-"),
             w.branding.accent_color.as_deref().unwrap_or("-"),
-            if w.allowed_redirects.is_empty() { "-".into() } else { w.allowed_redirects.join(", ") }
+            if w.allowed_redirects.is_empty() { "-".into() } else { w.allowed_redirects.join(", ") },
+            w.success_redirect.as_deref().unwrap_or("-")
         )
     };
     match cmd {
-        WorkspaceCommand::Create { name, slug, display_name, accent_color, allow_redirects } => {
+        WorkspaceCommand::Create {
+            name,
+            slug,
+            display_name,
+            accent_color,
+            allow_redirects,
+            success_redirect,
+        } => {
             let w = workspaces::create(
                 &app,
                 &Actor::Cli,
@@ -492,6 +504,7 @@ async fn workspace(app: AppState, json: bool, cmd: WorkspaceCommand) -> CliResul
                     slug,
                     branding: Some(Branding { display_name, logo_url: None, accent_color }),
                     allowed_redirects: Some(allow_redirects),
+                    success_redirect,
                 },
             )
             .await?;

@@ -245,6 +245,7 @@ impl FromRow<'_, sqlx::any::AnyRow> for WithWorkspace {
             logo_url: row.try_get("w_logo_url")?,
             accent_color: row.try_get("w_accent_color")?,
             allowed_redirects: row.try_get("w_allowed_redirects")?,
+            success_redirect: row.try_get("w_success_redirect")?,
             created_at: row.try_get("w_created_at")?,
             updated_at: row.try_get("w_updated_at")?,
         };
@@ -253,7 +254,7 @@ impl FromRow<'_, sqlx::any::AnyRow> for WithWorkspace {
 }
 
 impl super::stmt::FromLite for WithWorkspace {
-    const COLUMNS: usize = LinkRow::COLUMNS + 8;
+    const COLUMNS: usize = LinkRow::COLUMNS + 9;
 
     fn from_lite_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Self> {
         let link = LinkRow::from_lite_at(row, first)?;
@@ -266,8 +267,9 @@ impl super::stmt::FromLite for WithWorkspace {
             logo_url: row.get(at + 3)?,
             accent_color: row.get(at + 4)?,
             allowed_redirects: row.get(at + 5)?,
-            created_at: row.get(at + 6)?,
-            updated_at: row.get(at + 7)?,
+            success_redirect: row.get(at + 6)?,
+            created_at: row.get(at + 7)?,
+            updated_at: row.get(at + 8)?,
         };
         Ok(Self(link, workspace))
     }
@@ -278,7 +280,7 @@ fn with_workspace_sql(key: &str) -> String {
     format!(
         "SELECT {link_columns}, w.name AS w_name, w.slug AS w_slug, w.display_name AS w_display_name, \
          w.logo_url AS w_logo_url, w.accent_color AS w_accent_color, w.allowed_redirects AS w_allowed_redirects, \
-         w.created_at AS w_created_at, w.updated_at AS w_updated_at \
+         w.success_redirect AS w_success_redirect, w.created_at AS w_created_at, w.updated_at AS w_updated_at \
          FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.{key} = $1"
     )
 }

@@ -23,6 +23,8 @@ pub struct WorkspaceRow {
     pub accent_color: Option<String>,
     /// JSON array of allowed success-redirect URLs.
     pub allowed_redirects: String,
+    /// Where the success page offers to send clients whose link names no redirect of its own.
+    pub success_redirect: Option<String>,
     /// Creation time (ms).
     pub created_at: i64,
     /// Last change (ms).
@@ -53,18 +55,18 @@ from_lite!(WorkspaceRow {
     logo_url,
     accent_color,
     allowed_redirects,
+    success_redirect,
     created_at,
     updated_at
 });
 
-const COLUMNS: &str =
-    "id, name, slug, display_name, logo_url, accent_color, allowed_redirects, created_at, updated_at";
+const COLUMNS: &str = "id, name, slug, display_name, logo_url, accent_color, allowed_redirects, success_redirect, created_at, updated_at";
 
 /// Inserts a workspace.
 pub async fn insert(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> {
     sqlx::query(
-        "INSERT INTO workspaces (id, name, slug, display_name, logo_url, accent_color, allowed_redirects, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        "INSERT INTO workspaces (id, name, slug, display_name, logo_url, accent_color, allowed_redirects, \
+         success_redirect, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&w.id)
     .bind(&w.name)
@@ -73,6 +75,7 @@ pub async fn insert(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> 
     .bind(&w.logo_url)
     .bind(&w.accent_color)
     .bind(&w.allowed_redirects)
+    .bind(&w.success_redirect)
     .bind(w.created_at)
     .bind(w.updated_at)
     .execute(conn)
@@ -84,7 +87,7 @@ pub async fn insert(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> 
 pub async fn update(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> {
     sqlx::query(
         "UPDATE workspaces SET name = $2, slug = $3, display_name = $4, logo_url = $5, accent_color = $6, \
-         allowed_redirects = $7, updated_at = $8 WHERE id = $1",
+         allowed_redirects = $7, success_redirect = $8, updated_at = $9 WHERE id = $1",
     )
     .bind(&w.id)
     .bind(&w.name)
@@ -93,6 +96,7 @@ pub async fn update(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> 
     .bind(&w.logo_url)
     .bind(&w.accent_color)
     .bind(&w.allowed_redirects)
+    .bind(&w.success_redirect)
     .bind(w.updated_at)
     .execute(conn)
     .await?;

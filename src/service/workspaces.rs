@@ -24,6 +24,9 @@ pub struct WorkspaceView {
     pub branding: Branding,
     /// Allowed success-redirect URLs (exact origin, path prefix).
     pub allowed_redirects: Vec<String>,
+    /// Where the success page offers to send clients whose link names no redirect of its own
+    /// (in the allow-list).
+    pub success_redirect: Option<String>,
     /// Creation time.
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
@@ -54,6 +57,7 @@ impl From<&WorkspaceRow> for WorkspaceView {
                 accent_color: w.accent_color.clone(),
             },
             allowed_redirects: w.allow_list().iter().map(ToString::to_string).collect(),
+            success_redirect: w.success_redirect.clone(),
             created_at: from_millis(w.created_at),
         }
     }
@@ -73,6 +77,9 @@ pub struct NewWorkspace {
     /// Allowed success-redirect URLs.
     #[serde(default)]
     pub allowed_redirects: Option<Vec<String>>,
+    /// Default success redirect for links without their own (must be in the allow-list).
+    #[serde(default)]
+    pub success_redirect: Option<String>,
 }
 
 /// Input of [`update`]: absent fields stay as they are.
@@ -85,6 +92,8 @@ pub struct WorkspaceUpdate {
     pub branding: Option<Branding>,
     /// New allow-list (replaces the whole list).
     pub allowed_redirects: Option<Vec<String>>,
+    /// New default success redirect (must be in the allow-list); `""` removes it.
+    pub success_redirect: Option<String>,
 }
 
 fn validate_branding(errors: &mut Errors, b: &Branding) -> (Option<String>, Option<String>, Option<String>) {
@@ -102,6 +111,25 @@ fn validate_branding(errors: &mut Errors, b: &Branding) -> (Option<String>, Opti
         ),
     };
     (display, logo, accent)
+}
+
+/// The default success redirect `value` (`""`: none), checked against the allow-list `allowed`
+/// (as [`validate_allow_list`] stores it).
+fn validate_success_redirect(errors: &mut Errors, value: &str, allowed: &str) -> Option<String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    let list: Vec<url::Url> = serde_json::from_str::<Vec<String>>(allowed)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| url::Url::parse(s).ok())
+        .collect();
+    errors.take(
+        domain::parse_success_redirect(value, &list)
+            .map(|u| u.to_string())
+            .map_err(|e| FieldError::new("success_redirect", e.message)),
+    )
 }
 
 fn validate_allow_list(errors: &mut Errors, list: &[String]) -> String {
@@ -135,6 +163,8 @@ pub async fn create(
     let (display_name, logo_url, accent_color) =
         validate_branding(&mut errors, &input.branding.unwrap_or_default());
     let allowed = validate_allow_list(&mut errors, &input.allowed_redirects.unwrap_or_default());
+    let success_redirect =
+        input.success_redirect.as_deref().and_then(|u| validate_success_redirect(&mut errors, u, &allowed));
     errors.finish()?;
     let (Some(name), Some(slug)) = (name, slug) else {
         return Err(ServiceError::Validation(vec![FieldError::new("name", "is invalid")]));
@@ -148,6 +178,7 @@ pub async fn create(
         logo_url,
         accent_color,
         allowed_redirects: allowed,
+        success_redirect,
         created_at: now,
         updated_at: now,
     };
@@ -227,6 +258,9 @@ pub async fn update(
     if let Some(list) = &input.allowed_redirects {
         row.allowed_redirects = validate_allow_list(&mut errors, list);
     }
+    if let Some(u) = &input.success_redirect {
+        row.success_redirect = validate_success_redirect(&mut errors, u, &row.allowed_redirects);
+    }
     errors.finish()?;
     let now = app.now_ms();
     row.updated_at = now;
@@ -244,6 +278,7 @@ pub async fn update(
             "name": input.name.is_some(),
             "branding": input.branding.is_some(),
             "allowed_redirects": input.allowed_redirects.is_some(),
+            "success_redirect": input.success_redirect.is_some(),
         }),
     )
     .await?;

@@ -614,6 +614,57 @@ async fn success_redirect_and_landing_list(app: TestApp) {
     .await;
     let html = connect(&app.client, &app, url, "tiktok", &account("tiktok", 1)).await;
     assert!(html.contains("is connected") && !html.contains("agency.example"), "{html}");
+    // A workspace's default redirect serves the links that name none; a link's own wins.
+    let w = app.cli_json(&[
+        "workspace",
+        "create",
+        "--name",
+        "Defaults",
+        "--allow-redirect",
+        "https://agency.example/",
+        "--success-redirect",
+        "https://agency.example/welcome",
+    ]);
+    assert_eq!(w["success_redirect"], "https://agency.example/welcome");
+    let wid = w["id"].as_str().unwrap();
+    let (_, plain) = app.link(wid, "Client");
+    let html = connect(&new_browser(), &app, &plain, "instagram", &account("instagram", 0)).await;
+    assert!(
+        html.replace("&#38;", "&")
+            .contains("https://agency.example/welcome?status=connected&provider=instagram"),
+        "{html}"
+    );
+    let own = app.cli_json(&[
+        "link",
+        "create",
+        "--workspace",
+        wid,
+        "--label",
+        "Own",
+        "--redirect-url",
+        "https://agency.example/own",
+    ]);
+    let html =
+        connect(&new_browser(), &app, own["url"].as_str().unwrap(), "tiktok", &account("tiktok", 2)).await;
+    let html = html.replace("&#38;", "&");
+    assert!(
+        html.contains("https://agency.example/own?status=connected") && !html.contains("/welcome"),
+        "{html}"
+    );
+    // Not in the allow-list: refused on write.
+    let admin = app.admin_key();
+    let p = app
+        .api_patch(
+            &format!("/workspaces/{wid}"),
+            &admin,
+            json!({"success_redirect": "https://elsewhere.example/"}),
+            422,
+        )
+        .await;
+    assert!(p.to_string().contains("success_redirect"), "{p}");
+    let cleared =
+        app.api_patch(&format!("/workspaces/{wid}"), &admin, json!({"success_redirect": ""}), 200).await;
+    assert!(cleared["success_redirect"].is_null(), "{cleared}");
 }
 
 async fn connections_api_and_cli(app: TestApp) {

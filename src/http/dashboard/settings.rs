@@ -250,6 +250,7 @@ pub struct BrandingForm {
     logo_url: String,
     accent_color: String,
     allowed_redirects: String,
+    success_redirect: String,
 }
 
 #[derive(Template)]
@@ -311,6 +312,7 @@ pub async fn branding(
         logo_url: w.logo_url.clone().unwrap_or_default(),
         accent_color: w.accent_color.clone().unwrap_or_default(),
         allowed_redirects: w.allow_list().iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"),
+        success_redirect: w.success_redirect.clone().unwrap_or_default(),
     };
     branding_page(&state, &ctx, &ws, StatusCode::OK, v, FormErrors::default(), q.notice.as_deref()).await
 }
@@ -331,6 +333,7 @@ pub async fn save_branding(
         logo_url: form.get("logo_url").trim().to_string(),
         accent_color: form.get("accent_color").trim().to_string(),
         allowed_redirects: form.get("allowed_redirects").to_string(),
+        success_redirect: form.get("success_redirect").trim().to_string(),
     };
     if form.get("action") == "preview" {
         return branding_page(&state, &ctx, &ws, StatusCode::OK, v, FormErrors::default(), None).await;
@@ -350,6 +353,7 @@ pub async fn save_branding(
                 .map(str::to_string)
                 .collect(),
         ),
+        success_redirect: Some(v.success_redirect.clone()),
     };
     match workspaces::update(&state, &ctx.actor, &ws.scope, &ws.row.id, input).await {
         Ok(w) => Ok(see_other(&format!("/app/w/{}/branding?notice=branding_saved", w.slug))),

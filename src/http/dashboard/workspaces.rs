@@ -134,6 +134,7 @@ pub async fn create(State(state): State<AppState>, ctx: Ctx, form: FormData) -> 
         slug: Some(slug.clone()).filter(|s| !s.is_empty()),
         branding: None,
         allowed_redirects: None,
+        success_redirect: None,
     };
     match workspaces::create(&state, &ctx.actor, &scope, input).await {
         Ok(w) => Ok(see_other(&format!("/app/w/{}?notice=workspace_created", w.slug))),

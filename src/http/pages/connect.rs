@@ -803,12 +803,13 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     let Some(connection) = db::connections::get(&mut conn, connection_id).await? else {
         return Ok(not_found());
     };
-    // Checked against the allow-list as it stands now: a URL the workspace has since removed
-    // from it is no longer offered.
+    // The link's redirect, else the workspace's default, checked against the allow-list as it
+    // stands now: a URL the workspace has since removed from it is no longer offered.
     let allowed = workspace.allow_list();
     let redirect = link
         .as_ref()
         .and_then(|l| l.redirect_url.as_deref())
+        .or(workspace.success_redirect.as_deref())
         .and_then(|u| domain::parse_success_redirect(u, &allowed).ok())
         .map(|mut u| {
             u.query_pairs_mut()
