@@ -206,8 +206,10 @@ impl Default for ProvidersConfig {
 pub struct TikTokConfig {
     /// Offer TikTok on links.
     pub enabled: bool,
-    /// Run against the built-in simulator even when credentials are set.
-    pub sandbox: bool,
+    /// `true`: run against the built-in simulator even when credentials are set. `false`: run
+    /// against TikTok, which needs `client_key` and `client_secret`. Unset: the simulator exactly
+    /// when neither credential is set.
+    pub sandbox: Option<bool>,
     /// The app's client key (TikTok's name for the client id).
     pub client_key: Option<String>,
     /// The app's client secret.
@@ -231,7 +233,7 @@ impl Default for TikTokConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            sandbox: false,
+            sandbox: None,
             client_key: None,
             client_secret: None,
             scopes: vec!["user.info.basic".into(), "user.info.profile".into()],
@@ -248,8 +250,10 @@ impl Default for TikTokConfig {
 pub struct InstagramConfig {
     /// Offer Instagram on links.
     pub enabled: bool,
-    /// Run against the built-in simulator even when credentials are set.
-    pub sandbox: bool,
+    /// `true`: run against the built-in simulator even when credentials are set. `false`: run
+    /// against Instagram, which needs `client_id` and `client_secret`. Unset: the simulator
+    /// exactly when neither credential is set.
+    pub sandbox: Option<bool>,
     /// The Instagram app id (not the Meta app id).
     pub client_id: Option<String>,
     /// The Instagram app secret; also verifies Meta's signed requests.
@@ -270,7 +274,7 @@ impl Default for InstagramConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            sandbox: false,
+            sandbox: None,
             client_id: None,
             client_secret: None,
             scopes: vec!["instagram_business_basic".into()],
@@ -292,17 +296,70 @@ pub struct SandboxConfig {
 }
 
 impl TikTokConfig {
-    /// Whether this provider runs against the built-in simulator.
+    /// Whether this provider runs against the built-in simulator: `sandbox = true`, or no
+    /// `sandbox` setting and no credentials. (A validated configuration has both credentials
+    /// whenever this is false.)
     pub fn is_sandbox(&self) -> bool {
-        self.sandbox || self.client_key.is_none() || self.client_secret.is_none()
+        sandbox_mode(self.sandbox, self.client_key.as_deref(), self.client_secret.as_ref())
     }
 }
 
 impl InstagramConfig {
-    /// Whether this provider runs against the built-in simulator.
+    /// Whether this provider runs against the built-in simulator: `sandbox = true`, or no
+    /// `sandbox` setting and no credentials. (A validated configuration has both credentials
+    /// whenever this is false.)
     pub fn is_sandbox(&self) -> bool {
-        self.sandbox || self.client_id.is_none() || self.client_secret.is_none()
+        sandbox_mode(self.sandbox, self.client_id.as_deref(), self.client_secret.as_ref())
     }
+}
+
+/// Whether a credential counts as set: present and not blank (an empty environment variable is
+/// a missing credential, not an empty one).
+fn is_set(value: Option<&str>) -> bool {
+    value.is_some_and(|v| !v.trim().is_empty())
+}
+
+fn sandbox_mode(sandbox: Option<bool>, id: Option<&str>, secret: Option<&SecretString>) -> bool {
+    match sandbox {
+        Some(explicit) => explicit,
+        None => !is_set(id) && !is_set(secret.map(|s| s.expose_secret())),
+    }
+}
+
+/// Refuses credentials that would silently fall back to the simulator: with `sandbox = false`
+/// both must be set, and without a `sandbox` setting they are set together or not at all. Only
+/// `sandbox = true` runs the simulator whatever is set. The message names the missing keys and
+/// never a value.
+fn check_credentials(
+    provider: &str,
+    name: &str,
+    sandbox: Option<bool>,
+    (id_key, id): (&str, Option<&str>),
+    secret: Option<&SecretString>,
+) -> Result<(), ConfigError> {
+    let id_set = is_set(id);
+    let secret_set = is_set(secret.map(|s| s.expose_secret()));
+    if sandbox == Some(true) || (id_set && secret_set) || (sandbox.is_none() && !id_set && !secret_set) {
+        return Ok(());
+    }
+    let missing: Vec<String> = [(id_key, id_set), ("client_secret", secret_set)]
+        .into_iter()
+        .filter(|(_, set)| !set)
+        .map(|(key, _)| format!("`providers.{provider}.{key}`"))
+        .collect();
+    let (subject, verb) = match missing.as_slice() {
+        [one] => (one.clone(), "is"),
+        many => (many.join(" and "), "are"),
+    };
+    let why = if sandbox == Some(false) {
+        format!("`providers.{provider}.sandbox = false` asks for the real {name} API, which needs both")
+    } else {
+        format!("only one of the two {name} credentials is set, and the real {name} API needs both")
+    };
+    Err(ConfigError::Invalid(format!(
+        "key {subject}: {verb} missing; {why}. Set {subject}, or set `providers.{provider}.sandbox = true` \
+         to run {name} against the built-in simulator"
+    )))
 }
 
 /// Why a configuration could not be loaded. The message names the offending key.
@@ -417,6 +474,26 @@ impl Config {
         }
         if self.database.max_connections == 0 {
             return Err(ConfigError::Invalid("key `database.max_connections`: must be positive".into()));
+        }
+        let (tiktok, instagram) = (&self.providers.tiktok, &self.providers.instagram);
+        // A disabled provider runs in neither mode, so its credentials are not checked.
+        if tiktok.enabled {
+            check_credentials(
+                "tiktok",
+                "TikTok",
+                tiktok.sandbox,
+                ("client_key", tiktok.client_key.as_deref()),
+                tiktok.client_secret.as_ref(),
+            )?;
+        }
+        if instagram.enabled {
+            check_credentials(
+                "instagram",
+                "Instagram",
+                instagram.sandbox,
+                ("client_id", instagram.client_id.as_deref()),
+                instagram.client_secret.as_ref(),
+            )?;
         }
         for (key, url) in [
             ("providers.tiktok.authorize_url", &self.providers.tiktok.authorize_url),
@@ -661,7 +738,7 @@ mod tests {
         let path = dir.path().join("authlink.toml");
         std::fs::write(
             &path,
-            "public_url = \"https://links.example.com/\"\nlisten = \"127.0.0.1:7000\"\n[providers.instagram]\nclient_id = \"abc\"\n",
+            "public_url = \"https://links.example.com/\"\nlisten = \"127.0.0.1:7000\"\n[providers.instagram]\nclient_id = \"abc\"\nclient_secret = \"def\"\n",
         )
         .unwrap();
         let c = Config::load_from(Some(&path), &env(&[("AUTHLINK_LISTEN", "127.0.0.1:7001")])).unwrap();
@@ -676,6 +753,83 @@ mod tests {
         let c = Config::load_from(Some(Path::new("config.example.toml")), &[]).unwrap();
         assert!(!c.providers.tiktok.is_sandbox());
         assert_eq!(c.public("/oauth/tiktok/callback"), "https://links.example.com/oauth/tiktok/callback");
+    }
+
+    #[test]
+    fn sandbox_mode_follows_the_setting_and_the_credentials() {
+        let load = |pairs: &[(&str, &str)]| Config::load_from(None, &env(pairs));
+        // Nothing set: the simulator, for both providers.
+        let c = load(&[]).unwrap();
+        assert!(c.providers.tiktok.is_sandbox() && c.providers.instagram.is_sandbox());
+        assert_eq!(c.masked()["providers"]["tiktok"]["mode"], "sandbox");
+        // Both credentials: live, with or without `sandbox = false`.
+        let both = [
+            ("AUTHLINK_PROVIDERS__INSTAGRAM__CLIENT_ID", "17841"),
+            ("AUTHLINK_PROVIDERS__INSTAGRAM__CLIENT_SECRET", "ig-s3cret"),
+        ];
+        assert!(!load(&both).unwrap().providers.instagram.is_sandbox());
+        let mut explicit = both.to_vec();
+        explicit.push(("AUTHLINK_PROVIDERS__INSTAGRAM__SANDBOX", "false"));
+        let c = load(&explicit).unwrap();
+        assert!(!c.providers.instagram.is_sandbox());
+        assert_eq!(c.masked()["providers"]["instagram"]["mode"], "live");
+        // `sandbox = true` wins over any credentials, even half of them.
+        explicit.push(("AUTHLINK_PROVIDERS__INSTAGRAM__SANDBOX", "true"));
+        assert!(load(&explicit).unwrap().providers.instagram.is_sandbox());
+        let c = load(&[
+            ("AUTHLINK_PROVIDERS__TIKTOK__SANDBOX", "true"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY", "ck"),
+        ])
+        .unwrap();
+        assert!(c.providers.tiktok.is_sandbox());
+    }
+
+    #[test]
+    fn live_mode_without_its_credentials_is_refused_naming_them() {
+        let err = |pairs: &[(&str, &str)]| Config::load_from(None, &env(pairs)).unwrap_err().to_string();
+        // `sandbox = false` and nothing else: both keys are named.
+        let e = err(&[("AUTHLINK_PROVIDERS__TIKTOK__SANDBOX", "false")]);
+        assert!(
+            e.contains("`providers.tiktok.client_key` and `providers.tiktok.client_secret`: are missing"),
+            "{e}"
+        );
+        assert!(e.contains("sandbox = false") && e.contains("sandbox = true"), "{e}");
+        // `sandbox = false` with half of them: the missing one is named, and no value is shown.
+        let e = err(&[
+            ("AUTHLINK_PROVIDERS__INSTAGRAM__SANDBOX", "false"),
+            ("AUTHLINK_PROVIDERS__INSTAGRAM__CLIENT_SECRET", "ig-s3cret-value"),
+        ]);
+        assert!(e.contains("`providers.instagram.client_id`: is missing"), "{e}");
+        assert!(!e.contains("client_secret`") && !e.contains("ig-s3cret-value"), "{e}");
+        // No `sandbox` setting and half of the credentials: refused too.
+        let e = err(&[("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY", "ck")]);
+        assert!(e.contains("`providers.tiktok.client_secret`: is missing"), "{e}");
+        assert!(e.contains("only one of the two TikTok credentials"), "{e}");
+        let e = err(&[("AUTHLINK_PROVIDERS__INSTAGRAM__CLIENT_SECRET", "s")]);
+        assert!(e.contains("`providers.instagram.client_id`: is missing"), "{e}");
+        // A blank value counts as missing.
+        let e = err(&[
+            ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY", "ck"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_SECRET", "  "),
+        ]);
+        assert!(e.contains("`providers.tiktok.client_secret`: is missing"), "{e}");
+        // The same from a TOML file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authlink.toml");
+        std::fs::write(&path, "[providers.tiktok]\nsandbox = false\nclient_key = \"ck\"\n").unwrap();
+        let e = Config::load_from(Some(&path), &[]).unwrap_err().to_string();
+        assert!(e.contains("`providers.tiktok.client_secret`: is missing"), "{e}");
+        // A disabled provider runs in neither mode: its credentials are not checked.
+        assert!(
+            Config::load_from(
+                None,
+                &env(&[
+                    ("AUTHLINK_PROVIDERS__TIKTOK__ENABLED", "false"),
+                    ("AUTHLINK_PROVIDERS__TIKTOK__SANDBOX", "false"),
+                ])
+            )
+            .is_ok()
+        );
     }
 
     #[test]
