@@ -216,6 +216,11 @@ pub struct TikTokConfig {
     pub client_secret: Option<SecretString>,
     /// Scopes asked for (comma-joined on the wire).
     pub scopes: Vec<String>,
+    /// Of those, the scopes without which a connection is refused (the client is asked to try
+    /// again with every permission on). Unset: all of `scopes`. A client may switch off the
+    /// others: the connection is made and its status reason names what is missing.
+    /// `user.info.basic` is always required.
+    pub required_scopes: Option<Vec<String>>,
     /// Authorization page.
     pub authorize_url: Url,
     /// Token endpoint (code exchange and refresh).
@@ -237,6 +242,7 @@ impl Default for TikTokConfig {
             client_key: None,
             client_secret: None,
             scopes: vec!["user.info.basic".into(), "user.info.profile".into()],
+            required_scopes: None,
             authorize_url: constant_url("https://www.tiktok.com/v2/auth/authorize/"),
             token_url: constant_url("https://open.tiktokapis.com/v2/oauth/token/"),
             api_base_url: constant_url("https://open.tiktokapis.com"),
@@ -260,6 +266,9 @@ pub struct InstagramConfig {
     pub client_secret: Option<SecretString>,
     /// Scopes asked for.
     pub scopes: Vec<String>,
+    /// Of those, the scopes without which a connection is refused. Unset: all of `scopes`.
+    /// `instagram_business_basic` is always required.
+    pub required_scopes: Option<Vec<String>>,
     /// Authorization page.
     pub authorize_url: Url,
     /// Short-lived token endpoint.
@@ -278,6 +287,7 @@ impl Default for InstagramConfig {
             client_id: None,
             client_secret: None,
             scopes: vec!["instagram_business_basic".into()],
+            required_scopes: None,
             authorize_url: constant_url("https://www.instagram.com/oauth/authorize"),
             token_url: constant_url("https://api.instagram.com/oauth/access_token"),
             graph_base_url: constant_url("https://graph.instagram.com"),
@@ -293,6 +303,41 @@ pub struct SandboxConfig {
     /// Serve `/sandbox/control/...`, which lets tests and demos script failures and move the
     /// sandbox's clock. Never enable it on a public instance.
     pub control_api: bool,
+}
+
+/// The scopes a connection cannot do without: `required` (unset: all of `scopes`), and `basic`.
+fn required_of(basic: &str, scopes: &[String], required: Option<&[String]>) -> Vec<String> {
+    let mut out: Vec<String> = required.unwrap_or(scopes).to_vec();
+    if !out.iter().any(|s| s == basic) {
+        out.insert(0, basic.to_string());
+    }
+    out
+}
+
+/// Refuses a required scope that is not asked for.
+fn check_required(provider: &str, scopes: &[String], required: Option<&[String]>) -> Result<(), ConfigError> {
+    match required.unwrap_or_default().iter().find(|r| !scopes.contains(r)) {
+        Some(r) => Err(ConfigError::Invalid(format!(
+            "key `providers.{provider}.required_scopes`: `{r}` is not in `providers.{provider}.scopes`"
+        ))),
+        None => Ok(()),
+    }
+}
+
+impl ProvidersConfig {
+    /// The scopes without which a connection of `platform` is refused.
+    pub fn required_scopes(&self, platform: Platform) -> Vec<String> {
+        match platform {
+            Platform::Tiktok => {
+                required_of("user.info.basic", &self.tiktok.scopes, self.tiktok.required_scopes.as_deref())
+            }
+            Platform::Instagram => required_of(
+                "instagram_business_basic",
+                &self.instagram.scopes,
+                self.instagram.required_scopes.as_deref(),
+            ),
+        }
+    }
 }
 
 impl TikTokConfig {
@@ -495,6 +540,8 @@ impl Config {
                 instagram.client_secret.as_ref(),
             )?;
         }
+        check_required("tiktok", &tiktok.scopes, tiktok.required_scopes.as_deref())?;
+        check_required("instagram", &instagram.scopes, instagram.required_scopes.as_deref())?;
         for (key, url) in [
             ("providers.tiktok.authorize_url", &self.providers.tiktok.authorize_url),
             ("providers.tiktok.token_url", &self.providers.tiktok.token_url),
@@ -565,6 +612,7 @@ impl Config {
                     "client_key": tiktok.client_key,
                     "client_secret": mask(&tiktok.client_secret),
                     "scopes": tiktok.scopes,
+                    "required_scopes": self.providers.required_scopes(Platform::Tiktok),
                     "authorize_url": tiktok.authorize_url.as_str(),
                     "token_url": tiktok.token_url.as_str(),
                     "api_base_url": tiktok.api_base_url.as_str(),
@@ -576,6 +624,7 @@ impl Config {
                     "client_id": instagram.client_id,
                     "client_secret": mask(&instagram.client_secret),
                     "scopes": instagram.scopes,
+                    "required_scopes": self.providers.required_scopes(Platform::Instagram),
                     "authorize_url": instagram.authorize_url.as_str(),
                     "token_url": instagram.token_url.as_str(),
                     "graph_base_url": instagram.graph_base_url.as_str(),
@@ -835,5 +884,40 @@ mod tests {
     #[test]
     fn database_password_is_masked() {
         assert_eq!(mask_database_url("postgres://u:pw@localhost/db"), "postgres://u:****@localhost/db");
+    }
+
+    #[test]
+    fn required_scopes_default_to_all_asked_and_must_be_asked() {
+        let c = Config::load_from(None, &[]).unwrap();
+        assert_eq!(
+            c.providers.required_scopes(Platform::Tiktok),
+            vec!["user.info.basic", "user.info.profile"]
+        );
+        let c = Config::load_from(
+            None,
+            &env(&[("AUTHLINK_PROVIDERS__TIKTOK__REQUIRED_SCOPES", "[user.info.profile]")]),
+        )
+        .unwrap();
+        // The basic scope is always required.
+        assert_eq!(
+            c.providers.required_scopes(Platform::Tiktok),
+            vec!["user.info.basic", "user.info.profile"]
+        );
+        let c =
+            Config::load_from(None, &env(&[("AUTHLINK_PROVIDERS__TIKTOK__REQUIRED_SCOPES", "[]")])).unwrap();
+        assert_eq!(c.providers.required_scopes(Platform::Tiktok), vec!["user.info.basic"]);
+        let err = Config::load_from(
+            None,
+            &env(&[(
+                "AUTHLINK_PROVIDERS__INSTAGRAM__REQUIRED_SCOPES",
+                "[instagram_business_content_publish]",
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("providers.instagram.required_scopes") && err.contains("content_publish"),
+            "{err}"
+        );
     }
 }

@@ -140,14 +140,6 @@ impl Provider {
         }
     }
 
-    /// The scopes without which a connection is useless.
-    pub fn required_scopes(&self) -> &'static [&'static str] {
-        match self {
-            Provider::Tiktok(_) => &["user.info.basic"],
-            Provider::Instagram(_) => &["instagram_business_basic"],
-        }
-    }
-
     /// The URL to send the browser to.
     pub fn authorize_url(&self, req: &AuthorizeRequest<'_>) -> Url {
         match self {

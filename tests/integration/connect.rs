@@ -534,6 +534,35 @@ async fn fewer_scopes_than_required(app: TestApp) {
     assert_eq!(page.status(), 403);
     assert!(page.text().await.unwrap().contains("permissions were not granted"));
     assert_nothing_connected(&app).await;
+    // With only the basic scope required, the same grant connects the account, and its status
+    // reason says what is missing.
+    let (app, _old) =
+        app.restart_with(&[("AUTHLINK_PROVIDERS__TIKTOK__REQUIRED_SCOPES", "[user.info.basic]")]).await;
+    let flow = start_and_consent(
+        &app.client,
+        &app,
+        &url,
+        "tiktok",
+        &account("tiktok", 0),
+        "allow",
+        Some(&["user.info.basic"]),
+    )
+    .await;
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 200);
+    let key = app.workspace_key(&wid);
+    let list = connections(&app, &key).await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["status"], "active");
+    assert_eq!(list[0]["scopes"], json!(["user.info.basic"]));
+    assert_eq!(list[0]["status_reason"], "Granted without user.info.profile.");
+    // A full grant later clears the note.
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 200);
+    let list = connections(&app, &key).await;
+    assert!(list[0]["status_reason"].is_null(), "{}", list[0]);
+    assert_eq!(list[0]["reconnect_count"], 1);
 }
 
 async fn personal_instagram_account_is_refused(app: TestApp) {

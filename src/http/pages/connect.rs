@@ -668,8 +668,13 @@ async fn complete_flow(
     // the client switched off (TikTok's toggles) leaves a working connection, flagged in its
     // status reason (shown in every listing and sent with the webhook) so that the agency can ask
     // for it again.
-    let required: Vec<&str> =
-        provider.scopes().iter().map(String::as_str).filter(|s| !granted.iter().any(|g| g == s)).collect();
+    let required: Vec<String> = state
+        .config
+        .providers
+        .required_scopes(platform)
+        .into_iter()
+        .filter(|s| !granted.iter().any(|g| g == s))
+        .collect();
     if !required.is_empty() {
         tracing::info!(provider = %platform, missing = ?required, "client granted fewer scopes than required");
         return Err(FlowError::Failed(Failure::ScopesMissing));
