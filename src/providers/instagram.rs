@@ -319,6 +319,14 @@ fn classify_exchange_error(
         || (lower.contains("code")
             && (lower.contains("already used") || lower.contains("not found") || lower.contains("expired")));
     let detail = format!("{kind} {}: {message}", code.map(|c| c.to_string()).unwrap_or_default());
+    // Only the 400 `OAuthException` is documented; the `code` of the others may be the HTTP
+    // status or a Graph code, and the type may name the class, so all three are read.
+    let kind_lower = kind.to_ascii_lowercase();
+    let rate_limited = kind_lower.contains("ratelimit")
+        || raw.status == 429
+        || code.is_some_and(|c| matches!(c, 4 | 17 | 32 | 613 | 429));
+    let unavailable = raw.is_retryable_status() || code.is_some_and(|c| matches!(c, 1 | 2) || c >= 500);
+    let permission = kind_lower.contains("permission") || code == Some(10);
     if code_dead {
         ProviderError::Permanent {
             reason: format!(
@@ -326,11 +334,18 @@ fn classify_exchange_error(
                  connected again"
             ),
         }
-    } else if raw.is_retryable_status() || code.is_some_and(|c| c == 429 || c >= 500) {
+    } else if rate_limited {
+        ProviderError::Transient {
+            reason: format!("{what}: rate limited by Instagram ({detail})"),
+            retry_after: raw.retry_after,
+        }
+    } else if unavailable {
         ProviderError::Transient {
             reason: format!("{what}: Instagram is unavailable for now ({detail})"),
             retry_after: raw.retry_after,
         }
+    } else if permission {
+        ProviderError::Scope { reason: format!("{what}: a permission was not granted ({detail})") }
     } else {
         ProviderError::Rejected { reason: format!("{what}: Instagram refused the request ({detail})") }
     }
@@ -472,6 +487,28 @@ mod tests {
         assert!(matches!(
             parse_short_lived(&raw(502, "<html>"), "x", &[]),
             Err(ProviderError::Transient { .. })
+        ));
+        // Rate limits, whether the status, the type or a Graph code says so.
+        for (status, body) in [
+            (429, r#"{"error_type":"OAuthRateLimitException","code":429,"error_message":"Too many"}"#),
+            (400, r#"{"error_type":"OAuthRateLimitException","code":4,"error_message":"Limit reached"}"#),
+            (
+                400,
+                r#"{"error_type":"OAuthException","code":17,"error_message":"User request limit reached"}"#,
+            ),
+            (503, r#"{"error_type":"OAuthException","code":503,"error_message":"Unavailable"}"#),
+            (
+                400,
+                r#"{"error_type":"OAuthException","code":2,"error_message":"Service temporarily unavailable"}"#,
+            ),
+        ] {
+            assert!(parse_short_lived(&raw(status, body), "x", &[]).unwrap_err().is_transient(), "{body}");
+        }
+        let permission =
+            r#"{"error_type":"OAuthPermissionsException","code":400,"error_message":"No permission"}"#;
+        assert!(matches!(
+            parse_short_lived(&raw(400, permission), "x", &[]),
+            Err(ProviderError::Scope { .. })
         ));
         assert!(matches!(
             parse_short_lived(&raw(200, "<html>"), "x", &[]),

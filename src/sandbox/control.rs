@@ -26,6 +26,7 @@ pub(super) fn routes() -> Router<Arc<Sandbox>> {
         .route("/control/{provider}/stats", get(stats))
         .route("/control/{provider}/accounts", get(accounts))
         .route("/control/{provider}/accounts/{account_id}/revoke", post(revoke_account))
+        .route("/control/tiktok/accounts/{account_id}/revoke-access-tokens", post(revoke_access_tokens))
         .route("/control/tiktok/grants", post(mint_grants))
         .route("/control/tiktok/live-refresh-tokens", get(live_refresh_tokens))
 }
@@ -197,6 +198,13 @@ async fn revoke_account(
     };
     let revoked = sb.revoke_account(p, &account_id, request.reason);
     tracing::info!(provider = p.as_str(), revoked, "sandbox account revoked");
+    json(StatusCode::OK, json!({ "revoked_tokens": revoked }))
+}
+
+/// `POST /control/tiktok/accounts/{open_id}/revoke-access-tokens`.
+async fn revoke_access_tokens(State(sb): State<Arc<Sandbox>>, Path(account_id): Path<String>) -> Response {
+    let revoked = sb.revoke_tiktok_access_tokens(&account_id);
+    tracing::info!(revoked, "sandbox tiktok access tokens revoked");
     json(StatusCode::OK, json!({ "revoked_tokens": revoked }))
 }
 

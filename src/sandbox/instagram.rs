@@ -14,8 +14,8 @@ use time::{Duration, OffsetDateTime};
 use super::pages::{self, AccountChoice, ConsentPage, Hidden, ScopeChoice};
 use super::{
     Endpoint, FailNext, FailureKind, INSTAGRAM_CLIENT_ID, INSTAGRAM_CLIENT_SECRET, MAX_CODES, MAX_TOKENS,
-    Params, RevokeReason, Sandbox, Scenario, Stats, TokenShape, found, json, proxy_html_error, prune,
-    random_b64, split_scopes, url_with_query, with_retry_after,
+    Params, RevokeReason, Sandbox, Scenario, Stats, TokenShape, TooEarly, found, json, proxy_html_error,
+    prune, random_b64, split_scopes, url_with_query, with_retry_after,
 };
 use crate::crypto::constant_time_eq;
 
@@ -27,8 +27,6 @@ const CODE_LIFETIME: Duration = Duration::hours(1);
 const SHORT_LIVED_SECS: i64 = 3_600;
 /// How long a long-lived token lives (the documented `expires_in`, a little under 60 days).
 const LONG_LIVED_SECS: i64 = 5_183_944;
-/// The youngest a long-lived token may be to be refreshed.
-const MIN_REFRESH_AGE: Duration = Duration::hours(24);
 /// The scope every grant includes.
 const REQUIRED_SCOPE: &str = "instagram_business_basic";
 
@@ -230,12 +228,16 @@ fn graph_error(
     json(status, json!({ "error": err }))
 }
 
-/// The code-exchange error shape (§3.3): not the Graph shape.
+/// The code-exchange error shape (§3.3), 400 `OAuthException`: not the Graph shape.
 fn exchange_error(message: &str) -> Response {
-    json(
-        StatusCode::BAD_REQUEST,
-        json!({ "error_type": "OAuthException", "code": 400, "error_message": message }),
-    )
+    exchange_error_with(StatusCode::BAD_REQUEST, "OAuthException", 400, message)
+}
+
+/// The code-exchange error shape with another status, type or code. Only the 400 `OAuthException`
+/// is documented; the others keep its three fields, with the types Instagram's older API used for
+/// rate limits and permissions.
+fn exchange_error_with(status: StatusCode, error_type: &str, code: u32, message: &str) -> Response {
+    json(status, json!({ "error_type": error_type, "code": code, "error_message": message }))
 }
 
 /// The validated authorize parameters.
@@ -431,13 +433,68 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> 
     };
     let FailNext { kind, status, .. } = failure;
     tracing::debug!(?endpoint, ?kind, "sandbox instagram: scripted failure");
-    let on_exchange = endpoint == Endpoint::Token;
     let resp = match kind {
         FailureKind::Slow => {
             tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
             return None;
         }
-        FailureKind::HtmlError => proxy_html_error(status),
+        // The code exchange has its own error shape (§3.3), whatever the failure.
+        _ if endpoint == Endpoint::Token => exchange_failure(sb, kind, status, retry_after),
+        _ => graph_failure(sb, kind, status, retry_after),
+    };
+    Some(resp)
+}
+
+/// A scripted failure of the code exchange, in its `{error_type, code, error_message}` shape.
+fn exchange_failure(sb: &Sandbox, kind: FailureKind, status: Option<u16>, retry_after: u64) -> Response {
+    match kind {
+        // (`slow` never gets here: it answers normally after its delay.)
+        FailureKind::HtmlError | FailureKind::Slow => proxy_html_error(status),
+        FailureKind::RateLimit => with_retry_after(
+            exchange_error_with(
+                StatusCode::TOO_MANY_REQUESTS,
+                "OAuthRateLimitException",
+                429,
+                "The maximum number of requests per hour has been exceeded.",
+            ),
+            retry_after,
+        ),
+        FailureKind::GraphRateLimit => exchange_error_with(
+            StatusCode::BAD_REQUEST,
+            "OAuthRateLimitException",
+            4,
+            "Application request limit reached",
+        ),
+        FailureKind::ServerError => exchange_error_with(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "OAuthException",
+            500,
+            "An unexpected error has occurred. Please retry your request later.",
+        ),
+        FailureKind::TemporarilyUnavailable => exchange_error_with(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "OAuthException",
+            503,
+            "Service temporarily unavailable",
+        ),
+        FailureKind::ScopeNotAuthorized | FailureKind::ScopePermissionMissed => exchange_error_with(
+            StatusCode::BAD_REQUEST,
+            "OAuthPermissionsException",
+            400,
+            "This request requires a permission that was not granted to the app.",
+        ),
+        FailureKind::InvalidGrant | FailureKind::BadCode | FailureKind::AccessTokenInvalid => {
+            sb.instagram_state().stats.invalid_grant += 1;
+            exchange_error("Matching code was not found or was already used")
+        }
+    }
+}
+
+/// A scripted failure of a Graph endpoint, in the Graph error shape (§3.7).
+fn graph_failure(sb: &Sandbox, kind: FailureKind, status: Option<u16>, retry_after: u64) -> Response {
+    match kind {
+        // (`slow` never gets here: it answers normally after its delay.)
+        FailureKind::HtmlError | FailureKind::Slow => proxy_html_error(status),
         FailureKind::RateLimit => with_retry_after(
             graph_error(StatusCode::TOO_MANY_REQUESTS, 4, None, "Application request limit reached", false),
             retry_after,
@@ -452,6 +509,9 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> 
             "An unexpected error has occurred. Please retry your request later.",
             true,
         ),
+        FailureKind::TemporarilyUnavailable => {
+            graph_error(StatusCode::SERVICE_UNAVAILABLE, 2, None, "Service temporarily unavailable", true)
+        }
         FailureKind::ScopeNotAuthorized => graph_error(
             StatusCode::BAD_REQUEST,
             10,
@@ -459,23 +519,8 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> 
             "Application does not have permission for this action",
             false,
         ),
-        FailureKind::InvalidGrant | FailureKind::BadCode if on_exchange => {
-            sb.instagram_state().stats.invalid_grant += 1;
-            exchange_error("Matching code was not found or was already used")
-        }
-        FailureKind::AccessTokenInvalid if on_exchange => {
-            sb.instagram_state().stats.invalid_grant += 1;
-            exchange_error("Matching code was not found or was already used")
-        }
-        FailureKind::InvalidGrant | FailureKind::BadCode => {
-            sb.instagram_state().stats.invalid_grant += 1;
-            graph_error(
-                StatusCode::BAD_REQUEST,
-                190,
-                Some(463),
-                "Error validating access token: Session has expired.",
-                false,
-            )
+        FailureKind::ScopePermissionMissed => {
+            graph_error(StatusCode::BAD_REQUEST, 200, None, "Permissions error", false)
         }
         FailureKind::AccessTokenInvalid => {
             sb.instagram_state().stats.invalid_grant += 1;
@@ -487,8 +532,17 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> 
                 false,
             )
         }
-    };
-    Some(resp)
+        FailureKind::InvalidGrant | FailureKind::BadCode => {
+            sb.instagram_state().stats.invalid_grant += 1;
+            graph_error(
+                StatusCode::BAD_REQUEST,
+                190,
+                Some(463),
+                "Error validating access token: Session has expired.",
+                false,
+            )
+        }
+    }
 }
 
 /// `POST /instagram/oauth/access_token`: code → short-lived token.
@@ -624,15 +678,25 @@ pub(super) async fn refresh(State(sb): State<Arc<Sandbox>>, RawQuery(query): Raw
                 false,
             );
         }
-        // Too early is a request error (code 100), not a dead token: the token stays valid.
-        Ok(t) if now - t.issued_at < MIN_REFRESH_AGE => {
-            return graph_error(
-                StatusCode::BAD_REQUEST,
-                100,
-                None,
-                "The access token cannot be refreshed yet: it must be at least 24 hours old",
-                false,
-            );
+        // Too early: the token stays valid whatever the answer says (which is unconfirmed, so
+        // it is a switch: a request error by default, or code 190).
+        Ok(t) if now - t.issued_at < min_refresh_age(&st.scenario) => {
+            return match st.scenario.refresh_too_early {
+                TooEarly::Code100 => graph_error(
+                    StatusCode::BAD_REQUEST,
+                    100,
+                    None,
+                    "The access token cannot be refreshed yet: it must be at least 24 hours old",
+                    false,
+                ),
+                TooEarly::Code190 => graph_error(
+                    StatusCode::BAD_REQUEST,
+                    190,
+                    None,
+                    "Error validating access token: the access token is too new to be refreshed",
+                    false,
+                ),
+            };
         }
         Ok(t) => t.user_id,
         Err(resp) => {
@@ -645,6 +709,11 @@ pub(super) async fn refresh(State(sb): State<Arc<Sandbox>>, RawQuery(query): Raw
     drop(st);
     tracing::debug!("sandbox instagram: long-lived token refreshed");
     json(StatusCode::OK, json!({ "access_token": token, "token_type": "bearer", "expires_in": lifetime }))
+}
+
+/// The youngest a long-lived token may be to be refreshed.
+fn min_refresh_age(scenario: &Scenario) -> Duration {
+    Duration::seconds(i64::try_from(scenario.refresh_min_age_secs).unwrap_or(i64::MAX))
 }
 
 /// `GET /instagram/graph/{version}/me?fields=...`, token as `access_token=` or Bearer.

@@ -61,12 +61,16 @@
 //! - `POST /control/{provider}/scenario` with a partial object of switches; only the keys sent
 //!   change, `fail_next` replaces the queue. Answers the resulting scenario. See [`ScenarioPatch`]:
 //!   `{"deny_all": bool, "fail_next": [{"endpoint": "token"|"refresh"|"profile"|"exchange_long_lived"|"revoke",
-//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit",
+//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed",
 //!   "count": n (default 1), "status": optional HTTP status for html_error (default 502)}],
 //!   "pkce_optional": bool (TikTok), "lifetimes": "long"|"short" (TikTok), "token_shape": "flat"|"wrapped"
-//!   (Instagram), "retry_after_secs": n (default 30), "slow_ms": n (default 15000)}`.
+//!   (Instagram), "refresh_too_early": "code_100"|"code_190" (Instagram, default code_100),
+//!   "refresh_min_age_secs": n (Instagram, default 86400), "retry_after_secs": n (default 30),
+//!   "slow_ms": n (default 15000)}`.
 //!   `fail_next` entries are consumed in order, per endpoint: a call takes the first entry for its
-//!   endpoint. `slow` waits `slow_ms`, then answers normally.
+//!   endpoint. `slow` waits `slow_ms`, then answers normally. See [`FailureKind`] for each kind's
+//!   answer per provider; on Instagram's code exchange (`token`) every kind answers the
+//!   exchange's own `{error_type, code, error_message}` shape (§3.3), never the Graph one.
 //! - `GET  /control/{provider}/scenario`: the current switches.
 //! - `POST /control/{provider}/reset`: switches and counters back to their defaults (codes and
 //!   tokens stay). Answers `{"ok": true}`.
@@ -77,6 +81,9 @@
 //! - `POST /control/{provider}/accounts/{account_id}/revoke`, optional body
 //!   `{"reason": "app_removed"|"password_changed"}`: kills every token of the account (Instagram
 //!   then answers Graph 190 with subcode 458 or 460). Answers `{"revoked_tokens": n}`.
+//! - `POST /control/tiktok/accounts/{open_id}/revoke-access-tokens`: kills the account's live
+//!   access tokens only; its refresh token still works (an access token revoked mid-life).
+//!   Answers `{"revoked_tokens": n}`.
 //! - `POST /control/clock/advance` `{"seconds": n}` (n ≥ 0): moves the shared clock. Answers
 //!   `{"now": "<RFC 3339>", "now_unix": n}`.
 
@@ -207,8 +214,14 @@ impl Sandbox {
     pub fn set_scenario(&self, platform: Platform, patch: ScenarioPatch) -> Result<Scenario, String> {
         match platform {
             Platform::Tiktok => {
-                if patch.token_shape.is_some() {
-                    return Err("token_shape applies to instagram only".into());
+                if patch.token_shape.is_some()
+                    || patch.refresh_too_early.is_some()
+                    || patch.refresh_min_age_secs.is_some()
+                {
+                    return Err(
+                        "token_shape, refresh_too_early and refresh_min_age_secs apply to instagram only"
+                            .into(),
+                    );
                 }
                 let mut st = self.tiktok_state();
                 st.scenario.apply(patch);
@@ -250,6 +263,14 @@ impl Sandbox {
             Platform::Tiktok => self.tiktok_state().revoke_account(account_id, now),
             Platform::Instagram => self.instagram_state().revoke_account(account_id, reason, now),
         }
+    }
+
+    /// Kills the live TikTok access tokens of one fake account but not its refresh tokens, as
+    /// when TikTok invalidates an access token mid-life: user info then answers
+    /// `access_token_invalid`, and a refresh still issues a working pair. Returns how many died.
+    pub fn revoke_tiktok_access_tokens(&self, open_id: &str) -> usize {
+        let now = self.now();
+        self.tiktok_state().revoke_access_tokens(open_id, now)
     }
 
     fn now(&self) -> OffsetDateTime {
@@ -327,6 +348,13 @@ pub enum FailureKind {
     AccessTokenInvalid,
     /// TikTok 401 `scope_not_authorized`; Graph code 10.
     ScopeNotAuthorized,
+    /// TikTok 503 `temporarily_unavailable` (an OAuth error: the token, refresh and revoke
+    /// endpoints; on user info, whose API has no such code, the same answer as from a gateway in
+    /// front of it); Graph code 2 "Service temporarily unavailable" with `is_transient`, 503.
+    TemporarilyUnavailable,
+    /// TikTok 400 `scope_permission_missed` (enveloped on user info, the OAuth shape on the other
+    /// endpoints); Graph code 200 "Permissions error".
+    ScopePermissionMissed,
 }
 
 /// One scripted failure.
@@ -371,6 +399,19 @@ pub enum TokenShape {
     Wrapped,
 }
 
+/// What Instagram answers to a refresh of a token younger than `refresh_min_age_secs`. The
+/// real answer is unconfirmed (providers.md §3.5); both are 400 Graph errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TooEarly {
+    /// Code 100, a request error: the token stays valid.
+    #[default]
+    #[serde(rename = "code_100")]
+    Code100,
+    /// Code 190 without a subcode, as for an invalid token (the token stays valid all the same).
+    #[serde(rename = "code_190")]
+    Code190,
+}
+
 /// The scenario switches of one provider.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Scenario {
@@ -384,6 +425,11 @@ pub struct Scenario {
     pub lifetimes: Lifetimes,
     /// Instagram: the code-exchange answer's shape.
     pub token_shape: TokenShape,
+    /// Instagram: the error for refreshing a token that is too young.
+    pub refresh_too_early: TooEarly,
+    /// Instagram: the youngest a long-lived token may be to be refreshed, in seconds (documented:
+    /// 24 h).
+    pub refresh_min_age_secs: u64,
     /// The `Retry-After` of `rate_limit` failures, in seconds.
     pub retry_after_secs: u64,
     /// The delay of `slow` failures, in milliseconds.
@@ -398,6 +444,8 @@ impl Default for Scenario {
             pkce_optional: false,
             lifetimes: Lifetimes::Long,
             token_shape: TokenShape::Flat,
+            refresh_too_early: TooEarly::Code100,
+            refresh_min_age_secs: 86_400,
             retry_after_secs: 30,
             slow_ms: 15_000,
         }
@@ -420,6 +468,12 @@ impl Scenario {
         }
         if let Some(v) = patch.token_shape {
             self.token_shape = v;
+        }
+        if let Some(v) = patch.refresh_too_early {
+            self.refresh_too_early = v;
+        }
+        if let Some(v) = patch.refresh_min_age_secs {
+            self.refresh_min_age_secs = v;
         }
         if let Some(v) = patch.retry_after_secs {
             self.retry_after_secs = v;
@@ -456,6 +510,10 @@ pub struct ScenarioPatch {
     pub lifetimes: Option<Lifetimes>,
     /// See [`Scenario::token_shape`].
     pub token_shape: Option<TokenShape>,
+    /// See [`Scenario::refresh_too_early`].
+    pub refresh_too_early: Option<TooEarly>,
+    /// See [`Scenario::refresh_min_age_secs`].
+    pub refresh_min_age_secs: Option<u64>,
     /// See [`Scenario::retry_after_secs`].
     pub retry_after_secs: Option<u64>,
     /// See [`Scenario::slow_ms`].

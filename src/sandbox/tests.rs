@@ -801,6 +801,181 @@ async fn instagram_scripted_failures_are_classified() {
     assert!(h.instagram.refresh(token, h.now()).await.unwrap_err().is_transient());
 }
 
+/// Scripts one failure of `kind` on Instagram's code exchange and runs the adapter's exchange.
+async fn instagram_exchange_failing(h: &Harness, code: &str, kind: &str) -> ProviderError {
+    let (status, _) = h
+        .control("/instagram/scenario", json!({ "fail_next": [{ "endpoint": "token", "kind": kind }] }))
+        .await;
+    assert_eq!(status, 200);
+    h.instagram.exchange_code(code, &h.instagram_redirect(), h.now()).await.unwrap_err()
+}
+
+#[tokio::test]
+async fn instagram_exchange_failures_answer_the_exchange_shape() {
+    let h = start().await;
+    let url = format!("{}/sandbox/instagram/oauth/access_token", h.base);
+    for (kind, status, error_type) in [
+        ("rate_limit", 429, "OAuthRateLimitException"),
+        ("graph_rate_limit", 400, "OAuthRateLimitException"),
+        ("server_error", 500, "OAuthException"),
+        ("temporarily_unavailable", 503, "OAuthException"),
+        ("scope_not_authorized", 400, "OAuthPermissionsException"),
+        ("scope_permission_missed", 400, "OAuthPermissionsException"),
+        ("invalid_grant", 400, "OAuthException"),
+        ("access_token_invalid", 400, "OAuthException"),
+    ] {
+        h.control("/instagram/scenario", json!({ "fail_next": [{ "endpoint": "token", "kind": kind }] }))
+            .await;
+        let resp = h.http.post(&url).form(&[("client_id", INSTAGRAM_CLIENT_ID)]).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{kind}");
+        let retry_after = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(retry_after.as_deref(), (kind == "rate_limit").then_some("30"), "{kind}");
+        let body: Value = resp.json().await.unwrap();
+        let mut keys: Vec<&String> = body.as_object().unwrap().keys().collect();
+        keys.sort();
+        assert_eq!(keys, ["code", "error_message", "error_type"], "{kind}: {body}");
+        assert_eq!(body["error_type"], error_type, "{kind}");
+        assert!(body["code"].is_u64() && body["error_message"].is_string(), "{kind}: {body}");
+    }
+
+    // The adapter classifies each of them; a scripted failure leaves the code usable.
+    let code = h.instagram_code("17841400000000001").await;
+    let ProviderError::Transient { retry_after, .. } =
+        instagram_exchange_failing(&h, &code, "rate_limit").await
+    else {
+        panic!("rate_limit")
+    };
+    assert_eq!(retry_after, Some(Duration::from_secs(30)));
+    for kind in ["graph_rate_limit", "server_error", "temporarily_unavailable", "html_error"] {
+        let err = instagram_exchange_failing(&h, &code, kind).await;
+        assert!(err.is_transient(), "{kind}: {err:?}");
+    }
+    for kind in ["scope_not_authorized", "scope_permission_missed"] {
+        let err = instagram_exchange_failing(&h, &code, kind).await;
+        assert!(matches!(err, ProviderError::Scope { .. }), "{kind}: {err:?}");
+    }
+    let err = instagram_exchange_failing(&h, &code, "invalid_grant").await;
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+    assert!(h.instagram.exchange_code(&code, &h.instagram_redirect(), h.now()).await.is_ok());
+}
+
+#[tokio::test]
+async fn tiktok_temporarily_unavailable_and_scope_permission_missed_are_classified() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let redirect = h.tiktok_redirect();
+    // The wire shape on the token endpoint: an OAuth error with a 503.
+    h.control(
+        "/tiktok/scenario",
+        json!({ "fail_next": [{ "endpoint": "token", "kind": "temporarily_unavailable" }] }),
+    )
+    .await;
+    let resp = h
+        .http
+        .post(format!("{}/sandbox/tiktok/v2/oauth/token/", h.base))
+        .form(&[("grant_type", "authorization_code")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "temporarily_unavailable");
+    assert!(body["error_description"].is_string() && body["log_id"].is_string());
+
+    h.control(
+        "/tiktok/scenario",
+        json!({ "fail_next": [
+            { "endpoint": "token", "kind": "temporarily_unavailable" },
+            { "endpoint": "token", "kind": "scope_permission_missed" },
+            { "endpoint": "profile", "kind": "scope_permission_missed", "count": 2 },
+            { "endpoint": "profile", "kind": "temporarily_unavailable" },
+            { "endpoint": "profile", "kind": "scope_permission_missed" },
+            { "endpoint": "refresh", "kind": "temporarily_unavailable" },
+            { "endpoint": "refresh", "kind": "scope_permission_missed" },
+        ]}),
+    )
+    .await;
+    let code = h.tiktok_code(&verifier).await;
+    let exchange = || h.tiktok.exchange_code(&code, &verifier, &redirect, h.now());
+    assert!(exchange().await.unwrap_err().is_transient());
+    assert!(matches!(exchange().await.unwrap_err(), ProviderError::Scope { .. }));
+    let tokens = exchange().await.unwrap();
+
+    // Both the full and the basic field sets refused: a scope failure.
+    assert!(matches!(h.tiktok.fetch_profile(&tokens.access_token).await, Err(ProviderError::Scope { .. })));
+    // On user info TikTok has no such code: the gateway's OAuth-shaped answer is transient.
+    assert!(h.tiktok.fetch_profile(&tokens.access_token).await.unwrap_err().is_transient());
+    // Only the full set refused: the basic fields still give a profile.
+    let basic = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
+    assert!(basic.username.is_none());
+    assert!(h.tiktok.fetch_profile(&tokens.access_token).await.unwrap().username.is_some());
+
+    let rt = tokens.refresh_token.unwrap();
+    assert!(h.tiktok.refresh(&rt, h.now()).await.unwrap_err().is_transient());
+    assert!(matches!(h.tiktok.refresh(&rt, h.now()).await, Err(ProviderError::Scope { .. })));
+    assert!(h.tiktok.refresh(&rt, h.now()).await.is_ok());
+
+    // On Instagram's Graph endpoints: code 2 (transient) and code 200 (a permission).
+    h.control(
+        "/instagram/scenario",
+        json!({ "fail_next": [
+            { "endpoint": "profile", "kind": "temporarily_unavailable" },
+            { "endpoint": "profile", "kind": "scope_permission_missed" },
+        ]}),
+    )
+    .await;
+    let ig_code = h.instagram_code("17841400000000001").await;
+    let ig = h.instagram.exchange_code(&ig_code, &h.instagram_redirect(), h.now()).await.unwrap();
+    assert!(h.instagram.fetch_profile(&ig.access_token).await.unwrap_err().is_transient());
+    assert!(matches!(h.instagram.fetch_profile(&ig.access_token).await, Err(ProviderError::Scope { .. })));
+    assert!(h.instagram.fetch_profile(&ig.access_token).await.is_ok());
+}
+
+#[tokio::test]
+async fn instagram_refresh_too_early_answer_is_a_switch() {
+    let h = start().await;
+    let code = h.instagram_code("17841400000000001").await;
+    let tokens = h.instagram.exchange_code(&code, &h.instagram_redirect(), h.now()).await.unwrap();
+    let url = format!("{}/sandbox/instagram/graph/refresh_access_token", h.base);
+    let raw = || async {
+        let resp = h
+            .http
+            .get(&url)
+            .query(&[
+                ("grant_type", "ig_refresh_token"),
+                ("access_token", tokens.access_token.expose_secret()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    };
+    // The default: a request error, code 100.
+    assert_eq!(h.sandbox.scenario(Platform::Instagram).refresh_too_early, TooEarly::Code100);
+    let (status, body) = raw().await;
+    assert_eq!((status, body["error"]["code"].as_u64()), (400, Some(100)), "{body}");
+    let err = h.instagram.refresh(&tokens.access_token, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    // Code 190, as for a dead token; the token still works all the same.
+    let (status, _) = h.control("/instagram/scenario", json!({ "refresh_too_early": "code_190" })).await;
+    assert_eq!(status, 200);
+    let (status, body) = raw().await;
+    assert_eq!((status, body["error"]["code"].as_u64()), (400, Some(190)), "{body}");
+    assert!(body["error"].get("error_subcode").is_none(), "{body}");
+    assert!(h.instagram.fetch_profile(&tokens.access_token).await.is_ok());
+    // The minimum age is a switch too (documented: 24 h).
+    h.control("/instagram/scenario", json!({ "refresh_min_age_secs": 3600 })).await;
+    h.control("/clock/advance", json!({ "seconds": 3601 })).await;
+    assert!(h.instagram.refresh(&tokens.access_token, h.now()).await.is_ok());
+    h.control("/instagram/reset", json!({})).await;
+    assert_eq!(h.sandbox.scenario(Platform::Instagram).refresh_min_age_secs, 86_400);
+    // They are Instagram's.
+    let (status, body) = h.control("/tiktok/scenario", json!({ "refresh_too_early": "code_190" })).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = h.control("/tiktok/scenario", json!({ "refresh_min_age_secs": 1 })).await;
+    assert_eq!(status, 400);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The control API.
 // ---------------------------------------------------------------------------------------------

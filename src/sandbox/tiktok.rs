@@ -133,6 +133,8 @@ struct Grant {
 struct AccessToken {
     grant: u64,
     expires_at: OffsetDateTime,
+    /// Killed alone (the grant and its refresh token live on).
+    revoked: bool,
 }
 
 #[derive(Debug)]
@@ -167,7 +169,7 @@ impl TikTokState {
         let refresh_token = format!("rft.{}", random_b64::<32>());
         self.access_tokens.insert(
             access_token.clone(),
-            AccessToken { grant, expires_at: now + Duration::seconds(access_lifetime) },
+            AccessToken { grant, expires_at: now + Duration::seconds(access_lifetime), revoked: false },
         );
         self.refresh_tokens.insert(
             refresh_token.clone(),
@@ -180,7 +182,26 @@ impl TikTokState {
     fn live_grant(&self, access_token: &str, now: OffsetDateTime) -> Option<&Grant> {
         let t = self.access_tokens.get(access_token)?;
         let g = self.grants.get(&t.grant)?;
-        (t.expires_at > now && !g.revoked).then_some(g)
+        (t.expires_at > now && !t.revoked && !g.revoked).then_some(g)
+    }
+
+    /// Kills the live access tokens of `open_id`'s grants, leaving the grants and their refresh
+    /// tokens alive. Returns how many died.
+    pub(super) fn revoke_access_tokens(&mut self, open_id: &str, now: OffsetDateTime) -> usize {
+        let grants: Vec<u64> = self
+            .grants
+            .iter()
+            .filter(|(_, g)| g.open_id == open_id && !g.revoked)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut killed = 0;
+        for t in self.access_tokens.values_mut() {
+            if grants.contains(&t.grant) && !t.revoked && t.expires_at > now {
+                t.revoked = true;
+                killed += 1;
+            }
+        }
+        killed
     }
 
     /// Issues `count` grants for synthetic accounts (`sbx-oid-bulk-<n>`) without a consent
@@ -528,6 +549,26 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> 
             StatusCode::UNAUTHORIZED,
             "scope_not_authorized",
             "The user did not authorize the scope required for completing this request.",
+            now,
+        ),
+        // An OAuth error; the user-info API has no such code, so there it is what a gateway in
+        // front of the API would send.
+        FailureKind::TemporarilyUnavailable => oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "The service is temporarily unavailable. Try again later.",
+            now,
+        ),
+        FailureKind::ScopePermissionMissed if api => api_error(
+            StatusCode::BAD_REQUEST,
+            "scope_permission_missed",
+            "The fields requested need a scope that was not granted to the app.",
+            now,
+        ),
+        FailureKind::ScopePermissionMissed => oauth_error(
+            StatusCode::BAD_REQUEST,
+            "scope_permission_missed",
+            "The request needs a scope that was not granted to the app.",
             now,
         ),
         FailureKind::InvalidGrant | FailureKind::BadCode | FailureKind::AccessTokenInvalid if api => {
