@@ -265,7 +265,9 @@ pub enum ConnectionCommand {
         /// Connection id.
         id: String,
     },
-    /// Refresh the tokens now (waits for a refresh already running elsewhere).
+    /// Refresh the tokens now (waits for a refresh already running elsewhere). A token the
+    /// provider does not refresh yet (Instagram: under 24 hours old) is left as it is: the outcome
+    /// is `too_early`, which is not a failure.
     Refresh {
         /// Connection id.
         id: String,
@@ -788,13 +790,16 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
         }
         ConnectionCommand::Refresh { id } => {
             connections::get_row(&app, &Scope::Admin, &id).await?;
-            let outcome = service::refresh::refresh(&app, &id, true, 0).await?;
-            run_outcome(&app, json, &id, outcome, "connection.refresh_requested").await?;
+            let words = match service::refresh::refresh_requested(&app, &id).await? {
+                service::refresh::Requested::Done(outcome) => outcome_words(outcome),
+                service::refresh::Requested::NotYet { message, .. } => ("too_early", Some(message)),
+            };
+            run_outcome(&app, json, &id, words, "connection.refresh_requested").await?;
         }
         ConnectionCommand::Check { id } => {
             connections::get_row(&app, &Scope::Admin, &id).await?;
             let outcome = service::refresh::check(&app, &id).await?;
-            run_outcome(&app, json, &id, outcome, "connection.check_requested").await?;
+            run_outcome(&app, json, &id, outcome_words(outcome), "connection.check_requested").await?;
         }
         ConnectionCommand::Token { id } => {
             let t = connections::access_token(&app, &Actor::Cli, &Scope::Admin, &id).await?;
@@ -927,20 +932,24 @@ async fn audit(app: AppState, json: bool, cmd: AuditCommand) -> CliResult {
     Ok(())
 }
 
-async fn run_outcome(
-    app: &AppState,
-    json: bool,
-    id: &str,
-    outcome: service::refresh::Outcome,
-    action: &str,
-) -> CliResult {
+/// An outcome's word and detail, as `connection refresh|check` print them.
+fn outcome_words(outcome: service::refresh::Outcome) -> (&'static str, Option<String>) {
     use service::refresh::Outcome;
-    let (word, detail) = match outcome {
+    match outcome {
         Outcome::Refreshed(_) => ("refreshed", None),
         Outcome::Current(_) => ("current", None),
         Outcome::Transient(r) => ("transient", Some(r)),
         Outcome::Broken(r) => ("broken", Some(r)),
-    };
+    }
+}
+
+async fn run_outcome(
+    app: &AppState,
+    json: bool,
+    id: &str,
+    (word, detail): (&'static str, Option<String>),
+    action: &str,
+) -> CliResult {
     let c = service::connections::get(app, &Scope::Admin, id).await?;
     let mut conn = app.db.read().await.map_err(|e| CliError::from(ServiceError::from(e)))?;
     service::audit::record(

@@ -37,6 +37,8 @@ use crate::config::Config;
 const PROFILE_FIELDS: &str = "user_id,username,name,account_type,profile_picture_url";
 /// The account types that Instagram Login serves.
 const PROFESSIONAL_TYPES: [&str; 2] = ["BUSINESS", "MEDIA_CREATOR"];
+/// The youngest a long-lived token may be to be refreshed (§3.5).
+pub const MIN_REFRESH_AGE: time::Duration = time::Duration::hours(24);
 
 /// The Instagram adapter.
 #[derive(Debug, Clone)]

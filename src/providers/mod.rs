@@ -57,10 +57,18 @@ pub struct Profile {
 /// How a provider call failed, classified for the caller.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
-    /// The grant is dead (invalid_grant, revoked app, expired token, Graph 190, TikTok
-    /// `access_token_invalid`): the client must connect again. The reason is for people.
+    /// The grant is dead (invalid_grant, revoked app, expired token, Graph 190): the client must
+    /// connect again. The reason is for people.
     #[error("permanent provider failure: {reason}")]
     Permanent {
+        /// A readable reason, without secrets.
+        reason: String,
+    },
+    /// The access token was refused (TikTok `access_token_invalid`) while the grant may live on:
+    /// a refresh may cure it, and only a refusal after a refresh is permanent (providers.md
+    /// §9.3).
+    #[error("access token refused: {reason}")]
+    AccessTokenInvalid {
         /// A readable reason, without secrets.
         reason: String,
     },
@@ -92,6 +100,17 @@ impl ProviderError {
     /// Whether retrying later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, ProviderError::Transient { .. })
+    }
+
+    /// The readable reason, without secrets.
+    pub fn reason(&self) -> &str {
+        match self {
+            ProviderError::Permanent { reason }
+            | ProviderError::AccessTokenInvalid { reason }
+            | ProviderError::Transient { reason, .. }
+            | ProviderError::Scope { reason }
+            | ProviderError::Rejected { reason } => reason,
+        }
     }
 }
 
@@ -129,6 +148,15 @@ impl Provider {
         match self {
             Provider::Tiktok(p) => p.sandbox,
             Provider::Instagram(p) => p.sandbox,
+        }
+    }
+
+    /// The youngest a token may be for the provider to refresh it: Instagram refreshes a
+    /// long-lived token only once it is 24 hours old (§3.5); TikTok refreshes at any age.
+    pub fn min_refresh_age(&self) -> Option<time::Duration> {
+        match self {
+            Provider::Tiktok(_) => None,
+            Provider::Instagram(_) => Some(instagram::MIN_REFRESH_AGE),
         }
     }
 

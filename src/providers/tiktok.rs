@@ -335,7 +335,8 @@ fn classify(
                  the account must be connected again"
             ),
         },
-        "access_token_invalid" => ProviderError::Permanent {
+        // Not yet permanent: a refresh may issue a token that works (§9.3).
+        "access_token_invalid" => ProviderError::AccessTokenInvalid {
             reason: format!(
                 "{what}: TikTok no longer accepts the access token (access_token_invalid: {detail}){log}"
             ),
@@ -688,10 +689,13 @@ mod tests {
         let enveloped = r#"{"data":{},"error":{"code":"access_token_invalid","message":"m","log_id":"l"}}"#;
         assert!(matches!(
             parse_user_info(&raw(401, enveloped), "x", &[]),
-            Err(ProviderError::Permanent { .. })
+            Err(ProviderError::AccessTokenInvalid { .. })
         ));
         let flat = r#"{"code":"access_token_invalid","message":"m","log_id":"l"}"#;
-        assert!(matches!(parse_user_info(&raw(401, flat), "x", &[]), Err(ProviderError::Permanent { .. })));
+        assert!(matches!(
+            parse_user_info(&raw(401, flat), "x", &[]),
+            Err(ProviderError::AccessTokenInvalid { .. })
+        ));
         let scope = r#"{"error":{"code":"scope_not_authorized","message":"m","log_id":"l"}}"#;
         assert!(matches!(parse_user_info(&raw(401, scope), "x", &[]), Err(ProviderError::Scope { .. })));
         let missed = r#"{"error":{"code":"scope_permission_missed","message":"m","log_id":"l"}}"#;

@@ -243,7 +243,7 @@ async fn tiktok_full_flow_with_rotation_and_revoke() {
 
     h.tiktok.revoke(&refreshed.access_token).await.unwrap();
     let err = h.tiktok.fetch_profile(&refreshed.access_token).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+    assert!(matches!(err, ProviderError::AccessTokenInvalid { .. }), "{err:?}");
     let err = h.tiktok.refresh(&new_rt, h.now()).await.unwrap_err();
     assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
 
@@ -429,7 +429,7 @@ async fn tiktok_scripted_failures_are_classified() {
     assert!(matches!(h.tiktok.fetch_profile(&tokens.access_token).await, Err(ProviderError::Scope { .. })));
     assert!(matches!(
         h.tiktok.fetch_profile(&tokens.access_token).await,
-        Err(ProviderError::Permanent { .. })
+        Err(ProviderError::AccessTokenInvalid { .. })
     ));
     assert!(h.tiktok.fetch_profile(&tokens.access_token).await.is_ok());
 
@@ -467,7 +467,7 @@ async fn tiktok_lifetimes_follow_the_clock() {
 
     h.control("/clock/advance", json!({ "seconds": 7_201 })).await;
     let err = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+    assert!(matches!(err, ProviderError::AccessTokenInvalid { .. }), "{err:?}");
     let refreshed = h.tiktok.refresh(tokens.refresh_token.as_ref().unwrap(), h.now()).await.unwrap();
     assert!(h.tiktok.fetch_profile(&refreshed.access_token).await.is_ok());
 
@@ -489,12 +489,40 @@ async fn tiktok_account_revocation_kills_tokens() {
     assert_eq!(body["revoked_tokens"], 2);
     assert!(matches!(
         h.tiktok.fetch_profile(&tokens.access_token).await,
-        Err(ProviderError::Permanent { .. })
+        Err(ProviderError::AccessTokenInvalid { .. })
     ));
     assert!(matches!(
         h.tiktok.refresh(tokens.refresh_token.as_ref().unwrap(), h.now()).await,
         Err(ProviderError::Permanent { .. })
     ));
+}
+
+#[tokio::test]
+async fn tiktok_access_token_revoked_alone_is_cured_by_a_refresh() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let code = h.tiktok_code(&verifier).await;
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &h.tiktok_redirect(), h.now()).await.unwrap();
+    let open_id = TIKTOK_ACCOUNTS[0].open_id;
+    let (status, body) =
+        h.control(&format!("/tiktok/accounts/{open_id}/revoke-access-tokens"), json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["revoked_tokens"], 1);
+    // The access token is dead: not yet a dead grant.
+    let err = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap_err();
+    assert!(matches!(err, ProviderError::AccessTokenInvalid { .. }), "{err:?}");
+    assert!(!err.to_string().contains(tokens.access_token.expose_secret()));
+    // The refresh token still works, and so does the access token it brings.
+    let refreshed = h.tiktok.refresh(tokens.refresh_token.as_ref().unwrap(), h.now()).await.unwrap();
+    assert!(h.tiktok.fetch_profile(&refreshed.access_token).await.is_ok());
+    assert!(h.tiktok.fetch_profile(&tokens.access_token).await.is_err(), "the killed one stays dead");
+    // Revoking the grant with the killed token still works (it belongs to the grant).
+    h.tiktok.revoke(&tokens.access_token).await.unwrap();
+    assert!(h.tiktok.fetch_profile(&refreshed.access_token).await.is_err());
+    // Instagram has no refresh token: there is no such switch.
+    let (status, _) =
+        h.control("/instagram/accounts/17841400000000001/revoke-access-tokens", json!({})).await;
+    assert_eq!(status, 404);
 }
 
 // ---------------------------------------------------------------------------------------------

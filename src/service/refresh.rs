@@ -17,6 +17,15 @@
 //!    compare-and-set on the token generation. A crash in between leaves the attempt `started`;
 //!    the next refresher marks it `interrupted`, and if the provider then refuses the old
 //!    refresh token, the connection is marked broken with that explanation.
+//!
+//! Two provider rules shape what counts as a failure (providers.md §3.5, §9.3):
+//! - Instagram refreshes a token only once it is 24 hours old. A younger token is never sent to
+//!   it: the refresh is deferred (a forced one answers [`Requested::NotYet`]) and nothing counts
+//!   as a failure. Should Instagram refuse a refresh all the same (its answer for "too early" is
+//!   unconfirmed), a profile call tells whether the token still works; if it does, the refusal is
+//!   about its age, and the refresh is deferred too.
+//! - TikTok's `access_token_invalid` is permanent only after a refresh: a health check that gets
+//!   it refreshes once (through the same single-flight path) and asks again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -98,41 +107,146 @@ pub enum Outcome {
     Broken(String),
 }
 
+/// The answer to a refresh asked for by a person (API `POST /connections/{id}/refresh`, CLI
+/// `connection refresh`).
+#[derive(Debug)]
+pub enum Requested {
+    /// The refresh ran, or was not needed: see [`Outcome`].
+    Done(Outcome),
+    /// The provider does not refresh this token yet (Instagram: not before it is 24 hours old).
+    /// It was not asked, the token is unchanged and still valid, and nothing counts as a failure;
+    /// `message` says when a refresh becomes possible.
+    NotYet {
+        /// The connection, unchanged.
+        row: Box<ConnectionRow>,
+        /// What happened, in words.
+        message: String,
+    },
+}
+
+/// What the refresh machinery did, before it is told to a caller.
+enum Step {
+    /// See [`Outcome`].
+    Done(Outcome),
+    /// See [`Requested::NotYet`].
+    NotYet { row: Box<ConnectionRow>, message: String },
+}
+
+impl From<Step> for Outcome {
+    fn from(step: Step) -> Self {
+        match step {
+            Step::Done(outcome) => outcome,
+            // The token is as good as it was: nothing to do for now.
+            Step::NotYet { row, .. } => Outcome::Current(row),
+        }
+    }
+}
+
+/// Why a refresh runs, for the reason given when the provider refuses it.
+#[derive(Debug, Clone, Copy)]
+enum Cause<'a> {
+    /// It is due, forced, or needed for an access token.
+    Plain,
+    /// The provider refused the access token on a health check, for this reason; the refresh is
+    /// the second chance providers.md §9.3 gives such a token.
+    AccessRefused(&'a str),
+}
+
 /// Refreshes one connection now if `force` or if it is due (within `margin_ms` of expiry),
-/// honouring every single-flight rule. Waits for a refresh in flight elsewhere.
+/// honouring every single-flight rule. Waits for a refresh in flight elsewhere. A token the
+/// provider does not refresh yet is left as it is ([`Outcome::Current`]).
 pub async fn refresh(app: &App, id: &str, force: bool, margin_ms: i64) -> ServiceResult<Outcome> {
+    Ok(refresh_step(app, id, force, margin_ms, None, Cause::Plain).await?.into())
+}
+
+/// A refresh asked for by a person: [`refresh`] forced, telling apart a token the provider does
+/// not refresh yet.
+pub async fn refresh_requested(app: &App, id: &str) -> ServiceResult<Requested> {
+    Ok(match refresh_step(app, id, true, 0, None, Cause::Plain).await? {
+        Step::Done(outcome) => Requested::Done(outcome),
+        Step::NotYet { row, message } => Requested::NotYet { row, message },
+    })
+}
+
+/// [`refresh`]; with `generation`, only if the stored tokens are still of that generation (a
+/// newer one means someone refreshed meanwhile: nothing to do).
+async fn refresh_step(
+    app: &App,
+    id: &str,
+    force: bool,
+    margin_ms: i64,
+    generation: Option<i64>,
+    cause: Cause<'_>,
+) -> ServiceResult<Step> {
     let lock = connection_lock(id);
     let _guard = lock.lock().await;
     let owner = owner_id();
     let lease = i64::try_from(app.config.jobs.lease_secs).unwrap_or(60) * 1000;
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(u64::try_from(lease).unwrap_or(60_000) + 5000);
-    let mut seen_generation: Option<i64> = None;
+    let mut seen_generation: Option<i64> = generation;
     loop {
         let mut conn = app.db.read().await?;
         let row = db::connections::get(&mut conn, id).await?.ok_or(ServiceError::NotFound("connection"))?;
         if ConnectionStatus::parse(&row.status) != ConnectionStatus::Active {
-            return Ok(Outcome::Current(Box::new(row)));
+            return Ok(Step::Done(Outcome::Current(Box::new(row))));
         }
         let now = app.now_ms();
         let due = row.access_expires_at.is_none_or(|e| e - now < margin_ms);
         let refreshed_meanwhile = seen_generation.is_some_and(|g| g != row.token_generation);
         if refreshed_meanwhile || (!force && !due) {
-            return Ok(Outcome::Current(Box::new(row)));
+            return Ok(Step::Done(Outcome::Current(Box::new(row))));
+        }
+        let (platform, provider) = provider_of(app, &row)?;
+        if let Some(from) = refreshable_from(provider, &row).filter(|from| now < *from) {
+            let message = too_young(platform, &row, from);
+            return Ok(Step::NotYet { row: Box::new(row), message });
         }
         seen_generation.get_or_insert(row.token_generation);
         drop(conn);
         let leased =
             db::connections::try_lease(&mut *app.db.writer().await?, id, owner, now, now + lease).await?;
         if leased {
-            return run_leased(app, row, owner).await;
+            return run_leased(app, row, owner, cause).await;
         }
         // Another process is refreshing: wait for its result instead of starting another.
         if tokio::time::Instant::now() > deadline {
-            return Ok(Outcome::Transient("another refresh of this connection is still running".into()));
+            return Ok(Step::Done(Outcome::Transient(
+                "another refresh of this connection is still running".into(),
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// When the provider starts accepting a refresh of the connection's current token (ms), for
+/// providers with a minimum age: the token was obtained at the last refresh, or at the
+/// (re)connection, which also records itself as `last_refreshed_at`.
+fn refreshable_from(provider: &Provider, row: &ConnectionRow) -> Option<i64> {
+    let age = provider.min_refresh_age()?;
+    let obtained = row.last_refreshed_at.unwrap_or(row.connected_at);
+    Some(obtained.saturating_add(i64::try_from(age.whole_milliseconds()).unwrap_or(i64::MAX)))
+}
+
+/// Says why a token too young to be refreshed was left as it is.
+fn too_young(platform: Platform, row: &ConnectionRow, from: i64) -> String {
+    let at = |ms: i64| {
+        crate::clock::from_millis(ms)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let obtained = row.last_refreshed_at.unwrap_or(row.connected_at);
+    let mut message = format!(
+        "Not refreshed: {} refreshes a token only once it is 24 hours old, and this one was obtained at {}; \
+         it can be refreshed from {}.",
+        platform.display_name(),
+        at(obtained),
+        at(from)
+    );
+    if let Some(expires) = row.access_expires_at {
+        message.push_str(&format!(" The token is unchanged and valid until {}.", at(expires)));
+    }
+    message
 }
 
 /// Runs a refresh for a connection whose lease `owner` holds (the scheduler's path). Takes the
@@ -157,7 +271,9 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
         .ok_or(ServiceError::NotFound("connection"))?;
         if start.started {
             let (platform, provider) = provider_of(app, &start.row)?;
-            return run_attempt(app, start.row, owner, attempt_id, platform, provider).await;
+            return Ok(run_attempt(app, start.row, owner, attempt_id, platform, provider, Cause::Plain)
+                .await?
+                .into());
         }
         return not_started(app, start.row, owner, now).await;
     }
@@ -171,7 +287,7 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
     if !still_ours || ConnectionStatus::parse(&row.status) != ConnectionStatus::Active || !still_due {
         return not_started(app, row, owner, now).await;
     }
-    run_leased(app, row, owner).await
+    Ok(run_leased(app, row, owner, Cause::Plain).await?.into())
 }
 
 /// A claimed connection that is not to be refreshed after all: refreshed on demand meanwhile,
@@ -199,7 +315,7 @@ fn provider_of<'a>(app: &'a App, row: &ConnectionRow) -> ServiceResult<(Platform
 }
 
 /// The refresh itself; the caller holds the lease and the in-process lock.
-async fn run_leased(app: &App, row: ConnectionRow, owner: &str) -> ServiceResult<Outcome> {
+async fn run_leased(app: &App, row: ConnectionRow, owner: &str, cause: Cause<'_>) -> ServiceResult<Step> {
     let (platform, provider) = match provider_of(app, &row) {
         Ok(p) => p,
         Err(e) => {
@@ -226,7 +342,7 @@ async fn run_leased(app: &App, row: ConnectionRow, owner: &str) -> ServiceResult
         },
     )
     .await?;
-    run_attempt(app, row, owner, attempt_id, platform, provider).await
+    run_attempt(app, row, owner, attempt_id, platform, provider, cause).await
 }
 
 /// Calls the provider for attempt `attempt_id`, already recorded as started, and stores the
@@ -238,13 +354,15 @@ async fn run_attempt(
     attempt_id: String,
     platform: Platform,
     provider: &Provider,
-) -> ServiceResult<Outcome> {
-    let result = call_and_store(app, row, owner, attempt_id, platform, provider).await;
+    cause: Cause<'_>,
+) -> ServiceResult<Step> {
+    let result = call_and_store(app, row, owner, attempt_id, platform, provider, cause).await;
     let outcome = match &result {
-        Ok(Outcome::Refreshed(_)) => "refreshed",
-        Ok(Outcome::Current(_)) => "superseded",
-        Ok(Outcome::Transient(_)) => "transient_failure",
-        Ok(Outcome::Broken(_)) => "broken",
+        Ok(Step::Done(Outcome::Refreshed(_))) => "refreshed",
+        Ok(Step::Done(Outcome::Current(_))) => "superseded",
+        Ok(Step::Done(Outcome::Transient(_))) => "transient_failure",
+        Ok(Step::Done(Outcome::Broken(_))) => "broken",
+        Ok(Step::NotYet { .. }) => "deferred",
         Err(_) => "error",
     };
     metrics::counter!("authlink_refreshes_total", "provider" => platform.as_str(), "outcome" => outcome)
@@ -259,7 +377,14 @@ async fn call_and_store(
     attempt_id: String,
     platform: Platform,
     provider: &Provider,
-) -> ServiceResult<Outcome> {
+    cause: Cause<'_>,
+) -> ServiceResult<Step> {
+    // The scheduler claims by due time only: a token the provider would not refresh yet waits.
+    if let Some(from) = refreshable_from(provider, &row).filter(|from| app.now_ms() < *from) {
+        let message = too_young(platform, &row, from);
+        let retry_at = from + rand::rng().random_range(0..300_000);
+        return finish_not_yet(app, &mut row, owner, &attempt_id, retry_at, message).await;
+    }
     let access: SecretString = match row.access_token_sealed.as_deref() {
         Some(s) => app.keys.open_str(s, access_aad(&row.id))?,
         None => {
@@ -273,7 +398,44 @@ async fn call_and_store(
         Some(s) => Some(app.keys.open_str(s, refresh_aad(&row.id))?),
         None => None,
     };
-    let result = provider.refresh(&access, refresh_token.as_ref(), app.now()).await;
+    let mut result = provider.refresh(&access, refresh_token.as_ref(), app.now()).await;
+    if provider.min_refresh_age().is_some()
+        && let Err(refused) = &result
+        && !refused.is_transient()
+    {
+        // The provider refused although the token is old enough by our records. Its answer for
+        // "too early" is unconfirmed (a request error, maybe even an invalid-token 190), and its
+        // other conditions are a live token that holds the basic scope, which a profile call
+        // checks: if the token still works, the refusal can only be about its age.
+        let verdict = match provider.fetch_profile(&access).await {
+            Ok(_) => {
+                let message = format!(
+                    "Not refreshed: {} refused to refresh the token yet ({}), but the token still works; it is \
+                     unchanged and the refresh is tried again later.",
+                    platform.display_name(),
+                    refused.reason()
+                );
+                let now = app.now_ms();
+                let later = now + NOT_YET_RETRY_MS + rand::rng().random_range(0..NOT_YET_RETRY_MS / 10);
+                let retry_at = row.access_expires_at.map_or(later, |e| later.min(e - 3_600_000));
+                return finish_not_yet(app, &mut row, owner, &attempt_id, retry_at, message).await;
+            }
+            // The profile call says the token is dead: that is the verdict, whatever the refusal.
+            Err(dead @ (ProviderError::Permanent { .. } | ProviderError::AccessTokenInvalid { .. }))
+                if matches!(refused, ProviderError::Rejected { .. }) =>
+            {
+                Some(dead)
+            }
+            // Whether the token still works cannot be told now: try again later.
+            Err(ProviderError::Transient { .. } | ProviderError::Rejected { .. }) => {
+                Some(ProviderError::Transient { reason: refused.reason().to_string(), retry_after: None })
+            }
+            Err(_) => None,
+        };
+        if let Some(verdict) = verdict {
+            result = Err(verdict);
+        }
+    }
     match result {
         Ok(tokens) => {
             let generation = row.token_generation;
@@ -295,7 +457,7 @@ async fn call_and_store(
                 match store_refreshed(app, &row, generation, owner, &attempt_id, previous_failures, platform)
                     .await
                 {
-                    Ok(stored) => return Ok(stored),
+                    Ok(stored) => return Ok(Step::Done(stored)),
                     Err(e @ ServiceError::Db(crate::db::DbError::Unavailable(_))) => last_error = Some(e),
                     Err(e) => return Err(e),
                 }
@@ -307,29 +469,64 @@ async fn call_and_store(
             finish_transient(app, &mut row, owner, &attempt_id, &reason, retry_after, platform).await
         }
         Err(ProviderError::Rejected { reason }) => {
-            // Our request was refused (credentials, configuration, refreshing too early): not the
-            // client's fault, so not a broken connection; retried later and logged loudly.
+            // Our request was refused (credentials, configuration): not the client's fault, so
+            // not a broken connection; retried later and logged loudly.
             tracing::error!(connection_id = %row.id, provider = %platform, reason = %reason, "refresh request rejected by the provider");
             finish_transient(app, &mut row, owner, &attempt_id, &reason, None, platform).await
         }
-        Err(ProviderError::Permanent { reason }) | Err(ProviderError::Scope { reason }) => {
-            let why = |interrupted: bool| {
-                if interrupted {
+        Err(
+            ProviderError::Permanent { reason }
+            | ProviderError::Scope { reason }
+            | ProviderError::AccessTokenInvalid { reason },
+        ) => {
+            let name = platform.display_name();
+            let why = |interrupted: bool| match (cause, interrupted) {
+                (Cause::AccessRefused(first), _) => format!(
+                    "{name} rejected the access token on a health check ({first}) and refused the refresh that \
+                     followed ({reason}); the client must reconnect through the link."
+                ),
+                (Cause::Plain, true) => format!(
+                    "{name} refused the stored token ({reason}). An earlier refresh was interrupted after the provider \
+                     may have issued new tokens; the client must reconnect through the link."
+                ),
+                (Cause::Plain, false) => {
                     format!(
-                        "{} refused the stored token ({reason}). An earlier refresh was interrupted after the provider \
-                         may have issued new tokens; the client must reconnect through the link.",
-                        platform.display_name()
-                    )
-                } else {
-                    format!(
-                        "{} refused the token ({reason}); the client must reconnect through the link.",
-                        platform.display_name()
+                        "{name} refused the token ({reason}); the client must reconnect through the link."
                     )
                 }
             };
             finish_broken(app, &mut row, owner, &attempt_id, why).await
         }
     }
+}
+
+/// How long after the provider refused to refresh a token that still works the refresh is tried
+/// again (ms).
+const NOT_YET_RETRY_MS: i64 = 6 * 3_600_000;
+
+/// Leaves a token the provider does not refresh yet as it is: nothing counts as a failure, the
+/// next try is at `retry_at` (at least a minute away), and the attempt is recorded as deferred.
+async fn finish_not_yet(
+    app: &App,
+    row: &mut ConnectionRow,
+    owner: &str,
+    attempt_id: &str,
+    retry_at: i64,
+    message: String,
+) -> ServiceResult<Step> {
+    let now = app.now_ms();
+    row.next_refresh_at = Some(retry_at.max(now + 60_000));
+    row.updated_at = now;
+    let mut tx = app.db.begin_write().await?;
+    db::connections::update(&mut tx, row).await?;
+    db::connections::release_lease(&mut tx, &row.id, owner).await?;
+    let interrupted =
+        db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "deferred", Some(&message), now)
+            .await?;
+    record_interrupted(&mut tx, row, interrupted, now).await?;
+    tx.commit().await?;
+    tracing::info!(connection_id = %row.id, next_refresh_at = row.next_refresh_at, "refresh deferred: the provider does not refresh this token yet");
+    Ok(Step::NotYet { row: Box::new(row.clone()), message })
 }
 
 async fn store_refreshed(
@@ -410,7 +607,7 @@ async fn finish_transient(
     reason: &str,
     retry_after: Option<Duration>,
     platform: Platform,
-) -> ServiceResult<Outcome> {
+) -> ServiceResult<Step> {
     let now = app.now_ms();
     row.refresh_failures += 1;
     let wait = backoff(row.refresh_failures, retry_after);
@@ -437,7 +634,7 @@ async fn finish_transient(
     tx.commit().await?;
     tracing::warn!(connection_id = %row.id, provider = %platform, failures = row.refresh_failures,
         retry_in_secs = wait.as_secs(), reason = %reason, "token refresh failed; will retry");
-    Ok(Outcome::Transient(reason.to_string()))
+    Ok(Step::Done(Outcome::Transient(reason.to_string())))
 }
 
 /// Breaks the connection with the reason `why` gives, told whether an earlier attempt was found
@@ -448,7 +645,7 @@ async fn finish_broken(
     owner: &str,
     attempt_id: &str,
     why: impl FnOnce(bool) -> String,
-) -> ServiceResult<Outcome> {
+) -> ServiceResult<Step> {
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     let interrupted =
@@ -459,7 +656,7 @@ async fn finish_broken(
     connections::mark_broken_in(&mut tx, app, row, &reason, now).await?;
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
     tx.commit().await?;
-    Ok(Outcome::Broken(reason))
+    Ok(Step::Done(Outcome::Broken(reason)))
 }
 
 /// The history detail of a `refresh_interrupted` event.
@@ -485,7 +682,9 @@ async fn record_interrupted(
 
 /// The health check: a cheap profile call that catches revocations early and keeps the
 /// handle, display name and avatar current. A refused token breaks the connection; a transient
-/// failure only moves the next check closer.
+/// failure only moves the next check closer. An access token refused with TikTok's
+/// `access_token_invalid` gets one refresh first (providers.md §9.3): the connection breaks only
+/// if the refresh is refused or the new token is refused too.
 pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
     // A token that is about to expire is refreshed first, so the check tests the grant, not the
     // token's age.
@@ -494,6 +693,40 @@ pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
         Outcome::Transient(reason) => return Ok(Outcome::Transient(reason)),
         Outcome::Current(_) | Outcome::Refreshed(_) => {}
     }
+    let mut refused_first: Option<String> = None;
+    loop {
+        match check_profile(app, id, refused_first.as_deref()).await? {
+            Checked::Done(Outcome::Current(row)) if refused_first.is_some() => {
+                return Ok(Outcome::Refreshed(row));
+            }
+            Checked::Done(outcome) => return Ok(outcome),
+            Checked::AccessRefused { generation, reason } => {
+                // Through the single-flight path, and only if nobody refreshed meanwhile (then
+                // the new token is simply asked again).
+                let step = refresh_step(app, id, true, 0, Some(generation), Cause::AccessRefused(&reason));
+                match step.await? {
+                    Step::Done(Outcome::Broken(why)) => return Ok(Outcome::Broken(why)),
+                    Step::Done(Outcome::Transient(why)) => return Ok(Outcome::Transient(why)),
+                    Step::Done(Outcome::Refreshed(_) | Outcome::Current(_)) | Step::NotYet { .. } => {}
+                }
+                refused_first = Some(reason);
+            }
+        }
+    }
+}
+
+/// What one profile call of a health check found.
+enum Checked {
+    /// The check is over.
+    Done(Outcome),
+    /// The access token of `generation` was refused (TikTok `access_token_invalid`), for the
+    /// first time in this check.
+    AccessRefused { generation: i64, reason: String },
+}
+
+/// One profile call of a health check. `refused_first` is the reason the token was refused
+/// before a refresh: a second refusal is then permanent.
+async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> ServiceResult<Checked> {
     let lock = connection_lock(id);
     let _guard = lock.lock().await;
     let mut conn = app.db.read().await?;
@@ -502,11 +735,11 @@ pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
     };
     drop(conn);
     if ConnectionStatus::parse(&row.status) != ConnectionStatus::Active {
-        return Ok(Outcome::Current(Box::new(row)));
+        return Ok(Checked::Done(Outcome::Current(Box::new(row))));
     }
     let (platform, provider) = provider_of(app, &row)?;
     let Some(sealed) = row.access_token_sealed.as_deref() else {
-        return Ok(Outcome::Current(Box::new(row)));
+        return Ok(Checked::Done(Outcome::Current(Box::new(row))));
     };
     let token = app.keys.open_str(sealed, access_aad(&row.id))?;
     let result = provider.fetch_profile(&token).await;
@@ -533,22 +766,37 @@ pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
                 row = current;
             }
             tx.commit().await?;
-            Ok(Outcome::Current(Box::new(row)))
+            Ok(Checked::Done(Outcome::Current(Box::new(row))))
         }
-        Err(ProviderError::Permanent { reason }) | Err(ProviderError::Scope { reason }) => {
-            let why = format!(
-                "{} rejected the token on a health check ({reason}); the client must reconnect through the link.",
-                platform.display_name()
-            );
+        Err(ProviderError::AccessTokenInvalid { reason }) if refused_first.is_none() => {
+            tracing::info!(connection_id = %row.id, provider = %platform,
+                "access token refused on a health check; refreshing once before judging the grant");
+            Ok(Checked::AccessRefused { generation: row.token_generation, reason })
+        }
+        Err(
+            ProviderError::Permanent { reason }
+            | ProviderError::Scope { reason }
+            | ProviderError::AccessTokenInvalid { reason },
+        ) => {
+            let name = platform.display_name();
+            let why = match refused_first {
+                Some(first) => format!(
+                    "{name} rejected the access token on a health check ({first}), and the token a refresh then \
+                     issued too ({reason}); the client must reconnect through the link."
+                ),
+                None => format!(
+                    "{name} rejected the token on a health check ({reason}); the client must reconnect through the link."
+                ),
+            };
             let mut tx = app.db.begin_write().await?;
             connections::mark_broken_in(&mut tx, app, &mut row, &why, now).await?;
             tx.commit().await?;
-            Ok(Outcome::Broken(why))
+            Ok(Checked::Done(Outcome::Broken(why)))
         }
         Err(ProviderError::Transient { reason, .. }) | Err(ProviderError::Rejected { reason }) => {
             let mut conn = app.db.writer().await?;
             db::connections::set_next_check(&mut conn, &row.id, now + 3_600_000).await?;
-            Ok(Outcome::Transient(reason))
+            Ok(Checked::Done(Outcome::Transient(reason)))
         }
     }
 }

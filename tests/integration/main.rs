@@ -21,6 +21,7 @@ mod health;
 mod helpers;
 mod keys;
 mod pages;
+mod provider_fixes;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
         ("health", health::tests()),
         ("dashboard", dashboard::tests()),
         ("keys", keys::tests()),
+        ("provider_fixes", provider_fixes::tests()),
     ] {
         for (name, f, only) in list {
             all.push((module, name, f, only));

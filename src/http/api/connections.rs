@@ -136,7 +136,9 @@ async fn get_access_token(
 /// The result of a refresh or health check run on demand.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub(super) struct RunResult {
-    /// `refreshed`, `current` (nothing to do), `transient` (retried later) or `broken`.
+    /// `refreshed`, `current` (nothing to do), `too_early` (refresh only: the provider does not
+    /// refresh this token yet, as Instagram before a token is 24 hours old, so it was not asked
+    /// and nothing changed; not a failure), `transient` (retried later) or `broken`.
     outcome: &'static str,
     /// What happened, in words.
     detail: Option<String>,
@@ -144,20 +146,24 @@ pub(super) struct RunResult {
     connection: ConnectionView,
 }
 
-async fn run_result(
-    state: &AppState,
-    caller: &Caller,
-    id: &str,
-    outcome: crate::service::refresh::Outcome,
-    action: &str,
-) -> ApiResult<Json<RunResult>> {
+/// An outcome's word and detail, as [`RunResult`] gives them.
+fn outcome_words(outcome: crate::service::refresh::Outcome) -> (&'static str, Option<String>) {
     use crate::service::refresh::Outcome;
-    let (outcome, detail) = match outcome {
+    match outcome {
         Outcome::Refreshed(_) => ("refreshed", None),
         Outcome::Current(_) => ("current", None),
         Outcome::Transient(reason) => ("transient", Some(reason)),
         Outcome::Broken(reason) => ("broken", Some(reason)),
-    };
+    }
+}
+
+async fn run_result(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    (outcome, detail): (&'static str, Option<String>),
+    action: &str,
+) -> ApiResult<Json<RunResult>> {
     let connection = connections::get(state, &caller.scope, id).await?.connection;
     let mut conn = state.db.writer().await.map_err(ServiceError::from)?;
     crate::service::audit::record(
@@ -174,7 +180,9 @@ async fn run_result(
     Ok(Json(RunResult { outcome, detail, connection }))
 }
 
-/// Refresh the tokens now (through the same single-flight path as the scheduler).
+/// Refresh the tokens now (through the same single-flight path as the scheduler). A token the
+/// provider does not refresh yet (Instagram: under 24 hours old) is left as it is, with the
+/// outcome `too_early` and a detail saying from when it can be refreshed.
 #[utoipa::path(post, path = "/connections/{id}/refresh", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = RunResult), (status = 404, body = Problem)))]
@@ -183,9 +191,13 @@ async fn refresh_connection(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<RunResult>> {
+    use crate::service::refresh::Requested;
     connections::get_row(&state, &caller.scope, &id).await?;
-    let outcome = crate::service::refresh::refresh(&state, &id, true, 0).await?;
-    run_result(&state, &caller, &id, outcome, "connection.refresh_requested").await
+    let words = match crate::service::refresh::refresh_requested(&state, &id).await? {
+        Requested::Done(outcome) => outcome_words(outcome),
+        Requested::NotYet { message, .. } => ("too_early", Some(message)),
+    };
+    run_result(&state, &caller, &id, words, "connection.refresh_requested").await
 }
 
 /// Run the health check now: a cheap profile call that catches revoked grants.
@@ -199,5 +211,5 @@ async fn check_connection(
 ) -> ApiResult<Json<RunResult>> {
     connections::get_row(&state, &caller.scope, &id).await?;
     let outcome = crate::service::refresh::check(&state, &id).await?;
-    run_result(&state, &caller, &id, outcome, "connection.check_requested").await
+    run_result(&state, &caller, &id, outcome_words(outcome), "connection.check_requested").await
 }
