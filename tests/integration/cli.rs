@@ -225,7 +225,10 @@ async fn apikey_commands(app: TestApp) {
 async fn config_check_and_bad_config(app: TestApp) {
     let out = app.cli_env(
         &["config", "check"],
-        &[("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_SECRET", "tiktok-secret-value")],
+        &[
+            ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY", "tiktok-client-key"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_SECRET", "tiktok-secret-value"),
+        ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
