@@ -140,6 +140,46 @@ pub async fn clear_account_failures(conn: &mut AnyConnection, account_key: &str)
     Ok(())
 }
 
+/// Records an attempt for `account_key` from `ip` as a failure, unless the failures of either
+/// since `since_ms` already reach their limits: `false` then, and nothing is written. Counting and
+/// recording are one step for concurrent attempts (the caller's write transaction: SQLite's write
+/// lock, and on PostgreSQL transaction-scoped advisory locks on the account and the address), so
+/// that attempts sent all at once cannot all pass the count before any is recorded. The attempt
+/// stays a failure unless the caller deletes it ([`delete_failure`]) or clears the account's.
+#[allow(clippy::too_many_arguments)]
+pub async fn reserve_attempt(
+    tx: &mut AnyConnection,
+    backend: super::Backend,
+    id: &str,
+    account_key: &str,
+    ip: &str,
+    now_ms: i64,
+    since_ms: i64,
+    limits: (i64, i64),
+) -> DbResult<bool> {
+    if backend == super::Backend::Postgres {
+        // In a fixed order (account, then address), so two attempts never wait on each other.
+        for key in [format!("login-account:{account_key}"), format!("login-ip:{ip}")] {
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    let (per_account, per_ip) = count_failures(tx, account_key, ip, since_ms).await?;
+    if per_account >= limits.0 || per_ip >= limits.1 {
+        return Ok(false);
+    }
+    insert_failure(tx, id, account_key, ip, now_ms).await?;
+    Ok(true)
+}
+
+/// Deletes one recorded attempt (it turned out not to be a failure).
+pub async fn delete_failure(conn: &mut AnyConnection, id: &str) -> DbResult<()> {
+    sqlx::query("DELETE FROM login_failures WHERE id = $1").bind(id).execute(conn).await?;
+    Ok(())
+}
+
 /// Deletes failures older than `before_ms` (they no longer count).
 pub async fn purge_failures(conn: &mut AnyConnection, before_ms: i64) -> DbResult<u64> {
     let done = sqlx::query("DELETE FROM login_failures WHERE created_at <= $1")

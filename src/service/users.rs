@@ -396,23 +396,18 @@ pub async fn change_password(
 ) -> ServiceResult<()> {
     let account_key = account_key(&user.email_normalized);
     let now = app.now_ms();
-    {
-        let mut conn = app.db.read().await?;
-        let (per_account, per_ip) =
-            db::sessions::count_failures(&mut conn, &account_key, ip, now - THROTTLE_WINDOW_MS).await?;
-        if per_account >= MAX_FAILURES_PER_ACCOUNT || per_ip >= MAX_FAILURES_PER_IP {
-            return Err(FieldError::new(
-                "current_password",
-                "too many wrong attempts; wait 15 minutes and try again",
-            )
-            .into());
-        }
-    }
+    let Some(attempt) = reserve_attempt(app, &account_key, ip, now).await? else {
+        return Err(FieldError::new(
+            "current_password",
+            "too many wrong attempts; wait 15 minutes and try again",
+        )
+        .into());
+    };
     if !verify_password_async(Some(user.password_hash.clone()), &input.current).await? {
-        let mut conn = app.db.writer().await?;
-        db::sessions::insert_failure(&mut conn, &new_id(), &account_key, ip, now).await?;
         return Err(FieldError::new("current_password", "is not your current password").into());
     }
+    // The right password: the attempt was not a failure.
+    db::sessions::delete_failure(&mut *app.db.writer().await?, &attempt).await?;
     let mut errors = super::Errors::default();
     errors.take(validate_password("new_password", input.new.expose_secret(), &user.email_normalized));
     if input.new.expose_secret() != input.confirm.expose_secret() {
@@ -598,6 +593,27 @@ pub async fn role_in(app: &App, user: &UserRow, workspace_id: &str) -> ServiceRe
         .and_then(|m| Role::parse(&m.role).ok()))
 }
 
+/// Counts and records a password attempt for `account_key` from `ip` in one write transaction
+/// (see [`db::sessions::reserve_attempt`]): `false` when the account or the address has too many
+/// recent failures, and then nothing is recorded; else the id of the recorded attempt.
+async fn reserve_attempt(app: &App, account_key: &str, ip: &str, now: i64) -> ServiceResult<Option<String>> {
+    let id = new_id();
+    let mut tx = app.db.begin_write().await?;
+    let reserved = db::sessions::reserve_attempt(
+        &mut tx,
+        app.db.backend(),
+        &id,
+        account_key,
+        ip,
+        now,
+        now - THROTTLE_WINDOW_MS,
+        (MAX_FAILURES_PER_ACCOUNT, MAX_FAILURES_PER_IP),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(reserved.then_some(id))
+}
+
 /// The throttle key of an account: SHA-256 of the normalized email (unknown or not).
 fn account_key(email_normalized: &str) -> String {
     crypto::sha256_hex(format!("login:{email_normalized}").as_bytes())
@@ -637,24 +653,22 @@ pub async fn sign_in(
     let normalized = normalize_email(email).unwrap_or_else(|_| email.trim().to_lowercase());
     let key = account_key(&normalized);
     let now = app.now_ms();
+    // The attempt counts as a failure from before the password is checked (see
+    // `reserve_attempt`); a success clears it with the account's other failures.
+    if reserve_attempt(app, &key, ip, now).await?.is_none() {
+        tracing::warn!(ip, "sign-in throttled");
+        return Ok(SignIn::Throttled);
+    }
     let user = {
         let mut conn = app.db.read().await?;
-        let (per_account, per_ip) =
-            db::sessions::count_failures(&mut conn, &key, ip, now - THROTTLE_WINDOW_MS).await?;
-        if per_account >= MAX_FAILURES_PER_ACCOUNT || per_ip >= MAX_FAILURES_PER_IP {
-            tracing::warn!(ip, per_account, per_ip, "sign-in throttled");
-            return Ok(SignIn::Throttled);
-        }
         db::users::get_by_email(&mut conn, &normalized).await?
     };
     let ok = verify_password_async(user.as_ref().map(|u| u.password_hash.clone()), password).await?;
     let user = match user {
         Some(u) if ok && u.disabled_at.is_none() => u,
         other => {
-            let mut conn = app.db.writer().await?;
-            db::sessions::insert_failure(&mut conn, &new_id(), &key, ip, now).await?;
             // Old failures no longer count: forget them as we go.
-            db::sessions::purge_failures(&mut conn, now - THROTTLE_WINDOW_MS).await?;
+            db::sessions::purge_failures(&mut *app.db.writer().await?, now - THROTTLE_WINDOW_MS).await?;
             tracing::info!(ip, user_id = other.as_ref().map(|u| u.id.as_str()), "sign-in failed");
             return Ok(SignIn::Invalid);
         }

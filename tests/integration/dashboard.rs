@@ -18,6 +18,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         sign_in_session_cookie_rotation_and_sign_out,
         wrong_password_gives_no_hint,
         sign_in_is_throttled_per_account_and_per_address,
+        sign_in_throttle_holds_under_concurrent_attempts,
         missing_or_forged_csrf_is_refused,
         members_see_only_their_workspaces,
         invalid_link_form_comes_back_with_errors_and_values,
@@ -279,6 +280,36 @@ async fn sign_in_is_throttled_per_account_and_per_address(app: TestApp) {
     assert!(app.count("login_failures").await >= 60);
     app.advance_clock(15 * 60 + 1).await;
     assert_eq!(attempt(ADMIN, PASSWORD, "203.0.113.3").await, 303);
+}
+
+/// Attempts sent all at once: each is counted before its password is checked, so no more than
+/// the limit are checked, whatever the concurrency.
+async fn sign_in_throttle_holds_under_concurrent_attempts(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    let attempt = |password: &'static str, ip: String| {
+        let app = &app;
+        async move {
+            let client = browser();
+            let (_, html) = text(client.get(app.url("/app/login")).send().await.unwrap()).await;
+            client
+                .post(app.url("/app/login"))
+                .header("x-forwarded-for", ip)
+                .form(&[("csrf", csrf_of(&html).as_str()), ("email", ADMIN), ("password", password)])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let statuses = futures::future::join_all(
+        (0..30).map(|i| attempt("not the password at all", format!("198.51.100.{i}"))),
+    )
+    .await;
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!((checked, refused), (10, 20), "{statuses:?}");
+    assert_eq!(attempt(PASSWORD, "198.51.100.200".into()).await, 429);
 }
 
 async fn missing_or_forged_csrf_is_refused(app: TestApp) {
