@@ -153,6 +153,41 @@ pub struct HttpConfig {
     pub shutdown_grace_secs: u64,
     /// Requests a minute one client may make to link pages (`/l/...`), against token guessing.
     pub link_requests_per_minute: u32,
+    /// Addresses (`10.0.0.5`) and networks (`10.0.0.0/8`) of the reverse proxies whose
+    /// `X-Forwarded-For` is believed: the client is the last address in it that is not one of
+    /// these. Default: loopback and private networks. `[]`: the peer address, always.
+    pub trusted_proxies: Vec<String>,
+}
+
+/// The default [`HttpConfig::trusted_proxies`]: loopback, private and link-local networks.
+pub const DEFAULT_TRUSTED_PROXIES: [&str; 8] = [
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+];
+
+impl HttpConfig {
+    /// [`trusted_proxies`](Self::trusted_proxies), parsed (a plain address is a network of one).
+    pub fn trusted_proxy_networks(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.trusted_proxies
+            .iter()
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::Invalid(format!(
+                            "key `http.trusted_proxies`: `{s}` is not an address or a network like 10.0.0.0/8"
+                        ))
+                    })
+            })
+            .collect()
+    }
 }
 
 impl Default for HttpConfig {
@@ -162,6 +197,7 @@ impl Default for HttpConfig {
             request_timeout_secs: 30,
             shutdown_grace_secs: 20,
             link_requests_per_minute: 300,
+            trusted_proxies: DEFAULT_TRUSTED_PROXIES.iter().map(|s| (*s).to_string()).collect(),
         }
     }
 }
@@ -494,6 +530,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.http.trusted_proxy_networks()?;
         if !matches!(self.public_url.scheme(), "http" | "https") {
             return Err(ConfigError::Invalid("key `public_url`: must be an http or https URL".into()));
         }

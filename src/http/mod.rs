@@ -43,6 +43,9 @@ pub fn router(state: AppState) -> Router {
     let body_limit = config.http.body_limit_bytes;
     let security_headers = headers::SecurityHeaders::new(config);
     let link_limiter = ratelimit::LinkLimiter::new(config.http.link_requests_per_minute);
+    // Validated with the configuration; an unparsable entry cannot reach here.
+    let trusted_proxies =
+        ratelimit::TrustedProxies(config.http.trusted_proxy_networks().unwrap_or_default().into());
 
     let mut app = Router::new()
         .route("/healthz", get(healthz))
@@ -61,6 +64,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(link_limiter, ratelimit::limit_links))
+        .layer(axum::Extension(trusted_proxies))
         .layer(axum::middleware::from_fn_with_state(security_headers, headers::apply))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
         .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {

@@ -1,9 +1,10 @@
 //! A per-client rate limit on the link URL space (`/l/...`), so that link tokens cannot be
 //! guessed at speed: a token bucket per client address, in memory (per instance).
 //!
-//! The client address is the peer address, or, when the peer is a proxy on a private network
-//! (loopback, private or link-local), the last address of `X-Forwarded-For`, which is the one
-//! that proxy saw.
+//! The client address is the peer address, or, when the peer is a trusted reverse proxy
+//! (`http.trusted_proxies`: loopback and private networks by default), the last address of
+//! `X-Forwarded-For` that is not a trusted proxy itself: the one the outermost trusted proxy
+//! saw. Addresses a client wrote into the header before that are never believed.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -53,26 +54,54 @@ impl LinkLimiter {
     }
 }
 
+/// The reverse proxies whose `X-Forwarded-For` is believed (`http.trusted_proxies`), as a
+/// request extension.
+#[derive(Debug, Clone)]
+pub struct TrustedProxies(pub Arc<[ipnet::IpNet]>);
+
+impl TrustedProxies {
+    fn contains(&self, ip: IpAddr) -> bool {
+        // An IPv4 peer may show up as an IPv4-mapped IPv6 address.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
+impl Default for TrustedProxies {
+    fn default() -> Self {
+        Self(crate::config::DEFAULT_TRUSTED_PROXIES.iter().filter_map(|s| s.parse().ok()).collect())
+    }
+}
+
 /// The client's address (see the module documentation), from a request's headers and
 /// extensions; shared with the dashboard's login throttling.
 pub fn client_ip_of(headers: &HeaderMap, extensions: &Extensions) -> Option<IpAddr> {
+    let fallback;
+    let trusted = match extensions.get::<TrustedProxies>() {
+        Some(t) => t,
+        None => {
+            fallback = TrustedProxies::default();
+            &fallback
+        }
+    };
     let peer = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let forwarded = || {
-        headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|v| v.trim().parse::<IpAddr>().ok())
-    };
-    let behind_proxy = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unique_local(),
-    };
-    match peer {
-        Some(ip) if behind_proxy(ip) => Some(forwarded().unwrap_or(ip)),
-        Some(ip) => Some(ip),
-        None => forwarded(),
+    if let Some(ip) = peer.filter(|ip| !trusted.contains(*ip)) {
+        return Some(ip);
     }
+    // From the nearest hop outwards: each trusted proxy vouches for the address before it.
+    let mut client = peer;
+    let chain = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+    for entry in chain.iter().rev().flat_map(|v| v.rsplit(',')) {
+        let Ok(ip) = entry.trim().parse::<IpAddr>() else { break };
+        client = Some(ip);
+        if !trusted.contains(ip) {
+            break;
+        }
+    }
+    client
 }
 
 /// The client's address of a request.
@@ -123,5 +152,39 @@ mod tests {
         // One a second comes back.
         assert!(limiter.check(ip, t0 + Duration::from_secs(1)).is_ok());
         assert!(limiter.check(ip, t0 + Duration::from_secs(1)).is_err());
+    }
+
+    fn client(peer: &str, forwarded: &[&str], trusted: Option<&[&str]>) -> Option<IpAddr> {
+        let mut headers = HeaderMap::new();
+        for v in forwarded {
+            headers.append("x-forwarded-for", HeaderValue::from_str(v).unwrap());
+        }
+        let mut extensions = Extensions::new();
+        extensions.insert(ConnectInfo(SocketAddr::new(peer.parse().unwrap(), 40_000)));
+        if let Some(list) = trusted {
+            extensions.insert(TrustedProxies(list.iter().map(|s| s.parse().unwrap()).collect()));
+        }
+        client_ip_of(&headers, &extensions)
+    }
+
+    #[test]
+    fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // A public peer is the client, whatever it writes.
+        assert_eq!(client("203.0.113.9", &["198.51.100.1"], None), ip("203.0.113.9"));
+        // Behind one trusted proxy: the address it saw (the last entry), not what the client wrote.
+        assert_eq!(client("127.0.0.1", &["6.6.6.6, 198.51.100.1"], None), ip("198.51.100.1"));
+        // Behind two trusted proxies: the first untrusted address from the right.
+        assert_eq!(client("10.0.0.2", &["6.6.6.6, 198.51.100.1, 10.0.0.1"], None), ip("198.51.100.1"));
+        // The chain split over several header lines reads the same.
+        assert_eq!(client("10.0.0.2", &["6.6.6.6", "198.51.100.1", "10.0.0.1"], None), ip("198.51.100.1"));
+        // No header: the proxy itself; garbage stops the walk at the last believed hop.
+        assert_eq!(client("127.0.0.1", &[], None), ip("127.0.0.1"));
+        assert_eq!(client("10.0.0.2", &["198.51.100.1, not-an-ip, 10.0.0.1"], None), ip("10.0.0.1"));
+        // No trusted proxies: the peer, always; a peer outside the list is not believed either.
+        assert_eq!(client("127.0.0.1", &["198.51.100.1"], Some(&[])), ip("127.0.0.1"));
+        assert_eq!(client("172.17.0.1", &["198.51.100.1"], Some(&["10.0.0.0/8"])), ip("172.17.0.1"));
+        // An IPv4 peer seen as an IPv4-mapped IPv6 address is matched as IPv4.
+        assert_eq!(client("::ffff:127.0.0.1", &["198.51.100.1"], None), ip("198.51.100.1"));
     }
 }

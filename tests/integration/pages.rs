@@ -11,7 +11,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         unknown_and_gone_links,
         get_never_changes_state,
         pages_are_hardened,
-        link_guessing_is_rate_limited
+        link_guessing_is_rate_limited,
+        forwarded_for_counts_only_from_trusted_proxies
     ]
 }
 
@@ -229,4 +230,29 @@ async fn link_guessing_is_rate_limited(app: TestApp) {
     assert!(answers.get(&404).copied().unwrap_or(0) >= 50, "{answers:?}");
     // Other paths are not limited.
     assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
+}
+
+/// Behind a trusted proxy (loopback, by default) each forwarded address is its own client; with
+/// no trusted proxies a client that writes `X-Forwarded-For` itself is still one client.
+async fn forwarded_for_counts_only_from_trusted_proxies(app: TestApp) {
+    let guesses = |app: &TestApp| {
+        let (client, base) = (app.client.clone(), app.url(""));
+        async move {
+            let mut limited = 0;
+            for i in 0..20 {
+                let res = client
+                    .get(format!("{}/l/{:0>43}", base.trim_end_matches('/'), i))
+                    .header("x-forwarded-for", format!("198.51.100.{i}"))
+                    .send()
+                    .await
+                    .unwrap();
+                limited += usize::from(res.status() == 429);
+            }
+            limited
+        }
+    };
+    let (app, _first) = app.restart_with(&[("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", "40")]).await;
+    assert_eq!(guesses(&app).await, 0, "twenty clients behind the local proxy, one request each");
+    let (app, _second) = app.restart_with(&[("AUTHLINK_HTTP__TRUSTED_PROXIES", "[]")]).await;
+    assert!(guesses(&app).await >= 10, "one client, whatever it writes in the header");
 }
