@@ -646,11 +646,14 @@ async fn instagram_token_is_refreshed_after_a_day(app: TestApp) {
 }
 
 fn signed_request(secret: &str, user_id: &str) -> String {
+    signed_request_at(secret, user_id, time::OffsetDateTime::now_utc().unix_timestamp())
+}
+
+fn signed_request_at(secret: &str, user_id: &str, issued_at: i64) -> String {
     use base64::Engine;
     use hmac::Mac;
-    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
-        json!({"algorithm": "HMAC-SHA256", "issued_at": 1_764_000_000, "user_id": user_id}).to_string(),
-    );
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"algorithm": "HMAC-SHA256", "issued_at": issued_at, "user_id": user_id}).to_string());
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(payload.as_bytes());
     let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
@@ -661,7 +664,7 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     let wid = app.workspace("Meta");
     let key = app.workspace_key(&wid);
     let receiver = Receiver::start().await;
-    add_endpoint(&app, &key, &receiver.url, Some(vec!["connection.disconnected"])).await;
+    add_endpoint(&app, &key, &receiver.url, Some(vec!["connection.broken"])).await;
     let (_, url) = app.link(&wid, "Client");
     let a = &authlink::sandbox::INSTAGRAM_ACCOUNTS[0];
     let b = &authlink::sandbox::INSTAGRAM_ACCOUNTS[1];
@@ -682,9 +685,21 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     let res =
         app.client.post(app.url("/oauth/instagram/data-deletion")).form(&[("x", "y")]).send().await.unwrap();
     assert_eq!(res.status(), 400);
+    // A well-signed request issued two days ago (a replay) or an hour ahead: 400 too.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for at in [now - 2 * 86_400, now + 3600] {
+        let res = app
+            .client
+            .post(app.url("/oauth/instagram/deauthorize"))
+            .form(&[("signed_request", signed_request_at(secret, a.app_scoped_id, at).as_str())])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400);
+    }
     let list = app.api_get("/connections?status=active", &key, 200).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
-    // Deauthorize: disconnected at once.
+    // Deauthorize: broken at once, with a reason; the client can repair it through the link.
     let res = app
         .client
         .post(app.url("/oauth/instagram/deauthorize"))
@@ -698,11 +713,15 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
         conns["data"].as_array().unwrap().iter().find(|c| c["username"] == username).cloned()
     };
     let da = find(a.username).unwrap();
-    assert_eq!(da["status"], "disconnected");
+    assert_eq!(da["status"], "broken");
+    assert!(da["status_reason"].as_str().unwrap().contains("removed the app"), "{da}");
     assert_eq!(find(b.username).unwrap()["status"], "active");
     let aid = da["id"].as_str().unwrap();
     app.api_get(&format!("/connections/{aid}/access-token"), &key, 409).await;
-    receiver.wait_for(1, 20).await;
+    let got = receiver.wait_for(1, 20).await;
+    let body: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(body["type"], "connection.broken");
+    assert!(body["data"]["repair_url"].is_string());
     // Data deletion: tokens and profile erased, the answer Meta expects, and a status page.
     let res = app
         .client
@@ -723,7 +742,7 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     let erased: Vec<&Value> =
         conns["data"].as_array().unwrap().iter().filter(|c| c["username"].is_null()).collect();
     assert_eq!(erased.len(), 1);
-    assert_eq!(erased[0]["status"], "disconnected");
+    assert_eq!(erased[0]["status"], "broken");
     assert!(erased[0]["display_name"].is_null() && erased[0]["avatar_url"].is_null());
     let detail = app.api_get(&format!("/connections/{}", erased[0]["id"].as_str().unwrap()), &key, 200).await;
     assert!(
@@ -734,6 +753,23 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
         app.client.get(app.url("/oauth/instagram/data-deletion/unknown")).send().await.unwrap().status(),
         404
     );
+    // The client repairs the deauthorized account through the same link.
+    connect(&app.client, &app, &url, "instagram", &a.user_id.to_string()).await;
+    let repaired = app.api_get(&format!("/connections/{aid}"), &key, 200).await;
+    assert_eq!(repaired["status"], "active");
+    assert_eq!(repaired["reconnect_count"], 1);
+    // With Instagram switched off, the callbacks change nothing (its secret is not used).
+    let (app, _old) = app.restart_with(&[("AUTHLINK_PROVIDERS__INSTAGRAM__ENABLED", "false")]).await;
+    let res = app
+        .client
+        .post(app.url("/oauth/instagram/deauthorize"))
+        .form(&[("signed_request", signed_request(secret, a.app_scoped_id).as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    let still = app.api_get(&format!("/connections/{aid}"), &key, 200).await;
+    assert_eq!(still["status"], "active");
 }
 
 async fn expiring_grant_is_announced(app: TestApp) {

@@ -5,10 +5,15 @@
 //! as received, compared in constant time; the payload's `algorithm` must be `HMAC-SHA256` and
 //! its `user_id` is the app-scoped id. An invalid signature gets 400 and changes nothing.
 //!
-//! - Deauthorize: every connection of that account is marked disconnected at once (tokens
-//!   erased), with `connection.disconnected`.
-//! - Data deletion: tokens and profile data are erased, and the answer is
-//!   `{"url": <status page>, "confirmation_code": <code>}` as Meta requires.
+//! A request issued more than a day before it arrives (or more than five minutes ahead of our
+//! clock) is refused the same way: a captured callback cannot be replayed later. The routes
+//! answer 404 while Instagram is disabled; in sandbox mode they reach sandbox connections only
+//! (the sandbox's app secret is public), and in live mode live connections only.
+//!
+//! - Deauthorize: every connection of that account is marked broken at once (tokens erased),
+//!   with a reason and `connection.broken`: the client can repair it through the link.
+//! - Data deletion: tokens and profile data are erased (the connection is broken the same way),
+//!   and the answer is `{"url": <status page>, "confirmation_code": <code>}` as Meta requires.
 
 use askama::Template;
 use axum::Json;
@@ -26,7 +31,7 @@ use super::{MessagePage, render};
 use crate::crypto;
 use crate::db;
 use crate::service::connections::{self, ConnectionStatus};
-use crate::service::{Actor, audit, webhooks};
+use crate::service::{Actor, audit};
 use crate::state::AppState;
 
 /// The form Meta posts.
@@ -76,12 +81,47 @@ pub fn verify_signed_request(signed: &str, secret: &[u8]) -> Option<(SignedPaylo
     Some((parsed, user_id))
 }
 
-fn app_secret(state: &AppState) -> Vec<u8> {
+/// The secret that signs Meta's requests, and whether it is the sandbox's; `None` while
+/// Instagram is disabled (nothing may then be changed through these routes).
+fn app_secret(state: &AppState) -> Option<(Vec<u8>, bool)> {
     let ig = &state.config.providers.instagram;
-    if ig.is_sandbox() {
-        crate::sandbox::INSTAGRAM_CLIENT_SECRET.as_bytes().to_vec()
+    if !ig.enabled {
+        None
+    } else if ig.is_sandbox() {
+        Some((crate::sandbox::INSTAGRAM_CLIENT_SECRET.as_bytes().to_vec(), true))
     } else {
-        ig.client_secret.as_ref().map(|s| s.expose_secret().as_bytes().to_vec()).unwrap_or_default()
+        let secret = ig.client_secret.as_ref().map(|s| s.expose_secret().as_bytes().to_vec())?;
+        (!secret.is_empty()).then_some((secret, false))
+    }
+}
+
+/// How old a signed request may be when it arrives.
+const MAX_AGE_SECS: i64 = 86_400;
+/// How far ahead of our clock a signed request may claim to be issued.
+const MAX_SKEW_SECS: i64 = 300;
+
+/// A verified request of this instance's Instagram app: the app-scoped user id and whether the
+/// sandbox signed it. `Err` is the answer to give.
+fn verified(state: &AppState, form: &SignedRequestForm) -> Result<(String, bool), Response> {
+    let Some((secret, sandbox)) = app_secret(state) else {
+        return Err(StatusCode::NOT_FOUND.into_response());
+    };
+    let Some((payload, user_id)) =
+        form.signed_request.as_deref().and_then(|s| verify_signed_request(s, &secret))
+    else {
+        return Err(bad_signature());
+    };
+    let now = state.now_ms() / 1000;
+    match payload.issued_at {
+        Some(at) if at < now - MAX_AGE_SECS || at > now + MAX_SKEW_SECS => {
+            tracing::warn!(issued_at = at, "Instagram callback issued too long ago or ahead refused");
+            Err((
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"error": "signed_request is not current"})),
+            )
+                .into_response())
+        }
+        _ => Ok((user_id, sandbox)),
     }
 }
 
@@ -90,61 +130,61 @@ fn bad_signature() -> Response {
     (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "invalid signed_request"}))).into_response()
 }
 
-/// Erases tokens (and, for a deletion, profile data) of every connection of the account.
+/// Erases tokens (and, for a deletion, profile data) of every connection of the account made in
+/// this mode (sandbox or live), and marks those not disconnected by the agency broken.
 async fn erase(
     state: &AppState,
     user_id: &str,
+    sandbox: bool,
     delete_profile: bool,
 ) -> crate::service::ServiceResult<usize> {
     let now = state.now_ms();
     let mut tx = state.db.begin_write().await?;
     let rows = db::connections::by_app_scoped_id(&mut tx, "instagram", user_id).await?;
+    let rows: Vec<_> = rows.into_iter().filter(|r| (r.sandbox != 0) == sandbox).collect();
     let count = rows.len();
     for mut row in rows {
-        let was = ConnectionStatus::parse(&row.status);
-        row.status = ConnectionStatus::Disconnected.as_str().into();
-        row.status_reason = Some(if delete_profile {
-            "The account holder asked Meta to delete their data; tokens and profile data were erased.".into()
+        let reason = if delete_profile {
+            "The account holder asked Meta to delete their data; tokens and profile data were erased. The client can connect again through the link."
         } else {
-            "The account holder removed the app on Instagram.".into()
-        });
+            "The account holder removed the app on Instagram. The client can connect again through the link."
+        };
         row.access_token_sealed = None;
         row.refresh_token_sealed = None;
         row.access_expires_at = None;
         row.refresh_expires_at = None;
-        row.next_refresh_at = None;
-        row.next_check_at = None;
         row.token_generation += 1;
         if delete_profile {
             row.username = None;
             row.display_name = None;
             row.avatar_url = None;
-        }
-        row.updated_at = now;
-        db::connections::update(&mut tx, &row).await?;
-        if delete_profile {
             db::connections::scrub_events(&mut tx, &row.id).await?;
         }
-        let kind = if delete_profile { "data_deleted" } else { "disconnected" };
-        db::connections::insert_event(
-            &mut tx,
-            &connections::event(&row, kind, row.status_reason.clone(), now),
-        )
-        .await?;
-        audit::record(
-            &mut tx,
-            now,
-            &Actor::System,
-            Some(&row.workspace_id),
-            &format!("connection.{kind}"),
-            "connection",
-            &row.id,
-            serde_json::json!({"source": "meta_callback"}),
-        )
-        .await?;
-        if was != ConnectionStatus::Disconnected {
-            let data = connections::event_data(&mut tx, state, &row, row.status_reason.as_deref()).await?;
-            webhooks::emit(&mut tx, state, now, &row.workspace_id, "connection.disconnected", data).await?;
+        if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
+            // Removed by the agency already: only the erasure applies.
+            row.updated_at = now;
+            db::connections::update(&mut tx, &row).await?;
+        } else {
+            // History, audit and `connection.broken`, once.
+            connections::mark_broken_in(&mut tx, state, &mut row, reason, now).await?;
+        }
+        if delete_profile {
+            db::connections::insert_event(
+                &mut tx,
+                &connections::event(&row, "data_deleted", Some(reason.to_string()), now),
+            )
+            .await?;
+            audit::record(
+                &mut tx,
+                now,
+                &Actor::System,
+                Some(&row.workspace_id),
+                "connection.data_deleted",
+                "connection",
+                &row.id,
+                serde_json::json!({"source": "meta_callback"}),
+            )
+            .await?;
         }
     }
     tx.commit().await?;
@@ -156,12 +196,11 @@ pub async fn instagram_deauthorize(
     State(state): State<AppState>,
     Form(form): Form<SignedRequestForm>,
 ) -> Response {
-    let Some((_, user_id)) =
-        form.signed_request.as_deref().and_then(|s| verify_signed_request(s, &app_secret(&state)))
-    else {
-        return bad_signature();
+    let (user_id, sandbox) = match verified(&state, &form) {
+        Ok(v) => v,
+        Err(res) => return res,
     };
-    match erase(&state, &user_id, false).await {
+    match erase(&state, &user_id, sandbox, false).await {
         Ok(n) => {
             tracing::info!(connections = n, "Instagram deauthorization processed");
             (StatusCode::OK, Json(serde_json::json!({"ok": true}))).into_response()
@@ -175,12 +214,11 @@ pub async fn instagram_data_deletion(
     State(state): State<AppState>,
     Form(form): Form<SignedRequestForm>,
 ) -> Response {
-    let Some((_, user_id)) =
-        form.signed_request.as_deref().and_then(|s| verify_signed_request(s, &app_secret(&state)))
-    else {
-        return bad_signature();
+    let (user_id, sandbox) = match verified(&state, &form) {
+        Ok(v) => v,
+        Err(res) => return res,
     };
-    let count = match erase(&state, &user_id, true).await {
+    let count = match erase(&state, &user_id, sandbox, true).await {
         Ok(n) => n,
         Err(e) => return super::service_error_page(e),
     };
