@@ -100,34 +100,49 @@ const MAX_AGE_SECS: i64 = 86_400;
 /// How far ahead of our clock a signed request may claim to be issued.
 const MAX_SKEW_SECS: i64 = 300;
 
-/// A verified request of this instance's Instagram app: the app-scoped user id and whether the
-/// sandbox signed it. `Err` is the answer to give.
-fn verified(state: &AppState, form: &SignedRequestForm) -> Result<(String, bool), Response> {
-    let Some((secret, sandbox)) = app_secret(state) else {
-        return Err(StatusCode::NOT_FOUND.into_response());
-    };
-    let Some((payload, user_id)) =
-        form.signed_request.as_deref().and_then(|s| verify_signed_request(s, &secret))
-    else {
-        return Err(bad_signature());
-    };
-    let now = state.now_ms() / 1000;
-    match payload.issued_at {
-        Some(at) if at < now - MAX_AGE_SECS || at > now + MAX_SKEW_SECS => {
-            tracing::warn!(issued_at = at, "Instagram callback issued too long ago or ahead refused");
-            Err((
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({"error": "signed_request is not current"})),
-            )
-                .into_response())
-        }
-        _ => Ok((user_id, sandbox)),
-    }
-}
-
 fn bad_signature() -> Response {
     tracing::warn!("Instagram callback with a missing or invalid signed_request refused");
     (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "invalid signed_request"}))).into_response()
+}
+
+/// Why a callback was refused.
+enum Refused {
+    /// Instagram is disabled.
+    Disabled,
+    /// Missing or invalid signature.
+    Signature,
+    /// Issued too long ago or ahead of our clock.
+    Stale(i64),
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Refused::Disabled => StatusCode::NOT_FOUND.into_response(),
+            Refused::Signature => bad_signature(),
+            Refused::Stale(at) => {
+                tracing::warn!(issued_at = at, "Instagram callback issued too long ago or ahead refused");
+                (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "signed_request is not current"})))
+                    .into_response()
+            }
+        }
+    }
+}
+
+/// A verified request of this instance's Instagram app: the app-scoped user id and whether the
+/// sandbox signed it.
+fn verified(state: &AppState, form: &SignedRequestForm) -> Result<(String, bool), Refused> {
+    let (secret, sandbox) = app_secret(state).ok_or(Refused::Disabled)?;
+    let (payload, user_id) = form
+        .signed_request
+        .as_deref()
+        .and_then(|s| verify_signed_request(s, &secret))
+        .ok_or(Refused::Signature)?;
+    let now = state.now_ms() / 1000;
+    match payload.issued_at {
+        Some(at) if at < now - MAX_AGE_SECS || at > now + MAX_SKEW_SECS => Err(Refused::Stale(at)),
+        _ => Ok((user_id, sandbox)),
+    }
 }
 
 /// Erases tokens (and, for a deletion, profile data) of every connection of the account made in
@@ -198,7 +213,7 @@ pub async fn instagram_deauthorize(
 ) -> Response {
     let (user_id, sandbox) = match verified(&state, &form) {
         Ok(v) => v,
-        Err(res) => return res,
+        Err(refused) => return refused.into_response(),
     };
     match erase(&state, &user_id, sandbox, false).await {
         Ok(n) => {
@@ -216,7 +231,7 @@ pub async fn instagram_data_deletion(
 ) -> Response {
     let (user_id, sandbox) = match verified(&state, &form) {
         Ok(v) => v,
-        Err(res) => return res,
+        Err(refused) => return refused.into_response(),
     };
     let count = match erase(&state, &user_id, sandbox, true).await {
         Ok(n) => n,
