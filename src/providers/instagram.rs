@@ -60,7 +60,7 @@ pub struct Instagram {
 /// The short-lived token answer, before the long-lived exchange.
 #[derive(Debug)]
 struct ShortLived {
-    access_token: String,
+    access_token: SecretString,
     user_id: Option<String>,
     permissions: Vec<String>,
 }
@@ -138,11 +138,11 @@ impl Instagram {
         let req = self.http.get(format!("{}/access_token", self.graph_base)).query(&[
             ("grant_type", "ig_exchange_token"),
             ("client_secret", secret),
-            ("access_token", short.access_token.as_str()),
+            ("access_token", short.access_token.expose_secret()),
         ]);
         let raw = send(req, what).await?;
         let (access_token, access_expires_at) =
-            parse_long_lived(&raw, now, what, &[secret, short.access_token.as_str()])?;
+            parse_long_lived(&raw, now, what, &[secret, short.access_token.expose_secret()])?;
         Ok(TokenSet {
             access_token,
             access_expires_at,
@@ -230,7 +230,7 @@ fn parse_short_lived(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<
         });
     };
     Ok(ShortLived {
-        access_token: access_token.to_string(),
+        access_token: SecretString::from(access_token.to_string()),
         user_id: payload.get("user_id").and_then(id_string),
         permissions: payload.get("permissions").map(scope_list).unwrap_or_default(),
     })
@@ -459,7 +459,7 @@ mod tests {
         let body = r#"{"access_token":"IGAAx","user_id":27640875392278831,
             "permissions":["instagram_business_basic","instagram_business_content_publish"]}"#;
         let s = parse_short_lived(&raw(200, body), "x", &[]).unwrap();
-        assert_eq!(s.access_token, "IGAAx");
+        assert_eq!(s.access_token.expose_secret(), "IGAAx");
         assert_eq!(s.user_id.as_deref(), Some("27640875392278831"));
         assert_eq!(s.permissions, vec!["instagram_business_basic", "instagram_business_content_publish"]);
     }
@@ -469,7 +469,7 @@ mod tests {
         let body = r#"{"data":[{"access_token":"IGAAy","user_id":"17841400000000001",
             "permissions":"instagram_business_basic,instagram_business_manage_comments"}]}"#;
         let s = parse_short_lived(&raw(200, body), "x", &[]).unwrap();
-        assert_eq!(s.access_token, "IGAAy");
+        assert_eq!(s.access_token.expose_secret(), "IGAAy");
         assert_eq!(s.user_id.as_deref(), Some("17841400000000001"));
         assert_eq!(s.permissions, vec!["instagram_business_basic", "instagram_business_manage_comments"]);
     }

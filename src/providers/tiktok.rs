@@ -457,12 +457,21 @@ pub(super) fn status_error(raw: &RawResponse, what: &str) -> ProviderError {
     }
 }
 
-/// Makes a provider-supplied text safe for a reason: removes any of `secrets` it echoes, drops
-/// control characters and caps its length.
+/// Makes a provider-supplied text safe for a reason: removes any of `secrets` it echoes, as they
+/// are or form-encoded (TikTok's codes hold `*` and `!`), drops control characters and caps its
+/// length.
 pub(super) fn sanitize(text: &str, secrets: &[&str]) -> String {
-    let mut out = text.to_string();
-    for s in secrets.iter().filter(|s| s.len() >= 4) {
-        out = out.replace(*s, "[redacted]");
+    let secrets: Vec<&str> = secrets.iter().copied().filter(|s| s.len() >= 4).collect();
+    // Matched on the text with its escapes decoded too, whichever characters were escaped.
+    let decoded =
+        percent_encoding::percent_decode_str(&text.replace('+', " ")).decode_utf8_lossy().into_owned();
+    let mut out = if secrets.iter().any(|s| !text.contains(s) && decoded.contains(s)) {
+        decoded
+    } else {
+        text.to_string()
+    };
+    for s in secrets {
+        out = out.replace(s, "[redacted]");
     }
     let kept: Vec<char> = out.chars().filter(|c| !c.is_control()).collect();
     let mut out: String = kept.iter().take(300).collect();
@@ -736,5 +745,11 @@ mod tests {
         assert_eq!(cut.chars().count(), 301);
         assert!(cut.ends_with('…'));
         assert_eq!(sanitize("a\nb", &[]), "ab");
+        // A secret echoed as it is or percent-encoded is removed.
+        let code = "abc*DEF!ghi 1";
+        for echoed in [code, "abc%2ADEF%21ghi+1", "abc%2ADEF%21ghi%201"] {
+            let out = sanitize(&format!("bad code {echoed}."), &[code]);
+            assert_eq!(out, "bad code [redacted].", "{echoed}");
+        }
     }
 }
