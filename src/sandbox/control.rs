@@ -180,6 +180,14 @@ async fn accounts(Path(provider): Path<String>) -> Response {
 struct RevokeBody {
     #[serde(default)]
     reason: RevokeReason,
+    /// Instagram, app removed: also send Meta's deauthorize callback (default: yes; `false`
+    /// stands for a callback that never arrived).
+    #[serde(default = "yes")]
+    notify: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `POST /control/{provider}/accounts/{account_id}/revoke`.
@@ -198,7 +206,13 @@ async fn revoke_account(
     };
     let revoked = sb.revoke_account(p, &account_id, request.reason);
     tracing::info!(provider = p.as_str(), revoked, "sandbox account revoked");
-    json(StatusCode::OK, json!({ "revoked_tokens": revoked }))
+    let callback = if p == Platform::Instagram && request.reason == RevokeReason::AppRemoved && request.notify
+    {
+        sb.send_instagram_deauthorize(&account_id).await
+    } else {
+        None
+    };
+    json(StatusCode::OK, json!({ "revoked_tokens": revoked, "deauthorize_callback": callback }))
 }
 
 /// `POST /control/tiktok/accounts/{open_id}/revoke-access-tokens`.

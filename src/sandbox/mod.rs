@@ -79,8 +79,11 @@
 //!   "invalid_grant", "refresh_token_reuse", "challenges": [..]}`.
 //! - `GET  /control/{provider}/accounts`: the fake accounts.
 //! - `POST /control/{provider}/accounts/{account_id}/revoke`, optional body
-//!   `{"reason": "app_removed"|"password_changed"}`: kills every token of the account (Instagram
-//!   then answers Graph 190 with subcode 458 or 460). Answers `{"revoked_tokens": n}`.
+//!   `{"reason": "app_removed"|"password_changed", "notify": bool}`: kills every token of the
+//!   account (Instagram then answers Graph 190 with subcode 458 or 460). For Instagram with
+//!   `app_removed`, the sandbox then sends Meta's signed deauthorize callback to authlink, as Meta
+//!   does (`"notify": false`: a callback that never arrived). Answers
+//!   `{"revoked_tokens": n, "deauthorize_callback": <authlink's status, or null>}`.
 //! - `POST /control/tiktok/accounts/{open_id}/revoke-access-tokens`: kills the account's live
 //!   access tokens only; its refresh token still works (an access token revoked mid-life).
 //!   Answers `{"revoked_tokens": n}`.
@@ -262,6 +265,49 @@ impl Sandbox {
         match platform {
             Platform::Tiktok => self.tiktok_state().revoke_account(account_id, now),
             Platform::Instagram => self.instagram_state().revoke_account(account_id, reason, now),
+        }
+    }
+
+    /// Sends Meta's deauthorize callback for the fake Instagram account `account_id` (its user id)
+    /// to `{public_url}/oauth/instagram/deauthorize`, as Meta does when a user removes the app
+    /// (§3.8, §3.10): a form with `signed_request`, HMAC-SHA256 with the sandbox's app secret over
+    /// a payload naming the app-scoped id and the sandbox's time. Returns the answer's status, or
+    /// `None` for an unknown account or an unreachable endpoint.
+    pub async fn send_instagram_deauthorize(&self, account_id: &str) -> Option<u16> {
+        use base64::Engine;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use hmac::{Hmac, Mac};
+        let user_id = account_id.parse::<u64>().ok()?;
+        let account = INSTAGRAM_ACCOUNTS.iter().find(|a| a.user_id == user_id)?;
+        let payload = URL_SAFE_NO_PAD.encode(
+            serde_json::json!({
+                "algorithm": "HMAC-SHA256",
+                "issued_at": self.now().unix_timestamp(),
+                "user_id": account.app_scoped_id,
+            })
+            .to_string(),
+        );
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(INSTAGRAM_CLIENT_SECRET.as_bytes()).ok()?;
+        mac.update(payload.as_bytes());
+        let signed = format!("{}.{payload}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
+        let client =
+            reqwest::Client::builder().no_proxy().timeout(std::time::Duration::from_secs(10)).build().ok()?;
+        let res = client
+            .post(format!("{}/oauth/instagram/deauthorize", self.public_base))
+            .form(&[("signed_request", signed.as_str())])
+            .send()
+            .await;
+        match res {
+            Ok(r) => Some(r.status().as_u16()),
+            Err(e) => {
+                // The URL is ours and holds no secret; the error says how it failed.
+                tracing::warn!(
+                    timeout = e.is_timeout(),
+                    connect = e.is_connect(),
+                    "sandbox deauthorize callback failed"
+                );
+                None
+            }
         }
     }
 

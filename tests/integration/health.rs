@@ -758,6 +758,14 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     let repaired = app.api_get(&format!("/connections/{aid}"), &key, 200).await;
     assert_eq!(repaired["status"], "active");
     assert_eq!(repaired["reconnect_count"], 1);
+    // The sandbox removing the app sends Meta's callback itself, as Meta does.
+    let answer = app.sandbox(&format!("/instagram/accounts/{}/revoke", a.user_id), json!({})).await;
+    assert_eq!(answer["deauthorize_callback"], 200, "{answer}");
+    let broken = app.api_get(&format!("/connections/{aid}"), &key, 200).await;
+    assert_eq!(broken["status"], "broken");
+    assert!(broken["status_reason"].as_str().unwrap().contains("removed the app"), "{broken}");
+    connect(&app.client, &app, &url, "instagram", &a.user_id.to_string()).await;
+    assert_eq!(app.api_get(&format!("/connections/{aid}"), &key, 200).await["status"], "active");
     // With Instagram switched off, the callbacks change nothing (its secret is not used).
     let (app, _old) = app.restart_with(&[("AUTHLINK_PROVIDERS__INSTAGRAM__ENABLED", "false")]).await;
     let res = app
@@ -781,9 +789,10 @@ async fn expiring_grant_is_announced(app: TestApp) {
     let acct = &authlink::sandbox::INSTAGRAM_ACCOUNTS[1];
     connect(&app.client, &app, &url, "instagram", &acct.user_id.to_string()).await;
     let id = connection_id(&app, &key).await;
-    // The account is broken (app removed), so its 60-day token will not be refreshed: when
-    // less than seven days remain, the agency is told ahead of time.
-    app.sandbox(&format!("/instagram/accounts/{}/revoke", acct.user_id), json!({})).await;
+    // The account is broken (app removed; Meta's callback lost, the health check finds it), so
+    // its 60-day token will not be refreshed: when less than seven days remain, the agency is
+    // told ahead of time.
+    app.sandbox(&format!("/instagram/accounts/{}/revoke", acct.user_id), json!({"notify": false})).await;
     app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
     assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "broken");
     app.advance_clock(54 * 86_400).await;

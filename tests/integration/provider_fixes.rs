@@ -264,8 +264,8 @@ async fn instagram_refusing_a_refresh_of_a_working_token_is_not_a_failure(app: T
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!((c["status"].as_str(), c["refresh_failures"].as_i64()), (Some("active"), Some(0)));
 
-    // A token that is really dead still breaks the connection on a refusal.
-    app.sandbox(&format!("/instagram/accounts/{acct}/revoke"), json!({})).await;
+    // A token that is really dead (Meta's callback lost) still breaks the connection on a refusal.
+    app.sandbox(&format!("/instagram/accounts/{acct}/revoke"), json!({"notify": false})).await;
     app.advance_clock(49 * 3600).await;
     let out = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
     assert_eq!(out["outcome"], "broken", "{out}");
