@@ -352,6 +352,17 @@ async fn missing_or_forged_csrf_is_refused(app: TestApp) {
         .await
         .unwrap();
     assert_eq!(res.status(), 403, "login CSRF: a form not rendered for this browser");
+    // The sign-in form's token (bound to the pre-sign-in cookie) vouches for the sign-in only.
+    let pre = browser();
+    let login_csrf = csrf_of(&page(&app, &pre, "/app/login", 200).await);
+    let res = pre
+        .post(app.url("/app/w/acme/links"))
+        .form(&[("csrf", login_csrf.as_str()), ("label", "Client"), ("platforms", "tiktok")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(app.count("links").await, 0);
     // With the right token it works.
     let res = post(&app, &client, &csrf, "/app/w/acme/links", &fields).await;
     assert_eq!(res.status(), 303);

@@ -236,9 +236,12 @@ pub async fn guard_posts(State(state): State<AppState>, req: Request, next: Next
     let pairs: Vec<(String, String)> =
         if is_form { url::form_urlencoded::parse(&bytes).into_owned().collect() } else { Vec::new() };
     let presented = pairs.iter().find(|(k, _)| k == "csrf").map(|(_, v)| v.as_str()).unwrap_or("");
+    // The pre-sign-in cookie stands behind the sign-in form only: every other form is bound to
+    // the session, so that a cookie planted before sign-in cannot vouch for it.
+    let pre_sign_in = parts.uri.path() == "/app/login";
     let candidates = [
         read_cookie(&parts.headers, session_cookie_name(&state)),
-        read_cookie(&parts.headers, login_cookie_name(&state)),
+        read_cookie(&parts.headers, login_cookie_name(&state)).filter(|_| pre_sign_in),
     ];
     let valid = !presented.is_empty() && candidates.iter().flatten().any(|t| csrf_matches(t, presented));
     if !valid {
