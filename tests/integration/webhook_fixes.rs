@@ -1,0 +1,168 @@
+//! Webhook delivery edge cases: redelivery after giving up, disabling an endpoint while it is
+//! being changed, slow receivers with two processes delivering, proxies in the environment, and
+//! `Retry-After` given as a date.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use axum::response::IntoResponse;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use crate::health::eventually;
+use crate::helpers::{TestApp, binary};
+use crate::tests;
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
+    tests![deliveries_never_go_through_a_proxy,]
+}
+
+/// How the receiver answers one request.
+#[derive(Clone, Default)]
+struct Reply {
+    status: u16,
+    delay_ms: u64,
+    headers: Vec<(&'static str, String)>,
+}
+
+/// One request received.
+#[derive(Clone, Debug)]
+struct Got {
+    uri: String,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// An HTTP server on loopback that records every request (any method and path) and answers
+/// from a script, then with `fallback`.
+struct Hook {
+    /// `http://127.0.0.1:<port>`.
+    base: String,
+    /// `{base}/hook`.
+    url: String,
+    got: Arc<Mutex<Vec<Got>>>,
+    script: Arc<Mutex<VecDeque<Reply>>>,
+}
+
+impl Hook {
+    async fn start(fallback: Reply) -> Self {
+        let got: Arc<Mutex<Vec<Got>>> = Arc::default();
+        let script: Arc<Mutex<VecDeque<Reply>>> = Arc::default();
+        let (g, sc) = (got.clone(), script.clone());
+        let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap, body: Bytes| {
+            let (g, sc, fallback) = (g.clone(), sc.clone(), fallback.clone());
+            async move {
+                let headers = headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
+                    .collect();
+                g.lock().unwrap().push(Got {
+                    uri: uri.to_string(),
+                    headers,
+                    body: String::from_utf8_lossy(&body).to_string(),
+                });
+                let reply = sc.lock().unwrap().pop_front().unwrap_or(fallback);
+                tokio::time::sleep(Duration::from_millis(reply.delay_ms)).await;
+                let mut out = HeaderMap::new();
+                for (k, v) in reply.headers {
+                    out.insert(HeaderName::from_static(k), HeaderValue::from_str(&v).unwrap());
+                }
+                (StatusCode::from_u16(reply.status).unwrap(), out).into_response()
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Hook { url: format!("{base}/hook"), base, got, script }
+    }
+
+    async fn ok() -> Self {
+        Self::start(Reply { status: 200, ..Reply::default() }).await
+    }
+
+    fn then(&self, reply: Reply) {
+        self.script.lock().unwrap().push_back(reply);
+    }
+
+    fn fail_next(&self, n: usize, status: u16) {
+        for _ in 0..n {
+            self.then(Reply { status, ..Reply::default() });
+        }
+    }
+
+    fn received(&self) -> Vec<Got> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests arrived (or fails after `secs`).
+    async fn wait_for(&self, n: usize, secs: u64) -> Vec<Got> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got = self.received();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "expected {n} requests, got {}", got.len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn add_endpoint(app: &TestApp, key: &str, url: &str) -> (String, String) {
+    let created = app.api_post("/webhooks", key, json!({"url": url}), 201).await;
+    (created["id"].as_str().unwrap().to_string(), created["secret"].as_str().unwrap().to_string())
+}
+
+/// The deliveries of an endpoint, newest first.
+async fn deliveries(app: &TestApp, key: &str, endpoint: &str) -> Vec<Value> {
+    app.api_get(&format!("/webhooks/{endpoint}/deliveries"), key, 200).await["data"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Waits until the delivery `id` of `endpoint` satisfies `cond`, and returns it.
+async fn delivery_when(
+    app: &TestApp,
+    key: &str,
+    endpoint: &str,
+    id: &str,
+    what: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    eventually(what, 20, || async {
+        deliveries(app, key, endpoint).await.into_iter().find(|d| d["id"] == id && cond(d))
+    })
+    .await
+}
+
+async fn deliveries_never_go_through_a_proxy(app: TestApp) {
+    // A proxy configured in the environment would resolve webhook hosts itself, out of the
+    // SSRF guard's reach. This one accepts anything and records it.
+    let proxy = Hook::ok().await;
+    let (app, unused) = app
+        .restart_with(&[
+            ("HTTP_PROXY", &proxy.base),
+            ("HTTPS_PROXY", &proxy.base),
+            ("ALL_PROXY", &proxy.base),
+            ("NO_PROXY", ""),
+        ])
+        .await;
+    let wid = app.workspace("No Proxy");
+    let key = app.workspace_key(&wid);
+    let hook = Hook::ok().await;
+    let (endpoint, _) = add_endpoint(&app, &key, &hook.url).await;
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    let delivered = eventually("the test event to be delivered", 20, || async {
+        let list = deliveries(&app, &key, &endpoint).await;
+        (list.first().is_some_and(|d| d["status"] != "pending")).then(|| list[0].clone())
+    })
+    .await;
+    assert_eq!(delivered["status"], "succeeded", "{delivered}");
+    assert_eq!(hook.received().len(), 1, "delivered straight to the receiver");
+    assert!(proxy.received().is_empty(), "nothing through the proxy: {:?}", proxy.received());
+    unused.run().await;
+}
