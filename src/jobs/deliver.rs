@@ -3,7 +3,8 @@
 //!
 //! - 2xx: delivered. 3xx is a failure (redirects are not followed).
 //! - 410 Gone: the endpoint is disabled at once (with an audit entry).
-//! - 429, 502, 503, 504 and others: retried; a `Retry-After` is honoured.
+//! - 429, 502, 503, 504 and others: retried; a `Retry-After` (seconds or an HTTP date, at most
+//!   a day) is honoured.
 //! - Every attempt is logged with its status code and latency.
 //! - When a delivery has used up its retries, it is marked failed and its endpoint, which has
 //!   then failed for about three days, is disabled with an audit entry.
@@ -12,6 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc2822;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -76,12 +79,52 @@ async fn claim(state: &AppState) -> Vec<String> {
     })
 }
 
-fn retry_after(res: &reqwest::Response) -> Option<Duration> {
-    res.headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|s| Duration::from_secs(s.min(86_400)))
+/// The longest wait a `Retry-After` can ask for.
+const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
+/// The wait a response's `Retry-After` asks for, if it has a valid one.
+fn retry_after(res: &reqwest::Response, now: OffsetDateTime) -> Option<Duration> {
+    let value = res.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, now)
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3) as a wait from `now`: delay-seconds, or an
+/// HTTP-date in any of its three forms; a date in the past means no wait. At most a day.
+fn parse_retry_after(value: &str, now: OffsetDateTime) -> Option<Duration> {
+    let value = value.trim();
+    let secs = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still "a very long time".
+        value.parse::<u64>().unwrap_or(u64::MAX)
+    } else {
+        u64::try_from((http_date(value)? - now).whole_seconds()).unwrap_or(0)
+    };
+    Some(Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)))
+}
+
+/// Parses an HTTP-date: IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), or one of the obsolete
+/// forms recipients must still accept, RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime
+/// (`Sun Nov  6 08:49:37 1994`).
+fn http_date(value: &str) -> Option<OffsetDateTime> {
+    // IMF-fixdate is an RFC 2822 date in GMT.
+    if let Ok(at) = OffsetDateTime::parse(value, &Rfc2822) {
+        return Some(at);
+    }
+    // The obsolete forms, rewritten as RFC 2822 (whose two-digit years are 19xx from 50 on).
+    // The weekday is redundant with the date and dropped.
+    let rewritten = match value.split_once(", ") {
+        Some((_, rest)) => {
+            let (date, clock) = rest.split_once(' ')?;
+            if date.matches('-').count() != 2 {
+                return None;
+            }
+            format!("{} {clock}", date.replace('-', " "))
+        }
+        None => match value.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [_, month, day, clock, year] => format!("{day} {month} {year} {clock} GMT"),
+            _ => return None,
+        },
+    };
+    OffsetDateTime::parse(&rewritten, &Rfc2822).ok()
 }
 
 /// Makes one attempt of one claimed delivery and records the result.
@@ -134,7 +177,7 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
     let (outcome, status_code, error, wait) = match result {
         Ok(res) => {
             let code = res.status().as_u16();
-            let wait = retry_after(&res);
+            let wait = retry_after(&res, state.now());
             if res.status().is_success() {
                 ("succeeded", Some(i64::from(code)), None, None)
             } else {
@@ -241,4 +284,52 @@ fn describe(e: &reqwest::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    const NOW: OffsetDateTime = datetime!(2025-03-01 12:00:00 UTC);
+
+    fn wait(value: &str) -> Option<u64> {
+        parse_retry_after(value, NOW).map(|d| d.as_secs())
+    }
+
+    #[test]
+    fn retry_after_in_seconds() {
+        assert_eq!(wait("120"), Some(120));
+        assert_eq!(wait(" 0 "), Some(0));
+        // Bounded to a day, however large.
+        assert_eq!(wait("604800"), Some(86_400));
+        assert_eq!(wait("99999999999999999999999999"), Some(86_400));
+        for bad in ["", "-5", "1.5", "soon", "12 s"] {
+            assert_eq!(wait(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_as_an_http_date() {
+        // IMF-fixdate, the form senders use.
+        assert_eq!(wait("Sat, 01 Mar 2025 12:02:00 GMT"), Some(120));
+        assert_eq!(wait("Sat, 01 Mar 2025 14:00:00 GMT"), Some(7200));
+        // The obsolete forms: RFC 850 and asctime.
+        assert_eq!(wait("Saturday, 01-Mar-25 12:00:30 GMT"), Some(30));
+        assert_eq!(wait("Sat Mar  1 12:10:00 2025"), Some(600));
+        // A date in the past: no wait. Far ahead: a day at most.
+        assert_eq!(wait("Sun, 06 Nov 1994 08:49:37 GMT"), Some(0));
+        assert_eq!(wait("Mon, 01 Mar 2027 12:00:00 GMT"), Some(86_400));
+        for bad in [
+            "Sat, 32 Mar 2025 12:00:00 GMT",
+            "Sat, 01 Mar 2025 25:00:00 GMT",
+            "Saturday, 01 Mar 25 12:00:30 GMT",
+            "Sat Mar 1 12:10:00",
+            "tomorrow",
+            "Sat, 01 Mar",
+        ] {
+            assert_eq!(wait(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -17,7 +17,7 @@ use crate::helpers::{TestApp, binary};
 use crate::tests;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
-    tests![deliveries_never_go_through_a_proxy,]
+    tests![deliveries_never_go_through_a_proxy, retry_after_as_a_date_is_honoured,]
 }
 
 /// How the receiver answers one request.
@@ -165,4 +165,35 @@ async fn deliveries_never_go_through_a_proxy(app: TestApp) {
     assert_eq!(hook.received().len(), 1, "delivered straight to the receiver");
     assert!(proxy.received().is_empty(), "nothing through the proxy: {:?}", proxy.received());
     unused.run().await;
+}
+
+async fn retry_after_as_a_date_is_honoured(app: TestApp) {
+    let wid = app.workspace("Retry After");
+    let key = app.workspace_key(&wid);
+    let hook = Hook::ok().await;
+    let (endpoint, _) = add_endpoint(&app, &key, &hook.url).await;
+    // The app's clock has not been moved in this test: it is the system clock.
+    let at = OffsetDateTime::now_utc() + time::Duration::hours(2);
+    let date = at
+        .format(time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        ))
+        .unwrap();
+    hook.then(Reply { status: 503, delay_ms: 0, headers: vec![("retry-after", date)] });
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    hook.wait_for(1, 20).await;
+    let d = eventually("the attempt to be recorded", 20, || async {
+        let list = deliveries(&app, &key, &endpoint).await;
+        (list.first().is_some_and(|d| d["attempts"] == 1)).then(|| list[0].clone())
+    })
+    .await;
+    assert_eq!(d["status"], "pending");
+    let next = OffsetDateTime::parse(
+        d["next_attempt_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    // Not the schedule's 5 s: the date the receiver named (to the second, less the time the
+    // attempt took).
+    assert!((next - at).abs() < time::Duration::minutes(1), "next attempt at {next}, asked for {at}");
 }
