@@ -246,6 +246,20 @@ pub async fn update_delivery(conn: &mut AnyConnection, d: &DeliveryRow) -> DbRes
     Ok(())
 }
 
+/// Makes a delivery due now with a fresh attempt sequence (manual redelivery): pending, no
+/// attempts counted, any claim dropped. Its attempt log stays.
+pub async fn restart_delivery(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, lease_owner = NULL, \
+         lease_until = NULL, updated_at = $2 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// One delivery.
 pub async fn get_delivery(conn: &mut AnyConnection, id: &str) -> DbResult<Option<DeliveryRow>> {
     Ok(sqlx::query_as(&format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1"))

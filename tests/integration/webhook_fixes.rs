@@ -17,7 +17,11 @@ use crate::helpers::{TestApp, binary};
 use crate::tests;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
-    tests![deliveries_never_go_through_a_proxy, retry_after_as_a_date_is_honoured,]
+    tests![
+        redelivery_after_giving_up_starts_a_fresh_schedule,
+        deliveries_never_go_through_a_proxy,
+        retry_after_as_a_date_is_honoured,
+    ]
 }
 
 /// How the receiver answers one request.
@@ -137,6 +141,66 @@ async fn delivery_when(
         deliveries(app, key, endpoint).await.into_iter().find(|d| d["id"] == id && cond(d))
     })
     .await
+}
+
+async fn redelivery_after_giving_up_starts_a_fresh_schedule(app: TestApp) {
+    let wid = app.workspace("Redelivery");
+    let key = app.workspace_key(&wid);
+    let hook = Hook::ok().await;
+    let (endpoint, _) = add_endpoint(&app, &key, &hook.url).await;
+    // Every attempt of the schedule fails: the delivery gives up and disables the endpoint.
+    let slots = authlink::service::webhooks::RETRY_SCHEDULE_SECS.len() + 1;
+    hook.fail_next(slots, 500);
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    hook.wait_for(1, 20).await;
+    let given_up = deliveries(&app, &key, &endpoint).await[0]["id"].as_str().unwrap().to_string();
+    for n in 1..=slots {
+        hook.wait_for(n, 20).await;
+        delivery_when(&app, &key, &endpoint, &given_up, &format!("attempt {n} recorded"), |d| {
+            d["attempts"] == n
+        })
+        .await;
+        if n < slots {
+            // Past the longest step of the schedule, jitter included.
+            app.advance_clock(100_000).await;
+        }
+    }
+    let d = delivery_when(&app, &key, &endpoint, &given_up, "giving up", |d| d["status"] == "failed").await;
+    assert_eq!(d["attempts"], slots);
+    let e = app.api_get(&format!("/webhooks/{endpoint}"), &key, 200).await;
+    assert_eq!(e["enabled"], false);
+
+    // The agency fixes its receiver (not quite yet) and turns the endpoint back on; another
+    // event is on its way (failing once, so pending) when the old one is redelivered.
+    app.api_patch(&format!("/webhooks/{endpoint}"), &key, json!({"enabled": true}), 200).await;
+    hook.fail_next(4, 503);
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    hook.wait_for(slots + 1, 20).await;
+    let other = deliveries(&app, &key, &endpoint).await[0]["id"].as_str().unwrap().to_string();
+    assert_ne!(other, given_up);
+    delivery_when(&app, &key, &endpoint, &other, "the other delivery's first attempt", |d| {
+        d["attempts"] == 1
+    })
+    .await;
+    let redelivered =
+        app.api_post(&format!("/webhook-deliveries/{given_up}/redeliver"), &key, json!({}), 200).await;
+    hook.wait_for(slots + 2, 20).await;
+    let d = delivery_when(&app, &key, &endpoint, &given_up, "the redelivery's attempt recorded", |d| {
+        d["attempt_log"].as_array().unwrap().len() > slots
+    })
+    .await;
+    // One failed redelivery is retried like a new delivery: nothing is given up or disabled.
+    assert_eq!(d["status"], "pending", "{d}");
+    assert_eq!(d["attempts"].as_u64().unwrap() as usize, d["attempt_log"].as_array().unwrap().len() - slots);
+    assert!(d["next_attempt_at"].is_string());
+    let e = app.api_get(&format!("/webhooks/{endpoint}"), &key, 200).await;
+    assert_eq!(e["enabled"], true, "{e}");
+    let other = deliveries(&app, &key, &endpoint).await.into_iter().find(|d| d["id"] == other).unwrap();
+    assert_eq!(other["status"], "pending", "the endpoint's other deliveries go on");
+    let audit = app.api_get("/audit-events?action=webhook.disabled", &key, 200).await;
+    assert_eq!(audit["data"].as_array().unwrap().len(), 1, "disabled once, when the schedule ran out");
+    assert_eq!(redelivered["status"], "pending");
+    assert_eq!(redelivered["attempts"], 0, "a redelivery starts a fresh schedule");
 }
 
 async fn deliveries_never_go_through_a_proxy(app: TestApp) {
