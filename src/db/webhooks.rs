@@ -105,6 +105,31 @@ pub async fn update_endpoint(conn: &mut AnyConnection, e: &EndpointRow) -> DbRes
     Ok(())
 }
 
+/// Disables an endpoint because of its deliveries, touching only `enabled`, `disabled_reason`
+/// and `updated_at`, so that changes made while an attempt was in flight (a secret rotation, a
+/// new note) stay. Only an enabled endpoint still at `url` (the address that failed) is
+/// disabled: one already disabled keeps its reason, and one moved to another URL meanwhile is
+/// left alone. Returns whether it was disabled.
+pub async fn disable_endpoint(
+    conn: &mut AnyConnection,
+    id: &str,
+    url: &str,
+    reason: &str,
+    now_ms: i64,
+) -> DbResult<bool> {
+    let done = sqlx::query(
+        "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = $3, updated_at = $4 \
+         WHERE id = $1 AND url = $2 AND enabled <> 0",
+    )
+    .bind(id)
+    .bind(url)
+    .bind(reason)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// One endpoint.
 pub async fn get_endpoint(conn: &mut AnyConnection, id: &str) -> DbResult<Option<EndpointRow>> {
     Ok(sqlx::query_as(&format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1"))
@@ -394,4 +419,93 @@ pub async fn get_deletion_request(
     .bind(code)
     .fetch_optional(conn)
     .await?)
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn seed(conn: &mut AnyConnection) -> (EndpointRow, DeliveryRow) {
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w', 'W', 'w', 0, 0)",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let endpoint = EndpointRow {
+            id: "e".into(),
+            workspace_id: "w".into(),
+            url: "https://hooks.example/a".into(),
+            secret_sealed: "sealed-1".into(),
+            previous_secret_sealed: None,
+            previous_secret_until: None,
+            events: "*".into(),
+            enabled: 1,
+            disabled_reason: None,
+            description: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        insert_endpoint(conn, &endpoint).await.unwrap();
+        let event = EventRow {
+            id: "msg_1".into(),
+            workspace_id: "w".into(),
+            event_type: "webhook.test".into(),
+            payload: "sealed".into(),
+            created_at: 0,
+        };
+        insert_event(&mut *conn, &event).await.unwrap();
+        let delivery = DeliveryRow {
+            id: "d".into(),
+            event_id: event.id,
+            endpoint_id: endpoint.id.clone(),
+            workspace_id: "w".into(),
+            status: "pending".into(),
+            attempts: 0,
+            next_attempt_at: Some(0),
+            lease_owner: None,
+            lease_until: None,
+            last_status_code: None,
+            last_error: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        insert_delivery(&mut *conn, &delivery).await.unwrap();
+        (endpoint, delivery)
+    }
+
+    #[tokio::test]
+    async fn disabling_keeps_changes_made_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let (read_before, _) = seed(&mut conn).await;
+        // While an attempt is in flight, the secret is rotated and a note added.
+        let rotated = EndpointRow {
+            secret_sealed: "sealed-2".into(),
+            previous_secret_sealed: Some("sealed-1".into()),
+            previous_secret_until: Some(99),
+            description: Some("note".into()),
+            updated_at: 5,
+            ..read_before.clone()
+        };
+        update_endpoint(&mut conn, &rotated).await.unwrap();
+        assert!(disable_endpoint(&mut conn, &read_before.id, &read_before.url, "gone", 10).await.unwrap());
+        let row = get_endpoint(&mut conn, "e").await.unwrap().unwrap();
+        assert_eq!(row.enabled, 0);
+        assert_eq!(row.disabled_reason.as_deref(), Some("gone"));
+        assert_eq!(row.secret_sealed, "sealed-2");
+        assert_eq!(row.previous_secret_sealed.as_deref(), Some("sealed-1"));
+        assert_eq!(row.previous_secret_until, Some(99));
+        assert_eq!(row.description.as_deref(), Some("note"));
+        assert_eq!(row.updated_at, 10);
+        // Already disabled: the first reason stays.
+        assert!(!disable_endpoint(&mut conn, "e", &read_before.url, "again", 11).await.unwrap());
+        // Moved to another URL meanwhile: a failure of the old one does not disable it.
+        let moved = EndpointRow { url: "https://hooks.example/b".into(), enabled: 1, ..row };
+        update_endpoint(&mut conn, &moved).await.unwrap();
+        assert!(!disable_endpoint(&mut conn, "e", &read_before.url, "gone", 12).await.unwrap());
+        assert_eq!(get_endpoint(&mut conn, "e").await.unwrap().unwrap().enabled, 1);
+        drop(conn);
+        db.close().await;
+    }
 }

@@ -208,7 +208,7 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
     } else if status_code == Some(410) {
         d.status = "failed".into();
         d.next_attempt_at = None;
-        disable(&mut tx, state, &endpoint, "The endpoint answered 410 Gone.", now).await?;
+        disable(&mut tx, &endpoint, "The endpoint answered 410 Gone.", now).await?;
     } else if let Some(delay) = usize::try_from(d.attempts - 1).ok().and_then(|i| RETRY_SCHEDULE_SECS.get(i))
     {
         let jitter = rand::rng().random_range(0.9..1.1);
@@ -218,7 +218,7 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
     } else {
         d.status = "failed".into();
         d.next_attempt_at = None;
-        disable(&mut tx, state, &endpoint, "Deliveries kept failing for about three days.", now).await?;
+        disable(&mut tx, &endpoint, "Deliveries kept failing for about three days.", now).await?;
     }
     db::webhooks::update_delivery(&mut tx, &d).await?;
     tx.commit().await?;
@@ -236,32 +236,32 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
     Ok(())
 }
 
+/// Disables an endpoint because of its deliveries: only its enabled flag and reason change
+/// (never what was changed while the attempt was in flight), then its pending deliveries are
+/// cancelled and the change audited. Nothing happens if it was disabled meanwhile, or moved to
+/// another URL (whose deliveries have not failed).
 async fn disable(
     tx: &mut sqlx::AnyConnection,
-    state: &AppState,
     endpoint: &db::webhooks::EndpointRow,
     reason: &str,
     now: i64,
 ) -> ServiceResult<()> {
-    let mut e = endpoint.clone();
-    e.enabled = 0;
-    e.disabled_reason = Some(reason.to_string());
-    e.updated_at = now;
-    db::webhooks::update_endpoint(tx, &e).await?;
-    db::webhooks::cancel_pending(tx, &e.id, now).await?;
+    if !db::webhooks::disable_endpoint(tx, &endpoint.id, &endpoint.url, reason, now).await? {
+        return Ok(());
+    }
+    db::webhooks::cancel_pending(tx, &endpoint.id, now).await?;
     audit::record(
         tx,
         now,
         &Actor::System,
-        Some(&e.workspace_id),
+        Some(&endpoint.workspace_id),
         "webhook.disabled",
         "webhook_endpoint",
-        &e.id,
+        &endpoint.id,
         serde_json::json!({"reason": reason}),
     )
     .await?;
-    tracing::warn!(endpoint_id = %e.id, reason, "webhook endpoint disabled");
-    let _ = state;
+    tracing::warn!(endpoint_id = %endpoint.id, reason, "webhook endpoint disabled");
     Ok(())
 }
 

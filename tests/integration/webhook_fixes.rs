@@ -19,6 +19,7 @@ use crate::tests;
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     tests![
         redelivery_after_giving_up_starts_a_fresh_schedule,
+        disabling_keeps_changes_made_during_the_attempt,
         deliveries_never_go_through_a_proxy,
         retry_after_as_a_date_is_honoured,
     ]
@@ -201,6 +202,41 @@ async fn redelivery_after_giving_up_starts_a_fresh_schedule(app: TestApp) {
     assert_eq!(audit["data"].as_array().unwrap().len(), 1, "disabled once, when the schedule ran out");
     assert_eq!(redelivered["status"], "pending");
     assert_eq!(redelivered["attempts"], 0, "a redelivery starts a fresh schedule");
+}
+
+async fn disabling_keeps_changes_made_during_the_attempt(app: TestApp) {
+    let wid = app.workspace("Disable Race");
+    let key = app.workspace_key(&wid);
+    let hook = Hook::ok().await;
+    let (endpoint, _) = add_endpoint(&app, &key, &hook.url).await;
+    // The receiver answers 410 Gone, slowly; meanwhile the secret is rotated and a note added.
+    hook.then(Reply { status: 410, delay_ms: 3000, ..Reply::default() });
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    hook.wait_for(1, 20).await;
+    let rotated = app.api_post(&format!("/webhooks/{endpoint}/rotate-secret"), &key, json!({}), 200).await;
+    let new_secret = rotated["secret"].as_str().unwrap().to_string();
+    app.api_patch(&format!("/webhooks/{endpoint}"), &key, json!({"description": "Rotated meanwhile"}), 200)
+        .await;
+    let e = eventually("the endpoint to be disabled", 20, || async {
+        let e = app.api_get(&format!("/webhooks/{endpoint}"), &key, 200).await;
+        (e["enabled"] == false).then_some(e)
+    })
+    .await;
+    assert!(e["disabled_reason"].as_str().unwrap().contains("410"), "{e}");
+    assert_eq!(e["description"], "Rotated meanwhile", "changes made during the attempt stay");
+    // The rotation stayed too: once enabled again, the new secret signs (and the old one, for
+    // the grace period).
+    app.api_patch(&format!("/webhooks/{endpoint}"), &key, json!({"enabled": true}), 200).await;
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    let got = hook.wait_for(2, 20).await;
+    let last = &got[1];
+    let sigs: Vec<&str> = last.headers["webhook-signature"].split(' ').collect();
+    let ts: i64 = last.headers["webhook-timestamp"].parse().unwrap();
+    let expected =
+        authlink::service::webhooks::sign(&new_secret, &last.headers["webhook-id"], ts, last.body.as_bytes())
+            .unwrap();
+    assert!(sigs.contains(&expected.as_str()), "signed with the rotated secret: {sigs:?}");
+    assert_eq!(sigs.len(), 2, "old and new secret both sign");
 }
 
 async fn deliveries_never_go_through_a_proxy(app: TestApp) {
