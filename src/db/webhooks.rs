@@ -253,11 +253,20 @@ pub async fn insert_delivery(conn: &mut impl Exec, d: &DeliveryRow) -> DbResult<
     Ok(())
 }
 
-/// Writes the state of a delivery and releases its claim.
-pub async fn update_delivery(conn: &mut AnyConnection, d: &DeliveryRow) -> DbResult<()> {
-    sqlx::query(
+/// Writes the outcome of an attempt and releases the claim, but only if the claim is still the
+/// one `owner` took until `lease_until` (and the delivery still pending): a claim that ran out
+/// and was taken by another process, or a manual redelivery meanwhile, wins. Returns whether the
+/// row was written.
+pub async fn finish_delivery(
+    conn: &mut AnyConnection,
+    d: &DeliveryRow,
+    owner: &str,
+    lease_until: i64,
+) -> DbResult<bool> {
+    let done = sqlx::query(
         "UPDATE webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4, lease_owner = NULL, \
-         lease_until = NULL, last_status_code = $5, last_error = $6, updated_at = $7 WHERE id = $1",
+         lease_until = NULL, last_status_code = $5, last_error = $6, updated_at = $7 \
+         WHERE id = $1 AND status = 'pending' AND lease_owner = $8 AND lease_until = $9",
     )
     .bind(&d.id)
     .bind(&d.status)
@@ -266,6 +275,27 @@ pub async fn update_delivery(conn: &mut AnyConnection, d: &DeliveryRow) -> DbRes
     .bind(d.last_status_code)
     .bind(&d.last_error)
     .bind(d.updated_at)
+    .bind(owner)
+    .bind(lease_until)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Gives back a claim without an attempt (it stays due), if `owner` still holds it.
+pub async fn release_claim(
+    conn: &mut AnyConnection,
+    id: &str,
+    owner: &str,
+    lease_until: i64,
+) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE webhook_deliveries SET lease_owner = NULL, lease_until = NULL \
+         WHERE id = $1 AND lease_owner = $2 AND lease_until = $3",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(lease_until)
     .execute(conn)
     .await?;
     Ok(())
@@ -311,8 +341,9 @@ pub async fn list_deliveries(
     .await?)
 }
 
-/// Claims due deliveries for `owner` (see [`super::connections::claim_due_refreshes`] for the
-/// locking on each backend).
+/// Claims at most `limit` due deliveries for `owner` until `until_ms` (see
+/// [`super::connections::claim_due_refreshes`] for the locking on each backend). `owner` and
+/// `until_ms` together name the claim: [`finish_delivery`] writes back only under it.
 pub async fn claim_due(
     conn: &mut AnyConnection,
     backend: Backend,
@@ -420,6 +451,7 @@ pub async fn get_deletion_request(
     .fetch_optional(conn)
     .await?)
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,6 +503,40 @@ mod tests {
         };
         insert_delivery(&mut *conn, &delivery).await.unwrap();
         (endpoint, delivery)
+    }
+
+    #[tokio::test]
+    async fn only_the_current_claim_writes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let (_, d) = seed(&mut conn).await;
+        assert_eq!(claim_due(&mut conn, Backend::Sqlite, "a", 1_000, 61_000, 10).await.unwrap(), vec!["d"]);
+        // Held: nobody else can claim it.
+        assert!(claim_due(&mut conn, Backend::Sqlite, "b", 2_000, 62_000, 10).await.unwrap().is_empty());
+        // a's lease runs out and b takes the delivery.
+        assert_eq!(claim_due(&mut conn, Backend::Sqlite, "b", 61_001, 121_001, 10).await.unwrap(), vec!["d"]);
+        let done = DeliveryRow { status: "succeeded".into(), attempts: 1, next_attempt_at: None, ..d };
+        assert!(!finish_delivery(&mut conn, &done, "a", 61_000).await.unwrap(), "a lost its claim");
+        // The same owner with an older claim is refused too: the claim is (owner, until).
+        assert!(!finish_delivery(&mut conn, &done, "b", 61_000).await.unwrap());
+        assert!(finish_delivery(&mut conn, &done, "b", 121_001).await.unwrap());
+        assert!(!finish_delivery(&mut conn, &done, "b", 121_001).await.unwrap(), "written once");
+        let row = get_delivery(&mut conn, "d").await.unwrap().unwrap();
+        assert_eq!((row.status.as_str(), row.attempts, row.lease_owner), ("succeeded", 1, None));
+        // A released claim makes the delivery claimable at once.
+        restart_delivery(&mut conn, "d", 200_000).await.unwrap();
+        assert_eq!(
+            claim_due(&mut conn, Backend::Sqlite, "a", 200_000, 260_000, 10).await.unwrap(),
+            vec!["d"]
+        );
+        release_claim(&mut conn, "d", "a", 260_000).await.unwrap();
+        assert_eq!(
+            claim_due(&mut conn, Backend::Sqlite, "b", 200_001, 260_001, 10).await.unwrap(),
+            vec!["d"]
+        );
+        drop(conn);
+        db.close().await;
     }
 
     #[tokio::test]

@@ -20,6 +20,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     tests![
         redelivery_after_giving_up_starts_a_fresh_schedule,
         disabling_keeps_changes_made_during_the_attempt,
+        slow_receivers_get_each_delivery_once,
         deliveries_never_go_through_a_proxy,
         retry_after_as_a_date_is_honoured,
     ]
@@ -237,6 +238,81 @@ async fn disabling_keeps_changes_made_during_the_attempt(app: TestApp) {
             .unwrap();
     assert!(sigs.contains(&expected.as_str()), "signed with the rotated secret: {sigs:?}");
     assert_eq!(sigs.len(), 2, "old and new secret both sign");
+}
+
+/// An `authlink worker` process on the app's database, killed when dropped.
+struct Worker(std::process::Child);
+
+impl Worker {
+    fn start(app: &TestApp, extra: &[(&str, &str)]) -> Self {
+        let mut cmd = std::process::Command::new(binary());
+        cmd.arg("worker")
+            .current_dir(app.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AUTHLINK_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.env("AUTHLINK_LOG", "warn");
+        cmd.envs(extra.iter().copied());
+        Worker(cmd.spawn().unwrap())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn slow_receivers_get_each_delivery_once(app: TestApp) {
+    // Two processes deliver, one attempt at a time each, with a lease far shorter than a queue
+    // of slow attempts would take.
+    let settings = [
+        ("AUTHLINK_JOBS__LEASE_SECS", "2"),
+        ("AUTHLINK_JOBS__WEBHOOK_CONCURRENCY", "1"),
+        ("AUTHLINK_JOBS__WEBHOOK_BATCH", "50"),
+        ("AUTHLINK_JOBS__TICK_MS", "50"),
+        ("AUTHLINK_WEBHOOKS__TIMEOUT_SECS", "5"),
+    ];
+    let (app, unused) = app.restart_with(&settings).await;
+    let worker = Worker::start(&app, &settings);
+    let wid = app.workspace("Slow Receivers");
+    let key = app.workspace_key(&wid);
+    let hook = Hook::start(Reply { status: 200, delay_ms: 1000, ..Reply::default() }).await;
+    let mut endpoints = Vec::new();
+    for n in 0..6 {
+        endpoints.push(add_endpoint(&app, &key, &format!("{}?n={n}", hook.url)).await.0);
+    }
+    // One event, six deliveries, all due at once.
+    let (link_id, _) = app.link(&wid, "Client");
+    app.cli_json(&["link", "revoke", &link_id]);
+    for endpoint in &endpoints {
+        eventually("every delivery to succeed", 40, || async {
+            let list = deliveries(&app, &key, endpoint).await;
+            (list.len() == 1 && list[0]["status"] == "succeeded").then_some(Value::Null)
+        })
+        .await;
+    }
+    // Give a duplicate in flight the time to arrive.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(worker);
+    let mut per_endpoint: HashMap<String, usize> = HashMap::new();
+    for got in hook.received() {
+        *per_endpoint.entry(got.uri).or_default() += 1;
+    }
+    assert_eq!(per_endpoint.len(), 6, "{per_endpoint:?}");
+    assert!(per_endpoint.values().all(|n| *n == 1), "each delivery sent once: {per_endpoint:?}");
+    for endpoint in &endpoints {
+        let d = &deliveries(&app, &key, endpoint).await[0];
+        assert_eq!(d["attempts"], 1, "{d}");
+        assert_eq!(d["attempt_log"].as_array().unwrap().len(), 1, "{d}");
+    }
+    unused.run().await;
 }
 
 async fn deliveries_never_go_through_a_proxy(app: TestApp) {
