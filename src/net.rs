@@ -7,7 +7,7 @@
 //! on-premise receivers.
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +37,10 @@ impl HostResolver for SystemResolver {
 }
 
 /// Whether `ip` is a public unicast address (not loopback, private, link-local, CGNAT,
-/// unique-local, multicast, documentation, unspecified or the cloud metadata range).
+/// unique-local, site-local, multicast, documentation, benchmarking, unspecified or the cloud
+/// metadata range). IPv6 addresses that carry an IPv4 address a gateway would reach (IPv4-mapped,
+/// 6to4, NAT64) are judged by that IPv4 address; the deprecated IPv4-compatible range and
+/// Teredo are refused outright.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -56,17 +59,41 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || o[0] >= 240)
         }
         IpAddr::V6(v6) => {
+            // ::ffff:0:0/96, IPv4-mapped: the socket connects to the IPv4 address.
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            let v4 = |hi: u16, lo: u16| IpAddr::V4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+            // 2002::/16, 6to4: a relay forwards to the IPv4 address in bits 16..48.
+            if s[0] == 0x2002 {
+                return is_public(v4(s[1], s[2]));
+            }
+            // 64:ff9b::/96, NAT64's well-known prefix: the translator connects to the IPv4
+            // address in the last 32 bits (public ones are how IPv6-only hosts reach IPv4).
+            if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6] == [0; 4] {
+                return is_public(v4(s[6], s[7]));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
+                // ::/96, IPv4-compatible (deprecated; includes :: and ::1).
+                || s[..6] == [0; 6]
+                // ::ffff:0:0:0/96, IPv4-translated.
+                || (s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0)
+                // The rest of 64:ff9b::/32, such as the local-use NAT64 prefix 64:ff9b:1::/48.
+                || (s[0] == 0x0064 && s[1] == 0xff9b)
+                // 100::/64, discard-only.
+                || (s[0] == 0x0100 && s[1..4] == [0; 3])
+                // 2001::/32, Teredo (tunnels to an IPv4 address), and 2001:2::/48, benchmarking.
+                || (s[0] == 0x2001 && (s[1] == 0 || (s[1] == 2 && s[2] == 0)))
+                // fc00::/7 unique-local, fe80::/10 link-local, fec0::/10 site-local (deprecated).
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                // 2001:db8::/32 and 3fff::/20, documentation.
                 || (s[0] == 0x2001 && s[1] == 0x0db8)
-                || (s[0] == 0x0064 && s[1] == 0xff9b))
+                || (s[0] == 0x3fff && s[1] < 0x1000))
         }
     }
 }
@@ -114,10 +141,13 @@ impl Guard {
     }
 
     /// An HTTP client whose every connection goes through this guard: no redirects followed,
-    /// a timeout, rustls.
+    /// a timeout, rustls, and never a proxy. A proxy (`HTTPS_PROXY`, `ALL_PROXY` and the like in
+    /// the environment) would resolve the host itself, out of this guard's reach, and could be
+    /// led to a private address by a DNS answer that changes after the check.
     pub fn client(&self, timeout: Duration) -> reqwest::Client {
         #[allow(clippy::expect_used)] // only fails if the TLS backend cannot initialise at all
         reqwest::Client::builder()
+            .no_proxy()
             .dns_resolver(Arc::new(self.clone()))
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -225,8 +255,78 @@ mod tests {
 
     #[test]
     fn public_addresses() {
-        for ip in ["8.8.8.8", "2606:4700::1111", "93.184.216.34"] {
+        for ip in [
+            "8.8.8.8",
+            "2606:4700::1111",
+            "93.184.216.34",
+            "::ffff:8.8.8.8",
+            // 6to4 and NAT64 of a public IPv4 address.
+            "2002:808:808::1",
+            "64:ff9b::808:808",
+            "2001:4860:4860::8888",
+        ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn ipv6_ranges_that_reach_private_space_are_not_public() {
+        for ip in [
+            // ::/96, IPv4-compatible: whatever the IPv4 part.
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::8.8.8.8",
+            "::",
+            "::1",
+            // ::ffff:0:0/96, IPv4-mapped private, loopback, link-local and CGNAT addresses.
+            "::ffff:127.0.0.1",
+            "::ffff:10.1.2.3",
+            "::ffff:172.16.0.1",
+            "::ffff:192.168.1.1",
+            "::ffff:169.254.169.254",
+            "::ffff:100.64.0.1",
+            "::ffff:0.0.0.0",
+            // ::ffff:0:0:0/96, IPv4-translated.
+            "::ffff:0:8.8.8.8",
+            "::ffff:0:10.0.0.1",
+            // fec0::/10, site-local.
+            "fec0::1",
+            "feff:ffff::1",
+            // 2002::/16, 6to4 around private, loopback and metadata addresses.
+            "2002:7f00:1::",
+            "2002:a00:1::1",
+            "2002:c0a8:101::1",
+            "2002:a9fe:a9fe::",
+            "2002::1",
+            // 64:ff9b::/96, NAT64 around private addresses, and the local-use prefix.
+            "64:ff9b::7f00:1",
+            "64:ff9b::a00:1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::c0a8:101",
+            "64:ff9b:1::808:808",
+            // Teredo, benchmarking, discard-only, documentation.
+            "2001::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:2::1",
+            "100::1",
+            "2001:db8::1",
+            "3fff::1",
+            // Unique-local, link-local, multicast.
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn embedded_private_addresses_are_refused_as_literals() {
+        let guard = Guard::new(stub(), false);
+        for literal in
+            ["[::127.0.0.1]", "[::ffff:10.0.0.1]", "[fec0::1]", "[2002:7f00:1::]", "[64:ff9b::a00:1]"]
+        {
+            assert!(matches!(guard.check_host(literal).await, Err(TargetError::Private(_))), "{literal}");
         }
     }
 }

@@ -105,6 +105,31 @@ pub async fn update_endpoint(conn: &mut AnyConnection, e: &EndpointRow) -> DbRes
     Ok(())
 }
 
+/// Disables an endpoint because of its deliveries, touching only `enabled`, `disabled_reason`
+/// and `updated_at`, so that changes made while an attempt was in flight (a secret rotation, a
+/// new note) stay. Only an enabled endpoint still at `url` (the address that failed) is
+/// disabled: one already disabled keeps its reason, and one moved to another URL meanwhile is
+/// left alone. Returns whether it was disabled.
+pub async fn disable_endpoint(
+    conn: &mut AnyConnection,
+    id: &str,
+    url: &str,
+    reason: &str,
+    now_ms: i64,
+) -> DbResult<bool> {
+    let done = sqlx::query(
+        "UPDATE webhook_endpoints SET enabled = 0, disabled_reason = $3, updated_at = $4 \
+         WHERE id = $1 AND url = $2 AND enabled <> 0",
+    )
+    .bind(id)
+    .bind(url)
+    .bind(reason)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// One endpoint.
 pub async fn get_endpoint(conn: &mut AnyConnection, id: &str) -> DbResult<Option<EndpointRow>> {
     Ok(sqlx::query_as(&format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1"))
@@ -228,11 +253,20 @@ pub async fn insert_delivery(conn: &mut impl Exec, d: &DeliveryRow) -> DbResult<
     Ok(())
 }
 
-/// Writes the state of a delivery and releases its claim.
-pub async fn update_delivery(conn: &mut AnyConnection, d: &DeliveryRow) -> DbResult<()> {
-    sqlx::query(
+/// Writes the outcome of an attempt and releases the claim, but only if the claim is still the
+/// one `owner` took until `lease_until` (and the delivery still pending): a claim that ran out
+/// and was taken by another process, or a manual redelivery meanwhile, wins. Returns whether the
+/// row was written.
+pub async fn finish_delivery(
+    conn: &mut AnyConnection,
+    d: &DeliveryRow,
+    owner: &str,
+    lease_until: i64,
+) -> DbResult<bool> {
+    let done = sqlx::query(
         "UPDATE webhook_deliveries SET status = $2, attempts = $3, next_attempt_at = $4, lease_owner = NULL, \
-         lease_until = NULL, last_status_code = $5, last_error = $6, updated_at = $7 WHERE id = $1",
+         lease_until = NULL, last_status_code = $5, last_error = $6, updated_at = $7 \
+         WHERE id = $1 AND status = 'pending' AND lease_owner = $8 AND lease_until = $9",
     )
     .bind(&d.id)
     .bind(&d.status)
@@ -241,6 +275,41 @@ pub async fn update_delivery(conn: &mut AnyConnection, d: &DeliveryRow) -> DbRes
     .bind(d.last_status_code)
     .bind(&d.last_error)
     .bind(d.updated_at)
+    .bind(owner)
+    .bind(lease_until)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Gives back a claim without an attempt (it stays due), if `owner` still holds it.
+pub async fn release_claim(
+    conn: &mut AnyConnection,
+    id: &str,
+    owner: &str,
+    lease_until: i64,
+) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE webhook_deliveries SET lease_owner = NULL, lease_until = NULL \
+         WHERE id = $1 AND lease_owner = $2 AND lease_until = $3",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(lease_until)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Makes a delivery due now with a fresh attempt sequence (manual redelivery): pending, no
+/// attempts counted, any claim dropped. Its attempt log stays.
+pub async fn restart_delivery(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, lease_owner = NULL, \
+         lease_until = NULL, updated_at = $2 WHERE id = $1",
+    )
+    .bind(id)
+    .bind(now_ms)
     .execute(conn)
     .await?;
     Ok(())
@@ -272,8 +341,9 @@ pub async fn list_deliveries(
     .await?)
 }
 
-/// Claims due deliveries for `owner` (see [`super::connections::claim_due_refreshes`] for the
-/// locking on each backend).
+/// Claims at most `limit` due deliveries for `owner` until `until_ms` (see
+/// [`super::connections::claim_due_refreshes`] for the locking on each backend). `owner` and
+/// `until_ms` together name the claim: [`finish_delivery`] writes back only under it.
 pub async fn claim_due(
     conn: &mut AnyConnection,
     backend: Backend,
@@ -380,4 +450,128 @@ pub async fn get_deletion_request(
     .bind(code)
     .fetch_optional(conn)
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn seed(conn: &mut AnyConnection) -> (EndpointRow, DeliveryRow) {
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w', 'W', 'w', 0, 0)",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let endpoint = EndpointRow {
+            id: "e".into(),
+            workspace_id: "w".into(),
+            url: "https://hooks.example/a".into(),
+            secret_sealed: "sealed-1".into(),
+            previous_secret_sealed: None,
+            previous_secret_until: None,
+            events: "*".into(),
+            enabled: 1,
+            disabled_reason: None,
+            description: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        insert_endpoint(conn, &endpoint).await.unwrap();
+        let event = EventRow {
+            id: "msg_1".into(),
+            workspace_id: "w".into(),
+            event_type: "webhook.test".into(),
+            payload: "sealed".into(),
+            created_at: 0,
+        };
+        insert_event(&mut *conn, &event).await.unwrap();
+        let delivery = DeliveryRow {
+            id: "d".into(),
+            event_id: event.id,
+            endpoint_id: endpoint.id.clone(),
+            workspace_id: "w".into(),
+            status: "pending".into(),
+            attempts: 0,
+            next_attempt_at: Some(0),
+            lease_owner: None,
+            lease_until: None,
+            last_status_code: None,
+            last_error: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        insert_delivery(&mut *conn, &delivery).await.unwrap();
+        (endpoint, delivery)
+    }
+
+    #[tokio::test]
+    async fn only_the_current_claim_writes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let (_, d) = seed(&mut conn).await;
+        assert_eq!(claim_due(&mut conn, Backend::Sqlite, "a", 1_000, 61_000, 10).await.unwrap(), vec!["d"]);
+        // Held: nobody else can claim it.
+        assert!(claim_due(&mut conn, Backend::Sqlite, "b", 2_000, 62_000, 10).await.unwrap().is_empty());
+        // a's lease runs out and b takes the delivery.
+        assert_eq!(claim_due(&mut conn, Backend::Sqlite, "b", 61_001, 121_001, 10).await.unwrap(), vec!["d"]);
+        let done = DeliveryRow { status: "succeeded".into(), attempts: 1, next_attempt_at: None, ..d };
+        assert!(!finish_delivery(&mut conn, &done, "a", 61_000).await.unwrap(), "a lost its claim");
+        // The same owner with an older claim is refused too: the claim is (owner, until).
+        assert!(!finish_delivery(&mut conn, &done, "b", 61_000).await.unwrap());
+        assert!(finish_delivery(&mut conn, &done, "b", 121_001).await.unwrap());
+        assert!(!finish_delivery(&mut conn, &done, "b", 121_001).await.unwrap(), "written once");
+        let row = get_delivery(&mut conn, "d").await.unwrap().unwrap();
+        assert_eq!((row.status.as_str(), row.attempts, row.lease_owner), ("succeeded", 1, None));
+        // A released claim makes the delivery claimable at once.
+        restart_delivery(&mut conn, "d", 200_000).await.unwrap();
+        assert_eq!(
+            claim_due(&mut conn, Backend::Sqlite, "a", 200_000, 260_000, 10).await.unwrap(),
+            vec!["d"]
+        );
+        release_claim(&mut conn, "d", "a", 260_000).await.unwrap();
+        assert_eq!(
+            claim_due(&mut conn, Backend::Sqlite, "b", 200_001, 260_001, 10).await.unwrap(),
+            vec!["d"]
+        );
+        drop(conn);
+        db.close().await;
+    }
+
+    #[tokio::test]
+    async fn disabling_keeps_changes_made_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let (read_before, _) = seed(&mut conn).await;
+        // While an attempt is in flight, the secret is rotated and a note added.
+        let rotated = EndpointRow {
+            secret_sealed: "sealed-2".into(),
+            previous_secret_sealed: Some("sealed-1".into()),
+            previous_secret_until: Some(99),
+            description: Some("note".into()),
+            updated_at: 5,
+            ..read_before.clone()
+        };
+        update_endpoint(&mut conn, &rotated).await.unwrap();
+        assert!(disable_endpoint(&mut conn, &read_before.id, &read_before.url, "gone", 10).await.unwrap());
+        let row = get_endpoint(&mut conn, "e").await.unwrap().unwrap();
+        assert_eq!(row.enabled, 0);
+        assert_eq!(row.disabled_reason.as_deref(), Some("gone"));
+        assert_eq!(row.secret_sealed, "sealed-2");
+        assert_eq!(row.previous_secret_sealed.as_deref(), Some("sealed-1"));
+        assert_eq!(row.previous_secret_until, Some(99));
+        assert_eq!(row.description.as_deref(), Some("note"));
+        assert_eq!(row.updated_at, 10);
+        // Already disabled: the first reason stays.
+        assert!(!disable_endpoint(&mut conn, "e", &read_before.url, "again", 11).await.unwrap());
+        // Moved to another URL meanwhile: a failure of the old one does not disable it.
+        let moved = EndpointRow { url: "https://hooks.example/b".into(), enabled: 1, ..row };
+        update_endpoint(&mut conn, &moved).await.unwrap();
+        assert!(!disable_endpoint(&mut conn, "e", &read_before.url, "gone", 12).await.unwrap());
+        assert_eq!(get_endpoint(&mut conn, "e").await.unwrap().unwrap().enabled, 1);
+        drop(conn);
+        db.close().await;
+    }
 }

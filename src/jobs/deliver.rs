@@ -3,41 +3,76 @@
 //!
 //! - 2xx: delivered. 3xx is a failure (redirects are not followed).
 //! - 410 Gone: the endpoint is disabled at once (with an audit entry).
-//! - 429, 502, 503, 504 and others: retried; a `Retry-After` is honoured.
+//! - 429, 502, 503, 504 and others: retried; a `Retry-After` (seconds or an HTTP date, at most
+//!   a day) is honoured.
 //! - Every attempt is logged with its status code and latency.
 //! - When a delivery has used up its retries, it is marked failed and its endpoint, which has
-//!   then failed for about three days, is disabled with an audit entry.
+//!   then failed for about three days, is disabled with an audit entry. A manual redelivery
+//!   starts a fresh retry schedule, so it never disables an endpoint by itself.
+//!
+//! Claims: a process claims only as many due deliveries as it can start at once, each for
+//! `jobs.lease_secs` (at least twice what an attempt may take: the delivery timeout plus
+//! [`MARGIN`]), and starts an attempt only while its claim has that much time left. An attempt is cut off at the
+//! delivery timeout, so it ends within the claim; its result is written back only under the
+//! claim it was made with. A claim that ran out anyway (a stalled process) and was taken over
+//! by another process, or a manual redelivery made meanwhile, is not overwritten: the attempt is
+//! still logged.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc2822;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::db::webhooks::AttemptRow;
+use crate::db::webhooks::{AttemptRow, DeliveryRow};
 use crate::db::{self, new_id};
 use crate::service::webhooks::{RETRY_SCHEDULE_SECS, signature_header};
 use crate::service::{Actor, ServiceResult, audit, refresh};
 use crate::state::AppState;
 
+/// Time allowed, beyond the delivery timeout, for reading a delivery before its attempt and
+/// writing the result after it.
+pub const MARGIN: Duration = Duration::from_secs(10);
+
+/// The longest wait a `Retry-After` can ask for.
+const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
+/// One claimed delivery: the claim is named by this process's owner id and its expiry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The delivery.
+    pub id: String,
+    /// Until when the claim holds (ms).
+    pub until: i64,
+}
+
 /// The delivery loop.
 pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.jobs.tick_ms);
     let limit = Arc::new(Semaphore::new(state.config.jobs.webhook_concurrency));
-    let client = state.webhook_guard.client(Duration::from_secs(state.config.webhooks.timeout_secs.max(1)));
+    let client = state.webhook_guard.client(attempt_timeout(&state));
     let mut in_flight = JoinSet::new();
     loop {
-        let claimed = if limit.available_permits() > 0 { claim(&state).await } else { Vec::new() };
-        let full = claimed.len() >= state.config.jobs.webhook_batch as usize;
-        for id in claimed {
-            let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        // Claim no more than can start now: a claimed delivery waiting for a slot would hold a
+        // lease that runs out while it waits.
+        let free = limit.available_permits().min(state.config.jobs.webhook_batch as usize);
+        let claimed = if free > 0 { claim(&state, free).await } else { Vec::new() };
+        let full = free > 0 && claimed.len() >= free;
+        for c in claimed {
+            // Only this loop takes permits, so the ones counted above are still free.
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                release(&state, &c).await;
+                continue;
+            };
             let state = state.clone();
             let client = client.clone();
             in_flight.spawn(async move {
                 let _permit = permit;
-                if let Err(e) = deliver_one(&state, &client, &id).await {
-                    tracing::warn!(delivery_id = %id, error = %e, "webhook delivery failed internally");
+                if let Err(e) = deliver_one(&state, &client, &c).await {
+                    tracing::warn!(delivery_id = %c.id, error = %e, "webhook delivery failed internally");
                 }
             });
         }
@@ -52,9 +87,28 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     while in_flight.join_next().await.is_some() {}
 }
 
-async fn claim(state: &AppState) -> Vec<String> {
+/// The longest an attempt may take (`webhooks.timeout_secs`, at least a second).
+fn attempt_timeout(state: &AppState) -> Duration {
+    Duration::from_secs(state.config.webhooks.timeout_secs.max(1))
+}
+
+/// How long a claim lasts (ms): `jobs.lease_secs`, but never less than two attempts' worth of
+/// time, so that an attempt started at once always ends within it.
+fn lease_ms(state: &AppState) -> i64 {
+    let configured = Duration::from_secs(state.config.jobs.lease_secs);
+    let floor = (attempt_timeout(state) + MARGIN) * 2;
+    i64::try_from(configured.max(floor).as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+/// Whether a claim expiring at `until` leaves time for a whole attempt from `now`.
+fn time_left_for_attempt(state: &AppState, until: i64, now: i64) -> bool {
+    let needed = i64::try_from((attempt_timeout(state) + MARGIN).as_millis()).unwrap_or(i64::MAX / 2);
+    until.saturating_sub(now) >= needed
+}
+
+async fn claim(state: &AppState, limit: usize) -> Vec<Claim> {
     let now = state.now_ms();
-    let lease = i64::try_from(state.config.jobs.lease_secs).unwrap_or(60) * 1000;
+    let until = now.saturating_add(lease_ms(state));
     let claimed = async {
         let mut tx = state.db.begin_write().await?;
         let ids = db::webhooks::claim_due(
@@ -62,33 +116,89 @@ async fn claim(state: &AppState) -> Vec<String> {
             state.db.backend(),
             refresh::owner_id(),
             now,
-            now + lease,
-            i64::from(state.config.jobs.webhook_batch),
+            until,
+            i64::try_from(limit).unwrap_or(1),
         )
         .await?;
         tx.commit().await?;
         Ok::<_, crate::db::DbError>(ids)
     }
     .await;
-    claimed.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "claiming webhook deliveries failed");
-        Vec::new()
-    })
+    match claimed {
+        Ok(ids) => ids.into_iter().map(|id| Claim { id, until }).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "claiming webhook deliveries failed");
+            Vec::new()
+        }
+    }
 }
 
-fn retry_after(res: &reqwest::Response) -> Option<Duration> {
-    res.headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|s| Duration::from_secs(s.min(86_400)))
+/// Gives a claim back unused (the delivery stays due for the next round).
+async fn release(state: &AppState, c: &Claim) {
+    let released = async {
+        let mut conn = state.db.writer().await?;
+        db::webhooks::release_claim(&mut conn, &c.id, refresh::owner_id(), c.until).await
+    }
+    .await;
+    if let Err(e) = released {
+        tracing::warn!(delivery_id = %c.id, error = %e, "giving back a webhook delivery claim failed");
+    }
 }
 
-/// Makes one attempt of one claimed delivery and records the result.
-pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -> ServiceResult<()> {
+/// The wait a response's `Retry-After` asks for, if it has a valid one.
+fn retry_after(res: &reqwest::Response, now: OffsetDateTime) -> Option<Duration> {
+    let value = res.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    parse_retry_after(value, now)
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3) as a wait from `now`: delay-seconds, or an
+/// HTTP-date in any of its three forms; a date in the past means no wait. At most a day.
+fn parse_retry_after(value: &str, now: OffsetDateTime) -> Option<Duration> {
+    let value = value.trim();
+    let secs = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still "a very long time".
+        value.parse::<u64>().unwrap_or(u64::MAX)
+    } else {
+        u64::try_from((http_date(value)? - now).whole_seconds()).unwrap_or(0)
+    };
+    Some(Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)))
+}
+
+/// Parses an HTTP-date: IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), or one of the obsolete
+/// forms recipients must still accept, RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime
+/// (`Sun Nov  6 08:49:37 1994`).
+fn http_date(value: &str) -> Option<OffsetDateTime> {
+    // IMF-fixdate is an RFC 2822 date in GMT.
+    if let Ok(at) = OffsetDateTime::parse(value, &Rfc2822) {
+        return Some(at);
+    }
+    // The obsolete forms, rewritten as RFC 2822 (whose two-digit years are 19xx from 50 on).
+    // The weekday is redundant with the date and dropped.
+    let rewritten = match value.split_once(", ") {
+        Some((_, rest)) => {
+            let (date, clock) = rest.split_once(' ')?;
+            if date.matches('-').count() != 2 {
+                return None;
+            }
+            format!("{} {clock}", date.replace('-', " "))
+        }
+        None => match value.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [_, month, day, clock, year] => format!("{day} {month} {year} {clock} GMT"),
+            _ => return None,
+        },
+    };
+    OffsetDateTime::parse(&rewritten, &Rfc2822).ok()
+}
+
+/// Makes one attempt of one claimed delivery and records the result, if this process still
+/// holds the claim.
+pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Claim) -> ServiceResult<()> {
+    let owner = refresh::owner_id();
     let mut conn = state.db.read().await?;
-    let Some(mut d) = db::webhooks::get_delivery(&mut conn, id).await? else { return Ok(()) };
-    if d.status != "pending" {
+    let Some(mut d) = db::webhooks::get_delivery(&mut conn, &claim.id).await? else { return Ok(()) };
+    if d.status != "pending" || d.lease_owner.as_deref() != Some(owner) || d.lease_until != Some(claim.until)
+    {
+        // Redelivered, cancelled or taken over since the claim: not ours to send.
         return Ok(());
     }
     let endpoint = db::webhooks::get_endpoint(&mut conn, &d.endpoint_id).await?;
@@ -100,7 +210,12 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
         d.status = "cancelled".into();
         d.updated_at = now;
         let mut conn = state.db.writer().await?;
-        db::webhooks::update_delivery(&mut conn, &d).await?;
+        db::webhooks::finish_delivery(&mut conn, &d, owner, claim.until).await?;
+        return Ok(());
+    }
+    if !time_left_for_attempt(state, claim.until, now) {
+        // Too late to finish within the claim: give it back for the next round.
+        release(state, claim).await;
         return Ok(());
     }
 
@@ -109,14 +224,14 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
     let body = secrecy::ExposeSecret::expose_secret(&payload).as_bytes().to_vec();
     let signature = signature_header(state, &endpoint, &event.id, timestamp, &body)?;
     let started = Instant::now();
-    // IP literals never reach the client's resolver, so check the host here too.
-    let host_ok = match url::Url::parse(&endpoint.url).ok().and_then(|u| u.host_str().map(str::to_string)) {
-        Some(host) => state.webhook_guard.check_host(&host).await.map(|_| ()).map_err(|e| e.to_string()),
-        None => Err("the URL has no host".to_string()),
-    };
-    let result = match host_ok {
-        Err(e) => Err(("refused", e)),
-        Ok(()) => client
+    let attempt = async {
+        // IP literals never reach the client's resolver, so check the host here too.
+        let host = url::Url::parse(&endpoint.url).ok().and_then(|u| u.host_str().map(str::to_string));
+        let Some(host) = host else { return Err(("refused", "the URL has no host".to_string())) };
+        if let Err(e) = state.webhook_guard.check_host(&host).await {
+            return Err(("refused", e.to_string()));
+        }
+        client
             .post(&endpoint.url)
             .header("content-type", "application/json")
             .header("webhook-id", &event.id)
@@ -125,8 +240,12 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
             .body(body)
             .send()
             .await
-            .map_err(|e| ("failed", describe(&e))),
+            .map_err(|e| ("failed", describe(&e)))
     };
+    // The whole attempt, name resolution included, ends within the timeout (and so within the claim).
+    let result = tokio::time::timeout(attempt_timeout(state), attempt)
+        .await
+        .unwrap_or_else(|_| Err(("failed", "timed out".to_string())));
     let latency_ms = i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX);
     let now = state.now_ms();
     d.attempts += 1;
@@ -134,16 +253,25 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
     let (outcome, status_code, error, wait) = match result {
         Ok(res) => {
             let code = res.status().as_u16();
-            let wait = retry_after(&res);
             if res.status().is_success() {
                 ("succeeded", Some(i64::from(code)), None, None)
             } else {
-                ("failed", Some(i64::from(code)), Some(format!("HTTP {code}")), wait)
+                (
+                    "failed",
+                    Some(i64::from(code)),
+                    Some(format!("HTTP {code}")),
+                    retry_after(&res, state.now()),
+                )
             }
         }
         Err((outcome, e)) => (outcome, None, Some(e), None),
     };
+    d.last_status_code = status_code;
+    d.last_error = error.clone();
+    let gone = status_code == Some(410);
+    let disable_for = settle(&mut d, outcome, gone, wait, now);
     let mut tx = state.db.begin_write().await?;
+    let held = db::webhooks::finish_delivery(&mut tx, &d, owner, claim.until).await?;
     db::webhooks::insert_attempt(
         &mut tx,
         &AttemptRow {
@@ -157,28 +285,16 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
         },
     )
     .await?;
-    d.last_status_code = status_code;
-    d.last_error = error.clone();
-    if outcome == "succeeded" {
-        d.status = "succeeded".into();
-        d.next_attempt_at = None;
-    } else if status_code == Some(410) {
-        d.status = "failed".into();
-        d.next_attempt_at = None;
-        disable(&mut tx, state, &endpoint, "The endpoint answered 410 Gone.", now).await?;
-    } else if let Some(delay) = usize::try_from(d.attempts - 1).ok().and_then(|i| RETRY_SCHEDULE_SECS.get(i))
-    {
-        let jitter = rand::rng().random_range(0.9..1.1);
-        let scheduled = (*delay as f64 * 1000.0 * jitter) as i64;
-        let honoured = wait.map_or(0, |w| i64::try_from(w.as_millis()).unwrap_or(0));
-        d.next_attempt_at = Some(now + scheduled.max(honoured));
-    } else {
-        d.status = "failed".into();
-        d.next_attempt_at = None;
-        disable(&mut tx, state, &endpoint, "Deliveries kept failing for about three days.", now).await?;
+    if let (true, Some(reason)) = (held, disable_for) {
+        disable(&mut tx, &endpoint, reason, now).await?;
     }
-    db::webhooks::update_delivery(&mut tx, &d).await?;
     tx.commit().await?;
+    if !held {
+        tracing::warn!(
+            delivery_id = %d.id,
+            "a webhook delivery's claim was lost during its attempt; the attempt is logged, the delivery left as it is"
+        );
+    }
     let counted = match (outcome, d.status.as_str()) {
         ("succeeded", _) => "succeeded",
         (_, "failed") => "gave_up",
@@ -193,32 +309,68 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, id: &str) -
     Ok(())
 }
 
+/// Sets the delivery's state after an attempt (its `attempts` already counting it): delivered,
+/// failed for good, or due again per the schedule (or later, if the receiver asked). Returns why
+/// the endpoint must be disabled, if it must.
+fn settle(
+    d: &mut DeliveryRow,
+    outcome: &str,
+    gone: bool,
+    wait: Option<Duration>,
+    now: i64,
+) -> Option<&'static str> {
+    if outcome == "succeeded" {
+        d.status = "succeeded".into();
+        d.next_attempt_at = None;
+        return None;
+    }
+    if gone {
+        d.status = "failed".into();
+        d.next_attempt_at = None;
+        return Some("The endpoint answered 410 Gone.");
+    }
+    match usize::try_from(d.attempts - 1).ok().and_then(|i| RETRY_SCHEDULE_SECS.get(i)) {
+        Some(delay) => {
+            let jitter = rand::rng().random_range(0.9..1.1);
+            let scheduled = (*delay as f64 * 1000.0 * jitter) as i64;
+            let honoured = wait.map_or(0, |w| i64::try_from(w.as_millis()).unwrap_or(0));
+            d.next_attempt_at = Some(now + scheduled.max(honoured));
+            None
+        }
+        None => {
+            d.status = "failed".into();
+            d.next_attempt_at = None;
+            Some("Deliveries kept failing for about three days.")
+        }
+    }
+}
+
+/// Disables an endpoint because of its deliveries: only its enabled flag and reason change
+/// (never what was changed while the attempt was in flight), then its pending deliveries are
+/// cancelled and the change audited. Nothing happens if it was disabled meanwhile, or moved to
+/// another URL (whose deliveries have not failed).
 async fn disable(
     tx: &mut sqlx::AnyConnection,
-    state: &AppState,
     endpoint: &db::webhooks::EndpointRow,
     reason: &str,
     now: i64,
 ) -> ServiceResult<()> {
-    let mut e = endpoint.clone();
-    e.enabled = 0;
-    e.disabled_reason = Some(reason.to_string());
-    e.updated_at = now;
-    db::webhooks::update_endpoint(tx, &e).await?;
-    db::webhooks::cancel_pending(tx, &e.id, now).await?;
+    if !db::webhooks::disable_endpoint(tx, &endpoint.id, &endpoint.url, reason, now).await? {
+        return Ok(());
+    }
+    db::webhooks::cancel_pending(tx, &endpoint.id, now).await?;
     audit::record(
         tx,
         now,
         &Actor::System,
-        Some(&e.workspace_id),
+        Some(&endpoint.workspace_id),
         "webhook.disabled",
         "webhook_endpoint",
-        &e.id,
+        &endpoint.id,
         serde_json::json!({"reason": reason}),
     )
     .await?;
-    tracing::warn!(endpoint_id = %e.id, reason, "webhook endpoint disabled");
-    let _ = state;
+    tracing::warn!(endpoint_id = %endpoint.id, reason, "webhook endpoint disabled");
     Ok(())
 }
 
@@ -241,4 +393,89 @@ fn describe(e: &reqwest::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    const NOW: OffsetDateTime = datetime!(2025-03-01 12:00:00 UTC);
+
+    fn wait(value: &str) -> Option<u64> {
+        parse_retry_after(value, NOW).map(|d| d.as_secs())
+    }
+
+    #[test]
+    fn retry_after_in_seconds() {
+        assert_eq!(wait("120"), Some(120));
+        assert_eq!(wait(" 0 "), Some(0));
+        // Bounded to a day, however large.
+        assert_eq!(wait("604800"), Some(86_400));
+        assert_eq!(wait("99999999999999999999999999"), Some(86_400));
+        for bad in ["", "-5", "1.5", "soon", "12 s"] {
+            assert_eq!(wait(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_as_an_http_date() {
+        // IMF-fixdate, the form senders use.
+        assert_eq!(wait("Sat, 01 Mar 2025 12:02:00 GMT"), Some(120));
+        assert_eq!(wait("Sat, 01 Mar 2025 14:00:00 GMT"), Some(7200));
+        // The obsolete forms: RFC 850 and asctime.
+        assert_eq!(wait("Saturday, 01-Mar-25 12:00:30 GMT"), Some(30));
+        assert_eq!(wait("Sat Mar  1 12:10:00 2025"), Some(600));
+        // A date in the past: no wait. Far ahead: a day at most.
+        assert_eq!(wait("Sun, 06 Nov 1994 08:49:37 GMT"), Some(0));
+        assert_eq!(wait("Mon, 01 Mar 2027 12:00:00 GMT"), Some(86_400));
+        for bad in [
+            "Sat, 32 Mar 2025 12:00:00 GMT",
+            "Sat, 01 Mar 2025 25:00:00 GMT",
+            "Saturday, 01 Mar 25 12:00:30 GMT",
+            "Sat Mar 1 12:10:00",
+            "tomorrow",
+            "Sat, 01 Mar",
+        ] {
+            assert_eq!(wait(bad), None, "{bad:?}");
+        }
+    }
+
+    fn pending(attempts: i64) -> DeliveryRow {
+        DeliveryRow {
+            id: "d".into(),
+            event_id: "msg_1".into(),
+            endpoint_id: "e".into(),
+            workspace_id: "w".into(),
+            status: "pending".into(),
+            attempts,
+            next_attempt_at: Some(0),
+            lease_owner: None,
+            lease_until: None,
+            last_status_code: None,
+            last_error: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn schedule_after_a_failed_attempt() {
+        // The first failure is retried after about 5 s, or later when the receiver asks.
+        let mut d = pending(1);
+        assert_eq!(settle(&mut d, "failed", false, None, 1_000), None);
+        let next = d.next_attempt_at.unwrap();
+        assert!((1_000 + 4_500..=1_000 + 5_500).contains(&next), "{next}");
+        let mut d = pending(1);
+        settle(&mut d, "failed", false, Some(Duration::from_secs(3600)), 1_000);
+        assert_eq!(d.next_attempt_at, Some(1_000 + 3_600_000));
+        // The last slot used up: failed for good, and the endpoint is to be disabled.
+        let mut d = pending(i64::try_from(RETRY_SCHEDULE_SECS.len()).unwrap() + 1);
+        assert!(settle(&mut d, "failed", false, None, 1_000).is_some());
+        assert_eq!(d.status, "failed");
+        // 410: at once.
+        let mut d = pending(1);
+        assert!(settle(&mut d, "failed", true, None, 1_000).unwrap().contains("410"));
+    }
 }

@@ -151,7 +151,8 @@ pub struct DeliveryView {
     pub endpoint_id: String,
     /// `pending`, `succeeded`, `failed` or `cancelled`.
     pub status: String,
-    /// Attempts made.
+    /// Attempts made in the current retry schedule (a manual redelivery starts a new one;
+    /// `attempt_log` lists every attempt).
     pub attempts: i64,
     /// When the next attempt is due.
     #[serde(with = "time::serde::rfc3339::option")]
@@ -641,7 +642,10 @@ async fn delivery_view(conn: &mut AnyConnection, d: DeliveryRow) -> ServiceResul
     })
 }
 
-/// Delivers an event again (same `webhook-id`), now, whatever happened before.
+/// Delivers an event again (same `webhook-id`), now, whatever happened before, with a fresh
+/// retry schedule: the delivery's attempt count starts over (its attempt log keeps every
+/// attempt), so a redelivery that fails is retried like a new delivery rather than failing for
+/// good and disabling the endpoint.
 pub async fn redeliver(
     app: &App,
     actor: &Actor,
@@ -664,11 +668,16 @@ pub async fn redeliver(
     if endpoint.enabled == 0 {
         return Err(ServiceError::Conflict("the endpoint is disabled; enable it first".into()));
     }
+    // A fresh attempt sequence: with the old count, a delivery that had used up its retries
+    // would fail for good (and disable its endpoint) after one more failed attempt.
     let now = app.now_ms();
+    db::webhooks::restart_delivery(&mut tx, &d.id, now).await?;
     d.status = "pending".into();
+    d.attempts = 0;
     d.next_attempt_at = Some(now);
+    d.lease_owner = None;
+    d.lease_until = None;
     d.updated_at = now;
-    db::webhooks::update_delivery(&mut tx, &d).await?;
     audit::record(
         &mut tx,
         now,

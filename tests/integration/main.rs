@@ -22,6 +22,7 @@ mod helpers;
 mod keys;
 mod pages;
 mod provider_fixes;
+mod webhook_fixes;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,6 +67,7 @@ fn main() -> ExitCode {
         ("dashboard", dashboard::tests()),
         ("keys", keys::tests()),
         ("provider_fixes", provider_fixes::tests()),
+        ("webhook_fixes", webhook_fixes::tests()),
     ] {
         for (name, f, only) in list {
             all.push((module, name, f, only));
