@@ -417,7 +417,10 @@ async fn call_and_store(
                 );
                 let now = app.now_ms();
                 let later = now + NOT_YET_RETRY_MS + rand::rng().random_range(0..NOT_YET_RETRY_MS / 10);
-                let retry_at = row.access_expires_at.map_or(later, |e| later.min(e - 3_600_000));
+                // Before the token runs out if it can be, but never sooner than in five minutes
+                // (a token refused this way near its end would be asked again every round).
+                let retry_at =
+                    row.access_expires_at.map_or(later, |e| later.min(e - 3_600_000)).max(now + 300_000);
                 return finish_not_yet(app, &mut row, owner, &attempt_id, retry_at, message).await;
             }
             // The profile call says the token is dead: that is the verdict, whatever the refusal.
