@@ -138,6 +138,21 @@ pub async fn get_endpoint(conn: &mut AnyConnection, id: &str) -> DbResult<Option
         .await?)
 }
 
+/// [`get_endpoint`] in a write transaction that will change the endpoint: locked until the
+/// transaction ends on PostgreSQL (SQLite's write transactions already are exclusive), so that
+/// two changes made at once apply one after the other instead of one undoing the other.
+pub async fn get_endpoint_for_update(
+    conn: &mut AnyConnection,
+    backend: super::Backend,
+    id: &str,
+) -> DbResult<Option<EndpointRow>> {
+    let lock = if backend == super::Backend::Postgres { " FOR UPDATE" } else { "" };
+    Ok(sqlx::query_as(&format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1{lock}"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
 /// The endpoints of a workspace (every workspace with `None`), oldest first.
 pub async fn list_endpoints(conn: &mut impl Exec, workspace_id: Option<&str>) -> DbResult<Vec<EndpointRow>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {

@@ -344,6 +344,19 @@ pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<Endpoi
     }
 }
 
+/// The endpoint as it stands in the write transaction `tx`, locked there for the change.
+async fn locked_row(
+    app: &App,
+    tx: &mut sqlx::AnyConnection,
+    scope: &Scope,
+    id: &str,
+) -> ServiceResult<EndpointRow> {
+    match db::webhooks::get_endpoint_for_update(tx, app.db.backend(), id).await? {
+        Some(e) if scope.allows(&e.workspace_id) => Ok(e),
+        _ => Err(ServiceError::NotFound("webhook endpoint")),
+    }
+}
+
 /// Endpoints visible to the caller.
 pub async fn list(app: &App, scope: &Scope, workspace_id: Option<&str>) -> ServiceResult<Vec<EndpointView>> {
     let mut conn = app.db.read().await?;
@@ -363,29 +376,37 @@ pub async fn update(
     id: &str,
     input: EndpointUpdate,
 ) -> ServiceResult<EndpointView> {
-    let mut row = get_row(app, scope, id).await?;
+    get_row(app, scope, id).await?;
+    // Checked before the transaction (the URL check resolves its host), applied in it to the
+    // endpoint as it stands then.
     let mut errors = super::Errors::default();
-    if let Some(url) = &input.url {
-        if let Some(u) = errors.take(check_url(app, url).await) {
-            row.url = u;
-        }
-    }
-    if let Some(events) = &input.events {
-        if let Some(e) = errors.take(parse_events(Some(events))) {
-            row.events = e;
-        }
-    }
-    if let Some(d) = &input.description {
-        row.description = errors.take(crate::domain::parse_optional_label("description", Some(d))).flatten();
-    }
+    let url = match &input.url {
+        Some(url) => errors.take(check_url(app, url).await),
+        None => None,
+    };
+    let events = input.events.as_ref().and_then(|e| errors.take(parse_events(Some(e))));
+    let description = input
+        .description
+        .as_ref()
+        .map(|d| errors.take(crate::domain::parse_optional_label("description", Some(d))).flatten());
     errors.finish()?;
     let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    let mut row = locked_row(app, &mut tx, scope, id).await?;
+    if let Some(u) = url {
+        row.url = u;
+    }
+    if let Some(e) = events {
+        row.events = e;
+    }
+    if let Some(d) = description {
+        row.description = d;
+    }
     if let Some(enabled) = input.enabled {
         row.enabled = i64::from(enabled);
         row.disabled_reason = if enabled { None } else { Some("Disabled by the agency.".into()) };
     }
     row.updated_at = now;
-    let mut tx = app.db.begin_write().await?;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
     if row.enabled == 0 {
         db::webhooks::cancel_pending(&mut tx, &row.id, now).await?;
@@ -407,13 +428,14 @@ pub async fn update(
 
 /// Removes an endpoint: disabled for good, pending deliveries cancelled, its log kept.
 pub async fn remove(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<EndpointView> {
-    let mut row = get_row(app, scope, id).await?;
+    get_row(app, scope, id).await?;
     let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    let mut row = locked_row(app, &mut tx, scope, id).await?;
     row.enabled = 0;
     row.disabled_reason = Some("Removed.".into());
     row.events = "removed".into();
     row.updated_at = now;
-    let mut tx = app.db.begin_write().await?;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
     db::webhooks::cancel_pending(&mut tx, &row.id, now).await?;
     audit::record(
@@ -438,15 +460,16 @@ pub async fn rotate_secret(
     scope: &Scope,
     id: &str,
 ) -> ServiceResult<EndpointWithSecret> {
-    let mut row = get_row(app, scope, id).await?;
-    let old = app.keys.open_str(&row.secret_sealed, secret_aad(&row.id))?;
+    get_row(app, scope, id).await?;
     let secret = new_secret();
     let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    let mut row = locked_row(app, &mut tx, scope, id).await?;
+    let old = app.keys.open_str(&row.secret_sealed, secret_aad(&row.id))?;
     row.previous_secret_sealed = Some(app.keys.seal_str(old.expose_secret(), previous_secret_aad(&row.id)));
     row.previous_secret_until = Some(now + PREVIOUS_SECRET_GRACE_MS);
     row.secret_sealed = app.keys.seal_str(&secret, secret_aad(&row.id));
     row.updated_at = now;
-    let mut tx = app.db.begin_write().await?;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
     audit::record(
         &mut tx,

@@ -17,13 +17,90 @@ use crate::helpers::{TestApp, binary};
 use crate::tests;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
-    tests![
+    let mut list = tests![
         redelivery_after_giving_up_starts_a_fresh_schedule,
         disabling_keeps_changes_made_during_the_attempt,
         slow_receivers_get_each_delivery_once,
         deliveries_never_go_through_a_proxy,
         retry_after_as_a_date_is_honoured,
-    ]
+    ];
+    list.push((
+        "endpoint_change_applies_to_the_endpoint_as_it_stands",
+        |app| Box::pin(endpoint_change_applies_to_the_endpoint_as_it_stands(app)),
+        crate::Only::Postgres,
+    ));
+    list
+}
+
+/// PostgreSQL: an agency's change of an endpoint (here its note) waits for another transaction
+/// that holds the endpoint (here one that rotates its secret), then applies to the endpoint as
+/// that transaction left it: the rotation is not undone.
+async fn endpoint_change_applies_to_the_endpoint_as_it_stands(app: TestApp) {
+    use sqlx::{Connection, Executor};
+    let crate::helpers::Backend::Postgres(server) = &app.backend else { panic!("PostgreSQL only") };
+    let schema = app.schema.clone().unwrap();
+    let wid = app.workspace("Edits");
+    let key = app.workspace_key(&wid);
+    let created = app.api_post("/webhooks", &key, json!({"url": "http://127.0.0.1:9/hook"}), 201).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let mut other = sqlx::PgConnection::connect(server).await.unwrap();
+    other.execute("BEGIN").await.unwrap();
+    sqlx::query(&format!("SELECT id FROM {schema}.webhook_endpoints WHERE id = $1 FOR UPDATE"))
+        .bind(&id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let patch = {
+        let (client, url, key) =
+            (app.client.clone(), app.url(&format!("/api/v1/webhooks/{id}")), key.clone());
+        tokio::spawn(async move {
+            let res = client
+                .patch(url)
+                .bearer_auth(key)
+                .json(&json!({"description": "Edited"}))
+                .send()
+                .await
+                .unwrap();
+            res.status().as_u16()
+        })
+    };
+    // Wait (bounded) until the change waits on the other transaction's lock.
+    let mut watcher = sqlx::PgConnection::connect(server).await.unwrap();
+    let mut blocked = false;
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM webhook_endpoints WHERE id = $1 FOR UPDATE%'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(blocked, "the change waited for the other transaction");
+    // The other transaction changes the endpoint (as a rotation would) and commits.
+    sqlx::query(&format!(
+        "UPDATE {schema}.webhook_endpoints SET previous_secret_sealed = 'rotated-meanwhile' WHERE id = $1"
+    ))
+    .bind(&id)
+    .execute(&mut other)
+    .await
+    .unwrap();
+    other.execute("COMMIT").await.unwrap();
+    assert_eq!(patch.await.unwrap(), 200);
+    let kept: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT previous_secret_sealed FROM {schema}.webhook_endpoints WHERE id = $1"
+    ))
+    .bind(&id)
+    .fetch_one(&mut watcher)
+    .await
+    .unwrap();
+    assert_eq!(kept.as_deref(), Some("rotated-meanwhile"), "the other transaction's change stays");
+    let shown = app.api_get(&format!("/webhooks/{id}"), &key, 200).await;
+    assert_eq!(shown["description"], "Edited");
 }
 
 /// How the receiver answers one request.
