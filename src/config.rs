@@ -313,6 +313,10 @@ pub struct InstagramConfig {
     pub graph_base_url: Url,
     /// Graph API version used for the profile call.
     pub graph_api_version: String,
+    /// The secret of the Meta app that holds the Instagram product, if it differs from
+    /// `client_secret`: Meta's deauthorize and data-deletion requests are also accepted when
+    /// signed with it (which of the two secrets signs them is not documented).
+    pub meta_app_secret: Option<SecretString>,
 }
 
 impl Default for InstagramConfig {
@@ -328,6 +332,7 @@ impl Default for InstagramConfig {
             token_url: constant_url("https://api.instagram.com/oauth/access_token"),
             graph_base_url: constant_url("https://graph.instagram.com"),
             graph_api_version: "v23.0".into(),
+            meta_app_secret: None,
         }
     }
 }
@@ -666,6 +671,7 @@ impl Config {
                     "token_url": instagram.token_url.as_str(),
                     "graph_base_url": instagram.graph_base_url.as_str(),
                     "graph_api_version": instagram.graph_api_version,
+                    "meta_app_secret": mask(&instagram.meta_app_secret),
                     "redirect_uri": self.public("/oauth/instagram/callback"),
                     "deauthorize_callback_url": self.public("/oauth/instagram/deauthorize"),
                     "data_deletion_callback_url": self.public("/oauth/instagram/data-deletion"),

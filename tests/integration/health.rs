@@ -27,6 +27,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         health_check_catches_revocation,
         instagram_token_is_refreshed_after_a_day,
         instagram_deauthorize_and_data_deletion,
+        live_meta_callbacks_take_either_secret,
         expiring_grant_is_announced,
         webhook_cli_commands,
     ];
@@ -778,6 +779,61 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     assert_eq!(res.status(), 404);
     let still = app.api_get(&format!("/connections/{aid}"), &key, 200).await;
     assert_eq!(still["status"], "active");
+}
+
+/// Live Instagram: Meta's requests verify with the Instagram app secret or the Meta app's
+/// (`meta_app_secret`), reach live connections only, and nothing else verifies.
+async fn live_meta_callbacks_take_either_secret(app: TestApp) {
+    let (app, _old) = app
+        .restart_with(&[
+            ("AUTHLINK_PROVIDERS__INSTAGRAM__CLIENT_ID", "1234567890"),
+            ("AUTHLINK_PROVIDERS__INSTAGRAM__CLIENT_SECRET", "instagram-app-secret"),
+            ("AUTHLINK_PROVIDERS__INSTAGRAM__META_APP_SECRET", "meta-app-secret"),
+        ])
+        .await;
+    let wid = app.workspace("Live");
+    let key = app.workspace_key(&wid);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    // Two live connections, and a sandbox one of the same app-scoped id as the first.
+    for (id, account, scoped, sandbox) in [
+        ("0190a000-0000-7000-8000-000000000001", "a1", "live-1", 0),
+        ("0190a000-0000-7000-8000-000000000002", "a2", "live-2", 0),
+        ("0190a000-0000-7000-8000-000000000003", "a3", "live-1", 1),
+    ] {
+        app.execute(&format!(
+            "INSERT INTO {{schema}}.connections (id, workspace_id, provider, provider_account_id, app_scoped_id, scopes, \
+             token_generation, status, sandbox, connected_at, reconnect_count, created_at, updated_at, refresh_failures) \
+             VALUES ('{id}', '{wid}', 'instagram', '{account}', '{scoped}', 'instagram_business_basic', 0, \
+             'active', {sandbox}, {now}, 0, {now}, {now}, 0)"
+        ))
+        .await;
+    }
+    let post = |signed: String| {
+        let app = &app;
+        async move {
+            app.client
+                .post(app.url("/oauth/instagram/deauthorize"))
+                .form(&[("signed_request", signed.as_str())])
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // The sandbox's public secret means nothing in live mode.
+    assert_eq!(post(signed_request(authlink::sandbox::INSTAGRAM_CLIENT_SECRET, "live-1")).await, 400);
+    assert_eq!(post(signed_request("instagram-app-secret", "live-1")).await, 200);
+    assert_eq!(post(signed_request("meta-app-secret", "live-2")).await, 200);
+    let list = app.api_get("/connections", &key, 200).await;
+    let status = |account: &str| {
+        list["data"].as_array().unwrap().iter().find(|c| c["provider_account_id"] == account).unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(
+        (status("a1"), status("a2"), status("a3")),
+        (json!("broken"), json!("broken"), json!("active"))
+    );
 }
 
 async fn expiring_grant_is_announced(app: TestApp) {

@@ -81,17 +81,23 @@ pub fn verify_signed_request(signed: &str, secret: &[u8]) -> Option<(SignedPaylo
     Some((parsed, user_id))
 }
 
-/// The secret that signs Meta's requests, and whether it is the sandbox's; `None` while
-/// Instagram is disabled (nothing may then be changed through these routes).
-fn app_secret(state: &AppState) -> Option<(Vec<u8>, bool)> {
+/// The secrets that may sign Meta's requests (the Instagram app's, and the Meta app's when
+/// configured), and whether they are the sandbox's; `None` while Instagram is disabled (nothing
+/// may then be changed through these routes).
+fn app_secrets(state: &AppState) -> Option<(Vec<Vec<u8>>, bool)> {
     let ig = &state.config.providers.instagram;
     if !ig.enabled {
         None
     } else if ig.is_sandbox() {
-        Some((crate::sandbox::INSTAGRAM_CLIENT_SECRET.as_bytes().to_vec(), true))
+        Some((vec![crate::sandbox::INSTAGRAM_CLIENT_SECRET.as_bytes().to_vec()], true))
     } else {
-        let secret = ig.client_secret.as_ref().map(|s| s.expose_secret().as_bytes().to_vec())?;
-        (!secret.is_empty()).then_some((secret, false))
+        let secrets: Vec<Vec<u8>> = [&ig.client_secret, &ig.meta_app_secret]
+            .into_iter()
+            .flatten()
+            .map(|s| s.expose_secret().as_bytes().to_vec())
+            .filter(|s| !s.is_empty())
+            .collect();
+        (!secrets.is_empty()).then_some((secrets, false))
     }
 }
 
@@ -132,12 +138,10 @@ impl IntoResponse for Refused {
 /// A verified request of this instance's Instagram app: the app-scoped user id and whether the
 /// sandbox signed it.
 fn verified(state: &AppState, form: &SignedRequestForm) -> Result<(String, bool), Refused> {
-    let (secret, sandbox) = app_secret(state).ok_or(Refused::Disabled)?;
-    let (payload, user_id) = form
-        .signed_request
-        .as_deref()
-        .and_then(|s| verify_signed_request(s, &secret))
-        .ok_or(Refused::Signature)?;
+    let (secrets, sandbox) = app_secrets(state).ok_or(Refused::Disabled)?;
+    let signed = form.signed_request.as_deref().ok_or(Refused::Signature)?;
+    let (payload, user_id) =
+        secrets.iter().find_map(|secret| verify_signed_request(signed, secret)).ok_or(Refused::Signature)?;
     let now = state.now_ms() / 1000;
     match payload.issued_at {
         Some(at) if at < now - MAX_AGE_SECS || at > now + MAX_SKEW_SECS => Err(Refused::Stale(at)),
