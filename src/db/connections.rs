@@ -219,6 +219,46 @@ impl Indexed {
 /// [`update`], writing of the indexed columns only those `indexed` names; the others keep their
 /// values in the database, which the caller knows to equal those of `c`.
 pub async fn update_changed(conn: &mut impl Exec, c: &ConnectionRow, indexed: Indexed) -> DbResult<()> {
+    write_row(conn, c, indexed, None).await.map(drop)
+}
+
+/// [`update`], only if the stored row still has token generation `generation` and status
+/// `status`, the values the caller read it with: a row changed meanwhile (refreshed,
+/// reconnected, disconnected) is not overwritten with the caller's stale copy. Returns whether
+/// it was written.
+pub async fn update_if_unchanged(
+    conn: &mut impl Exec,
+    c: &ConnectionRow,
+    generation: i64,
+    status: &str,
+) -> DbResult<bool> {
+    write_row(conn, c, Indexed::ALL, Some((generation, status))).await
+}
+
+/// Marks an expiry announcement as made, once: only if none was made for this grant (and its
+/// tokens are still those of `generation`). Returns whether this call made it.
+pub async fn mark_expiring_notified(
+    conn: &mut impl Exec,
+    id: &str,
+    generation: i64,
+    now_ms: i64,
+) -> DbResult<bool> {
+    let s = stmt!(
+        "UPDATE connections SET expiring_notified_at = $2, updated_at = $2 WHERE id = $1 \
+         AND expiring_notified_at IS NULL AND token_generation = $3",
+        id,
+        now_ms,
+        generation
+    );
+    Ok(conn.execute(&s).await? == 1)
+}
+
+async fn write_row(
+    conn: &mut impl Exec,
+    c: &ConnectionRow,
+    indexed: Indexed,
+    expect: Option<(i64, &str)>,
+) -> DbResult<bool> {
     let mut sql = String::from(
         "UPDATE connections SET app_scoped_id = $2, display_name = $3, avatar_url = $4, scopes = $5, \
          access_token_sealed = $6, access_expires_at = $7, refresh_token_sealed = $8, refresh_expires_at = $9, \
@@ -258,14 +298,22 @@ pub async fn update_changed(conn: &mut impl Exec, c: &ConnectionRow, indexed: In
         }
     }
     sql.push_str(" WHERE id = $1");
-    conn.execute(&Stmt::new(&sql, args)).await?;
+    if let Some((generation, status)) = expect {
+        args.push(Arg::from(generation));
+        let _ = write!(sql, " AND token_generation = ${}", args.len());
+        args.push(Arg::from(status));
+        let _ = write!(sql, " AND status = ${}", args.len());
+    }
+    if conn.execute(&Stmt::new(&sql, args)).await? == 0 && expect.is_some() {
+        return Ok(false);
+    }
     let s = stmt!(
         "UPDATE refresh_schedule SET next_refresh_at = $2 WHERE connection_id = $1",
         &c.id,
         stored_next_refresh(c)
     );
     conn.execute(&s).await?;
-    Ok(())
+    Ok(true)
 }
 
 /// One connection by id.

@@ -623,4 +623,73 @@ mod tests {
         assert_eq!(sqlite_file("sqlite://a.db?mode=ro"), None);
         assert_eq!(sqlite_file("sqlite://a%20b.db"), None);
     }
+
+    /// A copy of a connection read before the provider answered does not overwrite the row
+    /// once its tokens or status changed; an expiry announcement is made once per grant.
+    #[tokio::test]
+    async fn stale_copies_do_not_overwrite_a_changed_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w1', 'W', 'w', 1, 2)",
+        )
+        .execute(&mut *db.writer().await.unwrap())
+        .await
+        .unwrap();
+        let mut tx = db.begin_write().await.unwrap();
+        links::insert(&mut tx, &link()).await.unwrap();
+        connections::insert(&mut *tx, &connection()).await.unwrap();
+        tx.commit().await.unwrap();
+        let stored = || async {
+            let mut conn = db.read().await.unwrap();
+            connections::get(&mut conn, "c1").await.unwrap().unwrap()
+        };
+        let read = stored().await;
+        // Meanwhile a refresh stores new tokens.
+        let mut newer = read.clone();
+        newer.token_generation += 1;
+        newer.access_token_sealed = Some("newer".into());
+        let mut tx = db.begin_write().await.unwrap();
+        connections::update(&mut *tx, &newer).await.unwrap();
+        tx.commit().await.unwrap();
+        // The stale copy, guarded by what it was read with, is not written.
+        let mut stale = read.clone();
+        stale.refresh_failures = 7;
+        let mut tx = db.begin_write().await.unwrap();
+        let written = connections::update_if_unchanged(&mut *tx, &stale, read.token_generation, &read.status)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert!(!written);
+        let now = stored().await;
+        assert_eq!(
+            (now.access_token_sealed.as_deref(), now.refresh_failures),
+            (Some("newer"), read.refresh_failures)
+        );
+        // A copy of the current row is.
+        let mut current = now.clone();
+        current.refresh_failures = 3;
+        current.expiring_notified_at = None;
+        let mut tx = db.begin_write().await.unwrap();
+        assert!(
+            connections::update_if_unchanged(&mut *tx, &current, now.token_generation, &now.status)
+                .await
+                .unwrap()
+        );
+        tx.commit().await.unwrap();
+        assert_eq!(stored().await.refresh_failures, 3);
+        // Announcements: not for replaced tokens, then once.
+        let mut conn = db.writer().await.unwrap();
+        assert!(
+            !connections::mark_expiring_notified(&mut *conn, "c1", read.token_generation, 10).await.unwrap()
+        );
+        assert!(
+            connections::mark_expiring_notified(&mut *conn, "c1", now.token_generation, 10).await.unwrap()
+        );
+        assert!(
+            !connections::mark_expiring_notified(&mut *conn, "c1", now.token_generation, 11).await.unwrap()
+        );
+        drop(conn);
+        assert_eq!(stored().await.expiring_notified_at, Some(10));
+    }
 }

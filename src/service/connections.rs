@@ -669,13 +669,46 @@ pub async fn mark_broken_in(
     reason: &str,
     now: i64,
 ) -> ServiceResult<()> {
+    mark_broken(tx, app, row, reason, now, false).await.map(drop)
+}
+
+/// [`mark_broken_in`] for a row read before the transaction (a refresh or health check that
+/// waited for the provider): only if the stored row is still as read, with the same tokens and
+/// status. A connection refreshed, reconnected or disconnected meanwhile is left as it is, and
+/// `false` comes back.
+pub async fn mark_broken_if_unchanged(
+    tx: &mut sqlx::AnyConnection,
+    app: &App,
+    row: &mut ConnectionRow,
+    reason: &str,
+    now: i64,
+) -> ServiceResult<bool> {
+    mark_broken(tx, app, row, reason, now, true).await
+}
+
+async fn mark_broken(
+    tx: &mut sqlx::AnyConnection,
+    app: &App,
+    row: &mut ConnectionRow,
+    reason: &str,
+    now: i64,
+    guarded: bool,
+) -> ServiceResult<bool> {
     let was = ConnectionStatus::parse(&row.status);
+    let (read_generation, read_status) = (row.token_generation, row.status.clone());
     row.status = ConnectionStatus::Broken.as_str().into();
     row.status_reason = Some(reason.to_string());
     row.next_refresh_at = None;
     row.next_check_at = None;
     row.updated_at = now;
-    db::connections::update(tx, row).await?;
+    if guarded {
+        if !db::connections::update_if_unchanged(tx, row, read_generation, &read_status).await? {
+            tracing::info!(connection_id = %row.id, "connection changed meanwhile; not marked broken");
+            return Ok(false);
+        }
+    } else {
+        db::connections::update(tx, row).await?;
+    }
     if was != ConnectionStatus::Broken {
         db::connections::insert_event(tx, &event(row, "broken", Some(reason.to_string()), now)).await?;
         audit::record(
@@ -693,7 +726,7 @@ pub async fn mark_broken_in(
         super::webhooks::emit(tx, app, now, &row.workspace_id, "connection.broken", data).await?;
         tracing::warn!(connection_id = %row.id, "connection marked broken");
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The `data` of a connection webhook: the connection (never tokens), a detail, and the link

@@ -521,7 +521,9 @@ async fn finish_not_yet(
     row.next_refresh_at = Some(retry_at.max(now + 60_000));
     row.updated_at = now;
     let mut tx = app.db.begin_write().await?;
-    db::connections::update(&mut tx, row).await?;
+    // Not over a row changed while the provider was asked (a reconnect, a disconnect).
+    let (generation, status) = (row.token_generation, row.status.clone());
+    db::connections::update_if_unchanged(&mut tx, row, generation, &status).await?;
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
     let interrupted =
         db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "deferred", Some(&message), now)
@@ -617,13 +619,16 @@ async fn finish_transient(
     row.next_refresh_at = Some(now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2));
     row.updated_at = now;
     let mut tx = app.db.begin_write().await?;
-    db::connections::update(&mut tx, row).await?;
+    // Not over a row changed while the provider was asked (a reconnect, a disconnect): its new
+    // state stands, and the failure is not counted against it.
+    let (generation, status) = (row.token_generation, row.status.clone());
+    let written = db::connections::update_if_unchanged(&mut tx, row, generation, &status).await?;
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
     let interrupted =
         db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "transient", Some(reason), now)
             .await?;
     record_interrupted(&mut tx, row, interrupted, now).await?;
-    if row.refresh_failures == REFRESH_FAILED_THRESHOLD {
+    if written && row.refresh_failures == REFRESH_FAILED_THRESHOLD {
         let detail =
             format!("{} refresh attempts failed; still retrying. Last error: {reason}", row.refresh_failures);
         db::connections::insert_event(
@@ -656,7 +661,7 @@ async fn finish_broken(
     record_interrupted(&mut tx, row, interrupted, now).await?;
     let reason = why(interrupted > 0);
     db::connections::set_attempt_detail(&mut tx, attempt_id, &reason).await?;
-    connections::mark_broken_in(&mut tx, app, row, &reason, now).await?;
+    connections::mark_broken_if_unchanged(&mut tx, app, row, &reason, now).await?;
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
     tx.commit().await?;
     Ok(Step::Done(Outcome::Broken(reason)))
@@ -792,7 +797,7 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
                 ),
             };
             let mut tx = app.db.begin_write().await?;
-            connections::mark_broken_in(&mut tx, app, &mut row, &why, now).await?;
+            connections::mark_broken_if_unchanged(&mut tx, app, &mut row, &why, now).await?;
             tx.commit().await?;
             Ok(Checked::Done(Outcome::Broken(why)))
         }
@@ -811,7 +816,7 @@ pub async fn announce_expiring(app: &App) -> ServiceResult<usize> {
     let mut conn = app.db.read().await?;
     let rows = db::connections::expiring(&mut conn, now, soon, 100).await?;
     drop(conn);
-    let count = rows.len();
+    let mut count = 0;
     for mut row in rows {
         let until = row.refresh_expires_at.or(row.access_expires_at).unwrap_or(now);
         let detail = if until <= now {
@@ -825,7 +830,11 @@ pub async fn announce_expiring(app: &App) -> ServiceResult<usize> {
         row.expiring_notified_at = Some(now);
         row.updated_at = now;
         let mut tx = app.db.begin_write().await?;
-        db::connections::update(&mut tx, &row).await?;
+        // Once per grant, whichever process gets there first, and not for tokens replaced since
+        // the row was read.
+        if !db::connections::mark_expiring_notified(&mut tx, &row.id, row.token_generation, now).await? {
+            continue;
+        }
         db::connections::insert_event(
             &mut tx,
             &connections::event(&row, "expiring", Some(detail.clone()), now),
@@ -845,6 +854,7 @@ pub async fn announce_expiring(app: &App) -> ServiceResult<usize> {
         )
         .await?;
         tx.commit().await?;
+        count += 1;
     }
     Ok(count)
 }
