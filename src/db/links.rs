@@ -144,6 +144,22 @@ pub async fn record_use(conn: &mut impl Exec, id: &str, now_ms: i64) -> DbResult
     conn.fetch_optional(&stmt!(&SQL, id, now_ms)).await
 }
 
+/// [`get`] in a write transaction that will change the link: locked until the transaction ends
+/// on PostgreSQL (SQLite's write transactions already are exclusive), so that an edit, a
+/// revocation and a rotation made at once apply one after the other instead of one undoing
+/// another (a revoked link brought back by an edit of its label, say).
+pub async fn get_for_update(
+    conn: &mut AnyConnection,
+    backend: super::Backend,
+    id: &str,
+) -> DbResult<Option<LinkRow>> {
+    let lock = if backend == super::Backend::Postgres { " FOR UPDATE" } else { "" };
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM links WHERE id = $1{lock}"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
 /// One link by id.
 pub async fn get(conn: &mut impl Exec, id: &str) -> DbResult<Option<LinkRow>> {
     static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {COLUMNS} FROM links WHERE id = $1"));

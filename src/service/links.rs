@@ -383,55 +383,60 @@ pub async fn update(
     id: &str,
     input: LinkUpdate,
 ) -> ServiceResult<LinkView> {
-    let mut row = get_row(app, scope, id).await?;
+    let current = get_row(app, scope, id).await?;
+    // Checked first, applied in the transaction to the link as it stands then.
     let mut errors = Errors::default();
     let mut changed = Vec::new();
-    if let Some(label) = &input.label {
-        if let Some(l) = errors.take(domain::parse_label("label", label)) {
-            row.label = l;
-            changed.push("label");
+    let label = input.label.as_ref().and_then(|label| errors.take(domain::parse_label("label", label)));
+    let client_ref = input
+        .client_ref
+        .as_ref()
+        .and_then(|c| errors.take(domain::parse_optional_label("client_ref", c.as_deref())));
+    let expires_at = match input.expires_at {
+        Some(Some(at)) if at <= app.now() => {
+            errors.push(FieldError::new("expires_at", "must be in the future"));
+            None
         }
-    }
-    if let Some(client_ref) = &input.client_ref {
-        if let Some(c) = errors.take(domain::parse_optional_label("client_ref", client_ref.as_deref())) {
-            row.client_ref = c;
-            changed.push("client_ref");
-        }
-    }
-    if let Some(expires_at) = input.expires_at {
-        match expires_at {
-            Some(at) if at <= app.now() => {
-                errors.push(FieldError::new("expires_at", "must be in the future"))
-            }
-            at => {
-                row.expires_at = at.map(to_millis);
-                changed.push("expires_at");
-            }
-        }
-    }
-    if let Some(redirect) = &input.redirect_url {
-        match redirect.as_deref().filter(|s| !s.trim().is_empty()) {
-            None => {
-                row.redirect_url = None;
-                changed.push("redirect_url");
-            }
+        Some(at) => Some(at.map(to_millis)),
+        None => None,
+    };
+    let redirect_url = match &input.redirect_url {
+        None => None,
+        Some(redirect) => match redirect.as_deref().filter(|s| !s.trim().is_empty()) {
+            None => Some(None),
             Some(u) => {
-                let workspace = workspaces::get_row(app, &Scope::Admin, &row.workspace_id).await?;
-                if let Some(u) = errors.take(domain::parse_success_redirect(u, &workspace.allow_list())) {
-                    row.redirect_url = Some(u.to_string());
-                    changed.push("redirect_url");
-                }
+                let workspace = workspaces::get_row(app, &Scope::Admin, &current.workspace_id).await?;
+                errors
+                    .take(domain::parse_success_redirect(u, &workspace.allow_list()))
+                    .map(|u| Some(u.to_string()))
             }
-        }
+        },
+    };
+    errors.finish()?;
+    let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    let mut row = locked_row(app, &mut tx, scope, id).await?;
+    if let Some(l) = label {
+        row.label = l;
+        changed.push("label");
+    }
+    if let Some(c) = client_ref {
+        row.client_ref = c;
+        changed.push("client_ref");
+    }
+    if let Some(at) = expires_at {
+        row.expires_at = at;
+        changed.push("expires_at");
+    }
+    if let Some(u) = redirect_url {
+        row.redirect_url = u;
+        changed.push("redirect_url");
     }
     if let Some(hide) = input.hide_connections {
         row.hide_connections = i64::from(hide);
         changed.push("hide_connections");
     }
-    errors.finish()?;
-    let now = app.now_ms();
     row.updated_at = now;
-    let mut tx = app.db.begin_write().await?;
     db::links::update(&mut tx, &row).await?;
     audit::record(
         &mut tx,
@@ -448,14 +453,28 @@ pub async fn update(
     view(app, &row)
 }
 
+/// The link as it stands in the write transaction `tx`, locked there for the change.
+async fn locked_row(
+    app: &App,
+    tx: &mut sqlx::AnyConnection,
+    scope: &Scope,
+    id: &str,
+) -> ServiceResult<LinkRow> {
+    match db::links::get_for_update(tx, app.db.backend(), id).await? {
+        Some(l) if scope.allows(&l.workspace_id) => Ok(l),
+        _ => Err(ServiceError::NotFound("link")),
+    }
+}
+
 /// Revokes a link: dead at once. Revoking twice is harmless.
 pub async fn revoke(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<LinkView> {
-    let mut row = get_row(app, scope, id).await?;
+    get_row(app, scope, id).await?;
+    let mut tx = app.db.begin_write().await?;
+    let mut row = locked_row(app, &mut tx, scope, id).await?;
     if row.revoked_at.is_none() {
         let now = app.now_ms();
         row.revoked_at = Some(now);
         row.updated_at = now;
-        let mut tx = app.db.begin_write().await?;
         db::links::update(&mut tx, &row).await?;
         audit::record(
             &mut tx,
@@ -478,7 +497,9 @@ pub async fn revoke(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
 
 /// Gives a link a new token; the old one is dead at once. The id and history stay.
 pub async fn rotate(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<LinkView> {
-    let mut row = get_row(app, scope, id).await?;
+    get_row(app, scope, id).await?;
+    let mut tx = app.db.begin_write().await?;
+    let mut row = locked_row(app, &mut tx, scope, id).await?;
     if row.revoked_at.is_some() {
         return Err(ServiceError::Conflict("a revoked link cannot be rotated; create a new one".into()));
     }
@@ -488,7 +509,6 @@ pub async fn rotate(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
     row.token_sealed = app.keys.seal_str(&token, token_aad(&row.id));
     row.rotated_at = Some(now);
     row.updated_at = now;
-    let mut tx = app.db.begin_write().await?;
     db::links::update(&mut tx, &row).await?;
     audit::record(
         &mut tx,

@@ -25,7 +25,71 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         |app| Box::pin(database_lost_gives_503(app)),
         crate::Only::Postgres,
     ));
+    list.push((
+        "link_edit_waits_for_a_revocation_and_keeps_it",
+        |app| Box::pin(link_edit_waits_for_a_revocation_and_keeps_it(app)),
+        crate::Only::Postgres,
+    ));
     list
+}
+
+/// PostgreSQL: an edit of a link's label made while another transaction revokes it waits for
+/// that transaction and applies to the revoked link: the revocation is not undone.
+async fn link_edit_waits_for_a_revocation_and_keeps_it(app: TestApp) {
+    use sqlx::{Connection, Executor};
+    let crate::helpers::Backend::Postgres(server) = &app.backend else { panic!("PostgreSQL only") };
+    let schema = app.schema.clone().unwrap();
+    let wid = app.workspace("Races");
+    let key = app.workspace_key(&wid);
+    let (id, url) = app.link(&wid, "Client");
+    let mut other = sqlx::PgConnection::connect(server).await.unwrap();
+    other.execute("BEGIN").await.unwrap();
+    sqlx::query(&format!("SELECT id FROM {schema}.links WHERE id = $1 FOR UPDATE"))
+        .bind(&id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let edit = {
+        let (client, path, key) = (app.client.clone(), app.url(&format!("/api/v1/links/{id}")), key.clone());
+        tokio::spawn(async move {
+            client
+                .patch(path)
+                .bearer_auth(key)
+                .json(&json!({"label": "Renamed"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let mut watcher = sqlx::PgConnection::connect(server).await.unwrap();
+    let mut blocked = false;
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM links WHERE id = $1 FOR UPDATE%'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            blocked = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(blocked, "the edit waited for the other transaction");
+    sqlx::query(&format!("UPDATE {schema}.links SET revoked_at = 1 WHERE id = $1"))
+        .bind(&id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    other.execute("COMMIT").await.unwrap();
+    assert_eq!(edit.await.unwrap(), 200);
+    let link = app.api_get(&format!("/links/{id}"), &key, 200).await;
+    assert_eq!(link["label"], "Renamed");
+    assert_eq!(link["status"], "revoked", "{link}");
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 410);
 }
 
 async fn workspaces_crud(app: TestApp) {
