@@ -562,6 +562,13 @@ impl Config {
         if self.database.max_connections == 0 {
             return Err(ConfigError::Invalid("key `database.max_connections`: must be positive".into()));
         }
+        if self.jobs.lease_secs <= self.providers.timeout_secs {
+            return Err(ConfigError::Invalid(format!(
+                "key `jobs.lease_secs`: must be longer than `providers.timeout_secs` ({}s), or no refresh could \
+                 finish within its claim",
+                self.providers.timeout_secs
+            )));
+        }
         let (tiktok, instagram) = (&self.providers.tiktok, &self.providers.instagram);
         // A disabled provider runs in neither mode, so its credentials are not checked.
         if tiktok.enabled {
@@ -822,6 +829,9 @@ mod tests {
         let err =
             Config::load_from(None, &env(&[("AUTHLINK_DATABASE_URL", "mysql://x")])).unwrap_err().to_string();
         assert!(err.contains("database_url"), "{err}");
+        let err =
+            Config::load_from(None, &env(&[("AUTHLINK_JOBS__LEASE_SECS", "10")])).unwrap_err().to_string();
+        assert!(err.contains("lease_secs") && err.contains("providers.timeout_secs"), "{err}");
     }
 
     #[test]

@@ -767,6 +767,7 @@ pub async fn start_claimed_refresh(
     owner: &str,
     attempt_id: &str,
     now_ms: i64,
+    lease_needed_until: i64,
     providers: &str,
 ) -> DbResult<Option<ClaimedStart>> {
     #[derive(sqlx::FromRow)]
@@ -779,7 +780,7 @@ pub async fn start_claimed_refresh(
         "WITH c AS (SELECT {COLUMNS} FROM {FROM} WHERE id = $1), \
          a AS (INSERT INTO refresh_attempts (id, connection_id, owner, generation, outcome, started_at) \
            SELECT $2, id, $3, token_generation, 'started', $4 FROM c \
-           WHERE lease_owner = $3 AND lease_until > $4 AND status = 'active' AND next_refresh_at <= $4 \
+           WHERE lease_owner = $3 AND lease_until > $6 AND status = 'active' AND next_refresh_at <= $4 \
            AND position(',' || provider || ',' in ',' || $5 || ',') > 0 RETURNING id) \
          SELECT {COLUMNS}, (SELECT count(*) FROM a) AS started FROM c"
     ))
@@ -788,6 +789,7 @@ pub async fn start_claimed_refresh(
     .bind(owner)
     .bind(now_ms)
     .bind(providers)
+    .bind(lease_needed_until)
     .fetch_optional(conn)
     .await?;
     Ok(found.map(|f| ClaimedStart { row: f.row, started: f.started > 0 }))

@@ -265,6 +265,7 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
             owner,
             &attempt_id,
             now,
+            now + provider_call_ms(app),
             app.providers.enabled_names(),
         )
         .await?
@@ -282,12 +283,20 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
         return Err(ServiceError::NotFound("connection"));
     };
     drop(conn);
-    let still_ours = row.lease_owner.as_deref() == Some(owner) && row.lease_until.is_some_and(|u| u > now);
+    // Started only while the claim outlasts a whole provider call: a claim about to run out
+    // could be taken over mid-call by another process, which would send the same refresh token.
+    let lease_left = row.lease_until.is_some_and(|u| u > now + provider_call_ms(app));
+    let still_ours = row.lease_owner.as_deref() == Some(owner) && lease_left;
     let still_due = row.next_refresh_at.is_some_and(|n| n <= now);
     if !still_ours || ConnectionStatus::parse(&row.status) != ConnectionStatus::Active || !still_due {
         return not_started(app, row, owner, now).await;
     }
     Ok(run_leased(app, row, owner, Cause::Plain).await?.into())
+}
+
+/// The longest a provider call may take (ms): what must be left of a claim to start a refresh.
+fn provider_call_ms(app: &App) -> i64 {
+    i64::try_from(app.config.providers.timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4)
 }
 
 /// A claimed connection that is not to be refreshed after all: refreshed on demand meanwhile,

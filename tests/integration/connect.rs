@@ -489,7 +489,7 @@ async fn provider_failures(app: TestApp) {
 /// Instagram's three calls, each within the provider timeout, together longer than the request
 /// timeout: the client gets the "did not answer in time" page, not a bare error.
 async fn provider_calls_end_before_the_request_timeout(app: TestApp) {
-    let (app, _old) = app
+    let (app, restarted) = app
         .restart_with(&[
             ("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "3"),
             ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10"),
@@ -511,6 +511,7 @@ async fn provider_calls_end_before_the_request_timeout(app: TestApp) {
     let html = page.text().await.unwrap();
     assert!(html.contains("did not answer in time") && html.contains("Try again"), "{html}");
     assert_nothing_connected(&app).await;
+    restarted.run().await;
 }
 
 async fn fewer_scopes_than_required(app: TestApp) {
@@ -536,7 +537,7 @@ async fn fewer_scopes_than_required(app: TestApp) {
     assert_nothing_connected(&app).await;
     // With only the basic scope required, the same grant connects the account, and its status
     // reason says what is missing.
-    let (app, _old) =
+    let (app, restarted) =
         app.restart_with(&[("AUTHLINK_PROVIDERS__TIKTOK__REQUIRED_SCOPES", "[user.info.basic]")]).await;
     let flow = start_and_consent(
         &app.client,
@@ -563,6 +564,7 @@ async fn fewer_scopes_than_required(app: TestApp) {
     let list = connections(&app, &key).await;
     assert!(list[0]["status_reason"].is_null(), "{}", list[0]);
     assert_eq!(list[0]["reconnect_count"], 1);
+    restarted.run().await;
 }
 
 async fn personal_instagram_account_is_refused(app: TestApp) {

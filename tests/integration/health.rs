@@ -768,7 +768,7 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     connect(&app.client, &app, &url, "instagram", &a.user_id.to_string()).await;
     assert_eq!(app.api_get(&format!("/connections/{aid}"), &key, 200).await["status"], "active");
     // With Instagram switched off, the callbacks change nothing (its secret is not used).
-    let (app, _old) = app.restart_with(&[("AUTHLINK_PROVIDERS__INSTAGRAM__ENABLED", "false")]).await;
+    let (app, restarted) = app.restart_with(&[("AUTHLINK_PROVIDERS__INSTAGRAM__ENABLED", "false")]).await;
     let res = app
         .client
         .post(app.url("/oauth/instagram/deauthorize"))
@@ -779,12 +779,13 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     assert_eq!(res.status(), 404);
     let still = app.api_get(&format!("/connections/{aid}"), &key, 200).await;
     assert_eq!(still["status"], "active");
+    restarted.run().await;
 }
 
 /// Live Instagram: Meta's requests verify with the Instagram app secret or the Meta app's
 /// (`meta_app_secret`), reach live connections only, and nothing else verifies.
 async fn live_meta_callbacks_take_either_secret(app: TestApp) {
-    let (app, _old) = app
+    let (app, restarted) = app
         .restart_with(&[
             ("AUTHLINK_PROVIDERS__INSTAGRAM__CLIENT_ID", "1234567890"),
             ("AUTHLINK_PROVIDERS__INSTAGRAM__CLIENT_SECRET", "instagram-app-secret"),
@@ -834,6 +835,7 @@ async fn live_meta_callbacks_take_either_secret(app: TestApp) {
         (status("a1"), status("a2"), status("a3")),
         (json!("broken"), json!("broken"), json!("active"))
     );
+    restarted.run().await;
 }
 
 async fn expiring_grant_is_announced(app: TestApp) {

@@ -352,6 +352,8 @@ async fn slow_receivers_get_each_delivery_once(app: TestApp) {
     // of slow attempts would take.
     let settings = [
         ("AUTHLINK_JOBS__LEASE_SECS", "2"),
+        // A refresh claim must outlast a provider call.
+        ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "1"),
         ("AUTHLINK_JOBS__WEBHOOK_CONCURRENCY", "1"),
         ("AUTHLINK_JOBS__WEBHOOK_BATCH", "50"),
         ("AUTHLINK_JOBS__TICK_MS", "50"),
