@@ -951,7 +951,7 @@ async fn run_outcome(
     action: &str,
 ) -> CliResult {
     let c = service::connections::get(app, &Scope::Admin, id).await?;
-    let mut conn = app.db.read().await.map_err(|e| CliError::from(ServiceError::from(e)))?;
+    let mut conn = app.db.writer().await.map_err(|e| CliError::from(ServiceError::from(e)))?;
     service::audit::record(
         &mut conn,
         app.now_ms(),

@@ -459,23 +459,39 @@ async fn call_and_store(
             row.refresh_failures = 0;
             row.expiring_notified_at = None;
             row.next_refresh_at = schedule_refresh(now, row.access_expires_at);
-            // Storing the answer must not be lost to a passing database hiccup: retry a few
-            // times; the attempt row explains the gap if every try fails.
-            let mut last_error = None;
-            for wait_ms in [0u64, 200, 1000, 3000] {
+            // Storing the answer must not be lost to a database outage (a rotated refresh token
+            // exists nowhere else): retry, backing off, for as long as this process's claim on
+            // the connection lasts (no other process refreshes it meanwhile); the attempt row
+            // explains the gap if every try fails.
+            // (At least a few seconds when the claim's end is not known here.)
+            let until = (row.lease_until.unwrap_or(0) - 1000).max(now + 4_200);
+            let mut wait_ms = 0u64;
+            let last_error = loop {
                 if wait_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(wait_ms)).await;
                 }
-                match store_refreshed(app, &row, generation, owner, &attempt_id, previous_failures, platform)
-                    .await
+                let error = match store_refreshed(
+                    app,
+                    &row,
+                    generation,
+                    owner,
+                    &attempt_id,
+                    previous_failures,
+                    platform,
+                )
+                .await
                 {
                     Ok(stored) => return Ok(Step::Done(stored)),
-                    Err(e @ ServiceError::Db(crate::db::DbError::Unavailable(_))) => last_error = Some(e),
+                    Err(e @ ServiceError::Db(crate::db::DbError::Unavailable(_))) => e,
                     Err(e) => return Err(e),
+                };
+                wait_ms = (wait_ms * 2).clamp(200, 5000);
+                if app.now_ms() + i64::try_from(wait_ms).unwrap_or(5000) > until {
+                    break error;
                 }
-            }
+            };
             tracing::error!(connection_id = %row.id, "refreshed tokens could not be stored; the attempt stays recorded as started");
-            Err(last_error.unwrap_or(ServiceError::Unavailable("the database is unavailable".into())))
+            Err(last_error)
         }
         Err(ProviderError::Transient { reason, retry_after }) => {
             finish_transient(app, &mut row, owner, &attempt_id, &reason, retry_after, platform).await
