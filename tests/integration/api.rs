@@ -269,6 +269,15 @@ async fn link_bad_input(app: TestApp) {
     )
     .await;
     let key = app.workspace_key(&wid);
+    // A query parameter that does not parse gets a problem document too.
+    for path in ["/links?limit=abc", "/connections?status=sideways&limit=-", "/audit-events?limit=x"] {
+        let res = app.api(reqwest::Method::GET, path, &key).send().await.unwrap();
+        assert_eq!(res.status(), 422, "{path}");
+        assert_eq!(res.headers()["content-type"], "application/problem+json", "{path}");
+        let p: Value = res.json().await.unwrap();
+        assert_eq!(p["code"], "validation_failed", "{path}: {p}");
+        assert_eq!(p["errors"][0]["field"], "query", "{path}: {p}");
+    }
     field_error(&app, &key, json!({"label": ""}), "label").await;
     field_error(&app, &key, json!({"label": "   "}), "label").await;
     field_error(&app, &key, json!({"label": "x".repeat(10_000)}), "label").await;

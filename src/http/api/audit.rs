@@ -1,13 +1,13 @@
 //! `/api/v1/audit-events`.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiResult, Caller, Page, Problem};
+use super::{ApiQuery, ApiResult, Caller, Page, Problem};
 use crate::db::page_limit;
 use crate::service::audit::{self, AuditEntryView};
 use crate::state::AppState;
@@ -34,11 +34,11 @@ pub(super) struct AuditQuery {
 
 /// List audit entries, newest first.
 #[utoipa::path(get, path = "/audit-events", tag = "audit", params(AuditQuery),
-    responses((status = 200, body = Page<AuditEntryView>), (status = 401, body = Problem)))]
+    responses((status = 200, body = Page<AuditEntryView>), (status = 401, body = Problem), (status = 422, body = Problem)))]
 async fn list_audit_events(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<AuditQuery>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<Page<AuditEntryView>>> {
     let limit = page_limit(q.limit);
     let items = audit::list(

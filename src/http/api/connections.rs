@@ -1,7 +1,7 @@
 //! `/api/v1/connections`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -9,7 +9,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiError, ApiResult, Caller, Page, Problem};
+use super::{ApiError, ApiQuery, ApiResult, Caller, Page, Problem};
 use crate::db::page_limit;
 use crate::domain::{FieldError, Platform};
 use crate::service::ServiceError;
@@ -52,7 +52,7 @@ pub(super) struct ConnectionListQuery {
 async fn list_connections(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<ConnectionListQuery>,
+    ApiQuery(q): ApiQuery<ConnectionListQuery>,
 ) -> ApiResult<Json<Page<ConnectionView>>> {
     let status = match q.status.as_deref() {
         None | Some("") => None,

@@ -1,14 +1,14 @@
 //! `/api/v1/links`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiResult, Caller, Page, Problem};
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem};
 use crate::db::page_limit;
 use crate::service::links::{self, LinkUpdate, LinkView, ListQuery, NewLink};
 use crate::state::AppState;
@@ -37,11 +37,11 @@ pub(super) struct LinkListQuery {
 
 /// List links, newest first.
 #[utoipa::path(get, path = "/links", tag = "links", params(LinkListQuery),
-    responses((status = 200, body = Page<LinkView>), (status = 401, body = Problem), (status = 404, body = Problem)))]
+    responses((status = 200, body = Page<LinkView>), (status = 401, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn list_links(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<LinkListQuery>,
+    ApiQuery(q): ApiQuery<LinkListQuery>,
 ) -> ApiResult<Json<Page<LinkView>>> {
     let limit = page_limit(q.limit);
     let items = links::list(

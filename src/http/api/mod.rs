@@ -245,6 +245,31 @@ where
     }
 }
 
+/// axum's `Query`, with its rejection (a parameter that does not parse, like `limit=abc`) as a
+/// problem document: 422 `validation_failed` naming the query, like a body that does not fit.
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(rejection) => Err(ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "validation_failed",
+                detail: "Some query parameters are invalid; see `errors`.".into(),
+                errors: vec![FieldError::new("query", rejection.body_text())],
+            }),
+        }
+    }
+}
+
 /// The authenticated API caller.
 #[derive(Debug, Clone)]
 pub struct Caller {

@@ -1,14 +1,14 @@
 //! `/api/v1/webhooks`: endpoints, their delivery logs, redelivery and test events.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiResult, Caller, Page, Problem};
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem};
 use crate::db::page_limit;
 use crate::service::webhooks::{
     self, DeliveryView, EndpointUpdate, EndpointView, EndpointWithSecret, NewEndpoint,
@@ -35,11 +35,11 @@ pub(super) struct WorkspaceQuery {
 
 /// List webhook endpoints (never their secrets).
 #[utoipa::path(get, path = "/webhooks", tag = "webhooks", params(WorkspaceQuery),
-    responses((status = 200, body = Vec<EndpointView>), (status = 401, body = Problem)))]
+    responses((status = 200, body = Vec<EndpointView>), (status = 401, body = Problem), (status = 422, body = Problem)))]
 async fn list_webhooks(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<WorkspaceQuery>,
+    ApiQuery(q): ApiQuery<WorkspaceQuery>,
 ) -> ApiResult<Json<Vec<EndpointView>>> {
     Ok(Json(webhooks::list(&state, &caller.scope, q.workspace_id.as_deref()).await?))
 }
@@ -135,12 +135,12 @@ pub(super) struct DeliveryQuery {
 /// The delivery log of an endpoint, newest first, with every attempt (status, response code,
 /// latency).
 #[utoipa::path(get, path = "/webhooks/{id}/deliveries", tag = "webhooks", params(("id" = String, Path, description = "Endpoint id"), DeliveryQuery),
-    responses((status = 200, body = Page<DeliveryView>), (status = 404, body = Problem)))]
+    responses((status = 200, body = Page<DeliveryView>), (status = 401, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn list_deliveries(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<DeliveryQuery>,
+    ApiQuery(q): ApiQuery<DeliveryQuery>,
 ) -> ApiResult<Json<Page<DeliveryView>>> {
     let limit = page_limit(q.limit);
     let items = webhooks::deliveries(&state, &caller.scope, &id, q.cursor.as_deref(), limit + 1).await?;

@@ -1,14 +1,14 @@
 //! `/api/v1/workspaces`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiResult, Caller, Page, Problem};
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem};
 use crate::db::page_limit;
 use crate::service::workspaces::{self, NewWorkspace, WorkspaceUpdate, WorkspaceView};
 use crate::state::AppState;
@@ -31,11 +31,11 @@ pub(super) struct PageQuery {
 
 /// List the workspaces the key can see (all of them for a platform-admin key).
 #[utoipa::path(get, path = "/workspaces", tag = "workspaces", params(PageQuery),
-    responses((status = 200, body = Page<WorkspaceView>), (status = 401, body = Problem)))]
+    responses((status = 200, body = Page<WorkspaceView>), (status = 401, body = Problem), (status = 422, body = Problem)))]
 async fn list_workspaces(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<PageQuery>,
+    ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Page<WorkspaceView>>> {
     let limit = page_limit(q.limit);
     let items = workspaces::list(&state, &caller.scope, q.cursor.as_deref(), limit + 1).await?;
