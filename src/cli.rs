@@ -367,7 +367,9 @@ impl From<ServiceError> for CliError {
                 .join("; "),
             other => other.to_string(),
         };
-        CliError { message, code: 1 }
+        // A value the operator gave that does not pass is a usage mistake.
+        let code = if matches!(e, ServiceError::Validation(_)) { 2 } else { 1 };
+        CliError { message, code }
     }
 }
 

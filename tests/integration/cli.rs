@@ -61,6 +61,8 @@ async fn workspace_commands(app: TestApp) {
     assert!(stdout(&app.cli(&["workspace", "list"])).contains("brightside-media"));
     assert_fails(&app.cli(&["workspace", "show", "nope"]), "not found");
     assert_fails(&app.cli(&["workspace", "create", "--name", ""]), "--name");
+    // A value that does not pass validation is a usage mistake: exit 2, like an unknown flag.
+    assert_eq!(app.cli(&["workspace", "create", "--name", ""]).status.code(), Some(2));
     assert_fails(&app.cli(&["workspace", "create", "--name", "X", "--slug", "Bad Slug"]), "--slug");
     assert_fails(
         &app.cli(&["workspace", "create", "--name", "Dup", "--slug", "brightside-media"]),
