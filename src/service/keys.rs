@@ -269,9 +269,19 @@ async fn retire_unused(
     now_ms: i64,
 ) -> ServiceResult<Vec<String>> {
     let mut tx = db.begin_write().await?;
+    // Counted again in the transaction that retires: a value written with an old key since the
+    // count above keeps that key.
+    let mut in_use = still_used;
+    for col in SEALED_COLUMNS {
+        for (kid, count) in sealed::count_by_kid(&mut tx, col).await? {
+            if count > 0 && !in_use.contains(&kid) {
+                in_use.push(kid);
+            }
+        }
+    }
     let mut retired = Vec::new();
     for check in db::key_checks::all(&mut tx).await? {
-        if check.kid == active || check.retired_at.is_some() || still_used.contains(&check.kid) {
+        if check.kid == active || check.retired_at.is_some() || in_use.contains(&check.kid) {
             continue;
         }
         db::key_checks::set_retired(&mut tx, &check.kid, Some(now_ms)).await?;
