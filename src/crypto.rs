@@ -125,8 +125,24 @@ fn decode_key(key: &SecretString) -> Result<RingKey, CryptoError> {
     ring_key(&bytes)
 }
 
-/// Reads a key file (base64 text).
+/// Reads a key file (base64 text). A file that other users may read is used, with a warning
+/// naming the file (secret stores often mount files that way, and refusing would take the service
+/// down), since anyone who reads it can open every sealed value.
 pub fn read_key_file(path: &Path) -> Result<SecretString, CryptoError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "the master key file can be read by other users; restrict it to mode 0600 or 0400"
+                );
+            }
+        }
+    }
     std::fs::read_to_string(path)
         .map(SecretString::from)
         .map_err(|source| CryptoError::KeyFile { path: path.display().to_string(), source })
@@ -428,5 +444,42 @@ mod tests {
         assert_eq!(a.len(), 43);
         assert_ne!(a, random_token());
         assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    }
+
+    /// A key file other users can read is used, with a warning naming it; a private one without.
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_others_can_read_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        let (_, key) = KeyRing::generate();
+        std::fs::write(&path, key.expose_secret()).unwrap();
+        let read_with_mode = |mode: u32| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let buffer = Buffer::default();
+            let writer = buffer.clone();
+            let subscriber =
+                tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+            let read = tracing::subscriber::with_default(subscriber, || read_key_file(&path));
+            assert_eq!(read.unwrap().expose_secret(), key.expose_secret());
+            String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+        };
+        let open = read_with_mode(0o644);
+        assert!(open.contains("can be read by other users") && open.contains("master.key"), "{open}");
+        assert!(!open.contains(key.expose_secret()), "the key is never logged");
+        assert_eq!(read_with_mode(0o600), "");
     }
 }
