@@ -460,6 +460,9 @@ async fn locked_row(
     scope: &Scope,
     id: &str,
 ) -> ServiceResult<LinkRow> {
+    if !db::is_id(id) {
+        return Err(ServiceError::NotFound("link"));
+    }
     match db::links::get_for_update(tx, app.db.backend(), id).await? {
         Some(l) if scope.allows(&l.workspace_id) => Ok(l),
         _ => Err(ServiceError::NotFound("link")),
@@ -468,7 +471,6 @@ async fn locked_row(
 
 /// Revokes a link: dead at once. Revoking twice is harmless.
 pub async fn revoke(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<LinkView> {
-    get_row(app, scope, id).await?;
     let mut tx = app.db.begin_write().await?;
     let mut row = locked_row(app, &mut tx, scope, id).await?;
     if row.revoked_at.is_none() {
@@ -497,7 +499,6 @@ pub async fn revoke(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
 
 /// Gives a link a new token; the old one is dead at once. The id and history stay.
 pub async fn rotate(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<LinkView> {
-    get_row(app, scope, id).await?;
     let mut tx = app.db.begin_write().await?;
     let mut row = locked_row(app, &mut tx, scope, id).await?;
     if row.revoked_at.is_some() {

@@ -351,6 +351,9 @@ async fn locked_row(
     scope: &Scope,
     id: &str,
 ) -> ServiceResult<EndpointRow> {
+    if !db::is_id(id) {
+        return Err(ServiceError::NotFound("webhook endpoint"));
+    }
     match db::webhooks::get_endpoint_for_update(tx, app.db.backend(), id).await? {
         Some(e) if scope.allows(&e.workspace_id) => Ok(e),
         _ => Err(ServiceError::NotFound("webhook endpoint")),
@@ -428,7 +431,6 @@ pub async fn update(
 
 /// Removes an endpoint: disabled for good, pending deliveries cancelled, its log kept.
 pub async fn remove(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<EndpointView> {
-    get_row(app, scope, id).await?;
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     let mut row = locked_row(app, &mut tx, scope, id).await?;
@@ -460,7 +462,6 @@ pub async fn rotate_secret(
     scope: &Scope,
     id: &str,
 ) -> ServiceResult<EndpointWithSecret> {
-    get_row(app, scope, id).await?;
     let secret = new_secret();
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
