@@ -269,6 +269,21 @@ mod tests {
     }
 
     /// Every field a different value, so that two columns read in swapped order show.
+    /// A migrated database holding workspace `w1` and [`link`].
+    async fn db_with_link(dir: &tempfile::TempDir) -> Db {
+        let db = crate::db::test_sqlite_migrated(dir).await;
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w1', 'W', 'w', 1, 2)",
+        )
+        .execute(&mut *db.writer().await.unwrap())
+        .await
+        .unwrap();
+        let mut tx = db.begin_write().await.unwrap();
+        links::insert(&mut tx, &link()).await.unwrap();
+        tx.commit().await.unwrap();
+        db
+    }
+
     fn connection() -> ConnectionRow {
         ConnectionRow {
             id: "c1".into(),
@@ -474,15 +489,8 @@ mod tests {
             }
         }
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::db::test_sqlite_migrated(&dir).await;
-        sqlx::query(
-            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w1', 'W', 'w', 1, 2)",
-        )
-        .execute(&mut *db.writer().await.unwrap())
-        .await
-        .unwrap();
+        let db = db_with_link(&dir).await;
         let mut tx = db.begin_write().await.unwrap();
-        links::insert(&mut tx, &link()).await.unwrap();
         links::insert(&mut tx, &LinkRow { id: "l2".into(), token_hash: "hash2".into(), ..link() })
             .await
             .unwrap();
@@ -629,15 +637,8 @@ mod tests {
     #[tokio::test]
     async fn stale_copies_do_not_overwrite_a_changed_connection() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::db::test_sqlite_migrated(&dir).await;
-        sqlx::query(
-            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w1', 'W', 'w', 1, 2)",
-        )
-        .execute(&mut *db.writer().await.unwrap())
-        .await
-        .unwrap();
+        let db = db_with_link(&dir).await;
         let mut tx = db.begin_write().await.unwrap();
-        links::insert(&mut tx, &link()).await.unwrap();
         connections::insert(&mut *tx, &connection()).await.unwrap();
         tx.commit().await.unwrap();
         let stored = || async {

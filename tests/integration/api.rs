@@ -63,22 +63,10 @@ async fn link_edit_waits_for_a_revocation_and_keeps_it(app: TestApp) {
                 .as_u16()
         })
     };
-    let mut watcher = sqlx::PgConnection::connect(server).await.unwrap();
-    let mut blocked = false;
-    for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM links WHERE id = $1 FOR UPDATE%'",
-        )
-        .fetch_one(&mut watcher)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            blocked = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert!(blocked, "the edit waited for the other transaction");
+    assert!(
+        crate::helpers::statement_waits_on_lock(server, "%FROM links WHERE id = $1 FOR UPDATE%").await,
+        "the edit waited for the other transaction"
+    );
     sqlx::query(&format!("UPDATE {schema}.links SET revoked_at = 1 WHERE id = $1"))
         .bind(&id)
         .execute(&mut other)

@@ -79,22 +79,10 @@ async fn first_connection_racing_another_becomes_a_reconnect(app: TestApp) {
         })
     };
     // Wait (bounded) until the callback's insert is blocked on the other transaction's row.
-    let mut watcher = sqlx::PgConnection::connect(server).await.unwrap();
-    let mut blocked = false;
-    for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO connections%'",
-        )
-        .fetch_one(&mut watcher)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            blocked = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert!(blocked, "the callback's insert waited for the other transaction");
+    assert!(
+        crate::helpers::statement_waits_on_lock(server, "INSERT INTO connections%").await,
+        "the callback's insert waited for the other transaction"
+    );
     other.execute("COMMIT").await.unwrap();
     let (status, html) = callback.await.unwrap();
     assert_eq!(status, 200, "{html}");

@@ -229,24 +229,27 @@ async fn wrong_password_gives_no_hint(app: TestApp) {
     assert_eq!(bodies[0], bodies[2], "a disabled account looks the same too");
 }
 
+/// One sign-in from a fresh browser, as seen from client address `ip` (through the local proxy):
+/// the answer's status.
+async fn sign_in_status(app: &TestApp, email: &str, password: &str, ip: String) -> u16 {
+    let client = browser();
+    let (_, html) = text(client.get(app.url("/app/login")).send().await.unwrap()).await;
+    client
+        .post(app.url("/app/login"))
+        .header("x-forwarded-for", ip)
+        .form(&[("csrf", csrf_of(&html).as_str()), ("email", email), ("password", password)])
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 async fn sign_in_is_throttled_per_account_and_per_address(app: TestApp) {
     create_user(&app, ADMIN, true);
     create_user(&app, "other@example.com", false);
     let attempt = |email: &'static str, password: &'static str, ip: &'static str| {
-        let app = &app;
-        async move {
-            let client = browser();
-            let (_, html) = text(client.get(app.url("/app/login")).send().await.unwrap()).await;
-            client
-                .post(app.url("/app/login"))
-                .header("x-forwarded-for", ip)
-                .form(&[("csrf", csrf_of(&html).as_str()), ("email", email), ("password", password)])
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
+        sign_in_status(&app, email, password, ip.to_string())
     };
     // Per account: ten failures, then even the right password is refused for 15 minutes.
     for _ in 0..10 {
@@ -286,22 +289,7 @@ async fn sign_in_is_throttled_per_account_and_per_address(app: TestApp) {
 /// the limit are checked, whatever the concurrency.
 async fn sign_in_throttle_holds_under_concurrent_attempts(app: TestApp) {
     create_user(&app, ADMIN, true);
-    let attempt = |password: &'static str, ip: String| {
-        let app = &app;
-        async move {
-            let client = browser();
-            let (_, html) = text(client.get(app.url("/app/login")).send().await.unwrap()).await;
-            client
-                .post(app.url("/app/login"))
-                .header("x-forwarded-for", ip)
-                .form(&[("csrf", csrf_of(&html).as_str()), ("email", ADMIN), ("password", password)])
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        }
-    };
+    let attempt = |password: &'static str, ip: String| sign_in_status(&app, ADMIN, password, ip);
     let statuses = futures::future::join_all(
         (0..30).map(|i| attempt("not the password at all", format!("198.51.100.{i}"))),
     )

@@ -533,3 +533,24 @@ pub async fn assert_nowhere(app: &TestApp, what: &str, secret: &str) {
     assert!(!app.log_text().contains(secret), "the logs contain the {what}");
     assert!(!app.database_dump().await.contains(secret), "the database contains the {what} in plain text");
 }
+
+/// PostgreSQL: waits (at most five seconds, polling) until a statement whose text matches the
+/// `LIKE` pattern `query_like` waits on a lock another transaction holds. Whether it did.
+pub async fn statement_waits_on_lock(server: &str, query_like: &str) -> bool {
+    use sqlx::Connection;
+    let mut watcher = sqlx::PgConnection::connect(server).await.unwrap();
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+        )
+        .bind(query_like)
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}

@@ -65,22 +65,11 @@ async fn endpoint_change_applies_to_the_endpoint_as_it_stands(app: TestApp) {
         })
     };
     // Wait (bounded) until the change waits on the other transaction's lock.
-    let mut watcher = sqlx::PgConnection::connect(server).await.unwrap();
-    let mut blocked = false;
-    for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM webhook_endpoints WHERE id = $1 FOR UPDATE%'",
-        )
-        .fetch_one(&mut watcher)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            blocked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(blocked, "the change waited for the other transaction");
+    assert!(
+        crate::helpers::statement_waits_on_lock(server, "%FROM webhook_endpoints WHERE id = $1 FOR UPDATE%")
+            .await,
+        "the change waited for the other transaction"
+    );
     // The other transaction changes the endpoint (as a rotation would) and commits.
     sqlx::query(&format!(
         "UPDATE {schema}.webhook_endpoints SET previous_secret_sealed = 'rotated-meanwhile' WHERE id = $1"
@@ -95,7 +84,7 @@ async fn endpoint_change_applies_to_the_endpoint_as_it_stands(app: TestApp) {
         "SELECT previous_secret_sealed FROM {schema}.webhook_endpoints WHERE id = $1"
     ))
     .bind(&id)
-    .fetch_one(&mut watcher)
+    .fetch_one(&mut other)
     .await
     .unwrap();
     assert_eq!(kept.as_deref(), Some("rotated-meanwhile"), "the other transaction's change stays");
