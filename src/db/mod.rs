@@ -588,11 +588,6 @@ pub fn is_id(s: &str) -> bool {
     uuid::Uuid::parse_str(s).is_ok() && s.len() == 36
 }
 
-/// Clamps a page size to 1..=200 (default 50).
-pub fn page_limit(limit: Option<i64>) -> i64 {
-    limit.unwrap_or(50).clamp(1, 200)
-}
-
 /// A database on a new SQLite file in `dir`, with `max_connections` readers (tests).
 #[cfg(test)]
 pub(crate) async fn test_sqlite(dir: &tempfile::TempDir, max_connections: u32) -> Db {

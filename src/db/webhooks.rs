@@ -37,6 +37,15 @@ pub struct EndpointRow {
 }
 
 impl EndpointRow {
+    /// The `events` value of a removed endpoint: its row stays (its deliveries reference it),
+    /// disabled for good and hidden from every listing and lookup.
+    pub const REMOVED: &'static str = "removed";
+
+    /// Whether the endpoint was removed.
+    pub fn is_removed(&self) -> bool {
+        self.events == Self::REMOVED
+    }
+
     /// Whether the endpoint wants `event_type`.
     pub fn wants(&self, event_type: &str) -> bool {
         self.events == "*" || self.events.split(',').any(|e| e == event_type)

@@ -112,6 +112,11 @@ pub async fn get(conn: &mut impl Exec, id: &str) -> DbResult<Option<WorkspaceRow
 
 /// One workspace by id or slug.
 pub async fn get_by_id_or_slug(conn: &mut AnyConnection, key: &str) -> DbResult<Option<WorkspaceRow>> {
+    // Neither an id nor a slug (a slug is letters, digits and dashes): nothing to look up, and
+    // nothing PostgreSQL would refuse (text with NUL in it) reaches it.
+    if !super::is_id(key) && crate::domain::parse_slug(key).ok().as_deref() != Some(key) {
+        return Ok(None);
+    }
     Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM workspaces WHERE id = $1 OR slug = $1"))
         .bind(key)
         .fetch_optional(conn)

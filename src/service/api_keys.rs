@@ -99,20 +99,14 @@ pub async fn create(
         }
         None
     } else {
-        let key = match (&input.workspace_id, scope) {
-            (Some(w), _) => w.clone(),
-            (None, Scope::Workspace(w)) => w.clone(),
-            (None, Scope::Admin) => {
-                return Err(FieldError::new("workspace_id", "is required (or ask for an admin key)").into());
-            }
-        };
-        match workspaces::get_row(app, scope, &key).await {
-            Ok(w) => Some(w.id),
-            Err(ServiceError::NotFound(_)) => {
-                return Err(FieldError::new("workspace_id", "no such workspace").into());
-            }
-            Err(e) => return Err(e),
-        }
+        let w = workspaces::for_new_object(
+            app,
+            scope,
+            input.workspace_id.as_deref(),
+            "is required (or ask for an admin key)",
+        )
+        .await?;
+        Some(w.id)
     };
     let prefix = format!("alk_{}", hex::encode(crypto::random_bytes::<6>()));
     let secret = format!("{prefix}_{}", crypto::random_token());

@@ -72,6 +72,7 @@ pub struct LinkView {
     /// Owning workspace.
     pub workspace_id: String,
     /// Normally the client's name.
+    #[schema(min_length = 1)]
     pub label: String,
     /// The agency's own reference for the client.
     pub client_ref: Option<String>,
@@ -86,6 +87,7 @@ pub struct LinkView {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<OffsetDateTime>,
     /// Most successful connections.
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub max_uses: Option<i64>,
     /// Where clients are sent after connecting.
     pub redirect_url: Option<String>,
@@ -128,6 +130,7 @@ pub struct NewLink {
     /// The agency's own reference for the client.
     pub client_ref: Option<String>,
     /// Platforms offered; every enabled platform when absent.
+    #[schema(value_type = Option<Vec<Platform>>)]
     pub platforms: Option<Vec<String>>,
     /// Lifetime from now, like `30d` or `12h`.
     pub expires_in: Option<String>,
@@ -136,6 +139,7 @@ pub struct NewLink {
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<OffsetDateTime>,
     /// Most successful connections.
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub max_uses: Option<i64>,
     /// Where clients go after connecting; must match the workspace's allow-list.
     pub redirect_url: Option<String>,
@@ -243,19 +247,13 @@ fn parse_platforms(app: &App, input: Option<&[String]>) -> Result<Vec<Platform>,
 
 /// Creates a link and returns its view (whose `url` holds the token).
 pub async fn create(app: &App, actor: &Actor, scope: &Scope, input: NewLink) -> ServiceResult<LinkView> {
-    let workspace_key = match (&input.workspace_id, scope) {
-        (Some(w), _) => w.clone(),
-        (None, Scope::Workspace(w)) => w.clone(),
-        (None, Scope::Admin) => {
-            return Err(FieldError::new("workspace_id", "is required for platform-admin callers").into());
-        }
-    };
-    let workspace = match workspaces::get_row(app, scope, &workspace_key).await {
-        Err(ServiceError::NotFound(_)) => {
-            return Err(FieldError::new("workspace_id", "no such workspace").into());
-        }
-        other => other?,
-    };
+    let workspace = workspaces::for_new_object(
+        app,
+        scope,
+        input.workspace_id.as_deref(),
+        "is required for platform-admin callers",
+    )
+    .await?;
     let now = app.now();
     let mut errors = Errors::default();
     let label = errors.take(domain::parse_label("label", &input.label));

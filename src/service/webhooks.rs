@@ -266,18 +266,9 @@ async fn check_url(app: &App, value: &str) -> Result<String, FieldError> {
 }
 
 async fn workspace_for(app: &App, scope: &Scope, requested: Option<&str>) -> ServiceResult<String> {
-    let key = match (requested, scope) {
-        (Some(w), _) => w.to_string(),
-        (None, Scope::Workspace(w)) => w.clone(),
-        (None, Scope::Admin) => {
-            return Err(FieldError::new("workspace_id", "is required for platform-admin callers").into());
-        }
-    };
-    match workspaces::get_row(app, scope, &key).await {
-        Ok(w) => Ok(w.id),
-        Err(ServiceError::NotFound(_)) => Err(FieldError::new("workspace_id", "no such workspace").into()),
-        Err(e) => Err(e),
-    }
+    let w =
+        workspaces::for_new_object(app, scope, requested, "is required for platform-admin callers").await?;
+    Ok(w.id)
 }
 
 /// Adds an endpoint; the answer holds its secret, shown this once.
@@ -339,7 +330,7 @@ pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<Endpoi
     }
     let mut conn = app.db.read().await?;
     match db::webhooks::get_endpoint(&mut conn, id).await? {
-        Some(e) if scope.allows(&e.workspace_id) => Ok(e),
+        Some(e) if scope.allows(&e.workspace_id) && !e.is_removed() => Ok(e),
         _ => Err(ServiceError::NotFound("webhook endpoint")),
     }
 }
@@ -355,7 +346,7 @@ async fn locked_row(
         return Err(ServiceError::NotFound("webhook endpoint"));
     }
     match db::webhooks::get_endpoint_for_update(tx, app.db.backend(), id).await? {
-        Some(e) if scope.allows(&e.workspace_id) => Ok(e),
+        Some(e) if scope.allows(&e.workspace_id) && !e.is_removed() => Ok(e),
         _ => Err(ServiceError::NotFound("webhook endpoint")),
     }
 }
@@ -367,6 +358,7 @@ pub async fn list(app: &App, scope: &Scope, workspace_id: Option<&str>) -> Servi
     Ok(db::webhooks::list_endpoints(&mut conn, workspace.as_deref())
         .await?
         .iter()
+        .filter(|e| !e.is_removed())
         .map(EndpointView::from)
         .collect())
 }
@@ -436,7 +428,7 @@ pub async fn remove(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
     let mut row = locked_row(app, &mut tx, scope, id).await?;
     row.enabled = 0;
     row.disabled_reason = Some("Removed.".into());
-    row.events = "removed".into();
+    row.events = EndpointRow::REMOVED.into();
     row.updated_at = now;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
     db::webhooks::cancel_pending(&mut tx, &row.id, now).await?;
@@ -688,6 +680,7 @@ pub async fn redeliver(
     }
     let endpoint = db::webhooks::get_endpoint(&mut tx, &d.endpoint_id)
         .await?
+        .filter(|e| !e.is_removed())
         .ok_or(ServiceError::NotFound("delivery"))?;
     if endpoint.enabled == 0 {
         return Err(ServiceError::Conflict("the endpoint is disabled; enable it first".into()));

@@ -209,6 +209,26 @@ pub async fn create(
 }
 
 /// Loads a workspace the caller may see, by id (or slug).
+/// The workspace a new object goes into: the `workspace_id` field when given (id or slug), else
+/// the caller's own workspace. A platform-admin caller must name one (`missing` says so), and a
+/// workspace the caller cannot see is reported on the field, like one that does not exist.
+pub async fn for_new_object(
+    app: &App,
+    scope: &Scope,
+    requested: Option<&str>,
+    missing: &'static str,
+) -> ServiceResult<WorkspaceRow> {
+    let key = match (requested, scope) {
+        (Some(w), _) => w,
+        (None, Scope::Workspace(w)) => w.as_str(),
+        (None, Scope::Admin) => return Err(FieldError::new("workspace_id", missing).into()),
+    };
+    match get_row(app, scope, key).await {
+        Err(ServiceError::NotFound(_)) => Err(FieldError::new("workspace_id", "no such workspace").into()),
+        other => other,
+    }
+}
+
 pub async fn get_row(app: &App, scope: &Scope, key: &str) -> ServiceResult<WorkspaceRow> {
     let mut conn = app.db.read().await?;
     match db::workspaces::get_by_id_or_slug(&mut conn, key).await? {

@@ -13,6 +13,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         link_pagination_and_search,
         link_bad_input,
         request_bad_input,
+        nul_and_out_of_range_input_is_refused,
+        removed_webhook_endpoint_is_gone,
         api_keys_lifecycle,
         tenant_isolation,
         audit_log_lists_changes,
@@ -349,6 +351,85 @@ async fn request_bad_input(app: TestApp) {
     assert_eq!(p["code"], "payload_too_large");
     // Unknown API route: a problem document too.
     app.api_get("/nope", &admin, 404).await;
+}
+
+/// Text PostgreSQL cannot store (a NUL character) and page sizes out of range are refused with
+/// the right status, on every backend, instead of reaching the database (a 500 on PostgreSQL).
+async fn nul_and_out_of_range_input_is_refused(app: TestApp) {
+    let admin = app.admin_key();
+    let wid = app.workspace("Nul");
+    let key = app.workspace_key(&wid);
+    // In a query: 422 naming the parameter.
+    for path in [
+        "/connections?cursor=a%00b",
+        "/audit-events?action=%00",
+        "/links?q=x%00",
+        "/webhooks?workspace_id=%00",
+    ] {
+        let p = app.api_get(path, &key, 422).await;
+        assert_eq!(p["code"], "validation_failed", "{path}: {p}");
+        assert!(p["errors"][0]["message"].as_str().unwrap().contains("control"), "{path}: {p}");
+    }
+    // A workspace named by a text that is neither an id nor a slug is not looked up.
+    app.api_get("/workspaces/a%00b", &admin, 404).await;
+    for (path, body) in [
+        ("/links", json!({"label": "x", "workspace_id": "a\u{0}b"})),
+        ("/api-keys", json!({"workspace_id": "a\u{0}"})),
+        ("/webhooks", json!({"url": "https://example.com/", "workspace_id": "a\u{0}"})),
+    ] {
+        let p = app.api_post(path, &admin, body, 422).await;
+        assert_eq!(p["errors"][0]["field"], "workspace_id", "{path}: {p}");
+    }
+    // Page sizes: 1 to 200; anything else is refused, not silently changed.
+    for limit in ["0", "201", "-1"] {
+        let p = app.api_get(&format!("/links?limit={limit}"), &key, 422).await;
+        assert_eq!(p["errors"][0]["field"], "limit", "{limit}: {p}");
+    }
+    assert_eq!(app.api_get("/links?limit=200", &key, 200).await["data"].as_array().unwrap().len(), 0);
+    // The dashboard: the sign-in form and any address with a NUL get 400, not a database error.
+    let login = app.client.get(app.url("/app/login")).send().await.unwrap().text().await.unwrap();
+    let csrf = login.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap();
+    let res = app
+        .client
+        .post(app.url("/app/login"))
+        .form(&[("csrf", csrf), ("email", "a\u{0}@example.com"), ("password", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let res = app.client.get(app.url("/app/login?next=%00")).send().await.unwrap();
+    assert_eq!(res.status(), 400);
+    let logs = app.log_text();
+    assert!(!logs.contains("internal error"), "{logs}");
+}
+
+/// A removed webhook endpoint is gone from the API: not listed, not readable, not editable, and
+/// its deliveries cannot be sent again.
+async fn removed_webhook_endpoint_is_gone(app: TestApp) {
+    let wid = app.workspace("Hooks");
+    let key = app.workspace_key(&wid);
+    let receiver = crate::health::Receiver::start().await;
+    let id = app.api_post("/webhooks", &key, json!({"url": receiver.url}), 201).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let test = app.api_post(&format!("/webhooks/{id}/test"), &key, json!({}), 202).await;
+    assert!(test["event_id"].is_string());
+    receiver.wait_for(1, 20).await;
+    let deliveries = app.api_get(&format!("/webhooks/{id}/deliveries"), &key, 200).await;
+    let delivery = deliveries["data"][0]["id"].as_str().unwrap().to_string();
+    let res = app.api(Method::DELETE, &format!("/webhooks/{id}"), &key).send().await.unwrap();
+    expect_json(res, 200).await;
+    app.api_get(&format!("/webhooks/{id}"), &key, 404).await;
+    app.api_get(&format!("/webhooks/{id}/deliveries"), &key, 404).await;
+    assert_eq!(app.api_get("/webhooks", &key, 200).await.as_array().unwrap().len(), 0);
+    app.api_patch(&format!("/webhooks/{id}"), &key, json!({"enabled": true}), 404).await;
+    app.api_post(&format!("/webhooks/{id}/rotate-secret"), &key, json!({}), 404).await;
+    app.api_post(&format!("/webhook-deliveries/{delivery}/redeliver"), &key, json!({}), 404).await;
+    let res = app.api(Method::DELETE, &format!("/webhooks/{id}"), &key).send().await.unwrap();
+    expect_json(res, 404).await;
+    // The row stays for the delivery log's sake, disabled for good.
+    assert_eq!(app.count("webhook_endpoints").await, 1);
 }
 
 async fn api_keys_lifecycle(app: TestApp) {

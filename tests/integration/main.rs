@@ -15,6 +15,7 @@
 mod api;
 mod browser;
 mod cli;
+mod conformance;
 mod connect;
 mod dashboard;
 mod health;
@@ -63,6 +64,7 @@ fn main() -> ExitCode {
         ("cli", cli::tests()),
         ("pages", pages::tests()),
         ("connect", connect::tests()),
+        ("conformance", conformance::tests()),
         ("health", health::tests()),
         ("dashboard", dashboard::tests()),
         ("keys", keys::tests()),

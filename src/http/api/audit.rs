@@ -7,8 +7,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiQuery, ApiResult, Caller, Page, Problem};
-use crate::db::page_limit;
+use super::{ApiQuery, ApiResult, Caller, Page, Problem, page_size};
 use crate::service::audit::{self, AuditEntryView};
 use crate::state::AppState;
 
@@ -29,6 +28,7 @@ pub(super) struct AuditQuery {
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Page size, 1-200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
 }
 
@@ -40,7 +40,7 @@ async fn list_audit_events(
     caller: Caller,
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<Page<AuditEntryView>>> {
-    let limit = page_limit(q.limit);
+    let limit = page_size(q.limit)?;
     let items = audit::list(
         &state,
         &caller.scope,

@@ -9,8 +9,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiError, ApiQuery, ApiResult, Caller, Page, Problem};
-use crate::db::page_limit;
+use super::{ApiError, ApiQuery, ApiResult, Caller, Page, Problem, page_size};
 use crate::domain::{FieldError, Platform};
 use crate::service::ServiceError;
 use crate::service::connections::{
@@ -35,14 +34,17 @@ pub(super) struct ConnectionListQuery {
     /// Only this workspace (platform-admin keys).
     workspace_id: Option<String>,
     /// `active`, `broken` or `disconnected`.
+    #[param(value_type = Option<ConnectionStatus>)]
     status: Option<String>,
     /// `tiktok` or `instagram`.
+    #[param(value_type = Option<Platform>)]
     provider: Option<String>,
     /// Only connections made through this link.
     link_id: Option<String>,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Page size, 1-200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
 }
 
@@ -73,7 +75,7 @@ async fn list_connections(
             ServiceError::Validation(vec![FieldError::new("provider", e.message)])
         })?),
     };
-    let limit = page_limit(q.limit);
+    let limit = page_size(q.limit)?;
     let items = connections::list(
         &state,
         &caller.scope,

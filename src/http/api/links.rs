@@ -8,8 +8,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem};
-use crate::db::page_limit;
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, page_size};
 use crate::service::links::{self, LinkUpdate, LinkView, ListQuery, NewLink};
 use crate::state::AppState;
 
@@ -32,6 +31,7 @@ pub(super) struct LinkListQuery {
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Page size, 1-200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
 }
 
@@ -43,7 +43,7 @@ async fn list_links(
     caller: Caller,
     ApiQuery(q): ApiQuery<LinkListQuery>,
 ) -> ApiResult<Json<Page<LinkView>>> {
-    let limit = page_limit(q.limit);
+    let limit = page_size(q.limit)?;
     let items = links::list(
         &state,
         &caller.scope,

@@ -26,7 +26,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::db::DbError;
-use crate::domain::FieldError;
+use crate::domain::{self, FieldError};
 use crate::service::{self, Actor, Scope, ServiceError};
 use crate::state::AppState;
 
@@ -68,14 +68,102 @@ impl Modify for BearerAuth {
 
 /// The API routes and the OpenAPI document built from them.
 pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(workspaces::router())
         .merge(links::router())
         .merge(connections::router())
         .merge(api_keys::router())
         .merge(audit::router())
         .merge(webhooks::router())
-        .split_for_parts()
+        .split_for_parts();
+    complete_responses(&mut doc);
+    (router, doc)
+}
+
+/// Lists on every operation the answers its shared parts can give, so that the document names
+/// every status a client can meet: 401 (every operation needs a key), 503 (the database cannot
+/// be reached), 422 for query parameters that do not fit, and 400, 413, 415 and 422 for a body.
+/// Every error answer is a problem document, `application/problem+json`.
+fn complete_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::path::ParameterIn;
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+
+    let problem = |description: &str| {
+        RefOr::T(
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    PROBLEM_JSON,
+                    ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build(),
+                )
+                .build(),
+        )
+    };
+    for item in doc.paths.paths.values_mut() {
+        let operations = [&mut item.get, &mut item.post, &mut item.put, &mut item.patch, &mut item.delete];
+        for op in operations.into_iter().flatten() {
+            let has_body = op.request_body.is_some();
+            let query = || op.parameters.iter().flatten().filter(|p| p.parameter_in == ParameterIn::Query);
+            let has_query = query().next().is_some();
+            let names_workspace = query().any(|p| p.name == "workspace_id");
+            let mut shared = vec![
+                ("401", "No valid API key: missing, malformed, unknown or revoked"),
+                ("503", "The database cannot be reached; try again shortly"),
+            ];
+            if has_query || has_body {
+                shared.push(("422", "Some fields or query parameters are invalid; see `errors`"));
+            }
+            if names_workspace {
+                shared.push(("404", "No such workspace among the key's"));
+            }
+            if has_body {
+                shared.push(("400", "The body is not valid JSON"));
+                shared.push(("413", "The body is too large"));
+                shared.push(("415", "The body is not sent as `application/json`"));
+            }
+            for (status, description) in shared {
+                op.responses.responses.entry(status.to_string()).or_insert_with(|| problem(description));
+            }
+            for (status, response) in &mut op.responses.responses {
+                if status.starts_with('2') {
+                    continue;
+                }
+                if let RefOr::T(response) = response {
+                    if let Some(content) = response.content.shift_remove("application/json") {
+                        response.content.insert(PROBLEM_JSON.to_string(), content);
+                    }
+                    if response.description.is_empty() {
+                        response.description = status_description(status).to_string();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The media type of problem documents (RFC 9457).
+const PROBLEM_JSON: &str = "application/problem+json";
+
+/// A description for an error status the handler's annotation left without one.
+fn status_description(status: &str) -> &'static str {
+    match status {
+        "403" => "The key may not do this",
+        "404" => "No such object in the key's workspaces",
+        "409" => "The change conflicts with the object's current state",
+        "422" => "Some fields are invalid; see `errors`",
+        "503" => "A provider or the database cannot be reached; try again shortly",
+        _ => "An error; see the problem document",
+    }
+}
+
+/// The page size of a listing: 1 to 200, 50 when not given. Anything else is refused rather than
+/// silently changed, so that a client never mistakes a short page for the end of the list.
+pub fn page_size(limit: Option<i64>) -> ApiResult<i64> {
+    match limit {
+        None => Ok(50),
+        Some(n @ 1..=200) => Ok(n),
+        Some(_) => Err(ServiceError::Validation(vec![FieldError::new("limit", "must be 1 to 200")]).into()),
+    }
 }
 
 /// The OpenAPI document (also used by the tests and `authlink openapi`).
@@ -155,7 +243,7 @@ impl IntoResponse for ApiError {
             errors: self.errors,
         };
         let mut res = (self.status, Json(body)).into_response();
-        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -258,6 +346,23 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // No filter, cursor or id holds a control character; PostgreSQL refuses text with NUL
+        // in it, and a search for a line break finds nothing anyway.
+        let query = parts.uri.query().unwrap_or_default();
+        let bad: Vec<FieldError> = url::form_urlencoded::parse(query.as_bytes())
+            .filter(|(_, value)| value.chars().any(char::is_control))
+            .map(|(name, _)| {
+                FieldError::new(domain::truncate(&name, 40), "must not contain control characters")
+            })
+            .collect();
+        if !bad.is_empty() {
+            return Err(ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                code: "validation_failed",
+                detail: "Some query parameters are invalid; see `errors`.".into(),
+                errors: bad,
+            });
+        }
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
             Err(rejection) => Err(ApiError {

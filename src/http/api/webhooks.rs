@@ -8,8 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem};
-use crate::db::page_limit;
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, page_size};
 use crate::service::webhooks::{
     self, DeliveryView, EndpointUpdate, EndpointView, EndpointWithSecret, NewEndpoint,
 };
@@ -129,6 +128,7 @@ pub(super) struct DeliveryQuery {
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Page size, 1-200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
 }
 
@@ -142,7 +142,7 @@ async fn list_deliveries(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<DeliveryQuery>,
 ) -> ApiResult<Json<Page<DeliveryView>>> {
-    let limit = page_limit(q.limit);
+    let limit = page_size(q.limit)?;
     let items = webhooks::deliveries(&state, &caller.scope, &id, q.cursor.as_deref(), limit + 1).await?;
     Ok(Json(Page::from_overfetch(items, limit, |d| d.id.clone())))
 }

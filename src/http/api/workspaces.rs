@@ -8,8 +8,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem};
-use crate::db::page_limit;
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, page_size};
 use crate::service::workspaces::{self, NewWorkspace, WorkspaceUpdate, WorkspaceView};
 use crate::state::AppState;
 
@@ -26,6 +25,7 @@ pub(super) struct PageQuery {
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Page size, 1-200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
 }
 
@@ -37,7 +37,7 @@ async fn list_workspaces(
     caller: Caller,
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Page<WorkspaceView>>> {
-    let limit = page_limit(q.limit);
+    let limit = page_size(q.limit)?;
     let items = workspaces::list(&state, &caller.scope, q.cursor.as_deref(), limit + 1).await?;
     Ok(Json(Page::from_overfetch(items, limit, |w| w.id.clone())))
 }

@@ -216,6 +216,13 @@ impl<S: Send + Sync> FromRequestParts<S> for FormData {
 /// Middleware on every dashboard route: a POST must come from our own pages and carry the CSRF
 /// token of the browser's session (or pre-sign-in) cookie. Parses the form for the handler.
 pub async fn guard_posts(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    // A NUL character has no use in any field or filter, and PostgreSQL refuses text holding one.
+    let has_nul = |encoded: &[u8]| {
+        url::form_urlencoded::parse(encoded).any(|(k, v)| k.contains('\0') || v.contains('\0'))
+    };
+    if has_nul(req.uri().query().unwrap_or_default().as_bytes()) {
+        return nul_refused();
+    }
     if req.method() != Method::POST {
         return next.run(req).await;
     }
@@ -233,6 +240,9 @@ pub async fn guard_posts(State(state): State<AppState>, req: Request, next: Next
         Ok(b) => b,
         Err(_) => return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response(),
     };
+    if is_form && has_nul(&bytes) {
+        return nul_refused();
+    }
     let pairs: Vec<(String, String)> =
         if is_form { url::form_urlencoded::parse(&bytes).into_owned().collect() } else { Vec::new() };
     let presented = pairs.iter().find(|(k, _)| k == "csrf").map(|(_, v)| v.as_str()).unwrap_or("");
@@ -254,6 +264,16 @@ pub async fn guard_posts(State(state): State<AppState>, req: Request, next: Next
     }
     parts.extensions.insert(FormData(Arc::new(pairs)));
     next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+fn nul_refused() -> Response {
+    tracing::info!("dashboard request refused: a NUL character in the address or the form");
+    message(
+        StatusCode::BAD_REQUEST,
+        "That cannot be used",
+        "The address or the form holds a NUL character, which no field accepts.",
+        "Go back, check what was typed or pasted, and send it again.",
+    )
 }
 
 fn csrf_refused() -> Response {

@@ -80,11 +80,7 @@ async fn list_page(
     let page = ListPage {
         l: layout(state, ctx, Some(ws), "webhooks", notice).await?,
         slug: ws.row.slug.clone(),
-        endpoints: endpoints
-            .iter()
-            .filter(|e| !e.events.iter().any(|x| x == "removed"))
-            .map(|e| EndpointRowView::new(&ws.row.slug, e))
-            .collect(),
+        endpoints: endpoints.iter().map(|e| EndpointRowView::new(&ws.row.slug, e)).collect(),
         created,
         v,
         errors,
