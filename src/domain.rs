@@ -294,9 +294,128 @@ pub fn scope_description(scope: &str) -> &'static str {
     }
 }
 
+/// Open-redirect payloads for the tests of every redirect parameter: each way of writing another
+/// origin (scheme-relative, backslashes, user-info, look-alike hosts, encodings single and
+/// double, dot segments, whitespace and control characters) before and after a path of ours.
+#[cfg(test)]
+pub(crate) fn open_redirect_corpus(own: &str) -> Vec<String> {
+    let prefixes = [
+        "",
+        "/",
+        "//",
+        "///",
+        "////",
+        "\\",
+        "\\\\",
+        "/\\",
+        "\\/",
+        "/%5c",
+        "%5c%5c",
+        "%2f%2f",
+        "/%2f",
+        "%252f%252f",
+        "https:",
+        "https:/",
+        "https://",
+        "https:\\\\",
+        "http://",
+        "HTTPS://",
+        "hTtP://",
+        "javascript:",
+        "data:text/html,",
+        "//%09",
+        "/\t/",
+        " //",
+        "\t//",
+        "%09//",
+        "%0d%0a//",
+        "/./",
+        "/../",
+        "/%2e%2e/",
+        "..%2f",
+        "@",
+        "/@",
+        "//@",
+    ];
+    let hosts = [
+        "evil.example".to_string(),
+        "evil.example:443".to_string(),
+        format!("{own}@evil.example"),
+        format!("{own}.evil.example"),
+        format!("evil.example#{own}"),
+        format!("evil.example?{own}"),
+        format!("evil.example\\{own}"),
+        "evil%2eexample".to_string(),
+        "ⓔvil.example".to_string(),
+        "evil。example".to_string(),
+        "127.0.0.1".to_string(),
+        "[::1]".to_string(),
+        "0x7f000001".to_string(),
+    ];
+    let suffixes = ["", "/", "/app", "/cb", "?next=/app", "#/app"];
+    let mut out = Vec::new();
+    for p in prefixes {
+        for h in &hosts {
+            for s in suffixes {
+                out.push(format!("{p}{h}{s}"));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No payload of the corpus passes the success-redirect check as another origin, whatever
+    /// the allow-list entry; an accepted URL is on the entry's origin, under its path, without
+    /// user-info.
+    #[test]
+    fn success_redirects_never_leave_the_allowed_origin() {
+        let entry = Url::parse("https://client.example/cb").unwrap();
+        let mut payloads = open_redirect_corpus("client.example");
+        for p in open_redirect_corpus("client.example") {
+            payloads.push(format!("https://client.example/cb{p}"));
+            payloads.push(format!("https://client.example{p}"));
+        }
+        assert!(payloads.len() >= 500, "{}", payloads.len());
+        let mut accepted = 0;
+        for p in &payloads {
+            if let Ok(u) = parse_success_redirect(p, std::slice::from_ref(&entry)) {
+                accepted += 1;
+                assert_eq!(u.origin(), entry.origin(), "{p} -> {u}");
+                assert!(u.username().is_empty() && u.password().is_none(), "{p} -> {u}");
+                assert!(u.path() == "/cb" || u.path().starts_with("/cb/"), "{p} -> {u}");
+            }
+        }
+        // The corpus holds paths under the entry too: the check is not refusing everything.
+        assert!(accepted > 0);
+    }
+
+    proptest::proptest! {
+        /// Random URLs against random entries: allowed means same origin, and a path on a segment
+        /// boundary under the entry's.
+        #[test]
+        fn redirect_allowed_is_origin_and_path_bound(
+            entry_host in proptest::sample::select(vec!["a.example", "b.example", "a.example:8443"]),
+            entry_path in proptest::sample::select(vec!["/", "/cb", "/cb/", "/a/b"]),
+            host in proptest::sample::select(vec!["a.example", "b.example", "a.example:8443", "a.example.b.example"]),
+            path in "(/[a-z.%]{0,4}){0,4}",
+        ) {
+            let entry = Url::parse(&format!("https://{entry_host}{entry_path}")).unwrap();
+            if let Ok(candidate) = Url::parse(&format!("https://{host}{path}")) {
+                if redirect_allowed(&entry, &candidate) {
+                    proptest::prop_assert_eq!(candidate.origin(), entry.origin());
+                    let (p, e) = (candidate.path(), entry.path());
+                    proptest::prop_assert!(
+                        e == "/" || p == e || p.starts_with(&format!("{}/", e.trim_end_matches('/'))),
+                        "{} under {}", p, e
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn labels() {

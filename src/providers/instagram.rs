@@ -219,12 +219,13 @@ fn parse_short_lived(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<
     if obj.contains_key("error_type") || obj.contains_key("error_message") {
         return Err(classify_exchange_error(&obj, raw, what, secrets));
     }
+    // A token is taken from a success status only (RFC 6749 §5.1), whatever the body holds.
+    if !raw.is_success() {
+        return Err(status_error(raw, what));
+    }
     let payload = unwrap_data(obj);
     let Some(access_token) = payload.get("access_token").and_then(Value::as_str).filter(|s| !s.is_empty())
     else {
-        if !raw.is_success() {
-            return Err(status_error(raw, what));
-        }
         return Err(ProviderError::Rejected {
             reason: format!("{what}: the answer carries no access_token"),
         });
@@ -252,11 +253,11 @@ fn parse_long_lived(
     if obj.contains_key("error_type") || obj.contains_key("error_message") {
         return Err(classify_exchange_error(&obj, raw, what, secrets));
     }
+    if !raw.is_success() {
+        return Err(status_error(raw, what));
+    }
     let obj = unwrap_data(obj);
     let Some(token) = obj.get("access_token").and_then(Value::as_str).filter(|s| !s.is_empty()) else {
-        if !raw.is_success() {
-            return Err(status_error(raw, what));
-        }
         return Err(ProviderError::Rejected {
             reason: format!("{what}: the answer carries no access_token"),
         });
@@ -588,5 +589,69 @@ mod tests {
         let body = r#"{"error":{"message":"Invalid OAuth access token IGAAsecret123","code":190}}"#;
         let e = parse_profile(&raw(400, body), "x", &["IGAAsecret123"]).unwrap_err();
         assert!(!e.to_string().contains("IGAAsecret123"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Whatever Instagram answers (its exchange error shape, a Graph error, a wrapped or
+        /// flat body, an HTML page), whatever the status, and wherever it echoes a secret we
+        /// sent, plainly, percent-encoded or with control characters in it, no error's reason
+        /// holds the secret.
+        #[test]
+        fn no_answer_puts_a_secret_in_a_reason(
+            secret in "IGAA[A-Za-z0-9_+/=-]{8,60}",
+            before in "\\PC{0,30}",
+            after in "\\PC{0,30}",
+            split in 0usize..8,
+            encode in proptest::bool::ANY,
+            status in proptest::sample::select(vec![200u16, 400, 401, 403, 429, 500, 503]),
+        ) {
+            let mut echoed = secret.clone();
+            if split > 0 {
+                echoed.insert(split, '\u{7}');
+            }
+            if encode {
+                echoed = url::form_urlencoded::byte_serialize(echoed.as_bytes()).collect();
+            }
+            let text = format!("{before}{echoed}{after}");
+            let bodies = [
+                serde_json::json!({"error_type": "OAuthException", "code": 400, "error_message": text}).to_string(),
+                serde_json::json!({"error": {"message": text, "type": "OAuthException", "code": 190,
+                    "error_subcode": 463, "fbtrace_id": "T"}}).to_string(),
+                serde_json::json!({"error": {"message": "x", "type": text, "code": 4, "is_transient": true}})
+                    .to_string(),
+                serde_json::json!({"data": [{"user_id": "1", "account_type": text}]}).to_string(),
+                text.clone(),
+                format!("<html><p>{text}</p></html>"),
+            ];
+            for body in bodies {
+                let answer = raw(status, &body);
+                let errors = [
+                    parse_short_lived(&answer, "token exchange", &[&secret]).err(),
+                    parse_long_lived(&answer, now(), "long-lived exchange", &[&secret]).err(),
+                    parse_profile(&answer, "profile", &[&secret]).err(),
+                ];
+                for e in errors.into_iter().flatten() {
+                    proptest::prop_assert!(!e.to_string().contains(&secret), "{body} -> {e}");
+                }
+            }
+        }
+
+        /// A token or a profile is taken from a success status only.
+        #[test]
+        fn error_statuses_never_succeed(
+            status in proptest::sample::select(vec![400u16, 401, 403, 404, 429, 500, 502, 503]),
+            body in proptest::sample::select(vec![
+                r#"{"access_token":"IGAAx","user_id":"1","permissions":"instagram_business_basic"}"#,
+                r#"{"data":[{"access_token":"IGAAx","user_id":"1","permissions":[]}]}"#,
+                r#"{"access_token":"IGAAx","token_type":"bearer","expires_in":5183944}"#,
+                r#"{"user_id":"1","username":"u","account_type":"BUSINESS"}"#,
+                "", "{}", "<html>bad gateway</html>",
+            ]),
+        ) {
+            let answer = raw(status, body);
+            proptest::prop_assert!(parse_short_lived(&answer, "x", &[]).is_err());
+            proptest::prop_assert!(parse_long_lived(&answer, now(), "x", &[]).is_err());
+            proptest::prop_assert!(parse_profile(&answer, "x", &[]).is_err());
+        }
     }
 }

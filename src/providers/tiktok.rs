@@ -213,11 +213,12 @@ fn parse_token_answer(
             return Err(classify(&code, &message, &log_id, raw, what, secrets));
         }
     }
+    // A token is taken from a success status only (RFC 6749 §5.1), whatever the body holds.
+    if !raw.is_success() {
+        return Err(status_error(raw, what));
+    }
     let access_token = obj.get("access_token").and_then(Value::as_str).filter(|s| !s.is_empty());
     let Some(access_token) = access_token else {
-        if !raw.is_success() {
-            return Err(status_error(raw, what));
-        }
         return Err(ProviderError::Rejected {
             reason: format!("{what}: the answer carries no access_token"),
         });
@@ -270,7 +271,7 @@ fn parse_user_info(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<Pr
         Some((code, message, log_id)) if !code.is_empty() && code != "ok" => {
             return Err(classify(code, message, log_id, raw, what, secrets));
         }
-        None if !raw.is_success() => return Err(status_error(raw, what)),
+        _ if !raw.is_success() => return Err(status_error(raw, what)),
         _ => {}
     }
     let user = obj.get("data").and_then(|d| d.get("user")).and_then(Value::as_object);
@@ -462,18 +463,20 @@ pub(super) fn status_error(raw: &RawResponse, what: &str) -> ProviderError {
 /// length.
 pub(super) fn sanitize(text: &str, secrets: &[&str]) -> String {
     let secrets: Vec<&str> = secrets.iter().copied().filter(|s| s.len() >= 4).collect();
-    // Matched on the text with its escapes decoded too, whichever characters were escaped.
-    let decoded =
-        percent_encoding::percent_decode_str(&text.replace('+', " ")).decode_utf8_lossy().into_owned();
-    let mut out = if secrets.iter().any(|s| !text.contains(s) && decoded.contains(s)) {
-        decoded
-    } else {
-        text.to_string()
+    let strip = |s: &str| s.chars().filter(|c| !c.is_control()).collect::<String>();
+    let redact = |mut s: String| {
+        for secret in &secrets {
+            s = s.replace(secret, "[redacted]");
+        }
+        s
     };
-    for s in secrets {
-        out = out.replace(s, "[redacted]");
-    }
-    let kept: Vec<char> = out.chars().filter(|c| !c.is_control()).collect();
+    // Control characters go first, so that none hides a secret from the redaction; then the
+    // secrets as they are written; then any the text held escaped (decoding the text already
+    // redacted, so that a secret holding `+` or `%` is caught in its plain form first).
+    let plain = redact(strip(text));
+    let decoded = strip(&percent_encoding::percent_decode_str(&plain.replace('+', " ")).decode_utf8_lossy());
+    let out = if secrets.iter().any(|s| decoded.contains(s)) { redact(decoded) } else { plain };
+    let kept: Vec<char> = out.chars().collect();
     let mut out: String = kept.iter().take(300).collect();
     if kept.len() > 300 {
         out.push('…');
@@ -750,6 +753,75 @@ mod tests {
         for echoed in [code, "abc%2ADEF%21ghi+1", "abc%2ADEF%21ghi%201"] {
             let out = sanitize(&format!("bad code {echoed}."), &[code]);
             assert_eq!(out, "bad code [redacted].", "{echoed}");
+        }
+    }
+
+    /// What a provider might echo around a secret, in every shape it answers with: its JSON
+    /// error envelopes, a plain text or HTML page, a form-encoded answer.
+    fn echo_bodies(text: &str) -> Vec<String> {
+        let form: String = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("error", "invalid_request")
+            .append_pair("error_description", text)
+            .finish();
+        vec![
+            serde_json::json!({"error": "invalid_grant", "error_description": text, "log_id": "L"}).to_string(),
+            serde_json::json!({"data": {}, "error": {"code": "access_token_invalid", "message": text, "log_id": "L"}})
+                .to_string(),
+            serde_json::json!({"data": {"error_code": 10007, "description": text}, "message": "error"}).to_string(),
+            text.to_string(),
+            format!("<html><body><h1>Error</h1><p>{text}</p></body></html>"),
+            form,
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever a provider answers, whatever status, and wherever it echoes a secret we sent
+        /// (plainly, percent-encoded, or with control characters in it), the error's reason,
+        /// which is logged and stored, never holds the secret.
+        #[test]
+        fn no_answer_puts_a_secret_in_a_reason(
+            secret in "[A-Za-z0-9*!._~+/=-]{12,48}",
+            before in "\\PC{0,30}",
+            after in "\\PC{0,30}",
+            split in 0usize..12,
+            encode in proptest::bool::ANY,
+            status in proptest::sample::select(vec![200u16, 400, 401, 403, 429, 500, 502, 503]),
+        ) {
+            let mut echoed = secret.clone();
+            if split > 0 {
+                // A control character inside the echo, which the reason drops.
+                echoed.insert(split, '\u{1}');
+            }
+            if encode {
+                echoed = url::form_urlencoded::byte_serialize(echoed.as_bytes()).collect();
+            }
+            for body in echo_bodies(&format!("{before}{echoed}{after}")) {
+                let answer = raw(status, &body);
+                let errors = [
+                    parse_token_answer(&answer, now(), "token exchange", &[&secret]).err(),
+                    parse_user_info(&answer, "user info", &[&secret]).err(),
+                    parse_revoke_answer(&answer, "revoke", &[&secret]).err(),
+                ];
+                for e in errors.into_iter().flatten() {
+                    proptest::prop_assert!(!e.reason().contains(&secret), "{body} -> {e:?}");
+                    proptest::prop_assert!(!e.to_string().contains(&secret), "{body} -> {e}");
+                }
+            }
+        }
+
+        /// An answer that is not a success status never parses as a token set or a profile.
+        #[test]
+        fn error_statuses_never_succeed(
+            status in proptest::sample::select(vec![400u16, 401, 403, 404, 429, 500, 502, 503]),
+            body in proptest::sample::select(vec![
+                r#"{"access_token":"act.a","expires_in":86400,"open_id":"o","scope":"user.info.basic"}"#,
+                r#"{"data":{"user":{"open_id":"o","display_name":"d"}},"error":{"code":"ok","message":"","log_id":"L"}}"#,
+                "", "null", "{}", "<html>bad gateway</html>",
+            ]),
+        ) {
+            let answer = raw(status, body);
+            proptest::prop_assert!(parse_token_answer(&answer, now(), "x", &[]).is_err());
+            proptest::prop_assert!(parse_user_info(&answer, "x", &[]).is_err());
         }
     }
 }

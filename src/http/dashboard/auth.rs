@@ -297,4 +297,41 @@ mod tests {
             assert_eq!(safe_next(bad), None, "{bad}");
         }
     }
+
+    /// No payload of the open-redirect corpus, nor any of them after a path of ours, leads a
+    /// browser off the dashboard: an accepted `next` resolves, against our origin, to our origin
+    /// and under `/app`, and still does once more percent-decoded.
+    #[test]
+    fn no_corpus_payload_leaves_the_dashboard() {
+        let base = url::Url::parse("https://links.example/").unwrap();
+        let mut payloads = crate::domain::open_redirect_corpus("links.example");
+        for p in crate::domain::open_redirect_corpus("links.example") {
+            payloads.push(format!("/app/{p}"));
+            payloads.push(format!("/app{p}"));
+        }
+        assert!(payloads.len() >= 500);
+        let mut accepted = 0;
+        for p in &payloads {
+            let Some(next) = safe_next(p) else { continue };
+            accepted += 1;
+            for form in [next.clone(), super::percent_decode(&next)] {
+                let to = base.join(&form).unwrap();
+                assert_eq!(to.origin(), base.origin(), "{p} -> {to}");
+                assert!(to.path() == "/app" || to.path().starts_with("/app/"), "{p} -> {to}");
+            }
+        }
+        assert!(accepted > 0, "the corpus holds dashboard paths too");
+    }
+
+    proptest::proptest! {
+        /// Random strings built from the characters redirects are made of.
+        #[test]
+        fn random_next_values_stay_on_the_dashboard(raw in "(/|app|\\\\|%2f|%5c|%25|%2e|\\.|:|@|evil|\\?|#|\\t| ){0,12}") {
+            if let Some(next) = safe_next(&raw) {
+                let to = url::Url::parse("https://links.example/").unwrap().join(&next).unwrap();
+                proptest::prop_assert_eq!(to.host_str(), Some("links.example"));
+                proptest::prop_assert!(to.path() == "/app" || to.path().starts_with("/app/"), "{}", to);
+            }
+        }
+    }
 }

@@ -335,4 +335,47 @@ mod tests {
         assert!(verify_signed_request("nodot", b"app-secret-for-tests").is_none());
         assert!(verify_signed_request(".", b"app-secret-for-tests").is_none());
     }
+
+    fn sign(payload: &str, secret: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+        mac.update(payload.as_bytes());
+        format!("{}.{payload}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    }
+
+    proptest::proptest! {
+        /// A request signed with the secret verifies and names its user; the same request with
+        /// any one character of its payload changed, or checked with another secret, does not.
+        #[test]
+        fn only_the_exact_signed_payload_verifies(
+            user in "[1-9][0-9]{0,17}",
+            issued_at in 1_600_000_000i64..2_000_000_000,
+            secret in proptest::collection::vec(proptest::num::u8::ANY, 1..64),
+            at in proptest::num::usize::ANY,
+            with in "[A-Za-z0-9_-]",
+        ) {
+            let body = serde_json::json!({"algorithm": "HMAC-SHA256", "issued_at": issued_at, "user_id": user});
+            let payload = URL_SAFE_NO_PAD.encode(body.to_string());
+            let signed = sign(&payload, &secret);
+            let (parsed, got) = verify_signed_request(&signed, &secret).unwrap();
+            proptest::prop_assert_eq!(&got, &user);
+            proptest::prop_assert_eq!(parsed.issued_at, Some(issued_at));
+            let i = at % payload.len();
+            let mut changed = payload.clone();
+            changed.replace_range(i..=i, &with);
+            if changed != payload {
+                let tampered = format!("{}.{changed}", signed.split_once('.').unwrap().0);
+                proptest::prop_assert!(verify_signed_request(&tampered, &secret).is_none());
+            }
+            let mut other = secret.clone();
+            other[0] ^= 1;
+            proptest::prop_assert!(verify_signed_request(&signed, &other).is_none());
+        }
+
+        /// Whatever arrives as `signed_request`, the check answers without panicking, and
+        /// accepts nothing not signed with the secret.
+        #[test]
+        fn arbitrary_input_is_refused(input in "\\PC{0,200}") {
+            proptest::prop_assert!(verify_signed_request(&input, b"app-secret-for-tests").is_none());
+        }
+    }
 }
