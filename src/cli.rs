@@ -183,7 +183,8 @@ pub struct LinkCreateArgs {
     /// Lifetime, like 30d, 12h or 2w. Default: no expiry.
     #[arg(long, value_name = "DURATION")]
     pub expires_in: Option<String>,
-    /// Most successful connections through the link.
+    /// Most successful connections through the link; once reached, it still reconnects the
+    /// accounts it connected, but connects no new one.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub max_uses: Option<i64>,
     /// Where to send the client after connecting (must be in the workspace's allow-list).

@@ -144,6 +144,20 @@ pub async fn record_use(conn: &mut impl Exec, id: &str, now_ms: i64) -> DbResult
     conn.fetch_optional(&stmt!(&SQL, id, now_ms)).await
 }
 
+/// Counts a repair through a link that is used up: an account it connected before connects
+/// again. Only while the link is neither revoked nor expired at `now_ms`; returns the link as it
+/// now stands, or `None` (nothing written). Its use count may then pass `max_uses`, which limits
+/// the accounts a link connects, never the repair of one of them.
+pub async fn record_repair(conn: &mut impl Exec, id: &str, now_ms: i64) -> DbResult<Option<LinkRow>> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 \
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) RETURNING {COLUMNS}"
+        )
+    });
+    conn.fetch_optional(&stmt!(&SQL, id, now_ms)).await
+}
+
 /// [`get`] in a write transaction that will change the link: locked until the transaction ends
 /// on PostgreSQL (SQLite's write transactions already are exclusive), so that an edit, a
 /// revocation and a rotation made at once apply one after the other instead of one undoing

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
+use super::links::LinkStatus;
 use super::{Actor, Scope, ServiceError, ServiceResult, audit};
 use crate::clock::{from_millis, to_millis};
 use crate::crypto::Aad;
@@ -256,19 +257,26 @@ pub struct FlowResult {
 pub async fn upsert_from_flow(
     app: &AppState,
     result: FlowResult,
-) -> ServiceResult<Option<(ConnectionRow, Upserted)>> {
+) -> ServiceResult<Result<(ConnectionRow, Upserted), LinkStatus>> {
     let platform = result.platform;
     let work = StoreFlow { app: app.clone(), result };
-    let Some((row, outcome)) = app.db.write_flow(work).await? else {
-        tracing::info!(provider = %platform, "link no longer usable when the connection was to be stored");
-        return Ok(None);
+    let (row, outcome) = match app.db.write_flow(work).await? {
+        Ok(stored) => stored,
+        Err(status) => {
+            tracing::info!(
+                provider = %platform,
+                link_status = status.as_str(),
+                "the link could not take this connection when it was to be stored"
+            );
+            return Ok(Err(status));
+        }
     };
     let kind = match outcome {
         Upserted::Created => "created",
         Upserted::Reconnected => "reconnected",
     };
     tracing::info!(connection_id = %row.id, provider = %platform, outcome = kind, "connection stored");
-    Ok(Some((row, outcome)))
+    Ok(Ok((row, outcome)))
 }
 
 /// What a flow brought for one account, applied to its connection row.
@@ -370,7 +378,8 @@ struct StoreFlow {
 }
 
 impl db::FlowWrite for StoreFlow {
-    type Output = Option<(ConnectionRow, Upserted)>;
+    /// The stored connection, or why the link could not take it (nothing is written then).
+    type Output = Result<(ConnectionRow, Upserted), LinkStatus>;
     type Error = ServiceError;
 
     async fn run<E: Exec>(self, tx: &mut E) -> ServiceResult<Self::Output> {
@@ -382,10 +391,10 @@ impl db::FlowWrite for StoreFlow {
             (&app, &flow_id, &link, &profile, &tokens);
         let now = app.now_ms();
         // The link is counted first, only if it can still be used: revoked, expired or used up
-        // since the callback read it, nothing is written.
-        let Some(used) = db::links::record_use(tx, &link.id, now).await? else { return Ok(None) };
-        let scopes = tokens.scopes.join(",");
+        // since the callback read it, nothing is written. A used-up link still repairs the
+        // accounts it connected: `max_uses` limits the accounts, not their repairs.
         let backend = app.db.backend();
+        let counted = db::links::record_use(tx, &link.id, now).await?;
         let existing = db::connections::get_by_account_for_update(
             tx,
             backend,
@@ -394,6 +403,23 @@ impl db::FlowWrite for StoreFlow {
             &profile.account_id,
         )
         .await?;
+        let used = match counted {
+            Some(used) => used,
+            None => {
+                let current = db::links::get(tx, &link.id).await?;
+                let status = current.as_ref().map_or(LinkStatus::Revoked, |l| LinkStatus::of(l, now));
+                let its_own =
+                    existing.as_ref().is_some_and(|c| c.link_id.as_deref() == Some(link.id.as_str()));
+                if status != LinkStatus::UsedUp || !its_own {
+                    return Ok(Err(status));
+                }
+                match db::links::record_repair(tx, &link.id, now).await? {
+                    Some(used) => used,
+                    None => return Ok(Err(LinkStatus::Revoked)),
+                }
+            }
+        };
+        let scopes = tokens.scopes.join(",");
         let fresh = Fresh { link, profile, tokens, scopes: &scopes, sandbox, scope_note: &scope_note, now };
         let (row, outcome) = match existing {
             Some(row) => (fresh.reconnect(app, tx, row).await?, Upserted::Reconnected),
@@ -454,7 +480,7 @@ impl db::FlowWrite for StoreFlow {
             Upserted::Reconnected => "reconnected",
         };
         db::oauth_flows::finish(tx, flow_id, flow_outcome, Some(&row.id)).await?;
-        Ok(Some((row, outcome)))
+        Ok(Ok((row, outcome)))
     }
 }
 

@@ -24,7 +24,7 @@ pub enum LinkStatus {
     Revoked,
     /// Past its expiry time.
     Expired,
-    /// Its maximum number of connections is reached.
+    /// Its maximum number of connections is reached: it only repairs the accounts it connected.
     UsedUp,
 }
 
@@ -86,7 +86,8 @@ pub struct LinkView {
     #[serde(with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<OffsetDateTime>,
-    /// Most successful connections.
+    /// Most successful connections; once reached, the link still reconnects the accounts it
+    /// connected (each repair counts too), but connects no new account.
     #[schema(minimum = 1, maximum = 1_000_000)]
     pub max_uses: Option<i64>,
     /// Where clients are sent after connecting.
@@ -138,7 +139,8 @@ pub struct NewLink {
     #[serde(default, with = "time::serde::rfc3339::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<OffsetDateTime>,
-    /// Most successful connections.
+    /// Most successful connections; once reached, the link still reconnects the accounts it
+    /// connected (each repair counts too), but connects no new account.
     #[schema(minimum = 1, maximum = 1_000_000)]
     pub max_uses: Option<i64>,
     /// Where clients go after connecting; must match the workspace's allow-list.
@@ -568,6 +570,9 @@ pub enum Resolved {
         link: Box<LinkRow>,
         /// Its workspace.
         workspace: Box<WorkspaceRow>,
+        /// The link is used up: it can only repair the accounts it connected (checked when the
+        /// account is known, at the callback).
+        repair_only: bool,
     },
 }
 
@@ -587,8 +592,9 @@ pub async fn resolve(app: &App, token: &str) -> ServiceResult<Resolved> {
         return Ok(Resolved::Unknown);
     };
     let status = LinkStatus::of(&link, app.now_ms());
-    if status == LinkStatus::Active {
-        Ok(Resolved::Usable { link: Box::new(link), workspace: Box::new(workspace) })
+    if matches!(status, LinkStatus::Active | LinkStatus::UsedUp) {
+        let repair_only = status == LinkStatus::UsedUp;
+        Ok(Resolved::Usable { link: Box::new(link), workspace: Box::new(workspace), repair_only })
     } else {
         Ok(Resolved::Gone { status, workspace: Box::new(workspace) })
     }

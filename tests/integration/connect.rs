@@ -17,6 +17,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         state_failures_make_no_token_call,
         link_gone_between_start_and_callback,
         link_used_up_while_at_the_provider,
+        used_up_link_repairs_its_own_accounts_only,
         provider_failures,
         provider_calls_end_before_the_request_timeout,
         fewer_scopes_than_required,
@@ -436,10 +437,55 @@ async fn link_used_up_while_at_the_provider(app: TestApp) {
     assert_eq!(page.status(), 200, "{}", page.text().await.unwrap());
     let (status, html) = held.await.unwrap();
     assert_eq!(status, 410, "{html}");
-    assert!(html.contains("no longer works"), "{html}");
+    assert!(html.contains("reached its limit"), "{html}");
     assert_eq!(app.count("connections").await, 1, "the second account was not connected");
     let link = app.cli_json(&["link", "show", id]);
     assert_eq!(link["use_count"], 1, "{link}");
+}
+
+/// A link good for one account, used up: its page still opens and says it only reconnects; a
+/// new account is refused at the callback (410, nothing stored, not counted); the account it
+/// connected, once broken, is repaired through it (counted as a use); revoked, it repairs nothing.
+async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
+    let wid = app.workspace("Limited");
+    let key = app.workspace_key(&wid);
+    let link = app.cli_json(&["link", "create", "--workspace", &wid, "--label", "Client", "--max-uses", "1"]);
+    let (link_id, url) =
+        (link["id"].as_str().unwrap().to_string(), link["url"].as_str().unwrap().to_string());
+    connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
+    let id = app.api_get("/connections", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(app.api_get(&format!("/links/{link_id}"), &key, 200).await["status"], "used_up");
+    let landing = app.client.get(&url).send().await.unwrap();
+    assert_eq!(landing.status(), 200);
+    let landing = landing.text().await.unwrap();
+    assert!(landing.contains("can still reconnect"), "{landing}");
+    // A new account: refused once the account is known, nothing stored.
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 1), "allow", None).await;
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 410);
+    assert!(page.text().await.unwrap().contains("reached its limit"));
+    assert_eq!(app.count("connections").await, 1);
+    assert_eq!(app.api_get(&format!("/links/{link_id}"), &key, 200).await["use_count"], 1);
+    // The first account breaks (its refresh token refused) and is repaired through the link.
+    app.advance_clock(86_400).await;
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "refresh", "kind": "invalid_grant"}]}))
+        .await;
+    app.api_get(&format!("/connections/{id}/access-token"), &key, 409).await;
+    assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "broken");
+    let html = connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
+    assert!(html.contains("is reconnected"), "{html}");
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!((c["status"].as_str(), c["reconnect_count"].as_i64()), (Some("active"), Some(1)), "{c}");
+    let shown = app.api_get(&format!("/links/{link_id}"), &key, 200).await;
+    assert_eq!(
+        (shown["use_count"].as_i64(), shown["status"].as_str()),
+        (Some(2), Some("used_up")),
+        "{shown}"
+    );
+    // Revoked, the link repairs nothing.
+    app.api_post(&format!("/links/{link_id}/revoke"), &key, json!({}), 200).await;
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 410);
 }
 
 async fn provider_failures(app: TestApp) {

@@ -158,7 +158,7 @@ pub async fn start_connect(
             );
         }
         Ok(Resolved::Gone { status, workspace }) => return super::link_gone(status, &*workspace),
-        Ok(Resolved::Usable { link, workspace }) => (link, workspace),
+        Ok(Resolved::Usable { link, workspace, .. }) => (link, workspace),
     };
     let landing = format!("/l/{token}");
     let offered = domain::platforms_from_db(&link.platforms);
@@ -243,6 +243,7 @@ enum Failure {
     Denied,
     ProviderError,
     LinkGone,
+    LinkUsedUp,
     ExchangeFailed,
     ProfileFailed,
     ProviderUnavailable,
@@ -262,6 +263,7 @@ impl Failure {
             Failure::Denied => "denied",
             Failure::ProviderError => "provider_error",
             Failure::LinkGone => "link_gone",
+            Failure::LinkUsedUp => "link_used_up",
             Failure::ExchangeFailed => "exchange_failed",
             Failure::ProfileFailed => "profile_failed",
             Failure::ProviderUnavailable => "provider_unavailable",
@@ -281,6 +283,7 @@ impl Failure {
             Failure::Denied,
             Failure::ProviderError,
             Failure::LinkGone,
+            Failure::LinkUsedUp,
             Failure::ExchangeFailed,
             Failure::ProfileFailed,
             Failure::ProviderUnavailable,
@@ -301,7 +304,7 @@ impl Failure {
             | Failure::WrongProvider
             | Failure::ProviderError => StatusCode::BAD_REQUEST,
             Failure::Denied | Failure::ScopesMissing | Failure::AccountNotAllowed => StatusCode::FORBIDDEN,
-            Failure::LinkGone => StatusCode::GONE,
+            Failure::LinkGone | Failure::LinkUsedUp => StatusCode::GONE,
             Failure::ExchangeFailed | Failure::ProfileFailed => StatusCode::BAD_GATEWAY,
             Failure::ProviderUnavailable => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -348,6 +351,11 @@ impl Failure {
                 "This link no longer works",
                 "The link was switched off or expired while you were connecting. Nothing was connected.".to_string(),
                 "Ask the agency that sent it for a new link.",
+            ),
+            Failure::LinkUsedUp => (
+                "This link has reached its limit",
+                format!("This link has connected as many accounts as the agency allowed. It can still reconnect those accounts, but this {platform} account is not one of them, so it was not connected."),
+                "Ask the agency that sent it for a new link to connect this account.",
             ),
             Failure::ExchangeFailed | Failure::ProfileFailed => (
                 "We could not finish connecting",
@@ -635,7 +643,9 @@ async fn complete_flow(
     };
     timing.db += call.elapsed();
     let Some(link) = link else { return Err(FlowError::Failed(Failure::LinkGone)) };
-    if LinkStatus::of(&link, state.now_ms()) != LinkStatus::Active {
+    // A used-up link goes on: it may be repairing one of its own accounts, which only the
+    // connection's transaction can tell once the account is known.
+    if !matches!(LinkStatus::of(&link, state.now_ms()), LinkStatus::Active | LinkStatus::UsedUp) {
         return Err(FlowError::Failed(Failure::LinkGone));
     }
     let Some(provider) = state.providers.get(platform) else {
@@ -714,8 +724,11 @@ async fn complete_flow(
     )
     .await;
     timing.db += call.elapsed();
-    let Some((row, outcome)) = stored? else { return Err(FlowError::Failed(Failure::LinkGone)) };
-    Ok((row.id, outcome))
+    match stored? {
+        Ok((row, outcome)) => Ok((row.id, outcome)),
+        Err(LinkStatus::UsedUp) => Err(FlowError::Failed(Failure::LinkUsedUp)),
+        Err(_) => Err(FlowError::Failed(Failure::LinkGone)),
+    }
 }
 
 /// The landing page of a link (unsealing its token), for "try again" and "connect another".

@@ -247,6 +247,8 @@ struct LandingPage<'a> {
     platforms: Vec<PlatformOption>,
     any_sandbox: bool,
     connections: Vec<ConnectedAccount>,
+    /// The link is used up: it only reconnects the accounts it connected.
+    repair_only: bool,
 }
 
 /// The first letter of a name, for the monogram that stands in for a logo (client pages load
@@ -257,8 +259,10 @@ pub fn monogram(name: &str) -> String {
 
 /// `GET /l/{token}`: the landing page. Read-only.
 async fn show_link(State(state): State<AppState>, Path(token): Path<String>, headers: HeaderMap) -> Response {
-    let link = match links::resolve_public(&state, &token).await {
-        Ok(Some((link, LinkStatus::Active))) => link,
+    // A used-up link still repairs the accounts it connected: its page says so and offers that.
+    let (link, repair_only) = match links::resolve_public(&state, &token).await {
+        Ok(Some((link, LinkStatus::Active))) => (link, false),
+        Ok(Some((link, LinkStatus::UsedUp))) => (link, true),
         Ok(Some((link, status))) => return link_gone(status, &link),
         Ok(None) => return link_not_found(),
         Err(e) => return service_error_page(e),
@@ -297,6 +301,7 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         any_sandbox: platforms.iter().any(|p| p.sandbox),
         platforms,
         connections,
+        repair_only,
     };
     let mut res = render(StatusCode::OK, &page);
     res.headers_mut().insert(header::SET_COOKIE, cookie);
