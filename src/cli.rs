@@ -1,8 +1,9 @@
 //! The command line: the operator's surface.
 //!
 //! Every command prints a readable result, or JSON with `--json`. A failure prints one line,
-//! `error: ...`, to standard error and exits non-zero (2 for configuration and usage mistakes,
-//! 1 otherwise).
+//! `error: ...`, to standard error (with `--json`, one JSON object `{"error": {"kind",
+//! "message", "fields"}}`) and exits non-zero (2 for configuration and usage mistakes, 1
+//! otherwise).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::db::DbError;
+use crate::domain::FieldError;
 use crate::service::{self, Actor, Scope, ServiceError};
 use crate::startup::{self, Application, StartupError};
 use crate::state::AppState;
@@ -356,6 +359,38 @@ pub enum AuditCommand {
 pub struct CliError {
     message: String,
     code: u8,
+    /// A stable name of the kind of failure, for `--json`.
+    kind: &'static str,
+    /// The fields at fault, for validation failures.
+    fields: Vec<FieldError>,
+}
+
+impl CliError {
+    /// A failure with exit `code` (2: a usage or configuration mistake, 1: anything else).
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        let kind = if code == 2 { "usage" } else { "failed" };
+        CliError { message: message.into(), code, kind, fields: Vec::new() }
+    }
+
+    /// The same failure under another `kind`.
+    fn kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Reports the failure on standard error: one line, or with `--json` one JSON object
+    /// `{"error": {"kind", "message", "fields"?}}`, so that a script reading JSON gets JSON.
+    fn report(&self, json: bool) {
+        if json {
+            let mut error = serde_json::json!({"kind": self.kind, "message": self.message});
+            if !self.fields.is_empty() {
+                error["fields"] = serde_json::json!(self.fields);
+            }
+            eprintln!("{}", serde_json::json!({ "error": error }));
+        } else {
+            eprintln!("error: {}", self.message);
+        }
+    }
 }
 
 impl From<ServiceError> for CliError {
@@ -368,15 +403,34 @@ impl From<ServiceError> for CliError {
                 .join("; "),
             other => other.to_string(),
         };
+        let kind = match &e {
+            ServiceError::NotFound(_) => "not_found",
+            ServiceError::Validation(_) => "validation_failed",
+            ServiceError::Forbidden(_) => "forbidden",
+            ServiceError::Conflict(_) | ServiceError::Db(DbError::Conflict(_)) => "conflict",
+            ServiceError::Unavailable(_) => "provider_unavailable",
+            ServiceError::Db(DbError::Unavailable(_)) => "database_unavailable",
+            _ => "internal",
+        };
+        let fields = match e {
+            ServiceError::Validation(errors) => errors,
+            _ => Vec::new(),
+        };
         // A value the operator gave that does not pass is a usage mistake.
-        let code = if matches!(e, ServiceError::Validation(_)) { 2 } else { 1 };
-        CliError { message, code }
+        let code = if kind == "validation_failed" { 2 } else { 1 };
+        CliError { message, code, kind, fields }
     }
 }
 
 impl From<StartupError> for CliError {
     fn from(e: StartupError) -> Self {
-        CliError { code: e.exit_code(), message: e.to_string() }
+        let code = e.exit_code();
+        CliError {
+            message: e.to_string(),
+            code,
+            kind: if code == 2 { "configuration" } else { "startup" },
+            fields: Vec::new(),
+        }
     }
 }
 
@@ -384,10 +438,11 @@ type CliResult = Result<(), CliError>;
 
 /// Runs the parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
+    let json = cli.json;
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e}");
+            CliError::new(2, e.to_string()).kind("configuration").report(json);
             return ExitCode::from(2);
         }
     };
@@ -395,7 +450,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     match dispatch(cli, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", e.message);
+            e.report(json);
             ExitCode::from(e.code)
         }
     }
@@ -418,9 +473,7 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
     match cli.command {
         Command::Serve => {
             let app = Application::build(config).await?;
-            app.run_until_stopped()
-                .await
-                .map_err(|e| CliError { message: format!("server failed: {e}"), code: 1 })
+            app.run_until_stopped().await.map_err(|e| CliError::new(1, format!("server failed: {e}")))
         }
         Command::Migrate => {
             let db = crate::db::Db::connect(&config.database_url, &config.database)
@@ -465,9 +518,7 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
         Command::User(cmd) => user(config, json, cmd).await,
         Command::Worker => {
             let state = state(config).await?;
-            startup::run_worker(state)
-                .await
-                .map_err(|e| CliError { message: format!("worker failed: {e}"), code: 1 })
+            startup::run_worker(state).await.map_err(|e| CliError::new(1, format!("worker failed: {e}")))
         }
     }
 }
@@ -540,7 +591,8 @@ async fn workspace_id(app: &AppState, key: &str) -> Result<String, CliError> {
     match service::workspaces::get_row(app, &Scope::Admin, key).await {
         Ok(w) => Ok(w.id),
         Err(ServiceError::NotFound(_)) => {
-            Err(CliError { message: format!("--workspace: no workspace with id or slug `{key}`"), code: 1 })
+            Err(CliError::new(1, format!("--workspace: no workspace with id or slug `{key}`"))
+                .kind("not_found"))
         }
         Err(e) => Err(e.into()),
     }
@@ -716,17 +768,16 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
                 Some("broken") => Some(ConnectionStatus::Broken),
                 Some("disconnected") => Some(ConnectionStatus::Disconnected),
                 Some(other) => {
-                    return Err(CliError {
-                        message: format!("--status: `{other}` is not one of active, broken, disconnected"),
-                        code: 2,
-                    });
+                    return Err(CliError::new(
+                        2,
+                        format!("--status: `{other}` is not one of active, broken, disconnected"),
+                    ));
                 }
             };
             let provider = match provider {
                 None => None,
-                Some(p) => Some(p.parse().map_err(|e: crate::domain::FieldError| CliError {
-                    message: format!("--provider: {}", e.message),
-                    code: 2,
+                Some(p) => Some(p.parse().map_err(|e: crate::domain::FieldError| {
+                    CliError::new(2, format!("--provider: {}", e.message))
                 })?),
             };
             let list = connections::list(
@@ -883,15 +934,15 @@ async fn keys(app: AppState, json: bool, cmd: KeysCommand) -> CliResult {
             if report.complete() {
                 Ok(())
             } else {
-                Err(CliError {
-                    message: format!(
+                Err(CliError::new(
+                    1,
+                    format!(
                         "{} secrets are still sealed with another key: unreadable ones are listed above; others were \
                          written meanwhile by a process that still seals with an earlier key (run again once every \
                          process uses the new key)",
                         report.remaining.iter().map(|c| c.count).sum::<i64>()
                     ),
-                    code: 1,
-                })
+                ))
             }
         }
     }
@@ -972,10 +1023,10 @@ async fn run_outcome(
         None => format!("{word}: status {}", c.connection.status.as_str()),
     });
     if word == "transient" {
-        return Err(CliError {
-            message: format!("the provider is temporarily unavailable: {}", detail.unwrap_or_default()),
-            code: 1,
-        });
+        return Err(CliError::new(
+            1,
+            format!("the provider is temporarily unavailable: {}", detail.unwrap_or_default()),
+        ));
     }
     Ok(())
 }
@@ -1055,7 +1106,7 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
                 _ => format!("test event {event_id} is queued; no server or worker delivered it within 15 s"),
             });
             if delivery.as_ref().is_none_or(|d| d.status != "succeeded") {
-                return Err(CliError { message: "the test event was not delivered".into(), code: 1 });
+                return Err(CliError::new(1, "the test event was not delivered"));
             }
         }
         WebhookCommand::Deliveries { id, limit } => {
@@ -1145,7 +1196,7 @@ pub enum UserCommand {
 /// other users could see it in the process list and shell history.
 fn read_new_password() -> Result<secrecy::SecretString, CliError> {
     use std::io::{BufRead, IsTerminal};
-    let fail = |message: String| CliError { message, code: 2 };
+    let fail = |message: String| CliError::new(2, message);
     let password = if std::io::stdin().is_terminal() {
         let first = rpassword::prompt_password("New password: ")
             .map_err(|e| fail(format!("cannot read the password: {e}")))?;
@@ -1232,7 +1283,7 @@ async fn user(config: Config, json: bool, cmd: UserCommand) -> CliResult {
             print(json, &u, |u| format!("disabled {}; their sessions ended", u.email));
         }
         (UserCommand::Create { .. } | UserCommand::ResetPassword { .. }, None) => {
-            return Err(CliError { message: "no password given".into(), code: 2 });
+            return Err(CliError::new(2, "no password given"));
         }
     }
     Ok(())

@@ -3,9 +3,26 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use clap::error::ErrorKind;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = authlink::cli::Cli::parse();
+    let cli = match authlink::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
+        // A usage mistake under `--json`: reported as JSON too, like every other failure.
+        Err(e) if std::env::args().any(|a| a == "--json") => {
+            let text = e.to_string();
+            let message = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(|l| l.trim().trim_start_matches("error: "))
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!("{}", serde_json::json!({"error": {"kind": "usage", "message": message}}));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     authlink::cli::run(cli).await
 }

@@ -13,6 +13,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         link_commands,
         apikey_commands,
         link_command_bad_values,
+        json_errors_under_json,
         config_check_and_bad_config,
         migrate_and_unreachable_database,
         wrong_master_key_is_refused,
@@ -151,6 +152,54 @@ async fn link_commands(app: TestApp) {
     assert_eq!(app.cli_json(&["link", "show", id])["status"], "revoked");
     assert_fails(&app.cli(&["link", "show", "0190a000-0000-7000-8000-000000000000"]), "not found");
     assert_fails(&app.cli(&["link", "revoke", "nope"]), "not found");
+}
+
+/// With `--json`, a failure is one JSON object on standard error, for every kind of failure,
+/// with the same exit codes as without.
+async fn json_errors_under_json(app: TestApp) {
+    let wid = app.workspace("Json Errors");
+    let error_of = |o: &Output| -> serde_json::Value {
+        assert!(!o.status.success(), "{}", stdout(o));
+        assert!(stdout(o).is_empty(), "nothing on standard output: {}", stdout(o));
+        let err = stderr(o);
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("{\"error\""))
+            .unwrap_or_else(|| panic!("no JSON error: {err}"));
+        serde_json::from_str::<serde_json::Value>(line).unwrap()["error"].clone()
+    };
+    // A value that fails validation: exit 2, each field named.
+    let o = app.cli(&["link", "create", "--workspace", &wid, "--label", "", "--max-uses", "0", "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = error_of(&o);
+    assert_eq!(e["kind"], "validation_failed", "{e}");
+    let fields: Vec<&str> =
+        e["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
+    assert!(fields.contains(&"label") && fields.contains(&"max_uses"), "{e}");
+    // Nothing by that name: exit 1.
+    let o = app.cli(&["link", "list", "--workspace", "no-such-workspace", "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(error_of(&o)["kind"], "not_found");
+    let o = app.cli(&["connection", "show", "01a21766-7405-7266-b61f-bbc2d63cc464", "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(error_of(&o)["kind"], "not_found");
+    // A usage mistake caught by the parser: exit 2.
+    let o = app.cli(&["link", "create", "--label", "a", "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    let e = error_of(&o);
+    assert_eq!(e["kind"], "usage");
+    assert!(e["message"].as_str().unwrap().contains("--workspace"), "{e}");
+    // A broken configuration: exit 2.
+    let o = app.cli_env(
+        &["link", "list", "--workspace", &wid, "--json"],
+        &[("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KYE", "x")],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = error_of(&o);
+    assert_eq!(e["kind"], "configuration");
+    assert!(e["message"].as_str().unwrap().contains("client_kye"), "{e}");
+    // Without --json, the one line as before.
+    assert_fails(&app.cli(&["link", "list", "--workspace", "no-such-workspace"]), "--workspace");
 }
 
 async fn link_command_bad_values(app: TestApp) {
