@@ -151,8 +151,11 @@ pub struct HttpConfig {
     pub request_timeout_secs: u64,
     /// Longest time to let in-flight requests finish after a shutdown signal.
     pub shutdown_grace_secs: u64,
-    /// Requests a minute one client may make to link pages (`/l/...`), against token guessing.
+    /// Requests a minute one client may make to link pages (`/l/...`), against token guessing;
+    /// also the limit of JSON API requests without a valid key, per client address.
     pub link_requests_per_minute: u32,
+    /// JSON API requests a minute per API key (bursts up to a minute's worth); more get 429.
+    pub api_requests_per_minute: u32,
     /// Addresses (`10.0.0.5`) and networks (`10.0.0.0/8`) of the reverse proxies whose
     /// `X-Forwarded-For` is believed: the client is the last address in it that is not one of
     /// these. Default: loopback and private networks. `[]`: the peer address, always.
@@ -197,6 +200,7 @@ impl Default for HttpConfig {
             request_timeout_secs: 30,
             shutdown_grace_secs: 20,
             link_requests_per_minute: 300,
+            api_requests_per_minute: 1200,
             trusted_proxies: DEFAULT_TRUSTED_PROXIES.iter().map(|s| (*s).to_string()).collect(),
         }
     }

@@ -54,7 +54,10 @@ pub fn router(state: AppState) -> Router {
         .route("/robots.txt", get(robots))
         .merge(pages::router())
         .merge(dashboard::router(state.clone()))
-        .nest("/api/v1", api::router(state.clone()))
+        .nest(
+            "/api/v1",
+            api::router(state.clone()).layer(axum::Extension(ratelimit::ApiLimits::new(&config.http))),
+        )
         .fallback(pages::not_found);
     if config.providers.tiktok.is_sandbox() || config.providers.instagram.is_sandbox() {
         app = app.nest_service("/sandbox", state.sandbox.router());

@@ -1,5 +1,6 @@
-//! A per-client rate limit on the link URL space (`/l/...`), so that link tokens cannot be
-//! guessed at speed: a token bucket per client address, in memory (per instance).
+//! Rate limits, token buckets in memory (per instance): per client address on the link URL
+//! space (`/l/...`), so that link tokens cannot be guessed at speed; per API key on the JSON API,
+//! and per client address for API requests without a valid key.
 //!
 //! The client address is the peer address, or, when the peer is a trusted reverse proxy
 //! (`http.trusted_proxies`: loopback and private networks by default), the last address of
@@ -7,6 +8,7 @@
 //! saw. Addresses a client wrote into the header before that are never believed.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -18,38 +20,87 @@ use axum::response::{IntoResponse, Response};
 
 use super::pages::{MessagePage, render};
 
-/// Token buckets per client address.
+/// Token buckets, one per key (a client address, an API key), in memory (per instance).
 #[derive(Debug, Clone)]
-pub struct LinkLimiter {
+pub struct Limiter<K> {
     per_minute: f64,
     burst: f64,
-    buckets: Arc<Mutex<HashMap<IpAddr, (f64, Instant)>>>,
+    buckets: Arc<Mutex<HashMap<K, (f64, Instant)>>>,
 }
 
-impl LinkLimiter {
+/// The link pages' limiter: per client address.
+pub type LinkLimiter = Limiter<IpAddr>;
+
+impl<K: Hash + Eq> Limiter<K> {
     /// `per_minute` requests a minute on average, bursts up to a quarter of that (at least 10).
     pub fn new(per_minute: u32) -> Self {
         let per_minute = f64::from(per_minute.max(1));
-        Self { per_minute, burst: (per_minute / 4.0).max(10.0), buckets: Arc::default() }
+        Self::with_burst(per_minute, (per_minute / 4.0).max(10.0))
     }
 
-    /// Takes one token for `ip`; `Err(seconds)` to wait when the bucket is empty.
-    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// `per_minute` requests a minute on average, bursts up to `burst`.
+    pub fn with_burst(per_minute: f64, burst: f64) -> Self {
+        Self { per_minute, burst, buckets: Arc::default() }
+    }
+
+    fn bucket<'a>(
+        &self,
+        buckets: &'a mut HashMap<K, (f64, Instant)>,
+        key: K,
+        now: Instant,
+    ) -> &'a mut (f64, Instant) {
         if buckets.len() > 100_000 {
             // Forget full buckets (clients that went quiet) so memory stays bounded.
             let (rate, burst) = (self.per_minute / 60.0, self.burst);
             buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * rate < burst);
         }
         let rate = self.per_minute / 60.0;
-        let entry = buckets.entry(ip).or_insert((self.burst, now));
-        let refilled = (entry.0 + now.duration_since(entry.1).as_secs_f64() * rate).min(self.burst);
-        if refilled >= 1.0 {
-            *entry = (refilled - 1.0, now);
+        let entry = buckets.entry(key).or_insert((self.burst, now));
+        *entry = ((entry.0 + now.duration_since(entry.1).as_secs_f64() * rate).min(self.burst), now);
+        entry
+    }
+
+    /// Takes one token for `key`; `Err(seconds)` to wait when the bucket is empty.
+    pub fn check(&self, key: K, now: Instant) -> Result<(), u64> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rate = self.per_minute / 60.0;
+        let entry = self.bucket(&mut buckets, key, now);
+        if entry.0 >= 1.0 {
+            entry.0 -= 1.0;
             Ok(())
         } else {
-            *entry = (refilled, now);
-            Err(((1.0 - refilled) / rate).ceil().max(1.0) as u64)
+            Err(((1.0 - entry.0) / rate).ceil().max(1.0) as u64)
+        }
+    }
+
+    /// Whether `key` has a token left, without taking it; `Err(seconds)` to wait when not.
+    pub fn peek(&self, key: K, now: Instant) -> Result<(), u64> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rate = self.per_minute / 60.0;
+        let entry = self.bucket(&mut buckets, key, now);
+        if entry.0 >= 1.0 { Ok(()) } else { Err(((1.0 - entry.0) / rate).ceil().max(1.0) as u64) }
+    }
+}
+
+/// The JSON API's limits, as a request extension of the API routes: requests per API key, and
+/// requests without a valid key per client address (which stop being checked against the
+/// database once their bucket is empty).
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Per API key id: `http.api_requests_per_minute`, bursts up to a minute's worth.
+    pub per_key: Limiter<String>,
+    /// Per client address, for requests whose key is missing or wrong:
+    /// `http.link_requests_per_minute`, like the link pages (both guard against guessing).
+    pub failures: Limiter<IpAddr>,
+}
+
+impl ApiLimits {
+    /// The limits of `config`.
+    pub fn new(config: &crate::config::HttpConfig) -> Self {
+        let per_minute = f64::from(config.api_requests_per_minute.max(1));
+        Self {
+            per_key: Limiter::with_burst(per_minute, per_minute),
+            failures: Limiter::new(config.link_requests_per_minute),
         }
     }
 }

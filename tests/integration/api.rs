@@ -15,6 +15,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         request_bad_input,
         nul_and_out_of_range_input_is_refused,
         removed_webhook_endpoint_is_gone,
+        requests_are_limited_per_key_and_address,
         api_keys_lifecycle,
         tenant_isolation,
         audit_log_lists_changes,
@@ -430,6 +431,57 @@ async fn removed_webhook_endpoint_is_gone(app: TestApp) {
     expect_json(res, 404).await;
     // The row stays for the delivery log's sake, disabled for good.
     assert_eq!(app.count("webhook_endpoints").await, 1);
+}
+
+/// Each API key has its own budget of requests (a minute's worth at once, then the rate); past
+/// it, 429 with `Retry-After` as a problem document, other keys unaffected. Requests without a
+/// valid key are limited per address, and once refused are not checked against the database.
+async fn requests_are_limited_per_key_and_address(app: TestApp) {
+    let (app, cleanup) = app
+        .restart_with(&[
+            ("AUTHLINK_HTTP__API_REQUESTS_PER_MINUTE", "30"),
+            ("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", "12"),
+        ])
+        .await;
+    let wid = app.workspace("Limits");
+    let (one, two) = (app.workspace_key(&wid), app.workspace_key(&wid));
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(app.api(Method::GET, "/links", &one).send().await.unwrap().status().as_u16());
+    }
+    // A minute's worth at once, then one every two seconds (a slow run may see one or two more).
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert!((30..=33).contains(&ok), "{statuses:?}");
+    assert!(statuses[..30].iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    let res = app.api(Method::GET, "/links", &one).send().await.unwrap();
+    let wait: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&wait), "{wait}");
+    let p = expect_json(res, 429).await;
+    assert_eq!(p["code"], "rate_limited");
+    // Another key has its own budget.
+    app.api_get("/links", &two, 200).await;
+    // Wrong keys: 401 until the address's budget (a quarter of 12 a minute, at least 10, one
+    // back every five seconds) is used, then 429, for wrong and valid keys alike, without asking
+    // the database.
+    let mut bad = Vec::new();
+    for i in 0..15 {
+        bad.push(
+            app.api(Method::GET, "/links", &format!("alk_{i:012}_wrong"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    let refused = bad.iter().filter(|s| **s == 401).count();
+    assert!((10..=11).contains(&refused), "{bad:?}");
+    assert!(bad[refused..].iter().all(|s| *s == 429), "{bad:?}");
+    let res = app.api(Method::GET, "/links", &two).send().await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    cleanup.run().await;
 }
 
 async fn api_keys_lifecycle(app: TestApp) {

@@ -27,6 +27,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::db::DbError;
 use crate::domain::{self, FieldError};
+use crate::http::ratelimit::{self, ApiLimits};
 use crate::service::{self, Actor, Scope, ServiceError};
 use crate::state::AppState;
 
@@ -108,6 +109,10 @@ fn complete_responses(doc: &mut utoipa::openapi::OpenApi) {
             let names_workspace = query().any(|p| p.name == "workspace_id");
             let mut shared = vec![
                 ("401", "No valid API key: missing, malformed, unknown or revoked"),
+                (
+                    "429",
+                    "Too many requests for this key (or, without a valid key, from this address); see `Retry-After`",
+                ),
                 ("503", "The database cannot be reached; try again shortly"),
             ];
             if has_query || has_body {
@@ -215,12 +220,24 @@ pub struct ApiError {
     code: &'static str,
     detail: String,
     errors: Vec<FieldError>,
+    /// Seconds for `Retry-After` (429).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     /// A problem with `status`, stable `code` and a detail for people.
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
-        Self { status, code, detail: detail.into(), errors: Vec::new() }
+        Self { status, code, detail: detail.into(), errors: Vec::new(), retry_after: None }
+    }
+
+    fn rate_limited(wait_secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("Too many requests; try again in {wait_secs} seconds."),
+        );
+        e.retry_after = Some(wait_secs);
+        e
     }
 
     fn unauthorized() -> Self {
@@ -247,6 +264,9 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(wait) = self.retry_after {
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait));
+        }
         res
     }
 }
@@ -262,6 +282,7 @@ impl From<ServiceError> for ApiError {
                 code: "validation_failed",
                 detail: "Some fields are invalid; see `errors`.".into(),
                 errors,
+                retry_after: None,
             },
             ServiceError::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", why),
             ServiceError::Conflict(why) => ApiError::new(StatusCode::CONFLICT, "conflict", why),
@@ -316,6 +337,7 @@ where
                     code: "validation_failed",
                     detail: "The body does not have the expected fields.".into(),
                     errors: vec![FieldError::new("body", e.body_text())],
+                    retry_after: None,
                 },
                 JsonRejection::JsonSyntaxError(_) => {
                     ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "The body is not valid JSON.")
@@ -361,6 +383,7 @@ where
                 code: "validation_failed",
                 detail: "Some query parameters are invalid; see `errors`.".into(),
                 errors: bad,
+                retry_after: None,
             });
         }
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
@@ -370,6 +393,7 @@ where
                 code: "validation_failed",
                 detail: "Some query parameters are invalid; see `errors`.".into(),
                 errors: vec![FieldError::new("query", rejection.body_text())],
+                retry_after: None,
             }),
         }
     }
@@ -388,23 +412,43 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let header = parts
+        let limits = parts.extensions.get::<ApiLimits>().cloned();
+        let client = ratelimit::client_ip_of(&parts.headers, &parts.extensions);
+        let now = std::time::Instant::now();
+        // An address whose requests without a valid key used up their bucket is not checked
+        // against the database until it refills.
+        if let (Some(limits), Some(ip)) = (&limits, client) {
+            limits.failures.peek(ip, now).map_err(|wait| {
+                tracing::warn!(client = %ip, "API requests without a valid key rate-limited");
+                ApiError::rate_limited(wait)
+            })?;
+        }
+        let key = parts
             .headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(ApiError::unauthorized)?;
-        let key = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
-            .ok_or_else(ApiError::unauthorized)?;
-        match service::api_keys::authenticate(state, key).await? {
-            Some((actor, scope)) => Ok(Caller { actor, scope }),
-            None => {
+            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .map(str::trim);
+        let found = match key {
+            Some(key) => service::api_keys::authenticate(state, key).await?,
+            None => None,
+        };
+        let Some((actor, scope)) = found else {
+            if key.is_some() {
                 tracing::info!("API request with an unknown, malformed or revoked key");
-                Err(ApiError::unauthorized())
             }
+            if let (Some(limits), Some(ip)) = (&limits, client) {
+                let _ = limits.failures.check(ip, now);
+            }
+            return Err(ApiError::unauthorized());
+        };
+        if let (Some(limits), Actor::ApiKey { id }) = (&limits, &actor) {
+            limits.per_key.check(id.clone(), now).map_err(|wait| {
+                tracing::warn!(api_key_id = %id, "API requests rate-limited");
+                ApiError::rate_limited(wait)
+            })?;
         }
+        Ok(Caller { actor, scope })
     }
 }
 
