@@ -68,8 +68,11 @@ fn run_schemathesis(app: &TestApp, key: &str, config: &str, extra: &[&str]) {
     // the workspace's allow-list, a URL that answers), so valid-looking data is refused there
     // by design, with a 422 naming the field.
     cmd.args(["--checks", "all", "--exclude-checks", "positive_data_acceptance"]);
-    // A fixed seed: the same requests on every run, so a failure can be replayed.
-    cmd.args(["--seed", "20261126", "--max-examples", "25", "--workers", "1"]);
+    // A fixed seed: the same requests on every run, so a failure can be replayed. A deeper
+    // search: AUTHLINK_TEST_SCHEMATHESIS_EXAMPLES (per operation, default 25) and _SEED.
+    let examples = std::env::var("AUTHLINK_TEST_SCHEMATHESIS_EXAMPLES").unwrap_or_else(|_| "25".into());
+    let seed = std::env::var("AUTHLINK_TEST_SCHEMATHESIS_SEED").unwrap_or_else(|_| "20261126".into());
+    cmd.args(["--seed", &seed, "--max-examples", &examples, "--workers", "1"]);
     cmd.args(["--request-timeout", "10", "--max-failures", "20"]);
     cmd.args(extra);
     cmd.current_dir(dir.path());
