@@ -387,6 +387,10 @@ async fn nul_and_out_of_range_input_is_refused(app: TestApp) {
         assert_eq!(p["errors"][0]["field"], "limit", "{limit}: {p}");
     }
     assert_eq!(app.api_get("/links?limit=200", &key, 200).await["data"].as_array().unwrap().len(), 0);
+    // An empty filter value is refused like any other value outside its list.
+    for (path, field) in [("/connections?status=", "status"), ("/connections?provider=", "provider")] {
+        assert_eq!(app.api_get(path, &key, 422).await["errors"][0]["field"], field, "{path}");
+    }
     // The dashboard: the sign-in form and any address with a NUL get 400, not a database error.
     let login = app.client.get(app.url("/app/login")).send().await.unwrap().text().await.unwrap();
     let csrf = login.split("name=\"csrf\" value=\"").nth(1).unwrap().split('"').next().unwrap();

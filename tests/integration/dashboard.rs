@@ -15,6 +15,7 @@ use crate::tests;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     tests![
+        hostile_input_never_breaks_a_page,
         sign_in_session_cookie_rotation_and_sign_out,
         wrong_password_gives_no_hint,
         sign_in_is_throttled_per_account_and_per_address,
@@ -1217,4 +1218,117 @@ async fn webhook_pages(app: TestApp) {
     let html = page(&app, &admin, "/app/w/acme/webhooks", 200).await;
     assert!(!html.contains("http://127.0.0.1:9/hook"));
     cleanup.run().await;
+}
+
+/// Every form and every filter of the dashboard, given hostile values in every field it reads
+/// (empty, blank, very long, right-to-left and invisible characters, markup, SQL, huge and
+/// negative numbers, odd URLs, line breaks): never a server error, never the markup unescaped.
+async fn hostile_input_never_breaks_a_page(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    let member = create_user(&app, "member@example.com", false);
+    app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let (link_id, _) = app.link("acme", "Sunny");
+    let admin = signed_in(&app, ADMIN).await;
+    let csrf = csrf_of(&page(&app, &admin, "/app/w/acme/links/new", 200).await);
+    const MARKUP: &str = "<script>alert(1)</script>";
+    let long = "x".repeat(5_000);
+    let values: Vec<String> = [
+        "",
+        " ",
+        "\t",
+        "0",
+        "-1",
+        "99999999999999999999999",
+        "1e9",
+        "NaN",
+        "true",
+        MARKUP,
+        "'; DROP TABLE links; --",
+        "\u{202e}evil\u{200b}",
+        "\u{feff}",
+        "💥💥💥",
+        "line\r\nbreak",
+        "https://[::1]:0/",
+        "javascript:alert(1)",
+        "//evil.example",
+        "../../etc/passwd",
+        "#zzz",
+        "%00x",
+        "tiktok,instagram",
+        "owner",
+        "admin",
+    ]
+    .iter()
+    .map(|v| v.to_string())
+    .chain([long])
+    .collect();
+    let fields = [
+        "label",
+        "client_ref",
+        "expires_in",
+        "max_uses",
+        "redirect_url",
+        "platforms",
+        "hide_connections",
+        "name",
+        "slug",
+        "display_name",
+        "logo_url",
+        "accent_color",
+        "allowed_redirects",
+        "success_redirect",
+        "email",
+        "role",
+        "url",
+        "events",
+        "description",
+        "action",
+        "next",
+        "password",
+        "new_password",
+        "current_password",
+        "confirm",
+    ];
+    let member_id = member["id"].as_str().unwrap();
+    let forms = [
+        "/app/workspaces".to_string(),
+        "/app/w/acme/links".to_string(),
+        format!("/app/w/acme/links/{link_id}/rotate"),
+        "/app/w/acme/api-keys".to_string(),
+        "/app/w/acme/members".to_string(),
+        format!("/app/w/acme/members/{member_id}/remove"),
+        "/app/w/acme/branding".to_string(),
+        "/app/w/acme/webhooks".to_string(),
+        "/app/account/password".to_string(),
+    ];
+    let filters = [
+        "/app/search",
+        "/app/w/acme/links",
+        "/app/w/acme/connections",
+        "/app/w/acme/audit",
+        "/app/workspaces",
+    ];
+    let query_fields = ["q", "before", "status", "provider", "link", "action", "page", "notice", "w"];
+    for value in &values {
+        for path in &forms {
+            let body: Vec<(&str, &str)> = fields.iter().map(|f| (*f, value.as_str())).collect();
+            let res = post(&app, &admin, &csrf, path, &body).await;
+            let (status, html) = text(res).await;
+            assert!(status < 500, "POST {path} with {value:?}: {status} {html}");
+            assert!(!html.contains(MARKUP), "POST {path}: markup unescaped");
+        }
+        for path in filters {
+            let mut url = url::Url::parse(&app.url(path)).unwrap();
+            for f in query_fields {
+                url.query_pairs_mut().append_pair(f, value);
+            }
+            let (status, html) = text(admin.get(url.as_str()).send().await.unwrap()).await;
+            assert!(status < 500, "GET {url} : {status} {html}");
+            assert!(!html.contains(MARKUP), "GET {path}: markup unescaped");
+        }
+    }
+    // The session survived it all (nothing signed the browser out or broke the workspace).
+    page(&app, &admin, "/app/w/acme", 200).await;
+    let logs = app.log_text();
+    assert!(!logs.contains("internal error"), "{logs}");
 }

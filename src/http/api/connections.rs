@@ -56,8 +56,9 @@ async fn list_connections(
     caller: Caller,
     ApiQuery(q): ApiQuery<ConnectionListQuery>,
 ) -> ApiResult<Json<Page<ConnectionView>>> {
+    // An empty value is not a filter to skip: it is refused, like any value not in the list.
     let status = match q.status.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some("active") => Some(ConnectionStatus::Active),
         Some("broken") => Some(ConnectionStatus::Broken),
         Some("disconnected") => Some(ConnectionStatus::Disconnected),
@@ -70,7 +71,7 @@ async fn list_connections(
         }
     };
     let provider: Option<Platform> = match q.provider.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(p) => Some(p.parse().map_err(|e: FieldError| {
             ServiceError::Validation(vec![FieldError::new("provider", e.message)])
         })?),
