@@ -12,7 +12,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         get_never_changes_state,
         pages_are_hardened,
         link_guessing_is_rate_limited,
-        forwarded_for_counts_only_from_trusted_proxies
+        forwarded_for_counts_only_from_trusted_proxies,
+        hostile_input_never_breaks_a_public_page,
     ]
 }
 
@@ -257,4 +258,125 @@ async fn forwarded_for_counts_only_from_trusted_proxies(app: TestApp) {
     assert!(guesses(&app).await >= 10, "one client, whatever it writes in the header");
     second.run().await;
     first.run().await;
+}
+
+/// Every public route (link pages, the callbacks and their result pages, Meta's callbacks, and
+/// the sandbox's provider pages and endpoints), given hostile values in its path and every
+/// parameter it reads: never a server error, never the markup unescaped, nothing connected.
+async fn hostile_input_never_breaks_a_public_page(app: TestApp) {
+    // Enough link requests for the whole sweep from one address.
+    let (app, cleanup) = app.restart_with(&[("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", "1000000")]).await;
+    let wid = app.workspace("Hostile");
+    let (_, link) = app.link(&wid, "Client");
+    let token = token_of(&link);
+    const MARKUP: &str = "<script>alert(1)</script>";
+    let long = "y".repeat(1_000);
+    let values: Vec<String> = [
+        "",
+        " ",
+        "0",
+        "-1",
+        "99999999999999999999999",
+        MARKUP,
+        "\"><img src=x onerror=alert(1)>",
+        "'; DROP TABLE links; --",
+        "\u{202e}evil\u{200b}",
+        "💥",
+        "line\r\nbreak",
+        "%2e%2e%2f",
+        "//evil.example",
+        "javascript:alert(1)",
+        "access_denied",
+        "tiktok",
+        "instagram",
+    ]
+    .iter()
+    .map(|v| v.to_string())
+    .chain([long])
+    .collect();
+    let params = [
+        "state",
+        "code",
+        "error",
+        "error_reason",
+        "error_description",
+        "scopes",
+        "iss",
+        "reason",
+        "flow",
+        "client_key",
+        "client_id",
+        "redirect_uri",
+        "scope",
+        "response_type",
+        "code_challenge",
+        "code_challenge_method",
+        "decision",
+        "account",
+        "granted",
+        "fields",
+        "access_token",
+        "grant_type",
+        "refresh_token",
+        "client_secret",
+        "code_verifier",
+        "token",
+        "signed_request",
+        "form",
+    ];
+    let gets = [
+        format!("/l/{token}"),
+        "/oauth/tiktok/callback".to_string(),
+        "/oauth/instagram/callback".to_string(),
+        "/oauth/tiktok/failed".to_string(),
+        "/oauth/instagram/failed".to_string(),
+        "/sandbox/tiktok/v2/auth/authorize/".to_string(),
+        "/sandbox/instagram/oauth/authorize".to_string(),
+        "/sandbox/tiktok/v2/user/info/".to_string(),
+        "/sandbox/instagram/graph/access_token".to_string(),
+        "/sandbox/instagram/graph/refresh_access_token".to_string(),
+        "/sandbox/instagram/graph/v23.0/me".to_string(),
+    ];
+    let posts = [
+        format!("/l/{token}/connect/tiktok"),
+        "/sandbox/tiktok/v2/auth/authorize/".to_string(),
+        "/sandbox/instagram/oauth/authorize".to_string(),
+        "/sandbox/tiktok/v2/oauth/token/".to_string(),
+        "/sandbox/tiktok/v2/oauth/revoke/".to_string(),
+        "/sandbox/instagram/oauth/access_token".to_string(),
+        "/oauth/instagram/deauthorize".to_string(),
+        "/oauth/instagram/data-deletion".to_string(),
+    ];
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    for value in &values {
+        let pairs: Vec<(&str, &str)> = params.iter().map(|p| (*p, value.as_str())).collect();
+        let encoded: String = url::form_urlencoded::byte_serialize(value.as_bytes()).collect();
+        let mut paths: Vec<String> = gets.to_vec();
+        paths.push(format!("/l/{encoded}"));
+        paths.push(format!("/connected/{encoded}"));
+        paths.push(format!("/connected/{encoded}/avatar"));
+        paths.push(format!("/oauth/instagram/data-deletion/{encoded}"));
+        paths.push(format!("/brand/{encoded}.css"));
+        for path in &paths {
+            let mut url = url::Url::parse(&app.url(path)).unwrap();
+            url.query_pairs_mut().extend_pairs(&pairs);
+            let res = client.get(url.as_str()).send().await.unwrap();
+            let status = res.status().as_u16();
+            let body = res.text().await.unwrap();
+            assert!(status < 500, "GET {path} with {value:?}: {status} {body}");
+            assert!(!body.contains(MARKUP), "GET {path}: markup unescaped: {body}");
+        }
+        for path in &posts {
+            let res =
+                client.post(app.url(path)).header("origin", app.url("")).form(&pairs).send().await.unwrap();
+            let status = res.status().as_u16();
+            let body = res.text().await.unwrap();
+            assert!(status < 500, "POST {path} with {value:?}: {status} {body}");
+            assert!(!body.contains(MARKUP), "POST {path}: markup unescaped: {body}");
+        }
+    }
+    assert_eq!(app.count("connections").await, 0);
+    let logs = app.log_text();
+    assert!(!logs.contains("internal error"), "{logs}");
+    cleanup.run().await;
 }
