@@ -277,6 +277,83 @@ print(ok)
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), received.len().to_string());
+    verify_with_node_standardwebhooks(&input, received.len());
+}
+
+/// The script of [`verify_with_node_standardwebhooks`].
+const NODE_VERIFY: &str = r#"
+import { readFileSync } from "node:fs";
+import { Webhook } from "standardwebhooks";
+const data = JSON.parse(readFileSync(0, "utf8"));
+const wh = new Webhook(data.secret);
+let ok = 0;
+for (const m of data.messages) {
+  wh.verify(m.body, m.headers);
+  ok += 1;
+  const sig = m.headers["webhook-signature"];
+  const ts = Number(m.headers["webhook-timestamp"]);
+  const altered = [
+    ["body", m.body + " ", m.headers],
+    ["empty signature", m.body, { ...m.headers, "webhook-signature": "v1," }],
+    ["truncated signature", m.body, { ...m.headers, "webhook-signature": sig.split(" ").map((s) => s.slice(0, -4)).join(" ") }],
+    ["timestamp +301 s", m.body, { ...m.headers, "webhook-timestamp": String(ts + 301) }],
+    ["timestamp -301 s", m.body, { ...m.headers, "webhook-timestamp": String(ts - 301) }],
+  ];
+  for (const [what, body, headers] of altered) {
+    let accepted = true;
+    try { wh.verify(body, headers); } catch { accepted = false; }
+    if (accepted) { console.log(`altered delivery accepted: ${what}`); process.exit(1); }
+  }
+}
+console.log(ok);
+"#;
+
+/// The same check with the `standardwebhooks` package from the npm registry (a second
+/// implementation, not our code), which must also refuse each delivery altered: the body, an
+/// empty or truncated signature, the timestamp moved by 301 seconds.
+fn verify_with_node_standardwebhooks(input: &str, expected: usize) {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nodedeps");
+    let script = dir.join("verify.mjs");
+    {
+        // Installed and written once, under the lock, so that no test reads a half-written file.
+        let _once = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+        if !dir.join("node_modules/standardwebhooks/package.json").exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            let out = std::process::Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+                .arg(&dir)
+                .arg("standardwebhooks@1.1.1")
+                .output()
+                .expect("npm is needed for the second independent signature check");
+            assert!(
+                out.status.success(),
+                "npm install standardwebhooks failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if std::fs::read_to_string(&script).ok().as_deref() != Some(NODE_VERIFY) {
+            std::fs::write(&script, NODE_VERIFY).unwrap();
+        }
+    }
+    use std::io::Write;
+    let mut child = std::process::Command::new("node")
+        .arg(&script)
+        .current_dir(&dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("node is needed for the second independent signature check");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the npm standardwebhooks refused a signature: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected.to_string());
 }
 
 async fn webhooks_are_signed_retried_and_redelivered(app: TestApp) {
