@@ -307,6 +307,17 @@ pub enum WebhookCommand {
         #[arg(long)]
         workspace: Option<String>,
     },
+    /// Turn deliveries back on for an endpoint (one disabled by the agency, or automatically
+    /// after a 410 or deliveries that used up their retries).
+    Enable {
+        /// Endpoint id.
+        id: String,
+    },
+    /// Stop deliveries to an endpoint; pending ones are cancelled.
+    Disable {
+        /// Endpoint id.
+        id: String,
+    },
     /// Remove an endpoint (its delivery log stays).
     Remove {
         /// Endpoint id.
@@ -1078,6 +1089,15 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
+            });
+        }
+        WebhookCommand::Enable { ref id } | WebhookCommand::Disable { ref id } => {
+            let enable = matches!(cmd, WebhookCommand::Enable { .. });
+            let enabled = enable;
+            let change = webhooks::EndpointUpdate { enabled: Some(enabled), ..Default::default() };
+            let e = webhooks::update(&app, &Actor::Cli, &Scope::Admin, id, change).await?;
+            print(json, &e, |e| {
+                format!("webhook endpoint {} {}", e.id, if e.enabled { "enabled" } else { "disabled" })
             });
         }
         WebhookCommand::Remove { id } => {

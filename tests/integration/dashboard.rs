@@ -1212,6 +1212,23 @@ async fn webhook_pages(app: TestApp) {
         post(&app, &admin, &csrf, &format!("/app/w/acme/webhooks/deliveries/{delivery}/redeliver"), &[])
             .await;
     assert_eq!(location(&res), format!("{path}?notice=redelivered"));
+    // Paused and turned back on, from the dashboard and from the command line.
+    let res = post(&app, &admin, &csrf, &format!("{path}/disable"), &[]).await;
+    assert_eq!(location(&res), format!("{path}?notice=endpoint_disabled"));
+    let html = page(&app, &admin, &path, 200).await;
+    assert!(
+        html.contains("Disabled: Disabled by the agency.") && html.contains("Turn deliveries back on"),
+        "{html}"
+    );
+    assert_eq!(app.cli_json(&["webhook", "enable", &endpoint_href])["enabled"], true);
+    assert_eq!(app.cli_json(&["webhook", "disable", &endpoint_href])["enabled"], false);
+    let res = post(&app, &admin, &csrf, &format!("{path}/enable"), &[]).await;
+    assert_eq!(location(&res), format!("{path}?notice=endpoint_enabled"));
+    let html = page(&app, &admin, &location(&res), 200).await;
+    assert!(
+        html.contains("Deliveries to this endpoint are on again.") && html.contains("Pause deliveries"),
+        "{html}"
+    );
     // Removed.
     let res = post(&app, &admin, &csrf, &format!("{path}/remove"), &[]).await;
     assert_eq!(location(&res), "/app/w/acme/webhooks?notice=endpoint_removed");

@@ -91,6 +91,8 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/app/w/{slug}/webhooks", get(webhooks::list).post(webhooks::create))
         .route("/app/w/{slug}/webhooks/{id}", get(webhooks::show))
         .route("/app/w/{slug}/webhooks/{id}/remove", post(webhooks::remove))
+        .route("/app/w/{slug}/webhooks/{id}/enable", post(webhooks::enable))
+        .route("/app/w/{slug}/webhooks/{id}/disable", post(webhooks::disable))
         .route("/app/w/{slug}/webhooks/deliveries/{id}/redeliver", post(webhooks::redeliver))
         .route("/app/{*rest}", get(not_found_route).post(not_found_route))
         .route("/favicon.ico", get(assets::favicon))
@@ -531,6 +533,8 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "signed_out" => "You are signed out.",
         "expired" => "Your session has ended. Please sign in again.",
         "endpoint_removed" => "Webhook endpoint removed.",
+        "endpoint_enabled" => "Deliveries to this endpoint are on again.",
+        "endpoint_disabled" => "Deliveries to this endpoint are paused; pending ones were cancelled.",
         "redelivered" => "Delivery queued again.",
         _ => return None,
     })

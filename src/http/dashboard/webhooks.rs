@@ -229,6 +229,31 @@ pub async fn show(
     Ok(render(StatusCode::OK, &page))
 }
 
+/// `POST /app/w/{slug}/webhooks/{id}/enable`: deliveries on again, for an endpoint the agency
+/// paused or one disabled after a 410 or deliveries that used up their retries.
+pub async fn enable(state: State<AppState>, ctx: Ctx, path: Path<(String, String)>) -> DashResult {
+    set_enabled(state, ctx, path, true).await
+}
+
+/// `POST /app/w/{slug}/webhooks/{id}/disable`: deliveries paused, pending ones cancelled.
+pub async fn disable(state: State<AppState>, ctx: Ctx, path: Path<(String, String)>) -> DashResult {
+    set_enabled(state, ctx, path, false).await
+}
+
+async fn set_enabled(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+    enabled: bool,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    require_owner(&ws)?;
+    let change = webhooks::EndpointUpdate { enabled: Some(enabled), ..Default::default() };
+    let e = webhooks::update(&state, &ctx.actor, &ws.scope, &id, change).await?;
+    let notice = if enabled { "endpoint_enabled" } else { "endpoint_disabled" };
+    Ok(see_other(&format!("/app/w/{}/webhooks/{}?notice={notice}", ws.row.slug, e.id)))
+}
+
 /// `POST /app/w/{slug}/webhooks/{id}/remove`.
 pub async fn remove(
     State(state): State<AppState>,
