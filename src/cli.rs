@@ -159,6 +159,8 @@ pub enum LinkCommand {
         /// Link id.
         id: String,
     },
+    /// Change a link: only what is given changes. Accounts already connected stay connected.
+    Update(LinkUpdateArgs),
     /// Revoke a link: it stops working at once.
     Revoke {
         /// Link id.
@@ -200,6 +202,96 @@ pub struct LinkCreateArgs {
     /// links shared with many people).
     #[arg(long)]
     pub hide_connections: bool,
+}
+
+/// Arguments of `link update`.
+#[derive(Debug, Args)]
+pub struct LinkUpdateArgs {
+    /// Link id.
+    pub id: String,
+    /// New label.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// New client reference.
+    #[arg(long, value_name = "REF", conflicts_with = "no_client_ref")]
+    pub client_ref: Option<String>,
+    /// Remove the client reference.
+    #[arg(long)]
+    pub no_client_ref: bool,
+    /// The platforms to offer (repeat for several); replaces the list.
+    #[arg(long = "platform", value_name = "PLATFORM")]
+    pub platforms: Vec<String>,
+    /// A new lifetime from now, like 30d, 12h or 2w.
+    #[arg(long, value_name = "DURATION", conflicts_with = "no_expiry")]
+    pub expires_in: Option<String>,
+    /// Remove the expiry.
+    #[arg(long)]
+    pub no_expiry: bool,
+    /// A new use limit (at or below the uses so far, the link only repairs its accounts).
+    #[arg(long, value_name = "N", allow_negative_numbers = true, conflicts_with = "no_max_uses")]
+    pub max_uses: Option<i64>,
+    /// Remove the use limit.
+    #[arg(long)]
+    pub no_max_uses: bool,
+    /// A new success redirect (must be in the workspace's allow-list).
+    #[arg(long, value_name = "URL", conflicts_with = "no_redirect_url")]
+    pub redirect_url: Option<String>,
+    /// Remove the success redirect.
+    #[arg(long)]
+    pub no_redirect_url: bool,
+    /// Stop listing the accounts connected through the link on its page.
+    #[arg(long, conflicts_with = "show_connections")]
+    pub hide_connections: bool,
+    /// List them again.
+    #[arg(long)]
+    pub show_connections: bool,
+}
+
+impl LinkUpdateArgs {
+    /// The change, with `now` for a lifetime given as a duration.
+    fn change(self, now: time::OffsetDateTime) -> Result<(String, service::links::LinkUpdate), CliError> {
+        let either = |value: Option<String>, clear: bool| match (value, clear) {
+            (Some(v), _) => Some(Some(v)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let expires_at = match (self.expires_in, self.no_expiry) {
+            (Some(d), _) => Some(Some(
+                now + crate::domain::parse_duration("expires_in", &d)
+                    .map_err(|e| CliError::from(ServiceError::Validation(vec![e])))?,
+            )),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let change = service::links::LinkUpdate {
+            label: self.label,
+            client_ref: either(self.client_ref, self.no_client_ref),
+            expires_at,
+            redirect_url: either(self.redirect_url, self.no_redirect_url),
+            hide_connections: match (self.hide_connections, self.show_connections) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            platforms: (!self.platforms.is_empty()).then_some(self.platforms),
+            max_uses: match (self.max_uses, self.no_max_uses) {
+                (Some(m), _) => Some(Some(m)),
+                (None, true) => Some(None),
+                (None, false) => None,
+            },
+        };
+        let nothing = change.label.is_none()
+            && change.client_ref.is_none()
+            && change.expires_at.is_none()
+            && change.redirect_url.is_none()
+            && change.hide_connections.is_none()
+            && change.platforms.is_none()
+            && change.max_uses.is_none();
+        if nothing {
+            return Err(CliError::new(2, "nothing to change: give at least one option (see --help)"));
+        }
+        Ok((self.id, change))
+    }
 }
 
 /// `authlink apikey ...`
@@ -688,6 +780,11 @@ async fn link(app: AppState, json: bool, cmd: LinkCommand) -> CliResult {
         }
         LinkCommand::Show { id } => {
             let l = links::get(&app, &Scope::Admin, &id).await?;
+            print(json, &l, |l| describe(l));
+        }
+        LinkCommand::Update(a) => {
+            let (id, change) = a.change(app.now())?;
+            let l = links::update(&app, &Actor::Cli, &Scope::Admin, &id, change).await?;
             print(json, &l, |l| describe(l));
         }
         LinkCommand::Revoke { id } => {

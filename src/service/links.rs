@@ -170,10 +170,21 @@ pub struct LinkUpdate {
     pub redirect_url: Option<Option<String>>,
     /// Hide or show the list of connected accounts on the landing page.
     pub hide_connections: Option<bool>,
+    /// New platforms offered (replaces the list). Accounts already connected stay connected.
+    #[schema(value_type = Option<Vec<Platform>>)]
+    pub platforms: Option<Vec<String>>,
+    /// New use limit (`null` removes it). A limit at or below the uses so far makes the link
+    /// used up: it then only repairs the accounts it connected.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 1_000_000)]
+    pub max_uses: Option<Option<i64>>,
 }
 
-fn double_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
-    Ok(Some(Option::<String>::deserialize(d)?))
+/// A field that may be absent (`None`), `null` (`Some(None)`) or a value.
+fn double_option<'de, T: Deserialize<'de>, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Ok(Some(Option::<T>::deserialize(d)?))
 }
 
 fn double_option_time<'de, D: serde::Deserializer<'de>>(
@@ -412,10 +423,24 @@ pub async fn update(
             }
         },
     };
+    let platforms = input.platforms.as_deref().and_then(|p| errors.take(parse_platforms(app, Some(p))));
+    let max_uses = match input.max_uses {
+        Some(Some(m)) => errors.take(domain::parse_max_uses(m)).map(Some),
+        Some(None) => Some(None),
+        None => None,
+    };
     errors.finish()?;
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     let mut row = locked_row(app, &mut tx, scope, id).await?;
+    if let Some(p) = platforms {
+        row.platforms = domain::platforms_to_db(&p);
+        changed.push("platforms");
+    }
+    if let Some(m) = max_uses {
+        row.max_uses = m;
+        changed.push("max_uses");
+    }
     if let Some(l) = label {
         row.label = l;
         changed.push("label");

@@ -15,6 +15,7 @@ use crate::tests;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     tests![
+        link_settings_change_from_the_api_the_cli_and_the_dashboard,
         hostile_input_never_breaks_a_page,
         sign_in_session_cookie_rotation_and_sign_out,
         wrong_password_gives_no_hint,
@@ -1348,4 +1349,96 @@ async fn hostile_input_never_breaks_a_page(app: TestApp) {
     page(&app, &admin, "/app/w/acme", 200).await;
     let logs = app.log_text();
     assert!(!logs.contains("internal error"), "{logs}");
+}
+
+/// A link's settings (platforms and use limit included) change through the API, the CLI and the
+/// dashboard's edit form; the link's page follows; invalid values are refused with the field.
+async fn link_settings_change_from_the_api_the_cli_and_the_dashboard(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    let w = app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let key = app.workspace_key(w["id"].as_str().unwrap());
+    let (id, url) = app.link("acme", "Sunny");
+    let path = format!("/links/{id}");
+    // API.
+    let l =
+        app.api_patch(&path, &key, serde_json::json!({"platforms": ["instagram"], "max_uses": 2}), 200).await;
+    assert_eq!(
+        (l["platforms"].clone(), l["max_uses"].clone()),
+        (serde_json::json!(["instagram"]), serde_json::json!(2))
+    );
+    let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(landing.contains("Connect Instagram") && !landing.contains("Connect TikTok"), "{landing}");
+    assert!(
+        app.api_patch(&path, &key, serde_json::json!({"max_uses": null}), 200).await["max_uses"].is_null()
+    );
+    for (body, field) in [
+        (serde_json::json!({"platforms": []}), "platforms"),
+        (serde_json::json!({"platforms": ["myspace"]}), "platforms"),
+        (serde_json::json!({"max_uses": 0}), "max_uses"),
+    ] {
+        assert_eq!(
+            app.api_patch(&path, &key, body.clone(), 422).await["errors"][0]["field"],
+            field,
+            "{body}"
+        );
+    }
+    // CLI.
+    let l = app.cli_json(&[
+        "link",
+        "update",
+        &id,
+        "--label",
+        "Sunny Cafe",
+        "--max-uses",
+        "1",
+        "--platform",
+        "tiktok",
+    ]);
+    assert_eq!((l["label"].as_str(), l["max_uses"].as_i64()), (Some("Sunny Cafe"), Some(1)), "{l}");
+    assert_eq!(l["platforms"], serde_json::json!(["tiktok"]));
+    let l =
+        app.cli_json(&["link", "update", &id, "--no-max-uses", "--hide-connections", "--expires-in", "7d"]);
+    assert!(l["max_uses"].is_null() && l["hide_connections"] == true && l["expires_at"].is_string(), "{l}");
+    assert_eq!(app.cli(&["link", "update", &id]).status.code(), Some(2), "nothing to change");
+    assert_eq!(app.cli(&["link", "update", &id, "--max-uses", "1", "--no-max-uses"]).status.code(), Some(2));
+    assert_eq!(app.cli(&["link", "update", &id, "--expires-in", "soon"]).status.code(), Some(2));
+    // Dashboard: the form comes with the current values, saves, and keeps them on an error.
+    let admin = signed_in(&app, ADMIN).await;
+    let edit = format!("/app/w/acme/links/{id}/edit");
+    let html = page(&app, &admin, &edit, 200).await;
+    assert!(html.contains("value=\"Sunny Cafe\"") && html.contains("value=\"tiktok\" checked"), "{html}");
+    let csrf = csrf_of(&html);
+    let res = post(
+        &app,
+        &admin,
+        &csrf,
+        &edit,
+        &[("label", "Sunny"), ("platforms", "tiktok"), ("max_uses", "lots")],
+    )
+    .await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 422);
+    assert!(html.contains("id=\"max_uses-error\"") && html.contains("value=\"lots\""), "{html}");
+    let res = post(
+        &app,
+        &admin,
+        &csrf,
+        &edit,
+        &[
+            ("label", "Sunny Edited"),
+            ("platforms", "tiktok"),
+            ("platforms", "instagram"),
+            ("max_uses", "5"),
+            ("no_expiry", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(location(&res), format!("/app/w/acme/links/{id}?notice=link_updated"));
+    let l = app.api_get(&path, &key, 200).await;
+    assert_eq!((l["label"].as_str(), l["max_uses"].as_i64()), (Some("Sunny Edited"), Some(5)), "{l}");
+    assert!(l["expires_at"].is_null() && l["hide_connections"] == false, "{l}");
+    assert_eq!(l["platforms"], serde_json::json!(["tiktok", "instagram"]));
+    // Every change is in the audit log.
+    let audit = app.api_get(&format!("/audit-events?action=link.updated&target_id={id}"), &key, 200).await;
+    assert_eq!(audit["data"].as_array().unwrap().len(), 5);
 }

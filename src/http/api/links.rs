@@ -76,7 +76,8 @@ async fn get_link(
     Ok(Json(links::get(&state, &caller.scope, &id).await?))
 }
 
-/// Change a link's label, client reference, expiry or success redirect.
+/// Change a link's label, client reference, platforms, expiry, use limit, success redirect or
+/// whether its page lists the accounts connected through it.
 #[utoipa::path(patch, path = "/links/{id}", tag = "links", request_body = LinkUpdate,
     params(("id" = String, Path, description = "Link id")),
     responses((status = 200, body = LinkView), (status = 404, body = Problem), (status = 422, body = Problem)))]

@@ -127,6 +127,8 @@ pub struct LinkForm {
     max_uses: String,
     redirect_url: String,
     hide_connections: bool,
+    /// Editing: remove the expiry.
+    no_expiry: bool,
 }
 
 impl LinkForm {
@@ -145,25 +147,143 @@ struct NewPage {
     errors: FormErrors,
     platforms: Vec<(&'static str, &'static str)>,
     allow_list_empty: bool,
+    title: &'static str,
+    action: String,
+    submit: &'static str,
+    /// The edit form of an existing link (else the creation form).
+    editing: bool,
+    /// Editing: the current expiry, in words.
+    expires_now: String,
 }
 
-async fn new_page(
+/// The creation form, or with `editing` (the link and its current expiry) the edit form.
+async fn form_page(
     state: &AppState,
     ctx: &Ctx,
     ws: &super::Ws,
     status: StatusCode,
     v: LinkForm,
     errors: FormErrors,
+    editing: Option<(&str, String)>,
 ) -> DashResult {
+    let slug = ws.row.slug.clone();
+    let (title, action, submit, expires_now) = match &editing {
+        Some((id, expires)) => {
+            ("Edit the link", format!("/app/w/{slug}/links/{id}/edit"), "Save", expires.clone())
+        }
+        None => ("Create a link", format!("/app/w/{slug}/links"), "Create link", String::new()),
+    };
     let page = NewPage {
         l: layout(state, ctx, Some(ws), "links", None).await?,
-        slug: ws.row.slug.clone(),
+        slug,
         v,
         errors,
         platforms: state.config.enabled_platforms().iter().map(|p| (p.as_str(), p.display_name())).collect(),
         allow_list_empty: ws.row.allow_list().is_empty(),
+        title,
+        action,
+        submit,
+        editing: editing.is_some(),
+        expires_now,
     };
     Ok(render(status, &page))
+}
+
+/// The form's values, as submitted.
+fn submitted(form: &FormData) -> LinkForm {
+    LinkForm {
+        label: form.get("label").to_string(),
+        client_ref: form.get("client_ref").to_string(),
+        platforms: form.all("platforms"),
+        expires_in: form.get("expires_in").trim().to_string(),
+        max_uses: form.get("max_uses").trim().to_string(),
+        redirect_url: form.get("redirect_url").trim().to_string(),
+        hide_connections: form.checked("hide_connections"),
+        no_expiry: form.checked("no_expiry"),
+    }
+}
+
+/// The use limit field: empty is none; anything but a whole number is a field error.
+fn max_uses_of(v: &LinkForm) -> Result<Option<i64>, FormErrors> {
+    match v.max_uses.as_str() {
+        "" => Ok(None),
+        s => s
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| FormErrors(vec![FieldError::new("max_uses", "must be a whole number")])),
+    }
+}
+
+/// `GET /app/w/{slug}/links/{id}/edit`: the link's settings in the form.
+pub async fn edit_form(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    let link = links::get(&state, &ws.scope, &id).await?;
+    let v = LinkForm {
+        label: link.label.clone(),
+        client_ref: link.client_ref.clone().unwrap_or_default(),
+        platforms: link.platforms.iter().map(|p| p.as_str().to_string()).collect(),
+        expires_in: String::new(),
+        max_uses: link.max_uses.map(|m| m.to_string()).unwrap_or_default(),
+        redirect_url: link.redirect_url.clone().unwrap_or_default(),
+        hide_connections: link.hide_connections,
+        no_expiry: false,
+    };
+    let editing = Some((link.id.as_str(), fmt_opt(link.expires_at)));
+    form_page(&state, &ctx, &ws, StatusCode::OK, v, FormErrors::default(), editing).await
+}
+
+/// `POST /app/w/{slug}/links/{id}/edit`: saves the settings, or shows the form again with the
+/// errors next to the fields and the values kept.
+pub async fn edit(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+    form: FormData,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    let link = links::get(&state, &ws.scope, &id).await?;
+    let v = submitted(&form);
+    let editing = Some((link.id.as_str(), fmt_opt(link.expires_at)));
+    let max_uses = match max_uses_of(&v) {
+        Ok(m) => m,
+        Err(errors) => {
+            return form_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, v, errors, editing).await;
+        }
+    };
+    let expires_at = if v.no_expiry {
+        Some(None)
+    } else if v.expires_in.is_empty() {
+        None
+    } else {
+        match crate::domain::parse_duration("expires_in", &v.expires_in) {
+            Ok(d) => Some(Some(state.now() + d)),
+            Err(e) => {
+                let errors = FormErrors(vec![e]);
+                return form_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, v, errors, editing)
+                    .await;
+            }
+        }
+    };
+    let change = links::LinkUpdate {
+        label: Some(v.label.clone()),
+        client_ref: Some(Some(v.client_ref.clone()).filter(|s| !s.trim().is_empty())),
+        expires_at,
+        redirect_url: Some(Some(v.redirect_url.clone()).filter(|s| !s.is_empty())),
+        hide_connections: Some(v.hide_connections),
+        platforms: Some(v.platforms.clone()),
+        max_uses: Some(max_uses),
+    };
+    match links::update(&state, &ctx.actor, &ws.scope, &link.id, change).await {
+        Ok(l) => Ok(see_other(&format!("/app/w/{}/links/{}?notice=link_updated", ws.row.slug, l.id))),
+        Err(e) => {
+            let errors = FormErrors::from_service(e)?;
+            form_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, v, errors, editing).await
+        }
+    }
 }
 
 /// `GET /app/w/{slug}/links/new`.
@@ -173,7 +293,7 @@ pub async fn new_form(State(state): State<AppState>, ctx: Ctx, Path(slug): Path<
         platforms: state.config.enabled_platforms().iter().map(|p| p.as_str().to_string()).collect(),
         ..LinkForm::default()
     };
-    new_page(&state, &ctx, &ws, StatusCode::OK, v, FormErrors::default()).await
+    form_page(&state, &ctx, &ws, StatusCode::OK, v, FormErrors::default(), None).await
 }
 
 /// `POST /app/w/{slug}/links`: creates a link, or shows the form again with the errors next to
@@ -185,24 +305,12 @@ pub async fn create(
     form: FormData,
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
-    let v = LinkForm {
-        label: form.get("label").to_string(),
-        client_ref: form.get("client_ref").to_string(),
-        platforms: form.all("platforms"),
-        expires_in: form.get("expires_in").trim().to_string(),
-        max_uses: form.get("max_uses").trim().to_string(),
-        redirect_url: form.get("redirect_url").trim().to_string(),
-        hide_connections: form.checked("hide_connections"),
-    };
-    let max_uses = match v.max_uses.as_str() {
-        "" => None,
-        s => match s.parse::<i64>() {
-            Ok(n) => Some(n),
-            Err(_) => {
-                let errors = FormErrors(vec![FieldError::new("max_uses", "must be a whole number")]);
-                return new_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, v, errors).await;
-            }
-        },
+    let v = submitted(&form);
+    let max_uses = match max_uses_of(&v) {
+        Ok(m) => m,
+        Err(errors) => {
+            return form_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, v, errors, None).await;
+        }
     };
     let input = NewLink {
         workspace_id: Some(ws.row.id.clone()),
@@ -220,7 +328,7 @@ pub async fn create(
         Ok(l) => Ok(see_other(&format!("/app/w/{}/links/{}?notice=link_created", ws.row.slug, l.id))),
         Err(e) => {
             let errors = FormErrors::from_service(e)?;
-            new_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, v, errors).await
+            form_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, v, errors, None).await
         }
     }
 }
@@ -234,6 +342,8 @@ struct DetailPage {
     status: &'static str,
     status_text: &'static str,
     usable: bool,
+    /// Used up: it only repairs the accounts it connected.
+    used_up: bool,
     platforms: String,
     expires: String,
     last_used: String,
@@ -279,7 +389,8 @@ pub async fn show(
         slug: ws.row.slug.clone(),
         status,
         status_text,
-        usable: link.status == LinkStatus::Active,
+        usable: matches!(link.status, LinkStatus::Active | LinkStatus::UsedUp),
+        used_up: link.status == LinkStatus::UsedUp,
         platforms: platform_names(&link),
         expires: fmt_opt(link.expires_at),
         last_used: fmt_opt(link.last_used_at),
@@ -301,7 +412,8 @@ pub async fn qr_code(
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
     let link = links::get(&state, &ws.scope, &id).await?;
-    if link.status != LinkStatus::Active {
+    // A used-up link still repairs its accounts: its page shows the code too.
+    if !matches!(link.status, LinkStatus::Active | LinkStatus::UsedUp) {
         return Err(DashError::NotFound);
     }
     let code = QrCode::new(link.url.as_bytes()).map_err(|e| {

@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/app/w/{slug}/links/new", get(links::new_form))
         .route("/app/w/{slug}/links/{id}", get(links::show))
         .route("/app/w/{slug}/links/{id}/qr.svg", get(links::qr_code))
+        .route("/app/w/{slug}/links/{id}/edit", get(links::edit_form).post(links::edit))
         .route("/app/w/{slug}/links/{id}/revoke", post(links::revoke))
         .route("/app/w/{slug}/links/{id}/rotate", post(links::rotate))
         .route("/app/w/{slug}/connections", get(connections::list))
@@ -523,6 +524,7 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "link_created" => "Link created. Copy it and send it to your client.",
         "link_revoked" => "Link revoked. It stopped working at once.",
         "link_rotated" => "Link rotated: it has a new address, and the old one stopped working.",
+        "link_updated" => "Link saved.",
         "disconnected" => "Connection disconnected.",
         "key_revoked" => "API key revoked.",
         "member_added" => "Member saved.",
