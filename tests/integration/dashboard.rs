@@ -1221,7 +1221,13 @@ async fn webhook_pages(app: TestApp) {
         html.contains("Disabled: Disabled by the agency.") && html.contains("Turn deliveries back on"),
         "{html}"
     );
+    let overview = page(&app, &admin, "/app/w/acme", 200).await;
+    assert!(
+        overview.contains("receive no events") && overview.contains("http://127.0.0.1:9/hook"),
+        "{overview}"
+    );
     assert_eq!(app.cli_json(&["webhook", "enable", &endpoint_href])["enabled"], true);
+    assert!(!page(&app, &admin, "/app/w/acme", 200).await.contains("receive no events"));
     assert_eq!(app.cli_json(&["webhook", "disable", &endpoint_href])["enabled"], false);
     let res = post(&app, &admin, &csrf, &format!("{path}/enable"), &[]).await;
     assert_eq!(location(&res), format!("{path}?notice=endpoint_enabled"));

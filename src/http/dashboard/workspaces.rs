@@ -235,6 +235,8 @@ struct OverviewPage {
     platforms: Vec<PlatformCounts>,
     /// Broken connections (the shared list template reads `rows`).
     rows: Vec<ConnRow>,
+    /// Webhook endpoints that receive no events: (id, URL, why).
+    stopped_endpoints: Vec<(String, String, String)>,
     events: Vec<EventView>,
 }
 
@@ -246,7 +248,7 @@ pub async fn overview(
     Query(q): Query<ListParams>,
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
-    let (counts, links_active, broken) = {
+    let (counts, links_active, broken, stopped_endpoints) = {
         let mut conn = state.db.read().await?;
         let counts = db::dashboard::connection_counts(&mut conn, &ws.row.id).await?;
         let links_active = db::dashboard::unrevoked_link_count(&mut conn, &ws.row.id).await?;
@@ -261,7 +263,14 @@ pub async fn overview(
             5,
         )
         .await?;
-        (counts, links_active, broken)
+        let stopped: Vec<(String, String, String)> =
+            db::webhooks::list_endpoints(&mut conn, Some(&ws.row.id))
+                .await?
+                .into_iter()
+                .filter(|e| e.enabled == 0 && !e.is_removed())
+                .map(|e| (e.id, e.url, e.disabled_reason.unwrap_or_default()))
+                .collect();
+        (counts, links_active, broken, stopped)
     };
     let mut platforms: Vec<PlatformCounts> = Platform::ALL
         .iter()
@@ -289,6 +298,7 @@ pub async fn overview(
         total_disconnected: platforms.iter().map(|p| p.disconnected).sum(),
         platforms,
         rows: broken.into_iter().map(|c| ConnRow::from_item(&ws.row.slug, c)).collect(),
+        stopped_endpoints,
         events,
     };
     Ok(render(StatusCode::OK, &page))
