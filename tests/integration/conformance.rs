@@ -87,9 +87,15 @@ fn run_schemathesis(app: &TestApp, key: &str, config: &str, extra: &[&str]) {
 /// objects, so that operations on one object are reached, not only their 404), then the
 /// platform-admin operations with an admin key.
 async fn api_conforms_to_its_openapi_document(app: TestApp) {
-    // The fuzzer sends some 1,500 requests with one key in a few seconds: past the default limit
-    // per key (429 is documented, but would leave operations untested).
-    let (app, cleanup) = app.restart_with(&[("AUTHLINK_HTTP__API_REQUESTS_PER_MINUTE", "1000000")]).await;
+    // The fuzzer sends some 1,500 requests with one key in a few seconds, and some without a
+    // valid key: past the default limits per key and per address (429 is documented, but would
+    // leave operations untested).
+    let (app, cleanup) = app
+        .restart_with(&[
+            ("AUTHLINK_HTTP__API_REQUESTS_PER_MINUTE", "1000000"),
+            ("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", "1000000"),
+        ])
+        .await;
     let wid = app.workspace("Conformance");
     let key = app.workspace_key(&wid);
     let (link_id, link_url) = app.link(&wid, "Client");
