@@ -898,11 +898,22 @@ async fn connection_pages_and_repair_link(app: TestApp) {
     let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
     assert!(html.contains("user.info.basic") && html.contains(TIKTOK_ACCOUNTS[0].display_name));
     assert!(html.contains(&format!("/app/w/acme/links/{link_id}")));
-    // Break it: the account revokes the app, the health check notices.
+    // Checked from its page: it works.
+    let check = format!("/app/w/acme/connections/{conn_id}/check");
+    let res = post(&app, &admin, &csrf_of(&html), &check, &[]).await;
+    assert_eq!(location(&res), format!("/app/w/acme/connections/{conn_id}?notice=checked_ok"));
+    assert!(page(&app, &admin, &location(&res), 200).await.contains("the connection works"));
+    // Break it: the account revokes the app, a check from its page finds out.
     app.sandbox(&format!("/tiktok/accounts/{}/revoke", TIKTOK_ACCOUNTS[0].open_id), json!({})).await;
-    let out = app.cli(&["connection", "check", &conn_id]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("broken") || !out.status.success());
+    let res = post(&app, &admin, &csrf_of(&html), &check, &[]).await;
+    assert_eq!(location(&res), format!("/app/w/acme/connections/{conn_id}?notice=checked_broken"));
     assert_eq!(app.cli_json(&["connection", "show", &conn_id])["status"], "broken");
+    let audit = app.cli_json(&["audit", "list", "--action", "connection.check_requested"]);
+    assert_eq!(
+        (audit.as_array().unwrap().len(), audit[0]["actor_kind"].as_str()),
+        (2, Some("user")),
+        "{audit}"
+    );
     let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
     assert!(html.contains("Broken: needs reconnecting"));
     assert!(html.contains(&format!("id=\"repair-url\" type=\"text\" readonly value=\"{url}\"")), "{html}");

@@ -263,6 +263,37 @@ pub async fn disconnect(
     Ok(see_other(&format!("/app/w/{}/connections/{}?notice=disconnected", ws.row.slug, c.id)))
 }
 
+/// `POST /app/w/{slug}/connections/{id}/check`: asks the provider now whether the grant still
+/// works (the health check the jobs run), and comes back with what it said.
+pub async fn check(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+) -> DashResult {
+    use crate::service::refresh::Outcome;
+    let ws = workspace(&state, &ctx, &slug).await?;
+    let c = connections::get_row(&state, &ws.scope, &id).await?;
+    let outcome = crate::service::refresh::check(&state, &c.id).await?;
+    let (notice, words) = match outcome {
+        Outcome::Refreshed(_) | Outcome::Current(_) => ("checked_ok", "current"),
+        Outcome::Transient(_) => ("checked_transient", "transient"),
+        Outcome::Broken(_) => ("checked_broken", "broken"),
+    };
+    let mut conn = state.db.writer().await?;
+    crate::service::audit::record(
+        &mut conn,
+        state.now_ms(),
+        &ctx.actor,
+        Some(&ws.row.id),
+        "connection.check_requested",
+        "connection",
+        &c.id,
+        serde_json::json!({ "outcome": words }),
+    )
+    .await?;
+    Ok(see_other(&format!("/app/w/{}/connections/{}?notice={notice}", ws.row.slug, c.id)))
+}
+
 impl ConnRow {
     /// From a service view of workspace `slug`.
     pub fn from_view(slug: &str, c: &connections::ConnectionView) -> Self {

@@ -84,6 +84,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/app/w/{slug}/connections", get(connections::list))
         .route("/app/w/{slug}/connections/{id}", get(connections::show))
         .route("/app/w/{slug}/connections/{id}/disconnect", post(connections::disconnect))
+        .route("/app/w/{slug}/connections/{id}/check", post(connections::check))
         .route("/app/w/{slug}/api-keys", get(settings::api_keys).post(settings::create_api_key))
         .route("/app/w/{slug}/api-keys/{id}/revoke", post(settings::revoke_api_key))
         .route("/app/w/{slug}/members", get(settings::members).post(settings::add_member))
@@ -526,6 +527,13 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "link_rotated" => "Link rotated: it has a new address, and the old one stopped working.",
         "link_updated" => "Link saved.",
         "disconnected" => "Connection disconnected.",
+        "checked_ok" => "Checked with the platform just now: the connection works.",
+        "checked_transient" => {
+            "The platform could not be asked just now; nothing changed. Try again in a few minutes."
+        }
+        "checked_broken" => {
+            "Checked with the platform just now: the connection no longer works. Send the client the repair link."
+        }
         "key_revoked" => "API key revoked.",
         "member_added" => "Member saved.",
         "member_removed" => "Member removed.",
