@@ -72,6 +72,9 @@ fn key_state<'a>(status: &'a Value, kid: &str) -> &'a Value {
 }
 
 async fn master_key_rotation_rewraps_every_secret(app: TestApp) {
+    // The links are made through the API as fast as it answers: past the default limit per key.
+    let (app, cleanup_fast) =
+        app.restart_with(&[("AUTHLINK_HTTP__API_REQUESTS_PER_MINUTE", "1000000")]).await;
     let wid = app.workspace("Rotation");
     let key = app.workspace_key(&wid);
     // Under the first key: a webhook endpoint with a current and a previous secret, a connected
@@ -226,4 +229,5 @@ async fn master_key_rotation_rewraps_every_secret(app: TestApp) {
     assert_eq!(audit.as_array().unwrap().len(), 1, "{audit}");
     cleanup_new_only.run().await;
     cleanup.run().await;
+    cleanup_fast.run().await;
 }
