@@ -1,10 +1,11 @@
 //! The JSON API, `/api/v1`.
 //!
 //! Authentication is a bearer API key in the `Authorization` header (never a cookie, never the
-//! URL), so the API needs no CSRF defence. Errors are RFC 9457 problem documents with a stable
-//! `code`. The OpenAPI 3.1 document is generated from the handlers by utoipa and served at
-//! `/api/v1/openapi.json`; the routes and the document come from the same registrations, so they
-//! cannot drift apart.
+//! URL), so the API needs no CSRF defence. Requests are limited per key, and requests without a
+//! valid key per client address (429 with `Retry-After`; see [`ratelimit::ApiLimits`]). Errors
+//! are RFC 9457 problem documents with a stable `code`. The OpenAPI 3.1 document is generated
+//! from the handlers by utoipa and served at `/api/v1/openapi.json`; the routes and the document
+//! come from the same registrations, so they cannot drift apart.
 
 mod api_keys;
 mod audit;
@@ -82,8 +83,9 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 }
 
 /// Lists on every operation the answers its shared parts can give, so that the document names
-/// every status a client can meet: 401 (every operation needs a key), 503 (the database cannot
-/// be reached), 422 for query parameters that do not fit, and 400, 413, 415 and 422 for a body.
+/// every status a client can meet: 401 (every operation needs a key), 429 (the rate limits), 503
+/// (the database cannot be reached), 422 for query parameters that do not fit, 404 for a
+/// `workspace_id` filter naming no workspace of the key's, and 400, 413, 415 and 422 for a body.
 /// Every error answer is a problem document, `application/problem+json`.
 fn complete_responses(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::path::ParameterIn;
