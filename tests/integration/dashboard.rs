@@ -1266,7 +1266,9 @@ async fn hostile_input_never_breaks_a_page(app: TestApp) {
     let admin = signed_in(&app, ADMIN).await;
     let csrf = csrf_of(&page(&app, &admin, "/app/w/acme/links/new", 200).await);
     const MARKUP: &str = "<script>alert(1)</script>";
-    let long = "x".repeat(5_000);
+    // Long, but the whole form (every field holding it) stays under the body limit: past it the
+    // server answers 413 before reading the body, and the client may see a broken pipe instead.
+    let long = "x".repeat(2_000);
     let values: Vec<String> = [
         "",
         " ",
