@@ -76,10 +76,20 @@ fn run_schemathesis(app: &TestApp, key: &str, config: &str, extra: &[&str]) {
     cmd.args(["--request-timeout", "10", "--max-failures", "20"]);
     cmd.args(extra);
     cmd.current_dir(dir.path());
-    let out = tokio::task::block_in_place(|| cmd.output()).expect("run schemathesis");
-    let report =
-        format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "schemathesis found problems:\n{report}");
+    let run = |cmd: &mut Command| {
+        let out = tokio::task::block_in_place(|| cmd.output()).expect("run schemathesis");
+        let report =
+            format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), report)
+    };
+    let (mut ok, mut report) = run(&mut cmd);
+    // Some CPython 3.11 releases (this machine's among them) can raise this inside the tool
+    // while it describes a strategy (CPython issue gh-106905, fixed in later releases), which
+    // ends its run without a verdict on ours: run it once more.
+    if !ok && report.contains("AST constructor recursion depth mismatch") {
+        (ok, report) = run(&mut cmd);
+    }
+    assert!(ok, "schemathesis found problems:\n{report}");
     assert!(report.contains("passed"), "schemathesis ran no test:\n{report}");
 }
 
