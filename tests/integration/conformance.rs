@@ -83,7 +83,7 @@ fn run_schemathesis(app: &TestApp, key: &str, config: &str, extra: &[&str]) {
         (out.status.success(), report)
     };
     let (mut ok, mut report) = run(&mut cmd);
-    // Some CPython 3.11 releases (this machine's among them) can raise this inside the tool
+    // Some CPython 3.11 releases can raise this inside the tool
     // while it describes a strategy (CPython issue gh-106905, fixed in later releases), which
     // ends its run without a verdict on ours: run it once more.
     if !ok && report.contains("AST constructor recursion depth mismatch") {
