@@ -57,6 +57,30 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_authlink")
 }
 
+/// A server process, killed when the last handle on it goes: a test that fails before its
+/// clean-up (a panic unwinds through its app and clean-up handles) leaves no server running.
+pub struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Server {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// A running `authlink serve` with its own database.
 pub struct TestApp {
     /// `http://127.0.0.1:<port>`.
@@ -75,12 +99,12 @@ pub struct TestApp {
     pub dir: Arc<tempfile::TempDir>,
     /// Everything the server logged.
     pub logs: Arc<Mutex<String>>,
-    child: Arc<Mutex<Option<Child>>>,
+    child: Arc<Mutex<Option<Server>>>,
 }
 
 /// Runs the clean-up of a test app after the test finished (kill the server, drop the schema).
 pub struct Cleanup {
-    child: Arc<Mutex<Option<Child>>>,
+    child: Arc<Mutex<Option<Server>>>,
     backend: Backend,
     schema: Option<String>,
 }
@@ -204,7 +228,7 @@ impl TestApp {
             schema,
             dir,
             logs,
-            child: Arc::new(Mutex::new(Some(child))),
+            child: Arc::new(Mutex::new(Some(Server(child)))),
         }
     }
 
