@@ -259,25 +259,31 @@ for m in data["messages"]:
         pass
 print(ok)
 "#;
+    let mut python = std::process::Command::new("python3");
+    python.args(["-c", script]).env("PYTHONPATH", &dir);
+    run_oracle("the PyPI standardwebhooks", python, &input, received.len());
+    verify_with_node_standardwebhooks(&input, received.len());
+}
+
+/// Runs a signature oracle with the deliveries on its standard input; it must succeed and print
+/// how many it verified.
+fn run_oracle(name: &str, mut cmd: std::process::Command, input: &str, expected: usize) {
     use std::io::Write;
-    let mut child = std::process::Command::new("python3")
-        .args(["-c", script])
-        .env("PYTHONPATH", &dir)
+    let mut child = cmd
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{name} could not be started: {e}"));
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "standardwebhooks refused a signature: {}{}",
+        "{name} refused a signature: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), received.len().to_string());
-    verify_with_node_standardwebhooks(&input, received.len());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected.to_string());
 }
 
 /// The script of [`verify_with_node_standardwebhooks`].
@@ -336,24 +342,9 @@ fn verify_with_node_standardwebhooks(input: &str, expected: usize) {
             std::fs::write(&script, NODE_VERIFY).unwrap();
         }
     }
-    use std::io::Write;
-    let mut child = std::process::Command::new("node")
-        .arg(&script)
-        .current_dir(&dir)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("node is needed for the second independent signature check");
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the npm standardwebhooks refused a signature: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected.to_string());
+    let mut node = std::process::Command::new("node");
+    node.arg(&script).current_dir(&dir);
+    run_oracle("the npm standardwebhooks", node, input, expected);
 }
 
 async fn webhooks_are_signed_retried_and_redelivered(app: TestApp) {

@@ -232,6 +232,11 @@ impl ApiError {
         Self { status, code, detail: detail.into(), errors: Vec::new(), retry_after: None }
     }
 
+    /// 422 `validation_failed`: `detail` for people, one entry per invalid field.
+    fn invalid(detail: &str, errors: Vec<FieldError>) -> Self {
+        Self { errors, ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", detail) }
+    }
+
     fn rate_limited(wait_secs: u64) -> Self {
         let mut e = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -279,13 +284,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound(what) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("No such {what}."))
             }
-            ServiceError::Validation(errors) => ApiError {
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                code: "validation_failed",
-                detail: "Some fields are invalid; see `errors`.".into(),
-                errors,
-                retry_after: None,
-            },
+            ServiceError::Validation(errors) => {
+                ApiError::invalid("Some fields are invalid; see `errors`.", errors)
+            }
             ServiceError::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", why),
             ServiceError::Conflict(why) => ApiError::new(StatusCode::CONFLICT, "conflict", why),
             ServiceError::Unavailable(why) => {
@@ -334,13 +335,10 @@ where
                     "unsupported_media_type",
                     "Send the body as JSON with `Content-Type: application/json`.",
                 ),
-                JsonRejection::JsonDataError(e) => ApiError {
-                    status: StatusCode::UNPROCESSABLE_ENTITY,
-                    code: "validation_failed",
-                    detail: "The body does not have the expected fields.".into(),
-                    errors: vec![FieldError::new("body", e.body_text())],
-                    retry_after: None,
-                },
+                JsonRejection::JsonDataError(e) => ApiError::invalid(
+                    "The body does not have the expected fields.",
+                    vec![FieldError::new("body", e.body_text())],
+                ),
                 JsonRejection::JsonSyntaxError(_) => {
                     ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "The body is not valid JSON.")
                 }
@@ -380,23 +378,14 @@ where
             })
             .collect();
         if !bad.is_empty() {
-            return Err(ApiError {
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                code: "validation_failed",
-                detail: "Some query parameters are invalid; see `errors`.".into(),
-                errors: bad,
-                retry_after: None,
-            });
+            return Err(ApiError::invalid("Some query parameters are invalid; see `errors`.", bad));
         }
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
-            Err(rejection) => Err(ApiError {
-                status: StatusCode::UNPROCESSABLE_ENTITY,
-                code: "validation_failed",
-                detail: "Some query parameters are invalid; see `errors`.".into(),
-                errors: vec![FieldError::new("query", rejection.body_text())],
-                retry_after: None,
-            }),
+            Err(rejection) => Err(ApiError::invalid(
+                "Some query parameters are invalid; see `errors`.",
+                vec![FieldError::new("query", rejection.body_text())],
+            )),
         }
     }
 }
