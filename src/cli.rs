@@ -568,7 +568,7 @@ fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) 
 }
 
 async fn state(config: Config) -> Result<AppState, CliError> {
-    Ok(startup::build_state(config, true).await?)
+    Ok(startup::build_state(config).await?)
 }
 
 async fn dispatch(cli: Cli, config: Config) -> CliResult {

@@ -615,6 +615,11 @@ impl Config {
         self.public_url.scheme() == "https"
     }
 
+    /// Whether the database is SQLite (else PostgreSQL: `validate` admits nothing else).
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.expose_secret().starts_with("sqlite:")
+    }
+
     /// The absolute URL of a path under the public URL.
     pub fn public(&self, path: &str) -> String {
         format!("{}{}", self.public_url.as_str().trim_end_matches('/'), path)

@@ -27,11 +27,16 @@ pub enum StartupError {
         /// Why.
         source: CryptoError,
     },
-    /// No key is configured and none may be created here.
+    /// No key is configured, and this is not a development setup, where one would be created.
     #[error(
-        "no master key: set AUTHLINK_MASTER_KEY (base64 of 32 bytes, see `authlink keygen`) or master_key_file"
+        "no master key: set AUTHLINK_MASTER_KEY (base64 of 32 bytes, see `authlink keygen`) or master_key_file. \
+         A development key is created in the data folder only with an http public URL and a SQLite database; \
+         here {why}"
     )]
-    NoKey,
+    NoKey {
+        /// What makes this setup a production one.
+        why: &'static str,
+    },
     /// The configured key is not the one the stored data was sealed with.
     #[error(
         "the master key does not match the data in this database (stored key ids: {stored}; configured: {configured}). \
@@ -72,7 +77,7 @@ impl StartupError {
     pub fn exit_code(&self) -> u8 {
         match self {
             StartupError::BadKey { .. }
-            | StartupError::NoKey
+            | StartupError::NoKey { .. }
             | StartupError::KeyMismatch { .. }
             | StartupError::KeyStillNeeded { .. } => 2,
             _ => 1,
@@ -81,10 +86,10 @@ impl StartupError {
 }
 
 /// Loads the master key: `master_key`, else `master_key_file`, else `<data_dir>/master.key`,
-/// which is created (mode 0600, with a loud warning) when `create_dev_key` is set; then the
-/// retired keys, which only open values sealed before a rotation.
-pub fn load_keyring(config: &Config, create_dev_key: bool) -> Result<KeyRing, StartupError> {
-    let mut ring = active_key(config, create_dev_key)?;
+/// which is created (mode 0600, with a loud warning) in a development setup only (see
+/// [`production_setup`]); then the retired keys, which only open values sealed before a rotation.
+pub fn load_keyring(config: &Config) -> Result<KeyRing, StartupError> {
+    let mut ring = active_key(config)?;
     for key in &config.retired_master_keys {
         ring.add_retired(key)
             .map_err(|source| StartupError::BadKey { key: "retired_master_keys", source })?;
@@ -97,7 +102,20 @@ pub fn load_keyring(config: &Config, create_dev_key: bool) -> Result<KeyRing, St
     Ok(ring)
 }
 
-fn active_key(config: &Config, create_dev_key: bool) -> Result<KeyRing, StartupError> {
+/// What makes this setup a production one, where a master key must be configured: a key
+/// written next to the data would go wherever the data goes (backups, copies), and every
+/// instance sharing a PostgreSQL database would make a different one.
+pub fn production_setup(config: &Config) -> Option<&'static str> {
+    if config.is_https() {
+        Some("the public URL is https")
+    } else if !config.is_sqlite() {
+        Some("the database is PostgreSQL")
+    } else {
+        None
+    }
+}
+
+fn active_key(config: &Config) -> Result<KeyRing, StartupError> {
     if let Some(key) = &config.master_key {
         return KeyRing::from_base64(key, &[])
             .map_err(|source| StartupError::BadKey { key: "master_key", source });
@@ -107,11 +125,23 @@ fn active_key(config: &Config, create_dev_key: bool) -> Result<KeyRing, StartupE
             .map_err(|source| StartupError::BadKey { key: "master_key_file", source });
     }
     let path: PathBuf = config.data_dir.join("master.key");
+    let production = production_setup(config);
     if path.exists() {
-        return KeyRing::from_file(&path).map_err(|source| StartupError::BadKey { key: "data_dir", source });
+        let ring =
+            KeyRing::from_file(&path).map_err(|source| StartupError::BadKey { key: "data_dir", source })?;
+        if let Some(why) = production {
+            // Refusing now would stop a running deployment; it is told instead, at every start.
+            tracing::warn!(
+                path = %path.display(),
+                "the master key is read from the data folder, where a development setup keeps it, but {why}. \
+                 Move it to a secret store and set AUTHLINK_MASTER_KEY (or master_key_file outside the data \
+                 folder), so that backups of the data do not carry the key that opens them."
+            );
+        }
+        return Ok(ring);
     }
-    if !create_dev_key {
-        return Err(StartupError::NoKey);
+    if let Some(why) = production {
+        return Err(StartupError::NoKey { why });
     }
     let ring =
         KeyRing::create_file(&path).map_err(|source| StartupError::BadKey { key: "data_dir", source })?;
@@ -158,8 +188,8 @@ pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), S
 }
 
 /// Connects, migrates and checks the key: the state every command works with.
-pub async fn build_state(config: Config, create_dev_key: bool) -> Result<AppState, StartupError> {
-    let keys = load_keyring(&config, create_dev_key)?;
+pub async fn build_state(config: Config) -> Result<AppState, StartupError> {
+    let keys = load_keyring(&config)?;
     let db = Db::connect(&config.database_url, &config.database).await?;
     db.migrate().await?;
     let system_clock = SystemClock::shared();
@@ -193,7 +223,7 @@ impl Application {
                 config.public_url = url;
             }
         }
-        let state = build_state(config, true).await?;
+        let state = build_state(config).await?;
         Ok(Self { listener, state })
     }
 

@@ -377,6 +377,44 @@ async fn wrong_master_key_is_refused(app: TestApp) {
     let key_file = dev_dir.path().join("master.key");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    // A production setup (an https public URL, or PostgreSQL) gets no development key: the
+    // command stops with a configuration error (exit 2) before touching the database, and
+    // writes no key file.
+    let no_key = |url: &str, database: String| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(binary())
+            .args(["workspace", "list"])
+            .env_remove("AUTHLINK_MASTER_KEY")
+            .env("AUTHLINK_DATA_DIR", dir.path())
+            .env("AUTHLINK_PUBLIC_URL", url)
+            .env("AUTHLINK_DATABASE_URL", database.replace("{dir}", &dir.path().display().to_string()))
+            .env("AUTHLINK_LOG_FORMAT", "human")
+            .output()
+            .unwrap();
+        assert!(!dir.path().join("master.key").exists(), "no key file is written");
+        assert!(!dir.path().join("prod.db").exists(), "the database is not touched");
+        out
+    };
+    let out = no_key("https://links.example.com", "sqlite://{dir}/prod.db".into());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("AUTHLINK_MASTER_KEY") && stderr(&out).contains("public URL is https"));
+    // Port 9 (discard) on loopback: refused before any connection is tried.
+    let out = no_key("http://127.0.0.1:8080", "postgres://postgres@127.0.0.1:9/none".into());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the database is PostgreSQL"), "{}", stderr(&out));
+    // A development key already in the data folder still opens the data under an https public
+    // URL (a running deployment is not stopped), with a warning at every start.
+    let out = std::process::Command::new(binary())
+        .args(["workspace", "list"])
+        .env_remove("AUTHLINK_MASTER_KEY")
+        .env("AUTHLINK_DATA_DIR", dev_dir.path())
+        .env("AUTHLINK_PUBLIC_URL", "https://links.example.com")
+        .env("AUTHLINK_DATABASE_URL", format!("sqlite://{}/dev.db", dev_dir.path().display()))
+        .env("AUTHLINK_LOG_FORMAT", "human")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("read from the data folder"), "{}", stderr(&out));
 }
 
 async fn graceful_shutdown_finishes_requests(app: TestApp) {
