@@ -54,6 +54,22 @@ pub enum Command {
     /// with the current key.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Write a consistent copy of the SQLite database to a new file, safe while authlink runs
+    /// (on PostgreSQL, use pg_dump or the provider's snapshots). The copy holds sealed tokens:
+    /// it is of use only with the master key, so keep the two apart.
+    Backup {
+        /// The file to write; it must not exist (it is created with mode 0600).
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Replace the SQLite database with a copy made by `authlink backup`. Stop every authlink
+    /// process using the database first. The configured master key must open the copy, and the
+    /// copy must not come from a newer authlink; the next start migrates an older one.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Manage workspaces (agencies).
     #[command(subcommand)]
     Workspace(WorkspaceCommand),
@@ -537,6 +553,12 @@ impl From<StartupError> for CliError {
     }
 }
 
+impl From<crate::db::backup::BackupError> for CliError {
+    fn from(e: crate::db::backup::BackupError) -> Self {
+        CliError::new(if e.is_usage() { 2 } else { 1 }, e.to_string())
+    }
+}
+
 type CliResult = Result<(), CliError>;
 
 /// Runs the parsed command line and returns the process exit code.
@@ -611,6 +633,8 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
             println!("{}", serde_json::to_string_pretty(&crate::http::api::openapi()).unwrap_or_default());
             Ok(())
         }
+        Command::Backup { output } => backup(&config, json, output).await,
+        Command::Restore { from } => restore(&config, json, from).await,
         Command::Keys(cmd) => keys(state(config).await?, json, cmd).await,
         Command::Workspace(cmd) => workspace(state(config).await?, json, cmd).await,
         Command::Link(cmd) => link(state(config).await?, json, cmd).await,
@@ -624,6 +648,106 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
             startup::run_worker(state).await.map_err(|e| CliError::new(1, format!("worker failed: {e}")))
         }
     }
+}
+
+/// The SQLite file of the configured database, for `backup` and `restore`.
+fn sqlite_file(config: &Config, command: &str) -> Result<PathBuf, CliError> {
+    use secrecy::ExposeSecret;
+    crate::db::sqlite_path(config.database_url.expose_secret()).ok_or_else(|| {
+        let message = if config.is_sqlite() {
+            format!("`authlink {command}` needs a SQLite database in a file, and `database_url` names none")
+        } else {
+            format!(
+                "`authlink {command}` is for SQLite; on PostgreSQL use pg_dump and pg_restore (or the \
+                 provider's snapshots), and keep the master key apart from the dump"
+            )
+        };
+        CliError::new(2, message).kind("configuration")
+    })
+}
+
+/// Runs blocking file work off the runtime.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::db::backup::BackupError> + Send + 'static,
+) -> Result<T, CliError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| CliError::new(1, format!("internal error: {e}")))?
+        .map_err(CliError::from)
+}
+
+/// The keys a backup needs, in words.
+fn keys_needed(summary: &crate::db::backup::Summary) -> String {
+    let kids: Vec<&str> = summary.keys.iter().filter(|k| !k.retired).map(|k| k.kid.as_str()).collect();
+    match kids.as_slice() {
+        [] => "no master key yet (nothing is sealed in it)".into(),
+        [one] => format!("the master key with id {one}"),
+        more => format!("the master keys with ids {}", more.join(", ")),
+    }
+}
+
+async fn backup(config: &Config, json: bool, output: PathBuf) -> CliResult {
+    let db = sqlite_file(config, "backup")?;
+    let summary = blocking(move || crate::db::backup::backup(&db, &output)).await?;
+    print(json, &summary, |s| {
+        format!(
+            "backup written to {} ({} bytes, schema version {}): {} workspaces, {} links, {} connections.\n\
+             Its sealed tokens open only with {}: keep that key, and keep it apart from the backup.",
+            s.path.display(),
+            s.bytes,
+            s.schema_version,
+            s.workspaces,
+            s.links,
+            s.connections,
+            keys_needed(s)
+        )
+    });
+    Ok(())
+}
+
+async fn restore(config: &Config, json: bool, from: PathBuf) -> CliResult {
+    let db = sqlite_file(config, "restore")?;
+    // Everything is checked before the database is touched.
+    let keys = startup::load_existing_keyring(config)?;
+    let summary = blocking({
+        let from = from.clone();
+        move || crate::db::backup::inspect(&from)
+    })
+    .await?;
+    let known = crate::db::sqlite_schema_version();
+    if summary.schema_version > known {
+        return Err(CliError::new(
+            2,
+            format!(
+                "{} was made by a newer authlink (schema version {}; this one knows up to {known}): restore it \
+                 with that version",
+                from.display(),
+                summary.schema_version
+            ),
+        ));
+    }
+    let checks: Vec<startup::StoredKey<'_>> = summary
+        .keys
+        .iter()
+        .map(|k| startup::StoredKey { kid: &k.kid, check_value: &k.check_value, retired: k.retired })
+        .collect();
+    startup::verify_keyring(&keys, &checks)?;
+    let target = db.clone();
+    blocking(move || crate::db::backup::restore(&from, &target)).await?;
+    tracing::warn!(database = %db.display(), backup = %summary.path.display(), "database restored from a backup");
+    print(json, &serde_json::json!({"restored": &summary, "database": db}), |_| {
+        format!(
+            "{} restored from {}: {} workspaces, {} links, {} connections (schema version {}; the next start \
+             migrates it when older).",
+            db.display(),
+            summary.path.display(),
+            summary.workspaces,
+            summary.links,
+            summary.connections,
+            summary.schema_version
+        )
+    });
+    Ok(())
 }
 
 fn ts(t: Option<time::OffsetDateTime>) -> String {

@@ -89,7 +89,16 @@ impl StartupError {
 /// which is created (mode 0600, with a loud warning) in a development setup only (see
 /// [`production_setup`]); then the retired keys, which only open values sealed before a rotation.
 pub fn load_keyring(config: &Config) -> Result<KeyRing, StartupError> {
-    let mut ring = active_key(config)?;
+    with_retired_keys(config, active_key(config, true)?)
+}
+
+/// The configured key ring, as [`load_keyring`] but never creating a key: for checking that
+/// the keys at hand open existing data (a restored backup).
+pub fn load_existing_keyring(config: &Config) -> Result<KeyRing, StartupError> {
+    with_retired_keys(config, active_key(config, false)?)
+}
+
+fn with_retired_keys(config: &Config, mut ring: KeyRing) -> Result<KeyRing, StartupError> {
     for key in &config.retired_master_keys {
         ring.add_retired(key)
             .map_err(|source| StartupError::BadKey { key: "retired_master_keys", source })?;
@@ -115,7 +124,7 @@ pub fn production_setup(config: &Config) -> Option<&'static str> {
     }
 }
 
-fn active_key(config: &Config) -> Result<KeyRing, StartupError> {
+fn active_key(config: &Config, may_create: bool) -> Result<KeyRing, StartupError> {
     if let Some(key) = &config.master_key {
         return KeyRing::from_base64(key, &[])
             .map_err(|source| StartupError::BadKey { key: "master_key", source });
@@ -143,6 +152,11 @@ fn active_key(config: &Config) -> Result<KeyRing, StartupError> {
     if let Some(why) = production {
         return Err(StartupError::NoKey { why });
     }
+    if !may_create {
+        return Err(StartupError::NoKey {
+            why: "the key that sealed existing data is needed, and none is made",
+        });
+    }
     let ring =
         KeyRing::create_file(&path).map_err(|source| StartupError::BadKey { key: "data_dir", source })?;
     tracing::warn!(
@@ -160,23 +174,11 @@ fn active_key(config: &Config) -> Result<KeyRing, StartupError> {
 pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), StartupError> {
     let mut tx = db.begin_write().await?;
     let stored = db::key_checks::all(&mut tx).await?;
-    let ours: Vec<&db::key_checks::KeyCheck> = stored.iter().filter(|c| keys.has_kid(&c.kid)).collect();
-    let verified = ours.iter().all(|c| keys.verify_check_value(&c.kid, &c.check_value));
-    let knows_data = stored.is_empty() || (!ours.is_empty() && verified);
-    if !knows_data {
-        return Err(StartupError::KeyMismatch {
-            stored: stored.iter().map(|c| c.kid.as_str()).collect::<Vec<_>>().join(", "),
-            configured: keys.active_kid().to_string(),
-        });
-    }
-    let missing: Vec<&str> = stored
+    let checks: Vec<StoredKey<'_>> = stored
         .iter()
-        .filter(|c| !keys.has_kid(&c.kid) && c.retired_at.is_none())
-        .map(|c| c.kid.as_str())
+        .map(|c| StoredKey { kid: &c.kid, check_value: &c.check_value, retired: c.retired_at.is_some() })
         .collect();
-    if !missing.is_empty() {
-        return Err(StartupError::KeyStillNeeded { kids: missing.join(", ") });
-    }
+    verify_keyring(keys, &checks)?;
     match stored.iter().find(|c| c.kid == keys.active_kid()) {
         None => db::key_checks::insert(&mut tx, keys.active_kid(), &keys.check_value(), now_ms).await?,
         // A retired key made active again seals new values: it is needed again.
@@ -184,6 +186,38 @@ pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), S
         Some(_) => {}
     }
     tx.commit().await?;
+    Ok(())
+}
+
+/// A key check value stored with the data.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredKey<'a> {
+    /// The key's id.
+    pub kid: &'a str,
+    /// Its check value (a sealed constant).
+    pub check_value: &'a str,
+    /// Whether no stored value needs the key any more.
+    pub retired: bool,
+}
+
+/// Whether `keys` opens data with these key checks: the configured keys that sealed data here
+/// must open their check values, at least one must have (unless nothing was sealed yet), and
+/// no key a stored value may still need can be missing.
+pub fn verify_keyring(keys: &KeyRing, stored: &[StoredKey<'_>]) -> Result<(), StartupError> {
+    let ours: Vec<&StoredKey<'_>> = stored.iter().filter(|c| keys.has_kid(c.kid)).collect();
+    let verified = ours.iter().all(|c| keys.verify_check_value(c.kid, c.check_value));
+    let knows_data = stored.is_empty() || (!ours.is_empty() && verified);
+    if !knows_data {
+        return Err(StartupError::KeyMismatch {
+            stored: stored.iter().map(|c| c.kid).collect::<Vec<_>>().join(", "),
+            configured: keys.active_kid().to_string(),
+        });
+    }
+    let missing: Vec<&str> =
+        stored.iter().filter(|c| !keys.has_kid(c.kid) && !c.retired).map(|c| c.kid).collect();
+    if !missing.is_empty() {
+        return Err(StartupError::KeyStillNeeded { kids: missing.join(", ") });
+    }
     Ok(())
 }
 

@@ -12,9 +12,12 @@
 //! [`stmt::Stmt`] values and take any [`stmt::Exec`]: sqlx's connection, or on a SQLite file a
 //! synchronous connection ([`lite`]) that runs them without sqlx's thread switch per statement
 //! (its writes through [`Db::write_flow`], its page reads through [`Db::read_fast`]).
+//!
+//! [`backup`] copies a SQLite file and restores such a copy (`authlink backup`, `restore`).
 
 pub mod api_keys;
 pub mod audit;
+pub mod backup;
 mod conn;
 pub mod connections;
 pub mod dashboard;
@@ -555,6 +558,20 @@ fn prepare_sqlite_url(url: &str) -> DbResult<String> {
     } else {
         Ok(format!("{url}?mode=rwc"))
     }
+}
+
+/// The SQLite file a database URL names, for `authlink backup` and `restore`: `None` for
+/// PostgreSQL, an in-memory database or a URL whose path needs decoding.
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:" && !path.contains('%')).then(|| std::path::PathBuf::from(path))
+}
+
+/// The newest SQLite migration this build knows: a backup with a newer schema was made by a
+/// newer authlink.
+pub fn sqlite_schema_version() -> i64 {
+    SQLITE_MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
 }
 
 /// The file of a SQLite URL, when it names one that [`lite`] can open the same way (not an

@@ -4,7 +4,8 @@ use std::process::Output;
 
 use serde_json::Value;
 
-use crate::helpers::{TestApp, binary, new_master_key};
+use crate::connect::connect;
+use crate::helpers::{Backend, TestApp, binary, new_master_key};
 use crate::tests;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
@@ -17,6 +18,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         config_check_and_bad_config,
         migrate_and_unreachable_database,
         wrong_master_key_is_refused,
+        backup_and_restore,
         graceful_shutdown_finishes_requests,
     ]
 }
@@ -415,6 +417,136 @@ async fn wrong_master_key_is_refused(app: TestApp) {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("read from the data folder"), "{}", stderr(&out));
+}
+
+async fn backup_and_restore(app: TestApp) {
+    let backup_dir = tempfile::tempdir().unwrap();
+    let copy = backup_dir.path().join("authlink-backup.db");
+    let copy_arg = copy.display().to_string();
+    if matches!(app.backend, Backend::Postgres(_)) {
+        // PostgreSQL has its own tools; both commands say so (exit 2) and write nothing.
+        for args in
+            [vec!["backup", "--output", copy_arg.as_str()], vec!["restore", "--from", copy_arg.as_str()]]
+        {
+            let out = app.cli(&args);
+            assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+            assert_fails(&out, "pg_dump");
+        }
+        assert!(!copy.exists());
+        return;
+    }
+    let wid = app.workspace("Backed Up");
+    let (link_id, url) = app.link(&wid, "Client");
+    let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
+    connect(&app.client, &app, &url, "tiktok", account).await;
+    let connection_id =
+        app.cli_json(&["connection", "list", "--workspace", &wid])[0]["id"].as_str().unwrap().to_string();
+    let token_before = app.cli_json(&["connection", "token", &connection_id])["access_token"].clone();
+    assert!(token_before.is_string());
+    let kid = app.cli_json(&["keys", "status"])["active_kid"].as_str().unwrap().to_string();
+
+    // Taken while the server runs, from its live database (its WAL included).
+    let summary = app.cli_json(&["backup", "--output", &copy_arg]);
+    assert_eq!(summary["path"], copy_arg.as_str());
+    assert_eq!(
+        (summary["workspaces"].as_i64(), summary["links"].as_i64(), summary["connections"].as_i64()),
+        (Some(1), Some(1), Some(1))
+    );
+    assert!(summary["schema_version"].as_i64().unwrap() > 0);
+    assert_eq!(summary["keys"][0]["kid"], kid.as_str());
+    assert!(summary.to_string().find("check_value").is_none(), "{summary}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), summary["bytes"].as_u64().unwrap());
+    // No secret of the flow is in the copy in plain text.
+    let bytes = std::fs::read(&copy).unwrap();
+    let plain = String::from_utf8_lossy(&bytes);
+    assert!(!plain.contains(&crate::helpers::token_of(&url)), "the link token is sealed in the copy");
+    assert!(!plain.contains(token_before.as_str().unwrap()), "the access token is sealed in the copy");
+    // A backup never overwrites a file, and leaves no partial file behind.
+    let out = app.cli(&["backup", "--output", &copy_arg]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_fails(&out, "already exists");
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes, "the existing file is unchanged");
+    assert_eq!(std::fs::read_dir(backup_dir.path()).unwrap().count(), 1, "no partial file is left");
+
+    // Changes after the backup: the link is revoked, another one made.
+    app.cli_json(&["link", "revoke", &link_id]);
+    app.link(&wid, "Later");
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 410);
+
+    // Checked before anything is written: a file that is not a backup, a missing one, another
+    // master key, and the database itself.
+    let fresh = tempfile::tempdir().unwrap();
+    let fresh_db = format!("sqlite://{}/restored.db", fresh.path().display());
+    let garbage = backup_dir.path().join("garbage.db");
+    std::fs::write(&garbage, b"not a database at all, just some bytes that go on for a while").unwrap();
+    for (from, needle) in [
+        (garbage.display().to_string(), "not an authlink backup"),
+        (backup_dir.path().join("missing.db").display().to_string(), "not an authlink backup"),
+    ] {
+        let out = app.cli_env(&["restore", "--from", &from], &[("AUTHLINK_DATABASE_URL", &fresh_db)]);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert_fails(&out, needle);
+    }
+    let out = app.cli_env(
+        &["restore", "--from", &copy_arg],
+        &[("AUTHLINK_DATABASE_URL", &fresh_db), ("AUTHLINK_MASTER_KEY", &new_master_key())],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_fails(&out, "does not match");
+    assert!(!fresh.path().join("restored.db").exists(), "nothing was written");
+    // A copy from a newer authlink (a migration this build does not know).
+    let newer = backup_dir.path().join("newer.db");
+    std::fs::copy(&copy, &newer).unwrap();
+    {
+        use sqlx::Connection;
+        let mut conn =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}", newer.display())).await.unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+             VALUES (99990101000000, 'from the future', 1, x'00', 0)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let out = app.cli_env(
+        &["restore", "--from", &newer.display().to_string()],
+        &[("AUTHLINK_DATABASE_URL", &fresh_db)],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_fails(&out, "newer authlink");
+    assert!(!fresh.path().join("restored.db").exists(), "nothing was written");
+    let out = app.cli(&["restore", "--from", app.db_url.trim_start_matches("sqlite://")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_fails(&out, "the database itself");
+
+    // Into a new database: the data as it was, and the sealed token opens with the same key.
+    let restored =
+        app.cli_env(&["--json", "restore", "--from", &copy_arg], &[("AUTHLINK_DATABASE_URL", &fresh_db)]);
+    assert!(restored.status.success(), "{}", stderr(&restored));
+    let restored: Value = serde_json::from_slice(&restored.stdout).unwrap();
+    assert_eq!(restored["restored"]["connections"], 1);
+    let on_fresh = |args: &[&str]| -> Value {
+        let out = app.cli_env(&[&["--json"], args].concat(), &[("AUTHLINK_DATABASE_URL", &fresh_db)]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let links = on_fresh(&["link", "list", "--workspace", &wid]);
+    assert_eq!(links.as_array().unwrap().len(), 1);
+    assert_eq!(links[0]["status"], "active");
+    assert_eq!(on_fresh(&["connection", "token", &connection_id])["access_token"], token_before);
+
+    // Over the live database, once the server is stopped: it serves the data as it was.
+    app.kill();
+    let out = app.cli(&["--json", "restore", "--from", &copy_arg]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (app, cleanup) = app.restart_with(&[]).await;
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 200, "the revoked link is back");
+    assert_eq!(app.cli_json(&["link", "list", "--workspace", &wid]).as_array().unwrap().len(), 1);
+    assert_eq!(app.cli_json(&["connection", "token", &connection_id])["access_token"], token_before);
+    cleanup.run().await;
 }
 
 async fn graceful_shutdown_finishes_requests(app: TestApp) {
