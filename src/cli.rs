@@ -691,14 +691,12 @@ async fn backup(config: &Config, json: bool, output: PathBuf) -> CliResult {
     let summary = blocking(move || crate::db::backup::backup(&db, &output)).await?;
     print(json, &summary, |s| {
         format!(
-            "backup written to {} ({} bytes, schema version {}): {} workspaces, {} links, {} connections.\n\
+            "backup written to {} ({} bytes, schema version {}): {}.\n\
              Its sealed tokens open only with {}: keep that key, and keep it apart from the backup.",
             s.path.display(),
             s.bytes,
             s.schema_version,
-            s.workspaces,
-            s.links,
-            s.connections,
+            s.contents(),
             keys_needed(s)
         )
     });
@@ -737,13 +735,10 @@ async fn restore(config: &Config, json: bool, from: PathBuf) -> CliResult {
     tracing::warn!(database = %db.display(), backup = %summary.path.display(), "database restored from a backup");
     print(json, &serde_json::json!({"restored": &summary, "database": db}), |_| {
         format!(
-            "{} restored from {}: {} workspaces, {} links, {} connections (schema version {}; the next start \
-             migrates it when older).",
+            "{} restored from {}: {} (schema version {}; the next start migrates it when older).",
             db.display(),
             summary.path.display(),
-            summary.workspaces,
-            summary.links,
-            summary.connections,
+            summary.contents(),
             summary.schema_version
         )
     });

@@ -38,6 +38,19 @@ pub struct Summary {
     pub connections: i64,
 }
 
+impl Summary {
+    /// "1 workspace, 3 links, 12 connections".
+    pub fn contents(&self) -> String {
+        let count = |n: i64, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+        format!(
+            "{}, {}, {}",
+            count(self.workspaces, "workspace"),
+            count(self.links, "link"),
+            count(self.connections, "connection")
+        )
+    }
+}
+
 /// A master key the data was sealed with.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KeyNeeded {
@@ -279,6 +292,7 @@ mod tests {
         let (dir, db, copy, summary) = backed_up();
         // The newest successful migration; a key without `retired_at` is still needed.
         assert_eq!((summary.schema_version, summary.workspaces, summary.links), (2, 2, 0));
+        assert_eq!(summary.contents(), "2 workspaces, 0 links, 0 connections");
         assert_eq!(summary.keys.len(), 1);
         assert_eq!((summary.keys[0].kid.as_str(), summary.keys[0].retired), ("k1", false));
         assert!(matches!(backup(&db, &copy), Err(BackupError::Exists(_))));
