@@ -114,8 +114,9 @@ pub enum KeysCommand {
 /// `authlink config ...`
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print the effective configuration with secrets masked, and the OAuth callback URLs to
-    /// register with each provider.
+    /// Print the effective configuration with secrets masked, where the master key comes from,
+    /// and the OAuth callback URLs to register with each provider. Exits 2 when start-up would
+    /// refuse the configuration (an https public URL or PostgreSQL without a master key).
     Check,
 }
 
@@ -609,7 +610,8 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
             Ok(())
         }
         Command::Config(ConfigCommand::Check) => {
-            let masked = config.masked();
+            let mut masked = config.masked();
+            masked["master_key_source"] = startup::key_source(&config)?.into();
             if json {
                 println!("{}", serde_json::to_string_pretty(&masked).unwrap_or_default());
             } else {

@@ -124,6 +124,27 @@ pub fn production_setup(config: &Config) -> Option<&'static str> {
     }
 }
 
+/// Where the master key will come from, in words, for `authlink config check`; the error
+/// start-up would give when there is none and none may be made. Reads no key.
+pub fn key_source(config: &Config) -> Result<String, StartupError> {
+    if config.master_key.is_some() {
+        return Ok("master_key (AUTHLINK_MASTER_KEY)".into());
+    }
+    if let Some(path) = &config.master_key_file {
+        return Ok(format!("master_key_file {}", path.display()));
+    }
+    let path = config.data_dir.join("master.key");
+    match (path.exists(), production_setup(config)) {
+        (true, None) => Ok(format!("development key {}", path.display())),
+        (true, Some(why)) => Ok(format!(
+            "development key {}, although {why}: move it to a secret store and set AUTHLINK_MASTER_KEY",
+            path.display()
+        )),
+        (false, None) => Ok(format!("none yet: a development key will be written to {}", path.display())),
+        (false, Some(why)) => Err(StartupError::NoKey { why }),
+    }
+}
+
 fn active_key(config: &Config, may_create: bool) -> Result<KeyRing, StartupError> {
     if let Some(key) = &config.master_key {
         return KeyRing::from_base64(key, &[])

@@ -291,6 +291,22 @@ async fn config_check_and_bad_config(app: TestApp) {
     assert!(!text.contains(master.as_str()), "the master key is masked");
     let json: Value = serde_json::from_slice(&app.cli(&["config", "check", "--json"]).stdout).unwrap();
     assert_eq!(json["master_key"], "********");
+    assert_eq!(json["master_key_source"], "master_key (AUTHLINK_MASTER_KEY)");
+    // Without a key: where one would come from, or, where start-up would refuse, the same error.
+    let dev = tempfile::tempdir().unwrap();
+    let data_dir = dev.path().display().to_string();
+    let no_key = |extra: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(binary());
+        crate::helpers::clear_authlink_env(&mut cmd);
+        cmd.args(["config", "check", "--json"]).env("AUTHLINK_DATA_DIR", &data_dir);
+        cmd.envs(extra.iter().copied()).output().unwrap()
+    };
+    let json: Value = serde_json::from_slice(&no_key(&[]).stdout).unwrap();
+    assert!(json["master_key_source"].as_str().unwrap().starts_with("none yet: a development key"), "{json}");
+    let out = no_key(&[("AUTHLINK_PUBLIC_URL", "https://links.example.com")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("public URL is https"), "{}", stderr(&out));
+    assert!(!dev.path().join("master.key").exists(), "config check writes no key");
     // A typo in a key: exit 2 naming the key.
     let out = app.cli_env(&["config", "check"], &[("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KYE", "x")]);
     assert_eq!(out.status.code(), Some(2));

@@ -526,7 +526,9 @@ impl TestApp {
     }
 }
 
-fn clear_authlink_env(cmd: &mut Command) {
+/// Removes every `AUTHLINK_*` variable the test process has, so that a developer's shell does
+/// not change what the binary sees.
+pub fn clear_authlink_env(cmd: &mut Command) {
     for (k, _) in std::env::vars() {
         if k.starts_with("AUTHLINK_") {
             cmd.env_remove(k);
