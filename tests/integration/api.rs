@@ -24,8 +24,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         secrets_are_not_stored_or_logged,
     ];
     list.push((
-        "database_lost_gives_503",
-        |app| Box::pin(database_lost_gives_503(app)),
+        "database_lost_gives_503_and_recovers",
+        |app| Box::pin(database_lost_gives_503_and_recovers(app)),
         crate::Only::Postgres,
     ));
     list.push((
@@ -408,16 +408,23 @@ async fn nul_and_out_of_range_input_is_refused(app: TestApp) {
     assert!(!logs.contains("internal error"), "{logs}");
 }
 
-/// A removed webhook endpoint is gone from the API: not listed, not readable, not editable, and
-/// its deliveries cannot be sent again.
-async fn removed_webhook_endpoint_is_gone(app: TestApp) {
-    let wid = app.workspace("Hooks");
+/// A new workspace, a key of it, and a webhook endpoint of it pointing at a new receiver:
+/// (workspace id, key, receiver, endpoint id).
+async fn hooked_workspace(app: &TestApp, name: &str) -> (String, String, crate::health::Receiver, String) {
+    let wid = app.workspace(name);
     let key = app.workspace_key(&wid);
     let receiver = crate::health::Receiver::start().await;
-    let id = app.api_post("/webhooks", &key, json!({"url": receiver.url}), 201).await["id"]
+    let endpoint = app.api_post("/webhooks", &key, json!({"url": receiver.url}), 201).await["id"]
         .as_str()
         .unwrap()
         .to_string();
+    (wid, key, receiver, endpoint)
+}
+
+/// A removed webhook endpoint is gone from the API: not listed, not readable, not editable, and
+/// its deliveries cannot be sent again.
+async fn removed_webhook_endpoint_is_gone(app: TestApp) {
+    let (_, key, receiver, id) = hooked_workspace(&app, "Hooks").await;
     let test = app.api_post(&format!("/webhooks/{id}/test"), &key, json!({}), 202).await;
     assert!(test["event_id"].is_string());
     receiver.wait_for(1, 20).await;
@@ -687,9 +694,11 @@ async fn secrets_are_not_stored_or_logged(app: TestApp) {
     assert!(app.log_text().contains("/l/[redacted]"));
 }
 
-async fn database_lost_gives_503(app: TestApp) {
-    // Run a second server against PostgreSQL through a proxy that the test can cut.
+async fn database_lost_gives_503_and_recovers(app: TestApp) {
+    // A second server reaches PostgreSQL through a proxy that the test can cut. The first one
+    // runs no background jobs, so the second is the only worker.
     let crate::helpers::Backend::Postgres(_) = &app.backend else { return };
+    let (app, first) = app.restart_with(&[("AUTHLINK_JOBS__ENABLED", "false")]).await;
     let upstream = url::Url::parse(&app.db_url).unwrap();
     let target = format!("{}:{}", upstream.host_str().unwrap(), upstream.port().unwrap_or(5432));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -715,7 +724,7 @@ async fn database_lost_gives_503(app: TestApp) {
     let mut proxied = upstream.clone();
     proxied.set_host(Some("127.0.0.1")).unwrap();
     proxied.set_port(Some(proxy_port)).unwrap();
-    let key = app.admin_key();
+    let (_, key, receiver, endpoint) = hooked_workspace(&app, "Outage").await;
     let second = TestApp::spawn_with(
         app.backend.clone(),
         &[
@@ -726,14 +735,52 @@ async fn database_lost_gives_503(app: TestApp) {
     )
     .await;
     let cleanup = second.cleanup_handle();
-    second.api_get("/workspaces", &key, 200).await;
-    cut_tx.send(true).unwrap();
-    let started = std::time::Instant::now();
-    let res = second.api(Method::GET, "/workspaces", &key).send().await.unwrap();
-    let p = expect_json(res, 503).await;
-    assert_eq!(p["code"], "database_unavailable");
-    assert!(started.elapsed() < std::time::Duration::from_secs(15), "503 within a bounded time");
-    let ready = second.client.get(second.url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), 503);
+    second.api_get("/links", &key, 200).await;
+    let test_event = |server: &TestApp| {
+        let res =
+            server.api(Method::POST, &format!("/webhooks/{endpoint}/test"), &key).json(&json!({})).send();
+        async move { expect_json(res.await.unwrap(), 202).await["event_id"].as_str().unwrap().to_string() }
+    };
+    let ready = |server: &TestApp| {
+        let res = server.client.get(server.url("/readyz")).send();
+        async move { res.await.unwrap().status().as_u16() }
+    };
+    let mut events = Vec::new();
+    let mut recoveries = Vec::new();
+    const OUTAGES: usize = 5;
+    for round in 0..OUTAGES {
+        // Queued just before the outage: delivered before it or after it, never lost.
+        events.push(test_event(&second).await);
+        cut_tx.send(true).unwrap();
+        let started = std::time::Instant::now();
+        let p = expect_json(second.api(Method::GET, "/links", &key).send().await.unwrap(), 503).await;
+        assert_eq!(p["code"], "database_unavailable");
+        let res =
+            second.api(Method::POST, "/links", &key).json(&json!({"label": "during"})).send().await.unwrap();
+        assert_eq!(expect_json(res, 503).await["code"], "database_unavailable");
+        assert!(started.elapsed() < std::time::Duration::from_secs(15), "503 within a bounded time");
+        assert_eq!(ready(&second).await, 503);
+        // The database comes back: the same process serves again, without a restart.
+        cut_tx.send(false).unwrap();
+        let back = std::time::Instant::now();
+        crate::health::eventually("readiness after the outage", 10, || async {
+            (ready(&second).await == 200).then_some(Value::Null)
+        })
+        .await;
+        recoveries.push(back.elapsed());
+        second.api_post("/links", &key, json!({"label": format!("after outage {round}")}), 201).await;
+        // The worker runs again: an event queued now is delivered too.
+        events.push(test_event(&second).await);
+        receiver.wait_for(events.len(), 20).await;
+    }
+    let delivered: std::collections::HashSet<String> =
+        receiver.got.lock().unwrap().iter().map(|r| r.headers["webhook-id"].clone()).collect();
+    for event in &events {
+        assert!(delivered.contains(event), "event {event} was delivered");
+    }
+    // Nothing was written during the outages: the links are the ones made after them.
+    assert_eq!(app.count("links").await, OUTAGES as i64);
+    eprintln!("recovered from {OUTAGES} database outages in {recoveries:?}");
     cleanup.run().await;
+    first.run().await;
 }
