@@ -130,11 +130,11 @@ async fn main() {
                 let id = uuid::Uuid::now_v7().to_string();
                 let access = keys.seal_str(
                     g["access_token"].as_str().unwrap(),
-                    authlink::crypto::Aad::new("connections", &id, "access_token"),
+                    authlink::crypto::Aad::new(&workspace, "connections", &id, "access_token"),
                 );
                 let refresh = keys.seal_str(
                     g["refresh_token"].as_str().unwrap(),
-                    authlink::crypto::Aad::new("connections", &id, "refresh_token"),
+                    authlink::crypto::Aad::new(&workspace, "connections", &id, "refresh_token"),
                 );
                 rows.push(format!(
                     "('{id}', '{workspace}', 'tiktok', '{}', 'user.info.basic,user.info.profile', '{access}', {}, '{refresh}', {}, 1, 'active', 1, {now_ms}, 0, {now_ms}, {now_ms}, 0)",

@@ -100,10 +100,11 @@ pub enum Command {
 pub enum KeysCommand {
     /// Show the active key, the earlier keys, and how many stored secrets each key sealed.
     Status,
-    /// Seal every stored secret that is not sealed with the active master key again with it, then
-    /// retire each earlier key no secret needs any more (it may then be removed from the
-    /// configuration). Safe while the service runs. Exits non-zero if any secret is left under
-    /// another key.
+    /// Seal every stored secret that is not sealed with the active master key (or is in the v1
+    /// envelope, whose associated data does not name the workspace) again with it, then retire
+    /// each earlier key no secret needs any more (it may then be removed from the configuration).
+    /// Safe while the service runs. Exits non-zero if any secret is left under another key or in
+    /// the v1 envelope.
     Rewrap {
         /// Rows re-sealed per transaction.
         #[arg(long, default_value_t = service::keys::DEFAULT_BATCH, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -1106,7 +1107,10 @@ async fn keys(app: AppState, json: bool, cmd: KeysCommand) -> CliResult {
             .iter()
             .map(|c| {
                 let kid = if c.kid.is_empty() { "(not an envelope)" } else { c.kid.as_str() };
-                format!("  {}.{}  key {kid}: {}", c.table, c.column, c.count)
+                // Values from before the workspace was bound: `keys rewrap` moves them on.
+                let legacy =
+                    if c.envelope == "v1" { " (v1 envelope: not bound to its workspace)" } else { "" };
+                format!("  {}.{}  key {kid}{legacy}: {}", c.table, c.column, c.count)
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -1148,9 +1152,11 @@ async fn keys(app: AppState, json: bool, cmd: KeysCommand) -> CliResult {
                     ));
                 }
                 if r.remaining.is_empty() {
-                    out.push_str("\nevery stored secret is sealed with the active key");
+                    out.push_str(
+                        "\nevery stored secret is sealed with the active key, in the current envelope",
+                    );
                 } else {
-                    out.push_str("\nstill sealed with another key:\n");
+                    out.push_str("\nstill sealed with another key, or in the v1 envelope:\n");
                     out.push_str(&counts(&r.remaining));
                 }
                 for kid in &r.retired {

@@ -2,10 +2,12 @@
 //!
 //! A [`KeyRing`] seals values with XChaCha20-Poly1305 (192-bit random nonces, so random nonces
 //! never collide in practice). A sealed value is the text envelope
-//! `v1:<kid>:<base64url nonce>:<base64url ciphertext>`; the key id names the key that sealed it,
+//! `v2:<kid>:<base64url nonce>:<base64url ciphertext>`; the key id names the key that sealed it,
 //! so keys can be rotated while old values stay readable. Each value is bound to its place by
-//! associated data: the key id, the table, the row id and the column. A ciphertext copied to
-//! another row or column fails to open.
+//! associated data: the key id, the workspace, the table, the row id and the column. A ciphertext
+//! copied to another row or column, or whose row was moved to another workspace, fails to open.
+//! Values sealed before the workspace was part of it are in the `v1` envelope (associated data
+//! without the workspace): they open, and a re-wrap moves them to `v2`.
 //!
 //! The key ring keeps a *key check value* in the database (see [`KeyRing::check_value`]): start-up
 //! refuses to run with a key that does not match the data already stored.
@@ -28,7 +30,11 @@ pub const KEY_LEN: usize = 32;
 const NONCE_LEN: usize = 24;
 /// Length of a key id: the first 4 bytes of a hash of the key, in hex.
 pub const KID_LEN: usize = 8;
-const ENVELOPE_VERSION: &str = "v1";
+/// The envelope every new value is sealed in: its associated data names the workspace too.
+pub const ENVELOPE_VERSION: &str = "v2";
+/// The envelope of values sealed before the workspace was part of the associated data: still
+/// opened, and sealed again as [`ENVELOPE_VERSION`] by `authlink keys rewrap`.
+const LEGACY_ENVELOPE_VERSION: &str = "v1";
 /// The plaintext sealed as the key check value.
 const KEY_CHECK_PLAINTEXT: &[u8] = b"authlink key check";
 
@@ -38,7 +44,7 @@ pub enum CryptoError {
     /// The master key is not base64 of 32 bytes.
     #[error("the master key must be base64 of exactly 32 bytes")]
     BadKey,
-    /// The envelope is not `v1:<kid>:<nonce>:<ct>`.
+    /// The envelope is not `v2:<kid>:<nonce>:<ct>` (or `v1:…`).
     #[error("malformed sealed value")]
     Malformed,
     /// The envelope names a key this ring does not hold.
@@ -57,9 +63,13 @@ pub enum CryptoError {
     },
 }
 
-/// Where a sealed value lives: the associated data that binds a ciphertext to its row.
+/// Where a sealed value lives: the associated data that binds a ciphertext to its place, so that
+/// a ciphertext copied to another row, column or table, or a row moved to another workspace,
+/// does not open.
 #[derive(Debug, Clone, Copy)]
 pub struct Aad<'a> {
+    /// The workspace the row belongs to (empty for values of no workspace, such as key checks).
+    pub workspace: &'a str,
     /// Table name, e.g. `links`.
     pub table: &'a str,
     /// Row id.
@@ -69,15 +79,19 @@ pub struct Aad<'a> {
 }
 
 impl<'a> Aad<'a> {
-    /// Associated data for `table`/`row`/`column`.
-    pub fn new(table: &'a str, row: &'a str, column: &'a str) -> Self {
-        Self { table, row, column }
+    /// Associated data for `table`/`row`/`column` of `workspace`.
+    pub fn new(workspace: &'a str, table: &'a str, row: &'a str, column: &'a str) -> Self {
+        Self { workspace, table, row, column }
     }
 
-    fn bytes(&self, kid: &str) -> Vec<u8> {
-        // Length-prefixed fields, so that no two different places produce the same bytes.
+    fn bytes(&self, kid: &str, version: &str) -> Vec<u8> {
+        // Length-prefixed fields, so that no two different places produce the same bytes. A
+        // legacy envelope's associated data has no workspace.
+        let workspace = (version != LEGACY_ENVELOPE_VERSION).then_some(self.workspace);
         let mut out = Vec::new();
-        for part in [kid, self.table, self.row, self.column] {
+        for part in
+            [Some(kid), workspace, Some(self.table), Some(self.row), Some(self.column)].into_iter().flatten()
+        {
             out.extend_from_slice(&(part.len() as u32).to_be_bytes());
             out.extend_from_slice(part.as_bytes());
         }
@@ -212,7 +226,7 @@ impl KeyRing {
     pub fn seal(&self, plaintext: &[u8], aad: Aad<'_>) -> String {
         let nonce_bytes = random_bytes::<NONCE_LEN>();
         let nonce = XNonce::from_slice(&nonce_bytes);
-        let aad_bytes = aad.bytes(&self.active.kid);
+        let aad_bytes = aad.bytes(&self.active.kid, ENVELOPE_VERSION);
         #[allow(clippy::expect_used)] // encryption with a valid key and nonce cannot fail
         let ct = self
             .active
@@ -240,7 +254,7 @@ impl KeyRing {
         else {
             return Err(CryptoError::Malformed);
         };
-        if version != ENVELOPE_VERSION {
+        if version != ENVELOPE_VERSION && version != LEGACY_ENVELOPE_VERSION {
             return Err(CryptoError::Malformed);
         }
         let key = std::iter::once(&self.active)
@@ -252,7 +266,7 @@ impl KeyRing {
             return Err(CryptoError::Malformed);
         }
         let ct = URL_SAFE_NO_PAD.decode(ct).map_err(|_| CryptoError::Malformed)?;
-        let aad_bytes = aad.bytes(kid);
+        let aad_bytes = aad.bytes(kid, version);
         key.cipher
             .decrypt(XNonce::from_slice(&nonce), Payload { msg: &ct, aad: &aad_bytes })
             .map(Zeroizing::new)
@@ -268,13 +282,13 @@ impl KeyRing {
 
     /// A fresh key check value for the active key: stored once, verified on every start.
     pub fn check_value(&self) -> String {
-        self.seal(KEY_CHECK_PLAINTEXT, Aad::new("key_checks", &self.active.kid, "check"))
+        self.seal(KEY_CHECK_PLAINTEXT, Aad::new("", "key_checks", &self.active.kid, "check"))
     }
 
     /// Whether `check` (a stored check value for `kid`) opens with this ring.
     pub fn verify_check_value(&self, kid: &str, check: &str) -> bool {
         matches!(
-            self.open(check, Aad::new("key_checks", kid, "check")),
+            self.open(check, Aad::new("", "key_checks", kid, "check")),
             Ok(plain) if plain.as_slice() == KEY_CHECK_PLAINTEXT
         )
     }
@@ -284,12 +298,12 @@ impl KeyRing {
         self.retired.iter().map(|k| k.kid.as_str())
     }
 
-    /// Opens `envelope` (sealed with any key of the ring) and seals it again with the active key
-    /// for the same place. An envelope already sealed with the active key is opened (so that a
-    /// damaged one is reported) and returned as it is: `None`.
+    /// Opens `envelope` (sealed with any key of the ring, in either envelope) and seals it again
+    /// with the active key in the current envelope for the same place. An envelope that is both
+    /// already is opened (so that a damaged one is reported) and returned as it is: `None`.
     pub fn rewrap(&self, envelope: &str, aad: Aad<'_>) -> Result<Option<String>, CryptoError> {
         let plain = self.open(envelope, aad)?;
-        if envelope_kid(envelope) == Some(self.active_kid()) {
+        if envelope.starts_with(ENVELOPE_VERSION) && envelope_kid(envelope) == Some(self.active_kid()) {
             return Ok(None);
         }
         Ok(Some(self.seal(&plain, aad)))
@@ -301,11 +315,11 @@ impl KeyRing {
     }
 }
 
-/// The key id an envelope names, if it has the envelope's shape.
+/// The key id an envelope names, if it has the shape of either envelope.
 pub fn envelope_kid(envelope: &str) -> Option<&str> {
     let mut parts = envelope.splitn(3, ':');
     match (parts.next(), parts.next(), parts.next()) {
-        (Some(ENVELOPE_VERSION), Some(kid), Some(_)) => Some(kid),
+        (Some(ENVELOPE_VERSION | LEGACY_ENVELOPE_VERSION), Some(kid), Some(_)) => Some(kid),
         _ => None,
     }
 }
@@ -341,24 +355,86 @@ mod tests {
     #[test]
     fn seal_open_round_trip() {
         let (ring, _) = KeyRing::generate();
-        let env = ring.seal_str("hello", Aad::new("links", "1", "token"));
-        assert!(env.starts_with(&format!("v1:{}:", ring.active_kid())));
-        assert_eq!(ring.open_str(&env, Aad::new("links", "1", "token")).unwrap().expose_secret(), "hello");
+        let env = ring.seal_str("hello", Aad::new("w1", "links", "1", "token"));
+        assert!(env.starts_with(&format!("v2:{}:", ring.active_kid())));
+        assert_eq!(
+            ring.open_str(&env, Aad::new("w1", "links", "1", "token")).unwrap().expose_secret(),
+            "hello"
+        );
     }
 
     #[test]
     fn ciphertext_is_bound_to_its_row_and_column() {
         let (ring, _) = KeyRing::generate();
-        let env = ring.seal_str("hello", Aad::new("links", "1", "token"));
-        assert!(matches!(ring.open(&env, Aad::new("links", "2", "token")), Err(CryptoError::Unauthentic)));
-        assert!(matches!(ring.open(&env, Aad::new("links", "1", "other")), Err(CryptoError::Unauthentic)));
-        assert!(matches!(ring.open(&env, Aad::new("other", "1", "token")), Err(CryptoError::Unauthentic)));
+        let env = ring.seal_str("hello", Aad::new("w1", "links", "1", "token"));
+        assert!(matches!(
+            ring.open(&env, Aad::new("w1", "links", "2", "token")),
+            Err(CryptoError::Unauthentic)
+        ));
+        assert!(matches!(
+            ring.open(&env, Aad::new("w1", "links", "1", "other")),
+            Err(CryptoError::Unauthentic)
+        ));
+        assert!(matches!(
+            ring.open(&env, Aad::new("w1", "other", "1", "token")),
+            Err(CryptoError::Unauthentic)
+        ));
+    }
+
+    #[test]
+    fn ciphertext_is_bound_to_its_workspace() {
+        let (ring, _) = KeyRing::generate();
+        let env = ring.seal_str("hello", Aad::new("w1", "connections", "c1", "access_token"));
+        // The row moved to another workspace: its value no longer opens.
+        let moved = Aad::new("w2", "connections", "c1", "access_token");
+        assert!(matches!(ring.open(&env, moved), Err(CryptoError::Unauthentic)));
+        assert!(ring.rewrap(&env, moved).is_err());
+    }
+
+    /// A value in the envelope of before the workspace was bound (`v1`), as stored databases
+    /// hold them: it opens, and a re-wrap (with the same key) moves it to the current envelope.
+    fn seal_legacy(ring: &KeyRing, plaintext: &str, aad: Aad<'_>) -> String {
+        let nonce = random_bytes::<NONCE_LEN>();
+        let ct = ring
+            .active
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad: &aad.bytes(ring.active_kid(), LEGACY_ENVELOPE_VERSION),
+                },
+            )
+            .unwrap();
+        format!("v1:{}:{}:{}", ring.active_kid(), URL_SAFE_NO_PAD.encode(nonce), URL_SAFE_NO_PAD.encode(ct))
+    }
+
+    #[test]
+    fn legacy_envelopes_open_and_are_rewrapped_into_the_current_one() {
+        let (ring, _) = KeyRing::generate();
+        let place = Aad::new("w1", "links", "l1", "token");
+        let legacy = seal_legacy(&ring, "old", place);
+        assert_eq!(envelope_kid(&legacy), Some(ring.active_kid()));
+        assert_eq!(ring.open_str(&legacy, place).unwrap().expose_secret(), "old");
+        // A legacy value names no workspace: any workspace opens it, until it is re-wrapped.
+        let other = Aad::new("w2", "links", "l1", "token");
+        assert!(ring.open(&legacy, other).is_ok());
+        assert!(ring.open(&legacy, Aad::new("w1", "links", "l2", "token")).is_err());
+        let current = ring.rewrap(&legacy, place).unwrap().expect("a legacy value is re-sealed");
+        assert!(current.starts_with(&format!("v2:{}:", ring.active_kid())));
+        assert_eq!(ring.open_str(&current, place).unwrap().expose_secret(), "old");
+        assert!(ring.open(&current, other).is_err());
+        assert!(ring.rewrap(&current, place).unwrap().is_none());
+        // A legacy key check value still verifies.
+        let check =
+            seal_legacy(&ring, "authlink key check", Aad::new("", "key_checks", ring.active_kid(), "check"));
+        assert!(ring.verify_check_value(ring.active_kid(), &check));
     }
 
     #[test]
     fn tampering_is_detected_without_panic() {
         let (ring, _) = KeyRing::generate();
-        let env = ring.seal_str("hello", Aad::new("t", "r", "c"));
+        let env = ring.seal_str("hello", Aad::new("w1", "t", "r", "c"));
         // Flip each character of the ciphertext part in turn.
         let prefix_len = env.rfind(':').unwrap() + 1;
         for i in prefix_len..env.len() {
@@ -368,21 +444,27 @@ mod tests {
             if tampered == env {
                 continue;
             }
-            assert!(ring.open(&tampered, Aad::new("t", "r", "c")).is_err());
+            assert!(ring.open(&tampered, Aad::new("w1", "t", "r", "c")).is_err());
         }
-        assert!(matches!(ring.open("garbage", Aad::new("t", "r", "c")), Err(CryptoError::Malformed)));
-        assert!(matches!(ring.open("v1:x:y:z:w", Aad::new("t", "r", "c")), Err(CryptoError::Malformed)));
+        assert!(matches!(ring.open("garbage", Aad::new("w1", "t", "r", "c")), Err(CryptoError::Malformed)));
+        assert!(matches!(
+            ring.open("v1:x:y:z:w", Aad::new("w1", "t", "r", "c")),
+            Err(CryptoError::Malformed)
+        ));
     }
 
     #[test]
     fn other_key_cannot_open_and_retired_keys_can() {
         let (old, old_b64) = KeyRing::generate();
         let (_, new_b64) = KeyRing::generate();
-        let env = old.seal_str("v", Aad::new("t", "r", "c"));
+        let env = old.seal_str("v", Aad::new("w1", "t", "r", "c"));
         let new_only = KeyRing::from_base64(&new_b64, &[]).unwrap();
-        assert!(matches!(new_only.open(&env, Aad::new("t", "r", "c")), Err(CryptoError::UnknownKey(_))));
+        assert!(matches!(
+            new_only.open(&env, Aad::new("w1", "t", "r", "c")),
+            Err(CryptoError::UnknownKey(_))
+        ));
         let rotated = KeyRing::from_base64(&new_b64, &[old_b64]).unwrap();
-        assert_eq!(rotated.open_str(&env, Aad::new("t", "r", "c")).unwrap().expose_secret(), "v");
+        assert_eq!(rotated.open_str(&env, Aad::new("w1", "t", "r", "c")).unwrap().expose_secret(), "v");
         assert_ne!(rotated.active_kid(), old.active_kid());
     }
 
@@ -390,7 +472,7 @@ mod tests {
     fn rewrap_moves_a_value_to_the_active_key_and_keeps_its_place() {
         let (old, old_b64) = KeyRing::generate();
         let (_, new_b64) = KeyRing::generate();
-        let place = Aad::new("connections", "c1", "access_token");
+        let place = Aad::new("w1", "connections", "c1", "access_token");
         let env = old.seal_str("secret", place);
         let rotated = KeyRing::from_base64(&new_b64, &[old_b64]).unwrap();
         assert_eq!(rotated.retired_kids().collect::<Vec<_>>(), vec![old.active_kid()]);
@@ -400,10 +482,10 @@ mod tests {
         // Readable with the new key alone, only in its own place.
         let new_only = KeyRing::from_base64(&new_b64, &[]).unwrap();
         assert_eq!(new_only.open_str(&moved, place).unwrap().expose_secret(), "secret");
-        assert!(new_only.open(&moved, Aad::new("connections", "c2", "access_token")).is_err());
+        assert!(new_only.open(&moved, Aad::new("w1", "connections", "c2", "access_token")).is_err());
         // Already current: left as it is. Damaged or moved: an error, never a re-seal.
         assert!(rotated.rewrap(&moved, place).unwrap().is_none());
-        assert!(rotated.rewrap(&env, Aad::new("connections", "c2", "access_token")).is_err());
+        assert!(rotated.rewrap(&env, Aad::new("w1", "connections", "c2", "access_token")).is_err());
         assert!(rotated.rewrap("v1:deadbeef:AAAA:AAAA", place).is_err());
         assert_eq!(envelope_kid("garbage"), None);
     }

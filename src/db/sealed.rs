@@ -1,5 +1,6 @@
-//! Every column that holds a sealed value (`v1:<kid>:<nonce>:<ciphertext>`), for re-wrapping
-//! them under a new master key and counting them by key.
+//! Every column that holds a sealed value (`v2:<kid>:<nonce>:<ciphertext>`, or `v1:…` from before
+//! the workspace was part of the associated data), for re-wrapping them under a new master key
+//! (or into the current envelope) and counting them by key.
 //!
 //! Table and column names come from [`SEALED_COLUMNS`] only, never from input, so the statements
 //! below can name them directly.
@@ -7,7 +8,7 @@
 use sqlx::AnyConnection;
 
 use super::DbResult;
-use crate::crypto::KID_LEN;
+use crate::crypto::{ENVELOPE_VERSION, KID_LEN};
 
 /// A column of sealed values and the place its values are bound to (their associated data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +21,8 @@ pub struct SealedColumn {
     pub aad_column: &'static str,
 }
 
-/// Every sealed column. The associated data of a value is (table, row id, `aad_column`).
+/// Every sealed column, each in a table with `id` and `workspace_id`. The associated data of a
+/// value is (workspace id, table, row id, `aad_column`).
 pub const SEALED_COLUMNS: &[SealedColumn] = &[
     SealedColumn { table: "links", column: "token_sealed", aad_column: "token" },
     SealedColumn { table: "oauth_flows", column: "verifier_sealed", aad_column: "verifier" },
@@ -35,16 +37,23 @@ pub const SEALED_COLUMNS: &[SealedColumn] = &[
     SealedColumn { table: "webhook_events", column: "payload", aad_column: "payload" },
 ];
 
-/// The `LIKE` pattern of every envelope sealed with `kid` (key ids are hex: no wildcards).
+/// The `LIKE` pattern of every envelope of the current version sealed with `kid` (key ids are
+/// hex: no wildcards).
 pub fn kid_pattern(kid: &str) -> String {
-    format!("v1:{kid}:%")
+    format!("{ENVELOPE_VERSION}:{kid}:%")
 }
 
-/// How many values of `col` each key sealed: `(kid, count)`, where `kid` is the envelope's
-/// second field (whatever it holds, for a malformed value).
-pub async fn count_by_kid(conn: &mut AnyConnection, col: &SealedColumn) -> DbResult<Vec<(String, i64)>> {
+/// How many values of `col` each key sealed in each envelope: `(envelope, kid, count)`, where
+/// `envelope` is `v1` or `v2` and `kid` the envelope's second field (both `''` for a value that
+/// is no envelope).
+pub async fn count_by_kid(
+    conn: &mut AnyConnection,
+    col: &SealedColumn,
+) -> DbResult<Vec<(String, String, i64)>> {
     let sql = format!(
-        "SELECT {kid} AS kid, COUNT(*) AS n FROM {t} WHERE {c} IS NOT NULL GROUP BY {kid} ORDER BY 1",
+        "SELECT {version} AS envelope, {kid} AS kid, COUNT(*) AS n FROM {t} WHERE {c} IS NOT NULL \
+         GROUP BY {version}, {kid} ORDER BY 2, 1",
+        version = version_expr(col.column),
         kid = kid_expr(col.column),
         t = col.table,
         c = col.column,
@@ -52,24 +61,35 @@ pub async fn count_by_kid(conn: &mut AnyConnection, col: &SealedColumn) -> DbRes
     Ok(sqlx::query_as(&sql).fetch_all(conn).await?)
 }
 
-/// The key id of an envelope in SQL: the [`KID_LEN`] characters after `v1:` (`''` when the value
-/// does not start with `v1:`). Key ids have a fixed length, so `substr`, which both backends
-/// have, finds them.
-fn kid_expr(column: &str) -> String {
-    format!("CASE WHEN {column} LIKE 'v1:%' THEN substr({column}, 4, {KID_LEN}) ELSE '' END")
+/// Whether a value is an envelope, in SQL.
+fn is_envelope(column: &str) -> String {
+    format!("({column} LIKE 'v1:%' OR {column} LIKE 'v2:%')")
 }
 
-/// Up to `limit` rows of `col` after `after` (by id) whose value is not sealed with `kid`:
-/// `(id, envelope)`.
+/// The envelope's version in SQL (`''` when the value is none).
+fn version_expr(column: &str) -> String {
+    format!("CASE WHEN {} THEN substr({column}, 1, 2) ELSE '' END", is_envelope(column))
+}
+
+/// The key id of an envelope in SQL: the [`KID_LEN`] characters after `v1:` or `v2:` (`''` when
+/// the value is no envelope). Key ids have a fixed length, so `substr`, which both backends
+/// have, finds them.
+fn kid_expr(column: &str) -> String {
+    format!("CASE WHEN {} THEN substr({column}, 4, {KID_LEN}) ELSE '' END", is_envelope(column))
+}
+
+/// Up to `limit` rows of `col` after `after` (by id) whose value is not in the current envelope
+/// sealed with `kid`: `(id, workspace id, envelope)`.
 pub async fn page_not_sealed_with(
     conn: &mut AnyConnection,
     col: &SealedColumn,
     kid: &str,
     after: &str,
     limit: i64,
-) -> DbResult<Vec<(String, String)>> {
+) -> DbResult<Vec<(String, String, String)>> {
     let sql = format!(
-        "SELECT id, {c} FROM {t} WHERE id > $1 AND {c} IS NOT NULL AND {c} NOT LIKE $2 ORDER BY id LIMIT $3",
+        "SELECT id, workspace_id, {c} FROM {t} WHERE id > $1 AND {c} IS NOT NULL AND {c} NOT LIKE $2 \
+         ORDER BY id LIMIT $3",
         c = col.column,
         t = col.table,
     );

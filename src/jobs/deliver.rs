@@ -220,7 +220,9 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
     }
 
     let timestamp = now / 1000;
-    let payload = state.keys.open_str(&event.payload, crate::service::webhooks::payload_aad(&event.id))?;
+    let payload = state
+        .keys
+        .open_str(&event.payload, crate::service::webhooks::payload_aad(&event.workspace_id, &event.id))?;
     let body = secrecy::ExposeSecret::expose_secret(&payload).as_bytes().to_vec();
     let signature = signature_header(state, &endpoint, &event.id, timestamp, &body)?;
     let started = Instant::now();

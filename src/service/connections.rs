@@ -187,23 +187,24 @@ pub fn split_scopes(s: &str) -> Vec<String> {
 }
 
 /// Where an access token is sealed.
-pub(crate) fn access_aad(id: &str) -> Aad<'_> {
-    Aad::new("connections", id, "access_token")
+pub(crate) fn access_aad<'a>(workspace: &'a str, id: &'a str) -> Aad<'a> {
+    Aad::new(workspace, "connections", id, "access_token")
 }
 
 /// Where a refresh token is sealed.
-pub(crate) fn refresh_aad(id: &str) -> Aad<'_> {
-    Aad::new("connections", id, "refresh_token")
+pub(crate) fn refresh_aad<'a>(workspace: &'a str, id: &'a str) -> Aad<'a> {
+    Aad::new(workspace, "connections", id, "refresh_token")
 }
 
 /// Writes `tokens` into `row` (sealed for the row), keeping the old refresh token when the
 /// provider sent none.
 pub(crate) fn apply_tokens(app: &App, row: &mut ConnectionRow, tokens: &TokenSet) {
     row.access_token_sealed =
-        Some(app.keys.seal_str(tokens.access_token.expose_secret(), access_aad(&row.id)));
+        Some(app.keys.seal_str(tokens.access_token.expose_secret(), access_aad(&row.workspace_id, &row.id)));
     row.access_expires_at = Some(to_millis(tokens.access_expires_at));
     if let Some(rt) = &tokens.refresh_token {
-        row.refresh_token_sealed = Some(app.keys.seal_str(rt.expose_secret(), refresh_aad(&row.id)));
+        row.refresh_token_sealed =
+            Some(app.keys.seal_str(rt.expose_secret(), refresh_aad(&row.workspace_id, &row.id)));
         row.refresh_expires_at = tokens.refresh_expires_at.map(to_millis);
     }
     row.token_generation += 1;
@@ -569,7 +570,7 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
     let mut revoked_note = "not revoked at the provider".to_string();
     if let (Some(provider), Some(sealed)) = (app.providers.get(platform), row.access_token_sealed.as_deref())
     {
-        let token = app.keys.open_str(sealed, access_aad(&row.id))?;
+        let token = app.keys.open_str(sealed, access_aad(&row.workspace_id, &row.id))?;
         match provider.revoke(&token).await {
             Ok(true) => revoked_note = "revoked at the provider".into(),
             Ok(false) => revoked_note = format!("{} offers no revocation", platform.display_name()),
@@ -662,7 +663,7 @@ pub async fn access_token(
         .access_token_sealed
         .as_deref()
         .ok_or(ServiceError::Conflict("the connection holds no token".into()))?;
-    let token = app.keys.open_str(sealed, access_aad(&row.id))?;
+    let token = app.keys.open_str(sealed, access_aad(&row.workspace_id, &row.id))?;
     let now_ms = app.now_ms();
     let mut conn = app.db.writer().await?;
     audit::record(
@@ -806,6 +807,7 @@ fn repair_url_of(app: &App, link: &LinkRow) -> ServiceResult<Option<String>> {
     if super::links::LinkStatus::of(link, app.now_ms()) != super::links::LinkStatus::Active {
         return Ok(None);
     }
-    let token = app.keys.open_str(&link.token_sealed, Aad::new("links", &link.id, "token"))?;
+    let token =
+        app.keys.open_str(&link.token_sealed, super::links::token_aad(&link.workspace_id, &link.id))?;
     Ok(Some(super::links::url_for(app, token.expose_secret())))
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{Actor, ServiceResult, audit};
 use crate::clock::{from_millis, to_millis};
-use crate::crypto::Aad;
+use crate::crypto::{Aad, ENVELOPE_VERSION};
 use crate::db::key_checks::KeyCheck;
 use crate::db::sealed::{self, SEALED_COLUMNS, SealedColumn};
 use crate::db::{self, Db};
@@ -37,7 +37,7 @@ pub struct KeyView {
     pub retired_at: Option<time::OffsetDateTime>,
 }
 
-/// How many values of one column one key sealed.
+/// How many values of one column one key sealed in one envelope.
 #[derive(Debug, Clone, Serialize)]
 pub struct SealedCount {
     /// The table.
@@ -46,6 +46,9 @@ pub struct SealedCount {
     pub column: &'static str,
     /// The key id named by the values (empty for values that are not envelopes).
     pub kid: String,
+    /// The envelope: `v2` (the current one, bound to the workspace too), `v1` (from before
+    /// that; `authlink keys rewrap` moves them to `v2`), empty for values that are none.
+    pub envelope: String,
     /// How many.
     pub count: i64,
 }
@@ -122,8 +125,8 @@ async fn count_sealed(db: &Db) -> ServiceResult<Vec<SealedCount>> {
     let mut conn = db.read().await?;
     let mut out = Vec::new();
     for col in SEALED_COLUMNS {
-        for (kid, count) in sealed::count_by_kid(&mut conn, col).await? {
-            out.push(SealedCount { table: col.table, column: col.column, kid, count });
+        for (envelope, kid, count) in sealed::count_by_kid(&mut conn, col).await? {
+            out.push(SealedCount { table: col.table, column: col.column, kid, envelope, count });
         }
     }
     Ok(out)
@@ -186,11 +189,11 @@ pub async fn rewrap(app: &App, actor: &Actor, batch: u32) -> ServiceResult<Rewra
         loop {
             let page =
                 sealed::page_not_sealed_with(&mut *app.db.read().await?, col, &active, &after, limit).await?;
-            let Some((last, _)) = page.last() else { break };
+            let Some((last, _, _)) = page.last() else { break };
             after = last.clone();
             let mut updates = Vec::with_capacity(page.len());
-            for (id, old) in page {
-                match app.keys.rewrap(&old, Aad::new(col.table, &id, col.aad_column)) {
+            for (id, workspace, old) in page {
+                match app.keys.rewrap(&old, Aad::new(&workspace, col.table, &id, col.aad_column)) {
                     Ok(Some(new)) => updates.push((id, old, new)),
                     Ok(None) => {}
                     Err(e) => {
@@ -225,8 +228,11 @@ pub async fn rewrap(app: &App, actor: &Actor, batch: u32) -> ServiceResult<Rewra
         columns.push(report);
     }
 
-    let remaining: Vec<SealedCount> =
-        count_sealed(&app.db).await?.into_iter().filter(|c| c.kid != active).collect();
+    let remaining: Vec<SealedCount> = count_sealed(&app.db)
+        .await?
+        .into_iter()
+        .filter(|c| c.kid != active || c.envelope != ENVELOPE_VERSION)
+        .collect();
     let now_ms = to_millis(app.clock.now());
     let resealed: u64 = columns.iter().map(|c| c.resealed).sum();
     let summary = serde_json::json!({
@@ -273,7 +279,7 @@ async fn retire_unused(
     // count above keeps that key.
     let mut in_use = still_used;
     for col in SEALED_COLUMNS {
-        for (kid, count) in sealed::count_by_kid(&mut tx, col).await? {
+        for (_, kid, count) in sealed::count_by_kid(&mut tx, col).await? {
             if count > 0 && !in_use.contains(&kid) {
                 in_use.push(kid);
             }

@@ -195,8 +195,9 @@ fn double_option_time<'de, D: serde::Deserializer<'de>>(
     Ok(Some(Wrap::deserialize(d)?.0))
 }
 
-fn token_aad(id: &str) -> Aad<'_> {
-    Aad::new("links", id, "token")
+/// Where a link's token is sealed.
+pub(crate) fn token_aad<'a>(workspace: &'a str, id: &'a str) -> Aad<'a> {
+    Aad::new(workspace, "links", id, "token")
 }
 
 /// The public URL of a link token.
@@ -206,7 +207,7 @@ pub fn url_for(app: &App, token: &str) -> String {
 
 /// Builds the view of `row`, unsealing its token to show the URL.
 pub fn view(app: &App, row: &LinkRow) -> ServiceResult<LinkView> {
-    let token = app.keys.open_str(&row.token_sealed, token_aad(&row.id))?;
+    let token = app.keys.open_str(&row.token_sealed, token_aad(&row.workspace_id, &row.id))?;
     let now = app.now_ms();
     Ok(LinkView {
         id: row.id.clone(),
@@ -302,7 +303,7 @@ pub async fn create(app: &App, actor: &Actor, scope: &Scope, input: NewLink) -> 
     let now_ms = to_millis(now);
     let row = LinkRow {
         token_hash: crypto::sha256_hex(token.as_bytes()),
-        token_sealed: app.keys.seal_str(&token, token_aad(&id)),
+        token_sealed: app.keys.seal_str(&token, token_aad(&workspace.id, &id)),
         id,
         workspace_id: workspace.id.clone(),
         label,
@@ -532,7 +533,7 @@ pub async fn rotate(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
     let token = crypto::random_token();
     let now = app.now_ms();
     row.token_hash = crypto::sha256_hex(token.as_bytes());
-    row.token_sealed = app.keys.seal_str(&token, token_aad(&row.id));
+    row.token_sealed = app.keys.seal_str(&token, token_aad(&row.workspace_id, &row.id));
     row.rotated_at = Some(now);
     row.updated_at = now;
     db::links::update(&mut tx, &row).await?;

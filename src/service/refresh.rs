@@ -395,7 +395,7 @@ async fn call_and_store(
         return finish_not_yet(app, &mut row, owner, &attempt_id, retry_at, message).await;
     }
     let access: SecretString = match row.access_token_sealed.as_deref() {
-        Some(s) => app.keys.open_str(s, access_aad(&row.id))?,
+        Some(s) => app.keys.open_str(s, access_aad(&row.workspace_id, &row.id))?,
         None => {
             return finish_broken(app, &mut row, owner, &attempt_id, |_| {
                 "The connection holds no token.".into()
@@ -404,7 +404,7 @@ async fn call_and_store(
         }
     };
     let refresh_token: Option<SecretString> = match row.refresh_token_sealed.as_deref() {
-        Some(s) => Some(app.keys.open_str(s, refresh_aad(&row.id))?),
+        Some(s) => Some(app.keys.open_str(s, refresh_aad(&row.workspace_id, &row.id))?),
         None => None,
     };
     let mut result = provider.refresh(&access, refresh_token.as_ref(), app.now()).await;
@@ -774,7 +774,7 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
     let Some(sealed) = row.access_token_sealed.as_deref() else {
         return Ok(Checked::Done(Outcome::Current(Box::new(row))));
     };
-    let token = app.keys.open_str(sealed, access_aad(&row.id))?;
+    let token = app.keys.open_str(sealed, access_aad(&row.workspace_id, &row.id))?;
     let result = provider.fetch_profile(&token).await;
     let now = app.now_ms();
     match result {

@@ -164,12 +164,12 @@ pub struct DeliveryView {
     pub attempt_log: Vec<AttemptView>,
 }
 
-fn secret_aad(id: &str) -> Aad<'_> {
-    Aad::new("webhook_endpoints", id, "secret")
+fn secret_aad<'a>(workspace: &'a str, id: &'a str) -> Aad<'a> {
+    Aad::new(workspace, "webhook_endpoints", id, "secret")
 }
 
-fn previous_secret_aad(id: &str) -> Aad<'_> {
-    Aad::new("webhook_endpoints", id, "previous_secret")
+fn previous_secret_aad<'a>(workspace: &'a str, id: &'a str) -> Aad<'a> {
+    Aad::new(workspace, "webhook_endpoints", id, "previous_secret")
 }
 
 /// A new signing secret: `whsec_` and base64 of 32 random bytes.
@@ -199,11 +199,11 @@ pub fn signature_header(
     body: &[u8],
 ) -> ServiceResult<String> {
     let mut sigs = Vec::new();
-    let current = app.keys.open_str(&e.secret_sealed, secret_aad(&e.id))?;
+    let current = app.keys.open_str(&e.secret_sealed, secret_aad(&e.workspace_id, &e.id))?;
     sigs.extend(sign(current.expose_secret(), msg_id, timestamp, body));
     if let (Some(prev), Some(until)) = (&e.previous_secret_sealed, e.previous_secret_until) {
         if until > app.now_ms() {
-            let prev = app.keys.open_str(prev, previous_secret_aad(&e.id))?;
+            let prev = app.keys.open_str(prev, previous_secret_aad(&e.workspace_id, &e.id))?;
             sigs.extend(sign(prev.expose_secret(), msg_id, timestamp, body));
         }
     }
@@ -293,7 +293,7 @@ pub async fn create(
     let secret = new_secret();
     let now = app.now_ms();
     let row = EndpointRow {
-        secret_sealed: app.keys.seal_str(&secret, secret_aad(&id)),
+        secret_sealed: app.keys.seal_str(&secret, secret_aad(&workspace_id, &id)),
         id,
         workspace_id,
         url,
@@ -458,10 +458,11 @@ pub async fn rotate_secret(
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     let mut row = locked_row(app, &mut tx, scope, id).await?;
-    let old = app.keys.open_str(&row.secret_sealed, secret_aad(&row.id))?;
-    row.previous_secret_sealed = Some(app.keys.seal_str(old.expose_secret(), previous_secret_aad(&row.id)));
+    let old = app.keys.open_str(&row.secret_sealed, secret_aad(&row.workspace_id, &row.id))?;
+    row.previous_secret_sealed =
+        Some(app.keys.seal_str(old.expose_secret(), previous_secret_aad(&row.workspace_id, &row.id)));
     row.previous_secret_until = Some(now + PREVIOUS_SECRET_GRACE_MS);
-    row.secret_sealed = app.keys.seal_str(&secret, secret_aad(&row.id));
+    row.secret_sealed = app.keys.seal_str(&secret, secret_aad(&row.workspace_id, &row.id));
     row.updated_at = now;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
     audit::record(
@@ -494,8 +495,8 @@ pub async fn emit(
 }
 
 /// Where an event's payload is sealed: payloads carry repair links, which are capabilities.
-pub fn payload_aad(event_id: &str) -> Aad<'_> {
-    Aad::new("webhook_events", event_id, "payload")
+pub fn payload_aad<'a>(workspace: &'a str, event_id: &'a str) -> Aad<'a> {
+    Aad::new(workspace, "webhook_events", event_id, "payload")
 }
 
 async fn emit_to(
@@ -554,7 +555,7 @@ pub async fn enqueue(
             id: id.clone(),
             workspace_id: workspace_id.to_string(),
             event_type: event_type.to_string(),
-            payload: keys.seal_str(&payload.to_string(), payload_aad(&id)),
+            payload: keys.seal_str(&payload.to_string(), payload_aad(workspace_id, &id)),
             created_at: now_ms,
         },
     )

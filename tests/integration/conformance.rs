@@ -10,7 +10,6 @@ use std::sync::Mutex;
 
 use serde_json::json;
 
-use crate::connect::connect;
 use crate::health::Receiver;
 use crate::helpers::TestApp;
 use crate::tests;
@@ -106,12 +105,7 @@ async fn api_conforms_to_its_openapi_document(app: TestApp) {
             ("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", "1000000"),
         ])
         .await;
-    let wid = app.workspace("Conformance");
-    let key = app.workspace_key(&wid);
-    let (link_id, link_url) = app.link(&wid, "Client");
-    connect(&app.client, &app, &link_url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
-    let connection =
-        app.api_get("/connections", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
+    let (wid, key, link_id, _, connection) = crate::connect::connected_workspace(&app, "Conformance").await;
     let receiver = Receiver::start().await;
     let endpoint = app.api_post("/webhooks", &key, json!({"url": receiver.url}), 201).await["id"]
         .as_str()

@@ -214,6 +214,18 @@ pub async fn connect(
     html
 }
 
+/// A new workspace, a key of it, and a link of it through which the first sandbox TikTok
+/// account is connected: (workspace id, key, link id, link URL, connection id).
+pub async fn connected_workspace(app: &TestApp, name: &str) -> (String, String, String, String, String) {
+    let wid = app.workspace(name);
+    let key = app.workspace_key(&wid);
+    let (link_id, link_url) = app.link(&wid, "Client");
+    connect(&app.client, app, &link_url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    let connection =
+        app.api_get("/connections", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
+    (wid, key, link_id, link_url, connection)
+}
+
 fn new_browser() -> Client {
     Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }

@@ -978,11 +978,11 @@ async fn insert_due_connections(app: &TestApp, workspace: &str, grants: &[Value]
             let id = uuid::Uuid::now_v7().to_string();
             let access = keys.seal_str(
                 g["access_token"].as_str().unwrap(),
-                authlink::crypto::Aad::new("connections", &id, "access_token"),
+                authlink::crypto::Aad::new(workspace, "connections", &id, "access_token"),
             );
             let refresh = keys.seal_str(
                 g["refresh_token"].as_str().unwrap(),
-                authlink::crypto::Aad::new("connections", &id, "refresh_token"),
+                authlink::crypto::Aad::new(workspace, "connections", &id, "refresh_token"),
             );
             sqlx::query(&format!(
                 "INSERT INTO {schema}.connections (id, workspace_id, provider, provider_account_id, scopes, access_token_sealed, \
@@ -1051,17 +1051,17 @@ async fn stored_refresh_hashes(app: &TestApp) -> Vec<String> {
     use secrecy::ExposeSecret;
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-    let rows: Vec<(String, String)> = sqlx::query_as(&format!(
-        "SELECT id, refresh_token_sealed FROM {}.connections WHERE refresh_token_sealed IS NOT NULL",
+    let rows: Vec<(String, String, String)> = sqlx::query_as(&format!(
+        "SELECT id, workspace_id, refresh_token_sealed FROM {}.connections WHERE refresh_token_sealed IS NOT NULL",
         app.schema.as_deref().unwrap()
     ))
     .fetch_all(&mut conn)
     .await
     .unwrap();
     rows.iter()
-        .map(|(id, sealed)| {
+        .map(|(id, workspace, sealed)| {
             let t = keys
-                .open_str(sealed, authlink::crypto::Aad::new("connections", id, "refresh_token"))
+                .open_str(sealed, authlink::crypto::Aad::new(workspace, "connections", id, "refresh_token"))
                 .unwrap();
             authlink::crypto::sha256_hex(t.expose_secret().as_bytes())
         })

@@ -15,7 +15,7 @@ use crate::tests;
 const LINKS: usize = 10_000;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
-    tests![master_key_rotation_rewraps_every_secret]
+    tests![master_key_rotation_rewraps_every_secret, sealed_values_are_bound_to_their_workspace]
 }
 
 /// Every link of the workspace: id → URL (the URL holds the link's token, unsealed to show it).
@@ -175,10 +175,10 @@ async fn master_key_rotation_rewraps_every_secret(app: TestApp) {
     let report: Value = serde_json::from_slice(&partial.stdout).unwrap();
     assert_eq!(report["unreadable"].as_array().unwrap().len(), 1, "{report}");
     assert_eq!(report["unreadable"][0]["id"], victim.as_str());
-    assert!(!report["unreadable"][0]["error"].as_str().unwrap().contains("v1:"), "no ciphertext in errors");
+    assert!(!report["unreadable"][0]["error"].as_str().unwrap().contains("v2:"), "no ciphertext in errors");
     assert_eq!(
         report["remaining"],
-        json!([{"table": "links", "column": "token_sealed", "kid": old_kid, "count": 1}])
+        json!([{"table": "links", "column": "token_sealed", "kid": old_kid, "envelope": "v2", "count": 1}])
     );
     assert_eq!(report["retired"], json!([]));
     let resealed: i64 =
@@ -197,8 +197,8 @@ async fn master_key_rotation_rewraps_every_secret(app: TestApp) {
     // Nothing under the old key is left anywhere (its key check value aside: it identifies the
     // key should it ever be configured again).
     let dump = app.logical_dump(&["key_checks"]).await;
-    assert_eq!(dump.matches(&format!("v1:{old_kid}:")).count(), 0);
-    assert!(dump.matches(&format!("v1:{new_kid}:")).count() >= old_count as usize);
+    assert_eq!(dump.matches(&format!("v2:{old_kid}:")).count(), 0);
+    assert!(dump.matches(&format!("v2:{new_kid}:")).count() >= old_count as usize);
     let status = app.cli_json(&["keys", "status"]);
     assert_eq!(sealed_by_kid(&status).keys().collect::<Vec<_>>(), [&new_kid]);
     assert!(key_state(&status, &old_kid)["retired_at"].is_string());
@@ -230,4 +230,90 @@ async fn master_key_rotation_rewraps_every_secret(app: TestApp) {
     cleanup_new_only.run().await;
     cleanup.run().await;
     cleanup_fast.run().await;
+}
+
+/// A `v1` envelope, as values were sealed before the workspace joined the associated data:
+/// written here from the format (XChaCha20-Poly1305; associated data the length-prefixed key
+/// id, table, row and column), independently of authlink's sealing code.
+fn legacy_envelope(
+    master_b64: &str,
+    kid: &str,
+    plaintext: &str,
+    table: &str,
+    row: &str,
+    column: &str,
+) -> String {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+    let key = STANDARD.decode(master_b64).unwrap();
+    let cipher = chacha20poly1305::XChaCha20Poly1305::new_from_slice(&key).unwrap();
+    let mut aad = Vec::new();
+    for part in [kid, table, row, column] {
+        aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        aad.extend_from_slice(part.as_bytes());
+    }
+    let nonce: [u8; 24] = rand::random();
+    let ct = cipher
+        .encrypt(
+            chacha20poly1305::XNonce::from_slice(&nonce),
+            Payload { msg: plaintext.as_bytes(), aad: &aad },
+        )
+        .unwrap();
+    format!("v1:{kid}:{}:{}", URL_SAFE_NO_PAD.encode(nonce), URL_SAFE_NO_PAD.encode(ct))
+}
+
+/// Sealed values are bound to their workspace: a connection moved to another workspace in the
+/// database gives that workspace no token. Values sealed before that binding (`v1`) still open,
+/// are counted by `keys status`, and `keys rewrap` moves them to the current envelope.
+async fn sealed_values_are_bound_to_their_workspace(app: TestApp) {
+    let (w1, k1, _, _, connection) = crate::connect::connected_workspace(&app, "Owner").await;
+    let w2 = app.workspace("Intruder");
+    let k2 = app.workspace_key(&w2);
+    let token_path = format!("/connections/{connection}/access-token");
+    let token = app.api_get(&token_path, &k1, 200).await["access_token"].as_str().unwrap().to_string();
+
+    // Someone with write access to the database moves the connection to their workspace.
+    let moved = format!("UPDATE {{schema}}.connections SET workspace_id = '{w2}' WHERE id = '{connection}'");
+    assert_eq!(app.execute(&moved).await, 1);
+    let res = app.api(reqwest::Method::GET, &token_path, &k2).send().await.unwrap();
+    assert_eq!(res.status(), 500);
+    let body = res.text().await.unwrap();
+    assert!(!body.contains(&token), "the token is not handed to the other workspace");
+    assert!(app.log_text().contains("failed authentication"), "the refusal is logged");
+    let back = format!("UPDATE {{schema}}.connections SET workspace_id = '{w1}' WHERE id = '{connection}'");
+    assert_eq!(app.execute(&back).await, 1);
+    assert_eq!(app.api_get(&token_path, &k1, 200).await["access_token"], token.as_str());
+
+    // A value in the earlier envelope, as an older authlink stored it.
+    let master = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
+    let kid = app.cli_json(&["keys", "status"])["active_kid"].as_str().unwrap().to_string();
+    let legacy = legacy_envelope(&master, &kid, "legacy-token", "connections", &connection, "access_token");
+    let stored = format!(
+        "UPDATE {{schema}}.connections SET access_token_sealed = '{legacy}' WHERE id = '{connection}'"
+    );
+    assert_eq!(app.execute(&stored).await, 1);
+    assert_eq!(app.api_get(&token_path, &k1, 200).await["access_token"], "legacy-token");
+    let status = app.cli_json(&["keys", "status"]);
+    let legacy_count = |status: &Value| -> i64 {
+        status["sealed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["envelope"] == "v1")
+            .map(|c| c["count"].as_i64().unwrap())
+            .sum()
+    };
+    assert_eq!(legacy_count(&status), 1, "{status}");
+    let report = app.cli_json(&["keys", "rewrap"]);
+    assert_eq!(report["remaining"], json!([]), "{report}");
+    let resealed: i64 =
+        report["columns"].as_array().unwrap().iter().map(|c| c["resealed"].as_i64().unwrap()).sum();
+    assert_eq!(resealed, 1);
+    assert_eq!(legacy_count(&app.cli_json(&["keys", "status"])), 0);
+    let now_stored = app
+        .text(&format!("SELECT access_token_sealed FROM {{schema}}.connections WHERE id = '{connection}'"))
+        .await;
+    assert!(now_stored.starts_with(&format!("v2:{kid}:")), "{now_stored}");
+    assert_eq!(app.api_get(&token_path, &k1, 200).await["access_token"], "legacy-token");
 }

@@ -180,7 +180,9 @@ pub async fn start_connect(
     let now = state.now_ms();
     let id = new_id();
     let flow = FlowRow {
-        verifier_sealed: state.keys.seal_str(&verifier, Aad::new("oauth_flows", &id, "verifier")),
+        verifier_sealed: state
+            .keys
+            .seal_str(&verifier, Aad::new(&workspace.id, "oauth_flows", &id, "verifier")),
         id,
         state_hash: crypto::sha256_hex(oauth_state.as_bytes()),
         browser_hash: crypto::sha256_hex(browser_value.as_bytes()),
@@ -653,7 +655,7 @@ async fn complete_flow(
     };
     let verifier = state
         .keys
-        .open_str(&flow.verifier_sealed, Aad::new("oauth_flows", &flow.id, "verifier"))
+        .open_str(&flow.verifier_sealed, Aad::new(&flow.workspace_id, "oauth_flows", &flow.id, "verifier"))
         .map_err(crate::service::ServiceError::from)?;
     let redirect = redirect_uri(state, platform);
     let call = std::time::Instant::now();
@@ -740,7 +742,10 @@ async fn landing_href(state: &AppState, link_id: &str) -> Option<String> {
 
 /// The landing page of `link`, whose token is unsealed for it.
 fn landing_href_of(state: &AppState, link: &LinkRow) -> Option<String> {
-    let token = state.keys.open_str(&link.token_sealed, Aad::new("links", &link.id, "token")).ok()?;
+    let token = state
+        .keys
+        .open_str(&link.token_sealed, crate::service::links::token_aad(&link.workspace_id, &link.id))
+        .ok()?;
     Some(format!("/l/{}", token.expose_secret()))
 }
 
