@@ -12,6 +12,10 @@
 //!   consent decision, the OAuth callback (timed on its own, with the `Server-Timing` split between
 //!   provider time and authlink's own work, and the database's part of the latter) and the success
 //!   page.
+//! * **link states**: one client requests, in turn, an unknown token (404), a revoked link (410)
+//!   and an expired one (410), `BENCH_LINK_STATE_ROUNDS` times each (default 2,000), so that
+//!   their latencies can be compared: a refused link should not be told from an unknown one by
+//!   its timing (the capability-URL guidance).
 //! * **memory**: idle RSS after start (`VmRSS`) and peak RSS under each load (`VmHWM`, reset with
 //!   `/proc/<pid>/clear_refs` before each scenario when the kernel allows it).
 //! * **startup**: time from spawning `authlink serve` on the existing database until `GET /readyz`
@@ -21,7 +25,8 @@
 //! a warm-up and a measured window). Only loopback is loaded, for a bounded time. Settings come
 //! from the environment: `BENCH_CONNECTIONS` (default 32), `BENCH_SECONDS` (measured seconds per
 //! scenario, default 10), `BENCH_WARMUP_SECONDS` (default 3), `BENCH_FLOW_CLIENTS` (default 8),
-//! `BENCH_FLOW_NICE` (default 19), `BENCH_STARTUP_RUNS` (default 5).
+//! `BENCH_FLOW_NICE` (default 19), `BENCH_STARTUP_RUNS` (default 5), `BENCH_LINK_STATE_ROUNDS`
+//! (default 2,000).
 //!
 //! The connect flow's browsers run on a runtime of their own whose threads have a lower scheduling
 //! priority (`BENCH_FLOW_NICE`, set with `renice` as each thread starts; 0 leaves them as they
@@ -168,6 +173,8 @@ struct Settings {
     measure: Duration,
     /// How many times startup is measured.
     startup_runs: usize,
+    /// Requests per link state in the link-states scenario.
+    link_state_rounds: usize,
 }
 
 impl Settings {
@@ -191,6 +198,7 @@ impl Settings {
             warmup: Duration::from_secs(var("BENCH_WARMUP_SECONDS", 3, 0, 60)?),
             measure: Duration::from_secs(var("BENCH_SECONDS", 10, 1, 120)?),
             startup_runs: usize::try_from(var("BENCH_STARTUP_RUNS", 5, 1, 21)?)?,
+            link_state_rounds: usize::try_from(var("BENCH_LINK_STATE_ROUNDS", 2_000, 100, 100_000)?)?,
         })
     }
 }
@@ -984,6 +992,51 @@ async fn flow_load(link: Url, settings: Settings) -> Result<FlowResult> {
 }
 
 /// Nearest-rank percentile of sorted values.
+/// A link in one state and the status it must answer.
+struct StateProbe {
+    name: &'static str,
+    url: Url,
+    status: StatusCode,
+}
+
+/// Unmeasured rounds before the link-states scenario's measured ones.
+const LINK_STATE_WARMUP: usize = 200;
+
+/// One client, one request at a time, taking the probes in turn (each round starting from the
+/// next one, so that none always follows the same other): the sorted latencies of each.
+async fn link_states(
+    probes: &[StateProbe],
+    rounds: usize,
+) -> Result<Vec<(&'static str, StatusCode, Vec<Duration>)>> {
+    let client = http_client(1, false)?;
+    let mut latencies: Vec<Vec<Duration>> = probes.iter().map(|_| Vec::with_capacity(rounds)).collect();
+    for round in 0..LINK_STATE_WARMUP + rounds {
+        for k in 0..probes.len() {
+            let i = (round + k) % probes.len();
+            let probe = &probes[i];
+            let t0 = Instant::now();
+            let res = client.get(probe.url.clone()).send().await.context("link states: request")?;
+            let status = res.status();
+            res.bytes().await.context("link states: body")?;
+            let elapsed = t0.elapsed();
+            if status != probe.status {
+                bail!("link states: the {} answered {status}, not {}", probe.name, probe.status);
+            }
+            if round >= LINK_STATE_WARMUP {
+                latencies[i].push(elapsed);
+            }
+        }
+    }
+    Ok(probes
+        .iter()
+        .zip(latencies)
+        .map(|(p, mut l)| {
+            l.sort_unstable();
+            (p.name, p.status, l)
+        })
+        .collect())
+}
+
 fn percentile<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     if sorted.is_empty() {
         return None;
@@ -1064,6 +1117,8 @@ struct Report {
     flows_cpu: CpuUsage,
     /// The niceness the browser threads actually ran at (0 when `renice` was not asked or failed).
     flow_nice: u64,
+    /// Each refused link state: its name, status and sorted latencies.
+    link_states: Vec<(&'static str, StatusCode, Vec<Duration>)>,
     idle_rss: u64,
     peaks_reset: bool,
     startups: Vec<Duration>,
@@ -1108,6 +1163,22 @@ fn run() -> Result<()> {
         authlink.cli(&public_url, &["link", "create", "--workspace", workspace_id, "--label", "Client"])?;
     let link_url = link.get("url").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("no url in {link}"))?;
     let link_url = Url::parse(link_url).with_context(|| format!("bad link url {link_url:?}"))?;
+    // For the link-states scenario, at the end: a revoked link, one that expires a second from
+    // now (long past by then), and a well-formed token no link has.
+    let new_link = |args: &[&str]| -> Result<(String, Url)> {
+        let base = ["link", "create", "--workspace", workspace_id, "--label", "State"];
+        let link = authlink.cli(&public_url, &[&base[..], args].concat())?;
+        let id = link.get("id").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("no id in {link}"))?;
+        let url = link.get("url").and_then(|v| v.as_str()).ok_or_else(|| anyhow!("no url in {link}"))?;
+        Ok((id.to_string(), Url::parse(url)?))
+    };
+    let (revoked_id, revoked_url) = new_link(&[])?;
+    authlink.cli(&public_url, &["link", "revoke", &revoked_id])?;
+    let (_, expired_url) = new_link(&["--expires-in", "1s"])?;
+    let unknown_url = public_url.join(&format!(
+        "/l/{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+    ))?;
 
     let floor_url = Url::parse(&format!("http://127.0.0.1:{}/", floor.port))?;
     eprintln!("bench: floor: GET / with {} connections, {window}", settings.connections);
@@ -1128,6 +1199,17 @@ fn run() -> Result<()> {
     drop(flow_rt);
     let flow_nice = if reniced.load(Ordering::Relaxed) { settings.flow_nice } else { 0 };
     let flows_peak_rss = peak_rss(server.pid())?;
+
+    eprintln!(
+        "bench: link states: unknown, revoked and expired links, {} requests each",
+        settings.link_state_rounds
+    );
+    let probes = [
+        StateProbe { name: "unknown token", url: unknown_url, status: StatusCode::NOT_FOUND },
+        StateProbe { name: "revoked link", url: revoked_url, status: StatusCode::GONE },
+        StateProbe { name: "expired link", url: expired_url, status: StatusCode::GONE },
+    ];
+    let link_states = rt.block_on(link_states(&probes, settings.link_state_rounds))?;
 
     if !server.running() {
         bail!("authlink exited during the load");
@@ -1158,6 +1240,7 @@ fn run() -> Result<()> {
         flows_peak_rss,
         flows_cpu,
         flow_nice,
+        link_states,
         idle_rss,
         peaks_reset,
         startups,
@@ -1201,6 +1284,10 @@ fn mib(bytes: u64) -> String {
 
 fn ms(d: Option<Duration>) -> String {
     d.map_or_else(|| "n/a".into(), |d| format!("{:.2} ms", d.as_secs_f64() * 1000.0))
+}
+
+fn us(d: Option<Duration>) -> String {
+    d.map(|d| format!("{} µs", d.as_micros())).unwrap_or_else(|| "n/a".into())
 }
 
 fn ms_f(v: Option<f64>) -> String {
@@ -1355,6 +1442,22 @@ impl Report {
             ms_f(percentile(&self.flows.rest_ms, 99.0))
         );
         let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "| Link state (one client, {} requests each, in turn) | Status | p50 | p99 |",
+            s.link_state_rounds
+        );
+        let _ = writeln!(o, "|---|---:|---:|---:|");
+        for (name, status, l) in &self.link_states {
+            let _ = writeln!(
+                o,
+                "| {name} | {} | {} | {} |",
+                status.as_u16(),
+                us(percentile(l, 50.0)),
+                us(percentile(l, 99.0))
+            );
+        }
+        let _ = writeln!(o);
         let _ = writeln!(o, "| Measurement | Value |");
         let _ = writeln!(o, "|---|---:|");
         let _ = writeln!(o, "| authlink idle RSS after start | {} |", mib(self.idle_rss));
@@ -1444,6 +1547,19 @@ impl Report {
             "| callback app-time p99 < 2 ms | {} | {} |",
             ms_f(app_p99),
             timed_verdict(app_p99.map(|p| p < 2.0), &[self.flows_cpu])
+        );
+
+        let state_p50s: Vec<Duration> =
+            self.link_states.iter().filter_map(|(_, _, l)| percentile(l, 50.0)).collect();
+        let state_spread = match (state_p50s.iter().min(), state_p50s.iter().max()) {
+            (Some(lo), Some(hi)) if state_p50s.len() == self.link_states.len() => Some(*hi - *lo),
+            _ => None,
+        };
+        let _ = writeln!(
+            o,
+            "| unknown, revoked and expired links: p50s within 1 ms of each other | {} apart | {} |",
+            us(state_spread),
+            verdict(state_spread.map(|d| d <= Duration::from_millis(1)))
         );
 
         let mut notes = Vec::new();
