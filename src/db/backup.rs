@@ -80,6 +80,9 @@ pub enum BackupError {
         /// Why.
         why: String,
     },
+    /// The folder a backup should go to is not there.
+    #[error("no folder {0} to write the backup to")]
+    NoFolder(PathBuf),
     /// A restore from the database onto itself.
     #[error("{0} is the database itself")]
     SameFile(PathBuf),
@@ -106,6 +109,7 @@ impl BackupError {
             self,
             Self::Exists(_)
                 | Self::NoDatabase(_)
+                | Self::NoFolder(_)
                 | Self::NotABackup { .. }
                 | Self::SameFile(_)
                 | Self::Path(_)
@@ -129,6 +133,10 @@ pub fn backup(db: &Path, output: &Path) -> Result<Summary, BackupError> {
         return Err(BackupError::Exists(output.to_path_buf()));
     }
     let name = output.file_name().ok_or_else(|| BackupError::Path(output.to_path_buf()))?;
+    let folder = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !folder.is_dir() {
+        return Err(BackupError::NoFolder(folder.to_path_buf()));
+    }
     let partial = output.with_file_name(format!(
         ".{}.partial-{}",
         name.to_string_lossy(),
@@ -157,10 +165,8 @@ pub fn backup(db: &Path, output: &Path) -> Result<Summary, BackupError> {
     })();
     let _ = std::fs::remove_file(&partial);
     let mut summary = written?;
-    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // The new name is durable once its folder is.
-        std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_error(dir))?;
-    }
+    // The new name is durable once its folder is.
+    std::fs::File::open(folder).and_then(|f| f.sync_all()).map_err(io_error(folder))?;
     summary.path = output.to_path_buf();
     Ok(summary)
 }
@@ -300,6 +306,8 @@ mod tests {
             backup(&dir.path().join("none.db"), &dir.path().join("x.db")),
             Err(BackupError::NoDatabase(_))
         ));
+        let nowhere = backup(&db, &dir.path().join("missing/copy.db")).unwrap_err();
+        assert!(matches!(nowhere, BackupError::NoFolder(_)) && nowhere.is_usage(), "{nowhere}");
 
         // A SQLite database without authlink's tables, and a file that is not SQLite.
         let other = dir.path().join("other.db");
