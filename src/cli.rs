@@ -63,8 +63,9 @@ pub enum Command {
         output: PathBuf,
     },
     /// Replace the SQLite database with a copy made by `authlink backup`. Stop every authlink
-    /// process using the database first. The configured master key must open the copy, and the
-    /// copy must not come from a newer authlink; the next start migrates an older one.
+    /// process using the database first (a restore refuses while another process has it open).
+    /// The configured master key must open the copy, and the copy must not come from a newer
+    /// authlink; the next start migrates an older one.
     Restore {
         /// The backup file.
         #[arg(long)]

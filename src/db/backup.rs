@@ -83,6 +83,12 @@ pub enum BackupError {
     /// The folder a backup should go to is not there.
     #[error("no folder {0} to write the backup to")]
     NoFolder(PathBuf),
+    /// A restore onto a database another process has open.
+    #[error(
+        "{0} is in use by another process (an authlink serve or worker?): stop every process using it, \
+         then restore"
+    )]
+    InUse(PathBuf),
     /// A restore from the database onto itself.
     #[error("{0} is the database itself")]
     SameFile(PathBuf),
@@ -110,6 +116,7 @@ impl BackupError {
             Self::Exists(_)
                 | Self::NoDatabase(_)
                 | Self::NoFolder(_)
+                | Self::InUse(_)
                 | Self::NotABackup { .. }
                 | Self::SameFile(_)
                 | Self::Path(_)
@@ -119,6 +126,9 @@ impl BackupError {
 
 /// How long either side waits for another process's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a restore waits for the target to be free before calling it in use.
+const IN_USE_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> BackupError + '_ {
     move |source| BackupError::Io { path: path.to_path_buf(), source }
@@ -234,7 +244,10 @@ pub fn inspect(path: &Path) -> Result<Summary, BackupError> {
 
 /// Replaces the contents of the database at `db` (created when missing) with the backup at
 /// `from`, in one write transaction. The caller has inspected the backup and checked its keys
-/// and schema version; every authlink process using `db` should be stopped.
+/// and schema version. Refused while another process has the database open: the target is
+/// opened in SQLite's exclusive locking mode, whose lock, once taken, is held until the restore
+/// is done, and which no connection of another process lets it take (in WAL mode each holds a
+/// shared lock on the file for as long as it is open).
 pub fn restore(from: &Path, db: &Path) -> Result<(), BackupError> {
     if let (Ok(a), Ok(b)) = (from.canonicalize(), db.canonicalize()) {
         if a == b {
@@ -249,7 +262,16 @@ pub fn restore(from: &Path, db: &Path) -> Result<(), BackupError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     let mut target = Connection::open(db)?;
-    target.busy_timeout(BUSY_TIMEOUT)?;
+    target.busy_timeout(IN_USE_TIMEOUT)?;
+    target.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+    if let Err(e) = target.execute_batch("BEGIN EXCLUSIVE; ROLLBACK;") {
+        return Err(match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                BackupError::InUse(db.to_path_buf())
+            }
+            _ => e.into(),
+        });
+    }
     let backup = rusqlite::backup::Backup::new(&source, &mut target)?;
     // Every page in one step: the target changes in one transaction, or not at all.
     match backup.step(-1)? {
@@ -320,23 +342,35 @@ mod tests {
     }
 
     #[test]
-    fn restores_over_a_database_with_a_wal() {
+    fn restores_over_a_database_with_a_wal_and_never_under_a_running_process() {
         let (dir, db, copy, _) = backed_up();
-        // The live database moves on, in WAL mode, with a connection holding its WAL open.
+        // The live database moves on, in WAL mode, its last commits in the WAL only.
         let live = Connection::open(&db).unwrap();
         live.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; \
              INSERT INTO workspaces VALUES ('w3'); INSERT INTO links VALUES ('l1');",
         )
         .unwrap();
-        assert!(dir.path().join("live.db-wal").exists());
-        restore(&copy, &db).unwrap();
-        let after = inspect(&db).unwrap();
-        assert_eq!((after.workspaces, after.links), (2, 0));
-        // The connection that kept the WAL open reads the restored data too.
-        let seen: i64 = live.query_row("SELECT COUNT(*) FROM workspaces", [], |r| r.get(0)).unwrap();
-        assert_eq!(seen, 2);
+        // While a process has it open, a restore is refused and changes nothing.
+        let err = restore(&copy, &db).unwrap_err();
+        assert!(matches!(err, BackupError::InUse(_)) && err.is_usage(), "{err}");
+        assert_eq!(live.query_row("SELECT COUNT(*) FROM links", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+        // What a process that died leaves: the file and a WAL holding commits the file lacks.
+        let crashed = dir.path().join("crashed.db");
+        std::fs::copy(&db, &crashed).unwrap();
+        std::fs::copy(dir.path().join("live.db-wal"), dir.path().join("crashed.db-wal")).unwrap();
         drop(live);
+        assert_eq!(inspect(&crashed).unwrap().links, 1, "the copied WAL holds the last commits");
+        restore(&copy, &crashed).unwrap();
+        let after = inspect(&crashed).unwrap();
+        assert_eq!((after.workspaces, after.links), (2, 0));
+        // Opened as authlink opens it: nothing of the old WAL comes back.
+        let reopened = Connection::open(&crashed).unwrap();
+        let links: i64 = reopened.query_row("SELECT COUNT(*) FROM links", [], |r| r.get(0)).unwrap();
+        assert_eq!(links, 0);
+        drop(reopened);
+        // And now that nothing holds it, over the live one.
+        restore(&copy, &db).unwrap();
         assert_eq!(inspect(&db).unwrap().workspaces, 2);
         assert!(matches!(restore(&db, &db), Err(BackupError::SameFile(_))));
     }

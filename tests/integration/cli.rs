@@ -554,7 +554,12 @@ async fn backup_and_restore(app: TestApp) {
     assert_eq!(links[0]["status"], "active");
     assert_eq!(on_fresh(&["connection", "token", &connection_id])["access_token"], token_before);
 
-    // Over the live database, once the server is stopped: it serves the data as it was.
+    // Over the live database: refused while the server runs (it changes nothing), done once
+    // the server is stopped, which then serves the data as it was.
+    let out = app.cli(&["restore", "--from", &copy_arg]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_fails(&out, "in use by another process");
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 410, "still revoked");
     app.kill();
     let out = app.cli(&["--json", "restore", "--from", &copy_arg]);
     assert!(out.status.success(), "{}", stderr(&out));
