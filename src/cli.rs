@@ -1132,6 +1132,13 @@ async fn keys(app: AppState, json: bool, cmd: KeysCommand) -> CliResult {
                 }
                 out.push_str("\nsealed values:\n");
                 out.push_str(&if s.sealed.is_empty() { "  none".to_string() } else { counts(&s.sealed) });
+                let legacy: i64 = s.sealed.iter().filter(|c| c.envelope == "v1").map(|c| c.count).sum();
+                if legacy > 0 {
+                    out.push_str(&format!(
+                        "\n{legacy} values are in the v1 envelope, not bound to their workspace: \
+                         `authlink keys rewrap` seals them again"
+                    ));
+                }
                 out
             });
             Ok(())
