@@ -1134,9 +1134,11 @@ async fn keys(app: AppState, json: bool, cmd: KeysCommand) -> CliResult {
                 out.push_str(&if s.sealed.is_empty() { "  none".to_string() } else { counts(&s.sealed) });
                 let legacy: i64 = s.sealed.iter().filter(|c| c.envelope == "v1").map(|c| c.count).sum();
                 if legacy > 0 {
+                    let values =
+                        if legacy == 1 { "1 value is".into() } else { format!("{legacy} values are") };
                     out.push_str(&format!(
-                        "\n{legacy} values are in the v1 envelope, not bound to their workspace: \
-                         `authlink keys rewrap` seals them again"
+                        "\n{values} in the v1 envelope, not bound to a workspace: `authlink keys rewrap` \
+                         seals them again"
                     ));
                 }
                 out

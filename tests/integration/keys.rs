@@ -306,7 +306,7 @@ async fn sealed_values_are_bound_to_their_workspace(app: TestApp) {
     };
     assert_eq!(legacy_count(&status), 1, "{status}");
     let human = String::from_utf8_lossy(&app.cli(&["keys", "status"]).stdout).to_string();
-    assert!(human.contains("1 values are in the v1 envelope") && human.contains("keys rewrap"), "{human}");
+    assert!(human.contains("1 value is in the v1 envelope") && human.contains("keys rewrap"), "{human}");
     let report = app.cli_json(&["keys", "rewrap"]);
     assert_eq!(report["remaining"], json!([]), "{report}");
     let resealed: i64 =
