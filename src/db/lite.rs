@@ -12,7 +12,7 @@
 //!
 //! The writer connection is used only while the sqlx writer connection is held too (so writes of
 //! either kind queue on one permit, in order, and a transaction the sqlx connection left open is
-//! rolled back first); statements are the same [`Stmt`](super::stmt::Stmt) values the sqlx path
+//! rolled back first); statements are the same [`Stmt`] values the sqlx path
 //! runs. Like sqlx's writer, it never checkpoints the WAL itself (the checkpoint loop does).
 
 use std::future::Future;

@@ -3,7 +3,6 @@
 
 /// The JSON API under `/api/v1`, with its OpenAPI document.
 pub mod api;
-/// The dashboard under `/app` for agency members and platform admins.
 pub mod dashboard;
 /// Security headers (CSP, HSTS, nosniff, framing, referrer policy).
 mod headers;

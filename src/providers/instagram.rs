@@ -20,7 +20,7 @@
 //!   `is_transient` are Transient; other codes are Rejected (Transient on a 5xx).
 //!
 //! The client secret and tokens travel in query strings here: no URL is ever logged, and every
-//! provider text is passed through [`sanitize`] before it reaches a reason.
+//! provider text is passed through `sanitize` before it reaches a reason.
 
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value};

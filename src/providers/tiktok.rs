@@ -10,11 +10,11 @@
 //! - the user-info API wraps its answer in `{data:{user}, error:{code,message,log_id}}`, and the
 //!   docs print the error struct flat, so both are read (§2.7, §2.8).
 //!
-//! Failures are classified per providers.md §9.3 (see [`classify`]). Reasons never contain the
+//! Failures are classified per providers.md §9.3 (see `classify`). Reasons never contain the
 //! code, the verifier, a token or the client secret: every text that comes from the provider is
-//! passed through [`sanitize`] with those values before it reaches a reason.
+//! passed through `sanitize` with those values before it reaches a reason.
 //!
-//! The small HTTP helpers at the bottom ([`send`], [`sanitize`], [`status_error`], ...) are shared
+//! The small HTTP helpers at the bottom (`send`, `sanitize`, `status_error`, ...) are shared
 //! with the Instagram adapter.
 
 use std::time::Duration;

@@ -418,7 +418,7 @@ pub struct RefusalQuery {
     flow: Option<String>,
 }
 
-/// `GET /oauth/{provider}/failed`: the page of a refused callback (see [`refused`]), with its
+/// `GET /oauth/{provider}/failed`: the page of a refused callback (see `refused`), with its
 /// failure's status. Writes nothing.
 pub async fn show_refusal(
     State(state): State<AppState>,
