@@ -59,7 +59,7 @@ pub enum Command {
     /// it is of use only with the master key, so keep the two apart.
     Backup {
         /// The file to write; it must not exist (it is created with mode 0600).
-        #[arg(long, short)]
+        #[arg(long, short, value_name = "FILE")]
         output: PathBuf,
     },
     /// Replace the SQLite database with a copy made by `authlink backup`. Stop every authlink
@@ -68,7 +68,7 @@ pub enum Command {
     /// authlink; the next start migrates an older one.
     Restore {
         /// The backup file.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         from: PathBuf,
     },
     /// Manage workspaces (agencies).
