@@ -48,8 +48,14 @@ pub enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Print a new random master key (base64 of 32 bytes) for AUTHLINK_MASTER_KEY.
-    Keygen,
+    /// Make a new random master key (base64 of 32 bytes): printed, for AUTHLINK_MASTER_KEY, or
+    /// with --output written to a new file (mode 0600), for master_key_file, so that it passes
+    /// through no terminal and no shell history.
+    Keygen {
+        /// Write the key to this new file (mode 0600) instead of printing it, and print its key id.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Master key rotation: which keys the stored secrets are sealed with, and re-sealing them
     /// with the current key.
     #[command(subcommand)]
@@ -625,11 +631,31 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
             }
             Ok(())
         }
-        Command::Keygen => {
+        Command::Keygen { output: None } => {
             let (_, key) = crate::crypto::KeyRing::generate();
             use secrecy::ExposeSecret;
             print(json, &serde_json::json!({"master_key": key.expose_secret()}), |_| {
                 key.expose_secret().to_string()
+            });
+            Ok(())
+        }
+        Command::Keygen { output: Some(path) } => {
+            // A new file only: an existing key file may be the one the data is sealed with.
+            if path.symlink_metadata().is_ok() {
+                return Err(CliError::new(
+                    2,
+                    format!("{} already exists: a key file is never overwritten", path.display()),
+                ));
+            }
+            let ring =
+                crate::crypto::KeyRing::create_file(&path).map_err(|e| CliError::new(1, e.to_string()))?;
+            let kid = ring.active_kid().to_string();
+            print(json, &serde_json::json!({"master_key_file": path, "kid": kid}), |_| {
+                format!(
+                    "master key {kid} written to {} (mode 0600): set AUTHLINK_MASTER_KEY_FILE={}",
+                    path.display(),
+                    path.display()
+                )
             });
             Ok(())
         }

@@ -19,6 +19,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         migrate_and_unreachable_database,
         wrong_master_key_is_refused,
         backup_and_restore,
+        keygen_prints_or_writes_a_key,
         graceful_shutdown_finishes_requests,
     ]
 }
@@ -568,6 +569,40 @@ async fn backup_and_restore(app: TestApp) {
     assert_eq!(app.cli_json(&["link", "list", "--workspace", &wid]).as_array().unwrap().len(), 1);
     assert_eq!(app.cli_json(&["connection", "token", &connection_id])["access_token"], token_before);
     cleanup.run().await;
+}
+
+async fn keygen_prints_or_writes_a_key(app: TestApp) {
+    use base64::Engine;
+    let decode = |v: &str| base64::engine::general_purpose::STANDARD.decode(v.trim()).unwrap();
+    let a = app.cli_json(&["keygen"])["master_key"].as_str().unwrap().to_string();
+    let b = app.cli_json(&["keygen"])["master_key"].as_str().unwrap().to_string();
+    assert_eq!(decode(&a).len(), 32);
+    assert_ne!(a, b, "a new key each time");
+    // Into a new file, mode 0600, for master_key_file; never over an existing one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys/master.key");
+    let path_arg = path.display().to_string();
+    let made = app.cli_json(&["keygen", "--output", &path_arg]);
+    assert_eq!(made["master_key_file"], path_arg.as_str());
+    assert!(made.get("master_key").is_none(), "the key itself is not printed");
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(decode(&written).len(), 32);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = app.cli(&["keygen", "--output", &path_arg]);
+    assert_eq!(again.status.code(), Some(2));
+    assert_fails(&again, "already exists");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), written, "the file is unchanged");
+    // The file opens a new database, whose active key is the one printed.
+    let db = format!("sqlite://{}/keyed.db", dir.path().display());
+    let with_file = [("AUTHLINK_DATABASE_URL", db.as_str()), ("AUTHLINK_MASTER_KEY_FILE", path_arg.as_str())];
+    let mut cmd = std::process::Command::new(binary());
+    crate::helpers::clear_authlink_env(&mut cmd);
+    let out =
+        cmd.args(["keys", "status", "--json"]).envs(with_file).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["active_kid"], made["kid"]);
 }
 
 async fn graceful_shutdown_finishes_requests(app: TestApp) {
