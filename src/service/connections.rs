@@ -454,7 +454,7 @@ impl db::FlowWrite for StoreFlow {
             &event(
                 &row,
                 kind,
-                Some(format!("{} {handle} via link {}", platform.display_name(), link.id)),
+                Some(format!("{} {handle} via link “{}” ({})", platform.display_name(), link.label, link.id)),
                 now,
             ),
         )

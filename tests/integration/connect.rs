@@ -274,6 +274,9 @@ async fn connect_reconnect_and_second_account(app: TestApp, provider: &str) {
     let kinds: Vec<&str> =
         detail["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, vec!["created", "reconnected"]);
+    // Each entry names the link by its label, and by its id, which does not change.
+    let through = format!("via link “Client” ({link_id})");
+    assert!(detail["events"][0]["detail"].as_str().unwrap().ends_with(&through), "{detail}");
     let link = app.api_get(&format!("/links/{link_id}"), &key, 200).await;
     assert_eq!(link["use_count"], 3);
     assert!(link["last_used_at"].is_string());
