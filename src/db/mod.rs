@@ -577,11 +577,9 @@ pub fn sqlite_schema_version() -> i64 {
 /// The file of a SQLite URL, when it names one that [`lite`] can open the same way (not an
 /// in-memory database, not read-only, no percent-encoded path).
 fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
-    let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let plain = !path.is_empty() && path != ":memory:" && !path.contains('%');
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or_default();
     let writable = query.split('&').all(|kv| !matches!(kv, "mode=memory" | "mode=ro" | "immutable=1"));
-    (plain && writable).then(|| std::path::PathBuf::from(path))
+    sqlite_path(url).filter(|_| writable)
 }
 
 /// `key IN (subquery)` for claiming rows, with the subquery's row locking on PostgreSQL
