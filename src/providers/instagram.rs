@@ -59,10 +59,10 @@ pub struct Instagram {
 
 /// The short-lived token answer, before the long-lived exchange.
 #[derive(Debug)]
-struct ShortLived {
-    access_token: SecretString,
-    user_id: Option<String>,
-    permissions: Vec<String>,
+pub(super) struct ShortLived {
+    pub(super) access_token: SecretString,
+    pub(super) user_id: Option<String>,
+    pub(super) permissions: Vec<String>,
 }
 
 impl Instagram {
@@ -209,7 +209,11 @@ fn unwrap_data(obj: Map<String, Value>) -> Map<String, Value> {
 }
 
 /// Parses the `oauth/access_token` answer, flat or wrapped.
-fn parse_short_lived(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<ShortLived, ProviderError> {
+pub(super) fn parse_short_lived(
+    raw: &RawResponse,
+    what: &str,
+    secrets: &[&str],
+) -> Result<ShortLived, ProviderError> {
     let Some(Value::Object(obj)) = raw.json() else {
         return Err(status_error(raw, what));
     };
@@ -238,7 +242,7 @@ fn parse_short_lived(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<
 }
 
 /// Parses a `{access_token, token_type, expires_in}` answer (long-lived exchange and refresh).
-fn parse_long_lived(
+pub(super) fn parse_long_lived(
     raw: &RawResponse,
     now: OffsetDateTime,
     what: &str,
@@ -269,7 +273,11 @@ fn parse_long_lived(
 }
 
 /// Parses `/me`, flat or wrapped in `data:[...]`.
-fn parse_profile(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<Profile, ProviderError> {
+pub(super) fn parse_profile(
+    raw: &RawResponse,
+    what: &str,
+    secrets: &[&str],
+) -> Result<Profile, ProviderError> {
     let Some(Value::Object(obj)) = raw.json() else {
         return Err(status_error(raw, what));
     };

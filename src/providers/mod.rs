@@ -8,6 +8,8 @@
 //! Dispatch is an enum rather than a trait object: the set of providers is closed and known at
 //! compile time, and async methods on an enum need no boxing.
 
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod instagram;
 pub mod pkce;
 pub mod tiktok;

@@ -172,7 +172,7 @@ impl TikTok {
 }
 
 /// Parses a token-endpoint answer (code exchange or refresh).
-fn parse_token_answer(
+pub(super) fn parse_token_answer(
     raw: &RawResponse,
     now: OffsetDateTime,
     what: &str,
@@ -249,7 +249,11 @@ fn parse_token_answer(
 }
 
 /// Parses a `/v2/user/info/` answer.
-fn parse_user_info(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<Profile, ProviderError> {
+pub(super) fn parse_user_info(
+    raw: &RawResponse,
+    what: &str,
+    secrets: &[&str],
+) -> Result<Profile, ProviderError> {
     let Some(Value::Object(obj)) = raw.json() else {
         return Err(status_error(raw, what));
     };
@@ -292,7 +296,11 @@ fn parse_user_info(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<Pr
 }
 
 /// Parses a revoke answer.
-fn parse_revoke_answer(raw: &RawResponse, what: &str, secrets: &[&str]) -> Result<(), ProviderError> {
+pub(super) fn parse_revoke_answer(
+    raw: &RawResponse,
+    what: &str,
+    secrets: &[&str],
+) -> Result<(), ProviderError> {
     if raw.body.trim().is_empty() {
         return if raw.is_success() { Ok(()) } else { Err(status_error(raw, what)) };
     }
