@@ -62,6 +62,11 @@ pub enum DbError {
     /// A uniqueness constraint refused the write.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A value held a character the database cannot store (PostgreSQL refuses NUL in text).
+    /// Text that is written is validated first and never holds one, so this comes from a key
+    /// looked up, which then matches nothing.
+    #[error("a value the database cannot hold: {0}")]
+    InvalidText(#[source] BoxError),
     /// A migration failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -86,6 +91,10 @@ impl From<sqlx::Error> for DbError {
             }
             sqlx::Error::Database(db) if is_unavailable_code(db.code().as_deref()) => {
                 DbError::Unavailable(e.into())
+            }
+            // character_not_in_repertoire (NUL in text) and untranslatable_character.
+            sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("22021" | "22P05")) => {
+                DbError::InvalidText(e.into())
             }
             _ => DbError::Other(e.into()),
         }

@@ -136,15 +136,29 @@ pub enum ServiceError {
     Unavailable(String),
     /// Storage failed.
     #[error(transparent)]
-    Db(#[from] DbError),
+    Db(DbError),
     /// A sealed value could not be opened.
     #[error("sealed data could not be opened: {0}")]
     Crypto(#[from] CryptoError),
 }
 
+impl From<DbError> for ServiceError {
+    fn from(e: DbError) -> Self {
+        match e {
+            // Nothing stored can match a key the database cannot even hold (a NUL character
+            // given in an address or a form): the object looked for does not exist.
+            DbError::InvalidText(cause) => {
+                tracing::debug!(error = %cause, "a key the database cannot hold");
+                ServiceError::NotFound("object")
+            }
+            e => ServiceError::Db(e),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ServiceError {
     fn from(e: sqlx::Error) -> Self {
-        ServiceError::Db(e.into())
+        DbError::from(e).into()
     }
 }
 

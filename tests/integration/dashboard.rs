@@ -1291,6 +1291,9 @@ async fn hostile_input_never_breaks_a_page(app: TestApp) {
         "../../etc/passwd",
         "#zzz",
         "%00x",
+        // PostgreSQL cannot hold a NUL character in text: it must not reach a query as an error.
+        "\u{0}",
+        "nul\u{0}inside",
         "tiktok,instagram",
         "owner",
         "admin",

@@ -14,6 +14,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         link_guessing_is_rate_limited,
         forwarded_for_counts_only_from_trusted_proxies,
         hostile_input_never_breaks_a_public_page,
+        a_key_the_database_cannot_hold_is_not_found,
     ]
 }
 
@@ -289,6 +290,9 @@ async fn hostile_input_never_breaks_a_public_page(app: TestApp) {
         "access_denied",
         "tiktok",
         "instagram",
+        // PostgreSQL cannot hold a NUL character in text: it must not reach a query as an error.
+        "\u{0}",
+        "nul\u{0}inside",
     ]
     .iter()
     .map(|v| v.to_string())
@@ -379,4 +383,33 @@ async fn hostile_input_never_breaks_a_public_page(app: TestApp) {
     let logs = app.log_text();
     assert!(!logs.contains("internal error"), "{logs}");
     cleanup.run().await;
+}
+
+/// A key holding a NUL character, which PostgreSQL cannot hold in text (SQLite can), matches
+/// nothing: on PostgreSQL the query fails with the database's own error, which the service layer
+/// turns into "not found" (a 404 for pages and the API), never an internal error.
+async fn a_key_the_database_cannot_hold_is_not_found(app: TestApp) {
+    use authlink::service::ServiceError;
+    let db = authlink::db::Db::connect(
+        &app.db_url.clone().into(),
+        &authlink::config::DatabaseConfig { max_connections: 1, acquire_timeout_secs: 5 },
+    )
+    .await
+    .unwrap();
+    let mut conn = db.read().await.unwrap();
+    let found = authlink::db::webhooks::get_deletion_request(&mut conn, "nul\u{0}inside").await;
+    drop(conn);
+    match found {
+        Ok(row) => {
+            assert!(!app.db_url.starts_with("postgres"), "PostgreSQL took a NUL character");
+            assert_eq!(row, None);
+        }
+        Err(e) => {
+            assert!(app.db_url.starts_with("postgres"), "{e}");
+            assert!(matches!(e, authlink::db::DbError::InvalidText(_)), "{e}");
+            let e = ServiceError::from(e);
+            assert!(matches!(e, ServiceError::NotFound(_)), "{e}");
+        }
+    }
+    db.close().await;
 }

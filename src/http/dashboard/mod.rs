@@ -572,7 +572,7 @@ impl From<ServiceError> for DashError {
 
 impl From<DbError> for DashError {
     fn from(e: DbError) -> Self {
-        DashError::Service(ServiceError::Db(e))
+        DashError::Service(e.into())
     }
 }
 

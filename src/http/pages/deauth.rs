@@ -280,7 +280,12 @@ struct StatusPage {
 
 /// `GET /oauth/instagram/data-deletion/{code}`: the status of a deletion request.
 pub async fn instagram_deletion_status(State(state): State<AppState>, Path(code): Path<String>) -> Response {
+    // Codes are 24 hex digits (see `data_deletion`); anything else is unknown without a query.
+    let well_formed = code.len() == 24 && code.bytes().all(|b| b.is_ascii_hexdigit());
     let found = async {
+        if !well_formed {
+            return Ok(None);
+        }
         let mut conn = state.db.read().await?;
         db::webhooks::get_deletion_request(&mut conn, &code).await
     }
