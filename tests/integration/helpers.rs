@@ -375,6 +375,30 @@ impl TestApp {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Waits until every line the server logged before this call has been read from its pipe: a
+    /// request to a unique missing page is logged (404s are logged at info) after them.
+    pub async fn logs_caught_up(&self) {
+        let marker = format!("/log-marker-{}", uuid::Uuid::new_v4());
+        let res = self.client.get(self.url(&marker)).send().await.expect("the server answers");
+        assert_eq!(res.status(), 404);
+        self.wait_for_log(&marker, 10).await;
+    }
+
+    /// Waits until the server has logged a line holding `needle` (up to `secs`). A line the
+    /// server wrote before answering may still be in the pipe when the answer arrives: the logs
+    /// are read from it by a thread of their own.
+    pub async fn wait_for_log(&self, needle: &str, secs: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while !self.log_text().contains(needle) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no log line holds {needle:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Every byte the database holds, as text: the SQLite file and its WAL, or every row of
     /// every table of the schema.
     pub async fn database_dump(&self) -> String {
@@ -556,6 +580,7 @@ pub fn token_of(url: &str) -> String {
 /// Asserts that neither the logs nor the database contain `secret`.
 pub async fn assert_nowhere(app: &TestApp, what: &str, secret: &str) {
     assert!(!secret.is_empty());
+    app.logs_caught_up().await;
     assert!(!app.log_text().contains(secret), "the logs contain the {what}");
     assert!(!app.database_dump().await.contains(secret), "the database contains the {what} in plain text");
 }

@@ -280,7 +280,8 @@ async fn sealed_values_are_bound_to_their_workspace(app: TestApp) {
     assert_eq!(res.status(), 500);
     let body = res.text().await.unwrap();
     assert!(!body.contains(&token), "the token is not handed to the other workspace");
-    assert!(app.log_text().contains("failed authentication"), "the refusal is logged");
+    // The refusal is logged.
+    app.wait_for_log("failed authentication", 10).await;
     let back = format!("UPDATE {{schema}}.connections SET workspace_id = '{w1}' WHERE id = '{connection}'");
     assert_eq!(app.execute(&back).await, 1);
     assert_eq!(app.api_get(&token_path, &k1, 200).await["access_token"], token.as_str());
