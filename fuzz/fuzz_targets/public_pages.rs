@@ -268,20 +268,28 @@ enum Step {
     },
 }
 
-/// Characters that may stand in a path segment or query as they are; everything else is
-/// percent-encoded (`%` too, in a path segment).
+/// Percent-encodes `s` for a path segment; for a query, `=&%+/?` stay as they are, so that inputs
+/// can write pairs and escapes of their own.
 fn encode(s: &str, query: bool) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        let keep =
-            b.is_ascii_alphanumeric() || b"-._~!*'(),;:@$".contains(&b) || (query && b"=&%+/?".contains(&b));
-        if keep {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+    const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~')
+        .remove(b'!')
+        .remove(b'*')
+        .remove(b'\'')
+        .remove(b'(')
+        .remove(b')')
+        .remove(b',')
+        .remove(b';')
+        .remove(b':')
+        .remove(b'@')
+        .remove(b'$');
+    const QUERY: &AsciiSet =
+        &SEGMENT.remove(b'=').remove(b'&').remove(b'%').remove(b'+').remove(b'/').remove(b'?');
+    utf8_percent_encode(s, if query { QUERY } else { SEGMENT }).to_string()
 }
 
 fn header_value(s: &str) -> Option<&str> {

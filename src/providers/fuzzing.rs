@@ -51,12 +51,7 @@ pub enum Parsed {
     Revoked,
     /// A failure, with every text of it that is logged or stored (its `Display`, its `Debug` and
     /// its reason).
-    Failed {
-        /// Those texts.
-        texts: Vec<String>,
-        /// Whether it is to be retried later.
-        transient: bool,
-    },
+    Failed(Vec<String>),
 }
 
 /// Parses `body`, answered with `status` (and `Retry-After` in seconds), as `answer`; `secrets`
@@ -80,9 +75,8 @@ pub fn parse(answer: Answer, status: u16, retry_after: Option<u64>, body: &str, 
             .map(|(token, _)| Parsed::Tokens(vec![token.expose_secret().to_string()])),
         Answer::InstagramProfile => instagram::parse_profile(&raw, what, secrets).map(Parsed::Profile),
     };
-    result.unwrap_or_else(|e: ProviderError| Parsed::Failed {
-        texts: vec![e.to_string(), format!("{e:?}"), e.reason().to_string()],
-        transient: e.is_transient(),
+    result.unwrap_or_else(|e: ProviderError| {
+        Parsed::Failed(vec![e.to_string(), format!("{e:?}"), e.reason().to_string()])
     })
 }
 

@@ -61,8 +61,8 @@ pub struct Instagram {
 #[derive(Debug)]
 pub(super) struct ShortLived {
     pub(super) access_token: SecretString,
-    pub(super) user_id: Option<String>,
-    pub(super) permissions: Vec<String>,
+    user_id: Option<String>,
+    permissions: Vec<String>,
 }
 
 impl Instagram {

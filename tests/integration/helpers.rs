@@ -388,15 +388,11 @@ impl TestApp {
     /// server wrote before answering may still be in the pipe when the answer arrives: the logs
     /// are read from it by a thread of their own.
     pub async fn wait_for_log(&self, needle: &str, secs: u64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        while !self.log_text().contains(needle) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no log line holds {needle:?}:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let what = format!("a log line holding {needle:?}");
+        crate::health::eventually(&what, secs, || async {
+            self.log_text().contains(needle).then_some(Value::Null)
+        })
+        .await;
     }
 
     /// Every byte the database holds, as text: the SQLite file and its WAL, or every row of
