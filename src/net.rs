@@ -5,6 +5,9 @@
 //! answer that changes after the check (rebinding) cannot reach loopback, private, link-local or
 //! other special addresses. `webhooks.allow_private_targets` lifts the restriction for tests and
 //! on-premise receivers.
+//!
+//! Also the reading of `Retry-After` ([`parse_retry_after`]), shared by webhook deliveries and the
+//! provider adapters.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc2822;
 
 /// A boxed future, as resolvers return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -173,11 +178,96 @@ impl Resolve for Guard {
     }
 }
 
+/// The longest wait a `Retry-After` can ask for.
+const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
+/// A `Retry-After` value (RFC 9110 §10.2.3) as a wait from `now`: delay-seconds, or an
+/// HTTP-date in any of its three forms; a date in the past means no wait. At most a day.
+pub fn parse_retry_after(value: &str, now: OffsetDateTime) -> Option<Duration> {
+    let value = value.trim();
+    let secs = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Too many digits for a u64 is still "a very long time".
+        value.parse::<u64>().unwrap_or(u64::MAX)
+    } else {
+        u64::try_from((http_date(value)? - now).whole_seconds()).unwrap_or(0)
+    };
+    Some(Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)))
+}
+
+/// Parses an HTTP-date: IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), or one of the obsolete
+/// forms recipients must still accept, RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime
+/// (`Sun Nov  6 08:49:37 1994`).
+pub fn http_date(value: &str) -> Option<OffsetDateTime> {
+    // IMF-fixdate is an RFC 2822 date in GMT.
+    if let Ok(at) = OffsetDateTime::parse(value, &Rfc2822) {
+        return Some(at);
+    }
+    // The obsolete forms, rewritten as RFC 2822 (whose two-digit years are 19xx from 50 on).
+    // The weekday is redundant with the date and dropped.
+    let rewritten = match value.split_once(", ") {
+        Some((_, rest)) => {
+            let (date, clock) = rest.split_once(' ')?;
+            if date.matches('-').count() != 2 {
+                return None;
+            }
+            format!("{} {clock}", date.replace('-', " "))
+        }
+        None => match value.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [_, month, day, clock, year] => format!("{day} {month} {year} {clock} GMT"),
+            _ => return None,
+        },
+    };
+    OffsetDateTime::parse(&rewritten, &Rfc2822).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
 
+    use time::macros::datetime;
+
     use super::*;
+
+    const NOW: OffsetDateTime = datetime!(2025-03-01 12:00:00 UTC);
+
+    fn wait(value: &str) -> Option<u64> {
+        parse_retry_after(value, NOW).map(|d| d.as_secs())
+    }
+
+    #[test]
+    fn retry_after_in_seconds() {
+        assert_eq!(wait("120"), Some(120));
+        assert_eq!(wait(" 0 "), Some(0));
+        // Bounded to a day, however large.
+        assert_eq!(wait("604800"), Some(86_400));
+        assert_eq!(wait("99999999999999999999999999"), Some(86_400));
+        for bad in ["", "-5", "1.5", "soon", "12 s"] {
+            assert_eq!(wait(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_as_an_http_date() {
+        // IMF-fixdate, the form senders use.
+        assert_eq!(wait("Sat, 01 Mar 2025 12:02:00 GMT"), Some(120));
+        assert_eq!(wait("Sat, 01 Mar 2025 14:00:00 GMT"), Some(7200));
+        // The obsolete forms: RFC 850 and asctime.
+        assert_eq!(wait("Saturday, 01-Mar-25 12:00:30 GMT"), Some(30));
+        assert_eq!(wait("Sat Mar  1 12:10:00 2025"), Some(600));
+        // A date in the past: no wait. Far ahead: a day at most.
+        assert_eq!(wait("Sun, 06 Nov 1994 08:49:37 GMT"), Some(0));
+        assert_eq!(wait("Mon, 01 Mar 2027 12:00:00 GMT"), Some(86_400));
+        for bad in [
+            "Sat, 32 Mar 2025 12:00:00 GMT",
+            "Sat, 01 Mar 2025 25:00:00 GMT",
+            "Saturday, 01 Mar 25 12:00:30 GMT",
+            "Sat Mar 1 12:10:00",
+            "tomorrow",
+            "Sat, 01 Mar",
+        ] {
+            assert_eq!(wait(bad), None, "{bad:?}");
+        }
+    }
 
     /// A resolver that answers from a table and records what it was asked.
     #[derive(Debug, Default)]

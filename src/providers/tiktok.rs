@@ -404,17 +404,26 @@ impl RawResponse {
     }
 }
 
+/// The wait an answer's `Retry-After` asks for: delay-seconds, or an HTTP-date measured from the
+/// answer's own `Date` (the provider's clock, so that a skew between the clocks does not count;
+/// a date without a `Date` to measure it from is ignored).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let text = |name| headers.get(name).and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok());
+    let value = text(reqwest::header::RETRY_AFTER)?.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Any reference time will do for delay-seconds.
+        return crate::net::parse_retry_after(value, time::OffsetDateTime::UNIX_EPOCH);
+    }
+    let sent = crate::net::http_date(text(reqwest::header::DATE)?.trim())?;
+    crate::net::parse_retry_after(value, sent)
+}
+
 /// Sends a request and reads the answer. The URL is never logged or put in an error, because
 /// Instagram's Graph calls carry the client secret and tokens in the query string.
 pub(super) async fn send(req: reqwest::RequestBuilder, what: &str) -> Result<RawResponse, ProviderError> {
     let mut resp = req.send().await.map_err(|e| network_error(&e, what))?;
     let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = retry_after(resp.headers());
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| network_error(&e, what))? {
         let room = MAX_BODY.saturating_sub(body.len());
@@ -556,6 +565,32 @@ pub(super) fn public_url(config: &Config, path: &str) -> Url {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date_from_the_answers_own_clock() {
+        use reqwest::header::{DATE, HeaderMap, HeaderValue, RETRY_AFTER};
+        let headers = |pairs: &[(reqwest::header::HeaderName, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(k.clone(), HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert_eq!(retry_after(&headers(&[(RETRY_AFTER, "120")])), Some(Duration::from_secs(120)));
+        // A date is measured from the answer's `Date`, whatever our clock says.
+        let dated = headers(&[
+            (RETRY_AFTER, "Wed, 21 Oct 2015 07:30:00 GMT"),
+            (DATE, "Wed, 21 Oct 2015 07:28:00 GMT"),
+        ]);
+        assert_eq!(retry_after(&dated), Some(Duration::from_secs(120)));
+        // Without a `Date` to measure it from, a date is not used; nor is a malformed value.
+        assert_eq!(retry_after(&headers(&[(RETRY_AFTER, "Wed, 21 Oct 2015 07:30:00 GMT")])), None);
+        assert_eq!(
+            retry_after(&headers(&[(RETRY_AFTER, "soon"), (DATE, "Wed, 21 Oct 2015 07:28:00 GMT")])),
+            None
+        );
+        assert_eq!(retry_after(&headers(&[])), None);
+    }
 
     fn now() -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_764_000_000).unwrap()

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use super::{RevokeReason, Sandbox, ScenarioPatch, json};
+use super::{MetaCallback, RevokeReason, Sandbox, ScenarioPatch, json};
 use crate::domain::Platform;
 
 /// The control routes (state applied by the caller).
@@ -27,6 +27,7 @@ pub(super) fn routes() -> Router<Arc<Sandbox>> {
         .route("/control/{provider}/accounts", get(accounts))
         .route("/control/{provider}/accounts/{account_id}/revoke", post(revoke_account))
         .route("/control/tiktok/accounts/{account_id}/revoke-access-tokens", post(revoke_access_tokens))
+        .route("/control/instagram/accounts/{account_id}/data-deletion", post(request_data_deletion))
         .route("/control/tiktok/grants", post(mint_grants))
         .route("/control/tiktok/live-refresh-tokens", get(live_refresh_tokens))
 }
@@ -213,6 +214,52 @@ async fn revoke_account(
         None
     };
     json(StatusCode::OK, json!({ "revoked_tokens": revoked, "deauthorize_callback": callback }))
+}
+
+/// `POST /control/instagram/accounts/{user_id}/data-deletion`: sends Meta's signed data-deletion
+/// request for the account, as Meta does when a user asks for their data to be deleted, and
+/// checks the answer as Meta would: a 2xx whose JSON has `url` and `confirmation_code`, the URL
+/// answering. Answers `{"status": n, "url": .., "confirmation_code": .., "status_page": n|null,
+/// "valid": bool}`; 404 for an unknown account, 502 when authlink could not be reached.
+async fn request_data_deletion(State(sb): State<Arc<Sandbox>>, Path(account_id): Path<String>) -> Response {
+    let known = account_id
+        .parse::<u64>()
+        .ok()
+        .is_some_and(|id| super::INSTAGRAM_ACCOUNTS.iter().any(|a| a.user_id == id));
+    if !known {
+        return json(StatusCode::NOT_FOUND, json!({ "error": "unknown sandbox instagram account" }));
+    }
+    let Some((status, answer)) = sb.send_instagram_callback(&account_id, MetaCallback::DataDeletion).await
+    else {
+        return json(StatusCode::BAD_GATEWAY, json!({ "error": "authlink could not be reached" }));
+    };
+    let field = |name: &str| {
+        answer
+            .as_ref()
+            .and_then(|a| a.get(name))
+            .and_then(serde_json::Value::as_str)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    let (url, code) = (field("url"), field("confirmation_code"));
+    let status_page = match &url {
+        Some(u) => sb.status_of_own_page(u).await,
+        None => None,
+    };
+    let valid = (200..300).contains(&status)
+        && code.is_some()
+        && status_page.is_some_and(|s| (200..300).contains(&s));
+    tracing::info!(status, valid, "sandbox data-deletion request sent");
+    json(
+        StatusCode::OK,
+        json!({
+            "status": status,
+            "url": url,
+            "confirmation_code": code,
+            "status_page": status_page,
+            "valid": valid,
+        }),
+    )
 }
 
 /// `POST /control/tiktok/accounts/{open_id}/revoke-access-tokens`.

@@ -13,11 +13,13 @@ use time::{Duration, OffsetDateTime};
 
 use super::pages::{self, AccountChoice, ConsentPage, Hidden, ScopeChoice};
 use super::{
-    Endpoint, FailNext, FailureKind, INSTAGRAM_CLIENT_ID, INSTAGRAM_CLIENT_SECRET, MAX_CODES, MAX_TOKENS,
-    Params, RevokeReason, Sandbox, Scenario, Stats, TokenShape, TooEarly, found, json, proxy_html_error,
-    prune, random_b64, split_scopes, url_with_query, with_retry_after,
+    Endpoint, ErrorState, FailNext, FailureKind, INSTAGRAM_CLIENT_ID, INSTAGRAM_CLIENT_SECRET, MAX_CODES,
+    MAX_TOKENS, MeShape, Params, RevokeReason, Sandbox, Scenario, Scripted, Stats, Tamper, TokenShape,
+    TooEarly, found, json, proxy_html_error, prune, random_b64, split_scopes, url_with_query,
+    with_retry_after,
 };
 use crate::crypto::constant_time_eq;
+use crate::domain::Platform;
 
 const PROVIDER: &str = "Instagram";
 const SLUG: &str = "instagram";
@@ -282,7 +284,12 @@ fn validate(sb: &Sandbox, p: &Params) -> Result<AuthorizeParams, (&'static str, 
 
 /// `GET /instagram/oauth/authorize`: the consent page, or an error page naming the parameter.
 pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(query): RawQuery) -> Response {
-    let p = Params::from_query(query.as_deref());
+    let mut p = Params::from_query(query.as_deref());
+    match scripted_failure(&sb, Endpoint::Authorize).await {
+        Some(Scripted::Answer(resp)) => return resp,
+        Some(Scripted::Tamper(t)) => t.apply(Platform::Instagram, &mut p),
+        None => {}
+    }
     let deny_all = {
         let mut st = sb.instagram_state();
         st.stats.authorize_requests += 1;
@@ -354,7 +361,10 @@ pub(super) async fn authorize_decision(
         Ok(p) => p,
         Err(e) => return pages::error_page(PROVIDER, SLUG, "body", &e),
     };
-    let deny_all = sb.instagram_state().scenario.deny_all;
+    let (deny_all, error_state) = {
+        let st = sb.instagram_state();
+        (st.scenario.deny_all, st.scenario.error_state)
+    };
     let req = match validate(&sb, &p) {
         Ok(req) => req,
         Err((param, message)) => return pages::error_page(PROVIDER, SLUG, param, &message),
@@ -378,7 +388,7 @@ pub(super) async fn authorize_decision(
             ("error_reason", "user_denied"),
             ("error_description", "The user denied your request."),
         ];
-        if let Some(s) = state {
+        if let Some(s) = state.filter(|_| error_state == ErrorState::Echo) {
             params.push(("state", s));
         }
         tracing::debug!("sandbox instagram: consent denied");
@@ -418,7 +428,7 @@ pub(super) async fn authorize_decision(
 }
 
 /// Counts a call, then applies the next scripted failure for `endpoint`, if any.
-async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> {
+async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> {
     let (failure, retry_after, slow_ms) = {
         let mut st = sb.instagram_state();
         match endpoint {
@@ -427,29 +437,39 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> 
             Endpoint::Profile => st.stats.profile_calls += 1,
             Endpoint::ExchangeLongLived => st.stats.exchange_long_lived_calls += 1,
             Endpoint::Revoke => st.stats.revoke_calls += 1,
+            // Counted by the page itself, with every other authorize request.
+            Endpoint::Authorize => {}
         }
         let f = st.scenario.take_failure(endpoint)?;
         (f, st.scenario.retry_after_secs, st.scenario.slow_ms)
     };
-    let FailNext { kind, status, .. } = failure;
-    tracing::debug!(?endpoint, ?kind, "sandbox instagram: scripted failure");
-    let resp = match kind {
+    tracing::debug!(?endpoint, kind = ?failure.kind, "sandbox instagram: scripted failure");
+    if let Some(tamper) = Tamper::of(&failure) {
+        return Some(Scripted::Tamper(tamper));
+    }
+    let resp = match failure.kind {
         FailureKind::Slow => {
             tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
             return None;
         }
         // The code exchange has its own error shape (§3.3), whatever the failure.
-        _ if endpoint == Endpoint::Token => exchange_failure(sb, kind, status, retry_after),
-        _ => graph_failure(sb, kind, status, retry_after),
+        _ if endpoint == Endpoint::Token => exchange_failure(sb, failure.kind, failure.status, retry_after),
+        _ => graph_failure(sb, &failure, retry_after),
     };
-    Some(resp)
+    Some(Scripted::Answer(resp))
 }
 
 /// A scripted failure of the code exchange, in its `{error_type, code, error_message}` shape.
 fn exchange_failure(sb: &Sandbox, kind: FailureKind, status: Option<u16>, retry_after: u64) -> Response {
     match kind {
-        // (`slow` never gets here: it answers normally after its delay.)
-        FailureKind::HtmlError | FailureKind::Slow => proxy_html_error(status),
+        // (`slow` never gets here: it answers normally after its delay; nor do the request
+        // faults, which the endpoint's own checks answer.)
+        FailureKind::HtmlError
+        | FailureKind::Slow
+        | FailureKind::InvalidClient
+        | FailureKind::RedirectUriMismatch
+        | FailureKind::PkceMismatch
+        | FailureKind::RequestError => proxy_html_error(status),
         FailureKind::RateLimit => with_retry_after(
             exchange_error_with(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -491,16 +511,32 @@ fn exchange_failure(sb: &Sandbox, kind: FailureKind, status: Option<u16>, retry_
 }
 
 /// A scripted failure of a Graph endpoint, in the Graph error shape (§3.7).
-fn graph_failure(sb: &Sandbox, kind: FailureKind, status: Option<u16>, retry_after: u64) -> Response {
-    match kind {
-        // (`slow` never gets here: it answers normally after its delay.)
-        FailureKind::HtmlError | FailureKind::Slow => proxy_html_error(status),
+fn graph_failure(sb: &Sandbox, failure: &FailNext, retry_after: u64) -> Response {
+    let status = failure.status;
+    match failure.kind {
+        // (`slow` never gets here: it answers normally after its delay; nor do the request
+        // faults, which only the code exchange and the authorize page take.)
+        FailureKind::HtmlError
+        | FailureKind::Slow
+        | FailureKind::InvalidClient
+        | FailureKind::RedirectUriMismatch
+        | FailureKind::PkceMismatch
+        | FailureKind::RequestError => proxy_html_error(status),
         FailureKind::RateLimit => with_retry_after(
             graph_error(StatusCode::TOO_MANY_REQUESTS, 4, None, "Application request limit reached", false),
             retry_after,
         ),
+        // §3.10: 400 or 403 with code 4 (application), 17 (user), 32 (page) or 613 (a call
+        // limit), without `Retry-After`.
         FailureKind::GraphRateLimit => {
-            graph_error(StatusCode::BAD_REQUEST, 4, None, "Application request limit reached", false)
+            let status = status.and_then(|s| StatusCode::from_u16(s).ok()).unwrap_or(StatusCode::BAD_REQUEST);
+            let (code, message) = match failure.code.unwrap_or(4) {
+                17 => (17, "User request limit reached"),
+                32 => (32, "Page request limit reached"),
+                613 => (613, "Calls to this api have exceeded the rate limit."),
+                _ => (4, "Application request limit reached"),
+            };
+            graph_error(status, code, None, message, false)
         }
         FailureKind::ServerError => graph_error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -551,14 +587,19 @@ pub(super) async fn access_token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(resp) = scripted_failure(&sb, Endpoint::Token).await {
-        return resp;
-    }
+    let tamper = match scripted_failure(&sb, Endpoint::Token).await {
+        Some(Scripted::Answer(resp)) => return resp,
+        Some(Scripted::Tamper(t)) => Some(t),
+        None => None,
+    };
     let now = sb.now();
-    let p = match Params::from_body(&headers, &body, true) {
+    let mut p = match Params::from_body(&headers, &body, true) {
         Ok(p) => p,
         Err(e) => return exchange_error(&format!("Invalid request: {e}")),
     };
+    if let Some(t) = tamper {
+        t.apply(Platform::Instagram, &mut p);
+    }
     if p.get("client_id") != Some(INSTAGRAM_CLIENT_ID) {
         return exchange_error("Invalid platform app");
     }
@@ -608,7 +649,7 @@ pub(super) async fn exchange_long_lived(
     State(sb): State<Arc<Sandbox>>,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Some(resp) = scripted_failure(&sb, Endpoint::ExchangeLongLived).await {
+    if let Some(Scripted::Answer(resp)) = scripted_failure(&sb, Endpoint::ExchangeLongLived).await {
         return resp;
     }
     let now = sb.now();
@@ -653,7 +694,7 @@ pub(super) async fn exchange_long_lived(
 
 /// `GET /instagram/graph/refresh_access_token?grant_type=ig_refresh_token&access_token`.
 pub(super) async fn refresh(State(sb): State<Arc<Sandbox>>, RawQuery(query): RawQuery) -> Response {
-    if let Some(resp) = scripted_failure(&sb, Endpoint::Refresh).await {
+    if let Some(Scripted::Answer(resp)) = scripted_failure(&sb, Endpoint::Refresh).await {
         return resp;
     }
     let now = sb.now();
@@ -723,7 +764,7 @@ pub(super) async fn me(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Some(resp) = scripted_failure(&sb, Endpoint::Profile).await {
+    if let Some(Scripted::Answer(resp)) = scripted_failure(&sb, Endpoint::Profile).await {
         return resp;
     }
     let now = sb.now();
@@ -796,5 +837,9 @@ pub(super) async fn me(
         };
         me.insert(field.clone(), value);
     }
-    json(StatusCode::OK, Value::Object(me))
+    let body = match sb.instagram_state().scenario.me_shape {
+        MeShape::Flat => Value::Object(me),
+        MeShape::Wrapped => json!({ "data": [Value::Object(me)] }),
+    };
+    json(StatusCode::OK, body)
 }

@@ -59,18 +59,30 @@
 //! `{provider}` is `tiktok` or `instagram`. Every body is JSON; errors are `400 {"error": "..."}`
 //! (unknown provider: 404).
 //! - `POST /control/{provider}/scenario` with a partial object of switches; only the keys sent
-//!   change, `fail_next` replaces the queue. Answers the resulting scenario. See [`ScenarioPatch`]:
-//!   `{"deny_all": bool, "fail_next": [{"endpoint": "token"|"refresh"|"profile"|"exchange_long_lived"|"revoke",
-//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed",
-//!   "count": n (default 1), "status": optional HTTP status for html_error (default 502)}],
-//!   "pkce_optional": bool (TikTok), "lifetimes": "long"|"short" (TikTok), "token_shape": "flat"|"wrapped"
-//!   (Instagram), "refresh_too_early": "code_100"|"code_190" (Instagram, default code_100),
-//!   "refresh_min_age_secs": n (Instagram, default 86400), "retry_after_secs": n (default 30),
-//!   "slow_ms": n (default 15000)}`.
+//!   change, `fail_next` replaces the queue. Answers the resulting scenario; a switch or a
+//!   failure that cannot happen at that provider or endpoint is refused (400). See
+//!   [`ScenarioPatch`]:
+//!   `{"deny_all": bool, "fail_next": [{"endpoint": "authorize"|"token"|"refresh"|"profile"|"exchange_long_lived"|"revoke",
+//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed"|"invalid_client"|"redirect_uri_mismatch"|"pkce_mismatch"|"request_error",
+//!   "count": n (default 1), "status": optional HTTP status for html_error (default 502) and
+//!   Instagram's graph_rate_limit (400, 403 or 429; default 400), "code": Instagram's
+//!   graph_rate_limit Graph code (4, 17, 32 or 613; default 4), "parameter": the authorize
+//!   parameter request_error refuses (default redirect_uri)}],
+//!   "pkce_optional": bool (TikTok), "lifetimes": "long"|"short" (TikTok), "oauth_error_status":
+//!   "http"|"ok" (TikTok: OAuth errors on their own status, or on a 200), "token_shape":
+//!   "flat"|"wrapped" (Instagram), "me_shape": "flat"|"wrapped" (Instagram: `/me` as it is, or in
+//!   `{data: [..]}`), "signing_secret": "instagram"|"meta" (Instagram: which app secret signs
+//!   Meta's callbacks, [`INSTAGRAM_CLIENT_SECRET`] or [`META_APP_SECRET`]), "refresh_too_early":
+//!   "code_100"|"code_190" (Instagram, default code_100), "refresh_min_age_secs": n (Instagram,
+//!   default 86400), "error_state": "echo"|"omit" (whether `state` comes back with an error
+//!   redirect), "retry_after_secs": n (default 30), "slow_ms": n (default 15000)}`.
 //!   `fail_next` entries are consumed in order, per endpoint: a call takes the first entry for its
 //!   endpoint. `slow` waits `slow_ms`, then answers normally. See [`FailureKind`] for each kind's
 //!   answer per provider; on Instagram's code exchange (`token`) every kind answers the
-//!   exchange's own `{error_type, code, error_message}` shape (§3.3), never the Graph one.
+//!   exchange's own `{error_type, code, error_message}` shape (§3.3), never the Graph one. The
+//!   request faults (`invalid_client`, `redirect_uri_mismatch`, `pkce_mismatch`,
+//!   `request_error`) do not answer for the endpoint: they put a wrong value into the request
+//!   and let the endpoint's own checks answer, so that codes are spent as they really are.
 //! - `GET  /control/{provider}/scenario`: the current switches.
 //! - `POST /control/{provider}/reset`: switches and counters back to their defaults (codes and
 //!   tokens stay). Answers `{"ok": true}`.
@@ -84,6 +96,11 @@
 //!   `app_removed`, the sandbox then sends Meta's signed deauthorize callback to authlink, as Meta
 //!   does (`"notify": false`: a callback that never arrived). Answers
 //!   `{"revoked_tokens": n, "deauthorize_callback": <authlink's status, or null>}`.
+//! - `POST /control/instagram/accounts/{user_id}/data-deletion`: sends Meta's signed
+//!   data-deletion request for the account to authlink and checks the answer as Meta does.
+//!   Answers `{"status": n, "url", "confirmation_code", "status_page": n|null, "valid": bool}`
+//!   (`valid`: a 2xx with both fields, and the status page answering 2xx); 404 for an unknown
+//!   account.
 //! - `POST /control/tiktok/accounts/{open_id}/revoke-access-tokens`: kills the account's live
 //!   access tokens only; its refresh token still works (an access token revoked mid-life).
 //!   Answers `{"revoked_tokens": n}`.
@@ -120,6 +137,9 @@ pub const TIKTOK_CLIENT_SECRET: &str = "sandbox-tiktok-client-secret";
 pub const INSTAGRAM_CLIENT_ID: &str = "sandbox-instagram-client-id";
 /// The sandbox's Instagram app secret.
 pub const INSTAGRAM_CLIENT_SECRET: &str = "sandbox-instagram-client-secret";
+/// The sandbox's Meta app secret: the other secret that may sign Meta's callbacks for an
+/// Instagram-Login app (see [`SigningSecret`]).
+pub const META_APP_SECRET: &str = "sandbox-meta-app-secret";
 
 /// Most `challenges` kept in the stats (the newest win).
 const MAX_CHALLENGES: usize = 1000;
@@ -215,24 +235,31 @@ impl Sandbox {
 
     /// Changes the switches present in `patch`; refuses switches that do not apply to `platform`.
     pub fn set_scenario(&self, platform: Platform, patch: ScenarioPatch) -> Result<Scenario, String> {
+        for failure in patch.fail_next.iter().flatten() {
+            failure.check(platform)?;
+        }
         match platform {
             Platform::Tiktok => {
                 if patch.token_shape.is_some()
                     || patch.refresh_too_early.is_some()
                     || patch.refresh_min_age_secs.is_some()
+                    || patch.me_shape.is_some()
+                    || patch.signing_secret.is_some()
                 {
-                    return Err(
-                        "token_shape, refresh_too_early and refresh_min_age_secs apply to instagram only"
-                            .into(),
-                    );
+                    return Err("token_shape, refresh_too_early, refresh_min_age_secs, me_shape and \
+                                signing_secret apply to instagram only"
+                        .into());
                 }
                 let mut st = self.tiktok_state();
                 st.scenario.apply(patch);
                 Ok(st.scenario.clone())
             }
             Platform::Instagram => {
-                if patch.pkce_optional.is_some() || patch.lifetimes.is_some() {
-                    return Err("pkce_optional and lifetimes apply to tiktok only".into());
+                if patch.pkce_optional.is_some()
+                    || patch.lifetimes.is_some()
+                    || patch.oauth_error_status.is_some()
+                {
+                    return Err("pkce_optional, lifetimes and oauth_error_status apply to tiktok only".into());
                 }
                 let mut st = self.instagram_state();
                 st.scenario.apply(patch);
@@ -270,10 +297,22 @@ impl Sandbox {
 
     /// Sends Meta's deauthorize callback for the fake Instagram account `account_id` (its user id)
     /// to `{public_url}/oauth/instagram/deauthorize`, as Meta does when a user removes the app
-    /// (§3.8, §3.10): a form with `signed_request`, HMAC-SHA256 with the sandbox's app secret over
-    /// a payload naming the app-scoped id and the sandbox's time. Returns the answer's status, or
-    /// `None` for an unknown account or an unreachable endpoint.
+    /// (§3.8, §3.10). Returns the answer's status, or `None` for an unknown account or an
+    /// unreachable endpoint. See [`Sandbox::send_instagram_callback`].
     pub async fn send_instagram_deauthorize(&self, account_id: &str) -> Option<u16> {
+        self.send_instagram_callback(account_id, MetaCallback::Deauthorize).await.map(|(status, _)| status)
+    }
+
+    /// Sends one of Meta's signed callbacks for the fake Instagram account `account_id` (its user
+    /// id) to authlink (§3.8): a form with `signed_request`, HMAC-SHA256 with the secret the
+    /// `signing_secret` switch names, over a payload naming the app-scoped id and the sandbox's
+    /// time. Returns the answer's status and its JSON body (if it has one), or `None` for an
+    /// unknown account or an unreachable endpoint.
+    pub async fn send_instagram_callback(
+        &self,
+        account_id: &str,
+        which: MetaCallback,
+    ) -> Option<(u16, Option<serde_json::Value>)> {
         use base64::Engine;
         use base64::engine::general_purpose::URL_SAFE_NO_PAD;
         use hmac::{Hmac, Mac};
@@ -287,28 +326,58 @@ impl Sandbox {
             })
             .to_string(),
         );
-        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(INSTAGRAM_CLIENT_SECRET.as_bytes()).ok()?;
+        let secret = match self.instagram_state().scenario.signing_secret {
+            SigningSecret::Instagram => INSTAGRAM_CLIENT_SECRET,
+            SigningSecret::Meta => META_APP_SECRET,
+        };
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).ok()?;
         mac.update(payload.as_bytes());
         let signed = format!("{}.{payload}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()));
         let client =
             reqwest::Client::builder().no_proxy().timeout(std::time::Duration::from_secs(10)).build().ok()?;
+        let path = match which {
+            MetaCallback::Deauthorize => "/oauth/instagram/deauthorize",
+            MetaCallback::DataDeletion => "/oauth/instagram/data-deletion",
+        };
         let res = client
-            .post(format!("{}/oauth/instagram/deauthorize", self.public_base))
+            .post(format!("{}{path}", self.public_base))
             .form(&[("signed_request", signed.as_str())])
             .send()
             .await;
         match res {
-            Ok(r) => Some(r.status().as_u16()),
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body = r.json::<serde_json::Value>().await.ok();
+                Some((status, body))
+            }
             Err(e) => {
                 // The URL is ours and holds no secret; the error says how it failed.
                 tracing::warn!(
+                    callback = ?which,
                     timeout = e.is_timeout(),
                     connect = e.is_connect(),
-                    "sandbox deauthorize callback failed"
+                    "sandbox callback to authlink failed"
                 );
                 None
             }
         }
+    }
+
+    /// The status of `GET {url}` when `url` is on authlink's own origin (Meta's data-deletion
+    /// status page), `None` for any other URL or when it cannot be reached.
+    pub async fn status_of_own_page(&self, url: &str) -> Option<u16> {
+        let parsed = url::Url::parse(url).ok()?;
+        let own = url::Url::parse(&self.public_base).ok()?;
+        if parsed.origin() != own.origin() {
+            return None;
+        }
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .ok()?;
+        client.get(parsed).send().await.ok().map(|r| r.status().as_u16())
     }
 
     /// Kills the live TikTok access tokens of one fake account but not its refresh tokens, as
@@ -344,6 +413,15 @@ impl Sandbox {
     }
 }
 
+/// Meta's signed callbacks (providers.md §3.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaCallback {
+    /// The user removed the app.
+    Deauthorize,
+    /// The user asked for their data to be deleted.
+    DataDeletion,
+}
+
 /// Why an account's tokens were killed (Instagram reports it as a Graph 190 subcode).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -369,6 +447,8 @@ pub enum Endpoint {
     ExchangeLongLived,
     /// TikTok's revoke.
     Revoke,
+    /// The authorize page (`GET`): only `request_error` applies.
+    Authorize,
 }
 
 /// What a scripted failure does.
@@ -401,6 +481,37 @@ pub enum FailureKind {
     /// TikTok 400 `scope_permission_missed` (enveloped on user info, the OAuth shape on the other
     /// endpoints); Graph code 200 "Permissions error".
     ScopePermissionMissed,
+    /// A wrong client secret (`token`, and TikTok's `refresh` and `revoke`): the call is checked
+    /// as if it carried another secret, so the answer is the one a wrong secret gets (TikTok
+    /// `invalid_client`; Instagram's 400 "Error validating client secret.").
+    InvalidClient,
+    /// A code exchange (`token`) whose `redirect_uri` differs from the authorize request's: the
+    /// code is spent and TikTok answers `invalid_request`, Instagram its 400 three-field error.
+    RedirectUriMismatch,
+    /// TikTok only: a code exchange (`token`) whose `code_verifier` does not match the
+    /// challenge: the code is spent and the answer is `invalid_request` "Code verifier or code
+    /// challenge is invalid.".
+    PkceMismatch,
+    /// The authorize page (`authorize`) refuses the request as if `parameter` (default
+    /// `redirect_uri`) were wrong: its HTML error page naming the parameter, no redirect.
+    RequestError,
+}
+
+impl FailureKind {
+    /// The endpoints of `platform` this kind can be scripted on; `None` when it applies to any
+    /// endpoint but `authorize`.
+    fn endpoints(self, platform: Platform) -> Option<&'static [Endpoint]> {
+        match (self, platform) {
+            (FailureKind::RequestError, _) => Some(&[Endpoint::Authorize]),
+            (FailureKind::InvalidClient, Platform::Tiktok) => {
+                Some(&[Endpoint::Token, Endpoint::Refresh, Endpoint::Revoke])
+            }
+            (FailureKind::InvalidClient | FailureKind::RedirectUriMismatch, _)
+            | (FailureKind::PkceMismatch, Platform::Tiktok) => Some(&[Endpoint::Token]),
+            (FailureKind::PkceMismatch, Platform::Instagram) => Some(&[]),
+            _ => None,
+        }
+    }
 }
 
 /// One scripted failure.
@@ -414,9 +525,142 @@ pub struct FailNext {
     /// How many calls it applies to (default 1).
     #[serde(default = "one")]
     pub count: u32,
-    /// The HTTP status of an `html_error` (default 502).
+    /// The HTTP status of an `html_error` (default 502), or of Instagram's `graph_rate_limit`
+    /// (400, 403 or 429; default 400).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
+    /// Instagram's `graph_rate_limit`: the Graph code, 4, 17, 32 or 613 (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u32>,
+    /// `request_error`: the authorize parameter refused (default `redirect_uri`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter: Option<String>,
+}
+
+impl FailNext {
+    /// Refuses an entry that cannot happen at `platform`'s endpoint.
+    fn check(&self, platform: Platform) -> Result<(), String> {
+        let kind = serde_json::to_value(self.kind).ok();
+        let kind = kind.as_ref().and_then(serde_json::Value::as_str).unwrap_or("?");
+        let endpoint = serde_json::to_value(self.endpoint).ok();
+        let endpoint = endpoint.as_ref().and_then(serde_json::Value::as_str).unwrap_or("?");
+        let fits = match self.kind.endpoints(platform) {
+            Some(endpoints) => endpoints.contains(&self.endpoint),
+            None => self.endpoint != Endpoint::Authorize,
+        };
+        if !fits {
+            return Err(format!("{kind} cannot be scripted on {platform}'s {endpoint} endpoint"));
+        }
+        let revoke_or_exchange = match platform {
+            Platform::Tiktok => Endpoint::ExchangeLongLived,
+            Platform::Instagram => Endpoint::Revoke,
+        };
+        if self.endpoint == revoke_or_exchange {
+            return Err(format!("{platform} has no {endpoint} endpoint"));
+        }
+        if let Some(parameter) = &self.parameter {
+            if self.kind != FailureKind::RequestError {
+                return Err("parameter applies to request_error only".into());
+            }
+            if Tamper::invalid_value(platform, parameter).is_none() {
+                return Err(format!("request_error cannot refuse the parameter `{parameter}` at {platform}"));
+            }
+        }
+        if let Some(code) = self.code {
+            if self.kind != FailureKind::GraphRateLimit || platform != Platform::Instagram {
+                return Err("code applies to instagram's graph_rate_limit only".into());
+            }
+            if ![4, 17, 32, 613].contains(&code) {
+                return Err("code must be 4, 17, 32 or 613".into());
+            }
+        }
+        if let Some(status) = self.status {
+            let ok = match self.kind {
+                FailureKind::HtmlError => (200..=599).contains(&status),
+                FailureKind::GraphRateLimit if platform == Platform::Instagram => {
+                    [400, 403, 429].contains(&status)
+                }
+                _ => false,
+            };
+            if !ok {
+                return Err(
+                    "status applies to html_error (200-599) and instagram's graph_rate_limit (400, 403, 429) only"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a scripted failure makes of a call.
+enum Scripted {
+    /// Answer this instead of handling the call.
+    Answer(Response),
+    /// Handle the call, checking it as if it carried a wrong value.
+    Tamper(Tamper),
+}
+
+/// A wrong value a scripted failure puts into a request before the endpoint's own checks run,
+/// so that the answer, and what the request does to codes, is exactly the real check's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tamper {
+    /// `client_secret`.
+    ClientSecret,
+    /// `redirect_uri`, changed from the one the code was issued for.
+    RedirectUri,
+    /// `code_verifier`: well formed, but not the challenge's.
+    CodeVerifier,
+    /// An authorize parameter.
+    Parameter(String),
+}
+
+impl Tamper {
+    /// The tamper of a scripted failure, if it is one.
+    fn of(failure: &FailNext) -> Option<Self> {
+        match failure.kind {
+            FailureKind::InvalidClient => Some(Tamper::ClientSecret),
+            FailureKind::RedirectUriMismatch => Some(Tamper::RedirectUri),
+            FailureKind::PkceMismatch => Some(Tamper::CodeVerifier),
+            FailureKind::RequestError => {
+                Some(Tamper::Parameter(failure.parameter.clone().unwrap_or_else(|| "redirect_uri".into())))
+            }
+            _ => None,
+        }
+    }
+
+    /// A value of the authorize parameter `name` that `platform`'s checks refuse.
+    fn invalid_value(platform: Platform, name: &str) -> Option<&'static str> {
+        match (platform, name) {
+            (Platform::Tiktok, "client_key") | (Platform::Instagram, "client_id") => {
+                Some("sandbox-unknown-app")
+            }
+            (_, "redirect_uri") => Some("https://unregistered.invalid/callback"),
+            (_, "response_type") => Some("token"),
+            (_, "scope") => Some("unknown.scope"),
+            (Platform::Tiktok, "code_challenge") => Some("not-a-challenge"),
+            (Platform::Tiktok, "code_challenge_method") => Some("plain"),
+            _ => None,
+        }
+    }
+
+    /// Puts the wrong value into `p`.
+    fn apply(&self, platform: Platform, p: &mut Params) {
+        match self {
+            Tamper::ClientSecret => p.set("client_secret", "sandbox-wrong-client-secret"),
+            Tamper::RedirectUri => {
+                let other = format!("{}/elsewhere", p.get("redirect_uri").unwrap_or_default());
+                p.set("redirect_uri", &other);
+            }
+            // 64 characters of the verifier alphabet: well formed, and no real verifier.
+            Tamper::CodeVerifier => p.set("code_verifier", &"0".repeat(64)),
+            Tamper::Parameter(name) => {
+                if let Some(value) = Self::invalid_value(platform, name) {
+                    p.set(name, value);
+                }
+            }
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -458,6 +702,53 @@ pub enum TooEarly {
     Code190,
 }
 
+/// Whether the provider sends `state` back with an error to the callback (unconfirmed for both,
+/// providers.md §2.2 and §3.2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorState {
+    /// `state` comes back, as on success.
+    #[default]
+    Echo,
+    /// Only the error parameters come back.
+    Omit,
+}
+
+/// The HTTP status of TikTok's OAuth error answers (token, refresh, revoke), unconfirmed
+/// (providers.md §2.4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OauthErrorStatus {
+    /// A 4xx or 5xx matching the error.
+    #[default]
+    Http,
+    /// 200, with the error in the body.
+    Ok,
+}
+
+/// The shape of Instagram's `/me` answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MeShape {
+    /// The fields at the top level (what clients observe).
+    #[default]
+    Flat,
+    /// `{data: [{...}]}`, the wrapper §3.6 shows.
+    Wrapped,
+}
+
+/// Which secret signs Meta's deauthorize and data-deletion requests for an Instagram-Login app:
+/// unconfirmed (providers.md §3.8).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SigningSecret {
+    /// The Instagram app secret ([`INSTAGRAM_CLIENT_SECRET`]).
+    #[default]
+    Instagram,
+    /// The Meta app secret ([`META_APP_SECRET`]).
+    Meta,
+}
+
 /// The scenario switches of one provider.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Scenario {
@@ -480,6 +771,14 @@ pub struct Scenario {
     pub retry_after_secs: u64,
     /// The delay of `slow` failures, in milliseconds.
     pub slow_ms: u64,
+    /// Whether `state` comes back with an error to the callback.
+    pub error_state: ErrorState,
+    /// TikTok: the status of OAuth error answers.
+    pub oauth_error_status: OauthErrorStatus,
+    /// Instagram: the shape of `/me`.
+    pub me_shape: MeShape,
+    /// Instagram: the secret that signs Meta's callbacks.
+    pub signing_secret: SigningSecret,
 }
 
 impl Default for Scenario {
@@ -494,6 +793,10 @@ impl Default for Scenario {
             refresh_min_age_secs: 86_400,
             retry_after_secs: 30,
             slow_ms: 15_000,
+            error_state: ErrorState::Echo,
+            oauth_error_status: OauthErrorStatus::Http,
+            me_shape: MeShape::Flat,
+            signing_secret: SigningSecret::Instagram,
         }
     }
 }
@@ -526,6 +829,18 @@ impl Scenario {
         }
         if let Some(v) = patch.slow_ms {
             self.slow_ms = v;
+        }
+        if let Some(v) = patch.error_state {
+            self.error_state = v;
+        }
+        if let Some(v) = patch.oauth_error_status {
+            self.oauth_error_status = v;
+        }
+        if let Some(v) = patch.me_shape {
+            self.me_shape = v;
+        }
+        if let Some(v) = patch.signing_secret {
+            self.signing_secret = v;
         }
     }
 
@@ -564,6 +879,14 @@ pub struct ScenarioPatch {
     pub retry_after_secs: Option<u64>,
     /// See [`Scenario::slow_ms`].
     pub slow_ms: Option<u64>,
+    /// See [`Scenario::error_state`].
+    pub error_state: Option<ErrorState>,
+    /// See [`Scenario::oauth_error_status`].
+    pub oauth_error_status: Option<OauthErrorStatus>,
+    /// See [`Scenario::me_shape`].
+    pub me_shape: Option<MeShape>,
+    /// See [`Scenario::signing_secret`].
+    pub signing_secret: Option<SigningSecret>,
 }
 
 /// Call counters of one provider.
@@ -631,6 +954,12 @@ impl Params {
             return parse_multipart(original, body).ok_or_else(|| "malformed multipart body".to_string());
         }
         Err("the body must be application/x-www-form-urlencoded".into())
+    }
+
+    /// Replaces every value of `name` with `value`.
+    fn set(&mut self, name: &str, value: &str) {
+        self.0.retain(|(k, _)| k != name);
+        self.0.push((name.to_string(), value.to_string()));
     }
 
     /// The first value of `name`.

@@ -42,10 +42,38 @@ fn scripted_failures_are_consumed_in_order_per_endpoint() {
     let mut s = Scenario::default();
     s.apply(ScenarioPatch {
         fail_next: Some(vec![
-            FailNext { endpoint: Endpoint::Token, kind: FailureKind::RateLimit, count: 2, status: None },
-            FailNext { endpoint: Endpoint::Profile, kind: FailureKind::ServerError, count: 1, status: None },
-            FailNext { endpoint: Endpoint::Token, kind: FailureKind::InvalidGrant, count: 1, status: None },
-            FailNext { endpoint: Endpoint::Refresh, kind: FailureKind::Slow, count: 0, status: None },
+            FailNext {
+                endpoint: Endpoint::Token,
+                kind: FailureKind::RateLimit,
+                count: 2,
+                status: None,
+                code: None,
+                parameter: None,
+            },
+            FailNext {
+                endpoint: Endpoint::Profile,
+                kind: FailureKind::ServerError,
+                count: 1,
+                status: None,
+                code: None,
+                parameter: None,
+            },
+            FailNext {
+                endpoint: Endpoint::Token,
+                kind: FailureKind::InvalidGrant,
+                count: 1,
+                status: None,
+                code: None,
+                parameter: None,
+            },
+            FailNext {
+                endpoint: Endpoint::Refresh,
+                kind: FailureKind::Slow,
+                count: 0,
+                status: None,
+                code: None,
+                parameter: None,
+            },
         ]),
         ..ScenarioPatch::default()
     });
@@ -391,6 +419,120 @@ async fn tiktok_code_exchange_failures() {
     let stats = h.stats("tiktok").await;
     assert_eq!(stats["token_calls"], 6);
     assert_eq!(stats["invalid_grant"], 3);
+}
+
+#[tokio::test]
+async fn tiktok_request_faults_answer_as_the_real_checks_do() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let redirect = h.tiktok_redirect();
+    let (status, scenario) = h
+        .control(
+            "/tiktok/scenario",
+            json!({ "fail_next": [
+                { "endpoint": "authorize", "kind": "request_error", "parameter": "code_challenge" },
+                { "endpoint": "token", "kind": "invalid_client" },
+                { "endpoint": "token", "kind": "redirect_uri_mismatch" },
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{scenario}");
+
+    // The authorize page refuses the request once, naming the parameter, without a redirect.
+    let authorize = h.tiktok_authorize_url(&verifier, "st");
+    let resp = h.http.get(authorize.clone()).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.headers().get("location").is_none());
+    assert!(resp.text().await.unwrap().contains("<code>code_challenge</code>"));
+
+    // A wrong client secret is refused before the code is looked at: the code stays good.
+    let code = h.tiktok_code(&verifier).await;
+    let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
+    let ProviderError::Rejected { reason } = &err else { panic!("{err:?}") };
+    assert!(reason.contains("invalid_client"), "{reason}");
+    // A redirect_uri that differs spends the code, as the real check does.
+    let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "spent: {err:?}");
+    // A verifier that does not match the challenge, likewise.
+    let (status, _) = h
+        .control(
+            "/tiktok/scenario",
+            json!({ "fail_next": [
+                { "endpoint": "token", "kind": "pkce_mismatch" },
+                { "endpoint": "refresh", "kind": "invalid_client" },
+                { "endpoint": "revoke", "kind": "invalid_client" },
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let code = h.tiktok_code(&verifier).await;
+    let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
+    let ProviderError::Rejected { reason } = &err else { panic!("{err:?}") };
+    assert!(reason.contains("Code verifier or code challenge is invalid."), "{reason}");
+    let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "spent: {err:?}");
+
+    let code = h.tiktok_code(&verifier).await;
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap();
+    let rt = tokens.refresh_token.clone().unwrap();
+    let err = h.tiktok.refresh(&rt, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    // Refused for the client, the refresh token was not rotated.
+    assert!(h.tiktok.refresh(&rt, h.now()).await.is_ok());
+    let err = h.tiktok.revoke(&tokens.access_token).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    assert!(h.sandbox.scenario(Platform::Tiktok).fail_next.is_empty());
+}
+
+#[tokio::test]
+async fn tiktok_oauth_errors_on_a_200_and_denials_without_state() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let redirect = h.tiktok_redirect();
+    let (status, _) = h.control("/tiktok/scenario", json!({ "oauth_error_status": "ok" })).await;
+    assert_eq!(status, 200);
+    // A real refusal on the wire: 200, the error in the body.
+    let resp = h
+        .http
+        .post(format!("{}/sandbox/tiktok/v2/oauth/token/", h.base))
+        .form(&[
+            ("client_key", TIKTOK_CLIENT_KEY),
+            ("client_secret", TIKTOK_CLIENT_SECRET),
+            ("code", "unknown"),
+            ("grant_type", "authorization_code"),
+            ("redirect_uri", redirect.as_str()),
+            ("code_verifier", verifier.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "invalid_grant");
+    // The adapter reads the body, not the status.
+    let err = h.tiktok.exchange_code("unknown", &verifier, &redirect, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "{err:?}");
+    h.control(
+        "/tiktok/scenario",
+        json!({ "fail_next": [{ "endpoint": "token", "kind": "rate_limit" }, { "endpoint": "token", "kind": "html_error" }] }),
+    )
+    .await;
+    let code = h.tiktok_code(&verifier).await;
+    let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
+    assert!(err.is_transient(), "a rate limit on a 200: {err:?}");
+    let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
+    assert!(err.is_transient(), "a proxy's page keeps its status: {err:?}");
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap();
+    assert!(h.tiktok.revoke(&tokens.access_token).await.is_ok());
+
+    // `state` left out of an error redirect.
+    h.control("/tiktok/scenario", json!({ "error_state": "omit" })).await;
+    let cb = h.consent(&h.tiktok_authorize_url(&verifier, "st"), &[("decision", "deny")]).await;
+    assert_eq!(cb.query.get("error").map(String::as_str), Some("access_denied"));
+    assert!(!cb.query.contains_key("state"), "{}", cb.location);
+    let cb = h.consent(&h.tiktok_authorize_url(&verifier, "st"), &[("decision", "allow")]).await;
+    assert_eq!(cb.query.get("state").map(String::as_str), Some("st"), "success still carries it");
 }
 
 #[tokio::test]
@@ -786,6 +928,100 @@ async fn instagram_account_revocation_reports_the_reason() {
     let err = h.instagram.fetch_profile(&tokens.access_token).await.unwrap_err();
     let ProviderError::Permanent { reason } = err else { panic!("{err:?}") };
     assert!(reason.contains("password"), "{reason}");
+}
+
+#[tokio::test]
+async fn instagram_request_faults_and_unconfirmed_shapes() {
+    let h = start().await;
+    let redirect = h.instagram_redirect();
+    let account = INSTAGRAM_ACCOUNTS[0].user_id.to_string();
+    let (status, scenario) = h
+        .control(
+            "/instagram/scenario",
+            json!({ "me_shape": "wrapped", "error_state": "omit", "fail_next": [
+                { "endpoint": "authorize", "kind": "request_error", "parameter": "scope" },
+                { "endpoint": "token", "kind": "invalid_client" },
+                { "endpoint": "token", "kind": "redirect_uri_mismatch" },
+                { "endpoint": "profile", "kind": "graph_rate_limit", "status": 403, "code": 17 },
+            ]}),
+        )
+        .await;
+    assert_eq!(status, 200, "{scenario}");
+    let resp = h.http.get(h.instagram_authorize_url("st")).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    assert!(resp.text().await.unwrap().contains("<code>scope</code>"));
+
+    let code = h.instagram_code(&account).await;
+    let err = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap_err();
+    let ProviderError::Rejected { reason } = &err else { panic!("{err:?}") };
+    assert!(reason.contains("client secret"), "{reason}");
+    let err = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap_err();
+    let ProviderError::Rejected { reason } = &err else { panic!("{err:?}") };
+    assert!(reason.contains("redirect_uri"), "{reason}");
+    let err = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap_err();
+    assert!(matches!(err, ProviderError::Permanent { .. }), "spent: {err:?}");
+
+    let code = h.instagram_code(&account).await;
+    let tokens = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap();
+    // Graph rate limits come as 403 with code 17 too.
+    let err = h.instagram.fetch_profile(&tokens.access_token).await.unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    // `/me` wrapped in `data`: the same profile.
+    let wire = h
+        .http
+        .get(format!("{}/sandbox/instagram/graph/v23.0/me?fields=user_id,username", h.base))
+        .bearer_auth(tokens.access_token.expose_secret())
+        .send()
+        .await
+        .unwrap();
+    let body: Value = wire.json().await.unwrap();
+    assert_eq!(body["data"][0]["username"], INSTAGRAM_ACCOUNTS[0].username, "{body}");
+    let profile = h.instagram.fetch_profile(&tokens.access_token).await.unwrap();
+    assert_eq!(profile.username.as_deref(), Some(INSTAGRAM_ACCOUNTS[0].username));
+    assert_eq!(profile.account_id, account);
+
+    let cb =
+        h.consent(&h.instagram_authorize_url("st"), &[("decision", "deny"), ("account", &account)]).await;
+    assert_eq!(cb.query.get("error_reason").map(String::as_str), Some("user_denied"));
+    assert!(!cb.query.contains_key("state"), "{}", cb.location);
+}
+
+#[tokio::test]
+async fn control_api_refuses_failures_that_cannot_happen_there() {
+    let h = start().await;
+    for (provider, entry) in [
+        ("instagram", json!({ "endpoint": "token", "kind": "pkce_mismatch" })),
+        ("tiktok", json!({ "endpoint": "token", "kind": "request_error" })),
+        ("tiktok", json!({ "endpoint": "authorize", "kind": "server_error" })),
+        ("tiktok", json!({ "endpoint": "profile", "kind": "invalid_client" })),
+        ("instagram", json!({ "endpoint": "refresh", "kind": "invalid_client" })),
+        ("tiktok", json!({ "endpoint": "token", "kind": "redirect_uri_mismatch", "parameter": "scope" })),
+        ("tiktok", json!({ "endpoint": "authorize", "kind": "request_error", "parameter": "state" })),
+        (
+            "instagram",
+            json!({ "endpoint": "authorize", "kind": "request_error", "parameter": "code_challenge" }),
+        ),
+        ("tiktok", json!({ "endpoint": "profile", "kind": "graph_rate_limit", "code": 17 })),
+        ("instagram", json!({ "endpoint": "profile", "kind": "graph_rate_limit", "code": 5 })),
+        ("instagram", json!({ "endpoint": "profile", "kind": "graph_rate_limit", "status": 500 })),
+        ("instagram", json!({ "endpoint": "profile", "kind": "server_error", "status": 503 })),
+        ("tiktok", json!({ "endpoint": "exchange_long_lived", "kind": "server_error" })),
+        ("instagram", json!({ "endpoint": "revoke", "kind": "server_error" })),
+    ] {
+        let (status, body) =
+            h.control(&format!("/{provider}/scenario"), json!({ "fail_next": [entry] })).await;
+        assert_eq!(status, 400, "{provider} {entry}: {body}");
+        assert!(body["error"].is_string());
+    }
+    assert!(h.sandbox.scenario(Platform::Tiktok).fail_next.is_empty(), "nothing was queued");
+    for (provider, patch) in [
+        ("tiktok", json!({ "me_shape": "wrapped" })),
+        ("tiktok", json!({ "signing_secret": "meta" })),
+        ("instagram", json!({ "oauth_error_status": "ok" })),
+    ] {
+        let (status, body) = h.control(&format!("/{provider}/scenario"), patch.clone()).await;
+        assert_eq!(status, 400, "{provider} {patch}: {body}");
+    }
 }
 
 #[tokio::test]

@@ -13,11 +13,12 @@ use time::{Duration, OffsetDateTime};
 
 use super::pages::{self, AccountChoice, ConsentPage, Hidden, ScopeChoice};
 use super::{
-    Endpoint, FailNext, FailureKind, Lifetimes, MAX_CODES, MAX_TOKENS, Params, Sandbox, Scenario, Stats,
-    TIKTOK_CLIENT_KEY, TIKTOK_CLIENT_SECRET, found, json, log_id, proxy_html_error, prune, random_b64,
-    split_scopes, url_with_query, with_retry_after,
+    Endpoint, ErrorState, FailNext, FailureKind, Lifetimes, MAX_CODES, MAX_TOKENS, OauthErrorStatus, Params,
+    Sandbox, Scenario, Scripted, Stats, TIKTOK_CLIENT_KEY, TIKTOK_CLIENT_SECRET, Tamper, found, json, log_id,
+    proxy_html_error, prune, random_b64, split_scopes, url_with_query, with_retry_after,
 };
 use crate::crypto::constant_time_eq;
+use crate::domain::Platform;
 use crate::providers::pkce;
 
 const PROVIDER: &str = "TikTok";
@@ -343,7 +344,12 @@ fn validate(
 
 /// `GET /tiktok/v2/auth/authorize/`: the consent page, or an error page naming the parameter.
 pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(query): RawQuery) -> Response {
-    let p = Params::from_query(query.as_deref());
+    let mut p = Params::from_query(query.as_deref());
+    match scripted_failure(&sb, Endpoint::Authorize).await {
+        Some(Scripted::Answer(resp)) => return resp,
+        Some(Scripted::Tamper(t)) => t.apply(Platform::Tiktok, &mut p),
+        None => {}
+    }
     let (pkce_optional, deny_all) = {
         let mut st = sb.tiktok_state();
         st.stats.authorize_requests += 1;
@@ -420,9 +426,9 @@ pub(super) async fn authorize_decision(
         Ok(p) => p,
         Err(e) => return pages::error_page(PROVIDER, SLUG, "body", &e),
     };
-    let (pkce_optional, deny_all) = {
+    let (pkce_optional, deny_all, error_state) = {
         let st = sb.tiktok_state();
-        (st.scenario.pkce_optional, st.scenario.deny_all)
+        (st.scenario.pkce_optional, st.scenario.deny_all, st.scenario.error_state)
     };
     let req = match validate(&sb, &p, pkce_optional) {
         Ok(req) => req,
@@ -444,7 +450,7 @@ pub(super) async fn authorize_decision(
     if !allow {
         let mut params =
             vec![("error", "access_denied"), ("error_description", "The user denied the request.")];
-        if let Some(s) = state {
+        if let Some(s) = state.filter(|_| error_state == ErrorState::Echo) {
             params.push(("state", s));
         }
         tracing::debug!("sandbox tiktok: consent denied");
@@ -502,7 +508,7 @@ fn api_error(status: StatusCode, code: &str, message: &str, now: OffsetDateTime)
 
 /// Counts a call, then applies the next scripted failure for `endpoint`, if any. `None` means
 /// "answer normally" (after the delay of a `slow` failure).
-async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> {
+async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> {
     let (failure, retry_after, slow_ms) = {
         let mut st = sb.tiktok_state();
         match endpoint {
@@ -510,11 +516,13 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> 
             Endpoint::Refresh => st.stats.refresh_calls += 1,
             Endpoint::Profile => st.stats.profile_calls += 1,
             Endpoint::Revoke => st.stats.revoke_calls += 1,
-            Endpoint::ExchangeLongLived => {}
+            // Counted by the page itself, with every other authorize request.
+            Endpoint::ExchangeLongLived | Endpoint::Authorize => {}
         }
         let f = st.scenario.take_failure(endpoint)?;
         (f, st.scenario.retry_after_secs, st.scenario.slow_ms)
     };
+    let tamper = Tamper::of(&failure);
     let FailNext { kind, status, .. } = failure;
     tracing::debug!(?endpoint, ?kind, "sandbox tiktok: scripted failure");
     let now = sb.now();
@@ -524,6 +532,10 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> 
             tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
             return None;
         }
+        FailureKind::InvalidClient
+        | FailureKind::RedirectUriMismatch
+        | FailureKind::PkceMismatch
+        | FailureKind::RequestError => return tamper.map(Scripted::Tamper),
         FailureKind::HtmlError => proxy_html_error(status),
         FailureKind::RateLimit | FailureKind::GraphRateLimit => {
             let resp = if api {
@@ -589,7 +601,21 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Response> 
             oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", description, now)
         }
     };
-    Some(resp)
+    Some(Scripted::Answer(resp))
+}
+
+/// Applies the `oauth_error_status` switch to an answer of an OAuth endpoint (token, refresh,
+/// revoke): with `ok`, a JSON error answer gets status 200 (a proxy's HTML page keeps its own).
+fn oauth_status(sb: &Sandbox, mut resp: Response) -> Response {
+    let ok = sb.tiktok_state().scenario.oauth_error_status == OauthErrorStatus::Ok;
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if ok && is_json && !resp.status().is_success() {
+        *resp.status_mut() = StatusCode::OK;
+    }
+    resp
 }
 
 /// Checks `client_key` and `client_secret` of a form.
@@ -603,17 +629,27 @@ fn client_ok(p: &Params) -> bool {
 
 /// `POST /tiktok/v2/oauth/token/`: `authorization_code` and `refresh_token` grants.
 pub(super) async fn token(State(sb): State<Arc<Sandbox>>, headers: HeaderMap, body: Bytes) -> Response {
-    let parsed = Params::from_body(&headers, &body, false);
+    let resp = token_answer_to(&sb, &headers, &body).await;
+    oauth_status(&sb, resp)
+}
+
+async fn token_answer_to(sb: &Sandbox, headers: &HeaderMap, body: &[u8]) -> Response {
+    let parsed = Params::from_body(headers, body, false);
     let grant_type = parsed.as_ref().ok().and_then(|p| p.get("grant_type")).unwrap_or_default().to_string();
     let endpoint = if grant_type == "refresh_token" { Endpoint::Refresh } else { Endpoint::Token };
-    if let Some(resp) = scripted_failure(&sb, endpoint).await {
-        return resp;
-    }
+    let tamper = match scripted_failure(sb, endpoint).await {
+        Some(Scripted::Answer(resp)) => return resp,
+        Some(Scripted::Tamper(t)) => Some(t),
+        None => None,
+    };
     let now = sb.now();
-    let p = match parsed {
+    let mut p = match parsed {
         Ok(p) => p,
         Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e, now),
     };
+    if let Some(t) = tamper {
+        t.apply(Platform::Tiktok, &mut p);
+    }
     if !client_ok(&p) {
         return oauth_error(
             StatusCode::UNAUTHORIZED,
@@ -623,8 +659,8 @@ pub(super) async fn token(State(sb): State<Arc<Sandbox>>, headers: HeaderMap, bo
         );
     }
     match grant_type.as_str() {
-        "authorization_code" => exchange_code(&sb, &p, now),
-        "refresh_token" => refresh(&sb, &p, now),
+        "authorization_code" => exchange_code(sb, &p, now),
+        "refresh_token" => refresh(sb, &p, now),
         "" => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is required.", now),
         _ => oauth_error(
             StatusCode::BAD_REQUEST,
@@ -756,7 +792,7 @@ pub(super) async fn user_info(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Some(resp) = scripted_failure(&sb, Endpoint::Profile).await {
+    if let Some(Scripted::Answer(resp)) = scripted_failure(&sb, Endpoint::Profile).await {
         return resp;
     }
     let now = sb.now();
@@ -842,14 +878,24 @@ fn field_value(sb: &Sandbox, a: &TikTokAccount, field: &str) -> Value {
 /// `POST /tiktok/v2/oauth/revoke/`: kills both tokens of the grant (and every other token it
 /// produced). An unknown token is answered like a known one (RFC 7009 §2.2).
 pub(super) async fn revoke(State(sb): State<Arc<Sandbox>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(resp) = scripted_failure(&sb, Endpoint::Revoke).await {
-        return resp;
-    }
+    let resp = revoke_answer_to(&sb, &headers, &body).await;
+    oauth_status(&sb, resp)
+}
+
+async fn revoke_answer_to(sb: &Sandbox, headers: &HeaderMap, body: &[u8]) -> Response {
+    let tamper = match scripted_failure(sb, Endpoint::Revoke).await {
+        Some(Scripted::Answer(resp)) => return resp,
+        Some(Scripted::Tamper(t)) => Some(t),
+        None => None,
+    };
     let now = sb.now();
-    let p = match Params::from_body(&headers, &body, false) {
+    let mut p = match Params::from_body(headers, body, false) {
         Ok(p) => p,
         Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e, now),
     };
+    if let Some(t) = tamper {
+        t.apply(Platform::Tiktok, &mut p);
+    }
     if !client_ok(&p) {
         return oauth_error(
             StatusCode::UNAUTHORIZED,

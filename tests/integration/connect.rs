@@ -226,7 +226,7 @@ pub async fn connected_workspace(app: &TestApp, name: &str) -> (String, String, 
     (wid, key, link_id, link_url, connection)
 }
 
-fn new_browser() -> Client {
+pub fn new_browser() -> Client {
     Client::builder().cookie_store(true).redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
@@ -302,7 +302,7 @@ async fn instagram_connect_reconnect_and_second_account(app: TestApp) {
     connect_reconnect_and_second_account(app, "instagram").await;
 }
 
-async fn assert_nothing_connected(app: &TestApp) {
+pub async fn assert_nothing_connected(app: &TestApp) {
     assert_eq!(app.count("connections").await, 0, "a failed attempt writes no connection");
     assert!(!app.database_dump().await.contains("act."), "and no token");
 }

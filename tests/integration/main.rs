@@ -23,6 +23,7 @@ mod helpers;
 mod keys;
 mod pages;
 mod provider_fixes;
+mod sandbox_switches;
 mod webhook_fixes;
 
 use std::future::Future;
@@ -69,6 +70,7 @@ fn main() -> ExitCode {
         ("dashboard", dashboard::tests()),
         ("keys", keys::tests()),
         ("provider_fixes", provider_fixes::tests()),
+        ("sandbox_switches", sandbox_switches::tests()),
         ("webhook_fixes", webhook_fixes::tests()),
     ] {
         for (name, f, only) in list {

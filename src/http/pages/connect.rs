@@ -42,7 +42,8 @@ fn cookie_name(state: &AppState) -> &'static str {
     if state.config.is_https() { "__Host-authlink_flow" } else { "authlink_flow" }
 }
 
-fn read_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The value of the cookie `name`, as the browser sent it.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -51,7 +52,35 @@ fn read_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
-        .filter(|v| links::token_well_formed(v))
+}
+
+fn read_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    cookie(headers, name).filter(|v| links::token_well_formed(v))
+}
+
+/// The name of the cookie that names this browser's latest flow of `platform`.
+fn last_flow_cookie_name(state: &AppState, platform: Platform) -> String {
+    let prefix = if state.config.is_https() { "__Host-" } else { "" };
+    format!("{prefix}authlink_last_{}", platform.as_str())
+}
+
+/// The `Set-Cookie` naming `flow_id` as this browser's latest flow of `platform`, for as long as
+/// the flow lives. Whether a provider sends `state` back with an error is undocumented; without
+/// it, this cookie is how the error page finds the link to try again from. A flow id is no
+/// secret: the page offers the flow's link only to the browser the flow is bound to.
+fn set_last_flow_cookie(state: &AppState, platform: Platform, flow_id: &str) -> HeaderValue {
+    let secure = if state.config.is_https() { "; Secure" } else { "" };
+    let cookie = format!(
+        "{}={flow_id}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        last_flow_cookie_name(state, platform),
+        FLOW_LIFETIME_MS / 1000
+    );
+    HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The flow id the latest-flow cookie of `platform` names, if it is well formed.
+fn last_flow(state: &AppState, headers: &HeaderMap, platform: Platform) -> Option<String> {
+    cookie(headers, &last_flow_cookie_name(state, platform)).filter(|v| db::is_id(v)).map(str::to_string)
 }
 
 /// Whether the request carries the browser-binding cookie whose hash is `expected_hash`.
@@ -210,6 +239,7 @@ pub async fn start_connect(
     metrics::counter!("authlink_connect_flows_started_total", "provider" => platform.as_str()).increment(1);
     let mut res = Redirect::to(url.as_str()).into_response();
     res.headers_mut().insert(header::SET_COOKIE, cookie);
+    res.headers_mut().append(header::SET_COOKIE, set_last_flow_cookie(&state, platform, &flow_id));
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }
@@ -461,13 +491,15 @@ pub async fn oauth_callback(
     };
     let Some(raw_state) = q.state.as_deref().filter(|s| !s.is_empty()) else {
         // Whether the providers send `state` back with an error is not documented: an error
-        // without it is still the provider's answer, and the client is told what it says.
-        let f = match q.error.as_deref() {
-            Some("access_denied") => Failure::Denied,
-            Some(_) => Failure::ProviderError,
-            None => Failure::StateMissing,
+        // without it is still the provider's answer, and the client is told what it says. The
+        // flow it ends is this browser's latest of the provider (no code is exchanged, so
+        // nothing rests on that guess but the way back to the link).
+        let (f, flow) = match q.error.as_deref() {
+            Some("access_denied") => (Failure::Denied, last_flow(&state, &headers, platform)),
+            Some(_) => (Failure::ProviderError, last_flow(&state, &headers, platform)),
+            None => (Failure::StateMissing, None),
         };
-        return refused(f, platform, None);
+        return refused(f, platform, flow.as_deref());
     };
     let state_hash = crypto::sha256_hex(raw_state.as_bytes());
     let browser_hash = read_cookie(&headers, cookie_name(&state)).map(|v| crypto::sha256_hex(v.as_bytes()));
@@ -667,7 +699,18 @@ async fn complete_flow(
     .map_err(|_| past_deadline())?;
     timing.provider += call.elapsed();
     let tokens = tokens.map_err(|e| {
-        tracing::warn!(provider = %platform, error = %e, "code exchange failed");
+        if matches!(e, ProviderError::Rejected { .. }) {
+            // Not the client's doing and not passing: a wrong client secret, a callback URL
+            // the provider does not know, or a fault of ours. The operator must act.
+            tracing::error!(
+                provider = %platform,
+                error = %e,
+                "the provider refused the code exchange: check the provider's client credentials and that \
+                 the callback URL registered with it is {redirect}"
+            );
+        } else {
+            tracing::warn!(provider = %platform, error = %e, "code exchange failed");
+        }
         FlowError::Failed(classify(&e, Failure::ExchangeFailed))
     })?;
     // Scopes: what the token endpoint reports, else what the callback reported (TikTok).

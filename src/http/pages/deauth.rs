@@ -89,7 +89,15 @@ fn app_secrets(state: &AppState) -> Option<(Vec<Vec<u8>>, bool)> {
     if !ig.enabled {
         None
     } else if ig.is_sandbox() {
-        Some((vec![crate::sandbox::INSTAGRAM_CLIENT_SECRET.as_bytes().to_vec()], true))
+        // Both of the sandbox's secrets, as both of an app's may be configured (which one Meta
+        // signs with is unconfirmed; the sandbox's `signing_secret` switch picks).
+        Some((
+            vec![
+                crate::sandbox::INSTAGRAM_CLIENT_SECRET.as_bytes().to_vec(),
+                crate::sandbox::META_APP_SECRET.as_bytes().to_vec(),
+            ],
+            true,
+        ))
     } else {
         let secrets: Vec<Vec<u8>> = [&ig.client_secret, &ig.meta_app_secret]
             .into_iter()

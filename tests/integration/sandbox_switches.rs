@@ -1,0 +1,229 @@
+//! The sandbox's switches for the failures providers.md §9.1 lists and the behaviours it marks
+//! unconfirmed, each driven through the whole connect flow: what the client sees, what the
+//! operator is told, and that nothing is written by a failed attempt.
+
+use serde_json::{Value, json};
+
+use crate::connect::{
+    assert_nothing_connected, connect, consent, finish, new_browser, start, start_and_consent,
+};
+use crate::helpers::{TestApp, token_of};
+use crate::tests;
+
+pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
+    tests![
+        refused_code_exchanges_fail_the_flow_and_tell_the_operator,
+        authorize_page_errors_leave_nothing_behind,
+        denial_without_state_still_leads_back_to_the_link,
+        unconfirmed_answer_shapes_are_tolerated,
+        meta_callbacks_signed_with_either_secret,
+    ]
+}
+
+fn account(provider: &str) -> String {
+    match provider {
+        "tiktok" => authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id.to_string(),
+        _ => authlink::sandbox::INSTAGRAM_ACCOUNTS[0].user_id.to_string(),
+    }
+}
+
+/// A wrong client secret, a redirect URI that differs, a PKCE verifier that does not match: the
+/// client gets "could not finish connecting" (502) with a way back, the operator an error line
+/// naming what to check, and the code appears in no log line.
+async fn refused_code_exchanges_fail_the_flow_and_tell_the_operator(app: TestApp) {
+    let wid = app.workspace("Refused");
+    let (_, url) = app.link(&wid, "Client");
+    let try_again = format!("href=\"/l/{}\"", token_of(&url));
+    for (provider, kind) in [
+        ("tiktok", "invalid_client"),
+        ("tiktok", "redirect_uri_mismatch"),
+        ("tiktok", "pkce_mismatch"),
+        ("instagram", "invalid_client"),
+        ("instagram", "redirect_uri_mismatch"),
+    ] {
+        app.sandbox(
+            &format!("/{provider}/scenario"),
+            json!({"fail_next": [{"endpoint": "token", "kind": kind}]}),
+        )
+        .await;
+        let flow =
+            start_and_consent(&app.client, &app, &url, provider, &account(provider), "allow", None).await;
+        let page = finish(&app.client, &app, &flow.callback).await;
+        assert_eq!(page.status(), 502, "{provider} {kind}");
+        let html = page.text().await.unwrap();
+        assert!(html.contains("We could not finish connecting"), "{provider} {kind}: {html}");
+        assert!(html.contains("Nothing was connected") && html.contains(&try_again), "{provider} {kind}");
+        app.wait_for_log("the provider refused the code exchange", 10).await;
+        let log = app.log_text();
+        let line = log.lines().rev().find(|l| l.contains("the provider refused the code exchange")).unwrap();
+        assert!(line.contains("\"level\":\"ERROR\""), "{line}");
+        assert!(
+            line.contains(&format!("/oauth/{provider}/callback")),
+            "names the callback to register: {line}"
+        );
+        let code = url::Url::parse(&flow.callback)
+            .unwrap()
+            .query_pairs()
+            .find(|(k, _)| k == "code")
+            .map(|(_, v)| v.into_owned())
+            .unwrap();
+        crate::helpers::assert_nowhere(&app, "authorization code", &code).await;
+        assert_eq!(
+            app.sandbox_stats(provider).await["profile_calls"],
+            0,
+            "{provider} {kind}: no profile call"
+        );
+        assert_nothing_connected(&app).await;
+    }
+}
+
+/// The provider's authorize page refuses the request (no redirect back): the client sees the
+/// provider's page, nothing is written, and the next attempt from the link works.
+async fn authorize_page_errors_leave_nothing_behind(app: TestApp) {
+    let wid = app.workspace("Authorize");
+    let (_, url) = app.link(&wid, "Client");
+    for (provider, parameter) in
+        [("tiktok", "redirect_uri"), ("tiktok", "code_challenge"), ("instagram", "client_id")]
+    {
+        app.sandbox(
+            &format!("/{provider}/scenario"),
+            json!({"fail_next": [{"endpoint": "authorize", "kind": "request_error", "parameter": parameter}]}),
+        )
+        .await;
+        let before = app.count("connections").await;
+        let authorize = start(&app.client, &app, &url, provider).await;
+        let page = app.client.get(&authorize).send().await.unwrap();
+        assert_eq!(page.status(), 400, "{provider} {parameter}");
+        assert!(page.headers().get("location").is_none(), "no redirect back");
+        let html = page.text().await.unwrap();
+        assert!(html.contains(&format!("<code>{parameter}</code>")), "{provider} {parameter}: {html}");
+        if before == 0 {
+            assert_nothing_connected(&app).await;
+        }
+        // The client goes back and presses the button again: the same authorize URL now works.
+        let flow = consent(&app.client, &app, &authorize, provider, &account(provider), "allow", None).await;
+        assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 200, "{provider} {parameter}");
+    }
+    assert_eq!(app.count("connections").await, 2, "one account of each provider");
+}
+
+/// Whether the providers send `state` back with an error is undocumented. Without it, the denial
+/// page still leads back to the link in the browser that started the flow, and nowhere else.
+async fn denial_without_state_still_leads_back_to_the_link(app: TestApp) {
+    let wid = app.workspace("No state");
+    let (_, url) = app.link(&wid, "Client");
+    let try_again = format!("href=\"/l/{}\"", token_of(&url));
+    for provider in ["tiktok", "instagram"] {
+        app.sandbox(&format!("/{provider}/scenario"), json!({"error_state": "omit"})).await;
+        let flow =
+            start_and_consent(&app.client, &app, &url, provider, &account(provider), "deny", None).await;
+        assert!(flow.callback.contains("error=access_denied"), "{}", flow.callback);
+        assert!(!flow.callback.contains("state="), "{}", flow.callback);
+        let page = finish(&app.client, &app, &flow.callback).await;
+        assert_eq!(page.status(), 403, "{provider}");
+        let html = page.text().await.unwrap();
+        assert!(html.contains("Connection cancelled"), "{provider}: {html}");
+        assert!(html.contains(&try_again), "{provider}: try again leads back to the link: {html}");
+        // Another browser opening the same answer learns nothing about the link.
+        let other = finish(&new_browser(), &app, &flow.callback).await;
+        assert_eq!(other.status(), 403);
+        let html = other.text().await.unwrap();
+        assert!(html.contains("Connection cancelled") && !html.contains("/l/"), "{provider}: {html}");
+        assert_eq!(app.sandbox_stats(provider).await["token_calls"], 0, "{provider}");
+    }
+    // With the switch on, a success still carries its state and connects.
+    connect(&app.client, &app, &url, "tiktok", &account("tiktok")).await;
+    assert_eq!(app.count("connections").await, 1);
+}
+
+/// TikTok errors on a 200, Instagram's `/me` wrapped in `data`, Graph rate limits as 403 with
+/// code 17: the flow reads each as the provider means it.
+async fn unconfirmed_answer_shapes_are_tolerated(app: TestApp) {
+    let wid = app.workspace("Shapes");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    // TikTok answering its OAuth errors with 200: a dead code is still a refused exchange, a
+    // rate limit still "try again later", and a good code still connects.
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"oauth_error_status": "ok", "fail_next": [
+            {"endpoint": "token", "kind": "invalid_grant"},
+            {"endpoint": "token", "kind": "rate_limit"},
+        ]}),
+    )
+    .await;
+    for status in [502, 504] {
+        let flow =
+            start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok"), "allow", None).await;
+        assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), status);
+    }
+    assert_nothing_connected(&app).await;
+    connect(&app.client, &app, &url, "tiktok", &account("tiktok")).await;
+    // Instagram: a rate limit as 403 with code 17 is transient (504), and `/me` wrapped in
+    // `data` gives the same account.
+    app.sandbox(
+        "/instagram/scenario",
+        json!({"me_shape": "wrapped", "fail_next": [
+            {"endpoint": "profile", "kind": "graph_rate_limit", "status": 403, "code": 17},
+        ]}),
+    )
+    .await;
+    let flow =
+        start_and_consent(&app.client, &app, &url, "instagram", &account("instagram"), "allow", None).await;
+    assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 504);
+    let html = connect(&app.client, &app, &url, "instagram", &account("instagram")).await;
+    let ig = &authlink::sandbox::INSTAGRAM_ACCOUNTS[0];
+    assert!(html.contains(ig.username), "{html}");
+    let list = app.api_get("/connections?provider=instagram", &key, 200).await;
+    let conn = &list["data"][0];
+    assert_eq!(conn["provider_account_id"], ig.user_id.to_string(), "{list}");
+    assert_eq!(conn["username"], ig.username);
+    assert_eq!(app.count("connections").await, 2);
+}
+
+/// Which secret Meta signs its callbacks with for an Instagram-Login app is unconfirmed: signed
+/// with either the Instagram app secret or the Meta app secret, both callbacks are honoured, and
+/// the data-deletion answer is the one Meta checks.
+async fn meta_callbacks_signed_with_either_secret(app: TestApp) {
+    let wid = app.workspace("Meta secrets");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    let a = &authlink::sandbox::INSTAGRAM_ACCOUNTS[0];
+    for secret in ["meta", "instagram"] {
+        app.sandbox("/instagram/scenario", json!({"signing_secret": secret})).await;
+        connect(&app.client, &app, &url, "instagram", &a.user_id.to_string()).await;
+        let list = app.api_get("/connections", &key, 200).await;
+        let id = list["data"][0]["id"].as_str().unwrap().to_string();
+        assert_eq!(list["data"][0]["status"], "active");
+        // The user removes the app: Meta's deauthorize callback breaks the connection.
+        let answer = app.sandbox(&format!("/instagram/accounts/{}/revoke", a.user_id), json!({})).await;
+        assert_eq!(answer["deauthorize_callback"], 200, "{secret}: {answer}");
+        let broken = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+        assert_eq!(broken["status"], "broken", "{secret}");
+        // The client reconnects, then asks Meta to delete their data.
+        connect(&app.client, &app, &url, "instagram", &a.user_id.to_string()).await;
+        let answer: Value =
+            app.sandbox(&format!("/instagram/accounts/{}/data-deletion", a.user_id), json!({})).await;
+        assert_eq!(answer["status"], 200, "{secret}: {answer}");
+        assert_eq!(answer["valid"], true, "{secret}: the answer Meta checks: {answer}");
+        assert_eq!(answer["status_page"], 200, "{secret}: {answer}");
+        let code = answer["confirmation_code"].as_str().unwrap();
+        assert!(answer["url"].as_str().unwrap().ends_with(code), "{answer}");
+        let erased = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+        assert_eq!(erased["status"], "broken", "{secret}");
+        assert!(erased["username"].is_null(), "{secret}: profile data erased: {erased}");
+    }
+    // A request signed with neither secret changes nothing.
+    let res = app
+        .client
+        .post(app.url("/oauth/instagram/data-deletion"))
+        .form(&[("signed_request", "c2ln.eyJ1c2VyX2lkIjoiMSJ9")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    // Unknown accounts are refused by the control API.
+    let res =
+        app.client.post(app.url("/sandbox/control/instagram/accounts/1/data-deletion")).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+}
