@@ -145,6 +145,18 @@ impl Guard {
         Ok(addrs)
     }
 
+    /// Checks the host of `url` when it is an IP literal. A literal never reaches the resolver,
+    /// so the client's connections skip this guard's check for it: every request this guard's
+    /// client sends to a URL that came from outside must be checked here first. A name is
+    /// checked when the client resolves it.
+    pub async fn check_literal(&self, url: &url::Url) -> Result<(), TargetError> {
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => self.check_host(&ip.to_string()).await.map(drop),
+            Some(url::Host::Ipv6(ip)) => self.check_host(&ip.to_string()).await.map(drop),
+            Some(url::Host::Domain(_)) | None => Ok(()),
+        }
+    }
+
     /// An HTTP client whose every connection goes through this guard: no redirects followed,
     /// a timeout, rustls, and never a proxy. A proxy (`HTTPS_PROXY`, `ALL_PROXY` and the like in
     /// the environment) would resolve the host itself, out of this guard's reach, and could be
@@ -267,6 +279,24 @@ mod tests {
         ] {
             assert_eq!(wait(bad), None, "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn ip_literals_are_checked_without_the_resolver() {
+        let guard = Guard::new(Arc::new(SystemResolver), false);
+        for url in
+            ["https://10.1.2.3/a.png", "https://127.0.0.1:8443/", "https://[fd00::1]/x", "http://[::1]/"]
+        {
+            let url = url::Url::parse(url).unwrap();
+            assert!(matches!(guard.check_literal(&url).await, Err(TargetError::Private(_))), "{url}");
+        }
+        let public = url::Url::parse("https://93.184.215.14/a.png").unwrap();
+        assert_eq!(guard.check_literal(&public).await, Ok(()));
+        // Names are left to the resolver, which the client consults at connection time.
+        let name = url::Url::parse("https://localhost/a.png").unwrap();
+        assert_eq!(guard.check_literal(&name).await, Ok(()));
+        let open = Guard::new(Arc::new(SystemResolver), true);
+        assert_eq!(open.check_literal(&url::Url::parse("https://10.1.2.3/").unwrap()).await, Ok(()));
     }
 
     /// A resolver that answers from a table and records what it was asked.

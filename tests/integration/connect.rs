@@ -27,6 +27,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         access_token_refreshes_when_expiring,
         no_secret_in_database_or_logs,
         metrics_count_requests_and_flows,
+        avatars_on_private_addresses_are_not_fetched,
     ];
     list.push((
         "first_connection_racing_another_becomes_a_reconnect",
@@ -1019,5 +1020,42 @@ async fn metrics_count_requests_and_flows(app: TestApp) {
     // Only on the metrics address.
     let public = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(public.status(), 404);
+    cleanup.run().await;
+}
+
+/// The success page's avatar is fetched server-side from the URL the provider gave: an address
+/// inside the network (here given as an IP literal, which no resolver sees) is never contacted.
+async fn avatars_on_private_addresses_are_not_fetched(app: TestApp) {
+    // The suite allows private webhook targets (its receivers are on loopback); not here.
+    let app =
+        TestApp::spawn_with(app.backend.clone(), &[("AUTHLINK_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "false")])
+            .await;
+    let cleanup = app.cleanup_handle();
+    let wid = app.workspace("Avatars");
+    let (_, url) = app.link(&wid, "Client");
+    let html = connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
+    let avatar_path = html.split("src=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    assert_eq!(
+        app.client.get(app.url(&avatar_path)).send().await.unwrap().status(),
+        200,
+        "the sandbox's own"
+    );
+    // A listener inside the network, standing for an internal service.
+    let inside = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    inside.set_nonblocking(true).unwrap();
+    let port = inside.local_addr().unwrap().port();
+    for target in
+        [format!("https://127.0.0.1:{port}/a.png"), format!("https://[::ffff:127.0.0.1]:{port}/a.png")]
+    {
+        app.execute(&format!("UPDATE {{schema}}.connections SET avatar_url = '{target}'")).await;
+        let res = app.client.get(app.url(&avatar_path)).send().await.unwrap();
+        assert_eq!(res.status(), 404, "{target}");
+    }
+    // The answers came back: a connection made for them would be waiting in the backlog.
+    let contacted = inside.accept();
+    assert!(
+        matches!(&contacted, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the internal address was contacted: {contacted:?}"
+    );
     cleanup.run().await;
 }

@@ -973,6 +973,10 @@ pub async fn show_avatar(
     } else {
         state.webhook_guard.clone()
     };
+    if let Err(e) = guard.check_literal(&url).await {
+        tracing::warn!(error = %e, "a connection's avatar URL is not a public address: not fetched");
+        return not_found();
+    }
     let client = guard.client(std::time::Duration::from_secs(5));
     let Ok(mut res) = client.get(url.as_str()).send().await else { return not_found() };
     let content_type = res
