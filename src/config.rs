@@ -147,7 +147,8 @@ pub enum LogFormat {
 pub struct HttpConfig {
     /// Largest accepted request body, in bytes (larger bodies get 413).
     pub body_limit_bytes: usize,
-    /// Longest time a request may take before the server answers 503.
+    /// Longest time a request may take before the server answers 503; also how long a client
+    /// has to send a request's headers before its connection is closed.
     pub request_timeout_secs: u64,
     /// Longest time to let in-flight requests finish after a shutdown signal.
     pub shutdown_grace_secs: u64,

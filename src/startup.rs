@@ -305,13 +305,16 @@ impl Application {
         let jobs =
             state.config.jobs.enabled.then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
-        let server = axum::serve(self.listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                shutdown_signal().await;
-                tracing::info!("shutdown signal received; finishing in-flight requests");
-                let _ = stop_tx.send(true);
-            });
-        let server = tokio::spawn(async move { server.await });
+        let header_timeout = Duration::from_secs(state.config.http.request_timeout_secs);
+        let server = serve(self.listener, router, header_timeout, async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown signal received; finishing in-flight requests");
+            let _ = stop_tx.send(true);
+        });
+        let server = tokio::spawn(async move {
+            server.await;
+            Ok::<(), std::io::Error>(())
+        });
         tokio::pin!(server);
         let result = tokio::select! {
             r = &mut server => r,
@@ -408,4 +411,48 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {}
         () = terminate => {}
     }
+}
+
+/// Serves `router` on `listener` until `signal` completes, then lets open connections finish
+/// their requests (the caller bounds how long). As `axum::serve` does (HTTP/1.1, and HTTP/2 with
+/// prior knowledge; the peer's address as `ConnectInfo`), plus what it leaves out: a timer, so
+/// that a client must send a request's headers within `header_timeout` or lose the connection.
+/// Without it, connections that trickle their headers a byte at a time (slowloris) stay open for
+/// as long as the client likes, each holding a socket and a task.
+async fn serve(
+    mut listener: TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    signal: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use tower::ServiceExt;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut signal = std::pin::pin!(signal);
+    loop {
+        let (stream, peer) = tokio::select! {
+            // Errors are logged and retried inside (as `axum::serve` does).
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            () = &mut signal => break,
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            router.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }

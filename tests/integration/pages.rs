@@ -15,6 +15,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         forwarded_for_counts_only_from_trusted_proxies,
         hostile_input_never_breaks_a_public_page,
         a_key_the_database_cannot_hold_is_not_found,
+        slow_request_headers_lose_the_connection,
     ]
 }
 
@@ -412,4 +413,56 @@ async fn a_key_the_database_cannot_hold_is_not_found(app: TestApp) {
         }
     }
     db.close().await;
+}
+
+/// A client that trickles a request's headers (slowloris) loses the connection once
+/// `http.request_timeout_secs` has passed, while a client that sends its request on a
+/// connection held open is served.
+async fn slow_request_headers_lose_the_connection(app: TestApp) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = TestApp::spawn_with(app.backend.clone(), &[("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "1")]).await;
+    let cleanup = app.cleanup_handle();
+    let addr = app.url("").trim_start_matches("http://").trim_end_matches('/').to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    // The server closes it (at most a bounded wait here, far above the one-second limit).
+    let read = tokio::time::timeout(std::time::Duration::from_secs(20), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was still open after 20 s");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(!text.contains("200 OK"), "no request was served: {text}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "not before the limit");
+    // A whole request is served, and so is a second one on the same connection.
+    let mut ok = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    for _ in 0..2 {
+        ok.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let answer = read_one_answer(&mut ok).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    cleanup.run().await;
+}
+
+/// Reads one HTTP/1.1 answer with a `Content-Length` body from `stream`.
+async fn read_one_answer(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "the connection closed mid-answer");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let Some(end) = text.find("\r\n\r\n") else { continue };
+        let length: usize = text[..end]
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+            })
+            .expect("a Content-Length");
+        if buf.len() >= end + 4 + length {
+            return text;
+        }
+    }
 }
