@@ -414,24 +414,22 @@ pub async fn shutdown_signal() {
 }
 
 /// Serves `router` on `listener` until `signal` completes, then lets open connections finish
-/// their requests (the caller bounds how long). As `axum::serve` does (HTTP/1.1, and HTTP/2 with
-/// prior knowledge; the peer's address as `ConnectInfo`), plus what it leaves out: a timer, so
-/// that a client must send a request's headers within `header_timeout` or lose the connection.
-/// Without it, connections that trickle their headers a byte at a time (slowloris) stay open for
-/// as long as the client likes, each holding a socket and a task.
+/// their requests (the caller bounds how long). As `axum::serve` does (HTTP/1.1, the peer's
+/// address as `ConnectInfo`), plus what it leaves out: a timer, so that a client must send a
+/// request's headers within `header_timeout` or lose the connection. Without it, connections
+/// that trickle their headers a byte at a time (slowloris) stay open for as long as the client
+/// likes, each holding a socket and a task.
 async fn serve(
     mut listener: TcpListener,
     router: axum::Router,
     header_timeout: Duration,
     signal: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::rt::{TokioIo, TokioTimer};
     use tower::ServiceExt;
 
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut signal = std::pin::pin!(signal);
     loop {
@@ -445,8 +443,7 @@ async fn serve(
             req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             router.clone().oneshot(req.map(axum::body::Body::new))
         });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::trace!(error = %e, "connection ended with an error");
