@@ -328,13 +328,24 @@ pub struct LinkFilter<'a> {
     pub before: Option<&'a str>,
 }
 
-/// Newest first, one page.
+/// Newest first, one page. The search is a case-insensitive substring of the label or the client
+/// reference, for every alphabet: on PostgreSQL `LOWER(..) LIKE`; on SQLite, whose `LOWER()` and
+/// `LIKE` fold ASCII letters only, a `GLOB` pattern that offers each letter in both cases (see
+/// [`glob_contains`]).
 pub async fn list(conn: &mut AnyConnection, f: &LinkFilter<'_>, limit: i64) -> DbResult<Vec<LinkRow>> {
-    let search = f.search.map(|s| format!("%{}%", s.to_lowercase().replace('%', "\\%").replace('_', "\\_")));
+    let sqlite = conn.backend_name().eq_ignore_ascii_case("sqlite");
+    let (search, matches) = if sqlite {
+        (f.search.map(glob_contains), "label GLOB $2 OR COALESCE(client_ref, '') GLOB $2")
+    } else {
+        (
+            f.search.map(|s| format!("%{}%", s.to_lowercase().replace('%', "\\%").replace('_', "\\_"))),
+            "LOWER(label) LIKE $2 ESCAPE '\\' OR LOWER(COALESCE(client_ref, '')) LIKE $2 ESCAPE '\\'",
+        )
+    };
     let active: Option<i64> = f.active.map(i64::from);
     Ok(sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM links WHERE ($1 IS NULL OR workspace_id = $1) \
-         AND ($2 IS NULL OR LOWER(label) LIKE $2 ESCAPE '\\' OR LOWER(COALESCE(client_ref, '')) LIKE $2 ESCAPE '\\') \
+         AND ($2 IS NULL OR {matches}) \
          AND ($3 IS NULL OR ($3 = 1 AND revoked_at IS NULL) OR ($3 = 0 AND revoked_at IS NOT NULL)) \
          AND ($4 IS NULL OR id < $4) ORDER BY id DESC LIMIT $5"
     ))
@@ -345,4 +356,47 @@ pub async fn list(conn: &mut AnyConnection, f: &LinkFilter<'_>, limit: i64) -> D
     .bind(limit)
     .fetch_all(conn)
     .await?)
+}
+
+/// A SQLite `GLOB` pattern matching text that contains `search`, ignoring case: each character
+/// with other case forms becomes a class of them (`é` → `[éÉ]`), `*`, `?` and `[` are matched
+/// literally, and the rest as they are. Case forms that are more than one character (`ß` → `SS`)
+/// are left out, as PostgreSQL's `LOWER()`, which maps character by character, leaves them.
+pub fn glob_contains(search: &str) -> String {
+    fn single(mut forms: impl Iterator<Item = char>) -> Option<char> {
+        let first = forms.next()?;
+        forms.next().is_none().then_some(first)
+    }
+    let mut out = String::from("*");
+    for c in search.chars() {
+        let mut class = vec![c];
+        for form in [single(c.to_lowercase()), single(c.to_uppercase())].into_iter().flatten() {
+            if !class.contains(&form) {
+                class.push(form);
+            }
+        }
+        if matches!(c, '*' | '?' | '[') || class.len() > 1 {
+            out.push('[');
+            out.extend(class);
+            out.push(']');
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('*');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_contains;
+
+    #[test]
+    fn glob_patterns_offer_both_cases_and_match_specials_literally() {
+        assert_eq!(glob_contains("Éa1"), "*[Éé][aA]1*");
+        assert_eq!(glob_contains("*?[-]"), "*[*][?][[]-]*");
+        // A case form of more than one character is left out: `ß` stays itself.
+        assert_eq!(glob_contains("ß"), "*ß*");
+        assert_eq!(glob_contains(""), "**");
+    }
 }

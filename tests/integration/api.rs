@@ -239,6 +239,30 @@ async fn link_pagination_and_search(app: TestApp) {
     assert_eq!(found["data"][0]["label"], "Client 3");
     let none = app.api_get(&format!("/links?workspace_id={wid}&q=%25"), &admin, 200).await;
     assert_eq!(none["data"].as_array().unwrap().len(), 0, "`%` is matched literally");
+    // Case is ignored in every alphabet, on both databases (SQLite's LOWER() folds ASCII only).
+    app.api_post(
+        "/links",
+        &admin,
+        json!({"workspace_id": wid, "label": "Émilie Zoë [Café]*", "client_ref": "ÄRZTE-Σ"}),
+        201,
+    )
+    .await;
+    for q in ["émilie", "ÉMILIE", "zoË", "[café]", "ärzte-σ", "CAFÉ]*"] {
+        let path = format!("/links?workspace_id={wid}&q={}", urlencoding(q));
+        let found = app.api_get(&path, &admin, 200).await;
+        let labels: Vec<&str> =
+            found["data"].as_array().unwrap().iter().map(|l| l["label"].as_str().unwrap()).collect();
+        assert_eq!(labels, ["Émilie Zoë [Café]*"], "{q}");
+    }
+    for q in ["émilie?", "**", "Emilie", "zoe"] {
+        let path = format!("/links?workspace_id={wid}&q={}", urlencoding(q));
+        let found = app.api_get(&path, &admin, 200).await;
+        assert_eq!(found["data"].as_array().unwrap().len(), 0, "{q}: matched literally, accents kept");
+    }
+}
+
+fn urlencoding(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 async fn field_error(app: &TestApp, key: &str, body: Value, field: &str) {
