@@ -31,6 +31,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         user_commands,
         members_branding_and_api_keys,
         connection_pages_and_repair_link,
+        used_up_link_is_still_the_repair_link,
         overview_counts_follow_every_change,
         handle_search_pages_in_handle_order,
         every_page_renders_without_inline_code,
@@ -933,6 +934,39 @@ async fn connection_pages_and_repair_link(app: TestApp) {
     // The admins' search finds it by handle.
     let html = page(&app, &admin, "/app/search?q=sandbox.creator", 200).await;
     assert!(html.contains(&format!("/app/w/acme/connections/{conn_id}")));
+}
+
+/// A link whose use limit is reached still repairs the accounts it connected: the API's
+/// `repair_url` and the connection's page give it for a broken connection, until it is revoked.
+async fn used_up_link_is_still_the_repair_link(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    let wid = app.workspace("Acme");
+    let key = app.workspace_key(&wid);
+    let link =
+        app.cli_json(&["link", "create", "--workspace", "acme", "--label", "Sunny", "--max-uses", "1"]);
+    let (link_id, url) =
+        (link["id"].as_str().unwrap().to_string(), link["url"].as_str().unwrap().to_string());
+    crate::connect::connect(&browser(), &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
+    let conn_id =
+        app.cli_json(&["connection", "list", "--workspace", "acme"])[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(app.api_get(&format!("/links/{link_id}"), &key, 200).await["status"], "used_up");
+    // The account revokes the app; a check finds out.
+    app.sandbox(&format!("/tiktok/accounts/{}/revoke", TIKTOK_ACCOUNTS[0].open_id), json!({})).await;
+    app.cli_json(&["connection", "check", &conn_id]);
+    let shown = app.api_get(&format!("/connections/{conn_id}"), &key, 200).await;
+    assert_eq!(
+        (shown["status"].as_str(), shown["repair_url"].as_str()),
+        (Some("broken"), Some(url.as_str()))
+    );
+    let admin = signed_in(&app, ADMIN).await;
+    let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
+    assert!(html.contains(&format!("id=\"repair-url\" type=\"text\" readonly value=\"{url}\"")), "{html}");
+    assert!(!html.contains("can no longer be used"), "{html}");
+    // Revoked, it repairs nothing: no repair link, and the page says so.
+    app.api_post(&format!("/links/{link_id}/revoke"), &key, json!({}), 200).await;
+    assert!(app.api_get(&format!("/connections/{conn_id}"), &key, 200).await["repair_url"].is_null());
+    let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
+    assert!(html.contains("can no longer be used") && !html.contains("repair-url"), "{html}");
 }
 
 /// The counters behind the overview (`connection_counts`, kept by triggers) against counting the

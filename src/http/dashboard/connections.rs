@@ -15,7 +15,7 @@ use crate::db::dashboard::{ConnectionItem, ConnectionSearch};
 use crate::domain::{self, Platform};
 use crate::service::ServiceError;
 use crate::service::connections::{self, ConnectionStatus};
-use crate::service::links::{self, LinkStatus};
+use crate::service::links;
 use crate::state::AppState;
 
 /// `(css class, words)` of a connection status.
@@ -236,7 +236,7 @@ pub async fn show(
         reconnects: c.reconnect_count,
         link_label: link.as_ref().map(|l| l.label.clone()),
         link_href: link.as_ref().map(|l| format!("/app/w/{}/links/{}", ws.row.slug, l.id)),
-        repair_url: link.as_ref().filter(|l| l.status == LinkStatus::Active).map(|l| l.url.clone()),
+        repair_url: link.as_ref().filter(|l| l.status.repairs()).map(|l| l.url.clone()),
         history: detail
             .events
             .iter()
