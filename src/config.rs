@@ -552,19 +552,22 @@ impl Config {
                 "key `database_url`: must start with sqlite:, postgres:// or postgresql://".into(),
             ));
         }
-        if self.http.body_limit_bytes == 0 {
-            return Err(ConfigError::Invalid("key `http.body_limit_bytes`: must be positive".into()));
-        }
-        if self.jobs.tick_ms == 0 || self.jobs.lease_secs == 0 {
-            return Err(ConfigError::Invalid(
-                "key `jobs.tick_ms` and `jobs.lease_secs`: must be positive".into(),
-            ));
-        }
-        if self.jobs.refresh_concurrency == 0 || self.jobs.webhook_concurrency == 0 {
-            return Err(ConfigError::Invalid("key `jobs.*_concurrency`: must be positive".into()));
-        }
-        if self.database.max_connections == 0 {
-            return Err(ConfigError::Invalid("key `database.max_connections`: must be positive".into()));
+        // Zero would stop the service doing its work: every request answering 503 (timeout), a
+        // job round claiming nothing and starting again at once (batches), nothing in flight.
+        for (key, is_zero) in [
+            ("http.body_limit_bytes", self.http.body_limit_bytes == 0),
+            ("http.request_timeout_secs", self.http.request_timeout_secs == 0),
+            ("jobs.tick_ms", self.jobs.tick_ms == 0),
+            ("jobs.lease_secs", self.jobs.lease_secs == 0),
+            ("jobs.refresh_batch", self.jobs.refresh_batch == 0),
+            ("jobs.refresh_concurrency", self.jobs.refresh_concurrency == 0),
+            ("jobs.webhook_batch", self.jobs.webhook_batch == 0),
+            ("jobs.webhook_concurrency", self.jobs.webhook_concurrency == 0),
+            ("database.max_connections", self.database.max_connections == 0),
+        ] {
+            if is_zero {
+                return Err(ConfigError::Invalid(format!("key `{key}`: must be positive")));
+            }
         }
         if self.jobs.lease_secs <= self.providers.timeout_secs {
             return Err(ConfigError::Invalid(format!(
@@ -841,6 +844,25 @@ mod tests {
         let err =
             Config::load_from(None, &env(&[("AUTHLINK_JOBS__LEASE_SECS", "10")])).unwrap_err().to_string();
         assert!(err.contains("lease_secs") && err.contains("providers.timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn zero_sizes_and_timeouts_are_refused_naming_the_key() {
+        for (var, key) in [
+            ("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "http.request_timeout_secs"),
+            ("AUTHLINK_HTTP__BODY_LIMIT_BYTES", "http.body_limit_bytes"),
+            ("AUTHLINK_JOBS__TICK_MS", "jobs.tick_ms"),
+            ("AUTHLINK_JOBS__LEASE_SECS", "jobs.lease_secs"),
+            ("AUTHLINK_JOBS__REFRESH_BATCH", "jobs.refresh_batch"),
+            ("AUTHLINK_JOBS__REFRESH_CONCURRENCY", "jobs.refresh_concurrency"),
+            ("AUTHLINK_JOBS__WEBHOOK_BATCH", "jobs.webhook_batch"),
+            ("AUTHLINK_JOBS__WEBHOOK_CONCURRENCY", "jobs.webhook_concurrency"),
+            ("AUTHLINK_DATABASE__MAX_CONNECTIONS", "database.max_connections"),
+        ] {
+            let err = Config::load_from(None, &env(&[(var, "0")])).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{var}: {err}");
+            assert_eq!(err.to_string(), format!("invalid configuration: key `{key}`: must be positive"));
+        }
     }
 
     #[test]

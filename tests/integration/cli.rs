@@ -317,6 +317,9 @@ async fn config_check_and_bad_config(app: TestApp) {
         ("AUTHLINK_LISTEN", "everywhere", "listen"),
         ("AUTHLINK_HTTP__BODY_LIMIT_BYTES", "big", "body_limit_bytes"),
         ("AUTHLINK_DATABASE_URL", "mysql://localhost/x", "database_url"),
+        ("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "0", "`http.request_timeout_secs`: must be positive"),
+        ("AUTHLINK_JOBS__REFRESH_BATCH", "0", "`jobs.refresh_batch`: must be positive"),
+        ("AUTHLINK_JOBS__WEBHOOK_BATCH", "0", "`jobs.webhook_batch`: must be positive"),
     ] {
         let out = app.cli_env(&["serve"], &[(key, value)]);
         assert_eq!(out.status.code(), Some(2), "{key}={value}");
