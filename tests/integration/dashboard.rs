@@ -1285,7 +1285,27 @@ async fn webhook_pages(app: TestApp) {
     let res = post(&app, &admin, &csrf, &format!("{path}/remove"), &[]).await;
     assert_eq!(location(&res), "/app/w/acme/webhooks?notice=endpoint_removed");
     let html = page(&app, &admin, "/app/w/acme/webhooks", 200).await;
-    assert!(!html.contains("http://127.0.0.1:9/hook"));
+    let (active, removed) = html.split_once("Removed endpoints").expect("a list of removed endpoints");
+    assert!(!active.contains("http://127.0.0.1:9/hook"), "{html}");
+    assert!(removed.contains(&format!("href=\"{path}\"")), "{html}");
+    // Its page stays, read-only, for its delivery log.
+    let html = page(&app, &admin, &path, 200).await;
+    assert!(html.contains("Removed: no more deliveries") && html.contains("link.revoked"), "{html}");
+    for control in [
+        "Pause deliveries",
+        "Turn deliveries back on",
+        "Redeliver",
+        "Remove endpoint",
+        "method=\"post\" action=\"/app/w/acme/webhooks/",
+    ] {
+        assert!(!html.contains(control), "{control}: {html}");
+    }
+    let res =
+        post(&app, &admin, &csrf, &format!("/app/w/acme/webhooks/deliveries/{delivery}/redeliver"), &[])
+            .await;
+    assert_eq!(res.status(), 404);
+    let res = post(&app, &admin, &csrf, &format!("{path}/enable"), &[]).await;
+    assert_eq!(res.status(), 404);
     cleanup.run().await;
 }
 
