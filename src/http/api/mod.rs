@@ -441,7 +441,7 @@ impl FromRequestParts<AppState> for Caller {
         // An address whose requests without a valid key used up their bucket is not checked
         // against the database until it refills.
         if let (Some(limits), Some(ip)) = (&limits, client) {
-            limits.failures.peek(ip, now).map_err(|wait| {
+            limits.failures.peek(ratelimit::ClientNet::of(ip), now).map_err(|wait| {
                 tracing::warn!(client = %ip, "API requests without a valid key rate-limited");
                 ApiError::rate_limited(wait)
             })?;
@@ -461,7 +461,7 @@ impl FromRequestParts<AppState> for Caller {
                 tracing::info!("API request with an unknown, malformed or revoked key");
             }
             if let (Some(limits), Some(ip)) = (&limits, client) {
-                let _ = limits.failures.check(ip, now);
+                let _ = limits.failures.check(ratelimit::ClientNet::of(ip), now);
             }
             return Err(ApiError::unauthorized());
         };
