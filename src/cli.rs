@@ -1069,7 +1069,7 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
             print(json, &c, |c| {
                 let v = &c.connection;
                 let mut out = format!(
-                    "{}\n  workspace: {}\n  link: {}\n  account id: {}\n  display name: {}\n  scopes: {}\n  access token expires: {}\n  refresh token expires: {}\n  connected: {}\n  last refreshed: {}\n  reconnects: {}\n  history:",
+                    "{}\n  workspace: {}\n  link: {}\n  account id: {}\n  display name: {}\n  scopes: {}\n  access token expires: {}\n  refresh token expires: {}\n  connected: {}\n  last refreshed: {}\n  next refresh: {}\n  reconnects: {}\n  repair link: {}\n  history:",
                     line(v),
                     v.workspace_id,
                     v.link_id.as_deref().unwrap_or("-"),
@@ -1080,7 +1080,9 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
                     ts(v.refresh_token_expires_at),
                     ts(Some(v.connected_at)),
                     ts(v.last_refreshed_at),
+                    ts(v.next_refresh_at),
                     v.reconnect_count,
+                    c.repair_url.as_deref().unwrap_or("-"),
                 );
                 for e in &c.events {
                     out.push_str(&format!(

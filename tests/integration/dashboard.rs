@@ -899,6 +899,20 @@ async fn connection_pages_and_repair_link(app: TestApp) {
     let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
     assert!(html.contains("user.info.basic") && html.contains(TIKTOK_ACCOUNTS[0].display_name));
     assert!(html.contains(&format!("/app/w/acme/links/{link_id}")));
+    // When the token is refreshed next, on the page and in the command line's human output (with
+    // the link that repairs the connection).
+    let next =
+        html.split("<dt>Next refresh</dt><dd>").nth(1).expect("a next refresh").split('<').next().unwrap();
+    assert!(!next.is_empty() && next != "—", "{html}");
+    let shown = app.cli_json(&["connection", "show", &conn_id]);
+    let out = app.cli(&["connection", "show", &conn_id]);
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{human}");
+    assert!(
+        human.contains(&format!("\n  next refresh: {}\n", shown["next_refresh_at"].as_str().unwrap())),
+        "{human}"
+    );
+    assert!(human.contains(&format!("\n  repair link: {url}\n")), "{human}");
     // Checked from its page: it works.
     let check = format!("/app/w/acme/connections/{conn_id}/check");
     let res = post(&app, &admin, &csrf_of(&html), &check, &[]).await;

@@ -185,6 +185,8 @@ struct DetailPage {
     refresh_expires: String,
     connected: String,
     last_refreshed: String,
+    /// When the scheduler refreshes the token next (`—` when none is planned: not active).
+    next_refresh: String,
     reconnects: i64,
     link_label: Option<String>,
     link_href: Option<String>,
@@ -233,6 +235,7 @@ pub async fn show(
         refresh_expires: fmt_opt(c.refresh_token_expires_at),
         connected: fmt_time(c.connected_at),
         last_refreshed: fmt_opt(c.last_refreshed_at),
+        next_refresh: fmt_opt(c.next_refresh_at),
         reconnects: c.reconnect_count,
         link_label: link.as_ref().map(|l| l.label.clone()),
         link_href: link.as_ref().map(|l| format!("/app/w/{}/links/{}", ws.row.slug, l.id)),
