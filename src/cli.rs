@@ -626,8 +626,14 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
                 println!("configuration is valid\n");
                 println!("{}", serde_json::to_string_pretty(&masked).unwrap_or_default());
                 println!("\nRegister these callback URLs in the providers' developer consoles:");
-                println!("  TikTok:    {}", config.public("/oauth/tiktok/callback"));
-                println!("  Instagram: {}", config.public("/oauth/instagram/callback"));
+                for (what, path) in [
+                    ("TikTok redirect URI", "/oauth/tiktok/callback"),
+                    ("Instagram redirect URI", "/oauth/instagram/callback"),
+                    ("Instagram deauthorize callback", "/oauth/instagram/deauthorize"),
+                    ("Instagram data deletion request callback", "/oauth/instagram/data-deletion"),
+                ] {
+                    println!("  {what}: {}", config.public(path));
+                }
             }
             Ok(())
         }

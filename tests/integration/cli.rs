@@ -286,7 +286,16 @@ async fn config_check_and_bad_config(app: TestApp) {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains("/oauth/tiktok/callback") && text.contains("/oauth/instagram/callback"));
+    let register = text.split("Register these callback URLs").nth(1).expect("the URLs to register");
+    let base = &app.base;
+    for line in [
+        format!("TikTok redirect URI: {base}/oauth/tiktok/callback"),
+        format!("Instagram redirect URI: {base}/oauth/instagram/callback"),
+        format!("Instagram deauthorize callback: {base}/oauth/instagram/deauthorize"),
+        format!("Instagram data deletion request callback: {base}/oauth/instagram/data-deletion"),
+    ] {
+        assert!(register.contains(&line), "{line}: {text}");
+    }
     assert!(!text.contains("tiktok-secret-value"), "secrets are masked");
     let master = &app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1;
     assert!(!text.contains(master.as_str()), "the master key is masked");
