@@ -945,9 +945,11 @@ async fn connection_pages_and_repair_link(app: TestApp) {
     assert_eq!(app.cli_json(&["connection", "show", &conn_id])["status"], "disconnected");
     let audit = app.cli_json(&["audit", "list", "--action", "connection.disconnected"]);
     assert_eq!(audit[0]["actor_kind"], "user");
-    // The admins' search finds it by handle.
+    // The admins' search finds it by handle, marked as a sandbox connection as in every list.
     let html = page(&app, &admin, "/app/search?q=sandbox.creator", 200).await;
     assert!(html.contains(&format!("/app/w/acme/connections/{conn_id}")));
+    let found = html.split("<h2>Connections</h2>").nth(1).unwrap();
+    assert!(found.contains("<span class=\"badge sandbox\">sandbox</span>"), "{html}");
 }
 
 /// A link whose use limit is reached still repairs the accounts it connected: the API's
