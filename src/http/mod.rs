@@ -3,6 +3,8 @@
 
 /// The JSON API under `/api/v1`, with its OpenAPI document.
 pub mod api;
+/// The agency's dashboard under `/app`: server-rendered pages behind a sign-in, CSRF tokens on
+/// every form.
 pub mod dashboard;
 /// Answers for requests whose handler panicked or ran past the request timeout.
 mod failures;

@@ -126,7 +126,6 @@ fn link_not_found() -> Response {
     )
 }
 
-/// The 410 page for revoked, expired or used-up links.
 /// What a client page shows of a workspace: its public name, and its stylesheet (by id and
 /// version).
 #[derive(Debug, Clone, Copy)]
@@ -155,6 +154,7 @@ impl<'a> From<&'a PublicLinkRow> for Brand<'a> {
     }
 }
 
+/// The 410 page for revoked, expired or used-up links, branded with the link's workspace.
 pub(crate) fn link_gone<'a>(status: LinkStatus, brand: impl Into<Brand<'a>>) -> Response {
     let w = brand.into();
     let why = match status {
