@@ -27,9 +27,11 @@ pub struct Config {
     pub public_url: Url,
     /// The socket address the HTTP server binds.
     pub listen: SocketAddr,
-    /// `sqlite://...` or `postgres://...`; the scheme picks the backend.
+    /// `sqlite://...` or `postgres://...`; the scheme picks the backend. When not set:
+    /// [`default_database_url`] of `data_dir`, a SQLite file there.
     pub database_url: SecretString,
-    /// The folder for the default SQLite file and the development key file.
+    /// The folder for the default SQLite file (when `database_url` is not set) and the
+    /// development key file.
     pub data_dir: PathBuf,
     /// Base64 of the 32-byte master key that seals secrets at rest.
     pub master_key: Option<SecretString>,
@@ -468,7 +470,6 @@ pub enum ConfigError {
 struct Defaults {
     public_url: String,
     listen: String,
-    database_url: String,
     data_dir: String,
     log_format: LogFormat,
     http: HttpConfig,
@@ -491,7 +492,6 @@ impl Config {
         let defaults = Defaults {
             public_url: "http://127.0.0.1:8080".into(),
             listen: "127.0.0.1:8080".into(),
-            database_url: "sqlite://authlink-data/authlink.db".into(),
             data_dir: "authlink-data".into(),
             log_format: LogFormat::Human,
             http: HttpConfig::default(),
@@ -529,6 +529,13 @@ impl Config {
             // unambiguous (numbers, booleans, lists); everything else stays a string.
             let parsed = parse_env_value(&value);
             figment = figment.merge(Serialized::global(&key, parsed));
+        }
+        // No `database_url` in any layer: the SQLite file in `data_dir`, wherever that is set (an
+        // unusable `data_dir` is reported by the extraction below).
+        if figment.find_value("database_url").is_err() {
+            if let Ok(data_dir) = figment.extract_inner::<PathBuf>("data_dir") {
+                figment = figment.merge(Serialized::global("database_url", default_database_url(&data_dir)));
+            }
         }
         let config: Config = figment.extract_lossy().map_err(|e| {
             let messages: Vec<String> = e.into_iter().map(describe_figment_error).collect();
@@ -700,6 +707,11 @@ impl Config {
     }
 }
 
+/// The database URL when none is configured: the SQLite file `authlink.db` in `data_dir`.
+pub fn default_database_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("authlink.db").display())
+}
+
 /// Hides the password of a database URL (`postgres://user:****@host/db`).
 pub fn mask_database_url(url: &str) -> String {
     match Url::parse(url) {
@@ -772,6 +784,7 @@ mod tests {
     fn defaults_load() {
         let c = Config::load_from(None, &[]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url.expose_secret(), "sqlite://authlink-data/authlink.db");
         assert!(c.providers.tiktok.is_sandbox());
         assert_eq!(c.providers.timeout_secs, 10);
         assert_eq!(c.public_url.as_str(), "http://127.0.0.1:8080/");
@@ -863,6 +876,33 @@ mod tests {
             assert!(matches!(err, ConfigError::Invalid(_)), "{var}: {err}");
             assert_eq!(err.to_string(), format!("invalid configuration: key `{key}`: must be positive"));
         }
+    }
+
+    #[test]
+    fn the_default_database_is_a_sqlite_file_in_data_dir() {
+        let load = |pairs: &[(&str, &str)]| Config::load_from(None, &env(pairs)).unwrap();
+        // From the environment, relative or absolute.
+        let c = load(&[("AUTHLINK_DATA_DIR", "/var/lib/authlink")]);
+        assert_eq!(c.database_url.expose_secret(), "sqlite:///var/lib/authlink/authlink.db");
+        assert_eq!(
+            c.masked()["database_url"],
+            "sqlite:///var/lib/authlink/authlink.db",
+            "config check shows it"
+        );
+        let c = load(&[("AUTHLINK_DATA_DIR", "state/")]);
+        assert_eq!(c.database_url.expose_secret(), "sqlite://state/authlink.db");
+        // From a TOML file, and a set `database_url` wins wherever it is set.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authlink.toml");
+        std::fs::write(&path, "data_dir = \"/srv/authlink\"\n").unwrap();
+        let c = Config::load_from(Some(&path), &[]).unwrap();
+        assert_eq!(c.database_url.expose_secret(), "sqlite:///srv/authlink/authlink.db");
+        let pg = "postgres://authlink@db.internal/authlink";
+        let c = Config::load_from(Some(&path), &env(&[("AUTHLINK_DATABASE_URL", pg)])).unwrap();
+        assert_eq!((c.database_url.expose_secret(), c.data_dir.as_path()), (pg, Path::new("/srv/authlink")));
+        std::fs::write(&path, "database_url = \"sqlite://elsewhere/x.db\"\n").unwrap();
+        let c = Config::load_from(Some(&path), &env(&[("AUTHLINK_DATA_DIR", "/srv/authlink")])).unwrap();
+        assert_eq!(c.database_url.expose_secret(), "sqlite://elsewhere/x.db");
     }
 
     #[test]

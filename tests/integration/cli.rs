@@ -313,6 +313,8 @@ async fn config_check_and_bad_config(app: TestApp) {
     };
     let json: Value = serde_json::from_slice(&no_key(&[]).stdout).unwrap();
     assert!(json["master_key_source"].as_str().unwrap().starts_with("none yet: a development key"), "{json}");
+    // No `database_url`: the SQLite file in the data folder.
+    assert_eq!(json["database_url"], format!("sqlite://{data_dir}/authlink.db"), "{json}");
     let out = no_key(&[("AUTHLINK_PUBLIC_URL", "https://links.example.com")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("public URL is https"), "{}", stderr(&out));
