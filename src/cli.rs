@@ -626,8 +626,14 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
                 println!("configuration is valid\n");
                 println!("{}", serde_json::to_string_pretty(&masked).unwrap_or_default());
                 println!("\nRegister these callback URLs in the providers' developer consoles:");
-                println!("  TikTok:    {}", config.public("/oauth/tiktok/callback"));
-                println!("  Instagram: {}", config.public("/oauth/instagram/callback"));
+                for (what, path) in [
+                    ("TikTok redirect URI", "/oauth/tiktok/callback"),
+                    ("Instagram redirect URI", "/oauth/instagram/callback"),
+                    ("Instagram deauthorize callback", "/oauth/instagram/deauthorize"),
+                    ("Instagram data deletion request callback", "/oauth/instagram/data-deletion"),
+                ] {
+                    println!("  {what}: {}", config.public(path));
+                }
             }
             Ok(())
         }
@@ -1069,7 +1075,7 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
             print(json, &c, |c| {
                 let v = &c.connection;
                 let mut out = format!(
-                    "{}\n  workspace: {}\n  link: {}\n  account id: {}\n  display name: {}\n  scopes: {}\n  access token expires: {}\n  refresh token expires: {}\n  connected: {}\n  last refreshed: {}\n  reconnects: {}\n  history:",
+                    "{}\n  workspace: {}\n  link: {}\n  account id: {}\n  display name: {}\n  scopes: {}\n  access token expires: {}\n  refresh token expires: {}\n  connected: {}\n  last refreshed: {}\n  next refresh: {}\n  reconnects: {}\n  repair link: {}\n  history:",
                     line(v),
                     v.workspace_id,
                     v.link_id.as_deref().unwrap_or("-"),
@@ -1080,7 +1086,9 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
                     ts(v.refresh_token_expires_at),
                     ts(Some(v.connected_at)),
                     ts(v.last_refreshed_at),
+                    ts(v.next_refresh_at),
                     v.reconnect_count,
+                    c.repair_url.as_deref().unwrap_or("-"),
                 );
                 for e in &c.events {
                     out.push_str(&format!(

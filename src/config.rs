@@ -27,9 +27,11 @@ pub struct Config {
     pub public_url: Url,
     /// The socket address the HTTP server binds.
     pub listen: SocketAddr,
-    /// `sqlite://...` or `postgres://...`; the scheme picks the backend.
+    /// `sqlite://...` or `postgres://...`; the scheme picks the backend. When not set:
+    /// [`default_database_url`] of `data_dir`, a SQLite file there.
     pub database_url: SecretString,
-    /// The folder for the default SQLite file and the development key file.
+    /// The folder for the default SQLite file (when `database_url` is not set) and the
+    /// development key file.
     pub data_dir: PathBuf,
     /// Base64 of the 32-byte master key that seals secrets at rest.
     pub master_key: Option<SecretString>,
@@ -469,7 +471,6 @@ pub enum ConfigError {
 struct Defaults {
     public_url: String,
     listen: String,
-    database_url: String,
     data_dir: String,
     log_format: LogFormat,
     http: HttpConfig,
@@ -492,7 +493,6 @@ impl Config {
         let defaults = Defaults {
             public_url: "http://127.0.0.1:8080".into(),
             listen: "127.0.0.1:8080".into(),
-            database_url: "sqlite://authlink-data/authlink.db".into(),
             data_dir: "authlink-data".into(),
             log_format: LogFormat::Human,
             http: HttpConfig::default(),
@@ -531,6 +531,13 @@ impl Config {
             let parsed = parse_env_value(&value);
             figment = figment.merge(Serialized::global(&key, parsed));
         }
+        // No `database_url` in any layer: the SQLite file in `data_dir`, wherever that is set (an
+        // unusable `data_dir` is reported by the extraction below).
+        if figment.find_value("database_url").is_err() {
+            if let Ok(data_dir) = figment.extract_inner::<PathBuf>("data_dir") {
+                figment = figment.merge(Serialized::global("database_url", default_database_url(&data_dir)));
+            }
+        }
         let config: Config = figment.extract_lossy().map_err(|e| {
             let messages: Vec<String> = e.into_iter().map(describe_figment_error).collect();
             ConfigError::Invalid(messages.join("; "))
@@ -553,19 +560,22 @@ impl Config {
                 "key `database_url`: must start with sqlite:, postgres:// or postgresql://".into(),
             ));
         }
-        if self.http.body_limit_bytes == 0 {
-            return Err(ConfigError::Invalid("key `http.body_limit_bytes`: must be positive".into()));
-        }
-        if self.jobs.tick_ms == 0 || self.jobs.lease_secs == 0 {
-            return Err(ConfigError::Invalid(
-                "key `jobs.tick_ms` and `jobs.lease_secs`: must be positive".into(),
-            ));
-        }
-        if self.jobs.refresh_concurrency == 0 || self.jobs.webhook_concurrency == 0 {
-            return Err(ConfigError::Invalid("key `jobs.*_concurrency`: must be positive".into()));
-        }
-        if self.database.max_connections == 0 {
-            return Err(ConfigError::Invalid("key `database.max_connections`: must be positive".into()));
+        // Zero would stop the service doing its work: every request answering 503 (timeout), a
+        // job round claiming nothing and starting again at once (batches), nothing in flight.
+        for (key, is_zero) in [
+            ("http.body_limit_bytes", self.http.body_limit_bytes == 0),
+            ("http.request_timeout_secs", self.http.request_timeout_secs == 0),
+            ("jobs.tick_ms", self.jobs.tick_ms == 0),
+            ("jobs.lease_secs", self.jobs.lease_secs == 0),
+            ("jobs.refresh_batch", self.jobs.refresh_batch == 0),
+            ("jobs.refresh_concurrency", self.jobs.refresh_concurrency == 0),
+            ("jobs.webhook_batch", self.jobs.webhook_batch == 0),
+            ("jobs.webhook_concurrency", self.jobs.webhook_concurrency == 0),
+            ("database.max_connections", self.database.max_connections == 0),
+        ] {
+            if is_zero {
+                return Err(ConfigError::Invalid(format!("key `{key}`: must be positive")));
+            }
         }
         if self.jobs.lease_secs <= self.providers.timeout_secs {
             return Err(ConfigError::Invalid(format!(
@@ -698,6 +708,11 @@ impl Config {
     }
 }
 
+/// The database URL when none is configured: the SQLite file `authlink.db` in `data_dir`.
+pub fn default_database_url(data_dir: &Path) -> String {
+    format!("sqlite://{}", data_dir.join("authlink.db").display())
+}
+
 /// Hides the password of a database URL (`postgres://user:****@host/db`).
 pub fn mask_database_url(url: &str) -> String {
     match Url::parse(url) {
@@ -770,6 +785,7 @@ mod tests {
     fn defaults_load() {
         let c = Config::load_from(None, &[]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url.expose_secret(), "sqlite://authlink-data/authlink.db");
         assert!(c.providers.tiktok.is_sandbox());
         assert_eq!(c.providers.timeout_secs, 10);
         assert_eq!(c.public_url.as_str(), "http://127.0.0.1:8080/");
@@ -842,6 +858,52 @@ mod tests {
         let err =
             Config::load_from(None, &env(&[("AUTHLINK_JOBS__LEASE_SECS", "10")])).unwrap_err().to_string();
         assert!(err.contains("lease_secs") && err.contains("providers.timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn zero_sizes_and_timeouts_are_refused_naming_the_key() {
+        for (var, key) in [
+            ("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "http.request_timeout_secs"),
+            ("AUTHLINK_HTTP__BODY_LIMIT_BYTES", "http.body_limit_bytes"),
+            ("AUTHLINK_JOBS__TICK_MS", "jobs.tick_ms"),
+            ("AUTHLINK_JOBS__LEASE_SECS", "jobs.lease_secs"),
+            ("AUTHLINK_JOBS__REFRESH_BATCH", "jobs.refresh_batch"),
+            ("AUTHLINK_JOBS__REFRESH_CONCURRENCY", "jobs.refresh_concurrency"),
+            ("AUTHLINK_JOBS__WEBHOOK_BATCH", "jobs.webhook_batch"),
+            ("AUTHLINK_JOBS__WEBHOOK_CONCURRENCY", "jobs.webhook_concurrency"),
+            ("AUTHLINK_DATABASE__MAX_CONNECTIONS", "database.max_connections"),
+        ] {
+            let err = Config::load_from(None, &env(&[(var, "0")])).unwrap_err();
+            assert!(matches!(err, ConfigError::Invalid(_)), "{var}: {err}");
+            assert_eq!(err.to_string(), format!("invalid configuration: key `{key}`: must be positive"));
+        }
+    }
+
+    #[test]
+    fn the_default_database_is_a_sqlite_file_in_data_dir() {
+        let load = |pairs: &[(&str, &str)]| Config::load_from(None, &env(pairs)).unwrap();
+        // From the environment, relative or absolute.
+        let c = load(&[("AUTHLINK_DATA_DIR", "/var/lib/authlink")]);
+        assert_eq!(c.database_url.expose_secret(), "sqlite:///var/lib/authlink/authlink.db");
+        assert_eq!(
+            c.masked()["database_url"],
+            "sqlite:///var/lib/authlink/authlink.db",
+            "config check shows it"
+        );
+        let c = load(&[("AUTHLINK_DATA_DIR", "state/")]);
+        assert_eq!(c.database_url.expose_secret(), "sqlite://state/authlink.db");
+        // From a TOML file, and a set `database_url` wins wherever it is set.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authlink.toml");
+        std::fs::write(&path, "data_dir = \"/srv/authlink\"\n").unwrap();
+        let c = Config::load_from(Some(&path), &[]).unwrap();
+        assert_eq!(c.database_url.expose_secret(), "sqlite:///srv/authlink/authlink.db");
+        let pg = "postgres://authlink@db.internal/authlink";
+        let c = Config::load_from(Some(&path), &env(&[("AUTHLINK_DATABASE_URL", pg)])).unwrap();
+        assert_eq!((c.database_url.expose_secret(), c.data_dir.as_path()), (pg, Path::new("/srv/authlink")));
+        std::fs::write(&path, "database_url = \"sqlite://elsewhere/x.db\"\n").unwrap();
+        let c = Config::load_from(Some(&path), &env(&[("AUTHLINK_DATA_DIR", "/srv/authlink")])).unwrap();
+        assert_eq!(c.database_url.expose_secret(), "sqlite://elsewhere/x.db");
     }
 
     #[test]

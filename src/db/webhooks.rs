@@ -38,7 +38,7 @@ pub struct EndpointRow {
 
 impl EndpointRow {
     /// The `events` value of a removed endpoint: its row stays (its deliveries reference it),
-    /// disabled for good and hidden from every listing and lookup.
+    /// disabled for good and hidden from every listing and lookup but those of delivery logs.
     pub const REMOVED: &'static str = "removed";
 
     /// Whether the endpoint was removed.

@@ -3,7 +3,11 @@
 
 /// The JSON API under `/api/v1`, with its OpenAPI document.
 pub mod api;
+/// The agency's dashboard under `/app`: server-rendered pages behind a sign-in, CSRF tokens on
+/// every form.
 pub mod dashboard;
+/// Answers for requests whose handler panicked or ran past the request timeout.
+mod failures;
 /// Security headers (CSP, HSTS, nosniff, framing, referrer policy).
 mod headers;
 /// The client-facing HTML pages: link landing page, connect flow, errors.
@@ -19,10 +23,9 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::config::Config;
 use crate::state::AppState;
 
 /// The path as it may be logged: link tokens and anything that looks like one are redacted, and
@@ -37,14 +40,7 @@ pub fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
 
 /// Builds the whole application router.
 pub fn router(state: AppState) -> Router {
-    let config = &state.config;
-    let timeout = Duration::from_secs(config.http.request_timeout_secs);
-    let body_limit = config.http.body_limit_bytes;
-    let security_headers = headers::SecurityHeaders::new(config);
-    let link_limiter = ratelimit::LinkLimiter::new(config.http.link_requests_per_minute);
-    // Validated with the configuration; an unparsable entry cannot reach here.
-    let trusted_proxies =
-        ratelimit::TrustedProxies(config.http.trusted_proxy_networks().unwrap_or_default().into());
+    let config = state.config.clone();
 
     let mut app = Router::new()
         .route("/healthz", get(healthz))
@@ -57,22 +53,33 @@ pub fn router(state: AppState) -> Router {
             "/api/v1",
             api::router(state.clone()).layer(axum::Extension(ratelimit::ApiLimits::new(&config.http))),
         )
-        .fallback(pages::not_found);
+        .fallback(pages::not_found)
+        // After every route is in: the API's routes keep their own (a problem document).
+        .method_not_allowed_fallback(pages::method_not_allowed);
     if config.providers.tiktok.is_sandbox() || config.providers.instagram.is_sandbox() {
         app = app.nest_service("/sandbox", state.sandbox.router());
     }
-    let metrics_on = config.metrics.listen.is_some();
+    with_layers(app.with_state(state), &config)
+}
+
+/// Wraps `app` in the layers every response needs, innermost first: the body limit, the link
+/// rate limit, the request timeout and panic guard, the security headers (outside the guard, so
+/// that its 503s and 500s carry them too), the request log, and, when metrics are on, their
+/// counting (outermost, so that every answer above is counted; only when on, so that it costs
+/// nothing otherwise).
+fn with_layers(app: Router, config: &Config) -> Router {
+    let timeout = Duration::from_secs(config.http.request_timeout_secs);
+    let security_headers = headers::SecurityHeaders::new(config);
+    let link_limiter = ratelimit::LinkLimiter::new(config.http.link_requests_per_minute);
+    // Validated with the configuration; an unparsable entry cannot reach here.
+    let trusted_proxies =
+        ratelimit::TrustedProxies(config.http.trusted_proxy_networks().unwrap_or_default().into());
     let app = app
-        .with_state(state)
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(config.http.body_limit_bytes))
         .layer(axum::middleware::from_fn_with_state(link_limiter, ratelimit::limit_links))
         .layer(axum::Extension(trusted_proxies))
+        .layer(axum::middleware::from_fn_with_state(timeout, failures::contain))
         .layer(axum::middleware::from_fn_with_state(security_headers, headers::apply))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
-        .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {
-            tracing::error!("a request handler panicked");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request<Body>| {
@@ -95,9 +102,11 @@ pub fn router(state: AppState) -> Router {
                     }
                 }),
         );
-    // Outermost, so that refusals of the layers above (429, 503, a panic's 500) are counted; only
-    // when metrics are on, so that it costs nothing otherwise.
-    if metrics_on { app.layer(axum::middleware::from_fn(crate::metrics::track_http)) } else { app }
+    if config.metrics.listen.is_some() {
+        app.layer(axum::middleware::from_fn(crate::metrics::track_http))
+    } else {
+        app
+    }
 }
 
 /// `GET /healthz`: the process is up.
@@ -135,7 +144,61 @@ async fn robots() -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::loggable_path;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// A panic and a request past the timeout, under the API and elsewhere, through the real
+    /// layers: each gets a body in its caller's form, and the security headers.
+    #[tokio::test]
+    async fn a_panic_or_a_timeout_gets_a_body_and_the_security_headers() {
+        let env = [("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS".to_string(), "1".to_string())];
+        let config = Config::load_from(None, &env).unwrap();
+        async fn boom() -> &'static str {
+            panic!("a handler's bug")
+        }
+        async fn slow() -> &'static str {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            "too late"
+        }
+        let app = Router::new()
+            .route("/api/v1/boom", get(boom))
+            .route("/boom", get(boom))
+            .route("/api/v1/slow", get(slow))
+            .route("/slow", get(slow));
+        let app = with_layers(app, &config);
+        let cases = [
+            ("/api/v1/boom", 500, "application/problem+json", "\"code\":\"internal\""),
+            ("/boom", 500, "text/html; charset=utf-8", "Something went wrong"),
+            ("/api/v1/slow", 503, "application/problem+json", "\"code\":\"request_timeout\""),
+            ("/slow", 503, "text/html; charset=utf-8", "This took too long"),
+        ];
+        let answers = futures_util::future::join_all(
+            cases
+                .iter()
+                .map(|(path, ..)| app.clone().oneshot(Request::get(*path).body(Body::empty()).unwrap())),
+        )
+        .await;
+        for ((path, status, content_type, needle), res) in cases.into_iter().zip(answers) {
+            let res = res.unwrap();
+            assert_eq!(res.status().as_u16(), status, "{path}");
+            let h = res.headers().clone();
+            assert_eq!(h[header::CONTENT_TYPE], content_type, "{path}");
+            let csp = h[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+            assert!(
+                csp.contains("frame-ancestors 'none'") && csp.contains("object-src 'none'"),
+                "{path}: {csp}"
+            );
+            assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff", "{path}");
+            assert_eq!(h[header::X_FRAME_OPTIONS], "DENY", "{path}");
+            assert_eq!(h[header::REFERRER_POLICY], "no-referrer", "{path}");
+            let body = axum::body::to_bytes(res.into_body(), usize::MAX).await.unwrap();
+            let body = String::from_utf8_lossy(&body);
+            assert!(body.contains(needle), "{path}: {body}");
+        }
+    }
 
     #[test]
     fn link_tokens_are_redacted() {

@@ -2,6 +2,10 @@
 //! space (`/l/...`), so that link tokens cannot be guessed at speed; per API key on the JSON API,
 //! and per client address for API requests without a valid key.
 //!
+//! A client address is counted as a [`ClientNet`](crate::http::ratelimit::ClientNet): an IPv6
+//! client by its /64, since a host on an IPv6 network can usually use any address of its /64,
+//! and would otherwise get a fresh budget with each one.
+//!
 //! The client address is the peer address, or, when the peer is a trusted reverse proxy
 //! (`http.trusted_proxies`: loopback and private networks by default), the last address of
 //! `X-Forwarded-For` that is not a trusted proxy itself: the one the outermost trusted proxy
@@ -9,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -28,8 +32,27 @@ pub struct Limiter<K> {
     buckets: Arc<Mutex<HashMap<K, (f64, Instant)>>>,
 }
 
-/// The link pages' limiter: per client address.
-pub type LinkLimiter = Limiter<IpAddr>;
+/// The link pages' limiter: per client address (its /64 for IPv6).
+pub type LinkLimiter = Limiter<ClientNet>;
+
+/// What the per-address limits count by: an IPv4 address as it is, an IPv6 address by its /64
+/// (the network of one subscriber or host, whose other addresses it can use at will). An
+/// IPv4-mapped IPv6 address counts as its IPv4 address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientNet(IpAddr);
+
+impl ClientNet {
+    /// The network `ip` is counted in.
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(IpAddr::V4(v4)),
+                None => Self(IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64)))),
+            },
+        }
+    }
+}
 
 impl<K: Hash + Eq> Limiter<K> {
     /// `per_minute` requests a minute on average, bursts up to a quarter of that (at least 10).
@@ -91,7 +114,7 @@ pub struct ApiLimits {
     pub per_key: Limiter<String>,
     /// Per client address, for requests whose key is missing or wrong:
     /// `http.link_requests_per_minute`, like the link pages (both guard against guessing).
-    pub failures: Limiter<IpAddr>,
+    pub failures: Limiter<ClientNet>,
 }
 
 impl ApiLimits {
@@ -164,7 +187,7 @@ pub fn client_ip(req: &Request) -> Option<IpAddr> {
 pub async fn limit_links(State(limiter): State<LinkLimiter>, req: Request, next: Next) -> Response {
     if req.uri().path().starts_with("/l/") {
         if let Some(ip) = client_ip(&req) {
-            if let Err(wait) = limiter.check(ip, Instant::now()) {
+            if let Err(wait) = limiter.check(ClientNet::of(ip), Instant::now()) {
                 tracing::warn!(client = %ip, "link requests rate-limited");
                 let mut res = render(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -191,10 +214,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ipv6_clients_count_by_their_64_and_ipv4_clients_by_their_address() {
+        let net = |s: &str| ClientNet::of(s.parse().unwrap());
+        // IPv6: every address of a /64 shares one budget; another /64 has its own.
+        assert_eq!(net("2001:db8:1:2:aaaa::1"), net("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_eq!(net("2001:db8:1:2::7"), ClientNet("2001:db8:1:2::".parse().unwrap()));
+        assert_ne!(net("2001:db8:1:2::1"), net("2001:db8:1:3::1"));
+        // IPv4: each address on its own, as before, also when seen IPv4-mapped.
+        assert_ne!(net("203.0.113.7"), net("203.0.113.8"));
+        assert_eq!(net("::ffff:203.0.113.7"), net("203.0.113.7"));
+        // A limiter sees the whole /64 as one client.
+        let limiter = LinkLimiter::new(60);
+        let t0 = Instant::now();
+        let allowed =
+            (0..100u16).filter(|i| limiter.check(net(&format!("2001:db8:1:2::{i:x}")), t0).is_ok()).count();
+        assert_eq!(allowed, 15, "one burst for the /64");
+        assert!(limiter.check(net("2001:db8:1:3::1"), t0).is_ok(), "another /64");
+    }
+
+    #[test]
     fn buckets_refill_at_the_configured_rate() {
         let limiter = LinkLimiter::new(60);
-        let ip: IpAddr = "203.0.113.7".parse().unwrap();
-        let other: IpAddr = "203.0.113.8".parse().unwrap();
+        let ip = ClientNet::of("203.0.113.7".parse().unwrap());
+        let other = ClientNet::of("203.0.113.8".parse().unwrap());
         let t0 = Instant::now();
         let allowed = (0..100).filter(|_| limiter.check(ip, t0).is_ok()).count();
         assert_eq!(allowed, 15, "the burst");

@@ -81,7 +81,7 @@ pub(super) fn render(status: StatusCode, page: &impl Template) -> Response {
                 header::CONTENT_SECURITY_POLICY,
                 HeaderValue::from_static(
                     "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; base-uri 'none'; \
-                     frame-ancestors 'none'",
+                     frame-ancestors 'none'; object-src 'none'",
                 ),
             );
             h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
@@ -125,7 +125,10 @@ pub(super) async fn avatar(Path(name): Path<String>) -> Response {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/svg+xml"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; \
+             object-src 'none'",
+        ),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=86400"));
     resp

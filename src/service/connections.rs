@@ -130,7 +130,8 @@ pub struct ConnectionDetail {
     #[serde(flatten)]
     pub connection: ConnectionView,
     /// The link to send to the client to repair the connection (the link it came through,
-    /// while that link can be used).
+    /// while that link can repair it: neither revoked nor expired; a used-up link still repairs
+    /// the accounts it connected).
     pub repair_url: Option<String>,
     /// Its history, oldest first.
     pub events: Vec<ConnectionEventView>,
@@ -791,7 +792,8 @@ fn event_payload(row: &ConnectionRow, repair: Option<String>, detail: Option<&st
 }
 
 /// The link that repairs a connection: the URL of the link it last came through, if that link
-/// can still be used.
+/// can still repair it (active, or used up: a used-up link still repairs the accounts it
+/// connected).
 pub async fn repair_url(
     conn: &mut impl Exec,
     app: &App,
@@ -802,9 +804,10 @@ pub async fn repair_url(
     repair_url_of(app, &link)
 }
 
-/// The URL of `link`, if it can still be used.
+/// The URL of `link`, if it can still repair the connections it made (not revoked, not
+/// expired).
 fn repair_url_of(app: &App, link: &LinkRow) -> ServiceResult<Option<String>> {
-    if super::links::LinkStatus::of(link, app.now_ms()) != super::links::LinkStatus::Active {
+    if !super::links::LinkStatus::of(link, app.now_ms()).repairs() {
         return Ok(None);
     }
     let token =

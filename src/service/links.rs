@@ -53,6 +53,12 @@ impl LinkStatus {
         }
     }
 
+    /// Whether the link still repairs the accounts it connected: while it is active, and once
+    /// used up (`max_uses` limits the accounts, not their repairs), but not revoked or expired.
+    pub fn repairs(self) -> bool {
+        matches!(self, LinkStatus::Active | LinkStatus::UsedUp)
+    }
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {

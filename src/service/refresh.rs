@@ -671,7 +671,9 @@ async fn finish_transient(
 }
 
 /// Breaks the connection with the reason `why` gives, told whether an earlier attempt was found
-/// interrupted (which explains a refused token).
+/// interrupted (which explains a refused token). A connection changed while the provider was
+/// asked (a reconnect stored newer tokens, or it was disconnected) is left as it now stands, and
+/// that is the outcome: the refusal was of tokens it no longer holds.
 async fn finish_broken(
     app: &App,
     row: &mut ConnectionRow,
@@ -686,10 +688,30 @@ async fn finish_broken(
     record_interrupted(&mut tx, row, interrupted, now).await?;
     let reason = why(interrupted > 0);
     db::connections::set_attempt_detail(&mut tx, attempt_id, &reason).await?;
-    connections::mark_broken_if_unchanged(&mut tx, app, row, &reason, now).await?;
+    let marked = connections::mark_broken_if_unchanged(&mut tx, app, row, &reason, now).await?;
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
+    let outcome = refusal_outcome(&mut tx, marked, &row.id, reason).await?;
     tx.commit().await?;
-    Ok(Step::Done(Outcome::Broken(reason)))
+    Ok(Step::Done(outcome))
+}
+
+/// What a refusal by the provider comes to, once [`connections::mark_broken_if_unchanged`] has
+/// answered `marked`: the connection is broken; or, when it changed while the provider was asked
+/// and so was not marked, the connection as it now stands (read in `tx`), whose tokens the
+/// provider never refused.
+async fn refusal_outcome(
+    tx: &mut sqlx::AnyConnection,
+    marked: bool,
+    id: &str,
+    reason: String,
+) -> ServiceResult<Outcome> {
+    if marked {
+        return Ok(Outcome::Broken(reason));
+    }
+    Ok(match db::connections::get(tx, id).await? {
+        Some(current) => Outcome::Current(Box::new(current)),
+        None => Outcome::Broken(reason),
+    })
 }
 
 /// The history detail of a `refresh_interrupted` event.
@@ -822,9 +844,10 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
                 ),
             };
             let mut tx = app.db.begin_write().await?;
-            connections::mark_broken_if_unchanged(&mut tx, app, &mut row, &why, now).await?;
+            let marked = connections::mark_broken_if_unchanged(&mut tx, app, &mut row, &why, now).await?;
+            let outcome = refusal_outcome(&mut tx, marked, &row.id, why).await?;
             tx.commit().await?;
-            Ok(Checked::Done(Outcome::Broken(why)))
+            Ok(Checked::Done(outcome))
         }
         Err(ProviderError::Transient { reason, .. }) | Err(ProviderError::Rejected { reason }) => {
             let mut conn = app.db.writer().await?;

@@ -323,14 +323,23 @@ pub async fn create(
     Ok(EndpointWithSecret { endpoint: EndpointView::from(&row), secret })
 }
 
-/// Loads an endpoint the caller may see.
+/// Loads an endpoint the caller may see (not a removed one).
 pub async fn get_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<EndpointRow> {
+    match get_row_with_removed(app, scope, id).await? {
+        e if e.is_removed() => Err(ServiceError::NotFound("webhook endpoint")),
+        e => Ok(e),
+    }
+}
+
+/// Loads an endpoint the caller may see, a removed one included: nothing can be done with a
+/// removed endpoint any more, but its delivery log stays readable.
+pub async fn get_row_with_removed(app: &App, scope: &Scope, id: &str) -> ServiceResult<EndpointRow> {
     if !db::is_id(id) {
         return Err(ServiceError::NotFound("webhook endpoint"));
     }
     let mut conn = app.db.read().await?;
     match db::webhooks::get_endpoint(&mut conn, id).await? {
-        Some(e) if scope.allows(&e.workspace_id) && !e.is_removed() => Ok(e),
+        Some(e) if scope.allows(&e.workspace_id) => Ok(e),
         _ => Err(ServiceError::NotFound("webhook endpoint")),
     }
 }
@@ -353,12 +362,30 @@ async fn locked_row(
 
 /// Endpoints visible to the caller.
 pub async fn list(app: &App, scope: &Scope, workspace_id: Option<&str>) -> ServiceResult<Vec<EndpointView>> {
+    list_where(app, scope, workspace_id, false).await
+}
+
+/// Removed endpoints visible to the caller, whose delivery logs stay readable.
+pub async fn list_removed(
+    app: &App,
+    scope: &Scope,
+    workspace_id: Option<&str>,
+) -> ServiceResult<Vec<EndpointView>> {
+    list_where(app, scope, workspace_id, true).await
+}
+
+async fn list_where(
+    app: &App,
+    scope: &Scope,
+    workspace_id: Option<&str>,
+    removed: bool,
+) -> ServiceResult<Vec<EndpointView>> {
     let mut conn = app.db.read().await?;
     let workspace = scope.listing_workspace(&mut conn, workspace_id).await?;
     Ok(db::webhooks::list_endpoints(&mut conn, workspace.as_deref())
         .await?
         .iter()
-        .filter(|e| !e.is_removed())
+        .filter(|e| e.is_removed() == removed)
         .map(EndpointView::from)
         .collect())
 }
@@ -614,7 +641,7 @@ pub async fn send_test(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Ser
     Ok(event_id)
 }
 
-/// The delivery log of an endpoint, newest first.
+/// The delivery log of an endpoint, newest first; a removed endpoint's too.
 pub async fn deliveries(
     app: &App,
     scope: &Scope,
@@ -622,7 +649,7 @@ pub async fn deliveries(
     before: Option<&str>,
     limit: i64,
 ) -> ServiceResult<Vec<DeliveryView>> {
-    let endpoint = get_row(app, scope, endpoint_id).await?;
+    let endpoint = get_row_with_removed(app, scope, endpoint_id).await?;
     let mut conn = app.db.read().await?;
     let rows = db::webhooks::list_deliveries(&mut conn, &endpoint.id, before, limit).await?;
     let mut out = Vec::with_capacity(rows.len());

@@ -446,7 +446,7 @@ async fn hooked_workspace(app: &TestApp, name: &str) -> (String, String, crate::
 }
 
 /// A removed webhook endpoint is gone from the API: not listed, not readable, not editable, and
-/// its deliveries cannot be sent again.
+/// its deliveries cannot be sent again; only its delivery log stays readable (API and CLI).
 async fn removed_webhook_endpoint_is_gone(app: TestApp) {
     let (_, key, receiver, id) = hooked_workspace(&app, "Hooks").await;
     let test = app.api_post(&format!("/webhooks/{id}/test"), &key, json!({}), 202).await;
@@ -457,7 +457,19 @@ async fn removed_webhook_endpoint_is_gone(app: TestApp) {
     let res = app.api(Method::DELETE, &format!("/webhooks/{id}"), &key).send().await.unwrap();
     expect_json(res, 200).await;
     app.api_get(&format!("/webhooks/{id}"), &key, 404).await;
-    app.api_get(&format!("/webhooks/{id}/deliveries"), &key, 404).await;
+    let log = app.api_get(&format!("/webhooks/{id}/deliveries"), &key, 200).await;
+    // (The delivery's outcome may be recorded after the receiver got it: compare what stays.)
+    let ids = |v: &Value| -> Vec<(Value, Value)> {
+        v["data"].as_array().unwrap().iter().map(|d| (d["id"].clone(), d["event_id"].clone())).collect()
+    };
+    assert_eq!(ids(&log), ids(&deliveries), "the same deliveries: {log}");
+    let listed = app.cli_json(&["webhook", "deliveries", &id]);
+    assert_eq!(listed[0]["id"], delivery.as_str(), "{listed}");
+    let out = app.cli(&["webhook", "deliveries", &id]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&delivery));
+    // Another workspace's key still sees nothing of it.
+    let other = app.workspace_key(&app.workspace("Others"));
+    app.api_get(&format!("/webhooks/{id}/deliveries"), &other, 404).await;
     assert_eq!(app.api_get("/webhooks", &key, 200).await.as_array().unwrap().len(), 0);
     app.api_patch(&format!("/webhooks/{id}"), &key, json!({"enabled": true}), 404).await;
     app.api_post(&format!("/webhooks/{id}/rotate-secret"), &key, json!({}), 404).await;

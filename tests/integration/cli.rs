@@ -286,7 +286,16 @@ async fn config_check_and_bad_config(app: TestApp) {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
-    assert!(text.contains("/oauth/tiktok/callback") && text.contains("/oauth/instagram/callback"));
+    let register = text.split("Register these callback URLs").nth(1).expect("the URLs to register");
+    let base = &app.base;
+    for line in [
+        format!("TikTok redirect URI: {base}/oauth/tiktok/callback"),
+        format!("Instagram redirect URI: {base}/oauth/instagram/callback"),
+        format!("Instagram deauthorize callback: {base}/oauth/instagram/deauthorize"),
+        format!("Instagram data deletion request callback: {base}/oauth/instagram/data-deletion"),
+    ] {
+        assert!(register.contains(&line), "{line}: {text}");
+    }
     assert!(!text.contains("tiktok-secret-value"), "secrets are masked");
     let master = &app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1;
     assert!(!text.contains(master.as_str()), "the master key is masked");
@@ -304,6 +313,8 @@ async fn config_check_and_bad_config(app: TestApp) {
     };
     let json: Value = serde_json::from_slice(&no_key(&[]).stdout).unwrap();
     assert!(json["master_key_source"].as_str().unwrap().starts_with("none yet: a development key"), "{json}");
+    // No `database_url`: the SQLite file in the data folder.
+    assert_eq!(json["database_url"], format!("sqlite://{data_dir}/authlink.db"), "{json}");
     let out = no_key(&[("AUTHLINK_PUBLIC_URL", "https://links.example.com")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("public URL is https"), "{}", stderr(&out));
@@ -317,6 +328,9 @@ async fn config_check_and_bad_config(app: TestApp) {
         ("AUTHLINK_LISTEN", "everywhere", "listen"),
         ("AUTHLINK_HTTP__BODY_LIMIT_BYTES", "big", "body_limit_bytes"),
         ("AUTHLINK_DATABASE_URL", "mysql://localhost/x", "database_url"),
+        ("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "0", "`http.request_timeout_secs`: must be positive"),
+        ("AUTHLINK_JOBS__REFRESH_BATCH", "0", "`jobs.refresh_batch`: must be positive"),
+        ("AUTHLINK_JOBS__WEBHOOK_BATCH", "0", "`jobs.webhook_batch`: must be positive"),
     ] {
         let out = app.cli_env(&["serve"], &[(key, value)]);
         assert_eq!(out.status.code(), Some(2), "{key}={value}");

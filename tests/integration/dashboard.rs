@@ -31,6 +31,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         user_commands,
         members_branding_and_api_keys,
         connection_pages_and_repair_link,
+        used_up_link_is_still_the_repair_link,
         overview_counts_follow_every_change,
         handle_search_pages_in_handle_order,
         every_page_renders_without_inline_code,
@@ -898,6 +899,20 @@ async fn connection_pages_and_repair_link(app: TestApp) {
     let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
     assert!(html.contains("user.info.basic") && html.contains(TIKTOK_ACCOUNTS[0].display_name));
     assert!(html.contains(&format!("/app/w/acme/links/{link_id}")));
+    // When the token is refreshed next, on the page and in the command line's human output (with
+    // the link that repairs the connection).
+    let next =
+        html.split("<dt>Next refresh</dt><dd>").nth(1).expect("a next refresh").split('<').next().unwrap();
+    assert!(!next.is_empty() && next != "—", "{html}");
+    let shown = app.cli_json(&["connection", "show", &conn_id]);
+    let out = app.cli(&["connection", "show", &conn_id]);
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{human}");
+    assert!(
+        human.contains(&format!("\n  next refresh: {}\n", shown["next_refresh_at"].as_str().unwrap())),
+        "{human}"
+    );
+    assert!(human.contains(&format!("\n  repair link: {url}\n")), "{human}");
     // Checked from its page: it works.
     let check = format!("/app/w/acme/connections/{conn_id}/check");
     let res = post(&app, &admin, &csrf_of(&html), &check, &[]).await;
@@ -930,9 +945,44 @@ async fn connection_pages_and_repair_link(app: TestApp) {
     assert_eq!(app.cli_json(&["connection", "show", &conn_id])["status"], "disconnected");
     let audit = app.cli_json(&["audit", "list", "--action", "connection.disconnected"]);
     assert_eq!(audit[0]["actor_kind"], "user");
-    // The admins' search finds it by handle.
+    // The admins' search finds it by handle, marked as a sandbox connection as in every list.
     let html = page(&app, &admin, "/app/search?q=sandbox.creator", 200).await;
     assert!(html.contains(&format!("/app/w/acme/connections/{conn_id}")));
+    let found = html.split("<h2>Connections</h2>").nth(1).unwrap();
+    assert!(found.contains("<span class=\"badge sandbox\">sandbox</span>"), "{html}");
+}
+
+/// A link whose use limit is reached still repairs the accounts it connected: the API's
+/// `repair_url` and the connection's page give it for a broken connection, until it is revoked.
+async fn used_up_link_is_still_the_repair_link(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    let wid = app.workspace("Acme");
+    let key = app.workspace_key(&wid);
+    let link =
+        app.cli_json(&["link", "create", "--workspace", "acme", "--label", "Sunny", "--max-uses", "1"]);
+    let (link_id, url) =
+        (link["id"].as_str().unwrap().to_string(), link["url"].as_str().unwrap().to_string());
+    crate::connect::connect(&browser(), &app, &url, "tiktok", TIKTOK_ACCOUNTS[0].open_id).await;
+    let conn_id =
+        app.cli_json(&["connection", "list", "--workspace", "acme"])[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(app.api_get(&format!("/links/{link_id}"), &key, 200).await["status"], "used_up");
+    // The account revokes the app; a check finds out.
+    app.sandbox(&format!("/tiktok/accounts/{}/revoke", TIKTOK_ACCOUNTS[0].open_id), json!({})).await;
+    app.cli_json(&["connection", "check", &conn_id]);
+    let shown = app.api_get(&format!("/connections/{conn_id}"), &key, 200).await;
+    assert_eq!(
+        (shown["status"].as_str(), shown["repair_url"].as_str()),
+        (Some("broken"), Some(url.as_str()))
+    );
+    let admin = signed_in(&app, ADMIN).await;
+    let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
+    assert!(html.contains(&format!("id=\"repair-url\" type=\"text\" readonly value=\"{url}\"")), "{html}");
+    assert!(!html.contains("can no longer be used"), "{html}");
+    // Revoked, it repairs nothing: no repair link, and the page says so.
+    app.api_post(&format!("/links/{link_id}/revoke"), &key, json!({}), 200).await;
+    assert!(app.api_get(&format!("/connections/{conn_id}"), &key, 200).await["repair_url"].is_null());
+    let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
+    assert!(html.contains("can no longer be used") && !html.contains("repair-url"), "{html}");
 }
 
 /// The counters behind the overview (`connection_counts`, kept by triggers) against counting the
@@ -1251,7 +1301,27 @@ async fn webhook_pages(app: TestApp) {
     let res = post(&app, &admin, &csrf, &format!("{path}/remove"), &[]).await;
     assert_eq!(location(&res), "/app/w/acme/webhooks?notice=endpoint_removed");
     let html = page(&app, &admin, "/app/w/acme/webhooks", 200).await;
-    assert!(!html.contains("http://127.0.0.1:9/hook"));
+    let (active, removed) = html.split_once("Removed endpoints").expect("a list of removed endpoints");
+    assert!(!active.contains("http://127.0.0.1:9/hook"), "{html}");
+    assert!(removed.contains(&format!("href=\"{path}\"")), "{html}");
+    // Its page stays, read-only, for its delivery log.
+    let html = page(&app, &admin, &path, 200).await;
+    assert!(html.contains("Removed: no more deliveries") && html.contains("link.revoked"), "{html}");
+    for control in [
+        "Pause deliveries",
+        "Turn deliveries back on",
+        "Redeliver",
+        "Remove endpoint",
+        "method=\"post\" action=\"/app/w/acme/webhooks/",
+    ] {
+        assert!(!html.contains(control), "{control}: {html}");
+    }
+    let res =
+        post(&app, &admin, &csrf, &format!("/app/w/acme/webhooks/deliveries/{delivery}/redeliver"), &[])
+            .await;
+    assert_eq!(res.status(), 404);
+    let res = post(&app, &admin, &csrf, &format!("{path}/enable"), &[]).await;
+    assert_eq!(res.status(), 404);
     cleanup.run().await;
 }
 

@@ -22,6 +22,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         gone_endpoint_is_disabled,
         transient_refresh_failures_recover,
         refresh_overtaken_by_a_reconnect_keeps_the_new_grant,
+        refusal_overtaken_by_a_reconnect_gives_the_new_token,
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
         permanent_failure_breaks_once_and_link_repairs,
         health_check_catches_revocation,
@@ -545,6 +546,52 @@ async fn refresh_overtaken_by_a_reconnect_keeps_the_new_grant(app: TestApp) {
     assert_eq!(stats["invalid_grant"], 0);
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "active");
+}
+
+/// An on-demand token read whose refresh the provider refuses after the client reconnected
+/// (the app was revoked, then connected again): the refusal was of the old grant, so the
+/// connection is not broken and the caller gets the reconnect's token, not a conflict.
+async fn refusal_overtaken_by_a_reconnect_gives_the_new_token(app: TestApp) {
+    // No scheduler, so that the token read is the one that refreshes; provider calls may take
+    // longer than the scripted delay.
+    let (app, restarted) = app
+        .restart_with(&[("AUTHLINK_JOBS__ENABLED", "false"), ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10")])
+        .await;
+    let wid = app.workspace("Overtaken refusal");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
+    connect(&app.client, &app, &url, "tiktok", account).await;
+    let id = connection_id(&app, &key).await;
+    // The token is about to expire, so reading it refreshes it; the provider answers after 3 s.
+    app.advance_clock(86_400).await;
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow"}], "slow_ms": 3000}),
+    )
+    .await;
+    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
+    let read = {
+        let request = app.api(reqwest::Method::GET, &format!("/connections/{id}/access-token"), &key);
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    eventually("the token read's refresh to reach the provider", 30, || async {
+        let s = app.sandbox_stats("tiktok").await;
+        (s["refresh_calls"].as_i64().unwrap() > calls).then_some(s)
+    })
+    .await;
+    // Meanwhile the account revokes the app (the refresh will be refused) and connects again.
+    app.sandbox(&format!("/tiktok/accounts/{account}/revoke"), json!({})).await;
+    connect(&app.client, &app, &url, "tiktok", account).await;
+    let res = read.await.unwrap();
+    let token = crate::helpers::expect_json(res, 200).await;
+    assert_eq!(app.sandbox_stats("tiktok").await["invalid_grant"], 1, "the old grant's refresh was refused");
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!((c["status"].as_str(), c["reconnect_count"].as_i64()), (Some("active"), Some(1)), "{c}");
+    // The token given is the reconnect's: reading again (nothing to refresh) gives the same.
+    let again = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    assert_eq!(token["access_token"], again["access_token"]);
+    restarted.run().await;
 }
 
 /// Migration 0008 on a database holding connections made before it: every connection gets its

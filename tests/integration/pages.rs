@@ -16,7 +16,129 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         hostile_input_never_breaks_a_public_page,
         a_key_the_database_cannot_hold_is_not_found,
         slow_request_headers_lose_the_connection,
+        timeouts_and_wrong_methods_get_bodies_and_security_headers,
+        handler_set_policies_forbid_framing_base_and_objects,
     ]
+}
+
+/// The security headers every answer carries; the CSP has at least `directives`.
+fn assert_hardened(what: &str, res: &reqwest::Response, directives: &[&str]) {
+    let h = res.headers();
+    let csp = h.get("content-security-policy").map(|v| v.to_str().unwrap()).unwrap_or_default();
+    for directive in directives {
+        assert!(csp.contains(directive), "{what}: CSP {csp:?} lacks {directive}");
+    }
+    assert_eq!(h.get("x-content-type-options").map(|v| v.to_str().unwrap()), Some("nosniff"), "{what}");
+    assert_eq!(h.get("x-frame-options").map(|v| v.to_str().unwrap()), Some("DENY"), "{what}");
+    assert_eq!(h.get("referrer-policy").map(|v| v.to_str().unwrap()), Some("no-referrer"), "{what}");
+}
+
+const CSP_BASICS: [&str; 4] =
+    ["default-src 'none'", "frame-ancestors 'none'", "base-uri 'none'", "object-src 'none'"];
+
+/// A request past `http.request_timeout_secs` gets 503 with a body in its caller's form (a page,
+/// or a problem document under `/api/`), and a method a route does not take gets 405 the same
+/// way with `Allow`; every one of them carries the security headers.
+async fn timeouts_and_wrong_methods_get_bodies_and_security_headers(app: TestApp) {
+    let (app, restarted) = app
+        .restart_with(&[
+            ("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "2"),
+            ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10"),
+        ])
+        .await;
+    // A page: the sandbox's token endpoint, told to answer after the request timeout.
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "token", "kind": "slow"}], "slow_ms": 8000}),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let res = app
+        .client
+        .post(app.url("/sandbox/tiktok/v2/oauth/token/"))
+        .form(&[("grant_type", "authorization_code")])
+        .send()
+        .await
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(6), "cut at the request timeout");
+    assert_eq!(res.status(), 503);
+    assert_hardened("a page's timeout", &res, &CSP_BASICS);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(res.text().await.unwrap().contains("This took too long"));
+    // The API: a refresh whose provider answers after the request timeout.
+    let (_, key, _, _, connection) = crate::connect::connected_workspace(&app, "Timeouts").await;
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow"}], "slow_ms": 8000}),
+    )
+    .await;
+    let res = app
+        .api(reqwest::Method::POST, &format!("/connections/{connection}/refresh"), &key)
+        .send()
+        .await
+        .unwrap();
+    assert_hardened("an API timeout", &res, &CSP_BASICS);
+    let problem = crate::helpers::expect_json(res, 503).await;
+    assert_eq!(
+        (problem["code"].as_str(), problem["status"].as_i64()),
+        (Some("request_timeout"), Some(503)),
+        "{problem}"
+    );
+    // A method an API route does not take: a problem document, with `Allow`.
+    let res = app.api(reqwest::Method::PUT, "/links", &key).json(&json!({})).send().await.unwrap();
+    assert_hardened("an API 405", &res, &CSP_BASICS);
+    let allow = res.headers().get("allow").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let problem = crate::helpers::expect_json(res, 405).await;
+    assert_eq!(problem["code"], "method_not_allowed", "{problem}");
+    // The same for a page (the connect button's address, and the dashboard's sign-in).
+    let (_, url) = app.link(&app.workspace("Methods"), "Client");
+    for (method, path, allowed) in [
+        (reqwest::Method::GET, format!("/l/{}/connect/tiktok", token_of(&url)), "POST"),
+        (reqwest::Method::PUT, "/app/login".to_string(), "POST"),
+    ] {
+        let res = app.client.request(method.clone(), app.url(&path)).send().await.unwrap();
+        assert_eq!(res.status(), 405, "{method} {path}");
+        assert_hardened(&format!("{method} {path}"), &res, &CSP_BASICS);
+        let allow = res.headers().get("allow").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+        assert!(allow.contains(allowed), "{method} {path}: {allow}");
+        assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+        assert!(res.text().await.unwrap().contains("does not take this kind of request"), "{method} {path}");
+    }
+    restarted.run().await;
+}
+
+/// The answers whose handlers set a policy of their own (the connected account's avatar, the
+/// sandbox's consent page and avatars) still forbid framing, `<base>` and plugins.
+async fn handler_set_policies_forbid_framing_base_and_objects(app: TestApp) {
+    let (_, url) = app.link(&app.workspace("Policies"), "Client");
+    let authorize = crate::connect::start(&app.client, &app, &url, "tiktok").await;
+    let consent = app.client.get(&authorize).send().await.unwrap();
+    assert_eq!(consent.status(), 200);
+    assert_hardened("the sandbox's consent page", &consent, &CSP_BASICS);
+    let avatar = app.client.get(app.url("/sandbox/avatars/sunny.svg")).send().await.unwrap();
+    assert_eq!(avatar.status(), 200);
+    assert_hardened("a sandbox avatar", &avatar, &CSP_BASICS);
+    let flow = crate::connect::consent(
+        &app.client,
+        &app,
+        &authorize,
+        "tiktok",
+        authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id,
+        "allow",
+        None,
+    )
+    .await;
+    let html = crate::connect::finish(&app.client, &app, &flow.callback).await.text().await.unwrap();
+    let avatar_path = html.split("src=\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    assert!(avatar_path.ends_with("/avatar"), "{avatar_path}");
+    let avatar = app.client.get(app.url(&avatar_path)).send().await.unwrap();
+    assert_eq!(avatar.status(), 200);
+    assert_hardened(
+        "the connected account's avatar",
+        &avatar,
+        &["sandbox", "default-src 'none'", "frame-ancestors 'none'", "base-uri 'none'", "object-src 'none'"],
+    );
 }
 
 async fn landing_page_shows_branding_and_platforms(app: TestApp) {

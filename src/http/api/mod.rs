@@ -84,9 +84,10 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
 
 /// Lists on every operation the answers its shared parts can give, so that the document names
 /// every status a client can meet: 401 (every operation needs a key), 429 (the rate limits), 503
-/// (the database cannot be reached), 422 for query parameters that do not fit, 404 for a
-/// `workspace_id` filter naming no workspace of the key's, and 400, 413, 415 and 422 for a body.
-/// Every error answer is a problem document, `application/problem+json`.
+/// (the database cannot be reached, or the request ran past `http.request_timeout_secs`), 422
+/// for query parameters that do not fit, 404 for a `workspace_id` filter naming no workspace of
+/// the key's, and 400, 413, 415 and 422 for a body. Every error answer is a problem document,
+/// `application/problem+json`.
 fn complete_responses(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::path::ParameterIn;
     use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
@@ -115,7 +116,10 @@ fn complete_responses(doc: &mut utoipa::openapi::OpenApi) {
                     "429",
                     "Too many requests for this key (or, without a valid key, from this address); see `Retry-After`",
                 ),
-                ("503", "The database cannot be reached; try again shortly"),
+                (
+                    "503",
+                    "The database cannot be reached, or the request did not finish in time; try again shortly",
+                ),
             ];
             if has_query || has_body {
                 shared.push(("422", "Some fields or query parameters are invalid; see `errors`"));
@@ -158,7 +162,9 @@ fn status_description(status: &str) -> &'static str {
         "404" => "No such object in the key's workspaces",
         "409" => "The change conflicts with the object's current state",
         "422" => "Some fields are invalid; see `errors`",
-        "503" => "A provider or the database cannot be reached; try again shortly",
+        "503" => {
+            "A provider or the database cannot be reached, or the request did not finish in time; try again shortly"
+        }
         _ => "An error; see the problem document",
     }
 }
@@ -194,6 +200,32 @@ pub fn router(_state: AppState) -> Router<AppState> {
             }),
         )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such API route.") })
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// 405 `method_not_allowed` for a method an API route does not take (axum adds `Allow`).
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("This route does not take {method}; `Allow` lists the methods it takes."),
+    )
+}
+
+/// 503 `request_timeout`: the request did not finish within `http.request_timeout_secs`.
+pub fn timed_out() -> Response {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "request_timeout",
+        "The request did not finish in time. Try again shortly.",
+    )
+    .into_response()
+}
+
+/// 500 `internal`: an internal error, told nothing more.
+pub fn internal_error() -> Response {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "An internal error occurred.")
+        .into_response()
 }
 
 /// An RFC 9457 problem document.
@@ -409,7 +441,7 @@ impl FromRequestParts<AppState> for Caller {
         // An address whose requests without a valid key used up their bucket is not checked
         // against the database until it refills.
         if let (Some(limits), Some(ip)) = (&limits, client) {
-            limits.failures.peek(ip, now).map_err(|wait| {
+            limits.failures.peek(ratelimit::ClientNet::of(ip), now).map_err(|wait| {
                 tracing::warn!(client = %ip, "API requests without a valid key rate-limited");
                 ApiError::rate_limited(wait)
             })?;
@@ -429,7 +461,7 @@ impl FromRequestParts<AppState> for Caller {
                 tracing::info!("API request with an unknown, malformed or revoked key");
             }
             if let (Some(limits), Some(ip)) = (&limits, client) {
-                let _ = limits.failures.check(ip, now);
+                let _ = limits.failures.check(ratelimit::ClientNet::of(ip), now);
             }
             return Err(ApiError::unauthorized());
         };

@@ -133,7 +133,7 @@ pub(super) struct DeliveryQuery {
 }
 
 /// The delivery log of an endpoint, newest first, with every attempt (status, response code,
-/// latency).
+/// latency). A removed endpoint's log stays readable here.
 #[utoipa::path(get, path = "/webhooks/{id}/deliveries", tag = "webhooks", params(("id" = String, Path, description = "Endpoint id"), DeliveryQuery),
     responses((status = 200, body = Page<DeliveryView>), (status = 401, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn list_deliveries(

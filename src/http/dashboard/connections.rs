@@ -15,7 +15,7 @@ use crate::db::dashboard::{ConnectionItem, ConnectionSearch};
 use crate::domain::{self, Platform};
 use crate::service::ServiceError;
 use crate::service::connections::{self, ConnectionStatus};
-use crate::service::links::{self, LinkStatus};
+use crate::service::links;
 use crate::state::AppState;
 
 /// `(css class, words)` of a connection status.
@@ -185,6 +185,8 @@ struct DetailPage {
     refresh_expires: String,
     connected: String,
     last_refreshed: String,
+    /// When the scheduler refreshes the token next (`—` when none is planned: not active).
+    next_refresh: String,
     reconnects: i64,
     link_label: Option<String>,
     link_href: Option<String>,
@@ -233,10 +235,11 @@ pub async fn show(
         refresh_expires: fmt_opt(c.refresh_token_expires_at),
         connected: fmt_time(c.connected_at),
         last_refreshed: fmt_opt(c.last_refreshed_at),
+        next_refresh: fmt_opt(c.next_refresh_at),
         reconnects: c.reconnect_count,
         link_label: link.as_ref().map(|l| l.label.clone()),
         link_href: link.as_ref().map(|l| format!("/app/w/{}/links/{}", ws.row.slug, l.id)),
-        repair_url: link.as_ref().filter(|l| l.status == LinkStatus::Active).map(|l| l.url.clone()),
+        repair_url: link.as_ref().filter(|l| l.status.repairs()).map(|l| l.url.clone()),
         history: detail
             .events
             .iter()

@@ -1,13 +1,15 @@
 //! The dashboard under `/app`: server-rendered pages for agency members and platform admins.
 //!
-//! - **Sessions**: [`Ctx`] is the extractor of every signed-in page. It reads the session cookie
-//!   (`__Host-authlink_session` on https, `authlink_session` otherwise; HttpOnly, SameSite=Lax),
-//!   checks the session in the database ([`users::authenticate`]) and otherwise sends the browser
-//!   to the sign-in page with the page it asked for as `next`.
-//! - **CSRF**: [`guard_posts`] runs before every POST handler. It refuses cross-site posts and
-//!   requires a `csrf` form field equal to HMAC-SHA256(session token, fixed label), or, on the
-//!   sign-in form, the same HMAC of a pre-sign-in cookie. The token is never stored; a forged or
-//!   missing one gets a 403 page. It also parses the form once ([`FormData`]), so that handlers
+//! - **Sessions**: [`Ctx`](crate::http::dashboard::Ctx) is the extractor of every signed-in
+//!   page. It reads the session cookie (`__Host-authlink_session` on https, `authlink_session`
+//!   otherwise; HttpOnly, SameSite=Lax), checks the session in the database
+//!   ([`users::authenticate`](crate::service::users::authenticate)) and otherwise sends the
+//!   browser to the sign-in page with the page it asked for as `next`.
+//! - **CSRF**: [`guard_posts`](crate::http::dashboard::guard_posts) runs before every POST
+//!   handler. It refuses cross-site posts and requires a `csrf` form field equal to
+//!   HMAC-SHA256(session token, fixed label), or, on the sign-in form, the same HMAC of a
+//!   pre-sign-in cookie. The token is never stored; a forged or missing one gets a 403 page. It
+//!   also parses the form once ([`FormData`](crate::http::dashboard::FormData)), so that handlers
 //!   can read repeated fields (checkboxes).
 //! - **Access**: platform admins see every workspace; other users only the workspaces they are a
 //!   member of. Any other workspace, and any object of another workspace, is "not found" (404),
@@ -160,9 +162,11 @@ fn csrf_matches(token: &str, presented: &str) -> bool {
     !expected.is_empty() && crate::crypto::constant_time_eq(expected.as_bytes(), presented.as_bytes())
 }
 
-/// The client's address: the peer address, or, when the peer is a loopback or private address
-/// (a reverse proxy on the same host or network), the last address in `X-Forwarded-For` (the
-/// one that proxy saw). A client talking to us directly from a public address cannot choose it.
+/// The client's address ([`crate::http::ratelimit::client_ip_of`]): the peer address, or, when
+/// the peer is a trusted reverse proxy (`http.trusted_proxies`: loopback and private networks by
+/// default), the first address of `X-Forwarded-For`, read from the right, that is not a trusted
+/// proxy itself (the one the outermost trusted proxy saw). A client talking to us directly from
+/// an untrusted address cannot choose it.
 fn client_ip(parts: &Parts) -> String {
     crate::http::ratelimit::client_ip_of(&parts.headers, &parts.extensions)
         .map_or_else(|| "unknown".into(), |ip| ip.to_string())

@@ -1,6 +1,7 @@
 //! Webhook pages: the workspace's endpoints (the signing secret is shown once, on creation and
 //! on rotation), each endpoint's delivery log with its attempts, redelivery and a test event.
-//! Everyone in the workspace can look; owners (and admins) can change.
+//! Everyone in the workspace can look; owners (and admins) can change. A removed endpoint's
+//! page stays, read-only, for its delivery log.
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
@@ -24,14 +25,27 @@ struct EndpointRowView {
     disabled_reason: Option<String>,
     description: Option<String>,
     created: String,
+    /// Removed: only its delivery log is left to read.
+    removed: bool,
 }
 
 impl EndpointRowView {
     fn new(slug: &str, e: &EndpointView) -> Self {
+        Self::with_removed(slug, e, false)
+    }
+
+    fn with_removed(slug: &str, e: &EndpointView, removed: bool) -> Self {
         Self {
+            removed,
             href: format!("/app/w/{slug}/webhooks/{}", e.id),
             url: e.url.clone(),
-            events: if e.events.iter().any(|x| x == "*") { "all events".into() } else { e.events.join(", ") },
+            events: if removed {
+                "none (removed)".into()
+            } else if e.events.iter().any(|x| x == "*") {
+                "all events".into()
+            } else {
+                e.events.join(", ")
+            },
             enabled: e.enabled,
             disabled_reason: e.disabled_reason.clone(),
             description: e.description.clone(),
@@ -61,6 +75,8 @@ struct ListPage {
     l: Layout,
     slug: String,
     endpoints: Vec<EndpointRowView>,
+    /// Removed endpoints, listed for their delivery logs.
+    removed: Vec<EndpointRowView>,
     created: Option<EndpointWithSecret>,
     v: EndpointForm,
     errors: FormErrors,
@@ -77,10 +93,12 @@ async fn list_page(
     notice: Option<&str>,
 ) -> DashResult {
     let endpoints = webhooks::list(state, &ws.scope, Some(&ws.row.id)).await?;
+    let removed = webhooks::list_removed(state, &ws.scope, Some(&ws.row.id)).await?;
     let page = ListPage {
         l: layout(state, ctx, Some(ws), "webhooks", notice).await?,
         slug: ws.row.slug.clone(),
         endpoints: endpoints.iter().map(|e| EndpointRowView::new(&ws.row.slug, e)).collect(),
+        removed: removed.iter().map(|e| EndpointRowView::with_removed(&ws.row.slug, e, true)).collect(),
         created,
         v,
         errors,
@@ -195,7 +213,8 @@ struct DetailPage {
     can_manage: bool,
 }
 
-/// `GET /app/w/{slug}/webhooks/{id}`: the endpoint and its delivery log.
+/// `GET /app/w/{slug}/webhooks/{id}`: the endpoint and its delivery log (read-only once the
+/// endpoint is removed).
 pub async fn show(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -203,7 +222,7 @@ pub async fn show(
     Query(q): Query<ListParams>,
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
-    let row = webhooks::get_row(&state, &ws.scope, &id).await?;
+    let row = webhooks::get_row_with_removed(&state, &ws.scope, &id).await?;
     let endpoint = EndpointView::from(&row);
     let before = q.cursor();
     let mut deliveries =
@@ -220,11 +239,11 @@ pub async fn show(
         l: layout(&state, &ctx, Some(&ws), "webhooks", q.notice.as_deref()).await?,
         slug: ws.row.slug.clone(),
         id: endpoint.id.clone(),
-        endpoint: EndpointRowView::new(&ws.row.slug, &endpoint),
+        endpoint: EndpointRowView::with_removed(&ws.row.slug, &endpoint, row.is_removed()),
         deliveries: deliveries.into_iter().map(DeliveryRow::from).collect(),
         next_page,
         first_page,
-        can_manage: ws.can_manage(),
+        can_manage: ws.can_manage() && !row.is_removed(),
     };
     Ok(render(StatusCode::OK, &page))
 }

@@ -126,7 +126,6 @@ fn link_not_found() -> Response {
     )
 }
 
-/// The 410 page for revoked, expired or used-up links.
 /// What a client page shows of a workspace: its public name, and its stylesheet (by id and
 /// version).
 #[derive(Debug, Clone, Copy)]
@@ -155,6 +154,7 @@ impl<'a> From<&'a PublicLinkRow> for Brand<'a> {
     }
 }
 
+/// The 410 page for revoked, expired or used-up links, branded with the link's workspace.
 pub(crate) fn link_gone<'a>(status: LinkStatus, brand: impl Into<Brand<'a>>) -> Response {
     let w = brand.into();
     let why = match status {
@@ -180,6 +180,33 @@ pub fn unavailable() -> Response {
     )
 }
 
+/// The 503 page when a request did not finish within `http.request_timeout_secs`.
+pub fn timed_out() -> Response {
+    render(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &MessagePage::new("This took too long", "The service did not finish answering in time.")
+            .next("Please try again in a minute."),
+    )
+}
+
+/// The 500 page for an internal error.
+pub fn internal_error() -> Response {
+    render(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &MessagePage::new("Something went wrong", "An internal error occurred. Nothing was changed.")
+            .next("Please try again in a minute."),
+    )
+}
+
+/// The 405 page for a method a page's address does not take (axum adds `Allow`).
+pub async fn method_not_allowed() -> Response {
+    render(
+        StatusCode::METHOD_NOT_ALLOWED,
+        &MessagePage::new("This cannot be done here", "This address does not take this kind of request.")
+            .next("Open the page from a link or a button instead."),
+    )
+}
+
 /// Maps a service failure to an HTML page.
 pub fn service_error_page(e: ServiceError) -> Response {
     match e {
@@ -190,11 +217,7 @@ pub fn service_error_page(e: ServiceError) -> Response {
         ServiceError::NotFound(_) => not_found_page(),
         other => {
             tracing::error!(error = %other, "internal error on a page");
-            render(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &MessagePage::new("Something went wrong", "An internal error occurred. Nothing was changed.")
-                    .next("Please try again in a minute."),
-            )
+            internal_error()
         }
     }
 }
