@@ -27,6 +27,7 @@ pub(super) fn routes() -> Router<Arc<Sandbox>> {
         .route("/control/{provider}/accounts", get(accounts))
         .route("/control/{provider}/accounts/{account_id}/revoke", post(revoke_account))
         .route("/control/tiktok/accounts/{account_id}/revoke-access-tokens", post(revoke_access_tokens))
+        .route("/control/tiktok/accounts/{account_id}/withdraw-scopes", post(withdraw_scopes))
         .route("/control/instagram/accounts/{account_id}/data-deletion", post(request_data_deletion))
         .route("/control/tiktok/grants", post(mint_grants))
         .route("/control/tiktok/live-refresh-tokens", get(live_refresh_tokens))
@@ -267,6 +268,39 @@ async fn revoke_access_tokens(State(sb): State<Arc<Sandbox>>, Path(account_id): 
     let revoked = sb.revoke_tiktok_access_tokens(&account_id);
     tracing::info!(revoked, "sandbox tiktok access tokens revoked");
     json(StatusCode::OK, json!({ "revoked_tokens": revoked }))
+}
+
+/// Body of `POST /control/tiktok/accounts/{open_id}/withdraw-scopes`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WithdrawBody {
+    scopes: Vec<String>,
+}
+
+/// `POST /control/tiktok/accounts/{open_id}/withdraw-scopes` `{"scopes": [..]}`.
+async fn withdraw_scopes(
+    State(sb): State<Arc<Sandbox>>,
+    Path(account_id): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let request: WithdrawBody = match body(&bytes, false) {
+        Ok(b) => b,
+        Err(resp) => return *resp,
+    };
+    if request.scopes.is_empty() {
+        return bad_request("scopes must name at least one scope");
+    }
+    if let Some(why) = request.scopes.iter().find_map(|s| super::tiktok::unwithdrawable(s)) {
+        return bad_request(why);
+    }
+    if !super::TIKTOK_ACCOUNTS.iter().any(|a| a.open_id == account_id)
+        && !account_id.starts_with("sbx-oid-bulk-")
+    {
+        return json(StatusCode::NOT_FOUND, json!({ "error": "unknown sandbox tiktok account" }));
+    }
+    let grants = sb.withdraw_tiktok_scopes(&account_id, &request.scopes);
+    tracing::info!(grants, "sandbox tiktok scopes withdrawn");
+    json(StatusCode::OK, json!({ "grants": grants }))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -104,6 +104,11 @@
 //! - `POST /control/tiktok/accounts/{open_id}/revoke-access-tokens`: kills the account's live
 //!   access tokens only; its refresh token still works (an access token revoked mid-life).
 //!   Answers `{"revoked_tokens": n}`.
+//! - `POST /control/tiktok/accounts/{open_id}/withdraw-scopes` `{"scopes": [..]}`: takes those
+//!   scopes away from the account's live grants, as a user unticking permissions in the app's
+//!   settings does; tokens live on, the next refresh reports the smaller `scope`, and user-info
+//!   fields that needed them answer `scope_not_authorized`. `user.info.basic` cannot be
+//!   withdrawn (400). Answers `{"grants": n}` (how many changed); 404 for an unknown account.
 //! - `POST /control/clock/advance` `{"seconds": n}` (n ≥ 0): moves the shared clock. Answers
 //!   `{"now": "<RFC 3339>", "now_unix": n}`.
 
@@ -386,6 +391,12 @@ impl Sandbox {
     pub fn revoke_tiktok_access_tokens(&self, open_id: &str) -> usize {
         let now = self.now();
         self.tiktok_state().revoke_access_tokens(open_id, now)
+    }
+
+    /// Takes `scopes` away from the TikTok account's live grants (see the control API).
+    /// Returns how many grants changed.
+    pub fn withdraw_tiktok_scopes(&self, open_id: &str, scopes: &[String]) -> usize {
+        self.tiktok_state().withdraw_scopes(open_id, scopes)
     }
 
     fn now(&self) -> OffsetDateTime {

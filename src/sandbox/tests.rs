@@ -667,6 +667,48 @@ async fn tiktok_access_token_revoked_alone_is_cured_by_a_refresh() {
     assert_eq!(status, 404);
 }
 
+#[tokio::test]
+async fn tiktok_scopes_withdrawn_show_in_the_next_refresh() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let code = h.tiktok_code(&verifier).await;
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &h.tiktok_redirect(), h.now()).await.unwrap();
+    assert_eq!(tokens.scopes, ["user.info.basic", "user.info.profile"]);
+    let open_id = TIKTOK_ACCOUNTS[0].open_id;
+    let path = format!("/tiktok/accounts/{open_id}/withdraw-scopes");
+    // What cannot be withdrawn is refused, and changes nothing.
+    for (body, status) in [
+        (json!({ "scopes": ["user.info.basic"] }), 400),
+        (json!({ "scopes": ["user.info.nonsense"] }), 400),
+        (json!({ "scopes": [] }), 400),
+        (json!({ "scope": ["user.info.profile"] }), 400),
+    ] {
+        assert_eq!(h.control(&path, body.clone()).await.0, status, "{body}");
+    }
+    let (status, _) = h
+        .control("/tiktok/accounts/nobody/withdraw-scopes", json!({ "scopes": ["user.info.profile"] }))
+        .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        h.tiktok.fetch_profile(&tokens.access_token).await.unwrap().username.as_deref(),
+        Some(TIKTOK_ACCOUNTS[0].username)
+    );
+
+    let (status, body) = h.control(&path, json!({ "scopes": ["user.info.profile"] })).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["grants"], 1);
+    // The token lives on, for the basic fields only (the adapter falls back to them).
+    let profile = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
+    assert_eq!(profile.account_id, open_id);
+    assert_eq!(profile.username, None);
+    // The refresh reports the smaller grant.
+    let refreshed = h.tiktok.refresh(tokens.refresh_token.as_ref().unwrap(), h.now()).await.unwrap();
+    assert_eq!(refreshed.scopes, ["user.info.basic"]);
+    // Withdrawing again changes no grant.
+    let (_, body) = h.control(&path, json!({ "scopes": ["user.info.profile"] })).await;
+    assert_eq!(body["grants"], 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Instagram.
 // ---------------------------------------------------------------------------------------------

@@ -96,6 +96,18 @@ pub const TIKTOK_ACCOUNTS: [TikTokAccount; 3] = [
     },
 ];
 
+/// Why `scope` cannot be withdrawn from a grant, if it cannot: it is unknown, or it is the
+/// scope every grant holds.
+pub(super) fn unwithdrawable(scope: &str) -> Option<String> {
+    if scope == REQUIRED_SCOPE {
+        Some(format!("{REQUIRED_SCOPE} cannot be withdrawn: every grant holds it"))
+    } else if !SCOPES.iter().any(|(k, _)| *k == scope) {
+        Some(format!("unknown TikTok scope `{scope}`"))
+    } else {
+        None
+    }
+}
+
 fn account(open_id: &str) -> Option<&'static TikTokAccount> {
     TIKTOK_ACCOUNTS.iter().find(|a| a.open_id == open_id)
 }
@@ -203,6 +215,21 @@ impl TikTokState {
             }
         }
         killed
+    }
+
+    /// Takes `scopes` away from `open_id`'s live grants, as a user unticking permissions in the
+    /// app's settings does: the grants, their tokens and their other scopes live on, and the next
+    /// refresh reports the smaller `scope`. Returns how many grants changed.
+    pub(super) fn withdraw_scopes(&mut self, open_id: &str, scopes: &[String]) -> usize {
+        let mut changed = 0;
+        for g in self.grants.values_mut().filter(|g| g.open_id == open_id && !g.revoked) {
+            let before = g.scopes.len();
+            g.scopes.retain(|s| !scopes.contains(s));
+            if g.scopes.len() != before {
+                changed += 1;
+            }
+        }
+        changed
     }
 
     /// Issues `count` grants for synthetic accounts (`sbx-oid-bulk-<n>`) without a consent

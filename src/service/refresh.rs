@@ -452,6 +452,16 @@ async fn call_and_store(
         Ok(tokens) => {
             let generation = row.token_generation;
             let previous_failures = row.refresh_failures;
+            let scope_change = ScopeChange::between(
+                &row.scopes,
+                &tokens.scopes,
+                &app.config.providers.required_scopes(platform),
+                provider.scopes(),
+            );
+            if let Some(change) = &scope_change {
+                row.scopes.clone_from(&change.now);
+                row.status_reason.clone_from(&change.note);
+            }
             connections::apply_tokens(app, &mut row, &tokens);
             let now = app.now_ms();
             row.last_refreshed_at = Some(now);
@@ -470,17 +480,9 @@ async fn call_and_store(
                 if wait_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(wait_ms)).await;
                 }
-                let error = match store_refreshed(
-                    app,
-                    &row,
-                    generation,
-                    owner,
-                    &attempt_id,
-                    previous_failures,
-                    platform,
-                )
-                .await
-                {
+                let before =
+                    Before { generation, failures: previous_failures, scope_change: scope_change.as_ref() };
+                let error = match store_refreshed(app, &row, &before, owner, &attempt_id, platform).await {
                     Ok(stored) => return Ok(Step::Done(stored)),
                     Err(e @ ServiceError::Db(crate::db::DbError::Unavailable(_))) => e,
                     Err(e) => return Err(e),
@@ -528,6 +530,61 @@ async fn call_and_store(
     }
 }
 
+/// How the scopes a refresh reports differ from those stored (TikTok reports them with every
+/// token; Instagram's refresh reports none, and then nothing changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ScopeChange {
+    /// The scopes now granted, comma-joined, in the provider's order.
+    pub now: String,
+    /// Scopes granted before and no longer.
+    pub lost: Vec<String>,
+    /// Of `lost`, those the operator requires (`providers.{name}.required_scopes`).
+    pub lost_required: Vec<String>,
+    /// Scopes granted now and not before.
+    pub gained: Vec<String>,
+    /// The status reason of a connection that keeps working: the requested scopes it is granted
+    /// without, as the connect flow words it; `None` when it has them all.
+    pub note: Option<String>,
+}
+
+impl ScopeChange {
+    /// The change from `stored` (comma-separated) to `reported`, if the provider reported
+    /// scopes and they differ. `required` and `requested` are the provider's configured scopes.
+    pub fn between(
+        stored: &str,
+        reported: &[String],
+        required: &[String],
+        requested: &[String],
+    ) -> Option<Self> {
+        if reported.is_empty() {
+            return None;
+        }
+        let before = connections::split_scopes(stored);
+        let lost: Vec<String> = before.iter().filter(|s| !reported.contains(s)).cloned().collect();
+        let gained: Vec<String> = reported.iter().filter(|s| !before.contains(s)).cloned().collect();
+        if lost.is_empty() && gained.is_empty() {
+            return None;
+        }
+        let lost_required = lost.iter().filter(|s| required.contains(s)).cloned().collect();
+        let without: Vec<&str> =
+            requested.iter().filter(|s| !reported.contains(s)).map(String::as_str).collect();
+        let note = (!without.is_empty()).then(|| format!("Granted without {}.", without.join(", ")));
+        Some(Self { now: reported.join(","), lost, lost_required, gained, note })
+    }
+
+    /// The history entry's words.
+    pub fn detail(&self, platform: Platform) -> String {
+        let mut parts = Vec::new();
+        if !self.lost.is_empty() {
+            parts.push(format!("no longer grants {}", self.lost.join(", ")));
+        }
+        if !self.gained.is_empty() {
+            parts.push(format!("now also grants {}", self.gained.join(", ")));
+        }
+        format!("{} {}.", platform.display_name(), parts.join(" and "))
+    }
+}
+
 /// How long after the provider refused to refresh a token that still works the refresh is tried
 /// again (ms).
 const NOT_YET_RETRY_MS: i64 = 6 * 3_600_000;
@@ -559,17 +616,30 @@ async fn finish_not_yet(
     Ok(Step::NotYet { row: Box::new(row.clone()), message })
 }
 
+/// What a successful refresh found of the connection as it stood before it.
+struct Before<'a> {
+    /// The token generation the refresh started from (compare-and-set).
+    generation: i64,
+    /// Failed refreshes in a row before this one.
+    failures: i64,
+    /// How the grant's scopes changed, if they did.
+    scope_change: Option<&'a ScopeChange>,
+}
+
 async fn store_refreshed(
     app: &App,
     row: &ConnectionRow,
-    generation: i64,
+    before: &Before<'_>,
     owner: &str,
     attempt_id: &str,
-    previous_failures: i64,
     platform: Platform,
 ) -> ServiceResult<Outcome> {
+    let &Before { generation, failures: previous_failures, scope_change } = before;
     let now = app.now_ms();
-    if app.db.backend() == db::Backend::Postgres && previous_failures < REFRESH_FAILED_THRESHOLD {
+    if app.db.backend() == db::Backend::Postgres
+        && previous_failures < REFRESH_FAILED_THRESHOLD
+        && scope_change.is_none()
+    {
         // The common case in one statement; a recovery (which also emits a webhook) and a
         // superseded refresh take the general path below.
         let stored = db::connections::store_refreshed_with_history(
@@ -610,6 +680,35 @@ async fn store_refreshed(
         db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "succeeded", None, now).await?;
     record_interrupted(&mut tx, row, interrupted, now).await?;
     db::connections::insert_event(&mut tx, &connections::event(row, "refreshed", None, now)).await?;
+    if let Some(change) = scope_change {
+        // The grant changed at the provider (a client unticking a permission in the app's
+        // settings): the new scopes are stored with the tokens, which work for what is left.
+        let detail = change.detail(platform);
+        tracing::info!(connection_id = %row.id, provider = %platform, lost = ?change.lost, gained = ?change.gained, "granted scopes changed at a refresh");
+        db::connections::set_attempt_detail(&mut tx, attempt_id, &detail).await?;
+        db::connections::insert_event(
+            &mut tx,
+            &connections::event(row, "scopes_changed", Some(detail.clone()), now),
+        )
+        .await?;
+        if !change.lost_required.is_empty() {
+            let mut broken = row.clone();
+            let reason = format!(
+                "{} no longer grants {}, which this workspace requires; the client must reconnect through the link \
+                 and allow it again.",
+                platform.display_name(),
+                change.lost_required.join(", ")
+            );
+            let marked =
+                connections::mark_broken_if_unchanged(&mut tx, app, &mut broken, &reason, now).await?;
+            let outcome = refusal_outcome(&mut tx, marked, &row.id, reason).await?;
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+        db::connections::update(&mut tx, row).await?;
+        let data = connections::event_data(&mut tx, app, row, Some(&detail)).await?;
+        webhooks::emit(&mut tx, app, now, &row.workspace_id, "connection.scopes_changed", data).await?;
+    }
     if previous_failures >= REFRESH_FAILED_THRESHOLD {
         db::connections::insert_event(
             &mut tx,
@@ -928,4 +1027,39 @@ pub async fn claim_batch(app: &App) -> ServiceResult<Vec<String>> {
 /// The current time in database form (helper for callers without an `App` clock at hand).
 pub fn now_ms(app: &App) -> i64 {
     to_millis(app.now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ScopeChange;
+    use crate::domain::Platform;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| (*s).to_string()).collect()
+    }
+
+    #[test]
+    fn scope_changes_are_told_apart() {
+        let requested = v(&["a", "b", "c"]);
+        let required = v(&["a", "b"]);
+        // Not reported (Instagram's refresh), or the same set in another order: no change.
+        assert_eq!(ScopeChange::between("a,b,c", &[], &required, &requested), None);
+        assert_eq!(ScopeChange::between("a,b,c", &v(&["c", "a", "b"]), &required, &requested), None);
+        // An optional scope withdrawn.
+        let c = ScopeChange::between("a,b,c", &v(&["a", "b"]), &required, &requested).unwrap();
+        assert_eq!((c.now.as_str(), c.lost.clone(), c.lost_required.clone()), ("a,b", v(&["c"]), v(&[])));
+        assert_eq!(c.note.as_deref(), Some("Granted without c."));
+        assert_eq!(c.detail(Platform::Tiktok), "TikTok no longer grants c.");
+        // A required one: only scopes granted before count as lost, so a scope the operator made
+        // required later, which this grant never held, is not reported as withdrawn.
+        let c = ScopeChange::between("a,c", &v(&["a"]), &v(&["a", "b", "c"]), &requested).unwrap();
+        assert_eq!(c.lost_required, v(&["c"]));
+        assert_eq!(c.note.as_deref(), Some("Granted without b, c."));
+        // Given back: the note goes.
+        let c = ScopeChange::between("a,b", &v(&["a", "b", "c"]), &required, &requested).unwrap();
+        assert_eq!((c.gained.clone(), c.note.clone()), (v(&["c"]), None));
+        assert_eq!(c.detail(Platform::Tiktok), "TikTok now also grants c.");
+        let c = ScopeChange::between("a,b", &v(&["a", "c"]), &required, &requested).unwrap();
+        assert_eq!(c.detail(Platform::Tiktok), "TikTok no longer grants b and now also grants c.");
+    }
 }

@@ -32,6 +32,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "connection.refresh_failed",
     "connection.recovered",
     "connection.expiring",
+    "connection.scopes_changed",
     "connection.broken",
     "connection.disconnected",
     "link.revoked",

@@ -25,6 +25,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         refusal_overtaken_by_a_reconnect_gives_the_new_token,
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
         permanent_failure_breaks_once_and_link_repairs,
+        withdrawn_scopes_are_noticed_at_refresh,
         health_check_catches_revocation,
         instagram_token_is_refreshed_after_a_day,
         instagram_deauthorize_and_data_deletion,
@@ -708,6 +709,94 @@ async fn permanent_failure_breaks_once_and_link_repairs(app: TestApp) {
     assert_eq!(receiver.types(), vec!["connection.broken", "connection.reconnected"]);
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "active");
+}
+
+/// A client who later takes permissions back in the app's settings (security.md O10): the next
+/// refresh reports the smaller grant. An optional scope withdrawn leaves a working connection
+/// with the new scopes, a status reason and `connection.scopes_changed`; a required one breaks
+/// it with `connection.broken`; the link repairs it.
+async fn withdrawn_scopes_are_noticed_at_refresh(app: TestApp) {
+    let (app, restarted) = app
+        .restart_with(&[
+            ("AUTHLINK_PROVIDERS__TIKTOK__SCOPES", "[user.info.basic,user.info.profile,video.list]"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__REQUIRED_SCOPES", "[user.info.basic,user.info.profile]"),
+        ])
+        .await;
+    let wid = app.workspace("Withdrawn");
+    let key = app.workspace_key(&wid);
+    let receiver = Receiver::start().await;
+    add_endpoint(&app, &key, &receiver.url, Some(vec!["connection.scopes_changed", "connection.broken"]))
+        .await;
+    let (_, url) = app.link(&wid, "Client");
+    let acct = authlink::sandbox::TIKTOK_ACCOUNTS[2];
+    connect(&app.client, &app, &url, "tiktok", acct.open_id).await;
+    let id = connection_id(&app, &key).await;
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["scopes"], json!(["user.info.basic", "user.info.profile", "video.list"]));
+    // A refresh with the grant unchanged changes nothing but the tokens.
+    let same = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    assert_eq!(same["outcome"], "refreshed");
+    assert_eq!(same["connection"]["scopes"], c["scopes"]);
+    assert!(same["connection"]["status_reason"].is_null());
+
+    // An optional scope withdrawn: still active, the smaller grant stored and explained.
+    let changed = app
+        .sandbox(
+            &format!("/tiktok/accounts/{}/withdraw-scopes", acct.open_id),
+            json!({"scopes": ["video.list"]}),
+        )
+        .await;
+    assert_eq!(changed["grants"], 1);
+    let out = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    assert_eq!(out["outcome"], "refreshed", "{out}");
+    let c = &out["connection"];
+    assert_eq!(c["status"], "active");
+    assert_eq!(c["scopes"], json!(["user.info.basic", "user.info.profile"]));
+    assert_eq!(c["status_reason"], "Granted without video.list.");
+    let got = receiver.wait_for(1, 20).await;
+    assert_eq!(receiver.types(), vec!["connection.scopes_changed"]);
+    let body: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(body["data"]["id"], id.as_str(), "{body}");
+    assert_eq!(body["data"]["scopes"], json!(["user.info.basic", "user.info.profile"]), "{body}");
+    assert_eq!(body["data"]["detail"], "TikTok no longer grants video.list.", "{body}");
+    // The token still works for what is left.
+    let token = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    assert!(token["access_token"].is_string());
+
+    // A required scope withdrawn: broken at the next refresh, with the reason and the webhook.
+    app.sandbox(
+        &format!("/tiktok/accounts/{}/withdraw-scopes", acct.open_id),
+        json!({"scopes": ["user.info.profile"]}),
+    )
+    .await;
+    let out = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    assert_eq!(out["outcome"], "broken", "{out}");
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "broken");
+    assert_eq!(c["scopes"], json!(["user.info.basic"]));
+    let reason = c["status_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no longer grants user.info.profile") && reason.contains("reconnect"),
+        "{reason}"
+    );
+    let kinds: Vec<&str> =
+        c["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["created", "refreshed", "refreshed", "scopes_changed", "refreshed", "scopes_changed", "broken"],
+        "{c}"
+    );
+    receiver.wait_for(2, 20).await;
+    assert_eq!(receiver.types(), vec!["connection.scopes_changed", "connection.broken"]);
+
+    // The client repairs it through the same link, granting everything again.
+    connect(&app.client, &app, &url, "tiktok", acct.open_id).await;
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "active");
+    assert_eq!(c["scopes"], json!(["user.info.basic", "user.info.profile", "video.list"]));
+    assert!(c["status_reason"].is_null());
+    assert_eq!(c["reconnect_count"], 1);
+    restarted.run().await;
 }
 
 async fn health_check_catches_revocation(app: TestApp) {
