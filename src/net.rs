@@ -10,7 +10,7 @@
 //! provider adapters.
 
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +18,20 @@ use std::time::Duration;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
+
+/// The network a client address is counted in by per-address limits (the link pages' rate
+/// limit, the dashboard's sign-in throttle): an IPv4 address as it is, an IPv6 address by its
+/// /64 (the network of one subscriber or host, whose other addresses it can use at will). An
+/// IPv4-mapped IPv6 address counts as its IPv4 address.
+pub fn client_network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
+        },
+    }
+}
 
 /// A boxed future, as resolvers return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -44,13 +44,7 @@ pub struct ClientNet(IpAddr);
 impl ClientNet {
     /// The network `ip` is counted in.
     pub fn of(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(_) => Self(ip),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Self(IpAddr::V4(v4)),
-                None => Self(IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64)))),
-            },
-        }
+        Self(crate::net::client_network(ip))
     }
 }
 

@@ -11,8 +11,8 @@
 //!   the user is disabled; and (all other sessions of the user) when the password changes. Every
 //!   sign-in makes a new session, so a token planted before sign-in is worthless.
 //! - **Throttle**: failed sign-ins are stored (account as a hash of the email, and the client
-//!   address), so limits survive restarts and hold across instances: at most
-//!   [`MAX_FAILURES_PER_ACCOUNT`] per account and [`MAX_FAILURES_PER_IP`] per address within
+//!   address, an IPv6 one by its /64), so limits survive restarts and hold across instances: at
+//!   most [`MAX_FAILURES_PER_ACCOUNT`] per account and [`MAX_FAILURES_PER_IP`] per address within
 //!   [`THROTTLE_WINDOW_MS`]. The answer never says whether an account exists: an unknown email
 //!   is verified against a dummy hash, so that both cases cost one argon2 verification.
 //! - **Roles**: a platform admin sees every workspace; other users see the workspaces they are a
@@ -598,6 +598,8 @@ pub async fn role_in(app: &App, user: &UserRow, workspace_id: &str) -> ServiceRe
 /// recent failures, and then nothing is recorded; else the id of the recorded attempt.
 async fn reserve_attempt(app: &App, account_key: &str, ip: &str, now: i64) -> ServiceResult<Option<String>> {
     let id = new_id();
+    let ip = throttled_address(ip);
+    let ip = ip.as_str();
     let mut tx = app.db.begin_write().await?;
     let reserved = db::sessions::reserve_attempt(
         &mut tx,
@@ -612,6 +614,17 @@ async fn reserve_attempt(app: &App, account_key: &str, ip: &str, now: i64) -> Se
     .await?;
     tx.commit().await?;
     Ok(reserved.then_some(id))
+}
+
+/// What the per-address throttle counts `ip` as: the address itself, or for IPv6 its /64
+/// (written `network/64`), whose other addresses a host can usually take at will. See
+/// [`crate::net::client_network`].
+fn throttled_address(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>().map(crate::net::client_network) {
+        Ok(net @ std::net::IpAddr::V6(_)) => format!("{net}/64"),
+        Ok(v4) => v4.to_string(),
+        Err(_) => ip.to_string(),
+    }
 }
 
 /// The throttle key of an account: SHA-256 of the normalized email (unknown or not).
@@ -767,6 +780,16 @@ pub async fn sign_out(app: &App, token: &str) -> ServiceResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_throttle_counts_an_ipv6_address_by_its_network() {
+        assert_eq!(throttled_address("203.0.113.9"), "203.0.113.9");
+        assert_eq!(throttled_address("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::/64");
+        assert_eq!(throttled_address("2001:db8:1:2::1"), throttled_address("2001:db8:1:2:ffff::"));
+        assert_ne!(throttled_address("2001:db8:1:2::1"), throttled_address("2001:db8:1:3::1"));
+        assert_eq!(throttled_address("::ffff:192.0.2.7"), "192.0.2.7", "IPv4-mapped counts as IPv4");
+        assert_eq!(throttled_address("not an address"), "not an address");
+    }
 
     #[test]
     fn password_hashes_use_the_owasp_argon2id_parameters() {

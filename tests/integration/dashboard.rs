@@ -21,6 +21,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         wrong_password_gives_no_hint,
         sign_in_is_throttled_per_account_and_per_address,
         sign_in_throttle_holds_under_concurrent_attempts,
+        sign_in_throttle_counts_an_ipv6_network_as_one_address,
         missing_or_forged_csrf_is_refused,
         members_see_only_their_workspaces,
         invalid_link_form_comes_back_with_errors_and_values,
@@ -301,6 +302,25 @@ async fn sign_in_throttle_holds_under_concurrent_attempts(app: TestApp) {
     let refused = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!((checked, refused), (10, 20), "{statuses:?}");
     assert_eq!(attempt(PASSWORD, "198.51.100.200".into()).await, 429);
+}
+
+/// An IPv6 host can usually take any address of its /64: the per-address limit counts the /64,
+/// so that walking through its addresses buys no more guesses. Another /64 is another client.
+async fn sign_in_throttle_counts_an_ipv6_network_as_one_address(app: TestApp) {
+    create_user(&app, "other@example.com", false);
+    const NAMES: [&str; 5] =
+        ["a@example.com", "b@example.com", "c@example.com", "d@example.com", "e@example.com"];
+    let mut n = 0u32;
+    for _ in 0..10 {
+        for name in NAMES {
+            n += 1;
+            let ip = format!("2001:db8:1:2::{n:x}");
+            assert_eq!(sign_in_status(&app, name, "not the password at all", ip).await, 401);
+        }
+    }
+    let right = |ip: &str| sign_in_status(&app, "other@example.com", PASSWORD, ip.to_string());
+    assert_eq!(right("2001:db8:1:2:ffff:ffff:ffff:ffff").await, 429, "another address of the same /64");
+    assert_eq!(right("2001:db8:1:3::1").await, 303, "the next /64 is another client");
 }
 
 async fn missing_or_forged_csrf_is_refused(app: TestApp) {
