@@ -11,7 +11,7 @@ use axum::response::Response;
 use serde_json::{Map, Value, json};
 use time::{Duration, OffsetDateTime};
 
-use super::pages::{self, AccountChoice, ConsentPage, Hidden, ScopeChoice};
+use super::pages::{self, AccountChoice, ConsentPage};
 use super::{
     Endpoint, ErrorState, FailNext, FailureKind, INSTAGRAM_CLIENT_ID, INSTAGRAM_CLIENT_SECRET, MAX_CODES,
     MAX_TOKENS, MeShape, Params, RevokeReason, Sandbox, Scenario, Scripted, Stats, Tamper, TokenShape,
@@ -305,10 +305,7 @@ pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(quer
             return pages::error_page(PROVIDER, SLUG, param, &message);
         }
     };
-    let hidden = ["client_id", "redirect_uri", "response_type", "scope", "state"]
-        .iter()
-        .filter_map(|n| p.get(n).map(|v| Hidden { name: (*n).to_string(), value: v.to_string() }))
-        .collect();
+    let hidden = pages::hidden_fields(&p, &["client_id", "redirect_uri", "response_type", "scope", "state"]);
     let accounts = INSTAGRAM_ACCOUNTS
         .iter()
         .map(|a| AccountChoice {
@@ -323,19 +320,7 @@ pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(quer
             avatar: format!("{}/sandbox/avatars/ig-{}.svg", sb.public_base, a.username.replace('.', "-")),
         })
         .collect();
-    let scopes = req
-        .scopes
-        .iter()
-        .map(|s| ScopeChoice {
-            name: s.clone(),
-            description: SCOPES
-                .iter()
-                .find(|(k, _)| k == s)
-                .map(|(_, d)| (*d).to_string())
-                .unwrap_or_default(),
-            required: s == REQUIRED_SCOPE,
-        })
-        .collect();
+    let scopes = pages::scope_choices(&req.scopes, &SCOPES, REQUIRED_SCOPE);
     let page = ConsentPage {
         provider: PROVIDER,
         slug: SLUG,

@@ -38,6 +38,36 @@ pub(super) struct ScopeChoice {
     pub(super) required: bool,
 }
 
+/// The authorize request's parameters named in `names` that it carries, as hidden fields of
+/// the consent form.
+pub(super) fn hidden_fields(p: &super::Params, names: &[&str]) -> Vec<Hidden> {
+    names
+        .iter()
+        .filter_map(|n| p.get(n).map(|v| Hidden { name: (*n).to_string(), value: v.to_string() }))
+        .collect()
+}
+
+/// The requested scopes as the consent page lists them, described from `known` (scope,
+/// description), with `required` checked and disabled.
+pub(super) fn scope_choices(
+    requested: &[String],
+    known: &[(&str, &str)],
+    required: &str,
+) -> Vec<ScopeChoice> {
+    requested
+        .iter()
+        .map(|s| ScopeChoice {
+            name: s.clone(),
+            description: known
+                .iter()
+                .find(|(k, _)| k == s)
+                .map(|(_, d)| (*d).to_string())
+                .unwrap_or_default(),
+            required: s == required,
+        })
+        .collect()
+}
+
 /// The consent page of either provider.
 #[derive(Template)]
 #[template(path = "sandbox/consent.html")]

@@ -11,7 +11,7 @@ use axum::response::Response;
 use serde_json::{Map, Value, json};
 use time::{Duration, OffsetDateTime};
 
-use super::pages::{self, AccountChoice, ConsentPage, Hidden, ScopeChoice};
+use super::pages::{self, AccountChoice, ConsentPage};
 use super::{
     Endpoint, ErrorState, FailNext, FailureKind, Lifetimes, MAX_CODES, MAX_TOKENS, OauthErrorStatus, Params,
     Sandbox, Scenario, Scripted, Stats, TIKTOK_CLIENT_KEY, TIKTOK_CLIENT_SECRET, Tamper, found, json, log_id,
@@ -401,10 +401,7 @@ pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(quer
         "code_challenge",
         "code_challenge_method",
     ];
-    let hidden = names
-        .iter()
-        .filter_map(|n| p.get(n).map(|v| Hidden { name: (*n).to_string(), value: v.to_string() }))
-        .collect();
+    let hidden = pages::hidden_fields(&p, &names);
     let accounts = TIKTOK_ACCOUNTS
         .iter()
         .map(|a| AccountChoice {
@@ -415,19 +412,7 @@ pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(quer
             avatar: format!("{}/sandbox/avatars/{}.svg", sb.public_base, a.username.replace('.', "-")),
         })
         .collect();
-    let scopes = req
-        .scopes
-        .iter()
-        .map(|s| ScopeChoice {
-            name: s.clone(),
-            description: SCOPES
-                .iter()
-                .find(|(k, _)| k == s)
-                .map(|(_, d)| (*d).to_string())
-                .unwrap_or_default(),
-            required: s == REQUIRED_SCOPE,
-        })
-        .collect();
+    let scopes = pages::scope_choices(&req.scopes, &SCOPES, REQUIRED_SCOPE);
     let page = ConsentPage {
         provider: PROVIDER,
         slug: SLUG,
