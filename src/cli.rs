@@ -1542,7 +1542,7 @@ async fn user(config: Config, json: bool, cmd: UserCommand) -> CliResult {
         }
         (UserCommand::AddMember { email, workspace, role }, _) => {
             let workspace = workspace_id(&app, &workspace).await?;
-            let m = users::add_member(&app, &Actor::Cli, &workspace, &email, &role, None).await?;
+            let m = users::add_member(&app, &Actor::Cli, &workspace, &email, &role).await?;
             print(json, &m, |m| format!("{} is {} of workspace {workspace}", m.email, m.role));
         }
         (UserCommand::RemoveMember { email, workspace }, _) => {

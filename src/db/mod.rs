@@ -21,6 +21,7 @@ pub mod backup;
 mod conn;
 pub mod connections;
 pub mod dashboard;
+pub mod invitations;
 pub mod key_checks;
 pub mod links;
 pub mod lite;

@@ -28,9 +28,12 @@ use tower_http::trace::TraceLayer;
 use crate::config::Config;
 use crate::state::AppState;
 
-/// The path as it may be logged: link tokens and anything that looks like one are redacted, and
+/// The path as it may be logged: link and invitation tokens are redacted, and
 /// the query string (which carries OAuth codes and state) is never included.
 pub fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.starts_with("/app/invite/") {
+        return "/app/invite/[redacted]".into();
+    }
     match path.strip_prefix("/l/").map(|rest| rest.split_once('/')) {
         Some(Some((_, tail))) => format!("/l/[redacted]/{tail}").into(),
         Some(None) => "/l/[redacted]".into(),
@@ -204,6 +207,7 @@ mod tests {
     fn link_tokens_are_redacted() {
         assert_eq!(loggable_path("/l/abcdef"), "/l/[redacted]");
         assert_eq!(loggable_path("/l/abcdef/connect/tiktok"), "/l/[redacted]/connect/tiktok");
+        assert_eq!(loggable_path("/app/invite/abcdef"), "/app/invite/[redacted]");
         assert_eq!(loggable_path("/api/v1/links"), "/api/v1/links");
     }
 }

@@ -7,6 +7,7 @@
 pub mod api_keys;
 pub mod audit;
 pub mod connections;
+pub mod invitations;
 pub mod keys;
 pub mod links;
 pub mod refresh;

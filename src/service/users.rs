@@ -467,17 +467,15 @@ pub async fn members(app: &App, workspace_id: &str) -> ServiceResult<Vec<MemberV
         .collect())
 }
 
-/// Adds a user to a workspace, or changes their role there. When no account uses the email and
-/// `initial_password` is given, the account is created first (its owner shares the password
-/// with the new member, who changes it after signing in). The caller has checked that the actor
-/// may manage the workspace's members.
+/// Adds the account that uses `email` to a workspace, or changes its role there (the operator's
+/// `user add-member`; in the dashboard, owners invite: see [`super::invitations`]). The caller
+/// has checked that the actor may manage the workspace's members.
 pub async fn add_member(
     app: &App,
     actor: &Actor,
     workspace_id: &str,
     email: &str,
     role: &str,
-    initial_password: Option<&SecretString>,
 ) -> ServiceResult<MemberView> {
     let mut errors = super::Errors::default();
     let normalized = errors.take(normalize_email(email));
@@ -486,27 +484,19 @@ pub async fn add_member(
     let (Some(normalized), Some(role)) = (normalized, role) else {
         return Err(FieldError::new("email", "is invalid").into());
     };
-    let existing = {
+    let user = {
         let mut conn = app.db.read().await?;
         if db::workspaces::get(&mut conn, workspace_id).await?.is_none() {
             return Err(ServiceError::NotFound("workspace"));
         }
         db::users::get_by_email(&mut conn, &normalized).await?
     };
-    let user = match (existing, initial_password.filter(|p| !p.expose_secret().is_empty())) {
-        (Some(u), _) => u,
-        (None, Some(password)) => {
-            validate_password("initial_password", password.expose_secret(), &normalized)?;
-            let hash = hash_password_async(password).await?;
-            insert_user(app, actor, email.trim(), &normalized, hash, false).await?
-        }
-        (None, None) => {
-            return Err(FieldError::new(
-                "email",
-                "no account uses this email yet; give an initial password to create one",
-            )
-            .into());
-        }
+    let Some(user) = user else {
+        return Err(FieldError::new(
+            "email",
+            "no account uses this email; create it first (`authlink user create`)",
+        )
+        .into());
     };
     let now = app.now_ms();
     let membership = MembershipRow {
@@ -686,6 +676,21 @@ pub async fn sign_in(
             return Ok(SignIn::Invalid);
         }
     };
+    let new = open_session(app, user, ip, previous_token, Some(&key), now).await?;
+    Ok(SignIn::Success(Box::new(new)))
+}
+
+/// A new session for `user`, signed in from `ip` (after a password check, or the creation of
+/// the account): `previous_token`'s session ends, and with `throttle_key` the account's failed
+/// sign-ins are forgotten.
+pub(crate) async fn open_session(
+    app: &App,
+    user: UserRow,
+    ip: &str,
+    previous_token: Option<&str>,
+    throttle_key: Option<&str>,
+    now: i64,
+) -> ServiceResult<NewSession> {
     let token = crypto::random_token();
     let session = SessionRow {
         id: new_id(),
@@ -703,7 +708,9 @@ pub async fn sign_in(
     db::sessions::purge_expired(&mut tx, now, SESSION_IDLE_MS).await?;
     db::sessions::insert(&mut tx, &session).await?;
     db::users::record_login(&mut tx, &user.id, now).await?;
-    db::sessions::clear_account_failures(&mut tx, &key).await?;
+    if let Some(key) = throttle_key {
+        db::sessions::clear_account_failures(&mut tx, key).await?;
+    }
     audit::record(
         &mut tx,
         now,
@@ -717,7 +724,7 @@ pub async fn sign_in(
     .await?;
     tx.commit().await?;
     tracing::info!(user_id = %user.id, session_id = %session.id, "signed in");
-    Ok(SignIn::Success(Box::new(NewSession { token: SecretString::from(token), session, user })))
+    Ok(NewSession { token: SecretString::from(token), session, user })
 }
 
 /// A valid session and its user.

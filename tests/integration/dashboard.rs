@@ -22,6 +22,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         sign_in_is_throttled_per_account_and_per_address,
         sign_in_throttle_holds_under_concurrent_attempts,
         sign_in_throttle_counts_an_ipv6_network_as_one_address,
+        invitations_hide_accounts_and_need_acceptance,
         missing_or_forged_csrf_is_refused,
         members_see_only_their_workspaces,
         invalid_link_form_comes_back_with_errors_and_values,
@@ -321,6 +322,220 @@ async fn sign_in_throttle_counts_an_ipv6_network_as_one_address(app: TestApp) {
     let right = |ip: &str| sign_in_status(&app, "other@example.com", PASSWORD, ip.to_string());
     assert_eq!(right("2001:db8:1:2:ffff:ffff:ffff:ffff").await, 429, "another address of the same /64");
     assert_eq!(right("2001:db8:1:3::1").await, 303, "the next /64 is another client");
+}
+
+/// Workspace Acme with owner@example.com (an existing user) as its owner: the workspace's id,
+/// the owner's signed-in browser and its CSRF token.
+async fn acme_with_owner(app: &TestApp) -> (String, Client, String) {
+    let w = app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    app.cli_json(&[
+        "user",
+        "add-member",
+        "--email",
+        "owner@example.com",
+        "--workspace",
+        "acme",
+        "--role",
+        "owner",
+    ]);
+    let owner = signed_in(app, "owner@example.com").await;
+    let csrf = csrf_of(&page(app, &owner, "/app/w/acme/members", 200).await);
+    (w["id"].as_str().unwrap().to_string(), owner, csrf)
+}
+
+/// The invitation link of the members page an owner's invitation answered with.
+fn invitation_url(html: &str) -> String {
+    let start = html.find("id=\"invite-url\" type=\"text\" readonly value=\"").expect("an invitation link")
+        + "id=\"invite-url\" type=\"text\" readonly value=\"".len();
+    html[start..].split('"').next().unwrap().to_string()
+}
+
+/// Invites `email` as `role` from the owner's browser; returns the invitation link.
+async fn invite(app: &TestApp, owner: &Client, csrf: &str, email: &str, role: &str) -> String {
+    let res = post(app, owner, csrf, "/app/w/acme/members", &[("email", email), ("role", role)]).await;
+    let (status, html) = text(res).await;
+    assert_eq!(status, 201, "{html}");
+    invitation_url(&html)
+}
+
+/// Opens an invitation link in `client` (signed out) and creates the account with `password`.
+async fn create_account_through(client: &Client, url: &str, password: &str) {
+    let (status, html) = text(client.get(url).send().await.unwrap()).await;
+    assert_eq!(status, 200, "{html}");
+    assert!(html.contains("Create your account"), "{html}");
+    let res = client
+        .post(url)
+        .form(&[
+            ("csrf", csrf_of(&html).as_str()),
+            ("action", "create"),
+            ("password", password),
+            ("confirm", password),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303, "{}", res.text().await.unwrap());
+    assert_eq!(location(&res), "/app/w/acme?notice=invitation_accepted");
+}
+
+/// An owner invites by address; the answer is the same whether or not an account uses it, and
+/// nobody joins without accepting: a new person creates the account with a password of their
+/// own, an existing account signs in and joins, another account cannot use the link. Links are
+/// single-use, can be withdrawn, are replaced by a newer invitation, expire after seven days, and
+/// their tokens are in no log and, in plain text, in no table.
+async fn invitations_hide_accounts_and_need_acceptance(app: TestApp) {
+    create_user(&app, "owner@example.com", false);
+    create_user(&app, "existing@example.com", false);
+    create_user(&app, "bystander@example.com", false);
+    let (_, owner, csrf) = acme_with_owner(&app).await;
+
+    // The same answer for an address with an account and one without.
+    let mut answers = Vec::new();
+    let mut urls = Vec::new();
+    for email in ["existing@example.com", "nobody@example.com"] {
+        let res =
+            post(&app, &owner, &csrf, "/app/w/acme/members", &[("email", email), ("role", "member")]).await;
+        let (status, html) = text(res).await;
+        assert_eq!(status, 201, "{html}");
+        let url = invitation_url(&html);
+        assert!(url.starts_with(&app.url("/app/invite/")), "{url}");
+        // The page lists both pending invitations: compare the announcement only.
+        let start = html.find("invite-title").unwrap();
+        let end = html.find("</section>").unwrap();
+        answers.push(html[start..end].replace(email, "EMAIL").replace(&url, "URL"));
+        urls.push(url);
+    }
+    assert_eq!(answers[0], answers[1], "the answer tells nothing of the account");
+    let (existing_url, new_url) = (urls[0].clone(), urls[1].clone());
+    let members = page(&app, &owner, "/app/w/acme/members", 200).await;
+    assert!(members.contains("Invited") && members.contains("nobody@example.com"), "{members}");
+    let listed = app.cli_json(&["user", "list"]);
+    let existing = listed.as_array().unwrap().iter().find(|u| u["email"] == "existing@example.com").unwrap();
+    assert_eq!(existing["workspaces"], json!([]), "not a member before accepting: {existing}");
+
+    // A new person: a password of their own, which the form checks, then signed in.
+    let person = browser();
+    let (status, html) = text(person.get(&new_url).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("Join Acme") && html.contains("nobody@example.com"), "{html}");
+    let form_csrf = csrf_of(&html);
+    for (password, confirm, field) in [
+        ("short", "short", "password-error"),
+        ("a long good password", "another one entirely", "confirm-error"),
+    ] {
+        let res = person
+            .post(&new_url)
+            .form(&[
+                ("csrf", form_csrf.as_str()),
+                ("action", "create"),
+                ("password", password),
+                ("confirm", confirm),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let (status, html) = text(res).await;
+        assert_eq!(status, 422, "{html}");
+        assert!(html.contains(field) && !html.contains(password), "{html}");
+    }
+    create_account_through(&person, &new_url, "a long good password").await;
+    let overview = page(&app, &person, "/app/w/acme?notice=invitation_accepted", 200).await;
+    assert!(overview.contains("you have joined"), "{overview}");
+    let (status, html) = text(browser().get(&new_url).send().await.unwrap()).await;
+    assert_eq!(status, 410, "single-use");
+    assert!(html.contains("has been used"), "{html}");
+    assert_eq!(
+        sign_in_with(&app, &browser(), "nobody@example.com", "a long good password", "").await.status(),
+        303
+    );
+
+    // An existing account: asked to sign in (no account can be created for the address), then
+    // joins with one click.
+    let holder = browser();
+    let (status, html) = text(holder.get(&existing_url).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("Sign in as existing@example.com") && !html.contains("Create your account"),
+        "{html}"
+    );
+    // A form posted anyway (with the pre-sign-in cookie's token, as the sign-in page has it).
+    let pre_sign_in = csrf_of(&page(&app, &holder, "/app/login", 200).await);
+    let res = holder
+        .post(&existing_url)
+        .form(&[
+            ("csrf", pre_sign_in.as_str()),
+            ("action", "create"),
+            ("password", "x".repeat(20).as_str()),
+            ("confirm", "x".repeat(20).as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 409, "no second account for the address");
+    // Another account signed in cannot take it.
+    let bystander = signed_in(&app, "bystander@example.com").await;
+    let html = page(&app, &bystander, &existing_url.replace(&app.url(""), ""), 200).await;
+    assert!(html.contains("You are signed in as bystander@example.com"), "{html}");
+    let res = post(
+        &app,
+        &bystander,
+        &csrf_of(&html),
+        &existing_url.replace(&app.url(""), ""),
+        &[("action", "join")],
+    )
+    .await;
+    assert_eq!(res.status(), 409);
+    assert!(page(&app, &bystander, "/app/w/acme", 404).await.contains("Not found"));
+    // The invited account signs in, comes back to the link, and joins.
+    let res = sign_in_with(
+        &app,
+        &holder,
+        "existing@example.com",
+        PASSWORD,
+        &existing_url.replace(&app.url(""), ""),
+    )
+    .await;
+    assert_eq!(location(&res), existing_url.replace(&app.url(""), ""));
+    let html = page(&app, &holder, &location(&res), 200).await;
+    assert!(html.contains("Join Acme"), "{html}");
+    let res = post(&app, &holder, &csrf_of(&html), &location(&res), &[("action", "join")]).await;
+    assert_eq!(location(&res), "/app/w/acme?notice=invitation_accepted");
+    page(&app, &holder, "/app/w/acme/links", 200).await;
+    let members = page(&app, &owner, "/app/w/acme/members", 200).await;
+    assert!(!members.contains("Invited"), "no invitation pending: {members}");
+
+    // Withdrawn, replaced and expired links no longer work.
+    let first = invite(&app, &owner, &csrf, "later@example.com", "owner").await;
+    let second = invite(&app, &owner, &csrf, "later@example.com", "owner").await;
+    let (status, html) = text(browser().get(&first).send().await.unwrap()).await;
+    assert!(status == 410 && html.contains("withdrew"), "{status} {html}");
+    let members = page(&app, &owner, "/app/w/acme/members", 200).await;
+    assert_eq!(
+        members.matches("<span class=\"item-title\">later@example.com</span>").count(),
+        1,
+        "the replaced invitation is no longer listed: {members}"
+    );
+    let id = members.split("/invitations/").nth(1).unwrap().split('/').next().unwrap().to_string();
+    let res = post(&app, &owner, &csrf, &format!("/app/w/acme/invitations/{id}/revoke"), &[]).await;
+    assert_eq!(location(&res), "/app/w/acme/members?notice=invitation_revoked");
+    assert_eq!(browser().get(&second).send().await.unwrap().status(), 410);
+    let third = invite(&app, &owner, &csrf, "later@example.com", "owner").await;
+    app.advance_clock(7 * 24 * 3600 + 1).await;
+    let (status, html) = text(browser().get(&third).send().await.unwrap()).await;
+    assert!(status == 410 && html.contains("expired"), "{status} {html}");
+    // A link that never was.
+    let (status, _) = text(browser().get(app.url("/app/invite/not-a-token")).send().await.unwrap()).await;
+    assert_eq!(status, 404);
+    let unknown = app.url(&format!("/app/invite/{}", "A".repeat(43)));
+    assert_eq!(browser().get(&unknown).send().await.unwrap().status(), 404);
+
+    // Audited, and the tokens are nowhere.
+    let audit = app.cli_json(&["audit", "list", "--workspace", "acme"]);
+    let actions: Vec<&str> = audit.as_array().unwrap().iter().filter_map(|e| e["action"].as_str()).collect();
+    assert!(actions.contains(&"member.invited") && actions.contains(&"invitation.revoked"), "{actions:?}");
+    for url in [&first, &second, &third, &new_url, &existing_url] {
+        assert_nowhere(&app, "invitation token", url.rsplit('/').next().unwrap()).await;
+    }
 }
 
 async fn missing_or_forged_csrf_is_refused(app: TestApp) {
@@ -769,41 +984,12 @@ async fn user_commands(app: TestApp) {
 
 async fn members_branding_and_api_keys(app: TestApp) {
     create_user(&app, "owner@example.com", false);
-    let w = app.cli_json(&["workspace", "create", "--name", "Acme"]);
-    let wid = w["id"].as_str().unwrap();
-    app.cli_json(&[
-        "user",
-        "add-member",
-        "--email",
-        "owner@example.com",
-        "--workspace",
-        "acme",
-        "--role",
-        "owner",
-    ]);
-    let owner = signed_in(&app, "owner@example.com").await;
-    let csrf = csrf_of(&page(&app, &owner, "/app/w/acme/members", 200).await);
-    // A new member with an initial password.
-    let res =
-        post(&app, &owner, &csrf, "/app/w/acme/members", &[("email", "new@example.com"), ("role", "member")])
-            .await;
-    let (status, html) = text(res).await;
-    assert_eq!(status, 422);
-    assert!(html.contains("give an initial password") && html.contains("value=\"new@example.com\""));
-    let res = post(
-        &app,
-        &owner,
-        &csrf,
-        "/app/w/acme/members",
-        &[("email", "new@example.com"), ("role", "member"), ("initial_password", "welcome aboard friend")],
-    )
-    .await;
-    assert_eq!(location(&res), "/app/w/acme/members?notice=member_added");
+    let (wid, owner, csrf) = acme_with_owner(&app).await;
+    let wid = wid.as_str();
+    // A new member joins through an invitation.
+    let url = invite(&app, &owner, &csrf, "new@example.com", "member").await;
     let newbie = browser();
-    assert_eq!(
-        sign_in_with(&app, &newbie, "new@example.com", "welcome aboard friend", "").await.status(),
-        303
-    );
+    create_account_through(&newbie, &url, "welcome aboard friend").await;
     let html = page(&app, &newbie, "/app/w/acme/members", 200).await;
     assert!(html.contains("owner@example.com") && !html.contains("Save member"), "members cannot manage");
     // The last owner cannot be removed.

@@ -165,21 +165,8 @@ pub async fn login(
     let previous = read_cookie(&headers, session_cookie_name(&state));
     match users::sign_in(&state, email, &password, &ip, previous).await? {
         SignIn::Success(s) => {
-            use secrecy::ExposeSecret;
             let to = safe_next(next).unwrap_or_else(|| "/app".into());
-            let mut res = see_other(&to);
-            let h = res.headers_mut();
-            h.append(
-                header::SET_COOKIE,
-                cookie(
-                    &state,
-                    session_cookie_name(&state),
-                    Some(s.token.expose_secret()),
-                    SESSION_ABSOLUTE_MS / 1000,
-                ),
-            );
-            h.append(header::SET_COOKIE, cookie(&state, login_cookie_name(&state), None, 0));
-            Ok(res)
+            Ok(signed_in_to(&state, &to, &s))
         }
         SignIn::Invalid => Ok(login_page(
             &state,
@@ -200,6 +187,25 @@ pub async fn login(
             None,
         )),
     }
+}
+
+/// A 303 to `to` for a browser whose new session is `new`: its cookie set, the pre-sign-in
+/// cookie cleared.
+pub(super) fn signed_in_to(state: &AppState, to: &str, new: &users::NewSession) -> Response {
+    use secrecy::ExposeSecret;
+    let mut res = see_other(to);
+    let h = res.headers_mut();
+    h.append(
+        header::SET_COOKIE,
+        cookie(
+            state,
+            session_cookie_name(state),
+            Some(new.token.expose_secret()),
+            SESSION_ABSOLUTE_MS / 1000,
+        ),
+    );
+    h.append(header::SET_COOKIE, cookie(state, login_cookie_name(state), None, 0));
+    res
 }
 
 /// `POST /app/logout`: ends the session and clears the cookie.

@@ -25,6 +25,7 @@ mod assets;
 mod auth;
 /// The connection list and detail pages.
 mod connections;
+mod invite;
 /// Link pages: list, create, detail, QR code, revoke and rotate.
 mod links;
 /// Workspace settings: members, branding, API keys.
@@ -91,6 +92,8 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/app/w/{slug}/api-keys/{id}/revoke", post(settings::revoke_api_key))
         .route("/app/w/{slug}/members", get(settings::members).post(settings::add_member))
         .route("/app/w/{slug}/members/{user_id}/remove", post(settings::remove_member))
+        .route("/app/w/{slug}/invitations/{id}/revoke", post(settings::revoke_invitation))
+        .route("/app/invite/{token}", get(invite::show).post(invite::answer))
         .route("/app/w/{slug}/branding", get(settings::branding).post(settings::save_branding))
         .route("/app/w/{slug}/webhooks", get(webhooks::list).post(webhooks::create))
         .route("/app/w/{slug}/webhooks/{id}", get(webhooks::show))
@@ -256,7 +259,7 @@ pub async fn guard_posts(State(state): State<AppState>, req: Request, next: Next
     let presented = pairs.iter().find(|(k, _)| k == "csrf").map(|(_, v)| v.as_str()).unwrap_or("");
     // The pre-sign-in cookie stands behind the sign-in form only: every other form is bound to
     // the session, so that a cookie planted before sign-in cannot vouch for it.
-    let pre_sign_in = parts.uri.path() == "/app/login";
+    let pre_sign_in = parts.uri.path() == "/app/login" || parts.uri.path().starts_with("/app/invite/");
     let candidates = [
         read_cookie(&parts.headers, session_cookie_name(&state)),
         read_cookie(&parts.headers, login_cookie_name(&state)).filter(|_| pre_sign_in),
@@ -264,7 +267,7 @@ pub async fn guard_posts(State(state): State<AppState>, req: Request, next: Next
     let valid = !presented.is_empty() && candidates.iter().flatten().any(|t| csrf_matches(t, presented));
     if !valid {
         tracing::warn!(
-            path = %parts.uri.path(),
+            path = %crate::http::loggable_path(parts.uri.path()),
             token_present = !presented.is_empty(),
             "dashboard post refused: missing or invalid CSRF token"
         );
@@ -541,6 +544,8 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "key_revoked" => "API key revoked.",
         "member_added" => "Member saved.",
         "member_removed" => "Member removed.",
+        "invitation_revoked" => "Invitation withdrawn: its link no longer works.",
+        "invitation_accepted" => "Welcome: you have joined this workspace.",
         "branding_saved" => "Branding saved.",
         "workspace_created" => "Workspace created.",
         "password_changed" => "Password changed. Your other sessions were signed out.",

@@ -9,11 +9,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 
 use super::{
-    Ctx, DashResult, FormData, FormErrors, Layout, ListParams, Ws, fmt_opt, fmt_time, is_blank, layout,
-    render, require_owner, secret, see_other, workspace,
+    Ctx, DashResult, FormData, FormErrors, Layout, ListParams, Ws, fmt_opt, fmt_time, layout, render,
+    require_owner, see_other, workspace,
 };
 use crate::domain;
 use crate::service::api_keys::{self, ApiKeyView, CreatedApiKey, NewApiKey};
+use crate::service::invitations::{self, Added};
 use crate::service::users::{self, MemberView};
 use crate::service::workspaces::{self, Branding, WorkspaceUpdate};
 use crate::state::AppState;
@@ -152,12 +153,28 @@ struct MemberRow {
     is_me: bool,
 }
 
+/// A pending invitation as listed.
+struct InvitationRow {
+    id: String,
+    email: String,
+    role: String,
+    expires: String,
+}
+
+/// An invitation just made: its link, shown once.
+struct NewInvitation {
+    email: String,
+    url: String,
+}
+
 #[derive(Template)]
 #[template(path = "dashboard/members.html")]
 struct MembersPage {
     l: Layout,
     slug: String,
     members: Vec<MemberRow>,
+    invitations: Vec<InvitationRow>,
+    invited: Option<NewInvitation>,
     can_manage: bool,
     email: String,
     role: String,
@@ -170,10 +187,22 @@ async fn members_page(
     ws: &Ws,
     status: StatusCode,
     (email, role, errors): (String, String, FormErrors),
-    notice: Option<&str>,
+    (invited, notice): (Option<NewInvitation>, Option<&str>),
 ) -> DashResult {
     let members: Vec<MemberView> = users::members(state, &ws.row.id).await?;
+    // Members see who is in the workspace; owners also see who is invited.
+    let pending = if ws.can_manage() { invitations::pending(state, &ws.row.id).await? } else { Vec::new() };
     let page = MembersPage {
+        invitations: pending
+            .into_iter()
+            .map(|i| InvitationRow {
+                id: i.id,
+                email: i.email,
+                role: i.role,
+                expires: fmt_time(i.expires_at),
+            })
+            .collect(),
+        invited,
         l: layout(state, ctx, Some(ws), "members", notice).await?,
         slug: ws.row.slug.clone(),
         members: members
@@ -204,10 +233,11 @@ pub async fn members(
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
     let blank = (String::new(), "member".to_string(), FormErrors::default());
-    members_page(&state, &ctx, &ws, StatusCode::OK, blank, q.notice.as_deref()).await
+    members_page(&state, &ctx, &ws, StatusCode::OK, blank, (None, q.notice.as_deref())).await
 }
 
-/// `POST /app/w/{slug}/members`: adds a member or changes a member's role (owners and admins).
+/// `POST /app/w/{slug}/members`: changes a member's role, or invites the address (owners and
+/// admins). The answer does not tell whether an account uses the address.
 pub async fn add_member(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -218,16 +248,44 @@ pub async fn add_member(
     require_owner(&ws)?;
     let email = form.get("email").to_string();
     let role = form.get("role").to_string();
-    let password = secret(&form, "initial_password");
-    let password = (!is_blank(&password)).then_some(&password);
-    match users::add_member(&state, &ctx.actor, &ws.row.id, &email, &role, password).await {
-        Ok(_) => Ok(see_other(&format!("/app/w/{}/members?notice=member_added", ws.row.slug))),
+    match invitations::add(&state, &ctx.actor, &ws.row.id, &email, &role).await {
+        Ok(Added::RoleChanged(_)) => {
+            Ok(see_other(&format!("/app/w/{}/members?notice=member_added", ws.row.slug)))
+        }
+        Ok(Added::Invited { invitation, token }) => {
+            use secrecy::ExposeSecret;
+            let invited = NewInvitation {
+                email: invitation.email,
+                url: state.config.public(&format!("/app/invite/{}", token.expose_secret())),
+            };
+            let blank = (String::new(), "member".to_string(), FormErrors::default());
+            members_page(&state, &ctx, &ws, StatusCode::CREATED, blank, (Some(invited), None)).await
+        }
         Err(e) => {
             let errors = FormErrors::from_service(e)?;
-            members_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, (email, role, errors), None)
-                .await
+            members_page(
+                &state,
+                &ctx,
+                &ws,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                (email, role, errors),
+                (None, None),
+            )
+            .await
         }
     }
+}
+
+/// `POST /app/w/{slug}/invitations/{id}/revoke` (owners and admins).
+pub async fn revoke_invitation(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    require_owner(&ws)?;
+    invitations::revoke(&state, &ctx.actor, &ws.row.id, &id).await?;
+    Ok(see_other(&format!("/app/w/{}/members?notice=invitation_revoked", ws.row.slug)))
 }
 
 /// `POST /app/w/{slug}/members/{user_id}/remove` (owners and admins).

@@ -319,6 +319,8 @@ const KNOWN_ACTIONS: &[&str] = &[
     "api_key.revoked",
     "workspace.created",
     "workspace.updated",
+    "member.invited",
+    "invitation.revoked",
     "member.added",
     "member.role_changed",
     "member.removed",
