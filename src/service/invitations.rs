@@ -186,7 +186,7 @@ pub enum Ended {
 pub struct Pending {
     /// The invitation.
     pub row: InvitationRow,
-    /// The workspace's name.
+    /// The workspace's name (as the dashboard shows it).
     pub workspace_name: String,
     /// The workspace's slug.
     pub workspace_slug: String,
@@ -232,8 +232,12 @@ pub async fn open(app: &App, token: &str) -> ServiceResult<Opened> {
         return Ok(Opened::Unknown);
     };
     let account_exists = db::users::get_by_email(&mut conn, &row.email_normalized).await?.is_some();
-    let workspace_name = ws.display_name.clone().unwrap_or_else(|| ws.name.clone());
-    Ok(Opened::Pending(Box::new(Pending { row, workspace_name, workspace_slug: ws.slug, account_exists })))
+    Ok(Opened::Pending(Box::new(Pending {
+        row,
+        workspace_name: ws.name,
+        workspace_slug: ws.slug,
+        account_exists,
+    })))
 }
 
 /// Why an invitation could not be accepted.

@@ -9,8 +9,9 @@
 // the client in a separate browser context with a phone-sized viewport; connects a sandbox TikTok
 // account; sees the success page; sees the connection in the dashboard; breaks it through the
 // sandbox control API and the health check; sees it marked broken with its repair link; repairs it
-// through the same link. It fails on any console error, page error, CSP violation or request to
-// another origin. Screenshots of each page go to test-artifacts/browser/ (not committed).
+// through the same link; invites a member, who joins with an account of their own. It fails on
+// any console error, page error, CSP violation or request to another origin. Screenshots of each
+// page go to test-artifacts/browser/ (not committed).
 //
 // Environment: AUTHLINK_BIN (required), AUTHLINK_CHROMIUM (default /usr/bin/chromium),
 // AUTHLINK_ARTIFACTS (default <repo>/test-artifacts/browser).
@@ -34,6 +35,8 @@ const ARTIFACTS = process.env.AUTHLINK_ARTIFACTS || path.join(root, 'test-artifa
 const SUITE_TIMEOUT_MS = 240_000;
 const ADMIN_EMAIL = 'admin@example.com';
 const ADMIN_PASSWORD = 'correct horse battery staple';
+const MEMBER_EMAIL = 'newbie@example.com';
+const MEMBER_PASSWORD = 'a password of my own';
 const TIKTOK_ACCOUNT = 'sbx-oid-creator-0001';
 const TIKTOK_HANDLE = 'sandbox.creator';
 
@@ -321,7 +324,36 @@ async function run() {
     assert.equal(gone.status(), 410);
     log('link revoked after confirmation');
 
-    // 10. The phone-sized dashboard, and signing out.
+    // 10. Invite a member: the link is shown once and copied; the invitee, in a browser of their
+    // own, creates the account with a password of their own and lands in the workspace.
+    await dash.goto(`${base}/app/w/acme-social/members`);
+    await dash.getByLabel('Email').fill(MEMBER_EMAIL);
+    await dash.getByRole('button', { name: 'Invite or save role' }).click();
+    await expectText(dash, `Invitation for ${MEMBER_EMAIL}`);
+    const inviteUrl = await dash.locator('#invite-url').inputValue();
+    assert.match(inviteUrl, new RegExp(`^${base}/app/invite/[A-Za-z0-9_-]{43}$`));
+    await dash.getByRole('button', { name: 'Copy link' }).click();
+    await expectText(dash, 'Copied.');
+    assert.equal(await dash.evaluate(() => navigator.clipboard.readText()), inviteUrl, 'the copy button copies the invitation');
+    await shot(dash, 'member-invited');
+    const invitee = await newContext(browser, base, { who: 'invitee', viewport: { width: 390, height: 844 }, isMobile: true });
+    const joining = await invitee.newPage();
+    await joining.goto(inviteUrl);
+    await expectText(joining, 'Join Acme Social');
+    await expectText(joining, 'Create your account');
+    await joining.getByLabel('Password', { exact: true }).fill(MEMBER_PASSWORD);
+    await joining.getByLabel('Password again').fill(MEMBER_PASSWORD);
+    await shot(joining, 'invitation-create-account');
+    await joining.getByRole('button', { name: 'Create account and join' }).click();
+    await joining.waitForURL(`${base}/app/w/acme-social?notice=invitation_accepted`);
+    await expectText(joining, 'you have joined this workspace');
+    await shot(joining, 'invitation-accepted');
+    await dash.goto(`${base}/app/w/acme-social/members`);
+    await dash.locator('.item', { hasText: MEMBER_EMAIL }).locator('.badge', { hasText: 'member' }).waitFor();
+    await invitee.close();
+    log('a member invited, and joined with an account of their own');
+
+    // 11. The phone-sized dashboard, and signing out.
     const small = await newContext(browser, base, { who: 'agency-phone', viewport: { width: 390, height: 844 }, isMobile: true });
     const mobile = await small.newPage();
     await mobile.goto(`${base}/app/login`);

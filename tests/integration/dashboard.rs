@@ -1613,6 +1613,8 @@ async fn hostile_input_never_breaks_a_page(app: TestApp) {
         "/app/w/acme/api-keys".to_string(),
         "/app/w/acme/members".to_string(),
         format!("/app/w/acme/members/{member_id}/remove"),
+        format!("/app/w/acme/invitations/{member_id}/revoke"),
+        format!("/app/invite/{}", "A".repeat(43)),
         "/app/w/acme/branding".to_string(),
         "/app/w/acme/webhooks".to_string(),
         "/app/account/password".to_string(),
