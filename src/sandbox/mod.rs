@@ -109,6 +109,13 @@
 //!   settings does; tokens live on, the next refresh reports the smaller `scope`, and user-info
 //!   fields that needed them answer `scope_not_authorized`. `user.info.basic` cannot be
 //!   withdrawn (400). Answers `{"grants": n}` (how many changed); 404 for an unknown account.
+//! - `POST /control/tiktok/grants` `{"count": n, "scopes": [..]}` (1 ≤ n ≤ 20,000): grants for
+//!   synthetic accounts `sbx-oid-bulk-<k>`, as if n users had authorised the app, for load and
+//!   concurrency tests; their profile calls answer with a synthetic profile (`sandbox.bulk.<k>`).
+//!   Answers `{"grants": [{open_id, access_token, refresh_token, expires_in, refresh_expires_in,
+//!   scope}]}`.
+//! - `GET  /control/tiktok/live-refresh-tokens`: `{"sha256": [..]}` of every refresh token that
+//!   still works.
 //! - `POST /control/clock/advance` `{"seconds": n}` (n ≥ 0): moves the shared clock. Answers
 //!   `{"now": "<RFC 3339>", "now_unix": n}`.
 

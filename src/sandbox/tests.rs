@@ -709,6 +709,27 @@ async fn tiktok_scopes_withdrawn_show_in_the_next_refresh() {
     assert_eq!(body["grants"], 0);
 }
 
+#[tokio::test]
+async fn tiktok_bulk_grants_have_profiles_and_refresh() {
+    let h = start().await;
+    let (status, body) = h.control("/tiktok/grants", json!({ "count": 2 })).await;
+    assert_eq!(status, 200);
+    let grants = body["grants"].as_array().unwrap();
+    assert_eq!(grants.len(), 2);
+    for g in grants {
+        let open_id = g["open_id"].as_str().unwrap();
+        let n = open_id.strip_prefix("sbx-oid-bulk-").unwrap();
+        let access = SecretString::from(g["access_token"].as_str().unwrap().to_string());
+        let profile = h.tiktok.fetch_profile(&access).await.unwrap();
+        assert_eq!(profile.account_id, open_id);
+        assert_eq!(profile.username.as_deref(), Some(format!("sandbox.bulk.{n}").as_str()));
+        assert_eq!(profile.display_name.as_deref(), Some(format!("Sandbox Bulk {n}").as_str()));
+        let refresh = SecretString::from(g["refresh_token"].as_str().unwrap().to_string());
+        let refreshed = h.tiktok.refresh(&refresh, h.now()).await.unwrap();
+        assert_eq!(refreshed.account_id.as_deref(), Some(open_id));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Instagram.
 // ---------------------------------------------------------------------------------------------

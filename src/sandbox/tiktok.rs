@@ -108,8 +108,42 @@ pub(super) fn unwithdrawable(scope: &str) -> Option<String> {
     }
 }
 
+/// One of the accounts the consent page offers.
 fn account(open_id: &str) -> Option<&'static TikTokAccount> {
     TIKTOK_ACCOUNTS.iter().find(|a| a.open_id == open_id)
+}
+
+/// The profile of an account the sandbox knows: one of [`TIKTOK_ACCOUNTS`], or a synthetic one
+/// for the grants minted in bulk by the control API (`sbx-oid-bulk-<n>`), so that their health
+/// checks and profile calls work like any other's.
+fn profile(open_id: &str) -> Option<Profile> {
+    if let Some(a) = account(open_id) {
+        return Some(Profile {
+            open_id: a.open_id.into(),
+            union_id: a.union_id.into(),
+            username: a.username.into(),
+            display_name: a.display_name.into(),
+            followers: a.followers,
+        });
+    }
+    let n: u64 = open_id.strip_prefix("sbx-oid-bulk-")?.parse().ok()?;
+    Some(Profile {
+        open_id: open_id.into(),
+        union_id: format!("sbx-uid-bulk-{n}"),
+        username: format!("sandbox.bulk.{n}"),
+        display_name: format!("Sandbox Bulk {n}"),
+        followers: n % 10_000,
+    })
+}
+
+/// What the user-info endpoint tells of an account.
+#[derive(Debug, Clone)]
+struct Profile {
+    open_id: String,
+    union_id: String,
+    username: String,
+    display_name: String,
+    followers: u64,
 }
 
 /// The simulated provider's state.
@@ -840,7 +874,7 @@ pub(super) async fn user_info(
         );
     }
     let mut user = Map::new();
-    let Some(acct) = account(&open_id) else {
+    let Some(acct) = profile(&open_id) else {
         return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Unknown account.", now);
     };
     for field in &fields {
@@ -860,7 +894,7 @@ pub(super) async fn user_info(
                 now,
             );
         }
-        user.insert(field.clone(), field_value(&sb, acct, field));
+        user.insert(field.clone(), field_value(&sb, &acct, field));
     }
     json(
         StatusCode::OK,
@@ -868,17 +902,17 @@ pub(super) async fn user_info(
     )
 }
 
-fn field_value(sb: &Sandbox, a: &TikTokAccount, field: &str) -> Value {
+fn field_value(sb: &Sandbox, a: &Profile, field: &str) -> Value {
     let avatar = format!("{}/sandbox/avatars/{}.svg", sb.public_base, a.username.replace('.', "-"));
     match field {
-        "open_id" => a.open_id.into(),
-        "union_id" => a.union_id.into(),
+        "open_id" => a.open_id.as_str().into(),
+        "union_id" => a.union_id.as_str().into(),
         "avatar_url" | "avatar_url_100" | "avatar_large_url" => avatar.into(),
-        "display_name" => a.display_name.into(),
+        "display_name" => a.display_name.as_str().into(),
         "bio_description" => format!("{} (authlink sandbox account)", a.display_name).into(),
         "profile_deep_link" => format!("https://www.tiktok.com/@{}", a.username).into(),
         "is_verified" => false.into(),
-        "username" => a.username.into(),
+        "username" => a.username.as_str().into(),
         "follower_count" => a.followers.into(),
         "following_count" => 42.into(),
         "likes_count" => (a.followers * 7).into(),
