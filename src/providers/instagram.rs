@@ -312,6 +312,7 @@ pub(super) fn parse_profile(
         display_name: text("name"),
         avatar_url: text("profile_picture_url"),
         app_scoped_id: me.get("id").and_then(id_string),
+        withheld_scopes: Vec::new(),
     })
 }
 

@@ -54,6 +54,10 @@ pub struct Profile {
     pub avatar_url: Option<String>,
     /// Instagram's app-scoped id (`/me` `id`), used by deauthorization callbacks.
     pub app_scoped_id: Option<String>,
+    /// Scopes the provider said the token lacks while the profile was read: TikTok refused the
+    /// fields of `user.info.profile` (`scope_not_authorized`), and the basic ones were read
+    /// instead.
+    pub withheld_scopes: Vec<String>,
 }
 
 /// How a provider call failed, classified for the caller.

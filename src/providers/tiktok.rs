@@ -29,6 +29,8 @@ use crate::config::Config;
 
 /// The profile fields asked for; `username` needs `user.info.profile`.
 const PROFILE_FIELDS: &str = "open_id,union_id,avatar_url,display_name,username";
+/// The scope `username` needs.
+const PROFILE_SCOPE: &str = "user.info.profile";
 /// The fields covered by `user.info.basic` alone, asked for when the grant lacks
 /// `user.info.profile` (a partial grant).
 const BASIC_PROFILE_FIELDS: &str = "open_id,union_id,avatar_url,display_name";
@@ -141,10 +143,14 @@ impl TikTok {
 
     /// Fetches the profile (§2.7). `username` needs `user.info.profile`; when TikTok answers that a
     /// scope is missing (a partial grant), the profile is fetched again with the basic fields only,
-    /// so a connection is not lost for want of a handle.
+    /// so a connection is not lost for want of a handle, and `withheld_scopes` says so.
     pub async fn fetch_profile(&self, access_token: &SecretString) -> Result<Profile, ProviderError> {
         match self.fetch_user(access_token, PROFILE_FIELDS).await {
-            Err(ProviderError::Scope { .. }) => self.fetch_user(access_token, BASIC_PROFILE_FIELDS).await,
+            Err(ProviderError::Scope { .. }) => {
+                let mut profile = self.fetch_user(access_token, BASIC_PROFILE_FIELDS).await?;
+                profile.withheld_scopes = vec![PROFILE_SCOPE.to_string()];
+                Ok(profile)
+            }
             other => other,
         }
     }
@@ -292,6 +298,7 @@ pub(super) fn parse_user_info(
         display_name: text("display_name"),
         avatar_url: text("avatar_url"),
         app_scoped_id: None,
+        withheld_scopes: Vec::new(),
     })
 }
 

@@ -689,10 +689,9 @@ async fn tiktok_scopes_withdrawn_show_in_the_next_refresh() {
         .control("/tiktok/accounts/nobody/withdraw-scopes", json!({ "scopes": ["user.info.profile"] }))
         .await;
     assert_eq!(status, 404);
-    assert_eq!(
-        h.tiktok.fetch_profile(&tokens.access_token).await.unwrap().username.as_deref(),
-        Some(TIKTOK_ACCOUNTS[0].username)
-    );
+    let whole = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
+    assert_eq!(whole.username.as_deref(), Some(TIKTOK_ACCOUNTS[0].username));
+    assert!(whole.withheld_scopes.is_empty());
 
     let (status, body) = h.control(&path, json!({ "scopes": ["user.info.profile"] })).await;
     assert_eq!(status, 200);
@@ -701,6 +700,7 @@ async fn tiktok_scopes_withdrawn_show_in_the_next_refresh() {
     let profile = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
     assert_eq!(profile.account_id, open_id);
     assert_eq!(profile.username, None);
+    assert_eq!(profile.withheld_scopes, ["user.info.profile"], "the adapter says what was withheld");
     // The refresh reports the smaller grant.
     let refreshed = h.tiktok.refresh(tokens.refresh_token.as_ref().unwrap(), h.now()).await.unwrap();
     assert_eq!(refreshed.scopes, ["user.info.basic"]);

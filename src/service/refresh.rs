@@ -572,6 +572,16 @@ impl ScopeChange {
         Some(Self { now: reported.join(","), lost, lost_required, gained, note })
     }
 
+    /// The status reason of a connection broken by the change (it lost a required scope).
+    pub fn broken_reason(&self, platform: Platform) -> String {
+        format!(
+            "{} no longer grants {}, which this workspace requires; the client must reconnect through the link \
+             and allow it again.",
+            platform.display_name(),
+            self.lost_required.join(", ")
+        )
+    }
+
     /// The history entry's words.
     pub fn detail(&self, platform: Platform) -> String {
         let mut parts = Vec::new();
@@ -683,31 +693,12 @@ async fn store_refreshed(
     if let Some(change) = scope_change {
         // The grant changed at the provider (a client unticking a permission in the app's
         // settings): the new scopes are stored with the tokens, which work for what is left.
-        let detail = change.detail(platform);
-        tracing::info!(connection_id = %row.id, provider = %platform, lost = ?change.lost, gained = ?change.gained, "granted scopes changed at a refresh");
-        db::connections::set_attempt_detail(&mut tx, attempt_id, &detail).await?;
-        db::connections::insert_event(
-            &mut tx,
-            &connections::event(row, "scopes_changed", Some(detail.clone()), now),
-        )
-        .await?;
-        if !change.lost_required.is_empty() {
-            let mut broken = row.clone();
-            let reason = format!(
-                "{} no longer grants {}, which this workspace requires; the client must reconnect through the link \
-                 and allow it again.",
-                platform.display_name(),
-                change.lost_required.join(", ")
-            );
-            let marked =
-                connections::mark_broken_if_unchanged(&mut tx, app, &mut broken, &reason, now).await?;
-            let outcome = refusal_outcome(&mut tx, marked, &row.id, reason).await?;
+        db::connections::set_attempt_detail(&mut tx, attempt_id, &change.detail(platform)).await?;
+        let mut changed = row.clone();
+        if let Some(broken) = store_scope_change(&mut tx, app, &mut changed, change, platform, now).await? {
             tx.commit().await?;
-            return Ok(outcome);
+            return Ok(broken);
         }
-        db::connections::update(&mut tx, row).await?;
-        let data = connections::event_data(&mut tx, app, row, Some(&detail)).await?;
-        webhooks::emit(&mut tx, app, now, &row.workspace_id, "connection.scopes_changed", data).await?;
     }
     if previous_failures >= REFRESH_FAILED_THRESHOLD {
         db::connections::insert_event(
@@ -907,7 +898,8 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
             row.next_check_at = Some(schedule_check(app, now, false));
             row.updated_at = now;
             let mut tx = app.db.begin_write().await?;
-            // Only the profile columns change here; tokens were not touched.
+            // Only the profile columns change here (and the scopes, if the provider withheld one
+            // the grant held); tokens were not touched.
             let current = db::connections::get(&mut tx, &row.id).await?;
             if let Some(mut current) = current {
                 current.username = row.username.clone();
@@ -916,7 +908,26 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
                 current.last_checked_at = row.last_checked_at;
                 current.next_check_at = row.next_check_at;
                 current.updated_at = now;
-                db::connections::update(&mut tx, &current).await?;
+                let held = connections::split_scopes(&current.scopes);
+                let left: Vec<String> =
+                    held.iter().filter(|s| !profile.withheld_scopes.contains(s)).cloned().collect();
+                let change = ScopeChange::between(
+                    &current.scopes,
+                    &left,
+                    &app.config.providers.required_scopes(platform),
+                    provider.scopes(),
+                );
+                match change {
+                    Some(change) => {
+                        if let Some(broken) =
+                            store_scope_change(&mut tx, app, &mut current, &change, platform, now).await?
+                        {
+                            tx.commit().await?;
+                            return Ok(Checked::Done(broken));
+                        }
+                    }
+                    None => db::connections::update(&mut tx, &current).await?,
+                }
                 row = current;
             }
             tx.commit().await?;
@@ -954,6 +965,35 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
             Ok(Checked::Done(Outcome::Transient(reason)))
         }
     }
+}
+
+/// Writes `row` after a refresh or a health check found its grant changed (`change`): the
+/// smaller grant and its status reason, a `scopes_changed` history entry, and either the
+/// connection broken (a required scope is gone: the outcome returned) or
+/// `connection.scopes_changed`.
+async fn store_scope_change(
+    tx: &mut sqlx::AnyConnection,
+    app: &App,
+    row: &mut ConnectionRow,
+    change: &ScopeChange,
+    platform: Platform,
+    now: i64,
+) -> ServiceResult<Option<Outcome>> {
+    row.scopes.clone_from(&change.now);
+    row.status_reason.clone_from(&change.note);
+    let detail = change.detail(platform);
+    tracing::info!(connection_id = %row.id, provider = %platform, lost = ?change.lost, gained = ?change.gained, "granted scopes changed");
+    db::connections::insert_event(tx, &connections::event(row, "scopes_changed", Some(detail.clone()), now))
+        .await?;
+    if !change.lost_required.is_empty() {
+        let reason = change.broken_reason(platform);
+        let marked = connections::mark_broken_if_unchanged(tx, app, row, &reason, now).await?;
+        return Ok(Some(refusal_outcome(tx, marked, &row.id, reason).await?));
+    }
+    db::connections::update(tx, row).await?;
+    let data = connections::event_data(tx, app, row, Some(&detail)).await?;
+    webhooks::emit(tx, app, now, &row.workspace_id, "connection.scopes_changed", data).await?;
+    Ok(None)
 }
 
 /// Announces `connection.expiring` for grants that run out soon (once per grant).

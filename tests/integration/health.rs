@@ -26,6 +26,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
         permanent_failure_breaks_once_and_link_repairs,
         withdrawn_scopes_are_noticed_at_refresh,
+        withheld_profile_scope_is_noticed_on_a_health_check,
         health_check_catches_revocation,
         instagram_token_is_refreshed_after_a_day,
         instagram_deauthorize_and_data_deletion,
@@ -796,6 +797,69 @@ async fn withdrawn_scopes_are_noticed_at_refresh(app: TestApp) {
     assert_eq!(c["scopes"], json!(["user.info.basic", "user.info.profile", "video.list"]));
     assert!(c["status_reason"].is_null());
     assert_eq!(c["reconnect_count"], 1);
+    restarted.run().await;
+}
+
+/// A health check that finds TikTok refusing the profile fields of `user.info.profile` (the client
+/// switched that permission off) notices the smaller grant without waiting for the next refresh:
+/// required, the connection breaks; optional, it stays active with the new scopes and a status
+/// reason, and keeps the handle it had.
+async fn withheld_profile_scope_is_noticed_on_a_health_check(app: TestApp) {
+    let wid = app.workspace("Withheld");
+    let key = app.workspace_key(&wid);
+    let receiver = Receiver::start().await;
+    add_endpoint(&app, &key, &receiver.url, Some(vec!["connection.scopes_changed", "connection.broken"]))
+        .await;
+    let (_, url) = app.link(&wid, "Client");
+    let [first, second, _] = authlink::sandbox::TIKTOK_ACCOUNTS;
+    // Required by default: broken at the check.
+    connect(&app.client, &app, &url, "tiktok", first.open_id).await;
+    let id = connection_id(&app, &key).await;
+    let ok = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(ok["outcome"], "current");
+    app.sandbox(
+        &format!("/tiktok/accounts/{}/withdraw-scopes", first.open_id),
+        json!({"scopes": ["user.info.profile"]}),
+    )
+    .await;
+    let out = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(out["outcome"], "broken", "{out}");
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "broken");
+    assert_eq!(c["scopes"], json!(["user.info.basic"]));
+    assert!(c["status_reason"].as_str().unwrap().contains("no longer grants user.info.profile"), "{c}");
+    receiver.wait_for(1, 20).await;
+    assert_eq!(receiver.types(), vec!["connection.broken"]);
+
+    // Optional: still active, the handle kept.
+    let (app, restarted) =
+        app.restart_with(&[("AUTHLINK_PROVIDERS__TIKTOK__REQUIRED_SCOPES", "[user.info.basic]")]).await;
+    connect(&app.client, &app, &url, "tiktok", second.open_id).await;
+    let list = app.api_get("/connections?status=active", &key, 200).await;
+    let id = list["data"][0]["id"].as_str().unwrap().to_string();
+    app.sandbox(
+        &format!("/tiktok/accounts/{}/withdraw-scopes", second.open_id),
+        json!({"scopes": ["user.info.profile"]}),
+    )
+    .await;
+    let out = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(out["outcome"], "current", "{out}");
+    let c = &out["connection"];
+    assert_eq!(c["status"], "active");
+    assert_eq!(c["scopes"], json!(["user.info.basic"]));
+    assert_eq!(c["status_reason"], "Granted without user.info.profile.");
+    assert_eq!(c["username"], second.username, "the handle is kept");
+    let shown = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    let kinds: Vec<&str> =
+        shown["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["created", "scopes_changed"], "{shown}");
+    receiver.wait_for(2, 20).await;
+    assert_eq!(receiver.types(), vec!["connection.broken", "connection.scopes_changed"]);
+    // A second check finds nothing more to change.
+    let again = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(again["connection"]["status"], "active");
+    let shown = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(shown["events"].as_array().unwrap().len(), 2, "{shown}");
     restarted.run().await;
 }
 
