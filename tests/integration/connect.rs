@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use authlink::sandbox::{INSTAGRAM_ACCOUNTS, TIKTOK_ACCOUNTS};
 
-use crate::helpers::{TestApp, token_of};
+use crate::helpers::{TestApp, assert_nowhere, token_of};
 use crate::tests;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
@@ -507,6 +507,7 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
 async fn provider_failures(app: TestApp) {
     let wid = app.workspace("Failures");
     let (_, url) = app.link(&wid, "Client");
+    let mut spent = Vec::new();
     for (provider, endpoint, kind, status) in [
         ("tiktok", "token", "invalid_grant", 502),
         ("tiktok", "token", "server_error", 504),
@@ -527,12 +528,23 @@ async fn provider_failures(app: TestApp) {
         .await;
         let flow =
             start_and_consent(&app.client, &app, &url, provider, &account(provider, 0), "allow", None).await;
+        let callback = url::Url::parse(flow.callback.split('#').next().unwrap()).unwrap();
+        for (k, v) in callback.query_pairs() {
+            if k == "code" || k == "state" {
+                spent.push((format!("{provider} {k} ({endpoint} {kind})"), v.into_owned()));
+            }
+        }
         let page = finish(&app.client, &app, &flow.callback).await;
         assert_eq!(page.status().as_u16(), status, "{provider} {endpoint} {kind}");
         let html = page.text().await.unwrap();
         assert!(html.contains("Nothing was connected"), "{provider} {endpoint} {kind}: {html}");
         assert!(html.contains("Try again"));
         assert_nothing_connected(&app).await;
+    }
+    // The failures are logged (the code exchange's among them) without the code or the state.
+    assert_eq!(spent.len(), 22, "a code and a state per flow: {spent:?}");
+    for (what, secret) in &spent {
+        assert_nowhere(&app, what, secret).await;
     }
 }
 
