@@ -94,12 +94,23 @@ impl Receiver {
 
     /// Waits until at least `n` requests arrived (or fails after `secs`).
     pub async fn wait_for(&self, n: usize, secs: u64) -> Vec<Received> {
+        self.wait_until(n, secs, |got| got.len()).await
+    }
+
+    /// Waits until at least `n` distinct messages (by `webhook-id`) arrived (or fails after
+    /// `secs`). Delivery is at least once: a test that moves the clock past a delivery in flight
+    /// lets its claim run out, and the message may come a second time, with the same id.
+    pub async fn wait_for_messages(&self, n: usize, secs: u64) -> Vec<Received> {
+        self.wait_until(n, secs, |got| distinct(got).len()).await
+    }
+
+    async fn wait_until(&self, n: usize, secs: u64, count: impl Fn(&[Received]) -> usize) -> Vec<Received> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
         loop {
             let notified = self.notify.notified();
             {
                 let got = self.got.lock().unwrap();
-                if got.len() >= n {
+                if count(&got) >= n {
                     return got.clone();
                 }
             }
@@ -107,22 +118,27 @@ impl Receiver {
                 let got = self.got.lock().unwrap();
                 panic!(
                     "expected {n} webhook requests, got {}: {:?}",
-                    got.len(),
+                    count(&got),
                     got.iter().map(|r| r.body.clone()).collect::<Vec<_>>()
                 );
             }
         }
     }
 
-    /// The event types received so far.
+    /// The event types of the distinct messages received so far (by `webhook-id`), in the order
+    /// they first arrived.
     pub fn types(&self) -> Vec<String> {
-        self.got
-            .lock()
-            .unwrap()
+        distinct(&self.got.lock().unwrap())
             .iter()
             .map(|r| serde_json::from_str::<Value>(&r.body).unwrap()["type"].as_str().unwrap().to_string())
             .collect()
     }
+}
+
+/// The first arrival of each message (by `webhook-id`).
+fn distinct(got: &[Received]) -> Vec<&Received> {
+    let mut seen = std::collections::HashSet::new();
+    got.iter().filter(|r| seen.insert(r.headers.get("webhook-id").cloned().unwrap_or_default())).collect()
 }
 
 /// Waits until `cond` holds for the value `probe` produces (state owned by another process).
@@ -477,7 +493,7 @@ async fn transient_refresh_failures_recover(app: TestApp) {
     })
     .await;
     assert_eq!(recovered["status"], "active");
-    receiver.wait_for(2, 20).await;
+    receiver.wait_for_messages(2, 20).await;
     assert_eq!(receiver.types(), vec!["connection.refresh_failed", "connection.recovered"]);
     let kinds: Vec<String> = recovered["events"]
         .as_array()
@@ -706,7 +722,7 @@ async fn permanent_failure_breaks_once_and_link_repairs(app: TestApp) {
     // The client repairs it through the same link.
     app.sandbox("/tiktok/reset", json!({})).await;
     connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
-    receiver.wait_for(2, 20).await;
+    receiver.wait_for_messages(2, 20).await;
     assert_eq!(receiver.types(), vec!["connection.broken", "connection.reconnected"]);
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "active");
@@ -754,7 +770,7 @@ async fn withdrawn_scopes_are_noticed_at_refresh(app: TestApp) {
     assert_eq!(c["status"], "active");
     assert_eq!(c["scopes"], json!(["user.info.basic", "user.info.profile"]));
     assert_eq!(c["status_reason"], "Granted without video.list.");
-    let got = receiver.wait_for(1, 20).await;
+    let got = receiver.wait_for_messages(1, 20).await;
     assert_eq!(receiver.types(), vec!["connection.scopes_changed"]);
     let body: Value = serde_json::from_str(&got[0].body).unwrap();
     assert_eq!(body["data"]["id"], id.as_str(), "{body}");
@@ -787,7 +803,7 @@ async fn withdrawn_scopes_are_noticed_at_refresh(app: TestApp) {
         ["created", "refreshed", "refreshed", "scopes_changed", "refreshed", "scopes_changed", "broken"],
         "{c}"
     );
-    receiver.wait_for(2, 20).await;
+    receiver.wait_for_messages(2, 20).await;
     assert_eq!(receiver.types(), vec!["connection.scopes_changed", "connection.broken"]);
 
     // The client repairs it through the same link, granting everything again.
@@ -828,7 +844,7 @@ async fn withheld_profile_scope_is_noticed_on_a_health_check(app: TestApp) {
     assert_eq!(c["status"], "broken");
     assert_eq!(c["scopes"], json!(["user.info.basic"]));
     assert!(c["status_reason"].as_str().unwrap().contains("no longer grants user.info.profile"), "{c}");
-    receiver.wait_for(1, 20).await;
+    receiver.wait_for_messages(1, 20).await;
     assert_eq!(receiver.types(), vec!["connection.broken"]);
 
     // Optional: still active, the handle kept.
@@ -853,7 +869,7 @@ async fn withheld_profile_scope_is_noticed_on_a_health_check(app: TestApp) {
     let kinds: Vec<&str> =
         shown["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds, ["created", "scopes_changed"], "{shown}");
-    receiver.wait_for(2, 20).await;
+    receiver.wait_for_messages(2, 20).await;
     assert_eq!(receiver.types(), vec!["connection.broken", "connection.scopes_changed"]);
     // A second check finds nothing more to change.
     let again = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
