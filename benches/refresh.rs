@@ -279,7 +279,10 @@ async fn main() {
     let plan: Vec<(String,)> = sqlx::query_as(&format!(
         "EXPLAIN UPDATE refresh_schedule SET lease_owner = 'bench', lease_until = {now_ms} + 60000 \
          WHERE connection_id = ANY(ARRAY(SELECT connection_id FROM refresh_schedule WHERE next_refresh_at <= {now_ms} \
-         AND (lease_until IS NULL OR lease_until < {now_ms}) ORDER BY next_refresh_at LIMIT 200 FOR UPDATE SKIP LOCKED)) \
+         AND (lease_until IS NULL OR lease_until < {now_ms}) \
+         AND EXISTS (SELECT 1 FROM connections c WHERE c.id = refresh_schedule.connection_id \
+           AND ',tiktok,instagram,' LIKE '%,' || c.provider || ',%') \
+         ORDER BY next_refresh_at LIMIT 200 FOR UPDATE SKIP LOCKED)) \
          RETURNING connection_id"
     ))
     .fetch_all(&mut conn)

@@ -1108,7 +1108,7 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
             });
         }
         ConnectionCommand::Refresh { id } => {
-            connections::get_row(&app, &Scope::Admin, &id).await?;
+            connections::get_active_row(&app, &Scope::Admin, &id).await?;
             let words = match service::refresh::refresh_requested(&app, &id).await? {
                 service::refresh::Requested::Done(outcome) => outcome_words(outcome),
                 service::refresh::Requested::NotYet { message, .. } => ("too_early", Some(message)),
@@ -1116,7 +1116,7 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
             run_outcome(&app, json, &id, words, "connection.refresh_requested").await?;
         }
         ConnectionCommand::Check { id } => {
-            connections::get_row(&app, &Scope::Admin, &id).await?;
+            connections::get_active_row(&app, &Scope::Admin, &id).await?;
             let outcome = service::refresh::check(&app, &id).await?;
             run_outcome(&app, json, &id, outcome_words(outcome), "connection.check_requested").await?;
         }

@@ -214,6 +214,8 @@ pub struct Indexed {
 impl Indexed {
     /// Every indexed column.
     pub const ALL: Self = Self { link_id: true, username: true, status: true };
+    /// None of them (the caller changed none).
+    pub const NONE: Self = Self { link_id: false, username: false, status: false };
 }
 
 /// [`update`], writing of the indexed columns only those `indexed` names; the others keep their
@@ -233,6 +235,36 @@ pub async fn update_if_unchanged(
     status: &str,
 ) -> DbResult<bool> {
     write_row(conn, c, Indexed::ALL, Some((generation, status))).await
+}
+
+/// Breaks a connection whose tokens and status are still `generation` and `status` (as the
+/// caller read them, before asking the provider): writes only the status, its reason, the
+/// cleared schedules and `updated_at`, so that every other column stays as whoever wrote it
+/// last left it. Returns whether it was written; the caller runs it in a transaction (it is two
+/// statements).
+pub async fn set_broken_if_unchanged(
+    conn: &mut impl Exec,
+    id: &str,
+    reason: &str,
+    now_ms: i64,
+    generation: i64,
+    status: &str,
+) -> DbResult<bool> {
+    let s = stmt!(
+        "UPDATE connections SET status = 'broken', status_reason = $2, next_check_at = NULL, updated_at = $3 \
+         WHERE id = $1 AND token_generation = $4 AND status = $5",
+        id,
+        reason,
+        now_ms,
+        generation,
+        status
+    );
+    if conn.execute(&s).await? == 0 {
+        return Ok(false);
+    }
+    let s = stmt!("UPDATE refresh_schedule SET next_refresh_at = NULL WHERE connection_id = $1", id);
+    conn.execute(&s).await?;
+    Ok(true)
 }
 
 /// Marks an expiry announcement as made, once: only if none was made for this grant (and its
@@ -320,6 +352,23 @@ async fn write_row(
 pub async fn get(conn: &mut impl Exec, id: &str) -> DbResult<Option<ConnectionRow>> {
     static SQL: LazyLock<String> = LazyLock::new(|| format!("SELECT {COLUMNS} FROM {FROM} WHERE id = $1"));
     conn.fetch_optional(&stmt!(&SQL, id)).await
+}
+
+/// [`get`] in a write transaction that will update the row: on PostgreSQL the row is locked
+/// (`FOR UPDATE`) until the transaction ends, so that a writer that read it here cannot undo
+/// another's change made between its read and its write (a refresh on another instance, say);
+/// SQLite's write transactions already run one at a time.
+pub async fn get_for_update(
+    conn: &mut impl Exec,
+    backend: super::Backend,
+    id: &str,
+) -> DbResult<Option<ConnectionRow>> {
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("SELECT {COLUMNS} FROM {FROM} WHERE id = $1 FOR UPDATE OF connections"));
+    match backend {
+        super::Backend::Postgres => conn.fetch_optional(&stmt!(&SQL, id)).await,
+        super::Backend::Sqlite => get(conn, id).await,
+    }
 }
 
 /// The connection of one provider account in one workspace.
@@ -504,10 +553,12 @@ pub async fn lease_state(
     .await?)
 }
 
-/// Claims up to `limit` active connections whose refresh is due and whose lease is free, for
-/// `owner`, and returns their ids. On PostgreSQL rows locked by a concurrent claimer are
-/// skipped (`FOR UPDATE SKIP LOCKED`); on SQLite the caller runs this inside an immediate
-/// transaction, which serialises claimers.
+/// Claims up to `limit` active connections whose refresh is due and whose lease is free, of the
+/// providers named in `providers` (comma-separated: those this process serves; the others stay
+/// due for a process that serves them, and never fill a batch here), for `owner`, and returns
+/// their ids. On PostgreSQL rows locked by a concurrent claimer are skipped (`FOR UPDATE SKIP
+/// LOCKED`); on SQLite the caller runs this inside an immediate transaction, which serialises
+/// claimers.
 pub async fn claim_due_refreshes(
     conn: &mut AnyConnection,
     backend: super::Backend,
@@ -515,13 +566,17 @@ pub async fn claim_due_refreshes(
     now_ms: i64,
     until_ms: i64,
     limit: i64,
+    providers: &str,
 ) -> DbResult<Vec<String>> {
     // `next_refresh_at` is set only for active connections (see `stored_next_refresh`).
     let ids = super::claimed_ids(
         backend,
         "connection_id",
         "SELECT connection_id FROM refresh_schedule WHERE next_refresh_at <= $3 \
-         AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_refresh_at LIMIT $4",
+         AND (lease_until IS NULL OR lease_until < $3) \
+         AND EXISTS (SELECT 1 FROM connections c WHERE c.id = refresh_schedule.connection_id \
+           AND ',' || $5 || ',' LIKE '%,' || c.provider || ',%') \
+         ORDER BY next_refresh_at LIMIT $4",
     );
     let rows: Vec<(String,)> = sqlx::query_as(&format!(
         "UPDATE refresh_schedule SET lease_owner = $1, lease_until = $2 WHERE {ids} RETURNING connection_id"
@@ -530,6 +585,7 @@ pub async fn claim_due_refreshes(
     .bind(until_ms)
     .bind(now_ms)
     .bind(limit)
+    .bind(providers)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
@@ -545,6 +601,21 @@ pub async fn due_checks(conn: &mut AnyConnection, now_ms: i64, limit: i64) -> Db
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// Takes a due health check for this process: moves it to `next_ms` only if it is still due at
+/// `now_ms`, so that of several processes that found it due, one runs it. Returns whether this
+/// call took it.
+pub async fn claim_check(conn: &mut AnyConnection, id: &str, now_ms: i64, next_ms: i64) -> DbResult<bool> {
+    let done = sqlx::query(
+        "UPDATE connections SET next_check_at = $2 WHERE id = $1 AND status = 'active' AND next_check_at <= $3",
+    )
+    .bind(id)
+    .bind(next_ms)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Moves a connection's next health check.
@@ -580,14 +651,20 @@ pub async fn expiring(
     .await?)
 }
 
-/// Active Instagram-style connections by the provider's app-scoped id (deauthorization).
-pub async fn by_app_scoped_id(
+/// Active Instagram-style connections by the provider's app-scoped id (deauthorization), in a
+/// write transaction that will update them (locked on PostgreSQL, as [`get_for_update`]).
+pub async fn by_app_scoped_id_for_update(
     conn: &mut AnyConnection,
+    backend: super::Backend,
     provider: &str,
     app_scoped_id: &str,
 ) -> DbResult<Vec<ConnectionRow>> {
+    let lock = match backend {
+        super::Backend::Postgres => " ORDER BY id FOR UPDATE OF connections",
+        super::Backend::Sqlite => "",
+    };
     Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM {FROM} WHERE provider = $1 AND (app_scoped_id = $2 OR provider_account_id = $2)"
+        "SELECT {COLUMNS} FROM {FROM} WHERE provider = $1 AND (app_scoped_id = $2 OR provider_account_id = $2){lock}"
     ))
     .bind(provider)
     .bind(app_scoped_id)

@@ -693,4 +693,81 @@ mod tests {
         drop(conn);
         assert_eq!(stored().await.expiring_notified_at, Some(10));
     }
+
+    /// The scheduler claims only due refreshes of the providers it serves (others never fill its
+    /// batches); breaking a connection read before the provider answered writes only what
+    /// breaking changes, and not at all once its tokens changed; a due health check is taken by
+    /// one caller.
+    #[tokio::test]
+    async fn claims_and_breaks_touch_only_what_they_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_link(&dir).await;
+        let instagram = ConnectionRow {
+            id: "c2".into(),
+            provider: "instagram".into(),
+            provider_account_id: "other".into(),
+            next_refresh_at: Some(30),
+            ..connection()
+        };
+        let mut tx = db.begin_write().await.unwrap();
+        connections::insert(&mut *tx, &ConnectionRow { expiring_notified_at: None, ..connection() })
+            .await
+            .unwrap();
+        connections::insert(&mut *tx, &instagram).await.unwrap();
+        tx.commit().await.unwrap();
+        let backend = db.backend();
+        // Both due; Instagram's the older, but this process serves TikTok only.
+        let mut conn = db.writer().await.unwrap();
+        let claimed =
+            connections::claim_due_refreshes(&mut conn, backend, "me", 100, 1000, 1, "tiktok").await.unwrap();
+        assert_eq!(claimed, ["c1"]);
+        let claimed =
+            connections::claim_due_refreshes(&mut conn, backend, "other", 100, 1000, 5, "instagram,tiktok")
+                .await
+                .unwrap();
+        assert_eq!(claimed, ["c2"], "c1 is leased");
+        drop(conn);
+
+        let stored = || async {
+            let mut conn = db.read().await.unwrap();
+            connections::get(&mut conn, "c1").await.unwrap().unwrap()
+        };
+        let read = stored().await;
+        // Meanwhile an announcement is made and a check moves the schedule.
+        let mut conn = db.writer().await.unwrap();
+        assert!(
+            connections::mark_expiring_notified(&mut *conn, "c1", read.token_generation, 60).await.unwrap()
+        );
+        assert!(connections::claim_check(&mut conn, "c1", 100, 500).await.unwrap());
+        assert!(!connections::claim_check(&mut conn, "c1", 100, 600).await.unwrap(), "taken once");
+        drop(conn);
+        let mut tx = db.begin_write().await.unwrap();
+        let written =
+            connections::set_broken_if_unchanged(&mut *tx, "c1", "gone", 70, read.token_generation, "active")
+                .await
+                .unwrap();
+        tx.commit().await.unwrap();
+        assert!(written);
+        let now = stored().await;
+        assert_eq!((now.status.as_str(), now.status_reason.as_deref()), ("broken", Some("gone")));
+        assert_eq!((now.next_refresh_at, now.next_check_at), (None, None));
+        assert_eq!(now.expiring_notified_at, Some(60), "another writer's column is kept");
+        assert_eq!(now.access_token_sealed, read.access_token_sealed);
+        // Not over newer tokens, nor twice.
+        let mut tx = db.begin_write().await.unwrap();
+        let again = connections::set_broken_if_unchanged(
+            &mut *tx,
+            "c1",
+            "again",
+            80,
+            read.token_generation,
+            "active",
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert!(!again);
+        assert_eq!(stored().await.status_reason.as_deref(), Some("gone"));
+        db.close().await;
+    }
 }

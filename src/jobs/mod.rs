@@ -97,14 +97,16 @@ async fn check_loop(state: AppState, mut stop: watch::Receiver<bool>) {
         match due {
             Ok(ids) => {
                 for id in ids {
-                    // Move the check first so another process does not take the same one.
-                    let moved = async {
+                    // Move the check first, only if it is still due: of several processes that
+                    // found it due, the one that moves it runs it.
+                    let taken = async {
                         let mut conn = state.db.writer().await?;
-                        let next = refresh::schedule_check(&state, state.now_ms(), false);
-                        crate::db::connections::set_next_check(&mut conn, &id, next).await
+                        let now = state.now_ms();
+                        let next = refresh::schedule_check(&state, now, false);
+                        crate::db::connections::claim_check(&mut conn, &id, now, next).await
                     }
                     .await;
-                    if moved.is_err() {
+                    if !matches!(taken, Ok(true)) {
                         continue;
                     }
                     if let Err(e) = refresh::check(&state, &id).await {

@@ -205,6 +205,21 @@ impl Provider {
         }
     }
 
+    /// Fetches the account's profile and checks the grant with it (a health check): the profile,
+    /// with `withheld_scopes` naming the scopes of `granted` the provider now refuses, where its
+    /// profile call can tell (TikTok's `user.info.profile` and `user.info.stats`; Instagram's
+    /// needs only the basic scope, so it names none).
+    pub async fn check_profile(
+        &self,
+        access_token: &SecretString,
+        granted: &[String],
+    ) -> Result<Profile, ProviderError> {
+        match self {
+            Provider::Tiktok(p) => p.check_profile(access_token, granted).await,
+            Provider::Instagram(p) => p.fetch_profile(access_token).await,
+        }
+    }
+
     /// Refreshes: TikTok with the refresh token (which rotates), Instagram by refreshing the
     /// long-lived access token itself.
     pub async fn refresh(

@@ -34,6 +34,9 @@ const PROFILE_SCOPE: &str = "user.info.profile";
 /// The fields covered by `user.info.basic` alone, asked for when the grant lacks
 /// `user.info.profile` (a partial grant).
 const BASIC_PROFILE_FIELDS: &str = "open_id,union_id,avatar_url,display_name";
+/// The scopes beyond `user.info.basic` whose withdrawal the user-info call can show, each with
+/// a field only it covers (§2.7). A health check asks for the fields of those the grant holds.
+const PROBED_SCOPES: [(&str, &str); 2] = [(PROFILE_SCOPE, "username"), ("user.info.stats", "follower_count")];
 
 /// The TikTok adapter.
 #[derive(Debug, Clone)]
@@ -153,6 +156,51 @@ impl TikTok {
             }
             other => other,
         }
+    }
+
+    /// Fetches the profile and checks the grant with it (a health check): asks as well for a field
+    /// of each scope in `granted` that the user-info call can show (`user.info.profile`,
+    /// `user.info.stats`). When TikTok refuses them, each such scope is asked for alone to learn
+    /// which the user withdrew; `withheld_scopes` names those.
+    pub async fn check_profile(
+        &self,
+        access_token: &SecretString,
+        granted: &[String],
+    ) -> Result<Profile, ProviderError> {
+        let probes: Vec<(&str, &str)> =
+            PROBED_SCOPES.into_iter().filter(|(scope, _)| granted.iter().any(|g| g == scope)).collect();
+        let fields = |extra: &[(&str, &str)]| {
+            extra.iter().fold(BASIC_PROFILE_FIELDS.to_string(), |all, (_, field)| format!("{all},{field}"))
+        };
+        let refused = match self.fetch_user(access_token, &fields(&probes)).await {
+            Err(refused @ ProviderError::Scope { .. }) if !probes.is_empty() => refused,
+            other => return other,
+        };
+        let mut withheld = Vec::new();
+        let mut profile: Option<Profile> = None;
+        if probes.len() == 1 {
+            withheld.push(probes[0].0.to_string());
+        } else {
+            for probe in &probes {
+                match self.fetch_user(access_token, &fields(&[*probe])).await {
+                    // The answer with the handle is the one kept.
+                    Ok(p) if profile.as_ref().is_none_or(|kept| kept.username.is_none()) => profile = Some(p),
+                    Ok(_) => {}
+                    Err(ProviderError::Scope { .. }) => withheld.push(probe.0.to_string()),
+                    Err(e) => return Err(e),
+                }
+            }
+            if withheld.is_empty() {
+                // Each scope answers alone but not together: nothing to name; the refusal stands.
+                return Err(refused);
+            }
+        }
+        let mut profile = match profile {
+            Some(p) => p,
+            None => self.fetch_user(access_token, BASIC_PROFILE_FIELDS).await?,
+        };
+        profile.withheld_scopes = withheld;
+        Ok(profile)
     }
 
     async fn fetch_user(&self, access_token: &SecretString, fields: &str) -> Result<Profile, ProviderError> {

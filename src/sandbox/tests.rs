@@ -102,17 +102,15 @@ struct Harness {
     instagram: Instagram,
 }
 
-async fn start_with(control_api: bool) -> Harness {
+async fn start_with(control_api: bool, settings: &[(&str, &str)]) -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let config = Config::load_from(
-        None,
-        &[
-            ("AUTHLINK_PUBLIC_URL".into(), base.clone()),
-            ("AUTHLINK_SANDBOX__CONTROL_API".into(), control_api.to_string()),
-        ],
-    )
-    .unwrap();
+    let mut env = vec![
+        ("AUTHLINK_PUBLIC_URL".to_string(), base.clone()),
+        ("AUTHLINK_SANDBOX__CONTROL_API".to_string(), control_api.to_string()),
+    ];
+    env.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let config = Config::load_from(None, &env).unwrap();
     let clock = SystemClock::shared();
     let sandbox = Arc::new(Sandbox::new(&config, Arc::clone(&clock)));
     let app = Router::new().nest("/sandbox", sandbox.router());
@@ -124,7 +122,7 @@ async fn start_with(control_api: bool) -> Harness {
 }
 
 async fn start() -> Harness {
-    start_with(true).await
+    start_with(true, &[]).await
 }
 
 /// What the consent form POST answered.
@@ -707,6 +705,42 @@ async fn tiktok_scopes_withdrawn_show_in_the_next_refresh() {
     // Withdrawing again changes no grant.
     let (_, body) = h.control(&path, json!({ "scopes": ["user.info.profile"] })).await;
     assert_eq!(body["grants"], 0);
+}
+
+/// A health check's profile call names each withdrawn scope it can see, `user.info.stats`
+/// included, asking for each alone only when TikTok refuses them together.
+#[tokio::test]
+async fn tiktok_profile_check_names_each_withdrawn_scope() {
+    let scopes = "[user.info.basic,user.info.profile,user.info.stats]";
+    let h = start_with(true, &[("AUTHLINK_PROVIDERS__TIKTOK__SCOPES", scopes)]).await;
+    let verifier = pkce::new_verifier();
+    let code = h.tiktok_code(&verifier).await;
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &h.tiktok_redirect(), h.now()).await.unwrap();
+    assert_eq!(tokens.scopes, ["user.info.basic", "user.info.profile", "user.info.stats"]);
+    let granted = tokens.scopes.clone();
+    let account = TIKTOK_ACCOUNTS[0];
+    let path = format!("/tiktok/accounts/{}/withdraw-scopes", account.open_id);
+    let whole = h.tiktok.check_profile(&tokens.access_token, &granted).await.unwrap();
+    assert_eq!(whole.username.as_deref(), Some(account.username));
+    assert!(whole.withheld_scopes.is_empty());
+
+    assert_eq!(h.control(&path, json!({ "scopes": ["user.info.stats"] })).await.0, 200);
+    let checked = h.tiktok.check_profile(&tokens.access_token, &granted).await.unwrap();
+    assert_eq!(checked.withheld_scopes, ["user.info.stats"]);
+    assert_eq!(checked.username.as_deref(), Some(account.username), "the handle is still read");
+    // The connect flow's profile call does not ask for stats, so it cannot see this.
+    assert!(h.tiktok.fetch_profile(&tokens.access_token).await.unwrap().withheld_scopes.is_empty());
+    // A grant without stats is not asked about them.
+    let without: Vec<String> = granted.iter().filter(|s| *s != "user.info.stats").cloned().collect();
+    let fine = h.tiktok.check_profile(&tokens.access_token, &without).await.unwrap();
+    assert!(fine.withheld_scopes.is_empty());
+
+    assert_eq!(h.control(&path, json!({ "scopes": ["user.info.profile"] })).await.0, 200);
+    let checked = h.tiktok.check_profile(&tokens.access_token, &granted).await.unwrap();
+    assert_eq!(checked.withheld_scopes, ["user.info.profile", "user.info.stats"]);
+    assert_eq!(checked.account_id, account.open_id);
+    assert_eq!(checked.username, None);
+    assert_eq!(checked.display_name.as_deref(), Some(account.display_name));
 }
 
 #[tokio::test]
@@ -1366,7 +1400,7 @@ async fn debug_output_holds_no_tokens() {
 
 #[tokio::test]
 async fn control_api_is_absent_unless_enabled() {
-    let h = start_with(false).await;
+    let h = start_with(false, &[]).await;
     assert!(!h.sandbox.control_api_enabled());
     let (status, _) = h.control("/tiktok/scenario", json!({ "deny_all": true })).await;
     assert_eq!(status, 404);

@@ -90,15 +90,11 @@ pub async fn list(
     before: Option<&str>,
     limit: i64,
 ) -> ServiceResult<Vec<AuditEntryView>> {
-    let workspace = match (scope, workspace_id) {
-        (Scope::Admin, w) => w,
-        (Scope::Workspace(own), Some(w)) if w != own => return Ok(Vec::new()),
-        (Scope::Workspace(own), _) => Some(own.as_str()),
-    };
     let mut conn = app.db.read().await?;
+    let workspace = scope.listing_workspace(&mut conn, workspace_id).await?;
     let rows = db::audit::list(
         &mut conn,
-        &AuditFilter { workspace_id: workspace, action, target_id, before },
+        &AuditFilter { workspace_id: workspace.as_deref(), action, target_id, before },
         limit,
     )
     .await?;

@@ -113,7 +113,12 @@ pub struct ConnectionView {
 /// An event in a connection's history.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ConnectionEventView {
-    /// `created`, `reconnected`, `refreshed`, `broken`, `disconnected`.
+    /// What happened: `created`, `reconnected`, `refreshed`, `refresh_failed` (three failures in
+    /// a row, still retried), `recovered` (refreshed after those), `refresh_interrupted` (an
+    /// earlier attempt never finished), `scopes_changed`, `expiring` (the grant runs out within a
+    /// week), `broken`, `disconnected`, `data_deleted` (the account holder asked the provider to
+    /// delete their data).
+    #[schema(example = "refreshed")]
     pub kind: String,
     /// Readable detail.
     pub detail: Option<String>,
@@ -558,12 +563,34 @@ pub async fn of_link(app: &App, link_id: &str) -> ServiceResult<Vec<ConnectionRo
     .await?)
 }
 
+/// One connection `scope` may see, which must be active: a refresh or health check asked for
+/// by hand of a broken or disconnected one is refused (409) with its status and reason, as a
+/// token read is, instead of answering that there was nothing to do.
+pub async fn get_active_row(app: &App, scope: &Scope, id: &str) -> ServiceResult<ConnectionRow> {
+    let row = get_row(app, scope, id).await?;
+    refuse_inactive(&row)?;
+    Ok(row)
+}
+
+/// Refuses (409, with its status and reason) a connection that is not active.
+fn refuse_inactive(row: &ConnectionRow) -> ServiceResult<()> {
+    let status = ConnectionStatus::parse(&row.status);
+    if status != ConnectionStatus::Active {
+        return Err(ServiceError::Conflict(format!(
+            "the connection is {}: {}",
+            status.as_str(),
+            row.status_reason.as_deref().unwrap_or("the client must reconnect through a link")
+        )));
+    }
+    Ok(())
+}
+
 /// Disconnects: revokes the grant at the provider where the provider offers revocation, then
 /// marks the connection disconnected and erases its tokens.
 pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<ConnectionView> {
     let lock = super::refresh::connection_lock(id);
     let _guard = lock.lock().await;
-    let mut row = get_row(app, scope, id).await?;
+    let row = get_row(app, scope, id).await?;
     if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
         return Ok(view(&row));
     }
@@ -582,6 +609,15 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
         }
     }
     let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    // The row as it stands now (locked): a refresh or reconnect by another process while the
+    // provider was asked must not come back from the copy read before.
+    let mut row = db::connections::get_for_update(&mut tx, app.db.backend(), &row.id)
+        .await?
+        .ok_or(ServiceError::NotFound("connection"))?;
+    if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
+        return Ok(view(&row));
+    }
     row.status = ConnectionStatus::Disconnected.as_str().into();
     row.status_reason = Some(format!("Disconnected by the agency ({revoked_note})."));
     row.access_token_sealed = None;
@@ -592,7 +628,6 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
     row.next_refresh_at = None;
     row.next_check_at = None;
     row.updated_at = now;
-    let mut tx = app.db.begin_write().await?;
     db::connections::update(&mut tx, &row).await?;
     db::connections::insert_event(&mut tx, &event(&row, "disconnected", Some(revoked_note.clone()), now))
         .await?;
@@ -651,14 +686,7 @@ pub async fn access_token(
             return Err(ServiceError::Conflict(format!("the connection is broken: {reason}")));
         }
     };
-    let status = ConnectionStatus::parse(&row.status);
-    if status != ConnectionStatus::Active {
-        return Err(ServiceError::Conflict(format!(
-            "the connection is {}: {}",
-            status.as_str(),
-            row.status_reason.as_deref().unwrap_or("the client must reconnect through a link")
-        )));
-    }
+    refuse_inactive(&row)?;
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
     let sealed = row
         .access_token_sealed
@@ -730,7 +758,12 @@ async fn mark_broken(
     row.next_check_at = None;
     row.updated_at = now;
     if guarded {
-        if !db::connections::update_if_unchanged(tx, row, read_generation, &read_status).await? {
+        // Only the columns breaking changes: the copy read before the provider was asked may be
+        // stale in others (an expiry announcement, a health check's profile) that stay as stored.
+        let written =
+            db::connections::set_broken_if_unchanged(tx, &row.id, reason, now, read_generation, &read_status)
+                .await?;
+        if !written {
             tracing::info!(connection_id = %row.id, "connection changed meanwhile; not marked broken");
             return Ok(false);
         }

@@ -87,25 +87,22 @@ impl Scope {
         }
     }
 
-    /// The workspace a listing is limited to: the caller's own, or for admins the one asked for
-    /// (none: every workspace). Asking for another workspace, or one that does not exist, is
-    /// "not found".
+    /// The workspace a listing is limited to, by id: the caller's own, or for admins the one
+    /// asked for (none: every workspace). The one asked for may be named by id or slug, as
+    /// everywhere else. Asking for another workspace, or one that does not exist, is "not found".
     pub async fn listing_workspace(
         &self,
         conn: &mut sqlx::AnyConnection,
         requested: Option<&str>,
     ) -> ServiceResult<Option<String>> {
-        let workspace = match (self, requested) {
-            (Scope::Admin, w) => w.map(str::to_string),
-            (Scope::Workspace(own), Some(w)) if w != own => return Err(ServiceError::NotFound("workspace")),
-            (Scope::Workspace(own), _) => Some(own.clone()),
+        let Some(requested) = requested else {
+            return Ok(self.workspace().map(str::to_string));
         };
-        if let Some(w) = &workspace {
-            if crate::db::workspaces::get(conn, w).await?.is_none() {
-                return Err(ServiceError::NotFound("workspace"));
-            }
+        let found = crate::db::workspaces::get_by_id_or_slug(conn, requested).await?;
+        match found {
+            Some(w) if self.allows(&w.id) => Ok(Some(w.id)),
+            _ => Err(ServiceError::NotFound("workspace")),
         }
-        Ok(workspace)
     }
 
     /// The workspace a listing is limited to, if any.

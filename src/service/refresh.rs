@@ -37,7 +37,7 @@ use secrecy::SecretString;
 use super::connections::{self, ConnectionStatus, access_aad, refresh_aad};
 use super::{Actor, ServiceError, ServiceResult, audit, webhooks};
 use crate::clock::to_millis;
-use crate::db::connections::{AttemptRow, ConnectionRow};
+use crate::db::connections::{AttemptRow, ConnectionRow, Indexed};
 use crate::db::{self, new_id};
 use crate::domain::Platform;
 use crate::providers::{Provider, ProviderError};
@@ -207,7 +207,23 @@ async fn refresh_step(
         let leased =
             db::connections::try_lease(&mut *app.db.writer().await?, id, owner, now, now + lease).await?;
         if leased {
-            return run_leased(app, row, owner, cause).await;
+            // Read again under the lease: the row read before it may predate a refresh another
+            // process finished (and gave its lease back) in between, whose rotated token this one
+            // must not send again, and the lease's end bounds how long the result may be retried.
+            let mut conn = app.db.read().await?;
+            let fresh = db::connections::get(&mut conn, id).await?;
+            drop(conn);
+            match fresh {
+                Some(fresh)
+                    if fresh.token_generation == row.token_generation
+                        && ConnectionStatus::parse(&fresh.status) == ConnectionStatus::Active =>
+                {
+                    return run_leased(app, fresh, owner, cause).await;
+                }
+                // Changed meanwhile: give the lease back and look again.
+                _ => db::connections::release_lease(&mut *app.db.writer().await?, id, owner).await?,
+            }
+            continue;
         }
         // Another process is refreshing: wait for its result instead of starting another.
         if tokio::time::Instant::now() > deadline {
@@ -595,6 +611,19 @@ impl ScopeChange {
     }
 }
 
+/// The connection as it stands now, read in the write transaction `tx` and locked there, if its
+/// tokens and status are still those of `row` (read before the provider was asked): a writer
+/// that then changes only its own columns on it leaves every other writer's changes as they
+/// are. `None` when it changed meanwhile (refreshed, reconnected, disconnected) or is gone.
+async fn locked_if_unchanged(
+    tx: &mut sqlx::AnyConnection,
+    app: &App,
+    row: &ConnectionRow,
+) -> ServiceResult<Option<ConnectionRow>> {
+    let current = db::connections::get_for_update(tx, app.db.backend(), &row.id).await?;
+    Ok(current.filter(|c| c.token_generation == row.token_generation && c.status == row.status))
+}
+
 /// How long after the provider refused to refresh a token that still works the refresh is tried
 /// again (ms).
 const NOT_YET_RETRY_MS: i64 = 6 * 3_600_000;
@@ -610,12 +639,15 @@ async fn finish_not_yet(
     message: String,
 ) -> ServiceResult<Step> {
     let now = app.now_ms();
-    row.next_refresh_at = Some(retry_at.max(now + 60_000));
-    row.updated_at = now;
     let mut tx = app.db.begin_write().await?;
-    // Not over a row changed while the provider was asked (a reconnect, a disconnect).
-    let (generation, status) = (row.token_generation, row.status.clone());
-    db::connections::update_if_unchanged(&mut tx, row, generation, &status).await?;
+    // Not over a row changed while the provider was asked (a reconnect, a disconnect); and only
+    // the schedule, on the row as it stands now.
+    if let Some(mut current) = locked_if_unchanged(&mut tx, app, row).await? {
+        current.next_refresh_at = Some(retry_at.max(now + 60_000));
+        current.updated_at = now;
+        db::connections::update_changed(&mut tx, &current, Indexed::NONE).await?;
+        *row = current;
+    }
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
     let interrupted =
         db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "deferred", Some(&message), now)
@@ -729,15 +761,23 @@ async fn finish_transient(
     platform: Platform,
 ) -> ServiceResult<Step> {
     let now = app.now_ms();
-    row.refresh_failures += 1;
-    let wait = backoff(row.refresh_failures, retry_after);
-    row.next_refresh_at = Some(now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2));
-    row.updated_at = now;
     let mut tx = app.db.begin_write().await?;
     // Not over a row changed while the provider was asked (a reconnect, a disconnect): its new
-    // state stands, and the failure is not counted against it.
-    let (generation, status) = (row.token_generation, row.status.clone());
-    let written = db::connections::update_if_unchanged(&mut tx, row, generation, &status).await?;
+    // state stands, and the failure is not counted against it. Otherwise the failure is counted
+    // on the row as it stands now, and only the count and the schedule are written.
+    let mut wait = backoff(row.refresh_failures + 1, retry_after);
+    let written = match locked_if_unchanged(&mut tx, app, row).await? {
+        Some(mut current) => {
+            current.refresh_failures += 1;
+            wait = backoff(current.refresh_failures, retry_after);
+            current.next_refresh_at = Some(now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2));
+            current.updated_at = now;
+            db::connections::update_changed(&mut tx, &current, Indexed::NONE).await?;
+            *row = current;
+            true
+        }
+        None => false,
+    };
     db::connections::release_lease(&mut tx, &row.id, owner).await?;
     let interrupted =
         db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "transient", Some(reason), now)
@@ -887,7 +927,7 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
         return Ok(Checked::Done(Outcome::Current(Box::new(row))));
     };
     let token = app.keys.open_str(sealed, access_aad(&row.workspace_id, &row.id))?;
-    let result = provider.fetch_profile(&token).await;
+    let result = provider.check_profile(&token, &connections::split_scopes(&row.scopes)).await;
     let now = app.now_ms();
     match result {
         Ok(profile) => {
@@ -900,7 +940,7 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
             let mut tx = app.db.begin_write().await?;
             // Only the profile columns change here (and the scopes, if the provider withheld one
             // the grant held); tokens were not touched.
-            let current = db::connections::get(&mut tx, &row.id).await?;
+            let current = db::connections::get_for_update(&mut tx, app.db.backend(), &row.id).await?;
             if let Some(mut current) = current {
                 current.username = row.username.clone();
                 current.display_name = row.display_name.clone();
@@ -926,7 +966,10 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
                             return Ok(Checked::Done(broken));
                         }
                     }
-                    None => db::connections::update(&mut tx, &current).await?,
+                    None => {
+                        let indexed = Indexed { username: true, ..Indexed::NONE };
+                        db::connections::update_changed(&mut tx, &current, indexed).await?;
+                    }
                 }
                 row = current;
             }
@@ -979,18 +1022,24 @@ async fn store_scope_change(
     platform: Platform,
     now: i64,
 ) -> ServiceResult<Option<Outcome>> {
+    // On the row as it stands now (locked): the caller's copy may predate another writer's change.
+    if let Some(current) = db::connections::get_for_update(tx, app.db.backend(), &row.id).await? {
+        *row = current;
+    }
     row.scopes.clone_from(&change.now);
     row.status_reason.clone_from(&change.note);
+    row.updated_at = now;
     let detail = change.detail(platform);
     tracing::info!(connection_id = %row.id, provider = %platform, lost = ?change.lost, gained = ?change.gained, "granted scopes changed");
     db::connections::insert_event(tx, &connections::event(row, "scopes_changed", Some(detail.clone()), now))
         .await?;
     if !change.lost_required.is_empty() {
+        db::connections::update_changed(tx, row, Indexed::NONE).await?;
         let reason = change.broken_reason(platform);
         let marked = connections::mark_broken_if_unchanged(tx, app, row, &reason, now).await?;
         return Ok(Some(refusal_outcome(tx, marked, &row.id, reason).await?));
     }
-    db::connections::update(tx, row).await?;
+    db::connections::update_changed(tx, row, Indexed::NONE).await?;
     let data = connections::event_data(tx, app, row, Some(&detail)).await?;
     webhooks::emit(tx, app, now, &row.workspace_id, "connection.scopes_changed", data).await?;
     Ok(None)
@@ -1058,6 +1107,7 @@ pub async fn claim_batch(app: &App) -> ServiceResult<Vec<String>> {
         now,
         now + lease,
         i64::from(app.config.jobs.refresh_batch),
+        app.providers.enabled_names(),
     )
     .await?;
     tx.commit().await?;

@@ -456,6 +456,8 @@ pub async fn remove(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
     let mut row = locked_row(app, &mut tx, scope, id).await?;
     row.enabled = 0;
     row.disabled_reason = Some("Removed.".into());
+    // The answer shows the events it was subscribed to, not the stored marker of removal.
+    let view = EndpointView::from(&row);
     row.events = EndpointRow::REMOVED.into();
     row.updated_at = now;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
@@ -472,7 +474,7 @@ pub async fn remove(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
     )
     .await?;
     tx.commit().await?;
-    Ok(EndpointView::from(&row))
+    Ok(view)
 }
 
 /// Rotates the signing secret; the previous one keeps signing (as a second signature) for a day.
@@ -615,6 +617,10 @@ pub async fn enqueue(
 /// Sends a `webhook.test` event to one endpoint (delivered by the delivery job like any other).
 pub async fn send_test(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<String> {
     let row = get_row(app, scope, id).await?;
+    if row.enabled == 0 {
+        // It would be queued and never sent.
+        return Err(ServiceError::Conflict("the endpoint is disabled; enable it first".into()));
+    }
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     let event_id = emit_to(

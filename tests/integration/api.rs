@@ -293,6 +293,19 @@ async fn link_bad_input(app: TestApp) {
         assert_eq!(p["code"], "validation_failed", "{path}: {p}");
         assert_eq!(p["errors"][0]["field"], "query", "{path}: {p}");
     }
+    // A parameter the operation does not know (a misspelt filter would otherwise list everything),
+    // and a cursor that is no `next_cursor`, are refused rather than answered with a first page.
+    for (path, field) in [
+        ("/links?search=acme", "query"),
+        ("/connections?platform=tiktok", "query"),
+        ("/links?cursor=garbage", "cursor"),
+        ("/connections?cursor=0", "cursor"),
+        ("/audit-events?cursor=%27", "cursor"),
+        ("/workspaces?cursor=zzz", "cursor"),
+    ] {
+        let p = app.api_get(path, &key, 422).await;
+        assert_eq!(p["errors"][0]["field"], field, "{path}: {p}");
+    }
     field_error(&app, &key, json!({"label": ""}), "label").await;
     field_error(&app, &key, json!({"label": "   "}), "label").await;
     field_error(&app, &key, json!({"label": "x".repeat(10_000)}), "label").await;
@@ -591,8 +604,16 @@ async fn tenant_isolation(app: TestApp) {
     app.api_patch(&format!("/workspaces/{b}"), &key_a, json!({"name": "pwned"}), 404).await;
     let audit = app.api_get("/audit-events", &key_a, 200).await;
     assert!(audit["data"].as_array().unwrap().iter().all(|e| e["workspace_id"] == a.as_str()));
-    let audit_b = app.api_get(&format!("/audit-events?workspace_id={b}"), &key_a, 200).await;
-    assert_eq!(audit_b["data"].as_array().unwrap().len(), 0);
+    app.api_get(&format!("/audit-events?workspace_id={b}"), &key_a, 404).await;
+    // A's own workspace may be named by its slug in a filter, as everywhere else; B's may not.
+    let slug_a =
+        app.api_get(&format!("/workspaces/{a}"), &key_a, 200).await["slug"].as_str().unwrap().to_string();
+    let slug_b =
+        app.api_get(&format!("/workspaces/{b}"), &key_b, 200).await["slug"].as_str().unwrap().to_string();
+    for listing in ["links", "connections", "audit-events"] {
+        app.api_get(&format!("/{listing}?workspace_id={slug_a}"), &key_a, 200).await;
+        app.api_get(&format!("/{listing}?workspace_id={slug_b}"), &key_a, 404).await;
+    }
     // B's link is untouched.
     let still = app.api_get(&format!("/links/{link_b}"), &key_b, 200).await;
     assert_eq!(still["label"], "B's client");

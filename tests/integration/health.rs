@@ -26,7 +26,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
         permanent_failure_breaks_once_and_link_repairs,
         withdrawn_scopes_are_noticed_at_refresh,
-        withheld_profile_scope_is_noticed_on_a_health_check,
+        withheld_scopes_are_noticed_on_a_health_check,
         health_check_catches_revocation,
         instagram_token_is_refreshed_after_a_day,
         instagram_deauthorize_and_data_deletion,
@@ -198,10 +198,16 @@ async fn webhook_endpoints_are_managed_and_validated(app: TestApp) {
     app.api_get(&format!("/webhooks/{id}"), &other, 404).await;
     let off = app.api_patch(&format!("/webhooks/{id}"), &key, json!({"enabled": false}), 200).await;
     assert_eq!(off["enabled"], false);
+    // A test event to a disabled endpoint would never be sent: refused.
+    let p = app.api_post(&format!("/webhooks/{id}/test"), &key, json!({}), 409).await;
+    assert!(p["detail"].as_str().unwrap().contains("disabled"), "{p}");
     let rotated = app.api_post(&format!("/webhooks/{id}/rotate-secret"), &key, json!({}), 200).await;
     assert_ne!(rotated["secret"], created["secret"]);
     let res = app.api(reqwest::Method::DELETE, &format!("/webhooks/{id}"), &key).send().await.unwrap();
     assert_eq!(res.status(), 200);
+    let removed: Value = res.json().await.unwrap();
+    assert_eq!(removed["events"], off["events"], "the answer shows what it was subscribed to");
+    assert_eq!(removed["disabled_reason"], "Removed.");
     app.api_get(&format!("/webhooks/{id}"), &key, 404).await;
     let audit = app.api_get("/audit-events?action=webhook.created", &key, 200).await;
     assert_eq!(audit["data"].as_array().unwrap().len(), 1);
@@ -708,8 +714,11 @@ async fn permanent_failure_breaks_once_and_link_repairs(app: TestApp) {
     .await;
     assert!(broken["status_reason"].as_str().unwrap().contains("reconnect"), "{broken}");
     assert_eq!(broken["repair_url"].as_str().unwrap(), url, "the link that repairs it");
-    // Exactly one broken event, even if more refreshes or checks happen.
-    app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    // Exactly one broken event, even if more refreshes or checks happen. One asked for by hand
+    // is refused with the reason, as a token read is; nothing is sent to the provider.
+    let refused = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 409).await;
+    assert!(refused["detail"].as_str().unwrap().starts_with("the connection is broken: "), "{refused}");
+    app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 409).await;
     app.advance_clock(3600).await;
     receiver.wait_for(1, 20).await;
     let listed = app.cli_json(&["connection", "list", "--workspace", &wid, "--status", "broken"]);
@@ -820,14 +829,14 @@ async fn withdrawn_scopes_are_noticed_at_refresh(app: TestApp) {
 /// switched that permission off) notices the smaller grant without waiting for the next refresh:
 /// required, the connection breaks; optional, it stays active with the new scopes and a status
 /// reason, and keeps the handle it had.
-async fn withheld_profile_scope_is_noticed_on_a_health_check(app: TestApp) {
+async fn withheld_scopes_are_noticed_on_a_health_check(app: TestApp) {
     let wid = app.workspace("Withheld");
     let key = app.workspace_key(&wid);
     let receiver = Receiver::start().await;
     add_endpoint(&app, &key, &receiver.url, Some(vec!["connection.scopes_changed", "connection.broken"]))
         .await;
     let (_, url) = app.link(&wid, "Client");
-    let [first, second, _] = authlink::sandbox::TIKTOK_ACCOUNTS;
+    let [first, second, third] = authlink::sandbox::TIKTOK_ACCOUNTS;
     // Required by default: broken at the check.
     connect(&app.client, &app, &url, "tiktok", first.open_id).await;
     let id = connection_id(&app, &key).await;
@@ -876,6 +885,48 @@ async fn withheld_profile_scope_is_noticed_on_a_health_check(app: TestApp) {
     assert_eq!(again["connection"]["status"], "active");
     let shown = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(shown["events"].as_array().unwrap().len(), 2, "{shown}");
+
+    // Stats too, when asked for: the check names that scope, and not the profile one it still reads.
+    let (app, restarted_again) = app
+        .restart_with(&[
+            ("AUTHLINK_PROVIDERS__TIKTOK__SCOPES", "[user.info.basic,user.info.profile,user.info.stats]"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__REQUIRED_SCOPES", "[user.info.basic,user.info.profile]"),
+        ])
+        .await;
+    connect(&app.client, &app, &url, "tiktok", third.open_id).await;
+    let list = app.api_get("/connections?status=active", &key, 200).await;
+    let found = list["data"].as_array().unwrap().iter().find(|c| c["username"] == third.username);
+    let id = found.unwrap_or_else(|| panic!("{list}"))["id"].as_str().unwrap().to_string();
+    let all = json!(["user.info.basic", "user.info.profile", "user.info.stats"]);
+    assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["scopes"], all);
+    app.sandbox(
+        &format!("/tiktok/accounts/{}/withdraw-scopes", third.open_id),
+        json!({"scopes": ["user.info.stats"]}),
+    )
+    .await;
+    let out = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    let c = &out["connection"];
+    assert_eq!(c["status"], "active", "{out}");
+    assert_eq!(c["scopes"], json!(["user.info.basic", "user.info.profile"]));
+    assert_eq!(c["status_reason"], "Granted without user.info.stats.");
+    assert_eq!(c["username"], third.username);
+    receiver.wait_for_messages(3, 20).await;
+    assert_eq!(
+        receiver.types(),
+        vec!["connection.broken", "connection.scopes_changed", "connection.scopes_changed"]
+    );
+    // Then the required one: broken.
+    app.sandbox(
+        &format!("/tiktok/accounts/{}/withdraw-scopes", third.open_id),
+        json!({"scopes": ["user.info.profile"]}),
+    )
+    .await;
+    let out = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(out["outcome"], "broken", "{out}");
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["scopes"], json!(["user.info.basic"]));
+    assert!(c["status_reason"].as_str().unwrap().contains("no longer grants user.info.profile"), "{c}");
+    restarted_again.run().await;
     restarted.run().await;
 }
 

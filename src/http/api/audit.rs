@@ -7,7 +7,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiQuery, ApiResult, Caller, Page, Problem, page_size};
+use super::{ApiQuery, ApiResult, Caller, Page, Problem, check_cursor, page_size};
 use crate::service::audit::{self, AuditEntryView};
 use crate::state::AppState;
 
@@ -17,6 +17,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 
 /// Filters and pagination of the audit log.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(super) struct AuditQuery {
     /// Only this workspace (platform-admin keys).
@@ -41,6 +42,7 @@ async fn list_audit_events(
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<Page<AuditEntryView>>> {
     let limit = page_size(q.limit)?;
+    check_cursor(q.cursor.as_deref())?;
     let items = audit::list(
         &state,
         &caller.scope,

@@ -9,7 +9,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiError, ApiQuery, ApiResult, Caller, Page, Problem, page_size};
+use super::{ApiError, ApiQuery, ApiResult, Caller, Page, Problem, check_cursor, page_size};
 use crate::domain::{FieldError, Platform};
 use crate::service::ServiceError;
 use crate::service::connections::{
@@ -29,6 +29,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 
 /// Filters and pagination of the connection list.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(super) struct ConnectionListQuery {
     /// Only this workspace (platform-admin keys).
@@ -77,6 +78,7 @@ async fn list_connections(
         })?),
     };
     let limit = page_size(q.limit)?;
+    check_cursor(q.cursor.as_deref())?;
     let items = connections::list(
         &state,
         &caller.scope,
@@ -188,14 +190,15 @@ async fn run_result(
 /// outcome `too_early` and a detail saying from when it can be refreshed.
 #[utoipa::path(post, path = "/connections/{id}/refresh", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
-    responses((status = 200, body = RunResult), (status = 404, body = Problem)))]
+    responses((status = 200, body = RunResult), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "The connection is broken or disconnected (the client must reconnect through a link), or its provider is not enabled")))]
 async fn refresh_connection(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<RunResult>> {
     use crate::service::refresh::Requested;
-    connections::get_row(&state, &caller.scope, &id).await?;
+    connections::get_active_row(&state, &caller.scope, &id).await?;
     let words = match crate::service::refresh::refresh_requested(&state, &id).await? {
         Requested::Done(outcome) => outcome_words(outcome),
         Requested::NotYet { message, .. } => ("too_early", Some(message)),
@@ -206,13 +209,14 @@ async fn refresh_connection(
 /// Run the health check now: a cheap profile call that catches revoked grants.
 #[utoipa::path(post, path = "/connections/{id}/check", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
-    responses((status = 200, body = RunResult), (status = 404, body = Problem)))]
+    responses((status = 200, body = RunResult), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "The connection is broken or disconnected (the client must reconnect through a link), or its provider is not enabled")))]
 async fn check_connection(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<RunResult>> {
-    connections::get_row(&state, &caller.scope, &id).await?;
+    connections::get_active_row(&state, &caller.scope, &id).await?;
     let outcome = crate::service::refresh::check(&state, &id).await?;
     run_result(&state, &caller, &id, outcome_words(outcome), "connection.check_requested").await
 }

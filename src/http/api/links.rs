@@ -8,7 +8,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, page_size};
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, check_cursor, page_size};
 use crate::service::links::{self, LinkUpdate, LinkView, ListQuery, NewLink};
 use crate::state::AppState;
 
@@ -22,6 +22,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 
 /// Filters and pagination of the link list.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(super) struct LinkListQuery {
     /// Only this workspace (platform-admin keys); workspace keys always see their own.
@@ -44,6 +45,7 @@ async fn list_links(
     ApiQuery(q): ApiQuery<LinkListQuery>,
 ) -> ApiResult<Json<Page<LinkView>>> {
     let limit = page_size(q.limit)?;
+    check_cursor(q.cursor.as_deref())?;
     let items = links::list(
         &state,
         &caller.scope,

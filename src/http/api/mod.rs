@@ -179,6 +179,20 @@ pub fn page_size(limit: Option<i64>) -> ApiResult<i64> {
     }
 }
 
+/// Checks a listing's cursor: a `next_cursor` given back, which is an id. Anything else is
+/// refused, rather than answered with a first or an empty page a client could not tell from
+/// the real ones.
+pub fn check_cursor(cursor: Option<&str>) -> ApiResult<()> {
+    match cursor {
+        Some(c) if !crate::db::is_id(c) => Err(ServiceError::Validation(vec![FieldError::new(
+            "cursor",
+            "must be the next_cursor of a previous page",
+        )])
+        .into()),
+        _ => Ok(()),
+    }
+}
+
 /// The OpenAPI document (also used by the tests and `authlink openapi`).
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut doc) = routes();

@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, page_size};
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, check_cursor, page_size};
 use crate::service::webhooks::{
     self, DeliveryView, EndpointUpdate, EndpointView, EndpointWithSecret, NewEndpoint,
 };
@@ -26,6 +26,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 
 /// Which workspace to list.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(super) struct WorkspaceQuery {
     /// Only this workspace (platform-admin keys).
@@ -111,7 +112,8 @@ pub(super) struct TestEvent {
 
 /// Send a `webhook.test` event to this endpoint.
 #[utoipa::path(post, path = "/webhooks/{id}/test", tag = "webhooks", params(("id" = String, Path, description = "Endpoint id")),
-    responses((status = 202, body = TestEvent), (status = 404, body = Problem)))]
+    responses((status = 202, body = TestEvent), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "The endpoint is disabled")))]
 async fn test_webhook(
     State(state): State<AppState>,
     caller: Caller,
@@ -123,6 +125,7 @@ async fn test_webhook(
 
 /// Pagination of the delivery log.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(super) struct DeliveryQuery {
     /// The `next_cursor` of the previous page.
@@ -143,6 +146,7 @@ async fn list_deliveries(
     ApiQuery(q): ApiQuery<DeliveryQuery>,
 ) -> ApiResult<Json<Page<DeliveryView>>> {
     let limit = page_size(q.limit)?;
+    check_cursor(q.cursor.as_deref())?;
     let items = webhooks::deliveries(&state, &caller.scope, &id, q.cursor.as_deref(), limit + 1).await?;
     Ok(Json(Page::from_overfetch(items, limit, |d| d.id.clone())))
 }

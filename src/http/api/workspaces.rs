@@ -8,7 +8,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, page_size};
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, check_cursor, page_size};
 use crate::service::workspaces::{self, NewWorkspace, WorkspaceUpdate, WorkspaceView};
 use crate::state::AppState;
 
@@ -20,6 +20,7 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
 
 /// Pagination parameters.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub(super) struct PageQuery {
     /// The `next_cursor` of the previous page.
@@ -38,6 +39,7 @@ async fn list_workspaces(
     ApiQuery(q): ApiQuery<PageQuery>,
 ) -> ApiResult<Json<Page<WorkspaceView>>> {
     let limit = page_size(q.limit)?;
+    check_cursor(q.cursor.as_deref())?;
     let items = workspaces::list(&state, &caller.scope, q.cursor.as_deref(), limit + 1).await?;
     Ok(Json(Page::from_overfetch(items, limit, |w| w.id.clone())))
 }

@@ -167,7 +167,9 @@ async fn erase(
 ) -> crate::service::ServiceResult<usize> {
     let now = state.now_ms();
     let mut tx = state.db.begin_write().await?;
-    let rows = db::connections::by_app_scoped_id(&mut tx, "instagram", user_id).await?;
+    let rows =
+        db::connections::by_app_scoped_id_for_update(&mut tx, state.db.backend(), "instagram", user_id)
+            .await?;
     let rows: Vec<_> = rows.into_iter().filter(|r| (r.sandbox != 0) == sandbox).collect();
     let count = rows.len();
     for mut row in rows {
