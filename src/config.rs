@@ -715,13 +715,26 @@ pub fn default_database_url(data_dir: &Path) -> String {
 
 /// Hides the password of a database URL (`postgres://user:****@host/db`).
 pub fn mask_database_url(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("****"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
+    let Ok(mut parsed) = Url::parse(url) else {
+        // Not a URL: nothing can be told apart in it, so nothing of it is shown.
+        return "(not a URL)".to_string();
+    };
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("****"));
     }
+    // libpq's parameters that carry a secret (PostgreSQL takes `password` in the query too).
+    const SECRET: [&str; 3] = ["password", "sslpassword", "passfile"];
+    if parsed.query_pairs().any(|(k, _)| SECRET.contains(&k.as_ref())) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if SECRET.contains(&k.as_ref()) { "****".to_string() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// An environment value: a `[a, b]` list, or a string that figment's lossy extraction turns into
@@ -1009,6 +1022,12 @@ mod tests {
     #[test]
     fn database_password_is_masked() {
         assert_eq!(mask_database_url("postgres://u:pw@localhost/db"), "postgres://u:****@localhost/db");
+        assert_eq!(
+            mask_database_url("postgres://h/db?sslmode=require&password=pw%21"),
+            "postgres://h/db?sslmode=require&password=****"
+        );
+        assert_eq!(mask_database_url("sqlite://authlink.db?mode=rwc"), "sqlite://authlink.db?mode=rwc");
+        assert_eq!(mask_database_url("://u:pw@h"), "(not a URL)");
     }
 
     #[test]

@@ -107,6 +107,27 @@ pub async fn revoke_pending(
     Ok(done.rows_affected())
 }
 
+/// Revokes the pending invitations `created_by` made: in one workspace (they left it, or are no
+/// longer its owner), or in every one (`None`: their account was disabled). An invitation made
+/// by someone who may no longer make one must not let its holder in. Returns how many.
+pub async fn revoke_made_by(
+    conn: &mut AnyConnection,
+    created_by: &str,
+    workspace_id: Option<&str>,
+    now_ms: i64,
+) -> DbResult<u64> {
+    let done = sqlx::query(
+        "UPDATE member_invitations SET revoked_at = $3 WHERE created_by = $1 \
+         AND ($2 IS NULL OR workspace_id = $2) AND accepted_at IS NULL AND revoked_at IS NULL",
+    )
+    .bind(created_by)
+    .bind(workspace_id)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Which pending invitations [`revoke_pending`] revokes.
 #[derive(Debug, Clone, Copy)]
 pub enum Which<'a> {

@@ -129,33 +129,47 @@ pub async fn update(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
 }
 
 /// Counts one more successful connection through the link if it can still be used at `now_ms`
-/// (not revoked, not expired, not used up); returns the link as it now stands, or `None` when
-/// it cannot (nothing is written then). In the connection's own transaction, so that a link
-/// revoked while the client was at the provider, or the last use taken by another tab, stops
-/// the connection.
-pub async fn record_use(conn: &mut impl Exec, id: &str, now_ms: i64) -> DbResult<Option<LinkRow>> {
+/// by a flow started at `started_ms` (not revoked, not expired, not used up, and not rotated
+/// since: a flow started with the old URL dies with it); returns the link as it now stands, or
+/// `None` when it cannot (nothing is written then). In the connection's own transaction, so that
+/// a link revoked or rotated while the client was at the provider, or the last use taken by
+/// another tab, stops the connection.
+pub async fn record_use(
+    conn: &mut impl Exec,
+    id: &str,
+    now_ms: i64,
+    started_ms: i64,
+) -> DbResult<Option<LinkRow>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 \
              AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) \
+             AND (rotated_at IS NULL OR rotated_at < $3) \
              AND (max_uses IS NULL OR use_count < max_uses) RETURNING {COLUMNS}"
         )
     });
-    conn.fetch_optional(&stmt!(&SQL, id, now_ms)).await
+    conn.fetch_optional(&stmt!(&SQL, id, now_ms, started_ms)).await
 }
 
 /// Counts a repair through a link that is used up: an account it connected before connects
-/// again. Only while the link is neither revoked nor expired at `now_ms`; returns the link as it
+/// again. Only while the link is neither revoked nor expired at `now_ms`, nor rotated since
+/// `started_ms`; returns the link as it
 /// now stands, or `None` (nothing written). Its use count may then pass `max_uses`, which limits
 /// the accounts a link connects, never the repair of one of them.
-pub async fn record_repair(conn: &mut impl Exec, id: &str, now_ms: i64) -> DbResult<Option<LinkRow>> {
+pub async fn record_repair(
+    conn: &mut impl Exec,
+    id: &str,
+    now_ms: i64,
+    started_ms: i64,
+) -> DbResult<Option<LinkRow>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 \
-             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) RETURNING {COLUMNS}"
+             AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) \
+             AND (rotated_at IS NULL OR rotated_at < $3) RETURNING {COLUMNS}"
         )
     });
-    conn.fetch_optional(&stmt!(&SQL, id, now_ms)).await
+    conn.fetch_optional(&stmt!(&SQL, id, now_ms, started_ms)).await
 }
 
 /// [`get`] in a write transaction that will change the link: locked until the transaction ends

@@ -244,6 +244,8 @@ pub struct FlowResult {
     pub flow_id: String,
     /// The link it started from, as read at the callback.
     pub link: LinkRow,
+    /// When the flow started (ms): a link rotated since takes no connection from it.
+    pub started_at: i64,
     /// The provider.
     pub platform: Platform,
     /// The account.
@@ -392,7 +394,7 @@ impl db::FlowWrite for StoreFlow {
     async fn run<E: Exec>(self, tx: &mut E) -> ServiceResult<Self::Output> {
         let Self {
             app,
-            result: FlowResult { flow_id, link, platform, profile, tokens, sandbox, scope_note },
+            result: FlowResult { flow_id, link, started_at, platform, profile, tokens, sandbox, scope_note },
         } = self;
         let (app, flow_id, link, profile, tokens): (&App, &str, &LinkRow, &Profile, &TokenSet) =
             (&app, &flow_id, &link, &profile, &tokens);
@@ -401,7 +403,7 @@ impl db::FlowWrite for StoreFlow {
         // since the callback read it, nothing is written. A used-up link still repairs the
         // accounts it connected: `max_uses` limits the accounts, not their repairs.
         let backend = app.db.backend();
-        let counted = db::links::record_use(tx, &link.id, now).await?;
+        let counted = db::links::record_use(tx, &link.id, now, started_at).await?;
         let existing = db::connections::get_by_account_for_update(
             tx,
             backend,
@@ -420,7 +422,7 @@ impl db::FlowWrite for StoreFlow {
                 if status != LinkStatus::UsedUp || !its_own {
                     return Ok(Err(status));
                 }
-                match db::links::record_repair(tx, &link.id, now).await? {
+                match db::links::record_repair(tx, &link.id, now, started_at).await? {
                     Some(used) => used,
                     None => return Ok(Err(LinkStatus::Revoked)),
                 }

@@ -328,6 +328,7 @@ pub async fn disable(app: &App, actor: &Actor, email: &str) -> ServiceResult<Use
     let mut tx = app.db.begin_write().await?;
     db::users::disable(&mut tx, &user.id, now).await?;
     let ended = db::sessions::delete_for_user(&mut tx, &user.id, None).await?;
+    let withdrawn = db::invitations::revoke_made_by(&mut tx, &user.id, None, now).await?;
     audit::record(
         &mut tx,
         now,
@@ -336,7 +337,7 @@ pub async fn disable(app: &App, actor: &Actor, email: &str) -> ServiceResult<Use
         "user.disabled",
         "user",
         &user.id,
-        serde_json::json!({"sessions_ended": ended}),
+        serde_json::json!({"sessions_ended": ended, "invitations_revoked": withdrawn}),
     )
     .await?;
     tx.commit().await?;
@@ -518,6 +519,12 @@ pub async fn add_member(
         .into());
     }
     db::users::upsert_membership(&mut tx, &membership).await?;
+    // An owner made a member may no longer invite: what they sent is withdrawn.
+    let withdrawn = if before.as_ref().is_some_and(|b| b.role == "owner") && role == Role::Member {
+        db::invitations::revoke_made_by(&mut tx, &user.id, Some(workspace_id), now).await?
+    } else {
+        0
+    };
     audit::record(
         &mut tx,
         now,
@@ -526,7 +533,7 @@ pub async fn add_member(
         if before.is_some() { "member.role_changed" } else { "member.added" },
         "user",
         &user.id,
-        serde_json::json!({"email": user.email, "role": role.as_str()}),
+        serde_json::json!({"email": user.email, "role": role.as_str(), "invitations_revoked": withdrawn}),
     )
     .await?;
     tx.commit().await?;
@@ -556,6 +563,7 @@ pub async fn remove_member(app: &App, actor: &Actor, workspace_id: &str, user_id
         ));
     }
     db::users::delete_membership(&mut tx, user_id, workspace_id).await?;
+    let withdrawn = db::invitations::revoke_made_by(&mut tx, user_id, Some(workspace_id), now).await?;
     audit::record(
         &mut tx,
         now,
@@ -564,7 +572,7 @@ pub async fn remove_member(app: &App, actor: &Actor, workspace_id: &str, user_id
         "member.removed",
         "user",
         user_id,
-        serde_json::json!({"role": m.role}),
+        serde_json::json!({"role": m.role, "invitations_revoked": withdrawn}),
     )
     .await?;
     tx.commit().await?;

@@ -293,6 +293,11 @@ async fn link_bad_input(app: TestApp) {
         assert_eq!(p["code"], "validation_failed", "{path}: {p}");
         assert_eq!(p["errors"][0]["field"], "query", "{path}: {p}");
     }
+    // No answer of the API is kept by a cache: some carry secrets (here, link URLs).
+    for path in ["/links", "/nonsense"] {
+        let res = app.api(reqwest::Method::GET, path, &key).send().await.unwrap();
+        assert_eq!(res.headers()["cache-control"], "no-store", "{path}");
+    }
     // A parameter the operation does not know (a misspelt filter would otherwise list everything),
     // and a cursor that is no `next_cursor`, are refused rather than answered with a first page.
     for (path, field) in [
@@ -534,8 +539,8 @@ async fn requests_are_limited_per_key_and_address(app: TestApp) {
     // Another key has its own budget.
     app.api_get("/links", &two, 200).await;
     // Wrong keys: 401 until the address's budget (a quarter of 12 a minute, at least 10, one
-    // back every five seconds) is used, then 429, for wrong and valid keys alike, without asking
-    // the database.
+    // back every five seconds) is used, then 429 for requests without a valid key; a valid key
+    // from the same address still passes, on its own budget.
     let started = std::time::Instant::now();
     let mut bad = Vec::new();
     for i in 0..15 {
@@ -545,9 +550,12 @@ async fn requests_are_limited_per_key_and_address(app: TestApp) {
     let refused = bad.iter().filter(|s| **s == 401).count();
     assert!(refused >= 10 && refused <= 10 + refilled(started, 0.2), "{bad:?}");
     assert!(bad[10..].iter().all(|s| *s == 401 || *s == 429) && bad.contains(&429), "{bad:?}");
-    let res = app.api(Method::GET, "/links", &two).send().await.unwrap();
-    assert_eq!(res.status(), 429, "a valid key from the refused address, too");
+    let res = app.api(Method::GET, "/links", &format!("alk_{:012}_wrong", 99)).send().await.unwrap();
+    assert_eq!(res.status(), 429, "a wrong key from the refused address");
     assert!(res.headers().contains_key("retry-after"));
+    let res = app.api(Method::GET, "/links", "").send().await.unwrap();
+    assert_eq!(res.status(), 429, "no key from the refused address");
+    app.api_get("/links", &two, 200).await;
     cleanup.run().await;
 }
 
@@ -781,7 +789,7 @@ async fn database_lost_gives_503_and_recovers(app: TestApp) {
     let mut proxied = upstream.clone();
     proxied.set_host(Some("127.0.0.1")).unwrap();
     proxied.set_port(Some(proxy_port)).unwrap();
-    let (_, key, receiver, endpoint) = hooked_workspace(&app, "Outage").await;
+    let (wid, key, receiver, endpoint) = hooked_workspace(&app, "Outage").await;
     let second = TestApp::spawn_with(
         app.backend.clone(),
         &[
@@ -793,6 +801,14 @@ async fn database_lost_gives_503_and_recovers(app: TestApp) {
     .await;
     let cleanup = second.cleanup_handle();
     second.api_get("/links", &key, 200).await;
+    // A client at the provider when the database goes: the callback still sends the browser to a
+    // clean URL (the code and state out of the address bar), whose page says to try again.
+    let (_, link_url) = second.link(&wid, "Client");
+    let browser = crate::connect::new_browser();
+    let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
+    let flow =
+        crate::connect::start_and_consent(&browser, &second, &link_url, "tiktok", account, "allow", None)
+            .await;
     let test_event = |server: &TestApp| {
         let res =
             server.api(Method::POST, &format!("/webhooks/{endpoint}/test"), &key).json(&json!({})).send();
@@ -817,6 +833,14 @@ async fn database_lost_gives_503_and_recovers(app: TestApp) {
         assert_eq!(expect_json(res, 503).await["code"], "database_unavailable");
         assert!(started.elapsed() < std::time::Duration::from_secs(15), "503 within a bounded time");
         assert_eq!(ready(&second).await, 503);
+        if round == 0 {
+            let res = browser.get(flow.callback.split('#').next().unwrap()).send().await.unwrap();
+            assert_eq!(res.status(), 303);
+            let to = res.headers()["location"].to_str().unwrap().to_string();
+            assert!(to.starts_with("/oauth/tiktok/failed?reason=unavailable"), "{to}");
+            let page = browser.get(second.url(&to)).send().await.unwrap();
+            assert_eq!(page.status(), 503);
+        }
         // The database comes back: the same process serves again, without a restart.
         cut_tx.send(false).unwrap();
         let back = std::time::Instant::now();
@@ -835,8 +859,9 @@ async fn database_lost_gives_503_and_recovers(app: TestApp) {
     for event in &events {
         assert!(delivered.contains(event), "event {event} was delivered");
     }
-    // Nothing was written during the outages: the links are the ones made after them.
-    assert_eq!(app.count("links").await, OUTAGES as i64);
+    // Nothing was written during the outages: the links are the client's and those made after them.
+    assert_eq!(app.count("links").await, OUTAGES as i64 + 1);
+    assert_eq!(app.count("connections").await, 0);
     eprintln!("recovered from {OUTAGES} database outages in {recoveries:?}");
     cleanup.run().await;
     first.run().await;

@@ -16,6 +16,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         consent_denied,
         state_failures_make_no_token_call,
         link_gone_between_start_and_callback,
+        link_rotated_between_start_and_callback,
         link_used_up_while_at_the_provider,
         used_up_link_repairs_its_own_accounts_only,
         provider_failures,
@@ -412,6 +413,47 @@ async fn link_gone_between_start_and_callback(app: TestApp) {
         .await
         .unwrap();
     assert_eq!(res.status(), 410);
+}
+
+/// Rotating a link (the answer to a leaked URL) ends what was started with the old URL: a flow
+/// at the provider connects nothing, and no page of an old flow, failed or successful, leads to
+/// the new URL.
+async fn link_rotated_between_start_and_callback(app: TestApp) {
+    let wid = app.workspace("Rotated");
+    let (id, url) = app.link(&wid, "Client");
+    let old_href = format!("href=\"/l/{}\"", token_of(&url));
+    // One account connected before the rotation: its success page offers the link.
+    let first =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 1), "allow", None).await;
+    let done = finish(&app.client, &app, &first.callback).await;
+    assert_eq!(done.status(), 200);
+    let success_url = done.url().to_string();
+    assert!(success_url.contains("/connected/"), "{success_url}");
+    assert!(done.text().await.unwrap().contains(&old_href), "connect another, before the rotation");
+    // Another started, and at the provider when the link is rotated.
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    let rotated = app.cli_json(&["link", "rotate", &id]);
+    let fresh = rotated["url"].as_str().unwrap().to_string();
+    let new_token = token_of(&fresh);
+    assert_ne!(new_token, token_of(&url));
+    let calls = app.sandbox_stats("tiktok").await["token_calls"].as_u64().unwrap();
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 410);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("replaced"), "{html}");
+    assert!(!html.contains(&new_token) && !html.contains("href=\"/l/"), "no way to the new URL: {html}");
+    assert_eq!(app.sandbox_stats("tiktok").await["token_calls"].as_u64().unwrap(), calls, "no code exchange");
+    assert_eq!(app.count("connections").await, 1, "nothing connected");
+    // The earlier success page no longer leads to the link, old or new.
+    let again = app.client.get(&success_url).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    let html = again.text().await.unwrap();
+    assert!(!html.contains(&new_token) && !html.contains("href=\"/l/"), "{html}");
+    assert_eq!(app.client.get(&url).send().await.unwrap().status(), 404, "the old URL is dead");
+    // The new URL works, and its own pages lead back to it.
+    let page = connect(&app.client, &app, &fresh, "tiktok", &account("tiktok", 0)).await;
+    assert!(page.contains(&format!("href=\"/l/{new_token}\"")), "{page}");
 }
 
 /// Two tabs start flows through a link good for one connection; the second callback's code

@@ -23,6 +23,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         sign_in_throttle_holds_under_concurrent_attempts,
         sign_in_throttle_counts_an_ipv6_network_as_one_address,
         invitations_hide_accounts_and_need_acceptance,
+        invitations_end_with_their_sender_s_right_to_invite,
         missing_or_forged_csrf_is_refused,
         members_see_only_their_workspaces,
         invalid_link_form_comes_back_with_errors_and_values,
@@ -383,6 +384,60 @@ async fn create_account_through(client: &Client, url: &str, password: &str) {
 /// own, an existing account signs in and joins, another account cannot use the link. Links are
 /// single-use, can be withdrawn, are replaced by a newer invitation, expire after seven days, and
 /// their tokens are in no log and, in plain text, in no table.
+/// An invitation is withdrawn when its sender may no longer invite: removed from the workspace,
+/// made a member, or disabled. Another owner's invitation stands.
+async fn invitations_end_with_their_sender_s_right_to_invite(app: TestApp) {
+    create_user(&app, "owner@example.com", false);
+    let (_, owner, csrf) = acme_with_owner(&app).await;
+    let invite_as = |client: Client, csrf: String, email: &'static str| {
+        let app = &app;
+        async move {
+            let res =
+                post(app, &client, &csrf, "/app/w/acme/members", &[("email", email), ("role", "owner")])
+                    .await;
+            let (status, html) = text(res).await;
+            assert_eq!(status, 201, "{html}");
+            invitation_url(&html)
+        }
+    };
+    let mut urls = Vec::new();
+    for sender in ["removed@example.com", "demoted@example.com", "disabled@example.com"] {
+        create_user(&app, sender, false);
+        app.cli_json(&["user", "add-member", "--email", sender, "--workspace", "acme", "--role", "owner"]);
+        let client = signed_in(&app, sender).await;
+        let csrf = csrf_of(&page(&app, &client, "/app/w/acme/members", 200).await);
+        let invitee = match sender {
+            "removed@example.com" => "friend-a@example.com",
+            "demoted@example.com" => "friend-b@example.com",
+            _ => "friend-c@example.com",
+        };
+        urls.push(invite_as(client, csrf, invitee).await);
+    }
+    let kept = invite_as(owner, csrf, "welcome@example.com").await;
+    for url in urls.iter().chain([&kept]) {
+        assert_eq!(browser().get(url).send().await.unwrap().status(), 200, "{url}");
+    }
+    app.cli_json(&["user", "remove-member", "--email", "removed@example.com", "--workspace", "acme"]);
+    app.cli_json(&[
+        "user",
+        "add-member",
+        "--email",
+        "demoted@example.com",
+        "--workspace",
+        "acme",
+        "--role",
+        "member",
+    ]);
+    app.cli_json(&["user", "disable", "--email", "disabled@example.com"]);
+    for url in &urls {
+        let (status, html) = text(browser().get(url).send().await.unwrap()).await;
+        assert_eq!(status, 410, "{url}: {html}");
+    }
+    assert_eq!(browser().get(&kept).send().await.unwrap().status(), 200, "another owner's invitation stands");
+    let audit = app.cli_json(&["audit", "list", "--action", "member.removed"]);
+    assert_eq!(audit[0]["details"]["invitations_revoked"], 1, "{audit}");
+}
+
 async fn invitations_hide_accounts_and_need_acceptance(app: TestApp) {
     create_user(&app, "owner@example.com", false);
     create_user(&app, "existing@example.com", false);

@@ -215,6 +215,12 @@ pub fn router(_state: AppState) -> Router<AppState> {
         )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such API route.") })
         .method_not_allowed_fallback(method_not_allowed)
+        // Answers carry secrets (a new key, a webhook secret, a link's URL, an access token):
+        // none is kept by a cache on the way or in the client's.
+        .layer(tower_http::set_header::SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
 }
 
 /// 405 `method_not_allowed` for a method an API route does not take (axum adds `Allow`).
@@ -452,14 +458,14 @@ impl FromRequestParts<AppState> for Caller {
         let limits = parts.extensions.get::<ApiLimits>().cloned();
         let client = ratelimit::client_ip_of(&parts.headers, &parts.extensions);
         let now = std::time::Instant::now();
-        // An address whose requests without a valid key used up their bucket is not checked
-        // against the database until it refills.
-        if let (Some(limits), Some(ip)) = (&limits, client) {
-            limits.failures.peek(ratelimit::ClientNet::of(ip), now).map_err(|wait| {
-                tracing::warn!(client = %ip, "API requests without a valid key rate-limited");
-                ApiError::rate_limited(wait)
-            })?;
-        }
+        // An address whose requests without a valid key used up their bucket gets 429 for any
+        // request without one until it refills; a valid key still passes (with its own budget),
+        // so that whoever shares the address (a NAT, a proxy) cannot lock a key's owner out. A
+        // header that is no key of ours is refused without asking the database.
+        let limited = match (&limits, client) {
+            (Some(limits), Some(ip)) => limits.failures.peek(ratelimit::ClientNet::of(ip), now).err(),
+            _ => None,
+        };
         let key = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -471,6 +477,10 @@ impl FromRequestParts<AppState> for Caller {
             None => None,
         };
         let Some((actor, scope)) = found else {
+            if let (Some(wait), Some(ip)) = (limited, client) {
+                tracing::warn!(client = %ip, "API requests without a valid key rate-limited");
+                return Err(ApiError::rate_limited(wait));
+            }
             if key.is_some() {
                 tracing::info!("API request with an unknown, malformed or revoked key");
             }

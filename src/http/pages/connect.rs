@@ -281,6 +281,10 @@ enum Failure {
     ProviderUnavailable,
     ScopesMissing,
     AccountNotAllowed,
+    /// authlink's database could not be reached.
+    Unavailable,
+    /// An internal error of authlink's.
+    Internal,
 }
 
 impl Failure {
@@ -301,6 +305,8 @@ impl Failure {
             Failure::ProviderUnavailable => "provider_unavailable",
             Failure::ScopesMissing => "scopes_missing",
             Failure::AccountNotAllowed => "account_not_allowed",
+            Failure::Unavailable => "unavailable",
+            Failure::Internal => "internal",
         }
     }
 
@@ -321,6 +327,8 @@ impl Failure {
             Failure::ProviderUnavailable,
             Failure::ScopesMissing,
             Failure::AccountNotAllowed,
+            Failure::Unavailable,
+            Failure::Internal,
         ]
         .into_iter()
         .find(|f| f.code() == s)
@@ -339,6 +347,8 @@ impl Failure {
             Failure::LinkGone | Failure::LinkUsedUp => StatusCode::GONE,
             Failure::ExchangeFailed | Failure::ProfileFailed => StatusCode::BAD_GATEWAY,
             Failure::ProviderUnavailable => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Failure::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -381,7 +391,7 @@ impl Failure {
             ),
             Failure::LinkGone => (
                 "This link no longer works",
-                "The link was switched off or expired while you were connecting. Nothing was connected.".to_string(),
+                "The link was switched off, replaced or expired while you were connecting. Nothing was connected.".to_string(),
                 "Ask the agency that sent it for a new link.",
             ),
             Failure::LinkUsedUp => (
@@ -408,6 +418,11 @@ impl Failure {
                 "This account cannot be connected",
                 format!("{platform} reported an account type that cannot be connected."),
                 "Only professional (business or creator) accounts can be connected. Switch the account to a professional one in the app, then try again.",
+            ),
+            Failure::Unavailable | Failure::Internal => (
+                "Something went wrong on our side",
+                format!("We could not finish connecting your {platform} account. Nothing was connected."),
+                "Please try again in a minute.",
             ),
         };
         let mut page = MessagePage::new(title, message).next(next);
@@ -441,6 +456,22 @@ fn refused(f: Failure, platform: Platform, flow: Option<&str>) -> Response {
     res
 }
 
+/// [`refused`] for an error of authlink's own (its database unreachable, an internal error), so
+/// that the code and the state leave the address bar as on every other way out of the callback.
+fn service_refusal(e: crate::service::ServiceError, platform: Platform, flow: Option<String>) -> Response {
+    let f = match e {
+        crate::service::ServiceError::Db(db::DbError::Unavailable(e)) => {
+            tracing::error!(error = %e, "database unavailable at the callback");
+            Failure::Unavailable
+        }
+        other => {
+            tracing::error!(error = %other, "internal error at the callback");
+            Failure::Internal
+        }
+    };
+    refused(f, platform, flow.as_deref())
+}
+
 /// The query of [`show_refusal`].
 #[derive(Debug, Deserialize)]
 pub struct RefusalQuery {
@@ -469,7 +500,7 @@ pub async fn show_refusal(
         .await;
         match flow {
             Ok(Some(flow)) if same_browser(&state, &headers, &flow.browser_hash) => {
-                page.try_again = landing_href(&state, &flow.link_id).await;
+                page.try_again = landing_href(&state, &flow.link_id, flow.created_at).await;
             }
             Ok(_) => {}
             Err(e) => return service_error_page(e.into()),
@@ -521,7 +552,7 @@ pub async fn oauth_callback(
             db_time = call.elapsed();
             match claimed {
                 Ok(flow) => flow,
-                Err(e) => return service_error_page(e.into()),
+                Err(e) => return service_refusal(e.into(), platform, last_flow(&state, &headers, platform)),
             }
         }
         _ => None,
@@ -552,13 +583,13 @@ pub async fn oauth_callback(
             let recorded =
                 state.db.write_flow(db::oauth_flows::Finish { id: flow.id.clone(), outcome: f.code() }).await;
             if let Err(e) = recorded {
-                return service_error_page(e.into());
+                return service_refusal(e.into(), platform, Some(flow.id.clone()));
             }
         }
         Err(FlowError::Service(e)) => {
             count_flow(platform, "internal_error");
             tracing::error!(error = %e, flow_id = %flow.id, "connect flow failed internally");
-            return service_error_page(e);
+            return service_refusal(e, platform, Some(flow.id.clone()));
         }
     }
     // A clean URL: the code and state leave the address bar and the history.
@@ -598,7 +629,7 @@ async fn callback_refused(
     let flow = match flow {
         Ok(Some(f)) => f,
         Ok(None) => return refused(Failure::StateUnknown, platform, None),
-        Err(e) => return service_error_page(e.into()),
+        Err(e) => return service_refusal(e.into(), platform, last_flow(state, headers, platform)),
     };
     // The flow is known: the failure page leads its browser back to its link.
     let failure = if flow.provider != platform.as_str() || iss_present {
@@ -679,7 +710,10 @@ async fn complete_flow(
     let Some(link) = link else { return Err(FlowError::Failed(Failure::LinkGone)) };
     // A used-up link goes on: it may be repairing one of its own accounts, which only the
     // connection's transaction can tell once the account is known.
-    if !matches!(LinkStatus::of(&link, state.now_ms()), LinkStatus::Active | LinkStatus::UsedUp) {
+    // Nor rotated since the flow started: the old URL, and what was started with it, are dead.
+    if !matches!(LinkStatus::of(&link, state.now_ms()), LinkStatus::Active | LinkStatus::UsedUp)
+        || rotated_since(&link, flow.created_at)
+    {
         return Err(FlowError::Failed(Failure::LinkGone));
     }
     let Some(provider) = state.providers.get(platform) else {
@@ -760,6 +794,7 @@ async fn complete_flow(
         connections::FlowResult {
             flow_id: flow.id.clone(),
             link,
+            started_at: flow.created_at,
             platform,
             profile,
             tokens,
@@ -776,20 +811,31 @@ async fn complete_flow(
     }
 }
 
-/// The landing page of a link (unsealing its token), for "try again" and "connect another".
-async fn landing_href(state: &AppState, link_id: &str) -> Option<String> {
+/// The landing page of a link (unsealing its token), for "try again" and "connect another" on
+/// the pages of a flow started at `started` (see [`landing_href_of`]).
+async fn landing_href(state: &AppState, link_id: &str, started: i64) -> Option<String> {
     let mut conn = state.db.read().await.ok()?;
     let link = db::links::get(&mut conn, link_id).await.ok()??;
-    landing_href_of(state, &link)
+    landing_href_of(state, &link, started)
 }
 
-/// The landing page of `link`, whose token is unsealed for it.
-fn landing_href_of(state: &AppState, link: &LinkRow) -> Option<String> {
+/// The landing page of `link`, whose token is unsealed for it, on the pages of a flow started
+/// at `started`: none once the link was rotated since, so that whoever held the old URL (a
+/// leaked one, the reason to rotate) cannot learn the new one from an old flow's pages.
+fn landing_href_of(state: &AppState, link: &LinkRow, started: i64) -> Option<String> {
+    if rotated_since(link, started) {
+        return None;
+    }
     let token = state
         .keys
         .open_str(&link.token_sealed, crate::service::links::token_aad(&link.workspace_id, &link.id))
         .ok()?;
     Some(format!("/l/{}", token.expose_secret()))
+}
+
+/// Whether `link` was rotated at or after `started` (ms).
+fn rotated_since(link: &LinkRow, started: i64) -> bool {
+    link.rotated_at.is_some_and(|at| at >= started)
 }
 
 #[derive(Template)]
@@ -853,7 +899,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
         Some((l, w)) => (Some(l), Some(w)),
         None => (None, db::workspaces::get(&mut conn, &flow.workspace_id).await?),
     };
-    let landing = link.as_ref().and_then(|l| landing_href_of(state, l));
+    let landing = link.as_ref().and_then(|l| landing_href_of(state, l, flow.created_at));
     let outcome = flow.outcome.as_deref().unwrap_or_default();
     if let Some(f) = Failure::from_code(outcome) {
         let mut page = f.page(platform.display_name(), None);
