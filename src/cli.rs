@@ -175,8 +175,8 @@ pub enum LinkCommand {
         /// Only links whose label or client reference contains this text.
         #[arg(long)]
         search: Option<String>,
-        /// Most links to show.
-        #[arg(long, default_value_t = 100)]
+        /// Most links to show (1 to 10000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
     },
     /// Show one link with every field.
@@ -292,6 +292,7 @@ impl LinkUpdateArgs {
             label: self.label,
             client_ref: either(self.client_ref, self.no_client_ref),
             expires_at,
+            expires_in: None,
             redirect_url: either(self.redirect_url, self.no_redirect_url),
             hide_connections: match (self.hide_connections, self.show_connections) {
                 (true, _) => Some(true),
@@ -367,8 +368,8 @@ pub enum ConnectionCommand {
         /// The next page: the connections after this one (the last id of the previous page).
         #[arg(long, value_name = "CONNECTION_ID")]
         before: Option<String>,
-        /// Most connections to show.
-        #[arg(long, default_value_t = 100)]
+        /// Most connections to show (1 to 10000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
     },
     /// Show one connection with its history (never its tokens).
@@ -449,8 +450,8 @@ pub enum WebhookCommand {
     Deliveries {
         /// Endpoint id.
         id: String,
-        /// Most deliveries to show.
-        #[arg(long, default_value_t = 20)]
+        /// Most deliveries to show (1 to 200).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..=200))]
         limit: i64,
     },
     /// Deliver an event again now (same webhook-id).
@@ -476,8 +477,8 @@ pub enum AuditCommand {
         /// Only this action, e.g. link.revoked.
         #[arg(long)]
         action: Option<String>,
-        /// Most entries to show.
-        #[arg(long, default_value_t = 100)]
+        /// Most entries to show (1 to 10000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
     },
 }
@@ -587,6 +588,14 @@ pub async fn run(cli: Cli) -> ExitCode {
             e.report(json);
             ExitCode::from(e.code)
         }
+    }
+}
+
+/// Says, on standard error and off the listing, that a listing as long as its `--limit` may have
+/// more entries than it shows.
+fn more_may_follow(json: bool, shown: usize, limit: i64) {
+    if !json && i64::try_from(shown).is_ok_and(|n| n >= limit) {
+        eprintln!("more may follow: the listing stopped at --limit {limit}");
     }
 }
 
@@ -906,12 +915,7 @@ async fn link(app: AppState, json: bool, cmd: LinkCommand) -> CliResult {
             let list = links::list(
                 &app,
                 &Scope::Admin,
-                &ListQuery {
-                    workspace_id: Some(workspace),
-                    search,
-                    before: None,
-                    limit: limit.clamp(1, 10_000),
-                },
+                &ListQuery { workspace_id: Some(workspace), search, before: None, limit },
             )
             .await?;
             print(json, &list, |list| {
@@ -932,6 +936,7 @@ async fn link(app: AppState, json: bool, cmd: LinkCommand) -> CliResult {
                     .collect::<Vec<_>>()
                     .join("\n")
             });
+            more_may_follow(json, list.len(), limit);
         }
         LinkCommand::Show { id } => {
             let l = links::get(&app, &Scope::Admin, &id).await?;
@@ -1046,14 +1051,7 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
             let list = connections::list(
                 &app,
                 &Scope::Admin,
-                &ListQuery {
-                    workspace_id: Some(workspace),
-                    status,
-                    provider,
-                    link_id: link,
-                    before,
-                    limit: limit.clamp(1, 10_000),
-                },
+                &ListQuery { workspace_id: Some(workspace), status, provider, link_id: link, before, limit },
             )
             .await?;
             print(json, &list, |list| {
@@ -1064,7 +1062,7 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
                 }
             });
             // A full page may have a next one; the hint goes to standard error, off the listing.
-            if !json && i64::try_from(list.len()).is_ok_and(|n| n >= limit.clamp(1, 10_000)) {
+            if !json && i64::try_from(list.len()).is_ok_and(|n| n >= limit) {
                 if let Some(last) = list.last() {
                     eprintln!("more may follow: add --before {}", last.id);
                 }
@@ -1241,7 +1239,7 @@ async fn audit(app: AppState, json: bool, cmd: AuditCommand) -> CliResult {
                 action.as_deref(),
                 None,
                 None,
-                limit.clamp(1, 10_000),
+                limit,
             )
             .await?;
             print(json, &list, |list| {
@@ -1260,6 +1258,7 @@ async fn audit(app: AppState, json: bool, cmd: AuditCommand) -> CliResult {
                     .collect::<Vec<_>>()
                     .join("\n")
             });
+            more_may_follow(json, list.len(), limit);
         }
     }
     Ok(())
@@ -1398,7 +1397,7 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
             }
         }
         WebhookCommand::Deliveries { id, limit } => {
-            let list = webhooks::deliveries(&app, &Scope::Admin, &id, None, limit.clamp(1, 200)).await?;
+            let list = webhooks::deliveries(&app, &Scope::Admin, &id, None, limit).await?;
             print(json, &list, |list| {
                 list.iter()
                     .map(|d| {
@@ -1414,6 +1413,7 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
                     .collect::<Vec<_>>()
                     .join("\n")
             });
+            more_may_follow(json, list.len(), limit);
         }
         WebhookCommand::Redeliver { id } => {
             let d = webhooks::redeliver(&app, &Actor::Cli, &Scope::Admin, &id).await?;

@@ -572,6 +572,11 @@ impl Config {
             ("jobs.webhook_batch", self.jobs.webhook_batch == 0),
             ("jobs.webhook_concurrency", self.jobs.webhook_concurrency == 0),
             ("database.max_connections", self.database.max_connections == 0),
+            ("database.acquire_timeout_secs", self.database.acquire_timeout_secs == 0),
+            ("providers.timeout_secs", self.providers.timeout_secs == 0),
+            ("webhooks.timeout_secs", self.webhooks.timeout_secs == 0),
+            ("http.link_requests_per_minute", self.http.link_requests_per_minute == 0),
+            ("http.api_requests_per_minute", self.http.api_requests_per_minute == 0),
         ] {
             if is_zero {
                 return Err(ConfigError::Invalid(format!("key `{key}`: must be positive")));
@@ -885,6 +890,11 @@ mod tests {
             ("AUTHLINK_JOBS__WEBHOOK_BATCH", "jobs.webhook_batch"),
             ("AUTHLINK_JOBS__WEBHOOK_CONCURRENCY", "jobs.webhook_concurrency"),
             ("AUTHLINK_DATABASE__MAX_CONNECTIONS", "database.max_connections"),
+            ("AUTHLINK_DATABASE__ACQUIRE_TIMEOUT_SECS", "database.acquire_timeout_secs"),
+            ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "providers.timeout_secs"),
+            ("AUTHLINK_WEBHOOKS__TIMEOUT_SECS", "webhooks.timeout_secs"),
+            ("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", "http.link_requests_per_minute"),
+            ("AUTHLINK_HTTP__API_REQUESTS_PER_MINUTE", "http.api_requests_per_minute"),
         ] {
             let err = Config::load_from(None, &env(&[(var, "0")])).unwrap_err();
             assert!(matches!(err, ConfigError::Invalid(_)), "{var}: {err}");

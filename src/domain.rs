@@ -260,9 +260,30 @@ pub fn parse_duration(field: &str, value: &str) -> Result<time::Duration, FieldE
     };
     let total = n
         .checked_mul(secs)
-        .filter(|t| *t <= 10 * 365 * 86_400)
+        .filter(|t| *t <= MAX_LIFETIME_SECS)
         .ok_or_else(|| FieldError::new(field, "must be at most ten years"))?;
     Ok(time::Duration::seconds(total))
+}
+
+/// The longest lifetime a link can be given (ten years).
+pub const MAX_LIFETIME_SECS: i64 = 10 * 365 * 86_400;
+
+/// A link's expiry from `expires_in` (a duration from `now`) or `expires_at` (an instant), at
+/// most one of them given: in the future, and at most ten years away. `None`: neither given.
+pub fn parse_expiry(
+    now: time::OffsetDateTime,
+    expires_in: Option<&str>,
+    expires_at: Option<time::OffsetDateTime>,
+) -> Result<Option<time::OffsetDateTime>, FieldError> {
+    match (expires_in, expires_at) {
+        (Some(_), Some(_)) => Err(FieldError::new("expires_in", "give expires_in or expires_at, not both")),
+        (Some(d), None) => parse_duration("expires_in", d).map(|d| Some(now + d)),
+        (None, Some(at)) if at <= now => Err(FieldError::new("expires_at", "must be in the future")),
+        (None, Some(at)) if at - now > time::Duration::seconds(MAX_LIFETIME_SECS) => {
+            Err(FieldError::new("expires_at", "must be at most ten years away"))
+        }
+        (None, at) => Ok(at),
+    }
 }
 
 /// A positive use limit.

@@ -128,7 +128,7 @@ pub fn production_setup(config: &Config) -> Option<&'static str> {
 /// start-up would give when there is none and none may be made. Reads no key.
 pub fn key_source(config: &Config) -> Result<String, StartupError> {
     if config.master_key.is_some() {
-        return Ok("master_key (AUTHLINK_MASTER_KEY)".into());
+        return Ok("the `master_key` setting (the configuration file, or AUTHLINK_MASTER_KEY)".into());
     }
     if let Some(path) = &config.master_key_file {
         return Ok(format!("master_key_file {}", path.display()));

@@ -78,6 +78,7 @@ pub struct NewApiKey {
     #[serde(default)]
     pub admin: bool,
     /// A name to recognise it by.
+    #[schema(max_length = 200)]
     pub name: Option<String>,
 }
 

@@ -133,8 +133,10 @@ pub struct NewLink {
     /// The workspace; required for platform-admin keys, implied for workspace keys.
     pub workspace_id: Option<String>,
     /// Normally the client's name.
+    #[schema(max_length = 200)]
     pub label: String,
     /// The agency's own reference for the client.
+    #[schema(max_length = 200)]
     pub client_ref: Option<String>,
     /// Platforms offered; every enabled platform when absent.
     #[schema(value_type = Option<Vec<Platform>>)]
@@ -161,15 +163,18 @@ pub struct NewLink {
 #[serde(deny_unknown_fields)]
 pub struct LinkUpdate {
     /// New label.
+    #[schema(max_length = 200)]
     pub label: Option<String>,
     /// New client reference (`null` clears it).
     #[serde(default, deserialize_with = "double_option")]
-    #[schema(value_type = Option<String>)]
+    #[schema(max_length = 200, value_type = Option<String>)]
     pub client_ref: Option<Option<String>>,
-    /// New expiry (`null` removes it).
+    /// New expiry (`null` removes it), at most ten years away.
     #[serde(default, deserialize_with = "double_option_time")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<Option<OffsetDateTime>>,
+    /// New lifetime from now, like `30d` or `12h` (at most ten years); instead of `expires_at`.
+    pub expires_in: Option<String>,
     /// New success redirect (`null` removes it).
     #[serde(default, deserialize_with = "double_option")]
     #[schema(value_type = Option<String>)]
@@ -280,18 +285,8 @@ pub async fn create(app: &App, actor: &Actor, scope: &Scope, input: NewLink) -> 
     let client_ref =
         errors.take(domain::parse_optional_label("client_ref", input.client_ref.as_deref())).flatten();
     let platforms = errors.take(parse_platforms(app, input.platforms.as_deref()));
-    let expires_at = match (&input.expires_in, input.expires_at) {
-        (Some(_), Some(_)) => {
-            errors.push(FieldError::new("expires_in", "give expires_in or expires_at, not both"));
-            None
-        }
-        (Some(d), None) => errors.take(domain::parse_duration("expires_in", d)).map(|d| now + d),
-        (None, Some(at)) if at <= now => {
-            errors.push(FieldError::new("expires_at", "must be in the future"));
-            None
-        }
-        (None, at) => at,
-    };
+    let expires_at =
+        errors.take(domain::parse_expiry(now, input.expires_in.as_deref(), input.expires_at)).flatten();
     let max_uses = input.max_uses.and_then(|m| errors.take(domain::parse_max_uses(m)));
     let redirect_url = input
         .redirect_url
@@ -410,13 +405,17 @@ pub async fn update(
         .client_ref
         .as_ref()
         .and_then(|c| errors.take(domain::parse_optional_label("client_ref", c.as_deref())));
-    let expires_at = match input.expires_at {
-        Some(Some(at)) if at <= app.now() => {
-            errors.push(FieldError::new("expires_at", "must be in the future"));
+    let expires_at = match (input.expires_at, input.expires_in.as_deref()) {
+        // `null`: no expiry any more (with a lifetime too, the two disagree).
+        (Some(None), None) => Some(None),
+        (Some(None), Some(_)) => {
+            errors.push(FieldError::new("expires_in", "give expires_in or expires_at, not both"));
             None
         }
-        Some(at) => Some(at.map(to_millis)),
-        None => None,
+        (at, expires_in) => errors
+            .take(domain::parse_expiry(app.now(), expires_in, at.flatten()))
+            .flatten()
+            .map(|at| Some(to_millis(at))),
     };
     let redirect_url = match &input.redirect_url {
         None => None,

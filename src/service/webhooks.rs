@@ -105,6 +105,7 @@ pub struct NewEndpoint {
     /// Event types to receive; all when absent.
     pub events: Option<Vec<String>>,
     /// A note.
+    #[schema(max_length = 200)]
     pub description: Option<String>,
 }
 
@@ -119,6 +120,7 @@ pub struct EndpointUpdate {
     /// Enable or disable deliveries.
     pub enabled: Option<bool>,
     /// New note.
+    #[schema(max_length = 200)]
     pub description: Option<String>,
 }
 

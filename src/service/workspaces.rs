@@ -38,6 +38,7 @@ pub struct WorkspaceView {
 #[serde(deny_unknown_fields)]
 pub struct Branding {
     /// The name clients see (defaults to the workspace name).
+    #[schema(max_length = 200)]
     pub display_name: Option<String>,
     /// An https URL of the logo.
     pub logo_url: Option<String>,
@@ -68,6 +69,7 @@ impl From<&WorkspaceRow> for WorkspaceView {
 #[serde(deny_unknown_fields)]
 pub struct NewWorkspace {
     /// The agency's name.
+    #[schema(max_length = 200)]
     pub name: String,
     /// Unique URL-friendly name; made from the name when absent.
     pub slug: Option<String>,
@@ -87,6 +89,7 @@ pub struct NewWorkspace {
 #[serde(deny_unknown_fields)]
 pub struct WorkspaceUpdate {
     /// New name.
+    #[schema(max_length = 200)]
     pub name: Option<String>,
     /// New branding (replaces the whole branding object).
     pub branding: Option<Branding>,
@@ -280,6 +283,16 @@ pub async fn update(
     }
     if let Some(u) = &input.success_redirect {
         row.success_redirect = validate_success_redirect(&mut errors, u, &row.allowed_redirects);
+    } else if let (Some(_), Some(current)) = (&input.allowed_redirects, row.success_redirect.clone()) {
+        // A new allow-list must still allow the default it keeps.
+        let mut check = Errors::default();
+        validate_success_redirect(&mut check, &current, &row.allowed_redirects);
+        if check.finish().is_err() {
+            errors.push(FieldError::new(
+                "success_redirect",
+                "the workspace's default success redirect is not in the new allowed_redirects; change or clear it in the same request",
+            ));
+        }
     }
     errors.finish()?;
     let now = app.now_ms();

@@ -101,15 +101,27 @@ async fn workspaces_crud(app: TestApp) {
     assert_eq!(got["name"], "Acme Social");
     let by_slug = app.api_get("/workspaces/acme-social", &admin, 200).await;
     assert_eq!(by_slug["id"], id);
+    // A default success redirect must stay within the allow-list: a new list without it is
+    // refused unless the default changes in the same request.
+    let path = format!("/workspaces/{id}");
+    app.api_patch(&path, &admin, json!({"success_redirect": "https://acme.example/done"}), 200).await;
+    let p =
+        app.api_patch(&path, &admin, json!({"allowed_redirects": ["https://other.example/cb"]}), 422).await;
+    assert_eq!(p["errors"][0]["field"], "success_redirect", "{p}");
+    assert_eq!(
+        app.api_get(&path, &admin, 200).await["allowed_redirects"],
+        json!(["https://acme.example/done"])
+    );
     let updated = app
         .api_patch(
             &format!("/workspaces/{id}"),
             &admin,
-            json!({"name": "Acme Social Ltd", "allowed_redirects": []}),
+            json!({"name": "Acme Social Ltd", "allowed_redirects": [], "success_redirect": ""}),
             200,
         )
         .await;
     assert_eq!(updated["name"], "Acme Social Ltd");
+    assert_eq!(updated["success_redirect"], Value::Null);
     assert_eq!(updated["allowed_redirects"], json!([]));
     // A taken slug is a validation error on `slug`.
     let dup = app.api_post("/workspaces", &admin, json!({"name": "Other", "slug": "acme-social"}), 422).await;
@@ -325,6 +337,8 @@ async fn link_bad_input(app: TestApp) {
     field_error(&app, &key, json!({"label": "a", "max_uses": -5}), "max_uses").await;
     field_error(&app, &key, json!({"label": "a", "expires_in": "soon"}), "expires_in").await;
     field_error(&app, &key, json!({"label": "a", "expires_at": "2001-01-01T00:00:00Z"}), "expires_at").await;
+    field_error(&app, &key, json!({"label": "a", "expires_at": "2999-01-01T00:00:00Z"}), "expires_at").await;
+    field_error(&app, &key, json!({"label": "a", "expires_in": "3651d"}), "expires_in").await;
     field_error(&app, &key, json!({"label": "a", "platforms": ["myspace"]}), "platforms").await;
     field_error(&app, &key, json!({"label": "a", "platforms": []}), "platforms").await;
     field_error(&app, &admin, json!({"label": "a", "workspace_id": "nope"}), "workspace_id").await;
@@ -342,6 +356,26 @@ async fn link_bad_input(app: TestApp) {
     let id = ok["id"].as_str().unwrap();
     app.api_patch(&format!("/links/{id}"), &key, json!({"label": ""}), 422).await;
     app.api_patch(&format!("/links/{id}"), &key, json!({"redirect_url": "https://evil.example/"}), 422).await;
+    let path = format!("/links/{id}");
+    for (body, field) in [
+        (json!({"expires_at": "2999-01-01T00:00:00Z"}), "expires_at"),
+        (json!({"expires_in": "soon"}), "expires_in"),
+        (json!({"expires_in": "1d", "expires_at": "2030-01-01T00:00:00Z"}), "expires_in"),
+        (json!({"expires_in": "1d", "expires_at": null}), "expires_in"),
+    ] {
+        let p = app.api_patch(&path, &key, body.clone(), 422).await;
+        assert_eq!(p["errors"][0]["field"], field, "{body}: {p}");
+    }
+    // A lifetime, as at creation; then no expiry.
+    let dated = app.api_patch(&path, &key, json!({"expires_in": "2d"}), 200).await;
+    let at = time::OffsetDateTime::parse(
+        dated["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let left = at - time::OffsetDateTime::now_utc();
+    assert!(left > time::Duration::hours(47) && left <= time::Duration::hours(48), "{dated}");
+    assert_eq!(app.api_patch(&path, &key, json!({"expires_at": null}), 200).await["expires_at"], Value::Null);
     app.api_get("/links/not-an-id", &key, 404).await;
     app.api_get("/links/0190a000-0000-7000-8000-000000000000", &key, 404).await;
 }

@@ -138,6 +138,15 @@ async fn link_commands(app: TestApp) {
     assert_eq!(shown["created_by"], "cli");
     let list = app.cli_json(&["link", "list", "--workspace", &wid]);
     assert_eq!(list.as_array().unwrap().len(), 2);
+    // A limit out of range is refused, not quietly changed; a listing cut at its limit says so.
+    for limit in ["0", "10001"] {
+        let out = app.cli(&["link", "list", "--workspace", &wid, "--limit", limit]);
+        assert_eq!(out.status.code(), Some(2), "--limit {limit}");
+    }
+    let cut = app.cli(&["link", "list", "--workspace", &wid, "--limit", "1"]);
+    assert!(cut.status.success());
+    assert_eq!(String::from_utf8_lossy(&cut.stdout).lines().count(), 1);
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("more may follow"), "{cut:?}");
     let human = stdout(&app.cli(&["link", "show", id]));
     assert!(human.contains("Client Co") && human.contains("uses: 0 of 2"), "{human}");
     // Rotate prints the new URL; the old one is dead.
@@ -301,7 +310,10 @@ async fn config_check_and_bad_config(app: TestApp) {
     assert!(!text.contains(master.as_str()), "the master key is masked");
     let json: Value = serde_json::from_slice(&app.cli(&["config", "check", "--json"]).stdout).unwrap();
     assert_eq!(json["master_key"], "********");
-    assert_eq!(json["master_key_source"], "master_key (AUTHLINK_MASTER_KEY)");
+    assert_eq!(
+        json["master_key_source"],
+        "the `master_key` setting (the configuration file, or AUTHLINK_MASTER_KEY)"
+    );
     // Without a key: where one would come from, or, where start-up would refuse, the same error.
     let dev = tempfile::tempdir().unwrap();
     let data_dir = dev.path().display().to_string();

@@ -272,6 +272,7 @@ pub async fn edit(
         label: Some(v.label.clone()),
         client_ref: Some(Some(v.client_ref.clone()).filter(|s| !s.trim().is_empty())),
         expires_at,
+        expires_in: None,
         redirect_url: Some(Some(v.redirect_url.clone()).filter(|s| !s.is_empty())),
         hide_connections: Some(v.hide_connections),
         platforms: Some(v.platforms.clone()),
