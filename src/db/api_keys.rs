@@ -63,6 +63,18 @@ pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<ApiKeyRo
         .await?)
 }
 
+/// How many keys of a workspace (platform-admin keys with `None`) are not revoked.
+pub async fn count_active(conn: &mut AnyConnection, workspace_id: Option<&str>) -> DbResult<i64> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL \
+         AND (workspace_id = $1 OR ($1 IS NULL AND workspace_id IS NULL))",
+    )
+    .bind(workspace_id)
+    .fetch_one(conn)
+    .await?;
+    Ok(n)
+}
+
 /// Keys of one workspace, or every key (`None`), oldest first.
 pub async fn list(conn: &mut AnyConnection, workspace_id: Option<&str>) -> DbResult<Vec<ApiKeyRow>> {
     Ok(sqlx::query_as(&format!(

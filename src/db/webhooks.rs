@@ -162,6 +162,17 @@ pub async fn get_endpoint_for_update(
         .await?)
 }
 
+/// How many endpoints of a workspace are not removed.
+pub async fn count_live_endpoints(conn: &mut AnyConnection, workspace_id: &str) -> DbResult<i64> {
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM webhook_endpoints WHERE workspace_id = $1 AND events <> $2")
+            .bind(workspace_id)
+            .bind(EndpointRow::REMOVED)
+            .fetch_one(conn)
+            .await?;
+    Ok(n)
+}
+
 /// The endpoints of a workspace (every workspace with `None`), oldest first.
 pub async fn list_endpoints(conn: &mut impl Exec, workspace_id: Option<&str>) -> DbResult<Vec<EndpointRow>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {

@@ -82,6 +82,9 @@ pub struct NewApiKey {
     pub name: Option<String>,
 }
 
+/// Most keys active at once in one workspace (and platform-admin keys in all).
+pub const MAX_ACTIVE_KEYS: i64 = 50;
+
 /// Creates a key.
 pub async fn create(
     app: &App,
@@ -124,6 +127,11 @@ pub async fn create(
         revoked_at: None,
     };
     let mut tx = app.db.begin_write().await?;
+    if db::api_keys::count_active(&mut tx, row.workspace_id.as_deref()).await? >= MAX_ACTIVE_KEYS {
+        return Err(ServiceError::Conflict(format!(
+            "at most {MAX_ACTIVE_KEYS} keys can be active at once, per workspace (and platform-admin keys in all); revoke one first"
+        )));
+    }
     db::api_keys::insert(&mut tx, &row).await?;
     audit::record(
         &mut tx,

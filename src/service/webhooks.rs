@@ -94,6 +94,9 @@ impl From<&EndpointRow> for EndpointView {
     }
 }
 
+/// Most webhook endpoints a workspace has (removed ones not counted).
+pub const MAX_ENDPOINTS: i64 = 20;
+
 /// Input of [`create`].
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -310,6 +313,12 @@ pub async fn create(
         updated_at: now,
     };
     let mut tx = app.db.begin_write().await?;
+    // Every event is sent to every endpoint that wants it: their number is bounded.
+    if db::webhooks::count_live_endpoints(&mut tx, &row.workspace_id).await? >= MAX_ENDPOINTS {
+        return Err(ServiceError::Conflict(format!(
+            "a workspace has at most {MAX_ENDPOINTS} webhook endpoints; remove one first"
+        )));
+    }
     db::webhooks::insert_endpoint(&mut tx, &row).await?;
     audit::record(
         &mut tx,

@@ -17,6 +17,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         removed_webhook_endpoint_is_gone,
         requests_are_limited_per_key_and_address,
         api_keys_lifecycle,
+        active_keys_and_endpoints_are_bounded,
         tenant_isolation,
         audit_log_lists_changes,
         openapi_matches_routes,
@@ -626,6 +627,46 @@ async fn api_keys_lifecycle(app: TestApp) {
     // A workspace key cannot see or revoke the admin key.
     let admin_id = a2["id"].as_str().unwrap();
     app.api_post(&format!("/api-keys/{admin_id}/revoke"), second_secret, json!({}), 404).await;
+}
+
+/// A workspace holds at most 50 active API keys and 20 webhook endpoints (every event goes to
+/// each endpoint): 409 beyond, until one is revoked or removed.
+async fn active_keys_and_endpoints_are_bounded(app: TestApp) {
+    let admin = app.admin_key();
+    let wid = app.workspace("Bounded");
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let k = app
+            .api_post("/api-keys", &admin, json!({"workspace_id": wid, "name": format!("k{i}")}), 201)
+            .await;
+        ids.push(k["id"].as_str().unwrap().to_string());
+    }
+    let p = app.api_post("/api-keys", &admin, json!({"workspace_id": wid}), 409).await;
+    assert!(p["detail"].as_str().unwrap().contains("at most 50"), "{p}");
+    // Another workspace has its own count.
+    let other = app.workspace("Other");
+    app.api_post("/api-keys", &admin, json!({"workspace_id": other}), 201).await;
+    app.api_post(&format!("/api-keys/{}/revoke", ids[0]), &admin, json!({}), 200).await;
+    app.api_post("/api-keys", &admin, json!({"workspace_id": wid}), 201).await;
+
+    let receiver = crate::health::Receiver::start().await;
+    let key = app.workspace_key(&other);
+    let mut endpoints = Vec::new();
+    for i in 0..20 {
+        let url = format!("{}/{i}", receiver.url);
+        endpoints.push(
+            app.api_post("/webhooks", &key, json!({"url": url}), 201).await["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let p = app.api_post("/webhooks", &key, json!({"url": receiver.url}), 409).await;
+    assert!(p["detail"].as_str().unwrap().contains("at most 20"), "{p}");
+    let res =
+        app.api(reqwest::Method::DELETE, &format!("/webhooks/{}", endpoints[0]), &key).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    app.api_post("/webhooks", &key, json!({"url": receiver.url}), 201).await;
 }
 
 async fn tenant_isolation(app: TestApp) {

@@ -23,7 +23,8 @@ async fn list_api_keys(State(state): State<AppState>, caller: Caller) -> ApiResu
 
 /// Create an API key. The answer's `secret` is shown this once.
 #[utoipa::path(post, path = "/api-keys", tag = "api-keys", request_body = NewApiKey,
-    responses((status = 201, body = CreatedApiKey), (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = CreatedApiKey), (status = 403, body = Problem), (status = 422, body = Problem),
+        (status = 409, body = Problem, description = "As many keys as allowed are active (50 per workspace, and 50 platform-admin keys); revoke one first")))]
 async fn create_api_key(
     State(state): State<AppState>,
     caller: Caller,

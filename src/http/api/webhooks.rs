@@ -46,7 +46,8 @@ async fn list_webhooks(
 
 /// Add an endpoint. The answer's `secret` (`whsec_…`) is shown this once.
 #[utoipa::path(post, path = "/webhooks", tag = "webhooks", request_body = NewEndpoint,
-    responses((status = 201, body = EndpointWithSecret), (status = 422, body = Problem)))]
+    responses((status = 201, body = EndpointWithSecret), (status = 422, body = Problem),
+        (status = 409, body = Problem, description = "The workspace has as many endpoints as allowed (20); remove one first")))]
 async fn create_webhook(
     State(state): State<AppState>,
     caller: Caller,
