@@ -162,6 +162,19 @@ pub async fn get_endpoint_for_update(
         .await?)
 }
 
+/// Whether a delivery to the endpoint succeeded at or after `since_ms`.
+pub async fn delivered_since(conn: &mut AnyConnection, endpoint_id: &str, since_ms: i64) -> DbResult<bool> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM webhook_deliveries WHERE endpoint_id = $1 AND status = 'succeeded' \
+         AND updated_at >= $2 LIMIT 1) AS s",
+    )
+    .bind(endpoint_id)
+    .bind(since_ms)
+    .fetch_one(conn)
+    .await?;
+    Ok(n > 0)
+}
+
 /// How many endpoints of a workspace are not removed.
 pub async fn count_live_endpoints(conn: &mut AnyConnection, workspace_id: &str) -> DbResult<i64> {
     let (n,): (i64,) =

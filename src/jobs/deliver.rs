@@ -6,9 +6,10 @@
 //! - 429, 502, 503, 504 and others: retried; a `Retry-After` (seconds or an HTTP date, at most
 //!   a day) is honoured.
 //! - Every attempt is logged with its status code and latency.
-//! - When a delivery has used up its retries, it is marked failed and its endpoint, which has
-//!   then failed for about three days, is disabled with an audit entry. A manual redelivery
-//!   starts a fresh retry schedule, so it never disables an endpoint by itself.
+//! - When a delivery has used up its retries, it is marked failed, and its endpoint is disabled
+//!   with an audit entry unless it took another delivery since that one was made (an endpoint
+//!   that refuses one event but takes the others keeps getting them). A manual redelivery starts
+//!   a fresh retry schedule, so it never disables an endpoint by itself.
 //!
 //! Claims: a process claims only as many due deliveries as it can start at once, each for
 //! `jobs.lease_secs` (at least twice what an attempt may take: the delivery timeout plus
@@ -245,7 +246,16 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
     )
     .await?;
     if let (true, Some(reason)) = (held, disable_for) {
-        disable(&mut tx, &endpoint, reason, now).await?;
+        // A delivery that used up its retries disables its endpoint only if the endpoint took
+        // nothing else meanwhile: one event it keeps refusing (a bug of the receiver's in one
+        // event type) must not stop every other event. 410 Gone disables it at once.
+        let working = !gone && db::webhooks::delivered_since(&mut tx, &endpoint.id, d.created_at).await?;
+        if working {
+            tracing::warn!(delivery_id = %d.id, endpoint_id = %endpoint.id,
+                "a webhook delivery failed for good; its endpoint took other deliveries meanwhile and stays enabled");
+        } else {
+            disable(&mut tx, &endpoint, reason, now).await?;
+        }
     }
     tx.commit().await?;
     if !held {

@@ -60,8 +60,27 @@ async fn refresh_loop(state: AppState, mut stop: watch::Receiver<bool>) {
             Vec::new()
         };
         let full_batch = claimed.len() >= state.config.jobs.refresh_batch as usize;
-        for id in claimed {
-            let Ok(permit) = limit.clone().acquire_owned().await else { break };
+        let mut claimed = claimed.into_iter();
+        while let Some(id) = claimed.next() {
+            // No refresh starts once asked to stop: one cut off by the exit after the provider
+            // rotated its token would lose the new one. What was claimed and not started is
+            // given back at once, for another process.
+            let permit = if *stop.borrow() {
+                None
+            } else {
+                tokio::select! {
+                    permit = limit.clone().acquire_owned() => permit.ok(),
+                    _ = stop.changed() => None,
+                }
+            };
+            let Some(permit) = permit else {
+                for id in std::iter::once(id).chain(claimed.by_ref()) {
+                    if let Err(e) = refresh::give_back(&state, &id).await {
+                        tracing::warn!(connection_id = %id, error = %e, "giving back a refresh claim failed");
+                    }
+                }
+                break;
+            };
             let state = state.clone();
             in_flight.spawn(async move {
                 let _permit = permit;

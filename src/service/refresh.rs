@@ -1095,6 +1095,12 @@ pub async fn announce_expiring(app: &App) -> ServiceResult<usize> {
     Ok(count)
 }
 
+/// Gives back this process's claim on a connection's refresh, not started (shutting down).
+pub async fn give_back(app: &App, id: &str) -> ServiceResult<()> {
+    db::connections::release_lease(&mut *app.db.writer().await?, id, owner_id()).await?;
+    Ok(())
+}
+
 /// Claims a batch of due refreshes for this process (the scheduler's query).
 pub async fn claim_batch(app: &App) -> ServiceResult<Vec<String>> {
     let now = app.now_ms();

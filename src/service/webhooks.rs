@@ -499,6 +499,16 @@ pub async fn rotate_secret(
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     let mut row = locked_row(app, &mut tx, scope, id).await?;
+    // The secret before the last rotation still signs, for receivers not yet given the new one;
+    // a second rotation now would drop it at once and fail their deliveries.
+    if let Some(until) = row.previous_secret_until.filter(|until| *until > now) {
+        let at =
+            from_millis(until).format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        return Err(ServiceError::Conflict(format!(
+            "the secret was rotated less than a day ago and the one before it signs until {at}; rotate again \
+             after that (or, if a secret leaked, remove this endpoint and add a new one)"
+        )));
+    }
     let old = app.keys.open_str(&row.secret_sealed, secret_aad(&row.workspace_id, &row.id))?;
     row.previous_secret_sealed =
         Some(app.keys.seal_str(old.expose_secret(), previous_secret_aad(&row.workspace_id, &row.id)));

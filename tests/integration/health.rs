@@ -431,6 +431,11 @@ async fn webhooks_are_signed_retried_and_redelivered(app: TestApp) {
     assert_eq!(last[0].headers["webhook-signature"].split(' ').count(), 2, "old and new secret both sign");
     verify_with_standardwebhooks(&new_secret, last);
     verify_with_standardwebhooks(&secret, last);
+    // Not again while the old secret still signs: that would drop it at once.
+    let p = app.api_post(&format!("/webhooks/{endpoint}/rotate-secret"), &key, json!({}), 409).await;
+    assert!(p["detail"].as_str().unwrap().contains("less than a day ago"), "{p}");
+    app.advance_clock(24 * 3600 + 60).await;
+    app.api_post(&format!("/webhooks/{endpoint}/rotate-secret"), &key, json!({}), 200).await;
 }
 
 async fn gone_endpoint_is_disabled(app: TestApp) {

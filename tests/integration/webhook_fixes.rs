@@ -19,6 +19,7 @@ use crate::tests;
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     let mut list = tests![
         redelivery_after_giving_up_starts_a_fresh_schedule,
+        a_delivery_given_up_spares_an_endpoint_that_takes_others,
         disabling_keeps_changes_made_during_the_attempt,
         slow_receivers_get_each_delivery_once,
         deliveries_never_go_through_a_proxy,
@@ -270,6 +271,48 @@ async fn redelivery_after_giving_up_starts_a_fresh_schedule(app: TestApp) {
     assert_eq!(audit["data"].as_array().unwrap().len(), 1, "disabled once, when the schedule ran out");
     assert_eq!(redelivered["status"], "pending");
     assert_eq!(redelivered["attempts"], 0, "a redelivery starts a fresh schedule");
+}
+
+/// One event the receiver keeps refusing is given up, but an endpoint that took another event
+/// meanwhile stays enabled: the rest of its events must not stop with that one.
+async fn a_delivery_given_up_spares_an_endpoint_that_takes_others(app: TestApp) {
+    let wid = app.workspace("Spared");
+    let key = app.workspace_key(&wid);
+    let hook = Hook::ok().await;
+    let (endpoint, _) = add_endpoint(&app, &key, &hook.url).await;
+    let slots = authlink::service::webhooks::RETRY_SCHEDULE_SECS.len() + 1;
+    hook.fail_next(1, 500);
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    hook.wait_for(1, 20).await;
+    let refused = deliveries(&app, &key, &endpoint).await[0]["id"].as_str().unwrap().to_string();
+    delivery_when(&app, &key, &endpoint, &refused, "the first attempt recorded", |d| d["attempts"] == 1)
+        .await;
+    // Another event is taken at once.
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    hook.wait_for(2, 20).await;
+    let taken = eventually("the other event delivered", 20, || async {
+        deliveries(&app, &key, &endpoint)
+            .await
+            .into_iter()
+            .find(|d| d["id"] != refused.as_str() && d["status"] == "succeeded")
+    })
+    .await;
+    // Every later attempt of the first fails.
+    hook.fail_next(slots - 1, 500);
+    for n in 2..=slots {
+        app.advance_clock(100_000).await;
+        hook.wait_for(n + 1, 20).await;
+        delivery_when(&app, &key, &endpoint, &refused, &format!("attempt {n} recorded"), |d| {
+            d["attempts"] == n
+        })
+        .await;
+    }
+    delivery_when(&app, &key, &endpoint, &refused, "giving up", |d| d["status"] == "failed").await;
+    let e = app.api_get(&format!("/webhooks/{endpoint}"), &key, 200).await;
+    assert_eq!(e["enabled"], true, "{e}");
+    let audit = app.api_get("/audit-events?action=webhook.disabled", &key, 200).await;
+    assert_eq!(audit["data"].as_array().unwrap().len(), 0, "{audit}");
+    assert_eq!(taken["status"], "succeeded");
 }
 
 async fn disabling_keeps_changes_made_during_the_attempt(app: TestApp) {

@@ -95,7 +95,8 @@ async fn remove_webhook(
 /// second signature) for 24 hours.
 #[utoipa::path(post, path = "/webhooks/{id}/rotate-secret", tag = "webhooks",
     params(("id" = String, Path, description = "Endpoint id")),
-    responses((status = 200, body = EndpointWithSecret), (status = 404, body = Problem)))]
+    responses((status = 200, body = EndpointWithSecret), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "Rotated less than a day ago: the secret before still signs until then")))]
 async fn rotate_webhook_secret(
     State(state): State<AppState>,
     caller: Caller,
