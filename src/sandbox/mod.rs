@@ -1015,10 +1015,20 @@ fn parse_multipart(content_type: &str, body: &[u8]) -> Option<Params> {
     Some(Params(out))
 }
 
-/// Splits a scope parameter (comma- or space-separated).
+/// Splits a scope parameter as Instagram does (comma- or space-separated).
 fn split_scopes(raw: &str) -> Vec<String> {
+    split_list(raw, |c: char| c == ',' || c.is_whitespace())
+}
+
+/// Splits a comma-separated list as TikTok does (its `scope` and `fields`): a space is no
+/// separator, so an entry with one in it is unknown.
+fn split_commas(raw: &str) -> Vec<String> {
+    split_list(raw, |c: char| c == ',')
+}
+
+fn split_list(raw: &str, separator: impl Fn(char) -> bool) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for s in raw.split(|c: char| c == ',' || c.is_whitespace()).filter(|s| !s.is_empty()) {
+    for s in raw.split(separator).filter(|s| !s.is_empty()) {
         if !out.iter().any(|o| o == s) {
             out.push(s.to_string());
         }

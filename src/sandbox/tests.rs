@@ -341,8 +341,9 @@ async fn tiktok_authorize_errors_name_the_parameter_and_do_not_redirect() {
         url
     };
     let cases = [
-        ("code_challenge", Some(pkce::s256_base64url(&verifier))),
+        ("code_challenge", Some("not-a-challenge".to_string())),
         ("code_challenge", None),
+        ("scope", Some("user.info.basic user.info.profile".to_string())),
         ("redirect_uri", Some(format!("{}/oauth/tiktok/callback/", h.base))),
         ("client_key", Some("nope".to_string())),
         ("code_challenge_method", Some("plain".to_string())),
@@ -355,6 +356,17 @@ async fn tiktok_authorize_errors_name_the_parameter_and_do_not_redirect() {
         let html = resp.text().await.unwrap();
         assert!(html.contains(&format!("<code>{name}</code>")), "{name}: {html}");
     }
+    // A base64url challenge (the RFC 7636 form) is taken at the authorize step and fails at the
+    // token endpoint, which compares TikTok's hex form (§2.9).
+    let url = with("code_challenge", Some(&pkce::s256_base64url(&verifier)));
+    let cb = h.consent(&url, &[("decision", "allow")]).await;
+    let err = h
+        .tiktok
+        .exchange_code(&cb.query["code"], &verifier, &h.tiktok_redirect(), h.now())
+        .await
+        .unwrap_err();
+    let ProviderError::Rejected { reason } = &err else { panic!("{err:?}") };
+    assert!(reason.contains("Code verifier or code challenge is invalid."), "{reason}");
     // PKCE can be made optional.
     h.control("/tiktok/scenario", json!({ "pkce_optional": true })).await;
     let resp = h.http.get(with("code_challenge", None)).send().await.unwrap();
@@ -723,6 +735,18 @@ async fn tiktok_profile_check_names_each_withdrawn_scope() {
     let whole = h.tiktok.check_profile(&tokens.access_token, &granted).await.unwrap();
     assert_eq!(whole.username.as_deref(), Some(account.username));
     assert!(whole.withheld_scopes.is_empty());
+    // `fields` is comma-separated: with spaces, the field is unknown.
+    let resp = h
+        .http
+        .get(format!("{}/sandbox/tiktok/v2/user/info/", h.base))
+        .query(&[("fields", "open_id display_name")])
+        .bearer_auth(tokens.access_token.expose_secret())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_params", "{body}");
 
     assert_eq!(h.control(&path, json!({ "scopes": ["user.info.stats"] })).await.0, 200);
     let checked = h.tiktok.check_profile(&tokens.access_token, &granted).await.unwrap();
