@@ -125,11 +125,14 @@ pub struct WebhooksConfig {
     pub allow_private_targets: bool,
     /// Timeout of one delivery attempt, in seconds.
     pub timeout_secs: u64,
+    /// How long finished deliveries (delivered, given up or cancelled), their attempts and their
+    /// events are kept, in days; then the housekeeping deletes them.
+    pub retention_days: u32,
 }
 
 impl Default for WebhooksConfig {
     fn default() -> Self {
-        Self { allow_private_targets: false, timeout_secs: 15 }
+        Self { allow_private_targets: false, timeout_secs: 15, retention_days: 30 }
     }
 }
 
@@ -575,6 +578,7 @@ impl Config {
             ("database.acquire_timeout_secs", self.database.acquire_timeout_secs == 0),
             ("providers.timeout_secs", self.providers.timeout_secs == 0),
             ("webhooks.timeout_secs", self.webhooks.timeout_secs == 0),
+            ("webhooks.retention_days", self.webhooks.retention_days == 0),
             ("http.link_requests_per_minute", self.http.link_requests_per_minute == 0),
             ("http.api_requests_per_minute", self.http.api_requests_per_minute == 0),
         ] {
@@ -893,6 +897,7 @@ mod tests {
             ("AUTHLINK_DATABASE__ACQUIRE_TIMEOUT_SECS", "database.acquire_timeout_secs"),
             ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "providers.timeout_secs"),
             ("AUTHLINK_WEBHOOKS__TIMEOUT_SECS", "webhooks.timeout_secs"),
+            ("AUTHLINK_WEBHOOKS__RETENTION_DAYS", "webhooks.retention_days"),
             ("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", "http.link_requests_per_minute"),
             ("AUTHLINK_HTTP__API_REQUESTS_PER_MINUTE", "http.api_requests_per_minute"),
         ] {

@@ -370,7 +370,8 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Periodic clean-up: expired OAuth flows.
+/// Periodic clean-up: expired OAuth flows, webhook deliveries past their retention, and webhook
+/// secrets that stopped signing.
 async fn housekeeping(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
@@ -388,7 +389,46 @@ async fn housekeeping(state: AppState, mut stop: tokio::sync::watch::Receiver<bo
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "housekeeping failed"),
         }
+        if let Err(e) = purge_webhooks(&state, &mut stop).await {
+            tracing::warn!(error = %e, "webhook housekeeping failed");
+        }
     }
+}
+
+/// Deletes finished webhook deliveries older than `webhooks.retention_days`, in short
+/// transactions (the writer is not held for long), and forgets expired previous secrets.
+async fn purge_webhooks(
+    state: &AppState,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), crate::db::DbError> {
+    const BATCH: i64 = 1000;
+    let now = state.now_ms();
+    let before = now - i64::from(state.config.webhooks.retention_days) * 86_400_000;
+    let (mut deliveries, mut events) = (0, 0);
+    // At most 100 batches a round; the rest waits for the next.
+    for _ in 0..100 {
+        if *stop.borrow() {
+            break;
+        }
+        let mut tx = state.db.begin_write().await?;
+        let (d, e) = db::webhooks::purge_finished(&mut tx, before, BATCH).await?;
+        tx.commit().await?;
+        deliveries += d;
+        events += e;
+        if d < BATCH as u64 && e < BATCH as u64 {
+            break;
+        }
+    }
+    let secrets = db::webhooks::forget_previous_secrets(&mut *state.db.writer().await?, now).await?;
+    if deliveries + events + secrets > 0 {
+        tracing::info!(
+            deliveries,
+            events,
+            secrets,
+            "webhook housekeeping: old deliveries and expired secrets removed"
+        );
+    }
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -162,6 +162,48 @@ pub async fn get_endpoint_for_update(
         .await?)
 }
 
+/// Deletes up to `batch` deliveries finished (delivered, given up or cancelled) before
+/// `before_ms`, with their attempts, then up to `batch` events made before it that have no
+/// delivery left; run it in a transaction. Returns how many deliveries and events went.
+pub async fn purge_finished(conn: &mut AnyConnection, before_ms: i64, batch: i64) -> DbResult<(u64, u64)> {
+    const FINISHED: &str = "SELECT id FROM webhook_deliveries WHERE status IN ('succeeded', 'failed', 'cancelled') \
+        AND updated_at < $1 ORDER BY id LIMIT $2";
+    sqlx::query(&format!("DELETE FROM webhook_attempts WHERE delivery_id IN ({FINISHED})"))
+        .bind(before_ms)
+        .bind(batch)
+        .execute(&mut *conn)
+        .await?;
+    let deliveries = sqlx::query(&format!("DELETE FROM webhook_deliveries WHERE id IN ({FINISHED})"))
+        .bind(before_ms)
+        .bind(batch)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    let events = sqlx::query(
+        "DELETE FROM webhook_events WHERE id IN (SELECT e.id FROM webhook_events e WHERE e.created_at < $1 \
+         AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id) ORDER BY e.id LIMIT $2)",
+    )
+    .bind(before_ms)
+    .bind(batch)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    Ok((deliveries, events))
+}
+
+/// Forgets the secrets that stopped signing before `now_ms` (the one before a rotation, kept a
+/// day). Returns how many endpoints had one.
+pub async fn forget_previous_secrets(conn: &mut AnyConnection, now_ms: i64) -> DbResult<u64> {
+    let done = sqlx::query(
+        "UPDATE webhook_endpoints SET previous_secret_sealed = NULL, previous_secret_until = NULL \
+         WHERE previous_secret_until < $1",
+    )
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Whether a delivery to the endpoint succeeded at or after `since_ms`.
 pub async fn delivered_since(conn: &mut AnyConnection, endpoint_id: &str, since_ms: i64) -> DbResult<bool> {
     let (n,): (i64,) = sqlx::query_as(
@@ -619,6 +661,76 @@ mod tests {
         update_endpoint(&mut conn, &moved).await.unwrap();
         assert!(!disable_endpoint(&mut conn, "e", &read_before.url, "gone", 12).await.unwrap());
         assert_eq!(get_endpoint(&mut conn, "e").await.unwrap().unwrap().enabled, 1);
+        drop(conn);
+        db.close().await;
+    }
+
+    /// Finished deliveries past the retention go with their attempts and events; pending ones,
+    /// recent ones and events still delivered stay; a previous secret is forgotten once it stopped
+    /// signing.
+    #[tokio::test]
+    async fn housekeeping_removes_only_what_is_finished_and_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let (_, delivery) = seed(&mut conn).await;
+        let db = &db;
+        let count = |table: &'static str| {
+            let q = format!("SELECT COUNT(*) FROM {table}");
+            async move {
+                let mut c = db.read().await.unwrap();
+                sqlx::query_as::<_, (i64,)>(&q).fetch_one(&mut *c).await.unwrap().0
+            }
+        };
+        // Pending: kept, however old.
+        assert_eq!(purge_finished(&mut conn, 1_000, 10).await.unwrap(), (0, 0));
+        insert_attempt(
+            &mut conn,
+            &AttemptRow {
+                id: "a".into(),
+                delivery_id: delivery.id.clone(),
+                attempted_at: 40,
+                status_code: Some(200),
+                latency_ms: 3,
+                outcome: "succeeded".into(),
+                error: None,
+            },
+        )
+        .await
+        .unwrap();
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'succeeded', next_attempt_at = NULL, updated_at = 50",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        // An event without deliveries, made after the cut-off: kept.
+        let later = EventRow {
+            id: "msg_2".into(),
+            workspace_id: "w".into(),
+            event_type: "webhook.test".into(),
+            payload: "sealed".into(),
+            created_at: 200,
+        };
+        insert_event(&mut *conn, &later).await.unwrap();
+        // Finished after the cut-off: kept.
+        assert_eq!(purge_finished(&mut conn, 40, 10).await.unwrap(), (0, 0));
+        assert_eq!(purge_finished(&mut conn, 100, 10).await.unwrap(), (1, 1));
+        drop(conn);
+        assert_eq!(count("webhook_attempts").await, 0);
+        assert_eq!(count("webhook_deliveries").await, 0);
+        assert_eq!(count("webhook_events").await, 1, "the later event stays");
+        let mut conn = db.writer().await.unwrap();
+        sqlx::query(
+            "UPDATE webhook_endpoints SET previous_secret_sealed = 'old', previous_secret_until = 10",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(forget_previous_secrets(&mut conn, 5).await.unwrap(), 0, "still signing");
+        assert_eq!(forget_previous_secrets(&mut conn, 20).await.unwrap(), 1);
+        let e = get_endpoint(&mut conn, "e").await.unwrap().unwrap();
+        assert_eq!((e.previous_secret_sealed, e.previous_secret_until), (None, None));
         drop(conn);
         db.close().await;
     }

@@ -387,9 +387,22 @@ async fn state_failures_make_no_token_call(app: TestApp) {
     assert_eq!(res.status(), 400);
     assert!(res.text().await.unwrap().contains("already used"));
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"].as_u64().unwrap(), calls);
-    // The refusal page alone: an unknown reason is not a page.
-    let res = app.client.get(app.url("/oauth/tiktok/failed?reason=nonsense")).send().await.unwrap();
-    assert_eq!(res.status(), 404);
+    // The refusal page alone: an unknown or missing reason is not a page (an HTML one, still).
+    for path in [
+        "/oauth/tiktok/failed?reason=nonsense",
+        "/oauth/tiktok/failed",
+        "/oauth/tiktok/failed?reason=denied&reason=denied",
+    ] {
+        let res = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), 404, "{path}");
+        assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/html"), "{path}");
+    }
+    // A callback whose query does not read is refused in words, from a clean URL.
+    let res = app.client.get(app.url("/oauth/tiktok/callback?state=a&state=b&code=c")).send().await.unwrap();
+    assert_eq!(res.status(), 303);
+    assert!(
+        res.headers()["location"].to_str().unwrap().starts_with("/oauth/tiktok/failed?reason=provider_error")
+    );
 }
 
 async fn link_gone_between_start_and_callback(app: TestApp) {
@@ -401,6 +414,8 @@ async fn link_gone_between_start_and_callback(app: TestApp) {
     app.cli_json(&["link", "revoke", &id]);
     let page = finish(&app.client, &app, &flow.callback).await;
     assert_eq!(page.status(), 410);
+    let html = page.text().await.unwrap();
+    assert!(!html.contains("href=\"/l/"), "no try again through a link that cannot connect: {html}");
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
     assert_nothing_connected(&app).await;
     // A revoked link cannot start a flow either, from a page opened before it was revoked.

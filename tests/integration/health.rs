@@ -1107,8 +1107,15 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     assert!(broken["status_reason"].as_str().unwrap().contains("removed the app"), "{broken}");
     connect(&app.client, &app, &url, "instagram", &a.user_id.to_string()).await;
     assert_eq!(app.api_get(&format!("/connections/{aid}"), &key, 200).await["status"], "active");
+    let instagram_only =
+        app.cli_json(&["link", "create", "--workspace", &wid, "--label", "IG", "--platform", "instagram"]);
+    let instagram_only = instagram_only["url"].as_str().unwrap().to_string();
     // With Instagram switched off, the callbacks change nothing (its secret is not used).
     let (app, restarted) = app.restart_with(&[("AUTHLINK_PROVIDERS__INSTAGRAM__ENABLED", "false")]).await;
+    // A link offering only Instagram says there is nothing to connect, instead of an empty list.
+    let res = app.client.get(&instagram_only).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res.text().await.unwrap().contains("Nothing to connect right now"));
     let res = app
         .client
         .post(app.url("/oauth/instagram/deauthorize"))

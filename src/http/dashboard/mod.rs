@@ -544,6 +544,7 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "key_revoked" => "API key revoked.",
         "member_added" => "Member saved.",
         "member_removed" => "Member removed.",
+        "left_workspace" => "You left the workspace.",
         "invitation_revoked" => "Invitation withdrawn: its link no longer works.",
         "invitation_accepted" => "Welcome: you have joined this workspace.",
         "branding_saved" => "Branding saved.",

@@ -297,6 +297,10 @@ pub async fn remove_member(
     let ws = workspace(&state, &ctx, &slug).await?;
     require_owner(&ws)?;
     users::remove_member(&state, &ctx.actor, &ws.row.id, &user_id).await?;
+    // Whoever removed themselves can no longer see the workspace: to their list of workspaces.
+    if user_id == ctx.user.id {
+        return Ok(see_other("/app/workspaces?notice=left_workspace"));
+    }
     Ok(see_other(&format!("/app/w/{}/members?notice=member_removed", ws.row.slug)))
 }
 

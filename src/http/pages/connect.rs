@@ -16,6 +16,7 @@
 //! A failed attempt writes no connection and no token.
 
 use askama::Template;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -334,6 +335,12 @@ impl Failure {
         .find(|f| f.code() == s)
     }
 
+    /// Whether trying again from the link can help: not once the link is gone or used up (its
+    /// page could not connect this account; the page says to ask for a new link).
+    fn retryable(self) -> bool {
+        !matches!(self, Failure::LinkGone | Failure::LinkUsedUp)
+    }
+
     fn status(self) -> StatusCode {
         match self {
             Failure::StateMissing
@@ -475,7 +482,7 @@ fn service_refusal(e: crate::service::ServiceError, platform: Platform, flow: Op
 /// The query of [`show_refusal`].
 #[derive(Debug, Deserialize)]
 pub struct RefusalQuery {
-    reason: String,
+    reason: Option<String>,
     flow: Option<String>,
 }
 
@@ -484,11 +491,13 @@ pub struct RefusalQuery {
 pub async fn show_refusal(
     State(state): State<AppState>,
     Path(provider_name): Path<String>,
-    Query(q): Query<RefusalQuery>,
+    query: Result<Query<RefusalQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let (Some(platform), Some(f)) = (platform_from_path(&provider_name), Failure::from_code(&q.reason))
-    else {
+    // A query that does not read (a parameter twice, say) is no page of ours either.
+    let Ok(Query(q)) = query else { return super::not_found().await };
+    let reason = q.reason.as_deref().and_then(Failure::from_code);
+    let (Some(platform), Some(f)) = (platform_from_path(&provider_name), reason) else {
         return super::not_found().await;
     };
     let mut page = f.page(platform.display_name(), None);
@@ -500,7 +509,9 @@ pub async fn show_refusal(
         .await;
         match flow {
             Ok(Some(flow)) if same_browser(&state, &headers, &flow.browser_hash) => {
-                page.try_again = landing_href(&state, &flow.link_id, flow.created_at).await;
+                if f.retryable() {
+                    page.try_again = landing_href(&state, &flow.link_id, flow.created_at).await;
+                }
             }
             Ok(_) => {}
             Err(e) => return service_error_page(e.into()),
@@ -513,12 +524,17 @@ pub async fn show_refusal(
 pub async fn oauth_callback(
     State(state): State<AppState>,
     Path(provider_name): Path<String>,
-    Query(q): Query<CallbackQuery>,
+    query: Result<Query<CallbackQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let started = std::time::Instant::now();
     let Some(platform) = platform_from_path(&provider_name) else {
         return super::not_found().await;
+    };
+    // An answer that does not read (a parameter twice, say) is not the provider's: no code is
+    // exchanged, and the client is told in words, from a clean URL.
+    let Ok(Query(q)) = query else {
+        return refused(Failure::ProviderError, platform, last_flow(&state, &headers, platform).as_deref());
     };
     let Some(raw_state) = q.state.as_deref().filter(|s| !s.is_empty()) else {
         // Whether the providers send `state` back with an error is not documented: an error
@@ -903,7 +919,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     let outcome = flow.outcome.as_deref().unwrap_or_default();
     if let Some(f) = Failure::from_code(outcome) {
         let mut page = f.page(platform.display_name(), None);
-        page.try_again = landing;
+        page.try_again = landing.filter(|_| f.retryable());
         if let Some(w) = &workspace {
             page = page.branded(w);
         }

@@ -223,7 +223,11 @@ pub fn service_error_page(e: ServiceError) -> Response {
 }
 
 fn not_found_page() -> Response {
-    render(StatusCode::NOT_FOUND, &MessagePage::new("Page not found", "There is nothing at this address."))
+    render(
+        StatusCode::NOT_FOUND,
+        &MessagePage::new("Page not found", "There is nothing at this address.")
+            .next("Check that you copied the whole link you were sent."),
+    )
 }
 
 /// One platform button on the landing page.
@@ -311,6 +315,16 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         }
     };
     let brand = Brand::from(&link);
+    if platforms.is_empty() {
+        // Every platform the link offers is switched off on this instance: nothing to press.
+        let page = MessagePage::new(
+            "Nothing to connect right now",
+            "This link offers no platform that can be connected at the moment.",
+        )
+        .next(format!("Try again later, or ask {} about it.", brand.name))
+        .branded(brand);
+        return render(StatusCode::SERVICE_UNAVAILABLE, &page);
+    }
     // The page sets the browser-binding cookie its forms are bound to.
     let (browser, cookie) = connect::browser_cookie(&state, &headers);
     let page = LandingPage {
