@@ -1558,6 +1558,20 @@ async fn webhook_pages(app: TestApp) {
         html.contains("Deliveries to this endpoint are on again.") && html.contains("Pause deliveries"),
         "{html}"
     );
+    // A test event, and a new signing secret shown once; not a second one within a day.
+    let res = post(&app, &admin, &csrf, &format!("{path}/test"), &[]).await;
+    assert_eq!(location(&res), format!("{path}?notice=test_sent"));
+    let html = page(&app, &admin, &path, 200).await;
+    assert!(html.contains("webhook.test"), "{html}");
+    let (status, html) = text(post(&app, &admin, &csrf, &format!("{path}/rotate"), &[]).await).await;
+    assert_eq!(status, 200, "{html}");
+    let start = html.find(pattern).unwrap() + pattern.len();
+    let rotated = html[start..].split('"').next().unwrap().to_string();
+    assert!(rotated.starts_with("whsec_") && rotated != secret, "{rotated}");
+    assert!(html.contains("previous secret also signs"), "{html}");
+    let (status, html) = text(post(&app, &admin, &csrf, &format!("{path}/rotate"), &[]).await).await;
+    assert_eq!(status, 409, "{html}");
+    assert!(!html.contains("whsec_"), "{html}");
     // Removed.
     let res = post(&app, &admin, &csrf, &format!("{path}/remove"), &[]).await;
     assert_eq!(location(&res), "/app/w/acme/webhooks?notice=endpoint_removed");
@@ -1573,6 +1587,8 @@ async fn webhook_pages(app: TestApp) {
         "Turn deliveries back on",
         "Redeliver",
         "Remove endpoint",
+        "Send a test event",
+        "New signing secret",
         "method=\"post\" action=\"/app/w/acme/webhooks/",
     ] {
         assert!(!html.contains(control), "{control}: {html}");

@@ -100,6 +100,8 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/app/w/{slug}/webhooks/{id}/remove", post(webhooks::remove))
         .route("/app/w/{slug}/webhooks/{id}/enable", post(webhooks::enable))
         .route("/app/w/{slug}/webhooks/{id}/disable", post(webhooks::disable))
+        .route("/app/w/{slug}/webhooks/{id}/rotate", post(webhooks::rotate))
+        .route("/app/w/{slug}/webhooks/{id}/test", post(webhooks::send_test))
         .route("/app/w/{slug}/webhooks/deliveries/{id}/redeliver", post(webhooks::redeliver))
         .route("/app/{*rest}", get(not_found_route).post(not_found_route))
         .route("/favicon.ico", get(assets::favicon))
@@ -544,6 +546,7 @@ fn notice_text(code: &str) -> Option<&'static str> {
         "key_revoked" => "API key revoked.",
         "member_added" => "Member saved.",
         "member_removed" => "Member removed.",
+        "test_sent" => "Test event queued: it shows in the deliveries below once sent.",
         "left_workspace" => "You left the workspace.",
         "invitation_revoked" => "Invitation withdrawn: its link no longer works.",
         "invitation_accepted" => "Welcome: you have joined this workspace.",

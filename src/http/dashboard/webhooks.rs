@@ -78,6 +78,8 @@ struct ListPage {
     /// Removed endpoints, listed for their delivery logs.
     removed: Vec<EndpointRowView>,
     created: Option<EndpointWithSecret>,
+    /// The secret shown is a rotation's (the previous one signs a day more).
+    rotated: bool,
     v: EndpointForm,
     errors: FormErrors,
     event_types: &'static [&'static str],
@@ -91,6 +93,7 @@ async fn list_page(
     status: StatusCode,
     (created, v, errors): (Option<EndpointWithSecret>, EndpointForm, FormErrors),
     notice: Option<&str>,
+    rotated: bool,
 ) -> DashResult {
     let endpoints = webhooks::list(state, &ws.scope, Some(&ws.row.id)).await?;
     let removed = webhooks::list_removed(state, &ws.scope, Some(&ws.row.id)).await?;
@@ -99,6 +102,7 @@ async fn list_page(
         slug: ws.row.slug.clone(),
         endpoints: endpoints.iter().map(|e| EndpointRowView::new(&ws.row.slug, e)).collect(),
         removed: removed.iter().map(|e| EndpointRowView::with_removed(&ws.row.slug, e, true)).collect(),
+        rotated,
         created,
         v,
         errors,
@@ -117,7 +121,8 @@ pub async fn list(
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
     let v = EndpointForm::default();
-    list_page(&state, &ctx, &ws, StatusCode::OK, (None, v, FormErrors::default()), q.notice.as_deref()).await
+    list_page(&state, &ctx, &ws, StatusCode::OK, (None, v, FormErrors::default()), q.notice.as_deref(), false)
+        .await
 }
 
 /// `POST /app/w/{slug}/webhooks`: adds an endpoint and shows its signing secret, this once.
@@ -145,11 +150,12 @@ pub async fn create(
         Ok(created) => {
             let blank = EndpointForm::default();
             let shown = (Some(created), blank, FormErrors::default());
-            list_page(&state, &ctx, &ws, StatusCode::CREATED, shown, None).await
+            list_page(&state, &ctx, &ws, StatusCode::CREATED, shown, None, false).await
         }
         Err(e) => {
             let errors = FormErrors::from_service(e)?;
-            list_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, (None, v, errors), None).await
+            list_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, (None, v, errors), None, false)
+                .await
         }
     }
 }
@@ -271,6 +277,32 @@ async fn set_enabled(
     let e = webhooks::update(&state, &ctx.actor, &ws.scope, &id, change).await?;
     let notice = if enabled { "endpoint_enabled" } else { "endpoint_disabled" };
     Ok(see_other(&format!("/app/w/{}/webhooks/{}?notice={notice}", ws.row.slug, e.id)))
+}
+
+/// `POST /app/w/{slug}/webhooks/{id}/rotate`: a new signing secret, shown this once (the one
+/// before keeps signing for a day, so the receiver can switch over).
+pub async fn rotate(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    require_owner(&ws)?;
+    let rotated = webhooks::rotate_secret(&state, &ctx.actor, &ws.scope, &id).await?;
+    let shown = (Some(rotated), EndpointForm::default(), FormErrors::default());
+    list_page(&state, &ctx, &ws, StatusCode::OK, shown, None, true).await
+}
+
+/// `POST /app/w/{slug}/webhooks/{id}/test`: queues a `webhook.test` event to this endpoint.
+pub async fn send_test(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path((slug, id)): Path<(String, String)>,
+) -> DashResult {
+    let ws = workspace(&state, &ctx, &slug).await?;
+    require_owner(&ws)?;
+    webhooks::send_test(&state, &ctx.actor, &ws.scope, &id).await?;
+    Ok(see_other(&format!("/app/w/{}/webhooks/{id}?notice=test_sent", ws.row.slug)))
 }
 
 /// `POST /app/w/{slug}/webhooks/{id}/remove`.
