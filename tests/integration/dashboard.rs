@@ -734,6 +734,8 @@ async fn invalid_link_form_comes_back_with_errors_and_values(app: TestApp) {
     }
     assert!(html.contains("aria-invalid=\"true\""));
     assert!(html.contains("class=\"error-summary\""));
+    // The summary names the fields as the form does, not by their API names.
+    assert!(html.contains(">Use limit: must be a positive number") && !html.contains(">max_uses:"), "{html}");
     // The values are kept (escaped).
     assert!(
         html.contains("value=\"ACME-42 &#60;b&#62;\"") || html.contains("value=\"ACME-42 &lt;b&gt;\""),

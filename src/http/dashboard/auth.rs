@@ -104,11 +104,11 @@ pub struct LoginQuery {
     notice: Option<String>,
 }
 
-/// The pre-sign-in token: the browser's, or a new one to set.
-fn login_token(state: &AppState, headers: &HeaderMap) -> (String, bool) {
+/// The pre-sign-in token: the browser's, or a new one.
+fn login_token(state: &AppState, headers: &HeaderMap) -> String {
     match read_cookie(headers, login_cookie_name(state)) {
-        Some(t) => (t.to_string(), false),
-        None => (crypto::random_token(), true),
+        Some(t) => t.to_string(),
+        None => crypto::random_token(),
     }
 }
 
@@ -121,7 +121,7 @@ fn login_page(
     error: Option<&'static str>,
     notice: Option<&str>,
 ) -> Response {
-    let (token, fresh) = login_token(state, headers);
+    let token = login_token(state, headers);
     let page = LoginPage {
         l: Layout::bare(csrf_for(&token), notice.and_then(super::notice_text)),
         email: email.chars().take(254).collect(),
@@ -129,10 +129,9 @@ fn login_page(
         error,
     };
     let mut res = render(status, &page);
-    if fresh {
-        res.headers_mut()
-            .append(header::SET_COOKIE, cookie(state, login_cookie_name(state), Some(&token), 3600));
-    }
+    // Set again with each page (its hour starts over), so that a form just shown does not expire
+    // before it is sent.
+    res.headers_mut().append(header::SET_COOKIE, cookie(state, login_cookie_name(state), Some(&token), 3600));
     res
 }
 

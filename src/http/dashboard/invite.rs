@@ -117,15 +117,13 @@ async fn page(
             } else {
                 Offer::Create
             };
-            // The account form's CSRF token comes from the pre-sign-in cookie, as the sign-in form's.
-            let (login, fresh) = match read_cookie(headers, login_cookie_name(state)) {
-                Some(t) => (t.to_string(), None),
-                None => {
-                    let t = crypto::random_token();
-                    (t.clone(), Some(t))
-                }
+            // The account form's CSRF token comes from the pre-sign-in cookie, as the sign-in form's;
+            // the cookie is set again with each page, so a form just shown does not expire soon.
+            let login = match read_cookie(headers, login_cookie_name(state)) {
+                Some(t) => t.to_string(),
+                None => crypto::random_token(),
             };
-            (offer, csrf_for(&login), fresh)
+            (offer, csrf_for(&login), Some(login))
         }
     };
     let p = InvitePage {

@@ -702,6 +702,33 @@ impl FormErrors {
         &self.0
     }
 
+    /// The words a form shows for a field, for the summary (an API name otherwise).
+    pub fn label<'a>(&self, field: &'a str) -> &'a str {
+        match field {
+            "label" => "Label",
+            "client_ref" => "Client reference",
+            "expires_in" | "expires_at" => "Expires in",
+            "max_uses" => "Use limit",
+            "redirect_url" => "Success page button",
+            "platforms" => "Platforms",
+            "url" => "URL",
+            "events" => "Events",
+            "description" => "Note",
+            "name" => "Name",
+            "slug" => "Address",
+            "email" => "Email",
+            "role" => "Role",
+            "password" => "Password",
+            "confirm" => "Password again",
+            "branding.display_name" => "Name clients see",
+            "branding.logo_url" => "Logo URL",
+            "branding.accent_color" => "Accent colour",
+            "allowed_redirects" => "Allowed redirects",
+            "success_redirect" => "Default success redirect",
+            other => other,
+        }
+    }
+
     /// The id of the input a field name refers to, for the summary's links.
     pub fn anchor(&self, field: &str) -> String {
         field_id(field)
