@@ -629,6 +629,10 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
         Command::Config(ConfigCommand::Check) => {
             let mut masked = config.masked();
             masked["master_key_source"] = startup::key_source(&config)?.into();
+            // A key that is set must read as one (what `serve` would refuse, this refuses too).
+            if config.master_key.is_some() || config.master_key_file.is_some() {
+                startup::load_existing_keyring(&config)?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&masked).unwrap_or_default());
             } else {

@@ -522,7 +522,7 @@ impl Config {
             .iter()
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix("AUTHLINK_")?;
-                if NON_CONFIG_ENV.contains(&rest) || rest.starts_with("TEST_") {
+                if NON_CONFIG_ENV.contains(&rest) || rest.starts_with("TEST_") || is_service_link(rest) {
                     return None;
                 }
                 Some((rest.to_ascii_lowercase().replace("__", "."), v.clone()))
@@ -746,6 +746,16 @@ pub fn mask_database_url(url: &str) -> String {
     parsed.to_string()
 }
 
+/// Whether `name` (after `AUTHLINK_`) is one of the variables Kubernetes gives every pod for a
+/// Service named `authlink` (`AUTHLINK_SERVICE_HOST`, `AUTHLINK_PORT_8080_TCP_ADDR`, ...): no
+/// setting of ours, and no reason to refuse to start.
+fn is_service_link(name: &str) -> bool {
+    name == "PORT"
+        || name.starts_with("PORT_")
+        || name.starts_with("SERVICE_HOST")
+        || name.starts_with("SERVICE_PORT")
+}
+
 /// An environment value: a `[a, b]` list, or a string that figment's lossy extraction turns into
 /// a number or a boolean where the configuration expects one (so numeric-looking ids stay text).
 fn parse_env_value(value: &str) -> figment::value::Value {
@@ -784,9 +794,38 @@ where
 }
 
 fn describe_figment_error(e: figment::Error) -> String {
+    use figment::error::{Actual, Kind};
     let key = if e.path.is_empty() { None } else { Some(e.path.join(".")) };
-    let source = e.metadata.as_ref().map(|m| m.name.to_string());
-    let kind = e.kind.to_string();
+    // Values from the environment are merged as serialized values, which figment names by type.
+    let source = e.metadata.as_ref().map(|m| {
+        if m.name.starts_with("figment::") { "the environment".to_string() } else { m.name.to_string() }
+    });
+    // Never the value itself: it may be a secret (a database URL with its password, a key) in
+    // the wrong place or of the wrong type.
+    let kind = match &e.kind {
+        Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
+            let found = match actual {
+                Actual::Bool(_) => "a boolean",
+                Actual::Unsigned(_) | Actual::Signed(_) | Actual::Float(_) => "a number",
+                Actual::Char(_) | Actual::Str(_) | Actual::Bytes(_) => "a string",
+                Actual::Seq => "a list",
+                Actual::Map => "a table",
+                _ => "another kind of value",
+            };
+            format!("invalid value: found {found}, expected {expected}")
+        }
+        // A TOML syntax error quotes the line it is on: only the position and the reason stay.
+        Kind::Message(m) => m
+            .lines()
+            .filter(|l| {
+                let t = l.trim_start();
+                !(t.starts_with('|')
+                    || t.split_once(" |").is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit())))
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    };
     match (key, source) {
         (Some(k), Some(s)) => format!("key `{k}` (from {s}): {kind}"),
         (Some(k), None) => format!("key `{k}`: {kind}"),
@@ -811,6 +850,41 @@ mod tests {
         assert!(c.providers.tiktok.is_sandbox());
         assert_eq!(c.providers.timeout_secs, 10);
         assert_eq!(c.public_url.as_str(), "http://127.0.0.1:8080/");
+    }
+
+    /// Neither a TOML syntax error nor a value of the wrong type shows the value: it may be a
+    /// secret written in the wrong place.
+    #[test]
+    fn configuration_errors_never_show_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("authlink.toml");
+        std::fs::write(
+            &path,
+            "public_url = \"http://x.example\"\ndatabase_url = postgres://app:S3cret@db/x\n",
+        )
+        .unwrap();
+        let e = Config::load_from(Some(&path), &[]).unwrap_err().to_string();
+        assert!(!e.contains("S3cret") && e.contains("line 2"), "{e}");
+        let e = Config::load_from(None, &env(&[("AUTHLINK_DATABASE", "postgres://u:pw-secret@h/db")]))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("pw-secret") && e.contains("database"), "{e}");
+    }
+
+    /// The variables Kubernetes gives the pods of a Service named `authlink` are no settings;
+    /// a misspelt setting still stops start-up.
+    #[test]
+    fn service_link_variables_are_not_settings() {
+        let links = env(&[
+            ("AUTHLINK_SERVICE_HOST", "10.0.0.1"),
+            ("AUTHLINK_SERVICE_PORT", "80"),
+            ("AUTHLINK_SERVICE_PORT_HTTP", "80"),
+            ("AUTHLINK_PORT", "tcp://10.0.0.1:80"),
+            ("AUTHLINK_PORT_80_TCP_ADDR", "10.0.0.1"),
+        ]);
+        Config::load_from(None, &links).unwrap();
+        let e = Config::load_from(None, &env(&[("AUTHLINK_PUBLIC_UR", "https://x.example")])).unwrap_err();
+        assert!(e.to_string().contains("public_ur"), "{e}");
     }
 
     #[test]

@@ -90,7 +90,13 @@ async fn render(State((handle, state)): State<(PrometheusHandle, AppState)>) -> 
 /// Middleware: counts every request and its time, by method, route template and status.
 pub async fn track_http(req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
+    // A fixed set: any token is a method to hyper, and a label per made-up one would grow the
+    // series without bound.
+    let method = match req.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "PATCH" | "DELETE" | "OPTIONS") => m,
+        _ => "other",
+    }
+    .to_owned();
     let route = req
         .extensions()
         .get::<MatchedPath>()

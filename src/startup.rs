@@ -51,9 +51,9 @@ pub enum StartupError {
     },
     /// Stored values may still be sealed with a key that is not configured.
     #[error(
-        "values in this database may still be sealed with key {kids}, which is not configured. Add the earlier \
+        "values in this database may still be sealed with key {kids}, which is not configured. Add that \
          master key to retired_master_keys (or retired_master_key_files) and run `authlink keys rewrap`; a key can \
-         be removed once `authlink keys status` shows it retired"
+         be removed once `authlink keys status` shows it retired and no value sealed with it"
     )]
     KeyStillNeeded {
         /// The missing key ids.
@@ -194,12 +194,34 @@ fn active_key(config: &Config, may_create: bool) -> Result<KeyRing, StartupError
 /// with (one that sealed data here and has not been retired by a re-wrap).
 pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), StartupError> {
     let mut tx = db.begin_write().await?;
+    db::key_checks::lock(&mut tx, db.backend()).await?;
     let stored = db::key_checks::all(&mut tx).await?;
     let checks: Vec<StoredKey<'_>> = stored
         .iter()
         .map(|c| StoredKey { kid: &c.kid, check_value: &c.check_value, retired: c.retired_at.is_some() })
         .collect();
     verify_keyring(keys, &checks)?;
+    // A retired key that is not configured any more must really be needed by no value: one
+    // sealed with it after it was retired (by a process still running with it) would be lost.
+    // Counted only then, right after an operator removed a key.
+    let gone: Vec<&str> = stored
+        .iter()
+        .filter(|c| c.retired_at.is_some() && !keys.has_kid(&c.kid))
+        .map(|c| c.kid.as_str())
+        .collect();
+    if !gone.is_empty() {
+        let mut needed = Vec::new();
+        for col in db::sealed::SEALED_COLUMNS {
+            for (_, kid, count) in db::sealed::count_by_kid(&mut tx, col).await? {
+                if count > 0 && gone.contains(&kid.as_str()) && !needed.contains(&kid) {
+                    needed.push(kid);
+                }
+            }
+        }
+        if !needed.is_empty() {
+            return Err(StartupError::KeyStillNeeded { kids: needed.join(", ") });
+        }
+    }
     match stored.iter().find(|c| c.kid == keys.active_kid()) {
         None => db::key_checks::insert(&mut tx, keys.active_kid(), &keys.check_value(), now_ms).await?,
         // A retired key made active again seals new values: it is needed again.

@@ -27,9 +27,20 @@ pub async fn all(conn: &mut AnyConnection) -> DbResult<Vec<KeyCheck>> {
     .await?)
 }
 
-/// Records the check value of a key.
+/// Locks the key checks for the rest of the write transaction on PostgreSQL, so that processes
+/// starting together, and a re-wrap retiring keys, check and change them one at a time (SQLite's
+/// write transactions already run one at a time).
+pub async fn lock(conn: &mut AnyConnection, backend: super::Backend) -> DbResult<()> {
+    if backend == super::Backend::Postgres {
+        sqlx::query("LOCK TABLE key_checks IN EXCLUSIVE MODE").execute(conn).await?;
+    }
+    Ok(())
+}
+
+/// Records the check value of a key (once: a process that finds it recorded meanwhile leaves
+/// it).
 pub async fn insert(conn: &mut AnyConnection, kid: &str, check: &str, now_ms: i64) -> DbResult<()> {
-    sqlx::query("INSERT INTO key_checks (kid, check_value, created_at) VALUES ($1, $2, $3)")
+    sqlx::query("INSERT INTO key_checks (kid, check_value, created_at) VALUES ($1, $2, $3) ON CONFLICT (kid) DO NOTHING")
         .bind(kid)
         .bind(check)
         .bind(now_ms)

@@ -275,6 +275,8 @@ async fn retire_unused(
     now_ms: i64,
 ) -> ServiceResult<Vec<String>> {
     let mut tx = db.begin_write().await?;
+    // One at a time with processes starting (which may make a key active again).
+    db::key_checks::lock(&mut tx, db.backend()).await?;
     // Counted again in the transaction that retires: a value written with an old key since the
     // count above keeps that key.
     let mut in_use = still_used;

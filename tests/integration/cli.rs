@@ -331,6 +331,15 @@ async fn config_check_and_bad_config(app: TestApp) {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("public URL is https"), "{}", stderr(&out));
     assert!(!dev.path().join("master.key").exists(), "config check writes no key");
+    // A master key that does not read as one is refused by the check, as `serve` would refuse
+    // it, without showing it.
+    let out = app.cli_env(&["config", "check"], &[("AUTHLINK_MASTER_KEY", "not-a-key-at-all")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("master_key") && !stderr(&out).contains("not-a-key-at-all"),
+        "{}",
+        stderr(&out)
+    );
     // A typo in a key: exit 2 naming the key.
     let out = app.cli_env(&["config", "check"], &[("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KYE", "x")]);
     assert_eq!(out.status.code(), Some(2));

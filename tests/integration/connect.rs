@@ -1056,6 +1056,11 @@ async fn metrics_count_requests_and_flows(app: TestApp) {
         .await;
     app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
 
+    // Made-up methods are counted as one: a label per method would grow without bound.
+    for method in ["BREW", "X-ONE", "X-TWO"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        app.client.request(method, app.url("/healthz")).send().await.unwrap();
+    }
     let res = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
     assert_eq!(res.status(), 200);
     assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
@@ -1075,6 +1080,10 @@ async fn metrics_count_requests_and_flows(app: TestApp) {
     let landing = ["route=\"/l/{token}\"", "method=\"GET\"", "status=\"200\""];
     assert_eq!(sample(&body, "authlink_http_requests_total", &landing), Some(2.0));
     assert!(sample(&body, "authlink_http_request_duration_seconds_count", &landing[..2]).is_some());
+    assert!(
+        sample(&body, "authlink_http_requests_total", &["route=\"/healthz\"", "method=\"other\""]).is_some()
+    );
+    assert!(!body.contains("BREW") && !body.contains("X-ONE"), "{body}");
     let refreshes = |outcome: &str| {
         sample(&body, "authlink_refreshes_total", &["provider=\"tiktok\"", &format!("outcome=\"{outcome}\"")])
     };

@@ -203,6 +203,19 @@ async fn master_key_rotation_rewraps_every_secret(app: TestApp) {
     assert_eq!(sealed_by_kid(&status).keys().collect::<Vec<_>>(), [&new_kid]);
     assert!(key_state(&status, &old_kid)["retired_at"].is_string());
 
+    // A value sealed with the retired key after all (a process still running with the old key
+    // wrote it): the new key alone is refused while it is there, not started to lose it.
+    let rewrapped =
+        app.text(&format!("SELECT token_sealed FROM {{schema}}.links WHERE id = '{victim}'")).await;
+    app.execute(&format!("UPDATE {{schema}}.links SET token_sealed = '{original}' WHERE id = '{victim}'"))
+        .await;
+    let straggler = app.cli_env(&["keys", "status"], &[("AUTHLINK_RETIRED_MASTER_KEYS", "[]")]);
+    assert_eq!(straggler.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&straggler.stderr);
+    assert!(message.contains(&old_kid) && message.contains("keys rewrap"), "{message}");
+    app.execute(&format!("UPDATE {{schema}}.links SET token_sealed = '{rewrapped}' WHERE id = '{victim}'"))
+        .await;
+
     // The new key alone now runs, and opens everything: 10,000/10,000 links show their token,
     // the connection's token is the same, both webhook secrets still sign.
     let (app, cleanup_new_only) = app.restart_with(&[("AUTHLINK_RETIRED_MASTER_KEYS", "[]")]).await;
