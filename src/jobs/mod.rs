@@ -21,12 +21,47 @@ use crate::state::AppState;
 pub async fn run(state: AppState, stop: watch::Receiver<bool>) {
     tracing::info!(owner = refresh::owner_id(), "background jobs started");
     let mut tasks = JoinSet::new();
-    tasks.spawn(refresh_loop(state.clone(), stop.clone()));
-    tasks.spawn(check_loop(state.clone(), stop.clone()));
-    tasks.spawn(expiring_loop(state.clone(), stop.clone()));
-    tasks.spawn(deliver::run(state.clone(), stop.clone()));
+    let restart = Duration::from_secs(5);
+    let (st, sp) = (state.clone(), stop.clone());
+    tasks.spawn(supervised("refresh", stop.clone(), restart, move || refresh_loop(st.clone(), sp.clone())));
+    let (st, sp) = (state.clone(), stop.clone());
+    tasks.spawn(supervised("health checks", stop.clone(), restart, move || {
+        check_loop(st.clone(), sp.clone())
+    }));
+    let (st, sp) = (state.clone(), stop.clone());
+    tasks.spawn(supervised("expiry notices", stop.clone(), restart, move || {
+        expiring_loop(st.clone(), sp.clone())
+    }));
+    let (st, sp) = (state.clone(), stop.clone());
+    tasks.spawn(supervised("webhook delivery", stop.clone(), restart, move || {
+        deliver::run(st.clone(), sp.clone())
+    }));
     while tasks.join_next().await.is_some() {}
     tracing::info!("background jobs stopped");
+}
+
+/// Runs the job loop `start` makes until it ends (it ends when asked to stop); one that panics
+/// (a bug) is logged and started again after `restart`, so that a process does not go on
+/// running without that job.
+async fn supervised<F, Fut>(name: &'static str, mut stop: watch::Receiver<bool>, restart: Duration, start: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match tokio::spawn(start()).await {
+            Err(e) if e.is_panic() => {
+                tracing::error!(
+                    job = name,
+                    "a background job stopped on an internal error; starting it again"
+                );
+                if !tick(&mut stop, restart).await {
+                    return;
+                }
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Sleeps one tick, or returns false when asked to stop.
@@ -151,5 +186,37 @@ async fn expiring_loop(state: AppState, mut stop: watch::Receiver<bool>) {
         if !tick(&mut stop, every).await {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    /// A job loop that panics is started again; one that ends (asked to stop) is not.
+    #[tokio::test]
+    async fn a_panicking_job_is_started_again() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (_tx, rx) = watch::channel(false);
+        let counted = Arc::clone(&runs);
+        let job = move || {
+            let counted = Arc::clone(&counted);
+            async move {
+                if counted.fetch_add(1, Ordering::SeqCst) < 2 {
+                    panic!("a bug in a job loop");
+                }
+            }
+        };
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            super::supervised("test", rx, Duration::from_millis(10), job),
+        )
+        .await
+        .expect("the supervisor returns once the job ends");
+        assert_eq!(runs.load(Ordering::SeqCst), 3, "two panics, then a run that ended");
     }
 }
