@@ -288,7 +288,8 @@ pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(quer
     match scripted_failure(&sb, Endpoint::Authorize).await {
         Some(Scripted::Answer(resp)) => return resp,
         Some(Scripted::Tamper(t)) => t.apply(Platform::Instagram, &mut p),
-        None => {}
+        // (Refused for Instagram when scripted.)
+        Some(Scripted::CallbackError(_)) | None => {}
     }
     let deny_all = {
         let mut st = sb.instagram_state();
@@ -454,7 +455,8 @@ fn exchange_failure(sb: &Sandbox, kind: FailureKind, status: Option<u16>, retry_
         | FailureKind::InvalidClient
         | FailureKind::RedirectUriMismatch
         | FailureKind::PkceMismatch
-        | FailureKind::RequestError => proxy_html_error(status),
+        | FailureKind::RequestError
+        | FailureKind::CallbackError => proxy_html_error(status),
         FailureKind::RateLimit => with_retry_after(
             exchange_error_with(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -506,7 +508,8 @@ fn graph_failure(sb: &Sandbox, failure: &FailNext, retry_after: u64) -> Response
         | FailureKind::InvalidClient
         | FailureKind::RedirectUriMismatch
         | FailureKind::PkceMismatch
-        | FailureKind::RequestError => proxy_html_error(status),
+        | FailureKind::RequestError
+        | FailureKind::CallbackError => proxy_html_error(status),
         FailureKind::RateLimit => with_retry_after(
             graph_error(StatusCode::TOO_MANY_REQUESTS, 4, None, "Application request limit reached", false),
             retry_after,
@@ -575,7 +578,7 @@ pub(super) async fn access_token(
     let tamper = match scripted_failure(&sb, Endpoint::Token).await {
         Some(Scripted::Answer(resp)) => return resp,
         Some(Scripted::Tamper(t)) => Some(t),
-        None => None,
+        Some(Scripted::CallbackError(_)) | None => None,
     };
     let now = sb.now();
     let mut p = match Params::from_body(&headers, &body, true) {

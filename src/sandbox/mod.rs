@@ -63,11 +63,12 @@
 //!   failure that cannot happen at that provider or endpoint is refused (400). See
 //!   [`ScenarioPatch`]:
 //!   `{"deny_all": bool, "fail_next": [{"endpoint": "authorize"|"token"|"refresh"|"profile"|"exchange_long_lived"|"revoke",
-//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed"|"invalid_client"|"redirect_uri_mismatch"|"pkce_mismatch"|"request_error",
+//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed"|"invalid_client"|"redirect_uri_mismatch"|"pkce_mismatch"|"request_error"|"callback_error",
 //!   "count": n (default 1), "status": optional HTTP status for html_error (default 502) and
 //!   Instagram's graph_rate_limit (400, 403 or 429; default 400), "code": Instagram's
 //!   graph_rate_limit Graph code (4, 17, 32 or 613; default 4), "parameter": the authorize
-//!   parameter request_error refuses (default redirect_uri)}],
+//!   parameter request_error refuses (default redirect_uri), "error": the `error` a TikTok
+//!   callback_error redirects with (default server_error)}],
 //!   "pkce_optional": bool (TikTok), "lifetimes": "long"|"short" (TikTok), "oauth_error_status":
 //!   "http"|"ok" (TikTok: OAuth errors on their own status, or on a 200), "token_shape":
 //!   "flat"|"wrapped" (Instagram), "me_shape": "flat"|"wrapped" (Instagram: `/me` as it is, or in
@@ -513,14 +514,35 @@ pub enum FailureKind {
     /// The authorize page (`authorize`) refuses the request as if `parameter` (default
     /// `redirect_uri`) were wrong: its HTML error page naming the parameter, no redirect.
     RequestError,
+    /// TikTok only: the authorize request (`authorize`), its redirect URI checked, is answered by
+    /// a redirect back to it with `error` (one of TikTok's documented values, default
+    /// `server_error`), `error_description` and `state`, without a consent screen (§2.2).
+    CallbackError,
 }
+
+/// The `error` values TikTok documents for its authorize redirect (§2.2), but `access_denied`,
+/// which the consent page's Deny gives.
+const TIKTOK_CALLBACK_ERRORS: [&str; 9] = [
+    "invalid_client",
+    "invalid_grant",
+    "invalid_request",
+    "invalid_scope",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "unsupported_response_type",
+    "server_error",
+    "temporarily_unavailable",
+];
 
 impl FailureKind {
     /// The endpoints of `platform` this kind can be scripted on; `None` when it applies to any
     /// endpoint but `authorize`.
     fn endpoints(self, platform: Platform) -> Option<&'static [Endpoint]> {
         match (self, platform) {
-            (FailureKind::RequestError, _) => Some(&[Endpoint::Authorize]),
+            (FailureKind::RequestError, _) | (FailureKind::CallbackError, Platform::Tiktok) => {
+                Some(&[Endpoint::Authorize])
+            }
+            (FailureKind::CallbackError, Platform::Instagram) => Some(&[]),
             (FailureKind::InvalidClient, Platform::Tiktok) => {
                 Some(&[Endpoint::Token, Endpoint::Refresh, Endpoint::Revoke])
             }
@@ -553,6 +575,9 @@ pub struct FailNext {
     /// `request_error`: the authorize parameter refused (default `redirect_uri`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameter: Option<String>,
+    /// `callback_error`: the `error` of the redirect (default `server_error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl FailNext {
@@ -582,6 +607,14 @@ impl FailNext {
             }
             if Tamper::invalid_value(platform, parameter).is_none() {
                 return Err(format!("request_error cannot refuse the parameter `{parameter}` at {platform}"));
+            }
+        }
+        if let Some(error) = &self.error {
+            if self.kind != FailureKind::CallbackError {
+                return Err("error applies to callback_error only".into());
+            }
+            if !TIKTOK_CALLBACK_ERRORS.contains(&error.as_str()) {
+                return Err(format!("callback_error takes one of {}", TIKTOK_CALLBACK_ERRORS.join(", ")));
             }
         }
         if let Some(code) = self.code {
@@ -617,6 +650,8 @@ enum Scripted {
     Answer(Response),
     /// Handle the call, checking it as if it carried a wrong value.
     Tamper(Tamper),
+    /// Check the authorize request, then redirect back with this `error`.
+    CallbackError(String),
 }
 
 /// A wrong value a scripted failure puts into a request before the endpoint's own checks run,

@@ -49,6 +49,7 @@ fn scripted_failures_are_consumed_in_order_per_endpoint() {
                 status: None,
                 code: None,
                 parameter: None,
+                error: None,
             },
             FailNext {
                 endpoint: Endpoint::Profile,
@@ -57,6 +58,7 @@ fn scripted_failures_are_consumed_in_order_per_endpoint() {
                 status: None,
                 code: None,
                 parameter: None,
+                error: None,
             },
             FailNext {
                 endpoint: Endpoint::Token,
@@ -65,6 +67,7 @@ fn scripted_failures_are_consumed_in_order_per_endpoint() {
                 status: None,
                 code: None,
                 parameter: None,
+                error: None,
             },
             FailNext {
                 endpoint: Endpoint::Refresh,
@@ -73,6 +76,7 @@ fn scripted_failures_are_consumed_in_order_per_endpoint() {
                 status: None,
                 code: None,
                 parameter: None,
+                error: None,
             },
         ]),
         ..ScenarioPatch::default()

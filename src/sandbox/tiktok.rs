@@ -400,18 +400,20 @@ fn validate(
 /// `GET /tiktok/v2/auth/authorize/`: the consent page, or an error page naming the parameter.
 pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(query): RawQuery) -> Response {
     let mut p = Params::from_query(query.as_deref());
+    let mut callback_error = None;
     match scripted_failure(&sb, Endpoint::Authorize).await {
         Some(Scripted::Answer(resp)) => return resp,
         Some(Scripted::Tamper(t)) => t.apply(Platform::Tiktok, &mut p),
+        Some(Scripted::CallbackError(error)) => callback_error = Some(error),
         None => {}
     }
-    let (pkce_optional, deny_all) = {
+    let (pkce_optional, deny_all, error_state) = {
         let mut st = sb.tiktok_state();
         st.stats.authorize_requests += 1;
         if let Some(c) = p.get("code_challenge") {
             st.stats.record_challenge(c);
         }
-        (st.scenario.pkce_optional, st.scenario.deny_all)
+        (st.scenario.pkce_optional, st.scenario.deny_all, st.scenario.error_state)
     };
     let req = match validate(&sb, &p, pkce_optional) {
         Ok(req) => req,
@@ -420,6 +422,17 @@ pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(quer
             return pages::error_page(PROVIDER, SLUG, param, &message);
         }
     };
+    // A scripted callback error: back to the (checked) redirect URI at once, as TikTok answers
+    // a request it cannot serve, with no consent screen.
+    if let Some(error) = callback_error {
+        let description = format!("The authorization request failed: {error}.");
+        let mut params = vec![("error", error.as_str()), ("error_description", description.as_str())];
+        if let Some(s) = req.state.as_deref().filter(|_| error_state == ErrorState::Echo) {
+            params.push(("state", s));
+        }
+        tracing::debug!(%error, "sandbox tiktok: scripted callback error");
+        return found(&url_with_query(&req.redirect_uri, &params, None));
+    }
     let names = [
         "client_key",
         "scope",
@@ -563,11 +576,14 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> 
         (f, st.scenario.retry_after_secs, st.scenario.slow_ms)
     };
     let tamper = Tamper::of(&failure);
-    let FailNext { kind, status, .. } = failure;
+    let FailNext { kind, status, error, .. } = failure;
     tracing::debug!(?endpoint, ?kind, "sandbox tiktok: scripted failure");
     let now = sb.now();
     let api = endpoint == Endpoint::Profile;
     let resp = match kind {
+        FailureKind::CallbackError => {
+            return Some(Scripted::CallbackError(error.unwrap_or_else(|| "server_error".into())));
+        }
         FailureKind::Slow => {
             tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
             return None;
@@ -680,7 +696,7 @@ async fn token_answer_to(sb: &Sandbox, headers: &HeaderMap, body: &[u8]) -> Resp
     let tamper = match scripted_failure(sb, endpoint).await {
         Some(Scripted::Answer(resp)) => return resp,
         Some(Scripted::Tamper(t)) => Some(t),
-        None => None,
+        Some(Scripted::CallbackError(_)) | None => None,
     };
     let now = sb.now();
     let mut p = match parsed {
@@ -926,7 +942,7 @@ async fn revoke_answer_to(sb: &Sandbox, headers: &HeaderMap, body: &[u8]) -> Res
     let tamper = match scripted_failure(sb, Endpoint::Revoke).await {
         Some(Scripted::Answer(resp)) => return resp,
         Some(Scripted::Tamper(t)) => Some(t),
-        None => None,
+        Some(Scripted::CallbackError(_)) | None => None,
     };
     let now = sb.now();
     let mut p = match Params::from_body(headers, body, false) {

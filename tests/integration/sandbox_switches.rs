@@ -15,6 +15,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         refused_code_exchanges_fail_the_flow_and_tell_the_operator,
         authorize_page_errors_leave_nothing_behind,
         denial_without_state_still_leads_back_to_the_link,
+        provider_errors_on_the_callback_end_the_flow,
         unconfirmed_answer_shapes_are_tolerated,
         meta_callbacks_signed_with_either_secret,
     ]
@@ -134,6 +135,53 @@ async fn denial_without_state_still_leads_back_to_the_link(app: TestApp) {
     // With the switch on, a success still carries its state and connects.
     connect(&app.client, &app, &url, "tiktok", &account("tiktok")).await;
     assert_eq!(app.count("connections").await, 1);
+}
+
+/// TikTok redirecting back with an error other than a denial (§2.2), with its state or without:
+/// the flow ends on the "platform reported a problem" page, leading back to the link, with no
+/// code exchanged and nothing connected.
+async fn provider_errors_on_the_callback_end_the_flow(app: TestApp) {
+    let wid = app.workspace("Callback errors");
+    let (_, url) = app.link(&wid, "Client");
+    let try_again = format!("href=\"/l/{}\"", token_of(&url));
+    for (error, error_state) in [("temporarily_unavailable", "echo"), ("invalid_scope", "omit")] {
+        app.sandbox(
+            "/tiktok/scenario",
+            json!({"error_state": error_state,
+                   "fail_next": [{"endpoint": "authorize", "kind": "callback_error", "error": error}]}),
+        )
+        .await;
+        let authorize = start(&app.client, &app, &url, "tiktok").await;
+        let res = app.client.get(&authorize).send().await.unwrap();
+        assert_eq!(res.status(), 302, "{error}: no consent screen");
+        let callback = res.headers()["location"].to_str().unwrap().to_string();
+        assert!(callback.contains(&format!("error={error}")), "{callback}");
+        assert_eq!(callback.contains("state="), error_state == "echo", "{callback}");
+        let page = finish(&app.client, &app, &callback).await;
+        assert_eq!(page.status(), 400, "{error}");
+        let html = page.text().await.unwrap();
+        assert!(
+            html.contains("The platform reported a problem") && html.contains(&try_again),
+            "{error}: {html}"
+        );
+    }
+    assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
+    assert_eq!(app.count("connections").await, 0);
+    // The sandbox refuses what TikTok does not send: another error value, or Instagram.
+    for (provider, entry) in [
+        ("tiktok", json!({"endpoint": "authorize", "kind": "callback_error", "error": "access_denied"})),
+        ("tiktok", json!({"endpoint": "token", "kind": "callback_error"})),
+        ("instagram", json!({"endpoint": "authorize", "kind": "callback_error"})),
+    ] {
+        let res = app
+            .client
+            .post(app.url(&format!("/sandbox/control/{provider}/scenario")))
+            .json(&json!({"fail_next": [entry]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400, "{provider}: {entry}");
+    }
 }
 
 /// TikTok errors on a 200, Instagram's `/me` wrapped in `data`, Graph rate limits as 403 with
