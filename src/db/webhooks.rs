@@ -431,32 +431,69 @@ pub async fn list_deliveries(
     .await?)
 }
 
-/// Claims at most `limit` due deliveries for `owner` until `until_ms` (see
-/// [`super::connections::claim_due_refreshes`] for the locking on each backend). `owner` and
-/// `until_ms` together name the claim: [`finish_delivery`] writes back only under it.
+/// Most deliveries to one endpoint in flight at once, across every process: an endpoint that
+/// hangs (each attempt waits for the whole timeout) then holds this many delivery slots, and the
+/// other endpoints' deliveries go on.
+pub const MAX_IN_FLIGHT_PER_ENDPOINT: usize = 2;
+
+/// Claims at most `limit` due deliveries for `owner` until `until_ms`, oldest due first, no more
+/// than [`MAX_IN_FLIGHT_PER_ENDPOINT`] per endpoint counting those already in flight. The caller
+/// runs it in a write transaction: candidates are read, picked, then claimed by a conditional
+/// update (a delivery another process claimed meanwhile is not taken; on SQLite, writers run
+/// one at a time anyway). `owner` and `until_ms` together name the claim: [`finish_delivery`]
+/// writes back only under it.
 pub async fn claim_due(
     conn: &mut AnyConnection,
-    backend: Backend,
+    _backend: Backend,
     owner: &str,
     now_ms: i64,
     until_ms: i64,
     limit: i64,
 ) -> DbResult<Vec<String>> {
-    let ids = super::claimed_ids(
-        backend,
-        "id",
-        "SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $3 \
-         AND (lease_until IS NULL OR lease_until < $3) ORDER BY next_attempt_at LIMIT $4",
-    );
-    let rows: Vec<(String,)> = sqlx::query_as(&format!(
-        "UPDATE webhook_deliveries SET lease_owner = $1, lease_until = $2 WHERE {ids} RETURNING id"
-    ))
-    .bind(owner)
-    .bind(until_ms)
+    let candidates: Vec<(String, String)> = sqlx::query_as(
+        "SELECT id, endpoint_id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1 \
+         AND (lease_until IS NULL OR lease_until < $1) ORDER BY next_attempt_at LIMIT $2",
+    )
     .bind(now_ms)
-    .bind(limit)
-    .fetch_all(conn)
+    .bind(limit.saturating_mul(4))
+    .fetch_all(&mut *conn)
     .await?;
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let in_flight: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT endpoint_id, COUNT(*) FROM webhook_deliveries WHERE status = 'pending' AND lease_until >= $1 \
+         GROUP BY endpoint_id",
+    )
+    .bind(now_ms)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut busy: std::collections::HashMap<String, usize> =
+        in_flight.into_iter().map(|(e, n)| (e, usize::try_from(n).unwrap_or(usize::MAX))).collect();
+    let mut picked = Vec::new();
+    for (id, endpoint) in candidates {
+        if picked.len() as i64 >= limit {
+            break;
+        }
+        let n = busy.entry(endpoint).or_insert(0);
+        if *n < MAX_IN_FLIGHT_PER_ENDPOINT {
+            *n += 1;
+            picked.push(id);
+        }
+    }
+    if picked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list = (0..picked.len()).map(|i| format!("${}", i + 4)).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "UPDATE webhook_deliveries SET lease_owner = $1, lease_until = $2 WHERE id IN ({list}) \
+         AND status = 'pending' AND (lease_until IS NULL OR lease_until < $3) RETURNING id"
+    );
+    let mut q = sqlx::query_as::<_, (String,)>(&sql).bind(owner).bind(until_ms).bind(now_ms);
+    for id in &picked {
+        q = q.bind(id);
+    }
+    let rows = q.fetch_all(conn).await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
@@ -731,6 +768,34 @@ mod tests {
         assert_eq!(forget_previous_secrets(&mut conn, 20).await.unwrap(), 1);
         let e = get_endpoint(&mut conn, "e").await.unwrap().unwrap();
         assert_eq!((e.previous_secret_sealed, e.previous_secret_until), (None, None));
+        drop(conn);
+        db.close().await;
+    }
+
+    /// An endpoint gets at most two deliveries in flight, whatever is due for it: the others'
+    /// deliveries are claimed beside them.
+    #[tokio::test]
+    async fn claims_leave_room_for_other_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let (endpoint, delivery) = seed(&mut conn).await;
+        for i in 2..=4 {
+            let d = DeliveryRow { id: format!("d{i}"), next_attempt_at: Some(i), ..delivery.clone() };
+            insert_delivery(&mut *conn, &d).await.unwrap();
+        }
+        let other = EndpointRow { id: "f".into(), url: "https://hooks.example/f".into(), ..endpoint };
+        insert_endpoint(&mut conn, &other).await.unwrap();
+        let f =
+            DeliveryRow { id: "f1".into(), endpoint_id: "f".into(), next_attempt_at: Some(10), ..delivery };
+        insert_delivery(&mut *conn, &f).await.unwrap();
+        let mut first = claim_due(&mut conn, Backend::Sqlite, "a", 100, 60_100, 3).await.unwrap();
+        first.sort();
+        assert_eq!(first, ["d", "d2", "f1"], "two of e's, and f's beside them");
+        assert!(
+            claim_due(&mut conn, Backend::Sqlite, "b", 200, 60_200, 3).await.unwrap().is_empty(),
+            "e is full"
+        );
         drop(conn);
         db.close().await;
     }
