@@ -234,8 +234,9 @@ async fn main() {
     let resealed: u64 =
         rewrap["columns"].as_array().unwrap().iter().map(|c| c["resealed"].as_u64().unwrap()).sum();
     let (old_left,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM connections WHERE access_token_sealed NOT LIKE 'v1:' || $1 || ':%' \
-         OR refresh_token_sealed NOT LIKE 'v1:' || $1 || ':%'",
+        // Any envelope version (`v1:`, `v2:`, ...), then the key id.
+        "SELECT COUNT(*) FROM connections WHERE access_token_sealed NOT LIKE 'v_:' || $1 || ':%' \
+         OR refresh_token_sealed NOT LIKE 'v_:' || $1 || ':%'",
     )
     .bind(rewrap["active_kid"].as_str().unwrap())
     .fetch_one(&mut conn)
