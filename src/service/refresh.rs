@@ -726,7 +726,11 @@ async fn store_refreshed(
         // The grant changed at the provider (a client unticking a permission in the app's
         // settings): the new scopes are stored with the tokens, which work for what is left.
         db::connections::set_attempt_detail(&mut tx, attempt_id, &change.detail(platform)).await?;
-        let mut changed = row.clone();
+        // On the row as it stands now, tokens just stored (locked): the copy read before the
+        // provider was asked may predate another writer's change to its other columns.
+        let mut changed = db::connections::get_for_update(&mut tx, app.db.backend(), &row.id)
+            .await?
+            .ok_or(ServiceError::NotFound("connection"))?;
         if let Some(broken) = store_scope_change(&mut tx, app, &mut changed, change, platform, now).await? {
             tx.commit().await?;
             return Ok(broken);
@@ -1013,7 +1017,8 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
 /// Writes `row` after a refresh or a health check found its grant changed (`change`): the
 /// smaller grant and its status reason, a `scopes_changed` history entry, and either the
 /// connection broken (a required scope is gone: the outcome returned) or
-/// `connection.scopes_changed`.
+/// `connection.scopes_changed`. `row` is the connection as read and locked in `tx`, with the
+/// caller's changes (a health check's profile) applied.
 async fn store_scope_change(
     tx: &mut sqlx::AnyConnection,
     app: &App,
@@ -1022,10 +1027,6 @@ async fn store_scope_change(
     platform: Platform,
     now: i64,
 ) -> ServiceResult<Option<Outcome>> {
-    // On the row as it stands now (locked): the caller's copy may predate another writer's change.
-    if let Some(current) = db::connections::get_for_update(tx, app.db.backend(), &row.id).await? {
-        *row = current;
-    }
     row.scopes.clone_from(&change.now);
     row.status_reason.clone_from(&change.note);
     row.updated_at = now;
@@ -1033,13 +1034,15 @@ async fn store_scope_change(
     tracing::info!(connection_id = %row.id, provider = %platform, lost = ?change.lost, gained = ?change.gained, "granted scopes changed");
     db::connections::insert_event(tx, &connections::event(row, "scopes_changed", Some(detail.clone()), now))
         .await?;
+    // (A health check may have read a new handle into the row.)
+    let indexed = Indexed { username: true, ..Indexed::NONE };
     if !change.lost_required.is_empty() {
-        db::connections::update_changed(tx, row, Indexed::NONE).await?;
+        db::connections::update_changed(tx, row, indexed).await?;
         let reason = change.broken_reason(platform);
         let marked = connections::mark_broken_if_unchanged(tx, app, row, &reason, now).await?;
         return Ok(Some(refusal_outcome(tx, marked, &row.id, reason).await?));
     }
-    db::connections::update_changed(tx, row, Indexed::NONE).await?;
+    db::connections::update_changed(tx, row, indexed).await?;
     let data = connections::event_data(tx, app, row, Some(&detail)).await?;
     webhooks::emit(tx, app, now, &row.workspace_id, "connection.scopes_changed", data).await?;
     Ok(None)

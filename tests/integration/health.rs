@@ -915,6 +915,8 @@ async fn withheld_scopes_are_noticed_on_a_health_check(app: TestApp) {
     assert_eq!(c["scopes"], json!(["user.info.basic", "user.info.profile"]));
     assert_eq!(c["status_reason"], "Granted without user.info.stats.");
     assert_eq!(c["username"], third.username);
+    let stored = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert!(stored["last_checked_at"].is_string(), "the check itself is stored too: {stored}");
     receiver.wait_for_messages(3, 20).await;
     assert_eq!(
         receiver.types(),
