@@ -178,13 +178,25 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
     }
 
     let timestamp = now / 1000;
-    let payload = state
+    // A payload or secret the configured keys cannot open is a refused attempt, counted like any
+    // other (the delivery gives up in time); it used to fail before any attempt, and the
+    // delivery was claimed again every lease, for ever, with no attempt logged.
+    let prepared = state
         .keys
-        .open_str(&event.payload, crate::service::webhooks::payload_aad(&event.workspace_id, &event.id))?;
-    let body = secrecy::ExposeSecret::expose_secret(&payload).as_bytes().to_vec();
-    let signature = signature_header(state, &endpoint, &event.id, timestamp, &body)?;
+        .open_str(&event.payload, crate::service::webhooks::payload_aad(&event.workspace_id, &event.id))
+        .map_err(crate::service::ServiceError::from)
+        .and_then(|payload| {
+            let body = secrecy::ExposeSecret::expose_secret(&payload).as_bytes().to_vec();
+            let signature = signature_header(state, &endpoint, &event.id, timestamp, &body)?;
+            Ok((body, signature))
+        })
+        .map_err(|e| {
+            tracing::error!(delivery_id = %d.id, error = %e, "a webhook event or its endpoint's secret could not be opened");
+            ("refused", "the event or the endpoint's signing secret could not be opened with the configured keys".to_string())
+        });
     let started = Instant::now();
     let attempt = async {
+        let (body, signature) = prepared?;
         // IP literals never reach the client's resolver, so check the host here too.
         let host = url::Url::parse(&endpoint.url).ok().and_then(|u| u.host_str().map(str::to_string));
         let Some(host) = host else { return Err(("refused", "the URL has no host".to_string())) };

@@ -20,6 +20,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     let mut list = tests![
         redelivery_after_giving_up_starts_a_fresh_schedule,
         a_delivery_given_up_spares_an_endpoint_that_takes_others,
+        a_secret_that_does_not_open_is_a_refused_attempt,
         disabling_keeps_changes_made_during_the_attempt,
         slow_receivers_get_each_delivery_once,
         deliveries_never_go_through_a_proxy,
@@ -313,6 +314,36 @@ async fn a_delivery_given_up_spares_an_endpoint_that_takes_others(app: TestApp) 
     let audit = app.api_get("/audit-events?action=webhook.disabled", &key, 200).await;
     assert_eq!(audit["data"].as_array().unwrap().len(), 0, "{audit}");
     assert_eq!(taken["status"], "succeeded");
+}
+
+/// An endpoint whose signing secret the configured keys cannot open (a value moved from another
+/// row, here) gets refused attempts, logged and counted, and nothing is sent.
+async fn a_secret_that_does_not_open_is_a_refused_attempt(app: TestApp) {
+    let wid = app.workspace("Unopenable");
+    let key = app.workspace_key(&wid);
+    let hook = Hook::ok().await;
+    let (endpoint, _) = add_endpoint(&app, &key, &hook.url).await;
+    let (other, _) = add_endpoint(&app, &key, &format!("{}/other", hook.url)).await;
+    let moved = app
+        .text(&format!("SELECT secret_sealed FROM {{schema}}.webhook_endpoints WHERE id = '{other}'"))
+        .await;
+    app.execute(&format!(
+        "UPDATE {{schema}}.webhook_endpoints SET secret_sealed = '{moved}' WHERE id = '{endpoint}'"
+    ))
+    .await;
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    let d = eventually("a refused attempt", 20, || async {
+        deliveries(&app, &key, &endpoint)
+            .await
+            .into_iter()
+            .find(|d| d["attempts"] == 1 && d["attempt_log"].as_array().is_some_and(|l| l.len() == 1))
+    })
+    .await;
+    assert_eq!(d["status"], "pending", "retried like any failed attempt: {d}");
+    let attempt = &d["attempt_log"][0];
+    assert_eq!(attempt["outcome"], "refused", "{d}");
+    assert!(attempt["error"].as_str().unwrap().contains("could not be opened"), "{d}");
+    assert!(hook.received().is_empty(), "nothing was sent");
 }
 
 async fn disabling_keeps_changes_made_during_the_attempt(app: TestApp) {
