@@ -203,7 +203,7 @@ pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), S
     verify_keyring(keys, &checks)?;
     // A retired key that is not configured any more must really be needed by no value: one
     // sealed with it after it was retired (by a process still running with it) would be lost.
-    // Counted only then, right after an operator removed a key.
+    // Counted once, at the first start without it: found needed by none, the key is forgotten.
     let gone: Vec<&str> = stored
         .iter()
         .filter(|c| c.retired_at.is_some() && !keys.has_kid(&c.kid))
@@ -220,6 +220,13 @@ pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), S
         }
         if !needed.is_empty() {
             return Err(StartupError::KeyStillNeeded { kids: needed.join(", ") });
+        }
+        for kid in &gone {
+            db::key_checks::forget(&mut tx, kid).await?;
+            tracing::info!(
+                kid,
+                "a retired master key that is no longer configured is forgotten: no value needs it"
+            );
         }
     }
     match stored.iter().find(|c| c.kid == keys.active_kid()) {

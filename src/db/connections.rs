@@ -591,13 +591,21 @@ pub async fn claim_due_refreshes(
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
-/// Ids of active connections whose health check is due (oldest first).
-pub async fn due_checks(conn: &mut AnyConnection, now_ms: i64, limit: i64) -> DbResult<Vec<String>> {
+/// Ids of active connections of the providers named in `providers` (comma-separated: those this
+/// process serves) whose health check is due (oldest first).
+pub async fn due_checks(
+    conn: &mut AnyConnection,
+    now_ms: i64,
+    limit: i64,
+    providers: &str,
+) -> DbResult<Vec<String>> {
     let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT id FROM connections WHERE status = 'active' AND next_check_at <= $1 ORDER BY next_check_at LIMIT $2",
+        "SELECT id FROM connections WHERE status = 'active' AND next_check_at <= $1 \
+         AND ',' || $3 || ',' LIKE '%,' || provider || ',%' ORDER BY next_check_at LIMIT $2",
     )
     .bind(now_ms)
     .bind(limit)
+    .bind(providers)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())

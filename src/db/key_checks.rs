@@ -49,6 +49,16 @@ pub async fn insert(conn: &mut AnyConnection, kid: &str, check: &str, now_ms: i6
     Ok(())
 }
 
+/// Forgets a key: its check value goes (once it is retired, removed from the configuration and
+/// no value needs it).
+pub async fn forget(conn: &mut AnyConnection, kid: &str) -> DbResult<()> {
+    sqlx::query("DELETE FROM key_checks WHERE kid = $1 AND retired_at IS NOT NULL")
+        .bind(kid)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Marks a key retired (`Some`) or in use again (`None`).
 pub async fn set_retired(conn: &mut AnyConnection, kid: &str, retired_at: Option<i64>) -> DbResult<()> {
     sqlx::query("UPDATE key_checks SET retired_at = $1 WHERE kid = $2")

@@ -444,16 +444,28 @@ pub const MAX_IN_FLIGHT_PER_ENDPOINT: usize = 2;
 /// writes back only under it.
 pub async fn claim_due(
     conn: &mut AnyConnection,
-    _backend: Backend,
+    backend: Backend,
     owner: &str,
     now_ms: i64,
     until_ms: i64,
     limit: i64,
 ) -> DbResult<Vec<String>> {
-    let candidates: Vec<(String, String)> = sqlx::query_as(
+    if backend == Backend::Postgres {
+        // Claim rounds one at a time across processes, so that the count of deliveries in
+        // flight per endpoint read below stays true until this round's claims commit.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('authlink webhook claims'))")
+            .execute(&mut *conn)
+            .await?;
+    }
+    // Endpoints already at their limit are left out here, so that their backlog does not fill
+    // the candidates and keep the others' deliveries waiting.
+    let candidates: Vec<(String, String)> = sqlx::query_as(&format!(
         "SELECT id, endpoint_id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1 \
-         AND (lease_until IS NULL OR lease_until < $1) ORDER BY next_attempt_at LIMIT $2",
-    )
+         AND (lease_until IS NULL OR lease_until < $1) AND endpoint_id NOT IN (SELECT endpoint_id \
+           FROM webhook_deliveries WHERE status = 'pending' AND lease_until >= $1 GROUP BY endpoint_id \
+           HAVING COUNT(*) >= {MAX_IN_FLIGHT_PER_ENDPOINT}) \
+         ORDER BY next_attempt_at, id LIMIT $2"
+    ))
     .bind(now_ms)
     .bind(limit.saturating_mul(4))
     .fetch_all(&mut *conn)

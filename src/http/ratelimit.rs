@@ -100,8 +100,8 @@ impl<K: Hash + Eq> Limiter<K> {
 }
 
 /// The JSON API's limits, as a request extension of the API routes: requests per API key, and
-/// requests without a valid key per client address (which stop being checked against the
-/// database once their bucket is empty).
+/// requests without a valid key per client address (once their bucket is empty, only keys this
+/// instance has seen valid are still looked up in the database).
 #[derive(Debug, Clone)]
 pub struct ApiLimits {
     /// Per API key id: `http.api_requests_per_minute`, bursts up to a minute's worth.
@@ -109,7 +109,12 @@ pub struct ApiLimits {
     /// Per client address, for requests whose key is missing or wrong:
     /// `http.link_requests_per_minute`, like the link pages (both guard against guessing).
     pub failures: Limiter<ClientNet>,
+    /// The public prefixes of the keys seen valid lately (at most [`KNOWN_KEYS`]).
+    known: Arc<Mutex<std::collections::HashSet<String>>>,
 }
+
+/// How many key prefixes [`ApiLimits`] remembers (forgotten all at once when full).
+const KNOWN_KEYS: usize = 10_000;
 
 impl ApiLimits {
     /// The limits of `config`.
@@ -118,7 +123,23 @@ impl ApiLimits {
         Self {
             per_key: Limiter::with_burst(per_minute, per_minute),
             failures: Limiter::new(config.link_requests_per_minute),
+            known: Arc::default(),
         }
+    }
+
+    /// Remembers that a key with this public prefix was valid.
+    pub fn remember(&self, prefix: &str) {
+        if let Ok(mut known) = self.known.lock() {
+            if known.len() >= KNOWN_KEYS {
+                known.clear();
+            }
+            known.insert(prefix.to_string());
+        }
+    }
+
+    /// Whether a key with this public prefix was seen valid lately.
+    pub fn knows(&self, prefix: &str) -> bool {
+        self.known.lock().is_ok_and(|known| known.contains(prefix))
     }
 }
 

@@ -145,7 +145,8 @@ async fn check_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     loop {
         let due = async {
             let mut conn = state.db.read().await?;
-            crate::db::connections::due_checks(&mut conn, state.now_ms(), 20).await
+            crate::db::connections::due_checks(&mut conn, state.now_ms(), 20, state.providers.enabled_names())
+                .await
         }
         .await;
         match due {

@@ -943,8 +943,17 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
             row.updated_at = now;
             let mut tx = app.db.begin_write().await?;
             // Only the profile columns change here (and the scopes, if the provider withheld one
-            // the grant held); tokens were not touched.
-            let current = db::connections::get_for_update(&mut tx, app.db.backend(), &row.id).await?;
+            // the grant held); tokens were not touched. Not over a connection repaired,
+            // refreshed or disconnected while the provider was asked: the answer was about the
+            // tokens it held before.
+            let current = locked_if_unchanged(&mut tx, app, &row).await?;
+            if current.is_none() {
+                drop(tx);
+                let mut conn = app.db.read().await?;
+                let now_row =
+                    db::connections::get(&mut conn, id).await?.ok_or(ServiceError::NotFound("connection"))?;
+                return Ok(Checked::Done(Outcome::Current(Box::new(now_row))));
+            }
             if let Some(mut current) = current {
                 current.username = row.username.clone();
                 current.display_name = row.display_name.clone();

@@ -459,9 +459,9 @@ impl FromRequestParts<AppState> for Caller {
         let client = ratelimit::client_ip_of(&parts.headers, &parts.extensions);
         let now = std::time::Instant::now();
         // An address whose requests without a valid key used up their bucket gets 429 for any
-        // request without one until it refills; a valid key still passes (with its own budget),
-        // so that whoever shares the address (a NAT, a proxy) cannot lock a key's owner out. A
-        // header that is no key of ours is refused without asking the database.
+        // request without one until it refills; a valid key this instance has seen before still
+        // passes (with its own budget), so that whoever shares the address (a NAT, a proxy)
+        // cannot lock a key's owner out.
         let limited = match (&limits, client) {
             (Some(limits), Some(ip)) => limits.failures.peek(ratelimit::ClientNet::of(ip), now).err(),
             _ => None,
@@ -472,10 +472,19 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim);
-        let found = match key {
+        // While the address is refused, only a key this instance has seen valid is looked up:
+        // random well-formed keys cost no database read.
+        let prefix = |k: &str| k.get(..16).map(str::to_string);
+        let looked_up = key.filter(|k| {
+            limited.is_none() || prefix(k).zip(limits.as_ref()).is_some_and(|(p, l)| l.knows(&p))
+        });
+        let found = match looked_up {
             Some(key) => service::api_keys::authenticate(state, key).await?,
             None => None,
         };
+        if let (Some(_), Some(l), Some(p)) = (&found, &limits, key.and_then(prefix)) {
+            l.remember(&p);
+        }
         let Some((actor, scope)) = found else {
             if let (Some(wait), Some(ip)) = (limited, client) {
                 tracing::warn!(client = %ip, "API requests without a valid key rate-limited");

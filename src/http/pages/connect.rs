@@ -471,6 +471,16 @@ fn service_refusal(e: crate::service::ServiceError, platform: Platform, flow: Op
             tracing::error!(error = %e, "database unavailable at the callback");
             Failure::Unavailable
         }
+        // The link or its workspace went while the client was at the provider.
+        crate::service::ServiceError::NotFound(what) => {
+            tracing::info!(missing = what, "the flow's link or workspace is gone");
+            Failure::LinkGone
+        }
+        // Another writer changed the connection meanwhile: trying again works.
+        crate::service::ServiceError::Conflict(why) => {
+            tracing::warn!(reason = %why, "connect flow conflicted with another change");
+            Failure::Unavailable
+        }
         other => {
             tracing::error!(error = %other, "internal error at the callback");
             Failure::Internal
