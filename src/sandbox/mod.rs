@@ -69,7 +69,8 @@
 //!   graph_rate_limit Graph code (4, 17, 32 or 613; default 4), "parameter": the authorize
 //!   parameter request_error refuses (default redirect_uri), "error": the `error` a TikTok
 //!   callback_error redirects with (default server_error)}],
-//!   "pkce_optional": bool (TikTok), "lifetimes": "long"|"short" (TikTok), "oauth_error_status":
+//!   "pkce_optional": bool (TikTok), "rate_limit_per_min": n (TikTok's user info, a
+//!   one-minute sliding window, default 600, 0 for none), "lifetimes": "long"|"short" (TikTok), "oauth_error_status":
 //!   "http"|"ok" (TikTok: OAuth errors on their own status, or on a 200), "token_shape":
 //!   "flat"|"wrapped" (Instagram), "me_shape": "flat"|"wrapped" (Instagram: `/me` as it is, or in
 //!   `{data: [..]}`), "signing_secret": "instagram"|"meta" (Instagram: which app secret signs
@@ -271,8 +272,12 @@ impl Sandbox {
                 if patch.pkce_optional.is_some()
                     || patch.lifetimes.is_some()
                     || patch.oauth_error_status.is_some()
+                    || patch.rate_limit_per_min.is_some()
                 {
-                    return Err("pkce_optional, lifetimes and oauth_error_status apply to tiktok only".into());
+                    return Err(
+                        "pkce_optional, lifetimes, oauth_error_status and rate_limit_per_min apply to tiktok only"
+                            .into(),
+                    );
                 }
                 let mut st = self.instagram_state();
                 st.scenario.apply(patch);
@@ -832,6 +837,9 @@ pub struct Scenario {
     pub me_shape: MeShape,
     /// Instagram: the secret that signs Meta's callbacks.
     pub signing_secret: SigningSecret,
+    /// TikTok: user-info requests a minute (a one-minute sliding window, §2.8), then 429
+    /// `rate_limit_exceeded`; 0: no limit.
+    pub rate_limit_per_min: u32,
 }
 
 impl Default for Scenario {
@@ -850,6 +858,7 @@ impl Default for Scenario {
             oauth_error_status: OauthErrorStatus::Http,
             me_shape: MeShape::Flat,
             signing_secret: SigningSecret::Instagram,
+            rate_limit_per_min: 600,
         }
     }
 }
@@ -858,6 +867,9 @@ impl Scenario {
     fn apply(&mut self, patch: ScenarioPatch) {
         if let Some(v) = patch.deny_all {
             self.deny_all = v;
+        }
+        if let Some(v) = patch.rate_limit_per_min {
+            self.rate_limit_per_min = v;
         }
         if let Some(v) = patch.fail_next {
             self.fail_next = v.into_iter().filter(|f| f.count > 0).collect();
@@ -940,6 +952,8 @@ pub struct ScenarioPatch {
     pub me_shape: Option<MeShape>,
     /// See [`Scenario::signing_secret`].
     pub signing_secret: Option<SigningSecret>,
+    /// See [`Scenario::rate_limit_per_min`].
+    pub rate_limit_per_min: Option<u32>,
 }
 
 /// Call counters of one provider.

@@ -771,6 +771,35 @@ async fn tiktok_profile_check_names_each_withdrawn_scope() {
     assert_eq!(checked.display_name.as_deref(), Some(account.display_name));
 }
 
+/// User info is limited to a number of requests a minute, in a one-minute sliding window
+/// (600 by default, as documented); a request over it gets 429 `rate_limit_exceeded` with
+/// `Retry-After`, which the adapter reads as transient.
+#[tokio::test]
+async fn tiktok_user_info_is_rate_limited() {
+    let h = start().await;
+    let (status, _) = h.control("/instagram/scenario", json!({ "rate_limit_per_min": 3 })).await;
+    assert_eq!(status, 400, "TikTok's limit only");
+    let (status, body) = h.control("/tiktok/scenario", json!({ "rate_limit_per_min": 3 })).await;
+    assert_eq!(status, 200, "{body}");
+    let verifier = pkce::new_verifier();
+    let code = h.tiktok_code(&verifier).await;
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &h.tiktok_redirect(), h.now()).await.unwrap();
+    for _ in 0..3 {
+        h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
+    }
+    let err = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap_err();
+    let ProviderError::Transient { retry_after, .. } = &err else { panic!("{err:?}") };
+    assert!(retry_after.is_some_and(|d| d.as_secs() >= 1 && d.as_secs() <= 60), "{err:?}");
+    // The window slides: a minute later the calls go through again.
+    h.control("/clock/advance", json!({ "seconds": 61 })).await;
+    h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
+    // Off.
+    h.control("/tiktok/scenario", json!({ "rate_limit_per_min": 0 })).await;
+    for _ in 0..5 {
+        h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn tiktok_bulk_grants_have_profiles_and_refresh() {
     let h = start().await;

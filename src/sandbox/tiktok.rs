@@ -151,6 +151,8 @@ struct Profile {
 pub(super) struct TikTokState {
     pub(super) scenario: Scenario,
     pub(super) stats: Stats,
+    /// When the user-info requests of the last minute came (ms), for its rate limit.
+    user_info_window: std::collections::VecDeque<i64>,
     codes: HashMap<String, Code>,
     grants: HashMap<u64, Grant>,
     next_grant: u64,
@@ -852,6 +854,29 @@ pub(super) async fn user_info(
         return resp;
     }
     let now = sb.now();
+    // 600 requests a minute per endpoint, in a one-minute sliding window (§2.8).
+    let wait_ms = {
+        let mut st = sb.tiktok_state();
+        let limit = st.scenario.rate_limit_per_min as usize;
+        let now_ms = crate::clock::to_millis(now);
+        let window = &mut st.user_info_window;
+        while window.front().is_some_and(|t| *t <= now_ms - 60_000) {
+            window.pop_front();
+        }
+        if limit > 0 && window.len() >= limit {
+            window.front().map(|oldest| oldest + 60_000 - now_ms)
+        } else {
+            if limit > 0 {
+                window.push_back(now_ms);
+            }
+            None
+        }
+    };
+    if let Some(wait_ms) = wait_ms {
+        let resp =
+            api_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit exceeded.", now);
+        return with_retry_after(resp, u64::try_from(wait_ms.max(1_000) / 1_000).unwrap_or(60));
+    }
     let p = Params::from_query(query.as_deref());
     let token_invalid = || {
         api_error(
