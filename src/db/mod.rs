@@ -596,6 +596,16 @@ fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
 /// (`FOR UPDATE SKIP LOCKED`) and written as `key = ANY(ARRAY(...))` there: PostgreSQL joins an
 /// `IN (...)` against a scan of the whole table, but looks the ids of an array up in the primary
 /// key. SQLite takes the write lock with the transaction and needs neither.
+/// Takes a PostgreSQL advisory lock named `key` for the rest of the transaction on `conn`, so
+/// that the writers that take it run one after the other (counted limits, claim rounds); SQLite's
+/// write transactions already run one at a time, so there it does nothing.
+pub async fn advisory_lock(conn: &mut sqlx::AnyConnection, backend: Backend, key: &str) -> DbResult<()> {
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").bind(key).execute(conn).await?;
+    }
+    Ok(())
+}
+
 fn claimed_ids(backend: Backend, key: &str, subquery: &str) -> String {
     match backend {
         Backend::Postgres => format!("{key} = ANY(ARRAY({subquery} FOR UPDATE SKIP LOCKED))"),

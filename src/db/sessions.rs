@@ -157,14 +157,9 @@ pub async fn reserve_attempt(
     since_ms: i64,
     limits: (i64, i64),
 ) -> DbResult<bool> {
-    if backend == super::Backend::Postgres {
-        // In a fixed order (account, then address), so two attempts never wait on each other.
-        for key in [format!("login-account:{account_key}"), format!("login-ip:{ip}")] {
-            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-        }
+    // In a fixed order (account, then address), so two attempts never wait on each other.
+    for key in [format!("login-account:{account_key}"), format!("login-ip:{ip}")] {
+        super::advisory_lock(tx, backend, &key).await?;
     }
     let (per_account, per_ip) = count_failures(tx, account_key, ip, since_ms).await?;
     if per_account >= limits.0 || per_ip >= limits.1 {

@@ -450,13 +450,9 @@ pub async fn claim_due(
     until_ms: i64,
     limit: i64,
 ) -> DbResult<Vec<String>> {
-    if backend == Backend::Postgres {
-        // Claim rounds one at a time across processes, so that the count of deliveries in
-        // flight per endpoint read below stays true until this round's claims commit.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('authlink webhook claims'))")
-            .execute(&mut *conn)
-            .await?;
-    }
+    // Claim rounds one at a time across processes, so that the count of deliveries in flight
+    // per endpoint read below stays true until this round's claims commit.
+    super::advisory_lock(conn, backend, "webhook claims").await?;
     // Endpoints already at their limit are left out here, so that their backlog does not fill
     // the candidates and keep the others' deliveries waiting.
     let candidates: Vec<(String, String)> = sqlx::query_as(&format!(

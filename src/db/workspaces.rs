@@ -62,24 +62,6 @@ from_lite!(WorkspaceRow {
 
 const COLUMNS: &str = "id, name, slug, display_name, logo_url, accent_color, allowed_redirects, success_redirect, created_at, updated_at";
 
-/// Serialises, for the rest of the write transaction, the writers that count a workspace's
-/// objects before adding one (its webhook endpoints, its API keys), so that two of them cannot
-/// both pass a limit: on PostgreSQL a transaction-scoped advisory lock on `what` and the
-/// workspace (`None`: platform-admin keys); SQLite's write transactions already run one at a
-/// time.
-pub async fn lock_for_count(
-    conn: &mut AnyConnection,
-    backend: super::Backend,
-    what: &str,
-    workspace_id: Option<&str>,
-) -> DbResult<()> {
-    if backend == super::Backend::Postgres {
-        let key = format!("{what}:{}", workspace_id.unwrap_or("-"));
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))").bind(key).execute(conn).await?;
-    }
-    Ok(())
-}
-
 /// Inserts a workspace.
 pub async fn insert(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> {
     sqlx::query(

@@ -127,8 +127,13 @@ pub async fn create(
         revoked_at: None,
     };
     let mut tx = app.db.begin_write().await?;
-    db::workspaces::lock_for_count(&mut tx, app.db.backend(), "api keys", row.workspace_id.as_deref())
-        .await?;
+    // (One creation at a time per workspace, so that two cannot both pass the limit.)
+    db::advisory_lock(
+        &mut tx,
+        app.db.backend(),
+        &format!("api keys:{}", row.workspace_id.as_deref().unwrap_or("admin")),
+    )
+    .await?;
     if db::api_keys::count_active(&mut tx, row.workspace_id.as_deref()).await? >= MAX_ACTIVE_KEYS {
         return Err(ServiceError::Conflict(format!(
             "at most {MAX_ACTIVE_KEYS} keys can be active at once, per workspace (and platform-admin keys in all); revoke one first"

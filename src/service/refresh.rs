@@ -769,11 +769,10 @@ async fn finish_transient(
     // Not over a row changed while the provider was asked (a reconnect, a disconnect): its new
     // state stands, and the failure is not counted against it. Otherwise the failure is counted
     // on the row as it stands now, and only the count and the schedule are written.
-    let mut wait = backoff(row.refresh_failures + 1, retry_after);
     let written = match locked_if_unchanged(&mut tx, app, row).await? {
         Some(mut current) => {
             current.refresh_failures += 1;
-            wait = backoff(current.refresh_failures, retry_after);
+            let wait = backoff(current.refresh_failures, retry_after);
             current.next_refresh_at = Some(now + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2));
             current.updated_at = now;
             db::connections::update_changed(&mut tx, &current, Indexed::NONE).await?;
@@ -800,7 +799,7 @@ async fn finish_transient(
     }
     tx.commit().await?;
     tracing::warn!(connection_id = %row.id, provider = %platform, failures = row.refresh_failures,
-        retry_in_secs = wait.as_secs(), reason = %reason, "token refresh failed; will retry");
+        next_refresh_at = row.next_refresh_at, reason = %reason, "token refresh failed; will retry");
     Ok(Step::Done(Outcome::Transient(reason.to_string())))
 }
 
@@ -946,46 +945,43 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
             // the grant held); tokens were not touched. Not over a connection repaired,
             // refreshed or disconnected while the provider was asked: the answer was about the
             // tokens it held before.
-            let current = locked_if_unchanged(&mut tx, app, &row).await?;
-            if current.is_none() {
+            let Some(mut current) = locked_if_unchanged(&mut tx, app, &row).await? else {
                 drop(tx);
                 let mut conn = app.db.read().await?;
                 let now_row =
                     db::connections::get(&mut conn, id).await?.ok_or(ServiceError::NotFound("connection"))?;
                 return Ok(Checked::Done(Outcome::Current(Box::new(now_row))));
-            }
-            if let Some(mut current) = current {
-                current.username = row.username.clone();
-                current.display_name = row.display_name.clone();
-                current.avatar_url = row.avatar_url.clone();
-                current.last_checked_at = row.last_checked_at;
-                current.next_check_at = row.next_check_at;
-                current.updated_at = now;
-                let held = connections::split_scopes(&current.scopes);
-                let left: Vec<String> =
-                    held.iter().filter(|s| !profile.withheld_scopes.contains(s)).cloned().collect();
-                let change = ScopeChange::between(
-                    &current.scopes,
-                    &left,
-                    &app.config.providers.required_scopes(platform),
-                    provider.scopes(),
-                );
-                match change {
-                    Some(change) => {
-                        if let Some(broken) =
-                            store_scope_change(&mut tx, app, &mut current, &change, platform, now).await?
-                        {
-                            tx.commit().await?;
-                            return Ok(Checked::Done(broken));
-                        }
-                    }
-                    None => {
-                        let indexed = Indexed { username: true, ..Indexed::NONE };
-                        db::connections::update_changed(&mut tx, &current, indexed).await?;
+            };
+            current.username = row.username.clone();
+            current.display_name = row.display_name.clone();
+            current.avatar_url = row.avatar_url.clone();
+            current.last_checked_at = row.last_checked_at;
+            current.next_check_at = row.next_check_at;
+            current.updated_at = now;
+            let held = connections::split_scopes(&current.scopes);
+            let left: Vec<String> =
+                held.iter().filter(|s| !profile.withheld_scopes.contains(s)).cloned().collect();
+            let change = ScopeChange::between(
+                &current.scopes,
+                &left,
+                &app.config.providers.required_scopes(platform),
+                provider.scopes(),
+            );
+            match change {
+                Some(change) => {
+                    if let Some(broken) =
+                        store_scope_change(&mut tx, app, &mut current, &change, platform, now).await?
+                    {
+                        tx.commit().await?;
+                        return Ok(Checked::Done(broken));
                     }
                 }
-                row = current;
+                None => {
+                    let indexed = Indexed { username: true, ..Indexed::NONE };
+                    db::connections::update_changed(&mut tx, &current, indexed).await?;
+                }
             }
+            row = current;
             tx.commit().await?;
             Ok(Checked::Done(Outcome::Current(Box::new(row))))
         }

@@ -314,8 +314,8 @@ pub async fn create(
     };
     let mut tx = app.db.begin_write().await?;
     // Every event is sent to every endpoint that wants it: their number is bounded.
-    db::workspaces::lock_for_count(&mut tx, app.db.backend(), "webhook endpoints", Some(&row.workspace_id))
-        .await?;
+    // (One creation at a time per workspace, so that two cannot both pass the limit.)
+    db::advisory_lock(&mut tx, app.db.backend(), &format!("webhook endpoints:{}", row.workspace_id)).await?;
     if db::webhooks::count_live_endpoints(&mut tx, &row.workspace_id).await? >= MAX_ENDPOINTS {
         return Err(ServiceError::Conflict(format!(
             "a workspace has at most {MAX_ENDPOINTS} webhook endpoints; remove one first"
