@@ -526,13 +526,23 @@ fn graph_failure(sb: &Sandbox, failure: &FailNext, retry_after: u64) -> Response
             };
             graph_error(status, code, None, message, false)
         }
-        FailureKind::ServerError => graph_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            2,
-            None,
-            "An unexpected error has occurred. Please retry your request later.",
-            true,
-        ),
+        // §3.7: codes 1 and 2 are transient; only 2 is sent with `is_transient` here, so that
+        // an adapter must know the codes themselves.
+        FailureKind::ServerError => {
+            let status = status
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            match failure.code.unwrap_or(2) {
+                1 => graph_error(status, 1, None, "An unknown error occurred", false),
+                _ => graph_error(
+                    status,
+                    2,
+                    None,
+                    "An unexpected error has occurred. Please retry your request later.",
+                    true,
+                ),
+            }
+        }
         FailureKind::TemporarilyUnavailable => {
             graph_error(StatusCode::SERVICE_UNAVAILABLE, 2, None, "Service temporarily unavailable", true)
         }

@@ -65,13 +65,17 @@
 //!   `{"deny_all": bool, "fail_next": [{"endpoint": "authorize"|"token"|"refresh"|"profile"|"exchange_long_lived"|"revoke",
 //!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed"|"invalid_client"|"redirect_uri_mismatch"|"pkce_mismatch"|"request_error"|"callback_error",
 //!   "count": n (default 1), "status": optional HTTP status for html_error (default 502) and
-//!   Instagram's graph_rate_limit (400, 403 or 429; default 400), "code": Instagram's
-//!   graph_rate_limit Graph code (4, 17, 32 or 613; default 4), "parameter": the authorize
+//!   Instagram's graph_rate_limit (400, 403 or 429; default 400) and server_error (400, 500 or
+//!   503; default 500), "code": Instagram's graph_rate_limit Graph code (4, 17, 32 or 613;
+//!   default 4) or server_error Graph code (1, "An unknown error occurred", or 2 with
+//!   `is_transient`; default 2), "parameter": the authorize
 //!   parameter request_error refuses (default redirect_uri), "error": the `error` a TikTok
 //!   callback_error redirects with (default server_error)}],
 //!   "pkce_optional": bool (TikTok), "rate_limit_per_min": n (TikTok's user info, a
 //!   one-minute sliding window, default 600, 0 for none), "lifetimes": "long"|"short" (TikTok), "oauth_error_status":
-//!   "http"|"ok" (TikTok: OAuth errors on their own status, or on a 200), "token_shape":
+//!   "http"|"ok" (TikTok: OAuth errors on their own status, or on a 200), "api_error_shape":
+//!   "nested"|"nested_no_data"|"flat" (TikTok: user-info errors as `{data: {}, error: {..}}`,
+//!   as `{error: {..}}`, or as the flat `{code, message, log_id}` the docs print), "token_shape":
 //!   "flat"|"wrapped" (Instagram), "me_shape": "flat"|"wrapped" (Instagram: `/me` as it is, or in
 //!   `{data: [..]}`), "signing_secret": "instagram"|"meta" (Instagram: which app secret signs
 //!   Meta's callbacks, [`INSTAGRAM_CLIENT_SECRET`] or [`META_APP_SECRET`]), "refresh_too_early":
@@ -273,11 +277,11 @@ impl Sandbox {
                     || patch.lifetimes.is_some()
                     || patch.oauth_error_status.is_some()
                     || patch.rate_limit_per_min.is_some()
+                    || patch.api_error_shape.is_some()
                 {
-                    return Err(
-                        "pkce_optional, lifetimes, oauth_error_status and rate_limit_per_min apply to tiktok only"
-                            .into(),
-                    );
+                    return Err("pkce_optional, lifetimes, oauth_error_status, rate_limit_per_min and \
+                                api_error_shape apply to tiktok only"
+                        .into());
                 }
                 let mut st = self.instagram_state();
                 st.scenario.apply(patch);
@@ -484,7 +488,8 @@ pub enum FailureKind {
     InvalidGrant,
     /// The code is expired or unknown (on token calls; like `invalid_grant` elsewhere).
     BadCode,
-    /// A 500: TikTok `server_error` / `internal_error`; Graph code 2 with `is_transient`.
+    /// A 500: TikTok `server_error` / `internal_error`; Graph code 2 with `is_transient` (or, with
+    /// `code` 1, "An unknown error occurred" without it; `status` changes the 500).
     ServerError,
     /// A 429 with `Retry-After: retry_after_secs`.
     RateLimit,
@@ -570,11 +575,13 @@ pub struct FailNext {
     /// How many calls it applies to (default 1).
     #[serde(default = "one")]
     pub count: u32,
-    /// The HTTP status of an `html_error` (default 502), or of Instagram's `graph_rate_limit`
-    /// (400, 403 or 429; default 400).
+    /// The HTTP status of an `html_error` (default 502), of Instagram's `graph_rate_limit`
+    /// (400, 403 or 429; default 400) or of Instagram's `server_error` (400, 500 or 503; default
+    /// 500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
-    /// Instagram's `graph_rate_limit`: the Graph code, 4, 17, 32 or 613 (default 4).
+    /// Instagram's `graph_rate_limit`: the Graph code, 4, 17, 32 or 613 (default 4); Instagram's
+    /// `server_error`: 1 (an unknown error, without `is_transient`) or 2 (default, with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<u32>,
     /// `request_error`: the authorize parameter refused (default `redirect_uri`).
@@ -623,26 +630,38 @@ impl FailNext {
             }
         }
         if let Some(code) = self.code {
-            if self.kind != FailureKind::GraphRateLimit || platform != Platform::Instagram {
-                return Err("code applies to instagram's graph_rate_limit only".into());
-            }
-            if ![4, 17, 32, 613].contains(&code) {
-                return Err("code must be 4, 17, 32 or 613".into());
+            match (self.kind, platform) {
+                (FailureKind::GraphRateLimit, Platform::Instagram) => {
+                    if ![4, 17, 32, 613].contains(&code) {
+                        return Err("graph_rate_limit's code must be 4, 17, 32 or 613".into());
+                    }
+                }
+                (FailureKind::ServerError, Platform::Instagram) => {
+                    if self.endpoint == Endpoint::Token {
+                        return Err(
+                            "the code exchange answers its own error shape, without a Graph code".into()
+                        );
+                    }
+                    if ![1, 2].contains(&code) {
+                        return Err("server_error's code must be 1 or 2".into());
+                    }
+                }
+                _ => return Err("code applies to instagram's graph_rate_limit and server_error only".into()),
             }
         }
         if let Some(status) = self.status {
-            let ok = match self.kind {
-                FailureKind::HtmlError => (200..=599).contains(&status),
-                FailureKind::GraphRateLimit if platform == Platform::Instagram => {
-                    [400, 403, 429].contains(&status)
+            let ok = match (self.kind, platform) {
+                (FailureKind::HtmlError, _) => (200..=599).contains(&status),
+                (FailureKind::GraphRateLimit, Platform::Instagram) => [400, 403, 429].contains(&status),
+                (FailureKind::ServerError, Platform::Instagram) => {
+                    self.endpoint != Endpoint::Token && [400, 500, 503].contains(&status)
                 }
                 _ => false,
             };
             if !ok {
-                return Err(
-                    "status applies to html_error (200-599) and instagram's graph_rate_limit (400, 403, 429) only"
-                        .into(),
-                );
+                return Err("status applies to html_error (200-599), instagram's graph_rate_limit \
+                            (400, 403, 429) and instagram's server_error off the code exchange (400, 500, 503) only"
+                    .into());
             }
         }
         Ok(())
@@ -784,6 +803,21 @@ pub enum OauthErrorStatus {
     Ok,
 }
 
+/// How TikTok's user-info API answers an error (providers.md §2.8): real answers nest the error
+/// struct under `error`, the docs print it flat, and whether `data` is `{}` or absent beside a
+/// nested error is unconfirmed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiErrorShape {
+    /// `{"data": {}, "error": {code, message, log_id}}`.
+    #[default]
+    Nested,
+    /// `{"error": {code, message, log_id}}`, without `data`.
+    NestedNoData,
+    /// `{code, message, log_id}` at the top level, as the docs print it.
+    Flat,
+}
+
 /// The shape of Instagram's `/me` answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -840,6 +874,8 @@ pub struct Scenario {
     /// TikTok: user-info requests a minute (a one-minute sliding window, §2.8), then 429
     /// `rate_limit_exceeded`; 0: no limit.
     pub rate_limit_per_min: u32,
+    /// TikTok: the shape of the user-info API's errors.
+    pub api_error_shape: ApiErrorShape,
 }
 
 impl Default for Scenario {
@@ -859,6 +895,7 @@ impl Default for Scenario {
             me_shape: MeShape::Flat,
             signing_secret: SigningSecret::Instagram,
             rate_limit_per_min: 600,
+            api_error_shape: ApiErrorShape::Nested,
         }
     }
 }
@@ -907,6 +944,9 @@ impl Scenario {
         if let Some(v) = patch.signing_secret {
             self.signing_secret = v;
         }
+        if let Some(v) = patch.api_error_shape {
+            self.api_error_shape = v;
+        }
     }
 
     /// Takes the first scripted failure for `endpoint`, if any.
@@ -954,6 +994,8 @@ pub struct ScenarioPatch {
     pub signing_secret: Option<SigningSecret>,
     /// See [`Scenario::rate_limit_per_min`].
     pub rate_limit_per_min: Option<u32>,
+    /// See [`Scenario::api_error_shape`].
+    pub api_error_shape: Option<ApiErrorShape>,
 }
 
 /// Call counters of one provider.

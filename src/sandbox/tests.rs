@@ -212,6 +212,13 @@ impl Harness {
     }
 
     /// A full TikTok consent with the default account; returns the code.
+    /// A GET of a sandbox path with a bearer token: its status and JSON body.
+    async fn get_json(&self, path: &str, token: &SecretString) -> (u16, Value) {
+        let resp = self.http.get(format!("{}{path}", self.base)).bearer_auth(token.expose_secret()).send();
+        let resp = resp.await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
     async fn tiktok_code(&self, verifier: &str) -> String {
         let cb = self.consent(&self.tiktok_authorize_url(verifier, "st"), &[("decision", "allow")]).await;
         cb.query["code"].clone()
@@ -1158,7 +1165,11 @@ async fn control_api_refuses_failures_that_cannot_happen_there() {
         ("tiktok", json!({ "endpoint": "profile", "kind": "graph_rate_limit", "code": 17 })),
         ("instagram", json!({ "endpoint": "profile", "kind": "graph_rate_limit", "code": 5 })),
         ("instagram", json!({ "endpoint": "profile", "kind": "graph_rate_limit", "status": 500 })),
-        ("instagram", json!({ "endpoint": "profile", "kind": "server_error", "status": 503 })),
+        ("instagram", json!({ "endpoint": "profile", "kind": "server_error", "status": 502 })),
+        ("instagram", json!({ "endpoint": "profile", "kind": "server_error", "code": 3 })),
+        ("instagram", json!({ "endpoint": "token", "kind": "server_error", "code": 1 })),
+        ("instagram", json!({ "endpoint": "token", "kind": "server_error", "status": 400 })),
+        ("tiktok", json!({ "endpoint": "profile", "kind": "server_error", "code": 1 })),
         ("tiktok", json!({ "endpoint": "exchange_long_lived", "kind": "server_error" })),
         ("instagram", json!({ "endpoint": "revoke", "kind": "server_error" })),
     ] {
@@ -1172,6 +1183,7 @@ async fn control_api_refuses_failures_that_cannot_happen_there() {
         ("tiktok", json!({ "me_shape": "wrapped" })),
         ("tiktok", json!({ "signing_secret": "meta" })),
         ("instagram", json!({ "oauth_error_status": "ok" })),
+        ("instagram", json!({ "api_error_shape": "flat" })),
     ] {
         let (status, body) = h.control(&format!("/{provider}/scenario"), patch.clone()).await;
         assert_eq!(status, 400, "{provider} {patch}: {body}");
@@ -1347,6 +1359,76 @@ async fn tiktok_temporarily_unavailable_and_scope_permission_missed_are_classifi
     assert!(h.instagram.fetch_profile(&ig.access_token).await.unwrap_err().is_transient());
     assert!(matches!(h.instagram.fetch_profile(&ig.access_token).await, Err(ProviderError::Scope { .. })));
     assert!(h.instagram.fetch_profile(&ig.access_token).await.is_ok());
+}
+
+/// The three shapes a TikTok user-info error may take (§2.8): nested with `data: {}`, nested
+/// without `data`, flat as the docs print it. The adapter reads each the same way.
+#[tokio::test]
+async fn tiktok_user_info_errors_in_every_shape() {
+    let h = start().await;
+    let verifier = pkce::new_verifier();
+    let code = h.tiktok_code(&verifier).await;
+    let tokens = h.tiktok.exchange_code(&code, &verifier, &h.tiktok_redirect(), h.now()).await.unwrap();
+    let url = "/sandbox/tiktok/v2/user/info/?fields=open_id";
+    for shape in ["nested", "nested_no_data", "flat"] {
+        let (status, scenario) = h
+            .control(
+                "/tiktok/scenario",
+                json!({ "api_error_shape": shape, "fail_next": [
+                    { "endpoint": "profile", "kind": "rate_limit" },
+                    { "endpoint": "profile", "kind": "access_token_invalid", "count": 2 },
+                ]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{scenario}");
+        assert_eq!(scenario["api_error_shape"], shape);
+        // On the wire: where the error struct sits, and whether `data` is there.
+        let (status, body) = h.get_json(url, &tokens.access_token).await;
+        assert_eq!(status, 429);
+        let error = if shape == "flat" { &body } else { &body["error"] };
+        assert_eq!(error["code"], "rate_limit_exceeded", "{shape}: {body}");
+        assert!(error["message"].is_string() && error["log_id"].is_string(), "{shape}: {body}");
+        assert_eq!(body.get("data").is_some(), shape == "nested", "{shape}: {body}");
+        assert_eq!(body.get("error").is_some(), shape != "flat", "{shape}: {body}");
+        // The adapter reads a dead token as such, whatever the shape.
+        let err = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap_err();
+        assert!(matches!(err, ProviderError::AccessTokenInvalid { .. }), "{shape}: {err:?}");
+        assert_eq!(h.get_json(url, &tokens.access_token).await.0, 401);
+        assert!(h.tiktok.fetch_profile(&tokens.access_token).await.is_ok(), "{shape}");
+    }
+    // The handler's own errors follow the switch too: a field that does not exist.
+    let (status, body) =
+        h.get_json("/sandbox/tiktok/v2/user/info/?fields=open_id,no_such_field", &tokens.access_token).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["code"], "invalid_params", "{body}");
+}
+
+/// Graph codes 1 and 2 are transient (§3.7), with or without `is_transient`, on any status.
+#[tokio::test]
+async fn instagram_graph_codes_1_and_2_are_transient() {
+    let h = start().await;
+    let code = h.instagram_code("17841400000000001").await;
+    let tokens = h.instagram.exchange_code(&code, &h.instagram_redirect(), h.now()).await.unwrap();
+    h.control(
+        "/instagram/scenario",
+        json!({ "fail_next": [
+            { "endpoint": "profile", "kind": "server_error", "code": 1, "status": 400 },
+            { "endpoint": "profile", "kind": "server_error", "code": 1, "status": 400 },
+            { "endpoint": "profile", "kind": "server_error", "code": 2, "status": 503 },
+        ]}),
+    )
+    .await;
+    let (status, body) =
+        h.get_json("/sandbox/instagram/graph/v23.0/me?fields=user_id,username", &tokens.access_token).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], 1, "{body}");
+    assert_eq!(body["error"]["type"], "OAuthException", "{body}");
+    assert!(body["error"].get("is_transient").is_none(), "{body}");
+    let err = h.instagram.fetch_profile(&tokens.access_token).await.unwrap_err();
+    assert!(err.is_transient(), "code 1 on a 400: {err:?}");
+    let err = h.instagram.fetch_profile(&tokens.access_token).await.unwrap_err();
+    assert!(err.is_transient(), "code 2 on a 503: {err:?}");
+    assert!(h.instagram.fetch_profile(&tokens.access_token).await.is_ok());
 }
 
 #[tokio::test]

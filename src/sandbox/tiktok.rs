@@ -13,9 +13,10 @@ use time::{Duration, OffsetDateTime};
 
 use super::pages::{self, AccountChoice, ConsentPage};
 use super::{
-    Endpoint, ErrorState, FailNext, FailureKind, Lifetimes, MAX_CODES, MAX_TOKENS, OauthErrorStatus, Params,
-    Sandbox, Scenario, Scripted, Stats, TIKTOK_CLIENT_KEY, TIKTOK_CLIENT_SECRET, Tamper, found, json, log_id,
-    proxy_html_error, prune, random_b64, split_commas, split_scopes, url_with_query, with_retry_after,
+    ApiErrorShape, Endpoint, ErrorState, FailNext, FailureKind, Lifetimes, MAX_CODES, MAX_TOKENS,
+    OauthErrorStatus, Params, Sandbox, Scenario, Scripted, Stats, TIKTOK_CLIENT_KEY, TIKTOK_CLIENT_SECRET,
+    Tamper, found, json, log_id, proxy_html_error, prune, random_b64, split_commas, split_scopes,
+    url_with_query, with_retry_after,
 };
 use crate::crypto::constant_time_eq;
 use crate::domain::Platform;
@@ -556,15 +557,27 @@ fn oauth_error(status: StatusCode, error: &str, description: &str, now: OffsetDa
     json(status, json!({ "error": error, "error_description": description, "log_id": log_id(now) }))
 }
 
-/// An API-style (envelope) error answer.
-fn api_error(status: StatusCode, code: &str, message: &str, now: OffsetDateTime) -> Response {
-    json(status, json!({ "data": {}, "error": { "code": code, "message": message, "log_id": log_id(now) } }))
+/// An API-style error answer, in the shape the `api_error_shape` switch names (§2.8).
+fn api_error(
+    shape: ApiErrorShape,
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    now: OffsetDateTime,
+) -> Response {
+    let error = json!({ "code": code, "message": message, "log_id": log_id(now) });
+    let body = match shape {
+        ApiErrorShape::Nested => json!({ "data": {}, "error": error }),
+        ApiErrorShape::NestedNoData => json!({ "error": error }),
+        ApiErrorShape::Flat => error,
+    };
+    json(status, body)
 }
 
 /// Counts a call, then applies the next scripted failure for `endpoint`, if any. `None` means
 /// "answer normally" (after the delay of a `slow` failure).
 async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> {
-    let (failure, retry_after, slow_ms) = {
+    let (failure, retry_after, slow_ms, shape) = {
         let mut st = sb.tiktok_state();
         match endpoint {
             Endpoint::Token => st.stats.token_calls += 1,
@@ -575,7 +588,7 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> 
             Endpoint::ExchangeLongLived | Endpoint::Authorize => {}
         }
         let f = st.scenario.take_failure(endpoint)?;
-        (f, st.scenario.retry_after_secs, st.scenario.slow_ms)
+        (f, st.scenario.retry_after_secs, st.scenario.slow_ms, st.scenario.api_error_shape)
     };
     let tamper = Tamper::of(&failure);
     let FailNext { kind, status, error, .. } = failure;
@@ -597,19 +610,26 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> 
         FailureKind::HtmlError => proxy_html_error(status),
         FailureKind::RateLimit | FailureKind::GraphRateLimit => {
             let resp = if api {
-                api_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit exceeded.", now)
+                api_error(
+                    shape,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    "Rate limit exceeded.",
+                    now,
+                )
             } else {
                 oauth_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit exceeded.", now)
             };
             with_retry_after(resp, retry_after)
         }
         FailureKind::ServerError if api => {
-            api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error.", now)
+            api_error(shape, StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Internal error.", now)
         }
         FailureKind::ServerError => {
             oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "Internal server error.", now)
         }
         FailureKind::ScopeNotAuthorized if api => api_error(
+            shape,
             StatusCode::UNAUTHORIZED,
             "scope_not_authorized",
             "The user did not authorize the scope required for completing this request.",
@@ -630,6 +650,7 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> 
             now,
         ),
         FailureKind::ScopePermissionMissed if api => api_error(
+            shape,
             StatusCode::BAD_REQUEST,
             "scope_permission_missed",
             "The fields requested need a scope that was not granted to the app.",
@@ -643,6 +664,7 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> 
         ),
         FailureKind::InvalidGrant | FailureKind::BadCode | FailureKind::AccessTokenInvalid if api => {
             api_error(
+                shape,
                 StatusCode::UNAUTHORIZED,
                 "access_token_invalid",
                 "The access token is invalid or not found in the request.",
@@ -854,6 +876,7 @@ pub(super) async fn user_info(
         return resp;
     }
     let now = sb.now();
+    let shape = sb.tiktok_state().scenario.api_error_shape;
     // 600 requests a minute per endpoint, in a one-minute sliding window (§2.8).
     let wait_ms = {
         let mut st = sb.tiktok_state();
@@ -873,13 +896,19 @@ pub(super) async fn user_info(
         }
     };
     if let Some(wait_ms) = wait_ms {
-        let resp =
-            api_error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", "Rate limit exceeded.", now);
+        let resp = api_error(
+            shape,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            "Rate limit exceeded.",
+            now,
+        );
         return with_retry_after(resp, u64::try_from(wait_ms.max(1_000) / 1_000).unwrap_or(60));
     }
     let p = Params::from_query(query.as_deref());
     let token_invalid = || {
         api_error(
+            shape,
             StatusCode::UNAUTHORIZED,
             "access_token_invalid",
             "The access token is invalid or not found in the request.",
@@ -902,6 +931,7 @@ pub(super) async fn user_info(
     let fields = split_commas(p.get("fields").unwrap_or_default());
     if fields.is_empty() {
         return api_error(
+            shape,
             StatusCode::BAD_REQUEST,
             "invalid_params",
             "The fields parameter is required.",
@@ -910,11 +940,18 @@ pub(super) async fn user_info(
     }
     let mut user = Map::new();
     let Some(acct) = profile(&open_id) else {
-        return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "Unknown account.", now);
+        return api_error(
+            shape,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "Unknown account.",
+            now,
+        );
     };
     for field in &fields {
         let Some((_, scope)) = FIELDS.iter().find(|(f, _)| f == field) else {
             return api_error(
+                shape,
                 StatusCode::BAD_REQUEST,
                 "invalid_params",
                 &format!("Invalid field: {field}."),
@@ -923,6 +960,7 @@ pub(super) async fn user_info(
         };
         if !scopes.iter().any(|s| s == scope) {
             return api_error(
+                shape,
                 StatusCode::UNAUTHORIZED,
                 "scope_not_authorized",
                 "The user did not authorize the scope required for completing this request.",
