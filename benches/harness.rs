@@ -89,6 +89,11 @@ const TIKTOK_OPEN_IDS: [&str; 3] = ["sbx-oid-creator-0001", "sbx-oid-brand-0002"
 /// into a stream of 429s; raising it keeps the limiter on the request path (its cost is measured)
 /// without it ever refusing.
 const LINK_RATE_LIMIT: u32 = 1_000_000_000;
+/// The sandbox's TikTok user info answers 600 requests a minute, then 429, as TikTok documents
+/// (providers.md §2.8): a limit of the simulated provider, not of authlink, that the connect
+/// flows would meet within a second. The harness turns it off through the sandbox's control API
+/// (`sandbox.control_api`), which adds routes and nothing to any other request's path.
+const SANDBOX_SCENARIO: &str = r#"{"rate_limit_per_min": 0}"#;
 /// Pause after a failed connect flow, so a broken setup does not spin.
 const FAILURE_PAUSE: Duration = Duration::from_millis(10);
 /// How long to wait for a server to start or stop before giving up.
@@ -439,7 +444,8 @@ impl Authlink {
             .env("AUTHLINK_LOG_FORMAT", "json")
             .env("AUTHLINK_LOG", "warn,authlink=info")
             .env("AUTHLINK_MASTER_KEY", &self.master_key)
-            .env("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", LINK_RATE_LIMIT.to_string());
+            .env("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", LINK_RATE_LIMIT.to_string())
+            .env("AUTHLINK_SANDBOX__CONTROL_API", "true");
         for (k, v) in extra {
             cmd.env(k, v);
         }
@@ -1192,6 +1198,17 @@ fn run() -> Result<()> {
         with_cpu(server.pid(), || rt.block_on(request_load(link_url.clone(), settings)))?;
     let landing_peak_rss = peak_rss(server.pid())?;
 
+    rt.block_on(async {
+        let res = reqwest::Client::new()
+            .post(public_url.join("/sandbox/control/tiktok/scenario")?)
+            .header("content-type", "application/json")
+            .body(SANDBOX_SCENARIO)
+            .send()
+            .await?;
+        anyhow::ensure!(res.status().is_success(), "sandbox scenario: {}", res.status());
+        Ok(())
+    })
+    .context("turning off the sandbox's user-info rate limit")?;
     eprintln!("bench: connect: TikTok flows with {} clients, {window}", settings.flow_clients);
     let peaks_reset = reset_peak(server.pid()) && peaks_reset;
     let (flow_rt, reniced) = browser_runtime(settings.flow_nice)?;
@@ -1368,7 +1385,9 @@ impl Report {
             o,
             "- authlink: release build, fresh SQLite database, sandbox providers, JSON logs at \
              `warn,authlink=info` (drained by the harness), `http.link_requests_per_minute` raised to \
-             {LINK_RATE_LIMIT} (the default would refuse a single-address load generator)"
+             {LINK_RATE_LIMIT} (the default would refuse a single-address load generator), the sandbox's \
+             control API on and its TikTok user-info rate limit (600 a minute, as documented) off \
+             with `{SANDBOX_SCENARIO}`"
         );
         let _ = writeln!(
             o,
