@@ -145,6 +145,10 @@ pub enum WorkspaceCommand {
         /// Accent colour of client pages, like #4f46e5.
         #[arg(long)]
         accent_color: Option<String>,
+        /// https URL of the logo: a PNG, JPEG, GIF or WebP image of at most 256 KB and 4096
+        /// pixels a side. It is fetched now, and client pages show that copy.
+        #[arg(long, value_name = "URL")]
+        logo_url: Option<String>,
         /// Allowed success-redirect URL (origin + path prefix); repeat for several.
         #[arg(long = "allow-redirect", value_name = "URL")]
         allow_redirects: Vec<String>,
@@ -803,11 +807,12 @@ async fn workspace(app: AppState, json: bool, cmd: WorkspaceCommand) -> CliResul
     use service::workspaces::{self, Branding, NewWorkspace, WorkspaceView};
     let describe = |w: &WorkspaceView| {
         format!(
-            "{}  {}  (slug {})\n  display name: {}\n  accent colour: {}\n  allowed redirects: {}\n  default success redirect: {}",
+            "{}  {}  (slug {})\n  display name: {}\n  logo: {}\n  accent colour: {}\n  allowed redirects: {}\n  default success redirect: {}",
             w.id,
             w.name,
             w.slug,
             w.branding.display_name.as_deref().unwrap_or("-"),
+            w.branding.logo_url.as_deref().unwrap_or("-"),
             w.branding.accent_color.as_deref().unwrap_or("-"),
             if w.allowed_redirects.is_empty() { "-".into() } else { w.allowed_redirects.join(", ") },
             w.success_redirect.as_deref().unwrap_or("-")
@@ -819,6 +824,7 @@ async fn workspace(app: AppState, json: bool, cmd: WorkspaceCommand) -> CliResul
             slug,
             display_name,
             accent_color,
+            logo_url,
             allow_redirects,
             success_redirect,
         } => {
@@ -829,7 +835,7 @@ async fn workspace(app: AppState, json: bool, cmd: WorkspaceCommand) -> CliResul
                 NewWorkspace {
                     name,
                     slug,
-                    branding: Some(Branding { display_name, logo_url: None, accent_color }),
+                    branding: Some(Branding { display_name, logo_url, accent_color }),
                     allowed_redirects: Some(allow_redirects),
                     success_redirect,
                 },

@@ -121,7 +121,8 @@ impl Default for JobsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct WebhooksConfig {
     /// Allow endpoints that resolve to loopback, private or link-local addresses (tests and
-    /// on-premise receivers). Off by default: such targets are refused before connecting.
+    /// on-premise receivers). Off by default: such targets are refused before connecting. The
+    /// same guard fetches every other address users give (workspace logos, account avatars).
     pub allow_private_targets: bool,
     /// Timeout of one delivery attempt, in seconds.
     pub timeout_secs: u64,

@@ -204,6 +204,28 @@ impl Resolve for Guard {
     }
 }
 
+/// A request error of a guarded client in words, without the URL (which may carry credentials
+/// in its query): what happened, and the guard's refusal when it was one.
+pub fn describe(e: &reqwest::Error) -> String {
+    let mut out = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "could not connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if text.contains("private") || text.contains("resolve") {
+            out = format!("{out}: {text}");
+            break;
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// The longest wait a `Retry-After` can ask for.
 const MAX_RETRY_AFTER_SECS: u64 = 86_400;
 

@@ -206,7 +206,8 @@ from_lite!(PublicLinkRow {
     hide_connections,
     workspace_name,
     workspace_display_name,
-    workspace_updated_at
+    workspace_updated_at,
+    workspace_logo_sha256
 });
 
 /// What the public landing page needs of a link and its workspace: no more, because every column
@@ -237,13 +238,15 @@ pub struct PublicLinkRow {
     pub workspace_display_name: Option<String>,
     /// The workspace's last change (ms): the version of its brand stylesheet.
     pub workspace_updated_at: i64,
+    /// The SHA-256 of the workspace's logo copy, if it has one.
+    pub workspace_logo_sha256: Option<String>,
 }
 
 /// [`PublicLinkRow`] by the SHA-256 of the link's token.
 pub async fn public_by_token_hash(conn: &mut impl Exec, hash: &str) -> DbResult<Option<PublicLinkRow>> {
     const SQL: &str = "SELECT l.id, l.workspace_id, l.label, l.platforms, l.expires_at, l.max_uses, l.revoked_at, \
         l.use_count, l.hide_connections, w.name AS workspace_name, w.display_name AS workspace_display_name, \
-        w.updated_at AS workspace_updated_at \
+        w.updated_at AS workspace_updated_at, w.logo_sha256 AS workspace_logo_sha256 \
         FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.token_hash = $1";
     conn.fetch_optional(&stmt!(SQL, hash)).await
 }
@@ -287,6 +290,7 @@ impl FromRow<'_, sqlx::any::AnyRow> for WithWorkspace {
             slug: row.try_get("w_slug")?,
             display_name: row.try_get("w_display_name")?,
             logo_url: row.try_get("w_logo_url")?,
+            logo_sha256: row.try_get("w_logo_sha256")?,
             accent_color: row.try_get("w_accent_color")?,
             allowed_redirects: row.try_get("w_allowed_redirects")?,
             success_redirect: row.try_get("w_success_redirect")?,
@@ -298,7 +302,7 @@ impl FromRow<'_, sqlx::any::AnyRow> for WithWorkspace {
 }
 
 impl super::stmt::FromLite for WithWorkspace {
-    const COLUMNS: usize = LinkRow::COLUMNS + 9;
+    const COLUMNS: usize = LinkRow::COLUMNS + 10;
 
     fn from_lite_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Self> {
         let link = LinkRow::from_lite_at(row, first)?;
@@ -314,6 +318,7 @@ impl super::stmt::FromLite for WithWorkspace {
             success_redirect: row.get(at + 6)?,
             created_at: row.get(at + 7)?,
             updated_at: row.get(at + 8)?,
+            logo_sha256: row.get(at + 9)?,
         };
         Ok(Self(link, workspace))
     }
@@ -324,8 +329,8 @@ fn with_workspace_sql(key: &str) -> String {
     format!(
         "SELECT {link_columns}, w.name AS w_name, w.slug AS w_slug, w.display_name AS w_display_name, \
          w.logo_url AS w_logo_url, w.accent_color AS w_accent_color, w.allowed_redirects AS w_allowed_redirects, \
-         w.success_redirect AS w_success_redirect, w.created_at AS w_created_at, w.updated_at AS w_updated_at \
-         FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.{key} = $1"
+         w.success_redirect AS w_success_redirect, w.created_at AS w_created_at, w.updated_at AS w_updated_at, \
+         w.logo_sha256 AS w_logo_sha256 FROM links l JOIN workspaces w ON w.id = l.workspace_id WHERE l.{key} = $1"
     )
 }
 

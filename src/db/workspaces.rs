@@ -17,8 +17,10 @@ pub struct WorkspaceRow {
     pub slug: String,
     /// Name shown to clients (falls back to `name`).
     pub display_name: Option<String>,
-    /// Logo shown on client pages.
+    /// Where the logo was taken from (the agency's own URL).
     pub logo_url: Option<String>,
+    /// The SHA-256 of the copy of the logo that client pages show (`workspace_logos`), if any.
+    pub logo_sha256: Option<String>,
     /// `#rrggbb` accent colour of client pages.
     pub accent_color: Option<String>,
     /// JSON array of allowed success-redirect URLs.
@@ -53,6 +55,7 @@ from_lite!(WorkspaceRow {
     slug,
     display_name,
     logo_url,
+    logo_sha256,
     accent_color,
     allowed_redirects,
     success_redirect,
@@ -60,13 +63,14 @@ from_lite!(WorkspaceRow {
     updated_at
 });
 
-const COLUMNS: &str = "id, name, slug, display_name, logo_url, accent_color, allowed_redirects, success_redirect, created_at, updated_at";
+const COLUMNS: &str = "id, name, slug, display_name, logo_url, logo_sha256, accent_color, allowed_redirects, \
+                       success_redirect, created_at, updated_at";
 
 /// Inserts a workspace.
 pub async fn insert(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> {
     sqlx::query(
         "INSERT INTO workspaces (id, name, slug, display_name, logo_url, accent_color, allowed_redirects, \
-         success_redirect, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         success_redirect, created_at, updated_at, logo_sha256) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&w.id)
     .bind(&w.name)
@@ -78,6 +82,7 @@ pub async fn insert(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> 
     .bind(&w.success_redirect)
     .bind(w.created_at)
     .bind(w.updated_at)
+    .bind(&w.logo_sha256)
     .execute(conn)
     .await?;
     Ok(())
@@ -87,7 +92,7 @@ pub async fn insert(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> 
 pub async fn update(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> {
     sqlx::query(
         "UPDATE workspaces SET name = $2, slug = $3, display_name = $4, logo_url = $5, accent_color = $6, \
-         allowed_redirects = $7, success_redirect = $8, updated_at = $9 WHERE id = $1",
+         allowed_redirects = $7, success_redirect = $8, updated_at = $9, logo_sha256 = $10 WHERE id = $1",
     )
     .bind(&w.id)
     .bind(&w.name)
@@ -98,6 +103,7 @@ pub async fn update(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> 
     .bind(&w.allowed_redirects)
     .bind(&w.success_redirect)
     .bind(w.updated_at)
+    .bind(&w.logo_sha256)
     .execute(conn)
     .await?;
     Ok(())
@@ -138,5 +144,61 @@ pub async fn list(
     .bind(after)
     .bind(limit)
     .fetch_all(conn)
+    .await?)
+}
+
+/// A copy of a workspace's logo, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LogoRow {
+    /// The SHA-256 of `bytes`, hex: the name of the copy in its URL.
+    pub sha256: String,
+    /// `image/png`, `image/jpeg`, `image/gif` or `image/webp`, as read from the bytes.
+    pub content_type: String,
+    /// Width in pixels.
+    pub width: i64,
+    /// Height in pixels.
+    pub height: i64,
+    /// The image.
+    pub bytes: Vec<u8>,
+    /// When it was fetched (ms).
+    pub fetched_at: i64,
+}
+
+/// Stores `logo` as the workspace's logo, in place of any other.
+pub async fn put_logo(conn: &mut AnyConnection, workspace_id: &str, logo: &LogoRow) -> DbResult<()> {
+    sqlx::query(
+        "INSERT INTO workspace_logos (workspace_id, sha256, content_type, width, height, bytes, fetched_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (workspace_id) DO UPDATE SET sha256 = excluded.sha256, \
+         content_type = excluded.content_type, width = excluded.width, height = excluded.height, \
+         bytes = excluded.bytes, fetched_at = excluded.fetched_at",
+    )
+    .bind(workspace_id)
+    .bind(&logo.sha256)
+    .bind(&logo.content_type)
+    .bind(logo.width)
+    .bind(logo.height)
+    .bind(&logo.bytes)
+    .bind(logo.fetched_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes the workspace's logo, if it has one.
+pub async fn delete_logo(conn: &mut AnyConnection, workspace_id: &str) -> DbResult<()> {
+    sqlx::query("DELETE FROM workspace_logos WHERE workspace_id = $1")
+        .bind(workspace_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The workspace's logo, if it has one.
+pub async fn get_logo(conn: &mut AnyConnection, workspace_id: &str) -> DbResult<Option<LogoRow>> {
+    Ok(sqlx::query_as(
+        "SELECT sha256, content_type, width, height, bytes, fetched_at FROM workspace_logos WHERE workspace_id = $1",
+    )
+    .bind(workspace_id)
+    .fetch_optional(conn)
     .await?)
 }

@@ -212,7 +212,7 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
             .body(body)
             .send()
             .await
-            .map_err(|e| ("failed", describe(&e)))
+            .map_err(|e| ("failed", crate::net::describe(&e)))
     };
     // The whole attempt, name resolution included, ends within the timeout (and so within the claim).
     let result = tokio::time::timeout(attempt_timeout(state), attempt)
@@ -353,27 +353,6 @@ async fn disable(
     .await?;
     tracing::warn!(endpoint_id = %endpoint.id, reason, "webhook endpoint disabled");
     Ok(())
-}
-
-/// A delivery error in words, without the URL (which may carry credentials in its query).
-fn describe(e: &reqwest::Error) -> String {
-    let mut out = if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
-        "could not connect".to_string()
-    } else {
-        "request failed".to_string()
-    };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if text.contains("private") || text.contains("resolve") {
-            out = format!("{out}: {text}");
-            break;
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

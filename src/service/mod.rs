@@ -10,6 +10,7 @@ pub mod connections;
 pub mod invitations;
 pub mod keys;
 pub mod links;
+pub mod logos;
 pub mod refresh;
 pub mod users;
 pub mod webhooks;

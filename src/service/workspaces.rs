@@ -40,7 +40,10 @@ pub struct Branding {
     /// The name clients see (defaults to the workspace name).
     #[schema(max_length = 200)]
     pub display_name: Option<String>,
-    /// An https URL of the logo.
+    /// An https URL of the logo: a PNG, JPEG, GIF or WebP image of at most 256 KB and 4096
+    /// pixels a side, answered without a redirect. authlink fetches it when the URL is set (a
+    /// URL it cannot fetch, or that is not such an image, is refused) and client pages show
+    /// that copy; to take a new copy of a changed image, set another URL.
     pub logo_url: Option<String>,
     /// `#rrggbb`.
     pub accent_color: Option<String>,
@@ -116,6 +119,13 @@ fn validate_branding(errors: &mut Errors, b: &Branding) -> (Option<String>, Opti
     (display, logo, accent)
 }
 
+/// Fetches the logo at `url` (already validated as a web URL), if any; what is wrong with it goes
+/// into `errors`.
+async fn fetch_logo(app: &App, errors: &mut Errors, url: Option<&str>) -> Option<db::workspaces::LogoRow> {
+    let url = url::Url::parse(url?).ok()?;
+    errors.take(super::logos::fetch(app, &url).await)
+}
+
 /// The default success redirect `value` (`""`: none), checked against the allow-list `allowed`
 /// (as [`validate_allow_list`] stores it).
 fn validate_success_redirect(errors: &mut Errors, value: &str, allowed: &str) -> Option<String> {
@@ -168,6 +178,7 @@ pub async fn create(
     let allowed = validate_allow_list(&mut errors, &input.allowed_redirects.unwrap_or_default());
     let success_redirect =
         input.success_redirect.as_deref().and_then(|u| validate_success_redirect(&mut errors, u, &allowed));
+    let logo = fetch_logo(app, &mut errors, logo_url.as_deref()).await;
     errors.finish()?;
     let (Some(name), Some(slug)) = (name, slug) else {
         return Err(ServiceError::Validation(vec![FieldError::new("name", "is invalid")]));
@@ -179,6 +190,7 @@ pub async fn create(
         slug,
         display_name,
         logo_url,
+        logo_sha256: logo.as_ref().map(|l| l.sha256.clone()),
         accent_color,
         allowed_redirects: allowed,
         success_redirect,
@@ -194,6 +206,9 @@ pub async fn create(
             )]));
         }
         other => other?,
+    }
+    if let Some(logo) = &logo {
+        db::workspaces::put_logo(&mut tx, &row.id, logo).await?;
     }
     audit::record(
         &mut tx,
@@ -266,6 +281,7 @@ pub async fn update(
     input: WorkspaceUpdate,
 ) -> ServiceResult<WorkspaceView> {
     let mut row = get_row(app, scope, key).await?;
+    let old_logo_url = row.logo_url.clone();
     let mut errors = Errors::default();
     if let Some(name) = &input.name {
         if let Some(n) = errors.take(domain::parse_label("name", name)) {
@@ -294,11 +310,29 @@ pub async fn update(
             ));
         }
     }
+    // A new logo URL (or one whose copy was never taken) is fetched; the same URL keeps its copy.
+    let logo = match &row.logo_url {
+        Some(_) if row.logo_url != old_logo_url || row.logo_sha256.is_none() => {
+            fetch_logo(app, &mut errors, row.logo_url.as_deref()).await
+        }
+        _ => None,
+    };
     errors.finish()?;
     let now = app.now_ms();
     row.updated_at = now;
+    let drop_logo = row.logo_url.is_none() && row.logo_sha256.is_some();
+    if let Some(l) = &logo {
+        row.logo_sha256 = Some(l.sha256.clone());
+    } else if row.logo_url.is_none() {
+        row.logo_sha256 = None;
+    }
     let mut tx = app.db.begin_write().await?;
     db::workspaces::update(&mut tx, &row).await?;
+    if let Some(l) = &logo {
+        db::workspaces::put_logo(&mut tx, &row.id, l).await?;
+    } else if drop_logo {
+        db::workspaces::delete_logo(&mut tx, &row.id).await?;
+    }
     audit::record(
         &mut tx,
         now,
@@ -312,6 +346,7 @@ pub async fn update(
             "branding": input.branding.is_some(),
             "allowed_redirects": input.allowed_redirects.is_some(),
             "success_redirect": input.success_redirect.is_some(),
+            "logo_fetched": logo.is_some(),
         }),
     )
     .await?;

@@ -18,6 +18,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         slow_request_headers_lose_the_connection,
         timeouts_and_wrong_methods_get_bodies_and_security_headers,
         handler_set_policies_forbid_framing_base_and_objects,
+        workspace_logo_is_checked_copied_and_served_from_our_origin,
     ]
 }
 
@@ -587,4 +588,200 @@ async fn read_one_answer(stream: &mut tokio::net::TcpStream) -> String {
             return text;
         }
     }
+}
+
+/// A 1×1 PNG.
+const PNG_1X1: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89\0\0\0\x0dIDATx\x9cc\xf8\xcf\xc0\xf0\x1f\0\x05\0\x01\xff\x89\x99=\x1d\0\0\0\0IEND\xaeB`\x82";
+
+/// A PNG header that declares `width`×`height` pixels, padded to `len` bytes.
+fn png_header(width: u32, height: u32, len: usize) -> Vec<u8> {
+    let mut b = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+    b.extend_from_slice(&width.to_be_bytes());
+    b.extend_from_slice(&height.to_be_bytes());
+    b.extend_from_slice(&[8, 6, 0, 0, 0]);
+    b.resize(len.max(b.len()), 0);
+    b
+}
+
+/// A web server on loopback with a logo and the ways a logo URL goes wrong; counts the requests
+/// for each path.
+async fn logo_host() -> (String, std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>) {
+    use axum::http::{StatusCode, Uri, header};
+    use axum::response::IntoResponse;
+    let hits = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, usize>::new()));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let counted = counted.clone();
+        async move {
+            *counted.lock().unwrap().entry(uri.path().to_string()).or_default() += 1;
+            let png = |body: Vec<u8>, ct: &'static str| ([(header::CONTENT_TYPE, ct)], body).into_response();
+            match uri.path() {
+                "/logo.png" => png(PNG_1X1.to_vec(), "image/png"),
+                // The bytes decide, not the header.
+                "/logo-as-text" => png(png_header(200, 60, 100), "text/plain"),
+                "/page.html" => png(b"<!doctype html><p>Welcome".to_vec(), "image/png"),
+                "/logo.svg" => png(
+                    b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>".to_vec(),
+                    "image/svg+xml",
+                ),
+                "/big.png" => png(png_header(100, 100, 300 * 1024), "image/png"),
+                "/huge.png" => png(png_header(20_000, 20_000, 100), "image/png"),
+                "/moved.png" => (StatusCode::FOUND, [(header::LOCATION, "/logo.png")]).into_response(),
+                _ => StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, hits)
+}
+
+/// The `src` of the first logo image on a page, if any.
+fn logo_src(html: &str) -> Option<String> {
+    let at = html.find("<img class=\"logo\" src=\"")? + "<img class=\"logo\" src=\"".len();
+    Some(html[at..].split('"').next()?.to_string())
+}
+
+async fn workspace_logo_is_checked_copied_and_served_from_our_origin(app: TestApp) {
+    use sha2::Digest;
+    let (host, hits) = logo_host().await;
+    let admin = app.admin_key();
+    let w = app
+        .api_post(
+            "/workspaces",
+            &admin,
+            json!({"name": "Logo Co", "branding": {"logo_url": format!("{host}/logo.png")}}),
+            201,
+        )
+        .await;
+    let wid = w["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        w["branding"]["logo_url"],
+        format!("{host}/logo.png"),
+        "the agency's own URL stays in the API"
+    );
+    let (_, link) = app.link(&wid, "Client");
+
+    // The landing page shows the copy, from our origin, named by its SHA-256.
+    let html = app.client.get(&link).send().await.unwrap().text().await.unwrap();
+    let sha = hex::encode(sha2::Sha256::digest(PNG_1X1));
+    let src = logo_src(&html).expect("a logo on the landing page");
+    assert_eq!(src, format!("/brand/{wid}/logo/{sha}"));
+    assert!(!html.contains("class=\"monogram\""), "the logo replaces the initial");
+    assert!(!html.contains(&host), "the page names no other site");
+    let res = app.client.get(app.url(&src)).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_hardened("logo", &res, &["sandbox", "default-src 'none'"]);
+    assert_eq!(res.headers()["content-type"], "image/png");
+    assert!(res.headers()["cache-control"].to_str().unwrap().contains("immutable"));
+    assert_eq!(res.bytes().await.unwrap().as_ref(), PNG_1X1);
+    // Other names: not found.
+    for other in [
+        format!("/brand/{wid}/logo/{}", "0".repeat(64)),
+        format!("/brand/{wid}/logo/{}", sha.to_uppercase()),
+        format!("/brand/{wid}/logo/{sha}x"),
+        format!("/brand/not-an-id/logo/{sha}"),
+    ] {
+        assert_eq!(app.client.get(app.url(&other)).send().await.unwrap().status(), 404, "{other}");
+    }
+
+    // Every way a logo URL goes wrong is refused on the field, in words, and changes nothing.
+    let before = app.api_get(&format!("/workspaces/{wid}"), &admin, 200).await;
+    for (path, says) in [
+        ("/page.html", "not a PNG, JPEG, GIF or WebP image"),
+        ("/logo.svg", "not a PNG, JPEG, GIF or WebP image"),
+        ("/big.png", "larger than 256 KB"),
+        ("/huge.png", "20000×20000 pixels"),
+        ("/missing.png", "HTTP 404"),
+        ("/moved.png", "redirect"),
+    ] {
+        let url = format!("{host}{path}");
+        let p = app
+            .api_patch(
+                &format!("/workspaces/{wid}"),
+                &admin,
+                json!({"branding": {"logo_url": url, "accent_color": "#112233"}}),
+                422,
+            )
+            .await;
+        assert_eq!(p["errors"][0]["field"], "branding.logo_url", "{path}: {p}");
+        let message = p["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{path}: {message}");
+        assert!(!message.contains(&host), "{path}: the message does not repeat the URL");
+    }
+    assert_eq!(app.api_get(&format!("/workspaces/{wid}"), &admin, 200).await, before, "nothing changed");
+    assert_eq!(app.client.get(app.url(&src)).send().await.unwrap().status(), 200, "the copy is kept");
+
+    // The same URL again is not fetched again; another one replaces the copy.
+    let fetched = hits.lock().unwrap()["/logo.png"];
+    assert_eq!(fetched, 1);
+    app.api_patch(
+        &format!("/workspaces/{wid}"),
+        &admin,
+        json!({"branding": {"logo_url": format!("{host}/logo.png"), "accent_color": "#112233"}}),
+        200,
+    )
+    .await;
+    assert_eq!(hits.lock().unwrap()["/logo.png"], fetched, "kept, not fetched again");
+    app.api_patch(
+        &format!("/workspaces/{wid}"),
+        &admin,
+        json!({"branding": {"logo_url": format!("{host}/logo-as-text")}}),
+        200,
+    )
+    .await;
+    let html = app.client.get(&link).send().await.unwrap().text().await.unwrap();
+    let new_src = logo_src(&html).unwrap();
+    assert_ne!(new_src, src);
+    assert_eq!(app.client.get(app.url(&src)).send().await.unwrap().status(), 404, "the old copy is gone");
+    let res = app.client.get(app.url(&new_src)).send().await.unwrap();
+    assert_eq!(res.headers()["content-type"], "image/png", "served as what its bytes are");
+
+    // The workspace's message pages carry it too.
+    let (gone_id, gone) = app.link(&wid, "Gone");
+    app.cli_json(&["link", "revoke", &gone_id]);
+    let res = app.client.get(&gone).send().await.unwrap();
+    assert_eq!(res.status(), 410);
+    assert_eq!(logo_src(&res.text().await.unwrap()).as_deref(), Some(new_src.as_str()));
+    // And the success page.
+    let success = crate::connect::connect(
+        &app.client,
+        &app,
+        &link,
+        "tiktok",
+        authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id,
+    )
+    .await;
+    assert!(success.contains("is connected"), "{success}");
+    assert_eq!(logo_src(&success).as_deref(), Some(new_src.as_str()));
+
+    // Without a logo URL: the initial again, and no copy kept.
+    app.api_patch(
+        &format!("/workspaces/{wid}"),
+        &admin,
+        json!({"branding": {"display_name": "Logo Co"}}),
+        200,
+    )
+    .await;
+    let html = app.client.get(&link).send().await.unwrap().text().await.unwrap();
+    assert!(logo_src(&html).is_none() && html.contains("class=\"monogram\""));
+    assert_eq!(app.client.get(app.url(&new_src)).send().await.unwrap().status(), 404);
+    assert_eq!(app.count("workspace_logos").await, 0);
+
+    // The CLI checks the same way, and the fetch goes through the guard of user-given addresses:
+    // with private addresses refused, a loopback logo is not fetched at all.
+    let out =
+        app.cli(&["workspace", "create", "--name", "Bad Logo", "--logo-url", &format!("{host}/page.html")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a PNG, JPEG, GIF or WebP image"));
+    let before = hits.lock().unwrap().values().sum::<usize>();
+    let out = app.cli_env(
+        &["workspace", "create", "--name", "Private Logo", "--logo-url", &format!("{host}/logo.png")],
+        &[("AUTHLINK_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "false")],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("private, loopback or link-local"), "{stderr}");
+    assert_eq!(hits.lock().unwrap().values().sum::<usize>(), before, "no request reached the host");
 }

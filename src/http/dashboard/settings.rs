@@ -325,6 +325,8 @@ struct BrandingPage {
     can_manage: bool,
     preview_name: String,
     preview_monogram: String,
+    /// The saved logo's copy, while the form names the saved logo URL.
+    preview_logo: Option<String>,
     /// The preview's colour stylesheet (only for a valid colour).
     preview_css: Option<String>,
 }
@@ -346,10 +348,14 @@ async fn branding_page(
     let preview_css = domain::parse_accent_color(&v.accent_color)
         .ok()
         .map(|c| format!("/app/preview/{}.css", c.trim_start_matches('#')));
+    let preview_logo = crate::http::pages::Brand::from(&ws.row)
+        .logo_path()
+        .filter(|_| ws.row.logo_url.as_deref() == Some(v.logo_url.trim()));
     let page = BrandingPage {
         l: layout(state, ctx, Some(ws), "branding", notice).await?,
         slug: ws.row.slug.clone(),
         preview_monogram: crate::http::pages::monogram(&preview_name),
+        preview_logo,
         preview_name,
         preview_css,
         v,

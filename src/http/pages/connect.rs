@@ -870,6 +870,8 @@ struct SuccessPage {
     workspace_name: String,
     workspace_id: String,
     brand_version: i64,
+    /// The path of the workspace's logo copy, if it has one.
+    logo: Option<String>,
     platform: &'static str,
     reconnected: bool,
     monogram: String,
@@ -961,6 +963,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
         workspace_name: workspace.public_name().to_string(),
         workspace_id: workspace.id.clone(),
         brand_version: workspace.updated_at,
+        logo: super::Brand::from(&workspace).logo_path(),
         platform: platform.display_name(),
         reconnected: outcome == "reconnected",
         monogram: monogram(&name),

@@ -15,7 +15,6 @@
 //! - Data deletion: tokens and profile data are erased (the connection is broken the same way),
 //!   and the answer is `{"url": <status page>, "confirmation_code": <code>}` as Meta requires.
 
-use askama::Template;
 use axum::Json;
 use axum::extract::{Form, Path, State};
 use axum::http::StatusCode;
@@ -275,19 +274,6 @@ pub async fn instagram_data_deletion(
     .into_response()
 }
 
-#[derive(Template)]
-#[template(path = "client/message.html")]
-struct StatusPage {
-    title: String,
-    message: String,
-    next_step: Option<String>,
-    try_again: Option<String>,
-    reference: Option<String>,
-    workspace_name: Option<String>,
-    workspace_id: Option<String>,
-    brand_version: i64,
-}
-
 /// `GET /oauth/instagram/data-deletion/{code}`: the status of a deletion request.
 pub async fn instagram_deletion_status(State(state): State<AppState>, Path(code): Path<String>) -> Response {
     // Codes are 24 hex digits (see `data_deletion`); anything else is unknown without a query.
@@ -307,17 +293,14 @@ pub async fn instagram_deletion_status(State(state): State<AppState>, Path(code)
                 .unwrap_or_default();
             render(
                 StatusCode::OK,
-                &StatusPage {
-                    title: "Data deletion completed".into(),
-                    message: format!(
-                        "Your request of {at} was processed: the access tokens and profile data were deleted."
-                    ),
-                    next_step: None,
-                    try_again: None,
+                &MessagePage {
                     reference: Some(code),
-                    workspace_name: None,
-                    workspace_id: None,
-                    brand_version: 0,
+                    ..MessagePage::new(
+                        "Data deletion completed",
+                        format!(
+                            "Your request of {at} was processed: the access tokens and profile data were deleted."
+                        ),
+                    )
                 },
             )
         }

@@ -23,6 +23,7 @@ use crate::db::{self, DbError};
 use crate::domain::{self, Platform};
 use crate::service::ServiceError;
 use crate::service::links::{self, LinkStatus};
+use crate::service::logos;
 use crate::state::AppState;
 
 /// The page routes.
@@ -38,6 +39,7 @@ pub fn router() -> Router<AppState> {
         .route("/connected/{attempt}", get(connect::show_result))
         .route("/connected/{attempt}/avatar", get(connect::show_avatar))
         .route("/brand/{file}", get(brand_stylesheet))
+        .route("/brand/{workspace_id}/logo/{sha256}", get(brand_logo))
 }
 
 /// Renders a template with `status`, never cached.
@@ -75,6 +77,8 @@ pub struct MessagePage {
     pub workspace_id: Option<String>,
     /// Cache-buster of the brand stylesheet.
     pub brand_version: i64,
+    /// The path of the workspace's logo copy, if it has one.
+    pub logo: Option<String>,
 }
 
 impl MessagePage {
@@ -89,6 +93,7 @@ impl MessagePage {
         self.workspace_name = Some(brand.name.to_string());
         self.workspace_id = Some(brand.workspace_id.to_string());
         self.brand_version = brand.version;
+        self.logo = brand.logo_path();
         self
     }
 
@@ -136,11 +141,25 @@ pub struct Brand<'a> {
     pub name: &'a str,
     /// The workspace's last change (ms).
     pub version: i64,
+    /// The SHA-256 of its logo copy, if it has one.
+    pub logo_sha256: Option<&'a str>,
+}
+
+impl Brand<'_> {
+    /// The path of the workspace's logo copy, if it has one.
+    pub fn logo_path(&self) -> Option<String> {
+        self.logo_sha256.map(|sha| logos::path(self.workspace_id, sha))
+    }
 }
 
 impl<'a> From<&'a WorkspaceRow> for Brand<'a> {
     fn from(w: &'a WorkspaceRow) -> Self {
-        Self { workspace_id: &w.id, name: w.public_name(), version: w.updated_at }
+        Self {
+            workspace_id: &w.id,
+            name: w.public_name(),
+            version: w.updated_at,
+            logo_sha256: w.logo_sha256.as_deref(),
+        }
     }
 }
 
@@ -150,6 +169,7 @@ impl<'a> From<&'a PublicLinkRow> for Brand<'a> {
             workspace_id: &l.workspace_id,
             name: l.workspace_display_name.as_deref().unwrap_or(&l.workspace_name),
             version: l.workspace_updated_at,
+            logo_sha256: l.workspace_logo_sha256.as_deref(),
         }
     }
 }
@@ -271,6 +291,8 @@ struct LandingPage<'a> {
     workspace_id: &'a str,
     brand_version: i64,
     monogram: String,
+    /// The path of the workspace's logo copy, shown instead of the monogram.
+    logo: Option<String>,
     platforms: Vec<PlatformOption>,
     any_sandbox: bool,
     connections: Vec<ConnectedAccount>,
@@ -335,6 +357,7 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         workspace_id: brand.workspace_id,
         brand_version: brand.version,
         monogram: monogram(brand.name),
+        logo: brand.logo_path(),
         any_sandbox: platforms.iter().any(|p| p.sandbox),
         platforms,
         connections,
@@ -365,6 +388,47 @@ async fn brand_stylesheet(State(state): State<AppState>, Path(file): Path<String
         None => String::new(),
     };
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8"), (header::CACHE_CONTROL, "public, max-age=300")], css)
+        .into_response()
+}
+
+/// `GET /brand/{workspace_id}/logo/{sha256}`: the copy of the workspace's logo that authlink
+/// took when its URL was set (see [`logos`]). The name is the copy's SHA-256, so the answer never
+/// changes and is cached for a year; a name that is not the current copy's is a 404.
+async fn brand_logo(
+    State(state): State<AppState>,
+    Path((workspace_id, sha256)): Path<(String, String)>,
+) -> Response {
+    let well_formed =
+        sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !db::is_id(&workspace_id) || !well_formed {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let found = match state.db.read().await {
+        Ok(mut conn) => db::workspaces::get_logo(&mut conn, &workspace_id).await,
+        Err(e) => Err(e),
+    };
+    let logo = match found {
+        Ok(Some(logo)) if logo.sha256 == sha256 => logo,
+        Ok(_) => return StatusCode::NOT_FOUND.into_response(),
+        Err(e) => return service_error_page(e.into()),
+    };
+    // Stored only after its bytes were read as one of these; checked again on the way out.
+    let Some(content_type) =
+        ["image/png", "image/jpeg", "image/gif", "image/webp"].into_iter().find(|t| *t == logo.content_type)
+    else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; sandbox; frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
+            ),
+        ],
+        logo.bytes,
+    )
         .into_response()
 }
 
