@@ -18,6 +18,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
+import { createServer } from 'node:http';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -60,7 +61,28 @@ Object.assign(baseEnv, {
   AUTHLINK_MASTER_KEY: randomBytes(32).toString('base64'),
   AUTHLINK_SANDBOX__CONTROL_API: 'true',
   AUTHLINK_PROVIDERS__TIMEOUT_SECS: '5',
+  // The agency's logo is served from loopback below.
+  AUTHLINK_WEBHOOKS__ALLOW_PRIVATE_TARGETS: 'true',
 });
+
+// The agency's own web site, with its logo (a 1×1 PNG): another origin, which only the server
+// may fetch from; the browsers must load the logo from authlink.
+const LOGO_PNG = Buffer.from(
+  'iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==',
+  'base64',
+);
+function startLogoHost() {
+  return new Promise((resolve) => {
+    const host = createServer((req, res) => {
+      if (req.url === '/logo.png') {
+        res.writeHead(200, { 'content-type': 'image/png' }).end(LOGO_PNG);
+      } else {
+        res.writeHead(404).end();
+      }
+    });
+    host.listen(0, '127.0.0.1', () => resolve({ host, url: `http://127.0.0.1:${host.address().port}/logo.png` }));
+  });
+}
 
 let server;
 let serverLog = '';
@@ -295,7 +317,8 @@ async function run() {
     await shot(dash, 'connection-repaired');
     log('repaired through the same link');
 
-    // 8. Branding: the live preview follows the form, through the script (no inline styles).
+    // 8. Branding: the live preview follows the form, through the script (no inline styles);
+    // the logo, once saved, is authlink's copy on the client's page.
     await dash.goto(`${base}/app/w/acme-social/branding`);
     await dash.getByLabel('Name clients see (optional)').fill('Glow Studio');
     await dash.getByLabel('Accent colour (optional)').fill('#ffd400');
@@ -305,9 +328,22 @@ async function run() {
     assert.equal(previewColour, 'rgb(255, 212, 0)', 'the preview follows the accent colour');
     await expectText(dash, 'Glow Studio');
     await shot(dash, 'branding-preview');
-    await dash.getByRole('button', { name: 'Save' }).click();
-    await dash.waitForURL(/notice=branding_saved$/);
-    log('branding preview and save');
+    const logoHost = await startLogoHost();
+    try {
+      await dash.getByLabel('Logo URL (optional)').fill(logoHost.url);
+      await dash.getByRole('button', { name: 'Save' }).click();
+      await dash.waitForURL(/notice=branding_saved$/);
+    } finally {
+      logoHost.host.close();
+    }
+    const previewLogo = await dash.locator('.preview-logo').evaluate((img) => img.complete && img.naturalWidth);
+    assert.ok(previewLogo > 0, 'the preview shows the saved logo');
+    await phone.goto(linkUrl);
+    const logo = phone.locator('header.brand img.logo');
+    assert.match(await logo.getAttribute('src'), /^\/brand\/[0-9a-f-]{36}\/logo\/[0-9a-f]{64}$/);
+    assert.ok(await logo.evaluate((img) => img.complete && img.naturalWidth > 0), 'the client page shows the logo');
+    await shot(phone, 'client-landing-logo');
+    log('branding preview and save, with a logo shown from authlink itself');
 
     // 9. Revoke the link, confirming the dialog; the client's link is dead.
     await dash.goto(`${base}/app/w/acme-social/links`);
