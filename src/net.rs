@@ -123,8 +123,9 @@ pub enum TargetError {
     /// The host did not resolve.
     #[error("the host does not resolve")]
     Unresolvable,
-    /// It resolves to a non-public address.
-    #[error("the host resolves to a private, loopback or link-local address ({0}), which is not allowed")]
+    /// It resolves to a non-public address. The address is not in the message, which goes back
+    /// to whoever gave the URL: it would tell them where names of the internal network point.
+    #[error("the host resolves to a private, loopback or link-local address, which is not allowed")]
     Private(IpAddr),
 }
 
@@ -176,6 +177,11 @@ impl Guard {
     /// the environment) would resolve the host itself, out of this guard's reach, and could be
     /// led to a private address by a DNS answer that changes after the check.
     pub fn client(&self, timeout: Duration) -> reqwest::Client {
+        self.client_as(timeout, concat!("authlink-webhooks/", env!("CARGO_PKG_VERSION")))
+    }
+
+    /// [`client`](Self::client), sending `user_agent`.
+    pub fn client_as(&self, timeout: Duration, user_agent: &str) -> reqwest::Client {
         #[allow(clippy::expect_used)] // only fails if the TLS backend cannot initialise at all
         reqwest::Client::builder()
             .no_proxy()
@@ -183,7 +189,7 @@ impl Guard {
             .timeout(timeout)
             .connect_timeout(timeout)
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("authlink-webhooks/", env!("CARGO_PKG_VERSION")))
+            .user_agent(user_agent)
             .build()
             .expect("HTTP client")
     }

@@ -8,8 +8,8 @@ CREATE TABLE workspace_logos (
     workspace_id TEXT PRIMARY KEY REFERENCES workspaces (id) ON DELETE CASCADE,
     sha256 TEXT NOT NULL,
     content_type TEXT NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
+    width BIGINT NOT NULL,
+    height BIGINT NOT NULL,
     bytes BYTEA NOT NULL,
     fetched_at BIGINT NOT NULL
 );

@@ -395,8 +395,9 @@ mod tests {
         assert!(db.lite.is_some(), "a SQLite file gets the synchronous path");
         sqlx::query(
             "INSERT INTO workspaces (id, name, slug, display_name, logo_url, accent_color, allowed_redirects, \
-             created_at, updated_at) VALUES ('w1', 'W', 'w', 'Display', 'https://example.com/l.png', '#123456', \
-             'https://example.com/', 1, 2)",
+             created_at, updated_at, logo_sha256, success_redirect) VALUES ('w1', 'W', 'w', 'Display', \
+             'https://example.com/l.png', '#123456', 'https://example.com/', 1, 2, 'logo-sha', \
+             'https://example.com/done')",
         )
         .execute(&mut *db.writer().await.unwrap())
         .await

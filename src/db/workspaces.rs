@@ -88,11 +88,13 @@ pub async fn insert(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> 
     Ok(())
 }
 
-/// Writes every mutable field of `w`.
-pub async fn update(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> {
-    sqlx::query(
+/// Writes every mutable field of `w` over the row as it was at `read_version` (its `updated_at`
+/// when read); `false`, with nothing written, when it has changed since.
+pub async fn update(conn: &mut AnyConnection, w: &WorkspaceRow, read_version: i64) -> DbResult<bool> {
+    let done = sqlx::query(
         "UPDATE workspaces SET name = $2, slug = $3, display_name = $4, logo_url = $5, accent_color = $6, \
-         allowed_redirects = $7, success_redirect = $8, updated_at = $9, logo_sha256 = $10 WHERE id = $1",
+         allowed_redirects = $7, success_redirect = $8, updated_at = $9, logo_sha256 = $10 \
+         WHERE id = $1 AND updated_at = $11",
     )
     .bind(&w.id)
     .bind(&w.name)
@@ -104,9 +106,10 @@ pub async fn update(conn: &mut AnyConnection, w: &WorkspaceRow) -> DbResult<()> 
     .bind(&w.success_redirect)
     .bind(w.updated_at)
     .bind(&w.logo_sha256)
+    .bind(read_version)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// One workspace by id.
@@ -193,12 +196,18 @@ pub async fn delete_logo(conn: &mut AnyConnection, workspace_id: &str) -> DbResu
     Ok(())
 }
 
-/// The workspace's logo, if it has one.
-pub async fn get_logo(conn: &mut AnyConnection, workspace_id: &str) -> DbResult<Option<LogoRow>> {
+/// The workspace's logo, if it has one and its SHA-256 is `sha256`.
+pub async fn get_logo(
+    conn: &mut AnyConnection,
+    workspace_id: &str,
+    sha256: &str,
+) -> DbResult<Option<LogoRow>> {
     Ok(sqlx::query_as(
-        "SELECT sha256, content_type, width, height, bytes, fetched_at FROM workspace_logos WHERE workspace_id = $1",
+        "SELECT sha256, content_type, width, height, bytes, fetched_at FROM workspace_logos \
+         WHERE workspace_id = $1 AND sha256 = $2",
     )
     .bind(workspace_id)
+    .bind(sha256)
     .fetch_optional(conn)
     .await?)
 }

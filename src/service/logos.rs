@@ -35,7 +35,8 @@ pub async fn fetch(app: &App, url: &Url) -> Result<LogoRow, FieldError> {
     let refuse = |why: String| FieldError::new(FIELD, why);
     let guard = &app.webhook_guard;
     guard.check_literal(url).await.map_err(|e| refuse(format!("cannot be fetched: {e}")))?;
-    let request = guard.client(TIMEOUT).get(url.as_str()).header("accept", "image/*");
+    let agent = concat!("authlink/", env!("CARGO_PKG_VERSION"));
+    let request = guard.client_as(TIMEOUT, agent).get(url.as_str()).header("accept", "image/*");
     let mut res = request.send().await.map_err(|e| {
         let why = crate::net::describe(&e);
         tracing::info!(error = %why, "a workspace logo could not be fetched");

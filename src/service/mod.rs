@@ -192,6 +192,11 @@ impl Errors {
     }
 
     /// Fails with every recorded error, if any.
+    /// Whether no error was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn finish(self) -> ServiceResult<()> {
         if self.0.is_empty() { Ok(()) } else { Err(ServiceError::Validation(self.0)) }
     }

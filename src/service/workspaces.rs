@@ -119,9 +119,13 @@ fn validate_branding(errors: &mut Errors, b: &Branding) -> (Option<String>, Opti
     (display, logo, accent)
 }
 
-/// Fetches the logo at `url` (already validated as a web URL), if any; what is wrong with it goes
-/// into `errors`.
+/// Fetches the logo at `url` (already validated as a web URL), if any, once every other field
+/// is valid (a request that is refused anyway makes no outbound request); what is wrong with it
+/// goes into `errors`.
 async fn fetch_logo(app: &App, errors: &mut Errors, url: Option<&str>) -> Option<db::workspaces::LogoRow> {
+    if !errors.is_empty() {
+        return None;
+    }
     let url = url::Url::parse(url?).ok()?;
     errors.take(super::logos::fetch(app, &url).await)
 }
@@ -281,6 +285,7 @@ pub async fn update(
     input: WorkspaceUpdate,
 ) -> ServiceResult<WorkspaceView> {
     let mut row = get_row(app, scope, key).await?;
+    let read_version = row.updated_at;
     let old_logo_url = row.logo_url.clone();
     let mut errors = Errors::default();
     if let Some(name) = &input.name {
@@ -310,28 +315,35 @@ pub async fn update(
             ));
         }
     }
-    // A new logo URL (or one whose copy was never taken) is fetched; the same URL keeps its copy.
-    let logo = match &row.logo_url {
-        Some(_) if row.logo_url != old_logo_url || row.logo_sha256.is_none() => {
+    // Branding that names a new logo URL (or one whose copy was never taken, set before copies
+    // were kept) fetches it; the same URL keeps its copy; no branding leaves the logo alone.
+    let logo = match (&input.branding, &row.logo_url) {
+        (Some(_), Some(_)) if row.logo_url != old_logo_url || row.logo_sha256.is_none() => {
             fetch_logo(app, &mut errors, row.logo_url.as_deref()).await
         }
         _ => None,
     };
     errors.finish()?;
     let now = app.now_ms();
-    row.updated_at = now;
-    let drop_logo = row.logo_url.is_none() && row.logo_sha256.is_some();
+    // Never the instant the row was read: then the version check below could not tell them apart.
+    row.updated_at = now.max(read_version + 1);
     if let Some(l) = &logo {
         row.logo_sha256 = Some(l.sha256.clone());
     } else if row.logo_url.is_none() {
         row.logo_sha256 = None;
     }
     let mut tx = app.db.begin_write().await?;
-    db::workspaces::update(&mut tx, &row).await?;
-    if let Some(l) = &logo {
-        db::workspaces::put_logo(&mut tx, &row.id, l).await?;
-    } else if drop_logo {
-        db::workspaces::delete_logo(&mut tx, &row.id).await?;
+    // Written only over the version read: an update that ran meanwhile (a logo fetch takes up to
+    // ten seconds) would otherwise be undone, and the logo copy and its name could disagree.
+    if !db::workspaces::update(&mut tx, &row, read_version).await? {
+        return Err(ServiceError::Conflict(
+            "the workspace was changed by someone else meanwhile; load it again and repeat the change".into(),
+        ));
+    }
+    match &logo {
+        Some(l) => db::workspaces::put_logo(&mut tx, &row.id, l).await?,
+        None if row.logo_url.is_none() => db::workspaces::delete_logo(&mut tx, &row.id).await?,
+        None => {}
     }
     audit::record(
         &mut tx,

@@ -625,6 +625,16 @@ async fn logo_host() -> (String, std::sync::Arc<std::sync::Mutex<std::collection
                     "image/svg+xml",
                 ),
                 "/big.png" => png(png_header(100, 100, 300 * 1024), "image/png"),
+                // Too big, sent in chunks without a length: counted as it arrives.
+                "/endless.png" => {
+                    let chunk = axum::body::Bytes::from(png_header(100, 100, 64 * 1024));
+                    let chunks = (0..8).map(move |_| Ok::<_, std::io::Error>(chunk.clone()));
+                    (
+                        [(header::CONTENT_TYPE, "image/png")],
+                        axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
+                    )
+                        .into_response()
+                }
                 "/huge.png" => png(png_header(20_000, 20_000, 100), "image/png"),
                 "/moved.png" => (StatusCode::FOUND, [(header::LOCATION, "/logo.png")]).into_response(),
                 _ => StatusCode::NOT_FOUND.into_response(),
@@ -675,6 +685,7 @@ async fn workspace_logo_is_checked_copied_and_served_from_our_origin(app: TestAp
     assert_hardened("logo", &res, &["sandbox", "default-src 'none'"]);
     assert_eq!(res.headers()["content-type"], "image/png");
     assert!(res.headers()["cache-control"].to_str().unwrap().contains("immutable"));
+    assert_eq!(res.headers()["cross-origin-resource-policy"], "same-origin");
     assert_eq!(res.bytes().await.unwrap().as_ref(), PNG_1X1);
     // Other names: not found.
     for other in [
@@ -692,6 +703,7 @@ async fn workspace_logo_is_checked_copied_and_served_from_our_origin(app: TestAp
         ("/page.html", "not a PNG, JPEG, GIF or WebP image"),
         ("/logo.svg", "not a PNG, JPEG, GIF or WebP image"),
         ("/big.png", "larger than 256 KB"),
+        ("/endless.png", "larger than 256 KB"),
         ("/huge.png", "20000×20000 pixels"),
         ("/missing.png", "HTTP 404"),
         ("/moved.png", "redirect"),
@@ -710,6 +722,18 @@ async fn workspace_logo_is_checked_copied_and_served_from_our_origin(app: TestAp
         assert!(message.contains(says), "{path}: {message}");
         assert!(!message.contains(&host), "{path}: the message does not repeat the URL");
     }
+    // A request refused for another field fetches nothing.
+    let fetched = hits.lock().unwrap().values().sum::<usize>();
+    let p = app
+        .api_patch(
+            &format!("/workspaces/{wid}"),
+            &admin,
+            json!({"branding": {"logo_url": format!("{host}/logo-as-text"), "accent_color": "red"}}),
+            422,
+        )
+        .await;
+    assert_eq!(p["errors"][0]["field"], "branding.accent_color", "{p}");
+    assert_eq!(hits.lock().unwrap().values().sum::<usize>(), fetched, "no fetch for a refused request");
     assert_eq!(app.api_get(&format!("/workspaces/{wid}"), &admin, 200).await, before, "nothing changed");
     assert_eq!(app.client.get(app.url(&src)).send().await.unwrap().status(), 200, "the copy is kept");
 

@@ -68,10 +68,13 @@ async fn get_workspace(
     Ok(Json(workspaces::get(&state, &caller.scope, &id).await?))
 }
 
-/// Update a workspace's name, branding or success-redirect allow-list.
+/// Update a workspace's name, branding or success-redirect allow-list. A new logo URL is fetched
+/// and checked before anything is saved (see `Branding.logo_url`); a change that ran meanwhile
+/// makes this one 409 rather than be undone by it.
 #[utoipa::path(patch, path = "/workspaces/{id}", tag = "workspaces", request_body = WorkspaceUpdate,
     params(("id" = String, Path, description = "Workspace id or slug")),
-    responses((status = 200, body = WorkspaceView), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = WorkspaceView), (status = 404, body = Problem), (status = 409, body = Problem),
+        (status = 422, body = Problem)))]
 async fn update_workspace(
     State(state): State<AppState>,
     caller: Caller,

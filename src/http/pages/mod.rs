@@ -404,7 +404,7 @@ async fn brand_logo(
         return StatusCode::NOT_FOUND.into_response();
     }
     let found = match state.db.read().await {
-        Ok(mut conn) => db::workspaces::get_logo(&mut conn, &workspace_id).await,
+        Ok(mut conn) => db::workspaces::get_logo(&mut conn, &workspace_id, &sha256).await,
         Err(e) => Err(e),
     };
     let logo = match found {
@@ -422,6 +422,7 @@ async fn brand_logo(
         [
             (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, "public, max-age=31536000, immutable"),
+            (header::HeaderName::from_static("cross-origin-resource-policy"), "same-origin"),
             (
                 header::CONTENT_SECURITY_POLICY,
                 "default-src 'none'; sandbox; frame-ancestors 'none'; base-uri 'none'; object-src 'none'",
