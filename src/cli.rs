@@ -105,13 +105,15 @@ pub enum Command {
 /// `authlink keys ...`
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Show the active key, the earlier keys, and how many stored secrets each key sealed.
+    /// Show the active key, the earlier keys, how many stored secrets each key sealed, and the
+    /// running serve and worker processes with the key each seals with.
     Status,
     /// Seal every stored secret that is not sealed with the active master key (or is in the v1
     /// envelope, whose associated data does not name the workspace) again with it, then retire
-    /// each earlier key no secret needs any more (it may then be removed from the configuration).
-    /// Safe while the service runs. Exits non-zero if any secret is left under another key or in
-    /// the v1 envelope.
+    /// each earlier key no secret needs any more and no running process seals with (it may then
+    /// be removed from the configuration). Safe while the service runs. Exits non-zero if any
+    /// secret is left under another key or in the v1 envelope, or an earlier key stays because a
+    /// process still seals with it.
     Rewrap {
         /// Rows re-sealed per transaction.
         #[arg(long, default_value_t = service::keys::DEFAULT_BATCH, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -1183,6 +1185,20 @@ async fn keys(app: AppState, json: bool, cmd: KeysCommand) -> CliResult {
                          seals them again"
                     ));
                 }
+                out.push_str("\nprocesses (serve and worker; running: a heartbeat in the last 90 s):");
+                if s.processes.is_empty() {
+                    out.push_str("\n  none");
+                }
+                for p in &s.processes {
+                    out.push_str(&format!(
+                        "\n  {}  seals with {}  started {}  last seen {}{}",
+                        p.describe(),
+                        p.active_kid,
+                        ts(Some(p.started_at)),
+                        ts(Some(p.seen_at)),
+                        if p.running { "" } else { "  (not running)" }
+                    ));
+                }
                 out
             });
             Ok(())
@@ -1216,10 +1232,28 @@ async fn keys(app: AppState, json: bool, cmd: KeysCommand) -> CliResult {
                         "\nretired key {kid}: it may now be removed from the configuration"
                     ));
                 }
+                for h in &r.held {
+                    let who: Vec<String> = h.processes.iter().map(|p| p.describe()).collect();
+                    out.push_str(&format!(
+                        "\nkey {} is not retired: still the active key of {}",
+                        h.kid,
+                        who.join(", ")
+                    ));
+                }
                 out
             });
             if report.complete() {
                 Ok(())
+            } else if report.remaining.is_empty() {
+                Err(CliError::new(
+                    1,
+                    format!(
+                        "every secret is sealed with the active key, but {} earlier key(s) stay until the processes \
+                         listed above run with the new configuration (restart them, then run `authlink keys rewrap` \
+                         again; a process stopped without saying so counts as running for 90 s)",
+                        report.held.len()
+                    ),
+                ))
             } else {
                 Err(CliError::new(
                     1,

@@ -330,13 +330,19 @@ impl Application {
         let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         start_metrics(&state, stop_rx.clone()).await?;
+        let process =
+            crate::service::processes::register(&state, "serve").await.map_err(std::io::Error::other)?;
+        let process_id = process.id.clone();
+        let heartbeat =
+            tokio::spawn(crate::service::processes::run(state.0.clone(), process, stop_rx.clone()));
         let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
         let jobs =
             state.config.jobs.enabled.then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
+        let stop_signal = shutdown_signal();
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
         let header_timeout = Duration::from_secs(state.config.http.request_timeout_secs);
         let server = serve(self.listener, router, header_timeout, async move {
-            shutdown_signal().await;
+            stop_signal.await;
             tracing::info!("shutdown signal received; finishing in-flight requests");
             let _ = stop_tx.send(true);
         });
@@ -362,6 +368,9 @@ impl Application {
                 tracing::warn!("background jobs still running after the grace period; stopping");
             }
         }
+        // The heartbeat stops with the stop signal; a beat it was writing finishes first.
+        let _ = tokio::time::timeout(Duration::from_secs(5), heartbeat).await;
+        crate::service::processes::deregister(&state, &process_id).await;
         state.db.close().await;
         tracing::info!("authlink stopped");
         match result {
@@ -383,11 +392,16 @@ async fn start_metrics(state: &AppState, stop: tokio::sync::watch::Receiver<bool
 
 /// Runs only the background jobs (`authlink worker`) until SIGTERM or Ctrl-C.
 pub async fn run_worker(state: AppState) -> std::io::Result<()> {
+    let stop_signal = shutdown_signal();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     start_metrics(&state, stop_rx.clone()).await?;
+    let process =
+        crate::service::processes::register(&state, "worker").await.map_err(std::io::Error::other)?;
+    let process_id = process.id.clone();
+    let heartbeat = tokio::spawn(crate::service::processes::run(state.0.clone(), process, stop_rx.clone()));
     let jobs = tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone()));
     let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx));
-    shutdown_signal().await;
+    stop_signal.await;
     tracing::info!("shutdown signal received; finishing claimed work");
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
@@ -395,6 +409,8 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
         tracing::warn!("background jobs still running after the grace period; stopping");
     }
     housekeeping.abort();
+    let _ = tokio::time::timeout(Duration::from_secs(5), heartbeat).await;
+    crate::service::processes::deregister(&state, &process_id).await;
     state.db.close().await;
     Ok(())
 }
@@ -461,24 +477,33 @@ async fn purge_webhooks(
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    // The handlers are installed now, not when the future is first polled: a signal that comes
+    // as soon as the process has said it is ready must not meet the default action, an exit
+    // without clean-up.
     #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let terminate = signal(SignalKind::terminate());
+        let interrupt = signal(SignalKind::interrupt());
+        async move {
+            match (terminate, interrupt) {
+                (Ok(mut t), Ok(mut i)) => {
+                    tokio::select! {
+                        _ = t.recv() => {}
+                        _ = i.recv() => {}
+                    }
+                }
+                (Ok(mut one), Err(_)) | (Err(_), Ok(mut one)) => {
+                    one.recv().await;
+                }
+                (Err(_), Err(_)) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -26,6 +26,7 @@ pub mod key_checks;
 pub mod links;
 pub mod lite;
 pub mod oauth_flows;
+pub mod processes;
 pub mod sealed;
 pub mod sessions;
 pub mod stmt;

@@ -9,6 +9,7 @@
 
 use serde::Serialize;
 
+use super::processes::ProcessView;
 use super::{Actor, ServiceResult, audit};
 use crate::clock::{from_millis, to_millis};
 use crate::crypto::{Aad, ENVELOPE_VERSION};
@@ -62,6 +63,17 @@ pub struct KeyStatus {
     pub keys: Vec<KeyView>,
     /// Stored sealed values by column and key.
     pub sealed: Vec<SealedCount>,
+    /// The `serve` and `worker` processes recorded, with the key each seals with.
+    pub processes: Vec<ProcessView>,
+}
+
+/// An earlier key a re-wrap did not retire because running processes still seal with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HeldKey {
+    /// The key.
+    pub kid: String,
+    /// The processes that seal with it.
+    pub processes: Vec<ProcessView>,
 }
 
 /// A value a re-wrap could not open: left as it is and reported.
@@ -106,6 +118,9 @@ pub struct RewrapReport {
     pub remaining: Vec<SealedCount>,
     /// Keys this run retired: no stored value is sealed with them any more.
     pub retired: Vec<String>,
+    /// Earlier keys no stored value needs, not retired because running processes still seal
+    /// with them: restart those with the new configuration, then re-wrap again.
+    pub held: Vec<HeldKey>,
 }
 
 impl RewrapReport {
@@ -114,9 +129,10 @@ impl RewrapReport {
         self.columns.iter().map(|c| c.resealed).sum()
     }
 
-    /// Whether every stored value is now sealed with the active key.
+    /// Whether every stored value is now sealed with the active key, and every earlier key
+    /// retired.
     pub fn complete(&self) -> bool {
-        self.remaining.is_empty()
+        self.remaining.is_empty() && self.held.is_empty()
     }
 }
 
@@ -167,6 +183,7 @@ pub async fn status(app: &App) -> ServiceResult<KeyStatus> {
         active_kid: app.keys.active_kid().to_string(),
         keys,
         sealed: count_sealed(&app.db).await?,
+        processes: super::processes::list(app).await?,
     })
 }
 
@@ -242,14 +259,18 @@ pub async fn rewrap(app: &App, actor: &Actor, batch: u32) -> ServiceResult<Rewra
         "remaining": remaining.iter().map(|c| c.count).sum::<i64>(),
     });
     let still_used: Vec<String> = remaining.iter().map(|c| c.kid.clone()).collect();
-    let retired = app
+    let (retired, held) = app
         .db
         .on_writer(retire_unused(app.db.clone(), actor.clone(), active.clone(), still_used, summary, now_ms))
         .await??;
     for kid in &retired {
         tracing::info!(kid = %kid, "key retired: no stored value is sealed with it any more");
     }
-    Ok(RewrapReport { active_kid: active, columns, unreadable, remaining, retired })
+    for h in &held {
+        tracing::warn!(kid = %h.kid, processes = h.processes.len(),
+            "key not retired: running processes still seal with it");
+    }
+    Ok(RewrapReport { active_kid: active, columns, unreadable, remaining, retired, held })
 }
 
 /// Replaces each value that is still the one read: `(replaced, changed meanwhile)`.
@@ -264,8 +285,9 @@ async fn replace_all(
     Ok((replaced, updates.len() as u64 - replaced))
 }
 
-/// Marks retired every key (other than `active`) with a key check that no value names any more,
-/// and records the re-wrap and each retirement in the audit log. Returns the keys retired now.
+/// Marks retired every key (other than `active`) with a key check that no value names any more
+/// and no running process seals with, and records the re-wrap and each retirement in the audit
+/// log. Returns the keys retired now, and those running processes hold.
 async fn retire_unused(
     db: Db,
     actor: Actor,
@@ -273,7 +295,7 @@ async fn retire_unused(
     still_used: Vec<String>,
     summary: serde_json::Value,
     now_ms: i64,
-) -> ServiceResult<Vec<String>> {
+) -> ServiceResult<(Vec<String>, Vec<HeldKey>)> {
     let mut tx = db.begin_write().await?;
     // One at a time with processes starting (which may make a key active again).
     db::key_checks::lock(&mut tx, db.backend()).await?;
@@ -287,9 +309,23 @@ async fn retire_unused(
             }
         }
     }
+    let wall = super::processes::wall_ms();
+    let running: Vec<ProcessView> = db::processes::all(&mut tx)
+        .await?
+        .iter()
+        .filter(|p| super::processes::is_running(p, wall))
+        .map(|p| ProcessView::of(p, wall))
+        .collect();
     let mut retired = Vec::new();
+    let mut held = Vec::new();
     for check in db::key_checks::all(&mut tx).await? {
         if check.kid == active || check.retired_at.is_some() || in_use.contains(&check.kid) {
+            continue;
+        }
+        let sealing: Vec<ProcessView> =
+            running.iter().filter(|p| p.active_kid == check.kid).cloned().collect();
+        if !sealing.is_empty() {
+            held.push(HeldKey { kid: check.kid, processes: sealing });
             continue;
         }
         db::key_checks::set_retired(&mut tx, &check.kid, Some(now_ms)).await?;
@@ -299,5 +335,5 @@ async fn retire_unused(
     }
     audit::record(&mut tx, now_ms, &actor, None, "keys.rewrapped", "key", &active, summary).await?;
     tx.commit().await?;
-    Ok(retired)
+    Ok((retired, held))
 }

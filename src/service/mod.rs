@@ -11,6 +11,7 @@ pub mod invitations;
 pub mod keys;
 pub mod links;
 pub mod logos;
+pub mod processes;
 pub mod refresh;
 pub mod users;
 pub mod webhooks;

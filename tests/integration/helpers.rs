@@ -245,6 +245,17 @@ impl TestApp {
         }
     }
 
+    /// Stops the server as an orchestrator does (SIGTERM), and waits for it to exit (within its
+    /// shutdown grace period); its exit code.
+    pub fn stop(&self) -> Option<i32> {
+        let mut guard = self.child.lock().unwrap();
+        let child = guard.as_mut()?;
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let code = tokio::task::block_in_place(|| child.wait()).ok().and_then(|s| s.code());
+        guard.take();
+        code
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.lock().unwrap().as_ref().map(|c| c.id()).unwrap_or(0)
@@ -517,7 +528,8 @@ impl TestApp {
     /// the same environment plus `extra`. Returns the new app and the clean-up of what only it
     /// holds.
     pub async fn restart_with(self, extra: &[(&str, &str)]) -> (TestApp, Cleanup) {
-        self.kill();
+        // Stopped cleanly, as a rolling restart would: it removes its process record.
+        self.stop();
         let listen = self.base.trim_start_matches("http://").to_string();
         let mut env: Vec<(&str, &str)> = vec![
             ("AUTHLINK_DATABASE_URL", self.db_url.as_str()),

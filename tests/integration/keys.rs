@@ -15,7 +15,11 @@ use crate::tests;
 const LINKS: usize = 10_000;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
-    tests![master_key_rotation_rewraps_every_secret, sealed_values_are_bound_to_their_workspace]
+    tests![
+        master_key_rotation_rewraps_every_secret,
+        sealed_values_are_bound_to_their_workspace,
+        a_key_a_running_process_seals_with_is_not_retired
+    ]
 }
 
 /// Every link of the workspace: id → URL (the URL holds the link's token, unsealed to show it).
@@ -332,4 +336,57 @@ async fn sealed_values_are_bound_to_their_workspace(app: TestApp) {
         .await;
     assert!(now_stored.starts_with(&format!("v2:{kid}:")), "{now_stored}");
     assert_eq!(app.api_get(&token_path, &k1, 200).await["access_token"], "legacy-token");
+}
+
+/// A re-wrap does not retire a key that a running process still seals with (the values it
+/// sealed afterwards would need a key the operator is about to remove). A process stopped
+/// cleanly removes its record; one that stopped without saying so holds its key only while its
+/// last heartbeat is recent.
+async fn a_key_a_running_process_seals_with_is_not_retired(app: TestApp) {
+    let wid = app.workspace("Held");
+    app.link(&wid, "Client");
+    let status = app.cli_json(&["keys", "status"]);
+    let old_kid = status["active_kid"].as_str().unwrap().to_string();
+    let processes = status["processes"].as_array().unwrap();
+    assert_eq!(processes.len(), 1, "{status}");
+    assert_eq!(processes[0]["role"], "serve");
+    assert_eq!(processes[0]["pid"], app.pid());
+    assert_eq!(processes[0]["active_kid"], old_kid.as_str());
+    assert_eq!(processes[0]["running"], true);
+
+    // The new key is configured and the values re-wrapped, but this server still runs with the
+    // old configuration: every value moves, the old key stays.
+    let old_key = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
+    let new_key = new_master_key();
+    let rotated =
+        [("AUTHLINK_MASTER_KEY", new_key.as_str()), ("AUTHLINK_RETIRED_MASTER_KEYS", old_key.as_str())];
+    let out = app.cli_env(&["keys", "rewrap", "--json"], &rotated);
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["remaining"], json!([]), "{report}");
+    assert_eq!(report["retired"], json!([]), "{report}");
+    assert_eq!(report["held"][0]["kid"], old_kid.as_str(), "{report}");
+    assert_eq!(report["held"][0]["processes"][0]["pid"], app.pid(), "{report}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("restart them"));
+    let text = app.cli_env(&["keys", "status"], &rotated);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("seals with {old_kid}")), "{text}");
+
+    // Stopped cleanly, the server removes its record. A record of a process that stopped without
+    // saying so, last seen ten minutes ago, holds nothing: the key is retired.
+    assert_eq!(app.stop(), Some(0));
+    assert_eq!(app.count("processes").await, 0);
+    let stale = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+        as i64
+        - 600_000;
+    app.execute(&format!(
+        "INSERT INTO {{schema}}.processes (id, role, host, pid, active_kid, started_at, seen_at) \
+         VALUES ('gone', 'worker', 'old-host', 1, '{old_kid}', {stale}, {stale})"
+    ))
+    .await;
+    let out = app.cli_env(&["keys", "rewrap", "--json"], &rotated);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert_eq!(report["retired"], json!([old_kid]), "{report}");
+    assert_eq!(report["held"], json!([]));
 }
