@@ -156,7 +156,8 @@ pub struct HttpConfig {
     /// Longest time a request may take before the server answers 503; also how long a client
     /// has to send a request's headers before its connection is closed.
     pub request_timeout_secs: u64,
-    /// Longest time to let in-flight requests finish after a shutdown signal.
+    /// Longest time, from a shutdown signal, to let in-flight requests and then claimed
+    /// background work finish.
     pub shutdown_grace_secs: u64,
     /// Requests a minute one client may make to link pages (`/l/...`), against token guessing;
     /// also the limit of JSON API requests without a valid key, per client address.

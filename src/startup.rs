@@ -321,8 +321,9 @@ impl Application {
         &self.state
     }
 
-    /// Serves until SIGTERM or Ctrl-C, then lets in-flight requests finish (up to the
-    /// configured grace period) and closes the database.
+    /// Serves until SIGTERM or Ctrl-C, then lets in-flight requests and claimed background work
+    /// finish (together, within the configured grace period from the signal) and closes the
+    /// database.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let addr = self.local_addr();
         let state = self.state.clone();
@@ -341,11 +342,16 @@ impl Application {
         let stop_signal = shutdown_signal();
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
         let header_timeout = Duration::from_secs(state.config.http.request_timeout_secs);
+        // One grace period from the signal for everything still running: requests, then jobs.
+        let deadline = Arc::new(std::sync::OnceLock::new());
+        let set_deadline = deadline.clone();
         let server = serve(self.listener, router, header_timeout, async move {
             stop_signal.await;
+            let _ = set_deadline.set(tokio::time::Instant::now() + grace);
             tracing::info!("shutdown signal received; finishing in-flight requests");
             let _ = stop_tx.send(true);
         });
+        let deadline = move || deadline.get().copied().unwrap_or_else(|| tokio::time::Instant::now() + grace);
         let server = tokio::spawn(async move {
             server.await;
             Ok::<(), std::io::Error>(())
@@ -355,7 +361,7 @@ impl Application {
             r = &mut server => r,
             _ = async {
                 let _ = stop_rx.wait_for(|stop| *stop).await;
-                tokio::time::sleep(grace).await;
+                tokio::time::sleep_until(deadline()).await;
             } => {
                 tracing::warn!(grace_secs = grace.as_secs(), "requests still running after the grace period; stopping");
                 Ok(Ok(()))
@@ -364,12 +370,12 @@ impl Application {
         housekeeping.abort();
         if let Some(jobs) = jobs {
             // Let claimed work finish (its leases would otherwise have to run out).
-            if tokio::time::timeout(grace, jobs).await.is_err() {
+            if tokio::time::timeout_at(deadline(), jobs).await.is_err() {
                 tracing::warn!("background jobs still running after the grace period; stopping");
             }
         }
         // The heartbeat stops with the stop signal; a beat it was writing finishes first.
-        let _ = tokio::time::timeout(Duration::from_secs(5), heartbeat).await;
+        let _ = tokio::time::timeout_at(deadline(), heartbeat).await;
         crate::service::processes::deregister(&state, &process_id).await;
         state.db.close().await;
         tracing::info!("authlink stopped");
@@ -404,12 +410,12 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     stop_signal.await;
     tracing::info!("shutdown signal received; finishing claimed work");
     let _ = stop_tx.send(true);
-    let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
-    if tokio::time::timeout(grace, jobs).await.is_err() {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(state.config.http.shutdown_grace_secs);
+    if tokio::time::timeout_at(deadline, jobs).await.is_err() {
         tracing::warn!("background jobs still running after the grace period; stopping");
     }
     housekeeping.abort();
-    let _ = tokio::time::timeout(Duration::from_secs(5), heartbeat).await;
+    let _ = tokio::time::timeout_at(deadline, heartbeat).await;
     crate::service::processes::deregister(&state, &process_id).await;
     state.db.close().await;
     Ok(())
