@@ -329,6 +329,7 @@ impl Application {
         let state = self.state.clone();
         let router = crate::http::router(state.clone());
         let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
+        let stop_signal = shutdown_signal();
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         start_metrics(&state, stop_rx.clone()).await?;
         let process =
@@ -339,7 +340,6 @@ impl Application {
         let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
         let jobs =
             state.config.jobs.enabled.then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
-        let stop_signal = shutdown_signal();
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
         let header_timeout = Duration::from_secs(state.config.http.request_timeout_secs);
         // One grace period from the signal for everything still running: requests, then jobs.
@@ -364,18 +364,19 @@ impl Application {
                 tokio::time::sleep_until(deadline()).await;
             } => {
                 tracing::warn!(grace_secs = grace.as_secs(), "requests still running after the grace period; stopping");
+                server.abort();
                 Ok(Ok(()))
             }
         };
         housekeeping.abort();
         if let Some(jobs) = jobs {
             // Let claimed work finish (its leases would otherwise have to run out).
-            if tokio::time::timeout_at(deadline(), jobs).await.is_err() {
-                tracing::warn!("background jobs still running after the grace period; stopping");
-            }
+            finish_by(deadline(), jobs, "background jobs still running after the grace period; stopping")
+                .await;
         }
-        // The heartbeat stops with the stop signal; a beat it was writing finishes first.
-        let _ = tokio::time::timeout_at(deadline(), heartbeat).await;
+        // The heartbeat stops with the stop signal; a beat it was writing finishes first. Nothing
+        // of this process runs any more when its record goes.
+        finish_by(deadline(), heartbeat, "the heartbeat did not stop in time").await;
         crate::service::processes::deregister(&state, &process_id).await;
         state.db.close().await;
         tracing::info!("authlink stopped");
@@ -383,6 +384,15 @@ impl Application {
             Ok(r) => r,
             Err(e) => Err(std::io::Error::other(e)),
         }
+    }
+}
+
+/// Waits for `task` until `deadline`; then aborts it (logging `late`) and waits for it to be gone.
+async fn finish_by<T>(deadline: tokio::time::Instant, mut task: tokio::task::JoinHandle<T>, late: &str) {
+    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+        tracing::warn!("{late}");
+        task.abort();
+        let _ = task.await;
     }
 }
 
@@ -407,15 +417,14 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     let heartbeat = tokio::spawn(crate::service::processes::run(state.0.clone(), process, stop_rx.clone()));
     let jobs = tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone()));
     let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx));
+    tracing::info!(process_id = %process_id, "authlink worker running");
     stop_signal.await;
     tracing::info!("shutdown signal received; finishing claimed work");
     let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(state.config.http.shutdown_grace_secs);
-    if tokio::time::timeout_at(deadline, jobs).await.is_err() {
-        tracing::warn!("background jobs still running after the grace period; stopping");
-    }
+    finish_by(deadline, jobs, "background jobs still running after the grace period; stopping").await;
     housekeeping.abort();
-    let _ = tokio::time::timeout_at(deadline, heartbeat).await;
+    finish_by(deadline, heartbeat, "the heartbeat did not stop in time").await;
     crate::service::processes::deregister(&state, &process_id).await;
     state.db.close().await;
     Ok(())
@@ -484,9 +493,9 @@ async fn purge_webhooks(
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
-    // The handlers are installed now, not when the future is first polled: a signal that comes
-    // as soon as the process has said it is ready must not meet the default action, an exit
-    // without clean-up.
+    // On Unix the handlers are installed now, not when the future is first polled: a signal that
+    // comes as soon as the process has said it is ready must not meet the default action, an
+    // exit without clean-up.
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -68,3 +68,13 @@ pub async fn set_retired(conn: &mut AnyConnection, kid: &str, retired_at: Option
         .await?;
     Ok(())
 }
+
+/// Marks `kid` needed again if it was retired; whether it was.
+pub async fn unretire(conn: &mut AnyConnection, kid: &str) -> DbResult<bool> {
+    let done =
+        sqlx::query("UPDATE key_checks SET retired_at = NULL WHERE kid = $1 AND retired_at IS NOT NULL")
+            .bind(kid)
+            .execute(conn)
+            .await?;
+    Ok(done.rows_affected() > 0)
+}

@@ -3,7 +3,18 @@
 
 use sqlx::AnyConnection;
 
-use super::DbResult;
+use super::{Backend, DbResult};
+
+/// The database's clock, in ms since the Unix epoch: heartbeats are written and judged by one
+/// clock, whatever the clocks of the hosts that run the processes say.
+pub async fn db_now_ms(conn: &mut AnyConnection, backend: Backend) -> DbResult<i64> {
+    let sql = match backend {
+        Backend::Postgres => "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        Backend::Sqlite => "SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+    };
+    let (now,): (i64,) = sqlx::query_as(sql).fetch_one(conn).await?;
+    Ok(now)
+}
 
 /// A process as recorded.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

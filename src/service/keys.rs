@@ -309,7 +309,7 @@ async fn retire_unused(
             }
         }
     }
-    let wall = super::processes::wall_ms();
+    let wall = db::processes::db_now_ms(&mut tx, db.backend()).await?;
     let running: Vec<ProcessView> = db::processes::all(&mut tx)
         .await?
         .iter()

@@ -3,15 +3,20 @@
 //! removes itself when it stops. A process seen within [`LIVE_MS`] counts as running: `keys
 //! rewrap` does not retire the key it seals with (a value it sealed after the retirement would
 //! need a key the operator is about to remove), and `keys status` lists it. A process that was
-//! killed counts as running until then. Times are the wall clock, never the sandbox's test clock,
-//! which other processes do not share.
+//! killed counts as running until then.
+//!
+//! Each record is written under the key checks' lock, like a retirement, and marks the process's
+//! own key needed again if a re-wrap retired it meanwhile: a re-wrap that ran between this
+//! process's key check and its first record, or while its heartbeats could not reach the
+//! database, is undone (and logged) rather than leaving a key retired that values keep needing.
+//! Times are the database's clock, so that the clocks of different hosts do not matter.
 
 use std::time::Duration;
 
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::clock::{from_millis, to_millis};
+use crate::clock::from_millis;
 use crate::db::processes::ProcessRow;
 use crate::db::{self, DbResult, new_id};
 use crate::state::App;
@@ -24,11 +29,6 @@ pub const LIVE_MS: i64 = 90_000;
 
 /// How long after its last heartbeat a process that never said it stopped is forgotten.
 const FORGET_MS: i64 = 86_400_000;
-
-/// Now, on the wall clock (ms).
-pub fn wall_ms() -> i64 {
-    to_millis(OffsetDateTime::now_utc())
-}
 
 /// A process as `keys status` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -54,7 +54,7 @@ pub struct ProcessView {
 }
 
 impl ProcessView {
-    /// `p` as seen at `now` (wall-clock ms).
+    /// `p` as seen at `now` (the database's clock, ms).
     pub fn of(p: &ProcessRow, now: i64) -> Self {
         Self {
             id: p.id.clone(),
@@ -74,7 +74,7 @@ impl ProcessView {
     }
 }
 
-/// Whether `p` counts as running at `now` (wall-clock ms).
+/// Whether `p` counts as running at `now` (the database's clock, ms).
 pub fn is_running(p: &ProcessRow, now: i64) -> bool {
     p.seen_at >= now - LIVE_MS
 }
@@ -91,27 +91,51 @@ fn host_name() -> String {
 
 /// Records this process (`role`: `serve` or `worker`) and forgets processes silent for a day.
 pub async fn register(app: &App, role: &str) -> DbResult<ProcessRow> {
-    let now = wall_ms();
-    let row = ProcessRow {
+    let mut row = ProcessRow {
         id: new_id(),
         role: role.to_string(),
         host: host_name(),
         pid: i64::from(std::process::id()),
         active_kid: app.keys.active_kid().to_string(),
-        started_at: now,
-        seen_at: now,
+        started_at: 0,
+        seen_at: 0,
     };
+    record(app, &mut row).await?;
     let mut conn = app.db.writer().await?;
-    db::processes::insert(&mut conn, &row).await?;
-    let forgotten = db::processes::purge(&mut conn, now - FORGET_MS).await?;
+    let forgotten = db::processes::purge(&mut conn, row.seen_at - FORGET_MS).await?;
     if forgotten > 0 {
         tracing::info!(processes = forgotten, "processes silent for a day forgotten");
     }
     Ok(row)
 }
 
-/// Records a heartbeat every [`BEAT`] until `stop` (a record forgotten meanwhile, after a day
-/// without a heartbeat, is made again).
+/// Writes `row`'s heartbeat (its record, the first time or when it was forgotten), under the key
+/// checks' lock, and marks its key needed again if a re-wrap retired it.
+async fn record(app: &App, row: &mut ProcessRow) -> DbResult<()> {
+    let backend = app.db.backend();
+    let mut tx = app.db.begin_write().await?;
+    db::key_checks::lock(&mut tx, backend).await?;
+    let now = db::processes::db_now_ms(&mut tx, backend).await?;
+    row.seen_at = now;
+    if row.started_at == 0 {
+        row.started_at = now;
+    }
+    if !db::processes::beat(&mut tx, &row.id, now).await? {
+        db::processes::insert(&mut tx, row).await?;
+    }
+    if db::key_checks::unretire(&mut tx, &row.active_kid).await? {
+        tracing::error!(
+            kid = %row.active_kid,
+            "this process seals with a key that a re-wrap retired (it ran before this process was \
+             recorded, or while its heartbeats did not reach the database); the key is marked needed \
+             again: restart this process with the new configuration, then run `authlink keys rewrap` again"
+        );
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Records a heartbeat every [`BEAT`] until `stop`.
 pub async fn run(
     app: std::sync::Arc<App>,
     mut row: ProcessRow,
@@ -124,16 +148,7 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => break,
         }
-        row.seen_at = wall_ms();
-        let beat = async {
-            let mut conn = app.db.writer().await?;
-            if !db::processes::beat(&mut conn, &row.id, row.seen_at).await? {
-                db::processes::insert(&mut conn, &row).await?;
-            }
-            Ok::<_, db::DbError>(())
-        }
-        .await;
-        if let Err(e) = beat {
+        if let Err(e) = record(&app, &mut row).await {
             tracing::warn!(error = %e, "could not record this process's heartbeat");
         }
     }
@@ -143,13 +158,44 @@ pub async fn run(
 pub async fn deregister(app: &App, id: &str) {
     let removed = async { db::processes::remove(&mut *app.db.writer().await?, id).await }.await;
     if let Err(e) = removed {
-        tracing::warn!(error = %e, "could not remove this process's record; it is forgotten after 90 s");
+        tracing::warn!(error = %e, "could not remove this process's record; it counts as running for 90 s more");
     }
 }
 
 /// Every recorded process, as seen now.
 pub async fn list(app: &App) -> DbResult<Vec<ProcessView>> {
-    let now = wall_ms();
-    let rows = db::processes::all(&mut *app.db.read().await?).await?;
+    let mut conn = app.db.read().await?;
+    let now = db::processes::db_now_ms(&mut conn, app.db.backend()).await?;
+    let rows = db::processes::all(&mut conn).await?;
     Ok(rows.iter().map(|p| ProcessView::of(p, now)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A heartbeat that finds its process's key retired (a re-wrap ran while it could not reach
+    /// the database) marks it needed again; it also brings back a record forgotten meanwhile.
+    #[tokio::test]
+    async fn a_heartbeat_takes_back_a_retirement_of_its_own_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = [
+            ("AUTHLINK_DATABASE_URL".to_string(), format!("sqlite://{}/authlink.db", dir.path().display())),
+            ("AUTHLINK_DATA_DIR".to_string(), dir.path().display().to_string()),
+        ];
+        let config = crate::config::Config::load_from(None, &env).unwrap();
+        let app = crate::startup::build_state(config).await.unwrap();
+        let mut row = register(&app, "serve").await.unwrap();
+        let retire = "UPDATE key_checks SET retired_at = 1";
+        sqlx::query(retire).execute(&mut *app.db.writer().await.unwrap()).await.unwrap();
+        sqlx::query("DELETE FROM processes").execute(&mut *app.db.writer().await.unwrap()).await.unwrap();
+
+        record(&app, &mut row).await.unwrap();
+        let checks = db::key_checks::all(&mut app.db.read().await.unwrap()).await.unwrap();
+        let own = checks.iter().find(|c| c.kid == app.keys.active_kid()).unwrap();
+        assert_eq!(own.retired_at, None, "needed again");
+        let listed = list(&app).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].id.as_str(), listed[0].running), (row.id.as_str(), true));
+    }
 }

@@ -297,9 +297,14 @@ impl TestApp {
 
     /// Runs the CLI with `--json`, expects success, and parses the output.
     pub fn cli_json(&self, args: &[&str]) -> Value {
+        self.cli_json_env(args, &[])
+    }
+
+    /// [`cli_json`](Self::cli_json) with `extra` in the environment.
+    pub fn cli_json_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Value {
         let mut all = args.to_vec();
         all.push("--json");
-        let out = self.cli(&all);
+        let out = self.cli_env(&all, extra);
         assert!(
             out.status.success(),
             "authlink {args:?} failed: {}\n{}",

@@ -353,9 +353,18 @@ async fn a_key_a_running_process_seals_with_is_not_retired(app: TestApp) {
     assert_eq!(processes[0]["pid"], app.pid());
     assert_eq!(processes[0]["active_kid"], old_kid.as_str());
     assert_eq!(processes[0]["running"], true);
+    // A worker records itself too.
+    let mut worker = start_worker(&app);
+    let status = app.cli_json(&["keys", "status"]);
+    let recorded = status["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["role"] == "worker" && p["pid"] == worker.id() && p["active_kid"] == old_kid.as_str());
+    assert!(recorded, "{status}");
 
-    // The new key is configured and the values re-wrapped, but this server still runs with the
-    // old configuration: every value moves, the old key stays.
+    // The new key is configured and the values re-wrapped, but the server and the worker still
+    // run with the old configuration: every value moves, the old key stays.
     let old_key = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
     let new_key = new_master_key();
     let rotated =
@@ -366,11 +375,27 @@ async fn a_key_a_running_process_seals_with_is_not_retired(app: TestApp) {
     assert_eq!(report["remaining"], json!([]), "{report}");
     assert_eq!(report["retired"], json!([]), "{report}");
     assert_eq!(report["held"][0]["kid"], old_kid.as_str(), "{report}");
-    assert_eq!(report["held"][0]["processes"][0]["pid"], app.pid(), "{report}");
+    let mut holders: Vec<u64> = report["held"][0]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    holders.sort_unstable();
+    let mut expected = vec![u64::from(app.pid()), u64::from(worker.id())];
+    expected.sort_unstable();
+    assert_eq!(holders, expected, "{report}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("restart them"));
     let text = app.cli_env(&["keys", "status"], &rotated);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains(&format!("seals with {old_kid}")), "{text}");
+
+    // A worker stopped with SIGTERM removes its record; the server still holds the key.
+    let _ = std::process::Command::new("kill").args(["-TERM", &worker.id().to_string()]).status();
+    assert_eq!(tokio::task::block_in_place(|| worker.wait()).unwrap().code(), Some(0));
+    let status = app.cli_json_env(&["keys", "status"], &rotated);
+    assert_eq!(status["processes"].as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(status["processes"][0]["pid"], app.pid());
 
     // Stopped cleanly, the server removes its record. A record of a process that stopped without
     // saying so, last seen ten minutes ago, holds nothing: the key is retired.
@@ -389,4 +414,27 @@ async fn a_key_a_running_process_seals_with_is_not_retired(app: TestApp) {
     assert_eq!(out.status.code(), Some(0), "{report}");
     assert_eq!(report["retired"], json!([old_kid]), "{report}");
     assert_eq!(report["held"], json!([]));
+}
+
+/// Starts `authlink worker` on the app's database and returns once it says it runs.
+fn start_worker(app: &TestApp) -> std::process::Child {
+    use std::io::BufRead;
+    let mut cmd = std::process::Command::new(crate::helpers::binary());
+    cmd.arg("worker").current_dir(app.dir.path()).stdout(std::process::Stdio::null());
+    crate::helpers::clear_authlink_env(&mut cmd);
+    cmd.envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    cmd.env("AUTHLINK_LOG", "info").env("AUTHLINK_LOG_FORMAT", "json").stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let ready = tokio::task::block_in_place(|| {
+        lines.by_ref().map_while(Result::ok).any(|l| {
+            seen.push(l.clone());
+            l.contains("authlink worker running")
+        })
+    });
+    assert!(ready, "the worker exited before it said it runs:\n{}", seen.join("\n"));
+    // Keep draining its log, so that it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    child
 }
