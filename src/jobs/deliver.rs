@@ -177,7 +177,9 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
         return Ok(());
     }
 
-    let timestamp = now / 1000;
+    // The receiver checks the signature's time against its own clock: always the wall clock,
+    // even when the sandbox's control API has moved this process's clock (tests and demos).
+    let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
     // A payload or secret the configured keys cannot open is a refused attempt, counted like any
     // other (the delivery gives up in time); it used to fail before any attempt, and the
     // delivery was claimed again every lease, for ever, with no attempt logged.

@@ -25,6 +25,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         slow_receivers_get_each_delivery_once,
         deliveries_never_go_through_a_proxy,
         retry_after_as_a_date_is_honoured,
+        signatures_carry_the_real_time_when_the_clock_is_moved,
     ];
     list.push((
         "endpoint_change_applies_to_the_endpoint_as_it_stands",
@@ -515,4 +516,23 @@ async fn retry_after_as_a_date_is_honoured(app: TestApp) {
     // Not the schedule's 5 s: the date the receiver named (to the second, less the time the
     // attempt took).
     assert!((next - at).abs() < time::Duration::minutes(1), "next attempt at {next}, asked for {at}");
+}
+
+/// The signature's `webhook-timestamp` is the real time even when the sandbox's control API has
+/// moved the service's clock: receivers check it against their own clocks (Standard Webhooks
+/// refuse more than five minutes either way), so a demo that moves time still gets verifiable
+/// deliveries.
+async fn signatures_carry_the_real_time_when_the_clock_is_moved(app: TestApp) {
+    let wid = app.workspace("Moved Clock");
+    let key = app.workspace_key(&wid);
+    let receiver = crate::health::Receiver::start().await;
+    let created = app.api_post("/webhooks", &key, json!({"url": receiver.url}), 201).await;
+    let endpoint = created["id"].as_str().unwrap();
+    app.advance_clock(2 * 86_400).await;
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    let got = receiver.wait_for(1, 20).await;
+    let sent: i64 = got[0].headers["webhook-timestamp"].parse().unwrap();
+    let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((real - sent).abs() < 120, "timestamp {sent}, real time {real}");
+    crate::health::verify_with_standardwebhooks(created["secret"].as_str().unwrap(), &got[..1]);
 }
