@@ -141,6 +141,15 @@ mod tests {
         assert_eq!(check(&png(120, 40)), Ok(Checked { content_type: "image/png", width: 120, height: 40 }));
         let gif = b"GIF89a\x20\x00\x10\x00\x80\x00\x00".to_vec();
         assert_eq!(check(&gif).map(|c| (c.content_type, c.width, c.height)), Ok(("image/gif", 32, 16)));
+        // A JPEG's start and its baseline frame header: 64 wide, 32 high.
+        let mut jpeg = vec![0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x11, 0x08, 0x00, 0x20, 0x00, 0x40, 0x03];
+        jpeg.resize(32, 0);
+        assert_eq!(check(&jpeg).map(|c| (c.content_type, c.width, c.height)), Ok(("image/jpeg", 64, 32)));
+        // An extended WebP header: 300 wide, 100 high (stored minus one, 24-bit little-endian).
+        let mut webp = b"RIFF\x24\x00\x00\x00WEBPVP8X\x0a\x00\x00\x00\x00\x00\x00\x00".to_vec();
+        webp.extend_from_slice(&[0x2B, 0x01, 0x00, 0x63, 0x00, 0x00]);
+        webp.resize(40, 0);
+        assert_eq!(check(&webp).map(|c| (c.content_type, c.width, c.height)), Ok(("image/webp", 300, 100)));
         for refused in [
             b"<svg xmlns='http://www.w3.org/2000/svg'/>".to_vec(),
             b"<!doctype html><p>not found".to_vec(),
