@@ -17,6 +17,9 @@ use crate::db::workspaces::LogoRow;
 use crate::domain::FieldError;
 use crate::state::App;
 
+/// The media types a logo may have, as [`check`] names them.
+pub const CONTENT_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+
 /// Largest logo file, in bytes.
 pub const MAX_BYTES: usize = 256 * 1024;
 
@@ -98,11 +101,12 @@ pub struct Checked {
 pub fn check(bytes: &[u8]) -> Result<Checked, String> {
     use imagesize::ImageType;
     let not_an_image = || "is not a PNG, JPEG, GIF or WebP image".to_string();
+    let [png, jpeg, gif, webp] = CONTENT_TYPES;
     let content_type = match imagesize::image_type(bytes).map_err(|_| not_an_image())? {
-        ImageType::Png => "image/png",
-        ImageType::Jpeg => "image/jpeg",
-        ImageType::Gif => "image/gif",
-        ImageType::Webp => "image/webp",
+        ImageType::Png => png,
+        ImageType::Jpeg => jpeg,
+        ImageType::Gif => gif,
+        ImageType::Webp => webp,
         _ => return Err(not_an_image()),
     };
     let size = imagesize::blob_size(bytes).map_err(|_| not_an_image())?;

@@ -408,14 +408,12 @@ async fn brand_logo(
         Err(e) => Err(e),
     };
     let logo = match found {
-        Ok(Some(logo)) if logo.sha256 == sha256 => logo,
-        Ok(_) => return StatusCode::NOT_FOUND.into_response(),
+        Ok(Some(logo)) => logo,
+        Ok(None) => return StatusCode::NOT_FOUND.into_response(),
         Err(e) => return service_error_page(e.into()),
     };
     // Stored only after its bytes were read as one of these; checked again on the way out.
-    let Some(content_type) =
-        ["image/png", "image/jpeg", "image/gif", "image/webp"].into_iter().find(|t| *t == logo.content_type)
-    else {
+    let Some(content_type) = logos::CONTENT_TYPES.into_iter().find(|t| *t == logo.content_type) else {
         return StatusCode::NOT_FOUND.into_response();
     };
     (
