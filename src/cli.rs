@@ -542,7 +542,9 @@ impl From<ServiceError> for CliError {
             ServiceError::NotFound(_) => "not_found",
             ServiceError::Validation(_) => "validation_failed",
             ServiceError::Forbidden(_) => "forbidden",
-            ServiceError::Conflict(_) | ServiceError::Db(DbError::Conflict(_)) => "conflict",
+            ServiceError::Conflict(_) | ServiceError::Stale(_) | ServiceError::Db(DbError::Conflict(_)) => {
+                "conflict"
+            }
             ServiceError::Unavailable(_) => "provider_unavailable",
             ServiceError::Db(DbError::Unavailable(_)) => "database_unavailable",
             _ => "internal",

@@ -131,6 +131,9 @@ pub enum ServiceError {
     /// The change conflicts with existing data.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The object changed since the version the caller based its change on; nothing was changed.
+    #[error("stale: {0}")]
+    Stale(String),
     /// An outside party (a provider) is temporarily unavailable; nothing was changed.
     #[error("unavailable: {0}")]
     Unavailable(String),

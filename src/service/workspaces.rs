@@ -31,6 +31,9 @@ pub struct WorkspaceView {
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
+    /// The version this view shows, sent as the `ETag` header rather than in the body.
+    #[serde(skip)]
+    pub version: i64,
 }
 
 /// How client pages look.
@@ -63,7 +66,15 @@ impl From<&WorkspaceRow> for WorkspaceView {
             allowed_redirects: w.allow_list().iter().map(ToString::to_string).collect(),
             success_redirect: w.success_redirect.clone(),
             created_at: from_millis(w.created_at),
+            version: w.updated_at,
         }
+    }
+}
+
+impl WorkspaceView {
+    /// The version as an entity tag (`ETag`, and what `If-Match` compares with).
+    pub fn etag(&self) -> String {
+        format!("\"{}\"", self.version)
     }
 }
 
@@ -276,16 +287,24 @@ pub async fn list(
     Ok(rows.iter().map(WorkspaceView::from).collect())
 }
 
-/// Updates name, branding or allow-list.
+/// Updates name, branding or allow-list. With `based_on` (the versions the caller's change may
+/// apply to: an `If-Match` header's, the version a form was shown with), a workspace at another
+/// version is refused with [`ServiceError::Stale`] before anything is fetched or written.
 pub async fn update(
     app: &App,
     actor: &Actor,
     scope: &Scope,
     key: &str,
     input: WorkspaceUpdate,
+    based_on: Option<&[i64]>,
 ) -> ServiceResult<WorkspaceView> {
     let mut row = get_row(app, scope, key).await?;
     let read_version = row.updated_at;
+    if based_on.is_some_and(|versions| !versions.contains(&read_version)) {
+        return Err(ServiceError::Stale(
+            "the workspace was changed by someone else since the version this change was made from".into(),
+        ));
+    }
     let old_logo_url = row.logo_url.clone();
     let mut errors = Errors::default();
     if let Some(name) = &input.name {

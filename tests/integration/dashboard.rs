@@ -33,6 +33,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         password_change,
         user_commands,
         members_branding_and_api_keys,
+        branding_saved_meanwhile_comes_back_unsaved,
         connection_pages_and_repair_link,
         used_up_link_is_still_the_repair_link,
         overview_counts_follow_every_change,
@@ -342,6 +343,55 @@ async fn acme_with_owner(app: &TestApp) -> (String, Client, String) {
     let owner = signed_in(app, "owner@example.com").await;
     let csrf = csrf_of(&page(app, &owner, "/app/w/acme/members", 200).await);
     (w["id"].as_str().unwrap().to_string(), owner, csrf)
+}
+
+/// The workspace version a branding form was shown with.
+fn form_version(html: &str) -> String {
+    let start =
+        html.find("name=\"version\" value=\"").expect("a version field") + "name=\"version\" value=\"".len();
+    html[start..].split('"').next().unwrap().to_string()
+}
+
+/// A branding form saved after someone else changed the workspace does not undo their change: it
+/// comes back (409) with what was typed, unsaved, and saving it again then replaces theirs.
+async fn branding_saved_meanwhile_comes_back_unsaved(app: TestApp) {
+    create_user(&app, "owner@example.com", false);
+    let (wid, owner, csrf) = acme_with_owner(&app).await;
+    let shown = form_version(&page(&app, &owner, "/app/w/acme/branding", 200).await);
+    // Someone else renames the workspace through the API while the form is open.
+    app.api_patch(&format!("/workspaces/{wid}"), &app.admin_key(), json!({"name": "Acme Renamed"}), 200)
+        .await;
+    fn with_version(version: &str) -> Vec<(&str, &str)> {
+        vec![
+            ("name", "Acme"),
+            ("display_name", "Mine"),
+            ("accent_color", "#123456"),
+            ("action", "save"),
+            ("version", version),
+        ]
+    }
+    let (status, html) =
+        text(post(&app, &owner, &csrf, "/app/w/acme/branding", &with_version(&shown)).await).await;
+    assert_eq!(status, 409, "{html}");
+    assert!(html.contains("someone else saved these settings after you opened this page"), "{html}");
+    assert!(html.contains("href=\"#branding-form\""), "the summary leads to the form");
+    assert!(html.contains("value=\"Mine\"") && html.contains("value=\"#123456\""), "what was typed is kept");
+    let stored = app.cli_json(&["workspace", "show", "acme"]);
+    assert_eq!(stored["name"], "Acme Renamed", "their change stands");
+    assert!(stored["branding"]["display_name"].is_null(), "nothing of mine was saved");
+    // The form now carries the version stored; saving it again replaces their change knowingly.
+    let current = form_version(&html);
+    assert_ne!(current, shown);
+    // A version field that names no version matches none.
+    let res = post(&app, &owner, &csrf, "/app/w/acme/branding", &with_version("yesterday")).await;
+    assert_eq!(res.status(), 409);
+    let res = post(&app, &owner, &csrf, "/app/w/acme/branding", &with_version(&current)).await;
+    assert_eq!(location(&res), "/app/w/acme/branding?notice=branding_saved");
+    let stored = app.cli_json(&["workspace", "show", "acme"]);
+    assert_eq!(
+        (stored["name"].as_str(), stored["branding"]["display_name"].as_str()),
+        (Some("Acme"), Some("Mine"))
+    );
 }
 
 /// The invitation link of the members page an owner's invitation answered with.

@@ -19,6 +19,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         timeouts_and_wrong_methods_get_bodies_and_security_headers,
         handler_set_policies_forbid_framing_base_and_objects,
         workspace_logo_is_checked_copied_and_served_from_our_origin,
+        workspace_changes_apply_to_the_version_they_were_made_from,
     ]
 }
 
@@ -808,4 +809,98 @@ async fn workspace_logo_is_checked_copied_and_served_from_our_origin(app: TestAp
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("private, loopback or link-local"), "{stderr}");
     assert_eq!(hits.lock().unwrap().values().sum::<usize>(), before, "no request reached the host");
+}
+
+/// A logo host whose one image is answered only when the test says so: `arrived` gets a message
+/// when the request is in, and the answer waits for `release`.
+async fn gated_logo_host() -> (String, tokio::sync::mpsc::Receiver<()>, tokio::sync::oneshot::Sender<()>) {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    let (arrived_tx, arrived) = tokio::sync::mpsc::channel(4);
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = std::sync::Arc::new(tokio::sync::Mutex::new(Some(released)));
+    let app = axum::Router::new().route(
+        "/gated.png",
+        axum::routing::get(move || {
+            let (arrived_tx, released) = (arrived_tx.clone(), released.clone());
+            async move {
+                arrived_tx.send(()).await.unwrap();
+                if let Some(r) = released.lock().await.take() {
+                    let _ = r.await;
+                }
+                ([(header::CONTENT_TYPE, "image/png")], PNG_1X1.to_vec()).into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (base, arrived, release)
+}
+
+/// `PATCH /workspaces/{id}` with `If-Match` applies only to the version read (else 412, nothing
+/// fetched or written); without it, a change saved while a logo is fetched makes the slower
+/// change 409 instead of undoing the other.
+async fn workspace_changes_apply_to_the_version_they_were_made_from(app: TestApp) {
+    let admin = app.admin_key();
+    let (host, hits) = logo_host().await;
+    let w = app.api_post("/workspaces", &admin, json!({"name": "Versioned"}), 201).await;
+    let path = format!("/workspaces/{}", w["id"].as_str().unwrap());
+    let etag_of = |res: &reqwest::Response| {
+        res.headers().get("etag").map(|v| v.to_str().unwrap().to_string()).expect("an ETag")
+    };
+    let patch = |if_match: Option<&str>, body: serde_json::Value| {
+        let mut req = app.api(reqwest::Method::PATCH, &path, &admin).json(&body);
+        if let Some(tag) = if_match {
+            req = req.header("if-match", tag);
+        }
+        req.send()
+    };
+    let res = app.api(reqwest::Method::GET, &path, &admin).send().await.unwrap();
+    let first = etag_of(&res);
+    assert!(first.starts_with('"') && first.ends_with('"') && first.len() > 2, "{first}");
+
+    let res = patch(Some(&first), json!({"name": "Versioned Two"})).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let second = etag_of(&res);
+    assert_ne!(second, first, "a change makes a new version");
+    let res = app.api(reqwest::Method::GET, &path, &admin).send().await.unwrap();
+    assert_eq!(etag_of(&res), second, "a read gives the version the change answered with");
+
+    // Made from an older version, a weak tag, or no tag at all: 412, and nothing changes, not
+    // even a fetch of the logo the change names.
+    for stale in [first.as_str(), &format!("W/{second}"), "\"not-a-version\"", "garbage"] {
+        let res =
+            patch(Some(stale), json!({"name": "Lost", "branding": {"logo_url": format!("{host}/logo.png")}}))
+                .await
+                .unwrap();
+        let p = crate::helpers::expect_json(res, 412).await;
+        assert_eq!(p["code"], "precondition_failed", "{stale}: {p}");
+    }
+    assert!(hits.lock().unwrap().is_empty(), "no logo fetched for a refused change");
+    let shown = app.api_get(&path, &admin, 200).await;
+    assert_eq!(shown["name"], "Versioned Two");
+    // The current version among others, or `*`, applies.
+    let res = patch(Some(&format!("{first}, {second}")), json!({"name": "Versioned Three"})).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let res = patch(Some("*"), json!({"name": "Versioned Four"})).await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    // Without If-Match: a rename saved while a logo is being fetched wins; the change that
+    // fetched it is refused when it is about to write, and neither its name nor its logo is kept.
+    let (gated, mut arrived, release) = gated_logo_host().await;
+    let slow = tokio::spawn(patch(
+        None,
+        json!({"name": "Slow", "branding": {"logo_url": format!("{gated}/gated.png")}}),
+    ));
+    arrived.recv().await.expect("the logo request arrives");
+    let res = patch(None, json!({"name": "Quick"})).await.unwrap();
+    assert_eq!(res.status(), 200);
+    release.send(()).unwrap();
+    let p = crate::helpers::expect_json(slow.await.unwrap().unwrap(), 409).await;
+    assert_eq!(p["code"], "conflict");
+    let shown = app.api_get(&path, &admin, 200).await;
+    assert_eq!(shown["name"], "Quick");
+    assert!(shown["branding"]["logo_url"].is_null(), "{shown}");
+    assert_eq!(app.count("workspace_logos").await, 0, "no copy kept of a logo whose change was refused");
 }

@@ -341,6 +341,9 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::Forbidden(why) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", why),
             ServiceError::Conflict(why) => ApiError::new(StatusCode::CONFLICT, "conflict", why),
+            ServiceError::Stale(why) => {
+                ApiError::new(StatusCode::PRECONDITION_FAILED, "precondition_failed", why)
+            }
             ServiceError::Unavailable(why) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable", why)
             }

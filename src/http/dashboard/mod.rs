@@ -725,13 +725,18 @@ impl FormErrors {
             "branding.accent_color" => "Accent colour",
             "allowed_redirects" => "Allowed redirects",
             "success_redirect" => "Default success redirect",
+            "version" => "Not saved",
             other => other,
         }
     }
 
     /// The id of the input a field name refers to, for the summary's links.
     pub fn anchor(&self, field: &str) -> String {
-        field_id(field)
+        match field {
+            // A change saved meanwhile concerns the whole form, not one input.
+            "version" => "branding-form".into(),
+            other => field_id(other),
+        }
     }
 
     /// From a service failure: validation errors, or the failure itself.

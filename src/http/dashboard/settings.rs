@@ -12,7 +12,8 @@ use super::{
     Ctx, DashResult, FormData, FormErrors, Layout, ListParams, Ws, fmt_opt, fmt_time, layout, render,
     require_owner, see_other, workspace,
 };
-use crate::domain;
+use crate::domain::{self, FieldError};
+use crate::service::ServiceError;
 use crate::service::api_keys::{self, ApiKeyView, CreatedApiKey, NewApiKey};
 use crate::service::invitations::{self, Added};
 use crate::service::users::{self, MemberView};
@@ -307,6 +308,8 @@ pub async fn remove_member(
 /// The values of the branding form.
 #[derive(Debug, Default)]
 pub struct BrandingForm {
+    /// The workspace's version the form was shown with: saving over a newer one is refused.
+    version: String,
     name: String,
     display_name: String,
     logo_url: String,
@@ -375,6 +378,7 @@ pub async fn branding(
     let ws = workspace(&state, &ctx, &slug).await?;
     let w = &ws.row;
     let v = BrandingForm {
+        version: w.updated_at.to_string(),
         name: w.name.clone(),
         display_name: w.display_name.clone().unwrap_or_default(),
         logo_url: w.logo_url.clone().unwrap_or_default(),
@@ -395,7 +399,8 @@ pub async fn save_branding(
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
     require_owner(&ws)?;
-    let v = BrandingForm {
+    let mut v = BrandingForm {
+        version: form.get("version").trim().to_string(),
         name: form.get("name").to_string(),
         display_name: form.get("display_name").to_string(),
         logo_url: form.get("logo_url").trim().to_string(),
@@ -423,8 +428,25 @@ pub async fn save_branding(
         ),
         success_redirect: Some(v.success_redirect.clone()),
     };
-    match workspaces::update(&state, &ctx.actor, &ws.scope, &ws.row.id, input).await {
+    // A form without the field (sent by a script, say) applies to any version; a field that
+    // names no version matches none.
+    let based_on = (!form.all("version").is_empty())
+        .then(|| v.version.parse::<i64>().ok().into_iter().collect::<Vec<_>>());
+    match workspaces::update(&state, &ctx.actor, &ws.scope, &ws.row.id, input, based_on.as_deref()).await {
         Ok(w) => Ok(see_other(&format!("/app/w/{}/branding?notice=branding_saved", w.slug))),
+        // Saved by someone else since the form was shown (or while this save fetched the logo):
+        // the form comes back with what was typed, unsaved, and the version now stored, so that
+        // saving again replaces the other change knowingly.
+        Err(ServiceError::Stale(_) | ServiceError::Conflict(_)) => {
+            let ws = workspace(&state, &ctx, &slug).await?;
+            v.version = ws.row.updated_at.to_string();
+            let errors = FormErrors(vec![FieldError::new(
+                "version",
+                "someone else saved these settings after you opened this page. Your changes below \
+                 are not saved: reload the page to see theirs, or save again to replace them with yours",
+            )]);
+            branding_page(&state, &ctx, &ws, StatusCode::CONFLICT, v, errors, None).await
+        }
         Err(e) => {
             let errors = FormErrors::from_service(e)?;
             branding_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, v, errors, None).await
