@@ -215,12 +215,27 @@ pub async fn connections(
     // A search page continues after the cursor's handle; a cursor that names no connection
     // with a handle (an edited URL) starts from the first result.
     let cursor_handle = match f.cursor {
+        // Only a connection the listing could show: another workspace's connection given as the
+        // cursor must not tell where its handle sorts (nor that it exists).
         Some(id) if searching => {
-            let row: Option<(Option<String>,)> =
-                sqlx::query_as(&format!("SELECT {} FROM connections WHERE id = $1", handle_key(backend)))
+            let key = handle_key(backend);
+            let row: Option<(Option<String>,)> = match f.workspace_id {
+                Some(w) => {
+                    sqlx::query_as(&format!(
+                        "SELECT {key} FROM connections WHERE id = $1 AND workspace_id = $2"
+                    ))
                     .bind(id)
+                    .bind(w)
                     .fetch_optional(&mut *conn)
-                    .await?;
+                    .await?
+                }
+                None => {
+                    sqlx::query_as(&format!("SELECT {key} FROM connections WHERE id = $1"))
+                        .bind(id)
+                        .fetch_optional(&mut *conn)
+                        .await?
+                }
+            };
             row.and_then(|(h,)| h)
         }
         _ => None,

@@ -590,9 +590,13 @@ fn refuse_inactive(row: &ConnectionRow) -> ServiceResult<()> {
 /// Disconnects: revokes the grant at the provider where the provider offers revocation, then
 /// marks the connection disconnected and erases its tokens.
 pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<ConnectionView> {
-    let lock = super::refresh::connection_lock(id);
+    // The caller's right to the connection first: the in-process lock is taken only for a
+    // connection that exists and is the caller's, so that ids sent by anyone neither fill the
+    // lock table nor wait (and so tell) while another workspace's connection is busy.
+    let id = get_row(app, scope, id).await?.id;
+    let lock = super::refresh::connection_lock(&id);
     let _guard = lock.lock().await;
-    let row = get_row(app, scope, id).await?;
+    let row = get_row(app, scope, &id).await?;
     if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
         return Ok(view(&row));
     }
@@ -848,4 +852,32 @@ fn repair_url_of(app: &App, link: &LinkRow) -> ServiceResult<Option<String>> {
     let token =
         app.keys.open_str(&link.token_sealed, super::links::token_aad(&link.workspace_id, &link.id))?;
     Ok(Some(super::links::url_for(app, token.expose_secret())))
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use crate::service::{Actor, Scope, ServiceError};
+
+    /// A disconnect of an id that is not the caller's (unknown, malformed or another workspace's)
+    /// is refused before the in-process lock is taken: the lock table does not grow with ids
+    /// anyone sends, and a busy connection of another workspace makes nobody else wait.
+    #[tokio::test]
+    async fn disconnect_checks_the_caller_before_it_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = [
+            ("AUTHLINK_DATABASE_URL".to_string(), format!("sqlite://{}/authlink.db", dir.path().display())),
+            ("AUTHLINK_DATA_DIR".to_string(), dir.path().display().to_string()),
+        ];
+        let config = crate::config::Config::load_from(None, &env).unwrap();
+        let app = crate::startup::build_state(config).await.unwrap();
+        let scope = Scope::Workspace(crate::db::new_id());
+        for id in [crate::db::new_id(), format!("{}-{}", crate::db::new_id(), "x".repeat(60_000))] {
+            let got = super::disconnect(&app, &Actor::Cli, &scope, &id).await;
+            assert!(matches!(got, Err(ServiceError::NotFound("connection"))), "{got:?}");
+            assert!(
+                !super::super::refresh::has_lock_entry(&id),
+                "no lock made for an id that is not the caller's"
+            );
+        }
+    }
 }

@@ -57,9 +57,11 @@ pub fn owner_id() -> &'static str {
     })
 }
 
+/// The in-process locks of connections, by id.
+static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+
 /// The in-process lock of one connection.
 pub fn connection_lock(id: &str) -> Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
     let map = LOCKS.get_or_init(Default::default);
     let mut guard = map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if guard.len() > 4096 {
@@ -1131,6 +1133,12 @@ pub async fn claim_batch(app: &App) -> ServiceResult<Vec<String>> {
 /// The current time in database form (helper for callers without an `App` clock at hand).
 pub fn now_ms(app: &App) -> i64 {
     to_millis(app.now())
+}
+
+/// Whether the in-process lock table holds an entry for `id`.
+#[cfg(test)]
+pub(crate) fn has_lock_entry(id: &str) -> bool {
+    LOCKS.get().is_some_and(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(id))
 }
 
 #[cfg(test)]

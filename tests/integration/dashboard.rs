@@ -1400,7 +1400,7 @@ async fn handle_search_pages_in_handle_order(app: TestApp) {
         ("tiktok", "xsun.1".into()),
         ("instagram", "moon".into()),
     ]);
-    let rows: Vec<String> = handles
+    let mut rows: Vec<String> = handles
         .iter()
         .enumerate()
         .map(|(i, (provider, h))| {
@@ -1410,6 +1410,12 @@ async fn handle_search_pages_in_handle_order(app: TestApp) {
             )
         })
         .collect();
+    // A connection of another workspace whose handle would sort among Acme's.
+    let other = app.cli_json(&["workspace", "create", "--name", "Other"])["id"].as_str().unwrap().to_string();
+    let foreign = uuid::Uuid::now_v7().to_string();
+    rows.push(format!(
+        "('{foreign}', '{other}', 'tiktok', 'acct-other', 'sun.20x', 'user.info.basic', 'active', 1, 1, 1)"
+    ));
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&app.db_url).await.unwrap();
     sqlx::query(&format!(
@@ -1449,6 +1455,10 @@ async fn handle_search_pages_in_handle_order(app: TestApp) {
         two.iter().map(|(h, _)| h.as_str()).collect::<Vec<_>>(),
         ["@sun.24", "@sun.25", "@sun.26", "@sun.27", "@sun.28", "@sun.29"]
     );
+    // Another workspace's connection as the cursor is no cursor: the first results again, so
+    // the page tells nothing of where its handle sorts, nor that it exists.
+    let html = page(&app, &admin, &format!("/app/w/acme/connections?q=%40Sun.&after={foreign}"), 200).await;
+    assert_eq!(listed(&html), one, "a foreign cursor starts from the first result");
     // Every match once, none of the others.
     let mut ids: Vec<&str> = one.iter().chain(&two).map(|(_, id)| id.as_str()).collect();
     ids.sort_unstable();
