@@ -272,6 +272,17 @@ pub fn verify_keyring(keys: &KeyRing, stored: &[StoredKey<'_>]) -> Result<(), St
 }
 
 /// Connects, migrates and checks the key: the state every command works with.
+/// The state of a service on a new SQLite database in `dir`, with the default settings.
+#[cfg(test)]
+pub(crate) async fn state_for_tests(dir: &std::path::Path) -> AppState {
+    let env = [
+        ("AUTHLINK_DATABASE_URL".to_string(), format!("sqlite://{}/authlink.db", dir.display())),
+        ("AUTHLINK_DATA_DIR".to_string(), dir.display().to_string()),
+    ];
+    let config = Config::load_from(None, &env).unwrap_or_else(|e| panic!("test configuration: {e}"));
+    build_state(config).await.unwrap_or_else(|e| panic!("test state: {e}"))
+}
+
 pub async fn build_state(config: Config) -> Result<AppState, StartupError> {
     let keys = load_keyring(&config)?;
     let db = Db::connect(&config.database_url, &config.database).await?;

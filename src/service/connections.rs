@@ -864,12 +864,7 @@ mod lock_tests {
     #[tokio::test]
     async fn disconnect_checks_the_caller_before_it_locks() {
         let dir = tempfile::tempdir().unwrap();
-        let env = [
-            ("AUTHLINK_DATABASE_URL".to_string(), format!("sqlite://{}/authlink.db", dir.path().display())),
-            ("AUTHLINK_DATA_DIR".to_string(), dir.path().display().to_string()),
-        ];
-        let config = crate::config::Config::load_from(None, &env).unwrap();
-        let app = crate::startup::build_state(config).await.unwrap();
+        let app = crate::startup::state_for_tests(dir.path()).await;
         let scope = Scope::Workspace(crate::db::new_id());
         for id in [crate::db::new_id(), format!("{}-{}", crate::db::new_id(), "x".repeat(60_000))] {
             let got = super::disconnect(&app, &Actor::Cli, &scope, &id).await;

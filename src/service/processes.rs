@@ -179,12 +179,7 @@ mod tests {
     #[tokio::test]
     async fn a_heartbeat_takes_back_a_retirement_of_its_own_key() {
         let dir = tempfile::tempdir().unwrap();
-        let env = [
-            ("AUTHLINK_DATABASE_URL".to_string(), format!("sqlite://{}/authlink.db", dir.path().display())),
-            ("AUTHLINK_DATA_DIR".to_string(), dir.path().display().to_string()),
-        ];
-        let config = crate::config::Config::load_from(None, &env).unwrap();
-        let app = crate::startup::build_state(config).await.unwrap();
+        let app = crate::startup::state_for_tests(dir.path()).await;
         let mut row = register(&app, "serve").await.unwrap();
         let retire = "UPDATE key_checks SET retired_at = 1";
         sqlx::query(retire).execute(&mut *app.db.writer().await.unwrap()).await.unwrap();
