@@ -1496,11 +1496,13 @@ pub enum UserCommand {
         /// Workspace id or slug.
         #[arg(long)]
         workspace: String,
-        /// `owner` (also manages members, branding, webhooks and API keys) or `member`.
+        /// `owner` (also manages members, branding, webhooks and API keys) or `member` (an owner
+        /// made a member loses the invitations they sent and the API keys they made there).
         #[arg(long, default_value = "member", value_parser = ["owner", "member"])]
         role: String,
     },
-    /// Remove a user from a workspace.
+    /// Remove a user from a workspace; the invitations they sent there are withdrawn and the API
+    /// keys they made there (and the keys made with those) revoked.
     RemoveMember {
         /// The user's email address.
         #[arg(long)]
@@ -1511,7 +1513,9 @@ pub enum UserCommand {
     },
     /// List users and their workspaces.
     List,
-    /// Disable a user: they cannot sign in any more, and their sessions end now.
+    /// Disable a user: they cannot sign in any more, their sessions end now, their pending
+    /// invitations are withdrawn and the API keys they made (and the keys made with those)
+    /// revoked.
     Disable {
         /// The user's email address.
         #[arg(long)]

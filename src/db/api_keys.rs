@@ -95,6 +95,23 @@ pub async fn revoke(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult
     Ok(())
 }
 
+/// The active keys `created_by` made (a `created_by` value: `user:<id>`, `api_key:<id>`), in one
+/// workspace or in any (`None`).
+pub async fn active_created_by(
+    conn: &mut AnyConnection,
+    created_by: &str,
+    workspace_id: Option<&str>,
+) -> DbResult<Vec<ApiKeyRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE created_by = $1 AND revoked_at IS NULL \
+         AND ($2 IS NULL OR workspace_id = $2) ORDER BY id"
+    ))
+    .bind(created_by)
+    .bind(workspace_id)
+    .fetch_all(conn)
+    .await?)
+}
+
 /// Records a use, at most once a minute per key to spare writes.
 pub async fn touch(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<()> {
     sqlx::query(

@@ -12,6 +12,7 @@ use crate::db::api_keys::ApiKeyRow;
 use crate::db::{self, new_id};
 use crate::domain::{self, FieldError};
 use crate::state::App;
+use sqlx::AnyConnection;
 
 /// An API key as listed (never the key itself).
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -198,6 +199,43 @@ pub async fn revoke(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
     }
     tx.commit().await?;
     Ok(ApiKeyView::from(&row))
+}
+
+/// Revokes the active keys `creator` (a `created_by` value) made, in `workspace_id` or in any
+/// (`None`), and the keys those keys made, and so on; each revocation is in the audit log with
+/// `because`. Returns how many keys were revoked. For a person who loses the right to the keys
+/// they made (removed, no longer an owner, disabled): they saw every secret once. A key revoked
+/// by itself does not take the keys it made along, since revoking the old key is the last step
+/// of a routine rotation; the dashboard shows which key made which.
+pub async fn revoke_made_by(
+    conn: &mut AnyConnection,
+    now: i64,
+    actor: &Actor,
+    creator: &str,
+    workspace_id: Option<&str>,
+    because: &str,
+) -> ServiceResult<usize> {
+    let mut creators = vec![creator.to_string()];
+    let mut revoked = 0;
+    while let Some(creator) = creators.pop() {
+        for key in db::api_keys::active_created_by(&mut *conn, &creator, workspace_id).await? {
+            db::api_keys::revoke(&mut *conn, &key.id, now).await?;
+            audit::record(
+                &mut *conn,
+                now,
+                actor,
+                key.workspace_id.as_deref(),
+                "api_key.revoked",
+                "api_key",
+                &key.id,
+                serde_json::json!({"prefix": key.prefix, "because": because, "made_by": creator}),
+            )
+            .await?;
+            revoked += 1;
+            creators.push(Actor::ApiKey { id: key.id }.label());
+        }
+    }
+    Ok(revoked)
 }
 
 /// The caller a presented key authenticates, or `None` (unknown, malformed or revoked).

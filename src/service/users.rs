@@ -26,7 +26,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::{Actor, ServiceError, ServiceResult, audit};
+use super::{Actor, ServiceError, ServiceResult, api_keys, audit};
 use crate::clock::from_millis;
 use crate::crypto;
 use crate::db::sessions::SessionRow;
@@ -329,6 +329,9 @@ pub async fn disable(app: &App, actor: &Actor, email: &str) -> ServiceResult<Use
     db::users::disable(&mut tx, &user.id, now).await?;
     let ended = db::sessions::delete_for_user(&mut tx, &user.id, None).await?;
     let withdrawn = db::invitations::revoke_made_by(&mut tx, &user.id, None, now).await?;
+    let keys =
+        api_keys::revoke_made_by(&mut tx, now, actor, &maker(&user.id), None, "its maker was disabled")
+            .await?;
     audit::record(
         &mut tx,
         now,
@@ -337,7 +340,7 @@ pub async fn disable(app: &App, actor: &Actor, email: &str) -> ServiceResult<Use
         "user.disabled",
         "user",
         &user.id,
-        serde_json::json!({"sessions_ended": ended, "invitations_revoked": withdrawn}),
+        serde_json::json!({"sessions_ended": ended, "invitations_revoked": withdrawn, "api_keys_revoked": keys}),
     )
     .await?;
     tx.commit().await?;
@@ -519,11 +522,18 @@ pub async fn add_member(
         .into());
     }
     db::users::upsert_membership(&mut tx, &membership).await?;
-    // An owner made a member may no longer invite: what they sent is withdrawn.
-    let withdrawn = if before.as_ref().is_some_and(|b| b.role == "owner") && role == Role::Member {
-        db::invitations::revoke_made_by(&mut tx, &user.id, Some(workspace_id), now).await?
+    // An owner made a member may no longer invite nor hold API keys: the invitations they sent
+    // are withdrawn, the keys they made revoked.
+    let (withdrawn, keys) = if before.as_ref().is_some_and(|b| b.role == "owner") && role == Role::Member {
+        let w = db::invitations::revoke_made_by(&mut tx, &user.id, Some(workspace_id), now).await?;
+        let because = "its maker is no longer an owner of the workspace";
+        (
+            w,
+            api_keys::revoke_made_by(&mut tx, now, actor, &maker(&user.id), Some(workspace_id), because)
+                .await?,
+        )
     } else {
-        0
+        (0, 0)
     };
     audit::record(
         &mut tx,
@@ -533,7 +543,12 @@ pub async fn add_member(
         if before.is_some() { "member.role_changed" } else { "member.added" },
         "user",
         &user.id,
-        serde_json::json!({"email": user.email, "role": role.as_str(), "invitations_revoked": withdrawn}),
+        serde_json::json!({
+            "email": user.email,
+            "role": role.as_str(),
+            "invitations_revoked": withdrawn,
+            "api_keys_revoked": keys,
+        }),
     )
     .await?;
     tx.commit().await?;
@@ -547,7 +562,13 @@ pub async fn add_member(
     })
 }
 
-/// Removes a user from a workspace. The last owner cannot be removed.
+/// The `created_by` value of what a user made.
+fn maker(user_id: &str) -> String {
+    Actor::User { id: user_id.to_string() }.label()
+}
+
+/// Removes a user from a workspace, revoking the API keys they made there (and the keys those
+/// made). The last owner cannot be removed.
 pub async fn remove_member(app: &App, actor: &Actor, workspace_id: &str, user_id: &str) -> ServiceResult<()> {
     if !db::is_id(user_id) {
         return Err(ServiceError::NotFound("member"));
@@ -564,6 +585,9 @@ pub async fn remove_member(app: &App, actor: &Actor, workspace_id: &str, user_id
     }
     db::users::delete_membership(&mut tx, user_id, workspace_id).await?;
     let withdrawn = db::invitations::revoke_made_by(&mut tx, user_id, Some(workspace_id), now).await?;
+    let because = "its maker was removed from the workspace";
+    let keys =
+        api_keys::revoke_made_by(&mut tx, now, actor, &maker(user_id), Some(workspace_id), because).await?;
     audit::record(
         &mut tx,
         now,
@@ -572,7 +596,7 @@ pub async fn remove_member(app: &App, actor: &Actor, workspace_id: &str, user_id
         "member.removed",
         "user",
         user_id,
-        serde_json::json!({"role": m.role, "invitations_revoked": withdrawn}),
+        serde_json::json!({"role": m.role, "invitations_revoked": withdrawn, "api_keys_revoked": keys}),
     )
     .await?;
     tx.commit().await?;

@@ -34,6 +34,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         user_commands,
         members_branding_and_api_keys,
         branding_saved_meanwhile_comes_back_unsaved,
+        api_keys_go_when_their_maker_loses_the_right_to_them,
         connection_pages_and_repair_link,
         used_up_link_is_still_the_repair_link,
         overview_counts_follow_every_change,
@@ -392,6 +393,76 @@ async fn branding_saved_meanwhile_comes_back_unsaved(app: TestApp) {
         (stored["name"].as_str(), stored["branding"]["display_name"].as_str()),
         (Some("Acme"), Some("Mine"))
     );
+}
+
+/// Creates an API key from the dashboard's form; returns its secret.
+async fn dashboard_key(app: &TestApp, owner: &Client, csrf: &str, name: &str) -> String {
+    let (status, html) = text(post(app, owner, csrf, "/app/w/acme/api-keys", &[("name", name)]).await).await;
+    assert_eq!(status, 201, "{html}");
+    let pattern = "id=\"new-key\" type=\"text\" readonly value=\"";
+    let start = html.find(pattern).unwrap() + pattern.len();
+    html[start..].split('"').next().unwrap().to_string()
+}
+
+/// The API keys an owner made, and the keys made with those, are revoked when the owner is
+/// removed from the workspace, made a member or disabled: they saw every secret once. Keys made
+/// by others stay, and the keys page says who made each key.
+async fn api_keys_go_when_their_maker_loses_the_right_to_them(app: TestApp) {
+    create_user(&app, "owner@example.com", false);
+    let (_, owner, csrf) = acme_with_owner(&app).await;
+    let mut makers = Vec::new();
+    for who in ["leaver", "demoted", "disabled"] {
+        let email = format!("{who}@example.com");
+        create_user(&app, &email, false);
+        app.cli_json(&["user", "add-member", "--email", &email, "--workspace", "acme", "--role", "owner"]);
+        let client = signed_in(&app, &email).await;
+        let their_csrf = csrf_of(&page(&app, &client, "/app/w/acme/members", 200).await);
+        let key = dashboard_key(&app, &client, &their_csrf, &format!("{who} key")).await;
+        // A key made with theirs, through the API.
+        let child = app.api_post("/api-keys", &key, json!({"name": format!("{who} child")}), 201).await;
+        makers.push((email, key, child["secret"].as_str().unwrap().to_string()));
+    }
+    let kept = dashboard_key(&app, &owner, &csrf, "owner key").await;
+    let works = |secret: String| {
+        let req = app.api(reqwest::Method::GET, "/links", &secret);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let html = page(&app, &owner, "/app/w/acme/api-keys", 200).await;
+    assert!(html.contains("by leaver@example.com"), "{html}");
+    assert!(html.contains(&format!("by the key {}…", &makers[0].1[..16])), "{html}");
+
+    let user_id = |email: &str| {
+        app.cli_json(&["user", "list"]).as_array().unwrap().iter().find(|u| u["email"] == email).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // Removed from the workspace.
+    let leaver = user_id(&makers[0].0);
+    let res = post(&app, &owner, &csrf, &format!("/app/w/acme/members/{leaver}/remove"), &[]).await;
+    assert_eq!(res.status(), 303);
+    assert_eq!((works(makers[0].1.clone()).await, works(makers[0].2.clone()).await), (401, 401));
+    assert_eq!(
+        (works(makers[1].1.clone()).await, works(kept.clone()).await),
+        (200, 200),
+        "others' keys stay"
+    );
+    // Made a member.
+    app.cli_json(&["user", "add-member", "--email", &makers[1].0, "--workspace", "acme", "--role", "member"]);
+    assert_eq!((works(makers[1].1.clone()).await, works(makers[1].2.clone()).await), (401, 401));
+    // Disabled.
+    let out = app.cli(&["user", "disable", "--email", &makers[2].0]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!((works(makers[2].1.clone()).await, works(makers[2].2.clone()).await), (401, 401));
+    assert_eq!(works(kept.clone()).await, 200);
+    // Each revocation is in the audit log, with why.
+    let audit = app.api_get("/audit-events?action=api_key.revoked", &kept, 200).await;
+    let reasons: Vec<&str> =
+        audit["data"].as_array().unwrap().iter().filter_map(|e| e["details"]["because"].as_str()).collect();
+    assert_eq!(reasons.len(), 6, "{audit}");
+    for why in ["removed from the workspace", "no longer an owner", "was disabled"] {
+        assert_eq!(reasons.iter().filter(|r| r.contains(why)).count(), 2, "{why}: {reasons:?}");
+    }
 }
 
 /// The invitation link of the members page an owner's invitation answered with.

@@ -9,8 +9,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 
 use super::{
-    Ctx, DashResult, FormData, FormErrors, Layout, ListParams, Ws, fmt_opt, fmt_time, layout, render,
-    require_owner, see_other, workspace,
+    Ctx, DashError, DashResult, FormData, FormErrors, Layout, ListParams, Ws, fmt_opt, fmt_time, layout,
+    render, require_owner, see_other, workspace,
 };
 use crate::domain::{self, FieldError};
 use crate::service::ServiceError;
@@ -27,20 +27,41 @@ struct KeyRow {
     prefix: String,
     revoked: bool,
     created: String,
+    /// Who made it, in words: an address, another key, the command line.
+    made_by: String,
     last_used: String,
 }
 
-impl From<&ApiKeyView> for KeyRow {
-    fn from(k: &ApiKeyView) -> Self {
+impl KeyRow {
+    fn new(k: &ApiKeyView, made_by: String) -> Self {
         Self {
             id: k.id.clone(),
             name: k.name.clone(),
             prefix: k.prefix.clone(),
             revoked: k.revoked_at.is_some(),
             created: fmt_time(k.created_at),
+            made_by,
             last_used: fmt_opt(k.last_used_at),
         }
     }
+}
+
+/// Who made a key, in words, from its `created_by`: the user's address, the key's prefix (or
+/// "a platform-admin key" for one this page does not list), "the command line".
+async fn made_by(state: &AppState, keys: &[ApiKeyView], created_by: &str) -> Result<String, DashError> {
+    Ok(match created_by.split_once(':') {
+        Some(("user", id)) => match users::get(state, id).await {
+            Ok(u) => u.email,
+            Err(crate::service::ServiceError::NotFound(_)) => "a deleted account".into(),
+            Err(e) => return Err(e.into()),
+        },
+        Some(("api_key", id)) => match keys.iter().find(|k| k.id == id) {
+            Some(k) => format!("the key {}…", k.prefix),
+            None => "a platform-admin key".into(),
+        },
+        _ if created_by == "cli" => "the command line".into(),
+        _ => created_by.into(),
+    })
 }
 
 #[derive(Template)]
@@ -65,10 +86,14 @@ async fn keys_page(
     notice: Option<&str>,
 ) -> DashResult {
     let keys = api_keys::list(state, &ws.scope).await?;
+    let mut rows = Vec::with_capacity(keys.len());
+    for k in &keys {
+        rows.push(KeyRow::new(k, made_by(state, &keys, &k.created_by).await?));
+    }
     let page = KeysPage {
         l: layout(state, ctx, Some(ws), "api-keys", notice).await?,
         slug: ws.row.slug.clone(),
-        keys: keys.iter().map(KeyRow::from).collect(),
+        keys: rows,
         created,
         name,
         errors,
