@@ -1513,15 +1513,16 @@ pub enum UserCommand {
     },
     /// List users and their workspaces.
     List,
-    /// Disable a user: they cannot sign in any more, their sessions end now, their pending
-    /// invitations are withdrawn and the API keys they made (and the keys made with those)
-    /// revoked.
+    /// Disable a user: they cannot sign in any more, their sessions and trusted browsers end
+    /// now, their pending invitations are withdrawn and the API keys they made (and the keys
+    /// made with those) revoked.
     Disable {
         /// The user's email address.
         #[arg(long)]
         email: String,
     },
-    /// Set a new password for a user (read like `create`); ends the user's sessions.
+    /// Set a new password for a user (read like `create`); ends the user's sessions and the
+    /// trust of every browser they signed in from.
     ResetPassword {
         /// The user's email address.
         #[arg(long)]

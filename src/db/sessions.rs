@@ -1,6 +1,8 @@
-//! The `sessions` and `login_failures` tables: dashboard sign-ins and the sign-in throttle.
+//! The `sessions`, `login_failures` and `trusted_devices` tables: dashboard sign-ins, the sign-in
+//! throttle, and the browsers a user has signed in from.
 //!
-//! A session is found by the SHA-256 of the cookie's token; the token itself is never stored.
+//! A session (or a trusted browser) is found by the SHA-256 of the cookie's token; the token
+//! itself is never stored.
 
 use sqlx::AnyConnection;
 
@@ -181,5 +183,87 @@ pub async fn purge_failures(conn: &mut AnyConnection, before_ms: i64) -> DbResul
         .bind(before_ms)
         .execute(conn)
         .await?;
+    Ok(done.rows_affected())
+}
+
+/// A browser a user has signed in from (see `trusted_devices` in the migrations).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeviceRow {
+    /// Id (UUIDv7).
+    pub id: String,
+    /// SHA-256 hex of the cookie's token.
+    pub token_hash: String,
+    /// Whose browser it is.
+    pub user_id: String,
+    /// First sign-in from it (ms).
+    pub created_at: i64,
+    /// Last sign-in from it (ms).
+    pub last_used_at: i64,
+    /// When it stops being trusted (ms).
+    pub expires_at: i64,
+}
+
+const DEVICE_COLUMNS: &str = "id, token_hash, user_id, created_at, last_used_at, expires_at";
+
+/// Records a trusted browser, keeping at most `keep` of its user's (the most recently used).
+pub async fn insert_device(conn: &mut AnyConnection, d: &DeviceRow, keep: i64) -> DbResult<()> {
+    sqlx::query(&format!("INSERT INTO trusted_devices ({DEVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"))
+        .bind(&d.id)
+        .bind(&d.token_hash)
+        .bind(&d.user_id)
+        .bind(d.created_at)
+        .bind(d.last_used_at)
+        .bind(d.expires_at)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "DELETE FROM trusted_devices WHERE user_id = $1 AND id NOT IN \
+         (SELECT id FROM trusted_devices WHERE user_id = $1 ORDER BY last_used_at DESC, id DESC LIMIT $2)",
+    )
+    .bind(&d.user_id)
+    .bind(keep)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The trusted browser of a cookie's token hash, if it is still trusted at `now_ms`.
+pub async fn device_by_token_hash(
+    conn: &mut AnyConnection,
+    hash: &str,
+    now_ms: i64,
+) -> DbResult<Option<DeviceRow>> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM trusted_devices WHERE token_hash = $1 AND expires_at > $2"
+    ))
+    .bind(hash)
+    .bind(now_ms)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Records a sign-in from a trusted browser, which then stays trusted until `expires_at`.
+pub async fn touch_device(conn: &mut AnyConnection, id: &str, now_ms: i64, expires_at: i64) -> DbResult<()> {
+    sqlx::query("UPDATE trusted_devices SET last_used_at = $2, expires_at = $3 WHERE id = $1")
+        .bind(id)
+        .bind(now_ms)
+        .bind(expires_at)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Forgets a user's trusted browsers (the user was disabled or given a new password by the
+/// operator); returns how many.
+pub async fn delete_devices(conn: &mut AnyConnection, user_id: &str) -> DbResult<u64> {
+    let done =
+        sqlx::query("DELETE FROM trusted_devices WHERE user_id = $1").bind(user_id).execute(conn).await?;
+    Ok(done.rows_affected())
+}
+
+/// Forgets browsers no longer trusted.
+pub async fn purge_devices(conn: &mut AnyConnection, now_ms: i64) -> DbResult<u64> {
+    let done =
+        sqlx::query("DELETE FROM trusted_devices WHERE expires_at <= $1").bind(now_ms).execute(conn).await?;
     Ok(done.rows_affected())
 }

@@ -339,7 +339,7 @@ pub async fn accept_with_new_account(
     }
     tx.commit().await?;
     tracing::info!(invitation_id = %row.id, user_id = %user.id, "account created through an invitation");
-    let session = users::open_session(app, user, ip, previous_session, None, now).await?;
+    let session = users::open_session(app, user, ip, previous_session, None, users::Trust::New, now).await?;
     Ok(Ok((Joined { workspace_slug: pending.workspace_slug.clone() }, session)))
 }
 

@@ -15,6 +15,12 @@
 //!   most [`MAX_FAILURES_PER_ACCOUNT`] per account and [`MAX_FAILURES_PER_IP`] per address within
 //!   [`THROTTLE_WINDOW_MS`]. The answer never says whether an account exists: an unknown email
 //!   is verified against a dummy hash, so that both cases cost one argon2 verification.
+//! - **Trusted browsers**: a successful sign-in also gives the browser a cookie of its own
+//!   (random, stored as SHA-256, trusted for [`DEVICE_TRUST_MS`] after its last sign-in). A
+//!   sign-in to that account from that browser counts its failures against the browser, not the
+//!   account (OWASP's "device cookies"): someone failing on purpose from elsewhere locks the
+//!   account for other browsers only, never for the ones its owner signed in from. The address
+//!   limit applies to every attempt.
 //! - **Roles**: a platform admin sees every workspace; other users see the workspaces they are a
 //!   member of, as `owner` (may also manage members, branding and API keys) or `member`.
 
@@ -45,6 +51,10 @@ pub const THROTTLE_WINDOW_MS: i64 = 15 * 60 * 1000;
 pub const MAX_FAILURES_PER_ACCOUNT: i64 = 10;
 /// Most failed sign-ins per client address within the window.
 pub const MAX_FAILURES_PER_IP: i64 = 50;
+/// How long a browser stays trusted after its last sign-in (90 days).
+pub const DEVICE_TRUST_MS: i64 = 90 * 24 * 60 * 60 * 1000;
+/// Most trusted browsers kept per user (the most recently used).
+pub const MAX_DEVICES_PER_USER: i64 = 20;
 /// Shortest password accepted.
 pub const MIN_PASSWORD_CHARS: usize = 12;
 /// Longest password accepted (argon2 takes any length; this bounds the work per request).
@@ -328,6 +338,7 @@ pub async fn disable(app: &App, actor: &Actor, email: &str) -> ServiceResult<Use
     let mut tx = app.db.begin_write().await?;
     db::users::disable(&mut tx, &user.id, now).await?;
     let ended = db::sessions::delete_for_user(&mut tx, &user.id, None).await?;
+    db::sessions::delete_devices(&mut tx, &user.id).await?;
     let withdrawn = db::invitations::revoke_made_by(&mut tx, &user.id, None, now).await?;
     let keys =
         api_keys::revoke_made_by(&mut tx, now, actor, &maker(&user.id), None, "its maker was disabled")
@@ -363,6 +374,8 @@ pub async fn reset_password(
     let mut tx = app.db.begin_write().await?;
     db::users::set_password(&mut tx, &user.id, &hash, now).await?;
     let ended = db::sessions::delete_for_user(&mut tx, &user.id, None).await?;
+    // A reset is how an operator takes an account back: nobody's browser stays trusted.
+    db::sessions::delete_devices(&mut tx, &user.id).await?;
     audit::record(
         &mut tx,
         now,
@@ -389,8 +402,10 @@ pub struct PasswordChange {
     pub confirm: SecretString,
 }
 
-/// Changes the signed-in user's own password. The current password is required (and wrong
-/// guesses count towards the sign-in throttle); every other session of the user ends.
+/// Changes the signed-in user's own password. The current password is required (wrong guesses
+/// are throttled per session, and per address, like sign-ins: someone failing to sign in to the
+/// account elsewhere does not stop its owner from changing the password); every other session
+/// of the user ends.
 pub async fn change_password(
     app: &App,
     user: &UserRow,
@@ -398,9 +413,9 @@ pub async fn change_password(
     ip: &str,
     input: &PasswordChange,
 ) -> ServiceResult<()> {
-    let account_key = account_key(&user.email_normalized);
+    let throttle_key = format!("session:{session_id}");
     let now = app.now_ms();
-    let Some(attempt) = reserve_attempt(app, &account_key, ip, now).await? else {
+    let Some(attempt) = reserve_attempt(app, &throttle_key, ip, now).await? else {
         return Err(FieldError::new(
             "current_password",
             "too many wrong attempts; wait 15 minutes and try again",
@@ -663,6 +678,8 @@ pub struct NewSession {
     pub session: SessionRow,
     /// The signed-in user.
     pub user: UserRow,
+    /// The token of the browser's trusted-browser cookie, when it gets a new one.
+    pub device: Option<SecretString>,
 }
 
 /// How a sign-in attempt ended.
@@ -678,26 +695,41 @@ pub enum SignIn {
 
 /// Signs in with email and password from client address `ip`. `previous_token` is the session
 /// cookie the browser already had, if any: that session ends (a sign-in always makes a new one).
+/// `device_token` is the browser's trusted-browser cookie, if any: when it is this account's,
+/// the attempt counts against the browser rather than the account.
 pub async fn sign_in(
     app: &App,
     email: &str,
     password: &SecretString,
     ip: &str,
     previous_token: Option<&str>,
+    device_token: Option<&str>,
 ) -> ServiceResult<SignIn> {
     let normalized = normalize_email(email).unwrap_or_else(|_| email.trim().to_lowercase());
-    let key = account_key(&normalized);
     let now = app.now_ms();
+    let (user, device) = {
+        let mut conn = app.db.read().await?;
+        let user = db::users::get_by_email(&mut conn, &normalized).await?;
+        let device = match device_token {
+            Some(t) => {
+                db::sessions::device_by_token_hash(&mut conn, &crypto::sha256_hex(t.as_bytes()), now).await?
+            }
+            None => None,
+        };
+        (user, device)
+    };
+    // Only a browser this account signed in from: another account's cookie is no cookie.
+    let device = device.filter(|d| user.as_ref().is_some_and(|u| u.id == d.user_id));
+    let key = match &device {
+        Some(d) => format!("device:{}", d.id),
+        None => account_key(&normalized),
+    };
     // The attempt counts as a failure from before the password is checked (see
-    // `reserve_attempt`); a success clears it with the account's other failures.
+    // `reserve_attempt`); a success clears it with the other failures of the same key.
     if reserve_attempt(app, &key, ip, now).await?.is_none() {
-        tracing::warn!(ip, "sign-in throttled");
+        tracing::warn!(ip, trusted_browser = device.is_some(), "sign-in throttled");
         return Ok(SignIn::Throttled);
     }
-    let user = {
-        let mut conn = app.db.read().await?;
-        db::users::get_by_email(&mut conn, &normalized).await?
-    };
     let ok = verify_password_async(user.as_ref().map(|u| u.password_hash.clone()), password).await?;
     let user = match user {
         Some(u) if ok && u.disabled_at.is_none() => u,
@@ -708,19 +740,33 @@ pub async fn sign_in(
             return Ok(SignIn::Invalid);
         }
     };
-    let new = open_session(app, user, ip, previous_token, Some(&key), now).await?;
+    let trust = match &device {
+        Some(d) => Trust::Renew(&d.id),
+        None => Trust::New,
+    };
+    let new = open_session(app, user, ip, previous_token, Some(&key), trust, now).await?;
     Ok(SignIn::Success(Box::new(new)))
 }
 
+/// What a new session does about the browser's trust.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Trust<'a> {
+    /// The browser gets a new trusted-browser cookie.
+    New,
+    /// The browser signed in with this trusted-browser record's cookie: it stays trusted.
+    Renew(&'a str),
+}
+
 /// A new session for `user`, signed in from `ip` (after a password check, or the creation of
-/// the account): `previous_token`'s session ends, and with `throttle_key` the account's failed
-/// sign-ins are forgotten.
+/// the account): `previous_token`'s session ends, with `throttle_key` the failed sign-ins
+/// counted under it are forgotten, and the browser is trusted (`trust`).
 pub(crate) async fn open_session(
     app: &App,
     user: UserRow,
     ip: &str,
     previous_token: Option<&str>,
     throttle_key: Option<&str>,
+    trust: Trust<'_>,
     now: i64,
 ) -> ServiceResult<NewSession> {
     let token = crypto::random_token();
@@ -743,6 +789,26 @@ pub(crate) async fn open_session(
     if let Some(key) = throttle_key {
         db::sessions::clear_account_failures(&mut tx, key).await?;
     }
+    let device = match trust {
+        Trust::Renew(id) => {
+            db::sessions::touch_device(&mut tx, id, now, now + DEVICE_TRUST_MS).await?;
+            None
+        }
+        Trust::New => {
+            let token = crypto::random_token();
+            let row = db::sessions::DeviceRow {
+                id: new_id(),
+                token_hash: crypto::sha256_hex(token.as_bytes()),
+                user_id: user.id.clone(),
+                created_at: now,
+                last_used_at: now,
+                expires_at: now + DEVICE_TRUST_MS,
+            };
+            db::sessions::purge_devices(&mut tx, now).await?;
+            db::sessions::insert_device(&mut tx, &row, MAX_DEVICES_PER_USER).await?;
+            Some(SecretString::from(token))
+        }
+    };
     audit::record(
         &mut tx,
         now,
@@ -756,7 +822,7 @@ pub(crate) async fn open_session(
     .await?;
     tx.commit().await?;
     tracing::info!(user_id = %user.id, session_id = %session.id, "signed in");
-    Ok(NewSession { token: SecretString::from(token), session, user })
+    Ok(NewSession { token: SecretString::from(token), session, user, device })
 }
 
 /// A valid session and its user.

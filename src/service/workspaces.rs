@@ -288,8 +288,9 @@ pub async fn list(
 }
 
 /// Updates name, branding or allow-list. With `based_on` (the versions the caller's change may
-/// apply to: an `If-Match` header's, the version a form was shown with), a workspace at another
-/// version is refused with [`ServiceError::Stale`] before anything is fetched or written.
+/// apply to: an `If-Match` header's, the version a form was shown with), a valid change to a
+/// workspace at another version is refused with [`ServiceError::Stale`] before anything is
+/// fetched or written.
 pub async fn update(
     app: &App,
     actor: &Actor,
@@ -300,11 +301,6 @@ pub async fn update(
 ) -> ServiceResult<WorkspaceView> {
     let mut row = get_row(app, scope, key).await?;
     let read_version = row.updated_at;
-    if based_on.is_some_and(|versions| !versions.contains(&read_version)) {
-        return Err(ServiceError::Stale(
-            "the workspace was changed by someone else since the version this change was made from".into(),
-        ));
-    }
     let old_logo_url = row.logo_url.clone();
     let mut errors = Errors::default();
     if let Some(name) = &input.name {
@@ -333,6 +329,14 @@ pub async fn update(
                 "the workspace's default success redirect is not in the new allowed_redirects; change or clear it in the same request",
             ));
         }
+    }
+    // A change made from another version is refused once the request itself is known to be
+    // valid (so that the caller learns first what to correct), before anything is fetched.
+    if based_on.is_some_and(|versions| !versions.contains(&read_version)) {
+        errors.finish()?;
+        return Err(ServiceError::Stale(
+            "the workspace was changed by someone else since the version this change was made from".into(),
+        ));
     }
     // Branding that names a new logo URL (or one whose copy was never taken, set before copies
     // were kept) fetches it; the same URL keeps its copy; no branding leaves the logo alone.

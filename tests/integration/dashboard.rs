@@ -21,6 +21,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         wrong_password_gives_no_hint,
         sign_in_is_throttled_per_account_and_per_address,
         sign_in_throttle_holds_under_concurrent_attempts,
+        a_lockout_from_elsewhere_spares_the_browsers_the_owner_signed_in_from,
         sign_in_throttle_counts_an_ipv6_network_as_one_address,
         invitations_hide_accounts_and_need_acceptance,
         invitations_end_with_their_sender_s_right_to_invite,
@@ -291,6 +292,86 @@ async fn sign_in_is_throttled_per_account_and_per_address(app: TestApp) {
     assert!(app.count("login_failures").await >= 60);
     app.advance_clock(15 * 60 + 1).await;
     assert_eq!(attempt(ADMIN, PASSWORD, "203.0.113.3").await, 303);
+}
+
+/// A sign-in from `client` (its cookie jar) as from address `ip`; returns the status.
+async fn sign_in_from(app: &TestApp, client: &Client, email: &str, password: &str, ip: &str) -> u16 {
+    let (_, html) = text(client.get(app.url("/app/login")).send().await.unwrap()).await;
+    let res = client
+        .post(app.url("/app/login"))
+        .header("x-forwarded-for", ip)
+        .form(&[("csrf", csrf_of(&html).as_str()), ("email", email), ("password", password)])
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    if status == 303 {
+        // Signed out again, keeping the browser's other cookies, for the next attempt.
+        let csrf = csrf_of(&page(app, client, "/app/account", 200).await);
+        assert_eq!(post(app, client, &csrf, "/app/logout", &[]).await.status(), 303);
+    }
+    status
+}
+
+/// Ten failures from elsewhere lock an account for unknown browsers only: a browser its owner
+/// signed in from keeps working, with a limit of its own; another account's browser cookie is no
+/// help; an operator's password reset ends every browser's trust.
+async fn a_lockout_from_elsewhere_spares_the_browsers_the_owner_signed_in_from(app: TestApp) {
+    create_user(&app, ADMIN, true);
+    create_user(&app, "other@example.com", false);
+    let owner_browser = browser();
+    let res = sign_in_with(&app, &owner_browser, ADMIN, PASSWORD, "").await;
+    assert_eq!(res.status(), 303);
+    let device =
+        set_cookies(&res).into_iter().find(|c| c.starts_with("authlink_device=")).expect("a device cookie");
+    assert!(
+        device.contains("HttpOnly") && device.contains("SameSite=Lax") && device.contains("Max-Age=7776000")
+    );
+    let token = device["authlink_device=".len()..].split(';').next().unwrap().to_string();
+    assert_nowhere(&app, "device cookie", &token).await;
+    let csrf = csrf_of(&page(&app, &owner_browser, "/app/account", 200).await);
+    assert_eq!(post(&app, &owner_browser, &csrf, "/app/logout", &[]).await.status(), 303);
+
+    // Someone else fails ten times, from many addresses: unknown browsers are locked out.
+    for i in 0..10 {
+        assert_eq!(
+            sign_in_status(&app, ADMIN, "not the password at all", format!("203.0.113.{i}")).await,
+            401
+        );
+    }
+    assert_eq!(sign_in_status(&app, ADMIN, PASSWORD, "198.51.100.7".into()).await, 429);
+    // The owner's browser is not.
+    assert_eq!(sign_in_from(&app, &owner_browser, ADMIN, PASSWORD, "198.51.100.8").await, 303);
+    // It has a limit of its own: ten failures, then it is refused too.
+    for _ in 0..10 {
+        assert_eq!(
+            sign_in_from(&app, &owner_browser, ADMIN, "not the password at all", "198.51.100.8").await,
+            401
+        );
+    }
+    assert_eq!(sign_in_from(&app, &owner_browser, ADMIN, PASSWORD, "198.51.100.8").await, 429);
+    // The cookie of one account's browser does nothing for another account.
+    let other_browser = browser();
+    assert_eq!(sign_in_from(&app, &other_browser, "other@example.com", PASSWORD, "198.51.100.9").await, 303);
+    assert_eq!(sign_in_from(&app, &other_browser, ADMIN, PASSWORD, "198.51.100.9").await, 429);
+
+    // Fifteen minutes on, the owner signs in again; then the operator resets the password:
+    // after that, no browser is trusted, and a lockout from elsewhere holds for the owner's too.
+    app.advance_clock(15 * 60 + 1).await;
+    assert_eq!(sign_in_from(&app, &owner_browser, ADMIN, PASSWORD, "198.51.100.8").await, 303);
+    let out = cli_stdin(&app, &["user", "reset-password", "--email", ADMIN], "an entirely new passphrase\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(app.count("trusted_devices").await, 1, "only the other account's browser is trusted");
+    for i in 0..10 {
+        assert_eq!(
+            sign_in_status(&app, ADMIN, "not the password at all", format!("203.0.113.{i}")).await,
+            401
+        );
+    }
+    assert_eq!(
+        sign_in_from(&app, &owner_browser, ADMIN, "an entirely new passphrase", "198.51.100.8").await,
+        429
+    );
 }
 
 /// Attempts sent all at once: each is counted before its password is checked, so no more than

@@ -878,6 +878,9 @@ async fn workspace_changes_apply_to_the_version_they_were_made_from(app: TestApp
         assert_eq!(p["code"], "precondition_failed", "{stale}: {p}");
     }
     assert!(hits.lock().unwrap().is_empty(), "no logo fetched for a refused change");
+    // An invalid change is told what to correct first.
+    let res = patch(Some(&first), json!({"branding": {"accent_color": "red"}})).await.unwrap();
+    assert_eq!(res.status(), 422);
     let shown = app.api_get(&path, &admin, 200).await;
     assert_eq!(shown["name"], "Versioned Two");
     // The current version among others, or `*`, applies.

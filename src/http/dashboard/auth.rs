@@ -13,8 +13,8 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use super::{
-    Ctx, DashResult, FormData, FormErrors, Layout, client_ip, cookie, csrf_for, layout, login_cookie_name,
-    read_cookie, render, secret, see_other, session_cookie_name,
+    Ctx, DashResult, FormData, FormErrors, Layout, client_ip, cookie, csrf_for, device_cookie_name, layout,
+    login_cookie_name, read_cookie, render, secret, see_other, session_cookie_name,
 };
 use crate::crypto;
 use crate::service::users::{self, PasswordChange, SESSION_ABSOLUTE_MS, SignIn};
@@ -162,7 +162,8 @@ pub async fn login(
     let next = form.get("next");
     let password = secret(&form, "password");
     let previous = read_cookie(&headers, session_cookie_name(&state));
-    match users::sign_in(&state, email, &password, &ip, previous).await? {
+    let device = read_cookie(&headers, device_cookie_name(&state));
+    match users::sign_in(&state, email, &password, &ip, previous, device).await? {
         SignIn::Success(s) => {
             let to = safe_next(next).unwrap_or_else(|| "/app".into());
             Ok(signed_in_to(&state, &to, &s))
@@ -204,6 +205,13 @@ pub(super) fn signed_in_to(state: &AppState, to: &str, new: &users::NewSession) 
         ),
     );
     h.append(header::SET_COOKIE, cookie(state, login_cookie_name(state), None, 0));
+    if let Some(device) = &new.device {
+        let max_age = users::DEVICE_TRUST_MS / 1000;
+        h.append(
+            header::SET_COOKIE,
+            cookie(state, device_cookie_name(state), Some(device.expose_secret()), max_age),
+        );
+    }
     res
 }
 

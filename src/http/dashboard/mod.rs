@@ -120,6 +120,12 @@ fn session_cookie_name_for(https: bool) -> &'static str {
     if https { "__Host-authlink_session" } else { "authlink_session" }
 }
 
+/// The trusted-browser cookie (see [`crate::service::users`]): sign-ins from this browser count
+/// their failures against it rather than the account.
+fn device_cookie_name(state: &AppState) -> &'static str {
+    if state.config.is_https() { "__Host-authlink_device" } else { "authlink_device" }
+}
+
 /// The pre-sign-in cookie, which the sign-in form's CSRF token is derived from.
 fn login_cookie_name(state: &AppState) -> &'static str {
     if state.config.is_https() { "__Host-authlink_login" } else { "authlink_login" }
