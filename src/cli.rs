@@ -1488,7 +1488,9 @@ pub enum UserCommand {
         #[arg(long)]
         admin: bool,
     },
-    /// Add a user to a workspace, or change their role there.
+    /// Add a user to a workspace, or change their role there. The account is attached at once:
+    /// make sure its person controls it (an account made through an invitation link proves no
+    /// address; `reset-password` hands them one only they then know).
     AddMember {
         /// The user's email address.
         #[arg(long)]
@@ -1589,7 +1591,9 @@ async fn user(config: Config, json: bool, cmd: UserCommand) -> CliResult {
         }
         (UserCommand::ResetPassword { email }, Some(password)) => {
             let u = users::reset_password(&app, &Actor::Cli, &email, &password).await?;
-            print(json, &u, |u| format!("password set; every session of {} ended", u.email));
+            print(json, &u, |u| {
+                format!("password set; every session and trusted browser of {} ended", u.email)
+            });
         }
         (UserCommand::AddMember { email, workspace, role }, _) => {
             let workspace = workspace_id(&app, &workspace).await?;

@@ -3,12 +3,17 @@
 //! An owner names an email address and a role. Someone who is already a member of the workspace
 //! gets the new role at once; anyone else gets an invitation: a link (`/app/invite/{token}`,
 //! shown to the owner once, valid for [`INVITATION_LIFETIME_MS`], single-use) that the owner
-//! passes on. Whether an account uses the address is never shown to the owner (the answer is the
-//! same either way), and nobody joins a workspace without accepting:
+//! passes on. The owner's answer is the same whether or not an account uses the address, and
+//! nobody joins a workspace without accepting:
 //! - whoever holds the link and is signed in to the account of that address joins with one
 //!   click;
-//! - when no account uses the address, the holder creates it with a password of their own (the
-//!   owner never knows it) and is signed in.
+//! - when no account uses the address, the holder creates it with a password of their own and
+//!   is signed in.
+//!
+//! authlink sends no email, so the link is a bearer credential and proves nothing about the
+//! address: its holder (the owner who made it, too) sees whether an account uses the address,
+//! and can create that account. The README says so, and tells operators to make sure of the
+//! person before attaching an existing account elsewhere with `user add-member`.
 //!
 //! The token is stored only as SHA-256. A new invitation of the same address replaces the
 //! pending one; an owner can revoke a pending invitation.
