@@ -31,6 +31,22 @@
 //! - [`domain`] holds validated value types (platforms, labels, redirect URLs, durations);
 //!   [`clock`] is time as a dependency, so tests and the sandbox can move it.
 
+/// Implements `Debug` for a struct that holds secrets: the `shown` fields as usual, the
+/// `hidden` ones as `[redacted]`, so that a value logged with `?` (or printed by a panic) never
+/// carries them.
+macro_rules! redacted_debug {
+    ($ty:ident $(<$lt:lifetime>)?, shown: [$($shown:ident),* $(,)?], hidden: [$($hidden:ident),* $(,)?] $(,)?) => {
+        impl $(<$lt>)? std::fmt::Debug for $ty $(<$lt>)? {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    $(.field(stringify!($shown), &self.$shown))*
+                    $(.field(stringify!($hidden), &"[redacted]"))*
+                    .finish()
+            }
+        }
+    };
+}
+
 pub mod cli;
 pub mod clock;
 pub mod config;

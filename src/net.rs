@@ -19,6 +19,10 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
 
+/// Longest wait for a user-given target (webhook endpoint, logo, avatar) to take a connection,
+/// TLS handshake included.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The network a client address is counted in by per-address limits (the link pages' rate
 /// limit, the dashboard's sign-in throttle): an IPv4 address as it is, an IPv6 address by its
 /// /64 (the network of one subscriber or host, whose other addresses it can use at will). An
@@ -187,7 +191,8 @@ impl Guard {
             .no_proxy()
             .dns_resolver(Arc::new(self.clone()))
             .timeout(timeout)
-            .connect_timeout(timeout)
+            // A target that does not even take the connection gives up its slot early.
+            .connect_timeout(timeout.min(CONNECT_TIMEOUT))
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(user_agent)
             .build()

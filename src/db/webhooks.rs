@@ -436,8 +436,14 @@ pub async fn list_deliveries(
 /// other endpoints' deliveries go on.
 pub const MAX_IN_FLIGHT_PER_ENDPOINT: usize = 2;
 
+/// Most deliveries of one workspace in flight at once, across every process: a workspace whose
+/// endpoints all hang (or whose backlog is large) then holds at most this many delivery slots,
+/// and other workspaces' deliveries go on beside them.
+pub const MAX_IN_FLIGHT_PER_WORKSPACE: usize = 4;
+
 /// Claims at most `limit` due deliveries for `owner` until `until_ms`, oldest due first, no more
-/// than [`MAX_IN_FLIGHT_PER_ENDPOINT`] per endpoint counting those already in flight. The caller
+/// than [`MAX_IN_FLIGHT_PER_ENDPOINT`] per endpoint and [`MAX_IN_FLIGHT_PER_WORKSPACE`] per
+/// workspace, counting those already in flight. The caller
 /// runs it in a write transaction: candidates are read, picked, then claimed by a conditional
 /// update (a delivery another process claimed meanwhile is not taken; on SQLite, writers run
 /// one at a time anyway). `owner` and `until_ms` together name the claim: [`finish_delivery`]
@@ -453,13 +459,16 @@ pub async fn claim_due(
     // Claim rounds one at a time across processes, so that the count of deliveries in flight
     // per endpoint read below stays true until this round's claims commit.
     super::advisory_lock(conn, backend, "webhook claims").await?;
-    // Endpoints already at their limit are left out here, so that their backlog does not fill
-    // the candidates and keep the others' deliveries waiting.
-    let candidates: Vec<(String, String)> = sqlx::query_as(&format!(
-        "SELECT id, endpoint_id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1 \
-         AND (lease_until IS NULL OR lease_until < $1) AND endpoint_id NOT IN (SELECT endpoint_id \
-           FROM webhook_deliveries WHERE status = 'pending' AND lease_until >= $1 GROUP BY endpoint_id \
-           HAVING COUNT(*) >= {MAX_IN_FLIGHT_PER_ENDPOINT}) \
+    // Endpoints and workspaces already at their limit are left out here, so that their backlog
+    // does not fill the candidates and keep the others' deliveries waiting.
+    let candidates: Vec<(String, String, String)> = sqlx::query_as(&format!(
+        "SELECT id, endpoint_id, workspace_id FROM webhook_deliveries WHERE status = 'pending' \
+         AND next_attempt_at <= $1 AND (lease_until IS NULL OR lease_until < $1) AND endpoint_id NOT IN \
+           (SELECT endpoint_id FROM webhook_deliveries WHERE status = 'pending' AND lease_until >= $1 \
+            GROUP BY endpoint_id HAVING COUNT(*) >= {MAX_IN_FLIGHT_PER_ENDPOINT}) \
+         AND workspace_id NOT IN \
+           (SELECT workspace_id FROM webhook_deliveries WHERE status = 'pending' AND lease_until >= $1 \
+            GROUP BY workspace_id HAVING COUNT(*) >= {MAX_IN_FLIGHT_PER_WORKSPACE}) \
          ORDER BY next_attempt_at, id LIMIT $2"
     ))
     .bind(now_ms)
@@ -469,23 +478,30 @@ pub async fn claim_due(
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
-    let in_flight: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT endpoint_id, COUNT(*) FROM webhook_deliveries WHERE status = 'pending' AND lease_until >= $1 \
-         GROUP BY endpoint_id",
+    let in_flight: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT endpoint_id, workspace_id, COUNT(*) FROM webhook_deliveries WHERE status = 'pending' \
+         AND lease_until >= $1 GROUP BY endpoint_id, workspace_id",
     )
     .bind(now_ms)
     .fetch_all(&mut *conn)
     .await?;
-    let mut busy: std::collections::HashMap<String, usize> =
-        in_flight.into_iter().map(|(e, n)| (e, usize::try_from(n).unwrap_or(usize::MAX))).collect();
+    let mut per_endpoint = std::collections::HashMap::<String, usize>::new();
+    let mut per_workspace = std::collections::HashMap::<String, usize>::new();
+    for (endpoint, workspace, n) in in_flight {
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        *per_endpoint.entry(endpoint).or_default() += n;
+        *per_workspace.entry(workspace).or_default() += n;
+    }
     let mut picked = Vec::new();
-    for (id, endpoint) in candidates {
+    for (id, endpoint, workspace) in candidates {
         if picked.len() as i64 >= limit {
             break;
         }
-        let n = busy.entry(endpoint).or_insert(0);
-        if *n < MAX_IN_FLIGHT_PER_ENDPOINT {
-            *n += 1;
+        let e = per_endpoint.entry(endpoint).or_default();
+        let w = per_workspace.entry(workspace).or_default();
+        if *e < MAX_IN_FLIGHT_PER_ENDPOINT && *w < MAX_IN_FLIGHT_PER_WORKSPACE {
+            *e += 1;
+            *w += 1;
             picked.push(id);
         }
     }
@@ -804,6 +820,69 @@ mod tests {
             claim_due(&mut conn, Backend::Sqlite, "b", 200, 60_200, 3).await.unwrap().is_empty(),
             "e is full"
         );
+        drop(conn);
+        db.close().await;
+    }
+
+    /// A workspace gets at most four deliveries in flight, however many endpoints it has: another
+    /// workspace's deliveries, due later, are claimed beside them.
+    #[tokio::test]
+    async fn claims_leave_room_for_other_workspaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let (endpoint, delivery) = seed(&mut conn).await;
+        // Four more endpoints of the same workspace, two due deliveries each (ten in all).
+        for e in 1..=4 {
+            let ep = EndpointRow {
+                id: format!("e{e}"),
+                url: format!("https://hooks.example/{e}"),
+                ..endpoint.clone()
+            };
+            insert_endpoint(&mut conn, &ep).await.unwrap();
+            for i in 0..2 {
+                let d = DeliveryRow {
+                    id: format!("e{e}-{i}"),
+                    endpoint_id: ep.id.clone(),
+                    next_attempt_at: Some(e * 10 + i),
+                    ..delivery.clone()
+                };
+                insert_delivery(&mut *conn, &d).await.unwrap();
+            }
+        }
+        let d2 = DeliveryRow { id: "d2".into(), next_attempt_at: Some(2), ..delivery.clone() };
+        insert_delivery(&mut *conn, &d2).await.unwrap();
+        // Another workspace's delivery, due after all of them.
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w2', 'W2', 'w2', 0, 0)",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let foreign = EndpointRow {
+            id: "g".into(),
+            workspace_id: "w2".into(),
+            url: "https://hooks.example/g".into(),
+            ..endpoint
+        };
+        insert_endpoint(&mut conn, &foreign).await.unwrap();
+        let g = DeliveryRow {
+            id: "g1".into(),
+            endpoint_id: "g".into(),
+            workspace_id: "w2".into(),
+            next_attempt_at: Some(99),
+            ..delivery
+        };
+        insert_delivery(&mut *conn, &g).await.unwrap();
+        let mut first = claim_due(&mut conn, Backend::Sqlite, "a", 100, 60_100, 10).await.unwrap();
+        first.sort();
+        assert_eq!(
+            first,
+            ["d", "d2", "e1-0", "e1-1", "g1"],
+            "four of the first workspace's, and the other's"
+        );
+        let second = claim_due(&mut conn, Backend::Sqlite, "b", 200, 60_200, 10).await.unwrap();
+        assert!(second.is_empty(), "the first workspace is full: {second:?}");
         drop(conn);
         db.close().await;
     }

@@ -121,7 +121,7 @@ impl ProviderError {
 }
 
 /// The parameters of one authorization request.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AuthorizeRequest<'a> {
     /// The OAuth `state`.
     pub state: &'a str,
@@ -130,6 +130,7 @@ pub struct AuthorizeRequest<'a> {
     /// The exact callback URI registered with the provider.
     pub redirect_uri: &'a str,
 }
+redacted_debug!(AuthorizeRequest<'a>, shown: [redirect_uri], hidden: [state, code_verifier]);
 
 /// One configured provider.
 #[derive(Debug, Clone)]

@@ -60,7 +60,7 @@ impl From<&ApiKeyRow> for ApiKeyView {
 }
 
 /// A freshly created key: the only time the secret is shown.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Clone, Serialize, ToSchema)]
 pub struct CreatedApiKey {
     /// The key's metadata.
     #[serde(flatten)]
@@ -68,6 +68,7 @@ pub struct CreatedApiKey {
     /// The whole key. Store it now: it cannot be shown again.
     pub secret: String,
 }
+redacted_debug!(CreatedApiKey, shown: [key], hidden: [secret]);
 
 /// Input of [`create`].
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]

@@ -143,7 +143,7 @@ pub struct ConnectionDetail {
 }
 
 /// A fresh access token.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Clone, Serialize, ToSchema)]
 pub struct AccessTokenView {
     /// The connection.
     pub connection_id: String,
@@ -160,6 +160,7 @@ pub struct AccessTokenView {
     /// Made against the sandbox.
     pub sandbox: bool,
 }
+redacted_debug!(AccessTokenView, shown: [connection_id, provider, token_type, expires_at, sandbox], hidden: [access_token]);
 
 /// Builds the view of a row.
 pub fn view(row: &ConnectionRow) -> ConnectionView {

@@ -71,7 +71,7 @@ impl LinkStatus {
 }
 
 /// A link as the API and the CLI show it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Clone, Serialize, ToSchema)]
 pub struct LinkView {
     /// Id.
     pub id: String,
@@ -125,6 +125,12 @@ pub struct LinkView {
     /// The landing page does not list the accounts connected through this link.
     pub hide_connections: bool,
 }
+redacted_debug!(
+    LinkView,
+    shown: [id, workspace_id, label, client_ref, platforms, status, expires_at, max_uses, redirect_url, use_count,
+        last_used_at, created_by, created_at, updated_at, revoked_at, rotated_at, hide_connections],
+    hidden: [url],
+);
 
 /// Input of [`create`].
 #[derive(Debug, Clone, Default, Deserialize, ToSchema)]

@@ -70,7 +70,7 @@ pub struct EndpointView {
 }
 
 /// A new endpoint, or a rotated secret: the only time the secret is shown.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Clone, Serialize, ToSchema)]
 pub struct EndpointWithSecret {
     /// The endpoint.
     #[serde(flatten)]
@@ -78,6 +78,7 @@ pub struct EndpointWithSecret {
     /// The signing secret (`whsec_...`). Store it now: it cannot be shown again.
     pub secret: String,
 }
+redacted_debug!(EndpointWithSecret, shown: [endpoint], hidden: [secret]);
 
 impl From<&EndpointRow> for EndpointView {
     fn from(e: &EndpointRow) -> Self {

@@ -14,6 +14,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         tiktok_connect_reconnect_and_second_account,
         instagram_connect_reconnect_and_second_account,
         consent_denied,
+        provider_error_text_cannot_forge_log_lines,
         state_failures_make_no_token_call,
         link_gone_between_start_and_callback,
         link_rotated_between_start_and_callback,
@@ -332,6 +333,36 @@ async fn consent_denied(app: TestApp) {
         start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
     assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 403);
     assert_nothing_connected(&app).await;
+}
+
+/// The callback's `error_description` and `error_reason` come from the address bar: with plain
+/// text logs, a line break in them must not start a log line of its own.
+async fn provider_error_text_cannot_forge_log_lines(app: TestApp) {
+    let (app, _cleanup) = app.restart_with(&[("AUTHLINK_LOG_FORMAT", "human")]).await;
+    let wid = app.workspace("Forged");
+    let (_, url) = app.link(&wid, "Client");
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "deny", None).await;
+    let forged = "FORGED admin signed in";
+    let mut callback = url::Url::parse(flow.callback.split('#').next().unwrap()).unwrap();
+    let kept: Vec<(String, String)> = callback
+        .query_pairs()
+        .filter(|(k, _)| k != "error_reason" && k != "error_description")
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    callback
+        .query_pairs_mut()
+        .clear()
+        .extend_pairs(kept)
+        .append_pair("error_reason", &format!("x\r\n{forged}"))
+        .append_pair("error_description", &format!("nothing\n{forged}"));
+    let callback = callback.to_string();
+    assert_eq!(finish(&app.client, &app, &callback).await.status(), 403);
+    app.logs_caught_up().await;
+    let log = app.log_text();
+    assert!(log.contains("provider returned an error to the callback"), "{log}");
+    assert!(log.contains(&format!("nothing\\n{forged}")), "written escaped: {log}");
+    assert!(!log.lines().any(|l| l.trim_start().starts_with("FORGED")), "{log}");
 }
 
 async fn state_failures_make_no_token_call(app: TestApp) {

@@ -194,11 +194,20 @@ impl TestApp {
                     let Ok(line) = line else { break };
                     logs.lock().unwrap().push_str(&line);
                     logs.lock().unwrap().push('\n');
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        if v["message"] == "authlink listening" {
-                            if let Some(tx) = tx.take() {
-                                let _ = tx.send(Ok(v["public_url"].as_str().unwrap_or_default().to_string()));
-                            }
+                    // The ready line, as JSON or (`AUTHLINK_LOG_FORMAT=human`) as text.
+                    let ready = match serde_json::from_str::<Value>(&line) {
+                        Ok(v) if v["message"] == "authlink listening" => {
+                            Some(v["public_url"].as_str().unwrap_or_default().to_string())
+                        }
+                        Err(_) if line.contains("authlink listening") => line
+                            .split_whitespace()
+                            .find_map(|f| f.strip_prefix("public_url="))
+                            .map(|u| u.trim_matches('"').to_string()),
+                        _ => None,
+                    };
+                    if let Some(url) = ready {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(Ok(url));
                         }
                     }
                 }

@@ -199,8 +199,15 @@ fn is_same_origin(state: &AppState, headers: &HeaderMap) -> bool {
 
 /// The fields of a submitted form (`application/x-www-form-urlencoded`), parsed once by
 /// [`guard_posts`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct FormData(Arc<Vec<(String, String)>>);
+
+/// The fields' names only: a form may carry passwords and the CSRF token.
+impl std::fmt::Debug for FormData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("FormData").field(&self.0.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>()).finish()
+    }
+}
 
 impl FormData {
     /// The first value of `name`, or `""`.

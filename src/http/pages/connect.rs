@@ -118,11 +118,12 @@ pub(super) fn form_token(browser: &str) -> String {
 }
 
 /// The start form's fields.
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 pub struct StartForm {
     /// [`form_token`] of this browser's cookie.
     form: String,
 }
+redacted_debug!(StartForm, shown: [], hidden: [form]);
 
 /// Whether a POST comes from our own pages. Browsers send `Origin` on POSTs and
 /// `Sec-Fetch-Site` on all requests; either naming another site means a cross-site post.
@@ -251,7 +252,7 @@ pub fn redirect_uri(state: &AppState, platform: Platform) -> String {
 }
 
 /// The query of a provider callback. Every field is optional: providers omit what they like.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 pub struct CallbackQuery {
     code: Option<String>,
     state: Option<String>,
@@ -263,6 +264,7 @@ pub struct CallbackQuery {
     /// RFC 9207 issuer; neither provider sends it today.
     iss: Option<String>,
 }
+redacted_debug!(CallbackQuery, shown: [error, error_description, error_reason, scopes, iss], hidden: [code, state]);
 
 /// Why a callback failed, each with its page and status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -710,11 +712,13 @@ async fn complete_flow(
         FlowError::Failed(Failure::ProviderUnavailable)
     };
     if let Some(error) = q.error.as_deref() {
+        // Written quoted and escaped (`?`): these come from the address bar, and a line break in
+        // them must not start a line of its own in a plain-text log.
         tracing::info!(
             provider = %platform,
-            error = %domain::truncate(error, 64),
-            reason = %domain::truncate(q.error_reason.as_deref().unwrap_or(""), 64),
-            description = %domain::truncate(q.error_description.as_deref().unwrap_or(""), 200),
+            error = ?domain::truncate(error, 64),
+            reason = ?domain::truncate(q.error_reason.as_deref().unwrap_or(""), 64),
+            description = ?domain::truncate(q.error_description.as_deref().unwrap_or(""), 200),
             "provider returned an error to the callback"
         );
         return Err(FlowError::Failed(if error == "access_denied" {
@@ -1083,4 +1087,31 @@ pub async fn show_avatar(
         ),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    /// What the callback, the start form, an authorization request and a dashboard form print
+    /// with `Debug` (a `?` in a log line, a panic) holds none of their secrets.
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let canary = "CANARY-5e1f";
+        let parse = |query: String| -> axum::http::Uri { format!("/?{query}").parse().unwrap() };
+        let uri = parse(format!("code={canary}1&state={canary}2&error=access_denied&scopes=user.info.basic"));
+        let axum::extract::Query(q) =
+            axum::extract::Query::<super::CallbackQuery>::try_from_uri(&uri).unwrap();
+        let printed = format!("{q:?}");
+        assert!(printed.contains("access_denied") && printed.contains("user.info.basic"), "{printed}");
+        let axum::extract::Query(form) =
+            axum::extract::Query::<super::StartForm>::try_from_uri(&parse(format!("form={canary}3")))
+                .unwrap();
+        let request = crate::providers::AuthorizeRequest {
+            state: &format!("{canary}4"),
+            code_verifier: &format!("{canary}5"),
+            redirect_uri: "https://authlink.example/oauth/tiktok/callback",
+        };
+        let printed = [printed, format!("{form:?}"), format!("{request:?}")].join("\n");
+        assert!(printed.contains("/oauth/tiktok/callback") && printed.contains("[redacted]"), "{printed}");
+        assert!(!printed.contains(canary), "{printed}");
+    }
 }
