@@ -469,6 +469,10 @@ pub enum WebhookCommand {
     RotateSecret {
         /// Endpoint id.
         id: String,
+        /// The current secret leaked: it stops signing now (and so does one rotated out less than
+        /// a day ago); allowed at any time.
+        #[arg(long)]
+        stop_current_now: bool,
     },
 }
 
@@ -1465,10 +1469,16 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
             let d = webhooks::redeliver(&app, &Actor::Cli, &Scope::Admin, &id).await?;
             print(json, &d, |d| format!("delivery {} queued again (webhook-id {})", d.id, d.event_id));
         }
-        WebhookCommand::RotateSecret { id } => {
-            let e = webhooks::rotate_secret(&app, &Actor::Cli, &Scope::Admin, &id).await?;
+        WebhookCommand::RotateSecret { id, stop_current_now } => {
+            let current =
+                if stop_current_now { webhooks::Current::StopsNow } else { webhooks::Current::KeepsSigning };
+            let e = webhooks::rotate_secret(&app, &Actor::Cli, &Scope::Admin, &id, current).await?;
             print(json, &e, |e| {
-                format!("secret: {}\n\nThe previous secret keeps signing for 24 hours.", e.secret)
+                let previous = match current {
+                    webhooks::Current::KeepsSigning => "The previous secret keeps signing for 24 hours.",
+                    webhooks::Current::StopsNow => "Only this secret signs from now on.",
+                };
+                format!("secret: {}\n\n{previous}", e.secret)
             });
         }
     }

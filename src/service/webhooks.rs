@@ -69,6 +69,16 @@ pub struct EndpointView {
     pub created_at: OffsetDateTime,
 }
 
+/// What a rotation does with the current secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Current {
+    /// It keeps signing, as a second signature, for 24 hours, while receivers switch over.
+    #[default]
+    KeepsSigning,
+    /// It stops signing now (it leaked), and so does any secret before it.
+    StopsNow,
+}
+
 /// A new endpoint, or a rotated secret: the only time the secret is shown.
 #[derive(Clone, Serialize, ToSchema)]
 pub struct EndpointWithSecret {
@@ -497,25 +507,36 @@ pub async fn rotate_secret(
     actor: &Actor,
     scope: &Scope,
     id: &str,
+    current: Current,
 ) -> ServiceResult<EndpointWithSecret> {
     let secret = new_secret();
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     let mut row = locked_row(app, &mut tx, scope, id).await?;
-    // The secret before the last rotation still signs, for receivers not yet given the new one;
-    // a second rotation now would drop it at once and fail their deliveries.
-    if let Some(until) = row.previous_secret_until.filter(|until| *until > now) {
-        let at =
-            from_millis(until).format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-        return Err(ServiceError::Conflict(format!(
-            "the secret was rotated less than a day ago and the one before it signs until {at}; rotate again \
-             after that (or, if a secret leaked, remove this endpoint and add a new one)"
-        )));
+    match current {
+        Current::KeepsSigning => {
+            // The secret before the last rotation still signs, for receivers not yet given the
+            // new one; a second rotation now would drop it at once and fail their deliveries.
+            if let Some(until) = row.previous_secret_until.filter(|until| *until > now) {
+                let at = from_millis(until)
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                return Err(ServiceError::Conflict(format!(
+                    "the secret was rotated less than a day ago and the one before it signs until {at}; rotate \
+                     again after that, or, if a secret leaked, rotate so that the current one stops signing now"
+                )));
+            }
+            let old = app.keys.open_str(&row.secret_sealed, secret_aad(&row.workspace_id, &row.id))?;
+            row.previous_secret_sealed =
+                Some(app.keys.seal_str(old.expose_secret(), previous_secret_aad(&row.workspace_id, &row.id)));
+            row.previous_secret_until = Some(now + PREVIOUS_SECRET_GRACE_MS);
+        }
+        // A leaked secret: only the new one signs from now on, the one before it neither.
+        Current::StopsNow => {
+            row.previous_secret_sealed = None;
+            row.previous_secret_until = None;
+        }
     }
-    let old = app.keys.open_str(&row.secret_sealed, secret_aad(&row.workspace_id, &row.id))?;
-    row.previous_secret_sealed =
-        Some(app.keys.seal_str(old.expose_secret(), previous_secret_aad(&row.workspace_id, &row.id)));
-    row.previous_secret_until = Some(now + PREVIOUS_SECRET_GRACE_MS);
     row.secret_sealed = app.keys.seal_str(&secret, secret_aad(&row.workspace_id, &row.id));
     row.updated_at = now;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
@@ -527,7 +548,10 @@ pub async fn rotate_secret(
         "webhook.secret_rotated",
         "webhook_endpoint",
         &row.id,
-        serde_json::json!({}),
+        serde_json::json!({"current_stops": match current {
+            Current::KeepsSigning => "in 24 hours",
+            Current::StopsNow => "now",
+        }}),
     )
     .await?;
     tx.commit().await?;

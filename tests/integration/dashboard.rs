@@ -1786,6 +1786,16 @@ async fn webhook_pages(app: TestApp) {
     let (status, html) = text(post(&app, &admin, &csrf, &format!("{path}/rotate"), &[]).await).await;
     assert_eq!(status, 409, "{html}");
     assert!(!html.contains("whsec_"), "{html}");
+    // A leaked secret is replaced at once, whatever the last rotation: only the new one signs.
+    let html = page(&app, &admin, &path, 200).await;
+    assert!(html.contains("Secret leaked: replace it now"), "{html}");
+    let (status, html) =
+        text(post(&app, &admin, &csrf, &format!("{path}/rotate"), &[("leaked", "1")]).await).await;
+    assert_eq!(status, 200, "{html}");
+    let start = html.find(pattern).unwrap() + pattern.len();
+    let replaced = html[start..].split('"').next().unwrap().to_string();
+    assert!(replaced.starts_with("whsec_") && replaced != rotated, "{replaced}");
+    assert!(html.contains("The previous secret no longer signs"), "{html}");
     // Removed.
     let res = post(&app, &admin, &csrf, &format!("{path}/remove"), &[]).await;
     assert_eq!(location(&res), "/app/w/acme/webhooks?notice=endpoint_removed");

@@ -434,6 +434,22 @@ async fn webhooks_are_signed_retried_and_redelivered(app: TestApp) {
     // Not again while the old secret still signs: that would drop it at once.
     let p = app.api_post(&format!("/webhooks/{endpoint}/rotate-secret"), &key, json!({}), 409).await;
     assert!(p["detail"].as_str().unwrap().contains("less than a day ago"), "{p}");
+    // Unless the secret leaked: then a new one, and neither the leaked one nor the one before
+    // it signs any more.
+    let path = format!("/webhooks/{endpoint}/rotate-secret?stop_current_now=true");
+    let replaced = app.api_post(&path, &key, json!({}), 200).await;
+    let third_secret = replaced["secret"].as_str().unwrap().to_string();
+    app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    let after = receiver.wait_for(8, 20).await;
+    let last = &after[7..];
+    assert_eq!(last[0].headers["webhook-signature"].split(' ').count(), 1, "only the new secret signs");
+    verify_with_standardwebhooks(&third_secret, last);
+    let audit = app.api_get("/audit-events?action=webhook.secret_rotated", &key, 200).await;
+    assert_eq!(audit["data"][0]["details"]["current_stops"], "now", "{audit}");
+    app.api_post(&format!("/webhooks/{endpoint}/rotate-secret?stop_current_now=maybe"), &key, json!({}), 422)
+        .await;
+    // A rotation that keeps the current secret is possible at once again: none was kept.
+    app.api_post(&format!("/webhooks/{endpoint}/rotate-secret"), &key, json!({}), 200).await;
     app.advance_clock(24 * 3600 + 60).await;
     app.api_post(&format!("/webhooks/{endpoint}/rotate-secret"), &key, json!({}), 200).await;
 }

@@ -10,7 +10,7 @@ use utoipa_axum::routes;
 
 use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, check_cursor, page_size};
 use crate::service::webhooks::{
-    self, DeliveryView, EndpointUpdate, EndpointView, EndpointWithSecret, NewEndpoint,
+    self, Current, DeliveryView, EndpointUpdate, EndpointView, EndpointWithSecret, NewEndpoint,
 };
 use crate::state::AppState;
 
@@ -91,18 +91,31 @@ async fn remove_webhook(
     Ok(Json(webhooks::remove(&state, &caller.actor, &caller.scope, &id).await?))
 }
 
+/// How a rotation treats the current secret.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct RotateQuery {
+    /// `true` when the current secret leaked: it stops signing now (and so does one rotated out
+    /// less than a day ago), allowed at any time. Default `false`: it keeps signing for 24 hours.
+    stop_current_now: Option<bool>,
+}
+
 /// Rotate the signing secret. The new one is shown this once; the old one keeps signing (as a
-/// second signature) for 24 hours.
+/// second signature) for 24 hours, unless `stop_current_now=true`.
 #[utoipa::path(post, path = "/webhooks/{id}/rotate-secret", tag = "webhooks",
-    params(("id" = String, Path, description = "Endpoint id")),
+    params(("id" = String, Path, description = "Endpoint id"), RotateQuery),
     responses((status = 200, body = EndpointWithSecret), (status = 404, body = Problem),
-        (status = 409, body = Problem, description = "Rotated less than a day ago: the secret before still signs until then")))]
+        (status = 409, body = Problem, description = "Rotated less than a day ago: the secret before still signs until then (`stop_current_now=true` rotates anyway)"),
+        (status = 422, body = Problem)))]
 async fn rotate_webhook_secret(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<RotateQuery>,
 ) -> ApiResult<Json<EndpointWithSecret>> {
-    Ok(Json(webhooks::rotate_secret(&state, &caller.actor, &caller.scope, &id).await?))
+    let current = if q.stop_current_now == Some(true) { Current::StopsNow } else { Current::KeepsSigning };
+    Ok(Json(webhooks::rotate_secret(&state, &caller.actor, &caller.scope, &id, current).await?))
 }
 
 /// The id of a queued test event.

@@ -79,7 +79,7 @@ struct ListPage {
     removed: Vec<EndpointRowView>,
     created: Option<EndpointWithSecret>,
     /// The secret shown is a rotation's (the previous one signs a day more).
-    rotated: bool,
+    rotated: Option<webhooks::Current>,
     v: EndpointForm,
     errors: FormErrors,
     event_types: &'static [&'static str],
@@ -93,7 +93,7 @@ async fn list_page(
     status: StatusCode,
     (created, v, errors): (Option<EndpointWithSecret>, EndpointForm, FormErrors),
     notice: Option<&str>,
-    rotated: bool,
+    rotated: Option<webhooks::Current>,
 ) -> DashResult {
     let endpoints = webhooks::list(state, &ws.scope, Some(&ws.row.id)).await?;
     let removed = webhooks::list_removed(state, &ws.scope, Some(&ws.row.id)).await?;
@@ -121,7 +121,7 @@ pub async fn list(
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
     let v = EndpointForm::default();
-    list_page(&state, &ctx, &ws, StatusCode::OK, (None, v, FormErrors::default()), q.notice.as_deref(), false)
+    list_page(&state, &ctx, &ws, StatusCode::OK, (None, v, FormErrors::default()), q.notice.as_deref(), None)
         .await
 }
 
@@ -150,11 +150,11 @@ pub async fn create(
         Ok(created) => {
             let blank = EndpointForm::default();
             let shown = (Some(created), blank, FormErrors::default());
-            list_page(&state, &ctx, &ws, StatusCode::CREATED, shown, None, false).await
+            list_page(&state, &ctx, &ws, StatusCode::CREATED, shown, None, None).await
         }
         Err(e) => {
             let errors = FormErrors::from_service(e)?;
-            list_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, (None, v, errors), None, false)
+            list_page(&state, &ctx, &ws, StatusCode::UNPROCESSABLE_ENTITY, (None, v, errors), None, None)
                 .await
         }
     }
@@ -280,17 +280,20 @@ async fn set_enabled(
 }
 
 /// `POST /app/w/{slug}/webhooks/{id}/rotate`: a new signing secret, shown this once (the one
-/// before keeps signing for a day, so the receiver can switch over).
+/// before keeps signing for a day, so the receiver can switch over; with `leaked`, it stops now).
 pub async fn rotate(
     State(state): State<AppState>,
     ctx: Ctx,
     Path((slug, id)): Path<(String, String)>,
+    form: FormData,
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
     require_owner(&ws)?;
-    let rotated = webhooks::rotate_secret(&state, &ctx.actor, &ws.scope, &id).await?;
+    let current =
+        if form.checked("leaked") { webhooks::Current::StopsNow } else { webhooks::Current::KeepsSigning };
+    let rotated = webhooks::rotate_secret(&state, &ctx.actor, &ws.scope, &id, current).await?;
     let shown = (Some(rotated), EndpointForm::default(), FormErrors::default());
-    list_page(&state, &ctx, &ws, StatusCode::OK, shown, None, true).await
+    list_page(&state, &ctx, &ws, StatusCode::OK, shown, None, Some(current)).await
 }
 
 /// `POST /app/w/{slug}/webhooks/{id}/test`: queues a `webhook.test` event to this endpoint.
