@@ -60,8 +60,8 @@ impl HostResolver for SystemResolver {
 }
 
 /// Whether `ip` is a public unicast address (not loopback, private, link-local, CGNAT,
-/// unique-local, site-local, multicast, documentation, benchmarking, unspecified or the cloud
-/// metadata range). IPv6 addresses that carry an IPv4 address a gateway would reach (IPv4-mapped,
+/// unique-local, site-local, multicast, documentation, benchmarking, unspecified, the cloud
+/// metadata range, or Azure's host endpoint 168.63.129.16, which answers its own VMs only). IPv6 addresses that carry an IPv4 address a gateway would reach (IPv4-mapped,
 /// 6to4, NAT64) are judged by that IPv4 address; the deprecated IPv4-compatible range and
 /// Teredo are refused outright.
 pub fn is_public(ip: IpAddr) -> bool {
@@ -79,6 +79,7 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (o[0] == 100 && (64..128).contains(&o[1]))
                 || (o[0] == 192 && o[1] == 0 && o[2] == 0)
                 || (o[0] == 198 && (o[1] == 18 || o[1] == 19))
+                || o == [168, 63, 129, 16]
                 || o[0] >= 240)
         }
         IpAddr::V6(v6) => {
@@ -434,6 +435,32 @@ mod tests {
         ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    #[test]
+    fn ipv4_special_addresses_are_not_public() {
+        for ip in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.100.100.200",
+            "0.0.0.0",
+            "0.1.2.3",
+            "192.0.0.8",
+            "198.18.0.1",
+            "192.0.2.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(is_public("168.63.129.17".parse().unwrap()));
     }
 
     #[test]
