@@ -268,7 +268,7 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
             tracing::warn!(delivery_id = %d.id, endpoint_id = %endpoint.id,
                 "a webhook delivery failed for good; its endpoint took other deliveries meanwhile and stays enabled");
         } else {
-            disable(&mut tx, &endpoint, reason, now).await?;
+            disable(&mut tx, state, &endpoint, reason, now).await?;
         }
     }
     tx.commit().await?;
@@ -330,10 +330,12 @@ fn settle(
 
 /// Disables an endpoint because of its deliveries: only its enabled flag and reason change
 /// (never what was changed while the attempt was in flight), then its pending deliveries are
-/// cancelled and the change audited. Nothing happens if it was disabled meanwhile, or moved to
+/// cancelled, the change audited, and the workspace's other endpoints told
+/// (`webhook.endpoint_disabled`). Nothing happens if it was disabled meanwhile, or moved to
 /// another URL (whose deliveries have not failed).
 async fn disable(
     tx: &mut sqlx::AnyConnection,
+    app: &AppState,
     endpoint: &db::webhooks::EndpointRow,
     reason: &str,
     now: i64,
@@ -351,6 +353,17 @@ async fn disable(
         "webhook_endpoint",
         &endpoint.id,
         serde_json::json!({"reason": reason}),
+    )
+    .await?;
+    // The endpoint is disabled by now, so the event goes to the others only.
+    let data = serde_json::json!({"endpoint_id": endpoint.id, "url": endpoint.url, "reason": reason});
+    crate::service::webhooks::emit(
+        &mut *tx,
+        app,
+        now,
+        &endpoint.workspace_id,
+        "webhook.endpoint_disabled",
+        data,
     )
     .await?;
     tracing::warn!(endpoint_id = %endpoint.id, reason, "webhook endpoint disabled");

@@ -37,6 +37,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "connection.disconnected",
     "link.revoked",
     "link.rotated",
+    "webhook.endpoint_disabled",
 ];
 
 /// The retry schedule after the first attempt (seconds): about 75 hours in all, as the

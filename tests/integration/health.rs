@@ -459,6 +459,9 @@ async fn gone_endpoint_is_disabled(app: TestApp) {
     let key = app.workspace_key(&wid);
     let receiver = Receiver::start().await;
     let (endpoint, _) = add_endpoint(&app, &key, &receiver.url, None).await;
+    let watcher = Receiver::start().await;
+    let (_, watcher_secret) =
+        add_endpoint(&app, &key, &watcher.url, Some(vec!["webhook.endpoint_disabled"])).await;
     receiver.script.lock().unwrap().push_back(410);
     app.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
     receiver.wait_for(1, 20).await;
@@ -470,6 +473,15 @@ async fn gone_endpoint_is_disabled(app: TestApp) {
     assert!(e["disabled_reason"].as_str().unwrap().contains("410"));
     let audit = app.api_get("/audit-events?action=webhook.disabled", &key, 200).await;
     assert_eq!(audit["data"].as_array().unwrap().len(), 1);
+    // The workspace's other endpoints are told, signed like any event; the disabled one is not.
+    let told = watcher.wait_for(1, 20).await;
+    verify_with_standardwebhooks(&watcher_secret, &told);
+    let event: serde_json::Value = serde_json::from_str(&told[0].body).unwrap();
+    assert_eq!(event["type"], "webhook.endpoint_disabled", "{event}");
+    assert_eq!(event["data"]["endpoint_id"], endpoint.as_str());
+    assert_eq!(event["data"]["url"], receiver.url.as_str());
+    assert!(event["data"]["reason"].as_str().unwrap().contains("410"), "{event}");
+    assert_eq!(receiver.got.lock().unwrap().len(), 1, "only the test event reached the disabled endpoint");
 }
 
 async fn connection_id(app: &TestApp, key: &str) -> String {
