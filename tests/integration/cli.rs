@@ -21,6 +21,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         backup_and_restore,
         keygen_prints_or_writes_a_key,
         graceful_shutdown_finishes_requests,
+        shutdown_stops_requests_at_the_end_of_the_grace_period,
     ]
 }
 
@@ -650,9 +651,10 @@ async fn graceful_shutdown_finishes_requests(app: TestApp) {
     let slow = tokio::spawn(async move {
         client
             .post(url)
+            // An authorization code: the script slows the token endpoint's code exchanges.
             .form(&[
-                ("grant_type", "refresh_token"),
-                ("refresh_token", "rft.none"),
+                ("grant_type", "authorization_code"),
+                ("code", "none"),
                 ("client_key", "x"),
                 ("client_secret", "y"),
             ])
@@ -673,4 +675,41 @@ async fn graceful_shutdown_finishes_requests(app: TestApp) {
     assert!(res.status().as_u16() < 500 || res.status().as_u16() == 400, "answered: {}", res.status());
     assert_eq!(app.wait_exit(), Some(0));
     assert!(app.log_text().contains("shutdown signal received"));
+}
+
+/// A request still running when the grace period after SIGTERM ends (the sandbox's token endpoint
+/// told to answer after 25 s, the grace 1 s) does not hold the process: it is cut off unanswered,
+/// and the process still cleans up (its record removed) and exits 0.
+async fn shutdown_stops_requests_at_the_end_of_the_grace_period(app: TestApp) {
+    let (app, _cleanup) = app.restart_with(&[("AUTHLINK_HTTP__SHUTDOWN_GRACE_SECS", "1")]).await;
+    let scenario = serde_json::json!({"fail_next": [{"endpoint": "token", "kind": "slow", "count": 1}], "slow_ms": 25_000});
+    app.sandbox("/tiktok/scenario", scenario).await;
+    let client = app.client.clone();
+    let url = app.url("/sandbox/tiktok/v2/oauth/token/");
+    let slow = tokio::spawn(async move {
+        let form = [
+            ("grant_type", "authorization_code"),
+            ("code", "none"),
+            ("client_key", "x"),
+            ("client_secret", "y"),
+        ];
+        client.post(url).form(&form).send().await
+    });
+    loop {
+        let stats = app.sandbox_stats("tiktok").await;
+        if stats["refresh_calls"].as_u64().unwrap_or(0) + stats["token_calls"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(app.cli_json(&["keys", "status"])["processes"].as_array().unwrap().len(), 1);
+    let status = std::process::Command::new("kill").args(["-TERM", &app.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    assert_eq!(app.wait_exit(), Some(0));
+    let outcome = slow.await.unwrap();
+    assert!(outcome.is_err(), "cut off unanswered, not answered after the grace period: {outcome:?}");
+    let log = app.log_text();
+    assert!(log.contains("requests still running after the grace period; stopping"), "{log}");
+    assert!(log.contains("authlink stopped"), "{log}");
+    assert!(app.cli_json(&["keys", "status"])["processes"].as_array().unwrap().is_empty(), "its record went");
 }
