@@ -219,7 +219,12 @@ impl TestApp {
         let base = match tokio::time::timeout(Duration::from_secs(60), rx).await {
             Ok(Ok(Ok(url))) => url.trim_end_matches('/').to_string(),
             Ok(Ok(Err(logs))) => panic!("authlink serve exited before listening:\n{logs}"),
-            _ => panic!("authlink serve did not start listening in time"),
+            _ => {
+                // Not left running behind the failed test.
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("authlink serve did not start listening in time:\n{}", logs.lock().unwrap())
+            }
         };
         env.push(("AUTHLINK_PUBLIC_URL".into(), base.clone()));
         let client = reqwest::Client::builder()
