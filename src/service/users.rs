@@ -744,7 +744,11 @@ pub async fn sign_in(
         Some(d) => Trust::Renew(&d.id),
         None => Trust::New,
     };
-    let new = open_session(app, user, ip, previous_token, Some(&key), trust, now).await?;
+    let mut new = open_session(app, user, ip, previous_token, Some(&key), trust, now).await?;
+    if let (Some(token), Some(_)) = (device_token, &device) {
+        // The same cookie again, so that the browser keeps it as long as it is trusted.
+        new.device = Some(SecretString::from(token.to_string()));
+    }
     Ok(SignIn::Success(Box::new(new)))
 }
 

@@ -340,8 +340,24 @@ async fn a_lockout_from_elsewhere_spares_the_browsers_the_owner_signed_in_from(a
         );
     }
     assert_eq!(sign_in_status(&app, ADMIN, PASSWORD, "198.51.100.7".into()).await, 429);
-    // The owner's browser is not.
-    assert_eq!(sign_in_from(&app, &owner_browser, ADMIN, PASSWORD, "198.51.100.8").await, 303);
+    // The owner's browser is not; its cookie is sent again, for another 90 days.
+    let (_, html) = text(owner_browser.get(app.url("/app/login")).send().await.unwrap()).await;
+    let res = owner_browser
+        .post(app.url("/app/login"))
+        .header("x-forwarded-for", "198.51.100.8")
+        .form(&[("csrf", csrf_of(&html).as_str()), ("email", ADMIN), ("password", PASSWORD)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 303);
+    let again =
+        set_cookies(&res).into_iter().find(|c| c.starts_with("authlink_device=")).expect("the cookie again");
+    assert!(
+        again.starts_with(&format!("authlink_device={token};")) && again.contains("Max-Age=7776000"),
+        "{again}"
+    );
+    let csrf = csrf_of(&page(&app, &owner_browser, "/app/account", 200).await);
+    assert_eq!(post(&app, &owner_browser, &csrf, "/app/logout", &[]).await.status(), 303);
     // It has a limit of its own: ten failures, then it is refused too.
     for _ in 0..10 {
         assert_eq!(
