@@ -572,9 +572,11 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
     assert_eq!(app.count("connections").await, 1);
     assert_eq!(app.api_get(&format!("/links/{link_id}"), &key, 200).await["use_count"], 1);
     // The first account breaks (its refresh token refused) and is repaired through the link.
-    app.advance_clock(86_400).await;
+    // The refusal is scripted before the clock moves: the background refresh, due then, may run
+    // first (and then meets it).
     app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "refresh", "kind": "invalid_grant"}]}))
         .await;
+    app.advance_clock(86_400).await;
     app.api_get(&format!("/connections/{id}/access-token"), &key, 409).await;
     assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "broken");
     let html = connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
@@ -979,14 +981,16 @@ async fn access_token_refreshes_when_expiring(app: TestApp) {
     let detail = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert!(detail["events"].as_array().unwrap().iter().any(|e| e["kind"] == "refreshed"));
     // Within five minutes of expiry again, the provider failing for now: the token, still valid
-    // for more than a minute, is handed out as it is; with less than a minute left, 503.
-    app.advance_clock(86_400 - 200).await;
+    // for more than a minute, is handed out as it is; with less than a minute left, 503. The
+    // failures are scripted before the clock moves: the background refresh, due then too, may
+    // run before the read (and then meets them as well).
     app.sandbox(
         "/tiktok/scenario",
         json!({"fail_next": [{"endpoint": "refresh", "kind": "server_error", "count": 50}]}),
     )
     .await;
     let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_u64().unwrap();
+    app.advance_clock(86_400 - 200).await;
     let kept = app.api_get(&path, &key, 200).await;
     assert_eq!(kept["access_token"], fresh["access_token"]);
     assert!(
@@ -995,10 +999,11 @@ async fn access_token_refreshes_when_expiring(app: TestApp) {
     );
     app.advance_clock(150).await;
     app.api_get(&path, &key, 503).await;
-    // A permanent refresh failure breaks the connection with a readable reason.
-    app.advance_clock(86_400).await;
+    // A permanent refresh failure breaks the connection with a readable reason (scripted before
+    // the clock moves, as above).
     app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "refresh", "kind": "invalid_grant"}]}))
         .await;
+    app.advance_clock(86_400).await;
     let p = app.api_get(&format!("/connections/{id}/access-token"), &key, 409).await;
     assert!(p["detail"].as_str().unwrap().contains("broken"));
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
