@@ -219,23 +219,13 @@ pub async fn connections(
         // cursor must not tell where its handle sorts (nor that it exists).
         Some(id) if searching => {
             let key = handle_key(backend);
-            let row: Option<(Option<String>,)> = match f.workspace_id {
-                Some(w) => {
-                    sqlx::query_as(&format!(
-                        "SELECT {key} FROM connections WHERE id = $1 AND workspace_id = $2"
-                    ))
-                    .bind(id)
-                    .bind(w)
-                    .fetch_optional(&mut *conn)
-                    .await?
-                }
-                None => {
-                    sqlx::query_as(&format!("SELECT {key} FROM connections WHERE id = $1"))
-                        .bind(id)
-                        .fetch_optional(&mut *conn)
-                        .await?
-                }
-            };
+            let row: Option<(Option<String>,)> = sqlx::query_as(&format!(
+                "SELECT {key} FROM connections WHERE id = $1 AND ($2 IS NULL OR workspace_id = $2)"
+            ))
+            .bind(id)
+            .bind(f.workspace_id)
+            .fetch_optional(&mut *conn)
+            .await?;
             row.and_then(|(h,)| h)
         }
         _ => None,

@@ -607,13 +607,18 @@ pub async fn get_deletion_request(
 mod tests {
     use super::*;
 
-    async fn seed(conn: &mut AnyConnection) -> (EndpointRow, DeliveryRow) {
+    async fn insert_workspace(conn: &mut AnyConnection, id: &str) {
         sqlx::query(
-            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w', 'W', 'w', 0, 0)",
+            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ($1, $1, $1, 0, 0)",
         )
-        .execute(&mut *conn)
+        .bind(id)
+        .execute(conn)
         .await
         .unwrap();
+    }
+
+    async fn seed(conn: &mut AnyConnection) -> (EndpointRow, DeliveryRow) {
+        insert_workspace(&mut *conn, "w").await;
         let endpoint = EndpointRow {
             id: "e".into(),
             workspace_id: "w".into(),
@@ -853,12 +858,7 @@ mod tests {
         let d2 = DeliveryRow { id: "d2".into(), next_attempt_at: Some(2), ..delivery.clone() };
         insert_delivery(&mut *conn, &d2).await.unwrap();
         // Another workspace's delivery, due after all of them.
-        sqlx::query(
-            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w2', 'W2', 'w2', 0, 0)",
-        )
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+        insert_workspace(&mut conn, "w2").await;
         let foreign = EndpointRow {
             id: "g".into(),
             workspace_id: "w2".into(),

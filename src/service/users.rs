@@ -678,7 +678,7 @@ pub struct NewSession {
     pub session: SessionRow,
     /// The signed-in user.
     pub user: UserRow,
-    /// The token of the browser's trusted-browser cookie, when it gets a new one.
+    /// The token of the browser's trusted-browser cookie, to set (a new one, or the same again).
     pub device: Option<SecretString>,
 }
 
@@ -740,15 +740,11 @@ pub async fn sign_in(
             return Ok(SignIn::Invalid);
         }
     };
-    let trust = match &device {
-        Some(d) => Trust::Renew(&d.id),
-        None => Trust::New,
+    let trust = match (&device, device_token) {
+        (Some(d), Some(token)) => Trust::Renew { id: &d.id, token },
+        _ => Trust::New,
     };
-    let mut new = open_session(app, user, ip, previous_token, Some(&key), trust, now).await?;
-    if let (Some(token), Some(_)) = (device_token, &device) {
-        // The same cookie again, so that the browser keeps it as long as it is trusted.
-        new.device = Some(SecretString::from(token.to_string()));
-    }
+    let new = open_session(app, user, ip, previous_token, Some(&key), trust, now).await?;
     Ok(SignIn::Success(Box::new(new)))
 }
 
@@ -757,8 +753,14 @@ pub async fn sign_in(
 pub(crate) enum Trust<'a> {
     /// The browser gets a new trusted-browser cookie.
     New,
-    /// The browser signed in with this trusted-browser record's cookie: it stays trusted.
-    Renew(&'a str),
+    /// The browser signed in with this trusted-browser record's cookie (`token`): it stays
+    /// trusted, and gets the same cookie again, so that it keeps it as long as that.
+    Renew {
+        /// The record.
+        id: &'a str,
+        /// The cookie's token.
+        token: &'a str,
+    },
 }
 
 /// A new session for `user`, signed in from `ip` (after a password check, or the creation of
@@ -794,9 +796,9 @@ pub(crate) async fn open_session(
         db::sessions::clear_account_failures(&mut tx, key).await?;
     }
     let device = match trust {
-        Trust::Renew(id) => {
+        Trust::Renew { id, token } => {
             db::sessions::touch_device(&mut tx, id, now, now + DEVICE_TRUST_MS).await?;
-            None
+            Some(SecretString::from(token.to_string()))
         }
         Trust::New => {
             let token = crypto::random_token();

@@ -86,9 +86,14 @@ async fn keys_page(
     notice: Option<&str>,
 ) -> DashResult {
     let keys = api_keys::list(state, &ws.scope).await?;
+    // Each maker looked up once, however many keys they made.
+    let mut makers = std::collections::HashMap::<&str, String>::new();
     let mut rows = Vec::with_capacity(keys.len());
     for k in &keys {
-        rows.push(KeyRow::new(k, made_by(state, &keys, &k.created_by).await?));
+        if !makers.contains_key(k.created_by.as_str()) {
+            makers.insert(&k.created_by, made_by(state, &keys, &k.created_by).await?);
+        }
+        rows.push(KeyRow::new(k, makers[k.created_by.as_str()].clone()));
     }
     let page = KeysPage {
         l: layout(state, ctx, Some(ws), "api-keys", notice).await?,
