@@ -95,21 +95,34 @@ pub async fn revoke(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult
     Ok(())
 }
 
-/// The active keys `created_by` made (a `created_by` value: `user:<id>`, `api_key:<id>`), in one
-/// workspace or in any (`None`).
-pub async fn active_created_by(
+/// The keys `created_by` made (a `created_by` value: `user:<id>`, `api_key:<id>`), revoked ones
+/// included, in one workspace or in any (`None`).
+pub async fn made_by(
     conn: &mut AnyConnection,
     created_by: &str,
     workspace_id: Option<&str>,
 ) -> DbResult<Vec<ApiKeyRow>> {
     Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM api_keys WHERE created_by = $1 AND revoked_at IS NULL \
+        "SELECT {COLUMNS} FROM api_keys WHERE created_by = $1 \
          AND ($2 IS NULL OR workspace_id = $2) ORDER BY id"
     ))
     .bind(created_by)
     .bind(workspace_id)
     .fetch_all(conn)
     .await?)
+}
+
+/// Whether key `id` exists and is not revoked; on PostgreSQL its row stays locked until the
+/// transaction ends, so that a revocation running meanwhile waits for it, or it for the
+/// revocation (SQLite's write transactions run one at a time anyway).
+pub async fn is_active_locked(conn: &mut AnyConnection, backend: super::Backend, id: &str) -> DbResult<bool> {
+    let lock = if backend == super::Backend::Postgres { " FOR UPDATE" } else { "" };
+    let row: Option<(Option<i64>,)> =
+        sqlx::query_as(&format!("SELECT revoked_at FROM api_keys WHERE id = $1{lock}"))
+            .bind(id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(matches!(row, Some((None,))))
 }
 
 /// Records a use, at most once a minute per key to spare writes.

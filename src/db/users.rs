@@ -161,6 +161,41 @@ pub async fn membership(
     .await?)
 }
 
+/// Whether user `user_id` may still make keys for `workspace_id`: enabled, and a platform admin or
+/// an owner there. On PostgreSQL the user's row and membership stay locked until the transaction
+/// ends, so that a removal, demotion or disabling running meanwhile waits for it (and then finds
+/// what it made), or it for them (SQLite's write transactions run one at a time anyway).
+pub async fn may_make_keys_locked(
+    conn: &mut AnyConnection,
+    backend: super::Backend,
+    user_id: &str,
+    workspace_id: Option<&str>,
+) -> DbResult<bool> {
+    let lock = if backend == super::Backend::Postgres { " FOR UPDATE" } else { "" };
+    let user: Option<(i64, Option<i64>)> =
+        sqlx::query_as(&format!("SELECT is_admin, disabled_at FROM users WHERE id = $1{lock}"))
+            .bind(user_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((is_admin, None)) = user else {
+        return Ok(false);
+    };
+    if is_admin == 1 {
+        return Ok(true);
+    }
+    let Some(workspace_id) = workspace_id else {
+        return Ok(false);
+    };
+    let role: Option<(String,)> = sqlx::query_as(&format!(
+        "SELECT role FROM memberships WHERE user_id = $1 AND workspace_id = $2{lock}"
+    ))
+    .bind(user_id)
+    .bind(workspace_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(role.is_some_and(|(r,)| r == "owner"))
+}
+
 /// The memberships of one user, in workspace order.
 pub async fn memberships_of_user(conn: &mut AnyConnection, user_id: &str) -> DbResult<Vec<MembershipRow>> {
     Ok(sqlx::query_as(

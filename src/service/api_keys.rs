@@ -136,6 +136,20 @@ pub async fn create(
         &format!("api keys:{}", row.workspace_id.as_deref().unwrap_or("admin")),
     )
     .await?;
+    // The maker may have lost the right to make keys since its request was let in: a key
+    // revoked, an owner removed, made a member or disabled (whose keys are revoked with what
+    // they made: a key made after that walk would outlive it).
+    let entitled = match actor {
+        Actor::ApiKey { id } => db::api_keys::is_active_locked(&mut tx, app.db.backend(), id).await?,
+        Actor::User { id } => {
+            db::users::may_make_keys_locked(&mut tx, app.db.backend(), id, row.workspace_id.as_deref())
+                .await?
+        }
+        Actor::Cli | Actor::Client | Actor::System => true,
+    };
+    if !entitled {
+        return Err(ServiceError::Forbidden("the right to make keys here was withdrawn meanwhile"));
+    }
     if db::api_keys::count_active(&mut tx, row.workspace_id.as_deref()).await? >= MAX_ACTIVE_KEYS {
         return Err(ServiceError::Conflict(format!(
             "at most {MAX_ACTIVE_KEYS} keys can be active at once, per workspace (and platform-admin keys in all); revoke one first"
@@ -203,11 +217,14 @@ pub async fn revoke(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
 }
 
 /// Revokes the active keys `creator` (a `created_by` value) made, in `workspace_id` or in any
-/// (`None`), and the keys those keys made, and so on; each revocation is in the audit log with
-/// `because`. Returns how many keys were revoked. For a person who loses the right to the keys
-/// they made (removed, no longer an owner, disabled): they saw every secret once. A key revoked
-/// by itself does not take the keys it made along, since revoking the old key is the last step
-/// of a routine rotation; the dashboard shows which key made which.
+/// (`None`), and the keys those keys made, and so on, through keys already revoked; each
+/// revocation is in the audit log with `because`. Returns how many keys were revoked. For a
+/// person who loses the right to the keys they made (removed, no longer an owner, disabled):
+/// they saw every secret once. A key revoked by itself does not take the keys it made along,
+/// since revoking the old key is the last step of a routine rotation (the dashboard shows which
+/// key made which); but the new key is still its maker's, and goes when its maker's right does.
+/// Run after the change that withdraws the right, in its transaction: a key being made
+/// meanwhile either waits for it and is refused, or is found here (see [`create`]).
 pub async fn revoke_made_by(
     conn: &mut AnyConnection,
     now: i64,
@@ -219,7 +236,11 @@ pub async fn revoke_made_by(
     let mut creators = vec![creator.to_string()];
     let mut revoked = 0;
     while let Some(creator) = creators.pop() {
-        for key in db::api_keys::active_created_by(&mut *conn, &creator, workspace_id).await? {
+        for key in db::api_keys::made_by(&mut *conn, &creator, workspace_id).await? {
+            creators.push(Actor::ApiKey { id: key.id.clone() }.label());
+            if key.revoked_at.is_some() {
+                continue;
+            }
             db::api_keys::revoke(&mut *conn, &key.id, now).await?;
             audit::record(
                 &mut *conn,
@@ -233,7 +254,6 @@ pub async fn revoke_made_by(
             )
             .await?;
             revoked += 1;
-            creators.push(Actor::ApiKey { id: key.id }.label());
         }
     }
     Ok(revoked)

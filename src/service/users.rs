@@ -525,6 +525,9 @@ pub async fn add_member(
         created_at: now,
     };
     let mut tx = app.db.begin_write().await?;
+    // One change of a workspace's members at a time, so that two owners demoting or removing
+    // each other cannot both pass the only-owner check.
+    db::advisory_lock(&mut tx, app.db.backend(), &members_lock(workspace_id)).await?;
     let before = db::users::membership(&mut tx, &user.id, workspace_id).await?;
     if before.as_ref().is_some_and(|b| b.role == "owner")
         && role == Role::Member
@@ -577,6 +580,11 @@ pub async fn add_member(
     })
 }
 
+/// The advisory lock (PostgreSQL) under which a workspace's members change.
+fn members_lock(workspace_id: &str) -> String {
+    format!("members:{workspace_id}")
+}
+
 /// The `created_by` value of what a user made.
 fn maker(user_id: &str) -> String {
     Actor::User { id: user_id.to_string() }.label()
@@ -590,6 +598,7 @@ pub async fn remove_member(app: &App, actor: &Actor, workspace_id: &str, user_id
     }
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
+    db::advisory_lock(&mut tx, app.db.backend(), &members_lock(workspace_id)).await?;
     let Some(m) = db::users::membership(&mut tx, user_id, workspace_id).await? else {
         return Err(ServiceError::NotFound("member"));
     };

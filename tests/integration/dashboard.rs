@@ -36,6 +36,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         members_branding_and_api_keys,
         branding_saved_meanwhile_comes_back_unsaved,
         api_keys_go_when_their_maker_loses_the_right_to_them,
+        owners_removing_each_other_at_once_leave_one,
         connection_pages_and_repair_link,
         used_up_link_is_still_the_repair_link,
         overview_counts_follow_every_change,
@@ -515,9 +516,14 @@ async fn api_keys_go_when_their_maker_loses_the_right_to_them(app: TestApp) {
         let client = signed_in(&app, &email).await;
         let their_csrf = csrf_of(&page(&app, &client, "/app/w/acme/members", 200).await);
         let key = dashboard_key(&app, &client, &their_csrf, &format!("{who} key")).await;
-        // A key made with theirs, through the API.
+        // A key made with theirs, through the API, then rotated: the new key made with the old,
+        // which then revokes itself. The new key is still theirs.
         let child = app.api_post("/api-keys", &key, json!({"name": format!("{who} child")}), 201).await;
-        makers.push((email, key, child["secret"].as_str().unwrap().to_string()));
+        let old = child["secret"].as_str().unwrap();
+        let new = app.api_post("/api-keys", old, json!({"name": format!("{who} rotated")}), 201).await;
+        app.api_post(&format!("/api-keys/{}/revoke", child["id"].as_str().unwrap()), old, json!({}), 200)
+            .await;
+        makers.push((email, key, new["secret"].as_str().unwrap().to_string()));
     }
     let kept = dashboard_key(&app, &owner, &csrf, "owner key").await;
     let works = |secret: String| {
@@ -559,6 +565,50 @@ async fn api_keys_go_when_their_maker_loses_the_right_to_them(app: TestApp) {
     assert_eq!(reasons.len(), 6, "{audit}");
     for why in ["removed from the workspace", "no longer an owner", "was disabled"] {
         assert_eq!(reasons.iter().filter(|r| r.contains(why)).count(), 2, "{why}: {reasons:?}");
+    }
+}
+
+/// Two owners who remove each other at the same moment: one removal is refused, so that the
+/// workspace keeps an owner (the only-owner rule holds under concurrency, on PostgreSQL too).
+async fn owners_removing_each_other_at_once_leave_one(app: TestApp) {
+    create_user(&app, "owner@example.com", false);
+    create_user(&app, "second@example.com", false);
+    let (_, first, first_csrf) = acme_with_owner(&app).await;
+    let add = |email: &str| {
+        app.cli_json(&["user", "add-member", "--email", email, "--workspace", "acme", "--role", "owner"]);
+    };
+    add("second@example.com");
+    let second = signed_in(&app, "second@example.com").await;
+    let second_csrf = csrf_of(&page(&app, &second, "/app/w/acme/members", 200).await);
+    let users = app.cli_json(&["user", "list"]);
+    let id_of = |email: &str| {
+        users.as_array().unwrap().iter().find(|u| u["email"] == email).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (first_id, second_id) = (id_of("owner@example.com"), id_of("second@example.com"));
+    let (remove_second, remove_first) =
+        (format!("/app/w/acme/members/{second_id}/remove"), format!("/app/w/acme/members/{first_id}/remove"));
+    for round in 0..8 {
+        let (a, b) = tokio::join!(
+            post(&app, &first, &first_csrf, &remove_second, &[]),
+            post(&app, &second, &second_csrf, &remove_first, &[]),
+        );
+        // The other is refused: as the only owner left (409), or as no longer a member (404).
+        let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+        statuses.sort_unstable();
+        assert!(matches!(statuses, [303, 404 | 409]), "round {round}: {statuses:?}");
+        let members = app.cli_json(&["user", "list"]);
+        let owners = members
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|u| u["workspaces"].as_array().is_some_and(|w| w.iter().any(|m| m["role"] == "owner")))
+            .count();
+        assert_eq!(owners, 1, "round {round}: {members}");
+        // The removed one is made owner again for the next round.
+        add(if a.status() == 303 { "second@example.com" } else { "owner@example.com" });
     }
 }
 
@@ -1412,6 +1462,14 @@ async fn connection_pages_and_repair_link(app: TestApp) {
     );
     let html = page(&app, &admin, &format!("/app/w/acme/connections/{conn_id}"), 200).await;
     assert!(html.contains("Broken: needs reconnecting"));
+    // A broken connection is not checked: its page offers no check, and a check sent anyway is
+    // refused with its status, asking the provider nothing and recording no outcome.
+    assert!(!html.contains("Check now"), "{html}");
+    let (status, body) = text(post(&app, &admin, &csrf_of(&html), &check, &[]).await).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("the connection is broken"), "{body}");
+    let audit = app.cli_json(&["audit", "list", "--action", "connection.check_requested"]);
+    assert_eq!(audit.as_array().unwrap().len(), 2, "{audit}");
     assert!(html.contains(&format!("id=\"repair-url\" type=\"text\" readonly value=\"{url}\"")), "{html}");
     let html = page(&app, &admin, "/app/w/acme", 200).await;
     assert!(html.contains("Needs attention") && html.contains(&format!("/app/w/acme/connections/{conn_id}")));

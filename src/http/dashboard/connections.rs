@@ -193,6 +193,8 @@ struct DetailPage {
     repair_url: Option<String>,
     history: Vec<HistoryItem>,
     can_disconnect: bool,
+    /// Active: a broken connection needs the client, not a check.
+    can_check: bool,
 }
 
 /// `GET /app/w/{slug}/connections/{id}`.
@@ -251,6 +253,7 @@ pub async fn show(
             })
             .collect(),
         can_disconnect: c.status != ConnectionStatus::Disconnected,
+        can_check: c.status == ConnectionStatus::Active,
     };
     Ok(render(StatusCode::OK, &page))
 }
@@ -267,7 +270,8 @@ pub async fn disconnect(
 }
 
 /// `POST /app/w/{slug}/connections/{id}/check`: asks the provider now whether the grant still
-/// works (the health check the jobs run), and comes back with what it said.
+/// works (the health check the jobs run), and comes back with what it said. A connection that is
+/// not active is refused (409, with its status and reason), as in the API: no check is made.
 pub async fn check(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -275,7 +279,7 @@ pub async fn check(
 ) -> DashResult {
     use crate::service::refresh::Outcome;
     let ws = workspace(&state, &ctx, &slug).await?;
-    let c = connections::get_row(&state, &ws.scope, &id).await?;
+    let c = connections::get_active_row(&state, &ws.scope, &id).await?;
     let outcome = crate::service::refresh::check(&state, &c.id).await?;
     let (notice, words) = match outcome {
         Outcome::Refreshed(_) | Outcome::Current(_) => ("checked_ok", "current"),
