@@ -295,7 +295,18 @@ pub async fn build_state(config: Config) -> Result<AppState, StartupError> {
     let sandbox = Arc::new(Sandbox::new(&config, system_clock.clone()));
     let webhook_guard =
         crate::net::Guard::new(Arc::new(crate::net::SystemResolver), config.webhooks.allow_private_targets);
-    Ok(AppState(Arc::new(App { config, db, keys, clock, system_clock, providers, sandbox, webhook_guard })))
+    let detached = crate::state::Detached::default();
+    Ok(AppState(Arc::new(App {
+        config,
+        db,
+        keys,
+        clock,
+        system_clock,
+        providers,
+        sandbox,
+        webhook_guard,
+        detached,
+    })))
 }
 
 /// A built application: bound, migrated, ready to serve.
@@ -384,6 +395,10 @@ impl Application {
             // Let claimed work finish (its leases would otherwise have to run out).
             finish_by(deadline(), jobs, "background jobs still running after the grace period; stopping")
                 .await;
+        }
+        // Work whose requests went away (a refresh whose answer must be stored) finishes too.
+        if tokio::time::timeout_at(deadline(), state.detached.drain()).await.is_err() {
+            tracing::warn!("work of requests that went away still running after the grace period; stopping");
         }
         // The heartbeat stops with the stop signal; a beat it was writing finishes first. Nothing
         // of this process runs any more when its record goes.

@@ -41,6 +41,47 @@ pub struct App {
     pub sandbox: Arc<Sandbox>,
     /// The SSRF guard for webhook endpoints (resolver and address policy).
     pub webhook_guard: crate::net::Guard,
+    /// Work that runs on to its end when the request that asked for it goes away.
+    pub detached: Detached,
+}
+
+/// Work that must not stop halfway because the request waiting for it went away (the client
+/// gave up, the request timed out, the shutdown's grace period ended): a refresh whose provider
+/// may already have rotated the refresh token, whose new token exists nowhere else until stored;
+/// a disconnect that revoked the grant at the provider. See [`AppState::detached`]; shutdown
+/// waits for it ([`Detached::drain`]).
+#[derive(Debug, Default)]
+pub struct Detached(Arc<tokio::sync::RwLock<()>>);
+
+impl Detached {
+    /// Waits until no detached work runs.
+    pub async fn drain(&self) {
+        drop(self.0.write().await);
+    }
+}
+
+impl AppState {
+    /// Runs `work` on a task of its own and waits for its result: if the caller is dropped
+    /// meanwhile, the work still runs to its end. A panic in it is the caller's panic.
+    pub async fn detached<T, F>(&self, work: F) -> crate::service::ServiceResult<T>
+    where
+        F: std::future::Future<Output = crate::service::ServiceResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let running = self.detached.0.clone().read_owned().await;
+        let task = tokio::spawn(async move {
+            let _running = running;
+            work.await
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // Only when the runtime itself stops.
+                Err(_) => Err(crate::service::ServiceError::Unavailable("authlink is stopping".into())),
+            },
+        }
+    }
 }
 
 impl App {

@@ -289,7 +289,7 @@ pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(quer
         Some(Scripted::Answer(resp)) => return resp,
         Some(Scripted::Tamper(t)) => t.apply(Platform::Instagram, &mut p),
         // (Refused for Instagram when scripted.)
-        Some(Scripted::CallbackError(_)) | None => {}
+        Some(Scripted::CallbackError(_) | Scripted::AnswerLate(_)) | None => {}
     }
     let deny_all = {
         let mut st = sb.instagram_state();
@@ -452,6 +452,7 @@ fn exchange_failure(sb: &Sandbox, kind: FailureKind, status: Option<u16>, retry_
         // faults, which the endpoint's own checks answer.)
         FailureKind::HtmlError
         | FailureKind::Slow
+        | FailureKind::SlowAnswer
         | FailureKind::InvalidClient
         | FailureKind::RedirectUriMismatch
         | FailureKind::PkceMismatch
@@ -505,6 +506,7 @@ fn graph_failure(sb: &Sandbox, failure: &FailNext, retry_after: u64) -> Response
         // faults, which only the code exchange and the authorize page take.)
         FailureKind::HtmlError
         | FailureKind::Slow
+        | FailureKind::SlowAnswer
         | FailureKind::InvalidClient
         | FailureKind::RedirectUriMismatch
         | FailureKind::PkceMismatch
@@ -588,7 +590,8 @@ pub(super) async fn access_token(
     let tamper = match scripted_failure(&sb, Endpoint::Token).await {
         Some(Scripted::Answer(resp)) => return resp,
         Some(Scripted::Tamper(t)) => Some(t),
-        Some(Scripted::CallbackError(_)) | None => None,
+        // (`callback_error` and `slow_answer` are refused for Instagram when scripted.)
+        Some(Scripted::CallbackError(_) | Scripted::AnswerLate(_)) | None => None,
     };
     let now = sb.now();
     let mut p = match Params::from_body(&headers, &body, true) {

@@ -63,7 +63,7 @@
 //!   failure that cannot happen at that provider or endpoint is refused (400). See
 //!   [`ScenarioPatch`]:
 //!   `{"deny_all": bool, "fail_next": [{"endpoint": "authorize"|"token"|"refresh"|"profile"|"exchange_long_lived"|"revoke",
-//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed"|"invalid_client"|"redirect_uri_mismatch"|"pkce_mismatch"|"request_error"|"callback_error",
+//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"slow_answer"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed"|"invalid_client"|"redirect_uri_mismatch"|"pkce_mismatch"|"request_error"|"callback_error",
 //!   "count": n (default 1), "status": optional HTTP status for html_error (default 502) and
 //!   Instagram's graph_rate_limit (400, 403 or 429; default 400) and server_error (400, 500 or
 //!   503; default 500), "code": Instagram's graph_rate_limit Graph code (4, 17, 32 or 613;
@@ -83,7 +83,8 @@
 //!   default 86400), "error_state": "echo"|"omit" (whether `state` comes back with an error
 //!   redirect), "retry_after_secs": n (default 30), "slow_ms": n (default 15000)}`.
 //!   `fail_next` entries are consumed in order, per endpoint: a call takes the first entry for its
-//!   endpoint. `slow` waits `slow_ms`, then answers normally. See [`FailureKind`] for each kind's
+//!   endpoint. `slow` waits `slow_ms`, then answers normally; `slow_answer` (TikTok's `token` and
+//!   `refresh`) answers normally, but `slow_ms` after handling the call. See [`FailureKind`] for each kind's
 //!   answer per provider; on Instagram's code exchange (`token`) every kind answers the
 //!   exchange's own `{error_type, code, error_message}` shape (§3.3), never the Graph one. The
 //!   request faults (`invalid_client`, `redirect_uri_mismatch`, `pkce_mismatch`,
@@ -497,6 +498,10 @@ pub enum FailureKind {
     GraphRateLimit,
     /// Waits `slow_ms`, then answers normally.
     Slow,
+    /// TikTok's token and refresh calls only: handles the call at once (a refresh rotates the
+    /// refresh token), then waits `slow_ms` before answering: a caller that stops waiting has
+    /// lost an answer the provider already acted on.
+    SlowAnswer,
     /// An HTML page from a proxy (status `status`, default 502).
     HtmlError,
     /// TikTok 401 `access_token_invalid`; Graph 190 without subcode.
@@ -559,6 +564,8 @@ impl FailureKind {
             (FailureKind::InvalidClient | FailureKind::RedirectUriMismatch, _)
             | (FailureKind::PkceMismatch, Platform::Tiktok) => Some(&[Endpoint::Token]),
             (FailureKind::PkceMismatch, Platform::Instagram) => Some(&[]),
+            (FailureKind::SlowAnswer, Platform::Tiktok) => Some(&[Endpoint::Token, Endpoint::Refresh]),
+            (FailureKind::SlowAnswer, Platform::Instagram) => Some(&[]),
             _ => None,
         }
     }
@@ -676,6 +683,8 @@ enum Scripted {
     Tamper(Tamper),
     /// Check the authorize request, then redirect back with this `error`.
     CallbackError(String),
+    /// Handle the call, then wait this long before answering.
+    AnswerLate(std::time::Duration),
 }
 
 /// A wrong value a scripted failure puts into a request before the endpoint's own checks run,

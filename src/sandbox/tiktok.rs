@@ -408,7 +408,8 @@ pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(quer
         Some(Scripted::Answer(resp)) => return resp,
         Some(Scripted::Tamper(t)) => t.apply(Platform::Tiktok, &mut p),
         Some(Scripted::CallbackError(error)) => callback_error = Some(error),
-        None => {}
+        // (Refused on the authorize page when scripted.)
+        Some(Scripted::AnswerLate(_)) | None => {}
     }
     let (pkce_optional, deny_all, error_state) = {
         let mut st = sb.tiktok_state();
@@ -603,6 +604,9 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> 
             tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
             return None;
         }
+        FailureKind::SlowAnswer => {
+            return Some(Scripted::AnswerLate(std::time::Duration::from_millis(slow_ms)));
+        }
         FailureKind::InvalidClient
         | FailureKind::RedirectUriMismatch
         | FailureKind::PkceMismatch
@@ -717,11 +721,26 @@ async fn token_answer_to(sb: &Sandbox, headers: &HeaderMap, body: &[u8]) -> Resp
     let parsed = Params::from_body(headers, body, false);
     let grant_type = parsed.as_ref().ok().and_then(|p| p.get("grant_type")).unwrap_or_default().to_string();
     let endpoint = if grant_type == "refresh_token" { Endpoint::Refresh } else { Endpoint::Token };
-    let tamper = match scripted_failure(sb, endpoint).await {
+    let (tamper, late) = match scripted_failure(sb, endpoint).await {
         Some(Scripted::Answer(resp)) => return resp,
-        Some(Scripted::Tamper(t)) => Some(t),
-        Some(Scripted::CallbackError(_)) | None => None,
+        Some(Scripted::Tamper(t)) => (Some(t), None),
+        Some(Scripted::AnswerLate(delay)) => (None, Some(delay)),
+        Some(Scripted::CallbackError(_)) | None => (None, None),
     };
+    let resp = handle_token_call(sb, parsed, &grant_type, tamper);
+    if let Some(delay) = late {
+        tokio::time::sleep(delay).await;
+    }
+    resp
+}
+
+/// The token endpoint's answer to a call, its scripted failure applied.
+fn handle_token_call(
+    sb: &Sandbox,
+    parsed: Result<Params, String>,
+    grant_type: &str,
+    tamper: Option<Tamper>,
+) -> Response {
     let now = sb.now();
     let mut p = match parsed {
         Ok(p) => p,
@@ -738,7 +757,7 @@ async fn token_answer_to(sb: &Sandbox, headers: &HeaderMap, body: &[u8]) -> Resp
             now,
         );
     }
-    match grant_type.as_str() {
+    match grant_type {
         "authorization_code" => exchange_code(sb, &p, now),
         "refresh_token" => refresh(sb, &p, now),
         "" => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is required.", now),
@@ -1005,7 +1024,8 @@ async fn revoke_answer_to(sb: &Sandbox, headers: &HeaderMap, body: &[u8]) -> Res
     let tamper = match scripted_failure(sb, Endpoint::Revoke).await {
         Some(Scripted::Answer(resp)) => return resp,
         Some(Scripted::Tamper(t)) => Some(t),
-        Some(Scripted::CallbackError(_)) | None => None,
+        // (Refused on the revoke endpoint when scripted.)
+        Some(Scripted::CallbackError(_) | Scripted::AnswerLate(_)) | None => None,
     };
     let now = sb.now();
     let mut p = match Params::from_body(headers, body, false) {

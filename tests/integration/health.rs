@@ -23,6 +23,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         transient_refresh_failures_recover,
         refresh_overtaken_by_a_reconnect_keeps_the_new_grant,
         refusal_overtaken_by_a_reconnect_gives_the_new_token,
+        refresh_outlives_the_request_that_asked_for_it,
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
         permanent_failure_breaks_once_and_link_repairs,
         withdrawn_scopes_are_noticed_at_refresh,
@@ -648,6 +649,51 @@ async fn refusal_overtaken_by_a_reconnect_gives_the_new_token(app: TestApp) {
     // The token given is the reconnect's: reading again (nothing to refresh) gives the same.
     let again = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
     assert_eq!(token["access_token"], again["access_token"]);
+    restarted.run().await;
+}
+
+/// A forced refresh whose caller stops waiting once the provider has rotated the refresh token
+/// (the provider answers 3 s late, the caller gives up after half a second): the refresh runs on
+/// to its end, the rotated token is stored, and the next refresh sends it, reusing none.
+async fn refresh_outlives_the_request_that_asked_for_it(app: TestApp) {
+    let (app, restarted) = app
+        .restart_with(&[("AUTHLINK_JOBS__ENABLED", "false"), ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10")])
+        .await;
+    let wid = app.workspace("Gone caller");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    let id = connection_id(&app, &key).await;
+    let before = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow_answer"}], "slow_ms": 3000}),
+    )
+    .await;
+    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
+    let gone = app
+        .api(reqwest::Method::POST, &format!("/connections/{id}/refresh"), &key)
+        .json(&json!({}))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
+    assert!(gone.as_ref().is_err_and(reqwest::Error::is_timeout), "{gone:?}");
+    eventually("the refresh to reach the provider", 30, || async {
+        let s = app.sandbox_stats("tiktok").await;
+        (s["refresh_calls"].as_i64().unwrap() > calls).then_some(s)
+    })
+    .await;
+    // The next read waits for the refresh still running (one refresh of a connection at a time)
+    // and gets the token it stored.
+    let after = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    assert_ne!(after["access_token"], before["access_token"], "the late answer's token was stored");
+    // The stored refresh token is the rotated one: refreshing again works and reuses none.
+    let again = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    assert_eq!(again["outcome"], "refreshed", "{again}");
+    let stats = app.sandbox_stats("tiktok").await;
+    assert_eq!((stats["refresh_token_reuse"].as_i64(), stats["invalid_grant"].as_i64()), (Some(0), Some(0)));
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "active");
     restarted.run().await;
 }
 

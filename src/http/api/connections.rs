@@ -117,7 +117,10 @@ async fn disconnect_connection(
     caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ConnectionView>> {
-    Ok(Json(connections::disconnect(&state, &caller.actor, &caller.scope, &id).await?))
+    // Run to its end even if the caller goes away: the grant may already be revoked.
+    let st = state.clone();
+    let Caller { actor, scope, .. } = caller;
+    Ok(Json(state.detached(async move { connections::disconnect(&st, &actor, &scope, &id).await }).await?))
 }
 
 /// A valid access token, refreshed first when it would expire within five minutes. Every read is
@@ -132,7 +135,11 @@ async fn get_access_token(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let token = connections::access_token(&state, &caller.actor, &caller.scope, &id).await?;
+    // Run to its end even if the caller goes away: a refresh's rotated token must be stored.
+    let st = state.clone();
+    let Caller { actor, scope, .. } = caller;
+    let token =
+        state.detached(async move { connections::access_token(&st, &actor, &scope, &id).await }).await?;
     let mut res = Json(token).into_response();
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(res)
@@ -199,7 +206,11 @@ async fn refresh_connection(
 ) -> ApiResult<Json<RunResult>> {
     use crate::service::refresh::Requested;
     connections::get_active_row(&state, &caller.scope, &id).await?;
-    let words = match crate::service::refresh::refresh_requested(&state, &id).await? {
+    let (st, conn_id) = (state.clone(), id.clone());
+    let requested = state
+        .detached(async move { crate::service::refresh::refresh_requested(&st, &conn_id).await })
+        .await?;
+    let words = match requested {
         Requested::Done(outcome) => outcome_words(outcome),
         Requested::NotYet { message, .. } => ("too_early", Some(message)),
     };
@@ -217,6 +228,7 @@ async fn check_connection(
     Path(id): Path<String>,
 ) -> ApiResult<Json<RunResult>> {
     connections::get_active_row(&state, &caller.scope, &id).await?;
-    let outcome = crate::service::refresh::check(&state, &id).await?;
+    let (st, conn_id) = (state.clone(), id.clone());
+    let outcome = state.detached(async move { crate::service::refresh::check(&st, &conn_id).await }).await?;
     run_result(&state, &caller, &id, outcome_words(outcome), "connection.check_requested").await
 }

@@ -265,7 +265,9 @@ pub async fn disconnect(
     Path((slug, id)): Path<(String, String)>,
 ) -> DashResult {
     let ws = workspace(&state, &ctx, &slug).await?;
-    let c = connections::disconnect(&state, &ctx.actor, &ws.scope, &id).await?;
+    // Run to its end even if the browser goes away: the grant may already be revoked.
+    let (st, actor, scope) = (state.clone(), ctx.actor.clone(), ws.scope.clone());
+    let c = state.detached(async move { connections::disconnect(&st, &actor, &scope, &id).await }).await?;
     Ok(see_other(&format!("/app/w/{}/connections/{}?notice=disconnected", ws.row.slug, c.id)))
 }
 
@@ -280,7 +282,9 @@ pub async fn check(
     use crate::service::refresh::Outcome;
     let ws = workspace(&state, &ctx, &slug).await?;
     let c = connections::get_active_row(&state, &ws.scope, &id).await?;
-    let outcome = crate::service::refresh::check(&state, &c.id).await?;
+    // Run to its end even if the browser goes away: a refresh's rotated token must be stored.
+    let (st, conn_id) = (state.clone(), c.id.clone());
+    let outcome = state.detached(async move { crate::service::refresh::check(&st, &conn_id).await }).await?;
     let (notice, words) = match outcome {
         Outcome::Refreshed(_) | Outcome::Current(_) => ("checked_ok", "current"),
         Outcome::Transient(_) => ("checked_transient", "transient"),
