@@ -631,10 +631,7 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
             app.run_until_stopped().await.map_err(|e| CliError::new(1, format!("server failed: {e}")))
         }
         Command::Migrate => {
-            let db = crate::db::Db::connect(&config.database_url, &config.database)
-                .await
-                .map_err(|e| CliError::from(StartupError::from(e)))?;
-            db.migrate().await.map_err(|e| CliError::from(StartupError::from(e)))?;
+            startup::open_database(&config).await?;
             print(json, &serde_json::json!({"migrated": true}), |_| "database is up to date".into());
             Ok(())
         }

@@ -25,16 +25,25 @@ impl SystemClock {
         Arc::new(Self::default())
     }
 
-    /// Moves this clock forward by `seconds` (used by the sandbox control endpoint).
+    /// Moves this clock forward by `seconds` (used by the sandbox control endpoint), by at most
+    /// [`MAX_OFFSET_MS`] in all.
     pub fn advance(&self, seconds: i64) {
-        self.offset_ms.fetch_add(seconds.saturating_mul(1000), Ordering::SeqCst);
+        let step = seconds.saturating_mul(1000);
+        let _ = self.offset_ms.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |offset| {
+            Some(offset.saturating_add(step).min(MAX_OFFSET_MS))
+        });
     }
 }
+
+/// How far the clock can be moved forward in all: a hundred years, so that every time it gives
+/// stays far from the end of the representable range.
+pub const MAX_OFFSET_MS: i64 = 100 * 365 * 86_400_000;
 
 impl Clock for SystemClock {
     fn now(&self) -> OffsetDateTime {
         let offset = self.offset_ms.load(Ordering::SeqCst);
-        OffsetDateTime::now_utc() + time::Duration::milliseconds(offset)
+        let now = OffsetDateTime::now_utc();
+        now.checked_add(time::Duration::milliseconds(offset)).unwrap_or(now)
     }
 }
 
@@ -67,5 +76,15 @@ mod tests {
         let before = c.now();
         c.advance(3600);
         assert!(c.now() - before >= time::Duration::seconds(3600));
+    }
+
+    #[test]
+    fn advance_stops_a_hundred_years_ahead() {
+        let c = SystemClock::default();
+        c.advance(i64::MAX);
+        c.advance(i64::MAX);
+        let ahead = c.now() - OffsetDateTime::now_utc();
+        assert!(ahead <= time::Duration::milliseconds(MAX_OFFSET_MS), "{ahead}");
+        assert!(ahead >= time::Duration::milliseconds(MAX_OFFSET_MS) - time::Duration::minutes(1), "{ahead}");
     }
 }

@@ -166,7 +166,7 @@ pub struct HttpConfig {
     pub api_requests_per_minute: u32,
     /// Addresses (`10.0.0.5`) and networks (`10.0.0.0/8`) of the reverse proxies whose
     /// `X-Forwarded-For` is believed: the client is the last address in it that is not one of
-    /// these. Default: loopback and private networks. `[]`: the peer address, always.
+    /// these. Default: loopback, private and link-local networks. `[]`: the peer address, always.
     pub trusted_proxies: Vec<String>,
 }
 
@@ -368,6 +368,31 @@ fn required_of(basic: &str, scopes: &[String], required: Option<&[String]>) -> V
 }
 
 /// Refuses a required scope that is not asked for.
+/// A SQLite `database_url` must name a file authlink can write: an empty path or `:memory:` gives
+/// each connection a database of its own that is gone when the connection closes, and a
+/// read-only one refuses every write.
+fn check_sqlite_url(url: &str) -> Result<(), ConfigError> {
+    let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) else {
+        return Ok(());
+    };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let refused = if path.is_empty() {
+        Some("names no file")
+    } else if path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory") {
+        Some("names an in-memory database, whose data would be lost")
+    } else if query.split('&').any(|kv| matches!(kv, "mode=ro" | "immutable=1")) {
+        Some("opens the database read-only")
+    } else {
+        None
+    };
+    match refused {
+        Some(why) => Err(ConfigError::Invalid(format!(
+            "key `database_url`: {why}; give the path of a SQLite file, e.g. sqlite:///var/lib/authlink/authlink.db"
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn check_required(provider: &str, scopes: &[String], required: Option<&[String]>) -> Result<(), ConfigError> {
     match required.unwrap_or_default().iter().find(|r| !scopes.contains(r)) {
         Some(r) => Err(ConfigError::Invalid(format!(
@@ -524,7 +549,11 @@ impl Config {
             .iter()
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix("AUTHLINK_")?;
-                if NON_CONFIG_ENV.contains(&rest) || rest.starts_with("TEST_") || is_service_link(rest) {
+                if NON_CONFIG_ENV.contains(&rest)
+                    || rest.starts_with("TEST_")
+                    || rest.starts_with("FUZZ_")
+                    || is_service_link(rest)
+                {
                     return None;
                 }
                 Some((rest.to_ascii_lowercase().replace("__", "."), v.clone()))
@@ -565,6 +594,7 @@ impl Config {
                 "key `database_url`: must start with sqlite:, postgres:// or postgresql://".into(),
             ));
         }
+        check_sqlite_url(db)?;
         // Zero would stop the service doing its work: every request answering 503 (timeout), a
         // job round claiming nothing and starting again at once (batches), nothing in flight.
         for (key, is_zero) in [
@@ -587,6 +617,43 @@ impl Config {
             if is_zero {
                 return Err(ConfigError::Invalid(format!("key `{key}`: must be positive")));
             }
+        }
+        // Past these a value is a mistake (and the arithmetic on it could overflow).
+        const DAY: u64 = 86_400;
+        for (key, value, max) in [
+            ("http.request_timeout_secs", self.http.request_timeout_secs, DAY),
+            ("http.shutdown_grace_secs", self.http.shutdown_grace_secs, DAY),
+            ("database.acquire_timeout_secs", self.database.acquire_timeout_secs, 3_600),
+            ("providers.timeout_secs", self.providers.timeout_secs, 3_600),
+            ("webhooks.timeout_secs", self.webhooks.timeout_secs, 3_600),
+            ("webhooks.retention_days", u64::from(self.webhooks.retention_days), 3_650),
+            ("jobs.tick_ms", self.jobs.tick_ms, 3_600_000),
+            ("jobs.lease_secs", self.jobs.lease_secs, DAY),
+            ("jobs.health_check_interval_secs", self.jobs.health_check_interval_secs, 30 * DAY),
+            ("jobs.expiring_notice_secs", self.jobs.expiring_notice_secs, 365 * DAY),
+            ("jobs.refresh_batch", u64::from(self.jobs.refresh_batch), 100_000),
+            ("jobs.webhook_batch", u64::from(self.jobs.webhook_batch), 100_000),
+            ("jobs.refresh_concurrency", self.jobs.refresh_concurrency as u64, 10_000),
+            ("jobs.webhook_concurrency", self.jobs.webhook_concurrency as u64, 10_000),
+        ] {
+            if value > max {
+                return Err(ConfigError::Invalid(format!("key `{key}`: must be at most {max}")));
+            }
+        }
+        // Every active connection's provider is asked once per interval.
+        if self.jobs.health_check_interval_secs < 60 {
+            return Err(ConfigError::Invalid(
+                "key `jobs.health_check_interval_secs`: must be at least 60 (each check is a call to the provider, \
+                 which limits them)"
+                    .into(),
+            ));
+        }
+        if self.sandbox.control_api && self.is_https() {
+            return Err(ConfigError::Invalid(
+                "key `sandbox.control_api`: its endpoints take no credentials and move the service's clock; \
+                 it is for tests and demos on an http public_url, not for an https deployment"
+                    .into(),
+            ));
         }
         if self.jobs.lease_secs <= self.providers.timeout_secs {
             return Err(ConfigError::Invalid(format!(
@@ -981,6 +1048,66 @@ mod tests {
             assert!(matches!(err, ConfigError::Invalid(_)), "{var}: {err}");
             assert_eq!(err.to_string(), format!("invalid configuration: key `{key}`: must be positive"));
         }
+    }
+
+    #[test]
+    fn settings_past_their_bounds_are_refused_naming_the_key() {
+        let refused = |pairs: &[(&str, &str)]| Config::load_from(None, &env(pairs)).unwrap_err().to_string();
+        for (var, key, max) in [
+            ("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "http.request_timeout_secs", "86400"),
+            ("AUTHLINK_HTTP__SHUTDOWN_GRACE_SECS", "http.shutdown_grace_secs", "86400"),
+            ("AUTHLINK_JOBS__REFRESH_CONCURRENCY", "jobs.refresh_concurrency", "10000"),
+            ("AUTHLINK_JOBS__WEBHOOK_CONCURRENCY", "jobs.webhook_concurrency", "10000"),
+            ("AUTHLINK_JOBS__HEALTH_CHECK_INTERVAL_SECS", "jobs.health_check_interval_secs", "2592000"),
+            ("AUTHLINK_JOBS__TICK_MS", "jobs.tick_ms", "3600000"),
+        ] {
+            assert_eq!(
+                refused(&[(var, "18446744073709551615")]),
+                format!("invalid configuration: key `{key}`: must be at most {max}")
+            );
+        }
+        for interval in ["0", "59"] {
+            let err = refused(&[("AUTHLINK_JOBS__HEALTH_CHECK_INTERVAL_SECS", interval)]);
+            assert!(err.contains("key `jobs.health_check_interval_secs`: must be at least 60"), "{err}");
+        }
+        assert!(
+            Config::load_from(None, &env(&[("AUTHLINK_JOBS__HEALTH_CHECK_INTERVAL_SECS", "60")])).is_ok()
+        );
+        // The unauthenticated sandbox control API is for http test and demo setups only.
+        let err = refused(&[
+            ("AUTHLINK_SANDBOX__CONTROL_API", "true"),
+            ("AUTHLINK_PUBLIC_URL", "https://connect.example.com"),
+        ]);
+        assert!(err.contains("key `sandbox.control_api`"), "{err}");
+        assert!(Config::load_from(None, &env(&[("AUTHLINK_SANDBOX__CONTROL_API", "true")])).is_ok());
+    }
+
+    #[test]
+    fn a_sqlite_url_must_name_a_writable_file() {
+        for (url, why) in [
+            ("sqlite://", "names no file"),
+            ("sqlite:", "names no file"),
+            ("sqlite://?mode=rwc", "names no file"),
+            ("sqlite::memory:", "in-memory"),
+            ("sqlite://data.db?mode=memory&cache=shared", "in-memory"),
+            ("sqlite://data.db?mode=ro", "read-only"),
+            ("sqlite:///var/lib/a.db?immutable=1", "read-only"),
+        ] {
+            let err =
+                Config::load_from(None, &env(&[("AUTHLINK_DATABASE_URL", url)])).unwrap_err().to_string();
+            assert!(err.contains("key `database_url`") && err.contains(why), "{url}: {err}");
+            assert!(!err.contains(url) || url.len() < 10, "the value is not echoed: {err}");
+        }
+        for url in ["sqlite://data.db", "sqlite:data.db", "sqlite:///var/lib/a.db?mode=rwc"] {
+            assert!(Config::load_from(None, &env(&[("AUTHLINK_DATABASE_URL", url)])).is_ok(), "{url}");
+        }
+    }
+
+    #[test]
+    fn fuzzing_variables_are_not_settings() {
+        let c =
+            Config::load_from(None, &env(&[("AUTHLINK_FUZZ_POSTGRES_URL", "postgres://x@h/db")])).unwrap();
+        assert_eq!(c.database_url.expose_secret(), "sqlite://authlink-data/authlink.db");
     }
 
     #[test]

@@ -62,6 +62,14 @@ pub enum StartupError {
     /// The database could not be reached or migrated.
     #[error("database: {0}")]
     Database(#[from] DbError),
+    /// The configured database could not be opened or migrated.
+    #[error("cannot use database_url {url}: {source}")]
+    DatabaseAt {
+        /// `database_url`, its password masked.
+        url: String,
+        /// Why.
+        source: DbError,
+    },
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -283,10 +291,21 @@ pub(crate) async fn state_for_tests(dir: &std::path::Path) -> AppState {
     build_state(config).await.unwrap_or_else(|e| panic!("test state: {e}"))
 }
 
+/// Opens the configured database and brings its schema up to date; a failure names the setting
+/// and where it points (its password masked).
+pub async fn open_database(config: &Config) -> Result<Db, StartupError> {
+    let at = |source| StartupError::DatabaseAt {
+        url: crate::config::mask_database_url(secrecy::ExposeSecret::expose_secret(&config.database_url)),
+        source,
+    };
+    let db = Db::connect(&config.database_url, &config.database).await.map_err(at)?;
+    db.migrate().await.map_err(at)?;
+    Ok(db)
+}
+
 pub async fn build_state(config: Config) -> Result<AppState, StartupError> {
     let keys = load_keyring(&config)?;
-    let db = Db::connect(&config.database_url, &config.database).await?;
-    db.migrate().await?;
+    let db = open_database(&config).await?;
     let system_clock = SystemClock::shared();
     let clock: Arc<dyn Clock> = system_clock.clone();
     check_keyring(&db, &keys, crate::clock::to_millis(clock.now())).await?;

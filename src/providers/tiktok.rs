@@ -277,17 +277,34 @@ pub(super) fn parse_token_answer(
             reason: format!("{what}: the answer carries no access_token"),
         });
     };
-    let Some(expires_in) = obj.get("expires_in").and_then(as_i64) else {
-        return Err(ProviderError::Rejected { reason: format!("{what}: the answer carries no expires_in") });
-    };
-    let access_expires_at = expiry(now, expires_in, what)?;
     let refresh_token = obj
         .get("refresh_token")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
         .map(|s| SecretString::from(s.to_string()));
+    let access_expires_at = match obj.get("expires_in").and_then(as_i64).map(|secs| expiry(now, secs, what)) {
+        Some(Ok(at)) => at,
+        // Beside a new refresh token, a lifetime missing or out of range does not throw the
+        // answer away: the provider may already have retired the refresh token this one
+        // replaces (providers.md: save any refresh token it returns). The access token counts as
+        // expiring now, so that the next read refreshes it, with the new refresh token.
+        _ if refresh_token.is_some() => {
+            tracing::warn!(
+                what,
+                "the answer's expires_in is missing or out of range; its access token is treated as expiring now"
+            );
+            now
+        }
+        None => {
+            return Err(ProviderError::Rejected {
+                reason: format!("{what}: the answer carries no expires_in"),
+            });
+        }
+        Some(Err(e)) => return Err(e),
+    };
     let refresh_expires_at = match obj.get("refresh_expires_in").and_then(as_i64) {
-        Some(secs) if refresh_token.is_some() => Some(expiry(now, secs, what)?),
+        // (Out of range: unknown, as when absent.)
+        Some(secs) if refresh_token.is_some() => expiry(now, secs, what).ok(),
         _ => None,
     };
     let scopes = obj.get("scope").map(scope_list).unwrap_or_default();
@@ -568,7 +585,11 @@ pub(super) fn str_field(obj: &serde_json::Map<String, Value>, key: &str) -> Stri
 /// An integer given as a JSON number or a numeric string.
 pub(super) fn as_i64(v: &Value) -> Option<i64> {
     match v {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_u64().map(|u| i64::try_from(u).unwrap_or(i64::MAX))),
+        Value::Number(n) => n
+            .as_i64()
+            .or_else(|| n.as_u64().map(|u| i64::try_from(u).unwrap_or(i64::MAX)))
+            // `7200.0`: whole seconds all the same (`as` saturates).
+            .or_else(|| n.as_f64().filter(|f| f.is_finite()).map(|f| f as i64)),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
@@ -720,6 +741,29 @@ mod tests {
         assert!(t.refresh_token.is_none());
         assert!(t.refresh_expires_at.is_none());
         assert_eq!(t.access_expires_at, now() + time::Duration::seconds(7200));
+    }
+
+    #[test]
+    fn a_new_refresh_token_is_kept_whatever_the_lifetimes_say() {
+        for body in [
+            r#"{"access_token":"act.x","refresh_token":"rft.new","open_id":"o"}"#,
+            r#"{"access_token":"act.x","expires_in":"2h","refresh_token":"rft.new","open_id":"o"}"#,
+            r#"{"access_token":"act.x","expires_in":9223372036854775807,"refresh_token":"rft.new",
+                "refresh_expires_in":9223372036854775807,"open_id":"o"}"#,
+        ] {
+            let t = parse_token_answer(&raw(200, body), now(), "x", &[]).unwrap();
+            assert_eq!(t.refresh_token.as_ref().unwrap().expose_secret(), "rft.new", "{body}");
+            assert_eq!(t.access_expires_at, now(), "expiring now, so refreshed at the next read: {body}");
+            assert_eq!(t.refresh_expires_at, None, "{body}");
+        }
+        // A whole number written as a float is read as such.
+        let body = r#"{"access_token":"act.x","expires_in":7200.0,"refresh_token":"rft.new"}"#;
+        let t = parse_token_answer(&raw(200, body), now(), "x", &[]).unwrap();
+        assert_eq!(t.access_expires_at, now() + time::Duration::seconds(7200));
+        // Without a refresh token to keep, an answer without a lifetime is refused as before.
+        let body = r#"{"access_token":"act.x","open_id":"o"}"#;
+        let e = parse_token_answer(&raw(200, body), now(), "x", &[]).unwrap_err();
+        assert!(matches!(e, ProviderError::Rejected { .. }), "{e:?}");
     }
 
     #[test]

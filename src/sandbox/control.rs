@@ -318,6 +318,9 @@ async fn advance_clock(State(sb): State<Arc<Sandbox>>, bytes: Bytes) -> Response
     if request.seconds < 0 {
         return bad_request("seconds must not be negative: the clock only moves forward");
     }
+    if request.seconds > crate::clock::MAX_OFFSET_MS / 1000 {
+        return bad_request("seconds must be at most a hundred years (3153600000)");
+    }
     sb.clock.advance(request.seconds);
     let now = sb.now();
     tracing::info!(seconds = request.seconds, "sandbox clock advanced");

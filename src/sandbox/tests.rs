@@ -1172,6 +1172,8 @@ async fn control_api_refuses_failures_that_cannot_happen_there() {
         ("tiktok", json!({ "endpoint": "profile", "kind": "server_error", "code": 1 })),
         ("tiktok", json!({ "endpoint": "exchange_long_lived", "kind": "server_error" })),
         ("instagram", json!({ "endpoint": "revoke", "kind": "server_error" })),
+        ("instagram", json!({ "endpoint": "refresh", "kind": "slow_answer" })),
+        ("tiktok", json!({ "endpoint": "profile", "kind": "slow_answer" })),
     ] {
         let (status, body) =
             h.control(&format!("/{provider}/scenario"), json!({ "fail_next": [entry] })).await;
@@ -1188,6 +1190,11 @@ async fn control_api_refuses_failures_that_cannot_happen_there() {
         let (status, body) = h.control(&format!("/{provider}/scenario"), patch.clone()).await;
         assert_eq!(status, 400, "{provider} {patch}: {body}");
     }
+    // The clock moves a hundred years at most (further, every time would overflow).
+    let before = h.sandbox.now();
+    let (status, body) = h.control("/clock/advance", json!({ "seconds": 300_000_000_000_i64 })).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(h.sandbox.now() - before < time::Duration::hours(1), "the clock did not move");
 }
 
 #[tokio::test]

@@ -382,17 +382,25 @@ async fn migrate_and_unreachable_database(app: TestApp) {
     let out = app.cli_env(&["migrate"], &[("AUTHLINK_DATABASE_URL", &url)]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(fresh.exists());
-    // An unreachable database: a clear message and a non-zero exit, quickly.
+    // An unreachable database: a clear message naming the setting, where it points (without the
+    // password) and why, and a non-zero exit, quickly.
     let started = std::time::Instant::now();
     let out = app.cli_env(
         &["workspace", "list"],
         &[
-            ("AUTHLINK_DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+            ("AUTHLINK_DATABASE_URL", "postgres://postgres:hunter2@127.0.0.1:1/none"),
             ("AUTHLINK_DATABASE__ACQUIRE_TIMEOUT_SECS", "2"),
         ],
     );
-    assert_fails(&out, "database");
+    assert_fails(&out, "cannot use database_url postgres://postgres:****@127.0.0.1:1/none");
+    assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("hunter2"), "{}", stderr(&out));
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // A SQLite file whose folder cannot be made: the path is named.
+    std::fs::write(app.dir.path().join("plain-file"), "").unwrap();
+    let url = format!("sqlite://{}/plain-file/x.db", app.dir.path().display());
+    let out = app.cli_env(&["migrate"], &[("AUTHLINK_DATABASE_URL", &url)]);
+    assert_fails(&out, &format!("cannot use database_url {url}"));
     let out = app.cli_env(
         &["serve"],
         &[
