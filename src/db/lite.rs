@@ -201,9 +201,13 @@ impl From<rusqlite::Error> for DbError {
         use rusqlite::ErrorCode;
         match &e {
             rusqlite::Error::SqliteFailure(f, msg) => match f.code {
-                ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::CannotOpen => {
-                    DbError::Unavailable(e.into())
-                }
+                // As on sqlx's path (`is_unavailable_code`): the database cannot do the work now.
+                ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::CannotOpen
+                | ErrorCode::ReadOnly
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::DiskFull => DbError::Unavailable(e.into()),
                 ErrorCode::ConstraintViolation
                     if matches!(
                         f.extended_code,

@@ -110,9 +110,24 @@ impl DbError {
     }
 }
 
-/// PostgreSQL "server is going away" codes and SQLite's busy/locked codes.
+/// Whether a database error code says the database cannot do the work now, but may later: on
+/// PostgreSQL connection exceptions (class 08), insufficient resources (53: disk full, out of
+/// memory, too many connections), the server going away (57P01-57P03), a read-only server (25006,
+/// a demoted primary after a failover) and a transaction to run again (40001, 40P01); on SQLite
+/// (whose codes come extended: the primary code is the low byte) busy, locked, read-only, an
+/// I/O error, a full disk and a file it cannot open.
 fn is_unavailable_code(code: Option<&str>) -> bool {
-    matches!(code, Some("57P01" | "57P02" | "57P03" | "53300" | "08006" | "08001" | "08003" | "5" | "6"))
+    let Some(code) = code else {
+        return false;
+    };
+    // (A SQLSTATE has five characters, a SQLite code at most four digits.)
+    if code.len() < 5 {
+        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN.
+        return code.parse::<i32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6 | 8 | 10 | 13 | 14));
+    }
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "25006" | "40001" | "40P01")
 }
 
 /// The result type of this module.
@@ -654,6 +669,50 @@ mod tests {
     use sqlx::Row;
 
     use super::*;
+
+    #[test]
+    fn errors_that_pass_are_unavailable_and_the_others_are_not() {
+        for code in [
+            "5", "261", "517", "6", "262", "8", "10", "266", "13", "14", "08000", "08004", "08006", "53100",
+            "53200", "53300", "57P01", "25006", "40001", "40P01",
+        ] {
+            assert!(is_unavailable_code(Some(code)), "{code}");
+        }
+        for code in ["1", "19", "2067", "1555", "23505", "23503", "42P01", "22021"] {
+            assert!(!is_unavailable_code(Some(code)), "{code}");
+        }
+        assert!(!is_unavailable_code(None));
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_unavailable_on_both_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count").fetch_one(&mut *conn).await.unwrap();
+        sqlx::query(&format!("PRAGMA max_page_count = {pages}")).execute(&mut *conn).await.unwrap();
+        let full = DbError::from(
+            sqlx::query(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \
+                 INSERT INTO t (x) SELECT i FROM n",
+            )
+            .execute(&mut *conn)
+            .await
+            .unwrap_err(),
+        );
+        assert!(matches!(full, DbError::Unavailable(_)), "{full:?}");
+        drop(conn);
+        let file = dir.path().join("full.db");
+        let lite = rusqlite::Connection::open(&file).unwrap();
+        lite.execute_batch("CREATE TABLE t (x); PRAGMA max_page_count = 2;").unwrap();
+        let e = lite
+            .execute_batch(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \
+                 INSERT INTO t (x) SELECT i FROM n",
+            )
+            .unwrap_err();
+        assert!(matches!(DbError::from(e), DbError::Unavailable(_)));
+    }
 
     async fn sqlite(dir: &tempfile::TempDir) -> Db {
         let db = test_sqlite(dir, 4).await;
