@@ -997,7 +997,7 @@ async fn apikey(app: AppState, json: bool, cmd: ApiKeyCommand) -> CliResult {
                 Some(w) => Scope::Workspace(workspace_id(&app, &w).await?),
                 None => Scope::Admin,
             };
-            let list = api_keys::list(&app, &scope).await?;
+            let list = api_keys::list(&app, &scope, None).await?;
             print(json, &list, |list| {
                 if list.is_empty() {
                     return "no API keys".into();

@@ -128,9 +128,18 @@ pub fn parse_optional_label(field: &str, value: Option<&str>) -> Result<Option<S
     }
 }
 
-/// A workspace slug: 1-63 characters of `a-z`, `0-9` and `-`, not starting or ending with `-`.
+/// Whether `s` has the shape of one of our ids (a hyphenated UUID).
+pub fn is_id_shaped(s: &str) -> bool {
+    s.len() == 36 && uuid::Uuid::parse_str(s).is_ok()
+}
+
+/// A workspace slug: 1-63 characters of `a-z`, `0-9` and `-`, not starting or ending with `-`,
+/// and not shaped like an id (commands and addresses take a workspace's id or its slug).
 pub fn parse_slug(value: &str) -> Result<String, FieldError> {
     let v = value.trim();
+    if is_id_shaped(v) {
+        return Err(FieldError::new("slug", "must not have the shape of an id, for which it would be taken"));
+    }
     let ok = !v.is_empty()
         && v.len() <= 63
         && v.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
@@ -160,7 +169,13 @@ pub fn slugify(name: &str) -> String {
         }
     }
     let trimmed = out.trim_matches('-').to_string();
-    if trimmed.is_empty() { "workspace".into() } else { trimmed }
+    if trimmed.is_empty() {
+        "workspace".into()
+    } else if is_id_shaped(&trimmed) {
+        format!("w-{trimmed}")
+    } else {
+        trimmed
+    }
 }
 
 /// An `#rrggbb` colour.
@@ -453,6 +468,12 @@ mod tests {
         assert!(parse_slug("acme-1").is_ok());
         assert!(parse_slug("-acme").is_err());
         assert!(parse_slug("Acme").is_err());
+        // Never shaped like an id, which commands and addresses would take it for.
+        let id = "0190a6e4-0000-7000-8000-000000000000";
+        assert!(parse_slug(id).is_err());
+        assert!(parse_slug(&id[..35]).is_ok());
+        assert_eq!(slugify(id), format!("w-{id}"));
+        assert!(parse_slug(&slugify(id)).is_ok());
     }
 
     #[test]

@@ -646,7 +646,7 @@ pub fn new_id() -> String {
 
 /// Whether `s` looks like one of our ids (so malformed ids answer 404 without a query).
 pub fn is_id(s: &str) -> bool {
-    uuid::Uuid::parse_str(s).is_ok() && s.len() == 36
+    crate::domain::is_id_shaped(s)
 }
 
 /// A database on a new SQLite file in `dir`, with `max_connections` readers (tests).

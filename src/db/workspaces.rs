@@ -126,7 +126,10 @@ pub async fn get_by_id_or_slug(conn: &mut AnyConnection, key: &str) -> DbResult<
     if !super::is_id(key) && crate::domain::parse_slug(key).ok().as_deref() != Some(key) {
         return Ok(None);
     }
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM workspaces WHERE id = $1 OR slug = $1"))
+    // (The id first, should a slug made before slugs were refused that shape be another's id.)
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM workspaces WHERE id = $1 OR slug = $1 ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1"
+    ))
         .bind(key)
         .fetch_optional(conn)
         .await?)

@@ -172,10 +172,12 @@ pub async fn create(
     Ok(CreatedApiKey { key: ApiKeyView::from(&row), secret })
 }
 
-/// Keys visible to the caller (admins see every key).
-pub async fn list(app: &App, scope: &Scope) -> ServiceResult<Vec<ApiKeyView>> {
+/// Keys visible to the caller (admins see every key), or those of one workspace among them
+/// (`workspace`, an id or slug; one the caller may not see is not found).
+pub async fn list(app: &App, scope: &Scope, workspace: Option<&str>) -> ServiceResult<Vec<ApiKeyView>> {
     let mut conn = app.db.read().await?;
-    let rows = db::api_keys::list(&mut conn, scope.workspace()).await?;
+    let workspace = scope.listing_workspace(&mut conn, workspace).await?;
+    let rows = db::api_keys::list(&mut conn, workspace.as_deref()).await?;
     Ok(rows.iter().map(ApiKeyView::from).collect())
 }
 

@@ -313,9 +313,15 @@ async fn link_bad_input(app: TestApp) {
     }
     // A parameter the operation does not know (a misspelt filter would otherwise list everything),
     // and a cursor that is no `next_cursor`, are refused rather than answered with a first page.
+    // Every operation, whether it takes query parameters or none, refuses one it does not take.
+    let some_id = "0190a6e4-0000-7000-8000-000000000000";
     for (path, field) in [
-        ("/links?search=acme", "query"),
-        ("/connections?platform=tiktok", "query"),
+        ("/links?search=acme", "search"),
+        ("/connections?platform=tiktok", "platform"),
+        (&format!("/connections/{some_id}?expand=tokens") as &str, "expand"),
+        (&format!("/connections/{some_id}/access-token?fresh=1") as &str, "fresh"),
+        ("/api-keys?workspace=acme", "workspace"),
+        (&format!("/workspaces/{wid}?include=all") as &str, "include"),
         ("/links?cursor=garbage", "cursor"),
         ("/connections?cursor=0", "cursor"),
         ("/audit-events?cursor=%27", "cursor"),
@@ -324,6 +330,8 @@ async fn link_bad_input(app: TestApp) {
         let p = app.api_get(path, &key, 422).await;
         assert_eq!(p["errors"][0]["field"], field, "{path}: {p}");
     }
+    let p = app.api_post(&format!("/links/{some_id}/revoke?force=1"), &key, json!({}), 422).await;
+    assert_eq!(p["errors"][0]["field"], "force", "{p}");
     field_error(&app, &key, json!({"label": ""}), "label").await;
     field_error(&app, &key, json!({"label": "   "}), "label").await;
     field_error(&app, &key, json!({"label": "x".repeat(10_000)}), "label").await;
@@ -627,6 +635,17 @@ async fn api_keys_lifecycle(app: TestApp) {
     // A workspace key cannot see or revoke the admin key.
     let admin_id = a2["id"].as_str().unwrap();
     app.api_post(&format!("/api-keys/{admin_id}/revoke"), second_secret, json!({}), 404).await;
+    // An admin key lists one workspace's keys with `workspace_id` (id or slug), every key
+    // without; a workspace key may name its own workspace only.
+    let ids = |list: &Value| -> Vec<String> {
+        list.as_array().unwrap().iter().map(|k| k["id"].as_str().unwrap().to_string()).collect()
+    };
+    let of_keys = app.api_get(&format!("/api-keys?workspace_id={wid}"), &admin, 200).await;
+    assert_eq!(ids(&of_keys), [id.to_string(), second["id"].as_str().unwrap().to_string()]);
+    assert_eq!(ids(&app.api_get("/api-keys?workspace_id=keys", &admin, 200).await), ids(&of_keys));
+    assert!(ids(&app.api_get("/api-keys", &admin, 200).await).contains(&admin_id.to_string()));
+    app.api_get(&format!("/api-keys?workspace_id={other}"), second_secret, 404).await;
+    assert_eq!(app.api_get(&format!("/api-keys?workspace_id={wid}"), second_secret, 200).await, of_keys);
 }
 
 /// A workspace holds at most 50 active API keys and 20 webhook endpoints (every event goes to
@@ -784,6 +803,9 @@ async fn openapi_matches_routes(app: TestApp) {
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
             let res = app.client.request(m, app.url(&format!("/api/v1{concrete}"))).send().await.unwrap();
             assert_eq!(res.status(), 401, "{method} {path} is documented but not served as documented");
+            // Every operation may answer 500 (a bug, a value it cannot open), with a problem.
+            let internal = &item[method]["responses"]["500"]["content"]["application/problem+json"];
+            assert!(internal.is_object(), "{method} {path} does not document 500");
             operations += 1;
         }
     }

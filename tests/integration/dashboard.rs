@@ -843,6 +843,12 @@ async fn invitations_hide_accounts_and_need_acceptance(app: TestApp) {
     assert_eq!(location(&res), "/app/w/acme/members?notice=invitation_revoked");
     assert_eq!(browser().get(&second).send().await.unwrap().status(), 410);
     let third = invite(&app, &owner, &csrf, "later@example.com", "owner").await;
+    // Owners see in the log whom they invited; members do not, as on the members page.
+    let invited = "/app/w/acme/audit?action=member.invited";
+    assert!(page(&app, &owner, invited, 200).await.contains("later@example.com"));
+    let seen_by_member = page(&app, &holder, invited, 200).await;
+    assert!(seen_by_member.contains("member.invited"), "{seen_by_member}");
+    assert!(!seen_by_member.contains("later@example.com"), "{seen_by_member}");
     app.advance_clock(7 * 24 * 3600 + 1).await;
     let (status, html) = text(browser().get(&third).send().await.unwrap()).await;
     assert!(status == 410 && html.contains("expired"), "{status} {html}");
@@ -1817,6 +1823,17 @@ async fn webhook_pages(app: TestApp) {
     let path = format!("/app/w/acme/webhooks/{endpoint_href}");
     let html = page(&app, &admin, &path, 200).await;
     assert!(html.contains("link.revoked"), "{html}");
+    // A member sees the endpoints and their deliveries, but only the origin of their URLs (the
+    // path may hold the receiver's own secret).
+    create_user(&app, "member@example.com", false);
+    app.cli_json(&["user", "add-member", "--email", "member@example.com", "--workspace", "acme"]);
+    let member = signed_in(&app, "member@example.com").await;
+    for seen in
+        [page(&app, &member, "/app/w/acme/webhooks", 200).await, page(&app, &member, &path, 200).await]
+    {
+        assert!(seen.contains("http://127.0.0.1:9/…") && !seen.contains("/hook"), "{seen}");
+    }
+    assert!(page(&app, &member, &path, 200).await.contains("link.revoked"));
     let delivery =
         html.split("/app/w/acme/webhooks/deliveries/").nth(1).unwrap().split('/').next().unwrap().to_string();
     let res =

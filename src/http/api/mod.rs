@@ -120,6 +120,10 @@ fn complete_responses(doc: &mut utoipa::openapi::OpenApi) {
                     "503",
                     "The database cannot be reached, or the request did not finish in time; try again shortly",
                 ),
+                (
+                    "500",
+                    "An error of authlink's own (a bug, or stored data it cannot read); the server log says more",
+                ),
             ];
             if has_query || has_body {
                 shared.push(("422", "Some fields or query parameters are invalid; see `errors`"));
@@ -200,12 +204,65 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc
 }
 
+/// The query parameters each operation takes, by method and path as the document names them
+/// (`/connections/{id}`): what [`refuse_unknown_query`] lets through.
+type QueryNames = std::collections::HashMap<(axum::http::Method, String), Vec<String>>;
+
+fn query_names(doc: &utoipa::openapi::OpenApi) -> QueryNames {
+    use axum::http::Method;
+    use utoipa::openapi::path::ParameterIn;
+    let mut names = QueryNames::new();
+    for (path, item) in &doc.paths.paths {
+        let operations = [
+            (Method::GET, &item.get),
+            (Method::POST, &item.post),
+            (Method::PUT, &item.put),
+            (Method::PATCH, &item.patch),
+            (Method::DELETE, &item.delete),
+        ];
+        for (method, op) in operations {
+            let Some(op) = op else { continue };
+            let taken = op.parameters.iter().flatten().filter(|p| p.parameter_in == ParameterIn::Query);
+            names.insert((method, path.clone()), taken.map(|p| p.name.clone()).collect());
+        }
+    }
+    names
+}
+
+/// 422 for a query parameter the operation does not take (as the document lists them): a
+/// misspelt filter would otherwise be ignored, and the answer would list everything.
+async fn refuse_unknown_query(
+    axum::extract::State(names): axum::extract::State<std::sync::Arc<QueryNames>>,
+    matched: Option<axum::extract::MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let (Some(query), Some(matched)) = (request.uri().query(), matched) {
+        let path = matched.as_str().strip_prefix("/api/v1").unwrap_or(matched.as_str());
+        if let Some(taken) = names.get(&(request.method().clone(), path.to_string())) {
+            let unknown: Vec<FieldError> = url::form_urlencoded::parse(query.as_bytes())
+                .filter(|(name, _)| !taken.iter().any(|t| t == name))
+                .map(|(name, _)| {
+                    FieldError::new(domain::truncate(&name, 40), "is not a query parameter of this operation")
+                })
+                .collect();
+            if !unknown.is_empty() {
+                return ApiError::invalid("Some query parameters are invalid; see `errors`.", unknown)
+                    .into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
 /// The `/api/v1` router.
 pub fn router(_state: AppState) -> Router<AppState> {
     let (router, _) = routes();
     let doc = openapi();
     let json = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    let names = std::sync::Arc::new(query_names(&doc));
     router
+        .route_layer(axum::middleware::from_fn_with_state(names, refuse_unknown_query))
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -251,7 +308,8 @@ pub fn internal_error() -> Response {
 /// An RFC 9457 problem document.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Problem {
-    /// A URI naming the problem type (`about:blank` for plain HTTP errors).
+    /// A URI naming the problem type: `https://authlink.dev/problems/` and the `code`, with
+    /// hyphens.
     #[serde(rename = "type")]
     pub type_: String,
     /// A short summary.

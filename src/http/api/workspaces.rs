@@ -46,7 +46,9 @@ async fn list_workspaces(
 
 /// Create a workspace (platform-admin keys only).
 #[utoipa::path(post, path = "/workspaces", tag = "workspaces", request_body = NewWorkspace,
-    responses((status = 201, body = WorkspaceView), (status = 403, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 201, body = WorkspaceView,
+            headers(("ETag" = String, description = "The workspace's version, for `If-Match`"))),
+        (status = 403, body = Problem), (status = 422, body = Problem)))]
 async fn create_workspace(
     State(state): State<AppState>,
     caller: Caller,

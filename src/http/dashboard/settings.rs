@@ -85,7 +85,7 @@ async fn keys_page(
     (name, errors): (String, FormErrors),
     notice: Option<&str>,
 ) -> DashResult {
-    let keys = api_keys::list(state, &ws.scope).await?;
+    let keys = api_keys::list(state, &ws.scope, None).await?;
     // Each maker looked up once, however many keys they made.
     let mut makers = std::collections::HashMap::<&str, String>::new();
     let mut rows = Vec::with_capacity(keys.len());

@@ -1,7 +1,8 @@
 //! Webhook pages: the workspace's endpoints (the signing secret is shown once, on creation and
 //! on rotation), each endpoint's delivery log with its attempts, redelivery and a test event.
-//! Everyone in the workspace can look; owners (and admins) can change. A removed endpoint's
-//! page stays, read-only, for its delivery log.
+//! Everyone in the workspace can look; owners (and admins) can change. Members see only the
+//! origin of an endpoint's URL: its path or query may hold the receiver's own secret. A removed
+//! endpoint's page stays, read-only, for its delivery log.
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
@@ -52,6 +53,17 @@ impl EndpointRowView {
             created: fmt_time(e.created_at),
         }
     }
+
+    /// As `ws`'s user may see it: a member sees the URL's origin only.
+    fn for_role(mut self, ws: &Ws) -> Self {
+        if !ws.can_manage() {
+            self.url = match url::Url::parse(&self.url) {
+                Ok(u) => format!("{}/…", u.origin().ascii_serialization()),
+                Err(_) => "…".into(),
+            };
+        }
+        self
+    }
 }
 
 /// The values of the endpoint form.
@@ -100,8 +112,11 @@ async fn list_page(
     let page = ListPage {
         l: layout(state, ctx, Some(ws), "webhooks", notice).await?,
         slug: ws.row.slug.clone(),
-        endpoints: endpoints.iter().map(|e| EndpointRowView::new(&ws.row.slug, e)).collect(),
-        removed: removed.iter().map(|e| EndpointRowView::with_removed(&ws.row.slug, e, true)).collect(),
+        endpoints: endpoints.iter().map(|e| EndpointRowView::new(&ws.row.slug, e).for_role(ws)).collect(),
+        removed: removed
+            .iter()
+            .map(|e| EndpointRowView::with_removed(&ws.row.slug, e, true).for_role(ws))
+            .collect(),
         rotated,
         created,
         v,
@@ -245,7 +260,7 @@ pub async fn show(
         l: layout(&state, &ctx, Some(&ws), "webhooks", q.notice.as_deref()).await?,
         slug: ws.row.slug.clone(),
         id: endpoint.id.clone(),
-        endpoint: EndpointRowView::with_removed(&ws.row.slug, &endpoint, row.is_removed()),
+        endpoint: EndpointRowView::with_removed(&ws.row.slug, &endpoint, row.is_removed()).for_role(&ws),
         deliveries: deliveries.into_iter().map(DeliveryRow::from).collect(),
         next_page,
         first_page,

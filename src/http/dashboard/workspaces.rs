@@ -175,12 +175,19 @@ pub struct EventView {
 /// Turns audit entries into [`EventView`]s, naming users by email.
 pub async fn event_views(
     state: &AppState,
-    slug: &str,
+    ws: &super::Ws,
     entries: Vec<AuditEntryView>,
 ) -> Result<Vec<EventView>, DashError> {
+    let slug = ws.row.slug.as_str();
     let mut emails: HashMap<String, String> = HashMap::new();
     let mut out = Vec::with_capacity(entries.len());
-    for e in entries {
+    for mut e in entries {
+        // Members do not see whom the owners invited (nor does the members page show them).
+        if !ws.can_manage() && e.action == "member.invited" {
+            if let Some(details) = e.details.as_object_mut() {
+                details.remove("email");
+            }
+        }
         let actor = match (e.actor_kind.as_str(), e.actor_id.as_deref()) {
             ("user", Some(id)) => {
                 if !emails.contains_key(id) {
@@ -287,7 +294,7 @@ pub async fn overview(
     }
     let entries =
         crate::service::audit::list(&state, &ws.scope, Some(&ws.row.id), None, None, None, 10).await?;
-    let events = event_views(&state, &ws.row.slug, entries).await?;
+    let events = event_views(&state, &ws, entries).await?;
     let page = OverviewPage {
         l: layout(&state, &ctx, Some(&ws), "overview", q.notice.as_deref()).await?,
         slug: ws.row.slug.clone(),
@@ -387,7 +394,7 @@ pub async fn audit_log(
     let first_page = before.is_some().then(|| {
         format!("{base}{}", query_string(&[("action", action.as_deref()), ("target", target.as_deref())]))
     });
-    let events = event_views(&state, &ws.row.slug, entries).await?;
+    let events = event_views(&state, &ws, entries).await?;
     let page = AuditPage {
         l: layout(&state, &ctx, Some(&ws), "audit", None).await?,
         slug: ws.row.slug.clone(),
