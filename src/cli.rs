@@ -613,9 +613,22 @@ fn more_may_follow(json: bool, shown: usize, limit: i64) {
 
 fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T) -> String) {
     if json {
-        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        out(serde_json::to_string_pretty(value).unwrap_or_default());
     } else {
-        println!("{}", human(value));
+        out(human(value));
+    }
+}
+
+/// Writes a line to standard output. A reader that went away before the end
+/// (`authlink openapi | head`) is no error: what it did not read, it did not want. Any other
+/// failure is said on standard error (`println!` would panic on either).
+fn out(text: impl std::fmt::Display) {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("error: cannot write to standard output: {e}");
+        }
+        _ => {}
     }
 }
 
@@ -643,18 +656,18 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
                 startup::load_existing_keyring(&config)?;
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&masked).unwrap_or_default());
+                out(serde_json::to_string_pretty(&masked).unwrap_or_default());
             } else {
-                println!("configuration is valid\n");
-                println!("{}", serde_json::to_string_pretty(&masked).unwrap_or_default());
-                println!("\nRegister these callback URLs in the providers' developer consoles:");
+                out("configuration is valid\n");
+                out(serde_json::to_string_pretty(&masked).unwrap_or_default());
+                out("\nRegister these callback URLs in the providers' developer consoles:");
                 for (what, path) in [
                     ("TikTok redirect URI", "/oauth/tiktok/callback"),
                     ("Instagram redirect URI", "/oauth/instagram/callback"),
                     ("Instagram deauthorize callback", "/oauth/instagram/deauthorize"),
                     ("Instagram data deletion request callback", "/oauth/instagram/data-deletion"),
                 ] {
-                    println!("  {what}: {}", config.public(path));
+                    out(format_args!("  {what}: {}", config.public(path)));
                 }
             }
             Ok(())
@@ -688,7 +701,7 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
             Ok(())
         }
         Command::Openapi => {
-            println!("{}", serde_json::to_string_pretty(&crate::http::api::openapi()).unwrap_or_default());
+            out(serde_json::to_string_pretty(&crate::http::api::openapi()).unwrap_or_default());
             Ok(())
         }
         Command::Backup { output } => backup(&config, json, output).await,

@@ -367,7 +367,6 @@ fn required_of(basic: &str, scopes: &[String], required: Option<&[String]>) -> V
     out
 }
 
-/// Refuses a required scope that is not asked for.
 /// A SQLite `database_url` must name a file authlink can write: an empty path or `:memory:` gives
 /// each connection a database of its own that is gone when the connection closes, and a
 /// read-only one refuses every write.
@@ -393,7 +392,19 @@ fn check_sqlite_url(url: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn check_required(provider: &str, scopes: &[String], required: Option<&[String]>) -> Result<(), ConfigError> {
+/// Refuses scopes without the basic one, which every connection needs (the profile call), and a
+/// required scope that is not asked for.
+fn check_required(
+    provider: &str,
+    basic: &str,
+    scopes: &[String],
+    required: Option<&[String]>,
+) -> Result<(), ConfigError> {
+    if !scopes.iter().any(|s| s == basic) {
+        return Err(ConfigError::Invalid(format!(
+            "key `providers.{provider}.scopes`: must include `{basic}`, which every connection needs"
+        )));
+    }
     match required.unwrap_or_default().iter().find(|r| !scopes.contains(r)) {
         Some(r) => Err(ConfigError::Invalid(format!(
             "key `providers.{provider}.required_scopes`: `{r}` is not in `providers.{provider}.scopes`"
@@ -682,8 +693,20 @@ impl Config {
                 instagram.client_secret.as_ref(),
             )?;
         }
-        check_required("tiktok", &tiktok.scopes, tiktok.required_scopes.as_deref())?;
-        check_required("instagram", &instagram.scopes, instagram.required_scopes.as_deref())?;
+        check_required("tiktok", "user.info.basic", &tiktok.scopes, tiktok.required_scopes.as_deref())?;
+        check_required(
+            "instagram",
+            "instagram_business_basic",
+            &instagram.scopes,
+            instagram.required_scopes.as_deref(),
+        )?;
+        let version = instagram.graph_api_version.strip_prefix('v').unwrap_or_default();
+        let numbered = |part: &str| !part.is_empty() && part.chars().all(|c| c.is_ascii_digit());
+        if !version.split_once('.').is_some_and(|(major, minor)| numbered(major) && numbered(minor)) {
+            return Err(ConfigError::Invalid(
+                "key `providers.instagram.graph_api_version`: must look like v23.0".into(),
+            ));
+        }
         for (key, url) in [
             ("providers.tiktok.authorize_url", &self.providers.tiktok.authorize_url),
             ("providers.tiktok.token_url", &self.providers.tiktok.token_url),
@@ -1080,6 +1103,26 @@ mod tests {
         ]);
         assert!(err.contains("key `sandbox.control_api`"), "{err}");
         assert!(Config::load_from(None, &env(&[("AUTHLINK_SANDBOX__CONTROL_API", "true")])).is_ok());
+    }
+
+    #[test]
+    fn provider_settings_every_connection_needs_are_checked() {
+        let refused = |pairs: &[(&str, &str)]| Config::load_from(None, &env(pairs)).unwrap_err().to_string();
+        for (var, value, key, needs) in [
+            ("AUTHLINK_PROVIDERS__TIKTOK__SCOPES", "[user.info.profile]", "tiktok", "user.info.basic"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__SCOPES", "[]", "tiktok", "user.info.basic"),
+            ("AUTHLINK_PROVIDERS__INSTAGRAM__SCOPES", "[]", "instagram", "instagram_business_basic"),
+        ] {
+            let err = refused(&[(var, value)]);
+            assert!(err.contains(&format!("key `providers.{key}.scopes`: must include `{needs}`")), "{err}");
+        }
+        for version in ["23.0", "v23", "v23.x", "v.0", "latest"] {
+            let err = refused(&[("AUTHLINK_PROVIDERS__INSTAGRAM__GRAPH_API_VERSION", version)]);
+            assert!(err.contains("key `providers.instagram.graph_api_version`"), "{version}: {err}");
+        }
+        let c =
+            Config::load_from(None, &env(&[("AUTHLINK_PROVIDERS__INSTAGRAM__GRAPH_API_VERSION", "v24.0")]));
+        assert!(c.is_ok());
     }
 
     #[test]

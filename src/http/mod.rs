@@ -65,6 +65,46 @@ pub fn router(state: AppState) -> Router {
     with_layers(app.with_state(state), &config)
 }
 
+/// A path whose percent-encoding decodes to bytes that are not UTF-8 names nothing authlink
+/// serves (no id, token or slug holds such bytes): the 404 of its part of the site, instead of the
+/// plain-text 400 the router's extractors would answer.
+async fn refuse_undecodable_paths(request: Request<Body>, next: axum::middleware::Next) -> Response {
+    let path = request.uri().path();
+    if path.contains('%') && !decodes_to_utf8(path) {
+        return if path.starts_with("/api/") {
+            api::ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such API route or object.")
+                .into_response()
+        } else if path.starts_with("/l/") {
+            pages::link_not_found()
+        } else {
+            pages::not_found().await
+        };
+    }
+    next.run(request).await
+}
+
+/// Whether `path`'s percent-encoding decodes to UTF-8.
+fn decodes_to_utf8(path: &str) -> bool {
+    let hex = |c: Option<&u8>| c.and_then(|&c| char::from(c).to_digit(16));
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(high), Some(low)) => {
+                // (Two hex digits: at most 255.)
+                decoded.push(u8::try_from(high * 16 + low).unwrap_or(u8::MAX));
+                i += 3;
+            }
+            (byte, _, _) => {
+                decoded.push(byte);
+                i += 1;
+            }
+        }
+    }
+    std::str::from_utf8(&decoded).is_ok()
+}
+
 /// Wraps `app` in the layers every response needs, innermost first: the body limit, the link
 /// rate limit, the request timeout and panic guard, the security headers (outside the guard, so
 /// that its 503s and 500s carry them too), the request log, and, when metrics are on, their
@@ -78,6 +118,7 @@ fn with_layers(app: Router, config: &Config) -> Router {
     let trusted_proxies =
         ratelimit::TrustedProxies(config.http.trusted_proxy_networks().unwrap_or_default().into());
     let app = app
+        .layer(axum::middleware::from_fn(refuse_undecodable_paths))
         .layer(DefaultBodyLimit::max(config.http.body_limit_bytes))
         .layer(axum::middleware::from_fn_with_state(link_limiter, ratelimit::limit_links))
         .layer(axum::Extension(trusted_proxies))

@@ -814,6 +814,24 @@ async fn openapi_matches_routes(app: TestApp) {
     let out = app.cli(&["openapi"]);
     let cli_doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cli_doc["paths"], doc["paths"]);
+    // A reader that stops early (`authlink openapi | head`) is no error: the document is larger
+    // than a pipe holds, so the CLI is still writing when the reader goes.
+    assert!(out.stdout.len() > 1 << 17, "{}", out.stdout.len());
+    let mut child = std::process::Command::new(crate::helpers::binary())
+        .arg("openapi")
+        .current_dir(app.dir.path())
+        .env_remove("AUTHLINK_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut head).unwrap();
+    drop(child.stdout.take());
+    let stopped = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    let stderr = String::from_utf8_lossy(&stopped.stderr);
+    assert!(stopped.status.success() && stderr.is_empty(), "{:?}: {stderr}", stopped.status);
 }
 
 async fn health_probes(app: TestApp) {

@@ -191,11 +191,25 @@ async fn unknown_and_gone_links(app: TestApp) {
         "/l/not_a_token_but_43_chars_long_xxxxxxxxxxxxx",
         "/l/%00%01",
         "/l/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "/l/%FF",
+        "/l/%C3%28/connect/tiktok",
     ] {
         let res = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(res.status(), 404, "{path}");
+        assert_eq!(res.headers()["content-type"], "text/html; charset=utf-8", "{path}");
         let html = res.text().await.unwrap();
         assert!(html.contains("does not exist") || html.contains("not found"), "{path}");
+    }
+    // A path that decodes to no text is not found wherever it points, each part of the site
+    // answering in its own form.
+    let key = app.workspace_key(&wid);
+    let res = app.api(reqwest::Method::GET, "/connections/%FF", &key).send().await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(res.headers()["content-type"], "application/problem+json");
+    for path in ["/app/w/%FF", "/connected/%FE%FF", "/brand/%FF.css"] {
+        let res = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(res.status(), 404, "{path}");
+        assert!(res.text().await.unwrap().contains("Page not found"), "{path}");
     }
     // Revoked: 410 telling the client to ask the agency.
     let (id, url) = app.link(&wid, "revoked");

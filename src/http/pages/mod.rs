@@ -120,7 +120,7 @@ pub async fn not_found() -> Response {
 }
 
 /// The 404 page for unknown or malformed link tokens.
-fn link_not_found() -> Response {
+pub(crate) fn link_not_found() -> Response {
     render(
         StatusCode::NOT_FOUND,
         &MessagePage::new(
