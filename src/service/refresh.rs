@@ -412,18 +412,38 @@ async fn call_and_store(
         let retry_at = from + rand::rng().random_range(0..300_000);
         return finish_not_yet(app, &mut row, owner, &attempt_id, retry_at, message).await;
     }
-    let access: SecretString = match row.access_token_sealed.as_deref() {
-        Some(s) => app.keys.open_str(s, access_aad(&row.workspace_id, &row.id))?,
-        None => {
+    let opened = row
+        .access_token_sealed
+        .as_deref()
+        .map(|s| app.keys.open_str(s, access_aad(&row.workspace_id, &row.id)))
+        .transpose()
+        .and_then(|access| {
+            let refresh = row
+                .refresh_token_sealed
+                .as_deref()
+                .map(|s| app.keys.open_str(s, refresh_aad(&row.workspace_id, &row.id)))
+                .transpose()?;
+            Ok((access, refresh))
+        });
+    let (access, refresh_token): (SecretString, Option<SecretString>) = match opened {
+        Ok((Some(access), refresh)) => (access, refresh),
+        Ok((None, _)) => {
             return finish_broken(app, &mut row, owner, &attempt_id, |_| {
                 "The connection holds no token.".into()
             })
             .await;
         }
-    };
-    let refresh_token: Option<SecretString> = match row.refresh_token_sealed.as_deref() {
-        Some(s) => Some(app.keys.open_str(s, refresh_aad(&row.workspace_id, &row.id))?),
-        None => None,
+        // Tokens no configured key opens (altered, or sealed for another connection or
+        // workspace) cannot be sent to the provider, now or later: the connection is broken, for
+        // the client to connect again, rather than claimed again and again at every lease's end.
+        Err(e) => {
+            tracing::error!(connection_id = %row.id, error = %e, "the stored tokens cannot be opened");
+            return finish_broken(app, &mut row, owner, &attempt_id, |_| {
+                "The stored tokens cannot be opened with the configured master keys; the client must connect again."
+                    .into()
+            })
+            .await;
+        }
     };
     let mut result = provider.refresh(&access, refresh_token.as_ref(), app.now()).await;
     if provider.min_refresh_age().is_some()

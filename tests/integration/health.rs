@@ -24,6 +24,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         refresh_overtaken_by_a_reconnect_keeps_the_new_grant,
         refusal_overtaken_by_a_reconnect_gives_the_new_token,
         refresh_outlives_the_request_that_asked_for_it,
+        unreadable_tokens_break_the_connection,
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
         permanent_failure_breaks_once_and_link_repairs,
         withdrawn_scopes_are_noticed_at_refresh,
@@ -694,6 +695,45 @@ async fn refresh_outlives_the_request_that_asked_for_it(app: TestApp) {
     assert_eq!((stats["refresh_token_reuse"].as_i64(), stats["invalid_grant"].as_i64()), (Some(0), Some(0)));
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "active");
+    restarted.run().await;
+}
+
+/// Tokens that no configured key opens (here the access token's place holds the refresh token,
+/// sealed for another purpose): a refresh sends nothing to the provider, finishes its attempt
+/// and breaks the connection with a reason, instead of failing with a 500 and leaving the
+/// attempt open for the lease to run out and the next claim to fail again.
+async fn unreadable_tokens_break_the_connection(app: TestApp) {
+    let (app, restarted) = app.restart_with(&[("AUTHLINK_JOBS__ENABLED", "false")]).await;
+    let wid = app.workspace("Unreadable");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    let id = connection_id(&app, &key).await;
+    let db = authlink::db::Db::connect(
+        &app.db_url.clone().into(),
+        &authlink::config::DatabaseConfig { max_connections: 1, acquire_timeout_secs: 5 },
+    )
+    .await
+    .unwrap();
+    sqlx::query("UPDATE connections SET access_token_sealed = refresh_token_sealed WHERE id = $1")
+        .bind(&id)
+        .execute(&mut *db.writer().await.unwrap())
+        .await
+        .unwrap();
+    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
+    let run = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    assert_eq!(run["outcome"], "broken", "{run}");
+    assert!(run["detail"].as_str().unwrap().contains("cannot be opened"), "{run}");
+    assert_eq!(run["connection"]["status"], "broken");
+    assert_eq!(app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap(), calls, "nothing sent");
+    let mut conn = db.read().await.unwrap();
+    let attempts = authlink::db::connections::attempts(&mut conn, &id).await.unwrap();
+    drop(conn);
+    db.close().await;
+    let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["permanent"]);
+    // Broken, it is not refreshed again: the client's link repairs it.
+    app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 409).await;
     restarted.run().await;
 }
 

@@ -1068,13 +1068,7 @@ pub async fn show_avatar(
         })
         .map(str::to_string);
     let Some(content_type) = content_type.filter(|_| res.status().is_success()) else { return not_found() };
-    let mut body = Vec::new();
-    while let Ok(Some(chunk)) = res.chunk().await {
-        body.extend_from_slice(&chunk);
-        if body.len() > MAX_AVATAR_BYTES {
-            return not_found();
-        }
-    }
+    let Some(body) = whole_body(res, MAX_AVATAR_BYTES).await else { return not_found() };
     let mut out = body.into_response();
     if let Ok(v) = HeaderValue::from_str(&content_type) {
         out.headers_mut().insert(header::CONTENT_TYPE, v);
@@ -1089,8 +1083,50 @@ pub async fn show_avatar(
     out
 }
 
+/// The body of `res` if it comes whole and holds at most `max` bytes: a part of an image is not
+/// shown (nor kept in the browser's cache).
+async fn whole_body(mut res: reqwest::Response, max: usize) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = res.chunk().await.ok()? {
+        body.extend_from_slice(&chunk);
+        if body.len() > max {
+            return None;
+        }
+    }
+    Some(body)
+}
+
 #[cfg(test)]
 mod tests {
+    /// An image host that answers whole, too long, and cut off (10 of 1,000 bytes, then the
+    /// connection closes): only the whole answer is read.
+    #[tokio::test]
+    async fn only_whole_bodies_are_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/a.png", host.local_addr().unwrap());
+        let answers = [(10, 10), (100, 100), (1000, 10)];
+        let server = tokio::spawn(async move {
+            for (length, sent) in answers {
+                let (mut stream, _) = host.accept().await.unwrap();
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await.unwrap();
+                let head =
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n");
+                stream.write_all(head.as_bytes()).await.unwrap();
+                stream.write_all(&vec![7u8; sent]).await.unwrap();
+            }
+        });
+        let client = reqwest::Client::new();
+        let mut read = Vec::new();
+        for _ in answers {
+            let res = client.get(&url).send().await.unwrap();
+            read.push(super::whole_body(res, 50).await.map(|b| b.len()));
+        }
+        server.await.unwrap();
+        assert_eq!(read, [Some(10), None, None]);
+    }
+
     /// What the callback, the start form, an authorization request and a dashboard form print
     /// with `Debug` (a `?` in a log line, a panic) holds none of their secrets.
     #[test]

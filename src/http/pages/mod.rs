@@ -378,8 +378,14 @@ async fn brand_stylesheet(State(state): State<AppState>, Path(file): Path<String
         Ok(mut conn) => db::workspaces::get(&mut conn, id).await,
         Err(e) => Err(e),
     };
-    let Ok(Some(w)) = row else {
-        return StatusCode::NOT_FOUND.into_response();
+    let w = match row {
+        Ok(Some(w)) => w,
+        Ok(None) => return StatusCode::NOT_FOUND.into_response(),
+        // Not a 404, which the browser would take for "no colours" until it asks again.
+        Err(e) => {
+            tracing::warn!(error = %e, "the brand stylesheet could not be read");
+            return (StatusCode::SERVICE_UNAVAILABLE, [(header::CACHE_CONTROL, "no-store")]).into_response();
+        }
     };
     // The colour was validated as #rrggbb on write; re-check so nothing else reaches CSS.
     let accent = w.accent_color.as_deref().and_then(|c| domain::parse_accent_color(c).ok());
