@@ -1057,7 +1057,7 @@ pub async fn show_avatar(
         return not_found();
     }
     let client = guard.client(std::time::Duration::from_secs(5));
-    let Ok(mut res) = client.get(url.as_str()).send().await else { return not_found() };
+    let Ok(res) = client.get(url.as_str()).send().await else { return not_found() };
     let content_type = res
         .headers()
         .get(header::CONTENT_TYPE)
