@@ -33,6 +33,10 @@ use super::tiktok::{
 use super::{AuthorizeRequest, Profile, ProviderError, TokenSet};
 use crate::config::Config;
 
+/// How the reason of a refused personal account starts (the connect flow tells the client
+/// what to change on that alone; a provider's own error text never starts with it).
+pub const PERSONAL_ACCOUNT: &str = "personal accounts cannot be connected";
+
 /// The profile fields asked for.
 const PROFILE_FIELDS: &str = "user_id,username,name,account_type,profile_picture_url";
 /// The account types that Instagram Login serves.
@@ -297,7 +301,7 @@ pub(super) fn parse_profile(
         if !PROFESSIONAL_TYPES.contains(&kind) {
             return Err(ProviderError::Rejected {
                 reason: format!(
-                    "personal accounts cannot be connected: Instagram reports this account as {}; \
+                    "{PERSONAL_ACCOUNT}: Instagram reports this account as {}; \
                      only professional (Business or Creator) accounts can be connected, so switch \
                      it to a professional account in the Instagram app and connect again",
                     sanitize(kind, secrets)

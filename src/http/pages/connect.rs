@@ -812,7 +812,11 @@ async fn complete_flow(
     let profile = profile.map_err(|e| {
         tracing::warn!(provider = %platform, error = %e, "profile fetch failed");
         FlowError::Failed(match &e {
-            ProviderError::Rejected { reason } if reason.contains("personal") => Failure::AccountNotAllowed,
+            ProviderError::Rejected { reason }
+                if reason.starts_with(crate::providers::instagram::PERSONAL_ACCOUNT) =>
+            {
+                Failure::AccountNotAllowed
+            }
             _ => classify(&e, Failure::ProfileFailed),
         })
     })?;

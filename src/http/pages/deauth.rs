@@ -158,12 +158,17 @@ fn verified(state: &AppState, form: &SignedRequestForm) -> Result<(String, bool)
 
 /// Erases tokens (and, for a deletion, profile data) of every connection of the account made in
 /// this mode (sandbox or live), and marks those not disconnected by the agency broken.
+/// Erases what authlink holds of the app-scoped user `user_id`: the tokens, and with
+/// `deletion_code` (a data deletion request) the profile too, the request being recorded under
+/// that code in the same transaction, so that Meta's retry of a request whose answer it missed
+/// finds nothing half done.
 async fn erase(
     state: &AppState,
     user_id: &str,
     sandbox: bool,
-    delete_profile: bool,
+    deletion_code: Option<&str>,
 ) -> crate::service::ServiceResult<usize> {
+    let delete_profile = deletion_code.is_some();
     let now = state.now_ms();
     let mut tx = state.db.begin_write().await?;
     let rows =
@@ -215,8 +220,23 @@ async fn erase(
             .await?;
         }
     }
+    if let Some(code) = deletion_code {
+        let erased = i64::try_from(count).unwrap_or(0);
+        db::webhooks::insert_deletion_request(&mut tx, code, "instagram", erased, now).await?;
+    }
     tx.commit().await?;
     Ok(count)
+}
+
+/// A failure of a Meta callback, answered in JSON like the callback's success (Meta retries).
+fn callback_failed(e: crate::service::ServiceError) -> Response {
+    use crate::service::ServiceError;
+    let status = match &e {
+        ServiceError::Db(crate::db::DbError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    tracing::error!(error = %e, "a Meta callback could not be processed");
+    (status, Json(serde_json::json!({"error": "not processed; try again later"}))).into_response()
 }
 
 /// `POST /oauth/instagram/deauthorize`.
@@ -228,12 +248,12 @@ pub async fn instagram_deauthorize(
         Ok(v) => v,
         Err(refused) => return refused.into_response(),
     };
-    match erase(&state, &user_id, sandbox, false).await {
+    match erase(&state, &user_id, sandbox, None).await {
         Ok(n) => {
             tracing::info!(connections = n, "Instagram deauthorization processed");
             (StatusCode::OK, Json(serde_json::json!({"ok": true}))).into_response()
         }
-        Err(e) => super::service_error_page(e),
+        Err(e) => callback_failed(e),
     }
 }
 
@@ -246,26 +266,11 @@ pub async fn instagram_data_deletion(
         Ok(v) => v,
         Err(refused) => return refused.into_response(),
     };
-    let count = match erase(&state, &user_id, sandbox, true).await {
-        Ok(n) => n,
-        Err(e) => return super::service_error_page(e),
-    };
     let code = hex::encode(crypto::random_bytes::<12>());
-    let recorded = async {
-        let mut conn = state.db.writer().await?;
-        db::webhooks::insert_deletion_request(
-            &mut conn,
-            &code,
-            "instagram",
-            i64::try_from(count).unwrap_or(0),
-            state.now_ms(),
-        )
-        .await
-    }
-    .await;
-    if let Err(e) = recorded {
-        return super::service_error_page(e.into());
-    }
+    let count = match erase(&state, &user_id, sandbox, Some(&code)).await {
+        Ok(n) => n,
+        Err(e) => return callback_failed(e),
+    };
     tracing::info!(connections = count, "Instagram data deletion processed");
     Json(serde_json::json!({
         "url": state.config.public(&format!("/oauth/instagram/data-deletion/{code}")),
