@@ -357,7 +357,8 @@ impl Db {
                 .min_connections(0)
                 .acquire_timeout(Duration::from_secs(options.acquire_timeout_secs))
                 // No round trip before every use: a connection that broke fails its query, which
-                // is reported as unavailable (503), and the pool drops it.
+                // is reported as unavailable (503), and the pool drops it (on PostgreSQL, one
+                // idle a while is asked first; see below).
                 .test_before_acquire(false);
             let pool_options = match backend {
                 Backend::Sqlite => pool_options.after_connect(move |conn, _meta| {
@@ -379,7 +380,18 @@ impl Db {
                         Ok(())
                     })
                 }),
-                Backend::Postgres => pool_options,
+                // A connection idle for a while is asked whether it still lives before it is
+                // handed out (one round trip): PostgreSQL may have ended it meanwhile (a restart,
+                // a failover, an operator), and a dead one would fail its first statement, a
+                // write's after the provider's code was exchanged. Busy connections are not asked.
+                Backend::Postgres => pool_options.before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_AFTER_IDLE {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                }),
             };
             let connect_options = connect_options.clone();
             async move {
@@ -576,6 +588,10 @@ impl Db {
         self.writer.close().await;
     }
 }
+
+/// How long a PostgreSQL connection may have been idle before it is asked, when it is handed out
+/// again, whether it still lives.
+pub const PING_AFTER_IDLE: Duration = Duration::from_millis(250);
 
 /// Makes sure the SQLite file's folder exists and the URL asks for create-if-missing.
 fn prepare_sqlite_url(url: &str) -> DbResult<String> {

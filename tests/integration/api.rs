@@ -30,6 +30,11 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         crate::Only::Postgres,
     ));
     list.push((
+        "writes_go_on_when_the_database_ends_every_connection",
+        |app| Box::pin(writes_go_on_when_the_database_ends_every_connection(app)),
+        crate::Only::Postgres,
+    ));
+    list.push((
         "link_edit_waits_for_a_revocation_and_keeps_it",
         |app| Box::pin(link_edit_waits_for_a_revocation_and_keeps_it(app)),
         crate::Only::Postgres,
@@ -872,6 +877,37 @@ async fn secrets_are_not_stored_or_logged(app: TestApp) {
     assert!(app.database_dump().await.contains(&hash));
     // And link paths are logged redacted.
     app.wait_for_log("/l/[redacted]", 10).await;
+}
+
+/// PostgreSQL ends every connection of the server's pool (as a restart or a failover does): the
+/// next requests, reads and writes, go through on new connections instead of failing on each
+/// dead one.
+async fn writes_go_on_when_the_database_ends_every_connection(app: TestApp) {
+    use sqlx::Connection;
+    let crate::helpers::Backend::Postgres(url) = &app.backend else { return };
+    let wid = app.workspace("Ended");
+    let key = app.workspace_key(&wid);
+    // Several connections in the pool: requests at once.
+    let reads: Vec<_> = (0..6).map(|_| app.api(Method::GET, "/links", &key).send()).collect();
+    for res in futures::future::join_all(reads).await {
+        assert_eq!(res.unwrap().status(), 200);
+    }
+    let mut admin = sqlx::PgConnection::connect(url).await.unwrap();
+    let (ended,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1) AS t",
+    )
+    .bind(app.schema.as_deref().unwrap())
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended >= 2, "the pool held {ended} connections");
+    // (As after any restart, the dead connections have been idle a while by the next request.)
+    tokio::time::sleep(authlink::db::PING_AFTER_IDLE + std::time::Duration::from_millis(50)).await;
+    for round in 0..3 {
+        app.api_post("/links", &key, json!({"label": format!("after {round}")}), 201).await;
+    }
+    assert_eq!(app.count("links").await, 3);
 }
 
 async fn database_lost_gives_503_and_recovers(app: TestApp) {

@@ -139,7 +139,8 @@ pub async fn new_schema(url: &str, prefix: &str) -> (String, String) {
     let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
     sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
     let sep = if url.contains('?') { '&' } else { '?' };
-    (format!("{url}{sep}options=-c%20search_path%3D{schema}"), schema)
+    // (Named after its schema too, so that a test can find its server's connections.)
+    (format!("{url}{sep}options=-c%20search_path%3D{schema}&application_name={schema}"), schema)
 }
 
 impl TestApp {
