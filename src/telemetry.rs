@@ -13,8 +13,15 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber, writing to standard error.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("AUTHLINK_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn,tower_http=warn"));
+    const DEFAULT: &str = "info,sqlx=warn,hyper=warn,tower_http=warn";
+    let (filter, refused) = match std::env::var("AUTHLINK_LOG") {
+        Ok(given) => match EnvFilter::try_new(&given) {
+            Ok(filter) => (filter, None),
+            // (A filter is no secret: it is named, with why it does not parse.)
+            Err(e) => (EnvFilter::new(DEFAULT), Some(format!("{given:?}: {e}"))),
+        },
+        Err(_) => (EnvFilter::new(DEFAULT), None),
+    };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match format {
         // Colours only on a terminal: a file or a log collector would get escape codes.
@@ -23,4 +30,7 @@ pub fn init(format: LogFormat) {
     };
     // A second init (tests) keeps the first subscriber.
     let _ = result;
+    if let Some(refused) = refused {
+        tracing::warn!(refused = %refused, "AUTHLINK_LOG is not a valid filter; logging at the default levels");
+    }
 }

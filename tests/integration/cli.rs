@@ -311,6 +311,10 @@ async fn config_check_and_bad_config(app: TestApp) {
     assert!(!text.contains(master.as_str()), "the master key is masked");
     let json: Value = serde_json::from_slice(&app.cli(&["config", "check", "--json"]).stdout).unwrap();
     assert_eq!(json["master_key"], "********");
+    // A log filter that does not parse is said, not silently replaced.
+    let out = app.cli_env(&["config", "check"], &[("AUTHLINK_LOG", "authlink=tracee")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("AUTHLINK_LOG is not a valid filter"), "{}", stderr(&out));
     assert_eq!(
         json["master_key_source"],
         "the `master_key` setting (the configuration file, or AUTHLINK_MASTER_KEY)"
