@@ -1135,7 +1135,7 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
         }
         ConnectionCommand::Refresh { id } => {
             connections::get_active_row(&app, &Scope::Admin, &id).await?;
-            let words = match service::refresh::refresh_requested(&app, &id).await? {
+            let words = match service::refresh::refresh_requested(&app, &id, None).await? {
                 service::refresh::Requested::Done(outcome) => outcome_words(outcome),
                 service::refresh::Requested::NotYet { message, .. } => ("too_early", Some(message)),
             };

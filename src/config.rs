@@ -379,7 +379,10 @@ fn check_sqlite_url(url: &str) -> Result<(), ConfigError> {
         Some("names no file")
     } else if path == ":memory:" || query.split('&').any(|kv| kv == "mode=memory") {
         Some("names an in-memory database, whose data would be lost")
-    } else if query.split('&').any(|kv| matches!(kv, "mode=ro" | "immutable=1")) {
+    } else if query.split('&').any(|kv| {
+        kv == "mode=ro"
+            || kv.strip_prefix("immutable=").is_some_and(|v| !matches!(v, "0" | "false" | "no" | "off"))
+    }) {
         Some("opens the database read-only")
     } else {
         None
@@ -1135,6 +1138,7 @@ mod tests {
             ("sqlite://data.db?mode=memory&cache=shared", "in-memory"),
             ("sqlite://data.db?mode=ro", "read-only"),
             ("sqlite:///var/lib/a.db?immutable=1", "read-only"),
+            ("sqlite:///var/lib/a.db?immutable=true", "read-only"),
         ] {
             let err =
                 Config::load_from(None, &env(&[("AUTHLINK_DATABASE_URL", url)])).unwrap_err().to_string();

@@ -112,11 +112,11 @@ pub async fn made_by(
     .await?)
 }
 
-/// Whether key `id` exists and is not revoked; on PostgreSQL its row stays locked until the
-/// transaction ends, so that a revocation running meanwhile waits for it, or it for the
+/// Whether key `id` exists and is not revoked; on PostgreSQL its row stays locked (shared) until
+/// the transaction ends, so that a revocation running meanwhile waits for it, or it for the
 /// revocation (SQLite's write transactions run one at a time anyway).
 pub async fn is_active_locked(conn: &mut AnyConnection, backend: super::Backend, id: &str) -> DbResult<bool> {
-    let lock = if backend == super::Backend::Postgres { " FOR UPDATE" } else { "" };
+    let lock = if backend == super::Backend::Postgres { " FOR SHARE" } else { "" };
     let row: Option<(Option<i64>,)> =
         sqlx::query_as(&format!("SELECT revoked_at FROM api_keys WHERE id = $1{lock}"))
             .bind(id)

@@ -591,7 +591,7 @@ impl Db {
 
 /// How long a PostgreSQL connection may have been idle before it is asked, when it is handed out
 /// again, whether it still lives.
-pub const PING_AFTER_IDLE: Duration = Duration::from_millis(250);
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// Makes sure the SQLite file's folder exists and the URL asks for create-if-missing.
 fn prepare_sqlite_url(url: &str) -> DbResult<String> {

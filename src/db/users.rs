@@ -162,16 +162,16 @@ pub async fn membership(
 }
 
 /// Whether user `user_id` may still make keys for `workspace_id`: enabled, and a platform admin or
-/// an owner there. On PostgreSQL the user's row and membership stay locked until the transaction
-/// ends, so that a removal, demotion or disabling running meanwhile waits for it (and then finds
-/// what it made), or it for them (SQLite's write transactions run one at a time anyway).
+/// an owner there. On PostgreSQL the user's row and membership stay locked (shared) until the
+/// transaction ends, so that a removal, demotion or disabling running meanwhile waits for it (and
+/// then finds what it made), or it for them (SQLite's write transactions run one at a time).
 pub async fn may_make_keys_locked(
     conn: &mut AnyConnection,
     backend: super::Backend,
     user_id: &str,
     workspace_id: Option<&str>,
 ) -> DbResult<bool> {
-    let lock = if backend == super::Backend::Postgres { " FOR UPDATE" } else { "" };
+    let lock = if backend == super::Backend::Postgres { " FOR SHARE" } else { "" };
     let user: Option<(i64, Option<i64>)> =
         sqlx::query_as(&format!("SELECT is_admin, disabled_at FROM users WHERE id = $1{lock}"))
             .bind(user_id)

@@ -286,14 +286,15 @@ pub(super) fn parse_token_answer(
         Some(Ok(at)) => at,
         // Beside a new refresh token, a lifetime missing or out of range does not throw the
         // answer away: the provider may already have retired the refresh token this one
-        // replaces (providers.md: save any refresh token it returns). The access token counts as
-        // expiring now, so that the next read refreshes it, with the new refresh token.
+        // replaces (providers.md: save any refresh token it returns). The access token is given
+        // an hour (TikTok's last 24), so that it is refreshed well before it could expire, but
+        // not at once and again at every read, as it would be if counted as expired.
         _ if refresh_token.is_some() => {
             tracing::warn!(
                 what,
-                "the answer's expires_in is missing or out of range; its access token is treated as expiring now"
+                "the answer's expires_in is missing or out of range; its access token is given an hour"
             );
-            now
+            now + UNKNOWN_ACCESS_LIFETIME
         }
         None => {
             return Err(ProviderError::Rejected {
@@ -318,6 +319,10 @@ pub(super) fn parse_token_answer(
         account_id,
     })
 }
+
+/// The lifetime assumed for an access token whose answer gave none that can be read (beside a
+/// new refresh token, which is kept).
+const UNKNOWN_ACCESS_LIFETIME: time::Duration = time::Duration::hours(1);
 
 /// Parses a `/v2/user/info/` answer.
 pub(super) fn parse_user_info(
@@ -753,7 +758,7 @@ mod tests {
         ] {
             let t = parse_token_answer(&raw(200, body), now(), "x", &[]).unwrap();
             assert_eq!(t.refresh_token.as_ref().unwrap().expose_secret(), "rft.new", "{body}");
-            assert_eq!(t.access_expires_at, now(), "expiring now, so refreshed at the next read: {body}");
+            assert_eq!(t.access_expires_at, now() + super::UNKNOWN_ACCESS_LIFETIME, "{body}");
             assert_eq!(t.refresh_expires_at, None, "{body}");
         }
         // A whole number written as a float is read as such.

@@ -277,7 +277,7 @@ pub async fn accept(app: &App, token: &str, user: &UserRow) -> ServiceResult<Res
     }
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
-    if !join(&mut tx, &pending.row, user, now).await? {
+    if !join(&mut tx, app.db.backend(), &pending.row, user, now).await? {
         return Ok(Err(Refused::Gone(Opened::Ended(Ended::Accepted))));
     }
     tx.commit().await?;
@@ -339,7 +339,7 @@ pub async fn accept_with_new_account(
         serde_json::json!({"email": user.email, "admin": false, "invitation": row.id}),
     )
     .await?;
-    if !join(&mut tx, row, &user, now).await? {
+    if !join(&mut tx, app.db.backend(), row, &user, now).await? {
         return Ok(Err(Refused::Gone(Opened::Ended(Ended::Accepted))));
     }
     tx.commit().await?;
@@ -353,10 +353,14 @@ pub async fn accept_with_new_account(
 /// workspace already keeps the higher of the two roles.
 async fn join(
     tx: &mut sqlx::AnyConnection,
+    backend: db::Backend,
     row: &InvitationRow,
     user: &UserRow,
     now: i64,
 ) -> ServiceResult<bool> {
+    // Under the lock of the workspace's member changes: a demotion of this user running at the
+    // same moment is not undone by the role read here.
+    db::advisory_lock(tx, backend, &super::users::members_lock(&row.workspace_id)).await?;
     if !db::invitations::accept(tx, &row.id, &user.id, now).await? {
         return Ok(false);
     }

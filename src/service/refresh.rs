@@ -162,9 +162,15 @@ pub async fn refresh(app: &App, id: &str, force: bool, margin_ms: i64) -> Servic
 }
 
 /// A refresh asked for by a person: [`refresh`] forced, telling apart a token the provider does
-/// not refresh yet.
-pub async fn refresh_requested(app: &App, id: &str) -> ServiceResult<Requested> {
-    Ok(match refresh_step(app, id, true, 0, None, Cause::Plain).await? {
+/// not refresh yet. With `seen_generation` (the token generation the asker saw), a refresh that
+/// another finished meanwhile is its answer ([`Outcome::Current`]): requests queued behind one
+/// another (or left by callers who stopped waiting) do not each rotate the tokens again.
+pub async fn refresh_requested(
+    app: &App,
+    id: &str,
+    seen_generation: Option<i64>,
+) -> ServiceResult<Requested> {
+    Ok(match refresh_step(app, id, true, 0, seen_generation, Cause::Plain).await? {
         Step::Done(outcome) => Requested::Done(outcome),
         Step::NotYet { row, message } => Requested::NotYet { row, message },
     })
@@ -433,9 +439,18 @@ async fn call_and_store(
             })
             .await;
         }
-        // Tokens no configured key opens (altered, or sealed for another connection or
-        // workspace) cannot be sent to the provider, now or later: the connection is broken, for
-        // the client to connect again, rather than claimed again and again at every lease's end.
+        // Sealed with a key this process does not hold (another process, started with a newer
+        // master key, sealed them during a rotation): not the connection's fault; retried later,
+        // by this process once restarted with that key or by another that holds it.
+        Err(e @ crate::crypto::CryptoError::UnknownKey(_)) => {
+            tracing::error!(connection_id = %row.id, error = %e, "the stored tokens need a key this process does not hold");
+            let reason = format!("Not refreshed: the stored tokens are {e}; configure that master key");
+            return finish_transient(app, &mut row, owner, &attempt_id, &reason, None, platform).await;
+        }
+        // Tokens that fail to open with the key they name (altered, or sealed for another
+        // connection or workspace) cannot be sent to the provider, now or later: the connection
+        // is broken, for the client to connect again, rather than claimed again and again at
+        // every lease's end.
         Err(e) => {
             tracing::error!(connection_id = %row.id, error = %e, "the stored tokens cannot be opened");
             return finish_broken(app, &mut row, owner, &attempt_id, |_| {

@@ -581,7 +581,7 @@ pub async fn add_member(
 }
 
 /// The advisory lock (PostgreSQL) under which a workspace's members change.
-fn members_lock(workspace_id: &str) -> String {
+pub(crate) fn members_lock(workspace_id: &str) -> String {
     format!("members:{workspace_id}")
 }
 

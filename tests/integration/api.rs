@@ -337,6 +337,9 @@ async fn link_bad_input(app: TestApp) {
     }
     let p = app.api_post(&format!("/links/{some_id}/revoke?force=1"), &key, json!({}), 422).await;
     assert_eq!(p["errors"][0]["field"], "force", "{p}");
+    // Without a valid key, the answer is still 401, whatever the query.
+    let res = app.client.get(app.url("/api/v1/links?search=acme")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
     field_error(&app, &key, json!({"label": ""}), "label").await;
     field_error(&app, &key, json!({"label": "   "}), "label").await;
     field_error(&app, &key, json!({"label": "x".repeat(10_000)}), "label").await;

@@ -1853,6 +1853,15 @@ async fn webhook_pages(app: TestApp) {
         overview.contains("receive no events") && overview.contains("http://127.0.0.1:9/hook"),
         "{overview}"
     );
+    // A member sees the stopped endpoint, and the endpoint's changes in the log, by origin only.
+    let seen = page(&app, &member, "/app/w/acme", 200).await;
+    assert!(seen.contains("receive no events") && seen.contains("http://127.0.0.1:9/…"), "{seen}");
+    let logged = page(&app, &member, "/app/w/acme/audit?action=webhook.created", 200).await;
+    assert!(logged.contains("127.0.0.1:9/…"), "{logged}");
+    for seen in [seen, logged] {
+        assert!(!seen.contains("/hook"), "{seen}");
+    }
+    assert!(page(&app, &admin, "/app/w/acme/audit?action=webhook.created", 200).await.contains("/hook"));
     assert_eq!(app.cli_json(&["webhook", "enable", &endpoint_href])["enabled"], true);
     assert!(!page(&app, &admin, "/app/w/acme", 200).await.contains("receive no events"));
     assert_eq!(app.cli_json(&["webhook", "disable", &endpoint_href])["enabled"], false);

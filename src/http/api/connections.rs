@@ -205,10 +205,10 @@ async fn refresh_connection(
     Path(id): Path<String>,
 ) -> ApiResult<Json<RunResult>> {
     use crate::service::refresh::Requested;
-    connections::get_active_row(&state, &caller.scope, &id).await?;
+    let seen = connections::get_active_row(&state, &caller.scope, &id).await?.token_generation;
     let (st, conn_id) = (state.clone(), id.clone());
     let requested = state
-        .detached(async move { crate::service::refresh::refresh_requested(&st, &conn_id).await })
+        .detached(async move { crate::service::refresh::refresh_requested(&st, &conn_id, Some(seen)).await })
         .await?;
     let words = match requested {
         Requested::Done(outcome) => outcome_words(outcome),

@@ -229,12 +229,17 @@ fn query_names(doc: &utoipa::openapi::OpenApi) -> QueryNames {
     names
 }
 
-/// 422 for a query parameter the operation does not take (as the document lists them): a
-/// misspelt filter would otherwise be ignored, and the answer would list everything.
+/// The query parameters of a request that its operation does not take: refused (422) once the
+/// caller is known ([`Caller`]), so that a request without a valid key still gets its 401.
+#[derive(Debug, Clone)]
+struct UnknownQuery(Vec<FieldError>);
+
+/// Notes the query parameters the operation does not take (as the document lists them), for a
+/// 422: a misspelt filter would otherwise be ignored, and the answer would list everything.
 async fn refuse_unknown_query(
     axum::extract::State(names): axum::extract::State<std::sync::Arc<QueryNames>>,
     matched: Option<axum::extract::MatchedPath>,
-    request: axum::extract::Request,
+    mut request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     if let (Some(query), Some(matched)) = (request.uri().query(), matched) {
@@ -247,8 +252,7 @@ async fn refuse_unknown_query(
                 })
                 .collect();
             if !unknown.is_empty() {
-                return ApiError::invalid("Some query parameters are invalid; see `errors`.", unknown)
-                    .into_response();
+                request.extensions_mut().insert(UnknownQuery(unknown));
             }
         }
     }
@@ -564,6 +568,9 @@ impl FromRequestParts<AppState> for Caller {
                 tracing::warn!(api_key_id = %id, "API requests rate-limited");
                 ApiError::rate_limited(wait)
             })?;
+        }
+        if let Some(UnknownQuery(unknown)) = parts.extensions.remove::<UnknownQuery>() {
+            return Err(ApiError::invalid("Some query parameters are invalid; see `errors`.", unknown));
         }
         Ok(Caller { actor, scope })
     }

@@ -56,13 +56,20 @@ impl EndpointRowView {
 
     /// As `ws`'s user may see it: a member sees the URL's origin only.
     fn for_role(mut self, ws: &Ws) -> Self {
-        if !ws.can_manage() {
-            self.url = match url::Url::parse(&self.url) {
-                Ok(u) => format!("{}/…", u.origin().ascii_serialization()),
-                Err(_) => "…".into(),
-            };
-        }
+        self.url = url_as_seen_by(ws, &self.url);
         self
+    }
+}
+
+/// An endpoint's URL as `ws`'s user may see it: whole for owners, its origin only for members
+/// (its path or query may hold the receiver's own secret).
+pub fn url_as_seen_by(ws: &Ws, url: &str) -> String {
+    if ws.can_manage() {
+        return url.to_string();
+    }
+    match url::Url::parse(url) {
+        Ok(u) => format!("{}/…", u.origin().ascii_serialization()),
+        Err(_) => "…".into(),
     }
 }
 

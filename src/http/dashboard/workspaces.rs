@@ -182,10 +182,17 @@ pub async fn event_views(
     let mut emails: HashMap<String, String> = HashMap::new();
     let mut out = Vec::with_capacity(entries.len());
     for mut e in entries {
-        // Members do not see whom the owners invited (nor does the members page show them).
-        if !ws.can_manage() && e.action == "member.invited" {
-            if let Some(details) = e.details.as_object_mut() {
+        // Members do not see whom the owners invited (nor does the members page show them), nor
+        // more of a webhook endpoint's URL than its origin.
+        if let Some(details) = e.details.as_object_mut().filter(|_| !ws.can_manage()) {
+            if e.action == "member.invited" {
                 details.remove("email");
+            }
+            if let Some(url) = details.get_mut("url").filter(|_| e.action.starts_with("webhook.")) {
+                *url = serde_json::Value::String(super::webhooks::url_as_seen_by(
+                    ws,
+                    url.as_str().unwrap_or(""),
+                ));
             }
         }
         let actor = match (e.actor_kind.as_str(), e.actor_id.as_deref()) {
@@ -275,7 +282,10 @@ pub async fn overview(
                 .await?
                 .into_iter()
                 .filter(|e| e.enabled == 0 && !e.is_removed())
-                .map(|e| (e.id, e.url, e.disabled_reason.unwrap_or_default()))
+                .map(|e| {
+                    let url = super::webhooks::url_as_seen_by(&ws, &e.url);
+                    (e.id, url, e.disabled_reason.unwrap_or_default())
+                })
                 .collect();
         (counts, links_active, broken, stopped)
     };
