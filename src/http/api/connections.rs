@@ -194,7 +194,9 @@ async fn run_result(
 
 /// Refresh the tokens now (through the same single-flight path as the scheduler). A token the
 /// provider does not refresh yet (Instagram: under 24 hours old) is left as it is, with the
-/// outcome `too_early` and a detail saying from when it can be refreshed.
+/// outcome `too_early` and a detail saying from when it can be refreshed. A refresh that another
+/// request or the scheduler finished while this one waited for it is this one's answer, with the
+/// outcome `current`: the tokens rotate once.
 #[utoipa::path(post, path = "/connections/{id}/refresh", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = RunResult), (status = 404, body = Problem),
