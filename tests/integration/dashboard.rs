@@ -14,7 +14,7 @@ use crate::helpers::{TestApp, assert_nowhere, binary};
 use crate::tests;
 
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
-    tests![
+    let mut list = tests![
         link_settings_change_from_the_api_the_cli_and_the_dashboard,
         hostile_input_never_breaks_a_page,
         sign_in_session_cookie_rotation_and_sign_out,
@@ -43,7 +43,13 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         handle_search_pages_in_handle_order,
         every_page_renders_without_inline_code,
         webhook_pages,
-    ]
+    ];
+    list.push((
+        "a_key_made_while_its_maker_is_removed_is_refused",
+        |app| Box::pin(a_key_made_while_its_maker_is_removed_is_refused(app)),
+        crate::Only::Postgres,
+    ));
+    list
 }
 
 const ADMIN: &str = "admin@example.com";
@@ -566,6 +572,52 @@ async fn api_keys_go_when_their_maker_loses_the_right_to_them(app: TestApp) {
     for why in ["removed from the workspace", "no longer an owner", "was disabled"] {
         assert_eq!(reasons.iter().filter(|r| r.contains(why)).count(), 2, "{why}: {reasons:?}");
     }
+}
+
+/// PostgreSQL: an owner makes a key while another transaction removes them from the workspace.
+/// The key's creation waits for the removal (the maker's membership is locked and read again),
+/// and is then refused: no key outlives the walk that revokes what its maker made.
+async fn a_key_made_while_its_maker_is_removed_is_refused(app: TestApp) {
+    use sqlx::Connection;
+    let crate::helpers::Backend::Postgres(url) = &app.backend else { return };
+    create_user(&app, "owner@example.com", false);
+    let (workspace_id, owner, csrf) = acme_with_owner(&app).await;
+    let schema = app.schema.clone().unwrap();
+    let users = app.cli_json(&["user", "list"]);
+    let owner_id = users[0]["id"].as_str().unwrap().to_string();
+    // The removal, held open.
+    let mut removal = sqlx::PgConnection::connect(url).await.unwrap();
+    let mut tx = removal.begin().await.unwrap();
+    let removed =
+        sqlx::query(&format!("DELETE FROM {schema}.memberships WHERE user_id = $1 AND workspace_id = $2"))
+            .bind(&owner_id)
+            .bind(&workspace_id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    assert_eq!(removed.rows_affected(), 1);
+    // The key is asked for meanwhile; its creation comes to wait for the removal's lock.
+    let making = {
+        let request = owner
+            .post(app.url("/app/w/acme/api-keys"))
+            .form(&[("csrf", csrf.as_str()), ("name", "made meanwhile")]);
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    let watch = sqlx::PgPool::connect(url).await.unwrap();
+    crate::health::eventually("the key's creation to wait for the removal", 20, || {
+        let query = sqlx::query_as::<_, (i64,)>(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(schema.clone());
+        let waiting = query.fetch_one(&watch);
+        async move { (waiting.await.unwrap().0 > 0).then_some(serde_json::Value::Null) }
+    })
+    .await;
+    tx.commit().await.unwrap();
+    let (status, html) = text(making.await.unwrap()).await;
+    assert_eq!(status, 403, "{html}");
+    assert_eq!(app.count("api_keys").await, 0);
+    watch.close().await;
 }
 
 /// Two owners who remove each other at the same moment: one removal is refused, so that the
