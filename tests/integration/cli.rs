@@ -693,7 +693,7 @@ async fn graceful_shutdown_finishes_requests(app: TestApp) {
 /// told to answer after 25 s, the grace 1 s) does not hold the process: it is cut off unanswered,
 /// and the process still cleans up (its record removed) and exits 0.
 async fn shutdown_stops_requests_at_the_end_of_the_grace_period(app: TestApp) {
-    let (app, _cleanup) = app.restart_with(&[("AUTHLINK_HTTP__SHUTDOWN_GRACE_SECS", "1")]).await;
+    let (app, cleanup) = app.restart_with(&[("AUTHLINK_HTTP__SHUTDOWN_GRACE_SECS", "1")]).await;
     let scenario = serde_json::json!({"fail_next": [{"endpoint": "token", "kind": "slow", "count": 1}], "slow_ms": 25_000});
     app.sandbox("/tiktok/scenario", scenario).await;
     let client = app.client.clone();
@@ -724,4 +724,5 @@ async fn shutdown_stops_requests_at_the_end_of_the_grace_period(app: TestApp) {
     assert!(log.contains("requests still running after the grace period; stopping"), "{log}");
     assert!(log.contains("authlink stopped"), "{log}");
     assert!(app.cli_json(&["keys", "status"])["processes"].as_array().unwrap().is_empty(), "its record went");
+    cleanup.run().await;
 }

@@ -338,7 +338,7 @@ async fn consent_denied(app: TestApp) {
 /// The callback's `error_description` and `error_reason` come from the address bar: with plain
 /// text logs, a line break in them must not start a log line of its own.
 async fn provider_error_text_cannot_forge_log_lines(app: TestApp) {
-    let (app, _cleanup) = app.restart_with(&[("AUTHLINK_LOG_FORMAT", "human")]).await;
+    let (app, cleanup) = app.restart_with(&[("AUTHLINK_LOG_FORMAT", "human")]).await;
     let wid = app.workspace("Forged");
     let (_, url) = app.link(&wid, "Client");
     let flow =
@@ -363,6 +363,7 @@ async fn provider_error_text_cannot_forge_log_lines(app: TestApp) {
     assert!(log.contains("provider returned an error to the callback"), "{log}");
     assert!(log.contains(&format!("nothing\\n{forged}")), "written escaped: {log}");
     assert!(!log.lines().any(|l| l.trim_start().starts_with("FORGED")), "{log}");
+    cleanup.run().await;
 }
 
 async fn state_failures_make_no_token_call(app: TestApp) {
