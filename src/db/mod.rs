@@ -404,17 +404,23 @@ impl Db {
                 .map_err(DbError::from)
             }
         };
-        // One connection first, so that a database that cannot be reached says why (the pool
-        // only says that it timed out waiting for a connection).
-        let probe = tokio::time::timeout(
-            Duration::from_secs(options.acquire_timeout_secs.max(1)),
-            <sqlx::AnyConnection as sqlx::Connection>::connect_with(&connect_options),
-        )
-        .await
-        .map_err(|_| DbError::unavailable(sqlx::Error::PoolTimedOut))?
-        .map_err(DbError::from)?;
-        let _ = sqlx::Connection::close(probe).await;
-        let pool = connect(options.max_connections, true).await?;
+        let pool = match connect(options.max_connections, true).await {
+            Ok(pool) => pool,
+            // The pool only says that it timed out waiting for a connection: one made directly
+            // says why ("connection refused", "password authentication failed").
+            Err(DbError::Unavailable(timed_out)) => {
+                let direct = tokio::time::timeout(
+                    Duration::from_secs(options.acquire_timeout_secs.max(1)),
+                    <sqlx::AnyConnection as sqlx::Connection>::connect_with(&connect_options),
+                )
+                .await;
+                return Err(match direct {
+                    Ok(Err(cause)) => DbError::from(cause),
+                    _ => DbError::Unavailable(timed_out),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let (writer, writer_thread) = match backend {
             Backend::Sqlite => (connect(1, false).await?, Some(WriterThread::start()?)),
             Backend::Postgres => (pool.clone(), None),

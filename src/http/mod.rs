@@ -70,39 +70,17 @@ pub fn router(state: AppState) -> Router {
 /// plain-text 400 the router's extractors would answer.
 async fn refuse_undecodable_paths(request: Request<Body>, next: axum::middleware::Next) -> Response {
     let path = request.uri().path();
-    if path.contains('%') && !decodes_to_utf8(path) {
+    if path.contains('%') && percent_encoding::percent_decode_str(path).decode_utf8().is_err() {
         return if path.starts_with("/api/") {
             api::ApiError::new(StatusCode::NOT_FOUND, "not_found", "No such API route or object.")
                 .into_response()
         } else if path.starts_with("/l/") {
             pages::link_not_found()
         } else {
-            pages::not_found().await
+            pages::not_found_page()
         };
     }
     next.run(request).await
-}
-
-/// Whether `path`'s percent-encoding decodes to UTF-8.
-fn decodes_to_utf8(path: &str) -> bool {
-    let hex = |c: Option<&u8>| c.and_then(|&c| char::from(c).to_digit(16));
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
-            (b'%', Some(high), Some(low)) => {
-                // (Two hex digits: at most 255.)
-                decoded.push(u8::try_from(high * 16 + low).unwrap_or(u8::MAX));
-                i += 3;
-            }
-            (byte, _, _) => {
-                decoded.push(byte);
-                i += 1;
-            }
-        }
-    }
-    std::str::from_utf8(&decoded).is_ok()
 }
 
 /// Wraps `app` in the layers every response needs, innermost first: the body limit, the link

@@ -418,19 +418,14 @@ async fn call_and_store(
         let retry_at = from + rand::rng().random_range(0..300_000);
         return finish_not_yet(app, &mut row, owner, &attempt_id, retry_at, message).await;
     }
-    let opened = row
-        .access_token_sealed
-        .as_deref()
-        .map(|s| app.keys.open_str(s, access_aad(&row.workspace_id, &row.id)))
-        .transpose()
-        .and_then(|access| {
-            let refresh = row
-                .refresh_token_sealed
-                .as_deref()
-                .map(|s| app.keys.open_str(s, refresh_aad(&row.workspace_id, &row.id)))
-                .transpose()?;
-            Ok((access, refresh))
-        });
+    let opened = (|| {
+        let (access, refresh) = (row.access_token_sealed.as_deref(), row.refresh_token_sealed.as_deref());
+        let access =
+            access.map(|s| app.keys.open_str(s, access_aad(&row.workspace_id, &row.id))).transpose()?;
+        let refresh =
+            refresh.map(|s| app.keys.open_str(s, refresh_aad(&row.workspace_id, &row.id))).transpose()?;
+        Ok::<_, crate::crypto::CryptoError>((access, refresh))
+    })();
     let (access, refresh_token): (SecretString, Option<SecretString>) = match opened {
         Ok((Some(access), refresh)) => (access, refresh),
         Ok((None, _)) => {

@@ -143,6 +143,15 @@ fn distinct(got: &[Received]) -> Vec<&Received> {
     got.iter().filter(|r| seen.insert(r.headers.get("webhook-id").cloned().unwrap_or_default())).collect()
 }
 
+/// Waits until TikTok's sandbox has seen more than `calls` refresh calls (`what`: which one).
+async fn refresh_reached_provider(app: &TestApp, what: &str, calls: i64) {
+    eventually(what, 30, || async {
+        let s = app.sandbox_stats("tiktok").await;
+        (s["refresh_calls"].as_i64().unwrap() > calls).then_some(s)
+    })
+    .await;
+}
+
 /// Waits until `cond` holds for the value `probe` produces (state owned by another process).
 pub async fn eventually<F, Fut>(what: &str, secs: u64, mut probe: F) -> Value
 where
@@ -569,11 +578,7 @@ async fn refresh_overtaken_by_a_reconnect_keeps_the_new_grant(app: TestApp) {
     .await;
     let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
     app.advance_clock(70_000).await;
-    eventually("the scheduled refresh to reach the provider", 30, || async {
-        let s = app.sandbox_stats("tiktok").await;
-        (s["refresh_calls"].as_i64().unwrap() > calls).then_some(s)
-    })
-    .await;
+    refresh_reached_provider(&app, "the scheduled refresh to reach the provider", calls).await;
     // The client reconnects while the provider is still answering.
     connect(&app.client, &app, &url, "tiktok", account).await;
     let db = authlink::db::Db::connect(
@@ -634,11 +639,7 @@ async fn refusal_overtaken_by_a_reconnect_gives_the_new_token(app: TestApp) {
         let request = app.api(reqwest::Method::GET, &format!("/connections/{id}/access-token"), &key);
         tokio::spawn(async move { request.send().await.unwrap() })
     };
-    eventually("the token read's refresh to reach the provider", 30, || async {
-        let s = app.sandbox_stats("tiktok").await;
-        (s["refresh_calls"].as_i64().unwrap() > calls).then_some(s)
-    })
-    .await;
+    refresh_reached_provider(&app, "the token read's refresh to reach the provider", calls).await;
     // Meanwhile the account revokes the app (the refresh will be refused) and connects again.
     app.sandbox(&format!("/tiktok/accounts/{account}/revoke"), json!({})).await;
     connect(&app.client, &app, &url, "tiktok", account).await;
@@ -679,11 +680,7 @@ async fn refresh_outlives_the_request_that_asked_for_it(app: TestApp) {
         .send()
         .await;
     assert!(gone.as_ref().is_err_and(reqwest::Error::is_timeout), "{gone:?}");
-    eventually("the refresh to reach the provider", 30, || async {
-        let s = app.sandbox_stats("tiktok").await;
-        (s["refresh_calls"].as_i64().unwrap() > calls).then_some(s)
-    })
-    .await;
+    refresh_reached_provider(&app, "the refresh to reach the provider", calls).await;
     // The next read waits for the refresh still running (one refresh of a connection at a time)
     // and gets the token it stored.
     let after = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
@@ -708,11 +705,7 @@ async fn refresh_outlives_the_request_that_asked_for_it(app: TestApp) {
             app.api(reqwest::Method::POST, &format!("/connections/{id}/refresh"), &key).json(&json!({}));
         tokio::spawn(async move { request.send().await.unwrap() })
     };
-    eventually("the first refresh to reach the provider", 30, || async {
-        let s = app.sandbox_stats("tiktok").await;
-        (s["refresh_calls"].as_i64().unwrap() > calls).then_some(s)
-    })
-    .await;
+    refresh_reached_provider(&app, "the first refresh to reach the provider", calls).await;
     let second = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
     assert_eq!(second["outcome"], "current", "{second}");
     let first = crate::helpers::expect_json(first.await.unwrap(), 200).await;

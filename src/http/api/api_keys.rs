@@ -3,12 +3,10 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
-use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiQuery, ApiResult, Caller, Problem};
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Problem, WorkspaceQuery};
 use crate::service::api_keys::{self, ApiKeyView, CreatedApiKey, NewApiKey};
 use crate::state::AppState;
 
@@ -16,23 +14,14 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(list_api_keys, create_api_key)).routes(routes!(revoke_api_key))
 }
 
-/// The filter of the key list.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub(super) struct ApiKeyListQuery {
-    /// Only this workspace's keys (platform-admin keys; without it they see every key, the
-    /// platform-admin keys included); workspace keys always see their own.
-    workspace_id: Option<String>,
-}
-
-/// List API keys (never the secrets), oldest first.
-#[utoipa::path(get, path = "/api-keys", tag = "api-keys", params(ApiKeyListQuery),
+/// List API keys (never the secrets), oldest first. Without `workspace_id` a platform-admin key
+/// sees every key, the platform-admin keys included.
+#[utoipa::path(get, path = "/api-keys", tag = "api-keys", params(WorkspaceQuery),
     responses((status = 200, body = Vec<ApiKeyView>), (status = 401, body = Problem)))]
 async fn list_api_keys(
     State(state): State<AppState>,
     caller: Caller,
-    ApiQuery(q): ApiQuery<ApiKeyListQuery>,
+    ApiQuery(q): ApiQuery<WorkspaceQuery>,
 ) -> ApiResult<Json<Vec<ApiKeyView>>> {
     Ok(Json(api_keys::list(&state, &caller.scope, q.workspace_id.as_deref()).await?))
 }

@@ -204,9 +204,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc
 }
 
-/// The query parameters each operation takes, by method and path as the document names them
-/// (`/connections/{id}`): what [`refuse_unknown_query`] lets through.
-type QueryNames = std::collections::HashMap<(axum::http::Method, String), Vec<String>>;
+/// The query parameters each operation takes, by path as the document names them
+/// (`/connections/{id}`) and method: what [`refuse_unknown_query`] lets through.
+type QueryNames = std::collections::HashMap<String, Vec<(axum::http::Method, Vec<String>)>>;
 
 fn query_names(doc: &utoipa::openapi::OpenApi) -> QueryNames {
     use axum::http::Method;
@@ -223,7 +223,7 @@ fn query_names(doc: &utoipa::openapi::OpenApi) -> QueryNames {
         for (method, op) in operations {
             let Some(op) = op else { continue };
             let taken = op.parameters.iter().flatten().filter(|p| p.parameter_in == ParameterIn::Query);
-            names.insert((method, path.clone()), taken.map(|p| p.name.clone()).collect());
+            names.entry(path.clone()).or_default().push((method, taken.map(|p| p.name.clone()).collect()));
         }
     }
     names
@@ -244,7 +244,8 @@ async fn refuse_unknown_query(
 ) -> Response {
     if let (Some(query), Some(matched)) = (request.uri().query(), matched) {
         let path = matched.as_str().strip_prefix("/api/v1").unwrap_or(matched.as_str());
-        if let Some(taken) = names.get(&(request.method().clone(), path.to_string())) {
+        let operation = names.get(path).and_then(|ops| ops.iter().find(|(m, _)| m == request.method()));
+        if let Some((_, taken)) = operation {
             let unknown: Vec<FieldError> = url::form_urlencoded::parse(query.as_bytes())
                 .filter(|(name, _)| !taken.iter().any(|t| t == name))
                 .map(|(name, _)| {
@@ -505,6 +506,16 @@ where
             )),
         }
     }
+}
+
+/// Which workspace to list (`GET /webhooks`, `GET /api-keys`).
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct WorkspaceQuery {
+    /// Only this workspace, by id or slug (platform-admin keys); workspace keys always see their
+    /// own.
+    pub(super) workspace_id: Option<String>,
 }
 
 /// The authenticated API caller.

@@ -8,7 +8,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, check_cursor, page_size};
+use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, WorkspaceQuery, check_cursor, page_size};
 use crate::service::webhooks::{
     self, Current, DeliveryView, EndpointUpdate, EndpointView, EndpointWithSecret, NewEndpoint,
 };
@@ -22,15 +22,6 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(test_webhook))
         .routes(routes!(list_deliveries))
         .routes(routes!(redeliver))
-}
-
-/// Which workspace to list.
-#[derive(Debug, Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub(super) struct WorkspaceQuery {
-    /// Only this workspace (platform-admin keys).
-    workspace_id: Option<String>,
 }
 
 /// List webhook endpoints (never their secrets).

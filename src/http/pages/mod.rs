@@ -112,11 +112,7 @@ impl MessagePage {
 
 /// The 404 page for unknown paths.
 pub async fn not_found() -> Response {
-    render(
-        StatusCode::NOT_FOUND,
-        &MessagePage::new("Page not found", "There is nothing at this address.")
-            .next("Check that you copied the whole link you were sent."),
-    )
+    not_found_page()
 }
 
 /// The 404 page for unknown or malformed link tokens.
@@ -242,7 +238,7 @@ pub fn service_error_page(e: ServiceError) -> Response {
     }
 }
 
-fn not_found_page() -> Response {
+pub(crate) fn not_found_page() -> Response {
     render(
         StatusCode::NOT_FOUND,
         &MessagePage::new("Page not found", "There is nothing at this address.")
