@@ -609,6 +609,16 @@ impl Config {
             ));
         }
         check_sqlite_url(db)?;
+        // Two active keys: whichever were taken, the other would be silently ignored, and a
+        // rotation half done (the new key in one, the old in the other) would seal with the
+        // wrong one.
+        if self.master_key.is_some() && self.master_key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "keys `master_key` and `master_key_file` are both set: set one (an earlier key goes in \
+                 `retired_master_keys` or `retired_master_key_files`)"
+                    .into(),
+            ));
+        }
         // Zero would stop the service doing its work: every request answering 503 (timeout), a
         // job round claiming nothing and starting again at once (batches), nothing in flight.
         for (key, is_zero) in [
@@ -823,6 +833,17 @@ pub fn mask_database_url(url: &str) -> String {
         // Not a URL: nothing can be told apart in it, so nothing of it is shown.
         return "(not a URL)".to_string();
     };
+    // A password holding an unencoded `/`, `?` or `#` ends the authority early, and what
+    // follows it is read as a port, path, query or fragment: an `@` the parser did not take
+    // as the end of the user part may follow a password. Only the scheme is shown then.
+    let after_scheme = &url[parsed.scheme().len()..];
+    if parsed.scheme() != "sqlite"
+        && parsed.username().is_empty()
+        && parsed.password().is_none()
+        && after_scheme.contains('@')
+    {
+        return format!("{}://(hidden: the URL holds an `@` outside its user part)", parsed.scheme());
+    }
     if parsed.password().is_some() {
         let _ = parsed.set_password(Some("****"));
     }
@@ -980,6 +1001,18 @@ mod tests {
         Config::load_from(None, &links).unwrap();
         let e = Config::load_from(None, &env(&[("AUTHLINK_PUBLIC_UR", "https://x.example")])).unwrap_err();
         assert!(e.to_string().contains("public_ur"), "{e}");
+    }
+
+    #[test]
+    fn one_active_master_key_only() {
+        let both =
+            env(&[("AUTHLINK_MASTER_KEY", "a2V5LW9uZQ=="), ("AUTHLINK_MASTER_KEY_FILE", "/k/master.key")]);
+        let e = Config::load_from(None, &both).unwrap_err().to_string();
+        assert!(e.contains("`master_key` and `master_key_file` are both set"), "{e}");
+        assert!(!e.contains("a2V5"), "{e}");
+        for one in [&both[..1], &both[1..]] {
+            Config::load_from(None, one).unwrap();
+        }
     }
 
     #[test]
@@ -1292,7 +1325,22 @@ mod tests {
             "postgres://h/db?sslmode=require&password=****"
         );
         assert_eq!(mask_database_url("sqlite://authlink.db?mode=rwc"), "sqlite://authlink.db?mode=rwc");
+        assert_eq!(mask_database_url("sqlite:///srv/a@b/authlink.db"), "sqlite:///srv/a@b/authlink.db");
         assert_eq!(mask_database_url("://u:pw@h"), "(not a URL)");
+        // Unencoded `@` in a password: the parser takes the last one as the end of the user part.
+        assert_eq!(mask_database_url("postgres://u:p@ss@h/db"), "postgres://u:****@h/db");
+        // Unencoded `/`, `?` or `#` in a password, read as a port and a path, a query or a
+        // fragment: nothing of it is shown, nor of an `@` anywhere else.
+        for url in [
+            "postgres://u:12/34@h/db",
+            "postgres://u:12?34@h/db",
+            "postgres://u:12#34@h/db",
+            "postgres://h/db?options=a@b",
+        ] {
+            let masked = mask_database_url(url);
+            assert!(masked.starts_with("postgres://(hidden"), "{url}: {masked}");
+            assert!(!masked.contains("34") && !masked.contains("12") && !masked.contains("a@b"), "{masked}");
+        }
     }
 
     #[test]

@@ -53,6 +53,14 @@ pub enum CryptoError {
     /// Authentication failed: wrong key, tampered value or value moved from another row.
     #[error("sealed value failed authentication")]
     Unauthentic,
+    /// A key file does not hold a key.
+    #[error("key file {path}: {why}; it must hold the base64 of exactly 32 bytes (see `authlink keygen`)")]
+    BadKeyFile {
+        /// The file.
+        path: String,
+        /// What is in it instead, in words (never the content).
+        why: &'static str,
+    },
     /// Reading or writing the key file failed.
     #[error("key file {path}: {source}")]
     KeyFile {
@@ -139,6 +147,16 @@ fn decode_key(key: &SecretString) -> Result<RingKey, CryptoError> {
     ring_key(&bytes)
 }
 
+/// Reads the key in a key file; a file that holds no key is named, and what is wrong said
+/// without its content.
+fn key_from_file(path: &Path) -> Result<RingKey, CryptoError> {
+    let text = read_key_file(path)?;
+    decode_key(&text).map_err(|_| CryptoError::BadKeyFile {
+        path: path.display().to_string(),
+        why: if text.expose_secret().trim().is_empty() { "it is empty" } else { "it holds no key" },
+    })
+}
+
 /// Reads a key file (base64 text). A file that other users may read is used, with a warning
 /// naming the file (secret stores often mount files that way, and refusing would take the service
 /// down), since anyone who reads it can open every sealed value.
@@ -183,26 +201,46 @@ impl KeyRing {
 
     /// Reads the base64 key in `path`.
     pub fn from_file(path: &Path) -> Result<Self, CryptoError> {
-        Self::from_base64(&read_key_file(path)?, &[])
+        Ok(Self { active: key_from_file(path)?, retired: Vec::new() })
+    }
+
+    /// Adds a decrypt-only key read from a key file.
+    pub fn add_retired_file(&mut self, path: &Path) -> Result<(), CryptoError> {
+        self.push_retired(key_from_file(path)?);
+        Ok(())
     }
 
     /// Adds a decrypt-only key (base64), for values sealed before a key rotation.
     pub fn add_retired(&mut self, key: &SecretString) -> Result<(), CryptoError> {
-        let key = decode_key(key)?;
+        self.push_retired(decode_key(key)?);
+        Ok(())
+    }
+
+    fn push_retired(&mut self, key: RingKey) {
         if key.kid != self.active.kid && !self.retired.iter().any(|k| k.kid == key.kid) {
             self.retired.push(key);
         }
-        Ok(())
     }
 
     /// Creates `path` with a fresh key, readable by the owner only (mode 0600), and returns the
     /// ring. Fails if the file already exists.
+    ///
+    /// The key is written to a temporary file beside it first, which is then linked to `path`
+    /// (which fails if `path` exists): a write cut short (a full disk, a crash) leaves no empty
+    /// or partial key file that a later start would find.
     pub fn create_file(path: &Path) -> Result<Self, CryptoError> {
         let err = |source| CryptoError::KeyFile { path: path.display().to_string(), source };
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(err)?;
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(parent).map_err(err)?;
+        if path.symlink_metadata().is_ok() {
+            return Err(err(std::io::ErrorKind::AlreadyExists.into()));
         }
         let (ring, encoded) = Self::generate();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let temp = parent.join(format!(".{name}.{}.tmp", &random_token()[..12]));
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create_new(true);
         #[cfg(unix)]
@@ -210,10 +248,18 @@ impl KeyRing {
             use std::os::unix::fs::OpenOptionsExt;
             options.mode(0o600);
         }
-        let mut file = options.open(path).map_err(err)?;
-        file.write_all(encoded.expose_secret().as_bytes()).map_err(err)?;
-        file.write_all(b"\n").map_err(err)?;
-        file.sync_all().map_err(err)?;
+        let written = options.open(&temp).and_then(|mut file| {
+            file.write_all(encoded.expose_secret().as_bytes())?;
+            file.write_all(b"\n")?;
+            file.sync_all()?;
+            std::fs::hard_link(&temp, path)
+        });
+        // The temporary name goes whatever happened; the key stays only under `path`.
+        let _ = std::fs::remove_file(&temp);
+        written.map_err(err)?;
+        if let Ok(dir) = std::fs::File::open(parent) {
+            let _ = dir.sync_all();
+        }
         Ok(ring)
     }
 
@@ -518,6 +564,23 @@ mod tests {
             assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         }
         assert!(KeyRing::create_file(&path).is_err(), "never overwrites a key");
+        assert_eq!(KeyRing::from_file(&path).unwrap().active_kid(), ring.active_kid(), "unchanged");
+        let names: Vec<_> =
+            std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["master.key"], "no temporary file is left");
+        // A file that holds no key is named, and its content is not shown.
+        for (content, why) in
+            [("", "it is empty"), ("\n", "it is empty"), ("c2VjcmV0LXNob3J0", "it holds no key")]
+        {
+            let bad = dir.path().join("bad.key");
+            std::fs::write(&bad, content).unwrap();
+            let e = KeyRing::from_file(&bad).unwrap_err().to_string();
+            assert!(e.contains(&bad.display().to_string()) && e.contains(why), "{e}");
+            assert!(!e.contains("c2Vj"), "{e}");
+            let mut ring = KeyRing::from_file(&path).unwrap();
+            let e = ring.add_retired_file(&bad).unwrap_err().to_string();
+            assert!(e.contains(&bad.display().to_string()) && e.contains(why), "{e}");
+        }
     }
 
     #[test]

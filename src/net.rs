@@ -4,7 +4,8 @@
 //! addresses) and at every delivery, by the resolver the HTTP client itself uses, so that a DNS
 //! answer that changes after the check (rebinding) cannot reach loopback, private, link-local or
 //! other special addresses. `webhooks.allow_private_targets` lifts the restriction for tests and
-//! on-premise receivers.
+//! on-premise receivers, except for link-local addresses and the cloud providers' metadata
+//! endpoints, which no receiver needs and which hand out the host's credentials.
 //!
 //! Also the reading of `Retry-After` ([`parse_retry_after`]), shared by webhook deliveries and the
 //! provider adapters.
@@ -56,6 +57,27 @@ impl HostResolver for SystemResolver {
         Box::pin(
             async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.map(|a| a.ip()).collect()) },
         )
+    }
+}
+
+/// Whether `ip` is refused even with `webhooks.allow_private_targets`: link-local addresses
+/// (169.254.0.0/16, fe80::/10), where the cloud providers' metadata endpoints answer with the
+/// host's credentials, and the other metadata addresses (AWS's IPv6 one, Alibaba's, Oracle's,
+/// Azure's host endpoint). An on-premise receiver lives on none of them. IPv4-mapped addresses
+/// are judged by their IPv4 address.
+pub fn is_never_allowed(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_link_local()
+                || [[100, 100, 100, 200], [192, 0, 0, 192], [168, 63, 129, 16]].contains(&v4.octets())
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_never_allowed(IpAddr::V4(v4)),
+            None => {
+                (v6.segments()[0] & 0xffc0) == 0xfe80
+                    || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+            }
+        },
     }
 }
 
@@ -125,12 +147,17 @@ pub fn is_public(ip: IpAddr) -> bool {
 /// Why a target was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
-    /// The host did not resolve.
-    #[error("the host does not resolve")]
+    /// The host did not resolve. The message is the same as [`Private`](Self::Private)'s: told
+    /// apart, they would tell whoever gave the URL which names exist in the internal network.
+    #[error(
+        "the host does not resolve to a public address (private, loopback and link-local ones are not allowed)"
+    )]
     Unresolvable,
     /// It resolves to a non-public address. The address is not in the message, which goes back
     /// to whoever gave the URL: it would tell them where names of the internal network point.
-    #[error("the host resolves to a private, loopback or link-local address, which is not allowed")]
+    #[error(
+        "the host does not resolve to a public address (private, loopback and link-local ones are not allowed)"
+    )]
     Private(IpAddr),
 }
 
@@ -157,10 +184,9 @@ impl Guard {
         if addrs.is_empty() {
             return Err(TargetError::Unresolvable);
         }
-        if !self.allow_private {
-            if let Some(bad) = addrs.iter().find(|ip| !is_public(**ip)) {
-                return Err(TargetError::Private(*bad));
-            }
+        let refused = |ip: IpAddr| if self.allow_private { is_never_allowed(ip) } else { !is_public(ip) };
+        if let Some(bad) = addrs.iter().find(|ip| refused(**ip)) {
+            return Err(TargetError::Private(*bad));
         }
         Ok(addrs)
     }
@@ -417,8 +443,37 @@ mod tests {
     #[tokio::test]
     async fn allow_private_targets_lifts_the_restriction() {
         let guard = Guard::new(stub(), true);
-        assert!(guard.check_host("loopback.example").await.is_ok());
-        assert!(guard.check_host("127.0.0.1").await.is_ok());
+        for host in ["loopback.example", "127.0.0.1", "ten.example", "ula.example", "mapped.example", "[::1]"]
+        {
+            assert!(guard.check_host(host).await.is_ok(), "{host}");
+        }
+        // But not for link-local addresses and the metadata endpoints, in any form.
+        for host in [
+            "metadata.example",
+            "169.254.169.254",
+            "169.254.0.1",
+            "[fe80::1]",
+            "[::ffff:169.254.169.254]",
+            "[fd00:ec2::254]",
+            "100.100.100.200",
+            "192.0.0.192",
+            "168.63.129.16",
+        ] {
+            assert!(matches!(guard.check_host(host).await, Err(TargetError::Private(_))), "{host}");
+        }
+        // Not every unique-local or shared address is one.
+        for host in ["[fd00:ec2::253]", "100.100.100.201", "192.0.0.193"] {
+            assert!(guard.check_host(host).await.is_ok(), "{host}");
+        }
+    }
+
+    #[test]
+    fn unresolvable_and_private_read_the_same() {
+        // Told apart, they would show which internal names exist.
+        assert_eq!(
+            TargetError::Unresolvable.to_string(),
+            TargetError::Private(IpAddr::from([10, 0, 0, 1])).to_string()
+        );
     }
 
     #[test]

@@ -112,8 +112,7 @@ fn with_retired_keys(config: &Config, mut ring: KeyRing) -> Result<KeyRing, Star
             .map_err(|source| StartupError::BadKey { key: "retired_master_keys", source })?;
     }
     for path in &config.retired_master_key_files {
-        crate::crypto::read_key_file(path)
-            .and_then(|key| ring.add_retired(&key))
+        ring.add_retired_file(path)
             .map_err(|source| StartupError::BadKey { key: "retired_master_key_files", source })?;
     }
     Ok(ring)
@@ -314,6 +313,11 @@ pub async fn build_state(config: Config) -> Result<AppState, StartupError> {
     let sandbox = Arc::new(Sandbox::new(&config, system_clock.clone()));
     let webhook_guard =
         crate::net::Guard::new(Arc::new(crate::net::SystemResolver), config.webhooks.allow_private_targets);
+    let avatar_timeout = Duration::from_secs(5);
+    let avatar_clients = crate::state::AvatarClients {
+        provider: webhook_guard.client(avatar_timeout),
+        sandbox: crate::net::Guard::new(Arc::new(crate::net::SystemResolver), true).client(avatar_timeout),
+    };
     let detached = crate::state::Detached::default();
     Ok(AppState(Arc::new(App {
         config,
@@ -324,6 +328,7 @@ pub async fn build_state(config: Config) -> Result<AppState, StartupError> {
         providers,
         sandbox,
         webhook_guard,
+        avatar_clients,
         detached,
     })))
 }

@@ -41,8 +41,21 @@ pub struct App {
     pub sandbox: Arc<Sandbox>,
     /// The SSRF guard for webhook endpoints (resolver and address policy).
     pub webhook_guard: crate::net::Guard,
+    /// The client that fetches connected accounts' avatars (through `webhook_guard`), and the
+    /// one for the sandbox's own avatars on this server (loopback allowed): built once, not
+    /// for every page view.
+    pub avatar_clients: AvatarClients,
     /// Work that runs on to its end when the request that asked for it goes away.
     pub detached: Detached,
+}
+
+/// See [`App::avatar_clients`].
+#[derive(Debug)]
+pub struct AvatarClients {
+    /// For avatars at the provider's CDN.
+    pub provider: reqwest::Client,
+    /// For the sandbox's avatars, served by this process.
+    pub sandbox: reqwest::Client,
 }
 
 /// Work that must not stop halfway because the request waiting for it went away (the client

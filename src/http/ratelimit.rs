@@ -198,9 +198,15 @@ pub fn client_ip(req: &Request) -> Option<IpAddr> {
     client_ip_of(req.headers(), req.extensions())
 }
 
+/// Whether `path` counts against the link pages' limit: the link pages, and the success page's
+/// avatar, which the server fetches from the provider at every request.
+fn is_limited(path: &str) -> bool {
+    path.starts_with("/l/") || (path.starts_with("/connected/") && path.ends_with("/avatar"))
+}
+
 /// Middleware for the link pages.
 pub async fn limit_links(State(limiter): State<LinkLimiter>, req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/l/") {
+    if is_limited(req.uri().path()) {
         if let Some(ip) = client_ip(&req) {
             if let Err(wait) = limiter.check(ClientNet::of(ip), Instant::now()) {
                 tracing::warn!(client = %ip, "link requests rate-limited");
@@ -227,6 +233,16 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn link_pages_and_avatars_are_limited() {
+        for path in ["/l/abc", "/l/abc/connect/tiktok", "/connected/0192/avatar"] {
+            assert!(is_limited(path), "{path}");
+        }
+        for path in ["/connected/0192", "/oauth/tiktok/callback", "/app", "/api/v1/links", "/lx"] {
+            assert!(!is_limited(path), "{path}");
+        }
+    }
 
     #[test]
     fn ipv6_clients_count_by_their_64_and_ipv4_clients_by_their_address() {

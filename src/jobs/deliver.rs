@@ -199,8 +199,19 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
     let started = Instant::now();
     let attempt = async {
         let (body, signature) = prepared?;
+        let url = url::Url::parse(&endpoint.url).ok();
+        // Plain http is admitted only with private targets allowed (for on-premise receivers),
+        // and is not sent to once that is turned off.
+        if url.as_ref().is_some_and(|u| u.scheme() != "https") && !state.config.webhooks.allow_private_targets
+        {
+            return Err((
+                "refused",
+                "the URL is not https, which only `webhooks.allow_private_targets` admits; give the endpoint an https URL"
+                    .to_string(),
+            ));
+        }
         // IP literals never reach the client's resolver, so check the host here too.
-        let host = url::Url::parse(&endpoint.url).ok().and_then(|u| u.host_str().map(str::to_string));
+        let host = url.as_ref().and_then(|u| u.host_str().map(str::to_string));
         let Some(host) = host else { return Err(("refused", "the URL has no host".to_string())) };
         if let Err(e) = state.webhook_guard.check_host(&host).await {
             return Err(("refused", e.to_string()));
@@ -355,8 +366,11 @@ async fn disable(
         serde_json::json!({"reason": reason}),
     )
     .await?;
-    // The endpoint is disabled by now, so the event goes to the others only.
-    let data = serde_json::json!({"endpoint_id": endpoint.id, "url": endpoint.url, "reason": reason});
+    // The endpoint is disabled by now, so the event goes to the others only. They may belong to
+    // other parties (a chat tool, an automation service), and receivers often put a token in
+    // their URL's path or query: the URL is named by its origin alone.
+    let origin = url::Url::parse(&endpoint.url).map(|u| u.origin().ascii_serialization()).unwrap_or_default();
+    let data = serde_json::json!({"endpoint_id": endpoint.id, "origin": origin, "reason": reason});
     crate::service::webhooks::emit(
         &mut *tx,
         app,

@@ -258,6 +258,9 @@ fn parse_events(events: Option<&[String]>) -> Result<String, FieldError> {
     }
 }
 
+/// The longest wait for a webhook URL's host to resolve when it is saved.
+const SAVE_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Checks an endpoint URL: absolute, https (or http with private targets allowed), no
 /// credentials, and a host that resolves to allowed addresses only.
 async fn check_url(app: &App, value: &str) -> Result<String, FieldError> {
@@ -276,10 +279,16 @@ async fn check_url(app: &App, value: &str) -> Result<String, FieldError> {
     }
     let host =
         url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| FieldError::new("url", "must have a host"))?;
-    match app.webhook_guard.check_host(host).await {
-        Ok(_) => Ok(url.to_string()),
-        Err(TargetError::Unresolvable) => Err(FieldError::new("url", "the host does not resolve")),
-        Err(e @ TargetError::Private(_)) => Err(FieldError::new("url", e.to_string())),
+    // The system resolver may wait long for a name server that does not answer; the request
+    // is not held for it (nor is a thread of the lookup pool for long: lookups are bounded by
+    // the resolver's own timeouts).
+    match tokio::time::timeout(SAVE_LOOKUP_TIMEOUT, app.webhook_guard.check_host(host)).await {
+        Ok(Ok(_)) => Ok(url.to_string()),
+        Ok(Err(e)) => {
+            tracing::info!(error = ?e, "a webhook URL was refused");
+            Err(FieldError::new("url", e.to_string()))
+        }
+        Err(_) => Err(FieldError::new("url", TargetError::Unresolvable.to_string())),
     }
 }
 

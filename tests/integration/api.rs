@@ -955,6 +955,8 @@ async fn database_lost_gives_503_and_recovers(app: TestApp) {
     .await;
     let cleanup = second.cleanup_handle();
     second.api_get("/links", &key, 200).await;
+    let css = second.client.get(second.url(&format!("/brand/{wid}.css"))).send().await.unwrap();
+    assert_eq!(css.status(), 200);
     // A client at the provider when the database goes: the callback still sends the browser to a
     // clean URL (the code and state out of the address bar), whose page says to try again.
     let (_, link_url) = second.link(&wid, "Client");
@@ -988,6 +990,10 @@ async fn database_lost_gives_503_and_recovers(app: TestApp) {
         assert!(started.elapsed() < std::time::Duration::from_secs(15), "503 within a bounded time");
         assert_eq!(ready(&second).await, 503);
         if round == 0 {
+            // The brand stylesheet: not a 404 (cached as "no colours"), and not kept.
+            let css = second.client.get(second.url(&format!("/brand/{wid}.css"))).send().await.unwrap();
+            assert_eq!(css.status(), 503);
+            assert_eq!(css.headers()["cache-control"], "no-store");
             let res = browser.get(flow.callback.split('#').next().unwrap()).send().await.unwrap();
             assert_eq!(res.status(), 303);
             let to = res.headers()["location"].to_str().unwrap().to_string();

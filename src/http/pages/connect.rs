@@ -777,12 +777,7 @@ async fn complete_flow(
         }
         FlowError::Failed(classify(&e, Failure::ExchangeFailed))
     })?;
-    // Scopes: what the token endpoint reports, else what the callback reported (TikTok).
-    let granted: Vec<String> = if tokens.scopes.is_empty() {
-        q.scopes.as_deref().map(connections::split_scopes).unwrap_or_default()
-    } else {
-        tokens.scopes.clone()
-    };
+    let granted = granted_scopes(&tokens.scopes, q.scopes.as_deref(), provider.scopes());
     // Without a required scope the connection is useless: the attempt fails. A requested scope
     // the client switched off (TikTok's toggles) leaves a working connection, flagged in its
     // status reason (shown in every listing and sent with the webhook) so that the agency can ask
@@ -1051,33 +1046,32 @@ pub async fn show_avatar(
     if url.scheme() != "https" && !sandbox_avatar {
         return not_found();
     }
-    let guard = if sandbox_avatar {
-        crate::net::Guard::new(std::sync::Arc::new(crate::net::SystemResolver), true)
+    let client = if sandbox_avatar {
+        &state.avatar_clients.sandbox
     } else {
-        state.webhook_guard.clone()
+        if let Err(e) = state.webhook_guard.check_literal(&url).await {
+            tracing::warn!(error = %e, "a connection's avatar URL is not a public address: not fetched");
+            return not_found();
+        }
+        &state.avatar_clients.provider
     };
-    if let Err(e) = guard.check_literal(&url).await {
-        tracing::warn!(error = %e, "a connection's avatar URL is not a public address: not fetched");
+    let Ok(res) = client.get(url.as_str()).send().await else { return not_found() };
+    if !res.status().is_success() {
         return not_found();
     }
-    let client = guard.client(std::time::Duration::from_secs(5));
-    let Ok(res) = client.get(url.as_str()).send().await else { return not_found() };
-    let content_type = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .filter(|ct| {
-            (ct.starts_with("image/") && !ct.contains("svg"))
-                || (sandbox_avatar && ct.starts_with("image/svg+xml"))
-        })
-        .map(str::to_string);
-    let Some(content_type) = content_type.filter(|_| res.status().is_success()) else { return not_found() };
+    let claimed = res.headers().get(header::CONTENT_TYPE).cloned();
     let Some(body) = whole_body(res, MAX_AVATAR_BYTES).await else { return not_found() };
+    let Some(content_type) = avatar_type(sandbox_avatar, claimed.as_ref().map(HeaderValue::as_bytes), &body)
+    else {
+        return not_found();
+    };
     let mut out = body.into_response();
-    if let Ok(v) = HeaderValue::from_str(&content_type) {
-        out.headers_mut().insert(header::CONTENT_TYPE, v);
-    }
+    out.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     out.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=300"));
+    out.headers_mut().insert(
+        header::HeaderName::from_static("cross-origin-resource-policy"),
+        HeaderValue::from_static("same-origin"),
+    );
     out.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
@@ -1085,6 +1079,23 @@ pub async fn show_avatar(
         ),
     );
     out
+}
+
+/// The type an avatar is served as: the one its bytes show, never the one its answer claims.
+/// Only a PNG, JPEG, GIF or WebP image is served (an SVG could carry script; a claimed type
+/// list such as `image/png, text/html` could be read as a page), except the sandbox's own
+/// avatars, SVG drawings it says are SVG.
+fn avatar_type(sandbox: bool, claimed: Option<&[u8]>, body: &[u8]) -> Option<&'static str> {
+    if sandbox && claimed.is_some_and(|c| c.starts_with(b"image/svg+xml")) {
+        return Some("image/svg+xml");
+    }
+    match crate::service::logos::check(body) {
+        Ok(checked) => Some(checked.content_type),
+        Err(why) => {
+            tracing::info!(why, "a connection's avatar is not an image that is served");
+            None
+        }
+    }
 }
 
 /// The body of `res` if it comes whole and holds at most `max` bytes: a part of an image is not
@@ -1100,8 +1111,53 @@ async fn whole_body(mut res: reqwest::Response, max: usize) -> Option<Vec<u8>> {
     Some(body)
 }
 
+/// The scopes granted: what the token endpoint reports, else what the callback reported
+/// (TikTok), else the scopes asked for. An answer that names no scope grants those asked for
+/// (RFC 6749 §5.1: `scope` may be left out when it is the scope requested); neither documented
+/// answer leaves it out, and reading its absence as "nothing granted" would fail every attempt.
+fn granted_scopes(by_token: &[String], by_callback: Option<&str>, requested: &[String]) -> Vec<String> {
+    if !by_token.is_empty() {
+        return by_token.to_vec();
+    }
+    match by_callback.map(connections::split_scopes) {
+        Some(scopes) if !scopes.is_empty() => scopes,
+        _ => requested.to_vec(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn avatars_are_served_as_what_their_bytes_are() {
+        // A 1×1 PNG.
+        let png: &[u8] = &[
+            0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 0x0d, b'I', b'H', b'D', b'R', 0, 0, 0,
+            1, 0, 0, 0, 1, 8, 6, 0, 0, 0, 0x1f, 0x15, 0xc4, 0x89,
+        ];
+        let html = b"<html><script>alert(1)</script></html>";
+        let svg = b"<svg xmlns='http://www.w3.org/2000/svg'/>";
+        let t = super::avatar_type;
+        assert_eq!(t(false, Some(b"text/html"), png), Some("image/png"), "the bytes, not the claim");
+        assert_eq!(t(false, Some(b"image/png, text/html"), html), None);
+        assert_eq!(t(false, Some(b"image/png"), html), None);
+        assert_eq!(t(false, Some(b"image/SVG+xml"), svg), None);
+        assert_eq!(t(false, Some(b"image/svg+xml"), svg), None, "SVG only from the sandbox");
+        assert_eq!(t(true, Some(b"image/svg+xml"), svg), Some("image/svg+xml"));
+        assert_eq!(t(true, Some(b"text/html"), html), None);
+        assert_eq!(t(true, None, png), Some("image/png"));
+    }
+
+    #[test]
+    fn granted_scopes_come_from_the_answer_then_the_callback_then_the_request() {
+        let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let asked = v(&["a", "b", "c"]);
+        let granted = super::granted_scopes;
+        assert_eq!(granted(&v(&["a"]), Some("a,b"), &asked), ["a"], "the token answer first");
+        assert_eq!(granted(&[], Some("a, b"), &asked), ["a", "b"], "then the callback's");
+        assert_eq!(granted(&[], Some(" , "), &asked), asked, "an empty list reports nothing");
+        assert_eq!(granted(&[], None, &asked), asked, "named by neither: as asked");
+    }
+
     /// An image host that answers whole, too long, and cut off (10 of 1,000 bytes, then the
     /// connection closes): only the whole answer is read.
     #[tokio::test]
