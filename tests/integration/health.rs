@@ -1239,6 +1239,54 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     let body: Value = serde_json::from_str(&got[0].body).unwrap();
     assert_eq!(body["type"], "connection.broken");
     assert!(body["data"]["repair_url"].is_string());
+    // Data deletion is one transaction: when its request cannot be recorded (a trigger refuses
+    // it here), nothing is erased, and Meta is told to try again.
+    let refuse = match &app.backend {
+        crate::helpers::Backend::Sqlite => vec![
+            "CREATE TRIGGER refuse_deletion_record BEFORE INSERT ON data_deletion_requests \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                .to_string(),
+        ],
+        crate::helpers::Backend::Postgres(_) => vec![
+            "CREATE FUNCTION {schema}.refuse_insert() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
+                .to_string(),
+            "CREATE TRIGGER refuse_deletion_record BEFORE INSERT ON {schema}.data_deletion_requests \
+             FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_insert()"
+                .to_string(),
+        ],
+    };
+    for sql in &refuse {
+        app.execute(sql).await;
+    }
+    let res = app
+        .client
+        .post(app.url("/oauth/instagram/data-deletion"))
+        .form(&[("signed_request", signed_request(secret, b.app_scoped_id).as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 500);
+    let answer: Value = res.json().await.unwrap();
+    assert!(answer["error"].as_str().unwrap().contains("try again"), "{answer}");
+    let kept = find(b.username).unwrap();
+    let kept = app.api_get(&format!("/connections/{}", kept["id"].as_str().unwrap()), &key, 200).await;
+    assert_eq!(kept["status"], "active", "nothing erased: {kept}");
+    assert_eq!(kept["username"], b.username);
+    let kept_id = kept["id"].as_str().unwrap().to_string();
+    app.api_get(&format!("/connections/{kept_id}/access-token"), &key, 200).await;
+    app.execute(
+        "DROP TRIGGER refuse_deletion_record{on}"
+            .replace(
+                "{on}",
+                match &app.backend {
+                    crate::helpers::Backend::Sqlite => "",
+                    crate::helpers::Backend::Postgres(_) => " ON {schema}.data_deletion_requests",
+                },
+            )
+            .as_str(),
+    )
+    .await;
     // Data deletion: tokens and profile erased, the answer Meta expects, and a status page.
     let res = app
         .client
