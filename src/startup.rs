@@ -237,7 +237,9 @@ pub async fn check_keyring(db: &Db, keys: &KeyRing, now_ms: i64) -> Result<(), S
         }
     }
     match stored.iter().find(|c| c.kid == keys.active_kid()) {
-        None => db::key_checks::insert(&mut tx, keys.active_kid(), &keys.check_value(), now_ms).await?,
+        None => {
+            db::key_checks::insert(&mut tx, keys.active_kid(), &keys.check_value(), now_ms).await?;
+        }
         // A retired key made active again seals new values: it is needed again.
         Some(c) if c.retired_at.is_some() => db::key_checks::set_retired(&mut tx, &c.kid, None).await?,
         Some(_) => {}
@@ -278,7 +280,6 @@ pub fn verify_keyring(keys: &KeyRing, stored: &[StoredKey<'_>]) -> Result<(), St
     Ok(())
 }
 
-/// Connects, migrates and checks the key: the state every command works with.
 /// The state of a service on a new SQLite database in `dir`, with the default settings.
 #[cfg(test)]
 pub(crate) async fn state_for_tests(dir: &std::path::Path) -> AppState {
@@ -387,6 +388,16 @@ impl Application {
         let jobs =
             state.config.jobs.enabled.then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
+        let providers = &state.config.providers;
+        let in_sandbox = (providers.tiktok.enabled && providers.tiktok.is_sandbox())
+            || (providers.instagram.enabled && providers.instagram.is_sandbox());
+        if in_sandbox && !state.config.is_sqlite() {
+            tracing::warn!(
+                "a provider runs in sandbox mode, whose simulated accounts, codes and tokens live in this \
+                 process: run a single instance (behind a load balancer, a code issued by one instance would \
+                 be exchanged at another), or configure the provider's credentials"
+            );
+        }
         let header_timeout = Duration::from_secs(state.config.http.request_timeout_secs);
         // One grace period from the signal for everything still running: requests, then jobs.
         let deadline = Arc::new(std::sync::OnceLock::new());
@@ -521,6 +532,10 @@ async fn purge_webhooks(
             break;
         }
         let mut tx = state.db.begin_write().await?;
+        // Processes purge one batch at a time: the batch's two deletions each pick the oldest
+        // finished deliveries, and another process's deletion between them would make the second
+        // pick deliveries whose attempts the first left (a foreign key violation, or a deadlock).
+        db::advisory_lock(&mut tx, state.db.backend(), "webhook purge").await?;
         let (d, e) = db::webhooks::purge_finished(&mut tx, before, BATCH).await?;
         tx.commit().await?;
         deliveries += d;

@@ -540,6 +540,37 @@ pub async fn release_lease(conn: &mut AnyConnection, id: &str, owner: &str) -> D
     Ok(())
 }
 
+/// Gives back a claim the scheduler made (until `until_ms`) and did not start: only that claim,
+/// not a lease the same process took again since for a refresh asked for meanwhile, which is
+/// running.
+pub async fn release_claim(conn: &mut AnyConnection, id: &str, owner: &str, until_ms: i64) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE refresh_schedule SET lease_owner = NULL, lease_until = NULL \
+         WHERE connection_id = $1 AND lease_owner = $2 AND lease_until = $3",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(until_ms)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Takes a connection that is not active off the refresh schedule. `next_refresh_at` is set only
+/// for active connections; a row that breaks that rule (written by an older version, or by a
+/// race this guards against) would be claimed and given back at every round.
+pub async fn unschedule_inactive(conn: &mut AnyConnection, id: &str) -> DbResult<()> {
+    sqlx::query(
+        "UPDATE refresh_schedule SET next_refresh_at = NULL WHERE connection_id = $1 \
+         AND next_refresh_at IS NOT NULL \
+         AND NOT EXISTS (SELECT 1 FROM connections WHERE id = $1 AND status = 'active')",
+    )
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Who holds the lease of a connection, until when, and its token generation.
 pub async fn lease_state(
     conn: &mut AnyConnection,
@@ -781,11 +812,15 @@ pub async fn scrub_events(conn: &mut AnyConnection, connection_id: &str) -> DbRe
     Ok(())
 }
 
-/// Stores refreshed tokens by compare-and-set on the token generation (`$8`): the statement both
-/// refresh paths run, with its arguments bound by [`bind_tokens`].
+/// Stores refreshed tokens by compare-and-set on the token generation (`$8`), into an active
+/// connection only: the statement both refresh paths run, with its arguments bound by
+/// [`bind_tokens`]. A connection broken meanwhile (a health check in another process found its
+/// token refused) stays broken, with no tokens that would be scheduled for refreshes it would
+/// never get.
 const STORE_TOKENS: &str = "UPDATE connections SET access_token_sealed = $2, access_expires_at = $3, \
     refresh_token_sealed = $4, refresh_expires_at = $5, token_generation = $6, last_refreshed_at = $7, \
-    updated_at = $7, refresh_failures = 0, expiring_notified_at = NULL WHERE id = $1 AND token_generation = $8";
+    updated_at = $7, refresh_failures = 0, expiring_notified_at = NULL \
+    WHERE id = $1 AND token_generation = $8 AND status = 'active'";
 
 /// Binds `$1` to `$8` of [`STORE_TOKENS`].
 fn bind_tokens<'q, O>(

@@ -39,14 +39,16 @@ pub async fn lock(conn: &mut AnyConnection, backend: super::Backend) -> DbResult
 
 /// Records the check value of a key (once: a process that finds it recorded meanwhile leaves
 /// it).
-pub async fn insert(conn: &mut AnyConnection, kid: &str, check: &str, now_ms: i64) -> DbResult<()> {
-    sqlx::query("INSERT INTO key_checks (kid, check_value, created_at) VALUES ($1, $2, $3) ON CONFLICT (kid) DO NOTHING")
-        .bind(kid)
-        .bind(check)
-        .bind(now_ms)
-        .execute(conn)
-        .await?;
-    Ok(())
+pub async fn insert(conn: &mut AnyConnection, kid: &str, check: &str, now_ms: i64) -> DbResult<bool> {
+    let done = sqlx::query(
+        "INSERT INTO key_checks (kid, check_value, created_at) VALUES ($1, $2, $3) ON CONFLICT (kid) DO NOTHING",
+    )
+    .bind(kid)
+    .bind(check)
+    .bind(now_ms)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() > 0)
 }
 
 /// Forgets a key: its check value goes (once it is retired, removed from the configuration and

@@ -640,10 +640,6 @@ fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
     sqlite_path(url).filter(|_| writable)
 }
 
-/// `key IN (subquery)` for claiming rows, with the subquery's row locking on PostgreSQL
-/// (`FOR UPDATE SKIP LOCKED`) and written as `key = ANY(ARRAY(...))` there: PostgreSQL joins an
-/// `IN (...)` against a scan of the whole table, but looks the ids of an array up in the primary
-/// key. SQLite takes the write lock with the transaction and needs neither.
 /// Takes a PostgreSQL advisory lock named `key` for the rest of the transaction on `conn`, so
 /// that the writers that take it run one after the other (counted limits, claim rounds); SQLite's
 /// write transactions already run one at a time, so there it does nothing.
@@ -654,6 +650,10 @@ pub async fn advisory_lock(conn: &mut sqlx::AnyConnection, backend: Backend, key
     Ok(())
 }
 
+/// `key IN (subquery)` for claiming rows, with the subquery's row locking on PostgreSQL
+/// (`FOR UPDATE SKIP LOCKED`) and written as `key = ANY(ARRAY(...))` there: PostgreSQL joins an
+/// `IN (...)` against a scan of the whole table, but looks the ids of an array up in the primary
+/// key. SQLite takes the write lock with the transaction and needs neither.
 fn claimed_ids(backend: Backend, key: &str, subquery: &str) -> String {
     match backend {
         Backend::Postgres => format!("{key} = ANY(ARRAY({subquery} FOR UPDATE SKIP LOCKED))"),

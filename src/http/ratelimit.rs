@@ -214,9 +214,12 @@ pub async fn limit_links(State(limiter): State<LinkLimiter>, req: Request, next:
                     StatusCode::TOO_MANY_REQUESTS,
                     &MessagePage::new(
                         "Too many requests",
-                        "This device opened too many links in a short time.",
+                        "Too many requests came from your network in a short time.",
                     )
-                    .next(format!("Please wait {wait} seconds, then try again.")),
+                    .next(match wait {
+                        1 => "Please wait a second, then try again.".to_string(),
+                        _ => format!("Please wait {wait} seconds, then try again."),
+                    }),
                 );
                 if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
                     res.headers_mut().insert(header::RETRY_AFTER, v);

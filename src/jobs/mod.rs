@@ -82,10 +82,12 @@ async fn refresh_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     let limit = Arc::new(Semaphore::new(state.config.jobs.refresh_concurrency));
     let mut in_flight = JoinSet::new();
     loop {
-        // Claim only as much as can start soon, so leases are not held by queued work.
+        // Claim only while a refresh can start; a claim whose refresh waits so long for a
+        // permit that too little of it is left is given back when its turn comes (see
+        // `refresh_claimed`), and claimed again.
         let claimed = if limit.available_permits() > 0 {
             match refresh::claim_batch(&state).await {
-                Ok(ids) => ids,
+                Ok(claims) => claims,
                 Err(e) => {
                     tracing::warn!(error = %e, "claiming due refreshes failed");
                     Vec::new()
@@ -96,7 +98,7 @@ async fn refresh_loop(state: AppState, mut stop: watch::Receiver<bool>) {
         };
         let full_batch = claimed.len() >= state.config.jobs.refresh_batch as usize;
         let mut claimed = claimed.into_iter();
-        while let Some(id) = claimed.next() {
+        while let Some(claim) = claimed.next() {
             // No refresh starts once asked to stop: one cut off by the exit after the provider
             // rotated its token would lose the new one. What was claimed and not started is
             // given back at once, for another process.
@@ -109,9 +111,9 @@ async fn refresh_loop(state: AppState, mut stop: watch::Receiver<bool>) {
                 }
             };
             let Some(permit) = permit else {
-                for id in std::iter::once(id).chain(claimed.by_ref()) {
-                    if let Err(e) = refresh::give_back(&state, &id).await {
-                        tracing::warn!(connection_id = %id, error = %e, "giving back a refresh claim failed");
+                for claim in std::iter::once(claim).chain(claimed.by_ref()) {
+                    if let Err(e) = refresh::give_back(&state, &claim).await {
+                        tracing::warn!(connection_id = %claim.id, error = %e, "giving back a refresh claim failed");
                     }
                 }
                 break;
@@ -119,8 +121,8 @@ async fn refresh_loop(state: AppState, mut stop: watch::Receiver<bool>) {
             let state = state.clone();
             in_flight.spawn(async move {
                 let _permit = permit;
-                if let Err(e) = refresh::refresh_claimed(&state, &id).await {
-                    tracing::warn!(connection_id = %id, error = %e, "scheduled refresh failed");
+                if let Err(e) = refresh::refresh_claimed(&state, &claim.id).await {
+                    tracing::warn!(connection_id = %claim.id, error = %e, "scheduled refresh failed");
                 }
             });
         }

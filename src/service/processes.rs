@@ -123,7 +123,13 @@ async fn record(app: &App, row: &mut ProcessRow) -> DbResult<()> {
     if !db::processes::beat(&mut tx, &row.id, now).await? {
         db::processes::insert(&mut tx, row).await?;
     }
-    if db::key_checks::unretire(&mut tx, &row.active_kid).await? {
+    let retired = db::key_checks::unretire(&mut tx, &row.active_kid).await?;
+    // Retired and then forgotten by a process started without it, while this one's heartbeats
+    // did not reach the database: recorded again, or the values this process seals from now on
+    // would need a key the database no longer names.
+    let forgotten =
+        !retired && db::key_checks::insert(&mut tx, &row.active_kid, &app.keys.check_value(), now).await?;
+    if retired || forgotten {
         tracing::error!(
             kid = %row.active_kid,
             "this process seals with a key that a re-wrap retired (it ran before this process was \
@@ -192,5 +198,16 @@ mod tests {
         let listed = list(&app).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!((listed[0].id.as_str(), listed[0].running), (row.id.as_str(), true));
+
+        // Retired and then forgotten (by a process started without the key): recorded again,
+        // with the check value that proves it.
+        sqlx::query(retire).execute(&mut *app.db.writer().await.unwrap()).await.unwrap();
+        db::key_checks::forget(&mut app.db.writer().await.unwrap(), app.keys.active_kid()).await.unwrap();
+        assert!(db::key_checks::all(&mut app.db.read().await.unwrap()).await.unwrap().is_empty());
+        record(&app, &mut row).await.unwrap();
+        let checks = db::key_checks::all(&mut app.db.read().await.unwrap()).await.unwrap();
+        let own = checks.iter().find(|c| c.kid == app.keys.active_kid()).expect("recorded again");
+        assert_eq!(own.retired_at, None);
+        assert!(app.keys.verify_check_value(&own.kid, &own.check_value));
     }
 }

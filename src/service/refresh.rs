@@ -289,7 +289,7 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
             owner,
             &attempt_id,
             now,
-            now + provider_call_ms(app),
+            now + start_margin_ms(app),
             app.providers.enabled_names(),
         )
         .await?
@@ -307,9 +307,10 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
         return Err(ServiceError::NotFound("connection"));
     };
     drop(conn);
-    // Started only while the claim outlasts a whole provider call: a claim about to run out
-    // could be taken over mid-call by another process, which would send the same refresh token.
-    let lease_left = row.lease_until.is_some_and(|u| u > now + provider_call_ms(app));
+    // Started only while the claim outlasts a whole provider call and the store after it: a
+    // claim about to run out could be taken over mid-call by another process, which would send
+    // the same refresh token.
+    let lease_left = row.lease_until.is_some_and(|u| u > now + start_margin_ms(app));
     let still_ours = row.lease_owner.as_deref() == Some(owner) && lease_left;
     let still_due = row.next_refresh_at.is_some_and(|n| n <= now);
     if !still_ours || ConnectionStatus::parse(&row.status) != ConnectionStatus::Active || !still_due {
@@ -318,10 +319,18 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
     Ok(run_leased(app, row, owner, Cause::Plain).await?.into())
 }
 
-/// The longest a provider call may take (ms): what must be left of a claim to start a refresh.
-fn provider_call_ms(app: &App) -> i64 {
-    i64::try_from(app.config.providers.timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4)
+/// What must be left of a claim to start a refresh (ms): the longest a provider call may take,
+/// and time to store its answer after it ([`STORE_MARGIN_MS`], or half of what the claim leaves
+/// beyond the call when claims are shorter).
+fn start_margin_ms(app: &App) -> i64 {
+    let call = i64::try_from(app.config.providers.timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+    let lease = i64::try_from(app.config.jobs.lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+    call + STORE_MARGIN_MS.min((lease - call) / 2)
 }
+
+/// Time kept on a claim, beyond a provider call, for storing the call's answer (as webhook
+/// deliveries keep theirs).
+const STORE_MARGIN_MS: i64 = 10_000;
 
 /// A claimed connection that is not to be refreshed after all: refreshed on demand meanwhile,
 /// no longer active, its lease ran out and another process took it, or its provider is not
@@ -331,6 +340,9 @@ async fn not_started(app: &App, row: ConnectionRow, owner: &str, now: i64) -> Se
     if still_ours {
         let mut conn = app.db.writer().await?;
         db::connections::release_lease(&mut conn, &row.id, owner).await?;
+    }
+    if ConnectionStatus::parse(&row.status) != ConnectionStatus::Active && row.next_refresh_at.is_some() {
+        db::connections::unschedule_inactive(&mut *app.db.writer().await?, &row.id).await?;
     }
     let still_due = row.next_refresh_at.is_some_and(|n| n <= now);
     if still_ours && still_due && ConnectionStatus::parse(&row.status) == ConnectionStatus::Active {
@@ -521,8 +533,10 @@ async fn call_and_store(
             // exists nowhere else): retry, backing off, for as long as this process's claim on
             // the connection lasts (no other process refreshes it meanwhile); the attempt row
             // explains the gap if every try fails.
-            // (At least a few seconds when the claim's end is not known here.)
-            let until = (row.lease_until.unwrap_or(0) - 1000).max(now + 4_200);
+            // Not past the claim: another process may take the connection over then, and a
+            // store after it would race that one's verdict. (A few seconds when the claim's end
+            // is not known here; one try at least.)
+            let until = row.lease_until.map_or(now + 4_200, |u| u - 500);
             let mut wait_ms = 0u64;
             let last_error = loop {
                 if wait_ms > 0 {
@@ -949,6 +963,39 @@ enum Checked {
 async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> ServiceResult<Checked> {
     let lock = connection_lock(id);
     let _guard = lock.lock().await;
+    // Under the refresh lease, as a refresh runs: a check in one process that found the token
+    // refused while another process's refresh replaced it would break a working connection
+    // (the in-process lock keeps them apart within one process only).
+    let owner = owner_id();
+    let now = app.now_ms();
+    let until = now + i64::try_from(app.config.jobs.lease_secs).unwrap_or(60) * 1000;
+    if !db::connections::try_lease(&mut *app.db.writer().await?, id, owner, now, until).await? {
+        // Not active (nothing to check), or being refreshed by another process: checked at its
+        // next turn.
+        let mut conn = app.db.read().await?;
+        let row = db::connections::get(&mut conn, id).await?.ok_or(ServiceError::NotFound("connection"))?;
+        if ConnectionStatus::parse(&row.status) != ConnectionStatus::Active {
+            return Ok(Checked::Done(Outcome::Current(Box::new(row))));
+        }
+        return Ok(Checked::Done(Outcome::Transient(
+            "a refresh of this connection is running in another process; it is checked at its next turn"
+                .into(),
+        )));
+    }
+    let checked = check_profile_leased(app, id, refused_first).await;
+    let released = match app.db.writer().await {
+        Ok(mut conn) => db::connections::release_claim(&mut conn, id, owner, until).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = released {
+        // It runs out by itself.
+        tracing::warn!(connection_id = %id, error = %e, "a health check's lease could not be given back");
+    }
+    checked
+}
+
+/// [`check_profile`] under the lease.
+async fn check_profile_leased(app: &App, id: &str, refused_first: Option<&str>) -> ServiceResult<Checked> {
     let mut conn = app.db.read().await?;
     let Some(mut row) = db::connections::get(&mut conn, id).await? else {
         return Err(ServiceError::NotFound("connection"));
@@ -1136,28 +1183,38 @@ pub async fn announce_expiring(app: &App) -> ServiceResult<usize> {
 }
 
 /// Gives back this process's claim on a connection's refresh, not started (shutting down).
-pub async fn give_back(app: &App, id: &str) -> ServiceResult<()> {
-    db::connections::release_lease(&mut *app.db.writer().await?, id, owner_id()).await?;
+pub async fn give_back(app: &App, claim: &Claim) -> ServiceResult<()> {
+    db::connections::release_claim(&mut *app.db.writer().await?, &claim.id, owner_id(), claim.until).await?;
     Ok(())
 }
 
+/// A connection the scheduler claimed, and when its claim ends (ms).
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The connection.
+    pub id: String,
+    /// The end of the claim.
+    pub until: i64,
+}
+
 /// Claims a batch of due refreshes for this process (the scheduler's query).
-pub async fn claim_batch(app: &App) -> ServiceResult<Vec<String>> {
+pub async fn claim_batch(app: &App) -> ServiceResult<Vec<Claim>> {
     let now = app.now_ms();
     let lease = i64::try_from(app.config.jobs.lease_secs).unwrap_or(60) * 1000;
+    let until = now + lease;
     let mut tx = app.db.begin_write().await?;
     let ids = db::connections::claim_due_refreshes(
         &mut tx,
         app.db.backend(),
         owner_id(),
         now,
-        now + lease,
+        until,
         i64::from(app.config.jobs.refresh_batch),
         app.providers.enabled_names(),
     )
     .await?;
     tx.commit().await?;
-    Ok(ids)
+    Ok(ids.into_iter().map(|id| Claim { id, until }).collect())
 }
 
 /// The current time in database form (helper for callers without an `App` clock at hand).

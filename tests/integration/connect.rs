@@ -392,6 +392,8 @@ async fn state_failures_make_no_token_call(app: TestApp) {
     assert_eq!(res.status(), 400);
     let html = res.text().await.unwrap();
     assert!(html.contains("same browser") && !html.contains(&try_again), "{html}");
+    // Nor does it tell whose link it was.
+    assert!(!html.contains("<p class=\"eyebrow\">States</p>") && !html.contains("/brand/"), "{html}");
     // Mix-up: TikTok's answer delivered to the Instagram callback.
     let mixed = flow.callback.replace("/oauth/tiktok/callback", "/oauth/instagram/callback");
     assert_eq!(finish(&app.client, &app, &mixed).await.status(), 400);
@@ -407,6 +409,8 @@ async fn state_failures_make_no_token_call(app: TestApp) {
     assert_eq!(res.status(), 400);
     let html = res.text().await.unwrap();
     assert!(html.contains("ten minutes") && html.contains(&try_again), "{html}");
+    // In the attempt's own browser, branded as the link's pages are.
+    assert!(html.contains("<p class=\"eyebrow\">States</p>") && html.contains("/brand/"), "{html}");
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
     assert_nothing_connected(&app).await;
     // Reused: the first use succeeds, a replay in the same browser is refused without a call.

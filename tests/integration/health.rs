@@ -24,6 +24,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         refresh_overtaken_by_a_reconnect_keeps_the_new_grant,
         refusal_overtaken_by_a_reconnect_gives_the_new_token,
         refresh_outlives_the_request_that_asked_for_it,
+        a_refresh_does_not_revive_a_connection_broken_meanwhile,
+        a_check_does_not_run_during_another_process_refresh,
         unreadable_tokens_break_the_connection,
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
         permanent_failure_breaks_once_and_link_repairs,
@@ -517,6 +519,26 @@ async fn gone_endpoint_is_disabled(app: TestApp) {
     assert_eq!(receiver.got.lock().unwrap().len(), 1, "only the test event reached the disabled endpoint");
 }
 
+/// The server restarted without background jobs (and with `extra`), with one connection of
+/// sandbox TikTok account `account` made through a link of a new workspace `name`: the server,
+/// its restart's cleanup, the workspace's key and the connection's id.
+async fn one_tiktok_connection(
+    app: TestApp,
+    name: &str,
+    extra: &[(&str, &str)],
+    account: usize,
+) -> (TestApp, crate::helpers::Cleanup, String, String) {
+    let mut settings = vec![("AUTHLINK_JOBS__ENABLED", "false")];
+    settings.extend_from_slice(extra);
+    let (app, restarted) = app.restart_with(&settings).await;
+    let wid = app.workspace(name);
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[account].open_id).await;
+    let id = connection_id(&app, &key).await;
+    (app, restarted, key, id)
+}
+
 async fn connection_id(app: &TestApp, key: &str) -> String {
     app.api_get("/connections", key, 200).await["data"][0]["id"].as_str().unwrap().to_string()
 }
@@ -680,14 +702,8 @@ async fn refusal_overtaken_by_a_reconnect_gives_the_new_token(app: TestApp) {
 /// (the provider answers 3 s late, the caller gives up after half a second): the refresh runs on
 /// to its end, the rotated token is stored, and the next refresh sends it, reusing none.
 async fn refresh_outlives_the_request_that_asked_for_it(app: TestApp) {
-    let (app, restarted) = app
-        .restart_with(&[("AUTHLINK_JOBS__ENABLED", "false"), ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10")])
-        .await;
-    let wid = app.workspace("Gone caller");
-    let key = app.workspace_key(&wid);
-    let (_, url) = app.link(&wid, "Client");
-    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
-    let id = connection_id(&app, &key).await;
+    let (app, restarted, key, id) =
+        one_tiktok_connection(app, "Gone caller", &[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10")], 0).await;
     let before = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
     app.sandbox(
         "/tiktok/scenario",
@@ -736,17 +752,90 @@ async fn refresh_outlives_the_request_that_asked_for_it(app: TestApp) {
     restarted.run().await;
 }
 
+/// A connection broken while its refresh waited for the provider (as a health check in another
+/// process does when it finds the token refused; written directly here): the refresh's answer is
+/// not stored into it, and it is not put back on the refresh schedule, whose claims it would
+/// fill at every round, given back each time.
+async fn a_refresh_does_not_revive_a_connection_broken_meanwhile(app: TestApp) {
+    let (app, restarted, key, id) =
+        one_tiktok_connection(app, "Broken meanwhile", &[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10")], 0)
+            .await;
+    let before = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow"}], "slow_ms": 1500}),
+    )
+    .await;
+    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
+    let refresh = {
+        let request =
+            app.api(reqwest::Method::POST, &format!("/connections/{id}/refresh"), &key).json(&json!({}));
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    refresh_reached_provider(&app, "the refresh to reach the provider", calls).await;
+    app.execute(&format!(
+        "UPDATE {{schema}}.connections SET status = 'broken', status_reason = 'Refused by the provider.' \
+         WHERE id = '{id}'"
+    ))
+    .await;
+    app.execute(&format!(
+        "UPDATE {{schema}}.refresh_schedule SET next_refresh_at = NULL WHERE connection_id = '{id}'"
+    ))
+    .await;
+    refresh.await.unwrap();
+    let after = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(after["status"], "broken", "{after}");
+    assert_eq!(after["last_refreshed_at"], before["last_refreshed_at"], "the answer was not stored");
+    let scheduled = app
+        .text(&format!(
+            "SELECT COALESCE(CAST(next_refresh_at AS TEXT), 'none') FROM {{schema}}.refresh_schedule \
+             WHERE connection_id = '{id}'"
+        ))
+        .await;
+    assert_eq!(scheduled, "none");
+    app.api_get(&format!("/connections/{id}/access-token"), &key, 409).await;
+    restarted.run().await;
+}
+
+/// A health check does not ask the provider while another process holds the connection's
+/// lease for a refresh (its finding would be about a token being replaced); it is told, and runs
+/// once the lease is free.
+async fn a_check_does_not_run_during_another_process_refresh(app: TestApp) {
+    let (app, restarted, key, id) = one_tiktok_connection(app, "Leased", &[], 1).await;
+    let far = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 + 3_600_000;
+    app.execute(&format!(
+        "UPDATE {{schema}}.refresh_schedule SET lease_owner = 'another-process', lease_until = {far} \
+         WHERE connection_id = '{id}'"
+    ))
+    .await;
+    let profiles = app.sandbox_stats("tiktok").await["profile_calls"].as_i64().unwrap();
+    let held = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(held["outcome"], "transient", "{held}");
+    assert!(held["detail"].as_str().unwrap().contains("another process"), "{held}");
+    assert_eq!(app.sandbox_stats("tiktok").await["profile_calls"].as_i64().unwrap(), profiles);
+    app.execute(&format!(
+        "UPDATE {{schema}}.refresh_schedule SET lease_owner = NULL, lease_until = NULL WHERE connection_id = '{id}'"
+    ))
+    .await;
+    let checked = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(checked["outcome"], "current", "{checked}");
+    assert_eq!(app.sandbox_stats("tiktok").await["profile_calls"].as_i64().unwrap(), profiles + 1);
+    // The check gave its lease back.
+    let lease = app
+        .text(&format!(
+            "SELECT COALESCE(lease_owner, 'none') FROM {{schema}}.refresh_schedule WHERE connection_id = '{id}'"
+        ))
+        .await;
+    assert_eq!(lease, "none");
+    restarted.run().await;
+}
+
 /// Tokens that no configured key opens (here the access token's place holds the refresh token,
 /// sealed for another purpose): a refresh sends nothing to the provider, finishes its attempt
 /// and breaks the connection with a reason, instead of failing with a 500 and leaving the
 /// attempt open for the lease to run out and the next claim to fail again.
 async fn unreadable_tokens_break_the_connection(app: TestApp) {
-    let (app, restarted) = app.restart_with(&[("AUTHLINK_JOBS__ENABLED", "false")]).await;
-    let wid = app.workspace("Unreadable");
-    let key = app.workspace_key(&wid);
-    let (_, url) = app.link(&wid, "Client");
-    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
-    let id = connection_id(&app, &key).await;
+    let (app, restarted, key, id) = one_tiktok_connection(app, "Unreadable", &[], 0).await;
     let db = authlink::db::Db::connect(
         &app.db_url.clone().into(),
         &authlink::config::DatabaseConfig { max_connections: 1, acquire_timeout_secs: 5 },

@@ -364,74 +364,74 @@ impl Failure {
     fn page(self, platform: &str, extra: Option<&str>) -> MessagePage {
         let (title, message, next) = match self {
             Failure::StateMissing | Failure::StateUnknown => (
-                "This sign-in could not be matched",
-                format!("We could not match the answer from {platform} to a connection you started here."),
-                "Open the link you were sent and press the button again.",
+                "We could not finish this connection",
+                format!("We could not match the answer from {platform} to a connection started in this browser. Nothing was connected."),
+                format!("Open the link you were sent again and press Connect {platform}."),
             ),
             Failure::StateExpired => (
                 "This attempt took too long",
-                "For your safety, a connection attempt is only valid for ten minutes.".to_string(),
-                "Press the button again to start over.",
+                "For your safety, a connection attempt is only valid for ten minutes. Nothing was connected.".to_string(),
+                "Start again from the link you were sent.".to_string(),
             ),
             Failure::StateReused => (
                 "This attempt was already used",
-                "This answer was already used once, so it cannot be used again.".to_string(),
-                "Press the button again to start a new attempt.",
+                "This connection attempt was already completed or cancelled, so it cannot be used again.".to_string(),
+                "Start again from the link you were sent.".to_string(),
             ),
             Failure::OtherBrowser => (
                 "Please finish in the same browser",
                 "This connection was started in another browser or app. For your safety it must be finished in the browser where it started.".to_string(),
-                "Open the link in this browser and press the button again.",
+                format!("Copy the link from the message you were sent, paste it into the address bar of this browser, and press Connect {platform} again. If your messaging app opens links inside itself, choose its \"Open in browser\" option first."),
             ),
             Failure::WrongProvider => (
-                "This answer came from the wrong place",
-                format!("The answer did not come from {platform}, which this attempt was started with."),
-                "Press the button again to start over.",
+                "Something interrupted this connection",
+                format!("The answer did not come from {platform}, where this attempt was started. Nothing was connected."),
+                "Start again from the link you were sent.".to_string(),
             ),
             Failure::Denied => (
                 "Connection cancelled",
                 format!("You chose not to allow access on {platform}. Nothing was connected."),
-                "If this was a mistake, try again and choose Allow.",
+                "If this was a mistake, start again from the link you were sent and choose Allow.".to_string(),
             ),
             Failure::ProviderError => (
                 "The platform reported a problem",
                 format!("{platform} could not complete the request. Nothing was connected."),
-                "Please try again in a few minutes.",
+                "Please try again in a few minutes. If it keeps happening, tell the agency that sent you the link.".to_string(),
             ),
             Failure::LinkGone => (
                 "This link no longer works",
                 "The link was switched off, replaced or expired while you were connecting. Nothing was connected.".to_string(),
-                "Ask the agency that sent it for a new link.",
+                "Ask the agency that sent it for a new link.".to_string(),
             ),
             Failure::LinkUsedUp => (
                 "This link has reached its limit",
                 format!("This link has connected as many accounts as the agency allowed. It can still reconnect those accounts, but this {platform} account is not one of them, so it was not connected."),
-                "Ask the agency that sent it for a new link to connect this account.",
+                "Ask the agency that sent it for a new link to connect this account.".to_string(),
             ),
             Failure::ExchangeFailed | Failure::ProfileFailed => (
                 "We could not finish connecting",
                 format!("{platform} did not confirm the connection. Nothing was connected."),
-                "Please try again. If it keeps failing, tell the agency that sent you the link.",
+                "Please try again. If it keeps failing, tell the agency that sent you the link.".to_string(),
             ),
             Failure::ProviderUnavailable => (
                 "The platform did not answer in time",
                 format!("{platform} is slow or unreachable right now. Nothing was connected."),
-                "Please try again in a few minutes.",
+                "Please try again in a few minutes.".to_string(),
             ),
             Failure::ScopesMissing => (
                 "Some permissions were not granted",
-                format!("The agency needs every permission that {platform} asked about, and some were switched off. Nothing was connected."),
-                "Try again and leave all permissions switched on.",
+                format!("A permission the agency cannot work without was switched off on {platform}, so nothing was connected."),
+                "Start again from the link you were sent and leave the permissions switched on.".to_string(),
             ),
             Failure::AccountNotAllowed => (
                 "This account cannot be connected",
                 format!("{platform} reported an account type that cannot be connected."),
-                "Only professional (business or creator) accounts can be connected. Switch the account to a professional one in the app, then try again.",
+                "Only professional (business or creator) accounts can be connected. Switch the account to a professional one in the app, then try again.".to_string(),
             ),
             Failure::Unavailable | Failure::Internal => (
                 "Something went wrong on our side",
                 format!("We could not finish connecting your {platform} account. Nothing was connected."),
-                "Please try again in a minute.",
+                "Please try again in a minute.".to_string(),
             ),
         };
         let mut page = MessagePage::new(title, message).next(next);
@@ -516,16 +516,28 @@ pub async fn show_refusal(
     if let Some(id) = q.flow.as_deref().filter(|id| db::is_id(id)) {
         let flow = async {
             let mut conn = state.db.read_fast().await?;
-            db::oauth_flows::get(&mut conn, id).await
+            let Some(flow) = db::oauth_flows::get(&mut conn, id).await? else { return Ok(None) };
+            // The attempt's own browser only: to anyone else with the address the page is as
+            // if no attempt were named (it tells them no agency, and no way back to a link).
+            if !same_browser(&state, &headers, &flow.browser_hash) {
+                return Ok(None);
+            }
+            let workspace = db::workspaces::get(&mut conn, &flow.workspace_id).await?;
+            Ok::<_, crate::db::DbError>(Some((flow, workspace)))
         }
         .await;
         match flow {
-            Ok(Some(flow)) if same_browser(&state, &headers, &flow.browser_hash) => {
+            Ok(Some((flow, workspace))) => {
                 if f.retryable() {
                     page.try_again = landing_href(&state, &flow.link_id, flow.created_at).await;
                 }
+                // Branded as the link's pages were, so that the client is not left wondering
+                // whose page this is halfway through.
+                if let Some(w) = &workspace {
+                    page = page.branded(w);
+                }
             }
-            Ok(_) => {}
+            Ok(None) => {}
             Err(e) => return service_error_page(e.into()),
         }
     }
