@@ -1000,6 +1000,7 @@ async fn database_lost_gives_503_and_recovers(app: TestApp) {
             assert!(to.starts_with("/oauth/tiktok/failed?reason=unavailable"), "{to}");
             let page = browser.get(second.url(&to)).send().await.unwrap();
             assert_eq!(page.status(), 503);
+            assert_eq!(page.headers()["retry-after"], "60");
         }
         // The database comes back: the same process serves again, without a restart.
         cut_tx.send(false).unwrap();

@@ -343,6 +343,13 @@ impl Failure {
         !matches!(self, Failure::LinkGone | Failure::LinkUsedUp)
     }
 
+    /// `page` with this failure's status (and, when the service is unavailable, the
+    /// `Retry-After` of the minute its words ask for).
+    fn render(self, page: &MessagePage) -> Response {
+        let res = render(self.status(), page);
+        if self == Failure::Unavailable { super::try_again_in_a_minute(res) } else { res }
+    }
+
     fn status(self) -> StatusCode {
         match self {
             Failure::StateMissing
@@ -541,7 +548,7 @@ pub async fn show_refusal(
             Err(e) => return service_error_page(e.into()),
         }
     }
-    render(f.status(), &page)
+    f.render(&page)
 }
 
 /// `GET /oauth/{provider}/callback`.
@@ -950,7 +957,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
         if let Some(w) = &workspace {
             page = page.branded(w);
         }
-        return Ok(render(f.status(), &page));
+        return Ok(f.render(&page));
     }
     let (Some(workspace), Some(connection_id)) = (workspace, flow.connection_id.as_deref()) else {
         return Ok(not_found());

@@ -293,9 +293,11 @@ pub async fn instagram_deletion_status(State(state): State<AppState>, Path(code)
     .await;
     match found {
         Ok(Some((_, _, created_at))) => {
-            let at = crate::clock::from_millis(created_at)
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default();
+            // In words a reader anywhere takes in: "1 March 2026, 10:04 UTC".
+            let format = time::macros::format_description!(
+                "[day padding:none] [month repr:long] [year], [hour]:[minute] UTC"
+            );
+            let at = crate::clock::from_millis(created_at).format(&format).unwrap_or_default();
             render(
                 StatusCode::OK,
                 &MessagePage {
@@ -303,15 +305,19 @@ pub async fn instagram_deletion_status(State(state): State<AppState>, Path(code)
                     ..MessagePage::new(
                         "Data deletion completed",
                         format!(
-                            "Your request of {at} was processed: the access tokens and profile data were deleted."
+                            "Your Instagram data deletion request of {at} was processed. The access to your \
+                             Instagram account that was given through this service was removed, and your profile \
+                             details (name, username and picture) were deleted."
                         ),
                     )
+                    .next("Nothing else needs to be done.")
                 },
             )
         }
         Ok(None) => render(
             StatusCode::NOT_FOUND,
-            &MessagePage::new("Unknown request", "No data deletion request has this confirmation code."),
+            &MessagePage::new("Unknown request", "No data deletion request has this confirmation code.")
+                .next("Check the confirmation code shown in Instagram's settings."),
         ),
         Err(e) => super::service_error_page(e.into()),
     }

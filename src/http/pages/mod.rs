@@ -189,27 +189,36 @@ pub(crate) fn link_gone<'a>(status: LinkStatus, brand: impl Into<Brand<'a>>) -> 
 
 /// The 503 page when the database is unreachable.
 pub fn unavailable() -> Response {
-    render(
+    try_again_in_a_minute(render(
         StatusCode::SERVICE_UNAVAILABLE,
-        &MessagePage::new("Temporarily unavailable", "This service cannot answer right now.")
-            .next("Please try again in a minute."),
-    )
+        &MessagePage::new(
+            "Temporarily unavailable",
+            "We are having a problem on our side. Nothing was changed.",
+        )
+        .next("Please try again in a minute."),
+    ))
 }
 
 /// The 503 page when a request did not finish within `http.request_timeout_secs`.
 pub fn timed_out() -> Response {
-    render(
+    try_again_in_a_minute(render(
         StatusCode::SERVICE_UNAVAILABLE,
-        &MessagePage::new("This took too long", "The service did not finish answering in time.")
+        &MessagePage::new("This took too long", "We did not finish answering in time.")
             .next("Please try again in a minute."),
-    )
+    ))
+}
+
+/// A 503 page's `Retry-After`: the minute its words ask for.
+pub(crate) fn try_again_in_a_minute(mut res: Response) -> Response {
+    res.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+    res
 }
 
 /// The 500 page for an internal error.
 pub fn internal_error() -> Response {
     render(
         StatusCode::INTERNAL_SERVER_ERROR,
-        &MessagePage::new("Something went wrong", "An internal error occurred. Nothing was changed.")
+        &MessagePage::new("Something went wrong", "We had a problem on our side. Nothing was changed.")
             .next("Please try again in a minute."),
     )
 }
