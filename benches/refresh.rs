@@ -15,7 +15,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -192,12 +192,13 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let _ = w1.kill();
-    let _ = w2.kill();
-    let _ = w1.wait();
-    let _ = w2.wait();
+    // Stopped as an operator stops them (SIGTERM), so that they remove their process records:
+    // the re-wrap below does not retire a key that a running process still seals with.
+    terminate(&mut w1);
+    terminate(&mut w2);
     let stats: Value =
         http.get(format!("{base}/sandbox/control/tiktok/stats")).send().await.unwrap().json().await.unwrap();
+    terminate(&mut serve);
     let (attempts, distinct, owners): (i64, i64, i64) = sqlx::query_as(
         "SELECT COUNT(*), COUNT(DISTINCT connection_id), COUNT(DISTINCT owner) FROM refresh_attempts",
     )
@@ -303,8 +304,6 @@ async fn main() {
     let _ = idle.wait();
     let idle_cpu = (t1 - t0) as f64 / ticks_per_sec / window * 100.0;
 
-    let _ = serve.kill();
-    let _ = serve.wait();
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin).await.unwrap();
 
     let pass = |ok: bool| if ok { "PASS" } else { "FAIL" };
@@ -346,4 +345,10 @@ async fn main() {
     println!("{report}");
     let _ = std::fs::create_dir_all("target");
     let _ = std::fs::write("target/bench-refresh-report.md", &report);
+}
+
+/// Stops a process with SIGTERM and waits for it (it finishes its work and removes its record).
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
 }

@@ -138,10 +138,13 @@ impl RewrapReport {
 
 /// Counts the stored sealed values by column and key.
 async fn count_sealed(db: &Db) -> ServiceResult<Vec<SealedCount>> {
-    let mut conn = db.read().await?;
+    count_sealed_on(&mut *db.read().await?).await
+}
+
+async fn count_sealed_on(conn: &mut sqlx::AnyConnection) -> ServiceResult<Vec<SealedCount>> {
     let mut out = Vec::new();
     for col in SEALED_COLUMNS {
-        for (envelope, kid, count) in sealed::count_by_kid(&mut conn, col).await? {
+        for (envelope, kid, count) in sealed::count_by_kid(&mut *conn, col).await? {
             out.push(SealedCount { table: col.table, column: col.column, kid, envelope, count });
         }
     }
@@ -245,11 +248,14 @@ pub async fn rewrap(app: &App, actor: &Actor, batch: u32) -> ServiceResult<Rewra
         columns.push(report);
     }
 
-    let remaining: Vec<SealedCount> = count_sealed(&app.db)
-        .await?
-        .into_iter()
-        .filter(|c| c.kid != active || c.envelope != ENVELOPE_VERSION)
-        .collect();
+    // Counted in a write transaction, which follows every write before it. Counted on a pooled
+    // SQLite reader, a value this run had replaced was once (under load) reported as left, as
+    // if read from a snapshot older than the replacement.
+    let mut tx = app.db.begin_write().await?;
+    let counted = count_sealed_on(&mut tx).await?;
+    tx.commit().await?;
+    let remaining: Vec<SealedCount> =
+        counted.into_iter().filter(|c| c.kid != active || c.envelope != ENVELOPE_VERSION).collect();
     let now_ms = to_millis(app.clock.now());
     let resealed: u64 = columns.iter().map(|c| c.resealed).sum();
     let summary = serde_json::json!({

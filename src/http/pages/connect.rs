@@ -181,13 +181,7 @@ pub async fn start_connect(
     }
     let (link, workspace) = match links::resolve(&state, &token).await {
         Err(e) => return service_error_page(e),
-        Ok(Resolved::Unknown) => {
-            return render(
-                StatusCode::NOT_FOUND,
-                &MessagePage::new("This link does not exist", "We could not find this link.")
-                    .next("Open the link again from the message you were sent."),
-            );
-        }
+        Ok(Resolved::Unknown) => return super::link_not_found(),
         Ok(Resolved::Gone { status, workspace }) => return super::link_gone(status, &*workspace),
         Ok(Resolved::Usable { link, workspace, .. }) => (link, workspace),
     };
@@ -200,6 +194,7 @@ pub async fn start_connect(
         return render(
             StatusCode::NOT_FOUND,
             &MessagePage::new("Platform not offered", "This link does not offer that platform.")
+                .next("Go back to the link's page and choose one of the platforms shown there.")
                 .retry(landing)
                 .branded(&*workspace),
         );
@@ -796,28 +791,9 @@ async fn complete_flow(
         }
         FlowError::Failed(classify(&e, Failure::ExchangeFailed))
     })?;
-    let granted = granted_scopes(&tokens.scopes, q.scopes.as_deref(), provider.scopes());
-    // Without a required scope the connection is useless: the attempt fails. A requested scope
-    // the client switched off (TikTok's toggles) leaves a working connection, flagged in its
-    // status reason (shown in every listing and sent with the webhook) so that the agency can ask
-    // for it again.
-    let required: Vec<String> = state
-        .config
-        .providers
-        .required_scopes(platform)
-        .into_iter()
-        .filter(|s| !granted.iter().any(|g| g == s))
-        .collect();
-    if !required.is_empty() {
-        tracing::info!(provider = %platform, missing = ?required, "client granted fewer scopes than required");
-        return Err(FlowError::Failed(Failure::ScopesMissing));
-    }
-    let optional: Vec<&str> =
-        provider.scopes().iter().map(String::as_str).filter(|s| !granted.iter().any(|g| g == s)).collect();
-    let scope_note = (!optional.is_empty()).then(|| {
-        tracing::info!(provider = %platform, missing = ?optional, "client switched off optional scopes");
-        format!("Granted without {}.", optional.join(", "))
-    });
+    let mut granted = granted_scopes(&tokens.scopes, q.scopes.as_deref(), provider.scopes());
+    let required = state.config.providers.required_scopes(platform);
+    let mut scope_note = judge_scopes(platform, &granted, &required, provider.scopes())?;
     let call = std::time::Instant::now();
     let profile = tokio::time::timeout_at(deadline, provider.fetch_profile(&tokens.access_token))
         .await
@@ -834,6 +810,11 @@ async fn complete_flow(
             _ => classify(&e, Failure::ProfileFailed),
         })
     })?;
+    // Scopes the profile call found withheld (granted at consent, refused now) are not held.
+    if !profile.withheld_scopes.is_empty() {
+        granted.retain(|g| !profile.withheld_scopes.contains(g));
+        scope_note = judge_scopes(platform, &granted, &required, provider.scopes())?;
+    }
     let mut tokens = tokens;
     tokens.scopes = granted;
     let call = std::time::Instant::now();
@@ -1128,6 +1109,30 @@ async fn whole_body(mut res: reqwest::Response, max: usize) -> Option<Vec<u8>> {
         }
     }
     Some(body)
+}
+
+/// Judges the scopes `granted` against those `required` and those `asked` for. Without a
+/// required scope the connection is useless: the attempt fails. A scope asked for that the
+/// client switched off (TikTok's toggles) leaves a working connection, flagged in its status
+/// reason (shown in every listing and sent with the webhook), which this returns, so that the
+/// agency can ask for it again.
+fn judge_scopes(
+    platform: Platform,
+    granted: &[String],
+    required: &[String],
+    asked: &[String],
+) -> Result<Option<String>, FlowError> {
+    let missing: Vec<&String> = required.iter().filter(|s| !granted.contains(s)).collect();
+    if !missing.is_empty() {
+        tracing::info!(provider = %platform, ?missing, "client granted fewer scopes than required");
+        return Err(FlowError::Failed(Failure::ScopesMissing));
+    }
+    let optional: Vec<&str> =
+        asked.iter().map(String::as_str).filter(|s| !granted.iter().any(|g| g == s)).collect();
+    Ok((!optional.is_empty()).then(|| {
+        tracing::info!(provider = %platform, missing = ?optional, "client switched off optional scopes");
+        format!("Granted without {}.", optional.join(", "))
+    }))
 }
 
 /// The scopes granted: what the token endpoint reports, else what the callback reported
