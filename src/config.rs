@@ -35,7 +35,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Base64 of the 32-byte master key that seals secrets at rest.
     pub master_key: Option<SecretString>,
-    /// A file holding the base64 master key (used when `master_key` is not set).
+    /// A file holding the base64 master key (instead of `master_key`: setting both is refused).
     pub master_key_file: Option<PathBuf>,
     /// Earlier master keys (base64), kept to open values sealed before a key rotation until
     /// `authlink keys rewrap` has sealed them again with the current key. One key or a list.
@@ -833,15 +833,12 @@ pub fn mask_database_url(url: &str) -> String {
         // Not a URL: nothing can be told apart in it, so nothing of it is shown.
         return "(not a URL)".to_string();
     };
-    // A password holding an unencoded `/`, `?` or `#` ends the authority early, and what
-    // follows it is read as a port, path, query or fragment: an `@` the parser did not take
-    // as the end of the user part may follow a password. Only the scheme is shown then.
-    let after_scheme = &url[parsed.scheme().len()..];
-    if parsed.scheme() != "sqlite"
-        && parsed.username().is_empty()
-        && parsed.password().is_none()
-        && after_scheme.contains('@')
-    {
+    // A user part holding an unencoded `/`, `?` or `#` ends the authority early, and what
+    // follows it is read as a port, path, query or fragment: an `@` after the authority may end
+    // a password the parser did not see as one. Only the scheme is shown then.
+    let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if parsed.scheme() != "sqlite" && rest[authority_end..].contains('@') {
         return format!("{}://(hidden: the URL holds an `@` outside its user part)", parsed.scheme());
     }
     if parsed.password().is_some() {
@@ -1336,6 +1333,8 @@ mod tests {
             "postgres://u:12?34@h/db",
             "postgres://u:12#34@h/db",
             "postgres://h/db?options=a@b",
+            "postgres://u:12@34/56@h/db",
+            "postgres://user@srv:12/34@h/db",
         ] {
             let masked = mask_database_url(url);
             assert!(masked.starts_with("postgres://(hidden"), "{url}: {masked}");

@@ -248,15 +248,32 @@ impl KeyRing {
             use std::os::unix::fs::OpenOptionsExt;
             options.mode(0o600);
         }
-        let written = options.open(&temp).and_then(|mut file| {
+        let write = |file: &mut std::fs::File| -> std::io::Result<()> {
             file.write_all(encoded.expose_secret().as_bytes())?;
             file.write_all(b"\n")?;
-            file.sync_all()?;
-            std::fs::hard_link(&temp, path)
-        });
-        // The temporary name goes whatever happened; the key stays only under `path`.
+            file.sync_all()
+        };
+        let linked = options
+            .open(&temp)
+            .and_then(|mut file| write(&mut file))
+            .and_then(|()| std::fs::hard_link(&temp, path));
+        // The temporary name goes whatever happened (a crash between the two leaves it, mode
+        // 0600, beside the key file).
         let _ = std::fs::remove_file(&temp);
-        written.map_err(err)?;
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(err(e)),
+            // A file system without hard links (some network and FAT mounts): written in place,
+            // as a new file.
+            Err(_) => {
+                let mut file = options.open(path).map_err(err)?;
+                if let Err(e) = write(&mut file) {
+                    drop(file);
+                    let _ = std::fs::remove_file(path);
+                    return Err(err(e));
+                }
+            }
+        }
         if let Ok(dir) = std::fs::File::open(parent) {
             let _ = dir.sync_all();
         }

@@ -63,21 +63,30 @@ impl HostResolver for SystemResolver {
 /// Whether `ip` is refused even with `webhooks.allow_private_targets`: link-local addresses
 /// (169.254.0.0/16, fe80::/10), where the cloud providers' metadata endpoints answer with the
 /// host's credentials, and the other metadata addresses (AWS's IPv6 one, Alibaba's, Oracle's,
-/// Azure's host endpoint). An on-premise receiver lives on none of them. IPv4-mapped addresses
-/// are judged by their IPv4 address.
+/// Azure's host endpoint). An on-premise receiver lives on none of them. IPv6 addresses that
+/// carry an IPv4 address (IPv4-mapped and -compatible, 6to4, NAT64) are judged by it too.
 pub fn is_never_allowed(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             v4.is_link_local()
                 || [[100, 100, 100, 200], [192, 0, 0, 192], [168, 63, 129, 16]].contains(&v4.octets())
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => is_never_allowed(IpAddr::V4(v4)),
-            None => {
-                (v6.segments()[0] & 0xffc0) == 0xfe80
-                    || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
-            }
-        },
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+            let carried = if let Some(v4) = v6.to_ipv4_mapped() {
+                Some(v4)
+            } else if s[0] == 0x2002 {
+                Some(v4(s[1], s[2]))
+            } else if (s[0] == 0x0064 && s[1] == 0xff9b) || s[..6] == [0; 6] {
+                Some(v4(s[6], s[7]))
+            } else {
+                None
+            };
+            carried.is_some_and(|v4| is_never_allowed(IpAddr::V4(v4)))
+                || (s[0] & 0xffc0) == 0xfe80
+                || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+        }
     }
 }
 
@@ -144,20 +153,21 @@ pub fn is_public(ip: IpAddr) -> bool {
     }
 }
 
+/// What a refused target is told, whatever the reason.
+const TARGET_REFUSED: &str = "the host does not resolve to an address that may be used (public addresses only, unless \
+     `webhooks.allow_private_targets` allows private and loopback ones; link-local and cloud metadata addresses never)";
+
 /// Why a target was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TargetError {
     /// The host did not resolve. The message is the same as [`Private`](Self::Private)'s: told
     /// apart, they would tell whoever gave the URL which names exist in the internal network.
-    #[error(
-        "the host does not resolve to a public address (private, loopback and link-local ones are not allowed)"
-    )]
+    #[error("{TARGET_REFUSED}")]
     Unresolvable,
-    /// It resolves to a non-public address. The address is not in the message, which goes back
-    /// to whoever gave the URL: it would tell them where names of the internal network point.
-    #[error(
-        "the host does not resolve to a public address (private, loopback and link-local ones are not allowed)"
-    )]
+    /// It resolves to an address that is not allowed. The address is not in the message, which
+    /// goes back to whoever gave the URL: it would tell them where names of the internal
+    /// network point.
+    #[error("{TARGET_REFUSED}")]
     Private(IpAddr),
 }
 
@@ -455,6 +465,9 @@ mod tests {
             "[fe80::1]",
             "[::ffff:169.254.169.254]",
             "[fd00:ec2::254]",
+            "[64:ff9b::a9fe:a9fe]",
+            "[2002:a9fe:a9fe::]",
+            "[::a9fe:a9fe]",
             "100.100.100.200",
             "192.0.0.192",
             "168.63.129.16",

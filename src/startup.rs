@@ -93,7 +93,7 @@ impl StartupError {
     }
 }
 
-/// Loads the master key: `master_key`, else `master_key_file`, else `<data_dir>/master.key`,
+/// Loads the master key: `master_key` or `master_key_file` (not both), else `<data_dir>/master.key`,
 /// which is created (mode 0600, with a loud warning) in a development setup only (see
 /// [`production_setup`]); then the retired keys, which only open values sealed before a rotation.
 pub fn load_keyring(config: &Config) -> Result<KeyRing, StartupError> {
@@ -303,6 +303,7 @@ pub async fn open_database(config: &Config) -> Result<Db, StartupError> {
     Ok(db)
 }
 
+/// Connects, migrates and checks the key: the state every command works with.
 pub async fn build_state(config: Config) -> Result<AppState, StartupError> {
     let keys = load_keyring(&config)?;
     let db = open_database(&config).await?;

@@ -556,9 +556,10 @@ pub async fn release_claim(conn: &mut AnyConnection, id: &str, owner: &str, unti
     Ok(())
 }
 
-/// Takes a connection that is not active off the refresh schedule. `next_refresh_at` is set only
-/// for active connections; a row that breaks that rule (written by an older version, or by a
-/// race this guards against) would be claimed and given back at every round.
+/// Takes a connection that is not active off the refresh schedule (in a transaction that has
+/// locked the connection's row). `next_refresh_at` is set only for active connections; a row
+/// that breaks that rule (written by an older version, or by a race this guards against) would
+/// be claimed and given back at every round.
 pub async fn unschedule_inactive(conn: &mut AnyConnection, id: &str) -> DbResult<()> {
     sqlx::query(
         "UPDATE refresh_schedule SET next_refresh_at = NULL WHERE connection_id = $1 \

@@ -166,19 +166,30 @@ pub async fn get_endpoint_for_update(
 /// `before_ms`, with their attempts, then up to `batch` events made before it that have no
 /// delivery left; run it in a transaction. Returns how many deliveries and events went.
 pub async fn purge_finished(conn: &mut AnyConnection, before_ms: i64, batch: i64) -> DbResult<(u64, u64)> {
-    const FINISHED: &str = "SELECT id FROM webhook_deliveries WHERE status IN ('succeeded', 'failed', 'cancelled') \
-        AND updated_at < $1 ORDER BY id LIMIT $2";
-    sqlx::query(&format!("DELETE FROM webhook_attempts WHERE delivery_id IN ({FINISHED})"))
-        .bind(before_ms)
-        .bind(batch)
-        .execute(&mut *conn)
-        .await?;
-    let deliveries = sqlx::query(&format!("DELETE FROM webhook_deliveries WHERE id IN ({FINISHED})"))
-        .bind(before_ms)
-        .bind(batch)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
+    // The deliveries are chosen once, and on PostgreSQL locked: a redelivery of one of them
+    // (which makes it pending again) either came first, and it is not chosen, or waits for
+    // this; the attempts and the deliveries deleted are the same ones.
+    let lock = if conn.backend_name().eq_ignore_ascii_case("sqlite") { "" } else { " FOR UPDATE" };
+    let ids: Vec<(String,)> = sqlx::query_as(&format!(
+        "SELECT id FROM webhook_deliveries WHERE status IN ('succeeded', 'failed', 'cancelled') \
+         AND updated_at < $1 ORDER BY id LIMIT $2{lock}"
+    ))
+    .bind(before_ms)
+    .bind(batch)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut deliveries = 0;
+    for chunk in ids.chunks(500) {
+        let list = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        for table_key in ["webhook_attempts WHERE delivery_id", "webhook_deliveries WHERE id"] {
+            let sql = format!("DELETE FROM {table_key} IN ({list})");
+            let query = chunk.iter().fold(sqlx::query(&sql), |q, (id,)| q.bind(id));
+            let done = query.execute(&mut *conn).await?.rows_affected();
+            if table_key.starts_with("webhook_deliveries") {
+                deliveries += done;
+            }
+        }
+    }
     let events = sqlx::query(
         "DELETE FROM webhook_events WHERE id IN (SELECT e.id FROM webhook_events e WHERE e.created_at < $1 \
          AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = e.id) ORDER BY e.id LIMIT $2)",

@@ -342,7 +342,14 @@ async fn not_started(app: &App, row: ConnectionRow, owner: &str, now: i64) -> Se
         db::connections::release_lease(&mut conn, &row.id, owner).await?;
     }
     if ConnectionStatus::parse(&row.status) != ConnectionStatus::Active && row.next_refresh_at.is_some() {
-        db::connections::unschedule_inactive(&mut *app.db.writer().await?, &row.id).await?;
+        // With the connection's row locked: a repair committing meanwhile (which schedules
+        // the connection again) is then either seen, or waits for this.
+        let mut tx = app.db.begin_write().await?;
+        let current = db::connections::get_for_update(&mut tx, app.db.backend(), &row.id).await?;
+        if current.is_some_and(|c| ConnectionStatus::parse(&c.status) != ConnectionStatus::Active) {
+            db::connections::unschedule_inactive(&mut tx, &row.id).await?;
+        }
+        tx.commit().await?;
     }
     let still_due = row.next_refresh_at.is_some_and(|n| n <= now);
     if still_ours && still_due && ConnectionStatus::parse(&row.status) == ConnectionStatus::Active {
@@ -533,9 +540,9 @@ async fn call_and_store(
             // exists nowhere else): retry, backing off, for as long as this process's claim on
             // the connection lasts (no other process refreshes it meanwhile); the attempt row
             // explains the gap if every try fails.
-            // Not past the claim: another process may take the connection over then, and a
-            // store after it would race that one's verdict. (A few seconds when the claim's end
-            // is not known here; one try at least.)
+            // No try starts past the claim: another process may take the connection over then
+            // (a late store is still safe: it compares the token generation). (A few seconds
+            // when the claim's end is not known here; one try at least.)
             let until = row.lease_until.map_or(now + 4_200, |u| u - 500);
             let mut wait_ms = 0u64;
             let last_error = loop {
@@ -748,19 +755,21 @@ async fn store_refreshed(
     let mut tx = app.db.begin_write().await?;
     if !db::connections::store_refreshed(&mut tx, row, generation, owner).await? {
         // Another writer stored newer tokens (a reconnect meanwhile): ours are older; keep theirs.
-        let interrupted = db::connections::finish_attempts(
-            &mut tx,
-            &row.id,
-            attempt_id,
-            "superseded",
-            Some("newer tokens were stored meanwhile"),
-            now,
-        )
-        .await?;
-        record_interrupted(&mut tx, row, interrupted, now).await?;
-        db::connections::release_lease(&mut tx, &row.id, owner).await?;
+        // Or the connection was broken or disconnected meanwhile: the answer is not kept.
         let current =
             db::connections::get(&mut tx, &row.id).await?.ok_or(ServiceError::NotFound("connection"))?;
+        let why = if ConnectionStatus::parse(&current.status) == ConnectionStatus::Active {
+            "newer tokens were stored meanwhile"
+        } else {
+            tracing::warn!(connection_id = %row.id, status = %current.status,
+                "the connection stopped being active while its refresh ran; the refreshed tokens are not kept");
+            "the connection was broken or disconnected meanwhile; the refreshed tokens were not kept"
+        };
+        let interrupted =
+            db::connections::finish_attempts(&mut tx, &row.id, attempt_id, "superseded", Some(why), now)
+                .await?;
+        record_interrupted(&mut tx, row, interrupted, now).await?;
+        db::connections::release_lease(&mut tx, &row.id, owner).await?;
         tx.commit().await?;
         return Ok(Outcome::Current(Box::new(current)));
     }
@@ -970,19 +979,31 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
     let now = app.now_ms();
     let until = now + i64::try_from(app.config.jobs.lease_secs).unwrap_or(60) * 1000;
     if !db::connections::try_lease(&mut *app.db.writer().await?, id, owner, now, until).await? {
-        // Not active (nothing to check), or being refreshed by another process: checked at its
-        // next turn.
+        // Not active (nothing to check), or busy in another process (a refresh or a check):
+        // checked again in a few minutes.
         let mut conn = app.db.read().await?;
         let row = db::connections::get(&mut conn, id).await?.ok_or(ServiceError::NotFound("connection"))?;
+        drop(conn);
         if ConnectionStatus::parse(&row.status) != ConnectionStatus::Active {
             return Ok(Checked::Done(Outcome::Current(Box::new(row))));
         }
+        db::connections::set_next_check(&mut *app.db.writer().await?, id, now + BUSY_CHECK_DELAY_MS).await?;
         return Ok(Checked::Done(Outcome::Transient(
-            "a refresh of this connection is running in another process; it is checked at its next turn"
+            "this connection is busy in another process (a refresh or a check); it is checked again in a few minutes"
                 .into(),
         )));
     }
-    let checked = check_profile_leased(app, id, refused_first).await;
+    // The check ends well within its lease (a check of TikTok may ask the provider four times),
+    // so that it never writes a verdict once another process may have taken the connection.
+    let within = Duration::from_millis(
+        u64::try_from(until - now - start_margin_ms(app).min((until - now) / 4)).unwrap_or(0),
+    );
+    let checked = match tokio::time::timeout(within, check_profile_leased(app, id, refused_first)).await {
+        Ok(checked) => checked,
+        Err(_) => Ok(Checked::Done(Outcome::Transient(
+            "the provider took too long to answer the health check's calls; it is checked again later".into(),
+        ))),
+    };
     let released = match app.db.writer().await {
         Ok(mut conn) => db::connections::release_claim(&mut conn, id, owner, until).await,
         Err(e) => Err(e),
@@ -993,6 +1014,9 @@ async fn check_profile(app: &App, id: &str, refused_first: Option<&str>) -> Serv
     }
     checked
 }
+
+/// How long a health check waits when another process holds the connection (ms).
+const BUSY_CHECK_DELAY_MS: i64 = 300_000;
 
 /// [`check_profile`] under the lease.
 async fn check_profile_leased(app: &App, id: &str, refused_first: Option<&str>) -> ServiceResult<Checked> {

@@ -115,7 +115,8 @@ pub const MAX_ENDPOINTS: i64 = 20;
 pub struct NewEndpoint {
     /// The workspace; implied for workspace keys.
     pub workspace_id: Option<String>,
-    /// An https URL (http and private addresses only with `webhooks.allow_private_targets`).
+    /// An https URL (http, private and loopback addresses only with
+    /// `webhooks.allow_private_targets`; link-local and cloud metadata addresses never).
     pub url: String,
     /// Event types to receive; all when absent.
     pub events: Option<Vec<String>>,

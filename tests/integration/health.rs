@@ -26,6 +26,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         refresh_outlives_the_request_that_asked_for_it,
         a_refresh_does_not_revive_a_connection_broken_meanwhile,
         a_check_does_not_run_during_another_process_refresh,
+        an_inactive_connection_leaves_the_refresh_schedule,
         unreadable_tokens_break_the_connection,
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
         permanent_failure_breaks_once_and_link_repairs,
@@ -794,7 +795,40 @@ async fn a_refresh_does_not_revive_a_connection_broken_meanwhile(app: TestApp) {
         .await;
     assert_eq!(scheduled, "none");
     app.api_get(&format!("/connections/{id}/access-token"), &key, 409).await;
+    let detail = app
+        .text(&format!(
+            "SELECT detail FROM {{schema}}.refresh_attempts WHERE connection_id = '{id}' AND outcome = 'superseded'"
+        ))
+        .await;
+    assert!(detail.contains("broken or disconnected meanwhile"), "{detail}");
     restarted.run().await;
+}
+
+/// A connection that is not active but still on the refresh schedule (as an older version, or
+/// a race, could leave it) is taken off it when the scheduler claims it, instead of being claimed
+/// and given back at every round.
+async fn an_inactive_connection_leaves_the_refresh_schedule(app: TestApp) {
+    let wid = app.workspace("Off schedule");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[2].open_id).await;
+    let id = connection_id(&app, &key).await;
+    app.execute(&format!("UPDATE {{schema}}.connections SET status = 'broken' WHERE id = '{id}'")).await;
+    app.execute(&format!(
+        "UPDATE {{schema}}.refresh_schedule SET next_refresh_at = 1 WHERE connection_id = '{id}'"
+    ))
+    .await;
+    eventually("the scheduler to take it off", 20, || async {
+        let next = app
+            .text(&format!(
+                "SELECT COALESCE(CAST(next_refresh_at AS TEXT), 'none') FROM {{schema}}.refresh_schedule \
+                 WHERE connection_id = '{id}'"
+            ))
+            .await;
+        (next == "none").then_some(Value::Null)
+    })
+    .await;
+    assert_eq!(app.sandbox_stats("tiktok").await["refresh_calls"], 0, "nothing was refreshed");
 }
 
 /// A health check does not ask the provider while another process holds the connection's
@@ -809,9 +843,17 @@ async fn a_check_does_not_run_during_another_process_refresh(app: TestApp) {
     ))
     .await;
     let profiles = app.sandbox_stats("tiktok").await["profile_calls"].as_i64().unwrap();
+    let asked = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
     let held = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
     assert_eq!(held["outcome"], "transient", "{held}");
     assert!(held["detail"].as_str().unwrap().contains("another process"), "{held}");
+    // Checked again in a few minutes, not a whole interval later.
+    let next: i64 = app
+        .text(&format!("SELECT CAST(next_check_at AS TEXT) FROM {{schema}}.connections WHERE id = '{id}'"))
+        .await
+        .parse()
+        .unwrap();
+    assert!((asked + 240_000..asked + 360_000).contains(&next), "{next} against {asked}");
     assert_eq!(app.sandbox_stats("tiktok").await["profile_calls"].as_i64().unwrap(), profiles);
     app.execute(&format!(
         "UPDATE {{schema}}.refresh_schedule SET lease_owner = NULL, lease_until = NULL WHERE connection_id = '{id}'"

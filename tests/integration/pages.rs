@@ -830,7 +830,7 @@ async fn workspace_logo_is_checked_copied_and_served_from_our_origin(app: TestAp
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("does not resolve to a public address"), "{stderr}");
+    assert!(stderr.contains("does not resolve to an address that may be used"), "{stderr}");
     assert_eq!(hits.lock().unwrap().values().sum::<usize>(), before, "no request reached the host");
 }
 

@@ -791,9 +791,9 @@ async fn complete_flow(
         }
         FlowError::Failed(classify(&e, Failure::ExchangeFailed))
     })?;
-    let mut granted = granted_scopes(&tokens.scopes, q.scopes.as_deref(), provider.scopes());
+    let granted = granted_scopes(&tokens.scopes, q.scopes.as_deref(), provider.scopes());
     let required = state.config.providers.required_scopes(platform);
-    let mut scope_note = judge_scopes(platform, &granted, &required, provider.scopes())?;
+    let scope_note = judge_scopes(platform, &granted, &required, provider.scopes())?;
     let call = std::time::Instant::now();
     let profile = tokio::time::timeout_at(deadline, provider.fetch_profile(&tokens.access_token))
         .await
@@ -810,11 +810,6 @@ async fn complete_flow(
             _ => classify(&e, Failure::ProfileFailed),
         })
     })?;
-    // Scopes the profile call found withheld (granted at consent, refused now) are not held.
-    if !profile.withheld_scopes.is_empty() {
-        granted.retain(|g| !profile.withheld_scopes.contains(g));
-        scope_note = judge_scopes(platform, &granted, &required, provider.scopes())?;
-    }
     let mut tokens = tokens;
     tokens.scopes = granted;
     let call = std::time::Instant::now();
