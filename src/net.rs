@@ -73,20 +73,30 @@ pub fn is_never_allowed(ip: IpAddr) -> bool {
         }
         IpAddr::V6(v6) => {
             let s = v6.segments();
-            let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
-            let carried = if let Some(v4) = v6.to_ipv4_mapped() {
-                Some(v4)
-            } else if s[0] == 0x2002 {
-                Some(v4(s[1], s[2]))
-            } else if (s[0] == 0x0064 && s[1] == 0xff9b) || s[..6] == [0; 6] {
-                Some(v4(s[6], s[7]))
-            } else {
-                None
-            };
-            carried.is_some_and(|v4| is_never_allowed(IpAddr::V4(v4)))
+            // (IPv4-compatible, ::/96, which `is_public` refuses outright.)
+            let compatible = (s[..6] == [0; 6]).then(|| Ipv4Addr::from(u128::from(v6) as u32));
+            carried_ipv4(v6).or(compatible).is_some_and(|v4| is_never_allowed(IpAddr::V4(v4)))
                 || (s[0] & 0xffc0) == 0xfe80
                 || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
         }
+    }
+}
+
+/// The IPv4 address an IPv6 address leads to: ::ffff:0:0/96, IPv4-mapped (the socket connects
+/// to the IPv4 address); 2002::/16, 6to4 (a relay forwards to the IPv4 address in bits 16..48);
+/// 64:ff9b::/96, NAT64's well-known prefix (the translator connects to the IPv4 address in the
+/// last 32 bits; public ones are how IPv6-only hosts reach IPv4).
+fn carried_ipv4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        Some(v4)
+    } else if s[0] == 0x2002 {
+        Some(v4(s[1], s[2]))
+    } else if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6] == [0; 4] {
+        Some(v4(s[6], s[7]))
+    } else {
+        None
     }
 }
 
@@ -114,21 +124,10 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || o[0] >= 240)
         }
         IpAddr::V6(v6) => {
-            // ::ffff:0:0/96, IPv4-mapped: the socket connects to the IPv4 address.
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            if let Some(v4) = carried_ipv4(v6) {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
-            let v4 = |hi: u16, lo: u16| IpAddr::V4(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
-            // 2002::/16, 6to4: a relay forwards to the IPv4 address in bits 16..48.
-            if s[0] == 0x2002 {
-                return is_public(v4(s[1], s[2]));
-            }
-            // 64:ff9b::/96, NAT64's well-known prefix: the translator connects to the IPv4
-            // address in the last 32 bits (public ones are how IPv6-only hosts reach IPv4).
-            if s[0] == 0x0064 && s[1] == 0xff9b && s[2..6] == [0; 4] {
-                return is_public(v4(s[6], s[7]));
-            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()

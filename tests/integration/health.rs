@@ -146,6 +146,26 @@ fn distinct(got: &[Received]) -> Vec<&Received> {
     got.iter().filter(|r| seen.insert(r.headers.get("webhook-id").cloned().unwrap_or_default())).collect()
 }
 
+/// Asks for a forced refresh of connection `id` whose provider (TikTok's sandbox) answers
+/// `slow_ms` late, and waits until it has reached the provider: its answer, to be awaited.
+async fn forced_refresh_in_flight(
+    app: &TestApp,
+    key: &str,
+    id: &str,
+    slow_ms: u64,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow"}], "slow_ms": slow_ms}),
+    )
+    .await;
+    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
+    let request = app.api(reqwest::Method::POST, &format!("/connections/{id}/refresh"), key).json(&json!({}));
+    let answer = tokio::spawn(async move { request.send().await.unwrap() });
+    refresh_reached_provider(app, "the forced refresh to reach the provider", calls).await;
+    answer
+}
+
 /// Waits until TikTok's sandbox has seen more than `calls` refresh calls (`what`: which one).
 async fn refresh_reached_provider(app: &TestApp, what: &str, calls: i64) {
     eventually(what, 30, || async {
@@ -733,18 +753,8 @@ async fn refresh_outlives_the_request_that_asked_for_it(app: TestApp) {
     assert_eq!(c["status"], "active");
     // A forced refresh asked for while another runs is answered by that one's result: the
     // provider is asked once, and the tokens rotate once.
-    app.sandbox(
-        "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow"}], "slow_ms": 1000}),
-    )
-    .await;
     let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
-    let first = {
-        let request =
-            app.api(reqwest::Method::POST, &format!("/connections/{id}/refresh"), &key).json(&json!({}));
-        tokio::spawn(async move { request.send().await.unwrap() })
-    };
-    refresh_reached_provider(&app, "the first refresh to reach the provider", calls).await;
+    let first = forced_refresh_in_flight(&app, &key, &id, 1000).await;
     let second = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
     assert_eq!(second["outcome"], "current", "{second}");
     let first = crate::helpers::expect_json(first.await.unwrap(), 200).await;
@@ -762,18 +772,7 @@ async fn a_refresh_does_not_revive_a_connection_broken_meanwhile(app: TestApp) {
         one_tiktok_connection(app, "Broken meanwhile", &[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10")], 0)
             .await;
     let before = app.api_get(&format!("/connections/{id}"), &key, 200).await;
-    app.sandbox(
-        "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow"}], "slow_ms": 1500}),
-    )
-    .await;
-    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
-    let refresh = {
-        let request =
-            app.api(reqwest::Method::POST, &format!("/connections/{id}/refresh"), &key).json(&json!({}));
-        tokio::spawn(async move { request.send().await.unwrap() })
-    };
-    refresh_reached_provider(&app, "the refresh to reach the provider", calls).await;
+    let refresh = forced_refresh_in_flight(&app, &key, &id, 1500).await;
     app.execute(&format!(
         "UPDATE {{schema}}.connections SET status = 'broken', status_reason = 'Refused by the provider.' \
          WHERE id = '{id}'"
