@@ -202,6 +202,15 @@ pub enum LinkCommand {
         /// Link id.
         id: String,
     },
+    /// List the connect attempts made through a link, newest first: how each ended, and the
+    /// reference its client's page showed. Attempts are kept for 30 days after they expired.
+    Attempts {
+        /// Link id.
+        id: String,
+        /// Most attempts to show (1 to 10000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        limit: i64,
+    },
 }
 
 /// Arguments of `link create`.
@@ -982,6 +991,29 @@ async fn link(app: AppState, json: bool, cmd: LinkCommand) -> CliResult {
         LinkCommand::Rotate { id } => {
             let l = links::rotate(&app, &Actor::Cli, &Scope::Admin, &id).await?;
             print(json, &l, |l| l.url.clone());
+        }
+        LinkCommand::Attempts { id, limit } => {
+            let list = service::attempts::of_link(&app, &Scope::Admin, &id, None, limit).await?;
+            print(json, &list, |list| {
+                if list.is_empty() {
+                    return "no attempts".into();
+                }
+                list.iter()
+                    .map(|a| {
+                        format!(
+                            "{}  {}  {:<9}  {:<11}  {}",
+                            a.reference,
+                            a.started_at
+                                .format(&time::format_description::well_known::Rfc3339)
+                                .unwrap_or_default(),
+                            a.provider,
+                            a.status.as_str(),
+                            a.description
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
         }
     }
     Ok(())

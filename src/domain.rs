@@ -312,9 +312,18 @@ pub fn parse_max_uses(value: i64) -> Result<i64, FieldError> {
     }
 }
 
-/// What a scope lets the agency do, in plain words for the client.
-pub fn scope_description(scope: &str) -> &'static str {
-    match scope {
+/// What a scope lets the agency do, in plain words for the client; a scope this build does not
+/// know is named as it is.
+pub fn scope_description(scope: &str) -> std::borrow::Cow<'static, str> {
+    known_scope_description(scope).map_or_else(
+        || format!("The permission “{}”", truncate(scope, 64)).into(),
+        std::borrow::Cow::Borrowed,
+    )
+}
+
+/// The plain words for a scope this build knows.
+fn known_scope_description(scope: &str) -> Option<&'static str> {
+    Some(match scope {
         "user.info.basic" => "See your display name and profile picture",
         "user.info.profile" => "See your username, bio and verified status",
         "user.info.stats" => "See your follower, following, like and video counts",
@@ -326,8 +335,8 @@ pub fn scope_description(scope: &str) -> &'static str {
         "instagram_business_manage_messages" => "Read and answer your direct messages",
         "instagram_business_manage_comments" => "Read, answer and moderate comments",
         "instagram_business_manage_insights" => "See insights about your account and posts",
-        _ => "Access granted by this permission",
-    }
+        _ => return None,
+    })
 }
 
 /// Open-redirect payloads for the tests of every redirect parameter: each way of writing another

@@ -269,6 +269,7 @@ mod tests {
             consumed_at: Some(23),
             outcome: Some("connected".into()),
             connection_id: Some("c1".into()),
+            detail: None,
         }
     }
 

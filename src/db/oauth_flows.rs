@@ -35,6 +35,9 @@ pub struct FlowRow {
     pub outcome: Option<String>,
     /// The connection it produced.
     pub connection_id: Option<String>,
+    /// What went wrong, in words the client's page and the agency's listing show: the scopes
+    /// switched off, the error the provider sent back. Never a secret.
+    pub detail: Option<String>,
 }
 
 from_lite!(FlowRow {
@@ -49,17 +52,18 @@ from_lite!(FlowRow {
     expires_at,
     consumed_at,
     outcome,
-    connection_id
+    connection_id,
+    detail
 });
 
 const COLUMNS: &str = "id, state_hash, browser_hash, link_id, workspace_id, provider, verifier_sealed, \
-    created_at, expires_at, consumed_at, outcome, connection_id";
+    created_at, expires_at, consumed_at, outcome, connection_id, detail";
 
 /// Inserts a flow.
 pub async fn insert(conn: &mut impl Exec, f: &FlowRow) -> DbResult<()> {
     const SQL: &str = "INSERT INTO oauth_flows (id, state_hash, browser_hash, link_id, workspace_id, provider, \
-        verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+        verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, detail) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
     let s = stmt!(
         SQL,
         &f.id,
@@ -74,6 +78,7 @@ pub async fn insert(conn: &mut impl Exec, f: &FlowRow) -> DbResult<()> {
         f.consumed_at,
         &f.outcome,
         &f.connection_id,
+        &f.detail,
     );
     conn.execute(&s).await?;
     Ok(())
@@ -107,7 +112,8 @@ pub async fn claim(
 ) -> DbResult<Option<FlowRow>> {
     const SQL: &str = "UPDATE oauth_flows SET consumed_at = $4 WHERE state_hash = $1 AND browser_hash = $2 \
         AND provider = $3 AND consumed_at IS NULL AND expires_at > $4 RETURNING id, state_hash, browser_hash, \
-        link_id, workspace_id, provider, verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id";
+        link_id, workspace_id, provider, verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, \
+        detail";
     conn.fetch_optional(&stmt!(SQL, state_hash, browser_hash, provider, now_ms)).await
 }
 
@@ -117,21 +123,45 @@ pub async fn finish(
     id: &str,
     outcome: &str,
     connection_id: Option<&str>,
+    detail: Option<&str>,
 ) -> DbResult<()> {
     let s = stmt!(
-        "UPDATE oauth_flows SET outcome = $2, connection_id = $3 WHERE id = $1",
+        "UPDATE oauth_flows SET outcome = $2, connection_id = $3, detail = $4 WHERE id = $1",
         id,
         outcome,
-        connection_id
+        connection_id,
+        detail
     );
     conn.execute(&s).await?;
     Ok(())
 }
 
-/// Deletes flows that expired more than a day ago (their result pages are no longer shown).
+/// The attempts of a link, newest first (ids are UUIDv7, in the order they were made): at
+/// most `limit`, those older than the attempt `before` when given.
+pub async fn of_link(
+    conn: &mut AnyConnection,
+    link_id: &str,
+    before: Option<&str>,
+    limit: i64,
+) -> DbResult<Vec<FlowRow>> {
+    let older = if before.is_some() { "AND id < $3" } else { "" };
+    let sql =
+        format!("SELECT {COLUMNS} FROM oauth_flows WHERE link_id = $1 {older} ORDER BY id DESC LIMIT $2");
+    let mut q = sqlx::query_as(&sql).bind(link_id).bind(limit);
+    if let Some(before) = before {
+        q = q.bind(before);
+    }
+    Ok(q.fetch_all(conn).await?)
+}
+
+/// How long an attempt is kept after it expired: its result page, and the agency's record of
+/// it (a client says "it did not work last week").
+pub const RETENTION_MS: i64 = 30 * 86_400_000;
+
+/// Deletes flows that expired more than [`RETENTION_MS`] ago.
 pub async fn purge_expired(conn: &mut AnyConnection, now_ms: i64) -> DbResult<u64> {
     let done = sqlx::query("DELETE FROM oauth_flows WHERE expires_at < $1")
-        .bind(now_ms - 86_400_000)
+        .bind(now_ms - RETENTION_MS)
         .execute(conn)
         .await?;
     Ok(done.rows_affected())
@@ -183,6 +213,8 @@ pub struct Finish {
     pub id: String,
     /// How it ended.
     pub outcome: &'static str,
+    /// What went wrong (see [`FlowRow::detail`]).
+    pub detail: Option<String>,
 }
 
 impl super::FlowWrite for Finish {
@@ -192,6 +224,6 @@ impl super::FlowWrite for Finish {
     const ONE_STATEMENT: bool = true;
 
     async fn run<E: Exec>(self, conn: &mut E) -> DbResult<()> {
-        finish(conn, &self.id, self.outcome, None).await
+        finish(conn, &self.id, self.outcome, None, self.detail.as_deref()).await
     }
 }

@@ -489,7 +489,7 @@ impl db::FlowWrite for StoreFlow {
             Upserted::Created => "connected",
             Upserted::Reconnected => "reconnected",
         };
-        db::oauth_flows::finish(tx, flow_id, flow_outcome, Some(&row.id)).await?;
+        db::oauth_flows::finish(tx, flow_id, flow_outcome, Some(&row.id), None).await?;
         Ok(Ok((row, outcome)))
     }
 }

@@ -5,6 +5,7 @@
 //! not leak), writes its rows and its audit entry in one transaction, and returns a view.
 
 pub mod api_keys;
+pub mod attempts;
 pub mod audit;
 pub mod connections;
 pub mod invitations;

@@ -780,6 +780,7 @@ async fn openapi_matches_routes(app: TestApp) {
         ("/links/{id}", "patch"),
         ("/links/{id}/revoke", "post"),
         ("/links/{id}/rotate", "post"),
+        ("/links/{id}/attempts", "get"),
         ("/api-keys", "get"),
         ("/api-keys", "post"),
         ("/api-keys/{id}/revoke", "post"),

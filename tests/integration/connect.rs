@@ -321,6 +321,11 @@ async fn consent_denied(app: TestApp) {
         assert_eq!(page.status(), 403);
         let html = page.text().await.unwrap();
         assert!(html.contains("Connection cancelled"), "{html}");
+        let name = if provider == "tiktok" { "TikTok" } else { "Instagram" };
+        assert!(
+            html.contains(&format!("Sandbox mode: this {name} is a simulation, not the real one.")),
+            "a sandbox attempt's failure page says so: {html}"
+        );
         assert!(
             html.contains(&format!("href=\"/l/{}\"", token_of(&url))),
             "try again leads back to the link"
@@ -690,8 +695,24 @@ async fn fewer_scopes_than_required(app: TestApp) {
     );
     let page = finish(&app.client, &app, &flow.callback).await;
     assert_eq!(page.status(), 403);
-    assert!(page.text().await.unwrap().contains("permissions were not granted"));
+    let html = page.text().await.unwrap();
+    assert!(html.contains("permissions were not granted"), "{html}");
+    // The page names the permission that was switched off, in the client's words.
+    assert!(
+        html.contains("A permission the agency cannot work without was switched off on TikTok: See your username, bio and verified status."),
+        "{html}"
+    );
     assert_nothing_connected(&app).await;
+    // The agency sees the attempt, with what was missing and the reference the client was shown.
+    let key = app.workspace_key(&wid);
+    let link_id = app.api_get("/links", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
+    let tried = app.api_get(&format!("/links/{link_id}/attempts"), &key, 200).await;
+    let attempt = &tried["data"][0];
+    assert_eq!(attempt["status"], "failed", "{tried}");
+    assert_eq!(attempt["outcome"], "scopes_missing");
+    assert_eq!(attempt["detail"], "user.info.profile");
+    let reference = attempt["reference"].as_str().unwrap();
+    assert!(html.contains(&format!("Reference: {reference}.")), "{reference}: {html}");
     // With only the basic scope required, the same grant connects the account, and its status
     // reason says what is missing.
     let (app, restarted) =

@@ -16,6 +16,7 @@ use crate::tests;
 pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     let mut list = tests![
         link_settings_change_from_the_api_the_cli_and_the_dashboard,
+        connect_attempts_are_listed_for_the_agency,
         hostile_input_never_breaks_a_page,
         sign_in_session_cookie_rotation_and_sign_out,
         wrong_password_gives_no_hint,
@@ -1089,6 +1090,78 @@ async fn invalid_link_form_comes_back_with_errors_and_values(app: TestApp) {
     assert_eq!(status, 422);
     assert!(html.contains("id=\"platforms-error\""), "{html}");
     assert_eq!(app.count("links").await, 0);
+}
+
+/// Every attempt through a link is listed for the agency, newest first, on the link's page, in
+/// the API (paged, for the link's workspace only) and in the CLI: connected, cancelled by the
+/// client (with the reference its page showed), at the platform, and abandoned once its ten
+/// minutes are over.
+async fn connect_attempts_are_listed_for_the_agency(app: TestApp) {
+    use crate::connect::{connect, finish, start, start_and_consent};
+    create_user(&app, ADMIN, true);
+    let w = app.cli_json(&["workspace", "create", "--name", "Acme"]);
+    let wid = w["id"].as_str().unwrap();
+    let key = app.workspace_key(wid);
+    let (link_id, url) = app.link(wid, "Client");
+    let open_id = TIKTOK_ACCOUNTS[0].open_id;
+    let browser = crate::connect::new_browser();
+    // Started, and the client never came back.
+    start(&browser, &app, &url, "tiktok").await;
+    app.advance_clock(11 * 60).await;
+    connect(&browser, &app, &url, "tiktok", open_id).await;
+    let connection_id =
+        app.api_get("/connections", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
+    let flow = start_and_consent(&browser, &app, &url, "tiktok", open_id, "deny", None).await;
+    let html = finish(&browser, &app, &flow.callback).await.text().await.unwrap();
+    // At the platform now.
+    start(&browser, &app, &url, "tiktok").await;
+
+    let tried = app.api_get(&format!("/links/{link_id}/attempts"), &key, 200).await;
+    let data = tried["data"].as_array().unwrap();
+    let statuses: Vec<&str> = data.iter().map(|a| a["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["in_progress", "failed", "connected", "abandoned"], "{tried}");
+    assert!(tried["next_cursor"].is_null());
+    assert_eq!(data[1]["outcome"], "denied");
+    assert_eq!(data[2]["outcome"], "connected");
+    assert_eq!(data[2]["connection_id"], connection_id.as_str());
+    assert!(data[3]["outcome"].is_null() && data[3]["returned_at"].is_null());
+    let denied_ref = data[1]["reference"].as_str().unwrap();
+    assert_eq!(denied_ref.len(), 8);
+    assert!(html.contains(&format!("Reference: {denied_ref}.")), "the client was shown it: {html}");
+    // Paged: two, then the other two.
+    let first = app.api_get(&format!("/links/{link_id}/attempts?limit=2"), &key, 200).await;
+    assert_eq!(first["data"].as_array().unwrap().len(), 2);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    assert_eq!(cursor, data[1]["id"].as_str().unwrap());
+    let rest = app.api_get(&format!("/links/{link_id}/attempts?limit=2&cursor={cursor}"), &key, 200).await;
+    let ids: Vec<&Value> = rest["data"].as_array().unwrap().iter().map(|a| &a["id"]).collect();
+    assert_eq!(ids, [&data[2]["id"], &data[3]["id"]]);
+    // Another workspace's key does not see the link's attempts; a malformed cursor is refused.
+    let other = app.cli_json(&["workspace", "create", "--name", "Other"]);
+    let other_key = app.workspace_key(other["id"].as_str().unwrap());
+    app.api_get(&format!("/links/{link_id}/attempts"), &other_key, 404).await;
+    app.api_get(&format!("/links/{link_id}/attempts?cursor=nope"), &key, 422).await;
+    // The CLI lists the same, in words and in JSON.
+    let listed = app.cli_json(&["link", "attempts", &link_id]);
+    assert_eq!(listed.as_array().unwrap().len(), 4);
+    assert_eq!(listed[1]["reference"], denied_ref);
+    let out = app.cli(&["link", "attempts", &link_id]);
+    let words = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        words
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with(denied_ref) && l.contains("The client chose not to allow access")),
+        "{words}"
+    );
+    // The link's page shows them, with a way to the connection that was made.
+    let client = signed_in(&app, ADMIN).await;
+    let html = page(&app, &client, &format!("/app/w/acme/links/{link_id}"), 200).await;
+    assert!(html.contains("Recent connect attempts"), "{html}");
+    assert!(html.contains(&format!("<code>{denied_ref}</code>")), "{html}");
+    assert!(html.contains("The client chose not to allow access on the platform."), "{html}");
+    assert!(html.contains("did not come back from the platform within ten minutes"), "{html}");
+    assert!(html.contains(&format!("/app/w/acme/connections/{connection_id}")), "{html}");
 }
 
 async fn link_created_revoked_and_rotated_through_the_dashboard(app: TestApp) {

@@ -29,11 +29,13 @@ fn account(provider: &str) -> String {
 }
 
 /// A wrong client secret, a redirect URI that differs, a PKCE verifier that does not match: the
-/// client gets "could not finish connecting" (502) with a way back, the operator an error line
-/// naming what to check, and the code appears in no log line.
+/// client gets "cannot be made right now" (502), told to tell the agency rather than to try
+/// again (nothing the client does changes it), the operator an error line naming what to check,
+/// the agency the attempt as a setup error, and the code appears in no log line.
 async fn refused_code_exchanges_fail_the_flow_and_tell_the_operator(app: TestApp) {
     let wid = app.workspace("Refused");
-    let (_, url) = app.link(&wid, "Client");
+    let key = app.workspace_key(&wid);
+    let (link_id, url) = app.link(&wid, "Client");
     let try_again = format!("href=\"/l/{}\"", token_of(&url));
     for (provider, kind) in [
         ("tiktok", "invalid_client"),
@@ -52,8 +54,12 @@ async fn refused_code_exchanges_fail_the_flow_and_tell_the_operator(app: TestApp
         let page = finish(&app.client, &app, &flow.callback).await;
         assert_eq!(page.status(), 502, "{provider} {kind}");
         let html = page.text().await.unwrap();
-        assert!(html.contains("We could not finish connecting"), "{provider} {kind}: {html}");
-        assert!(html.contains("Nothing was connected") && html.contains(&try_again), "{provider} {kind}");
+        assert!(html.contains("This connection cannot be made right now"), "{provider} {kind}: {html}");
+        assert!(html.contains("Please tell the agency that sent you the link"), "{provider} {kind}: {html}");
+        assert!(html.contains("Nothing was connected") && !html.contains(&try_again), "{provider} {kind}");
+        let tried = app.api_get(&format!("/links/{link_id}/attempts?limit=1"), &key, 200).await;
+        assert_eq!(tried["data"][0]["outcome"], "setup_error", "{provider} {kind}: {tried}");
+        assert_eq!(tried["data"][0]["provider"], provider);
         app.wait_for_log("the provider refused the code exchange", 10).await;
         let log = app.log_text();
         let line = log.lines().rev().find(|l| l.contains("the provider refused the code exchange")).unwrap();
@@ -137,14 +143,24 @@ async fn denial_without_state_still_leads_back_to_the_link(app: TestApp) {
     assert_eq!(app.count("connections").await, 1);
 }
 
-/// TikTok redirecting back with an error other than a denial (§2.2), with its state or without:
-/// the flow ends on the "platform reported a problem" page, leading back to the link, with no
-/// code exchanged and nothing connected.
+/// TikTok redirecting back with an error other than a denial (§2.2), with its state or without,
+/// with no code exchanged and nothing connected: a passing problem of TikTok's leads back to the
+/// link; a refusal of the authorize request itself (our scopes, our client key) tells the client
+/// to tell the agency, and the operator what to check; another error is "the platform reported
+/// a problem". The agency's list of attempts names the error when the state came back.
 async fn provider_errors_on_the_callback_end_the_flow(app: TestApp) {
     let wid = app.workspace("Callback errors");
-    let (_, url) = app.link(&wid, "Client");
+    let key = app.workspace_key(&wid);
+    let (link_id, url) = app.link(&wid, "Client");
     let try_again = format!("href=\"/l/{}\"", token_of(&url));
-    for (error, error_state) in [("temporarily_unavailable", "echo"), ("invalid_scope", "omit")] {
+    let cases = [
+        ("temporarily_unavailable", "echo", 503, "The platform has a passing problem"),
+        ("server_error", "omit", 503, "The platform has a passing problem"),
+        ("invalid_scope", "echo", 502, "This connection cannot be made right now"),
+        ("unauthorized_client", "omit", 502, "This connection cannot be made right now"),
+        ("invalid_grant", "echo", 400, "The platform reported a problem"),
+    ];
+    for (error, error_state, status, title) in cases {
         app.sandbox(
             "/tiktok/scenario",
             json!({"error_state": error_state,
@@ -158,12 +174,36 @@ async fn provider_errors_on_the_callback_end_the_flow(app: TestApp) {
         assert!(callback.contains(&format!("error={error}")), "{callback}");
         assert_eq!(callback.contains("state="), error_state == "echo", "{callback}");
         let page = finish(&app.client, &app, &callback).await;
-        assert_eq!(page.status(), 400, "{error}");
+        assert_eq!(page.status(), status, "{error}");
         let html = page.text().await.unwrap();
-        assert!(
-            html.contains("The platform reported a problem") && html.contains(&try_again),
-            "{error}: {html}"
+        assert!(html.contains(title), "{error}: {html}");
+        assert_eq!(
+            html.contains(&try_again),
+            status != 502,
+            "{error}: a way back unless it cannot help: {html}"
         );
+        if status == 502 {
+            app.wait_for_log("the provider refused the authorization request", 10).await;
+            let log = app.log_text();
+            let line = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("the provider refused the authorization request"))
+                .unwrap();
+            assert!(line.contains("\"level\":\"ERROR\"") && line.contains(error), "{line}");
+            assert!(line.contains("/oauth/tiktok/callback"), "names the callback to register: {line}");
+        }
+        let tried = app.api_get(&format!("/links/{link_id}/attempts?limit=1"), &key, 200).await;
+        let attempt = &tried["data"][0];
+        if error_state == "echo" {
+            assert_eq!(attempt["status"], "failed", "{error}: {tried}");
+            assert_eq!(attempt["detail"], error, "{error}: {tried}");
+            let reference = attempt["reference"].as_str().unwrap();
+            assert!(html.contains(&format!("Reference: {reference}.")), "{error}: {html}");
+        } else {
+            // Without its state the answer cannot be told to be this attempt's.
+            assert_eq!(attempt["status"], "in_progress", "{error}: {tried}");
+        }
     }
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
     assert_eq!(app.count("connections").await, 0);

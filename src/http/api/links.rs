@@ -9,6 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, check_cursor, page_size};
+use crate::service::attempts::{self, AttemptView};
 use crate::service::links::{self, LinkUpdate, LinkView, ListQuery, NewLink};
 use crate::state::AppState;
 
@@ -18,6 +19,36 @@ pub(super) fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(get_link, update_link))
         .routes(routes!(revoke_link))
         .routes(routes!(rotate_link))
+        .routes(routes!(list_attempts))
+}
+
+/// Pagination of a link's attempts.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(super) struct AttemptListQuery {
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size, 1-200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<i64>,
+}
+
+/// List the connect attempts made through a link, newest first: how each ended, in a code and
+/// in words, with the reference its client's page showed. Attempts are kept for 30 days after
+/// they expired.
+#[utoipa::path(get, path = "/links/{id}/attempts", tag = "links", params(("id" = String, Path, description = "Link id"), AttemptListQuery),
+    responses((status = 200, body = Page<AttemptView>), (status = 401, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
+async fn list_attempts(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<AttemptListQuery>,
+) -> ApiResult<Json<Page<AttemptView>>> {
+    let limit = page_size(q.limit)?;
+    check_cursor(q.cursor.as_deref())?;
+    let items = attempts::of_link(&state, &caller.scope, &id, q.cursor.as_deref(), limit + 1).await?;
+    Ok(Json(Page::from_overfetch(items, limit, |a| a.id.clone())))
 }
 
 /// Filters and pagination of the link list.

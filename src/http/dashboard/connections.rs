@@ -180,7 +180,7 @@ struct DetailPage {
     status_text: &'static str,
     reason: Option<String>,
     sandbox: bool,
-    scopes: Vec<(String, &'static str)>,
+    scopes: Vec<(String, std::borrow::Cow<'static, str>)>,
     access_expires: String,
     refresh_expires: String,
     connected: String,

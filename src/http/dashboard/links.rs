@@ -15,7 +15,7 @@ use super::{
 };
 use crate::domain::FieldError;
 use crate::service::links::{self, LinkStatus, LinkView, NewLink};
-use crate::service::{connections, users};
+use crate::service::{attempts, connections, users};
 use crate::state::AppState;
 
 /// `(css class, words)` of a link status.
@@ -353,6 +353,45 @@ struct DetailPage {
     rotated: String,
     created_by: String,
     connections: Vec<ConnRow>,
+    attempts: Vec<AttemptRow>,
+}
+
+/// How many attempts the link page lists (the API lists them all).
+const ATTEMPTS_SHOWN: i64 = 20;
+
+/// One connect attempt on the link page.
+struct AttemptRow {
+    started: String,
+    platform: &'static str,
+    /// `connected`, `failed`, `in_progress` or `abandoned`, for the badge's class.
+    status: &'static str,
+    status_text: &'static str,
+    description: String,
+    reference: String,
+    connection_href: Option<String>,
+}
+
+impl AttemptRow {
+    fn from_view(slug: &str, a: &attempts::AttemptView) -> Self {
+        use attempts::AttemptStatus;
+        Self {
+            started: fmt_time(a.started_at),
+            platform: a
+                .provider
+                .parse::<crate::domain::Platform>()
+                .map_or("Unknown platform", |p| p.display_name()),
+            status: a.status.as_str(),
+            status_text: match a.status {
+                AttemptStatus::Connected => "Connected",
+                AttemptStatus::Failed => "Failed",
+                AttemptStatus::InProgress => "In progress",
+                AttemptStatus::Abandoned => "Abandoned",
+            },
+            description: a.description.clone(),
+            reference: a.reference.clone(),
+            connection_href: a.connection_id.as_ref().map(|id| format!("/app/w/{slug}/connections/{id}")),
+        }
+    }
 }
 
 /// `GET /app/w/{slug}/links/{id}`: the link, its URL with a copy button and a QR code, the
@@ -376,6 +415,7 @@ pub async fn show(
         },
     )
     .await?;
+    let tried = attempts::of_link(&state, &ws.scope, &link.id, None, ATTEMPTS_SHOWN).await?;
     let (status, status_text) = status_words(link.status);
     let created_by = match link.created_by.strip_prefix("user:") {
         Some(user_id) => {
@@ -400,6 +440,7 @@ pub async fn show(
         rotated: fmt_opt(link.rotated_at),
         created_by,
         connections: conns.iter().map(|c| ConnRow::from_view(&ws.row.slug, c)).collect(),
+        attempts: tried.iter().map(|a| AttemptRow::from_view(&ws.row.slug, a)).collect(),
         link,
     };
     Ok(render(StatusCode::OK, &page))

@@ -220,6 +220,7 @@ pub async fn start_connect(
         consumed_at: None,
         outcome: None,
         connection_id: None,
+        detail: None,
     };
     let flow_id = flow.id.clone();
     let stored = state.db.write_flow(db::oauth_flows::Insert(flow)).await;
@@ -277,6 +278,12 @@ enum Failure {
     ExchangeFailed,
     ProfileFailed,
     ProviderUnavailable,
+    /// The provider reported a passing problem of its own (`server_error`,
+    /// `temporarily_unavailable`) instead of a consent screen.
+    ProviderBusy,
+    /// The provider refused authlink's own request: its client credentials, its scopes or the
+    /// callback URL registered with it. Only the operator can cure it.
+    SetupError,
     ScopesMissing,
     AccountNotAllowed,
     /// authlink's database could not be reached.
@@ -301,6 +308,8 @@ impl Failure {
             Failure::ExchangeFailed => "exchange_failed",
             Failure::ProfileFailed => "profile_failed",
             Failure::ProviderUnavailable => "provider_unavailable",
+            Failure::ProviderBusy => "provider_busy",
+            Failure::SetupError => "setup_error",
             Failure::ScopesMissing => "scopes_missing",
             Failure::AccountNotAllowed => "account_not_allowed",
             Failure::Unavailable => "unavailable",
@@ -309,33 +318,53 @@ impl Failure {
     }
 
     fn from_code(s: &str) -> Option<Self> {
-        [
-            Failure::StateMissing,
-            Failure::StateUnknown,
-            Failure::StateExpired,
-            Failure::StateReused,
-            Failure::OtherBrowser,
-            Failure::WrongProvider,
-            Failure::Denied,
-            Failure::ProviderError,
-            Failure::LinkGone,
-            Failure::LinkUsedUp,
-            Failure::ExchangeFailed,
-            Failure::ProfileFailed,
-            Failure::ProviderUnavailable,
-            Failure::ScopesMissing,
-            Failure::AccountNotAllowed,
-            Failure::Unavailable,
-            Failure::Internal,
-        ]
-        .into_iter()
-        .find(|f| f.code() == s)
+        Self::ALL.into_iter().find(|f| f.code() == s)
     }
 
+    /// Every failure.
+    const ALL: [Failure; 19] = [
+        Failure::StateMissing,
+        Failure::StateUnknown,
+        Failure::StateExpired,
+        Failure::StateReused,
+        Failure::OtherBrowser,
+        Failure::WrongProvider,
+        Failure::Denied,
+        Failure::ProviderError,
+        Failure::LinkGone,
+        Failure::LinkUsedUp,
+        Failure::ExchangeFailed,
+        Failure::ProfileFailed,
+        Failure::ProviderUnavailable,
+        Failure::ProviderBusy,
+        Failure::SetupError,
+        Failure::ScopesMissing,
+        Failure::AccountNotAllowed,
+        Failure::Unavailable,
+        Failure::Internal,
+    ];
+
     /// Whether trying again from the link can help: not once the link is gone or used up (its
-    /// page could not connect this account; the page says to ask for a new link).
+    /// page could not connect this account; the page says to ask for a new link), nor while
+    /// the provider refuses the service's own setup (the page says to tell the agency).
     fn retryable(self) -> bool {
-        !matches!(self, Failure::LinkGone | Failure::LinkUsedUp)
+        !matches!(self, Failure::LinkGone | Failure::LinkUsedUp | Failure::SetupError)
+    }
+
+    /// The failure an `error` the provider sent back to the callback stands for (RFC 6749
+    /// §4.1.2.1, the values TikTok documents, providers.md §2.2).
+    fn of_callback_error(error: &str) -> Self {
+        match error {
+            "access_denied" => Failure::Denied,
+            "server_error" | "temporarily_unavailable" => Failure::ProviderBusy,
+            "invalid_client"
+            | "unauthorized_client"
+            | "invalid_scope"
+            | "invalid_request"
+            | "unsupported_response_type"
+            | "unsupported_grant_type" => Failure::SetupError,
+            _ => Failure::ProviderError,
+        }
     }
 
     /// `page` with this failure's status (and, when the service is unavailable, the
@@ -356,14 +385,17 @@ impl Failure {
             | Failure::ProviderError => StatusCode::BAD_REQUEST,
             Failure::Denied | Failure::ScopesMissing | Failure::AccountNotAllowed => StatusCode::FORBIDDEN,
             Failure::LinkGone | Failure::LinkUsedUp => StatusCode::GONE,
-            Failure::ExchangeFailed | Failure::ProfileFailed => StatusCode::BAD_GATEWAY,
+            Failure::ExchangeFailed | Failure::ProfileFailed | Failure::SetupError => StatusCode::BAD_GATEWAY,
             Failure::ProviderUnavailable => StatusCode::GATEWAY_TIMEOUT,
+            Failure::ProviderBusy => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    fn page(self, platform: &str, extra: Option<&str>) -> MessagePage {
+    /// The page of this failure at `platform`; `detail` is the attempt's (the scopes switched
+    /// off, for [`Failure::ScopesMissing`]).
+    fn page(self, platform: &str, detail: Option<&str>) -> MessagePage {
         let (title, message, next) = match self {
             Failure::StateMissing | Failure::StateUnknown => (
                 "We could not finish this connection",
@@ -420,11 +452,38 @@ impl Failure {
                 format!("{platform} is slow or unreachable right now. Nothing was connected."),
                 "Please try again in a few minutes.".to_string(),
             ),
-            Failure::ScopesMissing => (
-                "Some permissions were not granted",
-                format!("A permission the agency cannot work without was switched off on {platform}, so nothing was connected."),
-                "Start again from the link you were sent and leave the permissions switched on.".to_string(),
+            Failure::ProviderBusy => (
+                "The platform has a passing problem",
+                format!("{platform} could not show its consent screen just now. Nothing was connected."),
+                "Please try again in a few minutes.".to_string(),
             ),
+            Failure::SetupError => (
+                "This connection cannot be made right now",
+                format!("{platform} refused the request of the service that connects your account, because of how the agency set it up. You did nothing wrong. Nothing was connected."),
+                "Please tell the agency that sent you the link. Once they have fixed it, the same link will work.".to_string(),
+            ),
+            Failure::ScopesMissing => {
+                let missing: Vec<String> = detail
+                    .map(connections::split_scopes)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| domain::scope_description(s).into_owned())
+                    .collect();
+                (
+                    "Some permissions were not granted",
+                    if missing.is_empty() {
+                        format!("A permission the agency cannot work without was switched off on {platform}, so nothing was connected.")
+                    } else {
+                        format!(
+                            "{} the agency cannot work without {} switched off on {platform}: {}. Nothing was connected.",
+                            if missing.len() == 1 { "A permission" } else { "Permissions" },
+                            if missing.len() == 1 { "was" } else { "were" },
+                            missing.join("; ")
+                        )
+                    },
+                    "Start again from the link you were sent and leave the permissions switched on.".to_string(),
+                )
+            }
             Failure::AccountNotAllowed => (
                 "This account cannot be connected",
                 format!("{platform} reported an account type that cannot be connected."),
@@ -436,12 +495,13 @@ impl Failure {
                 "Please try again in a minute.".to_string(),
             ),
         };
-        let mut page = MessagePage::new(title, message).next(next);
-        if let Some(extra) = extra {
-            page.reference = Some(extra.to_string());
-        }
-        page
+        MessagePage::new(title, message).next(next)
     }
+}
+
+/// The platform's name when it runs in the sandbox, for the notice on the pages of its attempts.
+fn sandbox_of(state: &AppState, platform: Platform) -> Option<&'static str> {
+    state.providers.get(platform).filter(|p| p.is_sandbox()).map(|_| platform.display_name())
 }
 
 /// Counts a callback's outcome: `connected`, `reconnected` or a failure code.
@@ -515,6 +575,7 @@ pub async fn show_refusal(
         return super::not_found().await;
     };
     let mut page = f.page(platform.display_name(), None);
+    page.sandbox = sandbox_of(&state, platform);
     if let Some(id) = q.flow.as_deref().filter(|id| db::is_id(id)) {
         let flow = async {
             let mut conn = state.db.read_fast().await?;
@@ -530,6 +591,7 @@ pub async fn show_refusal(
         .await;
         match flow {
             Ok(Some((flow, workspace))) => {
+                page.attempt = Some(crate::service::attempts::reference(&flow.id));
                 if f.retryable() {
                     page.try_again = landing_href(&state, &flow.link_id, flow.created_at).await;
                 }
@@ -569,7 +631,13 @@ pub async fn oauth_callback(
         // nothing rests on that guess but the way back to the link).
         let (f, flow) = match q.error.as_deref() {
             Some("access_denied") => (Failure::Denied, last_flow(&state, &headers, platform)),
-            Some(_) => (Failure::ProviderError, last_flow(&state, &headers, platform)),
+            Some(error) => {
+                let f = Failure::of_callback_error(error);
+                if f == Failure::SetupError {
+                    log_refused_authorization(&state, platform, error);
+                }
+                (f, last_flow(&state, &headers, platform))
+            }
             None => (Failure::StateMissing, None),
         };
         return refused(f, platform, flow.as_deref());
@@ -620,10 +688,12 @@ pub async fn oauth_callback(
                 Upserted::Reconnected => "reconnected",
             },
         ),
-        Err(FlowError::Failed(f)) => {
+        Err(FlowError::Failed(f, detail)) => {
             count_flow(platform, f.code());
-            let recorded =
-                state.db.write_flow(db::oauth_flows::Finish { id: flow.id.clone(), outcome: f.code() }).await;
+            let recorded = state
+                .db
+                .write_flow(db::oauth_flows::Finish { id: flow.id.clone(), outcome: f.code(), detail })
+                .await;
             if let Err(e) = recorded {
                 return service_refusal(e.into(), platform, Some(flow.id.clone()));
             }
@@ -695,7 +765,8 @@ struct Timing {
 }
 
 enum FlowError {
-    Failed(Failure),
+    /// The attempt failed, with what went wrong (see [`db::oauth_flows::FlowRow::detail`]).
+    Failed(Failure, Option<String>),
     Service(crate::service::ServiceError),
 }
 
@@ -703,6 +774,18 @@ impl From<crate::service::ServiceError> for FlowError {
     fn from(e: crate::service::ServiceError) -> Self {
         FlowError::Service(e)
     }
+}
+
+/// Tells the operator that the provider refused the authorization request itself: a setup
+/// problem every client of every link meets until it is fixed.
+fn log_refused_authorization(state: &AppState, platform: Platform, error: &str) {
+    tracing::error!(
+        provider = %platform,
+        error = ?domain::truncate(error, 64),
+        "the provider refused the authorization request: check the provider's client credentials, the scopes \
+         configured for it, and that the callback URL registered with it is {}",
+        redirect_uri(state, platform)
+    );
 }
 
 fn classify(e: &ProviderError, stage: Failure) -> Failure {
@@ -723,7 +806,7 @@ async fn complete_flow(
 ) -> Result<(String, Upserted), FlowError> {
     let past_deadline = || {
         tracing::warn!(provider = %platform, "the provider's calls did not end before the callback's deadline");
-        FlowError::Failed(Failure::ProviderUnavailable)
+        FlowError::Failed(Failure::ProviderUnavailable, None)
     };
     if let Some(error) = q.error.as_deref() {
         // Written quoted and escaped (`?`): these come from the address bar, and a line break in
@@ -735,14 +818,21 @@ async fn complete_flow(
             description = ?domain::truncate(q.error_description.as_deref().unwrap_or(""), 200),
             "provider returned an error to the callback"
         );
-        return Err(FlowError::Failed(if error == "access_denied" {
-            Failure::Denied
-        } else {
-            Failure::ProviderError
-        }));
+        let failure = Failure::of_callback_error(error);
+        if failure == Failure::SetupError {
+            log_refused_authorization(state, platform, error);
+        }
+        // The agency's record names the provider's error, when it is one of the words of RFC 6749
+        // (a client can put anything into its address bar).
+        let word = Some(error).filter(|e| {
+            failure != Failure::Denied
+                && e.len() <= 40
+                && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        });
+        return Err(FlowError::Failed(failure, word.map(str::to_string)));
     }
     let Some(code) = q.code.as_deref().filter(|c| !c.is_empty()) else {
-        return Err(FlowError::Failed(Failure::ProviderError));
+        return Err(FlowError::Failed(Failure::ProviderError, None));
     };
     // The link must still be usable when the client comes back.
     let call = std::time::Instant::now();
@@ -751,17 +841,17 @@ async fn complete_flow(
         db::links::get(&mut conn, &flow.link_id).await.map_err(crate::service::ServiceError::from)?
     };
     timing.db += call.elapsed();
-    let Some(link) = link else { return Err(FlowError::Failed(Failure::LinkGone)) };
+    let Some(link) = link else { return Err(FlowError::Failed(Failure::LinkGone, None)) };
     // A used-up link goes on: it may be repairing one of its own accounts, which only the
     // connection's transaction can tell once the account is known.
     // Nor rotated since the flow started: the old URL, and what was started with it, are dead.
     if !matches!(LinkStatus::of(&link, state.now_ms()), LinkStatus::Active | LinkStatus::UsedUp)
         || rotated_since(&link, flow.created_at)
     {
-        return Err(FlowError::Failed(Failure::LinkGone));
+        return Err(FlowError::Failed(Failure::LinkGone, None));
     }
     let Some(provider) = state.providers.get(platform) else {
-        return Err(FlowError::Failed(Failure::ProviderError));
+        return Err(FlowError::Failed(Failure::ProviderError, None));
     };
     let verifier = state
         .keys
@@ -789,7 +879,13 @@ async fn complete_flow(
         } else {
             tracing::warn!(provider = %platform, error = %e, "code exchange failed");
         }
-        FlowError::Failed(classify(&e, Failure::ExchangeFailed))
+        // A refused request is the setup's (or authlink's) to fix, not the client's: trying
+        // again changes nothing.
+        let failure = match e {
+            ProviderError::Rejected { .. } => Failure::SetupError,
+            _ => classify(&e, Failure::ExchangeFailed),
+        };
+        FlowError::Failed(failure, None)
     })?;
     let granted = granted_scopes(&tokens.scopes, q.scopes.as_deref(), provider.scopes());
     let required = state.config.providers.required_scopes(platform);
@@ -801,14 +897,17 @@ async fn complete_flow(
     timing.provider += call.elapsed();
     let profile = profile.map_err(|e| {
         tracing::warn!(provider = %platform, error = %e, "profile fetch failed");
-        FlowError::Failed(match &e {
-            ProviderError::Rejected { reason }
-                if reason.starts_with(crate::providers::instagram::PERSONAL_ACCOUNT) =>
-            {
-                Failure::AccountNotAllowed
-            }
-            _ => classify(&e, Failure::ProfileFailed),
-        })
+        FlowError::Failed(
+            match &e {
+                ProviderError::Rejected { reason }
+                    if reason.starts_with(crate::providers::instagram::PERSONAL_ACCOUNT) =>
+                {
+                    Failure::AccountNotAllowed
+                }
+                _ => classify(&e, Failure::ProfileFailed),
+            },
+            None,
+        )
     })?;
     let mut tokens = tokens;
     tokens.scopes = granted;
@@ -830,8 +929,8 @@ async fn complete_flow(
     timing.db += call.elapsed();
     match stored? {
         Ok((row, outcome)) => Ok((row.id, outcome)),
-        Err(LinkStatus::UsedUp) => Err(FlowError::Failed(Failure::LinkUsedUp)),
-        Err(_) => Err(FlowError::Failed(Failure::LinkGone)),
+        Err(LinkStatus::UsedUp) => Err(FlowError::Failed(Failure::LinkUsedUp, None)),
+        Err(_) => Err(FlowError::Failed(Failure::LinkGone, None)),
     }
 }
 
@@ -876,7 +975,7 @@ struct SuccessPage {
     avatar: Option<String>,
     handle: Option<String>,
     display_name: Option<String>,
-    grants: Vec<&'static str>,
+    grants: Vec<std::borrow::Cow<'static, str>>,
     sandbox: bool,
     landing: Option<String>,
     redirect: Option<String>,
@@ -928,8 +1027,10 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     let landing = link.as_ref().and_then(|l| landing_href_of(state, l, flow.created_at));
     let outcome = flow.outcome.as_deref().unwrap_or_default();
     if let Some(f) = Failure::from_code(outcome) {
-        let mut page = f.page(platform.display_name(), None);
+        let mut page = f.page(platform.display_name(), flow.detail.as_deref());
         page.try_again = landing.filter(|_| f.retryable());
+        page.attempt = Some(crate::service::attempts::reference(&flow.id));
+        page.sandbox = sandbox_of(state, platform);
         if let Some(w) = &workspace {
             page = page.branded(w);
         }
@@ -1120,7 +1221,8 @@ fn judge_scopes(
     let missing: Vec<&String> = required.iter().filter(|s| !granted.contains(s)).collect();
     if !missing.is_empty() {
         tracing::info!(provider = %platform, ?missing, "client granted fewer scopes than required");
-        return Err(FlowError::Failed(Failure::ScopesMissing));
+        let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        return Err(FlowError::Failed(Failure::ScopesMissing, Some(names.join(","))));
     }
     let optional: Vec<&str> =
         asked.iter().map(String::as_str).filter(|s| !granted.iter().any(|g| g == s)).collect();
@@ -1146,6 +1248,52 @@ fn granted_scopes(by_token: &[String], by_callback: Option<&str>, requested: &[S
 
 #[cfg(test)]
 mod tests {
+    /// The agency's list of a link's attempts describes every way an attempt can end (a code
+    /// it does not know would be shown as it is).
+    #[test]
+    fn every_failure_is_described_to_the_agency() {
+        use crate::service::attempts::{AttemptStatus, describe};
+        for f in super::Failure::ALL {
+            let words = describe(AttemptStatus::Failed, Some(f.code()), None);
+            let recorded = !matches!(
+                f,
+                super::Failure::StateMissing
+                    | super::Failure::StateUnknown
+                    | super::Failure::StateExpired
+                    | super::Failure::StateReused
+                    | super::Failure::OtherBrowser
+                    | super::Failure::WrongProvider
+            );
+            // The refusals before the state is claimed are never recorded on an attempt.
+            assert_eq!(!words.starts_with("Ended as"), recorded, "{}: {words}", f.code());
+            assert_eq!(super::Failure::from_code(f.code()), Some(f));
+        }
+    }
+
+    /// Each `error` a provider may send back to the callback is read as what it means for the
+    /// client: a denial, a passing problem, a setup the operator must fix, or an error.
+    #[test]
+    fn callback_errors_are_told_apart() {
+        use super::Failure;
+        let of = Failure::of_callback_error;
+        assert_eq!(of("access_denied"), Failure::Denied);
+        for e in ["server_error", "temporarily_unavailable"] {
+            assert_eq!(of(e), Failure::ProviderBusy, "{e}");
+        }
+        for e in [
+            "invalid_client",
+            "unauthorized_client",
+            "invalid_scope",
+            "invalid_request",
+            "unsupported_response_type",
+        ] {
+            assert_eq!(of(e), Failure::SetupError, "{e}");
+            assert!(!Failure::SetupError.retryable());
+        }
+        assert_eq!(of("invalid_grant"), Failure::ProviderError);
+        assert_eq!(of("something_else"), Failure::ProviderError);
+    }
+
     #[test]
     fn avatars_are_served_as_what_their_bytes_are() {
         // A 1×1 PNG.

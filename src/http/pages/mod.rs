@@ -71,6 +71,11 @@ pub struct MessagePage {
     pub try_again: Option<String>,
     /// A reference to quote to support (never a secret).
     pub reference: Option<String>,
+    /// The short reference of the connect attempt the page is about, which the agency finds in
+    /// its list of the link's attempts.
+    pub attempt: Option<String>,
+    /// The simulated platform, when the page is about an attempt at a sandbox provider.
+    pub sandbox: Option<&'static str>,
     /// The workspace, for branding.
     pub workspace_name: Option<String>,
     /// The workspace id, for its stylesheet.
@@ -262,7 +267,7 @@ pub struct PlatformOption {
     /// `TikTok`.
     pub name: &'static str,
     /// What the agency will be able to do.
-    pub grants: Vec<&'static str>,
+    pub grants: Vec<std::borrow::Cow<'static, str>>,
     /// Whether the provider runs in sandbox mode.
     pub sandbox: bool,
 }
