@@ -124,6 +124,11 @@ pub struct WebhooksConfig {
     /// on-premise receivers). Off by default: such targets are refused before connecting. The
     /// same guard fetches every other address users give (workspace logos, account avatars).
     pub allow_private_targets: bool,
+    /// Networks (`10.20.0.0/16`) and addresses whose private and loopback addresses may be
+    /// targets, when `allow_private_targets` is off: an on-premise receiver's network alone
+    /// rather than every private address. Plain `http` is admitted for a host whose addresses
+    /// all lie in them. Link-local and cloud metadata addresses stay refused.
+    pub private_networks: Vec<String>,
     /// Timeout of one delivery attempt, in seconds.
     pub timeout_secs: u64,
     /// How long finished deliveries (delivered, given up or cancelled), their attempts and their
@@ -133,7 +138,29 @@ pub struct WebhooksConfig {
 
 impl Default for WebhooksConfig {
     fn default() -> Self {
-        Self { allow_private_targets: false, timeout_secs: 15, retention_days: 30 }
+        Self {
+            allow_private_targets: false,
+            private_networks: Vec::new(),
+            timeout_secs: 15,
+            retention_days: 30,
+        }
+    }
+}
+
+impl WebhooksConfig {
+    /// [`private_networks`](Self::private_networks), parsed.
+    pub fn private_target_networks(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        parse_networks("webhooks.private_networks", &self.private_networks)
+    }
+
+    /// What the outbound guard lets through beyond public addresses.
+    pub fn private_targets(&self) -> crate::net::PrivateTargets {
+        if self.allow_private_targets {
+            crate::net::PrivateTargets::All
+        } else {
+            // Checked when the configuration is loaded.
+            crate::net::PrivateTargets::Networks(self.private_target_networks().unwrap_or_default().into())
+        }
     }
 }
 
@@ -185,20 +212,26 @@ pub const DEFAULT_TRUSTED_PROXIES: [&str; 8] = [
 impl HttpConfig {
     /// [`trusted_proxies`](Self::trusted_proxies), parsed (a plain address is a network of one).
     pub fn trusted_proxy_networks(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
-        self.trusted_proxies
-            .iter()
-            .map(|s| {
-                let s = s.trim();
-                s.parse::<ipnet::IpNet>()
-                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-                    .map_err(|_| {
-                        ConfigError::Invalid(format!(
-                            "key `http.trusted_proxies`: `{s}` is not an address or a network like 10.0.0.0/8"
-                        ))
-                    })
-            })
-            .collect()
+        parse_networks("http.trusted_proxies", &self.trusted_proxies)
     }
+}
+
+/// A list of addresses and networks, as the setting `key` gives it (a plain address is a
+/// network of one).
+fn parse_networks(key: &str, list: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    list.iter()
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "key `{key}`: `{s}` is not an address or a network like 10.0.0.0/8"
+                    ))
+                })
+        })
+        .collect()
 }
 
 impl Default for HttpConfig {
@@ -596,6 +629,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.http.trusted_proxy_networks()?;
+        self.webhooks.private_target_networks()?;
         if !matches!(self.public_url.scheme(), "http" | "https") {
             return Err(ConfigError::Invalid("key `public_url`: must be an http or https URL".into()));
         }
@@ -1079,6 +1113,27 @@ mod tests {
         let err =
             Config::load_from(None, &env(&[("AUTHLINK_JOBS__LEASE_SECS", "10")])).unwrap_err().to_string();
         assert!(err.contains("lease_secs") && err.contains("providers.timeout_secs"), "{err}");
+    }
+
+    #[test]
+    fn private_networks_are_read_and_checked() {
+        let config = Config::load_from(
+            None,
+            &env(&[("AUTHLINK_WEBHOOKS__PRIVATE_NETWORKS", "[10.20.0.0/16, 192.168.7.3, fd00::/8]")]),
+        )
+        .unwrap();
+        let nets = config.webhooks.private_target_networks().unwrap();
+        assert_eq!(nets.len(), 3);
+        assert!(nets[1].contains(&"192.168.7.3".parse::<std::net::IpAddr>().unwrap()));
+        assert!(
+            matches!(config.webhooks.private_targets(), crate::net::PrivateTargets::Networks(n) if n.len() == 3)
+        );
+        let err = Config::load_from(None, &env(&[("AUTHLINK_WEBHOOKS__PRIVATE_NETWORKS", "[10.0.0.0/33]")]))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid configuration: key `webhooks.private_networks`: `10.0.0.0/33` is not an address or a network like 10.0.0.0/8"
+        );
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! addresses) and at every delivery, by the resolver the HTTP client itself uses, so that a DNS
 //! answer that changes after the check (rebinding) cannot reach loopback, private, link-local or
 //! other special addresses. `webhooks.allow_private_targets` lifts the restriction for tests and
-//! on-premise receivers, except for link-local addresses and the cloud providers' metadata
-//! endpoints, which no receiver needs and which hand out the host's credentials.
+//! on-premise receivers, and `webhooks.private_networks` for the private addresses of the networks
+//! it lists, except for link-local addresses and the cloud providers' metadata endpoints, which
+//! no receiver needs and which hand out the host's credentials.
 //!
 //! Also the reading of `Retry-After` ([`parse_retry_after`]), shared by webhook deliveries and the
 //! provider adapters.
@@ -154,7 +155,35 @@ pub fn is_public(ip: IpAddr) -> bool {
 
 /// What a refused target is told, whatever the reason.
 const TARGET_REFUSED: &str = "the host does not resolve to an address that may be used (public addresses only, unless \
-     `webhooks.allow_private_targets` allows private and loopback ones; link-local and cloud metadata addresses never)";
+     `webhooks.allow_private_targets` or `webhooks.private_networks` allows private and loopback ones; link-local \
+     and cloud metadata addresses never)";
+
+/// The private and loopback addresses a guard lets through, beyond public ones.
+#[derive(Debug, Clone)]
+pub enum PrivateTargets {
+    /// Every one (`webhooks.allow_private_targets`).
+    All,
+    /// Those in these networks (`webhooks.private_networks`; none when empty).
+    Networks(Arc<[ipnet::IpNet]>),
+}
+
+impl PrivateTargets {
+    /// Whether `ip` is one of them. An IPv4-mapped IPv6 address, which the system connects to
+    /// as its IPv4 address, is one when that address is (not the tunnelled forms, 6to4 or
+    /// NAT64, which lead through a relay).
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        match self {
+            PrivateTargets::All => true,
+            PrivateTargets::Networks(nets) => {
+                let carried = match ip {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+                    IpAddr::V4(_) => None,
+                };
+                nets.iter().any(|n| n.contains(&ip) || carried.is_some_and(|v4| n.contains(&v4)))
+            }
+        }
+    }
+}
 
 /// Why a target was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,13 +203,45 @@ pub enum TargetError {
 #[derive(Debug, Clone)]
 pub struct Guard {
     inner: Arc<dyn HostResolver>,
-    allow_private: bool,
+    private: PrivateTargets,
 }
 
 impl Guard {
-    /// A guard over `inner`.
+    /// A guard over `inner` that lets every private address through (`allow_private`) or none.
     pub fn new(inner: Arc<dyn HostResolver>, allow_private: bool) -> Self {
-        Self { inner, allow_private }
+        let private =
+            if allow_private { PrivateTargets::All } else { PrivateTargets::Networks(Arc::new([])) };
+        Self::with(inner, private)
+    }
+
+    /// A guard over `inner` that lets `private` addresses through.
+    pub fn with(inner: Arc<dyn HostResolver>, private: PrivateTargets) -> Self {
+        Self { inner, private }
+    }
+
+    /// Whether `ip` may be a target: a public address, or a private one this guard admits,
+    /// never a link-local or metadata one.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        !is_never_allowed(ip) && (is_public(ip) || self.private.admits(ip))
+    }
+
+    /// Whether any private address may be a target: without, plain `http` never may.
+    pub fn admits_any_private(&self) -> bool {
+        match &self.private {
+            PrivateTargets::All => true,
+            PrivateTargets::Networks(nets) => !nets.is_empty(),
+        }
+    }
+
+    /// Whether plain `http` may be sent to a host with these addresses: only inside the
+    /// private targets admitted (an on-premise receiver), never over the internet.
+    pub fn admits_plain_http(&self, addrs: &[IpAddr]) -> bool {
+        match &self.private {
+            PrivateTargets::All => true,
+            PrivateTargets::Networks(_) => {
+                !addrs.is_empty() && addrs.iter().all(|ip| !is_public(*ip) && self.private.admits(*ip))
+            }
+        }
     }
 
     /// Checks a host (a name or an IP literal) and returns its addresses.
@@ -193,8 +254,7 @@ impl Guard {
         if addrs.is_empty() {
             return Err(TargetError::Unresolvable);
         }
-        let refused = |ip: IpAddr| if self.allow_private { is_never_allowed(ip) } else { !is_public(ip) };
-        if let Some(bad) = addrs.iter().find(|ip| refused(**ip)) {
+        if let Some(bad) = addrs.iter().find(|ip| !self.allows(**ip)) {
             return Err(TargetError::Private(*bad));
         }
         Ok(addrs)
@@ -412,6 +472,41 @@ mod tests {
             ],
             asked: Mutex::default(),
         })
+    }
+
+    /// `webhooks.private_networks`: the private addresses in the listed networks pass (also
+    /// IPv4-mapped), no other private one does, link-local and metadata addresses never, even
+    /// listed; plain http only to a host whose addresses all lie in them.
+    #[tokio::test]
+    async fn private_networks_admit_only_their_addresses() {
+        let nets: Vec<ipnet::IpNet> = ["10.1.0.0/16", "127.0.0.1/32", "169.254.0.0/16", "fd00::/8"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let guard = Guard::with(stub(), PrivateTargets::Networks(nets.into()));
+        for host in ["ten.example", "loopback.example", "ula.example", "public.example"] {
+            assert!(guard.check_host(host).await.is_ok(), "{host}");
+        }
+        for literal in ["10.1.255.1", "127.0.0.1", "::ffff:10.1.0.9", "fd12::1"] {
+            assert!(guard.check_host(literal).await.is_ok(), "{literal}");
+        }
+        for refused in ["10.2.0.1", "127.0.0.2", "192.168.1.1", "::1", "mapped.example", "mixed.example"] {
+            assert!(matches!(guard.check_host(refused).await, Err(TargetError::Private(_))), "{refused}");
+        }
+        // Listed or not, link-local and metadata addresses stay refused.
+        for never in ["169.254.169.254", "169.254.1.1", "metadata.example"] {
+            assert!(matches!(guard.check_host(never).await, Err(TargetError::Private(_))), "{never}");
+        }
+        let ips = |list: &[&str]| list.iter().map(|ip| ip.parse().unwrap()).collect::<Vec<IpAddr>>();
+        assert!(guard.admits_any_private());
+        assert!(guard.admits_plain_http(&ips(&["10.1.2.3", "fd00::5"])));
+        assert!(!guard.admits_plain_http(&ips(&["10.1.2.3", "93.184.216.34"])), "not over the internet");
+        assert!(!guard.admits_plain_http(&ips(&["93.184.216.34"])));
+        assert!(!guard.admits_plain_http(&[]));
+        let none = Guard::new(stub(), false);
+        assert!(!none.admits_any_private() && !none.admits_plain_http(&ips(&["10.1.2.3"])));
+        let all = Guard::new(stub(), true);
+        assert!(all.admits_any_private() && all.admits_plain_http(&ips(&["93.184.216.34"])));
     }
 
     #[tokio::test]

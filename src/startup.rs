@@ -314,7 +314,7 @@ pub async fn build_state(config: Config) -> Result<AppState, StartupError> {
     let providers = Providers::from_config(&config, http);
     let sandbox = Arc::new(Sandbox::new(&config, system_clock.clone()));
     let webhook_guard =
-        crate::net::Guard::new(Arc::new(crate::net::SystemResolver), config.webhooks.allow_private_targets);
+        crate::net::Guard::with(Arc::new(crate::net::SystemResolver), config.webhooks.private_targets());
     let avatar_timeout = Duration::from_secs(5);
     let avatar_clients = crate::state::AvatarClients {
         provider: webhook_guard.client(avatar_timeout),

@@ -200,21 +200,27 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
     let attempt = async {
         let (body, signature) = prepared?;
         let url = url::Url::parse(&endpoint.url).ok();
-        // Plain http is admitted only with private targets allowed (for on-premise receivers),
-        // and is not sent to once that is turned off.
-        if url.as_ref().is_some_and(|u| u.scheme() != "https") && !state.config.webhooks.allow_private_targets
-        {
-            return Err((
+        // Plain http is admitted only to private targets allowed (on-premise receivers), and is
+        // not sent to once they are no longer allowed: refused for its scheme before its address
+        // is looked up when no private target is, else by its addresses.
+        let plain = url.as_ref().is_some_and(|u| u.scheme() != "https");
+        let not_https = || {
+            (
                 "refused",
-                "the URL is not https, which only `webhooks.allow_private_targets` admits; give the endpoint an https URL"
+                "the URL is not https, which only `webhooks.allow_private_targets` and, for a host in them, \
+                 `webhooks.private_networks` admit; give the endpoint an https URL"
                     .to_string(),
-            ));
+            )
+        };
+        if plain && !state.webhook_guard.admits_any_private() {
+            return Err(not_https());
         }
         // IP literals never reach the client's resolver, so check the host here too.
         let host = url.as_ref().and_then(|u| u.host_str().map(str::to_string));
         let Some(host) = host else { return Err(("refused", "the URL has no host".to_string())) };
-        if let Err(e) = state.webhook_guard.check_host(&host).await {
-            return Err(("refused", e.to_string()));
+        let addrs = state.webhook_guard.check_host(&host).await.map_err(|e| ("refused", e.to_string()))?;
+        if plain && !state.webhook_guard.admits_plain_http(&addrs) {
+            return Err(not_https());
         }
         client
             .post(&endpoint.url)

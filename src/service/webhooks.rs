@@ -115,8 +115,9 @@ pub const MAX_ENDPOINTS: i64 = 20;
 pub struct NewEndpoint {
     /// The workspace; implied for workspace keys.
     pub workspace_id: Option<String>,
-    /// An https URL (http, private and loopback addresses only with
-    /// `webhooks.allow_private_targets`; link-local and cloud metadata addresses never).
+    /// An https URL (private and loopback addresses only with `webhooks.allow_private_targets`
+    /// or inside `webhooks.private_networks`, and http only to such addresses; link-local and
+    /// cloud metadata addresses never).
     pub url: String,
     /// Event types to receive; all when absent.
     pub events: Option<Vec<String>>,
@@ -266,12 +267,16 @@ const SAVE_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// credentials, and a host that resolves to allowed addresses only.
 async fn check_url(app: &App, value: &str) -> Result<String, FieldError> {
     let url = url::Url::parse(value.trim()).map_err(|_| FieldError::new("url", "must be an absolute URL"))?;
-    let allow_private = app.config.webhooks.allow_private_targets;
-    match url.scheme() {
-        "https" => {}
-        "http" if allow_private => {}
+    let plain = match url.scheme() {
+        "https" => false,
+        "http"
+            if app.config.webhooks.allow_private_targets
+                || !app.config.webhooks.private_networks.is_empty() =>
+        {
+            true
+        }
         _ => return Err(FieldError::new("url", "must be an https URL")),
-    }
+    };
     if !url.username().is_empty() || url.password().is_some() {
         return Err(FieldError::new("url", "must not contain a user name or password"));
     }
@@ -284,6 +289,10 @@ async fn check_url(app: &App, value: &str) -> Result<String, FieldError> {
     // is not held for it (nor is a thread of the lookup pool for long: lookups are bounded by
     // the resolver's own timeouts).
     match tokio::time::timeout(SAVE_LOOKUP_TIMEOUT, app.webhook_guard.check_host(host)).await {
+        Ok(Ok(addrs)) if plain && !app.webhook_guard.admits_plain_http(&addrs) => Err(FieldError::new(
+            "url",
+            "must be an https URL (plain http only to a host in `webhooks.private_networks`)",
+        )),
         Ok(Ok(_)) => Ok(url.to_string()),
         Ok(Err(e)) => {
             tracing::info!(error = ?e, "a webhook URL was refused");

@@ -274,6 +274,38 @@ async fn private_webhook_targets_are_refused(app: TestApp) {
     }
     cleanup.run().await;
 
+    // Only the receiver's own network allowed (`webhooks.private_networks`): an http receiver
+    // in it is saved and delivered to; other private addresses, and plain http over the
+    // internet, are refused.
+    let narrow = TestApp::spawn_with(
+        app.backend.clone(),
+        &[
+            ("AUTHLINK_WEBHOOKS__ALLOW_PRIVATE_TARGETS", "false"),
+            ("AUTHLINK_WEBHOOKS__PRIVATE_NETWORKS", "[127.0.0.0/8]"),
+            ("AUTHLINK_MASTER_KEY", &key_env),
+        ],
+    )
+    .await;
+    let cleanup = narrow.cleanup_handle();
+    let wid = narrow.workspace("Narrow");
+    let key = narrow.workspace_key(&wid);
+    for url in [
+        "https://10.0.0.5/x",
+        "https://[::1]/hook",
+        "https://169.254.169.254/latest",
+        "http://93.184.216.34/",
+    ] {
+        let p = narrow.api_post("/webhooks", &key, json!({"url": url}), 422).await;
+        assert_eq!(p["errors"][0]["field"], "url", "{url}: {p}");
+    }
+    let receiver = Receiver::start().await;
+    let endpoint = narrow.api_post("/webhooks", &key, json!({"url": receiver.url}), 201).await;
+    let endpoint = endpoint["id"].as_str().unwrap().to_string();
+    narrow.api_post(&format!("/webhooks/{endpoint}/test"), &key, json!({}), 202).await;
+    let got = receiver.wait_for(1, 20).await;
+    assert!(got[0].body.contains("\"type\":\"webhook.test\""), "{}", got[0].body);
+    cleanup.run().await;
+
     // An http endpoint saved while private targets were allowed is not sent to once they are
     // not, refused for its scheme before its address is looked at (loopback: nothing leaves
     // the machine whatever happens).
