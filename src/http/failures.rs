@@ -24,10 +24,26 @@ enum Failure {
     Timeout,
 }
 
+/// What [`contain`] needs to know.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `http.request_timeout_secs`.
+    pub timeout: Duration,
+    /// Whether the public URL is https (it names the cookies a callback's answer reads).
+    pub https: bool,
+}
+
 /// Middleware: runs the rest of the stack within `timeout`, catching a panic, and answers a
-/// failure in the caller's form.
-pub async fn contain(State(timeout): State<Duration>, req: Request, next: Next) -> Response {
+/// failure in the caller's form: for an OAuth callback, the redirect every other failure of it
+/// gets, away from the address that holds the code.
+pub async fn contain(State(limits): State<Limits>, req: Request, next: Next) -> Response {
     let api = is_api(req.uri().path());
+    let callback = req
+        .uri()
+        .path()
+        .starts_with("/oauth/")
+        .then(|| (req.uri().path().to_string(), req.headers().clone()));
+    let timeout = limits.timeout;
     let run = AssertUnwindSafe(next.run(req)).catch_unwind();
     let failure = match tokio::time::timeout(timeout, run).await {
         Ok(Ok(res)) => return res,
@@ -40,6 +56,12 @@ pub async fn contain(State(timeout): State<Duration>, req: Request, next: Next) 
             Failure::Timeout
         }
     };
+    if let Some((path, headers)) = callback
+        && let Some(res) =
+            pages::connect::callback_cut_short(limits.https, &path, &headers, failure == Failure::Panic)
+    {
+        return res;
+    }
     answer(api, failure)
 }
 

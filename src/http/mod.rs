@@ -100,7 +100,10 @@ fn with_layers(app: Router, config: &Config) -> Router {
         .layer(DefaultBodyLimit::max(config.http.body_limit_bytes))
         .layer(axum::middleware::from_fn_with_state(link_limiter, ratelimit::limit_links))
         .layer(axum::Extension(trusted_proxies))
-        .layer(axum::middleware::from_fn_with_state(timeout, failures::contain))
+        .layer(axum::middleware::from_fn_with_state(
+            failures::Limits { timeout, https: config.is_https() },
+            failures::contain,
+        ))
         .layer(axum::middleware::from_fn_with_state(security_headers, headers::apply))
         .layer(
             TraceLayer::new_for_http()
@@ -219,6 +222,54 @@ mod tests {
             let body = axum::body::to_bytes(res.into_body(), usize::MAX).await.unwrap();
             let body = String::from_utf8_lossy(&body);
             assert!(body.contains(needle), "{path}: {body}");
+        }
+    }
+
+    /// A callback cut short (past the timeout, or a panic) is redirected away from its address,
+    /// which holds the code and the state, to the failure page, as every other way out of the
+    /// callback; the page is told this browser's latest flow, from its cookie.
+    #[tokio::test]
+    async fn a_callback_cut_short_leaves_the_address_bar() {
+        let env = [("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS".to_string(), "1".to_string())];
+        let config = Config::load_from(None, &env).unwrap();
+        async fn boom() -> &'static str {
+            panic!("a handler's bug")
+        }
+        async fn slow() -> &'static str {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            "too late"
+        }
+        let app = Router::new()
+            .route("/oauth/tiktok/callback", get(slow))
+            .route("/oauth/instagram/callback", get(boom))
+            .route("/oauth/nowhere/callback", get(slow));
+        let app = with_layers(app, &config);
+        let flow = "0193a4b2-0000-7000-8000-00000abc12ef";
+        let cases = [
+            (
+                "/oauth/tiktok/callback?code=c0de&state=s7a7e",
+                Some(format!("/oauth/tiktok/failed?reason=unavailable&flow={flow}")),
+            ),
+            (
+                "/oauth/instagram/callback?code=c0de&state=s7a7e",
+                Some("/oauth/instagram/failed?reason=internal".into()),
+            ),
+            ("/oauth/nowhere/callback?code=c0de", None),
+        ];
+        for (path, to) in cases {
+            let req = Request::get(path)
+                .header(header::COOKIE, format!("authlink_flow=abc; authlink_last_tiktok={flow}"))
+                .body(Body::empty())
+                .unwrap();
+            let res = app.clone().oneshot(req).await.unwrap();
+            match to {
+                Some(to) => {
+                    assert_eq!(res.status(), StatusCode::SEE_OTHER, "{path}");
+                    assert_eq!(res.headers()[header::LOCATION], to.as_str(), "{path}");
+                    assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store", "{path}");
+                }
+                None => assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}"),
+            }
         }
     }
 

@@ -61,8 +61,26 @@ fn read_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// The name of the cookie that names this browser's latest flow of `platform`.
 fn last_flow_cookie_name(state: &AppState, platform: Platform) -> String {
-    let prefix = if state.config.is_https() { "__Host-" } else { "" };
+    last_flow_cookie_name_of(state.config.is_https(), platform)
+}
+
+/// [`last_flow_cookie_name`] where the public URL is https (`https`) or not.
+fn last_flow_cookie_name_of(https: bool, platform: Platform) -> String {
+    let prefix = if https { "__Host-" } else { "" };
     format!("{prefix}authlink_last_{}", platform.as_str())
+}
+
+/// The answer to a callback (`path` is `/oauth/{provider}/callback`) that was cut short: its
+/// handler ran past the request timeout (`panicked` false) or panicked. As on every other way
+/// out of the callback, a 303 to the failure page, so that the code and the state leave the
+/// address bar; the page leads this browser back to the link of its latest flow, if it has one.
+/// `None` for any other path. `https`: whether the public URL is https.
+pub fn callback_cut_short(https: bool, path: &str, headers: &HeaderMap, panicked: bool) -> Option<Response> {
+    let provider = path.strip_prefix("/oauth/")?.strip_suffix("/callback")?;
+    let platform = platform_from_path(provider)?;
+    let flow = cookie(headers, &last_flow_cookie_name_of(https, platform)).filter(|v| db::is_id(v));
+    let failure = if panicked { Failure::Internal } else { Failure::Unavailable };
+    Some(refused(failure, platform, flow))
 }
 
 /// The `Set-Cookie` naming `flow_id` as this browser's latest flow of `platform`, for as long as
