@@ -64,7 +64,7 @@ impl HostResolver for SystemResolver {
 /// Whether `ip` is refused even with `webhooks.allow_private_targets`: link-local addresses
 /// (169.254.0.0/16, fe80::/10), where the cloud providers' metadata endpoints answer with the
 /// host's credentials, and the other metadata addresses (AWS's IPv6 one, Alibaba's, Oracle's,
-/// Azure's host endpoint). An on-premise receiver lives on none of them. IPv6 addresses that
+/// Azure's host endpoint, Google Cloud's IPv6 one). An on-premise receiver lives on none of them. IPv6 addresses that
 /// carry an IPv4 address (IPv4-mapped and -compatible, 6to4, NAT64) are judged by it too.
 pub fn is_never_allowed(ip: IpAddr) -> bool {
     match ip {
@@ -79,6 +79,7 @@ pub fn is_never_allowed(ip: IpAddr) -> bool {
             carried_ipv4(v6).or(compatible).is_some_and(|v4| is_never_allowed(IpAddr::V4(v4)))
                 || (s[0] & 0xffc0) == 0xfe80
                 || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || v6 == Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254)
         }
     }
 }
@@ -170,16 +171,22 @@ pub enum PrivateTargets {
 impl PrivateTargets {
     /// Whether `ip` is one of them. An IPv4-mapped IPv6 address, which the system connects to
     /// as its IPv4 address, is one when that address is (not the tunnelled forms, 6to4 or
-    /// NAT64, which lead through a relay).
+    /// NAT64, which lead through a relay). A listed network admits no address that is not a
+    /// host's: unspecified (0.0.0.0/8, `::`, which reach the local host), multicast or
+    /// broadcast.
     pub fn admits(&self, ip: IpAddr) -> bool {
         match self {
             PrivateTargets::All => true,
             PrivateTargets::Networks(nets) => {
-                let carried = match ip {
-                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
-                    IpAddr::V4(_) => None,
+                let ip = match ip {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                    IpAddr::V4(_) => ip,
                 };
-                nets.iter().any(|n| n.contains(&ip) || carried.is_some_and(|v4| n.contains(&v4)))
+                let host = match ip {
+                    IpAddr::V4(v4) => v4.octets()[0] != 0 && !v4.is_multicast() && !v4.is_broadcast(),
+                    IpAddr::V6(v6) => !v6.is_unspecified() && !v6.is_multicast(),
+                };
+                host && nets.iter().any(|n| n.contains(&ip))
             }
         }
     }
@@ -204,6 +211,8 @@ pub enum TargetError {
 pub struct Guard {
     inner: Arc<dyn HostResolver>,
     private: PrivateTargets,
+    /// Plain http: with listed networks, only their addresses, never a public one.
+    plain_http: bool,
 }
 
 impl Guard {
@@ -216,13 +225,21 @@ impl Guard {
 
     /// A guard over `inner` that lets `private` addresses through.
     pub fn with(inner: Arc<dyn HostResolver>, private: PrivateTargets) -> Self {
-        Self { inner, private }
+        Self { inner, private, plain_http: false }
+    }
+
+    /// This guard for plain http requests: where private targets are admitted by network, it
+    /// refuses public addresses too, so that the connection itself (resolved anew by the
+    /// client) cannot be led over the internet by a DNS answer that changed since the check.
+    pub fn for_plain_http(&self) -> Self {
+        Self { plain_http: true, ..self.clone() }
     }
 
     /// Whether `ip` may be a target: a public address, or a private one this guard admits,
     /// never a link-local or metadata one.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        !is_never_allowed(ip) && (is_public(ip) || self.private.admits(ip))
+        let public_ok = !(self.plain_http && matches!(self.private, PrivateTargets::Networks(_)));
+        !is_never_allowed(ip) && ((public_ok && is_public(ip)) || self.private.admits(ip))
     }
 
     /// Whether any private address may be a target: without, plain `http` never may.
@@ -479,10 +496,16 @@ mod tests {
     /// listed; plain http only to a host whose addresses all lie in them.
     #[tokio::test]
     async fn private_networks_admit_only_their_addresses() {
-        let nets: Vec<ipnet::IpNet> = ["10.1.0.0/16", "127.0.0.1/32", "169.254.0.0/16", "fd00::/8"]
-            .iter()
-            .map(|n| n.parse().unwrap())
-            .collect();
+        let listed = [
+            "10.1.0.0/16",
+            "127.0.0.1/32",
+            "169.254.0.0/16",
+            "fd00::/8",
+            "0.0.0.0/8",
+            "224.0.0.0/4",
+            "ff00::/8",
+        ];
+        let nets: Vec<ipnet::IpNet> = listed.iter().map(|n| n.parse().unwrap()).collect();
         let guard = Guard::with(stub(), PrivateTargets::Networks(nets.into()));
         for host in ["ten.example", "loopback.example", "ula.example", "public.example"] {
             assert!(guard.check_host(host).await.is_ok(), "{host}");
@@ -493,8 +516,18 @@ mod tests {
         for refused in ["10.2.0.1", "127.0.0.2", "192.168.1.1", "::1", "mapped.example", "mixed.example"] {
             assert!(matches!(guard.check_host(refused).await, Err(TargetError::Private(_))), "{refused}");
         }
-        // Listed or not, link-local and metadata addresses stay refused.
-        for never in ["169.254.169.254", "169.254.1.1", "metadata.example"] {
+        // Listed or not, link-local and metadata addresses stay refused, and so do addresses
+        // that are no host's (0.0.0.0 reaches the local host).
+        for never in [
+            "169.254.169.254",
+            "169.254.1.1",
+            "metadata.example",
+            "fd20:ce::254",
+            "0.0.0.0",
+            "0.1.2.3",
+            "224.0.0.1",
+            "ff02::1",
+        ] {
             assert!(matches!(guard.check_host(never).await, Err(TargetError::Private(_))), "{never}");
         }
         let ips = |list: &[&str]| list.iter().map(|ip| ip.parse().unwrap()).collect::<Vec<IpAddr>>();
@@ -503,6 +536,11 @@ mod tests {
         assert!(!guard.admits_plain_http(&ips(&["10.1.2.3", "93.184.216.34"])), "not over the internet");
         assert!(!guard.admits_plain_http(&ips(&["93.184.216.34"])));
         assert!(!guard.admits_plain_http(&[]));
+        // For plain http, nothing public either: the client's own lookup cannot lead it there.
+        let plain = guard.for_plain_http();
+        assert!(plain.check_host("ten.example").await.is_ok());
+        assert!(matches!(plain.check_host("public.example").await, Err(TargetError::Private(_))));
+        assert!(Guard::new(stub(), true).for_plain_http().check_host("public.example").await.is_ok());
         let none = Guard::new(stub(), false);
         assert!(!none.admits_any_private() && !none.admits_plain_http(&ips(&["10.1.2.3"])));
         let all = Guard::new(stub(), true);
@@ -559,6 +597,7 @@ mod tests {
             "[fe80::1]",
             "[::ffff:169.254.169.254]",
             "[fd00:ec2::254]",
+            "[fd20:ce::254]",
             "[64:ff9b::a9fe:a9fe]",
             "[2002:a9fe:a9fe::]",
             "[::a9fe:a9fe]",

@@ -222,7 +222,12 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
         if plain && !state.webhook_guard.admits_plain_http(&addrs) {
             return Err(not_https());
         }
-        client
+        // Plain http goes through a client whose resolver admits only the private targets (an
+        // on-premise receiver's network is where such endpoints live, and rare).
+        let plain_client = plain.then(|| state.webhook_guard.for_plain_http().client(attempt_timeout(state)));
+        plain_client
+            .as_ref()
+            .unwrap_or(client)
             .post(&endpoint.url)
             .header("content-type", "application/json")
             .header("webhook-id", &event.id)

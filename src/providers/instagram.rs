@@ -362,6 +362,11 @@ fn classify_exchange_error(
         }
     } else if permission {
         ProviderError::Scope { reason: format!("{what}: a permission was not granted ({detail})") }
+    } else if lower.contains("client secret") || lower.contains("client_id") || lower.contains("redirect") {
+        // "Error validating client secret.", an unknown app, a redirect URI that differs.
+        ProviderError::Misconfigured {
+            reason: format!("{what}: Instagram refused the app's credentials or redirect URI ({detail})"),
+        }
     } else {
         ProviderError::Rejected { reason: format!("{what}: Instagram refused the request ({detail})") }
     }
@@ -496,8 +501,15 @@ mod tests {
             r#"{"error_type":"OAuthException","code":400,"error_message":"Error validating client secret."}"#;
         assert!(matches!(
             parse_short_lived(&raw(400, secret), "x", &[]),
-            Err(ProviderError::Rejected { .. })
+            Err(ProviderError::Misconfigured { .. })
         ));
+        let redirect = r#"{"error_type":"OAuthException","code":400,"error_message":"Error validating verification code. Please make sure your redirect_uri is identical to the one you used in the OAuth dialog request"}"#;
+        assert!(matches!(
+            parse_short_lived(&raw(400, redirect), "x", &[]),
+            Err(ProviderError::Misconfigured { .. })
+        ));
+        let other = r#"{"error_type":"OAuthException","code":400,"error_message":"Invalid parameter"}"#;
+        assert!(matches!(parse_short_lived(&raw(400, other), "x", &[]), Err(ProviderError::Rejected { .. })));
         let busy = r#"{"error_type":"OAuthException","code":500,"error_message":"Unknown error"}"#;
         assert!(matches!(parse_short_lived(&raw(500, busy), "x", &[]), Err(ProviderError::Transient { .. })));
         assert!(matches!(

@@ -100,6 +100,14 @@ pub enum ProviderError {
         /// A readable reason, without secrets.
         reason: String,
     },
+    /// The provider refused authlink's own credentials or callback URL (`invalid_client`,
+    /// `unauthorized_client`, a redirect URI it does not know): every request fails alike until
+    /// the operator fixes the provider's settings.
+    #[error("provider refused the client's settings: {reason}")]
+    Misconfigured {
+        /// A readable reason, without secrets.
+        reason: String,
+    },
 }
 
 impl ProviderError {
@@ -115,7 +123,8 @@ impl ProviderError {
             | ProviderError::AccessTokenInvalid { reason }
             | ProviderError::Transient { reason, .. }
             | ProviderError::Scope { reason }
-            | ProviderError::Rejected { reason } => reason,
+            | ProviderError::Rejected { reason }
+            | ProviderError::Misconfigured { reason } => reason,
         }
     }
 }

@@ -440,6 +440,17 @@ fn classify(
             reason: format!("{what}: HTTP {} ({code}: {detail}){log}", raw.status),
             retry_after: raw.retry_after,
         },
+        // The client key or secret, or a redirect URI the app does not list (TikTok answers
+        // `invalid_request` for it, naming the redirect URI; a PKCE mismatch also answers
+        // `invalid_request`, and is no setting of the operator's).
+        "invalid_client" | "unauthorized_client" => ProviderError::Misconfigured {
+            reason: format!("{what}: TikTok refused the app's credentials ({code}: {detail}){log}"),
+        },
+        "invalid_request" if detail.to_ascii_lowercase().contains("redirect") => {
+            ProviderError::Misconfigured {
+                reason: format!("{what}: TikTok refused the redirect URI ({code}: {detail}){log}"),
+            }
+        }
         _ => ProviderError::Rejected {
             reason: format!("{what}: TikTok refused the request ({code}: {detail}){log}"),
         },
@@ -791,13 +802,20 @@ mod tests {
         };
         for status in [200, 400, 401] {
             assert!(matches!(err(status, "invalid_grant"), ProviderError::Permanent { .. }));
-            assert!(matches!(err(status, "invalid_client"), ProviderError::Rejected { .. }));
+            assert!(matches!(err(status, "invalid_client"), ProviderError::Misconfigured { .. }));
+            assert!(matches!(err(status, "unauthorized_client"), ProviderError::Misconfigured { .. }));
             assert!(matches!(err(status, "invalid_request"), ProviderError::Rejected { .. }));
             assert!(matches!(err(status, "server_error"), ProviderError::Transient { .. }));
             assert!(matches!(err(status, "temporarily_unavailable"), ProviderError::Transient { .. }));
             assert!(matches!(err(status, "scope_not_authorized"), ProviderError::Scope { .. }));
         }
         assert!(matches!(err(503, "something_new"), ProviderError::Transient { .. }));
+        // A redirect URI the app does not list is the operator's to fix; another bad request
+        // (a PKCE verifier that does not match) is not.
+        let body =
+            r#"{"error":"invalid_request","error_description":"Redirect URI mismatch.","log_id":"L1"}"#;
+        let e = parse_token_answer(&raw(400, body), now(), "x", &[]).unwrap_err();
+        assert!(matches!(e, ProviderError::Misconfigured { .. }), "{e:?}");
         let ProviderError::Permanent { reason } = err(400, "invalid_grant") else { panic!() };
         assert!(reason.contains("invalid_grant") && reason.contains("L1"), "{reason}");
     }
@@ -880,7 +898,10 @@ mod tests {
         assert!(parse_revoke_answer(&raw(200, ""), "x", &[]).is_ok());
         assert!(parse_revoke_answer(&raw(200, "{}"), "x", &[]).is_ok());
         let e = r#"{"error":"invalid_client","error_description":"d","log_id":"l"}"#;
-        assert!(matches!(parse_revoke_answer(&raw(401, e), "x", &[]), Err(ProviderError::Rejected { .. })));
+        assert!(matches!(
+            parse_revoke_answer(&raw(401, e), "x", &[]),
+            Err(ProviderError::Misconfigured { .. })
+        ));
         assert!(matches!(parse_revoke_answer(&raw(503, ""), "x", &[]), Err(ProviderError::Transient { .. })));
     }
 

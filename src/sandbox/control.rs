@@ -29,6 +29,7 @@ pub(super) fn routes() -> Router<Arc<Sandbox>> {
         .route("/control/tiktok/accounts/{account_id}/revoke-access-tokens", post(revoke_access_tokens))
         .route("/control/tiktok/accounts/{account_id}/withdraw-scopes", post(withdraw_scopes))
         .route("/control/instagram/accounts/{account_id}/data-deletion", post(request_data_deletion))
+        .route("/control/instagram/accounts/{account_id}/account-type", post(switch_account_type))
         .route("/control/tiktok/grants", post(mint_grants))
         .route("/control/tiktok/live-refresh-tokens", get(live_refresh_tokens))
 }
@@ -301,6 +302,34 @@ async fn withdraw_scopes(
     let grants = sb.withdraw_tiktok_scopes(&account_id, &request.scopes);
     tracing::info!(grants, "sandbox tiktok scopes withdrawn");
     json(StatusCode::OK, json!({ "grants": grants }))
+}
+
+/// Body of `POST /control/instagram/accounts/{user_id}/account-type`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountTypeBody {
+    account_type: String,
+}
+
+/// `POST /control/instagram/accounts/{user_id}/account-type` `{"account_type": ..}`.
+async fn switch_account_type(
+    State(sb): State<Arc<Sandbox>>,
+    Path(account_id): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let request: AccountTypeBody = match body(&bytes, false) {
+        Ok(b) => b,
+        Err(resp) => return *resp,
+    };
+    let Some(kind) = super::instagram::ACCOUNT_TYPES.into_iter().find(|k| *k == request.account_type) else {
+        return bad_request("account_type must be BUSINESS, MEDIA_CREATOR or PERSONAL");
+    };
+    let switched = account_id.parse().is_ok_and(|id| sb.instagram_state().switch_account_type(id, kind));
+    if !switched {
+        return json(StatusCode::NOT_FOUND, json!({ "error": "unknown sandbox instagram account" }));
+    }
+    tracing::info!(account_type = kind, "sandbox instagram account type switched");
+    json(StatusCode::OK, json!({ "account_type": kind }))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -112,6 +112,28 @@ pub(super) struct InstagramState {
     pub(super) stats: Stats,
     codes: HashMap<String, Code>,
     tokens: HashMap<String, Token>,
+    /// Accounts whose type was switched in the app since (the control API): user id to type.
+    account_types: HashMap<u64, &'static str>,
+}
+
+/// The account types Instagram reports: the two professional ones, and personal.
+pub(super) const ACCOUNT_TYPES: [&str; 3] = ["BUSINESS", "MEDIA_CREATOR", "PERSONAL"];
+
+impl InstagramState {
+    /// The type of the account `a` now.
+    fn account_type(&self, a: &InstagramAccount) -> &'static str {
+        self.account_types.get(&a.user_id).copied().unwrap_or(a.account_type)
+    }
+
+    /// Switches the account `user_id` to `kind` (one of [`ACCOUNT_TYPES`]), as its owner does in
+    /// the Instagram app; its tokens live on. `false` for an unknown account.
+    pub(super) fn switch_account_type(&mut self, user_id: u64, kind: &'static str) -> bool {
+        if account(user_id).is_none() {
+            return false;
+        }
+        self.account_types.insert(user_id, kind);
+        true
+    }
 }
 
 #[derive(Debug)]
@@ -789,10 +811,13 @@ pub(super) async fn me(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim().to_string());
     let token = p.get("access_token").map(str::to_string).or(bearer).unwrap_or_default();
-    let user_id = {
+    let (user_id, account_type) = {
         let mut st = sb.instagram_state();
         match st.check_token(&token, now) {
-            Ok(t) => t.user_id,
+            Ok(t) => {
+                let user_id = t.user_id;
+                (user_id, account(user_id).map(|a| st.account_type(a)))
+            }
             Err(resp) => {
                 st.stats.invalid_grant += 1;
                 tracing::debug!("sandbox instagram: /me with a dead token");
@@ -800,7 +825,7 @@ pub(super) async fn me(
             }
         }
     };
-    let Some(a) = account(user_id) else {
+    let (Some(a), Some(account_type)) = (account(user_id), account_type) else {
         return graph_error(
             StatusCode::INTERNAL_SERVER_ERROR,
             1,
@@ -828,7 +853,7 @@ pub(super) async fn me(
             "user_id" => a.user_id.to_string().into(),
             "username" => a.username.into(),
             "name" => a.name.into(),
-            "account_type" => a.account_type.into(),
+            "account_type" => account_type.into(),
             "profile_picture_url" => {
                 format!("{}/sandbox/avatars/ig-{}.svg", sb.public_base, a.username.replace('.', "-")).into()
             }

@@ -108,6 +108,10 @@
 //!   Answers `{"status": n, "url", "confirmation_code", "status_page": n|null, "valid": bool}`
 //!   (`valid`: a 2xx with both fields, and the status page answering 2xx); 404 for an unknown
 //!   account.
+//! - `POST /control/instagram/accounts/{user_id}/account-type` `{"account_type":
+//!   "BUSINESS"|"MEDIA_CREATOR"|"PERSONAL"}`: switches the account's type, as its owner does in
+//!   the Instagram app; its tokens live on and `/me` reports the new type. Answers
+//!   `{"account_type": ..}`; 404 for an unknown account.
 //! - `POST /control/tiktok/accounts/{open_id}/revoke-access-tokens`: kills the account's live
 //!   access tokens only; its refresh token still works (an access token revoked mid-life).
 //!   Answers `{"revoked_tokens": n}`.

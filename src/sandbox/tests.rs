@@ -403,7 +403,7 @@ async fn tiktok_code_exchange_failures() {
     // redirect_uri mismatch.
     let code = h.tiktok_code(&verifier).await;
     let err = h.tiktok.exchange_code(&code, &verifier, &format!("{redirect}/x"), h.now()).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    assert!(matches!(err, ProviderError::Misconfigured { .. }), "{err:?}");
 
     // Double-encoded code: unknown.
     let code = h.tiktok_code(&verifier).await;
@@ -469,11 +469,11 @@ async fn tiktok_request_faults_answer_as_the_real_checks_do() {
     // A wrong client secret is refused before the code is looked at: the code stays good.
     let code = h.tiktok_code(&verifier).await;
     let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
-    let ProviderError::Rejected { reason } = &err else { panic!("{err:?}") };
+    let ProviderError::Misconfigured { reason } = &err else { panic!("{err:?}") };
     assert!(reason.contains("invalid_client"), "{reason}");
     // A redirect_uri that differs spends the code, as the real check does.
     let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    assert!(matches!(err, ProviderError::Misconfigured { .. }), "{err:?}");
     let err = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap_err();
     assert!(matches!(err, ProviderError::Permanent { .. }), "spent: {err:?}");
     // A verifier that does not match the challenge, likewise.
@@ -499,11 +499,11 @@ async fn tiktok_request_faults_answer_as_the_real_checks_do() {
     let tokens = h.tiktok.exchange_code(&code, &verifier, &redirect, h.now()).await.unwrap();
     let rt = tokens.refresh_token.clone().unwrap();
     let err = h.tiktok.refresh(&rt, h.now()).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    assert!(matches!(err, ProviderError::Misconfigured { .. }), "{err:?}");
     // Refused for the client, the refresh token was not rotated.
     assert!(h.tiktok.refresh(&rt, h.now()).await.is_ok());
     let err = h.tiktok.revoke(&tokens.access_token).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    assert!(matches!(err, ProviderError::Misconfigured { .. }), "{err:?}");
     assert!(h.sandbox.scenario(Platform::Tiktok).fail_next.is_empty());
 }
 
@@ -1029,7 +1029,7 @@ async fn instagram_code_reuse_and_expiry() {
 
     let code = h.instagram_code("17841400000000001").await;
     let err = h.instagram.exchange_code(&code, &format!("{redirect}/"), h.now()).await.unwrap_err();
-    assert!(matches!(err, ProviderError::Rejected { .. }), "{err:?}");
+    assert!(matches!(err, ProviderError::Misconfigured { .. }), "{err:?}");
 
     // A short-lived token that expired before the long-lived exchange: Graph 190.
     let code = h.instagram_code("17841400000000001").await;
@@ -1114,10 +1114,10 @@ async fn instagram_request_faults_and_unconfirmed_shapes() {
 
     let code = h.instagram_code(&account).await;
     let err = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap_err();
-    let ProviderError::Rejected { reason } = &err else { panic!("{err:?}") };
+    let ProviderError::Misconfigured { reason } = &err else { panic!("{err:?}") };
     assert!(reason.contains("client secret"), "{reason}");
     let err = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap_err();
-    let ProviderError::Rejected { reason } = &err else { panic!("{err:?}") };
+    let ProviderError::Misconfigured { reason } = &err else { panic!("{err:?}") };
     assert!(reason.contains("redirect_uri"), "{reason}");
     let err = h.instagram.exchange_code(&code, &redirect, h.now()).await.unwrap_err();
     assert!(matches!(err, ProviderError::Permanent { .. }), "spent: {err:?}");

@@ -41,7 +41,7 @@ impl AttemptStatus {
 
 /// One connect attempt through a link.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct AttemptView {
+pub struct ConnectAttempt {
     /// The attempt's id.
     pub id: String,
     /// The short reference the client's page showed (the id's last eight characters, upper
@@ -52,7 +52,7 @@ pub struct AttemptView {
     /// Where it stands.
     pub status: AttemptStatus,
     /// How it ended: `connected`, `reconnected` or a failure's code (`denied`, `scopes_missing`,
-    /// `setup_error`, `provider_busy`, `provider_unavailable`, `exchange_failed`,
+    /// `setup_error`, `exchange_refused`, `provider_busy`, `provider_unavailable`, `exchange_failed`,
     /// `profile_failed`, `provider_error`, `account_not_allowed`, `link_gone`, `link_used_up`,
     /// `unavailable`, `internal`); `null` while it has not ended.
     pub outcome: Option<String>,
@@ -88,25 +88,30 @@ pub async fn of_link(
     link_id: &str,
     before: Option<&str>,
     limit: i64,
-) -> ServiceResult<Vec<AttemptView>> {
+) -> ServiceResult<Vec<ConnectAttempt>> {
     let link = links::get_row(app, scope, link_id).await?;
     let mut conn = app.db.read().await?;
     let rows = db::oauth_flows::of_link(&mut conn, &link.id, before, limit).await?;
     let now = app.now_ms();
-    Ok(rows.iter().map(|r| view(r, now)).collect())
+    // A callback ends within the request timeout, its answer recorded or not.
+    let handled_within =
+        i64::try_from(app.config.http.request_timeout_secs).unwrap_or(i64::MAX).saturating_mul(1000);
+    Ok(rows.iter().map(|r| view(r, now, handled_within)).collect())
 }
 
-fn view(row: &FlowRow, now_ms: i64) -> AttemptView {
+/// `row` as the agency sees it at `now_ms`, a callback being handled within `handled_within_ms`.
+fn view(row: &FlowRow, now_ms: i64, handled_within_ms: i64) -> ConnectAttempt {
     let status = match (row.outcome.as_deref(), row.consumed_at) {
         (Some("connected" | "reconnected"), _) => AttemptStatus::Connected,
         (Some(_), _) => AttemptStatus::Failed,
-        (None, _) if row.expires_at > now_ms => AttemptStatus::InProgress,
         // The answer came and its end was never recorded: the database failed under it, or the
         // process stopped.
-        (None, Some(_)) => AttemptStatus::Failed,
+        (None, Some(at)) if at.saturating_add(handled_within_ms) < now_ms => AttemptStatus::Failed,
+        (None, Some(_)) => AttemptStatus::InProgress,
+        (None, None) if row.expires_at > now_ms => AttemptStatus::InProgress,
         (None, None) => AttemptStatus::Abandoned,
     };
-    AttemptView {
+    ConnectAttempt {
         id: row.id.clone(),
         reference: reference(&row.id),
         provider: row.provider.clone(),
@@ -149,10 +154,16 @@ pub fn describe(status: AttemptStatus, outcome: Option<&str>, detail: Option<&st
             "The platform reported an account type that cannot be connected (a personal account).".into()
         }
         "setup_error" => with(
-            "The platform refused authlink's own request: check the platform's client credentials, the \
+            "The platform refused authlink's authorization request: check the platform's client key, the \
              scopes configured for it and the callback URL registered with it. Every client meets this until \
              it is fixed",
         ),
+        "exchange_refused" => {
+            "The platform refused the code exchange for authlink's credentials or redirect URI: check the \
+             platform's client secret and the callback URL registered with it (authlink's log has the \
+             platform's words). Every client meets this until it is fixed."
+                .into()
+        }
         "provider_busy" => with("The platform reported a passing problem instead of its consent screen"),
         "provider_error" => with("The platform sent back an error"),
         "provider_unavailable" => "The platform was slow or could not be reached.".into(),
@@ -198,15 +209,16 @@ mod tests {
     #[test]
     fn an_attempt_stands_where_its_row_says() {
         let now = 10_000;
-        let status = |outcome, consumed, expires| view(&row(outcome, consumed, expires), now).status;
+        let status = |outcome, consumed, expires| view(&row(outcome, consumed, expires), now, 30_000).status;
         assert_eq!(status(Some("connected"), Some(2_000), 601_000), AttemptStatus::Connected);
         assert_eq!(status(Some("reconnected"), Some(2_000), 5_000), AttemptStatus::Connected);
         assert_eq!(status(Some("denied"), Some(2_000), 601_000), AttemptStatus::Failed);
         assert_eq!(status(None, None, 601_000), AttemptStatus::InProgress);
-        assert_eq!(status(None, Some(2_000), 601_000), AttemptStatus::InProgress);
+        assert_eq!(status(None, Some(2_000), 601_000), AttemptStatus::InProgress, "being handled");
+        assert_eq!(view(&row(None, Some(2_000), 601_000), 40_000, 30_000).status, AttemptStatus::Failed);
         assert_eq!(status(None, None, 5_000), AttemptStatus::Abandoned);
-        assert_eq!(status(None, Some(2_000), 5_000), AttemptStatus::Failed);
-        let v = view(&row(Some("scopes_missing"), Some(2_000), 5_000), now);
+        assert_eq!(view(&row(None, Some(2_000), 5_000), 40_000, 30_000).status, AttemptStatus::Failed);
+        let v = view(&row(Some("scopes_missing"), Some(2_000), 5_000), now, 30_000);
         assert_eq!(v.reference, "0ABC12EF");
         assert!(v.description.contains("(video.list)"), "{}", v.description);
         assert_eq!(v.returned_at, Some(from_millis(2_000)));

@@ -501,14 +501,19 @@ async fn call_and_store(
             }
             // The profile call says the token is dead: that is the verdict, whatever the refusal.
             Err(dead @ (ProviderError::Permanent { .. } | ProviderError::AccessTokenInvalid { .. }))
-                if matches!(refused, ProviderError::Rejected { .. }) =>
+                if matches!(
+                    refused,
+                    ProviderError::Rejected { .. } | ProviderError::Misconfigured { .. }
+                ) =>
             {
                 Some(dead)
             }
             // Whether the token still works cannot be told now: try again later.
-            Err(ProviderError::Transient { .. } | ProviderError::Rejected { .. }) => {
-                Some(ProviderError::Transient { reason: refused.reason().to_string(), retry_after: None })
-            }
+            Err(
+                ProviderError::Transient { .. }
+                | ProviderError::Rejected { .. }
+                | ProviderError::Misconfigured { .. },
+            ) => Some(ProviderError::Transient { reason: refused.reason().to_string(), retry_after: None }),
             Err(_) => None,
         };
         if let Some(verdict) = verdict {
@@ -567,7 +572,7 @@ async fn call_and_store(
         Err(ProviderError::Transient { reason, retry_after }) => {
             finish_transient(app, &mut row, owner, &attempt_id, &reason, retry_after, platform).await
         }
-        Err(ProviderError::Rejected { reason }) => {
+        Err(ProviderError::Rejected { reason } | ProviderError::Misconfigured { reason }) => {
             // Our request was refused (credentials, configuration): not the client's fault, so
             // not a broken connection; retried later and logged loudly.
             tracing::error!(connection_id = %row.id, provider = %platform, reason = %reason, "refresh request rejected by the provider");
@@ -1114,7 +1119,29 @@ async fn check_profile_leased(app: &App, id: &str, refused_first: Option<&str>) 
             tx.commit().await?;
             Ok(Checked::Done(outcome))
         }
-        Err(ProviderError::Transient { reason, .. }) | Err(ProviderError::Rejected { reason }) => {
+        // The account is no longer a professional one (switched in the Instagram app): the
+        // professional API no longer serves it, whatever its token, until it is switched back
+        // and connected again.
+        Err(ProviderError::Rejected { reason })
+            if reason.starts_with(crate::providers::instagram::PERSONAL_ACCOUNT) =>
+        {
+            tracing::info!(connection_id = %row.id, provider = %platform, "the account is no longer a professional one");
+            let why = format!(
+                "{} reports on a health check that this account is no longer a professional one; the client must \
+                 switch it back to a Business or Creator account in the Instagram app and reconnect through the link.",
+                platform.display_name()
+            );
+            let mut tx = app.db.begin_write().await?;
+            let marked = connections::mark_broken_if_unchanged(&mut tx, app, &mut row, &why, now).await?;
+            let outcome = refusal_outcome(&mut tx, marked, &row.id, why).await?;
+            tx.commit().await?;
+            Ok(Checked::Done(outcome))
+        }
+        Err(
+            ProviderError::Transient { reason, .. }
+            | ProviderError::Rejected { reason }
+            | ProviderError::Misconfigured { reason },
+        ) => {
             let mut conn = app.db.writer().await?;
             db::connections::set_next_check(&mut conn, &row.id, now + 3_600_000).await?;
             Ok(Checked::Done(Outcome::Transient(reason)))

@@ -819,6 +819,15 @@ async fn openapi_matches_routes(app: TestApp) {
         }
     }
     assert_eq!(operations, expected.len(), "documented operations and served routes differ");
+    // Schemas are named by their type's name: two types of one name would leave one of them
+    // described as the other. A link's connect attempts and a delivery's attempts are two.
+    let schemas = &doc["components"]["schemas"];
+    assert!(
+        schemas["ConnectAttempt"]["properties"]["reference"].is_object(),
+        "{}",
+        schemas["ConnectAttempt"]
+    );
+    assert!(schemas["AttemptView"]["properties"]["at"].is_object(), "{}", schemas["AttemptView"]);
     // The CLI prints the same document.
     let out = app.cli(&["openapi"]);
     let cli_doc: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -33,6 +33,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         withdrawn_scopes_are_noticed_at_refresh,
         withheld_scopes_are_noticed_on_a_health_check,
         health_check_catches_revocation,
+        instagram_account_switched_to_personal_is_broken_by_a_check,
         instagram_token_is_refreshed_after_a_day,
         instagram_deauthorize_and_data_deletion,
         live_meta_callbacks_take_either_secret,
@@ -1295,6 +1296,52 @@ async fn health_check_catches_revocation(app: TestApp) {
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "broken");
     assert!(c["status_reason"].as_str().unwrap().contains("health check"));
+}
+
+/// The owner switches a connected Instagram account to a personal one: the professional API no
+/// longer serves it, so a health check breaks the connection with a reason that says what to do
+/// (not retried hourly as a passing failure), and the link repairs it once the account is
+/// professional again.
+async fn instagram_account_switched_to_personal_is_broken_by_a_check(app: TestApp) {
+    let wid = app.workspace("Switched");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    let acct = authlink::sandbox::INSTAGRAM_ACCOUNTS[0];
+    let user_id = acct.user_id.to_string();
+    connect(&app.client, &app, &url, "instagram", &user_id).await;
+    let id = connection_id(&app, &key).await;
+    let path = format!("/instagram/accounts/{user_id}/account-type");
+    app.sandbox(&path, json!({"account_type": "PERSONAL"})).await;
+    let out = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(out["connection"]["status"], "broken", "{out}");
+    let reason = out["connection"]["status_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("no longer a professional one") && reason.contains("reconnect through the link"),
+        "{reason}"
+    );
+    // Switched back, the same link repairs it.
+    app.sandbox(&path, json!({"account_type": "MEDIA_CREATOR"})).await;
+    connect(&app.client, &app, &url, "instagram", &user_id).await;
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "active", "{c}");
+    assert_eq!(c["reconnect_count"], 1);
+    // The switch takes only the three types Instagram reports, for a known account.
+    let res = app
+        .client
+        .post(app.url(&format!("/sandbox/control{path}")))
+        .json(&json!({"account_type": "CREATOR"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    let res = app
+        .client
+        .post(app.url("/sandbox/control/instagram/accounts/1/account-type"))
+        .json(&json!({"account_type": "PERSONAL"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
 }
 
 async fn instagram_token_is_refreshed_after_a_day(app: TestApp) {

@@ -28,21 +28,22 @@ fn account(provider: &str) -> String {
     }
 }
 
-/// A wrong client secret, a redirect URI that differs, a PKCE verifier that does not match: the
-/// client gets "cannot be made right now" (502), told to tell the agency rather than to try
-/// again (nothing the client does changes it), the operator an error line naming what to check,
-/// the agency the attempt as a setup error, and the code appears in no log line.
+/// A wrong client secret, a redirect URI that differs: the client gets "cannot be made right
+/// now" (502), told to tell the agency rather than to try again (nothing the client does changes
+/// it), and the agency the attempt as a setup error. A PKCE verifier that does not match is no
+/// setting of the operator's: "could not finish connecting" (502) with a way back. Each time the
+/// operator gets an error line naming what to check, and the code appears in no log line.
 async fn refused_code_exchanges_fail_the_flow_and_tell_the_operator(app: TestApp) {
     let wid = app.workspace("Refused");
     let key = app.workspace_key(&wid);
     let (link_id, url) = app.link(&wid, "Client");
     let try_again = format!("href=\"/l/{}\"", token_of(&url));
-    for (provider, kind) in [
-        ("tiktok", "invalid_client"),
-        ("tiktok", "redirect_uri_mismatch"),
-        ("tiktok", "pkce_mismatch"),
-        ("instagram", "invalid_client"),
-        ("instagram", "redirect_uri_mismatch"),
+    for (provider, kind, setup) in [
+        ("tiktok", "invalid_client", true),
+        ("tiktok", "redirect_uri_mismatch", true),
+        ("tiktok", "pkce_mismatch", false),
+        ("instagram", "invalid_client", true),
+        ("instagram", "redirect_uri_mismatch", true),
     ] {
         app.sandbox(
             &format!("/{provider}/scenario"),
@@ -54,11 +55,19 @@ async fn refused_code_exchanges_fail_the_flow_and_tell_the_operator(app: TestApp
         let page = finish(&app.client, &app, &flow.callback).await;
         assert_eq!(page.status(), 502, "{provider} {kind}");
         let html = page.text().await.unwrap();
-        assert!(html.contains("This connection cannot be made right now"), "{provider} {kind}: {html}");
-        assert!(html.contains("Please tell the agency that sent you the link"), "{provider} {kind}: {html}");
-        assert!(html.contains("Nothing was connected") && !html.contains(&try_again), "{provider} {kind}");
+        let title =
+            if setup { "This connection cannot be made right now" } else { "We could not finish connecting" };
+        assert!(html.contains(title), "{provider} {kind}: {html}");
+        assert_eq!(
+            html.contains("Please tell the agency that sent you the link"),
+            setup,
+            "{provider} {kind}: {html}"
+        );
+        assert!(html.contains("Nothing was connected"), "{provider} {kind}");
+        assert_eq!(html.contains(&try_again), !setup, "{provider} {kind}: a way back unless it cannot help");
         let tried = app.api_get(&format!("/links/{link_id}/attempts?limit=1"), &key, 200).await;
-        assert_eq!(tried["data"][0]["outcome"], "setup_error", "{provider} {kind}: {tried}");
+        let outcome = if setup { "exchange_refused" } else { "exchange_failed" };
+        assert_eq!(tried["data"][0]["outcome"], outcome, "{provider} {kind}: {tried}");
         assert_eq!(tried["data"][0]["provider"], provider);
         app.wait_for_log("the provider refused the code exchange", 10).await;
         let log = app.log_text();
@@ -153,14 +162,15 @@ async fn provider_errors_on_the_callback_end_the_flow(app: TestApp) {
     let key = app.workspace_key(&wid);
     let (link_id, url) = app.link(&wid, "Client");
     let try_again = format!("href=\"/l/{}\"", token_of(&url));
+    // (error, whether the state comes back, the page's title, whether trying again can help)
     let cases = [
-        ("temporarily_unavailable", "echo", 503, "The platform has a passing problem"),
-        ("server_error", "omit", 503, "The platform has a passing problem"),
-        ("invalid_scope", "echo", 502, "This connection cannot be made right now"),
-        ("unauthorized_client", "omit", 502, "This connection cannot be made right now"),
-        ("invalid_grant", "echo", 400, "The platform reported a problem"),
+        ("temporarily_unavailable", "echo", "The platform has a passing problem", true),
+        ("server_error", "omit", "The platform has a passing problem", true),
+        ("invalid_scope", "echo", "This connection cannot be made right now", false),
+        ("unauthorized_client", "omit", "This connection cannot be made right now", false),
+        ("invalid_grant", "echo", "The platform reported a problem", true),
     ];
-    for (error, error_state, status, title) in cases {
+    for (error, error_state, title, retry) in cases {
         app.sandbox(
             "/tiktok/scenario",
             json!({"error_state": error_state,
@@ -174,15 +184,12 @@ async fn provider_errors_on_the_callback_end_the_flow(app: TestApp) {
         assert!(callback.contains(&format!("error={error}")), "{callback}");
         assert_eq!(callback.contains("state="), error_state == "echo", "{callback}");
         let page = finish(&app.client, &app, &callback).await;
-        assert_eq!(page.status(), status, "{error}");
+        // Whatever the provider sends back to the callback gets a 4xx (security.md O11).
+        assert_eq!(page.status(), 400, "{error}");
         let html = page.text().await.unwrap();
         assert!(html.contains(title), "{error}: {html}");
-        assert_eq!(
-            html.contains(&try_again),
-            status != 502,
-            "{error}: a way back unless it cannot help: {html}"
-        );
-        if status == 502 {
+        assert_eq!(html.contains(&try_again), retry, "{error}: a way back unless it cannot help: {html}");
+        if !retry {
             app.wait_for_log("the provider refused the authorization request", 10).await;
             let log = app.log_text();
             let line = log
@@ -193,18 +200,32 @@ async fn provider_errors_on_the_callback_end_the_flow(app: TestApp) {
             assert!(line.contains("\"level\":\"ERROR\"") && line.contains(error), "{line}");
             assert!(line.contains("/oauth/tiktok/callback"), "names the callback to register: {line}");
         }
+        // With its state or without (then the browser's latest flow, by its cookie), the
+        // attempt ends as the provider said, for the agency to see.
         let tried = app.api_get(&format!("/links/{link_id}/attempts?limit=1"), &key, 200).await;
         let attempt = &tried["data"][0];
-        if error_state == "echo" {
-            assert_eq!(attempt["status"], "failed", "{error}: {tried}");
-            assert_eq!(attempt["detail"], error, "{error}: {tried}");
-            let reference = attempt["reference"].as_str().unwrap();
-            assert!(html.contains(&format!("Reference: {reference}.")), "{error}: {html}");
-        } else {
-            // Without its state the answer cannot be told to be this attempt's.
-            assert_eq!(attempt["status"], "in_progress", "{error}: {tried}");
-        }
+        assert_eq!(attempt["status"], "failed", "{error}: {tried}");
+        assert_eq!(attempt["detail"], error, "{error}: {tried}");
+        let reference = attempt["reference"].as_str().unwrap();
+        assert!(html.contains(&format!("Reference: {reference}.")), "{error}: {html}");
     }
+    // The same answer sent by anyone else (no cookie of the flow's browser) ends no attempt and
+    // tells the operator nothing.
+    let errors_before = app.log_text().matches("the provider refused the authorization request").count();
+    let stranger = new_browser();
+    let page = finish(&stranger, &app, &app.url("/oauth/tiktok/callback?error=invalid_client")).await;
+    assert_eq!(page.status(), 400);
+    let flow = start(&app.client, &app, &url, "tiktok").await;
+    let state =
+        url::Url::parse(&flow).unwrap().query_pairs().find(|(k, _)| k == "state").unwrap().1.into_owned();
+    let forged = format!("/oauth/tiktok/callback?error=invalid_client&state={state}");
+    assert_eq!(finish(&stranger, &app, &app.url(&forged)).await.status(), 400);
+    let tried = app.api_get(&format!("/links/{link_id}/attempts?limit=1"), &key, 200).await;
+    assert_eq!(tried["data"][0]["status"], "in_progress", "{tried}");
+    assert_eq!(
+        app.log_text().matches("the provider refused the authorization request").count(),
+        errors_before
+    );
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
     assert_eq!(app.count("connections").await, 0);
     // The sandbox refuses what TikTok does not send: another error value, or Instagram.

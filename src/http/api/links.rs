@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{ApiJson, ApiQuery, ApiResult, Caller, Page, Problem, check_cursor, page_size};
-use crate::service::attempts::{self, AttemptView};
+use crate::service::attempts::{self, ConnectAttempt};
 use crate::service::links::{self, LinkUpdate, LinkView, ListQuery, NewLink};
 use crate::state::AppState;
 
@@ -38,13 +38,13 @@ pub(super) struct AttemptListQuery {
 /// in words, with the reference its client's page showed. Attempts are kept for 30 days after
 /// they expired.
 #[utoipa::path(get, path = "/links/{id}/attempts", tag = "links", params(("id" = String, Path, description = "Link id"), AttemptListQuery),
-    responses((status = 200, body = Page<AttemptView>), (status = 401, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
+    responses((status = 200, body = Page<ConnectAttempt>), (status = 401, body = Problem), (status = 404, body = Problem), (status = 422, body = Problem)))]
 async fn list_attempts(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<AttemptListQuery>,
-) -> ApiResult<Json<Page<AttemptView>>> {
+) -> ApiResult<Json<Page<ConnectAttempt>>> {
     let limit = page_size(q.limit)?;
     check_cursor(q.cursor.as_deref())?;
     let items = attempts::of_link(&state, &caller.scope, &id, q.cursor.as_deref(), limit + 1).await?;

@@ -372,7 +372,7 @@ struct AttemptRow {
 }
 
 impl AttemptRow {
-    fn from_view(slug: &str, a: &attempts::AttemptView) -> Self {
+    fn from_view(slug: &str, a: &attempts::ConnectAttempt) -> Self {
         use attempts::AttemptStatus;
         Self {
             started: fmt_time(a.started_at),

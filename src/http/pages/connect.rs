@@ -299,9 +299,13 @@ enum Failure {
     /// The provider reported a passing problem of its own (`server_error`,
     /// `temporarily_unavailable`) instead of a consent screen.
     ProviderBusy,
-    /// The provider refused authlink's own request: its client credentials, its scopes or the
-    /// callback URL registered with it. Only the operator can cure it.
+    /// The provider refused authlink's own authorization request (its client key, its scopes or
+    /// the callback URL registered with it) and said so to the callback. Only the operator can
+    /// cure it.
     SetupError,
+    /// The provider refused the code exchange for the app's credentials or redirect URI. Only
+    /// the operator can cure it.
+    ExchangeRefused,
     ScopesMissing,
     AccountNotAllowed,
     /// authlink's database could not be reached.
@@ -328,6 +332,7 @@ impl Failure {
             Failure::ProviderUnavailable => "provider_unavailable",
             Failure::ProviderBusy => "provider_busy",
             Failure::SetupError => "setup_error",
+            Failure::ExchangeRefused => "exchange_refused",
             Failure::ScopesMissing => "scopes_missing",
             Failure::AccountNotAllowed => "account_not_allowed",
             Failure::Unavailable => "unavailable",
@@ -340,7 +345,7 @@ impl Failure {
     }
 
     /// Every failure.
-    const ALL: [Failure; 19] = [
+    const ALL: [Failure; 20] = [
         Failure::StateMissing,
         Failure::StateUnknown,
         Failure::StateExpired,
@@ -356,6 +361,7 @@ impl Failure {
         Failure::ProviderUnavailable,
         Failure::ProviderBusy,
         Failure::SetupError,
+        Failure::ExchangeRefused,
         Failure::ScopesMissing,
         Failure::AccountNotAllowed,
         Failure::Unavailable,
@@ -366,7 +372,10 @@ impl Failure {
     /// page could not connect this account; the page says to ask for a new link), nor while
     /// the provider refuses the service's own setup (the page says to tell the agency).
     fn retryable(self) -> bool {
-        !matches!(self, Failure::LinkGone | Failure::LinkUsedUp | Failure::SetupError)
+        !matches!(
+            self,
+            Failure::LinkGone | Failure::LinkUsedUp | Failure::SetupError | Failure::ExchangeRefused
+        )
     }
 
     /// The failure an `error` the provider sent back to the callback stands for (RFC 6749
@@ -400,12 +409,15 @@ impl Failure {
             | Failure::StateReused
             | Failure::OtherBrowser
             | Failure::WrongProvider
-            | Failure::ProviderError => StatusCode::BAD_REQUEST,
+            // Whatever the provider sent back to the callback is answered with a 4xx (a client
+            // can send it all), the passing problems and setup errors it reports included.
+            | Failure::ProviderError
+            | Failure::ProviderBusy
+            | Failure::SetupError => StatusCode::BAD_REQUEST,
             Failure::Denied | Failure::ScopesMissing | Failure::AccountNotAllowed => StatusCode::FORBIDDEN,
             Failure::LinkGone | Failure::LinkUsedUp => StatusCode::GONE,
-            Failure::ExchangeFailed | Failure::ProfileFailed | Failure::SetupError => StatusCode::BAD_GATEWAY,
+            Failure::ExchangeFailed | Failure::ProfileFailed | Failure::ExchangeRefused => StatusCode::BAD_GATEWAY,
             Failure::ProviderUnavailable => StatusCode::GATEWAY_TIMEOUT,
-            Failure::ProviderBusy => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -475,7 +487,7 @@ impl Failure {
                 format!("{platform} could not show its consent screen just now. Nothing was connected."),
                 "Please try again in a few minutes.".to_string(),
             ),
-            Failure::SetupError => (
+            Failure::SetupError | Failure::ExchangeRefused => (
                 "This connection cannot be made right now",
                 format!("{platform} refused the request of the service that connects your account, because of how the agency set it up. You did nothing wrong. Nothing was connected."),
                 "Please tell the agency that sent you the link. Once they have fixed it, the same link will work.".to_string(),
@@ -593,7 +605,6 @@ pub async fn show_refusal(
         return super::not_found().await;
     };
     let mut page = f.page(platform.display_name(), None);
-    page.sandbox = sandbox_of(&state, platform);
     if let Some(id) = q.flow.as_deref().filter(|id| db::is_id(id)) {
         let flow = async {
             let mut conn = state.db.read_fast().await?;
@@ -610,6 +621,7 @@ pub async fn show_refusal(
         match flow {
             Ok(Some((flow, workspace))) => {
                 page.attempt = Some(crate::service::attempts::reference(&flow.id));
+                page.sandbox = sandbox_of(&state, platform);
                 if f.retryable() {
                     page.try_again = landing_href(&state, &flow.link_id, flow.created_at).await;
                 }
@@ -647,17 +659,31 @@ pub async fn oauth_callback(
         // without it is still the provider's answer, and the client is told what it says. The
         // flow it ends is this browser's latest of the provider (no code is exchanged, so
         // nothing rests on that guess but the way back to the link).
-        let (f, flow) = match q.error.as_deref() {
-            Some("access_denied") => (Failure::Denied, last_flow(&state, &headers, platform)),
-            Some(error) => {
-                let f = Failure::of_callback_error(error);
-                if f == Failure::SetupError {
-                    log_refused_authorization(&state, platform, error);
-                }
-                (f, last_flow(&state, &headers, platform))
-            }
-            None => (Failure::StateMissing, None),
+        let Some(error) = q.error.as_deref() else {
+            return refused(Failure::StateMissing, platform, None);
         };
+        let f = Failure::of_callback_error(error);
+        let flow = last_flow(&state, &headers, platform);
+        // The flow ends as the provider said, when it is this browser's and still open: the
+        // agency's list of attempts shows it so. Anyone can send this address; only the flow's
+        // own browser ends it, and only it gets the operator told of a setup problem.
+        let browser_hash =
+            read_cookie(&headers, cookie_name(&state)).map(|v| crypto::sha256_hex(v.as_bytes()));
+        if let (Some(id), Some(browser_hash)) = (&flow, browser_hash) {
+            let finish = db::oauth_flows::FinishUnclaimed {
+                id: id.clone(),
+                browser_hash,
+                provider: platform.as_str(),
+                now_ms: state.now_ms(),
+                outcome: f.code(),
+                detail: error_word(f, error),
+            };
+            match state.db.write_flow(finish).await {
+                Ok(true) if f == Failure::SetupError => log_refused_authorization(&state, platform, error),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "a flow's end without its state could not be recorded"),
+            }
+        }
         return refused(f, platform, flow.as_deref());
     };
     let state_hash = crypto::sha256_hex(raw_state.as_bytes());
@@ -794,6 +820,20 @@ impl From<crate::service::ServiceError> for FlowError {
     }
 }
 
+/// The `error` a provider sent back, as the agency's record of the attempt names it: only a word
+/// of RFC 6749's shape (a client can put anything into its address bar), and not for a denial,
+/// which says it all.
+fn error_word(failure: Failure, error: &str) -> Option<String> {
+    Some(error)
+        .filter(|e| {
+            failure != Failure::Denied
+                && !e.is_empty()
+                && e.len() <= 40
+                && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+        })
+        .map(str::to_string)
+}
+
 /// Tells the operator that the provider refused the authorization request itself: a setup
 /// problem every client of every link meets until it is fixed.
 fn log_refused_authorization(state: &AppState, platform: Platform, error: &str) {
@@ -840,14 +880,7 @@ async fn complete_flow(
         if failure == Failure::SetupError {
             log_refused_authorization(state, platform, error);
         }
-        // The agency's record names the provider's error, when it is one of the words of RFC 6749
-        // (a client can put anything into its address bar).
-        let word = Some(error).filter(|e| {
-            failure != Failure::Denied
-                && e.len() <= 40
-                && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-        });
-        return Err(FlowError::Failed(failure, word.map(str::to_string)));
+        return Err(FlowError::Failed(failure, error_word(failure, error)));
     }
     let Some(code) = q.code.as_deref().filter(|c| !c.is_empty()) else {
         return Err(FlowError::Failed(Failure::ProviderError, None));
@@ -885,7 +918,7 @@ async fn complete_flow(
     .map_err(|_| past_deadline())?;
     timing.provider += call.elapsed();
     let tokens = tokens.map_err(|e| {
-        if matches!(e, ProviderError::Rejected { .. }) {
+        if matches!(e, ProviderError::Rejected { .. } | ProviderError::Misconfigured { .. }) {
             // Not the client's doing and not passing: a wrong client secret, a callback URL
             // the provider does not know, or a fault of ours. The operator must act.
             tracing::error!(
@@ -897,10 +930,10 @@ async fn complete_flow(
         } else {
             tracing::warn!(provider = %platform, error = %e, "code exchange failed");
         }
-        // A refused request is the setup's (or authlink's) to fix, not the client's: trying
-        // again changes nothing.
+        // Refused credentials or callback URL are the operator's to fix: trying again changes
+        // nothing. Any other refusal (a PKCE mismatch, an answer that does not read) may pass.
         let failure = match e {
-            ProviderError::Rejected { .. } => Failure::SetupError,
+            ProviderError::Misconfigured { .. } => Failure::ExchangeRefused,
             _ => classify(&e, Failure::ExchangeFailed),
         };
         FlowError::Failed(failure, None)
@@ -1306,7 +1339,7 @@ mod tests {
             "unsupported_response_type",
         ] {
             assert_eq!(of(e), Failure::SetupError, "{e}");
-            assert!(!Failure::SetupError.retryable());
+            assert!(!Failure::SetupError.retryable() && !Failure::ExchangeRefused.retryable());
         }
         assert_eq!(of("invalid_grant"), Failure::ProviderError);
         assert_eq!(of("something_else"), Failure::ProviderError);
