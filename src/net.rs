@@ -238,8 +238,14 @@ impl Guard {
     /// Whether `ip` may be a target: a public address, or a private one this guard admits,
     /// never a link-local or metadata one.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        let public_ok = !(self.plain_http && matches!(self.private, PrivateTargets::Networks(_)));
-        !is_never_allowed(ip) && ((public_ok && is_public(ip)) || self.private.admits(ip))
+        if is_never_allowed(ip) {
+            return false;
+        }
+        if self.plain_http && matches!(self.private, PrivateTargets::Networks(_)) {
+            // Whatever the networks listed (a public block, 0.0.0.0/0), never over the internet.
+            return !is_public(ip) && self.private.admits(ip);
+        }
+        is_public(ip) || self.private.admits(ip)
     }
 
     /// Whether any private address may be a target: without, plain `http` never may.
@@ -541,6 +547,15 @@ mod tests {
         assert!(plain.check_host("ten.example").await.is_ok());
         assert!(matches!(plain.check_host("public.example").await, Err(TargetError::Private(_))));
         assert!(Guard::new(stub(), true).for_plain_http().check_host("public.example").await.is_ok());
+        // Nor when the networks listed take in public addresses.
+        let everything = vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+        let wide = Guard::with(stub(), PrivateTargets::Networks(everything.into()));
+        assert!(wide.check_host("public.example").await.is_ok());
+        assert!(wide.for_plain_http().check_host("ten.example").await.is_ok());
+        assert!(matches!(
+            wide.for_plain_http().check_host("public.example").await,
+            Err(TargetError::Private(_))
+        ));
         let none = Guard::new(stub(), false);
         assert!(!none.admits_any_private() && !none.admits_plain_http(&ips(&["10.1.2.3"])));
         let all = Guard::new(stub(), true);

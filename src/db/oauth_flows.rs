@@ -206,47 +206,6 @@ impl super::FlowWrite for Claim {
     }
 }
 
-/// Ends the unused, unexpired flow `id` of `provider` started by the browser whose cookie hashes
-/// to `browser_hash` as `outcome`, without its state (a provider's error answer that left the
-/// state out). Whether it did: a flow already used, of another browser, or unknown is left as it
-/// is.
-#[derive(Debug)]
-pub struct FinishUnclaimed {
-    /// The flow.
-    pub id: String,
-    /// SHA-256 hex of the browser cookie the answer brought.
-    pub browser_hash: String,
-    /// The callback's provider.
-    pub provider: &'static str,
-    /// Now (ms).
-    pub now_ms: i64,
-    /// How it ended.
-    pub outcome: &'static str,
-    /// What went wrong (see [`FlowRow::detail`]).
-    pub detail: Option<String>,
-}
-
-impl super::FlowWrite for FinishUnclaimed {
-    type Output = bool;
-    type Error = super::DbError;
-
-    const ONE_STATEMENT: bool = true;
-
-    async fn run<E: Exec>(self, conn: &mut E) -> DbResult<bool> {
-        let s = stmt!(
-            "UPDATE oauth_flows SET consumed_at = $4, outcome = $5, detail = $6 WHERE id = $1 AND browser_hash = $2 \
-             AND provider = $3 AND consumed_at IS NULL AND expires_at > $4",
-            &self.id,
-            &self.browser_hash,
-            self.provider,
-            self.now_ms,
-            self.outcome,
-            &self.detail
-        );
-        Ok(conn.execute(&s).await? == 1)
-    }
-}
-
 /// [`finish`] (without a connection) as a [`FlowWrite`](super::FlowWrite).
 #[derive(Debug)]
 pub struct Finish {

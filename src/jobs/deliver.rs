@@ -50,7 +50,10 @@ pub struct Claim {
 pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     let every = Duration::from_millis(state.config.jobs.tick_ms);
     let limit = Arc::new(Semaphore::new(state.config.jobs.webhook_concurrency));
-    let client = state.webhook_guard.client(attempt_timeout(&state));
+    let clients = Clients {
+        guarded: state.webhook_guard.client(attempt_timeout(&state)),
+        plain_http: state.webhook_guard.for_plain_http().client(attempt_timeout(&state)),
+    };
     let mut in_flight = JoinSet::new();
     loop {
         // Claim no more than can start now: a claimed delivery waiting for a slot would hold a
@@ -65,10 +68,10 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
                 continue;
             };
             let state = state.clone();
-            let client = client.clone();
+            let clients = clients.clone();
             in_flight.spawn(async move {
                 let _permit = permit;
-                if let Err(e) = deliver_one(&state, &client, &c).await {
+                if let Err(e) = deliver_one(&state, &clients, &c).await {
                     tracing::warn!(delivery_id = %c.id, error = %e, "webhook delivery failed internally");
                 }
             });
@@ -148,9 +151,18 @@ fn retry_after(res: &reqwest::Response, now: OffsetDateTime) -> Option<Duration>
     crate::net::parse_retry_after(value, now)
 }
 
+/// The HTTP clients deliveries go through.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// Through the webhook guard.
+    pub guarded: reqwest::Client,
+    /// Through the guard for plain http (see [`Guard::for_plain_http`](crate::net::Guard::for_plain_http)).
+    pub plain_http: reqwest::Client,
+}
+
 /// Makes one attempt of one claimed delivery and records the result, if this process still
 /// holds the claim.
-pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Claim) -> ServiceResult<()> {
+pub async fn deliver_one(state: &AppState, clients: &Clients, claim: &Claim) -> ServiceResult<()> {
     let owner = refresh::owner_id();
     let mut conn = state.db.read().await?;
     let Some(mut d) = db::webhooks::get_delivery(&mut conn, &claim.id).await? else { return Ok(()) };
@@ -222,12 +234,8 @@ pub async fn deliver_one(state: &AppState, client: &reqwest::Client, claim: &Cla
         if plain && !state.webhook_guard.admits_plain_http(&addrs) {
             return Err(not_https());
         }
-        // Plain http goes through a client whose resolver admits only the private targets (an
-        // on-premise receiver's network is where such endpoints live, and rare).
-        let plain_client = plain.then(|| state.webhook_guard.for_plain_http().client(attempt_timeout(state)));
-        plain_client
-            .as_ref()
-            .unwrap_or(client)
+        // Plain http goes through a client whose resolver admits only the private targets.
+        if plain { &clients.plain_http } else { &clients.guarded }
             .post(&endpoint.url)
             .header("content-type", "application/json")
             .header("webhook-id", &event.id)

@@ -13,11 +13,13 @@
 //! Classification (§9.3):
 //! - the code-exchange error `{error_type, code, error_message}` with "Matching code was not found
 //!   or was already used" is **Permanent**: the code is spent, so the person has to authorize
-//!   again (the same class as TikTok's `invalid_grant`). Other exchange errors (redirect_uri
-//!   mismatch, bad client secret) are Rejected, and 429/5xx are Transient;
+//!   again (the same class as TikTok's `invalid_grant`). A bad client secret, an unknown app and a
+//!   redirect_uri mismatch are Misconfigured (the operator's settings), other exchange errors
+//!   Rejected, and 429/5xx are Transient;
 //! - Graph errors `{error:{message,type,code,error_subcode,is_transient}}`: 190 is Permanent, with
 //!   a reason chosen by subcode; 10 and 200–299 are Scope; 4/17/32/613, a plain 429, 1/2 and
-//!   `is_transient` are Transient; other codes are Rejected (Transient on a 5xx).
+//!   `is_transient` are Transient; 101 ("Error validating client secret.") is Misconfigured;
+//!   other codes are Rejected (Transient on a 5xx).
 //!
 //! The client secret and tokens travel in query strings here: no URL is ever logged, and every
 //! provider text is passed through `sanitize` before it reaches a reason.
@@ -362,8 +364,12 @@ fn classify_exchange_error(
         }
     } else if permission {
         ProviderError::Scope { reason: format!("{what}: a permission was not granted ({detail})") }
-    } else if lower.contains("client secret") || lower.contains("client_id") || lower.contains("redirect") {
-        // "Error validating client secret.", an unknown app, a redirect URI that differs.
+    } else if lower.contains("client secret")
+        || lower.contains("client_id")
+        || lower.contains("platform app")
+        || lower.contains("redirect")
+    {
+        // "Error validating client secret.", "Invalid platform app", a redirect URI that differs.
         ProviderError::Misconfigured {
             reason: format!("{what}: Instagram refused the app's credentials or redirect URI ({detail})"),
         }
@@ -420,6 +426,9 @@ fn classify_graph(
         _ if raw.status == 429 => ProviderError::Transient {
             reason: format!("{what}: rate limited by Instagram (HTTP 429, {detail})"),
             retry_after: raw.retry_after,
+        },
+        Some(101) => ProviderError::Misconfigured {
+            reason: format!("{what}: Instagram refused the app's credentials ({detail})"),
         },
         Some(1 | 2) => ProviderError::Transient {
             reason: format!("{what}: Instagram is unavailable for now ({detail})"),

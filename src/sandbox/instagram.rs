@@ -329,13 +329,18 @@ pub(super) async fn authorize_page(State(sb): State<Arc<Sandbox>>, RawQuery(quer
         }
     };
     let hidden = pages::hidden_fields(&p, &["client_id", "redirect_uri", "response_type", "scope", "state"]);
+    let types: Vec<&str> = {
+        let st = sb.instagram_state();
+        INSTAGRAM_ACCOUNTS.iter().map(|a| st.account_type(a)).collect()
+    };
     let accounts = INSTAGRAM_ACCOUNTS
         .iter()
-        .map(|a| AccountChoice {
+        .zip(types)
+        .map(|(a, account_type)| AccountChoice {
             value: a.user_id.to_string(),
             handle: format!("@{}", a.username),
             name: a.name.to_string(),
-            note: match a.account_type {
+            note: match account_type {
                 "BUSINESS" => "Business account".to_string(),
                 "MEDIA_CREATOR" => "Creator account".to_string(),
                 _ => "Personal account (not professional: apps should refuse it)".to_string(),

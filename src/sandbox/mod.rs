@@ -110,8 +110,9 @@
 //!   account.
 //! - `POST /control/instagram/accounts/{user_id}/account-type` `{"account_type":
 //!   "BUSINESS"|"MEDIA_CREATOR"|"PERSONAL"}`: switches the account's type, as its owner does in
-//!   the Instagram app; its tokens live on and `/me` reports the new type. Answers
-//!   `{"account_type": ..}`; 404 for an unknown account.
+//!   the Instagram app; its tokens live on, and `/me` and the consent page show the new type
+//!   (a reset keeps it, as it keeps codes and tokens). Answers `{"account_type": ..}`; 404 for an
+//!   unknown account.
 //! - `POST /control/tiktok/accounts/{open_id}/revoke-access-tokens`: kills the account's live
 //!   access tokens only; its refresh token still works (an access token revoked mid-life).
 //!   Answers `{"revoked_tokens": n}`.

@@ -135,8 +135,9 @@ pub fn describe(status: AttemptStatus, outcome: Option<&str>, detail: Option<&st
         return match status {
             AttemptStatus::InProgress => "The client is at the platform, or its answer is being handled.",
             AttemptStatus::Abandoned => {
-                "The client did not come back from the platform within ten minutes: they left it, or came back \
-                 in another browser."
+                "The client did not come back from the platform within ten minutes: they left it, came back in \
+                 another browser, or the platform sent back an error without the attempt's state (authlink's \
+                 log has it)."
             }
             _ => {
                 "The platform's answer arrived, but how the attempt ended was not recorded: authlink's database \
@@ -168,7 +169,9 @@ pub fn describe(status: AttemptStatus, outcome: Option<&str>, detail: Option<&st
         "provider_error" => with("The platform sent back an error"),
         "provider_unavailable" => "The platform was slow or could not be reached.".into(),
         "exchange_failed" => {
-            "The platform did not accept the authorization code (expired, or used already).".into()
+            "The platform did not accept the authorization code (expired, used already, or not issued for this \
+             attempt's browser), or its answer did not read; the client was asked to try again."
+                .into()
         }
         "profile_failed" => "The platform's profile call failed after the code exchange.".into(),
         "link_gone" => {

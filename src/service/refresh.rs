@@ -1122,8 +1122,11 @@ async fn check_profile_leased(app: &App, id: &str, refused_first: Option<&str>) 
         // The account is no longer a professional one (switched in the Instagram app): the
         // professional API no longer serves it, whatever its token, until it is switched back
         // and connected again.
+        // (Only a type Instagram names personal: an unknown one, which a new connection is refused
+        // for, may be a type Instagram added, and is retried like any refusal.)
         Err(ProviderError::Rejected { reason })
-            if reason.starts_with(crate::providers::instagram::PERSONAL_ACCOUNT) =>
+            if reason.starts_with(crate::providers::instagram::PERSONAL_ACCOUNT)
+                && reason.to_ascii_lowercase().contains("as personal;") =>
         {
             tracing::info!(connection_id = %row.id, provider = %platform, "the account is no longer a professional one");
             let why = format!(

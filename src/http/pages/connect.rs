@@ -657,34 +657,26 @@ pub async fn oauth_callback(
     let Some(raw_state) = q.state.as_deref().filter(|s| !s.is_empty()) else {
         // Whether the providers send `state` back with an error is not documented: an error
         // without it is still the provider's answer, and the client is told what it says. The
-        // flow it ends is this browser's latest of the provider (no code is exchanged, so
-        // nothing rests on that guess but the way back to the link).
+        // way back to the link is this browser's latest flow of the provider. Nothing is
+        // written: without the state, the answer may as well come from a page of another site
+        // that sent this browser here, and must not end (nor say how ended) an attempt the
+        // client is in the middle of. The attempt stays open, and the operator is told of a
+        // setup problem only as a possibility.
         let Some(error) = q.error.as_deref() else {
             return refused(Failure::StateMissing, platform, None);
         };
         let f = Failure::of_callback_error(error);
-        let flow = last_flow(&state, &headers, platform);
-        // The flow ends as the provider said, when it is this browser's and still open: the
-        // agency's list of attempts shows it so. Anyone can send this address; only the flow's
-        // own browser ends it, and only it gets the operator told of a setup problem.
-        let browser_hash =
-            read_cookie(&headers, cookie_name(&state)).map(|v| crypto::sha256_hex(v.as_bytes()));
-        if let (Some(id), Some(browser_hash)) = (&flow, browser_hash) {
-            let finish = db::oauth_flows::FinishUnclaimed {
-                id: id.clone(),
-                browser_hash,
-                provider: platform.as_str(),
-                now_ms: state.now_ms(),
-                outcome: f.code(),
-                detail: error_word(f, error),
-            };
-            match state.db.write_flow(finish).await {
-                Ok(true) if f == Failure::SetupError => log_refused_authorization(&state, platform, error),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "a flow's end without its state could not be recorded"),
-            }
+        if f == Failure::SetupError {
+            tracing::warn!(
+                provider = %platform,
+                error = ?domain::truncate(error, 64),
+                "an error that names a setup problem came back without a state; if the provider sent it, check \
+                 the provider's client credentials, the scopes configured for it, and that the callback URL \
+                 registered with it is {}",
+                redirect_uri(&state, platform)
+            );
         }
-        return refused(f, platform, flow.as_deref());
+        return refused(f, platform, last_flow(&state, &headers, platform).as_deref());
     };
     let state_hash = crypto::sha256_hex(raw_state.as_bytes());
     let browser_hash = read_cookie(&headers, cookie_name(&state)).map(|v| crypto::sha256_hex(v.as_bytes()));
@@ -918,15 +910,19 @@ async fn complete_flow(
     .map_err(|_| past_deadline())?;
     timing.provider += call.elapsed();
     let tokens = tokens.map_err(|e| {
-        if matches!(e, ProviderError::Rejected { .. } | ProviderError::Misconfigured { .. }) {
-            // Not the client's doing and not passing: a wrong client secret, a callback URL
-            // the provider does not know, or a fault of ours. The operator must act.
+        if matches!(e, ProviderError::Misconfigured { .. }) {
+            // Not the client's doing and not passing: a wrong client secret, or a callback URL
+            // the provider does not know. The operator must act.
             tracing::error!(
                 provider = %platform,
                 error = %e,
                 "the provider refused the code exchange: check the provider's client credentials and that \
                  the callback URL registered with it is {redirect}"
             );
+        } else if matches!(e, ProviderError::Rejected { .. }) {
+            // A PKCE mismatch (a code not issued for this flow's browser), an answer that does
+            // not read: worth a look if it keeps happening.
+            tracing::warn!(provider = %platform, error = %e, "the provider refused the code exchange for this attempt");
         } else {
             tracing::warn!(provider = %platform, error = %e, "code exchange failed");
         }
