@@ -30,6 +30,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         no_secret_in_database_or_logs,
         metrics_count_requests_and_flows,
         avatars_on_private_addresses_are_not_fetched,
+        sandbox_on_postgres_is_warned_about,
     ];
     list.push((
         "first_connection_racing_another_becomes_a_reconnect",
@@ -308,6 +309,18 @@ async fn instagram_connect_reconnect_and_second_account(app: TestApp) {
 pub async fn assert_nothing_connected(app: &TestApp) {
     assert_eq!(app.count("connections").await, 0, "a failed attempt writes no connection");
     assert!(!app.database_dump().await.contains("act."), "and no token");
+}
+
+/// The sandbox keeps its codes and tokens in the process: on PostgreSQL, the shape of a
+/// deployment with many instances, the operator is warned at start; on SQLite (one process) not.
+async fn sandbox_on_postgres_is_warned_about(app: TestApp) {
+    let warning = "a provider runs in sandbox mode";
+    // Served: the start's lines before the first request are written.
+    assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200);
+    match app.backend {
+        crate::helpers::Backend::Postgres(_) => app.wait_for_log(warning, 10).await,
+        crate::helpers::Backend::Sqlite => assert!(!app.log_text().contains(warning), "{}", app.log_text()),
+    }
 }
 
 async fn consent_denied(app: TestApp) {
