@@ -39,6 +39,12 @@ use crate::config::Config;
 /// what to change on that alone; a provider's own error text never starts with it).
 pub const PERSONAL_ACCOUNT: &str = "personal accounts cannot be connected";
 
+/// Whether a profile call's refusal says Instagram names the account personal (not merely a
+/// type this build does not know, which may be one Instagram added).
+pub fn names_personal_account(reason: &str) -> bool {
+    reason.starts_with(PERSONAL_ACCOUNT) && reason.to_ascii_lowercase().contains("as personal;")
+}
+
 /// The profile fields asked for.
 const PROFILE_FIELDS: &str = "user_id,username,name,account_type,profile_picture_url";
 /// The account types that Instagram Login serves.

@@ -508,6 +508,12 @@ async fn call_and_store(
             {
                 Some(dead)
             }
+            // The account is no longer a professional one: no refresh will make it work.
+            Err(ProviderError::Rejected { reason })
+                if crate::providers::instagram::names_personal_account(&reason) =>
+            {
+                Some(ProviderError::Permanent { reason })
+            }
             // Whether the token still works cannot be told now: try again later.
             Err(
                 ProviderError::Transient { .. }
@@ -1125,8 +1131,7 @@ async fn check_profile_leased(app: &App, id: &str, refused_first: Option<&str>) 
         // (Only a type Instagram names personal: an unknown one, which a new connection is refused
         // for, may be a type Instagram added, and is retried like any refusal.)
         Err(ProviderError::Rejected { reason })
-            if reason.starts_with(crate::providers::instagram::PERSONAL_ACCOUNT)
-                && reason.to_ascii_lowercase().contains("as personal;") =>
+            if crate::providers::instagram::names_personal_account(&reason) =>
         {
             tracing::info!(connection_id = %row.id, provider = %platform, "the account is no longer a professional one");
             let why = format!(

@@ -1141,6 +1141,8 @@ async fn connect_attempts_are_listed_for_the_agency(app: TestApp) {
     let other_key = app.workspace_key(other["id"].as_str().unwrap());
     app.api_get(&format!("/links/{link_id}/attempts"), &other_key, 404).await;
     app.api_get(&format!("/links/{link_id}/attempts?cursor=nope"), &key, 422).await;
+    let upper = cursor.to_ascii_uppercase();
+    app.api_get(&format!("/links/{link_id}/attempts?cursor={upper}"), &key, 422).await;
     // The CLI lists the same, in words and in JSON.
     let listed = app.cli_json(&["link", "attempts", &link_id]);
     assert_eq!(listed.as_array().unwrap().len(), 4);

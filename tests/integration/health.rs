@@ -1325,6 +1325,20 @@ async fn instagram_account_switched_to_personal_is_broken_by_a_check(app: TestAp
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "active", "{c}");
     assert_eq!(c["reconnect_count"], 1);
+    // Switched again, and a refresh refused: the profile call that follows says personal, and
+    // that is the verdict (no refresh will make the connection work).
+    app.sandbox(&path, json!({"account_type": "PERSONAL"})).await;
+    app.advance_clock(2 * 86_400).await;
+    // (Instagram refusing it as too early, with its Graph code 100, as it may.)
+    app.sandbox(
+        "/instagram/scenario",
+        json!({"refresh_min_age_secs": 10 * 86_400, "refresh_too_early": "code_100"}),
+    )
+    .await;
+    let out = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    assert_eq!(out["connection"]["status"], "broken", "{out}");
+    let reason = out["connection"]["status_reason"].as_str().unwrap();
+    assert!(reason.contains("professional"), "{reason}");
     // The switch takes only the three types Instagram reports, for a known account.
     let res = app
         .client

@@ -188,11 +188,15 @@ pub fn page_size(limit: Option<i64>) -> ApiResult<i64> {
 /// the real ones.
 pub fn check_cursor(cursor: Option<&str>) -> ApiResult<()> {
     match cursor {
-        Some(c) if !crate::db::is_id(c) => Err(ServiceError::Validation(vec![FieldError::new(
-            "cursor",
-            "must be the next_cursor of a previous page",
-        )])
-        .into()),
+        // Ids are given back in lower case; an upper-case one would compare differently on
+        // SQLite (bytes) and PostgreSQL (its collation).
+        Some(c) if !crate::db::is_id(c) || c.bytes().any(|b| b.is_ascii_uppercase()) => {
+            Err(ServiceError::Validation(vec![FieldError::new(
+                "cursor",
+                "must be the next_cursor of a previous page",
+            )])
+            .into())
+        }
         _ => Ok(()),
     }
 }
