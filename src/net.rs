@@ -84,6 +84,16 @@ pub fn is_never_allowed(ip: IpAddr) -> bool {
     }
 }
 
+/// Whether an IPv6 address leads through a relay to another host: 6to4 (2002::/16), NAT64
+/// (64:ff9b::/96 and the local-use 64:ff9b:1::/48) and Teredo (2001::/32). A listed private
+/// network admits none of them.
+fn is_tunnel(v6: Ipv6Addr) -> bool {
+    let s = v6.segments();
+    s[0] == 0x2002
+        || (s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0; 4] || s[2] == 1))
+        || (s[0] == 0x2001 && s[1] == 0)
+}
+
 /// The IPv4 address an IPv6 address leads to: ::ffff:0:0/96, IPv4-mapped (the socket connects
 /// to the IPv4 address); 2002::/16, 6to4 (a relay forwards to the IPv4 address in bits 16..48);
 /// 64:ff9b::/96, NAT64's well-known prefix (the translator connects to the IPv4 address in the
@@ -184,7 +194,7 @@ impl PrivateTargets {
                 };
                 let host = match ip {
                     IpAddr::V4(v4) => v4.octets()[0] != 0 && !v4.is_multicast() && !v4.is_broadcast(),
-                    IpAddr::V6(v6) => !v6.is_unspecified() && !v6.is_multicast(),
+                    IpAddr::V6(v6) => !v6.is_unspecified() && !v6.is_multicast() && !is_tunnel(v6),
                 };
                 host && nets.iter().any(|n| n.contains(&ip))
             }
@@ -235,8 +245,8 @@ impl Guard {
         Self { plain_http: true, ..self.clone() }
     }
 
-    /// Whether `ip` may be a target: a public address, or a private one this guard admits,
-    /// never a link-local or metadata one.
+    /// Whether `ip` may be a target: a public address (not for plain http under listed
+    /// networks), or a private one this guard admits; never a link-local or metadata one.
     pub fn allows(&self, ip: IpAddr) -> bool {
         if is_never_allowed(ip) {
             return false;
@@ -556,6 +566,10 @@ mod tests {
             wide.for_plain_http().check_host("public.example").await,
             Err(TargetError::Private(_))
         ));
+        // Nor a tunnel that leads through a relay to another host.
+        for tunnel in ["2001:0:4136:e378::1", "64:ff9b::a01:203", "64:ff9b:1::a01:203", "2002:a01:203::1"] {
+            assert!(matches!(wide.check_host(tunnel).await, Err(TargetError::Private(_))), "{tunnel}");
+        }
         let none = Guard::new(stub(), false);
         assert!(!none.admits_any_private() && !none.admits_plain_http(&ips(&["10.1.2.3"])));
         let all = Guard::new(stub(), true);

@@ -18,8 +18,9 @@
 //!   Rejected, and 429/5xx are Transient;
 //! - Graph errors `{error:{message,type,code,error_subcode,is_transient}}`: 190 is Permanent, with
 //!   a reason chosen by subcode; 10 and 200–299 are Scope; 4/17/32/613, a plain 429, 1/2 and
-//!   `is_transient` are Transient; 101 ("Error validating client secret.") is Misconfigured;
-//!   other codes are Rejected (Transient on a 5xx).
+//!   `is_transient` are Transient; a refused client secret (the message "Error validating client
+//!   secret.", whatever its code: the sandbox sends 101, which providers.md does not name) and
+//!   101 are Misconfigured; other codes are Rejected (Transient on a 5xx).
 //!
 //! The client secret and tokens travel in query strings here: no URL is ever logged, and every
 //! provider text is passed through `sanitize` before it reaches a reason.
@@ -433,9 +434,11 @@ fn classify_graph(
             reason: format!("{what}: rate limited by Instagram (HTTP 429, {detail})"),
             retry_after: raw.retry_after,
         },
-        Some(101) => ProviderError::Misconfigured {
-            reason: format!("{what}: Instagram refused the app's credentials ({detail})"),
-        },
+        _ if code == Some(101) || message.to_ascii_lowercase().contains("client secret") => {
+            ProviderError::Misconfigured {
+                reason: format!("{what}: Instagram refused the app's credentials ({detail})"),
+            }
+        }
         Some(1 | 2) => ProviderError::Transient {
             reason: format!("{what}: Instagram is unavailable for now ({detail})"),
             retry_after: raw.retry_after,
@@ -523,6 +526,11 @@ mod tests {
             parse_short_lived(&raw(400, redirect), "x", &[]),
             Err(ProviderError::Misconfigured { .. })
         ));
+        let app = r#"{"error_type":"OAuthException","code":400,"error_message":"Invalid platform app"}"#;
+        assert!(matches!(
+            parse_short_lived(&raw(400, app), "x", &[]),
+            Err(ProviderError::Misconfigured { .. })
+        ));
         let other = r#"{"error_type":"OAuthException","code":400,"error_message":"Invalid parameter"}"#;
         assert!(matches!(parse_short_lived(&raw(400, other), "x", &[]), Err(ProviderError::Rejected { .. })));
         let busy = r#"{"error_type":"OAuthException","code":500,"error_message":"Unknown error"}"#;
@@ -593,6 +601,13 @@ mod tests {
         }
         assert!(graph(400, 100, None, true).is_transient());
         assert!(graph(429, 100, None, false).is_transient());
+        // A refused client secret is the operator's settings, whatever code it comes with.
+        assert!(matches!(graph(400, 101, None, false), ProviderError::Misconfigured { .. }));
+        for code in [1, 101, 190_000] {
+            let body = serde_json::json!({"error": {"message": "Error validating client secret.", "type": "OAuthException", "code": code}});
+            let e = classify_graph(body["error"].as_object().unwrap(), &raw(400, "{}"), "x", &[]);
+            assert!(matches!(e, ProviderError::Misconfigured { .. }), "{code}: {e:?}");
+        }
         assert!(matches!(graph(400, 100, None, false), ProviderError::Rejected { .. }));
         let mut r = raw(429, r#"{"error":{"code":4,"message":"Application request limit reached"}}"#);
         r.retry_after = Some(Duration::from_secs(7));

@@ -590,7 +590,9 @@ async fn call_and_store(
             | ProviderError::AccessTokenInvalid { reason },
         ) => {
             let name = platform.display_name();
+            let personal = crate::providers::instagram::names_personal_account(&reason);
             let why = |interrupted: bool| match (cause, interrupted) {
+                _ if personal => personal_account_reason(platform, "after a refused refresh"),
                 (Cause::AccessRefused(first), _) => format!(
                     "{name} rejected the access token on a health check ({first}) and refused the refresh that \
                      followed ({reason}); the client must reconnect through the link."
@@ -608,6 +610,16 @@ async fn call_and_store(
             finish_broken(app, &mut row, owner, &attempt_id, why).await
         }
     }
+}
+
+/// The status reason of a connection whose Instagram account was switched to a personal one,
+/// found `when`.
+fn personal_account_reason(platform: Platform, when: &str) -> String {
+    format!(
+        "{} reports {when} that this account is no longer a professional one; the client must switch it back \
+         to a Business or Creator account in the Instagram app and reconnect through the link.",
+        platform.display_name()
+    )
 }
 
 /// How the scopes a refresh reports differ from those stored (TikTok reports them with every
@@ -1134,11 +1146,7 @@ async fn check_profile_leased(app: &App, id: &str, refused_first: Option<&str>) 
             if crate::providers::instagram::names_personal_account(&reason) =>
         {
             tracing::info!(connection_id = %row.id, provider = %platform, "the account is no longer a professional one");
-            let why = format!(
-                "{} reports on a health check that this account is no longer a professional one; the client must \
-                 switch it back to a Business or Creator account in the Instagram app and reconnect through the link.",
-                platform.display_name()
-            );
+            let why = personal_account_reason(platform, "on a health check");
             let mut tx = app.db.begin_write().await?;
             let marked = connections::mark_broken_if_unchanged(&mut tx, app, &mut row, &why, now).await?;
             let outcome = refusal_outcome(&mut tx, marked, &row.id, why).await?;

@@ -319,7 +319,10 @@ async fn sandbox_on_postgres_is_warned_about(app: TestApp) {
     assert_eq!(app.client.get(app.url("/readyz")).send().await.unwrap().status(), 200);
     match app.backend {
         crate::helpers::Backend::Postgres(_) => app.wait_for_log(warning, 10).await,
-        crate::helpers::Backend::Sqlite => assert!(!app.log_text().contains(warning), "{}", app.log_text()),
+        crate::helpers::Backend::Sqlite => {
+            app.logs_caught_up().await;
+            assert!(!app.log_text().contains(warning), "{}", app.log_text());
+        }
     }
 }
 

@@ -415,9 +415,6 @@ impl TestApp {
         self.wait_for_log(&marker, 10).await;
     }
 
-    /// Waits until the server has logged a line holding `needle` (up to `secs`). A line the
-    /// server wrote before answering may still be in the pipe when the answer arrives: the logs
-    /// are read from it by a thread of their own.
     /// Waits until the log holds more than `seen` lines holding `needle`; returns the last.
     pub async fn wait_for_another_log_line(&self, needle: &str, seen: usize, secs: u64) -> String {
         let what = format!("log line {} holding {needle:?}", seen + 1);
@@ -430,6 +427,9 @@ impl TestApp {
         line.as_str().unwrap_or_default().to_string()
     }
 
+    /// Waits until the server has logged a line holding `needle` (up to `secs`). A line the
+    /// server wrote before answering may still be in the pipe when the answer arrives: the logs
+    /// are read from it by a thread of their own.
     pub async fn wait_for_log(&self, needle: &str, secs: u64) {
         let what = format!("a log line holding {needle:?}");
         crate::health::eventually(&what, secs, || async {

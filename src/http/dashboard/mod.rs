@@ -811,15 +811,21 @@ pub struct ListParams {
     pub notice: Option<String>,
 }
 
+/// Whether `s` is an id as ids are given out, in lower case.
+fn is_cursor(s: &str) -> bool {
+    db::is_id(s) && !s.bytes().any(|b| b.is_ascii_uppercase())
+}
+
 impl ListParams {
-    /// The cursor, if it is one of our ids.
+    /// The cursor, if it is one of our ids (in lower case, as they are given out: SQLite and
+    /// PostgreSQL would compare another case differently).
     pub fn cursor(&self) -> Option<String> {
-        self.before.clone().filter(|b| db::is_id(b))
+        self.before.clone().filter(|b| is_cursor(b))
     }
 
-    /// The cursor of a handle search, if it is one of our ids.
+    /// The cursor of a handle search, if it is one of our ids (see [`cursor`](Self::cursor)).
     pub fn after_cursor(&self) -> Option<String> {
-        self.after.clone().filter(|a| db::is_id(a))
+        self.after.clone().filter(|a| is_cursor(a))
     }
 
     /// The search text, trimmed, at most 200 characters.

@@ -666,7 +666,17 @@ pub async fn oauth_callback(
             return refused(Failure::StateMissing, platform, None);
         };
         let f = Failure::of_callback_error(error);
-        if f == Failure::SetupError {
+        tracing::info!(
+            provider = %platform,
+            error = ?domain::truncate(error, 64),
+            reason = ?domain::truncate(q.error_reason.as_deref().unwrap_or(""), 64),
+            description = ?domain::truncate(q.error_description.as_deref().unwrap_or(""), 200),
+            "an error came back to the callback without a state"
+        );
+        let flow = last_flow(&state, &headers, platform);
+        // Only in the browser of an attempt still open could this be the provider's answer to
+        // it: anyone else's request tells the operator nothing.
+        if f == Failure::SetupError && open_flow_of_this_browser(&state, &headers, flow.as_deref()).await {
             tracing::warn!(
                 provider = %platform,
                 error = ?domain::truncate(error, 64),
@@ -676,7 +686,7 @@ pub async fn oauth_callback(
                 redirect_uri(&state, platform)
             );
         }
-        return refused(f, platform, last_flow(&state, &headers, platform).as_deref());
+        return refused(f, platform, flow.as_deref());
     };
     let state_hash = crypto::sha256_hex(raw_state.as_bytes());
     let browser_hash = read_cookie(&headers, cookie_name(&state)).map(|v| crypto::sha256_hex(v.as_bytes()));
@@ -809,6 +819,24 @@ enum FlowError {
 impl From<crate::service::ServiceError> for FlowError {
     fn from(e: crate::service::ServiceError) -> Self {
         FlowError::Service(e)
+    }
+}
+
+/// Whether `flow` is an attempt of this browser that is still open (unused, unexpired).
+async fn open_flow_of_this_browser(state: &AppState, headers: &HeaderMap, flow: Option<&str>) -> bool {
+    let Some(id) = flow else { return false };
+    let found = async {
+        let mut conn = state.db.read_fast().await?;
+        db::oauth_flows::get(&mut conn, id).await
+    }
+    .await;
+    match found {
+        Ok(Some(f)) => {
+            f.consumed_at.is_none()
+                && f.expires_at > state.now_ms()
+                && same_browser(state, headers, &f.browser_hash)
+        }
+        _ => false,
     }
 }
 
