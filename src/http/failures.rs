@@ -38,11 +38,16 @@ pub struct Limits {
 /// gets, away from the address that holds the code.
 pub async fn contain(State(limits): State<Limits>, req: Request, next: Next) -> Response {
     let api = is_api(req.uri().path());
-    let callback = req
-        .uri()
-        .path()
-        .starts_with("/oauth/")
-        .then(|| (req.uri().path().to_string(), req.headers().clone()));
+    // A callback's path and cookies (all its answer reads), kept in case the handler never
+    // answers; nothing for any other request.
+    let path = req.uri().path();
+    let callback = (path.starts_with("/oauth/") && path.ends_with("/callback")).then(|| {
+        let mut cookies = axum::http::HeaderMap::new();
+        for v in req.headers().get_all(axum::http::header::COOKIE) {
+            cookies.append(axum::http::header::COOKIE, v.clone());
+        }
+        (path.to_string(), cookies)
+    });
     let timeout = limits.timeout;
     let run = AssertUnwindSafe(next.run(req)).catch_unwind();
     let failure = match tokio::time::timeout(timeout, run).await {

@@ -175,25 +175,33 @@ mod tests {
 
     use super::*;
 
+    /// The configuration of the tests below: requests time out after a second.
+    fn one_second_timeout() -> Config {
+        let env = [("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS".to_string(), "1".to_string())];
+        Config::load_from(None, &env).unwrap()
+    }
+
+    /// A handler with a bug.
+    async fn boom() -> &'static str {
+        panic!("a handler's bug")
+    }
+
+    /// A handler that runs past the timeout.
+    async fn slow() -> &'static str {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        "too late"
+    }
+
     /// A panic and a request past the timeout, under the API and elsewhere, through the real
     /// layers: each gets a body in its caller's form, and the security headers.
     #[tokio::test]
     async fn a_panic_or_a_timeout_gets_a_body_and_the_security_headers() {
-        let env = [("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS".to_string(), "1".to_string())];
-        let config = Config::load_from(None, &env).unwrap();
-        async fn boom() -> &'static str {
-            panic!("a handler's bug")
-        }
-        async fn slow() -> &'static str {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            "too late"
-        }
         let app = Router::new()
             .route("/api/v1/boom", get(boom))
             .route("/boom", get(boom))
             .route("/api/v1/slow", get(slow))
             .route("/slow", get(slow));
-        let app = with_layers(app, &config);
+        let app = with_layers(app, &one_second_timeout());
         let cases = [
             ("/api/v1/boom", 500, "application/problem+json", "\"code\":\"internal\""),
             ("/boom", 500, "text/html; charset=utf-8", "Something went wrong"),
@@ -230,20 +238,11 @@ mod tests {
     /// callback; the page is told this browser's latest flow, from its cookie.
     #[tokio::test]
     async fn a_callback_cut_short_leaves_the_address_bar() {
-        let env = [("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS".to_string(), "1".to_string())];
-        let config = Config::load_from(None, &env).unwrap();
-        async fn boom() -> &'static str {
-            panic!("a handler's bug")
-        }
-        async fn slow() -> &'static str {
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            "too late"
-        }
         let app = Router::new()
             .route("/oauth/tiktok/callback", get(slow))
             .route("/oauth/instagram/callback", get(boom))
             .route("/oauth/nowhere/callback", get(slow));
-        let app = with_layers(app, &config);
+        let app = with_layers(app, &one_second_timeout());
         let flow = "0193a4b2-0000-7000-8000-00000abc12ef";
         let cases = [
             (

@@ -90,6 +90,12 @@ async fn refused_code_exchanges_fail_the_flow_and_tell_the_operator(app: TestApp
             .map(|(_, v)| v.into_owned())
             .unwrap();
         crate::helpers::assert_nowhere(&app, "authorization code", &code).await;
+        // Nor the client secret the refused exchange carried (the log lines name the refusal).
+        let secret = match provider {
+            "tiktok" => authlink::sandbox::TIKTOK_CLIENT_SECRET,
+            _ => authlink::sandbox::INSTAGRAM_CLIENT_SECRET,
+        };
+        assert!(!app.log_text().contains(secret), "{provider} {kind}: the logs hold the client secret");
         assert_eq!(
             app.sandbox_stats(provider).await["profile_calls"],
             0,

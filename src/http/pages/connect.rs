@@ -666,13 +666,7 @@ pub async fn oauth_callback(
             return refused(Failure::StateMissing, platform, None);
         };
         let f = Failure::of_callback_error(error);
-        tracing::info!(
-            provider = %platform,
-            error = ?domain::truncate(error, 64),
-            reason = ?domain::truncate(q.error_reason.as_deref().unwrap_or(""), 64),
-            description = ?domain::truncate(q.error_description.as_deref().unwrap_or(""), 200),
-            "an error came back to the callback without a state"
-        );
+        log_callback_error(platform, &q, error, false);
         let flow = last_flow(&state, &headers, platform);
         // Only in the browser of an attempt still open could this be the provider's answer to
         // it: anyone else's request tells the operator nothing.
@@ -822,6 +816,20 @@ impl From<crate::service::ServiceError> for FlowError {
     }
 }
 
+/// Logs the `error` (with its reason and description) that came back to the callback, with the
+/// attempt's state or without. Written quoted and escaped (`?`): these come from the address
+/// bar, and a line break in them must not start a line of its own in a plain-text log.
+fn log_callback_error(platform: Platform, q: &CallbackQuery, error: &str, with_state: bool) {
+    let reason = domain::truncate(q.error_reason.as_deref().unwrap_or(""), 64);
+    let description = domain::truncate(q.error_description.as_deref().unwrap_or(""), 200);
+    let error = domain::truncate(error, 64);
+    if with_state {
+        tracing::info!(provider = %platform, ?error, ?reason, ?description, "provider returned an error to the callback");
+    } else {
+        tracing::info!(provider = %platform, ?error, ?reason, ?description, "an error came back to the callback without a state");
+    }
+}
+
 /// Whether `flow` is an attempt of this browser that is still open (unused, unexpired).
 async fn open_flow_of_this_browser(state: &AppState, headers: &HeaderMap, flow: Option<&str>) -> bool {
     let Some(id) = flow else { return false };
@@ -887,15 +895,7 @@ async fn complete_flow(
         FlowError::Failed(Failure::ProviderUnavailable, None)
     };
     if let Some(error) = q.error.as_deref() {
-        // Written quoted and escaped (`?`): these come from the address bar, and a line break in
-        // them must not start a line of its own in a plain-text log.
-        tracing::info!(
-            provider = %platform,
-            error = ?domain::truncate(error, 64),
-            reason = ?domain::truncate(q.error_reason.as_deref().unwrap_or(""), 64),
-            description = ?domain::truncate(q.error_description.as_deref().unwrap_or(""), 200),
-            "provider returned an error to the callback"
-        );
+        log_callback_error(platform, q, error, true);
         let failure = Failure::of_callback_error(error);
         if failure == Failure::SetupError {
             log_refused_authorization(state, platform, error);
