@@ -10,8 +10,10 @@
 // account; sees the success page; sees the connection in the dashboard; breaks it through the
 // sandbox control API and the health check; sees it marked broken with its repair link; repairs it
 // through the same link; invites a member, who joins with an account of their own. It fails on
-// any console error, page error, CSP violation or request to another origin. Screenshots of each
-// page go to test-artifacts/browser/ (not committed).
+// any console error, page error, CSP violation or request to another origin. Every page it shows
+// is also checked with axe-core against WCAG 2.1 A and AA (contrast, names, labels, landmarks,
+// language); a violation fails the suite with its rule, the elements and how to fix them.
+// Screenshots of each page go to test-artifacts/browser/ (not committed).
 //
 // Environment: AUTHLINK_BIN (required), AUTHLINK_CHROMIUM (default /usr/bin/chromium),
 // AUTHLINK_ARTIFACTS (default <repo>/test-artifacts/browser).
@@ -26,6 +28,7 @@ import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 
+import axe from 'axe-core';
 import { chromium } from 'playwright-core';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -134,9 +137,17 @@ async function sandbox(base, pathname, body) {
 // ---------------------------------------------------------------------------------------------
 // Watching pages: console errors, page errors, CSP violations, requests to other origins
 
+// Pages whose error status the scenario asks for (each a test of a URL, set before the page is
+// asked for): Chromium reports the document's own status as a console error ("Failed to load
+// resource"), which is expected there and nowhere else.
+const expectedErrorPages = new Set();
+const errorStatusExpected = (url) => [...expectedErrorPages].some((expected) => expected(url));
+
 function watch(page, who, base) {
   page.on('console', (msg) => {
-    if (msg.type() === 'error') problems.push(`${who}: console error on ${page.url()}: ${msg.text()}`);
+    if (msg.type() !== 'error') return;
+    if (errorStatusExpected(page.url()) && msg.text().startsWith('Failed to load resource: the server responded')) return;
+    problems.push(`${who}: console error on ${page.url()}: ${msg.text()}`);
   });
   page.on('pageerror', (err) => problems.push(`${who}: page error on ${page.url()}: ${err.message}`));
   page.on('request', (req) => {
@@ -160,11 +171,36 @@ async function newContext(browser, base, options) {
   return context;
 }
 
+// The WCAG 2.1 A and AA rules of axe-core, run on the page as it is shown.
+const WCAG_TAGS = ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'];
+const audited = [];
+
+async function audit(page, name) {
+  // Evaluated through the DevTools protocol, which the page's CSP does not govern: the pages keep
+  // their policy (no inline script), and axe's own code is not the page's.
+  if (!(await page.evaluate(() => typeof window.axe !== 'undefined'))) {
+    await page.evaluate(axe.source);
+  }
+  const result = await page.evaluate(
+    (tags) => window.axe.run(document, { runOnly: { type: 'tag', values: tags }, resultTypes: ['violations'] }),
+    WCAG_TAGS,
+  );
+  for (const v of result.violations) {
+    const where = v.nodes
+      .slice(0, 5)
+      .map((n) => `      ${n.target.join(' ')}: ${n.failureSummary.replace(/\s+/g, ' ')}`)
+      .join('\n');
+    problems.push(`accessibility (${name}, ${page.url()}): ${v.id} [${v.impact}] ${v.help}\n${where}`);
+  }
+  audited.push(name);
+}
+
 async function shot(page, name) {
   step += 1;
   const file = path.join(ARTIFACTS, `${String(step).padStart(2, '0')}-${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
   log(`screenshot ${path.relative(root, file)}`);
+  await audit(page, name);
 }
 
 async function expectText(page, text) {
@@ -257,6 +293,22 @@ async function run() {
     await expectText(phone, 'Connect your accounts');
     await expectText(phone, 'Sunny Cafe');
     await shot(phone, 'client-landing');
+    // First the client says no on the consent screen: a page that says so, and "Try again" back to
+    // the same link.
+    await phone.getByRole('button', { name: 'Connect TikTok' }).click();
+    await phone.waitForURL(/\/sandbox\/tiktok\//);
+    const resultPage = (url) => url.startsWith(`${base}/connected/`);
+    expectedErrorPages.add(resultPage);
+    const denied = phone.waitForResponse((r) => resultPage(r.url()));
+    await phone.getByRole('button', { name: 'Deny' }).click();
+    assert.equal((await denied).status(), 403, 'a denied consent ends on a 403 page');
+    await expectText(phone, 'Connection cancelled');
+    await shot(phone, 'client-consent-denied');
+    expectedErrorPages.delete(resultPage);
+    await phone.getByRole('link', { name: 'Try again' }).click();
+    await phone.waitForURL(linkUrl);
+    await expectText(phone, 'Connect your accounts');
+    log('a denied consent ends on its page, and "Try again" leads back to the link');
     await phone.getByRole('button', { name: 'Connect TikTok' }).click();
     await phone.waitForURL(/\/sandbox\/tiktok\//);
     await expectText(phone, 'wants to connect to your');
@@ -356,9 +408,15 @@ async function run() {
     await dash.waitForURL(/notice=link_revoked$/);
     await expectText(dash, 'Link revoked.');
     await shot(dash, 'link-revoked');
-    const gone = await client.request.get(linkUrl);
+    expectedErrorPages.add((url) => url === linkUrl);
+    const gone = await phone.goto(linkUrl);
     assert.equal(gone.status(), 410);
-    log('link revoked after confirmation');
+    await shot(phone, 'client-link-revoked');
+    expectedErrorPages.add((url) => url === `${base}/l/${'A'.repeat(43)}`);
+    const unknown = await phone.goto(`${base}/l/${'A'.repeat(43)}`);
+    assert.equal(unknown.status(), 404);
+    await shot(phone, 'client-link-unknown');
+    log('link revoked after confirmation; the client sees it is no longer valid');
 
     // 10. Invite a member: the link is shown once and copied; the invitee, in a browser of their
     // own, creates the account with a password of their own and lands in the workspace.
@@ -389,7 +447,27 @@ async function run() {
     await invitee.close();
     log('a member invited, and joined with an account of their own');
 
-    // 11. The phone-sized dashboard, and signing out.
+    // 11. The agency's other pages, as shown (each one checked for accessibility by `shot`).
+    await dash.goto(`${base}/app/w/acme-social/api-keys`);
+    await dash.getByLabel('Name').fill('Reporting');
+    await dash.getByRole('button', { name: 'Create key' }).click();
+    await expectText(dash, 'Your new key: copy it now');
+    await shot(dash, 'api-key-created');
+    for (const [pathname, name] of [
+      ['/app/w/acme-social/webhooks', 'webhooks'],
+      ['/app/w/acme-social/audit', 'audit-log'],
+      ['/app/w/acme-social/connections?status=broken', 'connections-filtered'],
+      ['/app/search?q=sunny', 'search'],
+      ['/app/account', 'account'],
+      ['/app/w/acme-social/no-such-page', 'dashboard-not-found'],
+    ]) {
+      if (name === 'dashboard-not-found') expectedErrorPages.add((url) => url === `${base}${pathname}`);
+      await dash.goto(`${base}${pathname}`);
+      await shot(dash, name);
+    }
+    log('the agency\'s other pages shown');
+
+    // 12. The phone-sized dashboard, and signing out.
     const small = await newContext(browser, base, { who: 'agency-phone', viewport: { width: 390, height: 844 }, isMobile: true });
     const mobile = await small.newPage();
     await mobile.goto(`${base}/app/login`);
@@ -407,7 +485,8 @@ async function run() {
     await expectText(mobile, 'You are signed out.');
     log('signed out');
 
-    assert.deepEqual(problems, [], 'no console error, CSP violation or cross-origin request');
+    log(`${audited.length} pages checked with axe-core ${axe.version} (WCAG 2.1 A and AA)`);
+    assert.deepEqual(problems, [], 'no console error, CSP violation, cross-origin request or accessibility violation');
   } finally {
     await browser.close();
   }
