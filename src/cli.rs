@@ -541,12 +541,39 @@ impl CliError {
     }
 }
 
+/// The command-line flag of a field the service names (the API's name): a message names the
+/// flag the user typed.
+fn flag_of(field: &str) -> String {
+    let field = field.strip_prefix("branding.").unwrap_or(field);
+    match field {
+        "platforms" => "platform".into(),
+        "events" => "event".into(),
+        "allowed_redirects" => "allow-redirect".into(),
+        "workspace_id" => "workspace".into(),
+        other => other.replace('_', "-"),
+    }
+}
+
+/// An id given on the command line, checked as the API checks it (lower case, so that SQLite and
+/// PostgreSQL compare it alike): a mistyped one is a usage mistake, not an empty listing.
+fn id_flag(flag: &str, value: Option<String>) -> Result<Option<String>, CliError> {
+    match value {
+        Some(v) if !crate::db::is_id(&v) => Err(ServiceError::Validation(vec![FieldError::new(
+            flag,
+            "must be an id (8-4-4-4-12 hexadecimal digits)",
+        )])
+        .into()),
+        Some(v) => Ok(Some(v.to_ascii_lowercase())),
+        None => Ok(None),
+    }
+}
+
 impl From<ServiceError> for CliError {
     fn from(e: ServiceError) -> Self {
         let message = match &e {
             ServiceError::Validation(errors) => errors
                 .iter()
-                .map(|e| format!("--{}: {}", e.field.replace('_', "-"), e.message))
+                .map(|e| format!("--{}: {}", flag_of(&e.field), e.message))
                 .collect::<Vec<_>>()
                 .join("; "),
             other => other.to_string(),
@@ -1096,18 +1123,18 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
                 Some("broken") => Some(ConnectionStatus::Broken),
                 Some("disconnected") => Some(ConnectionStatus::Disconnected),
                 Some(other) => {
-                    return Err(CliError::new(
-                        2,
-                        format!("--status: `{other}` is not one of active, broken, disconnected"),
-                    ));
+                    let message = format!("`{other}` is not one of active, broken, disconnected");
+                    return Err(ServiceError::Validation(vec![FieldError::new("status", message)]).into());
                 }
             };
             let provider = match provider {
                 None => None,
-                Some(p) => Some(p.parse().map_err(|e: crate::domain::FieldError| {
-                    CliError::new(2, format!("--provider: {}", e.message))
+                Some(p) => Some(p.parse().map_err(|e: FieldError| {
+                    ServiceError::Validation(vec![FieldError::new("provider", e.message)])
                 })?),
             };
+            let link = id_flag("link", link)?;
+            let before = id_flag("before", before)?;
             let list = connections::list(
                 &app,
                 &Scope::Admin,

@@ -10,8 +10,9 @@ async fn main() -> ExitCode {
     let cli = match authlink::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => e.exit(),
-        // A usage mistake under `--json`: reported as JSON too, like every other failure.
-        Err(e) if std::env::args().any(|a| a == "--json") => {
+        // A usage mistake under `--json`: reported as JSON too, like every other failure. (The
+        // arguments as the OS gave them: the mistake may be one that is not valid Unicode.)
+        Err(e) if std::env::args_os().any(|a| a == "--json") => {
             let text = e.to_string();
             let message = text
                 .lines()

@@ -357,7 +357,7 @@ pub async fn list(conn: &mut AnyConnection, f: &LinkFilter<'_>, limit: i64) -> D
         (f.search.map(glob_contains), "label GLOB $2 OR COALESCE(client_ref, '') GLOB $2")
     } else {
         (
-            f.search.map(|s| format!("%{}%", s.to_lowercase().replace('%', "\\%").replace('_', "\\_"))),
+            f.search.map(like_contains),
             "LOWER(label) LIKE $2 ESCAPE '\\' OR LOWER(COALESCE(client_ref, '')) LIKE $2 ESCAPE '\\'",
         )
     };
@@ -375,6 +375,13 @@ pub async fn list(conn: &mut AnyConnection, f: &LinkFilter<'_>, limit: i64) -> D
     .bind(limit)
     .fetch_all(conn)
     .await?)
+}
+
+/// A PostgreSQL `LIKE … ESCAPE '\\'` pattern matching `search` anywhere, case-insensitively:
+/// `%`, `_` and the escape character itself match literally.
+pub fn like_contains(search: &str) -> String {
+    let lower = search.to_lowercase();
+    format!("%{}%", lower.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"))
 }
 
 /// A SQLite `GLOB` pattern matching text that contains `search`, ignoring case: each character
@@ -409,6 +416,11 @@ pub fn glob_contains(search: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::glob_contains;
+
+    #[test]
+    fn like_patterns_match_specials_literally() {
+        assert_eq!(super::like_contains(r"A\b%_c"), r"%a\\b\%\_c%");
+    }
 
     #[test]
     fn glob_patterns_offer_both_cases_and_match_specials_literally() {

@@ -277,6 +277,13 @@ async fn link_pagination_and_search(app: TestApp) {
         let found = app.api_get(&path, &admin, 200).await;
         assert_eq!(found["data"].as_array().unwrap().len(), 0, "{q}: matched literally, accents kept");
     }
+    // A backslash is a character like any other (PostgreSQL's LIKE escapes with it).
+    app.api_post("/links", &admin, json!({"workspace_id": wid, "label": "Share C:\\dir"}), 201).await;
+    for (q, expected) in [("c:\\dir", 1), ("\\", 1), ("c:dir", 0), ("clie\\nt", 0)] {
+        let path = format!("/links?workspace_id={wid}&q={}", urlencoding(q));
+        let found = app.api_get(&path, &admin, 200).await;
+        assert_eq!(found["data"].as_array().unwrap().len(), expected, "{q}");
+    }
 }
 
 fn urlencoding(s: &str) -> String {

@@ -196,6 +196,51 @@ async fn json_errors_under_json(app: TestApp) {
     let o = app.cli(&["connection", "show", "01a21766-7405-7266-b61f-bbc2d63cc464", "--json"]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(error_of(&o)["kind"], "not_found");
+    // A list filter or cursor that is no id: a validation failure naming the flag, not an empty
+    // or a first page.
+    for (flag, value) in [("--before", "acme"), ("--before", "0"), ("--link", "not-an-id")] {
+        let o = app.cli(&["connection", "list", "--workspace", &wid, flag, value, "--json"]);
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}");
+        let e = error_of(&o);
+        assert_eq!(e["kind"], "validation_failed", "{e}");
+        assert_eq!(e["fields"][0]["field"], flag.trim_start_matches("--"), "{e}");
+        assert_fails(
+            &app.cli(&["connection", "list", "--workspace", &wid, flag, value]),
+            &format!("{flag}:"),
+        );
+    }
+    let o = app.cli(&["connection", "list", "--workspace", &wid, "--status", "sleeping", "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(error_of(&o)["fields"][0]["field"], "status");
+    // A validation message names the flag as it is typed, not the API's field.
+    for (args, flag) in [
+        (vec!["link", "create", "--workspace", &wid, "--label", "a", "--platform", "myspace"], "--platform:"),
+        (
+            vec!["webhook", "add", "--workspace", &wid, "--url", "https://example.com/h", "--event", "bogus"],
+            "--event:",
+        ),
+        (
+            vec!["workspace", "create", "--name", "Flags", "--allow-redirect", "not a url"],
+            "--allow-redirect:",
+        ),
+    ] {
+        assert_fails(&app.cli(&args), flag);
+    }
+    // An argument that is not valid Unicode is a usage mistake like any other, reported in the
+    // form asked for (it was a panic).
+    use std::os::unix::ffi::OsStrExt;
+    let bad = std::ffi::OsStr::from_bytes(b"a\xfe");
+    let o = app.cli(&[
+        std::ffi::OsStr::new("connection"),
+        std::ffi::OsStr::new("token"),
+        bad,
+        std::ffi::OsStr::new("--json"),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(error_of(&o)["kind"], "usage");
+    let o = app.cli(&[std::ffi::OsStr::new("link"), std::ffi::OsStr::new("show"), bad]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("error:") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
     // A usage mistake caught by the parser: exit 2.
     let o = app.cli(&["link", "create", "--label", "a", "--json"]);
     assert_eq!(o.status.code(), Some(2));
@@ -226,7 +271,7 @@ async fn link_command_bad_values(app: TestApp) {
         (vec!["--label", "a", "--expires-in", "forever"], "--expires-in"),
         (vec!["--label", "a", "--redirect-url", "not a url"], "--redirect-url"),
         (vec!["--label", "a", "--redirect-url", "https://evil.example/"], "--redirect-url"),
-        (vec!["--label", "a", "--platform", "myspace"], "--platforms"),
+        (vec!["--label", "a", "--platform", "myspace"], "--platform:"),
     ] {
         let mut full = vec!["link", "create", "--workspace", ws];
         full.extend(args.iter().copied());

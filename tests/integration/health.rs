@@ -1398,10 +1398,13 @@ fn signed_request(secret: &str, user_id: &str) -> String {
 }
 
 fn signed_request_at(secret: &str, user_id: &str, issued_at: i64) -> String {
+    signed_payload(secret, &json!({"algorithm": "HMAC-SHA256", "issued_at": issued_at, "user_id": user_id}))
+}
+
+fn signed_payload(secret: &str, payload: &serde_json::Value) -> String {
     use base64::Engine;
     use hmac::Mac;
-    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(json!({"algorithm": "HMAC-SHA256", "issued_at": issued_at, "user_id": user_id}).to_string());
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(payload.to_string());
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
     mac.update(payload.as_bytes());
     let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
@@ -1433,13 +1436,19 @@ async fn instagram_deauthorize_and_data_deletion(app: TestApp) {
     let res =
         app.client.post(app.url("/oauth/instagram/data-deletion")).form(&[("x", "y")]).send().await.unwrap();
     assert_eq!(res.status(), 400);
-    // A well-signed request issued two days ago (a replay) or an hour ahead: 400 too.
+    // A well-signed request issued two days ago (a replay), an hour ahead, or at no stated time
+    // (which could be replayed at any time): 400 too.
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    for at in [now - 2 * 86_400, now + 3600] {
+    let undated = signed_payload(secret, &json!({"algorithm": "HMAC-SHA256", "user_id": a.app_scoped_id}));
+    for signed in [
+        signed_request_at(secret, a.app_scoped_id, now - 2 * 86_400),
+        signed_request_at(secret, a.app_scoped_id, now + 3600),
+        undated,
+    ] {
         let res = app
             .client
             .post(app.url("/oauth/instagram/deauthorize"))
-            .form(&[("signed_request", signed_request_at(secret, a.app_scoped_id, at).as_str())])
+            .form(&[("signed_request", signed.as_str())])
             .send()
             .await
             .unwrap();

@@ -290,7 +290,7 @@ impl TestApp {
     }
 
     /// Runs the CLI with this app's environment (plus `extra`).
-    pub fn cli_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
+    pub fn cli_env<S: AsRef<std::ffi::OsStr>>(&self, args: &[S], extra: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(binary());
         cmd.args(args).current_dir(self.dir.path()).stdin(Stdio::null());
         clear_authlink_env(&mut cmd);
@@ -306,7 +306,7 @@ impl TestApp {
     }
 
     /// Runs the CLI.
-    pub fn cli(&self, args: &[&str]) -> Output {
+    pub fn cli<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> Output {
         self.cli_env(args, &[])
     }
 

@@ -207,6 +207,11 @@ async fn unknown_and_gone_links(app: TestApp) {
     let res = app.api(reqwest::Method::GET, "/connections/%FF", &key).send().await.unwrap();
     assert_eq!(res.status(), 404);
     assert_eq!(res.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        res.headers()["cache-control"],
+        "no-store",
+        "answered outside the API's router, kept by no cache"
+    );
     for path in ["/app/w/%FF", "/connected/%FE%FF", "/brand/%FF.css"] {
         let res = app.client.get(app.url(path)).send().await.unwrap();
         assert_eq!(res.status(), 404, "{path}");

@@ -40,7 +40,8 @@ pub(super) struct ConnectionListQuery {
     /// `tiktok` or `instagram`.
     #[param(value_type = Option<Platform>)]
     provider: Option<String>,
-    /// Only connections made through this link.
+    /// Only connections last connected through this link (a reconnect through another link of
+    /// the workspace moves a connection to that link).
     link_id: Option<String>,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -124,9 +125,9 @@ async fn disconnect_connection(
 }
 
 /// A valid access token, refreshed first when it would expire within five minutes. Every read is
-/// written to the audit log. 409 when the connection is broken or disconnected; 503 when the
-/// provider is temporarily unavailable and the current token has less than a minute left (with
-/// more, it is returned as it is).
+/// written to the audit log. 409 when the connection is broken or disconnected, or its provider is
+/// not enabled on this instance; 503 when the provider is temporarily unavailable and the current
+/// token has less than a minute left (with more, it is returned as it is).
 #[utoipa::path(get, path = "/connections/{id}/access-token", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = AccessTokenView), (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]

@@ -125,9 +125,12 @@ fn complete_responses(doc: &mut utoipa::openapi::OpenApi) {
                     "An error of authlink's own (a bug, or stored data it cannot read); the server log says more",
                 ),
             ];
-            if has_query || has_body {
-                shared.push(("422", "Some fields or query parameters are invalid; see `errors`"));
-            }
+            // Every operation refuses a query parameter it does not take.
+            shared.push(if has_query || has_body {
+                ("422", "Some fields or query parameters are invalid; see `errors`")
+            } else {
+                ("422", "The request has a query parameter this operation does not take; see `errors`")
+            });
             if names_workspace {
                 shared.push(("404", "No such workspace among the key's"));
             }
@@ -387,6 +390,9 @@ impl IntoResponse for ApiError {
         };
         let mut res = (self.status, Json(body)).into_response();
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        // Also on the problems answered outside the API's router (an undecodable path, a panic,
+        // a request out of time): no API answer is kept by a cache.
+        res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if self.status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

@@ -962,7 +962,7 @@ async fn complete_flow(
         };
         FlowError::Failed(failure, None)
     })?;
-    let granted = granted_scopes(&tokens.scopes, q.scopes.as_deref(), provider.scopes());
+    let granted = granted_scopes(platform, &tokens.scopes, q.scopes.as_deref(), provider.scopes());
     let required = state.config.providers.required_scopes(platform);
     let scope_note = judge_scopes(platform, &granted, &required, provider.scopes())?;
     let call = std::time::Instant::now();
@@ -1307,14 +1307,21 @@ fn judge_scopes(
     }))
 }
 
-/// The scopes granted: what the token endpoint reports, else what the callback reported
-/// (TikTok), else the scopes asked for. An answer that names no scope grants those asked for
+/// The scopes granted: what the token endpoint reports, else what the callback reported (TikTok
+/// only: Instagram's callback names none, so a `scopes` there is the address bar's, not the
+/// provider's), else the scopes asked for. An answer that names no scope grants those asked for
 /// (RFC 6749 §5.1: `scope` may be left out when it is the scope requested); neither documented
 /// answer leaves it out, and reading its absence as "nothing granted" would fail every attempt.
-fn granted_scopes(by_token: &[String], by_callback: Option<&str>, requested: &[String]) -> Vec<String> {
+fn granted_scopes(
+    platform: Platform,
+    by_token: &[String],
+    by_callback: Option<&str>,
+    requested: &[String],
+) -> Vec<String> {
     if !by_token.is_empty() {
         return by_token.to_vec();
     }
+    let by_callback = by_callback.filter(|_| platform == Platform::Tiktok);
     match by_callback.map(connections::split_scopes) {
         Some(scopes) if !scopes.is_empty() => scopes,
         _ => requested.to_vec(),
@@ -1391,13 +1398,18 @@ mod tests {
 
     #[test]
     fn granted_scopes_come_from_the_answer_then_the_callback_then_the_request() {
+        use crate::domain::Platform;
         let v = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let asked = v(&["a", "b", "c"]);
-        let granted = super::granted_scopes;
+        let granted =
+            |a: &[String], b: Option<&str>, c: &[String]| super::granted_scopes(Platform::Tiktok, a, b, c);
         assert_eq!(granted(&v(&["a"]), Some("a,b"), &asked), ["a"], "the token answer first");
         assert_eq!(granted(&[], Some("a, b"), &asked), ["a", "b"], "then the callback's");
         assert_eq!(granted(&[], Some(" , "), &asked), asked, "an empty list reports nothing");
         assert_eq!(granted(&[], None, &asked), asked, "named by neither: as asked");
+        // Instagram's callback names no scopes: one added in the address bar is not believed.
+        let instagram = super::granted_scopes(Platform::Instagram, &[], Some("a,made_up"), &asked);
+        assert_eq!(instagram, asked, "Instagram: as asked, whatever the address bar says");
     }
 
     /// An image host that answers whole, too long, and cut off (10 of 1,000 bytes, then the

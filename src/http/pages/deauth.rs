@@ -124,8 +124,9 @@ enum Refused {
     Disabled,
     /// Missing or invalid signature.
     Signature,
-    /// Issued too long ago or ahead of our clock.
-    Stale(i64),
+    /// Issued too long ago or ahead of our clock, or without `issued_at` (Meta always sends it:
+    /// a request without it could be replayed at any time).
+    Stale(Option<i64>),
 }
 
 impl IntoResponse for Refused {
@@ -134,7 +135,7 @@ impl IntoResponse for Refused {
             Refused::Disabled => StatusCode::NOT_FOUND.into_response(),
             Refused::Signature => bad_signature(),
             Refused::Stale(at) => {
-                tracing::warn!(issued_at = at, "Instagram callback issued too long ago or ahead refused");
+                tracing::warn!(issued_at = ?at, "Instagram callback issued too long ago, ahead or at no stated time refused");
                 (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "signed_request is not current"})))
                     .into_response()
             }
@@ -151,8 +152,8 @@ fn verified(state: &AppState, form: &SignedRequestForm) -> Result<(String, bool)
         secrets.iter().find_map(|secret| verify_signed_request(signed, secret)).ok_or(Refused::Signature)?;
     let now = state.now_ms() / 1000;
     match payload.issued_at {
-        Some(at) if at < now - MAX_AGE_SECS || at > now + MAX_SKEW_SECS => Err(Refused::Stale(at)),
-        _ => Ok((user_id, sandbox)),
+        Some(at) if (now - MAX_AGE_SECS..=now + MAX_SKEW_SECS).contains(&at) => Ok((user_id, sandbox)),
+        at => Err(Refused::Stale(at)),
     }
 }
 
