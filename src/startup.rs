@@ -388,6 +388,8 @@ impl Application {
         let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
         let jobs =
             state.config.jobs.enabled.then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
+        // Before the line that says it is ready, which starts whoever waits for it.
+        warn_if_grace_is_short(&state.config);
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
         let providers = &state.config.providers;
         let in_sandbox = (providers.tiktok.enabled && providers.tiktok.is_sandbox())
@@ -469,6 +471,22 @@ async fn start_metrics(state: &AppState, stop: tokio::sync::watch::Receiver<bool
 }
 
 /// Runs only the background jobs (`authlink worker`) until SIGTERM or Ctrl-C.
+/// Says at start when the grace period after SIGTERM is not longer than a provider call: a
+/// refresh still waiting for its provider when the grace ends is cut off, and a refresh token the
+/// provider rotated meanwhile is lost (the connection then needs its client again).
+fn warn_if_grace_is_short(config: &Config) {
+    let (grace, call) = (config.http.shutdown_grace_secs, config.providers.timeout_secs);
+    if grace <= call {
+        tracing::warn!(
+            shutdown_grace_secs = grace,
+            provider_timeout_secs = call,
+            "http.shutdown_grace_secs is not longer than providers.timeout_secs: a refresh still waiting for \
+             its provider when a shutdown's grace period ends is cut off, and a refresh token the provider \
+             rotated meanwhile is lost; set the grace period longer than the provider timeout"
+        );
+    }
+}
+
 pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     let stop_signal = shutdown_signal();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -480,6 +498,7 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     let jobs = tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone()));
     let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx));
     tracing::info!(process_id = %process_id, "authlink worker running");
+    warn_if_grace_is_short(&state.config);
     stop_signal.await;
     tracing::info!("shutdown signal received; finishing claimed work");
     let _ = stop_tx.send(true);

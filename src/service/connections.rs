@@ -597,7 +597,38 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
     let id = get_row(app, scope, id).await?.id;
     let lock = super::refresh::connection_lock(&id);
     let _guard = lock.lock().await;
-    let row = get_row(app, scope, &id).await?;
+    // No refresh anywhere while the grant is revoked (it would rotate the tokens being revoked,
+    // or meet the revoked grant and report the connection broken): the refresh lease, waited
+    // for within the request's time. A holder that outlasts that (a process that died holding
+    // it) does not stop the disconnect, whose write compares the token generation anyway.
+    let leased = super::refresh::take_lease_waiting(app, &id, within_request(app)).await?;
+    if !leased {
+        tracing::debug!(connection_id = %id, "disconnecting without the refresh lease");
+    }
+    let result = disconnect_leased(app, actor, scope, &id).await;
+    if leased {
+        // Given back on every path (a no-op once the disconnect's write freed it).
+        let owner = super::refresh::owner_id();
+        let released = match app.db.writer().await {
+            Ok(mut conn) => db::connections::release_lease(&mut conn, &id, owner).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = released {
+            tracing::warn!(connection_id = %id, error = %e, "a disconnect's lease could not be given back");
+        }
+    }
+    result
+}
+
+/// [`disconnect`] once the refresh lease is held (or could not be had).
+async fn disconnect_leased(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    id: &str,
+) -> ServiceResult<ConnectionView> {
+    // Read under the lease: a refresh that finished elsewhere meanwhile stored the token to revoke.
+    let row = get_row(app, scope, id).await?;
     if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
         return Ok(view(&row));
     }
@@ -636,6 +667,7 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
     row.next_check_at = None;
     row.updated_at = now;
     db::connections::update(&mut tx, &row).await?;
+    db::connections::release_lease(&mut tx, &row.id, super::refresh::owner_id()).await?;
     db::connections::insert_event(&mut tx, &event(&row, "disconnected", Some(revoked_note.clone()), now))
         .await?;
     audit::record(
@@ -661,10 +693,21 @@ pub const REFRESH_MARGIN_SECS: i64 = 300;
 /// How long a token must still be valid to be handed out when its refresh failed for now.
 const STILL_VALID_MS: i64 = 60_000;
 
+/// How long a request's work waits for a refresh in flight (in this process or another): a read
+/// of an access token before it answers with the current token, a disconnect before it revokes
+/// without the lease. Within the request's time, leaving room for a provider call of its own and
+/// for the answer.
+fn within_request(app: &App) -> std::time::Duration {
+    let request = app.config.http.request_timeout_secs;
+    let provider = app.config.providers.timeout_secs;
+    std::time::Duration::from_secs(request.saturating_sub(provider).saturating_sub(5).max(1))
+}
+
 /// Returns a valid access token, refreshing first when it would expire within five minutes
 /// (through the single-flight refresh path). When that refresh fails for now (the provider is
-/// down or slow) and the token is still valid for at least a minute, it is returned as it is;
-/// else the caller gets 503. Every read is audit-logged.
+/// down or slow, or a refresh in flight elsewhere outlasts [`within_request`]) and the token is
+/// still valid for at least a minute, it is returned as it is; else the caller gets 503. Every
+/// read is audit-logged.
 pub async fn access_token(
     app: &App,
     actor: &Actor,
@@ -672,7 +715,9 @@ pub async fn access_token(
     id: &str,
 ) -> ServiceResult<AccessTokenView> {
     let row = get_row(app, scope, id).await?;
-    let outcome = super::refresh::refresh(app, &row.id, false, REFRESH_MARGIN_SECS * 1000).await?;
+    let outcome =
+        super::refresh::refresh(app, &row.id, false, REFRESH_MARGIN_SECS * 1000, Some(within_request(app)))
+            .await?;
     let (row, refreshed) = match outcome {
         super::refresh::Outcome::Refreshed(row) => (*row, true),
         super::refresh::Outcome::Current(row) => (*row, false),

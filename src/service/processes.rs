@@ -109,13 +109,62 @@ pub async fn register(app: &App, role: &str) -> DbResult<ProcessRow> {
     Ok(row)
 }
 
+/// How far this host's clock may be from the database's before every heartbeat says so. Leases
+/// are judged by each host's clock, and a refresh leaves 10 s of margin at its lease's end.
+const CLOCK_SKEW_WARN_MS: i64 = 5_000;
+
+/// Whether this host's clock was last found out of step with the database's (so that the warning
+/// is given when that starts, and an all-clear when it ends, not at every heartbeat).
+static CLOCK_SKEWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What to say of this host's clock read at `host_ms` against the database's read at `db_ms`
+/// (`round_trip_ms` apart at most): a warning when they differ by more than
+/// [`CLOCK_SKEW_WARN_MS`] beyond the round trip.
+fn clock_skew(host_ms: i64, db_ms: i64, round_trip_ms: i64) -> Option<String> {
+    let skew = host_ms - db_ms;
+    (skew.abs() > CLOCK_SKEW_WARN_MS + round_trip_ms).then(|| {
+        let (by, way) = (skew.abs() as f64 / 1000.0, if skew > 0 { "ahead of" } else { "behind" });
+        format!(
+            "this host's clock is {by:.1} s {way} the database's: refresh leases and other claims are timed by \
+             each host's clock, so another process may take over work this one still does; synchronise the \
+             hosts' clocks (NTP)"
+        )
+    })
+}
+
+/// Warns once when this host's clock and the database's drift apart, and says when they agree
+/// again. The system clock is compared (not the application's, which the sandbox's control API
+/// may move forward in tests and demos).
+fn check_clock(db_ms: i64, asked: std::time::Instant) {
+    use std::sync::atomic::Ordering;
+    let host_ms = crate::clock::to_millis(OffsetDateTime::now_utc());
+    let round_trip_ms = i64::try_from(asked.elapsed().as_millis()).unwrap_or(i64::MAX / 4);
+    match clock_skew(host_ms, db_ms, round_trip_ms) {
+        Some(message) => {
+            if !CLOCK_SKEWED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(skew_ms = host_ms - db_ms, "{message}");
+            }
+        }
+        None => {
+            if CLOCK_SKEWED.swap(false, Ordering::Relaxed) {
+                tracing::info!(
+                    skew_ms = host_ms - db_ms,
+                    "this host's clock agrees with the database's again"
+                );
+            }
+        }
+    }
+}
+
 /// Writes `row`'s heartbeat (its record, the first time or when it was forgotten), under the key
 /// checks' lock, and marks its key needed again if a re-wrap retired it.
 async fn record(app: &App, row: &mut ProcessRow) -> DbResult<()> {
     let backend = app.db.backend();
     let mut tx = app.db.begin_write().await?;
     db::key_checks::lock(&mut tx, backend).await?;
+    let asked = std::time::Instant::now();
     let now = db::processes::db_now_ms(&mut tx, backend).await?;
+    check_clock(now, asked);
     row.seen_at = now;
     if row.started_at == 0 {
         row.started_at = now;
@@ -179,6 +228,20 @@ pub async fn list(app: &App) -> DbResult<Vec<ProcessView>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A host clock out of step with the database's by more than 5 s (beyond the round trip of
+    /// the reading) is reported, with its direction; within that, nothing.
+    #[test]
+    fn clock_skew_is_judged_beyond_the_round_trip() {
+        let db = 1_764_000_000_000;
+        assert_eq!(clock_skew(db + 4_900, db, 0), None);
+        assert_eq!(clock_skew(db - 5_000, db, 0), None);
+        assert_eq!(clock_skew(db + 5_400, db, 500), None, "the round trip is allowed for");
+        let ahead = clock_skew(db + 12_300, db, 10).unwrap();
+        assert!(ahead.contains("12.3 s ahead of the database's"), "{ahead}");
+        let behind = clock_skew(db - 7_000, db, 10).unwrap();
+        assert!(behind.contains("7.0 s behind the database's"), "{behind}");
+    }
 
     /// A heartbeat that finds its process's key retired (a re-wrap ran while it could not reach
     /// the database) marks it needed again; it also brings back a record forgotten meanwhile.

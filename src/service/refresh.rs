@@ -155,10 +155,18 @@ enum Cause<'a> {
 }
 
 /// Refreshes one connection now if `force` or if it is due (within `margin_ms` of expiry),
-/// honouring every single-flight rule. Waits for a refresh in flight elsewhere. A token the
-/// provider does not refresh yet is left as it is ([`Outcome::Current`]).
-pub async fn refresh(app: &App, id: &str, force: bool, margin_ms: i64) -> ServiceResult<Outcome> {
-    Ok(refresh_step(app, id, force, margin_ms, None, Cause::Plain).await?.into())
+/// honouring every single-flight rule. Waits for a refresh in flight (in this process or another)
+/// for at most `wait` (default: as long as its lease may last), then answers
+/// [`Outcome::Transient`]. A token the provider does not refresh yet is left as it is
+/// ([`Outcome::Current`]).
+pub async fn refresh(
+    app: &App,
+    id: &str,
+    force: bool,
+    margin_ms: i64,
+    wait: Option<Duration>,
+) -> ServiceResult<Outcome> {
+    Ok(refresh_step(app, id, force, margin_ms, None, Cause::Plain, wait).await?.into())
 }
 
 /// A refresh asked for by a person: [`refresh`] forced, telling apart a token the provider does
@@ -170,14 +178,15 @@ pub async fn refresh_requested(
     id: &str,
     seen_generation: Option<i64>,
 ) -> ServiceResult<Requested> {
-    Ok(match refresh_step(app, id, true, 0, seen_generation, Cause::Plain).await? {
+    Ok(match refresh_step(app, id, true, 0, seen_generation, Cause::Plain, None).await? {
         Step::Done(outcome) => Requested::Done(outcome),
         Step::NotYet { row, message } => Requested::NotYet { row, message },
     })
 }
 
 /// [`refresh`]; with `generation`, only if the stored tokens are still of that generation (a
-/// newer one means someone refreshed meanwhile: nothing to do).
+/// newer one means someone refreshed meanwhile: nothing to do). A refresh in flight is waited for
+/// for at most `wait` (default: as long as its lease may last, and five seconds more).
 async fn refresh_step(
     app: &App,
     id: &str,
@@ -185,13 +194,19 @@ async fn refresh_step(
     margin_ms: i64,
     generation: Option<i64>,
     cause: Cause<'_>,
+    wait: Option<Duration>,
 ) -> ServiceResult<Step> {
-    let lock = connection_lock(id);
-    let _guard = lock.lock().await;
     let owner = owner_id();
     let lease = i64::try_from(app.config.jobs.lease_secs).unwrap_or(60) * 1000;
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_millis(u64::try_from(lease).unwrap_or(60_000) + 5000);
+    let wait = wait.unwrap_or_else(|| Duration::from_millis(u64::try_from(lease).unwrap_or(60_000) + 5000));
+    let deadline = tokio::time::Instant::now() + wait;
+    let still_running =
+        || Step::Done(Outcome::Transient("another refresh of this connection is still running".into()));
+    // Another task of this process may be refreshing it: wait for it within the same bound.
+    let lock = connection_lock(id);
+    let Ok(_guard) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+        return Ok(still_running());
+    };
     let mut seen_generation: Option<i64> = generation;
     loop {
         let mut conn = app.db.read().await?;
@@ -235,9 +250,7 @@ async fn refresh_step(
         }
         // Another process is refreshing: wait for its result instead of starting another.
         if tokio::time::Instant::now() > deadline {
-            return Ok(Step::Done(Outcome::Transient(
-                "another refresh of this connection is still running".into(),
-            )));
+            return Ok(still_running());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -271,6 +284,29 @@ fn too_young(platform: Platform, row: &ConnectionRow, from: i64) -> String {
         message.push_str(&format!(" The token is unchanged and valid until {}.", at(expires)));
     }
     message
+}
+
+/// Takes the refresh lease of an active connection for work that must not overlap a refresh in
+/// any process (a disconnect revoking the grant: a refresh meanwhile would rotate the tokens it
+/// revokes, or meet the revoked grant and report the connection broken), waiting up to `wait`
+/// for a refresh in flight elsewhere to end. The caller holds the in-process lock. Returns
+/// whether this process now holds the lease: not when the connection is not active (nothing
+/// refreshes it) or when the holder outlasted `wait`.
+pub(crate) async fn take_lease_waiting(app: &App, id: &str, wait: Duration) -> ServiceResult<bool> {
+    let lease = i64::try_from(app.config.jobs.lease_secs).unwrap_or(60) * 1000;
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let now = app.now_ms();
+        if db::connections::try_lease(&mut *app.db.writer().await?, id, owner_id(), now, now + lease).await? {
+            return Ok(true);
+        }
+        let row = db::connections::get(&mut *app.db.read().await?, id).await?;
+        let active = row.is_some_and(|r| ConnectionStatus::parse(&r.status) == ConnectionStatus::Active);
+        if !active || tokio::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Runs a refresh for a connection whose lease `owner` holds (the scheduler's path). Takes the
@@ -954,7 +990,7 @@ async fn record_interrupted(
 pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
     // A token that is about to expire is refreshed first, so the check tests the grant, not the
     // token's age.
-    match refresh(app, id, false, connections::REFRESH_MARGIN_SECS * 1000).await? {
+    match refresh(app, id, false, connections::REFRESH_MARGIN_SECS * 1000, None).await? {
         Outcome::Broken(reason) => return Ok(Outcome::Broken(reason)),
         Outcome::Transient(reason) => return Ok(Outcome::Transient(reason)),
         Outcome::Current(_) | Outcome::Refreshed(_) => {}
@@ -969,7 +1005,8 @@ pub async fn check(app: &App, id: &str) -> ServiceResult<Outcome> {
             Checked::AccessRefused { generation, reason } => {
                 // Through the single-flight path, and only if nobody refreshed meanwhile (then
                 // the new token is simply asked again).
-                let step = refresh_step(app, id, true, 0, Some(generation), Cause::AccessRefused(&reason));
+                let step =
+                    refresh_step(app, id, true, 0, Some(generation), Cause::AccessRefused(&reason), None);
                 match step.await? {
                     Step::Done(Outcome::Broken(why)) => return Ok(Outcome::Broken(why)),
                     Step::Done(Outcome::Transient(why)) => return Ok(Outcome::Transient(why)),

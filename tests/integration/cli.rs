@@ -732,6 +732,8 @@ async fn graceful_shutdown_finishes_requests(app: TestApp) {
     assert!(res.status().as_u16() < 500 || res.status().as_u16() == 400, "answered: {}", res.status());
     assert_eq!(app.wait_exit(), Some(0));
     assert!(app.log_text().contains("shutdown signal received"));
+    // The grace period (10 s) outlasts a provider call (2 s): nothing to say about it.
+    assert!(!app.log_text().contains("shutdown_grace_secs is not longer"), "{}", app.log_text());
 }
 
 /// A request still running when the grace period after SIGTERM ends (the sandbox's token endpoint
@@ -739,6 +741,12 @@ async fn graceful_shutdown_finishes_requests(app: TestApp) {
 /// and the process still cleans up (its record removed) and exits 0.
 async fn shutdown_stops_requests_at_the_end_of_the_grace_period(app: TestApp) {
     let (app, cleanup) = app.restart_with(&[("AUTHLINK_HTTP__SHUTDOWN_GRACE_SECS", "1")]).await;
+    // Shorter than the provider timeout (2 s here): said at start.
+    assert!(
+        app.log_text().contains("http.shutdown_grace_secs is not longer than providers.timeout_secs"),
+        "{}",
+        app.log_text()
+    );
     let scenario = serde_json::json!({"fail_next": [{"endpoint": "token", "kind": "slow", "count": 1}], "slow_ms": 25_000});
     app.sandbox("/tiktok/scenario", scenario).await;
     let client = app.client.clone();

@@ -26,6 +26,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         refresh_outlives_the_request_that_asked_for_it,
         a_refresh_does_not_revive_a_connection_broken_meanwhile,
         a_check_does_not_run_during_another_process_refresh,
+        a_token_read_waits_for_another_process_refresh_within_the_request,
+        a_disconnect_holds_the_refresh_lease_while_it_revokes,
         an_inactive_connection_leaves_the_refresh_schedule,
         unreadable_tokens_break_the_connection,
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
@@ -901,6 +903,117 @@ async fn a_check_does_not_run_during_another_process_refresh(app: TestApp) {
         ))
         .await;
     assert_eq!(lease, "none");
+    restarted.run().await;
+}
+
+/// A token read that finds the token due and another process's refresh in flight waits for it
+/// only as long as the request's time allows (request timeout − provider timeout − 5 s, here
+/// 2 s), then answers with the current token while it is valid for a minute more, or 503: not
+/// the request timeout's 503 after waiting for the whole lease (it waited up to 65 s).
+async fn a_token_read_waits_for_another_process_refresh_within_the_request(app: TestApp) {
+    let settings = [("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "9"), ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "2")];
+    let (app, restarted, key, id) = one_tiktok_connection(app, "Read Leased", &settings, 0).await;
+    let token =
+        app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await["access_token"].clone();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let far = now + 3_600_000;
+    app.execute(&format!(
+        "UPDATE {{schema}}.refresh_schedule SET lease_owner = 'another-process', lease_until = {far} \
+         WHERE connection_id = '{id}'"
+    ))
+    .await;
+    let refreshes = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
+    // Due (four minutes left), still valid for more than a minute: the current token.
+    let expires = now + 240_000;
+    app.execute(&format!(
+        "UPDATE {{schema}}.connections SET access_expires_at = {expires} WHERE id = '{id}'"
+    ))
+    .await;
+    let read = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    assert_eq!(read["access_token"], token, "{read}");
+    // Thirty seconds left: not worth handing out, and not refreshed here either: 503.
+    let expires = now + 30_000;
+    app.execute(&format!(
+        "UPDATE {{schema}}.connections SET access_expires_at = {expires} WHERE id = '{id}'"
+    ))
+    .await;
+    let refused = app.api_get(&format!("/connections/{id}/access-token"), &key, 503).await;
+    assert_eq!(refused["code"], "provider_unavailable", "{refused}");
+    assert!(refused["detail"].as_str().unwrap().contains("another refresh"), "{refused}");
+    assert_eq!(app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap(), refreshes);
+    // The lease given back: the read refreshes.
+    app.execute(&format!(
+        "UPDATE {{schema}}.refresh_schedule SET lease_owner = NULL, lease_until = NULL WHERE connection_id = '{id}'"
+    ))
+    .await;
+    let fresh = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    assert_ne!(fresh["access_token"], token, "{fresh}");
+    assert_eq!(app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap(), refreshes + 1);
+    restarted.run().await;
+}
+
+/// A disconnect holds the connection's refresh lease while it revokes the grant, so that no
+/// process refreshes the tokens being revoked (or meets the revoked grant and reports the
+/// connection broken); a lease another process keeps past the request's time does not stop it.
+async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
+    let settings = [("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "12"), ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "5")];
+    let (app, restarted, key, id) = one_tiktok_connection(app, "Disconnect Leased", &settings, 0).await;
+    let lease_of = |id: String| {
+        let app = &app;
+        async move {
+            app.text(&format!(
+                "SELECT COALESCE(lease_owner, 'none') FROM {{schema}}.refresh_schedule WHERE connection_id = '{id}'"
+            ))
+            .await
+        }
+    };
+    assert_eq!(lease_of(id.clone()).await, "none");
+    // The revocation is slow (3 s): the lease is held while it runs, and the connection is still
+    // active then.
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "revoke", "kind": "slow"}], "slow_ms": 3000}),
+    )
+    .await;
+    let disconnecting = {
+        let request =
+            app.api(reqwest::Method::POST, &format!("/connections/{id}/disconnect"), &key).json(&json!({}));
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    let held = eventually("the disconnect to take the lease", 10, || async {
+        let owner = lease_of(id.clone()).await;
+        (owner != "none").then_some(Value::String(owner))
+    })
+    .await;
+    assert_ne!(held, "another-process");
+    let during = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(during["status"], "active", "taken before the revocation ends: {during}");
+    let done = disconnecting.await.unwrap();
+    assert_eq!(done.status(), 200);
+    let done: Value = done.json().await.unwrap();
+    assert_eq!(done["status"], "disconnected", "{done}");
+    assert!(done["status_reason"].as_str().unwrap().contains("revoked at the provider"), "{done}");
+    assert_eq!(lease_of(id.clone()).await, "none", "given back");
+    // Another account, whose lease another process holds (and keeps): the disconnect waits for it
+    // within the request's time (12 − 5 − 5 = 2 s), then goes ahead.
+    let wid = app.workspace("Disconnect Held");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[1].open_id).await;
+    let other = connection_id(&app, &key).await;
+    let far = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 + 3_600_000;
+    app.execute(&format!(
+        "UPDATE {{schema}}.refresh_schedule SET lease_owner = 'another-process', lease_until = {far} \
+         WHERE connection_id = '{other}'"
+    ))
+    .await;
+    let done = app.api_post(&format!("/connections/{other}/disconnect"), &key, json!({}), 200).await;
+    assert_eq!(done["status"], "disconnected", "{done}");
+    assert_eq!(
+        lease_of(other.clone()).await,
+        "another-process",
+        "another process's lease is not ours to free"
+    );
     restarted.run().await;
 }
 
