@@ -13,10 +13,10 @@ use time::{Duration, OffsetDateTime};
 
 use super::pages::{self, AccountChoice, ConsentPage};
 use super::{
-    Endpoint, ErrorState, FailNext, FailureKind, INSTAGRAM_CLIENT_ID, INSTAGRAM_CLIENT_SECRET, MAX_CODES,
-    MAX_TOKENS, MeShape, Params, RevokeReason, Sandbox, Scenario, Scripted, Stats, Tamper, TokenShape,
-    TooEarly, found, json, proxy_html_error, prune, random_b64, split_scopes, url_with_query,
-    with_retry_after,
+    Endpoint, ErrorState, ExchangeUserId, FailNext, FailureKind, INSTAGRAM_CLIENT_ID,
+    INSTAGRAM_CLIENT_SECRET, MAX_CODES, MAX_TOKENS, MeShape, Params, RevokeReason, Sandbox, Scenario,
+    Scripted, Stats, Tamper, TokenShape, TooEarly, found, json, proxy_html_error, prune, random_b64,
+    split_scopes, url_with_query, with_retry_after,
 };
 use crate::crypto::constant_time_eq;
 use crate::domain::Platform;
@@ -659,13 +659,21 @@ pub(super) async fn access_token(
     let scopes = c.scopes.clone();
     let (token, _) = st.issue(user_id, false, now);
     let shape = st.scenario.token_shape;
+    // Which id the answer names is unconfirmed (§3.6): the professional one, or the app-scoped
+    // one (a number above 2^53 too, as the doc's example).
+    let answered: u64 = match st.scenario.exchange_user_id {
+        ExchangeUserId::Professional => user_id,
+        ExchangeUserId::AppScoped => {
+            account(user_id).and_then(|a| a.app_scoped_id.parse().ok()).unwrap_or(user_id)
+        }
+    };
     drop(st);
     tracing::debug!("sandbox instagram: code exchanged for a short-lived token");
     let body = match shape {
-        TokenShape::Flat => json!({ "access_token": token, "user_id": user_id, "permissions": scopes }),
+        TokenShape::Flat => json!({ "access_token": token, "user_id": answered, "permissions": scopes }),
         TokenShape::Wrapped => json!({ "data": [{
             "access_token": token,
-            "user_id": user_id.to_string(),
+            "user_id": answered.to_string(),
             "permissions": scopes.join(","),
         }] }),
     };

@@ -81,7 +81,11 @@
 //!   Meta's callbacks, [`INSTAGRAM_CLIENT_SECRET`] or [`META_APP_SECRET`]), "refresh_too_early":
 //!   "code_100"|"code_190" (Instagram, default code_100), "refresh_min_age_secs": n (Instagram,
 //!   default 86400), "error_state": "echo"|"omit" (whether `state` comes back with an error
-//!   redirect), "retry_after_secs": n (default 30), "slow_ms": n (default 15000)}`.
+//!   redirect), "refresh_rotation": "rotate"|"keep"|"omit" (TikTok: a new refresh token with
+//!   every refresh, the one sent dying at once; the same one back, still valid; or none in the
+//!   answer, the one sent still valid), "exchange_user_id": "professional"|"app_scoped"
+//!   (Instagram: the code exchange's `user_id` is `/me` `user_id`, or `/me` `id`),
+//!   "retry_after_secs": n (default 30), "slow_ms": n (default 15000)}`.
 //!   `fail_next` entries are consumed in order, per endpoint: a call takes the first entry for its
 //!   endpoint. `slow` waits `slow_ms`, then answers normally; `slow_answer` (TikTok's `token` and
 //!   `refresh`) answers normally, but `slow_ms` after handling the call. See [`FailureKind`] for each kind's
@@ -269,9 +273,10 @@ impl Sandbox {
                     || patch.refresh_min_age_secs.is_some()
                     || patch.me_shape.is_some()
                     || patch.signing_secret.is_some()
+                    || patch.exchange_user_id.is_some()
                 {
-                    return Err("token_shape, refresh_too_early, refresh_min_age_secs, me_shape and \
-                                signing_secret apply to instagram only"
+                    return Err("token_shape, refresh_too_early, refresh_min_age_secs, me_shape, \
+                                signing_secret and exchange_user_id apply to instagram only"
                         .into());
                 }
                 let mut st = self.tiktok_state();
@@ -284,9 +289,10 @@ impl Sandbox {
                     || patch.oauth_error_status.is_some()
                     || patch.rate_limit_per_min.is_some()
                     || patch.api_error_shape.is_some()
+                    || patch.refresh_rotation.is_some()
                 {
-                    return Err("pkce_optional, lifetimes, oauth_error_status, rate_limit_per_min and \
-                                api_error_shape apply to tiktok only"
+                    return Err("pkce_optional, lifetimes, oauth_error_status, rate_limit_per_min, \
+                                api_error_shape and refresh_rotation apply to tiktok only"
                         .into());
                 }
                 let mut st = self.instagram_state();
@@ -769,6 +775,31 @@ pub enum Lifetimes {
     Short,
 }
 
+/// What TikTok's refresh does with the refresh token sent: rotation is documented for the newer
+/// API (§2.5) and the sandbox's default; the older behaviour is not settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefreshRotation {
+    /// A new refresh token with every refresh; the one sent dies at once.
+    #[default]
+    Rotate,
+    /// The same refresh token comes back (with its remaining lifetime) and stays valid.
+    Keep,
+    /// The answer carries no refresh token; the one sent stays valid.
+    Omit,
+}
+
+/// Which account id Instagram's code exchange answers as `user_id` (unconfirmed, §3.6).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExchangeUserId {
+    /// The professional account's id, as `/me` `user_id`.
+    #[default]
+    Professional,
+    /// The app-scoped id, as `/me` `id`.
+    AppScoped,
+}
+
 /// The shape of Instagram's code-exchange answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -890,6 +921,10 @@ pub struct Scenario {
     pub rate_limit_per_min: u32,
     /// TikTok: the shape of the user-info API's errors.
     pub api_error_shape: ApiErrorShape,
+    /// TikTok: what a refresh does with the refresh token sent.
+    pub refresh_rotation: RefreshRotation,
+    /// Instagram: which id the code exchange answers as `user_id`.
+    pub exchange_user_id: ExchangeUserId,
 }
 
 impl Default for Scenario {
@@ -910,6 +945,8 @@ impl Default for Scenario {
             signing_secret: SigningSecret::Instagram,
             rate_limit_per_min: 600,
             api_error_shape: ApiErrorShape::Nested,
+            refresh_rotation: RefreshRotation::Rotate,
+            exchange_user_id: ExchangeUserId::Professional,
         }
     }
 }
@@ -961,6 +998,12 @@ impl Scenario {
         if let Some(v) = patch.api_error_shape {
             self.api_error_shape = v;
         }
+        if let Some(v) = patch.refresh_rotation {
+            self.refresh_rotation = v;
+        }
+        if let Some(v) = patch.exchange_user_id {
+            self.exchange_user_id = v;
+        }
     }
 
     /// Takes the first scripted failure for `endpoint`, if any.
@@ -1008,6 +1051,10 @@ pub struct ScenarioPatch {
     pub signing_secret: Option<SigningSecret>,
     /// See [`Scenario::rate_limit_per_min`].
     pub rate_limit_per_min: Option<u32>,
+    /// See [`Scenario::refresh_rotation`].
+    pub refresh_rotation: Option<RefreshRotation>,
+    /// See [`Scenario::exchange_user_id`].
+    pub exchange_user_id: Option<ExchangeUserId>,
     /// See [`Scenario::api_error_shape`].
     pub api_error_shape: Option<ApiErrorShape>,
 }

@@ -14,13 +14,12 @@ use time::{Duration, OffsetDateTime};
 use super::pages::{self, AccountChoice, ConsentPage};
 use super::{
     ApiErrorShape, Endpoint, ErrorState, FailNext, FailureKind, Lifetimes, MAX_CODES, MAX_TOKENS,
-    OauthErrorStatus, Params, Sandbox, Scenario, Scripted, Stats, TIKTOK_CLIENT_KEY, TIKTOK_CLIENT_SECRET,
-    Tamper, found, json, log_id, proxy_html_error, prune, random_b64, split_commas, split_scopes,
-    url_with_query, with_retry_after,
+    OauthErrorStatus, Params, RefreshRotation, Sandbox, Scenario, Scripted, Stats, TIKTOK_CLIENT_KEY,
+    TIKTOK_CLIENT_SECRET, Tamper, found, json, log_id, proxy_html_error, prune, random_b64, split_commas,
+    split_scopes, url_with_query, with_retry_after,
 };
 use crate::crypto::constant_time_eq;
 use crate::domain::Platform;
-use crate::providers::pkce;
 
 const PROVIDER: &str = "TikTok";
 const SLUG: &str = "tiktok";
@@ -198,9 +197,9 @@ struct RefreshToken {
 /// A freshly issued token pair.
 struct Issued {
     access_token: String,
-    refresh_token: String,
     access_lifetime: i64,
-    refresh_lifetime: i64,
+    /// The refresh token and its lifetime in seconds, when the answer carries one.
+    refresh: Option<(String, i64)>,
 }
 
 impl TikTokState {
@@ -212,20 +211,28 @@ impl TikTokState {
     }
 
     fn issue(&mut self, grant: u64, now: OffsetDateTime) -> Issued {
-        let (access_lifetime, refresh_lifetime) = self.lifetimes();
-        prune(&mut self.access_tokens, MAX_TOKENS, |t| t.expires_at <= now, |t| t.expires_at);
+        let (_, refresh_lifetime) = self.lifetimes();
         prune(&mut self.refresh_tokens, MAX_TOKENS, |t| t.expires_at <= now, |t| t.expires_at);
-        let access_token = format!("act.{}", random_b64::<32>());
+        let mut issued = self.issue_access(grant, now);
         let refresh_token = format!("rft.{}", random_b64::<32>());
-        self.access_tokens.insert(
-            access_token.clone(),
-            AccessToken { grant, expires_at: now + Duration::seconds(access_lifetime), revoked: false },
-        );
         self.refresh_tokens.insert(
             refresh_token.clone(),
             RefreshToken { grant, expires_at: now + Duration::seconds(refresh_lifetime), rotated: false },
         );
-        Issued { access_token, refresh_token, access_lifetime, refresh_lifetime }
+        issued.refresh = Some((refresh_token, refresh_lifetime));
+        issued
+    }
+
+    /// A new access token of `grant`, and no refresh token.
+    fn issue_access(&mut self, grant: u64, now: OffsetDateTime) -> Issued {
+        let (access_lifetime, _) = self.lifetimes();
+        prune(&mut self.access_tokens, MAX_TOKENS, |t| t.expires_at <= now, |t| t.expires_at);
+        let access_token = format!("act.{}", random_b64::<32>());
+        self.access_tokens.insert(
+            access_token.clone(),
+            AccessToken { grant, expires_at: now + Duration::seconds(access_lifetime), revoked: false },
+        );
+        Issued { access_token, access_lifetime, refresh: None }
     }
 
     /// The grant behind a live access token.
@@ -285,12 +292,13 @@ impl TikTokState {
             self.grants
                 .insert(grant, Grant { open_id: open_id.clone(), scopes: scopes.to_vec(), revoked: false });
             let issued = self.issue(grant, now);
+            let (refresh_token, refresh_lifetime) = issued.refresh.unwrap_or_default();
             out.push(serde_json::json!({
                 "open_id": open_id,
                 "access_token": issued.access_token,
-                "refresh_token": issued.refresh_token,
+                "refresh_token": refresh_token,
                 "expires_in": issued.access_lifetime,
-                "refresh_expires_in": issued.refresh_lifetime,
+                "refresh_expires_in": refresh_lifetime,
                 "scope": scopes.join(","),
             }));
         }
@@ -803,7 +811,7 @@ fn exchange_code(sb: &Sandbox, p: &Params, now: OffsetDateTime) -> Response {
         let verifier = p.get("code_verifier").unwrap_or_default();
         let well_formed = (43..=128).contains(&verifier.len())
             && verifier.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
-        if !well_formed || !constant_time_eq(pkce::s256_hex(verifier).as_bytes(), challenge.as_bytes()) {
+        if !well_formed || !constant_time_eq(s256_hex(verifier).as_bytes(), challenge.as_bytes()) {
             return oauth_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
@@ -846,36 +854,58 @@ fn refresh(sb: &Sandbox, p: &Params, now: OffsetDateTime) -> Response {
             return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", description, now);
         }
     };
-    // Rotation without grace: the token sent dies now.
-    if let Some(t) = st.refresh_tokens.get_mut(rt) {
-        t.rotated = true;
-    }
     let (open_id, scopes) = match st.grants.get(&grant) {
         Some(g) => (g.open_id.clone(), g.scopes.clone()),
         None => {
             return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "Refresh token is invalid.", now);
         }
     };
-    let issued = st.issue(grant, now);
+    let rotation = st.scenario.refresh_rotation;
+    let issued = match rotation {
+        // Rotation without grace: the token sent dies now.
+        RefreshRotation::Rotate => {
+            if let Some(t) = st.refresh_tokens.get_mut(rt) {
+                t.rotated = true;
+            }
+            st.issue(grant, now)
+        }
+        // The token sent lives on, and comes back (with what is left of its life) or not at all.
+        RefreshRotation::Keep | RefreshRotation::Omit => {
+            let left = st.refresh_tokens.get(rt).map_or(0, |t| (t.expires_at - now).whole_seconds());
+            let mut issued = st.issue_access(grant, now);
+            if rotation == RefreshRotation::Keep {
+                issued.refresh = Some((rt.to_string(), left));
+            }
+            issued
+        }
+    };
     drop(st);
-    tracing::debug!("sandbox tiktok: refresh token rotated");
+    tracing::debug!(?rotation, "sandbox tiktok: token refreshed");
     token_answer(&issued, &open_id, &scopes)
+}
+
+/// The S256 challenge of `verifier` as TikTok Login Kit for Web expects it: the SHA-256 digest in
+/// lower-case hex (providers.md §2.3). Computed here, apart from the adapter's own code, so that a
+/// mistake there is not repeated on this side.
+fn s256_hex(verifier: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(verifier.as_bytes()))
 }
 
 /// The flat success answer of §2.4.
 fn token_answer(issued: &Issued, open_id: &str, scopes: &[String]) -> Response {
-    json(
-        StatusCode::OK,
-        json!({
-            "access_token": issued.access_token,
-            "expires_in": issued.access_lifetime,
-            "open_id": open_id,
-            "refresh_expires_in": issued.refresh_lifetime,
-            "refresh_token": issued.refresh_token,
-            "scope": scopes.join(","),
-            "token_type": "Bearer",
-        }),
-    )
+    let mut body = json!({
+        "access_token": issued.access_token,
+        "expires_in": issued.access_lifetime,
+        "open_id": open_id,
+        "scope": scopes.join(","),
+        "token_type": "Bearer",
+    });
+    if let Some((token, lifetime)) = &issued.refresh {
+        body["refresh_token"] = json!(token);
+        body["refresh_expires_in"] = json!(lifetime);
+    }
+    json(StatusCode::OK, body)
 }
 
 /// The bearer token of a request.

@@ -17,6 +17,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         denial_without_state_still_leads_back_to_the_link,
         provider_errors_on_the_callback_end_the_flow,
         unconfirmed_answer_shapes_are_tolerated,
+        unconfirmed_refresh_rotation_and_exchange_ids_are_tolerated,
         meta_callbacks_signed_with_either_secret,
     ]
 }
@@ -316,6 +317,52 @@ async fn unconfirmed_answer_shapes_are_tolerated(app: TestApp) {
     assert_eq!(conn["provider_account_id"], ig.user_id.to_string(), "{list}");
     assert_eq!(conn["username"], ig.username);
     assert_eq!(app.count("connections").await, 2);
+}
+
+/// Whether TikTok rotates refresh tokens (newer docs) or keeps them, and which id Instagram's code
+/// exchange names (the professional or the app-scoped one), are unconfirmed: refreshes go on
+/// working whichever the provider does (a refresh token kept when none comes back, the new one
+/// stored when one does), and an Instagram account is one connection whichever id the exchange
+/// names, keyed on `/me`'s `user_id`.
+async fn unconfirmed_refresh_rotation_and_exchange_ids_are_tolerated(app: TestApp) {
+    let wid = app.workspace("Rotation");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", &account("tiktok")).await;
+    let id = app.api_get("/connections?provider=tiktok", &key, 200).await["data"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut last =
+        app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await["access_token"].clone();
+    for rotation in ["omit", "keep", "rotate", "omit"] {
+        app.sandbox("/tiktok/scenario", json!({"refresh_rotation": rotation})).await;
+        for round in 0..2 {
+            let res = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+            assert_eq!(res["outcome"], "refreshed", "{rotation} {round}: {res}");
+            let token = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+            assert_ne!(token["access_token"], last, "{rotation} {round}: the new access token is stored");
+            last = token["access_token"].clone();
+        }
+    }
+    let stats = app.sandbox_stats("tiktok").await;
+    assert_eq!(stats["refresh_calls"], 8, "{stats}");
+    assert_eq!(stats["invalid_grant"], 0, "no refresh sent a dead refresh token: {stats}");
+    assert_eq!(stats["refresh_token_reuse"], 0, "{stats}");
+    let conn = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(conn["status"], "active", "{conn}");
+    // Instagram: the exchange names the app-scoped id, then the professional one: one connection,
+    // keyed on the professional account's id, reconnected the second time.
+    let ig = &authlink::sandbox::INSTAGRAM_ACCOUNTS[0];
+    for (round, named) in ["app_scoped", "professional"].into_iter().enumerate() {
+        app.sandbox("/instagram/scenario", json!({"exchange_user_id": named})).await;
+        connect(&app.client, &app, &url, "instagram", &account("instagram")).await;
+        let list = app.api_get("/connections?provider=instagram", &key, 200).await;
+        let conns = list["data"].as_array().unwrap();
+        assert_eq!(conns.len(), 1, "{named}: {list}");
+        assert_eq!(conns[0]["provider_account_id"], ig.user_id.to_string(), "{named}: {list}");
+        assert_eq!(conns[0]["reconnect_count"], round, "{named}: {list}");
+    }
 }
 
 /// Which secret Meta signs its callbacks with for an Instagram-Login app is unconfirmed: signed
