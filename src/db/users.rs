@@ -234,11 +234,13 @@ pub async fn members_of_workspace(conn: &mut AnyConnection, workspace_id: &str) 
 
 /// How many owners a workspace has.
 pub async fn count_owners(conn: &mut AnyConnection, workspace_id: &str) -> DbResult<i64> {
-    let (n,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM memberships WHERE workspace_id = $1 AND role = 'owner'")
-            .bind(workspace_id)
-            .fetch_one(conn)
-            .await?;
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM memberships m JOIN users u ON u.id = m.user_id \
+             WHERE m.workspace_id = $1 AND m.role = 'owner' AND u.disabled_at IS NULL",
+    )
+    .bind(workspace_id)
+    .fetch_one(conn)
+    .await?;
     Ok(n)
 }
 

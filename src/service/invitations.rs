@@ -125,6 +125,11 @@ pub async fn add(
         revoked_at: None,
     };
     let mut tx = app.db.begin_write().await?;
+    // The inviter may have lost the right to invite since its request was let in (removed, made a
+    // member or disabled, whose invitations are withdrawn with it): checked again in line with
+    // the changes of members, so that no invitation is written after that withdrawal.
+    db::advisory_lock(&mut tx, app.db.backend(), &users::members_lock(workspace_id)).await?;
+    users::still_entitled(&mut tx, app, actor, workspace_id).await?;
     // One pending invitation per address: the newest.
     db::invitations::revoke_pending(&mut tx, workspace_id, Which::Email(&row.email_normalized), now).await?;
     db::invitations::insert(&mut tx, &row).await?;

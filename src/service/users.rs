@@ -404,15 +404,15 @@ pub struct PasswordChange {
 
 /// Changes the signed-in user's own password. The current password is required (wrong guesses
 /// are throttled per session, and per address, like sign-ins: someone failing to sign in to the
-/// account elsewhere does not stop its owner from changing the password); every other session
-/// of the user ends.
+/// account elsewhere does not stop its owner from changing the password); every session of the
+/// user ends, and the browser that changed it gets a new one (returned, for its cookie).
 pub async fn change_password(
     app: &App,
     user: &UserRow,
     session_id: &str,
     ip: &str,
     input: &PasswordChange,
-) -> ServiceResult<()> {
+) -> ServiceResult<NewSession> {
     let throttle_key = format!("session:{session_id}");
     let now = app.now_ms();
     let Some(attempt) = reserve_attempt(app, &throttle_key, ip, now).await? else {
@@ -435,9 +435,13 @@ pub async fn change_password(
     errors.finish()?;
     let hash = hash_password_async(&input.new).await?;
     let now = app.now_ms();
+    let (token, session) = session_row(&user.id, ip, now);
     let mut tx = app.db.begin_write().await?;
     db::users::set_password(&mut tx, &user.id, &hash, now).await?;
-    let ended = db::sessions::delete_for_user(&mut tx, &user.id, Some(session_id)).await?;
+    // Every session ends, this one too: its token may be what someone else holds (the reason to
+    // change a password), and proving the password again earns a new one (ASVS 7.2.4).
+    let ended = db::sessions::delete_for_user(&mut tx, &user.id, None).await?.saturating_sub(1);
+    db::sessions::insert(&mut tx, &session).await?;
     audit::record(
         &mut tx,
         now,
@@ -450,8 +454,8 @@ pub async fn change_password(
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(user_id = %user.id, "password changed");
-    Ok(())
+    tracing::info!(user_id = %user.id, session_id = %session.id, "password changed; a new session replaces this one");
+    Ok(NewSession { token: SecretString::from(token), session, user: user.clone(), device: None })
 }
 
 /// A member of a workspace, as listed.
@@ -528,6 +532,7 @@ pub async fn add_member(
     // One change of a workspace's members at a time, so that two owners demoting or removing
     // each other cannot both pass the only-owner check.
     db::advisory_lock(&mut tx, app.db.backend(), &members_lock(workspace_id)).await?;
+    still_entitled(&mut tx, app, actor, workspace_id).await?;
     let before = db::users::membership(&mut tx, &user.id, workspace_id).await?;
     if before.as_ref().is_some_and(|b| b.role == "owner")
         && role == Role::Member
@@ -581,6 +586,25 @@ pub async fn add_member(
 }
 
 /// The advisory lock (PostgreSQL) under which a workspace's members change.
+/// Refuses a user who is no longer an owner of `workspace_id` (nor a platform admin), checked in
+/// `tx` under the members lock: a request let in before its maker was removed, made a member or
+/// disabled must not change the members after that change (the other actors are not users).
+pub(crate) async fn still_entitled(
+    tx: &mut sqlx::AnyConnection,
+    app: &App,
+    actor: &Actor,
+    workspace_id: &str,
+) -> ServiceResult<()> {
+    let Actor::User { id } = actor else {
+        return Ok(());
+    };
+    if db::users::may_make_keys_locked(tx, app.db.backend(), id, Some(workspace_id)).await? {
+        Ok(())
+    } else {
+        Err(ServiceError::Forbidden("the right to manage this workspace's members was withdrawn meanwhile"))
+    }
+}
+
 pub(crate) fn members_lock(workspace_id: &str) -> String {
     format!("members:{workspace_id}")
 }
@@ -772,6 +796,22 @@ pub(crate) enum Trust<'a> {
     },
 }
 
+/// A new session of `user_id` from `ip`: the token for its cookie, and the row (which keeps only
+/// the token's hash).
+fn session_row(user_id: &str, ip: &str, now: i64) -> (String, SessionRow) {
+    let token = crypto::random_token();
+    let session = SessionRow {
+        id: new_id(),
+        token_hash: crypto::sha256_hex(token.as_bytes()),
+        user_id: user_id.to_string(),
+        created_at: now,
+        last_seen_at: now,
+        expires_at: now + SESSION_ABSOLUTE_MS,
+        ip: Some(ip.chars().take(64).collect()),
+    };
+    (token, session)
+}
+
 /// A new session for `user`, signed in from `ip` (after a password check, or the creation of
 /// the account): `previous_token`'s session ends, with `throttle_key` the failed sign-ins
 /// counted under it are forgotten, and the browser is trusted (`trust`).
@@ -784,16 +824,7 @@ pub(crate) async fn open_session(
     trust: Trust<'_>,
     now: i64,
 ) -> ServiceResult<NewSession> {
-    let token = crypto::random_token();
-    let session = SessionRow {
-        id: new_id(),
-        token_hash: crypto::sha256_hex(token.as_bytes()),
-        user_id: user.id.clone(),
-        created_at: now,
-        last_seen_at: now,
-        expires_at: now + SESSION_ABSOLUTE_MS,
-        ip: Some(ip.chars().take(64).collect()),
-    };
+    let (token, session) = session_row(&user.id, ip, now);
     let mut tx = app.db.begin_write().await?;
     if let Some(previous) = previous_token {
         db::sessions::delete_by_token_hash(&mut tx, &crypto::sha256_hex(previous.as_bytes())).await?;

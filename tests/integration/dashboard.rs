@@ -38,6 +38,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         branding_saved_meanwhile_comes_back_unsaved,
         api_keys_go_when_their_maker_loses_the_right_to_them,
         owners_removing_each_other_at_once_leave_one,
+        a_disabled_owner_is_no_owner_to_leave_the_workspace_to,
         connection_pages_and_repair_link,
         used_up_link_is_still_the_repair_link,
         overview_counts_follow_every_change,
@@ -48,6 +49,16 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     list.push((
         "a_key_made_while_its_maker_is_removed_is_refused",
         |app| Box::pin(a_key_made_while_its_maker_is_removed_is_refused(app)),
+        crate::Only::Postgres,
+    ));
+    list.push((
+        "an_invitation_made_while_its_maker_is_removed_is_refused",
+        |app| Box::pin(an_invitation_made_while_its_maker_is_removed_is_refused(app)),
+        crate::Only::Postgres,
+    ));
+    list.push((
+        "a_role_given_while_its_giver_is_removed_is_refused",
+        |app| Box::pin(a_role_given_while_its_giver_is_removed_is_refused(app)),
         crate::Only::Postgres,
     ));
     list
@@ -579,13 +590,70 @@ async fn api_keys_go_when_their_maker_loses_the_right_to_them(app: TestApp) {
 /// The key's creation waits for the removal (the maker's membership is locked and read again),
 /// and is then refused: no key outlives the walk that revokes what its maker made.
 async fn a_key_made_while_its_maker_is_removed_is_refused(app: TestApp) {
+    let (status, html) =
+        asked_while_the_owner_is_removed(&app, "/app/w/acme/api-keys", &[("name", "made meanwhile")]).await;
+    assert_eq!(status, 403, "{html}");
+    assert_eq!(app.count("api_keys").await, 0);
+}
+
+/// An owner's invitation asked for while the owner is being removed (the removal withdraws the
+/// invitations the owner made, and one written after it would outlive it) is refused, on
+/// PostgreSQL where the two run at once.
+async fn an_invitation_made_while_its_maker_is_removed_is_refused(app: TestApp) {
+    let form = [("email", "alt@evil.example"), ("role", "owner")];
+    let (status, html) = asked_while_the_owner_is_removed(&app, "/app/w/acme/members", &form).await;
+    assert_eq!(status, 403, "{html}");
+    assert_eq!(app.count("member_invitations").await, 0);
+}
+
+/// The same for a role given to an existing member: refused, the member stays a member.
+async fn a_role_given_while_its_giver_is_removed_is_refused(app: TestApp) {
+    create_user(&app, "member@example.com", false);
+    let form = [("email", "member@example.com"), ("role", "owner")];
+    let add_member = |app: &TestApp| {
+        app.cli_json(&[
+            "user",
+            "add-member",
+            "--email",
+            "member@example.com",
+            "--workspace",
+            "acme",
+            "--role",
+            "member",
+        ]);
+    };
+    let (status, html) =
+        asked_while_the_owner_is_removed_with(&app, add_member, "/app/w/acme/members", &form).await;
+    assert_eq!(status, 403, "{html}");
+    let role = app
+        .text("SELECT role FROM {schema}.memberships m JOIN {schema}.users u ON u.id = m.user_id WHERE u.email = 'member@example.com'")
+        .await;
+    assert_eq!(role, "member");
+}
+
+/// [`asked_while_the_owner_is_removed_with`] with nothing more set up.
+async fn asked_while_the_owner_is_removed(app: &TestApp, path: &str, form: &[(&str, &str)]) -> (u16, String) {
+    asked_while_the_owner_is_removed_with(app, |_| {}, path, form).await
+}
+
+/// The owner of acme posts `form` to `path` while the owner's removal is held open in another
+/// transaction (PostgreSQL only): the request comes to wait for the removal's lock, the removal
+/// commits, and the answer is returned. `setup` runs once acme and its owner exist.
+async fn asked_while_the_owner_is_removed_with(
+    app: &TestApp,
+    setup: impl FnOnce(&TestApp),
+    path: &str,
+    form: &[(&str, &str)],
+) -> (u16, String) {
     use sqlx::Connection;
-    let crate::helpers::Backend::Postgres(url) = &app.backend else { return };
-    create_user(&app, "owner@example.com", false);
-    let (workspace_id, owner, csrf) = acme_with_owner(&app).await;
+    let crate::helpers::Backend::Postgres(url) = &app.backend else { panic!("PostgreSQL only") };
+    create_user(app, "owner@example.com", false);
+    let (workspace_id, owner, csrf) = acme_with_owner(app).await;
+    setup(app);
     let schema = app.schema.clone().unwrap();
     let users = app.cli_json(&["user", "list"]);
-    let owner_id = users[0]["id"].as_str().unwrap().to_string();
+    let owner_row = users.as_array().unwrap().iter().find(|u| u["email"] == "owner@example.com").unwrap();
+    let owner_id = owner_row["id"].as_str().unwrap().to_string();
     // The removal, held open.
     let mut removal = sqlx::PgConnection::connect(url).await.unwrap();
     let mut tx = removal.begin().await.unwrap();
@@ -597,11 +665,11 @@ async fn a_key_made_while_its_maker_is_removed_is_refused(app: TestApp) {
             .await
             .unwrap();
     assert_eq!(removed.rows_affected(), 1);
-    // The key is asked for meanwhile; its creation comes to wait for the removal's lock.
+    // The change is asked for meanwhile; it comes to wait for the removal's lock.
     let making = {
-        let request = owner
-            .post(app.url("/app/w/acme/api-keys"))
-            .form(&[("csrf", csrf.as_str()), ("name", "made meanwhile")]);
+        let mut fields = vec![("csrf", csrf.as_str())];
+        fields.extend_from_slice(form);
+        let request = owner.post(app.url(path)).form(&fields);
         tokio::spawn(async move { request.send().await.unwrap() })
     };
     let watch = sqlx::PgPool::connect(url).await.unwrap();
@@ -615,10 +683,42 @@ async fn a_key_made_while_its_maker_is_removed_is_refused(app: TestApp) {
     })
     .await;
     tx.commit().await.unwrap();
-    let (status, html) = text(making.await.unwrap()).await;
-    assert_eq!(status, 403, "{html}");
-    assert_eq!(app.count("api_keys").await, 0);
+    let answer = text(making.await.unwrap()).await;
     watch.close().await;
+    answer
+}
+
+/// A disabled account cannot sign in, so it is no owner to leave a workspace to: the last owner
+/// who can sign in is refused leaving, and being made a member, as if alone.
+async fn a_disabled_owner_is_no_owner_to_leave_the_workspace_to(app: TestApp) {
+    create_user(&app, "owner@example.com", false);
+    create_user(&app, "second@example.com", false);
+    let (_, owner, csrf) = acme_with_owner(&app).await;
+    app.cli_json(&[
+        "user",
+        "add-member",
+        "--email",
+        "second@example.com",
+        "--workspace",
+        "acme",
+        "--role",
+        "owner",
+    ]);
+    app.cli_json(&["user", "disable", "--email", "second@example.com"]);
+    let users = app.cli_json(&["user", "list"]);
+    let owner_row = users.as_array().unwrap().iter().find(|u| u["email"] == "owner@example.com").unwrap();
+    let owner_id = owner_row["id"].as_str().unwrap();
+    let (status, html) =
+        text(post(&app, &owner, &csrf, &format!("/app/w/acme/members/{owner_id}/remove"), &[]).await).await;
+    assert_eq!(status, 409, "{html}");
+    let form = [("email", "owner@example.com"), ("role", "member")];
+    let (status, html) = text(post(&app, &owner, &csrf, "/app/w/acme/members", &form).await).await;
+    assert_eq!(status, 422, "{html}");
+    assert!(html.contains("only owner"), "{html}");
+    let role = app
+        .text("SELECT m.role FROM {schema}.memberships m JOIN {schema}.users u ON u.id = m.user_id WHERE u.email = 'owner@example.com'")
+        .await;
+    assert_eq!(role, "owner");
 }
 
 /// Two owners who remove each other at the same moment: one removal is refused, so that the
@@ -1337,6 +1437,9 @@ async fn password_change(app: TestApp) {
     let (status, html) = change(PASSWORD, "short", "short").await;
     assert_eq!(status, 422);
     assert!(html.contains("at least 12 characters"));
+    let sessions = || app.text("SELECT COALESCE(MIN(id) || ' ' || MAX(id), '') FROM {schema}.sessions");
+    let before = sessions().await;
+    assert_eq!(app.count("sessions").await, 2);
     let res = post(
         &app,
         &client,
@@ -1346,7 +1449,12 @@ async fn password_change(app: TestApp) {
     )
     .await;
     assert_eq!(location(&res), "/app/account?notice=password_changed");
-    // This session goes on; the other one ended.
+    // Both sessions ended; this browser goes on with a new one (its old token may be what
+    // someone else holds), the other is signed out.
+    assert_eq!(app.count("sessions").await, 1);
+    let after = sessions().await;
+    let now_id = after.split(' ').next().unwrap();
+    assert!(!before.contains(now_id), "a new session: {before} → {after}");
     page(&app, &client, "/app/account", 200).await;
     assert_eq!(elsewhere.get(app.url("/app/account")).send().await.unwrap().status(), 303);
     // The new password works, the old one not.

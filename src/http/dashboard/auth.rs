@@ -269,7 +269,8 @@ pub async fn change_password(State(state): State<AppState>, ctx: Ctx, form: Form
         confirm: secret(&form, "confirm_password"),
     };
     match users::change_password(&state, &ctx.user, &ctx.session.id, &ctx.ip, &input).await {
-        Ok(()) => Ok(see_other("/app/account?notice=password_changed")),
+        // A new session for this browser (every session of the user ended with the change).
+        Ok(new) => Ok(signed_in_to(&state, "/app/account?notice=password_changed", &new)),
         Err(e) => {
             let errors = FormErrors::from_service(e)?;
             account_page(&state, &ctx, StatusCode::UNPROCESSABLE_ENTITY, errors, None).await
