@@ -65,7 +65,8 @@ impl HostResolver for SystemResolver {
 /// (169.254.0.0/16, fe80::/10), where the cloud providers' metadata endpoints answer with the
 /// host's credentials, and the other metadata addresses (AWS's IPv6 one, Alibaba's, Oracle's,
 /// Azure's host endpoint, Google Cloud's IPv6 one). An on-premise receiver lives on none of them. IPv6 addresses that
-/// carry an IPv4 address (IPv4-mapped and -compatible, 6to4, NAT64) are judged by it too.
+/// carry an IPv4 address (IPv4-mapped, -compatible and -translated, 6to4, NAT64 with the
+/// well-known or a local-use prefix) are judged by it too.
 pub fn is_never_allowed(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -74,9 +75,23 @@ pub fn is_never_allowed(ip: IpAddr) -> bool {
         }
         IpAddr::V6(v6) => {
             let s = v6.segments();
-            // (IPv4-compatible, ::/96, which `is_public` refuses outright.)
-            let compatible = (s[..6] == [0; 6]).then(|| Ipv4Addr::from(u128::from(v6) as u32));
-            carried_ipv4(v6).or(compatible).is_some_and(|v4| is_never_allowed(IpAddr::V4(v4)))
+            let low32 = Ipv4Addr::from(u128::from(v6) as u32);
+            let never = |v4: Ipv4Addr| is_never_allowed(IpAddr::V4(v4));
+            // IPv4-compatible (::/96) and IPv4-translated (::ffff:0:0:0/96, SIIT), which
+            // `is_public` refuses outright: the IPv4 address in the last 32 bits.
+            let compatible = s[..6] == [0; 6] || s[..6] == [0, 0, 0, 0, 0xffff, 0];
+            // NAT64's local-use prefix 64:ff9b:1::/48 (RFC 8215): a translator may take the IPv4
+            // address from the last 32 bits (a /96 inside it) or from bits 48..88 around the
+            // reserved octet (the /48 layout of RFC 6052); either is judged.
+            let local_nat64 = s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1;
+            // (Bits 48..64 are the address's first two octets, bits 64..72 the reserved octet,
+            // bits 72..88 its last two.)
+            let rfc6052_48 = Ipv4Addr::from(
+                (u32::from(s[3]) << 16) | (u32::from(s[4] & 0xff) << 8) | u32::from(s[5] >> 8),
+            );
+            carried_ipv4(v6).is_some_and(never)
+                || (compatible && never(low32))
+                || (local_nat64 && (never(low32) || never(rfc6052_48)))
                 || (s[0] & 0xffc0) == 0xfe80
                 || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
                 || v6 == Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254)
@@ -420,6 +435,28 @@ mod tests {
 
     fn wait(value: &str) -> Option<u64> {
         parse_retry_after(value, NOW).map(|d| d.as_secs())
+    }
+
+    /// The metadata address stays refused in every IPv6 form that carries it to a translator
+    /// (SIIT, NAT64's local-use prefix in both layouts), while a private address so carried is
+    /// only a private one.
+    #[test]
+    fn metadata_is_never_reached_through_a_translator() {
+        let never = |ip: &str| is_never_allowed(ip.parse().unwrap());
+        for ip in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b:1::a9fe:a9fe",
+            "64:ff9b:1:a9fe:a9:fe00::",
+            "2002:a9fe:a9fe::1",
+        ] {
+            assert!(never(ip), "{ip}");
+        }
+        for ip in ["10.0.0.1", "64:ff9b:1::a00:1", "64:ff9b:1:a00:1::", "::ffff:0:a00:1", "fd12::1"] {
+            assert!(!never(ip), "{ip}");
+        }
     }
 
     #[test]

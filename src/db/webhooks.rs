@@ -403,17 +403,18 @@ pub async fn release_claim(
 }
 
 /// Makes a delivery due now with a fresh attempt sequence (manual redelivery): pending, no
-/// attempts counted, any claim dropped. Its attempt log stays.
-pub async fn restart_delivery(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<()> {
-    sqlx::query(
+/// attempts counted. Its attempt log stays. Not while an attempt of it is running (claimed and
+/// the claim not run out): returns whether it was restarted.
+pub async fn restart_delivery(conn: &mut AnyConnection, id: &str, now_ms: i64) -> DbResult<bool> {
+    let done = sqlx::query(
         "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = $2, lease_owner = NULL, \
-         lease_until = NULL, updated_at = $2 WHERE id = $1",
+         lease_until = NULL, updated_at = $2 WHERE id = $1 AND (status <> 'pending' OR lease_until IS NULL OR lease_until < $2)",
     )
     .bind(id)
     .bind(now_ms)
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// One delivery.
@@ -470,11 +471,19 @@ pub async fn claim_due(
     // Claim rounds one at a time across processes, so that the count of deliveries in flight
     // per endpoint read below stays true until this round's claims commit.
     super::advisory_lock(conn, backend, "webhook claims").await?;
-    // Endpoints and workspaces already at their limit are left out here, so that their backlog
-    // does not fill the candidates and keep the others' deliveries waiting.
+    // Endpoints and workspaces already at their limit are left out here, and each endpoint and
+    // workspace offers no more due deliveries than its limit (its oldest), so that one backlog
+    // does not fill the candidates and keep the others' deliveries waiting behind it.
     let candidates: Vec<(String, String, String)> = sqlx::query_as(&format!(
-        "SELECT id, endpoint_id, workspace_id FROM webhook_deliveries WHERE status = 'pending' \
-         AND next_attempt_at <= $1 AND (lease_until IS NULL OR lease_until < $1) AND endpoint_id NOT IN \
+        "SELECT id, endpoint_id, workspace_id FROM ( \
+           SELECT id, endpoint_id, workspace_id, next_attempt_at, \
+             ROW_NUMBER() OVER (PARTITION BY workspace_id ORDER BY next_attempt_at, id) AS in_workspace FROM ( \
+               SELECT id, endpoint_id, workspace_id, next_attempt_at, \
+                 ROW_NUMBER() OVER (PARTITION BY endpoint_id ORDER BY next_attempt_at, id) AS in_endpoint \
+               FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= $1 \
+               AND (lease_until IS NULL OR lease_until < $1)) due \
+             WHERE in_endpoint <= {MAX_IN_FLIGHT_PER_ENDPOINT}) capped \
+         WHERE in_workspace <= {MAX_IN_FLIGHT_PER_WORKSPACE} AND endpoint_id NOT IN \
            (SELECT endpoint_id FROM webhook_deliveries WHERE status = 'pending' AND lease_until >= $1 \
             GROUP BY endpoint_id HAVING COUNT(*) >= {MAX_IN_FLIGHT_PER_ENDPOINT}) \
          AND workspace_id NOT IN \
@@ -670,6 +679,31 @@ mod tests {
         };
         insert_delivery(&mut *conn, &delivery).await.unwrap();
         (endpoint, delivery)
+    }
+
+    /// Workspace `w2`, its endpoint `g` and delivery `g1` (due at 99), made from `endpoint` and
+    /// `delivery`.
+    async fn another_workspace_delivery(
+        conn: &mut AnyConnection,
+        endpoint: EndpointRow,
+        delivery: DeliveryRow,
+    ) {
+        insert_workspace(&mut *conn, "w2").await;
+        let foreign = EndpointRow {
+            id: "g".into(),
+            workspace_id: "w2".into(),
+            url: "https://hooks.example/g".into(),
+            ..endpoint
+        };
+        insert_endpoint(&mut *conn, &foreign).await.unwrap();
+        let g = DeliveryRow {
+            id: "g1".into(),
+            endpoint_id: "g".into(),
+            workspace_id: "w2".into(),
+            next_attempt_at: Some(99),
+            ..delivery
+        };
+        insert_delivery(&mut *conn, &g).await.unwrap();
     }
 
     #[tokio::test]
@@ -869,22 +903,7 @@ mod tests {
         let d2 = DeliveryRow { id: "d2".into(), next_attempt_at: Some(2), ..delivery.clone() };
         insert_delivery(&mut *conn, &d2).await.unwrap();
         // Another workspace's delivery, due after all of them.
-        insert_workspace(&mut conn, "w2").await;
-        let foreign = EndpointRow {
-            id: "g".into(),
-            workspace_id: "w2".into(),
-            url: "https://hooks.example/g".into(),
-            ..endpoint
-        };
-        insert_endpoint(&mut conn, &foreign).await.unwrap();
-        let g = DeliveryRow {
-            id: "g1".into(),
-            endpoint_id: "g".into(),
-            workspace_id: "w2".into(),
-            next_attempt_at: Some(99),
-            ..delivery
-        };
-        insert_delivery(&mut *conn, &g).await.unwrap();
+        another_workspace_delivery(&mut conn, endpoint, delivery).await;
         let mut first = claim_due(&mut conn, Backend::Sqlite, "a", 100, 60_100, 10).await.unwrap();
         first.sort();
         assert_eq!(
@@ -894,6 +913,46 @@ mod tests {
         );
         let second = claim_due(&mut conn, Backend::Sqlite, "b", 200, 60_200, 10).await.unwrap();
         assert!(second.is_empty(), "the first workspace is full: {second:?}");
+        drop(conn);
+        db.close().await;
+    }
+
+    /// One endpoint's backlog, far longer than a round's candidates and older than anything
+    /// else, does not hide another workspace's delivery: each endpoint offers its two oldest.
+    #[tokio::test]
+    async fn a_backlog_does_not_hide_other_deliveries() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let (endpoint, delivery) = seed(&mut conn).await;
+        for i in 1..=50 {
+            let d = DeliveryRow { id: format!("b{i:02}"), next_attempt_at: Some(i), ..delivery.clone() };
+            insert_delivery(&mut *conn, &d).await.unwrap();
+        }
+        another_workspace_delivery(&mut conn, endpoint, delivery).await;
+        // A round of four (sixteen candidates, all of them the backlog's before): the backlog's
+        // two oldest (its limit in flight), and the other workspace's.
+        let mut claimed = claim_due(&mut conn, Backend::Sqlite, "a", 100, 60_100, 4).await.unwrap();
+        claimed.sort();
+        assert_eq!(claimed, ["b01", "d", "g1"]);
+        drop(conn);
+        db.close().await;
+    }
+
+    /// A delivery whose attempt is under way is not restarted (a second attempt would run beside
+    /// it); once the claim has run out, it is.
+    #[tokio::test]
+    async fn a_delivery_in_flight_is_not_restarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::test_sqlite_migrated(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        seed(&mut conn).await;
+        assert!(restart_delivery(&mut conn, "d", 500).await.unwrap(), "pending, never claimed");
+        assert_eq!(claim_due(&mut conn, Backend::Sqlite, "a", 1_000, 61_000, 10).await.unwrap(), vec!["d"]);
+        assert!(!restart_delivery(&mut conn, "d", 2_000).await.unwrap(), "in flight");
+        let row = get_delivery(&mut conn, "d").await.unwrap().unwrap();
+        assert_eq!(row.lease_owner.as_deref(), Some("a"), "the claim stands");
+        assert!(restart_delivery(&mut conn, "d", 61_001).await.unwrap(), "the claim ran out");
         drop(conn);
         db.close().await;
     }

@@ -77,10 +77,23 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             });
         }
         while in_flight.try_join_next().is_some() {}
-        if full && !*stop.borrow() {
+        if *stop.borrow() {
+            break;
+        }
+        if full {
             continue;
         }
-        if !super::tick(&mut stop, every).await {
+        // The next round at the next tick, or as soon as a delivery ends: its endpoint's next
+        // one (held back by the limit of attempts in flight) need not wait a whole tick.
+        let keep = if in_flight.is_empty() {
+            super::tick(&mut stop, every).await
+        } else {
+            tokio::select! {
+                _ = in_flight.join_next() => !*stop.borrow(),
+                keep = super::tick(&mut stop, every) => keep,
+            }
+        };
+        if !keep {
             break;
         }
     }

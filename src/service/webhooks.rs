@@ -791,7 +791,13 @@ pub async fn redeliver(
     // A fresh attempt sequence: with the old count, a delivery that had used up its retries
     // would fail for good (and disable its endpoint) after one more failed attempt.
     let now = app.now_ms();
-    db::webhooks::restart_delivery(&mut tx, &d.id, now).await?;
+    // An attempt running now would go on beside a second one (the same message twice at once,
+    // past the endpoint's limit of attempts in flight), and its answer would be lost.
+    if !db::webhooks::restart_delivery(&mut tx, &d.id, now).await? {
+        return Err(ServiceError::Conflict(
+            "an attempt of this delivery is under way; redeliver it once it has ended".into(),
+        ));
+    }
     d.status = "pending".into();
     d.attempts = 0;
     d.next_attempt_at = Some(now);

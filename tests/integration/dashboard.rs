@@ -2071,6 +2071,17 @@ async fn webhook_pages(app: TestApp) {
     assert!(page(&app, &member, &path, 200).await.contains("link.revoked"));
     let delivery =
         html.split("/app/w/acme/webhooks/deliveries/").nth(1).unwrap().split('/').next().unwrap().to_string();
+    // Once its first attempt has ended (a redelivery is refused while one is under way).
+    crate::health::eventually("the first attempt to end", 20, || async {
+        let state = app
+            .text(&format!(
+                "SELECT CAST(attempts AS TEXT) || ' ' || COALESCE(lease_owner, 'none') \
+                 FROM {{schema}}.webhook_deliveries WHERE id = '{delivery}'"
+            ))
+            .await;
+        (!state.starts_with("0 ") && state.ends_with(" none")).then_some(Value::Null)
+    })
+    .await;
     let res =
         post(&app, &admin, &csrf, &format!("/app/w/acme/webhooks/deliveries/{delivery}/redeliver"), &[])
             .await;

@@ -157,10 +157,11 @@ async fn list_deliveries(
     Ok(Json(Page::from_overfetch(items, limit, |d| d.id.clone())))
 }
 
-/// Deliver an event again, now, with the same `webhook-id`.
+/// Deliver an event again, now, with the same `webhook-id`, on a fresh retry schedule.
 #[utoipa::path(post, path = "/webhook-deliveries/{id}/redeliver", tag = "webhooks",
     params(("id" = String, Path, description = "Delivery id")),
-    responses((status = 200, body = DeliveryView), (status = 404, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = DeliveryView), (status = 404, body = Problem),
+        (status = 409, body = Problem, description = "The endpoint is disabled, or an attempt of this delivery is under way")))]
 async fn redeliver(
     State(state): State<AppState>,
     caller: Caller,
