@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use time::{Duration, OffsetDateTime};
 
@@ -539,8 +539,15 @@ fn graph_failure(sb: &Sandbox, failure: &FailNext, retry_after: u64) -> Response
         | FailureKind::PkceMismatch
         | FailureKind::RequestError
         | FailureKind::CallbackError => proxy_html_error(status),
+        // §3.10: "the sandbox should also offer plain 429": the status and `Retry-After` alone,
+        // no Graph error (the Graph-coded limits are `graph_rate_limit`).
         FailureKind::RateLimit => with_retry_after(
-            graph_error(StatusCode::TOO_MANY_REQUESTS, 4, None, "Application request limit reached", false),
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "Too Many Requests",
+            )
+                .into_response(),
             retry_after,
         ),
         // §3.10: 400 or 403 with code 4 (application), 17 (user), 32 (page) or 613 (a call

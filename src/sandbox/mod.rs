@@ -503,7 +503,10 @@ pub enum FailureKind {
     /// A 500: TikTok `server_error` / `internal_error`; Graph code 2 with `is_transient` (or, with
     /// `code` 1, "An unknown error occurred" without it; `status` changes the 500).
     ServerError,
-    /// A 429 with `Retry-After: retry_after_secs`.
+    /// A 429 with `Retry-After: retry_after_secs`: TikTok `rate_limit_exceeded` (enveloped on
+    /// user info; on the OAuth endpoints, whose limits are unconfirmed, in the OAuth shape);
+    /// Instagram's Graph endpoints a plain 429 with no Graph error (§3.10), its code exchange its
+    /// own three-field shape.
     RateLimit,
     /// Graph-style rate limiting: 400 with code 4, no `Retry-After` (TikTok: like `rate_limit`).
     GraphRateLimit,
@@ -517,14 +520,13 @@ pub enum FailureKind {
     HtmlError,
     /// TikTok 401 `access_token_invalid`; Graph 190 without subcode.
     AccessTokenInvalid,
-    /// TikTok 401 `scope_not_authorized`; Graph code 10.
+    /// TikTok 401 `scope_not_authorized` (user info only); Graph code 10.
     ScopeNotAuthorized,
     /// TikTok 503 `temporarily_unavailable` (an OAuth error: the token, refresh and revoke
-    /// endpoints; on user info, whose API has no such code, the same answer as from a gateway in
-    /// front of it); Graph code 2 "Service temporarily unavailable" with `is_transient`, 503.
+    /// endpoints only); Graph code 2 "Service temporarily unavailable" with `is_transient`, 503.
     TemporarilyUnavailable,
-    /// TikTok 400 `scope_permission_missed` (enveloped on user info, the OAuth shape on the other
-    /// endpoints); Graph code 200 "Permissions error".
+    /// TikTok 400 `scope_permission_missed` (user info only); Graph code 200 "Permissions
+    /// error".
     ScopePermissionMissed,
     /// A wrong client secret (`token`, and TikTok's `refresh` and `revoke`): the call is checked
     /// as if it carried another secret, so the answer is the one a wrong secret gets (TikTok
@@ -535,7 +537,7 @@ pub enum FailureKind {
     RedirectUriMismatch,
     /// TikTok only: a code exchange (`token`) whose `code_verifier` does not match the
     /// challenge: the code is spent and the answer is `invalid_request` "Code verifier or code
-    /// challenge is invalid.".
+    /// challenge is invalid." (also for a code issued without a challenge, `pkce_optional`).
     PkceMismatch,
     /// The authorize page (`authorize`) refuses the request as if `parameter` (default
     /// `redirect_uri`) were wrong: its HTML error page naming the parameter, no redirect.
@@ -577,6 +579,14 @@ impl FailureKind {
             (FailureKind::PkceMismatch, Platform::Instagram) => Some(&[]),
             (FailureKind::SlowAnswer, Platform::Tiktok) => Some(&[Endpoint::Token, Endpoint::Refresh]),
             (FailureKind::SlowAnswer, Platform::Instagram) => Some(&[]),
+            // TikTok's user-info API codes (§2.8) belong to user info, and `temporarily_unavailable`
+            // to the OAuth endpoints (§2.2): neither is sent by the other.
+            (FailureKind::ScopeNotAuthorized | FailureKind::ScopePermissionMissed, Platform::Tiktok) => {
+                Some(&[Endpoint::Profile])
+            }
+            (FailureKind::TemporarilyUnavailable, Platform::Tiktok) => {
+                Some(&[Endpoint::Token, Endpoint::Refresh, Endpoint::Revoke])
+            }
             _ => None,
         }
     }

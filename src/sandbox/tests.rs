@@ -382,6 +382,50 @@ async fn tiktok_authorize_errors_name_the_parameter_and_do_not_redirect() {
     h.control("/tiktok/scenario", json!({ "pkce_optional": true })).await;
     let resp = h.http.get(with("code_challenge", None)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+    // A code issued without a challenge: a scripted PKCE mismatch still fails its exchange, and
+    // the next code is exchanged with any verifier.
+    h.control("/tiktok/scenario", json!({ "fail_next": [{ "endpoint": "token", "kind": "pkce_mismatch" }] }))
+        .await;
+    for scripted in [true, false] {
+        let cb = h.consent(&with("code_challenge", None), &[("decision", "allow")]).await;
+        let exchanged =
+            h.tiktok.exchange_code(&cb.query["code"], &verifier, &h.tiktok_redirect(), h.now()).await;
+        match exchanged {
+            Err(ProviderError::Rejected { reason }) if scripted => {
+                assert!(reason.contains("Code verifier or code challenge is invalid."), "{reason}");
+            }
+            Ok(_) if !scripted => {}
+            other => panic!("scripted {scripted}: {other:?}"),
+        }
+    }
+}
+
+/// Instagram's plain 429 (§3.10: the status and `Retry-After`, no Graph error) is a passing
+/// failure that says when to come back.
+#[tokio::test]
+async fn instagram_plain_429_is_a_passing_failure() {
+    let h = start().await;
+    let code = h.instagram_code("17841400000000001").await;
+    let tokens = h.instagram.exchange_code(&code, &h.instagram_redirect(), h.now()).await.unwrap();
+    h.control(
+        "/instagram/scenario",
+        json!({ "fail_next": [{ "endpoint": "profile", "kind": "rate_limit", "count": 2 }] }),
+    )
+    .await;
+    let resp = h
+        .http
+        .get(format!("{}/sandbox/instagram/graph/v23.0/me?fields=user_id", h.base))
+        .bearer_auth(tokens.access_token.expose_secret())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "30");
+    assert!(!resp.text().await.unwrap().contains("\"error\""), "no Graph error");
+    let err = h.instagram.fetch_profile(&tokens.access_token).await.unwrap_err();
+    let ProviderError::Transient { retry_after, .. } = err else { panic!("{err:?}") };
+    assert_eq!(retry_after, Some(Duration::from_secs(30)));
+    assert!(h.instagram.fetch_profile(&tokens.access_token).await.is_ok());
 }
 
 #[tokio::test]
@@ -1323,25 +1367,19 @@ async fn tiktok_temporarily_unavailable_and_scope_permission_missed_are_classifi
         "/tiktok/scenario",
         json!({ "fail_next": [
             { "endpoint": "token", "kind": "temporarily_unavailable" },
-            { "endpoint": "token", "kind": "scope_permission_missed" },
             { "endpoint": "profile", "kind": "scope_permission_missed", "count": 2 },
-            { "endpoint": "profile", "kind": "temporarily_unavailable" },
             { "endpoint": "profile", "kind": "scope_permission_missed" },
             { "endpoint": "refresh", "kind": "temporarily_unavailable" },
-            { "endpoint": "refresh", "kind": "scope_permission_missed" },
         ]}),
     )
     .await;
     let code = h.tiktok_code(&verifier).await;
     let exchange = || h.tiktok.exchange_code(&code, &verifier, &redirect, h.now());
     assert!(exchange().await.unwrap_err().is_transient());
-    assert!(matches!(exchange().await.unwrap_err(), ProviderError::Scope { .. }));
     let tokens = exchange().await.unwrap();
 
     // Both the full and the basic field sets refused: a scope failure.
     assert!(matches!(h.tiktok.fetch_profile(&tokens.access_token).await, Err(ProviderError::Scope { .. })));
-    // On user info TikTok has no such code: the gateway's OAuth-shaped answer is transient.
-    assert!(h.tiktok.fetch_profile(&tokens.access_token).await.unwrap_err().is_transient());
     // Only the full set refused: the basic fields still give a profile.
     let basic = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
     assert!(basic.username.is_none());
@@ -1349,8 +1387,21 @@ async fn tiktok_temporarily_unavailable_and_scope_permission_missed_are_classifi
 
     let rt = tokens.refresh_token.unwrap();
     assert!(h.tiktok.refresh(&rt, h.now()).await.unwrap_err().is_transient());
-    assert!(matches!(h.tiktok.refresh(&rt, h.now()).await, Err(ProviderError::Scope { .. })));
     assert!(h.tiktok.refresh(&rt, h.now()).await.is_ok());
+
+    // What an endpoint never sends cannot be scripted on it: the user-info API's codes on the
+    // OAuth endpoints, the OAuth endpoints' `temporarily_unavailable` on user info (§2.2, §2.8).
+    for (endpoint, kind) in [
+        ("token", "scope_permission_missed"),
+        ("refresh", "scope_not_authorized"),
+        ("revoke", "scope_permission_missed"),
+        ("profile", "temporarily_unavailable"),
+    ] {
+        let (status, body) = h
+            .control("/tiktok/scenario", json!({ "fail_next": [{ "endpoint": endpoint, "kind": kind }] }))
+            .await;
+        assert_eq!(status, 400, "{endpoint} {kind}: {body}");
+    }
 
     // On Instagram's Graph endpoints: code 2 (transient) and code 200 (a permission).
     h.control(

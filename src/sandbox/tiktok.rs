@@ -640,38 +640,26 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> 
         FailureKind::ServerError => {
             oauth_error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "Internal server error.", now)
         }
-        FailureKind::ScopeNotAuthorized if api => api_error(
+        // (User info only: the control API refuses them elsewhere.)
+        FailureKind::ScopeNotAuthorized => api_error(
             shape,
             StatusCode::UNAUTHORIZED,
             "scope_not_authorized",
             "The user did not authorize the scope required for completing this request.",
             now,
         ),
-        FailureKind::ScopeNotAuthorized => oauth_error(
-            StatusCode::UNAUTHORIZED,
-            "scope_not_authorized",
-            "The user did not authorize the scope required for completing this request.",
-            now,
-        ),
-        // An OAuth error; the user-info API has no such code, so there it is what a gateway in
-        // front of the API would send.
+        // An OAuth error (the control API refuses it on user info, whose API has no such code).
         FailureKind::TemporarilyUnavailable => oauth_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "temporarily_unavailable",
             "The service is temporarily unavailable. Try again later.",
             now,
         ),
-        FailureKind::ScopePermissionMissed if api => api_error(
+        FailureKind::ScopePermissionMissed => api_error(
             shape,
             StatusCode::BAD_REQUEST,
             "scope_permission_missed",
             "The fields requested need a scope that was not granted to the app.",
-            now,
-        ),
-        FailureKind::ScopePermissionMissed => oauth_error(
-            StatusCode::BAD_REQUEST,
-            "scope_permission_missed",
-            "The request needs a scope that was not granted to the app.",
             now,
         ),
         FailureKind::InvalidGrant | FailureKind::BadCode | FailureKind::AccessTokenInvalid if api => {
@@ -754,6 +742,7 @@ fn handle_token_call(
         Ok(p) => p,
         Err(e) => return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", &e, now),
     };
+    let verifier_tampered = matches!(tamper, Some(Tamper::CodeVerifier));
     if let Some(t) = tamper {
         t.apply(Platform::Tiktok, &mut p);
     }
@@ -766,7 +755,7 @@ fn handle_token_call(
         );
     }
     match grant_type {
-        "authorization_code" => exchange_code(sb, &p, now),
+        "authorization_code" => exchange_code(sb, &p, verifier_tampered, now),
         "refresh_token" => refresh(sb, &p, now),
         "" => oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "grant_type is required.", now),
         _ => oauth_error(
@@ -778,7 +767,9 @@ fn handle_token_call(
     }
 }
 
-fn exchange_code(sb: &Sandbox, p: &Params, now: OffsetDateTime) -> Response {
+/// The code exchange; `verifier_tampered`: a scripted `pkce_mismatch`, which fails even for a
+/// code issued without a challenge.
+fn exchange_code(sb: &Sandbox, p: &Params, verifier_tampered: bool, now: OffsetDateTime) -> Response {
     let Some(code) = p.get("code").filter(|c| !c.is_empty()) else {
         return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "code is required.", now);
     };
@@ -807,18 +798,22 @@ fn exchange_code(sb: &Sandbox, p: &Params, now: OffsetDateTime) -> Response {
             now,
         );
     }
-    if let Some(challenge) = &c.challenge {
-        let verifier = p.get("code_verifier").unwrap_or_default();
-        let well_formed = (43..=128).contains(&verifier.len())
-            && verifier.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
-        if !well_formed || !constant_time_eq(s256_hex(verifier).as_bytes(), challenge.as_bytes()) {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "Code verifier or code challenge is invalid.",
-                now,
-            );
+    let verifier = p.get("code_verifier").unwrap_or_default();
+    let well_formed = (43..=128).contains(&verifier.len())
+        && verifier.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+    let mismatch = match &c.challenge {
+        Some(challenge) => {
+            !well_formed || !constant_time_eq(s256_hex(verifier).as_bytes(), challenge.as_bytes())
         }
+        None => verifier_tampered,
+    };
+    if mismatch {
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "Code verifier or code challenge is invalid.",
+            now,
+        );
     }
     let open_id = c.open_id.clone();
     let scopes = c.scopes.clone();
