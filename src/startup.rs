@@ -565,12 +565,21 @@ async fn purge_webhooks(
         }
     }
     let secrets = db::webhooks::forget_previous_secrets(&mut *state.db.writer().await?, now).await?;
-    if deliveries + events + secrets > 0 {
+    let endpoints = {
+        let mut tx = state.db.begin_write().await?;
+        // (With the purge above: an endpoint is deleted only once no delivery refers to it.)
+        db::advisory_lock(&mut tx, state.db.backend(), "webhook purge").await?;
+        let n = db::webhooks::purge_removed_endpoints(&mut tx, before, BATCH).await?;
+        tx.commit().await?;
+        n
+    };
+    if deliveries + events + secrets + endpoints > 0 {
         tracing::info!(
             deliveries,
             events,
             secrets,
-            "webhook housekeeping: old deliveries and expired secrets removed"
+            removed_endpoints = endpoints,
+            "webhook housekeeping: old deliveries, expired secrets and removed endpoints deleted"
         );
     }
     Ok(())

@@ -3,7 +3,8 @@
 //! (or into the current envelope) and counting them by key.
 //!
 //! Table and column names come from [`SEALED_COLUMNS`] only, never from input, so the statements
-//! below can name them directly.
+//! below can name them directly. An empty value is an erased one (a removed webhook endpoint's
+//! secret): nothing to open, re-wrap or count.
 
 use sqlx::AnyConnection;
 
@@ -51,7 +52,7 @@ pub async fn count_by_kid(
     col: &SealedColumn,
 ) -> DbResult<Vec<(String, String, i64)>> {
     let sql = format!(
-        "SELECT {version} AS envelope, {kid} AS kid, COUNT(*) AS n FROM {t} WHERE {c} IS NOT NULL \
+        "SELECT {version} AS envelope, {kid} AS kid, COUNT(*) AS n FROM {t} WHERE {c} IS NOT NULL AND {c} <> '' \
          GROUP BY {version}, {kid} ORDER BY 2, 1",
         version = version_expr(col.column),
         kid = kid_expr(col.column),
@@ -88,7 +89,7 @@ pub async fn page_not_sealed_with(
     limit: i64,
 ) -> DbResult<Vec<(String, String, String)>> {
     let sql = format!(
-        "SELECT id, workspace_id, {c} FROM {t} WHERE id > $1 AND {c} IS NOT NULL AND {c} NOT LIKE $2 \
+        "SELECT id, workspace_id, {c} FROM {t} WHERE id > $1 AND {c} IS NOT NULL AND {c} <> '' AND {c} NOT LIKE $2 \
          ORDER BY id LIMIT $3",
         c = col.column,
         t = col.table,

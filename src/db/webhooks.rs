@@ -202,6 +202,23 @@ pub async fn purge_finished(conn: &mut AnyConnection, before_ms: i64, batch: i64
     Ok((deliveries, events))
 }
 
+/// Deletes up to `batch` removed endpoints last changed before `before_ms` that no delivery
+/// refers to any more (their deliveries purged): their URL, which may hold a receiver's token,
+/// is kept no longer than their delivery log. Returns how many.
+pub async fn purge_removed_endpoints(conn: &mut AnyConnection, before_ms: i64, batch: i64) -> DbResult<u64> {
+    let done = sqlx::query(
+        "DELETE FROM webhook_endpoints WHERE id IN (SELECT e.id FROM webhook_endpoints e WHERE e.events = $1 \
+         AND e.updated_at < $2 AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.endpoint_id = e.id) \
+         ORDER BY e.id LIMIT $3)",
+    )
+    .bind(EndpointRow::REMOVED)
+    .bind(before_ms)
+    .bind(batch)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Forgets the secrets that stopped signing before `now_ms` (the one before a rotation, kept a
 /// day). Returns how many endpoints had one.
 pub async fn forget_previous_secrets(conn: &mut AnyConnection, now_ms: i64) -> DbResult<u64> {
@@ -841,7 +858,27 @@ mod tests {
         assert_eq!(forget_previous_secrets(&mut conn, 5).await.unwrap(), 0, "still signing");
         assert_eq!(forget_previous_secrets(&mut conn, 20).await.unwrap(), 1);
         let e = get_endpoint(&mut conn, "e").await.unwrap().unwrap();
-        assert_eq!((e.previous_secret_sealed, e.previous_secret_until), (None, None));
+        assert_eq!((e.previous_secret_sealed.as_deref(), e.previous_secret_until), (None, None));
+        // A removed endpoint goes once no delivery refers to it and its removal is past the
+        // retention; one still referred to, a recent one and one not removed stay.
+        assert_eq!(purge_removed_endpoints(&mut conn, 1_000, 10).await.unwrap(), 0, "not removed");
+        let removed = EndpointRow { events: EndpointRow::REMOVED.into(), updated_at: 60, ..e };
+        update_endpoint(&mut conn, &removed).await.unwrap();
+        for (id, updated_at) in [("r-recent", 500), ("r-referred", 60)] {
+            let other = EndpointRow { id: id.into(), updated_at, ..removed.clone() };
+            insert_endpoint(&mut conn, &other).await.unwrap();
+        }
+        let referring = DeliveryRow {
+            id: "d-r".into(),
+            endpoint_id: "r-referred".into(),
+            event_id: later.id,
+            ..delivery
+        };
+        insert_delivery(&mut *conn, &referring).await.unwrap();
+        assert_eq!(purge_removed_endpoints(&mut conn, 100, 10).await.unwrap(), 1);
+        assert!(get_endpoint(&mut conn, "e").await.unwrap().is_none(), "removed long ago, no delivery");
+        assert!(get_endpoint(&mut conn, "r-recent").await.unwrap().is_some());
+        assert!(get_endpoint(&mut conn, "r-referred").await.unwrap().is_some());
         drop(conn);
         db.close().await;
     }

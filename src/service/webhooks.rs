@@ -503,6 +503,11 @@ pub async fn remove(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Servic
     // The answer shows the events it was subscribed to, not the stored marker of removal.
     let view = EndpointView::from(&row);
     row.events = EndpointRow::REMOVED.into();
+    // Its secrets sign nothing any more: erased now (an empty value is an erased one), not kept
+    // until the row goes with its delivery log.
+    row.secret_sealed = String::new();
+    row.previous_secret_sealed = None;
+    row.previous_secret_until = None;
     row.updated_at = now;
     db::webhooks::update_endpoint(&mut tx, &row).await?;
     db::webhooks::cancel_pending(&mut tx, &row.id, now).await?;

@@ -246,6 +246,18 @@ async fn webhook_endpoints_are_managed_and_validated(app: TestApp) {
     assert_eq!(removed["events"], off["events"], "the answer shows what it was subscribed to");
     assert_eq!(removed["disabled_reason"], "Removed.");
     app.api_get(&format!("/webhooks/{id}"), &key, 404).await;
+    // Its secrets (the current one and the one before the rotation) are erased at once, and an
+    // erased value is nothing for the key commands to re-wrap or count.
+    let stored = app
+        .text(&format!(
+            "SELECT secret_sealed || '|' || COALESCE(previous_secret_sealed, '') FROM {{schema}}.webhook_endpoints \
+             WHERE id = '{id}'"
+        ))
+        .await;
+    assert_eq!(stored, "|");
+    let report = app.cli_json(&["keys", "rewrap"]);
+    assert_eq!(report["remaining"], json!([]), "{report}");
+    assert!(report["unreadable"].as_array().is_none_or(|u| u.is_empty()), "{report}");
     let audit = app.api_get("/audit-events?action=webhook.created", &key, 200).await;
     assert_eq!(audit["data"].as_array().unwrap().len(), 1);
     assert!(!app.database_dump().await.contains(secret), "the secret is sealed at rest");
