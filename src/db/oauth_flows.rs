@@ -117,7 +117,8 @@ pub async fn claim(
     conn.fetch_optional(&stmt!(SQL, state_hash, browser_hash, provider, now_ms)).await
 }
 
-/// Records how a flow ended.
+/// Records how a flow ended, and erases its PKCE verifier, which nothing needs any more (an
+/// empty sealed value is an erased one).
 pub async fn finish(
     conn: &mut impl Exec,
     id: &str,
@@ -126,7 +127,7 @@ pub async fn finish(
     detail: Option<&str>,
 ) -> DbResult<()> {
     let s = stmt!(
-        "UPDATE oauth_flows SET outcome = $2, connection_id = $3, detail = $4 WHERE id = $1",
+        "UPDATE oauth_flows SET outcome = $2, connection_id = $3, detail = $4, verifier_sealed = '' WHERE id = $1",
         id,
         outcome,
         connection_id,

@@ -4,7 +4,7 @@
 //!
 //! Table and column names come from [`SEALED_COLUMNS`] only, never from input, so the statements
 //! below can name them directly. An empty value is an erased one (a removed webhook endpoint's
-//! secret): nothing to open, re-wrap or count.
+//! secret, the PKCE verifier of an attempt that ended): nothing to open, re-wrap or count.
 
 use sqlx::AnyConnection;
 

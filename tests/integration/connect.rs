@@ -296,6 +296,18 @@ async fn connect_reconnect_and_second_account(app: TestApp, provider: &str) {
         unique.dedup();
         assert_eq!(unique.len(), 3);
     }
+    assert_ended_attempts_keep_no_verifier(&app, 3).await;
+}
+
+/// `ended` attempts have ended, and none of them keeps its PKCE verifier (erased with the
+/// outcome: nothing needs it any more).
+async fn assert_ended_attempts_keep_no_verifier(app: &TestApp, ended: i64) {
+    let count = |condition: &str| {
+        let sql = format!("SELECT CAST(COUNT(*) AS TEXT) FROM {{schema}}.oauth_flows WHERE {condition}");
+        async move { app.text(&sql).await.parse::<i64>().unwrap() }
+    };
+    assert_eq!(count("outcome IS NOT NULL").await, ended);
+    assert_eq!(count("outcome IS NOT NULL AND verifier_sealed <> ''").await, 0);
 }
 
 async fn tiktok_connect_reconnect_and_second_account(app: TestApp) {
@@ -354,6 +366,7 @@ async fn consent_denied(app: TestApp) {
         start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
     assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 403);
     assert_nothing_connected(&app).await;
+    assert_ended_attempts_keep_no_verifier(&app, 3).await;
 }
 
 /// The callback's `error_description` and `error_reason` come from the address bar: with plain
