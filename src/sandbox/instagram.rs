@@ -14,9 +14,9 @@ use time::{Duration, OffsetDateTime};
 use super::pages::{self, AccountChoice, ConsentPage};
 use super::{
     Endpoint, ErrorState, ExchangeUserId, FailNext, FailureKind, INSTAGRAM_CLIENT_ID,
-    INSTAGRAM_CLIENT_SECRET, MAX_CODES, MAX_TOKENS, MeShape, Params, RevokeReason, Sandbox, Scenario,
-    Scripted, Stats, Tamper, TokenShape, TooEarly, found, json, proxy_html_error, prune, random_b64,
-    split_scopes, url_with_query, with_retry_after,
+    INSTAGRAM_CLIENT_SECRET, MAX_CODES, MAX_TOKENS, MeShape, Params, PersonalAccount, RevokeReason, Sandbox,
+    Scenario, Scripted, Stats, Tamper, TokenShape, TooEarly, found, json, proxy_html_error, prune,
+    random_b64, split_scopes, url_with_query, with_retry_after,
 };
 use crate::crypto::constant_time_eq;
 use crate::domain::Platform;
@@ -374,9 +374,9 @@ pub(super) async fn authorize_decision(
         Ok(p) => p,
         Err(e) => return pages::error_page(PROVIDER, SLUG, "body", &e),
     };
-    let (deny_all, error_state) = {
+    let (deny_all, error_state, personal) = {
         let st = sb.instagram_state();
-        (st.scenario.deny_all, st.scenario.error_state)
+        (st.scenario.deny_all, st.scenario.error_state, st.scenario.personal_account)
     };
     let req = match validate(&sb, &p) {
         Ok(req) => req,
@@ -406,6 +406,18 @@ pub(super) async fn authorize_decision(
         }
         tracing::debug!("sandbox instagram: consent denied");
         return found(&url_with_query(&req.redirect_uri, &params, None));
+    }
+    // Instagram Login serves professional accounts only; whether a personal one is refused at
+    // login, and how, is unconfirmed (§3.10): here, on Instagram's own page, with no way back.
+    if personal == PersonalAccount::RefuseLogin && sb.instagram_state().account_type(account) == "PERSONAL" {
+        tracing::debug!("sandbox instagram: login of a personal account refused");
+        return pages::error_page(
+            PROVIDER,
+            SLUG,
+            "account",
+            "This is a personal account. Apps that use Instagram Login work with professional accounts only: \
+             switch it to a Business or Creator account in the Instagram app, then try again.",
+        );
     }
     let ticked: Vec<String> = p.all("granted").flat_map(split_scopes).collect();
     let any_ticked = p.all("granted").next().is_some();

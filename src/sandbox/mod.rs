@@ -85,6 +85,8 @@
 //!   every refresh, the one sent dying at once; the same one back, still valid; or none in the
 //!   answer, the one sent still valid), "exchange_user_id": "professional"|"app_scoped"
 //!   (Instagram: the code exchange's `user_id` is `/me` `user_id`, or `/me` `id`),
+//!   "personal_account": "allow"|"refuse_login" (Instagram: a personal account's login goes
+//!   through, `/me` then saying `PERSONAL`, or is refused on the consent page, with no redirect),
 //!   "retry_after_secs": n (default 30), "slow_ms": n (default 15000)}`.
 //!   `fail_next` entries are consumed in order, per endpoint: a call takes the first entry for its
 //!   endpoint. `slow` waits `slow_ms`, then answers normally; `slow_answer` (TikTok's `token` and
@@ -274,9 +276,10 @@ impl Sandbox {
                     || patch.me_shape.is_some()
                     || patch.signing_secret.is_some()
                     || patch.exchange_user_id.is_some()
+                    || patch.personal_account.is_some()
                 {
                     return Err("token_shape, refresh_too_early, refresh_min_age_secs, me_shape, \
-                                signing_secret and exchange_user_id apply to instagram only"
+                                signing_secret, exchange_user_id and personal_account apply to instagram only"
                         .into());
                 }
                 let mut st = self.tiktok_state();
@@ -810,6 +813,18 @@ pub enum ExchangeUserId {
     AppScoped,
 }
 
+/// What Instagram does when a personal (not professional) account logs in to an app of
+/// Instagram Login, which serves professional accounts only: unconfirmed (§3.10).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PersonalAccount {
+    /// The login goes through; `/me` then reports `account_type` `PERSONAL`.
+    #[default]
+    Allow,
+    /// The login is refused on Instagram's own page: no code, no way back to the app.
+    RefuseLogin,
+}
+
 /// The shape of Instagram's code-exchange answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -935,6 +950,8 @@ pub struct Scenario {
     pub refresh_rotation: RefreshRotation,
     /// Instagram: which id the code exchange answers as `user_id`.
     pub exchange_user_id: ExchangeUserId,
+    /// Instagram: what a personal account's login comes to.
+    pub personal_account: PersonalAccount,
 }
 
 impl Default for Scenario {
@@ -957,6 +974,7 @@ impl Default for Scenario {
             api_error_shape: ApiErrorShape::Nested,
             refresh_rotation: RefreshRotation::Rotate,
             exchange_user_id: ExchangeUserId::Professional,
+            personal_account: PersonalAccount::Allow,
         }
     }
 }
@@ -1014,6 +1032,9 @@ impl Scenario {
         if let Some(v) = patch.exchange_user_id {
             self.exchange_user_id = v;
         }
+        if let Some(v) = patch.personal_account {
+            self.personal_account = v;
+        }
     }
 
     /// Takes the first scripted failure for `endpoint`, if any.
@@ -1065,6 +1086,8 @@ pub struct ScenarioPatch {
     pub refresh_rotation: Option<RefreshRotation>,
     /// See [`Scenario::exchange_user_id`].
     pub exchange_user_id: Option<ExchangeUserId>,
+    /// See [`Scenario::personal_account`].
+    pub personal_account: Option<PersonalAccount>,
     /// See [`Scenario::api_error_shape`].
     pub api_error_shape: Option<ApiErrorShape>,
 }

@@ -18,6 +18,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         provider_errors_on_the_callback_end_the_flow,
         unconfirmed_answer_shapes_are_tolerated,
         unconfirmed_refresh_rotation_and_exchange_ids_are_tolerated,
+        a_personal_instagram_account_is_never_connected,
         meta_callbacks_signed_with_either_secret,
     ]
 }
@@ -363,6 +364,38 @@ async fn unconfirmed_refresh_rotation_and_exchange_ids_are_tolerated(app: TestAp
         assert_eq!(conns[0]["provider_account_id"], ig.user_id.to_string(), "{named}: {list}");
         assert_eq!(conns[0]["reconnect_count"], round, "{named}: {list}");
     }
+}
+
+/// What Instagram does with a personal account's login is unconfirmed: refused on its own page
+/// (no code: the attempt never comes back), or let through with `/me` saying `PERSONAL`, which
+/// authlink refuses with a page that says what to do. Either way nothing is connected.
+async fn a_personal_instagram_account_is_never_connected(app: TestApp) {
+    let wid = app.workspace("Personal");
+    let (_, url) = app.link(&wid, "Client");
+    let acct = authlink::sandbox::INSTAGRAM_ACCOUNTS[0];
+    let user_id = acct.user_id.to_string();
+    app.sandbox(&format!("/instagram/accounts/{user_id}/account-type"), json!({"account_type": "PERSONAL"})).await;
+    // Refused at login: the consent page answers with Instagram's own error page, no redirect.
+    app.sandbox("/instagram/scenario", json!({"personal_account": "refuse_login"})).await;
+    let authorize = start(&app.client, &app, &url, "instagram").await;
+    let parsed = url::Url::parse(&authorize).unwrap();
+    let mut form: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+    form.push(("account".into(), user_id.clone()));
+    form.push(("decision".into(), "allow".into()));
+    let mut post_url = parsed.clone();
+    post_url.set_query(None);
+    let answer = app.client.post(post_url.as_str()).form(&form).send().await.unwrap();
+    assert_eq!(answer.status(), 400);
+    assert!(answer.headers().get("location").is_none());
+    assert!(answer.text().await.unwrap().contains("This is a personal account"));
+    assert_eq!(app.sandbox_stats("instagram").await["token_calls"], 0, "no code was issued");
+    // Let through: authlink reads the account type and refuses it.
+    app.sandbox("/instagram/scenario", json!({"personal_account": "allow"})).await;
+    let flow = start_and_consent(&app.client, &app, &url, "instagram", &user_id, "allow", None).await;
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 403);
+    assert!(page.text().await.unwrap().contains("Only professional (business or creator) accounts"));
+    assert_nothing_connected(&app).await;
 }
 
 /// Which secret Meta signs its callbacks with for an Instagram-Login app is unconfirmed: signed
