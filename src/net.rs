@@ -80,23 +80,29 @@ pub fn is_never_allowed(ip: IpAddr) -> bool {
             // IPv4-compatible (::/96) and IPv4-translated (::ffff:0:0:0/96, SIIT), which
             // `is_public` refuses outright: the IPv4 address in the last 32 bits.
             let compatible = s[..6] == [0; 6] || s[..6] == [0, 0, 0, 0, 0xffff, 0];
-            // NAT64's local-use prefix 64:ff9b:1::/48 (RFC 8215): a translator may take the IPv4
-            // address from the last 32 bits (a /96 inside it) or from bits 48..88 around the
-            // reserved octet (the /48 layout of RFC 6052); either is judged.
+            // NAT64's local-use prefix 64:ff9b:1::/48 (RFC 8215) holds translator prefixes of any
+            // length RFC 6052 allows within it (/48, /56, /64, /96), each with the IPv4 address
+            // in its own place: every one is judged.
             let local_nat64 = s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1;
-            // (Bits 48..64 are the address's first two octets, bits 64..72 the reserved octet,
-            // bits 72..88 its last two.)
-            let rfc6052_48 = Ipv4Addr::from(
-                (u32::from(s[3]) << 16) | (u32::from(s[4] & 0xff) << 8) | u32::from(s[5] >> 8),
-            );
             carried_ipv4(v6).is_some_and(never)
                 || (compatible && never(low32))
-                || (local_nat64 && (never(low32) || never(rfc6052_48)))
+                || (local_nat64 && [48, 56, 64, 96].into_iter().any(|len| never(rfc6052_ipv4(v6, len))))
                 || (s[0] & 0xffc0) == 0xfe80
                 || v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
                 || v6 == Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254)
         }
     }
+}
+
+/// The IPv4 address RFC 6052 places in `v6` behind a translator prefix of `prefix_len` bits (32,
+/// 40, 48, 56, 64 or 96): the 32 bits after the prefix, skipping bits 64..72 (the reserved "u"
+/// octet).
+fn rfc6052_ipv4(v6: Ipv6Addr, prefix_len: u32) -> Ipv4Addr {
+    let x = u128::from(v6);
+    // The 120 bits without the u octet: bits 0..64, then 72..128.
+    let without_u = ((x >> 64) << 56) | (x & ((1u128 << 56) - 1));
+    let start = if prefix_len <= 64 { prefix_len } else { prefix_len - 8 };
+    Ipv4Addr::from((without_u >> (120 - start - 32)) as u32)
 }
 
 /// Whether an IPv6 address leads through a relay to another host: 6to4 (2002::/16), NAT64
@@ -438,8 +444,8 @@ mod tests {
     }
 
     /// The metadata address stays refused in every IPv6 form that carries it to a translator
-    /// (SIIT, NAT64's local-use prefix in both layouts), while a private address so carried is
-    /// only a private one.
+    /// (SIIT, NAT64's local-use prefix in each of its layouts: /96, /48, /56, /64), while a
+    /// private address so carried is only a private one.
     #[test]
     fn metadata_is_never_reached_through_a_translator() {
         let never = |ip: &str| is_never_allowed(ip.parse().unwrap());
@@ -450,6 +456,8 @@ mod tests {
             "::ffff:0:a9fe:a9fe",
             "64:ff9b:1::a9fe:a9fe",
             "64:ff9b:1:a9fe:a9:fe00::",
+            "64:ff9b:1:a9:fe:a9fe::",
+            "64:ff9b:1:0:a9:fea9:fe00:0",
             "2002:a9fe:a9fe::1",
         ] {
             assert!(never(ip), "{ip}");

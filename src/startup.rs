@@ -470,7 +470,6 @@ async fn start_metrics(state: &AppState, stop: tokio::sync::watch::Receiver<bool
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} (metrics.listen): {e}")))
 }
 
-/// Runs only the background jobs (`authlink worker`) until SIGTERM or Ctrl-C.
 /// Says at start when the grace period after SIGTERM is not longer than a provider call: a
 /// refresh still waiting for its provider when the grace ends is cut off, and a refresh token the
 /// provider rotated meanwhile is lost (the connection then needs its client again).
@@ -487,6 +486,7 @@ fn warn_if_grace_is_short(config: &Config) {
     }
 }
 
+/// Runs only the background jobs (`authlink worker`) until SIGTERM or Ctrl-C.
 pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     let stop_signal = shutdown_signal();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -497,8 +497,8 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     let heartbeat = tokio::spawn(crate::service::processes::run(state.0.clone(), process, stop_rx.clone()));
     let jobs = tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone()));
     let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx));
-    tracing::info!(process_id = %process_id, "authlink worker running");
     warn_if_grace_is_short(&state.config);
+    tracing::info!(process_id = %process_id, "authlink worker running");
     stop_signal.await;
     tracing::info!("shutdown signal received; finishing claimed work");
     let _ = stop_tx.send(true);

@@ -640,6 +640,27 @@ mod tests {
 
     /// A copy of a connection read before the provider answered does not overwrite the row
     /// once its tokens or status changed; an expiry announcement is made once per grant.
+    /// An attempt that expired keeps no PKCE verifier, whether or not it ended; its row goes
+    /// once it is past the retention.
+    #[tokio::test]
+    async fn expired_attempts_lose_their_verifier_then_their_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_link(&dir).await;
+        let open = FlowRow { consumed_at: None, outcome: None, connection_id: None, ..flow() };
+        let mut tx = db.begin_write().await.unwrap();
+        oauth_flows::insert(&mut *tx, &open).await.unwrap();
+        tx.commit().await.unwrap();
+        let stored = || async { oauth_flows::get(&mut *db.read().await.unwrap(), "f1").await.unwrap() };
+        assert_eq!(oauth_flows::purge_expired(&mut db.writer().await.unwrap(), 22).await.unwrap(), 0);
+        assert_eq!(stored().await.unwrap().verifier_sealed, "verifier", "not expired yet");
+        assert_eq!(oauth_flows::purge_expired(&mut db.writer().await.unwrap(), 23).await.unwrap(), 0);
+        assert_eq!(stored().await.unwrap().verifier_sealed, "", "expired: erased, the row kept");
+        let past = 23 + oauth_flows::RETENTION_MS;
+        assert_eq!(oauth_flows::purge_expired(&mut db.writer().await.unwrap(), past).await.unwrap(), 1);
+        assert!(stored().await.is_none());
+        db.close().await;
+    }
+
     #[tokio::test]
     async fn stale_copies_do_not_overwrite_a_changed_connection() {
         let dir = tempfile::tempdir().unwrap();

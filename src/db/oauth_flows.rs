@@ -161,6 +161,14 @@ pub const RETENTION_MS: i64 = 30 * 86_400_000;
 
 /// Deletes flows that expired more than [`RETENTION_MS`] ago.
 pub async fn purge_expired(conn: &mut AnyConnection, now_ms: i64) -> DbResult<u64> {
+    // An expired attempt's PKCE verifier is of no use any more (no callback claims it now): erased
+    // at once, whether or not its outcome was recorded.
+    sqlx::query(
+        "UPDATE oauth_flows SET verifier_sealed = '' WHERE expires_at < $1 AND verifier_sealed <> ''",
+    )
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
     let done = sqlx::query("DELETE FROM oauth_flows WHERE expires_at < $1")
         .bind(now_ms - RETENTION_MS)
         .execute(conn)

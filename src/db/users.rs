@@ -232,16 +232,24 @@ pub async fn members_of_workspace(conn: &mut AnyConnection, workspace_id: &str) 
     .await?)
 }
 
-/// How many owners a workspace has.
-pub async fn count_owners(conn: &mut AnyConnection, workspace_id: &str) -> DbResult<i64> {
-    let (n,): (i64,) = sqlx::query_as(
-        "SELECT COUNT(*) FROM memberships m JOIN users u ON u.id = m.user_id \
-             WHERE m.workspace_id = $1 AND m.role = 'owner' AND u.disabled_at IS NULL",
+/// Whether `user_id`, an owner of the workspace, is its last owner who can sign in: enabled, and
+/// no other enabled owner. (A disabled owner is no owner to leave the workspace to, and may
+/// itself be removed or made a member whatever the others.)
+pub async fn is_last_usable_owner(
+    conn: &mut AnyConnection,
+    workspace_id: &str,
+    user_id: &str,
+) -> DbResult<bool> {
+    let (others, enabled): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM memberships m JOIN users u ON u.id = m.user_id \
+             WHERE m.workspace_id = $1 AND m.role = 'owner' AND u.disabled_at IS NULL AND m.user_id <> $2), \
+           (SELECT COUNT(*) FROM users WHERE id = $2 AND disabled_at IS NULL)",
     )
     .bind(workspace_id)
+    .bind(user_id)
     .fetch_one(conn)
     .await?;
-    Ok(n)
+    Ok(enabled == 1 && others == 0)
 }
 
 /// A workspace a user belongs to, for the workspace switcher.

@@ -56,6 +56,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     };
     let mut in_flight = JoinSet::new();
     loop {
+        let round = tokio::time::Instant::now();
         // Claim no more than can start now: a claimed delivery waiting for a slot would hold a
         // lease that runs out while it waits.
         let free = limit.available_permits().min(state.config.jobs.webhook_batch as usize);
@@ -84,12 +85,16 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             continue;
         }
         // The next round at the next tick, or as soon as a delivery ends: its endpoint's next
-        // one (held back by the limit of attempts in flight) need not wait a whole tick.
+        // one (held back by the limit of attempts in flight) need not wait a whole tick. At most
+        // ten rounds a tick, though: each is a write transaction.
         let keep = if in_flight.is_empty() {
             super::tick(&mut stop, every).await
         } else {
             tokio::select! {
-                _ = in_flight.join_next() => !*stop.borrow(),
+                _ = in_flight.join_next() => {
+                    let gap = (every / 10).saturating_sub(round.elapsed());
+                    if gap.is_zero() { !*stop.borrow() } else { super::tick(&mut stop, gap).await }
+                }
                 keep = super::tick(&mut stop, every) => keep,
             }
         };

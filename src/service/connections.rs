@@ -595,13 +595,20 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
     // connection that exists and is the caller's, so that ids sent by anyone neither fill the
     // lock table nor wait (and so tell) while another workspace's connection is busy.
     let id = get_row(app, scope, id).await?.id;
-    let lock = super::refresh::connection_lock(&id);
-    let _guard = lock.lock().await;
     // No refresh anywhere while the grant is revoked (it would rotate the tokens being revoked,
-    // or meet the revoked grant and report the connection broken): the refresh lease, waited
-    // for within the request's time. A holder that outlasts that (a process that died holding
-    // it) does not stop the disconnect, whose write compares the token generation anyway.
-    let leased = super::refresh::take_lease_waiting(app, &id, within_request(app)).await?;
+    // or meet the revoked grant and report the connection broken): this process's lock, then
+    // the refresh lease, both waited for within the request's time. A refresh here that
+    // outlasts it answers 503 (try again); a lease held elsewhere past it (a process that died
+    // holding it) does not stop the disconnect, whose write compares the token generation anyway.
+    let deadline = tokio::time::Instant::now() + within_request(app);
+    let lock = super::refresh::connection_lock(&id);
+    let Ok(_guard) = tokio::time::timeout_at(deadline, lock.lock()).await else {
+        return Err(ServiceError::Unavailable(
+            "a refresh of this connection is under way; disconnect it again in a moment".into(),
+        ));
+    };
+    let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let leased = super::refresh::take_lease_waiting(app, &id, wait).await?;
     if !leased {
         tracing::debug!(connection_id = %id, "disconnecting without the refresh lease");
     }

@@ -8,8 +8,9 @@
 //! - **Sessions** live in the database: the browser holds a random 256-bit token in an HttpOnly
 //!   cookie, the database only its SHA-256. A session ends after [`SESSION_IDLE_MS`] without a
 //!   request or [`SESSION_ABSOLUTE_MS`] after sign-in, whichever comes first; on sign-out; when
-//!   the user is disabled; and (all other sessions of the user) when the password changes. Every
-//!   sign-in makes a new session, so a token planted before sign-in is worthless.
+//!   the user is disabled; and (all of the user's, the browser that changed it getting a new one)
+//!   when the password changes. Every sign-in makes a new session, so a token planted before
+//!   sign-in is worthless.
 //! - **Throttle**: failed sign-ins are stored (account as a hash of the email, and the client
 //!   address, an IPv6 one by its /64), so limits survive restarts and hold across instances: at
 //!   most [`MAX_FAILURES_PER_ACCOUNT`] per account and [`MAX_FAILURES_PER_IP`] per address within
@@ -436,12 +437,16 @@ pub async fn change_password(
     let hash = hash_password_async(&input.new).await?;
     let now = app.now_ms();
     let (token, session) = session_row(&user.id, ip, now);
+    let (device_token, device) = device_row(&user.id, now);
     let mut tx = app.db.begin_write().await?;
     db::users::set_password(&mut tx, &user.id, &hash, now).await?;
     // Every session ends, this one too: its token may be what someone else holds (the reason to
-    // change a password), and proving the password again earns a new one (ASVS 7.2.4).
+    // change a password), and proving the password again earns a new one (ASVS 7.2.4). So does
+    // the trust of every browser, as with a reset; this one is trusted anew.
     let ended = db::sessions::delete_for_user(&mut tx, &user.id, None).await?.saturating_sub(1);
     db::sessions::insert(&mut tx, &session).await?;
+    db::sessions::delete_devices(&mut tx, &user.id).await?;
+    db::sessions::insert_device(&mut tx, &device, MAX_DEVICES_PER_USER).await?;
     audit::record(
         &mut tx,
         now,
@@ -455,7 +460,12 @@ pub async fn change_password(
     .await?;
     tx.commit().await?;
     tracing::info!(user_id = %user.id, session_id = %session.id, "password changed; a new session replaces this one");
-    Ok(NewSession { token: SecretString::from(token), session, user: user.clone(), device: None })
+    Ok(NewSession {
+        token: SecretString::from(token),
+        session,
+        user: user.clone(),
+        device: Some(SecretString::from(device_token)),
+    })
 }
 
 /// A member of a workspace, as listed.
@@ -536,7 +546,7 @@ pub async fn add_member(
     let before = db::users::membership(&mut tx, &user.id, workspace_id).await?;
     if before.as_ref().is_some_and(|b| b.role == "owner")
         && role == Role::Member
-        && db::users::count_owners(&mut tx, workspace_id).await? <= 1
+        && db::users::is_last_usable_owner(&mut tx, workspace_id, &user.id).await?
     {
         return Err(FieldError::new(
             "role",
@@ -585,7 +595,6 @@ pub async fn add_member(
     })
 }
 
-/// The advisory lock (PostgreSQL) under which a workspace's members change.
 /// Refuses a user who is no longer an owner of `workspace_id` (nor a platform admin), checked in
 /// `tx` under the members lock: a request let in before its maker was removed, made a member or
 /// disabled must not change the members after that change (the other actors are not users).
@@ -605,6 +614,7 @@ pub(crate) async fn still_entitled(
     }
 }
 
+/// The advisory lock (PostgreSQL) under which a workspace's members change.
 pub(crate) fn members_lock(workspace_id: &str) -> String {
     format!("members:{workspace_id}")
 }
@@ -626,7 +636,7 @@ pub async fn remove_member(app: &App, actor: &Actor, workspace_id: &str, user_id
     let Some(m) = db::users::membership(&mut tx, user_id, workspace_id).await? else {
         return Err(ServiceError::NotFound("member"));
     };
-    if m.role == "owner" && db::users::count_owners(&mut tx, workspace_id).await? <= 1 {
+    if m.role == "owner" && db::users::is_last_usable_owner(&mut tx, workspace_id, user_id).await? {
         return Err(ServiceError::Conflict(
             "this is the workspace's only owner; make someone else owner first".into(),
         ));
@@ -812,6 +822,21 @@ fn session_row(user_id: &str, ip: &str, now: i64) -> (String, SessionRow) {
     (token, session)
 }
 
+/// A new trusted-browser record of `user_id`: the token for its cookie, and the row (which keeps
+/// only the token's hash).
+fn device_row(user_id: &str, now: i64) -> (String, db::sessions::DeviceRow) {
+    let token = crypto::random_token();
+    let row = db::sessions::DeviceRow {
+        id: new_id(),
+        token_hash: crypto::sha256_hex(token.as_bytes()),
+        user_id: user_id.to_string(),
+        created_at: now,
+        last_used_at: now,
+        expires_at: now + DEVICE_TRUST_MS,
+    };
+    (token, row)
+}
+
 /// A new session for `user`, signed in from `ip` (after a password check, or the creation of
 /// the account): `previous_token`'s session ends, with `throttle_key` the failed sign-ins
 /// counted under it are forgotten, and the browser is trusted (`trust`).
@@ -841,15 +866,7 @@ pub(crate) async fn open_session(
             Some(SecretString::from(token.to_string()))
         }
         Trust::New => {
-            let token = crypto::random_token();
-            let row = db::sessions::DeviceRow {
-                id: new_id(),
-                token_hash: crypto::sha256_hex(token.as_bytes()),
-                user_id: user.id.clone(),
-                created_at: now,
-                last_used_at: now,
-                expires_at: now + DEVICE_TRUST_MS,
-            };
+            let (token, row) = device_row(&user.id, now);
             db::sessions::purge_devices(&mut tx, now).await?;
             db::sessions::insert_device(&mut tx, &row, MAX_DEVICES_PER_USER).await?;
             Some(SecretString::from(token))

@@ -689,7 +689,8 @@ async fn asked_while_the_owner_is_removed_with(
 }
 
 /// A disabled account cannot sign in, so it is no owner to leave a workspace to: the last owner
-/// who can sign in is refused leaving, and being made a member, as if alone.
+/// who can sign in is refused leaving, and being made a member, as if alone; the disabled owner
+/// can still be made a member, and removed.
 async fn a_disabled_owner_is_no_owner_to_leave_the_workspace_to(app: TestApp) {
     create_user(&app, "owner@example.com", false);
     create_user(&app, "second@example.com", false);
@@ -719,6 +720,14 @@ async fn a_disabled_owner_is_no_owner_to_leave_the_workspace_to(app: TestApp) {
         .text("SELECT m.role FROM {schema}.memberships m JOIN {schema}.users u ON u.id = m.user_id WHERE u.email = 'owner@example.com'")
         .await;
     assert_eq!(role, "owner");
+    let second_row = users.as_array().unwrap().iter().find(|u| u["email"] == "second@example.com").unwrap();
+    let second_id = second_row["id"].as_str().unwrap();
+    let form = [("email", "second@example.com"), ("role", "member")];
+    let res = post(&app, &owner, &csrf, "/app/w/acme/members", &form).await;
+    assert_eq!(res.status(), 303, "the disabled owner made a member");
+    let res = post(&app, &owner, &csrf, &format!("/app/w/acme/members/{second_id}/remove"), &[]).await;
+    assert_eq!(res.status(), 303, "and removed");
+    assert_eq!(app.text("SELECT CAST(COUNT(*) AS TEXT) FROM {schema}.memberships").await, "1");
 }
 
 /// Two owners who remove each other at the same moment: one removal is refused, so that the

@@ -374,7 +374,8 @@ async fn a_personal_instagram_account_is_never_connected(app: TestApp) {
     let (_, url) = app.link(&wid, "Client");
     let acct = authlink::sandbox::INSTAGRAM_ACCOUNTS[0];
     let user_id = acct.user_id.to_string();
-    app.sandbox(&format!("/instagram/accounts/{user_id}/account-type"), json!({"account_type": "PERSONAL"})).await;
+    app.sandbox(&format!("/instagram/accounts/{user_id}/account-type"), json!({"account_type": "PERSONAL"}))
+        .await;
     // Refused at login: the consent page answers with Instagram's own error page, no redirect.
     app.sandbox("/instagram/scenario", json!({"personal_account": "refuse_login"})).await;
     let authorize = start(&app.client, &app, &url, "instagram").await;

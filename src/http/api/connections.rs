@@ -112,7 +112,8 @@ async fn get_connection(
 /// disconnected and erases its tokens.
 #[utoipa::path(post, path = "/connections/{id}/disconnect", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
-    responses((status = 200, body = ConnectionView), (status = 404, body = Problem)))]
+    responses((status = 200, body = ConnectionView), (status = 404, body = Problem),
+        (status = 503, body = Problem, description = "A refresh of the connection is under way (disconnect it again in a moment), the database cannot be reached, or the request did not finish in time")))]
 async fn disconnect_connection(
     State(state): State<AppState>,
     caller: Caller,
@@ -126,8 +127,9 @@ async fn disconnect_connection(
 
 /// A valid access token, refreshed first when it would expire within five minutes. Every read is
 /// written to the audit log. 409 when the connection is broken or disconnected, or its provider is
-/// not enabled on this instance; 503 when the provider is temporarily unavailable and the current
-/// token has less than a minute left (with more, it is returned as it is).
+/// not enabled on this instance; 503 when the provider is temporarily unavailable, or a refresh
+/// in flight elsewhere outlasts what the request's time allows, and the current token has less
+/// than a minute left (with more, it is returned as it is).
 #[utoipa::path(get, path = "/connections/{id}/access-token", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = AccessTokenView), (status = 404, body = Problem), (status = 409, body = Problem), (status = 503, body = Problem)))]
