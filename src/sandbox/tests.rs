@@ -310,8 +310,32 @@ async fn tiktok_partial_grant_still_yields_a_profile() {
     assert_eq!(profile.account_id, TIKTOK_ACCOUNTS[0].open_id);
     assert_eq!(profile.username, None);
     assert_eq!(profile.display_name.as_deref(), Some("Sandbox Creator"));
-    // The first call asked for `username` and got scope_not_authorized.
+    // The first call asked for `username` and got scope_not_authorized: the app asked for
+    // `user.info.profile`, and the user switched it off (401).
     assert_eq!(h.stats("tiktok").await["profile_calls"], 2);
+    let (status, body) =
+        h.get_json("/sandbox/tiktok/v2/user/info/?fields=username", &tokens.access_token).await;
+    assert_eq!((status, &body["error"]["code"]), (401, &json!("scope_not_authorized")), "{body}");
+
+    // An app that never asked for `user.info.profile`: a field of it is the app's mistake, 400
+    // scope_permission_missed; the adapter still falls back to the basic fields.
+    let mut basic_only = h.tiktok_authorize_url(&verifier, "s2");
+    let pairs: Vec<(String, String)> = basic_only
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if k == "scope" { "user.info.basic".to_string() } else { v.into_owned() };
+            (k.into_owned(), v)
+        })
+        .collect();
+    basic_only.query_pairs_mut().clear().extend_pairs(pairs);
+    let cb = h.consent(&basic_only, &[("decision", "allow")]).await;
+    let tokens =
+        h.tiktok.exchange_code(&cb.query["code"], &verifier, &h.tiktok_redirect(), h.now()).await.unwrap();
+    let (status, body) =
+        h.get_json("/sandbox/tiktok/v2/user/info/?fields=username", &tokens.access_token).await;
+    assert_eq!((status, &body["error"]["code"]), (400, &json!("scope_permission_missed")), "{body}");
+    let profile = h.tiktok.fetch_profile(&tokens.access_token).await.unwrap();
+    assert_eq!((profile.username, profile.display_name.as_deref()), (None, Some("Sandbox Creator")));
 }
 
 #[tokio::test]

@@ -164,6 +164,8 @@ pub(super) struct TikTokState {
 struct Code {
     open_id: String,
     scopes: Vec<String>,
+    /// The scopes the app asked for (the granted ones and those the user switched off).
+    requested: Vec<String>,
     redirect_uri: String,
     challenge: Option<String>,
     expires_at: OffsetDateTime,
@@ -175,6 +177,9 @@ struct Code {
 struct Grant {
     open_id: String,
     scopes: Vec<String>,
+    /// The scopes the app asked for: a field of another scope is the app's mistake
+    /// (`scope_permission_missed`), one of these the user's choice (`scope_not_authorized`).
+    requested: Vec<String>,
     revoked: bool,
 }
 
@@ -289,8 +294,15 @@ impl TikTokState {
             let grant = self.next_grant;
             self.next_grant += 1;
             let open_id = format!("sbx-oid-bulk-{grant}");
-            self.grants
-                .insert(grant, Grant { open_id: open_id.clone(), scopes: scopes.to_vec(), revoked: false });
+            self.grants.insert(
+                grant,
+                Grant {
+                    open_id: open_id.clone(),
+                    scopes: scopes.to_vec(),
+                    requested: scopes.to_vec(),
+                    revoked: false,
+                },
+            );
             let issued = self.issue(grant, now);
             let (refresh_token, refresh_lifetime) = issued.refresh.unwrap_or_default();
             out.push(serde_json::json!({
@@ -545,6 +557,7 @@ pub(super) async fn authorize_decision(
             Code {
                 open_id: account.open_id.to_string(),
                 scopes: granted.clone(),
+                requested: req.scopes.clone(),
                 redirect_uri: req.redirect_uri.clone(),
                 challenge: req.challenge,
                 expires_at: now + CODE_LIFETIME,
@@ -817,9 +830,11 @@ fn exchange_code(sb: &Sandbox, p: &Params, verifier_tampered: bool, now: OffsetD
     }
     let open_id = c.open_id.clone();
     let scopes = c.scopes.clone();
+    let requested = c.requested.clone();
     let grant = st.next_grant;
     st.next_grant += 1;
-    st.grants.insert(grant, Grant { open_id: open_id.clone(), scopes: scopes.clone(), revoked: false });
+    st.grants
+        .insert(grant, Grant { open_id: open_id.clone(), scopes: scopes.clone(), requested, revoked: false });
     let issued = st.issue(grant, now);
     drop(st);
     tracing::debug!("sandbox tiktok: code exchanged");
@@ -962,10 +977,10 @@ pub(super) async fn user_info(
     let Some(token) = bearer(&headers) else {
         return token_invalid();
     };
-    let (open_id, scopes) = {
+    let (open_id, scopes, requested) = {
         let st = sb.tiktok_state();
         match st.live_grant(token, now) {
-            Some(g) => (g.open_id.clone(), g.scopes.clone()),
+            Some(g) => (g.open_id.clone(), g.scopes.clone(), g.requested.clone()),
             None => {
                 tracing::debug!("sandbox tiktok: user info with a dead token");
                 return token_invalid();
@@ -1002,14 +1017,26 @@ pub(super) async fn user_info(
                 now,
             );
         };
+        // A scope the app asked for and the user switched off (or withdrew since): the user's
+        // choice, 401; one the app never asked for: the app's mistake, 400 (§2.8).
         if !scopes.iter().any(|s| s == scope) {
-            return api_error(
-                shape,
-                StatusCode::UNAUTHORIZED,
-                "scope_not_authorized",
-                "The user did not authorize the scope required for completing this request.",
-                now,
-            );
+            return if requested.iter().any(|s| s == scope) {
+                api_error(
+                    shape,
+                    StatusCode::UNAUTHORIZED,
+                    "scope_not_authorized",
+                    "The user did not authorize the scope required for completing this request.",
+                    now,
+                )
+            } else {
+                api_error(
+                    shape,
+                    StatusCode::BAD_REQUEST,
+                    "scope_permission_missed",
+                    "The fields requested need a scope that was not granted to the app.",
+                    now,
+                )
+            };
         }
         user.insert(field.clone(), field_value(&sb, &acct, field));
     }
