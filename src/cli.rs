@@ -687,9 +687,15 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
         Command::Config(ConfigCommand::Check) => {
             let mut masked = config.masked();
             masked["master_key_source"] = startup::key_source(&config)?.into();
-            // A key that is set must read as one (what `serve` would refuse, this refuses too).
-            if config.master_key.is_some() || config.master_key_file.is_some() {
-                startup::load_existing_keyring(&config)?;
+            // Every key that is set, retired ones and a development key file included, must read
+            // as one (what `serve` would refuse, this refuses too); with none at all yet, a
+            // development setup makes one at its first start.
+            match startup::load_existing_keyring(&config) {
+                Ok(_) => {}
+                Err(StartupError::NoKey { .. }) if startup::production_setup(&config).is_none() => {
+                    startup::check_retired_keys(&config)?;
+                }
+                Err(e) => return Err(e.into()),
             }
             if json {
                 out(serde_json::to_string_pretty(&masked).unwrap_or_default());

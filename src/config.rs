@@ -483,6 +483,16 @@ impl InstagramConfig {
     }
 }
 
+/// Whether `url`'s host is this host: `localhost` or a loopback address.
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
 /// Whether a credential counts as set: present and not blank (an empty environment variable is
 /// a missing credential, not an empty one).
 fn is_set(value: Option<&str>) -> bool {
@@ -754,16 +764,27 @@ impl Config {
                 "key `providers.instagram.graph_api_version`: must look like v23.0".into(),
             ));
         }
-        for (key, url) in [
-            ("providers.tiktok.authorize_url", &self.providers.tiktok.authorize_url),
-            ("providers.tiktok.token_url", &self.providers.tiktok.token_url),
-            ("providers.tiktok.api_base_url", &self.providers.tiktok.api_base_url),
-            ("providers.instagram.authorize_url", &self.providers.instagram.authorize_url),
-            ("providers.instagram.token_url", &self.providers.instagram.token_url),
-            ("providers.instagram.graph_base_url", &self.providers.instagram.graph_base_url),
+        // A live provider is sent the client secret, codes, verifiers and tokens at these: https,
+        // or plain http to this host only (a provider simulated beside it). The sandbox ignores
+        // them.
+        let tiktok = self.providers.tiktok.enabled && !self.providers.tiktok.is_sandbox();
+        let instagram = self.providers.instagram.enabled && !self.providers.instagram.is_sandbox();
+        for (key, url, live) in [
+            ("providers.tiktok.authorize_url", &self.providers.tiktok.authorize_url, tiktok),
+            ("providers.tiktok.token_url", &self.providers.tiktok.token_url, tiktok),
+            ("providers.tiktok.api_base_url", &self.providers.tiktok.api_base_url, tiktok),
+            ("providers.instagram.authorize_url", &self.providers.instagram.authorize_url, instagram),
+            ("providers.instagram.token_url", &self.providers.instagram.token_url, instagram),
+            ("providers.instagram.graph_base_url", &self.providers.instagram.graph_base_url, instagram),
         ] {
             if !matches!(url.scheme(), "http" | "https") {
                 return Err(ConfigError::Invalid(format!("key `{key}`: must be an http or https URL")));
+            }
+            if live && url.scheme() == "http" && !is_loopback(url) {
+                return Err(ConfigError::Invalid(format!(
+                    "key `{key}`: must be an https URL (the provider is sent the app's secret, codes and \
+                     tokens there); plain http only to a loopback host"
+                )));
             }
         }
         Ok(())
@@ -1032,6 +1053,30 @@ mod tests {
         Config::load_from(None, &links).unwrap();
         let e = Config::load_from(None, &env(&[("AUTHLINK_PUBLIC_UR", "https://x.example")])).unwrap_err();
         assert!(e.to_string().contains("public_ur"), "{e}");
+    }
+
+    /// A live provider's endpoints are https (or plain http to a loopback host); a sandboxed
+    /// one's are not used, and not judged.
+    #[test]
+    fn live_provider_endpoints_are_https() {
+        let live = [
+            ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY", "key"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_SECRET", "secret"),
+        ];
+        let with = |url: &str| {
+            let mut pairs = env(&live);
+            pairs.push(("AUTHLINK_PROVIDERS__TIKTOK__TOKEN_URL".into(), url.into()));
+            Config::load_from(None, &pairs)
+        };
+        let e = with("http://open.tiktokapis.com/v2/oauth/token/").unwrap_err().to_string();
+        assert!(e.contains("providers.tiktok.token_url") && e.contains("https"), "{e}");
+        for ok in
+            ["https://open.tiktokapis.com/v2/oauth/token/", "http://127.0.0.1:9/token/", "http://localhost/t"]
+        {
+            with(ok).unwrap();
+        }
+        let sandboxed = env(&[("AUTHLINK_PROVIDERS__TIKTOK__TOKEN_URL", "http://tiktok.example/token/")]);
+        assert!(Config::load_from(None, &sandboxed).unwrap().providers.tiktok.is_sandbox());
     }
 
     #[test]

@@ -133,7 +133,8 @@ fn ring_key(bytes: &[u8]) -> Result<RingKey, CryptoError> {
     }
     // The key id is derived from the key, so the same key always has the same id and an id
     // reveals nothing usable about the key.
-    let digest = Sha256::digest([b"authlink-kid:".as_slice(), bytes].concat());
+    // (Hashed in two parts: no unwiped copy of the key is made.)
+    let digest = Sha256::new().chain_update(b"authlink-kid:").chain_update(bytes).finalize();
     let kid = hex::encode(&digest[..KID_LEN / 2]);
     let cipher = XChaCha20Poly1305::new(Key::from_slice(bytes));
     Ok(RingKey { kid, cipher })
@@ -193,7 +194,7 @@ impl KeyRing {
     /// A ring with a fresh random key (tests and `authlink keygen`).
     pub fn generate() -> (Self, SecretString) {
         let key = Zeroizing::new(random_bytes::<KEY_LEN>());
-        let encoded = SecretString::from(STANDARD.encode(*key));
+        let encoded = SecretString::from(STANDARD.encode(key.as_slice()));
         #[allow(clippy::expect_used)] // a fresh 32-byte key is always valid
         let ring = Self::from_base64(&encoded, &[]).expect("fresh key");
         (ring, encoded)

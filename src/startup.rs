@@ -106,6 +106,12 @@ pub fn load_existing_keyring(config: &Config) -> Result<KeyRing, StartupError> {
     with_retired_keys(config, active_key(config, false)?)
 }
 
+/// Reads `config`'s retired keys (beside a throwaway active key): what `config check` can check
+/// of a development setup that has no key yet.
+pub fn check_retired_keys(config: &Config) -> Result<(), StartupError> {
+    with_retired_keys(config, KeyRing::generate().0).map(|_| ())
+}
+
 fn with_retired_keys(config: &Config, mut ring: KeyRing) -> Result<KeyRing, StartupError> {
     for key in &config.retired_master_keys {
         ring.add_retired(key)
@@ -383,13 +389,16 @@ impl Application {
         let process =
             crate::service::processes::register(&state, "serve").await.map_err(std::io::Error::other)?;
         let process_id = process.id.clone();
-        let heartbeat =
-            tokio::spawn(crate::service::processes::run(state.0.clone(), process, stop_rx.clone()));
+        // The heartbeat has a stop of its own: it beats until the process has nothing left that
+        // may seal a value (a re-wrap must not count it gone, and retire its key, before).
+        let (beat_tx, beat_rx) = tokio::sync::watch::channel(false);
+        let heartbeat = tokio::spawn(crate::service::processes::run(state.0.clone(), process, beat_rx));
         let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx.clone()));
         let jobs =
             state.config.jobs.enabled.then(|| tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone())));
         // Before the line that says it is ready, which starts whoever waits for it.
         warn_if_grace_is_short(&state.config);
+        warn_if_simulated_in_public(&state.config);
         tracing::info!(addr = %addr, public_url = %state.config.public_url, "authlink listening");
         let providers = &state.config.providers;
         let in_sandbox = (providers.tiktok.enabled && providers.tiktok.is_sandbox())
@@ -438,9 +447,9 @@ impl Application {
         if tokio::time::timeout_at(deadline(), state.detached.drain()).await.is_err() {
             tracing::warn!("work of requests that went away still running after the grace period; stopping");
         }
-        // The heartbeat stops with the stop signal; a beat it was writing finishes first. Nothing
-        // of this process runs any more when its record goes.
-        finish_by(deadline(), heartbeat, "the heartbeat did not stop in time").await;
+        // Nothing of this process runs any more: the heartbeat stops (a beat it was writing
+        // finishes first), and its record goes.
+        stop_heartbeat(beat_tx, heartbeat).await;
         crate::service::processes::deregister(&state, &process_id).await;
         state.db.close().await;
         tracing::info!("authlink stopped");
@@ -470,6 +479,29 @@ async fn start_metrics(state: &AppState, stop: tokio::sync::watch::Receiver<bool
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr} (metrics.listen): {e}")))
 }
 
+/// Says at start when a provider is simulated on a public (https) address only because its
+/// credentials are missing or blank (a secret that was not mounted, say): clients would see the
+/// sandbox's consent screen and connect no real account. `sandbox = true` says it is meant.
+fn warn_if_simulated_in_public(config: &Config) {
+    if !config.is_https() {
+        return;
+    }
+    let p = &config.providers;
+    for (name, simulated, on_purpose) in [
+        ("tiktok", p.tiktok.enabled && p.tiktok.is_sandbox(), p.tiktok.sandbox == Some(true)),
+        ("instagram", p.instagram.enabled && p.instagram.is_sandbox(), p.instagram.sandbox == Some(true)),
+    ] {
+        if simulated && !on_purpose {
+            tracing::warn!(
+                provider = name,
+                "{name} runs in sandbox mode on a public https address because no credentials are configured: \
+                 clients see a simulated consent screen and no real account is connected; configure its \
+                 credentials, or set providers.{name}.sandbox = true if the simulator is meant"
+            );
+        }
+    }
+}
+
 /// Says at start when the grace period after SIGTERM is not longer than a provider call: a
 /// refresh still waiting for its provider when the grace ends is cut off, and a refresh token the
 /// provider rotated meanwhile is lost (the connection then needs its client again).
@@ -494,7 +526,9 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     let process =
         crate::service::processes::register(&state, "worker").await.map_err(std::io::Error::other)?;
     let process_id = process.id.clone();
-    let heartbeat = tokio::spawn(crate::service::processes::run(state.0.clone(), process, stop_rx.clone()));
+    // Its own stop, as in `serve`: it beats until the jobs have finished.
+    let (beat_tx, beat_rx) = tokio::sync::watch::channel(false);
+    let heartbeat = tokio::spawn(crate::service::processes::run(state.0.clone(), process, beat_rx));
     let jobs = tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone()));
     let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx));
     warn_if_grace_is_short(&state.config);
@@ -505,10 +539,18 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(state.config.http.shutdown_grace_secs);
     finish_by(deadline, jobs, "background jobs still running after the grace period; stopping").await;
     housekeeping.abort();
-    finish_by(deadline, heartbeat, "the heartbeat did not stop in time").await;
+    stop_heartbeat(beat_tx, heartbeat).await;
     crate::service::processes::deregister(&state, &process_id).await;
     state.db.close().await;
     Ok(())
+}
+
+/// Stops the heartbeat once the process's work is over; a beat it was writing may finish (a few
+/// seconds at most).
+async fn stop_heartbeat(stop: tokio::sync::watch::Sender<bool>, heartbeat: tokio::task::JoinHandle<()>) {
+    let _ = stop.send(true);
+    let by = tokio::time::Instant::now() + Duration::from_secs(5);
+    finish_by(by, heartbeat, "the heartbeat did not stop in time").await;
 }
 
 /// Periodic clean-up: expired OAuth flows, webhook deliveries past their retention, and webhook

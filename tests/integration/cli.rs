@@ -381,6 +381,19 @@ async fn config_check_and_bad_config(app: TestApp) {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("public URL is https"), "{}", stderr(&out));
     assert!(!dev.path().join("master.key").exists(), "config check writes no key");
+    // Without an active key, a retired key that does not read as one, or a development key
+    // file that does not, is refused as `serve` would refuse it.
+    let out = no_key(&[("AUTHLINK_RETIRED_MASTER_KEYS", "not-a-key")]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("retired_master_keys") && !stderr(&out).contains("not-a-key"),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::write(dev.path().join("master.key"), "garbage\n").unwrap();
+    let out = no_key(&[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    std::fs::remove_file(dev.path().join("master.key")).unwrap();
     // A master key that does not read as one is refused by the check, as `serve` would refuse
     // it, without showing it.
     let out = app.cli_env(&["config", "check"], &[("AUTHLINK_MASTER_KEY", "not-a-key-at-all")]);

@@ -31,6 +31,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         metrics_count_requests_and_flows,
         avatars_on_private_addresses_are_not_fetched,
         sandbox_on_postgres_is_warned_about,
+        sandbox_by_default_on_https_is_warned_about,
     ];
     list.push((
         "first_connection_racing_another_becomes_a_reconnect",
@@ -336,6 +337,29 @@ async fn sandbox_on_postgres_is_warned_about(app: TestApp) {
             assert!(!app.log_text().contains(warning), "{}", app.log_text());
         }
     }
+}
+
+/// A provider simulated on a public https address for want of credentials is said at start
+/// (credentials that were not mounted would otherwise give clients a fake consent screen in
+/// silence); with `sandbox = true` it is meant, and not said.
+async fn sandbox_by_default_on_https_is_warned_about(app: TestApp) {
+    let https =
+        [("AUTHLINK_PUBLIC_URL", "https://links.example.com"), ("AUTHLINK_SANDBOX__CONTROL_API", "false")];
+    let (app, restarted) = app.restart_with(&https).await;
+    for provider in ["tiktok", "instagram"] {
+        app.wait_for_log(&format!("{provider} runs in sandbox mode on a public https address"), 10).await;
+    }
+    restarted.run().await;
+    let mut meant = https.to_vec();
+    meant.extend([
+        ("AUTHLINK_PROVIDERS__TIKTOK__SANDBOX", "true"),
+        ("AUTHLINK_PROVIDERS__INSTAGRAM__SANDBOX", "true"),
+    ]);
+    // (Said before the line that it listens, which the restart waits for.)
+    let (app, restarted) = app.restart_with(&meant).await;
+    assert!(app.log_text().contains("authlink listening"));
+    assert!(!app.log_text().contains("on a public https address"), "{}", app.log_text());
+    restarted.run().await;
 }
 
 async fn consent_denied(app: TestApp) {
