@@ -92,13 +92,12 @@ fn start_serve(env: &Env) -> (Child, String, Arc<Mutex<Vec<String>>>) {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if v["message"] == "authlink listening" {
-                        if let Some(tx) = tx.take() {
-                            let url = v["public_url"].as_str().unwrap_or_default();
-                            let _ = tx.send(url.trim_end_matches('/').to_string());
-                        }
-                    }
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && v["message"] == "authlink listening"
+                    && let Some(tx) = tx.take()
+                {
+                    let url = v["public_url"].as_str().unwrap_or_default();
+                    let _ = tx.send(url.trim_end_matches('/').to_string());
                 }
                 logs.lock().unwrap().push(line);
             }

@@ -1077,10 +1077,10 @@ fn measure_startup(rt: &tokio::runtime::Runtime, authlink: &Authlink) -> Result<
     server.detach_log();
     let elapsed = rt.block_on(async {
         loop {
-            if let Ok(res) = client.get(ready.clone()).timeout(Duration::from_secs(1)).send().await {
-                if res.status() == StatusCode::OK {
-                    return Ok(started.elapsed());
-                }
+            if let Ok(res) = client.get(ready.clone()).timeout(Duration::from_secs(1)).send().await
+                && res.status() == StatusCode::OK
+            {
+                return Ok(started.elapsed());
             }
             if started.elapsed() > PROCESS_TIMEOUT {
                 bail!("authlink not ready after {PROCESS_TIMEOUT:?}");

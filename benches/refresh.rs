@@ -49,14 +49,12 @@ fn start_serve(env: &Env) -> (Child, String) {
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if v["message"] == "authlink listening" {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(
-                            v["public_url"].as_str().unwrap_or_default().trim_end_matches('/').to_string(),
-                        );
-                    }
-                }
+            if let Ok(v) = serde_json::from_str::<Value>(&line)
+                && v["message"] == "authlink listening"
+                && let Some(tx) = tx.take()
+            {
+                let _ =
+                    tx.send(v["public_url"].as_str().unwrap_or_default().trim_end_matches('/').to_string());
             }
         }
     });

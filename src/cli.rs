@@ -1155,10 +1155,11 @@ async fn connection(app: AppState, json: bool, cmd: ConnectionCommand) -> CliRes
                 }
             });
             // A full page may have a next one; the hint goes to standard error, off the listing.
-            if !json && i64::try_from(list.len()).is_ok_and(|n| n >= limit) {
-                if let Some(last) = list.last() {
-                    eprintln!("more may follow: add --before {}", last.id);
-                }
+            if !json
+                && i64::try_from(list.len()).is_ok_and(|n| n >= limit)
+                && let Some(last) = list.last()
+            {
+                eprintln!("more may follow: add --before {}", last.id);
             }
         }
         ConnectionCommand::Show { id } => {

@@ -624,10 +624,10 @@ impl Config {
         }
         // No `database_url` in any layer: the SQLite file in `data_dir`, wherever that is set (an
         // unusable `data_dir` is reported by the extraction below).
-        if figment.find_value("database_url").is_err() {
-            if let Ok(data_dir) = figment.extract_inner::<PathBuf>("data_dir") {
-                figment = figment.merge(Serialized::global("database_url", default_database_url(&data_dir)));
-            }
+        if figment.find_value("database_url").is_err()
+            && let Ok(data_dir) = figment.extract_inner::<PathBuf>("data_dir")
+        {
+            figment = figment.merge(Serialized::global("database_url", default_database_url(&data_dir)));
         }
         let config: Config = figment.extract_lossy().map_err(|e| {
             let messages: Vec<String> = e.into_iter().map(describe_figment_error).collect();

@@ -356,10 +356,11 @@ impl Application {
             .map_err(|source| StartupError::Bind { addr: config.listen, source })?;
         let addr =
             listener.local_addr().map_err(|source| StartupError::Bind { addr: config.listen, source })?;
-        if config.listen.port() == 0 && config.public_url.as_str() == "http://127.0.0.1:8080/" {
-            if let Ok(url) = url::Url::parse(&format!("http://{addr}")) {
-                config.public_url = url;
-            }
+        if config.listen.port() == 0
+            && config.public_url.as_str() == "http://127.0.0.1:8080/"
+            && let Ok(url) = url::Url::parse(&format!("http://{addr}"))
+        {
+            config.public_url = url;
         }
         let state = build_state(config).await?;
         Ok(Self { listener, state })

@@ -249,10 +249,10 @@ pub fn inspect(path: &Path) -> Result<Summary, BackupError> {
 /// is done, and which no connection of another process lets it take (in WAL mode each holds a
 /// shared lock on the file for as long as it is open).
 pub fn restore(from: &Path, db: &Path) -> Result<(), BackupError> {
-    if let (Ok(a), Ok(b)) = (from.canonicalize(), db.canonicalize()) {
-        if a == b {
-            return Err(BackupError::SameFile(from.to_path_buf()));
-        }
+    if let (Ok(a), Ok(b)) = (from.canonicalize(), db.canonicalize())
+        && a == b
+    {
+        return Err(BackupError::SameFile(from.to_path_buf()));
     }
     if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;

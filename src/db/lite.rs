@@ -41,6 +41,11 @@ impl Lite {
         Self { path, writer: Mutex::new(None), readers: Mutex::new(Vec::new()) }
     }
 
+    /// The database file.
+    pub(super) fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
     /// Closes the idle connections (one in use is closed when it is done).
     pub(super) fn close(&self) {
         drop(self.writer.lock().unwrap_or_else(PoisonError::into_inner).take());

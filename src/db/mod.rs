@@ -448,10 +448,19 @@ impl Db {
         Ok(Self { pool, writer, writer_thread, stashes, acquire_timeout, backend, lite, wal_restarts })
     }
 
-    /// Applies the embedded migrations of this backend.
+    /// Applies the embedded migrations of this backend, one process at a time: on PostgreSQL
+    /// under sqlx's advisory lock; on a SQLite file (where sqlx takes none) under an exclusive
+    /// lock of the file `<database>-migrate.lock` beside it, so that a command run while `serve`
+    /// starts does not apply the same migration a second time and fail.
     pub async fn migrate(&self) -> DbResult<()> {
         match self.backend {
-            Backend::Sqlite => SQLITE_MIGRATOR.run(&mut *self.writer().await?).await?,
+            Backend::Sqlite => {
+                let _lock = match &self.lite {
+                    Some(lite) => Some(migration_lock(lite.path()).await?),
+                    None => None,
+                };
+                SQLITE_MIGRATOR.run(&mut *self.writer().await?).await?;
+            }
             Backend::Postgres => POSTGRES_MIGRATOR.run(&self.pool).await?,
         }
         Ok(())
@@ -640,6 +649,22 @@ fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
     sqlite_path(url).filter(|_| writable)
 }
 
+/// An exclusive lock of the file `<database>-migrate.lock` (created if need be), held until the
+/// file is dropped; waits for another process that holds it.
+async fn migration_lock(database: &std::path::Path) -> DbResult<std::fs::File> {
+    let mut name = database.as_os_str().to_owned();
+    name.push("-migrate.lock");
+    let path = std::path::PathBuf::from(name);
+    let locked = tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        file.lock()?;
+        Ok::<_, std::io::Error>(file)
+    })
+    .await
+    .map_err(|e| DbError::Other(format!("the migration lock was not taken: {e}").into()))?;
+    locked.map_err(|e| DbError::Other(format!("the migration lock file cannot be locked: {e}").into()))
+}
+
 /// Takes a PostgreSQL advisory lock named `key` for the rest of the transaction on `conn`, so
 /// that the writers that take it run one after the other (counted limits, claim rounds); SQLite's
 /// write transactions already run one at a time, so there it does nothing.
@@ -691,6 +716,23 @@ mod tests {
     use sqlx::Row;
 
     use super::*;
+
+    /// Two processes starting at once on a new SQLite file (here two databases of one process,
+    /// each with connections of its own) both migrate it: one after the other, the second finding
+    /// nothing left to do, rather than both applying the first migration and one failing.
+    #[tokio::test]
+    async fn two_migrations_at_once_on_one_sqlite_file() {
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, b) = (test_sqlite(&dir, 2).await, test_sqlite(&dir, 2).await);
+            let (first, second) = tokio::join!(a.migrate(), b.migrate());
+            first.unwrap();
+            second.unwrap();
+            assert!(dir.path().join("t.db-migrate.lock").exists());
+            a.close().await;
+            b.close().await;
+        }
+    }
 
     #[test]
     fn errors_that_pass_are_unavailable_and_the_others_are_not() {

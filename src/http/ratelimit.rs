@@ -206,30 +206,29 @@ fn is_limited(path: &str) -> bool {
 
 /// Middleware for the link pages.
 pub async fn limit_links(State(limiter): State<LinkLimiter>, req: Request, next: Next) -> Response {
-    if is_limited(req.uri().path()) {
-        if let Some(ip) = client_ip(&req) {
-            if let Err(wait) = limiter.check(ClientNet::of(ip), Instant::now()) {
-                tracing::warn!(client = %ip, "link requests rate-limited");
-                let mut page = MessagePage::new(
-                    "Too many requests",
-                    "Too many requests came from your network in a short time.",
-                )
-                .next(match wait {
-                    1 => "Please wait a second, then try again.".to_string(),
-                    _ => format!("Please wait {wait} seconds, then try again."),
-                });
-                // Back to the link's page, once the wait is over.
-                let link = req.uri().path().strip_prefix("/l/").and_then(|rest| rest.split('/').next());
-                if let Some(token) = link.filter(|t| !t.is_empty()) {
-                    page = page.retry(format!("/l/{token}"));
-                }
-                let mut res = render(StatusCode::TOO_MANY_REQUESTS, &page);
-                if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
-                    res.headers_mut().insert(header::RETRY_AFTER, v);
-                }
-                return res.into_response();
-            }
+    if is_limited(req.uri().path())
+        && let Some(ip) = client_ip(&req)
+        && let Err(wait) = limiter.check(ClientNet::of(ip), Instant::now())
+    {
+        tracing::warn!(client = %ip, "link requests rate-limited");
+        let mut page = MessagePage::new(
+            "Too many requests",
+            "Too many requests came from your network in a short time.",
+        )
+        .next(match wait {
+            1 => "Please wait a second, then try again.".to_string(),
+            _ => format!("Please wait {wait} seconds, then try again."),
+        });
+        // Back to the link's page, once the wait is over.
+        let link = req.uri().path().strip_prefix("/l/").and_then(|rest| rest.split('/').next());
+        if let Some(token) = link.filter(|t| !t.is_empty()) {
+            page = page.retry(format!("/l/{token}"));
         }
+        let mut res = render(StatusCode::TOO_MANY_REQUESTS, &page);
+        if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+            res.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return res.into_response();
     }
     next.run(req).await
 }

@@ -213,10 +213,10 @@ fn strip_fragment(code: &str) -> &str {
 
 /// The first element of a `{data:[...]}` wrapper, or the object itself.
 fn unwrap_data(obj: Map<String, Value>) -> Map<String, Value> {
-    if let Some(Value::Array(items)) = obj.get("data") {
-        if let Some(Value::Object(first)) = items.first() {
-            return first.clone();
-        }
+    if let Some(Value::Array(items)) = obj.get("data")
+        && let Some(Value::Object(first)) = items.first()
+    {
+        return first.clone();
     }
     obj
 }
@@ -306,17 +306,17 @@ pub(super) fn parse_profile(
     };
     // Instagram Login only serves professional accounts; an absent type is taken as such, a
     // present one must be BUSINESS or MEDIA_CREATOR.
-    if let Some(kind) = me.get("account_type").and_then(Value::as_str) {
-        if !PROFESSIONAL_TYPES.contains(&kind) {
-            return Err(ProviderError::Rejected {
-                reason: format!(
-                    "{PERSONAL_ACCOUNT}: Instagram reports this account as {}; \
+    if let Some(kind) = me.get("account_type").and_then(Value::as_str)
+        && !PROFESSIONAL_TYPES.contains(&kind)
+    {
+        return Err(ProviderError::Rejected {
+            reason: format!(
+                "{PERSONAL_ACCOUNT}: Instagram reports this account as {}; \
                      only professional (Business or Creator) accounts can be connected, so switch \
                      it to a professional account in the Instagram app and connect again",
-                    sanitize(kind, secrets)
-                ),
-            });
-        }
+                sanitize(kind, secrets)
+            ),
+        });
     }
     let text = |k: &str| me.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
     Ok(Profile {

@@ -237,21 +237,23 @@ pub(super) fn parse_token_answer(
     };
     // The legacy v1 wrapper `{data:{...}, message}` still shows on old pages; unwrap it when the
     // top level carries neither a token nor an error.
-    if !obj.contains_key("access_token") && !obj.contains_key("error") {
-        if let Some(Value::Object(data)) = obj.get("data") {
-            let mut data = data.clone();
-            let failed = data.get("error_code").and_then(as_i64).is_some_and(|c| c != 0);
-            if failed && !data.contains_key("error") {
-                let code = data.get("error_code").and_then(as_i64).unwrap_or_default();
-                data.insert("error".into(), Value::String(format!("error_code {code}")));
-            }
-            if failed && !data.contains_key("error_description") {
-                if let Some(d) = data.get("description").cloned() {
-                    data.insert("error_description".into(), d);
-                }
-            }
-            obj = data;
+    if !obj.contains_key("access_token")
+        && !obj.contains_key("error")
+        && let Some(Value::Object(data)) = obj.get("data")
+    {
+        let mut data = data.clone();
+        let failed = data.get("error_code").and_then(as_i64).is_some_and(|c| c != 0);
+        if failed && !data.contains_key("error") {
+            let code = data.get("error_code").and_then(as_i64).unwrap_or_default();
+            data.insert("error".into(), Value::String(format!("error_code {code}")));
         }
+        if failed
+            && !data.contains_key("error_description")
+            && let Some(d) = data.get("description").cloned()
+        {
+            data.insert("error_description".into(), d);
+        }
+        obj = data;
     }
     if let Some(err) = obj.get("error").filter(|e| !e.is_null()) {
         let (code, message, log_id) = match err {

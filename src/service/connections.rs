@@ -712,9 +712,9 @@ fn within_request(app: &App) -> std::time::Duration {
 
 /// Returns a valid access token, refreshing first when it would expire within five minutes
 /// (through the single-flight refresh path). When that refresh fails for now (the provider is
-/// down or slow, or a refresh in flight elsewhere outlasts [`within_request`]) and the token is
-/// still valid for at least a minute, it is returned as it is; else the caller gets 503. Every
-/// read is audit-logged.
+/// down or slow, or a refresh in flight elsewhere outlasts what the request's time allows) and
+/// the token is still valid for at least a minute, it is returned as it is; else the caller gets
+/// 503. Every read is audit-logged.
 pub async fn access_token(
     app: &App,
     actor: &Actor,

@@ -221,11 +221,11 @@ pub fn signature_header(
     let mut sigs = Vec::new();
     let current = app.keys.open_str(&e.secret_sealed, secret_aad(&e.workspace_id, &e.id))?;
     sigs.extend(sign(current.expose_secret(), msg_id, timestamp, body));
-    if let (Some(prev), Some(until)) = (&e.previous_secret_sealed, e.previous_secret_until) {
-        if until > app.now_ms() {
-            let prev = app.keys.open_str(prev, previous_secret_aad(&e.workspace_id, &e.id))?;
-            sigs.extend(sign(prev.expose_secret(), msg_id, timestamp, body));
-        }
+    if let (Some(prev), Some(until)) = (&e.previous_secret_sealed, e.previous_secret_until)
+        && until > app.now_ms()
+    {
+        let prev = app.keys.open_str(prev, previous_secret_aad(&e.workspace_id, &e.id))?;
+        sigs.extend(sign(prev.expose_secret(), msg_id, timestamp, body));
     }
     Ok(sigs.join(" "))
 }

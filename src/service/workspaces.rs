@@ -303,10 +303,10 @@ pub async fn update(
     let read_version = row.updated_at;
     let old_logo_url = row.logo_url.clone();
     let mut errors = Errors::default();
-    if let Some(name) = &input.name {
-        if let Some(n) = errors.take(domain::parse_label("name", name)) {
-            row.name = n;
-        }
+    if let Some(name) = &input.name
+        && let Some(n) = errors.take(domain::parse_label("name", name))
+    {
+        row.name = n;
     }
     if let Some(b) = &input.branding {
         let (d, l, a) = validate_branding(&mut errors, b);

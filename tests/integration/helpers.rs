@@ -116,11 +116,10 @@ impl Cleanup {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let (Backend::Postgres(url), Some(schema)) = (&self.backend, &self.schema) {
-            if let Ok(mut conn) = sqlx::PgConnection::connect(url).await {
-                let _ =
-                    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut conn).await;
-            }
+        if let (Backend::Postgres(url), Some(schema)) = (&self.backend, &self.schema)
+            && let Ok(mut conn) = sqlx::PgConnection::connect(url).await
+        {
+            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut conn).await;
         }
     }
 }
@@ -206,10 +205,10 @@ impl TestApp {
                             .map(|u| u.trim_matches('"').to_string()),
                         _ => None,
                     };
-                    if let Some(url) = ready {
-                        if let Some(tx) = tx.take() {
-                            let _ = tx.send(Ok(url));
-                        }
+                    if let Some(url) = ready
+                        && let Some(tx) = tx.take()
+                    {
+                        let _ = tx.send(Ok(url));
                     }
                 }
                 if let Some(tx) = tx.take() {

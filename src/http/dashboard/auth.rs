@@ -38,12 +38,13 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;
@@ -141,11 +142,11 @@ pub async fn login_form(
     Query(q): Query<LoginQuery>,
     headers: HeaderMap,
 ) -> DashResult {
-    if let Some(token) = read_cookie(&headers, session_cookie_name(&state)) {
-        if users::authenticate(&state, token).await?.is_some() {
-            let to = q.next.as_deref().and_then(safe_next).unwrap_or_else(|| "/app".into());
-            return Ok(see_other(&to));
-        }
+    if let Some(token) = read_cookie(&headers, session_cookie_name(&state))
+        && users::authenticate(&state, token).await?.is_some()
+    {
+        let to = q.next.as_deref().and_then(safe_next).unwrap_or_else(|| "/app".into());
+        return Ok(see_other(&to));
     }
     let next = q.next.unwrap_or_default();
     Ok(login_page(&state, &headers, StatusCode::OK, "", &next, None, q.notice.as_deref()))

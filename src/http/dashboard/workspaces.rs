@@ -481,10 +481,10 @@ pub async fn search(State(state): State<AppState>, ctx: Ctx, Query(q): Query<Lis
             .chain(conn_rows.iter().map(|c| c.workspace_id.clone()))
             .collect();
         for id in ids {
-            if let Entry::Vacant(slot) = names.entry(id) {
-                if let Some(w) = db::workspaces::get(&mut conn, slot.key()).await? {
-                    slot.insert((w.slug, w.name));
-                }
+            if let Entry::Vacant(slot) = names.entry(id)
+                && let Some(w) = db::workspaces::get(&mut conn, slot.key()).await?
+            {
+                slot.insert((w.slug, w.name));
             }
         }
         drop(conn);

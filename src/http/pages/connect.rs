@@ -146,10 +146,10 @@ redacted_debug!(StartForm, shown: [], hidden: [form]);
 /// Whether a POST comes from our own pages. Browsers send `Origin` on POSTs and
 /// `Sec-Fetch-Site` on all requests; either naming another site means a cross-site post.
 fn is_same_origin_post(state: &AppState, headers: &HeaderMap) -> bool {
-    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        if !matches!(site, "same-origin" | "none") {
-            return false;
-        }
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
+        && !matches!(site, "same-origin" | "none")
+    {
+        return false;
     }
     match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         // Under `Referrer-Policy: no-referrer` (our pages) browsers send `Origin: null` even for
