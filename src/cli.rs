@@ -843,6 +843,13 @@ async fn restore(config: &Config, json: bool, from: PathBuf) -> CliResult {
         .map(|k| startup::StoredKey { kid: &k.kid, check_value: &k.check_value, retired: k.retired })
         .collect();
     startup::verify_keyring(&keys, &checks)?;
+    // As start-up would find at the next start: values sealed with a key that is not configured
+    // (retired by a re-wrap, then sealed with again by a process still running with it).
+    let missing: Vec<&str> =
+        summary.sealed_with.iter().filter(|kid| !keys.has_kid(kid)).map(String::as_str).collect();
+    if !missing.is_empty() {
+        return Err(StartupError::KeyStillNeeded { kids: missing.join(", ") }.into());
+    }
     let target = db.clone();
     blocking(move || crate::db::backup::restore(&from, &target)).await?;
     tracing::warn!(database = %db.display(), backup = %summary.path.display(), "database restored from a backup");

@@ -30,6 +30,8 @@ pub struct Summary {
     pub schema_version: i64,
     /// The master keys its sealed values may need (see `authlink keys status`).
     pub keys: Vec<KeyNeeded>,
+    /// The ids of the keys its sealed values are sealed with, found by reading them.
+    pub sealed_with: Vec<String>,
     /// Rows of the main tables, for a quick look.
     pub workspaces: i64,
     /// Links.
@@ -228,10 +230,38 @@ pub fn inspect(path: &Path) -> Result<Summary, BackupError> {
         keys.push(row?);
     }
     drop(stmt);
+    // The keys the sealed values name, in every sealed column this backup's schema has.
+    let mut sealed_with: Vec<String> = Vec::new();
+    for col in super::sealed::SEALED_COLUMNS {
+        let present: bool = conn
+            .query_row("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2", [col.table, col.column], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some();
+        if !present {
+            continue;
+        }
+        let sql = format!(
+            "SELECT DISTINCT substr({c}, 4, {len}) FROM {t} WHERE {c} LIKE 'v1:%' OR {c} LIKE 'v2:%'",
+            c = col.column,
+            t = col.table,
+            len = crate::crypto::KID_LEN,
+        );
+        let mut stmt = conn.prepare(&sql)?;
+        for kid in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            let kid = kid?;
+            if !sealed_with.contains(&kid) {
+                sealed_with.push(kid);
+            }
+        }
+    }
+    sealed_with.sort();
     let count = |table: &str| -> rusqlite::Result<i64> {
         conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
     };
     Ok(Summary {
+        sealed_with,
         path: path.to_path_buf(),
         bytes,
         schema_version,

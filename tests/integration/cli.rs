@@ -641,6 +641,32 @@ async fn backup_and_restore(app: TestApp) {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert_fails(&out, "newer authlink");
     assert!(!fresh.path().join("restored.db").exists(), "nothing was written");
+    // A copy whose values need a key the configuration lacks: its key retired (by a re-wrap in
+    // the copy's past) and another one active, while values are still sealed with the retired
+    // one (by a process that ran with it meanwhile). Refused, as the next start would refuse it.
+    let straggler = backup_dir.path().join("straggler.db");
+    std::fs::copy(&copy, &straggler).unwrap();
+    let other_key = new_master_key();
+    let other = authlink::crypto::KeyRing::from_base64(&other_key.clone().into(), &[]).unwrap();
+    {
+        use sqlx::Connection;
+        let mut conn =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}", straggler.display())).await.unwrap();
+        sqlx::query("UPDATE key_checks SET retired_at = 1").execute(&mut conn).await.unwrap();
+        sqlx::query("INSERT INTO key_checks (kid, check_value, created_at) VALUES ($1, $2, 2)")
+            .bind(other.active_kid())
+            .bind(other.check_value())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let out = app.cli_env(
+        &["restore", "--from", &straggler.display().to_string()],
+        &[("AUTHLINK_DATABASE_URL", &fresh_db), ("AUTHLINK_MASTER_KEY", &other_key)],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert_fails(&out, &kid);
+    assert!(!fresh.path().join("restored.db").exists(), "nothing was written");
     let out = app.cli(&["restore", "--from", app.db_url.trim_start_matches("sqlite://")]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert_fails(&out, "the database itself");
