@@ -486,9 +486,11 @@ impl InstagramConfig {
 /// Whether `url`'s host is this host: `localhost` or a loopback address.
 fn is_loopback(url: &Url) -> bool {
     match url.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Domain(d)) => d.trim_end_matches('.').eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
         None => false,
     }
 }
@@ -1070,9 +1072,14 @@ mod tests {
         };
         let e = with("http://open.tiktokapis.com/v2/oauth/token/").unwrap_err().to_string();
         assert!(e.contains("providers.tiktok.token_url") && e.contains("https"), "{e}");
-        for ok in
-            ["https://open.tiktokapis.com/v2/oauth/token/", "http://127.0.0.1:9/token/", "http://localhost/t"]
-        {
+        for ok in [
+            "https://open.tiktokapis.com/v2/oauth/token/",
+            "http://127.0.0.1:9/token/",
+            "http://localhost/t",
+            "http://localhost./t",
+            "http://[::1]:9/t",
+            "http://[::ffff:127.0.0.1]/t",
+        ] {
             with(ok).unwrap();
         }
         let sandboxed = env(&[("AUTHLINK_PROVIDERS__TIKTOK__TOKEN_URL", "http://tiktok.example/token/")]);

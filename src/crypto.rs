@@ -133,7 +133,7 @@ fn ring_key(bytes: &[u8]) -> Result<RingKey, CryptoError> {
     }
     // The key id is derived from the key, so the same key always has the same id and an id
     // reveals nothing usable about the key.
-    // (Hashed in two parts: no unwiped copy of the key is made.)
+    // (Hashed in two parts: no copy of the key on the heap.)
     let digest = Sha256::new().chain_update(b"authlink-kid:").chain_update(bytes).finalize();
     let kid = hex::encode(&digest[..KID_LEN / 2]);
     let cipher = XChaCha20Poly1305::new(Key::from_slice(bytes));

@@ -445,13 +445,15 @@ impl Application {
                 .await;
         }
         // Work whose requests went away (a refresh whose answer must be stored) finishes too.
-        if tokio::time::timeout_at(deadline(), state.detached.drain()).await.is_err() {
+        let drained = tokio::time::timeout_at(deadline(), state.detached.drain()).await.is_ok();
+        if !drained {
             tracing::warn!("work of requests that went away still running after the grace period; stopping");
         }
-        // Nothing of this process runs any more: the heartbeat stops (a beat it was writing
-        // finishes first), and its record goes.
+        // The heartbeat stops (a beat it was writing finishes first), and the record goes once
+        // nothing of this process runs any more (jobs cut short were aborted; work of requests
+        // that went away is not, so its record then runs out instead).
         stop_heartbeat(beat_tx, heartbeat).await;
-        crate::service::processes::deregister(&state, &process_id).await;
+        deregister_unless_cut_short(&state, &process_id, drained).await;
         state.db.close().await;
         tracing::info!("authlink stopped");
         match result {
@@ -462,11 +464,32 @@ impl Application {
 }
 
 /// Waits for `task` until `deadline`; then aborts it (logging `late`) and waits for it to be gone.
-async fn finish_by<T>(deadline: tokio::time::Instant, mut task: tokio::task::JoinHandle<T>, late: &str) {
+/// Returns whether it finished in time.
+async fn finish_by<T>(
+    deadline: tokio::time::Instant,
+    mut task: tokio::task::JoinHandle<T>,
+    late: &str,
+) -> bool {
     if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
         tracing::warn!("{late}");
         task.abort();
         let _ = task.await;
+        return false;
+    }
+    true
+}
+
+/// Removes this process's record once its work is over; when work of requests that went away
+/// outlasted the grace period (it is not aborted, and may still seal a value), the record is left
+/// to count the process as running until it runs out (90 s), so that a re-wrap meanwhile does
+/// not retire the key it seals with.
+async fn deregister_unless_cut_short(state: &AppState, process_id: &str, finished: bool) {
+    if finished {
+        crate::service::processes::deregister(state, process_id).await;
+    } else {
+        tracing::warn!(
+            "work still running at the end of the grace period: this process's record is left to run out"
+        );
     }
 }
 
@@ -533,6 +556,7 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     let jobs = tokio::spawn(crate::jobs::run(state.clone(), stop_rx.clone()));
     let housekeeping = tokio::spawn(housekeeping(state.clone(), stop_rx));
     warn_if_grace_is_short(&state.config);
+    warn_if_simulated_in_public(&state.config);
     tracing::info!(process_id = %process_id, "authlink worker running");
     stop_signal.await;
     tracing::info!("shutdown signal received; finishing claimed work");
@@ -541,7 +565,8 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     finish_by(deadline, jobs, "background jobs still running after the grace period; stopping").await;
     housekeeping.abort();
     stop_heartbeat(beat_tx, heartbeat).await;
-    crate::service::processes::deregister(&state, &process_id).await;
+    // (Jobs cut short were aborted: nothing of this process runs any more.)
+    deregister_unless_cut_short(&state, &process_id, true).await;
     state.db.close().await;
     Ok(())
 }

@@ -456,7 +456,7 @@ impl Db {
         match self.backend {
             Backend::Sqlite => {
                 let _lock = match &self.lite {
-                    Some(lite) => Some(migration_lock(lite.path()).await?),
+                    Some(lite) => migration_lock(lite.path()).await,
                     None => None,
                 };
                 SQLITE_MIGRATOR.run(&mut *self.writer().await?).await?;
@@ -650,19 +650,37 @@ fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
 }
 
 /// An exclusive lock of the file `<database>-migrate.lock` (created if need be), held until the
-/// file is dropped; waits for another process that holds it.
-async fn migration_lock(database: &std::path::Path) -> DbResult<std::fs::File> {
+/// file is dropped; waits for another process that holds it. The lock needs no write access: a
+/// file another user made (a command run as root, say) is opened read-only. Where it cannot be
+/// had at all (a file system without locks), the migrations run without it, as before it, with a
+/// warning.
+async fn migration_lock(database: &std::path::Path) -> Option<std::fs::File> {
     let mut name = database.as_os_str().to_owned();
     name.push("-migrate.lock");
     let path = std::path::PathBuf::from(name);
+    let shown = path.display().to_string();
     let locked = tokio::task::spawn_blocking(move || {
-        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .or_else(|_| std::fs::File::open(&path))?;
         file.lock()?;
         Ok::<_, std::io::Error>(file)
     })
-    .await
-    .map_err(|e| DbError::Other(format!("the migration lock was not taken: {e}").into()))?;
-    locked.map_err(|e| DbError::Other(format!("the migration lock file cannot be locked: {e}").into()))
+    .await;
+    match locked {
+        Ok(Ok(file)) => Some(file),
+        Ok(Err(e)) => {
+            tracing::warn!(path = %shown, error = %e, "the migration lock cannot be taken; migrating without it");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(path = %shown, error = %e, "the migration lock was not taken; migrating without it");
+            None
+        }
+    }
 }
 
 /// Takes a PostgreSQL advisory lock named `key` for the rest of the transaction on `conn`, so
