@@ -566,7 +566,7 @@ pub async fn run_worker(state: AppState) -> std::io::Result<()> {
     housekeeping.abort();
     stop_heartbeat(beat_tx, heartbeat).await;
     // (Jobs cut short were aborted: nothing of this process runs any more.)
-    deregister_unless_cut_short(&state, &process_id, true).await;
+    crate::service::processes::deregister(&state, &process_id).await;
     state.db.close().await;
     Ok(())
 }

@@ -243,10 +243,10 @@ pub fn inspect(path: &Path) -> Result<Summary, BackupError> {
             continue;
         }
         let sql = format!(
-            "SELECT DISTINCT substr({c}, 4, {len}) FROM {t} WHERE {c} LIKE 'v1:%' OR {c} LIKE 'v2:%'",
-            c = col.column,
+            "SELECT DISTINCT {kid} FROM {t} WHERE {envelope}",
+            kid = super::sealed::kid_expr(col.column),
+            envelope = super::sealed::is_envelope(col.column),
             t = col.table,
-            len = crate::crypto::KID_LEN,
         );
         let mut stmt = conn.prepare(&sql)?;
         for kid in stmt.query_map([], |r| r.get::<_, String>(0))? {

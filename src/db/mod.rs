@@ -669,18 +669,14 @@ async fn migration_lock(database: &std::path::Path) -> Option<std::fs::File> {
         file.lock()?;
         Ok::<_, std::io::Error>(file)
     })
-    .await;
-    match locked {
-        Ok(Ok(file)) => Some(file),
-        Ok(Err(e)) => {
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|locked| locked);
+    locked
+        .inspect_err(|e| {
             tracing::warn!(path = %shown, error = %e, "the migration lock cannot be taken; migrating without it");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(path = %shown, error = %e, "the migration lock was not taken; migrating without it");
-            None
-        }
-    }
+        })
+        .ok()
 }
 
 /// Takes a PostgreSQL advisory lock named `key` for the rest of the transaction on `conn`, so

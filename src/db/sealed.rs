@@ -63,7 +63,7 @@ pub async fn count_by_kid(
 }
 
 /// Whether a value is an envelope, in SQL.
-fn is_envelope(column: &str) -> String {
+pub(super) fn is_envelope(column: &str) -> String {
     format!("({column} LIKE 'v1:%' OR {column} LIKE 'v2:%')")
 }
 
@@ -75,7 +75,7 @@ fn version_expr(column: &str) -> String {
 /// The key id of an envelope in SQL: the [`KID_LEN`] characters after `v1:` or `v2:` (`''` when
 /// the value is no envelope). Key ids have a fixed length, so `substr`, which both backends
 /// have, finds them.
-fn kid_expr(column: &str) -> String {
+pub(super) fn kid_expr(column: &str) -> String {
     format!("CASE WHEN {} THEN substr({column}, 4, {KID_LEN}) ELSE '' END", is_envelope(column))
 }
 

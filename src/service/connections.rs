@@ -613,13 +613,12 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
         tracing::debug!(connection_id = %id, "disconnecting without the refresh lease");
     }
     let result = disconnect_leased(app, actor, scope, &id).await;
-    if leased {
-        // Given back on every path (a no-op once the disconnect's write freed it).
+    // The disconnect's own write gives the lease back; a failed one does here. (A lease left on a
+    // connection found disconnected meanwhile runs out: nothing refreshes it.)
+    if leased && result.is_err() {
         let owner = super::refresh::owner_id();
-        let released = match app.db.writer().await {
-            Ok(mut conn) => db::connections::release_lease(&mut conn, &id, owner).await,
-            Err(e) => Err(e),
-        };
+        let released =
+            async { db::connections::release_lease(&mut *app.db.writer().await?, &id, owner).await }.await;
         if let Err(e) = released {
             tracing::warn!(connection_id = %id, error = %e, "a disconnect's lease could not be given back");
         }
