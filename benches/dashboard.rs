@@ -331,37 +331,37 @@ async fn insert_connections(
         out.ids.push(id);
         out.connections += 1;
         if rows.len() == BATCH || i + 1 == n {
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO connections (id, workspace_id, link_id, provider, provider_account_id, app_scoped_id, \
                  username, display_name, avatar_url, scopes, access_token_sealed, access_expires_at, \
                  refresh_token_sealed, refresh_expires_at, token_generation, status, status_reason, sandbox, \
                  connected_at, last_refreshed_at, reconnect_count, created_at, updated_at, \
                  refresh_failures, next_check_at) VALUES {}",
                 rows.join(",")
-            ))
+            )))
             .execute(&mut *tx)
             .await
             .unwrap();
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO refresh_schedule (connection_id, next_refresh_at) VALUES {}",
                 schedules.join(",")
-            ))
+            )))
             .execute(&mut *tx)
             .await
             .unwrap();
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO connection_events (id, connection_id, workspace_id, kind, detail, created_at) VALUES {}",
                 events.join(",")
-            ))
+            )))
             .execute(&mut *tx)
             .await
             .unwrap();
             if !entries.is_empty() {
-                sqlx::query(&format!(
+                sqlx::query(sqlx::AssertSqlSafe(format!(
                     "INSERT INTO audit_log (id, workspace_id, actor_kind, actor_id, action, target_kind, target_id, \
                      details, created_at) VALUES {}",
                     entries.join(",")
-                ))
+                )))
                 .execute(&mut *tx)
                 .await
                 .unwrap();
@@ -483,7 +483,7 @@ async fn plan(
         Backend::Sqlite => format!("EXPLAIN QUERY PLAN {sql}"),
         Backend::Postgres => format!("EXPLAIN {sql}"),
     };
-    let mut q = sqlx::query(&explain);
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(&*explain));
     for p in params {
         q = q.bind(p.clone());
     }
@@ -565,7 +565,10 @@ async fn main() {
             return;
         };
         let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
         let sep = if pg.contains('?') { '&' } else { '?' };
         (Backend::Postgres, format!("{pg}{sep}options=-c%20search_path%3D{schema}"), Some((pg, schema)))
     } else {
@@ -900,7 +903,10 @@ async fn main() {
     let _ = serve.wait();
     if let Some((pg, schema)) = pg_schema {
         let mut admin = AnyConnection::connect(&pg).await.unwrap();
-        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&mut admin)
+            .await
+            .unwrap();
     }
     let slow: Vec<String> =
         logs.lock().unwrap().iter().filter(|l| l.contains("slow statement")).take(5).cloned().collect();

@@ -73,7 +73,7 @@ async fn main() {
     let n = env_usize("BENCH_REFRESH_CONNECTIONS", 100_000);
     let idle_n = env_usize("BENCH_IDLE_CONNECTIONS", 1_000_000);
     let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut admin).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut admin).await.unwrap();
     let sep = if pg.contains('?') { '&' } else { '?' };
     let db_url = format!("{pg}{sep}options=-c%20search_path%3D{schema}");
     let key = random_master_key();
@@ -143,11 +143,11 @@ async fn main() {
                 schedules.push(format!("('{id}', {})", now_ms - 1000));
             }
             sql.push_str(&rows.join(","));
-            sqlx::query(&sql).execute(&mut conn).await.unwrap();
-            sqlx::query(&format!(
+            sqlx::query(sqlx::AssertSqlSafe(&*sql)).execute(&mut conn).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO refresh_schedule (connection_id, next_refresh_at) VALUES {}",
                 schedules.join(",")
-            ))
+            )))
             .execute(&mut conn)
             .await
             .unwrap();
@@ -258,25 +258,25 @@ async fn main() {
     sqlx::query("DELETE FROM refresh_schedule").execute(&mut conn).await.unwrap();
     sqlx::query("DELETE FROM connections").execute(&mut conn).await.unwrap();
     let far = now_ms + 40 * 86_400_000;
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO connections (id, workspace_id, provider, provider_account_id, scopes, access_token_sealed, access_expires_at, \
          token_generation, status, sandbox, connected_at, reconnect_count, created_at, updated_at, refresh_failures, next_check_at) \
          SELECT gen_random_uuid()::text, '{workspace}', 'tiktok', 'idle-' || g, 'user.info.basic', 'v1:x:y:z', {far}, 1, 'active', 1, \
          {now_ms}, 0, {now_ms}, {now_ms}, 0, {far} + g FROM generate_series(1, {idle_n}) g"
-    ))
+    )))
     .execute(&mut conn)
     .await
     .unwrap();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO refresh_schedule (connection_id, next_refresh_at) \
          SELECT id, {far} + CAST(substr(provider_account_id, 6) AS BIGINT) FROM connections"
-    ))
+    )))
     .execute(&mut conn)
     .await
     .unwrap();
     sqlx::query("ANALYZE connections").execute(&mut conn).await.unwrap();
     sqlx::query("ANALYZE refresh_schedule").execute(&mut conn).await.unwrap();
-    let plan: Vec<(String,)> = sqlx::query_as(&format!(
+    let plan: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "EXPLAIN UPDATE refresh_schedule SET lease_owner = 'bench', lease_until = {now_ms} + 60000 \
          WHERE connection_id = ANY(ARRAY(SELECT connection_id FROM refresh_schedule WHERE next_refresh_at <= {now_ms} \
          AND (lease_until IS NULL OR lease_until < {now_ms}) \
@@ -284,7 +284,7 @@ async fn main() {
            AND ',tiktok,instagram,' LIKE '%,' || c.provider || ',%') \
          ORDER BY next_refresh_at LIMIT 200 FOR UPDATE SKIP LOCKED)) \
          RETURNING connection_id"
-    ))
+    )))
     .fetch_all(&mut conn)
     .await
     .unwrap();
@@ -302,7 +302,10 @@ async fn main() {
     let _ = idle.wait();
     let idle_cpu = (t1 - t0) as f64 / ticks_per_sec / window * 100.0;
 
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE")).execute(&mut admin).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
 
     let pass = |ok: bool| if ok { "PASS" } else { "FAIL" };
     let mut report = String::new();

@@ -186,28 +186,23 @@ pub struct HttpConfig {
     /// Longest time, from a shutdown signal, to let in-flight requests and then claimed
     /// background work finish.
     pub shutdown_grace_secs: u64,
-    /// Requests a minute one client may make to link pages (`/l/...`), against token guessing;
+    /// Requests a minute one client may make to link pages (`/l/...`) and the providers'
+    /// callbacks, against token guessing;
     /// also the limit of JSON API requests without a valid key, per client address.
     pub link_requests_per_minute: u32,
     /// JSON API requests a minute per API key (bursts up to a minute's worth); more get 429.
     pub api_requests_per_minute: u32,
     /// Addresses (`10.0.0.5`) and networks (`10.0.0.0/8`) of the reverse proxies whose
     /// `X-Forwarded-For` is believed: the client is the last address in it that is not one of
-    /// these. Default: loopback, private and link-local networks. `[]`: the peer address, always.
+    /// these. Default: loopback only (a proxy on the same host). `[]`: the peer address, always.
+    /// A proxy on another host must be listed: a peer is never believed for being on a private
+    /// network, where a hop that rewrites addresses (a container's port forwarding, a cluster's
+    /// node port) would let any client choose its address.
     pub trusted_proxies: Vec<String>,
 }
 
-/// The default [`HttpConfig::trusted_proxies`]: loopback, private and link-local networks.
-pub const DEFAULT_TRUSTED_PROXIES: [&str; 8] = [
-    "127.0.0.0/8",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "169.254.0.0/16",
-    "::1/128",
-    "fc00::/7",
-    "fe80::/10",
-];
+/// The default [`HttpConfig::trusted_proxies`]: loopback (a reverse proxy on the same host).
+pub const DEFAULT_TRUSTED_PROXIES: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 
 impl HttpConfig {
     /// [`trusted_proxies`](Self::trusted_proxies), parsed (a plain address is a network of one).

@@ -32,24 +32,26 @@ const COLUMNS: &str =
 
 /// Inserts a key.
 pub async fn insert(conn: &mut AnyConnection, k: &ApiKeyRow) -> DbResult<()> {
-    sqlx::query(&format!("INSERT INTO api_keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"))
-        .bind(&k.id)
-        .bind(&k.workspace_id)
-        .bind(&k.name)
-        .bind(&k.prefix)
-        .bind(&k.key_hash)
-        .bind(&k.created_by)
-        .bind(k.created_at)
-        .bind(k.last_used_at)
-        .bind(k.revoked_at)
-        .execute(conn)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO api_keys ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    )))
+    .bind(&k.id)
+    .bind(&k.workspace_id)
+    .bind(&k.name)
+    .bind(&k.prefix)
+    .bind(&k.key_hash)
+    .bind(&k.created_by)
+    .bind(k.created_at)
+    .bind(k.last_used_at)
+    .bind(k.revoked_at)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
 /// One key by its visible prefix.
 pub async fn get_by_prefix(conn: &mut AnyConnection, prefix: &str) -> DbResult<Option<ApiKeyRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys WHERE prefix = $1"))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM api_keys WHERE prefix = $1")))
         .bind(prefix)
         .fetch_optional(conn)
         .await?)
@@ -57,7 +59,7 @@ pub async fn get_by_prefix(conn: &mut AnyConnection, prefix: &str) -> DbResult<O
 
 /// One key by id.
 pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<ApiKeyRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1"))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1")))
         .bind(id)
         .fetch_optional(conn)
         .await?)
@@ -77,9 +79,9 @@ pub async fn count_active(conn: &mut AnyConnection, workspace_id: Option<&str>) 
 
 /// Keys of one workspace, or every key (`None`), oldest first.
 pub async fn list(conn: &mut AnyConnection, workspace_id: Option<&str>) -> DbResult<Vec<ApiKeyRow>> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM api_keys WHERE ($1 IS NULL OR workspace_id = $1) ORDER BY id"
-    ))
+    )))
     .bind(workspace_id)
     .fetch_all(conn)
     .await?)
@@ -102,10 +104,10 @@ pub async fn made_by(
     created_by: &str,
     workspace_id: Option<&str>,
 ) -> DbResult<Vec<ApiKeyRow>> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM api_keys WHERE created_by = $1 \
          AND ($2 IS NULL OR workspace_id = $2) ORDER BY id"
-    ))
+    )))
     .bind(created_by)
     .bind(workspace_id)
     .fetch_all(conn)
@@ -118,7 +120,7 @@ pub async fn made_by(
 pub async fn is_active_locked(conn: &mut AnyConnection, backend: super::Backend, id: &str) -> DbResult<bool> {
     let lock = if backend == super::Backend::Postgres { " FOR SHARE" } else { "" };
     let row: Option<(Option<i64>,)> =
-        sqlx::query_as(&format!("SELECT revoked_at FROM api_keys WHERE id = $1{lock}"))
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT revoked_at FROM api_keys WHERE id = $1{lock}")))
             .bind(id)
             .fetch_optional(conn)
             .await?;

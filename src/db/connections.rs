@@ -577,9 +577,9 @@ pub async fn lease_state(
     conn: &mut AnyConnection,
     id: &str,
 ) -> DbResult<Option<(Option<String>, Option<i64>, i64)>> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT lease_owner, lease_until, token_generation FROM {FROM} WHERE id = $1"
-    ))
+    )))
     .bind(id)
     .fetch_optional(conn)
     .await?)
@@ -610,9 +610,9 @@ pub async fn claim_due_refreshes(
            AND ',' || $5 || ',' LIKE '%,' || c.provider || ',%') \
          ORDER BY next_refresh_at LIMIT $4",
     );
-    let rows: Vec<(String,)> = sqlx::query_as(&format!(
+    let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE refresh_schedule SET lease_owner = $1, lease_until = $2 WHERE {ids} RETURNING connection_id"
-    ))
+    )))
     .bind(owner)
     .bind(until_ms)
     .bind(now_ms)
@@ -677,13 +677,13 @@ pub async fn expiring(
     soon_ms: i64,
     limit: i64,
 ) -> DbResult<Vec<ConnectionRow>> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM {FROM} WHERE status IN ('active', 'broken') AND expiring_notified_at IS NULL \
          AND ((refresh_expires_at IS NOT NULL AND refresh_expires_at <= $1) \
            OR (refresh_token_sealed IS NULL AND access_expires_at <= $1 \
                AND (status = 'broken' OR refresh_failures > 0 OR access_expires_at <= $2))) \
          ORDER BY id LIMIT $3"
-    ))
+    )))
     .bind(soon_ms)
     .bind(now_ms)
     .bind(limit)
@@ -703,9 +703,9 @@ pub async fn by_app_scoped_id_for_update(
         super::Backend::Postgres => " ORDER BY id FOR UPDATE OF connections",
         super::Backend::Sqlite => "",
     };
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM {FROM} WHERE provider = $1 AND (app_scoped_id = $2 OR provider_account_id = $2){lock}"
-    ))
+    )))
     .bind(provider)
     .bind(app_scoped_id)
     .fetch_all(conn)
@@ -777,12 +777,12 @@ pub async fn finish_attempts(
     detail: Option<&str>,
     now_ms: i64,
 ) -> DbResult<u64> {
-    let rows: Vec<(String,)> = sqlx::query_as(&format!(
+    let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE refresh_attempts SET finished_at = $5, \
          outcome = CASE WHEN id = $2 THEN $3 ELSE 'interrupted' END, \
          detail = CASE WHEN id = $2 THEN $4 ELSE '{INTERRUPTED_ATTEMPT}' END \
          WHERE connection_id = $1 AND outcome = 'started' RETURNING id"
-    ))
+    )))
     .bind(connection_id)
     .bind(attempt_id)
     .bind(outcome)
@@ -825,10 +825,10 @@ const STORE_TOKENS: &str = "UPDATE connections SET access_token_sealed = $2, acc
 
 /// Binds `$1` to `$8` of [`STORE_TOKENS`].
 fn bind_tokens<'q, O>(
-    query: sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>>,
+    query: sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments>,
     c: &'q ConnectionRow,
     expected_generation: i64,
-) -> sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments<'q>> {
+) -> sqlx::query::QueryAs<'q, sqlx::Any, O, sqlx::any::AnyArguments> {
     query
         .bind(&c.id)
         .bind(&c.access_token_sealed)
@@ -849,10 +849,13 @@ pub async fn store_refreshed(
     expected_generation: i64,
     owner: &str,
 ) -> DbResult<bool> {
-    let stored: Option<(String,)> =
-        bind_tokens(sqlx::query_as(&format!("{STORE_TOKENS} RETURNING id")), c, expected_generation)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let stored: Option<(String,)> = bind_tokens(
+        sqlx::query_as(sqlx::AssertSqlSafe(format!("{STORE_TOKENS} RETURNING id"))),
+        c,
+        expected_generation,
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
     if stored.is_none() {
         return Ok(false);
     }
@@ -897,14 +900,14 @@ pub async fn start_claimed_refresh(
         row: ConnectionRow,
         started: i64,
     }
-    let found: Option<Found> = sqlx::query_as(&format!(
+    let found: Option<Found> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH c AS (SELECT {COLUMNS} FROM {FROM} WHERE id = $1), \
          a AS (INSERT INTO refresh_attempts (id, connection_id, owner, generation, outcome, started_at) \
            SELECT $2, id, $3, token_generation, 'started', $4 FROM c \
            WHERE lease_owner = $3 AND lease_until > $6 AND status = 'active' AND next_refresh_at <= $4 \
            AND position(',' || provider || ',' in ',' || $5 || ',') > 0 RETURNING id) \
          SELECT {COLUMNS}, (SELECT count(*) FROM a) AS started FROM c"
-    ))
+    )))
     .bind(id)
     .bind(attempt_id)
     .bind(owner)
@@ -948,7 +951,7 @@ pub async fn store_refreshed_with_history(
            SELECT $14, id, workspace_id, 'refreshed', NULL, $7 FROM u) \
          SELECT count(*) FROM u"
     );
-    let (stored,): (i64,) = bind_tokens(sqlx::query_as(&sql), c, expected_generation)
+    let (stored,): (i64,) = bind_tokens(sqlx::query_as(sqlx::AssertSqlSafe(&*sql)), c, expected_generation)
         .bind(stored_next_refresh(c))
         .bind(owner)
         .bind(attempt_id)
@@ -993,7 +996,7 @@ mod tests {
         ];
         let mut conn = db.read().await.unwrap();
         for (f, index) in &cases {
-            let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", list_sql(f)))
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {}", list_sql(f))))
                 .fetch_all(&mut *conn)
                 .await
                 .unwrap();

@@ -219,9 +219,9 @@ pub async fn connections(
         // cursor must not tell where its handle sorts (nor that it exists).
         Some(id) if searching => {
             let key = handle_key(backend);
-            let row: Option<(Option<String>,)> = sqlx::query_as(&format!(
+            let row: Option<(Option<String>,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT {key} FROM connections WHERE id = $1 AND ($2 IS NULL OR workspace_id = $2)"
-            ))
+            )))
             .bind(id)
             .bind(f.workspace_id)
             .fetch_optional(&mut *conn)
@@ -231,7 +231,7 @@ pub async fn connections(
         _ => None,
     };
     let (sql, params) = connections_sql(backend, f, cursor_handle.as_deref());
-    let mut query = sqlx::query_as(&sql);
+    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(&*sql));
     for p in params {
         query = query.bind(p);
     }

@@ -39,9 +39,9 @@ const COLUMNS: &str = "id, workspace_id, email, email_normalized, role, token_ha
 
 /// Inserts an invitation.
 pub async fn insert(conn: &mut AnyConnection, i: &InvitationRow) -> DbResult<()> {
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO member_invitations ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-    ))
+    )))
     .bind(&i.id)
     .bind(&i.workspace_id)
     .bind(&i.email)
@@ -61,10 +61,12 @@ pub async fn insert(conn: &mut AnyConnection, i: &InvitationRow) -> DbResult<()>
 
 /// The invitation whose token hashes to `token_hash`, whatever its state.
 pub async fn by_token_hash(conn: &mut AnyConnection, token_hash: &str) -> DbResult<Option<InvitationRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM member_invitations WHERE token_hash = $1"))
-        .bind(token_hash)
-        .fetch_optional(conn)
-        .await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM member_invitations WHERE token_hash = $1"
+    )))
+    .bind(token_hash)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// A workspace's invitations that can still be accepted at `now_ms`, newest first.
@@ -73,10 +75,10 @@ pub async fn pending(
     workspace_id: &str,
     now_ms: i64,
 ) -> DbResult<Vec<InvitationRow>> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM member_invitations WHERE workspace_id = $1 AND accepted_at IS NULL \
          AND revoked_at IS NULL AND expires_at > $2 ORDER BY created_at DESC, id DESC"
-    ))
+    )))
     .bind(workspace_id)
     .bind(now_ms)
     .fetch_all(conn)
@@ -95,10 +97,10 @@ pub async fn revoke_pending(
         Which::Id(id) => ("id", id),
         Which::Email(email) => ("email_normalized", email),
     };
-    let done = sqlx::query(&format!(
+    let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE member_invitations SET revoked_at = $3 WHERE workspace_id = $1 AND {column} = $2 \
          AND accepted_at IS NULL AND revoked_at IS NULL"
-    ))
+    )))
     .bind(workspace_id)
     .bind(value)
     .bind(now_ms)

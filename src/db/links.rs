@@ -77,9 +77,9 @@ const COLUMNS: &str = "id, workspace_id, label, client_ref, platforms, expires_a
 
 /// Inserts a link.
 pub async fn insert(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO links ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-    ))
+    )))
     .bind(&l.id)
     .bind(&l.workspace_id)
     .bind(&l.label)
@@ -182,7 +182,7 @@ pub async fn get_for_update(
     id: &str,
 ) -> DbResult<Option<LinkRow>> {
     let lock = if backend == super::Backend::Postgres { " FOR UPDATE" } else { "" };
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM links WHERE id = $1{lock}"))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM links WHERE id = $1{lock}")))
         .bind(id)
         .fetch_optional(conn)
         .await?)
@@ -362,12 +362,12 @@ pub async fn list(conn: &mut AnyConnection, f: &LinkFilter<'_>, limit: i64) -> D
         )
     };
     let active: Option<i64> = f.active.map(i64::from);
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM links WHERE ($1 IS NULL OR workspace_id = $1) \
          AND ($2 IS NULL OR {matches}) \
          AND ($3 IS NULL OR ($3 = 1 AND revoked_at IS NULL) OR ($3 = 0 AND revoked_at IS NOT NULL)) \
          AND ($4 IS NULL OR id < $4) ORDER BY id DESC LIMIT $5"
-    ))
+    )))
     .bind(f.workspace_id)
     .bind(search)
     .bind(active)

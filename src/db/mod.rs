@@ -369,12 +369,9 @@ impl Db {
                         )
                         .await?;
                         if !checkpoints {
-                            conn.execute(
-                                format!(
-                                    "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
-                                )
-                                .as_str(),
-                            )
+                            conn.execute(sqlx::AssertSqlSafe(format!(
+                                "PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = {WAL_SIZE_LIMIT};"
+                            )))
                             .await?;
                         }
                         Ok(())
@@ -608,15 +605,39 @@ impl Db {
 /// again, whether it still lives.
 pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 
-/// Makes sure the SQLite file's folder exists and the URL asks for create-if-missing.
+/// Makes sure the SQLite file's folder exists and the URL asks for create-if-missing. A new
+/// database file (and a folder made for it) is readable by its owner only: it holds password
+/// hashes, email addresses and webhook URLs besides the sealed values, and SQLite gives its WAL
+/// and shared-memory files the database file's permissions. An existing file readable by others
+/// is warned about.
 fn prepare_sqlite_url(url: &str) -> DbResult<String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
     let path = rest.split('?').next().unwrap_or_default();
     if path.is_empty() || path == ":memory:" {
         return Ok(url.to_string());
     }
+    let io = |e| DbError::unavailable(sqlx::Error::Io(e));
     if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| DbError::unavailable(sqlx::Error::Io(e)))?;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(io)?;
+    }
+    if !url.contains('%') && !url.contains("mode=ro") {
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if let Ok(meta) = std::fs::metadata(path)
+                    && meta.permissions().mode() & 0o077 != 0
+                {
+                    tracing::warn!(
+                        path,
+                        mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                        "the SQLite database file can be read by other users of this host; `chmod 600` it \
+                         (and its -wal and -shm files)"
+                    );
+                }
+            }
+            Err(e) => return Err(io(e)),
+        }
     }
     if url.contains("mode=") {
         Ok(url.to_string())
@@ -748,6 +769,25 @@ mod tests {
         }
     }
 
+    /// A new database, its WAL and its shared-memory file are readable by their owner only,
+    /// whatever the process's umask lets others read.
+    #[tokio::test]
+    async fn a_new_sqlite_database_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let url = SecretString::from(format!("sqlite://{}/data/t.db", dir.path().display()));
+        let db =
+            Db::connect(&url, &DatabaseConfig { max_connections: 2, acquire_timeout_secs: 2 }).await.unwrap();
+        db.migrate().await.unwrap();
+        let mode =
+            |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("data"), 0o700);
+        for name in ["data/t.db", "data/t.db-wal", "data/t.db-shm"] {
+            assert_eq!(mode(name) & 0o077, 0, "{name}: {:o}", mode(name));
+        }
+        db.close().await;
+    }
+
     #[test]
     fn errors_that_pass_are_unavailable_and_the_others_are_not() {
         for code in [
@@ -768,7 +808,10 @@ mod tests {
         let db = sqlite(&dir).await;
         let mut conn = db.writer().await.unwrap();
         let (pages,): (i64,) = sqlx::query_as("PRAGMA page_count").fetch_one(&mut *conn).await.unwrap();
-        sqlx::query(&format!("PRAGMA max_page_count = {pages}")).execute(&mut *conn).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA max_page_count = {pages}")))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
         let full = DbError::from(
             sqlx::query(
                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) \

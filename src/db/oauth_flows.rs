@@ -86,10 +86,12 @@ pub async fn insert(conn: &mut impl Exec, f: &FlowRow) -> DbResult<()> {
 
 /// The flow whose state hashes to `state_hash`.
 pub async fn get_by_state_hash(conn: &mut AnyConnection, state_hash: &str) -> DbResult<Option<FlowRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM oauth_flows WHERE state_hash = $1"))
-        .bind(state_hash)
-        .fetch_optional(conn)
-        .await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM oauth_flows WHERE state_hash = $1"
+    )))
+    .bind(state_hash)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// One flow by id.
@@ -148,7 +150,7 @@ pub async fn of_link(
     let older = if before.is_some() { "AND id < $3" } else { "" };
     let sql =
         format!("SELECT {COLUMNS} FROM oauth_flows WHERE link_id = $1 {older} ORDER BY id DESC LIMIT $2");
-    let mut q = sqlx::query_as(&sql).bind(link_id).bind(limit);
+    let mut q = sqlx::query_as(sqlx::AssertSqlSafe(&*sql)).bind(link_id).bind(limit);
     if let Some(before) = before {
         q = q.bind(before);
     }

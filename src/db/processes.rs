@@ -12,7 +12,7 @@ pub async fn db_now_ms(conn: &mut AnyConnection, backend: Backend) -> DbResult<i
         Backend::Postgres => "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
         Backend::Sqlite => "SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
     };
-    let (now,): (i64,) = sqlx::query_as(sql).fetch_one(conn).await?;
+    let (now,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_one(conn).await?;
     Ok(now)
 }
 

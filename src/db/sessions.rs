@@ -31,22 +31,24 @@ const COLUMNS: &str = "id, token_hash, user_id, created_at, last_seen_at, expire
 
 /// Inserts a session.
 pub async fn insert(conn: &mut AnyConnection, s: &SessionRow) -> DbResult<()> {
-    sqlx::query(&format!("INSERT INTO sessions ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"))
-        .bind(&s.id)
-        .bind(&s.token_hash)
-        .bind(&s.user_id)
-        .bind(s.created_at)
-        .bind(s.last_seen_at)
-        .bind(s.expires_at)
-        .bind(&s.ip)
-        .execute(conn)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO sessions ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    )))
+    .bind(&s.id)
+    .bind(&s.token_hash)
+    .bind(&s.user_id)
+    .bind(s.created_at)
+    .bind(s.last_seen_at)
+    .bind(s.expires_at)
+    .bind(&s.ip)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
 /// One session by token hash.
 pub async fn get_by_token_hash(conn: &mut AnyConnection, hash: &str) -> DbResult<Option<SessionRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM sessions WHERE token_hash = $1"))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM sessions WHERE token_hash = $1")))
         .bind(hash)
         .fetch_optional(conn)
         .await?)
@@ -207,15 +209,17 @@ const DEVICE_COLUMNS: &str = "id, token_hash, user_id, created_at, last_used_at,
 
 /// Records a trusted browser, keeping at most `keep` of its user's (the most recently used).
 pub async fn insert_device(conn: &mut AnyConnection, d: &DeviceRow, keep: i64) -> DbResult<()> {
-    sqlx::query(&format!("INSERT INTO trusted_devices ({DEVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"))
-        .bind(&d.id)
-        .bind(&d.token_hash)
-        .bind(&d.user_id)
-        .bind(d.created_at)
-        .bind(d.last_used_at)
-        .bind(d.expires_at)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO trusted_devices ({DEVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+    )))
+    .bind(&d.id)
+    .bind(&d.token_hash)
+    .bind(&d.user_id)
+    .bind(d.created_at)
+    .bind(d.last_used_at)
+    .bind(d.expires_at)
+    .execute(&mut *conn)
+    .await?;
     sqlx::query(
         "DELETE FROM trusted_devices WHERE user_id = $1 AND id NOT IN \
          (SELECT id FROM trusted_devices WHERE user_id = $1 ORDER BY last_used_at DESC, id DESC LIMIT $2)",
@@ -233,9 +237,9 @@ pub async fn device_by_token_hash(
     hash: &str,
     now_ms: i64,
 ) -> DbResult<Option<DeviceRow>> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {DEVICE_COLUMNS} FROM trusted_devices WHERE token_hash = $1 AND expires_at > $2"
-    ))
+    )))
     .bind(hash)
     .bind(now_ms)
     .fetch_optional(conn)

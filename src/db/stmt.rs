@@ -83,8 +83,8 @@ impl<'a> Stmt<'a> {
         Self { sql, args }
     }
 
-    fn sqlx(&self) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments<'a>> {
-        let mut q = sqlx::query(self.sql);
+    fn sqlx(&self) -> sqlx::query::Query<'a, sqlx::Any, sqlx::any::AnyArguments> {
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(self.sql));
         for arg in &self.args {
             q = match *arg {
                 Arg::Text(v) => q.bind(v),

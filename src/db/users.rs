@@ -34,25 +34,27 @@ const COLUMNS: &str = "id, email, email_normalized, password_hash, is_admin, dis
 
 /// Inserts a user.
 pub async fn insert(conn: &mut AnyConnection, u: &UserRow) -> DbResult<()> {
-    sqlx::query(&format!("INSERT INTO users ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"))
-        .bind(&u.id)
-        .bind(&u.email)
-        .bind(&u.email_normalized)
-        .bind(&u.password_hash)
-        .bind(u.is_admin)
-        .bind(u.disabled_at)
-        .bind(u.created_at)
-        .bind(u.updated_at)
-        .bind(u.password_changed_at)
-        .bind(u.last_login_at)
-        .execute(conn)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO users ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+    )))
+    .bind(&u.id)
+    .bind(&u.email)
+    .bind(&u.email_normalized)
+    .bind(&u.password_hash)
+    .bind(u.is_admin)
+    .bind(u.disabled_at)
+    .bind(u.created_at)
+    .bind(u.updated_at)
+    .bind(u.password_changed_at)
+    .bind(u.last_login_at)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
 /// One user by id.
 pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<UserRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM users WHERE id = $1")))
         .bind(id)
         .fetch_optional(conn)
         .await?)
@@ -60,15 +62,19 @@ pub async fn get(conn: &mut AnyConnection, id: &str) -> DbResult<Option<UserRow>
 
 /// One user by normalized email.
 pub async fn get_by_email(conn: &mut AnyConnection, email_normalized: &str) -> DbResult<Option<UserRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE email_normalized = $1"))
-        .bind(email_normalized)
-        .fetch_optional(conn)
-        .await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM users WHERE email_normalized = $1"
+    )))
+    .bind(email_normalized)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// Every user, oldest first.
 pub async fn list(conn: &mut AnyConnection) -> DbResult<Vec<UserRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM users ORDER BY id")).fetch_all(conn).await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM users ORDER BY id")))
+        .fetch_all(conn)
+        .await?)
 }
 
 /// Replaces the password hash.
@@ -172,11 +178,12 @@ pub async fn may_make_keys_locked(
     workspace_id: Option<&str>,
 ) -> DbResult<bool> {
     let lock = if backend == super::Backend::Postgres { " FOR SHARE" } else { "" };
-    let user: Option<(i64, Option<i64>)> =
-        sqlx::query_as(&format!("SELECT is_admin, disabled_at FROM users WHERE id = $1{lock}"))
-            .bind(user_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+    let user: Option<(i64, Option<i64>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT is_admin, disabled_at FROM users WHERE id = $1{lock}"
+    )))
+    .bind(user_id)
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some((is_admin, None)) = user else {
         return Ok(false);
     };
@@ -186,9 +193,9 @@ pub async fn may_make_keys_locked(
     let Some(workspace_id) = workspace_id else {
         return Ok(false);
     };
-    let role: Option<(String,)> = sqlx::query_as(&format!(
+    let role: Option<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT role FROM memberships WHERE user_id = $1 AND workspace_id = $2{lock}"
-    ))
+    )))
     .bind(user_id)
     .bind(workspace_id)
     .fetch_optional(conn)

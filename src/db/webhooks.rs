@@ -72,9 +72,9 @@ const ENDPOINT_COLUMNS: &str = "id, workspace_id, url, secret_sealed, previous_s
 
 /// Inserts an endpoint.
 pub async fn insert_endpoint(conn: &mut AnyConnection, e: &EndpointRow) -> DbResult<()> {
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO webhook_endpoints ({ENDPOINT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
-    ))
+    )))
     .bind(&e.id)
     .bind(&e.workspace_id)
     .bind(&e.url)
@@ -141,10 +141,12 @@ pub async fn disable_endpoint(
 
 /// One endpoint.
 pub async fn get_endpoint(conn: &mut AnyConnection, id: &str) -> DbResult<Option<EndpointRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// [`get_endpoint`] in a write transaction that will change the endpoint: locked until the
@@ -156,10 +158,12 @@ pub async fn get_endpoint_for_update(
     id: &str,
 ) -> DbResult<Option<EndpointRow>> {
     let lock = if backend == super::Backend::Postgres { " FOR UPDATE" } else { "" };
-    Ok(sqlx::query_as(&format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1{lock}"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1{lock}"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// Deletes up to `batch` deliveries finished (delivered, given up or cancelled) before
@@ -170,10 +174,10 @@ pub async fn purge_finished(conn: &mut AnyConnection, before_ms: i64, batch: i64
     // (which makes it pending again) either came first, and it is not chosen, or waits for
     // this; the attempts and the deliveries deleted are the same ones.
     let lock = if conn.backend_name().eq_ignore_ascii_case("sqlite") { "" } else { " FOR UPDATE" };
-    let ids: Vec<(String,)> = sqlx::query_as(&format!(
+    let ids: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id FROM webhook_deliveries WHERE status IN ('succeeded', 'failed', 'cancelled') \
          AND updated_at < $1 ORDER BY id LIMIT $2{lock}"
-    ))
+    )))
     .bind(before_ms)
     .bind(batch)
     .fetch_all(&mut *conn)
@@ -183,7 +187,7 @@ pub async fn purge_finished(conn: &mut AnyConnection, before_ms: i64, batch: i64
         let list = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
         for table_key in ["webhook_attempts WHERE delivery_id", "webhook_deliveries WHERE id"] {
             let sql = format!("DELETE FROM {table_key} IN ({list})");
-            let query = chunk.iter().fold(sqlx::query(&sql), |q, (id,)| q.bind(id));
+            let query = chunk.iter().fold(sqlx::query(sqlx::AssertSqlSafe(&*sql)), |q, (id,)| q.bind(id));
             let done = query.execute(&mut *conn).await?.rows_affected();
             if table_key.starts_with("webhook_deliveries") {
                 deliveries += done;
@@ -436,10 +440,12 @@ pub async fn restart_delivery(conn: &mut AnyConnection, id: &str, now_ms: i64) -
 
 /// One delivery.
 pub async fn get_delivery(conn: &mut AnyConnection, id: &str) -> DbResult<Option<DeliveryRow>> {
-    Ok(sqlx::query_as(&format!("SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
 }
 
 /// The deliveries of an endpoint, newest first.
@@ -449,10 +455,10 @@ pub async fn list_deliveries(
     before: Option<&str>,
     limit: i64,
 ) -> DbResult<Vec<DeliveryRow>> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = $1 AND ($2 IS NULL OR id < $2) \
          ORDER BY id DESC LIMIT $3"
-    ))
+    )))
     .bind(endpoint_id)
     .bind(before)
     .bind(limit)
@@ -491,7 +497,7 @@ pub async fn claim_due(
     // Endpoints and workspaces already at their limit are left out here, and each endpoint and
     // workspace offers no more due deliveries than its limit (its oldest), so that one backlog
     // does not fill the candidates and keep the others' deliveries waiting behind it.
-    let candidates: Vec<(String, String, String)> = sqlx::query_as(&format!(
+    let candidates: Vec<(String, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, endpoint_id, workspace_id FROM ( \
            SELECT id, endpoint_id, workspace_id, next_attempt_at, \
              ROW_NUMBER() OVER (PARTITION BY workspace_id ORDER BY next_attempt_at, id) AS in_workspace FROM ( \
@@ -507,7 +513,7 @@ pub async fn claim_due(
            (SELECT workspace_id FROM webhook_deliveries WHERE status = 'pending' AND lease_until >= $1 \
             GROUP BY workspace_id HAVING COUNT(*) >= {MAX_IN_FLIGHT_PER_WORKSPACE}) \
          ORDER BY next_attempt_at, id LIMIT $2"
-    ))
+    )))
     .bind(now_ms)
     .bind(limit.saturating_mul(4))
     .fetch_all(&mut *conn)
@@ -550,7 +556,8 @@ pub async fn claim_due(
         "UPDATE webhook_deliveries SET lease_owner = $1, lease_until = $2 WHERE id IN ({list}) \
          AND status = 'pending' AND (lease_until IS NULL OR lease_until < $3) RETURNING id"
     );
-    let mut q = sqlx::query_as::<_, (String,)>(&sql).bind(owner).bind(until_ms).bind(now_ms);
+    let mut q =
+        sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(&*sql)).bind(owner).bind(until_ms).bind(now_ms);
     for id in &picked {
         q = q.bind(id);
     }
@@ -807,7 +814,7 @@ mod tests {
             let q = format!("SELECT COUNT(*) FROM {table}");
             async move {
                 let mut c = db.read().await.unwrap();
-                sqlx::query_as::<_, (i64,)>(&q).fetch_one(&mut *c).await.unwrap().0
+                sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(&*q)).fetch_one(&mut *c).await.unwrap().0
             }
         };
         // Pending: kept, however old.

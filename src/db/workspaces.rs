@@ -127,9 +127,9 @@ pub async fn get_by_id_or_slug(conn: &mut AnyConnection, key: &str) -> DbResult<
         return Ok(None);
     }
     // (The id first, should a slug made before slugs were refused that shape be another's id.)
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM workspaces WHERE id = $1 OR slug = $1 ORDER BY CASE WHEN id = $1 THEN 0 ELSE 1 END LIMIT 1"
-    ))
+    )))
         .bind(key)
         .fetch_optional(conn)
         .await?)
@@ -142,10 +142,10 @@ pub async fn list(
     after: Option<&str>,
     limit: i64,
 ) -> DbResult<Vec<WorkspaceRow>> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM workspaces WHERE ($1 IS NULL OR id = $1) AND ($2 IS NULL OR id > $2) \
          ORDER BY id LIMIT $3"
-    ))
+    )))
     .bind(only)
     .bind(after)
     .bind(limit)

@@ -7,7 +7,7 @@
 //! and would otherwise get a fresh budget with each one.
 //!
 //! The client address is the peer address, or, when the peer is a trusted reverse proxy
-//! (`http.trusted_proxies`: loopback and private networks by default), the last address of
+//! (`http.trusted_proxies`: loopback by default), the last address of
 //! `X-Forwarded-For` that is not a trusted proxy itself: the one the outermost trusted proxy
 //! saw. Addresses a client wrote into the header before that are never believed.
 
@@ -109,11 +109,11 @@ pub struct ApiLimits {
     /// Per client address, for requests whose key is missing or wrong:
     /// `http.link_requests_per_minute`, like the link pages (both guard against guessing).
     pub failures: Limiter<ClientNet>,
-    /// The public prefixes of the keys seen valid lately (at most [`KNOWN_KEYS`]).
+    /// The SHA-256 of the keys seen valid lately (at most [`KNOWN_KEYS`]).
     known: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
-/// How many key prefixes [`ApiLimits`] remembers (forgotten all at once when full).
+/// How many keys [`ApiLimits`] remembers (forgotten all at once when full).
 const KNOWN_KEYS: usize = 10_000;
 
 impl ApiLimits {
@@ -127,19 +127,19 @@ impl ApiLimits {
         }
     }
 
-    /// Remembers that a key with this public prefix was valid.
-    pub fn remember(&self, prefix: &str) {
+    /// Remembers that the key of this SHA-256 was valid.
+    pub fn remember(&self, fingerprint: &str) {
         if let Ok(mut known) = self.known.lock() {
             if known.len() >= KNOWN_KEYS {
                 known.clear();
             }
-            known.insert(prefix.to_string());
+            known.insert(fingerprint.to_string());
         }
     }
 
-    /// Whether a key with this public prefix was seen valid lately.
-    pub fn knows(&self, prefix: &str) -> bool {
-        self.known.lock().is_ok_and(|known| known.contains(prefix))
+    /// Whether the key of this SHA-256 was seen valid lately.
+    pub fn knows(&self, fingerprint: &str) -> bool {
+        self.known.lock().is_ok_and(|known| known.contains(fingerprint))
     }
 }
 
@@ -178,6 +178,9 @@ pub fn client_ip_of(headers: &HeaderMap, extensions: &Extensions) -> Option<IpAd
     };
     let peer = extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     if let Some(ip) = peer.filter(|ip| !trusted.contains(*ip)) {
+        if headers.contains_key("x-forwarded-for") {
+            warn_once_of_untrusted_proxy(ip);
+        }
         return Some(ip);
     }
     // From the nearest hop outwards: each trusted proxy vouches for the address before it.
@@ -193,15 +196,34 @@ pub fn client_ip_of(headers: &HeaderMap, extensions: &Extensions) -> Option<IpAd
     client
 }
 
+/// Says once, in the log, that a peer that is no trusted proxy sent `X-Forwarded-For`: a reverse
+/// proxy that is not in `http.trusted_proxies`, whose clients then all count as its address (one
+/// rate limit for all of them), or a client writing the header itself.
+fn warn_once_of_untrusted_proxy(peer: IpAddr) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            %peer,
+            "a request from an address that is not in http.trusted_proxies carried X-Forwarded-For, which was \
+             ignored: if that address is your reverse proxy or load balancer, add it (or its network) to \
+             http.trusted_proxies, or every client behind it shares its address and its rate limits \
+             (said once)"
+        );
+    }
+}
+
 /// The client's address of a request.
 pub fn client_ip(req: &Request) -> Option<IpAddr> {
     client_ip_of(req.headers(), req.extensions())
 }
 
-/// Whether `path` counts against the link pages' limit: the link pages, and the success page's
-/// avatar, which the server fetches from the provider at every request.
+/// Whether `path` counts against the link pages' limit: the link pages, the providers' callbacks
+/// (each a write, whatever state it carries), and the success page's avatar, which the server
+/// fetches from the provider at every request.
 fn is_limited(path: &str) -> bool {
-    path.starts_with("/l/") || (path.starts_with("/connected/") && path.ends_with("/avatar"))
+    path.starts_with("/l/")
+        || (path.starts_with("/oauth/") && path.ends_with("/callback"))
+        || (path.starts_with("/connected/") && path.ends_with("/avatar"))
 }
 
 /// Middleware for the link pages.
@@ -240,11 +262,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_pages_and_avatars_are_limited() {
-        for path in ["/l/abc", "/l/abc/connect/tiktok", "/connected/0192/avatar"] {
+    fn link_pages_callbacks_and_avatars_are_limited() {
+        for path in ["/l/abc", "/l/abc/connect/tiktok", "/oauth/tiktok/callback", "/connected/0192/avatar"] {
             assert!(is_limited(path), "{path}");
         }
-        for path in ["/connected/0192", "/oauth/tiktok/callback", "/app", "/api/v1/links", "/lx"] {
+        // Meta's signed callbacks come from Meta's servers, for every client at once.
+        for path in [
+            "/connected/0192",
+            "/oauth/instagram/deauthorize",
+            "/oauth/tiktok/failed",
+            "/app",
+            "/api/v1/links",
+            "/lx",
+        ] {
             assert!(!is_limited(path), "{path}");
         }
     }
@@ -303,13 +333,18 @@ mod tests {
         assert_eq!(client("203.0.113.9", &["198.51.100.1"], None), ip("203.0.113.9"));
         // Behind one trusted proxy: the address it saw (the last entry), not what the client wrote.
         assert_eq!(client("127.0.0.1", &["6.6.6.6, 198.51.100.1"], None), ip("198.51.100.1"));
+        // A peer on a private network is not believed by default: it may be a hop that rewrote
+        // the client's address (a container's port forwarding), not a proxy that wrote the header.
+        assert_eq!(client("10.0.0.2", &["198.51.100.1"], None), ip("10.0.0.2"));
+        assert_eq!(client("fd00::2", &["198.51.100.1"], None), ip("fd00::2"));
         // Behind two trusted proxies: the first untrusted address from the right.
-        assert_eq!(client("10.0.0.2", &["6.6.6.6, 198.51.100.1, 10.0.0.1"], None), ip("198.51.100.1"));
+        let lan = Some(&["127.0.0.0/8", "10.0.0.0/8"][..]);
+        assert_eq!(client("10.0.0.2", &["6.6.6.6, 198.51.100.1, 10.0.0.1"], lan), ip("198.51.100.1"));
         // The chain split over several header lines reads the same.
-        assert_eq!(client("10.0.0.2", &["6.6.6.6", "198.51.100.1", "10.0.0.1"], None), ip("198.51.100.1"));
+        assert_eq!(client("10.0.0.2", &["6.6.6.6", "198.51.100.1", "10.0.0.1"], lan), ip("198.51.100.1"));
         // No header: the proxy itself; garbage stops the walk at the last believed hop.
         assert_eq!(client("127.0.0.1", &[], None), ip("127.0.0.1"));
-        assert_eq!(client("10.0.0.2", &["198.51.100.1, not-an-ip, 10.0.0.1"], None), ip("10.0.0.1"));
+        assert_eq!(client("10.0.0.2", &["198.51.100.1, not-an-ip, 10.0.0.1"], lan), ip("10.0.0.1"));
         // No trusted proxies: the peer, always; a peer outside the list is not believed either.
         assert_eq!(client("127.0.0.1", &["198.51.100.1"], Some(&[])), ip("127.0.0.1"));
         assert_eq!(client("172.17.0.1", &["198.51.100.1"], Some(&["10.0.0.0/8"])), ip("172.17.0.1"));

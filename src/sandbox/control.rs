@@ -23,6 +23,7 @@ pub(super) fn routes() -> Router<Arc<Sandbox>> {
         .route("/control/clock/advance", post(advance_clock))
         .route("/control/{provider}/scenario", get(get_scenario).post(set_scenario))
         .route("/control/{provider}/reset", post(reset))
+        .route("/control/{provider}/release", post(release))
         .route("/control/{provider}/stats", get(stats))
         .route("/control/{provider}/accounts", get(accounts))
         .route("/control/{provider}/accounts/{account_id}/revoke", post(revoke_account))
@@ -139,6 +140,18 @@ async fn reset(State(sb): State<Arc<Sandbox>>, Path(provider): Path<String>) -> 
         Ok(p) => {
             sb.reset(p);
             json(StatusCode::OK, json!({ "ok": true }))
+        }
+        Err(resp) => *resp,
+    }
+}
+
+/// `POST /control/{provider}/release`: the calls `hold` failures keep waiting go on.
+async fn release(State(sb): State<Arc<Sandbox>>, Path(provider): Path<String>) -> Response {
+    match platform(&provider) {
+        Ok(p) => {
+            let released = sb.release(p);
+            tracing::info!(provider = p.as_str(), released, "sandbox calls released");
+            json(StatusCode::OK, json!({ "released": released }))
         }
         Err(resp) => *resp,
     }

@@ -477,6 +477,10 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> 
             tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
             return None;
         }
+        FailureKind::Hold => {
+            sb.hold(Platform::Instagram, std::time::Duration::from_millis(slow_ms)).await;
+            return None;
+        }
         // The code exchange has its own error shape (§3.3), whatever the failure.
         _ if endpoint == Endpoint::Token => exchange_failure(sb, failure.kind, failure.status, retry_after),
         _ => graph_failure(sb, &failure, retry_after),
@@ -491,6 +495,7 @@ fn exchange_failure(sb: &Sandbox, kind: FailureKind, status: Option<u16>, retry_
         // faults, which the endpoint's own checks answer.)
         FailureKind::HtmlError
         | FailureKind::Slow
+        | FailureKind::Hold
         | FailureKind::SlowAnswer
         | FailureKind::InvalidClient
         | FailureKind::RedirectUriMismatch
@@ -545,6 +550,7 @@ fn graph_failure(sb: &Sandbox, failure: &FailNext, retry_after: u64) -> Response
         // faults, which only the code exchange and the authorize page take.)
         FailureKind::HtmlError
         | FailureKind::Slow
+        | FailureKind::Hold
         | FailureKind::SlowAnswer
         | FailureKind::InvalidClient
         | FailureKind::RedirectUriMismatch

@@ -63,7 +63,7 @@
 //!   failure that cannot happen at that provider or endpoint is refused (400). See
 //!   [`ScenarioPatch`]:
 //!   `{"deny_all": bool, "fail_next": [{"endpoint": "authorize"|"token"|"refresh"|"profile"|"exchange_long_lived"|"revoke",
-//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"slow_answer"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed"|"invalid_client"|"redirect_uri_mismatch"|"pkce_mismatch"|"request_error"|"callback_error",
+//!   "kind": "invalid_grant"|"bad_code"|"server_error"|"rate_limit"|"slow"|"hold"|"slow_answer"|"html_error"|"access_token_invalid"|"scope_not_authorized"|"graph_rate_limit"|"temporarily_unavailable"|"scope_permission_missed"|"invalid_client"|"redirect_uri_mismatch"|"pkce_mismatch"|"request_error"|"callback_error",
 //!   "count": n (default 1), "status": optional HTTP status for html_error (default 502) and
 //!   Instagram's graph_rate_limit (400, 403 or 429; default 400) and server_error (400, 500 or
 //!   503; default 500), "code": Instagram's graph_rate_limit Graph code (4, 17, 32 or 613;
@@ -89,7 +89,8 @@
 //!   through, `/me` then saying `PERSONAL`, or is refused on the consent page, with no redirect),
 //!   "retry_after_secs": n (default 30), "slow_ms": n (default 15000)}`.
 //!   `fail_next` entries are consumed in order, per endpoint: a call takes the first entry for its
-//!   endpoint. `slow` waits `slow_ms`, then answers normally; `slow_answer` (TikTok's `token` and
+//!   endpoint. `slow` waits `slow_ms`, then answers normally; `hold` waits until released (below)
+//!   or for `slow_ms` at most, then answers normally; `slow_answer` (TikTok's `token` and
 //!   `refresh`) answers normally, but `slow_ms` after handling the call. See [`FailureKind`] for each kind's
 //!   answer per provider; on Instagram's code exchange (`token`) every kind answers the
 //!   exchange's own `{error_type, code, error_message}` shape (§3.3), never the Graph one. The
@@ -97,11 +98,14 @@
 //!   `request_error`) do not answer for the endpoint: they put a wrong value into the request
 //!   and let the endpoint's own checks answer, so that codes are spent as they really are.
 //! - `GET  /control/{provider}/scenario`: the current switches.
+//! - `POST /control/{provider}/release`: every call a `hold` failure keeps waiting goes on.
+//!   Answers `{"released": n}`.
 //! - `POST /control/{provider}/reset`: switches and counters back to their defaults (codes and
 //!   tokens stay). Answers `{"ok": true}`.
 //! - `GET  /control/{provider}/stats`: see [`Stats`]: `{"authorize_requests", "token_calls",
 //!   "refresh_calls", "profile_calls", "revoke_calls", "exchange_long_lived_calls",
-//!   "invalid_grant", "refresh_token_reuse", "challenges": [..]}`.
+//!   "invalid_grant", "refresh_token_reuse", "challenges": [..], "held"}` (`held`: calls a `hold`
+//!   failure keeps waiting now).
 //! - `GET  /control/{provider}/accounts`: the fake accounts.
 //! - `POST /control/{provider}/accounts/{account_id}/revoke`, optional body
 //!   `{"reason": "app_removed"|"password_changed", "notify": bool}`: kills every token of the
@@ -192,6 +196,23 @@ pub struct Sandbox {
     instagram_redirect_uri: String,
     tiktok: Mutex<tiktok::TikTokState>,
     instagram: Mutex<instagram::InstagramState>,
+    /// The calls `hold` failures keep waiting, per provider (TikTok, Instagram).
+    holds: [Hold; 2],
+}
+
+/// The calls of one provider that `hold` failures keep waiting, and their release.
+#[derive(Debug)]
+struct Hold {
+    /// How many calls wait now.
+    waiting: std::sync::atomic::AtomicU64,
+    /// Bumped by each release; a waiting call ends when it changes.
+    release: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Self { waiting: std::sync::atomic::AtomicU64::new(0), release: tokio::sync::watch::Sender::new(0) }
+    }
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -215,7 +236,35 @@ impl Sandbox {
             instagram_redirect_uri: config.public("/oauth/instagram/callback"),
             tiktok: Mutex::new(tiktok::TikTokState::default()),
             instagram: Mutex::new(instagram::InstagramState::default()),
+            holds: Default::default(),
         }
+    }
+
+    fn hold_of(&self, platform: Platform) -> &Hold {
+        match platform {
+            Platform::Tiktok => &self.holds[0],
+            Platform::Instagram => &self.holds[1],
+        }
+    }
+
+    /// A `hold` failure: waits until the control API releases the calls of `platform`, or for
+    /// `limit` at most.
+    pub(crate) async fn hold(&self, platform: Platform, limit: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        let hold = self.hold_of(platform);
+        let mut released = hold.release.subscribe();
+        hold.waiting.fetch_add(1, Ordering::SeqCst);
+        let _ = tokio::time::timeout(limit, released.changed()).await;
+        hold.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Ends the wait of every call of `platform` that a `hold` failure keeps; answers how many
+    /// there were.
+    pub fn release(&self, platform: Platform) -> u64 {
+        let hold = self.hold_of(platform);
+        let waiting = hold.waiting.load(std::sync::atomic::Ordering::SeqCst);
+        hold.release.send_modify(|generation| *generation += 1);
+        waiting
     }
 
     /// The sandbox's routes, with their state applied, to be mounted with
@@ -249,10 +298,12 @@ impl Sandbox {
 
     /// The call counters of `platform`.
     pub fn stats(&self, platform: Platform) -> Stats {
-        match platform {
+        let mut stats = match platform {
             Platform::Tiktok => self.tiktok_state().stats.clone(),
             Platform::Instagram => self.instagram_state().stats.clone(),
-        }
+        };
+        stats.held = self.hold_of(platform).waiting.load(std::sync::atomic::Ordering::SeqCst);
+        stats
     }
 
     /// The scenario switches of `platform`.
@@ -515,6 +566,10 @@ pub enum FailureKind {
     GraphRateLimit,
     /// Waits `slow_ms`, then answers normally.
     Slow,
+    /// Waits until the control API releases it (`POST /control/{provider}/release`), or for
+    /// `slow_ms` at most, then answers normally: a test awaits the call's arrival (`held` in the
+    /// stats), acts while the call is under way, then lets it go on.
+    Hold,
     /// TikTok's token and refresh calls only: handles the call at once (a refresh rotates the
     /// refresh token), then waits `slow_ms` before answering: a caller that stops waiting has
     /// lost an answer the provider already acted on.
@@ -1114,6 +1169,8 @@ pub struct Stats {
     pub refresh_token_reuse: u64,
     /// The `code_challenge` values received on authorize requests, oldest first.
     pub challenges: Vec<String>,
+    /// Calls a `hold` failure keeps waiting now.
+    pub held: u64,
 }
 
 impl Stats {

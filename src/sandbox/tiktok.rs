@@ -625,6 +625,10 @@ async fn scripted_failure(sb: &Sandbox, endpoint: Endpoint) -> Option<Scripted> 
             tokio::time::sleep(std::time::Duration::from_millis(slow_ms)).await;
             return None;
         }
+        FailureKind::Hold => {
+            sb.hold(Platform::Tiktok, std::time::Duration::from_millis(slow_ms)).await;
+            return None;
+        }
         FailureKind::SlowAnswer => {
             return Some(Scripted::AnswerLate(std::time::Duration::from_millis(slow_ms)));
         }

@@ -128,8 +128,8 @@ pub struct ConnectionEventView {
     pub at: OffsetDateTime,
 }
 
-/// A connection with its history.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+/// A connection with its history. (Its `Debug` hides the repair link, a capability URL.)
+#[derive(Clone, Serialize, ToSchema)]
 pub struct ConnectionDetail {
     /// The connection.
     #[serde(flatten)]
@@ -141,6 +141,7 @@ pub struct ConnectionDetail {
     /// Its history, oldest first.
     pub events: Vec<ConnectionEventView>,
 }
+redacted_debug!(ConnectionDetail, shown: [connection, events], hidden: [repair_url]);
 
 /// A fresh access token.
 #[derive(Clone, Serialize, ToSchema)]

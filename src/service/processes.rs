@@ -251,7 +251,7 @@ mod tests {
         let app = crate::startup::state_for_tests(dir.path()).await;
         let mut row = register(&app, "serve").await.unwrap();
         let retire = "UPDATE key_checks SET retired_at = 1";
-        sqlx::query(retire).execute(&mut *app.db.writer().await.unwrap()).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(retire)).execute(&mut *app.db.writer().await.unwrap()).await.unwrap();
         sqlx::query("DELETE FROM processes").execute(&mut *app.db.writer().await.unwrap()).await.unwrap();
 
         record(&app, &mut row).await.unwrap();
@@ -264,7 +264,7 @@ mod tests {
 
         // Retired and then forgotten (by a process started without the key): recorded again,
         // with the check value that proves it.
-        sqlx::query(retire).execute(&mut *app.db.writer().await.unwrap()).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(retire)).execute(&mut *app.db.writer().await.unwrap()).await.unwrap();
         db::key_checks::forget(&mut app.db.writer().await.unwrap(), app.keys.active_kid()).await.unwrap();
         assert!(db::key_checks::all(&mut app.db.read().await.unwrap()).await.unwrap().is_empty());
         record(&app, &mut row).await.unwrap();

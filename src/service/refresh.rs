@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rand::Rng;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::connections::{self, ConnectionStatus, access_aad, refresh_aad};
 use super::{Actor, ServiceError, ServiceResult, audit, webhooks};
@@ -577,6 +577,15 @@ async fn call_and_store(
                 row.status_reason.clone_from(&change.note);
             }
             connections::apply_tokens(app, &mut row, &tokens);
+            if tokens.refresh_token.is_none()
+                && let Some(kept) = &refresh_token
+            {
+                // The provider kept the refresh token (it sent none): it is sealed again with the
+                // active key. The envelope read before the call may have been re-wrapped since;
+                // writing it back would bring back a key the re-wrap moved every value off.
+                row.refresh_token_sealed =
+                    Some(app.keys.seal_str(kept.expose_secret(), refresh_aad(&row.workspace_id, &row.id)));
+            }
             let now = app.now_ms();
             row.last_refreshed_at = Some(now);
             row.updated_at = now;

@@ -53,7 +53,7 @@ async fn link_edit_waits_for_a_revocation_and_keeps_it(app: TestApp) {
     let (id, url) = app.link(&wid, "Client");
     let mut other = sqlx::PgConnection::connect(server).await.unwrap();
     other.execute("BEGIN").await.unwrap();
-    sqlx::query(&format!("SELECT id FROM {schema}.links WHERE id = $1 FOR UPDATE"))
+    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT id FROM {schema}.links WHERE id = $1 FOR UPDATE")))
         .bind(&id)
         .execute(&mut other)
         .await
@@ -73,10 +73,10 @@ async fn link_edit_waits_for_a_revocation_and_keeps_it(app: TestApp) {
         })
     };
     assert!(
-        crate::helpers::statement_waits_on_lock(server, "%FROM links WHERE id = $1 FOR UPDATE%").await,
+        crate::helpers::statement_waits_on_lock(&app, "%FROM links WHERE id = $1 FOR UPDATE%").await,
         "the edit waited for the other transaction"
     );
-    sqlx::query(&format!("UPDATE {schema}.links SET revoked_at = 1 WHERE id = $1"))
+    sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE {schema}.links SET revoked_at = 1 WHERE id = $1")))
         .bind(&id)
         .execute(&mut other)
         .await
@@ -504,6 +504,7 @@ async fn nul_and_out_of_range_input_is_refused(app: TestApp) {
     assert_eq!(res.status(), 400);
     let res = app.client.get(app.url("/app/login?next=%00")).send().await.unwrap();
     assert_eq!(res.status(), 400);
+    app.logs_caught_up().await;
     let logs = app.log_text();
     assert!(!logs.contains("internal error"), "{logs}");
 }
@@ -613,6 +614,14 @@ async fn requests_are_limited_per_key_and_address(app: TestApp) {
     assert!(res.headers().contains_key("retry-after"));
     let res = app.api(Method::GET, "/links", "").send().await.unwrap();
     assert_eq!(res.status(), 429, "no key from the refused address");
+    // A valid key's public prefix (shown to every member) with another tail is no valid key.
+    let forged = format!(
+        "{}{}",
+        &two[..two.len() - 8],
+        if two.ends_with("AAAAAAAA") { "BBBBBBBB" } else { "AAAAAAAA" }
+    );
+    let res = app.api(Method::GET, "/links", &forged).send().await.unwrap();
+    assert_eq!(res.status(), 429, "a valid key's prefix with another tail from the refused address");
     app.api_get("/links", &two, 200).await;
     cleanup.run().await;
 }
@@ -720,7 +729,10 @@ async fn tenant_isolation(app: TestApp) {
     app.api_post("/links", &key_a, json!({"label": "x", "workspace_id": b}), 422).await;
     app.api_patch(&format!("/workspaces/{b}"), &key_a, json!({"name": "pwned"}), 404).await;
     let audit = app.api_get("/audit-events", &key_a, 200).await;
-    assert!(audit["data"].as_array().unwrap().iter().all(|e| e["workspace_id"] == a.as_str()));
+    let events = audit["data"].as_array().unwrap();
+    // A's own events (its creation, its key's) are listed, and none of B's.
+    assert!(!events.is_empty(), "A's own events are listed: {audit}");
+    assert!(events.iter().all(|e| e["workspace_id"] == a.as_str()), "{audit}");
     app.api_get(&format!("/audit-events?workspace_id={b}"), &key_a, 404).await;
     // A's own workspace may be named by its slug in a filter, as everywhere else; B's may not.
     let slug_a =
@@ -998,13 +1010,11 @@ async fn database_lost_gives_503_and_recovers(app: TestApp) {
         // Queued just before the outage: delivered before it or after it, never lost.
         events.push(test_event(&second).await);
         cut_tx.send(true).unwrap();
-        let started = std::time::Instant::now();
         let p = expect_json(second.api(Method::GET, "/links", &key).send().await.unwrap(), 503).await;
         assert_eq!(p["code"], "database_unavailable");
         let res =
             second.api(Method::POST, "/links", &key).json(&json!({"label": "during"})).send().await.unwrap();
         assert_eq!(expect_json(res, 503).await["code"], "database_unavailable");
-        assert!(started.elapsed() < std::time::Duration::from_secs(15), "503 within a bounded time");
         assert_eq!(ready(&second).await, 503);
         if round == 0 {
             // The brand stylesheet: not a 404 (cached as "no colours"), and not kept.

@@ -138,6 +138,7 @@ async fn api_conforms_to_its_openapi_document(app: TestApp) {
     );
 
     // Whatever the fuzzer sent, the server answered it without an internal error.
+    app.logs_caught_up().await;
     let logs = app.log_text();
     assert!(!logs.contains("internal error") && !logs.contains("panicked"), "{logs}");
     cleanup.run().await;

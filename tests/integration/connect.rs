@@ -16,6 +16,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         consent_denied,
         provider_error_text_cannot_forge_log_lines,
         state_failures_make_no_token_call,
+        an_answer_again_while_the_first_is_completed,
         link_gone_between_start_and_callback,
         link_rotated_between_start_and_callback,
         link_used_up_while_at_the_provider,
@@ -41,6 +42,69 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     list
 }
 
+/// The provider's answer arriving again while the first one is still being completed (a second
+/// tap on Allow): its browser is shown a page that looks again by itself, then the result. An
+/// attempt whose callback was cut short without an outcome says that nothing was connected and
+/// leads back to the link.
+async fn an_answer_again_while_the_first_is_completed(app: TestApp) {
+    use crate::health::eventually;
+    // The provider's time limit outlasts the steps taken while TikTok holds the code exchange.
+    let (app, _cleanup) = app.restart_with(&[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "20")]).await;
+    let wid = app.workspace("Twice");
+    let (_, url) = app.link(&wid, "Client");
+    let held = || async {
+        let stats = app.sandbox_stats("tiktok").await;
+        (stats["held"] == 1).then_some(stats)
+    };
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "token", "kind": "hold"}], "slow_ms": 60_000}),
+    )
+    .await;
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    let (client, callback) = (app.client.clone(), flow.callback.clone());
+    let first = tokio::spawn(async move { client.get(callback).send().await.unwrap() });
+    eventually("the code exchange to be held at TikTok", 30, held).await;
+    let again = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["refresh"], "2");
+    let result_url = again.url().to_string();
+    assert!(result_url.contains("/connected/"), "{result_url}");
+    let html = again.text().await.unwrap();
+    assert!(html.contains("Finishing your connection") && html.contains(">Check again</a>"), "{html}");
+    // Another browser is shown nothing of it.
+    assert_eq!(new_browser().get(&result_url).send().await.unwrap().status(), 404);
+    // The first answer goes on and ends: the same page now shows the account.
+    assert_eq!(app.sandbox("/tiktok/release", json!({})).await["released"], 1);
+    let first = first.await.unwrap();
+    assert_eq!(first.status(), 303);
+    assert_eq!(app.url(first.headers()["location"].to_str().unwrap()), result_url);
+    let done = app.client.get(&result_url).send().await.unwrap();
+    assert_eq!(done.status(), 200);
+    assert!(done.headers().get("refresh").is_none());
+    assert!(done.text().await.unwrap().contains("account is connected"));
+    assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 1);
+
+    // A callback held past the request's time limit (and its margin) will never record an
+    // outcome: its page says that nothing was connected, and leads back to the link.
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "token", "kind": "hold"}]})).await;
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 1), "allow", None).await;
+    let (client, callback) = (app.client.clone(), flow.callback.clone());
+    let first = tokio::spawn(async move { client.get(callback).send().await.unwrap() });
+    eventually("the code exchange to be held at TikTok", 30, held).await;
+    app.advance_clock(36).await;
+    let again = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(again.status(), 200);
+    assert!(again.headers().get("refresh").is_none());
+    let html = again.text().await.unwrap();
+    assert!(html.contains("did not finish") && html.contains("Nothing was connected"), "{html}");
+    assert!(html.contains(&format!("href=\"/l/{}\">Try again</a>", token_of(&url))), "{html}");
+    app.sandbox("/tiktok/release", json!({})).await;
+    first.await.unwrap();
+}
+
 /// PostgreSQL: another transaction stores the account's first connection while the callback's
 /// transaction looks for it (it sees nothing yet) and then inserts. The insert waits for the
 /// other transaction, finds the account taken, and the callback reconnects that connection
@@ -58,11 +122,11 @@ async fn first_connection_racing_another_becomes_a_reconnect(app: TestApp) {
     other.execute("BEGIN").await.unwrap();
     let racer = uuid::Uuid::now_v7().to_string();
     let now = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO {schema}.connections (id, workspace_id, provider, provider_account_id, scopes, token_generation, \
          status, sandbox, connected_at, reconnect_count, created_at, updated_at, refresh_failures) \
          VALUES ($1, $2, 'tiktok', $3, 'user.info.basic', 0, 'active', 1, $4, 0, $4, $4, 0)"
-    ))
+    )))
     .bind(&racer)
     .bind(&wid)
     .bind(&open_id)
@@ -86,7 +150,7 @@ async fn first_connection_racing_another_becomes_a_reconnect(app: TestApp) {
     };
     // Wait (bounded) until the callback's insert is blocked on the other transaction's row.
     assert!(
-        crate::helpers::statement_waits_on_lock(server, "INSERT INTO connections%").await,
+        crate::helpers::statement_waits_on_lock(&app, "INSERT INTO connections%").await,
         "the callback's insert waited for the other transaction"
     );
     other.execute("COMMIT").await.unwrap();
@@ -471,15 +535,25 @@ async fn state_failures_make_no_token_call(app: TestApp) {
     assert!(html.contains("<p class=\"eyebrow\">States</p>") && html.contains("/brand/"), "{html}");
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
     assert_nothing_connected(&app).await;
-    // Reused: the first use succeeds, a replay in the same browser is refused without a call.
+    // Reused: the first use succeeds; the same answer again in the same browser (a second tap on
+    // Allow, Back into the provider's page) makes no call and shows how the attempt ended, even
+    // past the attempt's ten minutes; in another browser it is refused.
     let flow3 =
         start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
-    assert_eq!(finish(&app.client, &app, &flow3.callback).await.status(), 200);
+    let first = finish(&app.client, &app, &flow3.callback).await;
+    assert_eq!(first.status(), 200);
+    let result_url = first.url().to_string();
     let calls = app.sandbox_stats("tiktok").await["token_calls"].as_u64().unwrap();
     assert_eq!(calls, 1);
+    app.advance_clock(601).await;
     let res = finish(&app.client, &app, &flow3.callback).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.url().to_string(), result_url);
+    let html = res.text().await.unwrap();
+    assert!(html.contains("Connected") && !html.contains("already used"), "{html}");
+    let res = finish(&new_browser(), &app, &flow3.callback).await;
     assert_eq!(res.status(), 400);
-    assert!(res.text().await.unwrap().contains("already used"));
+    assert!(res.text().await.unwrap().contains("same browser"));
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"].as_u64().unwrap(), calls);
     // The refusal page alone: an unknown or missing reason is not a page (an HTML one, still).
     for path in [
@@ -1088,9 +1162,16 @@ async fn access_token_refreshes_when_expiring(app: TestApp) {
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "broken");
     assert!(c["status_reason"].as_str().unwrap().len() > 10);
+    // While the link offers TikTok no more, its page offers no repair that would lead nowhere.
+    let link = app.api_get("/links", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
+    app.api_patch(&format!("/links/{link}"), &key, json!({"platforms": ["instagram"]}), 200).await;
+    let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(landing.contains("through a link that offers it"), "{landing}");
+    assert!(!landing.contains("/connect/tiktok") && !landing.contains(">Reconnect<"), "{landing}");
+    app.api_patch(&format!("/links/{link}"), &key, json!({"platforms": ["tiktok", "instagram"]}), 200).await;
     // The client repairs it through the same link.
     let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
-    assert!(landing.contains("Needs reconnecting") && landing.contains("Reconnect"));
+    assert!(landing.contains("Needs reconnecting") && landing.contains(">Reconnect<"), "{landing}");
     connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "active");
@@ -1122,8 +1203,14 @@ async fn no_secret_in_database_or_logs(app: TestApp) {
             t["access_token"].as_str().unwrap().to_string(),
         ));
     }
-    app.client.get(app.url("/healthz")).send().await.unwrap();
+    // Each callback carried a code and a state, and each of the two connections has a token:
+    // none of them is missing from the search below.
+    let mut gathered: Vec<&str> = codes_and_states.iter().map(|(what, _)| what.as_str()).collect();
+    gathered.sort_unstable();
+    assert_eq!(gathered, ["instagram code", "instagram state", "tiktok code", "tiktok state"]);
+    assert_eq!(tokens.len(), 2, "one access token per connection");
     let dump = app.database_dump().await;
+    app.logs_caught_up().await;
     let logs = app.log_text();
     let link_token = token_of(&url);
     for (what, secret) in

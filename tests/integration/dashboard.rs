@@ -657,13 +657,14 @@ async fn asked_while_the_owner_is_removed_with(
     // The removal, held open.
     let mut removal = sqlx::PgConnection::connect(url).await.unwrap();
     let mut tx = removal.begin().await.unwrap();
-    let removed =
-        sqlx::query(&format!("DELETE FROM {schema}.memberships WHERE user_id = $1 AND workspace_id = $2"))
-            .bind(&owner_id)
-            .bind(&workspace_id)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+    let removed = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DELETE FROM {schema}.memberships WHERE user_id = $1 AND workspace_id = $2"
+    )))
+    .bind(&owner_id)
+    .bind(&workspace_id)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
     assert_eq!(removed.rows_affected(), 1);
     // The change is asked for meanwhile; it comes to wait for the removal's lock.
     let making = {
@@ -675,7 +676,10 @@ async fn asked_while_the_owner_is_removed_with(
     let watch = sqlx::PgPool::connect(url).await.unwrap();
     crate::health::eventually("the key's creation to wait for the removal", 20, || {
         let query = sqlx::query_as::<_, (i64,)>(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            // The shared lock on the membership (not one of the background jobs' advisory locks,
+            // which show as lock waits too).
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock' \
+             AND query LIKE '%memberships%FOR SHARE%'",
         )
         .bind(schema.clone());
         let waiting = query.fetch_one(&watch);
@@ -1826,11 +1830,11 @@ async fn overview_counts_follow_every_change(app: TestApp) {
             )
         })
         .collect();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO connections (id, workspace_id, provider, provider_account_id, scopes, status, connected_at, \
          created_at, updated_at) VALUES {}",
         rows.join(", ")
-    ))
+    )))
     .execute(&mut conn)
     .await
     .unwrap();
@@ -1852,7 +1856,7 @@ async fn overview_counts_follow_every_change(app: TestApp) {
         ("a delete", "DELETE FROM connections WHERE provider_account_id IN ('acct-3', 'acct-4')"),
     ];
     for (step, sql) in steps {
-        sqlx::query(&sql.replace("{beta}", &beta)).execute(&mut conn).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(&*sql.replace("{beta}", &beta))).execute(&mut conn).await.unwrap();
         assert_counts_agree(&mut conn, step).await;
     }
     let html = page(&app, &admin, "/app/w/acme", 200).await;
@@ -1894,11 +1898,11 @@ async fn handle_search_pages_in_handle_order(app: TestApp) {
     ));
     sqlx::any::install_default_drivers();
     let mut conn = sqlx::AnyConnection::connect(&app.db_url).await.unwrap();
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO connections (id, workspace_id, provider, provider_account_id, username, scopes, status, \
          connected_at, created_at, updated_at) VALUES {}",
         rows.join(", ")
-    ))
+    )))
     .execute(&mut conn)
     .await
     .unwrap();
@@ -2297,6 +2301,7 @@ async fn hostile_input_never_breaks_a_page(app: TestApp) {
     }
     // The session survived it all (nothing signed the browser out or broke the workspace).
     page(&app, &admin, "/app/w/acme", 200).await;
+    app.logs_caught_up().await;
     let logs = app.log_text();
     assert!(!logs.contains("internal error"), "{logs}");
 }

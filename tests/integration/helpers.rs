@@ -105,6 +105,8 @@ pub struct TestApp {
 /// Runs the clean-up of a test app after the test finished (kill the server, drop the schema).
 pub struct Cleanup {
     child: Arc<Mutex<Option<Server>>>,
+    /// The server's process id (0 if it was already stopped).
+    pid: u32,
     backend: Backend,
     schema: Option<String>,
 }
@@ -112,14 +114,29 @@ pub struct Cleanup {
 impl Cleanup {
     /// Kills the server and drops the PostgreSQL schema.
     pub async fn run(self) {
-        if let Some(mut c) = self.child.lock().unwrap().take() {
+        let server = match self.child.try_lock() {
+            Ok(mut guard) => guard.take(),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().take(),
+            // A test stopped at its time limit may still hold the lock while it waits for the
+            // server to exit: the server is killed by its id, which ends that wait (the waiter
+            // then reaps it).
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if self.pid != 0 {
+                    let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
+                }
+                None
+            }
+        };
+        if let Some(mut c) = server {
             let _ = c.kill();
             let _ = c.wait();
         }
         if let (Backend::Postgres(url), Some(schema)) = (&self.backend, &self.schema)
             && let Ok(mut conn) = sqlx::PgConnection::connect(url).await
         {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).execute(&mut conn).await;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
+                .execute(&mut conn)
+                .await;
         }
     }
 }
@@ -136,7 +153,7 @@ pub fn new_master_key() -> String {
 pub async fn new_schema(url: &str, prefix: &str) -> (String, String) {
     let schema = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
     let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(&mut conn).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut conn).await.unwrap();
     let sep = if url.contains('?') { '&' } else { '?' };
     // (Named after its schema too, so that a test can find its server's connections.)
     (format!("{url}{sep}options=-c%20search_path%3D{schema}&application_name={schema}"), schema)
@@ -248,7 +265,12 @@ impl TestApp {
 
     /// The clean-up to run after the test.
     pub fn cleanup_handle(&self) -> Cleanup {
-        Cleanup { child: self.child.clone(), backend: self.backend.clone(), schema: self.schema.clone() }
+        Cleanup {
+            child: self.child.clone(),
+            pid: self.pid(),
+            backend: self.backend.clone(),
+            schema: self.schema.clone(),
+        }
     }
 
     /// Stops the server now.
@@ -509,12 +531,16 @@ impl TestApp {
         match &self.backend {
             Backend::Sqlite => {
                 let mut conn = self.sqlite().await;
-                sqlx::query(&sql.replace("{schema}.", "")).execute(&mut conn).await.unwrap().rows_affected()
+                sqlx::query(sqlx::AssertSqlSafe(&*sql.replace("{schema}.", "")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap()
+                    .rows_affected()
             }
             Backend::Postgres(url) => {
                 let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
                 let sql = sql.replace("{schema}", self.schema.as_deref().unwrap());
-                sqlx::query(&sql).execute(&mut conn).await.unwrap().rows_affected()
+                sqlx::query(sqlx::AssertSqlSafe(&*sql)).execute(&mut conn).await.unwrap().rows_affected()
             }
         }
     }
@@ -545,12 +571,15 @@ impl TestApp {
         match &self.backend {
             Backend::Sqlite => {
                 let mut conn = self.sqlite().await;
-                sqlx::query_scalar(&sql.replace("{schema}.", "")).fetch_all(&mut conn).await.unwrap()
+                sqlx::query_scalar(sqlx::AssertSqlSafe(&*sql.replace("{schema}.", "")))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap()
             }
             Backend::Postgres(url) => {
                 let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
                 let sql = sql.replace("{schema}", self.schema.as_deref().unwrap());
-                sqlx::query_scalar(&sql).fetch_all(&mut conn).await.unwrap()
+                sqlx::query_scalar(sqlx::AssertSqlSafe(&*sql)).fetch_all(&mut conn).await.unwrap()
             }
         }
     }
@@ -624,15 +653,21 @@ pub async fn assert_nowhere(app: &TestApp, what: &str, secret: &str) {
     assert!(!app.database_dump().await.contains(secret), "the database contains the {what} in plain text");
 }
 
-/// PostgreSQL: waits (at most five seconds, polling) until a statement whose text matches the
-/// `LIKE` pattern `query_like` waits on a lock another transaction holds. Whether it did.
-pub async fn statement_waits_on_lock(server: &str, query_like: &str) -> bool {
+/// PostgreSQL: waits (at most five seconds, polling) until a statement of `app`'s own processes
+/// whose text matches the `LIKE` pattern `query_like` waits on a lock another transaction holds.
+/// Whether it did. Their connections are told apart from other tests' by their application name,
+/// which is the test's schema (see [`new_schema`]).
+pub async fn statement_waits_on_lock(app: &TestApp, query_like: &str) -> bool {
     use sqlx::Connection;
+    let Backend::Postgres(server) = &app.backend else { panic!("PostgreSQL only") };
+    let application_name = app.schema.as_deref().expect("a PostgreSQL app has a schema");
     let mut watcher = sqlx::PgConnection::connect(server).await.unwrap();
     for _ in 0..500 {
         let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock' AND query LIKE $2",
         )
+        .bind(application_name)
         .bind(query_like)
         .fetch_one(&mut watcher)
         .await

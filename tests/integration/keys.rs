@@ -18,7 +18,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     tests![
         master_key_rotation_rewraps_every_secret,
         sealed_values_are_bound_to_their_workspace,
-        a_key_a_running_process_seals_with_is_not_retired
+        a_key_a_running_process_seals_with_is_not_retired,
+        a_refresh_under_way_through_a_rewrap_brings_back_no_retired_key
     ]
 }
 
@@ -442,4 +443,70 @@ fn start_worker(app: &TestApp) -> std::process::Child {
     // Keep draining its log, so that it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     child
+}
+
+/// A refresh under way while `keys rewrap` runs, whose provider keeps the refresh token (its
+/// answer names none): the kept token is stored sealed with the active key. Written back in the
+/// envelope read before the call, it would bring back the key the re-wrap had just moved every
+/// value off, and retired.
+async fn a_refresh_under_way_through_a_rewrap_brings_back_no_retired_key(app: TestApp) {
+    use secrecy::ExposeSecret;
+    let old_key = app.env.iter().find(|(k, _)| k == "AUTHLINK_MASTER_KEY").unwrap().1.clone();
+    let old_kid = app.cli_json(&["keys", "status"])["active_kid"].as_str().unwrap().to_string();
+    let new_key = new_master_key();
+    // The provider's time limit outlasts the re-wrap that runs while TikTok holds the refresh.
+    let (app, _cleanup) = app
+        .restart_with(&[
+            ("AUTHLINK_MASTER_KEY", &new_key),
+            ("AUTHLINK_RETIRED_MASTER_KEYS", &old_key),
+            ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "20"),
+        ])
+        .await;
+    let wid = app.workspace("Kept");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    let id = app.api_get("/connections", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
+    // Its refresh token sealed with the old key, as a value sealed before the rotation is.
+    let sealed =
+        app.text(&format!("SELECT refresh_token_sealed FROM {{schema}}.connections WHERE id = '{id}'")).await;
+    let aad = authlink::crypto::Aad::new(&wid, "connections", &id, "refresh_token");
+    let both =
+        authlink::crypto::KeyRing::from_base64(&new_key.clone().into(), &[old_key.clone().into()]).unwrap();
+    let refresh_token = both.open_str(&sealed, aad).unwrap();
+    let old = authlink::crypto::KeyRing::from_base64(&old_key.clone().into(), &[]).unwrap();
+    let resealed = old.seal_str(refresh_token.expose_secret(), aad);
+    let update =
+        format!("UPDATE {{schema}}.connections SET refresh_token_sealed = '{resealed}' WHERE id = '{id}'");
+    assert_eq!(app.execute(&update).await, 1);
+    assert_eq!(sealed_by_kid(&app.cli_json(&["keys", "status"])).get(&old_kid), Some(&1));
+
+    // A forced refresh reaches TikTok, which holds it there, and will send no refresh token.
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"refresh_rotation": "omit", "fail_next": [{"endpoint": "refresh", "kind": "hold"}], "slow_ms": 120_000}),
+    )
+    .await;
+    let request =
+        app.api(reqwest::Method::POST, &format!("/connections/{id}/refresh"), &key).json(&json!({}));
+    let answer = tokio::spawn(async move { request.send().await.unwrap() });
+    eventually("the refresh to be held at TikTok", 30, || async {
+        let stats = app.sandbox_stats("tiktok").await;
+        (stats["held"] == 1).then_some(stats)
+    })
+    .await;
+    // Meanwhile every value moves to the new key, and the old one is retired.
+    let report = app.cli_json(&["keys", "rewrap"]);
+    assert_eq!(report["remaining"], json!([]), "{report}");
+    assert_eq!(report["retired"], json!([old_kid]), "{report}");
+    // The refresh goes on and ends: nothing is sealed with the retired key.
+    assert_eq!(app.sandbox("/tiktok/release", json!({})).await["released"], 1);
+    let refreshed = crate::helpers::expect_json(answer.await.unwrap(), 200).await;
+    assert_eq!(refreshed["outcome"], "refreshed", "{refreshed}");
+    let status = app.cli_json(&["keys", "status"]);
+    assert_eq!(sealed_by_kid(&status).get(&old_kid), None, "{status}");
+    // And the kept refresh token is the one the connection had.
+    let stored =
+        app.text(&format!("SELECT refresh_token_sealed FROM {{schema}}.connections WHERE id = '{id}'")).await;
+    assert_eq!(both.open_str(&stored, aad).unwrap().expose_secret(), refresh_token.expose_secret());
 }

@@ -9,6 +9,9 @@
 //!
 //! PostgreSQL: `AUTHLINK_TEST_POSTGRES_URL` (when set, an unreachable server fails the suite),
 //! else `postgres://postgres@127.0.0.1:5432/test` if it answers.
+//!
+//! A test that runs longer than its time limit (ten minutes; `AUTHLINK_TEST_TIME_LIMIT_SECS`)
+//! is stopped and fails, named, instead of holding up the suite.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,6 +32,7 @@ mod webhook_fixes;
 use std::future::Future;
 use std::pin::Pin;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use helpers::{Backend, TestApp};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -82,16 +86,21 @@ fn main() -> ExitCode {
     let mut trials = Vec::new();
     for (module, name, f, only) in all {
         if only == Only::Both {
-            trials.push(Trial::test(format!("sqlite::{module}::{name}"), move || run(Backend::Sqlite, f)));
+            let trial = format!("sqlite::{module}::{name}");
+            trials.push(Trial::test(trial.clone(), move || run(&trial, Backend::Sqlite, f)));
         }
         let pg_trial = {
             let pg = pg.clone();
-            Trial::test(format!("postgres::{module}::{name}"), move || match pg {
-                helpers::PgAvailability::Available(url) => run(Backend::Postgres(url), f),
+            let trial = format!("postgres::{module}::{name}");
+            Trial::test(trial.clone(), move || match pg {
+                helpers::PgAvailability::Available(url) => run(&trial, Backend::Postgres(url), f),
                 helpers::PgAvailability::Required(why) => Err(Failed::from(format!(
                     "AUTHLINK_TEST_POSTGRES_URL is set but PostgreSQL is unreachable: {why}"
                 ))),
-                helpers::PgAvailability::Absent(_) => Ok(()),
+                // Run anyway (`--ignored`, `--include-ignored`): a skip, not a pass.
+                helpers::PgAvailability::Absent(why) => {
+                    Err(Failed::from(format!("SKIPPED, not run: PostgreSQL is unavailable ({why})")))
+                }
             })
         };
         let skipped = matches!(pg, helpers::PgAvailability::Absent(_));
@@ -113,18 +122,35 @@ fn main() -> ExitCode {
     conclusion.exit_code()
 }
 
-fn run(backend: Backend, f: TestFn) -> Result<(), Failed> {
+/// How long one test may run (its server's start and its clean-up aside) before it is stopped and
+/// reported as failed; `AUTHLINK_TEST_TIME_LIMIT_SECS` changes it (a deeper fuzzing run of the
+/// conformance test may need more).
+fn time_limit() -> Duration {
+    let secs = std::env::var("AUTHLINK_TEST_TIME_LIMIT_SECS").ok().and_then(|s| s.parse().ok());
+    Duration::from_secs(secs.unwrap_or(600))
+}
+
+fn run(name: &str, backend: Backend, f: TestFn) -> Result<(), Failed> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| Failed::from(e.to_string()))?;
-    rt.block_on(async move {
+    let limit = time_limit();
+    let (result, timed_out) = rt.block_on(async move {
         let app = TestApp::spawn(backend).await;
         let cleanup = app.cleanup_handle();
-        let result = tokio::spawn(f(app)).await;
+        let task = tokio::spawn(f(app));
+        let abort = task.abort_handle();
+        let Ok(result) = tokio::time::timeout(limit, task).await else {
+            // Cancelled at its next await; one stuck in a blocking call is left behind below.
+            abort.abort();
+            cleanup.run().await;
+            let msg = format!("{name} did not finish within {} s and was stopped", limit.as_secs());
+            return (Err(Failed::from(msg)), true);
+        };
         cleanup.run().await;
-        match result {
+        let result = match result {
             Ok(()) => Ok(()),
             Err(e) if e.is_panic() => {
                 let panic = e.into_panic();
@@ -136,6 +162,13 @@ fn run(backend: Backend, f: TestFn) -> Result<(), Failed> {
                 Err(Failed::from(msg))
             }
             Err(e) => Err(Failed::from(e.to_string())),
-        }
-    })
+        };
+        (result, false)
+    });
+    if timed_out {
+        // Dropping the runtime would wait for a test stuck in a blocking call (a child process
+        // that never exits) for ever.
+        rt.shutdown_background();
+    }
+    result
 }

@@ -48,11 +48,13 @@ async fn endpoint_change_applies_to_the_endpoint_as_it_stands(app: TestApp) {
     let id = created["id"].as_str().unwrap().to_string();
     let mut other = sqlx::PgConnection::connect(server).await.unwrap();
     other.execute("BEGIN").await.unwrap();
-    sqlx::query(&format!("SELECT id FROM {schema}.webhook_endpoints WHERE id = $1 FOR UPDATE"))
-        .bind(&id)
-        .execute(&mut other)
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM {schema}.webhook_endpoints WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(&id)
+    .execute(&mut other)
+    .await
+    .unwrap();
     let patch = {
         let (client, url, key) =
             (app.client.clone(), app.url(&format!("/api/v1/webhooks/{id}")), key.clone());
@@ -69,23 +71,23 @@ async fn endpoint_change_applies_to_the_endpoint_as_it_stands(app: TestApp) {
     };
     // Wait (bounded) until the change waits on the other transaction's lock.
     assert!(
-        crate::helpers::statement_waits_on_lock(server, "%FROM webhook_endpoints WHERE id = $1 FOR UPDATE%")
+        crate::helpers::statement_waits_on_lock(&app, "%FROM webhook_endpoints WHERE id = $1 FOR UPDATE%")
             .await,
         "the change waited for the other transaction"
     );
     // The other transaction changes the endpoint (as a rotation would) and commits.
-    sqlx::query(&format!(
+    sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE {schema}.webhook_endpoints SET previous_secret_sealed = 'rotated-meanwhile' WHERE id = $1"
-    ))
+    )))
     .bind(&id)
     .execute(&mut other)
     .await
     .unwrap();
     other.execute("COMMIT").await.unwrap();
     assert_eq!(patch.await.unwrap(), 200);
-    let kept: Option<String> = sqlx::query_scalar(&format!(
+    let kept: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT previous_secret_sealed FROM {schema}.webhook_endpoints WHERE id = $1"
-    ))
+    )))
     .bind(&id)
     .fetch_one(&mut other)
     .await
@@ -402,6 +404,14 @@ impl Worker {
         cmd.envs(extra.iter().copied());
         Worker(cmd.spawn().unwrap())
     }
+
+    /// Stops the worker as an orchestrator does (SIGTERM) and waits for it to exit, once the work
+    /// it claimed is finished (within its shutdown grace period); its exit code.
+    fn stop(&mut self) -> Option<i32> {
+        let pid = self.0.id().to_string();
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+        tokio::task::block_in_place(|| self.0.wait()).ok().and_then(|s| s.code())
+    }
 }
 
 impl Drop for Worker {
@@ -424,7 +434,7 @@ async fn slow_receivers_get_each_delivery_once(app: TestApp) {
         ("AUTHLINK_WEBHOOKS__TIMEOUT_SECS", "5"),
     ];
     let (app, unused) = app.restart_with(&settings).await;
-    let worker = Worker::start(&app, &settings);
+    let mut worker = Worker::start(&app, &settings);
     let wid = app.workspace("Slow Receivers");
     let key = app.workspace_key(&wid);
     let hook = Hook::start(Reply { status: 200, delay_ms: 1000, ..Reply::default() }).await;
@@ -442,19 +452,27 @@ async fn slow_receivers_get_each_delivery_once(app: TestApp) {
         })
         .await;
     }
-    // Give a duplicate in flight the time to arrive.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    drop(worker);
+    // Both processes stop cleanly, each finishing the attempts it had under way: a duplicate
+    // in flight has reached the receiver by the time they are gone, and none can come after.
+    assert_eq!(worker.stop(), Some(0), "the worker exits cleanly");
+    assert_eq!(app.stop(), Some(0), "the server exits cleanly");
     let mut per_endpoint: HashMap<String, usize> = HashMap::new();
     for got in hook.received() {
         *per_endpoint.entry(got.uri).or_default() += 1;
     }
     assert_eq!(per_endpoint.len(), 6, "{per_endpoint:?}");
     assert!(per_endpoint.values().all(|n| *n == 1), "each delivery sent once: {per_endpoint:?}");
+    // (Read from the database: the server is gone.)
     for endpoint in &endpoints {
-        let d = &deliveries(&app, &key, endpoint).await[0];
-        assert_eq!(d["attempts"], 1, "{d}");
-        assert_eq!(d["attempt_log"].as_array().unwrap().len(), 1, "{d}");
+        let recorded = app
+            .text(&format!(
+                "SELECT CAST(d.attempts AS TEXT) || ' ' || CAST(COUNT(a.id) AS TEXT) \
+                 FROM {{schema}}.webhook_deliveries d \
+                 LEFT JOIN {{schema}}.webhook_attempts a ON a.delivery_id = d.id \
+                 WHERE d.endpoint_id = '{endpoint}' GROUP BY d.id, d.attempts"
+            ))
+            .await;
+        assert_eq!(recorded, "1 1", "attempts counted and attempts logged for {endpoint}");
     }
     unused.run().await;
 }

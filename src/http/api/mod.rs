@@ -558,18 +558,17 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.to_str().ok())
             .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
             .map(str::trim);
-        // While the address is refused, only a key this instance has seen valid is looked up:
-        // random well-formed keys cost no database read.
-        let prefix = |k: &str| k.get(..16).map(str::to_string);
-        let looked_up = key.filter(|k| {
-            limited.is_none() || prefix(k).zip(limits.as_ref()).is_some_and(|(p, l)| l.knows(&p))
-        });
+        // While the address is refused, only a key this instance has seen valid, whole (its
+        // public prefix is no secret), is looked up: other keys cost no database read.
+        let fingerprint = |k: &str| crate::crypto::sha256_hex(k.as_bytes());
+        let looked_up =
+            key.filter(|k| limited.is_none() || limits.as_ref().is_some_and(|l| l.knows(&fingerprint(k))));
         let found = match looked_up {
             Some(key) => service::api_keys::authenticate(state, key).await?,
             None => None,
         };
-        if let (Some(_), Some(l), Some(p)) = (&found, &limits, key.and_then(prefix)) {
-            l.remember(&p);
+        if let (Some(_), Some(l), Some(k)) = (&found, &limits, key) {
+            l.remember(&fingerprint(k));
         }
         let Some((actor, scope)) = found else {
             if let (Some(wait), Some(ip)) = (limited, client) {

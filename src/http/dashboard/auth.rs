@@ -96,14 +96,16 @@ struct LoginPage {
     error: Option<&'static str>,
 }
 
-/// The query of the sign-in page.
-#[derive(Debug, Default, Deserialize)]
+/// The query of the sign-in page. (Its `Debug` hides `next`, which may be an invitation's
+/// capability URL.)
+#[derive(Default, Deserialize)]
 pub struct LoginQuery {
     #[serde(default)]
     next: Option<String>,
     #[serde(default)]
     notice: Option<String>,
 }
+redacted_debug!(LoginQuery, shown: [notice], hidden: [next]);
 
 /// The pre-sign-in token: the browser's, or a new one.
 fn login_token(state: &AppState, headers: &HeaderMap) -> String {
@@ -282,6 +284,16 @@ pub async fn change_password(State(state): State<AppState>, ctx: Ctx, form: Form
 #[cfg(test)]
 mod tests {
     use super::safe_next;
+
+    /// The sign-in page's query prints without its `next`, which may be an invitation's URL.
+    #[test]
+    fn the_sign_in_query_prints_without_its_next() {
+        let uri: axum::http::Uri = "/app/login?next=/app/invite/CANARY-77&notice=signed_out".parse().unwrap();
+        let axum::extract::Query(q) = axum::extract::Query::<super::LoginQuery>::try_from_uri(&uri).unwrap();
+        let printed = format!("{q:?}");
+        assert!(printed.contains("signed_out") && printed.contains("[redacted]"), "{printed}");
+        assert!(!printed.contains("CANARY"), "{printed}");
+    }
 
     #[test]
     fn next_stays_on_the_dashboard() {

@@ -174,8 +174,8 @@ fn csrf_matches(token: &str, presented: &str) -> bool {
 }
 
 /// The client's address ([`crate::http::ratelimit::client_ip_of`]): the peer address, or, when
-/// the peer is a trusted reverse proxy (`http.trusted_proxies`: loopback and private networks by
-/// default), the first address of `X-Forwarded-For`, read from the right, that is not a trusted
+/// the peer is a trusted reverse proxy (`http.trusted_proxies`: loopback by default), the
+/// first address of `X-Forwarded-For`, read from the right, that is not a trusted
 /// proxy itself (the one the outermost trusted proxy saw). A client talking to us directly from
 /// an untrusted address cannot choose it.
 fn client_ip(parts: &Parts) -> String {

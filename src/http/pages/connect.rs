@@ -789,6 +789,14 @@ async fn callback_refused(
         Failure::WrongProvider
     } else if !same_browser(state, headers, &flow.browser_hash) {
         Failure::OtherBrowser
+    } else if flow.consumed_at.is_some() {
+        // The answer came back again to the browser that already used it (a second tap on
+        // Allow, Back into the provider's page): that browser is shown how its attempt ended,
+        // or that it is still ending, instead of being told to start again.
+        tracing::info!(provider = %platform, "an answer already used came back to its browser: shown its result");
+        let mut res = Redirect::to(&format!("/connected/{}", flow.id)).into_response();
+        res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return res;
     } else if flow.expires_at <= now {
         Failure::StateExpired
     } else {
@@ -1089,12 +1097,14 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     }
     let mut conn = state.db.read_fast().await?;
     let Some(flow) = db::oauth_flows::get(&mut conn, attempt).await? else { return Ok(not_found()) };
-    let browser_ok = same_browser(state, headers, &flow.browser_hash);
-    if !browser_ok || flow.outcome.is_none() {
+    if !same_browser(state, headers, &flow.browser_hash) {
         return Ok(not_found());
     }
     let platform: Platform =
         flow.provider.parse().map_err(|_| crate::service::ServiceError::NotFound("flow"))?;
+    if flow.outcome.is_none() {
+        return unfinished_page(state, &mut conn, &flow, platform).await;
+    }
     let (link, workspace) = match db::links::get_with_workspace(&mut conn, &flow.link_id).await? {
         Some((l, w)) => (Some(l), Some(w)),
         None => (None, db::workspaces::get(&mut conn, &flow.workspace_id).await?),
@@ -1153,6 +1163,56 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
         redirect,
     };
     Ok(render(StatusCode::OK, &page))
+}
+
+/// The result page of an attempt without an outcome yet: its callback is still under way (the
+/// page looks again by itself), or it was cut short without recording one, which means that
+/// nothing was connected (the outcome is written with the connection); or the browser never came
+/// back from the provider.
+async fn unfinished_page(
+    state: &AppState,
+    conn: &mut impl db::stmt::Exec,
+    flow: &FlowRow,
+    platform: Platform,
+) -> ServiceResult<Response> {
+    let (link, workspace) = match db::links::get_with_workspace(conn, &flow.link_id).await? {
+        Some((l, w)) => (Some(l), Some(w)),
+        None => (None, db::workspaces::get(conn, &flow.workspace_id).await?),
+    };
+    let name = platform.display_name();
+    // A callback ends within the request's time limit: past it (and a margin), it never will.
+    let callback_window_ms =
+        i64::try_from(state.config.http.request_timeout_secs).unwrap_or(i64::MAX / 2_000) * 1_000 + 5_000;
+    let still_running =
+        flow.consumed_at.is_some_and(|at| state.now_ms() < at.saturating_add(callback_window_ms));
+    let mut page = if still_running {
+        let mut page = MessagePage::new(
+            "Finishing your connection",
+            format!("We are still completing the connection of your {name} account."),
+        )
+        .next("This page checks again by itself in a few seconds.");
+        page.try_again = Some(format!("/connected/{}", flow.id));
+        page.try_again_label = Some("Check again");
+        page
+    } else {
+        let mut page = MessagePage::new(
+            "We could not finish this connection",
+            format!("This attempt to connect your {name} account did not finish. Nothing was connected."),
+        )
+        .next("Press Try again to start over.");
+        page.try_again = link.as_ref().and_then(|l| landing_href_of(state, l, flow.created_at));
+        page
+    };
+    page.attempt = Some(crate::service::attempts::reference(&flow.id));
+    page.sandbox = sandbox_of(state, platform);
+    if let Some(w) = &workspace {
+        page = page.branded(w);
+    }
+    let mut res = render(StatusCode::OK, &page);
+    if still_running {
+        res.headers_mut().insert(header::REFRESH, HeaderValue::from_static("2"));
+    }
+    Ok(res)
 }
 
 /// The accounts already connected through a link, for the landing page.

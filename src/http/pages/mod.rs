@@ -69,6 +69,8 @@ pub struct MessagePage {
     pub next_step: Option<String>,
     /// Where "Try again" leads.
     pub try_again: Option<String>,
+    /// The words of that button, when not "Try again".
+    pub try_again_label: Option<&'static str>,
     /// A reference to quote to support (never a secret).
     pub reference: Option<String>,
     /// The short reference of the connect attempt the page is about, which the agency finds in
@@ -338,7 +340,7 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         .collect();
     // `use_count` counts every connection made through the link (in the transaction that makes
     // it), so a link never used has none to list: most openings, by a client about to connect.
-    let connections = if link.hide_connections != 0 || link.use_count == 0 {
+    let mut connections = if link.hide_connections != 0 || link.use_count == 0 {
         Vec::new()
     } else {
         match connect::accounts_of_link(&state, &link.id).await {
@@ -346,6 +348,14 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
             Err(e) => return service_error_page(e),
         }
     };
+    // A broken account of a platform the link no longer offers (or this instance has switched
+    // off) cannot be repaired here: no button that leads nowhere.
+    for c in connections.iter_mut().filter(|c| c.needs_reconnect) {
+        if !platforms.iter().any(|p| p.id == c.platform_id) {
+            c.needs_reconnect = false;
+            c.status_text = "Needs reconnecting, through a link that offers it";
+        }
+    }
     let brand = Brand::from(&link);
     if platforms.is_empty() {
         // Every platform the link offers is switched off on this instance: nothing to press.
