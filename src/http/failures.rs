@@ -48,6 +48,7 @@ pub async fn contain(State(limits): State<Limits>, req: Request, next: Next) -> 
         }
         (path.to_string(), cookies)
     });
+    let link_page = pages::link_page_of(path);
     let timeout = limits.timeout;
     let run = AssertUnwindSafe(next.run(req)).catch_unwind();
     let failure = match tokio::time::timeout(timeout, run).await {
@@ -67,7 +68,7 @@ pub async fn contain(State(limits): State<Limits>, req: Request, next: Next) -> 
     {
         return res;
     }
-    answer(api, failure)
+    answer(api, failure, link_page)
 }
 
 /// Whether the caller of `path` reads problem documents (the JSON API) rather than pages.
@@ -75,12 +76,14 @@ fn is_api(path: &str) -> bool {
     path == "/api" || path.starts_with("/api/")
 }
 
-fn answer(api: bool, failure: Failure) -> Response {
+/// The answer of a request that failed; a link's page (`link_page`) is where the page's "Try
+/// again" leads.
+fn answer(api: bool, failure: Failure, link_page: Option<String>) -> Response {
     match (api, failure) {
         (true, Failure::Panic) => api::internal_error(),
         (true, Failure::Timeout) => api::timed_out(),
-        (false, Failure::Panic) => pages::internal_error(),
-        (false, Failure::Timeout) => pages::timed_out(),
+        (false, Failure::Panic) => pages::internal_error(link_page),
+        (false, Failure::Timeout) => pages::timed_out(link_page),
     }
 }
 
@@ -94,10 +97,25 @@ mod tests {
         assert!(!is_api("/apis") && !is_api("/app/w/x") && !is_api("/l/abc") && !is_api("/"));
         for (api, content_type) in [(true, "application/problem+json"), (false, "text/html; charset=utf-8")] {
             for (failure, status) in [(Failure::Panic, 500), (Failure::Timeout, 503)] {
-                let res = answer(api, failure);
+                let res = answer(api, failure, None);
                 assert_eq!(res.status().as_u16(), status, "{failure:?}");
                 assert_eq!(res.headers()["content-type"], content_type, "{failure:?}");
             }
+        }
+    }
+
+    /// A link's page or form that failed leads back to the link's page (reloading a form's
+    /// answer would post it again).
+    #[tokio::test]
+    async fn a_failure_of_a_link_page_leads_back_to_it() {
+        assert_eq!(pages::link_page_of("/l/abc/connect/tiktok").as_deref(), Some("/l/abc"));
+        assert_eq!(pages::link_page_of("/l/abc").as_deref(), Some("/l/abc"));
+        assert_eq!(pages::link_page_of("/l/"), None);
+        assert_eq!(pages::link_page_of("/app/w/x"), None);
+        for failure in [Failure::Panic, Failure::Timeout] {
+            let res = answer(false, failure, pages::link_page_of("/l/abc/connect/tiktok"));
+            let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+            assert!(String::from_utf8_lossy(&body).contains("href=\"/l/abc\">Try again"), "{failure:?}");
         }
     }
 }

@@ -6,13 +6,14 @@
 // It starts `authlink serve` on a random port with a fresh SQLite database and the sandbox
 // providers, creates the first admin with `authlink user create --admin` (password on standard
 // input), and then, in a real browser: signs in; creates a workspace and a link; opens the link as
-// the client in a separate browser context with a phone-sized viewport; connects a sandbox TikTok
+// the client in a separate browser context on a 320 px wide phone screen; connects a sandbox TikTok
 // account; sees the success page; sees the connection in the dashboard; breaks it through the
 // sandbox control API and the health check; sees it marked broken with its repair link; repairs it
 // through the same link; invites a member, who joins with an account of their own. It fails on
 // any console error, page error, CSP violation or request to another origin. Every page it shows
 // is also checked with axe-core against WCAG 2.1 A and AA (contrast, names, labels, landmarks,
-// language); a violation fails the suite with its rule, the elements and how to fix them.
+// language); a violation fails the suite with its rule, the elements and how to fix them; and no
+// page may be wider than its screen.
 // Screenshots of each page go to test-artifacts/browser/ (not committed).
 //
 // Environment: AUTHLINK_BIN (required), AUTHLINK_CHROMIUM (default /usr/bin/chromium),
@@ -196,6 +197,12 @@ async function audit(page, name) {
 }
 
 async function shot(page, name) {
+  // No page scrolls sideways: what is wider than the screen wraps, or scrolls in a region of its
+  // own (the dashboard's tables).
+  const overflow = await page.evaluate(
+    () => document.documentElement.scrollWidth - document.documentElement.clientWidth,
+  );
+  assert.ok(overflow <= 0, `${name}: the page is ${overflow} px wider than the screen`);
   step += 1;
   const file = path.join(ARTIFACTS, `${String(step).padStart(2, '0')}-${name}.png`);
   await page.screenshot({ path: file, fullPage: true });
@@ -280,10 +287,11 @@ async function run() {
     await shot(dash, 'link-created');
     log('link created, copied, QR code shown');
 
-    // 4. The client opens the link on a phone, in another browser context (no shared cookies).
+    // 4. The client opens the link on a phone, in another browser context (no shared cookies):
+    // the narrowest phone screen in use, 320 px wide.
     const client = await newContext(browser, base, {
       who: 'client',
-      viewport: { width: 390, height: 844 },
+      viewport: { width: 320, height: 640 },
       deviceScaleFactor: 2,
       isMobile: true,
       hasTouch: true,

@@ -518,7 +518,11 @@ async fn state_failures_make_no_token_call(app: TestApp) {
     assert!(!html.contains("<p class=\"eyebrow\">States</p>") && !html.contains("/brand/"), "{html}");
     // Mix-up: TikTok's answer delivered to the Instagram callback.
     let mixed = flow.callback.replace("/oauth/tiktok/callback", "/oauth/instagram/callback");
-    assert_eq!(finish(&app.client, &app, &mixed).await.status(), 400);
+    let res = finish(&app.client, &app, &mixed).await;
+    assert_eq!(res.status(), 400);
+    assert!(res.url().path().starts_with("/oauth/tiktok/failed"), "{}", res.url());
+    let html = res.text().await.unwrap();
+    assert!(html.contains("did not come from TikTok, where this attempt was started"), "{html}");
     // An `iss` parameter (neither provider sends one) is refused.
     let res = finish(&app.client, &app, &format!("{}&iss=https://evil.example", flow.callback)).await;
     assert_eq!(res.status(), 400);
@@ -693,7 +697,9 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
     let link = app.cli_json(&["link", "create", "--workspace", &wid, "--label", "Client", "--max-uses", "1"]);
     let (link_id, url) =
         (link["id"].as_str().unwrap().to_string(), link["url"].as_str().unwrap().to_string());
-    connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
+    let html = connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
+    // Its success page offers no other account: the link can connect none.
+    assert!(!html.contains("Connect another account"), "{html}");
     let id = app.api_get("/connections", &key, 200).await["data"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(app.api_get(&format!("/links/{link_id}"), &key, 200).await["status"], "used_up");
     let landing = app.client.get(&url).send().await.unwrap();

@@ -198,7 +198,7 @@ async fn unknown_and_gone_links(app: TestApp) {
         assert_eq!(res.status(), 404, "{path}");
         assert_eq!(res.headers()["content-type"], "text/html; charset=utf-8", "{path}");
         let html = res.text().await.unwrap();
-        assert!(html.contains("does not exist") || html.contains("not found"), "{path}");
+        assert!(html.contains("does not work") || html.contains("not found"), "{path}");
     }
     // A path that decodes to no text is not found wherever it points, each part of the site
     // answering in its own form.
@@ -222,7 +222,10 @@ async fn unknown_and_gone_links(app: TestApp) {
     let res = app.client.get(&url).send().await.unwrap();
     assert_eq!(res.status(), 410);
     let html = res.text().await.unwrap();
-    assert!(html.contains("Ask Gone Inc to send you a new link"), "{html}");
+    assert!(
+        html.contains("ask Gone Inc to send you a new link") && html.contains("stay connected"),
+        "{html}"
+    );
     // Expired: 410 once the clock passes the expiry.
     let expiring =
         app.cli_json(&["link", "create", "--workspace", &wid, "--label", "soon", "--expires-in", "1h"]);
@@ -260,7 +263,14 @@ async fn get_never_changes_state(app: TestApp) {
 
 async fn pages_are_hardened(app: TestApp) {
     let wid = app.workspace("Hardened");
+    // A link of one platform asks for that account by name.
+    let one =
+        app.cli_json(&["link", "create", "--workspace", &wid, "--label", "one", "--platform", "instagram"]);
+    let html = app.client.get(one["url"].as_str().unwrap()).send().await.unwrap().text().await.unwrap();
+    assert!(html.contains("<h1>Connect your Instagram account</h1>"), "{html}");
     let (_, url) = app.link(&wid, "client");
+    let html = app.client.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(html.contains("<h1>Connect your accounts</h1>"), "{html}");
     let res = app.client.get(&url).send().await.unwrap();
     let h = res.headers().clone();
     assert_eq!(h["referrer-policy"], "no-referrer");
@@ -294,6 +304,9 @@ async fn pages_are_hardened(app: TestApp) {
         .await
         .unwrap();
     assert_eq!(res.status(), 403);
+    // Its page leads to the link's own page, where the button is.
+    let html = res.text().await.unwrap();
+    assert!(html.contains(&format!("href=\"/l/{token}\">Try again</a>")), "{html}");
     let res = app
         .client
         .post(app.url(&format!("/l/{token}/connect/tiktok")))

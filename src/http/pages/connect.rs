@@ -180,8 +180,12 @@ pub async fn start_connect(
         tracing::warn!("cross-site connect request refused");
         return render(
             StatusCode::FORBIDDEN,
-            &MessagePage::new("Request refused", "This request did not come from this site.")
-                .next("Open the link you were sent and press the button there."),
+            &MessagePage::new(
+                "Request refused",
+                "This request did not come from this site. Nothing was connected.",
+            )
+            .next("Press Try again to open the link's page, then press the button there.")
+            .retry(format!("/l/{token}")),
         );
     }
     if !form_matches(&state, &headers, form.as_ref().ok().map(|f| &f.0)) {
@@ -190,15 +194,15 @@ pub async fn start_connect(
         return render(
             StatusCode::FORBIDDEN,
             &MessagePage::new(
-                "Request refused",
-                "This request did not come from the link's page in this browser, or the browser did not keep its cookie.",
+                "Please open the link again",
+                "The page was open for a long time, or your browser did not keep what it needs to start safely. Nothing was connected.",
             )
-            .next("Open the link you were sent and press the button there. If this keeps happening, allow cookies for this site.")
+            .next("Press Try again. If this page comes back, open the link in your phone's usual browser (such as Safari or Chrome) and allow cookies for this site.")
             .retry(format!("/l/{token}")),
         );
     }
     let (link, workspace) = match links::resolve(&state, &token).await {
-        Err(e) => return service_error_page(e),
+        Err(e) => return super::service_error_page_back_to(e, Some(format!("/l/{token}"))),
         Ok(Resolved::Unknown) => return super::link_not_found(),
         Ok(Resolved::Gone { status, workspace }) => return super::link_gone(status, &*workspace),
         Ok(Resolved::Usable { link, workspace, .. }) => (link, workspace),
@@ -243,7 +247,7 @@ pub async fn start_connect(
     let flow_id = flow.id.clone();
     let stored = state.db.write_flow(db::oauth_flows::Insert(flow)).await;
     if let Err(e) = stored {
-        return service_error_page(e.into());
+        return super::service_error_page_back_to(e.into(), Some(landing));
     }
     let redirect_uri = redirect_uri(&state, platform);
     let url = provider.authorize_url(&AuthorizeRequest {
@@ -478,8 +482,8 @@ impl Failure {
                 "Please try again. If it keeps failing, tell the agency that sent you the link.".to_string(),
             ),
             Failure::ProviderUnavailable => (
-                "The platform did not answer in time",
-                format!("{platform} is slow or unreachable right now. Nothing was connected."),
+                "The platform is not answering right now",
+                format!("{platform} did not answer in time, or said it is too busy. Nothing was connected."),
                 "Please try again in a few minutes.".to_string(),
             ),
             Failure::ProviderBusy => (
@@ -489,7 +493,7 @@ impl Failure {
             ),
             Failure::SetupError | Failure::ExchangeRefused => (
                 "This connection cannot be made right now",
-                format!("{platform} refused the request of the service that connects your account, because of how the agency set it up. You did nothing wrong. Nothing was connected."),
+                format!("{platform} did not accept this connection because of a setting on the agency's side. You did nothing wrong, and nothing was connected."),
                 "Please tell the agency that sent you the link. Once they have fixed it, the same link will work.".to_string(),
             ),
             Failure::ScopesMissing => {
@@ -802,7 +806,10 @@ async fn callback_refused(
     } else {
         Failure::StateReused
     };
-    refused(failure, platform, Some(&flow.id))
+    // The page names the platform where the attempt started (a mixed-up answer arrived at
+    // another one's address).
+    let started_at = flow.provider.parse().unwrap_or(platform);
+    refused(failure, started_at, Some(&flow.id))
 }
 
 /// Where a callback's time went, for its `Server-Timing` header: waiting for the provider, and
@@ -1159,7 +1166,11 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
             .map(|s| domain::scope_description(s))
             .collect(),
         sandbox: connection.sandbox != 0,
-        landing,
+        // Another account only while the link can connect one (not once used up, revoked or
+        // expired: its page would only say so).
+        landing: landing.filter(|_| {
+            link.as_ref().is_some_and(|l| matches!(LinkStatus::of(l, state.now_ms()), LinkStatus::Active))
+        }),
         redirect,
     };
     Ok(render(StatusCode::OK, &page))

@@ -127,8 +127,8 @@ pub(crate) fn link_not_found() -> Response {
     render(
         StatusCode::NOT_FOUND,
         &MessagePage::new(
-            "This link does not exist",
-            "We could not find this link. It may have been mistyped or cut short.",
+            "This link does not work",
+            "We could not find this link. It may have been cut short when it was copied, or replaced by a newer one.",
         )
         .next("Open the link again from the message you were sent, or ask the agency that sent it for a new one."),
     )
@@ -189,30 +189,37 @@ pub(crate) fn link_gone<'a>(status: LinkStatus, brand: impl Into<Brand<'a>>) -> 
     render(
         StatusCode::GONE,
         &MessagePage::new("This link no longer works", why)
-            .next(format!("Ask {} to send you a new link. Nothing was connected.", w.name))
+            .next(format!(
+                "Accounts already connected through it stay connected. To connect another account, or to repair \
+                 one that stopped working, ask {} to send you a new link.",
+                w.name
+            ))
             .branded(w),
     )
 }
 
 /// The 503 page when the database is unreachable.
 pub fn unavailable() -> Response {
-    try_again_in_a_minute(render(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &MessagePage::new(
-            "Temporarily unavailable",
-            "We are having a problem on our side. Nothing was changed.",
-        )
-        .next("Please try again in a minute."),
-    ))
+    unavailable_back_to(None)
+}
+
+/// [`unavailable`], with a "Try again" to `retry` (a link's page, after a form's post).
+fn unavailable_back_to(retry: Option<String>) -> Response {
+    let mut page = MessagePage::new(
+        "Temporarily unavailable",
+        "We are having a problem on our side. Nothing was changed.",
+    )
+    .next("Please try again in a minute.");
+    page.try_again = retry;
+    try_again_in_a_minute(render(StatusCode::SERVICE_UNAVAILABLE, &page))
 }
 
 /// The 503 page when a request did not finish within `http.request_timeout_secs`.
-pub fn timed_out() -> Response {
-    try_again_in_a_minute(render(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &MessagePage::new("This took too long", "We did not finish answering in time.")
-            .next("Please try again in a minute."),
-    ))
+pub fn timed_out(retry: Option<String>) -> Response {
+    let mut page = MessagePage::new("This took too long", "We did not finish answering in time.")
+        .next("Please try again in a minute.");
+    page.try_again = retry;
+    try_again_in_a_minute(render(StatusCode::SERVICE_UNAVAILABLE, &page))
 }
 
 /// A 503 page's `Retry-After`: the minute its words ask for.
@@ -222,12 +229,12 @@ pub(crate) fn try_again_in_a_minute(mut res: Response) -> Response {
 }
 
 /// The 500 page for an internal error.
-pub fn internal_error() -> Response {
-    render(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        &MessagePage::new("Something went wrong", "We had a problem on our side. Nothing was changed.")
-            .next("Please try again in a minute."),
-    )
+pub fn internal_error(retry: Option<String>) -> Response {
+    let mut page =
+        MessagePage::new("Something went wrong", "We had a problem on our side. Nothing was changed.")
+            .next("Please try again in a minute.");
+    page.try_again = retry;
+    render(StatusCode::INTERNAL_SERVER_ERROR, &page)
 }
 
 /// The 405 page for a method a page's address does not take (axum adds `Allow`).
@@ -241,17 +248,30 @@ pub async fn method_not_allowed() -> Response {
 
 /// Maps a service failure to an HTML page.
 pub fn service_error_page(e: ServiceError) -> Response {
+    service_error_page_back_to(e, None)
+}
+
+/// [`service_error_page`], with a "Try again" to `retry` (the link's page, for its pages and
+/// forms: reloading a form's answer would post it again).
+pub fn service_error_page_back_to(e: ServiceError, retry: Option<String>) -> Response {
     match e {
         ServiceError::Db(DbError::Unavailable(e)) => {
             tracing::error!(error = %e, "database unavailable");
-            unavailable()
+            unavailable_back_to(retry)
         }
         ServiceError::NotFound(_) => not_found_page(),
         other => {
             tracing::error!(error = %other, "internal error on a page");
-            internal_error()
+            internal_error(retry)
         }
     }
+}
+
+/// The link's page for a request to `path`, when `path` is one of a link's (`/l/{token}…`): where
+/// "Try again" leads from a failure of that request.
+pub fn link_page_of(path: &str) -> Option<String> {
+    let token = path.strip_prefix("/l/")?.split('/').next().filter(|t| !t.is_empty())?;
+    Some(format!("/l/{token}"))
 }
 
 pub(crate) fn not_found_page() -> Response {
