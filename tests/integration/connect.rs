@@ -49,7 +49,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
 async fn an_answer_again_while_the_first_is_completed(app: TestApp) {
     use crate::health::eventually;
     // The provider's time limit outlasts the steps taken while TikTok holds the code exchange.
-    let (app, _cleanup) = app.restart_with(&[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "20")]).await;
+    let (app, restarted) = app.restart_with(&[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "20")]).await;
     let wid = app.workspace("Twice");
     let (_, url) = app.link(&wid, "Client");
     let held = || async {
@@ -103,6 +103,7 @@ async fn an_answer_again_while_the_first_is_completed(app: TestApp) {
     assert!(html.contains(&format!("href=\"/l/{}\">Try again</a>", token_of(&url))), "{html}");
     app.sandbox("/tiktok/release", json!({})).await;
     first.await.unwrap();
+    restarted.run().await;
 }
 
 /// PostgreSQL: another transaction stores the account's first connection while the callback's
@@ -647,6 +648,9 @@ async fn link_rotated_between_start_and_callback(app: TestApp) {
 /// exchange is held at the provider while the first completes. The second finds the link used
 /// up in its own transaction: it stores nothing, and the link is counted once.
 async fn link_used_up_while_at_the_provider(app: TestApp) {
+    // The provider's time limit outlasts the first flow, run while TikTok holds the second's
+    // code exchange.
+    let (app, restarted) = app.restart_with(&[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "20")]).await;
     let wid = app.workspace("Once");
     let link = app.cli_json(&["link", "create", "--workspace", &wid, "--label", "Client", "--max-uses", "1"]);
     let (id, url) = (link["id"].as_str().unwrap(), link["url"].as_str().unwrap());
@@ -656,7 +660,7 @@ async fn link_used_up_while_at_the_provider(app: TestApp) {
         start_and_consent(&app.client, &app, url, "tiktok", &account("tiktok", 1), "allow", None).await;
     app.sandbox(
         "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "token", "kind": "slow"}], "slow_ms": 1500}),
+        json!({"fail_next": [{"endpoint": "token", "kind": "hold"}], "slow_ms": 60_000}),
     )
     .await;
     let held = {
@@ -670,22 +674,21 @@ async fn link_used_up_while_at_the_provider(app: TestApp) {
             (page.status().as_u16(), page.text().await.unwrap())
         })
     };
-    // The held exchange has reached the provider (bounded wait: 200 polls).
-    for _ in 0..200 {
-        if app.sandbox_stats("tiktok").await["token_calls"] == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 1);
+    crate::health::eventually("the second exchange to be held at TikTok", 30, || async {
+        let stats = app.sandbox_stats("tiktok").await;
+        (stats["held"] == 1).then_some(stats)
+    })
+    .await;
     let page = finish(&app.client, &app, &first.callback).await;
     assert_eq!(page.status(), 200, "{}", page.text().await.unwrap());
+    assert_eq!(app.sandbox("/tiktok/release", json!({})).await["released"], 1);
     let (status, html) = held.await.unwrap();
     assert_eq!(status, 410, "{html}");
     assert!(html.contains("reached its limit"), "{html}");
     assert_eq!(app.count("connections").await, 1, "the second account was not connected");
     let link = app.cli_json(&["link", "show", id]);
     assert_eq!(link["use_count"], 1, "{link}");
+    restarted.run().await;
 }
 
 /// A link good for one account, used up: its page still opens and says it only reconnects; a

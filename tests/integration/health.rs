@@ -169,6 +169,38 @@ async fn forced_refresh_in_flight(
     answer
 }
 
+/// Asks for a forced refresh of connection `id` and waits until TikTok's sandbox holds it (until
+/// [`release`]): its answer, to be awaited once released.
+async fn forced_refresh_held(
+    app: &TestApp,
+    key: &str,
+    id: &str,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "hold"}], "slow_ms": 60_000}),
+    )
+    .await;
+    let request = app.api(reqwest::Method::POST, &format!("/connections/{id}/refresh"), key).json(&json!({}));
+    let answer = tokio::spawn(async move { request.send().await.unwrap() });
+    held_at_tiktok(app, "the forced refresh to be held at TikTok").await;
+    answer
+}
+
+/// Waits until TikTok's sandbox holds a call (a `hold` failure; `what`: which one).
+async fn held_at_tiktok(app: &TestApp, what: &str) {
+    eventually(what, 30, || async {
+        let stats = app.sandbox_stats("tiktok").await;
+        (stats["held"] == 1).then_some(stats)
+    })
+    .await;
+}
+
+/// Lets the calls TikTok's sandbox holds go on.
+async fn release(app: &TestApp) {
+    assert_eq!(app.sandbox("/tiktok/release", json!({})).await["released"], 1);
+}
+
 /// Waits until TikTok's sandbox has seen more than `calls` refresh calls (`what`: which one).
 async fn refresh_reached_provider(app: &TestApp, what: &str, calls: i64) {
     eventually(what, 30, || async {
@@ -676,23 +708,24 @@ async fn transient_refresh_failures_recover(app: TestApp) {
 /// older than the stored grant, so it is dropped (compare-and-set on the token generation), the
 /// attempt is recorded as superseded, and the reconnect's tokens stay and keep working.
 async fn refresh_overtaken_by_a_reconnect_keeps_the_new_grant(app: TestApp) {
+    // The provider's time limit outlasts the reconnect, run while TikTok holds the refresh.
+    let (app, restarted) = app.restart_with(&[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "20")]).await;
     let wid = app.workspace("Overtaken");
     let key = app.workspace_key(&wid);
     let (_, url) = app.link(&wid, "Client");
     let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
     connect(&app.client, &app, &url, "tiktok", account).await;
     let id = connection_id(&app, &key).await;
-    // The next refresh answers after 1.5 s (the provider timeout in these tests is 2 s).
+    // The next refresh is held at TikTok until the client has reconnected.
     app.sandbox(
         "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow"}], "slow_ms": 1500}),
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "hold"}], "slow_ms": 60_000}),
     )
     .await;
-    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
     app.advance_clock(70_000).await;
-    refresh_reached_provider(&app, "the scheduled refresh to reach the provider", calls).await;
-    // The client reconnects while the provider is still answering.
+    held_at_tiktok(&app, "the scheduled refresh to be held at TikTok").await;
     connect(&app.client, &app, &url, "tiktok", account).await;
+    release(&app).await;
     let db = authlink::db::Db::connect(
         &app.db_url.clone().into(),
         &authlink::config::DatabaseConfig { max_connections: 1, acquire_timeout_secs: 5 },
@@ -722,6 +755,7 @@ async fn refresh_overtaken_by_a_reconnect_keeps_the_new_grant(app: TestApp) {
     assert_eq!(stats["invalid_grant"], 0);
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "active");
+    restarted.run().await;
 }
 
 /// An on-demand token read whose refresh the provider refuses after the client reconnected
@@ -739,22 +773,22 @@ async fn refusal_overtaken_by_a_reconnect_gives_the_new_token(app: TestApp) {
     let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
     connect(&app.client, &app, &url, "tiktok", account).await;
     let id = connection_id(&app, &key).await;
-    // The token is about to expire, so reading it refreshes it; the provider answers after 3 s.
+    // The token is about to expire, so reading it refreshes it; TikTok holds that refresh.
     app.advance_clock(86_400).await;
     app.sandbox(
         "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "refresh", "kind": "slow"}], "slow_ms": 3000}),
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "hold"}], "slow_ms": 9_000}),
     )
     .await;
-    let calls = app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap();
     let read = {
         let request = app.api(reqwest::Method::GET, &format!("/connections/{id}/access-token"), &key);
         tokio::spawn(async move { request.send().await.unwrap() })
     };
-    refresh_reached_provider(&app, "the token read's refresh to reach the provider", calls).await;
+    held_at_tiktok(&app, "the token read's refresh to be held at TikTok").await;
     // Meanwhile the account revokes the app (the refresh will be refused) and connects again.
     app.sandbox(&format!("/tiktok/accounts/{account}/revoke"), json!({})).await;
     connect(&app.client, &app, &url, "tiktok", account).await;
+    release(&app).await;
     let res = read.await.unwrap();
     let token = crate::helpers::expect_json(res, 200).await;
     assert_eq!(app.sandbox_stats("tiktok").await["invalid_grant"], 1, "the old grant's refresh was refused");
@@ -819,7 +853,7 @@ async fn a_refresh_does_not_revive_a_connection_broken_meanwhile(app: TestApp) {
         one_tiktok_connection(app, "Broken meanwhile", &[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "10")], 0)
             .await;
     let before = app.api_get(&format!("/connections/{id}"), &key, 200).await;
-    let refresh = forced_refresh_in_flight(&app, &key, &id, 1500).await;
+    let refresh = forced_refresh_held(&app, &key, &id).await;
     app.execute(&format!(
         "UPDATE {{schema}}.connections SET status = 'broken', status_reason = 'Refused by the provider.' \
          WHERE id = '{id}'"
@@ -829,6 +863,7 @@ async fn a_refresh_does_not_revive_a_connection_broken_meanwhile(app: TestApp) {
         "UPDATE {{schema}}.refresh_schedule SET next_refresh_at = NULL WHERE connection_id = '{id}'"
     ))
     .await;
+    release(&app).await;
     refresh.await.unwrap();
     let after = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(after["status"], "broken", "{after}");
@@ -980,11 +1015,11 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
         }
     };
     assert_eq!(lease_of(id.clone()).await, "none");
-    // The revocation is slow (3 s): the lease is held while it runs, and the connection is still
-    // active then.
+    // TikTok holds the revocation: the lease is held while it runs, and the connection is still
+    // active then (within the provider's 5 s).
     app.sandbox(
         "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "revoke", "kind": "slow"}], "slow_ms": 3000}),
+        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
     )
     .await;
     let disconnecting = {
@@ -997,8 +1032,10 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
         (owner != "none").then_some(Value::String(owner))
     })
     .await;
+    held_at_tiktok(&app, "the revocation to be held at TikTok").await;
     let during = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(during["status"], "active", "taken before the revocation ends: {during}");
+    release(&app).await;
     let done = disconnecting.await.unwrap();
     assert_eq!(done.status(), 200);
     let done: Value = done.json().await.unwrap();

@@ -455,7 +455,7 @@ async fn a_refresh_under_way_through_a_rewrap_brings_back_no_retired_key(app: Te
     let old_kid = app.cli_json(&["keys", "status"])["active_kid"].as_str().unwrap().to_string();
     let new_key = new_master_key();
     // The provider's time limit outlasts the re-wrap that runs while TikTok holds the refresh.
-    let (app, _cleanup) = app
+    let (app, restarted) = app
         .restart_with(&[
             ("AUTHLINK_MASTER_KEY", &new_key),
             ("AUTHLINK_RETIRED_MASTER_KEYS", &old_key),
@@ -509,4 +509,5 @@ async fn a_refresh_under_way_through_a_rewrap_brings_back_no_retired_key(app: Te
     let stored =
         app.text(&format!("SELECT refresh_token_sealed FROM {{schema}}.connections WHERE id = '{id}'")).await;
     assert_eq!(both.open_str(&stored, aad).unwrap().expose_secret(), refresh_token.expose_secret());
+    restarted.run().await;
 }
