@@ -61,8 +61,7 @@ pub(super) fn scope_choices(
             description: known
                 .iter()
                 .find(|(k, _)| k == s)
-                .map(|(_, d)| (*d).to_string())
-                .unwrap_or_default(),
+                .map_or_else(|| s.clone(), |(_, d)| (*d).to_string()),
             required: s == required,
         })
         .collect()

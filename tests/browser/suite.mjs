@@ -298,7 +298,7 @@ async function run() {
     });
     const phone = await client.newPage();
     await phone.goto(linkUrl);
-    await expectText(phone, 'Connect your accounts');
+    await expectText(phone, 'Connect your TikTok account');
     await expectText(phone, 'Sunny Cafe');
     await shot(phone, 'client-landing');
     // First the client says no on the consent screen: a page that says so, and "Try again" back to
@@ -315,7 +315,7 @@ async function run() {
     expectedErrorPages.delete(resultPage);
     await phone.getByRole('link', { name: 'Try again' }).click();
     await phone.waitForURL(linkUrl);
-    await expectText(phone, 'Connect your accounts');
+    await expectText(phone, 'Connect your TikTok account');
     log('a denied consent ends on its page, and "Try again" leads back to the link');
     await phone.getByRole('button', { name: 'Connect TikTok' }).click();
     await phone.waitForURL(/\/sandbox\/tiktok\//);

@@ -1109,7 +1109,7 @@ async fn connections_api_and_cli(app: TestApp) {
     );
     // The landing page tells the client where they stand.
     let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
-    assert!(landing.contains("Disconnected"));
+    assert!(landing.contains("Removed by the agency"), "{landing}");
     assert_eq!(
         app.cli(&["connection", "list", "--workspace", &wid, "--status", "sideways"]).status.code(),
         Some(2)

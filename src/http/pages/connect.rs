@@ -1237,7 +1237,7 @@ pub async fn accounts_of_link(state: &AppState, link_id: &str) -> ServiceResult<
             let (status_class, status_text) = match status {
                 ConnectionStatus::Active => ("active", "Connected"),
                 ConnectionStatus::Broken => ("broken", "Needs reconnecting"),
-                ConnectionStatus::Disconnected => ("disconnected", "Disconnected"),
+                ConnectionStatus::Disconnected => ("disconnected", "Removed by the agency"),
             };
             ConnectedAccount {
                 platform: platform.display_name(),
