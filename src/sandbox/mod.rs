@@ -250,12 +250,20 @@ impl Sandbox {
     /// A `hold` failure: waits until the control API releases the calls of `platform`, or for
     /// `limit` at most.
     pub(crate) async fn hold(&self, platform: Platform, limit: std::time::Duration) {
-        use std::sync::atomic::Ordering;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        /// Counts a waiting call until it ends, also when its caller goes away mid-wait (the
+        /// handler's future is then dropped).
+        struct Waiting<'a>(&'a AtomicU64);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         let hold = self.hold_of(platform);
         let mut released = hold.release.subscribe();
         hold.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&hold.waiting);
         let _ = tokio::time::timeout(limit, released.changed()).await;
-        hold.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Ends the wait of every call of `platform` that a `hold` failure keeps; answers how many

@@ -1631,3 +1631,40 @@ async fn control_api_is_absent_unless_enabled() {
     let resp = h.http.get(format!("{}/sandbox/avatars/sandbox-creator.svg", h.base)).send().await.unwrap();
     assert_eq!(resp.headers()["content-type"], "image/svg+xml");
 }
+
+/// A held call waits until released (or its limit), is counted while it waits, and is no longer
+/// counted once its caller has gone away mid-wait.
+#[tokio::test]
+async fn held_calls_wait_for_their_release_and_are_counted_while_they_wait() {
+    let h = start().await;
+    let held = || h.sandbox.stats(Platform::Tiktok).held;
+    let limit = Duration::from_secs(60);
+    let sandbox = Arc::clone(&h.sandbox);
+    let call = tokio::spawn(async move { sandbox.hold(Platform::Tiktok, limit).await });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while held() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the call is held");
+    assert_eq!(h.sandbox.stats(Platform::Instagram).held, 0, "another provider's calls are its own");
+    assert_eq!(h.sandbox.release(Platform::Tiktok), 1);
+    tokio::time::timeout(Duration::from_secs(10), call).await.expect("released").unwrap();
+    assert_eq!(held(), 0);
+    // A caller that stops waiting is not counted any more.
+    let sandbox = Arc::clone(&h.sandbox);
+    let gone = tokio::spawn(async move { sandbox.hold(Platform::Tiktok, limit).await });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while held() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the call is held");
+    gone.abort();
+    let _ = gone.await;
+    assert_eq!(held(), 0);
+    // With nothing held, a release lets nothing go.
+    assert_eq!(h.sandbox.release(Platform::Tiktok), 0);
+}
