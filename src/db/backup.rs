@@ -284,9 +284,8 @@ pub fn restore(from: &Path, db: &Path) -> Result<(), BackupError> {
     {
         return Err(BackupError::SameFile(from.to_path_buf()));
     }
-    if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-    }
+    // A new database is readable by its owner only, as `serve` makes it.
+    super::create_private_sqlite_file(db).map_err(io_error(db))?;
     let source = Connection::open_with_flags(
         from,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

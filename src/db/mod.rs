@@ -611,33 +611,20 @@ pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// and shared-memory files the database file's permissions. An existing file readable by others
 /// is warned about.
 fn prepare_sqlite_url(url: &str) -> DbResult<String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
     let path = rest.split('?').next().unwrap_or_default();
     if path.is_empty() || path == ":memory:" {
         return Ok(url.to_string());
     }
     let io = |e| DbError::unavailable(sqlx::Error::Io(e));
-    if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(io)?;
-    }
-    if !url.contains('%') && !url.contains("mode=ro") {
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                if let Ok(meta) = std::fs::metadata(path)
-                    && meta.permissions().mode() & 0o077 != 0
-                {
-                    tracing::warn!(
-                        path,
-                        mode = format!("{:o}", meta.permissions().mode() & 0o777),
-                        "the SQLite database file can be read by other users of this host; `chmod 600` it \
-                         (and its -wal and -shm files)"
-                    );
-                }
-            }
-            Err(e) => return Err(io(e)),
-        }
+    // Created only where SQLite would create it (no `mode=`, or `mode=rwc`): `mode=rw` is meant
+    // to fail on a missing file. A path to decode is left to SQLite.
+    let query = rest.split_once('?').map_or("", |(_, q)| q);
+    let creates = query.split('&').all(|p| !p.starts_with("mode=") || p == "mode=rwc");
+    if creates && !path.contains('%') {
+        create_private_sqlite_file(Path::new(path)).map_err(io)?;
+    } else if let Some(parent) = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io)?;
     }
     if url.contains("mode=") {
         Ok(url.to_string())
@@ -645,6 +632,33 @@ fn prepare_sqlite_url(url: &str) -> DbResult<String> {
         Ok(format!("{url}&mode=rwc"))
     } else {
         Ok(format!("{url}?mode=rwc"))
+    }
+}
+
+/// Creates the SQLite file at `path` (and its folder) readable by its owner only, unless it
+/// exists; an existing one readable by others is warned about. SQLite gives the WAL and
+/// shared-memory files the database file's permissions.
+pub(crate) fn create_private_sqlite_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent)?;
+    }
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if let Ok(meta) = std::fs::metadata(path)
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    "the SQLite database file can be read by other users of this host; `chmod 600` it \
+                     (and its -wal and -shm files)"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 

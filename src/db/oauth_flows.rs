@@ -120,7 +120,7 @@ pub async fn claim(
 }
 
 /// Records how a flow ended, and erases its PKCE verifier, which nothing needs any more (an
-/// empty sealed value is an erased one).
+/// empty sealed value is an erased one). The first outcome recorded stays.
 pub async fn finish(
     conn: &mut impl Exec,
     id: &str,
@@ -129,7 +129,8 @@ pub async fn finish(
     detail: Option<&str>,
 ) -> DbResult<()> {
     let s = stmt!(
-        "UPDATE oauth_flows SET outcome = $2, connection_id = $3, detail = $4, verifier_sealed = '' WHERE id = $1",
+        "UPDATE oauth_flows SET outcome = $2, connection_id = $3, detail = $4, verifier_sealed = '' \
+         WHERE id = $1 AND outcome IS NULL",
         id,
         outcome,
         connection_id,

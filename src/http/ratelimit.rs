@@ -127,19 +127,21 @@ impl ApiLimits {
         }
     }
 
-    /// Remembers that the key of this SHA-256 was valid.
-    pub fn remember(&self, fingerprint: &str) {
+    /// Remembers that `key` (kept as its SHA-256) was valid.
+    pub fn remember_key(&self, key: &str) {
+        let fingerprint = crate::crypto::sha256_hex(key.as_bytes());
         if let Ok(mut known) = self.known.lock() {
             if known.len() >= KNOWN_KEYS {
                 known.clear();
             }
-            known.insert(fingerprint.to_string());
+            known.insert(fingerprint);
         }
     }
 
-    /// Whether the key of this SHA-256 was seen valid lately.
-    pub fn knows(&self, fingerprint: &str) -> bool {
-        self.known.lock().is_ok_and(|known| known.contains(fingerprint))
+    /// Whether `key`, whole, was seen valid lately.
+    pub fn knows_key(&self, key: &str) -> bool {
+        let fingerprint = crate::crypto::sha256_hex(key.as_bytes());
+        self.known.lock().is_ok_and(|known| known.contains(&fingerprint))
     }
 }
 
@@ -196,18 +198,26 @@ pub fn client_ip_of(headers: &HeaderMap, extensions: &Extensions) -> Option<IpAd
     client
 }
 
-/// Says once, in the log, that a peer that is no trusted proxy sent `X-Forwarded-For`: a reverse
-/// proxy that is not in `http.trusted_proxies`, whose clients then all count as its address (one
-/// rate limit for all of them), or a client writing the header itself.
+/// Says in the log, once for each of the first few such peers, that a peer that is no trusted
+/// proxy sent `X-Forwarded-For`: a reverse proxy that is not in `http.trusted_proxies`, whose
+/// clients then all count as its address (one rate limit for all of them), or a client writing
+/// the header itself (which must not keep a proxy's warning from being said).
 fn warn_once_of_untrusted_proxy(peer: IpAddr) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+    static WARNED: Mutex<Vec<IpAddr>> = Mutex::new(Vec::new());
+    let first_time = WARNED.lock().is_ok_and(|mut warned| {
+        let new = warned.len() < 16 && !warned.contains(&peer);
+        if new {
+            warned.push(peer);
+        }
+        new
+    });
+    if first_time {
         tracing::warn!(
             %peer,
             "a request from an address that is not in http.trusted_proxies carried X-Forwarded-For, which was \
              ignored: if that address is your reverse proxy or load balancer, add it (or its network) to \
              http.trusted_proxies, or every client behind it shares its address and its rate limits \
-             (said once)"
+             (said once for this address)"
         );
     }
 }
@@ -233,6 +243,17 @@ pub async fn limit_links(State(limiter): State<LinkLimiter>, req: Request, next:
         && let Err(wait) = limiter.check(ClientNet::of(ip), Instant::now())
     {
         tracing::warn!(client = %ip, "link requests rate-limited");
+        // A provider's callback leaves for a clean address at once: its `code` and `state` must
+        // not stay in the address bar and the history (the page there says to wait).
+        let provider =
+            req.uri().path().strip_prefix("/oauth/").and_then(|rest| rest.strip_suffix("/callback"));
+        if let Some(provider) = provider.filter(|p| p.parse::<crate::domain::Platform>().is_ok()) {
+            let mut res =
+                axum::response::Redirect::to(&format!("/oauth/{provider}/failed?reason=rate_limited"))
+                    .into_response();
+            res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return res;
+        }
         let mut page = MessagePage::new(
             "Too many requests",
             "Too many requests came from your network in a short time.",
@@ -260,6 +281,18 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    /// A key seen valid is known whole: its public prefix with another tail is not.
+    #[test]
+    fn keys_seen_valid_are_known_whole() {
+        let limits = ApiLimits::new(&crate::config::HttpConfig::default());
+        let key = "alk_0123456789ab_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        assert!(!limits.knows_key(key));
+        limits.remember_key(key);
+        assert!(limits.knows_key(key));
+        assert!(!limits.knows_key("alk_0123456789ab_BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"));
+        assert!(!limits.knows_key("alk_0123456789ab"));
+    }
 
     #[test]
     fn link_pages_callbacks_and_avatars_are_limited() {

@@ -366,6 +366,7 @@ impl Sandbox {
 
     /// Puts the switches and counters of `platform` back to their defaults.
     pub fn reset(&self, platform: Platform) {
+        self.release(platform);
         match platform {
             Platform::Tiktok => {
                 let mut st = self.tiktok_state();

@@ -673,6 +673,11 @@ async fn backup_and_restore(app: TestApp) {
     let restored =
         app.cli_env(&["--json", "restore", "--from", &copy_arg], &[("AUTHLINK_DATABASE_URL", &fresh_db)]);
     assert!(restored.status.success(), "{}", stderr(&restored));
+    // Readable by its owner only, as a database `serve` makes.
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(fresh.path().join("restored.db")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
     let restored: Value = serde_json::from_slice(&restored.stdout).unwrap();
     assert_eq!(restored["restored"]["connections"], 1);
     let on_fresh = |args: &[&str]| -> Value {

@@ -103,6 +103,30 @@ async fn an_answer_again_while_the_first_is_completed(app: TestApp) {
     assert!(html.contains(&format!("href=\"/l/{}\">Try again</a>", token_of(&url))), "{html}");
     app.sandbox("/tiktok/release", json!({})).await;
     first.await.unwrap();
+
+    // A first answer whose browser goes away while TikTok holds its code exchange (the second tap
+    // cancels the first navigation) still ends: the account is connected, and the page of the
+    // second tap says so.
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "token", "kind": "hold"}]})).await;
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 2), "allow", None).await;
+    let (client, callback) = (app.client.clone(), flow.callback.clone());
+    let first = tokio::spawn(async move { client.get(callback).send().await });
+    eventually("the code exchange to be held at TikTok", 30, held).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    app.sandbox("/tiktok/release", json!({})).await;
+    eventually("the abandoned answer's attempt to end", 30, || async {
+        let page = finish(&app.client, &app, &flow.callback).await;
+        let html = page.text().await.unwrap();
+        html.contains("account is connected").then_some(Value::Null)
+    })
+    .await;
+    let connected = connections(&app, &app.workspace_key(&wid)).await;
+    assert!(
+        connected.iter().any(|c| c["provider_account_id"] == account("tiktok", 2).as_str()),
+        "{connected:?}"
+    );
     restarted.run().await;
 }
 

@@ -395,9 +395,16 @@ async fn link_guessing_is_rate_limited(app: TestApp) {
     let limited = answers.get(&429).copied().unwrap_or(0);
     assert!(limited >= 300, "most guesses are refused after the burst: {answers:?}");
     assert!(answers.get(&404).copied().unwrap_or(0) >= 50, "{answers:?}");
-    // The providers' callbacks count against the same budget: a made-up state costs a write.
+    // The providers' callbacks count against the same budget (a made-up state costs a write);
+    // a refused one leaves its `code` and `state` behind at once, for a page that says to wait.
     let res = app.client.get(app.url("/oauth/tiktok/callback?code=c&state=s")).send().await.unwrap();
+    assert_eq!(res.status(), 303);
+    let location = res.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(location, "/oauth/tiktok/failed?reason=rate_limited");
+    let res = app.client.get(app.url(&location)).send().await.unwrap();
     assert_eq!(res.status(), 429);
+    assert!(res.headers().contains_key("retry-after"));
+    assert!(res.text().await.unwrap().contains("Too many requests came from your network"));
     // Other paths are not limited.
     assert_eq!(app.client.get(app.url("/healthz")).send().await.unwrap().status(), 200);
 }

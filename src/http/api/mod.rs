@@ -560,15 +560,13 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim);
         // While the address is refused, only a key this instance has seen valid, whole (its
         // public prefix is no secret), is looked up: other keys cost no database read.
-        let fingerprint = |k: &str| crate::crypto::sha256_hex(k.as_bytes());
-        let looked_up =
-            key.filter(|k| limited.is_none() || limits.as_ref().is_some_and(|l| l.knows(&fingerprint(k))));
+        let looked_up = key.filter(|k| limited.is_none() || limits.as_ref().is_some_and(|l| l.knows_key(k)));
         let found = match looked_up {
             Some(key) => service::api_keys::authenticate(state, key).await?,
             None => None,
         };
         if let (Some(_), Some(l), Some(k)) = (&found, &limits, key) {
-            l.remember(&fingerprint(k));
+            l.remember_key(k);
         }
         let Some((actor, scope)) = found else {
             if let (Some(wait), Some(ip)) = (limited, client) {

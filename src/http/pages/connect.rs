@@ -312,6 +312,8 @@ enum Failure {
     ExchangeRefused,
     ScopesMissing,
     AccountNotAllowed,
+    /// Too many requests from the client's address (the link pages' rate limit).
+    RateLimited,
     /// authlink's database could not be reached.
     Unavailable,
     /// An internal error of authlink's.
@@ -339,6 +341,7 @@ impl Failure {
             Failure::ExchangeRefused => "exchange_refused",
             Failure::ScopesMissing => "scopes_missing",
             Failure::AccountNotAllowed => "account_not_allowed",
+            Failure::RateLimited => "rate_limited",
             Failure::Unavailable => "unavailable",
             Failure::Internal => "internal",
         }
@@ -349,7 +352,7 @@ impl Failure {
     }
 
     /// Every failure.
-    const ALL: [Failure; 20] = [
+    const ALL: [Failure; 21] = [
         Failure::StateMissing,
         Failure::StateUnknown,
         Failure::StateExpired,
@@ -368,6 +371,7 @@ impl Failure {
         Failure::ExchangeRefused,
         Failure::ScopesMissing,
         Failure::AccountNotAllowed,
+        Failure::RateLimited,
         Failure::Unavailable,
         Failure::Internal,
     ];
@@ -402,7 +406,11 @@ impl Failure {
     /// `Retry-After` of the minute its words ask for).
     fn render(self, page: &MessagePage) -> Response {
         let res = render(self.status(), page);
-        if self == Failure::Unavailable { super::try_again_in_a_minute(res) } else { res }
+        if matches!(self, Failure::Unavailable | Failure::RateLimited) {
+            super::try_again_in_a_minute(res)
+        } else {
+            res
+        }
     }
 
     fn status(self) -> StatusCode {
@@ -422,6 +430,7 @@ impl Failure {
             Failure::LinkGone | Failure::LinkUsedUp => StatusCode::GONE,
             Failure::ExchangeFailed | Failure::ProfileFailed | Failure::ExchangeRefused => StatusCode::BAD_GATEWAY,
             Failure::ProviderUnavailable => StatusCode::GATEWAY_TIMEOUT,
+            Failure::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Failure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Failure::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -522,6 +531,11 @@ impl Failure {
                 "This account cannot be connected",
                 format!("{platform} reported an account type that cannot be connected."),
                 "Only professional (business or creator) accounts can be connected. Switch the account to a professional one in the app, then try again.".to_string(),
+            ),
+            Failure::RateLimited => (
+                "Too many requests",
+                format!("Too many requests came from your network in a short time, so we could not finish connecting your {platform} account. Nothing was connected."),
+                "Please wait a minute, then open the link you were sent again.".to_string(),
             ),
             Failure::Unavailable | Failure::Internal => (
                 "Something went wrong on our side",
@@ -715,16 +729,55 @@ pub async fn oauth_callback(
         return callback_refused(&state, platform, &state_hash, &headers, q.iss.is_some(), now).await;
     };
 
-    let mut timing = Timing { provider: std::time::Duration::ZERO, db: db_time };
     // The provider's calls (three for Instagram, each with its own timeout) end before the
     // request's own timeout would cut the answer off, keeping time for the database: the client
     // gets the "platform did not answer" page, not a bare error.
     let request_timeout = std::time::Duration::from_secs(state.config.http.request_timeout_secs);
     let reserve = (request_timeout / 3).min(std::time::Duration::from_secs(5));
     let deadline = tokio::time::Instant::from_std(started) + request_timeout.saturating_sub(reserve);
-    let outcome = complete_flow(&state, &flow, platform, &q, deadline, &mut timing).await;
+    // The attempt ends detached from the request: a browser that goes away meanwhile (a second
+    // tap on Allow cancels the first navigation) does not cut it short after the provider may
+    // have spent the code and issued tokens. Its outcome is recorded all the same, and its result
+    // page shows it.
+    let flow_id = flow.id.clone();
+    let ended = {
+        let st = state.clone();
+        state
+            .detached(async move {
+                let mut timing = Timing { provider: std::time::Duration::ZERO, db: db_time };
+                let outcome = complete_flow(&st, &flow, platform, &q, deadline, &mut timing).await;
+                let recorded = match &outcome {
+                    // Recorded with the connection, in its transaction.
+                    Ok(_) => Ok(()),
+                    Err(FlowError::Failed(f, detail)) => {
+                        let finish = db::oauth_flows::Finish {
+                            id: flow.id.clone(),
+                            outcome: f.code(),
+                            detail: detail.clone(),
+                        };
+                        st.db.write_flow(finish).await
+                    }
+                    Err(FlowError::Service(_)) => {
+                        // At best: so that its result page says it failed, rather than that it
+                        // is still being completed.
+                        let finish = db::oauth_flows::Finish {
+                            id: flow.id.clone(),
+                            outcome: Failure::Internal.code(),
+                            detail: None,
+                        };
+                        let _ = st.db.write_flow(finish).await;
+                        Ok(())
+                    }
+                };
+                Ok((outcome, recorded, timing))
+            })
+            .await
+    };
+    let (outcome, recorded, timing) = match ended {
+        Ok(ended) => ended,
+        Err(e) => return service_refusal(e, platform, Some(flow_id)),
+    };
     match outcome {
-        // The flow's outcome was recorded with the connection, in its transaction.
         Ok((_, upserted)) => count_flow(
             platform,
             match upserted {
@@ -732,24 +785,20 @@ pub async fn oauth_callback(
                 Upserted::Reconnected => "reconnected",
             },
         ),
-        Err(FlowError::Failed(f, detail)) => {
+        Err(FlowError::Failed(f, _)) => {
             count_flow(platform, f.code());
-            let recorded = state
-                .db
-                .write_flow(db::oauth_flows::Finish { id: flow.id.clone(), outcome: f.code(), detail })
-                .await;
             if let Err(e) = recorded {
-                return service_refusal(e.into(), platform, Some(flow.id.clone()));
+                return service_refusal(e.into(), platform, Some(flow_id));
             }
         }
         Err(FlowError::Service(e)) => {
             count_flow(platform, "internal_error");
-            tracing::error!(error = %e, flow_id = %flow.id, "connect flow failed internally");
-            return service_refusal(e, platform, Some(flow.id.clone()));
+            tracing::error!(error = %e, %flow_id, "connect flow failed internally");
+            return service_refusal(e, platform, Some(flow_id));
         }
     }
     // A clean URL: the code and state leave the address bar and the history.
-    let mut res = Redirect::to(&format!("/connected/{}", flow.id)).into_response();
+    let mut res = Redirect::to(&format!("/connected/{flow_id}")).into_response();
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     // How long the provider took, how long our own work took and the database's part of it, for the
     // benchmark harness and for operators looking at slow connections in the developer tools.
@@ -1416,6 +1465,7 @@ mod tests {
                     | super::Failure::StateReused
                     | super::Failure::OtherBrowser
                     | super::Failure::WrongProvider
+                    | super::Failure::RateLimited
             );
             // The refusals before the state is claimed are never recorded on an attempt.
             assert_eq!(!words.starts_with("Ended as"), recorded, "{}: {words}", f.code());
