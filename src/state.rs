@@ -95,6 +95,44 @@ impl AppState {
             },
         }
     }
+
+    /// Runs `work` in place, like an `.await` of it, unless the caller is dropped before it ends
+    /// (the client went away): then the rest of it runs on a task of its own, to its end, and a
+    /// shutdown waits for it as for [`detached`](Self::detached) work. Unlike `detached`, the
+    /// common case (the caller waits) costs no task hand-off.
+    pub async fn to_the_end<T, F>(&self, work: F) -> T
+    where
+        F: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let running = self.detached.0.clone().read_owned().await;
+        let mut rest = RestOnDrop(Some(Box::pin(async move {
+            let _running = running;
+            work.await
+        })));
+        let out = std::future::poll_fn(|cx| match rest.0.as_mut() {
+            Some(work) => work.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        })
+        .await;
+        rest.0 = None;
+        out
+    }
+}
+
+/// Work begun in place, handed to a task of its own if it is dropped before its end.
+struct RestOnDrop<T: Send + 'static>(Option<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>>);
+
+impl<T: Send + 'static> Drop for RestOnDrop<T> {
+    fn drop(&mut self) {
+        if let Some(rest) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                rest.await;
+            });
+        }
+    }
 }
 
 impl App {

@@ -735,15 +735,15 @@ pub async fn oauth_callback(
     let request_timeout = std::time::Duration::from_secs(state.config.http.request_timeout_secs);
     let reserve = (request_timeout / 3).min(std::time::Duration::from_secs(5));
     let deadline = tokio::time::Instant::from_std(started) + request_timeout.saturating_sub(reserve);
-    // The attempt ends detached from the request: a browser that goes away meanwhile (a second
-    // tap on Allow cancels the first navigation) does not cut it short after the provider may
-    // have spent the code and issued tokens. Its outcome is recorded all the same, and its result
-    // page shows it.
+    // The attempt ends even if the request does not: a browser that goes away meanwhile (a
+    // second tap on Allow cancels the first navigation) does not cut it short after the provider
+    // may have spent the code and issued tokens. Its outcome is recorded all the same, and its
+    // result page shows it.
     let flow_id = flow.id.clone();
     let ended = {
         let st = state.clone();
         state
-            .detached(async move {
+            .to_the_end(async move {
                 let mut timing = Timing { provider: std::time::Duration::ZERO, db: db_time };
                 let outcome = complete_flow(&st, &flow, platform, &q, deadline, &mut timing).await;
                 let recorded = match &outcome {
@@ -769,14 +769,11 @@ pub async fn oauth_callback(
                         Ok(())
                     }
                 };
-                Ok((outcome, recorded, timing))
+                (outcome, recorded, timing)
             })
             .await
     };
-    let (outcome, recorded, timing) = match ended {
-        Ok(ended) => ended,
-        Err(e) => return service_refusal(e, platform, Some(flow_id)),
-    };
+    let (outcome, recorded, timing) = ended;
     match outcome {
         Ok((_, upserted)) => count_flow(
             platform,
