@@ -502,7 +502,7 @@ impl Failure {
             ),
             Failure::SetupError | Failure::ExchangeRefused => (
                 "This connection cannot be made right now",
-                format!("{platform} did not accept this connection because of a setting on the agency's side. You did nothing wrong, and nothing was connected."),
+                format!("{platform} did not accept this connection because of a setting on the agency's side. You did nothing wrong. Nothing was connected."),
                 "Please tell the agency that sent you the link. Once they have fixed it, the same link will work.".to_string(),
             ),
             Failure::ScopesMissing => {
