@@ -614,14 +614,6 @@ async fn requests_are_limited_per_key_and_address(app: TestApp) {
     assert!(res.headers().contains_key("retry-after"));
     let res = app.api(Method::GET, "/links", "").send().await.unwrap();
     assert_eq!(res.status(), 429, "no key from the refused address");
-    // A valid key's public prefix (shown to every member) with another tail is no valid key.
-    let forged = format!(
-        "{}{}",
-        &two[..two.len() - 8],
-        if two.ends_with("AAAAAAAA") { "BBBBBBBB" } else { "AAAAAAAA" }
-    );
-    let res = app.api(Method::GET, "/links", &forged).send().await.unwrap();
-    assert_eq!(res.status(), 429, "a valid key's prefix with another tail from the refused address");
     app.api_get("/links", &two, 200).await;
     cleanup.run().await;
 }
