@@ -104,7 +104,7 @@ pub fn list_sql(f: &AuditFilter<'_>) -> (String, Vec<String>) {
 /// Newest first, one page.
 pub async fn list(conn: &mut AnyConnection, f: &AuditFilter<'_>, limit: i64) -> DbResult<Vec<AuditRow>> {
     let (sql, params) = list_sql(f);
-    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(&*sql));
+    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
     for p in params {
         query = query.bind(p);
     }

@@ -951,7 +951,7 @@ pub async fn store_refreshed_with_history(
            SELECT $14, id, workspace_id, 'refreshed', NULL, $7 FROM u) \
          SELECT count(*) FROM u"
     );
-    let (stored,): (i64,) = bind_tokens(sqlx::query_as(sqlx::AssertSqlSafe(&*sql)), c, expected_generation)
+    let (stored,): (i64,) = bind_tokens(sqlx::query_as(sqlx::AssertSqlSafe(sql)), c, expected_generation)
         .bind(stored_next_refresh(c))
         .bind(owner)
         .bind(attempt_id)

@@ -231,7 +231,7 @@ pub async fn connections(
         _ => None,
     };
     let (sql, params) = connections_sql(backend, f, cursor_handle.as_deref());
-    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(&*sql));
+    let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
     for p in params {
         query = query.bind(p);
     }

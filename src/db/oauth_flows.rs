@@ -151,7 +151,7 @@ pub async fn of_link(
     let older = if before.is_some() { "AND id < $3" } else { "" };
     let sql =
         format!("SELECT {COLUMNS} FROM oauth_flows WHERE link_id = $1 {older} ORDER BY id DESC LIMIT $2");
-    let mut q = sqlx::query_as(sqlx::AssertSqlSafe(&*sql)).bind(link_id).bind(limit);
+    let mut q = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(link_id).bind(limit);
     if let Some(before) = before {
         q = q.bind(before);
     }

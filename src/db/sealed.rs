@@ -59,7 +59,7 @@ pub async fn count_by_kid(
         t = col.table,
         c = col.column,
     );
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(&*sql)).fetch_all(conn).await?)
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(conn).await?)
 }
 
 /// Whether a value is an envelope, in SQL.
@@ -94,7 +94,7 @@ pub async fn page_not_sealed_with(
         c = col.column,
         t = col.table,
     );
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(&*sql))
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(after)
         .bind(kid_pattern(kid))
         .bind(limit)
@@ -125,7 +125,7 @@ pub async fn replace_unchanged(
             t = col.table,
             values = values.join(", "),
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(&*sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (id, old, new) in chunk {
             query = query.bind(id).bind(old).bind(new);
         }

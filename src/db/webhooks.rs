@@ -187,7 +187,7 @@ pub async fn purge_finished(conn: &mut AnyConnection, before_ms: i64, batch: i64
         let list = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
         for table_key in ["webhook_attempts WHERE delivery_id", "webhook_deliveries WHERE id"] {
             let sql = format!("DELETE FROM {table_key} IN ({list})");
-            let query = chunk.iter().fold(sqlx::query(sqlx::AssertSqlSafe(&*sql)), |q, (id,)| q.bind(id));
+            let query = chunk.iter().fold(sqlx::query(sqlx::AssertSqlSafe(sql)), |q, (id,)| q.bind(id));
             let done = query.execute(&mut *conn).await?.rows_affected();
             if table_key.starts_with("webhook_deliveries") {
                 deliveries += done;
@@ -557,7 +557,7 @@ pub async fn claim_due(
          AND status = 'pending' AND (lease_until IS NULL OR lease_until < $3) RETURNING id"
     );
     let mut q =
-        sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(&*sql)).bind(owner).bind(until_ms).bind(now_ms);
+        sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(sql)).bind(owner).bind(until_ms).bind(now_ms);
     for id in &picked {
         q = q.bind(id);
     }

@@ -247,12 +247,8 @@ pub async fn limit_links(State(limiter): State<LinkLimiter>, req: Request, next:
         // not stay in the address bar and the history (the page there says to wait).
         let provider =
             req.uri().path().strip_prefix("/oauth/").and_then(|rest| rest.strip_suffix("/callback"));
-        if let Some(provider) = provider.filter(|p| p.parse::<crate::domain::Platform>().is_ok()) {
-            let mut res =
-                axum::response::Redirect::to(&format!("/oauth/{provider}/failed?reason=rate_limited"))
-                    .into_response();
-            res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            return res;
+        if let Some(platform) = provider.and_then(|p| p.parse::<crate::domain::Platform>().ok()) {
+            return super::pages::connect::rate_limited_callback(platform);
         }
         let mut page = MessagePage::new(
             "Too many requests",
@@ -263,9 +259,8 @@ pub async fn limit_links(State(limiter): State<LinkLimiter>, req: Request, next:
             _ => format!("Please wait {wait} seconds, then try again."),
         });
         // Back to the link's page, once the wait is over.
-        let link = req.uri().path().strip_prefix("/l/").and_then(|rest| rest.split('/').next());
-        if let Some(token) = link.filter(|t| !t.is_empty()) {
-            page = page.retry(format!("/l/{token}"));
+        if let Some(link_page) = super::pages::link_page_of(req.uri().path()) {
+            page = page.retry(link_page);
         }
         let mut res = render(StatusCode::TOO_MANY_REQUESTS, &page);
         if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {

@@ -570,9 +570,21 @@ fn refused(f: Failure, platform: Platform, flow: Option<&str>) -> Response {
         to.push_str("&flow=");
         to.push_str(id);
     }
-    let mut res = Redirect::to(&to).into_response();
+    leave_the_callback(&to)
+}
+
+/// A 303 from a callback to `to`, kept by no cache: the callback's `code` and `state` leave the
+/// address bar and the history.
+fn leave_the_callback(to: &str) -> Response {
+    let mut res = Redirect::to(to).into_response();
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
+}
+
+/// A callback the link pages' rate limit refused, before anything else: its own page says to
+/// wait.
+pub fn rate_limited_callback(platform: Platform) -> Response {
+    refused(Failure::RateLimited, platform, None)
 }
 
 /// [`refused`] for an error of authlink's own (its database unreachable, an internal error), so
@@ -795,8 +807,7 @@ pub async fn oauth_callback(
         }
     }
     // A clean URL: the code and state leave the address bar and the history.
-    let mut res = Redirect::to(&format!("/connected/{flow_id}")).into_response();
-    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    let mut res = leave_the_callback(&format!("/connected/{flow_id}"));
     // How long the provider took, how long our own work took and the database's part of it, for the
     // benchmark harness and for operators looking at slow connections in the developer tools.
     let app_time = started.elapsed().saturating_sub(timing.provider);
@@ -844,9 +855,7 @@ async fn callback_refused(
         // Allow, Back into the provider's page): that browser is shown how its attempt ended,
         // or that it is still ending, instead of being told to start again.
         tracing::info!(provider = %platform, "an answer already used came back to its browser: shown its result");
-        let mut res = Redirect::to(&format!("/connected/{}", flow.id)).into_response();
-        res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        return res;
+        return leave_the_callback(&format!("/connected/{}", flow.id));
     } else if flow.expires_at <= now {
         Failure::StateExpired
     } else {
@@ -1155,13 +1164,13 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     }
     let platform: Platform =
         flow.provider.parse().map_err(|_| crate::service::ServiceError::NotFound("flow"))?;
-    if flow.outcome.is_none() {
-        return unfinished_page(state, &mut conn, &flow, platform).await;
-    }
     let (link, workspace) = match db::links::get_with_workspace(&mut conn, &flow.link_id).await? {
         Some((l, w)) => (Some(l), Some(w)),
         None => (None, db::workspaces::get(&mut conn, &flow.workspace_id).await?),
     };
+    if flow.outcome.is_none() {
+        return Ok(unfinished_page(state, &flow, platform, link.as_ref(), workspace.as_ref()));
+    }
     let landing = link.as_ref().and_then(|l| landing_href_of(state, l, flow.created_at));
     let outcome = flow.outcome.as_deref().unwrap_or_default();
     if let Some(f) = Failure::from_code(outcome) {
@@ -1226,16 +1235,13 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
 /// page looks again by itself), or it was cut short without recording one, which means that
 /// nothing was connected (the outcome is written with the connection); or the browser never came
 /// back from the provider.
-async fn unfinished_page(
+fn unfinished_page(
     state: &AppState,
-    conn: &mut impl db::stmt::Exec,
     flow: &FlowRow,
     platform: Platform,
-) -> ServiceResult<Response> {
-    let (link, workspace) = match db::links::get_with_workspace(conn, &flow.link_id).await? {
-        Some((l, w)) => (Some(l), Some(w)),
-        None => (None, db::workspaces::get(conn, &flow.workspace_id).await?),
-    };
+    link: Option<&LinkRow>,
+    workspace: Option<&crate::db::workspaces::WorkspaceRow>,
+) -> Response {
     let name = platform.display_name();
     // A callback ends within the request's time limit: past it (and a margin), it never will.
     let callback_window_ms =
@@ -1257,19 +1263,19 @@ async fn unfinished_page(
             format!("This attempt to connect your {name} account did not finish. Nothing was connected."),
         )
         .next("Press Try again to start over.");
-        page.try_again = link.as_ref().and_then(|l| landing_href_of(state, l, flow.created_at));
+        page.try_again = link.and_then(|l| landing_href_of(state, l, flow.created_at));
         page
     };
     page.attempt = Some(crate::service::attempts::reference(&flow.id));
     page.sandbox = sandbox_of(state, platform);
-    if let Some(w) = &workspace {
+    if let Some(w) = workspace {
         page = page.branded(w);
     }
     let mut res = render(StatusCode::OK, &page);
     if still_running {
         res.headers_mut().insert(header::REFRESH, HeaderValue::from_static("2"));
     }
-    Ok(res)
+    res
 }
 
 /// The accounts already connected through a link, for the landing page.
