@@ -471,6 +471,11 @@ async fn consent_denied(app: TestApp) {
             html.contains(&format!("href=\"/l/{}\"", token_of(&url))),
             "try again leads back to the link"
         );
+        // Its next step points at that button, not at the message the link came in.
+        assert!(
+            html.contains("press Try again and choose Allow") && !html.contains("link you were sent"),
+            "{html}"
+        );
         assert_eq!(app.sandbox_stats(provider).await["token_calls"], 0);
     }
     // The deny_all switch: Allow behaves as Deny.
@@ -530,7 +535,13 @@ async fn state_failures_make_no_token_call(app: TestApp) {
     // A denial without `state` is still a denial.
     let res = finish(&app.client, &app, &app.url("/oauth/tiktok/callback?error=access_denied")).await;
     assert_eq!(res.status(), 403);
-    assert!(res.text().await.unwrap().contains("Connection cancelled"));
+    let html = res.text().await.unwrap();
+    assert!(html.contains("Connection cancelled"), "{html}");
+    // With no attempt to lead back from, the page points at the link the client was sent.
+    assert!(
+        html.contains("start again from the link you were sent") && !html.contains("Try again"),
+        "{html}"
+    );
     // Another browser: the victim's callback replayed elsewhere. Its page does not lead to the link.
     let flow =
         start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
@@ -560,6 +571,7 @@ async fn state_failures_make_no_token_call(app: TestApp) {
     assert_eq!(res.status(), 400);
     let html = res.text().await.unwrap();
     assert!(html.contains("ten minutes") && html.contains(&try_again), "{html}");
+    assert!(html.contains("Press Try again to start a new attempt."), "{html}");
     // In the attempt's own browser, branded as the link's pages are.
     assert!(html.contains("<p class=\"eyebrow\">States</p>") && html.contains("/brand/"), "{html}");
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
@@ -732,7 +744,13 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
     let landing = app.client.get(&url).send().await.unwrap();
     assert_eq!(landing.status(), 200);
     let landing = landing.text().await.unwrap();
-    assert!(landing.contains("can still reconnect"), "{landing}");
+    assert!(landing.contains("It can still reconnect those accounts"), "{landing}");
+    // It says what it can still do: reconnect, not connect.
+    assert!(landing.contains("<h1>Reconnect your accounts</h1>"), "{landing}");
+    assert!(
+        landing.contains(">Reconnect a TikTok account<") && !landing.contains(">Connect TikTok<"),
+        "{landing}"
+    );
     // A new account: refused once the account is known, nothing stored.
     let flow =
         start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 1), "allow", None).await;
@@ -749,6 +767,11 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
     app.advance_clock(86_400).await;
     app.api_get(&format!("/connections/{id}/access-token"), &key, 409).await;
     assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "broken");
+    // Its page now leads with that account, and the platforms come under "another".
+    let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
+    let (repair, others) =
+        (landing.find("This account needs reconnecting"), landing.find(">Reconnect another account<"));
+    assert!(matches!((repair, others), (Some(r), Some(o)) if r < o), "{landing}");
     let html = connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
     assert!(html.contains("is reconnected"), "{html}");
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
@@ -1205,6 +1228,12 @@ async fn access_token_refreshes_when_expiring(app: TestApp) {
     // The client repairs it through the same link.
     let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
     assert!(landing.contains("Needs reconnecting") && landing.contains(">Reconnect<"), "{landing}");
+    // The account to repair comes first, above the platforms, and is not listed twice.
+    let (repair, platforms) =
+        (landing.find("This account needs reconnecting"), landing.find(">Connect TikTok<"));
+    assert!(matches!((repair, platforms), (Some(r), Some(p)) if r < p), "{landing}");
+    assert_eq!(landing.matches("Needs reconnecting").count(), 1, "{landing}");
+    assert!(!landing.contains("Already connected through this link"), "{landing}");
     connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(c["status"], "active");

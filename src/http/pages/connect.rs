@@ -386,6 +386,26 @@ impl Failure {
         )
     }
 
+    /// Offers "Try again" to `landing` (the link's page) on `page`, when trying again can help
+    /// and the page is there: its next step then points at the button instead of at "the link
+    /// you were sent".
+    fn offer_try_again(self, page: &mut MessagePage, landing: Option<String>) {
+        let Some(href) = landing.filter(|_| self.retryable()) else { return };
+        let next = match self {
+            Failure::StateExpired | Failure::StateReused | Failure::WrongProvider => {
+                Some("Press Try again to start a new attempt.")
+            }
+            Failure::Denied => Some("If this was a mistake, press Try again and choose Allow."),
+            Failure::ScopesMissing => Some("Press Try again and leave the permissions switched on."),
+            Failure::RateLimited => Some("Please wait a minute, then press Try again."),
+            _ => None,
+        };
+        if let Some(next) = next {
+            page.next_step = Some(next.to_owned());
+        }
+        page.try_again = Some(href);
+    }
+
     /// The failure an `error` the provider sent back to the callback stands for (RFC 6749
     /// §4.1.2.1, the values TikTok documents, providers.md §2.2).
     fn of_callback_error(error: &str) -> Self {
@@ -653,7 +673,7 @@ pub async fn show_refusal(
                 page.attempt = Some(crate::service::attempts::reference(&flow.id));
                 page.sandbox = sandbox_of(&state, platform);
                 if f.retryable() {
-                    page.try_again = landing_href(&state, &flow.link_id, flow.created_at).await;
+                    f.offer_try_again(&mut page, landing_href(&state, &flow.link_id, flow.created_at).await);
                 }
                 // Branded as the link's pages were, so that the client is not left wondering
                 // whose page this is halfway through.
@@ -1175,7 +1195,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     let outcome = flow.outcome.as_deref().unwrap_or_default();
     if let Some(f) = Failure::from_code(outcome) {
         let mut page = f.page(platform.display_name(), flow.detail.as_deref());
-        page.try_again = landing.filter(|_| f.retryable());
+        f.offer_try_again(&mut page, landing);
         page.attempt = Some(crate::service::attempts::reference(&flow.id));
         page.sandbox = sandbox_of(state, platform);
         if let Some(w) = &workspace {

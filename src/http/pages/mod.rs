@@ -325,8 +325,13 @@ struct LandingPage<'a> {
     monogram: String,
     /// The path of the workspace's logo copy, shown instead of the monogram.
     logo: Option<String>,
+    /// The page's heading, also its title.
+    heading: String,
     platforms: Vec<PlatformOption>,
     any_sandbox: bool,
+    /// Broken accounts this page can reconnect: listed first, each with its button.
+    attention: Vec<ConnectedAccount>,
+    /// The other accounts connected through the link.
     connections: Vec<ConnectedAccount>,
     /// The link is used up: it only reconnects the accounts it connected.
     repair_only: bool,
@@ -376,6 +381,8 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
             c.status_text = "Needs reconnecting, through a link that offers it";
         }
     }
+    // Those a client came back to repair come first, above the platforms.
+    let (attention, connections) = connections.into_iter().partition(|c| c.needs_reconnect);
     let brand = Brand::from(&link);
     if platforms.is_empty() {
         // Every platform the link offers is switched off on this instance: nothing to press.
@@ -389,8 +396,15 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
     }
     // The page sets the browser-binding cookie its forms are bound to.
     let (browser, cookie) = connect::browser_cookie(&state, &headers);
+    let heading = match (repair_only, platforms.as_slice()) {
+        (false, [only]) => format!("Connect your {} account", only.name),
+        (false, _) => "Connect your accounts".to_owned(),
+        (true, [only]) => format!("Reconnect your {} account", only.name),
+        (true, _) => "Reconnect your accounts".to_owned(),
+    };
     let page = LandingPage {
         token: &token,
+        heading,
         form: connect::form_token(&browser),
         label: &link.label,
         workspace_name: brand.name,
@@ -400,6 +414,7 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         logo: brand.logo_path(),
         any_sandbox: platforms.iter().any(|p| p.sandbox),
         platforms,
+        attention,
         connections,
         repair_only,
     };
