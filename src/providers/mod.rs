@@ -134,7 +134,8 @@ impl ProviderError {
 pub struct AuthorizeRequest<'a> {
     /// The OAuth `state`.
     pub state: &'a str,
-    /// The PKCE code verifier (the adapter derives the challenge in the provider's encoding).
+    /// The PKCE code verifier (the adapter derives the challenge in the provider's encoding);
+    /// empty for a provider without PKCE ([`Provider::uses_pkce`]).
     pub code_verifier: &'a str,
     /// The exact callback URI registered with the provider.
     pub redirect_uri: &'a str,
@@ -156,6 +157,15 @@ impl Provider {
         match self {
             Provider::Tiktok(_) => Platform::Tiktok,
             Provider::Instagram(_) => Platform::Instagram,
+        }
+    }
+
+    /// Whether the provider's flow takes a PKCE verifier: TikTok's does; Instagram Login has no
+    /// PKCE (providers.md §1), so no verifier is made or kept for its attempts.
+    pub fn uses_pkce(&self) -> bool {
+        match self {
+            Provider::Tiktok(_) => true,
+            Provider::Instagram(_) => false,
         }
     }
 

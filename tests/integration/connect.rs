@@ -458,6 +458,12 @@ async fn consent_denied(app: TestApp) {
         let flow =
             start_and_consent(&app.client, &app, &url, provider, &account(provider, 0), "deny", None).await;
         assert!(flow.callback.contains("error=access_denied"));
+        // A PKCE verifier is kept for TikTok's attempt only: Instagram Login has no PKCE.
+        let sql = format!(
+            "SELECT CAST(COUNT(*) AS TEXT) FROM {{schema}}.oauth_flows \
+             WHERE provider = '{provider}' AND outcome IS NULL AND verifier_sealed <> ''"
+        );
+        assert_eq!(app.text(&sql).await, if provider == "tiktok" { "1" } else { "0" });
         let page = finish(&app.client, &app, &flow.callback).await;
         assert_eq!(page.status(), 403);
         let html = page.text().await.unwrap();

@@ -224,13 +224,17 @@ pub async fn start_connect(
 
     let (browser_value, cookie) = browser_cookie(&state, &headers);
     let oauth_state = crypto::random_token();
-    let verifier = pkce::new_verifier();
+    // No verifier for a provider without PKCE: none is made, and the attempt keeps none (an
+    // empty sealed value is an erased one).
+    let verifier = if provider.uses_pkce() { pkce::new_verifier() } else { String::new() };
     let now = state.now_ms();
     let id = new_id();
     let flow = FlowRow {
-        verifier_sealed: state
-            .keys
-            .seal_str(&verifier, Aad::new(&workspace.id, "oauth_flows", &id, "verifier")),
+        verifier_sealed: if verifier.is_empty() {
+            String::new()
+        } else {
+            state.keys.seal_str(&verifier, Aad::new(&workspace.id, "oauth_flows", &id, "verifier"))
+        },
         id,
         state_hash: crypto::sha256_hex(oauth_state.as_bytes()),
         browser_hash: crypto::sha256_hex(browser_value.as_bytes()),
@@ -1014,10 +1018,17 @@ async fn complete_flow(
     let Some(provider) = state.providers.get(platform) else {
         return Err(FlowError::Failed(Failure::ProviderError, None));
     };
-    let verifier = state
-        .keys
-        .open_str(&flow.verifier_sealed, Aad::new(&flow.workspace_id, "oauth_flows", &flow.id, "verifier"))
-        .map_err(crate::service::ServiceError::from)?;
+    let verifier = if provider.uses_pkce() {
+        state
+            .keys
+            .open_str(
+                &flow.verifier_sealed,
+                Aad::new(&flow.workspace_id, "oauth_flows", &flow.id, "verifier"),
+            )
+            .map_err(crate::service::ServiceError::from)?
+    } else {
+        secrecy::SecretString::from(String::new())
+    };
     let redirect = redirect_uri(state, platform);
     let call = std::time::Instant::now();
     let tokens = tokio::time::timeout_at(
