@@ -33,6 +33,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         avatars_on_private_addresses_are_not_fetched,
         sandbox_on_postgres_is_warned_about,
         sandbox_by_default_on_https_is_warned_about,
+        worker_warns_of_a_sandbox_on_https_too,
     ];
     list.push((
         "first_connection_racing_another_becomes_a_reconnect",
@@ -426,6 +427,60 @@ async fn sandbox_on_postgres_is_warned_about(app: TestApp) {
             assert!(!app.log_text().contains(warning), "{}", app.log_text());
         }
     }
+}
+
+/// `authlink worker` says it too at start (it refreshes the simulated provider's tokens), and
+/// not when the simulator is meant.
+async fn worker_warns_of_a_sandbox_on_https_too(app: TestApp) {
+    let https =
+        [("AUTHLINK_PUBLIC_URL", "https://links.example.com"), ("AUTHLINK_SANDBOX__CONTROL_API", "false")];
+    let log = worker_start_log(&app, &https);
+    for provider in ["tiktok", "instagram"] {
+        assert!(log.contains(&format!("{provider} runs in sandbox mode on a public https address")), "{log}");
+    }
+    let mut meant = https.to_vec();
+    meant.extend([
+        ("AUTHLINK_PROVIDERS__TIKTOK__SANDBOX", "true"),
+        ("AUTHLINK_PROVIDERS__INSTAGRAM__SANDBOX", "true"),
+    ]);
+    let log = worker_start_log(&app, &meant);
+    assert!(!log.contains("on a public https address"), "{log}");
+}
+
+/// What `authlink worker` logs (at `info`) up to the line that says it runs; then it is stopped.
+fn worker_start_log(app: &TestApp, extra: &[(&str, &str)]) -> String {
+    use std::io::BufRead;
+    let mut cmd = std::process::Command::new(crate::helpers::binary());
+    cmd.arg("worker")
+        .current_dir(app.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    crate::helpers::clear_authlink_env(&mut cmd);
+    cmd.envs(app.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    cmd.env("AUTHLINK_LOG", "info");
+    cmd.envs(extra.iter().copied());
+    let mut worker = cmd.spawn().unwrap();
+    let stderr = worker.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut seen = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("authlink worker running") {
+                break;
+            }
+        }
+        let _ = tx.send(seen);
+    });
+    let seen = rx.recv_timeout(std::time::Duration::from_secs(60));
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let _ = reader.join();
+    let seen = seen.expect("the worker said it runs within 60 s");
+    assert!(seen.contains("authlink worker running"), "the worker stopped before it ran: {seen}");
+    seen
 }
 
 /// A provider simulated on a public https address for want of credentials is said at start
