@@ -278,6 +278,7 @@ async function run() {
     await dash.waitForURL(/\/app\/w\/acme-social\/links\/[0-9a-f-]{36}\?notice=link_created$/);
     await expectText(dash, 'Link created.');
     const linkUrl = await dash.locator('#link-url').inputValue();
+    const linkId = new URL(dash.url()).pathname.split('/').pop();
     assert.match(linkUrl, new RegExp(`^${base}/l/[A-Za-z0-9_-]{43}$`));
     const qrWidth = await dash.locator('.qr img').evaluate((img) => img.complete && img.naturalWidth);
     assert.ok(qrWidth > 0, 'the QR code image loads');
@@ -376,6 +377,16 @@ async function run() {
     assert.equal(await dash.locator('#repair-url').count(), 0, 'no repair link once repaired');
     await shot(dash, 'connection-repaired');
     log('repaired through the same link');
+
+    // 7b. Limited to the uses it has had, the link only repairs: its page says Reconnect.
+    cli(base, ['link', 'update', linkId, '--max-uses', '1']);
+    await phone.goto(linkUrl);
+    await expectText(phone, 'Reconnect your TikTok account');
+    await phone.getByRole('button', { name: 'Reconnect a TikTok account' }).waitFor();
+    assert.equal(await phone.getByRole('button', { name: 'Connect TikTok', exact: true }).count(), 0, 'no new connection offered');
+    await shot(phone, 'client-landing-used-up');
+    cli(base, ['link', 'update', linkId, '--no-max-uses']);
+    log('a used-up link offers only to reconnect');
 
     // 8. Branding: the live preview follows the form, through the script (no inline styles);
     // the logo, once saved, is authlink's copy on the client's page.
