@@ -812,6 +812,10 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
         landing.contains(">Reconnect a TikTok account<") && !landing.contains(">Connect TikTok<"),
         "{landing}"
     );
+    // The accounts it can reconnect are listed before the buttons that reconnect them.
+    let (listed, offered) =
+        (landing.find("Already connected through this link"), landing.find(">Reconnect a TikTok"));
+    assert!(matches!((listed, offered), (Some(l), Some(o)) if l < o), "{landing}");
     // A new account: refused once the account is known, nothing stored.
     let flow =
         start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 1), "allow", None).await;
