@@ -23,7 +23,8 @@ pub struct FlowRow {
     pub workspace_id: String,
     /// `tiktok` or `instagram`.
     pub provider: String,
-    /// The PKCE verifier, sealed for `oauth_flows/<id>/verifier`.
+    /// The PKCE verifier, sealed for `oauth_flows/<id>/verifier`; empty for a provider without
+    /// PKCE, and once erased (the attempt ended).
     pub verifier_sealed: String,
     /// Start (ms).
     pub created_at: i64,

@@ -88,6 +88,7 @@ impl TikTok {
     /// The authorization URL (§2.1): `client_key`, comma-joined `scope`, `redirect_uri`, `state`,
     /// `response_type=code` and the hex S256 challenge. The trailing slash of the path is kept.
     pub fn authorize_url(&self, req: &AuthorizeRequest<'_>) -> Url {
+        debug_assert!(!req.code_verifier.is_empty(), "TikTok's flow always takes a PKCE verifier");
         let mut url = self.authorize_url.clone();
         url.query_pairs_mut()
             .append_pair("client_key", &self.client_key)

@@ -508,7 +508,8 @@ async fn sandbox_by_default_on_https_is_warned_about(app: TestApp) {
 
 async fn consent_denied(app: TestApp) {
     let wid = app.workspace("Deny");
-    let (_, url) = app.link(&wid, "Client");
+    let (link_id, url) = app.link(&wid, "Client");
+    let mut result_page = String::new();
     for provider in ["tiktok", "instagram"] {
         let flow =
             start_and_consent(&app.client, &app, &url, provider, &account(provider, 0), "deny", None).await;
@@ -521,6 +522,7 @@ async fn consent_denied(app: TestApp) {
         assert_eq!(app.text(&sql).await, if provider == "tiktok" { "1" } else { "0" });
         let page = finish(&app.client, &app, &flow.callback).await;
         assert_eq!(page.status(), 403);
+        result_page = page.url().to_string();
         let html = page.text().await.unwrap();
         assert!(html.contains("Connection cancelled"), "{html}");
         let name = if provider == "tiktok" { "TikTok" } else { "Instagram" };
@@ -534,7 +536,8 @@ async fn consent_denied(app: TestApp) {
         );
         // Its next step points at that button, not at the message the link came in.
         assert!(
-            html.contains("press Try again and choose Allow") && !html.contains("link you were sent"),
+            html.contains(&format!("press Try again, choose {name}, then choose Allow"))
+                && !html.contains("link you were sent"),
             "{html}"
         );
         assert_eq!(app.sandbox_stats(provider).await["token_calls"], 0);
@@ -546,6 +549,15 @@ async fn consent_denied(app: TestApp) {
     assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 403);
     assert_nothing_connected(&app).await;
     assert_ended_attempts_keep_no_verifier(&app, 3).await;
+    // Once the link is revoked, an attempt's page no longer leads back to it (its page would
+    // only say that it no longer works), nor speaks of a button it does not show.
+    let key = app.workspace_key(&wid);
+    app.api_post(&format!("/links/{link_id}/revoke"), &key, json!({}), 200).await;
+    let page = app.client.get(&result_page).send().await.unwrap();
+    assert_eq!(page.status(), 403);
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Connection cancelled") && !html.contains("href=\"/l/"), "{html}");
+    assert!(!html.contains("Try again"), "{html}");
 }
 
 /// The callback's `error_description` and `error_reason` come from the address bar: with plain
@@ -632,7 +644,7 @@ async fn state_failures_make_no_token_call(app: TestApp) {
     assert_eq!(res.status(), 400);
     let html = res.text().await.unwrap();
     assert!(html.contains("ten minutes") && html.contains(&try_again), "{html}");
-    assert!(html.contains("Press Try again to start a new attempt."), "{html}");
+    assert!(html.contains("Press Try again, then choose TikTok once more."), "{html}");
     // In the attempt's own browser, branded as the link's pages are.
     assert!(html.contains("<p class=\"eyebrow\">States</p>") && html.contains("/brand/"), "{html}");
     assert_eq!(app.sandbox_stats("tiktok").await["token_calls"], 0);
@@ -807,7 +819,9 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
     let landing = landing.text().await.unwrap();
     assert!(landing.contains("It can still reconnect those accounts"), "{landing}");
     // It says what it can still do: reconnect, not connect.
-    assert!(landing.contains("<h1>Reconnect your accounts</h1>"), "{landing}");
+    assert!(landing.contains("<h1>Reconnect your TikTok account</h1>"), "{landing}");
+    // Only the platforms of its own accounts: the link offers Instagram too, where it has none.
+    assert!(!landing.contains("/connect/instagram"), "{landing}");
     assert!(
         landing.contains(">Reconnect a TikTok account<") && !landing.contains(">Connect TikTok<"),
         "{landing}"
@@ -832,11 +846,14 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
     app.advance_clock(86_400).await;
     app.api_get(&format!("/connections/{id}/access-token"), &key, 409).await;
     assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "broken");
-    // Its page now leads with that account, and the platforms come under "another".
+    // Its page now leads with that account and its button, and offers no other platform.
     let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
-    let (repair, others) =
-        (landing.find("This account needs reconnecting"), landing.find(">Reconnect another account<"));
-    assert!(matches!((repair, others), (Some(r), Some(o)) if r < o), "{landing}");
+    assert!(landing.contains("This account needs reconnecting"), "{landing}");
+    assert!(
+        !landing.contains("Reconnect another account") && !landing.contains("Reconnect a TikTok"),
+        "{landing}"
+    );
+    assert!(!landing.contains("/connect/instagram"), "{landing}");
     let html = connect(&app.client, &app, &url, "tiktok", &account("tiktok", 0)).await;
     assert!(html.contains("is reconnected"), "{html}");
     let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;

@@ -393,19 +393,23 @@ impl Failure {
     /// Offers "Try again" to `landing` (the link's page) on `page`, when trying again can help
     /// and the page is there: its next step then points at the button instead of at "the link
     /// you were sent".
-    fn offer_try_again(self, page: &mut MessagePage, landing: Option<String>) {
+    fn offer_try_again(self, page: &mut MessagePage, platform: &str, landing: Option<String>) {
         let Some(href) = landing.filter(|_| self.retryable()) else { return };
         let next = match self {
             Failure::StateExpired | Failure::StateReused | Failure::WrongProvider => {
-                Some("Press Try again to start a new attempt.")
+                Some(format!("Press Try again, then choose {platform} once more."))
             }
-            Failure::Denied => Some("If this was a mistake, press Try again and choose Allow."),
-            Failure::ScopesMissing => Some("Press Try again and leave the permissions switched on."),
-            Failure::RateLimited => Some("Please wait a minute, then press Try again."),
+            Failure::Denied => {
+                Some(format!("If this was a mistake, press Try again, choose {platform}, then choose Allow."))
+            }
+            Failure::ScopesMissing => {
+                Some(format!("Press Try again, choose {platform}, and leave the permissions switched on."))
+            }
+            Failure::RateLimited => Some("Please wait a minute, then press Try again.".to_owned()),
             _ => None,
         };
         if let Some(next) = next {
-            page.next_step = Some(next.to_owned());
+            page.next_step = Some(next);
         }
         page.try_again = Some(href);
     }
@@ -467,7 +471,7 @@ impl Failure {
             Failure::StateMissing | Failure::StateUnknown => (
                 "We could not finish this connection",
                 format!("We could not match the answer from {platform} to a connection started in this browser. Nothing was connected."),
-                format!("Open the link you were sent again and press Connect {platform}."),
+                format!("Open the link you were sent again and choose {platform}."),
             ),
             Failure::StateExpired => (
                 "This attempt took too long",
@@ -482,7 +486,7 @@ impl Failure {
             Failure::OtherBrowser => (
                 "Please finish in the same browser",
                 "This connection was started in another browser or app. For your safety it must be finished in the browser where it started.".to_string(),
-                format!("Copy the link from the message you were sent, paste it into the address bar of this browser, and press Connect {platform} again. If your messaging app opens links inside itself, choose its \"Open in browser\" option first."),
+                format!("Copy the link from the message you were sent, paste it into the address bar of this browser, and choose {platform} again. If your messaging app opens links inside itself, choose its \"Open in browser\" option first."),
             ),
             Failure::WrongProvider => (
                 "Something interrupted this connection",
@@ -677,7 +681,8 @@ pub async fn show_refusal(
                 page.attempt = Some(crate::service::attempts::reference(&flow.id));
                 page.sandbox = sandbox_of(&state, platform);
                 if f.retryable() {
-                    f.offer_try_again(&mut page, landing_href(&state, &flow.link_id, flow.created_at).await);
+                    let landing = landing_href(&state, &flow.link_id, flow.created_at).await;
+                    f.offer_try_again(&mut page, platform.display_name(), landing);
                 }
                 // Branded as the link's pages were, so that the client is not left wondering
                 // whose page this is halfway through.
@@ -1120,9 +1125,11 @@ async fn landing_href(state: &AppState, link_id: &str, started: i64) -> Option<S
 
 /// The landing page of `link`, whose token is unsealed for it, on the pages of a flow started
 /// at `started`: none once the link was rotated since, so that whoever held the old URL (a
-/// leaked one, the reason to rotate) cannot learn the new one from an old flow's pages.
+/// leaked one, the reason to rotate) cannot learn the new one from an old flow's pages; none
+/// either once the link is revoked or expired, whose page would only say so.
 fn landing_href_of(state: &AppState, link: &LinkRow, started: i64) -> Option<String> {
-    if rotated_since(link, started) {
+    let open = matches!(LinkStatus::of(link, state.now_ms()), LinkStatus::Active | LinkStatus::UsedUp);
+    if !open || rotated_since(link, started) {
         return None;
     }
     let token = state
@@ -1206,7 +1213,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     let outcome = flow.outcome.as_deref().unwrap_or_default();
     if let Some(f) = Failure::from_code(outcome) {
         let mut page = f.page(platform.display_name(), flow.detail.as_deref());
-        f.offer_try_again(&mut page, landing);
+        f.offer_try_again(&mut page, platform.display_name(), landing);
         page.attempt = Some(crate::service::attempts::reference(&flow.id));
         page.sandbox = sandbox_of(state, platform);
         if let Some(w) = &workspace {
@@ -1293,8 +1300,11 @@ fn unfinished_page(
             "We could not finish this connection",
             format!("This attempt to connect your {name} account did not finish. Nothing was connected."),
         )
-        .next("Press Try again to start over.");
+        .next("Start again from the link you were sent.");
         page.try_again = link.and_then(|l| landing_href_of(state, l, flow.created_at));
+        if page.try_again.is_some() {
+            page.next_step = Some(format!("Press Try again, then choose {name} once more."));
+        }
         page
     };
     page.attempt = Some(crate::service::attempts::reference(&flow.id));

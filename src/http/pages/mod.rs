@@ -327,6 +327,8 @@ struct LandingPage<'a> {
     logo: Option<String>,
     /// The page's heading, also its title.
     heading: String,
+    /// The level of the platforms' headings: under a heading of their own on a used-up link's page.
+    card_heading: &'static str,
     platforms: Vec<PlatformOption>,
     any_sandbox: bool,
     /// Broken accounts this page can reconnect: listed first, each with its button.
@@ -353,7 +355,7 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         Ok(None) => return link_not_found(),
         Err(e) => return service_error_page(e),
     };
-    let platforms: Vec<PlatformOption> = domain::platforms_from_db(&link.platforms)
+    let mut platforms: Vec<PlatformOption> = domain::platforms_from_db(&link.platforms)
         .into_iter()
         .filter_map(|p| state.providers.get(p).map(|provider| (p, provider)))
         .map(|(p, provider)| PlatformOption {
@@ -382,7 +384,8 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         }
     }
     // Those a client came back to repair come first, above the platforms.
-    let (attention, connections) = connections.into_iter().partition(|c| c.needs_reconnect);
+    let (attention, connections): (Vec<ConnectedAccount>, Vec<ConnectedAccount>) =
+        connections.into_iter().partition(|c| c.needs_reconnect);
     let brand = Brand::from(&link);
     if platforms.is_empty() {
         // Every platform the link offers is switched off on this instance: nothing to press.
@@ -394,17 +397,31 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         .branded(brand);
         return render(StatusCode::SERVICE_UNAVAILABLE, &page);
     }
+    let any_sandbox = platforms.iter().any(|p| p.sandbox);
+    let listed = link.hide_connections == 0;
+    let heading = if repair_only {
+        // A used-up link reconnects only its own accounts: where the page lists them, it offers
+        // the platforms of those it can reconnect (not those the agency removed), and no other.
+        if listed {
+            platforms.retain(|p| {
+                connections
+                    .iter()
+                    .any(|c: &ConnectedAccount| c.platform_id == p.id && c.status_class != "disconnected")
+            });
+        }
+        repair_heading(listed, &platforms, &attention, &connections)
+    } else {
+        match platforms.as_slice() {
+            [only] => format!("Connect your {} account", only.name),
+            _ => "Connect your accounts".to_owned(),
+        }
+    };
     // The page sets the browser-binding cookie its forms are bound to.
     let (browser, cookie) = connect::browser_cookie(&state, &headers);
-    let heading = match (repair_only, platforms.as_slice()) {
-        (false, [only]) => format!("Connect your {} account", only.name),
-        (false, _) => "Connect your accounts".to_owned(),
-        (true, [only]) => format!("Reconnect your {} account", only.name),
-        (true, _) => "Reconnect your accounts".to_owned(),
-    };
     let page = LandingPage {
         token: &token,
         heading,
+        card_heading: if repair_only { "h3" } else { "h2" },
         form: connect::form_token(&browser),
         label: &link.label,
         workspace_name: brand.name,
@@ -412,7 +429,7 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         brand_version: brand.version,
         monogram: monogram(brand.name),
         logo: brand.logo_path(),
-        any_sandbox: platforms.iter().any(|p| p.sandbox),
+        any_sandbox,
         platforms,
         attention,
         connections,
@@ -421,6 +438,33 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
     let mut res = render(StatusCode::OK, &page);
     res.headers_mut().insert(header::SET_COOKIE, cookie);
     res
+}
+
+/// The heading of a used-up link's page: the accounts it can reconnect, by platform where the
+/// page lists them (`attention` and the reconnectable ones among `others`), else the platforms
+/// it offers.
+fn repair_heading(
+    listed: bool,
+    platforms: &[PlatformOption],
+    attention: &[ConnectedAccount],
+    others: &[ConnectedAccount],
+) -> String {
+    let mut names: Vec<&str> = if listed {
+        let reconnectable = others
+            .iter()
+            .filter(|c| c.status_class != "disconnected" && platforms.iter().any(|p| p.id == c.platform_id));
+        attention.iter().chain(reconnectable).map(|c| c.platform).collect()
+    } else {
+        platforms.iter().map(|p| p.name).collect()
+    };
+    let accounts = names.len();
+    names.sort_unstable();
+    names.dedup();
+    match names.as_slice() {
+        [one] if listed && accounts > 1 => format!("Reconnect your {one} accounts"),
+        [one] => format!("Reconnect your {one} account"),
+        _ => "Reconnect your accounts".to_owned(),
+    }
 }
 
 /// `GET /brand/{workspace_id}.css`: the workspace's accent colour as a stylesheet, so that pages
@@ -517,6 +561,41 @@ mod tests {
         assert_eq!(contrast_text("#000000"), "#ffffff");
         assert_eq!(contrast_text("#4f46e5"), "#ffffff");
         assert_eq!(contrast_text("#ffd400"), "#000000");
+    }
+
+    #[test]
+    fn a_used_up_links_heading_names_what_it_can_reconnect() {
+        let platform = |id: &'static str, name: &'static str| PlatformOption {
+            id,
+            name,
+            grants: Vec::new(),
+            sandbox: false,
+        };
+        let account = |platform_id: &'static str, platform: &'static str, status_class: &'static str| {
+            ConnectedAccount {
+                platform,
+                platform_id,
+                handle: "@a".into(),
+                status_class,
+                status_text: "",
+                needs_reconnect: status_class == "broken",
+                sandbox: false,
+            }
+        };
+        let tiktok = [platform("tiktok", "TikTok")];
+        let both = [platform("tiktok", "TikTok"), platform("instagram", "Instagram")];
+        let broken = [account("tiktok", "TikTok", "broken")];
+        let active = [account("tiktok", "TikTok", "active")];
+        let removed = [account("instagram", "Instagram", "disconnected")];
+        let instagram = [account("instagram", "Instagram", "active")];
+        assert_eq!(repair_heading(true, &tiktok, &broken, &[]), "Reconnect your TikTok account");
+        assert_eq!(repair_heading(true, &tiktok, &broken, &active), "Reconnect your TikTok accounts");
+        // An account the agency removed is not one to reconnect.
+        assert_eq!(repair_heading(true, &both, &broken, &removed), "Reconnect your TikTok account");
+        assert_eq!(repair_heading(true, &both, &broken, &instagram), "Reconnect your accounts");
+        // Not listed: by the platforms offered.
+        assert_eq!(repair_heading(false, &tiktok, &[], &[]), "Reconnect your TikTok account");
+        assert_eq!(repair_heading(false, &both, &[], &[]), "Reconnect your accounts");
     }
 
     #[test]
