@@ -21,6 +21,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         link_rotated_between_start_and_callback,
         link_used_up_while_at_the_provider,
         used_up_link_repairs_its_own_accounts_only,
+        accounts_to_repair_lead_the_links_page,
         provider_failures,
         provider_calls_end_before_the_request_timeout,
         fewer_scopes_than_required,
@@ -867,6 +868,55 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
     // Revoked, the link repairs nothing.
     app.api_post(&format!("/links/{link_id}/revoke"), &key, json!({}), 200).await;
     assert_eq!(app.client.get(&url).send().await.unwrap().status(), 410);
+}
+
+/// Two broken accounts of a link, and one that works: the page leads with the two, each with its
+/// own Reconnect button, and lists the working one after the platforms.
+async fn accounts_to_repair_lead_the_links_page(app: TestApp) {
+    let wid = app.workspace("Repairs");
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    for i in 0..3 {
+        connect(&app.client, &app, &url, "tiktok", &account("tiktok", i)).await;
+    }
+    let listed = app.api_get("/connections", &key, 200).await;
+    let ids: Vec<String> =
+        listed["data"].as_array().unwrap().iter().map(|c| c["id"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ids.len(), 3, "{listed}");
+    // Two of them break: their refresh tokens are refused (scripted before the clock moves: the
+    // background refresh, due then, may meet the refusals first). The third refreshes.
+    let refused = json!({"endpoint": "refresh", "kind": "invalid_grant"});
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [refused, refused]})).await;
+    app.advance_clock(86_400).await;
+    let mut broken = 0;
+    for id in &ids {
+        let res = app
+            .api(reqwest::Method::GET, &format!("/connections/{id}/access-token"), &key)
+            .send()
+            .await
+            .unwrap();
+        if res.status() == 409 {
+            broken += 1;
+        }
+    }
+    assert_eq!(broken, 2);
+    let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(
+        landing.contains("These accounts need reconnecting") && landing.contains("They have stopped"),
+        "{landing}"
+    );
+    assert_eq!(landing.matches(">Reconnect<span").count(), 2, "{landing}");
+    let (repairs, platforms, others) = (
+        landing.find("These accounts need reconnecting"),
+        landing.find(">Connect TikTok<"),
+        landing.find("Also connected through this link"),
+    );
+    assert!(
+        matches!((repairs, platforms, others), (Some(r), Some(p), Some(o)) if r < p && p < o),
+        "{landing}"
+    );
+    assert_eq!(landing.matches("Needs reconnecting").count(), 2, "{landing}");
+    assert_eq!(landing.matches(">Connected<").count(), 1, "{landing}");
 }
 
 async fn provider_failures(app: TestApp) {
