@@ -1638,16 +1638,19 @@ async fn control_api_is_absent_unless_enabled() {
 async fn held_calls_wait_for_their_release_and_are_counted_while_they_wait() {
     let h = start().await;
     let held = || h.sandbox.stats(Platform::Tiktok).held;
+    let until_held = async || {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while held() == 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the call is held");
+    };
     let limit = Duration::from_secs(60);
     let sandbox = Arc::clone(&h.sandbox);
     let call = tokio::spawn(async move { sandbox.hold(Platform::Tiktok, limit).await });
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while held() == 0 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the call is held");
+    until_held().await;
     assert_eq!(h.sandbox.stats(Platform::Instagram).held, 0, "another provider's calls are its own");
     assert_eq!(h.sandbox.release(Platform::Tiktok), 1);
     tokio::time::timeout(Duration::from_secs(10), call).await.expect("released").unwrap();
@@ -1655,13 +1658,7 @@ async fn held_calls_wait_for_their_release_and_are_counted_while_they_wait() {
     // A caller that stops waiting is not counted any more.
     let sandbox = Arc::clone(&h.sandbox);
     let gone = tokio::spawn(async move { sandbox.hold(Platform::Tiktok, limit).await });
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while held() == 0 {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the call is held");
+    until_held().await;
     gone.abort();
     let _ = gone.await;
     assert_eq!(held(), 0);

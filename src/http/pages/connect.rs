@@ -226,15 +226,13 @@ pub async fn start_connect(
     let oauth_state = crypto::random_token();
     // No verifier for a provider without PKCE: none is made, and the attempt keeps none (an
     // empty sealed value is an erased one).
-    let verifier = if provider.uses_pkce() { pkce::new_verifier() } else { String::new() };
+    let verifier = provider.uses_pkce().then(pkce::new_verifier);
     let now = state.now_ms();
     let id = new_id();
     let flow = FlowRow {
-        verifier_sealed: if verifier.is_empty() {
-            String::new()
-        } else {
-            state.keys.seal_str(&verifier, Aad::new(&workspace.id, "oauth_flows", &id, "verifier"))
-        },
+        verifier_sealed: verifier.as_deref().map_or_else(String::new, |v| {
+            state.keys.seal_str(v, Aad::new(&workspace.id, "oauth_flows", &id, "verifier"))
+        }),
         id,
         state_hash: crypto::sha256_hex(oauth_state.as_bytes()),
         browser_hash: crypto::sha256_hex(browser_value.as_bytes()),
@@ -256,7 +254,7 @@ pub async fn start_connect(
     let redirect_uri = redirect_uri(&state, platform);
     let url = provider.authorize_url(&AuthorizeRequest {
         state: &oauth_state,
-        code_verifier: &verifier,
+        code_verifier: verifier.as_deref().unwrap_or_default(),
         redirect_uri: &redirect_uri,
     });
     tracing::info!(%flow_id, link_id = %link.id, provider = %platform, "connect flow started");

@@ -312,6 +312,13 @@ pub struct ConnectedAccount {
     pub sandbox: bool,
 }
 
+impl ConnectedAccount {
+    /// Removed by the agency: not one for a used-up link to reconnect.
+    fn removed(&self) -> bool {
+        self.status_class == "disconnected"
+    }
+}
+
 #[derive(Template)]
 #[template(path = "client/landing.html")]
 struct LandingPage<'a> {
@@ -404,9 +411,7 @@ async fn show_link(State(state): State<AppState>, Path(token): Path<String>, hea
         // the platforms of those it can reconnect (not those the agency removed), and no other.
         if listed {
             platforms.retain(|p| {
-                connections
-                    .iter()
-                    .any(|c: &ConnectedAccount| c.platform_id == p.id && c.status_class != "disconnected")
+                connections.iter().any(|c: &ConnectedAccount| c.platform_id == p.id && !c.removed())
             });
         }
         repair_heading(listed, &platforms, &attention, &connections)
@@ -450,9 +455,8 @@ fn repair_heading(
     others: &[ConnectedAccount],
 ) -> String {
     let mut names: Vec<&str> = if listed {
-        let reconnectable = others
-            .iter()
-            .filter(|c| c.status_class != "disconnected" && platforms.iter().any(|p| p.id == c.platform_id));
+        let reconnectable =
+            others.iter().filter(|c| !c.removed() && platforms.iter().any(|p| p.id == c.platform_id));
         attention.iter().chain(reconnectable).map(|c| c.platform).collect()
     } else {
         platforms.iter().map(|p| p.name).collect()
