@@ -1011,4 +1011,129 @@ mod tests {
         drop(conn);
         db.close().await;
     }
+
+    /// A migrated database holding workspace `w` and an active TikTok connection `c` whose
+    /// refresh is due at 1,000 ms, no lease held.
+    async fn db_with_due_connection(dir: &tempfile::TempDir) -> crate::db::Db {
+        let db = crate::db::test_sqlite_migrated(dir).await;
+        let mut conn = db.writer().await.unwrap();
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, slug, created_at, updated_at) VALUES ('w', 'W', 'w', 1, 1)",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let row = ConnectionRow {
+            id: "c".into(),
+            workspace_id: "w".into(),
+            link_id: None,
+            provider: "tiktok".into(),
+            provider_account_id: "account".into(),
+            app_scoped_id: None,
+            username: None,
+            display_name: None,
+            avatar_url: None,
+            scopes: "user.info.basic".into(),
+            access_token_sealed: Some("sealed".into()),
+            access_expires_at: Some(90_000),
+            refresh_token_sealed: Some("sealed".into()),
+            refresh_expires_at: Some(900_000),
+            token_generation: 1,
+            status: "active".into(),
+            status_reason: None,
+            sandbox: 1,
+            connected_at: 1,
+            last_refreshed_at: None,
+            reconnect_count: 0,
+            created_at: 1,
+            updated_at: 1,
+            next_refresh_at: Some(1_000),
+            lease_owner: None,
+            lease_until: None,
+            refresh_failures: 0,
+            next_check_at: None,
+            last_checked_at: None,
+            expiring_notified_at: None,
+        };
+        insert(&mut *conn, &row).await.unwrap();
+        drop(conn);
+        db
+    }
+
+    /// Who holds the lease of connection `c`, and until when.
+    async fn leased(conn: &mut AnyConnection) -> (Option<String>, Option<i64>) {
+        let (owner, until, _) = lease_state(conn, "c").await.unwrap().unwrap();
+        (owner, until)
+    }
+
+    /// The refresh lease as the scheduler, an on-demand refresh and a shutdown use it: a claim
+    /// keeps others out until it runs out; giving back a claim not started (at shutdown) frees
+    /// only that claim, not a lease the same process took again since for a refresh that is
+    /// running; and a lease is given back only by its holder.
+    #[tokio::test]
+    async fn a_claim_given_back_frees_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_due_connection(&dir).await;
+        let mut conn = db.writer().await.unwrap();
+        let sqlite = crate::db::Backend::Sqlite;
+
+        // Not due yet, and not of a provider this process serves: not claimed.
+        assert!(
+            claim_due_refreshes(&mut conn, sqlite, "a", 999, 60_999, 10, "tiktok").await.unwrap().is_empty()
+        );
+        assert!(
+            claim_due_refreshes(&mut conn, sqlite, "a", 1_000, 61_000, 10, "instagram")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Due: claimed by a, until 61,000.
+        assert_eq!(
+            claim_due_refreshes(&mut conn, sqlite, "a", 1_000, 61_000, 10, "tiktok,instagram").await.unwrap(),
+            ["c"]
+        );
+        assert_eq!(leased(&mut conn).await, (Some("a".to_string()), Some(61_000)));
+        // Held: b can neither claim it nor lease it.
+        assert!(
+            claim_due_refreshes(&mut conn, sqlite, "b", 2_000, 62_000, 10, "tiktok")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(!try_lease(&mut conn, "c", "b", 2_000, 62_000).await.unwrap());
+        // A refresh asked for in a meanwhile takes the lease again in a's name, until 63,000.
+        assert!(try_lease(&mut conn, "c", "a", 3_000, 63_000).await.unwrap());
+
+        // Shutting down, a gives back its claim of 61,000, which it never started: the lease of
+        // the running refresh stays, and so does anyone else's.
+        release_claim(&mut conn, "c", "a", 61_000).await.unwrap();
+        assert_eq!(leased(&mut conn).await, (Some("a".to_string()), Some(63_000)));
+        release_claim(&mut conn, "c", "b", 63_000).await.unwrap();
+        release_lease(&mut conn, "c", "b").await.unwrap();
+        assert_eq!(leased(&mut conn).await, (Some("a".to_string()), Some(63_000)));
+        // The claim it names is given back, and the connection is free for b at once.
+        release_claim(&mut conn, "c", "a", 63_000).await.unwrap();
+        assert_eq!(leased(&mut conn).await, (None, None));
+        assert_eq!(
+            claim_due_refreshes(&mut conn, sqlite, "b", 4_000, 64_000, 10, "tiktok").await.unwrap(),
+            ["c"]
+        );
+
+        // b's lease runs out, and a takes it over; b's late release leaves a's lease alone.
+        assert!(!try_lease(&mut conn, "c", "a", 64_000, 124_000).await.unwrap());
+        assert!(try_lease(&mut conn, "c", "a", 64_001, 124_001).await.unwrap());
+        release_lease(&mut conn, "c", "b").await.unwrap();
+        assert_eq!(leased(&mut conn).await, (Some("a".to_string()), Some(124_001)));
+        release_lease(&mut conn, "c", "a").await.unwrap();
+        assert_eq!(leased(&mut conn).await, (None, None));
+
+        // A connection that is not active is leased by nobody.
+        sqlx::query("UPDATE connections SET status = 'broken' WHERE id = 'c'")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        assert!(!try_lease(&mut conn, "c", "a", 130_000, 190_000).await.unwrap());
+        drop(conn);
+        db.close().await;
+    }
 }

@@ -359,8 +359,14 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
 /// and time to store its answer after it ([`STORE_MARGIN_MS`], or half of what the claim leaves
 /// beyond the call when claims are shorter).
 fn start_margin_ms(app: &App) -> i64 {
-    let call = i64::try_from(app.config.providers.timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
-    let lease = i64::try_from(app.config.jobs.lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+    start_margin(app.config.providers.timeout_secs, app.config.jobs.lease_secs)
+}
+
+/// [`start_margin_ms`] for a provider timeout and a lease length (seconds; the configuration
+/// keeps the lease longer than the timeout).
+fn start_margin(timeout_secs: u64, lease_secs: u64) -> i64 {
+    let call = i64::try_from(timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
+    let lease = i64::try_from(lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 4);
     call + STORE_MARGIN_MS.min((lease - call) / 2)
 }
 
@@ -1345,6 +1351,27 @@ pub(crate) fn has_lock_entry(id: &str) -> bool {
 mod tests {
     use super::ScopeChange;
     use crate::domain::Platform;
+
+    /// A claimed refresh starts only while its claim outlasts a whole provider call and the time
+    /// to store the answer: ten seconds, or half of what a short lease leaves beyond the call.
+    /// The configuration keeps the lease longer than the call, so a claim that is taken at once
+    /// is always long enough to start.
+    #[test]
+    fn a_refresh_starts_only_with_time_to_store_its_answer() {
+        // The defaults: a 10 s provider timeout and a 60 s lease.
+        assert_eq!(super::start_margin(10, 60), 20_000);
+        // A long lease keeps the ten seconds.
+        assert_eq!(super::start_margin(30, 600), 40_000);
+        // A short lease: half of what it leaves beyond the call.
+        assert_eq!(super::start_margin(10, 15), 12_500);
+        assert_eq!(super::start_margin(10, 11), 10_500);
+        for (timeout, lease) in [(1, 2), (10, 11), (10, 60), (60, 61), (120, 86_400)] {
+            let margin = super::start_margin(timeout, lease);
+            let (call, lease) =
+                (i64::try_from(timeout).unwrap() * 1000, i64::try_from(lease).unwrap() * 1000);
+            assert!(margin > call && margin < lease, "{timeout} s, {lease} ms: {margin}");
+        }
+    }
 
     fn v(s: &[&str]) -> Vec<String> {
         s.iter().map(|s| (*s).to_string()).collect()
