@@ -639,30 +639,29 @@ async fn disconnect_leased(
     if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
         return Ok(view(&row));
     }
-    let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
-    let mut revoked_note = "not revoked at the provider".to_string();
-    if let (Some(provider), Some(sealed)) = (app.providers.get(platform), row.access_token_sealed.as_deref())
-    {
-        let token = app.keys.open_str(sealed, access_aad(&row.workspace_id, &row.id))?;
-        match provider.revoke(&token).await {
-            Ok(true) => revoked_note = "revoked at the provider".into(),
-            Ok(false) => revoked_note = format!("{} offers no revocation", platform.display_name()),
-            Err(e) => {
-                tracing::warn!(connection_id = %row.id, error = %e, "revocation at the provider failed");
-                revoked_note = "revocation at the provider failed; the grant may still be listed in the account's settings".into();
-            }
-        }
-    }
+    let revoked_note = revoke_at_provider(app, &row).await?;
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     // The row as it stands now (locked): a refresh or reconnect by another process while the
     // provider was asked must not come back from the copy read before.
-    let mut row = db::connections::get_for_update(&mut tx, app.db.backend(), &row.id)
+    let current = db::connections::get_for_update(&mut tx, app.db.backend(), &row.id)
         .await?
         .ok_or(ServiceError::NotFound("connection"))?;
-    if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
-        return Ok(view(&row));
+    if ConnectionStatus::parse(&current.status) == ConnectionStatus::Disconnected {
+        return Ok(view(&current));
     }
+    // New tokens meanwhile (the client reconnected, or a process that held the lease past the
+    // wait refreshed): the grant revoked was not the one the connection holds now, and a
+    // reconnect the client just saw succeed is not undone unseen.
+    if current.token_generation != row.token_generation {
+        return Err(ServiceError::Conflict(
+            "the connection's tokens changed while it was being disconnected (the client reconnected, or \
+             a refresh finished); nothing was changed here: look at the connection, and disconnect it \
+             again if it should go"
+                .into(),
+        ));
+    }
+    let mut row = current;
     row.status = ConnectionStatus::Disconnected.as_str().into();
     row.status_reason = Some(format!("Disconnected by the agency ({revoked_note})."));
     row.access_token_sealed = None;
@@ -692,6 +691,55 @@ async fn disconnect_leased(
     super::webhooks::emit(&mut tx, app, now, &row.workspace_id, "connection.disconnected", data).await?;
     tx.commit().await?;
     Ok(view(&row))
+}
+
+/// Revokes a connection's grant at its provider before a disconnect, and says how it went, for
+/// the connection's status reason and the audit log. A provider that could not be reached (or a
+/// token sealed with a key this process does not hold) stops the disconnect, with nothing
+/// changed: the tokens erased by a disconnect are the only way to revoke the grant later. A
+/// grant that cannot be revoked for good (refused by the provider, tokens that no key opens, a
+/// provider not served here) does not: the agency's removal of the connection goes ahead, and
+/// the reason says the grant may still be listed in the account's settings.
+async fn revoke_at_provider(app: &App, row: &ConnectionRow) -> ServiceResult<String> {
+    let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
+    let name = platform.display_name();
+    let still_listed = "the grant may still be listed in the account's settings";
+    let Some(sealed) = row.access_token_sealed.as_deref() else {
+        return Ok("not revoked at the provider: the connection holds no token".into());
+    };
+    let Some(provider) = app.providers.get(platform) else {
+        return Ok(format!("not revoked: {name} is not enabled on this instance; {still_listed}"));
+    };
+    let token = match app.keys.open_str(sealed, access_aad(&row.workspace_id, &row.id)) {
+        Ok(token) => token,
+        Err(e @ crate::crypto::CryptoError::UnknownKey(_)) => {
+            tracing::error!(connection_id = %row.id, error = %e, "the stored tokens need a key this process does not hold");
+            return Err(ServiceError::Unavailable(format!(
+                "the stored tokens are {e}, needed to revoke the grant at {name}; nothing was changed: disconnect \
+                 it through a process started with that master key"
+            )));
+        }
+        Err(e) => {
+            tracing::error!(connection_id = %row.id, error = %e, "the stored tokens cannot be opened");
+            return Ok(format!("not revoked: the stored tokens cannot be opened; {still_listed}"));
+        }
+    };
+    match provider.revoke(&token).await {
+        Ok(true) => Ok("revoked at the provider".into()),
+        Ok(false) => Ok(format!("{name} offers no revocation")),
+        Err(e) if e.is_transient() => {
+            tracing::warn!(connection_id = %row.id, error = %e, "revocation at the provider failed for now");
+            Err(ServiceError::Unavailable(format!(
+                "{name} could not revoke the grant right now ({}); nothing was changed: disconnect it again in \
+                 a moment",
+                e.reason()
+            )))
+        }
+        Err(e) => {
+            tracing::warn!(connection_id = %row.id, error = %e, "revocation refused by the provider");
+            Ok(format!("revocation refused by {name} ({}); {still_listed}", e.reason()))
+        }
+    }
 }
 
 /// Tokens are refreshed first when they would expire within this many seconds.
@@ -731,9 +779,11 @@ pub async fn access_token(
         super::refresh::Outcome::Transient(reason) => {
             // The refresh ahead of expiry failed for now; a token that is still valid for a
             // while is still worth more to the caller than an error (the scheduler retries).
+            // Broken or disconnected meanwhile: 409, as for a connection found so at once.
             let current = get_row(app, scope, id).await?;
+            refuse_inactive(&current)?;
             let valid_for_ms = current.access_expires_at.map_or(0, |at| at - app.now_ms());
-            if current.status != ConnectionStatus::Active.as_str() || valid_for_ms < STILL_VALID_MS {
+            if valid_for_ms < STILL_VALID_MS {
                 return Err(ServiceError::Unavailable(format!(
                     "the token could not be refreshed right now: {reason}"
                 )));

@@ -28,6 +28,8 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         a_check_does_not_run_during_another_process_refresh,
         a_token_read_waits_for_another_process_refresh_within_the_request,
         a_disconnect_holds_the_refresh_lease_while_it_revokes,
+        a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked,
+        a_reconnect_during_a_disconnect_is_kept,
         an_inactive_connection_leaves_the_refresh_schedule,
         unreadable_tokens_break_the_connection,
         upgrade_to_the_refresh_schedule_keeps_schedules_and_leases,
@@ -639,6 +641,24 @@ async fn one_tiktok_connection(
     (app, restarted, key, id)
 }
 
+/// A workspace named `name` with a link, through which the first sandbox TikTok account is
+/// connected: the workspace's API key, the link's URL and the connection's id.
+async fn tiktok_connection_through_a_link(app: &TestApp, name: &str) -> (String, String, String) {
+    let wid = app.workspace(name);
+    let key = app.workspace_key(&wid);
+    let (_, url) = app.link(&wid, "Client");
+    connect(&app.client, app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    let id = connection_id(app, &key).await;
+    (key, url, id)
+}
+
+/// Asks for connection `id`'s disconnect over the API, in a task of its own.
+fn spawn_disconnect(app: &TestApp, id: &str, key: &str) -> tokio::task::JoinHandle<reqwest::Response> {
+    let request =
+        app.api(reqwest::Method::POST, &format!("/connections/{id}/disconnect"), key).json(&json!({}));
+    tokio::spawn(async move { request.send().await.unwrap() })
+}
+
 async fn connection_id(app: &TestApp, key: &str) -> String {
     app.api_get("/connections", key, 200).await["data"][0]["id"].as_str().unwrap().to_string()
 }
@@ -710,12 +730,8 @@ async fn transient_refresh_failures_recover(app: TestApp) {
 async fn refresh_overtaken_by_a_reconnect_keeps_the_new_grant(app: TestApp) {
     // The provider's time limit outlasts the reconnect, run while TikTok holds the refresh.
     let (app, restarted) = app.restart_with(&[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "20")]).await;
-    let wid = app.workspace("Overtaken");
-    let key = app.workspace_key(&wid);
-    let (_, url) = app.link(&wid, "Client");
+    let (key, url, id) = tiktok_connection_through_a_link(&app, "Overtaken").await;
     let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
-    connect(&app.client, &app, &url, "tiktok", account).await;
-    let id = connection_id(&app, &key).await;
     // The next refresh is held at TikTok until the client has reconnected.
     app.sandbox(
         "/tiktok/scenario",
@@ -1022,11 +1038,7 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
         json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
     )
     .await;
-    let disconnecting = {
-        let request =
-            app.api(reqwest::Method::POST, &format!("/connections/{id}/disconnect"), &key).json(&json!({}));
-        tokio::spawn(async move { request.send().await.unwrap() })
-    };
+    let disconnecting = spawn_disconnect(&app, &id, &key);
     eventually("the disconnect to take the lease", 10, || async {
         let owner = lease_of(id.clone()).await;
         (owner != "none").then_some(Value::String(owner))
@@ -1062,6 +1074,96 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
         "another-process",
         "another process's lease is not ours to free"
     );
+    restarted.run().await;
+}
+
+/// A disconnect erases the only tokens that could revoke the grant later: while TikTok cannot
+/// revoke it for now (5xx, 429), the disconnect answers 503 and changes nothing; a refusal for
+/// good goes ahead, saying the grant may still be listed in the account's settings.
+async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: TestApp) {
+    let (app, restarted, key, id) = one_tiktok_connection(app, "Disconnect Refused", &[], 0).await;
+    let token =
+        app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await["access_token"].clone();
+    let events_sql = format!(
+        "SELECT CAST(COUNT(*) AS TEXT) FROM {{schema}}.connection_events WHERE connection_id = '{id}'"
+    );
+    let events_before = app.text(&events_sql).await;
+    for kind in ["server_error", "rate_limit", "temporarily_unavailable"] {
+        app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "revoke", "kind": kind}]})).await;
+        let refused = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 503).await;
+        let detail = refused["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("could not revoke the grant right now") && detail.contains("nothing was changed"),
+            "{kind}: {refused}"
+        );
+        // Still connected, with the same token, and nothing recorded.
+        assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "active", "{kind}");
+        let read = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+        assert_eq!(read["access_token"], token, "{kind}");
+        assert_eq!(app.text(&events_sql).await, events_before, "{kind}");
+    }
+    // The CLI says the same, and fails.
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "revoke", "kind": "server_error"}]}))
+        .await;
+    let out = app.cli(&["connection", "disconnect", &id]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("could not revoke the grant right now"), "{out:?}");
+    let audit = app.cli_json(&["audit", "list", "--action", "connection.disconnected"]);
+    assert_eq!(audit.as_array().unwrap().len(), 0, "{audit}");
+    // A refusal for good (the grant is dead at TikTok) does not keep the connection.
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "revoke", "kind": "invalid_grant"}]}))
+        .await;
+    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    assert_eq!(done["status"], "disconnected", "{done}");
+    let reason = done["status_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("revocation refused by TikTok") && reason.contains("may still be listed"),
+        "{done}"
+    );
+    assert_eq!(app.sandbox_stats("tiktok").await["revoke_calls"].as_i64().unwrap(), 5);
+    restarted.run().await;
+}
+
+/// A client who reconnects while the agency's disconnect waits for TikTok keeps the connection
+/// they were just told is made: the disconnect, finding new tokens, answers 409 and changes
+/// nothing.
+async fn a_reconnect_during_a_disconnect_is_kept(app: TestApp) {
+    let settings = [
+        ("AUTHLINK_JOBS__ENABLED", "false"),
+        ("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "12"),
+        ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "5"),
+    ];
+    let (app, restarted) = app.restart_with(&settings).await;
+    let (key, url, id) = tiktok_connection_through_a_link(&app, "Disconnect Raced").await;
+    let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
+    )
+    .await;
+    let disconnecting = spawn_disconnect(&app, &id, &key);
+    held_at_tiktok(&app, "the revocation to be held at TikTok").await;
+    // The client reconnects meanwhile, in a browser of their own.
+    let browser = crate::connect::new_browser();
+    connect(&browser, &app, &url, "tiktok", account).await;
+    release(&app).await;
+    let refused = disconnecting.await.unwrap();
+    assert_eq!(refused.status(), 409);
+    let refused: Value = refused.json().await.unwrap();
+    assert!(
+        refused["detail"].as_str().unwrap().contains("changed while it was being disconnected"),
+        "{refused}"
+    );
+    let kept = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(
+        (kept["status"].as_str(), kept["reconnect_count"].as_i64()),
+        (Some("active"), Some(1)),
+        "{kept}"
+    );
+    app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    // Disconnected again on purpose, it goes.
+    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    assert_eq!(done["status"], "disconnected", "{done}");
     restarted.run().await;
 }
 
@@ -1118,6 +1220,12 @@ async fn unreadable_tokens_break_the_connection(app: TestApp) {
     assert_eq!(outcomes, ["permanent", "transient"]);
     // Broken, it is not refreshed again: the client's link repairs it.
     app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 409).await;
+    // Nor can its grant be revoked, but the agency can still remove it.
+    let revokes = app.sandbox_stats("tiktok").await["revoke_calls"].as_i64().unwrap();
+    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    assert_eq!(done["status"], "disconnected", "{done}");
+    assert!(done["status_reason"].as_str().unwrap().contains("cannot be opened"), "{done}");
+    assert_eq!(app.sandbox_stats("tiktok").await["revoke_calls"].as_i64().unwrap(), revokes, "nothing sent");
     restarted.run().await;
 }
 

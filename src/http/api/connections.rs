@@ -109,11 +109,15 @@ async fn get_connection(
 }
 
 /// Disconnect: revokes the grant at the provider where possible, marks the connection
-/// disconnected and erases its tokens.
+/// disconnected and erases its tokens. A grant the provider refuses to revoke for good, or
+/// tokens no configured key opens, do not stop it (the status reason says the grant may still
+/// be listed in the account's settings); a provider that cannot be reached does (503), since the
+/// tokens erased are the only way to revoke the grant later.
 #[utoipa::path(post, path = "/connections/{id}/disconnect", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = ConnectionView), (status = 404, body = Problem),
-        (status = 503, body = Problem, description = "A refresh of the connection is under way (disconnect it again in a moment), the database cannot be reached, or the request did not finish in time")))]
+        (status = 409, body = Problem, description = "The connection's tokens changed while it was being disconnected (the client reconnected, or a refresh finished): nothing was changed"),
+        (status = 503, body = Problem, description = "The provider could not revoke the grant right now (down, slow or rate-limited), a refresh of the connection is under way, the stored tokens need a master key this process does not hold, the database cannot be reached, or the request did not finish in time: nothing was changed; disconnect it again in a moment")))]
 async fn disconnect_connection(
     State(state): State<AppState>,
     caller: Caller,
@@ -126,8 +130,8 @@ async fn disconnect_connection(
 }
 
 /// A valid access token, refreshed first when it would expire within five minutes. Every read is
-/// written to the audit log. 409 when the connection is broken or disconnected, or its provider is
-/// not enabled on this instance; 503 when the provider is temporarily unavailable, or a refresh
+/// written to the audit log. 409 when the connection is broken or disconnected, or when it must
+/// be refreshed first and its provider is not enabled on this instance; 503 when the provider is temporarily unavailable, or a refresh
 /// in flight elsewhere outlasts what the request's time allows, and the current token has less
 /// than a minute left (with more, it is returned as it is).
 #[utoipa::path(get, path = "/connections/{id}/access-token", tag = "connections",
