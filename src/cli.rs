@@ -393,6 +393,10 @@ pub enum ConnectionCommand {
         id: String,
     },
     /// Revoke the grant at the provider where possible and mark the connection disconnected.
+    ///
+    /// Fails with nothing changed while the provider cannot revoke the grant (unreachable,
+    /// rate-limited, failing, or refusing authlink's credentials), or when the client reconnects
+    /// the account meanwhile (the connection is kept).
     Disconnect {
         /// Connection id.
         id: String,

@@ -169,6 +169,15 @@ impl Provider {
         }
     }
 
+    /// Whether the provider offers revocation of a grant: TikTok does (§2.6), with the access
+    /// token; Instagram Login does not.
+    pub fn offers_revocation(&self) -> bool {
+        match self {
+            Provider::Tiktok(_) => true,
+            Provider::Instagram(_) => false,
+        }
+    }
+
     /// Whether this adapter points at the built-in sandbox.
     pub fn is_sandbox(&self) -> bool {
         match self {

@@ -18,7 +18,7 @@ use crate::db::links::LinkRow;
 use crate::db::stmt::Exec;
 use crate::db::{self, new_id};
 use crate::domain::Platform;
-use crate::providers::{Profile, TokenSet};
+use crate::providers::{Profile, ProviderError, TokenSet};
 use crate::state::{App, AppState};
 
 /// The state of a connection.
@@ -590,18 +590,36 @@ fn refuse_inactive(row: &ConnectionRow) -> ServiceResult<()> {
 }
 
 /// Disconnects: revokes the grant at the provider where the provider offers revocation, then
-/// marks the connection disconnected and erases its tokens.
+/// marks the connection disconnected and erases its tokens. A provider that cannot revoke the
+/// grant for now stops it (503, nothing changed; see [`revoke_at_provider`]), and so does a
+/// reconnect by the client while the provider was asked (409, the connection kept).
 pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<ConnectionView> {
     // The caller's right to the connection first: the in-process lock is taken only for a
     // connection that exists and is the caller's, so that ids sent by anyone neither fill the
     // lock table nor wait (and so tell) while another workspace's connection is busy.
-    let id = get_row(app, scope, id).await?.id;
+    let row = get_row(app, scope, id).await?;
+    let id = row.id.clone();
+    let deadline = tokio::time::Instant::now() + within_request(app);
+    // The provider revokes with the access token: one about to run out is refreshed first, as
+    // for a token read (the scheduler keeps them fresh, unless its jobs are not running).
+    let revokes = row
+        .provider
+        .parse::<Platform>()
+        .ok()
+        .and_then(|p| app.providers.get(p))
+        .is_some_and(|p| p.offers_revocation());
+    let expiring = row.access_expires_at.is_some_and(|at| at - app.now_ms() < STILL_VALID_MS);
+    if revokes && expiring && ConnectionStatus::parse(&row.status) == ConnectionStatus::Active {
+        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+        // Whatever it gives, the revocation says next whether the token still works.
+        super::refresh::refresh(app, &id, false, STILL_VALID_MS, Some(wait)).await?;
+    }
     // No refresh anywhere while the grant is revoked (it would rotate the tokens being revoked,
     // or meet the revoked grant and report the connection broken): this process's lock, then
     // the refresh lease, both waited for within the request's time. A refresh here that
     // outlasts it answers 503 (try again); a lease held elsewhere past it (a process that died
-    // holding it) does not stop the disconnect, whose write compares the token generation anyway.
-    let deadline = tokio::time::Instant::now() + within_request(app);
+    // holding it, or a slow one) does not stop the disconnect, whose write looks for a
+    // reconnect meanwhile.
     let lock = super::refresh::connection_lock(&id);
     let Ok(_guard) = tokio::time::timeout_at(deadline, lock.lock()).await else {
         return Err(ServiceError::Unavailable(
@@ -650,16 +668,37 @@ async fn disconnect_leased(
     if ConnectionStatus::parse(&current.status) == ConnectionStatus::Disconnected {
         return Ok(view(&current));
     }
-    // New tokens meanwhile (the client reconnected, or a process that held the lease past the
-    // wait refreshed): the grant revoked was not the one the connection holds now, and a
-    // reconnect the client just saw succeed is not undone unseen.
-    if current.token_generation != row.token_generation {
-        return Err(ServiceError::Conflict(
-            "the connection's tokens changed while it was being disconnected (the client reconnected, or \
-             a refresh finished); nothing was changed here: look at the connection, and disconnect it \
-             again if it should go"
-                .into(),
-        ));
+    // The client reconnected meanwhile, and saw it succeed: that connection is kept, not undone
+    // unseen. (Tokens a refresh elsewhere stored meanwhile are of the grant just revoked, which
+    // takes them with it: the disconnect goes on.)
+    if current.reconnect_count != row.reconnect_count {
+        let revoked = revoked_note == REVOKED;
+        if revoked {
+            // The provider ended the grant the connection held; a grant made just before may
+            // have gone with it (TikTok removes the app from the account): checked at once.
+            db::connections::set_next_check(&mut tx, &current.id, now).await?;
+            audit::record(
+                &mut tx,
+                now,
+                actor,
+                Some(&current.workspace_id),
+                "connection.disconnect_overtaken",
+                "connection",
+                &current.id,
+                serde_json::json!({"provider_revocation": revoked_note}),
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        return Err(ServiceError::Conflict(format!(
+            "the client reconnected this account while it was being disconnected, so the connection was \
+             kept{}; disconnect it again if it should go",
+            if revoked {
+                " (the earlier grant was revoked at the provider; the connection's health check is due now)"
+            } else {
+                ""
+            }
+        )));
     }
     let mut row = current;
     row.status = ConnectionStatus::Disconnected.as_str().into();
@@ -693,13 +732,18 @@ async fn disconnect_leased(
     Ok(view(&row))
 }
 
+/// What a disconnect's status reason and audit entry say of a grant revoked at the provider.
+const REVOKED: &str = "revoked at the provider";
+
 /// Revokes a connection's grant at its provider before a disconnect, and says how it went, for
-/// the connection's status reason and the audit log. A provider that could not be reached (or a
-/// token sealed with a key this process does not hold) stops the disconnect, with nothing
-/// changed: the tokens erased by a disconnect are the only way to revoke the grant later. A
-/// grant that cannot be revoked for good (refused by the provider, tokens that no key opens, a
-/// provider not served here) does not: the agency's removal of the connection goes ahead, and
-/// the reason says the grant may still be listed in the account's settings.
+/// the connection's status reason and the audit log. A provider that cannot revoke it for now
+/// (unreachable, 429, 5xx) or that refuses authlink's own settings, or a token sealed with a key
+/// this process does not hold, stops the disconnect with nothing changed: the tokens a
+/// disconnect erases are the only way to revoke the grant later. A grant that cannot be revoked
+/// with what is stored (the provider no longer takes the token, or refuses the request; tokens
+/// that fail to open with the key they name; a provider not served here) does not: the agency's
+/// removal of the connection goes ahead, and the reason says the grant may still be listed in
+/// the account's settings.
 async fn revoke_at_provider(app: &App, row: &ConnectionRow) -> ServiceResult<String> {
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
     let name = platform.display_name();
@@ -710,13 +754,16 @@ async fn revoke_at_provider(app: &App, row: &ConnectionRow) -> ServiceResult<Str
     let Some(provider) = app.providers.get(platform) else {
         return Ok(format!("not revoked: {name} is not enabled on this instance; {still_listed}"));
     };
+    if !provider.offers_revocation() {
+        return Ok(format!("{name} offers no revocation"));
+    }
     let token = match app.keys.open_str(sealed, access_aad(&row.workspace_id, &row.id)) {
         Ok(token) => token,
         Err(e @ crate::crypto::CryptoError::UnknownKey(_)) => {
             tracing::error!(connection_id = %row.id, error = %e, "the stored tokens need a key this process does not hold");
             return Err(ServiceError::Unavailable(format!(
-                "the stored tokens are {e}, needed to revoke the grant at {name}; nothing was changed: disconnect \
-                 it through a process started with that master key"
+                "the grant cannot be revoked at {name} here, and nothing was changed: the stored tokens are {e}; \
+                 disconnect it through a process started with that master key"
             )));
         }
         Err(e) => {
@@ -724,21 +771,23 @@ async fn revoke_at_provider(app: &App, row: &ConnectionRow) -> ServiceResult<Str
             return Ok(format!("not revoked: the stored tokens cannot be opened; {still_listed}"));
         }
     };
-    match provider.revoke(&token).await {
-        Ok(true) => Ok("revoked at the provider".into()),
-        Ok(false) => Ok(format!("{name} offers no revocation")),
-        Err(e) if e.is_transient() => {
-            tracing::warn!(connection_id = %row.id, error = %e, "revocation at the provider failed for now");
-            Err(ServiceError::Unavailable(format!(
-                "{name} could not revoke the grant right now ({}); nothing was changed: disconnect it again in \
-                 a moment",
-                e.reason()
-            )))
-        }
+    let reason = match provider.revoke(&token).await {
+        Ok(_) => return Ok(REVOKED.into()),
         Err(e) => {
-            tracing::warn!(connection_id = %row.id, error = %e, "revocation refused by the provider");
-            Ok(format!("revocation refused by {name} ({}); {still_listed}", e.reason()))
+            tracing::warn!(connection_id = %row.id, error = %e, "revocation at the provider failed");
+            e
         }
+    };
+    match reason {
+        ProviderError::Transient { reason, .. } => Err(ServiceError::Unavailable(format!(
+            "{name} could not revoke the grant right now ({reason}); nothing was changed: disconnect it again \
+             in a moment"
+        ))),
+        ProviderError::Misconfigured { reason } => Err(ServiceError::Unavailable(format!(
+            "{name} refused authlink's own settings when asked to revoke the grant ({reason}); nothing was \
+             changed: the operator must correct the {name} settings, then disconnect it again"
+        ))),
+        refused => Ok(format!("revocation refused by {name} ({}); {still_listed}", refused.reason())),
     }
 }
 

@@ -633,23 +633,31 @@ async fn one_tiktok_connection(
     let mut settings = vec![("AUTHLINK_JOBS__ENABLED", "false")];
     settings.extend_from_slice(extra);
     let (app, restarted) = app.restart_with(&settings).await;
-    let wid = app.workspace(name);
-    let key = app.workspace_key(&wid);
-    let (_, url) = app.link(&wid, "Client");
-    connect(&app.client, &app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[account].open_id).await;
-    let id = connection_id(&app, &key).await;
+    let (key, _, id) = tiktok_connection_through_a_link(&app, name, account).await;
     (app, restarted, key, id)
 }
 
-/// A workspace named `name` with a link, through which the first sandbox TikTok account is
+/// A workspace named `name` with a link, through which sandbox TikTok account `account` is
 /// connected: the workspace's API key, the link's URL and the connection's id.
-async fn tiktok_connection_through_a_link(app: &TestApp, name: &str) -> (String, String, String) {
+async fn tiktok_connection_through_a_link(
+    app: &TestApp,
+    name: &str,
+    account: usize,
+) -> (String, String, String) {
     let wid = app.workspace(name);
     let key = app.workspace_key(&wid);
     let (_, url) = app.link(&wid, "Client");
-    connect(&app.client, app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id).await;
+    connect(&app.client, app, &url, "tiktok", authlink::sandbox::TIKTOK_ACCOUNTS[account].open_id).await;
     let id = connection_id(app, &key).await;
     (key, url, id)
+}
+
+/// Who holds connection `id`'s refresh lease (`none` when nobody does).
+async fn lease_of(app: &TestApp, id: String) -> String {
+    app.text(&format!(
+        "SELECT COALESCE(lease_owner, 'none') FROM {{schema}}.refresh_schedule WHERE connection_id = '{id}'"
+    ))
+    .await
 }
 
 /// Asks for connection `id`'s disconnect over the API, in a task of its own.
@@ -730,7 +738,7 @@ async fn transient_refresh_failures_recover(app: TestApp) {
 async fn refresh_overtaken_by_a_reconnect_keeps_the_new_grant(app: TestApp) {
     // The provider's time limit outlasts the reconnect, run while TikTok holds the refresh.
     let (app, restarted) = app.restart_with(&[("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "20")]).await;
-    let (key, url, id) = tiktok_connection_through_a_link(&app, "Overtaken").await;
+    let (key, url, id) = tiktok_connection_through_a_link(&app, "Overtaken", 0).await;
     let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
     // The next refresh is held at TikTok until the client has reconnected.
     app.sandbox(
@@ -1021,15 +1029,7 @@ async fn a_token_read_waits_for_another_process_refresh_within_the_request(app: 
 async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
     let settings = [("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "12"), ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "5")];
     let (app, restarted, key, id) = one_tiktok_connection(app, "Disconnect Leased", &settings, 0).await;
-    let lease_of = |id: String| {
-        let app = &app;
-        async move {
-            app.text(&format!(
-                "SELECT COALESCE(lease_owner, 'none') FROM {{schema}}.refresh_schedule WHERE connection_id = '{id}'"
-            ))
-            .await
-        }
-    };
+    let lease_of = |id: String| lease_of(&app, id);
     assert_eq!(lease_of(id.clone()).await, "none");
     // TikTok holds the revocation: the lease is held while it runs, and the connection is still
     // active then (within the provider's 5 s).
@@ -1078,8 +1078,10 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
 }
 
 /// A disconnect erases the only tokens that could revoke the grant later: while TikTok cannot
-/// revoke it for now (5xx, 429), the disconnect answers 503 and changes nothing; a refusal for
-/// good goes ahead, saying the grant may still be listed in the account's settings.
+/// revoke it for now (5xx, 429, unreachable) or refuses authlink's credentials, the disconnect
+/// answers 503 and changes nothing; a token TikTok no longer takes does not stop it, and the
+/// reason says the grant may still be listed in the account's settings. A token about to run
+/// out is refreshed before it is revoked.
 async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: TestApp) {
     let (app, restarted, key, id) = one_tiktok_connection(app, "Disconnect Refused", &[], 0).await;
     let token =
@@ -1088,19 +1090,27 @@ async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: Tes
         "SELECT CAST(COUNT(*) AS TEXT) FROM {{schema}}.connection_events WHERE connection_id = '{id}'"
     );
     let events_before = app.text(&events_sql).await;
-    for kind in ["server_error", "rate_limit", "temporarily_unavailable"] {
-        app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "revoke", "kind": kind}]})).await;
+    for (kind, says) in [
+        ("server_error", "could not revoke the grant right now"),
+        ("rate_limit", "could not revoke the grant right now"),
+        ("temporarily_unavailable", "could not revoke the grant right now"),
+        ("slow", "could not revoke the grant right now"),
+        ("invalid_client", "refused authlink's own settings"),
+    ] {
+        app.sandbox(
+            "/tiktok/scenario",
+            json!({"fail_next": [{"endpoint": "revoke", "kind": kind}], "slow_ms": 3_000}),
+        )
+        .await;
         let refused = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 503).await;
         let detail = refused["detail"].as_str().unwrap();
-        assert!(
-            detail.contains("could not revoke the grant right now") && detail.contains("nothing was changed"),
-            "{kind}: {refused}"
-        );
-        // Still connected, with the same token, and nothing recorded.
+        assert!(detail.contains(says) && detail.contains("nothing was changed"), "{kind}: {refused}");
+        // Still connected, with the same token, nothing recorded, and the lease given back.
         assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "active", "{kind}");
         let read = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
         assert_eq!(read["access_token"], token, "{kind}");
         assert_eq!(app.text(&events_sql).await, events_before, "{kind}");
+        assert_eq!(lease_of(&app, id.clone()).await, "none", "{kind}");
     }
     // The CLI says the same, and fails.
     app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "revoke", "kind": "server_error"}]}))
@@ -1110,7 +1120,7 @@ async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: Tes
     assert!(String::from_utf8_lossy(&out.stderr).contains("could not revoke the grant right now"), "{out:?}");
     let audit = app.cli_json(&["audit", "list", "--action", "connection.disconnected"]);
     assert_eq!(audit.as_array().unwrap().len(), 0, "{audit}");
-    // A refusal for good (the grant is dead at TikTok) does not keep the connection.
+    // A token TikTok no longer takes (the grant is dead there) does not keep the connection.
     app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "revoke", "kind": "invalid_grant"}]}))
         .await;
     let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
@@ -1120,13 +1130,25 @@ async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: Tes
         reason.contains("revocation refused by TikTok") && reason.contains("may still be listed"),
         "{done}"
     );
-    assert_eq!(app.sandbox_stats("tiktok").await["revoke_calls"].as_i64().unwrap(), 5);
+    let stats = app.sandbox_stats("tiktok").await;
+    assert_eq!(stats["revoke_calls"].as_i64().unwrap(), 7, "{stats}");
+    // Another account, whose access token runs out (no jobs refresh it here): refreshed first,
+    // then revoked.
+    let (key, _, id) = tiktok_connection_through_a_link(&app, "Disconnect Expiring", 1).await;
+    let expires = app.api_get(&format!("/connections/{id}"), &key, 200).await["access_token_expires_at"].clone();
+    let refreshes = stats["refresh_calls"].as_i64().unwrap();
+    app.advance_clock(86_400).await;
+    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    assert_eq!(done["status_reason"], "Disconnected by the agency (revoked at the provider).", "{done}");
+    let stats = app.sandbox_stats("tiktok").await;
+    assert_eq!(stats["refresh_calls"].as_i64().unwrap(), refreshes + 1, "{stats}; expired at {expires}");
+    assert_eq!(stats["revoke_calls"].as_i64().unwrap(), 8, "{stats}");
     restarted.run().await;
 }
 
 /// A client who reconnects while the agency's disconnect waits for TikTok keeps the connection
-/// they were just told is made: the disconnect, finding new tokens, answers 409 and changes
-/// nothing.
+/// they were just told is made: the disconnect answers 409, records it, and makes the
+/// connection's health check due at once.
 async fn a_reconnect_during_a_disconnect_is_kept(app: TestApp) {
     let settings = [
         ("AUTHLINK_JOBS__ENABLED", "false"),
@@ -1134,7 +1156,7 @@ async fn a_reconnect_during_a_disconnect_is_kept(app: TestApp) {
         ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "5"),
     ];
     let (app, restarted) = app.restart_with(&settings).await;
-    let (key, url, id) = tiktok_connection_through_a_link(&app, "Disconnect Raced").await;
+    let (key, url, id) = tiktok_connection_through_a_link(&app, "Disconnect Raced", 0).await;
     let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
     app.sandbox(
         "/tiktok/scenario",
@@ -1150,19 +1172,44 @@ async fn a_reconnect_during_a_disconnect_is_kept(app: TestApp) {
     let refused = disconnecting.await.unwrap();
     assert_eq!(refused.status(), 409);
     let refused: Value = refused.json().await.unwrap();
-    assert!(
-        refused["detail"].as_str().unwrap().contains("changed while it was being disconnected"),
-        "{refused}"
-    );
+    let detail = refused["detail"].as_str().unwrap();
+    assert!(detail.contains("reconnected this account while it was being disconnected"), "{refused}");
+    assert!(detail.contains("earlier grant was revoked"), "{refused}");
     let kept = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(
         (kept["status"].as_str(), kept["reconnect_count"].as_i64()),
         (Some("active"), Some(1)),
         "{kept}"
     );
-    app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
-    // Disconnected again on purpose, it goes.
-    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    assert_eq!(lease_of(&app, id.clone()).await, "none");
+    // What happened is recorded, and the new grant is checked at once (TikTok may have ended it
+    // with the old one; the sandbox ends only the grant revoked, so it still works here).
+    let audit = app.cli_json(&["audit", "list", "--action", "connection.disconnect_overtaken"]);
+    assert_eq!(audit[0]["target_id"], id.as_str(), "{audit}");
+    let now = i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap();
+    let due = app
+        .text(&format!("SELECT CAST(next_check_at AS TEXT) FROM {{schema}}.connections WHERE id = '{id}'"))
+        .await;
+    assert!(due.parse::<i64>().unwrap() <= now, "check due at {due}, now {now}");
+    let checked = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
+    assert_eq!(checked["outcome"], "current", "{checked}");
+    // Tokens another process stored meanwhile (a refresh of the grant being revoked, which goes
+    // with it) do not stop a disconnect.
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
+    )
+    .await;
+    let disconnecting = spawn_disconnect(&app, &id, &key);
+    held_at_tiktok(&app, "the second revocation to be held at TikTok").await;
+    app.execute(&format!(
+        "UPDATE {{schema}}.connections SET token_generation = token_generation + 1 WHERE id = '{id}'"
+    ))
+    .await;
+    release(&app).await;
+    let done = disconnecting.await.unwrap();
+    assert_eq!(done.status(), 200);
+    let done: Value = done.json().await.unwrap();
     assert_eq!(done["status"], "disconnected", "{done}");
     restarted.run().await;
 }

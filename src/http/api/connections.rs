@@ -109,15 +109,16 @@ async fn get_connection(
 }
 
 /// Disconnect: revokes the grant at the provider where possible, marks the connection
-/// disconnected and erases its tokens. A grant the provider refuses to revoke for good, or
-/// tokens no configured key opens, do not stop it (the status reason says the grant may still
-/// be listed in the account's settings); a provider that cannot be reached does (503), since the
-/// tokens erased are the only way to revoke the grant later.
+/// disconnected and erases its tokens. A grant the stored token cannot revoke (the provider no
+/// longer takes it, or refuses the request), tokens that fail to open with the key they name,
+/// or a provider not enabled on this instance do not stop it: the status reason then says the
+/// grant may still be listed in the account's settings. A provider that cannot revoke it for now
+/// does (503), since the tokens erased are the only way to revoke the grant later.
 #[utoipa::path(post, path = "/connections/{id}/disconnect", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = ConnectionView), (status = 404, body = Problem),
-        (status = 409, body = Problem, description = "The connection's tokens changed while it was being disconnected (the client reconnected, or a refresh finished): nothing was changed"),
-        (status = 503, body = Problem, description = "The provider could not revoke the grant right now (down, slow or rate-limited), a refresh of the connection is under way, the stored tokens need a master key this process does not hold, the database cannot be reached, or the request did not finish in time: nothing was changed; disconnect it again in a moment")))]
+        (status = 409, body = Problem, description = "The client reconnected the account while it was being disconnected: the connection was kept (if the earlier grant was revoked meanwhile, its health check is due at once)"),
+        (status = 503, body = Problem, description = "Nothing was changed: the provider could not revoke the grant right now (down, slow or rate-limited) or refused authlink's own settings, a refresh of the connection is under way, the stored tokens need a master key this process does not hold, the database cannot be reached, or the request did not finish in time")))]
 async fn disconnect_connection(
     State(state): State<AppState>,
     caller: Caller,
