@@ -40,8 +40,9 @@ pub enum Command {
     /// Run the HTTP service (migrates the database first) and, unless `jobs.enabled = false`,
     /// the background jobs (token refresh, health checks, webhook delivery).
     Serve,
-    /// Run only the background jobs (token refresh, health checks, webhook delivery). Any
-    /// number of workers and servers may run at once: they coordinate through the database.
+    /// Run only the background jobs (token refresh, health checks, webhook delivery). On
+    /// PostgreSQL any number of workers and servers may run at once: they coordinate through the
+    /// database. On SQLite run one `serve` or `worker` per database file.
     Worker,
     /// Apply the database migrations and exit.
     Migrate,
@@ -106,7 +107,8 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Show the active key, the earlier keys, how many stored secrets each key sealed, and the
-    /// running serve and worker processes with the key each seals with.
+    /// serve and worker processes on record with the key each seals with (those that stopped
+    /// without saying so are marked "not running" until they are forgotten).
     Status,
     /// Seal every stored secret that is not sealed with the active master key (or is in the v1
     /// envelope, whose associated data does not name the workspace) again with it, then retire
@@ -340,7 +342,7 @@ impl LinkUpdateArgs {
 pub enum ApiKeyCommand {
     /// Create an API key and print it once.
     Create {
-        /// The workspace the key is limited to (id or slug).
+        /// The workspace the key is limited to (id or slug); required unless --admin.
         #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
         workspace: Option<String>,
         /// Make a platform-admin key that spans every workspace.
@@ -408,12 +410,15 @@ pub enum ConnectionCommand {
     },
     /// Refresh the tokens now (waits for a refresh already running elsewhere). A token the
     /// provider does not refresh yet (Instagram: under 24 hours old) is left as it is: the outcome
-    /// is `too_early`, which is not a failure.
+    /// is `too_early`, which is not a failure; nor is `broken` (the grant is dead: the outcome says
+    /// why). Exits 1 when the provider could not be asked for now (`transient`).
     Refresh {
         /// Connection id.
         id: String,
     },
-    /// Run the health check now (a profile call that catches revoked grants).
+    /// Run the health check now (a profile call that catches revoked grants). Exits 0 whatever
+    /// the verdict (`current`, `refreshed`, or `broken` with the reason); 1 when the provider
+    /// could not be asked for now (`transient`).
     Check {
         /// Connection id.
         id: String,
@@ -478,7 +483,8 @@ pub enum WebhookCommand {
         /// Delivery id.
         id: String,
     },
-    /// Rotate the signing secret and print the new one (the old one signs too for 24 h).
+    /// Rotate the signing secret and print the new one (the old one signs too for 24 h). Refused
+    /// within 24 h of the last rotation, unless --stop-current-now.
     RotateSecret {
         /// Endpoint id.
         id: String,
@@ -577,7 +583,11 @@ impl From<ServiceError> for CliError {
         let message = match &e {
             ServiceError::Validation(errors) => errors
                 .iter()
-                .map(|e| format!("--{}: {}", flag_of(&e.field), e.message))
+                .map(|e| match e.field.as_str() {
+                    // Read from standard input or a prompt, never from a flag.
+                    "password" => format!("the password: {}", e.message),
+                    field => format!("--{}: {}", flag_of(field), e.message),
+                })
                 .collect::<Vec<_>>()
                 .join("; "),
             other => other.to_string(),
@@ -950,7 +960,7 @@ async fn link(app: AppState, json: bool, cmd: LinkCommand) -> CliResult {
     use service::links::{self, LinkView, ListQuery, NewLink};
     let describe = |l: &LinkView| {
         format!(
-            "{}\n  id: {}\n  workspace: {}\n  label: {}\n  client ref: {}\n  platforms: {}\n  status: {}\n  expires: {}\n  uses: {}{}\n  last used: {}\n  redirect: {}\n  created: {} by {}\n  revoked: {}\n  rotated: {}",
+            "{}\n  id: {}\n  workspace: {}\n  label: {}\n  client ref: {}\n  platforms: {}\n  status: {}\n  expires: {}\n  uses: {}{}\n  last used: {}\n  redirect: {}\n  created: {} by {}\n  revoked: {}\n  rotated: {}\n  connections on the page: {}",
             l.url,
             l.id,
             l.workspace_id,
@@ -967,6 +977,7 @@ async fn link(app: AppState, json: bool, cmd: LinkCommand) -> CliResult {
             l.created_by,
             ts(l.revoked_at),
             ts(l.rotated_at),
+            if l.hide_connections { "hidden" } else { "listed" },
         )
     };
     match cmd {
@@ -1575,8 +1586,9 @@ async fn webhook(app: AppState, json: bool, cmd: WebhookCommand) -> CliResult {
 /// `authlink user ...`
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
-    /// Create a dashboard user. The password is read from standard input (one line) when it is
-    /// not a terminal, else asked for twice at a prompt that does not echo.
+    /// Create a dashboard user. The password (12 to 256 characters, not the email address) is
+    /// read from standard input (one line) when it is not a terminal, else asked for twice at a
+    /// prompt that does not echo.
     Create {
         /// The user's email address (unique, case-insensitively).
         #[arg(long)]

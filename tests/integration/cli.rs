@@ -150,6 +150,10 @@ async fn link_commands(app: TestApp) {
     assert!(String::from_utf8_lossy(&cut.stderr).contains("more may follow"), "{cut:?}");
     let human = stdout(&app.cli(&["link", "show", id]));
     assert!(human.contains("Client Co") && human.contains("uses: 0 of 2"), "{human}");
+    assert!(human.contains("connections on the page: listed"), "{human}");
+    let hidden = stdout(&app.cli(&["link", "update", id, "--hide-connections"]));
+    assert!(hidden.contains("connections on the page: hidden"), "{hidden}");
+    app.cli_json(&["link", "update", id, "--show-connections"]);
     // Rotate prints the new URL; the old one is dead.
     let old_url = created["url"].as_str().unwrap();
     let rotated = app.cli_json(&["link", "rotate", id]);

@@ -1135,7 +1135,8 @@ async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: Tes
     // Another account, whose access token runs out (no jobs refresh it here): refreshed first,
     // then revoked.
     let (key, _, id) = tiktok_connection_through_a_link(&app, "Disconnect Expiring", 1).await;
-    let expires = app.api_get(&format!("/connections/{id}"), &key, 200).await["access_token_expires_at"].clone();
+    let expires =
+        app.api_get(&format!("/connections/{id}"), &key, 200).await["access_token_expires_at"].clone();
     let refreshes = stats["refresh_calls"].as_i64().unwrap();
     app.advance_clock(86_400).await;
     let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
