@@ -2,8 +2,8 @@
 //!
 //! Every command prints a readable result, or JSON with `--json`. A failure prints one line,
 //! `error: ...`, to standard error (with `--json`, one JSON object `{"error": {"kind",
-//! "message", "fields"}}`) and exits non-zero (2 for configuration and usage mistakes, 1
-//! otherwise).
+//! "message", "fields"}}`), after the log lines the command wrote there, and exits non-zero (2
+//! for configuration and usage mistakes, 1 otherwise).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +26,8 @@ pub struct Cli {
     /// Configuration file (TOML). Default: ./authlink.toml when it exists.
     #[arg(long, global = true, env = "AUTHLINK_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// Print machine-readable JSON instead of text.
+    /// Print machine-readable JSON instead of text (results and errors; `serve` and `worker`
+    /// print none: their logs are JSON with `log_format = "json"`).
     #[arg(long, global = true)]
     pub json: bool,
     /// What to do.
@@ -396,9 +397,9 @@ pub enum ConnectionCommand {
     },
     /// Revoke the grant at the provider where possible and mark the connection disconnected.
     ///
-    /// Fails with nothing changed while the provider cannot revoke the grant (unreachable,
-    /// rate-limited, failing, or refusing authlink's credentials), or when the client reconnects
-    /// the account meanwhile (the connection is kept).
+    /// Fails, the connection left connected, while the provider cannot revoke the grant
+    /// (unreachable, rate-limited, failing, or refusing authlink's credentials) or the access
+    /// token cannot be refreshed first, and when the client reconnects the account meanwhile.
     Disconnect {
         /// Connection id.
         id: String,

@@ -14,6 +14,13 @@ async fn main() -> ExitCode {
         // arguments as the OS gave them: the mistake may be one that is not valid Unicode.)
         Err(e) if std::env::args_os().any(|a| a == "--json") => {
             let text = e.to_string();
+            // A command given without its subcommand: clap's text is the command's help.
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let usage = text.lines().find(|l| l.starts_with("Usage: ")).unwrap_or_default();
+                let message = format!("a subcommand is required ({usage})");
+                eprintln!("{}", serde_json::json!({"error": {"kind": "usage", "message": message}}));
+                return ExitCode::from(2);
+            }
             let message = text
                 .lines()
                 .take_while(|l| !l.trim().is_empty())

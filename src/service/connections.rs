@@ -590,18 +590,21 @@ fn refuse_inactive(row: &ConnectionRow) -> ServiceResult<()> {
 }
 
 /// Disconnects: revokes the grant at the provider where the provider offers revocation, then
-/// marks the connection disconnected and erases its tokens. A provider that cannot revoke the
-/// grant for now stops it (503, nothing changed; see [`revoke_at_provider`]), and so does a
-/// reconnect by the client while the provider was asked (409, the connection kept).
+/// marks the connection disconnected and erases its tokens. The provider revokes with the access
+/// token: one about to run out is refreshed first, and one the provider refuses is refreshed
+/// once and offered again (a refused access token is not a dead grant, providers.md §9.3). A
+/// provider that cannot revoke the grant for now leaves the connection connected (503; see
+/// [`revoke_at_provider`]), and so does a reconnect by the client after the disconnect was asked
+/// for (409).
 pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<ConnectionView> {
     // The caller's right to the connection first: the in-process lock is taken only for a
     // connection that exists and is the caller's, so that ids sent by anyone neither fill the
     // lock table nor wait (and so tell) while another workspace's connection is busy.
     let row = get_row(app, scope, id).await?;
     let id = row.id.clone();
+    // The client's reconnects from here on are theirs to keep (see `disconnect_leased`).
+    let reconnects = row.reconnect_count;
     let deadline = tokio::time::Instant::now() + within_request(app);
-    // The provider revokes with the access token: one about to run out is refreshed first, as
-    // for a token read (the scheduler keeps them fresh, unless its jobs are not running).
     let revokes = row
         .provider
         .parse::<Platform>()
@@ -609,35 +612,85 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
         .and_then(|p| app.providers.get(p))
         .is_some_and(|p| p.offers_revocation());
     let expiring = row.access_expires_at.is_some_and(|at| at - app.now_ms() < STILL_VALID_MS);
+    let mut refreshed = false;
     if revokes && expiring && ConnectionStatus::parse(&row.status) == ConnectionStatus::Active {
-        let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
-        // Whatever it gives, the revocation says next whether the token still works.
-        super::refresh::refresh(app, &id, false, STILL_VALID_MS, Some(wait)).await?;
+        refresh_before_revoking(app, &id, deadline, false).await?;
+        refreshed = true;
     }
-    // No refresh anywhere while the grant is revoked (it would rotate the tokens being revoked,
-    // or meet the revoked grant and report the connection broken): this process's lock, then
-    // the refresh lease, both waited for within the request's time. A refresh here that
-    // outlasts it answers 503 (try again); a lease held elsewhere past it (a process that died
-    // holding it, or a slow one) does not stop the disconnect, whose write looks for a
-    // reconnect meanwhile.
-    let lock = super::refresh::connection_lock(&id);
+    loop {
+        match disconnect_locked(app, actor, scope, &id, deadline, reconnects, refreshed).await? {
+            Disconnect::Done(view) => return Ok(*view),
+            // Returned only before a refresh here: the loop runs twice at most.
+            Disconnect::TokenRefused => {
+                refresh_before_revoking(app, &id, deadline, true).await?;
+                refreshed = true;
+            }
+        }
+    }
+}
+
+/// How far a disconnect went.
+enum Disconnect {
+    /// Disconnected (now, or before).
+    Done(Box<ConnectionView>),
+    /// The provider refused the access token before any refresh in this disconnect: to be
+    /// refreshed, and offered again.
+    TokenRefused,
+}
+
+/// Refreshes a connection's access token before its grant is revoked with it (forced: the
+/// provider refused the token). A refresh that fails for now leaves the connection connected
+/// (503); one that finds the grant dead does not stop the disconnect (the connection is broken
+/// first, as by any refresh, and the revocation has nothing left to end).
+async fn refresh_before_revoking(
+    app: &App,
+    id: &str,
+    deadline: tokio::time::Instant,
+    force: bool,
+) -> ServiceResult<()> {
+    let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+    match super::refresh::refresh(app, id, force, STILL_VALID_MS, Some(wait)).await? {
+        super::refresh::Outcome::Transient(reason) => Err(ServiceError::Unavailable(format!(
+            "the access token could not be refreshed before the grant is revoked with it ({reason}); the \
+             connection was not disconnected: disconnect it again in a moment"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// One try of [`disconnect`]: no refresh anywhere while the grant is revoked (it would rotate
+/// the tokens being revoked, or meet the revoked grant and report the connection broken): this
+/// process's lock, then the refresh lease, both waited for until `deadline`. A refresh here that
+/// outlasts it answers 503 (try again); a lease held elsewhere past it (a process that died
+/// holding it, or a slow one) does not stop the disconnect, whose write looks at what changed
+/// meanwhile.
+async fn disconnect_locked(
+    app: &App,
+    actor: &Actor,
+    scope: &Scope,
+    id: &str,
+    deadline: tokio::time::Instant,
+    reconnects: i64,
+    refreshed: bool,
+) -> ServiceResult<Disconnect> {
+    let lock = super::refresh::connection_lock(id);
     let Ok(_guard) = tokio::time::timeout_at(deadline, lock.lock()).await else {
         return Err(ServiceError::Unavailable(
             "a refresh of this connection is under way; disconnect it again in a moment".into(),
         ));
     };
     let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let leased = super::refresh::take_lease_waiting(app, &id, wait).await?;
+    let leased = super::refresh::take_lease_waiting(app, id, wait).await?;
     if !leased {
         tracing::debug!(connection_id = %id, "disconnecting without the refresh lease");
     }
-    let result = disconnect_leased(app, actor, scope, &id).await;
-    // The disconnect's own write gives the lease back; a failed one does here. (A lease left on a
-    // connection found disconnected meanwhile runs out: nothing refreshes it.)
-    if leased && result.is_err() {
+    let result = disconnect_leased(app, actor, scope, id, reconnects, refreshed).await;
+    // The disconnect's own write gives the lease back; anything else does here. (A lease left on
+    // a connection found disconnected meanwhile runs out: nothing refreshes it.)
+    if leased && !matches!(result, Ok(Disconnect::Done(_))) {
         let owner = super::refresh::owner_id();
         let released =
-            async { db::connections::release_lease(&mut *app.db.writer().await?, &id, owner).await }.await;
+            async { db::connections::release_lease(&mut *app.db.writer().await?, id, owner).await }.await;
         if let Err(e) = released {
             tracing::warn!(connection_id = %id, error = %e, "a disconnect's lease could not be given back");
         }
@@ -651,13 +704,21 @@ async fn disconnect_leased(
     actor: &Actor,
     scope: &Scope,
     id: &str,
-) -> ServiceResult<ConnectionView> {
+    reconnects: i64,
+    refreshed: bool,
+) -> ServiceResult<Disconnect> {
     // Read under the lease: a refresh that finished elsewhere meanwhile stored the token to revoke.
     let row = get_row(app, scope, id).await?;
     if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
-        return Ok(view(&row));
+        return Ok(Disconnect::Done(Box::new(view(&row))));
     }
-    let revoked_note = revoke_at_provider(app, &row).await?;
+    if row.reconnect_count != reconnects {
+        return Err(reconnected_meanwhile(false));
+    }
+    let revoked_note = match revoke_at_provider(app, &row, refreshed).await? {
+        Revocation::Said(note) => note,
+        Revocation::TokenRefused => return Ok(Disconnect::TokenRefused),
+    };
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     // The row as it stands now (locked): a refresh or reconnect by another process while the
@@ -666,13 +727,12 @@ async fn disconnect_leased(
         .await?
         .ok_or(ServiceError::NotFound("connection"))?;
     if ConnectionStatus::parse(&current.status) == ConnectionStatus::Disconnected {
-        return Ok(view(&current));
+        return Ok(Disconnect::Done(Box::new(view(&current))));
     }
-    // The client reconnected meanwhile, and saw it succeed: that connection is kept, not undone
-    // unseen. (Tokens a refresh elsewhere stored meanwhile are of the grant just revoked, which
-    // takes them with it: the disconnect goes on.)
-    if current.reconnect_count != row.reconnect_count {
-        let revoked = revoked_note == REVOKED;
+    let revoked = revoked_note == REVOKED;
+    // The client reconnected while the provider was asked, and saw it succeed: that connection is
+    // kept, not undone unseen.
+    if current.reconnect_count != reconnects {
         if revoked {
             // The provider ended the grant the connection held; a grant made just before may
             // have gone with it (TikTok removes the app from the account): checked at once.
@@ -690,15 +750,16 @@ async fn disconnect_leased(
             .await?;
             tx.commit().await?;
         }
-        return Err(ServiceError::Conflict(format!(
-            "the client reconnected this account while it was being disconnected, so the connection was \
-             kept{}; disconnect it again if it should go",
-            if revoked {
-                " (the earlier grant was revoked at the provider; the connection's health check is due now)"
-            } else {
-                ""
-            }
-        )));
+        return Err(reconnected_meanwhile(revoked));
+    }
+    // Tokens a refresh elsewhere stored meanwhile: of the grant just revoked, which takes them
+    // with it; but a grant the old token did not revoke may live on with them.
+    if current.token_generation != row.token_generation && !revoked {
+        return Err(ServiceError::Conflict(
+            "new tokens were stored while the grant was being revoked with the ones before; the connection \
+             was not disconnected: disconnect it again"
+                .into(),
+        ));
     }
     let mut row = current;
     row.status = ConnectionStatus::Disconnected.as_str().into();
@@ -729,65 +790,95 @@ async fn disconnect_leased(
     let data = event_data(&mut tx, app, &row, row.status_reason.as_deref()).await?;
     super::webhooks::emit(&mut tx, app, now, &row.workspace_id, "connection.disconnected", data).await?;
     tx.commit().await?;
-    Ok(view(&row))
+    Ok(Disconnect::Done(Box::new(view(&row))))
+}
+
+/// The answer to a disconnect overtaken by the client's reconnect (409).
+fn reconnected_meanwhile(revoked: bool) -> ServiceError {
+    ServiceError::Conflict(format!(
+        "the client reconnected this account after the disconnect was asked for, so the connection was kept{}; \
+         disconnect it again if it should go",
+        if revoked {
+            " (the earlier grant was revoked at the provider; the connection's health check is due now)"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// What a disconnect's status reason and audit entry say of a grant revoked at the provider.
 const REVOKED: &str = "revoked at the provider";
 
+/// What became of a revocation.
+enum Revocation {
+    /// Done, or not to be done: what the status reason and the audit entry say of it.
+    Said(String),
+    /// The provider refused the access token, not yet refreshed in this disconnect.
+    TokenRefused,
+}
+
 /// Revokes a connection's grant at its provider before a disconnect, and says how it went, for
 /// the connection's status reason and the audit log. A provider that cannot revoke it for now
 /// (unreachable, 429, 5xx) or that refuses authlink's own settings, or a token sealed with a key
-/// this process does not hold, stops the disconnect with nothing changed: the tokens a
-/// disconnect erases are the only way to revoke the grant later. A grant that cannot be revoked
-/// with what is stored (the provider no longer takes the token, or refuses the request; tokens
-/// that fail to open with the key they name; a provider not served here) does not: the agency's
-/// removal of the connection goes ahead, and the reason says the grant may still be listed in
-/// the account's settings.
-async fn revoke_at_provider(app: &App, row: &ConnectionRow) -> ServiceResult<String> {
+/// this process does not hold, stops the disconnect, the connection left connected: the tokens
+/// a disconnect erases are the only way to revoke the grant later. A refused access token of an
+/// active connection is to be refreshed and offered again, once (`refreshed` says it was). A
+/// grant that cannot be revoked with what is stored (a dead grant, a token or request the
+/// provider refuses after a refresh, tokens that fail to open with the key they name, a provider
+/// not served here) does not stop it: the agency's removal of the connection goes ahead, and
+/// the reason says the grant may still be listed in the account's settings.
+async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> ServiceResult<Revocation> {
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
     let name = platform.display_name();
     let still_listed = "the grant may still be listed in the account's settings";
+    let said = |note: String| Ok(Revocation::Said(note));
     let Some(sealed) = row.access_token_sealed.as_deref() else {
-        return Ok("not revoked at the provider: the connection holds no token".into());
+        return said("not revoked at the provider: the connection holds no token".into());
     };
     let Some(provider) = app.providers.get(platform) else {
-        return Ok(format!("not revoked: {name} is not enabled on this instance; {still_listed}"));
+        return said(format!("not revoked: {name} is not enabled on this instance; {still_listed}"));
     };
     if !provider.offers_revocation() {
-        return Ok(format!("{name} offers no revocation"));
+        return said(format!("{name} offers no revocation"));
     }
     let token = match app.keys.open_str(sealed, access_aad(&row.workspace_id, &row.id)) {
         Ok(token) => token,
         Err(e @ crate::crypto::CryptoError::UnknownKey(_)) => {
             tracing::error!(connection_id = %row.id, error = %e, "the stored tokens need a key this process does not hold");
             return Err(ServiceError::Unavailable(format!(
-                "the grant cannot be revoked at {name} here, and nothing was changed: the stored tokens are {e}; \
-                 disconnect it through a process started with that master key"
+                "the grant cannot be revoked at {name} by this process, so the connection was not disconnected: \
+                 the stored tokens are {e}; disconnect it through a process started with that master key"
             )));
         }
         Err(e) => {
             tracing::error!(connection_id = %row.id, error = %e, "the stored tokens cannot be opened");
-            return Ok(format!("not revoked: the stored tokens cannot be opened; {still_listed}"));
+            return said(format!("not revoked: the stored tokens cannot be opened; {still_listed}"));
         }
     };
-    let reason = match provider.revoke(&token).await {
-        Ok(_) => return Ok(REVOKED.into()),
+    let refusal = match provider.revoke(&token).await {
+        Ok(true) => return said(REVOKED.into()),
+        Ok(false) => return said(format!("{name} offers no revocation")),
         Err(e) => {
             tracing::warn!(connection_id = %row.id, error = %e, "revocation at the provider failed");
             e
         }
     };
-    match reason {
+    let active = ConnectionStatus::parse(&row.status) == ConnectionStatus::Active;
+    match refusal {
         ProviderError::Transient { reason, .. } => Err(ServiceError::Unavailable(format!(
-            "{name} could not revoke the grant right now ({reason}); nothing was changed: disconnect it again \
-             in a moment"
+            "{name} could not revoke the grant right now ({reason}); the connection was not disconnected: \
+             disconnect it again in a moment"
         ))),
         ProviderError::Misconfigured { reason } => Err(ServiceError::Unavailable(format!(
-            "{name} refused authlink's own settings when asked to revoke the grant ({reason}); nothing was \
-             changed: the operator must correct the {name} settings, then disconnect it again"
+            "{name} refused authlink's own settings when asked to revoke the grant ({reason}); the connection \
+             was not disconnected: the operator must correct the {name} settings, then disconnect it again"
         ))),
-        refused => Ok(format!("revocation refused by {name} ({}); {still_listed}", refused.reason())),
+        // A dead grant has nothing left to revoke.
+        ProviderError::Permanent { reason } => {
+            said(format!("not revoked: the grant is no longer valid at {name} ({reason}); {still_listed}"))
+        }
+        _ if active && !refreshed && row.refresh_token_sealed.is_some() => Ok(Revocation::TokenRefused),
+        refused => said(format!("revocation refused by {name} ({}); {still_listed}", refused.reason())),
     }
 }
 

@@ -251,6 +251,15 @@ async fn json_errors_under_json(app: TestApp) {
     let e = error_of(&o);
     assert_eq!(e["kind"], "usage");
     assert!(e["message"].as_str().unwrap().contains("--workspace"), "{e}");
+    // A command without its subcommand says so, not what the command is for.
+    for args in [["--json", "link"], ["link", "--json"]] {
+        let o = app.cli(&args);
+        assert_eq!(o.status.code(), Some(2));
+        let e = error_of(&o);
+        assert_eq!(e["kind"], "usage");
+        let message = e["message"].as_str().unwrap();
+        assert!(message.contains("subcommand") && !message.contains("Manage auth links"), "{args:?}: {e}");
+    }
     // A broken configuration: exit 2.
     let o = app.cli_env(
         &["link", "list", "--workspace", &wid, "--json"],

@@ -1079,9 +1079,10 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
 
 /// A disconnect erases the only tokens that could revoke the grant later: while TikTok cannot
 /// revoke it for now (5xx, 429, unreachable) or refuses authlink's credentials, the disconnect
-/// answers 503 and changes nothing; a token TikTok no longer takes does not stop it, and the
-/// reason says the grant may still be listed in the account's settings. A token about to run
-/// out is refreshed before it is revoked.
+/// answers 503 and the connection stays connected; a dead grant does not stop it, and the
+/// reason says the grant may still be listed in the account's settings. An access token TikTok
+/// refuses otherwise is refreshed once and offered again, and one about to run out is refreshed
+/// first.
 async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: TestApp) {
     let (app, restarted, key, id) = one_tiktok_connection(app, "Disconnect Refused", &[], 0).await;
     let token =
@@ -1090,6 +1091,8 @@ async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: Tes
         "SELECT CAST(COUNT(*) AS TEXT) FROM {{schema}}.connection_events WHERE connection_id = '{id}'"
     );
     let events_before = app.text(&events_sql).await;
+    let calls =
+        |stats: &Value| (stats["refresh_calls"].as_i64().unwrap(), stats["revoke_calls"].as_i64().unwrap());
     for (kind, says) in [
         ("server_error", "could not revoke the grant right now"),
         ("rate_limit", "could not revoke the grant right now"),
@@ -1104,7 +1107,7 @@ async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: Tes
         .await;
         let refused = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 503).await;
         let detail = refused["detail"].as_str().unwrap();
-        assert!(detail.contains(says) && detail.contains("nothing was changed"), "{kind}: {refused}");
+        assert!(detail.contains(says) && detail.contains("was not disconnected"), "{kind}: {refused}");
         // Still connected, with the same token, nothing recorded, and the lease given back.
         assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "active", "{kind}");
         let read = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
@@ -1120,30 +1123,57 @@ async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: Tes
     assert!(String::from_utf8_lossy(&out.stderr).contains("could not revoke the grant right now"), "{out:?}");
     let audit = app.cli_json(&["audit", "list", "--action", "connection.disconnected"]);
     assert_eq!(audit.as_array().unwrap().len(), 0, "{audit}");
-    // A token TikTok no longer takes (the grant is dead there) does not keep the connection.
+    // A grant dead at TikTok does not keep the connection, nor is it refreshed first.
+    let before = calls(&app.sandbox_stats("tiktok").await);
     app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "revoke", "kind": "invalid_grant"}]}))
         .await;
     let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
     assert_eq!(done["status"], "disconnected", "{done}");
     let reason = done["status_reason"].as_str().unwrap();
     assert!(
+        reason.contains("the grant is no longer valid at TikTok") && reason.contains("may still be listed"),
+        "{done}"
+    );
+    assert_eq!(calls(&app.sandbox_stats("tiktok").await), (before.0, before.1 + 1));
+
+    // A refusal that does not say the grant is dead (here a 400 whose answer cannot be read): the
+    // access token is refreshed, and the new one revokes the grant.
+    let refusal = |count: u32| json!({"fail_next": [{"endpoint": "revoke", "kind": "html_error", "status": 400, "count": count}]});
+    let (key, _, id) = tiktok_connection_through_a_link(&app, "Disconnect Token Refused", 1).await;
+    let before = calls(&app.sandbox_stats("tiktok").await);
+    app.sandbox("/tiktok/scenario", refusal(1)).await;
+    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    assert_eq!(done["status_reason"], "Disconnected by the agency (revoked at the provider).", "{done}");
+    assert_eq!(calls(&app.sandbox_stats("tiktok").await), (before.0 + 1, before.1 + 2));
+    // Refused again after the refresh: it goes, saying so.
+    let (key, _, id) = tiktok_connection_through_a_link(&app, "Disconnect Token Refused Twice", 2).await;
+    let before = calls(&app.sandbox_stats("tiktok").await);
+    app.sandbox("/tiktok/scenario", refusal(2)).await;
+    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    let reason = done["status_reason"].as_str().unwrap();
+    assert!(
         reason.contains("revocation refused by TikTok") && reason.contains("may still be listed"),
         "{done}"
     );
-    let stats = app.sandbox_stats("tiktok").await;
-    assert_eq!(stats["revoke_calls"].as_i64().unwrap(), 7, "{stats}");
-    // Another account, whose access token runs out (no jobs refresh it here): refreshed first,
-    // then revoked.
-    let (key, _, id) = tiktok_connection_through_a_link(&app, "Disconnect Expiring", 1).await;
-    let expires =
-        app.api_get(&format!("/connections/{id}"), &key, 200).await["access_token_expires_at"].clone();
-    let refreshes = stats["refresh_calls"].as_i64().unwrap();
+    assert_eq!(calls(&app.sandbox_stats("tiktok").await), (before.0 + 1, before.1 + 2));
+
+    // An access token about to run out (no jobs refresh it here) is refreshed first; while that
+    // fails for now, the connection stays connected and nothing is sent to be revoked.
+    let (key, _, id) = tiktok_connection_through_a_link(&app, "Disconnect Expiring", 0).await;
     app.advance_clock(86_400).await;
+    let before = calls(&app.sandbox_stats("tiktok").await);
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [{"endpoint": "refresh", "kind": "server_error"}]}))
+        .await;
+    let refused = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 503).await;
+    assert!(
+        refused["detail"].as_str().unwrap().contains("could not be refreshed before the grant is revoked"),
+        "{refused}"
+    );
+    assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "active");
+    assert_eq!(calls(&app.sandbox_stats("tiktok").await), (before.0 + 1, before.1));
     let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
     assert_eq!(done["status_reason"], "Disconnected by the agency (revoked at the provider).", "{done}");
-    let stats = app.sandbox_stats("tiktok").await;
-    assert_eq!(stats["refresh_calls"].as_i64().unwrap(), refreshes + 1, "{stats}; expired at {expires}");
-    assert_eq!(stats["revoke_calls"].as_i64().unwrap(), 8, "{stats}");
+    assert_eq!(calls(&app.sandbox_stats("tiktok").await), (before.0 + 2, before.1 + 1));
     restarted.run().await;
 }
 
@@ -1174,7 +1204,7 @@ async fn a_reconnect_during_a_disconnect_is_kept(app: TestApp) {
     assert_eq!(refused.status(), 409);
     let refused: Value = refused.json().await.unwrap();
     let detail = refused["detail"].as_str().unwrap();
-    assert!(detail.contains("reconnected this account while it was being disconnected"), "{refused}");
+    assert!(detail.contains("reconnected this account after the disconnect was asked for"), "{refused}");
     assert!(detail.contains("earlier grant was revoked"), "{refused}");
     let kept = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(
@@ -1194,8 +1224,8 @@ async fn a_reconnect_during_a_disconnect_is_kept(app: TestApp) {
     assert!(due.parse::<i64>().unwrap() <= now, "check due at {due}, now {now}");
     let checked = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 200).await;
     assert_eq!(checked["outcome"], "current", "{checked}");
-    // Tokens another process stored meanwhile (a refresh of the grant being revoked, which goes
-    // with it) do not stop a disconnect.
+    // Tokens stored meanwhile, as by a process that kept the lease past the disconnect's wait (a
+    // refresh of the grant being revoked, which goes with it), do not stop a disconnect.
     app.sandbox(
         "/tiktok/scenario",
         json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
@@ -1247,6 +1277,11 @@ async fn unreadable_tokens_break_the_connection(app: TestApp) {
     assert_eq!(run["outcome"], "transient", "{run}");
     assert!(run["detail"].as_str().unwrap().contains("someotherkey"), "{run}");
     assert_eq!(run["connection"]["status"], "active");
+    // Nor is it disconnected here: only a process holding that key can revoke the grant.
+    let refused = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 503).await;
+    let detail = refused["detail"].as_str().unwrap();
+    assert!(detail.contains("someotherkey") && detail.contains("was not disconnected"), "{refused}");
+    assert_eq!(app.api_get(&format!("/connections/{id}"), &key, 200).await["status"], "active");
     // Then failing to open with the key it names (here the access token's place holds the
     // refresh token, sealed for another place): broken.
     sqlx::query("UPDATE connections SET access_token_sealed = refresh_token_sealed WHERE id = $1")

@@ -108,17 +108,18 @@ async fn get_connection(
     Ok(Json(connections::get(&state, &caller.scope, &id).await?))
 }
 
-/// Disconnect: revokes the grant at the provider where possible, marks the connection
-/// disconnected and erases its tokens. A grant the stored token cannot revoke (the provider no
-/// longer takes it, or refuses the request), tokens that fail to open with the key they name,
-/// or a provider not enabled on this instance do not stop it: the status reason then says the
-/// grant may still be listed in the account's settings. A provider that cannot revoke it for now
-/// does (503), since the tokens erased are the only way to revoke the grant later.
+/// Disconnect: revokes the grant at the provider where possible (refreshing first an access
+/// token about to run out, or one the provider refuses), marks the connection disconnected and
+/// erases its tokens. A dead grant, a refusal a refresh does not cure, tokens that fail to open
+/// with the key they name, or a provider not enabled on this instance do not stop it: the
+/// status reason then says the grant may still be listed in the account's settings. A provider
+/// that cannot revoke it for now does (503), since the tokens erased are the only way to revoke
+/// the grant later.
 #[utoipa::path(post, path = "/connections/{id}/disconnect", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = ConnectionView), (status = 404, body = Problem),
-        (status = 409, body = Problem, description = "The client reconnected the account while it was being disconnected: the connection was kept (if the earlier grant was revoked meanwhile, its health check is due at once)"),
-        (status = 503, body = Problem, description = "Nothing was changed: the provider could not revoke the grant right now (down, slow or rate-limited) or refused authlink's own settings, a refresh of the connection is under way, the stored tokens need a master key this process does not hold, the database cannot be reached, or the request did not finish in time")))]
+        (status = 409, body = Problem, description = "Not disconnected: the client reconnected the account after the disconnect was asked for (if the earlier grant was revoked meanwhile, the connection's health check is due at once), or new tokens were stored while the grant was being revoked with the ones before"),
+        (status = 503, body = Problem, description = "Not disconnected: the provider could not revoke the grant right now (down, slow or rate-limited) or refused authlink's own settings, the access token could not be refreshed first, a refresh of the connection is under way, the stored tokens need a master key this process does not hold, or the database cannot be reached. Or the request did not finish in time: the disconnect goes on and may finish")))]
 async fn disconnect_connection(
     State(state): State<AppState>,
     caller: Caller,

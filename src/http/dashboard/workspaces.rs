@@ -331,6 +331,7 @@ const KNOWN_ACTIONS: &[&str] = &[
     "connection.reconnected",
     "connection.broken",
     "connection.disconnected",
+    "connection.disconnect_overtaken",
     "connection.token_read",
     "api_key.created",
     "api_key.revoked",
