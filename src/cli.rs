@@ -52,7 +52,8 @@ pub enum Command {
     Config(ConfigCommand),
     /// Make a new random master key (base64 of 32 bytes): printed, for AUTHLINK_MASTER_KEY, or
     /// with --output written to a new file (mode 0600), for master_key_file, so that it passes
-    /// through no terminal and no shell history.
+    /// through no terminal and no shell history. Reads no configuration (it works while that is
+    /// being edited).
     Keygen {
         /// Write the key to this new file (mode 0600) instead of printing it, and print its key id.
         #[arg(long, short, value_name = "FILE")]
@@ -100,7 +101,7 @@ pub enum Command {
     /// Manage dashboard users (passwords are read from standard input or a prompt, never argv).
     #[command(subcommand)]
     User(UserCommand),
-    /// Print the OpenAPI document of the JSON API.
+    /// Print the OpenAPI document of the JSON API. Reads no configuration.
     Openapi,
 }
 
@@ -637,21 +638,73 @@ type CliResult = Result<(), CliError>;
 /// Runs the parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let json = cli.json;
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            CliError::new(2, e.to_string()).kind("configuration").report(json);
-            return ExitCode::from(2);
+    let result = match without_configuration(&cli) {
+        Some(result) => result,
+        None => {
+            let config = match Config::load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    CliError::new(2, e.to_string()).kind("configuration").report(json);
+                    return ExitCode::from(2);
+                }
+            };
+            crate::telemetry::init(config.log_format);
+            dispatch(cli, config).await
         }
     };
-    crate::telemetry::init(config.log_format);
-    match dispatch(cli, config).await {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             e.report(json);
             ExitCode::from(e.code)
         }
     }
+}
+
+/// The commands that need no configuration, run without reading it, so that they work where it
+/// is missing, broken or half-edited (a new master key made in the middle of a key rotation);
+/// `None` for the others.
+fn without_configuration(cli: &Cli) -> Option<CliResult> {
+    match &cli.command {
+        Command::Keygen { output } => Some(keygen(cli.json, output.as_deref())),
+        Command::Openapi => Some(openapi()),
+        _ => None,
+    }
+}
+
+/// `authlink openapi`.
+fn openapi() -> CliResult {
+    out(serde_json::to_string_pretty(&crate::http::api::openapi()).unwrap_or_default());
+    Ok(())
+}
+
+/// `authlink keygen [--output FILE]`.
+fn keygen(json: bool, output: Option<&std::path::Path>) -> CliResult {
+    use secrecy::ExposeSecret;
+    let Some(path) = output else {
+        let (_, key) = crate::crypto::KeyRing::generate();
+        print(json, &serde_json::json!({"master_key": key.expose_secret()}), |_| {
+            key.expose_secret().to_string()
+        });
+        return Ok(());
+    };
+    // A new file only: an existing key file may be the one the data is sealed with.
+    if path.symlink_metadata().is_ok() {
+        return Err(CliError::new(
+            2,
+            format!("{} already exists: a key file is never overwritten", path.display()),
+        ));
+    }
+    let ring = crate::crypto::KeyRing::create_file(path).map_err(|e| CliError::new(1, e.to_string()))?;
+    let kid = ring.active_kid().to_string();
+    print(json, &serde_json::json!({"master_key_file": path, "kid": kid}), |_| {
+        format!(
+            "master key {kid} written to {} (mode 0600): set AUTHLINK_MASTER_KEY_FILE={}",
+            path.display(),
+            path.display()
+        )
+    });
+    Ok(())
 }
 
 /// Says, on standard error and off the listing, that a listing as long as its `--limit` may have
@@ -729,38 +782,9 @@ async fn dispatch(cli: Cli, config: Config) -> CliResult {
             }
             Ok(())
         }
-        Command::Keygen { output: None } => {
-            let (_, key) = crate::crypto::KeyRing::generate();
-            use secrecy::ExposeSecret;
-            print(json, &serde_json::json!({"master_key": key.expose_secret()}), |_| {
-                key.expose_secret().to_string()
-            });
-            Ok(())
-        }
-        Command::Keygen { output: Some(path) } => {
-            // A new file only: an existing key file may be the one the data is sealed with.
-            if path.symlink_metadata().is_ok() {
-                return Err(CliError::new(
-                    2,
-                    format!("{} already exists: a key file is never overwritten", path.display()),
-                ));
-            }
-            let ring =
-                crate::crypto::KeyRing::create_file(&path).map_err(|e| CliError::new(1, e.to_string()))?;
-            let kid = ring.active_kid().to_string();
-            print(json, &serde_json::json!({"master_key_file": path, "kid": kid}), |_| {
-                format!(
-                    "master key {kid} written to {} (mode 0600): set AUTHLINK_MASTER_KEY_FILE={}",
-                    path.display(),
-                    path.display()
-                )
-            });
-            Ok(())
-        }
-        Command::Openapi => {
-            out(serde_json::to_string_pretty(&crate::http::api::openapi()).unwrap_or_default());
-            Ok(())
-        }
+        // (Run without reading the configuration: see `without_configuration`.)
+        Command::Keygen { output } => keygen(json, output.as_deref()),
+        Command::Openapi => openapi(),
         Command::Backup { output } => backup(&config, json, output).await,
         Command::Restore { from } => restore(&config, json, from).await,
         Command::Keys(cmd) => keys(state(config).await?, json, cmd).await,

@@ -269,6 +269,16 @@ async fn json_errors_under_json(app: TestApp) {
     let e = error_of(&o);
     assert_eq!(e["kind"], "configuration");
     assert!(e["message"].as_str().unwrap().contains("client_kye"), "{e}");
+    // The commands that read no configuration still work with it broken: a new master key can
+    // be made while the configuration is being edited for it.
+    let broken = [("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KYE", "x")];
+    let made = app.cli_env(&["keygen", "--json"], &broken);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let key: Value = serde_json::from_slice(&made.stdout).unwrap();
+    assert_eq!(key["master_key"].as_str().unwrap().len(), 44, "{key}");
+    let spec = app.cli_env(&["openapi"], &broken);
+    assert!(spec.status.success(), "{}", stderr(&spec));
+    assert!(String::from_utf8_lossy(&spec.stdout).contains("\"openapi\""));
     // Without --json, the one line as before.
     assert_fails(&app.cli(&["link", "list", "--workspace", "no-such-workspace"]), "--workspace");
 }
