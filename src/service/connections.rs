@@ -594,7 +594,7 @@ fn refuse_inactive(row: &ConnectionRow) -> ServiceResult<()> {
 /// token: one about to run out is refreshed first, and one the provider refuses is refreshed
 /// once and offered again (a refused access token is not a dead grant, providers.md §9.3). A
 /// provider that cannot revoke the grant for now leaves the connection connected (503; see
-/// [`revoke_at_provider`]), and so does a reconnect by the client after the disconnect was asked
+/// `revoke_at_provider`), and so does a reconnect by the client after the disconnect was asked
 /// for (409).
 pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> ServiceResult<ConnectionView> {
     // The caller's right to the connection first: the in-process lock is taken only for a
