@@ -685,9 +685,10 @@ async fn disconnect_locked(
         tracing::debug!(connection_id = %id, "disconnecting without the refresh lease");
     }
     let result = disconnect_leased(app, actor, scope, id, reconnects, refreshed).await;
-    // The disconnect's own write gives the lease back; anything else does here. (A lease left on
-    // a connection found disconnected meanwhile runs out: nothing refreshes it.)
-    if leased && !matches!(result, Ok(Disconnect::Done(_))) {
+    // Given back whatever happened (after the disconnect's own write, which gave it back, this
+    // finds nothing to give): a connection found disconnected meanwhile may be reconnected
+    // before a lease left on it would run out.
+    if leased {
         let owner = super::refresh::owner_id();
         let released =
             async { db::connections::release_lease(&mut *app.db.writer().await?, id, owner).await }.await;

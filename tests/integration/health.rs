@@ -1045,6 +1045,7 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
     })
     .await;
     held_at_tiktok(&app, "the revocation to be held at TikTok").await;
+    assert_ne!(lease_of(id.clone()).await, "none", "held while TikTok is asked");
     let during = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(during["status"], "active", "taken before the revocation ends: {during}");
     release(&app).await;
@@ -1053,6 +1054,27 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
     let done: Value = done.json().await.unwrap();
     assert_eq!(done["status"], "disconnected", "{done}");
     assert!(done["status_reason"].as_str().unwrap().contains("revoked at the provider"), "{done}");
+    assert_eq!(lease_of(id.clone()).await, "none", "given back");
+    // Disconnected meanwhile by someone else (as by another process that went ahead without the
+    // lease): the answer is the connection as it stands, and the lease is given back all the
+    // same, for a reconnect may make the connection active again before it would run out.
+    let (key, _, id) = tiktok_connection_through_a_link(&app, "Disconnect Raced Elsewhere", 2).await;
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
+    )
+    .await;
+    let disconnecting = spawn_disconnect(&app, &id, &key);
+    held_at_tiktok(&app, "the third revocation to be held at TikTok").await;
+    app.execute(&format!(
+        "UPDATE {{schema}}.connections SET status = 'disconnected', status_reason = 'elsewhere' WHERE id = '{id}'"
+    ))
+    .await;
+    release(&app).await;
+    let done = disconnecting.await.unwrap();
+    assert_eq!(done.status(), 200);
+    let done: Value = done.json().await.unwrap();
+    assert_eq!(done["status_reason"], "elsewhere", "{done}");
     assert_eq!(lease_of(id.clone()).await, "none", "given back");
     // Another account, whose lease another process holds (and keeps): the disconnect waits for it
     // within the request's time (12 − 5 − 5 = 2 s), then goes ahead.

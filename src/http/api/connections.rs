@@ -108,13 +108,13 @@ async fn get_connection(
     Ok(Json(connections::get(&state, &caller.scope, &id).await?))
 }
 
-/// Disconnect: revokes the grant at the provider where possible (refreshing first an access
-/// token about to run out, or one the provider refuses), marks the connection disconnected and
-/// erases its tokens. A dead grant, a refusal a refresh does not cure, tokens that fail to open
-/// with the key they name, or a provider not enabled on this instance do not stop it: the
-/// status reason then says the grant may still be listed in the account's settings. A provider
-/// that cannot revoke it for now does (503), since the tokens erased are the only way to revoke
-/// the grant later.
+/// Disconnect: revokes the grant at the provider where possible (refreshing first an active
+/// connection's access token about to run out, or one the provider refuses), marks the
+/// connection disconnected and erases its tokens. A dead grant, a refusal a refresh does not
+/// cure, tokens that fail to open with the key they name, or a provider not enabled on this
+/// instance do not stop it: the status reason then says the grant may still be listed in the
+/// account's settings. A provider that cannot revoke it for now does (503), since the tokens
+/// erased are the only way to revoke the grant later.
 #[utoipa::path(post, path = "/connections/{id}/disconnect", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = ConnectionView), (status = 404, body = Problem),
