@@ -660,11 +660,33 @@ async fn lease_of(app: &TestApp, id: String) -> String {
     .await
 }
 
-/// Asks for connection `id`'s disconnect over the API, in a task of its own.
-fn spawn_disconnect(app: &TestApp, id: &str, key: &str) -> tokio::task::JoinHandle<reqwest::Response> {
+/// Asks for connection `id`'s disconnect over the API, in a task of its own, while TikTok holds
+/// its revocation (4.5 s at most); returns once TikTok holds it. [`released_answer`] lets it go.
+async fn disconnect_held_at_tiktok(
+    app: &TestApp,
+    id: &str,
+    key: &str,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
+    )
+    .await;
     let request =
         app.api(reqwest::Method::POST, &format!("/connections/{id}/disconnect"), key).json(&json!({}));
-    tokio::spawn(async move { request.send().await.unwrap() })
+    let disconnecting = tokio::spawn(async move { request.send().await.unwrap() });
+    held_at_tiktok(app, "the revocation to be held at TikTok").await;
+    disconnecting
+}
+
+/// Lets TikTok answer the revocation it holds: the held disconnect's status and answer.
+async fn released_answer(
+    app: &TestApp,
+    disconnecting: tokio::task::JoinHandle<reqwest::Response>,
+) -> (u16, Value) {
+    release(app).await;
+    let answer = disconnecting.await.unwrap();
+    (answer.status().as_u16(), answer.json().await.unwrap())
 }
 
 async fn connection_id(app: &TestApp, key: &str) -> String {
@@ -1033,25 +1055,12 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
     assert_eq!(lease_of(id.clone()).await, "none");
     // TikTok holds the revocation: the lease is held while it runs, and the connection is still
     // active then (within the provider's 5 s).
-    app.sandbox(
-        "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
-    )
-    .await;
-    let disconnecting = spawn_disconnect(&app, &id, &key);
-    eventually("the disconnect to take the lease", 10, || async {
-        let owner = lease_of(id.clone()).await;
-        (owner != "none").then_some(Value::String(owner))
-    })
-    .await;
-    held_at_tiktok(&app, "the revocation to be held at TikTok").await;
+    let disconnecting = disconnect_held_at_tiktok(&app, &id, &key).await;
     assert_ne!(lease_of(id.clone()).await, "none", "held while TikTok is asked");
     let during = app.api_get(&format!("/connections/{id}"), &key, 200).await;
     assert_eq!(during["status"], "active", "taken before the revocation ends: {during}");
-    release(&app).await;
-    let done = disconnecting.await.unwrap();
-    assert_eq!(done.status(), 200);
-    let done: Value = done.json().await.unwrap();
+    let (status, done) = released_answer(&app, disconnecting).await;
+    assert_eq!(status, 200);
     assert_eq!(done["status"], "disconnected", "{done}");
     assert!(done["status_reason"].as_str().unwrap().contains("revoked at the provider"), "{done}");
     assert_eq!(lease_of(id.clone()).await, "none", "given back");
@@ -1059,21 +1068,13 @@ async fn a_disconnect_holds_the_refresh_lease_while_it_revokes(app: TestApp) {
     // lease): the answer is the connection as it stands, and the lease is given back all the
     // same, for a reconnect may make the connection active again before it would run out.
     let (key, _, id) = tiktok_connection_through_a_link(&app, "Disconnect Raced Elsewhere", 2).await;
-    app.sandbox(
-        "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
-    )
-    .await;
-    let disconnecting = spawn_disconnect(&app, &id, &key);
-    held_at_tiktok(&app, "the third revocation to be held at TikTok").await;
+    let disconnecting = disconnect_held_at_tiktok(&app, &id, &key).await;
     app.execute(&format!(
         "UPDATE {{schema}}.connections SET status = 'disconnected', status_reason = 'elsewhere' WHERE id = '{id}'"
     ))
     .await;
-    release(&app).await;
-    let done = disconnecting.await.unwrap();
-    assert_eq!(done.status(), 200);
-    let done: Value = done.json().await.unwrap();
+    let (status, done) = released_answer(&app, disconnecting).await;
+    assert_eq!(status, 200);
     assert_eq!(done["status_reason"], "elsewhere", "{done}");
     assert_eq!(lease_of(id.clone()).await, "none", "given back");
     // Another account, whose lease another process holds (and keeps): the disconnect waits for it
@@ -1211,20 +1212,12 @@ async fn a_reconnect_during_a_disconnect_is_kept(app: TestApp) {
     let (app, restarted) = app.restart_with(&settings).await;
     let (key, url, id) = tiktok_connection_through_a_link(&app, "Disconnect Raced", 0).await;
     let account = authlink::sandbox::TIKTOK_ACCOUNTS[0].open_id;
-    app.sandbox(
-        "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
-    )
-    .await;
-    let disconnecting = spawn_disconnect(&app, &id, &key);
-    held_at_tiktok(&app, "the revocation to be held at TikTok").await;
+    let disconnecting = disconnect_held_at_tiktok(&app, &id, &key).await;
     // The client reconnects meanwhile, in a browser of their own.
     let browser = crate::connect::new_browser();
     connect(&browser, &app, &url, "tiktok", account).await;
-    release(&app).await;
-    let refused = disconnecting.await.unwrap();
-    assert_eq!(refused.status(), 409);
-    let refused: Value = refused.json().await.unwrap();
+    let (status, refused) = released_answer(&app, disconnecting).await;
+    assert_eq!(status, 409);
     let detail = refused["detail"].as_str().unwrap();
     assert!(detail.contains("reconnected this account after the disconnect was asked for"), "{refused}");
     assert!(detail.contains("earlier grant was revoked"), "{refused}");
@@ -1248,21 +1241,13 @@ async fn a_reconnect_during_a_disconnect_is_kept(app: TestApp) {
     assert_eq!(checked["outcome"], "current", "{checked}");
     // Tokens stored meanwhile, as by a process that kept the lease past the disconnect's wait (a
     // refresh of the grant being revoked, which goes with it), do not stop a disconnect.
-    app.sandbox(
-        "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
-    )
-    .await;
-    let disconnecting = spawn_disconnect(&app, &id, &key);
-    held_at_tiktok(&app, "the second revocation to be held at TikTok").await;
+    let disconnecting = disconnect_held_at_tiktok(&app, &id, &key).await;
     app.execute(&format!(
         "UPDATE {{schema}}.connections SET token_generation = token_generation + 1 WHERE id = '{id}'"
     ))
     .await;
-    release(&app).await;
-    let done = disconnecting.await.unwrap();
-    assert_eq!(done.status(), 200);
-    let done: Value = done.json().await.unwrap();
+    let (status, done) = released_answer(&app, disconnecting).await;
+    assert_eq!(status, 200);
     assert_eq!(done["status"], "disconnected", "{done}");
     restarted.run().await;
 }
