@@ -178,14 +178,26 @@ async fn forced_refresh_held(
     key: &str,
     id: &str,
 ) -> tokio::task::JoinHandle<reqwest::Response> {
+    post_held_at_tiktok(app, key, &format!("/connections/{id}/refresh"), "refresh", 60_000).await
+}
+
+/// Posts to the API `path` in a task of its own while TikTok's sandbox holds the next call to
+/// `endpoint` (for `slow_ms` at most), and returns once TikTok holds it (until [`release`]).
+async fn post_held_at_tiktok(
+    app: &TestApp,
+    key: &str,
+    path: &str,
+    endpoint: &str,
+    slow_ms: u64,
+) -> tokio::task::JoinHandle<reqwest::Response> {
     app.sandbox(
         "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "refresh", "kind": "hold"}], "slow_ms": 60_000}),
+        json!({"fail_next": [{"endpoint": endpoint, "kind": "hold"}], "slow_ms": slow_ms}),
     )
     .await;
-    let request = app.api(reqwest::Method::POST, &format!("/connections/{id}/refresh"), key).json(&json!({}));
+    let request = app.api(reqwest::Method::POST, path, key).json(&json!({}));
     let answer = tokio::spawn(async move { request.send().await.unwrap() });
-    held_at_tiktok(app, "the forced refresh to be held at TikTok").await;
+    held_at_tiktok(app, &format!("the {endpoint} call to be held at TikTok")).await;
     answer
 }
 
@@ -667,16 +679,7 @@ async fn disconnect_held_at_tiktok(
     id: &str,
     key: &str,
 ) -> tokio::task::JoinHandle<reqwest::Response> {
-    app.sandbox(
-        "/tiktok/scenario",
-        json!({"fail_next": [{"endpoint": "revoke", "kind": "hold"}], "slow_ms": 4_500}),
-    )
-    .await;
-    let request =
-        app.api(reqwest::Method::POST, &format!("/connections/{id}/disconnect"), key).json(&json!({}));
-    let disconnecting = tokio::spawn(async move { request.send().await.unwrap() });
-    held_at_tiktok(app, "the revocation to be held at TikTok").await;
-    disconnecting
+    post_held_at_tiktok(app, key, &format!("/connections/{id}/disconnect"), "revoke", 4_500).await
 }
 
 /// Lets TikTok answer the revocation it holds: the held disconnect's status and answer.
