@@ -27,6 +27,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         a_refresh_does_not_revive_a_connection_broken_meanwhile,
         a_check_does_not_run_during_another_process_refresh,
         a_token_read_waits_for_another_process_refresh_within_the_request,
+        a_token_read_refuses_a_connection_broken_during_its_failed_refresh,
         a_disconnect_holds_the_refresh_lease_while_it_revokes,
         a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked,
         a_reconnect_during_a_disconnect_is_kept,
@@ -1045,6 +1046,45 @@ async fn a_token_read_waits_for_another_process_refresh_within_the_request(app: 
     let fresh = app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
     assert_ne!(fresh["access_token"], token, "{fresh}");
     assert_eq!(app.sandbox_stats("tiktok").await["refresh_calls"].as_i64().unwrap(), refreshes + 1);
+    restarted.run().await;
+}
+
+/// A token read whose refresh fails for now answers 503 (try again) when the current token has
+/// less than a minute left, but not once the connection was broken meanwhile (by another
+/// process, while TikTok was asked): then 409 with the connection's status and reason, as when
+/// found broken at once, for trying again would not help.
+async fn a_token_read_refuses_a_connection_broken_during_its_failed_refresh(app: TestApp) {
+    let settings = [("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "12"), ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "3")];
+    let (app, restarted, key, id) = one_tiktok_connection(app, "Read Broken", &settings, 0).await;
+    // Forty seconds left: refreshed before it is handed out, and not handed out without.
+    let expires = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 + 40_000;
+    app.execute(&format!(
+        "UPDATE {{schema}}.connections SET access_expires_at = {expires} WHERE id = '{id}'"
+    ))
+    .await;
+    // TikTok holds the read's refresh past the provider's 3 s: it fails for now.
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [{"endpoint": "refresh", "kind": "hold"}], "slow_ms": 30_000}),
+    )
+    .await;
+    let read = {
+        let request = app.api(reqwest::Method::GET, &format!("/connections/{id}/access-token"), &key);
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    held_at_tiktok(&app, "the token read's refresh to be held at TikTok").await;
+    app.execute(&format!(
+        "UPDATE {{schema}}.connections SET status = 'broken', status_reason = 'Broken elsewhere.' WHERE id = '{id}'"
+    ))
+    .await;
+    let refused = crate::helpers::expect_json(read.await.unwrap(), 409).await;
+    let detail = refused["detail"].as_str().unwrap();
+    assert!(detail.contains("broken") && detail.contains("Broken elsewhere."), "{refused}");
+    assert!(refused.get("access_token").is_none(), "{refused}");
+    let reads = app
+        .text("SELECT CAST(COUNT(*) AS TEXT) FROM {schema}.audit_log WHERE action = 'connection.token_read'")
+        .await;
+    assert_eq!(reads, "0", "no token was handed out");
     restarted.run().await;
 }
 
