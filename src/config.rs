@@ -190,6 +190,10 @@ pub struct HttpConfig {
     /// callbacks, against token guessing;
     /// also the limit of JSON API requests without a valid key, per client address.
     pub link_requests_per_minute: u32,
+    /// Connect attempts one link may have open at once (started within their ten minutes and
+    /// not yet back from the provider), across instances; a start beyond them gets 429. Bounds
+    /// what anyone holding a link can make authlink store, from any number of addresses.
+    pub link_open_attempts: u32,
     /// JSON API requests a minute per API key (bursts up to a minute's worth); more get 429.
     pub api_requests_per_minute: u32,
     /// Addresses (`10.0.0.5`) and networks (`10.0.0.0/8`) of the reverse proxies whose
@@ -236,6 +240,7 @@ impl Default for HttpConfig {
             request_timeout_secs: 30,
             shutdown_grace_secs: 20,
             link_requests_per_minute: 300,
+            link_open_attempts: 100,
             api_requests_per_minute: 1200,
             trusted_proxies: DEFAULT_TRUSTED_PROXIES.iter().map(|s| (*s).to_string()).collect(),
         }
@@ -677,6 +682,7 @@ impl Config {
             ("webhooks.timeout_secs", self.webhooks.timeout_secs == 0),
             ("webhooks.retention_days", self.webhooks.retention_days == 0),
             ("http.link_requests_per_minute", self.http.link_requests_per_minute == 0),
+            ("http.link_open_attempts", self.http.link_open_attempts == 0),
             ("http.api_requests_per_minute", self.http.api_requests_per_minute == 0),
         ] {
             if is_zero {
@@ -1200,6 +1206,7 @@ mod tests {
             ("AUTHLINK_WEBHOOKS__TIMEOUT_SECS", "webhooks.timeout_secs"),
             ("AUTHLINK_WEBHOOKS__RETENTION_DAYS", "webhooks.retention_days"),
             ("AUTHLINK_HTTP__LINK_REQUESTS_PER_MINUTE", "http.link_requests_per_minute"),
+            ("AUTHLINK_HTTP__LINK_OPEN_ATTEMPTS", "http.link_open_attempts"),
             ("AUTHLINK_HTTP__API_REQUESTS_PER_MINUTE", "http.api_requests_per_minute"),
         ] {
             let err = Config::load_from(None, &env(&[(var, "0")])).unwrap_err();

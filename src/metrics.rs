@@ -10,6 +10,7 @@
 //! | `authlink_http_requests_total` | `method`, `route`, `status` | requests answered |
 //! | `authlink_http_request_duration_seconds` | `method`, `route` | histogram of request times |
 //! | `authlink_connect_flows_started_total` | `provider` | flows started from a link |
+//! | `authlink_connect_flows_refused_total` | `provider` | starts refused: the link had `http.link_open_attempts` attempts open |
 //! | `authlink_connect_flows_total` | `provider`, `outcome` | callbacks: `connected`, `reconnected` or the failure code |
 //! | `authlink_refreshes_total` | `provider`, `outcome` | refresh attempts: `refreshed`, `superseded`, `transient_failure`, `broken`, `error` |
 //! | `authlink_webhook_deliveries_total` | `outcome` | delivery attempts: `succeeded`, `failed` (retried later), `gave_up` (no retry left, or 410) |

@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use sqlx::AnyConnection;
 
 use super::DbResult;
-use super::stmt::{Exec, from_lite, stmt};
+use super::stmt::{Arg, Exec, Stmt, from_lite, stmt};
 
 /// A flow as stored.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -65,24 +65,43 @@ pub async fn insert(conn: &mut impl Exec, f: &FlowRow) -> DbResult<()> {
     const SQL: &str = "INSERT INTO oauth_flows (id, state_hash, browser_hash, link_id, workspace_id, provider, \
         verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, detail) \
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
-    let s = stmt!(
-        SQL,
-        &f.id,
-        &f.state_hash,
-        &f.browser_hash,
-        &f.link_id,
-        &f.workspace_id,
-        &f.provider,
-        &f.verifier_sealed,
-        f.created_at,
-        f.expires_at,
-        f.consumed_at,
-        &f.outcome,
-        &f.connection_id,
-        &f.detail,
-    );
-    conn.execute(&s).await?;
+    conn.execute(&Stmt::new(SQL, values(f))).await?;
     Ok(())
+}
+
+/// Inserts a flow unless its link has `open_limit` attempts open already (not back from the
+/// provider, and not expired when this one starts); whether it was inserted. One statement: exact
+/// on SQLite, whose writes run one at a time; on PostgreSQL, starts committed at the same moment
+/// may each count the others out, so a link may exceed the limit by the starts running at once.
+pub async fn insert_bounded(conn: &mut impl Exec, f: &FlowRow, open_limit: i64) -> DbResult<bool> {
+    // `oauth_flows_open` holds only attempts not yet claimed, by link and expiry.
+    const SQL: &str = "INSERT INTO oauth_flows (id, state_hash, browser_hash, link_id, workspace_id, provider, \
+        verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, detail) \
+        SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 \
+        WHERE (SELECT COUNT(*) FROM (SELECT 1 FROM oauth_flows \
+            WHERE link_id = $4 AND consumed_at IS NULL AND expires_at > $8 LIMIT $14) AS open_attempts) < $14";
+    let mut args = values(f);
+    args.push(Arg::from(open_limit));
+    Ok(conn.execute(&Stmt::new(SQL, args)).await? == 1)
+}
+
+/// A flow's columns as the inserts' `$1`–`$13`.
+fn values(f: &FlowRow) -> Vec<Arg<'_>> {
+    vec![
+        Arg::from(&f.id),
+        Arg::from(&f.state_hash),
+        Arg::from(&f.browser_hash),
+        Arg::from(&f.link_id),
+        Arg::from(&f.workspace_id),
+        Arg::from(&f.provider),
+        Arg::from(&f.verifier_sealed),
+        Arg::from(f.created_at),
+        Arg::from(f.expires_at),
+        Arg::from(f.consumed_at),
+        Arg::from(&f.outcome),
+        Arg::from(&f.connection_id),
+        Arg::from(&f.detail),
+    ]
 }
 
 /// The flow whose state hashes to `state_hash`.
@@ -180,18 +199,23 @@ pub async fn purge_expired(conn: &mut AnyConnection, now_ms: i64) -> DbResult<u6
     Ok(done.rows_affected())
 }
 
-/// [`insert`] as a [`FlowWrite`](super::FlowWrite).
+/// [`insert_bounded`] as a [`FlowWrite`](super::FlowWrite).
 #[derive(Debug)]
-pub struct Insert(pub FlowRow);
+pub struct Insert {
+    /// The flow.
+    pub flow: FlowRow,
+    /// How many attempts its link may have open.
+    pub open_limit: i64,
+}
 
 impl super::FlowWrite for Insert {
-    type Output = ();
+    type Output = bool;
     type Error = super::DbError;
 
     const ONE_STATEMENT: bool = true;
 
-    async fn run<E: Exec>(self, conn: &mut E) -> DbResult<()> {
-        insert(conn, &self.0).await
+    async fn run<E: Exec>(self, conn: &mut E) -> DbResult<bool> {
+        insert_bounded(conn, &self.flow, self.open_limit).await
     }
 }
 

@@ -20,6 +20,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         link_gone_between_start_and_callback,
         link_rotated_between_start_and_callback,
         link_used_up_while_at_the_provider,
+        a_link_bounds_its_open_attempts,
         used_up_link_repairs_its_own_accounts_only,
         accounts_to_repair_lead_the_links_page,
         provider_failures,
@@ -752,6 +753,54 @@ async fn link_rotated_between_start_and_callback(app: TestApp) {
     // The new URL works, and its own pages lead back to it.
     let page = connect(&app.client, &app, &fresh, "tiktok", &account("tiktok", 0)).await;
     assert!(page.contains(&format!("href=\"/l/{new_token}\"")), "{page}");
+}
+
+/// A link has at most `http.link_open_attempts` attempts open at once (here 3): a start beyond
+/// them gets 429 and stores nothing, through that link only; an attempt back from the provider,
+/// or one past its ten minutes, frees its place.
+async fn a_link_bounds_its_open_attempts(app: TestApp) {
+    let (app, restarted) = app.restart_with(&[("AUTHLINK_HTTP__LINK_OPEN_ATTEMPTS", "3")]).await;
+    let wid = app.workspace("Busy");
+    let (_, url) = app.link(&wid, "Client");
+    let (_, other) = app.link(&wid, "Other client");
+    let browser = new_browser();
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(start(&browser, &app, &url, "tiktok").await);
+    }
+    let refused_start = || async {
+        let landing = browser.get(&url).send().await.unwrap().text().await.unwrap();
+        browser
+            .post(app.url(&format!("/l/{}/connect/tiktok", token_of(&url))))
+            .form(&[("form", form_field(&landing).as_str())])
+            .send()
+            .await
+            .unwrap()
+    };
+    let attempts = app.count("oauth_flows").await;
+    let refused = refused_start().await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "300");
+    let html = refused.text().await.unwrap();
+    assert!(html.contains("This link is busy") && html.contains("Busy"), "branded: {html}");
+    assert!(html.contains(&format!("href=\"/l/{}\"", token_of(&url))), "a Try again: {html}");
+    assert_eq!(app.count("oauth_flows").await, attempts, "nothing stored");
+    app.wait_for_log("the link has as many attempts open as http.link_open_attempts allows", 10).await;
+    assert!(!app.log_text().contains(&token_of(&url)), "no link token in the log");
+    // Another link of the workspace is not held back by this one's attempts.
+    start(&browser, &app, &other, "tiktok").await;
+    // One attempt back from the provider frees its place.
+    let flow = consent(&browser, &app, &open[0], "tiktok", &account("tiktok", 0), "allow", None).await;
+    assert_eq!(finish(&browser, &app, &flow.callback).await.status(), 200);
+    start(&browser, &app, &url, "tiktok").await;
+    assert_eq!(refused_start().await.status(), 429);
+    // Past their ten minutes, abandoned attempts hold no place either.
+    app.advance_clock(601).await;
+    for _ in 0..3 {
+        start(&browser, &app, &url, "tiktok").await;
+    }
+    assert_eq!(refused_start().await.status(), 429);
+    restarted.run().await;
 }
 
 /// Two tabs start flows through a link good for one connection; the second callback's code

@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 
-use super::{ConnectedAccount, MessagePage, monogram, platform_from_path, render, service_error_page};
+use super::{Brand, ConnectedAccount, MessagePage, monogram, platform_from_path, render, service_error_page};
 use crate::crypto::{self, Aad};
 use crate::db::links::LinkRow;
 use crate::db::oauth_flows::FlowRow;
@@ -247,9 +247,17 @@ pub async fn start_connect(
         detail: None,
     };
     let flow_id = flow.id.clone();
-    let stored = state.db.write_flow(db::oauth_flows::Insert(flow)).await;
-    if let Err(e) = stored {
-        return super::service_error_page_back_to(e.into(), Some(landing));
+    let open_limit = i64::from(state.config.http.link_open_attempts);
+    match state.db.write_flow(db::oauth_flows::Insert { flow, open_limit }).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(link_id = %link.id, provider = %platform, open_limit,
+                "connect flow refused: the link has as many attempts open as http.link_open_attempts allows");
+            metrics::counter!("authlink_connect_flows_refused_total", "provider" => platform.as_str())
+                .increment(1);
+            return link_busy(&landing, &*workspace);
+        }
+        Err(e) => return super::service_error_page_back_to(e.into(), Some(landing)),
     }
     let redirect_uri = redirect_uri(&state, platform);
     let url = provider.authorize_url(&AuthorizeRequest {
@@ -262,6 +270,27 @@ pub async fn start_connect(
     let mut res = Redirect::to(url.as_str()).into_response();
     res.headers_mut().insert(header::SET_COOKIE, cookie);
     res.headers_mut().append(header::SET_COOKIE, set_last_flow_cookie(&state, platform, &flow_id));
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// The 429 page of a start refused because its link has as many attempts open as
+/// `http.link_open_attempts` allows: they end within ten minutes.
+fn link_busy<'a>(landing: &str, brand: impl Into<Brand<'a>>) -> Response {
+    let w = brand.into();
+    let page = MessagePage::new(
+        "This link is busy",
+        "Many connections were started through this link in the last few minutes and have not finished yet. \
+         Nothing was connected.",
+    )
+    .next(format!(
+        "Wait a few minutes, then press Try again. If this page comes back, ask {} to send you a new link.",
+        w.name
+    ))
+    .retry(landing.to_owned())
+    .branded(w);
+    let mut res = render(StatusCode::TOO_MANY_REQUESTS, &page);
+    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("300"));
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }
