@@ -281,7 +281,7 @@ async fn main() {
          WHERE connection_id = ANY(ARRAY(SELECT connection_id FROM refresh_schedule WHERE next_refresh_at <= {now_ms} \
          AND (lease_until IS NULL OR lease_until < {now_ms}) \
          AND EXISTS (SELECT 1 FROM connections c WHERE c.id = refresh_schedule.connection_id \
-           AND ',tiktok,instagram,' LIKE '%,' || c.provider || ',%') \
+           AND ',tiktok:sandbox,instagram:sandbox,' LIKE '%,' || c.provider || CASE WHEN c.sandbox = 0 THEN '' ELSE ':sandbox' END || ',%') \
          ORDER BY next_refresh_at LIMIT 200 FOR UPDATE SKIP LOCKED)) \
          RETURNING connection_id"
     )))

@@ -586,7 +586,8 @@ pub async fn lease_state(
 }
 
 /// Claims up to `limit` active connections whose refresh is due and whose lease is free, of the
-/// providers named in `providers` (comma-separated: those this process serves; the others stay
+/// kinds named in `providers` ([`Providers::served`](crate::providers::Providers::served): those
+/// this process serves, by provider and sandbox or not; the others stay
 /// due for a process that serves them, and never fill a batch here), for `owner`, and returns
 /// their ids. On PostgreSQL rows locked by a concurrent claimer are skipped (`FOR UPDATE SKIP
 /// LOCKED`); on SQLite the caller runs this inside an immediate transaction, which serialises
@@ -607,7 +608,7 @@ pub async fn claim_due_refreshes(
         "SELECT connection_id FROM refresh_schedule WHERE next_refresh_at <= $3 \
          AND (lease_until IS NULL OR lease_until < $3) \
          AND EXISTS (SELECT 1 FROM connections c WHERE c.id = refresh_schedule.connection_id \
-           AND ',' || $5 || ',' LIKE '%,' || c.provider || ',%') \
+           AND ',' || $5 || ',' LIKE '%,' || c.provider || CASE WHEN c.sandbox = 0 THEN '' ELSE ':sandbox' END || ',%') \
          ORDER BY next_refresh_at LIMIT $4",
     );
     let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -623,8 +624,8 @@ pub async fn claim_due_refreshes(
     Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
-/// Ids of active connections of the providers named in `providers` (comma-separated: those this
-/// process serves) whose health check is due (oldest first).
+/// Ids of active connections of the kinds named in `providers` (as in [`claim_due_refreshes`])
+/// whose health check is due (oldest first).
 pub async fn due_checks(
     conn: &mut AnyConnection,
     now_ms: i64,
@@ -633,7 +634,8 @@ pub async fn due_checks(
 ) -> DbResult<Vec<String>> {
     let rows: Vec<(String,)> = sqlx::query_as(
         "SELECT id FROM connections WHERE status = 'active' AND next_check_at <= $1 \
-         AND ',' || $3 || ',' LIKE '%,' || provider || ',%' ORDER BY next_check_at LIMIT $2",
+         AND ',' || $3 || ',' LIKE '%,' || provider || CASE WHEN sandbox = 0 THEN '' ELSE ':sandbox' END || ',%' \
+         ORDER BY next_check_at LIMIT $2",
     )
     .bind(now_ms)
     .bind(limit)
@@ -641,6 +643,16 @@ pub async fn due_checks(
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+/// How many active connections there are of each provider, made with its sandbox (`1`) or not
+/// (`0`).
+pub async fn active_by_kind(conn: &mut AnyConnection) -> DbResult<Vec<(String, i64, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT provider, sandbox, COUNT(*) FROM connections WHERE status = 'active' GROUP BY provider, sandbox",
+    )
+    .fetch_all(conn)
+    .await?)
 }
 
 /// Takes a due health check for this process: moves it to `next_ms` only if it is still due at
@@ -884,7 +896,7 @@ pub struct ClaimedStart {
 
 /// PostgreSQL: reads a connection claimed by the scheduler and, in the same statement, records
 /// the start of refresh attempt `attempt_id` if the lease is still `owner`'s, the connection is
-/// active and due, and its provider is one of `providers` (comma-separated names).
+/// active and due, and of one of the kinds named in `providers` (as in [`claim_due_refreshes`]).
 pub async fn start_claimed_refresh(
     conn: &mut AnyConnection,
     id: &str,
@@ -905,7 +917,8 @@ pub async fn start_claimed_refresh(
          a AS (INSERT INTO refresh_attempts (id, connection_id, owner, generation, outcome, started_at) \
            SELECT $2, id, $3, token_generation, 'started', $4 FROM c \
            WHERE lease_owner = $3 AND lease_until > $6 AND status = 'active' AND next_refresh_at <= $4 \
-           AND position(',' || provider || ',' in ',' || $5 || ',') > 0 RETURNING id) \
+           AND position(',' || provider || CASE WHEN sandbox = 0 THEN '' ELSE ':sandbox' END || ',' \
+             in ',' || $5 || ',') > 0 RETURNING id) \
          SELECT {COLUMNS}, (SELECT count(*) FROM a) AS started FROM c"
     )))
     .bind(id)
@@ -1077,9 +1090,19 @@ mod tests {
         let mut conn = db.writer().await.unwrap();
         let sqlite = crate::db::Backend::Sqlite;
 
-        // Not due yet, and not of a provider this process serves: not claimed.
+        // Not due yet, and not of a provider this process serves (a sandbox connection, where
+        // TikTok runs for real; Instagram): not claimed.
         assert!(
-            claim_due_refreshes(&mut conn, sqlite, "a", 999, 60_999, 10, "tiktok").await.unwrap().is_empty()
+            claim_due_refreshes(&mut conn, sqlite, "a", 999, 60_999, 10, "tiktok:sandbox")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            claim_due_refreshes(&mut conn, sqlite, "a", 1_000, 61_000, 10, "tiktok,instagram:sandbox")
+                .await
+                .unwrap()
+                .is_empty()
         );
         assert!(
             claim_due_refreshes(&mut conn, sqlite, "a", 1_000, 61_000, 10, "instagram")
@@ -1089,13 +1112,15 @@ mod tests {
         );
         // Due: claimed by a, until 61,000.
         assert_eq!(
-            claim_due_refreshes(&mut conn, sqlite, "a", 1_000, 61_000, 10, "tiktok,instagram").await.unwrap(),
+            claim_due_refreshes(&mut conn, sqlite, "a", 1_000, 61_000, 10, "tiktok:sandbox,instagram")
+                .await
+                .unwrap(),
             ["c"]
         );
         assert_eq!(leased(&mut conn).await, (Some("a".to_string()), Some(61_000)));
         // Held: b can neither claim it nor lease it.
         assert!(
-            claim_due_refreshes(&mut conn, sqlite, "b", 2_000, 62_000, 10, "tiktok")
+            claim_due_refreshes(&mut conn, sqlite, "b", 2_000, 62_000, 10, "tiktok:sandbox")
                 .await
                 .unwrap()
                 .is_empty()
@@ -1115,7 +1140,7 @@ mod tests {
         release_claim(&mut conn, "c", "a", 63_000).await.unwrap();
         assert_eq!(leased(&mut conn).await, (None, None));
         assert_eq!(
-            claim_due_refreshes(&mut conn, sqlite, "b", 4_000, 64_000, 10, "tiktok").await.unwrap(),
+            claim_due_refreshes(&mut conn, sqlite, "b", 4_000, 64_000, 10, "tiktok:sandbox").await.unwrap(),
             ["c"]
         );
 

@@ -726,8 +726,8 @@ mod tests {
         assert_eq!(stored().await.expiring_notified_at, Some(10));
     }
 
-    /// The scheduler claims only due refreshes of the providers it serves (others never fill its
-    /// batches); breaking a connection read before the provider answered writes only what
+    /// The scheduler claims only due refreshes of the providers it serves, in the mode it serves
+    /// them (others never fill its batches); breaking a connection read before the provider answered writes only what
     /// breaking changes, and not at all once its tokens changed; a due health check is taken by
     /// one caller.
     #[tokio::test]
@@ -739,6 +739,7 @@ mod tests {
             provider: "instagram".into(),
             provider_account_id: "other".into(),
             next_refresh_at: Some(30),
+            sandbox: 0,
             ..connection()
         };
         let mut tx = db.begin_write().await.unwrap();
@@ -748,15 +749,38 @@ mod tests {
         connections::insert(&mut *tx, &instagram).await.unwrap();
         tx.commit().await.unwrap();
         let backend = db.backend();
-        // Both due; Instagram's the older, but this process serves TikTok only.
+        // Both due; Instagram's (made with the real Instagram) the older. A process that simulates
+        // Instagram, and serves TikTok for real, claims neither; one serving the TikTok sandbox
+        // only claims TikTok's.
         let mut conn = db.writer().await.unwrap();
+        let claimed = connections::claim_due_refreshes(
+            &mut conn,
+            backend,
+            "me",
+            100,
+            1000,
+            5,
+            "tiktok,instagram:sandbox",
+        )
+        .await
+        .unwrap();
+        assert!(claimed.is_empty(), "{claimed:?}");
         let claimed =
-            connections::claim_due_refreshes(&mut conn, backend, "me", 100, 1000, 1, "tiktok").await.unwrap();
-        assert_eq!(claimed, ["c1"]);
-        let claimed =
-            connections::claim_due_refreshes(&mut conn, backend, "other", 100, 1000, 5, "instagram,tiktok")
+            connections::claim_due_refreshes(&mut conn, backend, "me", 100, 1000, 1, "tiktok:sandbox")
                 .await
                 .unwrap();
+        assert_eq!(claimed, ["c1"]);
+        let claimed = connections::claim_due_refreshes(
+            &mut conn,
+            backend,
+            "other",
+            100,
+            1000,
+            5,
+            "instagram,tiktok:sandbox",
+        )
+        .await
+        .unwrap();
         assert_eq!(claimed, ["c2"], "c1 is leased");
         drop(conn);
 

@@ -36,8 +36,42 @@ pub async fn run(state: AppState, stop: watch::Receiver<bool>) {
     tasks.spawn(supervised("webhook delivery", stop.clone(), restart, move || {
         deliver::run(st.clone(), sp.clone())
     }));
+    tasks.spawn(warn_of_connections_not_served(state.clone()));
     while tasks.join_next().await.is_some() {}
     tracing::info!("background jobs stopped");
+}
+
+/// Says once, at start, how many active connections this process leaves alone because their
+/// provider runs here in the other mode (see [`Providers::served`](crate::providers::Providers::served)):
+/// real connections where the provider is simulated (its credentials missing, say), or sandbox
+/// connections where the real provider runs. They are neither refreshed nor checked here.
+async fn warn_of_connections_not_served(state: AppState) {
+    let counted = async { crate::db::connections::active_by_kind(&mut *state.db.read().await?).await }.await;
+    let kinds = match counted {
+        Ok(kinds) => kinds,
+        Err(e) => {
+            tracing::warn!(error = %e, "the active connections could not be counted by provider");
+            return;
+        }
+    };
+    for (provider, sandbox, count) in kinds {
+        let Ok(platform) = provider.parse::<crate::domain::Platform>() else { continue };
+        if let Err(mode @ (crate::providers::Mode::Simulated | crate::providers::Mode::Real)) =
+            state.providers.serving(platform, sandbox != 0)
+        {
+            tracing::warn!(
+                provider = %platform, connections = count,
+                "{count} active connection(s) left alone: {}. They are neither refreshed nor checked by this \
+                 process{}",
+                mode.explain(platform),
+                if mode == crate::providers::Mode::Simulated {
+                    "; configure the provider's credentials (a secret not mounted?) and restart"
+                } else {
+                    "; disconnect those no longer wanted"
+                }
+            );
+        }
+    }
 }
 
 /// Runs the job loop `start` makes until it ends (it ends when asked to stop); one that panics
@@ -147,8 +181,7 @@ async fn check_loop(state: AppState, mut stop: watch::Receiver<bool>) {
     loop {
         let due = async {
             let mut conn = state.db.read().await?;
-            crate::db::connections::due_checks(&mut conn, state.now_ms(), 20, state.providers.enabled_names())
-                .await
+            crate::db::connections::due_checks(&mut conn, state.now_ms(), 20, state.providers.served()).await
         }
         .await;
         match due {

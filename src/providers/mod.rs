@@ -282,8 +282,8 @@ impl Provider {
 pub struct Providers {
     tiktok: Option<Provider>,
     instagram: Option<Provider>,
-    /// The names of the enabled ones, comma-separated.
-    enabled_names: String,
+    /// The connections whose tokens these may be given, comma-separated (see [`Self::served`]).
+    served: String,
 }
 
 impl Providers {
@@ -300,11 +300,10 @@ impl Providers {
             .instagram
             .enabled
             .then(|| Provider::Instagram(instagram::Instagram::from_config(config, http)));
-        let mut providers = Self { tiktok, instagram, enabled_names: String::new() };
-        providers.enabled_names = Platform::ALL
+        let mut providers = Self { tiktok, instagram, served: String::new() };
+        providers.served = Platform::ALL
             .into_iter()
-            .filter(|p| providers.get(*p).is_some())
-            .map(Platform::as_str)
+            .filter_map(|p| providers.get(p).map(|provider| served_name(p, provider.is_sandbox())))
             .collect::<Vec<_>>()
             .join(",");
         providers
@@ -318,10 +317,62 @@ impl Providers {
         }
     }
 
-    /// The names of the enabled providers, comma-separated (for SQL that filters on them).
-    pub fn enabled_names(&self) -> &str {
-        &self.enabled_names
+    /// The connections whose tokens this process may send to a provider, for SQL that filters
+    /// on them: comma-separated, one [`served_name`] per enabled provider. A connection made
+    /// with the sandbox is served only where its provider is simulated, and one made with the
+    /// real provider only where it is not: a real connection's tokens never go to the sandbox
+    /// (which would refuse them, and its connection be found broken), nor a sandbox
+    /// connection's to the real provider with the real client secret.
+    pub fn served(&self) -> &str {
+        &self.served
     }
+
+    /// The adapter that may be given the tokens of a connection of `platform` made with the
+    /// sandbox or not (`sandbox`): `Err` when the provider is not enabled here
+    /// ([`Mode::Off`]), or enabled in the other mode.
+    pub fn serving(&self, platform: Platform, sandbox: bool) -> Result<&Provider, Mode> {
+        match self.get(platform) {
+            None => Err(Mode::Off),
+            Some(p) if p.is_sandbox() == sandbox => Ok(p),
+            Some(p) if p.is_sandbox() => Err(Mode::Simulated),
+            Some(_) => Err(Mode::Real),
+        }
+    }
+}
+
+/// How a provider runs on this instance, when it cannot serve a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Not enabled.
+    Off,
+    /// Simulated by the sandbox (the connection was made with the real provider).
+    Simulated,
+    /// The real provider (the connection was made with the sandbox).
+    Real,
+}
+
+impl Mode {
+    /// Why a connection of `platform` is not sent to its provider here, in words.
+    pub fn explain(self, platform: Platform) -> String {
+        let name = platform.display_name();
+        match self {
+            Mode::Off => format!("{name} is not enabled on this instance"),
+            Mode::Simulated => format!(
+                "the connection was made with the real {name}, which this instance simulates (its credentials \
+                 are not configured): its tokens are not sent to the sandbox"
+            ),
+            Mode::Real => format!(
+                "the connection was made with the {name} sandbox, and this instance uses the real {name}: \
+                 its tokens are not sent there"
+            ),
+        }
+    }
+}
+
+/// How a connection of `platform` made with the sandbox or not is named in [`Providers::served`]:
+/// `tiktok`, or `tiktok:sandbox` (the SQL that filters on them builds the same from the row).
+pub fn served_name(platform: Platform, sandbox: bool) -> String {
+    if sandbox { format!("{}:sandbox", platform.as_str()) } else { platform.as_str().to_owned() }
 }
 
 /// The HTTP client for provider calls: rustls, a timeout, no redirects followed (a redirect from

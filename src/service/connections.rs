@@ -18,7 +18,7 @@ use crate::db::links::LinkRow;
 use crate::db::stmt::Exec;
 use crate::db::{self, new_id};
 use crate::domain::Platform;
-use crate::providers::{Profile, ProviderError, TokenSet};
+use crate::providers::{Mode, Profile, ProviderError, TokenSet};
 use crate::state::{App, AppState};
 
 /// The state of a connection.
@@ -609,7 +609,7 @@ pub async fn disconnect(app: &App, actor: &Actor, scope: &Scope, id: &str) -> Se
         .provider
         .parse::<Platform>()
         .ok()
-        .and_then(|p| app.providers.get(p))
+        .and_then(|p| app.providers.serving(p, row.sandbox != 0).ok())
         .is_some_and(|p| p.offers_revocation());
     let expiring = row.access_expires_at.is_some_and(|at| at - app.now_ms() < STILL_VALID_MS);
     let mut refreshed = false;
@@ -820,14 +820,16 @@ enum Revocation {
 
 /// Revokes a connection's grant at its provider before a disconnect, and says how it went, for
 /// the connection's status reason and the audit log. A provider that cannot revoke it for now
-/// (unreachable, 429, 5xx) or that refuses authlink's own settings, or a token sealed with a key
-/// this process does not hold, stops the disconnect, the connection left connected: the tokens
-/// a disconnect erases are the only way to revoke the grant later. A refused access token of an
-/// active connection is to be refreshed and offered again, once (`refreshed` says it was). A
-/// grant that cannot be revoked with what is stored (a dead grant, a token or request the
-/// provider refuses after a refresh, tokens that fail to open with the key they name, a provider
-/// not served here) does not stop it: the agency's removal of the connection goes ahead, and
-/// the reason says the grant may still be listed in the account's settings.
+/// (unreachable, 429, 5xx) or that refuses authlink's own settings, a token sealed with a key
+/// this process does not hold, or a real connection where this instance simulates its provider,
+/// stops the disconnect, the connection left connected: the tokens a disconnect erases are the
+/// only way to revoke the grant later. A refused access token of an active connection is to be
+/// refreshed and offered again, once (`refreshed` says it was). A grant that cannot be revoked
+/// with what is stored (a dead grant, a token or request the provider refuses after a refresh,
+/// tokens that fail to open with the key they name, a provider not enabled here) does not stop
+/// it: the agency's removal of the connection goes ahead, and the reason says the grant may
+/// still be listed in the account's settings. A sandbox connection where the real provider runs
+/// has no grant there to revoke.
 async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> ServiceResult<Revocation> {
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
     let name = platform.display_name();
@@ -836,8 +838,23 @@ async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> 
     let Some(sealed) = row.access_token_sealed.as_deref() else {
         return said("not revoked at the provider: the connection holds no token".into());
     };
-    let Some(provider) = app.providers.get(platform) else {
-        return said(format!("not revoked: {name} is not enabled on this instance; {still_listed}"));
+    let provider = match app.providers.serving(platform, row.sandbox != 0) {
+        Ok(provider) => provider,
+        Err(Mode::Off) => {
+            return said(format!("not revoked: {name} is not enabled on this instance; {still_listed}"));
+        }
+        // A sandbox grant is no grant at the real provider.
+        Err(Mode::Real) => {
+            return said(format!("not revoked: the connection was made with the {name} sandbox"));
+        }
+        // The real grant lives on, and only its tokens can end it.
+        Err(mode @ Mode::Simulated) => {
+            return Err(ServiceError::Unavailable(format!(
+                "the grant cannot be revoked by this instance, so the connection was not disconnected: {}; \
+                 disconnect it through an instance with the {name} credentials",
+                mode.explain(platform)
+            )));
+        }
     };
     if !provider.offers_revocation() {
         return said(format!("{name} offers no revocation"));

@@ -326,7 +326,7 @@ pub async fn refresh_claimed(app: &App, id: &str) -> ServiceResult<Outcome> {
             &attempt_id,
             now,
             now + start_margin_ms(app),
-            app.providers.enabled_names(),
+            app.providers.served(),
         )
         .await?
         .ok_or(ServiceError::NotFound("connection"))?;
@@ -400,11 +400,14 @@ async fn not_started(app: &App, row: ConnectionRow, owner: &str, now: i64) -> Se
     Ok(Outcome::Current(Box::new(row)))
 }
 
+/// The provider `row`'s tokens may be sent to: refused (409, nothing sent) when it is not enabled
+/// here, or runs in the other mode (see [`Providers::serving`](crate::providers::Providers::serving)).
 fn provider_of<'a>(app: &'a App, row: &ConnectionRow) -> ServiceResult<(Platform, &'a Provider)> {
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
-    let provider = app.providers.get(platform).ok_or_else(|| {
-        ServiceError::Conflict(format!("{} is not enabled on this instance", platform.display_name()))
-    })?;
+    let provider = app
+        .providers
+        .serving(platform, row.sandbox != 0)
+        .map_err(|mode| ServiceError::Conflict(mode.explain(platform)))?;
     Ok((platform, provider))
 }
 
@@ -1329,7 +1332,7 @@ pub async fn claim_batch(app: &App) -> ServiceResult<Vec<Claim>> {
         now,
         until,
         i64::from(app.config.jobs.refresh_batch),
-        app.providers.enabled_names(),
+        app.providers.served(),
     )
     .await?;
     tx.commit().await?;

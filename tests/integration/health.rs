@@ -26,6 +26,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         refresh_outlives_the_request_that_asked_for_it,
         a_refresh_does_not_revive_a_connection_broken_meanwhile,
         a_check_does_not_run_during_another_process_refresh,
+        tokens_go_only_to_the_provider_they_came_from,
         a_token_read_waits_for_another_process_refresh_within_the_request,
         a_token_read_refuses_a_connection_broken_during_its_failed_refresh,
         a_disconnect_holds_the_refresh_lease_while_it_revokes,
@@ -960,6 +961,69 @@ async fn an_inactive_connection_leaves_the_refresh_schedule(app: TestApp) {
     })
     .await;
     assert_eq!(app.sandbox_stats("tiktok").await["refresh_calls"], 0, "nothing was refreshed");
+}
+
+/// A connection's tokens go only to the kind of provider that issued them: a real connection's
+/// never to the sandbox (an instance whose credentials went missing at a restart would find
+/// every connection refused, and break them all), a sandbox connection's never to the real
+/// provider with the real client secret. Refresh, check and due token reads are refused (409),
+/// nothing is sent, and the connection stays as it was; a disconnect leaves a real grant
+/// connected (503), and drops a sandbox connection without revoking anything.
+async fn tokens_go_only_to_the_provider_they_came_from(app: TestApp) {
+    let (app, restarted, key, id) = one_tiktok_connection(app, "Modes", &[], 0).await;
+    let stats = || async {
+        let s = app.sandbox_stats("tiktok").await;
+        (s["refresh_calls"].clone(), s["profile_calls"].clone(), s["revoke_calls"].clone())
+    };
+    let before = stats().await;
+    // As if made with the real TikTok, on an instance that simulates TikTok.
+    app.execute(&format!("UPDATE {{schema}}.connections SET sandbox = 0 WHERE id = '{id}'")).await;
+    let real = "made with the real TikTok";
+    let refused = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 409).await;
+    assert!(refused["detail"].as_str().unwrap().contains(real), "{refused}");
+    let refused = app.api_post(&format!("/connections/{id}/check"), &key, json!({}), 409).await;
+    assert!(refused["detail"].as_str().unwrap().contains(real), "{refused}");
+    // A token not due is read as it is stored; one due is not refreshed here.
+    app.api_get(&format!("/connections/{id}/access-token"), &key, 200).await;
+    let due = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 + 120_000;
+    app.execute(&format!("UPDATE {{schema}}.connections SET access_expires_at = {due} WHERE id = '{id}'"))
+        .await;
+    let refused = app.api_get(&format!("/connections/{id}/access-token"), &key, 409).await;
+    assert!(refused["detail"].as_str().unwrap().contains(real), "{refused}");
+    let kept = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 503).await;
+    assert!(kept["detail"].as_str().unwrap().contains("not disconnected"), "{kept}");
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "active", "{c}");
+    assert_eq!(stats().await, before, "nothing sent to the sandbox");
+    // Made with the sandbox, as it was: served again.
+    app.execute(&format!("UPDATE {{schema}}.connections SET sandbox = 1 WHERE id = '{id}'")).await;
+    app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+    assert_eq!(app.sandbox_stats("tiktok").await["refresh_calls"], before.0.as_i64().unwrap() + 1);
+    // The same instance with TikTok's credentials (its endpoints on a closed port): the sandbox
+    // connection is neither refreshed nor revoked there, and its jobs say so at start.
+    let closed = "http://127.0.0.1:9";
+    let (app, unused) = app
+        .restart_with(&[
+            ("AUTHLINK_JOBS__ENABLED", "true"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY", "live-key"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_SECRET", "live-secret"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__AUTHORIZE_URL", &format!("{closed}/authorize")),
+            ("AUTHLINK_PROVIDERS__TIKTOK__TOKEN_URL", &format!("{closed}/token")),
+            ("AUTHLINK_PROVIDERS__TIKTOK__API_BASE_URL", closed),
+        ])
+        .await;
+    app.wait_for_log(
+        "1 active connection(s) left alone: the connection was made with the TikTok sandbox",
+        30,
+    )
+    .await;
+    let refused = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 409).await;
+    assert!(refused["detail"].as_str().unwrap().contains("made with the TikTok sandbox"), "{refused}");
+    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    assert_eq!(done["status"], "disconnected", "{done}");
+    assert!(done["status_reason"].as_str().unwrap().contains("made with the TikTok sandbox"), "{done}");
+    unused.run().await;
+    restarted.run().await;
 }
 
 /// A health check does not ask the provider while another process holds the connection's

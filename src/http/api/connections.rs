@@ -119,7 +119,7 @@ async fn get_connection(
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = ConnectionView), (status = 404, body = Problem),
         (status = 409, body = Problem, description = "Not disconnected: the client reconnected the account after the disconnect was asked for (if the earlier grant was revoked meanwhile, the connection's health check is due at once), or new tokens were stored while the grant was being revoked with the ones before"),
-        (status = 503, body = Problem, description = "Not disconnected: the provider could not revoke the grant right now (down, slow or rate-limited) or refused authlink's own settings, the access token could not be refreshed first, a refresh of the connection is under way, the stored tokens need a master key this process does not hold, or the database cannot be reached. Or the request did not finish in time: the disconnect goes on and may finish")))]
+        (status = 503, body = Problem, description = "Not disconnected: the provider could not revoke the grant right now (down, slow or rate-limited) or refused authlink's own settings, the access token could not be refreshed first, a refresh of the connection is under way, the stored tokens need a master key this process does not hold, the connection was made with the real provider and this instance simulates it, or the database cannot be reached. Or the request did not finish in time: the disconnect goes on and may finish")))]
 async fn disconnect_connection(
     State(state): State<AppState>,
     caller: Caller,
@@ -133,7 +133,8 @@ async fn disconnect_connection(
 
 /// A valid access token, refreshed first when it would expire within five minutes. Every read is
 /// written to the audit log. 409 when the connection is broken or disconnected, or when it must
-/// be refreshed first and its provider is not enabled on this instance; 503 when the provider is temporarily unavailable, or a refresh
+/// be refreshed first and its provider is not enabled on this instance (or runs here in the other
+/// mode than the one that made the connection, sandbox or real); 503 when the provider is temporarily unavailable, or a refresh
 /// in flight elsewhere outlasts what the request's time allows, and the current token has less
 /// than a minute left (with more, it is returned as it is).
 #[utoipa::path(get, path = "/connections/{id}/access-token", tag = "connections",
@@ -209,7 +210,7 @@ async fn run_result(
 #[utoipa::path(post, path = "/connections/{id}/refresh", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = RunResult), (status = 404, body = Problem),
-        (status = 409, body = Problem, description = "The connection is broken or disconnected (the client must reconnect through a link), or its provider is not enabled")))]
+        (status = 409, body = Problem, description = "The connection is broken or disconnected (the client must reconnect through a link), or its provider is not enabled, or runs on this instance in the other mode than the one that made the connection (sandbox or real): its tokens are not sent there")))]
 async fn refresh_connection(
     State(state): State<AppState>,
     caller: Caller,
@@ -232,7 +233,7 @@ async fn refresh_connection(
 #[utoipa::path(post, path = "/connections/{id}/check", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = RunResult), (status = 404, body = Problem),
-        (status = 409, body = Problem, description = "The connection is broken or disconnected (the client must reconnect through a link), or its provider is not enabled")))]
+        (status = 409, body = Problem, description = "The connection is broken or disconnected (the client must reconnect through a link), or its provider is not enabled, or runs on this instance in the other mode than the one that made the connection (sandbox or real): its tokens are not sent there")))]
 async fn check_connection(
     State(state): State<AppState>,
     caller: Caller,
