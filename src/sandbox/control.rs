@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::Response;
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -33,6 +34,27 @@ pub(super) fn routes() -> Router<Arc<Sandbox>> {
         .route("/control/instagram/accounts/{account_id}/account-type", post(switch_account_type))
         .route("/control/tiktok/grants", post(mint_grants))
         .route("/control/tiktok/live-refresh-tokens", get(live_refresh_tokens))
+        .route_layer(axum::middleware::from_fn(json_only))
+}
+
+/// Refuses a control request that changes something unless it is sent as JSON (415): a page of
+/// another site can make a browser post a form or plain text here (to move the clock of an
+/// instance on a developer's machine, say), but not `application/json`, which needs a CORS
+/// preflight that authlink never answers.
+async fn json_only(req: Request, next: Next) -> Response {
+    let json_body = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if req.method() != Method::GET && !json_body {
+        return json(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            json!({ "error": "control requests that change something are sent with Content-Type: application/json" }),
+        );
+    }
+    next.run(req).await
 }
 
 /// Body of `POST /control/tiktok/grants`.

@@ -56,8 +56,10 @@
 //!
 //! # Control API (only when `sandbox.control_api` is true)
 //!
-//! `{provider}` is `tiktok` or `instagram`. Every body is JSON; errors are `400 {"error": "..."}`
-//! (unknown provider: 404).
+//! `{provider}` is `tiktok` or `instagram`. Every body is JSON, and every `POST` is sent with
+//! `Content-Type: application/json` (even one without a body), else `415`: another site's page
+//! cannot make a browser send that without a CORS preflight, which is never answered. Errors are
+//! `400 {"error": "..."}` (unknown provider: 404).
 //! - `POST /control/{provider}/scenario` with a partial object of switches; only the keys sent
 //!   change, `fail_next` replaces the queue. Answers the resulting scenario; a switch or a
 //!   failure that cannot happen at that provider or endpoint is refused (400). See

@@ -20,6 +20,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         unconfirmed_refresh_rotation_and_exchange_ids_are_tolerated,
         a_personal_instagram_account_is_never_connected,
         meta_callbacks_signed_with_either_secret,
+        control_api_takes_only_json,
     ]
 }
 
@@ -441,7 +442,38 @@ async fn meta_callbacks_signed_with_either_secret(app: TestApp) {
         .unwrap();
     assert_eq!(res.status(), 400);
     // Unknown accounts are refused by the control API.
-    let res =
-        app.client.post(app.url("/sandbox/control/instagram/accounts/1/data-deletion")).send().await.unwrap();
+    let res = app
+        .client
+        .post(app.url("/sandbox/control/instagram/accounts/1/data-deletion"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 404);
+}
+
+/// The control API changes nothing for a post that is not JSON (a form, plain text, no body:
+/// what another site's page can make a browser send, to move the clock of an instance on a
+/// developer's machine, say): 415.
+async fn control_api_takes_only_json(app: TestApp) {
+    let send = |request: reqwest::RequestBuilder| async move { request.send().await.unwrap() };
+    let url = app.url("/sandbox/control/clock/advance");
+    for refused in [
+        app.client.post(&url).body(r#"{"seconds": 3600}"#),
+        app.client.post(&url).header("content-type", "text/plain").body(r#"{"seconds": 3600}"#),
+        app.client.post(&url).form(&[("seconds", "3600")]),
+        app.client.post(app.url("/sandbox/control/tiktok/reset")),
+    ] {
+        let res = send(refused).await;
+        assert_eq!(res.status(), 415);
+        assert!(res.text().await.unwrap().contains("application/json"));
+    }
+    let res = send(
+        app.client
+            .post(&url)
+            .header("content-type", "Application/JSON; charset=utf-8")
+            .body(r#"{"seconds": 0}"#),
+    )
+    .await;
+    assert_eq!(res.status(), 200, "JSON, whatever its spelling");
 }
