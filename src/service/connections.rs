@@ -403,7 +403,9 @@ impl db::FlowWrite for StoreFlow {
         let now = app.now_ms();
         // The link is counted first, only if it can still be used: revoked, expired or used up
         // since the callback read it, nothing is written. A used-up link still repairs the
-        // accounts it connected: `max_uses` limits the accounts, not their repairs.
+        // accounts it connected: `max_uses` limits the accounts, not their repairs. Not one the
+        // agency removed (disconnected), which its page no longer offers: that would be a new
+        // connection.
         let backend = app.db.backend();
         let counted = db::links::record_use(tx, &link.id, now, started_at).await?;
         let existing = db::connections::get_by_account_for_update(
@@ -419,8 +421,10 @@ impl db::FlowWrite for StoreFlow {
             None => {
                 let current = db::links::get(tx, &link.id).await?;
                 let status = current.as_ref().map_or(LinkStatus::Revoked, |l| LinkStatus::of(l, now));
-                let its_own =
-                    existing.as_ref().is_some_and(|c| c.link_id.as_deref() == Some(link.id.as_str()));
+                let its_own = existing.as_ref().is_some_and(|c| {
+                    c.link_id.as_deref() == Some(link.id.as_str())
+                        && ConnectionStatus::parse(&c.status) != ConnectionStatus::Disconnected
+                });
                 if status != LinkStatus::UsedUp || !its_own {
                     return Ok(Err(status));
                 }

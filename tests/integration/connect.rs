@@ -914,6 +914,19 @@ async fn used_up_link_repairs_its_own_accounts_only(app: TestApp) {
         (Some(2), Some("used_up")),
         "{shown}"
     );
+    // Removed by the agency while its client was at TikTok, the account is no longer the link's
+    // to repair: refused like a new one (the page offers it no more either), nothing changed.
+    let flow =
+        start_and_consent(&app.client, &app, &url, "tiktok", &account("tiktok", 0), "allow", None).await;
+    app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    let landing = app.client.get(&url).send().await.unwrap().text().await.unwrap();
+    assert!(!landing.contains("/connect/"), "{landing}");
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 410);
+    assert!(page.text().await.unwrap().contains("reached its limit"));
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!((c["status"].as_str(), c["reconnect_count"].as_i64()), (Some("disconnected"), Some(1)), "{c}");
+    assert_eq!(app.api_get(&format!("/links/{link_id}"), &key, 200).await["use_count"], 2);
     // Revoked, the link repairs nothing.
     app.api_post(&format!("/links/{link_id}/revoke"), &key, json!({}), 200).await;
     assert_eq!(app.client.get(&url).send().await.unwrap().status(), 410);
