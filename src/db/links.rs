@@ -128,8 +128,34 @@ pub async fn update(conn: &mut AnyConnection, l: &LinkRow) -> DbResult<()> {
     Ok(())
 }
 
+/// How a flow was started from its link: when, and with which of the link's URLs.
+#[derive(Debug, Clone, Copy)]
+pub struct Start<'a> {
+    /// When (ms).
+    pub at_ms: i64,
+    /// The SHA-256 hex of the token it was started with; `None` for a flow started before that
+    /// was recorded, judged by the time of the link's last rotation instead.
+    pub token_hash: Option<&'a str>,
+}
+
+impl Start<'_> {
+    /// Whether `link` was rotated since: its URL is no longer the one the flow was started with.
+    /// By the token itself, not by time: a start that read the link while a rotation was being
+    /// committed (or on a host whose clock runs ahead) still used the old URL.
+    pub fn rotated_since(&self, link: &LinkRow) -> bool {
+        match self.token_hash {
+            Some(hash) => hash != link.token_hash,
+            None => link.rotated_at.is_some_and(|at| at >= self.at_ms),
+        }
+    }
+}
+
+/// The SQL condition of [`Start::rotated_since`] being false, for `$3` the start's time and `$4`
+/// its token hash.
+const NOT_ROTATED_SINCE: &str = "COALESCE(token_hash = $4, rotated_at IS NULL OR rotated_at < $3)";
+
 /// Counts one more successful connection through the link if it can still be used at `now_ms`
-/// by a flow started at `started_ms` (not revoked, not expired, not used up, and not rotated
+/// by a flow started as `start` says (not revoked, not expired, not used up, and not rotated
 /// since: a flow started with the old URL dies with it); returns the link as it now stands, or
 /// `None` when it cannot (nothing is written then). In the connection's own transaction, so that
 /// a link revoked or rotated while the client was at the provider, or the last use taken by
@@ -138,38 +164,38 @@ pub async fn record_use(
     conn: &mut impl Exec,
     id: &str,
     now_ms: i64,
-    started_ms: i64,
+    start: Start<'_>,
 ) -> DbResult<Option<LinkRow>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 \
              AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) \
-             AND (rotated_at IS NULL OR rotated_at < $3) \
+             AND {NOT_ROTATED_SINCE} \
              AND (max_uses IS NULL OR use_count < max_uses) RETURNING {COLUMNS}"
         )
     });
-    conn.fetch_optional(&stmt!(&SQL, id, now_ms, started_ms)).await
+    conn.fetch_optional(&stmt!(&SQL, id, now_ms, start.at_ms, start.token_hash)).await
 }
 
 /// Counts a repair through a link that is used up: an account it connected before connects
 /// again. Only while the link is neither revoked nor expired at `now_ms`, nor rotated since
-/// `started_ms`; returns the link as it
+/// `start`; returns the link as it
 /// now stands, or `None` (nothing written). Its use count may then pass `max_uses`, which limits
 /// the accounts a link connects, never the repair of one of them.
 pub async fn record_repair(
     conn: &mut impl Exec,
     id: &str,
     now_ms: i64,
-    started_ms: i64,
+    start: Start<'_>,
 ) -> DbResult<Option<LinkRow>> {
     static SQL: LazyLock<String> = LazyLock::new(|| {
         format!(
             "UPDATE links SET use_count = use_count + 1, last_used_at = $2 WHERE id = $1 \
              AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2) \
-             AND (rotated_at IS NULL OR rotated_at < $3) RETURNING {COLUMNS}"
+             AND {NOT_ROTATED_SINCE} RETURNING {COLUMNS}"
         )
     });
-    conn.fetch_optional(&stmt!(&SQL, id, now_ms, started_ms)).await
+    conn.fetch_optional(&stmt!(&SQL, id, now_ms, start.at_ms, start.token_hash)).await
 }
 
 /// [`get`] in a write transaction that will change the link: locked until the transaction ends

@@ -275,6 +275,7 @@ mod tests {
             outcome: Some("connected".into()),
             connection_id: Some("c1".into()),
             detail: None,
+            link_token_hash: Some("link token".into()),
         }
     }
 

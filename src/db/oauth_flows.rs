@@ -39,6 +39,17 @@ pub struct FlowRow {
     /// What went wrong, in words the client's page and the agency's listing show: the scopes
     /// switched off, the error the provider sent back. Never a secret.
     pub detail: Option<String>,
+    /// The SHA-256 hex of the link's token the flow was started with (its URL then, the hash
+    /// the link is looked up by): a rotation since, which changes it, ends the flow. `None` for
+    /// flows started before it was recorded.
+    pub link_token_hash: Option<String>,
+}
+
+impl FlowRow {
+    /// How the flow was started from its link.
+    pub fn start(&self) -> super::links::Start<'_> {
+        super::links::Start { at_ms: self.created_at, token_hash: self.link_token_hash.as_deref() }
+    }
 }
 
 from_lite!(FlowRow {
@@ -54,17 +65,18 @@ from_lite!(FlowRow {
     consumed_at,
     outcome,
     connection_id,
-    detail
+    detail,
+    link_token_hash
 });
 
 const COLUMNS: &str = "id, state_hash, browser_hash, link_id, workspace_id, provider, verifier_sealed, \
-    created_at, expires_at, consumed_at, outcome, connection_id, detail";
+    created_at, expires_at, consumed_at, outcome, connection_id, detail, link_token_hash";
 
 /// Inserts a flow.
 pub async fn insert(conn: &mut impl Exec, f: &FlowRow) -> DbResult<()> {
     const SQL: &str = "INSERT INTO oauth_flows (id, state_hash, browser_hash, link_id, workspace_id, provider, \
-        verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, detail) \
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
+        verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, detail, link_token_hash) \
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
     conn.execute(&Stmt::new(SQL, values(f))).await?;
     Ok(())
 }
@@ -76,16 +88,16 @@ pub async fn insert(conn: &mut impl Exec, f: &FlowRow) -> DbResult<()> {
 pub async fn insert_bounded(conn: &mut impl Exec, f: &FlowRow, open_limit: i64) -> DbResult<bool> {
     // `oauth_flows_open` holds only attempts not yet claimed, by link and expiry.
     const SQL: &str = "INSERT INTO oauth_flows (id, state_hash, browser_hash, link_id, workspace_id, provider, \
-        verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, detail) \
-        SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 \
+        verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, detail, link_token_hash) \
+        SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 \
         WHERE (SELECT COUNT(*) FROM (SELECT 1 FROM oauth_flows \
-            WHERE link_id = $4 AND consumed_at IS NULL AND expires_at > $8 LIMIT $14) AS open_attempts) < $14";
+            WHERE link_id = $4 AND consumed_at IS NULL AND expires_at > $8 LIMIT $15) AS open_attempts) < $15";
     let mut args = values(f);
     args.push(Arg::from(open_limit));
     Ok(conn.execute(&Stmt::new(SQL, args)).await? == 1)
 }
 
-/// A flow's columns as the inserts' `$1`–`$13`.
+/// A flow's columns as the inserts' `$1`–`$14`.
 fn values(f: &FlowRow) -> Vec<Arg<'_>> {
     vec![
         Arg::from(&f.id),
@@ -101,6 +113,7 @@ fn values(f: &FlowRow) -> Vec<Arg<'_>> {
         Arg::from(&f.outcome),
         Arg::from(&f.connection_id),
         Arg::from(&f.detail),
+        Arg::from(&f.link_token_hash),
     ]
 }
 
@@ -132,11 +145,13 @@ pub async fn claim(
     provider: &str,
     now_ms: i64,
 ) -> DbResult<Option<FlowRow>> {
-    const SQL: &str = "UPDATE oauth_flows SET consumed_at = $4 WHERE state_hash = $1 AND browser_hash = $2 \
-        AND provider = $3 AND consumed_at IS NULL AND expires_at > $4 RETURNING id, state_hash, browser_hash, \
-        link_id, workspace_id, provider, verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, \
-        detail";
-    conn.fetch_optional(&stmt!(SQL, state_hash, browser_hash, provider, now_ms)).await
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "UPDATE oauth_flows SET consumed_at = $4 WHERE state_hash = $1 AND browser_hash = $2 \
+             AND provider = $3 AND consumed_at IS NULL AND expires_at > $4 RETURNING {COLUMNS}"
+        )
+    });
+    conn.fetch_optional(&stmt!(&SQL, state_hash, browser_hash, provider, now_ms)).await
 }
 
 /// Records how a flow ended, and erases its PKCE verifier, which nothing needs any more (an

@@ -206,6 +206,7 @@ mod tests {
             outcome: outcome.map(str::to_string),
             connection_id: None,
             detail: Some("video.list".into()),
+            link_token_hash: None,
         }
     }
 

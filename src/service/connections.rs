@@ -246,8 +246,11 @@ pub struct FlowResult {
     pub flow_id: String,
     /// The link it started from, as read at the callback.
     pub link: LinkRow,
-    /// When the flow started (ms): a link rotated since takes no connection from it.
+    /// When the flow started (ms).
     pub started_at: i64,
+    /// The SHA-256 of the link's token it was started with: a link rotated since takes no
+    /// connection from it (see [`db::links::Start`]).
+    pub link_token_hash: Option<String>,
     /// The provider.
     pub platform: Platform,
     /// The account.
@@ -396,8 +399,20 @@ impl db::FlowWrite for StoreFlow {
     async fn run<E: Exec>(self, tx: &mut E) -> ServiceResult<Self::Output> {
         let Self {
             app,
-            result: FlowResult { flow_id, link, started_at, platform, profile, tokens, sandbox, scope_note },
+            result:
+                FlowResult {
+                    flow_id,
+                    link,
+                    started_at,
+                    link_token_hash,
+                    platform,
+                    profile,
+                    tokens,
+                    sandbox,
+                    scope_note,
+                },
         } = self;
+        let start = db::links::Start { at_ms: started_at, token_hash: link_token_hash.as_deref() };
         let (app, flow_id, link, profile, tokens): (&App, &str, &LinkRow, &Profile, &TokenSet) =
             (&app, &flow_id, &link, &profile, &tokens);
         let now = app.now_ms();
@@ -407,7 +422,7 @@ impl db::FlowWrite for StoreFlow {
         // agency removed (disconnected), which its page no longer offers: that would be a new
         // connection.
         let backend = app.db.backend();
-        let counted = db::links::record_use(tx, &link.id, now, started_at).await?;
+        let counted = db::links::record_use(tx, &link.id, now, start).await?;
         let existing = db::connections::get_by_account_for_update(
             tx,
             backend,
@@ -428,7 +443,7 @@ impl db::FlowWrite for StoreFlow {
                 if status != LinkStatus::UsedUp || !its_own {
                     return Ok(Err(status));
                 }
-                match db::links::record_repair(tx, &link.id, now, started_at).await? {
+                match db::links::record_repair(tx, &link.id, now, start).await? {
                     Some(used) => used,
                     None => return Ok(Err(LinkStatus::Revoked)),
                 }

@@ -753,6 +753,31 @@ async fn link_rotated_between_start_and_callback(app: TestApp) {
     // The new URL works, and its own pages lead back to it.
     let page = connect(&app.client, &app, &fresh, "tiktok", &account("tiktok", 0)).await;
     assert!(page.contains(&format!("href=\"/l/{new_token}\"")), "{page}");
+    // A flow is bound to the URL it was started with, not judged by the clock: here the rotation
+    // reads as made before the flow started (a start that read the link while the rotation was
+    // being committed, or a host whose clock runs behind), and still ends it.
+    let flow =
+        start_and_consent(&app.client, &app, &fresh, "tiktok", &account("tiktok", 1), "allow", None).await;
+    let newest = app.cli_json(&["link", "rotate", &id])["url"].as_str().unwrap().to_string();
+    app.execute(&format!("UPDATE {{schema}}.links SET rotated_at = 1 WHERE id = '{id}'")).await;
+    let page = finish(&app.client, &app, &flow.callback).await;
+    assert_eq!(page.status(), 410);
+    let html = page.text().await.unwrap();
+    assert!(!html.contains(&token_of(&newest)) && !html.contains("href=\"/l/"), "{html}");
+    assert_eq!(app.count("connections").await, 2, "nothing more connected");
+    // Flows started before the URL was recorded with them (by an earlier version) are judged by
+    // the time of the link's last rotation: one started after it connects, one before it does not.
+    let forget_urls = "UPDATE {schema}.oauth_flows SET link_token_hash = NULL";
+    let flow =
+        start_and_consent(&app.client, &app, &newest, "tiktok", &account("tiktok", 2), "allow", None).await;
+    app.execute(forget_urls).await;
+    assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 200);
+    let flow =
+        start_and_consent(&app.client, &app, &newest, "tiktok", &account("tiktok", 1), "allow", None).await;
+    app.execute(forget_urls).await;
+    app.cli_json(&["link", "rotate", &id]);
+    assert_eq!(finish(&app.client, &app, &flow.callback).await.status(), 410);
+    assert_eq!(app.count("connections").await, 3);
 }
 
 /// A link has at most `http.link_open_attempts` attempts open at once (here 3): a start beyond

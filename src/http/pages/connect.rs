@@ -245,6 +245,7 @@ pub async fn start_connect(
         outcome: None,
         connection_id: None,
         detail: None,
+        link_token_hash: Some(link.token_hash.clone()),
     };
     let flow_id = flow.id.clone();
     let open_limit = i64::from(state.config.http.link_open_attempts);
@@ -708,7 +709,7 @@ pub async fn show_refusal(
                 page.attempt = Some(crate::service::attempts::reference(&flow.id));
                 page.sandbox = sandbox_of(&state, platform);
                 if f.retryable() {
-                    let landing = landing_href(&state, &flow.link_id, flow.created_at).await;
+                    let landing = landing_href(&state, &flow).await;
                     f.offer_try_again(&mut page, platform.display_name(), landing);
                 }
                 // Branded as the link's pages were, so that the client is not left wondering
@@ -1043,7 +1044,7 @@ async fn complete_flow(
     // connection's transaction can tell once the account is known.
     // Nor rotated since the flow started: the old URL, and what was started with it, are dead.
     if !matches!(LinkStatus::of(&link, state.now_ms()), LinkStatus::Active | LinkStatus::UsedUp)
-        || rotated_since(&link, flow.created_at)
+        || flow.start().rotated_since(&link)
     {
         return Err(FlowError::Failed(Failure::LinkGone, None));
     }
@@ -1126,6 +1127,7 @@ async fn complete_flow(
             flow_id: flow.id.clone(),
             link,
             started_at: flow.created_at,
+            link_token_hash: flow.link_token_hash.clone(),
             platform,
             profile,
             tokens,
@@ -1142,21 +1144,21 @@ async fn complete_flow(
     }
 }
 
-/// The landing page of a link (unsealing its token), for "try again" and "connect another" on
-/// the pages of a flow started at `started` (see [`landing_href_of`]).
-async fn landing_href(state: &AppState, link_id: &str, started: i64) -> Option<String> {
+/// The landing page of a flow's link (unsealing its token), for "try again" and "connect
+/// another" on the pages of the flow (see [`landing_href_of`]).
+async fn landing_href(state: &AppState, flow: &FlowRow) -> Option<String> {
     let mut conn = state.db.read().await.ok()?;
-    let link = db::links::get(&mut conn, link_id).await.ok()??;
-    landing_href_of(state, &link, started)
+    let link = db::links::get(&mut conn, &flow.link_id).await.ok()??;
+    landing_href_of(state, &link, flow)
 }
 
-/// The landing page of `link`, whose token is unsealed for it, on the pages of a flow started
-/// at `started`: none once the link was rotated since, so that whoever held the old URL (a
-/// leaked one, the reason to rotate) cannot learn the new one from an old flow's pages; none
-/// either once the link is revoked or expired, whose page would only say so.
-fn landing_href_of(state: &AppState, link: &LinkRow, started: i64) -> Option<String> {
+/// The landing page of `link`, whose token is unsealed for it, on the pages of `flow`: none once
+/// the link was rotated since the flow started, so that whoever held the old URL (a leaked one,
+/// the reason to rotate) cannot learn the new one from an old flow's pages; none either once the
+/// link is revoked or expired, whose page would only say so.
+fn landing_href_of(state: &AppState, link: &LinkRow, flow: &FlowRow) -> Option<String> {
     let open = matches!(LinkStatus::of(link, state.now_ms()), LinkStatus::Active | LinkStatus::UsedUp);
-    if !open || rotated_since(link, started) {
+    if !open || flow.start().rotated_since(link) {
         return None;
     }
     let token = state
@@ -1164,11 +1166,6 @@ fn landing_href_of(state: &AppState, link: &LinkRow, started: i64) -> Option<Str
         .open_str(&link.token_sealed, crate::service::links::token_aad(&link.workspace_id, &link.id))
         .ok()?;
     Some(format!("/l/{}", token.expose_secret()))
-}
-
-/// Whether `link` was rotated at or after `started` (ms).
-fn rotated_since(link: &LinkRow, started: i64) -> bool {
-    link.rotated_at.is_some_and(|at| at >= started)
 }
 
 #[derive(Template)]
@@ -1236,7 +1233,7 @@ async fn result_page(state: &AppState, attempt: &str, headers: &HeaderMap) -> Se
     if flow.outcome.is_none() {
         return Ok(unfinished_page(state, &flow, platform, link.as_ref(), workspace.as_ref()));
     }
-    let landing = link.as_ref().and_then(|l| landing_href_of(state, l, flow.created_at));
+    let landing = link.as_ref().and_then(|l| landing_href_of(state, l, &flow));
     let outcome = flow.outcome.as_deref().unwrap_or_default();
     if let Some(f) = Failure::from_code(outcome) {
         let mut page = f.page(platform.display_name(), flow.detail.as_deref());
@@ -1328,7 +1325,7 @@ fn unfinished_page(
             format!("This attempt to connect your {name} account did not finish. Nothing was connected."),
         )
         .next("Start again from the link you were sent.");
-        page.try_again = link.and_then(|l| landing_href_of(state, l, flow.created_at));
+        page.try_again = link.and_then(|l| landing_href_of(state, l, flow));
         if page.try_again.is_some() {
             page.next_step = Some(format!("Press Try again, then choose {name} once more."));
         }
