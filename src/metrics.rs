@@ -68,8 +68,21 @@ pub async fn serve(
     Ok(local)
 }
 
-/// `GET /metrics`: the counters, plus the connection gauges read now.
+/// Held while a scrape reads the connection gauges: scrapes at once (a scraper's retries, or
+/// anyone who can reach the address) take one database connection between them, not one each.
+static READING_GAUGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// `GET /metrics`: the counters, plus the connection gauges read now (or, while another scrape
+/// reads them, as that one last read them).
 async fn render(State((handle, state)): State<(PrometheusHandle, AppState)>) -> Response {
+    if let Ok(_reading) = READING_GAUGES.try_lock() {
+        read_gauges(&state).await;
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render()).into_response()
+}
+
+/// Sets the connection gauges from the database (3 s at most).
+async fn read_gauges(state: &AppState) {
     let counts = tokio::time::timeout(Duration::from_secs(3), async {
         let mut conn = state.db.read().await?;
         crate::db::dashboard::connection_totals(&mut conn).await
@@ -85,7 +98,6 @@ async fn render(State((handle, state)): State<(PrometheusHandle, AppState)>) -> 
         Ok(Err(e)) => tracing::warn!(error = %e, "metrics: connection counts unavailable"),
         Err(_) => tracing::warn!("metrics: connection counts timed out"),
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render()).into_response()
 }
 
 /// Middleware: counts every request and its time, by method, route template and status.

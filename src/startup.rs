@@ -496,6 +496,14 @@ async fn deregister_unless_cut_short(state: &AppState, process_id: &str, finishe
 /// Installs the metrics recorder and serves `/metrics` when `metrics.listen` is set.
 async fn start_metrics(state: &AppState, stop: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
     let Some(addr) = state.config.metrics.listen else { return Ok(()) };
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "metrics.listen is not a loopback address: GET /metrics answers anyone who can reach it, without \
+             credentials (the version, requests by route, connections by platform and status); keep the port \
+             to the scraper's network"
+        );
+    }
     let handle = crate::metrics::install().map_err(std::io::Error::other)?;
     crate::metrics::serve(addr, handle, state.clone(), stop)
         .await
