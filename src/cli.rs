@@ -889,16 +889,21 @@ async fn restore(config: &Config, json: bool, from: PathBuf) -> CliResult {
     if !missing.is_empty() {
         return Err(StartupError::KeyStillNeeded { kids: missing.join(", ") }.into());
     }
+    // Said whole, and said when new: a relative data folder read from another working directory
+    // restores into a new file beside it, not into the database the service uses.
+    let new = !db.exists();
     let target = db.clone();
     blocking(move || crate::db::backup::restore(&from, &target)).await?;
-    tracing::warn!(database = %db.display(), backup = %summary.path.display(), "database restored from a backup");
-    print(json, &serde_json::json!({"restored": &summary, "database": db}), |_| {
+    let db = std::fs::canonicalize(&db).unwrap_or(db);
+    tracing::warn!(database = %db.display(), backup = %summary.path.display(), new, "database restored from a backup");
+    print(json, &serde_json::json!({"restored": &summary, "database": db, "new_file": new}), |_| {
         format!(
-            "{} restored from {}: {} (schema version {}; the next start migrates it when older).",
+            "{} restored from {}: {} (schema version {}; the next start migrates it when older).{}",
             db.display(),
             summary.path.display(),
             summary.contents(),
-            summary.schema_version
+            summary.schema_version,
+            if new { " The database file did not exist before: it is a new one." } else { "" }
         )
     });
     Ok(())

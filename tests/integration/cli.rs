@@ -703,6 +703,10 @@ async fn backup_and_restore(app: TestApp) {
     assert_eq!(mode & 0o077, 0, "{mode:o}");
     let restored: Value = serde_json::from_slice(&restored.stdout).unwrap();
     assert_eq!(restored["restored"]["connections"], 1);
+    // Named whole, and as new.
+    let named = std::path::PathBuf::from(restored["database"].as_str().unwrap());
+    assert!(named.is_absolute() && named.ends_with("restored.db"), "{restored}");
+    assert_eq!(restored["new_file"], true);
     let on_fresh = |args: &[&str]| -> Value {
         let out = app.cli_env(&[&["--json"], args].concat(), &[("AUTHLINK_DATABASE_URL", &fresh_db)]);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -722,6 +726,7 @@ async fn backup_and_restore(app: TestApp) {
     app.kill();
     let out = app.cli(&["--json", "restore", "--from", &copy_arg]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap()["new_file"], false);
     let (app, cleanup) = app.restart_with(&[]).await;
     assert_eq!(app.client.get(&url).send().await.unwrap().status(), 200, "the revoked link is back");
     assert_eq!(app.cli_json(&["link", "list", "--workspace", &wid]).as_array().unwrap().len(), 1);
