@@ -728,16 +728,32 @@ async fn disconnect_leased(
     refreshed: bool,
 ) -> ServiceResult<Disconnect> {
     // Read under the lease: a refresh that finished elsewhere meanwhile stored the token to revoke.
-    let row = get_row(app, scope, id).await?;
-    if ConnectionStatus::parse(&row.status) == ConnectionStatus::Disconnected {
+    let mut row = get_row(app, scope, id).await?;
+    let status = ConnectionStatus::parse(&row.status);
+    if status == ConnectionStatus::Disconnected {
         return Ok(Disconnect::Done(Box::new(view(&row))));
     }
     if row.reconnect_count != reconnects {
         return Err(reconnected_meanwhile(false));
     }
-    let revoked_note = match revoke_at_provider(app, &row, refreshed).await? {
-        Revocation::Said(note) => note,
-        Revocation::TokenRefused => return Ok(Disconnect::TokenRefused),
+    // Twice at most: a refused token is refreshed once.
+    let mut refreshed = refreshed;
+    let revoked_note = loop {
+        match revoke_at_provider(app, &row, refreshed).await? {
+            Revocation::Said(note) => break note,
+            // Refreshed by the refresh service, outside this process's lock.
+            Revocation::TokenRefused if status == ConnectionStatus::Active => {
+                return Ok(Disconnect::TokenRefused);
+            }
+            // Broken: the refresh service leaves it alone; refreshed here.
+            Revocation::TokenRefused => {
+                refreshed = true;
+                match refresh_broken_to_revoke(app, &row).await? {
+                    Ok(fresh) => row = fresh,
+                    Err(note) => break note,
+                }
+            }
+        }
     };
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
@@ -842,8 +858,9 @@ enum Revocation {
 /// (unreachable, 429, 5xx) or that refuses authlink's own settings, a token sealed with a key
 /// this process does not hold, or a real connection where this instance simulates its provider,
 /// stops the disconnect, the connection left connected: the tokens a disconnect erases are the
-/// only way to revoke the grant later. A refused access token of an active connection is to be
-/// refreshed and offered again, once (`refreshed` says it was). A grant that cannot be revoked
+/// only way to revoke the grant later. A refused access token is to be refreshed and offered
+/// again, once (`refreshed` says it was): an active connection's by the refresh service, a broken
+/// one's by the disconnect ([`refresh_broken_to_revoke`]). A grant that cannot be revoked
 /// with what is stored (a dead grant, a token or request the provider refuses after a refresh,
 /// tokens that fail to open with the key they name, a provider not enabled here) does not stop
 /// it: the agency's removal of the connection goes ahead, and the reason says the grant may
@@ -852,7 +869,7 @@ enum Revocation {
 async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> ServiceResult<Revocation> {
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
     let name = platform.display_name();
-    let still_listed = "the grant may still be listed in the account's settings";
+    let still_listed = STILL_LISTED;
     let said = |note: String| Ok(Revocation::Said(note));
     let Some(sealed) = row.access_token_sealed.as_deref() else {
         return said("not revoked at the provider: the connection holds no token".into());
@@ -900,7 +917,6 @@ async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> 
             e
         }
     };
-    let active = ConnectionStatus::parse(&row.status) == ConnectionStatus::Active;
     match refusal {
         ProviderError::Transient { reason, .. } => Err(ServiceError::Unavailable(format!(
             "{name} could not revoke the grant right now ({reason}); the connection was not disconnected: \
@@ -914,9 +930,87 @@ async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> 
         ProviderError::Permanent { reason } => {
             said(format!("not revoked: the grant is no longer valid at {name} ({reason}); {still_listed}"))
         }
-        _ if active && !refreshed && row.refresh_token_sealed.is_some() => Ok(Revocation::TokenRefused),
+        _ if !refreshed && row.refresh_token_sealed.is_some() => Ok(Revocation::TokenRefused),
         refused => said(format!("revocation refused by {name} ({}); {still_listed}", refused.reason())),
     }
+}
+
+/// What a disconnect's status reason says of a grant it could not revoke.
+const STILL_LISTED: &str = "the grant may still be listed in the account's settings";
+
+/// Refreshes a broken connection's tokens for its grant to be revoked with (a connection broken
+/// for a withdrawn scope keeps a live grant, whose access token runs out within a day), since
+/// the refresh service refreshes active connections only. The new tokens are stored, the
+/// connection left broken, so that a revocation that then fails for now leaves the grant
+/// revocable later (TikTok's refresh token rotates: the one sent dies). `Err(note)`: nothing
+/// left to revoke with, as the status reason says it. Runs under the disconnect's lock.
+async fn refresh_broken_to_revoke(
+    app: &App,
+    row: &ConnectionRow,
+) -> ServiceResult<Result<ConnectionRow, String>> {
+    let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
+    let name = platform.display_name();
+    let provider = app
+        .providers
+        .serving(platform, row.sandbox != 0)
+        .map_err(|m| ServiceError::Conflict(m.explain(platform)))?;
+    let (Some(access), Some(refresh)) =
+        (row.access_token_sealed.as_deref(), row.refresh_token_sealed.as_deref())
+    else {
+        return Ok(Err(format!("not revoked: the connection holds no token to refresh; {STILL_LISTED}")));
+    };
+    let access = app.keys.open_str(access, access_aad(&row.workspace_id, &row.id))?;
+    let refresh = app.keys.open_str(refresh, refresh_aad(&row.workspace_id, &row.id))?;
+    let tokens = match provider.refresh(&access, Some(&refresh), app.now()).await {
+        Ok(tokens) => tokens,
+        Err(e) => {
+            tracing::warn!(connection_id = %row.id, error = %e, "refresh before revoking a broken connection's grant failed");
+            return match e {
+                ProviderError::Transient { reason, .. } => Err(ServiceError::Unavailable(format!(
+                    "{name} refused the access token the grant is revoked with, and could not refresh it right now \
+                     ({reason}); the connection was not disconnected: disconnect it again in a moment"
+                ))),
+                ProviderError::Misconfigured { reason } => Err(ServiceError::Unavailable(format!(
+                    "{name} refused authlink's own settings when asked to refresh the token the grant is revoked \
+                     with ({reason}); the connection was not disconnected: the operator must correct the {name} \
+                     settings, then disconnect it again"
+                ))),
+                ProviderError::Permanent { reason } => Ok(Err(format!(
+                    "not revoked: the grant is no longer valid at {name} ({reason}); {STILL_LISTED}"
+                ))),
+                refused => Ok(Err(format!(
+                    "revocation refused by {name}, and the token could not be refreshed ({}); {STILL_LISTED}",
+                    refused.reason()
+                ))),
+            };
+        }
+    };
+    let now = app.now_ms();
+    let mut tx = app.db.begin_write().await?;
+    let mut current = db::connections::get_for_update(&mut tx, app.db.backend(), &row.id)
+        .await?
+        .ok_or(ServiceError::NotFound("connection"))?;
+    if current.token_generation != row.token_generation
+        || ConnectionStatus::parse(&current.status) != ConnectionStatus::Broken
+    {
+        // Reconnected (or disconnected) meanwhile: what was stored then stands.
+        return Err(ServiceError::Conflict(
+            "the connection changed while its token was refreshed to revoke the grant; the connection was not \
+             disconnected: disconnect it again"
+                .into(),
+        ));
+    }
+    apply_tokens(app, &mut current, &tokens);
+    current.last_refreshed_at = Some(now);
+    current.updated_at = now;
+    db::connections::update(&mut tx, &current).await?;
+    db::connections::insert_event(
+        &mut tx,
+        &event(&current, "refreshed", Some("to revoke the grant before a disconnect".into()), now),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Ok(current))
 }
 
 /// Tokens are refreshed first when they would expire within this many seconds.

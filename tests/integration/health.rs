@@ -31,6 +31,7 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         a_token_read_refuses_a_connection_broken_during_its_failed_refresh,
         a_disconnect_holds_the_refresh_lease_while_it_revokes,
         a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked,
+        a_broken_connections_grant_is_revoked_with_a_refreshed_token,
         a_reconnect_during_a_disconnect_is_kept,
         an_inactive_connection_leaves_the_refresh_schedule,
         unreadable_tokens_break_the_connection,
@@ -1304,6 +1305,91 @@ async fn a_disconnect_changes_nothing_while_the_grant_cannot_be_revoked(app: Tes
     let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
     assert_eq!(done["status_reason"], "Disconnected by the agency (revoked at the provider).", "{done}");
     assert_eq!(calls(&app.sandbox_stats("tiktok").await), (before.0 + 2, before.1 + 1));
+    restarted.run().await;
+}
+
+/// A connection broken for a withdrawn scope keeps a live grant, whose access token runs out
+/// within a day: refused, that token is refreshed by the disconnect (the refresh service leaves
+/// broken connections alone), the new tokens stored on the still-broken connection first, so that
+/// a revocation that then fails for now leaves the grant revocable; a refresh that fails for now
+/// leaves it connected, and one that finds the grant dead lets the disconnect go on.
+async fn a_broken_connections_grant_is_revoked_with_a_refreshed_token(app: TestApp) {
+    let (app, restarted) = app
+        .restart_with(&[
+            ("AUTHLINK_JOBS__ENABLED", "false"),
+            ("AUTHLINK_PROVIDERS__TIKTOK__REQUIRED_SCOPES", "[user.info.basic,user.info.profile]"),
+        ])
+        .await;
+    let broken = |name: &'static str, account: usize| {
+        let app = &app;
+        async move {
+            let (key, _, id) = tiktok_connection_through_a_link(app, name, account).await;
+            let open_id = authlink::sandbox::TIKTOK_ACCOUNTS[account].open_id;
+            app.sandbox(
+                &format!("/tiktok/accounts/{open_id}/withdraw-scopes"),
+                json!({"scopes": ["user.info.profile"]}),
+            )
+            .await;
+            let out = app.api_post(&format!("/connections/{id}/refresh"), &key, json!({}), 200).await;
+            assert_eq!(out["outcome"], "broken", "{out}");
+            (key, id)
+        }
+    };
+    let calls = |s: &Value| (s["refresh_calls"].as_i64().unwrap(), s["revoke_calls"].as_i64().unwrap());
+    let refused_once = json!({"endpoint": "revoke", "kind": "html_error", "status": 400});
+    let (key, id) = broken("Broken Disconnect", 0).await;
+    let status_of = |key: String, id: String| {
+        let app = &app;
+        async move { app.api_get(&format!("/connections/{id}"), &key, 200).await["status"].clone() }
+    };
+    // Refused, and the refresh fails for now: still connected (broken), nothing erased.
+    let before = calls(&app.sandbox_stats("tiktok").await);
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [refused_once, {"endpoint": "refresh", "kind": "server_error"}]}),
+    )
+    .await;
+    let kept = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 503).await;
+    assert!(kept["detail"].as_str().unwrap().contains("not disconnected"), "{kept}");
+    assert_eq!(status_of(key.clone(), id.clone()).await, "broken");
+    assert_eq!(calls(&app.sandbox_stats("tiktok").await), (before.0 + 1, before.1 + 1));
+    // Refreshed, and the new token's revocation fails for now: the new tokens are kept.
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [refused_once, {"endpoint": "revoke", "kind": "server_error"}]}),
+    )
+    .await;
+    app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 503).await;
+    let c = app.api_get(&format!("/connections/{id}"), &key, 200).await;
+    assert_eq!(c["status"], "broken", "{c}");
+    let last = c["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["kind"].as_str(), last["detail"].as_str()),
+        (Some("refreshed"), Some("to revoke the grant before a disconnect")),
+        "{c}"
+    );
+    assert_eq!(calls(&app.sandbox_stats("tiktok").await), (before.0 + 2, before.1 + 3));
+    // Refused once more: refreshed with the rotated refresh token stored then, and revoked.
+    app.sandbox("/tiktok/scenario", json!({"fail_next": [refused_once]})).await;
+    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    assert_eq!(done["status_reason"], "Disconnected by the agency (revoked at the provider).", "{done}");
+    let stats = app.sandbox_stats("tiktok").await;
+    assert_eq!(calls(&stats), (before.0 + 3, before.1 + 5));
+    assert_eq!(
+        (stats["refresh_token_reuse"].as_i64(), stats["invalid_grant"].as_i64()),
+        (Some(0), Some(0)),
+        "{stats}"
+    );
+    // A refresh that finds the grant dead: nothing left to revoke, the disconnect goes on.
+    let (key, id) = broken("Broken Disconnect Dead", 1).await;
+    app.sandbox(
+        "/tiktok/scenario",
+        json!({"fail_next": [refused_once, {"endpoint": "refresh", "kind": "invalid_grant"}]}),
+    )
+    .await;
+    let done = app.api_post(&format!("/connections/{id}/disconnect"), &key, json!({}), 200).await;
+    let reason = done["status_reason"].as_str().unwrap();
+    assert!(reason.contains("no longer valid") && reason.contains("may still be listed"), "{done}");
     restarted.run().await;
 }
 
