@@ -585,6 +585,24 @@ pub async fn lease_state(
     .await?)
 }
 
+/// The SQL condition that a connection (its columns prefixed with `$qualifier`) is of one of the
+/// kinds named in the comma-separated text parameter `$param`:
+/// [`Providers::served`](crate::providers::Providers::served)'s names, by provider and whether
+/// made with the sandbox ([`served_name`](crate::providers::served_name)).
+macro_rules! served {
+    ($qualifier:literal, $param:literal) => {
+        concat!(
+            "',' || ",
+            $param,
+            " || ',' LIKE '%,' || ",
+            $qualifier,
+            "provider || CASE WHEN ",
+            $qualifier,
+            "sandbox = 0 THEN '' ELSE ':sandbox' END || ',%'"
+        )
+    };
+}
+
 /// Claims up to `limit` active connections whose refresh is due and whose lease is free, of the
 /// kinds named in `providers` ([`Providers::served`](crate::providers::Providers::served): those
 /// this process serves, by provider and sandbox or not; the others stay
@@ -605,11 +623,13 @@ pub async fn claim_due_refreshes(
     let ids = super::claimed_ids(
         backend,
         "connection_id",
-        "SELECT connection_id FROM refresh_schedule WHERE next_refresh_at <= $3 \
-         AND (lease_until IS NULL OR lease_until < $3) \
-         AND EXISTS (SELECT 1 FROM connections c WHERE c.id = refresh_schedule.connection_id \
-           AND ',' || $5 || ',' LIKE '%,' || c.provider || CASE WHEN c.sandbox = 0 THEN '' ELSE ':sandbox' END || ',%') \
-         ORDER BY next_refresh_at LIMIT $4",
+        concat!(
+            "SELECT connection_id FROM refresh_schedule WHERE next_refresh_at <= $3 \
+             AND (lease_until IS NULL OR lease_until < $3) \
+             AND EXISTS (SELECT 1 FROM connections c WHERE c.id = refresh_schedule.connection_id AND ",
+            served!("c.", "$5"),
+            ") ORDER BY next_refresh_at LIMIT $4"
+        ),
     );
     let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE refresh_schedule SET lease_owner = $1, lease_until = $2 WHERE {ids} RETURNING connection_id"
@@ -632,11 +652,11 @@ pub async fn due_checks(
     limit: i64,
     providers: &str,
 ) -> DbResult<Vec<String>> {
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "SELECT id FROM connections WHERE status = 'active' AND next_check_at <= $1 \
-         AND ',' || $3 || ',' LIKE '%,' || provider || CASE WHEN sandbox = 0 THEN '' ELSE ':sandbox' END || ',%' \
-         ORDER BY next_check_at LIMIT $2",
-    )
+    let rows: Vec<(String,)> = sqlx::query_as(concat!(
+        "SELECT id FROM connections WHERE status = 'active' AND next_check_at <= $1 AND ",
+        served!("", "$3"),
+        " ORDER BY next_check_at LIMIT $2"
+    ))
     .bind(now_ms)
     .bind(limit)
     .bind(providers)
@@ -917,9 +937,9 @@ pub async fn start_claimed_refresh(
          a AS (INSERT INTO refresh_attempts (id, connection_id, owner, generation, outcome, started_at) \
            SELECT $2, id, $3, token_generation, 'started', $4 FROM c \
            WHERE lease_owner = $3 AND lease_until > $6 AND status = 'active' AND next_refresh_at <= $4 \
-           AND position(',' || provider || CASE WHEN sandbox = 0 THEN '' ELSE ':sandbox' END || ',' \
-             in ',' || $5 || ',') > 0 RETURNING id) \
-         SELECT {COLUMNS}, (SELECT count(*) FROM a) AS started FROM c"
+           AND {served} RETURNING id) \
+         SELECT {COLUMNS}, (SELECT count(*) FROM a) AS started FROM c",
+        served = served!("", "$5"),
     )))
     .bind(id)
     .bind(attempt_id)

@@ -783,6 +783,16 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(claimed, ["c2"], "c1 is leased");
+        // Health checks too, by the same names: both due (at 41).
+        for (served, due) in [
+            ("tiktok,instagram:sandbox", vec![]),
+            ("tiktok:sandbox", vec!["c1"]),
+            ("instagram,tiktok:sandbox", vec!["c1", "c2"]),
+        ] {
+            let mut found = connections::due_checks(&mut conn, 100, 5, served).await.unwrap();
+            found.sort();
+            assert_eq!(found, due, "{served}");
+        }
         drop(conn);
 
         let stored = || async {

@@ -72,7 +72,8 @@ from_lite!(FlowRow {
 const COLUMNS: &str = "id, state_hash, browser_hash, link_id, workspace_id, provider, verifier_sealed, \
     created_at, expires_at, consumed_at, outcome, connection_id, detail, link_token_hash";
 
-/// Inserts a flow.
+/// Inserts a flow, whatever its link has open.
+#[cfg(test)]
 pub async fn insert(conn: &mut impl Exec, f: &FlowRow) -> DbResult<()> {
     const SQL: &str = "INSERT INTO oauth_flows (id, state_hash, browser_hash, link_id, workspace_id, provider, \
         verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, detail, link_token_hash) \
@@ -82,16 +83,20 @@ pub async fn insert(conn: &mut impl Exec, f: &FlowRow) -> DbResult<()> {
 }
 
 /// Inserts a flow unless its link has `open_limit` attempts open already (not back from the
-/// provider, and not expired when this one starts); whether it was inserted. One statement: exact
-/// on SQLite, whose writes run one at a time; on PostgreSQL, starts committed at the same moment
-/// may each count the others out, so a link may exceed the limit by the starts running at once.
+/// provider, not expired when this one starts, and started with the link's URL this one was
+/// started with: a rotation frees the places of attempts the old URL started, which can no longer
+/// connect); whether it was inserted. One statement: exact on SQLite, whose writes run one at a
+/// time; on PostgreSQL, starts committed at the same moment may each count the others out, so a
+/// link may exceed the limit by the starts running at once.
 pub async fn insert_bounded(conn: &mut impl Exec, f: &FlowRow, open_limit: i64) -> DbResult<bool> {
-    // `oauth_flows_open` holds only attempts not yet claimed, by link and expiry.
+    // `oauth_flows_open` holds only attempts not yet claimed, by link and expiry. Attempts of an
+    // earlier version recorded no URL: they count.
     const SQL: &str = "INSERT INTO oauth_flows (id, state_hash, browser_hash, link_id, workspace_id, provider, \
         verifier_sealed, created_at, expires_at, consumed_at, outcome, connection_id, detail, link_token_hash) \
         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 \
         WHERE (SELECT COUNT(*) FROM (SELECT 1 FROM oauth_flows \
-            WHERE link_id = $4 AND consumed_at IS NULL AND expires_at > $8 LIMIT $15) AS open_attempts) < $15";
+            WHERE link_id = $4 AND consumed_at IS NULL AND expires_at > $8 \
+            AND (link_token_hash = $14 OR link_token_hash IS NULL) LIMIT $15) AS open_attempts) < $15";
     let mut args = values(f);
     args.push(Arg::from(open_limit));
     Ok(conn.execute(&Stmt::new(SQL, args)).await? == 1)

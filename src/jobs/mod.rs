@@ -65,7 +65,7 @@ async fn warn_of_connections_not_served(state: AppState) {
                  process{}",
                 mode.explain(platform),
                 if mode == crate::providers::Mode::Simulated {
-                    "; configure the provider's credentials (a secret not mounted?) and restart"
+                    "; configure the provider's credentials (a secret not mounted?) without sandbox = true, and restart"
                 } else {
                     "; disconnect those no longer wanted"
                 }

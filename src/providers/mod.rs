@@ -358,8 +358,9 @@ impl Mode {
         match self {
             Mode::Off => format!("{name} is not enabled on this instance"),
             Mode::Simulated => format!(
-                "the connection was made with the real {name}, which this instance simulates (its credentials \
-                 are not configured): its tokens are not sent to the sandbox"
+                "the connection was made with the real {name}, which this instance simulates (no credentials \
+                 configured, or providers.{}.sandbox = true): its tokens are not sent to the sandbox",
+                platform.as_str()
             ),
             Mode::Real => format!(
                 "the connection was made with the {name} sandbox, and this instance uses the real {name}: \

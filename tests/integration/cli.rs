@@ -703,10 +703,16 @@ async fn backup_and_restore(app: TestApp) {
     assert_eq!(mode & 0o077, 0, "{mode:o}");
     let restored: Value = serde_json::from_slice(&restored.stdout).unwrap();
     assert_eq!(restored["restored"]["connections"], 1);
-    // Named whole, and as new.
-    let named = std::path::PathBuf::from(restored["database"].as_str().unwrap());
-    assert!(named.is_absolute() && named.ends_with("restored.db"), "{restored}");
-    assert_eq!(restored["new_file"], true);
+    assert_eq!(restored["new_file"], true, "said to be new");
+    // A database named relative to the working directory is named whole.
+    let relative = app.cli_env(
+        &["--json", "restore", "--from", &copy_arg],
+        &[("AUTHLINK_DATABASE_URL", "sqlite://relative-restore.db")],
+    );
+    assert!(relative.status.success(), "{}", stderr(&relative));
+    let relative: Value = serde_json::from_slice(&relative.stdout).unwrap();
+    let whole = app.dir.path().join("relative-restore.db").canonicalize().unwrap();
+    assert_eq!(relative["database"], whole.display().to_string(), "{relative}");
     let on_fresh = |args: &[&str]| -> Value {
         let out = app.cli_env(&[&["--json"], args].concat(), &[("AUTHLINK_DATABASE_URL", &fresh_db)]);
         assert!(out.status.success(), "{}", stderr(&out));

@@ -786,7 +786,7 @@ async fn link_rotated_between_start_and_callback(app: TestApp) {
 async fn a_link_bounds_its_open_attempts(app: TestApp) {
     let (app, restarted) = app.restart_with(&[("AUTHLINK_HTTP__LINK_OPEN_ATTEMPTS", "3")]).await;
     let wid = app.workspace("Busy");
-    let (_, url) = app.link(&wid, "Client");
+    let (link_id, url) = app.link(&wid, "Client");
     let (_, other) = app.link(&wid, "Other client");
     let browser = new_browser();
     let mut open = Vec::new();
@@ -825,6 +825,12 @@ async fn a_link_bounds_its_open_attempts(app: TestApp) {
         start(&browser, &app, &url, "tiktok").await;
     }
     assert_eq!(refused_start().await.status(), 429);
+    // Rotated (the answer to a leaked link flooded with starts), the link's new URL has every
+    // place: attempts the old URL started can no longer connect.
+    let fresh = app.cli_json(&["link", "rotate", &link_id])["url"].as_str().unwrap().to_string();
+    for _ in 0..3 {
+        start(&browser, &app, &fresh, "tiktok").await;
+    }
     restarted.run().await;
 }
 
