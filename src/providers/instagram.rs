@@ -46,8 +46,9 @@ pub fn names_personal_account(reason: &str) -> bool {
     reason.starts_with(PERSONAL_ACCOUNT) && reason.to_ascii_lowercase().contains("as personal;")
 }
 
-/// The profile fields asked for.
-const PROFILE_FIELDS: &str = "user_id,username,name,account_type,profile_picture_url";
+/// The profile fields asked for: those of §3.6, the counts included (not stored).
+const PROFILE_FIELDS: &str =
+    "user_id,username,name,account_type,profile_picture_url,followers_count,follows_count,media_count";
 /// The account types that Instagram Login serves.
 const PROFESSIONAL_TYPES: [&str; 2] = ["BUSINESS", "MEDIA_CREATOR"];
 /// The youngest a long-lived token may be to be refreshed (§3.5).

@@ -162,7 +162,8 @@ impl TikTok {
     /// Fetches the profile and checks the grant with it (a health check): asks as well for a field
     /// of each scope in `granted` that the user-info call can show (`user.info.profile`,
     /// `user.info.stats`). When TikTok refuses them, each such scope is asked for alone to learn
-    /// which the user withdrew; `withheld_scopes` names those.
+    /// which the user withdrew; `withheld_scopes` names those. When each answers alone, nothing
+    /// was withdrawn: the grant is whole, whatever the refusal of them together said.
     pub async fn check_profile(
         &self,
         access_token: &SecretString,
@@ -192,8 +193,9 @@ impl TikTok {
                 }
             }
             if withheld.is_empty() {
-                // Each scope answers alone but not together: nothing to name; the refusal stands.
-                return Err(refused);
+                // Each scope answers alone but not together: TikTok served every scope of the
+                // grant just now, so the connection is not broken over the refusal of the two.
+                tracing::warn!(error = %refused, "TikTok refused the granted scopes together but served each alone");
             }
         }
         let mut profile = match profile {
@@ -290,7 +292,7 @@ pub(super) fn parse_token_answer(
         // Beside a new refresh token, a lifetime missing or out of range does not throw the
         // answer away: the provider may already have retired the refresh token this one
         // replaces (providers.md: save any refresh token it returns). The access token is given
-        // an hour (TikTok's last 24), so that it is refreshed well before it could expire, but
+        // an hour (TikTok documents 24 hours, and lately 2), so that it is refreshed well before it could expire, but
         // not at once and again at every read, as it would be if counted as expired.
         _ if refresh_token.is_some() => {
             tracing::warn!(
@@ -698,6 +700,47 @@ mod tests {
     fn config() -> Config {
         Config::load_from(None, &[("AUTHLINK_PUBLIC_URL".into(), "https://links.example.com/base/".into())])
             .unwrap()
+    }
+
+    /// A health check whose scopes TikTok refuses together but serves each alone finds the grant
+    /// whole (nothing withheld), with the handle (a scope refused alone too is named: the
+    /// integration tests reach that through the sandbox).
+    #[tokio::test]
+    async fn a_check_names_only_scopes_refused_alone() {
+        use axum::extract::Query;
+        async fn user_info(Query(q): Query<std::collections::HashMap<String, String>>) -> axum::Json<Value> {
+            let fields = q.get("fields").cloned().unwrap_or_default();
+            let refused = fields.contains("username") && fields.contains("follower_count");
+            axum::Json(if refused {
+                serde_json::json!({"data": {}, "error": {"code": "scope_not_authorized", "message": "no", "log_id": "l"}})
+            } else {
+                serde_json::json!({"data": {"user": {"open_id": "o", "display_name": "D", "username": "u"}},
+                    "error": {"code": "ok", "message": "", "log_id": "l"}})
+            })
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let app = axum::Router::new().route("/v2/user/info/", axum::routing::get(user_info));
+            axum::serve(listener, app).await.unwrap();
+        });
+        let config = Config::load_from(
+            None,
+            &[
+                ("AUTHLINK_PUBLIC_URL".into(), "https://links.example.com/".into()),
+                ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_KEY".into(), "key".into()),
+                ("AUTHLINK_PROVIDERS__TIKTOK__CLIENT_SECRET".into(), "secret".into()),
+                ("AUTHLINK_PROVIDERS__TIKTOK__API_BASE_URL".into(), base),
+            ],
+        )
+        .unwrap();
+        let t = TikTok::from_config(&config, reqwest::Client::new());
+        assert!(!t.sandbox);
+        let token = SecretString::from("token".to_string());
+        let granted = ["user.info.basic", "user.info.profile", "user.info.stats"].map(String::from);
+        let profile = t.check_profile(&token, &granted).await.unwrap();
+        assert!(profile.withheld_scopes.is_empty(), "{:?}", profile.withheld_scopes);
+        assert_eq!(profile.username.as_deref(), Some("u"));
     }
 
     #[test]

@@ -755,6 +755,24 @@ async fn disconnect_leased(
             }
         }
     };
+    // Recorded through a database outage: a connection whose grant was revoked would otherwise
+    // stay active with dead tokens, to be announced broken at its next refresh.
+    super::refresh::through_outage(app, &row.id, "a disconnect", || {
+        record_disconnect(app, actor, &row, reconnects, &revoked_note)
+    })
+    .await
+}
+
+/// Writes the end of [`disconnect_leased`], the provider asked: the connection disconnected and
+/// its tokens erased, unless the client reconnected meanwhile or (the grant not revoked) new
+/// tokens were stored meanwhile.
+async fn record_disconnect(
+    app: &App,
+    actor: &Actor,
+    row: &ConnectionRow,
+    reconnects: i64,
+    revoked_note: &str,
+) -> ServiceResult<Disconnect> {
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     // The row as it stands now (locked): a refresh or reconnect by another process while the
@@ -810,7 +828,7 @@ async fn disconnect_leased(
     row.updated_at = now;
     db::connections::update(&mut tx, &row).await?;
     db::connections::release_lease(&mut tx, &row.id, super::refresh::owner_id()).await?;
-    db::connections::insert_event(&mut tx, &event(&row, "disconnected", Some(revoked_note.clone()), now))
+    db::connections::insert_event(&mut tx, &event(&row, "disconnected", Some(revoked_note.to_owned()), now))
         .await?;
     audit::record(
         &mut tx,

@@ -411,6 +411,53 @@ fn provider_of<'a>(app: &'a App, row: &ConnectionRow) -> ServiceResult<(Platform
     Ok((platform, provider))
 }
 
+/// How long a write that must not be lost is tried through a database outage (ms).
+const STORE_RETRY_MS: i64 = 10 * 60 * 1000;
+
+/// Runs `write` (of what a provider has just done: tokens it issued, a grant it revoked) until it
+/// is done or fails for another reason than a database that cannot be reached, backing off, for
+/// up to ten minutes; `what` names it in the log lines of connection `id`. The caller's request
+/// may end meanwhile: the work it started goes on.
+pub(crate) async fn through_outage<T, F, Fut>(app: &App, id: &str, what: &str, write: F) -> ServiceResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ServiceResult<T>>,
+{
+    retry_while_unavailable(|| app.now_ms(), id, what, write).await
+}
+
+/// [`through_outage`] by the clock `now_ms`.
+async fn retry_while_unavailable<T, F, Fut>(
+    now_ms: impl Fn() -> i64,
+    id: &str,
+    what: &str,
+    mut write: F,
+) -> ServiceResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ServiceResult<T>>,
+{
+    let until = now_ms() + STORE_RETRY_MS;
+    let mut wait_ms = 0u64;
+    loop {
+        if wait_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        }
+        let error = match write().await {
+            Err(e @ ServiceError::Db(crate::db::DbError::Unavailable(_))) => e,
+            done => return done,
+        };
+        if wait_ms == 0 {
+            tracing::warn!(connection_id = %id, error = %error, "{what} could not be stored yet; trying again");
+        }
+        wait_ms = (wait_ms * 2).clamp(200, 5000);
+        if now_ms() + i64::try_from(wait_ms).unwrap_or(5000) > until {
+            tracing::error!(connection_id = %id, error = %error, "{what} could not be stored within ten minutes; given up");
+            return Err(error);
+        }
+    }
+}
+
 /// The refresh itself; the caller holds the lease and the in-process lock.
 async fn run_leased(app: &App, row: ConnectionRow, owner: &str, cause: Cause<'_>) -> ServiceResult<Step> {
     let (platform, provider) = match provider_of(app, &row) {
@@ -602,32 +649,18 @@ async fn call_and_store(
             row.expiring_notified_at = None;
             row.next_refresh_at = schedule_refresh(now, row.access_expires_at);
             // Storing the answer must not be lost to a database outage (a rotated refresh token
-            // exists nowhere else): retry, backing off, for as long as this process's claim on
-            // the connection lasts (no other process refreshes it meanwhile); the attempt row
-            // explains the gap if every try fails.
-            // No try starts past the claim: another process may take the connection over then
-            // (a late store is still safe: it compares the token generation). (A few seconds
-            // when the claim's end is not known here; one try at least.)
-            let until = row.lease_until.map_or(now + 4_200, |u| u - 500);
-            let mut wait_ms = 0u64;
-            let last_error = loop {
-                if wait_ms > 0 {
-                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
-                }
-                let before =
-                    Before { generation, failures: previous_failures, scope_change: scope_change.as_ref() };
-                let error = match store_refreshed(app, &row, &before, owner, &attempt_id, platform).await {
-                    Ok(stored) => return Ok(Step::Done(stored)),
-                    Err(e @ ServiceError::Db(crate::db::DbError::Unavailable(_))) => e,
-                    Err(e) => return Err(e),
-                };
-                wait_ms = (wait_ms * 2).clamp(200, 5000);
-                if app.now_ms() + i64::try_from(wait_ms).unwrap_or(5000) > until {
-                    break error;
-                }
-            };
-            tracing::error!(connection_id = %row.id, "refreshed tokens could not be stored; the attempt stays recorded as started");
-            Err(last_error)
+            // exists nowhere else), past this process's claim on the connection if need be. A
+            // late store is safe: it compares the token generation and the status, so it keeps
+            // nothing once another process has refreshed, broken or reconnected the connection;
+            // and while the database cannot be reached, no other process can take the
+            // connection over either. The attempt row explains the gap if every try fails.
+            let before =
+                Before { generation, failures: previous_failures, scope_change: scope_change.as_ref() };
+            let stored = through_outage(app, &row.id, "refreshed tokens", || {
+                store_refreshed(app, &row, &before, owner, &attempt_id, platform)
+            })
+            .await?;
+            Ok(Step::Done(stored))
         }
         Err(ProviderError::Transient { reason, retry_after }) => {
             finish_transient(app, &mut row, owner, &attempt_id, &reason, retry_after, platform).await
@@ -1354,6 +1387,46 @@ pub(crate) fn has_lock_entry(id: &str) -> bool {
 mod tests {
     use super::ScopeChange;
     use crate::domain::Platform;
+
+    /// A write that must not be lost is tried again while the database cannot be reached, backing
+    /// off, for ten minutes; any other answer ends it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_is_tried_through_an_outage_only() {
+        use crate::db::DbError;
+        use crate::service::ServiceError;
+        let start = tokio::time::Instant::now();
+        let now_ms = move || i64::try_from(start.elapsed().as_millis()).unwrap();
+        let unavailable = || ServiceError::Db(DbError::Unavailable("down".into()));
+        // Down for three tries, then stored.
+        let tries = std::cell::Cell::new(0);
+        let stored = super::retry_while_unavailable(now_ms, "c", "test", || {
+            tries.set(tries.get() + 1);
+            let answer = if tries.get() <= 3 { Err(unavailable()) } else { Ok(7) };
+            std::future::ready(answer)
+        })
+        .await;
+        assert_eq!(stored.unwrap(), 7);
+        assert_eq!(tries.get(), 4);
+        assert_eq!(now_ms(), 200 + 400 + 800, "backing off");
+        // Another failure: returned at once.
+        let tries = std::cell::Cell::new(0);
+        let refused = super::retry_while_unavailable(now_ms, "c", "test", || {
+            tries.set(tries.get() + 1);
+            std::future::ready(Err::<(), _>(ServiceError::Conflict("changed".into())))
+        })
+        .await;
+        assert!(matches!(refused, Err(ServiceError::Conflict(_))));
+        assert_eq!(tries.get(), 1);
+        // Down for good: given up after ten minutes, no later.
+        let from = now_ms();
+        let given_up = super::retry_while_unavailable(now_ms, "c", "test", || {
+            std::future::ready(Err::<(), _>(unavailable()))
+        })
+        .await;
+        assert!(matches!(given_up, Err(ServiceError::Db(DbError::Unavailable(_)))));
+        let waited = now_ms() - from;
+        assert!((super::STORE_RETRY_MS - 5_000..=super::STORE_RETRY_MS).contains(&waited), "{waited}");
+    }
 
     /// A claimed refresh starts only while its claim outlasts a whole provider call and the time
     /// to store the answer: ten seconds, or half of what a short lease leaves beyond the call.
