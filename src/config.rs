@@ -255,11 +255,22 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// How long a request waits for a connection before it gets 503.
     pub acquire_timeout_secs: u64,
+    /// PostgreSQL: the longest a statement may run, and a transaction stay idle, before the
+    /// server ends it (a statement stuck behind a stuck transaction, say); migrations excepted.
+    pub statement_timeout_secs: u64,
+    /// PostgreSQL: the longest a statement waits for a row or table lock before it fails (503,
+    /// to be tried again).
+    pub lock_timeout_secs: u64,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { max_connections: 8, acquire_timeout_secs: 5 }
+        Self {
+            max_connections: 8,
+            acquire_timeout_secs: 5,
+            statement_timeout_secs: 300,
+            lock_timeout_secs: 30,
+        }
     }
 }
 
@@ -678,6 +689,8 @@ impl Config {
             ("jobs.webhook_concurrency", self.jobs.webhook_concurrency == 0),
             ("database.max_connections", self.database.max_connections == 0),
             ("database.acquire_timeout_secs", self.database.acquire_timeout_secs == 0),
+            ("database.statement_timeout_secs", self.database.statement_timeout_secs == 0),
+            ("database.lock_timeout_secs", self.database.lock_timeout_secs == 0),
             ("providers.timeout_secs", self.providers.timeout_secs == 0),
             ("webhooks.timeout_secs", self.webhooks.timeout_secs == 0),
             ("webhooks.retention_days", self.webhooks.retention_days == 0),
@@ -695,6 +708,8 @@ impl Config {
             ("http.request_timeout_secs", self.http.request_timeout_secs, DAY),
             ("http.shutdown_grace_secs", self.http.shutdown_grace_secs, DAY),
             ("database.acquire_timeout_secs", self.database.acquire_timeout_secs, 3_600),
+            ("database.statement_timeout_secs", self.database.statement_timeout_secs, DAY),
+            ("database.lock_timeout_secs", self.database.lock_timeout_secs, DAY),
             ("providers.timeout_secs", self.providers.timeout_secs, 3_600),
             ("webhooks.timeout_secs", self.webhooks.timeout_secs, 3_600),
             ("webhooks.retention_days", u64::from(self.webhooks.retention_days), 3_650),
@@ -1202,6 +1217,8 @@ mod tests {
             ("AUTHLINK_JOBS__WEBHOOK_CONCURRENCY", "jobs.webhook_concurrency"),
             ("AUTHLINK_DATABASE__MAX_CONNECTIONS", "database.max_connections"),
             ("AUTHLINK_DATABASE__ACQUIRE_TIMEOUT_SECS", "database.acquire_timeout_secs"),
+            ("AUTHLINK_DATABASE__STATEMENT_TIMEOUT_SECS", "database.statement_timeout_secs"),
+            ("AUTHLINK_DATABASE__LOCK_TIMEOUT_SECS", "database.lock_timeout_secs"),
             ("AUTHLINK_PROVIDERS__TIMEOUT_SECS", "providers.timeout_secs"),
             ("AUTHLINK_WEBHOOKS__TIMEOUT_SECS", "webhooks.timeout_secs"),
             ("AUTHLINK_WEBHOOKS__RETENTION_DAYS", "webhooks.retention_days"),

@@ -113,7 +113,9 @@ impl DbError {
 /// Whether a database error code says the database cannot do the work now, but may later: on
 /// PostgreSQL connection exceptions (class 08), insufficient resources (53: disk full, out of
 /// memory, too many connections), the server going away (57P01-57P03), a read-only server (25006,
-/// a demoted primary after a failover) and a transaction to run again (40001, 40P01); on SQLite
+/// a demoted primary after a failover), a transaction to run again (40001, 40P01) and what the
+/// session's time limits ended (57014 a statement, 55P03 a lock wait, 25P03 an idle
+/// transaction); on SQLite
 /// (whose codes come extended: the primary code is the low byte) busy, locked, read-only, an
 /// I/O error, a full disk and a file it cannot open.
 fn is_unavailable_code(code: Option<&str>) -> bool {
@@ -127,7 +129,10 @@ fn is_unavailable_code(code: Option<&str>) -> bool {
     }
     code.starts_with("08")
         || code.starts_with("53")
-        || matches!(code, "57P01" | "57P02" | "57P03" | "25006" | "40001" | "40P01")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "25006" | "40001" | "40P01" | "57014" | "55P03" | "25P03"
+        )
 }
 
 /// The result type of this module.
@@ -344,6 +349,11 @@ impl Db {
             Backend::Sqlite => prepare_sqlite_url(url)?,
             Backend::Postgres => url.to_string(),
         };
+        let session_timeouts = [
+            ("statement_timeout", options.statement_timeout_secs),
+            ("idle_in_transaction_session_timeout", options.statement_timeout_secs),
+            ("lock_timeout", options.lock_timeout_secs),
+        ];
         let connect_options = AnyConnectOptions::from_str(&url)
             .map_err(DbError::from)?
             .log_statements(tracing::log::LevelFilter::Trace)
@@ -381,14 +391,26 @@ impl Db {
                 // handed out (one round trip): PostgreSQL may have ended it meanwhile (a restart,
                 // a failover, an operator), and a dead one would fail its first statement, a
                 // write's after the provider's code was exchanged. Busy connections are not asked.
-                Backend::Postgres => pool_options.before_acquire(|conn, meta| {
-                    Box::pin(async move {
-                        if meta.idle_for >= PING_AFTER_IDLE {
-                            sqlx::Connection::ping(conn).await?;
-                        }
-                        Ok(true)
+                Backend::Postgres => pool_options
+                    .before_acquire(|conn, meta| {
+                        Box::pin(async move {
+                            if meta.idle_for >= PING_AFTER_IDLE {
+                                sqlx::Connection::ping(conn).await?;
+                            }
+                            Ok(true)
+                        })
                     })
-                }),
+                    // The server ends what is stuck (a statement behind a lock a stuck transaction
+                    // holds, a transaction left open), which answers 503 and frees the connection,
+                    // instead of leaving requests' detached work and the jobs waiting without end.
+                    .after_connect(move |conn, _meta| {
+                        Box::pin(async move {
+                            for (setting, secs) in session_timeouts {
+                                conn.execute(sqlx::AssertSqlSafe(format!("SET {setting} = '{secs}s'"))).await?;
+                            }
+                            Ok(())
+                        })
+                    }),
             };
             let connect_options = connect_options.clone();
             async move {
@@ -458,7 +480,18 @@ impl Db {
                 };
                 SQLITE_MIGRATOR.run(&mut *self.writer().await?).await?;
             }
-            Backend::Postgres => POSTGRES_MIGRATOR.run(&self.pool).await?,
+            Backend::Postgres => {
+                // Migrations may rewrite a large table, or wait for a lock an older version's
+                // requests hold: no time limit on their connection, which is closed after them
+                // rather than handed out again without one.
+                let mut conn = self.pool.acquire().await?;
+                for setting in ["statement_timeout", "idle_in_transaction_session_timeout", "lock_timeout"] {
+                    conn.execute(sqlx::AssertSqlSafe(format!("SET {setting} = 0"))).await?;
+                }
+                let migrated = POSTGRES_MIGRATOR.run(&mut *conn).await;
+                conn.close_on_drop();
+                migrated?;
+            }
         }
         Ok(())
     }
@@ -749,7 +782,9 @@ pub fn is_id(s: &str) -> bool {
 #[cfg(test)]
 pub(crate) async fn test_sqlite(dir: &tempfile::TempDir, max_connections: u32) -> Db {
     let url = SecretString::from(format!("sqlite://{}/t.db", dir.path().display()));
-    Db::connect(&url, &DatabaseConfig { max_connections, acquire_timeout_secs: 2 }).await.unwrap()
+    Db::connect(&url, &DatabaseConfig { max_connections, acquire_timeout_secs: 2, ..Default::default() })
+        .await
+        .unwrap()
 }
 
 /// [`test_sqlite`] with every migration applied.
@@ -790,8 +825,12 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let url = SecretString::from(format!("sqlite://{}/data/t.db", dir.path().display()));
-        let db =
-            Db::connect(&url, &DatabaseConfig { max_connections: 2, acquire_timeout_secs: 2 }).await.unwrap();
+        let db = Db::connect(
+            &url,
+            &DatabaseConfig { max_connections: 2, acquire_timeout_secs: 2, ..Default::default() },
+        )
+        .await
+        .unwrap();
         db.migrate().await.unwrap();
         let mode =
             |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
@@ -806,7 +845,7 @@ mod tests {
     fn errors_that_pass_are_unavailable_and_the_others_are_not() {
         for code in [
             "5", "261", "517", "6", "262", "8", "10", "266", "13", "14", "08000", "08004", "08006", "53100",
-            "53200", "53300", "57P01", "25006", "40001", "40P01",
+            "53200", "53300", "57P01", "25006", "40001", "40P01", "57014", "55P03", "25P03",
         ] {
             assert!(is_unavailable_code(Some(code)), "{code}");
         }

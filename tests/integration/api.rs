@@ -39,7 +39,39 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
         |app| Box::pin(link_edit_waits_for_a_revocation_and_keeps_it(app)),
         crate::Only::Postgres,
     ));
+    list.push((
+        "a_lock_held_past_the_lock_timeout_answers_503",
+        |app| Box::pin(a_lock_held_past_the_lock_timeout_answers_503(app)),
+        crate::Only::Postgres,
+    ));
     list
+}
+
+/// PostgreSQL: a statement waits for a lock no longer than `database.lock_timeout_secs` (here
+/// 1 s): an edit of a link another transaction keeps locked answers 503 (to be tried again) and
+/// changes nothing, and goes through once the lock is given back.
+async fn a_lock_held_past_the_lock_timeout_answers_503(app: TestApp) {
+    use sqlx::{Connection, Executor};
+    let (app, restarted) = app.restart_with(&[("AUTHLINK_DATABASE__LOCK_TIMEOUT_SECS", "1")]).await;
+    let crate::helpers::Backend::Postgres(server) = &app.backend else { panic!("PostgreSQL only") };
+    let schema = app.schema.clone().unwrap();
+    let wid = app.workspace("Stuck");
+    let key = app.workspace_key(&wid);
+    let (id, _) = app.link(&wid, "Client");
+    let mut other = sqlx::PgConnection::connect(server).await.unwrap();
+    other.execute("BEGIN").await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT id FROM {schema}.links WHERE id = $1 FOR UPDATE")))
+        .bind(&id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let refused = app.api_patch(&format!("/links/{id}"), &key, json!({"label": "Renamed"}), 503).await;
+    assert_eq!(refused["code"], "database_unavailable", "{refused}");
+    assert_eq!(app.api_get(&format!("/links/{id}"), &key, 200).await["label"], "Client");
+    other.execute("ROLLBACK").await.unwrap();
+    let edited = app.api_patch(&format!("/links/{id}"), &key, json!({"label": "Renamed"}), 200).await;
+    assert_eq!(edited["label"], "Renamed");
+    restarted.run().await;
 }
 
 /// PostgreSQL: an edit of a link's label made while another transaction revokes it waits for

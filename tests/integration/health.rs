@@ -780,7 +780,11 @@ async fn refresh_overtaken_by_a_reconnect_keeps_the_new_grant(app: TestApp) {
     release(&app).await;
     let db = authlink::db::Db::connect(
         &app.db_url.clone().into(),
-        &authlink::config::DatabaseConfig { max_connections: 1, acquire_timeout_secs: 5 },
+        &authlink::config::DatabaseConfig {
+            max_connections: 1,
+            acquire_timeout_secs: 5,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
@@ -1453,7 +1457,11 @@ async fn unreadable_tokens_break_the_connection(app: TestApp) {
     let (app, restarted, key, id) = one_tiktok_connection(app, "Unreadable", &[], 0).await;
     let db = authlink::db::Db::connect(
         &app.db_url.clone().into(),
-        &authlink::config::DatabaseConfig { max_connections: 1, acquire_timeout_secs: 5 },
+        &authlink::config::DatabaseConfig {
+            max_connections: 1,
+            acquire_timeout_secs: 5,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();

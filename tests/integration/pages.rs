@@ -581,7 +581,11 @@ async fn a_key_the_database_cannot_hold_is_not_found(app: TestApp) {
     use authlink::service::ServiceError;
     let db = authlink::db::Db::connect(
         &app.db_url.clone().into(),
-        &authlink::config::DatabaseConfig { max_connections: 1, acquire_timeout_secs: 5 },
+        &authlink::config::DatabaseConfig {
+            max_connections: 1,
+            acquire_timeout_secs: 5,
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
