@@ -982,9 +982,15 @@ where
 fn describe_figment_error(e: figment::Error) -> String {
     use figment::error::{Actual, Kind};
     let key = if e.path.is_empty() { None } else { Some(e.path.join(".")) };
-    // Values from the environment are merged as serialized values, which figment names by type.
-    let source = e.metadata.as_ref().map(|m| {
-        if m.name.starts_with("figment::") { "the environment".to_string() } else { m.name.to_string() }
+    // Values from the environment are merged as serialized values, which figment names by type:
+    // the variable is named from the key. A file is named by its path.
+    let source = e.metadata.as_ref().map(|m| match (&m.source, &key) {
+        (Some(figment::Source::File(path)), _) => format!("{} {}", m.name, path.display()),
+        (_, Some(k)) if m.name.starts_with("figment::") => {
+            format!("the environment, AUTHLINK_{}", k.replace('.', "__").to_ascii_uppercase())
+        }
+        _ if m.name.starts_with("figment::") => "the environment".to_string(),
+        _ => m.name.to_string(),
     });
     // Never the value itself: it may be a secret (a database URL with its password, a key) in
     // the wrong place or of the wrong type.
@@ -1051,10 +1057,16 @@ mod tests {
         .unwrap();
         let e = Config::load_from(Some(&path), &[]).unwrap_err().to_string();
         assert!(!e.contains("S3cret") && e.contains("line 2"), "{e}");
+        // The file is named by its path, the variable by its name.
+        assert!(e.contains(&path.display().to_string()), "{e}");
         let e = Config::load_from(None, &env(&[("AUTHLINK_DATABASE", "postgres://u:pw-secret@h/db")]))
             .unwrap_err()
             .to_string();
         assert!(!e.contains("pw-secret") && e.contains("database"), "{e}");
+        let e = Config::load_from(None, &env(&[("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("AUTHLINK_HTTP__REQUEST_TIMEOUT_SECS") && !e.contains("soon"), "{e}");
     }
 
     /// The variables Kubernetes gives the pods of a Service named `authlink` are no settings;

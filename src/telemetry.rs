@@ -30,7 +30,62 @@ pub fn init(format: LogFormat) {
     };
     // A second init (tests) keeps the first subscriber.
     let _ = result;
+    std::panic::set_hook(Box::new(log_panic));
     if let Some(refused) = refused {
         tracing::warn!(refused = %refused, "AUTHLINK_LOG is not a valid filter; logging at the default levels");
+    }
+}
+
+/// Logs a panic (a bug: a request answers 500 and a job is started again, but the process goes
+/// on) as an error line with its message and where it happened, in the log's own format, instead
+/// of Rust's plain-text report; with the backtrace when `RUST_BACKTRACE` asks for one.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info.payload();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned());
+    let location = info.location().map_or_else(String::new, |l| format!("{}:{}", l.file(), l.line()));
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        tracing::error!(panic = %message, %location, %backtrace, "a bug: panicked");
+    } else {
+        tracing::error!(panic = %message, %location, "a bug: panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// A panic is an error line of the log, with its message and the place it happened.
+    #[test]
+    fn a_panic_is_logged_with_its_message_and_place() {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber =
+            tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(super::log_panic));
+            let caught = std::panic::catch_unwind(|| panic!("an invariant broken at {}", 7));
+            std::panic::set_hook(previous);
+            assert!(caught.is_err());
+        });
+        let logged = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert!(logged.contains("ERROR") && logged.contains("a bug: panicked"), "{logged}");
+        assert!(logged.contains("an invariant broken at 7") && logged.contains("telemetry.rs:"), "{logged}");
     }
 }

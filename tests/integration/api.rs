@@ -65,7 +65,14 @@ async fn a_lock_held_past_the_lock_timeout_answers_503(app: TestApp) {
         .execute(&mut other)
         .await
         .unwrap();
-    let refused = app.api_patch(&format!("/links/{id}"), &key, json!({"label": "Renamed"}), 503).await;
+    let refused = app
+        .api(reqwest::Method::PATCH, &format!("/links/{id}"), &key)
+        .json(&json!({"label": "Renamed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.headers()["retry-after"], "5", "a client knows when to try again");
+    let refused = crate::helpers::expect_json(refused, 503).await;
     assert_eq!(refused["code"], "database_unavailable", "{refused}");
     assert_eq!(app.api_get(&format!("/links/{id}"), &key, 200).await["label"], "Client");
     other.execute("ROLLBACK").await.unwrap();

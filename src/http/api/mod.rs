@@ -344,7 +344,7 @@ pub struct ApiError {
     code: &'static str,
     detail: String,
     errors: Vec<FieldError>,
-    /// Seconds for `Retry-After` (429).
+    /// Seconds for `Retry-After` (429, and 503 when the database cannot be reached).
     retry_after: Option<u64>,
 }
 
@@ -422,11 +422,14 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::Db(DbError::Unavailable(e)) => {
                 tracing::error!(error = %e, "database unavailable");
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "database_unavailable",
-                    "The service cannot reach its database right now. Try again shortly.",
-                )
+                ApiError {
+                    retry_after: Some(5),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "database_unavailable",
+                        "The service cannot reach its database right now. Try again shortly.",
+                    )
+                }
             }
             ServiceError::Db(DbError::Conflict(e)) => {
                 tracing::warn!(error = %e, "unexpected conflict");

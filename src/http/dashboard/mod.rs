@@ -623,21 +623,21 @@ impl IntoResponse for DashError {
             ),
             DashError::Service(ServiceError::Unavailable(why)) => {
                 tracing::warn!(reason = %why, "dashboard: dependency unavailable");
-                message(
+                crate::http::pages::try_again_in_a_minute(message(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Temporarily unavailable",
                     &why,
                     "Please try again in a minute.",
-                )
+                ))
             }
             DashError::Service(ServiceError::Db(DbError::Unavailable(e))) => {
                 tracing::error!(error = %e, "database unavailable");
-                message(
+                crate::http::pages::try_again_in_a_minute(message(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Temporarily unavailable",
                     "The database cannot be reached right now.",
                     "Please try again in a minute.",
-                )
+                ))
             }
             DashError::Service(e) => {
                 tracing::error!(error = %e, "dashboard: internal error");
