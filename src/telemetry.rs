@@ -30,7 +30,11 @@ pub fn init(format: LogFormat) {
     };
     // A second init (tests) keeps the first subscriber.
     let _ = result;
-    std::panic::set_hook(Box::new(log_panic));
+    // Rust's own report where the log would not show the line (errors filtered out).
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if tracing::enabled!(tracing::Level::ERROR) { log_panic(info) } else { report(info) }
+    }));
     if let Some(refused) = refused {
         tracing::warn!(refused = %refused, "AUTHLINK_LOG is not a valid filter; logging at the default levels");
     }

@@ -29,9 +29,13 @@ pub async fn all(conn: &mut AnyConnection) -> DbResult<Vec<KeyCheck>> {
 
 /// Locks the key checks for the rest of the write transaction on PostgreSQL, so that processes
 /// starting together, and a re-wrap retiring keys, check and change them one at a time (SQLite's
-/// write transactions already run one at a time).
+/// write transactions already run one at a time). Without the session's time limits for the
+/// transaction: a re-wrap's retirement counts every sealed value while it holds the lock, and a
+/// process starting meanwhile waits for it rather than failing.
 pub async fn lock(conn: &mut AnyConnection, backend: super::Backend) -> DbResult<()> {
     if backend == super::Backend::Postgres {
+        sqlx::query("SET LOCAL lock_timeout = 0").execute(&mut *conn).await?;
+        sqlx::query("SET LOCAL statement_timeout = 0").execute(&mut *conn).await?;
         sqlx::query("LOCK TABLE key_checks IN EXCLUSIVE MODE").execute(conn).await?;
     }
     Ok(())

@@ -335,6 +335,11 @@ async fn checkpoint_loop(
     }
 }
 
+/// The PostgreSQL session settings that bound a statement, an idle transaction and a lock wait
+/// (`database.statement_timeout_secs` twice, `database.lock_timeout_secs`).
+const SESSION_TIMEOUTS: [&str; 3] =
+    ["statement_timeout", "idle_in_transaction_session_timeout", "lock_timeout"];
+
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -349,11 +354,8 @@ impl Db {
             Backend::Sqlite => prepare_sqlite_url(url)?,
             Backend::Postgres => url.to_string(),
         };
-        let session_timeouts = [
-            ("statement_timeout", options.statement_timeout_secs),
-            ("idle_in_transaction_session_timeout", options.statement_timeout_secs),
-            ("lock_timeout", options.lock_timeout_secs),
-        ];
+        let session_timeouts =
+            [options.statement_timeout_secs, options.statement_timeout_secs, options.lock_timeout_secs];
         let connect_options = AnyConnectOptions::from_str(&url)
             .map_err(DbError::from)?
             .log_statements(tracing::log::LevelFilter::Trace)
@@ -405,7 +407,7 @@ impl Db {
                     // instead of leaving requests' detached work and the jobs waiting without end.
                     .after_connect(move |conn, _meta| {
                         Box::pin(async move {
-                            for (setting, secs) in session_timeouts {
+                            for (setting, secs) in SESSION_TIMEOUTS.into_iter().zip(session_timeouts) {
                                 conn.execute(sqlx::AssertSqlSafe(format!("SET {setting} = '{secs}s'"))).await?;
                             }
                             Ok(())
@@ -485,12 +487,11 @@ impl Db {
                 // requests hold: no time limit on their connection, which is closed after them
                 // rather than handed out again without one.
                 let mut conn = self.pool.acquire().await?;
-                for setting in ["statement_timeout", "idle_in_transaction_session_timeout", "lock_timeout"] {
+                conn.close_on_drop();
+                for setting in SESSION_TIMEOUTS {
                     conn.execute(sqlx::AssertSqlSafe(format!("SET {setting} = 0"))).await?;
                 }
-                let migrated = POSTGRES_MIGRATOR.run(&mut *conn).await;
-                conn.close_on_drop();
-                migrated?;
+                POSTGRES_MIGRATOR.run(&mut *conn).await?;
             }
         }
         Ok(())

@@ -887,7 +887,6 @@ enum Revocation {
 async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> ServiceResult<Revocation> {
     let platform: Platform = row.provider.parse().map_err(|_| ServiceError::NotFound("connection"))?;
     let name = platform.display_name();
-    let still_listed = STILL_LISTED;
     let said = |note: String| Ok(Revocation::Said(note));
     let Some(sealed) = row.access_token_sealed.as_deref() else {
         return said("not revoked at the provider: the connection holds no token".into());
@@ -895,7 +894,7 @@ async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> 
     let provider = match app.providers.serving(platform, row.sandbox != 0) {
         Ok(provider) => provider,
         Err(Mode::Off) => {
-            return said(format!("not revoked: {name} is not enabled on this instance; {still_listed}"));
+            return said(format!("not revoked: {name} is not enabled on this instance; {STILL_LISTED}"));
         }
         // A sandbox grant is no grant at the real provider.
         Err(Mode::Real) => {
@@ -924,7 +923,7 @@ async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> 
         }
         Err(e) => {
             tracing::error!(connection_id = %row.id, error = %e, "the stored tokens cannot be opened");
-            return said(format!("not revoked: the stored tokens cannot be opened; {still_listed}"));
+            return said(format!("not revoked: the stored tokens cannot be opened; {STILL_LISTED}"));
         }
     };
     let refusal = match provider.revoke(&token).await {
@@ -946,10 +945,10 @@ async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> 
         ))),
         // A dead grant has nothing left to revoke.
         ProviderError::Permanent { reason } => {
-            said(format!("not revoked: the grant is no longer valid at {name} ({reason}); {still_listed}"))
+            said(format!("not revoked: the grant is no longer valid at {name} ({reason}); {STILL_LISTED}"))
         }
         _ if !refreshed && row.refresh_token_sealed.is_some() => Ok(Revocation::TokenRefused),
-        refused => said(format!("revocation refused by {name} ({}); {still_listed}", refused.reason())),
+        refused => said(format!("revocation refused by {name} ({}); {STILL_LISTED}", refused.reason())),
     }
 }
 
@@ -1003,6 +1002,21 @@ async fn refresh_broken_to_revoke(
             };
         }
     };
+    // Stored through a database outage: TikTok's refresh token rotated, the one stored is dead.
+    let stored = super::refresh::through_outage(app, &row.id, "tokens refreshed to revoke a grant", || {
+        store_broken_refresh(app, row, &tokens)
+    })
+    .await?;
+    Ok(Ok(stored))
+}
+
+/// Stores the tokens [`refresh_broken_to_revoke`] obtained on the broken connection `row`, unless
+/// it changed meanwhile.
+async fn store_broken_refresh(
+    app: &App,
+    row: &ConnectionRow,
+    tokens: &TokenSet,
+) -> ServiceResult<ConnectionRow> {
     let now = app.now_ms();
     let mut tx = app.db.begin_write().await?;
     let mut current = db::connections::get_for_update(&mut tx, app.db.backend(), &row.id)
@@ -1018,7 +1032,7 @@ async fn refresh_broken_to_revoke(
                 .into(),
         ));
     }
-    apply_tokens(app, &mut current, &tokens);
+    apply_tokens(app, &mut current, tokens);
     current.last_refreshed_at = Some(now);
     current.updated_at = now;
     db::connections::update(&mut tx, &current).await?;
@@ -1028,7 +1042,7 @@ async fn refresh_broken_to_revoke(
     )
     .await?;
     tx.commit().await?;
-    Ok(Ok(current))
+    Ok(current)
 }
 
 /// Tokens are refreshed first when they would expire within this many seconds.

@@ -653,7 +653,9 @@ async fn call_and_store(
             // late store is safe: it compares the token generation and the status, so it keeps
             // nothing once another process has refreshed, broken or reconnected the connection;
             // and while the database cannot be reached, no other process can take the
-            // connection over either. The attempt row explains the gap if every try fails.
+            // connection over either (when the database refuses this process alone, it may:
+            // then what was stored meanwhile stands). The attempt row explains the gap if every
+            // try fails.
             let before =
                 Before { generation, failures: previous_failures, scope_change: scope_change.as_ref() };
             let stored = through_outage(app, &row.id, "refreshed tokens", || {

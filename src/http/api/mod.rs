@@ -427,7 +427,8 @@ impl From<ServiceError> for ApiError {
                     ..ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "database_unavailable",
-                        "The service cannot reach its database right now. Try again shortly.",
+                        "The service's database cannot do this right now (unreachable, or busy past its time \
+                         limits). Try again shortly.",
                     )
                 }
             }

@@ -635,7 +635,7 @@ impl IntoResponse for DashError {
                 crate::http::pages::try_again_in_a_minute(message(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Temporarily unavailable",
-                    "The database cannot be reached right now.",
+                    "The database cannot do this right now (unreachable, or busy).",
                     "Please try again in a minute.",
                 ))
             }
