@@ -934,26 +934,47 @@ async fn revoke_at_provider(app: &App, row: &ConnectionRow, refreshed: bool) -> 
             e
         }
     };
-    match refusal {
-        ProviderError::Transient { reason, .. } => Err(ServiceError::Unavailable(format!(
-            "{name} could not revoke the grant right now ({reason}); the connection was not disconnected: \
-             disconnect it again in a moment"
-        ))),
-        ProviderError::Misconfigured { reason } => Err(ServiceError::Unavailable(format!(
-            "{name} refused authlink's own settings when asked to revoke the grant ({reason}); the connection \
-             was not disconnected: the operator must correct the {name} settings, then disconnect it again"
-        ))),
-        // A dead grant has nothing left to revoke.
-        ProviderError::Permanent { reason } => {
-            said(format!("not revoked: the grant is no longer valid at {name} ({reason}); {STILL_LISTED}"))
-        }
-        _ if !refreshed && row.refresh_token_sealed.is_some() => Ok(Revocation::TokenRefused),
-        refused => said(format!("revocation refused by {name} ({}); {STILL_LISTED}", refused.reason())),
+    let refused_token = !matches!(
+        refusal,
+        ProviderError::Transient { .. }
+            | ProviderError::Misconfigured { .. }
+            | ProviderError::Permanent { .. }
+    );
+    if refused_token && !refreshed && row.refresh_token_sealed.is_some() {
+        return Ok(Revocation::TokenRefused);
     }
+    Ok(Revocation::Said(judge_failure(
+        name,
+        "revoke the grant",
+        &format!("revocation refused by {name}"),
+        refusal,
+    )?))
 }
 
 /// What a disconnect's status reason says of a grant it could not revoke.
 const STILL_LISTED: &str = "the grant may still be listed in the account's settings";
+
+/// What a provider's failure when asked to `doing` means for a disconnect: one for now, or a
+/// refusal of authlink's own settings, stops it (503, the connection left connected); a dead
+/// grant, or another refusal (`refused` says whose), lets it go on, with what its status reason
+/// says.
+fn judge_failure(name: &str, doing: &str, refused: &str, failure: ProviderError) -> ServiceResult<String> {
+    match failure {
+        ProviderError::Transient { reason, .. } => Err(ServiceError::Unavailable(format!(
+            "{name} could not {doing} right now ({reason}); the connection was not disconnected: disconnect it \
+             again in a moment"
+        ))),
+        ProviderError::Misconfigured { reason } => Err(ServiceError::Unavailable(format!(
+            "{name} refused authlink's own settings when asked to {doing} ({reason}); the connection was not \
+             disconnected: the operator must correct the {name} settings, then disconnect it again"
+        ))),
+        // A dead grant has nothing left to revoke.
+        ProviderError::Permanent { reason } => {
+            Ok(format!("not revoked: the grant is no longer valid at {name} ({reason}); {STILL_LISTED}"))
+        }
+        other => Ok(format!("{refused} ({}); {STILL_LISTED}", other.reason())),
+    }
+}
 
 /// Refreshes a broken connection's tokens for its grant to be revoked with (a connection broken
 /// for a withdrawn scope keeps a live grant, whose access token runs out within a day), since
@@ -982,24 +1003,8 @@ async fn refresh_broken_to_revoke(
         Ok(tokens) => tokens,
         Err(e) => {
             tracing::warn!(connection_id = %row.id, error = %e, "refresh before revoking a broken connection's grant failed");
-            return match e {
-                ProviderError::Transient { reason, .. } => Err(ServiceError::Unavailable(format!(
-                    "{name} refused the access token the grant is revoked with, and could not refresh it right now \
-                     ({reason}); the connection was not disconnected: disconnect it again in a moment"
-                ))),
-                ProviderError::Misconfigured { reason } => Err(ServiceError::Unavailable(format!(
-                    "{name} refused authlink's own settings when asked to refresh the token the grant is revoked \
-                     with ({reason}); the connection was not disconnected: the operator must correct the {name} \
-                     settings, then disconnect it again"
-                ))),
-                ProviderError::Permanent { reason } => Ok(Err(format!(
-                    "not revoked: the grant is no longer valid at {name} ({reason}); {STILL_LISTED}"
-                ))),
-                refused => Ok(Err(format!(
-                    "revocation refused by {name}, and the token could not be refreshed ({}); {STILL_LISTED}",
-                    refused.reason()
-                ))),
-            };
+            let refused = format!("revocation refused by {name}, and the token could not be refreshed");
+            return Ok(Err(judge_failure(name, "refresh the token the grant is revoked with", &refused, e)?));
         }
     };
     // Stored through a database outage: TikTok's refresh token rotated, the one stored is dead.
