@@ -635,31 +635,15 @@ mod tests {
     #[test]
     fn a_key_file_others_can_read_is_warned_about() {
         use std::os::unix::fs::PermissionsExt;
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.key");
         let (_, key) = KeyRing::generate();
         std::fs::write(&path, key.expose_secret()).unwrap();
         let read_with_mode = |mode: u32| {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            let buffer = Buffer::default();
-            let writer = buffer.clone();
-            let subscriber =
-                tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
-            let read = tracing::subscriber::with_default(subscriber, || read_key_file(&path));
+            let (read, logged) = crate::telemetry::tests::logged(|| read_key_file(&path));
             assert_eq!(read.unwrap().expose_secret(), key.expose_secret());
-            String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap()
+            logged
         };
         let open = read_with_mode(0o644);
         assert!(open.contains("can be read by other users") && open.contains("master.key"), "{open}");

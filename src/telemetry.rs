@@ -60,12 +60,11 @@ fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
-    /// A panic is an error line of the log, with its message and the place it happened.
-    #[test]
-    fn a_panic_is_logged_with_its_message_and_place() {
+    /// What `f` returns, and what it logged on this thread meanwhile (plain text).
+    pub(crate) fn logged<R>(f: impl FnOnce() -> R) -> (R, String) {
         #[derive(Clone, Default)]
         struct Buffer(Arc<Mutex<Vec<u8>>>);
         impl std::io::Write for Buffer {
@@ -81,14 +80,21 @@ mod tests {
         let writer = buffer.clone();
         let subscriber =
             tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let logged = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        (out, logged)
+    }
+
+    /// A panic is an error line of the log, with its message and the place it happened.
+    #[test]
+    fn a_panic_is_logged_with_its_message_and_place() {
+        let ((), logged) = logged(|| {
             let previous = std::panic::take_hook();
             std::panic::set_hook(Box::new(super::log_panic));
             let caught = std::panic::catch_unwind(|| panic!("an invariant broken at {}", 7));
             std::panic::set_hook(previous);
             assert!(caught.is_err());
         });
-        let logged = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
         assert!(logged.contains("ERROR") && logged.contains("a bug: panicked"), "{logged}");
         assert!(logged.contains("an invariant broken at 7") && logged.contains("telemetry.rs:"), "{logged}");
     }

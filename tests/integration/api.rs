@@ -47,24 +47,31 @@ pub fn tests() -> Vec<(&'static str, crate::TestFn, crate::Only)> {
     list
 }
 
+/// PostgreSQL: a connection of the test's own whose open transaction holds link `id`'s row lock.
+async fn link_locked_elsewhere(app: &TestApp, id: &str) -> sqlx::PgConnection {
+    use sqlx::{Connection, Executor};
+    let crate::helpers::Backend::Postgres(server) = &app.backend else { panic!("PostgreSQL only") };
+    let schema = app.schema.clone().unwrap();
+    let mut other = sqlx::PgConnection::connect(server).await.unwrap();
+    other.execute("BEGIN").await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT id FROM {schema}.links WHERE id = $1 FOR UPDATE")))
+        .bind(id)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    other
+}
+
 /// PostgreSQL: a statement waits for a lock no longer than `database.lock_timeout_secs` (here
 /// 1 s): an edit of a link another transaction keeps locked answers 503 (to be tried again) and
 /// changes nothing, and goes through once the lock is given back.
 async fn a_lock_held_past_the_lock_timeout_answers_503(app: TestApp) {
-    use sqlx::{Connection, Executor};
+    use sqlx::Executor;
     let (app, restarted) = app.restart_with(&[("AUTHLINK_DATABASE__LOCK_TIMEOUT_SECS", "1")]).await;
-    let crate::helpers::Backend::Postgres(server) = &app.backend else { panic!("PostgreSQL only") };
-    let schema = app.schema.clone().unwrap();
     let wid = app.workspace("Stuck");
     let key = app.workspace_key(&wid);
     let (id, _) = app.link(&wid, "Client");
-    let mut other = sqlx::PgConnection::connect(server).await.unwrap();
-    other.execute("BEGIN").await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT id FROM {schema}.links WHERE id = $1 FOR UPDATE")))
-        .bind(&id)
-        .execute(&mut other)
-        .await
-        .unwrap();
+    let mut other = link_locked_elsewhere(&app, &id).await;
     let refused = app
         .api(reqwest::Method::PATCH, &format!("/links/{id}"), &key)
         .json(&json!({"label": "Renamed"}))
@@ -84,19 +91,12 @@ async fn a_lock_held_past_the_lock_timeout_answers_503(app: TestApp) {
 /// PostgreSQL: an edit of a link's label made while another transaction revokes it waits for
 /// that transaction and applies to the revoked link: the revocation is not undone.
 async fn link_edit_waits_for_a_revocation_and_keeps_it(app: TestApp) {
-    use sqlx::{Connection, Executor};
-    let crate::helpers::Backend::Postgres(server) = &app.backend else { panic!("PostgreSQL only") };
+    use sqlx::Executor;
     let schema = app.schema.clone().unwrap();
     let wid = app.workspace("Races");
     let key = app.workspace_key(&wid);
     let (id, url) = app.link(&wid, "Client");
-    let mut other = sqlx::PgConnection::connect(server).await.unwrap();
-    other.execute("BEGIN").await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT id FROM {schema}.links WHERE id = $1 FOR UPDATE")))
-        .bind(&id)
-        .execute(&mut other)
-        .await
-        .unwrap();
+    let mut other = link_locked_elsewhere(&app, &id).await;
     let edit = {
         let (client, path, key) = (app.client.clone(), app.url(&format!("/api/v1/links/{id}")), key.clone());
         tokio::spawn(async move {

@@ -118,7 +118,7 @@ async fn get_connection(
 #[utoipa::path(post, path = "/connections/{id}/disconnect", tag = "connections",
     params(("id" = String, Path, description = "Connection id")),
     responses((status = 200, body = ConnectionView), (status = 404, body = Problem),
-        (status = 409, body = Problem, description = "Not disconnected: the client reconnected the account after the disconnect was asked for (if the earlier grant was revoked meanwhile, the connection's health check is due at once), or new tokens were stored while the grant was being revoked with the ones before"),
+        (status = 409, body = Problem, description = "Not disconnected: the client reconnected the account after the disconnect was asked for (if the earlier grant was revoked meanwhile, the connection's health check is due at once), or new tokens were stored while the grant was being revoked with the ones before, or (a broken connection) it changed while its token was refreshed to revoke the grant"),
         (status = 503, body = Problem, description = "Not disconnected: the provider could not revoke the grant right now (down, slow or rate-limited) or refused authlink's own settings, the access token could not be refreshed first, a refresh of the connection is under way, the stored tokens need a master key this process does not hold, the connection was made with the real provider and this instance simulates it, or the database cannot be reached. Or the request did not finish in time: the disconnect goes on and may finish")))]
 async fn disconnect_connection(
     State(state): State<AppState>,
